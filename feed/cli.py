@@ -1,0 +1,338 @@
+"""``oddsfeed`` command line: run | ingest | serve | simulate.
+
+- ``oddsfeed run`` — the main job in one process tree: the embedded Redis
+  (unless ``--redis-url``), the simulator as upstream (unless ``--replay`` or
+  ``--esa`` is given), ingest, and the API on ``--host``/``--port``.
+- ``oddsfeed ingest`` — ingest only (``--replay PATH…`` exits when the
+  recordings are consumed and prints a summary; ``--esa HOST:PORT`` streams).
+- ``oddsfeed serve`` — the API only, on a Redis that an ingest writes.
+- ``oddsfeed simulate`` — the local ESA upstream.
+
+Errors a user can fix (busy port, unreachable Redis, missing file) end with
+one line on stderr and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from feed.errors import ConfigError, OddsfeedError
+from feed.settings import Settings, from_env
+
+logger = logging.getLogger("oddsfeed")
+
+
+class UsageError(OddsfeedError):
+    """A command-line problem the user fixes by changing the command."""
+
+
+def _speed(value: str) -> float | None:
+    if value == "max":
+        return None
+    try:
+        speed = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--speed takes a number > 0 or 'max', not {value!r}") from None
+    if speed <= 0:
+        raise argparse.ArgumentTypeError("--speed must be > 0 (or 'max')")
+    return speed
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oddsfeed", description="Live odds feed ingestion and streaming.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def store_opts(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("store")
+        g.add_argument("--redis-url", help="Redis/Valkey URL (default: start the embedded redis-server)")
+        g.add_argument("--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node")
+        g.add_argument("--data-dir", help="embedded Redis data directory (default ./var)")
+        g.add_argument("--partitions", type=int, help="delta-log partitions (default 1)")
+
+    def api_opts(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("api")
+        g.add_argument("--host", help="API bind address (default 127.0.0.1)")
+        g.add_argument("--port", type=int, help="API port (default 8000)")
+
+    def source_opts(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("source")
+        g.add_argument("--replay", nargs="+", metavar="PATH", help="recorded Betfair files or folders (.bz2, .gz, plain)")
+        g.add_argument("--speed", type=_speed, default=1.0, help="replay pacing: a multiplier, or 'max' (default 1)")
+        g.add_argument("--keep-clock", action="store_true", help="keep the recording's own pt instead of mapping it onto now")
+        g.add_argument("--esa", type=_hostport, metavar="HOST:PORT", help="a Betfair ESA endpoint to stream from")
+        g.add_argument("--esa-tls", action="store_true", help="use TLS to the ESA endpoint")
+        g.add_argument("--app-key", default=os.environ.get("ODDSFEED_BETFAIR_APP_KEY"), help="ESA app key (env ODDSFEED_BETFAIR_APP_KEY)")
+        g.add_argument("--session", default=os.environ.get("ODDSFEED_BETFAIR_SESSION"), help="ESA session token (env ODDSFEED_BETFAIR_SESSION)")
+
+    def sim_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
+        g = p.add_argument_group("simulator")
+        g.add_argument(f"--{prefix}events", type=int, default=12, help="synthetic events (default 12)")
+        g.add_argument(f"--{prefix}rate", type=float, default=50.0, help="synthetic price updates per second (default 50)")
+        g.add_argument(f"--{prefix}seed", type=int, help="random seed for the synthetic model")
+        g.add_argument(f"--{prefix}time-scale", type=float, default=60.0, help="lifecycle speed-up (default 60)")
+
+    run = sub.add_parser("run", help="the main job: embedded Redis, simulator (or replay), ingest and API")
+    store_opts(run)
+    api_opts(run)
+    source_opts(run)
+    sim_opts(run, "sim-")
+    run.add_argument("--sim-port", type=int, default=0, help="simulator port (default: any free port)")
+
+    ingest = sub.add_parser("ingest", help="ingest only: --replay PATH… (exits when done) or --esa HOST:PORT")
+    store_opts(ingest)
+    source_opts(ingest)
+
+    serve = sub.add_parser("serve", help="the API only, reading what an ingest writes to Redis")
+    store_opts(serve)
+    api_opts(serve)
+
+    sim = sub.add_parser("simulate", help="the local ESA upstream (synthetic markets or recorded files)")
+    sim.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=9444, help="port (default 9444)")
+    sim.add_argument("--replay", nargs="+", metavar="PATH", help="serve recorded files instead of synthetic markets")
+    sim.add_argument("--speed", type=_speed, default=1.0, help="recorded pacing multiplier or 'max'")
+    sim_opts(sim)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return from_env(
+        redis_url=getattr(args, "redis_url", None),
+        redis_cluster=getattr(args, "redis_cluster", None) or None,
+        data_dir=getattr(args, "data_dir", None),
+        partitions=getattr(args, "partitions", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+    )
+
+
+# --- building blocks ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Any]:
+    """The Store, on ``settings.redis_url`` or on the embedded server (started
+    here, or reused when another oddsfeed process already runs it in the same
+    data directory)."""
+    from feed.embedded_redis import EmbeddedRedis
+    from feed.store import Store
+
+    server: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if url is None:
+        candidate = EmbeddedRedis(settings.data_dir)
+        if candidate._ping():
+            url = candidate.url
+            logger.info("using the embedded redis-server already running at %s", url)
+        else:
+            server = candidate
+            url = await asyncio.to_thread(server.start)
+    try:
+        store = await Store.open(url, partitions=settings.partitions, log_maxlen=settings.log_maxlen,
+                                 cluster=settings.redis_cluster)
+        try:
+            yield store
+        finally:
+            await store.close()
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket, or UsageError naming the busy/unavailable address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is already in use: stop the other process or pick another with --port") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_api(settings: Settings, store: Any, sock: socket.socket) -> None:
+    """Serve the Starlette app on ``sock`` until cancelled."""
+    import uvicorn
+
+    from streaming.app import create_app
+
+    app = create_app(settings, store=store)
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", ws_max_size=64 * 1024,
+                            timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    host, port = sock.getsockname()[:2]
+    print(f"oddsfeed API on http://{host}:{port}/  (board /, SSE /v1/stream, WebSocket /v1/ws)", flush=True)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        server.should_exit = True
+
+
+def _progress(ingest: Any, done: int, total: int) -> None:
+    s = ingest.stats
+    print(f"  replay: {done}/{total} files, {s.messages:,} messages, {s.runner_changes:,} runner changes, "
+          f"{s.rejected} rejected", file=sys.stderr, flush=True)
+
+
+def _print_summary(summary: Any) -> None:
+    print("replay finished:")
+    for line in summary.lines():
+        print(f"  {line}")
+    sys.stdout.flush()
+
+
+async def _esa_source(settings: Settings, store: Any, args: argparse.Namespace, host: str, port: int,
+                      app_key: str, session: str, tls: bool) -> None:
+    import ssl
+
+    from feed.supervisor import run_esa_source
+
+    await run_esa_source(store, settings, host=host, port=port, app_key=app_key, session_token=session,
+                         ssl=ssl.create_default_context() if tls else None)
+
+
+# --- commands ----------------------------------------------------------------
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from feed.ingest import tune_gc
+    from feed.supervisor import run_replay
+
+    settings = settings_from_args(args)
+    sock = bind_socket(settings.host, settings.port)
+    tune_gc()
+    async with open_store(settings) as store:
+        async with asyncio.TaskGroup() as tg:
+            api = tg.create_task(serve_api(settings, store, sock))
+            if args.replay:
+                summary = await run_replay(store, settings, args.replay, speed=args.speed,
+                                           map_clock=not args.keep_clock, progress=_progress)
+                _print_summary(summary)
+                print("serving the replayed markets; Ctrl-C to stop", flush=True)
+            elif args.esa:
+                if not (args.app_key and args.session):
+                    raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
+                tg.create_task(_esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls))
+            else:
+                from feed.simulator.esa_server import Simulator, SimulatorConfig
+
+                sim = Simulator(SimulatorConfig(port=args.sim_port, events=args.sim_events, rate_per_s=args.sim_rate,
+                                                seed=args.sim_seed, time_scale=args.sim_time_scale))
+                await sim.start()
+                print(f"simulator (Betfair ESA protocol) on 127.0.0.1:{sim.port}", flush=True)
+                tg.create_task(_esa_source(settings, store, args, "127.0.0.1", sim.port,
+                                           "sim-app-key", "sim-session", False))
+            await api
+    return 0
+
+
+async def cmd_ingest(args: argparse.Namespace) -> int:
+    from feed.ingest import tune_gc
+    from feed.supervisor import run_replay
+
+    settings = settings_from_args(args)
+    if not args.replay and not args.esa:
+        raise UsageError("ingest needs --replay PATH… or --esa HOST:PORT")
+    tune_gc()
+    async with open_store(settings) as store:
+        if args.replay:
+            summary = await run_replay(store, settings, args.replay, speed=args.speed,
+                                       map_clock=not args.keep_clock, progress=_progress)
+            _print_summary(summary)
+            return 0
+        if not (args.app_key and args.session):
+            raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
+        await _esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls)
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    sock = bind_socket(settings.host, settings.port)
+    async with open_store(settings) as store:
+        await serve_api(settings, store, sock)
+    return 0
+
+
+async def cmd_simulate(args: argparse.Namespace) -> int:
+    from feed.simulator.esa_server import SimulatorConfig, run_simulator
+
+    config = SimulatorConfig(host=args.host, port=args.port, events=args.events, rate_per_s=args.rate,
+                             seed=args.seed, time_scale=args.time_scale, replay=tuple(args.replay or ()),
+                             speed=args.speed)
+    bind_socket(args.host, args.port).close()  # a clear error for a busy port
+    await run_simulator(config, ready=lambda port: print(f"simulator (Betfair ESA protocol) on {args.host}:{port}", flush=True))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ingest": cmd_ingest, "serve": cmd_serve, "simulate": cmd_simulate}
+
+
+async def _main_async(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await COMMANDS[args.command](args)
+    except asyncio.CancelledError:
+        return 0
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _unwrap(inner)
+            if isinstance(found, (OddsfeedError, FileNotFoundError)):
+                return found
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("feed.ingest").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    try:
+        return asyncio.run(_main_async(args))
+    except KeyboardInterrupt:
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - turn user-fixable errors into one line
+        inner = _unwrap(exc)
+        if isinstance(inner, (OddsfeedError, ConfigError, FileNotFoundError)):
+            print(f"oddsfeed: error: {inner}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

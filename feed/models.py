@@ -1,0 +1,236 @@
+"""Canonical model: every provider is normalised into these Structs.
+
+Shapes and units (DESIGN §3):
+
+- ids are strings namespaced by source: market ``bf:1.206064380``, event
+  ``bf:31880539``; a selection id is the provider's id, with ``:<handicap>``
+  appended when the provider keys runners by (id, handicap) and the handicap
+  is not 0 (Betfair Asian handicap markets): ``47972``, ``47972:-0.25``.
+- prices are **decimal odds** (> 1.0, Betfair ladder 1.01–1000); sizes and
+  volumes are in the market's currency units as the provider gives them.
+- ladders are ``[[price, size], …]`` best first (back: highest price first,
+  lay: lowest price first), at most ``ladder_depth`` levels.
+- every time is an **integer number of milliseconds since the Unix epoch
+  (UTC)**: ``source_ts`` (provider publish/change time, Betfair ``pt``),
+  ``received_at`` (ingest read the bytes), ``stored_at`` (ingest handed the
+  change to Redis). ``source_ts_original`` keeps the recording's own clock
+  when a replay maps it onto now.
+
+A :class:`Delta` carries only what changed: a changed market header (all
+market-level fields, small) and the *full current state* of each changed
+selection, so a consumer applies it by replacing selections by id
+(:func:`apply_delta`). ``kind="image"`` carries the whole market and replaces
+it. ``seq`` is per market, strictly increasing, assigned by ``feed.book``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+EventStatus = Literal[
+    "NOT_STARTED", "LIVE", "SUSPENDED", "ENDED", "CLOSED", "CANCELLED",
+    "POSTPONED", "INTERRUPTED", "ABANDONED",
+]
+MarketStatus = Literal["OPEN", "SUSPENDED", "INACTIVE", "CLOSED", "SETTLED", "CANCELLED"]
+SelectionStatus = Literal["ACTIVE", "SUSPENDED", "REMOVED", "WINNER", "LOSER", "PLACED", "VOID", "HIDDEN"]
+SourceState = Literal["UP", "DEGRADED", "DOWN"]
+DeltaKind = Literal["image", "delta"]
+
+#: Market statuses after which no price may be taken and no delta is applied.
+CLOSED_STATUSES: frozenset[str] = frozenset({"CLOSED", "SETTLED", "CANCELLED"})
+
+Ladder = list[tuple[float, float]]
+
+
+class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One selection (runner) of a market.
+
+    price: best decimal odds to back (exchanges: best ``back`` level;
+    bookmakers: the offered price), ``None`` when nothing is offered.
+    back / lay: ``[[price, size], …]`` best first. ltp: last traded decimal
+    price. traded_volume: total matched on this selection.
+    """
+
+    selection_id: str
+    name: str | None = None
+    handicap: float = 0.0
+    status: SelectionStatus = "ACTIVE"
+    price: float | None = None
+    back: Ladder = []
+    lay: Ladder = []
+    ltp: float | None = None
+    traded_volume: float | None = None
+    max_stake: float | None = None
+    sort_priority: int | None = None
+    adjustment_factor: float | None = None
+    bsp: float | None = None
+
+
+class MarketHeader(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Market-level fields (everything of a :class:`Market` but the
+    selections and latency tags). Sent whole in a delta when any changed."""
+
+    event_id: str | None = None
+    bookmaker: str | None = None
+    sport: str | None = None
+    competition: str | None = None
+    event_name: str | None = None
+    name: str | None = None
+    market_type: str | None = None
+    market_type_raw: str | None = None
+    specifiers: dict[str, str] | None = None
+    status: MarketStatus = "OPEN"
+    suspend_reason: str | None = None
+    in_play: bool = False
+    bet_delay_s: int = 0
+    start_time: int | None = None
+    version: int = 0
+    traded_volume: float | None = None
+    number_of_winners: int | None = None
+    country_code: str | None = None
+    venue: str | None = None
+
+
+HEADER_FIELDS: tuple[str, ...] = MarketHeader.__struct_fields__
+
+
+class Market(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A book's market: the snapshot stored in Redis (``of:{p}:m:<id>``).
+
+    Header fields are as :class:`MarketHeader`; ``seq`` is the last applied
+    delta's sequence number; latency tags are integer ms since the epoch.
+    """
+
+    market_id: str
+    source: str
+    seq: int = 0
+    event_id: str | None = None
+    bookmaker: str | None = None
+    sport: str | None = None
+    competition: str | None = None
+    event_name: str | None = None
+    name: str | None = None
+    market_type: str | None = None
+    market_type_raw: str | None = None
+    specifiers: dict[str, str] | None = None
+    status: MarketStatus = "OPEN"
+    suspend_reason: str | None = None
+    in_play: bool = False
+    bet_delay_s: int = 0
+    start_time: int | None = None
+    version: int = 0
+    traded_volume: float | None = None
+    number_of_winners: int | None = None
+    country_code: str | None = None
+    venue: str | None = None
+    source_ts: int = 0
+    source_ts_original: int | None = None
+    received_at: int = 0
+    stored_at: int = 0
+    selections: list[Selection] = []
+
+    def header(self) -> MarketHeader:
+        """The market-level fields of this market."""
+        return MarketHeader(**{f: getattr(self, f) for f in HEADER_FIELDS})
+
+    def selection(self, selection_id: str) -> Selection | None:
+        """The selection with ``selection_id``, or None."""
+        for sel in self.selections:
+            if sel.selection_id == selection_id:
+                return sel
+        return None
+
+
+class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """One change of one market, as appended to the delta log.
+
+    kind="image": ``market`` is the whole market (replace). kind="delta":
+    ``header`` is set when a market-level field other than the market's
+    traded volume changed; ``traded_volume`` is set when only that moved
+    (it changes with nearly every trade); ``selections`` holds the full state
+    of each changed selection. Latency tags in integer ms.
+    """
+
+    market_id: str
+    seq: int
+    kind: DeltaKind
+    source: str
+    source_ts: int
+    received_at: int
+    stored_at: int = 0
+    source_ts_original: int | None = None
+    market: Market | None = None
+    header: MarketHeader | None = None
+    selections: list[Selection] = []
+    traded_volume: float | None = None
+
+
+class SourceHealth(msgspec.Struct, kw_only=True):
+    """Health of one upstream source, persisted in Redis (``of:src:<name>``).
+
+    state: UP / DEGRADED / DOWN; reason: heartbeat_missed, upstream_503,
+    reconnecting, recovering, rate_limited, quota_exhausted, finished, …;
+    last_message_at: ms since the epoch of the last message (data or
+    heartbeat); stale_after_ms: markets older than this are stale.
+    """
+
+    source: str
+    kind: str = "betfair"
+    state: SourceState = "UP"
+    reason: str | None = None
+    last_message_at: int = 0
+    stale_after_ms: int = 0
+    cursor: str | None = None
+    messages: int = 0
+    runner_changes: int = 0
+    rejected: int = 0
+    updated_at: int = 0
+
+
+def apply_delta(market: Market | None, delta: Delta) -> Market | None:
+    """Apply ``delta`` to ``market`` and return the new market.
+
+    An image replaces; a delta with ``seq <= market.seq`` (duplicate or out
+    of order) returns ``market`` unchanged; a delta for an unknown market
+    returns None (a delta never creates a market). Pure.
+    """
+    if delta.kind == "image":
+        return delta.market
+    if market is None or delta.seq <= market.seq:
+        return market
+    changes: dict[str, object] = {
+        "seq": delta.seq,
+        "source_ts": delta.source_ts,
+        "received_at": delta.received_at,
+        "stored_at": delta.stored_at,
+        "source_ts_original": delta.source_ts_original,
+    }
+    if delta.header is not None:
+        h = delta.header
+        for f in HEADER_FIELDS:
+            changes[f] = getattr(h, f)
+    elif delta.traded_volume is not None:
+        changes["traded_volume"] = delta.traded_volume
+    if delta.selections:
+        changes["selections"] = merge_selections(market.selections, delta.selections)
+    return msgspec.structs.replace(market, **changes)
+
+
+def merge_selections(current: list[Selection], changed: list[Selection]) -> list[Selection]:
+    """Replace selections of ``current`` by id with ``changed``; new ids are
+    appended in the order given. Order of existing selections is kept."""
+    by_id = {s.selection_id: s for s in changed}
+    out = [by_id.pop(s.selection_id, s) for s in current]
+    if by_id:
+        out.extend(by_id.values())
+    return out
+
+
+# One encoder/decoder per process (msgspec perf tips).
+ENCODER = msgspec.json.Encoder()
+MARKET_DECODER = msgspec.json.Decoder(Market)
+DELTA_DECODER = msgspec.json.Decoder(Delta)
+DELTAS_DECODER = msgspec.json.Decoder(list[Delta])
+HEALTH_DECODER = msgspec.json.Decoder(SourceHealth)

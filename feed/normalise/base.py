@@ -1,0 +1,58 @@
+"""What every normaliser returns: canonical market updates, no I/O.
+
+A normaliser is an object with ``feed(raw: bytes, recv_ms: int, …) ->
+NormalisedBatch`` that raises :class:`feed.errors.FeedDecodeError` for a
+rejected message (and then has applied nothing). Times are integer ms since
+the Unix epoch (UTC).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from feed.models import MarketHeader, Selection
+
+
+class MarketUpdate(msgspec.Struct, kw_only=True, gc=False):
+    """One provider change of one market, in canonical terms.
+
+    image: True when it replaces the market (``selections`` then holds every
+    selection and ``header`` the whole header). header: the market-level
+    fields when any changed, else None. traded_volume: the market's total
+    matched when it changed (also inside ``header`` when that is set). selections: full current state of
+    each changed selection. source_ts / source_ts_original / received_at:
+    latency tags in ms. conflated: the provider merged changes (Betfair
+    ``con``).
+    """
+
+    market_id: str
+    source: str
+    image: bool
+    header: MarketHeader | None
+    selections: list[Selection]
+    source_ts: int
+    received_at: int
+    source_ts_original: int | None = None
+    conflated: bool = False
+    traded_volume: float | None = None
+
+
+class NormalisedBatch(msgspec.Struct, kw_only=True, gc=False):
+    """The result of one provider message.
+
+    op / ct / clk / initial_clk / status / segment / heartbeat_ms: the
+    provider envelope (Betfair names; None where absent). pt: provider
+    publish time (ms). updates: canonical market updates in message order.
+    runner_changes: how many runner (selection) changes the message held.
+    """
+
+    op: str
+    ct: str | None = None
+    clk: str | None = None
+    initial_clk: str | None = None
+    pt: int | None = None
+    status: int | None = None
+    segment: str | None = None
+    heartbeat_ms: int | None = None
+    updates: list[MarketUpdate] = msgspec.field(default_factory=list)
+    runner_changes: int = 0

@@ -1,0 +1,480 @@
+"""Betfair Exchange Stream API (ESA) ``mcm`` → canonical market updates.
+
+Pure: bytes in, :class:`~feed.normalise.base.MarketUpdate` objects out; no
+I/O and no clock reads (times come in as arguments). The object keeps a
+per-market cache of the provider's ladders, as the ESA cache algorithm
+requires (betfairlightweight ``MarketBookCache``, nautilus ``BetfairParser``).
+
+Follows ESA ``mcm`` semantics (``research/upstream.md`` §1–2):
+
+- both layouts: raw stream captures (``ct`` = ``SUB_IMAGE`` / ``RESUB_DELTA``
+  / ``HEARTBEAT``, level ladders ``batb``/``batl``/``bdatb``/``bdatl``) and
+  historic-data files (no ``ct``, no ``id``, price ladders ``atb``/``atl``;
+  the first sight of a market is an image);
+- ``img: true`` replaces the market's cache; ``ct: SUB_IMAGE`` replaces
+  every market it carries;
+- level ladders are ``[level, price, size]``, price ladders ``[price, size]``;
+  size 0 deletes that level/price, ``[0, 0, 0]`` empties a level ladder;
+- ``marketDefinition`` arrives whole (status, inPlay, betDelay, version,
+  runners with REMOVED/WINNER/LOSER and adjustment factors);
+- BSP near/far prices may be the JSON *strings* ``"NaN"``/``"Infinity"``;
+- ``status: 503`` marks a degraded stream; ``op`` other than ``mcm``
+  (``connection``, ``status``, cricket ``ccm``) carries no odds.
+
+The canonical ``back``/``lay`` ladders come from the most complete ladder
+the market has shown: full price ladders (``atb``/``atl``, EX_ALL_OFFERS)
+over display ladders (``bdatb``/``bdatl``, EX_BEST_OFFERS_DISP) over best
+offers (``batb``/``batl``, EX_BEST_OFFERS); best first, ``ladder_depth``
+levels.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections.abc import Callable
+from typing import Annotated
+
+import msgspec
+
+from feed.errors import FeedDecodeError
+from feed.models import MarketHeader, Selection
+from feed.normalise.base import MarketUpdate, NormalisedBatch
+
+SOURCE_PREFIX = "bf:"
+MIN_PRICE = 1.01
+MAX_PRICE = 1000.0
+
+Price = Annotated[float, msgspec.Meta(ge=MIN_PRICE, le=MAX_PRICE)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+RunnerId = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+PriceSize = tuple[Price, NonNeg]
+LevelPriceSize = tuple[Annotated[int, msgspec.Meta(ge=0, le=999)], Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)], NonNeg]
+Bsp = float | str  # float, or the strings "NaN" / "Infinity"
+
+#: Betfair ``eventTypeId`` → canonical sport key.
+SPORTS: dict[str, str] = {
+    "1": "soccer", "2": "tennis", "3": "golf", "4": "cricket", "5": "rugby_union",
+    "6": "boxing", "7": "horse_racing", "8": "motor_sport", "1477": "rugby_league",
+    "3503": "darts", "4339": "greyhound_racing", "6422": "snooker",
+    "6423": "american_football", "7511": "baseball", "7522": "basketball",
+    "7524": "ice_hockey", "998917": "volleyball", "26420387": "mma",
+    "2378961": "politics", "27454571": "esports",
+}
+
+_RUNNER_STATUS = {
+    "ACTIVE": "ACTIVE", "REMOVED": "REMOVED", "REMOVED_VACANT": "REMOVED",
+    "WINNER": "WINNER", "LOSER": "LOSER", "PLACED": "PLACED", "HIDDEN": "HIDDEN",
+}
+_MARKET_STATUS = {"OPEN": "OPEN", "SUSPENDED": "SUSPENDED", "INACTIVE": "INACTIVE", "CLOSED": "CLOSED"}
+
+
+# --- wire Structs: provider field names, only the fields we read ----------
+
+
+class RunnerDefinition(msgspec.Struct, kw_only=True, gc=False):
+    id: RunnerId
+    status: str = "ACTIVE"
+    sortPriority: int | None = None
+    hc: float | None = None
+    adjustmentFactor: float | None = None
+    bsp: Bsp | None = None
+    name: str | None = None
+
+
+class MarketDefinition(msgspec.Struct, kw_only=True, gc=False):
+    status: str = "OPEN"
+    inPlay: bool = False
+    betDelay: int = 0
+    version: int = 0
+    marketTime: str | None = None
+    eventId: str | None = None
+    eventTypeId: str | None = None
+    marketType: str | None = None
+    bettingType: str | None = None
+    numberOfWinners: int | None = None
+    countryCode: str | None = None
+    venue: str | None = None
+    eventName: str | None = None
+    name: str | None = None
+    suspendReason: str | None = None
+    lineInterval: float | None = None
+    runners: list[RunnerDefinition] = []
+
+
+class RunnerChange(msgspec.Struct, kw_only=True, gc=False):
+    id: RunnerId
+    hc: float | None = None
+    ltp: Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)] | None = None  # 0 = no trade yet
+    tv: NonNeg | None = None
+    atb: list[PriceSize] | None = None
+    atl: list[PriceSize] | None = None
+    batb: list[LevelPriceSize] | None = None
+    batl: list[LevelPriceSize] | None = None
+    bdatb: list[LevelPriceSize] | None = None
+    bdatl: list[LevelPriceSize] | None = None
+    trd: list[PriceSize] | None = None
+    spn: Bsp | None = None
+    spf: Bsp | None = None
+
+
+class MarketChange(msgspec.Struct, kw_only=True, gc=False):
+    id: str
+    img: bool = False
+    con: bool = False
+    tv: NonNeg | None = None
+    marketDefinition: MarketDefinition | None = None
+    rc: list[RunnerChange] | None = None
+
+
+class ChangeMessage(msgspec.Struct, kw_only=True, gc=False):
+    op: str
+    id: int | None = None
+    pt: int | None = None
+    clk: str | None = None
+    initialClk: str | None = None
+    ct: str | None = None
+    segmentType: str | None = None
+    status: int | None = None
+    heartbeatMs: int | None = None
+    conflateMs: int | None = None
+    mc: list[MarketChange] | None = None
+
+
+_DECODER = msgspec.json.Decoder(ChangeMessage)
+
+
+# --- cache -----------------------------------------------------------------
+
+_ATB, _BDATB, _BATB = 3, 2, 1  # ladder source preference
+
+
+class _Runner:
+    __slots__ = (
+        "key", "id", "hc", "atb", "atl", "atb_px", "atl_px", "batb", "batl", "bdatb", "bdatl",
+        "ltp", "tv", "status", "sort", "adj", "bsp", "name",
+    )
+
+    def __init__(self, key: str, rid: int, hc: float) -> None:
+        self.key = key
+        self.id = rid
+        self.hc = hc
+        self.atb: dict[float, float] = {}
+        self.atl: dict[float, float] = {}
+        self.atb_px: list[float] = []  # prices of atb, ascending (kept sorted incrementally)
+        self.atl_px: list[float] = []
+        self.batb: dict[int, tuple[float, float]] = {}
+        self.batl: dict[int, tuple[float, float]] = {}
+        self.bdatb: dict[int, tuple[float, float]] = {}
+        self.bdatl: dict[int, tuple[float, float]] = {}
+        self.ltp: float | None = None
+        self.tv: float | None = None
+        self.status = "ACTIVE"
+        self.sort: int | None = None
+        self.adj: float | None = None
+        self.bsp: float | None = None
+        self.name: str | None = None
+
+
+class _Market:
+    __slots__ = ("market_id", "runners", "header", "ladder", "tv")
+
+    def __init__(self, market_id: str) -> None:
+        self.market_id = market_id
+        self.runners: dict[str, _Runner] = {}
+        self.header: MarketHeader | None = None
+        self.ladder = 0
+        self.tv: float | None = None
+
+
+def selection_key(rid: int, hc: float | None) -> str:
+    """Canonical selection id: ``"<id>"``, or ``"<id>:<hc>"`` when hc ≠ 0."""
+    if not hc:
+        return str(rid)
+    return f"{rid}:{hc:g}"
+
+
+def _bsp(value: Bsp | None) -> float | None:
+    if value is None or isinstance(value, str):
+        return None
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def _apply_prices(book: dict[float, float], prices: list[float], changes: list[tuple[float, float]]) -> None:
+    """Apply ``[price, size]`` changes; ``prices`` is kept sorted ascending."""
+    for price, size in changes:
+        if size:
+            if price not in book:
+                insort(prices, price)
+            book[price] = size
+        elif book.pop(price, None) is not None:
+            del prices[bisect_left(prices, price)]
+
+
+def _apply_levels(book: dict[int, tuple[float, float]], changes: list[tuple[int, float, float]]) -> None:
+    for level, price, size in changes:
+        if size:
+            book[level] = (price, size)
+        else:
+            book.pop(level, None)
+
+
+def _check_levels(changes: list[tuple[int, float, float]] | None) -> bool:
+    if changes:
+        for _, price, size in changes:
+            if size and not (MIN_PRICE <= price <= MAX_PRICE):
+                return False
+    return True
+
+
+def _iso_to_ms(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        from datetime import datetime
+
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def market_type_to_canonical(raw: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """Betfair ``marketType`` → (canonical key, specifiers).
+
+    ``MATCH_ODDS`` → ``("match_odds", None)``; ``OVER_UNDER_25`` →
+    ``("over_under", {"total": "2.5"})``; others lower-cased.
+    """
+    if raw is None:
+        return None, None
+    if raw.startswith("OVER_UNDER_") and raw[11:].isdigit():
+        digits = raw[11:]
+        return "over_under", {"total": f"{digits[:-1] or '0'}.{digits[-1]}"}
+    return raw.lower(), None
+
+
+class BetfairNormaliser:
+    """Feeds ESA lines through the Betfair cache and yields canonical updates.
+
+    ``source`` names the source (``betfair`` by default); market ids are
+    namespaced ``bf:<marketId>`` and event ids ``bf:<eventId>``.
+    ``ladder_depth`` caps each canonical ladder (levels, best first).
+    """
+
+    def __init__(self, source: str = "betfair", *, ladder_depth: int = 10) -> None:
+        self.source = source
+        self.ladder_depth = ladder_depth
+        self.markets: dict[str, _Market] = {}
+
+    # -- public -----------------------------------------------------------
+
+    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+        """Decode one ESA line and apply it to the cache.
+
+        raw: one JSON line (bytes). recv_ms: when it was read, ms since the
+        epoch. pt_map: maps the provider's ``pt`` to ``source_ts`` (a replay
+        maps the recording's clock onto now; the original ``pt`` is then kept
+        in ``source_ts_original``); None keeps ``pt``. A message without
+        ``pt`` takes ``recv_ms``. Raises :class:`FeedDecodeError` (reason
+        ``invalid_json``, ``invalid_schema``, ``invalid_price``,
+        ``unknown_market``) and then leaves the cache untouched.
+        """
+        try:
+            msg = _DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            reason = "invalid_price" if ("Expected `float` >=" in text or "<= 1000" in text or ">= 1.01" in text) else "invalid_schema"
+            raise FeedDecodeError(reason, text, raw) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        batch = NormalisedBatch(op=msg.op, ct=msg.ct, clk=msg.clk, initial_clk=msg.initialClk,
+                                pt=msg.pt, status=msg.status, segment=msg.segmentType,
+                                heartbeat_ms=msg.heartbeatMs)
+        if msg.op != "mcm" or not msg.mc:
+            return batch
+        self._validate(msg, raw)
+        if msg.pt is None:
+            source_ts, original = recv_ms, None
+        elif pt_map is None:
+            source_ts, original = msg.pt, None
+        else:
+            source_ts, original = pt_map(msg.pt), msg.pt
+        sub_image = msg.ct == "SUB_IMAGE"
+        updates = batch.updates
+        for mc in msg.mc:
+            update = self._apply_market(mc, sub_image, source_ts, original, recv_ms)
+            if update is not None:
+                updates.append(update)
+                batch.runner_changes += len(mc.rc) if mc.rc else 0
+        return batch
+
+    # -- internals ----------------------------------------------------------
+
+    def _validate(self, msg: ChangeMessage, raw: bytes) -> None:
+        """Checks msgspec cannot express; raise before anything is applied."""
+        for mc in msg.mc or ():
+            known = mc.id in self.markets
+            if not known and mc.marketDefinition is None:
+                raise FeedDecodeError("unknown_market", f"delta for market {mc.id} before its definition", raw)
+            for rc in mc.rc or ():
+                if rc.ltp and rc.ltp < MIN_PRICE:
+                    raise FeedDecodeError("invalid_price", f"ltp {rc.ltp} below {MIN_PRICE} in market {mc.id} runner {rc.id}", raw)
+                if not (_check_levels(rc.batb) and _check_levels(rc.batl)
+                        and _check_levels(rc.bdatb) and _check_levels(rc.bdatl)):
+                    raise FeedDecodeError("invalid_price", f"level ladder price out of range in market {mc.id} runner {rc.id}", raw)
+
+    def _apply_market(self, mc: MarketChange, sub_image: bool, source_ts: int,
+                      original: int | None, recv_ms: int) -> MarketUpdate | None:
+        market = self.markets.get(mc.id)
+        image = mc.img or sub_image or market is None
+        if market is None:
+            market = self.markets[mc.id] = _Market(mc.id)
+        elif image:
+            market.runners = {}
+            market.ladder = 0
+            market.tv = None
+        changed: dict[str, _Runner] = {}
+        header_changed = image
+        if mc.marketDefinition is not None:
+            self._apply_definition(market, mc.marketDefinition, changed)
+            header_changed = True
+        tv_changed = False
+        if mc.tv is not None and mc.tv != market.tv:
+            market.tv = mc.tv
+            tv_changed = True
+        if mc.rc:
+            for rc in mc.rc:
+                runner = self._runner(market, rc.id, rc.hc)
+                self._apply_runner(market, runner, rc)
+                changed[runner.key] = runner
+        if header_changed or tv_changed:
+            header = market.header
+            if header is None:
+                header = MarketHeader(bookmaker="betfair_exchange")
+            if market.tv != header.traded_volume:
+                header = msgspec.structs.replace(header, traded_volume=market.tv)
+            market.header = header
+        if image:
+            changed = market.runners
+        elif not changed and not header_changed and not tv_changed:
+            return None
+        return MarketUpdate(
+            market_id=SOURCE_PREFIX + mc.id,
+            source=self.source,
+            image=image,
+            header=market.header if header_changed else None,
+            selections=[self._selection(market, r) for r in changed.values()],
+            source_ts=source_ts,
+            source_ts_original=original,
+            received_at=recv_ms,
+            conflated=mc.con,
+            traded_volume=market.tv if tv_changed else None,
+        )
+
+    def _runner(self, market: _Market, rid: int, hc: float | None) -> _Runner:
+        key = selection_key(rid, hc)
+        runner = market.runners.get(key)
+        if runner is None:
+            runner = market.runners[key] = _Runner(key, rid, hc or 0.0)
+        return runner
+
+    def _apply_definition(self, market: _Market, md: MarketDefinition, changed: dict[str, _Runner]) -> None:
+        status = _MARKET_STATUS.get(md.status, "SUSPENDED")
+        for rd in md.runners:
+            runner = self._runner(market, rd.id, rd.hc)
+            new_status = _RUNNER_STATUS.get(rd.status, "ACTIVE")
+            bsp = _bsp(rd.bsp)
+            if (runner.status != new_status or runner.sort != rd.sortPriority or runner.adj != rd.adjustmentFactor
+                    or runner.bsp != bsp or (rd.name is not None and runner.name != rd.name)):
+                runner.status = new_status
+                runner.sort = rd.sortPriority
+                runner.adj = rd.adjustmentFactor
+                runner.bsp = bsp
+                if rd.name is not None:
+                    runner.name = rd.name
+                changed[runner.key] = runner
+        if status == "CLOSED" and any(r.status in ("WINNER", "PLACED") for r in market.runners.values()):
+            status = "SETTLED"
+        market_type, specifiers = market_type_to_canonical(md.marketType)
+        market.header = MarketHeader(
+            event_id=SOURCE_PREFIX + md.eventId if md.eventId else None,
+            bookmaker="betfair_exchange",
+            sport=SPORTS.get(md.eventTypeId or "", f"betfair_{md.eventTypeId}" if md.eventTypeId else None),
+            event_name=md.eventName,
+            name=md.name,
+            market_type=market_type,
+            market_type_raw=md.marketType,
+            specifiers=specifiers,
+            status=status,  # type: ignore[arg-type]
+            suspend_reason=md.suspendReason,
+            in_play=md.inPlay,
+            bet_delay_s=md.betDelay,
+            start_time=_iso_to_ms(md.marketTime),
+            version=md.version,
+            traded_volume=market.tv,
+            number_of_winners=md.numberOfWinners,
+            country_code=md.countryCode,
+            venue=md.venue,
+        )
+
+    @staticmethod
+    def _apply_runner(market: _Market, runner: _Runner, rc: RunnerChange) -> None:
+        if rc.atb is not None:
+            _apply_prices(runner.atb, runner.atb_px, rc.atb)
+            market.ladder = _ATB
+        if rc.atl is not None:
+            _apply_prices(runner.atl, runner.atl_px, rc.atl)
+            market.ladder = _ATB
+        if rc.bdatb is not None:
+            _apply_levels(runner.bdatb, rc.bdatb)
+            if market.ladder < _BDATB:
+                market.ladder = _BDATB
+        if rc.bdatl is not None:
+            _apply_levels(runner.bdatl, rc.bdatl)
+            if market.ladder < _BDATB:
+                market.ladder = _BDATB
+        if rc.batb is not None:
+            _apply_levels(runner.batb, rc.batb)
+            if market.ladder < _BATB:
+                market.ladder = _BATB
+        if rc.batl is not None:
+            _apply_levels(runner.batl, rc.batl)
+            if market.ladder < _BATB:
+                market.ladder = _BATB
+        if rc.ltp is not None:
+            runner.ltp = rc.ltp or None
+        if rc.tv is not None:
+            runner.tv = rc.tv
+
+    def _selection(self, market: _Market, r: _Runner) -> Selection:
+        depth = self.ladder_depth
+        kind = market.ladder
+        if kind == _ATB:
+            atb, atl = r.atb, r.atl
+            back = [(p, atb[p]) for p in reversed(r.atb_px[-depth:])]
+            lay = [(p, atl[p]) for p in r.atl_px[:depth]]
+        elif kind == _BDATB:
+            back = [r.bdatb[k] for k in sorted(r.bdatb)][:depth] if r.bdatb else []
+            lay = [r.bdatl[k] for k in sorted(r.bdatl)][:depth] if r.bdatl else []
+        elif kind == _BATB:
+            back = [r.batb[k] for k in sorted(r.batb)][:depth] if r.batb else []
+            lay = [r.batl[k] for k in sorted(r.batl)][:depth] if r.batl else []
+        else:
+            back = lay = []
+        return Selection(
+            selection_id=r.key,
+            name=r.name,
+            handicap=r.hc,
+            status=r.status,  # type: ignore[arg-type]
+            price=back[0][0] if back else None,
+            back=back,
+            lay=lay,
+            ltp=r.ltp,
+            traded_volume=r.tv,
+            sort_priority=r.sort,
+            adjustment_factor=r.adj,
+            bsp=r.bsp,
+        )
+
+    def forget(self, market_id: str) -> None:
+        """Drop a market's cache (``bf:`` id or raw id), e.g. after it closed."""
+        self.markets.pop(market_id.removeprefix(SOURCE_PREFIX), None)

@@ -1,0 +1,71 @@
+"""Typed, frozen settings with units in the names; read once.
+
+Precedence: command-line flag > environment variable ``ODDSFEED_<FIELD>``
+(upper case) > default. Every field documents its default and unit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+from feed.errors import ConfigError
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings shared by ``oddsfeed run | ingest | serve | simulate``."""
+
+    redis_url: str | None = None
+    """Redis/Valkey URL; None = start the embedded redis-server."""
+    redis_cluster: bool = False
+    """Treat ``redis_url`` as a Redis Cluster seed node."""
+    data_dir: str = "./var"
+    """Embedded Redis data directory (socket, append-only file)."""
+    partitions: int = 1
+    """Delta-log partitions P (fixed for the life of the data)."""
+    log_maxlen: int = 100_000
+    """Approximate log entries kept per partition (XADD MAXLEN ~)."""
+    ladder_depth: int = 10
+    """Price levels kept per side in canonical ladders."""
+    host: str = "127.0.0.1"
+    """API bind address."""
+    port: int = 8000
+    """API port."""
+    heartbeat_ms: int = 5000
+    """Stream heartbeat interval to clients (SSE/WS), ms."""
+    stale_in_play_ms: int = 10_000
+    """An in-play market is stale when not confirmed for this long, ms."""
+    stale_pre_match_ms: int = 60_000
+    """A pre-match market is stale when not confirmed for this long, ms."""
+    outbox_max_bytes: int = 1 << 20
+    """Byte budget per client connection before conflation/snapshot/close."""
+    ingest_batch_max: int = 2000
+    """Most provider messages per batched store apply."""
+    api_keys: tuple[str, ...] = ()
+    """API keys accepted on /v1 (empty = no auth)."""
+    allowed_origins: tuple[str, ...] = ()
+    """WebSocket Origin allow-list (empty = any)."""
+
+
+
+
+_TUPLE_FIELDS = {"api_keys", "allowed_origins"}
+
+
+def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from ``ODDSFEED_*`` environment variables plus ``overrides``
+    (None values in overrides are ignored). Raises ConfigError."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(Settings):
+        raw = env.get(f"ODDSFEED_{field.name.upper()}")
+        if raw is None:
+            continue
+        values[field.name] = tuple(x.strip() for x in raw.split(",") if x.strip()) if field.name in _TUPLE_FIELDS else raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from None

@@ -1,0 +1,388 @@
+"""Redis store: latency-tagged snapshots, a bounded delta log, cursors, health.
+
+Layout (DESIGN §4; every key of partition ``p`` shares the hash tag ``{p}``
+so one script touches them on Redis Cluster)::
+
+    of:{p}:m:<market_id>   snapshot of one market (msgspec JSON of feed.models.Market)
+    of:{p}:seq             hash  market_id -> seq of the stored snapshot
+    of:{p}:idx             set   market ids of the partition
+    of:{p}:log             stream of delta batches, MAXLEN ~ log_maxlen; field d = JSON array of Delta
+    of:{p}:epoch           copy of the store epoch, checked by every apply
+    of:{0}:cursor          hash  source -> resume cursor (written with partition 0's data)
+    of:epoch               random id made when the store is created (a new one voids resume tokens)
+    of:meta                hash  partitions, created_at
+    of:src:<source>        source health (msgspec JSON of feed.models.SourceHealth)
+    of:sources             set   source names
+    of:quarantine          stream of rejected provider messages (source, reason, detail, raw ≤ 4 KiB)
+    of:quarantine:count    hash  "<source>:<reason>" -> count
+
+``p = crc32(market_id) mod partitions``.
+
+Apply is atomic and batched: one script call per partition applies many
+market deltas — it drops any delta whose ``seq`` is not above the stored
+one, writes the newest snapshot of each market once, appends the kept deltas
+as one log entry and, for partition 0, stores the source cursor with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
+
+from feed.errors import StoreError
+from feed.models import DELTAS_DECODER, ENCODER, HEALTH_DECODER, MARKET_DECODER, Delta, Market, SourceHealth
+
+logger = logging.getLogger(__name__)
+
+QUARANTINE_RAW_MAX = 4096
+QUARANTINE_MAXLEN = 10_000
+
+
+def partition_of(market_id: str, partitions: int) -> int:
+    """The partition a market belongs to: crc32(id) mod partitions."""
+    if partitions == 1:
+        return 0
+    return zlib.crc32(market_id.encode()) % partitions
+
+
+def market_key(p: int, market_id: str) -> str:
+    return f"of:{{{p}}}:m:{market_id}"
+
+
+def log_key(p: int) -> str:
+    return f"of:{{{p}}}:log"
+
+
+def seq_key(p: int) -> str:
+    return f"of:{{{p}}}:seq"
+
+
+def idx_key(p: int) -> str:
+    return f"of:{{{p}}}:idx"
+
+
+def pepoch_key(p: int) -> str:
+    return f"of:{{{p}}}:epoch"
+
+
+CURSOR_KEY = "of:{0}:cursor"
+EPOCH_KEY = "of:epoch"
+META_KEY = "of:meta"
+SOURCES_KEY = "of:sources"
+QUARANTINE_KEY = "of:quarantine"
+QUARANTINE_COUNT_KEY = "of:quarantine:count"
+
+
+def source_key(name: str) -> str:
+    return f"of:src:{name}"
+
+
+# KEYS: 1 seq hash, 2 log, 3 idx, 4 partition epoch, 5 cursor hash (or a dummy key of the
+#       partition), 6.. snapshot keys in market order
+# ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
+#       then per market: market_id, snapshot JSON, n deltas, then n × (seq, delta JSON)
+# Returns {log entry id or "", kept, dropped}; error "EPOCH" when the partition epoch differs.
+APPLY_SCRIPT = """
+local epoch = redis.call('GET', KEYS[4])
+if epoch ~= ARGV[1] then
+  return redis.error_reply('EPOCH ' .. tostring(epoch))
+end
+local n = tonumber(ARGV[5])
+local a = 6
+local kept = {}
+local dropped = 0
+for i = 1, n do
+  local mid = ARGV[a]
+  local snap = ARGV[a + 1]
+  local nd = tonumber(ARGV[a + 2])
+  a = a + 3
+  local stored = tonumber(redis.call('HGET', KEYS[1], mid) or '0')
+  local last = stored
+  for j = 1, nd do
+    local s = tonumber(ARGV[a])
+    if s > last then
+      kept[#kept + 1] = ARGV[a + 1]
+      last = s
+    else
+      dropped = dropped + 1
+    end
+    a = a + 2
+  end
+  if last > stored then
+    redis.call('HSET', KEYS[1], mid, last)
+    redis.call('SET', KEYS[5 + i], snap)
+    redis.call('SADD', KEYS[3], mid)
+  end
+end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
+end
+local id = ''
+if #kept > 0 then
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', '[' .. table.concat(kept, ',') .. ']')
+end
+return {id, #kept, dropped}
+"""
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What one batched apply did: log entry ids per partition, counts."""
+
+    entries: dict[int, str]
+    kept: int
+    dropped: int
+
+
+class EpochChanged(StoreError):
+    """The store's epoch is not the one this writer started with (Redis lost
+    its data or was reset): the writer must re-send full images."""
+
+
+def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> aioredis.Redis:
+    """An asyncio Redis client for ``url`` (``redis://``, ``rediss://``,
+    ``unix://``); ``cluster=True`` gives a RedisCluster client."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                   health_check_interval=30)
+
+
+class Store:
+    """Reads and writes the oddsfeed layout on one Redis (or Redis Cluster).
+
+    partitions: P ≥ 1, fixed for the life of the data (stored in ``of:meta``;
+    a mismatch raises StoreError). log_maxlen: approximate number of log
+    entries kept per partition (``XADD MAXLEN ~``).
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, partitions: int = 1, log_maxlen: int = 100_000) -> None:
+        self.redis = redis
+        self.partitions = partitions
+        self.log_maxlen = log_maxlen
+        self.epoch: str = ""
+        self._apply = redis.register_script(APPLY_SCRIPT)
+
+    @classmethod
+    async def open(cls, url: str, *, partitions: int = 1, log_maxlen: int = 100_000,
+                   cluster: bool = False) -> "Store":
+        """Connect, check the server answers, create or load the epoch.
+
+        Raises StoreError("cannot reach redis at …: …") when unreachable.
+        """
+        client = connect(url, cluster=cluster)
+        store = cls(client, partitions=partitions, log_maxlen=log_maxlen)
+        try:
+            await client.ping()
+            await store.ensure_epoch()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise StoreError(f"cannot reach redis at {_redact(url)}: {exc}") from None
+        return store
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- epoch ---------------------------------------------------------------
+
+    async def ensure_epoch(self) -> str:
+        """Load the epoch, creating it (and ``of:meta``) on an empty store;
+        make sure every partition carries it."""
+        r = self.redis
+        await r.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+        epoch = await r.get(EPOCH_KEY)
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        await r.hsetnx(META_KEY, "partitions", self.partitions)
+        await r.hsetnx(META_KEY, "created_at", int(time.time() * 1000))
+        stored = int(await r.hget(META_KEY, "partitions") or self.partitions)
+        if stored != self.partitions:
+            raise StoreError(f"store was created with {stored} partitions, not {self.partitions}")
+        for p in range(self.partitions):
+            await r.set(pepoch_key(p), self.epoch, nx=True)
+        return self.epoch
+
+    async def current_epoch(self) -> str | None:
+        """The epoch now in Redis (None when the store was wiped)."""
+        value = await self.redis.get(EPOCH_KEY)
+        return value.decode() if value is not None else None
+
+    async def partition_epochs(self) -> list[str | None]:
+        out = []
+        for p in range(self.partitions):
+            v = await self.redis.get(pepoch_key(p))
+            out.append(v.decode() if v is not None else None)
+        return out
+
+    # -- writes --------------------------------------------------------------
+
+    async def apply(self, deltas: Iterable[Delta], markets: dict[str, Market],
+                    cursor: tuple[str, str] | None = None) -> ApplyResult:
+        """Atomically store a batch of deltas with the latest snapshot of each
+        touched market (``markets[market_id]``), per partition; partition 0
+        goes last and carries ``cursor`` = (source, value) so the cursor
+        never runs ahead of the data it covers.
+
+        Raises EpochChanged when Redis no longer holds this writer's epoch,
+        StoreError on any other Redis failure.
+        """
+        by_part: dict[int, dict[str, list[Delta]]] = {}
+        P = self.partitions
+        for d in deltas:
+            by_part.setdefault(partition_of(d.market_id, P), {}).setdefault(d.market_id, []).append(d)
+        if cursor is not None:
+            by_part.setdefault(0, {})
+        entries: dict[int, str] = {}
+        kept = dropped = 0
+        for p in sorted(by_part, reverse=True):
+            per_market = by_part[p]
+            keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
+                    CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor"]
+            args: list[bytes | str | int] = [self.epoch, self.log_maxlen]
+            if p == 0 and cursor is not None:
+                args += [cursor[0], cursor[1]]
+            else:
+                args += ["", ""]
+            args.append(len(per_market))
+            for mid, ds in per_market.items():
+                keys.append(market_key(p, mid))
+                args += [mid, ENCODER.encode(markets[mid]), len(ds)]
+                for d in ds:
+                    args += [d.seq, ENCODER.encode(d)]
+            try:
+                res = await self._apply(keys=keys, args=args)
+            except ResponseError as exc:
+                if str(exc).startswith("EPOCH"):
+                    raise EpochChanged(f"store epoch changed ({exc})") from None
+                raise StoreError(f"apply failed: {exc}") from None
+            except (RedisError, OSError) as exc:
+                raise StoreError(f"redis write failed: {exc}") from None
+            entry = res[0].decode() if isinstance(res[0], bytes) else res[0]
+            if entry:
+                entries[p] = entry
+            kept += int(res[1])
+            dropped += int(res[2])
+        return ApplyResult(entries, kept, dropped)
+
+    async def reset_epoch(self) -> str:
+        """After EpochChanged: adopt the epoch now in Redis (creating one)."""
+        return await self.ensure_epoch()
+
+    async def set_health(self, health: SourceHealth) -> None:
+        """Persist one source's health (and register the source)."""
+        try:
+            await self.redis.set(source_key(health.source), ENCODER.encode(health))
+            await self.redis.sadd(SOURCES_KEY, health.source)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+
+    async def quarantine(self, source: str, reason: str, detail: str, raw: bytes, at_ms: int) -> None:
+        """Keep a rejected provider message (raw bytes capped at 4 KiB) with
+        its reason, and count it per source and reason."""
+        try:
+            await self.redis.xadd(QUARANTINE_KEY, {
+                "source": source, "reason": reason, "detail": detail[:500],
+                "raw": raw[:QUARANTINE_RAW_MAX], "raw_len": len(raw), "at": at_ms,
+            }, maxlen=QUARANTINE_MAXLEN, approximate=True)
+            await self.redis.hincrby(QUARANTINE_COUNT_KEY, f"{source}:{reason}", 1)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+
+    # -- reads ---------------------------------------------------------------
+
+    async def load_cursor(self, source: str) -> str | None:
+        value = await self.redis.hget(CURSOR_KEY, source)
+        return value.decode() if value is not None else None
+
+    async def last_log_id(self, p: int) -> str:
+        """Id of the newest log entry of partition p ("0-0" when empty)."""
+        rows = await self.redis.xrevrange(log_key(p), count=1)
+        return rows[0][0].decode() if rows else "0-0"
+
+    async def first_log_id(self, p: int) -> str | None:
+        """Id of the oldest retained log entry of partition p (None when empty)."""
+        rows = await self.redis.xrange(log_key(p), count=1)
+        return rows[0][0].decode() if rows else None
+
+    async def load_markets(self, p: int) -> list[Market]:
+        """Every stored snapshot of partition p."""
+        ids = [m.decode() for m in await self.redis.smembers(idx_key(p))]
+        out: list[Market] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            values = await self.redis.mget([market_key(p, mid) for mid in chunk])
+            out.extend(MARKET_DECODER.decode(v) for v in values if v is not None)
+        return out
+
+    async def load_all_markets(self) -> list[Market]:
+        out: list[Market] = []
+        for p in range(self.partitions):
+            out.extend(await self.load_markets(p))
+        return out
+
+    async def get_market(self, market_id: str) -> Market | None:
+        value = await self.redis.get(market_key(partition_of(market_id, self.partitions), market_id))
+        return MARKET_DECODER.decode(value) if value is not None else None
+
+    async def read_log(self, positions: dict[int, str], *, block_ms: int | None = None,
+                       count: int = 1000) -> list[tuple[int, str, list[Delta]]]:
+        """Log entries after ``positions`` ({partition: entry id}), oldest
+        first: [(partition, entry id, deltas)]. ``block_ms`` waits (XREAD BLOCK)."""
+        streams = {log_key(p): pos for p, pos in positions.items()}
+        res = await self.redis.xread(streams, count=count, block=block_ms)
+        out: list[tuple[int, str, list[Delta]]] = []
+        for key, rows in res or ():
+            k = key.decode() if isinstance(key, bytes) else key
+            p = int(k[k.index("{") + 1:k.index("}")])
+            for entry_id, fields in rows:
+                out.append((p, entry_id.decode(), DELTAS_DECODER.decode(fields[b"d"])))
+        return out
+
+    async def log_range(self, p: int, after: str, *, count: int | None = None) -> list[tuple[str, list[Delta]]]:
+        """Log entries of partition p strictly after entry id ``after``."""
+        rows = await self.redis.xrange(log_key(p), min=f"({after}" if after != "0-0" else "-", count=count)
+        return [(i.decode(), DELTAS_DECODER.decode(f[b"d"])) for i, f in rows]
+
+    async def sources(self) -> list[SourceHealth]:
+        names = sorted(n.decode() for n in await self.redis.smembers(SOURCES_KEY))
+        out = []
+        for name in names:
+            v = await self.redis.get(source_key(name))
+            if v is not None:
+                out.append(HEALTH_DECODER.decode(v))
+        return out
+
+    async def quarantine_counts(self) -> dict[str, dict[str, int]]:
+        """{source: {reason: count}} of rejected messages."""
+        raw = await self.redis.hgetall(QUARANTINE_COUNT_KEY)
+        out: dict[str, dict[str, int]] = {}
+        for k, v in raw.items():
+            source, _, reason = k.decode().rpartition(":")
+            out.setdefault(source, {})[reason] = int(v)
+        return out
+
+    async def quarantined(self, count: int = 100) -> list[dict[str, object]]:
+        """The newest quarantined messages, newest first."""
+        rows = await self.redis.xrevrange(QUARANTINE_KEY, count=count)
+        return [{"id": i.decode(), **{k.decode(): (v if k == b"raw" else v.decode()) for k, v in f.items()}}
+                for i, f in rows]
+
+
+def _redact(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return ENCODER.encode(obj)

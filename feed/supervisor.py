@@ -1,0 +1,111 @@
+"""Runs sources: wires a source's I/O to its ingest pipeline and health.
+
+``run_esa_source`` keeps one Betfair ESA subscription alive and ingests it;
+``run_replay`` feeds recordings. Both persist the source's health (UP /
+DEGRADED / DOWN with a reason, last message time, counters, cursor) about
+once a second and at every transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl as _ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from feed.book import Book
+from feed.ingest import Ingest
+from feed.normalise.betfair import BetfairNormaliser
+from feed.settings import Settings
+from feed.sources.esa import EsaClient, default_market_data_filter, default_market_filter
+from feed.sources.replay import Replay, ReplaySummary
+from feed.store import Store
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 1.0
+
+
+async def _publish_health_forever(ingest: Ingest, wake: asyncio.Event) -> None:
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), HEALTH_INTERVAL_S)
+        wake.clear()
+        try:
+            await ingest.publish_health()
+        except Exception as exc:  # a Redis hiccup must not stop the source
+            logger.warning("could not publish health of %s: %s", ingest.source, exc)
+
+
+async def run_esa_source(store: Store, settings: Settings, *, host: str, port: int, app_key: str,
+                         session_token: str, name: str = "betfair", ssl: _ssl.SSLContext | None = None,
+                         market_filter: dict[str, Any] | None = None,
+                         market_data_filter: dict[str, Any] | None = None,
+                         conflate_ms: int | None = None, heartbeat_ms: int = 5000,
+                         on_client: Callable[[EsaClient], None] | None = None) -> None:
+    """Ingest one ESA subscription until cancelled (raises on fatal errors).
+
+    A restarted process continues each market's ``seq`` from the stored
+    snapshots and subscribes afresh: the new image replaces the cache, and
+    markets whose content did not change produce no delta. Within the
+    process a reconnect resumes with ``initialClk``/``clk`` (RESUB_DELTA).
+    """
+    ingest = Ingest(store, source=name, normaliser=BetfairNormaliser(name, ladder_depth=settings.ladder_depth),
+                    book=Book(), stale_after_ms=settings.stale_in_play_ms)
+    await ingest.restore()
+    wake = asyncio.Event()
+
+    async def on_lines(lines: list[bytes], recv_ms: int) -> None:
+        ingest.feed_lines(lines, recv_ms)
+        await ingest.flush()
+        state = "DEGRADED" if ingest.degraded else "UP"
+        reason = "upstream_503" if ingest.degraded else None
+        if ingest.health.state != "DOWN" and ingest.set_state(state, reason):
+            wake.set()
+
+    def on_health(state: str, reason: str | None) -> None:
+        if ingest.set_state(state, reason):  # type: ignore[arg-type]
+            wake.set()
+
+    client = EsaClient(
+        host=host, port=port, app_key=app_key, session_token=session_token,
+        market_filter=market_filter or default_market_filter(),
+        market_data_filter=market_data_filter or default_market_data_filter(),
+        heartbeat_ms=heartbeat_ms, conflate_ms=conflate_ms, ssl=ssl,
+        on_lines=on_lines, on_health=on_health, name=name,
+    )
+    if on_client is not None:
+        on_client(client)
+    publisher = asyncio.create_task(_publish_health_forever(ingest, wake))
+    try:
+        await client.run()
+    finally:
+        client.stop()
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await publisher
+        ingest.set_state("DOWN", "stopped")
+        with contextlib.suppress(Exception):
+            await ingest.publish_health()
+
+
+async def run_replay(store: Store, settings: Settings, paths: list[str | Path], *, speed: float | None,
+                     name: str = "replay", map_clock: bool = True,
+                     progress: Callable[[Ingest, int, int], None] | None = None) -> ReplaySummary:
+    """Replay recordings into the store; return the summary."""
+    ingest = Ingest(store, source=name, normaliser=BetfairNormaliser(name, ladder_depth=settings.ladder_depth),
+                    stale_after_ms=settings.stale_in_play_ms, kind="replay")
+    await ingest.restore()
+    replay = Replay(paths, ingest, speed=speed, map_clock=map_clock, chunk_lines=settings.ingest_batch_max,
+                    progress=progress)
+    wake = asyncio.Event()
+    publisher = asyncio.create_task(_publish_health_forever(ingest, wake))
+    try:
+        return await replay.run()
+    finally:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await publisher

@@ -1,0 +1,88 @@
+"""The CLI: compose commands exist, user-fixable errors are one line, replay ingest end to end."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from feed.cli import build_parser
+from tests.conftest import require_shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _oddsfeed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "feed", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_every_compose_command_parses() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "simulate", "ingest"} <= services.keys()
+    serve_nodes = [s for s in services.values() if s.get("command", [None])[0] == "serve"]
+    assert len(serve_nodes) >= 2
+    parser = build_parser()
+    checked = 0
+    for name, svc in services.items():
+        if name == "redis":
+            continue
+        args = parser.parse_args(svc["command"])  # raises SystemExit on an unknown command/flag
+        assert args.command in {"run", "ingest", "serve", "simulate"}
+        checked += 1
+    assert checked == len(services) - 1
+
+
+def test_unknown_flag_is_rejected() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--no-such-flag"])
+
+
+def test_bad_speed_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "--replay", "x", "--speed", "0"])
+
+
+def test_unreachable_redis_is_one_line() -> None:
+    res = _oddsfeed("ingest", "--replay", str(ROOT / "README.md"), "--redis-url", "redis://127.0.0.1:1/0", timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("oddsfeed: error: cannot reach redis at redis://127.0.0.1:1/0")
+    assert "Traceback" not in res.stderr
+
+
+def test_busy_port_is_one_line(redis_url: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = _oddsfeed("serve", "--redis-url", redis_url, "--port", str(port), timeout=60)
+    assert res.returncode == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_recording_is_one_line(redis_url: str) -> None:
+    res = _oddsfeed("ingest", "--replay", "/no/such/file", "--redis-url", redis_url, timeout=60)
+    assert res.returncode == 2
+    assert "no such recording file or folder: /no/such/file" in res.stderr
+
+
+def test_ingest_replay_max_speed_summary(tmp_path: Path) -> None:
+    data = require_shared_data()
+    res = _oddsfeed("ingest", "--replay", str(data), "--speed", "max", "--data-dir", str(tmp_path / "var"), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "replay finished:" in out
+    counts = {line.split(":")[0].strip(): line.split(":", 1)[1].strip() for line in out.splitlines() if ":" in line}
+    assert int(counts["messages"]) > 80_000
+    assert int(counts["runner changes"]) > 150_000
+    # the shared data holds one truncated line (RECORDED-1.173718164) and one RESUB_DELTA for unknown markets
+    assert counts["rejected lines"].startswith("2 ")
+    assert "runner changes/s" in counts["elapsed"]
+    # the embedded server was stopped cleanly and kept its append-only file
+    assert any((tmp_path / "var").glob("appendonly*"))

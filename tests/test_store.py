@@ -1,0 +1,100 @@
+"""Store against a real redis-server: batched atomic apply, seq checks, epoch, cursor."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from feed.book import Book
+from feed.models import MarketHeader, Selection
+from feed.normalise.base import MarketUpdate
+from feed.store import EpochChanged, Store
+
+
+def _update(mid: str, price: float, *, image: bool = False, ts: int = 1000) -> MarketUpdate:
+    return MarketUpdate(
+        market_id=mid, source="t", image=image,
+        header=MarketHeader(sport="soccer", status="OPEN") if image else None,
+        selections=[Selection(selection_id="1", price=price, back=[(price, 10.0)])],
+        source_ts=ts, received_at=ts + 5,
+    )
+
+
+async def test_apply_writes_snapshot_log_and_cursor(store: Store) -> None:
+    book = Book()
+    deltas = [book.apply(_update("m1", 2.0, image=True), stored_at=7),
+              book.apply(_update("m1", 2.1, ts=1001), stored_at=7),
+              book.apply(_update("m2", 3.0, image=True), stored_at=7)]
+    res = await store.apply(deltas, book.markets, cursor=("t", "clk-1"))
+    assert res.kept == 3 and res.dropped == 0
+    m1 = await store.get_market("m1")
+    assert m1 is not None and m1.seq == 2 and m1.selections[0].price == 2.1 and m1.stored_at == 7
+    rows = await store.log_range(0, "0-0")
+    assert [[(d.market_id, d.seq) for d in ds] for _, ds in rows] == [[("m1", 1), ("m1", 2), ("m2", 1)]]
+    assert await store.load_cursor("t") == "clk-1"
+    assert sorted(m.market_id for m in await store.load_all_markets()) == ["m1", "m2"]
+
+
+async def test_apply_drops_stale_seq_atomically(store: Store) -> None:
+    book = Book()
+    d1 = book.apply(_update("m1", 2.0, image=True))
+    d2 = book.apply(_update("m1", 2.2, ts=1002))
+    await store.apply([d1, d2], book.markets)
+    # a second writer with an older book replays seq 2 and adds nothing new
+    res = await store.apply([d2], book.markets)
+    assert res.kept == 0 and res.dropped == 1
+    assert len(await store.log_range(0, "0-0")) == 1
+
+
+async def test_epoch_change_is_detected(store: Store, redis_url: str) -> None:
+    book = Book()
+    d = book.apply(_update("m1", 2.0, image=True))
+    await store.redis.flushall()
+    with pytest.raises(EpochChanged):
+        await store.apply([d], book.markets)
+    old = store.epoch
+    await store.reset_epoch()
+    assert store.epoch != old
+    assert (await store.apply([d], book.markets)).kept == 1
+
+
+async def test_partitions_use_hash_tags(redis_url: str) -> None:
+    s = await Store.open(redis_url, partitions=4)
+    try:
+        book = Book()
+        ds = [book.apply(_update(f"m{i}", 2.0, image=True)) for i in range(20)]
+        res = await s.apply(ds, book.markets, cursor=("t", "c"))
+        assert res.kept == 20 and len(res.entries) > 1
+        keys = [k.decode() for k in await s.redis.keys("of:{*}:log")]
+        assert len(keys) == len(res.entries)
+        assert len(await s.load_all_markets()) == 20
+    finally:
+        await s.close()
+
+
+async def test_partition_count_is_fixed(redis_url: str) -> None:
+    s = await Store.open(redis_url, partitions=2)
+    await s.close()
+    from feed.errors import StoreError
+
+    with pytest.raises(StoreError, match="2 partitions"):
+        await Store.open(redis_url, partitions=3)
+
+
+async def test_unreachable_redis_is_one_line_error() -> None:
+    from feed.errors import StoreError
+
+    with pytest.raises(StoreError) as info:
+        await Store.open("redis://127.0.0.1:1/0")
+    assert "cannot reach redis at redis://127.0.0.1:1/0" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_market_json_roundtrip() -> None:
+    from feed.models import ENCODER, MARKET_DECODER
+
+    book = Book()
+    book.apply(_update("m1", 2.0, image=True))
+    m = book.markets["m1"]
+    assert MARKET_DECODER.decode(ENCODER.encode(m)) == m
+    assert msgspec.json.decode(ENCODER.encode(m))["selections"][0]["back"] == [[2.0, 10.0]]
