@@ -20,7 +20,8 @@ so one script touches them on Redis Cluster)::
 
 Apply is atomic and batched: one script call per partition applies many
 market deltas — it drops any delta whose ``seq`` is not above the stored
-one, writes the newest snapshot of each market once, appends the kept deltas
+one (a market's deltas in a batch are consecutive, so it compares the
+first and last seq and the caller trims a partial overlap), writes the newest snapshot of each market once, appends the kept deltas
 as one log entry and, for partition 0, stores the source cursor with them.
 """
 
@@ -89,48 +90,58 @@ def source_key(name: str) -> str:
 # KEYS: 1 seq hash, 2 log, 3 idx, 4 partition epoch, 5 cursor hash (or a dummy key of the
 #       partition), 6.. snapshot keys in market order
 # ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
-#       then per market: market_id, snapshot JSON, n deltas, then n × (seq, delta JSON)
-# Returns {log entry id or "", kept, dropped}; error "EPOCH" when the partition epoch differs.
+#       then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
+#       as JSON array items joined by "," (seqs first..last, consecutive)
+# Checks every market before writing anything: a batch is applied whole or not at all.
+# Returns {log entry id or "", kept, dropped}; errors "EPOCH <epoch>" when the partition
+# epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq falls
+# inside the batch (the caller trims and retries).
 APPLY_SCRIPT = """
 local epoch = redis.call('GET', KEYS[4])
 if epoch ~= ARGV[1] then
   return redis.error_reply('EPOCH ' .. tostring(epoch))
 end
 local n = tonumber(ARGV[5])
-local a = 6
-local kept = {}
+local keep = {}
 local dropped = 0
+local a = 6
 for i = 1, n do
   local mid = ARGV[a]
-  local snap = ARGV[a + 1]
-  local nd = tonumber(ARGV[a + 2])
-  a = a + 3
+  local first = tonumber(ARGV[a + 2])
+  local last = tonumber(ARGV[a + 3])
   local stored = tonumber(redis.call('HGET', KEYS[1], mid) or '0')
-  local last = stored
-  for j = 1, nd do
-    local s = tonumber(ARGV[a])
-    if s > last then
-      kept[#kept + 1] = ARGV[a + 1]
-      last = s
-    else
-      dropped = dropped + 1
-    end
-    a = a + 2
+  if stored >= last then
+    keep[i] = false
+    dropped = dropped + (last - first + 1)
+  elseif stored >= first then
+    return redis.error_reply('PARTIAL ' .. mid .. ' ' .. stored)
+  else
+    keep[i] = true
   end
-  if last > stored then
-    redis.call('HSET', KEYS[1], mid, last)
-    redis.call('SET', KEYS[5 + i], snap)
+  a = a + 5
+end
+local parts = {}
+local kept = 0
+a = 6
+for i = 1, n do
+  if keep[i] then
+    local mid = ARGV[a]
+    redis.call('HSET', KEYS[1], mid, ARGV[a + 3])
+    redis.call('SET', KEYS[5 + i], ARGV[a + 1])
     redis.call('SADD', KEYS[3], mid)
+    parts[#parts + 1] = ARGV[a + 4]
+    kept = kept + (tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 2]) + 1)
   end
+  a = a + 5
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
 end
 local id = ''
-if #kept > 0 then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', '[' .. table.concat(kept, ',') .. ']')
+if #parts > 0 then
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', '[' .. table.concat(parts, ',') .. ']')
 end
-return {id, #kept, dropped}
+return {id, kept, dropped}
 """
 
 
@@ -242,29 +253,36 @@ class Store:
             by_part.setdefault(0, {})
         entries: dict[int, str] = {}
         kept = dropped = 0
+        encode = ENCODER.encode
         for p in sorted(by_part, reverse=True):
             per_market = by_part[p]
-            keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
-                    CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor"]
-            args: list[bytes | str | int] = [self.epoch, self.log_maxlen]
             if p == 0 and cursor is not None:
-                args += [cursor[0], cursor[1]]
+                cursor_args = [cursor[0], cursor[1]]
             else:
-                args += ["", ""]
-            args.append(len(per_market))
-            for mid, ds in per_market.items():
-                keys.append(market_key(p, mid))
-                args += [mid, ENCODER.encode(markets[mid]), len(ds)]
-                for d in ds:
-                    args += [d.seq, ENCODER.encode(d)]
-            try:
-                res = await self._apply(keys=keys, args=args)
-            except ResponseError as exc:
-                if str(exc).startswith("EPOCH"):
-                    raise EpochChanged(f"store epoch changed ({exc})") from None
-                raise StoreError(f"apply failed: {exc}") from None
-            except (RedisError, OSError) as exc:
-                raise StoreError(f"redis write failed: {exc}") from None
+                cursor_args = ["", ""]
+            while True:
+                keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
+                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor"]
+                args: list[bytes | str | int] = [self.epoch, self.log_maxlen, *cursor_args, len(per_market)]
+                for mid, ds in per_market.items():
+                    keys.append(market_key(p, mid))
+                    args += [mid, encode(markets[mid]), ds[0].seq, ds[-1].seq, b",".join(map(encode, ds))]
+                try:
+                    res = await self._apply(keys=keys, args=args)
+                    break
+                except ResponseError as exc:
+                    text = str(exc)
+                    if text.startswith("EPOCH"):
+                        raise EpochChanged(f"store epoch changed ({exc})") from None
+                    if text.startswith("PARTIAL"):
+                        _, mid, stored = text.split()
+                        before = len(per_market[mid])
+                        per_market[mid] = [d for d in per_market[mid] if d.seq > int(stored)]
+                        dropped += before - len(per_market[mid])
+                        continue
+                    raise StoreError(f"apply failed: {exc}") from None
+                except (RedisError, OSError) as exc:
+                    raise StoreError(f"redis write failed: {exc}") from None
             entry = res[0].decode() if isinstance(res[0], bytes) else res[0]
             if entry:
                 entries[p] = entry

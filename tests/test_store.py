@@ -98,3 +98,15 @@ def test_market_json_roundtrip() -> None:
     m = book.markets["m1"]
     assert MARKET_DECODER.decode(ENCODER.encode(m)) == m
     assert msgspec.json.decode(ENCODER.encode(m))["selections"][0]["back"] == [[2.0, 10.0]]
+
+
+async def test_apply_trims_a_partial_overlap(store: Store) -> None:
+    book = Book()
+    d1 = book.apply(_update("m1", 2.0, image=True))
+    d2 = book.apply(_update("m1", 2.2, ts=1002))
+    d3 = book.apply(_update("m1", 2.4, ts=1003))
+    await store.apply([d1, d2], book.markets)
+    res = await store.apply([d2, d3], book.markets)
+    assert (res.kept, res.dropped) == (1, 1)
+    rows = await store.log_range(0, "0-0")
+    assert [d.seq for _, ds in rows for d in ds] == [1, 2, 3]

@@ -152,7 +152,7 @@ _ATB, _BDATB, _BATB = 3, 2, 1  # ladder source preference
 class _Runner:
     __slots__ = (
         "key", "id", "hc", "atb", "atl", "atb_px", "atl_px", "batb", "batl", "bdatb", "bdatl",
-        "ltp", "tv", "status", "sort", "adj", "bsp", "name",
+        "ltp", "tv", "status", "sort", "adj", "bsp", "name", "back", "lay", "back_dirty", "lay_dirty",
     )
 
     def __init__(self, key: str, rid: int, hc: float) -> None:
@@ -174,6 +174,10 @@ class _Runner:
         self.adj: float | None = None
         self.bsp: float | None = None
         self.name: str | None = None
+        self.back: list[tuple[float, float]] = []  # canonical ladders, rebuilt only when dirty
+        self.lay: list[tuple[float, float]] = []
+        self.back_dirty = True
+        self.lay_dirty = True
 
 
 class _Market:
@@ -418,28 +422,35 @@ class BetfairNormaliser:
 
     @staticmethod
     def _apply_runner(market: _Market, runner: _Runner, rc: RunnerChange) -> None:
+        kind = market.ladder
         if rc.atb is not None:
             _apply_prices(runner.atb, runner.atb_px, rc.atb)
-            market.ladder = _ATB
+            runner.back_dirty = True
+            kind = _ATB
         if rc.atl is not None:
             _apply_prices(runner.atl, runner.atl_px, rc.atl)
-            market.ladder = _ATB
+            runner.lay_dirty = True
+            kind = _ATB
         if rc.bdatb is not None:
             _apply_levels(runner.bdatb, rc.bdatb)
-            if market.ladder < _BDATB:
-                market.ladder = _BDATB
+            runner.back_dirty = True
+            kind = max(kind, _BDATB)
         if rc.bdatl is not None:
             _apply_levels(runner.bdatl, rc.bdatl)
-            if market.ladder < _BDATB:
-                market.ladder = _BDATB
+            runner.lay_dirty = True
+            kind = max(kind, _BDATB)
         if rc.batb is not None:
             _apply_levels(runner.batb, rc.batb)
-            if market.ladder < _BATB:
-                market.ladder = _BATB
+            runner.back_dirty = True
+            kind = max(kind, _BATB)
         if rc.batl is not None:
             _apply_levels(runner.batl, rc.batl)
-            if market.ladder < _BATB:
-                market.ladder = _BATB
+            runner.lay_dirty = True
+            kind = max(kind, _BATB)
+        if kind != market.ladder:
+            market.ladder = kind
+            for r in market.runners.values():
+                r.back_dirty = r.lay_dirty = True
         if rc.ltp is not None:
             runner.ltp = rc.ltp or None
         if rc.tv is not None:
@@ -448,18 +459,30 @@ class BetfairNormaliser:
     def _selection(self, market: _Market, r: _Runner) -> Selection:
         depth = self.ladder_depth
         kind = market.ladder
-        if kind == _ATB:
-            atb, atl = r.atb, r.atl
-            back = [(p, atb[p]) for p in reversed(r.atb_px[-depth:])]
-            lay = [(p, atl[p]) for p in r.atl_px[:depth]]
-        elif kind == _BDATB:
-            back = [r.bdatb[k] for k in sorted(r.bdatb)][:depth] if r.bdatb else []
-            lay = [r.bdatl[k] for k in sorted(r.bdatl)][:depth] if r.bdatl else []
-        elif kind == _BATB:
-            back = [r.batb[k] for k in sorted(r.batb)][:depth] if r.batb else []
-            lay = [r.batl[k] for k in sorted(r.batl)][:depth] if r.batl else []
-        else:
-            back = lay = []
+        if r.back_dirty:
+            r.back_dirty = False
+            if kind == _ATB:
+                atb = r.atb
+                r.back = [(p, atb[p]) for p in reversed(r.atb_px[-depth:])]
+            elif kind == _BDATB:
+                r.back = [r.bdatb[k] for k in sorted(r.bdatb)][:depth]
+            elif kind == _BATB:
+                r.back = [r.batb[k] for k in sorted(r.batb)][:depth]
+            else:
+                r.back = []
+        if r.lay_dirty:
+            r.lay_dirty = False
+            if kind == _ATB:
+                atl = r.atl
+                r.lay = [(p, atl[p]) for p in r.atl_px[:depth]]
+            elif kind == _BDATB:
+                r.lay = [r.bdatl[k] for k in sorted(r.bdatl)][:depth]
+            elif kind == _BATB:
+                r.lay = [r.batl[k] for k in sorted(r.batl)][:depth]
+            else:
+                r.lay = []
+        back = r.back
+        lay = r.lay
         return Selection(
             selection_id=r.key,
             name=r.name,

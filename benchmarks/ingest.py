@@ -1,0 +1,161 @@
+"""Ingest throughput: recorded Betfair streams → Redis at max speed, against
+betfairlightweight parsing the same files in the same run.
+
+Prints runner changes per second for
+
+- ``oddsfeed``: the whole ingest path (normalise → book → batched atomic
+  apply into a real embedded redis-server), wall clock and per CPU-second of
+  this process (redis-server runs on the other core);
+- ``oddsfeed normalise only``: BetfairNormaliser alone;
+- ``betfairlightweight``: ``StreamListener(lightweight=True)`` fed the same
+  lines (what most Python users run), caches updated and market books built.
+
+Usage::
+
+    python benchmarks/ingest.py [--data ../shared/data/betfair-stream] [--repeat 3] [--profile]
+
+Targets (DESIGN §10): ≥ 100k runner changes/s per core, ≥ 2× betfairlightweight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import logging
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from feed.embedded_redis import EmbeddedRedis  # noqa: E402
+from feed.errors import FeedDecodeError  # noqa: E402
+from feed.ingest import Ingest, tune_gc  # noqa: E402
+from feed.normalise.betfair import BetfairNormaliser  # noqa: E402
+from feed.sources.replay import Replay, read_messages, recording_files  # noqa: E402
+from feed.store import Store  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "betfair-stream"
+
+
+def load(data: Path) -> list[list[bytes]]:
+    files = [read_messages(f) for f in recording_files([data])]
+    return [f for f in files if f]
+
+
+def bench_normalise(recordings: list[list[bytes]]) -> tuple[int, float]:
+    rc = 0
+    t0 = time.perf_counter()
+    for lines in recordings:
+        n = BetfairNormaliser("bench")
+        for raw in lines:
+            try:
+                rc += n.feed(raw, 0).runner_changes
+            except FeedDecodeError:
+                pass
+    return rc, time.perf_counter() - t0
+
+
+def bench_bflw(recordings: list[list[bytes]]) -> tuple[int, float]:
+    from betfairlightweight.streaming import StreamListener
+
+    logging.getLogger("betfairlightweight").setLevel(logging.CRITICAL)
+    class Sink:
+        """Stands in for the output queue: counts the market books built."""
+
+        books = 0
+
+        def put(self, output: list) -> None:
+            Sink.books += len(output)
+
+    texts = [[raw.decode() for raw in lines] for lines in recordings]
+    t0 = time.perf_counter()
+    for lines in texts:
+        listener = StreamListener(output_queue=Sink(), max_latency=None, lightweight=True, update_clk=False)  # type: ignore[arg-type]
+        listener.register_stream(0, "marketSubscription")
+        for line in lines:
+            try:
+                listener.on_data(line)
+            except Exception:  # betfairlightweight raises on lines without pt etc.
+                pass
+    return Sink.books, time.perf_counter() - t0
+
+
+async def bench_oddsfeed(paths: list[Path], url: str, profile: bool) -> tuple[int, float, float, str]:
+    store = await Store.open(url)
+    await store.redis.flushall()
+    await store.ensure_epoch()
+    ingest = Ingest(store, source="bench")
+    replay = Replay(paths, ingest, speed=None)
+    # read and decompress outside the timed part (both contenders get lines in memory)
+    cached = {p: read_messages(p) for p in replay.files}
+    import feed.sources.replay as replay_mod
+
+    original = replay_mod.read_messages
+    replay_mod.read_messages = lambda p: cached[p]  # type: ignore[assignment]
+    prof = cProfile.Profile() if profile else None
+    try:
+        c0 = time.process_time()
+        if prof:
+            prof.enable()
+        summary = await replay.run()
+        if prof:
+            prof.disable()
+        cpu = time.process_time() - c0
+    finally:
+        replay_mod.read_messages = original
+        await store.close()
+    text = ""
+    if prof:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(20)
+        text = buf.getvalue()
+    return summary.runner_changes, summary.elapsed_s, cpu, text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="print where the ingest time goes")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        print(f"no recordings at {args.data} (needs ../shared/data)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.ERROR)
+    recordings = load(args.data)
+    paths = [args.data]
+    tune_gc()
+    results: dict[str, list[float]] = {"oddsfeed": [], "oddsfeed_cpu": [], "normalise": [], "bflw": []}
+    rc_total = 0
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, appendonly=True) as server:
+        for i in range(args.repeat):
+            rc, wall, cpu, prof = asyncio.run(bench_oddsfeed(paths, server.url, args.profile and i == 0))
+            rc_total = rc
+            results["oddsfeed"].append(rc / wall)
+            results["oddsfeed_cpu"].append(rc / cpu)
+            if prof:
+                print(prof)
+            rc_n, t_n = bench_normalise(recordings)
+            results["normalise"].append(rc_n / t_n)
+            _, t_b = bench_bflw(recordings)
+            results["bflw"].append(rc_n / t_b)
+    best = {k: max(v) for k, v in results.items()}
+    print(f"recordings: {len(recordings)} files, {sum(map(len, recordings)):,} messages, {rc_total:,} runner changes; "
+          f"best of {args.repeat}")
+    print(f"  oddsfeed ingest → redis (wall):        {best['oddsfeed']:>10,.0f} runner changes/s")
+    print(f"  oddsfeed ingest → redis (per CPU-s):   {best['oddsfeed_cpu']:>10,.0f} runner changes/s")
+    print(f"  oddsfeed normalise only:               {best['normalise']:>10,.0f} runner changes/s")
+    print(f"  betfairlightweight (lightweight=True): {best['bflw']:>10,.0f} runner changes/s")
+    print(f"  ratio ingest→redis / bflw:             {best['oddsfeed'] / best['bflw']:>10.2f}x")
+    print(f"  ratio normalise / bflw:                {best['normalise'] / best['bflw']:>10.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
