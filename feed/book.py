@@ -28,7 +28,7 @@ from collections import Counter
 
 import msgspec
 
-from feed.models import CLOSED_STATUSES, HEADER_FIELDS, Delta, Market, MarketHeader, merge_selections
+from feed.models import CLOSED_STATUSES, HEADER_FIELDS, Delta, Market, MarketHeader, Selection, merge_selections
 from feed.normalise.base import MarketUpdate
 
 
@@ -57,7 +57,8 @@ class Book:
         if current is None:
             self.dropped["no_image"] += 1
             return None
-        if current.status in CLOSED_STATUSES and update.header is None:
+        closed = current.status in CLOSED_STATUSES
+        if closed and update.header is None:
             # After the close only a definition (settlement, BSP, reopening)
             # is news; price traffic is not (research/reliability.md B18).
             self.dropped["closed"] += 1
@@ -74,7 +75,12 @@ class Book:
         selections = []
         if update.selections:
             existing = {s.selection_id: s for s in current.selections}
-            selections = [s for s in update.selections if existing.get(s.selection_id) != s]
+            changed = update.selections
+            if closed and (header is None or header.status in CLOSED_STATUSES):
+                # a definition after the close: take its runner facts, keep the
+                # prices as they were at the close (never the dropped traffic)
+                changed = [_definition_only(existing.get(s.selection_id), s) for s in changed]
+            selections = [s for s in changed if existing.get(s.selection_id) != s]
         if header is None and tv is None and not selections:
             self.dropped["duplicate"] += 1
             return None
@@ -139,6 +145,16 @@ class Book:
             stored_at=stored_at,
             market=market,
         )
+
+
+_DEFINITION_FIELDS = ("name", "handicap", "status", "sort_priority", "adjustment_factor", "bsp")
+
+
+def _definition_only(current: Selection | None, update: Selection) -> Selection:
+    """``current`` with the definition fields of ``update`` (prices kept)."""
+    if current is None:
+        return msgspec.structs.replace(update, price=None, back=[], lay=[], ltp=None, traded_volume=None)
+    return msgspec.structs.replace(current, **{f: getattr(update, f) for f in _DEFINITION_FIELDS})
 
 
 def _header_of(market: Market) -> MarketHeader:

@@ -31,6 +31,9 @@ from feed.settings import Settings, from_env
 
 logger = logging.getLogger("oddsfeed")
 
+#: Set by SIGINT/SIGTERM: long-running commands stop gracefully.
+SHUTDOWN = asyncio.Event()
+
 
 class UsageError(OddsfeedError):
     """A command-line problem the user fixes by changing the command."""
@@ -178,19 +181,23 @@ async def serve_api(settings: Settings, store: Any, sock: socket.socket) -> None
     """Serve the Starlette app on ``sock`` until cancelled."""
     import uvicorn
 
-    from streaming.app import create_app
+    from streaming.app import StreamingServer, create_app
 
     app = create_app(settings, store=store)
     config = uvicorn.Config(app, lifespan="on", log_level="warning", ws_max_size=64 * 1024,
                             timeout_graceful_shutdown=3)
-    server = uvicorn.Server(config)
+    server = StreamingServer(config, app)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     host, port = sock.getsockname()[:2]
     print(f"oddsfeed API on http://{host}:{port}/  (board /, SSE /v1/stream, WebSocket /v1/ws)", flush=True)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    stop = asyncio.create_task(SHUTDOWN.wait())
     try:
-        await server.serve(sockets=[sock])
+        await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        server.should_exit = True
+        server.should_exit = True  # graceful: close connections, run the lifespan shutdown
+        stop.cancel()
+        await serving
 
 
 def _progress(ingest: Any, done: int, total: int) -> None:
@@ -227,8 +234,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
     sock = bind_socket(settings.host, settings.port)
     tune_gc()
     async with open_store(settings) as store:
-        async with asyncio.TaskGroup() as tg:
-            api = tg.create_task(serve_api(settings, store, sock))
+        background: list[asyncio.Task[None]] = []
+        api = asyncio.create_task(serve_api(settings, store, sock))
+        try:
             if args.replay:
                 summary = await run_replay(store, settings, args.replay, speed=args.speed,
                                            map_clock=not args.keep_clock, progress=_progress)
@@ -237,7 +245,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
             elif args.esa:
                 if not (args.app_key and args.session):
                     raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
-                tg.create_task(_esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls))
+                background.append(asyncio.create_task(
+                    _esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls)))
             else:
                 from feed.simulator.esa_server import Simulator, SimulatorConfig
 
@@ -245,8 +254,23 @@ async def cmd_run(args: argparse.Namespace) -> int:
                                                 seed=args.sim_seed, time_scale=args.sim_time_scale))
                 await sim.start()
                 print(f"simulator (Betfair ESA protocol) on 127.0.0.1:{sim.port}", flush=True)
-                tg.create_task(_esa_source(settings, store, args, "127.0.0.1", sim.port,
-                                           "sim-app-key", "sim-session", False))
+
+                async def simulate_and_ingest() -> None:
+                    try:
+                        await _esa_source(settings, store, args, "127.0.0.1", sim.port,
+                                          "sim-app-key", "sim-session", False)
+                    finally:
+                        await sim.stop()
+
+                background.append(asyncio.create_task(simulate_and_ingest()))
+            done, _ = await asyncio.wait({api, *background}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # surface a source's fatal error
+        finally:
+            SHUTDOWN.set()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await api
     return 0
 
@@ -297,9 +321,15 @@ async def _main_async(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
+
+    def on_signal() -> None:
+        if SHUTDOWN.is_set() or args.command not in ("run", "serve"):
+            task.cancel()  # second signal, or a command without a graceful path
+        SHUTDOWN.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, on_signal)
     try:
         return await COMMANDS[args.command](args)
     except asyncio.CancelledError:

@@ -216,7 +216,12 @@ def _apply_prices(book: dict[float, float], prices: list[float], changes: list[t
 
 
 def _apply_levels(book: dict[int, tuple[float, float]], changes: list[tuple[int, float, float]]) -> None:
+    """Apply ``[level, price, size]`` changes: size 0 removes the level and
+    ``[0, 0, 0]`` (level 0 with no price) means the ladder is now empty."""
     for level, price, size in changes:
+        if not level and not price and not size:
+            book.clear()
+            continue
         if size:
             book[level] = (price, size)
         else:
@@ -285,6 +290,10 @@ class BetfairNormaliser:
         try:
             msg = _DECODER.decode(raw)
         except msgspec.ValidationError as exc:
+            try:  # a fragment like ` "x", …}` is a JSON string of the wrong type: call it what it is
+                msgspec.json.decode(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc2:
+                raise FeedDecodeError("invalid_json", str(exc2), raw) from None
             text = str(exc)
             reason = "invalid_price" if ("Expected `float` >=" in text or "<= 1000" in text or ">= 1.01" in text) else "invalid_schema"
             raise FeedDecodeError(reason, text, raw) from None

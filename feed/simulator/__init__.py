@@ -1,0 +1,26 @@
+"""Local upstreams for demos, tests and benchmarks (real protocols, real sockets).
+
+- :class:`Simulator` / :class:`SimulatorConfig` / :func:`run_simulator`: a
+  Betfair Exchange Stream API server on 127.0.0.1 (:mod:`.esa_server`), fed by
+  the synthetic :class:`MarketModel` (:mod:`.market_model`) or by recorded
+  Betfair files (:mod:`.recorded`), with fault switches.
+- :mod:`.ladder`: the Betfair tick ladder. :mod:`.wire`: server-side market
+  state and its projection onto ESA deltas.
+"""
+
+from feed.simulator.esa_server import Simulator, SimulatorConfig, run_simulator
+from feed.simulator.ladder import TICKS, snap, tick_index
+from feed.simulator.market_model import MarketModel
+from feed.sources.esa import default_market_data_filter, default_market_filter
+
+__all__ = [
+    "TICKS",
+    "MarketModel",
+    "Simulator",
+    "SimulatorConfig",
+    "default_market_data_filter",
+    "default_market_filter",
+    "run_simulator",
+    "snap",
+    "tick_index",
+]

@@ -1,0 +1,657 @@
+"""A local Betfair Exchange Stream API server (plain TCP, 127.0.0.1 by default).
+
+It speaks the real ESA protocol (CRLF-terminated compact JSON) so the
+production client (:mod:`feed.sources.esa`) can be exercised end to end:
+
+- on accept: ``{"op":"connection","connectionId":"sim-…"}``;
+- ``authentication`` with the configured app key / session → ``status``
+  SUCCESS, else FAILURE (NO_APP_KEY, INVALID_APP_KEY, NO_SESSION,
+  INVALID_SESSION_INFORMATION) with ``connectionClosed: true`` and a close;
+  nothing within ``auth_timeout_s`` → FAILURE TIMEOUT and a close;
+- ``marketSubscription``: ``marketFilter`` (marketIds, eventTypeIds, eventIds,
+  marketTypes, countryCodes, venues, bettingTypes, bspMarket,
+  turnInPlayEnabled), ``marketDataFilter`` (fields → columns, ladderLevels
+  1–10), ``heartbeatMs`` (clamped 500–30000), ``conflateMs`` (0–120000),
+  ``segmentationEnabled``; answer ``SUB_IMAGE`` (``initialClk``, ``clk``,
+  ``conflateMs``, ``heartbeatMs``, every market ``img: true``), then deltas
+  with ``clk`` and ``pt`` (the server's wall clock in ms when the message was
+  emitted) and ``HEARTBEAT`` when idle for heartbeatMs;
+- resubscribe with ``initialClk`` + ``clk`` → ``RESUB_DELTA`` carrying every
+  subscribed market whole (``img: true``; allowed by the protocol for markets
+  that cannot be patched); tokens this server never issued → FAILURE
+  INVALID_CLOCK and a close;
+- images (``SUB_IMAGE``/``RESUB_DELTA``) with more than ``segment_markets``
+  markets are split into ``SEG_START``/``SEG``/``SEG_END`` when segmentation
+  is on; ``clk`` rides on ``SEG_END`` only.
+
+Fault switches (for tests and demos): :meth:`Simulator.set_degraded`,
+:meth:`~Simulator.drop_connections`, :meth:`~Simulator.stall`,
+:meth:`~Simulator.inject_malformed`, :meth:`~Simulator.drop_mid_segment`.
+
+Upstream: the synthetic :class:`~feed.simulator.market_model.MarketModel`, or
+recorded files (``replay``) paced by their ``pt`` / ``speed`` and re-served as
+this server's own deltas (``pt`` = now, own ``clk`` and ``id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import logging
+import secrets
+import ssl as _ssl
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import orjson
+
+from feed.simulator.market_model import MarketModel
+from feed.simulator.recorded import merged_messages
+from feed.simulator.wire import (
+    FieldSpec,
+    MarketBook,
+    MarketDirty,
+    apply_recorded,
+    diff_runner,
+    image_runner,
+    market_matches,
+    merge_dirty,
+    project_runner,
+    truth_of,
+)
+
+__all__ = ["Simulator", "SimulatorConfig", "run_simulator"]
+
+logger = logging.getLogger(__name__)
+
+#: a connection whose unsent bytes exceed this is held back (its changes merge: ``con: true``)
+HIGH_WATER_BYTES = 4 << 20
+_MAX_STREAMS = 1024
+
+_MALFORMED: tuple[bytes, ...] = (
+    b'{"op":"mcm","id":1,"clk":"AAAA","pt":16276222',
+    b"this is not json",
+    b'{"op":"mcm","mc":[{"id":"1.1","rc":[}]}',
+    b'\x00\xff{"op":',
+)
+
+
+class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """Simulator settings.
+
+    host, port: where to listen (port 0 = ephemeral; read ``Simulator.port``).
+    app_key, session_token: the credentials the server accepts.
+    events: synthetic events kept alive. rate_per_s: synthetic price/size/trade
+    updates per second (total). seed: model seed (``None`` = random).
+    replay: recorded files/folders (.bz2/.gz/plain); when given they are served
+    instead of the synthetic model. speed: replay pacing multiplier over the
+    recorded ``pt`` gaps; ``None`` = as fast as the clients read.
+    time_scale: synthetic lifecycle speed-up (60 ⇒ a 90-minute match in 90 s).
+    auth_timeout_s: close a connection not authenticated after this many
+    seconds (ESA: 15). segment_markets: markets per segment. tick_ms: pump
+    interval in ms (model steps, conflation and heartbeat checks).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    app_key: str = "sim-app-key"
+    session_token: str = "sim-session"
+    events: int = 12
+    rate_per_s: float = 50.0
+    seed: int | None = None
+    replay: tuple[str, ...] = ()
+    speed: float | None = 1.0
+    time_scale: float = 60.0
+    auth_timeout_s: float = 15.0
+    segment_markets: int = 5
+    tick_ms: int = 10
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _encode_clk(seq: int) -> str:
+    return base64.b64encode(seq.to_bytes(9, "big")).decode()
+
+
+def _decode_clk(clk: Any) -> int | None:
+    if not isinstance(clk, str):
+        return None
+    try:
+        raw = base64.b64decode(clk, validate=True)
+    except ValueError:
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 9 else None
+
+
+class _Stream:
+    """A subscription's clock, shared by the connections that resume it."""
+
+    __slots__ = ("initial_clk", "seq")
+
+    def __init__(self) -> None:
+        self.initial_clk = base64.b64encode(secrets.token_bytes(21)).decode()
+        self.seq = 0
+
+
+class _Sub:
+    __slots__ = ("conflate_ms", "heartbeat_ms", "id", "market_filter", "segmentation", "spec")
+
+    def __init__(self, req_id: Any, market_filter: dict[str, Any], spec: FieldSpec,
+                 heartbeat_ms: int, conflate_ms: int, segmentation: bool) -> None:
+        self.id = req_id
+        self.market_filter = market_filter
+        self.spec = spec
+        self.heartbeat_ms = heartbeat_ms
+        self.conflate_ms = conflate_ms
+        self.segmentation = segmentation
+
+
+class _View:
+    """What one connection was last sent of one market."""
+
+    __slots__ = ("def_seq", "runners", "tv")
+
+    def __init__(self, def_seq: int, tv: float | None) -> None:
+        self.def_seq = def_seq
+        self.tv = tv
+        self.runners: dict[Any, dict[str, Any]] = {}
+
+
+class _Conn:
+    __slots__ = ("authenticated", "clk", "closed", "connection_id", "held", "last_flush_ms", "last_send_ms",
+                 "malformed", "pending", "stalled_until_ms", "stream", "sub", "transport", "views", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter, connection_id: str) -> None:
+        self.writer = writer
+        self.transport = writer.transport
+        self.connection_id = connection_id
+        self.authenticated = False
+        self.closed = False
+        self.sub: _Sub | None = None
+        self.stream: _Stream | None = None
+        self.clk = ""
+        self.views: dict[str, _View] = {}
+        self.pending: dict[str, MarketDirty] = {}
+        self.held = False
+        self.last_send_ms = 0
+        self.last_flush_ms = 0
+        self.stalled_until_ms = 0
+        self.malformed = 0
+
+    def write(self, lines: list[bytes]) -> None:
+        if self.closed:
+            return
+        if self.malformed:
+            bad = [_MALFORMED[i % len(_MALFORMED)] for i in range(self.malformed)]
+            self.malformed = 0
+            lines = bad + lines
+        self.transport.write(b"\r\n".join(lines) + b"\r\n")
+
+    def close(self, abort: bool = False) -> None:
+        if not self.closed:
+            self.closed = True
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+
+class Simulator:
+    """The local ESA upstream. ``await start()``, use ``port``, ``await stop()``.
+
+    ``ssl``: a server-side TLS context to serve TLS like the real endpoint
+    (``None``: plain TCP).
+
+    Attributes for tests: ``subscriptions`` (the last 1000
+    ``marketSubscription`` requests received, decoded, in order),
+    ``connections_accepted``, ``replay_done`` (set when a replay ran out),
+    ``books`` (market id → :class:`~feed.simulator.wire.MarketBook`),
+    ``model`` (the synthetic model, ``None`` in replay mode).
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None, *, ssl: _ssl.SSLContext | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self._ssl = ssl
+        self.port = 0
+        self.subscriptions: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.connections_accepted = 0
+        self.replay_done = asyncio.Event()
+        self.model: MarketModel | None = None
+        if self.config.replay:
+            self.books: dict[str, MarketBook] = {}
+        else:
+            self.model = MarketModel(events=self.config.events, seed=self.config.seed,
+                                     time_scale=self.config.time_scale, now_ms=_now_ms())
+            self.books = self.model.books
+            self.model.drain()  # the initial state goes out as images
+        self._conns: set[_Conn] = set()
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._conn_seq = itertools.count(1)
+        self._degraded = False
+        self._cut_segments = 0
+        self._malformed_next = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen and start the pump (and the replay, if configured)."""
+        cfg = self.config
+        self._server = await asyncio.start_server(self._handle, cfg.host, cfg.port, limit=1 << 20, ssl=self._ssl)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._tasks.append(asyncio.create_task(self._ticker(), name="esa-sim-ticker"))
+        if cfg.replay:
+            self._tasks.append(asyncio.create_task(self._replay(), name="esa-sim-replay"))
+            mode = f"replay of {len(cfg.replay)} path(s) at speed {cfg.speed or 'max'}"
+        else:
+            mode = f"{cfg.events} synthetic events, {cfg.rate_per_s:g} updates/s, time x{cfg.time_scale:g}"
+        logger.info("esa simulator listening on %s:%d%s (%s)", cfg.host, self.port,
+                    " with TLS" if self._ssl is not None else "", mode)
+
+    async def stop(self) -> None:
+        """Stop the pump, close every connection and the listener."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for conn in list(self._conns):
+            conn.close(abort=True)
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+        logger.info("esa simulator on port %d stopped", self.port)
+
+    # -- fault switches --------------------------------------------------------
+
+    def set_degraded(self, on: bool) -> None:
+        """While on, every mcm (heartbeats included) carries ``status: 503``."""
+        self._degraded = on
+
+    def drop_connections(self) -> None:
+        """Close every client socket now."""
+        for conn in list(self._conns):
+            conn.close(abort=True)
+
+    def stall(self, seconds: float) -> None:
+        """The connections open now send nothing (not even heartbeats) for ``seconds``.
+
+        Changes keep accumulating and go out merged afterwards. New connections
+        are served normally (a half-open link, not a dead server).
+        """
+        until = _now_ms() + int(seconds * 1000)
+        for conn in self._conns:
+            conn.stalled_until_ms = until
+
+    def inject_malformed(self, n: int = 1) -> None:
+        """Send ``n`` invalid JSON lines before the next real message of each
+        subscribed connection (or of the next one to subscribe)."""
+        targets = [c for c in self._conns if c.sub is not None]
+        if not targets:
+            self._malformed_next += n
+        for conn in targets:
+            conn.malformed += n
+
+    def drop_mid_segment(self, n: int = 1) -> None:
+        """The next ``n`` segmented images are cut: all segments but the last
+        (SEG_END) are sent, then the connection is closed."""
+        self._cut_segments += n
+
+    def truth(self) -> dict[str, Any]:
+        """Current state of every market, see :func:`feed.simulator.wire.truth_of`."""
+        return truth_of(self.books)
+
+    # -- connections -------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        n = next(self._conn_seq)
+        conn = _Conn(writer, f"sim-{n:03d}-{secrets.randbelow(10**12):012d}")
+        self._conns.add(conn)
+        self.connections_accepted += 1
+        conn.write([orjson.dumps({"op": "connection", "connectionId": conn.connection_id})])
+        deadline = loop.time() + self.config.auth_timeout_s
+        try:
+            while not conn.closed:
+                try:
+                    if conn.authenticated:
+                        line = await reader.readline()
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            line = await reader.readline()
+                except TimeoutError:
+                    self._fail(conn, None, "TIMEOUT", "Timed out trying to read message make sure to add \\r\\n")
+                    break
+                except (ValueError, ConnectionError):
+                    break
+                if not line:
+                    break
+                line = line.strip()
+                if line:
+                    self._request(conn, line)
+        except asyncio.CancelledError:
+            # loop shutdown; return quietly (3.11's start_server callback calls
+            # task.exception() on cancelled handler tasks)
+            pass
+        finally:
+            conn.close()
+            self._conns.discard(conn)
+
+    def _status_ok(self, conn: _Conn, req_id: Any, **extra: Any) -> None:
+        msg: dict[str, Any] = {"op": "status"}
+        if req_id is not None:
+            msg["id"] = req_id
+        msg["statusCode"] = "SUCCESS"
+        msg["connectionClosed"] = False
+        msg.update(extra)
+        conn.write([orjson.dumps(msg)])
+
+    def _fail(self, conn: _Conn, req_id: Any, code: str, message: str) -> None:
+        msg: dict[str, Any] = {"op": "status"}
+        if req_id is not None:
+            msg["id"] = req_id
+        msg.update(statusCode="FAILURE", errorCode=code, errorMessage=message,
+                   connectionClosed=True, connectionId=conn.connection_id)
+        conn.write([orjson.dumps(msg)])
+        conn.close()
+        logger.info("esa simulator: %s closed with %s", conn.connection_id, code)
+
+    def _request(self, conn: _Conn, line: bytes) -> None:
+        try:
+            req = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            req = None
+        if not isinstance(req, dict):
+            self._fail(conn, None, "INVALID_INPUT", "Failed to unmarshal message")
+            return
+        op, req_id = req.get("op"), req.get("id")
+        if op == "authentication":
+            cfg = self.config
+            if not req.get("appKey"):
+                self._fail(conn, req_id, "NO_APP_KEY", "AppKey is not provided")
+            elif req["appKey"] != cfg.app_key:
+                self._fail(conn, req_id, "INVALID_APP_KEY", "AppKey is not valid")
+            elif not req.get("session"):
+                self._fail(conn, req_id, "NO_SESSION", "Session token is not provided")
+            elif req["session"] != cfg.session_token:
+                self._fail(conn, req_id, "INVALID_SESSION_INFORMATION", "Session token is not valid")
+            else:
+                conn.authenticated = True
+                self._status_ok(conn, req_id, connectionsAvailable=9)
+        elif op == "heartbeat":
+            self._status_ok(conn, req_id)
+        elif not conn.authenticated:
+            self._fail(conn, req_id, "NOT_AUTHORIZED", "Connection is not authenticated")
+        elif op == "marketSubscription":
+            self._subscribe(conn, req)
+        else:
+            self._fail(conn, req_id, "INVALID_REQUEST", f"Unsupported op: {op}")
+
+    def _subscribe(self, conn: _Conn, req: dict[str, Any]) -> None:
+        self.subscriptions.append(req)
+        req_id = req.get("id")
+        market_filter = req.get("marketFilter") or {}
+        mdf = req.get("marketDataFilter")
+        hb, cf = req.get("heartbeatMs", 5000), req.get("conflateMs", 0)
+        if (not isinstance(market_filter, dict) or (mdf is not None and not isinstance(mdf, dict))
+                or not isinstance(hb, int) or not isinstance(cf, int | None)):
+            self._fail(conn, req_id, "INVALID_INPUT", "Invalid subscription")
+            return
+        initial_clk, clk = req.get("initialClk"), req.get("clk")
+        resume = bool(initial_clk and clk)
+        if resume:
+            stream = self._streams.get(initial_clk)
+            seq = _decode_clk(clk)
+            if stream is None or seq is None or seq > stream.seq:
+                self._fail(conn, req_id, "INVALID_CLOCK", "Invalid clock")
+                return
+            self._streams.move_to_end(initial_clk)
+        else:
+            stream = _Stream()
+            self._streams[stream.initial_clk] = stream
+            while len(self._streams) > _MAX_STREAMS:
+                self._streams.popitem(last=False)
+        sub = _Sub(req_id, market_filter, FieldSpec(mdf), min(max(hb, 500), 30000),
+                   min(max(cf or 0, 0), 120000), bool(req.get("segmentationEnabled", True)))
+        conn.sub, conn.stream = sub, stream
+        conn.views, conn.pending, conn.held = {}, {}, False
+        if self._malformed_next:
+            conn.malformed += self._malformed_next
+            self._malformed_next = 0
+        self._status_ok(conn, req_id)
+        now = _now_ms()
+        mc = [self._image_market(conn, mb) for mb in self.books.values() if market_matches(mb, market_filter)]
+        self._emit(conn, mc, now, ct="RESUB_DELTA" if resume else "SUB_IMAGE", header=True)
+        conn.last_flush_ms = now
+        logger.info("esa simulator: %s subscribed (%d markets, %s)", conn.connection_id, len(mc),
+                    "resumed" if resume else "new")
+
+    # -- messages ----------------------------------------------------------------
+
+    def _image_market(self, conn: _Conn, mb: MarketBook) -> dict[str, Any]:
+        assert conn.sub is not None
+        spec = conn.sub.spec
+        view = conn.views[mb.market_id] = _View(mb.def_seq, mb.tv)
+        entry: dict[str, Any] = {"id": mb.market_id}
+        if spec.definition and mb.definition is not None:
+            entry["marketDefinition"] = mb.definition
+        rc = []
+        for key, rb in mb.runners.items():
+            proj = view.runners[key] = project_runner(rb, spec)
+            rc.append(image_runner(rb, proj))
+        entry["rc"] = rc
+        entry["img"] = True
+        if spec.market_tv and mb.tv is not None:
+            entry["tv"] = mb.tv
+        return entry
+
+    def _delta_market(self, conn: _Conn, mb: MarketBook, mark: MarketDirty) -> dict[str, Any] | None:
+        assert conn.sub is not None
+        spec = conn.sub.spec
+        view = conn.views[mb.market_id]
+        entry: dict[str, Any] = {"id": mb.market_id}
+        if mark.definition and view.def_seq != mb.def_seq:
+            view.def_seq = mb.def_seq
+            if spec.definition and mb.definition is not None:
+                entry["marketDefinition"] = mb.definition
+        rc = []
+        for key in mark.runners:
+            rb = mb.runners.get(key)
+            if rb is None:
+                continue
+            proj = project_runner(rb, spec)
+            change = diff_runner(rb, view.runners.get(key), proj)
+            view.runners[key] = proj
+            if change is not None:
+                rc.append(change)
+        if rc:
+            entry["rc"] = rc
+        if mark.tv and spec.market_tv and mb.tv != view.tv and mb.tv is not None:
+            entry["tv"] = mb.tv
+        view.tv = mb.tv
+        if len(entry) == 1:
+            return None
+        if mark.count > 1 and (conn.sub.conflate_ms or conn.held):
+            entry["con"] = True
+        return entry
+
+    def _emit(self, conn: _Conn, mc: list[dict[str, Any]], now_ms: int, *, ct: str | None = None,
+              header: bool = False) -> None:
+        """Send ``mc`` as one logical mcm (an image is segmented when large)."""
+        sub, stream = conn.sub, conn.stream
+        assert sub is not None and stream is not None
+        size = self.config.segment_markets
+        if header and sub.segmentation and len(mc) > size:  # big images only
+            parts = [mc[i:i + size] for i in range(0, len(mc), size)]
+        else:
+            parts = [mc]
+        stream.seq += 1
+        conn.clk = _encode_clk(stream.seq)
+        last = len(parts) - 1
+        pt = _now_ms()  # the emit stamp: as late as possible
+        lines = []
+        for k, part in enumerate(parts):
+            msg: dict[str, Any] = {"op": "mcm", "id": sub.id}
+            if header and k == 0:
+                msg["initialClk"] = stream.initial_clk
+            if k == last:
+                msg["clk"] = conn.clk
+            if header and k == 0:
+                msg["conflateMs"] = sub.conflate_ms
+                msg["heartbeatMs"] = sub.heartbeat_ms
+            if self._degraded:
+                msg["status"] = 503
+            msg["pt"] = pt
+            if ct is not None:
+                msg["ct"] = ct
+            if last:
+                msg["segmentType"] = "SEG_START" if k == 0 else "SEG_END" if k == last else "SEG"
+            msg["mc"] = part
+            lines.append(orjson.dumps(msg))
+        if last and self._cut_segments > 0:
+            self._cut_segments -= 1
+            conn.write(lines[:-1])
+            conn.close()
+            logger.info("esa simulator: %s cut after %d of %d segments", conn.connection_id, last, last + 1)
+            return
+        conn.write(lines)
+        conn.last_send_ms = now_ms
+
+    def _heartbeat(self, conn: _Conn, now_ms: int) -> None:
+        assert conn.sub is not None
+        msg: dict[str, Any] = {"op": "mcm", "id": conn.sub.id, "clk": conn.clk}
+        if self._degraded:
+            msg["status"] = 503
+        msg["pt"] = _now_ms()
+        msg["ct"] = "HEARTBEAT"
+        conn.write([orjson.dumps(msg)])
+        conn.last_send_ms = now_ms
+
+    def _flush(self, conn: _Conn, now_ms: int) -> None:
+        pending, conn.pending = conn.pending, {}
+        assert conn.sub is not None
+        mc = []
+        for market_id, mark in pending.items():
+            mb = self.books.get(market_id)
+            if mb is None or mark.removed:
+                conn.views.pop(market_id, None)
+                continue
+            if market_id not in conn.views or mark.image:
+                if market_matches(mb, conn.sub.market_filter):
+                    mc.append(self._image_market(conn, mb))
+                continue
+            entry = self._delta_market(conn, mb, mark)
+            if entry is not None:
+                mc.append(entry)
+        conn.held = False
+        conn.last_flush_ms = now_ms
+        if mc:
+            self._emit(conn, mc, now_ms)
+
+    def _publish(self, marks: dict[str, MarketDirty]) -> None:
+        if not marks:
+            return
+        for conn in self._conns:
+            if conn.sub is not None and not conn.closed:
+                merge_dirty(conn.pending, marks)
+
+    def _service(self, now_ms: int) -> None:
+        """Flush due changes and send due heartbeats on every connection."""
+        for conn in list(self._conns):
+            sub = conn.sub
+            if sub is None or conn.closed or conn.stalled_until_ms > now_ms:
+                if conn.pending:
+                    conn.held = True
+                continue
+            backed_up = conn.transport.get_write_buffer_size() > HIGH_WATER_BYTES
+            if conn.pending:
+                if backed_up:
+                    conn.held = True
+                elif not sub.conflate_ms or now_ms - conn.last_flush_ms >= sub.conflate_ms:
+                    self._flush(conn, now_ms)
+            if not backed_up and now_ms - conn.last_send_ms >= sub.heartbeat_ms:
+                self._heartbeat(conn, now_ms)
+
+    # -- upstreams ----------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        tick_s = max(cfg.tick_ms, 1) / 1000
+        last = loop.time()
+        owed = 0.0
+        while True:
+            await asyncio.sleep(tick_s)
+            now = loop.time()
+            elapsed, last = min(now - last, 1.0), now
+            now_ms = _now_ms()
+            if self.model is not None:
+                owed += cfg.rate_per_s * elapsed
+                n = int(owed)
+                owed -= n
+                self.model.step(now_ms, n)
+                self._publish(self.model.drain())
+            self._service(now_ms)
+
+    async def _replay(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        messages = merged_messages(cfg.replay)
+        first_pt: int | None = None
+        t0 = 0.0
+        count = 0
+        try:
+            while True:
+                batch = await asyncio.to_thread(_take, messages, 512)
+                if not batch:
+                    break
+                for pt, msg in batch:
+                    if cfg.speed is not None:
+                        if first_pt is None:
+                            first_pt, t0 = pt, loop.time()
+                        delay = t0 + (pt - first_pt) / 1000 / cfg.speed - loop.time()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    self._publish(apply_recorded(self.books, msg))
+                    self._service(_now_ms())
+                    count += 1
+                    if cfg.speed is None and count % 64 == 0:
+                        await self._drain_clients()
+            logger.info("esa simulator: replay finished (%d messages, %d markets)", count, len(self.books))
+        finally:
+            self.replay_done.set()
+
+    async def _drain_clients(self) -> None:
+        """Let slow readers catch up (bounded to ~1 s), so max-speed replays keep every line."""
+        await asyncio.sleep(0)
+        for _ in range(1000):
+            if all(c.transport.get_write_buffer_size() <= HIGH_WATER_BYTES // 4 for c in self._conns):
+                return
+            await asyncio.sleep(0.001)
+
+
+def _take(it: Iterator[Any], n: int) -> list[Any]:
+    return list(itertools.islice(it, n))
+
+
+async def run_simulator(config: SimulatorConfig, *, ready: Callable[[int], None] | None = None) -> None:
+    """Run a :class:`Simulator` until cancelled; ``ready(port)`` once listening."""
+    sim = Simulator(config)
+    await sim.start()
+    try:
+        if ready is not None:
+            ready(sim.port)
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()

@@ -1,0 +1,46 @@
+"""feed.sources.backoff: full-jitter exponential reconnect delays."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from feed.sources.backoff import Backoff, backoff
+
+
+def test_backoff_upper_bound_grows_exponentially_then_caps() -> None:
+    delays = backoff(initial_s=0.5, factor=2.0, max_s=4.0, rng=lambda: 1.0)
+    assert list(itertools.islice(delays, 6)) == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_is_full_jitter_within_bounds() -> None:
+    rng = random.Random(7)
+    delays = list(itertools.islice(backoff(initial_s=0.5, factor=2.0, max_s=30.0, rng=rng.random), 50))
+    caps = [min(30.0, 0.5 * 2**n) for n in range(50)]
+    assert all(0 <= d < cap for d, cap in zip(delays, caps, strict=True))
+    # jitter: the late delays (cap 30 s) are spread out, not all equal
+    assert len({round(d, 6) for d in delays[10:]}) > 30
+
+
+def test_backoff_defaults_match_contract() -> None:
+    first = list(itertools.islice(backoff(rng=lambda: 0.999999), 10))
+    assert first[0] == pytest.approx(0.5, rel=1e-3)
+    assert first[-1] == pytest.approx(30.0, rel=1e-3)
+
+
+def test_backoff_rejects_nonsense_arguments() -> None:
+    with pytest.raises(ValueError):
+        next(backoff(initial_s=0))
+    with pytest.raises(ValueError):
+        next(backoff(factor=0.5))
+
+
+def test_backoff_class_resets_to_initial() -> None:
+    b = Backoff(initial_s=1.0, factor=3.0, max_s=100.0, rng=lambda: 1.0)
+    assert [b.next_delay() for _ in range(3)] == [1.0, 3.0, 9.0]
+    assert b.attempts == 3
+    b.reset()
+    assert b.attempts == 0
+    assert b.next_delay() == 1.0

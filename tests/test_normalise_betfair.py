@@ -1,0 +1,418 @@
+"""BetfairNormaliser and Book on small hand-written ESA lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from feed.book import Book
+from feed.errors import FeedDecodeError
+from feed.models import Delta, Market, Selection
+from feed.normalise.base import NormalisedBatch
+from feed.normalise.betfair import BetfairNormaliser
+
+MID = "1.100"
+
+
+def raw(msg: dict[str, Any]) -> bytes:
+    return orjson.dumps(msg)
+
+
+def mcm(*mc: dict[str, Any], pt: int = 1000, **extra: Any) -> bytes:
+    return raw({"op": "mcm", "id": 2, "clk": "AAA", "pt": pt, "mc": list(mc), **extra})
+
+
+def definition(status: str = "OPEN", runners: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    if runners is None:
+        runners = [{"id": 1, "sortPriority": 1, "status": "ACTIVE"}, {"id": 2, "sortPriority": 2, "status": "ACTIVE"}]
+    md = {"status": status, "inPlay": False, "betDelay": 0, "version": 1, "eventId": "30000",
+          "eventTypeId": "7", "marketType": "WIN", "marketTime": "2024-01-01T12:00:00.000Z",
+          "numberOfWinners": 1, "runners": runners}
+    md.update(extra)
+    return md
+
+
+def image_line(pt: int = 1000, market: str = MID, **md: Any) -> bytes:
+    return mcm({"id": market, "img": True, "marketDefinition": definition(**md),
+                "rc": [{"id": 1, "atb": [[2.0, 10], [1.9, 5]], "atl": [[2.1, 7]], "ltp": 2.0, "tv": 50},
+                       {"id": 2, "atb": [[4.0, 3]], "atl": [[4.2, 8], [4.4, 1]]}]}, pt=pt)
+
+
+class Pipe:
+    """BetfairNormaliser → Book, as the ingest wires them."""
+
+    def __init__(self) -> None:
+        self.normaliser = BetfairNormaliser()
+        self.book = Book()
+
+    def feed(self, line: bytes, recv_ms: int = 5) -> tuple[NormalisedBatch, list[Delta | None]]:
+        batch = self.normaliser.feed(line, recv_ms)
+        return batch, [self.book.apply(u, stored_at=recv_ms + 1) for u in batch.updates]
+
+    def market(self, market_id: str = MID) -> Market:
+        return self.book.markets["bf:" + market_id]
+
+    def sel(self, selection_id: str, market_id: str = MID) -> Selection:
+        s = self.market(market_id).selection(selection_id)
+        assert s is not None, selection_id
+        return s
+
+
+# --- images and deltas ------------------------------------------------------
+
+
+def test_image_then_delta() -> None:
+    p = Pipe()
+    batch, (d1,) = p.feed(image_line())
+    (u,) = batch.updates
+    assert u.image and u.market_id == "bf:" + MID and u.source == "betfair" and u.source_ts == 1000
+    assert d1 is not None and d1.kind == "image" and d1.seq == 1
+    s1 = p.sel("1")
+    assert s1.back == [(2.0, 10.0), (1.9, 5.0)] and s1.lay == [(2.1, 7.0)]
+    assert s1.price == 2.0 and s1.ltp == 2.0 and s1.traded_volume == 50
+    assert p.sel("2").back == [(4.0, 3.0)] and p.sel("2").lay == [(4.2, 8.0), (4.4, 1.0)]
+    m = p.market()
+    assert (m.status, m.sport, m.market_type, m.event_id) == ("OPEN", "horse_racing", "win", "bf:30000")
+
+    batch, (d2,) = p.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[2.02, 3]], "atl": [[2.1, 9]]}]}, pt=1100))
+    (u,) = batch.updates
+    assert not u.image and u.header is None and [s.selection_id for s in u.selections] == ["1"]
+    assert d2 is not None and d2.kind == "delta" and d2.seq == 2 and [s.selection_id for s in d2.selections] == ["1"]
+    s1 = p.sel("1")
+    assert s1.back == [(2.02, 3.0), (2.0, 10.0), (1.9, 5.0)] and s1.lay == [(2.1, 9.0)] and s1.price == 2.02
+    assert p.market().source_ts == 1100 and p.market().seq == 2
+
+
+def test_size_zero_deletes_a_price() -> None:
+    p = Pipe()
+    p.feed(image_line())
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[2.0, 0]], "atl": [[2.1, 0], [2.2, 4]]},
+                                  {"id": 2, "atb": [[9.0, 0]]}]}, pt=1100))  # 9.0 absent: no-op
+    assert p.sel("1").back == [(1.9, 5.0)] and p.sel("1").lay == [(2.2, 4.0)]
+    assert p.sel("2").back == [(4.0, 3.0)]
+
+
+def _level_image(ladder: str = "batb") -> bytes:
+    other = "batl" if ladder == "batb" else "bdatl"
+    return mcm({"id": MID, "img": True, "marketDefinition": definition(),
+                "rc": [{"id": 1, ladder: [[0, 2.0, 10], [1, 1.9, 5], [2, 1.8, 1]], other: [[0, 2.1, 7]]}]})
+
+
+@pytest.mark.parametrize("ladder", ["batb", "bdatb"])
+def test_size_zero_deletes_a_level(ladder: str) -> None:
+    p = Pipe()
+    p.feed(_level_image(ladder))
+    assert p.sel("1").back == [(2.0, 10.0), (1.9, 5.0), (1.8, 1.0)]
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, ladder: [[1, 1.9, 0]]}]}, pt=1100))
+    assert p.sel("1").back == [(2.0, 10.0), (1.8, 1.0)]
+    # Betfair re-sends every changed position: the ladder shifting up
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, ladder: [[0, 1.8, 1], [2, 0, 0]]}]}, pt=1200))
+    assert p.sel("1").back == [(1.8, 1.0)]
+
+
+def test_zero_triple_empties_a_level_ladder() -> None:
+    p = Pipe()
+    p.feed(mcm({"id": MID, "img": True, "marketDefinition": definition(),
+                "rc": [{"id": 1, "batb": [[0, 2.0, 10]], "batl": [[0, 2.1, 7], [1, 2.2, 3]]}]}))
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, "batb": [[0, 0, 0]], "batl": [[0, 0, 0], [1, 0, 0]]}]}, pt=1100))
+    s = p.sel("1")
+    assert s.back == [] and s.lay == [] and s.price is None
+
+
+def test_full_ladders_win_over_level_ladders() -> None:
+    p = Pipe()
+    p.feed(mcm({"id": MID, "img": True, "marketDefinition": definition(),
+                "rc": [{"id": 1, "batb": [[0, 2.0, 10]], "bdatb": [[0, 2.02, 1]]}]}))
+    assert p.sel("1").back == [(2.02, 1.0)]  # display over best offers
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[1.5, 4]]}]}, pt=1100))
+    assert p.sel("1").back == [(1.5, 4.0)]  # full ladder once carried
+
+
+def test_img_mid_stream_replaces_the_market() -> None:
+    p = Pipe()
+    p.feed(image_line())
+    line = mcm({"id": MID, "img": True, "marketDefinition": definition(runners=[{"id": 3, "status": "ACTIVE"}]),
+                "rc": [{"id": 3, "atb": [[3.0, 1]]}]}, pt=2000)
+    batch, (d,) = p.feed(line)
+    assert batch.updates[0].image
+    assert d is not None and d.kind == "image" and d.seq == 2
+    assert [s.selection_id for s in p.market().selections] == ["3"]
+    assert p.sel("3").back == [(3.0, 1.0)]
+    # the old ladders are gone from the cache too: a delta for runner 1 starts empty
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, "atl": [[5.0, 2]]}]}, pt=2100))
+    assert p.sel("1").back == [] and p.sel("1").lay == [(5.0, 2.0)]
+
+
+def test_sub_image_replaces_every_market_it_carries() -> None:
+    p = Pipe()
+    p.feed(image_line())
+    p.feed(image_line(market="1.200"))
+    line = raw({"op": "mcm", "id": 2, "ct": "SUB_IMAGE", "initialClk": "I", "clk": "C", "pt": 3000,
+                "heartbeatMs": 5000, "conflateMs": 0,
+                "mc": [{"id": MID, "marketDefinition": definition(), "rc": [{"id": 2, "atb": [[6.0, 1]]}]}]})
+    batch, (d,) = p.feed(line)
+    assert batch.ct == "SUB_IMAGE" and batch.initial_clk == "I" and batch.heartbeat_ms == 5000
+    assert batch.updates[0].image and d is not None and d.kind == "image"
+    assert p.sel("1").back == [] and p.sel("2").back == [(6.0, 1.0)]
+
+
+# --- marketDefinition ---------------------------------------------------------
+
+
+def test_definition_status_inplay_delay_version_and_removals() -> None:
+    p = Pipe()
+    p.feed(image_line())
+    runners = [{"id": 1, "sortPriority": 1, "status": "ACTIVE", "adjustmentFactor": 60.0},
+               {"id": 2, "sortPriority": 2, "status": "REMOVED", "adjustmentFactor": 12.5,
+                "removalDate": "2024-01-01T11:00:00.000Z"},
+               {"id": 3, "sortPriority": 3, "status": "REMOVED_VACANT"}]
+    batch, (d,) = p.feed(mcm({"id": MID, "marketDefinition": definition(
+        "SUSPENDED", runners, inPlay=True, betDelay=5, version=7, suspendReason="x")}, pt=1100))
+    assert d is not None and d.kind == "delta" and d.header is not None
+    m = p.market()
+    assert (m.status, m.in_play, m.bet_delay_s, m.version) == ("SUSPENDED", True, 5, 7)
+    assert p.sel("2").status == "REMOVED" and p.sel("2").adjustment_factor == 12.5
+    assert p.sel("3").status == "REMOVED"
+    assert p.sel("1").status == "ACTIVE" and p.sel("1").adjustment_factor == 60.0
+
+
+@pytest.mark.parametrize(("results", "expected"), [
+    (("WINNER", "LOSER"), "SETTLED"),
+    (("PLACED", "LOSER"), "SETTLED"),
+    (("LOSER", "LOSER"), "CLOSED"),  # e.g. voided: closed without a winner
+    (("ACTIVE", "ACTIVE"), "CLOSED"),
+])
+def test_closed_with_winner_or_placed_is_settled(results: tuple[str, str], expected: str) -> None:
+    p = Pipe()
+    p.feed(image_line())
+    runners = [{"id": 1, "status": results[0], "bsp": 2.1}, {"id": 2, "status": results[1], "bsp": "NaN"}]
+    p.feed(mcm({"id": MID, "marketDefinition": definition("CLOSED", runners, inPlay=True)}, pt=1100))
+    assert p.market().status == expected
+    assert (p.sel("1").status, p.sel("2").status) == results
+    assert p.sel("1").bsp == 2.1 and p.sel("2").bsp is None
+
+
+def test_bsp_projection_strings_are_accepted() -> None:
+    p = Pipe()
+    p.feed(image_line())
+    batch, (d,) = p.feed(mcm({"id": MID, "rc": [
+        {"id": 1, "spn": "NaN", "spf": "Infinity", "atb": [[2.04, 1]]},
+        {"id": 2, "spn": 4.1, "spf": "NaN", "spb": [[1.01, 5]], "spl": [[1000, 2]]},
+    ]}, pt=1100))
+    assert batch.runner_changes == 2 and d is not None
+    assert p.sel("1").back[0] == (2.04, 1.0)
+
+
+def test_ltp_zero_means_no_trade() -> None:
+    p = Pipe()
+    p.feed(image_line())
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, "ltp": 0}]}, pt=1100))
+    assert p.sel("1").ltp is None
+
+
+# --- envelopes ----------------------------------------------------------------
+
+
+def test_status_503_is_surfaced() -> None:
+    p = Pipe()
+    batch, deltas = p.feed(raw({"op": "mcm", "id": 2, "status": 503}))
+    assert batch.status == 503 and batch.updates == [] and deltas == []
+    batch, _ = p.feed(raw({"op": "mcm", "id": 2, "clk": "AAAAAAAA", "status": 503, "pt": 5, "ct": "HEARTBEAT"}))
+    assert batch.status == 503 and batch.ct == "HEARTBEAT" and batch.pt == 5
+
+
+def test_heartbeat() -> None:
+    p = Pipe()
+    batch, deltas = p.feed(raw({"op": "mcm", "id": 2, "clk": "AAA", "pt": 1471370165625, "ct": "HEARTBEAT"}))
+    assert (batch.op, batch.ct, batch.clk, batch.status) == ("mcm", "HEARTBEAT", "AAA", None)
+    assert batch.updates == [] and deltas == []
+
+
+@pytest.mark.parametrize("line", [
+    {"op": "connection", "connectionId": "002-051134157842-432409"},
+    {"op": "status", "id": 1, "statusCode": "SUCCESS", "connectionClosed": False},
+    {"op": "ccm", "id": 2, "pt": 5, "cc": [{"eventId": "1", "marketId": MID}]},
+])
+def test_other_ops_carry_no_odds(line: dict[str, Any]) -> None:
+    batch = BetfairNormaliser().feed(raw(line), 5)
+    assert batch.op == line["op"] and batch.updates == []
+
+
+def test_unknown_keys_are_ignored() -> None:
+    p = Pipe()
+    md = definition(priceLadderDefinition={"type": "CLASSIC"}, keyLineDefinition=None, raceType="Chase")
+    md["runners"][0]["futureField"] = [1, 2]
+    line = raw({"op": "mcm", "clk": None, "pt": 1000, "newTopLevel": {"a": 1},
+                "mc": [{"id": MID, "marketDefinition": md, "_stream_id": 2001,
+                        "rc": [{"id": 1, "atb": [[2.0, 1]], "xyz": 3}]}]})
+    batch, (d,) = p.feed(line)
+    assert d is not None and p.sel("1").back == [(2.0, 1.0)]
+
+
+def test_message_without_pt_takes_recv_ms_and_pt_map_keeps_original() -> None:
+    n = BetfairNormaliser()
+    line = raw({"op": "mcm", "mc": [{"id": MID, "marketDefinition": definition()}]})
+    (u,) = n.feed(line, 777).updates
+    assert (u.source_ts, u.source_ts_original, u.received_at) == (777, None, 777)
+    (u,) = n.feed(mcm({"id": MID, "rc": [{"id": 1, "ltp": 2.0}]}, pt=1000), 800, pt_map=lambda pt: pt + 5).updates
+    assert (u.source_ts, u.source_ts_original) == (1005, 1000)
+
+
+def test_handicap_selection_ids() -> None:
+    p = Pipe()
+    runners = [{"id": 47972, "hc": -0.25, "status": "ACTIVE"}, {"id": 47972, "hc": 0.25, "status": "ACTIVE"},
+               {"id": 47973, "hc": 0, "status": "ACTIVE"}, {"id": 47974, "hc": 1.5, "status": "ACTIVE"}]
+    p.feed(mcm({"id": MID, "marketDefinition": definition(runners=runners, marketType="ASIAN_HANDICAP"),
+                "rc": [{"id": 47972, "hc": -0.25, "atb": [[1.9, 10]]}, {"id": 47972, "hc": 0.25, "atb": [[2.1, 5]]},
+                       {"id": 47973, "atb": [[3.0, 1]]}]}))
+    assert [s.selection_id for s in p.market().selections] == ["47972:-0.25", "47972:0.25", "47973", "47974:1.5"]
+    assert p.sel("47972:-0.25").handicap == -0.25 and p.sel("47972:-0.25").back == [(1.9, 10.0)]
+    p.feed(mcm({"id": MID, "rc": [{"id": 47972, "hc": -0.25, "atb": [[1.92, 2]]}]}, pt=1100))
+    assert p.sel("47972:-0.25").back == [(1.92, 2.0), (1.9, 10.0)]
+    assert p.sel("47972:0.25").back == [(2.1, 5.0)]
+
+
+# --- rejections: right reason, nothing applied --------------------------------
+
+_GOOD_RC = {"id": 1, "atb": [[5.0, 9]], "ltp": 5.0}  # would show up on runner 1 if applied
+
+BAD_LINES: list[tuple[str, bytes, str]] = [
+    ("truncated", mcm({"id": MID, "rc": [_GOOD_RC]})[:-12], "invalid_json"),
+    ("not json", b"mcm 1.100 5.0", "invalid_json"),
+    ("pt is a string", mcm({"id": MID, "rc": [_GOOD_RC]}, pt="soon"), "invalid_schema"),  # type: ignore[arg-type]
+    ("mc is an object", raw({"op": "mcm", "pt": 1100, "mc": {"id": MID}}), "invalid_schema"),
+    ("runner id is a string", mcm({"id": MID, "rc": [_GOOD_RC, {"id": "two", "atb": [[2.0, 1]]}]}), "invalid_schema"),
+    ("ladder is a string", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "atl": "2.0"}]}), "invalid_schema"),
+    ("no op", raw({"pt": 1100, "mc": [{"id": MID, "rc": [_GOOD_RC]}]}), "invalid_schema"),
+    ("atb price 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "atb": [[0.5, 3]]}]}), "invalid_price"),
+    ("atl price 1001", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "atl": [[1001, 3]]}]}), "invalid_price"),
+    ("batb price 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "batb": [[0, 0.5, 3]]}]}), "invalid_price"),
+    ("bdatl price 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "bdatl": [[1, 0.5, 3]]}]}), "invalid_price"),
+    ("ltp 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "ltp": 0.5}]}), "invalid_price"),
+    ("bad second market", mcm({"id": MID, "rc": [_GOOD_RC]}, {"id": "1.999", "rc": [{"id": 1, "ltp": 2.0}]}),
+     "unknown_market"),
+    ("new market then bad market", mcm({"id": "1.300", "marketDefinition": definition()}, {"id": MID, "rc": [_GOOD_RC]},
+                                       {"id": "1.999", "rc": [{"id": 1, "ltp": 2.0}]}), "unknown_market"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), [(b, r) for _, b, r in BAD_LINES], ids=[n for n, _, _ in BAD_LINES])
+def test_bad_line_is_rejected_with_reason_and_nothing_applied(line: bytes, reason: str) -> None:
+    p = Pipe()
+    p.feed(image_line())
+    before = p.market()
+    with pytest.raises(FeedDecodeError) as info:
+        p.feed(line)
+    assert info.value.reason == reason, str(info.value)
+    assert info.value.raw == line
+    assert sorted(p.normaliser.markets) == [MID]
+    # the cache is untouched: the next change shows runner 1 as it was
+    _, (d,) = p.feed(mcm({"id": MID, "rc": [{"id": 1, "tv": 51}]}, pt=1200))
+    assert d is not None
+    after = p.sel("1")
+    old = before.selection("1")
+    assert old is not None
+    assert (after.back, after.lay, after.ltp) == (old.back, old.lay, old.ltp)
+    assert p.sel("2") == before.selection("2")
+
+
+def test_delta_for_unknown_market_is_rejected() -> None:
+    n = BetfairNormaliser()
+    with pytest.raises(FeedDecodeError) as info:
+        n.feed(mcm({"id": MID, "rc": [{"id": 1, "batb": [[0, 4.7, 4.33]]}]}), 5)
+    assert info.value.reason == "unknown_market" and n.markets == {}
+
+
+def test_non_json_line_fragment_is_invalid_json() -> None:
+    """A line that begins mid-object (a recorder split a line, as in the
+    shared RECORDED-1.173718164) is not JSON: reason ``invalid_json``, not
+    ``invalid_schema``."""
+    with pytest.raises(FeedDecodeError) as info:
+        BetfairNormaliser().feed(b' "Europe/London", "version": 3392177615}, "_stream_id": 2001}]}', 5)
+    assert info.value.reason == "invalid_json", str(info.value)
+
+
+# --- Book ---------------------------------------------------------------------
+
+
+def test_book_dedupes_a_repeated_update() -> None:
+    n, book = BetfairNormaliser(), Book()
+    (img,) = n.feed(image_line(), 5).updates
+    assert book.apply(img) is not None
+    assert book.apply(img) is None  # same image again
+    (u,) = n.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[2.02, 3]]}]}, pt=1100), 6).updates
+    d = book.apply(u)
+    assert d is not None and d.seq == 2
+    assert book.apply(u) is None  # same delta again
+    assert book.dropped["duplicate"] == 2 and book.markets["bf:" + MID].seq == 2
+
+
+def test_book_drops_out_of_order_updates() -> None:
+    n, book = BetfairNormaliser(), Book()
+    book.apply(n.feed(image_line(pt=2000), 5).updates[0])
+    (late,) = n.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[2.02, 3]]}]}, pt=1999), 6).updates
+    assert book.apply(late) is None and book.dropped["out_of_order"] == 1
+    assert book.markets["bf:" + MID].selection("1").back[0] == (2.0, 10.0)
+    (same_ts,) = n.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[2.04, 1]]}]}, pt=2000), 7).updates
+    assert book.apply(same_ts) is not None  # equal source_ts is not older
+
+
+def test_book_drops_a_delta_before_any_image() -> None:
+    n, book = BetfairNormaliser(), Book()
+    (img,) = n.feed(image_line(), 5).updates
+    (u,) = n.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[2.02, 3]]}]}, pt=1100), 6).updates
+    assert book.apply(u) is None and book.dropped["no_image"] == 1 and book.markets == {}
+    assert book.apply(img) is not None
+
+
+def test_book_seq_strictly_increases() -> None:
+    p = Pipe()
+    seqs = []
+    lines = [image_line()] + [mcm({"id": MID, "rc": [{"id": 1 + i % 2, "ltp": 2.0 + i / 100}]}, pt=1000 + i)
+                              for i in range(1, 20)]
+    lines.append(image_line(pt=3000, version=2))
+    lines.append(mcm({"id": MID, "marketDefinition": definition("SUSPENDED", version=3)}, pt=3001))
+    for line in lines:
+        _, deltas = p.feed(line)
+        seqs += [d.seq for d in deltas if d is not None]
+    assert seqs == list(range(1, len(lines) + 1))
+    assert p.market().seq == len(lines)
+
+
+def _closed_pipe() -> Pipe:
+    p = Pipe()
+    p.feed(image_line())
+    runners = [{"id": 1, "status": "WINNER"}, {"id": 2, "status": "LOSER"}]
+    p.feed(mcm({"id": MID, "marketDefinition": definition("CLOSED", runners)}, pt=1100))
+    assert p.market().status == "SETTLED"
+    return p
+
+
+def _settle_bsp(p: Pipe) -> Delta | None:
+    runners = [{"id": 1, "status": "WINNER", "bsp": 2.2}, {"id": 2, "status": "LOSER", "bsp": 5.0}]
+    _, (d,) = p.feed(mcm({"id": MID, "marketDefinition": definition("CLOSED", runners)}, pt=1300))
+    return d
+
+
+def test_book_takes_only_definitions_after_close() -> None:
+    p = _closed_pipe()
+    _, (d,) = p.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[9.0, 1]], "ltp": 9.0}]}, pt=1200))
+    assert d is None and p.book.dropped["closed"] == 1
+    assert p.sel("1").ltp == 2.0 and p.sel("1").back == [(2.0, 10.0), (1.9, 5.0)]
+    d = _settle_bsp(p)
+    assert d is not None and p.sel("1").bsp == 2.2 and p.sel("2").bsp == 5.0
+
+
+def test_book_after_close_a_definition_does_not_bring_back_dropped_prices() -> None:
+    """Price traffic after the close is dropped by the Book, but the
+    normaliser's cache keeps it; the next definition (here the BSP
+    reconciliation) re-sends runner 1 whole and the dropped ltp/ladder reach
+    the book after all — only for runners the definition happens to touch."""
+    p = _closed_pipe()
+    p.feed(mcm({"id": MID, "rc": [{"id": 1, "atb": [[9.0, 1]], "ltp": 9.0}]}, pt=1200))
+    assert _settle_bsp(p) is not None
+    s = p.sel("1")
+    assert s.bsp == 2.2
+    assert (s.ltp, s.back, s.price) == (2.0, [(2.0, 10.0), (1.9, 5.0)], 2.0)
