@@ -68,9 +68,13 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     bsp: float | None = None
 
 
-class MarketHeader(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """Market-level fields (everything of a :class:`Market` but the
-    selections and latency tags). Sent whole in a delta when any changed."""
+class _MarketFields(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The market-level fields shared by :class:`MarketHeader` and :class:`Market`.
+
+    start_time: scheduled start, ms since the epoch. bet_delay_s: in-play
+    bet delay, seconds. version: the provider's definition version.
+    traded_volume: total matched on the market.
+    """
 
     event_id: str | None = None
     bookmaker: str | None = None
@@ -93,10 +97,16 @@ class MarketHeader(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     venue: str | None = None
 
 
+class MarketHeader(_MarketFields, frozen=True, kw_only=True, gc=False):
+    """Market-level fields (everything of a :class:`Market` but its id,
+    source, selections and latency tags). Sent whole in a delta when any
+    changed."""
+
+
 HEADER_FIELDS: tuple[str, ...] = MarketHeader.__struct_fields__
 
 
-class Market(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class Market(_MarketFields, frozen=True, kw_only=True, gc=False):
     """A book's market: the snapshot stored in Redis (``of:{p}:m:<id>``).
 
     Header fields are as :class:`MarketHeader`; ``seq`` is the last applied
@@ -106,25 +116,6 @@ class Market(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     market_id: str
     source: str
     seq: int = 0
-    event_id: str | None = None
-    bookmaker: str | None = None
-    sport: str | None = None
-    competition: str | None = None
-    event_name: str | None = None
-    name: str | None = None
-    market_type: str | None = None
-    market_type_raw: str | None = None
-    specifiers: dict[str, str] | None = None
-    status: MarketStatus = "OPEN"
-    suspend_reason: str | None = None
-    in_play: bool = False
-    bet_delay_s: int = 0
-    start_time: int | None = None
-    version: int = 0
-    traded_volume: float | None = None
-    number_of_winners: int | None = None
-    country_code: str | None = None
-    venue: str | None = None
     source_ts: int = 0
     source_ts_original: int | None = None
     received_at: int = 0
