@@ -416,3 +416,25 @@ def test_book_after_close_a_definition_does_not_bring_back_dropped_prices() -> N
     s = p.sel("1")
     assert s.bsp == 2.2
     assert (s.ltp, s.back, s.price) == (2.0, [(2.0, 10.0), (1.9, 5.0)], 2.0)
+
+
+def test_market_catalogue_names_the_market_and_runners() -> None:
+    """flumine's recorder writes ``op: marketCatalogue`` beside the stream: names arrive after the image."""
+    from feed.book import Book
+    from feed.normalise.betfair import BetfairNormaliser
+
+    n, book = BetfairNormaliser(), Book()
+    image = (b'{"op":"mcm","pt":1000,"mc":[{"id":"1.5","marketDefinition":{"status":"OPEN","eventId":"9",'
+             b'"eventTypeId":"4339","marketType":"WIN","runners":[{"id":11,"status":"ACTIVE"},'
+             b'{"id":12,"status":"ACTIVE"}]},"rc":[{"id":11,"atb":[[2.0,5]]}]}]}')
+    catalogue = (b'{"op":"marketCatalogue","marketId":"1.5","marketName":"OR 280m",'
+                 b'"runners":[{"selectionId":11,"runnerName":"1. Fast"},{"selectionId":12,"runnerName":"2. Slow"}],'
+                 b'"event":{"id":"9","name":"Sheffield"},"competition":{"id":"3","name":"Greyhounds"}}')
+    for line in (image, catalogue):
+        for u in n.feed(line, 2000).updates:
+            book.apply(u)
+    m = book.markets["bf:1.5"]
+    assert (m.name, m.event_name, m.competition) == ("OR 280m", "Sheffield", "Greyhounds")
+    assert [s.name for s in m.selections] == ["1. Fast", "2. Slow"]
+    assert m.selection("11").back == [(2.0, 5.0)]
+    assert m.seq == 2

@@ -19,7 +19,10 @@ Follows ESA ``mcm`` semantics (``research/upstream.md`` §1–2):
   runners with REMOVED/WINNER/LOSER and adjustment factors);
 - BSP near/far prices may be the JSON *strings* ``"NaN"``/``"Infinity"``;
 - ``status: 503`` marks a degraded stream; ``op`` other than ``mcm``
-  (``connection``, ``status``, cricket ``ccm``) carries no odds.
+  (``connection``, ``status``, cricket ``ccm``) carries no odds;
+- ``op: marketCatalogue`` lines (flumine's recorder writes the market
+  catalogue beside the stream) give market, event, competition and runner
+  names, which the stream itself lacks.
 
 The canonical ``back``/``lay`` ladders come from the most complete ladder
 the market has shown: full price ladders (``atb``/``atl``, EX_ALL_OFFERS)
@@ -141,7 +144,30 @@ class ChangeMessage(msgspec.Struct, kw_only=True, gc=False):
     mc: list[MarketChange] | None = None
 
 
+class CatalogueRunner(msgspec.Struct, kw_only=True, gc=False):
+    selectionId: RunnerId
+    runnerName: str | None = None
+    handicap: float | None = None
+
+
+class CatalogueNamed(msgspec.Struct, kw_only=True, gc=False):
+    id: str | None = None
+    name: str | None = None
+
+
+class MarketCatalogue(msgspec.Struct, kw_only=True, gc=False):
+    """Betfair ``listMarketCatalogue`` item as flumine's recorder writes it
+    (``"op": "marketCatalogue"``): names the stream itself does not carry."""
+
+    marketId: str
+    marketName: str | None = None
+    runners: list[CatalogueRunner] = []
+    event: CatalogueNamed | None = None
+    competition: CatalogueNamed | None = None
+
+
 _DECODER = msgspec.json.Decoder(ChangeMessage)
+_CATALOGUE_DECODER = msgspec.json.Decoder(MarketCatalogue)
 
 
 # --- cache -----------------------------------------------------------------
@@ -273,6 +299,7 @@ class BetfairNormaliser:
         self.source = source
         self.ladder_depth = ladder_depth
         self.markets: dict[str, _Market] = {}
+        self.catalogues: dict[str, MarketCatalogue] = {}
 
     # -- public -----------------------------------------------------------
 
@@ -302,6 +329,9 @@ class BetfairNormaliser:
         batch = NormalisedBatch(op=msg.op, ct=msg.ct, clk=msg.clk, initial_clk=msg.initialClk,
                                 pt=msg.pt, status=msg.status, segment=msg.segmentType,
                                 heartbeat_ms=msg.heartbeatMs)
+        if msg.op == "marketCatalogue":
+            self._apply_catalogue(raw, batch, recv_ms)
+            return batch
         if msg.op != "mcm" or not msg.mc:
             return batch
         self._validate(msg, raw)
@@ -388,7 +418,37 @@ class BetfairNormaliser:
         runner = market.runners.get(key)
         if runner is None:
             runner = market.runners[key] = _Runner(key, rid, hc or 0.0)
+            cat = self.catalogues.get(market.market_id)
+            if cat is not None:
+                runner.name = next((r.runnerName for r in cat.runners
+                                    if selection_key(r.selectionId, r.handicap) == key), None)
         return runner
+
+    def _apply_catalogue(self, raw: bytes, batch: NormalisedBatch, recv_ms: int) -> None:
+        """Remember a catalogue's names; if the market is known, emit them."""
+        try:
+            cat = _CATALOGUE_DECODER.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise FeedDecodeError("invalid_schema", str(exc), raw) from None
+        self.catalogues[cat.marketId] = cat
+        market = self.markets.get(cat.marketId)
+        if market is None or market.header is None:
+            return
+        changed = []
+        for r in cat.runners:
+            runner = market.runners.get(selection_key(r.selectionId, r.handicap))
+            if runner is not None and r.runnerName and runner.name != r.runnerName:
+                runner.name = r.runnerName
+                changed.append(runner)
+        h = market.header
+        market.header = msgspec.structs.replace(
+            h, name=h.name or cat.marketName,
+            event_name=h.event_name or (cat.event.name if cat.event else None),
+            competition=h.competition or (cat.competition.name if cat.competition else None))
+        batch.updates.append(MarketUpdate(
+            market_id=SOURCE_PREFIX + cat.marketId, source=self.source, image=False, header=market.header,
+            selections=[self._selection(market, r) for r in changed],
+            source_ts=recv_ms, received_at=recv_ms))
 
     def _apply_definition(self, market: _Market, md: MarketDefinition, changed: dict[str, _Runner]) -> None:
         status = _MARKET_STATUS.get(md.status, "SUSPENDED")
@@ -408,12 +468,14 @@ class BetfairNormaliser:
         if status == "CLOSED" and any(r.status in ("WINNER", "PLACED") for r in market.runners.values()):
             status = "SETTLED"
         market_type, specifiers = market_type_to_canonical(md.marketType)
+        cat = self.catalogues.get(market.market_id)
         market.header = MarketHeader(
             event_id=SOURCE_PREFIX + md.eventId if md.eventId else None,
             bookmaker="betfair_exchange",
             sport=SPORTS.get(md.eventTypeId or "", f"betfair_{md.eventTypeId}" if md.eventTypeId else None),
-            event_name=md.eventName,
-            name=md.name,
+            event_name=md.eventName or (cat.event.name if cat and cat.event else None),
+            competition=cat.competition.name if cat and cat.competition else None,
+            name=md.name or (cat.marketName if cat else None),
             market_type=market_type,
             market_type_raw=md.marketType,
             specifiers=specifiers,

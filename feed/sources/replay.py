@@ -4,7 +4,8 @@ Reads ``.bz2``, ``.gz`` or plain files (detected by magic bytes, so files
 without an extension work), given as files or folders (recursively, in name
 order). A file is NDJSON of ESA messages (one per line), a JSON array of
 messages, or a single JSON object. Files that are not stream recordings
-(e.g. market catalogues: JSON without ``op``) are skipped and counted.
+(JSON without ``op``) are skipped and counted; flumine's catalogue files
+(``op: marketCatalogue``) are replayed for their names.
 
 Clock: by default the recording's clock is mapped onto now —
 ``source_ts = start + (pt − first_pt) / speed`` for a paced replay and the
