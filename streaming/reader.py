@@ -1,0 +1,328 @@
+"""Redis → node state → hub: one reader task per partition, source health.
+
+No Starlette imports. :class:`Node` is what an API process runs once:
+
+- ``start()``: for every partition, position = ``last_log_id(p)`` and then
+  the snapshots (``load_markets(p)``), so every log entry after the position
+  is applied on top (deltas with ``seq`` ≤ the held one are skipped); then
+  one :class:`PartitionReader` per partition and a health poller;
+- each reader loops ``read_log({p: pos}, block_ms=…)`` on its OWN Redis
+  connection (XREAD BLOCK holds one), decodes each entry once, applies it to
+  :class:`~streaming.state.NodeState` and hands it to the
+  :class:`~streaming.hub.Hub` once (encoded once, never per client);
+- after every read it checks, in one pipelined round trip, the store epoch,
+  the partition epoch and the oldest retained log id: a changed/missing
+  epoch (Redis flushed or restarted empty) reloads every partition, a log
+  trimmed past our position reloads that partition; either way the hub
+  sends every subscriber a fresh snapshot flagged ``recovered: false``;
+- Redis errors: ``connected`` goes False, the reader retries with capped,
+  jittered backoff (never hangs: each read blocks at most ``read_block_ms``);
+- every ~``health_refresh_ms`` the node reloads source health
+  (``store.sources()``) and announces changes of a source's state, reason or
+  stale markets as ``status`` messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from feed.errors import StoreError
+from feed.models import Delta
+from feed.settings import Settings
+from feed.sources.backoff import Backoff
+from feed.store import EPOCH_KEY, Store, log_key, pepoch_key
+from streaming.encoding import parse_stream_id
+from streaming.hub import Hub
+from streaming.state import NodeOptions, NodeState, now_ms
+
+__all__ = ["Node", "PartitionReader"]
+
+logger = logging.getLogger(__name__)
+
+_REDIS_ERRORS = (RedisError, OSError, StoreError, asyncio.TimeoutError)
+
+#: Log entries applied between two yields to the event loop.
+YIELD_EVERY = 32
+
+
+def _text(v: object) -> str | None:
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class PartitionReader:
+    """Follows the delta log of one partition.
+
+    connected: the last Redis call succeeded; behind: the last read returned
+    a full batch (more is waiting) or the reader is reconnecting;
+    last_entry_at: ms since the epoch when the last entry was read (None
+    before the first); last_error: the last Redis error, for /ready.
+    """
+
+    def __init__(self, node: "Node", partition: int, store: Store) -> None:
+        self.node = node
+        self.partition = partition
+        self.store = store
+        self.connected = True
+        self.behind = False
+        self.last_entry_at: int | None = None
+        self.last_error: str | None = None
+        self.entries = 0
+        self._reload: tuple[list[int] | None, str, int] | None = None
+
+    async def run(self) -> None:
+        """Read until the node stops; never raises except CancelledError."""
+        node, st, p = self.node, self.node.state, self.partition
+        opts = st.options
+        backoff = Backoff(initial_s=0.05, factor=2.0, max_s=2.0)
+        while not node.stopping:
+            try:
+                if self._reload is not None:
+                    parts, reason, gen = self._reload
+                    await node.reload(parts, reason, gen)
+                    self._reload = None
+                    continue
+                gen = st.generation
+                pos = st.positions[p]
+                batch = await self.store.read_log({p: pos}, block_ms=opts.read_block_ms, count=opts.read_count)
+                problem = await self._check(pos)
+                if not self.connected:
+                    logger.info("reader of partition %d reconnected to redis", p)
+                self.connected = True
+                self.last_error = None
+                backoff.reset()
+                if problem is not None:
+                    self._reload = (problem[0], problem[1], gen)
+                    continue
+                if st.generation != gen:
+                    continue  # the state was reloaded while we read: re-read from the new position
+                if batch:
+                    now = self.last_entry_at = now_ms()
+                    self.entries += len(batch)
+                    for i, (_, entry_id, deltas) in enumerate(batch):
+                        if i and i % YIELD_EVERY == 0:
+                            await asyncio.sleep(0)  # let connection writers drain between chunks of a big batch
+                            if st.generation != gen:
+                                break
+                            now = now_ms()
+                        node.on_entry(p, entry_id, deltas, now)
+                self.behind = len(batch) >= opts.read_count
+            except asyncio.CancelledError:
+                raise
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.error("partition %d: undecodable log entry after %s (%s); reloading", p,
+                             st.positions[p], exc)
+                self._reload = ([p], "undecodable log entry", st.generation)
+            except _REDIS_ERRORS as exc:
+                self.connected = False
+                self.behind = True
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                delay = backoff.next_delay()
+                logger.warning("reader of partition %d: redis error (%s); retry %d in %.2f s", p,
+                               self.last_error, backoff.attempts, delay)
+                await node.sleep(delay)
+            except Exception:  # a bug must not kill the feed silently
+                self.connected = False
+                self.last_error = "internal error (see log)"
+                logger.exception("reader of partition %d failed; restarting it", p)
+                await node.sleep(backoff.next_delay())
+
+    async def _check(self, pos: str) -> tuple[list[int] | None, str] | None:
+        """(partitions to reload or None = all, reason) when the epoch moved
+        or the log was trimmed past ``pos``; None when all is well."""
+        st, p = self.node.state, self.partition
+        pipe = self.store.redis.pipeline(transaction=False)
+        pipe.get(EPOCH_KEY)
+        pipe.get(pepoch_key(p))
+        pipe.xrange(log_key(p), count=1)
+        epoch, pepoch, first = await pipe.execute()
+        epoch, pepoch = _text(epoch), _text(pepoch)
+        if epoch != st.epoch or (pepoch != st.epoch and pepoch is not None):
+            return None, f"store epoch changed from {st.epoch} to {epoch} (redis reset or flushed)"
+        if first and pos != "0-0":
+            first_id = _text(first[0][0])
+            assert first_id is not None
+            if parse_stream_id(first_id) > parse_stream_id(pos):
+                return [p], f"log of partition {p} trimmed past position {pos} (oldest kept {first_id})"
+        return None
+
+
+class Node:
+    """One API node: node state, hub, partition readers, health poller.
+
+    store: the Store to read (``owns_store`` = close it on stop).
+    ``shutdown`` is set when the node stops; transports watch it.
+    """
+
+    def __init__(self, settings: Settings, store: Store, *, options: NodeOptions | None = None,
+                 owns_store: bool = False) -> None:
+        self.settings = settings
+        self.store = store
+        self.options = options or NodeOptions()
+        self.owns_store = owns_store
+        self.state = NodeState(settings, store.partitions, self.options)
+        self.hub = Hub(self.state, store, outbox_max_bytes=settings.outbox_max_bytes,
+                       replay_max_entries=self.options.replay_max_entries)
+        self.readers: list[PartitionReader] = []
+        self.shutdown = asyncio.Event()
+        self.stopping = False
+        self.health_error: str | None = None
+        self.health_at: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stores: list[Store] = []
+        self._reload_lock = asyncio.Lock()
+        self._status: dict[str, tuple[str, str | None, tuple[str, ...]]] = {}
+        self.reloads = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every partition, then start readers and the health poller.
+        Raises StoreError (or RedisError) when Redis cannot be read."""
+        await self._load(None)
+        await self.refresh_health(announce=False)
+        for p in range(self.state.partitions):
+            store = self._dedicated_store()
+            reader = PartitionReader(self, p, store)
+            self.readers.append(reader)
+            self._tasks.append(asyncio.create_task(reader.run(), name=f"reader-p{p}"))
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        logger.info("node started: %d markets, %d partitions, epoch %s", len(self.state.markets),
+                    self.state.partitions, self.state.epoch)
+
+    async def stop(self) -> None:
+        """Close every client connection, stop the tasks, close connections
+        this node opened (the main store only when it owns it)."""
+        self.stopping = True
+        self.shutdown.set()
+        self.hub.close_all()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for s in self._stores:
+            if s is not self.store:
+                try:
+                    await s.close()
+                except Exception:  # pragma: no cover - best effort on shutdown
+                    pass
+        self._stores.clear()
+        if self.owns_store:
+            await self.store.close()
+        logger.info("node stopped")
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, returning early when the node stops."""
+        try:
+            await asyncio.wait_for(self.shutdown.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _dedicated_store(self) -> Store:
+        """A Store on its own connection (XREAD BLOCK holds one); the shared
+        one on Redis Cluster."""
+        r = self.store.redis
+        if isinstance(r, RedisCluster):
+            return self.store
+        pool = r.connection_pool
+        client = aioredis.Redis.from_pool(aioredis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs))
+        s = Store(client, partitions=self.store.partitions, log_maxlen=self.store.log_maxlen)
+        s.epoch = self.store.epoch
+        self._stores.append(s)
+        return s
+
+    # -- state ----------------------------------------------------------------
+
+    async def _load(self, partitions: Sequence[int] | None) -> None:
+        store = self.store
+        epoch = await store.current_epoch()
+        parts = range(self.state.partitions) if partitions is None else partitions
+        loaded = {}
+        for p in parts:
+            position = await store.last_log_id(p)
+            loaded[p] = (position, await store.load_markets(p))
+        self.state.replace_partitions(loaded, epoch)
+
+    async def reload(self, partitions: list[int] | None, reason: str, generation: int) -> None:
+        """Reload ``partitions`` (None = all) from Redis unless another
+        reader already reloaded since ``generation``; then resync clients."""
+        async with self._reload_lock:
+            if self.state.generation != generation:
+                return
+            logger.warning("reloading %s: %s", "all partitions" if partitions is None else f"partitions {partitions}",
+                           reason)
+            await self._load(partitions)
+            self.reloads += 1
+            self.hub.resync(reason)
+
+    def on_entry(self, partition: int, entry_id: str, deltas: list[Delta], now: int) -> None:
+        """Apply one log entry and hand it to the hub (synchronous)."""
+        entry = self.state.apply_entry(partition, entry_id, deltas, now)
+        if entry is not None:
+            self.hub.dispatch(entry)
+
+    # -- health ---------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        backoff = Backoff(initial_s=0.5, factor=2.0, max_s=10.0)
+        delay = self.options.health_refresh_ms / 1000
+        while not self.stopping:
+            await self.sleep(delay)
+            if self.stopping:
+                break
+            try:
+                await self.refresh_health()
+                self.health_error = None
+                backoff.reset()
+                delay = self.options.health_refresh_ms / 1000
+            except asyncio.CancelledError:
+                raise
+            except _REDIS_ERRORS as exc:
+                self.health_error = f"{type(exc).__name__}: {exc}"
+                delay = max(self.options.health_refresh_ms / 1000, backoff.next_delay())
+                logger.warning("source health refresh failed (%s); retry in %.2f s", self.health_error, delay)
+            except Exception:
+                logger.exception("source health refresh failed")
+
+    async def refresh_health(self, *, announce: bool = True) -> None:
+        """Reload source health; announce each change of a source's state,
+        reason or set of stale markets as a ``status`` message."""
+        sources = await self.store.sources()
+        st = self.state
+        st.set_health(sources)
+        self.health_at = now = now_ms()
+        seen = set()
+        for h in sources:
+            seen.add(h.source)
+            stale = tuple(st.stale_ids(h.source, now))
+            sig = (h.state, h.reason, stale)
+            if self._status.get(h.source) != sig:
+                if announce:
+                    logger.info("source %s is %s (%s), %d stale markets", h.source, h.state, h.reason, len(stale))
+                    self.hub.status(h.source, h.state, h.reason, list(stale))
+                self._status[h.source] = sig
+        for name in set(self._status) - seen:
+            del self._status[name]
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): ready when the state is loaded and every reader
+        is connected and not behind."""
+        if self.stopping:
+            return False, "shutting down"
+        if not self.state.loaded:
+            return False, "node state not loaded yet"
+        for r in self.readers:
+            if not r.connected:
+                return False, f"reader of partition {r.partition} not connected to redis ({r.last_error})"
+            if r.behind:
+                return False, f"reader of partition {r.partition} is behind the log"
+        return True, "ok"

@@ -1,0 +1,150 @@
+"""Server-Sent Events transport: ``GET /v1/stream``.
+
+Query: ``sport``, ``competition``, ``event``, ``market`` (comma-separated
+lists allowed), ``in_play`` (true/false), ``heartbeat_ms`` (100–300000,
+default ``settings.heartbeat_ms``), ``last_event_id`` (resume token; the
+``Last-Event-ID`` header wins), ``conflate_ms`` (only 0 in v1). Invalid
+values → ``400 {"error":"bad_request","message":…}``.
+
+Response: ``200 text/event-stream`` with ``Cache-Control: no-store`` and
+``X-Accel-Buffering: no``; first ``retry: 2000``, then ``snapshot`` (or, when
+resuming, ``resumed`` and the missed ``delta`` events or a fresh snapshot),
+then ``delta`` / ``status`` / ``heartbeat`` events as they happen (message
+bodies in :mod:`streaming.encoding`). ``id:`` is the resume token; only the
+last event of one log entry carries it. One writer task per connection
+writes everything queued in one chunk, each write under a deadline
+(``send_timeout_s``) — a stuck client is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from streaming.hub import Connection
+from streaming.rest import json_error, node_of
+from streaming.state import Filter, FilterError
+
+if TYPE_CHECKING:
+    from streaming.reader import Node
+
+__all__ = ["SSEStream", "parse_heartbeat_ms", "stream"]
+
+logger = logging.getLogger(__name__)
+
+RETRY_MS = 2000
+HEARTBEAT_MIN_MS = 100
+HEARTBEAT_MAX_MS = 300_000
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def parse_heartbeat_ms(value: str | None, default: int) -> int:
+    """``heartbeat_ms`` query value (ms) or ``default``. Raises FilterError."""
+    if value is None or value == "":
+        return default
+    try:
+        ms = int(value)
+    except ValueError:
+        raise FilterError(f"heartbeat_ms must be an integer number of milliseconds, not {value!r}") from None
+    if not HEARTBEAT_MIN_MS <= ms <= HEARTBEAT_MAX_MS:
+        raise FilterError(f"heartbeat_ms must be between {HEARTBEAT_MIN_MS} and {HEARTBEAT_MAX_MS}, not {ms}")
+    return ms
+
+
+def parse_conflate_ms(value: object) -> int:
+    """``conflate_ms``: only 0 (every change) is supported in v1. Raises FilterError."""
+    if value is None or value == "" or value == 0 or value == "0":
+        return 0
+    raise FilterError("conflate_ms is not supported yet; omit it or pass 0 (every change is sent)")
+
+
+class SSEStream(Response):
+    """The event stream of one client as a raw ASGI response."""
+
+    def __init__(self, node: "Node", f: Filter, *, heartbeat_ms: int, resume: str | None, label: str) -> None:
+        self.node = node
+        self.filter = f
+        self.heartbeat_ms = heartbeat_ms
+        self.resume = resume
+        self.label = label
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        node = self.node
+        hub = node.hub
+        conn = hub.connect("sse", heartbeat_ms=self.heartbeat_ms, label=self.label)
+        if conn.closed:
+            await json_error(503, "shutting_down", "the server is shutting down; retry on another node")(
+                scope, receive, send)
+            return
+        watcher = asyncio.create_task(_watch_disconnect(receive, conn), name=f"sse-disconnect {self.label}")
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b"retry: %d\n\n" % RETRY_MS, "more_body": True})
+            await hub.subscribe(conn, self.filter, resume=self.resume)
+            if await write_loop(conn, send, node.options.send_timeout_s):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            conn.close(1006, "connection lost")
+        finally:
+            watcher.cancel()
+            hub.disconnect(conn)
+
+
+async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
+    """Close ``conn`` when the client goes away (bounded by the disconnect)."""
+    while not conn.closed:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            conn.close(1000, "client disconnected")
+            return
+
+
+async def write_loop(conn: Connection, send: Send, timeout_s: float) -> bool:
+    """Write queued frames, coalesced into one body chunk per wake-up,
+    until the connection closes. False when a write missed its deadline
+    (the response cannot be finished)."""
+    while True:
+        await conn.wait()
+        frames = conn.take()
+        if frames:
+            body = frames[0] if len(frames) == 1 else b"".join(frames)
+            conn.sent_bytes += len(body)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            except TimeoutError:
+                logger.warning("sse %s: write of %d bytes missed the %.1f s deadline; dropping the client",
+                               conn.label, len(body), timeout_s)
+                conn.close(1008, "send deadline")
+                return False
+        elif conn.closed:
+            return True
+
+
+async def stream(request: Request) -> Response:
+    """``GET /v1/stream`` (see the module docstring)."""
+    node = node_of(request)
+    q = request.query_params
+    try:
+        f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"), event=q.get("event"),
+                         market=q.get("market"), in_play=q.get("in_play"))
+        heartbeat_ms = parse_heartbeat_ms(q.get("heartbeat_ms"), node.settings.heartbeat_ms)
+        parse_conflate_ms(q.get("conflate_ms"))
+    except FilterError as exc:
+        return json_error(400, "bad_request", str(exc))
+    resume = request.headers.get("last-event-id") or q.get("last_event_id") or None
+    client = request.client
+    label = f"{client.host}:{client.port}" if client else "?"
+    return SSEStream(node, f, heartbeat_ms=heartbeat_ms, resume=resume, label=label)

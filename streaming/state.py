@@ -1,0 +1,481 @@
+"""Node state: the markets one API node holds, its log positions, source
+health, staleness, and the once-per-node preparation of log entries.
+
+No I/O and no Starlette: the reader (:mod:`streaming.reader`) feeds it, the
+hub and REST read it. Every time is integer ms since the Unix epoch (UTC).
+
+Staleness (DESIGN §6) of a market at ``now_ms``::
+
+    last_confirmed = max(market.received_at,
+                         health[market.source].last_message_at   if that source is UP or DEGRADED)
+    age_ms         = max(0, now_ms - last_confirmed)
+    stale          = source is DOWN
+                     or age_ms > (stale_in_play_ms if market.in_play else stale_pre_match_ms)
+
+Source heartbeats thus confirm quiet markets; a market whose source has no
+health record is judged by ``received_at`` alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from feed.models import ENCODER, Delta, Market, SourceHealth, apply_delta
+from feed.settings import Settings
+from feed.store import partition_of
+from streaming.encoding import (
+    Message, StreamId, delta_message, encode_token, market_with_age, parse_stream_id,
+)
+
+__all__ = [
+    "Filter", "FilterError", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry", "ReplayRing",
+    "now_ms",
+]
+
+MARKET_STATUSES = ("OPEN", "SUSPENDED", "INACTIVE", "CLOSED", "SETTLED", "CANCELLED")
+_FILTER_LIST_MAX = 1000
+_FILTER_ITEM_MAX = 256
+
+
+def now_ms() -> int:
+    """Wall clock in integer ms since the Unix epoch (UTC)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOptions:
+    """Tuning of one API node (units in the names).
+
+    read_block_ms: XREAD BLOCK per reader call (must stay below the Redis
+    socket timeout of 5 s); read_count: most log entries per read;
+    health_refresh_ms: how often source health is reloaded from Redis;
+    send_timeout_s: deadline of one transport write (a stuck client is
+    dropped); replay_ring_entries / replay_ring_bytes: recent prepared log
+    entries kept in memory for fast resumes (0 = always read Redis);
+    replay_max_entries: most log entries a resume may replay from Redis
+    (beyond it the client gets a fresh snapshot); max_subscriptions: per
+    WebSocket connection; ws_max_message_bytes: largest inbound WS message.
+    """
+
+    read_block_ms: int = 1000
+    read_count: int = 1000
+    health_refresh_ms: int = 1000
+    send_timeout_s: float = 5.0
+    replay_ring_entries: int = 10_000
+    replay_ring_bytes: int = 64 << 20
+    replay_max_entries: int = 10_000
+    max_subscriptions: int = 100
+    ws_max_message_bytes: int = 64 << 10
+
+
+class FilterError(ValueError):
+    """A filter value the client must fix; ``str()`` says what to fix."""
+
+
+MarketKeys = tuple[str | None, str | None, str | None, bool]
+"""(sport, event_id, competition, in_play) of a market: what filters look at."""
+
+
+def keys_of(m: Market) -> MarketKeys:
+    return (m.sport, m.event_id, m.competition, m.in_play)
+
+
+class Filter(msgspec.Struct, frozen=True, kw_only=True):
+    """What a subscription (or a REST list) wants. None = any.
+
+    sport / competition / event / market: sets of accepted values (a query
+    string gives them comma-separated); in_play: True = only in-play
+    markets, False = only not in-play. All given conditions must hold.
+    """
+
+    sport: frozenset[str] | None = None
+    competition: frozenset[str] | None = None
+    event: frozenset[str] | None = None
+    market: frozenset[str] | None = None
+    in_play: bool | None = None
+
+    @classmethod
+    def parse(cls, *, sport: object = None, competition: object = None, event: object = None,
+              market: object = None, in_play: object = None) -> "Filter":
+        """Build a filter from query-string or JSON values. Lists may be a
+        comma-separated string or a JSON list of strings; in_play accepts
+        true/false/1/0 (string or JSON bool). Raises FilterError."""
+        return cls(sport=_id_set("sport", sport), competition=_id_set("competition", competition),
+                   event=_id_set("event", event), market=_id_set("market", market),
+                   in_play=parse_bool("in_play", in_play))
+
+    def match(self, market_id: str, keys: MarketKeys) -> bool:
+        """Whether a market with these keys passes the filter."""
+        sport, event_id, competition, in_play = keys
+        if self.market is not None and market_id not in self.market:
+            return False
+        if self.event is not None and event_id not in self.event:
+            return False
+        if self.sport is not None and sport not in self.sport:
+            return False
+        if self.competition is not None and competition not in self.competition:
+            return False
+        return self.in_play is None or self.in_play == in_play
+
+    def match_market(self, m: Market) -> bool:
+        return self.match(m.market_id, keys_of(m))
+
+
+def parse_bool(name: str, value: object) -> bool | None:
+    """true/false/1/0 (any case) or a JSON bool → bool; None/"" → None. Raises FilterError."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "1", "yes"):
+            return True
+        if v in ("false", "0", "no"):
+            return False
+    raise FilterError(f"{name} must be true or false, not {value!r}")
+
+
+def _id_set(name: str, value: object) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items = [x.strip() for x in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+        items = [x.strip() for x in value]
+    else:
+        raise FilterError(f"{name} must be a string (comma-separated values allowed) or a list of strings")
+    items = [x for x in items if x]
+    if not items:
+        return None
+    if len(items) > _FILTER_LIST_MAX:
+        raise FilterError(f"{name} lists at most {_FILTER_LIST_MAX} values, got {len(items)}")
+    for x in items:
+        if len(x) > _FILTER_ITEM_MAX:
+            raise FilterError(f"{name} values are at most {_FILTER_ITEM_MAX} characters")
+    return frozenset(items)
+
+
+class PreparedDelta:
+    """One applied delta, decoded and encoded once per node.
+
+    keys: the market's (sport, event_id, competition, in_play) after the
+    delta; prev: the keys before it when they differ (else None) — then the
+    market may newly match a subscription, and ``image`` holds the same
+    change as a ``kind="image"`` message (the whole market) for it.
+    """
+
+    __slots__ = ("market_id", "keys", "prev", "msg", "image")
+
+    def __init__(self, market_id: str, keys: MarketKeys, prev: MarketKeys | None,
+                 msg: Message, image: Message | None) -> None:
+        self.market_id = market_id
+        self.keys = keys
+        self.prev = prev
+        self.msg = msg
+        self.image = image
+
+    def message_for(self, f: Filter) -> Message | None:
+        """The message a subscription with filter ``f`` gets, or None:
+        the delta when the market matched before or matches now; the image
+        when it matches now but did not before."""
+        now = f.match(self.market_id, self.keys)
+        if self.prev is None:
+            return self.msg if now else None
+        before = f.match(self.market_id, self.prev)
+        if now and not before:
+            return self.image or self.msg
+        return self.msg if (now or before) else None
+
+    def nbytes(self) -> int:
+        return len(self.msg.json) * 2 + (len(self.image.json) * 2 if self.image is not None else 0)
+
+
+class PreparedEntry:
+    """One delta-log entry after the node applied it.
+
+    partition / entry_id / key: where it sits in the log; token: the resume
+    token once it is delivered (the node's positions right after it);
+    deltas: the deltas the node applied (duplicates skipped).
+    """
+
+    __slots__ = ("partition", "entry_id", "key", "token", "deltas", "nbytes")
+
+    def __init__(self, partition: int, entry_id: str, token: bytes, deltas: list[PreparedDelta]) -> None:
+        self.partition = partition
+        self.entry_id = entry_id
+        self.key: StreamId = parse_stream_id(entry_id)
+        self.token = token
+        self.deltas = deltas
+        self.nbytes = sum(d.nbytes() for d in deltas) + 200
+
+
+class ReplayRing:
+    """The most recent prepared entries, in dispatch order, bounded by count
+    and bytes; serves resumes without touching Redis.
+
+    base[p] is the position of partition p just before the oldest entry held
+    (nothing of p after base[p] is missing), so a token whose every position
+    is ≥ base is covered.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, positions: Sequence[str]) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.entries: deque[PreparedEntry] = deque()
+        self.nbytes = 0
+        self.base: list[StreamId] = [parse_stream_id(p) for p in positions]
+
+    def reset(self, positions: Sequence[str]) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+        self.base = [parse_stream_id(p) for p in positions]
+
+    def append(self, entry: PreparedEntry) -> None:
+        if self.max_entries <= 0:
+            self.base[entry.partition] = entry.key
+            return
+        self.entries.append(entry)
+        self.nbytes += entry.nbytes
+        while self.entries and (len(self.entries) > self.max_entries or self.nbytes > self.max_bytes):
+            old = self.entries.popleft()
+            self.nbytes -= old.nbytes
+            self.base[old.partition] = old.key
+
+    def covers(self, keys: Sequence[StreamId]) -> bool:
+        return len(keys) == len(self.base) and all(k >= b for k, b in zip(keys, self.base))
+
+    def since(self, keys: Sequence[StreamId]) -> Iterator[PreparedEntry]:
+        """Entries after ``keys`` (per partition), in dispatch order."""
+        for e in self.entries:
+            if e.key > keys[e.partition]:
+                yield e
+
+
+class NodeState:
+    """Markets, indexes, positions, epoch and source health of one node.
+
+    markets: market_id → Market (the latest applied); positions[p]: id of
+    the last log entry applied from partition p ("0-0" = none); epoch: the
+    store epoch the state belongs to; generation: bumped on every reload so
+    in-flight reads of the old state are discarded; health: source → SourceHealth.
+    """
+
+    def __init__(self, settings: Settings, partitions: int, options: NodeOptions | None = None) -> None:
+        self.settings = settings
+        self.options = options or NodeOptions()
+        self.partitions = partitions
+        self.markets: dict[str, Market] = {}
+        self.by_event: dict[str, set[str]] = {}
+        self.by_sport: dict[str, set[str]] = {}
+        self.by_source: dict[str, set[str]] = {}
+        self.positions: list[str] = ["0-0"] * partitions
+        self.epoch: str | None = None
+        self.generation = 0
+        self.loaded = False
+        self.health: dict[str, SourceHealth] = {}
+        self.changes = 0
+        self.token: bytes = encode_token(None, self.positions)
+        self.ring = ReplayRing(self.options.replay_ring_entries, self.options.replay_ring_bytes, self.positions)
+        self._json: dict[str, bytes] = {}
+        self._stale_in_play_ms = settings.stale_in_play_ms
+        self._stale_pre_match_ms = settings.stale_pre_match_ms
+
+    # -- staleness -----------------------------------------------------------
+
+    def age_stale(self, m: Market, now: int) -> tuple[int, bool]:
+        """(age_ms, stale) of market ``m`` at ``now`` (see the module docstring)."""
+        last = m.received_at
+        h = self.health.get(m.source)
+        down = False
+        if h is not None:
+            if h.state == "DOWN":
+                down = True
+            elif h.last_message_at > last:
+                last = h.last_message_at
+        age = now - last
+        if age < 0:
+            age = 0
+        if down:
+            return age, True
+        return age, age > (self._stale_in_play_ms if m.in_play else self._stale_pre_match_ms)
+
+    def market_json(self, m: Market, now: int) -> bytes:
+        """Market JSON with ``age_ms``/``stale`` (the encoded market is cached until it changes)."""
+        raw = self._json.get(m.market_id)
+        if raw is None:
+            raw = self._json[m.market_id] = ENCODER.encode(m)
+        age, stale = self.age_stale(m, now)
+        return market_with_age(raw, age, stale)
+
+    # -- queries -------------------------------------------------------------
+
+    def matching(self, f: Filter) -> Iterator[Market]:
+        """Markets passing ``f``, using the market/event/sport index when the filter allows."""
+        markets = self.markets
+        ids: Iterable[str]
+        if f.market is not None:
+            ids = f.market
+        elif f.event is not None:
+            ids = [mid for ev in f.event for mid in self.by_event.get(ev, ())]
+        elif f.sport is not None:
+            ids = [mid for sp in f.sport for mid in self.by_sport.get(sp, ())]
+        else:
+            for m in markets.values():
+                if f.match_market(m):
+                    yield m
+            return
+        for mid in ids:
+            m = markets.get(mid)
+            if m is not None and f.match_market(m):
+                yield m
+
+    # -- mutation ------------------------------------------------------------
+
+    def _index_add(self, m: Market) -> None:
+        if m.event_id is not None:
+            self.by_event.setdefault(m.event_id, set()).add(m.market_id)
+        if m.sport is not None:
+            self.by_sport.setdefault(m.sport, set()).add(m.market_id)
+        self.by_source.setdefault(m.source, set()).add(m.market_id)
+
+    def _index_remove(self, m: Market) -> None:
+        for index, key in ((self.by_event, m.event_id), (self.by_sport, m.sport), (self.by_source, m.source)):
+            if key is None:
+                continue
+            ids = index.get(key)
+            if ids is not None:
+                ids.discard(m.market_id)
+                if not ids:
+                    del index[key]
+
+    def _put(self, m: Market, old: Market | None) -> None:
+        if old is not None and (old.event_id != m.event_id or old.sport != m.sport or old.source != m.source):
+            self._index_remove(old)
+            self._index_add(m)
+        elif old is None:
+            self._index_add(m)
+        self.markets[m.market_id] = m
+        self._json.pop(m.market_id, None)
+
+    def replace_partitions(self, loaded: dict[int, tuple[str, list[Market]]], epoch: str | None) -> None:
+        """Swap in freshly loaded partitions ({p: (position, snapshots)}) and
+        the epoch; bumps ``generation`` and resets the replay ring."""
+        P = self.partitions
+        for m in [m for m in self.markets.values() if partition_of(m.market_id, P) in loaded]:
+            self._index_remove(m)
+            del self.markets[m.market_id]
+            self._json.pop(m.market_id, None)
+        for p, (position, markets) in loaded.items():
+            self.positions[p] = position
+            for m in markets:
+                self._put(m, self.markets.get(m.market_id))
+        self.epoch = epoch
+        self.generation += 1
+        self.changes += 1
+        self.loaded = True
+        self.token = encode_token(epoch, self.positions)
+        self.ring.reset(self.positions)
+
+    def apply_entry(self, p: int, entry_id: str, deltas: list[Delta], now: int) -> PreparedEntry | None:
+        """Apply one log entry of partition ``p`` (skipping deltas with
+        ``seq`` ≤ the held one), advance the position and return the entry
+        prepared for the hub (None when nothing was applied)."""
+        prepared: list[PreparedDelta] = []
+        self.positions[p] = entry_id
+        self.token = token = encode_token(self.epoch, self.positions)
+        markets = self.markets
+        for d in deltas:
+            old = markets.get(d.market_id)
+            if old is not None and d.seq <= old.seq:
+                continue
+            if d.kind == "image":
+                new = d.market
+            elif old is None:
+                continue  # a delta never creates a market
+            else:
+                new = apply_delta(old, d)
+            if new is None:
+                continue
+            self._put(new, old)
+            prepared.append(self._prepare(d, old, new, now, token))
+        if not prepared:
+            return None
+        self.changes += 1
+        entry = PreparedEntry(p, entry_id, token, prepared)
+        self.ring.append(entry)
+        return entry
+
+    def _prepare(self, d: Delta, old: Market | None, new: Market, now: int, token: bytes) -> PreparedDelta:
+        age, stale = self.age_stale(new, now)
+        keys = keys_of(new)
+        prev = keys_of(old) if old is not None else None
+        if prev == keys:
+            prev = None
+        if d.kind == "image":
+            msg = delta_message(d, market_json=self.market_json(new, now), age_ms=age, stale=stale,
+                                sent_at=now, token=token)
+            return PreparedDelta(d.market_id, keys, prev, msg, None)
+        msg = delta_message(d, market_json=None, age_ms=age, stale=stale, sent_at=now, token=token)
+        image = None
+        if prev is not None:
+            image = delta_message(image_of(new, d), market_json=self.market_json(new, now), age_ms=age,
+                                  stale=stale, sent_at=now, token=token)
+        return PreparedDelta(d.market_id, keys, prev, msg, image)
+
+    def prepare_replay(self, p: int, entry_id: str, deltas: list[Delta], positions: Sequence[str],
+                       now: int) -> PreparedEntry:
+        """A log entry read back from Redis for one resuming client (not
+        applied to state): keys come from the delta's own header/market, else
+        from the market as the node holds it now; ``positions`` are the
+        client's positions after this entry (its token)."""
+        token = encode_token(self.epoch, positions)
+        out: list[PreparedDelta] = []
+        for d in deltas:
+            cur = self.markets.get(d.market_id)
+            if d.market is not None:
+                keys = keys_of(d.market)
+            elif d.header is not None:
+                h = d.header
+                keys = (h.sport, h.event_id, h.competition, h.in_play)
+            elif cur is not None:
+                keys = keys_of(cur)
+            else:
+                keys = (None, None, None, False)
+            ref = d.market or cur
+            if ref is not None:
+                age, stale = self.age_stale(msgspec.structs.replace(ref, received_at=d.received_at), now)
+            else:
+                age, stale = max(0, now - d.received_at), True
+            mj = None
+            if d.market is not None:
+                mj = market_with_age(ENCODER.encode(d.market), age, stale)
+            out.append(PreparedDelta(d.market_id, keys, None,
+                                     delta_message(d, market_json=mj, age_ms=age, stale=stale, sent_at=now,
+                                                   token=token), None))
+        return PreparedEntry(p, entry_id, token, out)
+
+    def set_health(self, sources: Iterable[SourceHealth]) -> None:
+        self.health = {h.source: h for h in sources}
+
+    def stale_ids(self, source: str, now: int) -> list[str]:
+        """Ids of the stale markets of ``source`` at ``now``, sorted."""
+        out = []
+        for mid in self.by_source.get(source, ()):
+            m = self.markets.get(mid)
+            if m is not None and self.age_stale(m, now)[1]:
+                out.append(mid)
+        out.sort()
+        return out
+
+
+def image_of(m: Market, d: Delta) -> Delta:
+    """The whole market ``m`` (after delta ``d``) as an image delta with d's tags."""
+    return Delta(market_id=m.market_id, seq=m.seq, kind="image", source=m.source, source_ts=m.source_ts,
+                 received_at=m.received_at, stored_at=m.stored_at, source_ts_original=m.source_ts_original,
+                 market=m)

@@ -1,0 +1,209 @@
+"""Helpers for end-to-end streaming tests: a real uvicorn server on
+127.0.0.1 (port 0), an SSE event parser, and a feed writer (Book + Store.apply)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
+
+import httpx
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+
+from feed.book import Book
+from feed.models import DELTA_DECODER, MARKET_DECODER, Delta, Market, MarketHeader, Selection, apply_delta
+from feed.normalise.base import MarketUpdate
+from feed.store import Store
+from streaming.app import StreamingServer
+
+TIMEOUT_S = 10.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@asynccontextmanager
+async def serve(app: Starlette) -> AsyncIterator[str]:
+    """Run ``app`` in uvicorn on 127.0.0.1, an unused port; yield the base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
+                            ws_max_size=1 << 20, timeout_graceful_shutdown=5)
+    server = StreamingServer(config, app)
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + TIMEOUT_S
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("server exited before it started")
+        if time.monotonic() > deadline:
+            raise TimeoutError("server did not start")
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, TIMEOUT_S)
+
+
+class SSEEvent(NamedTuple):
+    event: str
+    id: str | None
+    data: dict[str, Any]
+
+
+class SSEReader:
+    """Parses an httpx streaming response into events; ``last_id`` follows
+    the WHATWG rule (an event without ``id:`` keeps the previous one)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.lines = response.aiter_lines()
+        self.last_id: str | None = None
+        self.retry: int | None = None
+
+    async def next(self, timeout_s: float = TIMEOUT_S) -> SSEEvent:
+        return await asyncio.wait_for(self._next(), timeout_s)
+
+    async def _next(self) -> SSEEvent:
+        event, data, eid = "message", [], None
+        async for line in self.lines:
+            if line == "":
+                if data:
+                    if eid is not None:
+                        self.last_id = eid
+                    return SSEEvent(event, eid, msgspec.json.decode("\n".join(data)))
+                event, data, eid = "message", [], None
+                continue
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+            elif field == "id":
+                eid = value
+            elif field == "retry":
+                self.retry = int(value)
+        raise EOFError("stream ended")
+
+    async def until(self, pred: Any, timeout_s: float = TIMEOUT_S) -> SSEEvent:
+        """The next event for which ``pred(event)`` holds (others are skipped)."""
+        async def run() -> SSEEvent:
+            while True:
+                ev = await self._next()
+                if pred(ev):
+                    return ev
+        return await asyncio.wait_for(run(), timeout_s)
+
+
+class LocalBook:
+    """A client-side book rebuilt from snapshot + delta messages with apply_delta."""
+
+    def __init__(self) -> None:
+        self.markets: dict[str, Market] = {}
+
+    def on(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "snapshot":
+            self.markets = {m["market_id"]: msgspec.convert(m, Market) for m in msg["markets"]}
+        elif msg["type"] == "delta":
+            d = DELTA_DECODER.decode(msgspec.json.encode(msg))
+            new = apply_delta(self.markets.get(d.market_id), d)
+            if new is not None:
+                self.markets[d.market_id] = new
+
+
+class Feed:
+    """Writes realistic deltas: Book → Store.apply, timestamps = now."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.book = Book()
+
+    def _header(self, mid: str, **changes: Any) -> MarketHeader:
+        m = self.book.markets.get(mid)
+        base = m.header() if m is not None else MarketHeader()
+        return msgspec.structs.replace(base, **changes)
+
+    def image(self, mid: str, *, sport: str = "soccer", event: str = "e1", in_play: bool = False,
+              prices: dict[str, float] | None = None, source: str = "t", **header: Any) -> MarketUpdate:
+        prices = prices or {"1": 2.0, "2": 3.5}
+        t = now_ms()
+        return MarketUpdate(
+            market_id=mid, source=source, image=True,
+            header=MarketHeader(sport=sport, event_id=event, event_name=f"Event {event}", competition="c1",
+                                in_play=in_play, status="OPEN", market_type="MATCH_ODDS", **header),
+            selections=[Selection(selection_id=k, name=f"sel {k}", price=v, back=[(v, 10.0)])
+                        for k, v in prices.items()],
+            source_ts=t, received_at=t + 1,
+        )
+
+    def price(self, mid: str, sel: str, price: float, source: str = "t") -> MarketUpdate:
+        t = now_ms()
+        return MarketUpdate(market_id=mid, source=source, image=False, header=None,
+                            selections=[Selection(selection_id=sel, name=f"sel {sel}", price=price,
+                                                  back=[(price, 10.0)])],
+                            source_ts=t, received_at=t + 1)
+
+    def header(self, mid: str, source: str = "t", **changes: Any) -> MarketUpdate:
+        t = now_ms()
+        return MarketUpdate(market_id=mid, source=source, image=False, header=self._header(mid, **changes),
+                            selections=[], source_ts=t, received_at=t + 1)
+
+    async def write(self, *updates: MarketUpdate) -> list[Delta]:
+        """Apply updates through the Book and store them as one batch (one log entry per partition)."""
+        stored_at = now_ms()
+        deltas = [d for u in updates if (d := self.book.apply(u, stored_at=stored_at)) is not None]
+        await self.store.apply(deltas, self.book.markets)
+        return deltas
+
+
+def market_of(body: bytes) -> Market:
+    return MARKET_DECODER.decode(body)
+
+
+async def eventually(pred: Any, timeout_s: float = TIMEOUT_S, interval_s: float = 0.02) -> None:
+    """Poll an async or sync predicate until true (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = pred()
+        if asyncio.iscoroutine(r):
+            r = await r
+        if r:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval_s)
+
+
+def make_app(redis_url: str | None = None, *, store: Store | None = None, heartbeat_ms: int = 60_000,
+             settings: Any = None, **options: Any) -> Starlette:
+    """create_app with test-friendly timings (fast health refresh, short blocks)."""
+    from feed.settings import Settings
+    from streaming.app import create_app
+    from streaming.state import NodeOptions
+
+    opts = {"health_refresh_ms": 100, "read_block_ms": 200, **options}
+    return create_app(settings or Settings(heartbeat_ms=heartbeat_ms), store=store, redis_url=redis_url,
+                      options=NodeOptions(**opts))
+
+
+async def sse_deltas(sse: SSEReader, n: int, timeout_s: float = TIMEOUT_S) -> list[SSEEvent]:
+    """The next ``n`` delta events (heartbeats skipped; anything else fails)."""
+    out: list[SSEEvent] = []
+
+    async def run() -> None:
+        while len(out) < n:
+            ev = await sse._next()
+            if ev.event == "heartbeat":
+                continue
+            assert ev.event == "delta", ev
+            out.append(ev)
+    await asyncio.wait_for(run(), timeout_s)
+    return out

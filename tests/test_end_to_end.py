@@ -1,0 +1,196 @@
+"""The whole path on real parts: recordings or the simulator → ingest → Redis → API → clients.
+
+- An SSE client and a WebSocket client connected during a replay each rebuild,
+  from snapshot + deltas, exactly the book that ``GET /v1/markets/{id}`` returns.
+- Bad lines in a replay are quarantined with their reason and counted in
+  ``/v1/sources``, and the replay carries on.
+- ``oddsfeed run`` (a real subprocess, fresh data directory) serves markets
+  whose prices change live, fed by the simulator over a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+import websockets
+
+from feed.ingest import Ingest
+from feed.models import Market
+from feed.sources.replay import Replay
+from feed.store import Store
+from tests.conftest import require_shared_data
+from tests.streaming_helpers import LocalBook, SSEReader, make_app, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECORDINGS = [
+    "betfair_parser/1.185781277.bz2",   # raw capture: batb/batl + atb/atl, removed runners, in-play, settled
+    "betfair_parser/1.242971311.bz2",   # 200 soccer markets incl. Asian handicap selections
+    "flumine/1.197931750",              # bdatb/bdatl + atb/atl greyhounds
+    "fixtures/RECORDED-1.173718164",    # one truncated (malformed) line
+]
+
+
+def _comparable(m: Market) -> dict[str, object]:
+    """Everything a client must agree on (the latency tags included)."""
+    return msgspec.to_builtins(m)
+
+
+async def _sse_client(base: str, book: LocalBook, done: asyncio.Event) -> None:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None)) as client:
+        async with client.stream("GET", f"{base}/v1/stream?heartbeat_ms=500") as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            reader = SSEReader(resp)
+            while not done.is_set():
+                try:
+                    ev = await reader.next(timeout_s=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                if ev.event in ("snapshot", "delta"):
+                    book.on(ev.data)
+
+
+async def _ws_client(base: str, book: LocalBook, done: asyncio.Event) -> None:
+    url = base.replace("http://", "ws://") + "/v1/ws"
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {}}))
+        while not done.is_set():
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 1.0)
+            except asyncio.TimeoutError:
+                continue
+            msg = json.loads(raw)
+            if msg["type"] in ("snapshot", "delta"):
+                book.on(msg)
+
+
+async def test_clients_connected_during_a_replay_rebuild_the_rest_book(redis_url: str) -> None:
+    data = require_shared_data()
+    store = await Store.open(redis_url)
+    try:
+        app = make_app(store=store)
+        async with serve(app) as base:
+            sse_book, ws_book = LocalBook(), LocalBook()
+            done = asyncio.Event()
+            clients = [asyncio.create_task(_sse_client(base, sse_book, done)),
+                       asyncio.create_task(_ws_client(base, ws_book, done))]
+            await asyncio.sleep(0.3)  # both connected (snapshot of an empty store) before the replay starts
+            ingest = Ingest(store, source="replay")
+            summary = await Replay([data / r for r in RECORDINGS], ingest, speed=None, chunk_lines=200).run()
+            assert summary.runner_changes > 30_000
+            async with httpx.AsyncClient(base_url=base) as http:
+                listing = (await http.get("/v1/markets")).json()["markets"]
+                assert len(listing) == len(ingest.book.markets) > 200
+                expected = {}
+                for m in listing:
+                    r = await http.get(f"/v1/markets/{m['market_id']}")
+                    assert r.status_code == 200
+                    expected[m["market_id"]] = msgspec.convert(r.json(), Market)
+                # the API serves exactly what the ingest wrote
+                assert {k: _comparable(v) for k, v in expected.items()} == \
+                       {k: _comparable(v) for k, v in ingest.book.markets.items()}
+
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    if all(b.markets.get(k) is not None and b.markets[k].seq == v.seq
+                           for b in (sse_book, ws_book) for k, v in expected.items()):
+                        break
+                    await asyncio.sleep(0.05)
+            done.set()
+            await asyncio.gather(*clients)
+            for name, book in (("sse", sse_book), ("ws", ws_book)):
+                assert set(book.markets) == set(expected), name
+                for mid, want in expected.items():
+                    assert _comparable(book.markets[mid]) == _comparable(want), (name, mid)
+    finally:
+        await store.close()
+
+
+async def test_bad_lines_are_quarantined_and_counted(redis_url: str, tmp_path: Path) -> None:
+    data = require_shared_data()
+    good = (data / "fixtures" / "RECORDED-1.173718164").read_bytes().splitlines()[:3]
+    bad = [b'{"op":"mcm","pt":1,"mc":[{"id":"1.173718164","rc":[{"id":1,"atb":[[0.5,2]]}]}]}',
+           b"\xff\xfe not json",
+           b'{"op":"mcm","pt":1,"mc":[{"id":"9.999","rc":[{"id":1,"ltp":2.0}]}]}']
+    path = tmp_path / "mixed"
+    path.write_bytes(b"\n".join([good[0], bad[0], good[1], bad[1], bad[2], good[2]]) + b"\n")
+    store = await Store.open(redis_url)
+    try:
+        app = make_app(store=store)
+        async with serve(app) as base:
+            ingest = Ingest(store, source="mixed")
+            summary = await Replay([path], ingest, speed=None).run()
+            assert summary.messages == 6 and summary.rejected == 3
+            assert summary.rejected_by_reason == {"invalid_price": 1, "invalid_json": 1, "unknown_market": 1}
+            quarantined = await store.quarantined()
+            assert [q["reason"] for q in reversed(quarantined)] == ["invalid_price", "invalid_json", "unknown_market"]
+            assert quarantined[1]["raw"] == bad[1]
+            async with httpx.AsyncClient(base_url=base) as http:
+                sources = {s["source"]: s for s in (await http.get("/v1/sources")).json()["sources"]}
+                assert sources["mixed"]["rejected"] == 3
+                assert sources["mixed"]["rejected_by_reason"] == summary.rejected_by_reason
+                market = (await http.get("/v1/markets/bf:1.173718164")).json()
+                assert market["seq"] >= 1  # the good lines around the bad ones were applied
+    finally:
+        await store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_oddsfeed_run_serves_live_prices_from_the_simulator(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "feed", "run", "--port", str(port), "--data-dir", str(tmp_path / "var"),
+         "--sim-rate", "200", "--sim-seed", "7"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        first: dict[str, dict] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not first:
+            try:
+                markets = httpx.get(f"{base}/v1/markets", timeout=2).json()["markets"]
+                first = {m["market_id"]: m for m in markets if m["status"] == "OPEN"}
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert first, "no open markets served within 30 s"
+        assert {m["source"] for m in first.values()} == {"betfair"}
+        time.sleep(3)
+        later = {m["market_id"]: m for m in httpx.get(f"{base}/v1/markets", timeout=2).json()["markets"]}
+        moved = [mid for mid, m in first.items()
+                 if mid in later and later[mid]["seq"] > m["seq"]
+                 and [s["back"] for s in later[mid]["selections"]] != [s["back"] for s in m["selections"]]]
+        assert moved, "no market's prices changed in 3 s"
+        for m in later.values():
+            assert m["age_ms"] >= 0 and m["stale"] is False
+            assert m["received_at"] >= m["source_ts"] - 5  # the simulator stamps pt at emit
+        sources = httpx.get(f"{base}/v1/sources", timeout=2).json()["sources"]
+        assert sources[0]["state"] == "UP"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"oddsfeed run did not stop on SIGTERM:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]

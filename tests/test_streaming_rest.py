@@ -1,0 +1,159 @@
+"""REST end to end: markets/events/sports/sources, ETag/304, 400/404, /health, /ready."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from feed.embedded_redis import EmbeddedRedis
+from feed.models import SourceHealth
+from feed.settings import Settings
+from feed.store import Store
+from streaming_helpers import Feed, SSEReader, eventually, make_app, now_ms, serve
+
+
+async def _seed(store: Store) -> Feed:
+    feed = Feed(store)
+    await feed.write(feed.image("bf:1.1", event="bf:e1", in_play=True),
+                     feed.image("bf:1.2", event="bf:e1"),
+                     feed.image("bf:1.3", sport="tennis", event="bf:e2"))
+    await feed.write(feed.header("bf:1.2", status="SUSPENDED"))
+    return feed
+
+
+async def test_markets_events_sports(store: Store, redis_url: str) -> None:
+    await _seed(store)
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        r = await c.get("/v1/markets")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert [m["market_id"] for m in body["markets"]] == ["bf:1.1", "bf:1.2", "bf:1.3"]
+        assert body["count"] == 3 and body["as_of"] <= now_ms()
+        assert all(isinstance(m["age_ms"], int) and m["stale"] is False for m in body["markets"])
+        assert 0 <= int(r.headers["x-data-age-ms"]) < 10_000
+        q = lambda **p: c.get("/v1/markets", params=p)  # noqa: E731
+        assert [m["market_id"] for m in (await q(sport="tennis")).json()["markets"]] == ["bf:1.3"]
+        assert [m["market_id"] for m in (await q(in_play="true")).json()["markets"]] == ["bf:1.1"]
+        assert [m["market_id"] for m in (await q(status="suspended")).json()["markets"]] == ["bf:1.2"]
+        assert [m["market_id"] for m in (await q(event="bf:e1", in_play="0")).json()["markets"]] == ["bf:1.2"]
+        assert [m["market_id"] for m in (await q(sport="tennis,soccer", status="OPEN")).json()["markets"]] == \
+            ["bf:1.1", "bf:1.3"]
+
+        m = (await c.get("/v1/markets/bf:1.2")).json()
+        assert m["market_id"] == "bf:1.2" and m["status"] == "SUSPENDED" and m["seq"] == 2
+        assert m["selections"][0]["selection_id"] == "1" and "age_ms" in m and m["stale"] is False
+
+        ev = (await c.get("/v1/events")).json()
+        assert [(e["event_id"], e["markets"], e["in_play"], e["sport"]) for e in ev["events"]] == \
+            [("bf:e1", 2, True, "soccer"), ("bf:e2", 1, False, "tennis")]
+        assert ev["events"][0]["event_name"] == "Event bf:e1" and ev["events"][0]["competition"] == "c1"
+        assert [e["event_id"] for e in (await c.get("/v1/events?in_play=false")).json()["events"]] == ["bf:e2"]
+        one = (await c.get("/v1/events/bf:e1")).json()
+        assert one["event"]["event_id"] == "bf:e1" and [x["market_id"] for x in one["markets"]] == ["bf:1.1", "bf:1.2"]
+        sports = (await c.get("/v1/sports")).json()["sports"]
+        assert sports == [{"sport": "soccer", "events": 1, "markets": 2, "in_play_markets": 1},
+                          {"sport": "tennis", "events": 1, "markets": 1, "in_play_markets": 0}]
+
+
+async def test_errors_404_400(store: Store, redis_url: str) -> None:
+    await _seed(store)
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        r = await c.get("/v1/markets/nope")
+        assert r.status_code == 404 and r.json()["error"] == "unknown_market" and "nope" in r.json()["message"]
+        r = await c.get("/v1/events/nope")
+        assert r.status_code == 404 and r.json()["error"] == "unknown_event"
+        for url, fragment in [("/v1/markets?in_play=maybe", "in_play must be true or false"),
+                              ("/v1/markets?status=OPEN,BOGUS", "status must be one or more of"),
+                              ("/v1/events?in_play=2", "in_play"),
+                              ("/v1/stream?heartbeat_ms=abc", "heartbeat_ms must be an integer"),
+                              ("/v1/stream?conflate_ms=100", "conflate_ms"),
+                              ("/v1/stream?in_play=x", "in_play")]:
+            r = await c.get(url)
+            assert r.status_code == 400, url
+            assert r.json()["error"] == "bad_request" and fragment in r.json()["message"], (url, r.json())
+
+
+async def test_etag_304_and_change(store: Store, redis_url: str) -> None:
+    feed = await _seed(store)
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        for url in ("/v1/markets", "/v1/markets/bf:1.1", "/v1/events", "/v1/events/bf:e1", "/v1/sports"):
+            r = await c.get(url)
+            etag = r.headers["etag"]
+            r2 = await c.get(url, headers={"If-None-Match": etag})
+            assert r2.status_code == 304 and r2.content == b"" and r2.headers["etag"] == etag, url
+            assert (await c.get(url, headers={"If-None-Match": f'W/{etag}, "x"'})).status_code == 304
+        etag = (await c.get("/v1/markets/bf:1.1")).headers["etag"]
+        await feed.write(feed.price("bf:1.1", "1", 2.5))
+
+        async def changed() -> bool:
+            r = await c.get("/v1/markets/bf:1.1", headers={"If-None-Match": etag})
+            return r.status_code == 200 and r.json()["seq"] == 2
+        await eventually(changed)
+
+
+async def test_sources_health_and_ready(store: Store, redis_url: str) -> None:
+    await _seed(store)
+    await store.set_health(SourceHealth(source="t", state="DEGRADED", reason="upstream_503",
+                                        last_message_at=now_ms(), cursor="clk-9", messages=12))
+    await store.quarantine("t", "invalid_json", "bad", b"{", now_ms())
+    await store.quarantine("t", "invalid_json", "bad", b"{", now_ms())
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        (src,) = (await c.get("/v1/sources")).json()["sources"]
+        assert src["source"] == "t" and src["state"] == "DEGRADED" and src["reason"] == "upstream_503"
+        assert src["cursor"] == "clk-9" and src["messages"] == 12 and src["markets"] == 3
+        assert src["rejected_by_reason"] == {"invalid_json": 2} and src["stale_markets"] == 0
+        assert (await c.get("/health")).json() == {"status": "ok"}
+        r = await c.get("/ready")
+        assert r.status_code == 200 and r.json()["ready"] is True and r.json()["partitions"][0]["connected"]
+
+
+async def test_ready_follows_redis_and_a_restart_resyncs(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "r", appendonly=False)
+    url = server.start()
+    try:
+        store = await Store.open(url)
+        feed = Feed(store)
+        await feed.write(feed.image("m1"))
+        app = make_app(url, settings=Settings(heartbeat_ms=60_000, redis_url=url))
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+            assert (await c.get("/ready")).status_code == 200
+            async with c.stream("GET", "/v1/stream") as resp:
+                sse = SSEReader(resp)
+                assert [m["market_id"] for m in (await sse.next()).data["markets"]] == ["m1"]
+                server.stop()  # Redis goes away
+
+                async def not_ready() -> bool:
+                    r = await c.get("/ready")
+                    return r.status_code == 503 and "not connected" in r.json()["reason"]
+                await eventually(not_ready)
+                # still serving from node state meanwhile
+                assert (await c.get("/v1/markets/m1")).status_code == 200
+                assert (await c.get("/v1/sources")).status_code == 503
+                server.start()  # back, but empty: a new store, a new epoch
+
+                async def ready() -> bool:
+                    return (await c.get("/ready")).status_code == 200
+                await eventually(ready)
+                snap = await sse.until(lambda e: e.event == "snapshot")
+                assert snap.data["recovered"] is False and snap.data["markets"] == []
+                await store.reset_epoch()
+                feed2 = Feed(store)
+                await feed2.write(feed2.image("m2"))
+                snap = await sse.until(lambda e: e.event == "snapshot" and e.data["markets"])
+                assert [m["market_id"] for m in snap.data["markets"]] == ["m2"]
+        await store.close()
+    finally:
+        server.stop()
+
+
+async def test_api_keys(store: Store, redis_url: str) -> None:
+    await _seed(store)
+    settings = Settings(heartbeat_ms=60_000, api_keys=("k1",))
+    async with serve(make_app(redis_url, settings=settings)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        assert (await c.get("/v1/markets")).status_code == 401
+        assert (await c.get("/v1/markets", headers={"X-API-Key": "k1"})).status_code == 200
+        assert (await c.get("/v1/markets", headers={"Authorization": "Bearer k1"})).status_code == 200
+        assert (await c.get("/v1/markets?api_key=k1")).status_code == 200
+        assert (await c.get("/v1/markets?api_key=k2")).status_code == 401
+        assert (await c.get("/health")).status_code == 200
