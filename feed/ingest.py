@@ -20,13 +20,11 @@ import msgspec
 from feed.book import Book
 from feed.errors import FeedDecodeError
 from feed.models import Delta, SourceHealth, SourceState
-from feed.normalise.base import MarketUpdate
+from feed.normalise.base import MarketUpdate, Normaliser
 from feed.normalise.betfair import BetfairNormaliser
 from feed.store import EpochChanged, Store
 
 logger = logging.getLogger(__name__)
-
-_CURSOR_ENCODER = msgspec.json.Encoder()
 
 
 def tune_gc() -> None:
@@ -49,13 +47,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class BetfairCursor(msgspec.Struct, kw_only=True):
-    """The ESA resume cursor persisted with the data (``initialClk`` + ``clk``)."""
-
-    initial_clk: str | None = None
-    clk: str | None = None
-
-
 @dataclass
 class IngestStats:
     """Counters of one source since the process started."""
@@ -75,21 +66,24 @@ class Ingest:
     """Runs one source's messages into the store.
 
     source: the source's name (health key, cursor field, quarantine tag).
-    normaliser: a Betfair normaliser (ESA lines). clock_ms: injectable
-    wall clock (ms). stale_after_ms: advertised in the source's health.
+    normaliser: any :class:`~feed.normalise.base.Normaliser` (default: a
+    Betfair ESA one). clock_ms: injectable wall clock (ms). stale_after_ms:
+    advertised in the source's health. The source's resume cursor is an
+    opaque string: the normaliser advances it (``batch.cursor``) or the
+    source sets it (:meth:`set_cursor`, e.g. a poller's ``since``).
     """
 
-    def __init__(self, store: Store, *, source: str = "betfair", normaliser: BetfairNormaliser | None = None,
+    def __init__(self, store: Store, *, source: str = "betfair", normaliser: Normaliser | None = None,
                  book: Book | None = None, clock_ms: Callable[[], int] = now_ms, stale_after_ms: int = 10_000,
                  kind: str = "betfair") -> None:
         self.store = store
         self.source = source
         self.kind = kind
-        self.normaliser = normaliser or BetfairNormaliser(source)
+        self.normaliser: Normaliser = normaliser or BetfairNormaliser(source)
         self.book = book or Book()
         self.clock_ms = clock_ms
         self.stats = IngestStats()
-        self.cursor = BetfairCursor()
+        self.cursor: str | None = None
         self.health = SourceHealth(source=source, kind=kind, state="DOWN", reason="starting",
                                    stale_after_ms=stale_after_ms)
         self._pending: list[MarketUpdate] = []
@@ -98,17 +92,18 @@ class Ingest:
         self._rejections: list[FeedDecodeError] = []
         self._flush_lock = asyncio.Lock()
 
-    async def restore(self) -> BetfairCursor:
-        """Load stored snapshots (so seq continues) and the stored cursor."""
+    async def restore(self) -> str | None:
+        """Load stored snapshots (so seq continues); return the stored cursor."""
         markets = await self.store.load_all_markets()
         self.book.restore([m for m in markets if m.source == self.source])
-        raw = await self.store.load_cursor(self.source)
-        if raw:
-            try:
-                self.cursor = msgspec.json.decode(raw, type=BetfairCursor)
-            except msgspec.DecodeError:
-                logger.warning("ignoring unreadable stored cursor of %s", self.source)
+        self.cursor = await self.store.load_cursor(self.source)
         return self.cursor
+
+    def set_cursor(self, value: str) -> None:
+        """Set the source's resume cursor; it is stored with the next flush."""
+        if value != self.cursor:
+            self.cursor = value
+            self._cursor_dirty = True
 
     def feed_lines(self, lines: list[bytes], recv_ms: int, pt_map: Callable[[int], int] | None = None) -> None:
         """Normalise lines into the pending batch (no I/O); rejected lines
@@ -130,17 +125,12 @@ class Ingest:
                 pending.extend(batch.updates)
                 stats.runner_changes += batch.runner_changes
                 stats.market_updates += len(batch.updates)
-            elif batch.ct == "HEARTBEAT":
+            elif batch.heartbeat:
                 stats.heartbeats += 1
-            if batch.status == 503:
-                self._degraded = True
-            elif batch.op == "mcm":
-                self._degraded = False
-            if batch.initial_clk:
-                self.cursor.initial_clk = batch.initial_clk
-                self._cursor_dirty = True
-            if batch.clk and batch.segment in (None, "SEG_END"):
-                self.cursor.clk = batch.clk
+            if batch.degraded is not None:
+                self._degraded = batch.degraded
+            if batch.cursor is not None:
+                self.cursor = batch.cursor
                 self._cursor_dirty = True
         self.health.last_message_at = recv_ms
 
@@ -162,8 +152,8 @@ class Ingest:
         await self._flush_rejections()
         updates, self._pending = self._pending, []
         cursor = None
-        if self._cursor_dirty:
-            cursor = (self.source, _CURSOR_ENCODER.encode(self.cursor).decode())
+        if self._cursor_dirty and self.cursor is not None:
+            cursor = (self.source, self.cursor)
             self._cursor_dirty = False
         if not updates and cursor is None:
             return []
@@ -232,6 +222,6 @@ class Ingest:
         h.messages = self.stats.messages
         h.runner_changes = self.stats.runner_changes
         h.rejected = self.stats.rejected
-        h.cursor = _CURSOR_ENCODER.encode(self.cursor).decode() if (self.cursor.clk or self.cursor.initial_clk) else None
+        h.cursor = self.cursor
         h.updated_at = self.clock_ms()
         await self.store.set_health(h)

@@ -1,12 +1,15 @@
 """What every normaliser returns: canonical market updates, no I/O.
 
-A normaliser is an object with ``feed(raw: bytes, recv_ms: int, …) ->
-NormalisedBatch`` that raises :class:`feed.errors.FeedDecodeError` for a
-rejected message (and then has applied nothing). Times are integer ms since
-the Unix epoch (UTC).
+A normaliser is an object with ``feed(raw: bytes, recv_ms: int, pt_map=None)
+-> NormalisedBatch`` (the :class:`Normaliser` protocol) that raises
+:class:`feed.errors.FeedDecodeError` for a rejected message (and then has
+applied nothing). Times are integer ms since the Unix epoch (UTC).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 
@@ -44,6 +47,11 @@ class NormalisedBatch(msgspec.Struct, kw_only=True, gc=False):
     provider envelope (Betfair names; None where absent). pt: provider
     publish time (ms). updates: canonical market updates in message order.
     runner_changes: how many runner (selection) changes the message held.
+    cursor: the source's opaque resume cursor after this message, when it
+    advanced (stored with the data it covers). heartbeat: the message was a
+    keep-alive. degraded: True when the provider flags its data degraded
+    (Betfair ``status: 503``), False when it says it is healthy again, None
+    when the message says nothing about it.
     """
 
     op: str
@@ -56,3 +64,16 @@ class NormalisedBatch(msgspec.Struct, kw_only=True, gc=False):
     heartbeat_ms: int | None = None
     updates: list[MarketUpdate] = msgspec.field(default_factory=list)
     runner_changes: int = 0
+    cursor: str | None = None
+    heartbeat: bool = False
+    degraded: bool | None = None
+
+
+class Normaliser(Protocol):
+    """What every provider normaliser offers (pure: no I/O, no clock reads)."""
+
+    source: str
+
+    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+        """Decode one provider message; raise FeedDecodeError to reject it whole."""
+        ...

@@ -217,6 +217,27 @@ class _Market:
         self.tv: float | None = None
 
 
+class EsaCursor(msgspec.Struct, kw_only=True):
+    """The ESA resume cursor stored with the data: ``initialClk`` + ``clk``."""
+
+    initial_clk: str | None = None
+    clk: str | None = None
+
+
+def encode_cursor(initial_clk: str | None, clk: str | None) -> str:
+    return msgspec.json.encode(EsaCursor(initial_clk=initial_clk, clk=clk)).decode()
+
+
+def decode_cursor(value: str | None) -> EsaCursor:
+    """The stored cursor (empty when absent or unreadable)."""
+    if not value:
+        return EsaCursor()
+    try:
+        return msgspec.json.decode(value, type=EsaCursor)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return EsaCursor()
+
+
 def selection_key(rid: int, hc: float | None) -> str:
     """Canonical selection id: ``"<id>"``, or ``"<id>:<hc>"`` when hc ≠ 0."""
     if not hc:
@@ -300,6 +321,8 @@ class BetfairNormaliser:
         self.ladder_depth = ladder_depth
         self.markets: dict[str, _Market] = {}
         self.catalogues: dict[str, MarketCatalogue] = {}
+        self.initial_clk: str | None = None
+        self.clk: str | None = None
 
     # -- public -----------------------------------------------------------
 
@@ -328,7 +351,10 @@ class BetfairNormaliser:
             raise FeedDecodeError("invalid_json", str(exc), raw) from None
         batch = NormalisedBatch(op=msg.op, ct=msg.ct, clk=msg.clk, initial_clk=msg.initialClk,
                                 pt=msg.pt, status=msg.status, segment=msg.segmentType,
-                                heartbeat_ms=msg.heartbeatMs)
+                                heartbeat_ms=msg.heartbeatMs, heartbeat=msg.ct == "HEARTBEAT")
+        if msg.op == "mcm":
+            batch.degraded = msg.status == 503
+            self._track_clock(msg, batch)
         if msg.op == "marketCatalogue":
             self._apply_catalogue(raw, batch, recv_ms)
             return batch
@@ -351,6 +377,19 @@ class BetfairNormaliser:
         return batch
 
     # -- internals ----------------------------------------------------------
+
+    def _track_clock(self, msg: ChangeMessage, batch: NormalisedBatch) -> None:
+        """ESA resume tokens: ``initialClk`` from images, ``clk`` from every
+        unsegmented message or SEG_END; the cursor is their JSON."""
+        changed = False
+        if msg.initialClk and msg.initialClk != self.initial_clk:
+            self.initial_clk = msg.initialClk
+            changed = True
+        if msg.clk and msg.segmentType in (None, "SEG_END") and msg.clk != self.clk:
+            self.clk = msg.clk
+            changed = True
+        if changed:
+            batch.cursor = encode_cursor(self.initial_clk, self.clk)
 
     def _validate(self, msg: ChangeMessage, raw: bytes) -> None:
         """Checks msgspec cannot express; raise before anything is applied."""
