@@ -25,25 +25,88 @@ Pure: no I/O, no clock reads.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 
 import msgspec
 
-from feed.models import CLOSED_STATUSES, HEADER_FIELDS, Delta, Market, MarketHeader, Selection, merge_selections
+from feed.models import CLOSED_STATUSES, HEADER_FIELDS, Delta, Market, MarketHeader, Selection
 from feed.normalise.base import MarketUpdate
 
 
+class _State:
+    """The mutable state of one market; the Market Struct is built lazily."""
+
+    __slots__ = ("market_id", "source", "seq", "header", "tv", "sels", "source_ts", "source_ts_original",
+                 "received_at", "stored_at", "market")
+
+    def __init__(self, m: Market) -> None:
+        self.market_id = m.market_id
+        self.source = m.source
+        self.seq = m.seq
+        self.header = m.header()
+        self.tv = m.traded_volume
+        self.sels: dict[str, Selection] = {s.selection_id: s for s in m.selections}
+        self.source_ts = m.source_ts
+        self.source_ts_original = m.source_ts_original
+        self.received_at = m.received_at
+        self.stored_at = m.stored_at
+        self.market: Market | None = m
+
+    def materialise(self) -> Market:
+        m = self.market
+        if m is None:
+            h = self.header
+            m = self.market = Market(
+                market_id=self.market_id, source=self.source, seq=self.seq,
+                **{f: getattr(h, f) for f in HEADER_FIELDS if f != "traded_volume"},
+                traded_volume=self.tv,
+                source_ts=self.source_ts, source_ts_original=self.source_ts_original,
+                received_at=self.received_at, stored_at=self.stored_at,
+                selections=list(self.sels.values()),
+            )
+        return m
+
+
+class MarketsView(Mapping[str, Market]):
+    """Read-only mapping market_id → current :class:`Market` of a book
+    (each Market is built once per change, on first access)."""
+
+    __slots__ = ("_states",)
+
+    def __init__(self, states: dict[str, _State]) -> None:
+        self._states = states
+
+    def __getitem__(self, market_id: str) -> Market:
+        return self._states[market_id].materialise()
+
+    def __contains__(self, market_id: object) -> bool:
+        return market_id in self._states
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
 class Book:
-    """Canonical state of the markets one ingest process writes."""
+    """Canonical state of the markets one ingest process writes.
+
+    ``markets`` is a read-only mapping market_id → Market; the book keeps
+    mutable per-market state and builds a Market only when one is read
+    (once per batch for the store), not at every update.
+    """
 
     def __init__(self, *, reorder_tolerance_ms: int = 0) -> None:
-        self.markets: dict[str, Market] = {}
+        self._states: dict[str, _State] = {}
+        self.markets = MarketsView(self._states)
         self.reorder_tolerance_ms = reorder_tolerance_ms
         self.dropped: Counter[str] = Counter()
 
-    def restore(self, markets: list[Market]) -> None:
+    def restore(self, markets: Iterable[Market]) -> None:
         """Seed the book from stored snapshots so ``seq`` continues."""
         for m in markets:
-            self.markets[m.market_id] = m
+            self._states[m.market_id] = _State(m)
 
     def apply(self, update: MarketUpdate, stored_at: int = 0) -> Delta | None:
         """Apply one update; return the delta to store, or None if dropped.
@@ -51,55 +114,55 @@ class Book:
         stored_at: ms since the epoch at which the caller hands the delta to
         the store (stamped on the delta and the market).
         """
-        current = self.markets.get(update.market_id)
+        st = self._states.get(update.market_id)
         if update.image:
-            return self._image(current, update, stored_at)
-        if current is None:
+            return self._image(st, update, stored_at)
+        if st is None:
             self.dropped["no_image"] += 1
             return None
-        closed = current.status in CLOSED_STATUSES
+        closed = st.header.status in CLOSED_STATUSES
         if closed and update.header is None:
             # After the close only a definition (settlement, BSP, reopening)
             # is news; price traffic is not (research/reliability.md B18).
             self.dropped["closed"] += 1
             return None
-        if update.source_ts + self.reorder_tolerance_ms < current.source_ts:
+        if update.source_ts + self.reorder_tolerance_ms < st.source_ts:
             self.dropped["out_of_order"] += 1
             return None
         header = update.header
-        if header is not None and _header_of(current) == header:
-            header = None
         tv = update.traded_volume
-        if header is not None or tv == current.traded_volume:
+        if header is not None and header == msgspec.structs.replace(st.header, traded_volume=header.traded_volume):
+            header, tv = None, header.traded_volume  # a resent definition: only the volume can be news
+        if header is not None or tv == st.tv:
             tv = None
-        selections = []
+        sels = st.sels
+        selections: list[Selection] = []
         if update.selections:
-            existing = {s.selection_id: s for s in current.selections}
             changed = update.selections
             if closed and (header is None or header.status in CLOSED_STATUSES):
                 # a definition after the close: take its runner facts, keep the
                 # prices as they were at the close (never the dropped traffic)
-                changed = [_definition_only(existing.get(s.selection_id), s) for s in changed]
-            selections = [s for s in changed if existing.get(s.selection_id) != s]
+                changed = [_definition_only(sels.get(s.selection_id), s) for s in changed]
+            for s in changed:
+                if sels.get(s.selection_id) != s:
+                    selections.append(s)
         if header is None and tv is None and not selections:
             self.dropped["duplicate"] += 1
             return None
-        seq = current.seq + 1
-        changes: dict[str, object] = {
-            "seq": seq,
-            "source_ts": update.source_ts,
-            "source_ts_original": update.source_ts_original,
-            "received_at": update.received_at,
-            "stored_at": stored_at,
-        }
+        seq = st.seq + 1
+        st.seq = seq
+        st.source_ts = update.source_ts
+        st.source_ts_original = update.source_ts_original
+        st.received_at = update.received_at
+        st.stored_at = stored_at
+        st.market = None
         if header is not None:
-            for f in HEADER_FIELDS:
-                changes[f] = getattr(header, f)
+            st.header = header
+            st.tv = header.traded_volume
         elif tv is not None:
-            changes["traded_volume"] = tv
-        if selections:
-            changes["selections"] = merge_selections(current.selections, selections)
-        self.markets[update.market_id] = msgspec.structs.replace(current, **changes)
+            st.tv = tv
+        for s in selections:
+            sels[s.selection_id] = s
         return Delta(
             market_id=update.market_id,
             seq=seq,
@@ -114,9 +177,9 @@ class Book:
             traded_volume=tv,
         )
 
-    def _image(self, current: Market | None, update: MarketUpdate, stored_at: int) -> Delta | None:
-        header = update.header or (_header_of(current) if current is not None else MarketHeader())
-        seq = (current.seq if current is not None else 0) + 1
+    def _image(self, st: _State | None, update: MarketUpdate, stored_at: int) -> Delta | None:
+        header = update.header or (st.header if st is not None else MarketHeader())
+        seq = (st.seq if st is not None else 0) + 1
         market = Market(
             market_id=update.market_id,
             source=update.source,
@@ -128,12 +191,12 @@ class Book:
             stored_at=stored_at,
             selections=list(update.selections),
         )
-        if current is not None and _same_content(current, market):
+        if st is not None and _same_content(st.materialise(), market):
             # A resent image identical to what we hold (e.g. after a resume):
             # nothing for clients to learn.
             self.dropped["duplicate"] += 1
             return None
-        self.markets[update.market_id] = market
+        self._states[update.market_id] = _State(market)
         return Delta(
             market_id=update.market_id,
             seq=seq,
@@ -146,6 +209,17 @@ class Book:
             market=market,
         )
 
+    def reimage_all(self, stored_at: int) -> list[Delta]:
+        """Every market as a new image (next seq): for a store that lost its data."""
+        out = []
+        for mid, st in list(self._states.items()):
+            m = msgspec.structs.replace(st.materialise(), seq=st.seq + 1, stored_at=stored_at)
+            self._states[mid] = _State(m)
+            out.append(Delta(market_id=mid, seq=m.seq, kind="image", source=m.source, source_ts=m.source_ts,
+                             received_at=m.received_at, stored_at=stored_at,
+                             source_ts_original=m.source_ts_original, market=m))
+        return out
+
 
 _DEFINITION_FIELDS = ("name", "handicap", "status", "sort_priority", "adjustment_factor", "bsp")
 
@@ -155,10 +229,6 @@ def _definition_only(current: Selection | None, update: Selection) -> Selection:
     if current is None:
         return msgspec.structs.replace(update, price=None, back=[], lay=[], ltp=None, traded_volume=None)
     return msgspec.structs.replace(current, **{f: getattr(update, f) for f in _DEFINITION_FIELDS})
-
-
-def _header_of(market: Market) -> MarketHeader:
-    return market.header()
 
 
 _CONTENT_FIELDS = HEADER_FIELDS + ("selections",)

@@ -167,21 +167,11 @@ class Ingest:
         except EpochChanged:
             logger.warning("store epoch changed under source %s: re-sending every market as an image", self.source)
             await self.store.reset_epoch()
-            deltas = self._all_images(stored_at)
+            deltas = self.book.reimage_all(stored_at)
             result = await self.store.apply(deltas, self.book.markets, cursor)
         self.stats.deltas += result.kept
         self.stats.batches += 1
         return deltas
-
-    def _all_images(self, stored_at: int) -> list[Delta]:
-        out = []
-        for m in self.book.markets.values():
-            m2 = msgspec.structs.replace(m, seq=m.seq + 1, stored_at=stored_at)
-            self.book.markets[m.market_id] = m2
-            out.append(Delta(market_id=m.market_id, seq=m2.seq, kind="image", source=m.source,
-                             source_ts=m.source_ts, received_at=m.received_at, stored_at=stored_at,
-                             source_ts_original=m.source_ts_original, market=m2))
-        return out
 
     def _reject(self, exc: FeedDecodeError) -> None:
         stats = self.stats
