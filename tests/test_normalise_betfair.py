@@ -438,3 +438,19 @@ def test_market_catalogue_names_the_market_and_runners() -> None:
     assert [s.name for s in m.selections] == ["1. Fast", "2. Slow"]
     assert m.selection("11").back == [(2.0, 5.0)]
     assert m.seq == 2
+
+
+def test_traded_ladder_gives_the_volume_when_tv_is_not_subscribed() -> None:
+    """EX_TRADED without EX_TRADED_VOL: ``trd`` is the only volume source (size 0 deletes a price)."""
+    from feed.normalise.betfair import BetfairNormaliser
+
+    n = BetfairNormaliser()
+    image = (b'{"op":"mcm","pt":1,"mc":[{"id":"1.7","marketDefinition":{"status":"OPEN","eventId":"1",'
+             b'"runners":[{"id":5,"status":"ACTIVE"}]},"rc":[{"id":5,"trd":[[2.0,10.5],[2.02,4]]}]}]}')
+    sel = n.feed(image, 1).updates[0].selections[0]
+    assert sel.traded_volume == 14.5
+    sel = n.feed(b'{"op":"mcm","pt":2,"mc":[{"id":"1.7","rc":[{"id":5,"trd":[[2.02,0],[1.99,1]]}]}]}', 2).updates[0].selections[0]
+    assert sel.traded_volume == 11.5
+    # once the stream sends tv, tv wins
+    sel = n.feed(b'{"op":"mcm","pt":3,"mc":[{"id":"1.7","rc":[{"id":5,"tv":99,"trd":[[3.0,1]]}]}]}', 3).updates[0].selections[0]
+    assert sel.traded_volume == 99

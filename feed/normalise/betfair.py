@@ -178,7 +178,8 @@ _ATB, _BDATB, _BATB = 3, 2, 1  # ladder source preference
 class _Runner:
     __slots__ = (
         "key", "id", "hc", "atb", "atl", "atb_px", "atl_px", "batb", "batl", "bdatb", "bdatl",
-        "ltp", "tv", "status", "sort", "adj", "bsp", "name", "back", "lay", "back_dirty", "lay_dirty",
+        "ltp", "tv", "tv_sent", "trd", "status", "sort", "adj", "bsp", "name", "back", "lay", "back_dirty",
+        "lay_dirty",
     )
 
     def __init__(self, key: str, rid: int, hc: float) -> None:
@@ -195,6 +196,8 @@ class _Runner:
         self.bdatl: dict[int, tuple[float, float]] = {}
         self.ltp: float | None = None
         self.tv: float | None = None
+        self.tv_sent = False  # the stream sends runner tv (EX_TRADED_VOL)
+        self.trd: dict[float, float] = {}  # traded ladder price -> size (EX_TRADED)
         self.status = "ACTIVE"
         self.sort: int | None = None
         self.adj: float | None = None
@@ -400,7 +403,8 @@ class BetfairNormaliser:
             for rc in mc.rc or ():
                 if rc.ltp and rc.ltp < MIN_PRICE:
                     raise FeedDecodeError("invalid_price", f"ltp {rc.ltp} below {MIN_PRICE} in market {mc.id} runner {rc.id}", raw)
-                if not (_check_levels(rc.batb) and _check_levels(rc.batl)
+                if (rc.batb or rc.batl or rc.bdatb or rc.bdatl) and not (
+                        _check_levels(rc.batb) and _check_levels(rc.batl)
                         and _check_levels(rc.bdatb) and _check_levels(rc.bdatl)):
                     raise FeedDecodeError("invalid_price", f"level ladder price out of range in market {mc.id} runner {rc.id}", raw)
 
@@ -565,6 +569,16 @@ class BetfairNormaliser:
             runner.ltp = rc.ltp or None
         if rc.tv is not None:
             runner.tv = rc.tv
+            runner.tv_sent = True
+        if rc.trd is not None:
+            trd = runner.trd
+            for price, size in rc.trd:
+                if size:
+                    trd[price] = size
+                else:
+                    trd.pop(price, None)
+            if not runner.tv_sent:  # EX_TRADED without EX_TRADED_VOL: the volume is the ladder's sum
+                runner.tv = round(sum(trd.values()), 2)
 
     def _selection(self, market: _Market, r: _Runner) -> Selection:
         depth = self.ladder_depth
