@@ -46,3 +46,22 @@ async def store(redis_url: str):
     s = await Store.open(redis_url)
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def make_sim():
+    """Start simulators (ESA protocol, port 0) with test defaults; stopped afterwards."""
+    from feed.simulator import Simulator, SimulatorConfig
+
+    sims = []
+
+    async def make(**overrides):
+        options = {"seed": 11, "rate_per_s": 0.0, "time_scale": 1.0, **overrides}
+        sim = Simulator(SimulatorConfig(**options))
+        await sim.start()
+        sims.append(sim)
+        return sim
+
+    yield make
+    for sim in sims:
+        await sim.stop()

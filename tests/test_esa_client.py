@@ -140,23 +140,6 @@ class Recorder:
 
 
 @pytest.fixture
-async def make_sim() -> AsyncIterator[Callable[..., Any]]:
-    sims: list[Simulator] = []
-
-    async def make(**overrides: Any) -> Simulator:
-        options: dict[str, Any] = {"seed": 11, "rate_per_s": 0.0, "time_scale": 1.0}
-        options.update(overrides)
-        sim = Simulator(SimulatorConfig(**options))
-        await sim.start()
-        sims.append(sim)
-        return sim
-
-    yield make
-    for sim in sims:
-        await sim.stop()
-
-
-@pytest.fixture
 async def make_client() -> AsyncIterator[Callable[..., tuple[EsaClient, Recorder, asyncio.Task[None]]]]:
     running: list[tuple[EsaClient, asyncio.Task[None]]] = []
 

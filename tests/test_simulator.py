@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from feed.simulator import MarketModel, Simulator, SimulatorConfig, TICKS, snap, tick_index
+from feed.simulator import MarketModel, TICKS, snap, tick_index
 from feed.simulator.market_model import iso_ms
 from feed.sources.esa import EsaClient, default_market_data_filter
 
@@ -203,23 +203,6 @@ class Raw:
 
     def close(self) -> None:
         self.writer.close()
-
-
-@pytest.fixture
-async def make_sim() -> AsyncIterator[Callable[..., Any]]:
-    sims: list[Simulator] = []
-
-    async def make(**overrides: Any) -> Simulator:
-        options: dict[str, Any] = {"seed": 21, "rate_per_s": 0.0, "time_scale": 1.0}
-        options.update(overrides)
-        sim = Simulator(SimulatorConfig(**options))
-        await sim.start()
-        sims.append(sim)
-        return sim
-
-    yield make
-    for sim in sims:
-        await sim.stop()
 
 
 @pytest.fixture
