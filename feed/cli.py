@@ -1,12 +1,14 @@
 """``oddsfeed`` command line: run | ingest | serve | simulate.
 
 - ``oddsfeed run`` — the main job in one process tree: the embedded Redis
-  (unless ``--redis-url``), the simulator as upstream (unless ``--replay`` or
-  ``--esa`` is given), ingest, and the API on ``--host``/``--port``.
+  (unless ``--redis-url``), the simulator as upstream (unless ``--replay``,
+  ``--esa`` or ``--source`` is given), ingest, and the API on ``--host``/``--port``.
 - ``oddsfeed ingest`` — ingest only (``--replay PATH…`` exits when the
-  recordings are consumed and prints a summary; ``--esa HOST:PORT`` streams).
+  recordings are consumed and prints a summary; ``--esa HOST:PORT`` streams;
+  ``--source KIND=URL,…`` (repeatable) runs any sources together).
 - ``oddsfeed serve`` — the API only, on a Redis that an ingest writes.
-- ``oddsfeed simulate`` — the local ESA upstream.
+- ``oddsfeed simulate`` — the local ESA upstream; ``--providers`` also serves
+  the Pinnacle- and Odds-API-style HTTP endpoints on ``--providers-port``.
 
 Errors a user can fix (busy port, unreachable Redis, missing file) end with
 one line on stderr and exit status 2, not a traceback.
@@ -58,6 +60,15 @@ def _hostport(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _source(value: str) -> Any:
+    from feed.sources.spec import parse_source_spec
+
+    try:
+        return parse_source_spec(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddsfeed", description="Live odds feed ingestion and streaming.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -84,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--esa-tls", action="store_true", help="use TLS to the ESA endpoint")
         g.add_argument("--app-key", default=os.environ.get("ODDSFEED_BETFAIR_APP_KEY"), help="ESA app key (env ODDSFEED_BETFAIR_APP_KEY)")
         g.add_argument("--session", default=os.environ.get("ODDSFEED_BETFAIR_SESSION"), help="ESA session token (env ODDSFEED_BETFAIR_SESSION)")
+        g.add_argument("--source", type=_source, action="append", metavar="SPEC",
+                       help="a source as KIND=URL[,key=value…] (kinds: esa, pinnacle, theoddsapi, push-ws, push-sse; "
+                            "repeat for several; values may be $ENV_VAR), e.g. "
+                            "pinnacle=http://127.0.0.1:9555,user=demo,password=demo")
 
     def sim_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
         g = p.add_argument_group("simulator")
@@ -99,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_opts(run, "sim-")
     run.add_argument("--sim-port", type=int, default=0, help="simulator port (default: any free port)")
 
-    ingest = sub.add_parser("ingest", help="ingest only: --replay PATH… (exits when done) or --esa HOST:PORT")
+    ingest = sub.add_parser("ingest", help="ingest only: --replay PATH… (exits when done), --esa HOST:PORT or --source SPEC…")
     store_opts(ingest)
     source_opts(ingest)
 
@@ -112,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=9444, help="port (default 9444)")
     sim.add_argument("--replay", nargs="+", metavar="PATH", help="serve recorded files instead of synthetic markets")
     sim.add_argument("--speed", type=_speed, default=1.0, help="recorded pacing multiplier or 'max'")
+    sim.add_argument("--providers", action="store_true",
+                     help="also serve Pinnacle- and The-Odds-API-style HTTP endpoints from the same markets")
+    sim.add_argument("--providers-port", type=int, default=9555, help="port of the HTTP providers (default 9555)")
     sim_opts(sim)
     return parser
 
@@ -242,11 +260,16 @@ async def cmd_run(args: argparse.Namespace) -> int:
                                            map_clock=not args.keep_clock, progress=_progress)
                 _print_summary(summary)
                 print("serving the replayed markets; Ctrl-C to stop", flush=True)
-            elif args.esa:
-                if not (args.app_key and args.session):
-                    raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
-                background.append(asyncio.create_task(
-                    _esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls)))
+            elif args.esa or args.source:
+                if args.esa:
+                    if not (args.app_key and args.session):
+                        raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
+                    background.append(asyncio.create_task(
+                        _esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls)))
+                if args.source:
+                    from feed.supervisor import run_sources
+
+                    background.append(asyncio.create_task(run_sources(store, settings, args.source)))
             else:
                 from feed.simulator.esa_server import Simulator, SimulatorConfig
 
@@ -280,8 +303,8 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
     from feed.supervisor import run_replay
 
     settings = settings_from_args(args)
-    if not args.replay and not args.esa:
-        raise UsageError("ingest needs --replay PATH… or --esa HOST:PORT")
+    if not args.replay and not args.esa and not args.source:
+        raise UsageError("ingest needs --replay PATH…, --esa HOST:PORT or --source SPEC")
     tune_gc()
     async with open_store(settings) as store:
         if args.replay:
@@ -289,9 +312,18 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
                                        map_clock=not args.keep_clock, progress=_progress)
             _print_summary(summary)
             return 0
-        if not (args.app_key and args.session):
-            raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
-        await _esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls)
+        tasks = []
+        if args.esa:
+            if not (args.app_key and args.session):
+                raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
+            tasks.append(_esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls))
+        if args.source:
+            from feed.supervisor import run_sources
+
+            tasks.append(run_sources(store, settings, args.source))
+        async with asyncio.TaskGroup() as tg:
+            for coro in tasks:
+                tg.create_task(coro)
     return 0
 
 
@@ -310,7 +342,31 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
                              seed=args.seed, time_scale=args.time_scale, replay=tuple(args.replay or ()),
                              speed=args.speed)
     bind_socket(args.host, args.port).close()  # a clear error for a busy port
-    await run_simulator(config, ready=lambda port: print(f"simulator (Betfair ESA protocol) on {args.host}:{port}", flush=True))
+    if not args.providers:
+        await run_simulator(config, ready=lambda port: print(f"simulator (Betfair ESA protocol) on {args.host}:{port}", flush=True))
+        return 0
+    from feed.simulator.esa_server import Simulator
+    from feed.simulator.http_providers import HttpProviders, ProvidersConfig
+
+    bind_socket(args.host, args.providers_port).close()
+    sim = Simulator(config)
+    await sim.start()
+    print(f"simulator (Betfair ESA protocol) on {args.host}:{sim.port}", flush=True)
+    providers = HttpProviders(ProvidersConfig(host=args.host, port=args.providers_port, events=args.events,
+                                              rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale),
+                              model=sim.model)  # the ESA simulator's markets (its own model in replay mode)
+    try:
+        await providers.start()
+        url = providers.url
+        print(f"HTTP providers on {url}: Pinnacle /v1/fixtures /v2/odds (user demo, password demo), "
+              f"The Odds API /v4/sports/{{sport}}/odds (apiKey demo), token POST /v1/token", flush=True)
+        fast = "min_interval_s=0,interval_s=2,live_interval_s=1"  # a local simulator: no provider refresh to respect
+        print(f"  --source pinnacle={url},user=demo,password=demo,sports=29+33+4,{fast}", flush=True)
+        print(f"  --source theoddsapi={url}/v4,api_key=demo,sport=upcoming,markets=h2h+totals,{fast}", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await providers.stop()
+        await sim.stop()
     return 0
 
 
@@ -352,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("feed.ingest").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    logging.getLogger("httpx").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)  # one line per poll otherwise
     try:
         return asyncio.run(_main_async(args))
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
 
 from feed.book import Book
 from feed.errors import FeedDecodeError

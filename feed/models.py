@@ -49,6 +49,8 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     price: best decimal odds to back (exchanges: best ``back`` level;
     bookmakers: the offered price), ``None`` when nothing is offered.
+    price_raw: the provider's own price text when it was not decimal
+    (American ``"-115"``, fractional ``"5/2"``), else None.
     back / lay: ``[[price, size], …]`` best first. ltp: last traded decimal
     price. traded_volume: total matched on this selection.
     """
@@ -66,6 +68,7 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     sort_priority: int | None = None
     adjustment_factor: float | None = None
     bsp: float | None = None
+    price_raw: str | None = None
 
 
 class _MarketFields(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -165,6 +168,8 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     reconnecting, recovering, rate_limited, quota_exhausted, finished, …;
     last_message_at: ms since the epoch of the last message (data or
     heartbeat); stale_after_ms: markets older than this are stale.
+    lag_p50_ms / lag_p99_ms: ingest lag (``received_at − source_ts``) over a
+    recent window, ms.
     """
 
     source: str
@@ -178,6 +183,8 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     runner_changes: int = 0
     rejected: int = 0
     updated_at: int = 0
+    lag_p50_ms: int | None = None
+    lag_p99_ms: int | None = None
 
 
 def apply_delta(market: Market | None, delta: Delta) -> Market | None:

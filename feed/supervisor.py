@@ -4,6 +4,13 @@
 ``run_replay`` feeds recordings. Both persist the source's health (UP /
 DEGRADED / DOWN with a reason, last message time, counters, cursor) about
 once a second and at every transition.
+
+``run_source(store, settings, spec)`` dispatches a parsed ``--source`` spec
+(:mod:`feed.sources.spec`) to its runner: ``esa`` → :func:`run_esa_source`,
+``pinnacle`` / ``theoddsapi`` → the HTTP pollers
+(:mod:`feed.sources.poller`), ``push-ws`` / ``push-sse`` → the push
+consumers (:mod:`feed.sources.ws`, :mod:`feed.sources.sse`).
+``run_sources`` runs several under one TaskGroup.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from feed.book import Book
+from feed.errors import ConfigError
 from feed.ingest import Ingest
 from feed.normalise.betfair import BetfairNormaliser
 from feed.settings import Settings
 from feed.sources.esa import EsaClient, default_market_data_filter, default_market_filter
 from feed.sources.replay import Replay, ReplaySummary
+from feed.sources.spec import SourceSpec
 from feed.store import Store
 
 logger = logging.getLogger(__name__)
@@ -109,3 +118,72 @@ async def run_replay(store: Store, settings: Settings, paths: list[str | Path], 
         publisher.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await publisher
+
+
+# --- --source dispatch ------------------------------------------------------------
+
+
+def _esa_endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
+    url = spec.url
+    tls = spec.get("tls", "false") in ("1", "true", "yes")
+    for prefix, is_tls in (("tls://", True), ("ssl://", True), ("tcp://", False)):
+        if url.startswith(prefix):
+            url, tls = url[len(prefix):], is_tls or tls
+    host, sep, port = url.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"source {spec.name}: esa needs HOST:PORT, not {spec.url!r}")
+    return host or "127.0.0.1", int(port), tls
+
+
+async def run_source(store: Store, settings: Settings, spec: SourceSpec) -> None:
+    """Run one ``--source`` until cancelled (raises on fatal errors).
+
+    ``esa=HOST:PORT,app_key=…,session=…[,tls=true]``;
+    ``pinnacle=URL,…`` and ``theoddsapi=URL,…`` (options:
+    :func:`feed.sources.poller.run_pinnacle_source`,
+    :func:`~feed.sources.poller.run_theoddsapi_source`);
+    ``push-ws=URL,…`` / ``push-sse=URL,…`` (:mod:`feed.sources.ws`,
+    :mod:`feed.sources.sse`).
+    """
+    kind = spec.kind
+    if kind == "esa":
+        import ssl
+
+        host, port, tls = _esa_endpoint(spec)
+        app_key, session = spec.get("app_key"), spec.get("session")
+        if not app_key or not session:
+            raise ConfigError(f"source {spec.name}: esa needs app_key= and session=")
+        await run_esa_source(store, settings, host=host, port=port, app_key=app_key, session_token=session,
+                             name=spec.name, ssl=ssl.create_default_context() if tls else None,
+                             heartbeat_ms=int(spec.get_float("heartbeat_ms", 5000)),
+                             conflate_ms=int(spec.get_float("conflate_ms", 0)) or None)
+    elif kind == "pinnacle":
+        from feed.sources.poller import run_pinnacle_source
+
+        await run_pinnacle_source(store, settings, spec)
+    elif kind == "theoddsapi":
+        from feed.sources.poller import run_theoddsapi_source
+
+        await run_theoddsapi_source(store, settings, spec)
+    elif kind == "push-ws":
+        from feed.sources.ws import run_push_ws_source
+
+        await run_push_ws_source(store, settings, spec)
+    elif kind == "push-sse":
+        from feed.sources.sse import run_push_sse_source
+
+        await run_push_sse_source(store, settings, spec)
+    else:
+        raise ConfigError(f"unknown source kind {kind!r}")
+
+
+async def run_sources(store: Store, settings: Settings, specs: list[SourceSpec]) -> None:
+    """Run several sources together until cancelled; a fatal error of one
+    stops them all and is raised (inside an ExceptionGroup)."""
+    names = [s.name for s in specs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"two sources share the name {sorted(dupes)[0]!r}: give one a name= option")
+    async with asyncio.TaskGroup() as tg:
+        for spec in specs:
+            tg.create_task(run_source(store, settings, spec), name=f"source-{spec.name}")

@@ -31,7 +31,7 @@ class SourceSpec:
     kind: str
     url: str
     name: str
-    options: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.options.get(key, default)

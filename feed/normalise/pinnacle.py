@@ -1,0 +1,643 @@
+"""Pinnacle Lines API (``/v1/fixtures``, ``/v2/odds``) → canonical market updates.
+
+Pure: response bodies in, :class:`~feed.normalise.base.MarketUpdate` objects
+out; no I/O and no clock reads (``recv_ms`` comes in). Follows the Lines API
+semantics (``research/upstream.md`` §3):
+
+- **cursor**: every response carries ``last``; the next call passes it back
+  as ``since``. A call without ``since`` is a *snapshot* (the full current
+  state of the sport); a call with it is a *delta* carrying only the
+  changed **periods**, each whole. The normaliser merges a delta period over
+  the period it holds, and keeps the cursors (per endpoint and ``sportId``)
+  itself: they advance only with data it applied, and the batch carries
+  them (``NormalisedBatch.cursor``, JSON ``{"fixtures": {sportId: last},
+  "odds": {sportId: last}}``) so Ingest stores them with that data.
+- **duplicates / out of order**: a delta whose ``last`` is not above the
+  cursor (the server replayed an old answer) is dropped whole; a period
+  whose ``*UpdatedAt`` times are all older than the period held is dropped.
+- **status**: period ``status`` 1 = online, 2 = offline → SUSPENDED
+  (``offline``); an online period past its ``cutoff`` (compared with
+  ``recv_ms``) → SUSPENDED (``past_cutoff``); a line the provider stopped
+  offering (absent from a period it re-sent, or from a snapshot) →
+  SUSPENDED (``not_offered``), prices kept.
+- **identity**: live events have their own id and point to the pre-match
+  event through ``parentId`` (corners / bookings events too, told apart by
+  ``resultingUnit``). The canonical event is the parent, so a market keeps
+  its id when the match goes in play: ``pn:<eventId>:<period>:moneyline``,
+  ``pn:<eventId>:<period>:spread:<hdp>``, ``pn:<eventId>:<period>:total:<points>``
+  (``pn:<eventId>:<period>:<unit>:…`` for a non-regular ``resultingUnit``).
+  Once a live event (``liveStatus`` 1) is listed for a parent, it is the
+  authority for those markets and the pre-match event's lines are ignored.
+- **prices**: decimal by default; with ``odds_format="american"`` (the
+  ``oddsFormat=American`` query) they are converted to decimal
+  (:mod:`feed.odds`); invalid prices reject the whole response
+  (``invalid_price``).
+
+Which endpoint a body came from, and whether it answered a snapshot call,
+is told by the caller with :meth:`PinnacleNormaliser.expect` before
+:meth:`~PinnacleNormaliser.feed`; without it the endpoint is recognised by
+its list key (fixtures: ``league``, odds: ``leagues``) and the body is taken
+as a delta (recorded traffic replays that way).
+
+Odds for an event whose fixture is not known yet are kept and rendered when
+the fixture arrives (``missing_fixtures`` lists them so the poller can fetch
+fixtures early).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Annotated, Literal
+
+import msgspec
+
+from feed.errors import FeedDecodeError
+from feed.models import Market, MarketHeader
+from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.normalise.rendered import (
+    MarketDiffer,
+    Rendered,
+    display_name,
+    fmt_line,
+    iso_to_ms,
+    make_selection,
+    price_to_decimal,
+)
+
+__all__ = ["SPORTS", "PinnacleNormaliser", "market_id_parts", "sport_id_of"]
+
+SOURCE_PREFIX = "pn:"
+
+EventId = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+Price = float  # validated (and converted) by feed.odds, so that a bad price gets reason invalid_price
+
+#: Pinnacle ``sportId`` → canonical sport key.
+SPORTS: dict[int, str] = {
+    3: "baseball", 4: "basketball", 6: "boxing", 8: "cricket", 10: "darts", 12: "esports",
+    15: "american_football", 17: "golf", 18: "handball", 19: "ice_hockey", 22: "mma",
+    26: "rugby_league", 27: "rugby_union", 28: "snooker", 29: "soccer", 33: "tennis", 34: "volleyball",
+}
+_SPORT_IDS = {v: k for k, v in SPORTS.items()}
+
+_PRICE_KEYS = frozenset({"home", "away", "draw", "over", "under"})
+_KINDS = ("moneyline", "spread", "total")
+
+
+def sport_id_of(sport: str | None) -> int | None:
+    """Canonical sport key → Pinnacle sportId (``pinnacle_<id>`` keys too)."""
+    if sport is None:
+        return None
+    if sport in _SPORT_IDS:
+        return _SPORT_IDS[sport]
+    if sport.startswith("pinnacle_") and sport[9:].isdigit():
+        return int(sport[9:])
+    return None
+
+
+def _sport_key(sport_id: int) -> str:
+    return SPORTS.get(sport_id, f"pinnacle_{sport_id}")
+
+
+# --- wire Structs: provider field names, only the fields we read ----------
+
+
+class Moneyline(msgspec.Struct, kw_only=True, gc=False):
+    home: Price | None = None
+    away: Price | None = None
+    draw: Price | None = None
+
+
+class Spread(msgspec.Struct, kw_only=True, gc=False):
+    hdp: float
+    home: Price | None = None
+    away: Price | None = None
+    altLineId: EventId | None = None
+    max: float | None = None
+
+
+class Total(msgspec.Struct, kw_only=True, gc=False):
+    points: float
+    over: Price | None = None
+    under: Price | None = None
+    altLineId: EventId | None = None
+    max: float | None = None
+
+
+class Period(msgspec.Struct, kw_only=True, gc=False):
+    number: Annotated[int, msgspec.Meta(ge=0, le=99)]
+    status: int = 1
+    lineId: EventId | None = None
+    cutoff: str | None = None
+    maxSpread: float | None = None
+    maxMoneyline: float | None = None
+    maxTotal: float | None = None
+    moneylineUpdatedAt: str | None = None
+    spreadUpdatedAt: str | None = None
+    totalUpdatedAt: str | None = None
+    moneyline: Moneyline | None = None
+    spreads: list[Spread] | None = None
+    totals: list[Total] | None = None
+
+
+class OddsEvent(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    periods: list[Period] = []
+
+
+class OddsLeague(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    events: list[OddsEvent] = []
+
+
+class FixtureEvent(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    parentId: EventId | None = None
+    starts: str | None = None
+    home: str | None = None
+    away: str | None = None
+    liveStatus: int = 0
+    resultingUnit: str | None = None
+
+
+class FixtureLeague(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    name: str | None = None
+    events: list[FixtureEvent] = []
+
+
+class Response(msgspec.Struct, kw_only=True, gc=False):
+    """A fixtures (``league``) or odds (``leagues``) response."""
+
+    sportId: EventId
+    last: EventId | None = None
+    leagues: list[OddsLeague] | None = None
+    league: list[FixtureLeague] | None = None
+
+
+_DECODER = msgspec.json.Decoder(Response)
+
+
+class PinnacleCursor(msgspec.Struct, kw_only=True):
+    """The stored resume cursor: ``last`` per endpoint and sportId."""
+
+    fixtures: dict[str, int] = {}
+    odds: dict[str, int] = {}
+
+
+# --- state -------------------------------------------------------------------
+
+
+class _Fixture(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    id: int
+    parent: int | None
+    sport: int
+    league: str | None
+    home: str | None
+    away: str | None
+    starts: int | None
+    live: int
+    unit: str
+
+    @property
+    def group(self) -> tuple[int, str]:
+        return (self.parent or self.id, self.unit)
+
+
+Side = tuple[float, float | int]  # (decimal price, raw price)
+
+
+class _Line(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    line: float
+    a: Side | None  # home / over
+    b: Side | None  # away / under
+    alt: int | None
+    max: float | None
+
+
+class _Period(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    number: int
+    status: int
+    line_id: int | None
+    cutoff_ms: int | None
+    ml: dict[str, Side] | None
+    ml_ts: int | None
+    spreads: list[_Line]
+    sp_ts: int | None
+    totals: list[_Line]
+    tot_ts: int | None
+    max_ml: float | None
+    max_spread: float | None
+    max_total: float | None
+
+    @property
+    def newest_ts(self) -> int | None:
+        ts = [t for t in (self.ml_ts, self.sp_ts, self.tot_ts) if t is not None]
+        return max(ts) if ts else None
+
+
+def market_id_parts(market_id: str) -> tuple[int, str, int, str, str | None] | None:
+    """``pn:`` market id → (event id, unit, period, kind, line) or None."""
+    parts = market_id.split(":")
+    if len(parts) < 4 or parts[0] != "pn" or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    rest = parts[3:]
+    unit = ""
+    if rest[0] not in _KINDS:
+        unit, rest = rest[0], rest[1:]
+    if not rest or rest[0] not in _KINDS:
+        return None
+    return int(parts[1]), unit, int(parts[2]), rest[0], rest[1] if len(rest) > 1 else None
+
+
+class PinnacleNormaliser:
+    """Pinnacle fixtures + odds → canonical markets (see the module docstring).
+
+    source: the source name; odds_format: ``decimal`` or ``american`` (what
+    the poller asked for); bookmaker: the canonical bookmaker key.
+    Counters of dropped input are in ``dropped`` (``stale_response``,
+    ``stale_period``, ``no_fixture``).
+    """
+
+    def __init__(self, source: str = "pinnacle", *, odds_format: Literal["decimal", "american"] = "decimal",
+                 bookmaker: str = "pinnacle") -> None:
+        self.source = source
+        self.odds_format = odds_format
+        self.bookmaker = bookmaker
+        self.fixtures: dict[int, _Fixture] = {}
+        self.members: dict[tuple[int, str], set[int]] = {}
+        self.odds: dict[int, dict[int, _Period]] = {}
+        self.odds_sport: dict[int, int] = {}
+        self.differ = MarketDiffer(source)
+        self.by_gp: dict[tuple[int, str, int], set[str]] = {}
+        self.cursors = PinnacleCursor()
+        self.missing_fixtures: set[int] = set()
+        self.dropped: Counter[str] = Counter()
+        self._expect: tuple[str, bool, int | None] | None = None
+
+    # -- public -----------------------------------------------------------
+
+    def expect(self, endpoint: Literal["fixtures", "odds"], *, snapshot: bool, sport_id: int | None = None) -> None:
+        """Say what the next :meth:`feed` body answers: ``endpoint``, whether
+        the call was a snapshot (no ``since``) and, optionally, the sportId
+        asked for. A body of the other endpoint's shape or of another sport
+        is then rejected (``invalid_schema``): applying it would move the
+        wrong cursor."""
+        self._expect = (endpoint, snapshot, sport_id)
+
+    def since(self, endpoint: Literal["fixtures", "odds"], sport_id: int) -> int | None:
+        """The ``since`` to send next for ``endpoint`` and ``sport_id`` (None: snapshot)."""
+        return getattr(self.cursors, endpoint).get(str(sport_id))
+
+    def cursor(self) -> str:
+        """The resume cursor as stored (JSON)."""
+        return msgspec.json.encode(self.cursors).decode()
+
+    def restore(self, cursor: str | None, markets: Iterable[Market]) -> None:
+        """Resume after a restart: the stored cursor and the stored markets
+        of this source (so a later delta can suspend a line that vanished)."""
+        if cursor:
+            try:
+                self.cursors = msgspec.json.decode(cursor, type=PinnacleCursor)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.cursors = PinnacleCursor()
+        mine = [m for m in markets if m.source == self.source and m.market_id.startswith(SOURCE_PREFIX)]
+        self.differ.seed(mine)
+        for m in mine:
+            parts = market_id_parts(m.market_id)
+            if parts is not None:
+                e, unit, period, _, _ = parts
+                self.by_gp.setdefault((e, unit, period), set()).add(m.market_id)
+
+    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+        """Decode one response body and apply it (see the module docstring).
+
+        Raises :class:`FeedDecodeError` (``invalid_json``, ``invalid_schema``,
+        ``invalid_price``) and then has applied nothing.
+        """
+        expect, self._expect = self._expect, None
+        msg = self._decode(raw)
+        if expect is not None:
+            endpoint, snapshot, sport_id = expect
+            other = msg.leagues if endpoint == "fixtures" else msg.league
+            if other is not None:
+                raise FeedDecodeError("invalid_schema", f"a {'odds' if endpoint == 'fixtures' else 'fixtures'} "
+                                      f"body where {endpoint} were expected", raw)
+            if sport_id is not None and msg.sportId != sport_id:
+                raise FeedDecodeError("invalid_schema", f"sportId {msg.sportId} in the answer for sportId {sport_id}", raw)
+        else:
+            endpoint = "fixtures" if msg.league is not None else "odds" if msg.leagues is not None else ""
+            snapshot = False
+        batch = NormalisedBatch(op=endpoint or "empty")
+        if not endpoint:
+            return batch
+        sport = str(msg.sportId)
+        cursors: dict[str, int] = getattr(self.cursors, endpoint)
+        current = cursors.get(sport)
+        if not snapshot and msg.last is not None and current is not None and msg.last <= current:
+            has_data = bool(msg.leagues or msg.league)
+            if msg.last < current or has_data:
+                self.dropped["stale_response"] += 1
+            return batch
+        if endpoint == "fixtures":
+            fixtures = self._fixtures_of(msg, raw)
+            self._apply_fixtures(msg.sportId, fixtures, snapshot, recv_ms, batch.updates)
+        else:
+            periods = self._periods_of(msg, raw)
+            self._apply_odds(msg.sportId, periods, snapshot, recv_ms, batch.updates)
+        batch.runner_changes = sum(len(u.selections) for u in batch.updates)
+        if msg.last is not None and msg.last != current:
+            cursors[sport] = msg.last
+            batch.cursor = self.cursor()
+        return batch
+
+    # -- decoding (phase 1: validate everything, apply nothing) -------------
+
+    @staticmethod
+    def _decode(raw: bytes) -> Response:
+        try:
+            return _DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            path = text.rpartition("`$")[2].rstrip("`")
+            key = path.rpartition(".")[2]
+            reason = "invalid_price" if key in _PRICE_KEYS else "invalid_schema"
+            raise FeedDecodeError(reason, text, raw) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+
+    def _side(self, value: float | None, where: str, raw: bytes) -> Side | None:
+        if value is None:
+            return None
+        return (price_to_decimal(value, self.odds_format, where, raw), value)
+
+    def _periods_of(self, msg: Response, raw: bytes) -> list[tuple[int, list[_Period]]]:
+        out: list[tuple[int, list[_Period]]] = []
+        for league in msg.leagues or ():
+            for ev in league.events:
+                periods = []
+                for p in ev.periods:
+                    where = f"event {ev.id} period {p.number}"
+                    ml = None
+                    if p.moneyline is not None:
+                        ml = {}
+                        for side in ("home", "away", "draw"):
+                            s = self._side(getattr(p.moneyline, side), f"{where} moneyline.{side}", raw)
+                            if s is not None:
+                                ml[side] = s
+                    spreads = [
+                        _Line(line=sp.hdp, a=self._side(sp.home, f"{where} spread {sp.hdp:g} home", raw),
+                              b=self._side(sp.away, f"{where} spread {sp.hdp:g} away", raw), alt=sp.altLineId, max=sp.max)
+                        for sp in p.spreads or ()
+                    ]
+                    totals = [
+                        _Line(line=t.points, a=self._side(t.over, f"{where} total {t.points:g} over", raw),
+                              b=self._side(t.under, f"{where} total {t.points:g} under", raw), alt=t.altLineId, max=t.max)
+                        for t in p.totals or ()
+                    ]
+                    periods.append(_Period(
+                        number=p.number, status=p.status, line_id=p.lineId, cutoff_ms=iso_to_ms(p.cutoff),
+                        ml=ml, ml_ts=iso_to_ms(p.moneylineUpdatedAt), spreads=spreads,
+                        sp_ts=iso_to_ms(p.spreadUpdatedAt), totals=totals, tot_ts=iso_to_ms(p.totalUpdatedAt),
+                        max_ml=p.maxMoneyline, max_spread=p.maxSpread, max_total=p.maxTotal))
+                out.append((ev.id, periods))
+        return out
+
+    @staticmethod
+    def _fixtures_of(msg: Response, raw: bytes) -> list[_Fixture]:
+        out = []
+        for league in msg.league or ():
+            for ev in league.events:
+                unit = (ev.resultingUnit or "Regular").strip().lower().replace(" ", "_")
+                if not unit.replace("_", "").isalnum():
+                    raise FeedDecodeError("invalid_schema", f"resultingUnit {ev.resultingUnit!r} of event {ev.id}", raw)
+                out.append(_Fixture(
+                    id=ev.id, parent=ev.parentId if ev.parentId and ev.parentId != ev.id else None,
+                    sport=msg.sportId, league=display_name(league.name), home=display_name(ev.home),
+                    away=display_name(ev.away), starts=iso_to_ms(ev.starts), live=ev.liveStatus,
+                    unit="" if unit == "regular" else unit))
+        return out
+
+    # -- applying (phase 2) ---------------------------------------------------
+
+    def _authority(self, group: tuple[int, str]) -> int | None:
+        """The raw event whose lines define the group's markets: a live event
+        (liveStatus 1) if one is listed, else the pre-match one (the higher
+        id when duplicated)."""
+        members = self.members.get(group)
+        if not members:
+            return None
+        fx = self.fixtures
+        live = [r for r in members if fx[r].live == 1]
+        return max(live) if live else max(members)
+
+    def _set_fixture(self, fx: _Fixture) -> None:
+        old = self.fixtures.get(fx.id)
+        if old is not None and old.group != fx.group:
+            members = self.members.get(old.group)
+            if members is not None:
+                members.discard(fx.id)
+        self.fixtures[fx.id] = fx
+        self.members.setdefault(fx.group, set()).add(fx.id)
+
+    def _drop_fixture(self, rid: int) -> None:
+        fx = self.fixtures.pop(rid, None)
+        if fx is not None:
+            members = self.members.get(fx.group)
+            if members is not None:
+                members.discard(rid)
+                if not members:
+                    del self.members[fx.group]
+        self.odds.pop(rid, None)
+        self.odds_sport.pop(rid, None)
+
+    def _apply_fixtures(self, sport_id: int, fixtures: list[_Fixture], snapshot: bool, recv_ms: int,
+                        updates: list[MarketUpdate]) -> None:
+        changed: set[tuple[int, str]] = set()
+        if snapshot:
+            listed = {f.id for f in fixtures}
+            for rid in [r for r, f in self.fixtures.items() if f.sport == sport_id and r not in listed]:
+                changed.add(self.fixtures[rid].group)
+                self._drop_fixture(rid)
+        for fx in fixtures:
+            if self.fixtures.get(fx.id) == fx:
+                continue
+            old = self.fixtures.get(fx.id)
+            if old is not None:
+                changed.add(old.group)
+            self._set_fixture(fx)
+            changed.add(fx.group)
+            self.missing_fixtures.discard(fx.id)
+        for group in changed:
+            self._render_group(group, recv_ms, updates)
+
+    def _apply_odds(self, sport_id: int, events: list[tuple[int, list[_Period]]], snapshot: bool,
+                    recv_ms: int, updates: list[MarketUpdate]) -> None:
+        if snapshot:
+            for rid in [r for r, s in self.odds_sport.items() if s == sport_id]:
+                del self.odds[rid]
+                del self.odds_sport[rid]
+        touched: dict[int, set[int]] = {}
+        for rid, periods in events:
+            self.odds_sport[rid] = sport_id
+            held = self.odds.setdefault(rid, {})
+            for p in periods:
+                prev = held.get(p.number)
+                if (prev is not None and p.newest_ts is not None and prev.newest_ts is not None
+                        and p.newest_ts < prev.newest_ts):
+                    self.dropped["stale_period"] += 1
+                    continue
+                held[p.number] = p
+                touched.setdefault(rid, set()).add(p.number)
+        rendered: set[tuple[int, str, int]] = set()
+        for rid, numbers in touched.items():
+            fx = self.fixtures.get(rid)
+            if fx is None:
+                self.missing_fixtures.add(rid)
+                self.dropped["no_fixture"] += 1
+                continue
+            if self._authority(fx.group) != rid:
+                continue
+            for n in sorted(numbers):
+                self._render_period(fx.group, n, rid, recv_ms, updates)
+                rendered.add((*fx.group, n))
+        if snapshot:
+            sport = _sport_key(sport_id)
+            for gp, mids in list(self.by_gp.items()):
+                if gp in rendered:
+                    continue
+                group = (gp[0], gp[1])
+                auth = self._authority(group)
+                if auth is not None and gp[2] in self.odds.get(auth, {}):
+                    self._render_period(group, gp[2], auth, recv_ms, updates)
+                    continue
+                for mid in sorted(mids):
+                    h = self.differ.header(mid)
+                    if h is None or h.sport != sport:
+                        continue
+                    u = self.differ.suspend(mid, "not_offered", recv_ms, recv_ms)
+                    if u is not None:
+                        updates.append(u)
+                    self.differ.forget(mid)
+                    mids.discard(mid)
+                if not mids:
+                    del self.by_gp[gp]
+
+    def _render_group(self, group: tuple[int, str], recv_ms: int, updates: list[MarketUpdate]) -> None:
+        """After a fixture change: re-render the periods the authority has
+        lines for; elsewhere only refresh the names and times."""
+        auth = self._authority(group)
+        held = self.odds.get(auth, {}) if auth is not None else {}
+        for n in sorted(held):
+            self._render_period(group, n, auth, recv_ms, updates)  # type: ignore[arg-type]
+        if auth is None:
+            return
+        fx = self.fixtures[auth]
+        base = self.fixtures.get(group[0], fx)
+        for (e, unit, n), mids in self.by_gp.items():
+            if (e, unit) != group or n in held:
+                continue
+            for mid in sorted(mids):
+                h = self.differ.header(mid)
+                if h is None:
+                    continue
+                new = msgspec.structs.replace(h, competition=fx.league or base.league,
+                                              event_name=_event_name(base), start_time=base.starts)
+                u = self.differ.update_header(mid, new, recv_ms)
+                if u is not None:
+                    updates.append(u)
+
+    def _render_period(self, group: tuple[int, str], number: int, rid: int, recv_ms: int,
+                       updates: list[MarketUpdate]) -> None:
+        period = self.odds[rid][number]
+        fx = self.fixtures[rid]
+        base = self.fixtures.get(group[0], fx)
+        rendered = self._markets_of(group, period, fx, base, recv_ms)
+        for r in rendered:  # a new lineId (any change in the period) dates from the period's newest change
+            r.header_ts = period.newest_ts
+        now = {r.market_id: r for r in rendered}
+        for r in now.values():
+            u = self.differ.emit(r, recv_ms)
+            if u is not None:
+                updates.append(u)
+        key = (group[0], group[1], number)
+        known = self.by_gp.setdefault(key, set())
+        ts = period.newest_ts or recv_ms
+        for mid in sorted(known - now.keys()):
+            u = self.differ.suspend(mid, "not_offered", ts, recv_ms)
+            if u is not None:
+                updates.append(u)
+        known.update(now)
+
+    def _markets_of(self, group: tuple[int, str], p: _Period, fx: _Fixture, base: _Fixture,
+                    recv_ms: int) -> list[Rendered]:
+        e, unit = group
+        prefix = f"{SOURCE_PREFIX}{e}:{p.number}:" + (f"{unit}:" if unit else "")
+        if p.status != 1:
+            status, reason = "SUSPENDED", "offline"
+        elif p.cutoff_ms is not None and p.cutoff_ms <= recv_ms:
+            status, reason = "SUSPENDED", "past_cutoff"
+        else:
+            status, reason = "OPEN", None
+        common = dict(event_id=f"{SOURCE_PREFIX}{e}", bookmaker=self.bookmaker, sport=_sport_key(fx.sport),
+                      competition=fx.league or base.league, event_name=_event_name(base), status=status,
+                      suspend_reason=reason, in_play=fx.live == 1, start_time=base.starts)
+        suffix = "" if p.number == 0 else f" (period {p.number})"
+        base_spec = {"period": str(p.number)}
+        if unit:
+            base_spec["unit"] = unit
+        fmt = self.odds_format
+        out: list[Rendered] = []
+        home, away = base.home or "Home", base.away or "Away"
+        if p.ml:
+            sels = []
+            for side, name in (("home", home), ("away", away), ("draw", "Draw")):
+                s = p.ml.get(side)
+                if s is not None:
+                    sels.append(make_selection(side, name, s[0], raw_price=s[1], odds_format=fmt, max_stake=p.max_ml))
+            out.append(Rendered(
+                market_id=prefix + "moneyline",
+                header=MarketHeader(**common, name="Moneyline" + suffix, market_type="moneyline",  # type: ignore[arg-type]
+                                    market_type_raw="moneyline", specifiers=dict(base_spec), version=p.line_id or 0),
+                selections=sels, source_ts=p.ml_ts or recv_ms))
+        for ln in p.spreads:
+            if ln.a is None and ln.b is None:
+                continue
+            hdp = fmt_line(ln.line)
+            sels = []
+            if ln.a is not None:
+                sels.append(make_selection("home", home, ln.a[0], raw_price=ln.a[1], odds_format=fmt,
+                                           handicap=ln.line, max_stake=ln.max or p.max_spread))
+            if ln.b is not None:
+                sels.append(make_selection("away", away, ln.b[0], raw_price=ln.b[1], odds_format=fmt,
+                                           handicap=-ln.line if ln.line else 0.0, max_stake=ln.max or p.max_spread))
+            out.append(Rendered(
+                market_id=f"{prefix}spread:{hdp}",
+                header=MarketHeader(**common, name=f"Handicap {hdp}{suffix}", market_type="spread",  # type: ignore[arg-type]
+                                    market_type_raw="spreads", specifiers={**base_spec, "handicap": hdp},
+                                    version=ln.alt or p.line_id or 0),
+                selections=sels, source_ts=p.sp_ts or recv_ms))
+        for ln in p.totals:
+            if ln.a is None and ln.b is None:
+                continue
+            pts = fmt_line(ln.line)
+            sels = []
+            if ln.a is not None:
+                sels.append(make_selection("over", f"Over {pts}", ln.a[0], raw_price=ln.a[1], odds_format=fmt,
+                                           max_stake=ln.max or p.max_total))
+            if ln.b is not None:
+                sels.append(make_selection("under", f"Under {pts}", ln.b[0], raw_price=ln.b[1], odds_format=fmt,
+                                           max_stake=ln.max or p.max_total))
+            out.append(Rendered(
+                market_id=f"{prefix}total:{pts}",
+                header=MarketHeader(**common, name=f"Total {pts}{suffix}", market_type="total",  # type: ignore[arg-type]
+                                    market_type_raw="totals", specifiers={**base_spec, "total": pts},
+                                    version=ln.alt or p.line_id or 0),
+                selections=sels, source_ts=p.tot_ts or recv_ms))
+        return out
+
+
+def _event_name(fx: _Fixture) -> str | None:
+    if fx.home and fx.away:
+        return f"{fx.home} v {fx.away}"
+    return fx.home or fx.away

@@ -1,0 +1,888 @@
+"""HTTP pollers: Pinnacle (cursor mode) and The Odds API (snapshot-diff / conditional).
+
+I/O only — decoding and diffing are the normalisers' job
+(:mod:`feed.normalise.pinnacle`, :mod:`feed.normalise.theoddsapi`). Layers:
+
+- :class:`ProviderHttp` — one ``httpx.AsyncClient`` per source (HTTP/2 when
+  the server offers it, keep-alive, a bounded pool, connect/read/write/pool
+  timeouts and a **total deadline per request** that also bounds a trickled
+  body, a body-size cap). Before each request: the Retry-After gate (no
+  request before a 429's ``Retry-After`` expired), the local quota guard,
+  the token bucket and the circuit breaker. After it: quota headers, a 401
+  with token auth → one shared refresh and one retry, and
+  :func:`~feed.sources.http_limits.classify_response` → typed errors,
+  logged with the provider's body (bounded, secrets redacted).
+- :class:`PollerSource` — the loop shared by every poller: a schedule per
+  key (sport), cadence pre-match vs in-play (stretched by the quota
+  governor), exponential backoff with full jitter after failures, and the
+  source's health: UP; DEGRADED (``rate_limited``, ``quota_low``,
+  ``upstream_5xx``, ``timeout``, …); DOWN (``circuit_open``,
+  ``quota_exhausted``, a fatal code) — persisted through
+  :meth:`Ingest.set_state` / :meth:`Ingest.publish_health` with the lag
+  percentiles (:mod:`feed.sources.lag`).
+- :class:`PinnacleSource` — **cursor** mode: ``/v1/fixtures`` and
+  ``/v2/odds`` per sportId, a snapshot call (no ``since``) first, then
+  ``since=<last>``; the normaliser keeps the cursors and hands them to
+  Ingest with the data they cover, so a restarted source resumes from them.
+  Fixtures are re-read as a snapshot at start (names and ``parentId``
+  links are not in the odds), and early when odds name an unknown event.
+  Three stale answers in a row (``last`` going backwards) or
+  ``resync_s`` → a fresh snapshot.
+- :class:`TheOddsApiSource` — **snapshot-diff** mode: ``/v4/sports/{sport}/odds``
+  every ``interval_s`` (``live_interval_s`` while the sport has events in
+  play); with ``mode=conditional`` it sends ``If-None-Match`` and a 304
+  means nothing changed. ``sport=all`` polls the active sports from
+  ``/v4/sports`` (static data, cached ``static_ttl_s``).
+
+Entry points: :func:`run_pinnacle_source`, :func:`run_theoddsapi_source`
+(``(store, settings, spec)``), used by :func:`feed.supervisor.run_source`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+
+from feed.book import Book
+from feed.errors import ConfigError, FatalSourceError, RetryableSourceError, SourceError
+from feed.ingest import Ingest
+from feed.normalise.pinnacle import PinnacleNormaliser
+from feed.normalise.theoddsapi import TheOddsApiNormaliser
+from feed.settings import Settings
+from feed.sources.backoff import Backoff
+from feed.sources.http_auth import ApiKeyAuth, BasicAuth, HmacSigner, Secret, SigningTransport, TokenAuth
+from feed.sources.http_limits import (
+    BODY_LOG_MAX,
+    AuthError,
+    CircuitBreaker,
+    CircuitOpenError,
+    QuotaExhaustedError,
+    QuotaGovernor,
+    RateLimitedError,
+    TokenBucket,
+    TransportFailure,
+    UpstreamError,
+    classify_response,
+    parse_retry_after,
+)
+from feed.sources.lag import LagWindow, apply_to_health
+from feed.sources.spec import SourceSpec
+from feed.store import Store
+
+__all__ = [
+    "HttpOptions",
+    "HttpResult",
+    "PinnacleSource",
+    "PollerOptions",
+    "PollerSource",
+    "ProviderHttp",
+    "StaticCache",
+    "TheOddsApiSource",
+    "build_http",
+    "run_pinnacle_source",
+    "run_theoddsapi_source",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# --- HTTP ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """Transport limits of one provider client (seconds, bytes, per second)."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    deadline_s: float = 15.0
+    """Whole request, body included (a trickled body cannot outlast it)."""
+    max_connections: int = 4
+    max_keepalive: int = 4
+    keepalive_expiry_s: float = 30.0
+    max_body_bytes: int = 32 << 20
+    rate_per_s: float = 5.0
+    burst: float = 5.0
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+    default_retry_after_s: float = 2.0
+    quota_low_water: int = 100
+    quota_reserve: int = 1
+    quota_pause_s: float = 900.0
+    http2: bool = True
+    user_agent: str = "oddsfeed/0.1 (+https://github.com/oddsfeed)"
+
+
+class HttpResult(NamedTuple):
+    """A successful reply (2xx or 304). recv_ms: wall ms when the body was read."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    recv_ms: int
+    elapsed_ms: float
+
+
+class ProviderHttp:
+    """The HTTP side of one poller (see the module docstring).
+
+    base_url: the provider root (``http://127.0.0.1:9555`` or ``…/v4``);
+    provider: a name for logs and errors. Credentials: ``api_key``,
+    ``basic``, ``token``, ``signer`` (any combination). ``transport``:
+    inject an httpx transport (tests). ``stats`` counts requests by status.
+    """
+
+    def __init__(self, base_url: str, *, provider: str, options: HttpOptions | None = None,
+                 api_key: ApiKeyAuth | None = None, basic: BasicAuth | None = None, token: TokenAuth | None = None,
+                 signer: HmacSigner | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.monotonic, clock_ms: Callable[[], int] = _wall_ms) -> None:
+        self.options = o = options or HttpOptions()
+        self.provider = provider
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.basic = basic
+        self.token = token
+        self.signer = signer
+        self._clock = clock
+        self._clock_ms = clock_ms
+        limits = httpx.Limits(max_connections=o.max_connections, max_keepalive_connections=o.max_keepalive,
+                              keepalive_expiry=o.keepalive_expiry_s)
+        inner = transport or httpx.AsyncHTTPTransport(http2=o.http2, limits=limits, retries=0)
+        headers = {"User-Agent": o.user_agent, "Accept": "application/json", "Accept-Encoding": "gzip"}
+        if api_key is not None and api_key.header:
+            headers[api_key.header] = api_key.key.reveal()
+        if basic is not None:
+            headers["Authorization"] = basic.header_value()
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, follow_redirects=False,
+            timeout=httpx.Timeout(o.read_timeout_s, connect=o.connect_timeout_s, pool=o.deadline_s),
+            transport=SigningTransport(inner, query_key=api_key, signer=signer))
+        self.bucket = TokenBucket(o.rate_per_s, o.burst, clock=clock)
+        self.breaker = CircuitBreaker(o.breaker_failures, o.breaker_reset_s, clock=clock)
+        self.quota = QuotaGovernor(low_water=o.quota_low_water, reserve=o.quota_reserve, pause_s=o.quota_pause_s)
+        self.not_before = 0.0  # monotonic: no request before this (Retry-After)
+        self._quota_probe_at: float | None = None
+        self.stats: Counter[str] = Counter()
+        self._secrets = [s for s in self._secret_values() if s]
+
+    def __repr__(self) -> str:
+        return f"ProviderHttp({self.provider!r}, {self.base_url!r})"
+
+    def _secret_values(self) -> list[str]:
+        out = []
+        if self.api_key is not None:
+            out.append(self.api_key.key.reveal())
+        if self.basic is not None:
+            out += [self.basic.password.reveal(), self.basic.header_value().split(" ", 1)[1]]
+        if self.token is not None:
+            out.append(self.token.client_secret.reveal())
+        if self.signer is not None:
+            out.append(self.signer.secret.reveal())
+        return out
+
+    def redact(self, text: str) -> str:
+        """``text`` with every credential this client holds replaced by ``***``."""
+        for s in self._secrets:
+            if s in text:
+                text = text.replace(s, "***")
+        return text
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # -- gates ----------------------------------------------------------------
+
+    def _quota_gate(self) -> None:
+        """Stop before the quota is spent; one probe per ``quota_pause_s``."""
+        q = self.quota
+        if not q.blocked():
+            self._quota_probe_at = None
+            return
+        now = self._clock()
+        if self._quota_probe_at is None or now < self._quota_probe_at:
+            if self._quota_probe_at is None:
+                self._quota_probe_at = now + q.pause_s
+            raise QuotaExhaustedError(
+                f"{self.provider} quota nearly spent ({q.remaining:g} left, reserve {q.reserve}): pausing",
+                "quota_reserve", retry_after_s=self._quota_probe_at - now, provider=self.provider)
+        self._quota_probe_at = now + q.pause_s  # this request is the probe
+
+    async def _wait_gates(self) -> None:
+        for _ in range(10_000):
+            wait = self.not_before - self._clock()
+            if wait <= 0:
+                break
+            self.stats["retry_after_waits"] += 1
+            await asyncio.sleep(wait)
+        await self.bucket.acquire()
+        # the bucket may have slept: re-check the Retry-After gate set meanwhile by another request
+        while (wait := self.not_before - self._clock()) > 0:
+            await asyncio.sleep(wait)
+
+    # -- requests ---------------------------------------------------------------
+
+    async def get(self, path: str, params: Mapping[str, Any] | None = None, *,
+                  headers: Mapping[str, str] | None = None) -> HttpResult:
+        """GET ``path``: an :class:`HttpResult` for 2xx/304, else a typed error
+        (:mod:`feed.sources.http_limits`)."""
+        self._quota_gate()
+        await self._wait_gates()
+        self.breaker.before_request()
+        result: HttpResult | None = None
+        try:
+            for attempt in (0, 1):
+                hdrs = dict(headers or {})
+                used = None
+                if self.token is not None:
+                    used = await self.token.token(self.client)
+                    hdrs["Authorization"] = f"Bearer {used.reveal()}"
+                result = await self._send(path, params, hdrs)
+                if result.status == 401 and self.token is not None and attempt == 0:
+                    self.stats["token_retries"] += 1
+                    await self.token.refresh(self.client, stale=used)
+                    continue
+                break
+        except (TransportFailure, UpstreamError):
+            self.breaker.record_failure()
+            raise
+        except AuthError:
+            self.breaker.release_probe()
+            raise
+        assert result is not None
+        self.quota.observe(result.headers)
+        err = classify_response(self.provider, path, result.status, result.headers, result.body,
+                                default_retry_after_s=self.options.default_retry_after_s,
+                                quota_retry_s=self.options.quota_pause_s)
+        if err is None:
+            self.breaker.record_success()
+            return result
+        retry_after = getattr(err, "retry_after_s", None)
+        if retry_after is None and result.status == 503:
+            retry_after = parse_retry_after(result.headers.get("retry-after"))
+        if retry_after:
+            self.not_before = max(self.not_before, self._clock() + retry_after)
+        if isinstance(err, UpstreamError):
+            self.breaker.record_failure()
+        else:  # the provider answered sensibly: it is up
+            self.breaker.record_success()
+        body = self.redact(result.body[:BODY_LOG_MAX].decode("utf-8", "replace"))
+        log = logger.error if isinstance(err, FatalSourceError) else logger.warning
+        log("%s GET %s -> %d %s (%s); body: %s", self.provider, path, result.status, type(err).__name__,
+            err.code, body)
+        raise err
+
+    async def _send(self, path: str, params: Mapping[str, Any] | None, headers: dict[str, str]) -> HttpResult:
+        o = self.options
+        t0 = time.perf_counter()
+        self.stats["requests"] += 1
+        try:
+            async with asyncio.timeout(o.deadline_s):
+                async with self.client.stream("GET", path, params=params, headers=headers) as resp:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > o.max_body_bytes:
+                            raise TransportFailure(f"{self.provider} {path}: body larger than {o.max_body_bytes} bytes",
+                                                   "body_too_large", provider=self.provider, path=path)
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
+        except TimeoutError:
+            self.stats["deadline"] += 1
+            raise TransportFailure(f"{self.provider} {path}: no complete reply within {o.deadline_s:g}s",
+                                   "deadline", provider=self.provider, path=path) from None
+        except httpx.TimeoutException as exc:
+            self.stats["timeout"] += 1
+            raise TransportFailure(f"{self.provider} {path}: {type(exc).__name__}", "timeout",
+                                   provider=self.provider, path=path) from None
+        except httpx.HTTPError as exc:
+            self.stats["transport_error"] += 1
+            code = "connect" if isinstance(exc, httpx.ConnectError) else "reset"
+            raise TransportFailure(f"{self.provider} {path}: {type(exc).__name__}: {self.redact(str(exc))[:200]}",
+                                   code, provider=self.provider, path=path) from None
+        self.stats[f"status_{resp.status_code}"] += 1
+        return HttpResult(resp.status_code, resp.headers, body, self._clock_ms(), (time.perf_counter() - t0) * 1000)
+
+
+# --- static data -------------------------------------------------------------------
+
+
+class StaticCache:
+    """Slow-changing reference data (sports, leagues) kept ``ttl_s`` seconds."""
+
+    def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._items: dict[str, tuple[float, Any]] = {}
+        self.loads = 0
+
+    async def get(self, key: str, loader: Callable[[], Awaitable[Any]]) -> Any:
+        hit = self._items.get(key)
+        now = self._clock()
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        try:
+            value = await loader()
+        except RetryableSourceError:
+            if hit is not None:  # serve the old copy while the provider is unhappy
+                return hit[1]
+            raise
+        self.loads += 1
+        self._items[key] = (now, value)
+        return value
+
+
+# --- the loop ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PollerOptions:
+    """Cadence and recovery of one poller (seconds)."""
+
+    interval_s: float = 60.0
+    """Poll interval while a key (sport) has nothing in play."""
+    live_interval_s: float = 40.0
+    """Poll interval while it has events in play."""
+    min_interval_s: float = 0.0
+    """Floor of every interval: the provider's own refresh (polling faster only spends quota)."""
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    health_every_s: float = 1.0
+    static_ttl_s: float = 3600.0
+    lag_window_s: float = 60.0
+
+
+class PollerSource:
+    """The loop shared by pollers. Subclasses implement :meth:`start` (restore,
+    static data), :meth:`keys`, :meth:`poll` (one poll of one key) and
+    :meth:`interval`. ``run()`` returns only when stopped; fatal errors raise."""
+
+    kind = "poller"
+
+    def __init__(self, ingest: Ingest, http: ProviderHttp, options: PollerOptions, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ingest = ingest
+        self.http = http
+        self.options = options
+        self._clock = clock
+        self.lag = LagWindow(options.lag_window_s, clock=clock)
+        self.static = StaticCache(options.static_ttl_s, clock=clock)
+        self.backoff = Backoff(options.backoff_initial_s, 2.0, options.backoff_max_s)
+        self.polls = 0
+        self.failures: Counter[str] = Counter()
+        self.last_error: SourceError | None = None
+        self._stop = asyncio.Event()
+        self._published_at = -1e18
+        self._health_dirty = True
+
+    @property
+    def name(self) -> str:
+        return self.ingest.source
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.http.base_url!r})"
+
+    # -- to implement ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore state from the store; load static data."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    async def poll(self, key: str) -> None:
+        raise NotImplementedError
+
+    def interval(self, key: str) -> float:
+        return self.options.interval_s
+
+    # -- shared ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _set_state(self, state: str, reason: str | None) -> None:
+        if self.ingest.set_state(state, reason):  # type: ignore[arg-type]
+            self._health_dirty = True
+
+    async def publish_health(self, force: bool = False) -> None:
+        now = self._clock()
+        if not (force or self._health_dirty or now - self._published_at >= self.options.health_every_s):
+            return
+        apply_to_health(self.ingest.health, self.lag)
+        try:
+            await self.ingest.publish_health()
+        except Exception as exc:  # a Redis hiccup must not stop the source
+            logger.warning("could not publish health of %s: %s", self.name, exc)
+            return
+        self._published_at = now
+        self._health_dirty = False
+
+    async def ingest_body(self, body: bytes, recv_ms: int) -> int:
+        """Normalise one body (expectations already set), store it; return
+        the number of deltas written."""
+        self.ingest.feed_lines([body], recv_ms)
+        deltas = await self.ingest.flush()
+        self.lag.record_deltas(deltas)
+        return len(deltas)
+
+    def confirm(self, recv_ms: int) -> None:
+        """A reply with nothing new (304, empty delta) still confirms the data."""
+        self.ingest.health.last_message_at = recv_ms
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def run(self) -> None:
+        """Poll until :meth:`stop` (or cancellation); raise a fatal error."""
+        self._set_state("DOWN", "starting")
+        await self.publish_health(force=True)
+        o = self.options
+        if min(o.interval_s, o.live_interval_s) < o.min_interval_s:
+            logger.warning("%s: poll intervals below %.3gs (the provider's refresh) are raised to it; "
+                           "set min_interval_s to change the floor", self.name, o.min_interval_s)
+        await self.start()
+        due: dict[str, float] = {}
+        try:
+            while not self._stop.is_set():
+                keys = self.keys()
+                if not keys:
+                    await self._sleep(self.options.interval_s)
+                    continue
+                for k in list(due):
+                    if k not in keys:
+                        del due[k]
+                for k in keys:
+                    due.setdefault(k, 0.0)
+                key = min(due, key=due.__getitem__)
+                await self._sleep(due[key] - self._clock())
+                if self._stop.is_set():
+                    break
+                due[key] = self._clock() + await self._poll_once(key)
+                await self.publish_health()
+        finally:
+            if self.ingest.health.state != "DOWN":
+                self._set_state("DOWN", "stopped")
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.publish_health(force=True))
+
+    async def _poll_once(self, key: str) -> float:
+        """One poll; returns the delay before this key is polled again."""
+        http = self.http
+        try:
+            await self.poll(key)
+        except RateLimitedError as exc:
+            self._fail(exc, "DEGRADED", "rate_limited")
+            return max(exc.retry_after_s, self.interval(key) * 0.1)
+        except QuotaExhaustedError as exc:
+            self._fail(exc, "DOWN", "quota_exhausted")
+            return exc.retry_after_s
+        except CircuitOpenError as exc:
+            self._set_state("DOWN", "circuit_open")
+            return exc.retry_in_s
+        except FatalSourceError as exc:
+            self._fail(exc, "DOWN", (exc.code or "fatal").lower())
+            await self.publish_health(force=True)
+            raise
+        except RetryableSourceError as exc:
+            reason = _reason_of(exc)
+            state = "DOWN" if http.breaker.state == "open" else "DEGRADED"
+            self._fail(exc, state, "circuit_open" if state == "DOWN" else reason, kind=reason)
+            return self.backoff.next_delay()
+        self.polls += 1
+        self.backoff.reset()
+        if http.quota.low:
+            self._set_state("DEGRADED", "quota_low")
+        else:
+            self._set_state("UP", None)
+        return max(self.options.min_interval_s, self.interval(key) * http.quota.interval_factor())
+
+    def _fail(self, exc: SourceError, state: str, reason: str, kind: str | None = None) -> None:
+        """Count a failure (by ``kind``, default ``reason``) and set the health."""
+        self.failures[kind or reason] += 1
+        self.last_error = exc
+        if state == "DEGRADED" and self.ingest.health.state == "DOWN" and self.ingest.health.reason not in (
+                "starting", "stopped"):
+            state = "DOWN"  # stay down until a poll succeeds
+        self._set_state(state, reason)
+        logger.info("%s: %s (%s); next attempt after backoff", self.name, self.http.redact(str(exc)), reason)
+
+
+def _reason_of(exc: RetryableSourceError) -> str:
+    if isinstance(exc, UpstreamError):
+        status = exc.status or 0
+        return "upstream_5xx" if status >= 500 else f"upstream_{status}"
+    if isinstance(exc, TransportFailure):
+        return {"deadline": "timeout", "timeout": "timeout", "connect": "unreachable"}.get(exc.code or "", "transport_error")
+    return (exc.code or "error").lower()
+
+
+# --- Pinnacle ----------------------------------------------------------------------------
+
+
+class PinnacleSource(PollerSource):
+    """Pinnacle Lines API in cursor mode (see the module docstring).
+
+    sports: sportIds to poll, or None for every sport ``/v2/sports`` lists
+    with offerings (static data, cached ``static_ttl_s``).
+    fixtures_interval_s: fixture deltas at most this often (sooner when odds
+    name an unknown event). resync_s: a full snapshot this often (0: never).
+    """
+
+    kind = "pinnacle"
+
+    def __init__(self, ingest: Ingest, http: ProviderHttp, options: PollerOptions, *, sports: list[int] | None,
+                 normaliser: PinnacleNormaliser, fixtures_interval_s: float = 60.0, resync_s: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(ingest, http, options, clock=clock)
+        self.sports = sports
+        self.normaliser = normaliser
+        self.fixtures_interval_s = fixtures_interval_s
+        self.resync_s = resync_s
+        self._fixtures_at: dict[int, float] = {}
+        self._snapshot_at: dict[int, float] = {}
+        self._stale_streak: dict[int, int] = {}
+        self._active: list[str] = []
+        self.requests: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        cursor = await self.ingest.restore()
+        self.normaliser.restore(cursor, self.ingest.book.markets.values())
+        if cursor:
+            logger.info("%s resumes from cursor %s", self.name, cursor)
+
+    def keys(self) -> list[str]:
+        if self.sports is None:
+            return self._active or ["__sports__"]
+        return [str(s) for s in self.sports]
+
+    async def _sports(self) -> list[str]:
+        async def load() -> list[str]:
+            res = await self.http.get("/v2/sports")
+            try:
+                reply = msgspec.json.decode(res.body, type=_PnSports)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise UpstreamError(f"{self.name}: unreadable /v2/sports reply: {exc}", "bad_sports",
+                                    provider=self.http.provider, path="/v2/sports", status=res.status) from None
+            return [str(s.id) for s in reply.sports if s.hasOfferings]
+
+        return await self.static.get("sports", load)
+
+    def interval(self, key: str) -> float:
+        if key == "__sports__":
+            return self.options.interval_s
+        sport = int(key)
+        live = any(f.live == 1 and f.sport == sport for f in self.normaliser.fixtures.values())
+        return self.options.live_interval_s if live else self.options.interval_s
+
+    async def poll(self, key: str) -> None:
+        if self.sports is None:
+            self._active = await self._sports()
+            if key not in self._active:
+                return
+        sport = int(key)
+        now = self._clock()
+        n = self.normaliser
+        resync = bool(self.resync_s) and now - self._snapshot_at.setdefault(sport, now) >= self.resync_s
+        if self._stale_streak.get(sport, 0) >= 3:
+            logger.warning("%s: odds cursor for sport %d keeps going backwards; taking a snapshot", self.name, sport)
+            resync = True
+        first = sport not in self._fixtures_at
+        if first or resync or now - self._fixtures_at[sport] >= self.fixtures_interval_s:
+            await self._fetch("fixtures", sport, snapshot=first or resync)
+        missing_before = set(n.missing_fixtures)
+        await self._fetch("odds", sport, snapshot=resync or n.since("odds", sport) is None)
+        if n.missing_fixtures - missing_before:
+            await self._fetch("fixtures", sport, snapshot=False)
+
+    async def _fetch(self, endpoint: str, sport: int, *, snapshot: bool) -> None:
+        n = self.normaliser
+        since = None if snapshot else n.since(endpoint, sport)  # type: ignore[arg-type]
+        params: dict[str, Any] = {"sportId": sport}
+        if since is not None:
+            params["since"] = since
+        if endpoint == "odds":
+            params["oddsFormat"] = "American" if n.odds_format == "american" else "Decimal"
+        path = "/v1/fixtures" if endpoint == "fixtures" else "/v2/odds"
+        self.requests[endpoint] += 1
+        res = await self.http.get(path, params)
+        now = self._clock()
+        if endpoint == "fixtures":
+            self._fixtures_at[sport] = now
+        if since is None and endpoint == "odds":
+            self._snapshot_at[sport] = now
+            self._stale_streak[sport] = 0
+        if res.status == 304 or not res.body.strip():
+            self.confirm(res.recv_ms)
+            return
+        stale_before = n.dropped["stale_response"]
+        n.expect(endpoint, snapshot=since is None, sport_id=sport)  # type: ignore[arg-type]
+        await self.ingest_body(res.body, res.recv_ms)
+        if endpoint == "odds":
+            if n.dropped["stale_response"] > stale_before:
+                self._stale_streak[sport] = self._stale_streak.get(sport, 0) + 1
+            else:
+                self._stale_streak[sport] = 0
+
+
+class _PnSport(msgspec.Struct, kw_only=True):
+    id: int
+    hasOfferings: bool = True
+
+
+class _PnSports(msgspec.Struct, kw_only=True):
+    sports: list[_PnSport] = []
+
+
+# --- The Odds API ------------------------------------------------------------------------
+
+
+class _Sport(msgspec.Struct, kw_only=True):
+    key: str
+    active: bool = True
+    has_outrights: bool = False
+
+
+class TheOddsApiSource(PollerSource):
+    """The Odds API v4 in snapshot-diff (or conditional) mode.
+
+    sports: sport keys, ``["all"]`` (active sports from ``/sports``, cached)
+    or ``["upcoming"]``. regions / markets / bookmakers: the query
+    parameters. conditional: send ``If-None-Match`` (304 = unchanged).
+    """
+
+    kind = "theoddsapi"
+
+    def __init__(self, ingest: Ingest, http: ProviderHttp, options: PollerOptions, *, sports: list[str],
+                 normaliser: TheOddsApiNormaliser, regions: str = "eu", markets: str = "h2h,spreads,totals",
+                 bookmakers: str | None = None, conditional: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(ingest, http, options, clock=clock)
+        self.sports = sports
+        self.normaliser = normaliser
+        self.regions = regions
+        self.markets = markets
+        self.bookmakers = bookmakers
+        self.conditional = conditional
+        self.etags: dict[str, str] = {}
+        self.not_modified = 0
+        self._active: list[str] = []
+
+    async def start(self) -> None:
+        await self.ingest.restore()
+        self.normaliser.restore(self.ingest.book.markets.values())
+
+    async def _sports(self) -> list[str]:
+        async def load() -> list[str]:
+            res = await self.http.get("/sports")
+            try:
+                sports = msgspec.json.decode(res.body, type=list[_Sport])
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise UpstreamError(f"{self.name}: unreadable /sports reply: {exc}", "bad_sports",
+                                    provider=self.http.provider, path="/sports", status=res.status) from None
+            return [s.key for s in sports if s.active and not s.has_outrights]
+
+        return await self.static.get("sports", load)
+
+    def keys(self) -> list[str]:
+        if self.sports == ["all"]:
+            return self._active or ["__sports__"]
+        return self.sports
+
+    def interval(self, key: str) -> float:
+        live = self.normaliser.live_events.get(key) if key != "upcoming" else any(self.normaliser.live_events.values())
+        return self.options.live_interval_s if live else self.options.interval_s
+
+    async def poll(self, key: str) -> None:
+        if self.sports == ["all"]:
+            self._active = await self._sports()
+            if key == "__sports__" or key not in self._active:
+                return
+        params: dict[str, Any] = {"regions": self.regions, "markets": self.markets, "dateFormat": "iso",
+                                  "oddsFormat": self.normaliser.odds_format}
+        if self.bookmakers:
+            params["bookmakers"] = self.bookmakers
+            del params["regions"]
+        headers = {}
+        if self.conditional and key in self.etags:
+            headers["If-None-Match"] = self.etags[key]
+        res = await self.http.get(f"/sports/{key}/odds", params, headers=headers)
+        if res.status == 304 or not res.body.strip():
+            self.not_modified += res.status == 304
+            self.confirm(res.recv_ms)
+            return
+        etag = res.headers.get("etag")
+        if etag and self.conditional:
+            self.etags[key] = etag
+        self.normaliser.expect(key)
+        rejected = self.ingest.stats.rejected
+        await self.ingest_body(res.body, res.recv_ms)
+        if self.ingest.stats.rejected > rejected:
+            self.etags.pop(key, None)  # a rejected body must be fetched whole next time
+
+
+# --- building from a --source spec -------------------------------------------------------
+
+_HTTP_FIELDS = {f for f in HttpOptions.__dataclass_fields__}
+_POLL_FIELDS = {f for f in PollerOptions.__dataclass_fields__}
+
+
+def _typed(spec: SourceSpec, key: str, default: Any) -> Any:
+    raw = spec.get(key)
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"source {spec.name}: {key} must be true or false, not {raw!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"source {spec.name}: {key} must be a whole number, not {raw!r}") from None
+    if isinstance(default, float):
+        return spec.get_float(key, default)
+    return raw
+
+
+def _split(value: str) -> list[str]:
+    return [v for v in value.replace(";", "+").split("+") if v]
+
+
+def build_http(spec: SourceSpec, *, base_url: str, provider: str, defaults: HttpOptions | None = None,
+               api_key_query: str | None = None, transport: httpx.AsyncBaseTransport | None = None) -> ProviderHttp:
+    """A :class:`ProviderHttp` from a spec's options (see :func:`run_pinnacle_source`)."""
+    d = defaults or HttpOptions()
+    opts = HttpOptions(**{f: _typed(spec, f, getattr(d, f)) for f in _HTTP_FIELDS})
+    api_key = None
+    if spec.get("api_key"):
+        where = spec.get("api_key_in", "query" if api_key_query else "header")
+        if where == "query":
+            api_key = ApiKeyAuth(Secret(spec.get("api_key") or ""), query_param=spec.get("api_key_param", api_key_query or "apiKey"))
+        else:
+            api_key = ApiKeyAuth(Secret(spec.get("api_key") or ""), header=spec.get("api_key_header", "X-API-Key"))
+    basic = None
+    if spec.get("user") is not None:
+        basic = BasicAuth(spec.get("user") or "", Secret(spec.get("password") or ""))
+    token = None
+    if spec.get("client_id") is not None:
+        token = TokenAuth(spec.get("token_url", _token_url(base_url)) or "", spec.get("client_id") or "",
+                          Secret(spec.get("client_secret") or ""),
+                          refresh_margin_s=spec.get_float("token_refresh_margin_s", 30.0))
+    signer = None
+    if spec.get("hmac_secret") is not None:
+        signer = HmacSigner(spec.get("hmac_key_id", "oddsfeed") or "oddsfeed", Secret(spec.get("hmac_secret") or ""))
+    return ProviderHttp(base_url, provider=provider, options=opts, api_key=api_key, basic=basic, token=token,
+                        signer=signer, transport=transport)
+
+
+def _token_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.netloc}/v1/token"
+
+
+def _poller_options(spec: SourceSpec, defaults: PollerOptions) -> PollerOptions:
+    return PollerOptions(**{f: _typed(spec, f, getattr(defaults, f)) for f in _POLL_FIELDS})
+
+
+def _stale_after_ms(settings: Settings, opts: PollerOptions, http: HttpOptions) -> int:
+    cadence = max(opts.live_interval_s, opts.min_interval_s)
+    return max(settings.stale_in_play_ms, int((2.5 * cadence + http.deadline_s) * 1000))
+
+
+async def _run(source: PollerSource, on_source: Callable[[PollerSource], None] | None) -> None:
+    if on_source is not None:
+        on_source(source)
+    try:
+        await source.run()
+    finally:
+        await source.http.aclose()
+
+
+async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec, *,
+                              on_source: Callable[[PollerSource], None] | None = None) -> None:
+    """Poll a Pinnacle-style Lines API into ``store`` until cancelled.
+
+    Spec options: ``sports=29+4`` (sportIds, default 29; ``all`` = every sport
+    ``/v2/sports`` lists with offerings), ``odds_format=
+    decimal|american``, credentials (``user``/``password`` → Basic,
+    ``api_key`` → ``X-API-Key`` header, ``client_id``/``client_secret``/
+    ``token_url`` → tokens, ``hmac_key_id``/``hmac_secret`` → signing),
+    cadence (``interval_s`` 60, ``live_interval_s`` 5, ``min_interval_s`` 5 —
+    the historic delta limit —, ``fixtures_interval_s`` 60, ``resync_s`` 3600) and every :class:`HttpOptions` /
+    :class:`PollerOptions` field by name (``deadline_s=2``, ``rate_per_s=1`` …).
+    """
+    odds_format = spec.get("odds_format", "decimal")
+    if odds_format not in ("decimal", "american"):
+        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american")
+    sports_text = spec.get("sports", "29") or "29"
+    try:
+        sports = None if sports_text == "all" else [int(s) for s in _split(sports_text)]
+    except ValueError:
+        raise ConfigError(f"source {spec.name}: sports must be sportIds like 29+4, or all") from None
+    http = build_http(spec, base_url=spec.url, provider=spec.name, defaults=HttpOptions(rate_per_s=2.0, burst=4))
+    opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=5.0, min_interval_s=5.0))
+    normaliser = PinnacleNormaliser(spec.name, odds_format=odds_format)  # type: ignore[arg-type]
+    ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="pinnacle",
+                    stale_after_ms=_stale_after_ms(settings, opts, http.options))
+    source = PinnacleSource(ingest, http, opts, sports=sports, normaliser=normaliser,
+                            fixtures_interval_s=spec.get_float("fixtures_interval_s", 60.0),
+                            resync_s=spec.get_float("resync_s", 3600.0))
+    await _run(source, on_source)
+
+
+async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSpec, *,
+                                on_source: Callable[[PollerSource], None] | None = None) -> None:
+    """Poll The Odds API v4 (or the simulator's copy of it) until cancelled.
+
+    Spec options: ``sport=soccer_epl+basketball_nba`` (or ``all``, or
+    ``upcoming``, the default), ``regions=eu``, ``markets=h2h+spreads+totals``,
+    ``bookmakers=``, ``odds_format=decimal|american``, ``mode=snapshot|
+    conditional``, ``api_key`` (query ``apiKey`` by default; ``api_key_in=
+    header``), token / HMAC options as for Pinnacle, ``interval_s`` 60,
+    ``live_interval_s`` 40 (the provider's refresh of featured markets: polling
+    faster wastes quota), ``min_interval_s`` 20 (the fastest refresh, exchanges
+    in play; ``0`` for a local simulator), ``quota_low_water``, ``quota_reserve`` and the other
+    :class:`HttpOptions` / :class:`PollerOptions` fields.
+    """
+    odds_format = spec.get("odds_format", "decimal")
+    if odds_format not in ("decimal", "american"):
+        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american")
+    mode = spec.get("mode", "snapshot")
+    if mode not in ("snapshot", "conditional"):
+        raise ConfigError(f"source {spec.name}: mode must be snapshot or conditional")
+    base = spec.url.rstrip("/")
+    if not urlsplit(base).path.endswith("/v4"):
+        base += "/v4"
+    http = build_http(spec, base_url=base, provider=spec.name, api_key_query="apiKey",
+                      defaults=HttpOptions(rate_per_s=5.0, burst=5))
+    opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=40.0, min_interval_s=20.0))
+    normaliser = TheOddsApiNormaliser(spec.name, odds_format=odds_format)  # type: ignore[arg-type]
+    ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="theoddsapi",
+                    stale_after_ms=_stale_after_ms(settings, opts, http.options))
+    sports = _split(spec.get("sport", spec.get("sports", "upcoming")) or "upcoming")
+    source = TheOddsApiSource(ingest, http, opts, sports=sports, normaliser=normaliser,
+                              regions=spec.get("regions", "eu") or "eu",
+                              markets=",".join(_split(spec.get("markets", "h2h+spreads+totals") or "h2h")),
+                              bookmakers=",".join(_split(spec.get("bookmakers", "") or "")) or None,
+                              conditional=mode == "conditional")
+    await _run(source, on_source)
+

@@ -1,0 +1,265 @@
+"""PinnacleNormaliser on hand-written Lines API bodies (tests/fixtures/pinnacle).
+
+The golden scenario's expected updates and final markets were written by
+hand from the provider docs (``*.expected.json``), never by saving our own
+output. Updates go through the same Book as the ingest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from feed.book import Book
+from feed.errors import FeedDecodeError
+from feed.models import Market, Selection
+from feed.normalise.base import MarketUpdate
+from feed.normalise.pinnacle import PinnacleNormaliser, market_id_parts
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pinnacle"
+
+
+def load(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def check_selections(got: list[Selection], want: list[dict[str, Any]]) -> None:
+    assert [s.selection_id for s in got] == [w["selection_id"] for w in want]
+    for s, w in zip(got, want, strict=True):
+        for key, value in w.items():
+            assert getattr(s, key) == value, (s.selection_id, key)
+
+
+def check_market(m: Market, want: dict[str, Any]) -> None:
+    for key, value in want.items():
+        if key == "selections":
+            check_selections(m.selections, value)
+        else:
+            assert getattr(m, key) == value, (m.market_id, key)
+
+
+def check_updates(got: list[MarketUpdate], want: list[dict[str, Any]]) -> None:
+    assert sorted(u.market_id for u in got) == sorted(w["market_id"] for w in want)
+    by_id = {u.market_id: u for u in got}
+    for w in want:
+        u = by_id[w["market_id"]]
+        assert u.image == w["image"], w["market_id"]
+        if u.image:
+            continue
+        assert (u.header is not None) == w["header"], w["market_id"]
+        assert [s.selection_id for s in u.selections] == w["selections"], w["market_id"]
+        if "status" in w:
+            assert u.header is not None and u.header.status == w["status"], w["market_id"]
+        if "suspend_reason" in w:
+            assert u.header is not None and u.header.suspend_reason == w["suspend_reason"], w["market_id"]
+        if "source_ts" in w:
+            assert u.source_ts == w["source_ts"], w["market_id"]
+
+
+def run_scenario(name: str) -> tuple[PinnacleNormaliser, Book, dict[str, Any]]:
+    expected = json.loads((FIXTURES / name).read_text())
+    n = PinnacleNormaliser(expected["source"], odds_format=expected["odds_format"])
+    book = Book()
+    for step in expected["steps"]:
+        n.expect(step["endpoint"], snapshot=step["snapshot"])
+        batch = n.feed(load(step["body"]), step["recv_ms"])
+        check_updates(batch.updates, step["updates"])
+        assert json.loads(n.cursor()) == step["cursor"], step["body"]
+        for u in batch.updates:
+            book.apply(u, stored_at=step["recv_ms"])
+    return n, book, expected
+
+
+def test_golden_soccer_match() -> None:
+    n, book, expected = run_scenario("soccer_match.expected.json")
+    assert set(book.markets) == set(expected["final"])
+    for mid, want in expected["final"].items():
+        check_market(book.markets[mid], want)
+    assert n.dropped["stale_response"] == 1
+
+
+def test_golden_american_prices_are_converted_to_decimal() -> None:
+    expected = json.loads((FIXTURES / "american_odds.expected.json").read_text())
+    n = PinnacleNormaliser(odds_format="american")
+    n.expect("fixtures", snapshot=True)
+    n.feed(load("american_fixtures.json"), 1755349200000)
+    n.expect("odds", snapshot=True)
+    batch = n.feed(load("american_odds.json"), 1755349200000)
+    book = Book()
+    for u in batch.updates:
+        book.apply(u)
+    assert set(book.markets) == set(expected) - {"_comment"}
+    for mid, want in expected.items():
+        if mid != "_comment":
+            check_market(book.markets[mid], want)
+
+
+def test_without_a_hint_the_endpoint_is_recognised_and_taken_as_delta() -> None:
+    n = PinnacleNormaliser()
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    batch = n.feed(load("02_odds_snapshot.json"), 1755349200000)
+    assert batch.op == "odds" and len(batch.updates) == 6
+    assert n.since("odds", 29) == 2000 and n.since("fixtures", 29) == 1000
+    # a body with neither list says nothing
+    assert n.feed(b'{"sportId": 29, "last": 9999}', 1755349200001).updates == []
+
+
+def test_odds_before_their_fixture_are_rendered_when_it_arrives() -> None:
+    n = PinnacleNormaliser()
+    n.expect("odds", snapshot=True)
+    assert n.feed(load("02_odds_snapshot.json"), 1755349200000).updates == []
+    assert n.missing_fixtures == {1590000001, 1590000002}
+    n.expect("fixtures", snapshot=True)
+    batch = n.feed(load("01_fixtures_snapshot.json"), 1755349200500)
+    assert len(batch.updates) == 6 and all(u.image for u in batch.updates)
+    assert n.missing_fixtures == set()
+
+
+def test_a_snapshot_suspends_what_it_no_longer_lists() -> None:
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=True)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    n.expect("odds", snapshot=True)
+    n.feed(load("02_odds_snapshot.json"), 1755349200000)
+    body = json.loads(load("02_odds_snapshot.json"))
+    body["last"] = 3000
+    body["leagues"][0]["events"] = body["leagues"][0]["events"][1:]  # only the corners event is left
+    n.expect("odds", snapshot=True)
+    batch = n.feed(json.dumps(body).encode(), 1755349300000)
+    suspended = sorted(u.market_id for u in batch.updates)
+    assert suspended == ["pn:1590000001:0:moneyline", "pn:1590000001:0:spread:-0.25", "pn:1590000001:0:spread:-0.5",
+                         "pn:1590000001:0:total:2.5", "pn:1590000001:1:moneyline"]
+    assert all(u.header is not None and u.header.status == "SUSPENDED" and u.header.suspend_reason == "not_offered"
+               for u in batch.updates)
+
+
+def test_an_online_period_past_its_cutoff_is_suspended() -> None:
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=True)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    n.expect("odds", snapshot=True)
+    batch = n.feed(load("02_odds_snapshot.json"), 1755352800000)  # received exactly at the cutoff
+    assert {u.header.status for u in batch.updates if u.header} == {"SUSPENDED"}
+    assert {u.header.suspend_reason for u in batch.updates if u.header} == {"past_cutoff"}
+
+
+def test_restore_resumes_the_cursor_and_suspends_vanished_lines() -> None:
+    n, book, _ = run_scenario("soccer_match.expected.json")
+    n2 = PinnacleNormaliser()
+    n2.restore(n.cursor(), book.markets.values())
+    assert n2.since("odds", 29) == 2300
+    # after the restart: fixtures snapshot, then a delta for the 1st-half period without its moneyline
+    n2.expect("fixtures", snapshot=True)
+    fx = json.loads(load("01_fixtures_snapshot.json"))
+    fx["league"][0]["events"].append(json.loads(load("05_fixtures_delta_live.json"))["league"][0]["events"][0])
+    fx["last"] = 1200
+    assert n2.feed(json.dumps(fx).encode(), 1755353500000).updates == []  # names unchanged: nothing to say
+    delta = {"sportId": 29, "last": 2400, "leagues": [{"id": 1980, "events": [{"id": 1590000099, "periods": [
+        {"lineId": 2711111300, "number": 1, "cutoff": "2025-08-16T15:55:00Z", "status": 1,
+         "moneylineUpdatedAt": "2025-08-16T14:11:00Z", "totals": [{"points": 0.5, "over": 1.5, "under": 2.5}]}]}]}]}
+    n2.expect("odds", snapshot=False)
+    batch = n2.feed(json.dumps(delta).encode(), 1755353500000)
+    by_id = {u.market_id: u for u in batch.updates}
+    assert by_id["pn:1590000001:1:moneyline"].header.suspend_reason == "not_offered"  # type: ignore[union-attr]
+    assert by_id["pn:1590000001:1:total:0.5"].image
+    for u in batch.updates:
+        assert book.apply(u) is not None
+    assert json.loads(n2.cursor())["odds"] == {"29": 2400}
+
+
+def test_a_period_older_than_the_one_held_is_ignored() -> None:
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=True)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    n.expect("odds", snapshot=True)
+    n.feed(load("03_odds_delta.json"), 1755349500000)
+    old = json.loads(load("02_odds_snapshot.json"))
+    old["last"] = 2500  # a newer cursor carrying an older period (13:04:59 → 12:59:58)
+    n.expect("odds", snapshot=False)
+    batch = n.feed(json.dumps(old).encode(), 1755349600000)
+    assert "pn:1590000001:0:moneyline" not in {u.market_id for u in batch.updates}
+    assert n.dropped["stale_period"] == 1
+
+
+def _snapshot_with(**moneyline: Any) -> bytes:
+    body = json.loads(load("02_odds_snapshot.json"))
+    body["leagues"][0]["events"][0]["periods"][0]["moneyline"].update(moneyline)
+    return json.dumps(body, allow_nan=True).encode()
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (_snapshot_with(home=0.95), "invalid_price"),
+    (_snapshot_with(home=1.0), "invalid_price"),
+    (_snapshot_with(home=1500), "invalid_price"),
+    (_snapshot_with(home="2.10"), "invalid_price"),
+    (_snapshot_with(home=True), "invalid_price"),
+    (_snapshot_with(home=float("nan")), "invalid_json"),  # NaN is not JSON
+    (b'{"sportId": 29, "last": 2000, "leagues": [{"id": 1980, "events": [', "invalid_json"),
+    (b"\xff\xfe not json", "invalid_json"),
+    (b'{"sportId": "soccer", "last": 1}', "invalid_schema"),
+    (b'{"sportId": 29, "last": 100000000000000000000000000000}', "invalid_schema"),
+    (b'[1, 2, 3]', "invalid_schema"),
+])
+def test_bad_bodies_are_rejected_whole(body: bytes, reason: str) -> None:
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=True)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    before = n.cursor()
+    n.expect("odds", snapshot=True)
+    with pytest.raises(FeedDecodeError) as info:
+        n.feed(body, 1755349200000)
+    assert info.value.reason == reason
+    assert info.value.raw == body
+    assert n.cursor() == before
+    assert n.differ.emitted == {}
+    n.expect("odds", snapshot=True)  # the next good body goes through
+    assert len(n.feed(load("02_odds_snapshot.json"), 1755349200000).updates) == 6
+
+
+def test_american_price_out_of_range_is_invalid_price() -> None:
+    n = PinnacleNormaliser(odds_format="american")
+    body = json.loads(load("american_odds.json"))
+    body["leagues"][0]["events"][0]["periods"][0]["moneyline"]["home"] = 50
+    with pytest.raises(FeedDecodeError) as info:
+        n.feed(json.dumps(body).encode(), 1)
+    assert info.value.reason == "invalid_price" and "moneyline.home" in info.value.detail
+
+
+def test_names_are_cleaned() -> None:
+    n = PinnacleNormaliser()
+    fx = json.loads(load("01_fixtures_snapshot.json"))
+    fx["league"][0]["events"][0]["home"] = "Arse\u202enal\u0000 " + "x" * 500
+    n.expect("fixtures", snapshot=True)
+    n.feed(json.dumps(fx).encode(), 1)
+    assert n.fixtures[1590000001].home == ("Arsenal " + "x" * 500)[:200]
+
+
+def test_market_id_parts() -> None:
+    assert market_id_parts("pn:1590000001:0:moneyline") == (1590000001, "", 0, "moneyline", None)
+    assert market_id_parts("pn:1590000001:0:corners:total:9.5") == (1590000001, "corners", 0, "total", "9.5")
+    assert market_id_parts("pn:1:2:spread:-0.25") == (1, "", 2, "spread", "-0.25")
+    assert market_id_parts("bf:1.23") is None
+    assert market_id_parts("pn:x:0:moneyline") is None
+
+
+def test_updates_round_trip_through_msgspec() -> None:
+    _, book, _ = run_scenario("soccer_match.expected.json")
+    for m in book.markets.values():
+        assert msgspec.json.decode(msgspec.json.encode(m), type=Market) == m
+
+
+def test_a_body_of_the_wrong_endpoint_or_sport_is_rejected() -> None:
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=False, sport_id=29)
+    with pytest.raises(FeedDecodeError) as info:
+        n.feed(load("02_odds_snapshot.json"), 1)  # an odds body answering a fixtures call
+    assert info.value.reason == "invalid_schema"
+    n.expect("odds", snapshot=True, sport_id=4)
+    with pytest.raises(FeedDecodeError) as info:
+        n.feed(load("02_odds_snapshot.json"), 1)  # soccer odds answering a basketball call
+    assert info.value.reason == "invalid_schema"
+    assert n.cursor() == '{"fixtures":{},"odds":{}}'  # no cursor moved

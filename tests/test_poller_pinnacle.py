@@ -1,0 +1,246 @@
+"""The Pinnacle poller end to end: HTTP providers simulator on 127.0.0.1 →
+real poller (httpx) → Ingest → real Redis, with every fault switched on.
+
+Behaviour asserted (research/reliability.md c1, c5): the final Redis
+snapshot equals the simulator's truth, each market's deltas are sequenced
+exactly once, no request went out before a Retry-After expired (server-side
+timestamps), bad bodies are quarantined with their reason while ingestion
+carries on, a restarted ingest resumes from the stored cursor, tokens are
+refreshed once for many concurrent requests, and a DOWN → UP transition
+shows up over SSE with stale markers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import pytest
+
+from feed.sources.http_auth import HmacSigner, Secret, TokenAuth
+from feed.sources.http_limits import AuthError
+from feed.sources.poller import HttpOptions, PinnacleSource, ProviderHttp
+from feed.store import Store
+from tests.poller_helpers import (
+    FAST,
+    assert_log_sequenced,
+    assert_retry_after_honoured,
+    converge,
+    eventually,
+    poller,
+    providers,
+    stored,
+    wait_faults_consumed,
+)
+from tests.streaming_helpers import SSEReader, make_app, serve
+
+SPORTS = "sports=29+33+4"
+
+
+def spec(url: str, extra: str = "") -> str:
+    return f"pinnacle={url},user=demo,password=demo,{SPORTS},fixtures_interval_s=0.3,{FAST}" + (f",{extra}" if extra else "")
+
+
+async def test_pinnacle_faults_end_to_end(redis_url: str) -> None:
+    store = await Store.open(redis_url)
+    try:
+        async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
+            assert isinstance(src, PinnacleSource)
+            await eventually(lambda: src.ingest.health.state == "UP", what="source UP")
+            await eventually(lambda: stored(store, "pinnacle"), what="markets stored")
+            # throttling and server errors
+            sim.rate_limit(2, retry_after_s=1, provider="pinnacle")
+            await wait_faults_consumed(sim)
+            sim.server_error(2, provider="pinnacle")
+            await wait_faults_consumed(sim)
+            # a stalled reply and a trickled body, both beyond the 1 s deadline
+            sim.stall(1, seconds=1.6, provider="pinnacle")
+            await wait_faults_consumed(sim)
+            sim.trickle(1, seconds=1.6, provider="pinnacle")
+            await wait_faults_consumed(sim)
+            # duplicate and out-of-order deltas (an old `last`)
+            sim.duplicate(2)
+            sim.replay_old(2)
+            await wait_faults_consumed(sim)
+            # bad bodies
+            for kind in ("truncated", "bad_price", "wrong_type"):
+                sim.malformed(1, kind=kind, provider="pinnacle")
+                await wait_faults_consumed(sim)
+            await asyncio.sleep(1.7)  # let the stalled/trickled handlers finish on the server side
+            await eventually(lambda: src.ingest.health.state == "UP", what="source UP again")
+            markets = await converge(store, sim, "pinnacle", "pinnacle")
+            assert not task.done()
+
+            assert_retry_after_honoured(sim, "pinnacle")
+            assert src.http.stats["deadline"] >= 2  # the stall and the trickle
+            assert {"rate_limited", "upstream_5xx", "timeout"} <= set(src.failures)
+            # the replayed old answers (and duplicates that carried data) were dropped whole
+            assert src.normaliser.dropped["stale_response"] >= 2
+            counts = (await store.quarantine_counts())["pinnacle"]
+            assert counts == {"invalid_json": 1, "invalid_price": 1, "invalid_schema": 1}
+            reasons = {q["reason"] for q in await store.quarantined()}
+            assert reasons == {"invalid_json", "invalid_price", "invalid_schema"}
+            await assert_log_sequenced(store, markets)
+            # the model's in-play events went through the live event (parentId) and kept their ids
+            live = [e for e in sim.pn_events.values() if e.live_status == 1]
+            assert live and all(f"pn:{e.parent}:0:moneyline" in markets for e in live if e.period.ml is not None
+                                and f"pn:{e.parent}:0:moneyline" in sim.pn_served)
+            assert not any(mid.startswith(f"pn:{e.id}:") for e in live for mid in markets)
+            assert any(m.in_play for m in markets.values())
+            # health: UP with the cursor stored, lag measured
+            health = {h.source: h for h in await store.sources()}["pinnacle"]
+            assert health.state == "UP" and health.kind == "pinnacle" and health.cursor
+            await eventually(lambda: _stored_odds_cursor(store, "29", sim.pn_last), what="cursor stored with the data")
+            p50, p99 = src.lag.percentiles()
+            assert p50 is not None and p99 is not None and p50 <= p99
+    finally:
+        await store.close()
+
+
+async def test_pinnacle_restart_resumes_from_the_stored_cursor(redis_url: str) -> None:
+    store = await Store.open(redis_url)
+    try:
+        async with providers() as sim:
+            async with poller("pinnacle", store, spec(sim.url)) as (src, _):
+                await eventually(lambda: src.normaliser.since("odds", 29) is not None and src.polls >= 6,
+                                 what="a few polls")
+            cursor = json.loads(await store.load_cursor("pinnacle") or "{}")
+            assert set(cursor) == {"fixtures", "odds"} and cursor["odds"]["29"] > 0
+            await asyncio.sleep(0.5)  # the providers move on while the ingest is down
+            before = len(sim.requests)
+            async with poller("pinnacle", store, spec(sim.url)) as (src2, _):
+                await eventually(lambda: src2.polls >= 3, what="polls after the restart")
+                first = {}
+                for r in list(sim.requests)[before:]:
+                    if r.path in ("/v2/odds", "/v1/fixtures"):
+                        first.setdefault((r.path, r.query["sportId"]), r.query)
+                for sport in ("29", "33", "4"):
+                    assert first[("/v2/odds", sport)].get("since") == str(cursor["odds"][sport])  # resumed
+                    assert "since" not in first[("/v1/fixtures", sport)]  # names and parentId links re-read whole
+                markets = await converge(store, sim, "pinnacle", "pinnacle")
+                await assert_log_sequenced(store, markets)  # seq continued from the stored snapshots
+    finally:
+        await store.close()
+
+
+async def test_pinnacle_tokens_refresh_once_and_requests_are_signed(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "hmac-secret-7f3a"
+    store = await Store.open(redis_url)
+    try:
+        async with providers(require_token=True, hmac_secret=secret, client_secret="client-secret-91bd") as sim:
+            creds = "client_id=sim-client,client_secret=client-secret-91bd,hmac_key_id=sim,hmac_secret=hmac-secret-7f3a"
+            text = f"pinnacle={sim.url},{creds},{SPORTS},fixtures_interval_s=0.3,{FAST}"
+            async with poller("pinnacle", store, text) as (src, _):
+                await eventually(lambda: src.polls >= 3, what="signed, token-authenticated polls")
+                assert sim.token_requests == 1
+                sim.expire_tokens()  # every token revoked: the next request gets 401
+                await eventually(lambda: sim.token_requests == 2 and src.polls >= 6, what="refresh after 401")
+                assert src.http.stats["token_retries"] == 1
+                assert src.ingest.health.state == "UP"
+
+            # many concurrent requests after a revocation share one refresh
+            token = TokenAuth("/v1/token", "sim-client", Secret("client-secret-91bd"))
+            http = ProviderHttp(sim.url, provider="pinnacle", options=HttpOptions(rate_per_s=1000, burst=100),
+                                token=token, signer=HmacSigner("sim", Secret(secret)))
+            try:
+                await http.get("/v2/sports")
+                sim.expire_tokens()
+                n = sim.token_requests
+                results = await asyncio.gather(*(http.get("/v1/fixtures", {"sportId": 29}) for _ in range(12)))
+                assert {r.status for r in results} == {200}
+                assert sim.token_requests == n + 1 and token.refreshes == 2
+            finally:
+                await http.aclose()
+
+            # refreshed before expiry: a short-lived token never meets a 401
+            async with providers(require_token=True, token_ttl_s=1.0) as sim2:
+                token2 = TokenAuth("/v1/token", "sim-client", Secret("sim-secret"), refresh_margin_s=0.6)
+                http2 = ProviderHttp(sim2.url, provider="pinnacle", options=HttpOptions(rate_per_s=1000, burst=100),
+                                     token=token2)
+                try:
+                    for _ in range(3):
+                        results = await asyncio.gather(*(http2.get("/v2/sports") for _ in range(8)))
+                        assert {r.status for r in results} == {200}
+                        await asyncio.sleep(0.5)
+                    assert 2 <= sim2.token_requests <= 4  # one per expiry window, never one per request
+                    assert http2.stats["token_retries"] == 0
+                finally:
+                    await http2.aclose()
+
+            # a wrong signing secret is refused, typed and fatal
+            bad = ProviderHttp(sim.url, provider="pinnacle", token=TokenAuth("/v1/token", "sim-client",
+                               Secret("client-secret-91bd")), signer=HmacSigner("sim", Secret("wrong")))
+            try:
+                with pytest.raises(AuthError):
+                    await bad.get("/v2/sports")
+            finally:
+                await bad.aclose()
+    finally:
+        await store.close()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for s in (secret, "client-secret-91bd"):
+        assert s not in logged
+    assert secret not in repr(src) and secret not in repr(src.http.signer)
+
+
+async def test_pinnacle_down_then_up_is_visible_over_sse(redis_url: str) -> None:
+    store = await Store.open(redis_url)
+    try:
+        async with providers() as sim, poller("pinnacle", store, spec(sim.url, "breaker_failures=2")) as (src, _):
+            await eventually(lambda: src.ingest.health.state == "UP", what="source UP")
+            app = make_app(store=store)
+            async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, read=None)) as http:
+                await eventually(lambda: _markets(http, "pinnacle"), what="markets served")
+                async with http.stream("GET", "/v1/stream?heartbeat_ms=500") as resp:
+                    sse = SSEReader(resp)
+                    snap = await sse.until(lambda e: e.event == "snapshot")
+                    ours = {m["market_id"] for m in snap.data["markets"] if m["source"] == "pinnacle"}
+                    assert ours and not any(m["stale"] for m in snap.data["markets"] if m["source"] == "pinnacle")
+
+                    sim.server_error(100_000, status=503, provider="pinnacle")  # the provider goes away
+                    down = await sse.until(lambda e: e.event == "status" and e.data["source"] == "pinnacle"
+                                           and e.data["state"] == "DOWN", timeout_s=15)
+                    assert down.data["reason"] == "circuit_open"
+                    assert set(down.data["stale_markets"]) >= ours - {m for m in ours if not m.startswith("pn:")}
+                    listing = await _markets(http, "pinnacle")
+                    assert listing and all(m["stale"] for m in listing)
+
+                    sim.clear_faults()  # back: the half-open probe succeeds
+                    up = await sse.until(lambda e: e.event == "status" and e.data["source"] == "pinnacle"
+                                         and e.data["state"] == "UP", timeout_s=15)
+                    assert up.data["stale_markets"] == []
+                    await eventually(lambda: _all_fresh(http, "pinnacle"), what="markets fresh again")
+            assert src.http.breaker.opens >= 1
+    finally:
+        await store.close()
+
+
+async def _stored_odds_cursor(store: Store, sport: str, last: int) -> bool:
+    return json.loads(await store.load_cursor("pinnacle") or "{}").get("odds", {}).get(sport) == last
+
+
+async def _markets(http: httpx.AsyncClient, source: str) -> list[dict[str, object]]:
+    r = await http.get("/v1/markets")
+    return [m for m in r.json()["markets"] if m["source"] == source]
+
+
+async def _all_fresh(http: httpx.AsyncClient, source: str) -> bool:
+    listing = await _markets(http, source)
+    return bool(listing) and not any(m["stale"] for m in listing)
+
+
+
+async def test_pinnacle_all_sports_come_from_the_cached_sports_list(redis_url: str) -> None:
+    store = await Store.open(redis_url)
+    try:
+        text = f"pinnacle={{url}},user=demo,password=demo,sports=all,fixtures_interval_s=0.3,{FAST}"
+        async with providers() as sim, poller("pinnacle", store, text.format(url=sim.url)) as (src, _):
+            await eventually(lambda: src.polls >= 9, what="polls of every sport")
+            paths = [r for r in sim.requests if r.provider == "pinnacle"]
+            assert sum(r.path == "/v2/sports" for r in paths) == 1  # loaded once, then cached
+            assert {r.query["sportId"] for r in paths if r.path == "/v2/odds"} == {"29", "33", "4"}
+    finally:
+        await store.close()
