@@ -202,7 +202,7 @@ async def serve_api(settings: Settings, store: Any, sock: socket.socket) -> None
     from streaming.app import StreamingServer, create_app
 
     app = create_app(settings, store=store)
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", ws_max_size=64 * 1024,
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", ws_max_size=256 * 1024,
                             timeout_graceful_shutdown=3)
     server = StreamingServer(config, app)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

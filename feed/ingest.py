@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+from feed.aio import wait_event
 from feed.book import Book
 from feed.errors import FeedDecodeError
 from feed.models import Delta, SourceHealth, SourceState
@@ -214,3 +215,47 @@ class Ingest:
         h.cursor = self.cursor
         h.updated_at = self.clock_ms()
         await self.store.set_health(h)
+
+
+class HealthPublisher:
+    """Persists a source's health about once a second, and at once when
+    :meth:`wake` is called (a state change). Use as an async context
+    manager around the source's run; leaving it publishes a last time.
+
+    It stops on its own flag rather than by cancellation alone, so a
+    cancellation swallowed inside a Redis call can never keep it running.
+    """
+
+    def __init__(self, ingest: Ingest, interval_s: float = 1.0) -> None:
+        self.ingest = ingest
+        self.interval_s = interval_s
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await wait_event(self._wake, self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                await self.ingest.publish_health()
+            except Exception as exc:  # a Redis hiccup must not stop the source
+                logger.warning("could not publish health of %s: %s", self.ingest.source, exc)
+
+    async def __aenter__(self) -> "HealthPublisher":
+        self._task = asyncio.create_task(self._run(), name=f"health-{self.ingest.source}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=5.0)
+            if not done:
+                task.cancel()

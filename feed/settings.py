@@ -46,12 +46,31 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: tuple[str, ...] = ()
     """API keys accepted on /v1 (empty = no auth)."""
     allowed_origins: tuple[str, ...] = ()
-    """WebSocket Origin allow-list (empty = any)."""
+    """WebSocket Origin allow-list (empty = any; a request without Origin, i.e. not a browser, passes)."""
+    stale_after_ms_by_sport: tuple[str, ...] = ()
+    """Per-sport staleness ages overriding stale_*_ms: "soccer=8000", "tennis:in_play=5000",
+    "horse_racing:pre_match=120000" (comma-separated in the environment), ms."""
+    jwt_secrets: tuple[str, ...] = ()
+    """HS256 secrets accepted for JWTs on /v1 (empty = no JWT; several = key rotation)."""
+    jwt_audience: str | None = None
+    """Required JWT ``aud`` (None = not checked)."""
+    jwt_issuer: str | None = None
+    """Required JWT ``iss`` (None = not checked)."""
+    max_connections_per_ip: int = 1000
+    """Open TCP connections allowed per client IP (0 = no cap); more get 429 and are closed."""
+    request_header_timeout_ms: int = 10_000
+    """A request's headers must arrive whole within this long (slowloris guard; 0 = off), ms."""
+    price_check_max_age_in_play_ms: int = 5_000
+    """Default max_age_ms of a price check on an in-play market, ms."""
+    price_check_max_age_pre_match_ms: int = 30_000
+    """Default max_age_ms of a price check on a pre-match market, ms."""
+    price_check_deadline_ms: int = 250
+    """A price-check request body must arrive within this long, ms."""
 
 
 
 
-_TUPLE_FIELDS = {"api_keys", "allowed_origins"}
+_TUPLE_FIELDS = {"api_keys", "allowed_origins", "stale_after_ms_by_sport", "jwt_secrets"}
 
 
 def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:

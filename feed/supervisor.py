@@ -25,7 +25,7 @@ from typing import Any
 
 from feed.book import Book
 from feed.errors import ConfigError
-from feed.ingest import Ingest
+from feed.ingest import HealthPublisher, Ingest
 from feed.normalise.betfair import BetfairNormaliser
 from feed.settings import Settings
 from feed.sources.esa import EsaClient, default_market_data_filter, default_market_filter
@@ -34,20 +34,6 @@ from feed.sources.spec import SourceSpec
 from feed.store import Store
 
 logger = logging.getLogger(__name__)
-
-HEALTH_INTERVAL_S = 1.0
-
-
-async def _publish_health_forever(ingest: Ingest, wake: asyncio.Event) -> None:
-    while True:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wake.wait(), HEALTH_INTERVAL_S)
-        wake.clear()
-        try:
-            await ingest.publish_health()
-        except Exception as exc:  # a Redis hiccup must not stop the source
-            logger.warning("could not publish health of %s: %s", ingest.source, exc)
-
 
 async def run_esa_source(store: Store, settings: Settings, *, host: str, port: int, app_key: str,
                          session_token: str, name: str = "betfair", ssl: _ssl.SSLContext | None = None,
@@ -65,7 +51,7 @@ async def run_esa_source(store: Store, settings: Settings, *, host: str, port: i
     ingest = Ingest(store, source=name, normaliser=BetfairNormaliser(name, ladder_depth=settings.ladder_depth),
                     book=Book(), stale_after_ms=settings.stale_in_play_ms)
     await ingest.restore()
-    wake = asyncio.Event()
+    health = HealthPublisher(ingest)
 
     async def on_lines(lines: list[bytes], recv_ms: int) -> None:
         ingest.feed_lines(lines, recv_ms)
@@ -73,11 +59,11 @@ async def run_esa_source(store: Store, settings: Settings, *, host: str, port: i
         state = "DEGRADED" if ingest.degraded else "UP"
         reason = "upstream_503" if ingest.degraded else None
         if ingest.health.state != "DOWN" and ingest.set_state(state, reason):
-            wake.set()
+            health.wake()
 
     def on_health(state: str, reason: str | None) -> None:
         if ingest.set_state(state, reason):  # type: ignore[arg-type]
-            wake.set()
+            health.wake()
 
     client = EsaClient(
         host=host, port=port, app_key=app_key, session_token=session_token,
@@ -88,14 +74,11 @@ async def run_esa_source(store: Store, settings: Settings, *, host: str, port: i
     )
     if on_client is not None:
         on_client(client)
-    publisher = asyncio.create_task(_publish_health_forever(ingest, wake))
     try:
-        await client.run()
+        async with health:
+            await client.run()
     finally:
         client.stop()
-        publisher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await publisher
         ingest.set_state("DOWN", "stopped")
         with contextlib.suppress(Exception):
             await ingest.publish_health()
@@ -110,14 +93,8 @@ async def run_replay(store: Store, settings: Settings, paths: list[str | Path], 
     await ingest.restore()
     replay = Replay(paths, ingest, speed=speed, map_clock=map_clock, chunk_lines=settings.ingest_batch_max,
                     progress=progress)
-    wake = asyncio.Event()
-    publisher = asyncio.create_task(_publish_health_forever(ingest, wake))
-    try:
+    async with HealthPublisher(ingest):
         return await replay.run()
-    finally:
-        publisher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await publisher
 
 
 # --- --source dispatch ------------------------------------------------------------

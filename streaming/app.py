@@ -15,13 +15,17 @@ Routes: ``/v1/stream`` (SSE, :mod:`streaming.sse`), ``/v1/ws``
 (:mod:`streaming.ws`), ``/v1/markets``, ``/v1/markets/{id}``, ``/v1/events``,
 ``/v1/events/{id}``, ``/v1/sports``, ``/v1/sources``, ``/health``, ``/ready``
 (:mod:`streaming.rest`), and ``/`` (the static board in ``streaming/web``)
-when it exists. With ``settings.api_keys`` set, ``/v1/*`` needs a key in
-``X-API-Key``, ``Authorization: Bearer <key>`` or ``?api_key=``.
+when it exists, and ``/metrics`` (:mod:`streaming.metrics`). With
+``settings.api_keys`` or ``settings.jwt_secrets`` set, ``/v1/*`` needs a
+credential (:mod:`streaming.auth`).
+
+:class:`StreamingServer` also installs the connection guards of
+:mod:`streaming.server` (request-header deadline, per-IP cap, TCP
+keepalive, coalesced WebSocket writes) and the WebSocket ping settings.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,19 +34,20 @@ from typing import TypedDict
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.datastructures import QueryParams
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from feed.errors import ConfigError
 from feed.settings import Settings
 from feed.store import Store
 from streaming import rest
+from streaming.auth import AuthMiddleware
+from streaming.metrics import make_registry, metrics_endpoint
 from streaming.reader import Node
+from streaming.server import Guard, install
 from streaming.sse import stream
-from streaming.state import NodeOptions
+from streaming.state import NodeOptions, parse_stale_by_sport
 from streaming.ws import websocket_endpoint
 
 __all__ = ["AppState", "StreamingServer", "begin_shutdown", "create_app"]
@@ -68,6 +73,10 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
     CLI, not here). options: node tuning (:class:`~streaming.state.NodeOptions`).
     """
     opts = options or NodeOptions()
+    try:
+        parse_stale_by_sport(settings.stale_after_ms_by_sport)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
@@ -87,6 +96,7 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
                 await s.close()
             raise
         app.state.node = node
+        app.state.metrics_registry = make_registry(node)
         try:
             yield {"node": node}
         finally:
@@ -96,11 +106,16 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
         Route("/v1/stream", stream, methods=["GET"]),
         WebSocketRoute("/v1/ws", websocket_endpoint),
         *rest.routes(),  # type: ignore[list-item]
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     if (WEB_DIR / "index.html").is_file():
         routes.append(Mount("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web"))
-    middleware = [Middleware(ApiKeyMiddleware, keys=settings.api_keys)] if settings.api_keys else []
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    auth = bool(settings.api_keys or settings.jwt_secrets)
+    middleware = [Middleware(AuthMiddleware, settings=settings)] if auth else []
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.state.settings = settings
+    app.state.options = opts
+    return app
 
 
 def begin_shutdown(app: Starlette) -> None:
@@ -115,7 +130,10 @@ def begin_shutdown(app: Starlette) -> None:
 
 class StreamingServer(uvicorn.Server):
     """``uvicorn.Server`` that ends the app's streams before its graceful
-    shutdown waits for open connections.
+    shutdown waits for open connections, and installs the connection guards
+    of :mod:`streaming.server` from the app's settings (header deadline,
+    per-IP cap, coalesced WebSocket frames without permessage-deflate,
+    WebSocket ping interval/timeout and max message size from its options).
 
     Use as ``StreamingServer(uvicorn.Config(app, …), app).serve()``.
     """
@@ -123,39 +141,20 @@ class StreamingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
         self.streaming_app = app
+        settings: Settings | None = getattr(app.state, "settings", None)
+        options: NodeOptions | None = getattr(app.state, "options", None)
+        self.guard = Guard(
+            header_timeout_s=(settings.request_header_timeout_ms / 1000) if settings else 10.0,
+            max_per_ip=settings.max_connections_per_ip if settings else 0)
+        if options is not None:
+            config.ws_ping_interval = options.ws_ping_interval_s
+            config.ws_ping_timeout = options.ws_ping_timeout_s
+            # the app answers a too-big message with an error before closing (1009); the protocol's
+            # own limit (4× that) bounds what is ever buffered
+            config.ws_max_size = min(config.ws_max_size, 4 * options.ws_max_message_bytes)
+        if not config.loaded:
+            install(config, self.guard)
 
     async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[override]
         begin_shutdown(self.streaming_app)
         await super().shutdown(sockets)
-
-
-class ApiKeyMiddleware:
-    """Require an API key on ``/v1/*`` (HTTP → 401 JSON, WebSocket → close 1008)."""
-
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in keys]
-
-    def _ok(self, scope: Scope) -> bool:
-        key = None
-        for name, value in scope.get("headers", ()):
-            if name == b"x-api-key":
-                key = value
-            elif name == b"authorization" and value[:7].lower() == b"bearer ":
-                key = value[7:].strip()
-        if key is None:
-            q = QueryParams(scope.get("query_string", b"").decode("latin-1")).get("api_key")
-            key = q.encode() if q else None
-        if key is None:
-            return False
-        return any(hmac.compare_digest(key, k) for k in self.keys)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"].startswith("/v1/") and not self._ok(scope):
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008, "reason": "missing or invalid api key"})
-                return
-            await rest.json_error(401, "unauthorized", "send a valid API key in X-API-Key, "
-                                  "Authorization: Bearer <key> or ?api_key=")(scope, receive, send)
-            return
-        await self.app(scope, receive, send)

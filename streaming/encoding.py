@@ -13,11 +13,12 @@ never by re-encoding:
 Wire messages (all times integer ms since the Unix epoch, UTC)::
 
     snapshot   {"type":"snapshot","markets":[<market>…],"as_of":ms[,"recovered":bool][,"reason":str]}
-    delta      {"type":"delta", <feed.models.Delta fields>, "sent_at":ms, "age_ms":int, "stale":bool}
-               (kind "image": "market" is a <market>)
+    delta      {"type":"delta", <feed.models.Delta fields>[,"conflated":true], "sent_at":ms, "age_ms":int,
+                "stale":bool}   (kind "image": "market" is a <market>; "conflated": the message stands
+                for several deltas of the market — conflate_ms, or a slow consumer's collapsed queue)
     heartbeat  {"type":"heartbeat","as_of":ms}
     status     {"type":"status","source":str,"state":"UP"|"DEGRADED"|"DOWN","reason":str|null,
-                "stale_markets":[market_id…]}
+                "stale_markets":[market_id…],"turned_stale":[…],"turned_fresh":[…],"as_of":ms}
     resumed    {"type":"resumed","recovered":bool}
     error      {"type":"error","code":str,"message":str[,"id":int]}
     ack        {"type":"ack","id":int[,"sub":int]}        (WS only)
@@ -29,6 +30,12 @@ Wire messages (all times integer ms since the Unix epoch, UTC)::
 
 Resume token: URL-safe base64 (no padding) of ``"<epoch>|<id0>,<id1>,…"``
 — the store epoch and the last log entry id delivered for every partition.
+SSE: ``id:`` on the last event of each log entry (earlier ones keep the
+previous id). WebSocket: every stream message carries ``"token"``; one that
+is not the last of its log entry carries the token from before that entry.
+
+Frames for WebSocket are complete RFC 6455 text frames (:meth:`Message.ws_frame`)
+so a connection's pending messages go out in one write.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from feed.models import ENCODER, Delta
 
 __all__ = [
     "Message", "ResumeToken", "StreamId", "ack_message", "delta_message", "encode_token", "decode_token",
+    "ws_frame", "ws_frame_header",
     "error_message", "heartbeat_message", "market_with_age", "parse_stream_id", "pong_message",
     "resumed_message", "snapshot_message", "status_message",
 ]
@@ -104,24 +112,51 @@ def decode_token(token: str | bytes | None) -> ResumeToken | None:
     return ResumeToken(epoch, positions, keys)
 
 
+def ws_frame_header(n: int) -> bytes:
+    """RFC 6455 header of one unmasked, final text frame (server → client) of ``n`` payload bytes."""
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big")
+    return b"\x81\x7f" + n.to_bytes(8, "big")
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """``payload`` as one complete WebSocket text frame."""
+    return ws_frame_header(len(payload)) + payload
+
+
 class Message:
     """One outgoing message, encoded once and shared by every recipient.
 
     type: the message type (bytes, e.g. ``b"delta"``); json: the JSON body
-    without ``sub``/``token``; token: the resume token this message may
-    carry (ASCII bytes) or None. ``sse(with_id)`` and ``json_with_token()``
-    are cached, so each variant is built at most once per node.
+    without ``sub``/``token``; token: the resume token after this message
+    (ASCII bytes) or None; prev_token: the token *before* the log entry the
+    message belongs to — what a WebSocket message that is not the last of
+    its entry for a subscription carries (resuming from it replays the
+    whole entry, so nothing is skipped). info: what the hub needs to merge
+    the message (a :class:`streaming.state.PreparedDelta`) or None.
+
+    Every variant (SSE frame, WS payload per subscription id, complete WS
+    frame, another odds format) is built at most once per node and cached.
     """
 
-    __slots__ = ("type", "json", "token", "_sse", "_sse_id", "_json_tok")
+    __slots__ = ("type", "json", "token", "prev_token", "info", "_sse", "_sse_id", "_json_tok", "_json_prev",
+                 "_wsf", "_fmt")
 
-    def __init__(self, type_: bytes, json: bytes, token: bytes | None = None) -> None:
+    def __init__(self, type_: bytes, json: bytes, token: bytes | None = None, prev_token: bytes | None = None,
+                 info: object = None) -> None:
         self.type = type_
         self.json = json
         self.token = token
+        self.prev_token = prev_token
+        self.info = info
         self._sse: bytes | None = None
         self._sse_id: bytes | None = None
         self._json_tok: bytes | None = None
+        self._json_prev: bytes | None = None
+        self._wsf: dict[tuple[int | None, bool], bytes] | None = None
+        self._fmt: dict[str, Message] | None = None
 
     def sse(self, with_id: bool = False) -> bytes:
         """The SSE frame, with ``id: <token>`` when ``with_id`` and a token is set.
@@ -141,6 +176,12 @@ class Message:
             frame = self._sse = b"event: " + self.type + b"\ndata: " + self.json + b"\n\n"
         return frame
 
+    def sse_with(self, token: bytes | None) -> bytes:
+        """The SSE frame with an explicit ``id:`` (not cached)."""
+        if token is None:
+            return self.sse(False)
+        return b"event: " + self.type + b"\nid: " + token + b"\ndata: " + self.json + b"\n\n"
+
     def json_with_token(self) -> bytes:
         """The JSON body with ``"token":"<token>"`` appended (or as is without a token)."""
         if self.token is None:
@@ -150,12 +191,56 @@ class Message:
             body = self._json_tok = self.json[:-1] + b',"token":"' + self.token + b'"}'
         return body
 
+    def json_with_prev_token(self) -> bytes:
+        """The JSON body with the entry's previous token (mid-entry WS messages)."""
+        if self.prev_token is None:
+            return self.json
+        body = self._json_prev
+        if body is None:
+            body = self._json_prev = self.json[:-1] + b',"token":"' + self.prev_token + b'"}'
+        return body
+
     def ws(self, sub: int | None, with_token: bool = False) -> bytes:
-        """The WebSocket payload (UTF-8 JSON) with ``"sub"`` first when given."""
-        body = self.json_with_token() if with_token else self.json
+        """The WebSocket payload (UTF-8 JSON) with ``"sub"`` first when given;
+        ``with_token`` → ``token``, else ``prev_token`` when the message has one."""
+        body = self.json_with_token() if with_token else self.json_with_prev_token()
         if sub is None:
             return body
         return b'{"sub":%d,' % sub + body[1:]
+
+    def ws_with(self, sub: int | None, token: bytes | None) -> bytes:
+        """The WebSocket payload with an explicit token (not cached)."""
+        body = self.json if token is None else self.json[:-1] + b',"token":"' + token + b'"}'
+        if sub is None:
+            return body
+        return b'{"sub":%d,' % sub + body[1:]
+
+    def ws_frame(self, sub: int | None, with_token: bool = False) -> bytes:
+        """:meth:`ws` as a complete WebSocket text frame (cached per subscription id)."""
+        cache = self._wsf
+        if cache is None:
+            cache = self._wsf = {}
+        key = (sub, with_token)
+        frame = cache.get(key)
+        if frame is None:
+            frame = cache[key] = ws_frame(self.ws(sub, with_token))
+        return frame
+
+    def formatted(self, fmt: str | None) -> "Message":
+        """This message with prices in odds format ``fmt`` (None = decimal), built once."""
+        if fmt is None:
+            return self
+        cache = self._fmt
+        if cache is None:
+            cache = self._fmt = {}
+        msg = cache.get(fmt)
+        if msg is None:
+            from streaming.odds_format import convert_json
+
+            body = convert_json(self.json, fmt)
+            msg = self if body is self.json else Message(self.type, body, self.token, self.prev_token, self.info)
+            cache[fmt] = msg
+        return msg
 
     def __len__(self) -> int:
         return len(self.json)
@@ -175,11 +260,13 @@ def market_with_age(market_json: bytes, age_ms: int, stale: bool) -> bytes:
 
 
 def delta_message(delta: Delta, *, market_json: bytes | None, age_ms: int, stale: bool,
-                  sent_at: int, token: bytes | None) -> Message:
+                  sent_at: int, token: bytes | None, prev_token: bytes | None = None,
+                  conflated: bool = False, info: object = None) -> Message:
     """A ``delta`` message: the Delta's JSON plus ``type``, ``sent_at``,
-    ``age_ms``, ``stale``. For ``kind="image"`` pass ``market_json`` (the
-    market with age, see :func:`market_with_age`); ``delta.market`` is then
-    not encoded again."""
+    ``age_ms``, ``stale`` (and ``"conflated":true`` when it stands for
+    several deltas). For ``kind="image"`` pass ``market_json`` (the market
+    with age, see :func:`market_with_age`); ``delta.market`` is then not
+    encoded again."""
     if delta.market is not None:
         body = ENCODER.encode(msgspec.structs.replace(delta, market=None))
     else:
@@ -188,8 +275,10 @@ def delta_message(delta: Delta, *, market_json: bytes | None, age_ms: int, stale
     if market_json is not None:
         parts.append(b',"market":')
         parts.append(market_json)
+    if conflated:
+        parts.append(b',"conflated":true')
     parts.append(b',"sent_at":%d,"age_ms":%d,"stale":%s}' % (sent_at, age_ms, _bool(stale)))
-    return Message(b"delta", b"".join(parts), token)
+    return Message(b"delta", b"".join(parts), token, prev_token, info)
 
 
 def snapshot_message(markets: Iterable[bytes], *, as_of: int, token: bytes | None,
@@ -210,11 +299,16 @@ def heartbeat_message(*, as_of: int, token: bytes | None) -> Message:
 
 
 def status_message(*, source: str, state: str, reason: str | None, stale_markets: Sequence[str],
-                   token: bytes | None) -> Message:
-    """``{"type":"status","source","state","reason","stale_markets":[ids]}``."""
-    body = ENCODER.encode({"type": "status", "source": source, "state": state, "reason": reason,
-                           "stale_markets": list(stale_markets)})
-    return Message(b"status", body, token)
+                   token: bytes | None, turned_stale: Sequence[str] = (), turned_fresh: Sequence[str] = (),
+                   as_of: int | None = None) -> Message:
+    """``{"type":"status","source","state","reason","stale_markets":[ids],
+    "turned_stale":[ids],"turned_fresh":[ids],"as_of":ms}``."""
+    obj: dict[str, object] = {"type": "status", "source": source, "state": state, "reason": reason,
+                              "stale_markets": list(stale_markets), "turned_stale": list(turned_stale),
+                              "turned_fresh": list(turned_fresh)}
+    if as_of is not None:
+        obj["as_of"] = as_of
+    return Message(b"status", ENCODER.encode(obj), token)
 
 
 def resumed_message(*, recovered: bool, token: bytes | None = None) -> Message:

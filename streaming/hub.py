@@ -1,37 +1,52 @@
-"""Fan-out hub: subscriptions, a filter index, per-connection outboxes.
+"""Fan-out hub: subscriptions, a filter index, conflation, per-connection outboxes.
 
 No Starlette/ASGI imports: transports (:mod:`streaming.sse`,
 :mod:`streaming.ws`) create a :class:`Connection`, subscribe it, and run ONE
 writer task per connection that waits on :meth:`Connection.wait` and writes
-whatever :meth:`Connection.take` returns in one go (coalesced).
+whatever :meth:`Connection.take` returns in one go (coalesced: one body
+chunk for SSE, one socket write of complete frames for WebSocket).
 
 Policy (DESIGN §6, style §3.8):
 
 - the reader hands each applied log entry to :meth:`Hub.dispatch` once; a
-  delta only visits subscriptions indexed under its market id, event id or
-  sport (or subscriptions with none of these), and the filter (incl.
-  ``in_play``, evaluated against node state) decides;
-- the hub never awaits a client: it appends pre-encoded bytes to the
-  connection's outbox and wakes its writer;
-- all of one entry's matching deltas go to a subscription in one append,
-  and only the last carries the advanced resume token (SSE ``id:``, WS
-  ``"token"``), so resuming from the last seen token never skips a delta;
-- byte budget per connection (``outbox_max_bytes``) on queued stream data:
-  over it, the queued data is dropped and the writer's next take starts
-  with a fresh snapshot per subscription (``recovered: false``,
-  ``reason: "slow_consumer"``), built from the state at that moment; going
-  over again while that snapshot is still being written closes the
-  connection with an ``error`` (code ``slow_consumer``). Memory stays
-  bounded (budget + one snapshot per subscription); see :class:`Connection`;
+  delta only visits subscriptions indexed under its market id, event id,
+  competition, sport or in-play flag (each subscription is indexed under
+  the most selective condition it has; one without conditions is "wild"),
+  and the filter decides;
+- the hub never awaits a client and never creates a task or queue per
+  subscriber: it appends pre-encoded bytes (encoded once per node, per
+  transport variant) to the connection's outbox and wakes its writer;
+- all of one entry's matching deltas go to a subscription together; only
+  the last carries the advanced resume token (SSE ``id:``, WS ``"token"``;
+  earlier WS messages carry the token from before the entry), so resuming
+  from the last seen token never skips a delta;
+- ``conflate_ms`` per subscription: changes are gathered per market and
+  sent once per window (one timer per distinct window length, not per
+  subscription): a market changed once goes as is; a market changed
+  several times goes as ONE delta holding its latest state of everything
+  that changed (``"conflated": true``);
+- slow consumers, byte budget per connection (``outbox_max_bytes``) on
+  queued stream data: over it, (1) the outbox is collapsed by market
+  (latest state wins, ``conflated: true``); (2) if that does not bring it
+  under half the budget, queued stream data is dropped and the writer's
+  next take starts with a fresh snapshot per subscription
+  (``recovered: false``, ``reason: "slow_consumer"``) built at that
+  moment; (3) going over again while that snapshot is still being written
+  closes the connection with an ``error`` (code ``slow_consumer``; WS close
+  code 4008). Memory stays bounded (budget + one snapshot per subscription
+  + a bounded amount of control messages: a client that keeps sending but
+  never reads is closed the same way);
 - a market that newly matches a subscription (e.g. turns in-play under
   ``in_play=true``) is sent as an ``image`` delta;
 - heartbeats every ``heartbeat_ms`` per connection (one timer per distinct
-  interval; one encoded message per tick).
+  interval; one encoded message per tick) with ``as_of``.
 
 Resume (:meth:`Hub.subscribe` with a token): same epoch and every position
 still covered → ``resumed {recovered: true}`` then the missed deltas in log
 order (from the in-memory replay ring, else from Redis ``log_range``),
-deduplicated against live deltas by per-partition floors; otherwise
+deduplicated against live deltas by per-partition floors; a position this
+node has not reached yet is accepted only when that entry exists in Redis
+(another node is ahead), then live deltas up to it are skipped; otherwise
 ``resumed {recovered: false}`` and a fresh snapshot. Never a partial replay.
 """
 
@@ -40,19 +55,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
 from feed.errors import StoreError
-from feed.store import Store
+from feed.models import Delta
+from feed.store import Store, log_key
 from streaming.encoding import (
-    Message, ResumeToken, StreamId, ack_message, decode_token, encode_token, error_message, heartbeat_message,
-    parse_stream_id, resumed_message, snapshot_message, status_message,
+    Message, ResumeToken, StreamId, ack_message, decode_token, delta_message, encode_token, error_message,
+    heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message, ws_frame,
 )
-from streaming.state import Filter, NodeState, PreparedEntry, now_ms
+from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms
 
-__all__ = ["Connection", "Hub", "Subscription"]
+__all__ = ["Connection", "Hub", "Subscription", "SLOW_CONSUMER_CODE"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,59 +76,114 @@ Kind = Literal["sse", "ws"]
 
 #: Most live entries buffered for one subscription while it replays from Redis.
 PENDING_MAX = 50_000
+#: WebSocket close code for a slow consumer (application range, like Centrifugo's 3008).
+SLOW_CONSUMER_CODE = 4008
+#: Queued control messages (snapshots, acks, pongs, errors …) allowed per connection,
+#: as a multiple of the byte budget, before a client that does not read is closed.
+CONTROL_BUDGET_FACTOR = 16
+
+#: Meta marker of a heartbeat frame in an outbox (dropped when the outbox is collapsed).
+HEARTBEAT = ("hb",)
 
 
 class Subscription:
-    """One filter on one connection. ``id`` is unique per connection (WS ``"sub"``)."""
+    """One filter on one connection. ``id`` is unique per connection (WS ``"sub"``).
 
-    __slots__ = ("id", "conn", "filter", "conflate_ms", "replaying", "pending", "floor")
+    conflate_ms: 0 = every change, else changes are merged per market per
+    window; fmt: odds format (None = decimal).
+    """
 
-    def __init__(self, id: int, conn: "Connection", f: Filter, conflate_ms: int = 0) -> None:
+    __slots__ = ("id", "conn", "filter", "conflate_ms", "fmt", "replaying", "pending", "floor", "cpending")
+
+    def __init__(self, id: int, conn: "Connection", f: Filter, conflate_ms: int = 0, fmt: str | None = None) -> None:
         self.id = id
         self.conn = conn
         self.filter = f
         self.conflate_ms = conflate_ms
+        self.fmt = fmt
         #: True while a Redis replay is in flight; live entries wait in ``pending``.
         self.replaying = False
         self.pending: list[PreparedEntry] | None = None
         #: per-partition positions already delivered by a replay: live entries at or below are skipped.
         self.floor: tuple[StreamId, ...] | None = None
+        #: conflation: market_id → changes gathered in the current window (None = nothing pending)
+        self.cpending: dict[str, Merge] | None = None
 
     def __repr__(self) -> str:
         return f"Subscription({self.id}, {self.filter})"
 
 
+class Merge:
+    """Changes of one market gathered for one subscription.
+
+    token_before: the resume token from before the first gathered change;
+    count: messages merged; msg: the last one (sent as is when count is 1).
+    """
+
+    __slots__ = ("token_before", "sel_ids", "header", "tv", "image", "count", "msg")
+
+    def __init__(self, token_before: bytes | None) -> None:
+        self.token_before = token_before
+        self.sel_ids: set[str] = set()
+        self.header = False
+        self.tv = False
+        self.image = False
+        self.count = 0
+        self.msg: Message | None = None
+
+    def add(self, msg: Message) -> None:
+        info: Any = msg.info
+        self.count += 1
+        self.msg = msg
+        if info is None or info.is_image:
+            self.image = True
+        else:
+            self.sel_ids.update(info.sel_ids)
+            if info.has_header:
+                self.header = True
+            if info.has_tv:
+                self.tv = True
+
+    def key(self, market_id: str) -> tuple[object, ...]:
+        if self.image:
+            return (market_id, True)
+        return (market_id, False, frozenset(self.sel_ids), self.header, self.tv)
+
+
 class Connection:
     """One client connection: its subscriptions and its outbox of encoded frames.
 
-    kind: "sse" (frames are SSE events) or "ws" (frames are UTF-8 JSON
-    messages, one per WebSocket text frame).
+    kind: "sse" (frames are SSE events) or "ws" (frames are complete
+    WebSocket text frames when ``ws_raw``, else UTF-8 JSON payloads).
 
-    Byte budget (``max_bytes``) on the queued stream data: a push that would
-    exceed it empties the outbox and marks the connection for a resync — the
-    hub builds one fresh snapshot per subscription when the writer next
-    takes the outbox (so a slow client costs one snapshot per write, built
-    from the state at that moment), and stream data pushed meanwhile is
-    dropped (the snapshot covers it). Going over budget again while that
-    snapshot is still being written closes the connection with an
-    ``error`` (code ``slow_consumer``). Snapshots and control messages
-    (ack, pong, error) are queued regardless of the budget.
+    ``outbox`` holds frames in order and ``meta`` says what each is: None
+    for a control message (snapshot, ack, pong, error, resumed, status),
+    :data:`HEARTBEAT`, or ``(subscription id, message, token_before)`` for a
+    delta (frames and metas may be shared by alike subscriptions: never mutated). ``outbox_bytes`` counts queued stream data (deltas, heartbeats)
+    against ``max_bytes``; ``control_bytes`` counts the rest. See the module
+    docstring for what happens over budget.
     """
 
-    __slots__ = ("hub", "kind", "label", "heartbeat_ms", "max_bytes", "subs", "outbox", "outbox_bytes",
-                 "wakeup", "closed", "close_code", "close_reason", "_next_sub", "sent_frames", "sent_bytes",
-                 "resync_pending", "snapshot_in_flight")
+    __slots__ = ("hub", "kind", "label", "ip", "heartbeat_ms", "max_bytes", "subs", "outbox", "meta",
+                 "outbox_bytes", "control_bytes", "wakeup", "drained", "closed", "close_code", "close_reason",
+                 "_next_sub", "sent_frames", "sent_bytes", "resync_pending", "snapshot_in_flight", "ws_raw",
+                 "queued_at", "writer", "in_send", "interrupted", "send_started", "deadline_missed", "__weakref__")
 
-    def __init__(self, hub: "Hub", kind: Kind, *, heartbeat_ms: int, max_bytes: int, label: str = "") -> None:
+    def __init__(self, hub: "Hub", kind: Kind, *, heartbeat_ms: int, max_bytes: int, label: str = "",
+                 ws_raw: bool = False, ip: str | None = None) -> None:
         self.hub = hub
         self.kind = kind
         self.label = label
+        self.ip = ip
         self.heartbeat_ms = heartbeat_ms
         self.max_bytes = max_bytes
         self.subs: dict[int, Subscription] = {}
         self.outbox: list[bytes] = []
+        self.meta: list[Any] = []
         self.outbox_bytes = 0
+        self.control_bytes = 0
         self.wakeup = asyncio.Event()
+        self.drained = asyncio.Event()
         self.closed = False
         self.close_code = 1000
         self.close_reason = ""
@@ -123,41 +194,84 @@ class Connection:
         self.resync_pending = False
         #: take() handed out such snapshots and the writer has not come back for more yet
         self.snapshot_in_flight = False
+        self.ws_raw = ws_raw
+        #: loop time when the outbox last went from empty to non-empty (for the send-delay histogram)
+        self.queued_at = 0.0
+        #: the writer task, set by the transport; in_send: it is inside a write (which may block on a
+        #: client that stopped reading); interrupted: the hub cancelled that write to close the client
+        self.writer: asyncio.Task[Any] | None = None
+        self.in_send = False
+        self.interrupted = False
+        #: loop time the current write started; deadline_missed: the hub's watchdog interrupted it
+        self.send_started = 0.0
+        self.deadline_missed = False
 
     # -- framing --------------------------------------------------------------
 
     def frame(self, msg: Message, sub: Subscription | None, with_token: bool = False) -> bytes:
-        """The bytes of ``msg`` for this transport (SSE event or WS JSON with ``sub``)."""
+        """The bytes of ``msg`` for this transport (SSE event, WS frame or WS JSON with ``sub``)."""
         if self.kind == "sse":
             return msg.sse(with_token)
-        return msg.ws(sub.id if sub is not None else None, with_token)
+        sid = sub.id if sub is not None else None
+        if self.ws_raw:
+            return msg.ws_frame(sid, with_token)
+        return msg.ws(sid, with_token)
+
+    def frame_with(self, msg: Message, sub: Subscription | None, token: bytes | None) -> bytes:
+        """Like :meth:`frame` with an explicit token (not cached: conflated/collapsed messages)."""
+        if self.kind == "sse":
+            return msg.sse_with(token)
+        payload = msg.ws_with(sub.id if sub is not None else None, token)
+        return ws_frame(payload) if self.ws_raw else payload
 
     def send(self, msg: Message, sub: Subscription | None = None, with_token: bool = False) -> None:
         """Queue one control message or snapshot (ack, pong, error, resumed,
-        snapshot, status), outside the byte budget."""
+        snapshot, status), outside the stream byte budget."""
         if self.closed:
             return
-        self._append([self.frame(msg, sub, with_token)])
+        self._control(self.frame(msg, sub, with_token))
+
+    def send_raw(self, frame: bytes) -> None:
+        if not self.closed:
+            self._control(frame)
+
+    def _control(self, frame: bytes) -> None:
+        if not self.outbox:
+            self.queued_at = self.hub.loop_time()
+        self.outbox.append(frame)
+        self.meta.append(None)
+        self.control_bytes += len(frame)
+        if self.control_bytes > self.max_bytes * CONTROL_BUDGET_FACTOR:
+            self.hub.evict(self, "more control messages queued than allowed (the client does not read)")
+            return
+        self.wakeup.set()
 
     # -- outbox ---------------------------------------------------------------
 
-    def push(self, frames: list[bytes]) -> None:
-        """Queue stream data (all frames or, over budget, none) and wake the writer."""
-        if self.closed or self.resync_pending or not frames:
+    def push(self, frames: list[bytes], metas: list[Any], nbytes: int) -> None:
+        """Queue stream data and wake the writer; over budget → :meth:`Hub.overflow`."""
+        if self.closed or self.resync_pending:
             return
-        n = 0
-        for f in frames:
-            n += len(f)
-        if self.outbox_bytes + n > self.max_bytes:
-            self.hub.overflow(self)
-            return
+        if not self.outbox:
+            self.queued_at = self.hub.loop_time()
         self.outbox.extend(frames)
-        self.outbox_bytes += n
+        self.meta.extend(metas)
+        self.outbox_bytes += nbytes
+        if self.outbox_bytes > self.max_bytes:
+            self.hub.overflow(self)
         self.wakeup.set()
 
-    def _append(self, frames: list[bytes]) -> None:
-        self.outbox.extend(frames)
-        self.outbox_bytes += sum(len(f) for f in frames)
+    def push1(self, frame: bytes, meta: Any) -> None:
+        """:meth:`push` of one frame (the common case)."""
+        if self.closed or self.resync_pending:
+            return
+        if not self.outbox:
+            self.queued_at = self.hub.loop_time()
+        self.outbox.append(frame)
+        self.meta.append(meta)
+        self.outbox_bytes += len(frame)
+        if self.outbox_bytes > self.max_bytes:
+            self.hub.overflow(self)
         self.wakeup.set()
 
     def take(self) -> list[bytes]:
@@ -171,8 +285,12 @@ class Connection:
             out = self.hub.resync_frames(self) + out
         if out:
             self.outbox = []
+            self.meta = []
             self.outbox_bytes = 0
+            self.control_bytes = 0
             self.sent_frames += len(out)
+            self.hub.frames_out += len(out)
+        self.drained.set()
         return out
 
     async def wait(self) -> None:
@@ -192,11 +310,14 @@ class Connection:
             return
         if error is not None:
             self.outbox = [self.frame(error, None)]
-            self.outbox_bytes = len(self.outbox[0])
+            self.meta = [None]
+            self.outbox_bytes = 0
+            self.control_bytes = len(self.outbox[0])
         self.closed = True
         self.close_code = code
         self.close_reason = reason
         self.wakeup.set()
+        self.drained.set()
         self.hub.disconnect(self)
 
     def next_sub_id(self) -> int:
@@ -215,38 +336,78 @@ class Hub:
     used for resumes older than the replay ring (None = ring only);
     outbox_max_bytes: byte budget per connection; replay_max_entries: most
     log entries one resume may read from Redis.
+
+    Counters (read by :mod:`streaming.metrics`): ``frames_out``,
+    ``overflows``, ``collapses``, ``collapsed_frames``, ``slow_resyncs``,
+    ``slow_closes``, ``conflated``, ``resumes`` ({outcome: n}), ``resyncs``.
     """
 
     def __init__(self, state: NodeState, store: Store | None, *, outbox_max_bytes: int,
-                 replay_max_entries: int = 10_000) -> None:
+                 replay_max_entries: int = 10_000, send_timeout_s: float = 5.0) -> None:
         self.state = state
+        self.send_timeout_s = send_timeout_s
+        self._watchdog: asyncio.Task[None] | None = None
         self.store = store
         self.outbox_max_bytes = outbox_max_bytes
         self.replay_max_entries = replay_max_entries
         self.connections: set[Connection] = set()
         self._by_market: dict[str, set[Subscription]] = {}
         self._by_event: dict[str, set[Subscription]] = {}
+        self._by_competition: dict[str, set[Subscription]] = {}
         self._by_sport: dict[str, set[Subscription]] = {}
+        self._by_in_play: dict[bool, set[Subscription]] = {True: set(), False: set()}
         self._wild: set[Subscription] = set()
         self._buckets: dict[int, set[Connection]] = {}
         self._hb_tasks: dict[int, asyncio.Task[None]] = {}
+        self._conflating: dict[int, set[Subscription]] = {}
+        self._dirty: dict[int, set[Subscription]] = {}
+        self._cf_tasks: dict[int, asyncio.Task[None]] = {}
         self.closing = False
-        # counters (for /metrics later)
+        self.subscriptions = 0
+        # counters (exported by streaming.metrics)
+        self.frames_out = 0
         self.overflows = 0
+        self.collapses = 0
+        self.collapsed_frames = 0
+        self.slow_resyncs = 0
         self.slow_closes = 0
-        self.resumes_recovered = 0
-        self.resumes_failed = 0
+        self.conflated = 0
+        self.resyncs = 0
+        self.resumes: dict[str, int] = {"recovered": 0, "not_recovered": 0}
+        self.connects: dict[str, int] = {"sse": 0, "ws": 0}
+        #: observer of send delays (seconds), set by streaming.metrics
+        self.on_send_delay: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def resumes_recovered(self) -> int:
+        return self.resumes["recovered"]
+
+    @property
+    def resumes_failed(self) -> int:
+        return self.resumes["not_recovered"]
+
+    def loop_time(self) -> float:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
 
     # -- connections ----------------------------------------------------------
 
-    def connect(self, kind: Kind, *, heartbeat_ms: int, label: str = "") -> Connection:
+    def connect(self, kind: Kind, *, heartbeat_ms: int, label: str = "", ws_raw: bool = False,
+                ip: str | None = None) -> Connection:
         """A new connection, registered for heartbeats every ``heartbeat_ms``."""
-        conn = Connection(self, kind, heartbeat_ms=heartbeat_ms, max_bytes=self.outbox_max_bytes, label=label)
+        conn = Connection(self, kind, heartbeat_ms=heartbeat_ms, max_bytes=self.outbox_max_bytes, label=label,
+                          ws_raw=ws_raw, ip=ip)
         if self.closing:
             conn.closed = True
             conn.close_code, conn.close_reason = 1001, "server shutting down"
             return conn
         self.connections.add(conn)
+        self.connects[kind] = self.connects.get(kind, 0) + 1
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(self._deadline_loop(), name="send-deadlines")
         bucket = self._buckets.setdefault(heartbeat_ms, set())
         bucket.add(conn)
         if heartbeat_ms not in self._hb_tasks:
@@ -261,7 +422,7 @@ class Hub:
             return
         self.connections.discard(conn)
         for sub in list(conn.subs.values()):
-            self._unindex(sub)
+            self._remove(sub)
         conn.subs.clear()
         bucket = self._buckets.get(conn.heartbeat_ms)
         if bucket is not None:
@@ -277,19 +438,25 @@ class Hub:
         self.closing = True
         for conn in list(self.connections):
             conn.close(1001, reason)
-        for task in self._hb_tasks.values():
+        for task in (*self._hb_tasks.values(), *self._cf_tasks.values(),
+                     *([self._watchdog] if self._watchdog is not None else [])):
             task.cancel()
         self._hb_tasks.clear()
+        self._cf_tasks.clear()
 
     # -- index ----------------------------------------------------------------
 
-    def _index_sets(self, f: Filter) -> Iterable[set[Subscription]]:
+    def _index_sets(self, f: Filter) -> list[set[Subscription]]:
         if f.market is not None:
             return [self._by_market.setdefault(k, set()) for k in f.market]
         if f.event is not None:
             return [self._by_event.setdefault(k, set()) for k in f.event]
+        if f.competition is not None:
+            return [self._by_competition.setdefault(k, set()) for k in f.competition]
         if f.sport is not None:
             return [self._by_sport.setdefault(k, set()) for k in f.sport]
+        if f.in_play is not None:
+            return [self._by_in_play[f.in_play]]
         return [self._wild]
 
     def _index(self, sub: Subscription) -> None:
@@ -298,7 +465,8 @@ class Hub:
 
     def _unindex(self, sub: Subscription) -> None:
         f = sub.filter
-        for index, keys in ((self._by_market, f.market), (self._by_event, f.event), (self._by_sport, f.sport)):
+        for index, keys in ((self._by_market, f.market), (self._by_event, f.event),
+                            (self._by_competition, f.competition), (self._by_sport, f.sport)):
             if keys is None:
                 continue
             for k in keys:
@@ -308,51 +476,98 @@ class Hub:
                     if not s:
                         del index[k]
             return
+        if f.in_play is not None:
+            self._by_in_play[f.in_play].discard(sub)
+            return
         self._wild.discard(sub)
+
+    def _remove(self, sub: Subscription) -> None:
+        self._unindex(sub)
+        self.subscriptions -= 1
+        if sub.conflate_ms:
+            subs = self._conflating.get(sub.conflate_ms)
+            if subs is not None:
+                subs.discard(sub)
+            dirty = self._dirty.get(sub.conflate_ms)
+            if dirty is not None:
+                dirty.discard(sub)
+        sub.replaying = False
+        sub.pending = None
+        sub.cpending = None
 
     # -- subscriptions --------------------------------------------------------
 
     async def subscribe(self, conn: Connection, f: Filter, *, resume: str | None = None,
-                        ack_id: int | str | None = None, conflate_ms: int = 0) -> Subscription:
+                        ack_id: int | str | None = None, conflate_ms: int = 0,
+                        fmt: str | None = None) -> Subscription:
         """Add a subscription and queue what it starts with.
 
         WebSocket: ``ack {id, sub}`` first. No ``resume``: a ``snapshot`` of
         the matching markets. With ``resume``: ``resumed`` and either the
         missed deltas (recovered) or a fresh snapshot (``recovered: false``).
         """
-        sub = Subscription(conn.next_sub_id(), conn, f, conflate_ms)
+        sub = Subscription(conn.next_sub_id(), conn, f, conflate_ms, fmt)
         if conn.closed:
             return sub
         conn.subs[sub.id] = sub
+        self.subscriptions += 1
         self._index(sub)
+        if conflate_ms:
+            self._conflating.setdefault(conflate_ms, set()).add(sub)
+            if conflate_ms not in self._cf_tasks:
+                self._cf_tasks[conflate_ms] = asyncio.get_running_loop().create_task(
+                    self._conflate_loop(conflate_ms), name=f"conflate-{conflate_ms}ms")
         if conn.kind == "ws":
             conn.send(ack_message(ack_id, sub.id))
-        logger.info("subscribe %s %s sub=%d filter=%s resume=%s", conn.kind, conn.label, sub.id, f,
-                    bool(resume))
+        logger.info("subscribe %s %s sub=%d filter=%s conflate_ms=%d resume=%s", conn.kind, conn.label, sub.id, f,
+                    conflate_ms, bool(resume))
         if resume is None:
             self.send_snapshot(sub)
             return sub
         tok = decode_token(resume)
         st = self.state
         if tok is None or tok.epoch != st.epoch or len(tok.keys) != st.partitions:
-            self._not_recovered(sub)
-        elif st.ring.covers(tok.keys):
+            self._not_recovered(sub, "token from another epoch or malformed")
+            return sub
+        positions = [parse_stream_id(p) for p in st.positions]
+        ahead = [p for p, (k, pos) in enumerate(zip(tok.keys, positions)) if k > pos]
+        if ahead:
+            # another node was ahead of this one: fine if those entries exist in Redis
+            if not await self._positions_exist(tok, ahead):
+                if sub.id in conn.subs and not conn.closed:
+                    self._not_recovered(sub, "position not in the log")
+                return sub
+            if sub.id not in conn.subs or conn.closed:
+                return sub
+        if st.ring.covers(tok.keys):
             self._replay_from_ring(sub, tok)
         elif f.in_play is not None or self.store is None:
             # in_play cannot be judged for past deltas read back from Redis
-            self._not_recovered(sub)
+            self._not_recovered(sub, "outside the replay window")
         else:
             await self._replay_from_redis(sub, tok)
         return sub
+
+    async def _positions_exist(self, tok: ResumeToken, partitions: list[int]) -> bool:
+        if self.store is None:
+            return False
+        try:
+            for p in partitions:
+                pos = tok.positions[p]
+                rows = await self.store.redis.xrange(log_key(p), min=pos, max=pos, count=1)
+                if not rows:
+                    return False
+        except (RedisError, OSError, StoreError) as exc:
+            logger.warning("resume check against redis failed: %s", exc)
+            return False
+        return True
 
     def unsubscribe(self, conn: Connection, sub_id: int) -> bool:
         """Remove a subscription; False when ``sub_id`` is unknown."""
         sub = conn.subs.pop(sub_id, None)
         if sub is None:
             return False
-        self._unindex(sub)
-        sub.replaying = False
-        sub.pending = None
+        self._remove(sub)
         return True
 
     # -- snapshots ------------------------------------------------------------
@@ -365,10 +580,12 @@ class Hub:
                                 recovered=recovered, reason=reason)
 
     def send_snapshot(self, sub: Subscription, *, recovered: bool | None = None, reason: str | None = None) -> None:
-        sub.conn.send(self.snapshot_message(sub.filter, recovered=recovered, reason=reason), sub, True)
+        msg = self.snapshot_message(sub.filter, recovered=recovered, reason=reason).formatted(sub.fmt)
+        sub.conn.send(msg, sub, True)
 
-    def _not_recovered(self, sub: Subscription) -> None:
-        self.resumes_failed += 1
+    def _not_recovered(self, sub: Subscription, why: str = "") -> None:
+        self.resumes["not_recovered"] += 1
+        logger.info("resume of %s sub=%d not recovered: %s", sub.conn.label, sub.id, why)
         sub.replaying = False
         sub.pending = None
         sub.conn.send(resumed_message(recovered=False), sub)
@@ -376,26 +593,35 @@ class Hub:
 
     # -- resume ---------------------------------------------------------------
 
+    def _replay_frames(self, sub: Subscription, entry: PreparedEntry, frames: list[bytes], metas: list[Any]) -> int:
+        conn, f, fmt = sub.conn, sub.filter, sub.fmt
+        msgs = [m for pd in entry.deltas if (m := pd.message_for(f)) is not None]
+        if not msgs:
+            return 0
+        n = 0
+        last = len(msgs) - 1
+        for i, m in enumerate(msgs):
+            fr = conn.frame(m if fmt is None else m.formatted(fmt), sub, i == last)
+            frames.append(fr)
+            metas.append((sub.id, m, entry.prev_token))
+            n += len(fr)
+        return n
+
     def _replay_from_ring(self, sub: Subscription, tok: ResumeToken) -> None:
-        conn, f = sub.conn, sub.filter
+        conn = sub.conn
         frames: list[bytes] = []
+        metas: list[Any] = []
         n = 0
         for entry in self.state.ring.since(tok.keys):
-            msgs = [m for pd in entry.deltas if (m := pd.message_for(f)) is not None]
-            if not msgs:
-                continue
-            for m in msgs[:-1]:
-                frames.append(conn.frame(m, sub, False))
-                n += len(frames[-1])
-            frames.append(conn.frame(msgs[-1], sub, True))
-            n += len(frames[-1])
+            n += self._replay_frames(sub, entry, frames, metas)
             if n > conn.max_bytes:
-                self._not_recovered(sub)
+                self._not_recovered(sub, "more to replay than the byte budget")
                 return
         self._set_floor(sub, tok.keys)
-        self.resumes_recovered += 1
+        self.resumes["recovered"] += 1
         conn.send(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
-        conn.push(frames)
+        if frames:
+            conn.push(frames, metas, n)
 
     def _set_floor(self, sub: Subscription, keys: tuple[StreamId, ...]) -> None:
         positions = [parse_stream_id(p) for p in self.state.positions]
@@ -409,29 +635,29 @@ class Hub:
         gen = st.generation
         limit = self.replay_max_entries
         try:
-            rows: dict[int, list[tuple[str, list]]] = {}
+            rows: dict[int, list[tuple[str, list[Delta]]]] = {}
             for p in range(st.partitions):
                 rows[p] = await store.log_range(p, tok.positions[p], count=limit + 1)
             firsts = [await store.first_log_id(p) for p in range(st.partitions)]
         except (RedisError, OSError, StoreError) as exc:
             logger.warning("resume of %s sub=%d from redis failed: %s", conn.label, sub.id, exc)
             if sub.replaying and not conn.closed:
-                self._not_recovered(sub)
+                self._not_recovered(sub, "redis unavailable")
             return
         if not sub.replaying or conn.closed or sub.id not in conn.subs:
             return  # resynced, unsubscribed or closed meanwhile
         if st.generation != gen or tok.epoch != st.epoch:
-            self._not_recovered(sub)
+            self._not_recovered(sub, "node state reloaded meanwhile")
             return
         positions = [parse_stream_id(p) for p in st.positions]
-        merged: list[tuple[StreamId, int, str, list]] = []
+        merged: list[tuple[StreamId, int, str, list[Delta]]] = []
         for p in range(st.partitions):
             first = firsts[p]
             if first is not None and parse_stream_id(first) > tok.keys[p]:
-                self._not_recovered(sub)  # trimmed after the token's position
+                self._not_recovered(sub, "position trimmed from the log")
                 return
             if len(rows[p]) > limit:
-                self._not_recovered(sub)  # too much to replay
+                self._not_recovered(sub, "more to replay than replay_max_entries")
                 return
             for entry_id, deltas in rows[p]:
                 key = parse_stream_id(entry_id)
@@ -441,31 +667,26 @@ class Hub:
         running = list(tok.positions)
         floor = list(tok.keys)
         now = now_ms()
-        f = sub.filter
         frames: list[bytes] = []
+        metas: list[Any] = []
         n = 0
         for key, p, entry_id, deltas in merged:
+            before = running[p]
             running[p] = entry_id
             floor[p] = max(floor[p], key)
-            entry = st.prepare_replay(p, entry_id, deltas, running, now)
-            msgs = [m for pd in entry.deltas if (m := pd.message_for(f)) is not None]
-            if not msgs:
-                continue
-            for m in msgs[:-1]:
-                frames.append(conn.frame(m, sub, False))
-                n += len(frames[-1])
-            frames.append(conn.frame(msgs[-1], sub, True))
-            n += len(frames[-1])
+            entry = st.prepare_replay(p, entry_id, deltas, running, now, before)
+            n += self._replay_frames(sub, entry, frames, metas)
             if n > conn.max_bytes:
-                self._not_recovered(sub)
+                self._not_recovered(sub, "more to replay than the byte budget")
                 return
         pending = sub.pending or []
         sub.replaying = False
         sub.pending = None
         sub.floor = tuple(floor)
-        self.resumes_recovered += 1
+        self.resumes["recovered"] += 1
         conn.send(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
-        conn.push(frames)
+        if frames:
+            conn.push(frames, metas, n)
         for entry in pending:
             self._deliver_entry(sub, entry)
         self._set_floor(sub, sub.floor)
@@ -477,37 +698,53 @@ class Hub:
         by the reader once per entry; never awaits)."""
         if not self.connections:
             return
-        by_market, by_event, by_sport, wild = self._by_market, self._by_event, self._by_sport, self._wild
+        by_market, by_event, by_comp = self._by_market, self._by_event, self._by_competition
+        by_sport, by_in_play, wild = self._by_sport, self._by_in_play, self._wild
         per_sub: dict[Subscription, list[Message]] = {}
         for pd in entry.deltas:
             groups: list[set[Subscription]] = []
             s = by_market.get(pd.market_id)
             if s:
                 groups.append(s)
-            sport, event_id = pd.keys[0], pd.keys[1]
+            sport, event_id, comp, in_play = pd.keys
             if event_id is not None and (s := by_event.get(event_id)):
+                groups.append(s)
+            if comp is not None and (s := by_comp.get(comp)):
                 groups.append(s)
             if sport is not None and (s := by_sport.get(sport)):
                 groups.append(s)
-            if pd.prev is not None:
-                psport, pevent = pd.prev[0], pd.prev[1]
+            s = by_in_play[in_play]
+            if s:
+                groups.append(s)
+            prev = pd.prev
+            if prev is not None:
+                psport, pevent, pcomp, pin = prev
                 if pevent is not None and pevent != event_id and (s := by_event.get(pevent)):
+                    groups.append(s)
+                if pcomp is not None and pcomp != comp and (s := by_comp.get(pcomp)):
                     groups.append(s)
                 if psport is not None and psport != sport and (s := by_sport.get(psport)):
                     groups.append(s)
+                if pin != in_play and (s := by_in_play[pin]):
+                    groups.append(s)
             if wild:
                 groups.append(wild)
+            per_filter: dict[Filter, Message | None] = {}  # one message_for per distinct filter
             for group in groups:
                 for sub in group:
                     if sub.replaying:
                         pend = sub.pending
                         if pend is not None and (not pend or pend[-1] is not entry):
                             if len(pend) >= PENDING_MAX:
-                                self._not_recovered(sub)
+                                self._not_recovered(sub, "too many live entries while replaying")
                             else:
                                 pend.append(entry)
                         continue
-                    msg = pd.message_for(sub.filter)
+                    f = sub.filter
+                    if f in per_filter:
+                        msg = per_filter[f]
+                    else:
+                        msg = per_filter[f] = pd.message_for(f)
                     if msg is None:
                         continue
                     lst = per_sub.get(sub)
@@ -515,96 +752,332 @@ class Hub:
                         per_sub[sub] = [msg]
                     elif lst[-1] is not msg:
                         lst.append(msg)
-        p, key = entry.partition, entry.key
+        p, key, tb = entry.partition, entry.key, entry.prev_token
+        # subscriptions alike (filter, format, transport, sub id) share the frames built for them
+        built: dict[tuple[object, ...], tuple[list[bytes], list[Any], int]] = {}
         for sub, msgs in per_sub.items():
             floor = sub.floor
-            if floor is not None and key <= floor[p]:
-                continue
+            if floor is not None:
+                if key <= floor[p]:
+                    continue
             conn = sub.conn
-            if len(msgs) == 1:
-                conn.push([conn.frame(msgs[0], sub, True)])
-            else:
-                frames = [conn.frame(m, sub, False) for m in msgs[:-1]]
-                frames.append(conn.frame(msgs[-1], sub, True))
-                conn.push(frames)
+            if conn.closed or conn.resync_pending:
+                continue
+            if sub.conflate_ms:
+                self._gather(sub, msgs, tb)
+                continue
+            k = (sub.filter, sub.fmt, conn.kind, conn.ws_raw, sub.id if conn.kind == "ws" else 0, len(msgs))
+            b = built.get(k)
+            if b is None:
+                b = built[k] = self._frames(sub, msgs, tb)
+            conn.push(*b)
+
+    def _frames(self, sub: Subscription, msgs: list[Message], token_before: bytes | None
+                ) -> tuple[list[bytes], list[Any], int]:
+        """(frames, metas, bytes) of one entry's messages for ``sub`` (the last carries the token)."""
+        conn, fmt, sid = sub.conn, sub.fmt, sub.id
+        if len(msgs) == 1:
+            m = msgs[0]
+            fr = conn.frame(m if fmt is None else m.formatted(fmt), sub, True)
+            return [fr], [(sid, m, token_before)], len(fr)
+        frames = []
+        metas = []
+        n = 0
+        last = len(msgs) - 1
+        for i, m in enumerate(msgs):
+            fr = conn.frame(m if fmt is None else m.formatted(fmt), sub, i == last)
+            frames.append(fr)
+            metas.append((sid, m, token_before))
+            n += len(fr)
+        return frames, metas, n
+
+    def _deliver(self, sub: Subscription, msgs: list[Message], token_before: bytes | None) -> None:
+        conn = sub.conn
+        if conn.closed or conn.resync_pending:
+            return
+        if sub.conflate_ms:
+            self._gather(sub, msgs, token_before)
+            return
+        conn.push(*self._frames(sub, msgs, token_before))
 
     def _deliver_entry(self, sub: Subscription, entry: PreparedEntry) -> None:
         floor = sub.floor
         if floor is not None and entry.key <= floor[entry.partition]:
             return
         msgs = [m for pd in entry.deltas if (m := pd.message_for(sub.filter)) is not None]
-        if not msgs:
+        if msgs:
+            self._deliver(sub, msgs, entry.prev_token)
+
+    # -- conflation -----------------------------------------------------------
+
+    def _gather(self, sub: Subscription, msgs: list[Message], token_before: bytes | None) -> None:
+        cp = sub.cpending
+        if cp is None:
+            cp = sub.cpending = {}
+            self._dirty.setdefault(sub.conflate_ms, set()).add(sub)
+        for m in msgs:
+            mid = m.info.market_id  # type: ignore[union-attr]
+            mg = cp.get(mid)
+            if mg is None:
+                mg = cp[mid] = Merge(token_before)
+            mg.add(m)
+
+    def safe_token(self, sub: Subscription) -> bytes:
+        """The token a heartbeat/status for ``sub`` may carry: the node's,
+        unless changes are still gathered for it (then the one before them)."""
+        cp = sub.cpending
+        if cp:
+            tok = next(iter(cp.values())).token_before
+            if tok is not None:
+                return tok
+        return self.state.token
+
+    def _merged_message(self, market_id: str, mg: Merge, now: int) -> Message | None:
+        """ONE delta with the market's latest state of everything ``mg`` gathered."""
+        st = self.state
+        m = st.markets.get(market_id)
+        if m is None:
+            return None
+        age, stale = st.age_stale(m, now)
+        if mg.image:
+            info = DeltaInfo(market_id, (), False, False, True)
+            return delta_message(image_of(m), market_json=st.market_json(m, now), age_ms=age, stale=stale,
+                                 sent_at=now, token=None, conflated=True, info=info)
+        ids = mg.sel_ids
+        d = Delta(market_id=market_id, seq=m.seq, kind="delta", source=m.source, source_ts=m.source_ts,
+                  received_at=m.received_at, stored_at=m.stored_at, source_ts_original=m.source_ts_original,
+                  header=m.header() if mg.header else None,
+                  traded_volume=m.traded_volume if (mg.tv and not mg.header) else None,
+                  selections=[s for s in m.selections if s.selection_id in ids])
+        info = DeltaInfo(market_id, tuple(ids), mg.header, mg.tv, False)
+        return delta_message(d, market_json=None, age_ms=age, stale=stale, sent_at=now, token=None,
+                             conflated=True, info=info)
+
+    def _merged_frames(self, sub: Subscription, merges: list[tuple[str, Merge]], last_token: bytes,
+                       cache: dict[tuple[object, ...], Message | None], now: int,
+                       frames: list[bytes], metas: list[Any]) -> int:
+        """Frames for ``merges`` (in first-change order): market i carries the
+        token from before market i+1's first change, the last ``last_token``,
+        so a resume from any of them misses nothing."""
+        conn, fmt = sub.conn, sub.fmt
+        n = 0
+        for i, (mid, mg) in enumerate(merges):
+            token = merges[i + 1][1].token_before if i + 1 < len(merges) else last_token
+            if mg.count == 1 and mg.msg is not None:
+                msg: Message | None = mg.msg
+            else:
+                k = mg.key(mid)
+                if k in cache:
+                    msg = cache[k]
+                else:
+                    msg = cache[k] = self._merged_message(mid, mg, now)
+                if msg is None:
+                    continue
+                self.conflated += 1
+            assert msg is not None
+            fr = conn.frame_with(msg if fmt is None else msg.formatted(fmt), sub, token)
+            frames.append(fr)
+            metas.append((sub.id, msg, mg.token_before))
+            n += len(fr)
+        return n
+
+    def flush_conflated(self, conflate_ms: int) -> None:
+        """Send what every subscription of window ``conflate_ms`` gathered."""
+        dirty = self._dirty.pop(conflate_ms, None)
+        if not dirty:
             return
-        conn = sub.conn
-        frames = [conn.frame(m, sub, False) for m in msgs[:-1]]
-        frames.append(conn.frame(msgs[-1], sub, True))
-        conn.push(frames)
+        now = now_ms()
+        cache: dict[tuple[object, ...], Message | None] = {}
+        token = self.state.token
+        for sub in dirty:
+            cp = sub.cpending
+            sub.cpending = None
+            conn = sub.conn
+            if not cp or conn.closed or conn.resync_pending or sub.id not in conn.subs:
+                continue
+            frames: list[bytes] = []
+            metas: list[Any] = []
+            n = self._merged_frames(sub, list(cp.items()), token, cache, now, frames, metas)
+            if frames:
+                conn.push(frames, metas, n)
+
+    async def _conflate_loop(self, conflate_ms: int) -> None:
+        try:
+            while not self.closing:
+                await asyncio.sleep(conflate_ms / 1000)
+                try:
+                    self.flush_conflated(conflate_ms)
+                except Exception:  # a bug must not stop every conflated subscription
+                    logger.exception("conflation flush (%d ms) failed", conflate_ms)
+                if not self._conflating.get(conflate_ms):
+                    break
+        finally:
+            if self._cf_tasks.get(conflate_ms) is asyncio.current_task():
+                del self._cf_tasks[conflate_ms]
+            if not self._conflating.get(conflate_ms):
+                self._conflating.pop(conflate_ms, None)
+
+    # -- resync and slow consumers --------------------------------------------
 
     def resync(self, reason: str) -> None:
         """After the node reloaded its state (log trimmed past it, epoch
         changed, Redis flushed): every subscription gets a fresh snapshot
         flagged ``recovered: false``."""
         logger.warning("resync of %d connections: %s", len(self.connections), reason)
+        self.resyncs += 1
         for conn in list(self.connections):
+            # queued deltas belong to the old state: the snapshot replaces them
+            keep = [(f, m) for f, m in zip(conn.outbox, conn.meta) if m is None]
+            conn.outbox = [f for f, _ in keep]
+            conn.meta = [None] * len(keep)
+            conn.outbox_bytes = 0
             for sub in list(conn.subs.values()):
                 if sub.replaying:  # a resume in flight ends unrecovered
                     conn.send(resumed_message(recovered=False), sub)
                 sub.replaying = False
                 sub.pending = None
                 sub.floor = None
+                sub.cpending = None
                 self.send_snapshot(sub, recovered=False, reason="resync")
 
     def overflow(self, conn: Connection) -> None:
-        """``conn`` went over its byte budget: drop its queued stream data and
-        resync it with fresh snapshots when its writer is ready; if it is
-        still writing the previous resync snapshot, close it instead."""
+        """``conn`` went over its byte budget: collapse its outbox by market;
+        if that is not enough, drop its queued stream data and resync it
+        with fresh snapshots when its writer is ready; if it is still
+        writing the previous resync snapshot, close it."""
         self.overflows += 1
+        if not any(s.replaying for s in conn.subs.values()):
+            self.collapse(conn)
+            if conn.outbox_bytes <= conn.max_bytes // 2:
+                return
         if conn.snapshot_in_flight:
-            self.slow_closes += 1
-            logger.warning("closing slow consumer %s: over %d bytes again while still writing a snapshot",
-                           conn.label, conn.max_bytes)
-            conn.close(1008, "slow consumer", error_message(
-                "slow_consumer", f"more than {conn.max_bytes} bytes queued while a snapshot was still being "
-                                 "written; read faster or subscribe to fewer markets"))
+            self.evict(conn, f"more than {conn.max_bytes} bytes queued while a snapshot was still being written; "
+                             "read faster or subscribe to fewer markets")
             return
-        # keep control messages (ack, pong, error): they are small and answer the client
-        keep = [f for f in conn.outbox if not _is_stream_frame(f, conn.kind)]
-        conn.outbox = []
+        self.slow_resyncs += 1
+        keep = [f for f, m in zip(conn.outbox, conn.meta) if m is None]
+        conn.outbox = keep
+        conn.meta = [None] * len(keep)
         conn.outbox_bytes = 0
         conn.resync_pending = True
         for sub in conn.subs.values():
             sub.replaying = False
             sub.pending = None
             sub.floor = None
-        if keep:
-            conn._append(keep)
+            sub.cpending = None
         conn.wakeup.set()
-        logger.info("slow consumer %s: outbox over %d bytes, resyncing with a snapshot", conn.label, conn.max_bytes)
+        logger.info("slow consumer %s: outbox over %d bytes after collapsing, resyncing with a snapshot",
+                    conn.label, conn.max_bytes)
+
+    def evict(self, conn: Connection, message: str) -> None:
+        """Close a slow consumer with an ``error`` (code ``slow_consumer``, WS 4008).
+
+        A writer blocked on the client is interrupted so that it can write
+        the error and close at once (see :func:`streaming.server`'s final writes)."""
+        if conn.closed:
+            return
+        self.slow_closes += 1
+        logger.warning("closing slow consumer %s: %s", conn.label, message)
+        conn.close(SLOW_CONSUMER_CODE, "slow consumer", error_message("slow_consumer", message))
+        interrupt(conn)
+
+    def collapse(self, conn: Connection) -> None:
+        """Replace the queued deltas of each (subscription, market) by one
+        message with the market's latest state (``conflated: true``);
+        heartbeats are dropped, control messages kept in order."""
+        self.collapses += 1
+        before = len(conn.outbox)
+        frames: list[bytes] = []
+        metas: list[Any] = []
+        groups: dict[Subscription, dict[str, Merge]] = {}
+        for f, m in zip(conn.outbox, conn.meta):
+            if m is None:
+                frames.append(f)
+                metas.append(None)
+                continue
+            if m is HEARTBEAT:
+                continue
+            sid, msg, tb = m
+            sub = conn.subs.get(sid)
+            if sub is None:
+                continue
+            g = groups.get(sub)
+            if g is None:
+                g = groups[sub] = {}
+            mid = msg.info.market_id
+            mg = g.get(mid)
+            if mg is None:
+                mg = g[mid] = Merge(tb)
+            mg.add(msg)
+        now = now_ms()
+        cache: dict[tuple[object, ...], Message | None] = {}
+        n = 0
+        for sub, g in groups.items():
+            if sub.id not in conn.subs:
+                continue
+            if sub.cpending:  # still gathering for this sub: stay before those changes
+                last = self.safe_token(sub)
+            else:
+                last = self.state.token
+            n += self._merged_frames(sub, list(g.items()), last, cache, now, frames, metas)
+        conn.outbox = frames
+        conn.meta = metas
+        conn.outbox_bytes = n
+        self.collapsed_frames += max(0, before - len(frames))
+        logger.info("slow consumer %s: collapsed %d queued frames to %d", conn.label, before, len(frames))
 
     def resync_frames(self, conn: Connection) -> list[bytes]:
         """Fresh snapshots (``recovered: false``, ``reason: "slow_consumer"``)
         for every subscription of ``conn``, built now."""
-        return [conn.frame(self.snapshot_message(sub.filter, recovered=False, reason="slow_consumer"), sub, True)
-                for sub in conn.subs.values()]
+        out = []
+        for sub in conn.subs.values():
+            msg = self.snapshot_message(sub.filter, recovered=False, reason="slow_consumer").formatted(sub.fmt)
+            out.append(conn.frame(msg, sub, True))
+        return out
 
-    def status(self, source: str, state: str, reason: str | None, stale_ids: list[str]) -> None:
+    # -- status ---------------------------------------------------------------
+
+    def status(self, source: str, state: str, reason: str | None, stale_ids: list[str],
+               turned_stale: Iterable[str] = (), turned_fresh: Iterable[str] = ()) -> None:
         """Announce a source health change (or a change of its stale
         markets) to every subscription: ``stale_markets`` lists the stale
-        markets of ``source`` that match the subscription."""
+        markets of ``source`` that match the subscription, ``turned_stale``
+        / ``turned_fresh`` those that changed since the last status."""
         st = self.state
         stale = set(stale_ids)
-        cache: dict[Filter, Message] = {}
+        went_stale, went_fresh = set(turned_stale), set(turned_fresh)
+        now = now_ms()
+        cache: dict[Filter, Message] = {}  # encoded once per distinct filter; the token is per subscription
+
+        def ids(f: Filter, wanted: set[str]) -> list[str]:
+            return sorted(mid for mid in wanted if (m := st.markets.get(mid)) is not None and f.match_market(m))
+
         for conn in list(self.connections):
             for sub in list(conn.subs.values()):
                 if sub.replaying:
                     continue
-                msg = cache.get(sub.filter)
+                f = sub.filter
+                msg = cache.get(f)
                 if msg is None:
-                    f = sub.filter
-                    ids = sorted(mid for mid in stale if (m := st.markets.get(mid)) is not None and f.match_market(m))
-                    msg = cache[f] = status_message(source=source, state=state, reason=reason, stale_markets=ids,
-                                                    token=st.token)
-                conn.send(msg, sub, True)
+                    msg = cache[f] = status_message(
+                        source=source, state=state, reason=reason, stale_markets=ids(f, stale),
+                        turned_stale=ids(f, went_stale), turned_fresh=ids(f, went_fresh), as_of=now, token=None)
+                conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
+
+    # -- send deadlines -------------------------------------------------------
+
+    async def _deadline_loop(self) -> None:
+        """Every ~deadline/4: interrupt writes that have been blocked on their client longer
+        than ``send_timeout_s`` (one watchdog for all connections instead of a timer per write;
+        timers per write cost CPU and, by the hundred thousand in the loop's heap, latency)."""
+        period = max(0.05, min(1.0, self.send_timeout_s / 4))
+        while not self.closing and self.connections:
+            await asyncio.sleep(period)
+            limit = self.loop_time() - self.send_timeout_s
+            for conn in list(self.connections):
+                if conn.in_send and conn.send_started < limit and not conn.interrupted:
+                    conn.deadline_missed = True
+                    interrupt(conn)
 
     # -- heartbeats -----------------------------------------------------------
 
@@ -617,30 +1090,38 @@ class Hub:
                 conns = self._buckets.get(interval_ms)
                 if not conns:
                     break
-                msg = heartbeat_message(as_of=now_ms(), token=self.state.token)
-                for conn in list(conns):
-                    subs = [s for s in conn.subs.values() if not s.replaying]
-                    if not subs:
-                        continue
-                    if conn.kind == "sse":
-                        conn.push([msg.sse(True)])
-                    else:
-                        conn.push([msg.ws(s.id, True) for s in subs])
+                self.heartbeat(conns)
         finally:
             if self._hb_tasks.get(interval_ms) is asyncio.current_task():
                 del self._hb_tasks[interval_ms]
             if not self._buckets.get(interval_ms):
                 self._buckets.pop(interval_ms, None)
 
+    def heartbeat(self, conns: Iterable[Connection]) -> None:
+        """Queue one heartbeat (``as_of`` = now) for each subscription of ``conns``."""
+        msg = heartbeat_message(as_of=now_ms(), token=self.state.token)
+        for conn in list(conns):
+            if conn.closed or conn.resync_pending:
+                continue
+            for s in conn.subs.values():
+                if s.replaying:
+                    continue
+                if s.cpending:
+                    tok = self.safe_token(s)
+                    fr = conn.frame_with(msg, s, tok)
+                else:
+                    fr = conn.frame(msg, s, True)
+                conn.push1(fr, HEARTBEAT)
+
+
+def interrupt(conn: Connection) -> None:
+    """Cancel the write ``conn``'s writer is blocked in (it then writes its last words and closes)."""
+    w = conn.writer
+    if conn.in_send and w is not None and not w.done() and not conn.interrupted:
+        conn.interrupted = True
+        w.cancel()
+
 
 def tok_bytes(tok: ResumeToken) -> bytes:
     """The token as the client sent it (re-encoded canonically)."""
     return encode_token(tok.epoch, tok.positions)
-
-
-_CONTROL_SSE = (b"event: ack", b"event: pong", b"event: error")
-_CONTROL_WS = (b'{"type":"ack"', b'{"type":"pong"', b'{"type":"error"')
-
-
-def _is_stream_frame(frame: bytes, kind: Kind) -> bool:
-    return not frame.startswith(_CONTROL_SSE if kind == "sse" else _CONTROL_WS)

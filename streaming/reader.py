@@ -10,7 +10,7 @@ No Starlette imports. :class:`Node` is what an API process runs once:
   connection (XREAD BLOCK holds one), decodes each entry once, applies it to
   :class:`~streaming.state.NodeState` and hands it to the
   :class:`~streaming.hub.Hub` once (encoded once, never per client);
-- after every read it checks, in one pipelined round trip, the store epoch,
+- every read is pipelined with (and evaluated right after it) the store epoch,
   the partition epoch and the oldest retained log id: a changed/missing
   epoch (Redis flushed or restarted empty) reloads every partition, a log
   trimmed past our position reloads that partition; either way the hub
@@ -31,15 +31,19 @@ from collections.abc import Sequence
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from feed.aio import wait_event
 from feed.errors import StoreError
-from feed.models import Delta
+from feed.models import DELTAS_DECODER, Delta
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.store import EPOCH_KEY, Store, log_key, pepoch_key
 from streaming.encoding import parse_stream_id
 from streaming.hub import Hub
+from streaming.metrics import HOPS, Histogram
 from streaming.state import NodeOptions, NodeState, now_ms
 
 __all__ = ["Node", "PartitionReader"]
@@ -64,7 +68,11 @@ class PartitionReader:
     connected: the last Redis call succeeded; behind: the last read returned
     a full batch (more is waiting) or the reader is reconnecting;
     last_entry_at: ms since the epoch when the last entry was read (None
-    before the first); last_error: the last Redis error, for /ready.
+    before the first); last_error: the last Redis error, for /ready;
+    lag_ms: newest entry id in Redis minus the node's position (ms part of
+    the stream ids, i.e. Redis clock); loop_at: loop time of the last turn
+    of the read loop (a stalled reader is reported, never silent);
+    errors: Redis errors so far.
     """
 
     def __init__(self, node: "Node", partition: int, store: Store) -> None:
@@ -76,6 +84,9 @@ class PartitionReader:
         self.last_entry_at: int | None = None
         self.last_error: str | None = None
         self.entries = 0
+        self.errors = 0
+        self.lag_ms = 0
+        self.loop_at = asyncio.get_running_loop().time()
         self._reload: tuple[list[int] | None, str, int] | None = None
 
     async def run(self) -> None:
@@ -83,7 +94,9 @@ class PartitionReader:
         node, st, p = self.node, self.node.state, self.partition
         opts = st.options
         backoff = Backoff(initial_s=0.05, factor=2.0, max_s=2.0)
+        loop = asyncio.get_running_loop()
         while not node.stopping:
+            self.loop_at = loop.time()
             try:
                 if self._reload is not None:
                     parts, reason, gen = self._reload
@@ -92,8 +105,7 @@ class PartitionReader:
                     continue
                 gen = st.generation
                 pos = st.positions[p]
-                batch = await self.store.read_log({p: pos}, block_ms=opts.read_block_ms, count=opts.read_count)
-                problem = await self._check(pos)
+                batch, problem = await self._read(pos, opts.read_block_ms, opts.read_count)
                 if not self.connected:
                     logger.info("reader of partition %d reconnected to redis", p)
                 self.connected = True
@@ -115,6 +127,10 @@ class PartitionReader:
                             now = now_ms()
                         node.on_entry(p, entry_id, deltas, now)
                 self.behind = len(batch) >= opts.read_count
+                if not self.behind:
+                    self.lag_ms = 0  # read to the top of the log
+                elif st.generation == gen:  # more waiting: how old is what we just applied
+                    self.lag_ms = max(0, now_ms() - parse_stream_id(st.positions[p])[0])
             except asyncio.CancelledError:
                 raise
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -124,6 +140,7 @@ class PartitionReader:
             except _REDIS_ERRORS as exc:
                 self.connected = False
                 self.behind = True
+                self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 delay = backoff.next_delay()
                 logger.warning("reader of partition %d: redis error (%s); retry %d in %.2f s", p,
@@ -135,24 +152,39 @@ class PartitionReader:
                 logger.exception("reader of partition %d failed; restarting it", p)
                 await node.sleep(backoff.next_delay())
 
-    async def _check(self, pos: str) -> tuple[list[int] | None, str] | None:
-        """(partitions to reload or None = all, reason) when the epoch moved
-        or the log was trimmed past ``pos``; None when all is well."""
+    async def _read(self, pos: str, block_ms: int, count: int) -> tuple[list[tuple[int, str, list[Delta]]],
+                                                                          tuple[list[int] | None, str] | None]:
+        """Log entries after ``pos`` (XREAD BLOCK) and, in the same round trip, evaluated right
+        after the read returns: the store and partition epochs and the oldest retained entry.
+        Returns (entries, problem): problem = (partitions to reload or None = all, reason) when
+        the epoch moved or the log was trimmed past ``pos`` (the entries may then skip some:
+        they are not applied)."""
         st, p = self.node.state, self.partition
+        key = log_key(p)
         pipe = self.store.redis.pipeline(transaction=False)
+        pipe.xread({key: pos}, count=count, block=block_ms)
         pipe.get(EPOCH_KEY)
         pipe.get(pepoch_key(p))
-        pipe.xrange(log_key(p), count=1)
-        epoch, pepoch, first = await pipe.execute()
+        pipe.xrange(key, count=1)
+        res, epoch, pepoch, first = await pipe.execute()
+        batch: list[tuple[int, str, list[Delta]]] = []
+        for _, rows in res or ():
+            for entry_id, fields in rows:
+                batch.append((p, _text(entry_id) or "", DELTAS_DECODER.decode(fields[b"d"])))
         epoch, pepoch = _text(epoch), _text(pepoch)
         if epoch != st.epoch or (pepoch != st.epoch and pepoch is not None):
-            return None, f"store epoch changed from {st.epoch} to {epoch} (redis reset or flushed)"
-        if first and pos != "0-0":
-            first_id = _text(first[0][0])
-            assert first_id is not None
-            if parse_stream_id(first_id) > parse_stream_id(pos):
-                return [p], f"log of partition {p} trimmed past position {pos} (oldest kept {first_id})"
-        return None
+            return batch, (None, f"store epoch changed from {st.epoch} to {epoch} (redis reset or flushed)")
+        if pos != "0-0":
+            if first:
+                first_id = _text(first[0][0])
+                assert first_id is not None
+                if parse_stream_id(first_id) > parse_stream_id(pos):
+                    return batch, ([p], f"log of partition {p} trimmed past position {pos} (oldest kept {first_id})")
+            elif not batch:
+                # our position is gone and the log is empty: it was deleted (or Redis came back
+                # without it under the same epoch): reload to make sure nothing was lost
+                return batch, ([p], f"log of partition {p} is empty but the node is at {pos}")
+        return batch, None
 
 
 class Node:
@@ -170,7 +202,8 @@ class Node:
         self.owns_store = owns_store
         self.state = NodeState(settings, store.partitions, self.options)
         self.hub = Hub(self.state, store, outbox_max_bytes=settings.outbox_max_bytes,
-                       replay_max_entries=self.options.replay_max_entries)
+                       replay_max_entries=self.options.replay_max_entries,
+                       send_timeout_s=self.options.send_timeout_s)
         self.readers: list[PartitionReader] = []
         self.shutdown = asyncio.Event()
         self.stopping = False
@@ -181,6 +214,9 @@ class Node:
         self._reload_lock = asyncio.Lock()
         self._status: dict[str, tuple[str, str | None, tuple[str, ...]]] = {}
         self.reloads = 0
+        #: per-hop latency histograms (seconds), see streaming.metrics
+        self.hops: dict[str, Histogram] = {hop: Histogram() for hop in HOPS}
+        self.hub.on_send_delay = self.hops["queued_to_sent"].observe
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -189,6 +225,14 @@ class Node:
         Raises StoreError (or RedisError) when Redis cannot be read."""
         await self._load(None)
         await self.refresh_health(announce=False)
+        if self.options.tune_gc:
+            # latency over throughput: frequent, short young collections; full ones rare; what was
+            # loaded at start is never scanned again (gc.freeze)
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(10_000, 50, 1000)
         for p in range(self.state.partitions):
             store = self._dedicated_store()
             reader = PartitionReader(self, p, store)
@@ -221,10 +265,7 @@ class Node:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, returning early when the node stops."""
-        try:
-            await asyncio.wait_for(self.shutdown.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self.shutdown, seconds)
 
     def _dedicated_store(self) -> Store:
         """A Store on its own connection (XREAD BLOCK holds one); the shared
@@ -233,8 +274,10 @@ class Node:
         if isinstance(r, RedisCluster):
             return self.store
         pool = r.connection_pool
-        client = aioredis.Redis.from_pool(aioredis.ConnectionPool(
-            connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs))
+        # our own backoff (with jitter, reported in /ready and metrics) instead of redis-py's retries
+        client = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs),
+            retry=Retry(NoBackoff(), 0))
         s = Store(client, partitions=self.store.partitions, log_maxlen=self.store.log_maxlen)
         s.epoch = self.store.epoch
         self._stores.append(s)
@@ -268,6 +311,12 @@ class Node:
         """Apply one log entry and hand it to the hub (synchronous)."""
         entry = self.state.apply_entry(partition, entry_id, deltas, now)
         if entry is not None:
+            hops = self.hops
+            h1, h2, h3 = hops["provider_to_received"], hops["received_to_stored"], hops["stored_to_read"]
+            for d in deltas:
+                h1.observe((d.received_at - d.source_ts) / 1000)
+                h2.observe((d.stored_at - d.received_at) / 1000)
+                h3.observe((now - d.stored_at) / 1000)
             self.hub.dispatch(entry)
 
     # -- health ---------------------------------------------------------------
@@ -305,10 +354,15 @@ class Node:
             seen.add(h.source)
             stale = tuple(st.stale_ids(h.source, now))
             sig = (h.state, h.reason, stale)
-            if self._status.get(h.source) != sig:
+            old = self._status.get(h.source)
+            if old != sig:
                 if announce:
-                    logger.info("source %s is %s (%s), %d stale markets", h.source, h.state, h.reason, len(stale))
-                    self.hub.status(h.source, h.state, h.reason, list(stale))
+                    before = set(old[2]) if old is not None else set()
+                    went_stale = sorted(set(stale) - before)
+                    went_fresh = sorted(before - set(stale))
+                    logger.info("source %s is %s (%s), %d stale markets (%d newly stale, %d fresh again)",
+                                h.source, h.state, h.reason, len(stale), len(went_stale), len(went_fresh))
+                    self.hub.status(h.source, h.state, h.reason, list(stale), went_stale, went_fresh)
                 self._status[h.source] = sig
         for name in set(self._status) - seen:
             del self._status[name]
@@ -320,9 +374,15 @@ class Node:
             return False, "shutting down"
         if not self.state.loaded:
             return False, "node state not loaded yet"
+        now = asyncio.get_running_loop().time()
+        opts = self.options
         for r in self.readers:
             if not r.connected:
                 return False, f"reader of partition {r.partition} not connected to redis ({r.last_error})"
+            if now - r.loop_at > opts.stall_after_s:
+                return False, f"reader of partition {r.partition} stalled for {now - r.loop_at:.1f} s"
             if r.behind:
                 return False, f"reader of partition {r.partition} is behind the log"
+            if r.lag_ms > opts.ready_max_lag_ms:
+                return False, f"reader of partition {r.partition} is {r.lag_ms} ms behind the log"
         return True, "ok"

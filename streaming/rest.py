@@ -28,6 +28,8 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
                          "stale_markets":n,"age_ms":int}…],"as_of":ms}   (503 when redis fails)
     GET /health   200 {"status":"ok"}
     GET /ready    200 {"ready":true,"reason":"ok",…} | 503 {"ready":false,"reason":…,…}
+                  (not ready: a reader disconnected from Redis, stalled, or behind the log by more
+                  than ready_max_lag_ms; "partitions" gives position, lag_ms, errors, last_error)
 
 ``<market>`` is the Market JSON of :mod:`feed.models` plus ``age_ms`` and ``stale``.
 """
@@ -254,7 +256,8 @@ async def ready(request: Request) -> Response:
         "markets": len(node.state.markets),
         "connections": len(node.hub.connections),
         "partitions": [{"partition": r.partition, "position": node.state.positions[r.partition],
-                        "connected": r.connected, "behind": r.behind, "last_entry_at": r.last_entry_at,
+                        "connected": r.connected, "behind": r.behind, "lag_ms": r.lag_ms,
+                        "last_entry_at": r.last_entry_at, "errors": r.errors,
                         "last_error": r.last_error} for r in node.readers],
     }
     return json_response(body, 200 if ok else 503, headers={"Cache-Control": "no-store"})
@@ -262,6 +265,8 @@ async def ready(request: Request) -> Response:
 
 def routes() -> list[object]:
     from starlette.routing import Route
+
+    from streaming import pricecheck
 
     return [
         Route("/v1/markets", list_markets, methods=["GET"]),
@@ -272,4 +277,5 @@ def routes() -> list[object]:
         Route("/v1/sources", list_sources, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        *pricecheck.routes(),  # POST /v1/price-check[/batch]
     ]

@@ -3,8 +3,11 @@
 Query: ``sport``, ``competition``, ``event``, ``market`` (comma-separated
 lists allowed), ``in_play`` (true/false), ``heartbeat_ms`` (100–300000,
 default ``settings.heartbeat_ms``), ``last_event_id`` (resume token; the
-``Last-Event-ID`` header wins), ``conflate_ms`` (only 0 in v1). Invalid
-values → ``400 {"error":"bad_request","message":…}``.
+``Last-Event-ID`` header wins), ``conflate_ms`` (0 = every change, default;
+10–``max_conflate_ms``: changes merged per market per window, flagged
+``"conflated": true``), ``odds_format`` (``decimal`` default,
+``fractional``, ``american``). Invalid values →
+``400 {"error":"bad_request","message":…}``.
 
 Response: ``200 text/event-stream`` with ``Cache-Control: no-store`` and
 ``X-Accel-Buffering: no``; first ``retry: 2000``, then ``snapshot`` (or, when
@@ -13,7 +16,9 @@ then ``delta`` / ``status`` / ``heartbeat`` events as they happen (message
 bodies in :mod:`streaming.encoding`). ``id:`` is the resume token; only the
 last event of one log entry carries it. One writer task per connection
 writes everything queued in one chunk, each write under a deadline
-(``send_timeout_s``) — a stuck client is dropped.
+(``send_timeout_s``) — a stuck client is dropped. A slow consumer that
+cannot be helped (see :mod:`streaming.hub`) gets
+``event: error`` ``{"code":"slow_consumer",…}`` and the stream ends.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from streaming.encoding import error_message
 from streaming.hub import Connection
+from streaming.odds_format import parse_odds_format
+from streaming.server import HTTP_FINAL
 from streaming.rest import json_error, node_of
 from streaming.state import Filter, FilterError
 
@@ -61,29 +69,56 @@ def parse_heartbeat_ms(value: str | None, default: int) -> int:
     return ms
 
 
-def parse_conflate_ms(value: object) -> int:
-    """``conflate_ms``: only 0 (every change) is supported in v1. Raises FilterError."""
-    if value is None or value == "" or value == 0 or value == "0":
+CONFLATE_MIN_MS = 10
+
+
+def parse_conflate_ms(value: object, max_ms: int = 120_000) -> int:
+    """``conflate_ms``: 0 (every change) or CONFLATE_MIN_MS…``max_ms``. Raises FilterError."""
+    if value is None or value == "":
         return 0
-    raise FilterError("conflate_ms is not supported yet; omit it or pass 0 (every change is sent)")
+    if isinstance(value, bool):
+        raise FilterError("conflate_ms must be an integer number of milliseconds")
+    try:
+        ms = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise FilterError(f"conflate_ms must be an integer number of milliseconds, not {value!r}") from None
+    if isinstance(value, float) and value != ms:
+        raise FilterError(f"conflate_ms must be an integer number of milliseconds, not {value!r}")
+    if ms == 0:
+        return 0
+    if not CONFLATE_MIN_MS <= ms <= max_ms:
+        raise FilterError(f"conflate_ms must be 0 (every change) or between {CONFLATE_MIN_MS} and {max_ms}, not {ms}")
+    return ms
+
+
+def parse_format(value: object) -> str | None:
+    """``odds_format`` → None (decimal), "fractional" or "american". Raises FilterError."""
+    try:
+        return parse_odds_format(value)
+    except ValueError as exc:
+        raise FilterError(str(exc)) from None
 
 
 class SSEStream(Response):
     """The event stream of one client as a raw ASGI response."""
 
-    def __init__(self, node: "Node", f: Filter, *, heartbeat_ms: int, resume: str | None, label: str) -> None:
+    def __init__(self, node: "Node", f: Filter, *, heartbeat_ms: int, resume: str | None, label: str,
+                 conflate_ms: int = 0, fmt: str | None = None, ip: str | None = None) -> None:
         self.node = node
         self.filter = f
         self.heartbeat_ms = heartbeat_ms
         self.resume = resume
         self.label = label
+        self.conflate_ms = conflate_ms
+        self.fmt = fmt
+        self.ip = ip
         self.status_code = 200
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         node = self.node
         hub = node.hub
-        conn = hub.connect("sse", heartbeat_ms=self.heartbeat_ms, label=self.label)
+        conn = hub.connect("sse", heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip)
         if conn.closed:
             await json_error(503, "shutting_down", "the server is shutting down; retry on another node")(
                 scope, receive, send)
@@ -92,8 +127,9 @@ class SSEStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"retry: %d\n\n" % RETRY_MS, "more_body": True})
-            await hub.subscribe(conn, self.filter, resume=self.resume)
-            if await write_loop(conn, send, node.options.send_timeout_s):
+            await hub.subscribe(conn, self.filter, resume=self.resume, conflate_ms=self.conflate_ms, fmt=self.fmt)
+            final = HTTP_FINAL in (scope.get("extensions") or {})
+            if await write_loop(conn, send, node.options.send_timeout_s, final):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             conn.close(1006, "connection lost")
@@ -111,26 +147,50 @@ async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
             return
 
 
-async def write_loop(conn: Connection, send: Send, timeout_s: float) -> bool:
+async def write_loop(conn: Connection, send: Send, timeout_s: float, final: bool = False) -> bool:
     """Write queued frames, coalesced into one body chunk per wake-up,
-    until the connection closes. False when a write missed its deadline
-    (the response cannot be finished)."""
-    while True:
-        await conn.wait()
-        frames = conn.take()
-        if frames:
-            body = frames[0] if len(frames) == 1 else b"".join(frames)
-            conn.sent_bytes += len(body)
-            try:
-                async with asyncio.timeout(timeout_s):
+    until the connection closes. False when the response cannot be
+    finished normally: a write missed its deadline, or the hub evicted the
+    client while a write was blocked on it — then, when the server supports
+    it (``final``), the queued ``error`` event goes out as the last chunk
+    past flow control and the connection is closed (see :mod:`streaming.server`)."""
+    hub = conn.hub
+    conn.writer = asyncio.current_task()
+    try:
+        while True:
+            await conn.wait()
+            queued_at = conn.queued_at
+            frames = conn.take()
+            if frames:
+                body = frames[0] if len(frames) == 1 else b"".join(frames)
+                conn.sent_bytes += len(body)
+                # the hub's watchdog interrupts a write blocked longer than the deadline (no timer per write)
+                conn.in_send = True
+                conn.send_started = hub.loop_time()
+                try:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
-            except TimeoutError:
-                logger.warning("sse %s: write of %d bytes missed the %.1f s deadline; dropping the client",
-                               conn.label, len(body), timeout_s)
-                conn.close(1008, "send deadline")
-                return False
-        elif conn.closed:
-            return True
+                finally:
+                    conn.in_send = False
+                if hub.on_send_delay is not None:
+                    hub.on_send_delay(hub.loop_time() - queued_at)
+            elif conn.closed:
+                return True
+    except asyncio.CancelledError:
+        if not conn.interrupted:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if conn.deadline_missed:
+            logger.warning("sse %s: write missed the %.1f s deadline; dropping the client", conn.label, timeout_s)
+            conn.close(1008, "send deadline", error_message(
+                "send_deadline", f"a write to this stream took longer than {timeout_s:g} s"))
+    if final:
+        try:
+            await send({"type": HTTP_FINAL, "body": b"".join(conn.take())})
+        except Exception:  # the client is gone: nothing more to do
+            pass
+    return False
 
 
 async def stream(request: Request) -> Response:
@@ -141,10 +201,12 @@ async def stream(request: Request) -> Response:
         f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"), event=q.get("event"),
                          market=q.get("market"), in_play=q.get("in_play"))
         heartbeat_ms = parse_heartbeat_ms(q.get("heartbeat_ms"), node.settings.heartbeat_ms)
-        parse_conflate_ms(q.get("conflate_ms"))
+        conflate_ms = parse_conflate_ms(q.get("conflate_ms"), node.options.max_conflate_ms)
+        fmt = parse_format(q.get("odds_format"))
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
     resume = request.headers.get("last-event-id") or q.get("last_event_id") or None
     client = request.client
     label = f"{client.host}:{client.port}" if client else "?"
-    return SSEStream(node, f, heartbeat_ms=heartbeat_ms, resume=resume, label=label)
+    return SSEStream(node, f, heartbeat_ms=heartbeat_ms, resume=resume, label=label, conflate_ms=conflate_ms,
+                     fmt=fmt, ip=client.host if client else None)

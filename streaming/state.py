@@ -10,7 +10,14 @@ Staleness (DESIGN §6) of a market at ``now_ms``::
                          health[market.source].last_message_at   if that source is UP or DEGRADED)
     age_ms         = max(0, now_ms - last_confirmed)
     stale          = source is DOWN
-                     or age_ms > (stale_in_play_ms if market.in_play else stale_pre_match_ms)
+                     or age_ms > threshold(market.sport, market.in_play)
+
+``threshold`` is ``settings.stale_in_play_ms`` / ``stale_pre_match_ms``
+unless ``settings.stale_after_ms_by_sport`` names the sport:
+``"soccer=8000"`` (both phases), ``"tennis:in_play=5000"``,
+``"horse_racing:pre_match=120000"`` (a phase-specific entry wins); a
+source that advertises a longer ``stale_after_ms`` in its health (a poller
+confirms its markets only once per polling interval) raises it to that.
 
 Source heartbeats thus confirm quiet markets; a market whose source has no
 health record is judged by ``received_at`` alone.
@@ -33,8 +40,8 @@ from streaming.encoding import (
 )
 
 __all__ = [
-    "Filter", "FilterError", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry", "ReplayRing",
-    "now_ms",
+    "DeltaInfo", "Filter", "FilterError", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry", "ReplayRing",
+    "image_of", "now_ms", "parse_stale_by_sport",
 ]
 
 MARKET_STATUSES = ("OPEN", "SUSPENDED", "INACTIVE", "CLOSED", "SETTLED", "CANCELLED")
@@ -59,7 +66,15 @@ class NodeOptions:
     entries kept in memory for fast resumes (0 = always read Redis);
     replay_max_entries: most log entries a resume may replay from Redis
     (beyond it the client gets a fresh snapshot); max_subscriptions: per
-    WebSocket connection; ws_max_message_bytes: largest inbound WS message.
+    WebSocket connection; ws_max_message_bytes: largest inbound WS message;
+    ws_ping_interval_s / ws_ping_timeout_s: WebSocket keepalive (a peer
+    that does not answer a ping within the timeout is closed, 1011);
+    max_conflate_ms: largest ``conflate_ms`` a subscription may ask for;
+    ready_max_lag_ms: /ready says not ready when a reader is further behind
+    the log than this; stall_after_s: a reader whose loop has not turned for
+    this long is reported stalled (never hangs silently); tune_gc: make the
+    cyclic GC run rarely (its full collections over the node's many small
+    objects stalled delivery by hundreds of ms; see feed.ingest.tune_gc).
     """
 
     read_block_ms: int = 1000
@@ -71,6 +86,12 @@ class NodeOptions:
     replay_max_entries: int = 10_000
     max_subscriptions: int = 100
     ws_max_message_bytes: int = 64 << 10
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 20.0
+    max_conflate_ms: int = 120_000
+    ready_max_lag_ms: int = 5_000
+    stall_after_s: float = 15.0
+    tune_gc: bool = True
 
 
 class FilterError(ValueError):
@@ -161,6 +182,21 @@ def _id_set(name: str, value: object) -> frozenset[str] | None:
     return frozenset(items)
 
 
+class DeltaInfo:
+    """What one delta message changed (``Message.info``): the hub merges messages of one
+    market from it (conflation, collapsing a slow consumer's queue)."""
+
+    __slots__ = ("market_id", "sel_ids", "has_header", "has_tv", "is_image")
+
+    def __init__(self, market_id: str, sel_ids: tuple[str, ...], has_header: bool, has_tv: bool,
+                 is_image: bool) -> None:
+        self.market_id = market_id
+        self.sel_ids = sel_ids
+        self.has_header = has_header
+        self.has_tv = has_tv
+        self.is_image = is_image
+
+
 class PreparedDelta:
     """One applied delta, decoded and encoded once per node.
 
@@ -168,17 +204,33 @@ class PreparedDelta:
     delta; prev: the keys before it when they differ (else None) — then the
     market may newly match a subscription, and ``image`` holds the same
     change as a ``kind="image"`` message (the whole market) for it.
+
+    sel_ids / has_header / has_tv / is_image: what the delta changed (the
+    hub merges several deltas of one market into one message from them).
     """
 
-    __slots__ = ("market_id", "keys", "prev", "msg", "image")
+    __slots__ = ("market_id", "keys", "prev", "msg", "image", "sel_ids", "has_header", "has_tv", "is_image")
 
     def __init__(self, market_id: str, keys: MarketKeys, prev: MarketKeys | None,
-                 msg: Message, image: Message | None) -> None:
+                 msg: Message, image: Message | None, delta: Delta | None = None) -> None:
         self.market_id = market_id
         self.keys = keys
         self.prev = prev
         self.msg = msg
         self.image = image
+        if delta is None:
+            self.sel_ids: tuple[str, ...] = ()
+            self.has_header = self.has_tv = False
+            self.is_image = True
+        else:
+            self.sel_ids = tuple(s.selection_id for s in delta.selections)
+            self.has_header = delta.header is not None
+            self.has_tv = delta.traded_volume is not None
+            self.is_image = delta.kind == "image"
+        # what the hub needs to merge the messages (no reference back to self: no cycle for the GC)
+        msg.info = DeltaInfo(market_id, self.sel_ids, self.has_header, self.has_tv, self.is_image)
+        if image is not None:
+            image.info = DeltaInfo(market_id, (), False, False, True)
 
     def message_for(self, f: Filter) -> Message | None:
         """The message a subscription with filter ``f`` gets, or None:
@@ -204,13 +256,15 @@ class PreparedEntry:
     deltas: the deltas the node applied (duplicates skipped).
     """
 
-    __slots__ = ("partition", "entry_id", "key", "token", "deltas", "nbytes")
+    __slots__ = ("partition", "entry_id", "key", "token", "prev_token", "deltas", "nbytes")
 
-    def __init__(self, partition: int, entry_id: str, token: bytes, deltas: list[PreparedDelta]) -> None:
+    def __init__(self, partition: int, entry_id: str, token: bytes, deltas: list[PreparedDelta],
+                 prev_token: bytes | None = None) -> None:
         self.partition = partition
         self.entry_id = entry_id
         self.key: StreamId = parse_stream_id(entry_id)
         self.token = token
+        self.prev_token = prev_token
         self.deltas = deltas
         self.nbytes = sum(d.nbytes() for d in deltas) + 200
 
@@ -285,6 +339,7 @@ class NodeState:
         self._json: dict[str, bytes] = {}
         self._stale_in_play_ms = settings.stale_in_play_ms
         self._stale_pre_match_ms = settings.stale_pre_match_ms
+        self._stale_by_sport = parse_stale_by_sport(getattr(settings, "stale_after_ms_by_sport", ()))
 
     # -- staleness -----------------------------------------------------------
 
@@ -303,7 +358,21 @@ class NodeState:
             age = 0
         if down:
             return age, True
-        return age, age > (self._stale_in_play_ms if m.in_play else self._stale_pre_match_ms)
+        limit = self._stale_by_sport.get((m.sport, m.in_play)) if self._stale_by_sport else None
+        if limit is None:
+            limit = self._stale_in_play_ms if m.in_play else self._stale_pre_match_ms
+        if h is not None and h.stale_after_ms > limit:
+            # a polled source confirms only once per interval: its own limit (≈ 2.5 × the
+            # in-play interval + the request deadline) is the earliest honest "stale"
+            limit = h.stale_after_ms
+        return age, age > limit
+
+    def stale_after_ms(self, sport: str | None, in_play: bool) -> int:
+        """The age (ms) after which a market of ``sport`` / phase is stale."""
+        limit = self._stale_by_sport.get((sport, in_play))
+        if limit is not None:
+            return limit
+        return self._stale_in_play_ms if in_play else self._stale_pre_match_ms
 
     def market_json(self, m: Market, now: int) -> bytes:
         """Market JSON with ``age_ms``/``stale`` (the encoded market is cached until it changes)."""
@@ -387,6 +456,7 @@ class NodeState:
         ``seq`` ≤ the held one), advance the position and return the entry
         prepared for the hub (None when nothing was applied)."""
         prepared: list[PreparedDelta] = []
+        prev_token = self.token
         self.positions[p] = entry_id
         self.token = token = encode_token(self.epoch, self.positions)
         markets = self.markets
@@ -403,15 +473,16 @@ class NodeState:
             if new is None:
                 continue
             self._put(new, old)
-            prepared.append(self._prepare(d, old, new, now, token))
+            prepared.append(self._prepare(d, old, new, now, token, prev_token))
         if not prepared:
             return None
         self.changes += 1
-        entry = PreparedEntry(p, entry_id, token, prepared)
+        entry = PreparedEntry(p, entry_id, token, prepared, prev_token)
         self.ring.append(entry)
         return entry
 
-    def _prepare(self, d: Delta, old: Market | None, new: Market, now: int, token: bytes) -> PreparedDelta:
+    def _prepare(self, d: Delta, old: Market | None, new: Market, now: int, token: bytes,
+                 prev_token: bytes | None) -> PreparedDelta:
         age, stale = self.age_stale(new, now)
         keys = keys_of(new)
         prev = keys_of(old) if old is not None else None
@@ -419,22 +490,26 @@ class NodeState:
             prev = None
         if d.kind == "image":
             msg = delta_message(d, market_json=self.market_json(new, now), age_ms=age, stale=stale,
-                                sent_at=now, token=token)
-            return PreparedDelta(d.market_id, keys, prev, msg, None)
-        msg = delta_message(d, market_json=None, age_ms=age, stale=stale, sent_at=now, token=token)
+                                sent_at=now, token=token, prev_token=prev_token)
+            return PreparedDelta(d.market_id, keys, prev, msg, None, d)
+        msg = delta_message(d, market_json=None, age_ms=age, stale=stale, sent_at=now, token=token,
+                            prev_token=prev_token)
         image = None
         if prev is not None:
             image = delta_message(image_of(new, d), market_json=self.market_json(new, now), age_ms=age,
-                                  stale=stale, sent_at=now, token=token)
-        return PreparedDelta(d.market_id, keys, prev, msg, image)
+                                  stale=stale, sent_at=now, token=token, prev_token=prev_token)
+        return PreparedDelta(d.market_id, keys, prev, msg, image, d)
 
     def prepare_replay(self, p: int, entry_id: str, deltas: list[Delta], positions: Sequence[str],
-                       now: int) -> PreparedEntry:
+                       now: int, prev_position: str) -> PreparedEntry:
         """A log entry read back from Redis for one resuming client (not
         applied to state): keys come from the delta's own header/market, else
         from the market as the node holds it now; ``positions`` are the
         client's positions after this entry (its token)."""
         token = encode_token(self.epoch, positions)
+        before = list(positions)
+        before[p] = prev_position
+        prev_token = encode_token(self.epoch, before)
         out: list[PreparedDelta] = []
         for d in deltas:
             cur = self.markets.get(d.market_id)
@@ -457,8 +532,8 @@ class NodeState:
                 mj = market_with_age(ENCODER.encode(d.market), age, stale)
             out.append(PreparedDelta(d.market_id, keys, None,
                                      delta_message(d, market_json=mj, age_ms=age, stale=stale, sent_at=now,
-                                                   token=token), None))
-        return PreparedEntry(p, entry_id, token, out)
+                                                   token=token, prev_token=prev_token), None, d))
+        return PreparedEntry(p, entry_id, token, out, prev_token)
 
     def set_health(self, sources: Iterable[SourceHealth]) -> None:
         self.health = {h.source: h for h in sources}
@@ -474,8 +549,29 @@ class NodeState:
         return out
 
 
-def image_of(m: Market, d: Delta) -> Delta:
-    """The whole market ``m`` (after delta ``d``) as an image delta with d's tags."""
+def parse_stale_by_sport(entries: Iterable[str]) -> dict[tuple[str | None, bool], int]:
+    """``("soccer=8000", "tennis:in_play=5000", …)`` → {(sport, in_play): ms}.
+    Raises ValueError naming the bad entry."""
+    general: dict[tuple[str | None, bool], int] = {}
+    specific: dict[tuple[str | None, bool], int] = {}
+    for raw in entries:
+        key, sep, value = raw.partition("=")
+        sport, _, phase = key.strip().partition(":")
+        try:
+            ms = int(value)
+        except ValueError:
+            ms = -1
+        if not sep or not sport or ms < 0 or phase not in ("", "in_play", "pre_match"):
+            raise ValueError(f"stale_after_ms_by_sport entry {raw!r} is not sport[:in_play|:pre_match]=ms")
+        if phase:
+            specific[(sport, phase == "in_play")] = ms
+        else:
+            general[(sport, True)] = general[(sport, False)] = ms
+    return {**general, **specific}
+
+
+def image_of(m: Market, d: Delta | None = None) -> Delta:
+    """The whole market ``m`` as an image delta with its latency tags."""
     return Delta(market_id=m.market_id, seq=m.seq, kind="image", source=m.source, source_ts=m.source_ts,
                  received_at=m.received_at, stored_at=m.stored_at, source_ts_original=m.source_ts_original,
                  market=m)

@@ -1,30 +1,41 @@
 """WebSocket transport: ``GET /v1/ws`` (JSON text frames).
 
-Query: ``heartbeat_ms`` (100–300000, default ``settings.heartbeat_ms``).
+Query: ``heartbeat_ms`` (100–300000, default ``settings.heartbeat_ms``),
+``odds_format`` (default for every subscription of the connection).
 ``Origin`` must be in ``settings.allowed_origins`` when that is non-empty
-(Starlette's CORS does not cover WebSockets); otherwise the handshake is
-refused (403).
+and the request has one (Starlette's CORS does not cover WebSockets; a
+request without Origin is not from a browser and passes); otherwise the
+handshake is refused (403).
 
-Client → server (one JSON object per text frame, at most 64 KiB)::
+Client → server (one JSON object per text frame, at most
+``ws_max_message_bytes``, 64 KiB)::
 
     {"op":"subscribe","id":1,"filter":{"sport":…,"competition":…,"event":…,"market":…,"in_play":…},
-     "resume":"<token>"?, "conflate_ms":0?}
+     "resume":"<token>"?, "conflate_ms":0?, "odds_format":"decimal"|"fractional"|"american"?}
     {"op":"unsubscribe","id":2,"sub":1}
     {"op":"ping","id":3}
 
 Server → client: ``{"type":"ack","id":1,"sub":1}`` (subscribe; then the
 subscription's ``snapshot`` or ``resumed`` …), ``{"type":"ack","id":2,"sub":1}``
 (unsubscribe), ``{"type":"pong","id":3}``, and every stream message of
-:mod:`streaming.encoding` with ``"sub"`` first and, on the last message of
-a log entry and on snapshots/heartbeats/status, ``"token"`` (the resume
-token of that subscription). Filter values: strings (comma-separated lists
-allowed) or lists of strings; ``in_play`` a bool.
+:mod:`streaming.encoding` with ``"sub"`` first and ``"token"`` (the resume
+token of that subscription: on a delta that is not the last of its log
+entry, the token from before the entry). Filter values: strings
+(comma-separated lists allowed) or lists of strings; ``in_play`` a bool.
 
 A bad message (not JSON, not an object, unknown op, bad filter …) gets
 ``{"type":"error","code":"bad_request","message":"<what to fix>","id":…}``
-and the connection stays open. A message over 64 KiB closes it (1009).
-The writer task sends everything queued per wake-up back to back under one
-deadline (``send_timeout_s``); a stuck client is dropped.
+and the connection stays open. A message over the limit closes it (1009).
+Close codes: 1001 server shutting down, 1008 policy (origin, auth, send
+deadline), 1009 message too big, 1011 keepalive ping timeout (no pong within
+``ws_ping_timeout_s``), 4008 slow consumer (after an ``error`` with code
+``slow_consumer``).
+
+Writes: on oddsfeed's own server (:class:`streaming.server`), every
+message is a pre-built WebSocket frame (built once per node) and all frames
+queued per wake-up go out in ONE socket write; on any other ASGI server
+they are sent one ``websocket.send`` each. Either way under one deadline
+(``send_timeout_s``); a stuck client is dropped.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from streaming.encoding import ack_message, error_message, pong_message
 from streaming.hub import Connection
 from streaming.rest import node_of
-from streaming.sse import parse_conflate_ms, parse_heartbeat_ms
+from streaming.server import WS_FRAMES_EXTENSION, WS_FRAMES_MESSAGE, ws_close_frame
+from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms
 from streaming.state import Filter, FilterError
 
 if TYPE_CHECKING:
@@ -58,12 +70,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     node = node_of(websocket)
     settings = node.settings
     allowed = settings.allowed_origins
-    if allowed and websocket.headers.get("origin") not in allowed:
-        logger.info("ws refused: origin %r not allowed", websocket.headers.get("origin"))
+    origin = websocket.headers.get("origin")
+    if allowed and origin is not None and origin not in allowed:
+        logger.info("ws refused: origin %r not allowed", origin)
         await websocket.close(code=1008, reason="origin not allowed")
         return
     try:
         heartbeat_ms = parse_heartbeat_ms(websocket.query_params.get("heartbeat_ms"), settings.heartbeat_ms)
+        fmt = parse_format(websocket.query_params.get("odds_format"))
     except FilterError as exc:
         await websocket.accept()
         await websocket.send_text(error_message("bad_request", str(exc)).json.decode())
@@ -72,12 +86,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     client = websocket.client
     label = f"{client.host}:{client.port}" if client else "?"
-    conn = node.hub.connect("ws", heartbeat_ms=heartbeat_ms, label=label)
+    raw = WS_FRAMES_EXTENSION in (websocket.scope.get("extensions") or {})
+    conn = node.hub.connect("ws", heartbeat_ms=heartbeat_ms, label=label, ws_raw=raw,
+                            ip=client.host if client else None)
     if conn.closed:
         await websocket.close(code=1001, reason="server shutting down")
         return
     writer = asyncio.create_task(_write_loop(conn, websocket, node.options.send_timeout_s), name=f"ws-writer {label}")
-    reader = asyncio.create_task(_read_loop(conn, websocket, node), name=f"ws-reader {label}")
+    reader = asyncio.create_task(_read_loop(conn, websocket, node, fmt), name=f"ws-reader {label}")
     try:
         done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and not writer.done():
@@ -94,37 +110,81 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 async def _write_loop(conn: Connection, websocket: WebSocket, timeout_s: float) -> None:
-    """Drain the outbox (one message per text frame, all queued ones back
-    to back under one deadline) until the connection closes; then close."""
+    """Drain the outbox until the connection closes; then close.
+
+    All frames queued per wake-up go out in one write (pre-built frames on
+    our server, else one ``websocket.send`` each) under one deadline. A
+    client that misses the deadline, or that the hub evicts while a write is
+    blocked on it, gets its last words (the queued error, then a close frame)
+    without waiting for flow control, and the socket is aborted if it does
+    not drain (:mod:`streaming.server`)."""
+    hub = conn.hub
+    raw_send = websocket._send  # the ASGI send: our frames extension is not a Starlette message type
+    conn.writer = asyncio.current_task()
     try:
         while True:
             await conn.wait()
+            queued_at = conn.queued_at
             frames = conn.take()
             if frames:
-                async with asyncio.timeout(timeout_s):
-                    for f in frames:
-                        conn.sent_bytes += len(f)
-                        await websocket.send({"type": "websocket.send", "text": f.decode()})
+                # the hub's watchdog interrupts a write blocked longer than the deadline (no timer per write)
+                conn.in_send = True
+                conn.send_started = hub.loop_time()
+                try:
+                    if conn.ws_raw:
+                        data = frames[0] if len(frames) == 1 else b"".join(frames)
+                        conn.sent_bytes += len(data)
+                        await raw_send({"type": WS_FRAMES_MESSAGE, "data": data})
+                    else:
+                        for f in frames:
+                            conn.sent_bytes += len(f)
+                            await websocket.send({"type": "websocket.send", "text": f.decode()})
+                finally:
+                    conn.in_send = False
+                if hub.on_send_delay is not None:
+                    hub.on_send_delay(hub.loop_time() - queued_at)
             elif conn.closed:
                 break
         await websocket.close(code=conn.close_code, reason=conn.close_reason[:120])
-    except TimeoutError:
-        logger.warning("ws %s: write missed the %.1f s deadline; dropping the client", conn.label, timeout_s)
-        conn.close(1008, "send deadline")
-        try:
-            await asyncio.wait_for(websocket.close(code=1008, reason="send deadline"), 1.0)
-        except Exception:
-            pass
+    except asyncio.CancelledError:
+        if not conn.interrupted:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if conn.deadline_missed:
+            logger.warning("ws %s: write missed the %.1f s deadline; dropping the client", conn.label, timeout_s)
+            conn.close(1008, "send deadline", error_message(
+                "send_deadline", f"a write to this connection took longer than {timeout_s:g} s"))
+        await _last_words(conn, websocket, raw_send)
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.close(1006, "connection lost")
 
 
-async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node") -> None:
+async def _last_words(conn: Connection, websocket: WebSocket, raw_send: Any) -> None:
+    """Queued frames (the error) and a close frame, written past flow control."""
+    frames = conn.take()
+    try:
+        if conn.ws_raw:
+            await raw_send({"type": WS_FRAMES_MESSAGE, "final": True,
+                            "data": b"".join(frames) + ws_close_frame(conn.close_code, conn.close_reason)})
+        else:
+            await asyncio.wait_for(websocket.close(code=conn.close_code, reason=conn.close_reason[:120]), 1.0)
+    except Exception:  # the client is gone or stuck: nothing more to do
+        pass
+
+
+async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: str | None = None) -> None:
     """Handle client messages until the client disconnects or the
-    connection closes."""
+    connection closes. While the client leaves more control messages
+    unread than its byte budget, its next message is not read (it cannot
+    make the server queue without bound)."""
     max_bytes = node.options.ws_max_message_bytes
     try:
         while not conn.closed:
+            while conn.control_bytes > conn.max_bytes and not conn.closed:
+                conn.drained.clear()
+                await conn.drained.wait()
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 conn.close(1000, "client disconnected")
@@ -143,7 +203,7 @@ async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node") -> No
             elif len(text) > max_bytes or len(text.encode()) > max_bytes:
                 _too_big(conn, len(text.encode()), max_bytes)
                 return
-            await handle_message(conn, node, text)
+            await handle_message(conn, node, text, fmt)
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.close(1006, "connection lost")
 
@@ -153,7 +213,7 @@ def _too_big(conn: Connection, n: int, max_bytes: int) -> None:
         "message_too_big", f"messages are limited to {max_bytes} bytes, got {n}"))
 
 
-async def handle_message(conn: Connection, node: "Node", text: str) -> None:
+async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | None = None) -> None:
     """One client message → ack/pong/error and hub calls."""
     try:
         obj: Any = _DECODER.decode(text)
@@ -192,7 +252,8 @@ async def handle_message(conn: Connection, node: "Node", text: str) -> None:
             return
         try:
             f = Filter.parse(**filt)
-            parse_conflate_ms(obj.get("conflate_ms"))
+            conflate_ms = parse_conflate_ms(obj.get("conflate_ms"), node.options.max_conflate_ms)
+            sub_fmt = parse_format(obj["odds_format"]) if "odds_format" in obj else fmt
         except (FilterError, TypeError) as exc:
             conn.send(error_message("bad_request", str(exc), id=mid))
             return
@@ -200,7 +261,7 @@ async def handle_message(conn: Connection, node: "Node", text: str) -> None:
             conn.send(error_message("bad_request", f"at most {node.options.max_subscriptions} subscriptions per "
                                     "connection; unsubscribe one first", id=mid))
             return
-        await hub.subscribe(conn, f, resume=resume or None, ack_id=mid)
+        await hub.subscribe(conn, f, resume=resume or None, ack_id=mid, conflate_ms=conflate_ms, fmt=sub_fmt)
     elif op == "unsubscribe":
         sub = obj.get("sub")
         if isinstance(sub, bool) or not isinstance(sub, int):

@@ -6,11 +6,12 @@ import msgspec
 import pytest
 
 from feed.book import Book
-from feed.models import DELTA_DECODER, SourceHealth, apply_delta
+from feed.models import DELTA_DECODER, Market, SourceHealth, apply_delta
 from feed.settings import Settings
 from streaming.encoding import decode_token, encode_token, parse_stream_id, pong_message
-from streaming.hub import Hub
-from streaming.state import Filter, FilterError, NodeOptions, NodeState
+from streaming.hub import SLOW_CONSUMER_CODE, Hub
+from streaming.odds_format import convert_json, decimal_to_american, decimal_to_fractional
+from streaming.state import Filter, FilterError, NodeOptions, NodeState, parse_stale_by_sport
 from streaming_helpers import Feed, now_ms
 
 
@@ -78,36 +79,116 @@ def _entry(st: NodeState, book: Book, entry_no: int, mids: list[str], price: flo
     return st.apply_entry(0, f"{entry_no}-0", [d for d in ds if d is not None], now_ms())
 
 
-async def test_slow_connection_is_resynced_then_closed_and_never_delays_others() -> None:
+def _rebuild(frames: list[bytes], book: dict) -> list[dict]:
+    """Apply WS frames (JSON payloads) to a local book; return the decoded messages."""
+    out = []
+    for raw in frames:
+        msg = msgspec.json.decode(raw)
+        out.append(msg)
+        if msg["type"] == "snapshot":
+            book.clear()
+            book.update({m["market_id"]: msgspec.convert(m, Market) for m in msg["markets"]})
+        elif msg["type"] == "delta":
+            d = DELTA_DECODER.decode(raw)
+            book[d.market_id] = apply_delta(book.get(d.market_id), d)
+    return out
+
+
+async def test_slow_ladder_collapse_then_snapshot_then_close_and_others_unaffected() -> None:
     st = _state()
     book = _load(st, 5)
+    mids = ["m0", "m1", "m2", "m3", "m4"]
     hub = Hub(st, None, outbox_max_bytes=20_000)
     slow = hub.connect("ws", heartbeat_ms=60_000, label="slow")
     fast = hub.connect("sse", heartbeat_ms=60_000, label="fast")
     await hub.subscribe(slow, Filter())
     await hub.subscribe(fast, Filter.parse(market="m1"))
-    assert [msgspec.json.decode(f)["type"] for f in slow.take()] == ["ack", "snapshot"]
+    local: dict = {}
+    assert [m["type"] for m in _rebuild(slow.take(), local)] == ["ack", "snapshot"]
     assert b"event: snapshot" in fast.take()[0]
     got_fast = 0
-    for i in range(2, 60):
-        hub.dispatch(_entry(st, book, i, ["m0", "m1", "m2", "m3", "m4"], 2.0 + i / 100))
+    # 1. over budget: the queue is collapsed by market (latest state wins, flagged), never above budget
+    for i in range(2, 80):
+        hub.dispatch(_entry(st, book, i, mids, 2.0 + i / 100))
         got_fast += len(fast.take())  # the fast one drains every time
         assert slow.outbox_bytes <= slow.max_bytes
-    assert got_fast == 58 and hub.overflows == 1 and slow.resync_pending
-    slow.send(pong_message(7))  # control messages still go through
-    frames = [msgspec.json.decode(f) for f in slow.take()]
-    assert [f["type"] for f in frames] == ["snapshot", "pong"]
-    assert frames[0]["reason"] == "slow_consumer" and frames[0]["recovered"] is False
-    assert {m["market_id"]: m["seq"] for m in frames[0]["markets"]} == {k: v.seq for k, v in st.markets.items()}
-    # while that snapshot is being written, another budget's worth arrives: closed with a reason
-    for i in range(60, 120):
-        hub.dispatch(_entry(st, book, i, ["m0", "m1", "m2", "m3", "m4"], 3.0 + i / 100))
+    assert got_fast == 78 and hub.collapses >= 1 and hub.slow_resyncs == 0 and not slow.closed
+    msgs = _rebuild(slow.take(), local)
+    assert any(m.get("conflated") for m in msgs)
+    assert {k: v.seq for k, v in local.items()} == {k: v.seq for k, v in st.markets.items()}
+    assert local == st.markets  # collapsed frames rebuild the exact book
+    # tokens stay safe: the last message carries the node's position
+    assert msgs[-1]["token"] == st.token.decode()
+
+    # 2. a budget smaller than even the collapsed queue: a fresh snapshot replaces it
+    slow.max_bytes = 1_500
+    for i in range(80, 90):
+        hub.dispatch(_entry(st, book, i, mids, 3.0 + i / 100))
         fast.take()
-    assert slow.closed and slow.close_code == 1008 and slow not in hub.connections
+    assert hub.slow_resyncs == 1 and slow.resync_pending and slow.outbox_bytes == 0
+    slow.send(pong_message(7))  # control messages still go through
+    msgs = _rebuild(slow.take(), local)
+    assert [m["type"] for m in msgs] == ["snapshot", "pong"]
+    assert msgs[0]["reason"] == "slow_consumer" and msgs[0]["recovered"] is False
+    assert local == st.markets
+    # 3. while that snapshot is being written, over budget again: closed with a reason (4008)
+    for i in range(90, 120):
+        hub.dispatch(_entry(st, book, i, mids, 4.0 + i / 100))
+        fast.take()
+    assert slow.closed and slow.close_code == SLOW_CONSUMER_CODE and slow not in hub.connections
+    assert hub.slow_closes == 1
     (last,) = [msgspec.json.decode(f) for f in slow.take()]
     assert last["type"] == "error" and last["code"] == "slow_consumer"
     assert not fast.closed
     hub.close_all()
+
+
+async def test_control_messages_are_bounded_too() -> None:
+    st = _state()
+    _load(st, 1)
+    hub = Hub(st, None, outbox_max_bytes=1_000)
+    conn = hub.connect("ws", heartbeat_ms=60_000)
+    for i in range(10_000):  # a client that pings and never reads
+        conn.send(pong_message(i))
+        if conn.closed:
+            break
+    assert conn.closed and conn.close_code == SLOW_CONSUMER_CODE and i < 10_000
+    hub.close_all()
+
+
+def test_stale_after_ms_by_sport() -> None:
+    st = _state(stale_in_play_ms=10_000, stale_pre_match_ms=60_000)
+    st2 = NodeState(Settings(stale_after_ms_by_sport=("soccer=5000", "tennis:in_play=2000",
+                                                      "tennis:pre_match=300000")), 1, NodeOptions())
+    book = Book()
+    now = now_ms()
+    feed = Feed(None)  # type: ignore[arg-type]
+    for mid, sport, in_play in (("s", "soccer", False), ("t1", "tennis", True), ("t2", "tennis", False),
+                                ("g", "golf", True)):
+        u = feed.image(mid, sport=sport, in_play=in_play)
+        u.received_at = now - 7_000
+        book.apply(u)
+    m = book.markets
+    assert st.age_stale(m["s"], now) == (7_000, False) and st2.age_stale(m["s"], now) == (7_000, True)
+    assert st2.age_stale(m["t1"], now)[1] is True and st2.age_stale(m["t2"], now)[1] is False
+    assert st2.age_stale(m["g"], now)[1] is False  # not listed: the in-play default (10 s)
+    assert st2.stale_after_ms("tennis", False) == 300_000
+    with pytest.raises(ValueError, match="sport"):
+        parse_stale_by_sport(["soccer:live=5"])
+
+
+def test_odds_formats() -> None:
+    assert decimal_to_fractional(2.5) == "3/2" and decimal_to_fractional(2.0) == "1/1"
+    assert decimal_to_fractional(1.91) == "91/100"
+    assert decimal_to_american(2.5) == 150 and decimal_to_american(1.5) == -200 and decimal_to_american(2.0) == 100
+    body = (b'{"type":"delta","selections":[{"selection_id":"1","price":2.5,"back":[[2.5,10.0]],'
+            b'"lay":[],"ltp":null}],"sent_at":1}')
+    conv = msgspec.json.decode(convert_json(body, "fractional"))
+    assert conv["selections"][0]["price"] == "3/2" and conv["selections"][0]["back"] == [["3/2", 10.0]]
+    assert conv["selections"][0]["ltp"] is None
+    assert msgspec.json.decode(convert_json(body, "american"))["selections"][0]["back"] == [[150, 10.0]]
+    hb = b'{"type":"heartbeat","as_of":1}'
+    assert convert_json(hb, "american") is hb
 
 
 async def test_encoded_delta_rebuilds_with_apply_delta() -> None:

@@ -67,7 +67,8 @@ async def test_errors_404_400(store: Store, redis_url: str) -> None:
                               ("/v1/markets?status=OPEN,BOGUS", "status must be one or more of"),
                               ("/v1/events?in_play=2", "in_play"),
                               ("/v1/stream?heartbeat_ms=abc", "heartbeat_ms must be an integer"),
-                              ("/v1/stream?conflate_ms=100", "conflate_ms"),
+                              ("/v1/stream?conflate_ms=5", "conflate_ms"),
+                              ("/v1/stream?odds_format=roman", "odds_format"),
                               ("/v1/stream?in_play=x", "in_play")]:
             r = await c.get(url)
             assert r.status_code == 400, url

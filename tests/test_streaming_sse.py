@@ -139,8 +139,10 @@ async def test_staleness_follows_source_health(store: Store, redis_url: str) -> 
             await store.set_health(SourceHealth(source="t", state="DOWN", reason="heartbeat_missed",
                                                 last_message_at=now_ms()))
             status = await sse.until(lambda e: e.event == "status")
+            assert status.data["as_of"] >= snap.data["as_of"]
             assert status.data == {"type": "status", "source": "t", "state": "DOWN", "reason": "heartbeat_missed",
-                                   "stale_markets": ["m1", "m2"]}
+                                   "stale_markets": ["m1", "m2"], "turned_stale": ["m1", "m2"], "turned_fresh": [],
+                                   "as_of": status.data["as_of"]}
             r = await c.get("/v1/markets/m1")
             assert r.json()["stale"] is True
             await feed.write(feed.price("m1", "1", 2.3))
@@ -150,6 +152,7 @@ async def test_staleness_follows_source_health(store: Store, redis_url: str) -> 
             await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms()))
             status = await sse.until(lambda e: e.event == "status")
             assert status.data["state"] == "UP" and status.data["stale_markets"] == []
+            assert status.data["turned_fresh"] == ["m1", "m2"] and status.data["turned_stale"] == []
             assert (await c.get("/v1/markets/m1")).json()["stale"] is False
             await feed.write(feed.price("m1", "1", 2.4))
             (d,) = await sse_deltas(sse, 1)
@@ -315,7 +318,7 @@ async def test_reader_trimmed_past_resyncs_clients(store: Store, redis_url: str)
     async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
         reader = app.state.node.readers[0]
         gate = asyncio.Event()
-        real = reader.store.read_log
+        real = reader._read
 
         async def gated(*args, **kwargs):
             await gate.wait()
@@ -323,7 +326,7 @@ async def test_reader_trimmed_past_resyncs_clients(store: Store, redis_url: str)
         async with c.stream("GET", "/v1/stream") as resp:
             sse = SSEReader(resp)
             await sse.next()
-            reader.store.read_log = gated  # the node falls behind …
+            reader._read = gated  # the node falls behind …
             await asyncio.sleep(0.3)  # (its in-flight read ends within read_block_ms)
             for i in range(10):
                 await feed.write(feed.price("m1", "1", 2.0 + i / 10))

@@ -54,6 +54,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from feed.aio import wait_event
 from feed.sources.backoff import Backoff
 
 __all__ = [
@@ -345,10 +346,7 @@ class EsaClient:
                 delay = self._backoff.next_delay()
             logger.info("esa %s: connection lost (%s); reconnecting in %.2f s", self._name, why, delay)
             if delay > 0:
-                try:
-                    await asyncio.wait_for(self._stop_event.wait(), delay)
-                except TimeoutError:
-                    pass
+                await wait_event(self._stop_event, delay)
         logger.info("esa %s: stopped", self._name)
 
     # -- one connection -----------------------------------------------------

@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
+from feed.aio import wait_event
 from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, RetryableSourceError, SourceError
 from feed.ingest import Ingest
@@ -446,8 +447,7 @@ class PollerSource:
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), seconds)
+            await wait_event(self._stop, seconds)
 
     async def run(self) -> None:
         """Poll until :meth:`stop` (or cancellation); raise a fatal error."""

@@ -1,0 +1,1 @@
+"""Baselines the fan-out benchmark compares oddsfeed with."""

@@ -1,0 +1,24 @@
+"""Small asyncio helpers shared by sources and the API.
+
+Python 3.11's ``asyncio.wait_for`` can turn an outside cancellation that
+lands as its timeout fires into a ``TimeoutError`` (CPython gh-86296); a
+loop that ignores its timeouts then swallows the cancellation and never
+stops. These helpers use ``asyncio.timeout``, which tells the two apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until ``event`` is set or ``timeout_s`` seconds pass; True if it
+    was set. A cancellation of the caller always propagates."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,688 @@
+"""An async Python client for the oddsfeed stream and the price check.
+
+::
+
+    async with OddsClient("http://127.0.0.1:8000", sport="Soccer") as odds:   # ws://… → WebSocket
+        market = odds.markets["bf:1.23"]                  # a feed.models.Market, kept current
+        odds.age_ms("bf:1.23"), odds.is_stale("bf:1.23")
+        r = await odds.price_check("bf:1.23", "47972", "back", 2.5)
+
+Transport: ``transport="sse"`` (``GET /v1/stream``) or ``"ws"`` (``GET
+/v1/ws``); by default ``ws://``/``wss://`` URLs use the WebSocket and
+``http://``/``https://`` ones SSE. The REST calls (price check, sources)
+go to the same host over HTTP(S).
+
+The book: the first ``snapshot`` replaces it, each ``delta`` is applied with
+:func:`feed.models.apply_delta` (``kind: image`` replaces the market; a delta
+with ``seq`` ≤ the held one is a duplicate and changes nothing), markets that
+stop matching the filter are dropped. After a drop the client reconnects
+with jittered backoff and resumes with the last resume token (SSE
+``Last-Event-ID``, WS ``"resume"``): ``resumed {recovered: true}`` → the
+missed deltas follow and the book is kept; ``recovered: false`` → the fresh
+snapshot that follows replaces the book. A stream silent for 3 × the
+heartbeat interval counts as dropped.
+
+Ages and staleness are recomputed locally on every call, on the local
+monotonic clock (so wall-clock skew between hosts does not matter): each
+market is "confirmed" when a message about it arrives (minus the
+``age_ms`` the server reported, which counts from ``received_at`` or the
+source's last message) and by every heartbeat while its source is not
+DOWN and the server has not flagged it stale. ``age_ms(id)`` = now − that
+confirmation; ``is_stale(id)`` = its source is DOWN (``status`` messages,
+and ``GET /v1/sources`` on connect), or the server flagged it stale (in a
+snapshot, delta or ``status``), or its age exceeds ``stale_in_play_ms`` /
+``stale_pre_match_ms``.
+
+The price check (:meth:`OddsClient.price_check`, :meth:`price_check_batch`)
+is one POST under a total deadline (``price_check_timeout_s``); the only
+retry is one resend when a kept-alive connection turns out to have been
+closed by the server (the check has no side effects). Anything else — a
+timeout, a 4xx/5xx — raises :class:`PriceCheckError` at once: the bet
+service decides whether to try again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import httpx
+import msgspec
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+from feed.models import CLOSED_STATUSES, Delta, Market, apply_delta
+from feed.sources.backoff import Backoff
+from streaming.pricecheck import BatchResult, PriceCheckRequest, PriceCheckResult
+
+__all__ = ["ClientStats", "OddsClient", "PriceCheckError", "SourceStatus", "StreamError"]
+
+logger = logging.getLogger(__name__)
+
+Transport = Literal["sse", "ws"]
+
+
+class StreamError(Exception):
+    """The server refused the stream for a reason retrying will not fix
+    (bad filter, missing API key …); ``status``/``code`` say which."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PriceCheckError(Exception):
+    """A price check the server did not answer with a result: ``status``
+    (HTTP, or None for a transport error/timeout), ``code`` (``error`` of
+    the JSON body) and the server's ``message``."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class SourceStatus:
+    """What the client knows about one source: state UP/DEGRADED/DOWN and the reason."""
+
+    source: str
+    state: str
+    reason: str | None = None
+
+
+@dataclass
+class ClientStats:
+    """Counters since construction. ``lag_ms``: wall-clock receipt − ``source_ts``
+    of the last delta (end-to-end lag, meaningful when clocks are in sync)."""
+
+    connects: int = 0
+    reconnects: int = 0
+    snapshots: int = 0
+    deltas: int = 0
+    duplicates: int = 0
+    heartbeats: int = 0
+    statuses: int = 0
+    resumed_recovered: int = 0
+    resumed_lost: int = 0
+    errors: int = 0
+    lag_ms: int | None = None
+    last_error: str | None = None
+    disconnect_reasons: list[str] = field(default_factory=list)
+
+
+# -- wire views (decoded once per message; unknown fields are skipped) ----------
+
+
+class _Envelope(msgspec.Struct):
+    type: str = ""
+    sub: int | None = None
+    token: str | None = None
+    as_of: int | None = None
+    sent_at: int | None = None
+    age_ms: int | None = None
+    stale: bool | None = None
+    recovered: bool | None = None
+    reason: str | None = None
+    source: str | None = None
+    source_ts: int | None = None
+    state: str | None = None
+    stale_markets: list[str] | None = None
+    code: str | None = None
+    message: str | None = None
+    id: int | str | None = None
+
+
+class _MarketAge(msgspec.Struct):
+    market_id: str
+    age_ms: int = 0
+    stale: bool = False
+
+
+class _SnapshotAges(msgspec.Struct):
+    markets: list[_MarketAge]
+
+
+class _SnapshotMarkets(msgspec.Struct):
+    markets: list[Market]
+
+
+class _Source(msgspec.Struct):
+    source: str
+    state: str = "UP"
+    reason: str | None = None
+
+
+class _Sources(msgspec.Struct):
+    sources: list[_Source]
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_SNAP_AGES = msgspec.json.Decoder(_SnapshotAges)
+_SNAP_MARKETS = msgspec.json.Decoder(_SnapshotMarkets)
+_DELTA = msgspec.json.Decoder(Delta)
+_SOURCES = msgspec.json.Decoder(_Sources)
+_RESULT = msgspec.json.Decoder(PriceCheckResult)
+_BATCH = msgspec.json.Decoder(BatchResult)
+_ENCODER = msgspec.json.Encoder()
+
+#: HTTP statuses of a stream request that retrying will not fix.
+_FATAL_STATUSES = frozenset({400, 401, 403, 404, 405, 422})
+
+
+class _Dropped(Exception):
+    """The stream ended or went silent: reconnect."""
+
+
+def _csv(v: str | Sequence[str] | None) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v
+    return ",".join(v)
+
+
+def _as_set(v: str | Sequence[str] | None) -> frozenset[str] | None:
+    if v is None:
+        return None
+    items = [x.strip() for x in (v.split(",") if isinstance(v, str) else v)]
+    items = [x for x in items if x]
+    return frozenset(items) if items else None
+
+
+class OddsClient:
+    """A live, local copy of the markets matching a filter, plus the price check.
+
+    url: the server (``http[s]://host:port`` or ``ws[s]://host:port``; a
+    path, if given, is ignored). transport: "sse" | "ws" (default by scheme).
+    sport / competition / event / market: a value, a comma-separated string
+    or a list; in_play: True/False/None. heartbeat_ms: heartbeat interval
+    asked of the server (a stream silent for 3× that is dropped).
+    api_key: sent as ``X-API-Key``. stale_in_play_ms / stale_pre_match_ms:
+    local staleness thresholds (defaults match the server's).
+    reconnect_initial_s / reconnect_max_s: backoff bounds (full jitter).
+    price_check_timeout_s: total deadline of one price-check call.
+    on_update: called as ``on_update(market_id, market_or_None)`` after
+    each change of the book (None = removed), synchronously. backoff: a
+    :class:`~feed.sources.backoff.Backoff` to use instead of one built from
+    the reconnect bounds (tests inject a deterministic one).
+    """
+
+    def __init__(self, url: str, *, transport: Transport | None = None,
+                 sport: str | Sequence[str] | None = None, competition: str | Sequence[str] | None = None,
+                 event: str | Sequence[str] | None = None, market: str | Sequence[str] | None = None,
+                 in_play: bool | None = None, heartbeat_ms: int = 2000, api_key: str | None = None,
+                 stale_in_play_ms: int = 10_000, stale_pre_match_ms: int = 60_000,
+                 reconnect_initial_s: float = 0.1, reconnect_max_s: float = 5.0,
+                 price_check_timeout_s: float = 1.0, connect_timeout_s: float = 5.0,
+                 on_update: Callable[[str, Market | None], None] | None = None,
+                 backoff: Backoff | None = None) -> None:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https", "ws", "wss"):
+            raise ValueError(f"url must start with http://, https://, ws:// or wss://, not {url!r}")
+        if transport is None:
+            transport = "ws" if scheme in ("ws", "wss") else "sse"
+        if transport not in ("sse", "ws"):
+            raise ValueError(f"transport must be 'sse' or 'ws', not {transport!r}")
+        secure = scheme in ("https", "wss")
+        self.transport: Transport = transport
+        self.http_url = urlunsplit(("https" if secure else "http", parts.netloc, "", "", ""))
+        self.ws_url = urlunsplit(("wss" if secure else "ws", parts.netloc, "/v1/ws", "", ""))
+        self.filter: dict[str, Any] = {k: v for k, v in (
+            ("sport", _csv(sport)), ("competition", _csv(competition)), ("event", _csv(event)),
+            ("market", _csv(market)), ("in_play", in_play)) if v is not None}
+        self._f_sport, self._f_comp = _as_set(sport), _as_set(competition)
+        self._f_event, self._f_market = _as_set(event), _as_set(market)
+        self._f_in_play = in_play
+        self.heartbeat_ms = heartbeat_ms
+        self.api_key = api_key
+        self.stale_in_play_ms = stale_in_play_ms
+        self.stale_pre_match_ms = stale_pre_match_ms
+        self.price_check_timeout_s = price_check_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.on_update = on_update
+
+        #: market_id → Market: the book, kept current.
+        self.markets: dict[str, Market] = {}
+        #: source → SourceStatus (from ``GET /v1/sources`` on connect and ``status`` messages).
+        self.sources: dict[str, SourceStatus] = {}
+        #: the last resume token received (opaque).
+        self.token: str | None = None
+        self.connected = False
+        self.stats = ClientStats()
+        #: set once the book holds a snapshot (cleared while a dropped stream reconnects).
+        self.synced = asyncio.Event()
+        #: bumped after every applied message; see :meth:`wait_until`.
+        self.changes = 0
+        self.error: BaseException | None = None
+
+        self._confirmed: dict[str, float] = {}   # market_id → monotonic s of the last confirmation
+        self._flagged: dict[str, bool] = {}      # market_id → the server said stale
+        self._backoff = backoff or Backoff(initial_s=reconnect_initial_s, max_s=reconnect_max_s)
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._kick: asyncio.Event = asyncio.Event()
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._headers = headers
+        self._http = httpx.AsyncClient(base_url=self.http_url, headers=headers,
+                                       timeout=httpx.Timeout(price_check_timeout_s),
+                                       # idle connections expire before uvicorn's 5 s keep-alive closes them
+                                       limits=httpx.Limits(max_keepalive_connections=8, keepalive_expiry=4.0))
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> "OddsClient":
+        await self.start()
+        await self.wait_synced()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start following the stream in the background (returns at once)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"oddsclient-{self.transport}")
+
+    async def close(self) -> None:
+        """Stop the stream and close connections. Idempotent."""
+        self._closing = True
+        self._kick.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        await self._http.aclose()
+
+    def reconnect(self) -> None:
+        """Drop the current stream now (the client reconnects and resumes, as after a network drop)."""
+        self._kick.set()
+
+    async def wait_synced(self, timeout_s: float = 10.0) -> None:
+        """Until the book holds a snapshot. Raises the stream's fatal error,
+        or TimeoutError."""
+        await self.wait_until(lambda c: c.synced.is_set(), timeout_s)
+
+    async def wait_until(self, pred: Callable[["OddsClient"], bool], timeout_s: float = 10.0) -> None:
+        """Until ``pred(client)`` holds (checked after every applied message).
+        Raises the stream's fatal error, or TimeoutError."""
+        async def run() -> None:
+            async with self._changed:
+                while True:
+                    if self.error is not None:
+                        raise self.error
+                    if pred(self):
+                        return
+                    await self._changed.wait()
+        await asyncio.wait_for(run(), timeout_s)
+
+    # -- queries ----------------------------------------------------------------
+
+    def age_ms(self, market_id: str) -> int | None:
+        """Milliseconds since the market was last confirmed current (None if unknown)."""
+        t = self._confirmed.get(market_id)
+        if t is None:
+            return None
+        return max(0, int((time.monotonic() - t) * 1000))
+
+    def is_stale(self, market_id: str) -> bool:
+        """True when the market's source is DOWN, the server flagged it stale,
+        or its age exceeds the in-play / pre-match threshold (unknown → True)."""
+        m = self.markets.get(market_id)
+        age = self.age_ms(market_id)
+        if m is None or age is None:
+            return True
+        src = self.sources.get(m.source)
+        if src is not None and src.state == "DOWN":
+            return True
+        if self._flagged.get(market_id):
+            return True
+        return age > (self.stale_in_play_ms if m.in_play else self.stale_pre_match_ms)
+
+    def best(self, market_id: str, selection_id: str, side: Literal["back", "lay"] = "back") -> float | None:
+        """Best back (or lay) price of a selection in the local book, or None."""
+        m = self.markets.get(market_id)
+        sel = m.selection(selection_id) if m is not None else None
+        if sel is None:
+            return None
+        ladder = sel.back if side == "back" else sel.lay
+        if ladder:
+            return ladder[0][0]
+        return sel.price if side == "back" else None
+
+    # -- price check --------------------------------------------------------------
+
+    async def price_check(self, market_id: str, selection_id: str, side: Literal["back", "lay"], price: float, *,
+                          max_age_ms: int | None = None, accept_better: bool = True,
+                          version: int | None = None) -> PriceCheckResult:
+        """``POST /v1/price-check``: the server's answer (accepted, reason,
+        current_price, age_ms …). Raises PriceCheckError on a non-200 answer,
+        a timeout (``price_check_timeout_s``) or a transport error."""
+        req = PriceCheckRequest(market_id=market_id, selection_id=selection_id, side=side, price=price,
+                                max_age_ms=max_age_ms, accept_better=accept_better, version=version)
+        body = await self._post("/v1/price-check", _ENCODER.encode(_omit_none(req)))
+        return _RESULT.decode(body)
+
+    async def price_check_batch(self, legs: Sequence[PriceCheckRequest | Mapping[str, Any]]) -> BatchResult:
+        """``POST /v1/price-check/batch``: every leg of a multiple in one call;
+        ``result.accepted`` only when all legs are. Legs are
+        PriceCheckRequest or dicts with the same fields."""
+        out = [_omit_none(leg) if isinstance(leg, PriceCheckRequest) else dict(leg) for leg in legs]
+        body = await self._post("/v1/price-check/batch", _ENCODER.encode({"legs": out}))
+        return _BATCH.decode(body)
+
+    async def _post(self, path: str, body: bytes) -> bytes:
+        # A price check has no side effects, so a kept-alive connection the server closed just as we
+        # reused it is retried once on a fresh one — inside the same total deadline, never more.
+        headers = {"Content-Type": "application/json"}
+        try:
+            async with asyncio.timeout(self.price_check_timeout_s):
+                try:
+                    r = await self._http.post(path, content=body, headers=headers)
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                    r = await self._http.post(path, content=body, headers=headers)
+        except TimeoutError:
+            raise PriceCheckError(f"no answer within {self.price_check_timeout_s:.3f} s") from None
+        except httpx.HTTPError as exc:
+            raise PriceCheckError(f"price check failed: {type(exc).__name__}: {exc}") from exc
+        if r.status_code != 200:
+            code = message = None
+            with contextlib.suppress(Exception):
+                j = r.json()
+                code, message = j.get("error"), j.get("message")
+            raise PriceCheckError(f"{r.status_code} {code}: {message or r.text[:200]}", status=r.status_code,
+                                  code=code)
+        return r.content
+
+    # -- stream -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closing:
+            self._kick.clear()
+            reason = "stream ended"
+            conn = asyncio.create_task(self._connect_once(), name="oddsclient-stream")
+            kick = asyncio.create_task(self._kick.wait(), name="oddsclient-kick")
+            try:
+                done, _ = await asyncio.wait({conn, kick}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                kick.cancel()
+                if not conn.done():
+                    conn.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await conn
+            if conn not in done:
+                reason = "reconnect requested"
+            else:
+                try:
+                    conn.result()
+                except StreamError as exc:
+                    logger.error("oddsclient: %s", exc)
+                    self.connected = False
+                    self.error = exc
+                    self.stats.last_error = str(exc)
+                    await self._notify()
+                    return
+                except _Dropped as exc:
+                    reason = str(exc)
+                except TimeoutError:
+                    reason = f"no message for {self._silence_s():.1f} s"
+                except (httpx.HTTPError, websockets.exceptions.WebSocketException, OSError,
+                        msgspec.DecodeError, EOFError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+            self.connected = False
+            if self._closing:
+                return
+            self.synced.clear()
+            await self._notify()
+            self.stats.reconnects += 1
+            self.stats.last_error = reason
+            if len(self.stats.disconnect_reasons) < 100:
+                self.stats.disconnect_reasons.append(reason)
+            delay = self._backoff.next_delay()
+            logger.info("oddsclient: stream dropped (%s); reconnecting in %.2f s", reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> None:
+        await self._refresh_sources()
+        self.stats.connects += 1
+        if self.transport == "sse":
+            await self._run_sse()
+        else:
+            await self._run_ws()
+
+    def _silence_s(self) -> float:
+        return 3 * self.heartbeat_ms / 1000 + 1.0
+
+    async def _refresh_sources(self) -> None:
+        """Best effort: the sources' current state (status messages only announce changes)."""
+        try:
+            r = await self._http.get("/v1/sources", timeout=self.connect_timeout_s)
+            if r.status_code == 200:
+                for s in _SOURCES.decode(r.content).sources:
+                    self.sources[s.source] = SourceStatus(s.source, s.state, s.reason)
+        except (httpx.HTTPError, msgspec.DecodeError, OSError):
+            pass
+
+    async def _run_sse(self) -> None:
+        q = {k: ("true" if v is True else "false" if v is False else v) for k, v in self.filter.items()}
+        q["heartbeat_ms"] = str(self.heartbeat_ms)
+        headers = {"Accept": "text/event-stream", **self._headers}
+        if self.token:
+            headers["Last-Event-ID"] = self.token
+        timeout = httpx.Timeout(self.connect_timeout_s, read=None)
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            async with http.stream("GET", f"{self.http_url}/v1/stream?{urlencode(q)}", headers=headers) as resp:
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")[:500]
+                    code = None
+                    with contextlib.suppress(Exception):
+                        code = json.loads(text).get("error")
+                    msg = f"GET /v1/stream answered {resp.status_code}: {text}"
+                    if resp.status_code in _FATAL_STATUSES:
+                        raise StreamError(msg, status=resp.status_code, code=code)
+                    raise _Dropped(msg)
+                self.connected = True
+                await self._notify()
+                buf = b""
+                loop = asyncio.get_running_loop()
+                silence = self._silence_s()
+                async with asyncio.timeout(silence) as deadline:
+                    async for chunk in resp.aiter_raw():
+                        deadline.reschedule(loop.time() + silence)
+                        buf += chunk
+                        if b"\n\n" not in buf and b"\r\n\r\n" not in buf:
+                            continue
+                        if b"\r" in buf:
+                            buf = buf.replace(b"\r\n", b"\n")
+                        *events, buf = buf.split(b"\n\n")
+                        now = time.monotonic()
+                        for ev in events:
+                            data, eid = self._parse_sse(ev)
+                            if data is not None:
+                                self._on_message(data, now, eid)
+                        await self._notify()
+                raise _Dropped("server closed the stream")
+
+    @staticmethod
+    def _parse_sse(raw: bytes) -> tuple[bytes | None, str | None]:
+        data: list[bytes] = []
+        eid: str | None = None
+        for line in raw.split(b"\n"):
+            if not line or line.startswith(b":"):
+                continue
+            name, _, value = line.partition(b":")
+            if value.startswith(b" "):
+                value = value[1:]
+            if name == b"data":
+                data.append(value)
+            elif name == b"id":
+                eid = value.decode()
+        return (b"\n".join(data) if data else None), eid
+
+    async def _run_ws(self) -> None:
+        url = f"{self.ws_url}?heartbeat_ms={self.heartbeat_ms}"
+        headers = self._headers or None
+        try:
+            ws = await ws_connect(url, additional_headers=headers, open_timeout=self.connect_timeout_s,
+                                  max_size=None, ping_interval=20, ping_timeout=20)
+        except websockets.exceptions.InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in _FATAL_STATUSES:
+                raise StreamError(f"GET /v1/ws answered {status}", status=status) from exc
+            raise
+        async with ws:
+            sub: dict[str, Any] = {"op": "subscribe", "id": 1, "filter": self.filter}
+            if self.token:
+                sub["resume"] = self.token
+            await ws.send(json.dumps(sub))
+            self.connected = True
+            await self._notify()
+            loop = asyncio.get_running_loop()
+            silence = self._silence_s()
+            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                async with asyncio.timeout(silence) as deadline:
+                    async for raw in ws:
+                        deadline.reschedule(loop.time() + silence)
+                        data = raw.encode() if isinstance(raw, str) else raw
+                        self._on_message(data, time.monotonic(), None)
+                        await self._notify()
+            rcvd = ws.close_rcvd
+            why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
+            if rcvd is not None and rcvd.code == 1008 and "api key" in rcvd.reason:
+                raise StreamError(f"websocket closed: {why}", code="unauthorized")
+            raise _Dropped(f"websocket closed ({why})")
+
+    async def _notify(self) -> None:
+        self.changes += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- messages -------------------------------------------------------------------
+
+    def _on_message(self, data: bytes, now: float, sse_id: str | None) -> None:
+        env = _ENVELOPE.decode(data)
+        t = env.type
+        if sse_id is not None:
+            self.token = sse_id
+        elif env.token is not None:
+            self.token = env.token
+        if t == "delta":
+            self._on_delta(data, env, now)
+        elif t == "heartbeat":
+            self.stats.heartbeats += 1
+            self._on_heartbeat(now)
+        elif t == "snapshot":
+            self._on_snapshot(data, env, now)
+        elif t == "status":
+            self._on_status(env)
+        elif t == "resumed":
+            if env.recovered:
+                self.stats.resumed_recovered += 1
+                self.synced.set()  # the book is kept; the missed deltas follow
+            else:
+                self.stats.resumed_lost += 1  # the snapshot that follows replaces the book
+        elif t == "error":
+            self.stats.errors += 1
+            if env.id == 1 and env.code == "bad_request":
+                raise StreamError(f"subscribe refused: {env.message}", code=env.code)
+            logger.warning("oddsclient: server error %s: %s", env.code, env.message)
+        # ack, pong: nothing to do
+
+    def _on_snapshot(self, data: bytes, env: _Envelope, now: float) -> None:
+        markets = _SNAP_MARKETS.decode(data).markets
+        ages = {a.market_id: a for a in _SNAP_AGES.decode(data).markets}
+        old = self.markets
+        self.markets = {}
+        self._confirmed.clear()
+        self._flagged.clear()
+        for m in markets:
+            a = ages.get(m.market_id)
+            self.markets[m.market_id] = m
+            self._confirmed[m.market_id] = now - (a.age_ms if a else 0) / 1000
+            self._flagged[m.market_id] = bool(a and a.stale)
+        self.stats.snapshots += 1
+        self.synced.set()
+        self._backoff.reset()
+        if self.on_update is not None:
+            for mid in old.keys() - self.markets.keys():
+                self.on_update(mid, None)
+            for mid, m in self.markets.items():
+                self.on_update(mid, m)
+
+    def _on_delta(self, data: bytes, env: _Envelope, now: float) -> None:
+        d = _DELTA.decode(data)
+        mid = d.market_id
+        cur = self.markets.get(mid)
+        if cur is not None and d.seq <= cur.seq:
+            self.stats.duplicates += 1
+            return
+        new = apply_delta(cur, d)
+        if new is None:
+            return  # a delta for a market we never saw: the server sends an image first
+        self.stats.deltas += 1
+        self.stats.lag_ms = max(0, time.time_ns() // 1_000_000 - d.source_ts)
+        if not self._matches(new):
+            self.markets.pop(mid, None)
+            self._confirmed.pop(mid, None)
+            self._flagged.pop(mid, None)
+            if self.on_update is not None and cur is not None:
+                self.on_update(mid, None)
+            return
+        self.markets[mid] = new
+        self._confirmed[mid] = now - (env.age_ms or 0) / 1000
+        self._flagged[mid] = bool(env.stale)
+        if self.on_update is not None:
+            self.on_update(mid, new)
+
+    def _on_heartbeat(self, now: float) -> None:
+        down = {s for s, st in self.sources.items() if st.state == "DOWN"}
+        confirmed, flagged = self._confirmed, self._flagged
+        for mid, m in self.markets.items():
+            if m.source in down or flagged.get(mid):
+                continue
+            if confirmed.get(mid, 0.0) < now:
+                confirmed[mid] = now
+
+    def _on_status(self, env: _Envelope) -> None:
+        self.stats.statuses += 1
+        if env.source is None or env.state is None:
+            return
+        self.sources[env.source] = SourceStatus(env.source, env.state, env.reason)
+        stale = set(env.stale_markets or ())
+        for mid, m in self.markets.items():
+            if m.source == env.source:
+                self._flagged[mid] = mid in stale
+
+    def _matches(self, m: Market) -> bool:
+        if self._f_market is not None and m.market_id not in self._f_market:
+            return False
+        if self._f_event is not None and m.event_id not in self._f_event:
+            return False
+        if self._f_sport is not None and m.sport not in self._f_sport:
+            return False
+        if self._f_comp is not None and m.competition not in self._f_comp:
+            return False
+        return self._f_in_play is None or m.in_play == self._f_in_play
+
+    # -- convenience --------------------------------------------------------------
+
+    def open_markets(self) -> list[Market]:
+        """Markets not closed/settled/cancelled, by market id."""
+        return sorted((m for m in self.markets.values() if m.status not in CLOSED_STATUSES),
+                      key=lambda m: m.market_id)
+
+
+def _omit_none(req: PriceCheckRequest) -> dict[str, Any]:
+    return {f: v for f in req.__struct_fields__ if (v := getattr(req, f)) is not None}
+

@@ -1,0 +1,393 @@
+"""Bet-placement price check: ``POST /v1/price-check`` and ``/v1/price-check/batch``.
+
+Answered from the node's current state (:class:`~streaming.state.NodeState`,
+kept current by the partition readers): no Redis round trip per request, no
+retry loop, nothing to wait for but the request body, which must arrive
+within a hard deadline. All legs of a batch are checked against the same
+state in one synchronous pass (no await between legs), so a multiple is
+judged on one consistent view. Times are integer ms since the Unix epoch.
+
+::
+
+    POST /v1/price-check
+      {"market_id": str, "selection_id": str, "side": "back"|"lay", "price": 1.01–1000 (≤ 2 dp),
+       "max_age_ms"?: int ≥ 0, "accept_better"?: bool = true, "version"?: int}
+      200 <answer>
+
+    POST /v1/price-check/batch
+      {"legs": [<request>, …]}   (1–50 legs)
+      200 {"accepted": bool (every leg accepted), "legs": [<answer>…], "checked_at": ms}
+
+    <answer> = {"accepted", "reason", "message", "market_id", "selection_id", "side",
+                "requested_price", "current_price", "price_field", "available_size",
+                "age_ms", "max_age_ms", "market_status", "selection_status", "in_play",
+                "version", "seq", "source", "source_state", "checked_at"}
+
+    422 {"error":"invalid_request","message":"<what to fix>"}     bad body
+    413 {"error":"payload_too_large",…}   408 {"error":"deadline_exceeded",…}
+    503 {"error":"not_ready",…}           (the node has not loaded its state yet)
+
+``current_price`` is the price the check compared (``price_field`` says
+which: ``best_back`` = ``back[0]``, ``best_lay`` = ``lay[0]``, ``price`` = a
+bookmaker's offered price when there is no back ladder), null when nothing
+is offered or the market/selection is unknown; ``available_size`` is the
+size at that price; ``age_ms`` is the market's age (see
+:mod:`streaming.state`) at ``checked_at``.
+
+Reasons, checked in this order (the first that applies is the answer):
+
+1. ``UNKNOWN_MARKET``    no such market on this node;
+2. ``UNKNOWN_SELECTION`` no such selection in the market, or it was
+   removed (status REMOVED/HIDDEN);
+3. ``MARKET_CLOSED``     market CLOSED/SETTLED/CANCELLED, or the selection
+   is settled (WINNER/LOSER/PLACED/VOID) — permanent, retrying won't help;
+4. ``SOURCE_DOWN``       the market's source is DOWN (nothing confirms the
+   price);
+5. ``STALE``             ``age_ms > max_age_ms``, or this node is not
+   receiving updates (a partition reader lost Redis). Default ``max_age_ms``:
+   ``settings.price_check_max_age_in_play_ms`` (5 s) for in-play markets,
+   ``…_pre_match_ms`` (30 s) otherwise;
+6. ``SUSPENDED``         market SUSPENDED/INACTIVE or selection SUSPENDED;
+7. ``VERSION_CHANGED``   ``version`` was given and the market's definition
+   version differs;
+8. ``PRICE_CHANGED``     back: best back < requested (≠ when
+   ``accept_better`` is false); lay: best lay > requested (≠ when not
+   ``accept_better``); or nothing is offered on that side;
+9. ``OK``.
+
+Identity first (nothing else can be said), then permanent states, then
+whether the data can be trusted (a stale "suspended" may already be lifted,
+so freshness is reported before it), then the market's own state, then the
+price. DEGRADED sources are not rejected; ``source_state`` reports them.
+
+Prices are compared exactly as decimals: both sides are turned into integer
+hundredths (every Betfair ladder price has at most 2 decimal places), so
+``2.1`` vs ``2.10`` is equal and float noise like ``2.0999999`` never flips
+an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from feed.models import CLOSED_STATUSES, Market, Selection
+from feed.settings import Settings
+from streaming.rest import json_error, json_response, node_of
+from streaming.state import NodeState, now_ms
+
+if TYPE_CHECKING:
+    from streaming.reader import Node
+
+__all__ = [
+    "BatchRequest", "BatchResult", "PriceCheckRequest", "PriceCheckResult", "REASONS", "check", "check_batch",
+    "price_to_hundredths", "routes",
+]
+
+Side = Literal["back", "lay"]
+Reason = Literal["OK", "PRICE_CHANGED", "VERSION_CHANGED", "SUSPENDED", "MARKET_CLOSED", "STALE", "SOURCE_DOWN",
+                 "UNKNOWN_MARKET", "UNKNOWN_SELECTION"]
+
+#: Every reason, in precedence order (OK last).
+REASONS: tuple[str, ...] = ("UNKNOWN_MARKET", "UNKNOWN_SELECTION", "MARKET_CLOSED", "SOURCE_DOWN", "STALE",
+                            "SUSPENDED", "VERSION_CHANGED", "PRICE_CHANGED", "OK")
+
+MAX_LEGS = 50
+#: Largest accepted body (a 50-leg batch is ~10 KiB).
+MAX_BODY_BYTES = 64 << 10
+
+_ID = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_PRICE = Annotated[float, msgspec.Meta(ge=1.01, le=1000)]
+_AGE = Annotated[int, msgspec.Meta(ge=0, le=86_400_000)]
+
+_SUSPENDED_MARKET = frozenset({"SUSPENDED", "INACTIVE"})
+_SETTLED_SELECTION = frozenset({"WINNER", "LOSER", "PLACED", "VOID"})
+_GONE_SELECTION = frozenset({"REMOVED", "HIDDEN"})
+
+
+class PriceCheckRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """One price check (one leg). ``price``: decimal odds 1.01–1000 with at
+    most 2 decimal places; ``max_age_ms``: oldest acceptable data (default
+    by in-play / pre-match); ``accept_better``: a better price than asked
+    is accepted; ``version``: the market definition version the price was
+    shown with (optional)."""
+
+    market_id: _ID
+    selection_id: _ID
+    side: Side
+    price: _PRICE
+    max_age_ms: _AGE | None = None
+    accept_better: bool = True
+    version: int | None = None
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """All legs of a multiple, checked together."""
+
+    legs: Annotated[list[PriceCheckRequest], msgspec.Meta(min_length=1, max_length=MAX_LEGS)]
+
+
+class PriceCheckResult(msgspec.Struct, kw_only=True, frozen=True):
+    """The answer for one leg (see the module docstring)."""
+
+    accepted: bool
+    reason: str
+    message: str
+    market_id: str
+    selection_id: str
+    side: Side
+    requested_price: float
+    current_price: float | None = None
+    price_field: str | None = None
+    available_size: float | None = None
+    age_ms: int | None = None
+    max_age_ms: int | None = None
+    market_status: str | None = None
+    selection_status: str | None = None
+    in_play: bool | None = None
+    version: int | None = None
+    seq: int | None = None
+    source: str | None = None
+    source_state: str | None = None
+    checked_at: int = 0
+
+
+class BatchResult(msgspec.Struct, kw_only=True, frozen=True):
+    """``accepted`` is true only when every leg is accepted."""
+
+    accepted: bool
+    legs: list[PriceCheckResult]
+    checked_at: int
+
+
+_REQUEST_DECODER = msgspec.json.Decoder(PriceCheckRequest)
+_BATCH_DECODER = msgspec.json.Decoder(BatchRequest)
+_ENCODER = msgspec.json.Encoder()
+
+_HUNDREDTH = Decimal("0.01")
+
+
+def price_to_hundredths(price: float) -> int:
+    """Decimal odds → integer hundredths, exactly: ``2.1`` → 210. Prices with
+    more than 2 decimal places are rounded half-even on their shortest
+    decimal form (``repr``), never on the binary float."""
+    x = price * 100.0
+    r = round(x)
+    if abs(x - r) < 1e-6:
+        return int(r)
+    return int(Decimal(repr(price)).quantize(_HUNDREDTH, rounding=ROUND_HALF_EVEN) * 100)
+
+
+def _has_two_decimals(price: float) -> bool:
+    x = price * 100.0
+    return abs(x - round(x)) < 1e-6
+
+
+def _best(sel: Selection, side: str) -> tuple[float | None, float | None, str | None]:
+    """(price, size, field) of the best offer on ``side``."""
+    if side == "back":
+        if sel.back:
+            p, s = sel.back[0]
+            return p, s, "best_back"
+        if sel.price is not None:
+            return sel.price, None, "price"
+        return None, None, None
+    if sel.lay:
+        p, s = sel.lay[0]
+        return p, s, "best_lay"
+    return None, None, None
+
+
+def default_max_age_ms(settings: Settings, in_play: bool) -> int:
+    """The default ``max_age_ms`` for an in-play or pre-match market, ms
+    (``settings.price_check_max_age_in_play_ms`` / ``…_pre_match_ms``)."""
+    return settings.price_check_max_age_in_play_ms if in_play else settings.price_check_max_age_pre_match_ms
+
+
+def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: str | None = None) -> PriceCheckResult:
+    """Check one leg against ``state`` at ``now`` (pure apart from reading
+    state). ``feed_problem``: why this node is not receiving updates, if it
+    is not (then the answer is at best ``STALE``)."""
+    base = {"market_id": req.market_id, "selection_id": req.selection_id, "side": req.side,
+            "requested_price": req.price, "checked_at": now}
+    m: Market | None = state.markets.get(req.market_id)
+    if m is None:
+        return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",
+                                message=f"no market {req.market_id!r} on this feed", **base)  # type: ignore[arg-type]
+    age, _ = state.age_stale(m, now)
+    health = state.health.get(m.source)
+    source_state = health.state if health is not None else None
+    max_age = req.max_age_ms if req.max_age_ms is not None else default_max_age_ms(state.settings, m.in_play)
+    sel = m.selection(req.selection_id)
+    info = {"age_ms": age, "max_age_ms": max_age, "market_status": m.status, "in_play": m.in_play,
+            "version": m.version, "seq": m.seq, "source": m.source, "source_state": source_state, **base}
+
+    def answer(reason: str, message: str, **extra: object) -> PriceCheckResult:
+        return PriceCheckResult(accepted=reason == "OK", reason=reason, message=message,  # type: ignore[arg-type]
+                                **info, **extra)  # type: ignore[arg-type]
+
+    if sel is None:
+        return answer("UNKNOWN_SELECTION", f"market {m.market_id} has no selection {req.selection_id!r}")
+    cur, size, field = _best(sel, req.side)
+    priced = {"current_price": cur, "available_size": size, "price_field": field, "selection_status": sel.status}
+    if sel.status in _GONE_SELECTION:
+        return answer("UNKNOWN_SELECTION", f"selection {sel.selection_id} was removed from market {m.market_id}",
+                      **priced)
+    if m.status in CLOSED_STATUSES:
+        return answer("MARKET_CLOSED", f"market {m.market_id} is {m.status.lower()}", **priced)
+    if sel.status in _SETTLED_SELECTION:
+        return answer("MARKET_CLOSED", f"selection {sel.selection_id} is settled ({sel.status.lower()})", **priced)
+    if source_state == "DOWN":
+        why = f" ({health.reason})" if health is not None and health.reason else ""
+        return answer("SOURCE_DOWN", f"source {m.source} is down{why}; its prices are not confirmed", **priced)
+    if feed_problem is not None:
+        return answer("STALE", f"this node is not receiving updates ({feed_problem})", **priced)
+    if age > max_age:
+        return answer("STALE", f"market data is {age} ms old, older than max_age_ms {max_age}", **priced)
+    if m.status in _SUSPENDED_MARKET:
+        why = f" ({m.suspend_reason})" if m.suspend_reason else ""
+        return answer("SUSPENDED", f"market {m.market_id} is {m.status.lower()}{why}", **priced)
+    if sel.status == "SUSPENDED":
+        return answer("SUSPENDED", f"selection {sel.selection_id} is suspended", **priced)
+    if req.version is not None and req.version != m.version:
+        return answer("VERSION_CHANGED", f"market definition version is {m.version}, not {req.version}", **priced)
+    if cur is None:
+        return answer("PRICE_CHANGED", f"no {req.side} price is offered on selection {sel.selection_id}", **priced)
+    want = price_to_hundredths(req.price)
+    have = price_to_hundredths(cur)
+    if req.side == "back":
+        ok = have >= want if req.accept_better else have == want
+    else:
+        ok = have <= want if req.accept_better else have == want
+    priced["current_price"] = have / 100
+    if ok:
+        return answer("OK", f"{field} {have / 100:g} {'matches' if have == want else 'is better than'} "
+                            f"{req.price:g}", **priced)
+    return answer("PRICE_CHANGED", f"{field} is {have / 100:g}, requested {req.price:g}", **priced)
+
+
+def check_batch(state: NodeState, legs: list[PriceCheckRequest], now: int, *,
+                feed_problem: str | None = None) -> BatchResult:
+    """Check every leg against the same state at the same ``now``."""
+    out = [check(state, leg, now, feed_problem=feed_problem) for leg in legs]
+    return BatchResult(accepted=all(r.accepted for r in out), legs=out, checked_at=now)
+
+
+# -- HTTP ----------------------------------------------------------------------
+
+
+class _BodyError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+async def _read_body(request: Request, deadline_s: float) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise _BodyError(413, "payload_too_large", f"the body is limited to {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    n = 0
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > MAX_BODY_BYTES:
+                    raise _BodyError(413, "payload_too_large", f"the body is limited to {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _BodyError(408, "deadline_exceeded",
+                         f"the request body did not arrive within {deadline_s * 1000:.0f} ms") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_SHAPE = ('send {"market_id": str, "selection_id": str, "side": "back"|"lay", "price": 1.01-1000, '
+          '"max_age_ms"?: int, "accept_better"?: bool, "version"?: int}')
+
+
+def _invalid(exc: msgspec.MsgspecError, batch: bool) -> Response:
+    text = str(exc)
+    if "unknown field" in text:
+        text += " (remove it)"
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        text = f"body is not valid JSON ({text})"
+    shape = 'send {"legs": [<leg>, …]} with 1-%d legs, each: %s' % (MAX_LEGS, _SHAPE[5:]) if batch else _SHAPE
+    return json_error(422, "invalid_request", f"{text}; {shape}")
+
+
+def _validate_prices(legs: list[PriceCheckRequest], batch: bool) -> Response | None:
+    for i, leg in enumerate(legs):
+        if not _has_two_decimals(leg.price):
+            where = f"$.legs[{i}].price" if batch else "$.price"
+            return json_error(422, "invalid_request",
+                              f"price {leg.price!r} has more than 2 decimal places - at `{where}`; "
+                              "send decimal odds as quoted (e.g. 2.12)")
+    return None
+
+
+def _feed_problem(node: "Node") -> str | None:
+    for r in node.readers:
+        if not r.connected:
+            return f"partition {r.partition} reader: {r.last_error or 'not connected to redis'}"
+    return None
+
+
+async def _prepare(request: Request) -> tuple["Node", bytes] | Response:
+    node = node_of(request)
+    if not node.state.loaded:
+        return json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly")
+    ms = node.settings.price_check_deadline_ms
+    try:
+        body = await _read_body(request, ms / 1000)
+    except _BodyError as exc:
+        return json_error(exc.status, exc.code, exc.message)
+    return node, body
+
+
+async def price_check(request: Request) -> Response:
+    """``POST /v1/price-check``."""
+    got = await _prepare(request)
+    if isinstance(got, Response):
+        return got
+    node, body = got
+    try:
+        req = _REQUEST_DECODER.decode(body)
+    except msgspec.MsgspecError as exc:
+        return _invalid(exc, False)
+    bad = _validate_prices([req], False)
+    if bad is not None:
+        return bad
+    result = check(node.state, req, now_ms(), feed_problem=_feed_problem(node))
+    return json_response(_ENCODER.encode(result), headers={"Cache-Control": "no-store"})
+
+
+async def price_check_batch(request: Request) -> Response:
+    """``POST /v1/price-check/batch``."""
+    got = await _prepare(request)
+    if isinstance(got, Response):
+        return got
+    node, body = got
+    try:
+        req = _BATCH_DECODER.decode(body)
+    except msgspec.MsgspecError as exc:
+        return _invalid(exc, True)
+    bad = _validate_prices(req.legs, True)
+    if bad is not None:
+        return bad
+    result = check_batch(node.state, req.legs, now_ms(), feed_problem=_feed_problem(node))
+    return json_response(_ENCODER.encode(result), headers={"Cache-Control": "no-store"})
+
+
+def routes() -> list[object]:
+    """The price-check routes (mounted by :func:`streaming.rest.routes`)."""
+    from starlette.routing import Route
+
+    return [
+        Route("/v1/price-check", price_check, methods=["POST"]),
+        Route("/v1/price-check/batch", price_check_batch, methods=["POST"]),
+    ]

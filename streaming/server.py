@@ -1,0 +1,326 @@
+"""uvicorn protocol wrappers: connection limits uvicorn lacks, and coalesced WebSocket writes.
+
+:func:`install` (called by :class:`streaming.app.StreamingServer` before
+the server loads its config) swaps uvicorn's HTTP and WebSocket protocol
+classes for subclasses that add, per TCP connection:
+
+- **a whole-request header deadline** (slowloris): from the moment a
+  connection opens, or a response ends on a kept-alive connection, the
+  next request's headers must arrive complete within
+  ``settings.request_header_timeout_ms``; otherwise the server answers
+  ``408`` and closes (an idle kept-alive connection, where no byte of a
+  next request arrived, is closed without a 408). uvicorn has no such deadline (its keep-alive timeout
+  is cancelled by the first byte). The timer is stopped when the request
+  reaches the app (headers complete) or the connection upgrades to a
+  WebSocket. (The request *body* is not covered.)
+- **a per-IP connection cap** (``settings.max_connections_per_ip``, 0 = no
+  cap): one more connection from that IP gets ``429`` with
+  ``Retry-After`` and is closed before any parsing. WebSocket connections
+  keep their slot after the upgrade.
+- **TCP keepalive** (idle 30 s, interval 10 s, 3 probes) so a peer that
+  vanished without a FIN is found even when nothing is being written.
+- **a last word to a stuck client**: an HTTP response may end with
+  ``{"type": "oddsfeed.http.final", "body": b"…"}`` (scope extension of the
+  same name): the body is written as the final chunk *without waiting for
+  flow control* (a client that stopped reading would block it forever),
+  the connection is closed, and aborted if it has not drained after
+  ``FINAL_GRACE_S``. The WebSocket frames message takes ``"final": True``
+  for the same (the data ends with a close frame).
+- **one socket write for many WebSocket messages**: the WebSocket protocol
+  (uvicorn's sans-I/O websockets one) advertises the ASGI scope extension
+  ``"oddsfeed.ws.frames"`` and accepts ``{"type": "oddsfeed.ws.frames",
+  "data": <bytes of complete text frames>}``, written as is after the
+  usual flow control. permessage-deflate is turned off (frames are built
+  once per node and shared; compression would be per connection: 3× the
+  memory, 2× the CPU per frame, see research/fanout.md).
+
+Keepalive pings (``ws_ping_interval`` / ``ws_ping_timeout``) are uvicorn's
+own: a peer that does not answer a ping in time is closed with 1011.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS, Config
+from uvicorn.importer import import_from_string
+
+__all__ = ["FINAL_GRACE_S", "Guard", "HTTP_FINAL", "WS_FRAMES_EXTENSION", "WS_FRAMES_MESSAGE", "install",
+           "ws_close_frame"]
+
+logger = logging.getLogger(__name__)
+
+WS_FRAMES_EXTENSION = "oddsfeed.ws.frames"
+WS_FRAMES_MESSAGE = "oddsfeed.ws.frames"
+HTTP_FINAL = "oddsfeed.http.final"
+#: seconds a closed connection may take to drain its last bytes before it is aborted
+FINAL_GRACE_S = 2.0
+
+_408_BODY = b'{"error":"request_timeout","message":"the request headers did not arrive in time; send them whole"}'
+_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(_408_BODY), _408_BODY))
+_429_BODY = b'{"error":"too_many_connections","message":"too many open connections from your address"}'
+_429 = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 5\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_429_BODY), _429_BODY))
+
+
+class Guard:
+    """Limits shared by every connection of one server.
+
+    header_timeout_s: whole-request header deadline (0 = off);
+    max_per_ip: open connections per client IP (0 = no cap).
+    Counters: ``header_timeouts``, ``ip_rejections``.
+    """
+
+    def __init__(self, *, header_timeout_s: float, max_per_ip: int) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.max_per_ip = max_per_ip
+        self.per_ip: dict[str, int] = {}
+        self.header_timeouts = 0
+        self.ip_rejections = 0
+
+    def acquire(self, ip: str | None) -> bool:
+        if ip is None:
+            return True
+        n = self.per_ip.get(ip, 0)
+        if self.max_per_ip and n >= self.max_per_ip:
+            self.ip_rejections += 1
+            return False
+        self.per_ip[ip] = n + 1
+        return True
+
+    def release(self, ip: str | None) -> None:
+        if ip is None:
+            return
+        n = self.per_ip.get(ip, 0) - 1
+        if n <= 0:
+            self.per_ip.pop(ip, None)
+        else:
+            self.per_ip[ip] = n
+
+
+def ws_close_frame(code: int, reason: str = "") -> bytes:
+    """An unmasked WebSocket close frame (server → client)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    return bytes((0x88, len(payload))) + payload
+
+
+def _finish(loop: asyncio.AbstractEventLoop, transport: Any) -> None:
+    """Close ``transport``; abort it if its buffer has not drained within the grace period."""
+    transport.close()
+
+    def abort() -> None:
+        try:
+            if transport.get_write_buffer_size():
+                transport.abort()
+        except Exception:  # already gone
+            pass
+    loop.call_later(FINAL_GRACE_S, abort)
+
+
+def _peer_ip(transport: asyncio.BaseTransport) -> str | None:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, (tuple, list)) and peer:
+        return str(peer[0])
+    return None  # unix socket
+
+
+def _keepalive(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            opt = getattr(socket, name, None)
+            if opt is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    except OSError:  # pragma: no cover - platform dependent
+        pass
+
+
+def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
+    """``base`` (uvicorn's h11 or httptools protocol) with the header deadline and the per-IP cap."""
+
+    class GuardedHTTP(base):  # type: ignore[misc, valid-type]
+        _guard = guard
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._ip: str | None = None
+            self._counted = False
+            self._deadline: asyncio.TimerHandle | None = None
+            self._partial = False
+            inner = self.app
+            proto = self
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                proto._disarm()
+                try:
+                    if scope["type"] == "http":
+                        ext = scope.get("extensions")
+                        if ext is None:
+                            ext = scope["extensions"] = {}
+                        ext[HTTP_FINAL] = {}
+
+                        async def guarded_send(message: Any) -> None:
+                            if message["type"] == HTTP_FINAL:
+                                proto._final(message.get("body", b""))
+                                return
+                            await send(message)
+                        await inner(scope, receive, guarded_send)
+                    else:
+                        await inner(scope, receive, send)
+                finally:
+                    proto._arm()
+
+            self.app = app
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._ip = _peer_ip(transport)
+            if not self._guard.acquire(self._ip):
+                logger.warning("refusing a connection from %s: more than %d open", self._ip, self._guard.max_per_ip)
+                transport.write(_429)  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._counted = True
+            _keepalive(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._counted:
+                self._counted = False
+                self._guard.release(self._ip)
+            super().connection_lost(exc)
+
+        def handle_websocket_upgrade(self, *args: Any, **kwargs: Any) -> None:
+            self._disarm()
+            if self._counted:  # the WebSocket protocol takes the slot over
+                self._counted = False
+                self._guard.release(self._ip)
+            super().handle_websocket_upgrade(*args, **kwargs)
+
+        def _final(self, body: bytes) -> None:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            transport.write((b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n")
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None:
+                cycle.response_complete = True  # the app may return: nothing more to send
+            _finish(self.loop, transport)
+
+        def data_received(self, data: bytes) -> None:
+            self._partial = True  # part of a request has arrived since the timer was armed
+            super().data_received(data)
+
+        def _arm(self) -> None:
+            self._partial = False
+            timeout = self._guard.header_timeout_s
+            if timeout <= 0 or self._deadline is not None:
+                return
+            transport = getattr(self, "transport", None)
+            if transport is None or transport.is_closing():
+                return
+            self._deadline = self.loop.call_later(timeout, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _header_timeout(self) -> None:
+            self._deadline = None
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            if not self._partial:
+                # an idle kept-alive connection: close it quietly — a 408 here would be read
+                # by a client that reuses the pooled connection as the answer to its next request
+                transport.close()
+                return
+            self._guard.header_timeouts += 1
+            logger.info("closing %s: request headers not complete within %.1f s", self._ip,
+                        self._guard.header_timeout_s)
+            transport.write(_408)
+            transport.close()
+
+    GuardedHTTP.__name__ = GuardedHTTP.__qualname__ = f"Guarded{base.__name__}"
+    return GuardedHTTP
+
+
+def framed_ws(base: type[Any], guard: Guard) -> type[Any]:
+    """uvicorn's sans-I/O WebSocket protocol with the frames extension and the per-IP slot."""
+
+    class FramedWS(base):  # type: ignore[misc, valid-type]
+        _guard = guard
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._ip = _peer_ip(transport)
+            self._counted = self._ip is not None
+            if self._ip is not None:
+                self._guard.per_ip[self._ip] = self._guard.per_ip.get(self._ip, 0) + 1
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if getattr(self, "_counted", False):
+                self._counted = False
+                self._guard.release(self._ip)
+            super().connection_lost(exc)
+
+        def handle_connect(self, event: Any) -> None:
+            super().handle_connect(event)
+            scope = getattr(self, "scope", None)
+            if scope is not None and not self.conn.extensions:
+                scope.setdefault("extensions", {})[WS_FRAMES_EXTENSION] = {}
+
+        async def send(self, message: Any) -> None:
+            if message["type"] == WS_FRAMES_MESSAGE and message.get("final"):
+                if self.close_sent or self.transport.is_closing():
+                    return
+                self.transport.write(message["data"])  # no flow control: the client stopped reading
+                self.close_sent = True
+                self.stop_keepalive()
+                if self.close_timer is not None:
+                    self.close_timer.cancel()
+                self.close_timer = self.loop.call_later(FINAL_GRACE_S, self.transport.abort)
+                return
+            if message["type"] == WS_FRAMES_MESSAGE:
+                await self.writable.wait()
+                if self.disconnected:
+                    from uvicorn.protocols.utils import ClientDisconnected
+
+                    raise ClientDisconnected()
+                if self.close_sent or self.transport.is_closing():
+                    return
+                self.transport.write(message["data"])
+                return
+            await super().send(message)
+
+    FramedWS.__name__ = FramedWS.__qualname__ = f"Framed{base.__name__}"
+    return FramedWS
+
+
+def install(config: Config, guard: Guard) -> None:
+    """Swap ``config``'s protocol classes for the wrapped ones (before ``config.load()``)."""
+    if config.loaded:
+        raise RuntimeError("install() must run before the uvicorn config is loaded")
+    http = config.http
+    base_http = import_from_string(HTTP_PROTOCOLS.get(http, http)) if isinstance(http, str) else http
+    if getattr(config, "http2", False):
+        logger.warning("HTTP/2 configured: the header deadline and per-IP cap are not installed")
+    else:
+        config.http = guarded_http(base_http, guard)  # type: ignore[assignment]
+    ws = config.ws
+    if isinstance(ws, str) and ws in ("auto", "websockets-sansio"):
+        try:
+            base_ws = import_from_string(WS_PROTOCOLS["websockets-sansio"])  # type: ignore[arg-type]
+        except Exception:  # websockets not installed: keep uvicorn's choice
+            return
+        config.ws_per_message_deflate = False
+        config.ws = framed_ws(base_ws, guard)  # type: ignore[assignment]

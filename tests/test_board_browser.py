@@ -1,0 +1,357 @@
+"""The live odds board in a real headless Chromium, driven over the DevTools
+protocol (a websockets client, no Selenium), against the whole service:
+simulator (Betfair ESA over a real socket) → ingest → Redis → API → page.
+
+Checks in the page: prices update and flash; the page's book equals the API's
+(same rebuild rules as the Python client); filters work; "updated N s ago"
+ticks; when the simulator stops, the ESA client marks the source DOWN and the
+page shows the DOWN banner and stale markers; both clear when it returns.
+Screenshots go to tests/artifacts/ (and to docs/board.png when
+ODDSFEED_UPDATE_DOCS_SCREENSHOT=1).
+
+Needs /usr/bin/chromium (Debian packages chromium + chromium-driver;
+.ci/install-browser installs them); skipped with a message otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+import msgspec
+
+from feed.book import Book
+from feed.models import ENCODER, HEADER_FIELDS, Market, MarketHeader, Selection, apply_delta
+from feed.normalise.base import MarketUpdate
+from feed.settings import Settings
+from feed.simulator.esa_server import Simulator, SimulatorConfig
+from feed.store import Store
+from feed.supervisor import run_esa_source
+from streaming_helpers import make_app, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
+WAIT_S = 30.0
+
+
+def _chromium() -> str | None:
+    for c in CHROMIUM_CANDIDATES:
+        path = c if os.path.isabs(c) and os.access(c, os.X_OK) else shutil.which(c)
+        if path:
+            return path
+    return None
+
+
+class CDP:
+    """A minimal Chrome DevTools Protocol client over one browser WebSocket
+    (flattened target sessions)."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if "id" in msg:
+                fut = self.pending.pop(msg["id"], None)
+                if fut is not None and not fut.done():
+                    if "error" in msg:
+                        fut.set_exception(RuntimeError(f"CDP error: {msg['error']}"))
+                    else:
+                        fut.set_result(msg.get("result", {}))
+            else:
+                self.events.append(msg)
+                del self.events[:-500]
+
+    async def send(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None,
+                   timeout_s: float = 20.0) -> dict[str, Any]:
+        mid = next(self.ids)
+        msg: dict[str, Any] = {"id": mid, "method": method, "params": params or {}}
+        if session is not None:
+            msg["sessionId"] = session
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending[mid] = fut
+        await self.ws.send(json.dumps(msg))
+        return await asyncio.wait_for(fut, timeout_s)  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self.reader
+        await self.ws.close()
+
+
+class Page:
+    def __init__(self, cdp: CDP, session: str) -> None:
+        self.cdp = cdp
+        self.session = session
+
+    async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self.cdp.send(method, params, session=self.session)
+
+    async def js(self, expression: str) -> Any:
+        r = await self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                 "awaitPromise": True})
+        if "exceptionDetails" in r:
+            raise AssertionError(f"page JS failed: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    async def until(self, expression: str, what: str, timeout_s: float = WAIT_S) -> Any:
+        """Poll a JS expression until truthy (bounded); returns its value."""
+        deadline = time.monotonic() + timeout_s
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = await self.js(expression)
+            if last:
+                return last
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for: {what} (last value {last!r})")
+
+    async def screenshot(self, *paths: Path) -> None:
+        r = await self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})
+        data = base64.b64decode(r["data"])
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+
+    def errors(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.cdp.events:
+            if e.get("sessionId") != self.session:
+                continue
+            if e.get("method") == "Runtime.exceptionThrown":
+                out.append(e["params"])
+            elif e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") == "error":
+                out.append(e["params"])
+        return out
+
+
+@contextlib.asynccontextmanager
+async def browser(url: str) -> AsyncIterator[Page]:
+    exe = _chromium()
+    assert exe is not None
+    with tempfile.TemporaryDirectory(prefix="oddsfeed-chromium-") as profile:
+        log = open(Path(profile) / "chromium.log", "wb")
+        proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
+             f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+             "--window-size=1280,900", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        cdp: CDP | None = None
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            deadline = time.monotonic() + WAIT_S
+            while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    tail = (Path(profile) / "chromium.log").read_text(errors="replace")[-2000:]
+                    raise AssertionError(f"chromium did not start (exit {proc.poll()}):\n{tail}")
+                await asyncio.sleep(0.05)
+            port, path = port_file.read_text().splitlines()[:2]
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=WAIT_S)
+            cdp = CDP(ws)
+            target = (await cdp.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
+            session = (await cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
+            page = Page(cdp, session)
+            await page.send("Runtime.enable")
+            await page.send("Page.enable")
+            await page.send("Emulation.setDeviceMetricsOverride",
+                            {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+            await page.send("Page.navigate", {"url": url})
+            yield page
+        finally:
+            if cdp is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(cdp.send("Browser.close"), 5)
+                await cdp.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # helpers of the browser we started (own session)
+            log.close()
+
+
+def _strip(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if k not in ("age_ms", "stale")}
+
+
+async def _ingest(store: Store, port: int) -> None:
+    await run_esa_source(store, Settings(), host="127.0.0.1", port=port, app_key="sim-app-key",
+                         session_token="sim-session", heartbeat_ms=500)
+
+
+async def test_board_shows_live_prices_stale_markers_and_the_down_banner(redis_url: str) -> None:
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    store = await Store.open(redis_url)
+    sim_config = SimulatorConfig(events=10, rate_per_s=60, seed=11)
+    sim = Simulator(sim_config)
+    await sim.start()
+    ingest = asyncio.create_task(_ingest(store, sim.port))
+    try:
+        app = make_app(redis_url, settings=Settings(heartbeat_ms=1000))
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as http, \
+                browser(base + "/") as page:
+            # -- the board fills and prices move
+            await page.until("window.oddsBoard && oddsBoard.state.stats.snapshots >= 1 "
+                             "&& document.querySelectorAll('.market').length > 0", "markets on the board")
+            assert await page.js("document.querySelectorAll('.sport').length") >= 2
+            assert await page.js("document.getElementById('banner').hidden") is True
+            before = await page.js("[...document.querySelectorAll('.price .p')].map(e => e.textContent).join()")
+            d0 = await page.js("oddsBoard.state.stats.deltas")
+            await page.until(f"oddsBoard.state.stats.deltas > {d0} + 20", "deltas applied in the page")
+            await page.until(f"[...document.querySelectorAll('.price .p')].map(e => e.textContent).join() "
+                             f"!== {json.dumps(before)}", "a displayed price changed")
+            await page.until("document.querySelectorAll('.flash-up, .flash-down').length > 0", "a price flash")
+            assert await page.js("document.querySelectorAll('.market .age').length") > 0
+
+            # -- the page's book is the API's book (markets at the same seq are identical)
+            compared = 0
+            for _ in range(20):
+                book = await page.js("JSON.stringify(oddsBoard.book())")
+                rest = {m["market_id"]: _strip(m) for m in (await http.get("/v1/markets")).json()["markets"]}
+                page_book = json.loads(book)
+                assert set(page_book) == set(rest) or len(set(page_book) ^ set(rest)) <= 2
+                same_seq = [mid for mid in rest if mid in page_book and page_book[mid]["seq"] == rest[mid]["seq"]]
+                for mid in same_seq:
+                    assert page_book[mid] == rest[mid], mid
+                compared += len(same_seq)
+                if compared >= 10:
+                    break
+                await asyncio.sleep(0.2)
+            assert compared >= 10, "too few markets caught at the same seq to compare"
+
+            # -- filters: in-play / upcoming / one sport
+            await page.js("document.querySelector('#play-filter [data-play=live]').click()")
+            assert await page.js("document.querySelectorAll('.event:not(.in-play)').length") == 0
+            await page.js("document.querySelector('#play-filter [data-play=upcoming]').click()")
+            assert await page.js("document.querySelectorAll('.event.in-play').length") == 0
+            assert "in_play=false" in await page.js("location.search")
+            await page.js("document.querySelector('#play-filter [data-play=all]').click()")
+            sport = await page.js("document.querySelector('#sport-filter [data-sport]:not([data-sport=all])')"
+                                  ".dataset.sport")
+            await page.js(f"document.querySelector('#sport-filter [data-sport=\"{sport}\"]').click()")
+            assert await page.js("[...document.querySelectorAll('.sport')].map(s => s.dataset.sport)") == [sport]
+            await page.js("document.querySelector('#sport-filter [data-sport=all]').click()")
+            await page.until("document.querySelectorAll('.sport').length >= 2", "all sports again")
+
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shots = [ARTIFACTS / "board.png"]
+            if os.environ.get("ODDSFEED_UPDATE_DOCS_SCREENSHOT") == "1":
+                shots.append(ROOT / "docs" / "board.png")
+            await page.screenshot(*shots)
+
+            # -- the source stops: DOWN banner, every market stale, ages tick
+            await sim.stop()
+            await page.until("!document.getElementById('banner').hidden && "
+                             "document.getElementById('banner').textContent.includes('DOWN')", "the DOWN banner")
+            await page.until("document.querySelectorAll('.market').length > 0 && "
+                             "document.querySelectorAll('.market:not(.stale)').length === 0",
+                             "every market marked stale")
+            assert await page.js("document.querySelectorAll('.badge.stale').length") > 0
+            await page.until("[...document.querySelectorAll('.market .age')].some(e => /\\d+ s ago/.test(e.textContent))",
+                             "ages ticking ('updated N s ago')")
+            await page.screenshot(ARTIFACTS / "board-down.png")
+
+            # -- it returns (same port): banner and stale markers clear
+            sim = Simulator(SimulatorConfig(port=sim.port, events=sim_config.events,
+                                            rate_per_s=sim_config.rate_per_s, seed=sim_config.seed))
+            await sim.start()
+            await page.until("document.getElementById('banner').hidden", "the banner to clear")
+            await page.until("document.querySelectorAll('.market').length > 0 && "
+                             "document.querySelectorAll('.market.stale').length === 0", "stale markers to clear")
+            d1 = await page.js("oddsBoard.state.stats.deltas")
+            await page.until(f"oddsBoard.state.stats.deltas > {d1}", "prices moving again")
+
+            # -- a suspended market is marked (a header delta fed through the page's own handler)
+            mid = await page.js("document.querySelector('.market:not(.suspended)').dataset.marketId")
+            market = await page.js(f"oddsBoard.state.markets.get({json.dumps(mid)})")
+            header = {k: market[k] for k in HEADER_FIELDS} | {"status": "SUSPENDED"}
+            await page.js(f"oddsBoard.handle({json.dumps({'type': 'delta', 'market_id': mid, 'kind': 'delta', 'seq': market['seq'] + 10**6, 'source': market['source'], 'source_ts': 1, 'received_at': 1, 'header': header, 'age_ms': 0, 'stale': False})})")
+            sel = json.dumps(f'[data-market-id="{mid}"]')
+            await page.until(f"document.querySelector({sel}).classList.contains('suspended') && "
+                             f"document.querySelector({sel}).querySelector('.badge.suspended') !== null",
+                             "the suspended marker")
+            assert page.errors() == [], page.errors()
+
+    finally:
+        ingest.cancel()
+        await asyncio.gather(ingest, return_exceptions=True)
+        await sim.stop()
+        await store.close()
+
+
+async def test_page_rebuilds_the_book_exactly_like_apply_delta() -> None:
+    """The same message sequence through the page's applyDelta and through
+    feed.models.apply_delta gives the same market (image, header, traded
+    volume, new and replaced selections, a duplicate)."""
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    book = Book()
+    t = 1_800_000_000_000
+
+    def upd(image: bool, header: MarketHeader | None, sels: list[Selection], tv: float | None = None) -> MarketUpdate:
+        return MarketUpdate(market_id="bf:1.5", source="betfair", image=image, header=header, selections=sels,
+                            source_ts=t, received_at=t + 2, traded_volume=tv)
+
+    h = MarketHeader(sport="soccer", event_id="bf:9", event_name="A v B", name="Match Odds", status="OPEN",
+                     in_play=False, version=1, traded_volume=10.0)
+    s1 = Selection(selection_id="1", name="A", price=2.0, back=[(2.0, 5.0), (1.98, 7.0)], lay=[(2.02, 3.0)])
+    s2 = Selection(selection_id="2", name="B", price=3.5, back=[(3.5, 1.0)], lay=[])
+    updates = [
+        upd(True, h, [s1, s2]),
+        upd(False, None, [msgspec.structs.replace(s1, back=[(2.02, 1.5)], price=2.02, ltp=2.0, traded_volume=4.5)]),
+        upd(False, None, [], tv=55.5),
+        upd(False, msgspec.structs.replace(h, status="SUSPENDED", in_play=True, version=2, traded_volume=56.0), []),
+        upd(False, None, [Selection(selection_id="3", name="Draw", price=3.3, back=[(3.3, 2.0)], lay=[(3.35, 1.0)])]),
+        upd(False, msgspec.structs.replace(h, status="OPEN", in_play=True, version=2, traded_volume=60.0),
+            [msgspec.structs.replace(s2, status="SUSPENDED", back=[], price=None)]),
+    ]
+    deltas = [d for i, u in enumerate(updates) if (d := book.apply(u, stored_at=t + 3 + i)) is not None]
+    assert len(deltas) == len(updates)
+    wire = [json.loads(ENCODER.encode(d)) | {"type": "delta", "age_ms": 0, "stale": False, "sent_at": t + 9}
+            for d in deltas]
+    wire.insert(3, wire[1])  # a duplicate (seq ≤ held) changes nothing
+    want: Market | None = None
+    for d in deltas:
+        want = apply_delta(want, d)
+    assert want is not None
+    async with browser("about:blank") as page:
+        await page.until("document.readyState === 'complete'", "a blank page")
+        js = (ROOT / "streaming" / "web" / "app.js").read_text()
+        await page.js("document.body.innerHTML = '<div id=board></div><div id=banner></div><div id=conn></div>"
+                      "<span id=conn-text></span><div id=meta></div><div id=sport-filter></div>"
+                      "<div id=play-filter></div>'; window.EventSource = class { addEventListener() {} }; "
+                      "window.fetch = () => new Promise(() => {}); 0")
+        await page.js(js + "\n0")
+        got = await page.js(f"(() => {{ let m; for (const d of {json.dumps(wire)}) "
+                            f"m = oddsBoard.applyDelta(m, d); return m; }})()")
+    assert got == json.loads(ENCODER.encode(want))

@@ -1,0 +1,254 @@
+"""streaming.client.OddsClient on real parts (uvicorn, Redis, SSE and WebSocket):
+the book it keeps, resume after a drop, recovered:false, ages and staleness,
+filters, the price-check wrapper, fatal errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from feed.models import MARKET_DECODER, Market, SourceHealth
+from feed.normalise.base import MarketUpdate
+from feed.settings import Settings
+from feed.sources.backoff import Backoff
+from feed.store import Store
+from streaming.client import OddsClient, PriceCheckError, StreamError
+from streaming.pricecheck import PriceCheckRequest
+from streaming_helpers import Feed, make_app, now_ms, serve
+
+TRANSPORTS = ["sse", "ws"]
+
+
+def _url(base: str, transport: str) -> str:
+    return base.replace("http://", "ws://") if transport == "ws" else base
+
+
+async def _rest_book(base: str) -> dict[str, Market]:
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        listing = (await c.get("/v1/markets")).json()["markets"]
+        return {m["market_id"]: MARKET_DECODER.decode(msgspec.json.encode(m)) for m in listing}
+
+
+def _same(a: dict[str, Market], b: dict[str, Market]) -> bool:
+    return a.keys() == b.keys() and all(msgspec.to_builtins(a[k]) == msgspec.to_builtins(b[k]) for k in a)
+
+
+def _tv(mid: str, volume: float) -> MarketUpdate:
+    """A change of the market's traded volume only (travels as ``traded_volume``)."""
+    t = now_ms()
+    return MarketUpdate(market_id=mid, source="t", image=False, header=None, selections=[], source_ts=t,
+                        received_at=t + 1, traded_volume=volume)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_book_follows_snapshot_and_deltas(store: Store, redis_url: str, transport: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"), feed.image("m3", sport="tennis", event="e3"))
+    updates: list[tuple[str, bool]] = []
+    async with serve(make_app(redis_url)) as base:
+        async with OddsClient(_url(base, transport), heartbeat_ms=500,
+                              on_update=lambda mid, m: updates.append((mid, m is not None))) as client:
+            assert client.transport == transport and client.stats.snapshots == 1
+            assert sorted(client.markets) == ["m1", "m2", "m3"]
+            await feed.write(feed.price("m1", "1", 2.1), feed.price("m2", "2", 3.6))
+            await feed.write(feed.header("m1", status="SUSPENDED", version=2))
+            await feed.write(feed.image("m4", event="e1"))                      # a new market: image
+            await feed.write(feed.price("m3", "3", 7.0))                        # a new selection
+            await feed.write(feed.header("m1", status="OPEN"), feed.price("m1", "2", 3.0))
+            await feed.write(_tv("m2", 1234.5))                               # traded_volume only
+            await client.wait_until(lambda c: _same(c.markets, feed.book.markets))  # what was written
+            assert _same(client.markets, await _rest_book(base))                    # = what REST serves
+            assert client.markets["m1"].status == "OPEN" and client.markets["m1"].version == 2
+            assert client.markets["m2"].traded_volume == 1234.5
+            assert [s.selection_id for s in client.markets["m3"].selections] == ["1", "2", "3"]
+            assert client.stats.deltas >= 7 and client.stats.duplicates == 0
+            assert ("m4", True) in updates
+            assert client.best("m1", "2") == 3.0 and client.best("m1", "1", "lay") is None
+            for mid in client.markets:
+                age = client.age_ms(mid)
+                assert age is not None and 0 <= age < 10_000 and not client.is_stale(mid)
+            assert client.stats.lag_ms is not None and client.stats.lag_ms >= 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_resume_after_a_drop_gets_exactly_the_missed_deltas(store: Store, redis_url: str,
+                                                                   transport: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"))
+    async with serve(make_app(redis_url)) as base:
+        client = OddsClient(_url(base, transport), heartbeat_ms=500,
+                            backoff=Backoff(initial_s=0.5, max_s=0.5, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await client.wait_synced()
+            await feed.write(feed.price("m1", "1", 2.2))
+            await client.wait_until(lambda c: c.markets["m1"].seq == 2)
+            token = client.token
+            client.reconnect()                      # the connection drops …
+            await client.wait_until(lambda c: not c.connected)
+            for i in range(5):                      # … changes happen meanwhile …
+                await feed.write(feed.price("m2", "1", 2.0 + (i + 1) / 50))
+            await client.wait_until(lambda c: c.connected and _same(c.markets, feed.book.markets))  # … caught up
+            assert client.stats.resumed_recovered == 1 and client.stats.resumed_lost == 0
+            assert client.stats.snapshots == 1 and client.stats.reconnects == 1
+            assert client.token != token
+            assert client.markets["m2"].seq == 6
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_recovered_false_replaces_the_book(store: Store, redis_url: str, transport: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"))
+    async with serve(make_app(redis_url)) as base:
+        client = OddsClient(_url(base, transport), heartbeat_ms=500,
+                            backoff=Backoff(initial_s=1.5, max_s=1.5, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await client.wait_synced()
+            client.reconnect()
+            await client.wait_until(lambda c: not c.connected)
+            # while it is away, Redis loses everything: new epoch, other markets
+            await store.redis.flushall()
+            await store.reset_epoch()
+            feed2 = Feed(store)
+            await feed2.write(feed2.image("m3", sport="tennis", event="e3"))
+            await client.wait_until(lambda c: c.connected and sorted(c.markets) == ["m3"])
+            assert client.stats.resumed_lost == 1 and client.stats.snapshots == 2
+            assert _same(client.markets, feed2.book.markets)
+        finally:
+            await client.close()
+
+
+async def test_a_live_resync_snapshot_replaces_the_book(store: Store, redis_url: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"))
+    async with serve(make_app(redis_url)) as base, OddsClient(base, heartbeat_ms=500) as client:
+        await store.redis.flushall()
+        await store.reset_epoch()
+        feed2 = Feed(store)
+        await feed2.write(feed2.image("m9"))
+        await client.wait_until(lambda c: sorted(c.markets) == ["m9"])
+        assert client.stats.snapshots == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_ages_heartbeats_and_staleness(store: Store, redis_url: str, transport: str) -> None:
+    feed = Feed(store)
+    await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms()))
+    await feed.write(feed.image("m1"), feed.image("m2", in_play=True))
+    async with serve(make_app(redis_url)) as base:
+        async with OddsClient(_url(base, transport), heartbeat_ms=200, stale_in_play_ms=60_000) as client:
+            assert client.sources["t"].state == "UP"  # from GET /v1/sources on connect
+            # quiet markets: heartbeats keep confirming them while the source is UP
+            hb = client.stats.heartbeats
+            await client.wait_until(lambda c: c.stats.heartbeats >= hb + 3)
+            assert client.age_ms("m1") is not None and client.age_ms("m1") < 2_000  # type: ignore[operator]
+            assert not client.is_stale("m1") and not client.is_stale("m2")
+            # the source goes DOWN: a status message marks its markets stale and ages grow
+            await store.set_health(SourceHealth(source="t", state="DOWN", reason="heartbeat_missed",
+                                                last_message_at=now_ms()))
+            await client.wait_until(lambda c: c.sources["t"].state == "DOWN")
+            assert client.is_stale("m1") and client.is_stale("m2")
+            assert client.sources["t"].reason == "heartbeat_missed"
+            before = client.age_ms("m1")
+            hb = client.stats.heartbeats
+            await client.wait_until(lambda c: c.stats.heartbeats >= hb + 3)
+            assert client.age_ms("m1") > before  # type: ignore[operator]  # heartbeats no longer confirm it
+            # back UP: not stale any more
+            await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms()))
+            await client.wait_until(lambda c: c.sources["t"].state == "UP")
+            await client.wait_until(lambda c: not c.is_stale("m1") and not c.is_stale("m2"))
+            assert client.age_ms("nope") is None and client.is_stale("nope")
+
+
+async def test_local_thresholds_make_a_quiet_market_stale() -> None:
+    client = OddsClient("http://127.0.0.1:9", stale_in_play_ms=50)
+    try:
+        t = now_ms()
+        snap = {"type": "snapshot", "as_of": t, "markets": [
+            {"market_id": "m", "source": "s", "in_play": True, "received_at": t, "age_ms": 0, "stale": False},
+            {"market_id": "p", "source": "s", "in_play": False, "received_at": t, "age_ms": 0, "stale": False}]}
+        client._on_message(msgspec.json.encode(snap), time.monotonic(), "tok")
+        assert client.token == "tok" and not client.is_stale("m")
+        await asyncio.sleep(0.1)
+        assert client.is_stale("m") and not client.is_stale("p") and client.age_ms("m") >= 100  # type: ignore[operator]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_filter_drops_markets_that_stop_matching(store: Store, redis_url: str, transport: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"), feed.image("t1", sport="tennis", event="e3"))
+    async with serve(make_app(redis_url)) as base:
+        async with OddsClient(_url(base, transport), sport="soccer", in_play=False) as client:
+            assert sorted(client.markets) == ["m1", "m2"]
+            await feed.write(feed.header("m1", in_play=True))
+            await client.wait_until(lambda c: sorted(c.markets) == ["m2"])
+            await feed.write(feed.header("m1", in_play=False))   # matches again: arrives as an image
+            await client.wait_until(lambda c: sorted(c.markets) == ["m1", "m2"])
+
+
+async def test_price_check_wrapper(store: Store, redis_url: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1", prices={"1": 2.0, "2": 3.5}), feed.image("m2", prices={"1": 4.0}))
+    async with serve(make_app(redis_url)) as base, OddsClient(base) as client:
+        r = await client.price_check("m1", "1", "back", 2.0)
+        assert r.accepted and r.reason == "OK" and r.current_price == 2.0 and r.age_ms is not None
+        r = await client.price_check("m1", "1", "back", 2.1, accept_better=False)
+        assert not r.accepted and r.reason == "PRICE_CHANGED" and r.current_price == 2.0
+        r = await client.price_check("m1", "1", "back", 2.0, version=99)
+        assert r.reason == "VERSION_CHANGED"
+        b = await client.price_check_batch([
+            PriceCheckRequest(market_id="m1", selection_id="2", side="back", price=3.5),
+            {"market_id": "m2", "selection_id": "1", "side": "back", "price": 4.0, "max_age_ms": 60_000}])
+        assert b.accepted and [leg.reason for leg in b.legs] == ["OK", "OK"]
+        with pytest.raises(PriceCheckError) as err:
+            await client.price_check("m1", "1", "back", 2.123)
+        assert err.value.status == 422 and err.value.code == "invalid_request"
+        assert "2 decimal places" in str(err.value)
+    dead = OddsClient("http://127.0.0.1:9", price_check_timeout_s=0.5)
+    try:
+        with pytest.raises(PriceCheckError):
+            await dead.price_check("m1", "1", "back", 2.0)
+    finally:
+        await dead.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_refused_stream_is_a_clear_error(store: Store, redis_url: str, transport: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=60_000, api_keys=("s3cret",)))
+    async with serve(app) as base:
+        client = OddsClient(_url(base, transport))
+        try:
+            await client.start()
+            with pytest.raises(StreamError):
+                await client.wait_synced()
+        finally:
+            await client.close()
+        async with OddsClient(_url(base, transport), api_key="s3cret") as ok:
+            assert sorted(ok.markets) == ["m1"]
+            assert (await ok.price_check("m1", "1", "back", 2.0)).accepted
+
+
+def test_transport_is_chosen_by_url_or_flag() -> None:
+    async def make(url: str, **kw: Any) -> tuple[str, str, str]:
+        c = OddsClient(url, **kw)
+        await c.close()
+        return c.transport, c.http_url, c.ws_url
+
+    assert asyncio.run(make("http://h:1")) == ("sse", "http://h:1", "ws://h:1/v1/ws")
+    assert asyncio.run(make("wss://h:1/x")) == ("ws", "https://h:1", "wss://h:1/v1/ws")
+    assert asyncio.run(make("http://h:1", transport="ws"))[0] == "ws"
+    with pytest.raises(ValueError):
+        OddsClient("ftp://h")
+
