@@ -32,6 +32,7 @@ Target (DESIGN §10): price check over HTTP p99 ≤ 2 ms at 2k req/s.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import asyncio
 import contextlib
 import json
@@ -517,7 +518,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--events", type=int, default=12, help="simulator events (default 12)")
     p.add_argument("--sim-rate", type=float, default=200, help="simulator updates per second (default 200)")
     p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"], help="uvicorn HTTP parser")
-    p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"], help="API node event loop")
+    p.add_argument("--loop", default="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+                   choices=["asyncio", "uvloop"], help="API node event loop (default: uvloop when installed, as oddsfeed serve)")
     p.add_argument("--pythonpath", help="extra sys.path entry for the API node (e.g. where httptools/uvloop are)")
     p.add_argument("--tune-gc", action="store_true",
                    help="in the API node: feed.ingest.tune_gc() once the state is loaded (freeze + higher thresholds)")

@@ -403,6 +403,16 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _run(coro: Any) -> int:
+    """Run on uvloop when it is installed (``uvicorn[standard]`` brings it):
+    a faster event loop for the API and the sources; asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -410,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("feed.ingest").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
     logging.getLogger("httpx").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)  # one line per poll otherwise
     try:
-        return asyncio.run(_main_async(args))
+        return _run(_main_async(args))
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:  # noqa: BLE001 - turn user-fixable errors into one line
