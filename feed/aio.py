@@ -22,3 +22,18 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` returns the result when the awaited
+    operation completes in the same loop iteration as the cancel, dropping
+    the CancelledError; redis-py's asyncio client wraps command sends in it,
+    so cancelling a task that writes to Redis can be silently ignored (the
+    task's ``cancelling()`` count stays raised). Call this after an await
+    that may have swallowed one.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

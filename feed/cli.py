@@ -8,7 +8,8 @@
   ``--source KIND=URL,…`` (repeatable) runs any sources together).
 - ``oddsfeed serve`` — the API only, on a Redis that an ingest writes.
 - ``oddsfeed simulate`` — the local ESA upstream; ``--providers`` also serves
-  the Pinnacle- and Odds-API-style HTTP endpoints on ``--providers-port``.
+  the Pinnacle- and Odds-API-style HTTP endpoints on ``--providers-port`` and
+  the push format (WebSocket and SSE) on ``--push-port``.
 
 Errors a user can fix (busy port, unreachable Redis, missing file) end with
 one line on stderr and exit status 2, not a traceback.
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--providers", action="store_true",
                      help="also serve Pinnacle- and The-Odds-API-style HTTP endpoints from the same markets")
     sim.add_argument("--providers-port", type=int, default=9555, help="port of the HTTP providers (default 9555)")
+    sim.add_argument("--push-port", type=int, default=9556,
+                     help="with --providers: port of the push provider (WebSocket /push/ws, SSE /push/sse; default 9556)")
     sim_opts(sim)
     return parser
 
@@ -165,7 +168,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Any]:
             logger.info("using the embedded redis-server already running at %s", url)
         else:
             server = candidate
-            url = await asyncio.to_thread(server.start)
+            url = server.start()  # from the main thread: the server dies with it (see EmbeddedRedis)
     try:
         store = await Store.open(url, partitions=settings.partitions, log_maxlen=settings.log_maxlen,
                                  cluster=settings.redis_cluster)
@@ -347,24 +350,34 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     from feed.simulator.esa_server import Simulator
     from feed.simulator.http_providers import HttpProviders, ProvidersConfig
+    from feed.simulator.push_providers import PushSimConfig, PushSimulator
 
     bind_socket(args.host, args.providers_port).close()
+    bind_socket(args.host, args.push_port).close()
     sim = Simulator(config)
     await sim.start()
     print(f"simulator (Betfair ESA protocol) on {args.host}:{sim.port}", flush=True)
     providers = HttpProviders(ProvidersConfig(host=args.host, port=args.providers_port, events=args.events,
                                               rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale),
                               model=sim.model)  # the ESA simulator's markets (its own model in replay mode)
+    push = PushSimulator(PushSimConfig(host=args.host, port=args.push_port, events=args.events,
+                                       rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale))
     try:
         await providers.start()
+        await push.start()
         url = providers.url
         print(f"HTTP providers on {url}: Pinnacle /v1/fixtures /v2/odds (user demo, password demo), "
               f"The Odds API /v4/sports/{{sport}}/odds (apiKey demo), token POST /v1/token", flush=True)
         fast = "min_interval_s=0,interval_s=2,live_interval_s=1"  # a local simulator: no provider refresh to respect
         print(f"  --source pinnacle={url},user=demo,password=demo,sports=29+33+4,{fast}", flush=True)
         print(f"  --source theoddsapi={url}/v4,api_key=demo,sport=upcoming,markets=h2h+totals,{fast}", flush=True)
+        key = push.config.api_key
+        print(f"push provider (docs/push-format.md) on {args.host}:{push.port}:", flush=True)
+        print(f"  --source push-ws={push.url('ws')},api_key={key}", flush=True)
+        print(f"  --source push-sse={push.url('sse')},api_key={key}", flush=True)
         await asyncio.Event().wait()
     finally:
+        await push.stop()
         await providers.stop()
         await sim.stop()
     return 0

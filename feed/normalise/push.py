@@ -1,0 +1,606 @@
+"""Generic JSON push format (``docs/push-format.md``) → canonical market updates.
+
+Pure: bytes in, :class:`~feed.normalise.base.NormalisedBatch` out; no I/O and
+no clock reads (times come in as arguments). The same object serves the
+WebSocket and SSE consumers (:mod:`feed.sources.ws`, :mod:`feed.sources.sse`),
+the REST snapshot used for resyncs, and recorded push traffic.
+
+The format is modelled on OpticOdds' SSE stream and OddsPapi's WebSocket
+(``research/upstream.md`` §5, §7). Messages are JSON objects tagged by
+``type``:
+
+- ``odds`` / ``locked-odds``: ``data`` is a list of odds, one per
+  (fixture, market, selection). ``locked-odds`` (or ``locked: true`` on an
+  odd) suspends the selection and keeps its last price: the canonical
+  selection turns ``SUSPENDED`` with its price unchanged; an odd of a
+  ``locked-odds`` message without a price keeps the one we hold;
+- ``fixture-status``: a fixture's status / live flag / start time changed;
+  every market of the fixture follows (status override, ``in_play``);
+- ``snapshot``: the full state of the markets it carries (each becomes an
+  image whose selections are exactly those listed); markets it does not
+  carry are left alone;
+- ``ping`` / ``connected``: keep-alives (``heartbeat``), no data.
+
+Canonical ids: event ``px:<fixture>``, market ``px:<fixture>:<market>`` plus
+``:<line>`` when the market has a line (``px:f1:total:2.5``); selection ids
+are the provider's. ``px`` is the ``prefix`` argument.
+
+Market status (first rule that applies):
+
+1. fixture ``settled`` → ``SETTLED`` if a selection won or placed, else
+   ``CLOSED``; ``cancelled`` / ``abandoned`` → ``CANCELLED``;
+   ``suspended`` / ``ended`` / ``postponed`` / ``interrupted`` →
+   ``SUSPENDED`` (``suspend_reason`` = ``fixture_<status>``);
+2. every selection carries a result (won/lost/placed/void; removed ones
+   aside) → ``SETTLED`` if one won or placed, else ``CLOSED``;
+3. every active selection is locked → ``SUSPENDED`` (``suspend_reason`` =
+   ``locked``);
+4. ``OPEN``.
+
+Ordering: every data message carries an ``entry_id`` ``"<ms>-<n>"``,
+monotonic per stream. An entry at or below the last one applied is dropped
+without effect (counted in :attr:`PushNormaliser.dropped` as ``duplicate`` or
+``out_of_order``); the entry id of the last message applied is the batch
+``cursor``. Within a market, an odd older (``timestamp``) than the one held
+is dropped (``stale_odd``), and a market's ``source_ts`` never goes back
+(it is the newest change time seen), so the book never discards a push
+update as out of order.
+
+Rejections (:class:`~feed.errors.FeedDecodeError`, nothing applied):
+``invalid_json``, ``invalid_schema``, ``unknown_type``, ``invalid_price``
+(NaN, ≤ 1.0, > 1000, wrong type, impossible American/fractional values).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from feed.errors import FeedDecodeError
+from feed.models import Market, MarketHeader, Selection
+from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.odds import PriceError, to_decimal
+
+__all__ = [
+    "FIXTURE_STATUSES",
+    "PushNormaliser",
+    "entry_key",
+    "market_id_of",
+    "ts_to_ms",
+]
+
+PREFIX = "px"
+
+# --- wire Structs: the format's field names, only what we read ----------------
+
+_MAX_INT_ID = 2**53 - 1
+Id = Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,128}$")] | Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT_ID)]
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT_ID)]
+PriceFormat = Literal["decimal", "american", "fractional"]
+OddStatus = Literal["active", "removed", "won", "lost", "placed", "void"]
+
+
+class WireFixture(msgspec.Struct, kw_only=True, gc=False):
+    """A fixture as odds and ``fixture-status`` carry it (absent = unchanged)."""
+
+    id: Id
+    sport: Name | None = None
+    league: Name | None = None
+    home: Name | None = None
+    away: Name | None = None
+    name: Name | None = None
+    start_time: Seconds | str | None = None
+    is_live: bool | None = None
+    status: str | None = None
+    timestamp: Seconds | None = None
+
+
+class WireMarket(msgspec.Struct, kw_only=True, gc=False):
+    id: Id
+    name: Name | None = None
+    line: float | None = None
+
+
+class WireSelection(msgspec.Struct, kw_only=True, gc=False):
+    id: Id
+    name: Name | None = None
+
+
+class WireOdd(msgspec.Struct, kw_only=True, gc=False):
+    fixture: WireFixture
+    market: WireMarket
+    selection: WireSelection
+    price: float | str | None = None
+    price_format: PriceFormat | None = None
+    is_live: bool | None = None
+    timestamp: Seconds | None = None
+    locked: bool = False
+    status: OddStatus = "active"
+    sportsbook: Name | None = None
+    max_stake: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+class _Message(msgspec.Struct, kw_only=True, gc=False, tag_field="type"):
+    emitted_at: Seconds | None = None
+
+
+class OddsMessage(_Message, kw_only=True, tag="odds"):
+    entry_id: str
+    seq: Seq | None = None
+    price_format: PriceFormat | None = None
+    data: list[WireOdd]
+
+
+class LockedOddsMessage(OddsMessage, kw_only=True, tag="locked-odds"):
+    pass
+
+
+class SnapshotMessage(OddsMessage, kw_only=True, tag="snapshot"):
+    pass
+
+
+class FixtureStatusMessage(_Message, kw_only=True, tag="fixture-status"):
+    entry_id: str
+    seq: Seq | None = None
+    data: WireFixture
+
+
+class PingMessage(_Message, kw_only=True, tag="ping"):
+    seq: Seq | None = None
+
+
+class ConnectedMessage(_Message, kw_only=True, tag="connected"):
+    seq: Seq | None = None
+    ping_interval_ms: int | None = None
+    resumed: bool | None = None
+
+
+_DECODER = msgspec.json.Decoder(
+    OddsMessage | LockedOddsMessage | SnapshotMessage | FixtureStatusMessage | PingMessage | ConnectedMessage)
+
+# --- vocabularies --------------------------------------------------------------
+
+#: canonical fixture status keys (after aliases)
+FIXTURE_STATUSES = ("not_started", "live", "suspended", "ended", "settled", "cancelled", "postponed",
+                    "interrupted", "abandoned")
+_STATUS_ALIASES = {
+    "unplayed": "not_started", "scheduled": "not_started", "pre": "not_started", "prematch": "not_started",
+    "in_progress": "live", "inplay": "live", "in_play": "live", "half": "live", "halftime": "live",
+    "completed": "ended", "finished": "ended", "final": "ended",
+    "closed": "settled", "resulted": "settled",
+    "canceled": "cancelled",
+}
+_SUSPENDING = frozenset({"suspended", "ended", "postponed", "interrupted"})
+_CANCELLING = frozenset({"cancelled", "abandoned"})
+_ODD_STATUS = {"active": "ACTIVE", "removed": "REMOVED", "won": "WINNER", "lost": "LOSER",
+               "placed": "PLACED", "void": "VOID"}
+_RESULTS = frozenset({"WINNER", "LOSER", "PLACED", "VOID"})
+_WINNING = frozenset({"WINNER", "PLACED"})
+_LIVE_SELECTION = frozenset({"ACTIVE", "SUSPENDED"})
+
+_ENTRY_RE = re.compile(r"^(\d{1,16})-(\d{1,19})$")
+
+
+def entry_key(entry_id: str) -> tuple[int, int] | None:
+    """``"<ms>-<n>"`` → ``(ms, n)`` for ordering; None when malformed."""
+    m = _ENTRY_RE.match(entry_id)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def ts_to_ms(value: float) -> int:
+    """A provider time in epoch seconds (float, < 10^11) or ms → integer ms."""
+    return round(value * 1000) if value < 1e11 else int(value)
+
+
+def _start_ms(value: float | str | None, raw: bytes) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise FeedDecodeError("invalid_schema", f"start_time {value!r} is not ISO-8601", raw) from None
+        if dt.tzinfo is None:  # no offset given: UTC
+            dt = dt.replace(tzinfo=UTC)
+        return int(dt.timestamp() * 1000)
+    return ts_to_ms(value)
+
+
+def _status_key(value: str | None, raw: bytes) -> str | None:
+    if value is None:
+        return None
+    key = value.strip().lower().replace(" ", "_").replace("-", "_")
+    key = _STATUS_ALIASES.get(key, key)
+    if key not in FIXTURE_STATUSES:
+        raise FeedDecodeError("invalid_schema", f"unknown fixture status {value!r}", raw)
+    return key
+
+
+def _sport_key(value: str) -> str:
+    return value.strip().lower().replace(" ", "_")
+
+
+def _line_text(line: float) -> str:
+    return f"{line:g}"
+
+
+def market_id_of(fixture_id: str, market_id: str, line: float | None, prefix: str = PREFIX) -> str:
+    """Canonical market id: ``px:<fixture>:<market>[:<line>]``."""
+    base = f"{prefix}:{fixture_id}:{market_id}"
+    return base if line is None else f"{base}:{_line_text(line)}"
+
+
+# --- cache ---------------------------------------------------------------------
+
+
+class _Fixture:
+    __slots__ = ("away", "home", "id", "in_play", "league", "markets", "name", "sport", "start_time", "status")
+
+    def __init__(self, fixture_id: str) -> None:
+        self.id = fixture_id
+        self.sport: str | None = None
+        self.league: str | None = None
+        self.home: str | None = None
+        self.away: str | None = None
+        self.name: str | None = None
+        self.start_time: int | None = None
+        self.in_play = False
+        self.status: str | None = None
+        self.markets: dict[str, None] = {}  # canonical market ids, insertion ordered
+
+    def event_name(self) -> str | None:
+        if self.name:
+            return self.name
+        if self.home and self.away:
+            return f"{self.home} v {self.away}"
+        return None
+
+
+class _Market:
+    __slots__ = ("bookmaker", "fixture", "header", "line", "locked", "market_id", "name", "odd_ts", "raw_id", "sels",
+                 "ts")
+
+    def __init__(self, market_id: str, fixture: _Fixture, raw_id: str, line: float | None) -> None:
+        self.market_id = market_id
+        self.fixture = fixture
+        self.raw_id = raw_id
+        self.line = line
+        self.name: str | None = None
+        self.bookmaker: str | None = None
+        self.sels: dict[str, Selection] = {}
+        self.locked: set[str] = set()
+        self.odd_ts: dict[str, int] = {}  # selection id -> change time of the odd held (ms)
+        self.header: MarketHeader | None = None  # last emitted
+        self.ts = 0  # newest change time seen (ms)
+
+
+class PushNormaliser:
+    """Feeds push-format messages through a per-market cache.
+
+    ``source`` names the source; ``prefix`` namespaces ids (``px`` →
+    ``px:<fixture>:<market>``). :attr:`dropped` counts what was dropped
+    without being an error (``duplicate``, ``out_of_order``, ``stale_odd``,
+    ``stale_snapshot``). :attr:`last_entry_id` is the last entry applied.
+    """
+
+    def __init__(self, source: str = "push", *, prefix: str = PREFIX) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.fixtures: dict[str, _Fixture] = {}
+        self.markets: dict[str, _Market] = {}
+        self.last_entry_id: str | None = None
+        self._last_key: tuple[int, int] | None = None
+        self.dropped: dict[str, int] = {}
+
+    # -- public -----------------------------------------------------------
+
+    def restore(self, markets: Iterable[Market], cursor: str | None = None) -> None:
+        """Seed the cache from stored canonical markets of this source (and the
+        stored cursor), so a restarted ingest that resumes mid-stream applies
+        deltas to what it already holds instead of mistaking them for images."""
+        pfx = self.prefix + ":"
+        for m in markets:
+            if m.source != self.source or not m.event_id or not m.event_id.startswith(pfx):
+                continue
+            fixture_id = m.event_id[len(pfx):]
+            fx = self.fixtures.get(fixture_id)
+            if fx is None:
+                fx = self.fixtures[fixture_id] = _Fixture(fixture_id)
+                fx.sport, fx.league, fx.name = m.sport, m.competition, m.event_name
+                fx.start_time, fx.in_play = m.start_time, m.in_play
+            if m.status == "CANCELLED":
+                fx.status = (m.suspend_reason or "fixture_cancelled").removeprefix("fixture_")
+            elif m.status in ("SETTLED", "CLOSED") and fx.status is None:
+                fx.status = "settled"
+            elif m.suspend_reason and m.suspend_reason.startswith("fixture_"):
+                fx.status = m.suspend_reason.removeprefix("fixture_")
+            rest = m.market_id[len(pfx) + len(fixture_id) + 1:]
+            raw_id, line = rest, None
+            if m.specifiers and "line" in m.specifiers:
+                raw_id = rest.rsplit(":", 1)[0]
+                line = float(m.specifiers["line"])
+            mk = _Market(m.market_id, fx, raw_id, line)
+            mk.name, mk.bookmaker, mk.ts = m.name, m.bookmaker, m.source_ts
+            for s in m.selections:
+                mk.sels[s.selection_id] = s
+                mk.odd_ts[s.selection_id] = m.source_ts
+                if s.status == "SUSPENDED":
+                    mk.locked.add(s.selection_id)
+            mk.header = m.header()
+            self.markets[m.market_id] = mk
+            fx.markets[m.market_id] = None
+        if cursor is not None and entry_key(cursor) is not None:
+            self.last_entry_id, self._last_key = cursor, entry_key(cursor)
+
+    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+        """Decode one push message and apply it to the cache.
+
+        raw: one JSON message (a WebSocket text frame, an SSE ``data`` field,
+        a REST snapshot body). recv_ms: when it was read, ms since the epoch.
+        pt_map: maps provider times to ``source_ts`` (replays; the original is
+        kept in ``source_ts_original``); None keeps them. Raises
+        :class:`FeedDecodeError` and then leaves the cache untouched.
+        """
+        msg = self._decode(raw)
+        emitted = ts_to_ms(msg.emitted_at) if msg.emitted_at is not None else None
+        if isinstance(msg, (PingMessage, ConnectedMessage)):
+            return NormalisedBatch(op=_tag(msg), pt=emitted, heartbeat=True)
+        assert isinstance(msg, (OddsMessage, FixtureStatusMessage))
+        key = entry_key(msg.entry_id)
+        if key is None:
+            raise FeedDecodeError("invalid_schema", f"entry_id {msg.entry_id!r} is not <ms>-<n>", raw)
+        batch = NormalisedBatch(op=_tag(msg), pt=emitted)
+        if isinstance(msg, OddsMessage):
+            prices = self._validate_odds(msg, raw)
+            status = None
+        else:
+            prices = []
+            status = _status_key(msg.data.status, raw)
+            _start_ms(msg.data.start_time, raw)
+        last = self._last_key
+        snapshot = isinstance(msg, SnapshotMessage)
+        if last is not None and (key < last if snapshot else key <= last):
+            reason = "stale_snapshot" if snapshot else "duplicate" if key == last else "out_of_order"
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
+            return batch
+        default_ts = emitted if emitted is not None else recv_ms
+        if isinstance(msg, OddsMessage):
+            self._apply_odds(msg, prices, batch, raw, default_ts, recv_ms, pt_map)
+        else:
+            self._apply_fixture_status(msg.data, status, batch, raw, default_ts, recv_ms, pt_map)
+        if self._last_key is None or key > self._last_key:
+            self._last_key = key
+            self.last_entry_id = msg.entry_id
+            batch.cursor = msg.entry_id
+        return batch
+
+    def forget(self, market_id: str) -> None:
+        """Drop a market's cache (e.g. long after it closed)."""
+        m = self.markets.pop(market_id, None)
+        if m is not None:
+            m.fixture.markets.pop(market_id, None)
+
+    # -- decoding -----------------------------------------------------------
+
+    @staticmethod
+    def _decode(raw: bytes) -> _Message:
+        try:
+            return _DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            if text.startswith("Invalid value") and text.endswith("`$.type`"):
+                reason = "unknown_type"
+            elif ".price`" in text:
+                reason = "invalid_price"
+            else:
+                try:  # a fragment like ` "x", …}` decodes as the wrong type: call it what it is
+                    msgspec.json.decode(raw)
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc2:
+                    raise FeedDecodeError("invalid_json", str(exc2), raw) from None
+                reason = "invalid_schema"
+            raise FeedDecodeError(reason, text, raw) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+
+    @staticmethod
+    def _validate_odds(msg: OddsMessage, raw: bytes) -> list[float | None]:
+        """Every price converted to decimal, every fixture field checked,
+        before anything is applied."""
+        out: list[float | None] = []
+        default_fmt = msg.price_format or "decimal"
+        for i, odd in enumerate(msg.data):
+            _status_key(odd.fixture.status, raw)
+            _start_ms(odd.fixture.start_time, raw)
+            if odd.price is None:
+                out.append(None)
+                continue
+            fmt = odd.price_format or default_fmt
+            try:
+                out.append(to_decimal(odd.price, fmt))
+            except PriceError as exc:
+                raise FeedDecodeError("invalid_price", f"{exc} at $.data[{i}].price", raw) from None
+        return out
+
+    # -- applying -------------------------------------------------------------
+
+    def _fixture(self, wf: WireFixture, raw: bytes) -> tuple[_Fixture, bool]:
+        """Update the cached fixture from ``wf``; (fixture, whether it changed)."""
+        fid = str(wf.id)
+        fx = self.fixtures.get(fid)
+        changed = False
+        if fx is None:
+            fx = self.fixtures[fid] = _Fixture(fid)
+        for attr, value in (("sport", _sport_key(wf.sport) if wf.sport else None), ("league", wf.league),
+                            ("home", wf.home), ("away", wf.away), ("name", wf.name),
+                            ("start_time", _start_ms(wf.start_time, raw))):
+            if value is not None and getattr(fx, attr) != value:
+                setattr(fx, attr, value)
+                changed = True
+        status = _status_key(wf.status, raw)
+        if status is not None and status != fx.status:
+            fx.status = status
+            changed = True
+        live = wf.is_live
+        if live is None and status in ("live", "not_started"):
+            live = status == "live"
+        if live is not None and live != fx.in_play:
+            fx.in_play = live
+            changed = True
+        return fx, changed
+
+    def _apply_odds(self, msg: OddsMessage, prices: list[float | None], batch: NormalisedBatch, raw: bytes,
+                    default_ts: int, recv_ms: int, pt_map: Callable[[int], int] | None) -> None:
+        snapshot = isinstance(msg, SnapshotMessage)
+        locked_msg = isinstance(msg, LockedOddsMessage)
+        touched: dict[str, list[str]] = {}  # market id -> changed selection ids (ordered)
+        images: set[str] = set()
+        newest: dict[str, int] = {}
+        refreshed: set[str] = set()  # fixtures whose header fields changed
+        prefix = self.prefix
+        for odd, price in zip(msg.data, prices, strict=True):
+            fx, fx_changed = self._fixture(odd.fixture, raw)
+            if odd.is_live is not None and odd.is_live != fx.in_play:
+                fx.in_play = odd.is_live
+                fx_changed = True
+            if fx_changed:
+                refreshed.add(fx.id)
+            wm = odd.market
+            raw_mid = str(wm.id)
+            mid = market_id_of(fx.id, raw_mid, wm.line, prefix)
+            m = self.markets.get(mid)
+            if m is None:
+                m = self.markets[mid] = _Market(mid, fx, raw_mid, wm.line)
+                fx.markets[mid] = None
+                images.add(mid)
+            if snapshot and mid not in images:
+                images.add(mid)
+            if snapshot and mid not in touched:
+                m.sels, m.locked, m.odd_ts = {}, set(), {}
+            if wm.name is not None:
+                m.name = wm.name
+            if odd.sportsbook is not None:
+                m.bookmaker = odd.sportsbook
+            ts = ts_to_ms(odd.timestamp) if odd.timestamp is not None else default_ts
+            sid = str(odd.selection.id)
+            prev = m.sels.get(sid)
+            changed = touched.setdefault(mid, [])
+            if prev is not None and not snapshot and ts < m.odd_ts.get(sid, 0):
+                self.dropped["stale_odd"] = self.dropped.get("stale_odd", 0) + 1
+                continue
+            locked = odd.locked or locked_msg
+            if locked and price is None and prev is not None:
+                price = prev.price
+            status = _ODD_STATUS[odd.status]
+            if status == "ACTIVE" and locked:
+                status = "SUSPENDED"
+            if locked:
+                m.locked.add(sid)
+            else:
+                m.locked.discard(sid)
+            m.sels[sid] = Selection(
+                selection_id=sid,
+                name=odd.selection.name if odd.selection.name is not None else (prev.name if prev else None),
+                handicap=0.0,
+                status=status,  # type: ignore[arg-type]
+                price=price,
+                max_stake=odd.max_stake if odd.max_stake is not None else (prev.max_stake if prev else None),
+            )
+            m.odd_ts[sid] = ts
+            if sid not in changed:
+                changed.append(sid)
+            if ts > newest.get(mid, 0):
+                newest[mid] = ts
+        # markets of a fixture whose header fields changed follow, even when not in this message
+        for fid in refreshed:
+            for mid in self.fixtures[fid].markets:
+                touched.setdefault(mid, [])
+        msg_ts = max(newest.values(), default=default_ts)
+        for mid, sids in touched.items():
+            m = self.markets[mid]
+            ts = newest.get(mid, msg_ts)
+            if mid not in images:
+                ts = max(m.ts, ts)
+            self._emit(m, mid in images, sids, ts, batch, recv_ms, pt_map)
+            batch.runner_changes += len(sids)
+
+    def _apply_fixture_status(self, wf: WireFixture, status: str | None, batch: NormalisedBatch, raw: bytes,
+                              default_ts: int, recv_ms: int, pt_map: Callable[[int], int] | None) -> None:
+        fx, _ = self._fixture(wf, raw)
+        ts = ts_to_ms(wf.timestamp) if wf.timestamp is not None else default_ts
+        for mid in fx.markets:
+            m = self.markets[mid]
+            self._emit(m, False, [], max(m.ts, ts), batch, recv_ms, pt_map)
+
+    def _emit(self, m: _Market, image: bool, sids: list[str], ts: int, batch: NormalisedBatch, recv_ms: int,
+              pt_map: Callable[[int], int] | None) -> None:
+        header = self._header(m)
+        if not image and header == m.header and not sids:
+            return
+        m.ts = max(m.ts, ts)
+        if pt_map is None:
+            source_ts, original = ts, None
+        else:
+            source_ts, original = pt_map(ts), ts
+        if image:
+            selections = list(m.sels.values())
+        else:
+            selections = [m.sels[s] for s in sids]
+        batch.updates.append(MarketUpdate(
+            market_id=m.market_id,
+            source=self.source,
+            image=image,
+            header=header if image or header != m.header else None,
+            selections=selections,
+            source_ts=source_ts,
+            source_ts_original=original,
+            received_at=recv_ms,
+        ))
+        m.header = header
+
+    def _header(self, m: _Market) -> MarketHeader:
+        fx = m.fixture
+        status, reason = _market_status(m, fx.status)
+        return MarketHeader(
+            event_id=f"{self.prefix}:{fx.id}",
+            bookmaker=m.bookmaker,
+            sport=fx.sport,
+            competition=fx.league,
+            event_name=fx.event_name(),
+            name=m.name,
+            market_type=m.raw_id.lower(),
+            market_type_raw=m.raw_id,
+            specifiers={"line": _line_text(m.line)} if m.line is not None else None,
+            status=status,  # type: ignore[arg-type]
+            suspend_reason=reason,
+            in_play=fx.in_play,
+            start_time=fx.start_time,
+        )
+
+
+def _tag(msg: _Message) -> str:
+    return msg.__struct_config__.tag  # type: ignore[return-value]
+
+
+def _market_status(m: _Market, fixture_status: str | None) -> tuple[str, str | None]:
+    """(status, suspend_reason) by the rules in the module docstring."""
+    statuses = [s.status for s in m.sels.values()]
+    won = any(s in _WINNING for s in statuses)
+    if fixture_status == "settled":
+        return ("SETTLED" if won else "CLOSED"), None
+    if fixture_status in _CANCELLING:
+        return "CANCELLED", f"fixture_{fixture_status}"
+    if fixture_status in _SUSPENDING:
+        return "SUSPENDED", f"fixture_{fixture_status}"
+    live = [s for s in statuses if s in _LIVE_SELECTION]
+    if not live and any(s in _RESULTS for s in statuses):
+        return ("SETTLED" if won else "CLOSED"), None
+    if live and all(s == "SUSPENDED" for s in live):
+        return "SUSPENDED", "locked"
+    return "OPEN", None
+

@@ -1,0 +1,336 @@
+"""feed.normalise.push: the generic JSON push format → canonical updates.
+
+Golden files (``tests/fixtures/push/<name>.ndjson`` + ``<name>.expected.json``)
+are written by hand: each message's expected batch (cursor, heartbeat, the
+updates with their header and selections, what was dropped or rejected).
+Expected headers list the fields that differ from ``MarketHeader()`` plus
+``status``; selections list ``selection_id``, ``status``, ``price`` and the
+name when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from feed.book import Book
+from feed.errors import FeedDecodeError
+from feed.models import MarketHeader, Selection
+from feed.normalise.push import PushNormaliser, entry_key, market_id_of, ts_to_ms
+
+FIXTURES = Path(__file__).parent / "fixtures" / "push"
+RECV_MS = 1718000099999
+_HEADER_DEFAULTS = msgspec.to_builtins(MarketHeader())
+
+
+def compact_header(h: MarketHeader | None) -> dict[str, Any] | None:
+    if h is None:
+        return None
+    full = msgspec.to_builtins(h)
+    out = {k: v for k, v in full.items() if v != _HEADER_DEFAULTS[k]}
+    out["status"] = h.status
+    return out
+
+
+def compact_selection(s: Selection) -> dict[str, Any]:
+    out: dict[str, Any] = {"selection_id": s.selection_id}
+    if s.name is not None:
+        out["name"] = s.name
+    out["status"] = s.status
+    out["price"] = s.price
+    if s.max_stake is not None:
+        out["max_stake"] = s.max_stake
+    return out
+
+
+def run_golden(name: str) -> list[dict[str, Any]]:
+    n = PushNormaliser("px")
+    out: list[dict[str, Any]] = []
+    for i, raw in enumerate((FIXTURES / f"{name}.ndjson").read_bytes().splitlines(), start=1):
+        before = dict(n.dropped)
+        try:
+            batch = n.feed(raw, RECV_MS)
+        except FeedDecodeError as exc:
+            out.append({"line": i, "rejected": exc.reason})
+            continue
+        got: dict[str, Any] = {"line": i, "op": batch.op}
+        if batch.heartbeat:
+            got["heartbeat"] = True
+        got["cursor"] = batch.cursor
+        got["pt"] = batch.pt
+        got["updates"] = [
+            {"market_id": u.market_id, "image": u.image, "source_ts": u.source_ts,
+             "header": compact_header(u.header), "selections": [compact_selection(s) for s in u.selections]}
+            for u in batch.updates
+        ]
+        for u in batch.updates:
+            assert u.received_at == RECV_MS and u.source == "px"
+        dropped = [k for k, v in n.dropped.items() if v != before.get(k, 0)]
+        if dropped:
+            got["dropped"] = dropped[0]
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("name", ["soccer_lifecycle", "racing_formats"])
+def test_golden(name: str) -> None:
+    expected = json.loads((FIXTURES / f"{name}.expected.json").read_text())
+    got = run_golden(name)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g == e, f"line {e['line']}"
+
+
+def test_golden_updates_apply_in_the_book() -> None:
+    """The updates of a golden run are accepted by the book as they come
+    (images first, no delta for an unknown market, nothing out of order)."""
+    n, book = PushNormaliser("px"), Book()
+    for raw in (FIXTURES / "soccer_lifecycle.ndjson").read_bytes().splitlines():
+        try:
+            batch = n.feed(raw, RECV_MS)
+        except FeedDecodeError:
+            continue
+        for u in batch.updates:
+            book.apply(u, RECV_MS)
+    assert book.dropped.get("no_image", 0) == 0 and book.dropped.get("out_of_order", 0) == 0
+    ml, total = book.markets["px:f1:moneyline"], book.markets["px:f1:total:2.5"]
+    assert (ml.status, total.status) == ("CANCELLED", "CANCELLED")
+    assert [(s.selection_id, s.status) for s in ml.selections] == [("home", "WINNER"), ("draw", "LOSER"),
+                                                                   ("away", "LOSER")]
+    assert [(s.selection_id, s.status, s.price) for s in total.selections] == [("over", "SUSPENDED", 1.85)]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def odd(sel: str = "home", price: Any = 2.0, *, fixture: dict[str, Any] | None = None, market: str = "ml",
+        **extra: Any) -> dict[str, Any]:
+    return {"fixture": fixture or {"id": "f1", "sport": "soccer", "home": "A", "away": "B"},
+            "market": {"id": market, "name": "Moneyline"}, "selection": {"id": sel, "name": sel.title()},
+            "price": price, **extra}
+
+
+def msg(type_: str = "odds", n: int = 1, *data: dict[str, Any], ms: int | None = None, **extra: Any) -> bytes:
+    ms = 1718000000000 + n * 1000 if ms is None else ms
+    body: dict[str, Any] = {"type": type_, "entry_id": f"{ms}-{n}", "seq": n, "emitted_at": ms, **extra}
+    if type_ in ("odds", "locked-odds", "snapshot"):
+        body["data"] = list(data) or [odd()]
+    return json.dumps(body).encode()
+
+
+def feed(n: PushNormaliser, raw: bytes) -> Any:
+    return n.feed(raw, RECV_MS)
+
+
+# -- prices --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("price", "fmt", "decimal"), [
+    (2.5, None, 2.5), (1.01, "decimal", 1.01), (1000, "decimal", 1000.0),
+    (150, "american", 2.5), (-200, "american", 1.5), (-110, "american", 1.9091), (100, "american", 2.0),
+    ("5/2", "fractional", 3.5), ("evs", "fractional", 2.0), ("1/100", "fractional", 1.01), ("11-10", "fractional", 2.1),
+])
+def test_price_formats_convert_to_decimal(price: Any, fmt: str | None, decimal: float) -> None:
+    n = PushNormaliser("px")
+    extra = {"price_format": fmt} if fmt else {}
+    batch = feed(n, msg("odds", 1, odd(price=price, **extra)))
+    assert batch.updates[0].selections[0].price == decimal
+
+
+def test_message_level_price_format_is_the_default_and_an_odd_overrides_it() -> None:
+    n = PushNormaliser("px")
+    batch = feed(n, msg("odds", 1, odd("a", "5/2"), odd("b", -200, price_format="american"),
+                        price_format="fractional"))
+    assert [s.price for s in batch.updates[0].selections] == [3.5, 1.5]
+
+
+@pytest.mark.parametrize(("price", "fmt"), [
+    (1.0, None), (0.5, None), (-3, None), (1000.01, None), ("NaN", None), ("Infinity", None), ("2.5", None),
+    (True, None), ([2.0], None), ({"v": 2}, None), (50, "american"), (-99.5, "american"), ("2.5", "american"),
+    ("0/1", "fractional"), ("5/0", "fractional"), ("abc", "fractional"), (2.5, "fractional"),
+    ("1/100000", "fractional"), (-10_000_000, "american"),
+])
+def test_invalid_prices_are_rejected_whole(price: Any, fmt: str | None) -> None:
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0)))
+    extra = {"price_format": fmt} if fmt else {}
+    raw = msg("odds", 2, odd("a", 2.2), odd("b", price, **extra))
+    with pytest.raises(FeedDecodeError) as info:
+        feed(n, raw)
+    assert info.value.reason == "invalid_price" and info.value.raw == raw
+    # nothing of the message was applied: not the good odd, not the entry id
+    batch = feed(n, msg("odds", 2, odd("a", 2.4)))
+    assert batch.cursor is not None and [s.price for s in batch.updates[0].selections] == [2.4]
+
+
+@pytest.mark.parametrize(("literal", "reason"), [(b"NaN", "invalid_json"), (b"Infinity", "invalid_json"),
+                                                 (b"1e400", "invalid_price"), (b"-1e400", "invalid_price")])
+def test_non_finite_number_literals(literal: bytes, reason: str) -> None:
+    raw = msg("odds", 1).replace(b'"price": 2.0', b'"price": ' + literal)
+    with pytest.raises(FeedDecodeError) as info:
+        feed(PushNormaliser("px"), raw)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b'{"type":"odds","entry_id":"1-1","seq":', "invalid_json"),
+    (b"\xff\xfe{}", "invalid_json"),
+    (b'[1, 2]', "invalid_schema"),
+    (b'{"entry_id":"1-1"}', "invalid_schema"),
+    (b'{"type":"gossip","entry_id":"1-1"}', "unknown_type"),
+    (b'{"type":"odds","data":[]}', "invalid_schema"),
+    (b'{"type":"odds","entry_id":"yesterday","data":[]}', "invalid_schema"),
+    (b'{"type":"odds","entry_id":"1-1","data":[{"market":{"id":"m"},"selection":{"id":"s"},"price":2}]}',
+     "invalid_schema"),
+    (b'{"type":"odds","entry_id":"1-1","data":[{"fixture":{"id":"f 1"},"market":{"id":"m"},"selection":{"id":"s"}}]}',
+     "invalid_schema"),
+    (b'{"type":"odds","entry_id":"1-1","data":[{"fixture":{"id":-4},"market":{"id":"m"},"selection":{"id":"s"}}]}',
+     "invalid_schema"),
+    (b'{"type":"fixture-status","entry_id":"1-1","data":{"id":"f1","status":"on fire"}}', "invalid_schema"),
+    (b'{"type":"fixture-status","entry_id":"1-1","data":{"id":"f1","start_time":"soon"}}', "invalid_schema"),
+    ((b'{"type":"odds","entry_id":"1-1","data":[{"fixture":{"id":"f"},"market":{"id":"m"},"selection":{"id":"s"},'
+      b'"price":2,"status":"maybe"}]}'), "invalid_schema"),
+])
+def test_bad_bodies_are_rejected_with_their_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(FeedDecodeError) as info:
+        feed(PushNormaliser("px"), raw)
+    assert info.value.reason == reason
+
+
+# -- ordering ------------------------------------------------------------------------------------
+
+
+def test_duplicates_and_out_of_order_entries_are_dropped_idempotently() -> None:
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 1, odd("a", 2.0)))
+    second = msg("odds", 2, odd("a", 2.2))
+    assert feed(n, second).cursor == n.last_entry_id
+    assert feed(n, second).updates == []
+    late = msg("odds", 1, odd("a", 9.0), ms=1718000000500)
+    assert feed(n, late).updates == []
+    assert n.dropped == {"duplicate": 1, "out_of_order": 1}
+    assert n.markets["px:f1:ml"].sels["a"].price == 2.2
+
+
+def test_entry_ids_compare_as_numbers() -> None:
+    assert entry_key("1718000000000-10") > entry_key("1718000000000-9")  # type: ignore[operator]
+    assert entry_key("999-5") < entry_key("1000-0")  # type: ignore[operator]
+    assert entry_key("abc") is None and entry_key("1-2-3") is None
+
+
+def test_an_older_snapshot_is_ignored_and_an_equal_one_applies() -> None:
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 5, odd("a", 2.0)))
+    assert feed(n, msg("snapshot", 4, odd("a", 7.0))).updates == []
+    assert n.dropped == {"stale_snapshot": 1}
+    batch = feed(n, msg("snapshot", 5, odd("a", 2.0), odd("b", 3.0)))
+    assert batch.updates[0].image and [s.selection_id for s in batch.updates[0].selections] == ["a", "b"]
+
+
+def test_times_in_seconds_or_ms() -> None:
+    assert ts_to_ms(1718000000.25) == 1718000000250
+    assert ts_to_ms(1718000000250) == 1718000000250
+
+
+def test_market_source_ts_never_goes_back() -> None:
+    """A provider may send an odd changed earlier after one changed later:
+    the odd is applied (it is newer for its selection) and the market's
+    source_ts stays at the newest change."""
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 1, odd("a", 2.0, timestamp=1718000005000), odd("b", 3.0, timestamp=1718000003000)))
+    batch = feed(n, msg("odds", 2, odd("b", 3.2, timestamp=1718000004000)))
+    assert batch.updates[0].source_ts == 1718000005000
+    assert batch.updates[0].selections[0].price == 3.2
+
+
+# -- semantics -----------------------------------------------------------------------------------
+
+
+def test_locked_odds_keep_the_last_price_and_suspend_the_market_when_all_are_locked() -> None:
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0)))
+    batch = feed(n, msg("locked-odds", 2, odd("a", None)))
+    (u,) = batch.updates
+    assert u.header is None  # b is still open: the market stays OPEN
+    assert [(s.selection_id, s.status, s.price) for s in u.selections] == [("a", "SUSPENDED", 2.0)]
+    batch = feed(n, msg("odds", 3, odd("b", 3.0, locked=True)))
+    (u,) = batch.updates
+    assert u.header is not None and (u.header.status, u.header.suspend_reason) == ("SUSPENDED", "locked")
+    batch = feed(n, msg("odds", 4, odd("a", 2.1)))
+    (u,) = batch.updates
+    assert u.header is not None and u.header.status == "OPEN"
+    assert [(s.status, s.price) for s in u.selections] == [("ACTIVE", 2.1)]
+
+
+def test_fixture_status_moves_every_market_of_the_fixture() -> None:
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="total")))
+    batch = feed(n, msg("fixture-status", 2, data={"id": "f1", "status": "suspended"}))
+    assert [(u.market_id, u.header.status, u.header.suspend_reason) for u in batch.updates] == [  # type: ignore[union-attr]
+        ("px:f1:ml", "SUSPENDED", "fixture_suspended"), ("px:f1:total", "SUSPENDED", "fixture_suspended")]
+    batch = feed(n, msg("fixture-status", 3, data={"id": "f1", "status": "live", "is_live": True}))
+    assert [(u.header.status, u.header.in_play) for u in batch.updates] == [("OPEN", True), ("OPEN", True)]  # type: ignore[union-attr]
+    assert feed(n, msg("fixture-status", 4, data={"id": "f1", "status": "live"})).updates == []
+    # a fixture we hold no market of: remembered, no update
+    assert feed(n, msg("fixture-status", 5, data={"id": "f9", "status": "live"})).updates == []
+    batch = feed(n, msg("odds", 6, odd("x", 2.0, fixture={"id": "f9"})))
+    assert batch.updates[0].header.in_play is True  # type: ignore[union-attr]
+
+
+def test_a_fixture_change_inside_odds_reaches_its_other_markets() -> None:
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="total")))
+    batch = feed(n, msg("odds", 2, odd("a", 2.1, is_live=True)))
+    assert [(u.market_id, u.header is not None and u.header.in_play) for u in batch.updates] == [
+        ("px:f1:ml", True), ("px:f1:total", True)]
+
+
+def test_market_ids_carry_the_line() -> None:
+    assert market_id_of("f1", "total", 2.5) == "px:f1:total:2.5"
+    assert market_id_of("f1", "spread", -1.0) == "px:f1:spread:-1"
+    assert market_id_of("f1", "ml", None, prefix="op") == "op:f1:ml"
+
+
+def test_restore_from_stored_markets_continues_with_deltas() -> None:
+    first, book = PushNormaliser("px"), Book()
+    for raw in (msg("odds", 1, odd("a", 2.0), odd("b", 3.0)), msg("locked-odds", 2, odd("a", None)),
+                msg("odds", 3, odd("o", 1.9, market="total")),
+                msg("fixture-status", 4, data={"id": "f1", "status": "postponed"})):
+        for u in first.feed(raw, RECV_MS).updates:
+            book.apply(u, RECV_MS)
+    again = PushNormaliser("px")
+    again.restore(book.markets.values(), first.last_entry_id)
+    assert feed(again, msg("odds", 4, odd("b", 9.0), ms=1718000004000)).updates == []  # the cursor's entry
+    batch = feed(again, msg("odds", 5, odd("b", 3.3)))
+    (u,) = batch.updates
+    assert not u.image and u.header is None  # a delta on what was stored, the market still postponed
+    assert book.apply(u, RECV_MS) is not None
+    assert [(s.selection_id, s.status, s.price) for s in book.markets["px:f1:ml"].selections] == [
+        ("a", "SUSPENDED", 2.0), ("b", "ACTIVE", 3.3)]
+    assert book.markets["px:f1:ml"].status == "SUSPENDED"
+
+
+def test_ping_and_connected_are_heartbeats() -> None:
+    n = PushNormaliser("px")
+    b = feed(n, b'{"type":"ping","seq":3,"emitted_at":1718000000.5}')
+    assert (b.heartbeat, b.pt, b.cursor, b.updates) == (True, 1718000000500, None, [])
+    b = feed(n, b'{"type":"connected","ping_interval_ms":400}')
+    assert b.heartbeat and b.op == "connected"
+
+
+def test_pt_map_shifts_source_ts_and_keeps_the_original() -> None:
+    n = PushNormaliser("px")
+    b = n.feed(msg("odds", 1, odd("a", 2.0, timestamp=1718000000000)), RECV_MS, pt_map=lambda t: t + 5)
+    assert (b.updates[0].source_ts, b.updates[0].source_ts_original) == (1718000000005, 1718000000000)
+
+
+@pytest.mark.parametrize("start", ["2024-06-10T19:00:00Z", "2024-06-10T19:00:00", "2024-06-10T21:00:00+02:00",
+                                   1718046000, 1718046000000])
+def test_start_time_forms(start: Any) -> None:
+    n = PushNormaliser("px")
+    batch = feed(n, msg("odds", 1, odd(fixture={"id": "f1", "start_time": start})))
+    assert batch.updates[0].header.start_time == 1718046000000  # type: ignore[union-attr]
