@@ -194,3 +194,59 @@ def test_oddsfeed_run_serves_live_prices_from_the_simulator(tmp_path: Path) -> N
             pytest.fail(f"oddsfeed run did not stop on SIGTERM:\n{out[-3000:]}")
     assert proc.returncode == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"process did not stop on SIGTERM:\n{out[-3000:]}")
+    return out
+
+
+def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
+    """``oddsfeed simulate --providers`` + ``oddsfeed run --source …`` ×4, as README shows:
+    every source UP in /v1/sources with its own markets, served together."""
+    esa, http, push, api = (_free_port() for _ in range(4))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "feed", "simulate", "--providers", "--port", str(esa), "--providers-port", str(http),
+         "--push-port", str(push), "--rate", "200", "--seed", "3"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fast = "min_interval_s=0,interval_s=1,live_interval_s=1"
+    run = None
+    try:
+        time.sleep(2)
+        run = subprocess.Popen(
+            [sys.executable, "-m", "feed", "run", "--port", str(api), "--data-dir", str(tmp_path / "var"),
+             "--source", f"esa=127.0.0.1:{esa},app_key=sim-app-key,session=sim-session",
+             "--source", f"pinnacle=http://127.0.0.1:{http},user=demo,password=demo,sports=29+33+4,{fast}",
+             "--source", f"theoddsapi=http://127.0.0.1:{http}/v4,api_key=demo,sport=upcoming,markets=h2h+totals,{fast}",
+             "--source", f"push-sse=http://127.0.0.1:{push}/push/sse,api_key=sim-push-key"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        want = {"esa", "pinnacle", "theoddsapi", "push-sse"}
+        sources: dict[str, dict] = {}
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                body = httpx.get(f"http://127.0.0.1:{api}/v1/sources", timeout=2).json()
+                sources = {s["source"]: s for s in body["sources"]}
+                if set(sources) >= want and all(sources[n]["state"] == "UP" and sources[n]["markets"] > 0 for n in want):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert set(sources) >= want, sources
+        for name in want:
+            assert sources[name]["state"] == "UP" and sources[name]["markets"] > 0, sources[name]
+        markets = httpx.get(f"http://127.0.0.1:{api}/v1/markets", timeout=2).json()["markets"]
+        prefixes = {m["market_id"].split(":")[0] for m in markets}
+        assert {"bf", "pn", "toa", "px"} <= prefixes, prefixes
+    finally:
+        if run is not None:
+            out = _stop(run)
+            assert run.returncode == 0 and "Traceback" not in out, out[-3000:]
+        _stop(sim)
