@@ -303,6 +303,19 @@ class Connection:
         await self.wakeup.wait()
         self.wakeup.clear()
 
+    def write_interrupted(self, what: str, timeout_s: float) -> None:
+        """In the writer, after the hub interrupted a write blocked on this
+        client (a missed deadline or an eviction): absorb that cancellation
+        and, for a missed deadline, close with ``send_deadline``."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if self.deadline_missed:
+            logger.warning("%s %s: write missed the %.1f s deadline; dropping the client", self.kind, self.label,
+                           timeout_s)
+            self.close(1008, "send deadline", error_message(
+                "send_deadline", f"a write to this {what} took longer than {timeout_s:g} s"))
+
     def close(self, code: int = 1000, reason: str = "", error: Message | None = None) -> None:
         """Stop queuing; the writer flushes what is queued (after ``error``,
         if given, replaces it) and ends the connection."""

@@ -31,7 +31,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from streaming.encoding import error_message
 from streaming.hub import Connection
 from streaming.odds_format import parse_odds_format
 from streaming.server import HTTP_FINAL
@@ -178,13 +177,7 @@ async def write_loop(conn: Connection, send: Send, timeout_s: float, final: bool
     except asyncio.CancelledError:
         if not conn.interrupted:
             raise
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        if conn.deadline_missed:
-            logger.warning("sse %s: write missed the %.1f s deadline; dropping the client", conn.label, timeout_s)
-            conn.close(1008, "send deadline", error_message(
-                "send_deadline", f"a write to this stream took longer than {timeout_s:g} s"))
+        conn.write_interrupted("stream", timeout_s)
     if final:
         try:
             await send({"type": HTTP_FINAL, "body": b"".join(conn.take())})

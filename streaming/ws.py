@@ -149,13 +149,7 @@ async def _write_loop(conn: Connection, websocket: WebSocket, timeout_s: float) 
     except asyncio.CancelledError:
         if not conn.interrupted:
             raise
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        if conn.deadline_missed:
-            logger.warning("ws %s: write missed the %.1f s deadline; dropping the client", conn.label, timeout_s)
-            conn.close(1008, "send deadline", error_message(
-                "send_deadline", f"a write to this connection took longer than {timeout_s:g} s"))
+        conn.write_interrupted("connection", timeout_s)
         await _last_words(conn, websocket, raw_send)
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.close(1006, "connection lost")
