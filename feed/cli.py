@@ -208,7 +208,7 @@ async def serve_api(settings: Settings, store: Any, sock: socket.socket) -> None
     config = uvicorn.Config(app, lifespan="on", log_level="warning", ws_max_size=256 * 1024,
                             timeout_graceful_shutdown=3)
     server = StreamingServer(config, app)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # signals are ours (SHUTDOWN)
     host, port = sock.getsockname()[:2]
     print(f"oddsfeed API on http://{host}:{port}/  (board /, SSE /v1/stream, WebSocket /v1/ws)", flush=True)
     serving = asyncio.create_task(server.serve(sockets=[sock]))

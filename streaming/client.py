@@ -557,7 +557,7 @@ class OddsClient:
                         data = raw.encode() if isinstance(raw, str) else raw
                         self._on_message(data, time.monotonic(), None)
                         await self._notify()
-            rcvd = ws.close_rcvd
+            rcvd = ws.protocol.close_rcvd
             why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
             if rcvd is not None and rcvd.code == 1008 and "api key" in rcvd.reason:
                 raise StreamError(f"websocket closed: {why}", code="unauthorized")

@@ -252,3 +252,28 @@ def test_transport_is_chosen_by_url_or_flag() -> None:
     with pytest.raises(ValueError):
         OddsClient("ftp://h")
 
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_server_side_close_is_a_drop_not_a_crash(store: Store, redis_url: str, transport: str) -> None:
+    """The server ends the stream (shutdown: SSE end / WebSocket close 1001): the client records the
+    drop with the close reason and reconnects — its task does not die."""
+    from streaming.app import begin_shutdown
+
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    app = make_app(redis_url)
+    async with serve(app) as base:
+        client = OddsClient(_url(base, transport), heartbeat_ms=500,
+                            backoff=Backoff(initial_s=0.2, max_s=0.2, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await client.wait_synced()
+            begin_shutdown(app)
+            await client.wait_until(lambda c: c.stats.reconnects >= 1)
+            assert client.error is None
+            assert client._task is not None and not client._task.done()
+            if transport == "ws":
+                assert "1001" in (client.stats.disconnect_reasons[0] if client.stats.disconnect_reasons else "")
+        finally:
+            await client.close()
