@@ -56,6 +56,7 @@ import orjson
 
 from feed.aio import wait_event
 from feed.sources.backoff import Backoff
+from feed.sources.session import SessionClient
 
 __all__ = [
     "FATAL_ERROR_CODES",
@@ -175,7 +176,7 @@ def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class EsaClient:
+class EsaClient(SessionClient):
     """One ESA market subscription, kept alive across disconnects.
 
     Args:
@@ -235,7 +236,7 @@ class EsaClient:
         self._initial_clk = initial_clk if initial_clk and clk else None
         self._clk = clk if initial_clk and clk else None
         self._on_lines = on_lines
-        self._on_health = on_health
+        super().__init__(on_health)
         self._name = name
         self._connect_timeout_s = connect_timeout_s
         self._clock_ms = clock_ms
@@ -245,11 +246,7 @@ class EsaClient:
         self._connection_id: str | None = None
         self._messages_received = 0
         self._reconnects = 0
-        self._health: tuple[str, str | None] | None = None
         self._server_heartbeat_ms: int | None = None
-        self._stopping = False
-        self._stop_event = asyncio.Event()
-        self._session_task: asyncio.Task[None] | None = None
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
     def __repr__(self) -> str:
@@ -278,23 +275,11 @@ class EsaClient:
         return self._reconnects
 
     @property
-    def health(self) -> tuple[str, str | None] | None:
-        """The last ``(state, reason)`` reported to ``on_health``."""
-        return self._health
-
-    @property
     def heartbeat_ms(self) -> int:
         """The heartbeat interval in force: the server's echo, else the request."""
         return self._server_heartbeat_ms or self._heartbeat_ms
 
     # -- lifecycle ----------------------------------------------------------
-
-    def stop(self) -> None:
-        """Ask ``run()`` to return; closes the connection. Idempotent."""
-        self._stopping = True
-        self._stop_event.set()
-        if self._session_task is not None:
-            self._session_task.cancel()
 
     async def run(self) -> None:
         """Connect, authenticate, subscribe and stream until :meth:`stop`.
@@ -355,10 +340,6 @@ class EsaClient:
         self._next_request_id += 1
         return self._next_request_id
 
-    def _set_health(self, state: str, reason: str | None) -> None:
-        if self._health != (state, reason):
-            self._health = (state, reason)
-            self._on_health(state, reason)
 
     def _subscription(self, request_id: int) -> bytes:
         msg: dict[str, Any] = {

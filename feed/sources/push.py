@@ -65,6 +65,7 @@ from feed.ingest import HealthPublisher, Ingest
 from feed.normalise.push import PushNormaliser, entry_key
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
+from feed.sources.session import SessionClient
 from feed.sources.spec import SourceSpec
 from feed.store import Store
 
@@ -111,7 +112,7 @@ def default_snapshot_url(stream_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
-class PushClient:
+class PushClient(SessionClient):
     """One push stream kept alive, in order and resumable (see the module docstring).
 
     Args:
@@ -164,7 +165,7 @@ class PushClient:
         self.snapshot_url = snapshot_url
         self._api_key = api_key
         self._on_messages = on_messages
-        self._on_health = on_health
+        super().__init__(on_health)
         self.name = name
         self._ping_interval_ms = ping_interval_ms
         self._late_factor = heartbeat_late_factor
@@ -193,10 +194,6 @@ class PushClient:
         self.resyncs = 0
         self.reconnects = 0
         self.retry_ms: int | None = None  # an SSE server's reconnection hint
-        self._health: tuple[str, str | None] | None = None
-        self._stopping = False
-        self._stop_event = asyncio.Event()
-        self._session_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.url}>"
@@ -214,22 +211,11 @@ class PushClient:
         return self._last_seq
 
     @property
-    def health(self) -> tuple[str, str | None] | None:
-        return self._health
-
-    @property
     def ping_interval_ms(self) -> int:
         """The keep-alive interval in force: the provider's, else the configured one."""
         return self._server_interval_ms or self._ping_interval_ms
 
     # -- lifecycle ----------------------------------------------------------
-
-    def stop(self) -> None:
-        """Ask ``run()`` to return; closes the connection. Idempotent."""
-        self._stopping = True
-        self._stop_event.set()
-        if self._session_task is not None:
-            self._session_task.cancel()
 
     async def run(self) -> None:
         """Connect, stream and reconnect until :meth:`stop`.
@@ -471,10 +457,6 @@ class PushClient:
         await self._deliver(recv_ms)
         self._set_health("UP", None)
 
-    def _set_health(self, state: str, reason: str | None) -> None:
-        if self._health != (state, reason):
-            self._health = (state, reason)
-            self._on_health(state, reason)
 
 
 
