@@ -417,3 +417,28 @@ async def test_fault_switches_shape_the_raw_stream() -> None:
             last = await _quiet(sim, ws)
             m = json.loads(await asyncio.wait_for(ws.recv(), 5))  # idle: a ping with the stream's last seq
             assert m == {"type": "ping", "seq": last, "emitted_at": m["emitted_at"]}
+
+
+# -- the end-to-end scenarios, once per transport --------------------------------------------------
+
+TRANSPORTS = ["push-ws", "push-sse"]
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_faults_end_with_redis_equal_to_the_truth(store: Store, kind: str) -> None:
+    await scenario_faults(store, kind)
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_stall_goes_degraded_then_down_with_stale_markers_then_up(store: Store, kind: str) -> None:
+    await scenario_stall(store, kind)
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_restarted_ingest_resumes_from_the_stored_cursor(store: Store, kind: str) -> None:
+    await scenario_restart(store, kind)
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_a_refused_api_key_is_fatal(store: Store, kind: str) -> None:
+    await scenario_bad_key(store, kind)

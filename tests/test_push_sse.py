@@ -1,36 +1,13 @@
 """Push consumer over SSE (feed.sources.sse) against the push simulator, and
-the SSE parser on the WHATWG rules. Scenarios: tests/test_push_harness.py."""
+the SSE parser on the WHATWG rules. End-to-end scenarios: tests/test_push_harness.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from feed.sources.sse import SSEError, SSEEvent, SSEParser
-from feed.store import Store
-from tests.test_push_harness import (
-    scenario_bad_key,
-    scenario_faults,
-    scenario_restart,
-    scenario_stall,
-)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def test_faults_end_with_redis_equal_to_the_truth(store: Store) -> None:
-    await scenario_faults(store, "push-sse")
-
-
-async def test_stall_goes_degraded_then_down_with_stale_markers_then_up(store: Store) -> None:
-    await scenario_stall(store, "push-sse")
-
-
-async def test_restarted_ingest_resumes_from_the_stored_cursor(store: Store) -> None:
-    await scenario_restart(store, "push-sse")
-
-
-async def test_a_refused_api_key_is_fatal(store: Store) -> None:
-    await scenario_bad_key(store, "push-sse")
 
 
 # -- the parser ------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Push consumer over WebSocket (feed.sources.ws) against the push simulator:
 real sockets on 127.0.0.1, real Redis, the streaming API for staleness.
-The scenarios live in tests/test_push_harness.py (shared with SSE). At the
+The end-to-end scenarios run in tests/test_push_harness.py (both transports). At the
 end, the transport-neutral sequencing of PushClient on scripted message
 sequences (no network: the logic between transport and normaliser)."""
 
@@ -16,31 +16,8 @@ from typing import Any
 import pytest
 
 from feed.sources.push import PushClient, Receiver, _LinkLost, default_snapshot_url
-from feed.store import Store
-from tests.test_push_harness import (
-    scenario_bad_key,
-    scenario_faults,
-    scenario_restart,
-    scenario_stall,
-)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def test_faults_end_with_redis_equal_to_the_truth(store: Store) -> None:
-    await scenario_faults(store, "push-ws")
-
-
-async def test_stall_goes_degraded_then_down_with_stale_markers_then_up(store: Store) -> None:
-    await scenario_stall(store, "push-ws")
-
-
-async def test_restarted_ingest_resumes_from_the_stored_cursor(store: Store) -> None:
-    await scenario_restart(store, "push-ws")
-
-
-async def test_a_refused_api_key_is_fatal(store: Store) -> None:
-    await scenario_bad_key(store, "push-ws")
 
 
 def test_default_snapshot_url() -> None:
