@@ -51,6 +51,7 @@ import msgspec
 import orjson
 
 from feed.simulator.market_model import MarketModel
+from feed.simulator.pacing import tick_forever
 from feed.simulator.recorded import merged_messages
 from feed.simulator.wire import (
     FieldSpec,
@@ -586,23 +587,13 @@ class Simulator:
     # -- upstreams ----------------------------------------------------------------
 
     async def _ticker(self) -> None:
-        loop = asyncio.get_running_loop()
-        cfg = self.config
-        tick_s = max(cfg.tick_ms, 1) / 1000
-        last = loop.time()
-        owed = 0.0
-        while True:
-            await asyncio.sleep(tick_s)
-            now = loop.time()
-            elapsed, last = min(now - last, 1.0), now
-            now_ms = _now_ms()
-            if self.model is not None:
-                owed += cfg.rate_per_s * elapsed
-                n = int(owed)
-                owed -= n
-                self.model.step(now_ms, n)
-                self._publish(self.model.drain())
-            self._service(now_ms)
+        await tick_forever(self.config.tick_ms, self.config.rate_per_s, self._tick)
+
+    def _tick(self, now_ms: int, n: int) -> None:
+        if self.model is not None:
+            self.model.step(now_ms, n)
+            self._publish(self.model.drain())
+        self._service(now_ms)
 
     async def _replay(self) -> None:
         cfg = self.config

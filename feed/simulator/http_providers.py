@@ -85,6 +85,7 @@ from starlette.routing import Route
 
 from feed.odds import decimal_to_american
 from feed.simulator.market_model import MarketModel, iso_ms
+from feed.simulator.pacing import tick_forever
 from feed.sources.http_auth import NonceCache, verify_signature
 
 __all__ = ["LIVE_ID_OFFSET", "HttpProviders", "ProvidersConfig", "run_http_providers"]
@@ -307,23 +308,15 @@ class HttpProviders:
             self._server = None
 
     async def _tick_forever(self) -> None:
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        owed = 0.0
-        while True:
-            await asyncio.sleep(max(cfg.tick_ms, 1) / 1000)
-            now = loop.time()
-            elapsed, last = min(now - last, 1.0), now
-            now_ms = _now_ms()
-            if self.owns_model and not self.frozen:
-                owed += cfg.rate_per_s * elapsed
-                n = int(owed)
-                owed -= n
-                self.model.step(now_ms, n)
-                self.model.drain()
-            if not self.frozen:
-                self._project(now_ms)
+        await tick_forever(self.config.tick_ms, self.config.rate_per_s, self._tick)
+
+    def _tick(self, now_ms: int, n: int) -> None:
+        if self.frozen:
+            return
+        if self.owns_model:
+            self.model.step(now_ms, n)
+            self.model.drain()
+        self._project(now_ms)
 
     # -- fault switches --------------------------------------------------------------
 

@@ -66,6 +66,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from feed.models import Market
 from feed.simulator.market_model import MarketModel
+from feed.simulator.pacing import tick_forever
 from feed.simulator.wire import MarketBook
 
 __all__ = ["PushSimConfig", "PushSimulator", "market_view", "run_push_providers"]
@@ -527,23 +528,13 @@ class PushSimulator:
         return head[:-1] + b',"data":[\n' + b",\n".join(odds) + b"\n]}"
 
     async def _ticker(self) -> None:
-        loop = asyncio.get_running_loop()
-        cfg = self.config
-        tick_s = max(cfg.tick_ms, 1) / 1000
-        last = loop.time()
-        owed = 0.0
-        while True:
-            await asyncio.sleep(tick_s)
-            now = loop.time()
-            elapsed, last = min(now - last, 1.0), now
-            if self.frozen:
-                continue
-            owed += cfg.rate_per_s * elapsed
-            n = int(owed)
-            owed -= n
-            ts = now_ms()
-            self.model.step(ts, n)
-            self.publish(ts)
+        await tick_forever(self.config.tick_ms, self.config.rate_per_s, self._tick)
+
+    def _tick(self, ts: int, n: int) -> None:
+        if self.frozen:
+            return
+        self.model.step(ts, n)
+        self.publish(ts)
 
     # -- connections ---------------------------------------------------------------
 
