@@ -9,6 +9,7 @@ applied nothing). Times are integer ms since the Unix epoch (UTC).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Protocol
 
 import msgspec
@@ -77,3 +78,19 @@ class Normaliser(Protocol):
     def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
         """Decode one provider message; raise FeedDecodeError to reject it whole."""
         ...
+
+
+def iso_to_ms(value: str | float | None) -> int | None:
+    """ISO-8601 text (``2025-08-16T14:00:00Z``, fractions allowed) or unix
+    seconds → ms since the epoch; None when absent or unreadable."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return int(value * 1000)
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)

@@ -42,7 +42,7 @@ import msgspec
 
 from feed.errors import FeedDecodeError
 from feed.models import MarketHeader, Selection
-from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms
 
 SOURCE_PREFIX = "bf:"
 MIN_PRICE = 1.01
@@ -286,17 +286,6 @@ def _check_levels(changes: list[tuple[int, float, float]] | None) -> bool:
     return True
 
 
-def _iso_to_ms(text: str | None) -> int | None:
-    if not text:
-        return None
-    try:
-        from datetime import datetime
-
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
-
-
 def market_type_to_canonical(raw: str | None) -> tuple[str | None, dict[str, str] | None]:
     """Betfair ``marketType`` → (canonical key, specifiers).
 
@@ -526,7 +515,7 @@ class BetfairNormaliser:
             suspend_reason=md.suspendReason,
             in_play=md.inPlay,
             bet_delay_s=md.betDelay,
-            start_time=_iso_to_ms(md.marketTime),
+            start_time=iso_to_ms(md.marketTime),
             version=md.version,
             traded_volume=market.tv,
             number_of_winners=md.numberOfWinners,

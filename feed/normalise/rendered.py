@@ -24,13 +24,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable
-from datetime import UTC, datetime
 
 import msgspec
 
 from feed.errors import FeedDecodeError
 from feed.models import Market, MarketHeader, Selection
-from feed.normalise.base import MarketUpdate
+from feed.normalise.base import MarketUpdate, iso_to_ms
 from feed.odds import PriceError, to_decimal
 
 __all__ = [
@@ -54,22 +53,6 @@ def display_name(text: str | None) -> str | None:
         return None
     clean = _CONTROL.sub("", unicodedata.normalize("NFC", text)).strip()
     return clean[:NAME_MAX] or None
-
-
-def iso_to_ms(value: str | float | None) -> int | None:
-    """ISO-8601 text (``2025-08-16T14:00:00Z``, fractions allowed) or unix
-    seconds → ms since the epoch; None when absent or unreadable."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return int(value * 1000)
-    try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
 
 
 def fmt_line(x: float) -> str:

@@ -83,6 +83,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from feed.normalise.base import iso_to_ms
 from feed.odds import decimal_to_american
 from feed.simulator.market_model import MarketModel, iso_ms
 from feed.simulator.pacing import tick_forever
@@ -458,7 +459,7 @@ class HttpProviders:
             league = (3000, "ATP")
         else:
             league = (487, "NBA")
-        starts = _iso_to_ms(md.get("marketTime")) or now_ms
+        starts = iso_to_ms(md.get("marketTime")) or now_ms
         pid = int(eid)
         parent = self.pn_events.get(pid)
         if parent is None:
@@ -537,7 +538,7 @@ class HttpProviders:
         ev = self.toa_events.get(tid)
         if ev is None:
             ev = self.toa_events[tid] = _ToaEvent(id=tid, sport_key=key, title=title, home=home, away=away,
-                                                  commence_ms=_iso_to_ms(md.get("marketTime")) or now_ms)
+                                                  commence_ms=iso_to_ms(md.get("marketTime")) or now_ms)
         wanted: dict[tuple[str, str], tuple[tuple[str, float, float | None], ...]] = {}
         for i, bk in enumerate(self.config.bookmakers):
             if mo is not None and (prices := self._best_backs(mo)) is not None:
@@ -978,17 +979,6 @@ def _shade(price: float, book: int) -> float:
     if book == 0:
         return price
     return max(1.01, round(1 + (price - 1) * (1 - 0.03 * book), 2))
-
-
-def _iso_to_ms(text: str | None) -> int | None:
-    if not text:
-        return None
-    from datetime import datetime
-
-    try:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
