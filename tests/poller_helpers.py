@@ -5,7 +5,6 @@ simulator's truth. Every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +15,7 @@ from feed.simulator.http_providers import HttpProviders, ProvidersConfig
 from feed.sources.poller import PollerSource, run_pinnacle_source, run_theoddsapi_source
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
+from tests.streaming_helpers import eventually as _eventually
 
 WAIT_S = 20.0
 
@@ -56,18 +56,10 @@ async def poller(kind: str, store: Store, spec: str, *, settings: Settings | Non
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def eventually(pred: Callable[[], Any], timeout_s: float = WAIT_S, interval_s: float = 0.05,
-                     what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = pred()
-        if asyncio.iscoroutine(r):
-            r = await r
-        if r:
-            return r
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s}s")
-        await asyncio.sleep(interval_s)
+async def eventually(pred: Callable[[], Any], timeout_s: float = WAIT_S, what: str = "condition", *,
+                     interval_s: float = 0.05) -> Any:
+    """:func:`tests.streaming_helpers.eventually` with the pollers' longer default wait."""
+    return await _eventually(pred, timeout_s, what, interval_s=interval_s)
 
 
 async def wait_faults_consumed(sim: HttpProviders, timeout_s: float = WAIT_S) -> None:

@@ -15,7 +15,15 @@ import uvicorn
 from starlette.applications import Starlette
 
 from feed.book import Book
-from feed.models import DELTA_DECODER, MARKET_DECODER, Delta, Market, MarketHeader, Selection, apply_delta
+from feed.models import (
+    DELTA_DECODER,
+    MARKET_DECODER,
+    Delta,
+    Market,
+    MarketHeader,
+    Selection,
+    apply_delta,
+)
 from feed.normalise.base import MarketUpdate
 from feed.store import Store
 from streaming.app import StreamingServer
@@ -168,17 +176,20 @@ def market_of(body: bytes) -> Market:
     return MARKET_DECODER.decode(body)
 
 
-async def eventually(pred: Any, timeout_s: float = TIMEOUT_S, interval_s: float = 0.02) -> None:
-    """Poll an async or sync predicate until true (bounded)."""
+async def eventually(pred: Any, timeout_s: float = TIMEOUT_S, what: str = "condition", *,
+                     interval_s: float = 0.02) -> Any:
+    """Poll a sync or async predicate until it is truthy and return its value;
+    fail the test with ``what`` after ``timeout_s`` (bounded). Shared by every
+    test module that waits for something."""
     deadline = time.monotonic() + timeout_s
     while True:
         r = pred()
         if asyncio.iscoroutine(r):
             r = await r
         if r:
-            return
+            return r
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         await asyncio.sleep(interval_s)
 
 

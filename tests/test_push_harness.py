@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -34,12 +33,12 @@ from feed.simulator.push_providers import (
     PushSimulator,
     market_view,
 )
+from feed.sources.push import PushClient
 from feed.sources.spec import parse_source_spec
 from feed.sources.sse import run_push_sse_source
-from feed.sources.push import PushClient
 from feed.sources.ws import run_push_ws_source
 from feed.store import Store
-from tests.streaming_helpers import SSEReader, make_app, serve
+from tests.streaming_helpers import SSEReader, eventually, make_app, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,17 +50,8 @@ TRANSPORT = {"push-ws": "ws", "push-sse": "sse"}
 
 
 async def wait_for(pred: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> None:
-    """Poll ``pred`` (sync or async) until true; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = pred()
-        if asyncio.iscoroutine(r):
-            r = await r
-        if r:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
+    """:func:`tests.streaming_helpers.eventually` with the push scenarios' default wait."""
+    await eventually(pred, timeout_s, what)
 
 
 @contextlib.asynccontextmanager
