@@ -10,14 +10,26 @@ market an ingest process owns and turns each
   market;
 - **dedupe**: selections equal to the current ones are left out; an update
   that changes nothing (a duplicate) yields no delta (``duplicate``);
-- **out of order**: an update whose ``source_ts`` is older than the
-  market's by more than ``reorder_tolerance_ms`` is dropped
-  (``out_of_order``); images are always applied;
+- **never back in time**: an update (image or delta) whose provider time
+  (``source_ts_original`` when set — a replay's own clock — else
+  ``source_ts``) is older than the market's by more than
+  ``reorder_tolerance_ms`` is dropped (``out_of_order``): a restarted replay
+  or a second writer can never move a market back to older provider data.
+  Within one stream the provider's own sequence (ESA ``clk``, push
+  ``seq``/entry id) orders updates; provider times are bounded before they
+  get here (``feed.validate``: at most a few seconds in the future), so a
+  poisoned time cannot freeze a market;
 - **closed markets**: after CLOSED/SETTLED/CANCELLED only a changed
   definition (settlement, BSP, reopening) or an image is applied; price
   traffic is dropped (``closed``);
 - **seq**: per market, strictly increasing, continued from the store after a
-  restart (:meth:`Book.restore`).
+  restart (:meth:`Book.restore`);
+- **confirmation session**: each market carries the upstream session that
+  last imaged or updated it (``Market.session``). An unchanged image from a
+  new session yields a delta that only moves ``session`` (the market is
+  confirmed by the new upstream); :meth:`Book.unconfirm` clears it when an
+  update of the market had to be rejected or dropped, so heartbeats stop
+  confirming a market whose updates are being lost.
 
 Pure: no I/O, no clock reads.
 """
@@ -37,7 +49,7 @@ class _State:
     """The mutable state of one market; the Market Struct is built lazily."""
 
     __slots__ = ("market_id", "source", "seq", "header", "tv", "sels", "source_ts", "source_ts_original",
-                 "received_at", "stored_at", "market")
+                 "received_at", "stored_at", "session", "market")
 
     def __init__(self, m: Market) -> None:
         self.market_id = m.market_id
@@ -50,7 +62,13 @@ class _State:
         self.source_ts_original = m.source_ts_original
         self.received_at = m.received_at
         self.stored_at = m.stored_at
+        self.session = m.session
         self.market: Market | None = m
+
+    @property
+    def provider_ts(self) -> int:
+        o = self.source_ts_original
+        return self.source_ts if o is None else o
 
     def materialise(self) -> Market:
         m = self.market
@@ -61,7 +79,7 @@ class _State:
                 **{f: getattr(h, f) for f in HEADER_FIELDS if f != "traded_volume"},
                 traded_volume=self.tv,
                 source_ts=self.source_ts, source_ts_original=self.source_ts_original,
-                received_at=self.received_at, stored_at=self.stored_at,
+                received_at=self.received_at, stored_at=self.stored_at, session=self.session,
                 selections=list(self.sels.values()),
             )
         return m
@@ -102,32 +120,42 @@ class Book:
         self.markets = MarketsView(self._states)
         self.reorder_tolerance_ms = reorder_tolerance_ms
         self.dropped: Counter[str] = Counter()
+        #: why the last :meth:`apply` returned None (a key of ``dropped``)
+        self.last_drop: str | None = None
 
     def restore(self, markets: Iterable[Market]) -> None:
         """Seed the book from stored snapshots so ``seq`` continues."""
         for m in markets:
             self._states[m.market_id] = _State(m)
 
-    def apply(self, update: MarketUpdate, stored_at: int = 0) -> Delta | None:
-        """Apply one update; return the delta to store, or None if dropped.
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        self.last_drop = reason
+
+    def apply(self, update: MarketUpdate, stored_at: int = 0, session: str | None = None) -> Delta | None:
+        """Apply one update; return the delta to store, or None if dropped
+        (the reason is then in :attr:`last_drop`).
 
         stored_at: ms since the epoch at which the caller hands the delta to
-        the store (stamped on the delta and the market).
+        the store (stamped on the delta and the market). session: the
+        source's current upstream session, stamped on the market.
         """
         st = self._states.get(update.market_id)
+        if st is not None:
+            upt = update.source_ts if update.source_ts_original is None else update.source_ts_original
+            if upt + self.reorder_tolerance_ms < st.provider_ts:
+                self._drop("out_of_order")
+                return None
         if update.image:
-            return self._image(st, update, stored_at)
+            return self._image(st, update, stored_at, session)
         if st is None:
-            self.dropped["no_image"] += 1
+            self._drop("no_image")
             return None
         closed = st.header.status in CLOSED_STATUSES
         if closed and update.header is None:
             # After the close only a definition (settlement, BSP, reopening)
             # is news; price traffic is not (research/reliability.md B18).
-            self.dropped["closed"] += 1
-            return None
-        if update.source_ts + self.reorder_tolerance_ms < st.source_ts:
-            self.dropped["out_of_order"] += 1
+            self._drop("closed")
             return None
         header = update.header
         tv = update.traded_volume
@@ -147,7 +175,7 @@ class Book:
                 if sels.get(s.selection_id) != s:
                     selections.append(s)
         if header is None and tv is None and not selections:
-            self.dropped["duplicate"] += 1
+            self._drop("duplicate")
             return None
         seq = st.seq + 1
         st.seq = seq
@@ -155,6 +183,7 @@ class Book:
         st.source_ts_original = update.source_ts_original
         st.received_at = update.received_at
         st.stored_at = stored_at
+        st.session = session
         st.market = None
         if header is not None:
             st.header = header
@@ -172,12 +201,13 @@ class Book:
             source_ts_original=update.source_ts_original,
             received_at=update.received_at,
             stored_at=stored_at,
+            session=session,
             header=header,
             selections=selections,
             traded_volume=tv,
         )
 
-    def _image(self, st: _State | None, update: MarketUpdate, stored_at: int) -> Delta | None:
+    def _image(self, st: _State | None, update: MarketUpdate, stored_at: int, session: str | None) -> Delta | None:
         header = update.header or (st.header if st is not None else MarketHeader())
         seq = (st.seq if st is not None else 0) + 1
         market = Market(
@@ -189,12 +219,16 @@ class Book:
             source_ts_original=update.source_ts_original,
             received_at=update.received_at,
             stored_at=stored_at,
+            session=session,
             selections=list(update.selections),
         )
         if st is not None and _same_content(st.materialise(), market):
             # A resent image identical to what we hold (e.g. after a resume):
-            # nothing for clients to learn.
-            self.dropped["duplicate"] += 1
+            # nothing for clients to learn — but a new upstream session
+            # confirms the market, and that is news for staleness.
+            if st.session != session:
+                return self._set_session(st, session, stored_at)
+            self._drop("duplicate")
             return None
         self._states[update.market_id] = _State(market)
         return Delta(
@@ -206,8 +240,30 @@ class Book:
             source_ts_original=update.source_ts_original,
             received_at=update.received_at,
             stored_at=stored_at,
+            session=session,
             market=market,
         )
+
+    def unconfirm(self, market_id: str, stored_at: int) -> Delta | None:
+        """An update of ``market_id`` was rejected or dropped: the market may
+        now differ from the provider's, so its source's heartbeats must stop
+        confirming it. Returns a delta without changes that clears
+        ``session`` (None when the market is unknown or already unconfirmed)."""
+        st = self._states.get(market_id)
+        if st is None or st.session is None:
+            return None
+        return self._set_session(st, None, stored_at)
+
+    def _set_session(self, st: _State, session: str | None, stored_at: int) -> Delta:
+        """A delta that only moves the market's session (latency tags kept:
+        nothing about its prices changed)."""
+        st.seq += 1
+        st.session = session
+        st.stored_at = stored_at
+        st.market = None
+        return Delta(market_id=st.market_id, seq=st.seq, kind="delta", source=st.source, source_ts=st.source_ts,
+                     source_ts_original=st.source_ts_original, received_at=st.received_at, stored_at=stored_at,
+                     session=session)
 
     def reimage_all(self, stored_at: int) -> list[Delta]:
         """Every market as a new image (next seq): for a store that lost its data."""
@@ -215,10 +271,15 @@ class Book:
         for mid, st in list(self._states.items()):
             m = msgspec.structs.replace(st.materialise(), seq=st.seq + 1, stored_at=stored_at)
             self._states[mid] = _State(m)
-            out.append(Delta(market_id=mid, seq=m.seq, kind="image", source=m.source, source_ts=m.source_ts,
-                             received_at=m.received_at, stored_at=stored_at,
-                             source_ts_original=m.source_ts_original, market=m))
+            out.append(image_delta(m))
         return out
+
+
+def image_delta(m: Market) -> Delta:
+    """``m`` as an image delta at its own seq and latency tags."""
+    return Delta(market_id=m.market_id, seq=m.seq, kind="image", source=m.source, source_ts=m.source_ts,
+                 received_at=m.received_at, stored_at=m.stored_at, source_ts_original=m.source_ts_original,
+                 session=m.session, market=m)
 
 
 _DEFINITION_FIELDS = ("name", "handicap", "status", "sort_priority", "adjustment_factor", "bsp")

@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--providers-port", type=int, default=9555, help="port of the HTTP providers (default 9555)")
     sim.add_argument("--push-port", type=int, default=9556,
                      help="with --providers: port of the push provider (WebSocket /push/ws, SSE /push/sse; default 9556)")
+    sim.add_argument("--truth-log", metavar="PATH",
+                     help="append every upstream change (ground truth, one JSON line per selection, oddsfeed ids) "
+                          "to PATH; see feed/simulator/truth.py (default: off)")
+    sim.add_argument("--control-port", type=int, metavar="PORT",
+                     help="serve the simulators' fault switches on 127.0.0.1:PORT (JSON lines; "
+                          "see feed/simulator/control.py; default: off)")
     sim_opts(sim)
     return parser
 
@@ -169,16 +175,40 @@ async def open_store(settings: Settings) -> AsyncIterator[Any]:
         else:
             server = candidate
             url = server.start()  # from the main thread: the server dies with it (see EmbeddedRedis)
+    watchdog: asyncio.Task[None] | None = None
     try:
         store = await Store.open(url, partitions=settings.partitions, log_maxlen=settings.log_maxlen,
                                  cluster=settings.redis_cluster)
+        if server is not None:
+            watchdog = asyncio.create_task(_restart_when_dead(server), name="embedded-redis-watchdog")
         try:
             yield store
         finally:
             await store.close()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
         if server is not None:
             await asyncio.to_thread(server.stop)
+
+
+async def _restart_when_dead(server: Any, interval_s: float = 1.0) -> None:
+    """Restart the embedded redis-server (same data directory: its
+    append-only file brings the data back) whenever it exits; the ingest
+    meanwhile queues its writes (docs/architecture.md §26)."""
+    from feed.errors import EmbeddedRedisError
+
+    while True:
+        await asyncio.sleep(interval_s)
+        if server.process is not None and server.process.poll() is None:
+            continue
+        logger.error("the embedded redis-server exited (code %s); restarting it",
+                     server.process.returncode if server.process is not None else "?")
+        try:
+            server.start()  # on the loop's (main) thread: the child must die with it
+        except EmbeddedRedisError as exc:
+            logger.error("could not restart the embedded redis-server: %s", exc)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -238,10 +268,11 @@ async def _esa_source(settings: Settings, store: Any, args: argparse.Namespace, 
                       app_key: str, session: str, tls: bool) -> None:
     import ssl
 
-    from feed.supervisor import run_esa_source
+    from feed.supervisor import run_esa_source, supervise
 
-    await run_esa_source(store, settings, host=host, port=port, app_key=app_key, session_token=session,
-                         ssl=ssl.create_default_context() if tls else None)
+    await supervise("betfair", lambda: run_esa_source(
+        store, settings, host=host, port=port, app_key=app_key, session_token=session,
+        ssl=ssl.create_default_context() if tls else None), store=store)
 
 
 # --- commands ----------------------------------------------------------------
@@ -343,26 +374,41 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = SimulatorConfig(host=args.host, port=args.port, events=args.events, rate_per_s=args.rate,
                              seed=args.seed, time_scale=args.time_scale, replay=tuple(args.replay or ()),
-                             speed=args.speed)
+                             speed=args.speed, truth_log=args.truth_log)
     bind_socket(args.host, args.port).close()  # a clear error for a busy port
-    if not args.providers:
+    if args.control_port is not None:
+        bind_socket("127.0.0.1", args.control_port).close()
+    if not args.providers and args.control_port is None:
         await run_simulator(config, ready=lambda port: print(f"simulator (Betfair ESA protocol) on {args.host}:{port}", flush=True))
         return 0
+    from feed.simulator.control import ControlServer
     from feed.simulator.esa_server import Simulator
     from feed.simulator.http_providers import HttpProviders, ProvidersConfig
     from feed.simulator.push_providers import PushSimConfig, PushSimulator
 
-    bind_socket(args.host, args.providers_port).close()
-    bind_socket(args.host, args.push_port).close()
+    providers = push = control = None
+    if args.providers:
+        bind_socket(args.host, args.providers_port).close()
+        bind_socket(args.host, args.push_port).close()
     sim = Simulator(config)
     await sim.start()
     print(f"simulator (Betfair ESA protocol) on {args.host}:{sim.port}", flush=True)
-    providers = HttpProviders(ProvidersConfig(host=args.host, port=args.providers_port, events=args.events,
-                                              rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale),
-                              model=sim.model)  # the ESA simulator's markets (its own model in replay mode)
-    push = PushSimulator(PushSimConfig(host=args.host, port=args.push_port, events=args.events,
-                                       rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale))
+    if args.providers:
+        providers = HttpProviders(ProvidersConfig(host=args.host, port=args.providers_port, events=args.events,
+                                                  rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale,
+                                                  truth_log=args.truth_log),
+                                  model=sim.model)  # the ESA simulator's markets (its own model in replay mode)
+        push = PushSimulator(PushSimConfig(host=args.host, port=args.push_port, events=args.events,
+                                           rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale,
+                                           truth_log=args.truth_log))
     try:
+        if args.control_port is not None:
+            control = ControlServer({"esa": sim, "http": providers, "push": push}, port=args.control_port)
+            await control.start()
+            print(f"simulator control (fault switches) on 127.0.0.1:{control.port}", flush=True)
+        if providers is None or push is None:
+            await asyncio.Event().wait()
+            return 0
         await providers.start()
         await push.start()
         url = providers.url
@@ -377,8 +423,12 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"  --source push-sse={push.url('sse')},api_key={key}", flush=True)
         await asyncio.Event().wait()
     finally:
-        await push.stop()
-        await providers.stop()
+        if control is not None:
+            await control.stop()
+        if push is not None:
+            await push.stop()
+        if providers is not None:
+            await providers.stop()
         await sim.stop()
     return 0
 
@@ -426,12 +476,44 @@ def _run(coro: Any) -> int:
     return uvloop.run(coro)  # type: ignore[no-any-return]
 
 
+def setup_logging(verbose: bool, stream: Any = None) -> logging.Handler:
+    """The CLI's logging: one stream handler on the root logger (stderr unless ``stream``),
+    DEBUG with ``-v`` else INFO, and secret redaction on every record of the process
+    (:mod:`feed.redaction`: secret header/parameter values and registered secrets never
+    reach a log line, at any level). Returns the handler (tests remove it)."""
+    from feed import redaction
+
+    redaction.install()
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "oddsfeed_cli", False)]:  # main() run again in-process
+        root.removeHandler(old)
+    handler = logging.StreamHandler(stream)
+    handler.oddsfeed_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("feed.ingest").setLevel(logging.WARNING if not verbose else logging.DEBUG)
+    logging.getLogger("httpx").setLevel(logging.WARNING if not verbose else logging.DEBUG)  # one line per poll otherwise
+    return handler
+
+
+def register_secrets(args: argparse.Namespace) -> None:
+    """Register every secret the command line and the environment carry with
+    :mod:`feed.redaction`: secret ``--source`` options, ESA credentials, API keys, JWT secrets."""
+    from feed import redaction
+
+    for spec in getattr(args, "source", None) or ():
+        redaction.register_secrets(v for k, v in spec.options.items() if k.lower() in redaction.SECRET_OPTION_KEYS)
+    redaction.register_secrets([getattr(args, "app_key", None), getattr(args, "session", None)])
+    for name in ("ODDSFEED_API_KEYS", "ODDSFEED_JWT_SECRETS"):
+        redaction.register_secrets(os.environ.get(name, "").split(","))
+    redaction.register_secrets([os.environ.get("ODDSFEED_BETFAIR_APP_KEY"), os.environ.get("ODDSFEED_BETFAIR_SESSION")])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("feed.ingest").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
-    logging.getLogger("httpx").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)  # one line per poll otherwise
+    setup_logging(args.verbose)
+    register_secrets(args)
     try:
         return _run(_main_async(args))
     except KeyboardInterrupt:

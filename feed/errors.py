@@ -28,14 +28,18 @@ class FeedDecodeError(OddsfeedError):
 
     Attributes: ``reason`` (a short machine-friendly code such as
     ``invalid_json``, ``invalid_schema``, ``invalid_price``,
-    ``unknown_market``), ``detail`` (human text), ``raw`` (the offending
-    bytes, possibly truncated by the caller before logging/quarantine).
+    ``unknown_market``, ``clock_skew``), ``detail`` (human text), ``raw``
+    (the offending bytes, possibly truncated by the caller before
+    logging/quarantine), ``market_id`` (the canonical id of the one market
+    rejected when the rest of the message applies; None when the whole
+    message is rejected).
     """
 
-    def __init__(self, reason: str, detail: str = "", raw: bytes = b"") -> None:
+    def __init__(self, reason: str, detail: str = "", raw: bytes = b"", *, market_id: str | None = None) -> None:
         self.reason = reason
         self.detail = detail
         self.raw = raw
+        self.market_id = market_id
         super().__init__(reason, detail)
 
     def __str__(self) -> str:

@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
+
+import msgspec
 
 from feed.aio import raise_if_cancelled, wait_event
-from feed.book import Book
-from feed.errors import FeedDecodeError
+from feed.book import Book, image_delta
+from feed.errors import FeedDecodeError, StoreError
 from feed.models import Delta, SourceHealth, SourceState
 from feed.normalise.base import MarketUpdate, Normaliser
 from feed.normalise.betfair import BetfairNormaliser
+from feed.settings import Settings
+from feed.sources.backoff import Backoff
 from feed.store import EpochChanged, Store
+from feed.validate import validate_update
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,31 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 1000)
+
+
+#: Reason of a source whose ingest cannot write to Redis.
+STORE_UNAVAILABLE = "store_unavailable"
+#: Rejected messages kept for the quarantine while the store is failing.
+QUARANTINE_QUEUE_MAX = 1000
+
+
+def new_session_id() -> str:
+    """A fresh upstream-session id (random, 12 hex digits)."""
+    return secrets.token_hex(6)
+
+
+class IngestOptions(TypedDict):
+    """The :class:`Ingest` keyword arguments that come from settings."""
+
+    lease_ms: int
+    max_future_skew_ms: int
+    backlog_max: int
+
+
+def ingest_options(settings: Settings) -> IngestOptions:
+    """The :class:`Ingest` keyword arguments that come from settings."""
+    return IngestOptions(lease_ms=settings.health_lease_ms, max_future_skew_ms=settings.max_future_skew_ms,
+                         backlog_max=settings.ingest_backlog_max)
 
 
 def now_ms() -> int:
@@ -72,11 +104,32 @@ class Ingest:
     advertised in the source's health. The source's resume cursor is an
     opaque string: the normaliser advances it (``batch.cursor``) or the
     source sets it (:meth:`set_cursor`, e.g. a poller's ``since``).
+
+    Trust rules (docs/architecture.md §23–26):
+
+    - every market update passes :func:`feed.validate.validate_update`
+      (one set of bounds for every provider; provider times at most
+      ``max_future_skew_ms`` ahead of receipt); a rejected market is
+      quarantined alone and *unconfirmed* (its source's heartbeats stop
+      confirming it), the rest of the message applies;
+    - ``session`` names the current upstream session (image lineage): a
+      message that starts a full image of the subscription
+      (``batch.full_image``) opens a new one, so markets the new upstream
+      does not image stop being confirmed; it is persisted in the health
+      record and restored with the cursor;
+    - a store failure never ends the source: sequenced deltas wait in a
+      backlog (compacted to one image per market past ``backlog_max``) and
+      are written, in order, with the cursor, once Redis answers again
+      (retries back off); meanwhile the health reads DOWN /
+      ``store_unavailable``;
+    - the health record carries a lease (``lease_ms``): a source whose
+      ingest stops renewing it reads DOWN / ``ingest_gone`` everywhere.
     """
 
     def __init__(self, store: Store, *, source: str = "betfair", normaliser: Normaliser | None = None,
                  book: Book | None = None, clock_ms: Callable[[], int] = now_ms, stale_after_ms: int = 10_000,
-                 kind: str = "betfair") -> None:
+                 kind: str = "betfair", lease_ms: int = 5_000, max_future_skew_ms: int = 10_000,
+                 backlog_max: int = 50_000) -> None:
         self.store = store
         self.source = source
         self.kind = kind
@@ -85,20 +138,56 @@ class Ingest:
         self.clock_ms = clock_ms
         self.stats = IngestStats()
         self.cursor: str | None = None
+        self.session: str = new_session_id()
         self.health = SourceHealth(source=source, kind=kind, state="DOWN", reason="starting",
-                                   stale_after_ms=stale_after_ms)
+                                   stale_after_ms=stale_after_ms, lease_ms=lease_ms, session=self.session)
+        self.max_future_skew_ms = max_future_skew_ms
+        # one bound for the normaliser's own checks (before it caches a change) and the ingest's
+        self.normaliser.max_future_skew_ms = max_future_skew_ms
+        self.backlog_max = backlog_max
         self._pending: list[MarketUpdate] = []
+        self._unconfirm: set[str] = set()
+        self._backlog: list[Delta] = []
         self._cursor_dirty = False
         self._degraded = False
         self._rejections: list[FeedDecodeError] = []
         self._flush_lock = asyncio.Lock()
+        self._store_error: str | None = None
+        self._fed_at = 0
+        #: every message received confirms the source's markets once it is stored
+        #: (streams); a poller sets it False and confirms per poll (:meth:`confirm`)
+        self.confirm_by_messages = True
+        self._store_down_since: float | None = None
+        self._retry_at = 0.0
+        self._store_backoff = Backoff(initial_s=0.2, factor=2.0, max_s=5.0)
+        self.store_failures = 0
+        self.compactions = 0
 
     async def restore(self) -> str | None:
-        """Load stored snapshots (so seq continues); return the stored cursor."""
+        """Load stored snapshots (so seq continues) and the upstream session
+        they belong to; return the stored cursor."""
         markets = await self.store.load_all_markets()
         self.book.restore([m for m in markets if m.source == self.source])
         self.cursor = await self.store.load_cursor(self.source)
+        stored = await self.store.get_health(self.source)
+        if stored is not None and stored.session:
+            # resuming continues that session: what it confirmed stays confirmed
+            # until the upstream says otherwise (a source whose upstream cannot
+            # resume sends a full image, which opens a new session)
+            self._set_session(stored.session)
+        raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
         return self.cursor
+
+    def _set_session(self, session: str) -> None:
+        self.session = session
+        self.health.session = session
+
+    def new_session(self) -> str:
+        """Start a new upstream session (a full image of the subscription
+        follows): markets not imaged from now on are no longer confirmed by
+        the source's heartbeats."""
+        self._set_session(new_session_id())
+        return self.session
 
     def set_cursor(self, value: str) -> None:
         """Set the source's resume cursor; it is stored with the next flush."""
@@ -108,11 +197,13 @@ class Ingest:
 
     def feed_lines(self, lines: list[bytes], recv_ms: int, pt_map: Callable[[int], int] | None = None) -> None:
         """Normalise lines into the pending batch (no I/O); rejected lines
-        are queued for quarantine. ``pt_map`` maps provider ``pt`` to
-        ``source_ts`` (replays); None keeps ``pt``."""
+        and markets are queued for quarantine. ``pt_map`` maps provider
+        ``pt`` to ``source_ts`` (replays); None keeps ``pt``. Never raises
+        for a provider's bytes: whatever a normaliser raises is a rejection."""
         normaliser = self.normaliser
         stats = self.stats
         pending = self._pending
+        skew = self.max_future_skew_ms
         for raw in lines:
             if not raw or raw.isspace():
                 continue
@@ -122,10 +213,28 @@ class Ingest:
             except FeedDecodeError as exc:
                 self._reject(exc)
                 continue
+            except Exception as exc:  # a normaliser bug must not end the source (nor its neighbours)
+                logger.exception("normaliser of %s failed on a message", self.source)
+                self._reject(FeedDecodeError("internal_error", f"{type(exc).__name__}: {exc}", raw))
+                continue
+            if batch.full_image:
+                self.new_session()
+            for rejected in batch.rejected:
+                if not rejected.raw:
+                    rejected.raw = raw
+                self._reject(rejected)
             if batch.updates:
-                pending.extend(batch.updates)
+                for u in batch.updates:
+                    try:
+                        validate_update(u, recv_ms, max_future_skew_ms=skew)
+                    except FeedDecodeError as invalid:
+                        invalid.market_id = u.market_id
+                        invalid.raw = raw
+                        self._reject(invalid)
+                        continue
+                    pending.append(u)
+                    stats.market_updates += 1
                 stats.runner_changes += batch.runner_changes
-                stats.market_updates += len(batch.updates)
             elif batch.heartbeat:
                 stats.heartbeats += 1
             if batch.degraded is not None:
@@ -133,11 +242,38 @@ class Ingest:
             if batch.cursor is not None:
                 self.cursor = batch.cursor
                 self._cursor_dirty = True
-        self.health.last_message_at = recv_ms
+        if self.confirm_by_messages:
+            self._fed_at = recv_ms
+
+    def confirm(self, recv_ms: int) -> None:
+        """The upstream confirmed its data at ``recv_ms`` without a message to
+        normalise (a poll answered 304 or with nothing new); it counts like a
+        heartbeat (see :meth:`_confirmed`)."""
+        self._fed_at = max(self._fed_at, recv_ms)
+        if not self._pending and not self._backlog and self._store_error is None:
+            self._confirmed(self._fed_at)
+
+    def _confirmed(self, recv_ms: int) -> None:
+        """Everything received up to ``recv_ms`` is stored: the source's
+        markets are confirmed as of then (``SourceHealth.last_message_at``).
+        Never earlier: a heartbeat must not vouch for changes still waiting
+        for the store."""
+        if recv_ms > self.health.last_message_at:
+            self.health.last_message_at = recv_ms
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def backlog(self) -> int:
+        """Deltas sequenced but not yet acknowledged by the store."""
+        return len(self._backlog)
+
+    @property
+    def store_ok(self) -> bool:
+        """False while the last write to the store failed."""
+        return self._store_error is None
 
     async def flush(self) -> list[Delta]:
         """See :meth:`_flush`; flushes never overlap, so batches reach Redis
@@ -146,31 +282,72 @@ class Ingest:
             return await self._flush()
 
     async def _flush(self) -> list[Delta]:
-        """Sequence the pending updates in the book and store them with the
-        cursor in one batched atomic apply; store queued rejections. Returns
-        the deltas written. On EpochChanged (Redis lost its data) re-sends
-        every market as an image under the new epoch."""
-        await self._flush_rejections()
+        """Sequence the pending updates in the book and store them (after
+        any backlog) with the cursor in one batched atomic apply; store
+        queued rejections. Returns the deltas written (empty while the store
+        is failing: they wait in the backlog). On EpochChanged (Redis lost
+        its data) re-sends every market as an image under the new epoch."""
         updates, self._pending = self._pending, []
-        cursor = None
-        if self._cursor_dirty and self.cursor is not None:
-            cursor = (self.source, self.cursor)
-            self._cursor_dirty = False
-        if not updates and cursor is None:
-            return []
+        fed_at = self._fed_at
         stored_at = self.clock_ms()
-        apply = self.book.apply
-        deltas = [d for d in (apply(u, stored_at) for u in updates) if d is not None]
-        if not deltas and cursor is None:
+        book = self.book
+        session = self.session
+        unconfirm = self._unconfirm
+        new: list[Delta] = []
+        for u in updates:
+            d = book.apply(u, stored_at, session)
+            if d is not None:
+                new.append(d)
+            elif book.last_drop == "out_of_order":
+                unconfirm.add(u.market_id)
+        if unconfirm:
+            for mid in unconfirm:
+                d = book.unconfirm(mid, stored_at)
+                if d is not None:
+                    new.append(d)
+            unconfirm.clear()
+        backlog = self._backlog
+        backlog.extend(new)
+        if len(backlog) > self.backlog_max:
+            self._compact()
+        cursor = (self.source, self.cursor) if self._cursor_dirty and self.cursor is not None else None
+        if not self._backlog and cursor is None and not self._rejections:
+            if self._store_error is None:
+                self._confirmed(fed_at)
             return []
+        if self._store_error is not None and time.monotonic() < self._retry_at:
+            return []  # backing off: the backlog waits
         try:
-            result = await self.store.apply(deltas, self.book.markets, cursor)
-            raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
-        except EpochChanged:
-            logger.warning("store epoch changed under source %s: re-sending every market as an image", self.source)
-            await self.store.reset_epoch()
-            deltas = self.book.reimage_all(stored_at)
-            result = await self.store.apply(deltas, self.book.markets, cursor)
+            await self._flush_rejections()
+            deltas = self._backlog
+            if deltas or cursor is not None:
+                try:
+                    result = await self.store.apply(deltas, book.markets, cursor)
+                    raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
+                except EpochChanged:
+                    logger.warning("store epoch changed under source %s: re-sending every market as an image",
+                                   self.source)
+                    await self.store.reset_epoch()
+                    self._backlog = deltas = book.reimage_all(stored_at)
+                    result = await self.store.apply(deltas, book.markets, cursor)
+                    raise_if_cancelled()
+            else:
+                result = None
+        except StoreError as exc:
+            self._store_failed(exc)
+            return []
+        self._backlog = []
+        if cursor is not None:
+            self._cursor_dirty = False
+        self._confirmed(fed_at)
+        if self._store_error is not None:
+            logger.warning("source %s: store writable again after %.1f s; %d deltas written", self.source,
+                           time.monotonic() - (self._store_down_since or 0.0), len(deltas))
+            self._store_error = None
+            self._store_down_since = None
+            self._store_backoff.reset()
+        if result is None:
+            return []
         self.stats.deltas += result.kept
         self.stats.batches += 1
         if result.foreign:
@@ -180,22 +357,59 @@ class Ingest:
                            self.source, result.foreign)
         return deltas
 
+    async def drain(self) -> None:
+        """Flush until nothing waits for the store (retrying with backoff
+        while Redis is unreachable); returns once everything sequenced so
+        far is stored. Cancel it to give up."""
+        await self.flush()
+        while self._backlog or self._store_error is not None:
+            await asyncio.sleep(max(0.05, self._retry_at - time.monotonic()))
+            await self.flush()
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.store_failures += 1
+        first = self._store_error is None
+        self._store_error = str(exc)
+        if first:
+            self._store_down_since = time.monotonic()
+            logger.error("source %s: cannot write to the store (%s); keeping %d deltas and retrying",
+                         self.source, exc, len(self._backlog))
+        self._retry_at = time.monotonic() + self._store_backoff.next_delay()
+
+    def _compact(self) -> None:
+        """Replace the backlog by one image per market it touches, at the
+        market's current seq: bounded memory during a long store outage; a
+        client sees an image (which replaces), never a silent gap."""
+        ids = dict.fromkeys(d.market_id for d in self._backlog)
+        markets = self.book.markets
+        self._backlog = [image_delta(markets[mid]) for mid in ids if mid in markets]
+        self.compactions += 1
+        logger.warning("source %s: store backlog over %d deltas: compacted to %d images", self.source,
+                       self.backlog_max, len(self._backlog))
+
     def _reject(self, exc: FeedDecodeError) -> None:
         stats = self.stats
         stats.rejected += 1
         stats.rejected_by_reason[exc.reason] = stats.rejected_by_reason.get(exc.reason, 0) + 1
-        logger.warning("rejected %s message (%s): %s; raw[:200]=%r", self.source, exc.reason,
+        where = f" market {exc.market_id}" if exc.market_id else ""
+        logger.warning("rejected %s%s message (%s): %s; raw[:200]=%r", self.source, where, exc.reason,
                        exc.detail[:200], exc.raw[:200])
-        self._rejections.append(exc)
+        if exc.market_id is not None:
+            self._unconfirm.add(exc.market_id)
+        rej = self._rejections
+        if len(rej) >= QUARANTINE_QUEUE_MAX:  # the store is failing: keep the newest, count the rest
+            del rej[0]
+            self.stats.rejected_by_reason["quarantine_overflow"] = (
+                self.stats.rejected_by_reason.get("quarantine_overflow", 0) + 1)
+        rej.append(exc)
 
     async def _flush_rejections(self) -> None:
         rej = self._rejections
-        if not rej:
-            return
         at = self.clock_ms()
-        for exc in rej:
+        while rej:
+            exc = rej[0]
             await self.store.quarantine(self.source, exc.reason, exc.detail, exc.raw, at)
-        rej.clear()
+            del rej[0]
 
     def set_state(self, state: SourceState, reason: str | None) -> bool:
         """Change the source state; True when it changed."""
@@ -213,20 +427,30 @@ class Ingest:
         """The provider flagged the stream degraded (ESA ``status: 503``)."""
         return self._degraded
 
-    async def publish_health(self) -> None:
-        """Persist the source's health with its counters and cursor."""
+    def published_health(self) -> SourceHealth:
+        """The health record as it must be persisted now: the source's own
+        state, or DOWN / ``store_unavailable`` while deltas wait for the
+        store (what Redis holds is behind the provider)."""
         h = self.health
         h.messages = self.stats.messages
         h.runner_changes = self.stats.runner_changes
         h.rejected = self.stats.rejected
         h.cursor = self.cursor
         h.updated_at = self.clock_ms()
-        await self.store.set_health(h)
+        if self._store_error is not None and h.state != "DOWN":
+            return msgspec.structs.replace(h, state="DOWN", reason=STORE_UNAVAILABLE)
+        return h
+
+    async def publish_health(self) -> None:
+        """Persist the source's health with its counters, cursor, session and lease."""
+        await self.store.set_health(self.published_health())
 
 
 class HealthPublisher:
-    """Persists a source's health about once a second, and at once when
-    :meth:`wake` is called (a state change). Use as an async context
+    """Persists a source's health about once a second (renewing its lease),
+    and at once when :meth:`wake` is called (a state change); retries the
+    ingest's store backlog on the same beat, so a quiet source catches up
+    when Redis returns. Use as an async context
     manager around the source's run; leaving it publishes a last time.
 
     It stops on its own flag rather than by cancellation alone, so a
@@ -249,10 +473,13 @@ class HealthPublisher:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            ingest = self.ingest
             try:
-                await self.ingest.publish_health()
+                if ingest.backlog or not ingest.store_ok:
+                    await ingest.flush()  # a quiet source still drains what waits for the store
+                await ingest.publish_health()
             except Exception as exc:  # a Redis hiccup must not stop the source
-                logger.warning("could not publish health of %s: %s", self.ingest.source, exc)
+                logger.warning("could not publish health of %s: %s", ingest.source, exc)
 
     async def __aenter__(self) -> "HealthPublisher":
         self._task = asyncio.create_task(self._run(), name=f"health-{self.ingest.source}")

@@ -114,6 +114,10 @@ class Market(_MarketFields, frozen=True, kw_only=True, gc=False):
 
     Header fields are as :class:`MarketHeader`; ``seq`` is the last applied
     delta's sequence number; latency tags are integer ms since the epoch.
+    session: the upstream session (image lineage) of its source that last
+    imaged or updated the market, None once an update of it was rejected or
+    dropped; the source's heartbeats confirm the market only while this is
+    the source's current ``SourceHealth.session``.
     """
 
     market_id: str
@@ -123,6 +127,7 @@ class Market(_MarketFields, frozen=True, kw_only=True, gc=False):
     source_ts_original: int | None = None
     received_at: int = 0
     stored_at: int = 0
+    session: str | None = None
     selections: list[Selection] = []
 
     def header(self) -> MarketHeader:
@@ -144,7 +149,10 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=Fa
     ``header`` is set when a market-level field other than the market's
     traded volume changed; ``traded_volume`` is set when only that moved
     (it changes with nearly every trade); ``selections`` holds the full state
-    of each changed selection. Latency tags in integer ms.
+    of each changed selection. Latency tags in integer ms. session: the
+    market's confirmation session after this delta (see :class:`Market`); a
+    delta without changes only moves ``session`` (re-confirmed by a new
+    upstream image, or unconfirmed after a rejected update).
     """
 
     market_id: str
@@ -155,6 +163,7 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=Fa
     received_at: int
     stored_at: int = 0
     source_ts_original: int | None = None
+    session: str | None = None
     market: Market | None = None
     header: MarketHeader | None = None
     selections: list[Selection] = []
@@ -169,7 +178,10 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     last_message_at: ms since the epoch of the last message (data or
     heartbeat); stale_after_ms: markets older than this are stale.
     lag_p50_ms / lag_p99_ms: ingest lag (``received_at − source_ts``) over a
-    recent window, ms.
+    recent window, ms. lease_ms: the record is only good until
+    ``updated_at + lease_ms`` (the ingest renews it about once a second; see
+    :func:`effective_health`). session: the current upstream session (image
+    lineage); heartbeats confirm only the markets of this session.
     """
 
     source: str
@@ -185,6 +197,23 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     updated_at: int = 0
     lag_p50_ms: int | None = None
     lag_p99_ms: int | None = None
+    lease_ms: int = 0
+    session: str | None = None
+
+
+#: Reason of a source whose ingest stopped renewing its health lease.
+INGEST_GONE = "ingest_gone"
+
+
+def effective_health(h: SourceHealth, now_ms: int) -> SourceHealth:
+    """``h`` as a reader must take it at ``now_ms``: DOWN with reason
+    ``ingest_gone`` once its lease ran out (``updated_at + lease_ms`` passed:
+    the ingest process that owns the source died or cannot reach Redis);
+    ``h`` itself otherwise. A record without a lease (``lease_ms`` 0) never
+    expires."""
+    if h.lease_ms > 0 and h.state != "DOWN" and now_ms > h.updated_at + h.lease_ms:
+        return msgspec.structs.replace(h, state="DOWN", reason=INGEST_GONE)
+    return h
 
 
 def apply_delta(market: Market | None, delta: Delta) -> Market | None:
@@ -204,6 +233,7 @@ def apply_delta(market: Market | None, delta: Delta) -> Market | None:
         "received_at": delta.received_at,
         "stored_at": delta.stored_at,
         "source_ts_original": delta.source_ts_original,
+        "session": delta.session,
     }
     if delta.header is not None:
         h = delta.header

@@ -6,10 +6,11 @@ back for ``?odds_format=``. Pure functions, no state.
 
 Conventions:
 
-- **decimal** odds are the total return per unit staked, ``> 1.0``;
-  canonical prices must satisfy ``MIN_DECIMAL < price <= MAX_DECIMAL``
-  (1.0 exclusive: a price of 1.0 pays nothing; 1000 is the Betfair
-  ladder's top) and be finite. :func:`validate_decimal` enforces it.
+- **decimal** odds are the total return per unit staked; canonical
+  prices must be finite and satisfy ``MIN_DECIMAL <= price <= MAX_DECIMAL``
+  (1.01–1000 inclusive: the Betfair ladder's bottom and top; the bounds are
+  :data:`feed.validate.MIN_PRICE` / :data:`~feed.validate.MAX_PRICE`, the one
+  set of bounds every provider shares). :func:`validate_decimal` enforces it.
 - **American** odds: ``+150`` wins 150 per 100 staked (decimal 2.5);
   ``-200`` stakes 200 to win 100 (decimal 1.5). Valid values are
   ``>= +100`` or ``<= -100`` (``+100`` and ``-100`` both mean evens, 2.0).
@@ -18,6 +19,9 @@ Conventions:
 
 Converted decimals are rounded to :data:`DECIMAL_PLACES` places so that a
 provider price maps to one stable canonical value (``-110`` → ``1.9091``).
+The bounds are checked on the exact value *before* rounding: American
+``-10001`` (1.00999…) or fractional ``"1/101"`` is rejected, never rounded up
+to 1.01.
 
 >>> american_to_decimal(150), american_to_decimal(-200), american_to_decimal(-110)
 (2.5, 1.5, 1.9091)
@@ -30,6 +34,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from typing import Literal
+
+from feed.validate import MAX_PRICE, MIN_PRICE
 
 __all__ = [
     "DECIMAL_PLACES",
@@ -47,10 +53,10 @@ __all__ = [
 
 OddsFormat = Literal["decimal", "american", "fractional"]
 
-#: canonical decimal prices are strictly above this …
-MIN_DECIMAL = 1.0
-#: … and at most this (anything above is treated as a feed error)
-MAX_DECIMAL = 1000.0
+#: canonical decimal prices are at least this … (inclusive; feed.validate.MIN_PRICE)
+MIN_DECIMAL = MIN_PRICE
+#: … and at most this (inclusive; anything above is a feed error)
+MAX_DECIMAL = MAX_PRICE
 #: places kept after converting from American or fractional odds
 DECIMAL_PLACES = 4
 
@@ -85,11 +91,11 @@ def _number(value: object, fmt: str) -> float:
 def validate_decimal(value: object) -> float:
     """``value`` as a canonical decimal price, or PriceError.
 
-    Rejects non-numbers (bool, str, None), NaN/inf, ``<= 1.0`` and ``> 1000``.
+    Rejects non-numbers (bool, str, None), NaN/inf, ``< 1.01`` and ``> 1000``.
     """
     x = _number(value, "decimal")
-    if x <= MIN_DECIMAL:
-        raise PriceError(value, "decimal", f"must be above {MIN_DECIMAL:g}")
+    if x < MIN_DECIMAL:
+        raise PriceError(value, "decimal", f"must be at least {MIN_DECIMAL:g}")
     if x > MAX_DECIMAL:
         raise PriceError(value, "decimal", f"must be at most {MAX_DECIMAL:g}")
     return x
@@ -100,21 +106,24 @@ def american_to_decimal(value: object) -> float:
 
     ``+150`` → 2.5, ``-200`` → 1.5, ``±100`` → 2.0; values strictly between
     -100 and +100 do not exist in this format and are rejected, as is any
-    result outside the canonical range.
+    result outside the canonical range 1.01–1000 (checked before rounding:
+    ``-10001`` is 1.00999…, rejected).
     """
     x = _number(value, "american")
     if -100 < x < 100:
         raise PriceError(value, "american", "must be >= +100 or <= -100")
-    dec = 1 + x / 100 if x > 0 else 1 + 100 / -x
-    dec = round(dec, DECIMAL_PLACES)
-    try:
-        return validate_decimal(dec)
-    except PriceError:
-        raise PriceError(value, "american", f"decimal {dec:g} is outside the canonical range") from None
+    exact = 1 + x / 100 if x > 0 else 1 + 100 / -x
+    if not MIN_DECIMAL <= exact <= MAX_DECIMAL:
+        raise PriceError(value, "american", f"decimal {exact:.8g} is outside the canonical range 1.01–1000")
+    return validate_decimal(round(exact, DECIMAL_PLACES))
 
 
 def fractional_to_decimal(value: object) -> float:
-    """Fractional odds (``"5/2"``, ``"evs"``, ``"11-10"``) → decimal, or PriceError."""
+    """Fractional odds (``"5/2"``, ``"evs"``, ``"11-10"``) → decimal, or PriceError.
+
+    The result must lie in 1.01–1000 before rounding (``"1/101"`` is
+    rejected); numerator and denominator are whole numbers of at most 12
+    digits."""
     if not isinstance(value, str):
         raise PriceError(value, "fractional", f"expected a string like '5/2', got {type(value).__name__}")
     text = value.strip().lower()
@@ -122,16 +131,17 @@ def fractional_to_decimal(value: object) -> float:
         return 2.0
     sep = "/" if "/" in text else "-"
     num, found, den = text.partition(sep)
-    if not found or not num.strip().isdigit() or not den.strip().isdigit():
+    num, den = num.strip(), den.strip()
+    if not found or not num.isascii() or not den.isascii() or not num.isdigit() or not den.isdigit() \
+            or len(num) > 12 or len(den) > 12:
         raise PriceError(value, "fractional", "expected N/D with whole numbers")
     n, d = int(num), int(den)
     if d == 0 or n == 0:
         raise PriceError(value, "fractional", "numerator and denominator must be above 0")
-    dec = round(1 + n / d, DECIMAL_PLACES)
-    try:
-        return validate_decimal(dec)
-    except PriceError:
-        raise PriceError(value, "fractional", f"decimal {dec:g} is outside the canonical range") from None
+    exact = Fraction(d + n, d)
+    if not Fraction(repr(MIN_DECIMAL)) <= exact <= Fraction(repr(MAX_DECIMAL)):
+        raise PriceError(value, "fractional", f"decimal {float(exact):.8g} is outside the canonical range 1.01–1000")
+    return validate_decimal(round(1 + n / d, DECIMAL_PLACES))
 
 
 def to_decimal(value: object, fmt: OddsFormat | str) -> float:

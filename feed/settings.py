@@ -66,6 +66,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Default max_age_ms of a price check on a pre-match market, ms."""
     price_check_deadline_ms: int = 250
     """A price-check request body must arrive within this long, ms."""
+    max_future_skew_ms: int = 10_000
+    """A provider time more than this far ahead of receipt is quarantined as ``clock_skew``, ms."""
+    health_lease_ms: int = 5_000
+    """A source's health record is good for this long after its ingest last renewed it
+    (about once a second); then every node reads the source as DOWN (``ingest_gone``), ms."""
+    ingest_backlog_max: int = 50_000
+    """Deltas an ingest keeps while Redis is unreachable before it compacts them to one
+    image per market (memory bound during a store outage)."""
 
 
 

@@ -7,6 +7,7 @@ so one script touches them on Redis Cluster)::
     of:{p}:seq             hash  market_id -> seq of the stored snapshot
     of:{p}:idx             set   market ids of the partition
     of:{p}:owner           hash  market_id -> the source that owns it (first writer)
+    of:{p}:pt              hash  market_id -> provider time of its stored state (ms)
     of:{p}:log             stream of delta batches, MAXLEN ~ log_maxlen; field d = JSON array of Delta
     of:{p}:epoch           copy of the store epoch, checked by every apply
     of:{0}:cursor          hash  source -> resume cursor (written with partition 0's data)
@@ -32,12 +33,14 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from feed.errors import StoreError
@@ -76,6 +79,10 @@ def owner_key(p: int) -> str:
     return f"of:{{{p}}}:owner"
 
 
+def pt_key(p: int) -> str:
+    return f"of:{{{p}}}:pt"
+
+
 def pepoch_key(p: int) -> str:
     return f"of:{{{p}}}:epoch"
 
@@ -93,13 +100,17 @@ def source_key(name: str) -> str:
 
 
 # KEYS: 1 seq hash, 2 log, 3 idx, 4 partition epoch, 5 cursor hash (or a dummy key of the
-#       partition), 6 owner hash (market -> source), 7.. snapshot keys in market order
+#       partition), 6 owner hash (market -> source), 7 provider-time hash, 8.. snapshot keys in
+#       market order
 # ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
 #       then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
-#       as JSON array items joined by "," (seqs first..last, consecutive), source name
+#       as JSON array items joined by "," (seqs first..last, consecutive), source name,
+#       provider time (ms) of the first delta, provider time of the last delta
 # Checks every market before writing anything: a batch is applied whole or not at all.
 # A market belongs to the first source that wrote it: another source's changes are dropped
 # (counted as foreign), so two sources can never interleave their books in one market.
+# A market never moves back to older provider data: deltas whose provider time is older than
+# the stored state's are dropped (a restarted replay, a second writer of the same source).
 # Returns {log entry id or "", kept, dropped, foreign}; errors "EPOCH <epoch>" when the
 # partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
 # falls inside the batch (the caller trims and retries).
@@ -113,6 +124,7 @@ local keep = {}
 local dropped = 0
 local foreign = 0
 local a = 6
+local ptkey = KEYS[7]
 for i = 1, n do
   local mid = ARGV[a]
   local first = tonumber(ARGV[a + 2])
@@ -123,7 +135,8 @@ for i = 1, n do
     foreign = foreign + (last - first + 1)
   else
     local stored = tonumber(redis.call('HGET', KEYS[1], mid) or '0')
-    if stored >= last then
+    local stored_pt = tonumber(redis.call('HGET', ptkey, mid) or '0')
+    if stored >= last or tonumber(ARGV[a + 6]) < stored_pt then
       keep[i] = false
       dropped = dropped + (last - first + 1)
     elseif stored >= first then
@@ -132,7 +145,7 @@ for i = 1, n do
       keep[i] = true
     end
   end
-  a = a + 6
+  a = a + 8
 end
 local parts = {}
 local kept = 0
@@ -142,12 +155,13 @@ for i = 1, n do
     local mid = ARGV[a]
     redis.call('HSET', KEYS[1], mid, ARGV[a + 3])
     redis.call('HSET', KEYS[6], mid, ARGV[a + 5])
-    redis.call('SET', KEYS[6 + i], ARGV[a + 1])
+    redis.call('HSET', ptkey, mid, ARGV[a + 7])
+    redis.call('SET', KEYS[7 + i], ARGV[a + 1])
     redis.call('SADD', KEYS[3], mid)
     parts[#parts + 1] = ARGV[a + 4]
     kept = kept + (tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 2]) + 1)
   end
-  a = a + 6
+  a = a + 8
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
@@ -182,8 +196,10 @@ def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> aiore
     ``unix://``); ``cluster=True`` gives a RedisCluster client."""
     if cluster:
         return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)  # type: ignore[return-value]
+    # No hidden retries: redis-py's default retry loop can hold one call for
+    # ~15 s against a stalled server; callers back off and retry themselves.
     return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                   health_check_interval=30)
+                                   health_check_interval=30, retry=Retry(NoBackoff(), 0))
 
 
 class Store:
@@ -253,7 +269,7 @@ class Store:
 
     # -- writes --------------------------------------------------------------
 
-    async def apply(self, deltas: Iterable[Delta], markets: dict[str, Market],
+    async def apply(self, deltas: Iterable[Delta], markets: Mapping[str, Market],
                     cursor: tuple[str, str] | None = None) -> ApplyResult:
         """Atomically store a batch of deltas with the latest snapshot of each
         touched market (``markets[market_id]``), per partition; partition 0
@@ -280,12 +296,13 @@ class Store:
                 cursor_args = ["", ""]
             while True:
                 keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
-                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p)]
+                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p), pt_key(p)]
                 args: list[bytes | str | int] = [self.epoch, self.log_maxlen, *cursor_args, len(per_market)]
                 for mid, ds in per_market.items():
                     keys.append(market_key(p, mid))
-                    args += [mid, encode(markets[mid]), ds[0].seq, ds[-1].seq, b",".join(map(encode, ds)),
-                             ds[0].source]
+                    first, last = ds[0], ds[-1]
+                    args += [mid, encode(markets[mid]), first.seq, last.seq, b",".join(map(encode, ds)),
+                             first.source, provider_ts(first), provider_ts(last)]
                 try:
                     res = await self._apply(keys=keys, args=args)
                     break
@@ -389,6 +406,11 @@ class Store:
         rows = await self.redis.xrange(log_key(p), min=f"({after}" if after != "0-0" else "-", count=count)
         return [(i.decode(), DELTAS_DECODER.decode(f[b"d"])) for i, f in rows]
 
+    async def get_health(self, source: str) -> SourceHealth | None:
+        """The stored health record of ``source`` (None when there is none)."""
+        v = await self.redis.get(source_key(source))
+        return HEALTH_DECODER.decode(v) if v is not None else None
+
     async def sources(self) -> list[SourceHealth]:
         names = sorted(n.decode() for n in await self.redis.smembers(SOURCES_KEY))
         out = []
@@ -412,6 +434,13 @@ class Store:
         rows = await self.redis.xrevrange(QUARANTINE_KEY, count=count)
         return [{"id": i.decode(), **{k.decode(): (v if k == b"raw" else v.decode()) for k, v in f.items()}}
                 for i, f in rows]
+
+
+def provider_ts(d: Delta) -> int:
+    """The provider's time of a delta, ms: a replay's own clock
+    (``source_ts_original``) when set, else ``source_ts``."""
+    o = d.source_ts_original
+    return d.source_ts if o is None else o
 
 
 def _redact(url: str) -> str:

@@ -6,109 +6,141 @@ Off when ``settings.api_keys`` and ``settings.jwt_secrets`` are both empty
 
 A credential is read from ``X-API-Key``, ``Authorization: Bearer <value>``,
 or the query (``?api_key=`` / ``?access_token=``, for browsers' EventSource
-which cannot set headers). It is accepted when it equals one of the API keys
-(``hmac.compare_digest``) or is a JWT that verifies:
+which cannot set headers); at most :data:`MAX_CREDENTIAL_CHARS` characters.
+It is accepted when it equals one of the API keys (``hmac.compare_digest``)
+or is a JWT that PyJWT (``jwt.decode``, the only JWT code: there is no
+hand-written fallback) verifies with these rules:
 
-- header ``alg`` must be ``HS256`` (pinned: ``none`` and every other
-  algorithm are refused), signature HMAC-SHA256 over ``header.payload``
-  with any of ``settings.jwt_secrets`` (rotation);
-- ``exp`` required and in the future, ``nbf``/``iat`` not in the future
-  (30 s leeway); ``aud`` / ``iss`` must match when configured.
-
-PyJWT is used when installed; otherwise the same checks are made here
-(a few lines of stdlib: base64url, hmac, json).
+- header ``alg`` must be ``HS256`` (``algorithms=["HS256"]`` pinned:
+  ``none`` and every other algorithm are refused); the signature must verify
+  with one of ``settings.jwt_secrets`` (several = key rotation: each secret
+  is tried in turn, only a bad signature moves on to the next);
+- **required claims**: ``exp`` always (a token that never expires is
+  refused); ``aud`` when ``settings.jwt_audience`` is set (it must equal it,
+  or be a list holding it); ``iss`` when ``settings.jwt_issuer`` is set (it
+  must equal it). Without a configured audience a token's ``aud`` is not
+  checked;
+- ``exp`` in the future, ``nbf`` / ``iat`` (optional) not in the future,
+  all with :data:`LEEWAY_S` (30 s) of leeway for clock skew;
+- ``exp`` / ``nbf`` / ``iat`` must be JSON numbers (a string, a bool,
+  ``NaN`` / ``Infinity`` or an overflowing ``1e400`` is refused, never read
+  as "expires never"); ``aud`` a string or a list of strings; ``iss`` a
+  string. A header or claims set that is not a JSON object, or that nests
+  deeper than Python's parser allows, is refused like any malformed token.
 
 Refusals: HTTP ``401 {"error":"unauthorized","message":…}`` (the message
 says what is wrong: missing, unknown key, expired, bad signature …, never
-echoing the credential); WebSocket: the handshake is refused (403) before
-upgrade. Credentials are never logged.
+echoing the credential); WebSocket: a close with 1008 before the upgrade,
+which uvicorn turns into a refused handshake (HTTP 403). No token, however
+malformed, causes a 500. Credentials are never logged.
+
+Secrets shorter than 32 bytes (RFC 7518 §3.2's minimum for HS256) are
+accepted with one warning at startup (PyJWT's per-call warning is muted).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import hmac
 import json
-import time
+import logging
+import warnings
 from typing import Any
 
+import jwt
+import msgspec
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from feed.settings import Settings
 
-__all__ = ["AuthError", "AuthMiddleware", "verify_jwt"]
+__all__ = ["AuthError", "AuthMiddleware", "LEEWAY_S", "MAX_CREDENTIAL_CHARS", "verify_jwt"]
 
+logger = logging.getLogger(__name__)
+
+#: seconds of clock skew allowed on ``exp`` / ``nbf`` / ``iat``
 LEEWAY_S = 30
+#: longest credential (API key or JWT) looked at, characters; a longer one is refused unread
+MAX_CREDENTIAL_CHARS = 8192
+#: RFC 7518 §3.2: an HS256 key should be at least this long, bytes
+MIN_SECRET_BYTES = 32
 
 
 class AuthError(Exception):
     """Why a credential was refused (safe to show: never contains it)."""
 
 
-def _b64(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+class _Claims(msgspec.Struct):
+    """Types of the registered claims we rely on, checked after PyJWT verified the token
+    (PyJWT reads ``exp`` with ``int()``, which takes ``"1790000000"`` and ``true``)."""
+
+    exp: int | float
+    nbf: int | float | None = None
+    iat: int | float | None = None
+    aud: str | list[str] | None = None
+    iss: str | None = None
 
 
-def verify_jwt(token: str, secrets: tuple[str, ...], *, audience: str | None = None, issuer: str | None = None,
-               now_s: float | None = None) -> dict[str, Any]:
-    """The claims of an HS256 JWT signed with one of ``secrets``. Raises AuthError."""
-    now = time.time() if now_s is None else now_s
-    try:
-        import jwt as pyjwt  # type: ignore[import-not-found]
-    except ImportError:
-        pyjwt = None
-    if pyjwt is not None:
+_MESSAGES: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "invalid token: expired"),
+    (jwt.InvalidSignatureError, "invalid token: bad signature"),
+    (jwt.InvalidAlgorithmError, "invalid token: only HS256 is accepted"),
+    (jwt.InvalidAudienceError, "invalid token: wrong audience"),
+    (jwt.InvalidIssuerError, "invalid token: wrong issuer"),
+)
+
+
+def _reason(exc: Exception) -> str:
+    """A refusal message for a PyJWT error (never contains the token)."""
+    for cls, text in _MESSAGES:
+        if isinstance(exc, cls):
+            return text
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"invalid token: {exc.claim} missing"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return f"invalid token: not valid yet ({exc})"
+    if isinstance(exc, jwt.DecodeError):
+        return f"invalid token: not a valid JWT ({str(exc)[:120]})"
+    return f"invalid token: {type(exc).__name__}"
+
+
+def verify_jwt(token: str, secrets: tuple[str, ...], *, audience: str | None = None,
+               issuer: str | None = None) -> dict[str, Any]:
+    """The claims of an HS256 JWT signed with one of ``secrets`` (see the module docstring),
+    checked against the current time. Raises AuthError (never anything else) for every
+    token that does not verify."""
+    if not secrets:
+        raise AuthError("invalid token: JWTs are not accepted here")
+    if len(token) > MAX_CREDENTIAL_CHARS:
+        raise AuthError(f"invalid token: longer than {MAX_CREDENTIAL_CHARS} characters")
+    require = ["exp"] + (["aud"] if audience is not None else []) + (["iss"] if issuer is not None else [])
+    options: dict[str, Any] = {"require": require, "verify_aud": audience is not None}
+    claims: dict[str, Any] | None = None
+    last: Exception | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
         for secret in secrets:
             try:
-                return dict(pyjwt.decode(token, secret, algorithms=["HS256"], audience=audience, issuer=issuer,
-                                         leeway=LEEWAY_S, options={"require": ["exp"],
-                                                                   "verify_aud": audience is not None}))
-            except pyjwt.InvalidSignatureError:
+                claims = jwt.decode(token, secret, algorithms=["HS256"], audience=audience, issuer=issuer,
+                                    leeway=LEEWAY_S, options=options)  # type: ignore[arg-type]
+                break
+            except jwt.InvalidSignatureError as exc:  # rotation: try the next secret
+                last = exc
                 continue
-            except pyjwt.PyJWTError as exc:
-                raise AuthError(f"invalid token: {type(exc).__name__}") from None
-        raise AuthError("invalid token: bad signature")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise AuthError("invalid token: not a JWT")
+            except jwt.PyJWTError as exc:
+                raise AuthError(_reason(exc)) from None
+            except (ValueError, TypeError, OverflowError, RecursionError):  # PyJWT should catch these; be sure
+                raise AuthError("invalid token: not a valid JWT") from None
+    if claims is None:
+        raise AuthError(_reason(last or jwt.InvalidSignatureError()))
     try:
-        header = json.loads(_b64(parts[0]))
-        claims = json.loads(_b64(parts[1]))
-        signature = _b64(parts[2])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise AuthError("invalid token: not a JWT") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise AuthError("invalid token: not a JWT")
-    if header.get("alg") != "HS256":
-        raise AuthError("invalid token: only HS256 is accepted")
-    signing_input = f"{parts[0]}.{parts[1]}".encode()
-    if not any(hmac.compare_digest(hmac.new(s.encode(), signing_input, hashlib.sha256).digest(), signature)
-               for s in secrets):
-        raise AuthError("invalid token: bad signature")
-    exp = claims.get("exp")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-        raise AuthError("invalid token: exp missing")
-    if now > exp + LEEWAY_S:
-        raise AuthError("invalid token: expired")
-    for claim in ("nbf", "iat"):
-        v = claims.get(claim)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > now + LEEWAY_S:
-            raise AuthError(f"invalid token: {claim} in the future")
-    if audience is not None:
-        aud = claims.get("aud")
-        auds = aud if isinstance(aud, list) else [aud]
-        if audience not in auds:
-            raise AuthError("invalid token: wrong audience")
-    if issuer is not None and claims.get("iss") != issuer:
-        raise AuthError("invalid token: wrong issuer")
+        msgspec.convert(claims, _Claims, strict=True)
+    except msgspec.ValidationError as exc:
+        raise AuthError(f"invalid token: {exc}; exp, nbf and iat must be numbers of seconds") from None
     return claims
 
 
 class AuthMiddleware:
-    """Require an API key or a JWT on ``/v1/*`` (HTTP → 401 JSON, WebSocket → 403 at the handshake)."""
+    """Require an API key or a JWT on ``/v1/*`` (HTTP → 401 JSON, WebSocket → close 1008 before the upgrade)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -116,6 +148,10 @@ class AuthMiddleware:
         self.secrets = tuple(settings.jwt_secrets)
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer
+        for i, s in enumerate(self.secrets, 1):
+            if len(s.encode()) < MIN_SECRET_BYTES:
+                logger.warning("JWT secret #%d is %d bytes long; HS256 wants at least %d (RFC 7518 §3.2)",
+                               i, len(s.encode()), MIN_SECRET_BYTES)
 
     def _credential(self, scope: Scope) -> str | None:
         for name, value in scope.get("headers", ()):
@@ -132,6 +168,8 @@ class AuthMiddleware:
         if not cred:
             raise AuthError("send an API key (X-API-Key, Authorization: Bearer, ?api_key=) or a JWT "
                             "(Authorization: Bearer, ?access_token=)")
+        if len(cred) > MAX_CREDENTIAL_CHARS:
+            raise AuthError(f"credential longer than {MAX_CREDENTIAL_CHARS} characters")
         raw = cred.encode("latin-1", "replace")
         if any(hmac.compare_digest(raw, k) for k in self.keys):
             return

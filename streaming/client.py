@@ -15,7 +15,23 @@ go to the same host over HTTP(S).
 The book: the first ``snapshot`` replaces it, each ``delta`` is applied with
 :func:`feed.models.apply_delta` (``kind: image`` replaces the market; a delta
 with ``seq`` ≤ the held one is a duplicate and changes nothing), markets that
-stop matching the filter are dropped. After a drop the client reconnects
+stop matching the filter are dropped.
+
+Seq gaps (the rule every client should follow): per market, a ``kind:
+"delta"`` message must carry ``seq`` = the held ``seq`` + 1. One with a
+higher ``seq`` means a change was missed, and applying it would leave the
+book wrong with nothing to show for it — so it is *not* applied (nor is its
+resume token taken) and the client resyncs: it reconnects at once with the
+token it held before the gap (the server replays what followed, ``resumed
+{recovered: true}``), and if the replay gaps again before any snapshot, it
+reconnects without a token and takes a fresh snapshot (which replaces the
+book). Exceptions: a ``kind: "image"`` replaces the market whatever its
+``seq`` (a newer one; an older image is ignored), and a ``"conflated":
+true`` delta stands for several changes (it carries the latest state of
+everything they changed), so it may skip seqs. A delta for a market
+the book does not hold is ignored (the server sends an image first).
+``stats.gaps`` counts the gaps seen, ``stats.resyncs`` the resyncs they
+caused (each a reconnect). After a drop the client reconnects
 with jittered backoff and resumes with the last resume token (SSE
 ``Last-Event-ID``, WS ``"resume"``): ``resumed {recovered: true}`` → the
 missed deltas follow and the book is kept; ``recovered: false`` → the fresh
@@ -113,6 +129,8 @@ class ClientStats:
     statuses: int = 0
     resumed_recovered: int = 0
     resumed_lost: int = 0
+    gaps: int = 0
+    resyncs: int = 0
     errors: int = 0
     lag_ms: int | None = None
     last_error: str | None = None
@@ -139,6 +157,7 @@ class _Envelope(msgspec.Struct):
     code: str | None = None
     message: str | None = None
     id: int | str | None = None
+    conflated: bool = False
 
 
 class _MarketAge(msgspec.Struct):
@@ -180,6 +199,10 @@ _FATAL_STATUSES = frozenset({400, 401, 403, 404, 405, 422})
 
 class _Dropped(Exception):
     """The stream ended or went silent: reconnect."""
+
+
+class _SeqGap(_Dropped):
+    """A market's delta skipped a ``seq``: resync (reconnect at once, see the module docstring)."""
 
 
 def _csv(v: str | Sequence[str] | None) -> str | None:
@@ -265,6 +288,9 @@ class OddsClient:
         self.changes = 0
         self.error: BaseException | None = None
 
+        #: consecutive gap resyncs since the last snapshot: the second one drops the token (fresh snapshot)
+        self._gap_resumes = 0
+        self._gap_market: str | None = None
         self._confirmed: dict[str, float] = {}   # market_id → monotonic s of the last confirmation
         self._flagged: dict[str, bool] = {}      # market_id → the server said stale
         self._backoff = backoff or Backoff(initial_s=reconnect_initial_s, max_s=reconnect_max_s)
@@ -411,6 +437,7 @@ class OddsClient:
         while not self._closing:
             self._kick.clear()
             reason = "stream ended"
+            gap = False
             conn = asyncio.create_task(self._connect_once(), name="oddsclient-stream")
             kick = asyncio.create_task(self._kick.wait(), name="oddsclient-kick")
             try:
@@ -433,6 +460,9 @@ class OddsClient:
                     self.stats.last_error = str(exc)
                     await self._notify()
                     return
+                except _SeqGap as exc:
+                    reason = str(exc)
+                    gap = True
                 except _Dropped as exc:
                     reason = str(exc)
                 except TimeoutError:
@@ -449,6 +479,16 @@ class OddsClient:
             self.stats.last_error = reason
             if len(self.stats.disconnect_reasons) < 100:
                 self.stats.disconnect_reasons.append(reason)
+            if gap:
+                self.stats.resyncs += 1
+                self._gap_resumes += 1
+                if self._gap_resumes > 1:  # resuming did not fill it: start again from a snapshot
+                    self.token = None
+                logger.warning("oddsclient: %s; resyncing %s", reason,
+                               "with the resume token" if self.token else "from a fresh snapshot")
+                if self._gap_resumes <= 2:
+                    continue  # at once: the stream itself is fine
+                # gaps even after a fresh snapshot: the server is in trouble, back off
             delay = self._backoff.next_delay()
             logger.info("oddsclient: stream dropped (%s); reconnecting in %.2f s", reason, delay)
             await asyncio.sleep(delay)
@@ -573,13 +613,15 @@ class OddsClient:
     def _on_message(self, data: bytes, now: float, sse_id: str | None) -> None:
         env = _ENVELOPE.decode(data)
         t = env.type
-        if sse_id is not None:
-            self.token = sse_id
-        elif env.token is not None:
-            self.token = env.token
+        token = sse_id if sse_id is not None else env.token
         if t == "delta":
-            self._on_delta(data, env, now)
-        elif t == "heartbeat":
+            self._on_delta(data, env, now)  # raises _SeqGap before the token moves past the gap
+            if token is not None:
+                self.token = token
+            return
+        if token is not None:
+            self.token = token
+        if t == "heartbeat":
             self.stats.heartbeats += 1
             self._on_heartbeat(now)
         elif t == "snapshot":
@@ -612,6 +654,7 @@ class OddsClient:
             self._confirmed[m.market_id] = now - (a.age_ms if a else 0) / 1000
             self._flagged[m.market_id] = bool(a and a.stale)
         self.stats.snapshots += 1
+        self._gap_resumes = 0
         self.synced.set()
         self._backoff.reset()
         if self.on_update is not None:
@@ -621,12 +664,20 @@ class OddsClient:
                 self.on_update(mid, m)
 
     def _on_delta(self, data: bytes, env: _Envelope, now: float) -> None:
+        """Apply one delta message (the seq rules are in the module docstring). Raises _SeqGap."""
         d = _DELTA.decode(data)
         mid = d.market_id
         cur = self.markets.get(mid)
-        if cur is not None and d.seq <= cur.seq:
-            self.stats.duplicates += 1
-            return
+        if cur is not None:
+            if d.seq <= cur.seq:
+                self.stats.duplicates += 1
+                return
+            if d.seq != cur.seq + 1 and d.kind != "image" and not env.conflated:
+                self.stats.gaps += 1
+                self._gap_market = mid
+                raise _SeqGap(f"seq gap on market {mid}: held {cur.seq}, got {d.seq}")
+            if self._gap_resumes and mid == self._gap_market:
+                self._gap_resumes = 0  # the gapped market flows in order again after the resume
         new = apply_delta(cur, d)
         if new is None:
             return  # a delta for a market we never saw: the server sends an image first

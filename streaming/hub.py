@@ -48,11 +48,23 @@ deduplicated against live deltas by per-partition floors; a position this
 node has not reached yet is accepted only when that entry exists in Redis
 (another node is ahead), then live deltas up to it are skipped; otherwise
 ``resumed {recovered: false}`` and a fresh snapshot. Never a partial replay.
+
+Reconnect storms: a replay from the ring is a :class:`SharedReplay` per
+(token, filter, odds format, transport variant, subscription id) — built by
+the first resume, extended with the ring's newer entries by later ones, its
+frames joined into blocks queued by reference in every connection's outbox
+(SSE and our WebSocket frames; the transports write them without copying).
+A thousand clients resuming from one token cost one replay's bytes, not a
+thousand (bounded: :data:`REPLAY_CACHE_BYTES`), and no Redis read.
+Transports admit new streams through :attr:`Hub.admission`
+(:class:`Admission`, :data:`ADMIT_PER_TURN` per event-loop turn), so a storm
+is set up in batches between which the open streams keep flowing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -68,7 +80,8 @@ from streaming.encoding import (
 )
 from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms
 
-__all__ = ["Connection", "Hub", "Subscription", "SLOW_CONSUMER_CODE"]
+__all__ = ["ADMIT_PER_TURN", "Admission", "Connection", "Hub", "ReplayBlock", "SharedReplay", "Subscription",
+           "SLOW_CONSUMER_CODE"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +97,14 @@ CONTROL_BUDGET_FACTOR = 16
 
 #: Meta marker of a heartbeat frame in an outbox (dropped when the outbox is collapsed).
 HEARTBEAT = ("hb",)
+#: New subscriptions admitted per event-loop turn (see Admission).
+ADMIT_PER_TURN = 32
+#: Shared replays kept (most recently used first to stay), and their bytes in all: the node's
+#: memory for a reconnect storm, whatever the number of clients (each replay ≤ the byte budget).
+REPLAY_CACHE_MAX = 256
+REPLAY_CACHE_BYTES = 64 << 20
+#: a shared replay unused for this long is dropped (a storm lasts seconds), s
+REPLAY_CACHE_IDLE_S = 30.0
 
 
 class Subscription:
@@ -148,6 +169,94 @@ class Merge:
         if self.image:
             return (market_id, True)
         return (market_id, False, frozenset(self.sel_ids), self.header, self.tv)
+
+
+class Admission:
+    """Paces new subscriptions (a reconnect storm): at most ``per_turn`` pass per turn of
+    the event loop, the others wait for the next turns in arrival order, so the reader and
+    the writers of the streams already open run between batches instead of stalling behind
+    a thousand setups in one turn. ``waited``: subscriptions that had to wait."""
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self.used = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waited = 0
+        self._scheduled = False
+
+    async def enter(self) -> None:
+        """Return when this subscription may proceed (at once while the turn has room)."""
+        if self.per_turn <= 0:
+            return
+        if self.used < self.per_turn and not self.waiters:
+            self.used += 1
+            self._schedule()
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        self.waited += 1
+        self._schedule()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # it was let in: pass the place on
+                self.used -= 1
+            raise
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self._scheduled = False
+        self.used = 0
+        while self.waiters and self.used < self.per_turn:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self.used += 1
+        if self.waiters or self.used:
+            self._schedule()
+
+
+class ReplayBlock:
+    """Meta of an outbox item that is several replayed frames joined into one bytes object
+    (shared by every connection resuming alike): ``metas`` are the frames' own metas, which
+    collapsing a slow consumer's queue unpacks."""
+
+    __slots__ = ("metas",)
+
+    def __init__(self, metas: list[Any]) -> None:
+        self.metas = metas
+
+
+class SharedReplay:
+    """The replay of one (token, filter, odds format, transport variant, subscription id)
+    from the ring, shared by every subscription that resumes with them (a reconnect storm:
+    all clients resume from about the same token).
+
+    blocks: the frames, joined into blocks of bytes (one per extension), queued by
+    reference; metas: a :class:`ReplayBlock` per block; nbytes: their size; upto: the ring's
+    ``appended`` count the replay is complete up to; resumed: the ``resumed
+    {recovered: true}`` frame; too_big: over the byte budget (the resume is not recovered);
+    used_at: loop time of its last use.
+
+    The hub keeps at most :data:`REPLAY_CACHE_MAX` of them and :data:`REPLAY_CACHE_BYTES`
+    in all (least recently used dropped first), none unused for
+    :data:`REPLAY_CACHE_IDLE_S`, none from before the ring was last reset.
+    """
+
+    __slots__ = ("blocks", "metas", "nbytes", "upto", "resumed", "too_big", "used_at")
+
+    def __init__(self, upto: int) -> None:
+        self.blocks: list[bytes] = []
+        self.metas: list[ReplayBlock] = []
+        self.nbytes = 0
+        self.upto = upto
+        self.resumed = b""
+        self.too_big = False
+        self.used_at = 0.0
 
 
 class Connection:
@@ -348,15 +457,20 @@ class Hub:
     state: the node state (markets, positions, token, staleness); store:
     used for resumes older than the replay ring (None = ring only);
     outbox_max_bytes: byte budget per connection; replay_max_entries: most
-    log entries one resume may read from Redis.
+    log entries one resume may read from Redis; admit_per_turn: new
+    subscriptions admitted per event-loop turn (:class:`Admission`; None =
+    :data:`ADMIT_PER_TURN`, 0 = no pacing).
 
     Counters (read by :mod:`streaming.metrics`): ``frames_out``,
     ``overflows``, ``collapses``, ``collapsed_frames``, ``slow_resyncs``,
-    ``slow_closes``, ``conflated``, ``resumes`` ({outcome: n}), ``resyncs``.
+    ``slow_closes``, ``conflated``, ``resumes`` ({outcome: n}), ``resyncs``;
+    shared replays: ``replay_builds``, ``replay_extends``, ``replay_shares``;
+    ``admission.waited`` (streams that waited for a later loop turn).
     """
 
     def __init__(self, state: NodeState, store: Store | None, *, outbox_max_bytes: int,
-                 replay_max_entries: int = 10_000, send_timeout_s: float = 5.0) -> None:
+                 replay_max_entries: int = 10_000, send_timeout_s: float = 5.0,
+                 admit_per_turn: int | None = None) -> None:
         self.state = state
         self.send_timeout_s = send_timeout_s
         self._watchdog: asyncio.Task[None] | None = None
@@ -387,6 +501,14 @@ class Hub:
         self.conflated = 0
         self.resyncs = 0
         self.resumes: dict[str, int] = {"recovered": 0, "not_recovered": 0}
+        #: shared replays from the ring (see SharedReplay): built, extended, reused
+        self._replays: dict[tuple[object, ...], SharedReplay] = {}
+        self._replays_gen = -1
+        self._replay_bytes = 0
+        self.replay_builds = 0
+        self.replay_extends = 0
+        self.replay_shares = 0
+        self.admission = Admission(ADMIT_PER_TURN if admit_per_turn is None else admit_per_turn)
         self.connects: dict[str, int] = {"sse": 0, "ws": 0}
         #: observer of send delays (seconds), set by streaming.metrics
         self.on_send_delay: Any = None
@@ -622,6 +744,9 @@ class Hub:
 
     def _replay_from_ring(self, sub: Subscription, tok: ResumeToken) -> None:
         conn = sub.conn
+        if conn.kind == "sse" or conn.ws_raw:
+            self._replay_shared(sub, tok)
+            return
         frames: list[bytes] = []
         metas: list[Any] = []
         n = 0
@@ -635,6 +760,77 @@ class Hub:
         conn.send(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
         if frames:
             conn.push(frames, metas, n)
+
+    def _replay_shared(self, sub: Subscription, tok: ResumeToken) -> None:
+        """Resume ``sub`` from the ring with the :class:`SharedReplay` of its token, filter,
+        odds format and transport variant: built by the first such resume, extended with
+        newer ring entries by later ones, and queued by reference (never copied per client)."""
+        conn, ring = sub.conn, self.state.ring
+        now = self.loop_time()
+        if self._replays_gen != ring.generation:  # the ring was reset: every cached replay is void
+            self._replays.clear()
+            self._replay_bytes = 0
+            self._replays_gen = ring.generation
+        key = (tok.keys, sub.filter, sub.fmt, conn.kind, conn.ws_raw, sub.id)
+        rep = self._replays.get(key)
+        if rep is not None and rep.upto < ring.appended and not rep.too_big:
+            self._replay_bytes -= rep.nbytes
+            if not self._extend_replay(rep, sub, tok, ring.after(rep.upto)):
+                rep = None  # entries left the ring since: rebuild
+            else:
+                self._replay_bytes += rep.nbytes
+                self.replay_extends += 1
+        if rep is None:
+            self._replays.pop(key, None)
+            rep = SharedReplay(ring.appended)
+            rep.used_at = now
+            self._extend_replay(rep, sub, tok, None)
+            rep.resumed = conn.frame(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
+            self._replays[key] = rep
+            self._replay_bytes += rep.nbytes
+            self.replay_builds += 1
+            while self._replays:
+                oldest = self._replays[next(iter(self._replays))]
+                if (len(self._replays) <= REPLAY_CACHE_MAX and self._replay_bytes <= REPLAY_CACHE_BYTES
+                        and oldest.used_at >= now - REPLAY_CACHE_IDLE_S) or oldest is rep:
+                    break
+                del self._replays[next(iter(self._replays))]
+                self._replay_bytes -= oldest.nbytes
+        else:
+            self.replay_shares += 1
+            self._replays[key] = self._replays.pop(key)  # most recently used last
+        rep.used_at = now
+        if rep.too_big:
+            self._not_recovered(sub, "more to replay than the byte budget")
+            return
+        self._set_floor(sub, tok.keys)
+        self.resumes["recovered"] += 1
+        conn.send_raw(rep.resumed)
+        if rep.blocks:
+            conn.push(rep.blocks, rep.metas, rep.nbytes)
+
+    def _extend_replay(self, rep: "SharedReplay", sub: Subscription, tok: ResumeToken,
+                       entries: list[PreparedEntry] | None) -> bool:
+        """Add the frames of ``entries`` (None: of every ring entry after the token) to ``rep``
+        as one more block. False when ``entries`` is None because they left the ring."""
+        ring = self.state.ring
+        if entries is None and rep.blocks:
+            return False
+        source = ring.since(tok.keys) if entries is None else (e for e in entries if e.key > tok.keys[e.partition])
+        frames: list[bytes] = []
+        metas: list[Any] = []
+        n = 0
+        for entry in source:
+            n += self._replay_frames(sub, entry, frames, metas)
+            if rep.nbytes + n > self.outbox_max_bytes:
+                rep.too_big = True
+                break
+        rep.upto = ring.appended
+        if frames and not rep.too_big:
+            rep.blocks.append(frames[0] if len(frames) == 1 else b"".join(frames))
+            rep.metas.append(ReplayBlock(metas))
+            rep.nbytes += n
+        return True
 
     def _set_floor(self, sub: Subscription, keys: tuple[StreamId, ...]) -> None:
         positions = [parse_stream_id(p) for p in self.state.positions]
@@ -859,7 +1055,7 @@ class Hub:
         ids = mg.sel_ids
         d = Delta(market_id=market_id, seq=m.seq, kind="delta", source=m.source, source_ts=m.source_ts,
                   received_at=m.received_at, stored_at=m.stored_at, source_ts_original=m.source_ts_original,
-                  header=m.header() if mg.header else None,
+                  session=m.session, header=m.header() if mg.header else None,
                   traded_volume=m.traded_volume if (mg.tv and not mg.header) else None,
                   selections=[s for s in m.selections if s.selection_id in ids])
         info = DeltaInfo(market_id, tuple(ids), mg.header, mg.tv, False)
@@ -1010,18 +1206,18 @@ class Hub:
                 continue
             if m is HEARTBEAT:
                 continue
-            sid, msg, tb = m
-            sub = conn.subs.get(sid)
-            if sub is None:
-                continue
-            g = groups.get(sub)
-            if g is None:
-                g = groups[sub] = {}
-            mid = msg.info.market_id
-            mg = g.get(mid)
-            if mg is None:
-                mg = g[mid] = Merge(tb)
-            mg.add(msg)
+            for sid, msg, tb in (m.metas if isinstance(m, ReplayBlock) else (m,)):
+                sub = conn.subs.get(sid)
+                if sub is None:
+                    continue
+                g = groups.get(sub)
+                if g is None:
+                    g = groups[sub] = {}
+                mid = msg.info.market_id
+                mg = g.get(mid)
+                if mg is None:
+                    mg = g[mid] = Merge(tb)
+                mg.add(msg)
         now = now_ms()
         cache: dict[tuple[object, ...], Message | None] = {}
         n = 0

@@ -220,7 +220,7 @@ def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: s
         return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",
                                 message=f"no market {req.market_id!r} on this feed", **base)  # type: ignore[arg-type]
     age, _ = state.age_stale(m, now)
-    health = state.health.get(m.source)
+    health = state.source_health(m.source, now)
     source_state = health.state if health is not None else None
     max_age = req.max_age_ms if req.max_age_ms is not None else default_max_age_ms(state.settings, m.in_play)
     sel = m.selection(req.selection_id)

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from feed.aio import wait_event
 from feed.errors import StoreError
-from feed.models import DELTAS_DECODER, Delta
+from feed.models import DELTAS_DECODER, INGEST_GONE, Delta, effective_health
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.store import EPOCH_KEY, Store, log_key, pepoch_key
@@ -126,6 +126,13 @@ class PartitionReader:
                                 break
                             now = now_ms()
                         node.on_entry(p, entry_id, deltas, now)
+                        if st.seq_gap is not None:
+                            gp, mid, held, got = st.seq_gap
+                            st.seq_gap = None
+                            logger.error("partition %d: market %s jumped from seq %d to %d in the log; reloading",
+                                         gp, mid, held, got)
+                            self._reload = ([gp], f"seq gap in market {mid} ({held} -> {got})", gen)
+                            break
                 self.behind = len(batch) >= opts.read_count
                 if not self.behind:
                     self.lag_ms = 0  # read to the top of the log
@@ -339,6 +346,7 @@ class Node:
                 self.health_error = f"{type(exc).__name__}: {exc}"
                 delay = max(self.options.health_refresh_ms / 1000, backoff.next_delay())
                 logger.warning("source health refresh failed (%s); retry in %.2f s", self.health_error, delay)
+                self._announce(now_ms())  # leases still run out while Redis is unreachable
             except Exception:
                 logger.exception("source health refresh failed")
 
@@ -346,11 +354,18 @@ class Node:
         """Reload source health; announce each change of a source's state,
         reason or set of stale markets as a ``status`` message."""
         sources = await self.store.sources()
-        st = self.state
-        st.set_health(sources)
+        self.state.set_health(sources)
         self.health_at = now = now_ms()
+        self._announce(now, announce=announce)
+
+    def _announce(self, now: int, *, announce: bool = True) -> None:
+        """Announce each change of a source's state (as it stands at ``now``:
+        an expired lease reads DOWN / ``ingest_gone``), reason or set of
+        stale markets as a ``status`` message."""
+        st = self.state
         seen = set()
-        for h in sources:
+        for h in st.health.values():
+            h = effective_health(h, now)
             seen.add(h.source)
             stale = tuple(st.stale_ids(h.source, now))
             sig = (h.state, h.reason, stale)
@@ -374,6 +389,11 @@ class Node:
             return False, "shutting down"
         if not self.state.loaded:
             return False, "node state not loaded yet"
+        wall = now_ms()
+        gone = sorted(name for name in self.state.health
+                      if (h := self.state.source_health(name, wall)) is not None and h.reason == INGEST_GONE)
+        if gone:
+            return False, f"{INGEST_GONE}: no ingest is renewing the health of source {', '.join(gone)}"
         now = asyncio.get_running_loop().time()
         opts = self.options
         for r in self.readers:

@@ -46,7 +46,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from feed.errors import StoreError
-from feed.models import ENCODER, Market
+from feed.models import ENCODER, Market, effective_health
 from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, now_ms, parse_bool
 
 if TYPE_CHECKING:
@@ -231,6 +231,7 @@ async def list_sources(request: Request) -> Response:
     now = now_ms()
     out = []
     for h in sources:
+        h = effective_health(h, now)
         d = msgspec.structs.asdict(h)
         ids = state.by_source.get(h.source, ())
         d["rejected_by_reason"] = rejected.get(h.source, {})

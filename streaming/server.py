@@ -8,11 +8,33 @@ classes for subclasses that add, per TCP connection:
   connection opens, or a response ends on a kept-alive connection, the
   next request's headers must arrive complete within
   ``settings.request_header_timeout_ms``; otherwise the server answers
-  ``408`` and closes (an idle kept-alive connection, where no byte of a
-  next request arrived, is closed without a 408). uvicorn has no such deadline (its keep-alive timeout
-  is cancelled by the first byte). The timer is stopped when the request
+  ``408`` and closes with a lingering close, as for 431 below (an idle
+  kept-alive connection, where no byte of a next request arrived, is closed
+  without a 408). uvicorn has no such deadline (its keep-alive timeout is
+  cancelled by the first byte). The timer is stopped when the request
   reaches the app (headers complete) or the connection upgrades to a
   WebSocket. (The request *body* is not covered.)
+- **request head limits** (httptools, the default parser): the request
+  line plus every header line, ``\r\n`` included, at most
+  :data:`MAX_HEADER_BYTES` (32 KiB) in all; at most :data:`MAX_HEADERS`
+  (100) header fields; one header line (``name: value``) at most
+  :data:`MAX_HEADER_LINE` (8190) bytes — the same per-line and under the
+  per-request-count limits as the ``websockets`` handshake parser (8192
+  bytes with CRLF, 128 headers), so a WebSocket handshake is refused here
+  first, the same way. Over any of them: ``431 Request Header Fields Too
+  Large`` (a request target over :data:`MAX_HEADER_LINE`: ``414 URI Too
+  Long``) with a JSON body saying which limit, then a lingering close: the
+  write side is shut (FIN after the answer), further bytes are read and
+  dropped — at most :data:`DISCARD_MAX_BYTES` or :data:`FINAL_GRACE_S` —
+  so the client can read the answer instead of a reset, then the
+  connection is closed. The bytes are counted *before* they reach the
+  parser, so nothing past the cap is ever buffered (httptools keeps a
+  header's value whole until it ends): the most a request head can hold in
+  memory is the cap plus one socket read (≤ 256 KiB): a request head that
+  starts inside the read that ended the previous request (pipelining, or a
+  body's last bytes) is counted from the next read. With ``--http h11`` the same
+  byte cap is handed to h11 (``h11_max_incomplete_event_size``), which
+  answers 400.
 - **a per-IP connection cap** (``settings.max_connections_per_ip``, 0 = no
   cap): one more connection from that IP gets ``429`` with
   ``Retry-After`` and is closed before any parsing. WebSocket connections
@@ -26,10 +48,20 @@ classes for subclasses that add, per TCP connection:
   the connection is closed, and aborted if it has not drained after
   ``FINAL_GRACE_S``. The WebSocket frames message takes ``"final": True``
   for the same (the data ends with a close frame).
+- **frames written by reference** (SSE): an HTTP response may send
+  ``{"type": "oddsfeed.http.frames", "frames": [bytes, …]}`` (scope
+  extension of the same name, offered when the response can take it), or
+  call the extension's ``"send"`` (``await send(frames)``: the same without
+  the middleware's send wrappers — a stream writes many small chunks): the
+  frames go out as ONE chunk of the chunked body with
+  ``transport.writelines`` after uvicorn's flow control — never joined or
+  copied per connection (the frames, e.g. a replay shared by a thousand
+  resuming clients, stay one object each).
 - **one socket write for many WebSocket messages**: the WebSocket protocol
   (uvicorn's sans-I/O websockets one) advertises the ASGI scope extension
   ``"oddsfeed.ws.frames"`` and accepts ``{"type": "oddsfeed.ws.frames",
-  "data": <bytes of complete text frames>}``, written as is after the
+  "data": <bytes of complete text frames>}`` or ``"frames": [bytes, …]``
+  (written by reference with ``transport.writelines``), as is after the
   usual flow control. permessage-deflate is turned off (frames are built
   once per node and shared; compression would be per connection: 3× the
   memory, 2× the CPU per frame, see research/fanout.md).
@@ -48,16 +80,48 @@ from typing import Any
 from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS, Config
 from uvicorn.importer import import_from_string
 
-__all__ = ["FINAL_GRACE_S", "Guard", "HTTP_FINAL", "WS_FRAMES_EXTENSION", "WS_FRAMES_MESSAGE", "install",
-           "ws_close_frame"]
+__all__ = ["DISCARD_MAX_BYTES", "FINAL_GRACE_S", "Guard", "HTTP_FINAL", "HTTP_FRAMES", "MAX_HEADERS", "MAX_HEADER_BYTES",
+           "MAX_HEADER_LINE", "WS_FRAMES_EXTENSION", "WS_FRAMES_MESSAGE", "install", "ws_close_frame"]
 
 logger = logging.getLogger(__name__)
 
 WS_FRAMES_EXTENSION = "oddsfeed.ws.frames"
 WS_FRAMES_MESSAGE = "oddsfeed.ws.frames"
 HTTP_FINAL = "oddsfeed.http.final"
+HTTP_FRAMES = "oddsfeed.http.frames"
 #: seconds a closed connection may take to drain its last bytes before it is aborted
 FINAL_GRACE_S = 2.0
+
+#: request line + header lines (CRLFs included) of one request, bytes
+MAX_HEADER_BYTES = 32 * 1024
+#: header fields in one request
+MAX_HEADERS = 100
+#: one header line ``name: value`` (without CRLF), and the request target, bytes
+MAX_HEADER_LINE = 8190
+#: after refusing a request head, bytes still read and dropped (lingering close) before the reset
+DISCARD_MAX_BYTES = 1 << 20
+
+
+def _refusal(status: bytes, code: str, message: str) -> bytes:
+    body = b'{"error":"%s","message":"%s"}' % (code.encode(), message.encode())
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+
+_431_BYTES = _refusal(b"431 Request Header Fields Too Large", "header_too_large",
+                      f"the request line and headers exceed {MAX_HEADER_BYTES} bytes in all; send less "
+                      "(credentials, cookies) in headers")
+_431_COUNT = _refusal(b"431 Request Header Fields Too Large", "too_many_headers",
+                      f"more than {MAX_HEADERS} header fields; send fewer")
+_431_LINE = _refusal(b"431 Request Header Fields Too Large", "header_too_large",
+                     f"a header line is longer than {MAX_HEADER_LINE} bytes; shorten it")
+_414 = _refusal(b"414 URI Too Long", "uri_too_long",
+                f"the request target is longer than {MAX_HEADER_LINE} bytes; use fewer or shorter query values")
+
+
+class _HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a request head over a limit."""
+
 
 _408_BODY = b'{"error":"request_timeout","message":"the request headers did not arrive in time; send them whole"}'
 _408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -71,16 +135,23 @@ class Guard:
     """Limits shared by every connection of one server.
 
     header_timeout_s: whole-request header deadline (0 = off);
-    max_per_ip: open connections per client IP (0 = no cap).
-    Counters: ``header_timeouts``, ``ip_rejections``.
+    max_per_ip: open connections per client IP (0 = no cap);
+    max_header_bytes / max_headers / max_header_line: request head limits
+    (see the module docstring; bytes, fields, bytes).
+    Counters: ``header_timeouts``, ``ip_rejections``, ``header_rejections``.
     """
 
-    def __init__(self, *, header_timeout_s: float, max_per_ip: int) -> None:
+    def __init__(self, *, header_timeout_s: float, max_per_ip: int, max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_headers: int = MAX_HEADERS, max_header_line: int = MAX_HEADER_LINE) -> None:
         self.header_timeout_s = header_timeout_s
         self.max_per_ip = max_per_ip
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_header_line = max_header_line
         self.per_ip: dict[str, int] = {}
         self.header_timeouts = 0
         self.ip_rejections = 0
+        self.header_rejections = 0
 
     def acquire(self, ip: str | None) -> bool:
         if ip is None:
@@ -143,10 +214,13 @@ def _keepalive(transport: asyncio.BaseTransport) -> None:
 
 
 def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
-    """``base`` (uvicorn's h11 or httptools protocol) with the header deadline and the per-IP cap."""
+    """``base`` (uvicorn's h11 or httptools protocol) with the header deadline, the head limits
+    (httptools) and the per-IP cap."""
 
     class GuardedHTTP(base):  # type: ignore[misc, valid-type]
         _guard = guard
+        #: httptools: the head limits are ours (h11 is given the byte cap itself, see install())
+        _limit_head = hasattr(base, "on_headers_complete")
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -154,6 +228,14 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._counted = False
             self._deadline: asyncio.TimerHandle | None = None
             self._partial = False
+            # request head accounting (bytes counted before the parser sees them)
+            self._in_head = True      # waiting for / inside a request head
+            self._head_bytes = 0      # bytes of the current head read so far
+            self._head_tail = b""     # its last 3 bytes (a CRLFCRLF split across reads)
+            self._head_fields = 0     # header fields parsed so far
+            self._head_restarted = False  # a head began inside the current read
+            self._refusal: bytes | None = None  # the answer, once a limit was hit
+            self._discarding = 0      # > 0: refused; bytes dropped since (lingering close)
             inner = self.app
             proto = self
 
@@ -165,9 +247,18 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                         if ext is None:
                             ext = scope["extensions"] = {}
                         ext[HTTP_FINAL] = {}
+                        cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
+                        if cycle is not None and hasattr(cycle, "chunked_encoding"):
+                            async def send_frames(frames: list[bytes]) -> None:
+                                await proto._frames(cycle, send, frames)
+                            ext[HTTP_FRAMES] = {"send": send_frames}
 
                         async def guarded_send(message: Any) -> None:
-                            if message["type"] == HTTP_FINAL:
+                            kind = message["type"]
+                            if kind == HTTP_FRAMES:
+                                await proto._frames(cycle, send, message["frames"])
+                                return
+                            if kind == HTTP_FINAL:
                                 proto._final(message.get("body", b""))
                                 return
                             await send(message)
@@ -205,6 +296,26 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                 self._guard.release(self._ip)
             super().handle_websocket_upgrade(*args, **kwargs)
 
+        async def _frames(self, cycle: Any, send: Any, frames: list[bytes]) -> None:
+            """Write ``frames`` as ONE chunk of the started, chunked response, by reference
+            (``transport.writelines``: no join, no copy), after uvicorn's flow control."""
+            if not frames:
+                return
+            if not (cycle.response_started and cycle.chunked_encoding and not cycle.response_complete):
+                await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+                return
+            if cycle.flow.write_paused and not cycle.disconnected:
+                await cycle.flow.drain()
+            if cycle.disconnected:
+                return
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            n = 0
+            for f in frames:
+                n += len(f)
+            transport.writelines([b"%x\r\n" % n, *frames, b"\r\n"])
+
         def _final(self, body: bytes) -> None:
             transport = self.transport
             if transport is None or transport.is_closing():
@@ -216,8 +327,104 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             _finish(self.loop, transport)
 
         def data_received(self, data: bytes) -> None:
+            if self._discarding:
+                self._discard(len(data))
+                return
             self._partial = True  # part of a request has arrived since the timer was armed
+            if not self._limit_head:
+                super().data_received(data)
+                return
+            if self._in_head:
+                room = self._guard.max_header_bytes - self._head_bytes
+                if len(data) > room:
+                    window = self._head_tail + data[:room]
+                    if b"\r\n\r\n" not in window and b"\n\n" not in window:
+                        self._refuse(_431_BYTES)  # never handed to the parser
+                        return
+            before = self._head_bytes
+            self._head_restarted = False
             super().data_received(data)
+            if self._in_head and not self._discarding:  # a head goes on in the next read
+                if self._head_restarted:  # it began inside this read, after a message ended (its
+                    # start in the read is unknown): count from the next read — the read is bounded
+                    self._head_bytes = 0
+                    self._head_tail = data[-3:]
+                else:
+                    self._head_bytes = before + len(data)
+                    self._head_tail = (self._head_tail + data)[-3:]
+
+        # parser callbacks (httptools; h11 has its own byte cap): the head of the next request
+        # starts when the previous message is complete and ends with on_headers_complete
+        def on_message_begin(self) -> None:
+            self._head_fields = 0
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._in_head = True
+            self._head_restarted = True
+            self._head_bytes = 0
+            self._head_tail = b""
+            super().on_message_complete()
+
+        def on_url(self, url: bytes) -> None:
+            if len(getattr(self, "url", b"")) + len(url) > self._guard.max_header_line:
+                self._refusal = _414
+                raise _HeadRefused()
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            g = self._guard
+            self._head_fields += 1
+            if self._head_fields > g.max_headers:
+                self._refusal = _431_COUNT
+                raise _HeadRefused()
+            if len(name) + len(value) + 2 > g.max_header_line:
+                self._refusal = _431_LINE
+                raise _HeadRefused()
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's answer to a parser error
+            if self._refusal is not None:  # ours: a limit, raised from a callback above
+                self._refuse(self._refusal)
+                return
+            super().send_400_response(msg)
+
+        def _refuse(self, answer: bytes, *, count: bool = True) -> None:
+            """Answer ``answer`` (431/414/408), then a lingering close (see the module docstring):
+            the client reads the answer instead of a reset caused by what it was still sending."""
+            transport = self.transport
+            self._disarm()
+            if count:
+                self._guard.header_rejections += 1
+                logger.info("refusing a request from %s: %s", self._ip, answer.split(b"\r\n", 1)[0].decode())
+            self._discarding = 1
+            if transport is None or transport.is_closing():
+                return
+            transport.write(answer)
+            try:
+                if transport.can_write_eof():
+                    transport.write_eof()
+            except (OSError, RuntimeError):
+                pass
+            self.loop.call_later(FINAL_GRACE_S, self._close_refused)
+
+        def _discard(self, n: int) -> None:
+            self._discarding += n
+            if self._discarding > DISCARD_MAX_BYTES:
+                self._close_refused()
+
+        def _close_refused(self) -> None:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            if transport.get_write_buffer_size():
+                transport.abort()  # the client is not even reading the answer
+            else:
+                transport.close()
 
         def _arm(self) -> None:
             self._partial = False
@@ -247,8 +454,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._guard.header_timeouts += 1
             logger.info("closing %s: request headers not complete within %.1f s", self._ip,
                         self._guard.header_timeout_s)
-            transport.write(_408)
-            transport.close()
+            self._refuse(_408, count=False)
 
     GuardedHTTP.__name__ = GuardedHTTP.__qualname__ = f"Guarded{base.__name__}"
     return GuardedHTTP
@@ -298,7 +504,11 @@ def framed_ws(base: type[Any], guard: Guard) -> type[Any]:
                     raise ClientDisconnected()
                 if self.close_sent or self.transport.is_closing():
                     return
-                self.transport.write(message["data"])
+                frames = message.get("frames")
+                if frames is not None:
+                    self.transport.writelines(frames)  # by reference: shared frames are not copied
+                else:
+                    self.transport.write(message["data"])
                 return
             await super().send(message)
 
@@ -316,6 +526,8 @@ def install(config: Config, guard: Guard) -> None:
         logger.warning("HTTP/2 configured: the header deadline and per-IP cap are not installed")
     else:
         config.http = guarded_http(base_http, guard)  # type: ignore[assignment]
+        if not hasattr(base_http, "on_headers_complete"):  # h11: its own cap on an incomplete head (→ 400)
+            config.h11_max_incomplete_event_size = guard.max_header_bytes
     ws = config.ws
     if isinstance(ws, str) and ws in ("auto", "websockets-sansio"):
         try:

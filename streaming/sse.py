@@ -9,6 +9,9 @@ default ``settings.heartbeat_ms``), ``last_event_id`` (resume token; the
 ``fractional``, ``american``). Invalid values →
 ``400 {"error":"bad_request","message":…}``.
 
+A new stream first passes the hub's admission (a reconnect storm is set up a
+batch per event-loop turn, see :class:`streaming.hub.Admission`).
+
 Response: ``200 text/event-stream`` with ``Cache-Control: no-store`` and
 ``X-Accel-Buffering: no``; first ``retry: 2000``, then ``snapshot`` (or, when
 resuming, ``resumed`` and the missed ``delta`` events or a fresh snapshot),
@@ -16,7 +19,10 @@ then ``delta`` / ``status`` / ``heartbeat`` events as they happen (message
 bodies in :mod:`streaming.encoding`). ``id:`` is the resume token; only the
 last event of one log entry carries it. One writer task per connection
 writes everything queued in one chunk, each write under a deadline
-(``send_timeout_s``) — a stuck client is dropped. A slow consumer that
+(``send_timeout_s``) — a stuck client is dropped. On oddsfeed's own server
+the chunk's frames are written by reference (``oddsfeed.http.frames``, see
+:mod:`streaming.server`): frames shared by many connections — a replay after
+a reconnect storm — are never copied per connection. A slow consumer that
 cannot be helped (see :mod:`streaming.hub`) gets
 ``event: error`` ``{"code":"slow_consumer",…}`` and the stream ends.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -33,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from streaming.hub import Connection
 from streaming.odds_format import parse_odds_format
-from streaming.server import HTTP_FINAL
+from streaming.server import HTTP_FINAL, HTTP_FRAMES
 from streaming.rest import json_error, node_of
 from streaming.state import Filter, FilterError
 
@@ -117,6 +124,7 @@ class SSEStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         node = self.node
         hub = node.hub
+        await hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
         conn = hub.connect("sse", heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip)
         if conn.closed:
             await json_error(503, "shutting_down", "the server is shutting down; retry on another node")(
@@ -127,8 +135,10 @@ class SSEStream(Response):
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"retry: %d\n\n" % RETRY_MS, "more_body": True})
             await hub.subscribe(conn, self.filter, resume=self.resume, conflate_ms=self.conflate_ms, fmt=self.fmt)
-            final = HTTP_FINAL in (scope.get("extensions") or {})
-            if await write_loop(conn, send, node.options.send_timeout_s, final):
+            ext = scope.get("extensions") or {}
+            final = HTTP_FINAL in ext
+            send_frames = (ext.get(HTTP_FRAMES) or {}).get("send")
+            if await write_loop(conn, send, node.options.send_timeout_s, final, send_frames):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             conn.close(1006, "connection lost")
@@ -146,13 +156,17 @@ async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
             return
 
 
-async def write_loop(conn: Connection, send: Send, timeout_s: float, final: bool = False) -> bool:
+async def write_loop(conn: Connection, send: Send, timeout_s: float, final: bool = False,
+                     send_frames: Callable[[list[bytes]], Awaitable[None]] | None = None) -> bool:
     """Write queued frames, coalesced into one body chunk per wake-up,
     until the connection closes. False when the response cannot be
     finished normally: a write missed its deadline, or the hub evicted the
     client while a write was blocked on it — then, when the server supports
     it (``final``), the queued ``error`` event goes out as the last chunk
-    past flow control and the connection is closed (see :mod:`streaming.server`)."""
+    past flow control and the connection is closed (see :mod:`streaming.server`).
+    send_frames: the server's ``oddsfeed.http.frames`` sender (:mod:`streaming.server`):
+    the frames then go out as one chunk by reference, without a per-connection joined
+    copy and without the middleware's send wrappers."""
     hub = conn.hub
     conn.writer = asyncio.current_task()
     try:
@@ -161,15 +175,22 @@ async def write_loop(conn: Connection, send: Send, timeout_s: float, final: bool
             queued_at = conn.queued_at
             frames = conn.take()
             if frames:
-                body = frames[0] if len(frames) == 1 else b"".join(frames)
-                conn.sent_bytes += len(body)
                 # the hub's watchdog interrupts a write blocked longer than the deadline (no timer per write)
                 conn.in_send = True
                 conn.send_started = hub.loop_time()
                 try:
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    if send_frames is not None:
+                        for f in frames:
+                            conn.sent_bytes += len(f)
+                        await send_frames(frames)
+                    else:
+                        body = frames[0] if len(frames) == 1 else b"".join(frames)
+                        conn.sent_bytes += len(body)
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                        del body
                 finally:
                     conn.in_send = False
+                del frames  # nothing of this write stays referenced while the writer waits
                 if hub.on_send_delay is not None:
                     hub.on_send_delay(hub.loop_time() - queued_at)
             elif conn.closed:

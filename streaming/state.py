@@ -7,9 +7,10 @@ hub and REST read it. Every time is integer ms since the Unix epoch (UTC).
 Staleness (DESIGN §6) of a market at ``now_ms``::
 
     last_confirmed = max(market.received_at,
-                         health[market.source].last_message_at   if that source is UP or DEGRADED)
+                         health[market.source].last_message_at   if that source is UP or DEGRADED
+                                                                 and market.session == health.session)
     age_ms         = max(0, now_ms - last_confirmed)
-    stale          = source is DOWN
+    stale          = source is DOWN (or its health lease ran out: ``ingest_gone``)
                      or age_ms > threshold(market.sport, market.in_play)
 
 ``threshold`` is ``settings.stale_in_play_ms`` / ``stale_pre_match_ms``
@@ -19,12 +20,17 @@ unless ``settings.stale_after_ms_by_sport`` names the sport:
 source that advertises a longer ``stale_after_ms`` in its health (a poller
 confirms its markets only once per polling interval) raises it to that.
 
-Source heartbeats thus confirm quiet markets; a market whose source has no
-health record is judged by ``received_at`` alone.
+Source heartbeats thus confirm quiet markets — only those the source's
+current upstream session imaged or updated (``Market.session``): markets an
+earlier run or an earlier upstream left behind, and markets whose updates
+were rejected or dropped (session cleared), age from their last change and
+turn stale. A market whose source has no health record is judged by
+``received_at`` alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from feed.models import ENCODER, Delta, Market, SourceHealth, apply_delta
+from feed.models import ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health
 from feed.settings import Settings
 from feed.store import partition_of
 from streaming.encoding import (
@@ -275,7 +281,10 @@ class ReplayRing:
 
     base[p] is the position of partition p just before the oldest entry held
     (nothing of p after base[p] is missing), so a token whose every position
-    is ≥ base is covered.
+    is ≥ base is covered. ``appended`` counts every entry ever appended and
+    ``generation`` changes on :meth:`reset`, so a replay built from the ring
+    (the hub shares one per token and filter) can be extended later with
+    :meth:`after` instead of rebuilt.
     """
 
     def __init__(self, max_entries: int, max_bytes: int, positions: Sequence[str]) -> None:
@@ -284,13 +293,17 @@ class ReplayRing:
         self.entries: deque[PreparedEntry] = deque()
         self.nbytes = 0
         self.base: list[StreamId] = [parse_stream_id(p) for p in positions]
+        self.appended = 0
+        self.generation = 0
 
     def reset(self, positions: Sequence[str]) -> None:
         self.entries.clear()
         self.nbytes = 0
         self.base = [parse_stream_id(p) for p in positions]
+        self.generation += 1
 
     def append(self, entry: PreparedEntry) -> None:
+        self.appended += 1
         if self.max_entries <= 0:
             self.base[entry.partition] = entry.key
             return
@@ -309,6 +322,18 @@ class ReplayRing:
         for e in self.entries:
             if e.key > keys[e.partition]:
                 yield e
+
+    def after(self, count: int) -> list[PreparedEntry] | None:
+        """The entries appended after the first ``count`` appends (``count`` ≤ ``appended``),
+        in order; None when some of them have already left the ring."""
+        n = self.appended - count
+        if n <= 0:
+            return []
+        if n > len(self.entries):
+            return None
+        out = list(itertools.islice(reversed(self.entries), n))
+        out.reverse()
+        return out
 
 
 class NodeState:
@@ -334,6 +359,8 @@ class NodeState:
         self.loaded = False
         self.health: dict[str, SourceHealth] = {}
         self.changes = 0
+        #: (partition, market, held seq, seq received) of the last per-market seq gap seen in the log
+        self.seq_gap: tuple[int, str, int, int] | None = None
         self.token: bytes = encode_token(None, self.positions)
         self.ring = ReplayRing(self.options.replay_ring_entries, self.options.replay_ring_bytes, self.positions)
         self._json: dict[str, bytes] = {}
@@ -343,15 +370,22 @@ class NodeState:
 
     # -- staleness -----------------------------------------------------------
 
+    def source_health(self, source: str, now: int) -> SourceHealth | None:
+        """The health of ``source`` as it stands at ``now``: DOWN /
+        ``ingest_gone`` once its lease ran out (see
+        :func:`feed.models.effective_health`); None when it has no record."""
+        h = self.health.get(source)
+        return effective_health(h, now) if h is not None else None
+
     def age_stale(self, m: Market, now: int) -> tuple[int, bool]:
         """(age_ms, stale) of market ``m`` at ``now`` (see the module docstring)."""
         last = m.received_at
         h = self.health.get(m.source)
         down = False
         if h is not None:
-            if h.state == "DOWN":
+            if h.state == "DOWN" or (h.lease_ms > 0 and now > h.updated_at + h.lease_ms):
                 down = True
-            elif h.last_message_at > last:
+            elif h.last_message_at > last and m.session is not None and m.session == h.session:
                 last = h.last_message_at
         age = now - last
         if age < 0:
@@ -468,6 +502,12 @@ class NodeState:
                 new = d.market
             elif old is None:
                 continue  # a delta never creates a market
+            elif d.seq != old.seq + 1:
+                # a change is missing from the log (it should never be): applying this one would
+                # serve a book that differs from the provider's; the reader reloads the partition
+                # and subscribers get a recovered:false snapshot instead of a silent gap
+                self.seq_gap = (p, d.market_id, old.seq, d.seq)
+                continue
             else:
                 new = apply_delta(old, d)
             if new is None:
@@ -574,4 +614,4 @@ def image_of(m: Market, d: Delta | None = None) -> Delta:
     """The whole market ``m`` as an image delta with its latency tags."""
     return Delta(market_id=m.market_id, seq=m.seq, kind="image", source=m.source, source_ts=m.source_ts,
                  received_at=m.received_at, stored_at=m.stored_at, source_ts_original=m.source_ts_original,
-                 market=m)
+                 session=m.session, market=m)

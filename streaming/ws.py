@@ -23,12 +23,20 @@ token of that subscription: on a delta that is not the last of its log
 entry, the token from before the entry). Filter values: strings
 (comma-separated lists allowed) or lists of strings; ``in_play`` a bool.
 
-A bad message (not JSON, not an object, unknown op, bad filter …) gets
+Client messages are decoded with a typed decoder (:class:`ClientOp`), never
+into untyped objects: unknown fields are refused, and JSON nested deeper
+than the types allow is refused at the first level that does not fit (a
+``RecursionError`` from the parser is caught too). A bad message (not JSON,
+not UTF-8, not an object, unknown op or field, wrong type, bad filter,
+nested ``[[[[…]]]]`` anywhere …) gets
 ``{"type":"error","code":"bad_request","message":"<what to fix>","id":…}``
-and the connection stays open. A message over the limit closes it (1009).
+(``id`` when it could be read) and the connection stays open. A message over
+the limit closes it (1009). A message the server fails to handle (a bug)
+gets ``error {code: "internal_error"}`` and a close frame (1011), never a
+silent drop.
 Close codes: 1001 server shutting down, 1008 policy (origin, auth, send
 deadline), 1009 message too big, 1011 keepalive ping timeout (no pong within
-``ws_ping_timeout_s``), 4008 slow consumer (after an ``error`` with code
+``ws_ping_timeout_s``) or an internal error, 4008 slow consumer (after an ``error`` with code
 ``slow_consumer``).
 
 Writes: on oddsfeed's own server (:class:`streaming.server`), every
@@ -57,17 +65,17 @@ from streaming.state import Filter, FilterError
 if TYPE_CHECKING:
     from streaming.reader import Node
 
-__all__ = ["websocket_endpoint"]
+__all__ = ["ClientOp", "decode_op", "handle_message", "websocket_endpoint"]
 
 logger = logging.getLogger(__name__)
 
 FILTER_FIELDS = ("sport", "competition", "event", "market", "in_play")
-_DECODER = msgspec.json.Decoder()
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """``GET /v1/ws`` (see the module docstring)."""
     node = node_of(websocket)
+    await node.hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
     settings = node.settings
     allowed = settings.allowed_origins
     origin = websocket.headers.get("origin")
@@ -132,15 +140,17 @@ async def _write_loop(conn: Connection, websocket: WebSocket, timeout_s: float) 
                 conn.send_started = hub.loop_time()
                 try:
                     if conn.ws_raw:
-                        data = frames[0] if len(frames) == 1 else b"".join(frames)
-                        conn.sent_bytes += len(data)
-                        await raw_send({"type": WS_FRAMES_MESSAGE, "data": data})
+                        for f in frames:
+                            conn.sent_bytes += len(f)
+                        # by reference: frames shared by many connections (a replay) are not copied
+                        await raw_send({"type": WS_FRAMES_MESSAGE, "frames": frames})
                     else:
                         for f in frames:
                             conn.sent_bytes += len(f)
                             await websocket.send({"type": "websocket.send", "text": f.decode()})
                 finally:
                     conn.in_send = False
+                del frames  # nothing of this write stays referenced while the writer waits
                 if hub.on_send_delay is not None:
                     hub.on_send_delay(hub.loop_time() - queued_at)
             elif conn.closed:
@@ -197,7 +207,13 @@ async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: 
             elif len(text) > max_bytes or len(text.encode()) > max_bytes:
                 _too_big(conn, len(text.encode()), max_bytes)
                 return
-            await handle_message(conn, node, text, fmt)
+            try:
+                await handle_message(conn, node, text, fmt)
+            except Exception:  # a bug, not the client's fault: say so and close with a close frame
+                logger.exception("ws %s: handling a client message failed", conn.label)
+                conn.close(1011, "internal error", error_message(
+                    "internal_error", "the server failed to handle that message; reconnect"))
+                return
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.close(1006, "connection lost")
 
@@ -207,47 +223,101 @@ def _too_big(conn: Connection, n: int, max_bytes: int) -> None:
         "message_too_big", f"messages are limited to {max_bytes} bytes, got {n}"))
 
 
+class ClientOp(msgspec.Struct, forbid_unknown_fields=True):
+    """One client → server message, decoded with a typed decoder (never into untyped
+    Python objects, so no client can make the server recurse: nesting is refused at the
+    first level that does not fit these types). Unknown fields are refused (our own API:
+    a typo should not pass silently)."""
+
+    op: str
+    id: int | str | None = None
+    filter: dict[str, str | list[str] | bool | int | float | None] | None = None
+    resume: str | None = None
+    conflate_ms: int | float | str | None = None
+    odds_format: str | None | msgspec.UnsetType = msgspec.UNSET
+    sub: int | None = None
+
+
+class _IdOnly(msgspec.Struct):
+    id: int | str | None = None
+
+
+_OP_DECODER = msgspec.json.Decoder(ClientOp)
+_ID_DECODER = msgspec.json.Decoder(_IdOnly)
+_OP_FIELDS = ", ".join(ClientOp.__struct_fields__)
+_EXAMPLE = '{"op":"subscribe","id":1,"filter":{"sport":"soccer"}}'
+#: what to fix, by the JSON path msgspec names in a validation error
+_FIELD_HINTS = {
+    "$": "message must be a JSON object with an \"op\" field, like " + _EXAMPLE,
+    "$.op": "\"op\" must be a string: subscribe, unsubscribe or ping",
+    "$.id": "\"id\" must be an integer or a string",
+    "$.filter": "\"filter\" must be an object with any of " + ", ".join(FILTER_FIELDS)
+                + " (values: strings, lists of strings, or a bool for in_play)",
+    "$.resume": "\"resume\" must be the token string of a previous message",
+    "$.conflate_ms": "conflate_ms must be an integer number of milliseconds",
+    "$.odds_format": "odds_format must be decimal, fractional or american",
+    "$.sub": "\"sub\" must be the integer id from the subscribe ack",
+}
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's validation error as what the client should fix."""
+    text = str(exc)
+    if text.startswith("Object contains unknown field"):
+        field = text.split("`")[1] if "`" in text else "?"
+        where = text.partition(" - at `")[2].rstrip("`")
+        if where == "$.filter":
+            return f"unknown filter field(s) {field}; use " + ", ".join(FILTER_FIELDS)
+        return f"unknown field {field!r}; a message has only {_OP_FIELDS}"
+    path = text.partition(" - at `")[2].rstrip("`") or "$"
+    top = path if path == "$" else "$." + path[2:].replace("[", ".").split(".")[0]
+    hint = _FIELD_HINTS.get(top)
+    return f"{hint} ({text})" if hint else text
+
+
+def decode_op(text: str | bytes) -> ClientOp | tuple[str, int | str | None]:
+    """One client message → ClientOp, or (what to fix, the message's id if it has a readable one).
+
+    Never raises: invalid JSON, invalid UTF-8, wrong types and nesting too deep for any parser
+    (RecursionError) all come back as a message for an ``error {code: "bad_request"}``."""
+    try:
+        return _OP_DECODER.decode(text)
+    except msgspec.ValidationError as exc:
+        why = _explain(exc)
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: invalid UTF-8
+        return (f"message is not valid JSON ({exc}); send one JSON object like "
+                "{\"op\":\"ping\",\"id\":1}", None)
+    except RecursionError:
+        return ("message nests too deeply; send one flat JSON object like " + _EXAMPLE, None)
+    try:
+        mid = _ID_DECODER.decode(text).id
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        mid = None
+    return why, mid
+
+
 async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | None = None) -> None:
     """One client message → ack/pong/error and hub calls."""
-    try:
-        obj: Any = _DECODER.decode(text)
-    except msgspec.DecodeError as exc:
-        conn.send(error_message("bad_request", f"message is not valid JSON ({exc}); send one JSON object "
-                                               "like {\"op\":\"ping\",\"id\":1}"))
+    op = decode_op(text)
+    if isinstance(op, tuple):
+        why, mid = op
+        conn.send(error_message("bad_request", why, id=mid))
         return
-    if not isinstance(obj, dict):
-        conn.send(error_message("bad_request", "message must be a JSON object with an \"op\" field"))
-        return
-    mid = obj.get("id")
-    if mid is not None and (isinstance(mid, bool) or not isinstance(mid, (int, str))):
-        conn.send(error_message("bad_request", "\"id\" must be an integer or a string"))
-        return
-    op = obj.get("op")
+    mid = op.id
     hub = node.hub
-    if op == "ping":
+    if op.op == "ping":
         conn.send(pong_message(mid))
-    elif op == "subscribe":
-        filt = obj.get("filter", {})
-        if filt is None:
-            filt = {}
-        if not isinstance(filt, dict):
-            conn.send(error_message("bad_request", "\"filter\" must be an object with any of "
-                                    + ", ".join(FILTER_FIELDS), id=mid))
-            return
+    elif op.op == "subscribe":
+        filt = op.filter or {}
         unknown = sorted(set(filt) - set(FILTER_FIELDS))
         if unknown:
             conn.send(error_message("bad_request", f"unknown filter field(s) {', '.join(unknown)}; use "
                                     + ", ".join(FILTER_FIELDS), id=mid))
             return
-        resume = obj.get("resume")
-        if resume is not None and not isinstance(resume, str):
-            conn.send(error_message("bad_request", "\"resume\" must be the token string of a previous message",
-                                    id=mid))
-            return
         try:
             f = Filter.parse(**filt)
-            conflate_ms = parse_conflate_ms(obj.get("conflate_ms"), node.options.max_conflate_ms)
-            sub_fmt = parse_format(obj["odds_format"]) if "odds_format" in obj else fmt
+            conflate_ms = parse_conflate_ms(op.conflate_ms, node.options.max_conflate_ms)
+            sub_fmt = fmt if op.odds_format is msgspec.UNSET else parse_format(op.odds_format)
         except (FilterError, TypeError) as exc:
             conn.send(error_message("bad_request", str(exc), id=mid))
             return
@@ -255,10 +325,10 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
             conn.send(error_message("bad_request", f"at most {node.options.max_subscriptions} subscriptions per "
                                     "connection; unsubscribe one first", id=mid))
             return
-        await hub.subscribe(conn, f, resume=resume or None, ack_id=mid, conflate_ms=conflate_ms, fmt=sub_fmt)
-    elif op == "unsubscribe":
-        sub = obj.get("sub")
-        if isinstance(sub, bool) or not isinstance(sub, int):
+        await hub.subscribe(conn, f, resume=op.resume or None, ack_id=mid, conflate_ms=conflate_ms, fmt=sub_fmt)
+    elif op.op == "unsubscribe":
+        sub = op.sub
+        if sub is None:
             conn.send(error_message("bad_request", "\"sub\" must be the integer id from the subscribe ack", id=mid))
             return
         if hub.unsubscribe(conn, sub):
@@ -266,4 +336,4 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
         else:
             conn.send(error_message("bad_request", f"no subscription {sub} on this connection", id=mid))
     else:
-        conn.send(error_message("bad_request", f"unknown op {op!r}; use subscribe, unsubscribe or ping", id=mid))
+        conn.send(error_message("bad_request", f"unknown op {op.op!r}; use subscribe, unsubscribe or ping", id=mid))

@@ -133,6 +133,7 @@ class Feed:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.book = Book()
+        self.session: str | None = None  # the upstream session stamped on what is written
 
     def _header(self, mid: str, **changes: Any) -> MarketHeader:
         m = self.book.markets.get(mid)
@@ -152,8 +153,9 @@ class Feed:
             source_ts=t, received_at=t + 1,
         )
 
-    def price(self, mid: str, sel: str, price: float, source: str = "t") -> MarketUpdate:
-        t = now_ms()
+    def price(self, mid: str, sel: str, price: float, source: str = "t", *,
+              received_at: int | None = None) -> MarketUpdate:
+        t = now_ms() if received_at is None else received_at - 1
         return MarketUpdate(market_id=mid, source=source, image=False, header=None,
                             selections=[Selection(selection_id=sel, name=f"sel {sel}", price=price,
                                                   back=[(price, 10.0)])],
@@ -167,7 +169,7 @@ class Feed:
     async def write(self, *updates: MarketUpdate) -> list[Delta]:
         """Apply updates through the Book and store them as one batch (one log entry per partition)."""
         stored_at = now_ms()
-        deltas = [d for u in updates if (d := self.book.apply(u, stored_at=stored_at)) is not None]
+        deltas = [d for u in updates if (d := self.book.apply(u, stored_at, self.session)) is not None]
         await self.store.apply(deltas, self.book.markets)
         return deltas
 

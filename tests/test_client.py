@@ -5,6 +5,7 @@ filters, the price-check wrapper, fatal errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -277,3 +278,140 @@ async def test_a_server_side_close_is_a_drop_not_a_crash(store: Store, redis_url
                 assert "1001" in (client.stats.disconnect_reasons[0] if client.stats.disconnect_reasons else "")
         finally:
             await client.close()
+
+
+# -- seq gaps -------------------------------------------------------------------------------------
+
+
+def _crafted_gap(app: Any, mid: str, jump: int, price: float) -> None:
+    """Dispatch, through the node's hub, a delta for ``mid`` whose seq skips ``jump - 1`` values
+    (never applied to the node's state or stored: only the clients see it)."""
+    from feed.models import Delta, Selection
+    from streaming.encoding import delta_message
+    from streaming.state import PreparedDelta, PreparedEntry, keys_of
+
+    node = app.state.node
+    st = node.state
+    m = st.markets[mid]
+    t = now_ms()
+    d = Delta(market_id=mid, seq=m.seq + jump, kind="delta", source=m.source, source_ts=t, received_at=t,
+              stored_at=t, selections=[Selection(selection_id="1", name="sel 1", price=price, back=[(price, 1.0)])])
+    msg = delta_message(d, market_json=None, age_ms=0, stale=False, sent_at=t, token=st.token,
+                        prev_token=st.token)
+    node.hub.dispatch(PreparedEntry(0, st.positions[0], st.token, [PreparedDelta(mid, keys_of(m), None, msg, None, d)],
+                                    st.token))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_seq_gap_is_not_applied_and_the_client_resyncs(store: Store, redis_url: str, transport: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"))
+    app = make_app(redis_url)
+    async with serve(app) as base:
+        async with OddsClient(_url(base, transport), heartbeat_ms=500, backoff=Backoff(initial_s=5, max_s=5)) as client:
+            await feed.write(feed.price("m1", "1", 2.1))
+            await client.wait_until(lambda c: _same(c.markets, feed.book.markets))
+            connects = client.stats.connects
+            _crafted_gap(app, "m1", jump=3, price=9.99)   # seq held + 3: two changes "missed"
+            await client.wait_until(lambda c: c.stats.resyncs == 1 and c.synced.is_set(), 20)
+            assert client.best("m1", "1") == 2.1            # the gapped delta was never applied
+            await feed.write(feed.price("m1", "1", 2.2), feed.price("m2", "2", 3.7))  # real changes go on
+            await client.wait_until(lambda c: _same(c.markets, feed.book.markets))
+            assert _same(client.markets, await _rest_book(base))
+            s = client.stats
+            assert (s.gaps, s.resyncs, s.resumed_recovered, s.snapshots) == (1, 1, 1, 1)  # resumed, no snapshot
+            assert s.connects == connects + 1
+            # the resync was immediate, not after the 5 s reconnect backoff
+            assert client.stats.reconnects == 1
+
+
+class _FakeStream:
+    """A loopback HTTP server speaking oddsfeed's SSE wire format from scripts: connection i
+    plays ``scripts[i]`` (SSE frames) and then stays open; records each request's Last-Event-ID."""
+
+    def __init__(self, scripts: list[list[bytes]]) -> None:
+        self.scripts = scripts
+        self.last_event_ids: list[str | None] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> "_FakeStream":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"GET /v1/stream"):
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        lei = None
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"last-event-id:"):
+                lei = line.split(b":", 1)[1].strip().decode()
+        self.last_event_ids.append(lei)
+        script = self.scripts[len(self.last_event_ids) - 1] if len(self.last_event_ids) <= len(self.scripts) else []
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
+                     b"connection: close\r\n\r\nretry: 2000\n\n")
+        for frame in script:
+            writer.write(frame)
+        await writer.drain()
+        with contextlib.suppress(Exception):
+            await reader.read()  # until the client goes away
+
+
+async def test_gap_rules_duplicates_images_conflated_and_the_snapshot_fallback() -> None:
+    """Against a fake server speaking our wire format: a duplicate is ignored, an image with a
+    higher seq replaces, a conflated delta may skip seqs, a plain delta that skips one is a gap →
+    resume with the token from before it; the same gap again → a fresh snapshot (no token)."""
+    from feed.models import ENCODER, Delta, Market, Selection
+    from streaming.encoding import delta_message, market_with_age, resumed_message, snapshot_message
+
+    def market(mid: str, seq: int, price: float) -> Market:
+        return Market(market_id=mid, source="fake", seq=seq, sport="soccer", status="OPEN", event_id="e1",
+                      selections=[Selection(selection_id="1", name="one", price=price, back=[(price, 5.0)])])
+
+    def snap(*ms: Market, recovered: bool | None = None) -> bytes:
+        return snapshot_message([market_with_age(ENCODER.encode(m), 0, False) for m in ms], as_of=now_ms(),
+                                token=b"t0", recovered=recovered).sse(True)
+
+    def delta(mid: str, seq: int, price: float, token: bytes | None, *, conflated: bool = False) -> bytes:
+        t = now_ms()
+        d = Delta(market_id=mid, seq=seq, kind="delta", source="fake", source_ts=t, received_at=t,
+                  selections=[Selection(selection_id="1", name="one", price=price, back=[(price, 5.0)])])
+        return delta_message(d, market_json=None, age_ms=0, stale=False, sent_at=t, token=token,
+                             conflated=conflated).sse(token is not None)
+
+    def image(m: Market, token: bytes) -> bytes:
+        t = now_ms()
+        d = Delta(market_id=m.market_id, seq=m.seq, kind="image", source="fake", source_ts=t, received_at=t, market=m)
+        return delta_message(d, market_json=market_with_age(ENCODER.encode(m), 0, False), age_ms=0, stale=False,
+                             sent_at=t, token=token).sse(True)
+
+    first = [snap(market("m1", 1, 2.0), market("m2", 1, 3.0)),
+             delta("m1", 2, 2.1, b"t1"),
+             delta("m1", 2, 2.1, None),                      # duplicate: ignored
+             image(market("m2", 5, 3.5), b"t2"),             # image: replaces whatever the jump
+             delta("m2", 8, 3.8, b"t3", conflated=True),     # conflated: stands for 6..8
+             delta("m1", 4, 2.4, b"t4")]                     # gap (3 missing): not applied
+    second = [resumed_message(recovered=True, token=b"t3").sse(True),
+              delta("m1", 4, 2.4, b"t4")]                    # the replay gaps again
+    third = [snap(market("m1", 4, 2.4), market("m2", 8, 3.8), recovered=None),
+             delta("m1", 5, 2.5, b"t5")]
+    async with _FakeStream([first, second, third]) as fake:
+        async with OddsClient(fake.url, heartbeat_ms=60_000, backoff=Backoff(initial_s=5, max_s=5)) as client:
+            await client.wait_until(lambda c: c.markets.get("m1") is not None and c.markets["m1"].seq == 5, 10)
+            assert {m: client.markets[m].seq for m in client.markets} == {"m1": 5, "m2": 8}
+            assert client.best("m1", "1") == 2.5 and client.best("m2", "1") == 3.8
+            s = client.stats
+            assert (s.gaps, s.resyncs, s.resumed_recovered, s.snapshots, s.duplicates) == (2, 2, 1, 2, 1)
+            assert fake.last_event_ids == [None, "t3", None]

@@ -25,12 +25,19 @@ from feed.errors import FeedDecodeError
 from feed.models import Market
 from feed.normalise.betfair import BetfairNormaliser
 from feed.sources.replay import read_messages, recording_files
+from feed.validate import MAX_TIME_MS
+
+#: receive time given to our normaliser: after every recording's ``pt``
+#: (which is kept as source_ts), so that no recorded time reads as future skew
+RECV_MS = MAX_TIME_MS
 
 pytestmark = pytest.mark.shared_data
 
-#: file → {0-based line index: rejection reason}. Every other line of every
-#: file must be accepted. unknown_market lines are deltas for markets the
-#: file never defined (betfairlightweight builds a cache from them).
+#: file → {0-based line index: rejection reason}: the line was rejected whole,
+#: or some of its markets were (``batch.rejected``, all for this reason).
+#: Every other line of every file must be accepted whole. unknown_market
+#: markets are deltas for markets the file never defined (betfairlightweight
+#: builds a cache from them): exactly those markets are rejected.
 EXPECTED_REJECTIONS: dict[str, dict[int, str]] = {
     # the last line is the tail of a line split by the recorder (not JSON)
     "fixtures/RECORDED-1.173718164": {3: "invalid_json"},
@@ -59,18 +66,34 @@ class Ours:
     def __init__(self) -> None:
         self.normaliser = BetfairNormaliser()
         self.book = Book()
-        self.rejected: dict[int, FeedDecodeError] = {}
+        self.rejected: dict[int, FeedDecodeError] = {}  # lines rejected whole
+        self.rejected_markets: dict[int, list[FeedDecodeError]] = {}  # markets rejected alone, by line
         self.updates: dict[int, int] = {}
 
     def feed(self, index: int, raw: bytes) -> None:
         try:
-            batch = self.normaliser.feed(raw, recv_ms=1)  # pt_map None: source_ts = pt
+            batch = self.normaliser.feed(raw, recv_ms=RECV_MS)  # pt_map None: source_ts = pt
         except FeedDecodeError as exc:
             self.rejected[index] = exc
             return
+        if batch.rejected:
+            self.rejected_markets[index] = batch.rejected
         self.updates[index] = len(batch.updates)
         for update in batch.updates:
             self.book.apply(update, stored_at=1)
+
+    def rejections(self) -> dict[int, str]:
+        """Line → reason, for lines rejected whole or in part."""
+        out = {i: e.reason for i, e in self.rejected.items()}
+        for i, errors in self.rejected_markets.items():
+            out[i] = "+".join(sorted({e.reason for e in errors}))
+        return out
+
+    def rejected_market_ids(self, bflw: dict[int, LineResult]) -> set[str]:
+        """Raw ids of every market a rejection (whole or alone) kept from us."""
+        ids = {m for j in self.rejected for m in bflw[j].markets}
+        ids |= {(e.market_id or "").removeprefix("bf:") for errors in self.rejected_markets.values() for e in errors}
+        return ids
 
     def snapshot(self) -> dict[str, MarketView]:
         return {mid.removeprefix("bf:"): _view(m) for mid, m in self.book.markets.items()}
@@ -134,12 +157,11 @@ def _replay(name: str, messages: list[bytes]) -> tuple[Ours, GoldenDecoder, dict
         ours.feed(i, raw)
         bflw[i] = gold.feed(raw)
         if i + 1 in checkpoints:
-            rejected_markets = {m for j in ours.rejected for m in bflw[j].markets}
+            rejected_markets = ours.rejected_market_ids(bflw)
             o, g = ours.snapshot(), gold.snapshot()
             if rejected_markets:
-                # bflw also applied the lines we rejected (a message with a
-                # delta for an unknown market is rejected whole): compare only
-                # the markets we hold
+                # bflw also applied what we rejected (a delta for a market
+                # never defined): compare only the markets we hold
                 assert set(g) - set(o) <= rejected_markets, (name, set(g) - set(o))
             problems += _diff(o, g, f"{name} after line {i + 1}/{n}", only_ours=bool(rejected_markets))
             compared += sum(len(v.selections) for v in o.values())
@@ -156,13 +178,16 @@ def test_recording_matches_betfairlightweight(name: str) -> None:
     assert not problems, f"{len(problems)} differences, first ones:\n" + "\n".join(problems[:25])
 
     # rejected lines: exactly the expected ones, with the expected reason
-    assert {i: e.reason for i, e in ours.rejected.items()} == EXPECTED_REJECTIONS.get(name, {})
-    # and each one is a line bflw could not process, or a delta it built a market from
+    assert ours.rejections() == EXPECTED_REJECTIONS.get(name, {})
+    # and each one is a line bflw could not process, or exactly the markets
+    # it built from a delta (the line's other markets applied)
     for i, exc in ours.rejected.items():
-        if exc.reason == "unknown_market":
-            assert bflw[i].outcome == "ok" and bflw[i].created_from_delta, (i, bflw[i])
-        else:
-            assert bflw[i].outcome != "ok", (i, exc, bflw[i])
+        assert exc.reason != "unknown_market", (i, exc)
+        assert bflw[i].outcome != "ok", (i, exc, bflw[i])
+    for i, errors in ours.rejected_markets.items():
+        assert {e.reason for e in errors} == {"unknown_market"}, (i, [str(e) for e in errors])
+        assert bflw[i].outcome == "ok", (i, bflw[i])
+        assert sorted(e.market_id for e in errors) == sorted(f"bf:{m}" for m in bflw[i].created_from_delta), i
     # lines bflw could not process: rejected by us, or ignored (no update)
     failed = {i: r.outcome for i, r in bflw.items() if r.outcome != "ok"}
     assert failed == EXPECTED_BFLW_FAILURES.get(name, {}), {i: bflw[i] for i in failed}
@@ -231,30 +256,31 @@ def test_recorded_split_line_is_quarantined_as_invalid_json() -> None:
     assert messages is not None and len(messages) == 4
     normaliser = BetfairNormaliser()
     for raw in messages[:3]:
-        normaliser.feed(raw, 1)
+        normaliser.feed(raw, RECV_MS)
     before = {k: dict(r.atb) for k, r in normaliser.markets["1.173718164"].runners.items()}
     with pytest.raises(FeedDecodeError) as info:
-        normaliser.feed(messages[3], 1)
+        normaliser.feed(messages[3], RECV_MS)
     assert messages[3].lstrip().startswith(b'"Europe/London"')
     after = {k: dict(r.atb) for k, r in normaliser.markets["1.173718164"].runners.items()}
     assert after == before
     assert info.value.reason == "invalid_json", str(info.value)
 
 
-def test_resub_delta_alone_is_rejected_whole() -> None:
-    """A RESUB_DELTA for markets never imaged: bflw builds 43 caches from it;
-    we reject the whole message (41 of its markets have no definition) and
-    hold nothing."""
+def test_resub_delta_alone_rejects_only_the_markets_without_definition() -> None:
+    """A RESUB_DELTA for markets never imaged: bflw builds 43 caches from it,
+    41 of them from deltas alone (no marketDefinition). We reject exactly
+    those 41 (``unknown_market``, each alone) and build the other 2 from
+    their definitions, as bflw does, and they match bflw."""
     root = require_shared_data()
     (raw,) = read_messages(root / "fixtures/streaming_mcm_RESUB_DELTA.json") or []
-    gold = GoldenDecoder()
-    result = gold.feed(raw)
+    ours, gold, bflw, problems, compared = _replay("RESUB_DELTA", [raw])
+    result = bflw[0]
     assert result.outcome == "ok" and len(gold.caches) == 43 and len(result.created_from_delta) == 41
-    normaliser = BetfairNormaliser()
-    with pytest.raises(FeedDecodeError) as info:
-        normaliser.feed(raw, 1)
-    assert info.value.reason == "unknown_market"
-    assert normaliser.markets == {}
+    assert not ours.rejected and len(ours.rejected_markets[0]) == 41
+    assert {e.reason for e in ours.rejected_markets[0]} == {"unknown_market"}
+    assert sorted(ours.normaliser.markets) == sorted(set(result.markets) - set(result.created_from_delta))
+    assert len(ours.normaliser.markets) == 2
+    assert not problems and compared > 0
 
 
 def test_golden_decoder_reads_bflw_ladders_like_its_own_snap() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 
 from feed.book import Book
@@ -17,7 +17,7 @@ MID = "1.100"
 
 
 def raw(msg: dict[str, Any]) -> bytes:
-    return orjson.dumps(msg)
+    return msgspec.json.encode(msg)  # (orjson cannot write integers beyond 64 bits)
 
 
 def mcm(*mc: dict[str, Any], pt: int = 1000, **extra: Any) -> bytes:
@@ -278,24 +278,75 @@ def test_handicap_selection_ids() -> None:
 
 _GOOD_RC = {"id": 1, "atb": [[5.0, 9]], "ltp": 5.0}  # would show up on runner 1 if applied
 
+#: messages rejected whole (the envelope cannot be read): FeedDecodeError raised
 BAD_LINES: list[tuple[str, bytes, str]] = [
     ("truncated", mcm({"id": MID, "rc": [_GOOD_RC]})[:-12], "invalid_json"),
     ("not json", b"mcm 1.100 5.0", "invalid_json"),
+    ("NaN literal", mcm({"id": MID, "rc": [_GOOD_RC]}).replace(b"5.0", b"NaN", 1), "invalid_json"),
     ("pt is a string", mcm({"id": MID, "rc": [_GOOD_RC]}, pt="soon"), "invalid_schema"),  # type: ignore[arg-type]
     ("mc is an object", raw({"op": "mcm", "pt": 1100, "mc": {"id": MID}}), "invalid_schema"),
-    ("runner id is a string", mcm({"id": MID, "rc": [_GOOD_RC, {"id": "two", "atb": [[2.0, 1]]}]}), "invalid_schema"),
-    ("ladder is a string", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "atl": "2.0"}]}), "invalid_schema"),
     ("no op", raw({"pt": 1100, "mc": [{"id": MID, "rc": [_GOOD_RC]}]}), "invalid_schema"),
-    ("atb price 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "atb": [[0.5, 3]]}]}), "invalid_price"),
-    ("atl price 1001", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "atl": [[1001, 3]]}]}), "invalid_price"),
-    ("batb price 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "batb": [[0, 0.5, 3]]}]}), "invalid_price"),
-    ("bdatl price 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "bdatl": [[1, 0.5, 3]]}]}), "invalid_price"),
-    ("ltp 0.5", mcm({"id": MID, "rc": [_GOOD_RC, {"id": 2, "ltp": 0.5}]}), "invalid_price"),
-    ("bad second market", mcm({"id": MID, "rc": [_GOOD_RC]}, {"id": "1.999", "rc": [{"id": 1, "ltp": 2.0}]}),
-     "unknown_market"),
-    ("new market then bad market", mcm({"id": "1.300", "marketDefinition": definition()}, {"id": MID, "rc": [_GOOD_RC]},
-                                       {"id": "1.999", "rc": [{"id": 1, "ltp": 2.0}]}), "unknown_market"),
+    ("heartbeatMs 2**63", mcm({"id": MID, "rc": [_GOOD_RC]}, heartbeatMs=2**63), "invalid_number"),
+    ("negative status", mcm({"id": MID, "rc": [_GOOD_RC]}, status=-1), "invalid_number"),
 ]
+
+#: markets rejected alone (in batch.rejected, the rest of the message applies)
+BAD_MARKETS: list[tuple[str, dict[str, Any], str]] = [
+    ("runner id is a string", {"id": MID, "rc": [_GOOD_RC, {"id": "two", "atb": [[2.0, 1]]}]}, "invalid_schema"),
+    ("ladder is a string", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "atl": "2.0"}]}, "invalid_schema"),
+    ("atb price 0.5", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "atb": [[0.5, 3]]}]}, "invalid_price"),
+    ("atb price 1.0099", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "atb": [[1.0099, 3]]}]}, "invalid_price"),
+    ("atl price 1001", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "atl": [[1001, 3]]}]}, "invalid_price"),
+    ("atl price 1000.01", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "atl": [[1000.01, 3]]}]}, "invalid_price"),
+    ("atb size -1", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "atb": [[2.0, -1]]}]}, "invalid_size"),
+    ("atb size 1e308", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "atb": [[2.0, 1e308]]}]}, "invalid_size"),
+    ("trd size -0.5", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "trd": [[2.0, -0.5]]}]}, "invalid_size"),
+    ("batb price 0.5", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "batb": [[0, 0.5, 3]]}]}, "invalid_price"),
+    ("bdatl price 0.5", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "bdatl": [[1, 0.5, 3]]}]}, "invalid_price"),
+    ("ltp 0.5", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "ltp": 0.5}]}, "invalid_price"),
+    ("ltp 1.001", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "ltp": 1.001}]}, "invalid_price"),
+    ("runner tv -1", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "tv": -1}]}, "invalid_size"),
+    ("market tv -1", {"id": MID, "tv": -1, "rc": [_GOOD_RC]}, "invalid_size"),
+    ("runner id 2**53", {"id": MID, "rc": [_GOOD_RC, {"id": 2**53, "ltp": 2.0}]}, "invalid_number"),
+    ("hc 1e6", {"id": MID, "rc": [_GOOD_RC, {"id": 2, "hc": 1e6, "ltp": 2.0}]}, "invalid_number"),
+    ("negative version", {"id": MID, "marketDefinition": definition(version=-1), "rc": [_GOOD_RC]}, "invalid_number"),
+    ("negative betDelay", {"id": MID, "marketDefinition": definition(betDelay=-5), "rc": [_GOOD_RC]}, "invalid_number"),
+    ("version 2**63", {"id": MID, "marketDefinition": definition(version=2**63), "rc": [_GOOD_RC]}, "invalid_number"),
+    ("negative numberOfWinners", {"id": MID, "marketDefinition": definition(numberOfWinners=-1), "rc": [_GOOD_RC]},
+     "invalid_number"),
+    ("sortPriority -2**31", {"id": MID, "marketDefinition": definition(
+        runners=[{"id": 1, "sortPriority": -2**31}, {"id": 2}]), "rc": [_GOOD_RC]}, "invalid_number"),
+    ("adjustmentFactor 1e6", {"id": MID, "marketDefinition": definition(
+        runners=[{"id": 1, "adjustmentFactor": 1e6}, {"id": 2}]), "rc": [_GOOD_RC]}, "invalid_number"),
+    ("bsp -0.0", {"id": MID, "marketDefinition": definition(
+        runners=[{"id": 1, "bsp": -0.0}, {"id": 2}]), "rc": [_GOOD_RC]}, "invalid_price"),
+    ("bsp 1e6", {"id": MID, "marketDefinition": definition(
+        runners=[{"id": 1, "bsp": 1e6}, {"id": 2}]), "rc": [_GOOD_RC]}, "invalid_price"),
+    ("marketTime year 9999", {"id": MID, "marketDefinition": definition(marketTime="9999-01-01T00:00:00Z"),
+                              "rc": [_GOOD_RC]}, "invalid_time"),
+    ("marketTime before 1970", {"id": MID, "marketDefinition": definition(marketTime="1969-12-31T23:59:59Z"),
+                                "rc": [_GOOD_RC]}, "invalid_time"),
+]
+
+_OTHER = "1.200"
+
+
+def _other_image() -> bytes:
+    return mcm({"id": _OTHER, "img": True, "marketDefinition": definition(), "rc": [{"id": 1, "atb": [[3.0, 1]]}]})
+
+
+def _assert_cache_untouched(p: Pipe, before: Market) -> None:
+    """The next change shows the market as it was: nothing of the rejected change was absorbed."""
+    _, ds = p.feed(mcm({"id": MID, "rc": [{"id": 1, "tv": 51}]}, pt=1200))
+    assert ds and ds[0] is not None
+    after = p.sel("1")
+    old = before.selection("1")
+    assert old is not None
+    assert (after.back, after.lay, after.ltp) == (old.back, old.lay, old.ltp)
+    assert p.sel("2") == before.selection("2")
+    m = p.market()
+    assert (m.version, m.bet_delay_s, m.start_time, m.number_of_winners) == (
+        before.version, before.bet_delay_s, before.start_time, before.number_of_winners)
 
 
 @pytest.mark.parametrize(("line", "reason"), [(b, r) for _, b, r in BAD_LINES], ids=[n for n, _, _ in BAD_LINES])
@@ -308,21 +359,91 @@ def test_bad_line_is_rejected_with_reason_and_nothing_applied(line: bytes, reaso
     assert info.value.reason == reason, str(info.value)
     assert info.value.raw == line
     assert sorted(p.normaliser.markets) == [MID]
-    # the cache is untouched: the next change shows runner 1 as it was
-    _, (d,) = p.feed(mcm({"id": MID, "rc": [{"id": 1, "tv": 51}]}, pt=1200))
-    assert d is not None
-    after = p.sel("1")
-    old = before.selection("1")
-    assert old is not None
-    assert (after.back, after.lay, after.ltp) == (old.back, old.lay, old.ltp)
-    assert p.sel("2") == before.selection("2")
+    _assert_cache_untouched(p, before)
+
+
+@pytest.mark.parametrize(("change", "reason"), [(c, r) for _, c, r in BAD_MARKETS], ids=[n for n, _, _ in BAD_MARKETS])
+def test_bad_market_is_rejected_alone_and_nothing_of_it_applied(change: dict[str, Any], reason: str) -> None:
+    """Issue 8: one bad market of a message is rejected alone (``batch.rejected``,
+    with its id and the message's bytes); the other market of the message
+    applies; the bad market's cache is untouched; every update returned
+    passes feed.validate."""
+    from feed.validate import validate_update
+
+    p = Pipe()
+    p.feed(image_line())
+    p.feed(_other_image())
+    before = p.market()
+    line = mcm(change, {"id": _OTHER, "rc": [{"id": 1, "atb": [[3.5, 2]]}]}, pt=1100)
+    batch, _ = p.feed(line)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [(reason, "bf:" + MID)], [str(e) for e in batch.rejected]
+    assert batch.rejected[0].raw == line
+    assert [u.market_id for u in batch.updates] == ["bf:" + _OTHER]
+    for u in batch.updates:
+        validate_update(u, 5)
+    assert p.sel("1", _OTHER).back == [(3.5, 2.0), (3.0, 1.0)]
+    _assert_cache_untouched(p, before)
 
 
 def test_delta_for_unknown_market_is_rejected() -> None:
     n = BetfairNormaliser()
-    with pytest.raises(FeedDecodeError) as info:
-        n.feed(mcm({"id": MID, "rc": [{"id": 1, "batb": [[0, 4.7, 4.33]]}]}), 5)
-    assert info.value.reason == "unknown_market" and n.markets == {}
+    batch = n.feed(mcm({"id": MID, "rc": [{"id": 1, "batb": [[0, 4.7, 4.33]]}]}), 5)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("unknown_market", "bf:" + MID)]
+    assert batch.updates == [] and n.markets == {}
+
+
+def test_many_markets_two_without_definition_only_those_two_rejected() -> None:
+    """A SUB_IMAGE of 137 markets, 2 of them lacking a marketDefinition (as
+    real captures do): 135 apply, the 2 are rejected (``unknown_market``),
+    the message is not lost whole."""
+    n = BetfairNormaliser()
+    mcs = [{"id": f"1.{i}", "img": True, "marketDefinition": definition(), "rc": [{"id": 1, "batb": [[0, 2.0, 5]]}]}
+           for i in range(137)]
+    for i in (17, 99):
+        del mcs[i]["marketDefinition"]
+    batch = n.feed(mcm(*mcs, ct="SUB_IMAGE"), 5)
+    assert sorted(e.market_id for e in batch.rejected) == ["bf:1.17", "bf:1.99"]
+    assert {e.reason for e in batch.rejected} == {"unknown_market"}
+    assert len(batch.updates) == 135 and all(u.image for u in batch.updates)
+    assert "1.17" not in n.markets and len(n.markets) == 135
+    assert batch.full_image
+
+
+def test_market_first_seen_mid_stream_with_definition_is_built_from_it() -> None:
+    """A recording that starts mid-stream: no ``img``, but a marketDefinition
+    → an image built from the definition (and its runner changes), as
+    betfairlightweight builds its cache."""
+    p = Pipe()
+    batch, (d,) = p.feed(mcm({"id": MID, "marketDefinition": definition(version=7),
+                              "rc": [{"id": 1, "atb": [[2.0, 4]]}]}, ct="RESUB_DELTA"))
+    (u,) = batch.updates
+    assert u.image and d is not None and d.kind == "image"
+    m = p.market()
+    assert m.version == 7 and [s.selection_id for s in m.selections] == ["1", "2"]
+    assert p.sel("1").back == [(2.0, 4.0)] and p.sel("2").back == []
+
+
+def test_a_market_defined_earlier_in_the_same_message_is_known() -> None:
+    n = BetfairNormaliser()
+    batch = n.feed(mcm({"id": MID, "marketDefinition": definition()}, {"id": MID, "rc": [{"id": 1, "atb": [[2.0, 4]]}]}), 5)
+    assert batch.rejected == [] and len(batch.updates) == 2
+
+
+@pytest.mark.parametrize("pt", [0, -5, 2**63, 4_102_444_800_001, 10**30, 5 + 30_001])
+def test_absurd_or_future_pt_rejects_each_market_as_clock_skew(pt: int) -> None:
+    p = Pipe()
+    p.feed(image_line())
+    before = p.market()
+    batch, _ = p.feed(mcm({"id": MID, "rc": [_GOOD_RC]}, {"id": "1.999", "marketDefinition": definition()}, pt=pt))
+    assert sorted((e.reason, e.market_id) for e in batch.rejected) == [("clock_skew", "bf:1.100"), ("clock_skew", "bf:1.999")]
+    assert batch.updates == [] and "1.999" not in p.normaliser.markets
+    _assert_cache_untouched(p, before)
+
+
+def test_pt_within_the_skew_is_accepted() -> None:
+    n = BetfairNormaliser(max_future_skew_ms=1000)
+    assert n.feed(image_line(pt=2000), 1000).updates
+    assert n.feed(mcm({"id": MID, "rc": [_GOOD_RC]}, pt=2001), 1000).rejected[0].reason == "clock_skew"
 
 
 def test_non_json_line_fragment_is_invalid_json() -> None:

@@ -191,17 +191,31 @@ def _snapshot_with(**moneyline: Any) -> bytes:
     return json.dumps(body, allow_nan=True).encode()
 
 
+def _snapshot_with_period(**fields: Any) -> bytes:
+    body = json.loads(load("02_odds_snapshot.json"))
+    body["leagues"][0]["events"][0]["periods"][0].update(fields)
+    return json.dumps(body).encode()
+
+
+def _snapshot_with_spread(**fields: Any) -> bytes:
+    body = json.loads(load("02_odds_snapshot.json"))
+    body["leagues"][0]["events"][0]["periods"][0]["spreads"][1].update(fields)
+    return json.dumps(body).encode()
+
+
+def _fixture_snapshot_with(**fields: Any) -> bytes:
+    body = json.loads(load("01_fixtures_snapshot.json"))
+    body["league"][0]["events"][0].update(fields)
+    return json.dumps(body).encode()
+
+
 @pytest.mark.parametrize(("body", "reason"), [
-    (_snapshot_with(home=0.95), "invalid_price"),
-    (_snapshot_with(home=1.0), "invalid_price"),
-    (_snapshot_with(home=1500), "invalid_price"),
-    (_snapshot_with(home="2.10"), "invalid_price"),
-    (_snapshot_with(home=True), "invalid_price"),
     (_snapshot_with(home=float("nan")), "invalid_json"),  # NaN is not JSON
     (b'{"sportId": 29, "last": 2000, "leagues": [{"id": 1980, "events": [', "invalid_json"),
     (b"\xff\xfe not json", "invalid_json"),
     (b'{"sportId": "soccer", "last": 1}', "invalid_schema"),
     (b'{"sportId": 29, "last": 100000000000000000000000000000}', "invalid_schema"),
+    (b'{"sportId": 29, "last": 2000, "leagues": {"id": 1}}', "invalid_schema"),
     (b'[1, 2, 3]', "invalid_schema"),
 ])
 def test_bad_bodies_are_rejected_whole(body: bytes, reason: str) -> None:
@@ -220,13 +234,97 @@ def test_bad_bodies_are_rejected_whole(body: bytes, reason: str) -> None:
     assert len(n.feed(load("02_odds_snapshot.json"), 1755349200000).updates) == 6
 
 
+_EVENT_1_MARKETS = ["pn:1590000001:0:moneyline", "pn:1590000001:0:spread:-0.25", "pn:1590000001:0:spread:-0.5",
+                    "pn:1590000001:0:total:2.5", "pn:1590000001:1:moneyline"]
+_CORNERS = "pn:1590000001:0:corners:total:9.5"  # event 1590000002 (the corners event of the same match)
+
+BAD_EVENTS = [
+    ("price 0.95", _snapshot_with(home=0.95), "invalid_price"),
+    ("price 1.0", _snapshot_with(home=1.0), "invalid_price"),
+    ("price 1.001", _snapshot_with(home=1.001), "invalid_price"),
+    ("price 1.0099", _snapshot_with(home=1.0099), "invalid_price"),
+    ("price 1000.01", _snapshot_with(home=1000.01), "invalid_price"),
+    ("price 1500", _snapshot_with(home=1500), "invalid_price"),
+    ("price text", _snapshot_with(home="2.10"), "invalid_price"),
+    ("price bool", _snapshot_with(home=True), "invalid_price"),
+    ("negative max stake", _snapshot_with_spread(max=-300), "invalid_size"),
+    ("max stake 1e308", _snapshot_with_spread(max=1e308), "invalid_size"),
+    ("negative maxMoneyline", _snapshot_with_period(maxMoneyline=-1), "invalid_size"),
+    ("hdp 1e6", _snapshot_with_spread(hdp=1e6), "invalid_number"),
+    ("lineId 2**53", _snapshot_with_period(lineId=2**53), "invalid_schema"),
+    ("cutoff year 9999", _snapshot_with_period(cutoff="9999-01-01T00:00:00Z"), "invalid_time"),
+    ("updated an hour ahead", _snapshot_with_period(moneylineUpdatedAt="2025-08-16T14:00:00Z"), "clock_skew"),
+    ("updated in 2200", _snapshot_with_period(spreadUpdatedAt="2200-01-01T00:00:00Z"), "invalid_time"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), [(b, r) for _, b, r in BAD_EVENTS], ids=[n for n, _, _ in BAD_EVENTS])
+def test_a_bad_event_is_rejected_alone(body: bytes, reason: str) -> None:
+    """Issue 8: one bad event of a body is rejected alone; the body's other
+    events apply and the cursor advances; every update passes feed.validate."""
+    from feed.validate import validate_update
+
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=True)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    n.expect("odds", snapshot=True)
+    batch = n.feed(body, 1755349200000)
+    assert [u.market_id for u in batch.updates] == [_CORNERS]
+    assert {e.reason for e in batch.rejected} == {reason}, [str(e) for e in batch.rejected]
+    assert [e.market_id for e in batch.rejected] == [None]  # event 1590000001 had no market yet
+    assert all(e.raw == body for e in batch.rejected)
+    assert json.loads(n.cursor())["odds"] == {"29": 2000}
+    for u in batch.updates:
+        validate_update(u, 1755349200000)
+
+
+def test_a_bad_event_in_a_later_snapshot_keeps_its_markets_and_names_them() -> None:
+    """A market of a rejected event is neither suspended (``not_offered``)
+    nor forgotten by the snapshot; every known market of the event is named
+    in ``batch.rejected``; its last good state is kept."""
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=True)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    n.expect("odds", snapshot=True)
+    n.feed(load("02_odds_snapshot.json"), 1755349200000)
+    before = {m: n.differ.emitted[m].selections for m in _EVENT_1_MARKETS}
+    n.expect("odds", snapshot=True)
+    batch = n.feed(_snapshot_with(home=1.0099), 1755349210000)
+    assert sorted(e.market_id for e in batch.rejected) == sorted(_EVENT_1_MARKETS)  # (corners: another event)
+    assert {e.reason for e in batch.rejected} == {"invalid_price"}
+    assert batch.updates == []  # nothing suspended, nothing else changed
+    assert {m: n.differ.emitted[m].selections for m in _EVENT_1_MARKETS} == before
+    assert n.odds[1590000001][0].ml["home"][0] == 2.10  # type: ignore[index]
+
+
+def test_a_bad_fixture_is_rejected_alone() -> None:
+    n = PinnacleNormaliser()
+    n.expect("fixtures", snapshot=True)
+    batch = n.feed(_fixture_snapshot_with(starts=1e308), 1755349190000)
+    assert [e.reason for e in batch.rejected] == ["invalid_schema"]  # starts must be text
+    n2 = PinnacleNormaliser()
+    n2.expect("fixtures", snapshot=True)
+    batch = n2.feed(_fixture_snapshot_with(starts="1960-01-01T00:00:00Z"), 1755349190000)
+    assert [e.reason for e in batch.rejected] == ["invalid_time"]
+    assert sorted(n2.fixtures) == [1590000002]
+
+
 def test_american_price_out_of_range_is_invalid_price() -> None:
     n = PinnacleNormaliser(odds_format="american")
     body = json.loads(load("american_odds.json"))
     body["leagues"][0]["events"][0]["periods"][0]["moneyline"]["home"] = 50
-    with pytest.raises(FeedDecodeError) as info:
-        n.feed(json.dumps(body).encode(), 1)
-    assert info.value.reason == "invalid_price" and "moneyline.home" in info.value.detail
+    batch = n.feed(json.dumps(body).encode(), 1)
+    (e,) = batch.rejected
+    assert e.reason == "invalid_price" and "moneyline.home" in e.detail
+
+
+@pytest.mark.parametrize("american", [-10001, -20000, -1e9])
+def test_american_price_below_1_01_is_invalid_price(american: float) -> None:
+    n = PinnacleNormaliser(odds_format="american")
+    body = json.loads(load("american_odds.json"))
+    body["leagues"][0]["events"][0]["periods"][0]["moneyline"]["home"] = american
+    (e,) = n.feed(json.dumps(body).encode(), 1).rejected
+    assert e.reason == "invalid_price", str(e)
 
 
 def test_names_are_cleaned() -> None:

@@ -62,6 +62,8 @@ def run_golden(name: str) -> list[dict[str, Any]]:
             got["heartbeat"] = True
         got["cursor"] = batch.cursor
         got["pt"] = batch.pt
+        if batch.rejected:  # markets rejected alone
+            got["rejected_markets"] = [[e.reason, e.market_id] for e in batch.rejected]
         got["updates"] = [
             {"market_id": u.market_id, "image": u.image, "source_ts": u.source_ts,
              "header": compact_header(u.header), "selections": [compact_selection(s) for s in u.selections]}
@@ -154,26 +156,96 @@ def test_message_level_price_format_is_the_default_and_an_odd_overrides_it() -> 
     ("0/1", "fractional"), ("5/0", "fractional"), ("abc", "fractional"), (2.5, "fractional"),
     ("1/100000", "fractional"), (-10_000_000, "american"),
 ])
-def test_invalid_prices_are_rejected_whole(price: Any, fmt: str | None) -> None:
+def test_invalid_prices_reject_their_market_alone(price: Any, fmt: str | None) -> None:
+    """Issue 8: an invalid price rejects its market (every odd of it in the
+    message: not the good odd of the same market either); the message's
+    other markets apply and the entry id advances."""
     n = PushNormaliser("px")
-    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0)))
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("o", 1.9, market="total")))
     extra = {"price_format": fmt} if fmt else {}
-    raw = msg("odds", 2, odd("a", 2.2), odd("b", price, **extra))
-    with pytest.raises(FeedDecodeError) as info:
-        feed(n, raw)
-    assert info.value.reason == "invalid_price" and info.value.raw == raw
-    # nothing of the message was applied: not the good odd, not the entry id
-    batch = feed(n, msg("odds", 2, odd("a", 2.4)))
-    assert batch.cursor is not None and [s.price for s in batch.updates[0].selections] == [2.4]
+    raw = msg("odds", 2, odd("a", 2.2), odd("b", price, **extra), odd("o", 1.95, market="total"))
+    batch = feed(n, raw)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_price", "px:f1:ml")]
+    assert batch.rejected[0].raw == raw
+    assert [(u.market_id, [s.price for s in u.selections]) for u in batch.updates] == [("px:f1:total", [1.95])]
+    assert batch.cursor == n.last_entry_id
+    # nothing of the bad market was applied: not the good odd either
+    assert [s.price for s in n.markets["px:f1:ml"].sels.values()] == [2.0, 3.0]
+    batch = feed(n, msg("odds", 3, odd("a", 2.4)))
+    assert [s.price for s in batch.updates[0].selections] == [2.4]
 
 
-@pytest.mark.parametrize(("literal", "reason"), [(b"NaN", "invalid_json"), (b"Infinity", "invalid_json"),
-                                                 (b"1e400", "invalid_price"), (b"-1e400", "invalid_price")])
+@pytest.mark.parametrize(("literal", "reason"), [(b"NaN", "invalid_json"), (b"Infinity", "invalid_json")])
 def test_non_finite_number_literals(literal: bytes, reason: str) -> None:
     raw = msg("odds", 1).replace(b'"price": 2.0', b'"price": ' + literal)
     with pytest.raises(FeedDecodeError) as info:
         feed(PushNormaliser("px"), raw)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("literal", [b"1e400", b"-1e400"])
+def test_out_of_range_number_literals_reject_the_market(literal: bytes) -> None:
+    raw = msg("odds", 1).replace(b'"price": 2.0', b'"price": ' + literal)
+    batch = feed(PushNormaliser("px"), raw)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_price", "px:f1:ml")]
+    assert batch.updates == []
+
+
+BAD_ODDS = [
+    ("max_stake -1", odd("b", 3.0, max_stake=-1), "invalid_size", "px:f1:ml"),
+    ("max_stake 1e308", odd("b", 3.0, max_stake=1e308), "invalid_size", "px:f1:ml"),
+    ("price 1.0099", odd("b", 1.0099), "invalid_price", "px:f1:ml"),
+    ("price 1.001", odd("b", 1.001), "invalid_price", "px:f1:ml"),
+    ("line 1e6", {**odd("b", 3.0), "market": {"id": "ml", "line": 1e6}}, "invalid_number", None),
+    ("timestamp an hour ahead", odd("b", 3.0, timestamp=RECV_MS / 1000 + 3600), "clock_skew", "px:f1:ml"),
+    ("timestamp 1e308", odd("b", 3.0, timestamp=1e308), "clock_skew", "px:f1:ml"),
+    ("timestamp negative", odd("b", 3.0, timestamp=-1), "clock_skew", "px:f1:ml"),
+    ("start_time 1e308", odd("b", 3.0, fixture={"id": "f1", "start_time": 1e308}), "invalid_time", "px:f1:ml"),
+    ("start_time year 9999", odd("b", 3.0, fixture={"id": "f1", "start_time": "9999-01-01T00:00:00"}),
+     "invalid_time", "px:f1:ml"),
+    ("no fixture", {"market": {"id": "ml"}, "selection": {"id": "b"}, "price": 2}, "invalid_schema", None),
+    ("fixture id with a space", odd("b", 3.0, fixture={"id": "f 1"}), "invalid_schema", None),
+    ("fixture id -4", odd("b", 3.0, fixture={"id": -4}), "invalid_schema", None),
+    ("fixture id 2**53", odd("b", 3.0, fixture={"id": 2**53}), "invalid_schema", None),
+    ("odd status maybe", odd("b", 3.0, status="maybe"), "invalid_schema", "px:f1:ml"),
+    ("fixture status on fire", odd("b", 3.0, fixture={"id": "f1", "status": "on fire"}), "invalid_schema", "px:f1:ml"),
+]
+
+
+@pytest.mark.parametrize(("bad", "reason", "market"), [(o, r, m) for _, o, r, m in BAD_ODDS],
+                         ids=[n for n, _, _, _ in BAD_ODDS])
+def test_a_bad_odd_rejects_its_market_alone(bad: dict[str, Any], reason: str, market: str | None) -> None:
+    from feed.validate import validate_update
+
+    n = PushNormaliser("px")
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("o", 1.9, market="total")))
+    before = dict(n.markets["px:f1:ml"].sels)
+    raw = msg("odds", 2, odd("o", 1.95, market="total"), odd("a", 2.2), bad)
+    batch = feed(n, raw)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [(reason, market)], [str(e) for e in batch.rejected]
+    got = {u.market_id for u in batch.updates}
+    assert "px:f1:total" in got
+    if market is not None:  # (an unnameable odd: its market cannot be left out, its good odds apply)
+        assert "px:f1:ml" not in got and n.markets["px:f1:ml"].sels == before
+    for u in batch.updates:
+        validate_update(u, RECV_MS)
+
+
+def test_a_bad_emitted_at_rejects_the_markets_of_odds_without_their_own_time() -> None:
+    n = PushNormaliser("px")
+    raw = msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="total", timestamp=1718000000.0), ms=RECV_MS + 3_600_000)
+    batch = n.feed(raw, RECV_MS)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("clock_skew", "px:f1:ml")]
+    assert [u.market_id for u in batch.updates] == ["px:f1:total"] and batch.pt is None
+    with pytest.raises(FeedDecodeError) as info:
+        n.feed(msg("fixture-status", 2, data={"id": "f1", "status": "live"}, ms=RECV_MS + 3_600_000), RECV_MS)
+    assert info.value.reason == "clock_skew"
+
+
+def test_a_snapshot_is_a_full_image() -> None:
+    n = PushNormaliser("px")
+    assert feed(n, msg("snapshot", 1, odd("a", 2.0))).full_image
+    assert not feed(n, msg("odds", 2, odd("a", 2.1))).full_image
 
 
 @pytest.mark.parametrize(("raw", "reason"), [
@@ -184,16 +256,11 @@ def test_non_finite_number_literals(literal: bytes, reason: str) -> None:
     (b'{"type":"gossip","entry_id":"1-1"}', "unknown_type"),
     (b'{"type":"odds","data":[]}', "invalid_schema"),
     (b'{"type":"odds","entry_id":"yesterday","data":[]}', "invalid_schema"),
-    (b'{"type":"odds","entry_id":"1-1","data":[{"market":{"id":"m"},"selection":{"id":"s"},"price":2}]}',
-     "invalid_schema"),
-    (b'{"type":"odds","entry_id":"1-1","data":[{"fixture":{"id":"f 1"},"market":{"id":"m"},"selection":{"id":"s"}}]}',
-     "invalid_schema"),
-    (b'{"type":"odds","entry_id":"1-1","data":[{"fixture":{"id":-4},"market":{"id":"m"},"selection":{"id":"s"}}]}',
-     "invalid_schema"),
+    (b'{"type":"odds","entry_id":"1-1","data":{"fixture":{"id":"f"}}}', "invalid_schema"),
+    (b'{"type":"odds","entry_id":"1-1","emitted_at":-1,"data":[]}', "invalid_schema"),
     (b'{"type":"fixture-status","entry_id":"1-1","data":{"id":"f1","status":"on fire"}}', "invalid_schema"),
     (b'{"type":"fixture-status","entry_id":"1-1","data":{"id":"f1","start_time":"soon"}}', "invalid_schema"),
-    ((b'{"type":"odds","entry_id":"1-1","data":[{"fixture":{"id":"f"},"market":{"id":"m"},"selection":{"id":"s"},'
-      b'"price":2,"status":"maybe"}]}'), "invalid_schema"),
+    (b'{"type":"fixture-status","entry_id":"1-1","data":{"id":"f1","start_time":1e308}}', "invalid_time"),
 ])
 def test_bad_bodies_are_rejected_with_their_reason(raw: bytes, reason: str) -> None:
     with pytest.raises(FeedDecodeError) as info:

@@ -112,20 +112,10 @@ def _with_price(price: Any) -> bytes:
 
 
 @pytest.mark.parametrize(("body", "reason"), [
-    (_with_price(1.0), "invalid_price"),
-    (_with_price(0), "invalid_price"),
-    (_with_price(-3.5), "invalid_price"),
-    (_with_price(2000), "invalid_price"),
-    (_with_price("2.10"), "invalid_price"),
-    (_with_price(None), "invalid_price"),
     (_with_price(float("inf")), "invalid_json"),
     (b'[{"id": "x", "sport_key": "soccer_epl", "bookmakers": [', "invalid_json"),
     (b'{"message": "not an array"}', "invalid_schema"),
-    (b'[{"id": "bad id with spaces", "sport_key": "soccer_epl"}]', "invalid_schema"),
     (b'[{"id": "e1", "sport_key": "basketball_nba"}]', "invalid_schema"),  # not the sport asked for
-    ((b'[{"id": "e1", "sport_key": "soccer_epl", "home_team": "A", "away_team": "B", "bookmakers": [{"key": "b",'
-      b' "markets": [{"key": "h2h", "outcomes": [{"name": "A", "price": 2}, {"name": "A", "price": 3}]}]}]}]'),
-     "invalid_schema"),
 ])
 def test_bad_bodies_are_rejected_whole(body: bytes, reason: str) -> None:
     n = TheOddsApiNormaliser()
@@ -139,6 +129,105 @@ def test_bad_bodies_are_rejected_whole(body: bytes, reason: str) -> None:
     assert {k: (v.header, dict(v.selections)) for k, v in n.differ.emitted.items()} == before
     n.expect("soccer_epl")
     assert len(n.feed(load("02_snapshot.json"), 1755349260000).updates) == 3
+
+
+_E1 = "toa:e912304de2b2ede8b6a1f3b4c5d6e7f8"
+_E2 = "toa:a1b2c3d4e5f60718293a4b5c6d7e8f90"
+
+
+def _with(path: tuple[Any, ...], value: Any) -> bytes:
+    body = json.loads(load("01_snapshot.json"))
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return json.dumps(body).encode()
+
+
+#: (name, body, reason, the part rejected): every other market of the body applies
+BAD_PARTS = [
+    ("price 1.0", _with_price(1.0), "invalid_price", f"{_E1}:pinnacle:h2h"),
+    ("price 1.001", _with_price(1.001), "invalid_price", f"{_E1}:pinnacle:h2h"),
+    ("price 1.0099", _with_price(1.0099), "invalid_price", f"{_E1}:pinnacle:h2h"),
+    ("price 1000.01", _with_price(1000.01), "invalid_price", f"{_E1}:pinnacle:h2h"),
+    ("price 0", _with_price(0), "invalid_price", f"{_E1}:pinnacle:h2h"),
+    ("price -3.5", _with_price(-3.5), "invalid_price", f"{_E1}:pinnacle:h2h"),
+    ("price 2000", _with_price(2000), "invalid_price", f"{_E1}:pinnacle:h2h"),
+    ("price text", _with_price("2.10"), "invalid_price", _E1),
+    ("price null", _with_price(None), "invalid_price", _E1),
+    ("point 1e308", _with((0, "bookmakers", 0, "markets", 1, "outcomes", 0, "point"), 1e308), "invalid_number",
+     f"{_E1}:pinnacle:totals"),
+    ("market last_update an hour ahead", _with((0, "bookmakers", 0, "markets", 0, "last_update"), "2025-08-16T14:00:00Z"),
+     "clock_skew", f"{_E1}:pinnacle:h2h"),
+    ("bookmaker last_update 1e308", _with((0, "bookmakers", 1, "last_update"), 1e308), "invalid_time",
+     f"{_E1}:williamhill"),
+    ("commence_time 1e308", _with((0, "commence_time"), 1e308), "invalid_time", _E1),
+    ("commence_time 2**63", _with((0, "commence_time"), 2**63), "invalid_time", _E1),
+    ("commence_time year 9999", _with((0, "commence_time"), "9999-01-01T00:00:00Z"), "invalid_time", _E1),
+    ("bad bookmaker key", _with((0, "bookmakers", 1, "key"), "william hill"), "invalid_schema", _E1),
+    ("duplicate outcomes", _with((0, "bookmakers", 0, "markets", 0, "outcomes", 1, "name"), "Arsenal"),
+     "invalid_schema", f"{_E1}:pinnacle:h2h"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason", "part"), [(b, r, p) for _, b, r, p in BAD_PARTS],
+                         ids=[n for n, _, _, _ in BAD_PARTS])
+def test_a_bad_event_or_market_is_rejected_alone(body: bytes, reason: str, part: str) -> None:
+    """Issue 8: one bad event / bookmaker / market of a snapshot is rejected
+    alone (never an OverflowError or a lost body); the rest applies; the
+    rejected part's markets are named, kept as they were and not suspended."""
+    from feed.validate import validate_update
+
+    n = TheOddsApiNormaliser()
+    n.expect("soccer_epl")
+    first = n.feed(load("01_snapshot.json"), 1755349200000)
+    all_ids = {u.market_id for u in first.updates}
+    before = {k: (v.header, dict(v.selections)) for k, v in n.differ.emitted.items()}
+    n.expect("soccer_epl")
+    fresh = TheOddsApiNormaliser()  # the same body to a normaliser that knows nothing yet
+    fresh.expect("soccer_epl")
+    batch0 = fresh.feed(body, 1755349200000)
+    n.expect("soccer_epl")
+    batch = n.feed(body, 1755349260000)
+
+    def under(mid: str) -> bool:
+        return mid == part or mid.startswith(part + ":")
+
+    assert {e.reason for e in batch.rejected} == {reason}, [str(e) for e in batch.rejected]
+    assert sorted(e.market_id for e in batch.rejected) == sorted(m for m in all_ids if under(m))
+    assert all(e.raw == body for e in batch.rejected)
+    assert all(not under(u.market_id) for u in batch.updates)  # nothing of it applied, nothing suspended
+    assert {k: v for k, v in before.items() if under(k)} == {
+        k: (v.header, dict(v.selections)) for k, v in n.differ.emitted.items() if under(k)}
+    assert {u.market_id for u in batch0.updates} == {m for m in all_ids if not under(m)}
+    assert {e.market_id for e in batch0.rejected} == {None}
+    for u in batch.updates + batch0.updates:
+        validate_update(u, 1755349260000)
+
+
+def test_an_unidentifiable_event_suspends_nothing() -> None:
+    n = TheOddsApiNormaliser()
+    n.expect("soccer_epl")
+    n.feed(load("01_snapshot.json"), 1755349200000)
+    n.expect("soccer_epl")
+    batch = n.feed(b'[{"id": "bad id with spaces", "sport_key": "soccer_epl"}]', 1755349260000)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_schema", None)]
+    assert batch.updates == []
+    n.expect("soccer_epl")
+    batch = n.feed(b'[{"id": 5, "sport_key": "soccer_epl"}]', 1755349260000)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_schema", None)]
+    assert batch.updates == []
+
+
+def test_a_market_listed_twice_is_rejected_alone() -> None:
+    body = json.loads(load("01_snapshot.json"))
+    body[0]["bookmakers"][0]["markets"].append(body[0]["bookmakers"][0]["markets"][0])
+    n = TheOddsApiNormaliser()
+    n.expect("soccer_epl")
+    batch = n.feed(json.dumps(body).encode(), 1755349200000)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_schema", None)]
+    assert f"{_E1}:pinnacle:h2h" not in {u.market_id for u in batch.updates}
+    assert len(batch.updates) == 4  # the 5 markets of the body, less the one listed twice
 
 
 def test_sport_of() -> None:

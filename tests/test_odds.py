@@ -25,7 +25,8 @@ def test_american_to_decimal(american: float, decimal: float) -> None:
     assert american_to_decimal(american) == decimal
 
 
-@pytest.mark.parametrize("bad", [0, 50, -99, 99.9, 100_000, -1e9, math.nan, math.inf, "150", None, True, [150]])
+@pytest.mark.parametrize("bad", [0, 50, -99, 99.9, 100_000, -1e9, math.nan, math.inf, "150", None, True, [150],
+                                 -10001, -15000, -20000, 99901, 2**63, -2**63, 1e308])
 def test_american_rejects(bad: object) -> None:
     with pytest.raises(PriceError) as info:
         american_to_decimal(bad)
@@ -40,18 +41,20 @@ def test_fractional_to_decimal(frac: str, decimal: float) -> None:
     assert fractional_to_decimal(frac) == decimal
 
 
-@pytest.mark.parametrize("bad", ["", "5", "5/0", "0/5", "a/b", "-1/2", "1/2/3", "1000/1", 2.5, None])
+@pytest.mark.parametrize("bad", ["", "5", "5/0", "0/5", "a/b", "-1/2", "1/2/3", "1000/1", 2.5, None,
+                                 "1/101", "1/150", "1/1000", "99901/100", "\u0661/\u0662", "1" * 400 + "/1"])
 def test_fractional_rejects(bad: object) -> None:
     with pytest.raises(PriceError):
         fractional_to_decimal(bad)
 
 
-@pytest.mark.parametrize("good", [1.01, 1.0001, 2, 1000, 1000.0])
+@pytest.mark.parametrize("good", [1.01, 1.02, 2, 1000, 1000.0])
 def test_validate_decimal_accepts(good: float) -> None:
     assert validate_decimal(good) == float(good)
 
 
-@pytest.mark.parametrize("bad", [1.0, 0.99, 0, -2.0, 1000.01, 1e400, math.nan, -math.inf, "2.0", None, False, True])
+@pytest.mark.parametrize("bad", [1.0, 0.99, 0, -2.0, 1000.01, 1e400, math.nan, -math.inf, "2.0", None, False, True,
+                                 1.0001, 1.001, 1.0099, 1.00999999, -0.0, 1e308, 2**63])
 def test_validate_decimal_rejects(bad: object) -> None:
     with pytest.raises(PriceError):
         validate_decimal(bad)
@@ -85,3 +88,14 @@ def test_to_decimal_dispatches_and_names_unknown_formats() -> None:
         to_decimal(2.5, "hongkong")
     with pytest.raises(PriceError):
         to_decimal(1.0, "decimal")
+
+
+def test_bounds_are_the_shared_ones_and_inclusive() -> None:
+    """Issue 8: one set of bounds (feed.validate), 1.01 ≤ price ≤ 1000, both
+    ends inclusive; conversions are checked before rounding."""
+    from feed import odds, validate
+
+    assert (odds.MIN_DECIMAL, odds.MAX_DECIMAL) == (validate.MIN_PRICE, validate.MAX_PRICE) == (1.01, 1000.0)
+    assert validate_decimal(1.01) == 1.01 and validate_decimal(1000) == 1000.0
+    assert american_to_decimal(-10000) == 1.01 and fractional_to_decimal("1/100") == 1.01
+    assert american_to_decimal(99900) == 1000.0 and fractional_to_decimal("999/1") == 1000.0

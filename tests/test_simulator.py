@@ -329,6 +329,7 @@ async def test_market_ids_and_event_ids_filters(make_sim, raw) -> None:
 
 async def test_market_data_filter_selects_columns_and_levels(make_sim, raw) -> None:
     sim = await make_sim()
+    sim.freeze()  # the images are compared with the truth read after them: nothing may change in between
     c = await raw(sim.port)
     await c.login()
     msgs = await c.subscribe(marketDataFilter={"fields": ["EX_ALL_OFFERS"]})

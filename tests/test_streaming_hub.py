@@ -50,14 +50,19 @@ def test_staleness_rules() -> None:
     feed = Feed(None)  # type: ignore[arg-type]
     u = feed.image("m1", in_play=True)
     u.received_at = now - 20_000
-    book.apply(u)
+    book.apply(u, session="s1")
     m = book.markets["m1"]
     assert st.age_stale(m, now) == (20_000, True)  # no health record: received_at only
-    st.set_health([SourceHealth(source="t", state="UP", last_message_at=now - 1_000)])
+    st.set_health([SourceHealth(source="t", state="UP", last_message_at=now - 1_000, session="s1")])
     assert st.age_stale(m, now) == (1_000, False)  # a source heartbeat confirms it
-    st.set_health([SourceHealth(source="t", state="DEGRADED", last_message_at=now - 500)])
+    st.set_health([SourceHealth(source="t", state="DEGRADED", last_message_at=now - 500, session="s1")])
     assert st.age_stale(m, now) == (500, False)
-    st.set_health([SourceHealth(source="t", state="DOWN", last_message_at=now)])
+    st.set_health([SourceHealth(source="t", state="UP", last_message_at=now - 500, session="s2")])
+    assert st.age_stale(m, now) == (20_000, True)  # another upstream session's heartbeats do not count
+    st.set_health([SourceHealth(source="t", state="UP", last_message_at=now - 500, session="s1",
+                                updated_at=now - 6_000, lease_ms=5_000)])
+    assert st.age_stale(m, now) == (20_000, True)  # its ingest stopped renewing the lease
+    st.set_health([SourceHealth(source="t", state="DOWN", last_message_at=now, session="s1")])
     assert st.age_stale(m, now) == (20_000, True)  # DOWN: stale, and heartbeats do not count
     pre = msgspec.structs.replace(m, in_play=False)
     st.set_health([])

@@ -161,18 +161,25 @@ async def test_staleness_follows_source_health(store: Store, redis_url: str) -> 
 
 async def test_source_heartbeat_confirms_a_quiet_market(store: Store, redis_url: str) -> None:
     feed = Feed(store)
-    up = feed.image("m1", in_play=True)
-    up.received_at = now_ms() - 60_000  # quiet for a minute (in-play stale after 10 s)
-    await feed.write(up)
+    for mid in ("m1", "m2"):
+        up = feed.image(mid, in_play=True)
+        up.received_at = now_ms() - 60_000  # quiet for a minute (in-play stale after 10 s)
+        up.source_ts = up.received_at - 1
+        await feed.write(up)
+    feed.session = "s1"
+    await feed.write(feed.price("m1", "1", 2.1, received_at=now_ms() - 60_000))  # m1 updated in session s1
     async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
         m = (await c.get("/v1/markets/m1")).json()
         assert m["stale"] is True and m["age_ms"] >= 60_000  # no health record: received_at only
-        await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms()))
+        await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms(), session="s1"))
 
         async def fresh() -> bool:
             return (await c.get("/v1/markets/m1")).json()["stale"] is False
         await eventually(fresh)
         assert int((await c.get("/v1/markets/m1")).headers["x-data-age-ms"]) < 5_000
+        # m2 was never imaged or updated by the source's current session: its heartbeats do not confirm it
+        m2 = (await c.get("/v1/markets/m2")).json()
+        assert m2["stale"] is True and m2["age_ms"] >= 60_000
 
 
 async def _token_after(c: httpx.AsyncClient, feed: Feed, writes: int) -> tuple[str, list]:

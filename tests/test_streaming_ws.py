@@ -129,6 +129,40 @@ async def test_bad_messages_get_errors_and_the_connection_stays_usable(store: St
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
 
 
+async def test_deeply_nested_messages_get_bad_request_and_the_connection_stays_open(
+        store: Store, redis_url: str) -> None:
+    """JSON nested deeper than any parser recurses (within the 64 KiB message limit) is a bad
+    request like any other: an error naming the problem, and the connection keeps working."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    depth = 30_000  # 60 KB: under the message limit, far over any recursion limit
+    deep = "[" * depth + "]" * depth
+    obj = "{\"a\":" * (depth // 6) + "1" + "}" * (depth // 6)
+    cases = [
+        deep,
+        obj,
+        '{"op":"subscribe","id":1,"filter":' + deep + "}",
+        '{"op":"subscribe","id":2,"filter":{"sport":' + deep + "}}",
+        '{"op":"subscribe","id":3,"filter":{"sport":"soccer","x":' + obj + "}}",
+        '{"op":"ping","id":4,"extra":' + deep + "}",
+        '{"op":"ping","id":' + deep + "}",
+        '{"op":"subscribe","id":5,"resume":' + obj + "}",
+        '{"op":' + deep + "}",
+    ]
+    async with serve(make_app(redis_url)) as base, connect(ws_url(base)) as ws:
+        for i, text in enumerate(cases):
+            assert len(text.encode()) < 64 * 1024
+            await ws.send(text)
+            msg = await recv(ws)
+            assert msg["type"] == "error" and msg["code"] == "bad_request", (i, msg)
+            assert msg["message"], i
+            await ws.send(json.dumps({"op": "ping", "id": 100 + i}))
+            assert await recv(ws) == {"type": "pong", "id": 100 + i}, i
+        await ws.send(json.dumps({"op": "subscribe", "id": 9, "filter": {"sport": "soccer"}}))
+        assert await recv(ws) == {"type": "ack", "id": 9, "sub": 1}
+        assert [m["market_id"] for m in (await recv(ws))["markets"]] == ["m1"]
+
+
 async def test_ws_resume_and_heartbeats(store: Store, redis_url: str) -> None:
     feed = Feed(store)
     await feed.write(feed.image("m1"), feed.image("m2"))

@@ -2,8 +2,15 @@
 
 A normaliser is an object with ``feed(raw: bytes, recv_ms: int, pt_map=None)
 -> NormalisedBatch`` (the :class:`Normaliser` protocol) that raises
-:class:`feed.errors.FeedDecodeError` for a rejected message (and then has
-applied nothing). Times are integer ms since the Unix epoch (UTC).
+:class:`feed.errors.FeedDecodeError` — and nothing else, whatever the bytes —
+for a message rejected whole (bad JSON, wrong envelope; it has then applied
+nothing). A market (or event) of a multi-market message that fails its
+checks is rejected alone: reported in ``NormalisedBatch.rejected`` (reason,
+``market_id`` when known), not applied to the normaliser's cache, while the
+rest of the message is returned in ``updates``. Every update a normaliser
+returns satisfies :func:`feed.validate.validate_update` for its receive time
+(normalisers check the same bounds before they absorb a change). Times are
+integer ms since the Unix epoch (UTC).
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from typing import Protocol
 
 import msgspec
 
+from feed.errors import FeedDecodeError
 from feed.models import MarketHeader, Selection
+from feed.validate import MAX_TIME_MS, MIN_TIME_MS
 
 
 class MarketUpdate(msgspec.Struct, kw_only=True, gc=False):
@@ -67,13 +76,24 @@ class NormalisedBatch(msgspec.Struct, kw_only=True, gc=False):
     runner_changes: int = 0
     cursor: str | None = None
     heartbeat: bool = False
+    full_image: bool = False
+    """This message starts a full image of everything the subscription
+    covers (ESA ``SUB_IMAGE``, a push ``snapshot``): the ingest opens a new
+    upstream session, and markets the image leaves out stop being confirmed
+    by the source's heartbeats."""
     degraded: bool | None = None
+    rejected: list[FeedDecodeError] = msgspec.field(default_factory=list)
+    """Markets (or events) of this message rejected alone, each with its
+    ``market_id`` when known; the rest of the message is in ``updates``."""
 
 
 class Normaliser(Protocol):
     """What every provider normaliser offers (pure: no I/O, no clock reads)."""
 
     source: str
+    max_future_skew_ms: int
+    """How far ahead of receipt a provider time may be, ms (``feed.validate``);
+    the ingest sets it to its own bound."""
 
     def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
         """Decode one provider message; raise FeedDecodeError to reject it whole."""
@@ -81,16 +101,34 @@ class Normaliser(Protocol):
 
 
 def iso_to_ms(value: str | float | None) -> int | None:
-    """ISO-8601 text (``2025-08-16T14:00:00Z``, fractions allowed) or unix
-    seconds → ms since the epoch; None when absent or unreadable."""
+    """ISO-8601 text (``2025-08-16T14:00:00Z``, fractions and offsets allowed;
+    no offset = UTC) or unix seconds (int or float) → int ms since the epoch.
+
+    Returns None when the value is absent (None) or unreadable (text that is
+    not ISO-8601, or a value of another type). A readable time outside
+    1970-01-01 … 2100-01-01 UTC, or a number that is not finite (``1e308``
+    seconds, NaN) raises ``FeedDecodeError("invalid_time")`` with empty
+    ``raw`` (the normaliser fills in its bytes): never OverflowError.
+    """
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return int(value * 1000)
+        ms = value * 1000
+        if not MIN_TIME_MS <= ms <= MAX_TIME_MS:  # also NaN and ±inf
+            raise FeedDecodeError("invalid_time", f"time {value!r} (unix seconds) is not within 1970..2100")
+        return int(ms)
+    if not isinstance(value, str):
+        return None
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+    try:
+        ms = int(dt.timestamp() * 1000)
+    except (OverflowError, ValueError):  # year 1 / 9999 with an offset
+        ms = -1
+    if not MIN_TIME_MS <= ms <= MAX_TIME_MS:
+        raise FeedDecodeError("invalid_time", f"time {value[:40]!r} is not within 1970..2100")
+    return ms

@@ -34,8 +34,10 @@ levels.
 from __future__ import annotations
 
 import math
+import re
 from bisect import bisect_left, insort
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Annotated
 
 import msgspec
@@ -43,17 +45,31 @@ import msgspec
 from feed.errors import FeedDecodeError
 from feed.models import MarketHeader, Selection
 from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms
+from feed.validate import (
+    MAX_ADJUSTMENT_FACTOR,
+    MAX_FUTURE_SKEW_MS,
+    MAX_HANDICAP,
+    MAX_INT,
+    MAX_PRICE,
+    MAX_SIZE,
+    MAX_TIME_MS,
+    MIN_PRICE,
+    check_provider_time,
+)
 
 SOURCE_PREFIX = "bf:"
-MIN_PRICE = 1.01
-MAX_PRICE = 1000.0
 
+# Bounds are feed.validate's (one set for every provider), expressed as
+# msgspec constraints so that the decoder checks them in C.
 Price = Annotated[float, msgspec.Meta(ge=MIN_PRICE, le=MAX_PRICE)]
-NonNeg = Annotated[float, msgspec.Meta(ge=0)]
-RunnerId = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0, le=MAX_SIZE)]  # sizes, volumes (currency units)
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+RunnerId = Count
+Handicap = Annotated[float, msgspec.Meta(ge=-MAX_HANDICAP, le=MAX_HANDICAP)]
+Adjustment = Annotated[float, msgspec.Meta(ge=0, le=MAX_ADJUSTMENT_FACTOR)]  # percent
 PriceSize = tuple[Price, NonNeg]
 LevelPriceSize = tuple[Annotated[int, msgspec.Meta(ge=0, le=999)], Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)], NonNeg]
-Bsp = float | str  # float, or the strings "NaN" / "Infinity"
+Bsp = float | str  # float (decimal odds, 1.01–1000), or the strings "NaN" / "Infinity" (no price)
 
 #: Betfair ``eventTypeId`` → canonical sport key.
 SPORTS: dict[str, str] = {
@@ -78,9 +94,9 @@ _MARKET_STATUS = {"OPEN": "OPEN", "SUSPENDED": "SUSPENDED", "INACTIVE": "INACTIV
 class RunnerDefinition(msgspec.Struct, kw_only=True, gc=False):
     id: RunnerId
     status: str = "ACTIVE"
-    sortPriority: int | None = None
-    hc: float | None = None
-    adjustmentFactor: float | None = None
+    sortPriority: Count | None = None
+    hc: Handicap | None = None
+    adjustmentFactor: Adjustment | None = None
     bsp: Bsp | None = None
     name: str | None = None
 
@@ -88,14 +104,14 @@ class RunnerDefinition(msgspec.Struct, kw_only=True, gc=False):
 class MarketDefinition(msgspec.Struct, kw_only=True, gc=False):
     status: str = "OPEN"
     inPlay: bool = False
-    betDelay: int = 0
-    version: int = 0
+    betDelay: Count = 0
+    version: Count = 0
     marketTime: str | None = None
     eventId: str | None = None
     eventTypeId: str | None = None
     marketType: str | None = None
     bettingType: str | None = None
-    numberOfWinners: int | None = None
+    numberOfWinners: Count | None = None
     countryCode: str | None = None
     venue: str | None = None
     eventName: str | None = None
@@ -107,7 +123,7 @@ class MarketDefinition(msgspec.Struct, kw_only=True, gc=False):
 
 class RunnerChange(msgspec.Struct, kw_only=True, gc=False):
     id: RunnerId
-    hc: float | None = None
+    hc: Handicap | None = None
     ltp: Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)] | None = None  # 0 = no trade yet
     tv: NonNeg | None = None
     atb: list[PriceSize] | None = None
@@ -132,16 +148,27 @@ class MarketChange(msgspec.Struct, kw_only=True, gc=False):
 
 class ChangeMessage(msgspec.Struct, kw_only=True, gc=False):
     op: str
-    id: int | None = None
-    pt: int | None = None
+    id: Count | None = None
+    pt: int | None = None  # checked in code: a bad pt rejects the message's markets (clock_skew)
     clk: str | None = None
     initialClk: str | None = None
     ct: str | None = None
     segmentType: str | None = None
-    status: int | None = None
-    heartbeatMs: int | None = None
-    conflateMs: int | None = None
+    status: Count | None = None
+    heartbeatMs: Count | None = None
+    conflateMs: Count | None = None
     mc: list[MarketChange] | None = None
+
+
+class _LooseChangeMessage(ChangeMessage, kw_only=True, gc=False):
+    """The envelope alone (each market change left raw): decoded when the
+    typed decode fails, to reject only the markets that fail."""
+
+    mc: list[msgspec.Raw] | None = None  # type: ignore[assignment]
+
+
+class _MarketId(msgspec.Struct, gc=False):
+    id: str
 
 
 class CatalogueRunner(msgspec.Struct, kw_only=True, gc=False):
@@ -167,7 +194,46 @@ class MarketCatalogue(msgspec.Struct, kw_only=True, gc=False):
 
 
 _DECODER = msgspec.json.Decoder(ChangeMessage)
+_LOOSE_DECODER = msgspec.json.Decoder(_LooseChangeMessage)
+_MC_DECODER = msgspec.json.Decoder(MarketChange)
+_MC_ID_DECODER = msgspec.json.Decoder(_MarketId)
 _CATALOGUE_DECODER = msgspec.json.Decoder(MarketCatalogue)
+
+_JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
+
+#: wire field → reason when its bound is violated (prices / sizes / numbers)
+_PRICE_FIELDS = frozenset({"ltp", "bsp", "spn", "spf"})
+_SIZE_FIELDS = frozenset({"tv"})
+_PAIR_LADDERS = frozenset({"atb", "atl", "trd"})  # [price, size]
+_LEVEL_LADDERS = frozenset({"batb", "batl", "bdatb", "bdatl"})  # [level, price, size]
+_NUMBER_FIELDS = frozenset({"version", "betDelay", "numberOfWinners", "sortPriority", "adjustmentFactor", "hc",
+                            "id", "status", "heartbeatMs", "conflateMs"})
+_PATH_TAIL = re.compile(r"\.(\w+)((?:\[\d+\])*)$")
+
+
+def _reason_of(text: str) -> str:
+    """The rejection reason of a msgspec ValidationError message: a bound
+    violated on a price / size / number field → ``invalid_price`` /
+    ``invalid_size`` / ``invalid_number``; anything else ``invalid_schema``."""
+    head, _, path = text.rpartition(" - at `")
+    if not (">=" in head or "<=" in head or "out of range" in head):
+        return "invalid_schema"
+    m = _PATH_TAIL.search(path.rstrip("`"))
+    if m is None:
+        return "invalid_schema"
+    key, idx = m.group(1), m.group(2)
+    last = idx.rpartition("[")[2].rstrip("]") if idx.count("[") >= 2 else None
+    if key in _PAIR_LADDERS and last is not None:
+        return "invalid_price" if last == "0" else "invalid_size"
+    if key in _LEVEL_LADDERS and last is not None:
+        return {"0": "invalid_number", "1": "invalid_price"}.get(last, "invalid_size")
+    if key in _PRICE_FIELDS:
+        return "invalid_price"
+    if key in _SIZE_FIELDS:
+        return "invalid_size"
+    if key in _NUMBER_FIELDS:
+        return "invalid_number"
+    return "invalid_schema"
 
 
 # --- cache -----------------------------------------------------------------
@@ -249,9 +315,23 @@ def selection_key(rid: int, hc: float | None) -> str:
 
 
 def _bsp(value: Bsp | None) -> float | None:
+    """A definition's ``bsp``: a float (checked 1.01–1000 before), or None
+    for absent / the strings ``"NaN"`` / ``"Infinity"``."""
     if value is None or isinstance(value, str):
         return None
     return None if math.isnan(value) or math.isinf(value) else value
+
+
+@lru_cache(maxsize=4096)
+def _market_time(text: str | None) -> int | None:
+    """``marketTime`` → ms (:func:`~feed.normalise.base.iso_to_ms`; raises
+    ``invalid_time`` outside 1970..2100), cached: definitions repeat it."""
+    return iso_to_ms(text)
+
+
+def _bad_bsp(value: Bsp | None) -> bool:
+    """A numeric ``bsp`` outside 1.01–1000 (−0.0, 0, 1e6 …)."""
+    return value is not None and not isinstance(value, str) and not (MIN_PRICE <= value <= MAX_PRICE)
 
 
 def _apply_prices(book: dict[float, float], prices: list[float], changes: list[tuple[float, float]]) -> None:
@@ -306,11 +386,27 @@ class BetfairNormaliser:
     ``source`` names the source (``betfair`` by default); market ids are
     namespaced ``bf:<marketId>`` and event ids ``bf:<eventId>``.
     ``ladder_depth`` caps each canonical ladder (levels, best first).
+    ``max_future_skew_ms``: how far a message's ``pt`` (after ``pt_map``) may
+    run ahead of its receive time (set it to the ingest's
+    ``max_future_skew_ms``; see :mod:`feed.validate`).
+
+    Rejections: a message that cannot be read as an ESA envelope raises
+    :class:`FeedDecodeError` (nothing applied). Within an ``mcm``, each market
+    change is checked on its own before anything of it is applied: a market
+    that fails (``unknown_market``: a delta for a market never defined;
+    ``invalid_price`` / ``invalid_size`` / ``invalid_number`` /
+    ``invalid_time`` / ``invalid_schema``: its values; ``clock_skew``: the
+    message's ``pt``) is reported in ``batch.rejected`` (``market_id`` =
+    ``bf:<id>``, ``raw`` = the message) and its cache is left as it was; the
+    message's other markets apply (betfairlightweight, too, handles the
+    markets of one message independently).
     """
 
-    def __init__(self, source: str = "betfair", *, ladder_depth: int = 10) -> None:
+    def __init__(self, source: str = "betfair", *, ladder_depth: int = 10,
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source
         self.ladder_depth = ladder_depth
+        self.max_future_skew_ms = max_future_skew_ms
         self.markets: dict[str, _Market] = {}
         self.catalogues: dict[str, MarketCatalogue] = {}
         self.initial_clk: str | None = None
@@ -326,42 +422,54 @@ class BetfairNormaliser:
         maps the recording's clock onto now; the original ``pt`` is then kept
         in ``source_ts_original``); None keeps ``pt``. A message without
         ``pt`` takes ``recv_ms``. Raises :class:`FeedDecodeError` (reason
-        ``invalid_json``, ``invalid_schema``, ``invalid_price``,
-        ``unknown_market``) and then leaves the cache untouched.
+        ``invalid_json``, ``invalid_schema``, ``invalid_number``, …) for a
+        message rejected whole, and then leaves the cache untouched; markets
+        rejected alone are in ``batch.rejected`` (see the class docstring).
         """
+        rejected: list[FeedDecodeError] = []
         try:
             msg = _DECODER.decode(raw)
         except msgspec.ValidationError as exc:
-            try:  # a fragment like ` "x", …}` is a JSON string of the wrong type: call it what it is
-                msgspec.json.decode(raw)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc2:
-                raise FeedDecodeError("invalid_json", str(exc2), raw) from None
-            text = str(exc)
-            reason = "invalid_price" if ("Expected `float` >=" in text or "<= 1000" in text or ">= 1.01" in text) else "invalid_schema"
-            raise FeedDecodeError(reason, text, raw) from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            msg = self._decode_by_market(raw, exc, rejected)
+        except _JSON_ERRORS as exc:
             raise FeedDecodeError("invalid_json", str(exc), raw) from None
         batch = NormalisedBatch(op=msg.op, ct=msg.ct, clk=msg.clk, initial_clk=msg.initialClk,
                                 pt=msg.pt, status=msg.status, segment=msg.segmentType,
-                                heartbeat_ms=msg.heartbeatMs, heartbeat=msg.ct == "HEARTBEAT")
+                                heartbeat_ms=msg.heartbeatMs, heartbeat=msg.ct == "HEARTBEAT",
+                                rejected=rejected)
         if msg.op == "mcm":
             batch.degraded = msg.status == 503
+            batch.full_image = msg.ct == "SUB_IMAGE" and msg.segmentType in (None, "SEG_START")
             self._track_clock(msg, batch)
         if msg.op == "marketCatalogue":
             self._apply_catalogue(raw, batch, recv_ms)
             return batch
         if msg.op != "mcm" or not msg.mc:
             return batch
-        self._validate(msg, raw)
-        if msg.pt is None:
+        pt = msg.pt
+        clock_error = None
+        if pt is None:
             source_ts, original = recv_ms, None
+        elif type(pt) is not int or pt <= 0 or pt > MAX_TIME_MS:
+            source_ts, original = recv_ms, None
+            clock_error = f"pt {pt!r} is not a time within 1970..2100"
         elif pt_map is None:
-            source_ts, original = msg.pt, None
+            source_ts, original = pt, None
         else:
-            source_ts, original = pt_map(msg.pt), msg.pt
+            source_ts, original = pt_map(pt), pt
+        if clock_error is None:
+            try:
+                check_provider_time(source_ts, recv_ms, self.max_future_skew_ms, "pt")
+            except FeedDecodeError as exc:
+                clock_error = exc.detail
+        if clock_error is not None:
+            batch.pt = None
+        bad = self._check_markets(msg.mc, rejected, raw, clock_error)
         sub_image = msg.ct == "SUB_IMAGE"
         updates = batch.updates
         for mc in msg.mc:
+            if bad and mc.id in bad:
+                continue
             update = self._apply_market(mc, sub_image, source_ts, original, recv_ms)
             if update is not None:
                 updates.append(update)
@@ -369,6 +477,41 @@ class BetfairNormaliser:
         return batch
 
     # -- internals ----------------------------------------------------------
+
+    def _decode_by_market(self, raw: bytes, first: msgspec.ValidationError,
+                          rejected: list[FeedDecodeError]) -> ChangeMessage:
+        """The typed decode failed: decode the envelope alone and each market
+        change on its own. A bad envelope rejects the message (raises); a bad
+        market change is appended to ``rejected`` and left out."""
+        try:
+            loose = _LOOSE_DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            try:  # a fragment like ` "x", …}` is a JSON string of the wrong type: call it what it is
+                msgspec.json.decode(raw)
+            except _JSON_ERRORS as exc2:
+                raise FeedDecodeError("invalid_json", str(exc2), raw) from None
+            raise FeedDecodeError(_reason_of(str(exc)), str(exc), raw) from None
+        except _JSON_ERRORS as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        if loose.mc is None:  # cannot happen (the envelope was the problem), but never lose the error
+            raise FeedDecodeError(_reason_of(str(first)), str(first), raw)
+        good: list[MarketChange] = []
+        for i, part in enumerate(loose.mc):
+            try:
+                good.append(_MC_DECODER.decode(part))
+            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                try:
+                    mid: str | None = SOURCE_PREFIX + _MC_ID_DECODER.decode(part).id
+                except (msgspec.ValidationError, *_JSON_ERRORS):
+                    mid = None
+                text = f"{exc} (market change {i})"
+                rejected.append(FeedDecodeError(_reason_of(str(exc)), text, raw, market_id=mid))
+        fields = {f: getattr(loose, f) for f in ChangeMessage.__struct_fields__ if f != "mc"}
+        msg = ChangeMessage(**fields, mc=good)
+        if rejected:  # a market that failed in one change of the message fails in all of them
+            ids = {e.market_id for e in rejected}
+            msg.mc = [mc for mc in good if SOURCE_PREFIX + mc.id not in ids]
+        return msg
 
     def _track_clock(self, msg: ChangeMessage, batch: NormalisedBatch) -> None:
         """ESA resume tokens: ``initialClk`` from images, ``clk`` from every
@@ -383,19 +526,64 @@ class BetfairNormaliser:
         if changed:
             batch.cursor = encode_cursor(self.initial_clk, self.clk)
 
-    def _validate(self, msg: ChangeMessage, raw: bytes) -> None:
-        """Checks msgspec cannot express; raise before anything is applied."""
-        for mc in msg.mc or ():
-            known = mc.id in self.markets
-            if not known and mc.marketDefinition is None:
-                raise FeedDecodeError("unknown_market", f"delta for market {mc.id} before its definition", raw)
-            for rc in mc.rc or ():
-                if rc.ltp and rc.ltp < MIN_PRICE:
-                    raise FeedDecodeError("invalid_price", f"ltp {rc.ltp} below {MIN_PRICE} in market {mc.id} runner {rc.id}", raw)
-                if (rc.batb or rc.batl or rc.bdatb or rc.bdatl) and not (
-                        _check_levels(rc.batb) and _check_levels(rc.batl)
-                        and _check_levels(rc.bdatb) and _check_levels(rc.bdatl)):
-                    raise FeedDecodeError("invalid_price", f"level ladder price out of range in market {mc.id} runner {rc.id}", raw)
+    def _check_markets(self, changes: list[MarketChange], rejected: list[FeedDecodeError], raw: bytes,
+                       clock_error: str | None) -> set[str] | None:
+        """Check every market change before anything is applied (what msgspec
+        cannot express). Returns the raw ids of the markets to leave out
+        (each reported once in ``rejected``), or None when all are good."""
+        bad: set[str] | None = None
+        known = self.markets
+        defined: set[str] | None = None  # markets first defined earlier in this message
+        for mc in changes:
+            mid = mc.id
+            if bad is not None and mid in bad:
+                continue
+            error: FeedDecodeError | None
+            if clock_error is not None:
+                error = FeedDecodeError("clock_skew", f"{clock_error} (market {mid})", raw,
+                                        market_id=SOURCE_PREFIX + mid)
+            else:
+                error = self._check_market(mc, mid in known or (defined is not None and mid in defined), raw)
+            if error is None:
+                if mc.marketDefinition is not None and mid not in known:
+                    if defined is None:
+                        defined = set()
+                    defined.add(mid)
+                continue
+            if bad is None:
+                bad = set()
+            bad.add(mid)
+            rejected.append(error)
+        return bad
+
+    @staticmethod
+    def _check_market(mc: MarketChange, known: bool, raw: bytes) -> FeedDecodeError | None:
+        """The rejection of one market change, or None when it is good."""
+        mid = mc.id
+        if not known and mc.marketDefinition is None:
+            return FeedDecodeError("unknown_market", f"delta for market {mid} before its definition", raw,
+                                   market_id=SOURCE_PREFIX + mid)
+        for rc in mc.rc or ():
+            if rc.ltp and rc.ltp < MIN_PRICE:
+                return FeedDecodeError("invalid_price", f"ltp {rc.ltp} below {MIN_PRICE} in market {mid} runner {rc.id}",
+                                       raw, market_id=SOURCE_PREFIX + mid)
+            if (rc.batb or rc.batl or rc.bdatb or rc.bdatl) and not (
+                    _check_levels(rc.batb) and _check_levels(rc.batl)
+                    and _check_levels(rc.bdatb) and _check_levels(rc.bdatl)):
+                return FeedDecodeError("invalid_price", f"level ladder price out of range in market {mid} runner {rc.id}",
+                                       raw, market_id=SOURCE_PREFIX + mid)
+        md = mc.marketDefinition
+        if md is not None:
+            try:
+                _market_time(md.marketTime)
+            except FeedDecodeError as exc:
+                return FeedDecodeError(exc.reason, f"marketTime of market {mid}: {exc.detail}", raw,
+                                       market_id=SOURCE_PREFIX + mid)
+            for rd in md.runners:
+                if _bad_bsp(rd.bsp):
+                    return FeedDecodeError("invalid_price", f"bsp {rd.bsp!r} out of range in market {mid} runner {rd.id}",
+                                           raw, market_id=SOURCE_PREFIX + mid)
+        return None
 
     def _apply_market(self, mc: MarketChange, sub_image: bool, source_ts: int,
                       original: int | None, recv_ms: int) -> MarketUpdate | None:
@@ -515,7 +703,7 @@ class BetfairNormaliser:
             suspend_reason=md.suspendReason,
             in_play=md.inPlay,
             bet_delay_s=md.betDelay,
-            start_time=iso_to_ms(md.marketTime),
+            start_time=_market_time(md.marketTime),
             version=md.version,
             traded_volume=market.tv,
             number_of_winners=md.numberOfWinners,

@@ -30,8 +30,18 @@ semantics (``research/upstream.md`` §3):
   authority for those markets and the pre-match event's lines are ignored.
 - **prices**: decimal by default; with ``odds_format="american"`` (the
   ``oddsFormat=American`` query) they are converted to decimal
-  (:mod:`feed.odds`); invalid prices reject the whole response
-  (``invalid_price``).
+  (:mod:`feed.odds`).
+- **rejections**: a body that is not a Lines API response (bad JSON, wrong
+  envelope, wrong endpoint or sport) raises :class:`FeedDecodeError` and
+  applies nothing. An *event* that fails its checks (``invalid_price``;
+  ``invalid_size`` / ``invalid_number``: a ``max*`` / ``hdp`` / ``points``
+  out of :mod:`feed.validate`'s bounds; ``invalid_time``: a time outside
+  1970..2100; ``clock_skew``: an ``*UpdatedAt`` more than
+  ``max_future_skew_ms`` after receipt; ``invalid_schema``) is rejected
+  alone: nothing of it is applied, each of its known markets is reported in
+  ``batch.rejected`` (one entry with ``market_id`` None when none is known),
+  its markets are neither suspended nor forgotten by a snapshot, and the
+  rest of the body applies (the cursor advances).
 
 Which endpoint a body came from, and whether it answered a snapshot call,
 is told by the caller with :meth:`PinnacleNormaliser.expect` before
@@ -64,13 +74,23 @@ from feed.normalise.rendered import (
     make_selection,
     price_to_decimal,
 )
+from feed.validate import (
+    MAX_FUTURE_SKEW_MS,
+    MAX_HANDICAP,
+    MAX_INT,
+    MAX_SIZE,
+    check_market,
+    check_provider_time,
+)
 
 __all__ = ["SPORTS", "PinnacleNormaliser", "market_id_parts", "sport_id_of"]
 
 SOURCE_PREFIX = "pn:"
 
-EventId = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+EventId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 Price = float  # validated (and converted) by feed.odds, so that a bad price gets reason invalid_price
+Line = Annotated[float, msgspec.Meta(ge=-MAX_HANDICAP, le=MAX_HANDICAP)]  # hdp / points
+Stake = Annotated[float, msgspec.Meta(ge=0, le=MAX_SIZE)]  # max* (currency units)
 
 #: Pinnacle ``sportId`` → canonical sport key.
 SPORTS: dict[int, str] = {
@@ -109,19 +129,19 @@ class Moneyline(msgspec.Struct, kw_only=True, gc=False):
 
 
 class Spread(msgspec.Struct, kw_only=True, gc=False):
-    hdp: float
+    hdp: Line
     home: Price | None = None
     away: Price | None = None
     altLineId: EventId | None = None
-    max: float | None = None
+    max: Stake | None = None
 
 
 class Total(msgspec.Struct, kw_only=True, gc=False):
-    points: float
+    points: Line
     over: Price | None = None
     under: Price | None = None
     altLineId: EventId | None = None
-    max: float | None = None
+    max: Stake | None = None
 
 
 class Period(msgspec.Struct, kw_only=True, gc=False):
@@ -129,9 +149,9 @@ class Period(msgspec.Struct, kw_only=True, gc=False):
     status: int = 1
     lineId: EventId | None = None
     cutoff: str | None = None
-    maxSpread: float | None = None
-    maxMoneyline: float | None = None
-    maxTotal: float | None = None
+    maxSpread: Stake | None = None
+    maxMoneyline: Stake | None = None
+    maxTotal: Stake | None = None
     moneylineUpdatedAt: str | None = None
     spreadUpdatedAt: str | None = None
     totalUpdatedAt: str | None = None
@@ -176,6 +196,54 @@ class Response(msgspec.Struct, kw_only=True, gc=False):
 
 
 _DECODER = msgspec.json.Decoder(Response)
+
+
+class _LooseOddsLeague(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    events: list[msgspec.Raw] = []
+
+
+class _LooseFixtureLeague(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    name: str | None = None
+    events: list[msgspec.Raw] = []
+
+
+class _LooseResponse(msgspec.Struct, kw_only=True, gc=False):
+    """The envelope with each event left raw: decoded when the typed decode
+    fails, to reject only the events that fail."""
+
+    sportId: EventId
+    last: EventId | None = None
+    leagues: list[_LooseOddsLeague] | None = None
+    league: list[_LooseFixtureLeague] | None = None
+
+
+class _EventIdOnly(msgspec.Struct, gc=False):
+    id: EventId
+
+
+_LOOSE_DECODER = msgspec.json.Decoder(_LooseResponse)
+_ODDS_EVENT_DECODER = msgspec.json.Decoder(OddsEvent)
+_FIXTURE_EVENT_DECODER = msgspec.json.Decoder(FixtureEvent)
+_EVENT_ID_DECODER = msgspec.json.Decoder(_EventIdOnly)
+_JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
+_SIZE_KEYS = frozenset({"max", "maxSpread", "maxMoneyline", "maxTotal"})
+_LINE_KEYS = frozenset({"hdp", "points"})
+
+
+def _reason_of(text: str) -> str:
+    """A msgspec ValidationError message → rejection reason, by the field."""
+    path = text.rpartition("`$")[2].rstrip("`")
+    key = path.rpartition(".")[2].partition("[")[0]
+    if key in _PRICE_KEYS:
+        return "invalid_price"
+    bound = ">=" in text or "<=" in text or "out of range" in text
+    if bound and key in _SIZE_KEYS:
+        return "invalid_size"
+    if bound and key in _LINE_KEYS:
+        return "invalid_number"
+    return "invalid_schema"
 
 
 class PinnacleCursor(msgspec.Struct, kw_only=True):
@@ -260,8 +328,9 @@ class PinnacleNormaliser:
     """
 
     def __init__(self, source: str = "pinnacle", *, odds_format: Literal["decimal", "american"] = "decimal",
-                 bookmaker: str = "pinnacle") -> None:
+                 bookmaker: str = "pinnacle", max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source
+        self.max_future_skew_ms = max_future_skew_ms
         self.odds_format = odds_format
         self.bookmaker = bookmaker
         self.fixtures: dict[int, _Fixture] = {}
@@ -274,6 +343,12 @@ class PinnacleNormaliser:
         self.missing_fixtures: set[int] = set()
         self.dropped: Counter[str] = Counter()
         self._expect: tuple[str, bool, int | None] | None = None
+        # per feed() call: the body, its receive time, the events rejected alone
+        # (raw event id, None when unreadable → error) and the batch's rejections
+        self._raw = b""
+        self._recv_ms = 0
+        self._bad_events: dict[int | None, FeedDecodeError] = {}
+        self._rejected: list[FeedDecodeError] = []
 
     # -- public -----------------------------------------------------------
 
@@ -312,10 +387,13 @@ class PinnacleNormaliser:
     def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
         """Decode one response body and apply it (see the module docstring).
 
-        Raises :class:`FeedDecodeError` (``invalid_json``, ``invalid_schema``,
-        ``invalid_price``) and then has applied nothing.
+        Raises :class:`FeedDecodeError` (``invalid_json``, ``invalid_schema``)
+        for a body rejected whole, and then has applied nothing; events
+        rejected alone are reported in ``batch.rejected``.
         """
         expect, self._expect = self._expect, None
+        self._raw, self._recv_ms, self._bad_events = raw, recv_ms, {}
+        rejected = self._rejected = []
         msg = self._decode(raw)
         if expect is not None:
             endpoint, snapshot, sport_id = expect
@@ -328,23 +406,25 @@ class PinnacleNormaliser:
         else:
             endpoint = "fixtures" if msg.league is not None else "odds" if msg.leagues is not None else ""
             snapshot = False
-        batch = NormalisedBatch(op=endpoint or "empty")
+        batch = NormalisedBatch(op=endpoint or "empty", rejected=rejected)
         if not endpoint:
             return batch
         sport = str(msg.sportId)
         cursors: dict[str, int] = getattr(self.cursors, endpoint)
         current = cursors.get(sport)
         if not snapshot and msg.last is not None and current is not None and msg.last <= current:
-            has_data = bool(msg.leagues or msg.league)
+            has_data = bool(msg.leagues or msg.league or self._bad_events)
             if msg.last < current or has_data:
                 self.dropped["stale_response"] += 1
+            self._report_bad_events()  # (an old answer, but its bad parts were bad all the same)
             return batch
         if endpoint == "fixtures":
             fixtures = self._fixtures_of(msg, raw)
             self._apply_fixtures(msg.sportId, fixtures, snapshot, recv_ms, batch.updates)
         else:
-            periods = self._periods_of(msg, raw)
+            periods = self._periods_of(msg, raw, recv_ms)
             self._apply_odds(msg.sportId, periods, snapshot, recv_ms, batch.updates)
+        self._report_bad_events()
         batch.runner_changes = sum(len(u.selections) for u in batch.updates)
         if msg.last is not None and msg.last != current:
             cursors[sport] = msg.last
@@ -353,68 +433,135 @@ class PinnacleNormaliser:
 
     # -- decoding (phase 1: validate everything, apply nothing) -------------
 
-    @staticmethod
-    def _decode(raw: bytes) -> Response:
+    def _decode(self, raw: bytes) -> Response:
         try:
             return _DECODER.decode(raw)
+        except msgspec.ValidationError:
+            pass
+        except _JSON_ERRORS as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        # some part failed: decode the envelope, then each event on its own
+        try:
+            loose = _LOOSE_DECODER.decode(raw)
         except msgspec.ValidationError as exc:
             text = str(exc)
-            path = text.rpartition("`$")[2].rstrip("`")
-            key = path.rpartition(".")[2]
-            reason = "invalid_price" if key in _PRICE_KEYS else "invalid_schema"
-            raise FeedDecodeError(reason, text, raw) from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise FeedDecodeError(_reason_of(text), text, raw) from None
+        except _JSON_ERRORS as exc:
             raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        leagues = None if loose.leagues is None else [
+            OddsLeague(id=lg.id, events=self._events_of(lg.events, _ODDS_EVENT_DECODER, raw)) for lg in loose.leagues]
+        league = None if loose.league is None else [
+            FixtureLeague(id=lg.id, name=lg.name, events=self._events_of(lg.events, _FIXTURE_EVENT_DECODER, raw))
+            for lg in loose.league]
+        return Response(sportId=loose.sportId, last=loose.last, leagues=leagues, league=league)
+
+    def _events_of(self, parts: list[msgspec.Raw], decoder: msgspec.json.Decoder, raw: bytes) -> list:
+        out = []
+        for part in parts:
+            try:
+                out.append(decoder.decode(part))
+            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                try:
+                    rid: int | None = _EVENT_ID_DECODER.decode(part).id
+                except (msgspec.ValidationError, *_JSON_ERRORS):
+                    rid = None
+                text = str(exc)
+                self._reject_event(rid, FeedDecodeError(_reason_of(text), f"event {rid}: {text}", raw))
+        return out
+
+    def _reject_event(self, rid: int | None, exc: FeedDecodeError) -> None:
+        if rid not in self._bad_events:
+            self._bad_events[rid] = exc
+
+    def _report_bad_events(self) -> None:
+        """One ``batch.rejected`` entry per known market of each rejected
+        event (one with ``market_id`` None when it has none)."""
+        raw = self._raw
+        for rid, exc in self._bad_events.items():
+            mids = self._markets_of_event(rid) if rid is not None else []
+            if not mids:
+                self._rejected.append(FeedDecodeError(exc.reason, exc.detail, raw))
+            for mid in mids:
+                self._rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, market_id=mid))
+
+    def _markets_of_event(self, rid: int) -> list[str]:
+        fx = self.fixtures.get(rid)
+        if fx is None:
+            return []
+        group = fx.group
+        return sorted(m for (e, unit, _), mids in self.by_gp.items() if (e, unit) == group for m in mids)
 
     def _side(self, value: float | None, where: str, raw: bytes) -> Side | None:
         if value is None:
             return None
         return (price_to_decimal(value, self.odds_format, where, raw), value)
 
-    def _periods_of(self, msg: Response, raw: bytes) -> list[tuple[int, list[_Period]]]:
+    def _time(self, text: str | None, where: str, raw: bytes, provider: bool = False) -> int | None:
+        """An ISO time → ms (None when absent/unreadable); ``invalid_time``
+        outside 1970..2100; with ``provider``, ``clock_skew`` beyond the
+        future-skew bound (it becomes a ``source_ts``)."""
+        try:
+            ms = iso_to_ms(text)
+            if provider and ms is not None:
+                check_provider_time(ms, self._recv_ms, self.max_future_skew_ms, where)
+        except FeedDecodeError as exc:
+            raise FeedDecodeError(exc.reason, f"{where}: {exc.detail}", raw) from None
+        return ms
+
+    def _periods_of(self, msg: Response, raw: bytes, recv_ms: int) -> list[tuple[int, list[_Period]]]:
         out: list[tuple[int, list[_Period]]] = []
         for league in msg.leagues or ():
             for ev in league.events:
-                periods = []
-                for p in ev.periods:
-                    where = f"event {ev.id} period {p.number}"
-                    ml = None
-                    if p.moneyline is not None:
-                        ml = {}
-                        for side in ("home", "away", "draw"):
-                            s = self._side(getattr(p.moneyline, side), f"{where} moneyline.{side}", raw)
-                            if s is not None:
-                                ml[side] = s
-                    spreads = [
-                        _Line(line=sp.hdp, a=self._side(sp.home, f"{where} spread {sp.hdp:g} home", raw),
-                              b=self._side(sp.away, f"{where} spread {sp.hdp:g} away", raw), alt=sp.altLineId, max=sp.max)
-                        for sp in p.spreads or ()
-                    ]
-                    totals = [
-                        _Line(line=t.points, a=self._side(t.over, f"{where} total {t.points:g} over", raw),
-                              b=self._side(t.under, f"{where} total {t.points:g} under", raw), alt=t.altLineId, max=t.max)
-                        for t in p.totals or ()
-                    ]
-                    periods.append(_Period(
-                        number=p.number, status=p.status, line_id=p.lineId, cutoff_ms=iso_to_ms(p.cutoff),
-                        ml=ml, ml_ts=iso_to_ms(p.moneylineUpdatedAt), spreads=spreads,
-                        sp_ts=iso_to_ms(p.spreadUpdatedAt), totals=totals, tot_ts=iso_to_ms(p.totalUpdatedAt),
-                        max_ml=p.maxMoneyline, max_spread=p.maxSpread, max_total=p.maxTotal))
-                out.append((ev.id, periods))
+                try:
+                    out.append((ev.id, [self._period_of(ev.id, p, raw) for p in ev.periods]))
+                except FeedDecodeError as exc:
+                    self._reject_event(ev.id, exc)
         return out
 
-    @staticmethod
-    def _fixtures_of(msg: Response, raw: bytes) -> list[_Fixture]:
+    def _period_of(self, rid: int, p: Period, raw: bytes) -> _Period:
+        where = f"event {rid} period {p.number}"
+        ml = None
+        if p.moneyline is not None:
+            ml = {}
+            for side in ("home", "away", "draw"):
+                s = self._side(getattr(p.moneyline, side), f"{where} moneyline.{side}", raw)
+                if s is not None:
+                    ml[side] = s
+        spreads = [
+            _Line(line=sp.hdp, a=self._side(sp.home, f"{where} spread {sp.hdp:g} home", raw),
+                  b=self._side(sp.away, f"{where} spread {sp.hdp:g} away", raw), alt=sp.altLineId, max=sp.max)
+            for sp in p.spreads or ()
+        ]
+        totals = [
+            _Line(line=t.points, a=self._side(t.over, f"{where} total {t.points:g} over", raw),
+                  b=self._side(t.under, f"{where} total {t.points:g} under", raw), alt=t.altLineId, max=t.max)
+            for t in p.totals or ()
+        ]
+        return _Period(
+            number=p.number, status=p.status, line_id=p.lineId, cutoff_ms=self._time(p.cutoff, f"{where} cutoff", raw),
+            ml=ml, ml_ts=self._time(p.moneylineUpdatedAt, f"{where} moneylineUpdatedAt", raw, True), spreads=spreads,
+            sp_ts=self._time(p.spreadUpdatedAt, f"{where} spreadUpdatedAt", raw, True), totals=totals,
+            tot_ts=self._time(p.totalUpdatedAt, f"{where} totalUpdatedAt", raw, True),
+            max_ml=p.maxMoneyline, max_spread=p.maxSpread, max_total=p.maxTotal)
+
+    def _fixtures_of(self, msg: Response, raw: bytes) -> list[_Fixture]:
         out = []
         for league in msg.league or ():
             for ev in league.events:
                 unit = (ev.resultingUnit or "Regular").strip().lower().replace(" ", "_")
-                if not unit.replace("_", "").isalnum():
-                    raise FeedDecodeError("invalid_schema", f"resultingUnit {ev.resultingUnit!r} of event {ev.id}", raw)
+                if not unit.replace("_", "").isalnum() or not unit.isascii():
+                    self._reject_event(ev.id, FeedDecodeError(
+                        "invalid_schema", f"resultingUnit {(ev.resultingUnit or '')[:80]!r} of event {ev.id}", raw))
+                    continue
+                try:
+                    starts = self._time(ev.starts, f"event {ev.id} starts", raw)
+                except FeedDecodeError as exc:
+                    self._reject_event(ev.id, exc)
+                    continue
                 out.append(_Fixture(
                     id=ev.id, parent=ev.parentId if ev.parentId and ev.parentId != ev.id else None,
                     sport=msg.sportId, league=display_name(league.name), home=display_name(ev.home),
-                    away=display_name(ev.away), starts=iso_to_ms(ev.starts), live=ev.liveStatus,
+                    away=display_name(ev.away), starts=starts, live=ev.liveStatus,
                     unit="" if unit == "regular" else unit))
         return out
 
@@ -454,8 +601,8 @@ class PinnacleNormaliser:
     def _apply_fixtures(self, sport_id: int, fixtures: list[_Fixture], snapshot: bool, recv_ms: int,
                         updates: list[MarketUpdate]) -> None:
         changed: set[tuple[int, str]] = set()
-        if snapshot:
-            listed = {f.id for f in fixtures}
+        if snapshot and None not in self._bad_events:  # (an unreadable event: we cannot tell what is unlisted)
+            listed = {f.id for f in fixtures} | self._bad_events.keys()
             for rid in [r for r, f in self.fixtures.items() if f.sport == sport_id and r not in listed]:
                 changed.add(self.fixtures[rid].group)
                 self._drop_fixture(rid)
@@ -473,8 +620,10 @@ class PinnacleNormaliser:
 
     def _apply_odds(self, sport_id: int, events: list[tuple[int, list[_Period]]], snapshot: bool,
                     recv_ms: int, updates: list[MarketUpdate]) -> None:
-        if snapshot:
-            for rid in [r for r, s in self.odds_sport.items() if s == sport_id]:
+        bad = self._bad_events
+        complete = None not in bad  # every event of the body could at least be identified
+        if snapshot and complete:
+            for rid in [r for r, s in self.odds_sport.items() if s == sport_id and r not in bad]:
                 del self.odds[rid]
                 del self.odds_sport[rid]
         touched: dict[int, set[int]] = {}
@@ -501,10 +650,12 @@ class PinnacleNormaliser:
             for n in sorted(numbers):
                 self._render_period(fx.group, n, rid, recv_ms, updates)
                 rendered.add((*fx.group, n))
-        if snapshot:
+        if snapshot and complete:
             sport = _sport_key(sport_id)
+            fixtures = self.fixtures
+            kept = {fixtures[r].group for r in bad if r is not None and r in fixtures}  # rejected: left alone
             for gp, mids in list(self.by_gp.items()):
-                if gp in rendered:
+                if gp in rendered or (gp[0], gp[1]) in kept:
                     continue
                 group = (gp[0], gp[1])
                 auth = self._authority(group)
@@ -515,7 +666,7 @@ class PinnacleNormaliser:
                     h = self.differ.header(mid)
                     if h is None or h.sport != sport:
                         continue
-                    u = self.differ.suspend(mid, "not_offered", recv_ms, recv_ms)
+                    u = self.differ.suspend(mid, "not_offered", None, recv_ms)
                     if u is not None:
                         updates.append(u)
                     self.differ.forget(mid)
@@ -557,6 +708,13 @@ class PinnacleNormaliser:
             r.header_ts = period.newest_ts
         now = {r.market_id: r for r in rendered}
         for r in now.values():
+            try:  # the bounds every update must meet (checked on the event already: a safety net)
+                check_market(r.market_id, r.header, r.selections, None, max(r.source_ts, r.header_ts or 0), None,
+                             self._recv_ms, self.max_future_skew_ms)
+            except FeedDecodeError as exc:
+                exc.raw = self._raw
+                self._rejected.append(exc)
+                continue
             u = self.differ.emit(r, recv_ms)
             if u is not None:
                 updates.append(u)

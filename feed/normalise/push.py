@@ -46,9 +46,21 @@ is dropped (``stale_odd``), and a market's ``source_ts`` never goes back
 (it is the newest change time seen), so the book never discards a push
 update as out of order.
 
-Rejections (:class:`~feed.errors.FeedDecodeError`, nothing applied):
-``invalid_json``, ``invalid_schema``, ``unknown_type``, ``invalid_price``
-(NaN, ≤ 1.0, > 1000, wrong type, impossible American/fractional values).
+Rejections (:class:`~feed.errors.FeedDecodeError`): a message whose envelope
+cannot be read (``invalid_json``, ``invalid_schema``, ``unknown_type``; a
+``fixture-status`` message with a bad status, time or timestamp) is raised
+and nothing of it is applied. Within ``odds`` / ``locked-odds`` /
+``snapshot``, an odd that fails its checks rejects *its market* alone:
+``invalid_price`` (NaN, < 1.01, > 1000, wrong type, impossible
+American/fractional values), ``invalid_size`` (``max_stake`` < 0 or
+> 1e12), ``invalid_number`` (a ``line`` beyond ±1000), ``invalid_time`` (a
+start time outside 1970..2100), ``clock_skew`` (a ``timestamp`` — or, for
+odds without one, the message's ``emitted_at`` — absurd or more than
+``max_future_skew_ms`` after receipt), ``invalid_schema`` (an odd that does
+not decode). Every odd of that market in the message is left out (nothing
+of the market is applied, ``batch.rejected`` names it — ``market_id`` None
+when the odd is too broken to name it) and the message's other markets
+apply; the entry id still advances.
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NoReturn
 
 import msgspec
 
@@ -64,6 +76,16 @@ from feed.errors import FeedDecodeError
 from feed.models import Market, MarketHeader, Selection
 from feed.normalise.base import MarketUpdate, NormalisedBatch
 from feed.odds import PriceError, to_decimal
+from feed.validate import (
+    MAX_FUTURE_SKEW_MS,
+    MAX_HANDICAP,
+    MAX_INT,
+    MAX_SIZE,
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    check_market,
+    check_provider_time,
+)
 
 __all__ = [
     "FIXTURE_STATUSES",
@@ -77,11 +99,13 @@ PREFIX = "px"
 
 # --- wire Structs: the format's field names, only what we read ----------------
 
-_MAX_INT_ID = 2**53 - 1
+_MAX_INT_ID = MAX_INT
 Id = Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,128}$")] | Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT_ID)]
 Name = Annotated[str, msgspec.Meta(max_length=256)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT_ID)]
+Line = Annotated[float, msgspec.Meta(ge=-MAX_HANDICAP, le=MAX_HANDICAP)]
+Stake = Annotated[float, msgspec.Meta(ge=0, le=MAX_SIZE)]
 PriceFormat = Literal["decimal", "american", "fractional"]
 OddStatus = Literal["active", "removed", "won", "lost", "placed", "void"]
 
@@ -104,7 +128,7 @@ class WireFixture(msgspec.Struct, kw_only=True, gc=False):
 class WireMarket(msgspec.Struct, kw_only=True, gc=False):
     id: Id
     name: Name | None = None
-    line: float | None = None
+    line: Line | None = None
 
 
 class WireSelection(msgspec.Struct, kw_only=True, gc=False):
@@ -123,7 +147,7 @@ class WireOdd(msgspec.Struct, kw_only=True, gc=False):
     locked: bool = False
     status: OddStatus = "active"
     sportsbook: Name | None = None
-    max_stake: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    max_stake: Stake | None = None
 
 
 class _Message(msgspec.Struct, kw_only=True, gc=False, tag_field="type"):
@@ -164,6 +188,64 @@ class ConnectedMessage(_Message, kw_only=True, tag="connected"):
 _DECODER = msgspec.json.Decoder(
     OddsMessage | LockedOddsMessage | SnapshotMessage | FixtureStatusMessage | PingMessage | ConnectedMessage)
 
+
+class _LooseOdds(_Message, kw_only=True, tag="odds"):
+    """An odds message with each odd left raw: decoded when the typed decode
+    fails, to reject only the markets whose odds fail."""
+
+    entry_id: str
+    seq: Seq | None = None
+    price_format: PriceFormat | None = None
+    data: list[msgspec.Raw]
+
+
+class _LooseLocked(_LooseOdds, kw_only=True, tag="locked-odds"):
+    pass
+
+
+class _LooseSnapshot(_LooseOdds, kw_only=True, tag="snapshot"):
+    pass
+
+
+class _RefId(msgspec.Struct, gc=False):
+    id: Id
+
+
+class _RefMarket(msgspec.Struct, gc=False):
+    id: Id
+    line: Line | None = None
+
+
+class _OddRef(msgspec.Struct, gc=False):
+    """Just enough of an odd to name its market."""
+
+    fixture: _RefId
+    market: _RefMarket
+
+
+_LOOSE_DECODER = msgspec.json.Decoder(
+    _LooseOdds | _LooseLocked | _LooseSnapshot | FixtureStatusMessage | PingMessage | ConnectedMessage)
+_ODD_DECODER = msgspec.json.Decoder(WireOdd)
+_ODD_REF_DECODER = msgspec.json.Decoder(_OddRef)
+_TYPED = {_LooseOdds: OddsMessage, _LooseLocked: LockedOddsMessage, _LooseSnapshot: SnapshotMessage}
+_JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
+
+
+def _odd_reason(text: str) -> str:
+    """A msgspec ValidationError message about one odd → rejection reason."""
+    if ".price`" in text:
+        return "invalid_price"
+    if ">=" in text or "<=" in text:
+        if text.endswith(".max_stake`"):
+            return "invalid_size"
+        if text.endswith(".line`"):
+            return "invalid_number"
+        if text.endswith(".start_time`"):
+            return "invalid_time"
+        if text.endswith(".timestamp`"):
+            return "clock_skew"
+    return "invalid_schema"
+
 # --- vocabularies --------------------------------------------------------------
 
 #: canonical fixture status keys (after aliases)
@@ -199,17 +281,26 @@ def ts_to_ms(value: float) -> int:
 
 
 def _start_ms(value: float | str | None, raw: bytes) -> int | None:
+    """A fixture start time (ISO-8601 text, epoch seconds or ms) → int ms;
+    ``invalid_schema`` when unreadable, ``invalid_time`` outside 1970..2100."""
     if value is None:
         return None
     if isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value)
         except ValueError:
-            raise FeedDecodeError("invalid_schema", f"start_time {value!r} is not ISO-8601", raw) from None
+            raise FeedDecodeError("invalid_schema", f"start_time {value[:40]!r} is not ISO-8601", raw) from None
         if dt.tzinfo is None:  # no offset given: UTC
             dt = dt.replace(tzinfo=UTC)
-        return int(dt.timestamp() * 1000)
-    return ts_to_ms(value)
+        try:
+            ms = int(dt.timestamp() * 1000)
+        except (OverflowError, ValueError):
+            ms = -1
+    else:
+        ms = ts_to_ms(value)
+    if not MIN_TIME_MS <= ms <= MAX_TIME_MS:
+        raise FeedDecodeError("invalid_time", f"start_time {value!r} is not within 1970..2100", raw)
+    return ms
 
 
 def _status_key(value: str | None, raw: bytes) -> str | None:
@@ -289,14 +380,19 @@ class PushNormaliser:
     ``stale_snapshot``). :attr:`last_entry_id` is the last entry applied.
     """
 
-    def __init__(self, source: str = "push", *, prefix: str = PREFIX) -> None:
+    def __init__(self, source: str = "push", *, prefix: str = PREFIX,
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source
         self.prefix = prefix
+        self.max_future_skew_ms = max_future_skew_ms
         self.fixtures: dict[str, _Fixture] = {}
         self.markets: dict[str, _Market] = {}
         self.last_entry_id: str | None = None
         self._last_key: tuple[int, int] | None = None
         self.dropped: dict[str, int] = {}
+        self._rejected: list[FeedDecodeError] = []  # the current batch's (for the safety net in _emit)
+        self._raw = b""
+        self._recv_ms = 0
 
     # -- public -----------------------------------------------------------
 
@@ -345,24 +441,42 @@ class PushNormaliser:
         a REST snapshot body). recv_ms: when it was read, ms since the epoch.
         pt_map: maps provider times to ``source_ts`` (replays; the original is
         kept in ``source_ts_original``); None keeps them. Raises
-        :class:`FeedDecodeError` and then leaves the cache untouched.
+        :class:`FeedDecodeError` for a message rejected whole, and then
+        leaves the cache untouched; markets rejected alone are in
+        ``batch.rejected`` (see the module docstring).
         """
-        msg = self._decode(raw)
+        bad: dict[str | None, FeedDecodeError] = {}  # market id (None: unnameable) -> why
+        msg = self._decode(raw, bad)
         emitted = ts_to_ms(msg.emitted_at) if msg.emitted_at is not None else None
+        emitted_error = None
+        if emitted is not None:
+            try:
+                check_provider_time(emitted, recv_ms, self.max_future_skew_ms, "emitted_at")
+            except FeedDecodeError as exc:
+                emitted_error, emitted = exc.detail, None
         if isinstance(msg, (PingMessage, ConnectedMessage)):
             return NormalisedBatch(op=_tag(msg), pt=emitted, heartbeat=True)
         assert isinstance(msg, (OddsMessage, FixtureStatusMessage))
         key = entry_key(msg.entry_id)
         if key is None:
-            raise FeedDecodeError("invalid_schema", f"entry_id {msg.entry_id!r} is not <ms>-<n>", raw)
-        batch = NormalisedBatch(op=_tag(msg), pt=emitted)
+            raise FeedDecodeError("invalid_schema", f"entry_id {msg.entry_id[:40]!r} is not <ms>-<n>", raw)
+        batch = NormalisedBatch(op=_tag(msg), pt=emitted, full_image=isinstance(msg, SnapshotMessage))
         if isinstance(msg, OddsMessage):
-            prices = self._validate_odds(msg, raw)
+            prices, mids = self._validate_odds(msg, raw, recv_ms, emitted_error, bad)
             status = None
         else:
-            prices = []
+            if emitted_error is not None:
+                raise FeedDecodeError("clock_skew", emitted_error, raw)
+            prices, mids = [], []
             status = _status_key(msg.data.status, raw)
             _start_ms(msg.data.start_time, raw)
+            if msg.data.timestamp is not None:
+                try:
+                    check_provider_time(ts_to_ms(msg.data.timestamp), recv_ms, self.max_future_skew_ms, "timestamp")
+                except FeedDecodeError as exc:
+                    raise FeedDecodeError(exc.reason, exc.detail, raw) from None
+        for mid, error in bad.items():  # (reported even when the message turns out old: it was bad all the same)
+            batch.rejected.append(FeedDecodeError(error.reason, error.detail, raw, market_id=mid))
         last = self._last_key
         snapshot = isinstance(msg, SnapshotMessage)
         if last is not None and (key < last if snapshot else key <= last):
@@ -370,8 +484,11 @@ class PushNormaliser:
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
             return batch
         default_ts = emitted if emitted is not None else recv_ms
+        self._rejected = batch.rejected
+        self._recv_ms = recv_ms
+        self._raw = raw
         if isinstance(msg, OddsMessage):
-            self._apply_odds(msg, prices, batch, raw, default_ts, recv_ms, pt_map)
+            self._apply_odds(msg, prices, mids, bad, batch, raw, default_ts, recv_ms, pt_map)
         else:
             self._apply_fixture_status(msg.data, status, batch, raw, default_ts, recv_ms, pt_map)
         if self._last_key is None or key > self._last_key:
@@ -388,44 +505,83 @@ class PushNormaliser:
 
     # -- decoding -----------------------------------------------------------
 
-    @staticmethod
-    def _decode(raw: bytes) -> _Message:
+    def _decode(self, raw: bytes, bad: dict[str | None, FeedDecodeError]) -> _Message:
         try:
             return _DECODER.decode(raw)
         except msgspec.ValidationError as exc:
-            text = str(exc)
-            if text.startswith("Invalid value") and text.endswith("`$.type`"):
-                reason = "unknown_type"
-            elif ".price`" in text:
-                reason = "invalid_price"
-            else:
-                try:  # a fragment like ` "x", …}` decodes as the wrong type: call it what it is
-                    msgspec.json.decode(raw)
-                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc2:
-                    raise FeedDecodeError("invalid_json", str(exc2), raw) from None
-                reason = "invalid_schema"
-            raise FeedDecodeError(reason, text, raw) from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            first = exc
+        except _JSON_ERRORS as exc:
             raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        try:  # the envelope alone, each odd left raw
+            loose = _LOOSE_DECODER.decode(raw)
+        except msgspec.ValidationError:
+            self._raise_whole(raw, first)
+        except _JSON_ERRORS as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        typed = _TYPED.get(type(loose))
+        if typed is None:  # cannot happen (the same Structs failed): never lose the error
+            self._raise_whole(raw, first)
+        good: list[WireOdd] = []
+        for i, part in enumerate(loose.data):
+            try:
+                good.append(_ODD_DECODER.decode(part))
+            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                text = str(exc)
+                try:
+                    ref = _ODD_REF_DECODER.decode(part)
+                    mid: str | None = market_id_of(str(ref.fixture.id), str(ref.market.id), ref.market.line, self.prefix)
+                except (msgspec.ValidationError, *_JSON_ERRORS):
+                    mid = None
+                bad.setdefault(mid, FeedDecodeError(_odd_reason(text), f"{text} (at $.data[{i}])", raw, market_id=mid))
+        return typed(entry_id=loose.entry_id, seq=loose.seq, price_format=loose.price_format,
+                     emitted_at=loose.emitted_at, data=good)
 
     @staticmethod
-    def _validate_odds(msg: OddsMessage, raw: bytes) -> list[float | None]:
-        """Every price converted to decimal, every fixture field checked,
-        before anything is applied."""
+    def _raise_whole(raw: bytes, exc: msgspec.ValidationError) -> NoReturn:
+        text = str(exc)
+        if text.startswith("Invalid value") and text.endswith("`$.type`"):
+            reason = "unknown_type"
+        elif ".price`" in text:
+            reason = "invalid_price"
+        else:
+            try:  # a fragment like ` "x", …}` decodes as the wrong type: call it what it is
+                msgspec.json.decode(raw)
+            except _JSON_ERRORS as exc2:
+                raise FeedDecodeError("invalid_json", str(exc2), raw) from None
+            reason = "invalid_schema"
+        raise FeedDecodeError(reason, text, raw) from None
+
+    def _validate_odds(self, msg: OddsMessage, raw: bytes, recv_ms: int, emitted_error: str | None,
+                       bad: dict[str | None, FeedDecodeError]) -> tuple[list[float | None], list[str]]:
+        """Every price converted to decimal, every fixture field and time
+        checked, before anything is applied: (decimal price, market id) per
+        odd; an odd that fails marks its market bad (in ``bad``)."""
         out: list[float | None] = []
+        mids: list[str] = []
         default_fmt = msg.price_format or "decimal"
+        skew = self.max_future_skew_ms
+        prefix = self.prefix
         for i, odd in enumerate(msg.data):
-            _status_key(odd.fixture.status, raw)
-            _start_ms(odd.fixture.start_time, raw)
-            if odd.price is None:
-                out.append(None)
-                continue
-            fmt = odd.price_format or default_fmt
+            mid = market_id_of(str(odd.fixture.id), str(odd.market.id), odd.market.line, prefix)
+            mids.append(mid)
+            price = None
             try:
-                out.append(to_decimal(odd.price, fmt))
-            except PriceError as exc:
-                raise FeedDecodeError("invalid_price", f"{exc} at $.data[{i}].price", raw) from None
-        return out
+                _status_key(odd.fixture.status, raw)
+                _start_ms(odd.fixture.start_time, raw)
+                if odd.timestamp is not None:
+                    check_provider_time(ts_to_ms(odd.timestamp), recv_ms, skew, "timestamp")
+                elif emitted_error is not None:
+                    raise FeedDecodeError("clock_skew", emitted_error)
+                if odd.price is not None:
+                    fmt = odd.price_format or default_fmt
+                    try:
+                        price = to_decimal(odd.price, fmt)
+                    except PriceError as exc:
+                        raise FeedDecodeError("invalid_price", str(exc)) from None
+            except FeedDecodeError as exc:
+                bad.setdefault(mid, FeedDecodeError(exc.reason, f"{exc.detail} at $.data[{i}]", raw, market_id=mid))
+            out.append(price)
+        return out, mids
 
     # -- applying -------------------------------------------------------------
 
@@ -454,16 +610,19 @@ class PushNormaliser:
             changed = True
         return fx, changed
 
-    def _apply_odds(self, msg: OddsMessage, prices: list[float | None], batch: NormalisedBatch, raw: bytes,
+    def _apply_odds(self, msg: OddsMessage, prices: list[float | None], mids: list[str],
+                    bad: dict[str | None, FeedDecodeError], batch: NormalisedBatch, raw: bytes,
                     default_ts: int, recv_ms: int, pt_map: Callable[[int], int] | None) -> None:
+        """Apply the odds of the markets not in ``bad``."""
         snapshot = isinstance(msg, SnapshotMessage)
         locked_msg = isinstance(msg, LockedOddsMessage)
         touched: dict[str, list[str]] = {}  # market id -> changed selection ids (ordered)
         images: set[str] = set()
         newest: dict[str, int] = {}
         refreshed: set[str] = set()  # fixtures whose header fields changed
-        prefix = self.prefix
-        for odd, price in zip(msg.data, prices, strict=True):
+        for odd, price, mid in zip(msg.data, prices, mids, strict=True):
+            if bad and mid in bad:
+                continue
             fx, fx_changed = self._fixture(odd.fixture, raw)
             if odd.is_live is not None and odd.is_live != fx.in_play:
                 fx.in_play = odd.is_live
@@ -472,7 +631,6 @@ class PushNormaliser:
                 refreshed.add(fx.id)
             wm = odd.market
             raw_mid = str(wm.id)
-            mid = market_id_of(fx.id, raw_mid, wm.line, prefix)
             m = self.markets.get(mid)
             if m is None:
                 m = self.markets[mid] = _Market(mid, fx, raw_mid, wm.line)
@@ -519,7 +677,8 @@ class PushNormaliser:
         # markets of a fixture whose header fields changed follow, even when not in this message
         for fid in refreshed:
             for mid in self.fixtures[fid].markets:
-                touched.setdefault(mid, [])
+                if not (bad and mid in bad):  # a market rejected here: it follows with its next update
+                    touched.setdefault(mid, [])
         msg_ts = max(newest.values(), default=default_ts)
         for mid, sids in touched.items():
             m = self.markets[mid]
@@ -551,7 +710,7 @@ class PushNormaliser:
             selections = list(m.sels.values())
         else:
             selections = [m.sels[s] for s in sids]
-        batch.updates.append(MarketUpdate(
+        update = MarketUpdate(
             market_id=m.market_id,
             source=self.source,
             image=image,
@@ -560,7 +719,15 @@ class PushNormaliser:
             source_ts=source_ts,
             source_ts_original=original,
             received_at=recv_ms,
-        ))
+        )
+        try:  # the bounds every update must meet (checked on the odds already: a safety net)
+            check_market(update.market_id, update.header, selections, None, source_ts, original, recv_ms,
+                         self.max_future_skew_ms)
+        except FeedDecodeError as exc:
+            exc.raw = self._raw
+            self._rejected.append(exc)
+            return
+        batch.updates.append(update)
         m.header = header
 
     def _header(self, m: _Market) -> MarketHeader:

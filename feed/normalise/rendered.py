@@ -170,9 +170,13 @@ class MarketDiffer:
         return MarketUpdate(market_id=market_id, source=self.source, image=False, header=header,
                             selections=[], source_ts=prev.source_ts, received_at=recv_ms)
 
-    def suspend(self, market_id: str, reason: str, source_ts: int, recv_ms: int) -> MarketUpdate | None:
+    def suspend(self, market_id: str, reason: str, source_ts: int | None, recv_ms: int) -> MarketUpdate | None:
         """Mark an emitted market SUSPENDED with ``reason`` (None when it is
-        unknown or already suspended for that reason)."""
+        unknown or already suspended for that reason). source_ts: the
+        provider's time of the change, ms; None when the provider gave none
+        (the market vanished from a snapshot): the market's provider time is
+        then kept, so the provider's next image of it — stamped with its own,
+        possibly older, time — is never refused as going back in time."""
         prev = self.emitted.get(market_id)
         if prev is None:
             return None
@@ -180,6 +184,7 @@ class MarketDiffer:
         if h.status == "SUSPENDED" and h.suspend_reason == reason:
             return None
         prev.header = msgspec.structs.replace(h, status="SUSPENDED", suspend_reason=reason)
-        prev.source_ts = max(prev.source_ts, source_ts)
+        if source_ts is not None:
+            prev.source_ts = max(prev.source_ts, source_ts)
         return MarketUpdate(market_id=market_id, source=self.source, image=False, header=prev.header,
                             selections=[], source_ts=prev.source_ts, received_at=recv_ms)

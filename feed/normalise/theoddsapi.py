@@ -30,8 +30,26 @@ market_type: ``moneyline`` (h2h), ``moneyline_lay`` (h2h_lay), ``spread``,
 ``home`` / ``away`` / ``draw`` (matched on the event's team names),
 ``over`` / ``under``, else the outcome name lower-cased. ``in_play`` =
 ``commence_time <= recv_ms``. Prices: decimal, or American with
-``odds_format="american"``, converted and validated by :mod:`feed.odds`;
-an invalid price rejects the whole response (``invalid_price``).
+``odds_format="american"``, converted and validated by :mod:`feed.odds`.
+
+Rejections: a body that is not a JSON array of events, or that carries
+events of another sport than the one asked for, raises
+:class:`FeedDecodeError` and applies nothing. Otherwise a bad part is
+rejected alone and the rest applies:
+
+- an *event* (unreadable, bad id / sport key / bookmaker or market key,
+  ``commence_time`` outside 1970..2100 — ``invalid_time``);
+- a *bookmaker market* (an invalid price — ``invalid_price``; a point
+  beyond ±1000 — ``invalid_number``; duplicate outcomes or a market listed
+  twice — ``invalid_schema``; a ``last_update`` outside 1970..2100 —
+  ``invalid_time`` — or more than ``max_future_skew_ms`` after receipt —
+  ``clock_skew``).
+
+Each known canonical market of a rejected part is reported in
+``batch.rejected`` (one entry with ``market_id`` None when none is known);
+nothing of the part is applied and its markets are not suspended as vanished
+(when an event cannot even be identified, nothing is suspended as vanished
+by that body).
 """
 
 from __future__ import annotations
@@ -55,6 +73,7 @@ from feed.normalise.rendered import (
     make_selection,
     price_to_decimal,
 )
+from feed.validate import MAX_FUTURE_SKEW_MS, MAX_HANDICAP, check_market, check_provider_time
 
 __all__ = ["TheOddsApiNormaliser", "sport_of"]
 
@@ -113,6 +132,25 @@ class Event(msgspec.Struct, kw_only=True, gc=False):
 
 
 _DECODER = msgspec.json.Decoder(list[Event])
+_RAW_LIST_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
+_EVENT_DECODER = msgspec.json.Decoder(Event)
+_JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
+
+
+class _EventId(msgspec.Struct, gc=False):
+    id: str
+
+
+_EVENT_ID_DECODER = msgspec.json.Decoder(_EventId)
+
+
+class _Rejected(Exception):
+    """A part of the body (``prefix``: ``toa:<event>``, ``toa:<event>:<bookmaker>``
+    or ``toa:<event>:<bookmaker>:<market key>``; None: unidentifiable) is rejected."""
+
+    def __init__(self, prefix: str | None, error: FeedDecodeError) -> None:
+        self.prefix = prefix
+        self.error = error
 
 
 def _slug(name: str) -> str:
@@ -126,8 +164,10 @@ class TheOddsApiNormaliser:
     ``oddsFormat`` the poller asked for).
     """
 
-    def __init__(self, source: str = "theoddsapi", *, odds_format: Literal["decimal", "american"] = "decimal") -> None:
+    def __init__(self, source: str = "theoddsapi", *, odds_format: Literal["decimal", "american"] = "decimal",
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source
+        self.max_future_skew_ms = max_future_skew_ms
         self.odds_format = odds_format
         self.differ = MarketDiffer(source)
         self.scope_of: dict[str, str] = {}  # market id -> sport key
@@ -152,73 +192,150 @@ class TheOddsApiNormaliser:
     def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
         """Decode one odds response (a JSON array of events) and diff it
         against the previous snapshot. Raises :class:`FeedDecodeError`
-        (``invalid_json``, ``invalid_schema``, ``invalid_price``) and then
-        has applied nothing."""
+        (``invalid_json``, ``invalid_schema``) for a body rejected whole, and
+        then has applied nothing; parts rejected alone are in
+        ``batch.rejected`` (see the module docstring)."""
         expect, self._expect = self._expect, None
-        events = self._decode(raw)
+        bad: dict[str | None, FeedDecodeError] = {}  # rejected part prefix -> why
+        events = self._decode(raw, bad)
+        if expect is not None and expect != "upcoming" and any(ev.sport_key != expect for ev in events):
+            raise FeedDecodeError("invalid_schema", f"events of other sports in a {expect} response", raw)
         rendered: list[Rendered] = []
         live: dict[str, set[str]] = {}
         for ev in events:
-            rendered.extend(self._markets_of(ev, raw, recv_ms))
-            start = iso_to_ms(ev.commence_time)
+            try:
+                start = self._time(ev.commence_time, f"event {ev.id} commence_time", raw,
+                                   prefix=f"{SOURCE_PREFIX}{ev.id}")
+                rendered.extend(self._markets_of(ev, raw, recv_ms, start, bad))
+            except _Rejected as rej:
+                bad.setdefault(rej.prefix, rej.error)
+                continue
             if start is not None and start <= recv_ms:
                 live.setdefault(ev.sport_key, set()).add(ev.id)
         if expect is None or expect == "upcoming":
             scopes = {ev.sport_key for ev in events} if expect is None else None
         else:
             scopes = {expect}
-            if any(ev.sport_key != expect for ev in events):
-                raise FeedDecodeError("invalid_schema", f"events of other sports in a {expect} response", raw)
         for key in scopes if scopes is not None else {ev.sport_key for ev in events}:
-            self.live_events[key] = live.get(key, set())
+            keep = {e for e in self.live_events.get(key, ()) if f"{SOURCE_PREFIX}{e}" in bad}  # rejected: as before
+            self.live_events[key] = live.get(key, set()) | keep
+        counts: dict[str, int] = {}
+        for r in rendered:
+            counts[r.market_id] = counts.get(r.market_id, 0) + 1
+        for mid, n in counts.items():
+            if n > 1:
+                bad.setdefault(mid, FeedDecodeError("invalid_schema", f"market {mid} appears {n} times", raw))
+        prefixes = [p for p in bad if p is not None]
         batch = NormalisedBatch(op="odds")
         updates = batch.updates
         seen = set()
         for r in rendered:
-            if r.market_id in seen:
-                raise FeedDecodeError("invalid_schema", f"market {r.market_id} appears twice", raw)
-            seen.add(r.market_id)
-            prev = self.differ.emitted.get(r.market_id)
+            mid = r.market_id
+            seen.add(mid)
+            if prefixes and _under(mid, prefixes):
+                continue
+            prev = self.differ.emitted.get(mid)
             if prev is not None and r.source_ts < prev.source_ts:
                 self.dropped["stale_market"] += 1
                 continue
-            u = self.differ.emit(r, recv_ms)
-            self.scope_of[r.market_id] = r.header.specifiers["sport_key"]  # type: ignore[index]
-            if u is not None:
-                updates.append(u)
-        for mid in sorted(self.scope_of):
-            if mid in seen or (scopes is not None and self.scope_of[mid] not in scopes):
+            try:  # the bounds every update must meet (checked on the parts already: a safety net)
+                check_market(mid, r.header, r.selections, None, r.source_ts, None, recv_ms, self.max_future_skew_ms)
+            except FeedDecodeError as exc:
+                bad.setdefault(mid, FeedDecodeError(exc.reason, exc.detail, raw))
                 continue
-            u = self.differ.suspend(mid, "not_offered", recv_ms, recv_ms)
+            u = self.differ.emit(r, recv_ms)
+            self.scope_of[mid] = r.header.specifiers["sport_key"]  # type: ignore[index]
             if u is not None:
                 updates.append(u)
-            self.differ.forget(mid)
-            del self.scope_of[mid]
+        if None not in bad:  # every event identified: what is absent has vanished
+            prefixes = [p for p in bad if p is not None]
+            for mid in sorted(self.scope_of):
+                if mid in seen or (scopes is not None and self.scope_of[mid] not in scopes):
+                    continue
+                if prefixes and _under(mid, prefixes):
+                    continue
+                u = self.differ.suspend(mid, "not_offered", None, recv_ms)
+                if u is not None:
+                    updates.append(u)
+                self.differ.forget(mid)
+                del self.scope_of[mid]
+        batch.rejected = self._rejections(bad, raw)
         batch.runner_changes = sum(len(u.selections) for u in updates)
         return batch
 
     # -- internals ------------------------------------------------------------
 
+    def _rejections(self, bad: dict[str | None, FeedDecodeError], raw: bytes) -> list[FeedDecodeError]:
+        """One entry per known market under each rejected part (one with
+        ``market_id`` None when none is known)."""
+        out: list[FeedDecodeError] = []
+        emitted = self.differ.emitted
+        for prefix, exc in bad.items():
+            mids = sorted(m for m in emitted if _under(m, [prefix])) if prefix is not None else []
+            if not mids:
+                out.append(FeedDecodeError(exc.reason, exc.detail, raw))
+            for mid in mids:
+                out.append(FeedDecodeError(exc.reason, exc.detail, raw, market_id=mid))
+        return out
+
+    def _time(self, value: str | float | None, where: str, raw: bytes, provider: bool = False,
+              recv_ms: int = 0, prefix: str | None = None) -> int | None:
+        """A provider time → ms (None when absent or unreadable); a time
+        outside 1970..2100 (``invalid_time``) or, for a ``provider`` time,
+        beyond the future-skew bound (``clock_skew``) rejects the part
+        ``prefix``."""
+        try:
+            ms = iso_to_ms(value)
+            if provider and ms is not None:
+                check_provider_time(ms, recv_ms, self.max_future_skew_ms, where)
+        except FeedDecodeError as exc:
+            raise _Rejected(prefix, FeedDecodeError(exc.reason, f"{where}: {exc.detail}", raw)) from None
+        return ms
+
     @staticmethod
-    def _decode(raw: bytes) -> list[Event]:
+    def _decode(raw: bytes, bad: dict[str | None, FeedDecodeError]) -> list[Event]:
+        """The body's events; a part that fails is recorded in ``bad`` and left out."""
         try:
             events = _DECODER.decode(raw)
-        except msgspec.ValidationError as exc:
-            text = str(exc)
-            reason = "invalid_price" if text.endswith(".price`") else "invalid_schema"
-            raise FeedDecodeError(reason, text, raw) from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        except msgspec.ValidationError:
+            events = None
+        except _JSON_ERRORS as exc:
             raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        if events is None:  # decode event by event, to reject only those that fail
+            try:
+                parts = _RAW_LIST_DECODER.decode(raw)
+            except msgspec.ValidationError as exc:
+                raise FeedDecodeError("invalid_schema", str(exc), raw) from None
+            except _JSON_ERRORS as exc:
+                raise FeedDecodeError("invalid_json", str(exc), raw) from None
+            events = []
+            for i, part in enumerate(parts):
+                try:
+                    events.append(_EVENT_DECODER.decode(part))
+                except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                    text = str(exc)
+                    reason = "invalid_price" if text.endswith(".price`") else "invalid_schema"
+                    try:
+                        eid = _EVENT_ID_DECODER.decode(part).id
+                    except (msgspec.ValidationError, *_JSON_ERRORS):
+                        eid = None
+                    prefix = f"{SOURCE_PREFIX}{eid}" if eid is not None and _ID.match(eid) else None
+                    bad.setdefault(prefix, FeedDecodeError(reason, f"event {i}: {text}", raw))
+        good = []
         for ev in events:
             if not _ID.match(ev.id) or not _ID.match(ev.sport_key):
-                raise FeedDecodeError("invalid_schema", f"event id {ev.id[:80]!r} / sport key {ev.sport_key[:80]!r}", raw)
-            for bm in ev.bookmakers:
-                if not _ID.match(bm.key):
-                    raise FeedDecodeError("invalid_schema", f"bookmaker key {bm.key[:80]!r} in event {ev.id}", raw)
-                for m in bm.markets:
-                    if not _ID.match(m.key):
-                        raise FeedDecodeError("invalid_schema", f"market key {m.key[:80]!r} in event {ev.id}", raw)
-        return events
+                prefix = f"{SOURCE_PREFIX}{ev.id}" if _ID.match(ev.id) else None
+                bad.setdefault(prefix, FeedDecodeError(
+                    "invalid_schema", f"event id {ev.id[:80]!r} / sport key {ev.sport_key[:80]!r}", raw))
+                continue
+            keys = [bm.key for bm in ev.bookmakers] + [m.key for bm in ev.bookmakers for m in bm.markets]
+            wrong = next((k for k in keys if not _ID.match(k)), None)
+            if wrong is not None:
+                bad.setdefault(f"{SOURCE_PREFIX}{ev.id}", FeedDecodeError(
+                    "invalid_schema", f"bookmaker / market key {wrong[:80]!r} in event {ev.id}", raw))
+                continue
+            good.append(ev)
+        return good
 
     def _selection_id(self, ev: Event, name: str) -> str:
         if name == ev.home_team:
@@ -230,9 +347,10 @@ class TheOddsApiNormaliser:
             return low
         return _slug(name)
 
-    def _markets_of(self, ev: Event, raw: bytes, recv_ms: int) -> list[Rendered]:
-        fmt = self.odds_format
-        start = iso_to_ms(ev.commence_time)
+    def _markets_of(self, ev: Event, raw: bytes, recv_ms: int, start: int | None,
+                    bad: dict[str | None, FeedDecodeError]) -> list[Rendered]:
+        """The event's canonical markets; a bookmaker market that fails is
+        recorded in ``bad`` and left out."""
         home, away = display_name(ev.home_team), display_name(ev.away_team)
         common = dict(event_id=f"{SOURCE_PREFIX}{ev.id}", sport=sport_of(ev.sport_key),
                       competition=display_name(ev.sport_title),
@@ -240,45 +358,76 @@ class TheOddsApiNormaliser:
                       status="OPEN", in_play=start is not None and start <= recv_ms, start_time=start)
         out: list[Rendered] = []
         for bm in ev.bookmakers:
-            bm_ts = iso_to_ms(bm.last_update)
+            bm_prefix = f"{SOURCE_PREFIX}{ev.id}:{bm.key}"
+            try:
+                bm_ts = self._time(bm.last_update, f"event {ev.id} {bm.key} last_update", raw, True, recv_ms, bm_prefix)
+            except _Rejected as rej:
+                bad.setdefault(rej.prefix, rej.error)
+                continue
             for m in bm.markets:
-                ts = iso_to_ms(m.last_update) or bm_ts or recv_ms
-                # group outcomes into lines
-                lines: dict[str | None, list[Selection]] = {}
-                for i, o in enumerate(m.outcomes):
-                    where = f"event {ev.id} {bm.key} {m.key} outcome {i}"
-                    price = price_to_decimal(o.price, fmt, where, raw)
-                    sid = self._selection_id(ev, o.name)
-                    handicap = 0.0
-                    line: str | None = None
-                    if o.point is not None:
-                        if m.key in _SPREADS:
-                            line = fmt_line(o.point if sid != "away" else -o.point)
-                            handicap = o.point
-                        else:
-                            line = fmt_line(o.point)
-                            handicap = 0.0 if m.key in _TOTALS else o.point
-                    if o.description:
-                        sid = f"{_slug(o.description)}:{sid}"
-                    name = display_name(o.name)
-                    if m.key in _TOTALS and o.point is not None:
-                        name = f"{name} {fmt_line(o.point)}"
-                    lines.setdefault(line, []).append(
-                        make_selection(sid, name, price, raw_price=o.price, odds_format=fmt, handicap=handicap))
-                for line, sels in lines.items():
-                    ids = [s.selection_id for s in sels]
-                    if len(set(ids)) != len(ids):
-                        raise FeedDecodeError("invalid_schema", f"duplicate outcomes in event {ev.id} {bm.key} {m.key}", raw)
-                    mid = f"{SOURCE_PREFIX}{ev.id}:{bm.key}:{m.key}" + (f":{line}" if line is not None else "")
-                    mtype = _MARKET_TYPES.get(m.key, m.key)
-                    spec = {"sport_key": ev.sport_key}
-                    if line is not None:
-                        spec["handicap" if m.key in _SPREADS else "total" if m.key in _TOTALS else "line"] = line
-                    name = {"moneyline": "Moneyline", "moneyline_lay": "Moneyline (lay)",
-                            "spread": f"Handicap {line}", "total": f"Total {line}"}.get(mtype, m.key)
-                    out.append(Rendered(
-                        market_id=mid,
-                        header=MarketHeader(**common, bookmaker=bm.key, name=name, market_type=mtype,  # type: ignore[arg-type]
-                                            market_type_raw=m.key, specifiers=spec),
-                        selections=sels, source_ts=ts))
+                prefix = f"{bm_prefix}:{m.key}"
+                try:
+                    out.extend(self._market_lines(ev, bm, m, raw, recv_ms, bm_ts, common, prefix))
+                except _Rejected as rej:
+                    bad.setdefault(rej.prefix, rej.error)
         return out
+
+    def _market_lines(self, ev: Event, bm: Bookmaker, m: OddsMarket, raw: bytes, recv_ms: int, bm_ts: int | None,
+                      common: dict, prefix: str) -> list[Rendered]:
+        fmt = self.odds_format
+        ts = self._time(m.last_update, f"event {ev.id} {bm.key} {m.key} last_update", raw, True, recv_ms, prefix) \
+            or bm_ts or recv_ms
+        # group outcomes into lines
+        lines: dict[str | None, list[Selection]] = {}
+        for i, o in enumerate(m.outcomes):
+            where = f"event {ev.id} {bm.key} {m.key} outcome {i}"
+            try:
+                price = price_to_decimal(o.price, fmt, where, raw)
+            except FeedDecodeError as exc:
+                raise _Rejected(prefix, exc) from None
+            if o.point is not None and not -MAX_HANDICAP <= o.point <= MAX_HANDICAP:
+                raise _Rejected(prefix, FeedDecodeError("invalid_number", f"point {o.point!r} at {where}", raw))
+            sid = self._selection_id(ev, o.name)
+            handicap = 0.0
+            line: str | None = None
+            if o.point is not None:
+                if m.key in _SPREADS:
+                    line = fmt_line(o.point if sid != "away" else -o.point)
+                    handicap = o.point
+                else:
+                    line = fmt_line(o.point)
+                    handicap = 0.0 if m.key in _TOTALS else o.point
+            if o.description:
+                sid = f"{_slug(o.description)}:{sid}"
+            name = display_name(o.name)
+            if m.key in _TOTALS and o.point is not None:
+                name = f"{name} {fmt_line(o.point)}"
+            lines.setdefault(line, []).append(
+                make_selection(sid, name, price, raw_price=o.price, odds_format=fmt, handicap=handicap))
+        out: list[Rendered] = []
+        for line, sels in lines.items():
+            ids = [s.selection_id for s in sels]
+            if len(set(ids)) != len(ids):
+                raise _Rejected(prefix, FeedDecodeError(
+                    "invalid_schema", f"duplicate outcomes in event {ev.id} {bm.key} {m.key}", raw))
+            mid = f"{prefix}" + (f":{line}" if line is not None else "")
+            mtype = _MARKET_TYPES.get(m.key, m.key)
+            spec = {"sport_key": ev.sport_key}
+            if line is not None:
+                spec["handicap" if m.key in _SPREADS else "total" if m.key in _TOTALS else "line"] = line
+            name = {"moneyline": "Moneyline", "moneyline_lay": "Moneyline (lay)",
+                    "spread": f"Handicap {line}", "total": f"Total {line}"}.get(mtype, m.key)
+            out.append(Rendered(
+                market_id=mid,
+                header=MarketHeader(**common, bookmaker=bm.key, name=name, market_type=mtype,  # type: ignore[arg-type]
+                                    market_type_raw=m.key, specifiers=spec),
+                selections=sels, source_ts=ts))
+        return out
+
+
+def _under(market_id: str, prefixes: list[str]) -> bool:
+    """``market_id`` is one of ``prefixes`` or lies under one (``<prefix>:…``)."""
+    for p in prefixes:
+        if market_id == p or market_id.startswith(p) and market_id[len(p)] == ":":
+            return True
+    return False

@@ -26,7 +26,11 @@ production client (:mod:`feed.sources.esa`) can be exercised end to end:
 
 Fault switches (for tests and demos): :meth:`Simulator.set_degraded`,
 :meth:`~Simulator.drop_connections`, :meth:`~Simulator.stall`,
-:meth:`~Simulator.inject_malformed`, :meth:`~Simulator.drop_mid_segment`.
+:meth:`~Simulator.inject_malformed`, :meth:`~Simulator.drop_mid_segment`,
+:meth:`~Simulator.poison_timestamps`, :meth:`~Simulator.freeze`.
+
+Ground truth: with ``truth_log`` set, every change the synthetic model makes
+is appended to that file (:mod:`feed.simulator.truth`).
 
 Upstream: the synthetic :class:`~feed.simulator.market_model.MarketModel`, or
 recorded files (``replay``) paced by their ``pt`` / ``speed`` and re-served as
@@ -53,6 +57,7 @@ import orjson
 from feed.simulator.market_model import MarketModel
 from feed.simulator.pacing import tick_forever
 from feed.simulator.recorded import merged_messages
+from feed.simulator.truth import open_truth_log, record_exchange_market
 from feed.simulator.wire import (
     FieldSpec,
     MarketBook,
@@ -93,6 +98,8 @@ class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True):
     instead of the synthetic model. speed: replay pacing multiplier over the
     recorded ``pt`` gaps; ``None`` = as fast as the clients read.
     time_scale: synthetic lifecycle speed-up (60 ⇒ a 90-minute match in 90 s).
+    truth_log: append every upstream change to this file
+    (:mod:`feed.simulator.truth`; None = off).
     auth_timeout_s: close a connection not authenticated after this many
     seconds (ESA: 15). segment_markets: markets per segment. tick_ms: pump
     interval in ms (model steps, conflation and heartbeat checks).
@@ -111,6 +118,7 @@ class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True):
     auth_timeout_s: float = 15.0
     segment_markets: int = 5
     tick_ms: int = 10
+    truth_log: str | None = None
 
 
 def _now_ms() -> int:
@@ -225,6 +233,7 @@ class Simulator:
         self.connections_accepted = 0
         self.replay_done = asyncio.Event()
         self.model: MarketModel | None = None
+        self._truth = open_truth_log(self.config.truth_log) if self.config.truth_log else None
         if self.config.replay:
             self.books: dict[str, MarketBook] = {}
         else:
@@ -232,6 +241,11 @@ class Simulator:
                                      time_scale=self.config.time_scale, now_ms=_now_ms())
             self.books = self.model.books
             self.model.drain()  # the initial state goes out as images
+            if self._truth is not None:
+                now = _now_ms()
+                for mb in self.books.values():
+                    record_exchange_market(self._truth, now, mb)
+                self._truth.flush()
         self._conns: set[_Conn] = set()
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._server: asyncio.Server | None = None
@@ -240,6 +254,9 @@ class Simulator:
         self._degraded = False
         self._cut_segments = 0
         self._malformed_next = 0
+        self._frozen = False
+        self._poison: deque[int] = deque()
+        self._poison_heartbeats: deque[int] = deque()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -308,6 +325,17 @@ class Simulator:
         """The next ``n`` segmented images are cut: all segments but the last
         (SEG_END) are sent, then the connection is closed."""
         self._cut_segments += n
+
+    def poison_timestamps(self, values: list[int], *, heartbeats: bool = False) -> None:
+        """The next ``len(values)`` change messages (or, with ``heartbeats``,
+        heartbeats) carry these ``pt`` values instead of the clock (e.g. year
+        2100, 0, negative, 2**63); their content is real."""
+        (self._poison_heartbeats if heartbeats else self._poison).extend(int(v) for v in values)
+
+    def freeze(self, on: bool = True) -> None:
+        """Stop (or restart) the synthetic model: no changes while frozen
+        (lifecycle included); heartbeats go on."""
+        self._frozen = on
 
     def truth(self) -> dict[str, Any]:
         """Current state of every market, see :func:`feed.simulator.wire.truth_of`."""
@@ -500,7 +528,7 @@ class Simulator:
         stream.seq += 1
         conn.clk = _encode_clk(stream.seq)
         last = len(parts) - 1
-        pt = _now_ms()  # the emit stamp: as late as possible
+        pt = self._poison.popleft() if self._poison and not header else _now_ms()  # the emit stamp: as late as possible
         lines = []
         for k, part in enumerate(parts):
             msg: dict[str, Any] = {"op": "mcm", "id": sub.id}
@@ -534,7 +562,7 @@ class Simulator:
         msg: dict[str, Any] = {"op": "mcm", "id": conn.sub.id, "clk": conn.clk}
         if self._degraded:
             msg["status"] = 503
-        msg["pt"] = _now_ms()
+        msg["pt"] = self._poison_heartbeats.popleft() if self._poison_heartbeats else _now_ms()
         msg["ct"] = "HEARTBEAT"
         conn.write([orjson.dumps(msg)])
         conn.last_send_ms = now_ms
@@ -563,6 +591,8 @@ class Simulator:
     def _publish(self, marks: dict[str, MarketDirty]) -> None:
         if not marks:
             return
+        if self._truth is not None:
+            self._record_truth(marks)
         for conn in self._conns:
             if conn.sub is not None and not conn.closed:
                 merge_dirty(conn.pending, marks)
@@ -584,13 +614,27 @@ class Simulator:
             if not backed_up and now_ms - conn.last_send_ms >= sub.heartbeat_ms:
                 self._heartbeat(conn, now_ms)
 
+    def _record_truth(self, marks: dict[str, MarketDirty]) -> None:
+        log = self._truth
+        assert log is not None
+        now = _now_ms()
+        for market_id, mark in marks.items():
+            mb = self.books.get(market_id)
+            if mb is None or mark.removed:
+                log.record(now, "esa", "bf:" + market_id, None, status="REMOVED")
+            elif mark.image or mark.definition:
+                record_exchange_market(log, now, mb)
+            else:
+                record_exchange_market(log, now, mb, mark.runners)
+        log.flush()
+
     # -- upstreams ----------------------------------------------------------------
 
     async def _ticker(self) -> None:
         await tick_forever(self.config.tick_ms, self.config.rate_per_s, self._tick)
 
     def _tick(self, now_ms: int, n: int) -> None:
-        if self.model is not None:
+        if self.model is not None and not self._frozen:
             self.model.step(now_ms, n)
             self._publish(self.model.drain())
         self._service(now_ms)

@@ -52,6 +52,10 @@ after the client's deadline), :meth:`~HttpProviders.trickle` (a slow body),
 :meth:`~HttpProviders.malformed`, :meth:`~HttpProviders.drop_bookmaker`,
 :meth:`~HttpProviders.set_quota`, :meth:`~HttpProviders.freeze`.
 
+Ground truth: with ``truth_log`` set, every change of what either provider
+would answer is appended to that file (:mod:`feed.simulator.truth`), in
+canonical ids (``pn:<event>:0:moneyline`` …, ``toa:<id>:<bookmaker>:h2h`` …).
+
 For tests: :meth:`~HttpProviders.truth` (per provider, in canonical terms,
 for every market the provider has served), ``requests`` (server-side log
 with monotonic timestamps), ``early_requests`` (requests that arrived
@@ -87,6 +91,7 @@ from feed.normalise.base import iso_to_ms
 from feed.odds import decimal_to_american
 from feed.simulator.market_model import MarketModel, iso_ms
 from feed.simulator.pacing import tick_forever
+from feed.simulator.truth import TruthLog, open_truth_log
 from feed.sources.http_auth import NonceCache, verify_signature
 
 __all__ = ["LIVE_ID_OFFSET", "HttpProviders", "ProvidersConfig", "run_http_providers"]
@@ -125,7 +130,8 @@ class ProvidersConfig(msgspec.Struct, kw_only=True, frozen=True):
     (data endpoints accept only Bearer tokens), ``hmac_key_id`` /
     ``hmac_secret`` (when set, requests must be signed). quota: Odds API
     credits. bookmakers: Odds API bookmaker keys. etag: ETag/304 on the Odds
-    API odds endpoint.
+    API odds endpoint. truth_log: append every change of the providers'
+    offers to this file (:mod:`feed.simulator.truth`; None = off).
     """
 
     host: str = "127.0.0.1"
@@ -147,6 +153,7 @@ class ProvidersConfig(msgspec.Struct, kw_only=True, frozen=True):
     quota: int = 1_000_000
     bookmakers: tuple[str, ...] = ("simbook_a", "simbook_b")
     etag: bool = True
+    truth_log: str | None = None
 
 
 # --- provider state ------------------------------------------------------------------
@@ -261,6 +268,8 @@ class HttpProviders:
         self.projected_at_ms = 0
         self.ticks = 0
         self._pn_served_last: dict[int, int] = {}
+        self._truth: TruthLog | None = open_truth_log(cfg.truth_log) if cfg.truth_log else None
+        self._truth_pn: dict[int, set[str]] = {}  # base event -> Pinnacle market ids logged as offered
         self._server: _QuietServer | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -367,6 +376,13 @@ class HttpProviders:
             self.dropped_bookmakers.add(key)
         else:
             self.dropped_bookmakers.discard(key)
+        if self._truth is not None:
+            now = _now_ms()
+            for ev in self.toa_events.values():
+                for (bk, k), m in ev.markets.items():
+                    if bk == key:
+                        self._truth_toa(ev, bk, k, None if dropped else m, now)
+            self._truth.flush()
 
     def set_quota(self, remaining: int) -> None:
         self.quota_remaining = remaining
@@ -420,7 +436,12 @@ class HttpProviders:
         current = {_toa_id(e) for e in by_event}
         for tid, tev in self.toa_events.items():
             if tev.markets and tid not in current:
+                if self._truth is not None:
+                    for bk, k in tev.markets:
+                        self._truth_toa(tev, bk, k, None, now_ms)
                 tev.markets.clear()
+        if self._truth is not None:
+            self._truth.flush()
 
     @staticmethod
     def _names(books: list[Any]) -> tuple[Any, Any, str, str]:
@@ -523,6 +544,8 @@ class HttpProviders:
             p.offered.add(f"pn:{base}:0:moneyline")
         for pts, _, _ in p.totals:
             p.offered.add(f"pn:{base}:0:total:{pts:g}")
+        if self._truth is not None:
+            self._truth_pn_period(ev, now_ms)
 
     def _project_toa(self, eid: str, books: list[Any], now_ms: int) -> None:
         mo, ou, home, away = self._names(books)
@@ -554,11 +577,52 @@ class HttpProviders:
                 wanted[(bk, "totals")] = (("Over", _shade(prices[1], i), 2.5), ("Under", _shade(prices[0], i), 2.5))
         for k in list(ev.markets):
             if k not in wanted:
+                if self._truth is not None and k[0] not in self.dropped_bookmakers:
+                    self._truth_toa(ev, k[0], k[1], None, now_ms)
                 del ev.markets[k]
         for k, outs in wanted.items():
             cur = ev.markets.get(k)
             if cur is None or cur.outcomes != outs:
                 ev.markets[k] = _ToaMarket(outs, now_ms)
+                if self._truth is not None and k[0] not in self.dropped_bookmakers:
+                    self._truth_toa(ev, k[0], k[1], ev.markets[k], now_ms)
+
+    # -- truth log ---------------------------------------------------------------------------
+
+    def _truth_pn_period(self, ev: _PnEvent, now_ms: int) -> None:
+        """Log what the Pinnacle answer now says of ``ev``'s markets, when
+        ``ev`` is the one that carries them (the live event once there is one)."""
+        log = self._truth
+        assert log is not None
+        base = ev.parent or ev.id
+        if ev.live_status != 1 and (base + LIVE_ID_OFFSET) in self.pn_events:
+            return  # the pre-match event went offline behind its live one
+        p = ev.period
+        status = "OPEN" if p.status == 1 else "SUSPENDED"
+        now: dict[str, dict[str, float]] = {}
+        if p.ml:
+            now[f"pn:{base}:0:moneyline"] = dict(p.ml)
+        for pts, over, under in p.totals:
+            now[f"pn:{base}:0:total:{pts:g}"] = {"over": over, "under": under}
+        logged = self._truth_pn.setdefault(base, set())
+        for mid in sorted(logged - now.keys()):  # offered before, gone now: the client suspends it
+            log.record(now_ms, PINNACLE, mid, None, status="SUSPENDED")
+        for mid, prices in now.items():
+            for sid, price in prices.items():
+                log.record(now_ms, PINNACLE, mid, sid, status=status, sel_status="ACTIVE", price=price)
+        logged.update(now)
+
+    def _truth_toa(self, ev: _ToaEvent, bk: str, key: str, m: _ToaMarket | None, now_ms: int) -> None:
+        """Log one Odds API market: its outcomes, or (``m`` None) that it is no longer listed."""
+        log = self._truth
+        assert log is not None
+        mid = f"toa:{ev.id}:{bk}:{key}" + (":2.5" if key == "totals" else "")
+        if m is None:
+            log.record(now_ms, TOA, mid, None, status="SUSPENDED")
+            return
+        for name, price, _ in m.outcomes:
+            sid = "home" if name == ev.home else "away" if name == ev.away else name.lower()
+            log.record(now_ms, TOA, mid, sid, status="OPEN", sel_status="ACTIVE", price=price)
 
     # -- rendering: provider state -> wire ------------------------------------------------
 

@@ -33,7 +33,11 @@ Fault switches (for tests, per run): :meth:`PushSimulator.drop_connections`,
 :meth:`~PushSimulator.stall`, :meth:`~PushSimulator.duplicate`,
 :meth:`~PushSimulator.reorder`, :meth:`~PushSimulator.skip` (sequence gap:
 messages not sent, seq jumps), :meth:`~PushSimulator.inject_malformed`,
-:meth:`~PushSimulator.fail_snapshots`, :meth:`~PushSimulator.freeze`.
+:meth:`~PushSimulator.fail_snapshots`, :meth:`~PushSimulator.freeze`,
+:meth:`~PushSimulator.poison_timestamps`.
+
+Ground truth: with ``truth_log`` set, every odd the stream conveys is also
+appended to that file (:mod:`feed.simulator.truth`, ``px:`` ids).
 
 :meth:`PushSimulator.truth` is the state the stream has conveyed, in
 canonical terms (compare with :func:`market_view` of stored markets).
@@ -67,6 +71,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from feed.models import Market
 from feed.simulator.market_model import MarketModel
 from feed.simulator.pacing import tick_forever
+from feed.simulator.truth import TruthLog, open_truth_log
 from feed.simulator.wire import MarketBook
 
 __all__ = ["PushSimConfig", "PushSimulator", "market_view", "run_push_providers"]
@@ -104,7 +109,8 @@ class PushSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     after this long without a message, ms. history: entries kept for resume.
     odds_per_message: most odds in one ``odds`` message (``1`` = one message
     per changed odd). max_outbox: a connection with more unsent entries is
-    dropped (it resumes from the history).
+    dropped (it resumes from the history). truth_log: append every odd the
+    stream conveys to this file (:mod:`feed.simulator.truth`; None = off).
     """
 
     host: str = "127.0.0.1"
@@ -119,6 +125,7 @@ class PushSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     history: int = 10_000
     odds_per_message: int = 200
     max_outbox: int = 50_000
+    truth_log: str | None = None
 
 
 def now_ms() -> int:
@@ -281,10 +288,14 @@ class PushSimulator:
         self._server: uvicorn.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sock: socket.socket | None = None
+        self._truth: TruthLog | None = open_truth_log(cfg.truth_log) if cfg.truth_log else None
+        self._poison: deque[int] = deque()
         # the initial state is served as snapshots, not as stream entries
         self.model.drain()
         for mb in self.model.books.values():
             self._project(mb, self._base_ms)
+        if self._truth is not None:
+            self._truth.flush()
         self.app = Starlette(routes=[
             WebSocketRoute("/push/ws", self._ws_endpoint),
             Route("/push/sse", _AsgiEndpoint(self._sse_app), methods=["GET"]),
@@ -391,6 +402,12 @@ class PushSimulator:
         """Stop (or restart) the model: no changes while frozen, pings go on."""
         self.frozen = on
 
+    def poison_timestamps(self, values: list[int]) -> None:
+        """The next ``len(values)`` odds messages carry these times (``emitted_at``
+        and every odd's ``timestamp``; e.g. year 2100, 0, negative, 2**63)
+        instead of the clock; their odds are real."""
+        self._poison.extend(int(v) for v in values)
+
     def open_connections(self) -> int:
         return sum(1 for c in self._conns if not c.closed)
 
@@ -449,6 +466,10 @@ class PushSimulator:
             if old is None or old.key() != odd.key() or new:
                 m.odds[sid] = odd
                 changed.append((sid, odd))
+        if self._truth is not None:
+            for sid, odd in changed:
+                sel = "SUSPENDED" if odd.locked and odd.status == "active" else _CANONICAL_SELECTION[odd.status]
+                self._truth.record(ts, "push", mid, sid, status=m.market_status, sel_status=sel, price=odd.price)
         return mid, changed, fixture_changed, new
 
     def _odd_json(self, mid: str, sid: str, odd: _Odd, *, snapshot: bool = False) -> dict[str, Any]:
@@ -477,7 +498,11 @@ class PushSimulator:
     def _append(self, type_: str, payload: dict[str, Any], ts: int) -> None:
         self.seq += 1
         entry_id = f"{ts}-{self.seq}"
-        body = orjson.dumps({"type": type_, "entry_id": entry_id, "seq": self.seq, "emitted_at": ts, **payload})
+        stamp = ts
+        if self._poison and type_ in ("odds", "locked-odds"):
+            stamp = self._poison.popleft()
+            payload = {**payload, "data": [{**o, "timestamp": stamp} for o in payload["data"]]}
+        body = orjson.dumps({"type": type_, "entry_id": entry_id, "seq": self.seq, "emitted_at": stamp, **payload})
         entry = _Entry(type_, body, self.seq, entry_id)
         self.last_entry_id = entry_id
         self.history.append(entry)
@@ -511,6 +536,8 @@ class PushSimulator:
                 fx = self.markets[mid].fixture
                 assert fx is not None
                 fixtures[fx.id] = fx
+        if self._truth is not None:
+            self._truth.flush()
         size = max(self.config.odds_per_message, 1)
         for type_, odds in (("odds", unlocked), ("locked-odds", locked)):
             for i in range(0, len(odds), size):

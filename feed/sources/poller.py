@@ -56,7 +56,7 @@ import msgspec
 from feed.aio import wait_event
 from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, RetryableSourceError, SourceError
-from feed.ingest import Ingest
+from feed.ingest import Ingest, ingest_options
 from feed.normalise.pinnacle import PinnacleNormaliser
 from feed.normalise.theoddsapi import TheOddsApiNormaliser
 from feed.settings import Settings
@@ -389,6 +389,8 @@ class PollerSource:
         self._stop = asyncio.Event()
         self._published_at = -1e18
         self._health_dirty = True
+        self._odds_ok_at: dict[str, int] = {}
+        ingest.confirm_by_messages = False  # polls confirm per key (odds_confirmed)
 
     @property
     def name(self) -> str:
@@ -441,9 +443,16 @@ class PollerSource:
         self.lag.record_deltas(deltas)
         return len(deltas)
 
-    def confirm(self, recv_ms: int) -> None:
-        """A reply with nothing new (304, empty delta) still confirms the data."""
-        self.ingest.health.last_message_at = recv_ms
+    def odds_confirmed(self, key: str, recv_ms: int) -> None:
+        """An odds poll of ``key`` succeeded (new data stored, or 304 / nothing
+        new) with the reply read at ``recv_ms``. The source's markets are
+        confirmed as of the *oldest* last successful odds poll over its
+        keys: a fixtures call, or one sport's poll while another's keep
+        failing (429, 5xx, timeouts), confirms nothing."""
+        self._odds_ok_at[key] = recv_ms
+        times = [self._odds_ok_at.get(k) for k in self.keys()]
+        if times and None not in times:
+            self.ingest.confirm(min(t for t in times if t is not None))
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -629,7 +638,8 @@ class PinnacleSource(PollerSource):
             self._snapshot_at[sport] = now
             self._stale_streak[sport] = 0
         if res.status == 304 or not res.body.strip():
-            self.confirm(res.recv_ms)
+            if endpoint == "odds":
+                self.odds_confirmed(str(sport), res.recv_ms)
             return
         stale_before = n.dropped["stale_response"]
         n.expect(endpoint, snapshot=since is None, sport_id=sport)  # type: ignore[arg-type]
@@ -639,6 +649,7 @@ class PinnacleSource(PollerSource):
                 self._stale_streak[sport] = self._stale_streak.get(sport, 0) + 1
             else:
                 self._stale_streak[sport] = 0
+                self.odds_confirmed(str(sport), res.recv_ms)
 
 
 class _PnSport(msgspec.Struct, kw_only=True):
@@ -725,7 +736,7 @@ class TheOddsApiSource(PollerSource):
         res = await self.http.get(f"/sports/{key}/odds", params, headers=headers)
         if res.status == 304 or not res.body.strip():
             self.not_modified += res.status == 304
-            self.confirm(res.recv_ms)
+            self.odds_confirmed(key, res.recv_ms)
             return
         etag = res.headers.get("etag")
         if etag and self.conditional:
@@ -735,6 +746,7 @@ class TheOddsApiSource(PollerSource):
         await self.ingest_body(res.body, res.recv_ms)
         if self.ingest.stats.rejected > rejected:
             self.etags.pop(key, None)  # a rejected body must be fetched whole next time
+        self.odds_confirmed(key, res.recv_ms)
 
 
 # --- building from a --source spec -------------------------------------------------------
@@ -842,7 +854,7 @@ async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=5.0, min_interval_s=5.0))
     normaliser = PinnacleNormaliser(spec.name, odds_format=odds_format)  # type: ignore[arg-type]
     ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="pinnacle",
-                    stale_after_ms=_stale_after_ms(settings, opts, http.options))
+                    stale_after_ms=_stale_after_ms(settings, opts, http.options), **ingest_options(settings))
     source = PinnacleSource(ingest, http, opts, sports=sports, normaliser=normaliser,
                             fixtures_interval_s=spec.get_float("fixtures_interval_s", 60.0),
                             resync_s=spec.get_float("resync_s", 3600.0))
@@ -877,7 +889,7 @@ async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSp
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=40.0, min_interval_s=20.0))
     normaliser = TheOddsApiNormaliser(spec.name, odds_format=odds_format)  # type: ignore[arg-type]
     ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="theoddsapi",
-                    stale_after_ms=_stale_after_ms(settings, opts, http.options))
+                    stale_after_ms=_stale_after_ms(settings, opts, http.options), **ingest_options(settings))
     sports = _split(spec.get("sport", spec.get("sports", "upcoming")) or "upcoming")
     source = TheOddsApiSource(ingest, http, opts, sports=sports, normaliser=normaliser,
                               regions=spec.get("regions", "eu") or "eu",

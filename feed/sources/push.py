@@ -61,8 +61,9 @@ from websockets.exceptions import (
 from feed.aio import raise_if_cancelled
 from feed.book import Book
 from feed.errors import FatalSourceError
-from feed.ingest import HealthPublisher, Ingest
+from feed.ingest import HealthPublisher, Ingest, ingest_options
 from feed.normalise.push import PushNormaliser, entry_key
+from feed.redaction import register_secret
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.sources.session import SessionClient
@@ -164,6 +165,7 @@ class PushClient(SessionClient):
         self.url = url
         self.snapshot_url = snapshot_url
         self._api_key = api_key
+        register_secret(api_key)  # never in a log line, whoever logs the request (websockets at DEBUG)
         self._on_messages = on_messages
         super().__init__(on_health)
         self.name = name
@@ -498,7 +500,7 @@ async def run_push_source(store: Store, settings: Settings, spec: SourceSpec, cl
     """
     normaliser = PushNormaliser(spec.name, prefix=spec.get("prefix") or "px")
     ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(),
-                    stale_after_ms=settings.stale_in_play_ms, kind=spec.kind)
+                    stale_after_ms=settings.stale_in_play_ms, kind=spec.kind, **ingest_options(settings))
     cursor = await ingest.restore()
     normaliser.restore(ingest.book.markets.values(), cursor)
     health = HealthPublisher(ingest)

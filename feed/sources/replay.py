@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bz2
+import contextlib
 import gzip
 import logging
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
+from feed.errors import StoreError
 from feed.ingest import Ingest, now_ms
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ class ReplaySummary:
             f"messages: {self.messages}",
             f"runner changes: {self.runner_changes}",
             f"deltas stored: {self.deltas}",
-            f"rejected lines: {self.rejected} ({reasons})",
+            f"rejected: {self.rejected} ({reasons}; a line, or one market of a line)",
             f"elapsed: {self.elapsed_s:.2f} s, rate: {self.rate:,.0f} runner changes/s",
         ]
         return out
@@ -168,6 +170,7 @@ class Replay:
             if self.speed is not None and loaded:
                 await asyncio.gather(*(self._play_paced(m) for _, m in loaded))
                 self._done_files += len(loaded)
+            await ingest.drain()  # a replay is finished only when Redis holds all of it
         finally:
             await ingest.flush()
             s = self.summary
@@ -180,7 +183,8 @@ class Replay:
             s.rejected_by_reason = dict(st.rejected_by_reason)
             s.elapsed_s = time.perf_counter() - t0
             ingest.set_state("DOWN", "replay_finished")
-            await ingest.publish_health()
+            with contextlib.suppress(StoreError):
+                await ingest.publish_health()
         return self.summary
 
     def _tick(self) -> None:
