@@ -28,8 +28,9 @@ market an ingest process owns and turns each
   last imaged or updated it (``Market.session``). An unchanged image from a
   new session yields a delta that only moves ``session`` (the market is
   confirmed by the new upstream); :meth:`Book.unconfirm` clears it when an
-  update of the market had to be rejected or dropped, so heartbeats stop
-  confirming a market whose updates are being lost.
+  update of the market had to be rejected or dropped (a change of it is
+  lost), and only the market's next image sets it again: later deltas do
+  not repair what was lost, so the market reads stale until then.
 
 Pure: no I/O, no clock reads.
 """
@@ -183,7 +184,8 @@ class Book:
         st.source_ts_original = update.source_ts_original
         st.received_at = update.received_at
         st.stored_at = stored_at
-        st.session = session
+        if st.session is not None:  # an unconfirmed market waits for an image (a change of it was lost)
+            st.session = session
         st.market = None
         if header is not None:
             st.header = header
@@ -201,7 +203,7 @@ class Book:
             source_ts_original=update.source_ts_original,
             received_at=update.received_at,
             stored_at=stored_at,
-            session=session,
+            session=st.session,
             header=header,
             selections=selections,
             traded_volume=tv,

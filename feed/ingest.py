@@ -162,6 +162,12 @@ class Ingest:
         self._store_backoff = Backoff(initial_s=0.2, factor=2.0, max_s=5.0)
         self.store_failures = 0
         self.compactions = 0
+        #: market updates rejected alone (each leaves its market unconfirmed until re-imaged);
+        #: a source that can ask its upstream for a fresh image watches it (:meth:`take_lost`)
+        self.lost_changes = 0
+        self._lost_seen = 0
+        #: messages rejected whole (nothing of them applied)
+        self.rejected_messages = 0
 
     async def restore(self) -> str | None:
         """Load stored snapshots (so seq continues) and the upstream session
@@ -211,10 +217,12 @@ class Ingest:
             try:
                 batch = normaliser.feed(raw, recv_ms, pt_map=pt_map)
             except FeedDecodeError as exc:
+                self.rejected_messages += 1
                 self._reject(exc)
                 continue
             except Exception as exc:  # a normaliser bug must not end the source (nor its neighbours)
                 logger.exception("normaliser of %s failed on a message", self.source)
+                self.rejected_messages += 1
                 self._reject(FeedDecodeError("internal_error", f"{type(exc).__name__}: {exc}", raw))
                 continue
             if batch.full_image:
@@ -260,6 +268,14 @@ class Ingest:
         for the store."""
         if recv_ms > self.health.last_message_at:
             self.health.last_message_at = recv_ms
+
+    def take_lost(self) -> bool:
+        """True once after market updates were rejected alone since the last
+        call: the source should get a fresh image of its markets (push: the
+        REST snapshot; Pinnacle: a snapshot poll) to repair what was lost."""
+        lost = self.lost_changes != self._lost_seen
+        self._lost_seen = self.lost_changes
+        return lost
 
     @property
     def pending(self) -> int:
@@ -396,6 +412,7 @@ class Ingest:
                        exc.detail[:200], exc.raw[:200])
         if exc.market_id is not None:
             self._unconfirm.add(exc.market_id)
+            self.lost_changes += 1
         rej = self._rejections
         if len(rej) >= QUARANTINE_QUEUE_MAX:  # the store is failing: keep the newest, count the rest
             del rej[0]

@@ -43,7 +43,8 @@ Reasons, checked in this order (the first that applies is the answer):
    is settled (WINNER/LOSER/PLACED/VOID) — permanent, retrying won't help;
 4. ``SOURCE_DOWN``       the market's source is DOWN (nothing confirms the
    price);
-5. ``STALE``             ``age_ms > max_age_ms``, or this node is not
+5. ``STALE``             ``age_ms > max_age_ms``, an update of the market
+                         was rejected (not trusted until re-imaged), or this node is not
    receiving updates (a partition reader lost Redis). Default ``max_age_ms``:
    ``settings.price_check_max_age_in_play_ms`` (5 s) for in-play markets,
    ``…_pre_match_ms`` (30 s) otherwise;
@@ -247,6 +248,9 @@ def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: s
         return answer("SOURCE_DOWN", f"source {m.source} is down{why}; its prices are not confirmed", **priced)
     if feed_problem is not None:
         return answer("STALE", f"this node is not receiving updates ({feed_problem})", **priced)
+    if m.session is None and health is not None and health.session is not None:
+        return answer("STALE", f"an update of market {m.market_id} was rejected; its prices are not trusted "
+                               "until the source re-images it", **priced)
     if age > max_age:
         return answer("STALE", f"market data is {age} ms old, older than max_age_ms {max_age}", **priced)
     if m.status in _SUSPENDED_MARKET:

@@ -11,6 +11,7 @@ Staleness (DESIGN §6) of a market at ``now_ms``::
                                                                  and market.session == health.session)
     age_ms         = max(0, now_ms - last_confirmed)
     stale          = source is DOWN (or its health lease ran out: ``ingest_gone``)
+                     or market.session is None while the source has one (a change was lost)
                      or age_ms > threshold(market.sport, market.in_play)
 
 ``threshold`` is ``settings.stale_in_play_ms`` / ``stale_pre_match_ms``
@@ -385,6 +386,8 @@ class NodeState:
         if h is not None:
             if h.state == "DOWN" or (h.lease_ms > 0 and now > h.updated_at + h.lease_ms):
                 down = True
+            elif m.session is None and h.session is not None:
+                down = True  # a change of this market was lost: stale until its source re-images it
             elif h.last_message_at > last and m.session is not None and m.session == h.session:
                 last = h.last_message_at
         age = now - last

@@ -279,22 +279,26 @@ def test_a_bad_event_is_rejected_alone(body: bytes, reason: str) -> None:
 
 
 def test_a_bad_event_in_a_later_snapshot_keeps_its_markets_and_names_them() -> None:
-    """A market of a rejected event is neither suspended (``not_offered``)
-    nor forgotten by the snapshot; every known market of the event is named
-    in ``batch.rejected``; its last good state is kept."""
+    """A market of a rejected event is not suspended (``not_offered``);
+    every known market of the event is named in ``batch.rejected``; the
+    provider state keeps its last good odds, and the differ forgets the
+    markets, so the poller's next (snapshot) poll re-images them whole."""
     n = PinnacleNormaliser()
     n.expect("fixtures", snapshot=True)
     n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
     n.expect("odds", snapshot=True)
     n.feed(load("02_odds_snapshot.json"), 1755349200000)
-    before = {m: n.differ.emitted[m].selections for m in _EVENT_1_MARKETS}
+    assert all(m in n.differ.emitted for m in _EVENT_1_MARKETS)
     n.expect("odds", snapshot=True)
     batch = n.feed(_snapshot_with(home=1.0099), 1755349210000)
     assert sorted(e.market_id for e in batch.rejected) == sorted(_EVENT_1_MARKETS)  # (corners: another event)
     assert {e.reason for e in batch.rejected} == {"invalid_price"}
     assert batch.updates == []  # nothing suspended, nothing else changed
-    assert {m: n.differ.emitted[m].selections for m in _EVENT_1_MARKETS} == before
+    assert not any(m in n.differ.emitted for m in _EVENT_1_MARKETS)
     assert n.odds[1590000001][0].ml["home"][0] == 2.10  # type: ignore[index]
+    n.expect("odds", snapshot=True)
+    again = n.feed(load("02_odds_snapshot.json"), 1755349220000)
+    assert sorted(u.market_id for u in again.updates if u.image) == sorted(_EVENT_1_MARKETS)
 
 
 def test_a_bad_fixture_is_rejected_alone() -> None:

@@ -161,13 +161,17 @@ async def test_staleness_follows_source_health(store: Store, redis_url: str) -> 
 
 async def test_source_heartbeat_confirms_a_quiet_market(store: Store, redis_url: str) -> None:
     feed = Feed(store)
+    feed.session = "s0"  # an earlier upstream session imaged both markets
     for mid in ("m1", "m2"):
         up = feed.image(mid, in_play=True)
         up.received_at = now_ms() - 60_000  # quiet for a minute (in-play stale after 10 s)
         up.source_ts = up.received_at - 1
         await feed.write(up)
-    feed.session = "s1"
-    await feed.write(feed.price("m1", "1", 2.1, received_at=now_ms() - 60_000))  # m1 updated in session s1
+    feed.session = "s1"  # the current one imaged m1 again
+    again = feed.image("m1", in_play=True)
+    again.received_at = now_ms() - 60_000
+    again.source_ts = again.received_at - 1
+    await feed.write(again)
     async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
         m = (await c.get("/v1/markets/m1")).json()
         assert m["stale"] is True and m["age_ms"] >= 60_000  # no health record: received_at only

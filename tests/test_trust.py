@@ -193,10 +193,18 @@ def _content(m: Market) -> tuple[Any, ...]:
 
 @pytest.fixture
 def own_redis(tmp_path: Path):
+    """A redis-server of the test's own, to kill and restart."""
     server = EmbeddedRedis(tmp_path / "redis", appendonly=True)
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def own_store(own_redis: EmbeddedRedis):
+    store = await Store.open(own_redis.url)
+    yield store
+    await store.close()
 
 
 async def _log_seqs(store: Store) -> dict[str, list[tuple[int, str]]]:
@@ -212,69 +220,60 @@ def _contiguous(seqs: list[tuple[int, str]]) -> bool:
     return all(kind == "image" or seq == prev + 1 for (prev, _), (seq, kind) in zip(seqs, seqs[1:]))
 
 
-async def test_ingest_survives_a_redis_kill_and_loses_nothing(own_redis: EmbeddedRedis) -> None:
-    store = await Store.open(own_redis.url)
-    try:
-        ingest = Ingest(store, source="betfair")
-        ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 1)
-        await ingest.flush()
-        ingest.set_state("UP", None)
-        confirmed = ingest.health.last_message_at
-        assert confirmed == NOW + 1
-        own_redis.kill()
-        for i in range(5):  # changes keep arriving while Redis is dead
-            ingest.feed_lines([price("1.1", 2.02 + i / 100, pt=NOW + 10 + i)], NOW + 11 + i)
-            assert await ingest.flush() == []
-        assert not ingest.store_ok and ingest.backlog == 5
-        assert ingest.published_health().reason == "store_unavailable"
-        # nothing after the outage began is confirmed: the stored prices are behind the provider's
-        assert ingest.health.last_message_at == confirmed
-        own_redis.start()
-        ingest._retry_at = 0.0  # the next retry is due now
-        written = await ingest.flush()
-        assert len(written) == 5 and ingest.store_ok and ingest.backlog == 0
-        assert ingest.health.last_message_at == NOW + 15
-        m = await store.get_market("bf:1.1")
-        assert m is not None and best_back(m) == 2.06 and m.seq == 6
-        seqs = (await _log_seqs(store))["bf:1.1"]
-        assert [s for s, _ in seqs] == [1, 2, 3, 4, 5, 6] and _contiguous(seqs)
-    finally:
-        await store.close()
+async def test_ingest_survives_a_redis_kill_and_loses_nothing(own_redis: EmbeddedRedis, own_store: Store) -> None:
+    store = own_store
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 1)
+    await ingest.flush()
+    ingest.set_state("UP", None)
+    confirmed = ingest.health.last_message_at
+    assert confirmed == NOW + 1
+    own_redis.kill()
+    for i in range(5):  # changes keep arriving while Redis is dead
+        ingest.feed_lines([price("1.1", 2.02 + i / 100, pt=NOW + 10 + i)], NOW + 11 + i)
+        assert await ingest.flush() == []
+    assert not ingest.store_ok and ingest.backlog == 5
+    assert ingest.published_health().reason == "store_unavailable"
+    # nothing after the outage began is confirmed: the stored prices are behind the provider's
+    assert ingest.health.last_message_at == confirmed
+    own_redis.start()
+    ingest._retry_at = 0.0  # the next retry is due now
+    written = await ingest.flush()
+    assert len(written) == 5 and ingest.store_ok and ingest.backlog == 0
+    assert ingest.health.last_message_at == NOW + 15
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.06 and m.seq == 6
+    seqs = (await _log_seqs(store))["bf:1.1"]
+    assert [s for s, _ in seqs] == [1, 2, 3, 4, 5, 6] and _contiguous(seqs)
 
 
-async def test_redis_back_empty_gets_every_market_reimaged(own_redis: EmbeddedRedis) -> None:
-    store = await Store.open(own_redis.url)
-    try:
-        ingest = Ingest(store, source="betfair")
-        ingest.feed_lines([image("1.1", 2.0, pt=NOW), image("1.2", 3.0, pt=NOW, ct=None)], NOW + 1)
-        await ingest.flush()
-        await store.redis.flushall()  # Redis restarted without its data
-        ingest.feed_lines([price("1.1", 2.1, pt=NOW + 10)], NOW + 11)
-        await ingest.flush()
-        assert sorted(m.market_id for m in await store.load_all_markets()) == ["bf:1.1", "bf:1.2"]
-        seqs = await _log_seqs(store)
-        assert all(kind == "image" for ss in seqs.values() for _, kind in ss)
-    finally:
-        await store.close()
+async def test_redis_back_empty_gets_every_market_reimaged(own_store: Store) -> None:
+    store = own_store
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW), image("1.2", 3.0, pt=NOW, ct=None)], NOW + 1)
+    await ingest.flush()
+    await store.redis.flushall()  # Redis restarted without its data
+    ingest.feed_lines([price("1.1", 2.1, pt=NOW + 10)], NOW + 11)
+    await ingest.flush()
+    assert sorted(m.market_id for m in await store.load_all_markets()) == ["bf:1.1", "bf:1.2"]
+    seqs = await _log_seqs(store)
+    assert all(kind == "image" for ss in seqs.values() for _, kind in ss)
 
 
-async def test_health_publisher_drains_the_backlog_of_a_quiet_source(own_redis: EmbeddedRedis) -> None:
-    store = await Store.open(own_redis.url)
-    try:
-        ingest = Ingest(store, source="betfair")
-        ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 1)
-        await ingest.flush()
-        own_redis.stop()
-        ingest.feed_lines([price("1.1", 2.2, pt=NOW + 10)], NOW + 11)
-        await ingest.flush()
-        assert ingest.backlog == 1
-        own_redis.start()
-        async with HealthPublisher(ingest, interval_s=0.05):
-            await eventually(lambda: ingest.backlog == 0 and ingest.store_ok, 20, "backlog drained")
-        m = await store.get_market("bf:1.1")
-        assert m is not None and best_back(m) == 2.2
-    finally:
-        await store.close()
+async def test_health_publisher_drains_the_backlog_of_a_quiet_source(own_redis: EmbeddedRedis, own_store: Store) -> None:
+    store = own_store
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 1)
+    await ingest.flush()
+    own_redis.stop()
+    ingest.feed_lines([price("1.1", 2.2, pt=NOW + 10)], NOW + 11)
+    await ingest.flush()
+    assert ingest.backlog == 1
+    own_redis.start()
+    async with HealthPublisher(ingest, interval_s=0.05):
+        await eventually(lambda: ingest.backlog == 0 and ingest.store_ok, 20, "backlog drained")
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.2
 
 
 # --- health leases ---------------------------------------------------------------------------
@@ -428,3 +427,55 @@ async def test_a_seq_gap_in_the_log_reaches_clients_as_a_flagged_snapshot(store:
             assert snap["recovered"] is False
             m1 = next(m for m in snap["markets"] if m["market_id"] == "m1")
             assert m1["seq"] == 3 and m1["selections"][0]["back"][0][0] == 2.4
+
+
+def _push_snapshot(entry: int, markets: list[str], *, ts: int) -> bytes:
+    odds = [{"fixture": {"id": "f1", "sport": "Soccer", "league": "Premier League", "home": "Arsenal",
+                         "away": "Chelsea", "start_time": NOW + 3_600_000, "is_live": True, "status": "live"},
+             "market": {"id": mid, "name": mid}, "selection": {"id": "home", "name": "Arsenal"},
+             "price": 2.5, "timestamp": ts, "sportsbook": "book1"} for mid in markets]
+    return orjson.dumps({"type": "snapshot", "entry_id": f"{ts}-{entry}", "seq": entry, "emitted_at": ts,
+                         "data": odds})
+
+
+async def test_a_restarted_push_upstream_snapshot_without_a_market_unconfirms_it(store: Store) -> None:
+    from feed.normalise.push import PushNormaliser
+
+    ingest = Ingest(store, source="push", normaliser=PushNormaliser("push"), clock_ms=lambda: NOW + 60_000)
+    ingest.feed_lines([_push_snapshot(1, ["moneyline", "total"], ts=NOW)], NOW + 5)
+    await ingest.flush()
+    first_session = ingest.session
+    # the provider restarted: its new stream starts with a snapshot that no longer has "total"
+    ingest.feed_lines([_push_snapshot(1, ["moneyline"], ts=NOW + 100)], NOW + 105)
+    await ingest.flush()
+    assert ingest.session != first_session
+    ingest.set_state("UP", None)
+    ingest.health.last_message_at = NOW + 60_000
+    markets = {m.market_id: m for m in await store.load_all_markets()}
+    kept, gone = markets["px:f1:moneyline"], markets["px:f1:total"]
+    st = node(list(markets.values()), [ingest.published_health()])
+    assert st.age_stale(kept, NOW + 60_000) == (0, False)
+    assert st.age_stale(gone, NOW + 60_000)[1], "a market the new upstream no longer sends must turn stale"
+
+
+async def test_a_market_with_a_lost_change_stays_stale_until_it_is_reimaged(store: Store) -> None:
+    ingest = Ingest(store, source="betfair", clock_ms=lambda: NOW + 1000)
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    ingest.feed_lines([price("1.1", 1.001, pt=NOW + 10)], NOW + 10)  # rejected: this change is lost
+    # a later, valid change of another selection must not vouch for the one that was lost
+    ingest.feed_lines([line({"id": "1.1", "rc": [{"id": 2, "atb": [[4.1, 3]]}]}, pt=NOW + 20)], NOW + 20)
+    await ingest.flush()
+    ingest.set_state("UP", None)
+    m = await store.get_market("bf:1.1")
+    assert m is not None and m.session is None and m.received_at == NOW + 20
+    st = node([m], [ingest.published_health()])
+    assert st.age_stale(m, NOW + 500)[1]
+    verdict = check_price(st, PriceCheckRequest(market_id="bf:1.1", selection_id="2", side="back", price=4.1),
+                          NOW + 500)
+    assert verdict.reason == "STALE" and "rejected" in verdict.message
+    ingest.feed_lines([image("1.1", 2.3, pt=NOW + 30)], NOW + 30)  # the provider re-images it
+    await ingest.flush()
+    m = await store.get_market("bf:1.1")
+    assert m is not None and m.session == ingest.session
+    st = node([m], [ingest.published_health()])
+    assert st.age_stale(m, NOW + 500) == (470, False)

@@ -483,6 +483,7 @@ class PinnacleNormaliser:
                 self._rejected.append(FeedDecodeError(exc.reason, exc.detail, raw))
             for mid in mids:
                 self._rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, market_id=mid))
+                self.differ.forget(mid)  # its change is lost: re-imaged by the next snapshot (the poller takes one)
 
     def _markets_of_event(self, rid: int) -> list[str]:
         fx = self.fixtures.get(rid)

@@ -276,6 +276,8 @@ class TheOddsApiNormaliser:
                 out.append(FeedDecodeError(exc.reason, exc.detail, raw))
             for mid in mids:
                 out.append(FeedDecodeError(exc.reason, exc.detail, raw, market_id=mid))
+                # its update is lost: forget it, so the next good snapshot re-images it whole
+                self.differ.forget(mid)
         return out
 
     def _time(self, value: str | float | None, where: str, raw: bytes, provider: bool = False,

@@ -567,6 +567,7 @@ class PinnacleSource(PollerSource):
         self._fixtures_at: dict[int, float] = {}
         self._snapshot_at: dict[int, float] = {}
         self._stale_streak: dict[int, int] = {}
+        self._repair: set[int] = set()  # sports whose next odds poll is a snapshot (a change was rejected)
         self._active: list[str] = []
         self.requests: Counter[str] = Counter()
 
@@ -609,6 +610,9 @@ class PinnacleSource(PollerSource):
         now = self._clock()
         n = self.normaliser
         resync = bool(self.resync_s) and now - self._snapshot_at.setdefault(sport, now) >= self.resync_s
+        if sport in self._repair:
+            self._repair.discard(sport)
+            resync = True  # an event's change was rejected: a snapshot re-images what was lost
         if self._stale_streak.get(sport, 0) >= 3:
             logger.warning("%s: odds cursor for sport %d keeps going backwards; taking a snapshot", self.name, sport)
             resync = True
@@ -643,13 +647,17 @@ class PinnacleSource(PollerSource):
             return
         stale_before = n.dropped["stale_response"]
         n.expect(endpoint, snapshot=since is None, sport_id=sport)  # type: ignore[arg-type]
+        whole_before = self.ingest.rejected_messages
         await self.ingest_body(res.body, res.recv_ms)
+        if self.ingest.take_lost():
+            self._repair.add(sport)
         if endpoint == "odds":
             if n.dropped["stale_response"] > stale_before:
                 self._stale_streak[sport] = self._stale_streak.get(sport, 0) + 1
             else:
                 self._stale_streak[sport] = 0
-                self.odds_confirmed(str(sport), res.recv_ms)
+                if self.ingest.rejected_messages == whole_before:  # a rejected answer confirms nothing
+                    self.odds_confirmed(str(sport), res.recv_ms)
 
 
 class _PnSport(msgspec.Struct, kw_only=True):
@@ -742,11 +750,13 @@ class TheOddsApiSource(PollerSource):
         if etag and self.conditional:
             self.etags[key] = etag
         self.normaliser.expect(key)
-        rejected = self.ingest.stats.rejected
+        rejected, whole_before = self.ingest.stats.rejected, self.ingest.rejected_messages
         await self.ingest_body(res.body, res.recv_ms)
+        self.ingest.take_lost()  # a rejected market is re-imaged by the next snapshot (the normaliser forgot it)
         if self.ingest.stats.rejected > rejected:
             self.etags.pop(key, None)  # a rejected body must be fetched whole next time
-        self.odds_confirmed(key, res.recv_ms)
+        if self.ingest.rejected_messages == whole_before:  # a rejected answer confirms nothing
+            self.odds_confirmed(key, res.recv_ms)
 
 
 # --- building from a --source spec -------------------------------------------------------

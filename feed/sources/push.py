@@ -194,6 +194,7 @@ class PushClient(SessionClient):
         self.duplicates = 0
         self.reordered = 0
         self.resyncs = 0
+        self._repair = False
         self.reconnects = 0
         self.retry_ms: int | None = None  # an SSE server's reconnection hint
 
@@ -317,6 +318,11 @@ class PushClient(SessionClient):
                     if not delivered:
                         delivered = True
                         self._backoff.reset()
+                    if self._repair and self.snapshot_url is not None and self._gap_since is None:
+                        self._repair = False  # a market's change was rejected: the snapshot re-images it
+                        await self._resync()
+                        last_rx = loop.time()
+                        continue
                 if self._gap_since is not None and (now - self._gap_since >= self._reorder_s
                                                     or len(self._held) > self._reorder_window):
                     await self._resync()
@@ -425,6 +431,13 @@ class PushClient(SessionClient):
         if entry is not None:
             self._cursor = entry
 
+    def request_repair(self) -> None:
+        """Ask for a REST snapshot after the current batch: the caller rejected
+        a market's change, and only a fresh image can repair it (no-op
+        without a snapshot URL: the market then stays stale until the
+        stream re-images it)."""
+        self._repair = True
+
     async def _resync(self) -> None:
         """Close a gap from the REST snapshot (or reconnect when there is none)."""
         if self.snapshot_url is None:
@@ -508,6 +521,8 @@ async def run_push_source(store: Store, settings: Settings, spec: SourceSpec, cl
     async def on_messages(lines: list[bytes], recv_ms: int) -> None:
         ingest.feed_lines(lines, recv_ms)
         await ingest.flush()
+        if ingest.take_lost():
+            client.request_repair()
 
     def on_health(state: str, reason: str | None) -> None:
         if ingest.set_state(state, reason):  # type: ignore[arg-type]
