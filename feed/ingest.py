@@ -139,6 +139,8 @@ class Ingest:
         self.stats = IngestStats()
         self.cursor: str | None = None
         self.session: str = new_session_id()
+        #: :meth:`restore` found the source's stored session: its cursor and markets continue it
+        self.resumed = False
         self.health = SourceHealth(source=source, kind=kind, state="DOWN", reason="starting",
                                    stale_after_ms=stale_after_ms, lease_ms=lease_ms, session=self.session)
         self.max_future_skew_ms = max_future_skew_ms
@@ -171,18 +173,28 @@ class Ingest:
 
     async def restore(self) -> str | None:
         """Load stored snapshots (so seq continues) and the upstream session
-        they belong to; return the stored cursor."""
+        they belong to; return the stored cursor — None when there is no
+        stored session to continue (a first run, or data from an oddsfeed
+        without sessions): the source then starts from a full image."""
         markets = await self.store.load_all_markets()
         self.book.restore([m for m in markets if m.source == self.source])
         self.cursor = await self.store.load_cursor(self.source)
         stored = await self.store.get_health(self.source)
+        raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
         if stored is not None and stored.session:
             # resuming continues that session: what it confirmed stays confirmed
             # until the upstream says otherwise (a source whose upstream cannot
             # resume sends a full image, which opens a new session)
             self._set_session(stored.session)
-        raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
-        return self.cursor
+            self.resumed = True
+            return self.cursor
+        if self.cursor is not None:
+            # data written by an oddsfeed without upstream sessions: resuming would leave every
+            # stored market unconfirmed (stale) until it happens to be re-imaged; start afresh
+            logger.info("source %s: no upstream session stored with its cursor; starting from a full image",
+                        self.source)
+            self.cursor = None
+        return None
 
     def _set_session(self, session: str) -> None:
         self.session = session

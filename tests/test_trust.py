@@ -479,3 +479,15 @@ async def test_a_market_with_a_lost_change_stays_stale_until_it_is_reimaged(stor
     assert m is not None and m.session == ingest.session
     st = node([m], [ingest.published_health()])
     assert st.age_stale(m, NOW + 500) == (470, False)
+
+
+async def test_a_cursor_without_a_stored_session_starts_a_full_image(store: Store) -> None:
+    """Data from an oddsfeed without sessions: resuming would leave every stored market stale."""
+    legacy = Ingest(store, source="betfair")
+    legacy.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    legacy.set_cursor(encode_cursor("ini", "clk1"))
+    await legacy.flush()
+    await store.set_health(SourceHealth(source="betfair", state="UP", updated_at=NOW))  # no session in it
+    again = Ingest(store, source="betfair")
+    assert await again.restore() is None and not again.resumed
+    assert "bf:1.1" in again.book.markets  # seq still continues from the stored snapshot

@@ -573,7 +573,8 @@ class PinnacleSource(PollerSource):
 
     async def start(self) -> None:
         cursor = await self.ingest.restore()
-        self.normaliser.restore(cursor, self.ingest.book.markets.values())
+        # without a session to continue, the first snapshot re-images every market (confirming it)
+        self.normaliser.restore(cursor, self.ingest.book.markets.values() if self.ingest.resumed else ())
         if cursor:
             logger.info("%s resumes from cursor %s", self.name, cursor)
 
@@ -705,7 +706,8 @@ class TheOddsApiSource(PollerSource):
 
     async def start(self) -> None:
         await self.ingest.restore()
-        self.normaliser.restore(self.ingest.book.markets.values())
+        # without a session to continue, the first snapshot re-images every market (confirming it)
+        self.normaliser.restore(self.ingest.book.markets.values() if self.ingest.resumed else ())
 
     async def _sports(self) -> list[str]:
         async def load() -> list[str]:
