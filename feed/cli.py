@@ -70,6 +70,13 @@ def _source(value: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _kinds_help() -> str:
+    """``kind (protocol)`` for every registered source kind."""
+    from feed.sources.registry import REGISTRY
+
+    return "; ".join(f"{k.kind} ({k.protocol.split(' ([')[0]})" for k in REGISTRY.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddsfeed", description="Live odds feed ingestion and streaming.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -97,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--app-key", default=os.environ.get("ODDSFEED_BETFAIR_APP_KEY"), help="ESA app key (env ODDSFEED_BETFAIR_APP_KEY)")
         g.add_argument("--session", default=os.environ.get("ODDSFEED_BETFAIR_SESSION"), help="ESA session token (env ODDSFEED_BETFAIR_SESSION)")
         g.add_argument("--source", type=_source, action="append", metavar="SPEC",
-                       help="a source as KIND=URL[,key=value…] (kinds: esa, pinnacle, theoddsapi, push-ws, push-sse; "
-                            "repeat for several; values may be $ENV_VAR), e.g. "
-                            "pinnacle=http://127.0.0.1:9555,user=demo,password=demo")
+                       help="a source as KIND=URL[,key=value…] (kinds: " + _kinds_help() + "; "
+                            "repeat for several; values may be $ENV_VAR; an unknown option is an error "
+                            "naming the valid ones), e.g. pinnacle=http://127.0.0.1:9555,user=demo,password=demo")
 
     def sim_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
         g = p.add_argument_group("simulator")

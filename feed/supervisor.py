@@ -30,6 +30,7 @@ from feed.normalise.betfair import BetfairNormaliser, decode_cursor
 from feed.sources.backoff import Backoff
 from feed.settings import Settings
 from feed.sources.esa import EsaClient, default_market_data_filter, default_market_filter
+from feed.sources.registry import REGISTRY
 from feed.sources.replay import Replay, ReplaySummary
 from feed.sources.spec import SourceSpec
 from feed.store import Store
@@ -117,46 +118,28 @@ def _esa_endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
     return host or "127.0.0.1", int(port), tls
 
 
+async def run_esa_spec(store: Store, settings: Settings, spec: SourceSpec) -> None:
+    """``esa=HOST:PORT,app_key=…,session=…[,tls=true][,heartbeat_ms=1000][,conflate_ms=…]``:
+    :func:`run_esa_source` from a ``--source`` spec."""
+    import ssl
+
+    host, port, tls = _esa_endpoint(spec)
+    app_key, session = spec.get("app_key"), spec.get("session")
+    if not app_key or not session:
+        raise ConfigError(f"source {spec.name}: esa needs app_key= and session=")
+    await run_esa_source(store, settings, host=host, port=port, app_key=app_key, session_token=session,
+                         name=spec.name, ssl=ssl.create_default_context() if tls else None,
+                         heartbeat_ms=int(spec.get_float("heartbeat_ms", 1000)),
+                         conflate_ms=int(spec.get_float("conflate_ms", 0)) or None)
+
+
 async def run_source(store: Store, settings: Settings, spec: SourceSpec) -> None:
-    """Run one ``--source`` until cancelled (raises on fatal errors).
-
-    ``esa=HOST:PORT,app_key=…,session=…[,tls=true]``;
-    ``pinnacle=URL,…`` and ``theoddsapi=URL,…`` (options:
-    :func:`feed.sources.poller.run_pinnacle_source`,
-    :func:`~feed.sources.poller.run_theoddsapi_source`);
-    ``push-ws=URL,…`` / ``push-sse=URL,…`` (:mod:`feed.sources.ws`,
-    :mod:`feed.sources.sse`).
-    """
-    kind = spec.kind
-    if kind == "esa":
-        import ssl
-
-        host, port, tls = _esa_endpoint(spec)
-        app_key, session = spec.get("app_key"), spec.get("session")
-        if not app_key or not session:
-            raise ConfigError(f"source {spec.name}: esa needs app_key= and session=")
-        await run_esa_source(store, settings, host=host, port=port, app_key=app_key, session_token=session,
-                             name=spec.name, ssl=ssl.create_default_context() if tls else None,
-                             heartbeat_ms=int(spec.get_float("heartbeat_ms", 1000)),
-                             conflate_ms=int(spec.get_float("conflate_ms", 0)) or None)
-    elif kind == "pinnacle":
-        from feed.sources.poller import run_pinnacle_source
-
-        await run_pinnacle_source(store, settings, spec)
-    elif kind == "theoddsapi":
-        from feed.sources.poller import run_theoddsapi_source
-
-        await run_theoddsapi_source(store, settings, spec)
-    elif kind == "push-ws":
-        from feed.sources.ws import run_push_ws_source
-
-        await run_push_ws_source(store, settings, spec)
-    elif kind == "push-sse":
-        from feed.sources.sse import run_push_sse_source
-
-        await run_push_sse_source(store, settings, spec)
-    else:
-        raise ConfigError(f"unknown source kind {kind!r}")
+    """Run one ``--source`` until cancelled (raises on fatal errors): the
+    runner its kind names in :mod:`feed.sources.registry`."""
+    entry = REGISTRY.get(spec.kind)
+    if entry is None:
+        raise ConfigError(f"unknown source kind {spec.kind!r}")
+    await entry.load()(store, settings, spec)
 
 
 #: Errors a restart cannot fix: the source ends (its health says why), the others go on.

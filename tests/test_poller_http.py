@@ -313,7 +313,8 @@ def test_build_http_from_spec_options() -> None:
     assert http.token is not None and http.token.token_url == "http://127.0.0.1:1/v1/token"
     assert http.signer is not None
     with pytest.raises(ConfigError, match="max_connections must be a whole number"):
-        build_http(parse_source_spec("pinnacle=http://x,max_connections=many"), base_url="http://x", provider="p")
+        build_http(parse_source_spec("pinnacle=http://x,user=u,max_connections=many"), base_url="http://x",
+                   provider="p")
     asyncio.run(http.aclose())
 
 

@@ -11,17 +11,20 @@ Form: ``KIND=URL[,key=value…]``, e.g.::
 ``name=`` sets the source name (default: the kind); it names the health
 record, the resume cursor and the quarantine entries, so two sources of the
 same kind need different names. Values may come from the environment with
-``$VAR`` (secrets stay out of shell history and process lists).
+``$VAR`` (secrets stay out of shell history and process lists). The kinds,
+their options and the required ones come from
+:mod:`feed.sources.registry`: an unknown option or a missing credential is a
+ConfigError naming the valid options.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 
 from feed.errors import ConfigError
-
-KINDS = ("esa", "pinnacle", "theoddsapi", "push-ws", "push-sse")
+from feed.sources.registry import KINDS, REGISTRY
 
 
 @dataclass(frozen=True)
@@ -69,5 +72,23 @@ def parse_source_spec(text: str) -> SourceSpec:
                 raise ConfigError(f"source option {key} names ${value[1:]}, which is not set")
             value = env
         options[key.strip()] = value
+    _check_options(kind, options)
     name = options.pop("name", kind)
     return SourceSpec(kind=kind, url=url.strip(), name=name, options=options)
+
+
+def _check_options(kind: str, options: dict[str, str]) -> None:
+    """Raise ConfigError for an option ``kind`` does not take (naming the
+    closest valid one and the list) or a required one that is missing."""
+    entry = REGISTRY[kind]
+    accepted = entry.accepted
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"source {kind}: unknown option {key!r}{hint}; {kind} takes: "
+                              f"{', '.join(sorted(accepted))}")
+    for group in entry.required:
+        if not any(options.get(k) for k in group):
+            need = group[0] if len(group) == 1 else "one of " + ", ".join(group)
+            raise ConfigError(f"source {kind}: needs {need}")
