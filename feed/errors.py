@@ -1,16 +1,52 @@
 """One exception tree for oddsfeed.
 
-::
+Every error oddsfeed raises on purpose derives from :class:`OddsfeedError`,
+so ``except OddsfeedError`` catches all of them. The bases are defined here;
+a leaf that carries module-specific context is defined beside the code that
+raises it (its module in brackets). ``tests/test_errors.py`` checks that every
+public exception class of ``feed`` and ``streaming`` is drawn here and derives
+from :class:`OddsfeedError`::
 
     OddsfeedError
-     ├── FeedDecodeError          provider bytes rejected (bad JSON, wrong types, invalid price …)
-     ├── SequenceError            a change that cannot be applied in order
-     ├── StoreError               Redis unreachable, script failure
-     │    └── EmbeddedRedisError  the embedded redis-server could not start
-     ├── SourceError              an upstream source failed
-     │    ├── RetryableSourceError
-     │    └── FatalSourceError    never retried (bad credentials, bad subscription)
-     └── ConfigError              bad settings or command-line values
+     ├── ConfigError                    bad settings or command-line values
+     │    └── UsageError                a command-line problem                      [feed.cli]
+     ├── FeedDecodeError                provider bytes rejected (bad JSON, types, price …)
+     ├── PriceError *                   a price not valid in its format             [feed.odds]
+     ├── StoreError                     Redis unreachable, script failure
+     │    ├── EmbeddedRedisError        the embedded redis-server could not start
+     │    └── EpochChanged              Redis lost the writer's epoch: re-send images  [feed.store]
+     ├── SourceError                    an upstream source failed; ``code`` = provider's code
+     │    ├── RetryableSourceError      worth a reconnect / retry with backoff
+     │    │    ├── UpstreamError        HTTP 5xx or an unexpected status            [feed.sources.http_limits]
+     │    │    ├── TransportFailure     connect / read / deadline / reset / too big [feed.sources.http_limits]
+     │    │    ├── RateLimitedError     429, rate-limit codes; ``retry_after_s``    [feed.sources.http_limits]
+     │    │    ├── QuotaExhaustedError  quota spent; ``retry_after_s``              [feed.sources.http_limits]
+     │    │    ├── CircuitOpenError     the circuit breaker refuses; ``retry_in_s`` [feed.sources.http_limits]
+     │    │    ├── SSEError *           an event stream breaks the SSE format       [feed.sources.sse]
+     │    │    └── EsaFramingError      ESA bytes that cannot be split into lines   [feed.sources.esa_protocol]
+     │    ├── FatalSourceError          never retried (bad credentials, bad subscription)
+     │    │    ├── SourceAuthError †    a provider refused our credentials          [feed.sources.http_limits]
+     │    │    └── RequestRejectedError the request itself is wrong (market, sport) [feed.sources.http_limits]
+     │    └── EsaError                  the Betfair ESA server answered FAILURE     [feed.sources.esa_protocol]
+     │         └── EsaFatalError ‡      … with a code no retry can fix              [feed.sources.esa_protocol]
+     ├── AuthError                      a credential was refused: an API client's key or JWT
+     │                                  (raised by streaming.auth) or, as SourceAuthError, ours
+     ├── FilterError *                  a stream / REST query value the client must fix  [streaming.state]
+     ├── StreamError                    the API refused an OddsClient stream        [streaming.client]
+     └── PriceCheckError                a price check the API did not answer        [streaming.client]
+
+    *  also a ValueError (callers that catch ValueError keep working)
+    †  also an AuthError: ``except AuthError`` catches every refused credential
+    ‡  also a FatalSourceError
+
+Not in the tree, on purpose:
+
+- private control-flow signals that never leave their module (``_LinkLost``,
+  ``_HeartbeatMissed``, ``_ReconnectNow``, ``_CallbackFailed``, ``_Rejected``,
+  ``_BodyError``, ``_Dropped``, ``_SeqGap``, ``_HeadRefused``);
+- programming errors — a constructor given an impossible argument
+  (``Backoff(initial_s=0)``, ``ReplaySource(speed=-1)`` …) raises the builtin
+  ``ValueError``/``TypeError``, as the standard library does.
 
 Messages are lowercase facts without a final period; context lives in
 attributes and ``__str__`` derives from them.
@@ -46,10 +82,6 @@ class FeedDecodeError(OddsfeedError):
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
-class SequenceError(OddsfeedError):
-    """A change arrived that cannot be applied (delta before image, gap)."""
-
-
 class StoreError(OddsfeedError):
     """Redis could not be reached or refused a write."""
 
@@ -80,3 +112,10 @@ class FatalSourceError(SourceError):
 
 class ConfigError(OddsfeedError):
     """A setting or command-line value is invalid."""
+
+
+class AuthError(OddsfeedError):
+    """A credential was refused; ``str()`` says why and never contains the
+    credential. :mod:`streaming.auth` raises it for API clients;
+    :class:`feed.sources.http_limits.SourceAuthError` (also a
+    :class:`FatalSourceError`) when a provider refuses ours."""

@@ -35,6 +35,7 @@ import math
 from fractions import Fraction
 from typing import Literal
 
+from feed.errors import OddsfeedError
 from feed.validate import MAX_PRICE, MIN_PRICE
 
 __all__ = [
@@ -61,7 +62,7 @@ MAX_DECIMAL = MAX_PRICE
 DECIMAL_PLACES = 4
 
 
-class PriceError(ValueError):
+class PriceError(OddsfeedError, ValueError):
     """A price that is not a valid number in its format.
 
     ``value`` is the offending input (as given), ``fmt`` its format.

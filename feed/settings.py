@@ -7,6 +7,7 @@ Precedence: command-line flag > environment variable ``ODDSFEED_<FIELD>``
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -81,10 +82,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 _TUPLE_FIELDS = {"api_keys", "allowed_origins", "stale_after_ms_by_sport", "jwt_secrets"}
 
 
-def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Settings from ``ODDSFEED_*`` environment variables plus ``overrides``
     (None values in overrides are ignored). Raises ConfigError."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     values: dict[str, Any] = {}
     for field in msgspec.structs.fields(Settings):
         raw = env.get(f"ODDSFEED_{field.name.upper()}")

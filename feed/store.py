@@ -42,6 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
+from redis.typing import KeyT, StreamIdT
 
 from feed.errors import StoreError
 from feed.models import DELTAS_DECODER, ENCODER, HEALTH_DECODER, MARKET_DECODER, Delta, Market, SourceHealth
@@ -191,10 +192,58 @@ class EpochChanged(StoreError):
     its data or was reset): the writer must re-send full images."""
 
 
+# -- replies ---------------------------------------------------------------
+# redis-py types a reply ``bytes | str`` (it cannot know ``decode_responses``)
+# and XREAD's as a RESP2 list or a RESP3 map. The clients made by connect()
+# use the defaults (bytes, RESP2); these helpers narrow a reply once, and
+# raise StoreError on anything else instead of failing later with a TypeError.
+
+
+def reply_text(value: object) -> str:
+    """A Redis string reply as str."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise StoreError(f"unexpected redis reply {value!r:.80}")
+
+
+def reply_text_or_none(value: object) -> str | None:
+    """A Redis string reply as str; a nil reply as None."""
+    return None if value is None else reply_text(value)
+
+
+def reply_entries(rows: object) -> list[tuple[str, dict[bytes, bytes]]]:
+    """XRANGE / XREVRANGE rows → [(entry id, fields)]."""
+    if not isinstance(rows, list):
+        raise StoreError(f"unexpected redis stream reply {rows!r:.80}")
+    out: list[tuple[str, dict[bytes, bytes]]] = []
+    for entry_id, fields in rows:
+        if not isinstance(fields, dict):
+            raise StoreError(f"unexpected redis stream entry {fields!r:.80}")
+        out.append((reply_text(entry_id), fields))
+    return out
+
+
+def reply_streams(res: object) -> list[tuple[str, list[tuple[str, dict[bytes, bytes]]]]]:
+    """An XREAD reply (None when nothing arrived) → [(stream key, entries)]."""
+    if res is None:
+        return []
+    if isinstance(res, dict):  # RESP3
+        pairs = list(res.items())
+    elif isinstance(res, list):  # RESP2: [[key, rows], …]
+        pairs = [(pair[0], pair[1]) for pair in res]
+    else:
+        raise StoreError(f"unexpected redis XREAD reply {res!r:.80}")
+    return [(reply_text(key), reply_entries(rows)) for key, rows in pairs]
+
+
 def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> aioredis.Redis:
     """An asyncio Redis client for ``url`` (``redis://``, ``rediss://``,
     ``unix://``); ``cluster=True`` gives a RedisCluster client."""
     if cluster:
+        # RedisCluster serves the same command API as Redis but redis-py does not declare it a
+        # subclass (or a shared protocol), so its stubs cannot express "either client" here
         return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)  # type: ignore[return-value]
     # No hidden retries: redis-py's default retry loop can hold one call for
     # ~15 s against a stalled server; callers back off and retry themselves.
@@ -244,8 +293,7 @@ class Store:
         make sure every partition carries it."""
         r = self.redis
         await r.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
-        epoch = await r.get(EPOCH_KEY)
-        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        self.epoch = reply_text(await r.get(EPOCH_KEY))
         await r.hsetnx(META_KEY, "partitions", self.partitions)
         await r.hsetnx(META_KEY, "created_at", int(time.time() * 1000))
         stored = int(await r.hget(META_KEY, "partitions") or self.partitions)
@@ -257,14 +305,12 @@ class Store:
 
     async def current_epoch(self) -> str | None:
         """The epoch now in Redis (None when the store was wiped)."""
-        value = await self.redis.get(EPOCH_KEY)
-        return value.decode() if value is not None else None
+        return reply_text_or_none(await self.redis.get(EPOCH_KEY))
 
     async def partition_epochs(self) -> list[str | None]:
-        out = []
+        out: list[str | None] = []
         for p in range(self.partitions):
-            v = await self.redis.get(pepoch_key(p))
-            out.append(v.decode() if v is not None else None)
+            out.append(reply_text_or_none(await self.redis.get(pepoch_key(p))))
         return out
 
     # -- writes --------------------------------------------------------------
@@ -319,7 +365,7 @@ class Store:
                     raise StoreError(f"apply failed: {exc}") from None
                 except (RedisError, OSError) as exc:
                     raise StoreError(f"redis write failed: {exc}") from None
-            entry = res[0].decode() if isinstance(res[0], bytes) else res[0]
+            entry = reply_text(res[0])
             if entry:
                 entries[p] = entry
             kept += int(res[1])
@@ -354,22 +400,21 @@ class Store:
     # -- reads ---------------------------------------------------------------
 
     async def load_cursor(self, source: str) -> str | None:
-        value = await self.redis.hget(CURSOR_KEY, source)
-        return value.decode() if value is not None else None
+        return reply_text_or_none(await self.redis.hget(CURSOR_KEY, source))
 
     async def last_log_id(self, p: int) -> str:
         """Id of the newest log entry of partition p ("0-0" when empty)."""
-        rows = await self.redis.xrevrange(log_key(p), count=1)
-        return rows[0][0].decode() if rows else "0-0"
+        rows = reply_entries(await self.redis.xrevrange(log_key(p), count=1))
+        return rows[0][0] if rows else "0-0"
 
     async def first_log_id(self, p: int) -> str | None:
         """Id of the oldest retained log entry of partition p (None when empty)."""
-        rows = await self.redis.xrange(log_key(p), count=1)
-        return rows[0][0].decode() if rows else None
+        rows = reply_entries(await self.redis.xrange(log_key(p), count=1))
+        return rows[0][0] if rows else None
 
     async def load_markets(self, p: int) -> list[Market]:
         """Every stored snapshot of partition p."""
-        ids = [m.decode() for m in await self.redis.smembers(idx_key(p))]
+        ids = [reply_text(m) for m in await self.redis.smembers(idx_key(p))]
         out: list[Market] = []
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
@@ -391,20 +436,19 @@ class Store:
                        count: int = 1000) -> list[tuple[int, str, list[Delta]]]:
         """Log entries after ``positions`` ({partition: entry id}), oldest
         first: [(partition, entry id, deltas)]. ``block_ms`` waits (XREAD BLOCK)."""
-        streams = {log_key(p): pos for p, pos in positions.items()}
+        streams: dict[KeyT, StreamIdT] = {log_key(p): pos for p, pos in positions.items()}
         res = await self.redis.xread(streams, count=count, block=block_ms)
         out: list[tuple[int, str, list[Delta]]] = []
-        for key, rows in res or ():
-            k = key.decode() if isinstance(key, bytes) else key
+        for k, rows in reply_streams(res):
             p = int(k[k.index("{") + 1:k.index("}")])
             for entry_id, fields in rows:
-                out.append((p, entry_id.decode(), DELTAS_DECODER.decode(fields[b"d"])))
+                out.append((p, entry_id, DELTAS_DECODER.decode(fields[b"d"])))
         return out
 
     async def log_range(self, p: int, after: str, *, count: int | None = None) -> list[tuple[str, list[Delta]]]:
         """Log entries of partition p strictly after entry id ``after``."""
         rows = await self.redis.xrange(log_key(p), min=f"({after}" if after != "0-0" else "-", count=count)
-        return [(i.decode(), DELTAS_DECODER.decode(f[b"d"])) for i, f in rows]
+        return [(i, DELTAS_DECODER.decode(f[b"d"])) for i, f in reply_entries(rows)]
 
     async def get_health(self, source: str) -> SourceHealth | None:
         """The stored health record of ``source`` (None when there is none)."""
@@ -412,7 +456,7 @@ class Store:
         return HEALTH_DECODER.decode(v) if v is not None else None
 
     async def sources(self) -> list[SourceHealth]:
-        names = sorted(n.decode() for n in await self.redis.smembers(SOURCES_KEY))
+        names = sorted(reply_text(n) for n in await self.redis.smembers(SOURCES_KEY))
         out = []
         for name in names:
             v = await self.redis.get(source_key(name))
@@ -425,14 +469,14 @@ class Store:
         raw = await self.redis.hgetall(QUARANTINE_COUNT_KEY)
         out: dict[str, dict[str, int]] = {}
         for k, v in raw.items():
-            source, _, reason = k.decode().rpartition(":")
+            source, _, reason = reply_text(k).rpartition(":")
             out.setdefault(source, {})[reason] = int(v)
         return out
 
     async def quarantined(self, count: int = 100) -> list[dict[str, object]]:
         """The newest quarantined messages, newest first."""
-        rows = await self.redis.xrevrange(QUARANTINE_KEY, count=count)
-        return [{"id": i.decode(), **{k.decode(): (v if k == b"raw" else v.decode()) for k, v in f.items()}}
+        rows = reply_entries(await self.redis.xrevrange(QUARANTINE_KEY, count=count))
+        return [{"id": i, **{reply_text(k): (v if k == b"raw" else reply_text(v)) for k, v in f.items()}}
                 for i, f in rows]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, OddsfeedError
 from feed.ingest import HealthPublisher, Ingest, ingest_options, now_ms
+from feed.models import SourceState
 from feed.normalise.betfair import BetfairNormaliser, decode_cursor
 from feed.sources.backoff import Backoff
 from feed.settings import Settings
@@ -61,13 +62,13 @@ async def run_esa_source(store: Store, settings: Settings, *, host: str, port: i
     async def on_lines(lines: list[bytes], recv_ms: int) -> None:
         ingest.feed_lines(lines, recv_ms)
         await ingest.flush()
-        state = "DEGRADED" if ingest.degraded else "UP"
+        state: SourceState = "DEGRADED" if ingest.degraded else "UP"
         reason = "upstream_503" if ingest.degraded else None
         if ingest.health.state != "DOWN" and ingest.set_state(state, reason):
             health.wake()
 
-    def on_health(state: str, reason: str | None) -> None:
-        if ingest.set_state(state, reason):  # type: ignore[arg-type]
+    def on_health(state: SourceState, reason: str | None) -> None:
+        if ingest.set_state(state, reason):
             health.wake()
 
     client = EsaClient(

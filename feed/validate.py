@@ -118,14 +118,14 @@ def is_price(x: object) -> bool:
     """``x`` is a canonical decimal price: a finite number 1.01–1000 (not bool)."""
     if type(x) is not float and type(x) is not int:
         return False
-    return MIN_PRICE <= x <= MAX_PRICE  # type: ignore[operator]
+    return MIN_PRICE <= x <= MAX_PRICE
 
 
 def is_size(x: object) -> bool:
     """``x`` is a canonical size / volume / stake: a finite number >= 0 (not bool)."""
     if type(x) is not float and type(x) is not int:
         return False
-    return 0.0 <= x <= _FINITE  # type: ignore[operator]
+    return 0.0 <= x <= _FINITE
 
 
 def check_time(ms: object, what: str = "time", market_id: str | None = None) -> None:

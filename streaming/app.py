@@ -41,7 +41,7 @@ from starlette.staticfiles import StaticFiles
 from feed.errors import ConfigError
 from feed.settings import Settings
 from feed.store import Store
-from streaming import rest
+from streaming import pricecheck, rest
 from streaming.auth import AuthMiddleware
 from streaming.metrics import make_registry, metrics_endpoint
 from streaming.reader import Node
@@ -105,7 +105,8 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
     routes: list[BaseRoute] = [
         Route("/v1/stream", stream, methods=["GET"]),
         WebSocketRoute("/v1/ws", websocket_endpoint),
-        *rest.routes(),  # type: ignore[list-item]
+        *rest.routes(),
+        *pricecheck.routes(),  # POST /v1/price-check[/batch]
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     if (WEB_DIR / "index.html").is_file():
@@ -155,6 +156,6 @@ class StreamingServer(uvicorn.Server):
         if not config.loaded:
             install(config, self.guard)
 
-    async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[override]
+    async def shutdown(self, sockets: list | None = None) -> None:
         begin_shutdown(self.streaming_app)
         await super().shutdown(sockets)

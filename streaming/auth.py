@@ -51,6 +51,7 @@ import msgspec
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from feed.errors import AuthError
 from feed.settings import Settings
 
 __all__ = ["AuthError", "AuthMiddleware", "LEEWAY_S", "MAX_CREDENTIAL_CHARS", "verify_jwt"]
@@ -63,10 +64,6 @@ LEEWAY_S = 30
 MAX_CREDENTIAL_CHARS = 8192
 #: RFC 7518 §3.2: an HS256 key should be at least this long, bytes
 MIN_SECRET_BYTES = 32
-
-
-class AuthError(Exception):
-    """Why a credential was refused (safe to show: never contains it)."""
 
 
 class _Claims(msgspec.Struct):
@@ -113,7 +110,6 @@ def verify_jwt(token: str, secrets: tuple[str, ...], *, audience: str | None = N
     if len(token) > MAX_CREDENTIAL_CHARS:
         raise AuthError(f"invalid token: longer than {MAX_CREDENTIAL_CHARS} characters")
     require = ["exp"] + (["aud"] if audience is not None else []) + (["iss"] if issuer is not None else [])
-    options: dict[str, Any] = {"require": require, "verify_aud": audience is not None}
     claims: dict[str, Any] | None = None
     last: Exception | None = None
     with warnings.catch_warnings():
@@ -121,7 +117,7 @@ def verify_jwt(token: str, secrets: tuple[str, ...], *, audience: str | None = N
         for secret in secrets:
             try:
                 claims = jwt.decode(token, secret, algorithms=["HS256"], audience=audience, issuer=issuer,
-                                    leeway=LEEWAY_S, options=options)  # type: ignore[arg-type]
+                                    leeway=LEEWAY_S, options={"require": require, "verify_aud": audience is not None})
                 break
             except jwt.InvalidSignatureError as exc:  # rotation: try the next secret
                 last = exc

@@ -74,6 +74,7 @@ import msgspec
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
+from feed.errors import OddsfeedError
 from feed.models import CLOSED_STATUSES, Delta, Market, apply_delta
 from feed.sources.backoff import Backoff
 from streaming.pricecheck import BatchResult, PriceCheckRequest, PriceCheckResult
@@ -85,7 +86,7 @@ logger = logging.getLogger(__name__)
 Transport = Literal["sse", "ws"]
 
 
-class StreamError(Exception):
+class StreamError(OddsfeedError):
     """The server refused the stream for a reason retrying will not fix
     (bad filter, missing API key …); ``status``/``code`` say which."""
 
@@ -95,7 +96,7 @@ class StreamError(Exception):
         self.code = code
 
 
-class PriceCheckError(Exception):
+class PriceCheckError(OddsfeedError):
     """A price check the server did not answer with a result: ``status``
     (HTTP, or None for a transport error/timeout), ``code`` (``error`` of
     the JSON body) and the server's ``message``."""

@@ -1025,7 +1025,9 @@ class Hub:
             cp = sub.cpending = {}
             self._dirty.setdefault(sub.conflate_ms, set()).add(sub)
         for m in msgs:
-            mid = m.info.market_id  # type: ignore[union-attr]
+            info = m.info
+            assert isinstance(info, DeltaInfo)  # every delta message carries one (DeltaInfo's docstring)
+            mid = info.market_id
             mg = cp.get(mid)
             if mg is None:
                 mg = cp[mid] = Merge(token_before)

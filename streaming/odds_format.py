@@ -9,7 +9,7 @@ caches the result), never per client.
 - ``fractional``: a string ``"<num>/<den>"`` = decimal − 1 as a fraction
   (``2.5`` → ``"3/2"``, ``2.0`` → ``"1/1"``, ``1.91`` → ``"91/100"``); exact
   for prices with at most two decimals (the Betfair ladder), otherwise the
-  closest fraction with a denominator ≤ 1000.
+  closest fraction with a denominator ≤ 100.
 - ``american``: an integer moneyline; decimal ≥ 2 → ``+round((d − 1) × 100)``,
   decimal < 2 → ``−round(100 / (d − 1))`` (``2.5`` → ``150``, ``1.5`` → ``-200``).
 
@@ -17,54 +17,23 @@ Converted fields: a selection's ``price``, ``ltp``, ``bsp`` and the price
 (first element) of each ``back``/``lay`` level; sizes and volumes are left
 alone. ``None`` stays ``None``; a price ≤ 1.0 (never valid) is left as is.
 
-If ``feed/odds.py`` (``decimal_to_american`` / ``decimal_to_fractional``)
-exists it is used, so there is one set of converters in the project.
+The converters are :func:`feed.odds.decimal_to_american` and
+:func:`feed.odds.decimal_to_fractional` (re-exported here): one set of
+converters in the project.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from fractions import Fraction
 from typing import Any
 
 import msgspec
 
+from feed.odds import decimal_to_american, decimal_to_fractional
+
 __all__ = ["FORMATS", "convert_json", "decimal_to_american", "decimal_to_fractional", "parse_odds_format"]
 
 FORMATS = ("decimal", "fractional", "american")
-
-
-def _decimal_to_fractional(d: float) -> str:
-    frac = Fraction(round(d - 1.0, 6)).limit_denominator(1000)
-    return f"{frac.numerator}/{frac.denominator}"
-
-
-def _decimal_to_american(d: float) -> int:
-    if d >= 2.0:
-        return int(round((d - 1.0) * 100))
-    return -int(round(100.0 / (d - 1.0)))
-
-
-try:  # one set of converters in the project when feed.odds exists
-    from feed.odds import decimal_to_american as _ext_american  # type: ignore[import-not-found]
-    from feed.odds import decimal_to_fractional as _ext_fractional  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the other module being present
-    _ext_american = _ext_fractional = None
-
-
-def decimal_to_fractional(d: float) -> str:
-    """Decimal odds → ``"num/den"`` (see the module docstring)."""
-    if _ext_fractional is not None:
-        out = _ext_fractional(d)
-        return out if isinstance(out, str) else f"{out[0]}/{out[1]}"
-    return _decimal_to_fractional(d)
-
-
-def decimal_to_american(d: float) -> int:
-    """Decimal odds → American moneyline (see the module docstring)."""
-    if _ext_american is not None:
-        return int(_ext_american(d))
-    return _decimal_to_american(d)
 
 
 def parse_odds_format(value: object) -> str | None:

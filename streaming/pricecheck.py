@@ -71,15 +71,16 @@ from __future__ import annotations
 
 import asyncio
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from feed.models import CLOSED_STATUSES, Market, Selection
 from feed.settings import Settings
-from streaming.rest import json_error, json_response, node_of
+from streaming.responses import json_error, json_response, node_of
 from streaming.state import NodeState, now_ms
 
 if TYPE_CHECKING:
@@ -214,23 +215,23 @@ def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: s
     """Check one leg against ``state`` at ``now`` (pure apart from reading
     state). ``feed_problem``: why this node is not receiving updates, if it
     is not (then the answer is at best ``STALE``)."""
-    base = {"market_id": req.market_id, "selection_id": req.selection_id, "side": req.side,
+    base: dict[str, Any] = {"market_id": req.market_id, "selection_id": req.selection_id, "side": req.side,
             "requested_price": req.price, "checked_at": now}
     m: Market | None = state.markets.get(req.market_id)
     if m is None:
         return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",
-                                message=f"no market {req.market_id!r} on this feed", **base)  # type: ignore[arg-type]
+                                message=f"no market {req.market_id!r} on this feed", **base)
     age, _ = state.age_stale(m, now)
     health = state.source_health(m.source, now)
     source_state = health.state if health is not None else None
     max_age = req.max_age_ms if req.max_age_ms is not None else default_max_age_ms(state.settings, m.in_play)
     sel = m.selection(req.selection_id)
-    info = {"age_ms": age, "max_age_ms": max_age, "market_status": m.status, "in_play": m.in_play,
+    info: dict[str, Any] = {"age_ms": age, "max_age_ms": max_age, "market_status": m.status, "in_play": m.in_play,
             "version": m.version, "seq": m.seq, "source": m.source, "source_state": source_state, **base}
 
-    def answer(reason: str, message: str, **extra: object) -> PriceCheckResult:
-        return PriceCheckResult(accepted=reason == "OK", reason=reason, message=message,  # type: ignore[arg-type]
-                                **info, **extra)  # type: ignore[arg-type]
+    def answer(reason: str, message: str, **extra: Any) -> PriceCheckResult:
+        return PriceCheckResult(accepted=reason == "OK", reason=reason, message=message,
+                                **info, **extra)
 
     if sel is None:
         return answer("UNKNOWN_SELECTION", f"market {m.market_id} has no selection {req.selection_id!r}")
@@ -387,10 +388,8 @@ async def price_check_batch(request: Request) -> Response:
     return json_response(_ENCODER.encode(result), headers={"Cache-Control": "no-store"})
 
 
-def routes() -> list[object]:
-    """The price-check routes (mounted by :func:`streaming.rest.routes`)."""
-    from starlette.routing import Route
-
+def routes() -> list[BaseRoute]:
+    """The price-check routes (mounted by :func:`streaming.app.create_app` beside :func:`streaming.rest.routes`)."""
     return [
         Route("/v1/price-check", price_check, methods=["POST"]),
         Route("/v1/price-check/batch", price_check_batch, methods=["POST"]),

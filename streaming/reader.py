@@ -43,7 +43,7 @@ from feed.sources.backoff import Backoff
 from feed.store import EPOCH_KEY, Store, log_key, pepoch_key
 from streaming.encoding import parse_stream_id
 from streaming.hub import Hub
-from streaming.metrics import HOPS, Histogram
+from streaming.latency import HOPS, Histogram
 from streaming.state import NodeOptions, NodeState, now_ms
 
 __all__ = ["Node", "PartitionReader"]

@@ -38,40 +38,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
-
 import msgspec
 from redis.exceptions import RedisError
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from feed.errors import StoreError
 from feed.models import ENCODER, Market, effective_health
+from streaming.responses import json_error, json_response, node_of
 from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, now_ms, parse_bool
 
-if TYPE_CHECKING:
-    from streaming.reader import Node
-
 __all__ = ["json_error", "json_response", "node_of", "routes"]
-
-JSON = "application/json"
-
-
-def node_of(conn: HTTPConnection) -> "Node":
-    """The app's :class:`~streaming.reader.Node` (set by the lifespan)."""
-    return conn.app.state.node  # type: ignore[no-any-return]
-
-
-def json_response(body: bytes | object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON response from pre-encoded bytes or any msgspec-encodable object."""
-    data = body if isinstance(body, bytes) else ENCODER.encode(body)
-    return Response(data, status_code=status, media_type=JSON, headers=headers)
-
-
-def json_error(status: int, code: str, message: str) -> Response:
-    """``{"error": code, "message": message}`` with ``status``."""
-    return json_response({"error": code, "message": message}, status)
-
 
 def _etag(state: NodeState, markets: Sequence[Market], stale: Sequence[bool], extra: str = "") -> str:
     h = hashlib.blake2b(digest_size=12)
@@ -264,10 +242,8 @@ async def ready(request: Request) -> Response:
     return json_response(body, 200 if ok else 503, headers={"Cache-Control": "no-store"})
 
 
-def routes() -> list[object]:
-    from starlette.routing import Route
-
-    from streaming import pricecheck
+def routes() -> list[BaseRoute]:
+    """The routes above; ``POST /v1/price-check`` is :func:`streaming.pricecheck.routes`."""
 
     return [
         Route("/v1/markets", list_markets, methods=["GET"]),
@@ -278,5 +254,4 @@ def routes() -> list[object]:
         Route("/v1/sources", list_sources, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
-        *pricecheck.routes(),  # POST /v1/price-check[/batch]
     ]

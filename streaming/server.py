@@ -217,10 +217,12 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
     """``base`` (uvicorn's h11 or httptools protocol) with the header deadline, the head limits
     (httptools) and the per-IP cap."""
 
-    class GuardedHTTP(base):  # type: ignore[misc, valid-type]
+    class GuardedHTTP(base):
         _guard = guard
         #: httptools: the head limits are ours (h11 is given the byte cap itself, see install())
         _limit_head = hasattr(base, "on_headers_complete")
+        #: uvicorn's ASGI app (set by the base class; the base is typed Any, so declared here)
+        app: Any
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -270,12 +272,12 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
 
             self.app = app
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._ip = _peer_ip(transport)
             if not self._guard.acquire(self._ip):
                 logger.warning("refusing a connection from %s: more than %d open", self._ip, self._guard.max_per_ip)
-                transport.write(_429)  # type: ignore[attr-defined]
+                transport.write(_429)
                 transport.close()
                 return
             self._counted = True
@@ -463,8 +465,11 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
 def framed_ws(base: type[Any], guard: Guard) -> type[Any]:
     """uvicorn's sans-I/O WebSocket protocol with the frames extension and the per-IP slot."""
 
-    class FramedWS(base):  # type: ignore[misc, valid-type]
+    class FramedWS(base):
         _guard = guard
+        # set by uvicorn's WebSocket protocol (the base is typed Any, so declared here)
+        close_sent: bool
+        close_timer: asyncio.TimerHandle | None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -525,14 +530,14 @@ def install(config: Config, guard: Guard) -> None:
     if getattr(config, "http2", False):
         logger.warning("HTTP/2 configured: the header deadline and per-IP cap are not installed")
     else:
-        config.http = guarded_http(base_http, guard)  # type: ignore[assignment]
+        config.http = guarded_http(base_http, guard)
         if not hasattr(base_http, "on_headers_complete"):  # h11: its own cap on an incomplete head (→ 400)
             config.h11_max_incomplete_event_size = guard.max_header_bytes
     ws = config.ws
     if isinstance(ws, str) and ws in ("auto", "websockets-sansio"):
         try:
-            base_ws = import_from_string(WS_PROTOCOLS["websockets-sansio"])  # type: ignore[arg-type]
+            base_ws = import_from_string(WS_PROTOCOLS["websockets-sansio"])
         except Exception:  # websockets not installed: keep uvicorn's choice
             return
         config.ws_per_message_deflate = False
-        config.ws = framed_ws(base_ws, guard)  # type: ignore[assignment]
+        config.ws = framed_ws(base_ws, guard)

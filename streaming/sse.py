@@ -40,8 +40,8 @@ from starlette.types import Receive, Scope, Send
 
 from streaming.hub import Connection
 from streaming.odds_format import parse_odds_format
+from streaming.responses import json_error, node_of
 from streaming.server import HTTP_FINAL, HTTP_FRAMES
-from streaming.rest import json_error, node_of
 from streaming.state import Filter, FilterError
 
 if TYPE_CHECKING:
@@ -85,7 +85,9 @@ def parse_conflate_ms(value: object, max_ms: int = 120_000) -> int:
     if isinstance(value, bool):
         raise FilterError("conflate_ms must be an integer number of milliseconds")
     try:
-        ms = int(value)  # type: ignore[call-overload]
+        if not isinstance(value, (int, float, str, bytes)):
+            raise TypeError
+        ms = int(value)
     except (TypeError, ValueError):
         raise FilterError(f"conflate_ms must be an integer number of milliseconds, not {value!r}") from None
     if isinstance(value, float) and value != ms:

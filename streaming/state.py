@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from feed.errors import OddsfeedError
 from feed.models import ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health
 from feed.settings import Settings
 from feed.store import partition_of
@@ -101,7 +102,7 @@ class NodeOptions:
     tune_gc: bool = True
 
 
-class FilterError(ValueError):
+class FilterError(OddsfeedError, ValueError):
     """A filter value the client must fix; ``str()`` says what to fix."""
 
 
@@ -437,9 +438,9 @@ class NodeState:
                     yield m
             return
         for mid in ids:
-            m = markets.get(mid)
-            if m is not None and f.match_market(m):
-                yield m
+            found = markets.get(mid)
+            if found is not None and f.match_market(found):
+                yield found
 
     # -- mutation ------------------------------------------------------------
 

@@ -57,7 +57,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from streaming.encoding import ack_message, error_message, pong_message
 from streaming.hub import Connection
-from streaming.rest import node_of
+from streaming.responses import node_of
 from streaming.server import WS_FRAMES_EXTENSION, WS_FRAMES_MESSAGE, ws_close_frame
 from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms
 from streaming.state import Filter, FilterError

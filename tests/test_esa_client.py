@@ -527,6 +527,57 @@ async def test_fatal_subscription_failures_are_raised(scripted, make_client, cod
     assert connections == [1] and rec.health == [("DOWN", code.lower())]
 
 
+async def test_a_stream_trickled_byte_by_byte_goes_through_the_protocol(make_client) -> None:
+    """Lines split across reads, a segmented image, a 503, a heartbeat and an
+    unknown op: the glue hands over whole lines, the segment in one call, and
+    stores the cursor the protocol tracked."""
+
+    def mcm(**msg: Any) -> dict[str, Any]:
+        return {"op": "mcm", "id": 2, "pt": now_ms(), **msg}
+
+    stream = [
+        mcm(initialClk="I1", ct="SUB_IMAGE", heartbeatMs=500, segmentType="SEG_START", mc=[]),
+        mcm(ct="SUB_IMAGE", segmentType="SEG", mc=[]),
+        mcm(ct="SUB_IMAGE", segmentType="SEG_END", clk="C1", mc=[]),
+        {"op": "ohlc", "id": 2},
+        mcm(status=503),
+        mcm(clk="C2", mc=[]),
+        mcm(clk="C3", ct="HEARTBEAT"),
+    ]
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def trickle(data: bytes) -> None:
+            for i in range(0, len(data), 7):
+                writer.write(data[i:i + 7])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+        try:
+            await trickle(b'{"op":"connection","connectionId":"trickle"}\r\n')
+            auth = orjson.loads(await reader.readline())
+            await trickle(orjson.dumps(ok(auth)) + b"\r\n")
+            sub = orjson.loads(await reader.readline())
+            await trickle(orjson.dumps(ok(sub)) + b"\r\n")
+            await trickle(b"".join(orjson.dumps(m) + b"\r\n" for m in stream))
+            await done.wait()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        client, rec, _ = make_client(server.sockets[0].getsockname()[1])
+        await rec.wait_for(lambda: client.cursor == ("I1", "C3"))
+        assert [orjson.loads(x) for x in rec.lines] == [m for m in stream if m["op"] == "mcm"]
+        assert any(len(call) >= 3 for call in rec.calls if b"SEG_START" in call[0])
+        assert rec.health == [("UP", None), ("DEGRADED", "upstream_503"), ("UP", None)]
+        assert client.connection_id == "trickle" and client.messages_received == len(stream) + 3
+        assert rec.cursor_violations == []
+    finally:
+        done.set()
+        server.close()
+
+
 async def test_tls_connection_to_the_simulator(make_client, tmp_path) -> None:
     import ssl
 

@@ -43,7 +43,7 @@ from typing import Annotated
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import MarketHeader, Selection
+from feed.models import MarketHeader, MarketStatus, Selection, SelectionStatus
 from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms
 from feed.validate import (
     MAX_ADJUSTMENT_FACTOR,
@@ -81,11 +81,11 @@ SPORTS: dict[str, str] = {
     "2378961": "politics", "27454571": "esports",
 }
 
-_RUNNER_STATUS = {
+_RUNNER_STATUS: dict[str, SelectionStatus] = {
     "ACTIVE": "ACTIVE", "REMOVED": "REMOVED", "REMOVED_VACANT": "REMOVED",
     "WINNER": "WINNER", "LOSER": "LOSER", "PLACED": "PLACED", "HIDDEN": "HIDDEN",
 }
-_MARKET_STATUS = {"OPEN": "OPEN", "SUSPENDED": "SUSPENDED", "INACTIVE": "INACTIVE", "CLOSED": "CLOSED"}
+_MARKET_STATUS: dict[str, MarketStatus] = {"OPEN": "OPEN", "SUSPENDED": "SUSPENDED", "INACTIVE": "INACTIVE", "CLOSED": "CLOSED"}
 
 
 # --- wire Structs: provider field names, only the fields we read ----------
@@ -164,6 +164,8 @@ class _LooseChangeMessage(ChangeMessage, kw_only=True, gc=False):
     """The envelope alone (each market change left raw): decoded when the
     typed decode fails, to reject only the markets that fail."""
 
+    # msgspec lets a Struct subclass redeclare an inherited field with another type (here: the
+    # changes left undecoded); mypy models Structs as dataclasses and calls that an incompatible override
     mc: list[msgspec.Raw] | None = None  # type: ignore[assignment]
 
 
@@ -264,7 +266,7 @@ class _Runner:
         self.tv: float | None = None
         self.tv_sent = False  # the stream sends runner tv (EX_TRADED_VOL)
         self.trd: dict[float, float] = {}  # traded ladder price -> size (EX_TRADED)
-        self.status = "ACTIVE"
+        self.status: SelectionStatus = "ACTIVE"
         self.sort: int | None = None
         self.adj: float | None = None
         self.bsp: float | None = None
@@ -671,7 +673,7 @@ class BetfairNormaliser:
             source_ts=recv_ms, received_at=recv_ms))
 
     def _apply_definition(self, market: _Market, md: MarketDefinition, changed: dict[str, _Runner]) -> None:
-        status = _MARKET_STATUS.get(md.status, "SUSPENDED")
+        status: MarketStatus = _MARKET_STATUS.get(md.status, "SUSPENDED")
         for rd in md.runners:
             runner = self._runner(market, rd.id, rd.hc)
             new_status = _RUNNER_STATUS.get(rd.status, "ACTIVE")
@@ -699,7 +701,7 @@ class BetfairNormaliser:
             market_type=market_type,
             market_type_raw=md.marketType,
             specifiers=specifiers,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             suspend_reason=md.suspendReason,
             in_play=md.inPlay,
             bet_delay_s=md.betDelay,
@@ -788,7 +790,7 @@ class BetfairNormaliser:
             selection_id=r.key,
             name=r.name,
             handicap=r.hc,
-            status=r.status,  # type: ignore[arg-type]
+            status=r.status,
             price=back[0][0] if back else None,
             back=back,
             lay=lay,

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -679,11 +679,11 @@ class PinnacleNormaliser:
         """After a fixture change: re-render the periods the authority has
         lines for; elsewhere only refresh the names and times."""
         auth = self._authority(group)
-        held = self.odds.get(auth, {}) if auth is not None else {}
-        for n in sorted(held):
-            self._render_period(group, n, auth, recv_ms, updates)  # type: ignore[arg-type]
         if auth is None:
             return
+        held = self.odds.get(auth, {})
+        for n in sorted(held):
+            self._render_period(group, n, auth, recv_ms, updates)
         fx = self.fixtures[auth]
         base = self.fixtures.get(group[0], fx)
         for (e, unit, n), mids in self.by_gp.items():
@@ -738,7 +738,7 @@ class PinnacleNormaliser:
             status, reason = "SUSPENDED", "past_cutoff"
         else:
             status, reason = "OPEN", None
-        common = dict(event_id=f"{SOURCE_PREFIX}{e}", bookmaker=self.bookmaker, sport=_sport_key(fx.sport),
+        common: dict[str, Any] = dict(event_id=f"{SOURCE_PREFIX}{e}", bookmaker=self.bookmaker, sport=_sport_key(fx.sport),
                       competition=fx.league or base.league, event_name=_event_name(base), status=status,
                       suspend_reason=reason, in_play=fx.live == 1, start_time=base.starts)
         suffix = "" if p.number == 0 else f" (period {p.number})"
@@ -756,7 +756,7 @@ class PinnacleNormaliser:
                     sels.append(make_selection(side, name, s[0], raw_price=s[1], odds_format=fmt, max_stake=p.max_ml))
             out.append(Rendered(
                 market_id=prefix + "moneyline",
-                header=MarketHeader(**common, name="Moneyline" + suffix, market_type="moneyline",  # type: ignore[arg-type]
+                header=MarketHeader(**common, name="Moneyline" + suffix, market_type="moneyline",
                                     market_type_raw="moneyline", specifiers=dict(base_spec), version=p.line_id or 0),
                 selections=sels, source_ts=p.ml_ts or recv_ms))
         for ln in p.spreads:
@@ -772,7 +772,7 @@ class PinnacleNormaliser:
                                            handicap=-ln.line if ln.line else 0.0, max_stake=ln.max or p.max_spread))
             out.append(Rendered(
                 market_id=f"{prefix}spread:{hdp}",
-                header=MarketHeader(**common, name=f"Handicap {hdp}{suffix}", market_type="spread",  # type: ignore[arg-type]
+                header=MarketHeader(**common, name=f"Handicap {hdp}{suffix}", market_type="spread",
                                     market_type_raw="spreads", specifiers={**base_spec, "handicap": hdp},
                                     version=ln.alt or p.line_id or 0),
                 selections=sels, source_ts=p.sp_ts or recv_ms))
@@ -789,7 +789,7 @@ class PinnacleNormaliser:
                                            max_stake=ln.max or p.max_total))
             out.append(Rendered(
                 market_id=f"{prefix}total:{pts}",
-                header=MarketHeader(**common, name=f"Total {pts}{suffix}", market_type="total",  # type: ignore[arg-type]
+                header=MarketHeader(**common, name=f"Total {pts}{suffix}", market_type="total",
                                     market_type_raw="totals", specifiers={**base_spec, "total": pts},
                                     version=ln.alt or p.line_id or 0),
                 selections=sels, source_ts=p.tot_ts or recv_ms))

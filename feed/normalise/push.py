@@ -73,7 +73,7 @@ from typing import Annotated, Literal, NoReturn
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import Market, MarketHeader, Selection
+from feed.models import Market, MarketHeader, MarketStatus, Selection, SelectionStatus
 from feed.normalise.base import MarketUpdate, NormalisedBatch
 from feed.odds import PriceError, to_decimal
 from feed.validate import (
@@ -260,7 +260,7 @@ _STATUS_ALIASES = {
 }
 _SUSPENDING = frozenset({"suspended", "ended", "postponed", "interrupted"})
 _CANCELLING = frozenset({"cancelled", "abandoned"})
-_ODD_STATUS = {"active": "ACTIVE", "removed": "REMOVED", "won": "WINNER", "lost": "LOSER",
+_ODD_STATUS: dict[str, SelectionStatus] = {"active": "ACTIVE", "removed": "REMOVED", "won": "WINNER", "lost": "LOSER",
                "placed": "PLACED", "void": "VOID"}
 _RESULTS = frozenset({"WINNER", "LOSER", "PLACED", "VOID"})
 _WINNING = frozenset({"WINNER", "PLACED"})
@@ -654,7 +654,7 @@ class PushNormaliser:
             locked = odd.locked or locked_msg
             if locked and price is None and prev is not None:
                 price = prev.price
-            status = _ODD_STATUS[odd.status]
+            status: SelectionStatus = _ODD_STATUS[odd.status]
             if status == "ACTIVE" and locked:
                 status = "SUSPENDED"
             if locked:
@@ -665,7 +665,7 @@ class PushNormaliser:
                 selection_id=sid,
                 name=odd.selection.name if odd.selection.name is not None else (prev.name if prev else None),
                 handicap=0.0,
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 price=price,
                 max_stake=odd.max_stake if odd.max_stake is not None else (prev.max_stake if prev else None),
             )
@@ -743,7 +743,7 @@ class PushNormaliser:
             market_type=m.raw_id.lower(),
             market_type_raw=m.raw_id,
             specifiers={"line": _line_text(m.line)} if m.line is not None else None,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             suspend_reason=reason,
             in_play=fx.in_play,
             start_time=fx.start_time,
@@ -751,10 +751,12 @@ class PushNormaliser:
 
 
 def _tag(msg: _Message) -> str:
-    return msg.__struct_config__.tag  # type: ignore[return-value]
+    tag = msg.__struct_config__.tag
+    assert isinstance(tag, str)  # every message Struct declares a string tag
+    return tag
 
 
-def _market_status(m: _Market, fixture_status: str | None) -> tuple[str, str | None]:
+def _market_status(m: _Market, fixture_status: str | None) -> tuple[MarketStatus, str | None]:
     """(status, suspend_reason) by the rules in the module docstring."""
     statuses = [s.status for s in m.sels.values()]
     won = any(s in _WINNING for s in statuses)

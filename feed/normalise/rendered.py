@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import Market, MarketHeader, Selection
+from feed.models import Market, MarketHeader, Selection, SelectionStatus
 from feed.normalise.base import MarketUpdate, iso_to_ms
 from feed.odds import PriceError, to_decimal
 
@@ -74,7 +74,7 @@ def price_to_decimal(value: object, odds_format: str, where: str, raw: bytes) ->
 
 def make_selection(selection_id: str, name: str | None, price: float | None, *, raw_price: object = None,
                    odds_format: str = "decimal", handicap: float = 0.0, max_stake: float | None = None,
-                   status: str = "ACTIVE") -> Selection:
+                   status: SelectionStatus = "ACTIVE") -> Selection:
     """A bookmaker selection: ``price`` is the offered decimal price (no
     ``back``/``lay`` ladders: those are exchange depth); the provider's raw price is kept in
     ``price_raw`` when the price was converted from another format."""
@@ -82,7 +82,7 @@ def make_selection(selection_id: str, name: str | None, price: float | None, *, 
     if odds_format != "decimal" and raw_price is not None:
         price_raw = f"{raw_price:g}" if isinstance(raw_price, float) else str(raw_price)
     return Selection(
-        selection_id=selection_id, name=name, handicap=handicap, status=status,  # type: ignore[arg-type]
+        selection_id=selection_id, name=name, handicap=handicap, status=status,
         price=price, max_stake=max_stake, price_raw=price_raw,
     )
 

@@ -187,7 +187,8 @@ class TheOddsApiNormaliser:
                 and m.status != "SUSPENDED" and m.specifiers and "sport_key" in m.specifiers]
         self.differ.seed(mine)
         for m in mine:
-            self.scope_of[m.market_id] = m.specifiers["sport_key"]  # type: ignore[index]
+            assert m.specifiers is not None  # kept above only with a sport_key
+            self.scope_of[m.market_id] = m.specifiers["sport_key"]
 
     def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
         """Decode one odds response (a JSON array of events) and diff it
@@ -244,7 +245,9 @@ class TheOddsApiNormaliser:
                 bad.setdefault(mid, FeedDecodeError(exc.reason, exc.detail, raw))
                 continue
             u = self.differ.emit(r, recv_ms)
-            self.scope_of[mid] = r.header.specifiers["sport_key"]  # type: ignore[index]
+            specifiers = r.header.specifiers
+            assert specifiers is not None  # _render always sets sport_key
+            self.scope_of[mid] = specifiers["sport_key"]
             if u is not None:
                 updates.append(u)
         if None not in bad:  # every event identified: what is absent has vanished
@@ -421,7 +424,7 @@ class TheOddsApiNormaliser:
                     "spread": f"Handicap {line}", "total": f"Total {line}"}.get(mtype, m.key)
             out.append(Rendered(
                 market_id=mid,
-                header=MarketHeader(**common, bookmaker=bm.key, name=name, market_type=mtype,  # type: ignore[arg-type]
+                header=MarketHeader(**common, bookmaker=bm.key, name=name, market_type=mtype,
                                     market_type_raw=m.key, specifiers=spec),
                 selections=sels, source_ts=ts))
         return out

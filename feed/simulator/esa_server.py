@@ -440,12 +440,13 @@ class Simulator:
         initial_clk, clk = req.get("initialClk"), req.get("clk")
         resume = bool(initial_clk and clk)
         if resume:
-            stream = self._streams.get(initial_clk)
+            key = initial_clk if isinstance(initial_clk, str) else ""  # "" names no stream
+            stream = self._streams.get(key)
             seq = _decode_clk(clk)
             if stream is None or seq is None or seq > stream.seq:
                 self._fail(conn, req_id, "INVALID_CLOCK", "Invalid clock")
                 return
-            self._streams.move_to_end(initial_clk)
+            self._streams.move_to_end(key)
         else:
             stream = _Stream()
             self._streams[stream.initial_clk] = stream

@@ -226,7 +226,7 @@ class _QuietServer(uvicorn.Server):
     """uvicorn that leaves the process's signal handlers alone."""
 
     @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # type: ignore[override]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 
@@ -566,6 +566,7 @@ class HttpProviders:
         for i, bk in enumerate(self.config.bookmakers):
             if mo is not None and (prices := self._best_backs(mo)) is not None:
                 names = [r.get("name") for r in mo.definition["runners"]]
+                outs: tuple[tuple[str, float, float | None], ...]
                 if et == "1":
                     outs = ((home, prices[0], None), (away, prices[1], None), ("Draw", prices[2], None))
                 elif et == "7522":

@@ -1,21 +1,12 @@
 """Betfair Exchange Stream API (ESA) client over asyncio TCP, optionally TLS.
 
-I/O only: this module frames the socket into lines, runs the protocol
-handshake and the resume bookkeeping, and hands raw ``mcm`` lines to the
-caller. It never decodes the market changes (``mc``); the normaliser does.
-
-Wire (one compact JSON object per line, each terminated by ``\\r\\n``)::
-
-    server  {"op":"connection","connectionId":"002-051134157842-432409"}
-    client  {"op":"authentication","id":1,"appKey":"…","session":"…"}
-    server  {"op":"status","id":1,"statusCode":"SUCCESS","connectionClosed":false}
-    client  {"op":"marketSubscription","id":2,"marketFilter":{…},"marketDataFilter":{…},
-             "heartbeatMs":5000,"segmentationEnabled":true[,"conflateMs":0][,"initialClk":"…","clk":"…"]}
-    server  {"op":"status","id":2,"statusCode":"SUCCESS","connectionClosed":false}
-    server  {"op":"mcm","id":2,"initialClk":"…","clk":"…","conflateMs":0,"heartbeatMs":5000,
-             "pt":1627622269330,"ct":"SUB_IMAGE","mc":[…]}
-    server  {"op":"mcm","id":2,"clk":"…","pt":1627622274806,"mc":[…]}          (deltas)
-    server  {"op":"mcm","id":2,"clk":"…","pt":…,"ct":"HEARTBEAT"}               (idle)
+I/O only: the protocol itself (framing, handshake, segmentation, the ``clk``
+resume cursor, the request lines) is :class:`feed.sources.esa_protocol.EsaProtocol`,
+sans I/O; this module connects, reads, feeds it the bytes, writes what it
+has to send, and acts on its events: hands ``mcm`` lines to the caller,
+times out the handshake and missed heartbeats, reconnects with backoff and
+reports health. It never decodes the market changes (``mc``); the
+normaliser does. The wire format is drawn in :mod:`feed.sources.esa_protocol`.
 
 Behaviour (see :class:`EsaClient`):
 
@@ -36,10 +27,13 @@ Behaviour (see :class:`EsaClient`):
   byte, ``("DOWN", "reconnecting")`` on any other lost connection, and
   ``("DOWN", "<error code in lower case>")`` before a fatal error is raised.
 
-Error tree (to move to ``feed/errors.py``)::
+Errors (defined in :mod:`feed.sources.esa_protocol`, re-exported here; drawn
+in the tree of :mod:`feed.errors`)::
 
-    EsaError                 a status FAILURE from the server; retried with backoff
-     └── EsaFatalError       FATAL_ERROR_CODES: never retried, raised from run()
+    SourceError
+     └── EsaError            a status FAILURE from the server; retried with backoff
+          └── EsaFatalError  FATAL_ERROR_CODES: never retried, raised from run();
+                             also a FatalSourceError (the supervisor does not restart it)
 """
 
 from __future__ import annotations
@@ -51,15 +45,33 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
-import orjson
-
 from feed.aio import wait_event
 from feed.sources.backoff import Backoff
-from feed.sources.session import SessionClient
+from feed.sources.esa_protocol import (
+    FATAL_ERROR_CODES,
+    MAX_LINE_BYTES,
+    Authenticated,
+    Connected,
+    Delivery,
+    EsaError,
+    EsaFatalError,
+    EsaFramingError,
+    EsaProtocol,
+    Event,
+    Ignored,
+    Phase,
+    ResumeRejected,
+    SegmentDropped,
+    SegmentStarted,
+    StatusFailure,
+    StreamStatus,
+    Subscribed,
+)
+from feed.sources.session import HealthCallback, SessionClient
 
 __all__ = [
     "FATAL_ERROR_CODES",
+    "MAX_LINE_BYTES",
     "EsaClient",
     "EsaError",
     "EsaFatalError",
@@ -69,24 +81,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ESA ``errorCode`` values that retrying cannot fix: raised from ``run()``.
-FATAL_ERROR_CODES: frozenset[str] = frozenset(
-    {
-        "NO_APP_KEY",
-        "INVALID_APP_KEY",
-        "NO_SESSION",
-        "INVALID_SESSION_INFORMATION",
-        "NOT_AUTHORIZED",
-        "INVALID_INPUT",
-        "INVALID_REQUEST",
-        "SUBSCRIPTION_LIMIT_EXCEEDED",
-    }
-)
-
 #: Bytes asked from the socket per read.
 READ_SIZE = 1 << 20
-#: A line longer than this (bytes) is a protocol violation: reconnect.
-MAX_LINE_BYTES = 256 << 20
 
 
 def default_market_filter() -> dict[str, Any]:
@@ -106,32 +102,6 @@ def default_market_data_filter() -> dict[str, Any]:
     }
 
 
-class EsaError(Exception):
-    """The ESA server answered a request with ``statusCode: FAILURE``.
-
-    Attributes:
-        code: the ESA ``errorCode`` (``TIMEOUT``, ``INVALID_CLOCK``, …).
-        message: the server's ``errorMessage``, if any.
-        request: what failed: ``authentication``, ``subscription`` or ``stream``.
-    """
-
-    def __init__(self, code: str, message: str | None = None, *, request: str = "stream") -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.request = request
-
-    def __str__(self) -> str:
-        text = f"esa {self.request} failed: {self.code}"
-        if self.message:
-            text += f" ({self.message})"
-        return text
-
-
-class EsaFatalError(EsaError):
-    """An :class:`EsaError` whose code is in :data:`FATAL_ERROR_CODES`."""
-
-
 class _LinkLost(Exception):
     """The connection ended without a status from the server (EOF, framing)."""
 
@@ -146,30 +116,6 @@ class _ReconnectNow(Exception):
 
 class _CallbackFailed(Exception):
     """``on_lines`` raised; the original exception is the ``__cause__``."""
-
-
-class _Envelope(msgspec.Struct, rename="camel", gc=False):
-    """The protocol fields of any ESA message; ``mc`` is skipped unparsed."""
-
-    op: str | None = None
-    id: int | None = None
-    ct: str | None = None
-    clk: str | None = None
-    initial_clk: str | None = None
-    segment_type: str | None = None
-    status: int | None = None
-    status_code: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    connection_closed: bool | None = None
-    connection_id: str | None = None
-    heartbeat_ms: int | None = None
-
-
-_decode_envelope = msgspec.json.Decoder(_Envelope).decode
-
-# handshake phases
-_AWAIT_CONNECTION, _AUTHENTICATING, _SUBSCRIBING, _AWAIT_IMAGE, _STREAMING = range(5)
 
 
 def _wall_clock_ms() -> int:
@@ -216,7 +162,7 @@ class EsaClient(SessionClient):
         initial_clk: str | None = None,
         clk: str | None = None,
         on_lines: Callable[[list[bytes], int], Awaitable[None]],
-        on_health: Callable[[str, str | None], None] = lambda state, reason: None,
+        on_health: HealthCallback = lambda state, reason: None,
         name: str = "betfair",
         connect_timeout_s: float = 10.0,
         clock_ms: Callable[[], int] = _wall_clock_ms,
@@ -225,16 +171,18 @@ class EsaClient(SessionClient):
     ) -> None:
         self._host = host
         self._port = port
-        self._app_key = app_key
-        self._session_token = session_token
-        self._market_filter = market_filter
-        self._market_data_filter = market_data_filter
-        self._heartbeat_ms = heartbeat_ms
-        self._conflate_ms = conflate_ms
-        self._segmentation = segmentation
+        self._protocol = EsaProtocol(
+            app_key=app_key,
+            session_token=session_token,
+            market_filter=market_filter,
+            market_data_filter=market_data_filter,
+            heartbeat_ms=heartbeat_ms,
+            conflate_ms=conflate_ms,
+            segmentation=segmentation,
+            initial_clk=initial_clk,
+            clk=clk,
+        )
         self._ssl = ssl
-        self._initial_clk = initial_clk if initial_clk and clk else None
-        self._clk = clk if initial_clk and clk else None
         self._on_lines = on_lines
         super().__init__(on_health)
         self._name = name
@@ -242,12 +190,9 @@ class EsaClient(SessionClient):
         self._clock_ms = clock_ms
         self._backoff = Backoff(initial_s=backoff_initial_s, max_s=backoff_max_s)
 
-        self._next_request_id = 0
         self._connection_id: str | None = None
-        self._messages_received = 0
         self._reconnects = 0
-        self._server_heartbeat_ms: int | None = None
-        self._debug = logger.isEnabledFor(logging.DEBUG)
+        self._handshake_deadline = 0.0  # loop.time() by which the handshake must be done
 
     def __repr__(self) -> str:
         return f"<EsaClient {self._name} {self._host}:{self._port}>"
@@ -257,7 +202,7 @@ class EsaClient(SessionClient):
     @property
     def cursor(self) -> tuple[str | None, str | None]:
         """``(initialClk, clk)`` as last stored (after ``on_lines`` returned)."""
-        return self._initial_clk, self._clk
+        return self._protocol.cursor
 
     @property
     def connection_id(self) -> str | None:
@@ -267,7 +212,7 @@ class EsaClient(SessionClient):
     @property
     def messages_received(self) -> int:
         """Lines received since construction (every op, heartbeats included)."""
-        return self._messages_received
+        return self._protocol.messages_received
 
     @property
     def reconnects(self) -> int:
@@ -276,8 +221,8 @@ class EsaClient(SessionClient):
 
     @property
     def heartbeat_ms(self) -> int:
-        """The heartbeat interval in force: the server's echo, else the request."""
-        return self._server_heartbeat_ms or self._heartbeat_ms
+        """The heartbeat interval in force, ms: the server's echo, else the request."""
+        return self._protocol.heartbeat_ms
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -336,27 +281,6 @@ class EsaClient(SessionClient):
 
     # -- one connection -----------------------------------------------------
 
-    def _request_id(self) -> int:
-        self._next_request_id += 1
-        return self._next_request_id
-
-
-    def _subscription(self, request_id: int) -> bytes:
-        msg: dict[str, Any] = {
-            "op": "marketSubscription",
-            "id": request_id,
-            "marketFilter": self._market_filter,
-            "marketDataFilter": self._market_data_filter,
-            "heartbeatMs": self._heartbeat_ms,
-        }
-        if self._conflate_ms is not None:
-            msg["conflateMs"] = self._conflate_ms
-        msg["segmentationEnabled"] = self._segmentation
-        if self._initial_clk and self._clk:
-            msg["initialClk"] = self._initial_clk
-            msg["clk"] = self._clk
-        return orjson.dumps(msg) + b"\r\n"
-
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()
         logger.info("esa %s: connecting to %s:%s", self._name, self._host, self._port)
@@ -368,196 +292,121 @@ class EsaClient(SessionClient):
                 server_hostname=self._host if self._ssl is not None else None,
                 limit=READ_SIZE,
             )
+        protocol = self._protocol
+        protocol.connection_made()
+        self._handshake_deadline = loop.time() + self._connect_timeout_s
         try:
-            await self._stream(loop, reader, writer)
+            while True:
+                chunk = await self._read(loop, reader)
+                recv_ms = self._clock_ms()
+                try:
+                    protocol.receive_data(chunk)
+                except EsaFramingError as exc:
+                    raise _LinkLost(str(exc)) from None
+                out = protocol.data_to_send()
+                if out:
+                    writer.write(out)
+                await self._handle(protocol.events_received(), recv_ms, loop)
         finally:
+            protocol.connection_lost()
+            self._log_dropped(protocol.events_received())
             writer.close()
 
-    async def _stream(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        phase = _AWAIT_CONNECTION
-        handshake_deadline = loop.time() + self._connect_timeout_s
-        auth_id = sub_id = -1
-        sent_tokens = False
-        self._server_heartbeat_ms = None
-        pending: list[bytes] = []  # pieces of an unterminated line
-        pending_len = 0
-        segment: list[bytes] | None = None  # lines of an open segment
-        segment_initial_clk: str | None = None
+    async def _read(self, loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> bytes:
+        """One chunk, within the deadline of the current phase.
 
-        while True:
-            # -- read one chunk, with the deadline of the current phase
-            if phase < _AWAIT_IMAGE:
-                timeout_s = handshake_deadline - loop.time()
-                if timeout_s <= 0:
-                    raise _LinkLost("handshake timed out")
-            elif phase == _AWAIT_IMAGE:
-                timeout_s = max(2 * self.heartbeat_ms / 1000, self._connect_timeout_s)
+        Raises:
+            _LinkLost: EOF, or the handshake took longer than ``connect_timeout_s``.
+            _HeartbeatMissed: streaming and nothing for 2 × heartbeatMs.
+        """
+        phase = self._protocol.phase
+        if phase < Phase.AWAIT_IMAGE:
+            timeout_s = self._handshake_deadline - loop.time()
+            if timeout_s <= 0:
+                raise _LinkLost("handshake timed out")
+        elif phase == Phase.AWAIT_IMAGE:
+            timeout_s = max(2 * self.heartbeat_ms / 1000, self._connect_timeout_s)
+        else:
+            timeout_s = 2 * self.heartbeat_ms / 1000
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await reader.read(READ_SIZE)
+        except TimeoutError:
+            if phase == Phase.STREAMING:
+                raise _HeartbeatMissed(f"no data for {timeout_s:.1f} s") from None
+            raise _LinkLost("handshake timed out") from None
+        if not chunk:
+            raise _LinkLost("connection closed by server")
+        return chunk
+
+    async def _handle(self, events: list[Event], recv_ms: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Act on one chunk's events in order; consecutive deliveries go to
+        ``on_lines`` in one call, before any handshake or status event."""
+        pending: list[Delivery] = []
+        for event in events:
+            if isinstance(event, Delivery):
+                pending.append(event)
+            elif isinstance(event, StreamStatus):
+                if event.status == 503:
+                    self._set_health("DEGRADED", "upstream_503")
+                else:
+                    self._set_health("UP", None)
+            elif isinstance(event, (SegmentStarted, SegmentDropped, Ignored)):
+                self._log_dropped((event,))
             else:
-                timeout_s = 2 * self.heartbeat_ms / 1000
-            try:
-                async with asyncio.timeout(timeout_s):
-                    chunk = await reader.read(READ_SIZE)
-            except TimeoutError:
-                if phase == _STREAMING:
-                    raise _HeartbeatMissed(f"no data for {timeout_s:.1f} s") from None
-                raise _LinkLost("handshake timed out") from None
-            if not chunk:
-                raise _LinkLost("connection closed by server")
-            recv_ms = self._clock_ms()
+                if pending:
+                    await self._deliver(pending, recv_ms)
+                    pending = []
+                self._act(event, loop)
+        if pending:
+            await self._deliver(pending, recv_ms)
 
-            # -- frame into lines
-            if b"\n" not in chunk:
-                pending.append(chunk)
-                pending_len += len(chunk)
-                if pending_len > MAX_LINE_BYTES:
-                    raise _LinkLost(f"line longer than {MAX_LINE_BYTES} bytes")
-                continue
-            if pending:
-                pending.append(chunk)
-                data = b"".join(pending)
-                pending.clear()
-            else:
-                data = chunk
-            lines = data.split(b"\n")
-            tail = lines.pop()
-            pending_len = len(tail)
-            if tail:
-                pending.append(tail)
+    def _act(self, event: Event, loop: asyncio.AbstractEventLoop) -> None:
+        """Handshake and status events (deliveries already handed over)."""
+        if isinstance(event, Connected):
+            self._connection_id = event.connection_id
+            logger.info(
+                "esa %s: connected to %s:%s, connectionId %s", self._name, self._host, self._port, event.connection_id
+            )
+        elif isinstance(event, Subscribed):
+            self._backoff.reset()
+            logger.info(
+                "esa %s: subscribed (id %d, %s)",
+                self._name,
+                event.request_id,
+                "resuming from stored clk" if event.resumed else "full image",
+            )
+        elif isinstance(event, ResumeRejected):
+            logger.warning(
+                "esa %s: resume tokens rejected (INVALID_CLOCK); subscribing for a full image", self._name
+            )
+            if not event.resubscribed:
+                raise _ReconnectNow()
+            self._handshake_deadline = loop.time() + self._connect_timeout_s
+        elif isinstance(event, StatusFailure):
+            raise event.error()
+        elif isinstance(event, Authenticated):
+            pass
 
-            # -- dispatch
-            batch: list[bytes] = []
-            new_initial_clk: str | None = None
-            new_clk: str | None = None
-            for raw in lines:
-                if raw[-1:] == b"\r":
-                    raw = raw[:-1]
-                if not raw:
-                    continue
-                self._messages_received += 1
-                try:
-                    env = _decode_envelope(raw)
-                except msgspec.DecodeError:
-                    # not JSON or not an object: the normaliser quarantines it
-                    (segment if segment is not None else batch).append(raw)
-                    continue
-                op = env.op
-                if op == "mcm":
-                    if phase != _STREAMING:
-                        phase = _STREAMING
-                        if env.heartbeat_ms:
-                            self._server_heartbeat_ms = env.heartbeat_ms
-                    if env.status == 503:
-                        self._set_health("DEGRADED", "upstream_503")
-                    else:
-                        self._set_health("UP", None)
-                    seg_type = env.segment_type
-                    if seg_type is None:
-                        if segment is not None:
-                            logger.warning("esa %s: unsegmented message inside a segment; segment dropped", self._name)
-                            segment = None
-                        batch.append(raw)
-                        if env.initial_clk:
-                            new_initial_clk = env.initial_clk
-                        if env.clk:
-                            new_clk = env.clk
-                    elif seg_type == "SEG_START":
-                        if segment is not None:
-                            logger.warning("esa %s: segment restarted before its end; partial dropped", self._name)
-                        segment = [raw]
-                        segment_initial_clk = env.initial_clk
-                    elif segment is None:
-                        logger.warning("esa %s: %s without SEG_START; ignored", self._name, seg_type)
-                    elif seg_type == "SEG_END":
-                        segment.append(raw)
-                        batch.extend(segment)
-                        segment = None
-                        if segment_initial_clk or env.initial_clk:
-                            new_initial_clk = env.initial_clk or segment_initial_clk
-                        if env.clk:
-                            new_clk = env.clk
-                    else:
-                        segment.append(raw)
-                elif op == "status":
-                    # hand over what came before, in order, then act on the status
-                    await self._deliver(batch, recv_ms, new_initial_clk, new_clk)
-                    batch = []
-                    new_initial_clk = new_clk = None
-                    if env.status_code == "FAILURE":
-                        code = env.error_code or "UNEXPECTED_ERROR"
-                        request = (
-                            "authentication" if env.id == auth_id else "subscription" if env.id == sub_id else "stream"
-                        )
-                        if code in FATAL_ERROR_CODES:
-                            raise EsaFatalError(code, env.error_message, request=request)
-                        if code == "INVALID_CLOCK" and sent_tokens:
-                            logger.warning(
-                                "esa %s: resume tokens rejected (INVALID_CLOCK); subscribing for a full image",
-                                self._name,
-                            )
-                            self._initial_clk = self._clk = None
-                            if env.connection_closed is False:
-                                sub_id = self._request_id()
-                                sent_tokens = False
-                                phase = _SUBSCRIBING
-                                handshake_deadline = loop.time() + self._connect_timeout_s
-                                writer.write(self._subscription(sub_id))
-                                continue
-                            raise _ReconnectNow()
-                        raise EsaError(code, env.error_message, request=request)
-                    if env.id == auth_id and phase == _AUTHENTICATING:
-                        phase = _SUBSCRIBING
-                        sub_id = self._request_id()
-                        sent_tokens = bool(self._initial_clk and self._clk)
-                        writer.write(self._subscription(sub_id))
-                    elif env.id == sub_id and phase == _SUBSCRIBING:
-                        phase = _AWAIT_IMAGE
-                        self._backoff.reset()
-                        logger.info(
-                            "esa %s: subscribed (id %d, %s)",
-                            self._name,
-                            sub_id,
-                            "resuming from stored clk" if sent_tokens else "full image",
-                        )
-                elif op == "connection":
-                    self._connection_id = env.connection_id
-                    logger.info(
-                        "esa %s: connected to %s:%s, connectionId %s",
-                        self._name,
-                        self._host,
-                        self._port,
-                        env.connection_id,
-                    )
-                    if phase == _AWAIT_CONNECTION:
-                        phase = _AUTHENTICATING
-                        auth_id = self._request_id()
-                        writer.write(
-                            orjson.dumps(
-                                {
-                                    "op": "authentication",
-                                    "id": auth_id,
-                                    "appKey": self._app_key,
-                                    "session": self._session_token,
-                                }
-                            )
-                            + b"\r\n"
-                        )
-                elif self._debug:
-                    logger.debug("esa %s: ignored message with op %r", self._name, op)
-            await self._deliver(batch, recv_ms, new_initial_clk, new_clk)
+    def _log_dropped(self, events: tuple[Event, ...] | list[Event]) -> None:
+        for event in events:
+            if isinstance(event, SegmentDropped):
+                logger.warning(
+                    "esa %s: segment of %d lines dropped (%s)", self._name, event.lines, event.reason.replace("_", " ")
+                )
+            elif isinstance(event, Ignored):
+                if event.reason is not None:
+                    logger.warning("esa %s: %s; ignored", self._name, event.reason)
+                elif logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("esa %s: ignored message with op %r", self._name, event.op)
 
-    async def _deliver(
-        self,
-        batch: list[bytes],
-        recv_ms: int,
-        initial_clk: str | None,
-        clk: str | None,
-    ) -> None:
-        """Hand ``batch`` to ``on_lines``, then advance the stored cursor."""
+    async def _deliver(self, deliveries: list[Delivery], recv_ms: int) -> None:
+        """Hand the deliveries' lines to ``on_lines`` in one call, then commit
+        their cursor tokens to the protocol."""
+        if len(deliveries) == 1:
+            batch = deliveries[0].lines
+        else:
+            batch = [line for delivery in deliveries for line in delivery.lines]
         if batch:
             try:
                 await self._on_lines(batch, recv_ms)
@@ -565,7 +414,5 @@ class EsaClient(SessionClient):
                 raise
             except Exception as exc:
                 raise _CallbackFailed() from exc
-        if initial_clk:
-            self._initial_clk = initial_clk
-        if clk:
-            self._clk = clk
+        for delivery in deliveries:
+            self._protocol.commit(delivery)

@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from feed.sources.http_limits import AuthError, TransportFailure, UpstreamError, error_code_of
+from feed.sources.http_limits import SourceAuthError, TransportFailure, UpstreamError, error_code_of
 
 __all__ = [
     "ApiKeyAuth",
@@ -182,7 +182,7 @@ class TokenAuth:
             raise TransportFailure(f"token request to {path} failed: {type(exc).__name__}", "connect", path=path) from None
         if resp.status_code in (400, 401, 403):
             code, _ = error_code_of(resp.content)
-            raise AuthError(f"token endpoint {path} refused the client credentials ({resp.status_code})",
+            raise SourceAuthError(f"token endpoint {path} refused the client credentials ({resp.status_code})",
                             code or f"http_{resp.status_code}", path=path, status=resp.status_code,
                             body=resp.content)
         if resp.status_code != 200:
@@ -294,8 +294,9 @@ class SigningTransport(httpx.AsyncBaseTransport):
         if self.query_key is None and self.signer is None:
             return await self.inner.handle_async_request(request)
         url = request.url
-        if self.query_key is not None:
-            url = url.copy_add_param(self.query_key.query_param, self.query_key.key.reveal())  # type: ignore[arg-type]
+        qk = self.query_key
+        if qk is not None and qk.query_param:  # always, when set (see __init__)
+            url = url.copy_add_param(qk.query_param, qk.key.reveal())
         body = await request.aread()
         headers = request.headers.copy()
         if self.signer is not None:

@@ -21,7 +21,8 @@ Error tree (extends :mod:`feed.errors`)::
      ├── QuotaExhaustedError    OUT_OF_USAGE_CREDITS, or the local quota guard; ``retry_after_s``
      └── CircuitOpenError       the breaker refuses; ``retry_in_s``
     FatalSourceError
-     ├── AuthError              INVALID_KEY, MISSING_KEY, DEACTIVATED_KEY, 401/403 after a refresh
+     ├── SourceAuthError        INVALID_KEY, MISSING_KEY, DEACTIVATED_KEY, 401/403 after a refresh
+     │                          (also a feed.errors.AuthError, re-exported here)
      └── RequestRejectedError   the request itself is wrong (INVALID_MARKET, unknown sport, 4xx)
 
 Every error carries ``provider``, ``code`` (the provider's error code, or
@@ -40,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from feed.errors import FatalSourceError, RetryableSourceError, SourceError
+from feed.errors import AuthError, FatalSourceError, RetryableSourceError, SourceError
 
 __all__ = [
     "AuthError",
@@ -50,6 +51,7 @@ __all__ = [
     "QuotaGovernor",
     "RateLimitedError",
     "RequestRejectedError",
+    "SourceAuthError",
     "TokenBucket",
     "TransportFailure",
     "UpstreamError",
@@ -135,7 +137,7 @@ class CircuitOpenError(RetryableSourceError):
         self.retry_in_s = retry_in_s
 
 
-class AuthError(_HttpErrorMixin, FatalSourceError):
+class SourceAuthError(_HttpErrorMixin, FatalSourceError, AuthError):
     """Credentials refused (after one token refresh where tokens are used)."""
 
     def __init__(self, message: str, code: str | None = None, *, provider: str = "", path: str = "",
@@ -387,7 +389,7 @@ def classify_response(provider: str, path: str, status: int, headers: Mapping[st
         assert ra is not None
         return QuotaExhaustedError(f"{where} usage quota exhausted", code, retry_after_s=ra, **kw)
     if code in AUTH_CODES or status in (401, 403):
-        return AuthError(f"{where} refused the credentials ({status})", code or f"http_{status}", **kw)
+        return SourceAuthError(f"{where} refused the credentials ({status})", code or f"http_{status}", **kw)
     if code in REJECTED_CODES:
         return RequestRejectedError(f"{where} rejected the request ({status}){': ' + text if text else ''}", code, **kw)
     if status >= 500 or status in (408, 425):

@@ -47,7 +47,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -57,6 +57,7 @@ from feed.aio import wait_event
 from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, RetryableSourceError, SourceError
 from feed.ingest import Ingest, ingest_options
+from feed.models import SourceState
 from feed.normalise.pinnacle import PinnacleNormaliser
 from feed.normalise.theoddsapi import TheOddsApiNormaliser
 from feed.settings import Settings
@@ -64,12 +65,12 @@ from feed.sources.backoff import Backoff
 from feed.sources.http_auth import ApiKeyAuth, BasicAuth, HmacSigner, Secret, SigningTransport, TokenAuth
 from feed.sources.http_limits import (
     BODY_LOG_MAX,
-    AuthError,
     CircuitBreaker,
     CircuitOpenError,
     QuotaExhaustedError,
     QuotaGovernor,
     RateLimitedError,
+    SourceAuthError,
     TokenBucket,
     TransportFailure,
     UpstreamError,
@@ -260,7 +261,7 @@ class ProviderHttp:
         except (TransportFailure, UpstreamError):
             self.breaker.record_failure()
             raise
-        except AuthError:
+        except SourceAuthError:
             self.breaker.release_probe()
             raise
         assert result is not None
@@ -418,8 +419,8 @@ class PollerSource:
     def stop(self) -> None:
         self._stop.set()
 
-    def _set_state(self, state: str, reason: str | None) -> None:
-        if self.ingest.set_state(state, reason):  # type: ignore[arg-type]
+    def _set_state(self, state: SourceState, reason: str | None) -> None:
+        if self.ingest.set_state(state, reason):
             self._health_dirty = True
 
     async def publish_health(self, force: bool = False) -> None:
@@ -511,7 +512,7 @@ class PollerSource:
             raise
         except RetryableSourceError as exc:
             reason = _reason_of(exc)
-            state = "DOWN" if http.breaker.state == "open" else "DEGRADED"
+            state: SourceState = "DOWN" if http.breaker.state == "open" else "DEGRADED"
             self._fail(exc, state, "circuit_open" if state == "DOWN" else reason, kind=reason)
             return self.backoff.next_delay()
         self.polls += 1
@@ -522,7 +523,7 @@ class PollerSource:
             self._set_state("UP", None)
         return max(self.options.min_interval_s, self.interval(key) * http.quota.interval_factor())
 
-    def _fail(self, exc: SourceError, state: str, reason: str, kind: str | None = None) -> None:
+    def _fail(self, exc: SourceError, state: SourceState, reason: str, kind: str | None = None) -> None:
         """Count a failure (by ``kind``, default ``reason``) and set the health."""
         self.failures[kind or reason] += 1
         self.last_error = exc
@@ -625,9 +626,9 @@ class PinnacleSource(PollerSource):
         if n.missing_fixtures - missing_before:
             await self._fetch("fixtures", sport, snapshot=False)
 
-    async def _fetch(self, endpoint: str, sport: int, *, snapshot: bool) -> None:
+    async def _fetch(self, endpoint: Literal["fixtures", "odds"], sport: int, *, snapshot: bool) -> None:
         n = self.normaliser
-        since = None if snapshot else n.since(endpoint, sport)  # type: ignore[arg-type]
+        since = None if snapshot else n.since(endpoint, sport)
         params: dict[str, Any] = {"sportId": sport}
         if since is not None:
             params["since"] = since
@@ -647,7 +648,7 @@ class PinnacleSource(PollerSource):
                 self.odds_confirmed(str(sport), res.recv_ms)
             return
         stale_before = n.dropped["stale_response"]
-        n.expect(endpoint, snapshot=since is None, sport_id=sport)  # type: ignore[arg-type]
+        n.expect(endpoint, snapshot=since is None, sport_id=sport)
         whole_before = self.ingest.rejected_messages
         await self.ingest_body(res.body, res.recv_ms)
         if self.ingest.take_lost():
@@ -823,6 +824,16 @@ def _token_url(base_url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/v1/token"
 
 
+
+def _odds_format(spec: SourceSpec) -> Literal["decimal", "american"]:
+    """The ``odds_format=`` option of an HTTP poller (default decimal). Raises ConfigError."""
+    value = spec.get("odds_format", "decimal")
+    if value == "decimal":
+        return "decimal"
+    if value == "american":
+        return "american"
+    raise ConfigError(f"source {spec.name}: odds_format must be decimal or american")
+
 def _poller_options(spec: SourceSpec, defaults: PollerOptions) -> PollerOptions:
     return PollerOptions(**{f: _typed(spec, f, getattr(defaults, f)) for f in _POLL_FIELDS})
 
@@ -854,9 +865,7 @@ async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec
     the historic delta limit —, ``fixtures_interval_s`` 60, ``resync_s`` 3600) and every :class:`HttpOptions` /
     :class:`PollerOptions` field by name (``deadline_s=2``, ``rate_per_s=1`` …).
     """
-    odds_format = spec.get("odds_format", "decimal")
-    if odds_format not in ("decimal", "american"):
-        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american")
+    odds_format = _odds_format(spec)
     sports_text = spec.get("sports", "29") or "29"
     try:
         sports = None if sports_text == "all" else [int(s) for s in _split(sports_text)]
@@ -864,7 +873,7 @@ async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec
         raise ConfigError(f"source {spec.name}: sports must be sportIds like 29+4, or all") from None
     http = build_http(spec, base_url=spec.url, provider=spec.name, defaults=HttpOptions(rate_per_s=2.0, burst=4))
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=5.0, min_interval_s=5.0))
-    normaliser = PinnacleNormaliser(spec.name, odds_format=odds_format)  # type: ignore[arg-type]
+    normaliser = PinnacleNormaliser(spec.name, odds_format=odds_format)
     ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="pinnacle",
                     stale_after_ms=_stale_after_ms(settings, opts, http.options), **ingest_options(settings))
     source = PinnacleSource(ingest, http, opts, sports=sports, normaliser=normaliser,
@@ -887,9 +896,7 @@ async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSp
     in play; ``0`` for a local simulator), ``quota_low_water``, ``quota_reserve`` and the other
     :class:`HttpOptions` / :class:`PollerOptions` fields.
     """
-    odds_format = spec.get("odds_format", "decimal")
-    if odds_format not in ("decimal", "american"):
-        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american")
+    odds_format = _odds_format(spec)
     mode = spec.get("mode", "snapshot")
     if mode not in ("snapshot", "conditional"):
         raise ConfigError(f"source {spec.name}: mode must be snapshot or conditional")
@@ -899,7 +906,7 @@ async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSp
     http = build_http(spec, base_url=base, provider=spec.name, api_key_query="apiKey",
                       defaults=HttpOptions(rate_per_s=5.0, burst=5))
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=40.0, min_interval_s=20.0))
-    normaliser = TheOddsApiNormaliser(spec.name, odds_format=odds_format)  # type: ignore[arg-type]
+    normaliser = TheOddsApiNormaliser(spec.name, odds_format=odds_format)
     ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="theoddsapi",
                     stale_after_ms=_stale_after_ms(settings, opts, http.options), **ingest_options(settings))
     sports = _split(spec.get("sport", spec.get("sports", "upcoming")) or "upcoming")

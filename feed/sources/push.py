@@ -62,11 +62,12 @@ from feed.aio import raise_if_cancelled
 from feed.book import Book
 from feed.errors import FatalSourceError
 from feed.ingest import HealthPublisher, Ingest, ingest_options
+from feed.models import SourceState
 from feed.normalise.push import PushNormaliser, entry_key
 from feed.redaction import register_secret
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
-from feed.sources.session import SessionClient
+from feed.sources.session import HealthCallback, SessionClient
 from feed.sources.spec import SourceSpec
 from feed.store import Store
 
@@ -143,7 +144,7 @@ class PushClient(SessionClient):
         *,
         url: str,
         on_messages: Callable[[list[bytes], int], Awaitable[None]],
-        on_health: Callable[[str, str | None], None] = lambda state, reason: None,
+        on_health: HealthCallback = lambda state, reason: None,
         api_key: str | None = None,
         snapshot_url: str | None = None,
         cursor: str | None = None,
@@ -524,8 +525,8 @@ async def run_push_source(store: Store, settings: Settings, spec: SourceSpec, cl
         if ingest.take_lost():
             client.request_repair()
 
-    def on_health(state: str, reason: str | None) -> None:
-        if ingest.set_state(state, reason):  # type: ignore[arg-type]
+    def on_health(state: SourceState, reason: str | None) -> None:
+        if ingest.set_state(state, reason):
             health.wake()
 
     options = {**client_options(spec), **client_overrides}

@@ -73,7 +73,7 @@ class SourceKind:
         """The runner coroutine function (imports its module)."""
         module, _, func = self.runner.partition(":")
         fn: Any = getattr(importlib.import_module(module), func)
-        return fn  # type: ignore[no-any-return]
+        return fn
 
     @property
     def accepted(self) -> frozenset[str]:

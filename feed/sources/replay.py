@@ -20,8 +20,9 @@ import bz2
 import contextlib
 import gzip
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class _Envelope(msgspec.Struct):
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 
 
-def recording_files(paths: list[str | Path]) -> list[Path]:
+def recording_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and folders into the list of files to replay (sorted
     within each folder, hidden files skipped). Raises FileNotFoundError."""
     out: list[Path] = []
@@ -230,7 +231,7 @@ class Replay:
             now = self.clock_ms()
             due_pt = first_pt + (now - start) * speed
             j = i
-            while j < n and (pts[j] is None or pts[j] <= due_pt) and j - i < self.chunk_lines:  # type: ignore[operator]
+            while j < n and ((pt := pts[j]) is None or pt <= due_pt) and j - i < self.chunk_lines:
                 j += 1
             if j > i:
                 ingest.feed_lines(messages[i:j], now, pt_map)
@@ -238,5 +239,7 @@ class Replay:
                 i = j
                 self._tick()
                 continue
-            wait_ms = (pts[i] - first_pt) / speed - (now - start)  # type: ignore[operator]
+            next_pt = pts[i]
+            assert next_pt is not None  # a None pt is always due, so the loop above took it
+            wait_ms = (next_pt - first_pt) / speed - (now - start)
             await asyncio.sleep(min(max(wait_ms, 1) / 1000, 1.0))

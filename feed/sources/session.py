@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-HealthCallback = Callable[[str, str | None], None]
+from feed.models import SourceState
+
+HealthCallback = Callable[[SourceState, str | None], None]
 
 
 class SessionClient:
@@ -21,13 +23,13 @@ class SessionClient:
 
     def __init__(self, on_health: HealthCallback) -> None:
         self._on_health = on_health
-        self._health: tuple[str, str | None] | None = None
+        self._health: tuple[SourceState, str | None] | None = None
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._session_task: asyncio.Task[None] | None = None
 
     @property
-    def health(self) -> tuple[str, str | None] | None:
+    def health(self) -> tuple[SourceState, str | None] | None:
         """The last ``(state, reason)`` reported to ``on_health``."""
         return self._health
 
@@ -38,7 +40,7 @@ class SessionClient:
         if self._session_task is not None:
             self._session_task.cancel()
 
-    def _set_health(self, state: str, reason: str | None) -> None:
+    def _set_health(self, state: SourceState, reason: str | None) -> None:
         if self._health != (state, reason):
             self._health = (state, reason)
             self._on_health(state, reason)

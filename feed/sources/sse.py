@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from feed.errors import FatalSourceError
+from feed.errors import FatalSourceError, RetryableSourceError
 from feed.ingest import Ingest
 from feed.settings import Settings
 from feed.sources.spec import SourceSpec
@@ -55,7 +55,7 @@ MAX_EVENT_BYTES = 16 << 20
 _QUEUE_CHUNKS = 256
 
 
-class SSEError(ValueError):
+class SSEError(RetryableSourceError, ValueError):
     """The byte stream breaks the event-stream format (or our size limit)."""
 
 
