@@ -62,6 +62,8 @@ async def run_esa_source(store: Store, settings: Settings, *, host: str, port: i
     async def on_lines(lines: list[bytes], recv_ms: int) -> None:
         ingest.feed_lines(lines, recv_ms)
         await ingest.flush()
+        if ingest.take_lost():
+            client.request_image()  # a market's change was rejected: only a new image repairs it
         state: SourceState = "DEGRADED" if ingest.degraded else "UP"
         reason = "upstream_503" if ingest.degraded else None
         if ingest.health.state != "DOWN" and ingest.set_state(state, reason):

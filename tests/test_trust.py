@@ -491,3 +491,38 @@ async def test_a_cursor_without_a_stored_session_starts_a_full_image(store: Stor
     again = Ingest(store, source="betfair")
     assert await again.restore() is None and not again.resumed
     assert "bf:1.1" in again.book.markets  # seq still continues from the stored snapshot
+
+
+async def test_an_esa_market_whose_change_was_rejected_is_reimaged_by_a_fresh_subscription(store: Store,
+                                                                                            make_sim) -> None:
+    from feed.supervisor import run_esa_source
+
+    sim = await make_sim(events=2, rate_per_s=20.0)
+    task = asyncio.create_task(run_esa_source(store, Settings(), host="127.0.0.1", port=sim.port,
+                                              app_key="sim-app-key", session_token="sim-session"))
+    try:
+        await eventually(lambda: len(sim.subscriptions) == 1 and store.load_cursor("betfair"), 20, "subscribed")
+        sim.poison_timestamps([4_102_444_800_000 + 1])  # the next change is real but stamped in 2100: rejected
+        # the lost change makes the ingest resubscribe without clk: a full image repairs every market
+        await eventually(lambda: len(sim.subscriptions) >= 2, 30, "a fresh subscription")
+        assert "clk" not in list(sim.subscriptions)[1]
+        sim.freeze()
+
+        async def repaired() -> bool:
+            stored = {m.market_id: m for m in await store.load_all_markets()}
+            truth = sim.truth()
+            if not stored or any(m.session is None for m in stored.values()):
+                return False
+            for mid, t in truth.items():
+                m = stored.get("bf:" + mid)
+                if m is None or t["status"] != "OPEN":
+                    continue
+                for sid, r in t["runners"].items():
+                    sel = m.selection(sid)
+                    if sel is None or [tuple(lv) for lv in sel.back[:1]] != [tuple(lv) for lv in r["back"][:1]]:
+                        return False
+            return True
+        await eventually(repaired, 30, "every market re-imaged and equal to the simulator's truth")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -189,6 +189,8 @@ class EsaClient(SessionClient):
         self._connect_timeout_s = connect_timeout_s
         self._clock_ms = clock_ms
         self._backoff = Backoff(initial_s=backoff_initial_s, max_s=backoff_max_s)
+        self._image_wanted = False
+        self._image_requested_at = -1e18
 
         self._connection_id: str | None = None
         self._reconnects = 0
@@ -196,6 +198,16 @@ class EsaClient(SessionClient):
 
     def __repr__(self) -> str:
         return f"<EsaClient {self._name} {self._host}:{self._port}>"
+
+    def request_image(self, min_interval_s: float = 10.0) -> None:
+        """Ask for a fresh full image of the subscription: after the current
+        delivery the client drops its ``clk`` cursor and resubscribes (ESA
+        cannot re-image one market). Used when a market's change had to be
+        rejected: only an image repairs it. At most once per
+        ``min_interval_s`` seconds, so a provider that keeps sending bad data
+        does not make us reconnect in a loop (its markets stay stale)."""
+        if time.monotonic() - self._image_requested_at >= min_interval_s:
+            self._image_wanted = True
 
     # -- public state -------------------------------------------------------
 
@@ -259,9 +271,9 @@ class EsaClient(SessionClient):
             except _CallbackFailed as exc:
                 assert exc.__cause__ is not None
                 raise exc.__cause__
-            except _ReconnectNow:
+            except _ReconnectNow as exc:
                 delay = 0.0
-                why = "resume tokens rejected"
+                why = str(exc) or "resume tokens rejected"
             except _HeartbeatMissed as exc:
                 reason = "heartbeat_missed"
                 why = str(exc)
@@ -416,3 +428,8 @@ class EsaClient(SessionClient):
                 raise _CallbackFailed() from exc
         for delivery in deliveries:
             self._protocol.commit(delivery)
+        if self._image_wanted:
+            self._image_wanted = False
+            self._image_requested_at = time.monotonic()
+            self._protocol.forget_cursor()
+            raise _ReconnectNow("a full image was requested (a market's change was rejected)")

@@ -524,6 +524,13 @@ class EsaProtocol:
         self._out.clear()
         return out
 
+    def forget_cursor(self) -> None:
+        """Drop the ``initialClk``/``clk`` cursor: the next subscription asks
+        for a full image (``SUB_IMAGE``); deliveries emitted before this can
+        no longer bring the old tokens back."""
+        self._initial_clk = self._clk = None
+        self._epoch += 1
+
     def commit(self, delivery: Delivery) -> None:
         """``delivery``'s lines were handed on: advance the cursor to its
         tokens (unless the cursor was reset after it was emitted)."""

@@ -649,16 +649,20 @@ class PinnacleSource(PollerSource):
             return
         stale_before = n.dropped["stale_response"]
         n.expect(endpoint, snapshot=since is None, sport_id=sport)
-        whole_before = self.ingest.rejected_messages
+        rejected_before = self.ingest.stats.rejected
         await self.ingest_body(res.body, res.recv_ms)
-        if self.ingest.take_lost():
+        lost = self.ingest.take_lost()
+        rejected = self.ingest.stats.rejected > rejected_before
+        if lost or (rejected and endpoint == "odds"):
+            # a rejected part may have carried changes the advanced cursor now skips (or markets
+            # whose change is lost): the next poll of the sport is a snapshot that re-images them
             self._repair.add(sport)
         if endpoint == "odds":
             if n.dropped["stale_response"] > stale_before:
                 self._stale_streak[sport] = self._stale_streak.get(sport, 0) + 1
             else:
                 self._stale_streak[sport] = 0
-                if self.ingest.rejected_messages == whole_before:  # a rejected answer confirms nothing
+                if not rejected:  # an answer with a rejected part confirms nothing
                     self.odds_confirmed(str(sport), res.recv_ms)
 
 
