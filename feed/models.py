@@ -205,13 +205,26 @@ class SourceHealth(msgspec.Struct, kw_only=True):
 INGEST_GONE = "ingest_gone"
 
 
+def lease_expired(h: SourceHealth, now_ms: int) -> bool:
+    """``h`` was not renewed in time: ``updated_at + lease_ms`` passed (a
+    record without a lease, ``lease_ms`` 0, never expires)."""
+    return h.lease_ms > 0 and now_ms > h.updated_at + h.lease_ms
+
+
+def lost_change(m: Market, h: SourceHealth | None) -> bool:
+    """A change of ``m`` was rejected or dropped (its session was cleared)
+    while its source works in sessions: ``m`` is not to be trusted until its
+    source re-images it."""
+    return m.session is None and h is not None and h.session is not None
+
+
 def effective_health(h: SourceHealth, now_ms: int) -> SourceHealth:
     """``h`` as a reader must take it at ``now_ms``: DOWN with reason
     ``ingest_gone`` once its lease ran out (``updated_at + lease_ms`` passed:
     the ingest process that owns the source died or cannot reach Redis);
     ``h`` itself otherwise. A record without a lease (``lease_ms`` 0) never
     expires."""
-    if h.lease_ms > 0 and h.state != "DOWN" and now_ms > h.updated_at + h.lease_ms:
+    if h.state != "DOWN" and lease_expired(h, now_ms):
         return msgspec.structs.replace(h, state="DOWN", reason=INGEST_GONE)
     return h
 

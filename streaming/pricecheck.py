@@ -78,7 +78,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from feed.models import CLOSED_STATUSES, Market, Selection
+from feed.models import CLOSED_STATUSES, Market, Selection, lost_change
 from feed.settings import Settings
 from streaming.responses import json_error, json_response, node_of
 from streaming.state import NodeState, now_ms
@@ -249,7 +249,7 @@ def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: s
         return answer("SOURCE_DOWN", f"source {m.source} is down{why}; its prices are not confirmed", **priced)
     if feed_problem is not None:
         return answer("STALE", f"this node is not receiving updates ({feed_problem})", **priced)
-    if m.session is None and health is not None and health.session is not None:
+    if lost_change(m, health):
         return answer("STALE", f"an update of market {m.market_id} was rejected; its prices are not trusted "
                                "until the source re-images it", **priced)
     if age > max_age:

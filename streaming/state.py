@@ -40,7 +40,9 @@ from dataclasses import dataclass
 import msgspec
 
 from feed.errors import OddsfeedError
-from feed.models import ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health
+from feed.models import (
+    ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health, lease_expired, lost_change,
+)
 from feed.settings import Settings
 from feed.store import partition_of
 from streaming.encoding import (
@@ -385,10 +387,8 @@ class NodeState:
         h = self.health.get(m.source)
         down = False
         if h is not None:
-            if h.state == "DOWN" or (h.lease_ms > 0 and now > h.updated_at + h.lease_ms):
-                down = True
-            elif m.session is None and h.session is not None:
-                down = True  # a change of this market was lost: stale until its source re-images it
+            if h.state == "DOWN" or lease_expired(h, now) or lost_change(m, h):
+                down = True  # (a lost change: stale until its source re-images the market)
             elif h.last_message_at > last and m.session is not None and m.session == h.session:
                 last = h.last_message_at
         age = now - last
