@@ -33,6 +33,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,6 +118,16 @@ def offered_of(sel: dict[str, Any]) -> float | None:
 
 # -- truth -----------------------------------------------------------------------------------
 
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (checked by binding it)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 class Truth:
     """The simulator's truth log (:mod:`feed.simulator.truth`), read incrementally.
@@ -551,11 +562,12 @@ class ClusterStack(Stack):
         return ["--redis-url", self.redis_url, "--redis-cluster", "--partitions", str(self.partitions)]
 
     def _cluster_port(self) -> int:
+        """A free port whose cluster-bus port (port + 10000) is free too."""
         for _ in range(100):
             port = free_port()
-            if port < 55_000:  # the cluster bus listens on port + 10000
+            if port < 55_000 and _port_free(port + 10_000):  # the cluster bus listens on port + 10000
                 return port
-        raise RuntimeError("no free port below 55000 for a cluster node")
+        raise RuntimeError("no free port pair (port, port + 10000) below 65535 for a cluster node")
 
     def redis_cli(self, port: int | None, *args: str, timeout_s: float = 10.0) -> str:
         out = subprocess.run([self.cli, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout_s,
