@@ -111,13 +111,13 @@ async def _bench_poller(kind: str, spec_text: Callable[[int], str], *, duration_
                 task = asyncio.create_task(runner(store, Settings(), spec, on_source=got.append))
                 try:
                     deadline = time.monotonic() + 20
-                    while not (got and got[0].ingest.health.state == "UP"):
+                    while not (got and got[0].pipeline.ingest.health.state == "UP"):
                         if task.done():
                             task.result()
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"{kind} poller did not come up")
                         await asyncio.sleep(0.05)
-                    ingest = got[0].ingest
+                    ingest = got[0].pipeline.ingest  # type: ignore[attr-defined]
                     flush = ingest.flush
 
                     async def timed_flush() -> list[Delta]:

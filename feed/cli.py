@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def source_opts(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("source")
-        g.add_argument("--replay", nargs="+", metavar="PATH", help="recorded Betfair files or folders (.bz2, .gz, plain)")
+        g.add_argument("--replay", nargs="+", metavar="PATH",
+                       help="recordings to replay: Betfair historic files (.bz2, .gz, plain) and oddsfeed recordings "
+                            "of any source kind (from --record), files or folders")
         g.add_argument("--speed", type=_speed, default=1.0, help="replay pacing: a multiplier, or 'max' (default 1)")
         g.add_argument("--keep-clock", action="store_true", help="keep the recording's own pt instead of mapping it onto now")
         g.add_argument("--esa", type=_hostport, metavar="HOST:PORT", help="a Betfair ESA endpoint to stream from")
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a source as KIND=URL[,key=value…] (kinds: " + _kinds_help() + "; "
                             "repeat for several; values may be $ENV_VAR; an unknown option is an error "
                             "naming the valid ones), e.g. pinnacle=http://127.0.0.1:9555,user=demo,password=demo")
+        g.add_argument("--record", metavar="DIR",
+                       help="record every payload each source receives under DIR/<source>/ (gzip when closed; "
+                            "esa in the Betfair historic format); replay with --replay DIR")
 
     def sim_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
         g = p.add_argument_group("simulator")
@@ -125,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="ingest only: --replay PATH… (exits when done), --esa HOST:PORT or --source SPEC…")
     store_opts(ingest)
     source_opts(ingest)
+
+    record = sub.add_parser("record", help="ingest --source/--esa and record what each source receives: "
+                                           "record --source SPEC… --out DIR (same as ingest --record DIR)")
+    store_opts(record)
+    source_opts(record)
+    record.add_argument("--out", required=True, metavar="DIR", help="recording directory")
 
     serve = sub.add_parser("serve", help="the API only, reading what an ingest writes to Redis")
     store_opts(serve)
@@ -158,6 +169,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         partitions=getattr(args, "partitions", None),
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
+        record_dir=getattr(args, "out", None) or getattr(args, "record", None),
     )
 
 
@@ -274,13 +286,34 @@ def _print_summary(summary: Any) -> None:
 
 async def _esa_source(settings: Settings, store: Any, args: argparse.Namespace, host: str, port: int,
                       app_key: str, session: str, tls: bool) -> None:
-    import ssl
+    from feed.sources.spec import SourceSpec
+    from feed.supervisor import run_source, supervise
 
-    from feed.supervisor import run_esa_source, supervise
+    spec = SourceSpec(kind="esa", url=f"{'tls://' if tls else ''}{host}:{port}", name="betfair",
+                      options={"app_key": app_key, "session": session})
+    await supervise("betfair", lambda: run_source(store, settings, spec), store=store)
 
-    await supervise("betfair", lambda: run_esa_source(
-        store, settings, host=host, port=port, app_key=app_key, session_token=session,
-        ssl=ssl.create_default_context() if tls else None), store=store)
+
+async def _replay(store: Any, settings: Settings, args: argparse.Namespace) -> None:
+    """``--replay PATH…``: Betfair historic files through the Betfair replay
+    (clock mapped onto now unless --keep-clock), oddsfeed recordings of any
+    kind through their kind's pipeline (their own clock)."""
+    from feed.sources.recording import recording_paths, replay_recordings
+    from feed.sources.replay import recording_files
+    from feed.supervisor import run_replay
+
+    ours = set(recording_paths(args.replay))
+    betfair = [f for f in recording_files(args.replay) if f not in ours]
+    if betfair:
+        summary = await run_replay(store, settings, list(betfair), speed=args.speed,
+                                   map_clock=not args.keep_clock, progress=_progress)
+        _print_summary(summary)
+    if ours:
+        done = await replay_recordings(store, settings, sorted(ours), speed=args.speed)
+        print("replay of oddsfeed recordings finished:")
+        for name, n in done.sources.items():
+            print(f"  {name}: {n:,} payloads")
+        sys.stdout.flush()
 
 
 # --- commands ----------------------------------------------------------------
@@ -288,7 +321,6 @@ async def _esa_source(settings: Settings, store: Any, args: argparse.Namespace, 
 
 async def cmd_run(args: argparse.Namespace) -> int:
     from feed.ingest import tune_gc
-    from feed.supervisor import run_replay
 
     settings = settings_from_args(args)
     sock = bind_socket(settings.host, settings.port)
@@ -298,9 +330,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         api = asyncio.create_task(serve_api(settings, store, sock))
         try:
             if args.replay:
-                summary = await run_replay(store, settings, args.replay, speed=args.speed,
-                                           map_clock=not args.keep_clock, progress=_progress)
-                _print_summary(summary)
+                await _replay(store, settings, args)
                 print("serving the replayed markets; Ctrl-C to stop", flush=True)
             elif args.esa or args.source:
                 if args.esa:
@@ -342,17 +372,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 async def cmd_ingest(args: argparse.Namespace) -> int:
     from feed.ingest import tune_gc
-    from feed.supervisor import run_replay
 
     settings = settings_from_args(args)
     if not args.replay and not args.esa and not args.source:
-        raise UsageError("ingest needs --replay PATH…, --esa HOST:PORT or --source SPEC")
+        raise UsageError(f"{args.command} needs {'' if args.command == 'record' else '--replay PATH…, '}"
+                         "--esa HOST:PORT or --source SPEC")
     tune_gc()
     async with open_store(settings) as store:
         if args.replay:
-            summary = await run_replay(store, settings, args.replay, speed=args.speed,
-                                       map_clock=not args.keep_clock, progress=_progress)
-            _print_summary(summary)
+            await _replay(store, settings, args)
             return 0
         tasks = []
         if args.esa:
@@ -441,7 +469,14 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ingest": cmd_ingest, "serve": cmd_serve, "simulate": cmd_simulate}
+async def cmd_record(args: argparse.Namespace) -> int:
+    if args.replay:
+        raise UsageError("record takes live sources (--source SPEC… or --esa HOST:PORT), not --replay")
+    return await cmd_ingest(args)
+
+
+COMMANDS = {"run": cmd_run, "ingest": cmd_ingest, "record": cmd_record, "serve": cmd_serve,
+            "simulate": cmd_simulate}
 
 
 async def _main_async(args: argparse.Namespace) -> int:

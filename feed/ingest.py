@@ -1,7 +1,7 @@
-"""The ingest pipeline of one source: raw lines → normaliser → book → store.
+"""The ingest core of one source: payloads → normaliser → book → store.
 
-Sources (``feed.sources``) hand raw provider lines here; the pipeline
-normalises them, quarantines what is rejected (typed reason, raw bytes
+:class:`feed.pipeline.Pipeline` (what a source delivers to) drives it: it
+normalises payloads, quarantines what is rejected (typed reason, raw bytes
 capped, counted — the source carries on), sequences the updates in the book
 and writes them to Redis in batched atomic applies together with the
 source's resume cursor. It keeps the source's counters and health.
@@ -13,10 +13,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypedDict
-
 
 import msgspec
 
@@ -28,6 +27,8 @@ from feed.normalise.base import MarketUpdate, Normaliser
 from feed.normalise.betfair import BetfairNormaliser
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
+from feed.sources.base import Delivered, Payload
+from feed.sources.lag import LagWindow, apply_to_health
 from feed.store import EpochChanged, Store
 from feed.validate import validate_update
 
@@ -170,6 +171,8 @@ class Ingest:
         self._lost_seen = 0
         #: messages rejected whole (nothing of them applied)
         self.rejected_messages = 0
+        #: a replay maps provider times onto now through this (None: kept as they are)
+        self.time_map: Callable[[int], int] | None = None
 
     async def restore(self) -> str | None:
         """Load stored snapshots (so seq continues) and the upstream session
@@ -213,28 +216,42 @@ class Ingest:
             self.cursor = value
             self._cursor_dirty = True
 
-    def feed_lines(self, lines: list[bytes], recv_ms: int, pt_map: Callable[[int], int] | None = None) -> None:
-        """Normalise lines into the pending batch (no I/O); rejected lines
-        and markets are queued for quarantine. ``pt_map`` maps provider
-        ``pt`` to ``source_ts`` (replays); None keeps ``pt``. Never raises
-        for a provider's bytes: whatever a normaliser raises is a rejection."""
+    def feed_lines(self, lines: Iterable[bytes], recv_ms: int) -> Delivered:
+        """:meth:`feed` for payloads of one channel-less stream read at ``recv_ms``."""
+        return self.feed([Payload(recv_ms, raw) for raw in lines])
+
+    def feed(self, payloads: Iterable[Payload]) -> Delivered:
+        """Normalise payloads into the pending batch (no I/O); rejected
+        payloads and markets are queued for quarantine. Never raises for a
+        provider's bytes: whatever a normaliser raises is a rejection.
+        Returns what the normaliser said of them (``stored``/``deltas`` are
+        the caller's to fill after :meth:`flush`). With :attr:`time_map`
+        set (a replay), every update's ``source_ts`` is mapped through it
+        and the original kept in ``source_ts_original``."""
         normaliser = self.normaliser
         stats = self.stats
         pending = self._pending
         skew = self.max_future_skew_ms
-        for raw in lines:
+        time_map = self.time_map
+        out = Delivered()
+        requests: set[str] = set()
+        recv_ms = 0
+        for payload in payloads:
+            raw, recv_ms = payload.data, payload.recv_ms
             if not raw or raw.isspace():
                 continue
             stats.messages += 1
             try:
-                batch = normaliser.feed(raw, recv_ms, pt_map=pt_map)
+                batch = normaliser.feed(raw, recv_ms, payload.channel)
             except FeedDecodeError as exc:
                 self.rejected_messages += 1
+                out.rejected_messages += 1
                 self._reject(exc)
                 continue
             except Exception as exc:  # a normaliser bug must not end the source (nor its neighbours)
                 logger.exception("normaliser of %s failed on a message", self.source)
                 self.rejected_messages += 1
+                out.rejected_messages += 1
                 self._reject(FeedDecodeError("internal_error", f"{type(exc).__name__}: {exc}", raw))
                 continue
             if batch.full_image:
@@ -242,14 +259,22 @@ class Ingest:
             for rejected in batch.rejected:
                 if not rejected.raw:
                     rejected.raw = raw
+                out.rejected_parts += 1
                 self._reject(rejected)
+            if batch.unconfirm:
+                self._unconfirm.update(batch.unconfirm)
             if batch.updates:
                 for u in batch.updates:
+                    if time_map is not None:
+                        if u.source_ts_original is None:
+                            u.source_ts_original = u.source_ts
+                        u.source_ts = time_map(u.source_ts)
                     try:
                         validate_update(u, recv_ms, max_future_skew_ms=skew)
                     except FeedDecodeError as invalid:
                         invalid.market_id = u.market_id
                         invalid.raw = raw
+                        out.rejected_parts += 1
                         self._reject(invalid)
                         continue
                     pending.append(u)
@@ -262,8 +287,17 @@ class Ingest:
             if batch.cursor is not None:
                 self.cursor = batch.cursor
                 self._cursor_dirty = True
-        if self.confirm_by_messages:
-            self._fed_at = recv_ms
+            if batch.stale:
+                out.stale = True
+            if batch.requests:
+                requests.update(batch.requests)
+            if batch.in_play is not None:
+                out.in_play = batch.in_play
+        if requests:
+            out.requests = frozenset(requests)
+        if self.confirm_by_messages and recv_ms:
+            self._fed_at = max(self._fed_at, recv_ms)
+        return out
 
     def confirm(self, recv_ms: int) -> None:
         """The upstream confirmed its data at ``recv_ms`` without a message to
@@ -486,8 +520,9 @@ class HealthPublisher:
     cancellation swallowed inside a Redis call can never keep it running.
     """
 
-    def __init__(self, ingest: Ingest, interval_s: float = 1.0) -> None:
+    def __init__(self, ingest: Ingest, interval_s: float = 1.0, *, lag: LagWindow | None = None) -> None:
         self.ingest = ingest
+        self.lag = lag
         self.interval_s = interval_s
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -506,6 +541,8 @@ class HealthPublisher:
             try:
                 if ingest.backlog or not ingest.store_ok:
                     await ingest.flush()  # a quiet source still drains what waits for the store
+                if self.lag is not None:
+                    apply_to_health(ingest.health, self.lag)
                 await ingest.publish_health()
             except Exception as exc:  # a Redis hiccup must not stop the source
                 logger.warning("could not publish health of %s: %s", ingest.source, exc)

@@ -75,6 +75,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_backlog_max: int = 50_000
     """Deltas an ingest keeps while Redis is unreachable before it compacts them to one
     image per market (memory bound during a store outage)."""
+    record_dir: str | None = None
+    """Record what every source receives under this directory (``--record``;
+    :mod:`feed.recorder`); None = no recording."""
 
 
 

@@ -1,16 +1,12 @@
-"""Runs sources: wires a source's I/O to its ingest pipeline and health.
+"""Runs sources, each isolated and restarted with backoff.
 
-``run_esa_source`` keeps one Betfair ESA subscription alive and ingests it;
-``run_replay`` feeds recordings. Both persist the source's health (UP /
-DEGRADED / DOWN with a reason, last message time, counters, cursor) about
-once a second and at every transition.
-
-``run_source(store, settings, spec)`` dispatches a parsed ``--source`` spec
-(:mod:`feed.sources.spec`) to its runner: ``esa`` → :func:`run_esa_source`,
-``pinnacle`` / ``theoddsapi`` → the HTTP pollers
-(:mod:`feed.sources.poller`), ``push-ws`` / ``push-sse`` → the push
-consumers (:mod:`feed.sources.ws`, :mod:`feed.sources.sse`).
-``run_sources`` runs several under one TaskGroup.
+``run_source(store, settings, spec)`` runs a parsed ``--source`` spec
+(:mod:`feed.sources.spec`) through :func:`feed.pipeline.run_spec` (the
+registry names its source and normaliser); :func:`supervise` restarts one
+source when it fails; ``run_sources`` runs several under one TaskGroup.
+``run_esa_source`` (an ESA subscription from keyword arguments) and
+``run_replay`` (Betfair recordings) are the same pipeline for the CLI's
+``--esa`` / ``--replay`` and for tests.
 """
 
 from __future__ import annotations
@@ -23,15 +19,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, OddsfeedError
-from feed.ingest import HealthPublisher, Ingest, ingest_options, now_ms
-from feed.models import SourceState
-from feed.normalise.betfair import BetfairNormaliser, decode_cursor
-from feed.sources.backoff import Backoff
+from feed.ingest import Ingest, now_ms
+from feed.normalise.betfair import BetfairNormaliser
+from feed.pipeline import Pipeline, run_spec
 from feed.settings import Settings
-from feed.sources.esa import EsaClient, default_market_data_filter, default_market_filter
-from feed.sources.registry import REGISTRY
+from feed.sources.backoff import Backoff
+from feed.sources.esa import EsaClient, EsaSource, default_market_data_filter, default_market_filter
 from feed.sources.replay import Replay, ReplaySummary
 from feed.sources.spec import SourceSpec
 from feed.store import Store
@@ -44,105 +38,38 @@ async def run_esa_source(store: Store, settings: Settings, *, host: str, port: i
                          market_data_filter: dict[str, Any] | None = None,
                          conflate_ms: int | None = None, heartbeat_ms: int = 1000,
                          on_client: Callable[[EsaClient], None] | None = None) -> None:
-    """Ingest one ESA subscription until cancelled (raises on fatal errors).
-
-    A restarted process continues each market's ``seq`` from the stored
-    snapshots and subscribes with the stored ``initialClk``/``clk``
-    (RESUB_DELTA: only what changed meanwhile); when the upstream no longer
-    knows that point it sends a SUB_IMAGE, which opens a new upstream
-    session. Within the process a reconnect resumes the same way.
-    """
-    ingest = Ingest(store, source=name, normaliser=BetfairNormaliser(name, ladder_depth=settings.ladder_depth),
-                    book=Book(), stale_after_ms=settings.stale_in_play_ms, **ingest_options(settings))
-    cursor = decode_cursor(await ingest.restore())
-    if cursor.initial_clk and cursor.clk:
-        logger.info("source %s resumes from its stored cursor (initialClk/clk)", name)
-    health = HealthPublisher(ingest)
-
-    async def on_lines(lines: list[bytes], recv_ms: int) -> None:
-        ingest.feed_lines(lines, recv_ms)
-        await ingest.flush()
-        if ingest.take_lost():
-            client.request_image()  # a market's change was rejected: only a new image repairs it
-        state: SourceState = "DEGRADED" if ingest.degraded else "UP"
-        reason = "upstream_503" if ingest.degraded else None
-        if ingest.health.state != "DOWN" and ingest.set_state(state, reason):
-            health.wake()
-
-    def on_health(state: SourceState, reason: str | None) -> None:
-        if ingest.set_state(state, reason):
-            health.wake()
-
-    client = EsaClient(
-        host=host, port=port, app_key=app_key, session_token=session_token,
-        market_filter=market_filter or default_market_filter(),
-        market_data_filter=market_data_filter or default_market_data_filter(),
-        heartbeat_ms=heartbeat_ms, conflate_ms=conflate_ms, ssl=ssl,
-        on_lines=on_lines, on_health=on_health, name=name,
-        initial_clk=cursor.initial_clk, clk=cursor.clk,
-    )
-    if on_client is not None:
-        on_client(client)
-    try:
-        async with health:
-            await client.run()
-    finally:
-        client.stop()
-        ingest.set_state("DOWN", "stopped")
-        with contextlib.suppress(Exception):
-            await ingest.publish_health()
+    """Ingest one ESA subscription until cancelled (raises on fatal errors):
+    an :class:`~feed.sources.esa.EsaSource` through the
+    :class:`~feed.pipeline.Pipeline`. A restarted process continues each
+    market's ``seq`` from the stored snapshots and subscribes with the
+    stored ``initialClk``/``clk``."""
+    source = EsaSource(name, host=host, port=port, app_key=app_key, session_token=session_token, ssl=ssl,
+                       market_filter=market_filter or default_market_filter(),
+                       market_data_filter=market_data_filter or default_market_data_filter(),
+                       heartbeat_ms=heartbeat_ms, conflate_ms=conflate_ms, on_client=on_client)
+    pipeline = Pipeline(store, settings, name=name, kind="esa",
+                        normaliser=BetfairNormaliser(name, ladder_depth=settings.ladder_depth))
+    await pipeline.run(source)
 
 
 async def run_replay(store: Store, settings: Settings, paths: list[str | Path], *, speed: float | None,
                      name: str = "replay", map_clock: bool = True,
                      progress: Callable[[Ingest, int, int], None] | None = None) -> ReplaySummary:
-    """Replay recordings into the store; return the summary."""
-    ingest = Ingest(store, source=name, normaliser=BetfairNormaliser(name, ladder_depth=settings.ladder_depth),
-                    stale_after_ms=settings.stale_in_play_ms, kind="replay", **ingest_options(settings))
-    await ingest.restore()
-    replay = Replay(paths, ingest, speed=speed, map_clock=map_clock, chunk_lines=settings.ingest_batch_max,
+    """Replay Betfair recordings into the store; return the summary."""
+    pipeline = Pipeline(store, settings, name=name, kind="replay",
+                        normaliser=BetfairNormaliser(name, ladder_depth=settings.ladder_depth))
+    await pipeline.restore()
+    replay = Replay(paths, pipeline.ingest, speed=speed, map_clock=map_clock, chunk_lines=settings.ingest_batch_max,
                     progress=progress)
-    async with HealthPublisher(ingest):
+    async with pipeline.health:
         return await replay.run()
-
-
-# --- --source dispatch ------------------------------------------------------------
-
-
-def _esa_endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
-    url = spec.url
-    tls = spec.get("tls", "false") in ("1", "true", "yes")
-    for prefix, is_tls in (("tls://", True), ("ssl://", True), ("tcp://", False)):
-        if url.startswith(prefix):
-            url, tls = url[len(prefix):], is_tls or tls
-    host, sep, port = url.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"source {spec.name}: esa needs HOST:PORT, not {spec.url!r}")
-    return host or "127.0.0.1", int(port), tls
-
-
-async def run_esa_spec(store: Store, settings: Settings, spec: SourceSpec) -> None:
-    """``esa=HOST:PORT,app_key=…,session=…[,tls=true][,heartbeat_ms=1000][,conflate_ms=…]``:
-    :func:`run_esa_source` from a ``--source`` spec."""
-    import ssl
-
-    host, port, tls = _esa_endpoint(spec)
-    app_key, session = spec.get("app_key"), spec.get("session")
-    if not app_key or not session:
-        raise ConfigError(f"source {spec.name}: esa needs app_key= and session=")
-    await run_esa_source(store, settings, host=host, port=port, app_key=app_key, session_token=session,
-                         name=spec.name, ssl=ssl.create_default_context() if tls else None,
-                         heartbeat_ms=int(spec.get_float("heartbeat_ms", 1000)),
-                         conflate_ms=int(spec.get_float("conflate_ms", 0)) or None)
 
 
 async def run_source(store: Store, settings: Settings, spec: SourceSpec) -> None:
     """Run one ``--source`` until cancelled (raises on fatal errors): the
-    runner its kind names in :mod:`feed.sources.registry`."""
-    entry = REGISTRY.get(spec.kind)
-    if entry is None:
-        raise ConfigError(f"unknown source kind {spec.kind!r}")
-    await entry.load()(store, settings, spec)
+    source and normaliser its kind names in :mod:`feed.sources.registry`,
+    through :func:`feed.pipeline.run_spec`."""
+    await run_spec(store, settings, spec)
 
 
 #: Errors a restart cannot fix: the source ends (its health says why), the others go on.

@@ -87,3 +87,24 @@ def test_ingest_replay_max_speed_summary(tmp_path: Path) -> None:
     assert "runner changes/s" in counts["elapsed"]
     # the embedded server was stopped cleanly and kept its append-only file
     assert any((tmp_path / "var").glob("appendonly*"))
+
+
+def test_record_without_a_live_source_is_a_usage_error(tmp_path: Path) -> None:
+    res = _oddsfeed("record", "--out", str(tmp_path), "--redis-url", "redis://127.0.0.1:1/0", timeout=60)
+    assert res.returncode == 2 and "record needs --esa HOST:PORT or --source SPEC" in res.stderr
+    res = _oddsfeed("record", "--replay", "x", "--out", str(tmp_path), timeout=60)
+    assert res.returncode == 2 and "not --replay" in res.stderr
+
+
+def test_ingest_replays_an_oddsfeed_recording(tmp_path: Path, redis_url: str) -> None:
+    from feed.recorder import Recorder
+    from feed.sources.base import Payload
+
+    rec = Recorder(tmp_path / "rec", source="toa", kind="theoddsapi", options={"api_key": "secret"})
+    body = (Path(__file__).parent / "fixtures" / "theoddsapi" / "01_snapshot.json").read_bytes()
+    rec.write([Payload(1755349200000, body, "soccer_epl")])
+    rec.close()
+    res = _oddsfeed("ingest", "--replay", str(tmp_path / "rec"), "--speed", "max", "--redis-url", redis_url,
+                    timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "replay of oddsfeed recordings finished:" in res.stdout and "toa: 1 payloads" in res.stdout

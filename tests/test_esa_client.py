@@ -312,6 +312,7 @@ async def test_stored_cursor_from_a_previous_run_resumes(make_sim, make_client) 
     sim = await make_sim()
     first, rec1, task1 = make_client(sim.port)
     await rec1.wait_for(lambda: rec1.health == [("UP", None)])
+    await rec1.wait_for(lambda: all(first.cursor))  # the image's clk is committed once delivered (UP comes first)
     first.stop()
     await asyncio.wait_for(task1, 5)
     initial_clk, clk = first.cursor

@@ -54,6 +54,7 @@ from feed.models import Delta, Market, MarketHeader, Selection, apply_delta
 from feed.normalise.base import MarketUpdate
 from feed.normalise.betfair import BetfairNormaliser
 from feed.normalise.pinnacle import PinnacleNormaliser
+from feed.normalise.pinnacle import channel as pinnacle_channel
 from feed.normalise.push import PushNormaliser
 from feed.normalise.theoddsapi import TheOddsApiNormaliser
 from feed.validate import validate_update
@@ -478,13 +479,13 @@ class Outcome:
         self.invalid_accepted += other.invalid_accepted
 
 
-def _expect(normaliser: Any, seed: Seed) -> None:
+def _channel(normaliser: Any, seed: Seed) -> str:
+    """The payload channel the seed's body answers (what ``expect`` says)."""
     if seed.expect is None:
-        return
+        return ""
     if isinstance(normaliser, PinnacleNormaliser):
-        normaliser.expect(seed.expect[0], snapshot=seed.expect[1])
-    elif isinstance(normaliser, TheOddsApiNormaliser):
-        normaliser.expect(seed.expect[0])
+        return pinnacle_channel(seed.expect[0], None, snapshot=seed.expect[1])
+    return str(seed.expect[0])
 
 
 def run_case(target: Target, case: Case) -> Outcome:
@@ -495,8 +496,7 @@ def run_case(target: Target, case: Case) -> Outcome:
         out.messages += 1
         where = f"{target.name} {ops or 'unmutated'} raw[:300]={raw[:300]!r}"
         try:
-            _expect(normaliser, seed)
-            batch = normaliser.feed(raw, seed.recv_ms)
+            batch = normaliser.feed(raw, seed.recv_ms, _channel(normaliser, seed))
         except FeedDecodeError as exc:
             out.rejected[exc.reason] += 1
             if not isinstance(exc.reason, str) or not isinstance(exc.raw, bytes):

@@ -72,7 +72,7 @@ class Ours:
 
     def feed(self, index: int, raw: bytes) -> None:
         try:
-            batch = self.normaliser.feed(raw, recv_ms=RECV_MS)  # pt_map None: source_ts = pt
+            batch = self.normaliser.feed(raw, recv_ms=RECV_MS)  # source_ts = pt
         except FeedDecodeError as exc:
             self.rejected[index] = exc
             return

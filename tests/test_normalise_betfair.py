@@ -11,7 +11,7 @@ from feed.book import Book
 from feed.errors import FeedDecodeError
 from feed.models import Delta, Market, Selection
 from feed.normalise.base import NormalisedBatch
-from feed.normalise.betfair import BetfairNormaliser
+from feed.normalise.betfair import BetfairNormaliser, decode_cursor
 
 MID = "1.100"
 
@@ -153,7 +153,7 @@ def test_sub_image_replaces_every_market_it_carries() -> None:
                 "heartbeatMs": 5000, "conflateMs": 0,
                 "mc": [{"id": MID, "marketDefinition": definition(), "rc": [{"id": 2, "atb": [[6.0, 1]]}]}]})
     batch, (d,) = p.feed(line)
-    assert batch.ct == "SUB_IMAGE" and batch.initial_clk == "I" and batch.heartbeat_ms == 5000
+    assert batch.full_image and decode_cursor(batch.cursor).initial_clk == "I" and batch.provider_ts == 3000
     assert batch.updates[0].image and d is not None and d.kind == "image"
     assert p.sel("1").back == [] and p.sel("2").back == [(6.0, 1.0)]
 
@@ -218,15 +218,17 @@ def test_ltp_zero_means_no_trade() -> None:
 def test_status_503_is_surfaced() -> None:
     p = Pipe()
     batch, deltas = p.feed(raw({"op": "mcm", "id": 2, "status": 503}))
-    assert batch.status == 503 and batch.updates == [] and deltas == []
+    assert batch.degraded is True and batch.updates == [] and deltas == []
     batch, _ = p.feed(raw({"op": "mcm", "id": 2, "clk": "AAAAAAAA", "status": 503, "pt": 5, "ct": "HEARTBEAT"}))
-    assert batch.status == 503 and batch.ct == "HEARTBEAT" and batch.pt == 5
+    assert batch.degraded is True and batch.heartbeat and batch.provider_ts == 5
+    batch, _ = p.feed(raw({"op": "mcm", "id": 3, "clk": "AAAAAAAB", "pt": 6, "ct": "HEARTBEAT"}))
+    assert batch.degraded is False  # an mcm without status says the stream is healthy again
 
 
 def test_heartbeat() -> None:
     p = Pipe()
     batch, deltas = p.feed(raw({"op": "mcm", "id": 2, "clk": "AAA", "pt": 1471370165625, "ct": "HEARTBEAT"}))
-    assert (batch.op, batch.ct, batch.clk, batch.status) == ("mcm", "HEARTBEAT", "AAA", None)
+    assert (batch.op, batch.heartbeat, decode_cursor(batch.cursor).clk, batch.degraded) == ("mcm", True, "AAA", False)
     assert batch.updates == [] and deltas == []
 
 
@@ -251,13 +253,13 @@ def test_unknown_keys_are_ignored() -> None:
     assert d is not None and p.sel("1").back == [(2.0, 1.0)]
 
 
-def test_message_without_pt_takes_recv_ms_and_pt_map_keeps_original() -> None:
+def test_message_without_pt_takes_recv_ms() -> None:
     n = BetfairNormaliser()
     line = raw({"op": "mcm", "mc": [{"id": MID, "marketDefinition": definition()}]})
     (u,) = n.feed(line, 777).updates
     assert (u.source_ts, u.source_ts_original, u.received_at) == (777, None, 777)
-    (u,) = n.feed(mcm({"id": MID, "rc": [{"id": 1, "ltp": 2.0}]}, pt=1000), 800, pt_map=lambda pt: pt + 5).updates
-    assert (u.source_ts, u.source_ts_original) == (1005, 1000)
+    (u,) = n.feed(mcm({"id": MID, "rc": [{"id": 1, "ltp": 2.0}]}, pt=1000), 800).updates
+    assert (u.source_ts, u.source_ts_original) == (1000, None)
 
 
 def test_handicap_selection_ids() -> None:

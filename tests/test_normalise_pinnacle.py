@@ -19,6 +19,7 @@ from feed.errors import FeedDecodeError
 from feed.models import Market, Selection
 from feed.normalise.base import MarketUpdate
 from feed.normalise.pinnacle import PinnacleNormaliser, market_id_parts
+from feed.normalise.pinnacle import channel as pinnacle_channel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pinnacle"
 
@@ -65,8 +66,7 @@ def run_scenario(name: str) -> tuple[PinnacleNormaliser, Book, dict[str, Any]]:
     n = PinnacleNormaliser(expected["source"], odds_format=expected["odds_format"])
     book = Book()
     for step in expected["steps"]:
-        n.expect(step["endpoint"], snapshot=step["snapshot"])
-        batch = n.feed(load(step["body"]), step["recv_ms"])
+        batch = n.feed(load(step["body"]), step["recv_ms"], pinnacle_channel(step["endpoint"], None, snapshot=step["snapshot"]))
         check_updates(batch.updates, step["updates"])
         assert json.loads(n.cursor()) == step["cursor"], step["body"]
         for u in batch.updates:
@@ -85,10 +85,8 @@ def test_golden_soccer_match() -> None:
 def test_golden_american_prices_are_converted_to_decimal() -> None:
     expected = json.loads((FIXTURES / "american_odds.expected.json").read_text())
     n = PinnacleNormaliser(odds_format="american")
-    n.expect("fixtures", snapshot=True)
-    n.feed(load("american_fixtures.json"), 1755349200000)
-    n.expect("odds", snapshot=True)
-    batch = n.feed(load("american_odds.json"), 1755349200000)
+    n.feed(load("american_fixtures.json"), 1755349200000, pinnacle_channel("fixtures", None, snapshot=True))
+    batch = n.feed(load("american_odds.json"), 1755349200000, pinnacle_channel("odds", None, snapshot=True))
     book = Book()
     for u in batch.updates:
         book.apply(u)
@@ -110,26 +108,21 @@ def test_without_a_hint_the_endpoint_is_recognised_and_taken_as_delta() -> None:
 
 def test_odds_before_their_fixture_are_rendered_when_it_arrives() -> None:
     n = PinnacleNormaliser()
-    n.expect("odds", snapshot=True)
-    assert n.feed(load("02_odds_snapshot.json"), 1755349200000).updates == []
+    assert n.feed(load("02_odds_snapshot.json"), 1755349200000, pinnacle_channel("odds", None, snapshot=True)).updates == []
     assert n.missing_fixtures == {1590000001, 1590000002}
-    n.expect("fixtures", snapshot=True)
-    batch = n.feed(load("01_fixtures_snapshot.json"), 1755349200500)
+    batch = n.feed(load("01_fixtures_snapshot.json"), 1755349200500, pinnacle_channel("fixtures", None, snapshot=True))
     assert len(batch.updates) == 6 and all(u.image for u in batch.updates)
     assert n.missing_fixtures == set()
 
 
 def test_a_snapshot_suspends_what_it_no_longer_lists() -> None:
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=True)
-    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
-    n.expect("odds", snapshot=True)
-    n.feed(load("02_odds_snapshot.json"), 1755349200000)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
+    n.feed(load("02_odds_snapshot.json"), 1755349200000, pinnacle_channel("odds", None, snapshot=True))
     body = json.loads(load("02_odds_snapshot.json"))
     body["last"] = 3000
     body["leagues"][0]["events"] = body["leagues"][0]["events"][1:]  # only the corners event is left
-    n.expect("odds", snapshot=True)
-    batch = n.feed(json.dumps(body).encode(), 1755349300000)
+    batch = n.feed(json.dumps(body).encode(), 1755349300000, pinnacle_channel("odds", None, snapshot=True))
     suspended = sorted(u.market_id for u in batch.updates)
     assert suspended == ["pn:1590000001:0:moneyline", "pn:1590000001:0:spread:-0.25", "pn:1590000001:0:spread:-0.5",
                          "pn:1590000001:0:total:2.5", "pn:1590000001:1:moneyline"]
@@ -139,10 +132,8 @@ def test_a_snapshot_suspends_what_it_no_longer_lists() -> None:
 
 def test_an_online_period_past_its_cutoff_is_suspended() -> None:
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=True)
-    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
-    n.expect("odds", snapshot=True)
-    batch = n.feed(load("02_odds_snapshot.json"), 1755352800000)  # received exactly at the cutoff
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
+    batch = n.feed(load("02_odds_snapshot.json"), 1755352800000, pinnacle_channel("odds", None, snapshot=True))  # received exactly at the cutoff
     assert {u.header.status for u in batch.updates if u.header} == {"SUSPENDED"}
     assert {u.header.suspend_reason for u in batch.updates if u.header} == {"past_cutoff"}
 
@@ -150,19 +141,17 @@ def test_an_online_period_past_its_cutoff_is_suspended() -> None:
 def test_restore_resumes_the_cursor_and_suspends_vanished_lines() -> None:
     n, book, _ = run_scenario("soccer_match.expected.json")
     n2 = PinnacleNormaliser()
-    n2.restore(n.cursor(), book.markets.values())
+    n2.restore(book.markets.values(), n.cursor())
     assert n2.since("odds", 29) == 2300
     # after the restart: fixtures snapshot, then a delta for the 1st-half period without its moneyline
-    n2.expect("fixtures", snapshot=True)
     fx = json.loads(load("01_fixtures_snapshot.json"))
     fx["league"][0]["events"].append(json.loads(load("05_fixtures_delta_live.json"))["league"][0]["events"][0])
     fx["last"] = 1200
-    assert n2.feed(json.dumps(fx).encode(), 1755353500000).updates == []  # names unchanged: nothing to say
+    assert n2.feed(json.dumps(fx).encode(), 1755353500000, pinnacle_channel("fixtures", None, snapshot=True)).updates == []  # names unchanged: nothing to say
     delta = {"sportId": 29, "last": 2400, "leagues": [{"id": 1980, "events": [{"id": 1590000099, "periods": [
         {"lineId": 2711111300, "number": 1, "cutoff": "2025-08-16T15:55:00Z", "status": 1,
          "moneylineUpdatedAt": "2025-08-16T14:11:00Z", "totals": [{"points": 0.5, "over": 1.5, "under": 2.5}]}]}]}]}
-    n2.expect("odds", snapshot=False)
-    batch = n2.feed(json.dumps(delta).encode(), 1755353500000)
+    batch = n2.feed(json.dumps(delta).encode(), 1755353500000, pinnacle_channel("odds", None, snapshot=False))
     by_id = {u.market_id: u for u in batch.updates}
     assert by_id["pn:1590000001:1:moneyline"].header.suspend_reason == "not_offered"  # type: ignore[union-attr]
     assert by_id["pn:1590000001:1:total:0.5"].image
@@ -173,14 +162,11 @@ def test_restore_resumes_the_cursor_and_suspends_vanished_lines() -> None:
 
 def test_a_period_older_than_the_one_held_is_ignored() -> None:
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=True)
-    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
-    n.expect("odds", snapshot=True)
-    n.feed(load("03_odds_delta.json"), 1755349500000)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
+    n.feed(load("03_odds_delta.json"), 1755349500000, pinnacle_channel("odds", None, snapshot=True))
     old = json.loads(load("02_odds_snapshot.json"))
     old["last"] = 2500  # a newer cursor carrying an older period (13:04:59 → 12:59:58)
-    n.expect("odds", snapshot=False)
-    batch = n.feed(json.dumps(old).encode(), 1755349600000)
+    batch = n.feed(json.dumps(old).encode(), 1755349600000, pinnacle_channel("odds", None, snapshot=False))
     assert "pn:1590000001:0:moneyline" not in {u.market_id for u in batch.updates}
     assert n.dropped["stale_period"] == 1
 
@@ -220,18 +206,16 @@ def _fixture_snapshot_with(**fields: Any) -> bytes:
 ])
 def test_bad_bodies_are_rejected_whole(body: bytes, reason: str) -> None:
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=True)
-    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
     before = n.cursor()
-    n.expect("odds", snapshot=True)
     with pytest.raises(FeedDecodeError) as info:
-        n.feed(body, 1755349200000)
+        n.feed(body, 1755349200000, pinnacle_channel("odds", None, snapshot=True))
     assert info.value.reason == reason
     assert info.value.raw == body
     assert n.cursor() == before
     assert n.differ.emitted == {}
-    n.expect("odds", snapshot=True)  # the next good body goes through
-    assert len(n.feed(load("02_odds_snapshot.json"), 1755349200000).updates) == 6
+    # the next good body goes through
+    assert len(n.feed(load("02_odds_snapshot.json"), 1755349200000, pinnacle_channel("odds", None, snapshot=True)).updates) == 6
 
 
 _EVENT_1_MARKETS = ["pn:1590000001:0:moneyline", "pn:1590000001:0:spread:-0.25", "pn:1590000001:0:spread:-0.5",
@@ -265,10 +249,8 @@ def test_a_bad_event_is_rejected_alone(body: bytes, reason: str) -> None:
     from feed.validate import validate_update
 
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=True)
-    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
-    n.expect("odds", snapshot=True)
-    batch = n.feed(body, 1755349200000)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
+    batch = n.feed(body, 1755349200000, pinnacle_channel("odds", None, snapshot=True))
     assert [u.market_id for u in batch.updates] == [_CORNERS]
     assert {e.reason for e in batch.rejected} == {reason}, [str(e) for e in batch.rejected]
     assert [e.market_id for e in batch.rejected] == [None]  # event 1590000001 had no market yet
@@ -284,31 +266,25 @@ def test_a_bad_event_in_a_later_snapshot_keeps_its_markets_and_names_them() -> N
     provider state keeps its last good odds, and the differ forgets the
     markets, so the poller's next (snapshot) poll re-images them whole."""
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=True)
-    n.feed(load("01_fixtures_snapshot.json"), 1755349190000)
-    n.expect("odds", snapshot=True)
-    n.feed(load("02_odds_snapshot.json"), 1755349200000)
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
+    n.feed(load("02_odds_snapshot.json"), 1755349200000, pinnacle_channel("odds", None, snapshot=True))
     assert all(m in n.differ.emitted for m in _EVENT_1_MARKETS)
-    n.expect("odds", snapshot=True)
-    batch = n.feed(_snapshot_with(home=1.0099), 1755349210000)
+    batch = n.feed(_snapshot_with(home=1.0099), 1755349210000, pinnacle_channel("odds", None, snapshot=True))
     assert sorted(e.market_id for e in batch.rejected) == sorted(_EVENT_1_MARKETS)  # (corners: another event)
     assert {e.reason for e in batch.rejected} == {"invalid_price"}
     assert batch.updates == []  # nothing suspended, nothing else changed
     assert not any(m in n.differ.emitted for m in _EVENT_1_MARKETS)
     assert n.odds[1590000001][0].ml["home"][0] == 2.10  # type: ignore[index]
-    n.expect("odds", snapshot=True)
-    again = n.feed(load("02_odds_snapshot.json"), 1755349220000)
+    again = n.feed(load("02_odds_snapshot.json"), 1755349220000, pinnacle_channel("odds", None, snapshot=True))
     assert sorted(u.market_id for u in again.updates if u.image) == sorted(_EVENT_1_MARKETS)
 
 
 def test_a_bad_fixture_is_rejected_alone() -> None:
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=True)
-    batch = n.feed(_fixture_snapshot_with(starts=1e308), 1755349190000)
+    batch = n.feed(_fixture_snapshot_with(starts=1e308), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
     assert [e.reason for e in batch.rejected] == ["invalid_schema"]  # starts must be text
     n2 = PinnacleNormaliser()
-    n2.expect("fixtures", snapshot=True)
-    batch = n2.feed(_fixture_snapshot_with(starts="1960-01-01T00:00:00Z"), 1755349190000)
+    batch = n2.feed(_fixture_snapshot_with(starts="1960-01-01T00:00:00Z"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
     assert [e.reason for e in batch.rejected] == ["invalid_time"]
     assert sorted(n2.fixtures) == [1590000002]
 
@@ -335,8 +311,7 @@ def test_names_are_cleaned() -> None:
     n = PinnacleNormaliser()
     fx = json.loads(load("01_fixtures_snapshot.json"))
     fx["league"][0]["events"][0]["home"] = "Arse\u202enal\u0000 " + "x" * 500
-    n.expect("fixtures", snapshot=True)
-    n.feed(json.dumps(fx).encode(), 1)
+    n.feed(json.dumps(fx).encode(), 1, pinnacle_channel("fixtures", None, snapshot=True))
     assert n.fixtures[1590000001].home == ("Arsenal " + "x" * 500)[:200]
 
 
@@ -356,12 +331,10 @@ def test_updates_round_trip_through_msgspec() -> None:
 
 def test_a_body_of_the_wrong_endpoint_or_sport_is_rejected() -> None:
     n = PinnacleNormaliser()
-    n.expect("fixtures", snapshot=False, sport_id=29)
     with pytest.raises(FeedDecodeError) as info:
-        n.feed(load("02_odds_snapshot.json"), 1)  # an odds body answering a fixtures call
+        n.feed(load("02_odds_snapshot.json"), 1, pinnacle_channel("fixtures", 29, snapshot=False))  # an odds body answering a fixtures call
     assert info.value.reason == "invalid_schema"
-    n.expect("odds", snapshot=True, sport_id=4)
     with pytest.raises(FeedDecodeError) as info:
-        n.feed(load("02_odds_snapshot.json"), 1)  # soccer odds answering a basketball call
+        n.feed(load("02_odds_snapshot.json"), 1, pinnacle_channel("odds", 4, snapshot=True))  # soccer odds answering a basketball call
     assert info.value.reason == "invalid_schema"
     assert n.cursor() == '{"fixtures":{},"odds":{}}'  # no cursor moved

@@ -61,7 +61,7 @@ def run_golden(name: str) -> list[dict[str, Any]]:
         if batch.heartbeat:
             got["heartbeat"] = True
         got["cursor"] = batch.cursor
-        got["pt"] = batch.pt
+        got["pt"] = batch.provider_ts
         if batch.rejected:  # markets rejected alone
             got["rejected_markets"] = [[e.reason, e.market_id] for e in batch.rejected]
         got["updates"] = [
@@ -236,7 +236,7 @@ def test_a_bad_emitted_at_rejects_the_markets_of_odds_without_their_own_time() -
     raw = msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="total", timestamp=1718000000.0), ms=RECV_MS + 3_600_000)
     batch = n.feed(raw, RECV_MS)
     assert [(e.reason, e.market_id) for e in batch.rejected] == [("clock_skew", "px:f1:ml")]
-    assert [u.market_id for u in batch.updates] == ["px:f1:total"] and batch.pt is None
+    assert [u.market_id for u in batch.updates] == ["px:f1:total"] and batch.provider_ts is None
     with pytest.raises(FeedDecodeError) as info:
         n.feed(msg("fixture-status", 2, data={"id": "f1", "status": "live"}, ms=RECV_MS + 3_600_000), RECV_MS)
     assert info.value.reason == "clock_skew"
@@ -384,15 +384,20 @@ def test_restore_from_stored_markets_continues_with_deltas() -> None:
 def test_ping_and_connected_are_heartbeats() -> None:
     n = PushNormaliser("px")
     b = feed(n, b'{"type":"ping","seq":3,"emitted_at":1718000000.5}')
-    assert (b.heartbeat, b.pt, b.cursor, b.updates) == (True, 1718000000500, None, [])
+    assert (b.heartbeat, b.provider_ts, b.cursor, b.updates) == (True, 1718000000500, None, [])
     b = feed(n, b'{"type":"connected","ping_interval_ms":400}')
     assert b.heartbeat and b.op == "connected"
 
 
-def test_pt_map_shifts_source_ts_and_keeps_the_original() -> None:
-    n = PushNormaliser("px")
-    b = n.feed(msg("odds", 1, odd("a", 2.0, timestamp=1718000000000)), RECV_MS, pt_map=lambda t: t + 5)
-    assert (b.updates[0].source_ts, b.updates[0].source_ts_original) == (1718000000005, 1718000000000)
+def test_a_replay_time_map_shifts_source_ts_and_keeps_the_original() -> None:
+    from feed.ingest import Ingest
+    from feed.sources.base import Payload
+
+    ingest = Ingest(None, source="px", normaliser=PushNormaliser("px"))  # type: ignore[arg-type]  # feed() needs no store
+    ingest.time_map = lambda t: t + 5
+    ingest.feed([Payload(RECV_MS, msg("odds", 1, odd("a", 2.0, timestamp=1718000000000)))])
+    (u,) = ingest._pending
+    assert (u.source_ts, u.source_ts_original) == (1718000000005, 1718000000000)
 
 
 @pytest.mark.parametrize("start", ["2024-06-10T19:00:00Z", "2024-06-10T19:00:00", "2024-06-10T21:00:00+02:00",

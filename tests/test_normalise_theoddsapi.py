@@ -29,9 +29,8 @@ def run_scenario(name: str) -> tuple[TheOddsApiNormaliser, Book, dict[str, Any]]
     n = TheOddsApiNormaliser(expected["source"])
     book = Book()
     for step in expected["steps"]:
-        n.expect(expected["sport_key"])
         before = dict(n.dropped)
-        batch = n.feed(load(step["body"]), step["recv_ms"])
+        batch = n.feed(load(step["body"]), step["recv_ms"], expected["sport_key"])
         check_updates(batch.updates, step["updates"])
         for reason, count in step.get("dropped", {}).items():
             assert n.dropped[reason] - before.get(reason, 0) == count
@@ -62,28 +61,24 @@ def test_golden_american_and_unix_dates() -> None:
 
 def test_scope_limits_what_vanishes() -> None:
     n = TheOddsApiNormaliser()
-    n.expect("soccer_epl")
-    n.feed(load("01_snapshot.json"), 1755349200000)
-    n.expect("basketball_nba")  # another sport's empty answer does not touch EPL markets
-    assert n.feed(b"[]", 1755349201000).updates == []
-    n.expect("soccer_epl")  # the EPL's empty answer suspends every EPL market
-    batch = n.feed(b"[]", 1755349202000)
+    n.feed(load("01_snapshot.json"), 1755349200000, "soccer_epl")
+    # another sport's empty answer does not touch EPL markets
+    assert n.feed(b"[]", 1755349201000, "basketball_nba").updates == []
+    # the EPL's empty answer suspends every EPL market
+    batch = n.feed(b"[]", 1755349202000, "soccer_epl")
     assert len(batch.updates) == 5
     assert all(u.header is not None and u.header.status == "SUSPENDED" for u in batch.updates)
     assert n.differ.emitted == {}  # forgotten: a return is a fresh image
-    n.expect("soccer_epl")
-    assert all(u.image for u in n.feed(load("01_snapshot.json"), 1755349203000).updates)
+    assert all(u.image for u in n.feed(load("01_snapshot.json"), 1755349203000, "soccer_epl").updates)
 
 
 def test_in_play_follows_commence_time() -> None:
     n = TheOddsApiNormaliser()
-    n.expect("soccer_epl")
-    first = {u.market_id: u for u in n.feed(load("01_snapshot.json"), 1755349200000).updates}
+    first = {u.market_id: u for u in n.feed(load("01_snapshot.json"), 1755349200000, "soccer_epl").updates}
     assert first["toa:a1b2c3d4e5f60718293a4b5c6d7e8f90:pinnacle:h2h"].header.in_play  # type: ignore[union-attr]
     assert not first["toa:e912304de2b2ede8b6a1f3b4c5d6e7f8:pinnacle:h2h"].header.in_play  # type: ignore[union-attr]
     assert n.live_events["soccer_epl"] == {"a1b2c3d4e5f60718293a4b5c6d7e8f90"}
-    n.expect("soccer_epl")
-    later = {u.market_id: u for u in n.feed(load("01_snapshot.json"), 1755352800000).updates}  # kick-off
+    later = {u.market_id: u for u in n.feed(load("01_snapshot.json"), 1755352800000, "soccer_epl").updates}  # kick-off
     assert later["toa:e912304de2b2ede8b6a1f3b4c5d6e7f8:pinnacle:h2h"].header.in_play  # type: ignore[union-attr]
 
 
@@ -93,11 +88,10 @@ def test_restore_suspends_markets_gone_while_down() -> None:
     n2.restore(book.markets.values())
     assert set(n2.differ.emitted) == {"toa:e912304de2b2ede8b6a1f3b4c5d6e7f8:pinnacle:h2h",
                                       "toa:e912304de2b2ede8b6a1f3b4c5d6e7f8:williamhill:h2h"}
-    n2.expect("soccer_epl")
     body = json.loads(load("04_snapshot.json"))
     body[0]["bookmakers"] = body[0]["bookmakers"][:1]
     body[0]["bookmakers"][0]["markets"][0]["last_update"] = "2025-08-16T13:05:00Z"
-    batch = n2.feed(json.dumps(body).encode(), 1755349500000)
+    batch = n2.feed(json.dumps(body).encode(), 1755349500000, "soccer_epl")
     by_id = {u.market_id: u for u in batch.updates}
     assert by_id["toa:e912304de2b2ede8b6a1f3b4c5d6e7f8:williamhill:h2h"].header.status == "SUSPENDED"  # type: ignore[union-attr]
     assert [s.selection_id for s in by_id["toa:e912304de2b2ede8b6a1f3b4c5d6e7f8:pinnacle:h2h"].selections] == ["home"]
@@ -119,16 +113,13 @@ def _with_price(price: Any) -> bytes:
 ])
 def test_bad_bodies_are_rejected_whole(body: bytes, reason: str) -> None:
     n = TheOddsApiNormaliser()
-    n.expect("soccer_epl")
-    n.feed(load("01_snapshot.json"), 1755349200000)
+    n.feed(load("01_snapshot.json"), 1755349200000, "soccer_epl")
     before = {k: (v.header, dict(v.selections)) for k, v in n.differ.emitted.items()}
-    n.expect("soccer_epl")
     with pytest.raises(FeedDecodeError) as info:
-        n.feed(body, 1755349260000)
+        n.feed(body, 1755349260000, "soccer_epl")
     assert info.value.reason == reason
     assert {k: (v.header, dict(v.selections)) for k, v in n.differ.emitted.items()} == before
-    n.expect("soccer_epl")
-    assert len(n.feed(load("02_snapshot.json"), 1755349260000).updates) == 3
+    assert len(n.feed(load("02_snapshot.json"), 1755349260000, "soccer_epl").updates) == 3
 
 
 _E1 = "toa:e912304de2b2ede8b6a1f3b4c5d6e7f8"
@@ -179,16 +170,12 @@ def test_a_bad_event_or_market_is_rejected_alone(body: bytes, reason: str, part:
     from feed.validate import validate_update
 
     n = TheOddsApiNormaliser()
-    n.expect("soccer_epl")
-    first = n.feed(load("01_snapshot.json"), 1755349200000)
+    first = n.feed(load("01_snapshot.json"), 1755349200000, "soccer_epl")
     all_ids = {u.market_id for u in first.updates}
     before = {k: (v.header, dict(v.selections)) for k, v in n.differ.emitted.items()}
-    n.expect("soccer_epl")
     fresh = TheOddsApiNormaliser()  # the same body to a normaliser that knows nothing yet
-    fresh.expect("soccer_epl")
-    batch0 = fresh.feed(body, 1755349200000)
-    n.expect("soccer_epl")
-    batch = n.feed(body, 1755349260000)
+    batch0 = fresh.feed(body, 1755349200000, "soccer_epl")
+    batch = n.feed(body, 1755349260000, "soccer_epl")
 
     def under(mid: str) -> bool:
         return mid == part or mid.startswith(part + ":")
@@ -200,8 +187,7 @@ def test_a_bad_event_or_market_is_rejected_alone(body: bytes, reason: str, part:
     assert any(under(k) for k in before)
     # its change is lost: the differ forgets it, so the next good snapshot re-images it whole
     assert not any(under(k) for k in n.differ.emitted)
-    n.expect("soccer_epl")
-    again = n.feed(load("01_snapshot.json"), 1755349270000)
+    again = n.feed(load("01_snapshot.json"), 1755349270000, "soccer_epl")
     assert {u.market_id for u in again.updates if u.image} == {m for m in all_ids if under(m)}
     assert {u.market_id for u in batch0.updates} == {m for m in all_ids if not under(m)}
     assert {e.market_id for e in batch0.rejected} == {None}
@@ -211,14 +197,11 @@ def test_a_bad_event_or_market_is_rejected_alone(body: bytes, reason: str, part:
 
 def test_an_unidentifiable_event_suspends_nothing() -> None:
     n = TheOddsApiNormaliser()
-    n.expect("soccer_epl")
-    n.feed(load("01_snapshot.json"), 1755349200000)
-    n.expect("soccer_epl")
-    batch = n.feed(b'[{"id": "bad id with spaces", "sport_key": "soccer_epl"}]', 1755349260000)
+    n.feed(load("01_snapshot.json"), 1755349200000, "soccer_epl")
+    batch = n.feed(b'[{"id": "bad id with spaces", "sport_key": "soccer_epl"}]', 1755349260000, "soccer_epl")
     assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_schema", None)]
     assert batch.updates == []
-    n.expect("soccer_epl")
-    batch = n.feed(b'[{"id": 5, "sport_key": "soccer_epl"}]', 1755349260000)
+    batch = n.feed(b'[{"id": 5, "sport_key": "soccer_epl"}]', 1755349260000, "soccer_epl")
     assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_schema", None)]
     assert batch.updates == []
 
@@ -227,8 +210,7 @@ def test_a_market_listed_twice_is_rejected_alone() -> None:
     body = json.loads(load("01_snapshot.json"))
     body[0]["bookmakers"][0]["markets"].append(body[0]["bookmakers"][0]["markets"][0])
     n = TheOddsApiNormaliser()
-    n.expect("soccer_epl")
-    batch = n.feed(json.dumps(body).encode(), 1755349200000)
+    batch = n.feed(json.dumps(body).encode(), 1755349200000, "soccer_epl")
     assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_schema", None)]
     assert f"{_E1}:pinnacle:h2h" not in {u.market_id for u in batch.updates}
     assert len(batch.updates) == 4  # the 5 markets of the body, less the one listed twice

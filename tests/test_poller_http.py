@@ -44,7 +44,7 @@ from feed.sources.http_limits import (
 from feed.sources.lag import LagWindow
 from feed.sources.poller import HttpOptions, ProviderHttp, StaticCache, build_http
 from feed.sources.spec import parse_source_spec
-from feed.supervisor import _esa_endpoint
+from feed.sources.esa import endpoint as _esa_endpoint
 from tests.poller_helpers import providers
 
 

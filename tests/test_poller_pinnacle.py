@@ -48,7 +48,7 @@ async def test_pinnacle_faults_end_to_end(redis_url: str) -> None:
     try:
         async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
             assert isinstance(src, PinnacleSource)
-            await eventually(lambda: src.ingest.health.state == "UP", what="source UP")
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
             await eventually(lambda: stored(store, "pinnacle"), what="markets stored")
             # throttling and server errors
             sim.rate_limit(2, retry_after_s=1, provider="pinnacle")
@@ -69,7 +69,7 @@ async def test_pinnacle_faults_end_to_end(redis_url: str) -> None:
                 sim.malformed(1, kind=kind, provider="pinnacle")
                 await wait_faults_consumed(sim)
             await asyncio.sleep(1.7)  # let the stalled/trickled handlers finish on the server side
-            await eventually(lambda: src.ingest.health.state == "UP", what="source UP again")
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP again")
             markets = await converge(store, sim, "pinnacle", "pinnacle")
             assert not task.done()
 
@@ -77,7 +77,7 @@ async def test_pinnacle_faults_end_to_end(redis_url: str) -> None:
             assert src.http.stats["deadline"] >= 2  # the stall and the trickle
             assert {"rate_limited", "upstream_5xx", "timeout"} <= set(src.failures)
             # the replayed old answers (and duplicates that carried data) were dropped whole
-            assert src.normaliser.dropped["stale_response"] >= 2
+            assert src.stale_answers >= 2
             counts = (await store.quarantine_counts())["pinnacle"]
             assert counts == {"invalid_json": 1, "invalid_price": 1, "invalid_schema": 1}
             reasons = {q["reason"] for q in await store.quarantined()}
@@ -93,7 +93,7 @@ async def test_pinnacle_faults_end_to_end(redis_url: str) -> None:
             health = {h.source: h for h in await store.sources()}["pinnacle"]
             assert health.state == "UP" and health.kind == "pinnacle" and health.cursor
             await eventually(lambda: _stored_odds_cursor(store, "29", sim.pn_last), what="cursor stored with the data")
-            p50, p99 = src.lag.percentiles()
+            p50, p99 = src.pipeline.lag.percentiles()
             assert p50 is not None and p99 is not None and p50 <= p99
     finally:
         await store.close()
@@ -104,7 +104,7 @@ async def test_pinnacle_restart_resumes_from_the_stored_cursor(redis_url: str) -
     try:
         async with providers() as sim:
             async with poller("pinnacle", store, spec(sim.url)) as (src, _):
-                await eventually(lambda: src.normaliser.since("odds", 29) is not None and src.polls >= 6,
+                await eventually(lambda: src.since("odds", 29) is not None and src.polls >= 6,
                                  what="a few polls")
             cursor = json.loads(await store.load_cursor("pinnacle") or "{}")
             assert set(cursor) == {"fixtures", "odds"} and cursor["odds"]["29"] > 0
@@ -139,7 +139,7 @@ async def test_pinnacle_tokens_refresh_once_and_requests_are_signed(redis_url: s
                 sim.expire_tokens()  # every token revoked: the next request gets 401
                 await eventually(lambda: sim.token_requests == 2 and src.polls >= 6, what="refresh after 401")
                 assert src.http.stats["token_retries"] == 1
-                assert src.ingest.health.state == "UP"
+                assert src.pipeline.ingest.health.state == "UP"
 
             # many concurrent requests after a revocation share one refresh
             token = TokenAuth("/v1/token", "sim-client", Secret("client-secret-91bd"))
@@ -190,7 +190,7 @@ async def test_pinnacle_down_then_up_is_visible_over_sse(redis_url: str) -> None
     store = await Store.open(redis_url)
     try:
         async with providers() as sim, poller("pinnacle", store, spec(sim.url, "breaker_failures=2")) as (src, _):
-            await eventually(lambda: src.ingest.health.state == "UP", what="source UP")
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
             app = make_app(store=store)
             async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, read=None)) as http:
                 await eventually(lambda: _markets(http, "pinnacle"), what="markets served")

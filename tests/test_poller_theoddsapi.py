@@ -47,7 +47,7 @@ async def test_theoddsapi_faults_end_to_end(redis_url: str) -> None:
     try:
         async with providers() as sim, poller("theoddsapi", store, spec(sim.url)) as (src, task):
             assert isinstance(src, TheOddsApiSource)
-            await eventually(lambda: src.ingest.health.state == "UP", what="source UP")
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
             await eventually(lambda: stored(store, "theoddsapi"), what="markets stored")
             sim.rate_limit(2, retry_after_s=1, provider="theoddsapi")
             await wait_faults_consumed(sim)
@@ -67,7 +67,7 @@ async def test_theoddsapi_faults_end_to_end(redis_url: str) -> None:
             sim.drop_bookmaker("simbook_b", dropped=False)  # … and comes back as fresh images
             # the stalled and the trickled answer (1.6 s each) were both cut at the 1 s deadline
             await eventually(lambda: src.http.stats["deadline"] >= 2, what="both slow answers cut at the deadline")
-            await eventually(lambda: src.ingest.health.state == "UP", what="source UP again")
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP again")
             markets = await converge(store, sim, "theoddsapi", "theoddsapi")
             assert not task.done()
             assert {m.bookmaker for m in markets.values()} == {"simbook_a", "simbook_b"}
@@ -81,7 +81,7 @@ async def test_theoddsapi_faults_end_to_end(redis_url: str) -> None:
             assert any(m.in_play for m in markets.values())
             health = {h.source: h for h in await store.sources()}["theoddsapi"]
             assert health.state == "UP" and health.kind == "theoddsapi"
-            assert src.lag.percentiles()[0] is not None
+            assert src.pipeline.lag.percentiles()[0] is not None
             # the poller goes on polling: compare between polls, not with a request in flight
             await eventually(lambda: src.http.quota.used is not None
                              and src.http.quota.remaining == sim.quota_remaining,
@@ -110,7 +110,7 @@ async def test_conditional_mode_uses_etags(redis_url: str) -> None:
             assert src.not_modified >= 6  # frozen providers: every poll is a 304 …
             assert sim.quota_used == used  # … and costs nothing
             assert await stored(store, "theoddsapi") == markets  # … and changes nothing
-            assert src.ingest.health.state == "UP"
+            assert src.pipeline.ingest.health.state == "UP"
             sim.freeze(False)
             await eventually(lambda: sim.quota_used > used, what="fresh bodies after the thaw")
     finally:
@@ -122,14 +122,14 @@ async def test_quota_headers_slow_the_poller_before_exhaustion(redis_url: str) -
     try:
         async with providers(quota=24) as sim, poller(
                 "theoddsapi", store, spec(sim.url, "sport=soccer_epl,quota_low_water=20,quota_reserve=4,quota_pause_s=30")) as (src, _):
-            await eventually(lambda: src.ingest.health.reason == "quota_exhausted", timeout_s=20,
+            await eventually(lambda: src.pipeline.ingest.health.reason == "quota_exhausted", timeout_s=20,
                              what="the poller pausing on its quota reserve")
             stamps = [r.at for r in sim.requests if r.path.endswith("/odds")]
             gaps = [b - a for a, b in itertools.pairwise(stamps)]
             assert gaps[-1] > 2 * min(gaps)  # the interval stretched as the quota ran low (x3.3 at the end)
             assert sim.quota_remaining >= 2  # stopped before the reserve (2 credits per call) was spent
             assert sim.status_counts["theoddsapi:401"] == 0  # never hit OUT_OF_USAGE_CREDITS
-            assert src.ingest.health.state == "DOWN"
+            assert src.pipeline.ingest.health.state == "DOWN"
             n = len(stamps)
             await asyncio.sleep(0.5)
             assert len([r for r in sim.requests if r.path.endswith("/odds")]) == n  # paused
@@ -156,7 +156,7 @@ async def test_fatal_provider_codes_stop_the_source(redis_url: str, caplog: pyte
             async with poller("theoddsapi", store, text.replace("name=", "") + ",name=toa2") as (src2, task2):
                 await eventually(lambda: src2.polls >= 1, what="polls")
                 sim.set_quota(0)
-                await eventually(lambda: src2.ingest.health.reason == "quota_exhausted", what="quota_exhausted")
+                await eventually(lambda: src2.pipeline.ingest.health.reason == "quota_exhausted", what="quota_exhausted")
                 assert not task2.done()
     finally:
         await store.close()
@@ -170,7 +170,7 @@ async def test_theoddsapi_down_then_up_is_visible_over_sse(redis_url: str) -> No
     store = await Store.open(redis_url)
     try:
         async with providers() as sim, poller("theoddsapi", store, spec(sim.url, "breaker_failures=2")) as (src, _):
-            await eventually(lambda: src.ingest.health.state == "UP", what="source UP")
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
             app = make_app(store=store)
             async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, read=None)) as http:
                 await eventually(lambda: _markets(http), what="markets served")
@@ -242,7 +242,7 @@ async def test_theoddsapi_tokens_refresh_once_for_many_requests(redis_url: str) 
                 assert sim.token_requests == 1
                 sim.expire_tokens()
                 await eventually(lambda: sim.token_requests == 2 and src.polls >= 6, what="one refresh after 401")
-                assert src.ingest.health.state == "UP"
+                assert src.pipeline.ingest.health.state == "UP"
             token = TokenAuth(f"{sim.url}/v1/token", "sim-client", Secret("sim-secret"))
             http = ProviderHttp(f"{sim.url}/v4", provider="theoddsapi", token=token,
                                 options=HttpOptions(rate_per_s=1000, burst=100))

@@ -23,9 +23,31 @@ def test_the_readme_table_of_kinds_is_the_registry() -> None:
     assert readme_table() in README.read_text()
 
 
-def test_every_runner_loads() -> None:
+def test_every_kind_loads_its_two_factories() -> None:
     for entry in REGISTRY.values():
-        assert callable(entry.load()), entry.kind
+        assert callable(entry.load_source()) and callable(entry.load_normaliser()), entry.kind
+
+
+def test_every_kind_builds_a_source_and_normaliser_from_a_spec() -> None:
+    """Each factory pair builds objects that satisfy the seam (no I/O happens until run)."""
+    from feed.pipeline import build
+    from feed.settings import Settings
+
+    examples = {
+        "esa": "esa=127.0.0.1:9444,app_key=a,session=s",
+        "pinnacle": "pinnacle=http://127.0.0.1:9,user=u,password=p",
+        "theoddsapi": "theoddsapi=http://127.0.0.1:9/v4,api_key=k",
+        "push-ws": "push-ws=ws://127.0.0.1:9/push/ws,api_key=k",
+        "push-sse": "push-sse=http://127.0.0.1:9/push/sse,api_key=k",
+        "webhook": "webhook=127.0.0.1:0,secret=s",
+        "uof": "uof=amqp://guest:guest@127.0.0.1:9/,api=http://127.0.0.1:9,token=t",
+    }
+    assert set(REGISTRY) <= set(examples), "add an example spec for the new kind"
+    for kind in REGISTRY:
+        source, pipeline = build(None, Settings(), parse_source_spec(examples[kind]))  # type: ignore[arg-type]
+        assert source.name == kind and isinstance(source.confirms_by_messages, bool)
+        assert callable(source.run) and callable(source.request_repair) and callable(source.stop)
+        assert callable(pipeline.normaliser.feed) and callable(pipeline.normaliser.restore)
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -1,7 +1,8 @@
 """What every normaliser returns: canonical market updates, no I/O.
 
-A normaliser is an object with ``feed(raw: bytes, recv_ms: int, pt_map=None)
--> NormalisedBatch`` (the :class:`Normaliser` protocol) that raises
+A normaliser is an object with ``feed(raw: bytes, recv_ms: int, channel="")
+-> NormalisedBatch`` and ``restore(markets, cursor)`` (the
+:class:`Normaliser` protocol, one for every provider); ``feed`` raises
 :class:`feed.errors.FeedDecodeError` — and nothing else, whatever the bytes —
 for a message rejected whole (bad JSON, wrong envelope; it has then applied
 nothing). A market (or event) of a multi-market message that fails its
@@ -15,14 +16,14 @@ integer ms since the Unix epoch (UTC).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Protocol
 
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import MarketHeader, Selection
+from feed.models import Market, MarketHeader, Selection
 from feed.validate import MAX_TIME_MS, MIN_TIME_MS
 
 
@@ -51,27 +52,22 @@ class MarketUpdate(msgspec.Struct, kw_only=True, gc=False):
 
 
 class NormalisedBatch(msgspec.Struct, kw_only=True, gc=False):
-    """The result of one provider message.
+    """The result of one provider message, in provider-neutral terms.
 
-    op / ct / clk / initial_clk / status / segment / heartbeat_ms: the
-    provider envelope (Betfair names; None where absent). pt: provider
-    publish time (ms). updates: canonical market updates in message order.
-    runner_changes: how many runner (selection) changes the message held.
-    cursor: the source's opaque resume cursor after this message, when it
-    advanced (stored with the data it covers). heartbeat: the message was a
-    keep-alive. degraded: True when the provider flags its data degraded
-    (Betfair ``status: 503``), False when it says it is healthy again, None
-    when the message says nothing about it.
+    op: the message's type in the provider's terms (``mcm``, ``odds``,
+    ``snapshot``, ``odds_change``; for logs and tests). provider_ts: the
+    provider's publish time of the message (ms), when it has one.
+    updates: canonical market updates in message order. runner_changes: how
+    many selection changes the message held. cursor: the source's opaque
+    resume cursor after this message, when it advanced (stored with the data
+    it covers; the source of the same provider reads it back). heartbeat: the
+    message was a keep-alive. degraded: True when the provider flags its data
+    degraded (Betfair ``status: 503``), False when it says it is healthy
+    again, None when the message says nothing about it.
     """
 
     op: str
-    ct: str | None = None
-    clk: str | None = None
-    initial_clk: str | None = None
-    pt: int | None = None
-    status: int | None = None
-    segment: str | None = None
-    heartbeat_ms: int | None = None
+    provider_ts: int | None = None
     updates: list[MarketUpdate] = msgspec.field(default_factory=list)
     runner_changes: int = 0
     cursor: str | None = None
@@ -85,6 +81,18 @@ class NormalisedBatch(msgspec.Struct, kw_only=True, gc=False):
     rejected: list[FeedDecodeError] = msgspec.field(default_factory=list)
     """Markets (or events) of this message rejected alone, each with its
     ``market_id`` when known; the rest of the message is in ``updates``."""
+    unconfirm: list[str] = msgspec.field(default_factory=list)
+    """Market ids whose confirmation the provider withdrew (a UOF producer
+    went down): they read stale until their next image."""
+    stale: bool = False
+    """The message answered older than what the normaliser already applied
+    (a late poll answer, an out-of-order UOF message) and was dropped."""
+    requests: list[str] = msgspec.field(default_factory=list)
+    """What the normaliser asks its source to fetch (source-specific words:
+    Pinnacle ``fixtures`` for odds of an unknown event)."""
+    in_play: bool | None = None
+    """Whether the message's scope has events in play (None: it does not
+    say); pollers poll faster while it does."""
 
 
 class Normaliser(Protocol):
@@ -95,8 +103,16 @@ class Normaliser(Protocol):
     """How far ahead of receipt a provider time may be, ms (``feed.validate``);
     the ingest sets it to its own bound."""
 
-    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
-        """Decode one provider message; raise FeedDecodeError to reject it whole."""
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
+        """Decode one provider message (``channel``: what it answers, see
+        :class:`feed.sources.base.Payload`); raise FeedDecodeError to reject
+        it whole (having applied nothing of it)."""
+        ...
+
+    def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
+        """Resume after a restart: the source's stored markets (so a later
+        delta applies to them, or a vanished one is suspended) and its stored
+        cursor (None: the source starts from a full image)."""
         ...
 
 

@@ -36,14 +36,14 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_left, insort
-from collections.abc import Callable
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import MarketHeader, MarketStatus, Selection, SelectionStatus
+from feed.models import Market, MarketHeader, MarketStatus, Selection, SelectionStatus
 from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms
 from feed.validate import (
     MAX_ADJUSTMENT_FACTOR,
@@ -56,6 +56,10 @@ from feed.validate import (
     MIN_PRICE,
     check_provider_time,
 )
+
+if TYPE_CHECKING:
+    from feed.settings import Settings
+    from feed.sources.spec import SourceSpec
 
 SOURCE_PREFIX = "bf:"
 
@@ -388,7 +392,7 @@ class BetfairNormaliser:
     ``source`` names the source (``betfair`` by default); market ids are
     namespaced ``bf:<marketId>`` and event ids ``bf:<eventId>``.
     ``ladder_depth`` caps each canonical ladder (levels, best first).
-    ``max_future_skew_ms``: how far a message's ``pt`` (after ``pt_map``) may
+    ``max_future_skew_ms``: how far a message's ``pt`` may
     run ahead of its receive time (set it to the ingest's
     ``max_future_skew_ms``; see :mod:`feed.validate`).
 
@@ -416,14 +420,19 @@ class BetfairNormaliser:
 
     # -- public -----------------------------------------------------------
 
-    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+    def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
+        """Resume after a restart: the stored ``initialClk``/``clk`` (the
+        cache itself is rebuilt from the images and ``img`` changes ESA sends
+        after a resubscription)."""
+        stored = decode_cursor(cursor)
+        self.initial_clk, self.clk = stored.initial_clk, stored.clk
+
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
         """Decode one ESA line and apply it to the cache.
 
         raw: one JSON line (bytes). recv_ms: when it was read, ms since the
-        epoch. pt_map: maps the provider's ``pt`` to ``source_ts`` (a replay
-        maps the recording's clock onto now; the original ``pt`` is then kept
-        in ``source_ts_original``); None keeps ``pt``. A message without
-        ``pt`` takes ``recv_ms``. Raises :class:`FeedDecodeError` (reason
+        epoch. channel: unused (one stream). ``source_ts`` is the message's
+        ``pt``; a message without ``pt`` takes ``recv_ms``. Raises :class:`FeedDecodeError` (reason
         ``invalid_json``, ``invalid_schema``, ``invalid_number``, …) for a
         message rejected whole, and then leaves the cache untouched; markets
         rejected alone are in ``batch.rejected`` (see the class docstring).
@@ -435,9 +444,7 @@ class BetfairNormaliser:
             msg = self._decode_by_market(raw, exc, rejected)
         except _JSON_ERRORS as exc:
             raise FeedDecodeError("invalid_json", str(exc), raw) from None
-        batch = NormalisedBatch(op=msg.op, ct=msg.ct, clk=msg.clk, initial_clk=msg.initialClk,
-                                pt=msg.pt, status=msg.status, segment=msg.segmentType,
-                                heartbeat_ms=msg.heartbeatMs, heartbeat=msg.ct == "HEARTBEAT",
+        batch = NormalisedBatch(op=msg.op, provider_ts=msg.pt, heartbeat=msg.ct == "HEARTBEAT",
                                 rejected=rejected)
         if msg.op == "mcm":
             batch.degraded = msg.status == 503
@@ -455,17 +462,15 @@ class BetfairNormaliser:
         elif type(pt) is not int or pt <= 0 or pt > MAX_TIME_MS:
             source_ts, original = recv_ms, None
             clock_error = f"pt {pt!r} is not a time within 1970..2100"
-        elif pt_map is None:
-            source_ts, original = pt, None
         else:
-            source_ts, original = pt_map(pt), pt
+            source_ts, original = pt, None
         if clock_error is None:
             try:
                 check_provider_time(source_ts, recv_ms, self.max_future_skew_ms, "pt")
             except FeedDecodeError as exc:
                 clock_error = exc.detail
         if clock_error is not None:
-            batch.pt = None
+            batch.provider_ts = None
         bad = self._check_markets(msg.mc, rejected, raw, clock_error)
         sub_image = msg.ct == "SUB_IMAGE"
         updates = batch.updates
@@ -804,3 +809,9 @@ class BetfairNormaliser:
     def forget(self, market_id: str) -> None:
         """Drop a market's cache (``bf:`` id or raw id), e.g. after it closed."""
         self.markets.pop(market_id.removeprefix(SOURCE_PREFIX), None)
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> BetfairNormaliser:
+    """The registry's normaliser factory for ``esa`` sources (and Betfair
+    recordings): ``ladder_depth`` from the settings."""
+    return BetfairNormaliser(spec.name, ladder_depth=settings.ladder_depth)

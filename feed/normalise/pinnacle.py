@@ -57,12 +57,12 @@ fixtures early).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
-from feed.errors import FeedDecodeError
+from feed.errors import ConfigError, FeedDecodeError
 from feed.models import Market, MarketHeader
 from feed.normalise.base import MarketUpdate, NormalisedBatch
 from feed.normalise.rendered import (
@@ -82,6 +82,10 @@ from feed.validate import (
     check_market,
     check_provider_time,
 )
+
+if TYPE_CHECKING:
+    from feed.settings import Settings
+    from feed.sources.spec import SourceSpec
 
 __all__ = ["SPORTS", "PinnacleNormaliser", "market_id_parts", "sport_id_of"]
 
@@ -342,7 +346,6 @@ class PinnacleNormaliser:
         self.cursors = PinnacleCursor()
         self.missing_fixtures: set[int] = set()
         self.dropped: Counter[str] = Counter()
-        self._expect: tuple[str, bool, int | None] | None = None
         # per feed() call: the body, its receive time, the events rejected alone
         # (raw event id, None when unreadable → error) and the batch's rejections
         self._raw = b""
@@ -352,14 +355,6 @@ class PinnacleNormaliser:
 
     # -- public -----------------------------------------------------------
 
-    def expect(self, endpoint: Literal["fixtures", "odds"], *, snapshot: bool, sport_id: int | None = None) -> None:
-        """Say what the next :meth:`feed` body answers: ``endpoint``, whether
-        the call was a snapshot (no ``since``) and, optionally, the sportId
-        asked for. A body of the other endpoint's shape or of another sport
-        is then rejected (``invalid_schema``): applying it would move the
-        wrong cursor."""
-        self._expect = (endpoint, snapshot, sport_id)
-
     def since(self, endpoint: Literal["fixtures", "odds"], sport_id: int) -> int | None:
         """The ``since`` to send next for ``endpoint`` and ``sport_id`` (None: snapshot)."""
         return getattr(self.cursors, endpoint).get(str(sport_id))
@@ -368,7 +363,7 @@ class PinnacleNormaliser:
         """The resume cursor as stored (JSON)."""
         return msgspec.json.encode(self.cursors).decode()
 
-    def restore(self, cursor: str | None, markets: Iterable[Market]) -> None:
+    def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
         """Resume after a restart: the stored cursor and the stored markets
         of this source (so a later delta can suspend a line that vanished)."""
         if cursor:
@@ -384,14 +379,20 @@ class PinnacleNormaliser:
                 e, unit, period, _, _ = parts
                 self.by_gp.setdefault((e, unit, period), set()).add(m.market_id)
 
-    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
         """Decode one response body and apply it (see the module docstring).
+
+        channel: what the body answers, :func:`channel` ``(endpoint, sport,
+        snapshot)`` — ``odds:29:snapshot``, ``fixtures:29:since``: a body of
+        the other endpoint's shape or of another sport is then rejected
+        (``invalid_schema``: applying it would move the wrong cursor). An
+        empty channel infers the endpoint from the body (a delta).
 
         Raises :class:`FeedDecodeError` (``invalid_json``, ``invalid_schema``)
         for a body rejected whole, and then has applied nothing; events
         rejected alone are reported in ``batch.rejected``.
         """
-        expect, self._expect = self._expect, None
+        expect = _parse_channel(channel, raw)
         self._raw, self._recv_ms, self._bad_events = raw, recv_ms, {}
         rejected = self._rejected = []
         msg = self._decode(raw)
@@ -416,14 +417,19 @@ class PinnacleNormaliser:
             has_data = bool(msg.leagues or msg.league or self._bad_events)
             if msg.last < current or has_data:
                 self.dropped["stale_response"] += 1
+                batch.stale = True
             self._report_bad_events()  # (an old answer, but its bad parts were bad all the same)
             return batch
+        missing_before = len(self.missing_fixtures)
         if endpoint == "fixtures":
             fixtures = self._fixtures_of(msg, raw)
             self._apply_fixtures(msg.sportId, fixtures, snapshot, recv_ms, batch.updates)
         else:
             periods = self._periods_of(msg, raw, recv_ms)
             self._apply_odds(msg.sportId, periods, snapshot, recv_ms, batch.updates)
+        if len(self.missing_fixtures) > missing_before:
+            batch.requests.append("fixtures")  # odds of events whose fixture is unknown yet
+        batch.in_play = any(f.live == 1 and f.sport == msg.sportId for f in self.fixtures.values())
         self._report_bad_events()
         batch.runner_changes = sum(len(u.selections) for u in batch.updates)
         if msg.last is not None and msg.last != current:
@@ -800,3 +806,40 @@ def _event_name(fx: _Fixture) -> str | None:
     if fx.home and fx.away:
         return f"{fx.home} v {fx.away}"
     return fx.home or fx.away
+
+
+def channel(endpoint: Literal["fixtures", "odds"], sport_id: int | None, *, snapshot: bool) -> str:
+    """The :class:`~feed.sources.base.Payload` channel of a Pinnacle answer:
+    ``<endpoint>:<sportId>:snapshot|since`` (sportId empty: not checked)."""
+    return f"{endpoint}:{'' if sport_id is None else sport_id}:{'snapshot' if snapshot else 'since'}"
+
+
+def _parse_channel(value: str, raw: bytes) -> tuple[str, bool, int | None] | None:
+    if not value:
+        return None
+    endpoint, _, rest = value.partition(":")
+    sport, _, mode = rest.partition(":")
+    if endpoint not in ("fixtures", "odds") or mode not in ("snapshot", "since") or not (sport.isdigit() or not sport):
+        raise FeedDecodeError("invalid_schema", f"channel {value[:60]!r} is not <fixtures|odds>:<sportId>:<snapshot|since>",
+                              raw)
+    return endpoint, mode == "snapshot", int(sport) if sport else None
+
+
+def decode_cursor(value: str | None) -> PinnacleCursor:
+    """The stored cursor (empty when absent or unreadable): ``since`` per
+    endpoint and sportId, for the source to send."""
+    if value:
+        try:
+            return msgspec.json.decode(value, type=PinnacleCursor)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+    return PinnacleCursor()
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> PinnacleNormaliser:
+    """The registry's normaliser factory for ``pinnacle`` sources
+    (``odds_format=decimal|american``)."""
+    fmt = spec.get("odds_format", "decimal") or "decimal"
+    if fmt not in ("decimal", "american"):
+        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american, not {fmt!r}")
+    return PinnacleNormaliser(spec.name, odds_format="american" if fmt == "american" else "decimal")

@@ -66,9 +66,9 @@ apply; the entry id still advances.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Annotated, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import msgspec
 
@@ -86,6 +86,10 @@ from feed.validate import (
     check_market,
     check_provider_time,
 )
+
+if TYPE_CHECKING:
+    from feed.settings import Settings
+    from feed.sources.spec import SourceSpec
 
 __all__ = [
     "FIXTURE_STATUSES",
@@ -396,7 +400,7 @@ class PushNormaliser:
 
     # -- public -----------------------------------------------------------
 
-    def restore(self, markets: Iterable[Market], cursor: str | None = None) -> None:
+    def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
         """Seed the cache from stored canonical markets of this source (and the
         stored cursor), so a restarted ingest that resumes mid-stream applies
         deltas to what it already holds instead of mistaking them for images."""
@@ -434,13 +438,12 @@ class PushNormaliser:
         if cursor is not None and entry_key(cursor) is not None:
             self.last_entry_id, self._last_key = cursor, entry_key(cursor)
 
-    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
         """Decode one push message and apply it to the cache.
 
         raw: one JSON message (a WebSocket text frame, an SSE ``data`` field,
         a REST snapshot body). recv_ms: when it was read, ms since the epoch.
-        pt_map: maps provider times to ``source_ts`` (replays; the original is
-        kept in ``source_ts_original``); None keeps them. Raises
+        channel: unused (one stream). Raises
         :class:`FeedDecodeError` for a message rejected whole, and then
         leaves the cache untouched; markets rejected alone are in
         ``batch.rejected`` (see the module docstring).
@@ -455,12 +458,12 @@ class PushNormaliser:
             except FeedDecodeError as exc:
                 emitted_error, emitted = exc.detail, None
         if isinstance(msg, (PingMessage, ConnectedMessage)):
-            return NormalisedBatch(op=_tag(msg), pt=emitted, heartbeat=True)
+            return NormalisedBatch(op=_tag(msg), provider_ts=emitted, heartbeat=True)
         assert isinstance(msg, (OddsMessage, FixtureStatusMessage))
         key = entry_key(msg.entry_id)
         if key is None:
             raise FeedDecodeError("invalid_schema", f"entry_id {msg.entry_id[:40]!r} is not <ms>-<n>", raw)
-        batch = NormalisedBatch(op=_tag(msg), pt=emitted, full_image=isinstance(msg, SnapshotMessage))
+        batch = NormalisedBatch(op=_tag(msg), provider_ts=emitted, full_image=isinstance(msg, SnapshotMessage))
         if isinstance(msg, OddsMessage):
             prices, mids = self._validate_odds(msg, raw, recv_ms, emitted_error, bad)
             status = None
@@ -482,15 +485,16 @@ class PushNormaliser:
         if last is not None and (key < last if snapshot else key <= last):
             reason = "stale_snapshot" if snapshot else "duplicate" if key == last else "out_of_order"
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
+            batch.stale = True
             return batch
         default_ts = emitted if emitted is not None else recv_ms
         self._rejected = batch.rejected
         self._recv_ms = recv_ms
         self._raw = raw
         if isinstance(msg, OddsMessage):
-            self._apply_odds(msg, prices, mids, bad, batch, raw, default_ts, recv_ms, pt_map)
+            self._apply_odds(msg, prices, mids, bad, batch, raw, default_ts, recv_ms)
         else:
-            self._apply_fixture_status(msg.data, status, batch, raw, default_ts, recv_ms, pt_map)
+            self._apply_fixture_status(msg.data, status, batch, raw, default_ts, recv_ms)
         if self._last_key is None or key > self._last_key:
             self._last_key = key
             self.last_entry_id = msg.entry_id
@@ -612,7 +616,7 @@ class PushNormaliser:
 
     def _apply_odds(self, msg: OddsMessage, prices: list[float | None], mids: list[str],
                     bad: dict[str | None, FeedDecodeError], batch: NormalisedBatch, raw: bytes,
-                    default_ts: int, recv_ms: int, pt_map: Callable[[int], int] | None) -> None:
+                    default_ts: int, recv_ms: int) -> None:
         """Apply the odds of the markets not in ``bad``."""
         snapshot = isinstance(msg, SnapshotMessage)
         locked_msg = isinstance(msg, LockedOddsMessage)
@@ -685,27 +689,23 @@ class PushNormaliser:
             ts = newest.get(mid, msg_ts)
             if mid not in images:
                 ts = max(m.ts, ts)
-            self._emit(m, mid in images, sids, ts, batch, recv_ms, pt_map)
+            self._emit(m, mid in images, sids, ts, batch, recv_ms)
             batch.runner_changes += len(sids)
 
     def _apply_fixture_status(self, wf: WireFixture, status: str | None, batch: NormalisedBatch, raw: bytes,
-                              default_ts: int, recv_ms: int, pt_map: Callable[[int], int] | None) -> None:
+                              default_ts: int, recv_ms: int) -> None:
         fx, _ = self._fixture(wf, raw)
         ts = ts_to_ms(wf.timestamp) if wf.timestamp is not None else default_ts
         for mid in fx.markets:
             m = self.markets[mid]
-            self._emit(m, False, [], max(m.ts, ts), batch, recv_ms, pt_map)
+            self._emit(m, False, [], max(m.ts, ts), batch, recv_ms)
 
-    def _emit(self, m: _Market, image: bool, sids: list[str], ts: int, batch: NormalisedBatch, recv_ms: int,
-              pt_map: Callable[[int], int] | None) -> None:
+    def _emit(self, m: _Market, image: bool, sids: list[str], ts: int, batch: NormalisedBatch, recv_ms: int) -> None:
         header = self._header(m)
         if not image and header == m.header and not sids:
             return
         m.ts = max(m.ts, ts)
-        if pt_map is None:
-            source_ts, original = ts, None
-        else:
-            source_ts, original = pt_map(ts), ts
+        source_ts, original = ts, None  # (a replay maps the clock in the pipeline)
         if image:
             selections = list(m.sels.values())
         else:
@@ -773,3 +773,9 @@ def _market_status(m: _Market, fixture_status: str | None) -> tuple[MarketStatus
         return "SUSPENDED", "locked"
     return "OPEN", None
 
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> PushNormaliser:
+    """The registry's normaliser factory for ``push-ws`` / ``push-sse``
+    sources: market ids under ``prefix=`` (default ``px``)."""
+    return PushNormaliser(spec.name, prefix=spec.get("prefix") or PREFIX)

@@ -56,12 +56,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from feed.errors import FeedDecodeError
+from feed.errors import ConfigError, FeedDecodeError
 from feed.models import Market, MarketHeader, Selection
 from feed.normalise.base import NormalisedBatch
 from feed.normalise.rendered import (
@@ -74,6 +74,10 @@ from feed.normalise.rendered import (
     price_to_decimal,
 )
 from feed.validate import MAX_FUTURE_SKEW_MS, MAX_HANDICAP, check_market, check_provider_time
+
+if TYPE_CHECKING:
+    from feed.settings import Settings
+    from feed.sources.spec import SourceSpec
 
 __all__ = ["TheOddsApiNormaliser", "sport_of"]
 
@@ -172,17 +176,12 @@ class TheOddsApiNormaliser:
         self.differ = MarketDiffer(source)
         self.scope_of: dict[str, str] = {}  # market id -> sport key
         self.dropped: Counter[str] = Counter()
-        self._expect: str | None = None
         self.live_events: dict[str, set[str]] = {}  # sport key -> ids of events in play in the last snapshot
 
-    def expect(self, sport_key: str) -> None:
-        """Say which sport key the next :meth:`feed` body answers (its scope
-        for vanished markets; ``upcoming`` = every sport)."""
-        self._expect = sport_key
-
-    def restore(self, markets: Iterable[Market]) -> None:
+    def restore(self, markets: Iterable[Market], cursor: str | None = None) -> None:
         """Resume after a restart: remember the stored open markets of this
-        source as emitted, so a market gone meanwhile is suspended."""
+        source as emitted, so a market gone meanwhile is suspended (the
+        source has no cursor: every poll is a full snapshot)."""
         mine = [m for m in markets if m.source == self.source and m.market_id.startswith(SOURCE_PREFIX)
                 and m.status != "SUSPENDED" and m.specifiers and "sport_key" in m.specifiers]
         self.differ.seed(mine)
@@ -190,13 +189,15 @@ class TheOddsApiNormaliser:
             assert m.specifiers is not None  # kept above only with a sport_key
             self.scope_of[m.market_id] = m.specifiers["sport_key"]
 
-    def feed(self, raw: bytes, recv_ms: int, pt_map: Callable[[int], int] | None = None) -> NormalisedBatch:
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
         """Decode one odds response (a JSON array of events) and diff it
-        against the previous snapshot. Raises :class:`FeedDecodeError`
+        against the previous snapshot. channel: the sport key the body
+        answers (its scope for vanished markets; ``upcoming`` = every sport;
+        empty: the sports the body holds). Raises :class:`FeedDecodeError`
         (``invalid_json``, ``invalid_schema``) for a body rejected whole, and
         then has applied nothing; parts rejected alone are in
         ``batch.rejected`` (see the module docstring)."""
-        expect, self._expect = self._expect, None
+        expect = channel or None
         bad: dict[str | None, FeedDecodeError] = {}  # rejected part prefix -> why
         events = self._decode(raw, bad)
         if expect is not None and expect != "upcoming" and any(ev.sport_key != expect for ev in events):
@@ -264,6 +265,7 @@ class TheOddsApiNormaliser:
                 del self.scope_of[mid]
         batch.rejected = self._rejections(bad, raw)
         batch.runner_changes = sum(len(u.selections) for u in updates)
+        batch.in_play = any(self.live_events.get(k) for k in (scopes if scopes is not None else self.live_events))
         return batch
 
     # -- internals ------------------------------------------------------------
@@ -436,3 +438,12 @@ def _under(market_id: str, prefixes: list[str]) -> bool:
         if market_id == p or market_id.startswith(p) and market_id[len(p)] == ":":
             return True
     return False
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> TheOddsApiNormaliser:
+    """The registry's normaliser factory for ``theoddsapi`` sources
+    (``odds_format=decimal|american``)."""
+    fmt = spec.get("odds_format", "decimal") or "decimal"
+    if fmt not in ("decimal", "american"):
+        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american, not {fmt!r}")
+    return TheOddsApiNormaliser(spec.name, odds_format="american" if fmt == "american" else "decimal")

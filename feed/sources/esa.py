@@ -43,9 +43,10 @@ import logging
 import ssl as _ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feed.aio import wait_event
+from feed.errors import ConfigError
 from feed.sources.backoff import Backoff
 from feed.sources.esa_protocol import (
     FATAL_ERROR_CODES,
@@ -67,7 +68,12 @@ from feed.sources.esa_protocol import (
     StreamStatus,
     Subscribed,
 )
+from feed.sources.base import Payload, Sink
 from feed.sources.session import HealthCallback, SessionClient
+
+if TYPE_CHECKING:
+    from feed.settings import Settings
+    from feed.sources.spec import SourceSpec
 
 __all__ = [
     "FATAL_ERROR_CODES",
@@ -433,3 +439,86 @@ class EsaClient(SessionClient):
             self._image_requested_at = time.monotonic()
             self._protocol.forget_cursor()
             raise _ReconnectNow("a full image was requested (a market's change was rejected)")
+
+
+# -- as a Source of the pipeline ---------------------------------------------------------
+
+
+class EsaSource:
+    """One ESA subscription as a :class:`feed.sources.base.Source`.
+
+    It subscribes with the sink's stored ``initialClk``/``clk`` (a restart
+    resumes with RESUB_DELTA; when the upstream no longer knows that point
+    it sends a SUB_IMAGE, which opens a new upstream session) and delivers
+    every batch of ``mcm`` lines. A rejected change asks for a new image
+    (:meth:`EsaClient.request_image`, at most every 10 s). ``client_args``:
+    :class:`EsaClient` keyword arguments besides the callbacks and cursor.
+    """
+
+    confirms_by_messages = True
+    stale_after_ms: int | None = None
+
+    def __init__(self, name: str, *, on_client: Callable[[EsaClient], None] | None = None,
+                 **client_args: Any) -> None:
+        self.name = name
+        self.client_args = client_args
+        self.on_client = on_client
+        self.client: EsaClient | None = None
+        self._stopped = False
+
+    async def run(self, sink: Sink) -> None:
+        from feed.normalise.betfair import decode_cursor
+
+        cursor = decode_cursor(sink.cursor)
+
+        async def on_lines(lines: list[bytes], recv_ms: int) -> None:
+            await sink.deliver([Payload(recv_ms, raw) for raw in lines])
+
+        client = self.client = EsaClient(on_lines=on_lines, on_health=sink.set_state, name=self.name,
+                                         initial_clk=cursor.initial_clk, clk=cursor.clk, **self.client_args)
+        if self.on_client is not None:
+            self.on_client(client)
+        if self._stopped:
+            return
+        try:
+            await client.run()
+        finally:
+            client.stop()
+
+    def request_repair(self) -> None:
+        if self.client is not None:
+            self.client.request_image()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self.client is not None:
+            self.client.stop()
+
+
+def endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
+    """``(host, port, tls)`` of an ``esa=[tls://|tcp://]HOST:PORT`` spec
+    (``tls=true`` also turns TLS on); ConfigError otherwise."""
+    url = spec.url
+    tls = spec.get("tls", "false") in ("1", "true", "yes")
+    for prefix, is_tls in (("tls://", True), ("ssl://", True), ("tcp://", False)):
+        if url.startswith(prefix):
+            url, tls = url[len(prefix):], is_tls or tls
+    host, sep, port = url.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"source {spec.name}: esa needs HOST:PORT, not {spec.url!r}")
+    return host or "127.0.0.1", int(port), tls
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> EsaSource:
+    """The registry's source factory: ``esa=HOST:PORT,app_key=…,session=…
+    [,tls=true][,heartbeat_ms=1000][,conflate_ms=…]`` (every market of the
+    default filters)."""
+    host, port, tls = endpoint(spec)
+    app_key, session = spec.get("app_key"), spec.get("session")
+    if not app_key or not session:
+        raise ConfigError(f"source {spec.name}: esa needs app_key= and session=")
+    return EsaSource(spec.name, host=host, port=port, app_key=app_key, session_token=session,
+                     ssl=_ssl.create_default_context() if tls else None,
+                     market_filter=default_market_filter(), market_data_filter=default_market_data_filter(),
+                     heartbeat_ms=int(spec.get_float("heartbeat_ms", 1000)),
+                     conflate_ms=int(spec.get_float("conflate_ms", 0)) or None)

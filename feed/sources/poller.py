@@ -17,13 +17,14 @@ I/O only — decoding and diffing are the normalisers' job
   governor), exponential backoff with full jitter after failures, and the
   source's health: UP; DEGRADED (``rate_limited``, ``quota_low``,
   ``upstream_5xx``, ``timeout``, …); DOWN (``circuit_open``,
-  ``quota_exhausted``, a fatal code) — persisted through
-  :meth:`Ingest.set_state` / :meth:`Ingest.publish_health` with the lag
-  percentiles (:mod:`feed.sources.lag`).
+  ``quota_exhausted``, a fatal code) — reported to the pipeline's sink
+  (:class:`feed.sources.base.Sink`), which persists it with the lag
+  percentiles.
 - :class:`PinnacleSource` — **cursor** mode: ``/v1/fixtures`` and
   ``/v2/odds`` per sportId, a snapshot call (no ``since``) first, then
-  ``since=<last>``; the normaliser keeps the cursors and hands them to
-  Ingest with the data they cover, so a restarted source resumes from them.
+  ``since=<last>``; the normaliser advances the cursors and the pipeline
+  stores them with the data they cover, so a restarted source resumes from
+  them (the source reads its ``since`` back from ``sink.cursor``).
   Fixtures are re-read as a snapshot at start (names and ``parentId``
   links are not in the odds), and early when odds name an unknown event.
   Three stale answers in a row (``last`` going backwards) or
@@ -34,34 +35,34 @@ I/O only — decoding and diffing are the normalisers' job
   means nothing changed. ``sport=all`` polls the active sports from
   ``/v4/sports`` (static data, cached ``static_ttl_s``).
 
-Entry points: :func:`run_pinnacle_source`, :func:`run_theoddsapi_source`
-(``(store, settings, spec)``), used by :func:`feed.supervisor.run_source`.
+Each answer is delivered as a :class:`~feed.sources.base.Payload` whose
+channel says what it answers (Pinnacle ``odds:29:since``; The Odds API's
+sport key), so a recording replays exactly. Registry factories:
+:func:`pinnacle_from_spec`, :func:`theoddsapi_from_spec`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 
 from feed.aio import wait_event
-from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, RetryableSourceError, SourceError
-from feed.ingest import Ingest, ingest_options
 from feed.models import SourceState
-from feed.normalise.pinnacle import PinnacleNormaliser
-from feed.normalise.theoddsapi import TheOddsApiNormaliser
+from feed.normalise.pinnacle import channel as pinnacle_channel
+from feed.normalise.pinnacle import decode_cursor as pinnacle_cursor
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
+from feed.sources.base import Delivered, Payload, Sink
 from feed.sources.http_auth import ApiKeyAuth, BasicAuth, HmacSigner, Secret, SigningTransport, TokenAuth
 from feed.sources.http_limits import (
     BODY_LOG_MAX,
@@ -77,9 +78,10 @@ from feed.sources.http_limits import (
     classify_response,
     parse_retry_after,
 )
-from feed.sources.lag import LagWindow, apply_to_health
 from feed.sources.spec import SourceSpec
-from feed.store import Store
+
+if TYPE_CHECKING:
+    from feed.store import Store
 
 __all__ = [
     "HttpOptions",
@@ -91,8 +93,10 @@ __all__ = [
     "StaticCache",
     "TheOddsApiSource",
     "build_http",
+    "pinnacle_from_spec",
     "run_pinnacle_source",
     "run_theoddsapi_source",
+    "theoddsapi_from_spec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -369,33 +373,39 @@ class PollerOptions:
 
 
 class PollerSource:
-    """The loop shared by pollers. Subclasses implement :meth:`start` (restore,
-    static data), :meth:`keys`, :meth:`poll` (one poll of one key) and
-    :meth:`interval`. ``run()`` returns only when stopped; fatal errors raise."""
+    """The loop shared by pollers, a :class:`feed.sources.base.Source`.
+    Subclasses implement :meth:`start` (static data), :meth:`keys`,
+    :meth:`poll` (one poll of one key) and :meth:`interval`. ``run(sink)``
+    returns only when stopped; fatal errors raise. A poll confirms the
+    source's markets only through :meth:`odds_confirmed`."""
 
     kind = "poller"
+    confirms_by_messages = False
 
-    def __init__(self, ingest: Ingest, http: ProviderHttp, options: PollerOptions, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.ingest = ingest
+    def __init__(self, name: str, http: ProviderHttp, options: PollerOptions, *,
+                 clock: Callable[[], float] = time.monotonic, stale_after_ms: int | None = None) -> None:
+        self.name = name
         self.http = http
         self.options = options
+        self.stale_after_ms = stale_after_ms
         self._clock = clock
-        self.lag = LagWindow(options.lag_window_s, clock=clock)
+        self._sink: Sink | None = None
+        self.state: SourceState = "DOWN"
+        self.reason: str | None = "starting"
         self.static = StaticCache(options.static_ttl_s, clock=clock)
         self.backoff = Backoff(options.backoff_initial_s, 2.0, options.backoff_max_s)
         self.polls = 0
         self.failures: Counter[str] = Counter()
         self.last_error: SourceError | None = None
         self._stop = asyncio.Event()
-        self._published_at = -1e18
-        self._health_dirty = True
         self._odds_ok_at: dict[str, int] = {}
-        ingest.confirm_by_messages = False  # polls confirm per key (odds_confirmed)
 
     @property
-    def name(self) -> str:
-        return self.ingest.source
+    def sink(self) -> Sink:
+        """The pipeline this source delivers to (set by :meth:`run`)."""
+        if self._sink is None:
+            raise RuntimeError(f"{self.name}: not running")
+        return self._sink
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.http.base_url!r})"
@@ -403,7 +413,7 @@ class PollerSource:
     # -- to implement ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore state from the store; load static data."""
+        """Load static data before the first poll."""
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -419,30 +429,17 @@ class PollerSource:
     def stop(self) -> None:
         self._stop.set()
 
+    def request_repair(self) -> None:
+        """Pollers repair from their own answers (see the subclasses)."""
+
     def _set_state(self, state: SourceState, reason: str | None) -> None:
-        if self.ingest.set_state(state, reason):
-            self._health_dirty = True
+        self.state, self.reason = state, reason
+        if self._sink is not None:
+            self._sink.set_state(state, reason)
 
-    async def publish_health(self, force: bool = False) -> None:
-        now = self._clock()
-        if not (force or self._health_dirty or now - self._published_at >= self.options.health_every_s):
-            return
-        apply_to_health(self.ingest.health, self.lag)
-        try:
-            await self.ingest.publish_health()
-        except Exception as exc:  # a Redis hiccup must not stop the source
-            logger.warning("could not publish health of %s: %s", self.name, exc)
-            return
-        self._published_at = now
-        self._health_dirty = False
-
-    async def ingest_body(self, body: bytes, recv_ms: int) -> int:
-        """Normalise one body (expectations already set), store it; return
-        the number of deltas written."""
-        self.ingest.feed_lines([body], recv_ms)
-        deltas = await self.ingest.flush()
-        self.lag.record_deltas(deltas)
-        return len(deltas)
+    async def ingest_body(self, body: bytes, recv_ms: int, channel: str = "") -> Delivered:
+        """Deliver one answer (``channel``: what it answers) to the pipeline."""
+        return await self.sink.deliver([Payload(recv_ms, body, channel)])
 
     def odds_confirmed(self, key: str, recv_ms: int) -> None:
         """An odds poll of ``key`` succeeded (new data stored, or 304 / nothing
@@ -453,16 +450,16 @@ class PollerSource:
         self._odds_ok_at[key] = recv_ms
         times = [self._odds_ok_at.get(k) for k in self.keys()]
         if times and None not in times:
-            self.ingest.confirm(min(t for t in times if t is not None))
+            self.sink.confirm(min(t for t in times if t is not None))
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
             await wait_event(self._stop, seconds)
 
-    async def run(self) -> None:
+    async def run(self, sink: Sink) -> None:
         """Poll until :meth:`stop` (or cancellation); raise a fatal error."""
+        self._sink = sink
         self._set_state("DOWN", "starting")
-        await self.publish_health(force=True)
         o = self.options
         if min(o.interval_s, o.live_interval_s) < o.min_interval_s:
             logger.warning("%s: poll intervals below %.3gs (the provider's refresh) are raised to it; "
@@ -485,12 +482,10 @@ class PollerSource:
                 if self._stop.is_set():
                     break
                 due[key] = self._clock() + await self._poll_once(key)
-                await self.publish_health()
         finally:
-            if self.ingest.health.state != "DOWN":
+            if self.state != "DOWN":
                 self._set_state("DOWN", "stopped")
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.publish_health(force=True))
+            await self.http.aclose()
 
     async def _poll_once(self, key: str) -> float:
         """One poll; returns the delay before this key is polled again."""
@@ -508,7 +503,6 @@ class PollerSource:
             return exc.retry_in_s
         except FatalSourceError as exc:
             self._fail(exc, "DOWN", (exc.code or "fatal").lower())
-            await self.publish_health(force=True)
             raise
         except RetryableSourceError as exc:
             reason = _reason_of(exc)
@@ -527,8 +521,7 @@ class PollerSource:
         """Count a failure (by ``kind``, default ``reason``) and set the health."""
         self.failures[kind or reason] += 1
         self.last_error = exc
-        if state == "DEGRADED" and self.ingest.health.state == "DOWN" and self.ingest.health.reason not in (
-                "starting", "stopped"):
+        if state == "DEGRADED" and self.state == "DOWN" and self.reason not in ("starting", "stopped"):
             state = "DOWN"  # stay down until a poll succeeds
         self._set_state(state, reason)
         logger.info("%s: %s (%s); next attempt after backoff", self.name, self.http.redact(str(exc)), reason)
@@ -557,27 +550,29 @@ class PinnacleSource(PollerSource):
 
     kind = "pinnacle"
 
-    def __init__(self, ingest: Ingest, http: ProviderHttp, options: PollerOptions, *, sports: list[int] | None,
-                 normaliser: PinnacleNormaliser, fixtures_interval_s: float = 60.0, resync_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(ingest, http, options, clock=clock)
+    def __init__(self, name: str, http: ProviderHttp, options: PollerOptions, *, sports: list[int] | None,
+                 odds_format: Literal["decimal", "american"] = "decimal", fixtures_interval_s: float = 60.0,
+                 resync_s: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 stale_after_ms: int | None = None) -> None:
+        super().__init__(name, http, options, clock=clock, stale_after_ms=stale_after_ms)
         self.sports = sports
-        self.normaliser = normaliser
+        self.odds_format = odds_format
         self.fixtures_interval_s = fixtures_interval_s
         self.resync_s = resync_s
         self._fixtures_at: dict[int, float] = {}
         self._snapshot_at: dict[int, float] = {}
         self._stale_streak: dict[int, int] = {}
         self._repair: set[int] = set()  # sports whose next odds poll is a snapshot (a change was rejected)
+        self._live: dict[int, bool] = {}  # sportId -> the last fixtures/odds answer had events in play
         self._active: list[str] = []
         self.requests: Counter[str] = Counter()
+        self.stale_answers = 0
 
-    async def start(self) -> None:
-        cursor = await self.ingest.restore()
-        # without a session to continue, the first snapshot re-images every market (confirming it)
-        self.normaliser.restore(cursor, self.ingest.book.markets.values() if self.ingest.resumed else ())
-        if cursor:
-            logger.info("%s resumes from cursor %s", self.name, cursor)
+    def since(self, endpoint: Literal["fixtures", "odds"], sport: int) -> int | None:
+        """The ``since`` to send next (None: a snapshot), from the cursor the
+        pipeline stored with the data it covers."""
+        cursor = self._sink.cursor if self._sink is not None else None
+        return getattr(pinnacle_cursor(cursor), endpoint).get(str(sport))
 
     def keys(self) -> list[str]:
         if self.sports is None:
@@ -599,8 +594,7 @@ class PinnacleSource(PollerSource):
     def interval(self, key: str) -> float:
         if key == "__sports__":
             return self.options.interval_s
-        sport = int(key)
-        live = any(f.live == 1 and f.sport == sport for f in self.normaliser.fixtures.values())
+        live = self._live.get(int(key), False)
         return self.options.live_interval_s if live else self.options.interval_s
 
     async def poll(self, key: str) -> None:
@@ -610,7 +604,6 @@ class PinnacleSource(PollerSource):
                 return
         sport = int(key)
         now = self._clock()
-        n = self.normaliser
         resync = bool(self.resync_s) and now - self._snapshot_at.setdefault(sport, now) >= self.resync_s
         if sport in self._repair:
             self._repair.discard(sport)
@@ -621,19 +614,17 @@ class PinnacleSource(PollerSource):
         first = sport not in self._fixtures_at
         if first or resync or now - self._fixtures_at[sport] >= self.fixtures_interval_s:
             await self._fetch("fixtures", sport, snapshot=first or resync)
-        missing_before = set(n.missing_fixtures)
-        await self._fetch("odds", sport, snapshot=resync or n.since("odds", sport) is None)
-        if n.missing_fixtures - missing_before:
+        got = await self._fetch("odds", sport, snapshot=resync or self.since("odds", sport) is None)
+        if "fixtures" in got.requests:  # odds of events whose fixture is unknown yet
             await self._fetch("fixtures", sport, snapshot=False)
 
-    async def _fetch(self, endpoint: Literal["fixtures", "odds"], sport: int, *, snapshot: bool) -> None:
-        n = self.normaliser
-        since = None if snapshot else n.since(endpoint, sport)
+    async def _fetch(self, endpoint: Literal["fixtures", "odds"], sport: int, *, snapshot: bool) -> Delivered:
+        since = None if snapshot else self.since(endpoint, sport)
         params: dict[str, Any] = {"sportId": sport}
         if since is not None:
             params["since"] = since
         if endpoint == "odds":
-            params["oddsFormat"] = "American" if n.odds_format == "american" else "Decimal"
+            params["oddsFormat"] = "American" if self.odds_format == "american" else "Decimal"
         path = "/v1/fixtures" if endpoint == "fixtures" else "/v2/odds"
         self.requests[endpoint] += 1
         res = await self.http.get(path, params)
@@ -646,24 +637,24 @@ class PinnacleSource(PollerSource):
         if res.status == 304 or not res.body.strip():
             if endpoint == "odds":
                 self.odds_confirmed(str(sport), res.recv_ms)
-            return
-        stale_before = n.dropped["stale_response"]
-        n.expect(endpoint, snapshot=since is None, sport_id=sport)
-        rejected_before = self.ingest.stats.rejected
-        await self.ingest_body(res.body, res.recv_ms)
-        lost = self.ingest.take_lost()
-        rejected = self.ingest.stats.rejected > rejected_before
-        if lost or (rejected and endpoint == "odds"):
+            return Delivered()
+        got = await self.ingest_body(res.body, res.recv_ms, pinnacle_channel(endpoint, sport, snapshot=since is None))
+        if got.in_play is not None:
+            self._live[sport] = got.in_play
+        rejected = bool(got.rejected_messages or got.rejected_parts)
+        if got.lost or (rejected and endpoint == "odds"):
             # a rejected part may have carried changes the advanced cursor now skips (or markets
             # whose change is lost): the next poll of the sport is a snapshot that re-images them
             self._repair.add(sport)
         if endpoint == "odds":
-            if n.dropped["stale_response"] > stale_before:
+            if got.stale:
+                self.stale_answers += 1
                 self._stale_streak[sport] = self._stale_streak.get(sport, 0) + 1
             else:
                 self._stale_streak[sport] = 0
                 if not rejected:  # an answer with a rejected part confirms nothing
                     self.odds_confirmed(str(sport), res.recv_ms)
+        return got
 
 
 class _PnSport(msgspec.Struct, kw_only=True):
@@ -694,25 +685,21 @@ class TheOddsApiSource(PollerSource):
 
     kind = "theoddsapi"
 
-    def __init__(self, ingest: Ingest, http: ProviderHttp, options: PollerOptions, *, sports: list[str],
-                 normaliser: TheOddsApiNormaliser, regions: str = "eu", markets: str = "h2h,spreads,totals",
-                 bookmakers: str | None = None, conditional: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(ingest, http, options, clock=clock)
+    def __init__(self, name: str, http: ProviderHttp, options: PollerOptions, *, sports: list[str],
+                 odds_format: Literal["decimal", "american"] = "decimal", regions: str = "eu",
+                 markets: str = "h2h,spreads,totals", bookmakers: str | None = None, conditional: bool = False,
+                 clock: Callable[[], float] = time.monotonic, stale_after_ms: int | None = None) -> None:
+        super().__init__(name, http, options, clock=clock, stale_after_ms=stale_after_ms)
         self.sports = sports
-        self.normaliser = normaliser
+        self.odds_format = odds_format
         self.regions = regions
         self.markets = markets
         self.bookmakers = bookmakers
         self.conditional = conditional
         self.etags: dict[str, str] = {}
         self.not_modified = 0
+        self._live: dict[str, bool] = {}  # sport key -> the last answer had events in play
         self._active: list[str] = []
-
-    async def start(self) -> None:
-        await self.ingest.restore()
-        # without a session to continue, the first snapshot re-images every market (confirming it)
-        self.normaliser.restore(self.ingest.book.markets.values() if self.ingest.resumed else ())
 
     async def _sports(self) -> list[str]:
         async def load() -> list[str]:
@@ -732,7 +719,7 @@ class TheOddsApiSource(PollerSource):
         return self.sports
 
     def interval(self, key: str) -> float:
-        live = self.normaliser.live_events.get(key) if key != "upcoming" else any(self.normaliser.live_events.values())
+        live = self._live.get(key, False)
         return self.options.live_interval_s if live else self.options.interval_s
 
     async def poll(self, key: str) -> None:
@@ -741,7 +728,7 @@ class TheOddsApiSource(PollerSource):
             if key == "__sports__" or key not in self._active:
                 return
         params: dict[str, Any] = {"regions": self.regions, "markets": self.markets, "dateFormat": "iso",
-                                  "oddsFormat": self.normaliser.odds_format}
+                                  "oddsFormat": self.odds_format}
         if self.bookmakers:
             params["bookmakers"] = self.bookmakers
             del params["regions"]
@@ -756,13 +743,13 @@ class TheOddsApiSource(PollerSource):
         etag = res.headers.get("etag")
         if etag and self.conditional:
             self.etags[key] = etag
-        self.normaliser.expect(key)
-        rejected, whole_before = self.ingest.stats.rejected, self.ingest.rejected_messages
-        await self.ingest_body(res.body, res.recv_ms)
-        self.ingest.take_lost()  # a rejected market is re-imaged by the next snapshot (the normaliser forgot it)
-        if self.ingest.stats.rejected > rejected:
+        got = await self.ingest_body(res.body, res.recv_ms, key)
+        # (a rejected market is re-imaged by the next snapshot: the normaliser forgot it)
+        if got.in_play is not None:
+            self._live[key] = got.in_play
+        if got.rejected_messages or got.rejected_parts:
             self.etags.pop(key, None)  # a rejected body must be fetched whole next time
-        if self.ingest.rejected_messages == whole_before:  # a rejected answer confirms nothing
+        if not got.rejected_messages:  # a rejected answer confirms nothing
             self.odds_confirmed(key, res.recv_ms)
 
 
@@ -847,18 +834,8 @@ def _stale_after_ms(settings: Settings, opts: PollerOptions, http: HttpOptions) 
     return max(settings.stale_in_play_ms, int((2.5 * cadence + http.deadline_s) * 1000))
 
 
-async def _run(source: PollerSource, on_source: Callable[[PollerSource], None] | None) -> None:
-    if on_source is not None:
-        on_source(source)
-    try:
-        await source.run()
-    finally:
-        await source.http.aclose()
-
-
-async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec, *,
-                              on_source: Callable[[PollerSource], None] | None = None) -> None:
-    """Poll a Pinnacle-style Lines API into ``store`` until cancelled.
+def pinnacle_from_spec(spec: SourceSpec, settings: Settings) -> PinnacleSource:
+    """The registry's source factory for ``pinnacle``: a Pinnacle-style Lines API.
 
     Spec options: ``sports=29+4`` (sportIds, default 29; ``all`` = every sport
     ``/v2/sports`` lists with offerings), ``odds_format=
@@ -877,18 +854,14 @@ async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec
         raise ConfigError(f"source {spec.name}: sports must be sportIds like 29+4, or all") from None
     http = build_http(spec, base_url=spec.url, provider=spec.name, defaults=HttpOptions(rate_per_s=2.0, burst=4))
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=5.0, min_interval_s=5.0))
-    normaliser = PinnacleNormaliser(spec.name, odds_format=odds_format)
-    ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="pinnacle",
-                    stale_after_ms=_stale_after_ms(settings, opts, http.options), **ingest_options(settings))
-    source = PinnacleSource(ingest, http, opts, sports=sports, normaliser=normaliser,
-                            fixtures_interval_s=spec.get_float("fixtures_interval_s", 60.0),
-                            resync_s=spec.get_float("resync_s", 3600.0))
-    await _run(source, on_source)
+    return PinnacleSource(spec.name, http, opts, sports=sports, odds_format=odds_format,
+                          fixtures_interval_s=spec.get_float("fixtures_interval_s", 60.0),
+                          resync_s=spec.get_float("resync_s", 3600.0),
+                          stale_after_ms=_stale_after_ms(settings, opts, http.options))
 
 
-async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSpec, *,
-                                on_source: Callable[[PollerSource], None] | None = None) -> None:
-    """Poll The Odds API v4 (or the simulator's copy of it) until cancelled.
+def theoddsapi_from_spec(spec: SourceSpec, settings: Settings) -> TheOddsApiSource:
+    """The registry's source factory for ``theoddsapi``: The Odds API v4 (or the simulator's copy of it).
 
     Spec options: ``sport=soccer_epl+basketball_nba`` (or ``all``, or
     ``upcoming``, the default), ``regions=eu``, ``markets=h2h+spreads+totals``,
@@ -910,14 +883,38 @@ async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSp
     http = build_http(spec, base_url=base, provider=spec.name, api_key_query="apiKey",
                       defaults=HttpOptions(rate_per_s=5.0, burst=5))
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=40.0, min_interval_s=20.0))
-    normaliser = TheOddsApiNormaliser(spec.name, odds_format=odds_format)
-    ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(), kind="theoddsapi",
-                    stale_after_ms=_stale_after_ms(settings, opts, http.options), **ingest_options(settings))
     sports = _split(spec.get("sport", spec.get("sports", "upcoming")) or "upcoming")
-    source = TheOddsApiSource(ingest, http, opts, sports=sports, normaliser=normaliser,
-                              regions=spec.get("regions", "eu") or "eu",
-                              markets=",".join(_split(spec.get("markets", "h2h+spreads+totals") or "h2h")),
-                              bookmakers=",".join(_split(spec.get("bookmakers", "") or "")) or None,
-                              conditional=mode == "conditional")
-    await _run(source, on_source)
+    return TheOddsApiSource(spec.name, http, opts, sports=sports, odds_format=odds_format,
+                            regions=spec.get("regions", "eu") or "eu",
+                            markets=",".join(_split(spec.get("markets", "h2h+spreads+totals") or "h2h")),
+                            bookmakers=",".join(_split(spec.get("bookmakers", "") or "")) or None,
+                            conditional=mode == "conditional",
+                            stale_after_ms=_stale_after_ms(settings, opts, http.options))
 
+
+async def _run(store: Store, settings: Settings, spec: SourceSpec,
+               on_source: Callable[[PollerSource], None] | None) -> None:
+    from feed.pipeline import run_spec
+
+    def hook(source: Any, pipeline: Any) -> None:
+        source.pipeline = pipeline  # (tests and benchmarks reach the live pipeline through it)
+        if on_source is not None:
+            on_source(source)
+
+    await run_spec(store, settings, spec, on_source=hook)
+
+
+async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec, *,
+                              on_source: Callable[[PollerSource], None] | None = None) -> None:
+    """Poll a Pinnacle-style Lines API into ``store`` until cancelled
+    (:func:`pinnacle_from_spec` through the pipeline); ``on_source(source)``
+    is called before it runs, with ``source.pipeline`` set."""
+    await _run(store, settings, spec, on_source)
+
+
+async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSpec, *,
+                                on_source: Callable[[PollerSource], None] | None = None) -> None:
+    """Poll The Odds API into ``store`` until cancelled
+    (:func:`theoddsapi_from_spec` through the pipeline); ``on_source(source)``
+    is called before it runs, with ``source.pipeline`` set."""
+    await _run(store, settings, spec, on_source)

@@ -34,11 +34,10 @@ share (the SSE one is :class:`feed.sources.sse.PushSseClient`):
 
 Health goes to ``on_health(state, reason)`` on changes only.
 
-``run_push_source(store, settings, spec, client_cls)`` wires a client
-(:class:`feed.sources.ws.PushWsClient`, :class:`feed.sources.sse.PushSseClient`)
-to an :class:`~feed.ingest.Ingest` and the source's health record, as
-:func:`feed.supervisor.run_esa_source` does for Betfair; the stored cursor of
-a previous run is where the stream resumes. """
+:class:`PushSource` is a client (:class:`feed.sources.ws.PushWsClient`,
+:class:`feed.sources.sse.PushSseClient`) as a
+:class:`feed.sources.base.Source`: the pipeline's stored cursor of a
+previous run is where the stream resumes. """
 
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -59,19 +58,21 @@ from websockets.exceptions import (
 )
 
 from feed.aio import raise_if_cancelled
-from feed.book import Book
 from feed.errors import FatalSourceError
-from feed.ingest import HealthPublisher, Ingest, ingest_options
-from feed.models import SourceState
-from feed.normalise.push import PushNormaliser, entry_key
+from feed.normalise.push import entry_key
 from feed.redaction import register_secret
-from feed.settings import Settings
 from feed.sources.backoff import Backoff
+from feed.sources.base import Payload, Sink
 from feed.sources.session import HealthCallback, SessionClient
 from feed.sources.spec import SourceSpec
-from feed.store import Store
 
-__all__ = ["PushClient", "Received", "Receiver", "client_options", "default_snapshot_url", "run_push_source"]
+if TYPE_CHECKING:
+    from feed.ingest import Ingest
+    from feed.settings import Settings
+    from feed.store import Store
+
+__all__ = ["PushClient", "PushSource", "Received", "Receiver", "client_options", "default_snapshot_url", "push_source",
+           "run_push_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -499,48 +500,79 @@ def client_options(spec: SourceSpec) -> dict[str, Any]:
     return opts
 
 
+class PushSource:
+    """A push stream as a :class:`feed.sources.base.Source`: a
+    ``client_cls`` (:class:`feed.sources.ws.PushWsClient`,
+    :class:`feed.sources.sse.PushSseClient`) resuming after the sink's
+    cursor and delivering every batch of messages to the sink. A rejected
+    change asks the client for a REST snapshot (:meth:`request_repair`).
+
+    options: :func:`client_options` keyword arguments (with overrides).
+    on_client: called with the client and the sink before it runs.
+    """
+
+    confirms_by_messages = True
+    stale_after_ms: int | None = None
+
+    def __init__(self, name: str, client_cls: type[PushClient], options: dict[str, Any], *,
+                 on_client: Callable[[PushClient, Sink], None] | None = None) -> None:
+        self.name = name
+        self.client_cls = client_cls
+        self.options = options
+        self.on_client = on_client
+        self.client: PushClient | None = None
+        self._stopped = False
+
+    async def run(self, sink: Sink) -> None:
+        async def on_messages(lines: list[bytes], recv_ms: int) -> None:
+            await sink.deliver([Payload(recv_ms, raw) for raw in lines])
+
+        client = self.client = self.client_cls(cursor=sink.cursor, on_messages=on_messages,
+                                               on_health=sink.set_state, **self.options)
+        if self.on_client is not None:
+            self.on_client(client, sink)
+        if self._stopped:
+            return
+        try:
+            await client.run()
+        finally:
+            client.stop()
+
+    def request_repair(self) -> None:
+        if self.client is not None:
+            self.client.request_repair()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self.client is not None:
+            self.client.stop()
+
+
+def push_source(spec: SourceSpec, client_cls: type[PushClient], *,
+                on_client: Callable[[PushClient, Sink], None] | None = None, **client_overrides: Any) -> PushSource:
+    """The :class:`PushSource` of a ``--source push-ws=…`` / ``push-sse=…`` spec."""
+    return PushSource(spec.name, client_cls, {**client_options(spec), **client_overrides}, on_client=on_client)
+
+
 async def run_push_source(store: Store, settings: Settings, spec: SourceSpec, client_cls: type[PushClient], *,
                           on_client: Callable[[PushClient, Ingest], None] | None = None,
                           **client_overrides: Any) -> None:
-    """Ingest one push stream until cancelled (raises on fatal errors).
-
-    The source's stored markets and cursor are loaded first: the normaliser
-    knows what it holds (so resumed deltas apply to it) and the stream
-    resumes after the stored cursor. Every message batch goes through
-    ``Ingest.feed_lines`` + ``flush``, which stores the cursor with the data
-    it covers. ``on_client(client, ingest)`` is called before the client runs
+    """Ingest one push stream until cancelled (raises on fatal errors),
+    through :class:`feed.pipeline.Pipeline` like every source: the stored
+    markets and cursor are loaded first (the stream resumes after the
+    cursor). ``on_client(client, ingest)`` is called before the client runs
     (tests and benchmarks use it); ``client_overrides`` override
-    :func:`client_options`.
-    """
-    normaliser = PushNormaliser(spec.name, prefix=spec.get("prefix") or "px")
-    ingest = Ingest(store, source=spec.name, normaliser=normaliser, book=Book(),
-                    stale_after_ms=settings.stale_in_play_ms, kind=spec.kind, **ingest_options(settings))
-    cursor = await ingest.restore()
-    normaliser.restore(ingest.book.markets.values(), cursor)
-    health = HealthPublisher(ingest)
+    :func:`client_options`."""
+    from feed.normalise.push import from_spec as normaliser_from_spec
+    from feed.pipeline import Pipeline
 
-    async def on_messages(lines: list[bytes], recv_ms: int) -> None:
-        ingest.feed_lines(lines, recv_ms)
-        await ingest.flush()
-        if ingest.take_lost():
-            client.request_repair()
+    pipeline: Pipeline | None = None
 
-    def on_health(state: SourceState, reason: str | None) -> None:
-        if ingest.set_state(state, reason):
-            health.wake()
+    def hook(client: PushClient, sink: Sink) -> None:
+        if on_client is not None and pipeline is not None:
+            on_client(client, pipeline.ingest)
 
-    options = {**client_options(spec), **client_overrides}
-    client = client_cls(cursor=cursor, on_messages=on_messages, on_health=on_health, **options)
-    if on_client is not None:
-        on_client(client, ingest)
-    try:
-        async with health:
-            await client.run()
-    finally:
-        client.stop()
-        if ingest.health.reason != "unauthorized":
-            ingest.set_state("DOWN", "stopped")
-        with contextlib.suppress(Exception):
-            await ingest.publish_health()
-
-
+    source = push_source(spec, client_cls, on_client=hook, **client_overrides)
+    pipeline = Pipeline(store, settings, name=spec.name, kind=spec.kind,
+                        normaliser=normaliser_from_spec(spec, settings))
+    await pipeline.run(source)

@@ -2,29 +2,35 @@
 
 An entry names the kind (``--source KIND=…``), its protocol, what it does,
 the options it accepts (anything else is an error naming the valid ones),
-the options it needs, and the coroutine that runs one source of that kind
-(imported lazily, so a kind's dependencies load only when it is used). The
-``--source`` parser (:mod:`feed.sources.spec`), the dispatcher
-(:func:`feed.supervisor.run_source`), the CLI help and the README's table of
-kinds all read this one list.
+the options it needs, and its two factories, imported lazily (a kind's
+dependencies load only when it is used):
 
-A runner is ``async def run(store, settings, spec) -> None``: it ingests
-until cancelled and raises on fatal errors (see :mod:`feed.supervisor`).
+- ``source = "module:function"``, ``(spec, settings) -> Source``: the I/O
+  half (:class:`feed.sources.base.Source`);
+- ``normaliser = "module:function"``, ``(spec, settings) -> Normaliser``:
+  the pure half (:class:`feed.normalise.base.Normaliser`).
+
+:class:`feed.pipeline.Pipeline` runs every kind the same way. The
+``--source`` parser (:mod:`feed.sources.spec`), the dispatcher
+(:func:`feed.supervisor.run_source`), the recorder and replay, the CLI
+help and the README's table of kinds all read this one list.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from feed.normalise.base import Normaliser
     from feed.settings import Settings
+    from feed.sources.base import Source
     from feed.sources.spec import SourceSpec
-    from feed.store import Store
 
-Runner = Callable[["Store", "Settings", "SourceSpec"], Awaitable[None]]
+SourceFactory = Callable[["SourceSpec", "Settings"], "Source"]
+NormaliserFactory = Callable[["SourceSpec", "Settings"], "Normaliser"]
 
 #: options every kind takes
 COMMON_OPTIONS: frozenset[str] = frozenset({"name"})
@@ -58,8 +64,8 @@ class SourceKind:
     kind: the ``--source`` keyword. protocol / summary: for the help and the
     README. options: accepted option keys (besides ``name``). required:
     groups of options of which at least one each must be given (e.g.
-    ``("user", "api_key", "client_id")`` = some credential). runner:
-    ``"module:function"`` of the coroutine that runs it.
+    ``("user", "api_key", "client_id")`` = some credential). source /
+    normaliser: ``"module:function"`` of the two factories.
     """
 
     kind: str
@@ -67,12 +73,17 @@ class SourceKind:
     summary: str
     options: frozenset[str]
     required: tuple[tuple[str, ...], ...]
-    runner: str
+    source: str
+    normaliser: str
 
-    def load(self) -> Runner:
-        """The runner coroutine function (imports its module)."""
-        module, _, func = self.runner.partition(":")
-        fn: Any = getattr(importlib.import_module(module), func)
+    def load_source(self) -> SourceFactory:
+        """The source factory (imports its module)."""
+        fn: Any = _load(self.source)
+        return fn
+
+    def load_normaliser(self) -> NormaliserFactory:
+        """The normaliser factory (imports its module)."""
+        fn: Any = _load(self.normaliser)
         return fn
 
     @property
@@ -86,32 +97,49 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
         "subscription, heartbeats (`heartbeat_ms=`, default 1000: quiet markets are confirmed every second and "
         "a half-open link is noticed after 2 s), `clk` resume (also after a restart), 503 = DEGRADED",
         frozenset({"app_key", "session", "tls", "heartbeat_ms", "conflate_ms"}),
-        (("app_key",), ("session",)), "feed.supervisor:run_esa_spec"),
+        (("app_key",), ("session",)), "feed.sources.esa:from_spec", "feed.normalise.betfair:from_spec"),
     SourceKind(
         "pinnacle", "Pinnacle Lines API polling",
         "fixtures + odds snapshot, then `since=<last>` deltas merged by period; live events keep their "
         "pre-match identity (`parentId`); the cursor is stored with the data",
         HTTP_OPTIONS | POLL_OPTIONS | HTTP_AUTH_OPTIONS | {"odds_format", "sports", "fixtures_interval_s", "resync_s"},
-        (("user", "api_key", "client_id"),), "feed.sources.poller:run_pinnacle_source"),
+        (("user", "api_key", "client_id"),), "feed.sources.poller:pinnacle_from_spec",
+        "feed.normalise.pinnacle:from_spec"),
     SourceKind(
         "theoddsapi", "The Odds API v4 polling",
         "full snapshots diffed per bookmaker/market on `last_update`; a vanished bookmaker or market becomes "
         "SUSPENDED; `mode=conditional` uses ETag / If-None-Match",
         HTTP_OPTIONS | POLL_OPTIONS | HTTP_AUTH_OPTIONS | {"odds_format", "mode", "sport", "sports", "regions",
                                                           "markets", "bookmakers"},
-        (("api_key", "client_id", "user"),), "feed.sources.poller:run_theoddsapi_source"),
+        (("api_key", "client_id", "user"),), "feed.sources.poller:theoddsapi_from_spec",
+        "feed.normalise.theoddsapi:from_spec"),
     SourceKind(
         "push-ws", "WebSocket push ([docs/push-format.md](docs/push-format.md), modelled on OpticOdds/OddsPapi)",
         "subscribe with `resume_from`, per-stream `seq` with reordering window, gap → REST snapshot resync, "
         "`locked` odds kept with their last price and marked SUSPENDED",
-        PUSH_OPTIONS, (), "feed.sources.ws:run_push_ws_source"),
+        PUSH_OPTIONS, (), "feed.sources.ws:from_spec", "feed.normalise.push:from_spec"),
     SourceKind(
         "push-sse", "SSE push (same format)",
         "`Last-Event-ID` resume, the same order/gap/liveness handling",
-        PUSH_OPTIONS, (), "feed.sources.sse:run_push_sse_source"),
+        PUSH_OPTIONS, (), "feed.sources.sse:from_spec", "feed.normalise.push:from_spec"),
 )}
 
 KINDS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def _load(ref: str) -> object:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def kind_of(spec: SourceSpec) -> SourceKind:
+    """The registry entry of ``spec`` (ConfigError for an unknown kind)."""
+    from feed.errors import ConfigError
+
+    entry = REGISTRY.get(spec.kind)
+    if entry is None:
+        raise ConfigError(f"unknown source kind {spec.kind!r}: use one of {', '.join(KINDS)}")
+    return entry
 
 
 def readme_table() -> str:

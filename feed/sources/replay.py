@@ -204,8 +204,8 @@ class Replay:
         in_flight: asyncio.Task[object] | None = None
         for i in range(0, len(messages), step):
             recv = self.clock_ms()
-            pt_map = (lambda pt, _r=recv: _r) if self.map_clock else None
-            ingest.feed_lines(messages[i:i + step], recv, pt_map)
+            ingest.time_map = (lambda pt, _r=recv: _r) if self.map_clock else None
+            ingest.feed_lines(messages[i:i + step], recv)
             if in_flight is not None:
                 await in_flight
             in_flight = asyncio.ensure_future(ingest.flush())
@@ -225,7 +225,7 @@ class Replay:
                 pts.append(None)
         first_pt = next((p for p in pts if p is not None), 0)
         start = self.clock_ms()
-        pt_map = (lambda pt: start + int((pt - first_pt) / speed)) if self.map_clock else None
+        ingest.time_map = (lambda pt: start + int((pt - first_pt) / speed)) if self.map_clock else None
         i, n = 0, len(messages)
         while i < n:
             now = self.clock_ms()
@@ -234,7 +234,7 @@ class Replay:
             while j < n and ((pt := pts[j]) is None or pt <= due_pt) and j - i < self.chunk_lines:
                 j += 1
             if j > i:
-                ingest.feed_lines(messages[i:j], now, pt_map)
+                ingest.feed_lines(messages[i:j], now)
                 await ingest.flush()
                 i = j
                 self._tick()

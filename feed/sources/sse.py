@@ -43,10 +43,10 @@ from feed.errors import FatalSourceError, RetryableSourceError
 from feed.ingest import Ingest
 from feed.settings import Settings
 from feed.sources.spec import SourceSpec
-from feed.sources.push import PushClient, Received, Receiver, _LinkLost, run_push_source
+from feed.sources.push import PushClient, PushSource, Received, Receiver, _LinkLost, push_source, run_push_source
 from feed.store import Store
 
-__all__ = ["PushSseClient", "SSEError", "SSEEvent", "SSEParser", "run_push_sse_source"]
+__all__ = ["from_spec", "PushSseClient", "SSEError", "SSEEvent", "SSEParser", "run_push_sse_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +240,8 @@ async def run_push_sse_source(store: Store, settings: Settings, spec: SourceSpec
     """``--source push-sse=http://host:port/push/sse,api_key=…``: ingest a push
     SSE stream until cancelled (see :func:`feed.sources.push.run_push_source`)."""
     await run_push_source(store, settings, spec, PushSseClient, on_client=on_client, **client_overrides)
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> PushSource:
+    """The registry's source factory for ``push-sse`` sources."""
+    return push_source(spec, PushSseClient)

@@ -27,10 +27,10 @@ from feed.errors import FatalSourceError
 from feed.ingest import Ingest
 from feed.settings import Settings
 from feed.sources.spec import SourceSpec
-from feed.sources.push import PushClient, Received, Receiver, _LinkLost, run_push_source
+from feed.sources.push import PushClient, PushSource, Received, Receiver, _LinkLost, push_source, run_push_source
 from feed.store import Store
 
-__all__ = ["PushWsClient", "run_push_ws_source"]
+__all__ = ["from_spec", "PushWsClient", "run_push_ws_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,3 +99,8 @@ async def run_push_ws_source(store: Store, settings: Settings, spec: SourceSpec,
     """``--source push-ws=ws://host:port/push/ws,api_key=…``: ingest a push
     WebSocket until cancelled (see :func:`run_push_source`)."""
     await run_push_source(store, settings, spec, PushWsClient, on_client=on_client, **client_overrides)
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> PushSource:
+    """The registry's source factory for ``push-ws`` sources."""
+    return push_source(spec, PushWsClient)
