@@ -122,6 +122,15 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
         "push-sse", "SSE push (same format)",
         "`Last-Event-ID` resume, the same order/gap/liveness handling",
         PUSH_OPTIONS, (), "feed.sources.sse:from_spec", "feed.normalise.push:from_spec"),
+    SourceKind(
+        "webhook", "signed HTTP POSTs of push-format messages (our own server)",
+        "`POST /ingest/webhook/<name>`, HMAC-SHA256 over `<timestamp>.<body>` (header, encoding, prefix "
+        "configurable), timestamp window, idempotency keys, 2xx only once stored (503 + `Retry-After` while "
+        "the store fails), deliveries in any order",
+        frozenset({"secret", "secret_env", "signature_header", "signature_encoding", "signature_prefix",
+                   "timestamp_header", "sign_timestamp", "window_s", "nonce_header", "nonce_max", "max_body_bytes",
+                   "read_timeout_s", "retry_after_s", "stale_after_s", "prefix"}),
+        (("secret", "secret_env"),), "feed.sources.webhook:from_spec", "feed.normalise.webhook:from_spec"),
 )}
 
 KINDS: tuple[str, ...] = tuple(REGISTRY)

@@ -1,0 +1,272 @@
+"""Push-format messages delivered one by one, in any order (webhooks).
+
+A webhook provider POSTs each message of ``docs/push-format.md`` (``odds``,
+``locked-odds``, ``fixture-status``; ``ping`` is accepted as a keep-alive)
+as its own HTTP request. Unlike a stream, deliveries may arrive out of
+order (retries, parallel senders) and more than once, and there is no
+``seq`` stream to detect gaps. :class:`PushNormaliser` as such does not fit:
+it orders messages by ``entry_id`` and drops any entry at or below the last
+one applied *whole* (``out_of_order``), so a delivery overtaken by a later
+one would be lost, and it takes a fixture's status / ``is_live`` from every
+odd, so a late delivery would move a fixture back (``live`` → ``not_started``).
+
+:class:`WebhookNormaliser` wraps a :class:`PushNormaliser` (same decoding,
+validation, canonical mapping and per-market cache) and changes only the
+ordering rules:
+
+- **no stream order**: each delivery is applied on its own; the newest-wins
+  rule is the provider time of each odd (``timestamp``, else the message's
+  ``emitted_at``, else the receive time) — an odd older than the one held
+  for its selection is dropped (``stale_odd``, PushNormaliser's rule), and a
+  market's ``source_ts`` never goes back, so the book never refuses a
+  webhook update as out of order;
+- **fixture fields newest-wins**: the normaliser remembers, per fixture, the
+  provider time of the newest message that set its fields; an odd (or a
+  ``fixture-status`` message) older than that has its fixture fields (and
+  the odd's ``is_live``) stripped before it is applied, so a late delivery
+  cannot move a fixture back;
+- **exact duplicates**: the ``entry_id`` of the last ``remember`` applied
+  deliveries is kept (not of one with a market rejected alone: its fixed
+  re-delivery must apply); a delivery whose ``entry_id`` was applied already
+  is dropped without effect (``duplicate``, ``batch.stale``). Even without it a
+  re-applied body is harmless (the book drops a change that changes nothing);
+- **closed markets as images**: a change of a market that is closed
+  (``SETTLED`` / ``CLOSED`` / ``CANCELLED`` after the change) is sent as an
+  image of it. The book keeps a closed market's prices and drops changes
+  without a new header (a Betfair rule), so when a provider sends one odd per
+  delivery the results of the runners after the first would be lost (and a
+  ``fixture-status`` that overtakes the odds would close the market before
+  its results arrive); late *older* odds are dropped here by their time
+  first, so an image never carries them;
+- **no snapshots**: a ``snapshot`` message is rejected whole
+  (``unsupported_type``): its "these are all the selections" meaning cannot
+  be honoured out of order (an old snapshot arriving late would replace
+  newer selections);
+- **cursor**: the greatest ``entry_id`` applied (it never goes back); it is
+  not used for resuming (a webhook provider re-delivers by itself) but is
+  stored with the data, so a restarted pipeline continues the source's
+  upstream session.
+
+``entry_id`` stays required on data messages (the push format); ``seq`` is
+optional and ignored (PushNormaliser ignores it too: gap detection lives in
+the stream consumers, ``feed/sources/push.py``).
+
+Pure: no I/O, no clock reads. Times are integer ms since the Unix epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import orjson
+
+from feed.errors import FeedDecodeError
+from feed.models import CLOSED_STATUSES, Market
+from feed.normalise.base import NormalisedBatch
+from feed.normalise.push import PREFIX, PushNormaliser, entry_key, ts_to_ms
+from feed.validate import MAX_FUTURE_SKEW_MS
+
+if TYPE_CHECKING:
+    from feed.settings import Settings
+    from feed.sources.spec import SourceSpec
+
+__all__ = ["WebhookNormaliser", "from_spec"]
+
+#: odd / fixture fields that describe the fixture (stripped from a late delivery)
+_FIXTURE_FIELDS = ("sport", "league", "home", "away", "name", "start_time", "is_live", "status")
+
+
+def _time_ms(value: Any) -> int | None:
+    """A provider time (epoch ms, or seconds as a number < 1e11) → ms; None
+    when absent or not a number (the push normaliser reports the error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        return None
+    try:
+        return ts_to_ms(value)
+    except (OverflowError, ValueError):
+        return None
+
+
+class WebhookNormaliser:
+    """Feeds push-format webhook deliveries in any order (module docstring).
+
+    source: the source's name. prefix: id namespace (``px`` →
+    ``px:<fixture>:<market>``). remember: how many applied ``entry_id`` s
+    are kept to drop exact re-deliveries. :attr:`dropped` counts
+    ``duplicate``, ``late_fixture_fields`` and PushNormaliser's
+    ``stale_odd``.
+    """
+
+    def __init__(self, source: str = "webhook", *, prefix: str = PREFIX,
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, remember: int = 65_536) -> None:
+        self.source = source
+        self.push = PushNormaliser(source, prefix=prefix, max_future_skew_ms=max_future_skew_ms)
+        self.remember = remember
+        self._applied: OrderedDict[str, None] = OrderedDict()
+        self._fixture_ts: dict[str, int] = {}
+        self._cursor_key: tuple[int, int] | None = None
+        self._dropped: dict[str, int] = {}
+        #: changes of closed markets sent as images (see :meth:`_image_closed`)
+        self.closed_images = 0
+
+    @property
+    def max_future_skew_ms(self) -> int:
+        return self.push.max_future_skew_ms
+
+    @max_future_skew_ms.setter
+    def max_future_skew_ms(self, value: int) -> None:
+        self.push.max_future_skew_ms = value
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """What was dropped without being an error, by reason."""
+        out = dict(self.push.dropped)
+        for k, v in self._dropped.items():
+            out[k] = out.get(k, 0) + v
+        return out
+
+    def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
+        """Seed the cache from the source's stored markets (a later odd of
+        one is a delta of it); each fixture's fields count as set at the
+        newest ``source_ts`` of its markets. ``cursor``: the greatest entry
+        id stored (kept as the cursor's floor; not used for ordering)."""
+        ms = [m for m in markets if m.source == self.source]
+        self.push.restore(ms, None)
+        pfx = self.push.prefix + ":"
+        for m in ms:
+            if m.event_id and m.event_id.startswith(pfx):
+                fid = m.event_id[len(pfx):]
+                self._fixture_ts[fid] = max(self._fixture_ts.get(fid, 0), m.source_ts)
+        if cursor is not None:
+            self._cursor_key = entry_key(cursor)
+
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
+        """Decode and apply one delivered message (``channel`` unused).
+
+        Raises :class:`FeedDecodeError` for a message rejected whole
+        (PushNormaliser's reasons, and ``unsupported_type`` for a
+        ``snapshot``), having applied nothing; markets rejected alone are in
+        ``batch.rejected``. A re-delivered ``entry_id`` returns an empty
+        batch with ``stale`` set.
+        """
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            msg = None  # the push normaliser says why (invalid_json)
+        original = raw
+        fixture_ts: dict[str, int] = {}
+        entry_id: str | None = None
+        if isinstance(msg, dict):
+            kind = msg.get("type")
+            if kind == "snapshot":
+                raise FeedDecodeError("unsupported_type", "a webhook cannot carry a snapshot (deliveries may "
+                                      "arrive out of order): send odds / locked-odds / fixture-status", raw)
+            eid = msg.get("entry_id")
+            entry_id = eid if isinstance(eid, str) else None
+            if entry_id is not None and kind in ("odds", "locked-odds", "fixture-status") \
+                    and entry_id in self._applied:
+                self._dropped["duplicate"] = self._dropped.get("duplicate", 0) + 1
+                return NormalisedBatch(op=str(kind), stale=True)
+            emitted = _time_ms(msg.get("emitted_at"))
+            default_ts = emitted if emitted is not None else recv_ms
+            if self._strip_late_fixture_fields(msg, default_ts, recv_ms + self.max_future_skew_ms, fixture_ts):
+                raw = orjson.dumps(msg)
+        self.push._last_key = None  # no stream order: every delivery stands alone (module docstring)
+        try:
+            batch = self.push.feed(raw, recv_ms)
+        except FeedDecodeError as exc:
+            exc.raw = original  # quarantine what was delivered, not our rewrite
+            raise
+        for rejected in batch.rejected:
+            rejected.raw = original
+        batch.cursor = None
+        self._image_closed(batch)
+        for fid, ts in fixture_ts.items():
+            if ts > self._fixture_ts.get(fid, -1):
+                self._fixture_ts[fid] = ts
+        if entry_id is not None and not batch.heartbeat and not batch.rejected:
+            # (a message with a market rejected is not remembered: its fixed re-delivery must apply)
+            self._applied[entry_id] = None
+            if len(self._applied) > self.remember:
+                self._applied.popitem(last=False)
+            key = entry_key(entry_id)
+            if key is not None and (self._cursor_key is None or key > self._cursor_key):
+                self._cursor_key = key
+                batch.cursor = entry_id
+        return batch
+
+    def _image_closed(self, batch: NormalisedBatch) -> None:
+        """Send each change of a closed (settled, cancelled) market as an image
+        of it: the book keeps a closed market's prices and drops price-only
+        changes, which would lose the results of the runners whose odds
+        arrive after the first one settled the market (one odd per delivery,
+        or a ``fixture-status`` overtaking the odds)."""
+        markets = self.push.markets
+        updates = batch.updates
+        for i, u in enumerate(updates):
+            if u.image:
+                continue
+            m = markets.get(u.market_id)
+            if m is None or m.header is None or m.header.status not in CLOSED_STATUSES:
+                continue
+            updates[i] = msgspec.structs.replace(u, image=True, header=m.header, selections=list(m.sels.values()))
+            self.closed_images += 1
+
+    def _strip_late_fixture_fields(self, msg: dict[str, Any], default_ts: int, limit_ms: int,
+                                   seen: dict[str, int]) -> bool:
+        """Remove fixture fields older than what is held for their fixture
+        (in place); record in ``seen`` the newest time per fixture whose
+        fields this message sets (times past ``limit_ms`` — rejected as
+        ``clock_skew`` by the push normaliser — are not recorded, so a
+        poisoned time cannot freeze a fixture). True when something was removed."""
+        held = self._fixture_ts
+        stripped = False
+        kind = msg.get("type")
+        if kind in ("odds", "locked-odds"):
+            data = msg.get("data")
+            if not isinstance(data, list):
+                return False
+            for odd in data:
+                fx = odd.get("fixture") if isinstance(odd, dict) else None
+                if not isinstance(fx, dict) or "id" not in fx or isinstance(fx["id"], (dict, list)):
+                    continue
+                ts = _time_ms(odd.get("timestamp"))
+                ts = default_ts if ts is None else ts
+                fid = str(fx["id"])
+                newest = max(held.get(fid, -1), seen.get(fid, -1))
+                sets = any(k in fx for k in _FIXTURE_FIELDS) or "is_live" in odd
+                if ts < newest:
+                    if sets:
+                        for k in _FIXTURE_FIELDS:
+                            fx.pop(k, None)
+                        odd.pop("is_live", None)
+                        stripped = True
+                        self._dropped["late_fixture_fields"] = self._dropped.get("late_fixture_fields", 0) + 1
+                elif sets and ts <= limit_ms:
+                    seen[fid] = ts
+        elif kind == "fixture-status":
+            fx = msg.get("data")
+            if not isinstance(fx, dict) or "id" not in fx or isinstance(fx["id"], (dict, list)):
+                return False
+            ts = _time_ms(fx.get("timestamp"))
+            ts = default_ts if ts is None else ts
+            fid = str(fx["id"])
+            if ts < held.get(fid, -1):
+                for k in _FIXTURE_FIELDS:
+                    fx.pop(k, None)
+                stripped = True
+                self._dropped["late_fixture_fields"] = self._dropped.get("late_fixture_fields", 0) + 1
+            elif ts <= limit_ms:
+                seen[fid] = ts
+        return stripped
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> WebhookNormaliser:
+    """The registry's normaliser factory for ``webhook`` sources: options
+    ``prefix`` (id namespace, default ``px``)."""
+    return WebhookNormaliser(spec.name, prefix=spec.get("prefix") or PREFIX,
+                             max_future_skew_ms=settings.max_future_skew_ms)
