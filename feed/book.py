@@ -20,8 +20,9 @@ market an ingest process owns and turns each
   get here (``feed.validate``: at most a few seconds in the future), so a
   poisoned time cannot freeze a market;
 - **closed markets**: after CLOSED/SETTLED/CANCELLED only a changed
-  definition (settlement, BSP, reopening) or an image is applied; price
-  traffic is dropped (``closed``);
+  definition (settlement, BSP, reopening), a runner's changed definition
+  fields (its result: WINNER / LOSER / VOID …, prices kept as at the close)
+  or an image is applied; price traffic is dropped (``closed``);
 - **seq**: per market, strictly increasing, continued from the store after a
   restart (:meth:`Book.restore`);
 - **confirmation session**: each market carries the upstream session that
@@ -153,9 +154,12 @@ class Book:
             self._drop("no_image")
             return None
         closed = st.header.status in CLOSED_STATUSES
-        if closed and update.header is None:
-            # After the close only a definition (settlement, BSP, reopening)
-            # is news; price traffic is not (research/reliability.md B18).
+        if closed and update.header is None and not any(
+                _definition_only(st.sels.get(s.selection_id), s) != st.sels.get(s.selection_id)
+                for s in update.selections):
+            # After the close only a definition (settlement, BSP, reopening) or a
+            # runner's result (WINNER / LOSER / VOID, sent one runner at a time by
+            # some providers) is news; price traffic is not (research/reliability.md B18).
             self._drop("closed")
             return None
         header = update.header

@@ -526,3 +526,28 @@ async def test_an_esa_market_whose_change_was_rejected_is_reimaged_by_a_fresh_su
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_settled_market_takes_each_runners_result_sent_alone_but_no_prices() -> None:
+    """Some providers send one runner per message: the first result settles the
+    market, the others' results must still be applied (prices stay as at the close)."""
+    from feed.book import Book
+    from feed.models import MarketHeader
+    from feed.normalise.base import MarketUpdate
+
+    book = Book()
+    sels = [Selection(selection_id="1", price=2.0), Selection(selection_id="2", price=3.0)]
+
+    def update(header: MarketHeader | None, *s: Selection, ts: int, image: bool = False) -> MarketUpdate:
+        return MarketUpdate(market_id="px:f:m", source="px", image=image, header=header, selections=list(s),
+                            source_ts=ts, received_at=ts)
+
+    assert book.apply(update(MarketHeader(status="OPEN"), *sels, ts=1, image=True)) is not None
+    settled = MarketHeader(status="SETTLED")
+    assert book.apply(update(settled, Selection(selection_id="1", price=2.1, status="WINNER"), ts=2)) is not None
+    d = book.apply(update(None, Selection(selection_id="2", price=9.0, status="LOSER"), ts=3))
+    assert d is not None, book.last_drop
+    got = {s.selection_id: (s.status, s.price) for s in book.markets["px:f:m"].selections}
+    assert got == {"1": ("WINNER", 2.1), "2": ("LOSER", 3.0)}  # results taken, prices as at the close
+    assert book.apply(update(None, Selection(selection_id="2", price=9.5, status="LOSER"), ts=4)) is None
+    assert book.last_drop == "closed"  # price traffic after the close is still dropped
