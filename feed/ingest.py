@@ -171,6 +171,9 @@ class Ingest:
         self._lost_seen = 0
         #: messages rejected whole (nothing of them applied)
         self.rejected_messages = 0
+        #: markets the store was found to have lost acknowledged writes of (then re-imaged)
+        self.lost_writes = 0
+        self._reimage_after = 0.0
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
 
@@ -393,6 +396,19 @@ class Ingest:
                     self._backlog = deltas = book.reimage_all(stored_at)
                     result = await self.store.apply(deltas, book.markets, cursor)
                     raise_if_cancelled()
+                if result.lost and time.monotonic() >= self._reimage_after:
+                    # the store lost writes it had acknowledged (a failover to a replica that had
+                    # not received them): what it holds for any market may be behind the book,
+                    # quiet markets included — re-image them all before confirming anything
+                    self._reimage_after = time.monotonic() + 5.0
+                    self.lost_writes += result.lost
+                    logger.warning("source %s: the store lost acknowledged writes of %d market(s); "
+                                   "re-sending every market as an image", self.source, result.lost)
+                    self._backlog = deltas = book.reimage_all(stored_at)
+                    more = await self.store.apply(deltas, book.markets, None)
+                    raise_if_cancelled()
+                    result.entries.update(more.entries)
+                    result.kept += more.kept
             else:
                 result = None
         except StoreError as exc:

@@ -106,13 +106,17 @@ def source_key(name: str) -> str:
 # ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
 #       then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
 #       as JSON array items joined by "," (seqs first..last, consecutive), source name,
-#       provider time (ms) of the first delta, provider time of the last delta
+#       provider time (ms) of the first delta, provider time of the last delta, "1" when the
+#       first delta is an image else "0"
 # Checks every market before writing anything: a batch is applied whole or not at all.
 # A market belongs to the first source that wrote it: another source's changes are dropped
 # (counted as foreign), so two sources can never interleave their books in one market.
 # A market never moves back to older provider data: deltas whose provider time is older than
 # the stored state's are dropped (a restarted replay, a second writer of the same source).
-# Returns {log entry id or "", kept, dropped, foreign}; errors "EPOCH <epoch>" when the
+# Lost writes: a market whose stored seq is below first - 1 while the batch starts with a delta
+# (not an image) lost acknowledged writes (a failover promoted a replica that had not received
+# them, an older RDB was restored): counted in `lost`; the writer re-images its markets.
+# Returns {log entry id or "", kept, dropped, foreign, lost}; errors "EPOCH <epoch>" when the
 # partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
 # falls inside the batch (the caller trims and retries).
 APPLY_SCRIPT = """
@@ -124,6 +128,7 @@ local n = tonumber(ARGV[5])
 local keep = {}
 local dropped = 0
 local foreign = 0
+local lost = 0
 local a = 6
 local ptkey = KEYS[7]
 for i = 1, n do
@@ -144,9 +149,12 @@ for i = 1, n do
       return redis.error_reply('PARTIAL ' .. mid .. ' ' .. stored)
     else
       keep[i] = true
+      if stored < first - 1 and ARGV[a + 8] == '0' then
+        lost = lost + 1
+      end
     end
   end
-  a = a + 8
+  a = a + 9
 end
 local parts = {}
 local kept = 0
@@ -162,7 +170,7 @@ for i = 1, n do
     parts[#parts + 1] = ARGV[a + 4]
     kept = kept + (tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 2]) + 1)
   end
-  a = a + 8
+  a = a + 9
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
@@ -171,7 +179,7 @@ local id = ''
 if #parts > 0 then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', '[' .. table.concat(parts, ',') .. ']')
 end
-return {id, kept, dropped, foreign}
+return {id, kept, dropped, foreign, lost}
 """
 
 
@@ -179,12 +187,15 @@ return {id, kept, dropped, foreign}
 class ApplyResult:
     """What one batched apply did: log entry ids per partition; deltas kept,
     dropped (seq not above the stored one) and foreign (the market belongs
-    to another source)."""
+    to another source); lost: markets whose stored state was missing
+    acknowledged writes (stored seq below the batch's first delta − 1): the
+    writer must re-image its markets."""
 
     entries: dict[int, str]
     kept: int
     dropped: int
     foreign: int = 0
+    lost: int = 0
 
 
 class EpochChanged(StoreError):
@@ -332,7 +343,7 @@ class Store:
         if cursor is not None:
             by_part.setdefault(0, {})
         entries: dict[int, str] = {}
-        kept = dropped = foreign = 0
+        kept = dropped = foreign = lost = 0
         encode = ENCODER.encode
         for p in sorted(by_part, reverse=True):
             per_market = by_part[p]
@@ -348,7 +359,8 @@ class Store:
                     keys.append(market_key(p, mid))
                     first, last = ds[0], ds[-1]
                     args += [mid, encode(markets[mid]), first.seq, last.seq, b",".join(map(encode, ds)),
-                             first.source, provider_ts(first), provider_ts(last)]
+                             first.source, provider_ts(first), provider_ts(last),
+                             "1" if first.kind == "image" else "0"]
                 try:
                     res = await self._apply(keys=keys, args=args)
                     break
@@ -371,7 +383,8 @@ class Store:
             kept += int(res[1])
             dropped += int(res[2])
             foreign += int(res[3])
-        return ApplyResult(entries, kept, dropped, foreign)
+            lost += int(res[4])
+        return ApplyResult(entries, kept, dropped, foreign, lost)
 
     async def reset_epoch(self) -> str:
         """After EpochChanged: adopt the epoch now in Redis (creating one)."""

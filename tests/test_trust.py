@@ -551,3 +551,34 @@ def test_a_settled_market_takes_each_runners_result_sent_alone_but_no_prices() -
     assert got == {"1": ("WINNER", 2.1), "2": ("LOSER", 3.0)}  # results taken, prices as at the close
     assert book.apply(update(None, Selection(selection_id="2", price=9.5, status="LOSER"), ts=4)) is None
     assert book.last_drop == "closed"  # price traffic after the close is still dropped
+
+
+async def test_writes_the_store_lost_after_acknowledging_them_are_re_imaged(store: Store, redis_url: str) -> None:
+    """A failover to a replica that had not received the last writes (asynchronous
+    replication) leaves the store behind the book for markets that may never change
+    again: the next apply notices the seq gap and the ingest re-images every market."""
+    import redis.asyncio as aioredis
+
+    from feed.store import market_key, pt_key, seq_key
+
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW), image("1.2", 5.0, pt=NOW)], NOW + 5)
+    await ingest.flush()
+    r = aioredis.Redis.from_url(redis_url)
+    before = {mid: await r.get(market_key(0, mid)) for mid in ("bf:1.1", "bf:1.2")}
+    pts = {mid: await r.hget(pt_key(0), mid) for mid in before}
+    ingest.feed_lines([price("1.1", 2.5, pt=NOW + 1000), price("1.2", 5.5, pt=NOW + 1000)], NOW + 1005)
+    await ingest.flush()
+    # the promoted replica never received that second batch:
+    for mid, snap in before.items():
+        await r.set(market_key(0, mid), snap)
+        await r.hset(seq_key(0), mid, 1)
+        await r.hset(pt_key(0), mid, pts[mid])
+    await r.aclose()
+    ingest.feed_lines([price("1.1", 2.8, pt=NOW + 2000)], NOW + 2005)  # only 1.1 changes again
+    await ingest.flush()
+    assert ingest.lost_writes >= 1
+    quiet = await store.get_market("bf:1.2")
+    assert quiet is not None and best_back(quiet) == 5.5, "the quiet market must not stay at the lost state"
+    busy = await store.get_market("bf:1.1")
+    assert busy is not None and best_back(busy) == 2.8
