@@ -131,14 +131,34 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
                    "timestamp_header", "sign_timestamp", "window_s", "nonce_header", "nonce_max", "max_body_bytes",
                    "read_timeout_s", "retry_after_s", "stale_after_s", "prefix"}),
         (("secret", "secret_env"),), "feed.sources.webhook:from_spec", "feed.normalise.webhook:from_spec"),
+    SourceKind(
+        "uof", "AMQP (RabbitMQ) + REST recovery, Sportradar Unified Odds Feed style (XML)",
+        "queue bound by UOF routing keys, ack after store; producer health from `alive` (down after "
+        "`max_inactivity_s`=20 of silence or `subscribed=0`: its markets SUSPENDED and stale), recovery "
+        "`initiate_request?after=<cursor>` until `snapshot_complete` (also after a restart); broker reconnect",
+        frozenset({"exchange", "bindings", "queue", "api", "token", "producers", "node_id", "max_inactivity_s",
+                   "min_recovery_interval_s", "max_recovery_s", "recovery_window_min", "prefetch",
+                   "connect_timeout_s", "backoff_initial_s", "backoff_max_s", "prefix"}),
+        (("api",),), "feed.sources.amqp:from_spec", "feed.normalise.uof:from_spec"),
 )}
 
 KINDS: tuple[str, ...] = tuple(REGISTRY)
 
 
 def _load(ref: str) -> object:
+    """Import ``module:name``; a missing optional dependency is a ConfigError
+    saying what to install (``pip install 'oddsfeed[amqp]'`` for ``uof``)."""
+    from feed.errors import ConfigError
+
     module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("feed"):
+            extra = {"aio_pika": "amqp", "aiormq": "amqp"}.get(exc.name.split(".")[0])
+            hint = f"pip install 'oddsfeed[{extra}]'" if extra else f"pip install {exc.name}"
+            raise ConfigError(f"{module} needs the package {exc.name!r}, which is not installed: {hint}") from None
+        raise
 
 
 def kind_of(spec: SourceSpec) -> SourceKind:

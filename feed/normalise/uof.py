@@ -1,0 +1,759 @@
+"""Sportradar Unified Odds Feed (UOF) XML messages → canonical market updates.
+
+Pure: bytes in, :class:`~feed.normalise.base.NormalisedBatch` out; no I/O and
+no clock reads (times come in as arguments). The AMQP source
+(:mod:`feed.sources.amqp`) hands every message body here with its routing key
+as ``channel``; the same object replays a recording of them.
+
+Follows the UOF message schema (``UnifiedFeed.xsd`` of Sportradar's
+UnifiedOddsSdk; ``research/upstream.md`` §6). XML is parsed with the standard
+library's ElementTree, hardened: a body over :data:`MAX_MESSAGE_BYTES`, or one
+with a ``<!DOCTYPE`` / ``<!ENTITY`` declaration (entity expansion, external
+entities), is rejected before the parser sees it. The parsed element is
+decoded at the edge into msgspec Structs (``msgspec.convert``, attribute
+text → typed values), then applied to a per-market cache.
+
+Messages (root element = ``op``):
+
+- ``odds_change`` (``product``, ``event_id``, ``timestamp``, optional
+  ``request_id`` when it answers a recovery): each ``<market id specifiers
+  status>`` with ``<outcome id odds active>`` children. Market ``status``
+  (absent = 1): 1 → ``OPEN``, -1 → ``SUSPENDED`` (``suspend_reason``
+  ``suspended``), 0 → ``INACTIVE`` (deactivated), -2 → ``SUSPENDED``
+  (``handed_over``: another producer carries the market on), -3 →
+  ``SETTLED`` (its outcomes follow in ``bet_settlement``), -4 →
+  ``CANCELLED``. Outcome ``active="0"`` → selection ``SUSPENDED`` (its odds
+  kept), else ``ACTIVE``; price = ``odds`` (decimal). An outcome the market
+  no longer lists keeps its last state. ``<sport_event_status status>``
+  sets the event's ``in_play`` (1 = live; 0, 2–9 = not live).
+- ``bet_stop`` (``groups``, ``market_status``): every market of the event we
+  hold becomes ``SUSPENDED`` (``suspend_reason`` ``bet_stop``), or
+  ``INACTIVE`` for ``market_status="0"``. Market groups need Sportradar's
+  market descriptions API, which this normaliser does not read: any
+  ``groups`` value stops every market of the event (the safe side).
+- ``bet_settlement``: outcome ``void_factor="1"`` → ``VOID``, else
+  ``result="1"`` → ``WINNER``, ``result="0"`` → ``LOSER``; the market
+  becomes ``SETTLED``. ``rollback_bet_settlement``: the market goes back to
+  ``SUSPENDED`` (``settlement_rolled_back``) with its outcomes ``SUSPENDED``
+  until the next ``odds_change``.
+- ``bet_cancel``: the market becomes ``CANCELLED`` and its outcomes
+  ``VOID`` (the state before is kept); ``rollback_bet_cancel`` restores it.
+- ``fixture_change`` (``start_time`` ms): the event's start time; every
+  market of the event follows (header change).
+- ``alive`` (``subscribed``): a producer's keep-alive (``heartbeat``);
+  ``subscribed="0"`` asks the source for a recovery
+  (``requests=["recovery:<product>"]``).
+- ``snapshot_complete`` (``request_id``): the end of a recovery.
+
+Synthetic messages, made by the source and delivered (and recorded) like any
+other so a replay reproduces them; channel ``oddsfeed.*``:
+
+- ``<producer_down product="1" reason="alive_violation" timestamp="…"/>``
+  (channel :data:`PRODUCER_DOWN`): every market of that producer that is not
+  closed becomes ``SUSPENDED`` (``suspend_reason`` ``producer_down``) and is
+  listed in ``batch.unconfirm``: it reads stale until its next image, which
+  the recovery's ``odds_change`` provides (the next update of such a market
+  is emitted as an image);
+- ``<recovery_requested product="1" request_id="7" after="…" timestamp="…"/>``
+  (channel :data:`RECOVERY_REQUESTED`): only the ``snapshot_complete`` with
+  that ``request_id`` ends the recovery.
+
+Canonical ids: event ``uof:<event_id>`` (``uof:sr:match:123``), market
+``uof:<event_id>:<market_id>`` plus ``:<specifiers>`` when it has any
+(``uof:sr:match:123:18:total=2.5``); ``uof`` is the ``prefix`` argument.
+Selection ids are the outcome ids. Specifiers also go, parsed, into
+``MarketHeader.specifiers``; the routing key's sport id into ``sport``.
+
+Ordering: UOF has no sequence numbers; messages carry their generation
+``timestamp`` (ms). Each market keeps the timestamp of the last message
+applied to it (each event that of its last ``fixture_change``); a message
+part at or below it is dropped (a duplicate, or a late message the queue
+reordered) and counted in :attr:`UofNormaliser.dropped`; a message of which
+nothing applied for that reason is returned with ``stale=True``.
+
+Cursor (``batch.cursor``): per producer, the timestamp up to which
+everything that producer sent is applied, ``"1=1718000000123;3=…"`` (read it
+with :func:`decode_cursor`). It advances on an ``alive`` of a producer that
+is up (the producer's messages are in order on the queue, so its ``alive``
+at *t* follows everything it generated before *t*) and on the
+``snapshot_complete`` that ends its recovery; it does not advance while a
+producer is down or recovering (after a restart, from the first ``alive``
+after the recovery completes). A restart passes it to the recovery as
+``after=``.
+
+Rejections (:class:`~feed.errors.FeedDecodeError`): a body that is not
+well-formed XML (``invalid_xml``), too large (``too_large``), has a DOCTYPE
+or entity declaration (``invalid_xml``), an unknown root element
+(``unknown_type``), or an envelope that fails its types (``invalid_schema``;
+``clock_skew`` for a ``timestamp`` absurd or more than
+``max_future_skew_ms`` after receipt) is rejected whole, nothing applied.
+A ``<market>`` that fails (``invalid_price``: odds not within 1.01–1000;
+``invalid_schema``: an attribute of the wrong type) is rejected alone
+(``batch.rejected``, with its ``market_id``), the rest applies; the rejected
+market's next update is emitted as an image.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from feed.errors import FeedDecodeError
+from feed.models import CLOSED_STATUSES, Market, MarketHeader, MarketStatus, Selection, SelectionStatus
+from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.validate import MAX_FUTURE_SKEW_MS, MAX_INT, MIN_PRICE, check_market, check_provider_time, is_price
+
+if TYPE_CHECKING:
+    from feed.settings import Settings
+    from feed.sources.spec import SourceSpec
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "PRODUCER_DOWN",
+    "RECOVERY_REQUESTED",
+    "Control",
+    "UofNormaliser",
+    "decode_cursor",
+    "encode_cursor",
+    "from_spec",
+    "market_id_of",
+    "parse_xml",
+    "peek_control",
+    "producer_down_payload",
+    "recovery_requested_payload",
+]
+
+PREFIX = "uof"
+#: channel of the synthetic "producer down" payload (made by the source)
+PRODUCER_DOWN = "oddsfeed.producer_down"
+#: channel of the synthetic "recovery requested" payload (made by the source)
+RECOVERY_REQUESTED = "oddsfeed.recovery_requested"
+#: bodies larger than this are rejected unparsed (UOF messages are a few KiB; a full odds_change < 1 MiB)
+MAX_MESSAGE_BYTES = 4 << 20
+
+_FORBIDDEN = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY)", re.IGNORECASE)
+
+# --- hardened XML --------------------------------------------------------------------------------
+
+
+def _refuse(*_: object) -> None:
+    raise ET.ParseError("DOCTYPE / entity declarations are not accepted")
+
+
+def parse_xml(raw: bytes) -> ET.Element:
+    """Parse one UOF body with ElementTree, hardened (see the module
+    docstring). Raises FeedDecodeError ``too_large`` / ``invalid_xml``."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise FeedDecodeError("too_large", f"{len(raw)} bytes (at most {MAX_MESSAGE_BYTES})", raw[:4096])
+    if _FORBIDDEN.search(raw):
+        raise FeedDecodeError("invalid_xml", "DOCTYPE / entity declarations are not accepted", raw)
+    parser = ET.XMLParser()
+    expat: Any = getattr(parser, "parser", None)
+    if expat is not None:  # belt and braces: the scan above already refused them
+        expat.StartDoctypeDeclHandler = _refuse
+        expat.EntityDeclHandler = _refuse
+    try:
+        parser.feed(raw)
+        return parser.close()
+    except ET.ParseError as exc:
+        raise FeedDecodeError("invalid_xml", str(exc), raw) from None
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        raise FeedDecodeError("invalid_xml", f"{type(exc).__name__}: {exc}", raw) from None
+
+
+# --- wire Structs (UnifiedFeed.xsd names; only what we read) ---------------------------------------
+
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
+Spec = Annotated[str, msgspec.Meta(max_length=512)]
+Ms = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+Product = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+Factor = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class WireOutcome(msgspec.Struct, kw_only=True, gc=False, forbid_unknown_fields=False):
+    id: Text
+    odds: float | None = None
+    active: int | None = None
+    result: int | None = None
+    void_factor: Factor | None = None
+    dead_heat_factor: Factor | None = None
+
+
+class WireMarket(msgspec.Struct, kw_only=True, gc=False):
+    id: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+    specifiers: Spec | None = None
+    status: int | None = None
+    void_reason: int | None = None
+    outcomes: list[WireOutcome] = []
+
+
+class _Msg(msgspec.Struct, kw_only=True, gc=False, tag_field="type"):
+    product: Product
+    timestamp: Ms
+
+
+class _EventMsg(_Msg, kw_only=True):
+    event_id: Text
+    request_id: RequestId | None = None
+
+
+class OddsChange(_EventMsg, kw_only=True, tag="odds_change"):
+    markets: list[dict[str, Any]] = []
+    event_status: int | None = None
+    betting_status: int | None = None
+
+
+class BetStop(_EventMsg, kw_only=True, tag="bet_stop"):
+    groups: Spec | None = None
+    market_status: int | None = None
+
+
+class BetSettlement(_EventMsg, kw_only=True, tag="bet_settlement"):
+    certainty: int | None = None
+    markets: list[dict[str, Any]] = []
+
+
+class RollbackBetSettlement(_EventMsg, kw_only=True, tag="rollback_bet_settlement"):
+    markets: list[dict[str, Any]] = []
+
+
+class BetCancel(_EventMsg, kw_only=True, tag="bet_cancel"):
+    start_time: Ms | None = None
+    end_time: Ms | None = None
+    superceded_by: Spec | None = None
+    markets: list[dict[str, Any]] = []
+
+
+class RollbackBetCancel(_EventMsg, kw_only=True, tag="rollback_bet_cancel"):
+    start_time: Ms | None = None
+    end_time: Ms | None = None
+    markets: list[dict[str, Any]] = []
+
+
+class FixtureChange(_EventMsg, kw_only=True, tag="fixture_change"):
+    start_time: Ms | None = None
+    next_live_time: Ms | None = None
+    change_type: int | None = None
+
+
+class Alive(_Msg, kw_only=True, tag="alive"):
+    subscribed: int = 1
+
+
+class SnapshotComplete(_Msg, kw_only=True, tag="snapshot_complete"):
+    request_id: RequestId
+
+
+class ProducerDown(_Msg, kw_only=True, tag="producer_down"):
+    reason: Spec | None = None
+
+
+class RecoveryRequested(_Msg, kw_only=True, tag="recovery_requested"):
+    request_id: RequestId
+    after: Ms | None = None
+
+
+_MESSAGE = (OddsChange | BetStop | BetSettlement | RollbackBetSettlement | BetCancel | RollbackBetCancel
+            | FixtureChange | Alive | SnapshotComplete | ProducerDown | RecoveryRequested)
+_TAGS = frozenset({"odds_change", "bet_stop", "bet_settlement", "rollback_bet_settlement", "bet_cancel",
+                   "rollback_bet_cancel", "fixture_change", "alive", "snapshot_complete", "producer_down",
+                   "recovery_requested"})
+_WITH_MARKETS = frozenset({"odds_change", "bet_settlement", "rollback_bet_settlement", "bet_cancel",
+                           "rollback_bet_cancel"})
+_SYNTHETIC = frozenset({"producer_down", "recovery_requested"})
+
+
+def _element_dict(root: ET.Element) -> dict[str, Any]:
+    """The root's attributes, ``type`` = its tag, ``markets`` = every
+    ``<market>`` (attributes + ``outcomes``), ``event_status`` from
+    ``<sport_event_status status>``, ``betting_status`` from ``<odds>``."""
+    d: dict[str, Any] = dict(root.attrib)
+    d["type"] = root.tag
+    if root.tag in _WITH_MARKETS:
+        markets = []
+        for m in root.iter("market"):
+            md: dict[str, Any] = dict(m.attrib)
+            md["outcomes"] = [dict(o.attrib) for o in m.iter("outcome")]
+            markets.append(md)
+        d["markets"] = markets
+    if root.tag == "odds_change":
+        ses = root.find("sport_event_status")
+        if ses is not None and "status" in ses.attrib:
+            d["event_status"] = ses.attrib["status"]
+        odds = root.find("odds")
+        if odds is not None and "betting_status" in odds.attrib:
+            d["betting_status"] = odds.attrib["betting_status"]
+    return d
+
+
+def _decode(raw: bytes) -> _Msg:
+    root = parse_xml(raw)
+    if root.tag not in _TAGS:
+        raise FeedDecodeError("unknown_type", f"unknown UOF message <{root.tag[:40]}>", raw)
+    try:
+        msg: _Msg = msgspec.convert(_element_dict(root), _MESSAGE, strict=False)
+    except msgspec.ValidationError as exc:
+        raise FeedDecodeError("invalid_schema", f"<{root.tag}>: {exc}", raw) from None
+    return msg
+
+
+class Control(msgspec.Struct, frozen=True, gc=False):
+    """What the source needs of a control message: ``op`` (``alive`` /
+    ``snapshot_complete``), ``product``, ``timestamp`` (ms), ``subscribed``
+    (alive), ``request_id`` (snapshot_complete)."""
+
+    op: str
+    product: int
+    timestamp: int
+    subscribed: bool = True
+    request_id: int | None = None
+
+
+def peek_control(raw: bytes) -> Control | None:
+    """The source's cheap look at a body: a :class:`Control` for ``alive``
+    and ``snapshot_complete``, None for anything else (or anything
+    unreadable: the normaliser rejects it)."""
+    head = raw[:256]
+    if b"<alive" not in head and b"<snapshot_complete" not in head:
+        return None
+    try:
+        msg = _decode(raw)
+    except FeedDecodeError:
+        return None
+    if isinstance(msg, Alive):
+        return Control("alive", msg.product, msg.timestamp, subscribed=msg.subscribed != 0)
+    if isinstance(msg, SnapshotComplete):
+        return Control("snapshot_complete", msg.product, msg.timestamp, request_id=msg.request_id)
+    return None
+
+
+def producer_down_payload(product: int, timestamp: int, reason: str) -> bytes:
+    """Body of the synthetic :data:`PRODUCER_DOWN` payload. ``timestamp``:
+    the producer's last known time (its last ``alive``, provider clock, ms)."""
+    return f'<producer_down product="{int(product)}" timestamp="{int(timestamp)}" reason="{reason}"/>'.encode()
+
+
+def recovery_requested_payload(product: int, timestamp: int, request_id: int, after: int | None) -> bytes:
+    """Body of the synthetic :data:`RECOVERY_REQUESTED` payload."""
+    a = f' after="{int(after)}"' if after is not None else ""
+    return (f'<recovery_requested product="{int(product)}" timestamp="{int(timestamp)}" '
+            f'request_id="{int(request_id)}"{a}/>').encode()
+
+
+# --- cursor ---------------------------------------------------------------------------------------
+
+
+def decode_cursor(text: str | None) -> dict[int, int]:
+    """``"1=1718000000123;3=…"`` → ``{product: timestamp ms}`` ({} for None
+    or anything unreadable)."""
+    out: dict[int, int] = {}
+    if not text:
+        return out
+    for part in text.split(";"):
+        p, eq, ts = part.partition("=")
+        if eq and p.isdigit() and ts.isdigit() and len(p) < 8 and len(ts) < 17:
+            out[int(p)] = int(ts)
+    return out
+
+
+def encode_cursor(cursor: dict[int, int]) -> str:
+    return ";".join(f"{p}={ts}" for p, ts in sorted(cursor.items()))
+
+
+# --- vocabularies ---------------------------------------------------------------------------------
+
+_MARKET_STATUS: dict[int, tuple[MarketStatus, str | None]] = {
+    1: ("OPEN", None), -1: ("SUSPENDED", "suspended"), 0: ("INACTIVE", None), -2: ("SUSPENDED", "handed_over"),
+    -3: ("SETTLED", None), -4: ("CANCELLED", "cancelled"),
+}
+_RESULTS = frozenset({"WINNER", "LOSER", "VOID", "PLACED"})
+_SPORTS = {"1": "soccer", "2": "basketball", "3": "baseball", "4": "ice_hockey", "5": "tennis", "6": "handball",
+           "12": "rugby", "16": "american_football", "20": "table_tennis", "21": "cricket", "23": "volleyball"}
+
+
+def _specifiers(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    out: dict[str, str] = {}
+    for part in text.split("|"):
+        k, _, v = part.partition("=")
+        out[k] = v
+    return out
+
+
+def _bad_odds(o: WireOutcome) -> bool:
+    """Odds that reject their market: not a price (1.01–1000), except the
+    placeholder odds (0 ≤ x < 1.01) UOF may send for an inactive outcome."""
+    if o.odds is None or is_price(o.odds):
+        return False
+    return not (o.active == 0 and math.isfinite(o.odds) and 0 <= o.odds < MIN_PRICE)
+
+
+def market_id_of(event_id: str, market_id: int | str, specifiers: str | None, prefix: str = PREFIX) -> str:
+    """Canonical market id: ``<prefix>:<event_id>:<market_id>[:<specifiers>]``."""
+    base = f"{prefix}:{event_id}:{market_id}"
+    return f"{base}:{specifiers}" if specifiers else base
+
+
+# --- cache ----------------------------------------------------------------------------------------
+
+
+class _Event:
+    __slots__ = ("id", "in_play", "markets", "sport", "start_time", "ts")
+
+    def __init__(self, event_id: str) -> None:
+        self.id = event_id
+        self.sport: str | None = None
+        self.start_time: int | None = None
+        self.in_play = False
+        self.ts = 0
+        self.markets: dict[str, None] = {}
+
+
+class _Market:
+    __slots__ = ("event", "header", "market_id", "need_image", "pre_cancel", "product", "raw_id", "reason", "sels",
+                 "specifiers", "status", "ts")
+
+    def __init__(self, market_id: str, event: _Event, raw_id: str, specifiers: str | None) -> None:
+        self.market_id = market_id
+        self.event = event
+        self.raw_id = raw_id
+        self.specifiers = specifiers
+        self.product: int | None = None
+        self.status: MarketStatus = "OPEN"
+        self.reason: str | None = None
+        self.sels: dict[str, Selection] = {}
+        self.ts = 0
+        self.header: MarketHeader | None = None  # last emitted
+        self.need_image = True
+        self.pre_cancel: tuple[MarketStatus, str | None, dict[str, Selection]] | None = None
+
+
+class UofNormaliser:
+    """Feeds UOF messages through a per-market cache (see the module docstring).
+
+    source: the source's name; prefix: namespaces ids. :attr:`dropped`
+    counts parts dropped without error (``stale``: a market part at or below
+    the market's last timestamp; ``stale_fixture``; ``unknown_market``: a
+    bet_stop/settlement/cancel of a market never seen). :attr:`cursor`:
+    per producer, the timestamp everything is applied up to. :attr:`up`:
+    producers whose recovery is complete (their ``alive`` advances the
+    cursor).
+    """
+
+    def __init__(self, source: str = "uof", *, prefix: str = PREFIX,
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.max_future_skew_ms = max_future_skew_ms
+        self.events: dict[str, _Event] = {}
+        self.markets: dict[str, _Market] = {}
+        self.cursor: dict[int, int] = {}
+        self.up: set[int] = set()
+        self.pending: dict[int, int] = {}  # product -> request id of the recovery in progress
+        self.dropped: dict[str, int] = {}
+        self._raw = b""
+        self._rejected: list[FeedDecodeError] = []
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
+        """Seed the cache from this source's stored markets and cursor. The
+        producers start down (not :attr:`up`): the source recovers each
+        from the cursor before its ``alive`` advances it again."""
+        pfx = self.prefix + ":"
+        for m in markets:
+            if m.source != self.source or not m.event_id or not m.event_id.startswith(pfx):
+                continue
+            eid = m.event_id[len(pfx):]
+            ev = self.events.get(eid)
+            if ev is None:
+                ev = self.events[eid] = _Event(eid)
+                ev.sport, ev.start_time, ev.in_play = m.sport, m.start_time, m.in_play
+            raw_id = m.market_type_raw or m.market_id[len(m.event_id) + 1:].split(":", 1)[0]
+            spec = m.market_id[len(m.event_id) + 1 + len(raw_id) + 1:] or None
+            mk = _Market(m.market_id, ev, raw_id, spec)
+            mk.status, mk.reason, mk.ts = m.status, m.suspend_reason, m.source_ts
+            mk.sels = {s.selection_id: s for s in m.selections}
+            mk.header = m.header()
+            mk.need_image = False
+            self.markets[m.market_id] = mk
+            ev.markets[m.market_id] = None
+        self.cursor = decode_cursor(cursor)
+        self.up.clear()
+
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
+        """Decode one UOF message (``channel``: its AMQP routing key, or a
+        synthetic ``oddsfeed.*`` channel) and apply it to the cache.
+
+        raw: the XML body. recv_ms: when it was received, ms since the epoch.
+        Raises :class:`FeedDecodeError` for a message rejected whole (the
+        cache is then untouched); markets rejected alone are in
+        ``batch.rejected``.
+        """
+        msg = _decode(raw)
+        tag = msg.__struct_config__.tag
+        assert isinstance(tag, str)
+        if tag in _SYNTHETIC and not channel.startswith("oddsfeed."):
+            raise FeedDecodeError("unknown_type", f"<{tag}> is oddsfeed's own message, not the provider's", raw)
+        if not isinstance(msg, (ProducerDown, RecoveryRequested)):
+            try:
+                check_provider_time(msg.timestamp, recv_ms, self.max_future_skew_ms, "timestamp")
+            except FeedDecodeError as exc:
+                raise FeedDecodeError(exc.reason, exc.detail, raw) from None
+        batch = NormalisedBatch(op=tag, provider_ts=msg.timestamp)
+        self._raw, self._rejected = raw, batch.rejected
+        if isinstance(msg, Alive):
+            batch.heartbeat = True
+            if msg.subscribed == 0:
+                self.up.discard(msg.product)
+                batch.requests.append(f"recovery:{msg.product}")
+            elif msg.product in self.up:
+                self._advance(msg.product, msg.timestamp, batch)
+        elif isinstance(msg, SnapshotComplete):
+            want = self.pending.get(msg.product)
+            if want is None or want == msg.request_id:
+                self.pending.pop(msg.product, None)
+                self.up.add(msg.product)
+                self._advance(msg.product, msg.timestamp, batch)
+        elif isinstance(msg, RecoveryRequested):
+            self.pending[msg.product] = msg.request_id
+            self.up.discard(msg.product)
+        elif isinstance(msg, ProducerDown):
+            self._producer_down(msg, batch, recv_ms)
+        elif isinstance(msg, FixtureChange):
+            self._fixture_change(msg, batch, recv_ms, channel)
+        elif isinstance(msg, BetStop):
+            self._bet_stop(msg, batch, recv_ms, channel)
+        else:
+            assert isinstance(msg, (OddsChange, BetSettlement, RollbackBetSettlement, BetCancel, RollbackBetCancel))
+            self._markets_message(msg, batch, recv_ms, channel)
+        self._raw, self._rejected = b"", []
+        return batch
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _advance(self, product: int, ts: int, batch: NormalisedBatch) -> None:
+        if ts > self.cursor.get(product, 0):
+            self.cursor[product] = ts
+            batch.cursor = encode_cursor(self.cursor)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _event(self, event_id: str, channel: str) -> _Event:
+        ev = self.events.get(event_id)
+        if ev is None:
+            ev = self.events[event_id] = _Event(event_id)
+        if ev.sport is None:
+            parts = channel.split(".")
+            if len(parts) >= 8 and parts[4] not in ("-", ""):
+                ev.sport = _SPORTS.get(parts[4], f"sport_{parts[4][:16]}")
+        return ev
+
+    def _market(self, ev: _Event, raw_id: str, specifiers: str | None) -> _Market:
+        mid = market_id_of(ev.id, raw_id, specifiers, self.prefix)
+        m = self.markets.get(mid)
+        if m is None:
+            m = self.markets[mid] = _Market(mid, ev, raw_id, specifiers)
+            ev.markets[mid] = None
+        return m
+
+    def _reject(self, mid: str | None, reason: str, detail: str) -> None:
+        self._rejected.append(FeedDecodeError(reason, detail, self._raw, market_id=mid))
+        if mid is not None and mid in self.markets:
+            self.markets[mid].need_image = True
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def _producer_down(self, msg: ProducerDown, batch: NormalisedBatch, recv_ms: int) -> None:
+        product = msg.product
+        self.up.discard(product)
+        for m in self.markets.values():
+            if m.product not in (product, None) or m.status in CLOSED_STATUSES:
+                continue
+            m.status, m.reason = "SUSPENDED", "producer_down"
+            self._emit(m, False, [], max(m.ts, msg.timestamp), batch, recv_ms)
+            m.need_image = True  # confirmed again only by its next image (the recovery's odds_change)
+            batch.unconfirm.append(m.market_id)
+
+    def _fixture_change(self, msg: FixtureChange, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
+        ev = self._event(msg.event_id, channel)
+        if msg.timestamp <= ev.ts:
+            self._drop("stale_fixture")
+            batch.stale = True
+            return
+        ev.ts = msg.timestamp
+        if msg.start_time is not None and msg.start_time != ev.start_time:
+            ev.start_time = msg.start_time
+            for mid in ev.markets:
+                m = self.markets[mid]
+                self._emit(m, m.need_image, [], max(m.ts, msg.timestamp), batch, recv_ms)
+
+    def _bet_stop(self, msg: BetStop, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
+        ev = self._event(msg.event_id, channel)
+        status: MarketStatus = "INACTIVE" if msg.market_status == 0 else "SUSPENDED"
+        applied = stale = 0
+        for mid in ev.markets:
+            m = self.markets[mid]
+            if msg.timestamp <= m.ts:
+                stale += 1
+                continue
+            m.product = msg.product
+            if m.status in CLOSED_STATUSES:
+                m.ts = msg.timestamp
+                continue
+            applied += 1
+            m.status, m.reason = status, "bet_stop"
+            self._emit(m, m.need_image, [], msg.timestamp, batch, recv_ms)
+        if stale:
+            self.dropped["stale"] = self.dropped.get("stale", 0) + stale
+            batch.stale = not applied
+
+    def _markets_message(self, msg: OddsChange | BetSettlement | RollbackBetSettlement | BetCancel
+                         | RollbackBetCancel, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
+        ev = self._event(msg.event_id, channel)
+        live_changed = False
+        if isinstance(msg, OddsChange) and msg.event_status is not None:
+            live = msg.event_status == 1
+            live_changed = live != ev.in_play
+            ev.in_play = live
+            batch.in_play = live
+        applied = stale = 0
+        touched: set[str] = set()
+        for raw_market in msg.markets:
+            try:
+                wm = msgspec.convert(raw_market, WireMarket, strict=False)
+            except msgspec.ValidationError as exc:
+                spec = raw_market.get("specifiers")
+                rid = raw_market.get("id")
+                mid = (market_id_of(ev.id, rid, spec if isinstance(spec, str) else None, self.prefix)
+                       if isinstance(rid, str) and rid.isdigit() else None)
+                reason = "invalid_price" if ".odds`" in str(exc) else "invalid_schema"
+                self._reject(mid, reason, f"<market>: {exc}")
+                continue
+            mid = market_id_of(ev.id, wm.id, wm.specifiers, self.prefix)
+            known = self.markets.get(mid)
+            if known is not None and msg.timestamp <= known.ts:
+                stale += 1
+                continue
+            if known is None and not isinstance(msg, OddsChange):
+                self._drop("unknown_market")  # a settlement of a market we never had: nothing to settle
+            bad = next((o for o in wm.outcomes if _bad_odds(o)), None) if isinstance(msg, OddsChange) else None
+            if bad is not None:
+                self._reject(mid, "invalid_price", f"outcome {bad.id} odds {bad.odds!r} not within 1.01..1000 "
+                             f"in market {mid}")
+                continue
+            m = self._market(ev, str(wm.id), wm.specifiers)
+            m.product = msg.product
+            m.ts = msg.timestamp
+            sids = self._apply_market(msg, m, wm)
+            applied += 1
+            touched.add(mid)
+            self._emit(m, m.need_image, sids, msg.timestamp, batch, recv_ms)
+            batch.runner_changes += len(sids)
+        if live_changed:  # every other market of the event follows (header change)
+            for mid in ev.markets:
+                m = self.markets[mid]
+                if mid not in touched and msg.timestamp > m.ts and m.status not in CLOSED_STATUSES:
+                    self._emit(m, m.need_image, [], msg.timestamp, batch, recv_ms)
+        if stale:
+            self.dropped["stale"] = self.dropped.get("stale", 0) + stale
+            batch.stale = not applied
+
+    def _apply_market(self, msg: _Msg, m: _Market, wm: WireMarket) -> list[str]:
+        """Apply one ``<market>`` to the cache; the changed selection ids."""
+        changed: list[str] = []
+        if isinstance(msg, OddsChange):
+            m.status, m.reason = _MARKET_STATUS.get(wm.status if wm.status is not None else 1, ("SUSPENDED", "unknown"))
+            m.pre_cancel = None
+            closing = m.status in CLOSED_STATUSES
+            for o in wm.outcomes:
+                prev = m.sels.get(o.id)
+                price = o.odds if o.odds is not None and is_price(o.odds) else (prev.price if prev else None)
+                status: SelectionStatus = "SUSPENDED" if o.active == 0 else "ACTIVE"
+                if closing and prev is not None and prev.status in _RESULTS:
+                    status = prev.status  # odds of a settled / cancelled market: its results stand
+                self._set(m, Selection(selection_id=o.id, status=status, price=price), changed)
+        elif isinstance(msg, BetSettlement):
+            m.status, m.reason = "SETTLED", None
+            for o in wm.outcomes:
+                prev = m.sels.get(o.id)
+                res: SelectionStatus
+                if o.void_factor is not None and o.void_factor >= 1:
+                    res = "VOID"
+                elif o.result == 1:
+                    res = "WINNER"
+                elif o.result == 0:
+                    res = "LOSER"
+                else:
+                    continue
+                self._set(m, Selection(selection_id=o.id, status=res, price=prev.price if prev else None), changed)
+        elif isinstance(msg, RollbackBetSettlement):
+            m.status, m.reason = "SUSPENDED", "settlement_rolled_back"
+            for sid, s in list(m.sels.items()):
+                self._set(m, msgspec.structs.replace(s, status="SUSPENDED"), changed)
+        elif isinstance(msg, BetCancel):
+            if m.status != "CANCELLED":
+                m.pre_cancel = (m.status, m.reason, dict(m.sels))
+            m.status, m.reason = "CANCELLED", "bet_cancel"
+            for sid, s in list(m.sels.items()):
+                self._set(m, msgspec.structs.replace(s, status="VOID"), changed)
+        elif isinstance(msg, RollbackBetCancel):
+            if m.pre_cancel is not None:
+                m.status, m.reason, sels = m.pre_cancel
+                m.pre_cancel = None
+                for s in sels.values():
+                    self._set(m, s, changed)
+            elif m.status == "CANCELLED":
+                m.status, m.reason = "SUSPENDED", "cancel_rolled_back"
+        return changed
+
+    @staticmethod
+    def _set(m: _Market, s: Selection, changed: list[str]) -> None:
+        if m.sels.get(s.selection_id) != s:
+            m.sels[s.selection_id] = s
+            if s.selection_id not in changed:
+                changed.append(s.selection_id)
+
+    def _emit(self, m: _Market, image: bool, sids: list[str], ts: int, batch: NormalisedBatch, recv_ms: int) -> None:
+        header = self._header(m)
+        if not image and header == m.header and not sids:
+            return
+        m.ts = max(m.ts, ts)
+        update = MarketUpdate(
+            market_id=m.market_id, source=self.source, image=image,
+            # a closed market's header always travels: after the close the book takes only definitions
+            header=header if image or header != m.header or m.status in CLOSED_STATUSES else None,
+            selections=list(m.sels.values()) if image else [m.sels[s] for s in sids],
+            source_ts=m.ts, received_at=recv_ms)
+        try:  # the bounds every update must meet (odds were checked on the way in: a safety net)
+            check_market(update.market_id, update.header, update.selections, None, update.source_ts, None, recv_ms,
+                         self.max_future_skew_ms)
+        except FeedDecodeError as exc:
+            exc.raw = self._raw
+            self._rejected.append(exc)
+            m.need_image = True
+            return
+        batch.updates.append(update)
+        m.header = header
+        if image:
+            m.need_image = False
+
+    def _header(self, m: _Market) -> MarketHeader:
+        ev = m.event
+        return MarketHeader(
+            event_id=f"{self.prefix}:{ev.id}", sport=ev.sport, market_type=m.raw_id, market_type_raw=m.raw_id,
+            specifiers=_specifiers(m.specifiers), status=m.status, suspend_reason=m.reason, in_play=ev.in_play,
+            start_time=ev.start_time)
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> UofNormaliser:
+    """The normaliser of a ``--source uof=…`` spec (``prefix=``, default ``uof``)."""
+    return UofNormaliser(spec.name, prefix=spec.get("prefix") or PREFIX)

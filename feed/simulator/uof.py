@@ -1,0 +1,638 @@
+"""A local Unified-Odds-Feed producer: UOF XML on a RabbitMQ topic exchange, plus the recovery API.
+
+Publishes to a real broker (``amqp_url``; the exchange, ``unifiedfeed`` by
+default, is declared as a durable topic exchange) with UOF routing keys
+``<priority>.<pre>.<live>.<type>.<sport>.<urn>.<event>.<node>`` (e.g.
+``hi.-.live.odds_change.1.sr:match.1001.-``; ``-.-.-.alive.-.-.-.-``;
+``-.-.-.snapshot_complete.-.-.-.-``), from a seeded synthetic model of
+``events`` soccer events spread over ``producers`` (1 = LiveOdds: events
+go in play; 3 = Ctrl: pre-match only):
+
+- every ``alive_interval_s`` each producer sends ``alive`` (``subscribed="1"``);
+- each tick makes about ``rate_per_s × tick`` changes: ``odds_change``
+  (random-walk odds of one market, sometimes an outcome turned inactive, a
+  market deactivated, or the whole event going in play), ``bet_stop`` (every
+  market of the event suspended; the next ``odds_change`` of the event
+  re-opens them all), ``bet_cancel`` (one market; sometimes followed by
+  ``rollback_bet_cancel`` and the market's ``odds_change``), the event's end
+  (``bet_stop`` then ``bet_settlement`` of each market: it leaves the model
+  and a fresh event replaces it, announced by ``fixture_change``);
+- ``POST /v1/{product}/recovery/initiate_request?after=&request_id=[&node_id=]``
+  (HTTP on 127.0.0.1, Starlette + uvicorn; ``x-access-token`` required, 403
+  otherwise) answers 202 and then publishes, for every event of that
+  producer, ``fixture_change`` and one ``odds_change`` carrying the
+  ``request_id`` with every market still open (a ``bet_stop`` follows for
+  an event in bet stop), and — the stateful part, since ``after`` (all
+  without it) — each market settled or cancelled since then (its
+  ``odds_change`` with status -3/-4, then its ``bet_settlement`` /
+  ``bet_cancel``); then ``snapshot_complete`` with the ``request_id``.
+
+Message ``timestamp`` s are the wall clock (ms), strictly increasing.
+
+Ground truth: :meth:`UofSimulator.truth` is every market the model ever
+offered, in canonical terms (compare with :func:`market_view` of stored
+markets): it moves with the model whether or not a message conveyed the
+change (a silent producer's changes reach the consumer by recovery only).
+
+Fault switches (for tests; the control port would list them): :meth:`stall`
+(nothing published, alives included, for a while; then everything queued
+goes out), :meth:`duplicate`, :meth:`reorder` (pairs of data messages
+swapped), :meth:`inject_malformed` (bad bodies, with the reason the
+normaliser must give, :data:`MALFORMED`), :meth:`producer_down`
+(``mode="silent"``: the producer sends nothing, alives included, and its
+changes are lost; ``mode="unsubscribed"``: its next alive says
+``subscribed="0"`` and its messages are lost until a recovery is requested),
+:meth:`fail_recovery` (the next recovery requests answer 500),
+:meth:`freeze` (no model changes; alives go on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import random
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from feed.models import Market
+
+if TYPE_CHECKING:
+    import aio_pika
+
+__all__ = ["MALFORMED", "UofSimConfig", "UofSimulator", "market_view"]
+
+logger = logging.getLogger(__name__)
+
+#: bodies sent by :meth:`UofSimulator.inject_malformed`, with the reason the normaliser must give
+MALFORMED: tuple[tuple[bytes, str], ...] = (
+    (b'<odds_change product="1" event_id="sr:match:1" timestamp="1"><odds><market id="1"', "invalid_xml"),
+    (b"this is not xml", "invalid_xml"),
+    (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><alive product="1" timestamp="1" subscribed="1"/>',
+     "invalid_xml"),
+    (b'<gossip product="1" timestamp="1"/>', "unknown_type"),
+    (b'<odds_change product="x" event_id="sr:match:1" timestamp="1"/>', "invalid_schema"),
+)
+
+_PATHS = {1: "liveodds", 3: "pre"}
+_PRODUCTS = {v: k for k, v in _PATHS.items()}
+#: market id -> (specifiers, outcome ids)
+_MARKETS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
+    ("1", None, ("1", "2", "3")),
+    ("18", "total=2.5", ("12", "13")),
+    ("16", "hcp=-1", ("1714", "1715")),
+)
+_STATUS = {1: "OPEN", -1: "SUSPENDED", 0: "INACTIVE", -3: "SETTLED", -4: "CANCELLED"}
+
+
+class UofSimConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """UOF simulator settings.
+
+    amqp_url / exchange: the broker and topic exchange to publish to.
+    host / port: the recovery API (port 0 = any free port; read
+    ``UofSimulator.port``). token: the ``x-access-token`` it requires.
+    events: events alive at once; producers: producer ids (events are
+    spread over them); seed: the model's random seed; rate_per_s: changes
+    per second; tick_ms: pump interval, ms; alive_interval_s: seconds
+    between a producer's alives (UOF: 10); live_after_s: seconds before a
+    live producer's event goes in play; prefix: the canonical id prefix of
+    :meth:`UofSimulator.truth` (the consumer's ``prefix=``).
+    """
+
+    amqp_url: str
+    exchange: str = "unifiedfeed"
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str = "sim-uof-token"
+    events: int = 6
+    producers: tuple[int, ...] = (1, 3)
+    seed: int | None = None
+    rate_per_s: float = 40.0
+    tick_ms: int = 50
+    alive_interval_s: float = 1.0
+    live_after_s: float = 2.0
+    prefix: str = "uof"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+_RESULTS = frozenset({"WINNER", "LOSER", "VOID", "PLACED"})
+
+
+def _price(price: float | None, status: str) -> float | None:
+    """A resulted selection's price is not compared: a late odds_change of
+    a market already settled or cancelled (reordered behind the settlement)
+    is rightly dropped, and the book keeps a closed market's prices."""
+    return None if status in _RESULTS else price
+
+
+def market_view(m: Market) -> dict[str, Any]:
+    """What the feed conveys of a stored canonical market (same shape as
+    :meth:`UofSimulator.truth` values; resulted selections without price)."""
+    return {"status": m.status, "suspend_reason": m.suspend_reason, "in_play": m.in_play,
+            "start_time": m.start_time,
+            "selections": {s.selection_id: {"price": _price(s.price, s.status), "status": s.status}
+                           for s in m.selections}}
+
+
+class _SimMarket:
+    __slots__ = ("closed_at", "code", "event", "in_play", "market_id", "mid", "odds", "active", "pre_cancel",
+                 "probs", "reason", "results", "spec")
+
+    def __init__(self, event: _SimEvent, market_id: str, spec: str | None, outcomes: tuple[str, ...],
+                 rng: random.Random, prefix: str) -> None:
+        self.event = event
+        self.market_id = market_id
+        self.spec = spec
+        self.mid = f"{prefix}:{event.event_id}:{market_id}" + (f":{spec}" if spec else "")
+        self.code = 1
+        self.reason: str | None = None
+        raw = [rng.uniform(0.5, 2.0) for _ in outcomes]
+        self.probs = {o: r / sum(raw) for o, r in zip(outcomes, raw, strict=True)}
+        self.odds: dict[str, float] = {}
+        self.active: dict[str, int] = {o: 1 for o in outcomes}
+        self.results: dict[str, str] | None = None
+        self.closed_at = 0
+        self.in_play = False
+        self.pre_cancel: tuple[int, str | None] | None = None
+        self.reprice()
+
+    def reprice(self) -> None:
+        for o, p in self.probs.items():
+            self.odds[o] = min(1000.0, max(1.01, round(0.95 / p, 2)))
+
+    @property
+    def closed(self) -> bool:
+        return self.code in (-3, -4)
+
+    def view(self) -> dict[str, Any]:
+        sels: dict[str, Any] = {}
+        for o, price in self.odds.items():
+            if self.code == -4:
+                st = "VOID"
+            elif self.results is not None:
+                st = self.results[o]
+            else:
+                st = "SUSPENDED" if self.active[o] == 0 else "ACTIVE"
+            sels[o] = {"price": _price(price, st), "status": st}
+        return {"status": _STATUS[self.code], "suspend_reason": self.reason, "in_play": self.in_play,
+                "start_time": self.event.start_time, "selections": sels}
+
+
+class _SimEvent:
+    __slots__ = ("born", "bet_stop", "event_id", "in_play", "markets", "product", "start_time")
+
+    def __init__(self, event_id: str, product: int, start_time: int, born: float) -> None:
+        self.event_id = event_id
+        self.product = product
+        self.start_time = start_time
+        self.born = born
+        self.in_play = False
+        self.bet_stop = False
+        self.markets: list[_SimMarket] = []
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn that leaves the process's signal handlers alone."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class UofSimulator:
+    """The local UOF producer. ``await start()``, use ``api_url`` / ``port``,
+    ``await stop()``.
+
+    Attributes for tests: ``recovery_requests`` (``(product, after,
+    request_id)`` per accepted request), ``completed`` (``(product,
+    request_id)`` per ``snapshot_complete`` published), ``published`` (messages sent),
+    ``duplicates_sent``, ``reordered``, ``malformed_sent``, ``lost`` (messages
+    a down producer did not send).
+    """
+
+    def __init__(self, config: UofSimConfig) -> None:
+        self.config = cfg = config
+        self.rng = random.Random(cfg.seed)
+        self.port = 0
+        self.events: dict[str, _SimEvent] = {}
+        self.markets: dict[str, _SimMarket] = {}  # every market ever offered, by canonical id
+        self.recovery_requests: list[tuple[int, int | None, int]] = []
+        self.completed: list[tuple[int, int]] = []  # (product, request id) of each snapshot_complete published
+        self.published = 0
+        self.duplicates_sent = 0
+        self.reordered = 0
+        self.malformed_sent = 0
+        self.lost = 0
+        self.frozen = False
+        self._next_event = 1000
+        self._last_ts = 0
+        self._outbox: deque[tuple[str, bytes, bool]] = deque()  # (routing key, body, data message)
+        self._stalled_until = 0.0
+        self._dup = 0
+        self._reorder = 0
+        self._malformed = 0
+        self._fail_recovery = 0
+        self._silent_until: dict[int, float] = {}
+        self._unsubscribed: set[int] = set()  # alive subscribed=0 sent / to send; messages lost until recovery
+        self._unsub_pending: set[int] = set()
+        self._held: tuple[str, bytes, bool] | None = None
+        self._budget = 0.0
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._server: _QuietServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sock: socket.socket | None = None
+        t0 = time.monotonic()
+        for i in range(cfg.events):
+            self._new_event(cfg.producers[i % len(cfg.producers)], t0, announce=False)
+        self.app = Starlette(routes=[
+            Route("/v1/{product}/recovery/initiate_request", self._recovery_endpoint, methods=["POST"]),
+        ])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Connect to the broker, declare the exchange, serve the API, start the pump."""
+        import aio_pika
+
+        cfg = self.config
+        self._connection = await aio_pika.connect(cfg.amqp_url)
+        channel = await self._connection.channel()
+        self._exchange = await channel.declare_exchange(cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        sock = self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(64)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1,
+                                access_log=False)
+        self._server = _QuietServer(config)
+        serve = asyncio.create_task(self._server.serve(sockets=[sock]), name="uof-sim-api")
+        self._tasks.append(serve)
+        for _ in range(500):
+            if self._server.started or serve.done():
+                break
+            await asyncio.sleep(0.01)
+        if not self._server.started:
+            if serve.done():
+                serve.result()
+            raise RuntimeError("UOF simulator API did not start")
+        self._tasks.append(asyncio.create_task(self._pump(), name="uof-sim-pump"))
+        self._tasks.append(asyncio.create_task(self._alives(), name="uof-sim-alive"))
+        logger.info("UOF simulator: exchange %s, recovery API on %s:%d, %d events", cfg.exchange, cfg.host,
+                    self.port, cfg.events)
+
+    async def stop(self) -> None:
+        for task in self._tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        if self._server is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tasks[0], 5)
+            self._server = None
+        self._tasks.clear()
+        if self._sock is not None:
+            self._sock.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), 5)
+            self._connection = None
+
+    # -- fault switches ----------------------------------------------------------------------------
+
+    def stall(self, seconds: float) -> None:
+        """Publish nothing (alives included) for ``seconds``; what piles up goes out afterwards."""
+        self._stalled_until = time.monotonic() + seconds
+
+    def duplicate(self, n: int = 1) -> None:
+        """The next ``n`` data messages are published twice."""
+        self._dup += n
+
+    def reorder(self, n: int = 1) -> None:
+        """The next ``n`` pairs of data messages are published swapped."""
+        self._reorder += n
+
+    def inject_malformed(self, n: int = 1) -> None:
+        """Publish ``n`` bad bodies (cycling through :data:`MALFORMED`) with the next messages."""
+        self._malformed += n
+
+    def producer_down(self, product: int, seconds: float = 0.0, mode: str = "silent") -> None:
+        """``silent``: ``product`` sends nothing for ``seconds`` (its changes are
+        lost); ``unsubscribed``: its next alive says ``subscribed="0"`` and its
+        messages are lost until a recovery of it is requested."""
+        if mode == "silent":
+            self._silent_until[product] = time.monotonic() + seconds
+        elif mode == "unsubscribed":
+            self._unsub_pending.add(product)
+            self._unsubscribed.add(product)
+        else:
+            raise ValueError(f"mode {mode!r}: use silent or unsubscribed")
+
+    def fail_recovery(self, n: int = 1) -> None:
+        """The next ``n`` recovery requests answer 500."""
+        self._fail_recovery += n
+
+    def freeze(self, on: bool = True) -> None:
+        """Stop (or resume) model changes; alives and recoveries go on."""
+        self.frozen = on
+
+    # -- truth -----------------------------------------------------------------------------------
+
+    def truth(self) -> dict[str, dict[str, Any]]:
+        """Every market the model offered, in canonical terms (see :func:`market_view`)."""
+        return {mid: m.view() for mid, m in self.markets.items()}
+
+    def silent(self, product: int) -> bool:
+        return time.monotonic() < self._silent_until.get(product, 0.0) or product in self._unsubscribed
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def _ts(self) -> int:
+        self._last_ts = max(now_ms(), self._last_ts + 1)
+        return self._last_ts
+
+    def _new_event(self, product: int, now: float, *, announce: bool = True) -> _SimEvent:
+        self._next_event += 1
+        ev = _SimEvent(f"sr:match:{self._next_event}", product, now_ms() // 60_000 * 60_000 + 3_600_000, now)
+        for market_id, spec, outcomes in _MARKETS:
+            m = _SimMarket(ev, market_id, spec, outcomes, self.rng, self.config.prefix)
+            ev.markets.append(m)
+            self.markets[m.mid] = m
+        self.events[ev.event_id] = ev
+        if announce:
+            self._send_fixture(ev)
+            self._send_odds(ev, ev.markets)
+        return ev
+
+    def _step(self) -> None:
+        rng = self.rng
+        ev = rng.choice(list(self.events.values()))
+        now = time.monotonic()
+        open_markets = [m for m in ev.markets if not m.closed]
+        r = rng.random()
+        if ev.product == 1 and not ev.in_play and now - ev.born > self.config.live_after_s:
+            ev.in_play = True
+            for m in open_markets:
+                m.in_play = True
+            self._reopen(ev)
+            self._send_odds(ev, open_markets)
+        elif r < 0.08 and not ev.bet_stop:
+            ev.bet_stop = True
+            for m in open_markets:
+                m.code, m.reason = -1, "bet_stop"
+            self._send(ev, "bet_stop", f'<bet_stop product="{ev.product}" event_id="{ev.event_id}" '
+                                       f'timestamp="{self._ts()}" groups="all"/>')
+        elif r < 0.12 and now - ev.born > self.config.live_after_s * 2:
+            self._settle(ev)
+        elif r < 0.15 and open_markets and (ev.in_play or ev.product != 1):  # (in_play never changes after)
+            m = rng.choice(open_markets)
+            m.pre_cancel = (m.code, m.reason)
+            m.code, m.reason, m.closed_at = -4, "bet_cancel", 0
+            ts = self._ts()
+            m.closed_at = ts
+            self._send(ev, "bet_cancel", f'<bet_cancel product="{ev.product}" event_id="{ev.event_id}" '
+                                         f'timestamp="{ts}">{self._market_tag(m, outcomes=False)}</bet_cancel>',
+                       priority="lo")
+        elif r < 0.17:
+            cancelled = [m for m in ev.markets if m.code == -4 and m.pre_cancel is not None]
+            if cancelled:
+                m = rng.choice(cancelled)
+                m.code, m.reason = 1, None
+                m.pre_cancel, m.closed_at = None, 0
+                m.in_play = ev.in_play
+                self._send(ev, "rollback_bet_cancel",
+                           f'<rollback_bet_cancel product="{ev.product}" event_id="{ev.event_id}" '
+                           f'timestamp="{self._ts()}">{self._market_tag(m, outcomes=False)}</rollback_bet_cancel>',
+                           priority="lo")
+                self._reopen(ev)
+                self._send_odds(ev, [m])
+        elif open_markets:
+            m = rng.choice(open_markets)
+            reopened = self._reopen(ev)
+            for o in m.probs:
+                m.probs[o] *= math.exp(rng.gauss(0, 0.08))
+            total = sum(m.probs.values())
+            for o in m.probs:
+                m.probs[o] /= total
+            m.reprice()
+            roll = rng.random()
+            if roll < 0.05:
+                m.code, m.reason = 0, None  # deactivated
+            elif roll < 0.15:
+                o = rng.choice(list(m.active))
+                m.active[o] = 1 - m.active[o]
+                if m.code == 0:
+                    m.code = 1
+            elif m.code == 0:
+                m.code = 1
+            self._send_odds(ev, reopened | {m.mid: m} if reopened else [m])
+
+    def _reopen(self, ev: _SimEvent) -> dict[str, _SimMarket]:
+        """The event's bet stop ends: its suspended markets reopen (sent in the next odds_change)."""
+        out: dict[str, _SimMarket] = {}
+        if ev.bet_stop:
+            ev.bet_stop = False
+            for m in ev.markets:
+                if m.code == -1:
+                    m.code, m.reason = 1, None
+                    out[m.mid] = m
+        return out
+
+    def _settle(self, ev: _SimEvent) -> None:
+        ts = self._ts()
+        self._send(ev, "bet_stop", f'<bet_stop product="{ev.product}" event_id="{ev.event_id}" timestamp="{ts}" '
+                                   f'groups="all"/>')
+        for m in ev.markets:
+            if m.closed:
+                continue
+            winner = self.rng.choice(list(m.probs))
+            m.results = {o: "WINNER" if o == winner else "LOSER" for o in m.probs}
+            m.code, m.reason = -3, None
+            m.closed_at = self._ts()
+            self._send_settlement(m, m.closed_at)
+        del self.events[ev.event_id]
+        self._new_event(ev.product, time.monotonic())
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    def _market_tag(self, m: _SimMarket, *, outcomes: bool = True, code: int | None = None) -> str:
+        spec = f' specifiers="{m.spec}"' if m.spec else ""
+        status = f' status="{m.code if code is None else code}"' if outcomes else ""
+        if not outcomes:
+            return f'<market id="{m.market_id}"{spec}/>'
+        outs = "".join(f'<outcome id="{o}" odds="{m.odds[o]}" active="{m.active[o]}"/>' for o in m.odds)
+        return f'<market id="{m.market_id}"{spec}{status}>{outs}</market>'
+
+    def _send_odds(self, ev: _SimEvent, markets: Any, request_id: int | None = None) -> None:
+        ms = list(markets.values()) if isinstance(markets, dict) else list(markets)
+        req = f' request_id="{request_id}"' if request_id is not None else ""
+        body = (f'<odds_change product="{ev.product}" event_id="{ev.event_id}" timestamp="{self._ts()}"{req}>'
+                f'<sport_event_status status="{1 if ev.in_play else 0}" match_status="0"/>'
+                f'<odds>{"".join(self._market_tag(m) for m in ms)}</odds></odds_change>')
+        self._send(ev, "odds_change", body, recovery=request_id is not None)
+
+    def _send_fixture(self, ev: _SimEvent, recovery: bool = False) -> None:
+        self._send(ev, "fixture_change", f'<fixture_change product="{ev.product}" event_id="{ev.event_id}" '
+                                         f'timestamp="{self._ts()}" start_time="{ev.start_time}" change_type="1"/>',
+                   recovery=recovery)
+
+    def _send_settlement(self, m: _SimMarket, ts: int, recovery: bool = False) -> None:
+        ev = m.event
+        assert m.results is not None
+        outs = "".join(f'<outcome id="{o}" result="{1 if r == "WINNER" else 0}"/>' for o, r in m.results.items())
+        spec = f' specifiers="{m.spec}"' if m.spec else ""
+        self._send(ev, "bet_settlement", f'<bet_settlement product="{ev.product}" event_id="{ev.event_id}" '
+                                         f'timestamp="{ts}" certainty="2"><outcomes><market id="{m.market_id}"'
+                                         f'{spec}>{outs}</market></outcomes></bet_settlement>',
+                   priority="lo", recovery=recovery)
+
+    def _send(self, ev: _SimEvent, kind: str, body: str, *, priority: str = "hi", recovery: bool = False) -> None:
+        if not recovery and self.silent(ev.product):
+            self.lost += 1
+            return
+        interest = "-.live" if ev.product == 1 else "pre.-"
+        urn, _, number = ev.event_id.rpartition(":")
+        key = f"{priority}.{interest}.{kind}.1.{urn}.{number}.-"
+        self._outbox.append((key, body.encode(), True))
+
+    def _recover(self, product: int, after: int | None, request_id: int) -> None:
+        """Queue the answer to a recovery request (see the module docstring)."""
+        self._unsubscribed.discard(product)
+        for ev in self.events.values():
+            if ev.product != product:
+                continue
+            self._send_fixture(ev, recovery=True)
+            open_markets = [m for m in ev.markets if not m.closed]
+            if open_markets:
+                self._send_odds(ev, open_markets, request_id)
+            if ev.bet_stop:
+                self._send(ev, "bet_stop", f'<bet_stop product="{ev.product}" event_id="{ev.event_id}" '
+                                           f'timestamp="{self._ts()}" groups="all"/>', recovery=True)
+        for m in self.markets.values():  # stateful messages since `after`
+            if m.event.product != product or not m.closed or (after is not None and m.closed_at <= after):
+                continue
+            ev = m.event
+            req = f' request_id="{request_id}"'
+            # an event with no open market left says whether it was in play (nothing else of it follows)
+            ses = ("" if any(not x.closed for x in ev.markets)
+                   else f'<sport_event_status status="{1 if m.in_play else 0}" match_status="0"/>')
+            self._send(ev, "odds_change", f'<odds_change product="{product}" event_id="{ev.event_id}" '
+                                          f'timestamp="{self._ts()}"{req}>{ses}<odds>{self._market_tag(m)}</odds>'
+                                          f'</odds_change>', recovery=True)
+            if m.code == -3:
+                self._send_settlement(m, self._ts(), recovery=True)
+            else:
+                self._send(ev, "bet_cancel", f'<bet_cancel product="{product}" event_id="{ev.event_id}" '
+                                             f'timestamp="{self._ts()}">{self._market_tag(m, outcomes=False)}'
+                                             f'</bet_cancel>', priority="lo", recovery=True)
+        self._outbox.append(("-.-.-.snapshot_complete.-.-.-.-",
+                             f'<snapshot_complete product="{product}" request_id="{request_id}" '
+                             f'timestamp="{self._ts()}"/>'.encode(), False))
+
+    async def _recovery_endpoint(self, request: Request) -> Response:
+        token = request.headers.get("x-access-token", "")
+        if not hmac.compare_digest(token.encode(), self.config.token.encode()):
+            return Response('<response response_code="FORBIDDEN"/>', 403, media_type="application/xml")
+        product = _PRODUCTS.get(request.path_params["product"])
+        if product is None or product not in self.config.producers:
+            return Response('<response response_code="NOT_FOUND"/>', 404, media_type="application/xml")
+        try:
+            request_id = int(request.query_params["request_id"])
+            after_text = request.query_params.get("after")
+            after = int(after_text) if after_text is not None else None
+        except (KeyError, ValueError):
+            return Response('<response response_code="BAD_REQUEST"/>', 400, media_type="application/xml")
+        if self._fail_recovery > 0:
+            self._fail_recovery -= 1
+            return Response('<response response_code="SERVICE_UNAVAILABLE"/>', 500, media_type="application/xml")
+        self.recovery_requests.append((product, after, request_id))
+        self._recover(product, after, request_id)
+        return Response(f'<response response_code="ACCEPTED"><action>Request {request_id} for recovery of '
+                        f'{_PATHS[product]} accepted</action></response>', 202, media_type="application/xml")
+
+    # -- pump ----------------------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        cfg = self.config
+        tick = cfg.tick_ms / 1000
+        while True:
+            await asyncio.sleep(tick)
+            if not self.frozen:
+                self._budget += cfg.rate_per_s * tick
+                while self._budget >= 1:
+                    self._budget -= 1
+                    self._step()
+            await self._flush()
+
+    async def _alives(self) -> None:
+        cfg = self.config
+        while True:
+            for p in cfg.producers:
+                if time.monotonic() < self._silent_until.get(p, 0.0):
+                    continue
+                subscribed = 0 if p in self._unsub_pending else 1
+                self._unsub_pending.discard(p)
+                self._outbox.append(("-.-.-.alive.-.-.-.-", f'<alive product="{p}" timestamp="{self._ts()}" '
+                                                            f'subscribed="{subscribed}"/>'.encode(), False))
+            await self._flush()
+            await asyncio.sleep(cfg.alive_interval_s)
+
+    async def _flush(self) -> None:
+        if time.monotonic() < self._stalled_until or self._exchange is None:
+            return
+        import aio_pika
+
+        while self._malformed > 0:
+            body, _ = MALFORMED[self.malformed_sent % len(MALFORMED)]
+            self._malformed -= 1
+            self.malformed_sent += 1
+            self._outbox.appendleft(("hi.-.live.odds_change.1.sr:match.1.-", body, False))
+        out: list[tuple[str, bytes]] = []
+        while self._outbox:
+            key, body, data = self._outbox.popleft()
+            if data and self._reorder > 0 and self._held is None:
+                self._held = (key, body, data)
+                continue
+            out.append((key, body))
+            if data and self._held is not None:
+                out.append(self._held[:2])
+                self._held = None
+                self._reorder -= 1
+                self.reordered += 1
+            if data and self._dup > 0:
+                self._dup -= 1
+                self.duplicates_sent += 1
+                out.append((key, body))
+        if self._held is not None and (self.frozen or not self._reorder):  # nothing left to swap it with
+            out.append(self._held[:2])
+            self._held = None
+        for key, body in out:
+            if key.startswith("-.-.-.snapshot_complete."):
+                m = re.search(rb'product="(\d+)" request_id="(\d+)"', body)
+                if m:
+                    self.completed.append((int(m.group(1)), int(m.group(2))))
+            await self._exchange.publish(aio_pika.Message(body, content_type="text/xml",
+                                                          headers={"timestamp_in_ms": now_ms()}), routing_key=key)
+            self.published += 1

@@ -1,0 +1,224 @@
+"""The UOF normaliser (feed/normalise/uof.py): pure, no broker needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from feed.errors import FeedDecodeError
+from feed.models import Market
+from feed.normalise.base import NormalisedBatch
+from feed.normalise.uof import (
+    MAX_MESSAGE_BYTES,
+    PRODUCER_DOWN,
+    RECOVERY_REQUESTED,
+    UofNormaliser,
+    decode_cursor,
+    encode_cursor,
+    peek_control,
+    producer_down_payload,
+    recovery_requested_payload,
+)
+from feed.validate import validate_update
+
+T = 1_760_000_000_000
+LIVE = "hi.-.live.odds_change.1.sr:match.1.-"
+MID = "uof:sr:match:1:1"
+TOTAL = "uof:sr:match:1:18:total=2.5"
+
+
+def odds(ts: int, *markets: str, product: int = 1, event: str = "sr:match:1", status: int | None = None,
+         request_id: int | None = None) -> bytes:
+    ses = f'<sport_event_status status="{status}"/>' if status is not None else ""
+    req = f' request_id="{request_id}"' if request_id is not None else ""
+    return (f'<odds_change product="{product}" event_id="{event}" timestamp="{ts}"{req}>{ses}<odds>'
+            f'{"".join(markets)}</odds></odds_change>').encode()
+
+
+def m1x2(a: float = 2.0, b: float = 3.4, c: float = 3.9, status: int | None = None, active_c: int = 1) -> str:
+    st = f' status="{status}"' if status is not None else ""
+    return (f'<market id="1"{st}><outcome id="1" odds="{a}" active="1"/><outcome id="2" odds="{b}" active="1"/>'
+            f'<outcome id="3" odds="{c}" active="{active_c}"/></market>')
+
+
+def mtotal(over: float = 1.9, under: float = 1.95) -> str:
+    return (f'<market id="18" specifiers="total=2.5" status="1"><outcome id="12" odds="{over}" active="1"/>'
+            f'<outcome id="13" odds="{under}" active="1"/></market>')
+
+
+def feed(n: UofNormaliser, raw: bytes, channel: str = LIVE, recv: int | None = None) -> NormalisedBatch:
+    batch = n.feed(raw, recv if recv is not None else T + 10_000, channel)
+    for u in batch.updates:
+        validate_update(u, T + 10_000)  # every update meets the shared bounds
+    return batch
+
+
+def up(n: UofNormaliser, product: int = 1, ts: int = T) -> None:
+    n.feed(f'<snapshot_complete product="{product}" request_id="1" timestamp="{ts}"/>'.encode(), T + 10_000,
+           "-.-.-.snapshot_complete.-.-.-.-")
+
+
+def test_odds_change_image_then_delta() -> None:
+    n = UofNormaliser()
+    b = feed(n, odds(T + 1, m1x2(), mtotal(), status=1))
+    assert b.op == "odds_change" and b.provider_ts == T + 1 and b.in_play is True
+    assert [u.market_id for u in b.updates] == [MID, TOTAL]
+    u = b.updates[0]
+    assert u.image and u.source_ts == T + 1 and u.header is not None
+    h = u.header
+    assert (h.event_id, h.sport, h.market_type, h.status, h.in_play) == ("uof:sr:match:1", "soccer", "1", "OPEN", True)
+    assert [(s.selection_id, s.price, s.status) for s in u.selections] == [
+        ("1", 2.0, "ACTIVE"), ("2", 3.4, "ACTIVE"), ("3", 3.9, "ACTIVE")]
+    assert b.updates[1].header is not None and b.updates[1].header.specifiers == {"total": "2.5"}
+    b = feed(n, odds(T + 2, m1x2(a=2.1, active_c=0)))
+    (u,) = b.updates
+    assert not u.image and u.header is None
+    assert [(s.selection_id, s.price, s.status) for s in u.selections] == [("1", 2.1, "ACTIVE"), ("3", 3.9, "SUSPENDED")]
+    assert b.runner_changes == 2
+
+
+@pytest.mark.parametrize(("code", "status", "reason"), [
+    (-1, "SUSPENDED", "suspended"), (0, "INACTIVE", None), (-2, "SUSPENDED", "handed_over"),
+    (-3, "SETTLED", None), (-4, "CANCELLED", "cancelled"), (1, "OPEN", None)])
+def test_market_status_codes(code: int, status: str, reason: str | None) -> None:
+    n = UofNormaliser()
+    (u,) = feed(n, odds(T + 1, m1x2(status=code))).updates
+    assert u.header is not None and (u.header.status, u.header.suspend_reason) == (status, reason)
+
+
+def test_bet_stop_duplicates_and_out_of_order() -> None:
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal()))
+    stop = f'<bet_stop product="1" event_id="sr:match:1" timestamp="{T + 3}" groups="all"/>'.encode()
+    b = feed(n, stop, "hi.-.live.bet_stop.1.sr:match.1.-")
+    assert {(u.market_id, u.header.status, u.header.suspend_reason) for u in b.updates if u.header} == {
+        (MID, "SUSPENDED", "bet_stop"), (TOTAL, "SUSPENDED", "bet_stop")}
+    again = feed(n, stop, "hi.-.live.bet_stop.1.sr:match.1.-")  # a duplicate
+    assert again.updates == [] and again.stale
+    late = feed(n, odds(T + 2, m1x2(a=5.0)))  # generated before the bet stop, arrived after it
+    assert late.updates == [] and late.stale and n.dropped["stale"] == 3
+    b = feed(n, odds(T + 4, m1x2(a=2.2)))  # the next odds_change re-opens
+    assert b.updates[0].header is not None and b.updates[0].header.status == "OPEN"
+
+
+def test_settlement_cancel_and_rollback() -> None:
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal()))
+    settle = (f'<bet_settlement product="1" event_id="sr:match:1" timestamp="{T + 2}" certainty="2"><outcomes>'
+              f'<market id="1"><outcome id="1" result="1"/><outcome id="2" result="0"/>'
+              f'<outcome id="3" result="0" void_factor="1"/></market></outcomes></bet_settlement>').encode()
+    (u,) = feed(n, settle, "lo.-.live.bet_settlement.1.sr:match.1.-").updates
+    assert u.header is not None and u.header.status == "SETTLED"
+    assert [(s.selection_id, s.status, s.price) for s in u.selections] == [
+        ("1", "WINNER", 2.0), ("2", "LOSER", 3.4), ("3", "VOID", 3.9)]
+    # a recovery's odds_change of the settled market: its results stand, the header travels (closed market)
+    b = feed(n, odds(T + 3, m1x2(a=2.2, status=-3)))
+    assert [(s.selection_id, s.status) for u in b.updates for s in u.selections] == [("1", "WINNER")]
+    assert b.updates[0].header is not None and b.updates[0].header.status == "SETTLED"
+    cancel = f'<bet_cancel product="1" event_id="sr:match:1" timestamp="{T + 4}"><market id="18" ' \
+             f'specifiers="total=2.5"/></bet_cancel>'
+    (c,) = feed(n, cancel.encode(), "lo.-.live.bet_cancel.1.sr:match.1.-").updates
+    assert c.header is not None and (c.header.status, c.header.suspend_reason) == ("CANCELLED", "bet_cancel")
+    assert {s.status for s in c.selections} == {"VOID"}
+    rollback = cancel.replace("bet_cancel", "rollback_bet_cancel").replace(str(T + 4), str(T + 5))
+    (r,) = feed(n, rollback.encode(), "lo.-.live.rollback_bet_cancel.1.sr:match.1.-").updates
+    assert r.header is not None and r.header.status == "OPEN" and {s.status for s in r.selections} == {"ACTIVE"}
+
+
+def test_fixture_change_moves_every_market_of_the_event() -> None:
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal()))
+    b = feed(n, f'<fixture_change product="3" event_id="sr:match:1" timestamp="{T + 2}" start_time="{T + 3_600_000}"'
+                f'/>'.encode(), "hi.pre.-.fixture_change.1.sr:match.1.-")
+    assert {u.market_id for u in b.updates} == {MID, TOTAL}
+    assert all(u.header is not None and u.header.start_time == T + 3_600_000 for u in b.updates)
+
+
+def test_alive_cursor_and_recovery_bookkeeping() -> None:
+    n = UofNormaliser()
+    alive = b'<alive product="1" timestamp="%d" subscribed="1"/>'
+    b = feed(n, alive % (T + 1), "-.-.-.alive.-.-.-.-")
+    assert b.heartbeat and b.cursor is None  # not recovered yet: nothing vouches for the cursor
+    feed(n, recovery_requested_payload(1, T + 1, 42, None), RECOVERY_REQUESTED)
+    b = feed(n, b'<snapshot_complete product="1" request_id="41" timestamp="%d"/>' % (T + 2),
+             "-.-.-.snapshot_complete.-.-.-.-")
+    assert b.cursor is None and 1 not in n.up  # an older request's end
+    b = feed(n, b'<snapshot_complete product="1" request_id="42" timestamp="%d"/>' % (T + 3),
+             "-.-.-.snapshot_complete.-.-.-.-")
+    assert b.cursor == "1=%d" % (T + 3)
+    b = feed(n, alive % (T + 4), "-.-.-.alive.-.-.-.-")
+    assert decode_cursor(b.cursor) == {1: T + 4}
+    b = feed(n, b'<alive product="1" timestamp="%d" subscribed="0"/>' % (T + 5), "-.-.-.alive.-.-.-.-")
+    assert b.requests == ["recovery:1"] and b.cursor is None and 1 not in n.up
+    assert decode_cursor(encode_cursor({3: 5, 1: 7})) == {1: 7, 3: 5}
+    assert decode_cursor("garbage;1=x") == {}
+
+
+def test_producer_down_suspends_and_unconfirms_that_producers_markets() -> None:
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal()))
+    feed(n, odds(T + 1, m1x2(), product=3, event="sr:match:2"), "hi.pre.-.odds_change.1.sr:match.2.-")
+    settle = (f'<bet_settlement product="1" event_id="sr:match:1" timestamp="{T + 2}"><outcomes><market id="18" '
+              f'specifiers="total=2.5"><outcome id="12" result="1"/><outcome id="13" result="0"/></market>'
+              f'</outcomes></bet_settlement>').encode()
+    feed(n, settle)
+    b = feed(n, producer_down_payload(1, T + 5, "alive_violation"), PRODUCER_DOWN)
+    assert b.op == "producer_down" and b.unconfirm == [MID]  # not the settled one, not producer 3's
+    (u,) = b.updates
+    assert u.header is not None and (u.header.status, u.header.suspend_reason) == ("SUSPENDED", "producer_down")
+    # the recovery's odds_change re-images it
+    (u,) = feed(n, odds(T + 6, m1x2(), request_id=9)).updates
+    assert u.image and u.header is not None and u.header.status == "OPEN" and len(u.selections) == 3
+    with pytest.raises(FeedDecodeError) as e:  # the provider cannot send oddsfeed's own messages
+        n.feed(producer_down_payload(3, T + 5, "x"), T + 10_000, LIVE)
+    assert e.value.reason == "unknown_type"
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"<odds_change", "invalid_xml"),
+    (b"not xml", "invalid_xml"),
+    (b'<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;">]><alive product="1" timestamp="1"/>',
+     "invalid_xml"),
+    (b'<?xml version="1.0"?><!doctype x SYSTEM "file:///etc/passwd"><alive product="1" timestamp="1"/>',
+     "invalid_xml"),
+    (b'<gossip product="1" timestamp="1"/>', "unknown_type"),
+    (b'<alive product="x" timestamp="1"/>', "invalid_schema"),
+    (b'<alive product="1"/>', "invalid_schema"),
+    (b'<alive product="1" timestamp="%d"/>' % (T + 3_600_000), "clock_skew"),
+    (b"<alive " + b'a="b" ' * (MAX_MESSAGE_BYTES // 6) + b"/>", "too_large"),
+])
+def test_rejected_whole(raw: bytes, reason: str) -> None:
+    n = UofNormaliser()
+    with pytest.raises(FeedDecodeError) as e:
+        n.feed(raw, T + 10_000, "-.-.-.alive.-.-.-.-")
+    assert e.value.reason == reason and e.value.raw
+    assert n.markets == {} and n.cursor == {}
+
+
+def test_a_bad_market_is_rejected_alone_and_re_imaged_next() -> None:
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal()))
+    b = feed(n, odds(T + 2, m1x2(a=0.5), mtotal(over=2.0)))
+    assert [u.market_id for u in b.updates] == [TOTAL]
+    assert [(r.reason, r.market_id) for r in b.rejected] == [("invalid_price", MID)]
+    b = feed(n, odds(T + 3, '<market id="1"><outcome id="1" odds="abc"/></market>'))
+    assert [(r.reason, r.market_id) for r in b.rejected] == [("invalid_price", MID)]
+    (u,) = feed(n, odds(T + 4, m1x2(a=2.5))).updates
+    assert u.image  # its next update re-images it (a change of it was lost)
+
+
+def test_restore_continues_and_peek_control() -> None:
+    n = UofNormaliser()
+    b = feed(n, odds(T + 1, m1x2(), mtotal()))
+    markets = [Market(market_id=u.market_id, source="uof", source_ts=u.source_ts, selections=u.selections,
+                      **{f: getattr(u.header, f) for f in u.header.__struct_fields__})
+               for u in b.updates if u.header is not None]
+    r = UofNormaliser()
+    r.restore(markets, "1=%d;3=%d" % (T, T - 5))
+    assert r.cursor == {1: T, 3: T - 5} and r.up == set()
+    assert feed(r, odds(T + 1, m1x2(a=9.0))).stale  # not newer than what is stored
+    (u,) = feed(r, odds(T + 2, m1x2(a=2.1))).updates
+    assert not u.image and [s.selection_id for s in u.selections] == ["1"]
+    assert r.markets[TOTAL].specifiers == "total=2.5"
+    c = peek_control(b'<alive product="3" timestamp="5" subscribed="0"/>')
+    assert c is not None and (c.op, c.product, c.subscribed) == ("alive", 3, False)
+    assert peek_control(odds(T, m1x2())) is None and peek_control(b"<alive") is None
