@@ -25,6 +25,7 @@ from feed.sources.replay import read_messages
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from tests.poller_helpers import FAST
+from tests.rabbitmq import rabbitmq_url  # noqa: F401 - the session fixture (uof)
 from tests.streaming_helpers import eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -127,12 +128,65 @@ async def push_upstream(kind: str) -> AsyncIterator[tuple[str, Callable[[], None
         await sim.stop()
 
 
-UPSTREAMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[tuple[str, Callable[[], None]]]]] = {
+@contextlib.asynccontextmanager
+async def webhook_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
+    """The webhook pusher POSTs 1,500 signed deliveries (10 % duplicates, 5 % late) once the source listens."""
+    import socket
+
+    import httpx
+
+    from feed.simulator.webhook_pusher import PusherConfig, WebhookPusher
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = "rec-webhook"
+    url = f"http://127.0.0.1:{port}/ingest/webhook/{name}"
+    pusher = WebhookPusher(PusherConfig(url=url, secret="rec-secret", events=4, seed=5,
+                                        duplicate_share=0.1, reorder_share=0.05))
+
+    async def push() -> None:
+        async with httpx.AsyncClient() as client:
+            async def listening() -> bool:
+                try:
+                    await client.get(url)
+                    return True
+                except httpx.TransportError:
+                    return False
+
+            await eventually(listening, 30, "the webhook source listens")
+        await pusher.push(pusher.generate(1500))
+
+    task = asyncio.create_task(push())
+    try:
+        yield f"webhook=127.0.0.1:{port},secret=rec-secret,name={name}", lambda: None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def uof_upstream(amqp_url: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
+    from feed.simulator.uof import UofSimConfig, UofSimulator
+
+    sim = UofSimulator(UofSimConfig(amqp_url=amqp_url, seed=5, events=4, rate_per_s=150.0, tick_ms=20,
+                                    alive_interval_s=0.2, live_after_s=0.8))
+    await sim.start()
+    try:
+        yield (f"uof={amqp_url}?exchange=unifiedfeed,api={sim.api_url},token=sim-uof-token,max_inactivity_s=2,"
+               "min_recovery_interval_s=0.3,backoff_initial_s=0.1,backoff_max_s=0.5,name=rec-uof"), sim.freeze
+    finally:
+        await sim.stop()
+
+
+UPSTREAMS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[tuple[str, Callable[[], None]]]]] = {
     "esa": esa_upstream,
     "pinnacle": lambda: http_upstream("pinnacle"),
     "theoddsapi": lambda: http_upstream("theoddsapi"),
     "push-ws": lambda: push_upstream("push-ws"),
     "push-sse": lambda: push_upstream("push-sse"),
+    "webhook": webhook_upstream,
+    "uof": uof_upstream,
 }
 
 
@@ -168,8 +222,12 @@ async def record_live(store: Store, spec_text: str, freeze: Callable[[], None], 
 
 @pytest.mark.parametrize("kind", list(UPSTREAMS))
 async def test_a_recorded_session_replays_to_the_live_snapshot(store: Store, redis_url: str, tmp_path: Path,
-                                                               kind: str) -> None:
-    async with UPSTREAMS[kind]() as (spec_text, freeze):
+                                                               kind: str, request: pytest.FixtureRequest) -> None:
+    from feed.sources.registry import REGISTRY
+
+    assert set(UPSTREAMS) == set(REGISTRY), "every source kind needs a record → replay check"
+    args = [request.getfixturevalue("rabbitmq_url")] if kind == "uof" else []  # (skips without RabbitMQ)
+    async with UPSTREAMS[kind](*args) as (spec_text, freeze):
         name, recorded = await record_live(store, spec_text, freeze, tmp_path)
     live = await snapshot(store, name)
     assert recorded > 0 and len(live) > 0
