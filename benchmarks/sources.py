@@ -1,44 +1,69 @@
 """Sources against the local simulators: messages/s and emit → stored lag, per kind.
 
 One function per source kind returns a dict of figures; :data:`KINDS` maps
-each kind to its function and ``main`` prints them as one table. Part A
-(HTTP pollers) provides ``pinnacle`` and ``theoddsapi``; the push consumers
-(``push-ws``, ``push-sse``) come from :mod:`benchmarks.sources_push` when it
-is present.
+each kind to its function and ``main`` prints them as one table, with the
+command line and the machine's load (``os.getloadavg``) before and after
+and the 1-minute load at the end of each row's window. Kinds: the HTTP
+pollers ``pinnacle`` and ``theoddsapi`` (here), the push consumers
+``push-ws`` / ``push-sse`` (:mod:`benchmarks.sources_push`), and ``esa``,
+``webhook``, ``uof`` (:mod:`benchmarks.sources_more`, which also holds the
+shared harness).
 
-Poller runs (``bench_pinnacle`` / ``bench_theoddsapi``): an embedded
-redis-server (or ``--redis-url``), the HTTP providers simulator
-(:mod:`feed.simulator.http_providers`, synthetic model, ``--rate`` updates/s
-over ``--events`` events) in a **child process** so it does not share this
-process's core, and the real poller (httpx → normaliser → Ingest → Redis)
-here, polling every ``--interval`` seconds (pre-match and in play alike).
-After the source is UP and a warm-up, for ``--duration`` seconds:
+Every kind runs the same way: an embedded redis-server (or ``--redis-url``),
+the kind's simulator in a **child process** so it does not share this
+process's core (for ``webhook`` the child is the pusher, the source being
+the HTTP server here; for ``uof`` a private RabbitMQ node runs as well), and
+the real source run by :func:`feed.pipeline.run_spec` from its ``--source``
+spec here (source → normaliser → book → Redis). After the source is UP and
+a warm-up, for ``--duration`` seconds:
 
-- ``messages_per_s``: provider responses ingested per second (a poll is a
-  message: one Odds API snapshot, one Pinnacle fixtures or odds answer);
-- ``odds_per_s``: selection changes stored per second;
-- ``lag_p50_ms`` / ``lag_p99_ms`` / ``lag_max_ms``: for every delta stored
-  in the window, the wall clock when Redis acknowledged the apply minus the
-  delta's ``source_ts`` (the simulator's change time: Pinnacle
-  ``*UpdatedAt``, Odds API ``last_update``). Same host, same clock. For a
-  poller this is dominated by the wait for the next poll (≈ interval / 2 on
-  average, up to one interval), which is why the interval is printed.
+- ``msgs/s``: payloads ingested per second (a poll answer, a push message,
+  an ESA line, a webhook body, an AMQP message);
+- ``odds/s``: selection changes stored per second; ``deltas``: deltas stored;
+- ``lag p50/p99/max``: for every delta stored in the window, the wall clock
+  when Redis acknowledged the apply minus the delta's ``source_ts`` (the
+  simulator's change time: Pinnacle ``*UpdatedAt``, Odds API
+  ``last_update``, push / webhook odd ``timestamp``, ESA ``pt``, UOF message
+  ``timestamp``). Same host, same clock. For a poller this is dominated by
+  the wait for the next poll (≈ interval / 2 on average, up to one
+  interval), which is why the interval is printed;
+- ``pipe p50/p99``: the pipeline's own ``pipeline.lag.percentiles()`` (what
+  ``/v1/sources`` shows as ``lag_p50_ms`` / ``lag_p99_ms``) over the same
+  window — a fresh ``LagWindow`` is put in at the start of the window — and
+  ``neg``: its samples with a provider time ahead of the receive time (not
+  in its percentiles). It is *received* − ``source_ts``, so below the stored
+  figure by the normalise-and-store time;
+- ``cpu`` / ``sim``: CPU used over the window by this process / the
+  simulator's child process, % of one core; ``load``: 1-minute load average
+  at the end of the window.
+
+Rates: ``--rate`` model updates/s drives the pollers', push and ESA
+simulators. ``webhook`` has ``--webhook-rate`` (default 500): one delivery is
+one HTTP request and this pusher (httpx, one process) tops out at a few
+hundred to ~1000 requests/s here, so at ``--rate`` the row measures the
+pusher's queue, not the source (try ``--webhook-rate 3000``: the queue fills
+and the notes count the shed messages). ``uof`` has ``--uof-rate`` (default
+500): UOF message timestamps are strictly increasing ms, so near or above
+1000 changes/s they run ahead of the clock and the lag means nothing.
+
+A kind whose run fails prints ``failed: <error>`` (exit status 1) and the
+others still run; ``uof`` prints ``skipped: <reason>`` when the AMQP/UOF
+modules, aio-pika or ``rabbitmq-server`` are not there.
 
 Usage::
 
-    python benchmarks/sources.py [--duration 5] [--interval 0.2] [--rate 3000] [--events 60] [--only pinnacle theoddsapi]
+    python benchmarks/sources.py [--duration 5] [--interval 0.2] [--rate 3000] [--events 60]
+        [--webhook-rate 500] [--webhook-senders 4] [--uof-rate 500] [--only KIND …]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
+import os
+import shlex
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,120 +71,45 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from feed.embedded_redis import EmbeddedRedis  # noqa: E402
-from feed.models import Delta  # noqa: E402
-from feed.settings import Settings  # noqa: E402
-from feed.sources.poller import PollerSource, run_pinnacle_source, run_theoddsapi_source  # noqa: E402
-from feed.sources.spec import parse_source_spec  # noqa: E402
-from feed.store import Store  # noqa: E402
+try:
+    from benchmarks.sources_more import (  # noqa: E402
+        KINDS_MORE,
+        READY_TIMEOUT_S,
+        child,
+        redis_store,
+        running,
+    )
+except ImportError:
+    from sources_more import KINDS_MORE, READY_TIMEOUT_S, child, redis_store, running  # type: ignore[no-redef]  # noqa: E402
 
-__all__ = ["KINDS", "bench_pinnacle", "bench_theoddsapi"]
+__all__ = ["KINDS", "bench_pinnacle", "bench_theoddsapi", "format_row", "main"]
 
 _CHILD = """
-import asyncio, sys
 from feed.simulator.http_providers import ProvidersConfig, run_http_providers
-cfg = ProvidersConfig(events={events}, rate_per_s={rate}, seed=7, time_scale=60.0, tick_ms=20)
-asyncio.run(run_http_providers(cfg, ready=lambda sim: print(sim.port, flush=True)))
+
+async def main(stop):
+    cfg = ProvidersConfig(events={events}, rate_per_s={rate}, seed=7, time_scale=60.0, tick_ms=20)
+    task = asyncio.create_task(run_http_providers(cfg, ready=lambda sim: print(sim.port, flush=True)))
+    await stop.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return {{}}
+
+run(main)
 """
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _pct(values: list[int], q: float) -> float:
-    if not values:
-        return float("nan")
-    return float(values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))])
-
-
-@contextlib.asynccontextmanager
-async def _simulator(events: int, rate_per_s: float) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD.format(events=events, rate=rate_per_s), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        yield int(line)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 async def _bench_poller(kind: str, spec_text: Callable[[int], str], *, duration_s: float, rate_per_s: float,
                         events: int, redis_url: str | None, warmup_s: float, interval_s: float) -> dict[str, Any]:
-    runner = run_pinnacle_source if kind == "pinnacle" else run_theoddsapi_source
-    with tempfile.TemporaryDirectory(prefix="oddsfeed-bench-") as tmp:
-        redis = None
-        if redis_url is None:
-            redis = EmbeddedRedis(tmp, appendonly=False)
-            redis.start()
-            redis_url = redis.url
-        store = await Store.open(redis_url)
-        lags: list[int] = []
-        measuring = False
-        got: list[PollerSource] = []
-        try:
-            async with _simulator(events, rate_per_s) as port:
-                spec = parse_source_spec(spec_text(port))
-                task = asyncio.create_task(runner(store, Settings(), spec, on_source=got.append))
-                try:
-                    deadline = time.monotonic() + 20
-                    while not (got and got[0].pipeline.ingest.health.state == "UP"):
-                        if task.done():
-                            task.result()
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"{kind} poller did not come up")
-                        await asyncio.sleep(0.05)
-                    ingest = got[0].pipeline.ingest  # type: ignore[attr-defined]
-                    flush = ingest.flush
-
-                    async def timed_flush() -> list[Delta]:
-                        deltas = await flush()
-                        if measuring:
-                            t = _now_ms()
-                            lags.extend(t - d.source_ts for d in deltas if d.source_ts)
-                        return deltas
-                    ingest.flush = timed_flush  # type: ignore[method-assign]
-                    await asyncio.sleep(warmup_s)
-                    m0, o0, d0 = ingest.stats.messages, ingest.stats.runner_changes, ingest.stats.deltas
-                    measuring = True
-                    t0 = time.perf_counter()
-                    await asyncio.sleep(duration_s)
-                    measuring = False
-                    dt = time.perf_counter() - t0
-                    m1, o1, d1 = ingest.stats.messages, ingest.stats.runner_changes, ingest.stats.deltas
-                    rejected = ingest.stats.rejected
-                    requests = got[0].http.stats["requests"]
-                finally:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-        finally:
-            await store.close()
-            if redis is not None:
-                redis.stop()
-    lags.sort()
-    return {
-        "transport": kind,
-        "duration_s": round(dt, 2),
-        "interval_s": interval_s,
-        "messages_per_s": round((m1 - m0) / dt, 1),
-        "odds_per_s": round((o1 - o0) / dt),
-        "deltas_per_s": round((d1 - d0) / dt),
-        "deltas": len(lags),
-        "lag_p50_ms": _pct(lags, 0.50),
-        "lag_p99_ms": _pct(lags, 0.99),
-        "lag_max_ms": float(lags[-1]) if lags else float("nan"),
-        "rejected": rejected,
-        "requests": requests,
-    }
+    child_max_s = duration_s + warmup_s + 2 * READY_TIMEOUT_S
+    async with redis_store(redis_url) as store, \
+            child(_CHILD.format(events=events, rate=rate_per_s), max_s=child_max_s, what="HTTP providers") as sim:
+        async with running(kind, store, spec_text(int(sim.first_line))) as run:
+            await run.until(run.up, "UP")
+            r = await run.measure(duration_s=duration_s, warmup_s=warmup_s, sim_pid=sim.proc.pid)
+            requests = run.source.http.stats["requests"]
+    r["notes"] = f"poll every {interval_s:g} s, {requests} requests"
+    return r
 
 
 _FAST = "min_interval_s=0,rate_per_s=1000,burst=100,deadline_s=5,health_every_s=1"
@@ -198,16 +148,35 @@ def _push_kinds() -> dict[str, Callable[..., dict[str, Any]]]:
 
 #: source kind -> benchmark function (keyword args: duration_s, rate_per_s, events, redis_url, …)
 KINDS: dict[str, Callable[..., dict[str, Any]]] = {"pinnacle": bench_pinnacle, "theoddsapi": bench_theoddsapi,
-                                                   **_push_kinds()}
+                                                   **_push_kinds(), **KINDS_MORE}
 
-_HEADER = (f"{'kind':<11} {'msgs/s':>9} {'odds/s':>9} {'deltas':>8} {'lag p50':>9} {'lag p99':>9} "
-           f"{'lag max':>9} {'rejected':>8}  notes")
+_HEADER = (f"{'kind':<10} {'msgs/s':>8} {'odds/s':>7} {'deltas':>7} {'lag p50':>8} {'p99':>7} {'max':>7} "
+           f"{'pipe p50':>8} {'p99':>7} {'neg':>5} {'rej':>4} {'cpu':>4} {'sim':>4} {'load':>5}  notes")
+
+
+def _ms(v: Any) -> str:
+    return "n/a" if v is None or v != v else f"{v:.0f}ms"
 
 
 def format_row(r: dict[str, Any]) -> str:
-    notes = f"poll every {r['interval_s']:g} s, {r['requests']} requests" if "interval_s" in r else ""
-    return (f"{r['transport']:<11} {r['messages_per_s']:>9,} {r['odds_per_s']:>9,} {r['deltas']:>8,} "
-            f"{r['lag_p50_ms']:>7.0f}ms {r['lag_p99_ms']:>7.0f}ms {r['lag_max_ms']:>7.0f}ms {r.get('rejected', 0):>8}  {notes}")
+    """One line of the table (a ``skipped`` / ``failed`` row says why)."""
+    kind = r["transport"]
+    if "skipped" in r:
+        return f"{kind:<10} skipped: {r['skipped']}"
+    if "failed" in r:
+        return f"{kind:<10} failed: {r['failed']}"
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None or v != v else f"{v:.0f}%"
+    return (f"{kind:<10} {r['messages_per_s']:>8,} {r['odds_per_s']:>7,} {r['deltas']:>7,} "
+            f"{_ms(r['lag_p50_ms']):>8} {_ms(r['lag_p99_ms']):>7} {_ms(r['lag_max_ms']):>7} "
+            f"{_ms(r.get('pipe_p50_ms')):>8} {_ms(r.get('pipe_p99_ms')):>7} {r.get('pipe_negative', 0):>5} "
+            f"{r.get('rejected', 0):>4} {pct(r.get('cpu_pct')):>4} {pct(r.get('sim_cpu_pct')):>4} "
+            f"{r.get('load1', float('nan')):>5.2f}  {r.get('notes', '')}")
+
+
+def _load() -> str:
+    return "load average {:.2f} {:.2f} {:.2f} (1/5/15 min)".format(*os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,20 +185,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=0.2, help="poll interval of the pollers, s (default 0.2)")
     p.add_argument("--rate", type=float, default=3000.0, help="model updates per second (default 3000)")
     p.add_argument("--events", type=int, default=60, help="synthetic events (default 60)")
+    p.add_argument("--webhook-rate", type=float, default=500.0,
+                   help="model updates per second of the webhook pusher (default 500; see the docstring)")
+    p.add_argument("--webhook-senders", type=int, default=4, help="concurrent webhook senders (default 4)")
+    p.add_argument("--uof-rate", type=float, default=500.0,
+                   help="changes per second of the UOF simulator (default 500; see the docstring)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     p.add_argument("--only", nargs="+", choices=sorted(KINDS), default=None, help="kinds to run (default all)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    print(f"sources vs the local simulators: {args.rate:g} model updates/s, {args.events} events, "
-          f"{args.duration:g} s measured per kind; lag = Redis apply acknowledged − provider change time", flush=True)
+    cmd = [Path(sys.executable).name, *sys.argv] if argv is None else ["benchmarks/sources.py", *argv]
+    print(f"command: {shlex.join(cmd)}", flush=True)
+    print(f"host: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; at start: {_load()}", flush=True)
+    print(f"sources vs the local simulators: {args.rate:g} model updates/s (webhook {args.webhook_rate:g}, "
+          f"uof {args.uof_rate:g}), {args.events} events, {args.duration:g} s measured per kind; "
+          f"lag = Redis apply acknowledged − provider change time; pipe = pipeline.lag (received − provider time)",
+          flush=True)
     print(_HEADER, flush=True)
+    failed = False
     for kind in args.only or list(KINDS):
         opts: dict[str, Any] = {"duration_s": args.duration, "rate_per_s": args.rate, "events": args.events,
                                 "redis_url": args.redis_url}
         if kind in ("pinnacle", "theoddsapi"):
             opts["interval_s"] = args.interval
-        print(format_row(KINDS[kind](**opts)), flush=True)
-    return 0
+        elif kind == "webhook":
+            opts.update(rate_per_s=args.webhook_rate, senders=args.webhook_senders)
+        elif kind == "uof":
+            opts["rate_per_s"] = args.uof_rate
+        try:
+            row = KINDS[kind](**opts)
+        except KeyboardInterrupt:
+            print(f"{kind:<10} interrupted", flush=True)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - one kind failing must not hide the others
+            failed = True
+            row = {"transport": kind, "failed": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        print(format_row(row), flush=True)
+    print(f"at end: {_load()}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
