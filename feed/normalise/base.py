@@ -18,14 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 
-from feed.errors import FeedDecodeError
+from feed.errors import ConfigError, FeedDecodeError
 from feed.models import Market, MarketHeader, Selection
 from feed.validate import MAX_TIME_MS, MIN_TIME_MS
 
+
+if TYPE_CHECKING:
+    from feed.sources.spec import SourceSpec
 
 class MarketUpdate(msgspec.Struct, kw_only=True, gc=False):
     """One provider change of one market, in canonical terms.
@@ -148,3 +151,12 @@ def iso_to_ms(value: str | float | None) -> int | None:
     if not MIN_TIME_MS <= ms <= MAX_TIME_MS:
         raise FeedDecodeError("invalid_time", f"time {value[:40]!r} is not within 1970..2100")
     return ms
+
+
+def odds_format_of(spec: SourceSpec) -> Literal["decimal", "american"]:
+    """The ``odds_format=decimal|american`` option of a source spec (default
+    decimal); ConfigError naming the valid values otherwise."""
+    fmt = spec.get("odds_format", "decimal") or "decimal"
+    if fmt not in ("decimal", "american"):
+        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american, not {fmt!r}")
+    return "american" if fmt == "american" else "decimal"

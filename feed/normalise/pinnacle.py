@@ -62,9 +62,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
-from feed.errors import ConfigError, FeedDecodeError
+from feed.errors import FeedDecodeError
 from feed.models import Market, MarketHeader
-from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.normalise.base import MarketUpdate, NormalisedBatch, odds_format_of
 from feed.normalise.rendered import (
     MarketDiffer,
     Rendered,
@@ -839,7 +839,4 @@ def decode_cursor(value: str | None) -> PinnacleCursor:
 def from_spec(spec: SourceSpec, settings: Settings) -> PinnacleNormaliser:
     """The registry's normaliser factory for ``pinnacle`` sources
     (``odds_format=decimal|american``)."""
-    fmt = spec.get("odds_format", "decimal") or "decimal"
-    if fmt not in ("decimal", "american"):
-        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american, not {fmt!r}")
-    return PinnacleNormaliser(spec.name, odds_format="american" if fmt == "american" else "decimal")
+    return PinnacleNormaliser(spec.name, odds_format=odds_format_of(spec))

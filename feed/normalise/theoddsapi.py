@@ -61,9 +61,9 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from feed.errors import ConfigError, FeedDecodeError
+from feed.errors import FeedDecodeError
 from feed.models import Market, MarketHeader, Selection
-from feed.normalise.base import NormalisedBatch
+from feed.normalise.base import NormalisedBatch, odds_format_of
 from feed.normalise.rendered import (
     MarketDiffer,
     Rendered,
@@ -443,7 +443,4 @@ def _under(market_id: str, prefixes: list[str]) -> bool:
 def from_spec(spec: SourceSpec, settings: Settings) -> TheOddsApiNormaliser:
     """The registry's normaliser factory for ``theoddsapi`` sources
     (``odds_format=decimal|american``)."""
-    fmt = spec.get("odds_format", "decimal") or "decimal"
-    if fmt not in ("decimal", "american"):
-        raise ConfigError(f"source {spec.name}: odds_format must be decimal or american, not {fmt!r}")
-    return TheOddsApiNormaliser(spec.name, odds_format="american" if fmt == "american" else "decimal")
+    return TheOddsApiNormaliser(spec.name, odds_format=odds_format_of(spec))

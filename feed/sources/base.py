@@ -27,7 +27,7 @@ Times are integer ms since the Unix epoch (UTC).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
@@ -149,3 +149,47 @@ class Source(Protocol):
 
 class SourceFactory(Protocol):
     def __call__(self, spec: SourceSpec, settings: Settings) -> Source: ...
+
+
+class _Client(Protocol):
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class ClientSource:
+    """Base of sources that wrap a stream client with ``run()`` / ``stop()``
+    and callbacks (:class:`feed.sources.esa.EsaSource`,
+    :class:`feed.sources.push.PushSource`): every delivery of lines is one
+    :meth:`Sink.deliver`, and stopping stops the client."""
+
+    confirms_by_messages = True
+    stale_after_ms: int | None = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._client: _Client | None = None
+        self._stopped = False
+
+    @staticmethod
+    def deliverer(sink: Sink) -> Callable[[list[bytes], int], Awaitable[None]]:
+        """``on_lines(lines, recv_ms)`` for a client: one delivery per batch."""
+        async def deliver(lines: list[bytes], recv_ms: int) -> None:
+            await sink.deliver([Payload(recv_ms, raw) for raw in lines])
+
+        return deliver
+
+    async def run_client(self, client: _Client) -> None:
+        """Run ``client`` until it returns (or :meth:`stop`)."""
+        self._client = client
+        if self._stopped:
+            return
+        try:
+            await client.run()
+        finally:
+            client.stop()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._client is not None:
+            self._client.stop()

@@ -68,7 +68,7 @@ from feed.sources.esa_protocol import (
     StreamStatus,
     Subscribed,
 )
-from feed.sources.base import Payload, Sink
+from feed.sources.base import ClientSource, Sink
 from feed.sources.session import HealthCallback, SessionClient
 
 if TYPE_CHECKING:
@@ -444,7 +444,7 @@ class EsaClient(SessionClient):
 # -- as a Source of the pipeline ---------------------------------------------------------
 
 
-class EsaSource:
+class EsaSource(ClientSource):
     """One ESA subscription as a :class:`feed.sources.base.Source`.
 
     It subscribes with the sink's stored ``initialClk``/``clk`` (a restart
@@ -455,44 +455,26 @@ class EsaSource:
     :class:`EsaClient` keyword arguments besides the callbacks and cursor.
     """
 
-    confirms_by_messages = True
-    stale_after_ms: int | None = None
-
     def __init__(self, name: str, *, on_client: Callable[[EsaClient], None] | None = None,
                  **client_args: Any) -> None:
-        self.name = name
+        super().__init__(name)
         self.client_args = client_args
         self.on_client = on_client
         self.client: EsaClient | None = None
-        self._stopped = False
 
     async def run(self, sink: Sink) -> None:
         from feed.normalise.betfair import decode_cursor
 
         cursor = decode_cursor(sink.cursor)
-
-        async def on_lines(lines: list[bytes], recv_ms: int) -> None:
-            await sink.deliver([Payload(recv_ms, raw) for raw in lines])
-
-        client = self.client = EsaClient(on_lines=on_lines, on_health=sink.set_state, name=self.name,
+        client = self.client = EsaClient(on_lines=self.deliverer(sink), on_health=sink.set_state, name=self.name,
                                          initial_clk=cursor.initial_clk, clk=cursor.clk, **self.client_args)
         if self.on_client is not None:
             self.on_client(client)
-        if self._stopped:
-            return
-        try:
-            await client.run()
-        finally:
-            client.stop()
+        await self.run_client(client)
 
     def request_repair(self) -> None:
         if self.client is not None:
             self.client.request_image()
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self.client is not None:
-            self.client.stop()
 
 
 def endpoint(spec: SourceSpec) -> tuple[str, int, bool]:

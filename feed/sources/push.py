@@ -62,7 +62,7 @@ from feed.errors import FatalSourceError
 from feed.normalise.push import entry_key
 from feed.redaction import register_secret
 from feed.sources.backoff import Backoff
-from feed.sources.base import Payload, Sink
+from feed.sources.base import ClientSource, Sink
 from feed.sources.session import HealthCallback, SessionClient
 from feed.sources.spec import SourceSpec
 
@@ -500,7 +500,7 @@ def client_options(spec: SourceSpec) -> dict[str, Any]:
     return opts
 
 
-class PushSource:
+class PushSource(ClientSource):
     """A push stream as a :class:`feed.sources.base.Source`: a
     ``client_cls`` (:class:`feed.sources.ws.PushWsClient`,
     :class:`feed.sources.sse.PushSseClient`) resuming after the sink's
@@ -511,41 +511,24 @@ class PushSource:
     on_client: called with the client and the sink before it runs.
     """
 
-    confirms_by_messages = True
-    stale_after_ms: int | None = None
-
     def __init__(self, name: str, client_cls: type[PushClient], options: dict[str, Any], *,
                  on_client: Callable[[PushClient, Sink], None] | None = None) -> None:
-        self.name = name
+        super().__init__(name)
         self.client_cls = client_cls
         self.options = options
         self.on_client = on_client
         self.client: PushClient | None = None
-        self._stopped = False
 
     async def run(self, sink: Sink) -> None:
-        async def on_messages(lines: list[bytes], recv_ms: int) -> None:
-            await sink.deliver([Payload(recv_ms, raw) for raw in lines])
-
-        client = self.client = self.client_cls(cursor=sink.cursor, on_messages=on_messages,
+        client = self.client = self.client_cls(cursor=sink.cursor, on_messages=self.deliverer(sink),
                                                on_health=sink.set_state, **self.options)
         if self.on_client is not None:
             self.on_client(client, sink)
-        if self._stopped:
-            return
-        try:
-            await client.run()
-        finally:
-            client.stop()
+        await self.run_client(client)
 
     def request_repair(self) -> None:
         if self.client is not None:
             self.client.request_repair()
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self.client is not None:
-            self.client.stop()
 
 
 def push_source(spec: SourceSpec, client_cls: type[PushClient], *,
