@@ -213,11 +213,18 @@ async def record_live(store: Store, spec_text: str, freeze: Callable[[], None], 
             return same
 
         await eventually(still, 60, "the stored snapshot stands still", interval_s=1.0)
+        # every kind reports its feed-lag percentiles in its health record (/v1/sources)
+        await eventually(lambda: _has_lag(store, spec.name), 10, "lag percentiles in the health record")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert got[0][1].recorder is not None
     return spec.name, got[0][1].recorder.payloads
+
+
+async def _has_lag(store: Store, name: str) -> bool:
+    h = await store.get_health(name)
+    return h is not None and h.lag_p50_ms is not None and h.lag_p99_ms is not None
 
 
 @pytest.mark.parametrize("kind", list(UPSTREAMS))
