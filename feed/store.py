@@ -477,6 +477,18 @@ class Store:
                 out.append(HEALTH_DECODER.decode(v))
         return out
 
+    async def log_heads(self) -> list[str]:
+        """The id of the newest entry of each partition's delta log (``"0-0"``
+        when empty), in partition order. Raises StoreError."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for p in range(self.partitions):
+                pipe.xrevrange(log_key(p), count=1)
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return [reply_text(r[0][0]) if r else "0-0" for r in replies]
+
     async def quarantine_counts(self) -> dict[str, dict[str, int]]:
         """{source: {reason: count}} of rejected messages."""
         raw = await self.redis.hgetall(QUARANTINE_COUNT_KEY)

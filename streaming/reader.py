@@ -354,7 +354,9 @@ class Node:
         """Reload source health; announce each change of a source's state,
         reason or set of stale markets as a ``status`` message."""
         sources = await self.store.sources()
-        self.state.set_health(sources)
+        # read after the records: the node vouches for a record in a partition once it has read that far
+        heads = await self.store.log_heads()
+        self.state.set_health(sources, heads)
         self.health_at = now = now_ms()
         self._announce(now, announce=announce)
 

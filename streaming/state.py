@@ -27,6 +27,16 @@ earlier run or an earlier upstream left behind, and markets whose updates
 were rejected or dropped (session cleared), age from their last change and
 turn stale. A market whose source has no health record is judged by
 ``received_at`` alone.
+
+A heartbeat confirmation is only as good as what this node has read: the
+ingest confirms its source after *storing* everything it received, but the
+node may not have read those writes yet (its reader of one partition is
+reconnecting after a Redis failover while the health record, on another
+node, already says "confirmed just now"). So the node vouches for a health
+record's ``last_message_at`` in partition ``p`` only once its position in
+``p``'s log has reached the log's head as read *after* that record
+(:meth:`NodeState.set_health` with ``heads``); until then the markets of
+``p`` keep the confirmation of an earlier record that was reached.
 """
 
 from __future__ import annotations
@@ -371,6 +381,10 @@ class NodeState:
         self._stale_in_play_ms = settings.stale_in_play_ms
         self._stale_pre_match_ms = settings.stale_pre_match_ms
         self._stale_by_sport = parse_stale_by_sport(getattr(settings, "stale_after_ms_by_sport", ()))
+        #: source -> per partition: the newest ``last_message_at`` this node has read far enough to vouch for
+        self._vouched: dict[str, list[int]] = {}
+        #: per partition: (log head read after the record, source, last_message_at) not reached yet
+        self._waiting: list[list[tuple[StreamId, str, int]]] = [[] for _ in range(partitions)]
 
     # -- staleness -----------------------------------------------------------
 
@@ -390,7 +404,11 @@ class NodeState:
             if h.state == "DOWN" or lease_expired(h, now) or lost_change(m, h):
                 down = True  # (a lost change: stale until its source re-images the market)
             elif h.last_message_at > last and m.session is not None and m.session == h.session:
-                last = h.last_message_at
+                vouched = self._vouched.get(m.source)
+                if vouched is not None:
+                    confirmed = min(h.last_message_at, vouched[partition_of(m.market_id, self.partitions)])
+                    if confirmed > last:
+                        last = confirmed
         age = now - last
         if age < 0:
             age = 0
@@ -482,6 +500,7 @@ class NodeState:
             self.positions[p] = position
             for m in markets:
                 self._put(m, self.markets.get(m.market_id))
+            self._reach(p)
         self.epoch = epoch
         self.generation += 1
         self.changes += 1
@@ -497,6 +516,8 @@ class NodeState:
         prev_token = self.token
         self.positions[p] = entry_id
         self.token = token = encode_token(self.epoch, self.positions)
+        if self._waiting[p]:
+            self._reach(p)
         markets = self.markets
         for d in deltas:
             old = markets.get(d.market_id)
@@ -579,8 +600,45 @@ class NodeState:
                                                    token=token, prev_token=prev_token), None, d))
         return PreparedEntry(p, entry_id, token, out, prev_token)
 
-    def set_health(self, sources: Iterable[SourceHealth]) -> None:
+    def set_health(self, sources: Iterable[SourceHealth], heads: Sequence[str] | None = None) -> None:
+        """Replace the source health records. ``heads``: each partition's
+        newest log entry id, read *after* the records; a record's
+        confirmation counts in partition ``p`` once this node's position
+        reaches ``heads[p]`` (see the module docstring). None: the caller
+        holds every write already (tests, tools) and vouches at once."""
         self.health = {h.source: h for h in sources}
+        P = self.partitions
+        for name in [n for n in self._vouched if n not in self.health]:
+            del self._vouched[name]
+        if heads is None:
+            self._vouched = {h.source: [h.last_message_at] * P for h in self.health.values()}
+            return
+        for h in self.health.values():
+            self._vouched.setdefault(h.source, [0] * P)
+        for p, head in enumerate(heads):
+            waiting = self._waiting[p]
+            hid = parse_stream_id(head)
+            waiting.extend((hid, h.source, h.last_message_at) for h in self.health.values())
+            if len(waiting) > _WAITING_MAX:  # a reader that cannot keep up: keep the newest (conservative)
+                del waiting[:len(waiting) - _WAITING_MAX]
+            self._reach(p)
+
+    def _reach(self, p: int) -> None:
+        """Vouch for the waiting records whose log head partition ``p`` has reached."""
+        waiting = self._waiting[p]
+        if not waiting:
+            return
+        pos = parse_stream_id(self.positions[p])
+        keep = []
+        for item in waiting:
+            head, source, at = item
+            if head <= pos:
+                vouched = self._vouched.get(source)
+                if vouched is not None and at > vouched[p]:
+                    vouched[p] = at
+            else:
+                keep.append(item)
+        self._waiting[p] = keep
 
     def stale_ids(self, source: str, now: int) -> list[str]:
         """Ids of the stale markets of ``source`` at ``now``, sorted."""
@@ -591,6 +649,10 @@ class NodeState:
                 out.append(mid)
         out.sort()
         return out
+
+
+#: most health records waiting per partition for the node's reader to reach their log head
+_WAITING_MAX = 256
 
 
 def parse_stale_by_sport(entries: Iterable[str]) -> dict[tuple[str | None, bool], int]:

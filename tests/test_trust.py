@@ -20,7 +20,7 @@ from feed.ingest import HealthPublisher, Ingest
 from feed.models import Market, Selection, SourceHealth, effective_health
 from feed.normalise.betfair import encode_cursor
 from feed.settings import Settings
-from feed.store import Store
+from feed.store import Store, partition_of
 from streaming.pricecheck import PriceCheckRequest, check as check_price
 from streaming.state import NodeState
 from tests.streaming_helpers import eventually
@@ -582,3 +582,23 @@ async def test_writes_the_store_lost_after_acknowledging_them_are_re_imaged(stor
     assert quiet is not None and best_back(quiet) == 5.5, "the quiet market must not stay at the lost state"
     busy = await store.get_market("bf:1.1")
     assert busy is not None and best_back(busy) == 2.8
+
+
+def test_a_node_vouches_for_a_heartbeat_only_once_it_has_read_the_log_that_far() -> None:
+    """After a failover the ingest re-confirms its source (health record on another
+    Redis node) while this node's reader of the failed partition is still
+    reconnecting: the heartbeat must not make the node's older prices read fresh."""
+    st = NodeState(Settings(stale_in_play_ms=10_000), 2)
+    m = Market(market_id="bf:1.1", source="betfair", session="s", received_at=NOW - 8_000, in_play=True)
+    p = partition_of(m.market_id, 2)
+    st.replace_partitions({0: ("5-0", [m] if p == 0 else []), 1: ("5-0", [m] if p == 1 else [])}, "e")
+    h = SourceHealth(source="betfair", state="UP", last_message_at=NOW - 100, session="s", updated_at=NOW - 50,
+                     lease_ms=5_000)
+    heads = ["5-0", "5-0"]
+    heads[p] = "9-0"  # the ingest stored more in the market's partition than the node has read
+    st.set_health([h], heads)
+    assert st.age_stale(st.markets[m.market_id], NOW) == (8_000, False)  # its own receipt, not the heartbeat
+    st.apply_entry(p, "9-0", [], NOW)  # the reader caught up with the log head read after the record
+    assert st.age_stale(st.markets[m.market_id], NOW) == (100, False)
+    st.set_health([h], ["5-0", "5-0"])  # a reader at the head vouches at once
+    assert st.age_stale(st.markets[m.market_id], NOW) == (100, False)
