@@ -71,22 +71,21 @@ import hashlib
 import hmac
 import logging
 import secrets
-import socket
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from feed.asgi_server import LocalServer
 from feed.normalise.base import iso_to_ms
 from feed.odds import decimal_to_american
 from feed.simulator.market_model import MarketModel, iso_ms
@@ -222,14 +221,6 @@ class _Fault:
     arg: Any = None
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn that leaves the process's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class HttpProviders:
     """The simulator. ``await start()``, use ``url``, ``await stop()``.
 
@@ -270,8 +261,7 @@ class HttpProviders:
         self._pn_served_last: dict[int, int] = {}
         self._truth: TruthLog | None = open_truth_log(cfg.truth_log) if cfg.truth_log else None
         self._truth_pn: dict[int, set[str]] = {}  # base event -> Pinnacle market ids logged as offered
-        self._server: _QuietServer | None = None
-        self._serve_task: asyncio.Task[None] | None = None
+        self._server: LocalServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.app = self._build_app()
         self._project(_now_ms())
@@ -284,24 +274,9 @@ class HttpProviders:
 
     async def start(self) -> None:
         cfg = self.config
-        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.port))
-        sock.listen(256)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1,
-                                timeout_keep_alive=30, access_log=False)
-        self._server = _QuietServer(config)
-        self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-providers")
-        for _ in range(500):
-            if self._server.started:
-                break
-            if self._serve_task.done():
-                self._serve_task.result()
-            await asyncio.sleep(0.01)
-        else:
-            raise RuntimeError("http providers simulator did not start")
+        self._server = LocalServer(self.app, cfg.host, cfg.port, name="http-providers", timeout_keep_alive=30)
+        await self._server.start()
+        self.port = self._server.port
         self._ticker = asyncio.create_task(self._tick_forever(), name="http-providers-ticker")
         logger.info("http providers simulator on %s (Pinnacle /v1/fixtures /v2/odds, The Odds API /v4)", self.url)
 
@@ -311,10 +286,8 @@ class HttpProviders:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
-        if self._server is not None and self._serve_task is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._serve_task, 5.0)
+        if self._server is not None:
+            await self._server.stop()
             self._server = None
 
     async def _tick_forever(self) -> None:

@@ -50,7 +50,6 @@ import contextlib
 import hmac
 import itertools
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,7 +58,6 @@ from typing import Any
 
 import msgspec
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
@@ -68,6 +66,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from feed.asgi_server import LocalServer
 from feed.models import Market
 from feed.simulator.market_model import MarketModel
 from feed.simulator.pacing import tick_forever
@@ -285,9 +284,8 @@ class PushSimulator:
         self._next: dict[str, int] = {"dup": 0, "reorder": 0, "skip": 0, "malformed": 0}
         self._fail_snapshots = 0
         self._stall_new_until = 0.0
-        self._server: uvicorn.Server | None = None
+        self._server: LocalServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._sock: socket.socket | None = None
         self._truth: TruthLog | None = open_truth_log(cfg.truth_log) if cfg.truth_log else None
         self._poison: deque[int] = deque()
         # the initial state is served as snapshots, not as stream entries
@@ -313,22 +311,10 @@ class PushSimulator:
     async def start(self) -> None:
         """Listen (uvicorn) and start the pump."""
         cfg = self.config
-        sock = self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_level="warning", ws_max_size=1 << 20,
-                                timeout_graceful_shutdown=1, ws="websockets-sansio")
-        self._server = uvicorn.Server(config)
-        self._tasks.append(asyncio.create_task(self._server.serve(sockets=[sock]), name="push-sim-server"))
-        for _ in range(500):
-            if self._server.started or self._tasks[0].done():
-                break
-            await asyncio.sleep(0.01)
-        if not self._server.started:
-            if self._tasks[0].done():
-                self._tasks[0].result()
-            raise RuntimeError("push simulator did not start")
+        self._server = LocalServer(self.app, cfg.host, cfg.port, name="push-sim-server", ws_max_size=1 << 20,
+                                   ws="websockets-sansio")
+        await self._server.start()
+        self.port = self._server.port
         self._tasks.append(asyncio.create_task(self._ticker(), name="push-sim-ticker"))
         logger.info("push simulator on %s:%d (%d synthetic events, %g updates/s, ping %d ms)", cfg.host, self.port,
                     cfg.events, cfg.rate_per_s, cfg.ping_interval_ms)
@@ -337,19 +323,14 @@ class PushSimulator:
         """Close every stream, stop the pump and the server."""
         for conn in list(self._conns):
             conn.close()
-        ticker = self._tasks[1:] if len(self._tasks) > 1 else []
-        for task in ticker:
+        for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._server is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._tasks[0], 5)
-            self._server = None
         self._tasks.clear()
-        if self._sock is not None:
-            self._sock.close()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
         logger.info("push simulator on port %d stopped", self.port)
 
     # -- fault switches ------------------------------------------------------------

@@ -55,19 +55,17 @@ import logging
 import math
 import random
 import re
-import socket
 import time
 from collections import deque
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from feed.asgi_server import LocalServer
 from feed.models import Market
 
 if TYPE_CHECKING:
@@ -207,12 +205,6 @@ class _SimEvent:
         self.markets: list[_SimMarket] = []
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn that leaves the process's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class UofSimulator:
@@ -255,9 +247,8 @@ class UofSimulator:
         self._budget = 0.0
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
-        self._server: _QuietServer | None = None
+        self._server: LocalServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._sock: socket.socket | None = None
         t0 = time.monotonic()
         for i in range(cfg.events):
             self._new_event(cfg.producers[i % len(cfg.producers)], t0, announce=False)
@@ -279,42 +270,22 @@ class UofSimulator:
         self._connection = await aio_pika.connect(cfg.amqp_url)
         channel = await self._connection.channel()
         self._exchange = await channel.declare_exchange(cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        sock = self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.port))
-        sock.listen(64)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1,
-                                access_log=False)
-        self._server = _QuietServer(config)
-        serve = asyncio.create_task(self._server.serve(sockets=[sock]), name="uof-sim-api")
-        self._tasks.append(serve)
-        for _ in range(500):
-            if self._server.started or serve.done():
-                break
-            await asyncio.sleep(0.01)
-        if not self._server.started:
-            if serve.done():
-                serve.result()
-            raise RuntimeError("UOF simulator API did not start")
+        self._server = LocalServer(self.app, cfg.host, cfg.port, name="uof-sim-api")
+        await self._server.start()
+        self.port = self._server.port
         self._tasks.append(asyncio.create_task(self._pump(), name="uof-sim-pump"))
         self._tasks.append(asyncio.create_task(self._alives(), name="uof-sim-alive"))
         logger.info("UOF simulator: exchange %s, recovery API on %s:%d, %d events", cfg.exchange, cfg.host,
                     self.port, cfg.events)
 
     async def stop(self) -> None:
-        for task in self._tasks[1:]:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
-        if self._server is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._tasks[0], 5)
-            self._server = None
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._sock is not None:
-            self._sock.close()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), 5)

@@ -124,20 +124,18 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from feed.asgi_server import LocalServer
 from feed.errors import ConfigError
 from feed.redaction import register_secret
 from feed.sources.base import Delivered, Payload, Sink
@@ -358,14 +356,6 @@ class NonceCache:
             keys.popitem(last=False)
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn that leaves the process's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
@@ -425,44 +415,21 @@ class WebhookSource:
         retries)."""
         self._sink = sink
         opts = self.options
-        # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-        # without it every answer (headers, then body) waits ~40 ms for the client's delayed ACK
-        sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET, socket.SOCK_STREAM,
-                             socket.IPPROTO_TCP)
+        server = LocalServer(self.app, opts.host, opts.port, name=f"webhook-{self.name}", timeout_keep_alive=30,
+                             timeout_graceful_shutdown=2, server_header=False)
+        await server.start()  # (OSError when the address cannot be bound: the supervisor retries)
+        self.port = server.port
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind((opts.host, opts.port))
-            sock.listen(256)
-            sock.setblocking(False)
-            self.port = sock.getsockname()[1]
-            config = uvicorn.Config(self.app, lifespan="off", log_level="warning", access_log=False,
-                                    timeout_keep_alive=30, timeout_graceful_shutdown=2, server_header=False)
-            server = _QuietServer(config)
-            serve = asyncio.create_task(server.serve(sockets=[sock]), name=f"webhook-{self.name}")
-            try:
-                while not server.started:
-                    if serve.done():
-                        serve.result()
-                        raise OSError(f"webhook server for {self.name} ended before listening")
-                    await asyncio.sleep(0.01)
-                self._last_delivery = time.monotonic()
-                sink.set_state("UP", None)
-                self.listening.set()
-                logger.info("webhook source %s listening on %s", self.name, self.url)
-                await self._watch_idle(sink, serve)
-            finally:
-                self.listening.clear()
-                server.should_exit = True
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(serve), 5)
-                if not serve.done():
-                    serve.cancel()
-                    with contextlib.suppress(BaseException):
-                        await serve
-                sink.set_state("DOWN", "stopped")
+            self._last_delivery = time.monotonic()
+            sink.set_state("UP", None)
+            self.listening.set()
+            logger.info("webhook source %s listening on %s", self.name, self.url)
+            assert server.task is not None
+            await self._watch_idle(sink, server.task)
         finally:
-            sock.close()
+            self.listening.clear()
+            await server.stop()
+            sink.set_state("DOWN", "stopped")
 
     async def _watch_idle(self, sink: Sink, serve: asyncio.Task[None]) -> None:
         """Until stopped: DEGRADED / ``no_deliveries`` after ``stale_after_s``
