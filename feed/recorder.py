@@ -34,12 +34,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import orjson
 
 from feed.errors import ConfigError
 from feed.sources.base import Payload
+from feed.sources.replay import open_recording
 
 logger = logging.getLogger(__name__)
 
@@ -158,27 +159,19 @@ class Recording:
 
 
 def is_oddsfeed_recording(path: Path) -> bool:
-    """True when ``path`` (plain or gzip) starts with an oddsfeed recording header."""
+    """True when ``path`` (plain, gzip or bzip2) starts with an oddsfeed recording header."""
     try:
-        with _open_text(path) as f:
+        with open_recording(path) as f:
             first = f.readline(4096)
-    except (OSError, EOFError, gzip.BadGzipFile):
+    except (OSError, EOFError):
         return False
     return first.startswith(b'{"oddsfeed_recording"')
-
-
-def _open_text(path: Path) -> IO[bytes]:
-    with path.open("rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return cast(IO[bytes], gzip.open(path, "rb"))
-    return path.open("rb")
 
 
 def read_recording(path: Path) -> Recording:
     """Read an oddsfeed recording (see the module docstring). Raises
     ConfigError when it is not one or a line is unreadable (naming the line)."""
-    with _open_text(path) as f:
+    with open_recording(path) as f:
         lines: Iterator[bytes] = iter(f.read().splitlines())
     try:
         head = orjson.loads(next(lines))

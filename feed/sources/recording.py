@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from feed.recorder import Recording, is_oddsfeed_recording, read_recording
 from feed.sources.base import Payload, Sink
+from feed.sources.replay import recording_files
 from feed.sources.spec import SourceSpec
 
 if TYPE_CHECKING:
@@ -95,19 +96,10 @@ class RecordingSummary:
 
 
 def recording_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """The oddsfeed recordings among files and folders (recursively, in name
-    order). Raises FileNotFoundError for a path that does not exist."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            out.extend(f for f in sorted(p.rglob("*")) if f.is_file() and is_oddsfeed_recording(f))
-        elif p.is_file():
-            if is_oddsfeed_recording(p):
-                out.append(p)
-        else:
-            raise FileNotFoundError(f"no such recording file or folder: {p}")
-    return out
+    """The oddsfeed recordings among files and folders (as
+    :func:`feed.sources.replay.recording_files` walks them). Raises
+    FileNotFoundError for a path that does not exist."""
+    return [f for f in recording_files(paths) if is_oddsfeed_recording(f)]
 
 
 async def replay_recordings(store: Store, settings: Settings, paths: Iterable[str | os.PathLike[str]], *,

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, cast
 
 import msgspec
 import orjson
@@ -57,14 +58,23 @@ def recording_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return out
 
 
+def open_recording(path: Path) -> IO[bytes]:
+    """``path`` opened for reading, decompressed by its magic bytes (bzip2,
+    gzip or plain). Raises OSError."""
+    with path.open("rb") as f:
+        magic = f.read(3)
+    if magic == b"BZh":
+        return cast(IO[bytes], bz2.open(path, "rb"))
+    if magic[:2] == b"\x1f\x8b":
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    return path.open("rb")
+
+
 def read_messages(path: Path) -> list[bytes] | None:
     """The raw messages of one recording, or None when the file is not an
     ESA recording (no ``op`` in its first message)."""
-    data = path.read_bytes()
-    if data[:3] == b"BZh":
-        data = bz2.decompress(data)
-    elif data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+    with open_recording(path) as f:
+        data = f.read()
     stripped = data.lstrip()
     if stripped[:1] == b"[":
         try:
