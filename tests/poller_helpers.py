@@ -5,14 +5,15 @@ simulator's truth. Every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from feed.models import Market
 from feed.settings import Settings
 from feed.simulator.http_providers import HttpProviders, ProvidersConfig
-from feed.sources.poller import PollerSource, run_pinnacle_source, run_theoddsapi_source
+from feed.pipeline import Pipeline, run_spec
+from feed.sources.poller import PollerSource
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from tests.streaming_helpers import eventually as _eventually
@@ -39,10 +40,17 @@ async def providers(**config: Any) -> AsyncIterator[HttpProviders]:
 @asynccontextmanager
 async def poller(kind: str, store: Store, spec: str, *, settings: Settings | None = None) -> AsyncIterator[
         tuple[PollerSource, asyncio.Task[None]]]:
-    """Run a poller from a ``--source`` spec; yield (source, task)."""
+    """Run a poller from a ``--source`` spec through the pipeline; yield (source, task),
+    the source's ``pipeline`` attribute set to its pipeline (for the tests' eyes only)."""
     got: list[PollerSource] = []
-    run: Callable[..., Awaitable[None]] = run_pinnacle_source if kind == "pinnacle" else run_theoddsapi_source
-    task = asyncio.create_task(run(store, settings or Settings(), parse_source_spec(spec), on_source=got.append))
+    parsed = parse_source_spec(spec)
+    assert parsed.kind == kind
+
+    def hook(source: Any, pipeline: Pipeline) -> None:
+        source.pipeline = pipeline
+        got.append(source)
+
+    task = asyncio.create_task(run_spec(store, settings or Settings(), parsed, on_source=hook))
     for _ in range(200):
         if got or task.done():
             break

@@ -49,7 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -80,9 +80,6 @@ from feed.sources.http_limits import (
 )
 from feed.sources.spec import SourceSpec
 
-if TYPE_CHECKING:
-    from feed.store import Store
-
 __all__ = [
     "HttpOptions",
     "HttpResult",
@@ -94,8 +91,6 @@ __all__ = [
     "TheOddsApiSource",
     "build_http",
     "pinnacle_from_spec",
-    "run_pinnacle_source",
-    "run_theoddsapi_source",
     "theoddsapi_from_spec",
 ]
 
@@ -785,7 +780,7 @@ def _split(value: str) -> list[str]:
 
 def build_http(spec: SourceSpec, *, base_url: str, provider: str, defaults: HttpOptions | None = None,
                api_key_query: str | None = None, transport: httpx.AsyncBaseTransport | None = None) -> ProviderHttp:
-    """A :class:`ProviderHttp` from a spec's options (see :func:`run_pinnacle_source`)."""
+    """A :class:`ProviderHttp` from a spec's options (see :func:`pinnacle_from_spec`)."""
     d = defaults or HttpOptions()
     opts = HttpOptions(**{f: _typed(spec, f, getattr(d, f)) for f in _HTTP_FIELDS})
     api_key = None
@@ -890,31 +885,3 @@ def theoddsapi_from_spec(spec: SourceSpec, settings: Settings) -> TheOddsApiSour
                             bookmakers=",".join(_split(spec.get("bookmakers", "") or "")) or None,
                             conditional=mode == "conditional",
                             stale_after_ms=_stale_after_ms(settings, opts, http.options))
-
-
-async def _run(store: Store, settings: Settings, spec: SourceSpec,
-               on_source: Callable[[PollerSource], None] | None) -> None:
-    from feed.pipeline import run_spec
-
-    def hook(source: Any, pipeline: Any) -> None:
-        source.pipeline = pipeline  # (tests and benchmarks reach the live pipeline through it)
-        if on_source is not None:
-            on_source(source)
-
-    await run_spec(store, settings, spec, on_source=hook)
-
-
-async def run_pinnacle_source(store: Store, settings: Settings, spec: SourceSpec, *,
-                              on_source: Callable[[PollerSource], None] | None = None) -> None:
-    """Poll a Pinnacle-style Lines API into ``store`` until cancelled
-    (:func:`pinnacle_from_spec` through the pipeline); ``on_source(source)``
-    is called before it runs, with ``source.pipeline`` set."""
-    await _run(store, settings, spec, on_source)
-
-
-async def run_theoddsapi_source(store: Store, settings: Settings, spec: SourceSpec, *,
-                                on_source: Callable[[PollerSource], None] | None = None) -> None:
-    """Poll The Odds API into ``store`` until cancelled
-    (:func:`theoddsapi_from_spec` through the pipeline); ``on_source(source)``
-    is called before it runs, with ``source.pipeline`` set."""
-    await _run(store, settings, spec, on_source)
