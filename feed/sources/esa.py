@@ -197,6 +197,7 @@ class EsaClient(SessionClient):
         self._backoff = Backoff(initial_s=backoff_initial_s, max_s=backoff_max_s)
         self._image_wanted = False
         self._image_requested_at = -1e18
+        self._image_min_interval_s = 10.0
 
         self._connection_id: str | None = None
         self._reconnects = 0
@@ -211,9 +212,11 @@ class EsaClient(SessionClient):
         cannot re-image one market). Used when a market's change had to be
         rejected: only an image repairs it. At most once per
         ``min_interval_s`` seconds, so a provider that keeps sending bad data
-        does not make us reconnect in a loop (its markets stay stale)."""
-        if time.monotonic() - self._image_requested_at >= min_interval_s:
-            self._image_wanted = True
+        does not make us reconnect in a loop: a request within that interval
+        of the last image waits for it to pass (the next delivery after it,
+        heartbeats included), never dropped — its market stays stale until then."""
+        self._image_wanted = True
+        self._image_min_interval_s = min_interval_s
 
     # -- public state -------------------------------------------------------
 
@@ -434,7 +437,7 @@ class EsaClient(SessionClient):
                 raise _CallbackFailed() from exc
         for delivery in deliveries:
             self._protocol.commit(delivery)
-        if self._image_wanted:
+        if self._image_wanted and time.monotonic() - self._image_requested_at >= self._image_min_interval_s:
             self._image_wanted = False
             self._image_requested_at = time.monotonic()
             self._protocol.forget_cursor()
