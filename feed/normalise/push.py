@@ -385,9 +385,12 @@ class PushNormaliser:
     """
 
     def __init__(self, source: str = "push", *, prefix: str = PREFIX,
-                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, ordered: bool = True) -> None:
         self.source = source
         self.prefix = prefix
+        #: a stream: messages at or below the last applied ``entry_id`` are dropped whole
+        #: (False: deliveries stand alone, e.g. webhooks; provider times per odd still rule)
+        self.ordered = ordered
         self.max_future_skew_ms = max_future_skew_ms
         self.fixtures: dict[str, _Fixture] = {}
         self.markets: dict[str, _Market] = {}
@@ -480,7 +483,7 @@ class PushNormaliser:
                     raise FeedDecodeError(exc.reason, exc.detail, raw) from None
         for mid, error in bad.items():  # (reported even when the message turns out old: it was bad all the same)
             batch.rejected.append(FeedDecodeError(error.reason, error.detail, raw, market_id=mid))
-        last = self._last_key
+        last = self._last_key if self.ordered else None
         snapshot = isinstance(msg, SnapshotMessage)
         if last is not None and (key < last if snapshot else key <= last):
             reason = "stale_snapshot" if snapshot else "duplicate" if key == last else "out_of_order"

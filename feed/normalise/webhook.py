@@ -104,7 +104,7 @@ class WebhookNormaliser:
     def __init__(self, source: str = "webhook", *, prefix: str = PREFIX,
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, remember: int = 65_536) -> None:
         self.source = source
-        self.push = PushNormaliser(source, prefix=prefix, max_future_skew_ms=max_future_skew_ms)
+        self.push = PushNormaliser(source, prefix=prefix, max_future_skew_ms=max_future_skew_ms, ordered=False)
         self.remember = remember
         self._applied: OrderedDict[str, None] = OrderedDict()
         self._fixture_ts: dict[str, int] = {}
@@ -175,7 +175,6 @@ class WebhookNormaliser:
             default_ts = emitted if emitted is not None else recv_ms
             if self._strip_late_fixture_fields(msg, default_ts, recv_ms + self.max_future_skew_ms, fixture_ts):
                 raw = orjson.dumps(msg)
-        self.push._last_key = None  # no stream order: every delivery stands alone (module docstring)
         try:
             batch = self.push.feed(raw, recv_ms)
         except FeedDecodeError as exc:
