@@ -290,7 +290,7 @@ def image_delta(m: Market) -> Delta:
                  session=m.session, market=m)
 
 
-_DEFINITION_FIELDS = ("name", "handicap", "status", "sort_priority", "adjustment_factor", "bsp")
+_DEFINITION_FIELDS = ("name", "handicap", "status", "sort_priority", "adjustment_factor", "bsp", "outcome")
 
 
 def _definition_only(current: Selection | None, update: Selection) -> Selection:

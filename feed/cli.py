@@ -42,6 +42,9 @@ class UsageError(OddsfeedError):
     """A command-line problem the user fixes by changing the command."""
 
 
+_DEFAULT_SPEED = 1.0
+
+
 def _speed(value: str) -> float | None:
     if value == "max":
         return None
@@ -99,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--replay", nargs="+", metavar="PATH",
                        help="recordings to replay: Betfair historic files (.bz2, .gz, plain) and oddsfeed recordings "
                             "of any source kind (from --record), files or folders")
-        g.add_argument("--speed", type=_speed, default=1.0, help="replay pacing: a multiplier, or 'max' (default 1)")
+        g.add_argument("--speed", type=_speed, default=_DEFAULT_SPEED,
+                       help="replay pacing: a multiplier, or 'max' (default 1; Betfair Data Scientists' CSV "
+                            "summaries: max)")
         g.add_argument("--keep-clock", action="store_true", help="keep the recording's own pt instead of mapping it onto now")
         g.add_argument("--esa", type=_hostport, metavar="HOST:PORT", help="a Betfair ESA endpoint to stream from")
         g.add_argument("--esa-tls", action="store_true", help="use TLS to the ESA endpoint")
@@ -109,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a source as KIND=URL[,key=value…] (kinds: " + _kinds_help() + "; "
                             "repeat for several; values may be $ENV_VAR; an unknown option is an error "
                             "naming the valid ones), e.g. pinnacle=http://127.0.0.1:9555,user=demo,password=demo")
+        g.add_argument("--mappings", metavar="FILE", default=os.environ.get("ODDSFEED_MAPPINGS"),
+                       help="event-link overrides (YAML: pin / forbid / aliases), reloaded when the file changes "
+                            "(env ODDSFEED_MAPPINGS)")
         g.add_argument("--record", metavar="DIR",
                        help="record every payload each source receives under DIR/<source>/ (gzip when closed; "
                             "esa in the Betfair historic format); replay with --replay DIR")
@@ -144,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="the local ESA upstream (synthetic markets or recorded files)")
     sim.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     sim.add_argument("--port", type=int, default=9444, help="port (default 9444)")
+    sim.add_argument("--api-port", type=int, default=9445,
+                     help="port of the Betfair identity SSO (login, keepAlive) and Betting API (listMarketCatalogue) "
+                          "the live client uses beside the stream (default 9445)")
     sim.add_argument("--replay", nargs="+", metavar="PATH", help="serve recorded files instead of synthetic markets")
     sim.add_argument("--speed", type=_speed, default=1.0, help="recorded pacing multiplier or 'max'")
     sim.add_argument("--providers", action="store_true",
@@ -170,7 +181,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         record_dir=getattr(args, "out", None) or getattr(args, "record", None),
+        mappings=getattr(args, "mappings", None),
     )
+
+
+def _linker(settings: Settings, store: Any) -> Any:
+    """The event linker of an ingest process (raises ConfigError for a bad mappings file)."""
+    from pathlib import Path
+
+    from feed.linker import Linker
+
+    linker = Linker(store, mappings=Path(settings.mappings) if settings.mappings else None,
+                    tolerance_ms=settings.match_tolerance_ms)
+    linker.start()
+    return linker
 
 
 # --- building blocks ---------------------------------------------------------
@@ -294,6 +318,24 @@ async def _esa_source(settings: Settings, store: Any, args: argparse.Namespace, 
     await supervise("betfair", lambda: run_source(store, settings, spec), store=store)
 
 
+def _sim_esa_options(sim: Any) -> str:
+    """The ``--source esa=…`` options that log in to simulator ``sim`` the way
+    a live Betfair client does (SSO login, keep-alive, listMarketCatalogue)."""
+    cfg, api = sim.config, sim.api
+    return (f"app_key={cfg.app_key},username={cfg.username},password={cfg.password},"
+            f"sso_url={api.url},betting_url={api.betting_url}")
+
+
+async def _sim_esa_source(settings: Settings, store: Any, sim: Any) -> None:
+    """Ingest simulator ``sim`` as the source ``betfair`` through the live
+    Betfair path: login → stream → catalogue → names."""
+    from feed.sources.spec import parse_source_spec
+    from feed.supervisor import run_source, supervise
+
+    spec = parse_source_spec(f"esa=127.0.0.1:{sim.port},name=betfair,{_sim_esa_options(sim)}")
+    await supervise("betfair", lambda: run_source(store, settings, spec), store=store)
+
+
 async def _replay(store: Any, settings: Settings, args: argparse.Namespace) -> None:
     """``--replay PATH…``: Betfair historic files through the Betfair replay
     (clock mapped onto now unless --keep-clock), oddsfeed recordings of any
@@ -303,7 +345,17 @@ async def _replay(store: Any, settings: Settings, args: argparse.Namespace) -> N
     from feed.supervisor import run_replay
 
     ours = set(recording_paths(args.replay))
-    betfair = [f for f in recording_files(args.replay) if f not in ours]
+    csvs = [f for f in recording_files(args.replay) if f.suffix.lower() == ".csv" and f not in ours]
+    betfair = [f for f in recording_files(args.replay) if f not in ours and f not in csvs]
+    if csvs:  # Betfair Data Scientists' market summaries: the betfair-csv kind, to the end of the files
+        from feed.pipeline import run_spec
+        from feed.sources.spec import SourceSpec
+
+        speed = "max" if args.speed is None or args.speed is _DEFAULT_SPEED else repr(args.speed)  # not given: max
+        opts = {"on_end": "stop", "speed": speed, **({"keep_clock": "1"} if args.keep_clock else {})}
+        await run_spec(store, settings, SourceSpec(kind="betfair-csv", url=";".join(map(str, csvs)),
+                                                   name="betfair-csv", options=opts))
+        print(f"replay of {len(csvs)} Betfair CSV file(s) finished", flush=True)
     if betfair:
         summary = await run_replay(store, settings, list(betfair), speed=args.speed,
                                    map_clock=not args.keep_clock, progress=_progress)
@@ -326,7 +378,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     sock = bind_socket(settings.host, settings.port)
     tune_gc()
     async with open_store(settings) as store:
-        background: list[asyncio.Task[None]] = []
+        linker = _linker(settings, store)
+        background: list[asyncio.Task[None]] = [asyncio.create_task(linker.run(), name="linker")]
         api = asyncio.create_task(serve_api(settings, store, sock))
         try:
             if args.replay:
@@ -346,19 +399,21 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 from feed.simulator.esa_server import Simulator, SimulatorConfig
 
                 sim = Simulator(SimulatorConfig(port=args.sim_port, events=args.sim_events, rate_per_s=args.sim_rate,
-                                                seed=args.sim_seed, time_scale=args.sim_time_scale))
+                                                seed=args.sim_seed, time_scale=args.sim_time_scale, api_port=0))
                 await sim.start()
                 print(f"simulator (Betfair ESA protocol) on 127.0.0.1:{sim.port}", flush=True)
+                assert sim.api is not None
+                print(f"simulator Betfair SSO and Betting API on {sim.api.url}", flush=True)
 
                 async def simulate_and_ingest() -> None:
                     try:
-                        await _esa_source(settings, store, args, "127.0.0.1", sim.port,
-                                          "sim-app-key", "sim-session", False)
+                        await _sim_esa_source(settings, store, sim)
                     finally:
                         await sim.stop()
 
                 background.append(asyncio.create_task(simulate_and_ingest()))
-            done, _ = await asyncio.wait({api, *background}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({api, *background[1:]} if len(background) > 1 else {api},
+                                         return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # surface a source's fatal error
         finally:
@@ -379,10 +434,12 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
                          "--esa HOST:PORT or --source SPEC")
     tune_gc()
     async with open_store(settings) as store:
+        linker = _linker(settings, store)
         if args.replay:
             await _replay(store, settings, args)
+            await linker.step()  # the replayed events linked before this process exits
             return 0
-        tasks = []
+        tasks = [linker.run()]
         if args.esa:
             if not (args.app_key and args.session):
                 raise UsageError("--esa needs --app-key and --session (or ODDSFEED_BETFAIR_APP_KEY / ODDSFEED_BETFAIR_SESSION)")
@@ -410,12 +467,18 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = SimulatorConfig(host=args.host, port=args.port, events=args.events, rate_per_s=args.rate,
                              seed=args.seed, time_scale=args.time_scale, replay=tuple(args.replay or ()),
-                             speed=args.speed, truth_log=args.truth_log)
+                             speed=args.speed, truth_log=args.truth_log, api_port=args.api_port)
     bind_socket(args.host, args.port).close()  # a clear error for a busy port
+    bind_socket(args.host, args.api_port).close()
     if args.control_port is not None:
         bind_socket("127.0.0.1", args.control_port).close()
+    def ready(sim: Any) -> None:
+        print(f"simulator (Betfair ESA protocol) on {args.host}:{sim.port}", flush=True)
+        print(f"Betfair identity SSO and Betting API (listMarketCatalogue) on {sim.api.url}:", flush=True)
+        print(f"  --source esa={args.host}:{sim.port},{_sim_esa_options(sim)}", flush=True)
+
     if not args.providers and args.control_port is None:
-        await run_simulator(config, ready=lambda port: print(f"simulator (Betfair ESA protocol) on {args.host}:{port}", flush=True))
+        await run_simulator(config, started=ready)
         return 0
     from feed.simulator.control import ControlServer
     from feed.simulator.esa_server import Simulator
@@ -428,7 +491,7 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
         bind_socket(args.host, args.push_port).close()
     sim = Simulator(config)
     await sim.start()
-    print(f"simulator (Betfair ESA protocol) on {args.host}:{sim.port}", flush=True)
+    ready(sim)
     if args.providers:
         providers = HttpProviders(ProvidersConfig(host=args.host, port=args.providers_port, events=args.events,
                                                   rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale,
@@ -436,7 +499,8 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
                                   model=sim.model)  # the ESA simulator's markets (its own model in replay mode)
         push = PushSimulator(PushSimConfig(host=args.host, port=args.push_port, events=args.events,
                                            rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale,
-                                           truth_log=args.truth_log))
+                                           truth_log=args.truth_log),
+                             model=sim.model)  # the same matches as every other simulator (own model in replay)
     try:
         if args.control_port is not None:
             control = ControlServer({"esa": sim, "http": providers, "push": push}, port=args.control_port)

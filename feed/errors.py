@@ -23,6 +23,7 @@ from :class:`OddsfeedError`::
      │    │    ├── QuotaExhaustedError  quota spent; ``retry_after_s``              [feed.sources.http_limits]
      │    │    ├── CircuitOpenError     the circuit breaker refuses; ``retry_in_s`` [feed.sources.http_limits]
      │    │    ├── SSEError *           an event stream breaks the SSE format       [feed.sources.sse]
+     │    │    ├── BetfairApiError      a Betfair SSO / Betting API call failed     [feed.sources.betfair_api]
      │    │    └── EsaFramingError      ESA bytes that cannot be split into lines   [feed.sources.esa_protocol]
      │    ├── FatalSourceError          never retried (bad credentials, bad subscription)
      │    │    ├── SourceAuthError †    a provider refused our credentials          [feed.sources.http_limits]

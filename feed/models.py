@@ -69,6 +69,7 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     adjustment_factor: float | None = None
     bsp: float | None = None
     price_raw: str | None = None
+    outcome: str | None = None
 
 
 class _MarketFields(msgspec.Struct, frozen=True, kw_only=True, gc=False):

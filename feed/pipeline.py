@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from feed.book import Book
-from feed.errors import ConfigError, FatalSourceError
+from feed.errors import ConfigError, FatalSourceError, StoreError
 from feed.ingest import HealthPublisher, Ingest, ingest_options
+from feed.linker import EventRegistrar
 from feed.models import SourceState
 from feed.normalise.base import Normaliser
 from feed.sources.base import Delivered, Payload, Source
@@ -66,6 +67,7 @@ class Pipeline:
         self.lag = LagWindow(lag_window_s)
         self.health = HealthPublisher(self.ingest, lag=self.lag)
         self.recorder = recorder
+        self.events = EventRegistrar(name)
         self._source: Source | None = None
 
     # -- Sink --------------------------------------------------------------------------
@@ -85,6 +87,13 @@ class Pipeline:
         out = ingest.feed(payloads)
         deltas = await ingest.flush()
         self.lag.record_deltas(deltas)
+        if deltas:
+            self.events.note(deltas, ingest.book.markets)
+        if self.events.pending and ingest.store_ok:
+            try:  # event records for the linker; a failure waits for the next delivery
+                await self.events.flush(ingest.store, ingest.clock_ms())
+            except StoreError:
+                pass
         out.deltas = len(deltas)
         out.stored = ingest.store_ok and not ingest.backlog and not ingest.pending
         if ingest.take_lost():

@@ -78,6 +78,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     record_dir: str | None = None
     """Record what every source receives under this directory (``--record``;
     :mod:`feed.recorder`); None = no recording."""
+    mappings: str | None = None
+    """Event-link overrides (``mappings.yaml``: pin / forbid / aliases, see
+    :class:`feed.matching.Overrides`), reloaded when the file changes; None = none."""
+    match_tolerance_ms: int = 90 * 60_000
+    """Largest gap between two providers' start times of one team event, ms."""
+    fair_method: str = "multiplicative"
+    """How the fair price removes the margin: ``multiplicative`` or ``power``
+    (see :mod:`streaming.aggregate`)."""
 
 
 

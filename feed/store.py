@@ -17,6 +17,13 @@ so one script touches them on Redis Cluster)::
     of:sources             set   source names
     of:quarantine          stream of rejected provider messages (source, reason, detail, raw ≤ 4 KiB)
     of:quarantine:count    hash  "<source>:<reason>" -> count
+    of:{links}:events      hash  event record id -> msgspec JSON of feed.matching.EventRecord
+    of:{links}:seen        hash  event record id -> first seen, ms (the matcher links first seen first)
+    of:{links}:events:ver  counter, bumped by every event registration that changed something
+    of:{links}:map         hash  event record id -> {"c": canonical id, "p": confidence, "m": method}
+    of:{links}:canon       hash  canonical id -> JSON summary (sport, name, start_time, members …)
+    of:{links}:ver         counter, bumped when the links are rewritten (API nodes reload on change)
+    of:{links}:lease       the linker lease (one linker writes links at a time)
 
 ``p = crc32(market_id) mod partitions``.
 
@@ -94,6 +101,25 @@ META_KEY = "of:meta"
 SOURCES_KEY = "of:sources"
 QUARANTINE_KEY = "of:quarantine"
 QUARANTINE_COUNT_KEY = "of:quarantine:count"
+
+
+EVENTS_KEY = "of:{links}:events"
+EVENTS_SEEN_KEY = "of:{links}:seen"
+EVENTS_VER_KEY = "of:{links}:events:ver"
+LINKS_KEY = "of:{links}:map"
+CANON_KEY = "of:{links}:canon"
+LINKS_VER_KEY = "of:{links}:ver"
+LINK_LEASE_KEY = "of:{links}:lease"
+
+# KEYS: 1 lease; ARGV: 1 owner, 2 ttl ms. Take the lease when free, renew it when ours.
+LEASE_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
 
 
 def source_key(name: str) -> str:
@@ -276,6 +302,7 @@ class Store:
         self.log_maxlen = log_maxlen
         self.epoch: str = ""
         self._apply = redis.register_script(APPLY_SCRIPT)
+        self._lease = redis.register_script(LEASE_SCRIPT)
 
     @classmethod
     async def open(cls, url: str, *, partitions: int = 1, log_maxlen: int = 100_000,
@@ -489,6 +516,97 @@ class Store:
             raise StoreError(f"redis read failed: {exc}") from None
         return [reply_text(r[0][0]) if r else "0-0" for r in replies]
 
+    # -- event records and links (feed.matching / feed.linker) --------------------------------
+
+    async def register_events(self, records: Mapping[str, bytes], seen_ms: int) -> None:
+        """Store new or changed event records (record id → msgspec JSON of
+        :class:`feed.matching.EventRecord`) with their first-seen time
+        ``seen_ms`` (kept from the first registration) and bump the events
+        version, in one transaction. Raises StoreError."""
+        if not records:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(EVENTS_KEY, mapping=dict[KeyT, bytes](records))  # type: ignore[arg-type]
+            for rid in records:
+                pipe.hsetnx(EVENTS_SEEN_KEY, rid, seen_ms)
+            pipe.incr(EVENTS_VER_KEY)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+
+    async def events_version(self) -> int:
+        """The events version (0: none registered). Raises StoreError."""
+        try:
+            v = await self.redis.get(EVENTS_VER_KEY)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return int(v) if v is not None else 0
+
+    async def load_events(self) -> list[tuple[int, str, bytes]]:
+        """Every event record: [(first seen ms, record id, JSON)], first seen
+        first. Raises StoreError."""
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(EVENTS_KEY)
+            pipe.hgetall(EVENTS_SEEN_KEY)
+            records, seen = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        first = {reply_text(k): int(v) for k, v in seen.items()}
+        out = [(first.get(reply_text(k), 0), reply_text(k), bytes(v)) for k, v in records.items()]
+        out.sort()
+        return out
+
+    async def save_links(self, links: Mapping[str, StoredLink], canon: Mapping[str, bytes]) -> int:
+        """Replace every link (record id → :class:`StoredLink`) and canonical
+        event summary (canonical id → JSON) at once; bumps and returns the
+        links version. Raises StoreError."""
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(LINKS_KEY, CANON_KEY)
+            if links:
+                pipe.hset(LINKS_KEY, mapping={k: ENCODER.encode(v) for k, v in links.items()})
+            if canon:
+                pipe.hset(CANON_KEY, mapping=dict[KeyT, bytes](canon))  # type: ignore[arg-type]
+            pipe.incr(LINKS_VER_KEY)
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+        return int(replies[-1])
+
+    async def links_version(self) -> int:
+        """The links version (0: never written). Raises StoreError."""
+        try:
+            v = await self.redis.get(LINKS_VER_KEY)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return int(v) if v is not None else 0
+
+    async def load_links(self) -> tuple[int, dict[str, StoredLink], dict[str, bytes]]:
+        """(links version, record id → link, canonical id → summary JSON), read
+        in one transaction. Raises StoreError."""
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.get(LINKS_VER_KEY)
+            pipe.hgetall(LINKS_KEY)
+            pipe.hgetall(CANON_KEY)
+            ver, links, canon = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return (int(ver) if ver is not None else 0,
+                {reply_text(k): _LINK_DECODER.decode(v) for k, v in links.items()},
+                {reply_text(k): bytes(v) for k, v in canon.items()})
+
+    async def take_lease(self, owner: str, ttl_ms: int) -> bool:
+        """Take or renew the linker lease for ``owner`` for ``ttl_ms``; False
+        while another owner holds it. Raises StoreError."""
+        try:
+            got = await self._lease(keys=[LINK_LEASE_KEY], args=[owner, ttl_ms])
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+        return bool(got)
+
     async def quarantine_counts(self) -> dict[str, dict[str, int]]:
         """{source: {reason: count}} of rejected messages."""
         raw = await self.redis.hgetall(QUARANTINE_COUNT_KEY)
@@ -503,6 +621,20 @@ class Store:
         rows = reply_entries(await self.redis.xrevrange(QUARANTINE_KEY, count=count))
         return [{"id": i, **{reply_text(k): (v if k == b"raw" else reply_text(v)) for k, v in f.items()}}
                 for i, f in rows]
+
+
+class StoredLink(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One event record's link as stored: canonical id ``c``, confidence
+    ``p``, method ``m``, ``r``: the record names the sides the other way
+    round from the canonical event."""
+
+    c: str
+    p: float
+    m: str
+    r: bool = False
+
+
+_LINK_DECODER = msgspec.json.Decoder(StoredLink)
 
 
 def provider_ts(d: Delta) -> int:

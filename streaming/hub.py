@@ -74,6 +74,7 @@ from redis.exceptions import RedisError
 from feed.errors import StoreError
 from feed.models import Delta
 from feed.store import Store, log_key
+from streaming.bestview import BestView
 from streaming.encoding import (
     Message, ResumeToken, StreamId, ack_message, decode_token, delta_message, encode_token, error_message,
     heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message, ws_frame,
@@ -114,14 +115,17 @@ class Subscription:
     window; fmt: odds format (None = decimal).
     """
 
-    __slots__ = ("id", "conn", "filter", "conflate_ms", "fmt", "replaying", "pending", "floor", "cpending")
+    __slots__ = ("id", "conn", "filter", "conflate_ms", "fmt", "replaying", "pending", "floor", "cpending", "view")
 
-    def __init__(self, id: int, conn: "Connection", f: Filter, conflate_ms: int = 0, fmt: str | None = None) -> None:
+    def __init__(self, id: int, conn: "Connection", f: Filter, conflate_ms: int = 0, fmt: str | None = None,
+                 view: str | None = None) -> None:
         self.id = id
         self.conn = conn
         self.filter = f
         self.conflate_ms = conflate_ms
         self.fmt = fmt
+        #: None: the delta stream; "best": best / fair price changes (streaming.bestview)
+        self.view = view
         #: True while a Redis replay is in flight; live entries wait in ``pending``.
         self.replaying = False
         self.pending: list[PreparedEntry] | None = None
@@ -513,6 +517,8 @@ class Hub:
         #: observer of send delays (seconds), set by streaming.metrics
         self.on_send_delay: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: view=best subscriptions (not in the delta index)
+        self.best = BestView(state)
 
     @property
     def resumes_recovered(self) -> int:
@@ -617,6 +623,10 @@ class Hub:
         self._wild.discard(sub)
 
     def _remove(self, sub: Subscription) -> None:
+        if sub.view is not None:
+            self.best.discard(sub)
+            self.subscriptions -= 1
+            return
         self._unindex(sub)
         self.subscriptions -= 1
         if sub.conflate_ms:
@@ -634,18 +644,26 @@ class Hub:
 
     async def subscribe(self, conn: Connection, f: Filter, *, resume: str | None = None,
                         ack_id: int | str | None = None, conflate_ms: int = 0,
-                        fmt: str | None = None) -> Subscription:
+                        fmt: str | None = None, view: str | None = None) -> Subscription:
         """Add a subscription and queue what it starts with.
 
         WebSocket: ``ack {id, sub}`` first. No ``resume``: a ``snapshot`` of
         the matching markets. With ``resume``: ``resumed`` and either the
         missed deltas (recovered) or a fresh snapshot (``recovered: false``).
+        ``view="best"``: best / fair price changes instead of deltas
+        (:mod:`streaming.bestview`; no resume, no conflation).
         """
-        sub = Subscription(conn.next_sub_id(), conn, f, conflate_ms, fmt)
+        sub = Subscription(conn.next_sub_id(), conn, f, conflate_ms if view is None else 0, fmt, view)
         if conn.closed:
             return sub
         conn.subs[sub.id] = sub
         self.subscriptions += 1
+        if view is not None:
+            if conn.kind == "ws":
+                conn.send(ack_message(ack_id, sub.id))
+            logger.info("subscribe %s %s sub=%d view=%s filter=%s", conn.kind, conn.label, sub.id, view, f)
+            self.best.add(sub)
+            return sub
         self._index(sub)
         if conflate_ms:
             self._conflating.setdefault(conflate_ms, set()).add(sub)
@@ -907,6 +925,8 @@ class Hub:
         by the reader once per entry; never awaits)."""
         if not self.connections:
             return
+        if self.best.subs:
+            self.best.on_entry(entry)
         by_market, by_event, by_comp = self._by_market, self._by_event, self._by_competition
         by_sport, by_in_play, wild = self._by_sport, self._by_in_play, self._wild
         per_sub: dict[Subscription, list[Message]] = {}
@@ -915,8 +935,10 @@ class Hub:
             s = by_market.get(pd.market_id)
             if s:
                 groups.append(s)
-            sport, event_id, comp, in_play = pd.keys
+            sport, event_id, comp, in_play, canonical, _ = pd.keys
             if event_id is not None and (s := by_event.get(event_id)):
+                groups.append(s)
+            if canonical is not None and (s := by_event.get(canonical)):
                 groups.append(s)
             if comp is not None and (s := by_comp.get(comp)):
                 groups.append(s)
@@ -927,8 +949,10 @@ class Hub:
                 groups.append(s)
             prev = pd.prev
             if prev is not None:
-                psport, pevent, pcomp, pin = prev
+                psport, pevent, pcomp, pin, pcanonical, _ = prev
                 if pevent is not None and pevent != event_id and (s := by_event.get(pevent)):
+                    groups.append(s)
+                if pcanonical is not None and pcanonical != canonical and (s := by_event.get(pcanonical)):
                     groups.append(s)
                 if pcomp is not None and pcomp != comp and (s := by_comp.get(pcomp)):
                     groups.append(s)
@@ -1143,6 +1167,9 @@ class Hub:
             conn.meta = [None] * len(keep)
             conn.outbox_bytes = 0
             for sub in list(conn.subs.values()):
+                if sub.view is not None:
+                    conn.send(self.best.snapshot_message(sub), sub)
+                    continue
                 if sub.replaying:  # a resume in flight ends unrecovered
                     conn.send(resumed_message(recovered=False), sub)
                 sub.replaying = False
@@ -1242,11 +1269,41 @@ class Hub:
         for every subscription of ``conn``, built now."""
         out = []
         for sub in conn.subs.values():
+            if sub.view is not None:
+                out.append(conn.frame(self.best.snapshot_message(sub), sub))
+                continue
             msg = self.snapshot_message(sub.filter, recovered=False, reason="slow_consumer").formatted(sub.fmt)
             out.append(conn.frame(msg, sub, True))
         return out
 
     # -- status ---------------------------------------------------------------
+
+    def relinked(self, market_ids: list[str]) -> None:
+        """The linker moved markets to another canonical event: a subscription
+        filtered by canonical event that matches one of them now gets it as
+        an ``image`` (as a market that newly matches does), and ``view=best``
+        subscriptions get the changed best prices."""
+        st = self.state
+        now = now_ms()
+        images: dict[str, Message] = {}
+        for conn in list(self.connections):
+            for sub in list(conn.subs.values()):
+                f = sub.filter
+                if sub.view is not None or sub.replaying or f.event is None:
+                    continue
+                for mid in market_ids:
+                    m = st.markets.get(mid)
+                    if m is None or not f.match(mid, st.keys_of(m)):
+                        continue
+                    msg = images.get(mid)
+                    if msg is None:
+                        age, stale = st.age_stale(m, now)
+                        msg = images[mid] = delta_message(image_of(m), market_json=st.market_json(m, now),
+                                                          age_ms=age, stale=stale, sent_at=now, token=st.token,
+                                                          prev_token=st.token)
+                    conn.send(msg.formatted(sub.fmt), sub, True)
+        if self.best.subs:
+            self.best.refresh()
 
     def status(self, source: str, state: str, reason: str | None, stale_ids: list[str],
                turned_stale: Iterable[str] = (), turned_fresh: Iterable[str] = ()) -> None:
@@ -1261,11 +1318,13 @@ class Hub:
         cache: dict[Filter, Message] = {}  # encoded once per distinct filter; the token is per subscription
 
         def ids(f: Filter, wanted: set[str]) -> list[str]:
-            return sorted(mid for mid in wanted if (m := st.markets.get(mid)) is not None and f.match_market(m))
+            return sorted(mid for mid in wanted if (m := st.markets.get(mid)) is not None and f.match(mid, st.keys_of(m)))
 
+        if self.best.subs:  # a book turned stale or fresh: best prices may move without a delta
+            self.best.refresh()
         for conn in list(self.connections):
             for sub in list(conn.subs.values()):
-                if sub.replaying:
+                if sub.replaying or sub.view is not None:
                     continue
                 f = sub.filter
                 msg = cache.get(f)

@@ -14,8 +14,14 @@ judged on one consistent view. Times are integer ms since the Unix epoch.
        "max_age_ms"?: int ≥ 0, "accept_better"?: bool = true, "version"?: int}
       200 <answer>
 
+    POST /v1/price-check   (against the best price across books, no bookmaker)
+      {"event": "ev:…", "market": "total:line=2.5", "outcome": "over", "side", "price", "max_age_ms"?,
+       "accept_better"?}
+      200 <answer> + {"event", "market", "outcome", "bookmaker", "books": [{bookmaker, market_id,
+                      selection_id, reason, current_price, age_ms}…]}   (see check_best)
+
     POST /v1/price-check/batch
-      {"legs": [<request>, …]}   (1–50 legs)
+      {"legs": [<request>, …]}   (1–50 legs, either form)
       200 {"accepted": bool (every leg accepted), "legs": [<answer>…], "checked_at": ms}
 
     <answer> = {"accepted", "reason", "message", "market_id", "selection_id", "side",
@@ -119,13 +125,36 @@ class PriceCheckRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     is accepted; ``version``: the market definition version the price was
     shown with (optional)."""
 
-    market_id: _ID
-    selection_id: _ID
     side: Side
     price: _PRICE
+    market_id: _ID | None = None
+    selection_id: _ID | None = None
+    event: _ID | None = None
+    market: _ID | None = None
+    outcome: _ID | None = None
     max_age_ms: _AGE | None = None
     accept_better: bool = True
     version: int | None = None
+
+    def shape_error(self) -> str | None:
+        """What is wrong with the choice of identity fields, or None: give
+        ``market_id`` + ``selection_id`` (one book) or ``event`` +
+        ``market`` + ``outcome`` (the best book)."""
+        book = self.market_id is not None or self.selection_id is not None
+        best = self.event is not None or self.market is not None or self.outcome is not None
+        if book and best:
+            return ("give either market_id + selection_id (one book's price) or event + market + outcome "
+                    "(the best price across books), not both")
+        if book:
+            if self.market_id is None or self.selection_id is None:
+                return "market_id and selection_id go together"
+            return None
+        if self.event is None or self.market is None or self.outcome is None:
+            return ("give market_id + selection_id, or event (a canonical event id ev:…) + market (a canonical "
+                    "market key such as match_result or total:line=2.5) + outcome (home, draw, over …)")
+        if self.version is not None:
+            return "version applies to one book's market: give market_id + selection_id with it"
+        return None
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -134,14 +163,25 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     legs: Annotated[list[PriceCheckRequest], msgspec.Meta(min_length=1, max_length=MAX_LEGS)]
 
 
+class BookCheck(msgspec.Struct, kw_only=True, frozen=True):
+    """One book considered by a best-price check: its answer in short."""
+
+    bookmaker: str
+    market_id: str
+    selection_id: str
+    reason: str
+    current_price: float | None = None
+    age_ms: int | None = None
+
+
 class PriceCheckResult(msgspec.Struct, kw_only=True, frozen=True):
     """The answer for one leg (see the module docstring)."""
 
     accepted: bool
     reason: str
     message: str
-    market_id: str
-    selection_id: str
+    market_id: str | None
+    selection_id: str | None
     side: Side
     requested_price: float
     current_price: float | None = None
@@ -157,6 +197,11 @@ class PriceCheckResult(msgspec.Struct, kw_only=True, frozen=True):
     source: str | None = None
     source_state: str | None = None
     checked_at: int = 0
+    event: str | None = None
+    market: str | None = None
+    outcome: str | None = None
+    bookmaker: str | None = None
+    books: list[BookCheck] | None = None
 
 
 class BatchResult(msgspec.Struct, kw_only=True, frozen=True):
@@ -211,21 +256,92 @@ def default_max_age_ms(settings: Settings, in_play: bool) -> int:
     return settings.price_check_max_age_in_play_ms if in_play else settings.price_check_max_age_pre_match_ms
 
 
+#: how far each answer is from an accepted price, best first: a best-price check answers
+#: with the book whose answer ranks first (then the better price, the fresher data)
+_RANK = {r: i for i, r in enumerate(("OK", "PRICE_CHANGED", "VERSION_CHANGED", "SUSPENDED", "STALE", "SOURCE_DOWN",
+                                     "MARKET_CLOSED", "UNKNOWN_SELECTION", "UNKNOWN_MARKET"))}
+
+
 def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: str | None = None) -> PriceCheckResult:
     """Check one leg against ``state`` at ``now`` (pure apart from reading
     state). ``feed_problem``: why this node is not receiving updates, if it
-    is not (then the answer is at best ``STALE``)."""
-    base: dict[str, Any] = {"market_id": req.market_id, "selection_id": req.selection_id, "side": req.side,
+    is not (then the answer is at best ``STALE``). A leg naming ``event`` +
+    ``market`` + ``outcome`` is checked against every book of that
+    canonical market (:func:`check_best`)."""
+    if req.market_id is None or req.selection_id is None:
+        return check_best(state, req, now, feed_problem=feed_problem)
+    return _check_book(state, req, req.market_id, req.selection_id, now, feed_problem=feed_problem)
+
+
+def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
+               feed_problem: str | None = None) -> PriceCheckResult:
+    """A best-price check: the canonical market ``req.market`` of canonical
+    event ``req.event`` (a provider event id is taken as its canonical
+    event), outcome ``req.outcome``. Every book's selection of that outcome
+    is checked as a one-book check would; the answer is the book whose
+    answer is best — ``OK`` before ``PRICE_CHANGED`` before ``SUSPENDED``,
+    ``STALE`` … — and among equals the better price, then the fresher data.
+    So it is ``OK`` when the best current non-stale price is at least the
+    requested one (back; at most, lay), names that book (``bookmaker``,
+    ``market_id``, ``selection_id``) and lists every book considered with
+    its own reason (``books``): stale or suspended books never make it OK.
+    ``UNKNOWN_MARKET`` when no book holds the event's market,
+    ``UNKNOWN_SELECTION`` when none prices the outcome."""
+    from streaming.aggregate import group_markets
+
+    assert req.event is not None and req.market is not None and req.outcome is not None
+    base: dict[str, Any] = {"market_id": None, "selection_id": None, "side": req.side, "requested_price": req.price,
+                            "checked_at": now, "event": req.event, "market": req.market, "outcome": req.outcome}
+    cid = req.event
+    if cid not in state.by_canonical and (ids := state.by_event.get(cid)):
+        first = state.markets.get(next(iter(ids)))
+        cid = (state.canonical_of(first) if first is not None else None) or cid
+    markets = [m for mid in sorted(state.by_canonical.get(cid, ())) if (m := state.markets.get(mid)) is not None]
+    if not markets:
+        return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET", message=f"no event {req.event!r} on this feed",
+                                **base)
+    group = group_markets(markets, state.reversed_of).get(req.market)
+    if not group:
+        return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",
+                                message=f"no book offers market {req.market!r} of event {cid}", **base)
+    answers: list[tuple[tuple[int, float, int, str], PriceCheckResult, str]] = []
+    for m, sels in group:
+        for sel in sels:
+            if sel.outcome != req.outcome:
+                continue
+            r = _check_book(state, req, m.market_id, sel.selection_id, now, feed_problem=feed_problem)
+            cur = r.current_price if r.current_price is not None else 0.0
+            better = -cur if req.side == "back" else (cur if r.current_price is not None else 1e9)
+            book = m.bookmaker or m.source
+            answers.append(((_RANK.get(r.reason, 99), better, r.age_ms or 0, book), r, book))
+    if not answers:
+        return PriceCheckResult(accepted=False, reason="UNKNOWN_SELECTION",
+                                message=f"no book of event {cid} prices outcome {req.outcome!r} of {req.market}",
+                                **base)
+    answers.sort(key=lambda a: a[0])
+    _, best, book = answers[0]
+    books = [BookCheck(bookmaker=b, market_id=r.market_id or "", selection_id=r.selection_id or "", reason=r.reason,
+                       current_price=r.current_price, age_ms=r.age_ms) for _, r, b in answers]
+    others = [b for b in books[1:] if b.reason in ("STALE", "SUSPENDED", "SOURCE_DOWN")]
+    note = (f"; not considered: {', '.join(f'{b.bookmaker} ({b.reason.lower()})' for b in others)}"
+            if others else "")
+    return msgspec.structs.replace(best, event=cid, market=req.market, outcome=req.outcome, bookmaker=book,
+                                   books=books, message=f"{book}: {best.message}{note}")
+
+
+def _check_book(state: NodeState, req: PriceCheckRequest, market_id: str, selection_id: str, now: int, *,
+                feed_problem: str | None = None) -> PriceCheckResult:
+    base: dict[str, Any] = {"market_id": market_id, "selection_id": selection_id, "side": req.side,
             "requested_price": req.price, "checked_at": now}
-    m: Market | None = state.markets.get(req.market_id)
+    m: Market | None = state.markets.get(market_id)
     if m is None:
         return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",
-                                message=f"no market {req.market_id!r} on this feed", **base)
+                                message=f"no market {market_id!r} on this feed", **base)
     age, _ = state.age_stale(m, now)
     health = state.source_health(m.source, now)
     source_state = health.state if health is not None else None
     max_age = req.max_age_ms if req.max_age_ms is not None else default_max_age_ms(state.settings, m.in_play)
-    sel = m.selection(req.selection_id)
+    sel = m.selection(selection_id)
     info: dict[str, Any] = {"age_ms": age, "max_age_ms": max_age, "market_status": m.status, "in_play": m.in_play,
             "version": m.version, "seq": m.seq, "source": m.source, "source_state": source_state, **base}
 
@@ -234,7 +350,7 @@ def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: s
                                 **info, **extra)
 
     if sel is None:
-        return answer("UNKNOWN_SELECTION", f"market {m.market_id} has no selection {req.selection_id!r}")
+        return answer("UNKNOWN_SELECTION", f"market {m.market_id} has no selection {selection_id!r}")
     cur, size, field = _best(sel, req.side)
     priced = {"current_price": cur, "available_size": size, "price_field": field, "selection_status": sel.status}
     if sel.status in _GONE_SELECTION:
@@ -312,7 +428,8 @@ async def _read_body(request: Request, deadline_s: float) -> bytes:
 
 
 _SHAPE = ('send {"market_id": str, "selection_id": str, "side": "back"|"lay", "price": 1.01-1000, '
-          '"max_age_ms"?: int, "accept_better"?: bool, "version"?: int}')
+          '"max_age_ms"?: int, "accept_better"?: bool, "version"?: int} (one book), or {"event": "ev:…", '
+          '"market": "total:line=2.5", "outcome": "over", "side", "price", …} (the best book)')
 
 
 def _invalid(exc: msgspec.MsgspecError, batch: bool) -> Response:
@@ -327,6 +444,10 @@ def _invalid(exc: msgspec.MsgspecError, batch: bool) -> Response:
 
 def _validate_prices(legs: list[PriceCheckRequest], batch: bool) -> Response | None:
     for i, leg in enumerate(legs):
+        shape = leg.shape_error()
+        if shape is not None:
+            return json_error(422, "invalid_request", shape + (f" - at `$.legs[{i}]`" if batch else "") + "; "
+                              + (_SHAPE if not batch else 'send {"legs": [<leg>, …]}, each leg ' + _SHAPE[5:]))
         if not _has_two_decimals(leg.price):
             where = f"$.legs[{i}].price" if batch else "$.price"
             return json_error(422, "invalid_request",

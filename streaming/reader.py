@@ -36,11 +36,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from feed.aio import wait_event
-from feed.errors import StoreError
+from feed.errors import ConfigError, StoreError
 from feed.models import DELTAS_DECODER, INGEST_GONE, Delta, effective_health
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.store import EPOCH_KEY, Store, log_key, pepoch_key
+from streaming.aggregate import FAIR_METHODS
 from streaming.encoding import parse_stream_id
 from streaming.hub import Hub
 from streaming.latency import HOPS, Histogram
@@ -211,6 +212,9 @@ class Node:
         self.hub = Hub(self.state, store, outbox_max_bytes=settings.outbox_max_bytes,
                        replay_max_entries=self.options.replay_max_entries,
                        send_timeout_s=self.options.send_timeout_s)
+        if settings.fair_method not in FAIR_METHODS:
+            raise ConfigError(f"fair_method must be one of {', '.join(FAIR_METHODS)}, not {settings.fair_method!r}")
+        self.hub.best.fair_method = settings.fair_method
         self.readers: list[PartitionReader] = []
         self.shutdown = asyncio.Event()
         self.stopping = False
@@ -357,6 +361,11 @@ class Node:
         # read after the records: the node vouches for a record in a partition once it has read that far
         heads = await self.store.log_heads()
         self.state.set_health(sources, heads)
+        if await self.store.links_version() != self.state.links_version:  # the linker re-linked events
+            version, links, canon = await self.store.load_links()
+            moved = self.state.set_links(version, links, canon)
+            if moved:
+                self.hub.relinked(moved)
         self.health_at = now = now_ms()
         self._announce(now, announce=announce)
 

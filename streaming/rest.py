@@ -37,7 +37,7 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 import msgspec
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -47,6 +47,8 @@ from starlette.routing import BaseRoute, Route
 from feed.errors import StoreError
 from feed.models import ENCODER, Market, effective_health
 from streaming.responses import json_error, json_response, node_of
+from feed.taxonomy import is_unmapped, market_key, parse_market_key
+from streaming.aggregate import event_view, market_views
 from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, now_ms, parse_bool
 
 __all__ = ["json_error", "json_response", "node_of", "routes"]
@@ -98,7 +100,7 @@ async def list_markets(request: Request) -> Response:
     q = request.query_params
     try:
         f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"), event=q.get("event"),
-                         market=q.get("market"), in_play=q.get("in_play"))
+                         market=q.get("market"), in_play=q.get("in_play"), market_type=q.get("market_type"))
         statuses = _status_set(q.get("status"))
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
@@ -119,67 +121,136 @@ async def get_market(request: Request) -> Response:
     return _markets_response(request, state, [m], (b"", b""))
 
 
-def _event_of(markets: Iterable[Market]) -> dict[str, object] | None:
-    ms = list(markets)
-    if not ms:
+def _event_of(state: NodeState, canonical_id: str, markets: list[Market]) -> dict[str, object] | None:
+    """The summary of one canonical event from its markets (every book's)."""
+    if not markets:
         return None
-    first = min(ms, key=lambda m: m.market_id)
+    first = min(markets, key=lambda m: m.market_id)
+    summary = state.canon.get(canonical_id)
+    members = sorted({m.event_id for m in markets if m.event_id is not None})
     return {
-        "event_id": first.event_id,
-        "event_name": next((m.event_name for m in ms if m.event_name), None),
-        "sport": first.sport,
-        "competition": next((m.competition for m in ms if m.competition), None),
-        "start_time": min((m.start_time for m in ms if m.start_time is not None), default=None),
-        "in_play": any(m.in_play for m in ms),
-        "markets": len(ms),
+        "event_id": canonical_id,
+        "event_name": summary.name if summary is not None and summary.name
+        else next((m.event_name for m in markets if m.event_name), None),
+        "sport": summary.sport if summary is not None and summary.sport else first.sport,
+        "competition": summary.competition if summary is not None and summary.competition
+        else next((m.competition for m in markets if m.competition), None),
+        "start_time": summary.start_time if summary is not None and summary.start_time is not None
+        else min((m.start_time for m in markets if m.start_time is not None), default=None),
+        "in_play": any(m.in_play for m in markets),
+        "markets": len(markets),
+        "members": members,
+        "bookmakers": sorted({m.bookmaker or m.source for m in markets}),
     }
 
 
 def _etag_headers(request: Request, state: NodeState, markets: list[Market], extra: str) -> tuple[dict[str, str], bool]:
     now = now_ms()
     ages = [state.age_stale(m, now) for m in markets]
-    etag = _etag(state, markets, [s for _, s in ages], extra)
+    etag = _etag(state, markets, [s for _, s in ages], f"{extra}|{state.links_version}")
     headers = {"ETag": etag, "X-Data-Age-Ms": str(max((a for a, _ in ages), default=0)),
                "Cache-Control": "no-cache"}
     return headers, _not_modified(request, etag)
 
 
+def _types(value: str | None) -> set[str] | None:
+    """``market_type=`` of the events endpoints: canonical types or market keys."""
+    if not value:
+        return None
+    out = {x.strip() for x in value.split(",") if x.strip()}
+    for t in out:
+        if ":" in t and not t.startswith("raw:"):
+            try:
+                parse_market_key(t)
+            except ValueError as exc:
+                raise FilterError(str(exc)) from None
+    return out or None
+
+
+def _view_param(value: str | None) -> str | None:
+    if value in (None, "", "summary", "best"):
+        return value or None
+    raise FilterError(f"view must be summary or best, not {value!r}")
+
+
 async def list_events(request: Request) -> Response:
+    """``GET /v1/events?sport=&competition=&in_play=&market_type=&view=``:
+    canonical events (one real-world event, every book); ``view=best``
+    adds each event's aggregated markets (best / fair price per outcome,
+    see :mod:`streaming.aggregate`), limited to ``market_type`` when given."""
     q = request.query_params
     try:
         f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"))
         in_play = parse_bool("in_play", q.get("in_play"))
+        types = _types(q.get("market_type"))
+        view = _view_param(q.get("view"))
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
-    state = node_of(request).state
+    node = node_of(request)
+    state = node.state
+    now = now_ms()
     events = []
     included: list[Market] = []
-    for event_id in sorted(state.by_event):
-        ms = [m for mid in state.by_event[event_id] if (m := state.markets.get(mid)) is not None]
-        ms = [m for m in ms if f.match_market(m)]
-        ev = _event_of(ms)
+    for cid in sorted(state.by_canonical):
+        ms = sorted((m for mid in state.by_canonical[cid] if (m := state.markets.get(mid)) is not None
+                     and f.match_market(m, cid)), key=lambda m: m.market_id)
+        ev = _event_of(state, cid, ms)
         if ev is None or (in_play is not None and ev["in_play"] != in_play):
             continue
+        if view == "best":
+            ev["view"] = market_views(state, ms, now, method=node.settings.fair_method, keys=types)
         events.append(ev)
-        included.extend(sorted(ms, key=lambda m: m.market_id))
-    headers, not_modified = _etag_headers(request, state, included, "events")
+        included.extend(ms)
+    headers, not_modified = _etag_headers(request, state, included, f"events|{view}|{types}")
     if not_modified:
         return Response(status_code=304, headers=headers)
-    return json_response({"events": events, "count": len(events), "as_of": now_ms()}, headers=headers)
+    return json_response({"events": events, "count": len(events), "as_of": now}, headers=headers)
 
 
 async def get_event(request: Request) -> Response:
+    """``GET /v1/events/{event_id}?market_type=&view=``: one canonical event
+    (``ev:…``, or a provider event id: its canonical event) with every
+    book's markets (``markets``, omitted with ``view=best``) and the
+    aggregated view (``view``: per canonical market and outcome every book's
+    price with its age, best, best lay and fair price)."""
     event_id = request.path_params["event_id"]
-    state = node_of(request).state
-    ms = sorted((m for mid in state.by_event.get(event_id, ()) if (m := state.markets.get(mid)) is not None),
-                key=lambda m: m.market_id)
-    ev = _event_of(ms)
-    if ev is None:
-        return json_error(404, "unknown_event", f"no event {event_id!r} on this feed")
+    q = request.query_params
+    try:
+        types = _types(q.get("market_type"))
+        view = _view_param(q.get("view"))
+    except FilterError as exc:
+        return json_error(400, "bad_request", str(exc))
+    node = node_of(request)
+    state = node.state
+    cid = event_id
+    if event_id not in state.by_canonical:
+        provider = state.by_event.get(event_id)
+        m0 = state.markets.get(next(iter(provider))) if provider else None
+        if m0 is None:
+            return json_error(404, "unknown_event", f"no event {event_id!r} on this feed "
+                                                    "(give a canonical id ev:… or a provider event id)")
+        cid = state.canonical_of(m0) or event_id
     now = now_ms()
-    return _markets_response(request, state, ms,
-                             (b'{"event":' + ENCODER.encode(ev) + b',"markets":[', b'],"as_of":%d}' % now),
-                             extra="event")
+    agg = event_view(state, cid, now, method=node.settings.fair_method, keys=types)
+    ms = sorted((m for mid in state.by_canonical.get(cid, ()) if (m := state.markets.get(mid)) is not None),
+                key=lambda m: m.market_id)
+    if types is not None:
+        ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers)) in types or k.partition(":")[0] in types]
+    if agg is None:
+        return json_error(404, "unknown_event", f"no event {event_id!r} on this feed")
+    headers, not_modified = _etag_headers(request, state, ms, f"event|{cid}|{view}|{types}")
+    if not_modified:
+        return Response(status_code=304, headers=headers)
+    head = ENCODER.encode({"event_id": agg.event_id, "event_name": agg.name, "sport": agg.sport,
+                           "competition": agg.competition, "start_time": agg.start_time, "in_play": agg.in_play,
+                           "home": agg.home, "away": agg.away, "members": agg.members,
+                           "bookmakers": agg.bookmakers})
+    fair = node.settings.fair_method.encode()
+    body = b'{"event":' + head + b',"view":' + ENCODER.encode(agg.markets) + b',"fair_method":"' + fair + b'"'
+    if view != "best":
+        body += b',"markets":[' + b",".join(state.market_json(m, now) for m in ms) + b"]"
+    body += b',"as_of":%d}' % now
+    return json_response(body, headers=headers)
 
 
 async def list_sports(request: Request) -> Response:
@@ -189,7 +260,7 @@ async def list_sports(request: Request) -> Response:
     for sport in sorted(state.by_sport):
         ms = sorted((m for mid in state.by_sport[sport] if (m := state.markets.get(mid)) is not None),
                     key=lambda m: m.market_id)
-        out.append({"sport": sport, "events": len({m.event_id for m in ms if m.event_id is not None}),
+        out.append({"sport": sport, "events": len({c for m in ms if (c := state.canonical_of(m)) is not None}),
                     "markets": len(ms), "in_play_markets": sum(1 for m in ms if m.in_play)})
         included.extend(ms)
     headers, not_modified = _etag_headers(request, state, included, "sports")
@@ -216,6 +287,15 @@ async def list_sources(request: Request) -> Response:
         d["markets"] = len(ids)
         d["stale_markets"] = sum(1 for mid in ids if (m := state.markets.get(mid)) is not None
                                  and state.age_stale(m, now)[1])
+        # markets whose type the taxonomy does not know: passed through as raw:<type>, counted here
+        unmapped: dict[str, int] = {}
+        for mid in ids:
+            m = state.markets.get(mid)
+            if m is not None and is_unmapped(m.market_type):
+                key = m.market_type or "raw:unknown"
+                unmapped[key] = unmapped.get(key, 0) + 1
+        d["unmapped_markets"] = sum(unmapped.values())
+        d["unmapped_types"] = dict(sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0]))[:50])
         d["age_ms"] = max(0, now - h.last_message_at) if h.last_message_at else None
         out.append(d)
     return json_response({"sources": out, "as_of": now}, headers={"Cache-Control": "no-store"})

@@ -1,7 +1,9 @@
 """Server-Sent Events transport: ``GET /v1/stream``.
 
-Query: ``sport``, ``competition``, ``event``, ``market`` (comma-separated
-lists allowed), ``in_play`` (true/false), ``heartbeat_ms`` (100–300000,
+Query: ``sport``, ``competition``, ``event`` (provider or canonical ``ev:…``
+ids), ``market``, ``market_type`` (canonical types or market keys)
+(comma-separated lists allowed), ``in_play`` (true/false), ``view``
+(``deltas``, default, or ``best``: :mod:`streaming.bestview`), ``heartbeat_ms`` (100–300000,
 default ``settings.heartbeat_ms``), ``last_event_id`` (resume token; the
 ``Last-Event-ID`` header wins), ``conflate_ms`` (0 = every change, default;
 10–``max_conflate_ms``: changes merged per market per window, flagged
@@ -39,6 +41,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from streaming.hub import Connection
+from streaming.bestview import VIEWS
 from streaming.odds_format import parse_odds_format
 from streaming.responses import json_error, node_of
 from streaming.server import HTTP_FINAL, HTTP_FRAMES
@@ -78,6 +81,16 @@ def parse_heartbeat_ms(value: str | None, default: int) -> int:
 CONFLATE_MIN_MS = 10
 
 
+def parse_view(value: object) -> str | None:
+    """``view``: absent / ``deltas`` (the delta stream) or ``best`` (best /
+    fair price changes, :mod:`streaming.bestview`). Raises FilterError."""
+    if value is None or value == "" or value == "deltas":
+        return None
+    if value in VIEWS:
+        return str(value)
+    raise FilterError(f"view must be deltas or {' or '.join(VIEWS)}, not {value!r}")
+
+
 def parse_conflate_ms(value: object, max_ms: int = 120_000) -> int:
     """``conflate_ms``: 0 (every change) or CONFLATE_MIN_MS…``max_ms``. Raises FilterError."""
     if value is None or value == "":
@@ -111,13 +124,14 @@ class SSEStream(Response):
     """The event stream of one client as a raw ASGI response."""
 
     def __init__(self, node: "Node", f: Filter, *, heartbeat_ms: int, resume: str | None, label: str,
-                 conflate_ms: int = 0, fmt: str | None = None, ip: str | None = None) -> None:
+                 conflate_ms: int = 0, fmt: str | None = None, ip: str | None = None, view: str | None = None) -> None:
         self.node = node
         self.filter = f
         self.heartbeat_ms = heartbeat_ms
         self.resume = resume
         self.label = label
         self.conflate_ms = conflate_ms
+        self.view = view
         self.fmt = fmt
         self.ip = ip
         self.status_code = 200
@@ -136,7 +150,8 @@ class SSEStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"retry: %d\n\n" % RETRY_MS, "more_body": True})
-            await hub.subscribe(conn, self.filter, resume=self.resume, conflate_ms=self.conflate_ms, fmt=self.fmt)
+            await hub.subscribe(conn, self.filter, resume=self.resume, conflate_ms=self.conflate_ms, fmt=self.fmt,
+                                view=self.view)
             ext = scope.get("extensions") or {}
             final = HTTP_FINAL in ext
             send_frames = (ext.get(HTTP_FRAMES) or {}).get("send")
@@ -215,7 +230,8 @@ async def stream(request: Request) -> Response:
     q = request.query_params
     try:
         f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"), event=q.get("event"),
-                         market=q.get("market"), in_play=q.get("in_play"))
+                         market=q.get("market"), in_play=q.get("in_play"), market_type=q.get("market_type"))
+        view = parse_view(q.get("view"))
         heartbeat_ms = parse_heartbeat_ms(q.get("heartbeat_ms"), node.settings.heartbeat_ms)
         conflate_ms = parse_conflate_ms(q.get("conflate_ms"), node.options.max_conflate_ms)
         fmt = parse_format(q.get("odds_format"))
@@ -225,4 +241,4 @@ async def stream(request: Request) -> Response:
     client = request.client
     label = f"{client.host}:{client.port}" if client else "?"
     return SSEStream(node, f, heartbeat_ms=heartbeat_ms, resume=resume, label=label, conflate_ms=conflate_ms,
-                     fmt=fmt, ip=client.host if client else None)
+                     fmt=fmt, ip=client.host if client else None, view=view)

@@ -54,7 +54,10 @@ from feed.models import (
     ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health, lease_expired, lost_change,
 )
 from feed.settings import Settings
-from feed.store import partition_of
+from feed.linker import SUMMARY_DECODER, CanonicalSummary
+from feed.matching import CANONICAL_PREFIX, record_id
+from feed.store import StoredLink, partition_of
+from feed.taxonomy import market_key, parse_market_key
 from streaming.encoding import (
     Message, StreamId, delta_message, encode_token, market_with_age, parse_stream_id,
 )
@@ -118,19 +121,25 @@ class FilterError(OddsfeedError, ValueError):
     """A filter value the client must fix; ``str()`` says what to fix."""
 
 
-MarketKeys = tuple[str | None, str | None, str | None, bool]
-"""(sport, event_id, competition, in_play) of a market: what filters look at."""
+MarketKeys = tuple[str | None, str | None, str | None, bool, str | None, str]
+"""(sport, event_id, competition, in_play, canonical event id, canonical
+market key) of a market: what filters look at."""
 
 
-def keys_of(m: Market) -> MarketKeys:
-    return (m.sport, m.event_id, m.competition, m.in_play)
+def keys_of(m: Market, canonical: str | None = None) -> MarketKeys:
+    """A market's filter keys; ``canonical``: its canonical event id (None: not linked yet)."""
+    return (m.sport, m.event_id, m.competition, m.in_play, canonical, market_key(m.market_type, m.specifiers))
 
 
 class Filter(msgspec.Struct, frozen=True, kw_only=True):
     """What a subscription (or a REST list) wants. None = any.
 
-    sport / competition / event / market: sets of accepted values (a query
-    string gives them comma-separated); in_play: True = only in-play
+    sport / competition / event / market / market_type: sets of accepted
+    values (a query string gives them comma-separated); ``event`` takes
+    provider event ids and canonical event ids (``ev:…``: every book's
+    markets of that event); ``market_type`` takes canonical market types
+    (``total``) or full canonical market keys (``total:line=2.5``, see
+    :func:`feed.taxonomy.market_key`); in_play: True = only in-play
     markets, False = only not in-play. All given conditions must hold.
     """
 
@@ -138,24 +147,36 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
     competition: frozenset[str] | None = None
     event: frozenset[str] | None = None
     market: frozenset[str] | None = None
+    market_type: frozenset[str] | None = None
     in_play: bool | None = None
 
     @classmethod
     def parse(cls, *, sport: object = None, competition: object = None, event: object = None,
-              market: object = None, in_play: object = None) -> "Filter":
+              market: object = None, in_play: object = None, market_type: object = None) -> "Filter":
         """Build a filter from query-string or JSON values. Lists may be a
         comma-separated string or a JSON list of strings; in_play accepts
         true/false/1/0 (string or JSON bool). Raises FilterError."""
+        types = _id_set("market_type", market_type)
+        if types is not None:
+            for t in types:
+                if ":" in t and not t.startswith("raw:"):
+                    try:
+                        parse_market_key(t)
+                    except ValueError as exc:
+                        raise FilterError(str(exc)) from None
         return cls(sport=_id_set("sport", sport), competition=_id_set("competition", competition),
-                   event=_id_set("event", event), market=_id_set("market", market),
+                   event=_id_set("event", event), market=_id_set("market", market), market_type=types,
                    in_play=parse_bool("in_play", in_play))
 
     def match(self, market_id: str, keys: MarketKeys) -> bool:
         """Whether a market with these keys passes the filter."""
-        sport, event_id, competition, in_play = keys
+        sport, event_id, competition, in_play, canonical, mkey = keys
         if self.market is not None and market_id not in self.market:
             return False
-        if self.event is not None and event_id not in self.event:
+        if self.event is not None and event_id not in self.event and canonical not in self.event:
+            return False
+        if self.market_type is not None and mkey not in self.market_type \
+                and mkey.partition(":")[0] not in self.market_type:
             return False
         if self.sport is not None and sport not in self.sport:
             return False
@@ -163,8 +184,9 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
             return False
         return self.in_play is None or self.in_play == in_play
 
-    def match_market(self, m: Market) -> bool:
-        return self.match(m.market_id, keys_of(m))
+    def match_market(self, m: Market, canonical: str | None = None) -> bool:
+        """Whether market ``m`` (of canonical event ``canonical``) passes the filter."""
+        return self.match(m.market_id, keys_of(m, canonical))
 
 
 def parse_bool(name: str, value: object) -> bool | None:
@@ -367,6 +389,12 @@ class NodeState:
         self.by_event: dict[str, set[str]] = {}
         self.by_sport: dict[str, set[str]] = {}
         self.by_source: dict[str, set[str]] = {}
+        #: canonical event id -> market ids of every book (see :meth:`canonical_of`)
+        self.by_canonical: dict[str, set[str]] = {}
+        #: event record id -> its stored link; canonical id -> summary (from the linker)
+        self.links: dict[str, StoredLink] = {}
+        self.canon: dict[str, CanonicalSummary] = {}
+        self.links_version = -1
         self.positions: list[str] = ["0-0"] * partitions
         self.epoch: str | None = None
         self.generation = 0
@@ -438,6 +466,55 @@ class NodeState:
         age, stale = self.age_stale(m, now)
         return market_with_age(raw, age, stale)
 
+    # -- canonical events ----------------------------------------------------
+
+    def canonical_id(self, event_id: str | None, sport: str | None, start_time: int | None) -> str | None:
+        """The canonical event id of a provider event (per race for racing):
+        its link, or ``ev:<record id>`` while it has none (an unmatched event
+        is its own canonical event; the linker gives it that same id)."""
+        if event_id is None:
+            return None
+        rid = record_id(event_id, sport, start_time)
+        link = self.links.get(rid)
+        return link.c if link is not None else CANONICAL_PREFIX + rid
+
+    def reversed_of(self, m: Market) -> bool:
+        """Whether market ``m``'s event names the sides the other way round
+        from its canonical event (its home outcome is the canonical away)."""
+        if m.event_id is None or not self.links:
+            return False
+        link = self.links.get(record_id(m.event_id, m.sport, m.start_time))
+        return link is not None and link.r
+
+    def canonical_of(self, m: Market) -> str | None:
+        """The canonical event id of market ``m`` (see :meth:`canonical_id`)."""
+        return self.canonical_id(m.event_id, m.sport, m.start_time)
+
+    def keys_of(self, m: Market) -> MarketKeys:
+        """Market ``m``'s filter keys, with its canonical event."""
+        return keys_of(m, self.canonical_of(m))
+
+    def set_links(self, version: int, links: dict[str, StoredLink], canon: dict[str, bytes]) -> list[str]:
+        """Adopt the linker's links (version ``version``) and re-index every
+        market by canonical event. Returns the ids of the markets whose
+        canonical event or orientation changed."""
+        before = {m.market_id: (self.canonical_of(m), self.reversed_of(m)) for m in self.markets.values()}
+        summaries: dict[str, CanonicalSummary] = {}
+        for key, raw in canon.items():
+            try:
+                summaries[key] = SUMMARY_DECODER.decode(raw)
+            except msgspec.MsgspecError:
+                continue
+        self.links, self.canon, self.links_version = links, summaries, version
+        index: dict[str, set[str]] = {}
+        for m in self.markets.values():
+            cid = self.canonical_of(m)
+            if cid is not None:
+                index.setdefault(cid, set()).add(m.market_id)
+        self.by_canonical = index
+        self.changes += 1
+        return [mid for mid, m in self.markets.items() if before.get(mid) != (self.canonical_of(m), self.reversed_of(m))]
+
     # -- queries -------------------------------------------------------------
 
     def matching(self, f: Filter) -> Iterator[Market]:
@@ -447,17 +524,17 @@ class NodeState:
         if f.market is not None:
             ids = f.market
         elif f.event is not None:
-            ids = [mid for ev in f.event for mid in self.by_event.get(ev, ())]
+            ids = {mid for ev in f.event for mid in (*self.by_event.get(ev, ()), *self.by_canonical.get(ev, ()))}
         elif f.sport is not None:
             ids = [mid for sp in f.sport for mid in self.by_sport.get(sp, ())]
         else:
             for m in markets.values():
-                if f.match_market(m):
+                if f.match(m.market_id, self.keys_of(m)):
                     yield m
             return
         for mid in ids:
             found = markets.get(mid)
-            if found is not None and f.match_market(found):
+            if found is not None and f.match(mid, self.keys_of(found)):
                 yield found
 
     # -- mutation ------------------------------------------------------------
@@ -468,9 +545,15 @@ class NodeState:
         if m.sport is not None:
             self.by_sport.setdefault(m.sport, set()).add(m.market_id)
         self.by_source.setdefault(m.source, set()).add(m.market_id)
+        cid = self.canonical_of(m)
+        if cid is not None:
+            self.by_canonical.setdefault(cid, set()).add(m.market_id)
 
     def _index_remove(self, m: Market) -> None:
-        for index, key in ((self.by_event, m.event_id), (self.by_sport, m.sport), (self.by_source, m.source)):
+        pairs: tuple[tuple[dict[str, set[str]], str | None], ...] = (
+            (self.by_event, m.event_id), (self.by_sport, m.sport), (self.by_source, m.source),
+            (self.by_canonical, self.canonical_of(m)))
+        for index, key in pairs:
             if key is None:
                 continue
             ids = index.get(key)
@@ -480,7 +563,8 @@ class NodeState:
                     del index[key]
 
     def _put(self, m: Market, old: Market | None) -> None:
-        if old is not None and (old.event_id != m.event_id or old.sport != m.sport or old.source != m.source):
+        if old is not None and (old.event_id != m.event_id or old.sport != m.sport or old.source != m.source
+                                or old.start_time != m.start_time):
             self._index_remove(old)
             self._index_add(m)
         elif old is None:
@@ -549,8 +633,8 @@ class NodeState:
     def _prepare(self, d: Delta, old: Market | None, new: Market, now: int, token: bytes,
                  prev_token: bytes | None) -> PreparedDelta:
         age, stale = self.age_stale(new, now)
-        keys = keys_of(new)
-        prev = keys_of(old) if old is not None else None
+        keys = self.keys_of(new)
+        prev = self.keys_of(old) if old is not None else None
         if prev == keys:
             prev = None
         if d.kind == "image":
@@ -579,14 +663,15 @@ class NodeState:
         for d in deltas:
             cur = self.markets.get(d.market_id)
             if d.market is not None:
-                keys = keys_of(d.market)
+                keys = self.keys_of(d.market)
             elif d.header is not None:
                 h = d.header
-                keys = (h.sport, h.event_id, h.competition, h.in_play)
+                keys = (h.sport, h.event_id, h.competition, h.in_play,
+                        self.canonical_id(h.event_id, h.sport, h.start_time), market_key(h.market_type, h.specifiers))
             elif cur is not None:
-                keys = keys_of(cur)
+                keys = self.keys_of(cur)
             else:
-                keys = (None, None, None, False)
+                keys = (None, None, None, False, None, "")
             ref = d.market or cur
             if ref is not None:
                 age, stale = self.age_stale(msgspec.structs.replace(ref, received_at=d.received_at), now)

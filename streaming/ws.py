@@ -10,8 +10,9 @@ handshake is refused (403).
 Client → server (one JSON object per text frame, at most
 ``ws_max_message_bytes``, 64 KiB)::
 
-    {"op":"subscribe","id":1,"filter":{"sport":…,"competition":…,"event":…,"market":…,"in_play":…},
-     "resume":"<token>"?, "conflate_ms":0?, "odds_format":"decimal"|"fractional"|"american"?}
+    {"op":"subscribe","id":1,"filter":{"sport":…,"competition":…,"event":…,"market":…,"market_type":…,
+     "in_play":…}, "resume":"<token>"?, "conflate_ms":0?, "odds_format":"decimal"|"fractional"|"american"?,
+     "view":"deltas"|"best"?}
     {"op":"unsubscribe","id":2,"sub":1}
     {"op":"ping","id":3}
 
@@ -59,7 +60,7 @@ from streaming.encoding import ack_message, error_message, pong_message
 from streaming.hub import Connection
 from streaming.responses import node_of
 from streaming.server import WS_FRAMES_EXTENSION, WS_FRAMES_MESSAGE, ws_close_frame
-from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms
+from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms, parse_view
 from streaming.state import Filter, FilterError
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ __all__ = ["ClientOp", "decode_op", "handle_message", "websocket_endpoint"]
 
 logger = logging.getLogger(__name__)
 
-FILTER_FIELDS = ("sport", "competition", "event", "market", "in_play")
+FILTER_FIELDS = ("sport", "competition", "event", "market", "market_type", "in_play")
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -236,6 +237,7 @@ class ClientOp(msgspec.Struct, forbid_unknown_fields=True):
     conflate_ms: int | float | str | None = None
     odds_format: str | None | msgspec.UnsetType = msgspec.UNSET
     sub: int | None = None
+    view: str | None = None
 
 
 class _IdOnly(msgspec.Struct):
@@ -257,6 +259,7 @@ _FIELD_HINTS = {
     "$.conflate_ms": "conflate_ms must be an integer number of milliseconds",
     "$.odds_format": "odds_format must be decimal, fractional or american",
     "$.sub": "\"sub\" must be the integer id from the subscribe ack",
+    "$.view": "view must be deltas or best",
 }
 
 
@@ -318,6 +321,7 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
             f = Filter.parse(**filt)
             conflate_ms = parse_conflate_ms(op.conflate_ms, node.options.max_conflate_ms)
             sub_fmt = fmt if op.odds_format is msgspec.UNSET else parse_format(op.odds_format)
+            view = parse_view(op.view)
         except (FilterError, TypeError) as exc:
             conn.send(error_message("bad_request", str(exc), id=mid))
             return
@@ -325,7 +329,8 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
             conn.send(error_message("bad_request", f"at most {node.options.max_subscriptions} subscriptions per "
                                     "connection; unsubscribe one first", id=mid))
             return
-        await hub.subscribe(conn, f, resume=op.resume or None, ack_id=mid, conflate_ms=conflate_ms, fmt=sub_fmt)
+        await hub.subscribe(conn, f, resume=op.resume or None, ack_id=mid, conflate_ms=conflate_ms, fmt=sub_fmt,
+                            view=view)
     elif op.op == "unsubscribe":
         sub = op.sub
         if sub is None:

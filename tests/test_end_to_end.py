@@ -5,7 +5,8 @@
 - Bad lines in a replay are quarantined with their reason and counted in
   ``/v1/sources``, and the replay carries on.
 - ``oddsfeed run`` (a real subprocess, fresh data directory) serves markets
-  whose prices change live, fed by the simulator over a real socket.
+  whose prices change live, fed by the simulator over a real socket, named
+  the live Betfair way (login → stream → listMarketCatalogue → names).
 """
 
 from __future__ import annotations
@@ -173,6 +174,15 @@ def test_oddsfeed_run_serves_live_prices_from_the_simulator(tmp_path: Path) -> N
             time.sleep(0.2)
         assert first, "no open markets served within 30 s"
         assert {m["source"] for m in first.values()} == {"betfair"}
+        named: list[dict] = []
+        while time.monotonic() < deadline + 10 and not named:  # names come from the catalogue, not the stream
+            markets = httpx.get(f"{base}/v1/markets", timeout=2).json()["markets"]
+            live = [m for m in markets if m["status"] == "OPEN"]
+            if live and all(m["event_name"] and m["name"] and all(s["name"] for s in m["selections"]) for m in live):
+                named = live
+            else:
+                time.sleep(0.2)
+        assert named, "open markets not named by the catalogue within 10 s"
         time.sleep(3)
         later = {m["market_id"]: m for m in httpx.get(f"{base}/v1/markets", timeout=2).json()["markets"]}
         moved = [mid for mid, m in first.items()
@@ -210,11 +220,11 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
     """``oddsfeed simulate --providers`` + ``oddsfeed run --source …`` ×4, as README shows:
     every source UP in /v1/sources with its own markets, served together."""
-    esa, http, push, api = (_free_port() for _ in range(4))
+    esa, http, push, api, bf = (_free_port() for _ in range(5))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sim = subprocess.Popen(
         [sys.executable, "-m", "feed", "simulate", "--providers", "--port", str(esa), "--providers-port", str(http),
-         "--push-port", str(push), "--rate", "200", "--seed", "3"],
+         "--push-port", str(push), "--api-port", str(bf), "--rate", "200", "--seed", "3"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     fast = "min_interval_s=0,interval_s=1,live_interval_s=1"
     run = None
@@ -222,7 +232,8 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
         time.sleep(2)
         run = subprocess.Popen(
             [sys.executable, "-m", "feed", "run", "--port", str(api), "--data-dir", str(tmp_path / "var"),
-             "--source", f"esa=127.0.0.1:{esa},app_key=sim-app-key,session=sim-session",
+             "--source", f"esa=127.0.0.1:{esa},app_key=sim-app-key,username=sim-user,password=sim-password,"
+                         f"sso_url=http://127.0.0.1:{bf},betting_url=http://127.0.0.1:{bf}/exchange/betting",
              "--source", f"pinnacle=http://127.0.0.1:{http},user=demo,password=demo,sports=29+33+4,{fast}",
              "--source", f"theoddsapi=http://127.0.0.1:{http}/v4,api_key=demo,sport=upcoming,markets=h2h+totals,{fast}",
              "--source", f"push-sse=http://127.0.0.1:{push}/push/sse,api_key=sim-push-key"],

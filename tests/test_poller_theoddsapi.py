@@ -90,9 +90,48 @@ async def test_theoddsapi_faults_end_to_end(redis_url: str) -> None:
         await store.close()
 
 
+async def test_an_answer_the_client_cut_short_is_not_served() -> None:
+    """The simulator's truth holds only answers a client read whole. A trickled
+    answer the client gives up on (its deadline) must not count as served: a
+    market offered only while the poller saw nothing but cut answers would
+    otherwise read "served but not stored" for ever (Starlette runs a
+    StreamingResponse's background task even after the client disconnected)."""
+    params = {"apiKey": "demo", "regions": "eu", "markets": "h2h,totals"}
+    async with providers() as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as http:
+        sim.freeze()
+        sim.trickle(1, seconds=30, provider="theoddsapi")
+        async with http.stream("GET", "/v4/sports/upcoming/odds", params=params) as resp:
+            assert resp.status_code == 200
+            await anext(resp.aiter_raw())  # the first piece … then the client gives up (closes the connection)
+        await eventually(lambda: not _answering(sim), what="the simulator done with the cut answer")
+        assert sim.truth("theoddsapi") == {}
+        assert sim.cut_answers["theoddsapi"] == 1
+        # a trickled answer read whole is served
+        sim.trickle(1, seconds=0.2, provider="theoddsapi")
+        resp2 = await http.get("/v4/sports/upcoming/odds", params=params)
+        assert resp2.status_code == 200
+        await eventually(lambda: not _answering(sim), what="the simulator done with the whole answer")
+        body = resp2.json()
+        read = {f"toa:{ev['id']}:{bm['key']}:{m['key']}" + (":2.5" if m["key"] == "totals" else "")
+                for ev in body for bm in ev["bookmakers"] for m in bm["markets"]}
+        truth = sim.truth("theoddsapi")
+        assert read and set(truth) == read and all(t["status"] == "OPEN" for t in truth.values())
+        assert sim.cut_answers["theoddsapi"] == 1
+
+
+def _answering(sim: object) -> int:
+    """Requests the simulator's uvicorn is still handling (background tasks included)."""
+    return len(sim._server.server.server_state.tasks)  # type: ignore[attr-defined]
+
+
 async def _suspended(store: Store, bookmaker: str) -> list[object]:
-    ms = [m for m in (await stored(store, "theoddsapi")).values() if m.bookmaker == bookmaker]
-    return ms if ms and all(m.status == "SUSPENDED" for m in ms) else []
+    """The bookmaker's markets once every one is SUSPENDED while another
+    bookmaker's are open (so a snapshot that suspended everything — the
+    bad_price fault's body lists one fake event — does not count)."""
+    all_ms = (await stored(store, "theoddsapi")).values()
+    ms = [m for m in all_ms if m.bookmaker == bookmaker]
+    others_open = any(m.status == "OPEN" for m in all_ms if m.bookmaker != bookmaker)
+    return ms if ms and others_open and all(m.status == "SUSPENDED" for m in ms) else []
 
 
 async def test_conditional_mode_uses_etags(redis_url: str) -> None:

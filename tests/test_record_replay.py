@@ -90,10 +90,12 @@ async def flush(redis_url: str) -> None:
 async def esa_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
     from feed.simulator import Simulator, SimulatorConfig
 
-    sim = Simulator(SimulatorConfig(seed=5, events=4, rate_per_s=150.0, time_scale=300.0))
+    sim = Simulator(SimulatorConfig(seed=5, events=4, rate_per_s=150.0, time_scale=300.0, api_port=0))
     await sim.start()
-    try:
-        yield f"esa=127.0.0.1:{sim.port},app_key=sim-app-key,session=sim-session,name=rec-esa", sim.freeze
+    assert sim.api is not None
+    try:  # the live Betfair path: login, stream, catalogue (recorded beside the stream, as flumine does)
+        yield (f"esa=127.0.0.1:{sim.port},app_key=sim-app-key,username=sim-user,password=sim-password,"
+               f"sso_url={sim.api.url},betting_url={sim.api.betting_url},name=rec-esa"), sim.freeze
     finally:
         await sim.stop()
 
@@ -179,6 +181,18 @@ async def uof_upstream(amqp_url: str) -> AsyncIterator[tuple[str, Callable[[], N
         await sim.stop()
 
 
+@contextlib.asynccontextmanager
+async def csv_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
+    """A synthetic Betfair data-scientists CSV: 120 match-odds markets = 360 steps, replayed at max speed."""
+    import tempfile
+
+    from tests.test_csv_source import synthetic_football
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synthetic_football(Path(tmp) / "matches.csv", 120)
+        yield f"betfair-csv={path},name=rec-csv", lambda: None
+
+
 UPSTREAMS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[tuple[str, Callable[[], None]]]]] = {
     "esa": esa_upstream,
     "pinnacle": lambda: http_upstream("pinnacle"),
@@ -187,6 +201,7 @@ UPSTREAMS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[tuple[
     "push-sse": lambda: push_upstream("push-sse"),
     "webhook": webhook_upstream,
     "uof": uof_upstream,
+    "betfair-csv": csv_upstream,
 }
 
 

@@ -41,6 +41,7 @@ def test_every_kind_builds_a_source_and_normaliser_from_a_spec() -> None:
         "push-sse": "push-sse=http://127.0.0.1:9/push/sse,api_key=k",
         "webhook": "webhook=127.0.0.1:0,secret=s",
         "uof": "uof=amqp://guest:guest@127.0.0.1:9/,api=http://127.0.0.1:9,token=t",
+        "betfair-csv": "betfair-csv=/no/such/file.csv",
     }
     assert set(REGISTRY) <= set(examples), "add an example spec for the new kind"
     for kind in REGISTRY:
@@ -55,7 +56,7 @@ def test_every_kind_builds_a_source_and_normaliser_from_a_spec() -> None:
     ("theoddsapi=http://x/v4,api_key=k,intervl_s=2", "did you mean interval_s?"),
     ("pinnacle=http://x", "needs one of user, api_key, client_id"),
     ("theoddsapi=http://x/v4", "needs one of api_key, client_id, user"),
-    ("esa=127.0.0.1:9444,app_key=a", "needs session"),
+    ("esa=127.0.0.1:9444,app_key=a", "needs one of session, username"),
     ("push-ws=ws://x/ws,api_key=k,ping_ms=5", "push-ws takes: api_key, backoff_initial_s"),
     ("nope=http://x", "unknown source kind 'nope'"),
 ])

@@ -45,12 +45,15 @@ async def test_markets_events_sports(store: Store, redis_url: str) -> None:
         assert m["selections"][0]["selection_id"] == "1" and "age_ms" in m and m["stale"] is False
 
         ev = (await c.get("/v1/events")).json()
-        assert [(e["event_id"], e["markets"], e["in_play"], e["sport"]) for e in ev["events"]] == \
-            [("bf:e1", 2, True, "soccer"), ("bf:e2", 1, False, "tennis")]
+        # unlinked provider events are canonical events of their own: ev:<provider event id>
+        assert [(e["event_id"], e["markets"], e["in_play"], e["sport"], e["members"]) for e in ev["events"]] == \
+            [("ev:bf:e1", 2, True, "soccer", ["bf:e1"]), ("ev:bf:e2", 1, False, "tennis", ["bf:e2"])]
         assert ev["events"][0]["event_name"] == "Event bf:e1" and ev["events"][0]["competition"] == "c1"
-        assert [e["event_id"] for e in (await c.get("/v1/events?in_play=false")).json()["events"]] == ["bf:e2"]
-        one = (await c.get("/v1/events/bf:e1")).json()
-        assert one["event"]["event_id"] == "bf:e1" and [x["market_id"] for x in one["markets"]] == ["bf:1.1", "bf:1.2"]
+        assert [e["event_id"] for e in (await c.get("/v1/events?in_play=false")).json()["events"]] == ["ev:bf:e2"]
+        for ref in ("bf:e1", "ev:bf:e1"):  # a provider event id answers with its canonical event
+            one = (await c.get(f"/v1/events/{ref}")).json()
+            assert one["event"]["event_id"] == "ev:bf:e1"
+            assert [x["market_id"] for x in one["markets"]] == ["bf:1.1", "bf:1.2"]
         sports = (await c.get("/v1/sports")).json()["sports"]
         assert sports == [{"sport": "soccer", "events": 1, "markets": 2, "in_play_markets": 1},
                           {"sport": "tennis", "events": 1, "markets": 1, "in_play_markets": 0}]

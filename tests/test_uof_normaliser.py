@@ -65,10 +65,13 @@ def test_odds_change_image_then_delta() -> None:
     u = b.updates[0]
     assert u.image and u.source_ts == T + 1 and u.header is not None
     h = u.header
-    assert (h.event_id, h.sport, h.market_type, h.status, h.in_play) == ("uof:sr:match:1", "soccer", "1", "OPEN", True)
-    assert [(s.selection_id, s.price, s.status) for s in u.selections] == [
-        ("1", 2.0, "ACTIVE"), ("2", 3.4, "ACTIVE"), ("3", 3.9, "ACTIVE")]
-    assert b.updates[1].header is not None and b.updates[1].header.specifiers == {"total": "2.5"}
+    assert (h.event_id, h.sport, h.market_type, h.market_type_raw, h.status, h.in_play) == (
+        "uof:sr:match:1", "soccer", "match_result", "1", "OPEN", True)
+    assert [(s.selection_id, s.price, s.status, s.outcome) for s in u.selections] == [
+        ("1", 2.0, "ACTIVE", "home"), ("2", 3.4, "ACTIVE", "draw"), ("3", 3.9, "ACTIVE", "away")]
+    tot = b.updates[1].header
+    assert tot is not None and (tot.market_type, tot.specifiers) == ("total", {"line": "2.5"})
+    assert [s.outcome for s in b.updates[1].selections] == ["over", "under"]
     b = feed(n, odds(T + 2, m1x2(a=2.1, active_c=0)))
     (u,) = b.updates
     assert not u.image and u.header is None

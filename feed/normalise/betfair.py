@@ -45,6 +45,7 @@ import msgspec
 from feed.errors import FeedDecodeError
 from feed.models import Market, MarketHeader, MarketStatus, Selection, SelectionStatus
 from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms
+from feed.taxonomy import betfair_market, betfair_outcome
 from feed.validate import (
     MAX_ADJUSTMENT_FACTOR,
     MAX_FUTURE_SKEW_MS,
@@ -251,7 +252,7 @@ class _Runner:
     __slots__ = (
         "key", "id", "hc", "atb", "atl", "atb_px", "atl_px", "batb", "batl", "bdatb", "bdatl",
         "ltp", "tv", "tv_sent", "trd", "status", "sort", "adj", "bsp", "name", "back", "lay", "back_dirty",
-        "lay_dirty",
+        "lay_dirty", "outcome",
     )
 
     def __init__(self, key: str, rid: int, hc: float) -> None:
@@ -273,6 +274,7 @@ class _Runner:
         self.status: SelectionStatus = "ACTIVE"
         self.sort: int | None = None
         self.adj: float | None = None
+        self.outcome: str | None = None
         self.bsp: float | None = None
         self.name: str | None = None
         self.back: list[tuple[float, float]] = []  # canonical ladders, rebuilt only when dirty
@@ -282,7 +284,7 @@ class _Runner:
 
 
 class _Market:
-    __slots__ = ("market_id", "runners", "header", "ladder", "tv")
+    __slots__ = ("market_id", "runners", "header", "ladder", "tv", "source_ts")
 
     def __init__(self, market_id: str) -> None:
         self.market_id = market_id
@@ -290,6 +292,7 @@ class _Market:
         self.header: MarketHeader | None = None
         self.ladder = 0
         self.tv: float | None = None
+        self.source_ts = 0  # provider time of the last change applied (a catalogue's names carry it)
 
 
 class EsaCursor(msgspec.Struct, kw_only=True):
@@ -372,18 +375,13 @@ def _check_levels(changes: list[tuple[int, float, float]] | None) -> bool:
     return True
 
 
-def market_type_to_canonical(raw: str | None) -> tuple[str | None, dict[str, str] | None]:
-    """Betfair ``marketType`` → (canonical key, specifiers).
-
-    ``MATCH_ODDS`` → ``("match_odds", None)``; ``OVER_UNDER_25`` →
-    ``("over_under", {"total": "2.5"})``; others lower-cased.
-    """
-    if raw is None:
-        return None, None
-    if raw.startswith("OVER_UNDER_") and raw[11:].isdigit():
-        digits = raw[11:]
-        return "over_under", {"total": f"{digits[:-1] or '0'}.{digits[-1]}"}
-    return raw.lower(), None
+def market_type_to_canonical(raw: str | None, sport: str | None = None, places: int | None = None
+                             ) -> tuple[str, dict[str, str] | None]:
+    """Betfair ``marketType`` → (canonical key, specifiers) of
+    :mod:`feed.taxonomy`: ``MATCH_ODDS`` → ``("match_result", None)``
+    (``moneyline`` in sports without a draw); ``OVER_UNDER_25`` →
+    ``("total", {"line": "2.5"})``; unknown types → ``raw:<type>``."""
+    return betfair_market(raw, sport, places=places)
 
 
 class BetfairNormaliser:
@@ -616,6 +614,7 @@ class BetfairNormaliser:
                 runner = self._runner(market, rc.id, rc.hc)
                 self._apply_runner(market, runner, rc)
                 changed[runner.key] = runner
+        market.source_ts = source_ts
         if header_changed or tv_changed:
             header = market.header
             if header is None:
@@ -661,21 +660,22 @@ class BetfairNormaliser:
         market = self.markets.get(cat.marketId)
         if market is None or market.header is None:
             return
-        changed = []
+        changed: dict[str, _Runner] = {}
         for r in cat.runners:
             runner = market.runners.get(selection_key(r.selectionId, r.handicap))
             if runner is not None and r.runnerName and runner.name != r.runnerName:
                 runner.name = r.runnerName
-                changed.append(runner)
+                changed[runner.key] = runner
         h = market.header
         market.header = msgspec.structs.replace(
             h, name=h.name or cat.marketName,
             event_name=h.event_name or (cat.event.name if cat.event else None),
             competition=h.competition or (cat.competition.name if cat.competition else None))
+        self._outcomes(market, changed)
         batch.updates.append(MarketUpdate(
             market_id=SOURCE_PREFIX + cat.marketId, source=self.source, image=False, header=market.header,
-            selections=[self._selection(market, r) for r in changed],
-            source_ts=recv_ms, received_at=recv_ms))
+            selections=[self._selection(market, r) for r in changed.values()],
+            source_ts=market.source_ts or recv_ms, received_at=recv_ms))
 
     def _apply_definition(self, market: _Market, md: MarketDefinition, changed: dict[str, _Runner]) -> None:
         status: MarketStatus = _MARKET_STATUS.get(md.status, "SUSPENDED")
@@ -694,12 +694,13 @@ class BetfairNormaliser:
                 changed[runner.key] = runner
         if status == "CLOSED" and any(r.status in ("WINNER", "PLACED") for r in market.runners.values()):
             status = "SETTLED"
-        market_type, specifiers = market_type_to_canonical(md.marketType)
+        sport = SPORTS.get(md.eventTypeId or "", f"betfair_{md.eventTypeId}" if md.eventTypeId else None)
+        market_type, specifiers = market_type_to_canonical(md.marketType, sport, md.numberOfWinners)
         cat = self.catalogues.get(market.market_id)
         market.header = MarketHeader(
             event_id=SOURCE_PREFIX + md.eventId if md.eventId else None,
             bookmaker="betfair_exchange",
-            sport=SPORTS.get(md.eventTypeId or "", f"betfair_{md.eventTypeId}" if md.eventTypeId else None),
+            sport=sport,
             event_name=md.eventName or (cat.event.name if cat and cat.event else None),
             competition=cat.competition.name if cat and cat.competition else None,
             name=md.name or (cat.marketName if cat else None),
@@ -717,6 +718,20 @@ class BetfairNormaliser:
             country_code=md.countryCode,
             venue=md.venue,
         )
+        self._outcomes(market, changed)
+
+    @staticmethod
+    def _outcomes(market: _Market, changed: dict[str, _Runner]) -> None:
+        """Give each runner its canonical outcome (:func:`feed.taxonomy.betfair_outcome`);
+        a runner whose outcome moved joins ``changed``."""
+        h = market.header
+        if h is None or h.market_type is None:
+            return
+        for runner in market.runners.values():
+            outcome = betfair_outcome(h.market_type, runner.key, runner.name, runner.sort, h.event_name, runner.hc)
+            if outcome != runner.outcome:
+                runner.outcome = outcome
+                changed[runner.key] = runner
 
     @staticmethod
     def _apply_runner(market: _Market, runner: _Runner, rc: RunnerChange) -> None:
@@ -804,6 +819,7 @@ class BetfairNormaliser:
             sort_priority=r.sort,
             adjustment_factor=r.adj,
             bsp=r.bsp,
+            outcome=r.outcome,
         )
 
     def forget(self, market_id: str) -> None:

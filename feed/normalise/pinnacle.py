@@ -74,6 +74,7 @@ from feed.normalise.rendered import (
     make_selection,
     price_to_decimal,
 )
+from feed.taxonomy import line_text, period_of
 from feed.validate import (
     MAX_FUTURE_SKEW_MS,
     MAX_HANDICAP,
@@ -748,9 +749,12 @@ class PinnacleNormaliser:
                       competition=fx.league or base.league, event_name=_event_name(base), status=status,
                       suspend_reason=reason, in_play=fx.live == 1, start_time=base.starts)
         suffix = "" if p.number == 0 else f" (period {p.number})"
-        base_spec = {"period": str(p.number)}
+        base_spec: dict[str, str] = {}  # canonical specifiers (feed.taxonomy)
+        period = period_of(common["sport"], p.number)
+        if period is not None:
+            base_spec["period"] = period
         if unit:
-            base_spec["unit"] = unit
+            base_spec["unit"] = unit.lower()
         fmt = self.odds_format
         out: list[Rendered] = []
         home, away = base.home or "Home", base.away or "Away"
@@ -759,11 +763,14 @@ class PinnacleNormaliser:
             for side, name in (("home", home), ("away", away), ("draw", "Draw")):
                 s = p.ml.get(side)
                 if s is not None:
-                    sels.append(make_selection(side, name, s[0], raw_price=s[1], odds_format=fmt, max_stake=p.max_ml))
+                    sels.append(make_selection(side, name, s[0], raw_price=s[1], odds_format=fmt, max_stake=p.max_ml,
+                                               outcome=side))
             out.append(Rendered(
                 market_id=prefix + "moneyline",
-                header=MarketHeader(**common, name="Moneyline" + suffix, market_type="moneyline",
-                                    market_type_raw="moneyline", specifiers=dict(base_spec), version=p.line_id or 0),
+                header=MarketHeader(**common, name="Moneyline" + suffix,
+                                    market_type="match_result" if "draw" in p.ml else "moneyline",
+                                    market_type_raw="moneyline", specifiers=dict(base_spec) or None,
+                                    version=p.line_id or 0),
                 selections=sels, source_ts=p.ml_ts or recv_ms))
         for ln in p.spreads:
             if ln.a is None and ln.b is None:
@@ -772,14 +779,15 @@ class PinnacleNormaliser:
             sels = []
             if ln.a is not None:
                 sels.append(make_selection("home", home, ln.a[0], raw_price=ln.a[1], odds_format=fmt,
-                                           handicap=ln.line, max_stake=ln.max or p.max_spread))
+                                           handicap=ln.line, max_stake=ln.max or p.max_spread, outcome="home"))
             if ln.b is not None:
                 sels.append(make_selection("away", away, ln.b[0], raw_price=ln.b[1], odds_format=fmt,
-                                           handicap=-ln.line if ln.line else 0.0, max_stake=ln.max or p.max_spread))
+                                           handicap=-ln.line if ln.line else 0.0, max_stake=ln.max or p.max_spread,
+                                           outcome="away"))
             out.append(Rendered(
                 market_id=f"{prefix}spread:{hdp}",
-                header=MarketHeader(**common, name=f"Handicap {hdp}{suffix}", market_type="spread",
-                                    market_type_raw="spreads", specifiers={**base_spec, "handicap": hdp},
+                header=MarketHeader(**common, name=f"Handicap {hdp}{suffix}", market_type="handicap",
+                                    market_type_raw="spreads", specifiers={**base_spec, "line": line_text(ln.line)},
                                     version=ln.alt or p.line_id or 0),
                 selections=sels, source_ts=p.sp_ts or recv_ms))
         for ln in p.totals:
@@ -789,14 +797,14 @@ class PinnacleNormaliser:
             sels = []
             if ln.a is not None:
                 sels.append(make_selection("over", f"Over {pts}", ln.a[0], raw_price=ln.a[1], odds_format=fmt,
-                                           max_stake=ln.max or p.max_total))
+                                           max_stake=ln.max or p.max_total, outcome="over"))
             if ln.b is not None:
                 sels.append(make_selection("under", f"Under {pts}", ln.b[0], raw_price=ln.b[1], odds_format=fmt,
-                                           max_stake=ln.max or p.max_total))
+                                           max_stake=ln.max or p.max_total, outcome="under"))
             out.append(Rendered(
                 market_id=f"{prefix}total:{pts}",
                 header=MarketHeader(**common, name=f"Total {pts}{suffix}", market_type="total",
-                                    market_type_raw="totals", specifiers={**base_spec, "total": pts},
+                                    market_type_raw="totals", specifiers={**base_spec, "line": line_text(ln.line)},
                                     version=ln.alt or p.line_id or 0),
                 selections=sels, source_ts=p.tot_ts or recv_ms))
         return out

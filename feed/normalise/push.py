@@ -76,6 +76,7 @@ from feed.errors import FeedDecodeError
 from feed.models import Market, MarketHeader, MarketStatus, Selection, SelectionStatus
 from feed.normalise.base import MarketUpdate, NormalisedBatch
 from feed.odds import PriceError, to_decimal
+from feed.taxonomy import generic_market, is_unmapped, outcome_from_name
 from feed.validate import (
     MAX_FUTURE_SKEW_MS,
     MAX_HANDICAP,
@@ -704,6 +705,7 @@ class PushNormaliser:
             self._emit(m, False, [], max(m.ts, ts), batch, recv_ms)
 
     def _emit(self, m: _Market, image: bool, sids: list[str], ts: int, batch: NormalisedBatch, recv_ms: int) -> None:
+        self._outcomes(m, sids)
         header = self._header(m)
         if not image and header == m.header and not sids:
             return
@@ -733,9 +735,35 @@ class PushNormaliser:
         batch.updates.append(update)
         m.header = header
 
+    @staticmethod
+    def _canonical(m: _Market) -> tuple[str, dict[str, str] | None]:
+        """The market's canonical type and specifiers (:mod:`feed.taxonomy`)."""
+        draw = any(s.outcome == "draw" for s in m.sels.values())
+        kind, specs = generic_market(m.raw_id, has_draw=draw if m.sels else None, sport=m.fixture.sport)
+        if m.line is not None:
+            specs["line"] = _line_text(m.line)
+        return kind, specs or None
+
+    def _outcomes(self, m: _Market, sids: list[str]) -> None:
+        """Give each selection its canonical outcome (from its name against the
+        fixture's home/away names; racing and unmapped types: its id); one
+        whose outcome moved joins ``sids``."""
+        fx = m.fixture
+        kind = generic_market(m.raw_id, sport=fx.sport)[0]
+        for sid, sel in m.sels.items():
+            if kind in ("win", "place") or is_unmapped(kind):
+                outcome: str | None = sid
+            else:
+                outcome = outcome_from_name(kind, sel.name, fx.home, fx.away)
+            if outcome != sel.outcome:
+                m.sels[sid] = msgspec.structs.replace(sel, outcome=outcome)
+                if sid not in sids:
+                    sids.append(sid)
+
     def _header(self, m: _Market) -> MarketHeader:
         fx = m.fixture
         status, reason = _market_status(m, fx.status)
+        market_type, specifiers = self._canonical(m)
         return MarketHeader(
             event_id=f"{self.prefix}:{fx.id}",
             bookmaker=m.bookmaker,
@@ -743,9 +771,9 @@ class PushNormaliser:
             competition=fx.league,
             event_name=fx.event_name(),
             name=m.name,
-            market_type=m.raw_id.lower(),
+            market_type=market_type,
             market_type_raw=m.raw_id,
-            specifiers={"line": _line_text(m.line)} if m.line is not None else None,
+            specifiers=specifiers,
             status=status,
             suspend_reason=reason,
             in_play=fx.in_play,

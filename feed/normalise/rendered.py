@@ -74,16 +74,17 @@ def price_to_decimal(value: object, odds_format: str, where: str, raw: bytes) ->
 
 def make_selection(selection_id: str, name: str | None, price: float | None, *, raw_price: object = None,
                    odds_format: str = "decimal", handicap: float = 0.0, max_stake: float | None = None,
-                   status: SelectionStatus = "ACTIVE") -> Selection:
+                   status: SelectionStatus = "ACTIVE", outcome: str | None = None) -> Selection:
     """A bookmaker selection: ``price`` is the offered decimal price (no
     ``back``/``lay`` ladders: those are exchange depth); the provider's raw price is kept in
-    ``price_raw`` when the price was converted from another format."""
+    ``price_raw`` when the price was converted from another format; ``outcome`` is the
+    canonical outcome key (:mod:`feed.taxonomy`)."""
     price_raw = None
     if odds_format != "decimal" and raw_price is not None:
         price_raw = f"{raw_price:g}" if isinstance(raw_price, float) else str(raw_price)
     return Selection(
         selection_id=selection_id, name=name, handicap=handicap, status=status,
-        price=price, max_stake=max_stake, price_raw=price_raw,
+        price=price, max_stake=max_stake, price_raw=price_raw, outcome=outcome,
     )
 
 

@@ -24,9 +24,13 @@ Canonical ids, one market per (event, bookmaker, market key, line)::
     toa:<eventId>:<bookmaker>:spreads:<home point>
     toa:<eventId>:<bookmaker>:totals:<points>
 
-market_type: ``moneyline`` (h2h), ``moneyline_lay`` (h2h_lay), ``spread``,
-``total``, otherwise the provider key; ``specifiers`` carry the line and
-``sport_key`` (the scope, needed to resume after a restart). Selection ids:
+market_type: the canonical type of :mod:`feed.taxonomy` (``h2h`` →
+``match_result`` when a Draw is offered, else ``moneyline``; ``spreads`` →
+``handicap``; ``totals`` → ``total``; ``btts``, ``draw_no_bet``,
+``player_*`` props; unknown keys → ``raw:<key>``); ``specifiers`` carry the
+canonical ``line`` (the home side's point for spreads) and ``sport_key``
+(the scope, needed to resume after a restart). Selection ids (and their
+``outcome``):
 ``home`` / ``away`` / ``draw`` (matched on the event's team names),
 ``over`` / ``under``, else the outcome name lower-cased. ``in_play`` =
 ``commence_time <= recv_ms``. Prices: decimal, or American with
@@ -73,6 +77,7 @@ from feed.normalise.rendered import (
     make_selection,
     price_to_decimal,
 )
+from feed.taxonomy import generic_market
 from feed.validate import MAX_FUTURE_SKEW_MS, MAX_HANDICAP, check_market, check_provider_time
 
 if TYPE_CHECKING:
@@ -84,8 +89,6 @@ __all__ = ["TheOddsApiNormaliser", "sport_of"]
 SOURCE_PREFIX = "toa:"
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_MARKET_TYPES = {"h2h": "moneyline", "h2h_lay": "moneyline_lay", "spreads": "spread", "totals": "total",
-                 "alternate_spreads": "spread", "alternate_totals": "total"}
 _SPREADS = frozenset({"spreads", "alternate_spreads"})
 _TOTALS = frozenset({"totals", "alternate_totals"})
 
@@ -410,7 +413,7 @@ class TheOddsApiNormaliser:
             if m.key in _TOTALS and o.point is not None:
                 name = f"{name} {fmt_line(o.point)}"
             lines.setdefault(line, []).append(
-                make_selection(sid, name, price, raw_price=o.price, odds_format=fmt, handicap=handicap))
+                make_selection(sid, name, price, raw_price=o.price, odds_format=fmt, handicap=handicap, outcome=sid))
         out: list[Rendered] = []
         for line, sels in lines.items():
             ids = [s.selection_id for s in sels]
@@ -418,12 +421,13 @@ class TheOddsApiNormaliser:
                 raise _Rejected(prefix, FeedDecodeError(
                     "invalid_schema", f"duplicate outcomes in event {ev.id} {bm.key} {m.key}", raw))
             mid = f"{prefix}" + (f":{line}" if line is not None else "")
-            mtype = _MARKET_TYPES.get(m.key, m.key)
-            spec = {"sport_key": ev.sport_key}
+            mtype, spec = generic_market(m.key, has_draw=any(s.outcome == "draw" for s in sels),
+                                         sport=common["sport"])
+            spec["sport_key"] = ev.sport_key
             if line is not None:
-                spec["handicap" if m.key in _SPREADS else "total" if m.key in _TOTALS else "line"] = line
-            name = {"moneyline": "Moneyline", "moneyline_lay": "Moneyline (lay)",
-                    "spread": f"Handicap {line}", "total": f"Total {line}"}.get(mtype, m.key)
+                spec["line"] = line
+            name = {"match_result": "Match result", "moneyline": "Moneyline", "raw:h2h_lay": "Moneyline (lay)",
+                    "handicap": f"Handicap {line}", "total": f"Total {line}"}.get(mtype, m.key)
             out.append(Rendered(
                 market_id=mid,
                 header=MarketHeader(**common, bookmaker=bm.key, name=name, market_type=mtype,

@@ -106,6 +106,7 @@ import msgspec
 from feed.errors import FeedDecodeError
 from feed.models import CLOSED_STATUSES, Market, MarketHeader, MarketStatus, Selection, SelectionStatus
 from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.taxonomy import is_unmapped, uof_market, uof_outcome
 from feed.validate import MAX_FUTURE_SKEW_MS, MAX_INT, MIN_PRICE, check_market, check_provider_time, is_price
 
 if TYPE_CHECKING:
@@ -417,14 +418,15 @@ class _Event:
 
 
 class _Market:
-    __slots__ = ("event", "header", "market_id", "need_image", "pre_cancel", "product", "raw_id", "reason", "sels",
-                 "specifiers", "status", "ts")
+    __slots__ = ("canonical_specifiers", "event", "header", "kind", "market_id", "need_image", "pre_cancel", "product",
+                 "raw_id", "reason", "sels", "specifiers", "status", "ts")
 
     def __init__(self, market_id: str, event: _Event, raw_id: str, specifiers: str | None) -> None:
         self.market_id = market_id
         self.event = event
         self.raw_id = raw_id
         self.specifiers = specifiers
+        self.kind, self.canonical_specifiers = uof_market(raw_id, _specifiers(specifiers))
         self.product: int | None = None
         self.status: MarketStatus = "OPEN"
         self.reason: str | None = None
@@ -433,6 +435,13 @@ class _Market:
         self.header: MarketHeader | None = None  # last emitted
         self.need_image = True
         self.pre_cancel: tuple[MarketStatus, str | None, dict[str, Selection]] | None = None
+
+
+    def outcome_of(self, outcome_id: str) -> str | None:
+        """The canonical outcome of one of this market's outcome ids (unmapped markets: the id)."""
+        if is_unmapped(self.kind):
+            return outcome_id
+        return uof_outcome(self.raw_id, outcome_id)
 
 
 class UofNormaliser:
@@ -717,6 +726,10 @@ class UofNormaliser:
 
     @staticmethod
     def _set(m: _Market, s: Selection, changed: list[str]) -> None:
+        if s.outcome is None:
+            outcome = m.outcome_of(s.selection_id)
+            if outcome is not None:
+                s = msgspec.structs.replace(s, outcome=outcome)
         if m.sels.get(s.selection_id) != s:
             m.sels[s.selection_id] = s
             if s.selection_id not in changed:
@@ -749,8 +762,8 @@ class UofNormaliser:
     def _header(self, m: _Market) -> MarketHeader:
         ev = m.event
         return MarketHeader(
-            event_id=f"{self.prefix}:{ev.id}", sport=ev.sport, market_type=m.raw_id, market_type_raw=m.raw_id,
-            specifiers=_specifiers(m.specifiers), status=m.status, suspend_reason=m.reason, in_play=ev.in_play,
+            event_id=f"{self.prefix}:{ev.id}", sport=ev.sport, market_type=m.kind, market_type_raw=m.raw_id,
+            specifiers=m.canonical_specifiers, status=m.status, suspend_reason=m.reason, in_play=ev.in_play,
             start_time=ev.start_time)
 
 

@@ -3,7 +3,9 @@
 - :class:`Simulator` / :class:`SimulatorConfig` / :func:`run_simulator`: a
   Betfair Exchange Stream API server on 127.0.0.1 (:mod:`.esa_server`), fed by
   the synthetic :class:`MarketModel` (:mod:`.market_model`) or by recorded
-  Betfair files (:mod:`.recorded`), with fault switches.
+  Betfair files (:mod:`.recorded`), with fault switches; with ``api_port``
+  also Betfair's identity SSO and Betting API ``listMarketCatalogue``
+  (:mod:`.betfair_api`), where a live client gets its session and the names.
 - :mod:`.http_providers` (``HttpProviders``): Pinnacle- and The Odds
   API-style HTTP endpoints; :mod:`.push_providers` (``PushSimulator``, also
   ``python -m feed.simulator.push_providers``): the push format over

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 #: target -> the methods a client may call
 SWITCHES: dict[str, frozenset[str]] = {
     "esa": frozenset({"set_degraded", "drop_connections", "stall", "inject_malformed", "drop_mid_segment",
-                      "poison_timestamps", "freeze"}),
+                      "poison_timestamps", "freeze", "expire_sessions", "fail_catalogue"}),
     "http": frozenset({"rate_limit", "server_error", "error_code", "stall", "trickle", "malformed", "duplicate",
                        "replay_old", "expire_tokens", "drop_bookmaker", "set_quota", "freeze", "clear_faults",
                        "pending_faults"}),

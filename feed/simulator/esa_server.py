@@ -4,9 +4,12 @@ It speaks the real ESA protocol (CRLF-terminated compact JSON) so the
 production client (:mod:`feed.sources.esa`) can be exercised end to end:
 
 - on accept: ``{"op":"connection","connectionId":"sim-…"}``;
-- ``authentication`` with the configured app key / session → ``status``
-  SUCCESS, else FAILURE (NO_APP_KEY, INVALID_APP_KEY, NO_SESSION,
-  INVALID_SESSION_INFORMATION) with ``connectionClosed: true`` and a close;
+- ``authentication`` with the configured app key and a live session (the
+  configured ``session_token`` or one the simulated SSO issued, see
+  :mod:`feed.simulator.betfair_api`) → ``status`` SUCCESS, else FAILURE
+  (NO_APP_KEY, INVALID_APP_KEY, NO_SESSION when none is given,
+  INVALID_SESSION_INFORMATION when it is unknown or expired) with
+  ``connectionClosed: true`` and a close;
   nothing within ``auth_timeout_s`` → FAILURE TIMEOUT and a close;
 - ``marketSubscription``: ``marketFilter`` (marketIds, eventTypeIds, eventIds,
   marketTypes, countryCodes, venues, bettingTypes, bspMarket,
@@ -22,12 +25,17 @@ production client (:mod:`feed.sources.esa`) can be exercised end to end:
   INVALID_CLOCK and a close;
 - images (``SUB_IMAGE``/``RESUB_DELTA``) with more than ``segment_markets``
   markets are split into ``SEG_START``/``SEG``/``SEG_END`` when segmentation
-  is on; ``clk`` rides on ``SEG_END`` only.
+  is on; ``clk`` rides on ``SEG_END`` only;
+- market definitions go out as the live stream sends them: without the
+  names only historic files carry (``name``, ``eventName``, runner
+  ``name``); those come from ``listMarketCatalogue`` of the Betting API,
+  served with the identity SSO on ``api_port`` (:mod:`feed.simulator.betfair_api`).
 
 Fault switches (for tests and demos): :meth:`Simulator.set_degraded`,
 :meth:`~Simulator.drop_connections`, :meth:`~Simulator.stall`,
 :meth:`~Simulator.inject_malformed`, :meth:`~Simulator.drop_mid_segment`,
-:meth:`~Simulator.poison_timestamps`, :meth:`~Simulator.freeze`.
+:meth:`~Simulator.poison_timestamps`, :meth:`~Simulator.freeze`,
+:meth:`~Simulator.expire_sessions`, :meth:`~Simulator.fail_catalogue`.
 
 Ground truth: with ``truth_log`` set, every change the synthetic model makes
 is appended to that file (:mod:`feed.simulator.truth`).
@@ -54,6 +62,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from feed.simulator.betfair_api import BetfairApi, Sessions
 from feed.simulator.market_model import MarketModel
 from feed.simulator.pacing import tick_forever
 from feed.simulator.recorded import merged_messages
@@ -103,6 +112,14 @@ class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True):
     auth_timeout_s: close a connection not authenticated after this many
     seconds (ESA: 15). segment_markets: markets per segment. tick_ms: pump
     interval in ms (model steps, conflation and heartbeat checks).
+    api_port: where to serve the identity SSO and the Betting API
+    (:mod:`feed.simulator.betfair_api`; None = not served, 0 = any free
+    port). username / password: what the SSO accepts. session_ttl_s: a
+    session issued by the SSO expires this many seconds after its login or
+    last keep-alive (None: never; ``session_token`` never expires by time).
+    max_weight: heaviest listMarketCatalogue call accepted (Betfair: 200).
+    cert_tls: ``(server cert, server key, client CA)`` PEM paths: also serve
+    the certificate login over TLS requiring a client certificate.
     """
 
     host: str = "127.0.0.1"
@@ -119,6 +136,12 @@ class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True):
     segment_markets: int = 5
     tick_ms: int = 10
     truth_log: str | None = None
+    api_port: int | None = None
+    username: str = "sim-user"
+    password: str = "sim-password"
+    session_ttl_s: float | None = None
+    max_weight: int = 200
+    cert_tls: tuple[str, str, str] | None = None
 
 
 def _now_ms() -> int:
@@ -257,6 +280,14 @@ class Simulator:
         self._frozen = False
         self._poison: deque[int] = deque()
         self._poison_heartbeats: deque[int] = deque()
+        self._wire_defs: dict[str, tuple[int, dict[str, Any]]] = {}  # market id -> (def_seq, live definition)
+        cfg = self.config
+        self.sessions = Sessions(cfg.session_ttl_s, fixed=(cfg.session_token,))
+        self.api: BetfairApi | None = None
+        if cfg.api_port is not None:
+            self.api = BetfairApi(self.books, self.sessions, model=self.model, app_key=cfg.app_key,
+                                  username=cfg.username, password=cfg.password, max_weight=cfg.max_weight,
+                                  host=cfg.host, port=cfg.api_port, cert_tls=cfg.cert_tls)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -265,6 +296,8 @@ class Simulator:
         cfg = self.config
         self._server = await asyncio.start_server(self._handle, cfg.host, cfg.port, limit=1 << 20, ssl=self._ssl)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.api is not None:
+            await self.api.start()
         self._tasks.append(asyncio.create_task(self._ticker(), name="esa-sim-ticker"))
         if cfg.replay:
             self._tasks.append(asyncio.create_task(self._replay(), name="esa-sim-replay"))
@@ -284,6 +317,8 @@ class Simulator:
         self._tasks.clear()
         for conn in list(self._conns):
             conn.close(abort=True)
+        if self.api is not None:
+            await self.api.stop()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(TimeoutError):
@@ -336,6 +371,26 @@ class Simulator:
         """Stop (or restart) the synthetic model: no changes while frozen
         (lifecycle included); heartbeats go on."""
         self._frozen = on
+
+    def expire_sessions(self, notify: str | None = None) -> int:
+        """Every session (the configured ``session_token`` too) ends now, as
+        after Betfair's expiry: new authentications and Betting API calls
+        with them fail. ``notify`` (``NO_SESSION`` /
+        ``INVALID_SESSION_INFORMATION``): also send open streams a status
+        FAILURE with that code and close them. Returns how many sessions ended."""
+        n = self.sessions.expire_all()
+        if notify:
+            for conn in list(self._conns):
+                if conn.authenticated and not conn.closed:
+                    self._fail(conn, None, notify, "Session is no longer valid")
+        return n
+
+    def fail_catalogue(self, n: int = 1, code: str | int = "TOO_MANY_REQUESTS") -> None:
+        """The next ``n`` Betting API calls fail with ``code`` (an
+        APINGException code, or an HTTP status such as 503); needs ``api_port``."""
+        if self.api is None:
+            raise RuntimeError("the Betting API is not served (api_port is None)")
+        self.api.fail_catalogue(n, code)
 
     def truth(self) -> dict[str, Any]:
         """Current state of every market, see :func:`feed.simulator.wire.truth_of`."""
@@ -411,10 +466,9 @@ class Simulator:
                 self._fail(conn, req_id, "NO_APP_KEY", "AppKey is not provided")
             elif req["appKey"] != cfg.app_key:
                 self._fail(conn, req_id, "INVALID_APP_KEY", "AppKey is not valid")
-            elif not req.get("session"):
-                self._fail(conn, req_id, "NO_SESSION", "Session token is not provided")
-            elif req["session"] != cfg.session_token:
-                self._fail(conn, req_id, "INVALID_SESSION_INFORMATION", "Session token is not valid")
+            elif (code := self.sessions.check(req.get("session") if isinstance(req.get("session"), str) else None)):
+                self._fail(conn, req_id, code, "Session token is not provided" if code == "NO_SESSION"
+                           else "Session token is not valid or has expired")
             else:
                 conn.authenticated = True
                 self._status_ok(conn, req_id, connectionsAvailable=9)
@@ -475,7 +529,7 @@ class Simulator:
         view = conn.views[mb.market_id] = _View(mb.def_seq, mb.tv)
         entry: dict[str, Any] = {"id": mb.market_id}
         if spec.definition and mb.definition is not None:
-            entry["marketDefinition"] = mb.definition
+            entry["marketDefinition"] = self._wire_definition(mb)
         rc = []
         for key, rb in mb.runners.items():
             proj = view.runners[key] = project_runner(rb, spec)
@@ -486,6 +540,23 @@ class Simulator:
             entry["tv"] = mb.tv
         return entry
 
+    def _wire_definition(self, mb: MarketBook) -> dict[str, Any]:
+        """``mb``'s definition as the live stream sends it: without ``name``,
+        ``eventName`` and runner ``name`` (historic-file fields; the live
+        client gets them from listMarketCatalogue). Built once per version."""
+        md = mb.definition
+        assert md is not None
+        cached = self._wire_defs.get(mb.market_id)
+        if cached is not None and cached[0] == mb.def_seq:
+            return cached[1]
+        live = {k: v for k, v in md.items() if k not in ("name", "eventName")}
+        runners = md.get("runners")
+        if isinstance(runners, list):
+            live["runners"] = [{k: v for k, v in r.items() if k != "name"} if isinstance(r, dict) else r
+                               for r in runners]
+        self._wire_defs[mb.market_id] = (mb.def_seq, live)
+        return live
+
     def _delta_market(self, conn: _Conn, mb: MarketBook, mark: MarketDirty) -> dict[str, Any] | None:
         assert conn.sub is not None
         spec = conn.sub.spec
@@ -494,7 +565,7 @@ class Simulator:
         if mark.definition and view.def_seq != mb.def_seq:
             view.def_seq = mb.def_seq
             if spec.definition and mb.definition is not None:
-                entry["marketDefinition"] = mb.definition
+                entry["marketDefinition"] = self._wire_definition(mb)
         rc = []
         for key in mark.runners:
             rb = mb.runners.get(key)
@@ -592,6 +663,9 @@ class Simulator:
     def _publish(self, marks: dict[str, MarketDirty]) -> None:
         if not marks:
             return
+        for market_id, mark in marks.items():
+            if mark.removed:
+                self._wire_defs.pop(market_id, None)
         if self._truth is not None:
             self._record_truth(marks)
         for conn in self._conns:
@@ -681,13 +755,17 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
     return list(itertools.islice(it, n))
 
 
-async def run_simulator(config: SimulatorConfig, *, ready: Callable[[int], None] | None = None) -> None:
-    """Run a :class:`Simulator` until cancelled; ``ready(port)`` once listening."""
+async def run_simulator(config: SimulatorConfig, *, ready: Callable[[int], None] | None = None,
+                        started: Callable[[Simulator], None] | None = None) -> None:
+    """Run a :class:`Simulator` until cancelled; ``ready(port)`` and
+    ``started(simulator)`` once listening."""
     sim = Simulator(config)
     await sim.start()
     try:
         if ready is not None:
             ready(sim.port)
+        if started is not None:
+            started(sim)
         await asyncio.Event().wait()
     finally:
         await sim.stop()

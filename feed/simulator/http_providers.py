@@ -3,7 +3,11 @@
 A Starlette app (served by uvicorn on 127.0.0.1) driven by the same
 synthetic :class:`~feed.simulator.market_model.MarketModel` as the ESA
 simulator — the same events, markets and prices, projected into each
-provider's shape (``research/upstream.md`` §3–4):
+provider's shape (``research/upstream.md`` §3–4), with each provider's
+spelling of the teams and players (:mod:`feed.simulator.names`: "Manchester
+United", "Bayer 04 Leverkusen", "Novak Djokovic" …). Which provider event
+is which model event: :meth:`HttpProviders.provider_event_id`
+(:mod:`feed.simulator.links`).
 
 Pinnacle (HTTP Basic ``user``/``password``, or ``X-API-Key``, or a Bearer token):
 
@@ -59,7 +63,9 @@ canonical ids (``pn:<event>:0:moneyline`` …, ``toa:<id>:<bookmaker>:h2h`` …)
 For tests: :meth:`~HttpProviders.truth` (per provider, in canonical terms,
 for every market the provider has served), ``requests`` (server-side log
 with monotonic timestamps), ``early_requests`` (requests that arrived
-before a Retry-After expired), ``token_requests``.
+before a Retry-After expired), ``token_requests``, ``cut_answers`` (per
+provider: answers the client did not read whole — a stalled or trickled
+answer it gave up on at its deadline; they never count as served).
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ from feed.asgi_server import LocalServer
 from feed.normalise.base import iso_to_ms
 from feed.odds import decimal_to_american
 from feed.simulator.market_model import MarketModel, iso_ms
+from feed.simulator.names import provider_name
 from feed.simulator.pacing import tick_forever
 from feed.simulator.truth import TruthLog, open_truth_log
 from feed.sources.http_auth import NonceCache, verify_signature
@@ -256,6 +263,7 @@ class HttpProviders:
         self.not_before: dict[str, float] = {}
         self.retry_afters: list[tuple[float, float, str]] = []  # (at, seconds, provider)
         self.early_requests: list[RequestRecord] = []
+        self.cut_answers: Counter[str] = Counter()  # provider -> answers the client gave up on before the end
         self.projected_at_ms = 0
         self.ticks = 0
         self._pn_served_last: dict[int, int] = {}
@@ -269,6 +277,21 @@ class HttpProviders:
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
+
+    @staticmethod
+    def provider_event_id(provider: str, model_event_id: str, sport: str) -> str | None:
+        """The event id ``provider`` (``pinnacle`` / ``theoddsapi``) serves model
+        event ``model_event_id`` under, as the normaliser namespaces it
+        (``pn:<id>`` — the pre-match id, which a live event's markets keep —,
+        ``toa:<md5 id>``); None when the provider does not offer ``sport``
+        (the model's eventTypeId: soccer, tennis and basketball only)."""
+        if sport not in _PN_SPORTS:
+            return None
+        if provider == PINNACLE:
+            return f"pn:{model_event_id}"
+        if provider == TOA:
+            return f"toa:{_toa_id(model_event_id)}"
+        raise ValueError(f"unknown provider {provider!r}; valid: {PINNACLE}, {TOA}")
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -446,6 +469,7 @@ class HttpProviders:
     def _project_pinnacle(self, eid: str, books: list[Any], now_ms: int) -> None:
         mo, ou, home, away = self._names(books)
         md = books[0].definition
+        home, away = provider_name(PINNACLE, md["eventTypeId"], home), provider_name(PINNACLE, md["eventTypeId"], away)
         sport = _PN_SPORTS[md["eventTypeId"]]
         if sport == 29:
             league = _PN_LEAGUES.get(md.get("countryCode", ""), (1977, "International - Friendlies"))
@@ -524,6 +548,7 @@ class HttpProviders:
         mo, ou, home, away = self._names(books)
         md = books[0].definition
         et = md["eventTypeId"]
+        home, away = provider_name(TOA, et, home), provider_name(TOA, et, away)
         if et == "1":
             key, title = _TOA_SOCCER.get(md.get("countryCode", ""), ("soccer_epl", "EPL"))
         elif et == "2":
@@ -538,7 +563,7 @@ class HttpProviders:
         wanted: dict[tuple[str, str], tuple[tuple[str, float, float | None], ...]] = {}
         for i, bk in enumerate(self.config.bookmakers):
             if mo is not None and (prices := self._best_backs(mo)) is not None:
-                names = [r.get("name") for r in mo.definition["runners"]]
+                names = [provider_name(TOA, et, r.get("name") or str(r["id"])) for r in mo.definition["runners"]]
                 outs: tuple[tuple[str, float, float | None], ...]
                 if et == "1":
                     outs = ((home, prices[0], None), (away, prices[1], None), ("Draw", prices[2], None))
@@ -828,7 +853,12 @@ class HttpProviders:
 
     async def _deliver(self, provider: str, request: Request, payload: bytes, status: int = 200,
                        headers: dict[str, str] | None = None, on_sent: Callable[[], None] | None = None) -> Response:
-        """Send a data body, applying the stall / trickle / malformed faults."""
+        """Send a data body, applying the stall / trickle / malformed faults.
+
+        ``on_sent`` (what makes the answer count as served: the truth) runs on
+        the event loop once the whole body went out to a client still
+        connected — never for an answer the client gave up on (a stall or a
+        trickle past its deadline): a client cannot hold what it never read."""
         rec: RequestRecord | None = getattr(request.state, "rec", None)
         if status == 200:
             fixtures = request.url.path == "/v1/fixtures"  # no prices in fixtures: a bad price waits for odds
@@ -842,15 +872,41 @@ class HttpProviders:
             with contextlib.suppress(Exception):
                 if await asyncio.wait_for(request.is_disconnected(), 0.05):
                     on_sent = None  # the client gave up: this answer was never read
+                    self.cut_answers[provider] += 1
         if rec is not None:
             rec.status = status
         self.status_counts[f"{provider}:{status}"] += 1
-        task = BackgroundTask(on_sent) if on_sent is not None else None
         trickle = self._take(provider, ("trickle",)) if status == 200 else None
         if trickle is not None:
-            return StreamingResponse(_trickled(payload, float(trickle.arg)), status_code=status,
-                                     media_type="application/json", headers=headers, background=task)
+            # not a BackgroundTask: Starlette runs a StreamingResponse's background even after the
+            # client disconnected, which would count an answer cut at the client's deadline as served
+            return StreamingResponse(self._trickled(provider, request, payload, float(trickle.arg), on_sent),
+                                     status_code=status, media_type="application/json", headers=headers)
+        # an async callable: run on the loop, in send order (a sync one would go to a worker thread)
+        task = BackgroundTask(_call, on_sent) if on_sent is not None else None
         return Response(payload, status_code=status, media_type="application/json", headers=headers, background=task)
+
+    async def _trickled(self, provider: str, request: Request, payload: bytes, seconds: float,
+                        on_sent: Callable[[], None] | None) -> AsyncIterator[bytes]:
+        """``payload`` in small pieces spread over ``seconds``; ``on_sent`` only
+        when the last piece went out and the client is still there (a client
+        that cut the answer short closes the connection: the stream is then
+        cancelled, or the check below sees it)."""
+        pieces = 20
+        step = max(1, len(payload) // pieces)
+        chunks = [payload[i:i + step] for i in range(0, len(payload), step)] or [b""]
+        pause = seconds / len(chunks)
+        whole = False
+        try:
+            for chunk in chunks:
+                yield chunk
+                await asyncio.sleep(pause)
+            whole = not await request.is_disconnected()
+        finally:
+            if not whole:
+                self.cut_answers[provider] += 1
+        if whole and on_sent is not None:
+            on_sent()
 
     def _malformed_body(self, provider: str, payload: bytes, kind: str, request: Request) -> bytes:
         if kind == "truncated":
@@ -1023,14 +1079,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-async def _trickled(payload: bytes, seconds: float) -> AsyncIterator[bytes]:
-    pieces = 20
-    step = max(1, len(payload) // pieces)
-    chunks = [payload[i:i + step] for i in range(0, len(payload), step)] or [b""]
-    pause = seconds / len(chunks)
-    for chunk in chunks:
-        yield chunk
-        await asyncio.sleep(pause)
+async def _call(fn: Callable[[], None]) -> None:
+    fn()
 
 
 async def run_http_providers(config: ProvidersConfig, *, model: MarketModel | None = None,

@@ -23,6 +23,12 @@ size changes, random-walk price moves (wider in play) and trades (which move
 ``random.Random``: the same seed and the same ``step`` calls give the same
 markets.
 
+Definitions keep ``name``, ``eventName`` and runner ``name`` as Betfair's
+historic files do; the ESA server strips them from the live stream (the live
+stream has no names) and :mod:`feed.simulator.betfair_api` serves them, with
+the competition (:meth:`MarketModel.competition_of`), through
+``listMarketCatalogue``.
+
 The model only mutates :class:`~feed.simulator.wire.MarketBook` objects and
 records :class:`~feed.simulator.wire.MarketDirty` marks; turning them into ESA
 messages is the server's job.
@@ -91,6 +97,12 @@ _HORSE_RACES = ["5f Mdn Stks", "6f Hcap", "7f Nov Stks", "1m Hcap", "1m2f Hcap",
                 "2m4f Chs", "3m Hcap Chs"]
 _DOG_GRADES = ["A1", "A2", "A3", "A4", "A5", "A6", "D2", "S1", "OR"]
 
+#: competitions (Betfair id, name) by sport and country / tour; racing has none
+_SOCCER_LEAGUES = {"GB": ("10932509", "English Premier League"), "ES": ("117", "Spanish La Liga"),
+                   "DE": ("59", "German Bundesliga"), "IT": ("81", "Italian Serie A")}
+_TENNIS_COMPETITIONS = {tour: (str(12_500_000 + i), f"ATP {tour}") for i, (_, tour) in enumerate(_TENNIS_TOURS)}
+_NBA = ("10547864", "NBA")
+
 #: well-known Betfair selection ids
 _FIXED_IDS = {"The Draw": 58805, "Under 2.5 Goals": 47972, "Over 2.5 Goals": 47973}
 
@@ -136,7 +148,7 @@ class _Market:
 class _Event:
     __slots__ = ("event_id", "sport", "name", "country", "venue", "timezone", "start_ms", "end_ms",
                  "phase", "next_ms", "markets", "score", "in_play_delay", "turn_in_play", "suspended_until",
-                 "next_incident_ms")
+                 "next_incident_ms", "competition")
 
     def __init__(self, event_id: str, sport: str, name: str, country: str, venue: str | None) -> None:
         self.event_id = event_id
@@ -155,6 +167,7 @@ class _Event:
         self.turn_in_play = True
         self.suspended_until = 0
         self.next_incident_ms = 0
+        self.competition: tuple[str, str] | None = None  # (id, name) as Betfair's catalogue gives it
 
 
 class MarketModel:
@@ -235,6 +248,13 @@ class MarketModel:
         for m in self.rng.choices(live, weights, k=updates):
             self._random_update(m)
 
+    def competition_of(self, market_id: str) -> tuple[str, str] | None:
+        """``(id, name)`` of the competition of ``market_id``'s event (None:
+        racing, or an unknown market): what Betfair's catalogue names and the
+        stream never carries."""
+        m = self._markets.get(market_id)
+        return m.event.competition if m is not None else None
+
     def drain(self) -> dict[str, MarketDirty]:
         """Marks of every market touched since the last call (then cleared)."""
         dirty, self._dirty = self._dirty, {}
@@ -290,6 +310,7 @@ class MarketModel:
             country = rng.choice(list(_SOCCER))
             home, away = rng.sample(_SOCCER[country], 2)
             ev = _Event(self._event_id(), sport, f"{home} v {away}", country, None)
+            ev.competition = _SOCCER_LEAGUES[country]
             strength = rng.gauss(0.25, 0.5)  # home advantage in log-odds
             ph = 1 / (1 + math.exp(-strength))
             draw = rng.uniform(0.22, 0.3)
@@ -303,6 +324,7 @@ class MarketModel:
             country, tour = rng.choice(_TENNIS_TOURS)
             a, b = rng.sample(_TENNIS, 2)
             ev = _Event(self._event_id(), sport, f"{a} v {b}", country, None)
+            ev.competition = _TENNIS_COMPETITIONS[tour]
             pa = 1 / (1 + math.exp(-rng.gauss(0, 1.2)))
             specs.append(("MATCH_ODDS", "Match Odds", [a, b], [pa, 1 - pa], 300.0))
             duration_s, ev.in_play_delay = rng.uniform(80, 180) * 60, 3
@@ -325,6 +347,7 @@ class MarketModel:
         else:
             home, away = rng.sample(_BASKETBALL, 2)
             ev = _Event(self._event_id(), sport, f"{away} @ {home}", "US", None)
+            ev.competition = _NBA
             ph = 1 / (1 + math.exp(-rng.gauss(0.2, 0.9)))
             specs.append(("MATCH_ODDS", "Moneyline", [away, home], [1 - ph, ph], 400.0))
             duration_s, ev.in_play_delay = rng.uniform(140, 160) * 60, 5

@@ -1,8 +1,9 @@
 """A local push-odds provider: the generic JSON push format over WebSocket and SSE.
 
-Serves ``docs/push-format.md`` from the same synthetic
-:class:`~feed.simulator.market_model.MarketModel` as the ESA simulator, on a
-Starlette app run by uvicorn on 127.0.0.1:
+Serves ``docs/push-format.md`` from a synthetic
+:class:`~feed.simulator.market_model.MarketModel` — its own, or (``model=``)
+the ESA simulator's, shared with the HTTP providers, so that every provider
+offers the same events — on a Starlette app run by uvicorn on 127.0.0.1:
 
 - ``WS /push/ws`` — the client sends ``{"type":"subscribe","resume_from":
   "<entry id>"|null}``; the server answers ``connected``, then either the
@@ -19,8 +20,13 @@ Every route needs the API key (``X-Api-Key``, ``Authorization: Bearer`` or
 ``?api_key=``): HTTP 401, WebSocket handshake refused (403) otherwise.
 
 Mapping from the model (a Betfair-shaped :class:`MarketBook` per market):
-event → fixture ``<eventId>`` (sport, league, home/away or name, start time,
+event → fixture ``<eventId>`` (sport, league = the model's competition or
+the race's venue, home/away or name, start time,
 ``is_live`` = ``inPlay``, status ``not_started`` / ``live`` / ``settled``);
+participants as this provider spells them (:mod:`feed.simulator.names`:
+"Man United", "Atl. Madrid", tennis "Djokovic N." …) and, for team sports,
+the start time as its fixture list has it: on the 5-minute grid (racing
+keeps the exact off);
 market → ``match_odds`` / ``win`` / ``over_under`` with ``line`` 2.5;
 runner → selection ``<selectionId>``; price = best back price (decimal, or
 null when none); a SUSPENDED market → its odds go out as ``locked-odds``
@@ -66,9 +72,11 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from feed.taxonomy import generic_market
 from feed.asgi_server import LocalServer
 from feed.models import Market
 from feed.simulator.market_model import MarketModel
+from feed.simulator.names import PUSH, provider_event_name, provider_name
 from feed.simulator.pacing import tick_forever
 from feed.simulator.truth import TruthLog, open_truth_log
 from feed.simulator.wire import MarketBook
@@ -81,6 +89,9 @@ _SPORTS = {"1": "soccer", "2": "tennis", "7": "horse_racing", "4339": "greyhound
 _RUNNER_STATUS = {"ACTIVE": "active", "REMOVED": "removed", "WINNER": "won", "LOSER": "lost", "PLACED": "placed"}
 _CANONICAL_SELECTION = {"active": "ACTIVE", "removed": "REMOVED", "won": "WINNER", "lost": "LOSER",
                         "placed": "PLACED", "void": "VOID"}
+_RACING = frozenset({"7", "4339"})
+#: team events are listed at their scheduled time on this grid, ms
+START_GRID_MS = 5 * 60_000
 
 #: bodies sent by :meth:`PushSimulator.inject_malformed`, with the reason the normaliser must give
 MALFORMED: tuple[tuple[bytes, str], ...] = (
@@ -211,9 +222,11 @@ def _iso_to_ms(text: str | None) -> int:
     return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
-def _fixture_of(md: dict[str, Any]) -> _Fixture:
+def _fixture_of(md: dict[str, Any], competition: str | None = None) -> _Fixture:
+    """The fixture of a model market; league = ``competition`` (the model's
+    competition name), else the venue (racing), else the country code."""
     sport = md.get("eventTypeId", "")
-    name = md.get("eventName") or ""
+    name = provider_event_name(PUSH, sport, md.get("eventName") or "")
     home = away = None
     if " v " in name:
         home, away = name.split(" v ", 1)
@@ -221,9 +234,12 @@ def _fixture_of(md: dict[str, Any]) -> _Fixture:
         away, home = name.split(" @ ", 1)
     in_play = bool(md.get("inPlay"))
     status = "settled" if md.get("status") == "CLOSED" else "live" if in_play else "not_started"
+    start = _iso_to_ms(md.get("marketTime"))
+    if sport not in _RACING:
+        start -= start % START_GRID_MS
     return _Fixture(id=str(md.get("eventId")), sport=_SPORTS.get(sport, f"sport_{sport}"),
-                    league=md.get("venue") or md.get("countryCode"), home=home, away=away, name=name,
-                    start_time=_iso_to_ms(md.get("marketTime")), is_live=in_play, status=status)
+                    league=competition or md.get("venue") or md.get("countryCode"), home=home, away=away, name=name,
+                    start_time=start, is_live=in_play, status=status)
 
 
 def _market_key(md: dict[str, Any]) -> tuple[str, float | None]:
@@ -261,11 +277,18 @@ class PushSimulator:
     snapshot calls), ``connections_accepted``, ``resumed`` / ``fresh``
     (connections served from the history / with a snapshot), ``seq`` (last
     sequence number), ``model``.
+
+    model: serve an existing :class:`MarketModel` (e.g. the ESA simulator's,
+    which steps it and takes its change marks: this one then compares every
+    market with what it has conveyed, each tick); None = own one from
+    ``config`` (stepped here, its marks drained here).
     """
 
-    def __init__(self, config: PushSimConfig | None = None) -> None:
+    def __init__(self, config: PushSimConfig | None = None, *, model: MarketModel | None = None) -> None:
         self.config = cfg = config or PushSimConfig()
-        self.model = MarketModel(events=cfg.events, seed=cfg.seed, time_scale=cfg.time_scale, now_ms=now_ms())
+        self.owns_model = model is None
+        self.model = model or MarketModel(events=cfg.events, seed=cfg.seed, time_scale=cfg.time_scale,
+                                          now_ms=now_ms())
         self.port = 0
         self.seq = 0
         self._base_ms = now_ms()
@@ -289,7 +312,8 @@ class PushSimulator:
         self._truth: TruthLog | None = open_truth_log(cfg.truth_log) if cfg.truth_log else None
         self._poison: deque[int] = deque()
         # the initial state is served as snapshots, not as stream entries
-        self.model.drain()
+        if self.owns_model:
+            self.model.drain()
         for mb in self.model.books.values():
             self._project(mb, self._base_ms)
         if self._truth is not None:
@@ -301,6 +325,13 @@ class PushSimulator:
         ])
 
     # -- lifecycle -------------------------------------------------------------
+
+    @staticmethod
+    def provider_event_id(model_event_id: str, prefix: str = "px") -> str:
+        """The event id model event ``model_event_id`` has in a push source
+        whose normaliser namespaces ids with ``prefix`` (``<prefix>:<fixture
+        id>``; every sport is offered)."""
+        return f"{prefix}:{model_event_id}"
 
     def url(self, kind: str) -> str:
         """``ws``: the WebSocket URL; ``sse``: the SSE URL; ``snapshot``: the REST snapshot."""
@@ -394,6 +425,16 @@ class PushSimulator:
 
     # -- truth ----------------------------------------------------------------------
 
+    @staticmethod
+    def _canonical_type(m: Any, fx: Any) -> dict[str, Any]:
+        """The market's type and specifiers in the canonical taxonomy (docs/taxonomy.md:
+        push market ids by name, a two-way name with a Draw selection is a match result)."""
+        draw = any((o.name or "").strip().lower() in ("draw", "the draw", "x") for o in m.odds.values())
+        kind, specs = generic_market(m.market_key, has_draw=draw if m.odds else None, sport=fx.sport)
+        if m.line is not None:
+            specs["line"] = f"{m.line:g}"
+        return {"market_type": kind, "specifiers": specs or None}
+
     def truth(self) -> dict[str, Any]:
         """Every market the stream has conveyed, in canonical terms:
         ``{market_id: market_view-shaped dict}``."""
@@ -403,8 +444,7 @@ class PushSimulator:
             fx = self.fixtures[m.fixture.id]
             out[mid] = {
                 "event_id": f"px:{fx.id}", "sport": fx.sport, "competition": fx.league, "event_name": fx.name,
-                "name": m.name, "market_type": m.market_key,
-                "specifiers": {"line": f"{m.line:g}"} if m.line is not None else None,
+                "name": m.name, **self._canonical_type(m, fx),
                 "status": m.market_status,
                 "suspend_reason": "locked" if m.market_status == "SUSPENDED" else None,
                 "in_play": fx.is_live, "start_time": fx.start_time, "bookmaker": "simbook",
@@ -420,7 +460,9 @@ class PushSimulator:
     def _project(self, mb: MarketBook, ts: int) -> tuple[str, list[tuple[str, _Odd]], bool, bool]:
         """Update the projection of ``mb``; (market id, changed odds, fixture status changed, new)."""
         md = mb.definition or {}
-        fx = _fixture_of(md)
+        comp = self.model.competition_of(mb.market_id)
+        fx = _fixture_of(md, comp[1] if comp is not None else None)
+        sport = md.get("eventTypeId", "")
         key, line = _market_key(md)
         mid = canonical_market_id(fx.id, key, line)
         m = self.markets.get(mid)
@@ -441,7 +483,9 @@ class PushSimulator:
             sid = str(r["id"])
             rb = mb.runners.get((r["id"], None))
             back = rb.back() if rb is not None else []
-            odd = _Odd(name=r.get("name"), price=float(back[0][0]) if back else None,
+            name = r.get("name")
+            odd = _Odd(name=provider_name(PUSH, sport, name) if name else name,
+                       price=float(back[0][0]) if back else None,
                        status=_RUNNER_STATUS.get(r.get("status", "ACTIVE"), "active"), locked=locked, ts=ts)
             old = m.odds.get(sid)
             if old is None or old.key() != odd.key() or new:
@@ -498,17 +542,22 @@ class PushSimulator:
             c.push(entry)
 
     def publish(self, ts: int | None = None) -> None:
-        """Turn the model's marks into stream messages (the pump calls this)."""
+        """Turn the model's changes into stream messages (the pump calls this):
+        the marked markets of an own model, every market of a shared one."""
         ts = now_ms() if ts is None else ts
-        marks = self.model.drain()
-        if not marks:
+        if self.owns_model:
+            marks = self.model.drain()
+            books = [mb for market_id, mark in marks.items()
+                     if not mark.removed and (mb := self.model.books.get(market_id)) is not None]
+        else:  # the owner drains the marks: compare each market with what was conveyed
+            books = list(self.model.books.values())
+        if not books:
             return
         unlocked: list[dict[str, Any]] = []
         locked: list[dict[str, Any]] = []
         fixtures: dict[str, _Fixture] = {}
-        for market_id, mark in marks.items():
-            mb = self.model.books.get(market_id)
-            if mb is None or mark.removed or mb.definition is None:
+        for mb in books:
+            if mb.definition is None:
                 continue
             mid, changed, fixture_changed, _ = self._project(mb, ts)
             for sid, odd in changed:
@@ -541,7 +590,8 @@ class PushSimulator:
     def _tick(self, ts: int, n: int) -> None:
         if self.frozen:
             return
-        self.model.step(ts, n)
+        if self.owns_model:
+            self.model.step(ts, n)
         self.publish(ts)
 
     # -- connections ---------------------------------------------------------------
@@ -760,12 +810,14 @@ def _sse_frame(e: _Entry) -> bytes:
     return b"".join(parts)
 
 
-async def run_push_providers(config: PushSimConfig, *, ready: Callable[[int], None] | None = None) -> None:
+async def run_push_providers(config: PushSimConfig, *, ready: Callable[[int], None] | None = None,
+                             model: MarketModel | None = None) -> None:
     """Run a :class:`PushSimulator` until cancelled; ``ready(port)`` once listening
     (as :func:`feed.simulator.esa_server.run_simulator`). The streams are then
     ``ws://<host>:<port>/push/ws`` and ``http://<host>:<port>/push/sse``, the
-    snapshot ``http://<host>:<port>/push/snapshot``."""
-    sim = PushSimulator(config)
+    snapshot ``http://<host>:<port>/push/snapshot``. ``model``: serve that
+    model (see :class:`PushSimulator`)."""
+    sim = PushSimulator(config, model=model)
     await sim.start()
     try:
         if ready is not None:

@@ -24,8 +24,12 @@ Behaviour (see :class:`EsaClient`):
   ``("UP", None)`` on the first mcm after (re)subscribing or after a 503,
   ``("DEGRADED", "upstream_503")`` while mcm carry ``status: 503`` (stays
   connected), ``("DOWN", "heartbeat_missed")`` after 2 × heartbeatMs without a
-  byte, ``("DOWN", "reconnecting")`` on any other lost connection, and
-  ``("DOWN", "<error code in lower case>")`` before a fatal error is raised.
+  byte, ``("DOWN", "reconnecting")`` on any other lost connection,
+  ``("DOWN", "session_expired")`` while logging in again after
+  ``NO_SESSION`` / ``INVALID_SESSION_INFORMATION`` (a client with a
+  ``login``; without one those codes are fatal), and
+  ``("DOWN", "<error code in lower case>")`` before a fatal error is raised
+  (``unauthorized`` when a new login was refused).
 
 Errors (defined in :mod:`feed.sources.esa_protocol`, re-exported here; drawn
 in the tree of :mod:`feed.errors`)::
@@ -39,6 +43,7 @@ in the tree of :mod:`feed.errors`)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl as _ssl
 import time
@@ -48,9 +53,11 @@ from typing import TYPE_CHECKING, Any
 from feed.aio import wait_event
 from feed.errors import ConfigError
 from feed.sources.backoff import Backoff
+from feed.sources.betfair_api import BetfairApiError, CatalogueFetcher
 from feed.sources.esa_protocol import (
     FATAL_ERROR_CODES,
     MAX_LINE_BYTES,
+    SESSION_ERROR_CODES,
     Authenticated,
     Connected,
     Delivery,
@@ -68,11 +75,13 @@ from feed.sources.esa_protocol import (
     StreamStatus,
     Subscribed,
 )
-from feed.sources.base import ClientSource, Sink
+from feed.sources.base import ClientSource, Payload, Sink
+from feed.sources.http_limits import SourceAuthError
 from feed.sources.session import HealthCallback, SessionClient
 
 if TYPE_CHECKING:
     from feed.settings import Settings
+    from feed.sources.betfair_api import BetfairLogin, BettingApi
     from feed.sources.spec import SourceSpec
 
 __all__ = [
@@ -148,6 +157,12 @@ class EsaClient(SessionClient):
             handshake, in seconds.
         clock_ms: wall clock in integer ms since the Unix epoch.
         backoff_initial_s, backoff_max_s: reconnect delays (full jitter), seconds.
+        login: where the session token comes from
+            (:class:`feed.sources.betfair_api.BetfairLogin`); each connection
+            authenticates with its current token, and ``NO_SESSION`` /
+            ``INVALID_SESSION_INFORMATION`` make it log in again and
+            reconnect (resuming with ``clk``) instead of failing.
+            ``session_token`` is then ignored.
 
     ``run()`` is meant to be awaited once; ``stop()`` ends it.
     """
@@ -174,8 +189,12 @@ class EsaClient(SessionClient):
         clock_ms: Callable[[], int] = _wall_clock_ms,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        login: BetfairLogin | None = None,
     ) -> None:
         self._host = host
+        self._login = login
+        self._token_used: str | None = None  # the session token of the current connection
+        self._relogins_in_row = 0
         self._port = port
         self._protocol = EsaProtocol(
             app_key=app_key,
@@ -265,6 +284,7 @@ class EsaClient(SessionClient):
             first = False
             delay: float | None = None
             reason = "reconnecting"
+            relogin = False
             self._session_task = asyncio.create_task(self._session(), name=f"esa-{self._name}")
             try:
                 await self._session_task
@@ -274,7 +294,15 @@ class EsaClient(SessionClient):
                     break
                 raise
             except EsaFatalError as exc:
-                self._set_health("DOWN", exc.code.lower())
+                if exc.code not in SESSION_ERROR_CODES or self._login is None \
+                        or not self._login.credentials.can_login:
+                    self._set_health("DOWN", exc.code.lower())
+                    logger.error("esa %s: %s; giving up", self._name, exc)
+                    raise
+                reason, relogin = "session_expired", True
+                why = str(exc)
+            except SourceAuthError as exc:
+                self._set_health("DOWN", "unauthorized")
                 logger.error("esa %s: %s; giving up", self._name, exc)
                 raise
             except _CallbackFailed as exc:
@@ -286,13 +314,15 @@ class EsaClient(SessionClient):
             except _HeartbeatMissed as exc:
                 reason = "heartbeat_missed"
                 why = str(exc)
-            except (EsaError, _LinkLost, OSError, TimeoutError, EOFError) as exc:
+            except (EsaError, BetfairApiError, _LinkLost, OSError, TimeoutError, EOFError) as exc:
                 why = str(exc) or type(exc).__name__
             finally:
                 self._session_task = None
             if self._stopping:
                 break
             self._set_health("DOWN", reason)
+            if relogin:
+                delay = await self._relogin()
             if delay is None:
                 delay = self._backoff.next_delay()
             logger.info("esa %s: connection lost (%s); reconnecting in %.2f s", self._name, why, delay)
@@ -300,10 +330,34 @@ class EsaClient(SessionClient):
                 await wait_event(self._stop_event, delay)
         logger.info("esa %s: stopped", self._name)
 
+    async def _relogin(self) -> float | None:
+        """Log in again after a session error on the stream; the delay before
+        reconnecting (0 the first time in a row, else the backoff's).
+
+        Raises:
+            SourceAuthError: the login was refused for good.
+        """
+        assert self._login is not None
+        self._relogins_in_row += 1
+        logger.info("esa %s: session no longer valid; logging in again", self._name)
+        try:
+            await self._login.relogin(self._token_used)
+        except SourceAuthError as exc:
+            self._set_health("DOWN", "unauthorized")
+            logger.error("esa %s: %s; giving up", self._name, exc)
+            raise
+        except BetfairApiError as exc:
+            logger.warning("esa %s: %s", self._name, exc)
+            return None
+        return 0.0 if self._relogins_in_row == 1 else None
+
     # -- one connection -----------------------------------------------------
 
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._login is not None:
+            self._token_used = await self._login.token()
+            self._protocol.set_session_token(self._token_used)
         logger.info("esa %s: connecting to %s:%s", self._name, self._host, self._port)
         async with asyncio.timeout(self._connect_timeout_s):
             reader, writer = await asyncio.open_connection(
@@ -391,6 +445,7 @@ class EsaClient(SessionClient):
             )
         elif isinstance(event, Subscribed):
             self._backoff.reset()
+            self._relogins_in_row = 0
             logger.info(
                 "esa %s: subscribed (id %d, %s)",
                 self._name,
@@ -456,24 +511,73 @@ class EsaSource(ClientSource):
     every batch of ``mcm`` lines. A rejected change asks for a new image
     (:meth:`EsaClient.request_image`, at most every 10 s). ``client_args``:
     :class:`EsaClient` keyword arguments besides the callbacks and cursor.
+
+    With a ``login`` (:class:`feed.sources.betfair_api.BetfairLogin`) the
+    source logs in, keeps the session alive while it runs and logs in again
+    when the stream or the Betting API says the session is gone. With a
+    ``catalogue`` (:class:`feed.sources.betfair_api.BettingApi`) it fetches
+    the names the stream lacks (:class:`~feed.sources.betfair_api.CatalogueFetcher`,
+    ``catalogue_args`` its options) and delivers each entry as a payload
+    ``{"op": "marketCatalogue", …}``; the stream's prices never wait for it.
+    A catalogue payload carries the receive time of the stream's last
+    delivery (not its own): names are not news from the stream, and must
+    not confirm the stream's markets beyond what the stream itself did.
     """
 
     def __init__(self, name: str, *, on_client: Callable[[EsaClient], None] | None = None,
-                 **client_args: Any) -> None:
+                 login: BetfairLogin | None = None, catalogue: BettingApi | None = None,
+                 catalogue_args: dict[str, Any] | None = None, **client_args: Any) -> None:
         super().__init__(name)
         self.client_args = client_args
         self.on_client = on_client
+        self.login = login
+        self.catalogue = catalogue
+        self.catalogue_args = catalogue_args or {}
         self.client: EsaClient | None = None
+        self.fetcher: CatalogueFetcher | None = None
+        self._stream_recv_ms = 0
 
     async def run(self, sink: Sink) -> None:
         from feed.normalise.betfair import decode_cursor
 
         cursor = decode_cursor(sink.cursor)
-        client = self.client = EsaClient(on_lines=self.deliverer(sink), on_health=sink.set_state, name=self.name,
-                                         initial_clk=cursor.initial_clk, clk=cursor.clk, **self.client_args)
+        deliver = self.deliverer(sink)
+        fetcher = None
+        if self.catalogue is not None:
+            async def deliver_catalogue(entries: list[bytes]) -> None:
+                await sink.deliver([Payload(self._stream_recv_ms, e) for e in entries])
+
+            fetcher = self.fetcher = CatalogueFetcher(self.catalogue, deliver_catalogue, name=self.name,
+                                                      **self.catalogue_args)
+
+        async def on_lines(lines: list[bytes], recv_ms: int) -> None:
+            self._stream_recv_ms = recv_ms
+            await deliver(lines, recv_ms)
+            if fetcher is not None:
+                fetcher.observe_lines(lines)
+
+        client = self.client = EsaClient(on_lines=on_lines, on_health=sink.set_state, name=self.name,
+                                         initial_clk=cursor.initial_clk, clk=cursor.clk, login=self.login,
+                                         **self.client_args)
         if self.on_client is not None:
             self.on_client(client)
-        await self.run_client(client)
+        helpers: list[asyncio.Task[None]] = []
+        if self.login is not None:
+            helpers.append(asyncio.create_task(self.login.run_keep_alive(), name=f"betfair-keepalive-{self.name}"))
+        if fetcher is not None:
+            helpers.append(asyncio.create_task(fetcher.run(), name=f"betfair-catalogue-{self.name}"))
+        try:
+            await self.run_client(client)
+        finally:
+            for task in helpers:
+                task.cancel()
+            for task in helpers:
+                with contextlib.suppress(BaseException):
+                    await task
+            if self.catalogue is not None:
+                await self.catalogue.aclose()
+            if self.login is not None:
+                await self.login.aclose()
 
     def request_repair(self) -> None:
         if self.client is not None:
@@ -494,16 +598,91 @@ def endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
     return host or "127.0.0.1", int(port), tls
 
 
+def _flag(spec: SourceSpec, key: str, default: bool) -> bool:
+    raw = spec.get(key)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"source {spec.name}: {key} must be true or false, not {raw!r}")
+
+
+def market_filter_of(spec: SourceSpec) -> dict[str, Any]:
+    """The ESA ``marketFilter`` of a spec: ``event_types=1+7`` →
+    ``eventTypeIds``, ``countries=GB+IE`` → ``countryCodes``,
+    ``market_types=MATCH_ODDS+WIN`` → ``marketTypes`` (``+``-separated;
+    none given: every market)."""
+    out = default_market_filter()
+    for option, key in (("event_types", "eventTypeIds"), ("countries", "countryCodes"),
+                        ("market_types", "marketTypes")):
+        raw = spec.get(option)
+        if raw:
+            values = [v.strip() for v in raw.split("+") if v.strip()]
+            if not values:
+                raise ConfigError(f"source {spec.name}: {option} names nothing")
+            out[key] = values
+    return out
+
+
 def from_spec(spec: SourceSpec, settings: Settings) -> EsaSource:
-    """The registry's source factory: ``esa=HOST:PORT,app_key=…,session=…
-    [,tls=true][,heartbeat_ms=1000][,conflate_ms=…]`` (every market of the
-    default filters)."""
+    """The registry's source factory: ``esa=HOST:PORT,app_key=…`` with
+    ``session=…`` (a token obtained elsewhere) or ``username=…,password=…``
+    (login; with ``cert_file=…,key_file=…`` the certificate login)
+    ``[,sso_url=…][,cert_sso_url=…][,betting_url=…][,keep_alive_s=900]
+    [,event_types=1+7][,countries=GB+IE][,market_types=MATCH_ODDS+WIN]
+    [,catalogue=true][,tls=true][,heartbeat_ms=1000][,conflate_ms=…]``.
+    The SSO and Betting API URLs default to Betfair's hosts only when the
+    stream is Betfair's (``*.betfair.com``); for any other stream (the local
+    simulator) keep-alives and the catalogue are off unless ``sso_url`` /
+    ``betting_url`` are given, and a login needs ``sso_url``.
+    Raises ConfigError for missing or contradictory options."""
+    from feed.sources.betfair_api import (
+        BETTING_URL,
+        CERT_SSO_URL,
+        SSO_URL,
+        BetfairLogin,
+        BettingApi,
+        Credentials,
+    )
+
     host, port, tls = endpoint(spec)
     app_key, session = spec.get("app_key"), spec.get("session")
-    if not app_key or not session:
-        raise ConfigError(f"source {spec.name}: esa needs app_key= and session=")
-    return EsaSource(spec.name, host=host, port=port, app_key=app_key, session_token=session,
+    username, password = spec.get("username"), spec.get("password")
+    cert_file, key_file = spec.get("cert_file"), spec.get("key_file")
+    if not app_key:
+        raise ConfigError(f"source {spec.name}: esa needs app_key=")
+    if not session and not (username and password):
+        raise ConfigError(f"source {spec.name}: esa needs session= or username= and password=")
+    if bool(cert_file) != bool(key_file):
+        raise ConfigError(f"source {spec.name}: cert_file= and key_file= go together")
+    if cert_file and not (username and password):
+        raise ConfigError(f"source {spec.name}: the certificate login needs username= and password= too")
+    # Betfair's own HTTP hosts are the defaults only for Betfair's stream: a
+    # stream elsewhere (the local simulator) never makes us call the Internet
+    betfair = host.endswith(".betfair.com")
+    sso_url = spec.get("sso_url") or (SSO_URL if betfair else None)
+    cert_sso_url = spec.get("cert_sso_url") or (CERT_SSO_URL if betfair else sso_url)
+    betting_url = spec.get("betting_url") or (BETTING_URL if betfair else None)
+    if username and not (cert_sso_url if cert_file else sso_url):
+        raise ConfigError(f"source {spec.name}: logging in to a stream at {host} needs "
+                          f"{'cert_sso_url' if cert_file else 'sso_url'}= (Betfair's hosts are the default only "
+                          "for stream-api.betfair.com)")
+    keep_alive_s = spec.get_float("keep_alive_s", 900.0)
+    if keep_alive_s < 0:
+        raise ConfigError(f"source {spec.name}: keep_alive_s must be >= 0 (0 = off)")
+    login = BetfairLogin(
+        Credentials(app_key=app_key, username=username, password=password, cert_file=cert_file,
+                    key_file=key_file, session=session),
+        sso_url=sso_url or SSO_URL, cert_sso_url=cert_sso_url or CERT_SSO_URL,
+        keep_alive_s=keep_alive_s if sso_url else 0.0, name=spec.name)
+    catalogue = None
+    if _flag(spec, "catalogue", True) and betting_url:
+        catalogue = BettingApi(login, url=betting_url)
+    return EsaSource(spec.name, host=host, port=port, app_key=app_key, session_token=session or "",
                      ssl=_ssl.create_default_context() if tls else None,
-                     market_filter=default_market_filter(), market_data_filter=default_market_data_filter(),
+                     market_filter=market_filter_of(spec), market_data_filter=default_market_data_filter(),
                      heartbeat_ms=int(spec.get_float("heartbeat_ms", 1000)),
-                     conflate_ms=int(spec.get_float("conflate_ms", 0)) or None)
+                     conflate_ms=int(spec.get_float("conflate_ms", 0)) or None,
+                     login=login, catalogue=catalogue)

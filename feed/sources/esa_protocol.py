@@ -77,6 +77,7 @@ from feed.errors import FatalSourceError, RetryableSourceError, SourceError
 __all__ = [
     "FATAL_ERROR_CODES",
     "MAX_LINE_BYTES",
+    "SESSION_ERROR_CODES",
     "Authenticated",
     "Connected",
     "Delivery",
@@ -110,6 +111,11 @@ FATAL_ERROR_CODES: frozenset[str] = frozenset(
         "SUBSCRIPTION_LIMIT_EXCEEDED",
     }
 )
+
+#: ESA ``errorCode`` values that say the session token is missing, invalid or
+#: expired: fatal to a client holding a fixed token, a new login for one that
+#: can log in (:class:`feed.sources.esa.EsaClient` with a ``login``).
+SESSION_ERROR_CODES: frozenset[str] = frozenset({"NO_SESSION", "INVALID_SESSION_INFORMATION"})
 
 #: A line longer than this (bytes) is a protocol violation.
 MAX_LINE_BYTES = 256 << 20
@@ -523,6 +529,11 @@ class EsaProtocol:
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    def set_session_token(self, session_token: str) -> None:
+        """Authenticate the next connections with ``session_token`` (a new
+        login after ``NO_SESSION`` / ``INVALID_SESSION_INFORMATION``)."""
+        self._session_token = session_token
 
     def forget_cursor(self) -> None:
         """Drop the ``initialClk``/``clk`` cursor: the next subscription asks

@@ -95,9 +95,13 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
     SourceKind(
         "esa", "Betfair Exchange Stream API (TCP/TLS)",
         "subscription, heartbeats (`heartbeat_ms=`, default 1000: quiet markets are confirmed every second and "
-        "a half-open link is noticed after 2 s), `clk` resume (also after a restart), 503 = DEGRADED",
-        frozenset({"app_key", "session", "tls", "heartbeat_ms", "conflate_ms"}),
-        (("app_key",), ("session",)), "feed.sources.esa:from_spec", "feed.normalise.betfair:from_spec"),
+        "a half-open link is noticed after 2 s), `clk` resume (also after a restart), 503 = DEGRADED; login "
+        "(interactive or certificate), keep-alive, a new login on session expiry; names from the Betting API's "
+        "`listMarketCatalogue`",
+        frozenset({"app_key", "session", "tls", "heartbeat_ms", "conflate_ms", "username", "password", "cert_file",
+                   "key_file", "sso_url", "cert_sso_url", "betting_url", "keep_alive_s", "event_types", "countries",
+                   "market_types", "catalogue"}),
+        (("app_key",), ("session", "username")), "feed.sources.esa:from_spec", "feed.normalise.betfair:from_spec"),
     SourceKind(
         "pinnacle", "Pinnacle Lines API polling",
         "fixtures + odds snapshot, then `since=<last>` deltas merged by period; live events keep their "
@@ -140,6 +144,14 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
                    "min_recovery_interval_s", "max_recovery_s", "recovery_window_min", "prefetch",
                    "connect_timeout_s", "backoff_initial_s", "backoff_max_s", "prefix"}),
         (("api",),), "feed.sources.amqp:from_spec", "feed.normalise.uof:from_spec"),
+    SourceKind(
+        "betfair-csv", "Betfair Data Scientists' historic CSVs (a file or folder, replayed)",
+        "match odds (football) and thoroughbred WIN/PLACE summaries; each market plays an image at the off "
+        "(best back as `price`: the CSV has no sizes), in play at half-time / the off (BSP), then its result and "
+        "SETTLED, in time order across markets; the CSV clock mapped onto now (`speed=`, default `max`; "
+        "`keep_clock=1`), then DOWN `replay_finished` (`on_end=stop` ends the source)",
+        frozenset({"speed", "keep_clock", "on_end"}), (), "feed.sources.csv_replay:from_spec",
+        "feed.normalise.betfair_csv:from_spec"),
 )}
 
 KINDS: tuple[str, ...] = tuple(REGISTRY)

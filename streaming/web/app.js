@@ -19,7 +19,34 @@
  * pre-match (?stale_in_play_ms= / ?stale_pre_match_ms= change these).
  *
  * Query parameters of the page: sport=, in_play=true|false (initial filters),
- * api_key= (passed on to /v1 when the server requires one).
+ * api_key= (passed on to /v1 when the server requires one), event_refresh_ms=
+ * (how often the event page re-reads its event; 5000).
+ *
+ * The event page (#/event/<id>: a canonical ev:… id, or a provider event id,
+ * which the API resolves to its canonical event) shows every book of one
+ * real match side by side. It computes nothing of its own — grouping, best,
+ * best lay, fair price and exclusions are the server's (streaming/aggregate.py):
+ *   GET /v1/events/<id>?view=best  → the header, the members and the grid:
+ *                                    canonical markets × outcomes × books, each
+ *                                    cell naming its market_id / selection_id;
+ *                                    fetched on open, when a market, selection
+ *                                    or canonical market not in the grid shows
+ *                                    up, and every 5 s (members, server ages;
+ *                                    a grid market the stream did not deliver,
+ *                                    e.g. a book linked later, restarts it)
+ *   /v1/stream?event=<ev:…>        → the book stream above, narrowed to the
+ *                                    event: every book's price as it moves
+ *                                    (same snapshot/delta rules, same flashes)
+ *   /v1/stream?view=best&event=…   → best / best lay / fair / excluded books
+ *                                    per outcome, sent when they change
+ * Per canonical market the newer server answer (as_of) gives best / fair /
+ * exclusions: the best stream's last message, or the last GET (the stream
+ * says nothing when the linker re-links books). A change of the shown best
+ * price or its book flashes the new best cell (flash-up / flash-down).
+ * A cell's age is the server's (age_ms of the last message or fetch about its
+ * market), ticking in the page; greyed cells are those the server left out of
+ * best and fair (stale / suspended / closed / no price; the reason is the
+ * cell's tooltip).
  */
 "use strict";
 
@@ -40,6 +67,7 @@
     flagged: new Map(),    // market_id → the server said stale
     sources: new Map(),    // source → {state, reason}
     token: null,
+    snapshotOf: -1,        // the stream (streamGen) whose snapshot the book holds
     connected: false,
     filter: { sport: params.get("sport") || "all", play: playFromParam(params.get("in_play")) },
     stats: { snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, resumedRecovered: 0,
@@ -128,8 +156,10 @@
       state.markets.set(raw.market_id, stripAge(raw));
       state.confirmed.set(raw.market_id, now - (raw.age_ms || 0));
       state.flagged.set(raw.market_id, !!raw.stale);
+      evSeen(raw, now);
     }
     state.stats.snapshots += 1;
+    state.snapshotOf = streamGen;
     structureDirty = true;
     schedule();
   }
@@ -155,6 +185,7 @@
     state.markets.set(d.market_id, next);
     state.confirmed.set(d.market_id, performance.now() - (d.age_ms || 0));
     state.flagged.set(d.market_id, !!d.stale);
+    evSeen(next, performance.now(), d.age_ms || 0);
     dirty.add(d.market_id);
     schedule();
   }
@@ -279,7 +310,7 @@
       if (!sports.has(sport)) sports.set(sport, new Map());
       const events = sports.get(sport);
       const key = m.event_id || m.market_id;
-      if (!events.has(key)) events.set(key, { id: key, name: m.event_name || m.name || key, in_play: false,
+      if (!events.has(key)) events.set(key, { id: key, linked: !!m.event_id, name: m.event_name || m.name || key, in_play: false,
                                                start: m.start_time || 0, markets: [] });
       const ev = events.get(key);
       ev.markets.push(m);
@@ -366,8 +397,12 @@
       for (const ev of g.events) {
         html.push('<article class="event' + (ev.in_play ? " in-play" : "") + '">'
           + '<header class="event-head">' + (ev.in_play ? '<span class="live">In-play</span>' : "")
-          + '<span class="event-name">' + esc(ev.name) + "</span>"
-          + (ev.in_play ? "" : '<time class="start">' + esc(fmtStart(ev.start)) + "</time>") + "</header>"
+          + (ev.linked ? '<a class="event-name" href="#/event/' + esc(encodeURIComponent(ev.id))
+             + '" title="every book side by side: best and fair price">' + esc(ev.name) + "</a>"
+             : '<span class="event-name">' + esc(ev.name) + "</span>")
+          + (ev.in_play ? "" : '<time class="start">' + esc(fmtStart(ev.start)) + "</time>")
+          + (ev.linked ? '<a class="all-books" href="#/event/' + esc(encodeURIComponent(ev.id)) + '">all books ›</a>' : "")
+          + "</header>"
           + '<div class="markets">');
         for (const m of ev.markets) {
           html.push('<div class="' + marketClass(m, now) + '" data-market-id="' + esc(m.market_id) + '">'
@@ -423,6 +458,12 @@
   function flush() {
     state.stats.renders += 1;
     const now = performance.now();
+    if (route.event !== null) {
+      structureDirty = false;
+      dirty.clear();
+      renderEvent(now);
+      return;
+    }
     if (!structureDirty) {
       const sig = signature(layout(visibleMarkets()));
       if (sig !== lastSignature) structureDirty = true;
@@ -441,6 +482,12 @@
   /** Once a second: ages tick, stale markers follow the clock, flashes expire. */
   function tick() {
     const now = performance.now();
+    if (route.event !== null) {
+      tickEvent(now);
+      renderBanner();
+      renderMeta();
+      return;
+    }
     for (const el of board.querySelectorAll(".age[data-age]")) {
       const id = el.dataset.age;
       el.textContent = "updated " + fmtAgo(ageMs(id, now));
@@ -493,7 +540,7 @@
     const rate = rateWindow.length / 5;
     const sorted = lagWindow.slice().sort((a, b) => a - b);
     const p50 = sorted.length ? sorted[Math.floor(sorted.length / 2)] : null;
-    const shown = board.querySelectorAll(".market").length;
+    const shown = route.event !== null ? state.markets.size : board.querySelectorAll(".market").length;
     metaEl.textContent = shown + " markets · " + (rate >= 10 ? Math.round(rate) : rate.toFixed(1)) + " updates/s"
       + (p50 === null ? "" : " · lag " + p50 + " ms");
   }
@@ -513,7 +560,7 @@
     if (state.filter.sport === "all") q.delete("sport"); else q.set("sport", state.filter.sport);
     if (state.filter.play === "all") q.delete("in_play"); else q.set("in_play", state.filter.play === "live" ? "true" : "false");
     const qs = q.toString();
-    history.replaceState(null, "", location.pathname + (qs ? "?" + qs : ""));
+    history.replaceState(null, "", location.pathname + (qs ? "?" + qs : "") + location.hash);
     structureDirty = true;
     flush();
   }
@@ -531,18 +578,38 @@
 
   let es = null;
   let retryMs = 500;
+  let streamGen = 0;
+
+  /** (Re)open the book stream for the current route: everything on the list,
+   *  the canonical event's markets (every book) on an event page. */
+  function restartStream() {
+    streamGen += 1;
+    if (es) { es.close(); es = null; }
+    state.token = null;  // a token resumes one filter only
+    state.markets.clear();
+    state.confirmed.clear();
+    state.flagged.clear();
+    flashes.clear();
+    structureDirty = true;
+    if (route.event !== null && !evp.cid) return;  // connected once the API named the canonical event
+    connect();
+  }
 
   function connect() {
+    const gen = streamGen;
     let url = "/v1/stream?heartbeat_ms=" + HEARTBEAT_MS;
+    if (route.event !== null) url += "&event=" + encodeURIComponent(evp.cid);
     if (state.token) url += "&last_event_id=" + encodeURIComponent(state.token);
     es = new EventSource(withKey(url));
+    const mine = es;
     const handle = (fn) => (e) => {
+      if (gen !== streamGen) { mine.close(); return; }
       if (e.lastEventId) state.token = e.lastEventId;
       let msg;
       try { msg = JSON.parse(e.data); } catch (err) { state.stats.errors += 1; return; }
       fn(msg);
     };
-    es.addEventListener("open", () => { retryMs = 500; setConnected(true, "live"); });
+    es.addEventListener("open", () => { if (gen === streamGen) { retryMs = 500; setConnected(true, "live"); } });
     es.addEventListener("snapshot", handle(onSnapshot));
     es.addEventListener("delta", handle(onDelta));
     es.addEventListener("heartbeat", handle(onHeartbeat));
@@ -552,15 +619,16 @@
       else state.stats.resumedLost += 1;  // the snapshot that follows replaces the book
     }));
     es.addEventListener("error", (e) => {
+      if (gen !== streamGen) { mine.close(); return; }
       if (e.data) {  // an "error" event sent by the server
         state.stats.errors += 1;
         return;
       }
-      if (es.readyState === EventSource.CLOSED) {
+      if (mine.readyState === EventSource.CLOSED) {
         // the browser gave up (e.g. a 503): reconnect ourselves, resuming with the last token
         setConnected(false, "reconnecting…");
-        es.close();
-        setTimeout(connect, retryMs);
+        mine.close();
+        setTimeout(() => { if (gen === streamGen) connect(); }, retryMs);
         retryMs = Math.min(10000, retryMs * 2);
       } else {
         setConnected(false, "reconnecting…");  // EventSource retries by itself with Last-Event-ID
@@ -591,15 +659,441 @@
     }
   }
 
+  // -- the event page (#/event/<id>) ---------------------------------------------------------
+
+  const evPage = document.getElementById("event-page");
+  const filtersEl = document.getElementById("filters");
+  const EVENT_REFRESH_MS = Number(params.get("event_refresh_ms")) || 5000;  // members, grid, server ages
+  const REFETCH_GAP_MS = 1000;     // a grid change (new market / selection) re-reads at most this often
+  const EXCLUDED_WHY = {
+    stale: "stale: this book's price is too old or its feed is down",
+    suspended: "suspended: this book is not taking bets on it",
+    closed: "closed: the market is closed or the selection settled",
+    no_price: "no price offered",
+  };
+
+  const route = { event: null };  // event: the id in #/event/<id>, or null on the list
+
+  const evp = {
+    gen: 0,                 // bumped on every route change: late answers of an old page are dropped
+    cid: null,              // the canonical id (from the API)
+    head: null,             // GET /v1/events/<id> → event (name, start, members, bookmakers …)
+    views: [],              // its view: the grid (market → outcomes → books) and fallback values
+    fairMethod: null,
+    cells: new Set(),       // "market_id|selection_id" in the grid
+    keys: new Set(),        // canonical market keys in the grid
+    viewAsOf: 0,            // the server time (as_of, ms) of views
+    best: new Map(),        // market key → {m: the best stream's market (best, best_lay, fair, excluded), asOf}
+    shownBest: new Map(),   // "key|outcome|back|lay" → the best price shown
+    bestFlashes: new Map(), // "key|outcome|back|lay" → {dir, at}
+    seen: new Map(),        // market id → performance.now() the server last vouched for it (age 0)
+    error: null,
+    fetching: false,
+    again: false,
+    lastFetch: 0,
+    refetchTimer: null,
+    retryTimer: null,
+    rendered: null,         // the HTML last rendered: {top, keys, sections}
+    missing: "",            // grid markets the book stream did not deliver, when it was last restarted for them
+    bestEs: null,
+    bestRetryMs: 500,
+    stats: { fetches: 0, bestMessages: 0, bestFlashes: 0, renders: 0 },
+  };
+
+  function parseRoute() {
+    const m = /^#\/event\/(.+)$/.exec(location.hash);
+    if (!m) return null;
+    try { return decodeURIComponent(m[1]); } catch (err) { return m[1]; }
+  }
+
+  function onRoute() {
+    const want = parseRoute();
+    if (want === route.event || (want !== null && want === evp.cid && route.event !== null)) return;
+    route.event = want;
+    evp.gen += 1;
+    closeBest();
+    clearTimeout(evp.refetchTimer);
+    clearTimeout(evp.retryTimer);
+    Object.assign(evp, { cid: null, head: null, views: [], viewAsOf: 0, fairMethod: null, error: null, fetching: false,
+                        again: false, lastFetch: 0, refetchTimer: null, retryTimer: null, rendered: null,
+                        missing: "" });
+    for (const k of ["cells", "keys", "best", "shownBest", "bestFlashes", "seen"]) evp[k].clear();
+    const onEvent = want !== null && evPage !== null;
+    if (!onEvent) route.event = null;
+    if (evPage) evPage.hidden = !onEvent;
+    board.hidden = onEvent;
+    if (filtersEl) filtersEl.hidden = onEvent;
+    document.title = "oddsfeed · " + (onEvent ? "event" : "live odds");
+    restartStream();
+    if (onEvent) {
+      evPage.innerHTML = '<p class="empty">Loading the event…</p>';
+      fetchEvent();
+    } else {
+      lastSignature = "";
+      flush();
+    }
+  }
+
+  /** The server vouched for market m (a snapshot / delta with its age_ms). */
+  function evSeen(m, now, ageMsOverride) {
+    if (route.event === null || !m) return;
+    const age = ageMsOverride !== undefined ? ageMsOverride : (m.age_ms || 0);
+    evp.seen.set(m.market_id, now - age);
+    if (!evp.head || !m.market_type) return;
+    // a market or selection with a canonical outcome the grid does not show yet: re-read the grid
+    for (const sel of m.selections || []) {
+      if (sel.outcome && !evp.cells.has(m.market_id + "|" + sel.selection_id)) { refetchSoon(); return; }
+    }
+  }
+
+  function refetchSoon() {
+    const wait = Math.max(0, evp.lastFetch + REFETCH_GAP_MS - performance.now());
+    const gen = evp.gen;
+    if (evp.refetchTimer) return;
+    evp.refetchTimer = setTimeout(() => { evp.refetchTimer = null; if (gen === evp.gen) fetchEvent(); }, wait);
+  }
+
+  async function fetchEvent() {
+    if (route.event === null) return;
+    if (evp.fetching) { evp.again = true; return; }
+    evp.fetching = true;
+    evp.lastFetch = performance.now();
+    const gen = evp.gen;
+    const id = evp.cid || route.event;
+    try {
+      const r = await fetch(withKey("/v1/events/" + encodeURIComponent(id) + "?view=best"), { cache: "no-store" });
+      if (gen !== evp.gen) return;
+      if (r.status === 404) {
+        evp.error = "No event " + id + " on this feed (yet).";
+      } else if (!r.ok) {
+        evp.error = "The event could not be loaded (HTTP " + r.status + "); retrying…";
+      } else {
+        const body = await r.json();
+        if (gen !== evp.gen) return;
+        evp.error = null;
+        adoptEvent(body, performance.now());
+      }
+    } catch (err) {
+      if (gen === evp.gen) evp.error = "The event could not be loaded; retrying…";
+    } finally {
+      if (gen === evp.gen) {
+        evp.fetching = false;
+        if (evp.again) { evp.again = false; refetchSoon(); }
+        if (evp.error && !evp.head && !evp.retryTimer) {  // not there (yet): look again
+          evp.retryTimer = setTimeout(() => { evp.retryTimer = null; if (gen === evp.gen) fetchEvent(); }, 3000);
+        }
+        schedule();
+      }
+    }
+  }
+
+  function adoptEvent(body, now) {
+    evp.stats.fetches += 1;
+    const first = !evp.cid;
+    evp.head = body.event;
+    evp.views = body.view || [];
+    evp.viewAsOf = body.as_of || 0;
+    evp.fairMethod = body.fair_method || null;
+    evp.cells.clear();
+    evp.keys.clear();
+    for (const v of evp.views) {
+      evp.keys.add(v.market);
+      for (const o of v.outcomes || []) {
+        for (const b of o.books || []) {
+          evp.cells.add(b.market_id + "|" + b.selection_id);
+          const at = now - (b.age_ms || 0);
+          if (!(evp.seen.get(b.market_id) >= at)) evp.seen.set(b.market_id, at);
+        }
+      }
+    }
+    if (!first && evp.cid === evp.head.event_id && state.snapshotOf === streamGen) {
+      const missing = [...new Set((evp.views || []).flatMap((v) => (v.outcomes || []).flatMap(
+        (o) => (o.books || []).map((b) => b.market_id))))].filter((mid) => !state.markets.has(mid)).sort().join(",");
+      if (missing && missing !== evp.missing) {  // once per set, so a market the stream never sends cannot loop
+        evp.missing = missing;
+        restartStream();
+      }
+    }
+    if (first || evp.cid !== evp.head.event_id) {
+      evp.cid = evp.head.event_id;
+      if (route.event !== evp.cid) {  // a provider id was asked for: show the canonical one
+        route.event = evp.cid;
+        history.replaceState(null, "", location.pathname + location.search + "#/event/" + encodeURIComponent(evp.cid));
+      }
+      restartStream();
+      openBest();
+    }
+  }
+
+  // the best stream
+
+  function openBest() {
+    closeBest();
+    const gen = evp.gen;
+    const url = "/v1/stream?view=best&heartbeat_ms=" + HEARTBEAT_MS * 5 + "&event=" + encodeURIComponent(evp.cid);
+    const src = evp.bestEs = new EventSource(withKey(url));
+    src.addEventListener("open", () => { evp.bestRetryMs = 500; });
+    src.addEventListener("best", (e) => {
+      if (gen !== evp.gen) { src.close(); return; }
+      let msg;
+      try { msg = JSON.parse(e.data); } catch (err) { state.stats.errors += 1; return; }
+      onBest(msg);
+    });
+    src.addEventListener("error", (e) => {
+      if (gen !== evp.gen || e.data) return;
+      // until the reconnect's snapshot: the fetched view's values (re-read every few seconds), not old ones
+      evp.best.clear();
+      schedule();
+      if (src.readyState === EventSource.CLOSED) {  // the browser gave up: reopen (a new snapshot follows)
+        src.close();
+        setTimeout(() => { if (gen === evp.gen) openBest(); }, evp.bestRetryMs);
+        evp.bestRetryMs = Math.min(10000, evp.bestRetryMs * 2);
+      }
+    });
+  }
+
+  function closeBest() {
+    if (evp.bestEs) { evp.bestEs.close(); evp.bestEs = null; }
+  }
+
+  const sameBest = (a, b) => (!a && !b) || (!!a && !!b && a.price === b.price && a.market_id === b.market_id
+                                            && a.selection_id === b.selection_id);
+
+  function onBest(msg) {
+    evp.stats.bestMessages += 1;
+    const now = performance.now();
+    let markets;
+    if (msg.snapshot) {
+      const mine = (msg.events || []).find((e) => e.event_id === evp.cid);
+      markets = mine ? mine.markets : [];
+    } else {
+      if (msg.event_id !== evp.cid) return;
+      markets = msg.markets || [];
+    }
+    for (const m of markets) {
+      evp.best.set(m.market, { m, asOf: msg.as_of || 0 });
+      if (evp.head && !evp.keys.has(m.market)) refetchSoon();
+    }
+    schedule();
+  }
+
+  /** A change of the shown best (or best lay) price or its book flashes it: whichever
+   *  answer brought it (the best stream, or a re-read that saw something the stream did not). */
+  function noteBestFlash(key, side, shown, now) {
+    const was = evp.shownBest.get(key + "|" + side);
+    evp.shownBest.set(key + "|" + side, shown);
+    if (was && shown && !sameBest(was, shown)) {
+      evp.bestFlashes.set(key + "|" + side, { dir: shown.price < was.price ? "down" : "up", at: now });
+      evp.stats.bestFlashes += 1;
+    }
+  }
+
+  // rendering
+
+  function fmtAge(ms) {
+    if (ms === null || ms === undefined) return "";
+    const s = Math.floor(ms / 1000);
+    if (s < 1) return "now";
+    if (s < 60) return s + " s";
+    const m = Math.floor(s / 60);
+    return m < 60 ? m + " min" : Math.floor(m / 60) + " h";
+  }
+
+  function cellAge(mid, now) {
+    const t = evp.seen.get(mid);
+    return t === undefined ? null : Math.max(0, now - t);
+  }
+
+  /** A book's live price of a grid cell: the book stream's market, else the fetched view. */
+  function livePrice(bp) {
+    const m = state.markets.get(bp.market_id);
+    if (!m) return { price: bp.price, size: bp.size, lay: bp.lay, laySize: bp.lay_size };
+    const s = (m.selections || []).find((x) => x.selection_id === bp.selection_id);
+    if (!s) return { price: null, size: null, lay: null, laySize: null };
+    const back = s.back && s.back.length ? s.back[0] : null;
+    const lay = s.lay && s.lay.length ? s.lay[0] : null;
+    return { price: back ? back[0] : (s.price === undefined ? null : s.price), size: back ? back[1] : null,
+             lay: lay ? lay[0] : null, laySize: lay ? lay[1] : null };
+  }
+
+  /** best / best_lay / fair / excluded of one outcome: the best stream's, else the fetched view's. */
+  function outcomeBest(v, o) {
+    // the newer of the two server answers: the best stream's last message about this market, or the last re-read
+    const bm = evp.best.get(v.market);
+    const bo = bm && bm.asOf >= evp.viewAsOf && bm.m.outcomes.find((x) => x.outcome === o.outcome);
+    if (bo) return { best: bo.best || null, best_lay: bo.best_lay || null, fair: bo.fair, excluded: bo.excluded || {} };
+    const excluded = {};
+    for (const b of o.books || []) if (b.excluded) excluded[b.bookmaker] = b.excluded;
+    return { best: o.best || null, best_lay: o.best_lay || null, fair: o.fair, excluded };
+  }
+
+  function flashOf(map, key, now) {
+    const fl = map.get(key);
+    if (!fl) return null;
+    if (now - fl.at >= FLASH_MS) { map.delete(key); return null; }
+    return fl;
+  }
+
+  function flashAttrs(fl, now) {
+    if (!fl) return { cls: "", attrs: "" };
+    return { cls: " flash-" + fl.dir,
+             attrs: ' data-flash-at="' + Math.round(fl.at) + '" style="animation-delay:-' + Math.round(now - fl.at) + 'ms"' };
+  }
+
+  function isLive(bp) {
+    const m = state.markets.get(bp.market_id);
+    return m ? !!m.in_play : false;
+  }
+
+  function marketTitle(v) {
+    const specs = Object.entries(v.specifiers || {}).map(([k, x]) => (k === "line" ? x : k + " " + x)).join(" · ");
+    const base = v.name || sportName(v.market_type);
+    return specs && !base.includes(specs) ? base + " · " + specs : base;
+  }
+
+  function gridHtml(v, books, now) {
+    const inGrid = new Set();
+    for (const o of v.outcomes || []) for (const b of o.books || []) inGrid.add(b.bookmaker);
+    const cols = books.filter((b) => inGrid.has(b));
+    for (const b of inGrid) if (!cols.includes(b)) cols.push(b);
+    const bests = (v.outcomes || []).map((o) => outcomeBest(v, o));
+    const hasLay = bests.some((x) => x.best_lay) || (v.outcomes || []).some((o) => (o.books || []).some((b) => b.lay));
+    const head = '<tr><th scope="col" class="oc">Outcome</th>'
+      + cols.map((b) => '<th scope="col" class="bk" data-book="' + esc(b) + '">' + esc(b) + "</th>").join("")
+      + '<th scope="col" class="bestcol">Best</th><th scope="col" class="faircol" title="'
+      + esc("fair price: the margin removed (" + (v.fair_method || evp.fairMethod || "multiplicative") + "), averaged over the complete books")
+      + '">Fair</th>' + (hasLay ? '<th scope="col" class="laycol">Best lay</th>' : "") + "</tr>";
+    const rows = (v.outcomes || []).map((o, i) => {
+      const ob = bests[i];
+      const byBook = new Map((o.books || []).map((b) => [b.bookmaker, b]));
+      noteBestFlash(v.market + "|" + o.outcome, "back", ob.best, now);
+      noteBestFlash(v.market + "|" + o.outcome, "lay", ob.best_lay, now);
+      const bestFl = flashOf(evp.bestFlashes, v.market + "|" + o.outcome + "|back", now);
+      const layFl = flashOf(evp.bestFlashes, v.market + "|" + o.outcome + "|lay", now);
+      const cells = cols.map((book) => {
+        const bp = byBook.get(book);
+        if (!bp) return '<td class="cell none" data-book="' + esc(book) + '">–</td>';
+        const lp = livePrice(bp);
+        const why = ob.excluded[book] || null;
+        const isBest = !!ob.best && ob.best.market_id === bp.market_id && ob.best.selection_id === bp.selection_id;
+        const isBestLay = !!ob.best_lay && ob.best_lay.market_id === bp.market_id
+          && ob.best_lay.selection_id === bp.selection_id;
+        // a change of the best price / book flashes the best cell; else the book's own price move does
+        const fl = isBest && bestFl ? bestFl : flashOf(flashes, bp.market_id + "|" + bp.selection_id + "|back", now);
+        const fa = flashAttrs(fl, now);
+        let cls = "cell" + (isBest ? " best" : "") + (why ? " excluded ex-" + why : "") + (lp.price === null ? " empty" : "")
+          + fa.cls;
+        const title = why ? EXCLUDED_WHY[why] || why : (isBest ? "best price" : "");
+        const age = cellAge(bp.market_id, now);
+        return '<td class="' + cls + '" data-book="' + esc(book) + '" data-mid="' + esc(bp.market_id)
+          + '" data-sel="' + esc(bp.selection_id) + '" data-price="' + (lp.price === null ? "" : lp.price) + '"'
+          + (why ? ' data-excluded="' + esc(why) + '"' : "") + (title ? ' title="' + esc(title) + '"' : "") + fa.attrs + ">"
+          + '<span class="p">' + (lp.price === null ? "–" : fmtPrice(lp.price)) + "</span>"
+          + (lp.lay !== null ? '<span class="l' + (isBestLay ? " best-lay" : "") + '">lay ' + fmtPrice(lp.lay) + "</span>" : "")
+          + '<span class="cage" data-mid="' + esc(bp.market_id) + '">' + fmtAge(age) + "</span></td>";
+      }).join("");
+      const bfa = flashAttrs(bestFl, now);
+      const best = ob.best
+        ? '<td class="bestcol' + bfa.cls + '" data-book="' + esc(ob.best.bookmaker) + '" data-price="' + ob.best.price + '"'
+          + bfa.attrs + '><span class="p">' + fmtPrice(ob.best.price) + '</span><span class="bkname">'
+          + esc(ob.best.bookmaker) + "</span></td>"
+        : '<td class="bestcol empty">–</td>';
+      const fair = '<td class="faircol" data-fair="' + (ob.fair === null || ob.fair === undefined ? "" : ob.fair) + '">'
+        + (ob.fair === null || ob.fair === undefined ? "–" : '<span class="p">' + fmtPrice(ob.fair) + "</span>") + "</td>";
+      let lay = "";
+      if (hasLay) {
+        const lfa = flashAttrs(layFl, now);
+        lay = ob.best_lay
+          ? '<td class="laycol' + lfa.cls + '" data-book="' + esc(ob.best_lay.bookmaker) + '" data-price="'
+            + ob.best_lay.price + '"' + lfa.attrs + '><span class="p">' + fmtPrice(ob.best_lay.price)
+            + '</span><span class="bkname">' + esc(ob.best_lay.bookmaker) + "</span></td>"
+          : '<td class="laycol empty">–</td>';
+      }
+      return '<tr data-outcome="' + esc(o.outcome) + '"><th scope="row" class="oc">' + esc(o.name || o.outcome)
+        + "</th>" + cells + best + fair + lay + "</tr>";
+    }).join("");
+    const excludedBooks = Object.entries(v.excluded_books || {});
+    return '<section class="ev-market" data-market="' + esc(v.market) + '"><header class="ev-market-head">'
+      + '<span class="market-name">' + esc(marketTitle(v)) + '</span><span class="key">' + esc(v.market) + "</span>"
+      + (excludedBooks.length ? '<span class="spacer"></span><span class="muted">left out: '
+        + excludedBooks.map(([b, r]) => esc(b) + " (" + esc(r.replace(/_/g, " ")) + ")").join(", ") + "</span>" : "")
+      + '</header><div class="grid-wrap"><table class="grid"><thead>' + head + "</thead><tbody>" + rows
+      + "</tbody></table></div></section>";
+  }
+
+  function renderEvent(now) {
+    if (!evPage) return;
+    evp.stats.renders += 1;
+    const back = '<a class="back-link" href="#/">← all events</a>';
+    if (!evp.head) {
+      evPage.innerHTML = back + '<p class="empty">' + esc(evp.error || "Loading the event…") + "</p>";
+      evp.rendered = null;
+      return;
+    }
+    const h = evp.head;
+    const live = h.in_play || [...state.markets.values()].some((m) => m.in_play);
+    const members = (h.members || []).map((m) => {
+      const pct = Math.round((m.confidence === undefined ? 1 : m.confidence) * 100);
+      return '<li class="member" data-event="' + esc(m.event_id) + '" title="' + esc(m.event_name || m.event_id) + '">'
+        + '<span class="books">' + esc((m.bookmakers || [m.source]).join(", ")) + "</span>"
+        + '<span class="conf' + (pct < 90 ? " low" : "") + '">' + pct + "%</span>"
+        + '<span class="how">' + esc(m.method === "self" ? "reference" : m.method) + " · " + esc(m.event_id) + "</span></li>";
+    }).join("");
+    const books = h.bookmakers || [];
+    const sections = evp.views.map((v) => gridHtml(v, books, now));
+    const top = back
+      + '<article class="ev' + (live ? " in-play" : "") + '" data-event-id="' + esc(h.event_id) + '">'
+      + '<header class="ev-head">' + (live ? '<span class="live">In-play</span>' : "")
+      + '<h1 class="ev-name">' + esc(h.event_name || h.event_id) + "</h1>"
+      + '<span class="ev-sub">' + esc([sportName(h.sport), h.competition].filter(Boolean).join(" · ")) + "</span>"
+      + (h.start_time ? '<time class="start" datetime="' + new Date(h.start_time).toISOString() + '">'
+         + esc(fmtStart(h.start_time)) + "</time>" : "")
+      + (evp.error ? '<span class="muted">' + esc(evp.error) + "</span>" : "")
+      + "</header>"
+      + '<div class="members"><span class="muted">Books matched to this event</span><ul>' + members + "</ul></div>";
+    const keys = evp.views.map((v) => v.market).join("\n");
+    const last = evp.rendered;
+    if (last && last.top === top && last.keys === keys && evPage.querySelector(".ev-markets")) {
+      // only the grids that changed are replaced (a hovered cell keeps its tooltip while others move)
+      const els = evPage.querySelectorAll(".ev-markets > .ev-market");
+      sections.forEach((html, i) => { if (html !== last.sections[i] && els[i]) els[i].outerHTML = html; });
+    } else {
+      evPage.innerHTML = top + '<div class="ev-markets">' + (sections.length ? sections.join("")
+        : '<p class="empty">No markets of a known type on this event yet.</p>') + "</div></article>";
+    }
+    evp.rendered = { top, keys, sections };
+  }
+
+  /** Once a second on the event page: ages tick, flashes end. */
+  function tickEvent(now) {
+    if (!evPage || evPage.hidden) return;
+    for (const el of evPage.querySelectorAll(".cage[data-mid]")) {
+      const t = fmtAge(cellAge(el.dataset.mid, now));
+      if (el.textContent !== t) el.textContent = t;
+    }
+    for (const el of evPage.querySelectorAll("[data-flash-at]")) {
+      if (now - Number(el.dataset.flashAt) >= FLASH_MS) {
+        el.classList.remove("flash-up", "flash-down");
+        el.removeAttribute("data-flash-at");
+        el.style.animationDelay = "";
+      }
+    }
+    if (evp.head && now - evp.lastFetch > EVENT_REFRESH_MS) fetchEvent();
+  }
+
   // for tests and the curious: the page's book and its rules
   const HANDLERS = { snapshot: onSnapshot, delta: onDelta, heartbeat: onHeartbeat, status: onStatus };
   window.oddsBoard = { state, applyDelta, mergeSelections, ageMs, isStale,
     book: () => Object.fromEntries(state.markets),
     /** feed one stream message (as the server sends it) through the page's handlers */
-    handle: (msg) => { const fn = HANDLERS[msg.type]; if (fn) fn(msg); } };
+    handle: (msg) => { const fn = HANDLERS[msg.type]; if (fn) fn(msg); },
+    /** the event page: its grid, the best stream's values, counters */
+    event: evp, route };
 
   renderFilters();
-  connect();
+  window.addEventListener("hashchange", onRoute);
+  if (parseRoute() !== null && evPage) onRoute();
+  else connect();
   pollSources();
   setInterval(pollSources, SOURCES_POLL_MS);
   setInterval(tick, 1000);

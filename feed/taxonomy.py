@@ -1,0 +1,439 @@
+"""One market taxonomy for every provider: canonical market types,
+specifiers and outcome keys (pure code, no I/O).
+
+Every normaliser maps its provider's market into a **canonical market
+type** (``MarketHeader.market_type``) with **canonical specifiers**
+(``MarketHeader.specifiers``) and each selection into a **canonical
+outcome** (``Selection.outcome``); the provider's own type stays in
+``market_type_raw``. Two books' markets are the same market of one event
+when their canonical market keys (:func:`market_key`) are equal; their
+selections are the same bet when their outcomes are equal. The full table
+per provider is in ``docs/taxonomy.md``.
+
+=================  =========================================  ===========================
+market_type        meaning                                    outcomes
+=================  =========================================  ===========================
+match_result       three-way result (1X2), draw a result      home, draw, away
+moneyline          two-way result, no draw (incl. overtime)   home, away
+total              total goals / points, ``line``             over, under
+handicap           Asian handicap / spread, ``line`` = the    home, away
+                   home side's handicap (quarter lines kept:
+                   ``-0.25``)
+handicap_3way      European handicap, ``line`` (home side)     home, draw, away
+btts               both teams to score                        yes, no
+double_chance      double chance                              home_draw, home_away, draw_away
+draw_no_bet        draw no bet                                home, away
+correct_score      correct score                              ``<home>-<away>`` (``2-1``), other
+team_total         one team's total, ``team``, ``line``       over, under
+win                outright / race winner                     the provider's runner id
+place              to be placed, ``places`` when known,       the provider's runner id
+                   each-way terms as ``ew_places`` /
+                   ``ew_fraction`` when given
+player_<stat>      player prop (``player_points`` …),         over, under (``<player>:over``
+                   ``line``                                   when one market lists players)
+raw:<provider>     a type not in this table: passed through,  the provider's selection id
+                   never dropped, counted per source
+=================  =========================================  ===========================
+
+Specifiers (canonical names; values are strings): ``line`` (``2.5``,
+``-0.25``), ``period`` (absent = full time incl. overtime where the
+sport's result includes it; ``1h``, ``2h``, ``q1``…``q4``, ``p1``…``p3``,
+``set1``…``set5``, ``f5`` = baseball's first five innings, ``p<n>`` for a
+provider period with no canonical name), ``team`` (``home``/``away``),
+``unit`` (``corners``, ``bookings``: the counted thing when it is not
+goals/points), ``places``, ``ew_places``, ``ew_fraction``. Providers'
+private specifiers (``sport_key``) may ride along; only
+:data:`KEY_SPECIFIERS` make a market key.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+
+__all__ = [
+    "KEY_SPECIFIERS", "LINE_TYPES", "MARKET_TYPES", "OUTCOMES", "betfair_market", "betfair_outcome",
+    "generic_market", "is_unmapped", "line_text", "market_key", "outcome_from_name", "parse_market_key",
+    "period_of", "raw_type", "uof_market", "uof_outcome",
+]
+
+#: canonical market types and their outcome keys (None: runner ids / free keys)
+MARKET_TYPES: dict[str, tuple[str, ...] | None] = {
+    "match_result": ("home", "draw", "away"),
+    "moneyline": ("home", "away"),
+    "total": ("over", "under"),
+    "handicap": ("home", "away"),
+    "handicap_3way": ("home", "draw", "away"),
+    "btts": ("yes", "no"),
+    "double_chance": ("home_draw", "home_away", "draw_away"),
+    "draw_no_bet": ("home", "away"),
+    "correct_score": None,
+    "team_total": ("over", "under"),
+    "win": None,
+    "place": None,
+}
+#: every canonical outcome key with a fixed meaning
+OUTCOMES: frozenset[str] = frozenset(o for v in MARKET_TYPES.values() if v for o in v)
+#: market types whose markets are per line (``line`` specifier)
+LINE_TYPES: frozenset[str] = frozenset({"total", "handicap", "handicap_3way", "team_total"})
+#: the specifiers that identify a market of an event across books
+KEY_SPECIFIERS: tuple[str, ...] = ("period", "unit", "team", "line", "places")
+
+_RAW = "raw:"
+
+
+def raw_type(provider_type: str | None) -> str:
+    """The pass-through key of a type the taxonomy does not know: ``raw:<type lower-cased>``."""
+    return _RAW + (provider_type or "unknown").strip().lower()
+
+
+def is_unmapped(market_type: str | None) -> bool:
+    """True for a ``raw:`` (pass-through) market type."""
+    return market_type is None or market_type.startswith(_RAW)
+
+
+def line_text(value: float) -> str:
+    """A line as text: ``2.5``, ``-0.25``, ``0`` (no trailing zeros, no ``-0``)."""
+    if value == 0:
+        return "0"
+    return f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def market_key(market_type: str | None, specifiers: Mapping[str, str] | None) -> str:
+    """The canonical market key of a market: its type plus its key
+    specifiers in a fixed order: ``match_result``, ``total:line=2.5``,
+    ``handicap:period=1h|line=-0.25``. Equal keys = the same market of an
+    event across books."""
+    t = market_type or "raw:unknown"
+    if not specifiers:
+        return t
+    parts = [f"{k}={specifiers[k]}" for k in KEY_SPECIFIERS if specifiers.get(k)]
+    return f"{t}:{'|'.join(parts)}" if parts else t
+
+
+def parse_market_key(key: str) -> tuple[str, dict[str, str]]:
+    """Inverse of :func:`market_key`: ``total:line=2.5`` → (``total``,
+    ``{"line": "2.5"}``). Raises ValueError for a malformed key (a
+    specifier without ``=``, or one not in :data:`KEY_SPECIFIERS`)."""
+    if key.startswith(_RAW):
+        return key, {}
+    t, _, rest = key.partition(":")
+    specs: dict[str, str] = {}
+    if rest:
+        for part in rest.split("|"):
+            k, eq, v = part.partition("=")
+            if not eq or k not in KEY_SPECIFIERS or not v:
+                raise ValueError(f"bad market key {key!r}: specifiers are {'|'.join(KEY_SPECIFIERS)} as name=value")
+            specs[k] = v
+    if not t:
+        raise ValueError(f"bad market key {key!r}: no market type")
+    return t, specs
+
+
+# -- periods ---------------------------------------------------------------------------------
+
+_PERIODS_BY_SPORT: dict[str, dict[int, str]] = {
+    "soccer": {1: "1h", 2: "2h"},
+    "basketball": {1: "1h", 2: "2h", 3: "q1", 4: "q2", 5: "q3", 6: "q4"},
+    "american_football": {1: "1h", 2: "2h", 3: "q1", 4: "q2", 5: "q3", 6: "q4"},
+    "ice_hockey": {1: "p1", 2: "p2", 3: "p3"},
+    "tennis": {1: "set1", 2: "set2", 3: "set3", 4: "set4", 5: "set5"},
+    "baseball": {1: "f5"},
+}
+
+
+def period_of(sport: str | None, number: int) -> str | None:
+    """A provider period number (Pinnacle's: 0 = the whole match) → the
+    canonical ``period`` specifier (None = full time)."""
+    if number == 0:
+        return None
+    return _PERIODS_BY_SPORT.get(sport or "", {}).get(number, f"p{number}")
+
+
+# -- names → outcomes ------------------------------------------------------------------------
+
+_SPACE = re.compile(r"[^a-z0-9]+")
+
+
+def _fold(text: str) -> str:
+    t = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return _SPACE.sub(" ", t).strip()
+
+
+_DRAW = {"draw", "the draw", "x", "tie"}
+_SCORE = re.compile(r"^\s*(\d{1,2})\s*[-:]\s*(\d{1,2})\s*$")
+
+
+def outcome_from_name(market_type: str | None, name: str | None, home: str | None = None,
+                      away: str | None = None) -> str | None:
+    """The canonical outcome of a selection known only by its name, given
+    the event's home and away names: ``"The Draw"`` → ``draw``, ``"Over
+    2.5 Goals"`` → ``over``, a name equal to the home team (case and
+    accents folded) → ``home``. None when the name says nothing."""
+    if not name:
+        return None
+    n = _fold(name)
+    if market_type == "correct_score":
+        m = _SCORE.match(name)
+        return f"{int(m.group(1))}-{int(m.group(2))}" if m else None
+    if market_type in ("total", "team_total") or (market_type or "").startswith("player_"):
+        if n.startswith("over"):
+            return "over"
+        if n.startswith("under"):
+            return "under"
+        return None
+    if market_type == "btts":
+        return n if n in ("yes", "no") else None
+    h = _fold(home) if home else None
+    a = _fold(away) if away else None
+    if market_type == "double_chance":
+        parts = re.split(r"\s+or\s+|\s*/\s*", n)
+        keys = set()
+        for p in parts:
+            if p in _DRAW:
+                keys.add("draw")
+            elif h and p == h or p in ("home", "1"):
+                keys.add("home")
+            elif a and p == a or p in ("away", "2"):
+                keys.add("away")
+        code = {"1x": {"home", "draw"}, "x2": {"draw", "away"}, "12": {"home", "away"}}.get(n.replace(" ", ""))
+        if code:
+            keys = code
+        if keys == {"home", "draw"}:
+            return "home_draw"
+        if keys == {"draw", "away"}:
+            return "draw_away"
+        if keys == {"home", "away"}:
+            return "home_away"
+        return None
+    if n in _DRAW:
+        return "draw"
+    if h and n == h or n in ("home", "1"):
+        return "home"
+    if a and n == a or n in ("away", "2"):
+        return "away"
+    # a name with a handicap appended ("Arsenal -0.5", "Arsenal +1")
+    stripped = re.sub(r"\s*[+-]?\d+(\.\d+)?\s*$", "", n)
+    if stripped != n:
+        return outcome_from_name(market_type, stripped, home, away)
+    return None
+
+
+# -- Betfair ---------------------------------------------------------------------------------
+
+#: Betfair ``marketType`` → (canonical type, extra specifiers); OVER_UNDER_nn and
+#: FIRST_HALF_GOALS_nn are parsed (see :func:`betfair_market`)
+_BETFAIR: dict[str, tuple[str, dict[str, str]]] = {
+    "MATCH_ODDS": ("match_result", {}),
+    "HALF_TIME": ("match_result", {"period": "1h"}),
+    "BOTH_TEAMS_TO_SCORE": ("btts", {}),
+    "DOUBLE_CHANCE": ("double_chance", {}),
+    "DRAW_NO_BET": ("draw_no_bet", {}),
+    "CORRECT_SCORE": ("correct_score", {}),
+    "HALF_TIME_SCORE": ("correct_score", {"period": "1h"}),
+    "ASIAN_HANDICAP": ("handicap", {}),
+    "WIN": ("win", {}),
+    "PLACE": ("place", {}),
+    "OTHER_PLACE": ("place", {}),
+    "EACH_WAY": ("place", {}),
+    "MONEY_LINE": ("moneyline", {}),
+    "MATCH_ODDS_INC_OT": ("moneyline", {}),
+    "TOTAL_POINTS": ("total", {}),
+    "SET_WINNER": ("moneyline", {"period": "set1"}),
+    "CORNER_MATCH_BET": ("match_result", {"unit": "corners"}),
+}
+_NO_DRAW_SPORTS = frozenset({"tennis", "basketball", "american_football", "baseball", "mma", "boxing",
+                             "darts", "snooker", "esports", "table_tennis", "volleyball", "badminton"})
+_RACING = frozenset({"horse_racing", "greyhound_racing"})
+
+
+def _tenths(digits: str) -> str:
+    return line_text(int(digits) / 10)
+
+
+def betfair_market(raw: str | None, sport: str | None = None, *, places: int | None = None
+                   ) -> tuple[str, dict[str, str] | None]:
+    """Betfair ``marketType`` → (canonical type, specifiers).
+
+    ``MATCH_ODDS`` → ``match_result`` (``moneyline`` in sports without a
+    draw: tennis, basketball …); ``OVER_UNDER_25`` → ``total`` with
+    ``line=2.5``; ``FIRST_HALF_GOALS_15`` → ``total`` ``period=1h``
+    ``line=1.5``; ``CORNER_ODDS`` style and other unknown types →
+    ``raw:<type>``. places: the market's ``numberOfWinners`` (kept as
+    ``places`` for PLACE markets)."""
+    if not raw:
+        return raw_type(None), None
+    for prefix, extra in (("OVER_UNDER_", {}), ("FIRST_HALF_GOALS_", {"period": "1h"}),
+                          ("TEAM_A_OVER_UNDER_", {"team": "home"}), ("TEAM_B_OVER_UNDER_", {"team": "away"})):
+        if raw.startswith(prefix) and raw[len(prefix):].isdigit():
+            kind = "team_total" if "team" in extra else "total"
+            return kind, {**extra, "line": _tenths(raw[len(prefix):])}
+    hit = _BETFAIR.get(raw)
+    if hit is None:
+        return raw_type(raw), None
+    kind, extra = hit
+    specs = dict(extra)
+    if kind == "match_result" and sport in _NO_DRAW_SPORTS:
+        kind = "moneyline"
+    if kind == "place" and places:
+        specs["places"] = str(places)
+    return kind, specs or None
+
+
+#: outcome by Betfair sortPriority where the runner order is fixed whatever the sport: a
+#: match result lists home, away, then The Draw; over/under lists Under first; BTTS Yes first.
+#: Nothing else is guessed from the order (US sports list the away side first; handicap and
+#: double chance orders vary): a wrong outcome would put one side's price under the other's.
+_BETFAIR_ORDER: dict[str, tuple[str, ...]] = {
+    "match_result": ("home", "away", "draw"),
+    "btts": ("yes", "no"),
+    "total": ("under", "over"),
+}
+
+
+def betfair_outcome(market_type: str, selection_id: str, name: str | None, sort_priority: int | None,
+                    event_name: str | None, handicap: float = 0.0) -> str | None:
+    """A Betfair runner → canonical outcome. Racing (``win`` / ``place``)
+    and unmapped types: the selection id. Otherwise the runner name against
+    the event name ("Home v Away"; US-style "Away @ Home") when names are
+    known (historic files, the catalogue of a live connection), else — only
+    for match result, over/under and BTTS, whose runner order Betfair fixes
+    — the runner's ``sortPriority``. None when neither tells: the runner
+    then takes no part in best or fair prices until its name arrives."""
+    if market_type in ("win", "place") or is_unmapped(market_type):
+        return selection_id
+    home = away = None
+    if event_name:
+        m = re.search(r"\s+(v|vs\.?|@)\s+", event_name)
+        if m is not None:
+            a, b = event_name[: m.start()], event_name[m.end():]
+            home, away = (b, a) if m.group(1) == "@" else (a, b)
+    by_name = outcome_from_name(market_type, name, home, away)
+    if by_name is not None:
+        return by_name
+    if name:  # a name that says nothing we know: never guess from the order
+        return None
+    order = _BETFAIR_ORDER.get(market_type)
+    if order is not None and sort_priority is not None and 1 <= sort_priority <= len(order):
+        return order[sort_priority - 1]
+    return None
+
+
+# -- names used by bookmakers and push providers ----------------------------------------------
+
+_GENERIC: dict[str, str] = {
+    "1x2": "match_result", "match_odds": "match_result", "match_result": "match_result", "h2h_3_way": "match_result",
+    "fulltime_result": "match_result", "three_way": "match_result", "result": "match_result",
+    "moneyline": "moneyline", "ml": "moneyline", "money_line": "moneyline", "h2h": "moneyline",
+    "match_winner": "moneyline", "winner_2way": "moneyline",
+    "total": "total", "totals": "total", "over_under": "total", "ou": "total", "alternate_totals": "total",
+    "total_goals": "total", "total_points": "total",
+    "handicap": "handicap", "spread": "handicap", "spreads": "handicap", "asian_handicap": "handicap",
+    "ah": "handicap", "alternate_spreads": "handicap", "point_spread": "handicap",
+    "european_handicap": "handicap_3way", "handicap_3way": "handicap_3way",
+    "btts": "btts", "both_teams_to_score": "btts", "gg_ng": "btts",
+    "double_chance": "double_chance", "dc": "double_chance",
+    "draw_no_bet": "draw_no_bet", "dnb": "draw_no_bet",
+    "correct_score": "correct_score", "team_totals": "team_total", "team_total": "team_total",
+    "win": "win", "winner": "win", "outright": "win", "outrights": "win", "place": "place",
+}
+
+
+def generic_market(raw: str | None, *, has_draw: bool | None = None, sport: str | None = None
+                   ) -> tuple[str, dict[str, str]]:
+    """A bookmaker's or push provider's market key (``1x2``, ``h2h``,
+    ``totals``, ``spreads``, ``over_under_25`` …) → (canonical type,
+    specifiers found in the key). A two-way name with a draw outcome
+    (``has_draw``) is ``match_result``; a three-way name in a sport without
+    draws stays ``match_result`` only when it really has a draw. Unknown
+    keys → ``raw:<key>``; ``player_*`` keys pass as they are (a player
+    prop)."""
+    if not raw:
+        return raw_type(None), {}
+    k = raw.strip().lower().replace(" ", "_").replace("-", "_")
+    specs: dict[str, str] = {}
+    for suffix, period in (("_h1", "1h"), ("_1st_half", "1h"), ("_h2", "2h"), ("_2nd_half", "2h"),
+                           ("_q1", "q1"), ("_q2", "q2"), ("_q3", "q3"), ("_q4", "q4"),
+                           ("_p1", "p1"), ("_p2", "p2"), ("_p3", "p3")):
+        if k.endswith(suffix) and k[: -len(suffix)] in _GENERIC:
+            k, specs["period"] = k[: -len(suffix)], period
+            break
+    for prefix in ("over_under_", "first_half_goals_"):
+        if k.startswith(prefix) and k[len(prefix):].isdigit():
+            if prefix == "first_half_goals_":
+                specs["period"] = "1h"
+            specs["line"] = _tenths(k[len(prefix):])
+            return "total", specs
+    if k.startswith("player_") and _SPACE.sub("", k) == k.replace("_", ""):
+        return k, specs
+    kind = _GENERIC.get(k)
+    if kind is None:
+        return raw_type(raw), {}
+    if kind in ("match_result", "moneyline") and has_draw is not None:
+        kind = "match_result" if has_draw else "moneyline"
+    elif kind == "match_result" and sport in _NO_DRAW_SPORTS and has_draw is None:
+        kind = "moneyline"
+    return kind, specs
+
+
+# -- Sportradar UOF ----------------------------------------------------------------------------
+
+#: UOF market id → (canonical type, {UOF outcome id: outcome}), from Sportradar's
+#: market descriptions (https://docs.sportradar.com/uof/ — "markets" endpoint)
+_UOF: dict[str, tuple[str, dict[str, str]]] = {
+    "1": ("match_result", {"1": "home", "2": "draw", "3": "away"}),
+    "10": ("double_chance", {"9": "home_draw", "10": "home_away", "11": "draw_away"}),
+    "11": ("draw_no_bet", {"4": "home", "5": "away"}),
+    "14": ("handicap_3way", {"1711": "home", "1712": "draw", "1713": "away"}),
+    "16": ("handicap", {"1714": "home", "1715": "away"}),
+    "18": ("total", {"12": "over", "13": "under"}),
+    "19": ("team_total", {"12": "over", "13": "under"}),
+    "20": ("team_total", {"12": "over", "13": "under"}),
+    "29": ("btts", {"74": "yes", "76": "no"}),
+    "60": ("match_result", {"1": "home", "2": "draw", "3": "away"}),
+    "66": ("handicap", {"1714": "home", "1715": "away"}),
+    "68": ("total", {"12": "over", "13": "under"}),
+    "186": ("moneyline", {"4": "home", "5": "away"}),
+    "219": ("moneyline", {"4": "home", "5": "away"}),
+    "223": ("handicap", {"1714": "home", "1715": "away"}),
+    "225": ("total", {"12": "over", "13": "under"}),
+    "251": ("moneyline", {"4": "home", "5": "away"}),
+    "340": ("moneyline", {"4": "home", "5": "away"}),
+    "406": ("moneyline", {"4": "home", "5": "away"}),
+}
+_UOF_PERIOD = {"60": "1h", "66": "1h", "68": "1h"}
+_UOF_TEAM = {"19": "home", "20": "away"}
+
+
+def uof_market(market_id: str, specifiers: Mapping[str, str] | None) -> tuple[str, dict[str, str] | None]:
+    """A UOF market (id + specifiers such as ``total=2.5``, ``hcp=-1``) →
+    (canonical type, canonical specifiers); unknown ids → ``raw:uof_<id>``."""
+    hit = _UOF.get(market_id)
+    if hit is None:
+        return raw_type(f"uof_{market_id}"), dict(specifiers) if specifiers else None
+    kind = hit[0]
+    specs: dict[str, str] = {}
+    if market_id in _UOF_PERIOD:
+        specs["period"] = _UOF_PERIOD[market_id]
+    if market_id in _UOF_TEAM:
+        specs["team"] = _UOF_TEAM[market_id]
+    if specifiers:
+        for k in ("total", "hcp"):
+            v = specifiers.get(k)
+            if v is not None:
+                try:
+                    if ":" in v:  # European handicap "0:1": the home side's goals minus the away side's
+                        a, b = v.split(":", 1)
+                        specs["line"] = line_text(float(a) - float(b))
+                    else:
+                        specs["line"] = line_text(float(v))
+                except ValueError:
+                    return raw_type(f"uof_{market_id}"), dict(specifiers)
+    return kind, specs or None
+
+
+def uof_outcome(market_id: str, outcome_id: str) -> str | None:
+    """A UOF outcome id of a mapped market → canonical outcome (None: unknown)."""
+    hit = _UOF.get(market_id)
+    return hit[1].get(outcome_id) if hit is not None else None

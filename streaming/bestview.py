@@ -1,0 +1,215 @@
+"""``view=best`` subscriptions: only changes of the best and fair price.
+
+A subscriber (SSE ``GET /v1/stream?view=best&event=ev:…``, WebSocket
+``{"op":"subscribe","view":"best",…}``) receives, per canonical event
+matching its filter, the aggregated markets of :mod:`streaming.aggregate`
+— but only what a betting frontend's "best odds" column needs::
+
+    {"type":"best","snapshot":true,"events":[{"event_id":"ev:…","event_name",…,
+      "markets":[{"market":"total:line=2.5","market_type","specifiers",
+                  "outcomes":[{"outcome":"over","best":{price,bookmaker,market_id,selection_id,age_ms,size},
+                               "best_lay":{…}|null,"fair":2.04|null,"books":n,"excluded":{"book_b":"stale"}}],
+                  "fair_method":"multiplicative"}]}],"as_of":ms}
+    {"type":"best","event_id":"ev:…","markets":[<only the markets whose best / fair changed>],"as_of":ms}
+
+First a snapshot of every matching event, then a ``best`` message per
+event whenever a change of any book moves a best price, its book, a best
+lay or a fair price — or a book turns stale or suspended (it leaves the
+best price; the ``status`` machinery notices staleness without a delta and
+calls :meth:`BestView.refresh`). Price moves that leave best and fair as
+they were send nothing. ``event`` filters take canonical ids; ``sport``,
+``competition``, ``in_play`` and ``market_type`` apply as on the delta
+stream. No resume token: a reconnecting subscriber gets a new snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from streaming.aggregate import MarketView, market_views
+from streaming.encoding import Message
+from streaming.state import Filter, NodeState, PreparedEntry, now_ms
+
+if TYPE_CHECKING:
+    from streaming.hub import Subscription
+
+__all__ = ["BestView", "VIEWS"]
+
+#: values of the ``view`` subscription parameter (None: the delta stream)
+VIEWS = ("best",)
+
+_ENCODER = msgspec.json.Encoder()
+
+Signature = tuple[tuple[str, float | None, str | None, float | None, float | None, tuple[tuple[str, str], ...]], ...]
+
+
+class _BestOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    outcome: str
+    name: str | None = None
+    best: object = None
+    best_lay: object = None
+    fair: float | None = None
+    books: int = 0
+    excluded: dict[str, str] = {}
+
+
+class _BestMarket(msgspec.Struct, kw_only=True, omit_defaults=True):
+    market: str
+    market_type: str
+    specifiers: dict[str, str] = {}
+    name: str | None = None
+    outcomes: list[_BestOutcome] = []
+    fair_method: str | None = None
+
+
+def _slim(v: MarketView) -> _BestMarket:
+    outs = []
+    for o in v.outcomes:
+        excluded = {b.bookmaker: b.excluded for b in o.books if b.excluded is not None}
+        outs.append(_BestOutcome(outcome=o.outcome, name=o.name, best=o.best, best_lay=o.best_lay, fair=o.fair,
+                                 books=len(o.books), excluded=excluded))
+    return _BestMarket(market=v.market, market_type=v.market_type, specifiers=v.specifiers, name=v.name,
+                       outcomes=outs, fair_method=v.fair_method)
+
+
+def _signature(m: _BestMarket) -> Signature:
+    out = []
+    for o in m.outcomes:
+        b = o.best
+        bl = o.best_lay
+        out.append((o.outcome, getattr(b, "price", None), getattr(b, "bookmaker", None),
+                    getattr(bl, "price", None), o.fair, tuple(sorted(o.excluded.items()))))
+    return tuple(out)
+
+
+class BestView:
+    """The ``view=best`` subscriptions of one hub (see the module docstring).
+
+    state: the node state; fair_method: the de-vig method of the fair price.
+    """
+
+    def __init__(self, state: NodeState, fair_method: str = "multiplicative") -> None:
+        self.state = state
+        self.fair_method = fair_method
+        self.subs: set["Subscription"] = set()
+        #: per subscription: (canonical id, market key) -> signature last sent
+        self._sent: dict["Subscription", dict[tuple[str, str], Signature]] = {}
+        self.messages = 0
+
+    # -- subscriptions ---------------------------------------------------------------------------
+
+    def add(self, sub: "Subscription") -> None:
+        """Register ``sub`` and queue its snapshot."""
+        self.subs.add(sub)
+        sub.conn.send(self.snapshot_message(sub), sub)
+
+    def snapshot_message(self, sub: "Subscription") -> Message:
+        """A ``best`` snapshot of every event matching ``sub`` (what it has
+        been sent starts again from here)."""
+        self._sent[sub] = {}
+        now = now_ms()
+        events = []
+        for cid in sorted(self._events_of(sub.filter)):
+            body = self._event_body(sub, cid, now, only_changed=False)
+            if body is not None:
+                events.append(body)
+        self.messages += 1
+        return Message(b"best", _ENCODER.encode({"type": "best", "snapshot": True, "events": events, "as_of": now}))
+
+    def discard(self, sub: "Subscription") -> None:
+        self.subs.discard(sub)
+        self._sent.pop(sub, None)
+
+    # -- changes ---------------------------------------------------------------------------------
+
+    def on_entry(self, entry: PreparedEntry) -> None:
+        """A log entry was applied: send the best changes it made."""
+        touched = {pd.keys[4] for pd in entry.deltas if pd.keys[4] is not None}
+        touched |= {pd.prev[4] for pd in entry.deltas if pd.prev is not None and pd.prev[4] is not None}
+        if touched:
+            self._send({c for c in touched if c is not None})
+
+    def refresh(self) -> None:
+        """Source health or staleness changed: look at every subscribed event again."""
+        events: set[str] = set()
+        for sub in self.subs:
+            events |= self._events_of(sub.filter)
+        if events:
+            self._send(events)
+
+    def _send(self, events: Iterable[str]) -> None:
+        now = now_ms()
+        views: dict[str, list[_BestMarket]] = {}
+        for sub in list(self.subs):
+            if sub.conn.closed:
+                continue
+            for cid in sorted(events):
+                if not self._wants(sub.filter, cid):
+                    continue
+                if cid not in views:
+                    views[cid] = self._views(cid, now)
+                body = self._event_body(sub, cid, now, only_changed=True, views=views[cid])
+                if body is not None:
+                    sub.conn.send(Message(b"best", _ENCODER.encode({"type": "best", **body, "as_of": now})), sub)
+                    self.messages += 1
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _views(self, cid: str, now: int) -> list[_BestMarket]:
+        st = self.state
+        markets = [m for mid in sorted(st.by_canonical.get(cid, ())) if (m := st.markets.get(mid)) is not None]
+        return [_slim(v) for v in market_views(st, markets, now, method=self.fair_method)]
+
+    def _events_of(self, f: Filter) -> set[str]:
+        st = self.state
+        if f.event is not None:
+            out = {e for e in f.event if e in st.by_canonical}
+            for e in f.event:  # a provider event id: its canonical event
+                for mid in st.by_event.get(e, ()):
+                    m = st.markets.get(mid)
+                    if m is not None and (c := st.canonical_of(m)) is not None:
+                        out.add(c)
+            return {c for c in out if self._wants(f, c)}
+        return {c for c in st.by_canonical if self._wants(f, c)}
+
+    def _wants(self, f: Filter, cid: str) -> bool:
+        """Whether an event passes a filter: one of its markets does (the
+        market_type condition is applied per market in :meth:`_event_body`)."""
+        st = self.state
+        g = msgspec.structs.replace(f, market_type=None, market=None)
+        for mid in st.by_canonical.get(cid, ()):
+            m = st.markets.get(mid)
+            if m is not None and g.match(mid, st.keys_of(m)):
+                return True
+        return False
+
+    def _event_body(self, sub: "Subscription", cid: str, now: int, *, only_changed: bool,
+                    views: list[_BestMarket] | None = None) -> dict[str, object] | None:
+        st = self.state
+        if views is None:
+            views = self._views(cid, now)
+        types = sub.filter.market_type
+        sent = self._sent.setdefault(sub, {})
+        out = []
+        for v in views:
+            if types is not None and v.market not in types and v.market_type not in types:
+                continue
+            sig = _signature(v)
+            key = (cid, v.market)
+            if only_changed and sent.get(key) == sig:
+                continue
+            sent[key] = sig
+            out.append(v)
+        if only_changed and not out:
+            return None
+        summary = st.canon.get(cid)
+        ms = [m for mid in st.by_canonical.get(cid, ()) if (m := st.markets.get(mid)) is not None]
+        first = min(ms, key=lambda m: m.market_id) if ms else None
+        name = summary.name if summary is not None and summary.name else (first.event_name if first else None)
+        start = summary.start_time if summary is not None and summary.start_time is not None else min(
+            (m.start_time for m in ms if m.start_time is not None), default=None)
+        return {"event_id": cid, "event_name": name, "start_time": start, "in_play": any(m.in_play for m in ms),
+                "markets": out}

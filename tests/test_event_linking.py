@@ -1,0 +1,223 @@
+"""Cross-provider event linking end to end: one synthetic model served by
+every simulator (ESA + Betfair catalogue, Pinnacle, The Odds API, push over
+WebSocket and SSE), each provider with its own spelling of the teams
+(:mod:`feed.simulator.names`), five real sources into one real Redis, the
+real linker — every model event must become one canonical event holding
+each provider's record (100 % of the simulators' true links, 0 false
+links), and the API must serve it with every provider's books."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from feed.linker import Linker
+from feed.pipeline import run_spec
+from feed.settings import Settings
+from feed.simulator import Simulator, SimulatorConfig
+from feed.simulator.http_providers import PINNACLE, TOA, HttpProviders, ProvidersConfig
+from feed.simulator.links import betfair_event_id, true_records
+from feed.simulator.market_model import MarketModel
+from feed.simulator.push_providers import PushSimConfig, PushSimulator
+from feed.sources.spec import parse_source_spec
+from feed.store import Store
+from tests.poller_helpers import FAST
+from tests.streaming_helpers import eventually, make_app, serve
+
+pytestmark = pytest.mark.timeout(90)
+
+SEED = 7
+#: racing is offered by Betfair and the push provider only
+RACING = {"horse_racing", "greyhound_racing"}
+
+
+@dataclass
+class Upstreams:
+    esa: Simulator
+    http: HttpProviders
+    push: PushSimulator
+    model: MarketModel
+    specs: list[str] = field(default_factory=list)
+
+    def truth(self) -> dict[str, dict[str, str]]:
+        """{model record: {source: record id}} for the model's events now."""
+        return true_records(self.model, {
+            "betfair": betfair_event_id,
+            "pinnacle": lambda e, s: self.http.provider_event_id(PINNACLE, e, s),
+            "theoddsapi": lambda e, s: self.http.provider_event_id(TOA, e, s),
+            "push-ws": lambda e, s: self.push.provider_event_id(e, "pxw"),
+            "push-sse": lambda e, s: self.push.provider_event_id(e, "pxs"),
+        })
+
+
+@asynccontextmanager
+async def upstreams() -> AsyncIterator[Upstreams]:
+    """The ESA simulator owns (and steps) the model; the HTTP and push
+    simulators serve the same one. time_scale 2: nothing that is on at the
+    start ends within the test, except a race or two."""
+    esa = Simulator(SimulatorConfig(seed=SEED, events=12, rate_per_s=100.0, time_scale=2.0, api_port=0))
+    await esa.start()
+    assert esa.model is not None and esa.api is not None
+    model = esa.model
+    http = HttpProviders(ProvidersConfig(tick_ms=20), model=model)
+    push = PushSimulator(PushSimConfig(tick_ms=20, ping_interval_ms=400), model=model)
+    await http.start()
+    await push.start()
+    cfg = esa.config
+    key = push.config.api_key
+    specs = [
+        f"esa=127.0.0.1:{esa.port},app_key={cfg.app_key},username={cfg.username},password={cfg.password},"
+        f"sso_url={esa.api.url},betting_url={esa.api.betting_url},name=betfair",
+        f"pinnacle={http.url},user=demo,password=demo,sports=29+33+4,fixtures_interval_s=0.3,{FAST},name=pinnacle",
+        f"theoddsapi={http.url}/v4,api_key=demo,sport=upcoming,markets=h2h+totals,{FAST},name=theoddsapi",
+        f"push-ws={push.url('ws')},api_key={key},ping_interval_ms=400,prefix=pxw,name=push-ws",
+        f"push-sse={push.url('sse')},api_key={key},ping_interval_ms=400,prefix=pxs,name=push-sse",
+    ]
+    try:
+        yield Upstreams(esa, http, push, model, specs)
+    finally:
+        await push.stop()
+        await http.stop()
+        await esa.stop()
+
+
+@dataclass
+class Score:
+    """Pairwise link quality: a true pair = two registered records of one
+    model event; a predicted pair = two records in one canonical event."""
+
+    true_pairs: set[frozenset[str]]
+    predicted: set[frozenset[str]]
+    split: list[str]  # model events whose records are in more than one canonical event
+    merged: list[str]  # canonical events holding records of two model events
+    missing: list[str]  # current model events some provider has not registered yet
+    unknown: list[str]  # registered records no simulator served
+
+    @property
+    def precision(self) -> float:
+        return len(self.true_pairs & self.predicted) / len(self.predicted) if self.predicted else 1.0
+
+    @property
+    def recall(self) -> float:
+        return len(self.true_pairs & self.predicted) / len(self.true_pairs) if self.true_pairs else 1.0
+
+    def perfect(self) -> bool:
+        return not (self.split or self.merged or self.missing or self.unknown) and bool(self.true_pairs)
+
+    def report(self) -> str:
+        return (f"precision={self.precision:.3f} recall={self.recall:.3f} "
+                f"({len(self.true_pairs)} true pairs, {len(self.predicted)} linked pairs)\n"
+                f"split: {self.split}\nmerged: {self.merged}\nmissing: {self.missing}\nunknown: {self.unknown}")
+
+
+def score(owner: dict[str, str], current: dict[str, dict[str, str]], links: dict[str, str],
+          names: dict[str, str]) -> Score:
+    """``owner``: record id → model record (every record any simulator has
+    served so far); ``current``: the model's events now; ``links``: record
+    id → canonical id as stored; ``names``: record id → event name (for the
+    report)."""
+    by_model: dict[str, set[str]] = defaultdict(set)
+    by_canon: dict[str, set[str]] = defaultdict(set)
+    unknown = []
+    for rid, cid in links.items():
+        by_canon[cid].add(rid)
+        if rid in owner:
+            by_model[owner[rid]].add(rid)
+        else:
+            unknown.append(rid)
+    true_pairs = {frozenset(p) for recs in by_model.values() for p in itertools.combinations(sorted(recs), 2)}
+    predicted = {frozenset(p) for recs in by_canon.values() for p in itertools.combinations(sorted(recs), 2)}
+    split = [f"{mk}: " + ", ".join(f"{r} ({names.get(r)}) → {links[r]}" for r in sorted(recs))
+             for mk, recs in sorted(by_model.items()) if len({links[r] for r in recs}) > 1]
+    merged = [f"{cid}: " + ", ".join(f"{r} ({names.get(r)}) of {owner.get(r)}" for r in sorted(recs))
+              for cid, recs in sorted(by_canon.items()) if len({owner.get(r) for r in recs}) > 1]
+    missing = [f"{mk}: no {sorted(set(srcs) - {s for s, r in srcs.items() if r in links})}"
+               for mk, srcs in sorted(current.items()) if any(r not in links for r in srcs.values())]
+    return Score(true_pairs, predicted, split, merged, missing, unknown)
+
+
+async def test_every_simulated_event_is_one_canonical_event_with_every_providers_books(
+        store: Store, redis_url: str) -> None:
+    async with upstreams() as up:
+        owner: dict[str, str] = {}
+
+        def note_truth() -> dict[str, dict[str, str]]:
+            now = up.truth()
+            for mk, srcs in now.items():
+                for rid in srcs.values():
+                    owner[rid] = mk
+            return now
+
+        note_truth()
+        sources = [asyncio.create_task(run_spec(store, Settings(), parse_source_spec(text)), name=text.split("=")[0])
+                   for text in up.specs]
+        linker = Linker(store, interval_s=0.1)
+        last: dict[str, Score] = {}
+
+        async def linked() -> bool:
+            for t in sources:
+                if t.done():  # a source that stopped: fail now with its error
+                    raise AssertionError(f"source {t.get_name()} stopped: {t.exception()!r}")
+            current = note_truth()
+            await linker.step()
+            _, stored, _ = await store.load_links()
+            names = {rid: r.name for rid, r in linker.matcher.records.items() if r.name}
+            last["score"] = s = score(owner, current, {rid: link.c for rid, link in stored.items()}, names)
+            return s.perfect()
+
+        try:
+            try:
+                await eventually(linked, 45, "every model event linked across the five sources", interval_s=0.2)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{last['score'].report()}") from None
+            s = last["score"]
+            assert s.precision == 1.0 and s.recall == 1.0, s.report()
+            # at least the sports every provider offers, and every source in one canonical event
+            current = up.truth()
+            full = [mk for mk, srcs in current.items() if len(srcs) == 5]
+            assert full, f"no model event every provider offers: {current}"
+
+            # the API node: one soccer match with every provider's books
+            _, stored, canon = await store.load_links()
+            soccer = next(stored[srcs["betfair"]].c for mk, srcs in sorted(current.items())
+                          if len(srcs) == 5 and _sport(canon, stored[srcs["betfair"]].c) == "soccer")
+            async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, trust_env=False) as client:
+                view = await eventually(lambda: _match_result(client, soccer), 20,
+                                        f"GET /v1/events/{soccer} with >= 4 books in match_result")
+            books = {b["bookmaker"] for o in view["outcomes"] for b in o["books"]}
+            assert len(books) >= 4, books
+            for o in view["outcomes"]:
+                assert o.get("best") and o["best"]["price"] > 1, o
+                assert o.get("fair") and o["fair"] > 1, o
+            print(f"\nevent linking: {s.report()}\n{soccer}: books {sorted(books)}")
+        finally:
+            for t in sources:
+                t.cancel()
+            await asyncio.gather(*sources, return_exceptions=True)
+
+
+def _sport(canon: dict[str, bytes], cid: str) -> str | None:
+    import msgspec
+
+    raw = canon.get(cid)
+    return msgspec.json.decode(raw).get("sport") if raw is not None else None
+
+
+async def _match_result(client: httpx.AsyncClient, cid: str) -> dict[str, Any] | None:
+    r = await client.get(f"/v1/events/{cid}")
+    if r.status_code != 200:
+        return None
+    for v in r.json()["view"]:
+        if v["market_type"] == "match_result":
+            books = {b["bookmaker"] for o in v["outcomes"] for b in o["books"] if b.get("excluded") is None}
+            if len(books) >= 4 and all(o.get("best") and o.get("fair") for o in v["outcomes"]):
+                return dict(v)
+    return None

@@ -1,0 +1,155 @@
+"""Event linking on real Redis: the linker links registered event records,
+stores the links for every node, honours mappings.yaml (pin / forbid /
+aliases) and reloads it without a restart; a second linker waits for the
+lease and takes over with the same canonical ids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from feed.errors import ConfigError
+from feed.linker import EventRegistrar, Linker, load_overrides
+from feed.matching import EventRecord, Link, Matcher, Overrides, match_score
+from feed.models import Delta, Market
+from feed.store import Store
+
+T = 1_700_000_000_000
+ENC = msgspec.json.Encoder()
+
+
+def rec(eid: str, source: str, name: str, t: int = T, sport: str = "soccer") -> EventRecord:
+    return EventRecord(event_id=eid, source=source, sport=sport, start_time=t, name=name)
+
+
+async def register(store: Store, *records: EventRecord) -> None:
+    await store.register_events({r.event_id: ENC.encode(r) for r in records}, T)
+
+
+async def links(store: Store) -> dict[str, str]:
+    _, stored, _ = await store.load_links()
+    return {k: v.c for k, v in stored.items()}
+
+
+def test_matcher_links_first_seen_first_and_one_record_per_source() -> None:
+    m = Matcher()
+    m.link_all([rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("bf:2", "betfair", "Arsenal v Chelsea", T + 600_000),
+                rec("pn:9", "pinnacle", "Arsenal FC v Chelsea FC", T + 60_000),
+                rec("toa:x", "theoddsapi", "Arsenal v Chelsea", T + 30 * 86_400_000)])
+    assert m.event_of("pn:9") == "ev:bf:1"  # the closer start time wins
+    assert m.event_of("bf:2") == "ev:bf:2"  # a source never lists one event twice
+    assert m.event_of("toa:x") == "ev:toa:x"  # the reverse fixture a month later is another event
+    assert m.links["pn:9"].method == "fuzzy" and 0.8 <= m.links["pn:9"].confidence <= 1.0
+
+
+def test_overrides_pin_forbid_and_aliases() -> None:
+    o = Overrides.from_data({"pin": [{"id": "ev:derby", "events": ["bf:1", "px:7"]}], "forbid": [["bf:1", "pn:9"]],
+                             "aliases": {"The Gunners": "Arsenal"}})
+    m = Matcher(o)
+    m.link_all([rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("px:7", "push", "Totally different v Names"),
+                rec("toa:1", "theoddsapi", "The Gunners v Chelsea"), rec("pn:9", "pinnacle", "Arsenal v Chelsea")])
+    assert m.event_of("bf:1") == "ev:derby" and m.event_of("px:7") == "ev:derby"
+    assert m.links["px:7"].method == "pinned"
+    assert m.event_of("pn:9") == "ev:pn:9"  # forbidden with bf:1: not in its event
+    assert m.event_of("toa:1") == "ev:derby"  # the alias makes the names equal
+    assert match_score(rec("a", "a", "The Gunners v Chelsea"), rec("b", "b", "Arsenal v Chelsea")) is not None
+    for bad, fix in [({"pin": [["bf:1"]]}, "two or more"), ({"forbid": [["a", "b", "c"]]}, "pair"),
+                     ({"pins": []}, "unknown keys"), ({"pin": [{"id": "x", "events": ["a", "b"]}]}, "ev:"), ([], "mapping")]:
+        with pytest.raises(ConfigError, match=fix):
+            Overrides.from_data(bad)
+
+
+def test_a_record_alone_is_linked_again_when_its_names_arrive() -> None:
+    m = Matcher()
+    m.link(rec("pn:9", "pinnacle", "Arsenal v Chelsea"))
+    assert m.link(rec("bf:1", "betfair", None)).canonical_id == "ev:bf:1"  # type: ignore[arg-type]
+    # the catalogue names the Betfair event: it joins the Pinnacle one
+    assert m.link(rec("bf:1", "betfair", "Arsenal v Chelsea")).canonical_id == "ev:pn:9"
+    assert "ev:bf:1" not in m.events and m.events["ev:pn:9"].members == ["pn:9", "bf:1"]
+
+
+async def test_linker_stores_links_reloads_mappings_and_hands_over(redis_url: str, tmp_path: Path) -> None:
+    store = await Store.open(redis_url)
+    try:
+        mappings = tmp_path / "mappings.yaml"
+        mappings.write_text("forbid:\n  - [bf:1, pn:9]\n")
+        a = Linker(store, mappings=mappings, lease_ms=60_000)
+        a.start()
+        await register(store, rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("pn:9", "pinnacle", "Arsenal v Chelsea"),
+                       rec("toa:3", "theoddsapi", "Man Utd v Spurs"), rec("bf:4", "betfair", "Manchester United v Tottenham Hotspur"))
+        assert await a.step() and a.leader
+        # first seen first (ties: by id)
+        assert await links(store) == {"bf:1": "ev:bf:1", "pn:9": "ev:pn:9", "toa:3": "ev:bf:4", "bf:4": "ev:bf:4"}
+        assert not await a.step()  # nothing new: nothing written
+        # the file changes: the forbid is lifted and the links are rebuilt, without a restart
+        mappings.write_text("pin: []\n")
+        os.utime(mappings, (T / 1000 + 10, T / 1000 + 10))
+        assert await a.step() and a.reloads == 1
+        assert (await links(store))["pn:9"] == "ev:bf:1"
+        # a broken file keeps the previous overrides
+        mappings.write_text("pin: [[only-one]]\n")
+        os.utime(mappings, (T / 1000 + 20, T / 1000 + 20))
+        assert not await a.step() and (await links(store))["pn:9"] == "ev:bf:1"
+        # a second linker waits for the lease …
+        b = Linker(store, lease_ms=60_000)
+        assert not await b.step() and not b.leader
+        # … and takes over once it is free, keeping the canonical ids, linking what is new
+        await store.redis.delete("of:{links}:lease")
+        await register(store, rec("px:5", "push", "Arsenal - Chelsea", T + 120_000))
+        assert await b.step() and b.leader
+        got = await links(store)
+        assert got["px:5"] == "ev:bf:1" and got["toa:3"] == "ev:bf:4"
+        version, _, canon = await store.load_links()
+        summary = msgspec.json.decode(canon["ev:bf:1"])
+        assert version >= 3 and summary["members"] == ["bf:1", "pn:9", "px:5"] and summary["sport"] == "soccer"
+    finally:
+        await store.close()
+
+
+def test_mappings_file_errors_say_what_to_fix(tmp_path: Path) -> None:
+    p = tmp_path / "m.yaml"
+    p.write_text("pin: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_overrides(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_overrides(tmp_path / "missing.yaml")
+
+
+def test_registrar_registers_each_event_once_per_change() -> None:
+    r = EventRegistrar("betfair")
+    m = Market(market_id="bf:1.1", source="betfair", event_id="bf:7", sport="soccer", event_name="A v B", start_time=T)
+    image = Delta(market_id="bf:1.1", seq=1, kind="image", source="betfair", source_ts=T, received_at=T, market=m)
+    r.note([image], {"bf:1.1": m})
+    assert list(r.pending) == ["bf:7"]
+    r.pending.clear()
+    r.note([image], {"bf:1.1": m})
+    assert not r.pending  # unchanged: nothing to register
+    race = msgspec.structs.replace(m, sport="horse_racing", event_name="Ascot 4th Dec")
+    r.note([image], {"bf:1.1": race})
+    assert list(r.pending) == [f"bf:7/{T}"]  # racing: one record per race
+
+
+def test_a_record_naming_the_sides_the_other_way_round_is_linked_reversed() -> None:
+    m = Matcher()
+    m.link_all([rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("pn:9", "pinnacle", "Chelsea v Arsenal"),
+                rec("toa:3", "theoddsapi", "Chelsea @ Arsenal"),   # US style: Arsenal at home, as bf:1
+                rec("px:4", "push", "Arsenal @ Chelsea")])         # Chelsea at home: reversed
+    assert m.event_of("pn:9") == m.event_of("toa:3") == m.event_of("px:4") == "ev:bf:1"
+    assert [m.links[e].reversed for e in ("bf:1", "pn:9", "toa:3", "px:4")] == [False, True, False, True]
+
+
+def test_lone_records_are_looked_at_again() -> None:
+    """bf:1 arrived before the competition/name that makes it match was
+    known to its neighbours: a later pass links it, into the earlier id."""
+    m = Matcher()
+    m.link(rec("bf:1", "betfair", "Atalanta v Inter"))
+    m.link(rec("toa:2", "theoddsapi", "Atalanta BC v Inter Milan"))
+    assert m.event_of("toa:2") == "ev:bf:1"
+    lone = Matcher()
+    lone.restore([rec("bf:1", "betfair", "Atalanta v Inter"), rec("toa:2", "theoddsapi", "Atalanta BC v Inter Milan")],
+                 {"bf:1": Link("ev:bf:1", 1.0, "self"), "toa:2": Link("ev:toa:2", 1.0, "self")})
+    assert lone.relink_alone() == 1
+    assert lone.event_of("toa:2") == "ev:bf:1" and "ev:toa:2" not in lone.events
