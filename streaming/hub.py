@@ -67,7 +67,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -77,16 +77,16 @@ from feed.store import Store, log_key
 from streaming.bestview import BestView
 from streaming.encoding import (
     Message, ResumeToken, StreamId, ack_message, decode_token, delta_message, encode_token, error_message,
-    heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message, ws_frame,
+    heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message,
 )
 from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms
+from streaming.transport import FRAMINGS, WS_FRAMES, Framing, framing_of
 
 __all__ = ["ADMIT_PER_TURN", "Admission", "Connection", "Hub", "ReplayBlock", "SharedReplay", "Subscription",
            "SLOW_CONSUMER_CODE"]
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["sse", "ws"]
 
 #: Most live entries buffered for one subscription while it replays from Redis.
 PENDING_MAX = 50_000
@@ -266,8 +266,9 @@ class SharedReplay:
 class Connection:
     """One client connection: its subscriptions and its outbox of encoded frames.
 
-    kind: "sse" (frames are SSE events) or "ws" (frames are complete
-    WebSocket text frames when ``ws_raw``, else UTF-8 JSON payloads).
+    framing: how its messages become bytes (:mod:`streaming.transport`:
+    SSE events, complete WebSocket frames, or WebSocket payloads); the hub
+    asks it and never looks at the transport's name.
 
     ``outbox`` holds frames in order and ``meta`` says what each is: None
     for a control message (snapshot, ack, pong, error, resumed, status),
@@ -277,15 +278,15 @@ class Connection:
     docstring for what happens over budget.
     """
 
-    __slots__ = ("hub", "kind", "label", "ip", "heartbeat_ms", "max_bytes", "subs", "outbox", "meta",
+    __slots__ = ("hub", "framing", "label", "ip", "heartbeat_ms", "max_bytes", "subs", "outbox", "meta",
                  "outbox_bytes", "control_bytes", "wakeup", "drained", "closed", "close_code", "close_reason",
-                 "_next_sub", "sent_frames", "sent_bytes", "resync_pending", "snapshot_in_flight", "ws_raw",
+                 "_next_sub", "sent_frames", "sent_bytes", "resync_pending", "snapshot_in_flight",
                  "queued_at", "writer", "in_send", "interrupted", "send_started", "deadline_missed", "__weakref__")
 
-    def __init__(self, hub: "Hub", kind: Kind, *, heartbeat_ms: int, max_bytes: int, label: str = "",
-                 ws_raw: bool = False, ip: str | None = None) -> None:
+    def __init__(self, hub: "Hub", framing: Framing, *, heartbeat_ms: int, max_bytes: int, label: str = "",
+                 ip: str | None = None) -> None:
         self.hub = hub
-        self.kind = kind
+        self.framing = framing
         self.label = label
         self.ip = ip
         self.heartbeat_ms = heartbeat_ms
@@ -307,7 +308,6 @@ class Connection:
         self.resync_pending = False
         #: take() handed out such snapshots and the writer has not come back for more yet
         self.snapshot_in_flight = False
-        self.ws_raw = ws_raw
         #: loop time when the outbox last went from empty to non-empty (for the send-delay histogram)
         self.queued_at = 0.0
         #: the writer task, set by the transport; in_send: it is inside a write (which may block on a
@@ -321,21 +321,23 @@ class Connection:
 
     # -- framing --------------------------------------------------------------
 
+    @property
+    def kind(self) -> str:
+        """The transport's name (logs, metrics)."""
+        return self.framing.name
+
+    @property
+    def ws_raw(self) -> bool:
+        """Frames are complete WebSocket frames (our own server), not payloads."""
+        return self.framing is WS_FRAMES
+
     def frame(self, msg: Message, sub: Subscription | None, with_token: bool = False) -> bytes:
-        """The bytes of ``msg`` for this transport (SSE event, WS frame or WS JSON with ``sub``)."""
-        if self.kind == "sse":
-            return msg.sse(with_token)
-        sid = sub.id if sub is not None else None
-        if self.ws_raw:
-            return msg.ws_frame(sid, with_token)
-        return msg.ws(sid, with_token)
+        """The bytes of ``msg`` on this connection's transport (with ``sub``'s id where it travels)."""
+        return self.framing.frame(msg, sub.id if sub is not None else None, with_token)
 
     def frame_with(self, msg: Message, sub: Subscription | None, token: bytes | None) -> bytes:
         """Like :meth:`frame` with an explicit token (not cached: conflated/collapsed messages)."""
-        if self.kind == "sse":
-            return msg.sse_with(token)
-        payload = msg.ws_with(sub.id if sub is not None else None, token)
-        return ws_frame(payload) if self.ws_raw else payload
+        return self.framing.frame_with(msg, sub.id if sub is not None else None, token)
 
     def send(self, msg: Message, sub: Subscription | None = None, with_token: bool = False) -> None:
         """Queue one control message or snapshot (ack, pong, error, resumed,
@@ -424,7 +426,7 @@ class Connection:
         if task is not None:
             task.uncancel()
         if self.deadline_missed:
-            logger.warning("%s %s: write missed the %.1f s deadline; dropping the client", self.kind, self.label,
+            logger.warning("%s %s: write missed the %.1f s deadline; dropping the client", self.framing.name, self.label,
                            timeout_s)
             self.close(1008, "send deadline", error_message(
                 "send_deadline", f"a write to this {what} took longer than {timeout_s:g} s"))
@@ -451,7 +453,7 @@ class Connection:
         return self._next_sub
 
     def __repr__(self) -> str:
-        return f"Connection({self.kind}, {self.label}, subs={len(self.subs)}, outbox={self.outbox_bytes})"
+        return f"Connection({self.framing.name}, {self.label}, subs={len(self.subs)}, outbox={self.outbox_bytes})"
 
 
 class Hub:
@@ -513,7 +515,7 @@ class Hub:
         self.replay_extends = 0
         self.replay_shares = 0
         self.admission = Admission(ADMIT_PER_TURN if admit_per_turn is None else admit_per_turn)
-        self.connects: dict[str, int] = {"sse": 0, "ws": 0}
+        self.connects: dict[str, int] = {name: 0 for name in FRAMINGS}
         #: observer of send delays (seconds), set by streaming.metrics
         self.on_send_delay: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -536,11 +538,15 @@ class Hub:
 
     # -- connections ----------------------------------------------------------
 
-    def connect(self, kind: Kind, *, heartbeat_ms: int, label: str = "", ws_raw: bool = False,
+    def connect(self, framing: Framing | str, *, heartbeat_ms: int, label: str = "", ws_raw: bool = False,
                 ip: str | None = None) -> Connection:
-        """A new connection, registered for heartbeats every ``heartbeat_ms``."""
-        conn = Connection(self, kind, heartbeat_ms=heartbeat_ms, max_bytes=self.outbox_max_bytes, label=label,
-                          ws_raw=ws_raw, ip=ip)
+        """A new connection framed by ``framing`` (or a transport name's
+        default framing, see :func:`streaming.transport.framing_of`),
+        registered for heartbeats every ``heartbeat_ms``."""
+        framing = framing_of(framing, ws_raw)
+        kind = framing.name
+        conn = Connection(self, framing, heartbeat_ms=heartbeat_ms, max_bytes=self.outbox_max_bytes, label=label,
+                          ip=ip)
         if self.closing:
             conn.closed = True
             conn.close_code, conn.close_reason = 1001, "server shutting down"
@@ -659,7 +665,7 @@ class Hub:
         conn.subs[sub.id] = sub
         self.subscriptions += 1
         if view is not None:
-            if conn.kind == "ws":
+            if conn.framing.acks:
                 conn.send(ack_message(ack_id, sub.id))
             logger.info("subscribe %s %s sub=%d view=%s filter=%s", conn.kind, conn.label, sub.id, view, f)
             self.best.add(sub)
@@ -670,7 +676,7 @@ class Hub:
             if conflate_ms not in self._cf_tasks:
                 self._cf_tasks[conflate_ms] = asyncio.get_running_loop().create_task(
                     self._conflate_loop(conflate_ms), name=f"conflate-{conflate_ms}ms")
-        if conn.kind == "ws":
+        if conn.framing.acks:
             conn.send(ack_message(ack_id, sub.id))
         logger.info("subscribe %s %s sub=%d filter=%s conflate_ms=%d resume=%s", conn.kind, conn.label, sub.id, f,
                     conflate_ms, bool(resume))
@@ -762,7 +768,7 @@ class Hub:
 
     def _replay_from_ring(self, sub: Subscription, tok: ResumeToken) -> None:
         conn = sub.conn
-        if conn.kind == "sse" or conn.ws_raw:
+        if conn.framing.shared:
             self._replay_shared(sub, tok)
             return
         frames: list[bytes] = []
@@ -789,7 +795,7 @@ class Hub:
             self._replays.clear()
             self._replay_bytes = 0
             self._replays_gen = ring.generation
-        key = (tok.keys, sub.filter, sub.fmt, conn.kind, conn.ws_raw, sub.id)
+        key = (tok.keys, sub.filter, sub.fmt, conn.framing, sub.id)  # (metas name the subscription id)
         rep = self._replays.get(key)
         if rep is not None and rep.upto < ring.appended and not rep.too_big:
             self._replay_bytes -= rep.nbytes
@@ -999,7 +1005,7 @@ class Hub:
             if sub.conflate_ms:
                 self._gather(sub, msgs, tb)
                 continue
-            k = (sub.filter, sub.fmt, conn.kind, conn.ws_raw, sub.id if conn.kind == "ws" else 0, len(msgs))
+            k = (sub.filter, sub.fmt, conn.framing, sub.id if conn.framing.per_sub else 0, len(msgs))
             b = built.get(k)
             if b is None:
                 b = built[k] = self._frames(sub, msgs, tb)

@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from streaming.transport import FRAMINGS
 from streaming.latency import BUCKETS_S, HOPS, Histogram
 
 if TYPE_CHECKING:
@@ -62,8 +63,11 @@ class NodeCollector(Collector):
         hub = node.hub
         conns = list(hub.connections)
         g = GaugeMetricFamily("oddsfeed_connections", "Open streaming connections", labels=["transport"])
-        for kind in ("sse", "ws"):
-            g.add_metric([kind], float(sum(1 for c in conns if c.kind == kind)))
+        counts = {name: 0 for name in FRAMINGS}
+        for conn in conns:
+            counts[conn.framing.name] = counts.get(conn.framing.name, 0) + 1
+        for kind, n in sorted(counts.items()):
+            g.add_metric([kind], float(n))
         yield g
         c = CounterMetricFamily("oddsfeed_connections", "Streaming connections accepted", labels=["transport"])
         for kind, n in sorted(hub.connects.items()):

@@ -42,6 +42,7 @@ from starlette.types import Receive, Scope, Send
 
 from streaming.hub import Connection
 from streaming.bestview import VIEWS
+from streaming.transport import SSE, write_loop
 from streaming.odds_format import parse_odds_format
 from streaming.responses import json_error, node_of
 from streaming.server import HTTP_FINAL, HTTP_FRAMES
@@ -141,7 +142,7 @@ class SSEStream(Response):
         node = self.node
         hub = node.hub
         await hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
-        conn = hub.connect("sse", heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip)
+        conn = hub.connect(SSE, heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip)
         if conn.closed:
             await json_error(503, "shutting_down", "the server is shutting down; retry on another node")(
                 scope, receive, send)
@@ -153,10 +154,8 @@ class SSEStream(Response):
             await hub.subscribe(conn, self.filter, resume=self.resume, conflate_ms=self.conflate_ms, fmt=self.fmt,
                                 view=self.view)
             ext = scope.get("extensions") or {}
-            final = HTTP_FINAL in ext
-            send_frames = (ext.get(HTTP_FRAMES) or {}).get("send")
-            if await write_loop(conn, send, node.options.send_timeout_s, final, send_frames):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            writer = _SSEWriter(send, HTTP_FINAL in ext, (ext.get(HTTP_FRAMES) or {}).get("send"))
+            await write_loop(conn, writer, node.options.send_timeout_s, "stream")
         except OSError:
             conn.close(1006, "connection lost")
         finally:
@@ -173,55 +172,34 @@ async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
             return
 
 
-async def write_loop(conn: Connection, send: Send, timeout_s: float, final: bool = False,
-                     send_frames: Callable[[list[bytes]], Awaitable[None]] | None = None) -> bool:
-    """Write queued frames, coalesced into one body chunk per wake-up,
-    until the connection closes. False when the response cannot be
-    finished normally: a write missed its deadline, or the hub evicted the
-    client while a write was blocked on it — then, when the server supports
-    it (``final``), the queued ``error`` event goes out as the last chunk
-    past flow control and the connection is closed (see :mod:`streaming.server`).
-    send_frames: the server's ``oddsfeed.http.frames`` sender (:mod:`streaming.server`):
-    the frames then go out as one chunk by reference, without a per-connection joined
-    copy and without the middleware's send wrappers."""
-    hub = conn.hub
-    conn.writer = asyncio.current_task()
-    try:
-        while True:
-            await conn.wait()
-            queued_at = conn.queued_at
-            frames = conn.take()
-            if frames:
-                # the hub's watchdog interrupts a write blocked longer than the deadline (no timer per write)
-                conn.in_send = True
-                conn.send_started = hub.loop_time()
-                try:
-                    if send_frames is not None:
-                        for f in frames:
-                            conn.sent_bytes += len(f)
-                        await send_frames(frames)
-                    else:
-                        body = frames[0] if len(frames) == 1 else b"".join(frames)
-                        conn.sent_bytes += len(body)
-                        await send({"type": "http.response.body", "body": body, "more_body": True})
-                        del body
-                finally:
-                    conn.in_send = False
-                del frames  # nothing of this write stays referenced while the writer waits
-                if hub.on_send_delay is not None:
-                    hub.on_send_delay(hub.loop_time() - queued_at)
-            elif conn.closed:
-                return True
-    except asyncio.CancelledError:
-        if not conn.interrupted:
-            raise
-        conn.write_interrupted("stream", timeout_s)
-    if final:
-        try:
-            await send({"type": HTTP_FINAL, "body": b"".join(conn.take())})
-        except Exception:  # the client is gone: nothing more to do
-            pass
-    return False
+class _SSEWriter:
+    """The SSE side of :func:`streaming.transport.write_loop`: frames go out as
+    one body chunk per write. ``send_frames``: the server's
+    ``oddsfeed.http.frames`` sender (:mod:`streaming.server`), which writes
+    the frames as one chunk by reference (no per-connection joined copy, no
+    middleware send wrappers); ``final``: the server takes a last chunk past
+    flow control (``oddsfeed.http.final``) for a client the hub drops."""
+
+    __slots__ = ("send", "final", "send_frames")
+
+    def __init__(self, send: Send, final: bool, send_frames: Callable[[list[bytes]], Awaitable[None]] | None) -> None:
+        self.send = send
+        self.final = final
+        self.send_frames = send_frames
+
+    async def write(self, frames: list[bytes]) -> None:
+        if self.send_frames is not None:
+            await self.send_frames(frames)
+        else:
+            await self.send({"type": "http.response.body", "body": frames[0] if len(frames) == 1
+                             else b"".join(frames), "more_body": True})
+
+    async def finish(self, conn: Connection) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def last_words(self, conn: Connection) -> None:
+        if self.final:
+            await self.send({"type": HTTP_FINAL, "body": b"".join(conn.take())})
 
 
 async def stream(request: Request) -> Response:

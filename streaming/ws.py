@@ -51,9 +51,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from streaming.encoding import ack_message, error_message, pong_message
@@ -62,19 +63,32 @@ from streaming.responses import node_of
 from streaming.server import WS_FRAMES_EXTENSION, WS_FRAMES_MESSAGE, ws_close_frame
 from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms, parse_view
 from streaming.state import Filter, FilterError
+from streaming.transport import WS_FRAMES, WS_PAYLOADS, write_loop
 
 if TYPE_CHECKING:
     from streaming.reader import Node
 
-__all__ = ["ClientOp", "decode_op", "handle_message", "websocket_endpoint"]
+__all__ = ["ClientOp", "FilterSpec", "Ping", "Subscribe", "Unsubscribe", "decode_op", "handle_message",
+           "websocket_endpoint"]
 
 logger = logging.getLogger(__name__)
 
 FILTER_FIELDS = ("sport", "competition", "event", "market", "market_type", "in_play")
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    """``GET /v1/ws`` (see the module docstring)."""
+class _WebSocketApp:
+    """``GET /v1/ws`` as a raw ASGI app: the session keeps the ASGI ``send`` it
+    was given (our server's frames extension is not a Starlette message type)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _session(WebSocket(scope, receive, send), send)
+
+
+websocket_endpoint = _WebSocketApp()
+
+
+async def _session(websocket: WebSocket, send: Send) -> None:
+    """One WebSocket connection (see the module docstring)."""
     node = node_of(websocket)
     await node.hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
     settings = node.settings
@@ -96,12 +110,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     client = websocket.client
     label = f"{client.host}:{client.port}" if client else "?"
     raw = WS_FRAMES_EXTENSION in (websocket.scope.get("extensions") or {})
-    conn = node.hub.connect("ws", heartbeat_ms=heartbeat_ms, label=label, ws_raw=raw,
+    conn = node.hub.connect(WS_FRAMES if raw else WS_PAYLOADS, heartbeat_ms=heartbeat_ms, label=label,
                             ip=client.host if client else None)
     if conn.closed:
         await websocket.close(code=1001, reason="server shutting down")
         return
-    writer = asyncio.create_task(_write_loop(conn, websocket, node.options.send_timeout_s), name=f"ws-writer {label}")
+    writer = asyncio.create_task(
+        write_loop(conn, _WSWriter(websocket, send, raw), node.options.send_timeout_s, "connection",
+                   (WebSocketDisconnect, RuntimeError, OSError)), name=f"ws-writer {label}")
     reader = asyncio.create_task(_read_loop(conn, websocket, node, fmt), name=f"ws-reader {label}")
     try:
         done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -118,65 +134,39 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         node.hub.disconnect(conn)
 
 
-async def _write_loop(conn: Connection, websocket: WebSocket, timeout_s: float) -> None:
-    """Drain the outbox until the connection closes; then close.
+class _WSWriter:
+    """The WebSocket side of :func:`streaming.transport.write_loop`. On
+    oddsfeed's own server (``raw``: :mod:`streaming.server`'s frames
+    extension) the frames are complete WebSocket frames, written in ONE
+    socket write by reference; elsewhere one ``websocket.send`` each. A
+    client the hub drops gets its last words (the queued error, then a close
+    frame) past flow control, and the socket is aborted if it does not
+    drain (:mod:`streaming.server`)."""
 
-    All frames queued per wake-up go out in one write (pre-built frames on
-    our server, else one ``websocket.send`` each) under one deadline. A
-    client that misses the deadline, or that the hub evicts while a write is
-    blocked on it, gets its last words (the queued error, then a close frame)
-    without waiting for flow control, and the socket is aborted if it does
-    not drain (:mod:`streaming.server`)."""
-    hub = conn.hub
-    raw_send = websocket._send  # the ASGI send: our frames extension is not a Starlette message type
-    conn.writer = asyncio.current_task()
-    try:
-        while True:
-            await conn.wait()
-            queued_at = conn.queued_at
-            frames = conn.take()
-            if frames:
-                # the hub's watchdog interrupts a write blocked longer than the deadline (no timer per write)
-                conn.in_send = True
-                conn.send_started = hub.loop_time()
-                try:
-                    if conn.ws_raw:
-                        for f in frames:
-                            conn.sent_bytes += len(f)
-                        # by reference: frames shared by many connections (a replay) are not copied
-                        await raw_send({"type": WS_FRAMES_MESSAGE, "frames": frames})
-                    else:
-                        for f in frames:
-                            conn.sent_bytes += len(f)
-                            await websocket.send({"type": "websocket.send", "text": f.decode()})
-                finally:
-                    conn.in_send = False
-                del frames  # nothing of this write stays referenced while the writer waits
-                if hub.on_send_delay is not None:
-                    hub.on_send_delay(hub.loop_time() - queued_at)
-            elif conn.closed:
-                break
-        await websocket.close(code=conn.close_code, reason=conn.close_reason[:120])
-    except asyncio.CancelledError:
-        if not conn.interrupted:
-            raise
-        conn.write_interrupted("connection", timeout_s)
-        await _last_words(conn, websocket, raw_send)
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        conn.close(1006, "connection lost")
+    __slots__ = ("websocket", "send", "raw")
 
+    def __init__(self, websocket: WebSocket, send: Send, raw: bool) -> None:
+        self.websocket = websocket
+        self.send = send
+        self.raw = raw
 
-async def _last_words(conn: Connection, websocket: WebSocket, raw_send: Any) -> None:
-    """Queued frames (the error) and a close frame, written past flow control."""
-    frames = conn.take()
-    try:
-        if conn.ws_raw:
-            await raw_send({"type": WS_FRAMES_MESSAGE, "final": True,
-                            "data": b"".join(frames) + ws_close_frame(conn.close_code, conn.close_reason)})
+    async def write(self, frames: list[bytes]) -> None:
+        if self.raw:
+            await self.send({"type": WS_FRAMES_MESSAGE, "frames": frames})
         else:
-            await asyncio.wait_for(websocket.close(code=conn.close_code, reason=conn.close_reason[:120]), 1.0)
-    except Exception:  # the client is gone or stuck: nothing more to do
-        pass
+            for f in frames:
+                await self.websocket.send({"type": "websocket.send", "text": f.decode()})
+
+    async def finish(self, conn: Connection) -> None:
+        await self.websocket.close(code=conn.close_code, reason=conn.close_reason[:120])
+
+    async def last_words(self, conn: Connection) -> None:
+        frames = conn.take()
+        if self.raw:
+            await self.send({"type": WS_FRAMES_MESSAGE, "final": True,
+                             "data": b"".join(frames) + ws_close_frame(conn.close_code, conn.close_reason)})
+        else:
+            await asyncio.wait_for(self.websocket.close(code=conn.close_code, reason=conn.close_reason[:120]), 1.0)
 
 
 async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: str | None = None) -> None:
@@ -224,29 +214,61 @@ def _too_big(conn: Connection, n: int, max_bytes: int) -> None:
         "message_too_big", f"messages are limited to {max_bytes} bytes, got {n}"))
 
 
-class ClientOp(msgspec.Struct, forbid_unknown_fields=True):
-    """One client → server message, decoded with a typed decoder (never into untyped
-    Python objects, so no client can make the server recurse: nesting is refused at the
-    first level that does not fit these types). Unknown fields are refused (our own API:
-    a typo should not pass silently)."""
+class _Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """A client → server message: a tagged union on ``op``, decoded with a typed
+    decoder (never into untyped Python objects, so no client can make the server
+    recurse: nesting is refused at the first level that does not fit these types).
+    Unknown fields are refused (our own API: a typo should not pass silently)."""
 
-    op: str
     id: int | str | None = None
-    filter: dict[str, str | list[str] | bool | int | float | None] | None = None
+
+
+FilterValue = str | list[str] | bool | int | float | None
+
+
+class FilterSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A subscription's filter as sent (checked by :meth:`streaming.state.Filter.parse`)."""
+
+    sport: FilterValue = None
+    competition: FilterValue = None
+    event: FilterValue = None
+    market: FilterValue = None
+    market_type: FilterValue = None
+    in_play: FilterValue = None
+
+
+class Subscribe(_Op, tag="subscribe"):
+    """``{"op":"subscribe","id","filter"?,"resume"?,"conflate_ms"?,"odds_format"?,"view"?}``."""
+
+    filter: FilterSpec | None = None
     resume: str | None = None
     conflate_ms: int | float | str | None = None
     odds_format: str | None | msgspec.UnsetType = msgspec.UNSET
-    sub: int | None = None
     view: str | None = None
+
+
+class Unsubscribe(_Op, tag="unsubscribe"):
+    """``{"op":"unsubscribe","id","sub"}``."""
+
+    sub: int | None = None
+
+
+class Ping(_Op, tag="ping"):
+    """``{"op":"ping","id"}``."""
+
+
+ClientOp = Subscribe | Unsubscribe | Ping
+OPS = ("subscribe", "unsubscribe", "ping")
 
 
 class _IdOnly(msgspec.Struct):
     id: int | str | None = None
 
 
-_OP_DECODER = msgspec.json.Decoder(ClientOp)
+_OP_DECODER: msgspec.json.Decoder[ClientOp] = msgspec.json.Decoder(ClientOp)
 _ID_DECODER = msgspec.json.Decoder(_IdOnly)
-_OP_FIELDS = ", ".join(ClientOp.__struct_fields__)
+_OP_FIELDS = ", ".join(dict.fromkeys(("op", *Subscribe.__struct_fields__, *Unsubscribe.__struct_fields__)))
+assert tuple(FilterSpec.__struct_fields__) == FILTER_FIELDS
 _EXAMPLE = '{"op":"subscribe","id":1,"filter":{"sport":"soccer"}}'
 #: what to fix, by the JSON path msgspec names in a validation error
 _FIELD_HINTS = {
@@ -266,6 +288,9 @@ _FIELD_HINTS = {
 def _explain(exc: msgspec.ValidationError) -> str:
     """msgspec's validation error as what the client should fix."""
     text = str(exc)
+    if text.startswith("Invalid value") and text.endswith("- at `$.op`"):
+        value = text[len("Invalid value "):].partition(" - at")[0]
+        return f"unknown op {value}; use {', '.join(OPS[:-1])} or {OPS[-1]}"
     if text.startswith("Object contains unknown field"):
         field = text.split("`")[1] if "`" in text else "?"
         where = text.partition(" - at `")[2].rstrip("`")
@@ -308,17 +333,12 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
         return
     mid = op.id
     hub = node.hub
-    if op.op == "ping":
+    if isinstance(op, Ping):
         conn.send(pong_message(mid))
-    elif op.op == "subscribe":
-        filt = op.filter or {}
-        unknown = sorted(set(filt) - set(FILTER_FIELDS))
-        if unknown:
-            conn.send(error_message("bad_request", f"unknown filter field(s) {', '.join(unknown)}; use "
-                                    + ", ".join(FILTER_FIELDS), id=mid))
-            return
+    elif isinstance(op, Subscribe):
+        spec = op.filter or FilterSpec()
         try:
-            f = Filter.parse(**filt)
+            f = Filter.parse(**msgspec.structs.asdict(spec))
             conflate_ms = parse_conflate_ms(op.conflate_ms, node.options.max_conflate_ms)
             sub_fmt = fmt if op.odds_format is msgspec.UNSET else parse_format(op.odds_format)
             view = parse_view(op.view)
@@ -331,7 +351,7 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
             return
         await hub.subscribe(conn, f, resume=op.resume or None, ack_id=mid, conflate_ms=conflate_ms, fmt=sub_fmt,
                             view=view)
-    elif op.op == "unsubscribe":
+    else:
         sub = op.sub
         if sub is None:
             conn.send(error_message("bad_request", "\"sub\" must be the integer id from the subscribe ack", id=mid))
@@ -340,5 +360,3 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
             conn.send(ack_message(mid, sub))
         else:
             conn.send(error_message("bad_request", f"no subscription {sub} on this connection", id=mid))
-    else:
-        conn.send(error_message("bad_request", f"unknown op {op.op!r}; use subscribe, unsubscribe or ping", id=mid))

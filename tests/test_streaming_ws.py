@@ -219,3 +219,16 @@ async def test_shutdown_closes_streams_promptly(store: Store, redis_url: str) ->
     with pytest.raises(ConnectionClosed) as info:
         await asyncio.wait_for(ws.recv(), TIMEOUT_S)
     assert info.value.rcvd is not None and info.value.rcvd.code in (1001, 1012)
+
+
+def test_client_messages_decode_into_typed_ops() -> None:
+    from streaming.ws import FilterSpec, Ping, Subscribe, Unsubscribe, decode_op
+
+    op = decode_op('{"op":"subscribe","id":1,"filter":{"event":"ev:a","market_type":"total"},"view":"best"}')
+    assert isinstance(op, Subscribe) and op.view == "best"
+    assert op.filter == FilterSpec(event="ev:a", market_type="total")
+    assert decode_op('{"op":"unsubscribe","id":"x","sub":3}') == Unsubscribe(id="x", sub=3)
+    assert decode_op('{"op":"ping"}') == Ping()
+    assert decode_op('{"op":"fly","id":7}') == ("unknown op 'fly'; use subscribe, unsubscribe or ping", 7)
+    why, mid = decode_op('{"op":"ping","id":2,"sub":1}')  # type: ignore[misc]
+    assert mid == 2 and "unknown field 'sub'" in why
