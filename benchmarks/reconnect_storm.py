@@ -531,10 +531,8 @@ def _node(argv: list[str]) -> None:
         streaming.hub.ADMIT_PER_TURN = int(os.environ["STORM_ADMIT_PER_TURN"])
     asyncio_loop = "--asyncio" in argv
     argv = [a for a in argv if a != "--asyncio"]
-    if not asyncio_loop:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # fanout's server runs asyncio.run()
+    if asyncio_loop:  # fanout's server runs `oddsfeed serve` itself, on uvloop unless told otherwise
+        os.environ["FANOUT_SERVER_LOOP"] = "asyncio"
     fanout._sub(["_server", *argv])
 
 
@@ -569,7 +567,8 @@ def main() -> int:
     print(f"command: {' '.join(sys.argv)}; load average before: {os.getloadavg()[0]:.2f} "
           "(other work on this 2-core machine skews the times)", flush=True)
     feed_s = args.warmup + args.rounds * (args.age + 40) + 30
-    with fanout.Redis() as url:
+    with fanout.Redis() as redis:
+        url = redis.url
         port = fanout._free_port()
         log = open(fanout.SERVER_LOG, "a")
         log.write("\n=== reconnect storm ===\n")
@@ -578,7 +577,7 @@ def main() -> int:
         feeder = None
         try:
             fanout._wait_port(port, server)
-            feeder = fanout._spawn(["_feeder", "--redis-url", url, "--events", str(args.events), "--mode", "ours",
+            feeder = fanout._spawn(["_feeder", "--redis-url", url, "--events", str(args.events), "--mode", "oddsfeed",
                                     "--rate", str(args.rate), "--seconds", str(feed_s),
                                     "--t0", str(fanout.now_ms() + 200)], stdout=open(os.devnull, "w"))
             res = asyncio.run(asyncio.wait_for(_drive(args, port, server.pid),

@@ -485,6 +485,10 @@ class Store:
                 out.append((p, entry_id, DELTAS_DECODER.decode(fields[b"d"])))
         return out
 
+    def tail(self, p: int) -> "LogTail":
+        """A :class:`LogTail` following partition ``p``'s log (close it with ``aclose()``)."""
+        return LogTail(self, p)
+
     async def log_range(self, p: int, after: str, *, count: int | None = None) -> list[tuple[str, list[Delta]]]:
         """Log entries of partition p strictly after entry id ``after``."""
         rows = await self.redis.xrange(log_key(p), min=f"({after}" if after != "0-0" else "-", count=count)
@@ -621,6 +625,150 @@ class Store:
         rows = reply_entries(await self.redis.xrevrange(QUARANTINE_KEY, count=count))
         return [{"id": i, **{reply_text(k): (v if k == b"raw" else reply_text(v)) for k, v in f.items()}}
                 for i, f in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class LogCheck:
+    """What guards a reader of one partition's log, read in one round trip.
+
+    epoch: ``of:epoch`` (None: the store was wiped); partition_epoch:
+    ``of:{p}:epoch`` (None: missing); first_id: id of the oldest retained
+    log entry (None: the log is empty or gone).
+    """
+
+    epoch: str | None
+    partition_epoch: str | None
+    first_id: str | None
+
+
+LogEntries = list[tuple[str, list[Delta]]]
+"""Log entries of one partition, oldest first: [(entry id, deltas)]."""
+
+
+class LogTail:
+    """Follows one partition's delta log: ``XREAD BLOCK`` and, on request, the
+    guards (:class:`LogCheck`) in the same round trip, or the guards alone.
+
+    On a plain Redis it holds a connection of its own (XREAD BLOCK holds one)
+    and talks to it directly: one command, or one pipelined write of four, per
+    call, replies parsed once (no redis-py response callbacks, no per-entry
+    field dicts) and each entry's payload decoded once into
+    :class:`~feed.models.Delta`. The connection has no socket timeout of its
+    own (redis-py would wrap every send in ``asyncio.wait_for``, a task per
+    call): every reply is awaited with a deadline instead — the client's
+    socket timeout, or ``block_ms`` + 1 s when longer — and one call is in
+    flight at a time, so a send cannot fill the socket buffer and stall. On Redis Cluster it goes through the
+    shared client. Not safe for concurrent use; raises RedisError/OSError
+    (the connection is then dropped and re-opened by the next call),
+    StoreError on an unexpected reply, msgspec.DecodeError/ValidationError on
+    an undecodable entry.
+    """
+
+    def __init__(self, store: Store, p: int) -> None:
+        self.store = store
+        self.partition = p
+        self.key = log_key(p)
+        self._pepoch_key = pepoch_key(p)
+        self._check_cmd = (("GET", EPOCH_KEY), ("GET", self._pepoch_key), ("XRANGE", self.key, "-", "+", "COUNT", 1))
+        r = store.redis
+        self._pool: aioredis.ConnectionPool | None = None
+        self._conn: aioredis.connection.AbstractConnection | None = None
+        self.timeout_s = 5.0
+        if not isinstance(r, RedisCluster):
+            pool = r.connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            self.timeout_s = float(kwargs.get("socket_timeout") or 5.0)
+            kwargs["socket_timeout"] = None
+            kwargs.pop("orig_socket_timeout", None)
+            kwargs["retry"] = Retry(NoBackoff(), 0)  # the caller backs off (with jitter) and reports
+            self._pool = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
+
+    async def aclose(self) -> None:
+        """Drop the connection (idempotent)."""
+        self._conn = None
+        if self._pool is not None:
+            await self._pool.disconnect()
+
+    async def read(self, after: str, *, block_ms: int, count: int,
+                   check: bool = False) -> tuple[LogEntries, LogCheck | None]:
+        """Entries after id ``after`` (at most ``count``; waits up to
+        ``block_ms`` ms for the first), and with ``check`` the guards read
+        right after the XREAD returns (None without ``check``)."""
+        if self._pool is None:
+            return await self._read_cluster(after, block_ms, count, check)
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._pool.get_connection()
+        xread = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, after)
+        deadline_s = max(self.timeout_s, block_ms / 1000 + 1.0)  # as before: the socket timeout covers the block
+        try:
+            if not check:
+                await conn.send_packed_command(conn.pack_command(*xread))
+                return self._entries(await conn.read_response(disable_decoding=True, timeout=deadline_s)), None
+            await conn.send_packed_command(conn.pack_commands((xread, *self._check_cmd)))
+            res = await conn.read_response(disable_decoding=True, timeout=deadline_s)
+            replies = [await conn.read_response(disable_decoding=True, timeout=self.timeout_s) for _ in range(3)]
+        except BaseException:
+            await conn.disconnect(nowait=True)  # never leave a reply unread on the connection
+            raise
+        return self._entries(res), _log_check(*replies)
+
+    async def check(self) -> LogCheck:
+        """The guards alone (one round trip)."""
+        if self._pool is None:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for cmd in self._check_cmd:
+                pipe.execute_command(*cmd)
+            return _log_check(*await pipe.execute())
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(self._check_cmd))
+            replies = [await conn.read_response(disable_decoding=True, timeout=self.timeout_s) for _ in range(3)]
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        return _log_check(*replies)
+
+    async def _read_cluster(self, after: str, block_ms: int, count: int,
+                            check: bool) -> tuple[LogEntries, LogCheck | None]:
+        r = self.store.redis
+        if not check:
+            return self._entries(await r.xread({self.key: after}, count=count, block=block_ms)), None
+        # a cluster pipeline groups commands by node: read first, then the guards
+        res = await r.xread({self.key: after}, count=count, block=block_ms)
+        return self._entries(res), await self.check()
+
+    def _entries(self, res: object) -> LogEntries:
+        """An XREAD reply (raw or through redis-py's callback; RESP2 or 3) → entries, each decoded once."""
+        if res is None:
+            return []
+        if isinstance(res, dict):  # RESP3: {key: rows}
+            streams = list(res.values())
+        elif isinstance(res, list):  # RESP2: [[key, rows]]
+            streams = [pair[1] for pair in res]
+        else:
+            raise StoreError(f"unexpected redis XREAD reply {res!r:.80}")
+        decode = DELTAS_DECODER.decode
+        out: LogEntries = []
+        for rows in streams:
+            for entry_id, fields in rows:
+                if isinstance(fields, list) and len(fields) == 2 and fields[0] == b"d":
+                    payload = fields[1]
+                elif isinstance(fields, dict):  # parsed by redis-py
+                    payload = fields[b"d"]
+                else:
+                    raise StoreError(f"unexpected redis stream entry {fields!r:.80}")
+                out.append((reply_text(entry_id), decode(payload)))
+        return out
+
+
+def _log_check(epoch: object, pepoch: object, first: object) -> LogCheck:
+    if not isinstance(first, list):
+        raise StoreError(f"unexpected redis XRANGE reply {first!r:.80}")
+    first_id = reply_text(first[0][0]) if first else None
+    return LogCheck(reply_text_or_none(epoch), reply_text_or_none(pepoch), first_id)
 
 
 class StoredLink(msgspec.Struct, frozen=True, omit_defaults=True):

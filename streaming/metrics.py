@@ -24,6 +24,8 @@ Families (all times in seconds)::
     oddsfeed_reader_lag_seconds{partition}       gauge    newest log entry in Redis − the node's position
     oddsfeed_reader_entries_total{partition}     counter  log entries read
     oddsfeed_reader_errors_total{partition}      counter  Redis errors (each followed by a backoff)
+    oddsfeed_reader_reads_total{partition}       counter  XREADs of the delta log
+    oddsfeed_reader_checks_total{partition}      counter  epoch / oldest-id checks (on a timer or when a read looks off)
     oddsfeed_reader_reloads_total                counter  state reloads from Redis
     oddsfeed_markets                             gauge    markets held by the node
     oddsfeed_ready                               gauge    1 when /ready says ready
@@ -99,16 +101,22 @@ class NodeCollector(Collector):
                                 labels=["partition"])
         entries = CounterMetricFamily("oddsfeed_reader_entries", "Log entries read", labels=["partition"])
         errors = CounterMetricFamily("oddsfeed_reader_errors", "Reader Redis errors", labels=["partition"])
+        reads = CounterMetricFamily("oddsfeed_reader_reads", "XREADs of the delta log", labels=["partition"])
+        checks = CounterMetricFamily("oddsfeed_reader_checks", "Epoch / oldest-id checks", labels=["partition"])
         for r in node.readers:
             label = [str(r.partition)]
             connected.add_metric(label, 1.0 if r.connected else 0.0)
             lag.add_metric(label, r.lag_ms / 1000)
             entries.add_metric(label, float(r.entries))
             errors.add_metric(label, float(r.errors))
+            reads.add_metric(label, float(r.reads))
+            checks.add_metric(label, float(r.checks))
         yield connected
         yield lag
         yield entries
         yield errors
+        yield reads
+        yield checks
         yield CounterMetricFamily("oddsfeed_reader_reloads", "State reloads from Redis", value=float(node.reloads))
         yield GaugeMetricFamily("oddsfeed_markets", "Markets held by the node", value=float(len(node.state.markets)))
         yield GaugeMetricFamily("oddsfeed_ready", "1 when /ready says ready", value=1.0 if node.readiness()[0] else 0.0)

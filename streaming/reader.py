@@ -6,15 +6,32 @@ No Starlette imports. :class:`Node` is what an API process runs once:
   the snapshots (``load_markets(p)``), so every log entry after the position
   is applied on top (deltas with ``seq`` ≤ the held one are skipped); then
   one :class:`PartitionReader` per partition and a health poller;
-- each reader loops ``read_log({p: pos}, block_ms=…)`` on its OWN Redis
-  connection (XREAD BLOCK holds one), decodes each entry once, applies it to
-  :class:`~streaming.state.NodeState` and hands it to the
+- each reader follows its partition with a :class:`~feed.store.LogTail`
+  on its OWN Redis connection (XREAD BLOCK holds one): in the common case one
+  ``XREAD BLOCK`` per read, each entry decoded once, applied to
+  :class:`~streaming.state.NodeState` and handed to the
   :class:`~streaming.hub.Hub` once (encoded once, never per client);
-- every read is pipelined with (and evaluated right after it) the store epoch,
-  the partition epoch and the oldest retained log id: a changed/missing
-  epoch (Redis flushed or restarted empty) reloads every partition, a log
-  trimmed past our position reloads that partition; either way the hub
-  sends every subscriber a fresh snapshot flagged ``recovered: false``;
+- the guards — store epoch, partition epoch, oldest retained log id — are
+  read (right after a read returns, before its entries are applied) when a
+  check is due: at least every ``read_block_ms`` (the reader's
+  ``check_interval_s``), after every read that returned nothing, after an
+  error or a reload, while the reader is behind, for any read of
+  ≥ ``VERIFY_BATCH_ENTRIES`` entries and for any read holding a delta whose
+  ``seq`` is not above the market's held one. A changed/missing epoch (Redis
+  flushed or restarted empty) reloads every partition; a log whose oldest
+  entry is newer than where the reads since the last check started (trimmed
+  past us, or deleted) reloads that partition; either way the hub sends every
+  subscriber a fresh snapshot flagged ``recovered: false``. Why that still
+  catches every loss before it is served: the guards are read after a read
+  returns, before its entries are applied, so a loss before a check is seen
+  by that check; entries read within ``check_interval_s`` after a check are
+  applied unchecked only when nothing marks them as following a loss — a
+  writer's ``MAXLEN ~ N`` trim past a reader leaves ≥ N entries after it
+  (a batch of ≥ ``VERIFY_BATCH_ENTRIES``), and a writer starting over on a
+  wiped store restarts its markets' seqs (a seq not above the held one) —
+  so what is left (an operator's XTRIM/DEL of a live log, markets a wiped
+  store no longer holds) is caught within ``check_interval_s``, the bound an
+  idle reader always had (one ``read_block_ms``);
 - Redis errors: ``connected`` goes False, the reader retries with capped,
   jittered backoff (never hangs: each read blocks at most ``read_block_ms``);
 - every ~``health_refresh_ms`` the node reloads source health
@@ -29,18 +46,14 @@ import logging
 from collections.abc import Sequence
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from feed.aio import wait_event
 from feed.errors import ConfigError, StoreError
-from feed.models import DELTAS_DECODER, INGEST_GONE, Delta, effective_health
+from feed.models import INGEST_GONE, Delta, Market, effective_health
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
-from feed.store import EPOCH_KEY, Store, log_key, pepoch_key
+from feed.store import LogCheck, Store
 from streaming.aggregate import FAIR_METHODS
 from streaming.encoding import parse_stream_id
 from streaming.hub import Hub
@@ -55,12 +68,10 @@ _REDIS_ERRORS = (RedisError, OSError, StoreError, asyncio.TimeoutError)
 
 #: Log entries applied between two yields to the event loop.
 YIELD_EVERY = 32
-
-
-def _text(v: object) -> str | None:
-    if v is None:
-        return None
-    return v.decode() if isinstance(v, bytes) else str(v)
+#: A read returning this many entries (or ``read_count``, when smaller) is checked before it
+#: is applied: a writer's ``MAXLEN ~ N`` trim keeps ≥ N entries, so a trim past a reader's
+#: position leaves ≥ N entries after it, i.e. a batch this big whenever N ≥ this.
+VERIFY_BATCH_ENTRIES = 64
 
 
 class PartitionReader:
@@ -73,7 +84,17 @@ class PartitionReader:
     lag_ms: newest entry id in Redis minus the node's position (ms part of
     the stream ids, i.e. Redis clock); loop_at: loop time of the last turn
     of the read loop (a stalled reader is reported, never silent);
-    errors: Redis errors so far.
+    errors: Redis errors so far; reads / checks: XREADs and guard checks
+    (epoch, partition epoch, oldest id) so far.
+
+    Guards (see the module docstring): a read is ``XREAD BLOCK`` alone unless
+    a check is due before it (the first read, after an error or a reload,
+    while behind, or ``check_interval_s`` after the last check: then the
+    guards go in the same round trip); after an unchecked read, the guards
+    are read before anything is applied when the read returned nothing,
+    when the check came due while it waited, when it returned
+    ≥ ``VERIFY_BATCH_ENTRIES`` entries, or when it holds a delta whose
+    ``seq`` is not above the market's held one.
     """
 
     def __init__(self, node: "Node", partition: int, store: Store) -> None:
@@ -86,18 +107,37 @@ class PartitionReader:
         self.last_error: str | None = None
         self.entries = 0
         self.errors = 0
+        self.reads = 0
+        self.checks = 0
         self.lag_ms = 0
         self.loop_at = asyncio.get_running_loop().time()
+        #: longest time (loop seconds) a read's entries are applied after the last check
+        self.check_interval_s = node.state.options.read_block_ms / 1000
         self._reload: tuple[list[int] | None, str, int] | None = None
+        self._tail = store.tail(partition)
+        self._check_now = True  # the first read is checked
+        self._check_due = 0.0  # loop time after which the next read is checked
+        #: every read since the last check started at or after this position; a
+        #: log whose oldest entry is newer may have lost entries we never read
+        self._verified_pos = node.state.positions[partition]
+        self._gen = -1  # state generation of the last turn
+        self._loaded = node.loaded[partition]  # Node.loaded[p] of the last turn
 
     async def run(self) -> None:
         """Read until the node stops; never raises except CancelledError."""
+        try:
+            await self._run()
+        finally:
+            await self._tail.aclose()
+
+    async def _run(self) -> None:
         node, st, p = self.node, self.node.state, self.partition
         opts = st.options
         backoff = Backoff(initial_s=0.05, factor=2.0, max_s=2.0)
         loop = asyncio.get_running_loop()
+        verify_at = min(opts.read_count, VERIFY_BATCH_ENTRIES)
         while not node.stopping:
-            self.loop_at = loop.time()
+            self.loop_at = now_s = loop.time()
             try:
                 if self._reload is not None:
                     parts, reason, gen = self._reload
@@ -106,21 +146,39 @@ class PartitionReader:
                     continue
                 gen = st.generation
                 pos = st.positions[p]
-                batch, problem = await self._read(pos, opts.read_block_ms, opts.read_count)
+                if gen != self._gen:  # a reload (of any partition) since the last turn: check the next read
+                    self._gen = gen
+                    self._check_now = True
+                    if node.loaded[p] != self._loaded:  # this partition was reloaded: fresh from Redis
+                        self._loaded = node.loaded[p]
+                        self._verified_pos = pos
+                checked = self._check_now or self.behind or now_s >= self._check_due
+                self.reads += 1
+                batch, guards = await self._read(pos, opts.read_block_ms, opts.read_count, checked)
                 if not self.connected:
                     logger.info("reader of partition %d reconnected to redis", p)
                 self.connected = True
                 self.last_error = None
                 backoff.reset()
-                if problem is not None:
-                    self._reload = (problem[0], problem[1], gen)
-                    continue
+                if guards is None and (not batch or len(batch) >= verify_at or loop.time() >= self._check_due
+                                       or _holds_old_seq(batch, st.markets)):
+                    # nothing came (quiet, or the log is gone), we may be behind a trim, the check came
+                    # due while we waited, or a market's seq went back (another lineage): check first
+                    guards = await self._guards()
+                if guards is not None:
+                    self.checks += 1
+                    problem = self._problem(guards, self._verified_pos, bool(batch))
+                    if problem is not None:
+                        self._reload = (problem[0], problem[1], gen)
+                        continue
+                    self._check_now = False
+                    self._check_due = loop.time() + self.check_interval_s
                 if st.generation != gen:
                     continue  # the state was reloaded while we read: re-read from the new position
                 if batch:
                     now = self.last_entry_at = now_ms()
                     self.entries += len(batch)
-                    for i, (_, entry_id, deltas) in enumerate(batch):
+                    for i, (entry_id, deltas) in enumerate(batch):
                         if i and i % YIELD_EVERY == 0:
                             await asyncio.sleep(0)  # let connection writers drain between chunks of a big batch
                             if st.generation != gen:
@@ -134,6 +192,8 @@ class PartitionReader:
                                          gp, mid, held, got)
                             self._reload = ([gp], f"seq gap in market {mid} ({held} -> {got})", gen)
                             break
+                if guards is not None and st.generation == gen:
+                    self._verified_pos = st.positions[p]  # where the next unchecked read starts
                 self.behind = len(batch) >= opts.read_count
                 if not self.behind:
                     self.lag_ms = 0  # read to the top of the log
@@ -148,6 +208,7 @@ class PartitionReader:
             except _REDIS_ERRORS as exc:
                 self.connected = False
                 self.behind = True
+                self._check_now = True  # Redis may come back empty or older: check before applying anything
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 delay = backoff.next_delay()
@@ -156,43 +217,53 @@ class PartitionReader:
                 await node.sleep(delay)
             except Exception:  # a bug must not kill the feed silently
                 self.connected = False
+                self._check_now = True
                 self.last_error = "internal error (see log)"
                 logger.exception("reader of partition %d failed; restarting it", p)
                 await node.sleep(backoff.next_delay())
 
-    async def _read(self, pos: str, block_ms: int, count: int) -> tuple[list[tuple[int, str, list[Delta]]],
-                                                                          tuple[list[int] | None, str] | None]:
-        """Log entries after ``pos`` (XREAD BLOCK) and, in the same round trip, evaluated right
-        after the read returns: the store and partition epochs and the oldest retained entry.
-        Returns (entries, problem): problem = (partitions to reload or None = all, reason) when
-        the epoch moved or the log was trimmed past ``pos`` (the entries may then skip some:
-        they are not applied)."""
+    async def _read(self, pos: str, block_ms: int, count: int,
+                    check: bool) -> tuple[list[tuple[str, list[Delta]]], LogCheck | None]:
+        """Log entries after ``pos`` (one XREAD BLOCK, each entry decoded
+        once) and, with ``check``, the guards read in the same round trip
+        right after the read returns (else None)."""
+        return await self._tail.read(pos, block_ms=block_ms, count=count, check=check)
+
+    async def _guards(self) -> LogCheck:
+        """The guards alone, read now (one round trip)."""
+        return await self._tail.check()
+
+    def _problem(self, g: LogCheck, verified_pos: str, got_entries: bool) -> tuple[list[int] | None, str] | None:
+        """(partitions to reload or None = all, reason) when the guards say the
+        node's state cannot be continued from the log; else None.
+        ``verified_pos``: every read since the last check started at or after it."""
         st, p = self.node.state, self.partition
-        key = log_key(p)
-        pipe = self.store.redis.pipeline(transaction=False)
-        pipe.xread({key: pos}, count=count, block=block_ms)
-        pipe.get(EPOCH_KEY)
-        pipe.get(pepoch_key(p))
-        pipe.xrange(key, count=1)
-        res, epoch, pepoch, first = await pipe.execute()
-        batch: list[tuple[int, str, list[Delta]]] = []
-        for _, rows in res or ():
-            for entry_id, fields in rows:
-                batch.append((p, _text(entry_id) or "", DELTAS_DECODER.decode(fields[b"d"])))
-        epoch, pepoch = _text(epoch), _text(pepoch)
-        if epoch != st.epoch or (pepoch != st.epoch and pepoch is not None):
-            return batch, (None, f"store epoch changed from {st.epoch} to {epoch} (redis reset or flushed)")
-        if pos != "0-0":
-            if first:
-                first_id = _text(first[0][0])
-                assert first_id is not None
-                if parse_stream_id(first_id) > parse_stream_id(pos):
-                    return batch, ([p], f"log of partition {p} trimmed past position {pos} (oldest kept {first_id})")
-            elif not batch:
+        if g.epoch != st.epoch or (g.partition_epoch != st.epoch and g.partition_epoch is not None):
+            return None, f"store epoch changed from {st.epoch} to {g.epoch} (redis reset or flushed)"
+        if verified_pos != "0-0":
+            if g.first_id is not None:
+                if parse_stream_id(g.first_id) > parse_stream_id(verified_pos):
+                    return [p], (f"log of partition {p} trimmed past position {verified_pos} "
+                                 f"(oldest kept {g.first_id})")
+            elif not got_entries:
                 # our position is gone and the log is empty: it was deleted (or Redis came back
                 # without it under the same epoch): reload to make sure nothing was lost
-                return batch, ([p], f"log of partition {p} is empty but the node is at {pos}")
-        return batch, None
+                return [p], f"log of partition {p} is empty but the node is at {verified_pos}"
+        return None
+
+
+def _holds_old_seq(batch: list[tuple[str, list[Delta]]], markets: dict[str, Market]) -> bool:
+    """True when a delta of ``batch`` carries a ``seq`` not above its market's
+    held one: normal only while a reader catches up over entries the loaded
+    snapshots already hold; otherwise the store's seq went back (Redis lost
+    its data and a writer started a new lineage) and the guards must be read
+    before the entry is applied (skipped)."""
+    for _, deltas in batch:
+        for d in deltas:
+            m = markets.get(d.market_id)
+            if m is not None and d.seq <= m.seq:
+                return True
+    return False
 
 
 class Node:
@@ -216,12 +287,13 @@ class Node:
             raise ConfigError(f"fair_method must be one of {', '.join(FAIR_METHODS)}, not {settings.fair_method!r}")
         self.hub.best.fair_method = settings.fair_method
         self.readers: list[PartitionReader] = []
+        #: per partition, how many times it was loaded from Redis (readers reset their guards on a change)
+        self.loaded: list[int] = [0] * store.partitions
         self.shutdown = asyncio.Event()
         self.stopping = False
         self.health_error: str | None = None
         self.health_at: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._stores: list[Store] = []
         self._reload_lock = asyncio.Lock()
         self._status: dict[str, tuple[str, str | None, tuple[str, ...]]] = {}
         self.reloads = 0
@@ -245,8 +317,7 @@ class Node:
             gc.freeze()
             gc.set_threshold(10_000, 50, 1000)
         for p in range(self.state.partitions):
-            store = self._dedicated_store()
-            reader = PartitionReader(self, p, store)
+            reader = PartitionReader(self, p, self.store)  # its LogTail opens a connection of its own
             self.readers.append(reader)
             self._tasks.append(asyncio.create_task(reader.run(), name=f"reader-p{p}"))
         self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
@@ -263,13 +334,6 @@ class Node:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for s in self._stores:
-            if s is not self.store:
-                try:
-                    await s.close()
-                except Exception:  # pragma: no cover - best effort on shutdown
-                    pass
-        self._stores.clear()
         if self.owns_store:
             await self.store.close()
         logger.info("node stopped")
@@ -277,22 +341,6 @@ class Node:
     async def sleep(self, seconds: float) -> None:
         """Sleep, returning early when the node stops."""
         await wait_event(self.shutdown, seconds)
-
-    def _dedicated_store(self) -> Store:
-        """A Store on its own connection (XREAD BLOCK holds one); the shared
-        one on Redis Cluster."""
-        r = self.store.redis
-        if isinstance(r, RedisCluster):
-            return self.store
-        pool = r.connection_pool
-        # our own backoff (with jitter, reported in /ready and metrics) instead of redis-py's retries
-        client = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
-            connection_class=pool.connection_class, max_connections=2, **pool.connection_kwargs),
-            retry=Retry(NoBackoff(), 0))
-        s = Store(client, partitions=self.store.partitions, log_maxlen=self.store.log_maxlen)
-        s.epoch = self.store.epoch
-        self._stores.append(s)
-        return s
 
     # -- state ----------------------------------------------------------------
 
@@ -305,6 +353,8 @@ class Node:
             position = await store.last_log_id(p)
             loaded[p] = (position, await store.load_markets(p))
         self.state.replace_partitions(loaded, epoch)
+        for p in parts:
+            self.loaded[p] += 1
 
     async def reload(self, partitions: list[int] | None, reason: str, generation: int) -> None:
         """Reload ``partitions`` (None = all) from Redis unless another

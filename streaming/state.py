@@ -82,7 +82,8 @@ class NodeOptions:
     """Tuning of one API node (units in the names).
 
     read_block_ms: XREAD BLOCK per reader call (must stay below the Redis
-    socket timeout of 5 s); read_count: most log entries per read;
+    socket timeout of 5 s), and the longest a reader goes without checking
+    the epoch and the log's oldest id; read_count: most log entries per read;
     health_refresh_ms: how often source health is reloaded from Redis;
     send_timeout_s: deadline of one transport write (a stuck client is
     dropped); replay_ring_entries / replay_ring_bytes: recent prepared log
