@@ -8,8 +8,11 @@ market an ingest process owns and turns each
 - **image vs delta**: an image replaces the market; a delta for a market the
   book has never seen is dropped (``no_image``) — a delta never creates a
   market;
-- **dedupe**: selections equal to the current ones are left out; an update
-  that changes nothing (a duplicate) yields no delta (``duplicate``);
+- **only what changed**: a delta carries, per selection that changed, only
+  its changed fields (:func:`feed.models.selection_change`: a ladder side
+  whole when any level of it moved, absent when none did); selections equal
+  to the current ones are left out; an update that changes nothing (a
+  duplicate) yields no delta (``duplicate``);
 - **never back in time**: an update (image or delta) whose provider time
   (``source_ts_original`` when set — a replay's own clock — else
   ``source_ts``) is older than the market's by more than
@@ -43,7 +46,9 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import msgspec
 
-from feed.models import CLOSED_STATUSES, HEADER_FIELDS, Delta, Market, MarketHeader, Selection
+from feed.models import (
+    CLOSED_STATUSES, HEADER_FIELDS, Delta, Market, MarketHeader, Selection, SelectionChange, selection_change,
+)
 from feed.normalise.base import MarketUpdate
 
 
@@ -171,7 +176,7 @@ class Book:
         if header is not None or tv == st.tv:
             tv = None
         sels = st.sels
-        selections: list[Selection] = []
+        selections: list[SelectionChange] = []
         if update.selections:
             changed = update.selections
             if closed and (header is None or header.status in CLOSED_STATUSES):
@@ -179,8 +184,13 @@ class Book:
                 # prices as they were at the close (never the dropped traffic)
                 changed = [_definition_only(sels.get(s.selection_id), s) for s in changed]
             for s in changed:
-                if sels.get(s.selection_id) != s:
-                    selections.append(s)
+                sid = s.selection_id
+                c = selection_change(sels.get(sid), s)
+                if c is not None:
+                    # diffed against the running state: a selection given twice yields two
+                    # changes, applied in order (apply_delta)
+                    selections.append(c)
+                    sels[sid] = s
         if header is None and tv is None and not selections:
             self._drop("duplicate")
             return None
@@ -198,8 +208,6 @@ class Book:
             st.tv = header.traded_volume
         elif tv is not None:
             st.tv = tv
-        for s in selections:
-            sels[s.selection_id] = s
         return Delta(
             market_id=update.market_id,
             seq=seq,

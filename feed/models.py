@@ -17,17 +17,23 @@ Shapes and units (DESIGN §3):
   when a replay maps it onto now.
 
 A :class:`Delta` carries only what changed: a changed market header (all
-market-level fields, small) and the *full current state* of each changed
-selection, so a consumer applies it by replacing selections by id
-(:func:`apply_delta`). ``kind="image"`` carries the whole market and replaces
-it. ``seq`` is per market, strictly increasing, assigned by ``feed.book``.
+market-level fields, small) and, per changed selection, a
+:class:`SelectionChange` holding its id and only the fields that changed (a
+ladder side travels whole when any level of it changed, and not at all
+otherwise), so a consumer applies it field by field (:func:`apply_delta`).
+``kind="image"`` carries the whole market and replaces it. ``seq`` is per
+market, strictly increasing, assigned by ``feed.book``; a delta applies only
+to the market at ``seq - 1`` (a consumer that misses one resyncs: the README's
+seq-gap rule).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from operator import attrgetter
+from typing import Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 EventStatus = Literal[
     "NOT_STARTED", "LIVE", "SUSPENDED", "ENDED", "CLOSED", "CANCELLED",
@@ -70,6 +76,156 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     bsp: float | None = None
     price_raw: str | None = None
     outcome: str | None = None
+
+
+class SelectionChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """One changed selection in a :class:`Delta`: its id and the fields of
+    :class:`Selection` that changed, nothing else.
+
+    A field that is present holds its new value (shapes and units as in
+    :class:`Selection`): ``"back": []`` means nothing is offered to back any
+    more, ``"ltp": null`` that there is no last traded price. A field that is
+    absent (:data:`msgspec.UNSET` here) did not change. ``back`` / ``lay``
+    travel whole — every level, best first — when any level of that side
+    changed. A selection new to the market is sent with every field (a
+    consumer builds it from the fields present, absent ones taking
+    :class:`Selection`'s defaults). Applied by :func:`apply_selection_change`;
+    built by :func:`selection_change`. Delta log entries written before this
+    type existed hold every field of each selection, so they apply the same
+    way (all fields replaced).
+    """
+
+    selection_id: str
+    name: str | None | UnsetType = UNSET
+    handicap: float | UnsetType = UNSET
+    status: SelectionStatus | UnsetType = UNSET
+    price: float | None | UnsetType = UNSET
+    back: Ladder | UnsetType = UNSET
+    lay: Ladder | UnsetType = UNSET
+    ltp: float | None | UnsetType = UNSET
+    traded_volume: float | None | UnsetType = UNSET
+    max_stake: float | None | UnsetType = UNSET
+    sort_priority: int | None | UnsetType = UNSET
+    adjustment_factor: float | None | UnsetType = UNSET
+    bsp: float | None | UnsetType = UNSET
+    price_raw: str | None | UnsetType = UNSET
+    outcome: str | None | UnsetType = UNSET
+
+
+#: The fields of a selection other than its id (those a SelectionChange may carry).
+SELECTION_FIELDS: tuple[str, ...] = Selection.__struct_fields__[1:]
+assert SelectionChange.__struct_fields__ == Selection.__struct_fields__
+
+# fields that seldom change, compared together first (selection_change)
+_RARE_FIELDS = ("name", "handicap", "status", "max_stake", "sort_priority", "adjustment_factor", "bsp",
+                "price_raw", "outcome")
+_rare = attrgetter(*_RARE_FIELDS)
+
+
+def selection_change(old: Selection | None, new: Selection) -> SelectionChange | None:
+    """What a delta carries for ``new`` when a consumer holds ``old``: the
+    fields of ``new`` that differ from ``old`` (a ladder side whole, when any
+    level of it differs), every field when ``old`` is None (a new selection),
+    or None when nothing differs. ``apply_selection_change(old, result)``
+    equals ``new``."""
+    if old is None:
+        return whole_change(new)
+    u: Any = UNSET
+    back: Any = new.back
+    x = old.back
+    if back is x or back == x:  # an unchanged side is usually the very same list
+        back = u
+    lay: Any = new.lay
+    x = old.lay
+    if lay is x or lay == x:
+        lay = u
+    price: Any = new.price
+    if price == old.price:
+        price = u
+    ltp: Any = new.ltp
+    if ltp == old.ltp:
+        ltp = u
+    tv: Any = new.traded_volume
+    if tv == old.traded_volume:
+        tv = u
+    rare_new = _rare(new)
+    rare_old = _rare(old)
+    if rare_new != rare_old:
+        rare = {f: b for f, a, b in zip(_RARE_FIELDS, rare_old, rare_new) if a != b}
+        return SelectionChange(selection_id=new.selection_id, back=back, lay=lay, price=price, ltp=ltp,
+                               traded_volume=tv, **rare)
+    if back is u and lay is u and price is u and ltp is u and tv is u:
+        return None
+    return SelectionChange(selection_id=new.selection_id, back=back, lay=lay, price=price, ltp=ltp,
+                           traded_volume=tv)
+
+
+def whole_change(sel: Selection) -> SelectionChange:
+    """``sel`` as a change carrying every field (a new selection, or a merge
+    of several changes: see :class:`SelectionChange`)."""
+    return SelectionChange(**msgspec.structs.asdict(sel))
+
+
+def apply_selection_change(current: Selection | None, change: SelectionChange) -> Selection:
+    """``current`` with the fields present in ``change`` replaced (the
+    others kept); a selection built from ``change``'s fields (absent ones
+    at their defaults) when ``current`` is None."""
+    fields = _present(change)
+    if current is None:
+        return Selection(selection_id=change.selection_id, **fields)
+    return msgspec.structs.replace(current, **fields) if fields else current
+
+
+def _present(c: SelectionChange) -> dict[str, Any]:
+    """The fields ``c`` carries (written out: 2× faster than a loop over getattr)."""
+    u: Any = UNSET
+    out: dict[str, Any] = {}
+    v: Any = c.name
+    if v is not u:
+        out["name"] = v
+    v = c.handicap
+    if v is not u:
+        out["handicap"] = v
+    v = c.status
+    if v is not u:
+        out["status"] = v
+    v = c.price
+    if v is not u:
+        out["price"] = v
+    v = c.back
+    if v is not u:
+        out["back"] = v
+    v = c.lay
+    if v is not u:
+        out["lay"] = v
+    v = c.ltp
+    if v is not u:
+        out["ltp"] = v
+    v = c.traded_volume
+    if v is not u:
+        out["traded_volume"] = v
+    v = c.max_stake
+    if v is not u:
+        out["max_stake"] = v
+    v = c.sort_priority
+    if v is not u:
+        out["sort_priority"] = v
+    v = c.adjustment_factor
+    if v is not u:
+        out["adjustment_factor"] = v
+    v = c.bsp
+    if v is not u:
+        out["bsp"] = v
+    v = c.price_raw
+    if v is not u:
+        out["price_raw"] = v
+    v = c.outcome
+    if v is not u:
+        out["outcome"] = v
+    return out
+
+
+assert _present(whole_change(Selection(selection_id=""))).keys() == set(SELECTION_FIELDS)  # none left out
 
 
 class _MarketFields(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -149,8 +305,9 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=Fa
     kind="image": ``market`` is the whole market (replace). kind="delta":
     ``header`` is set when a market-level field other than the market's
     traded volume changed; ``traded_volume`` is set when only that moved
-    (it changes with nearly every trade); ``selections`` holds the full state
-    of each changed selection. Latency tags in integer ms. session: the
+    (it changes with nearly every trade); ``selections`` holds a
+    :class:`SelectionChange` per changed selection (only its changed fields,
+    applied in order). Latency tags in integer ms. session: the
     market's confirmation session after this delta (see :class:`Market`); a
     delta without changes only moves ``session`` (re-confirmed by a new
     upstream image, or unconfirmed after a rejected update).
@@ -167,7 +324,7 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=Fa
     session: str | None = None
     market: Market | None = None
     header: MarketHeader | None = None
-    selections: list[Selection] = []
+    selections: list[SelectionChange] = []
     traded_volume: float | None = None
 
 
@@ -235,7 +392,14 @@ def apply_delta(market: Market | None, delta: Delta) -> Market | None:
 
     An image replaces; a delta with ``seq <= market.seq`` (duplicate or out
     of order) returns ``market`` unchanged; a delta for an unknown market
-    returns None (a delta never creates a market). Pure.
+    returns None (a delta never creates a market). Otherwise the delta's
+    latency tags and ``session`` are taken, ``header`` replaces every
+    market-level field (else ``traded_volume``, when set, the market's
+    volume) and each :class:`SelectionChange` is applied in order
+    (:func:`merge_selections`). The caller keeps seq order: a delta whose
+    ``seq`` is not ``market.seq + 1`` means a change was missed (resync —
+    see the README), unless it is ``conflated`` (it then carries every field
+    of each selection it touches). Pure.
     """
     if delta.kind == "image":
         return delta.market
@@ -260,13 +424,20 @@ def apply_delta(market: Market | None, delta: Delta) -> Market | None:
     return msgspec.structs.replace(market, **changes)
 
 
-def merge_selections(current: list[Selection], changed: list[Selection]) -> list[Selection]:
-    """Replace selections of ``current`` by id with ``changed``; new ids are
-    appended in the order given. Order of existing selections is kept."""
-    by_id = {s.selection_id: s for s in changed}
-    out = [by_id.pop(s.selection_id, s) for s in current]
-    if by_id:
-        out.extend(by_id.values())
+def merge_selections(current: list[Selection], changed: list[SelectionChange]) -> list[Selection]:
+    """Apply each change of ``changed``, in order, to the selection of
+    ``current`` with its id (:func:`apply_selection_change`); a change for an
+    id not held appends a new selection. Order of existing selections is
+    kept; ``current`` is not modified."""
+    out = list(current)
+    index = {s.selection_id: i for i, s in enumerate(out)}
+    for c in changed:
+        i = index.get(c.selection_id)
+        if i is None:
+            index[c.selection_id] = len(out)
+            out.append(apply_selection_change(None, c))
+        else:
+            out[i] = apply_selection_change(out[i], c)
     return out
 
 

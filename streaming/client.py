@@ -14,8 +14,12 @@ go to the same host over HTTP(S).
 
 The book: the first ``snapshot`` replaces it, each ``delta`` is applied with
 :func:`feed.models.apply_delta` (``kind: image`` replaces the market; a delta
-with ``seq`` ≤ the held one is a duplicate and changes nothing), markets that
-stop matching the filter are dropped.
+with ``seq`` ≤ the held one is a duplicate and changes nothing; otherwise each
+entry of ``selections`` carries only the fields of that selection that
+changed — a ladder side whole, or absent when it did not move — and replaces
+just those), markets that stop matching the filter are dropped. Because a
+delta is a change against the previous one, it is only ever applied to the
+market at ``seq - 1``: hence the gap rule below.
 
 Seq gaps (the rule every client should follow): per market, a ``kind:
 "delta"`` message must carry ``seq`` = the held ``seq`` + 1. One with a
@@ -28,7 +32,8 @@ reconnects without a token and takes a fresh snapshot (which replaces the
 book). Exceptions: a ``kind: "image"`` replaces the market whatever its
 ``seq`` (a newer one; an older image is ignored), and a ``"conflated":
 true`` delta stands for several changes (it carries the latest state of
-everything they changed), so it may skip seqs. A delta for a market
+everything they changed: every field of each selection they touched), so it
+may skip seqs. A delta for a market
 the book does not hold is ignored (the server sends an image first).
 ``stats.gaps`` counts the gaps seen, ``stats.resyncs`` the resyncs they
 caused (each a reconnect). After a drop the client reconnects

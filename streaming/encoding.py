@@ -14,8 +14,11 @@ Wire messages (all times integer ms since the Unix epoch, UTC)::
 
     snapshot   {"type":"snapshot","markets":[<market>…],"as_of":ms[,"recovered":bool][,"reason":str]}
     delta      {"type":"delta", <feed.models.Delta fields>[,"conflated":true], "sent_at":ms, "age_ms":int,
-                "stale":bool}   (kind "image": "market" is a <market>; "conflated": the message stands
-                for several deltas of the market — conflate_ms, or a slow consumer's collapsed queue)
+                "stale":bool}   (kind "image": "market" is a <market>; kind "delta": each entry of
+                "selections" holds only the changed fields of that selection, see
+                feed.models.SelectionChange; "conflated": the message stands for several deltas of the
+                market — conflate_ms, or a slow consumer's collapsed queue — and carries every field of
+                each selection it touches)
     heartbeat  {"type":"heartbeat","as_of":ms}
     status     {"type":"status","source":str,"state":"UP"|"DEGRADED"|"DOWN","reason":str|null,
                 "stale_markets":[market_id…],"turned_stale":[…],"turned_fresh":[…],"as_of":ms}

@@ -72,7 +72,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from feed.errors import StoreError
-from feed.models import Delta
+from feed.models import Delta, whole_change
 from feed.store import Store, log_key
 from streaming.bestview import BestView
 from streaming.encoding import (
@@ -1074,7 +1074,11 @@ class Hub:
         return self.state.token
 
     def _merged_message(self, market_id: str, mg: Merge, now: int) -> Message | None:
-        """ONE delta with the market's latest state of everything ``mg`` gathered."""
+        """ONE delta with the market's latest state of everything ``mg`` gathered:
+        the whole header when any gathered delta changed it, and every field of
+        each selection any of them touched (their changes may differ in which
+        fields they carry, so the merge sends them all: applying it to the book
+        from before the first gathered delta gives the latest state)."""
         st = self.state
         m = st.markets.get(market_id)
         if m is None:
@@ -1089,7 +1093,7 @@ class Hub:
                   received_at=m.received_at, stored_at=m.stored_at, source_ts_original=m.source_ts_original,
                   session=m.session, header=m.header() if mg.header else None,
                   traded_volume=m.traded_volume if (mg.tv and not mg.header) else None,
-                  selections=[s for s in m.selections if s.selection_id in ids])
+                  selections=[whole_change(s) for s in m.selections if s.selection_id in ids])
         info = DeltaInfo(market_id, tuple(ids), mg.header, mg.tv, False)
         return delta_message(d, market_json=None, age_ms=age, stale=stale, sent_at=now, token=None,
                              conflated=True, info=info)

@@ -290,11 +290,12 @@ async def test_board_shows_live_prices_stale_markers_and_the_down_banner(redis_u
             d1 = await page.js("oddsBoard.state.stats.deltas")
             await page.until(f"oddsBoard.state.stats.deltas > {d1}", "prices moving again")
 
-            # -- a suspended market is marked (a header delta fed through the page's own handler)
+            # -- a suspended market is marked (a header delta fed through the page's own handler; conflated,
+            # so its seq may jump ahead of the live ones, which the page then ignores as duplicates)
             mid = await page.js("document.querySelector('.market:not(.suspended)').dataset.marketId")
             market = await page.js(f"oddsBoard.state.markets.get({json.dumps(mid)})")
             header = {k: market[k] for k in HEADER_FIELDS} | {"status": "SUSPENDED"}
-            await page.js(f"oddsBoard.handle({json.dumps({'type': 'delta', 'market_id': mid, 'kind': 'delta', 'seq': market['seq'] + 10**6, 'source': market['source'], 'source_ts': 1, 'received_at': 1, 'header': header, 'age_ms': 0, 'stale': False})})")
+            await page.js(f"oddsBoard.handle({json.dumps({'type': 'delta', 'market_id': mid, 'kind': 'delta', 'seq': market['seq'] + 10**6, 'source': market['source'], 'source_ts': 1, 'received_at': 1, 'header': header, 'conflated': True, 'age_ms': 0, 'stale': False})})")
             sel = json.dumps(f'[data-market-id="{mid}"]')
             await page.until(f"document.querySelector({sel}).classList.contains('suspended') && "
                              f"document.querySelector({sel}).querySelector('.badge.suspended') !== null",
@@ -311,7 +312,8 @@ async def test_board_shows_live_prices_stale_markers_and_the_down_banner(redis_u
 async def test_page_rebuilds_the_book_exactly_like_apply_delta() -> None:
     """The same message sequence through the page's applyDelta and through
     feed.models.apply_delta gives the same market (image, header, traded
-    volume, new and replaced selections, a duplicate)."""
+    volume, new selections, selection changes carrying only some fields — an
+    unchanged lay absent, an emptied back ``[]`` — and a duplicate)."""
     if _chromium() is None:
         pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
                     "or run .ci/install-browser as root")
@@ -355,3 +357,44 @@ async def test_page_rebuilds_the_book_exactly_like_apply_delta() -> None:
         got = await page.js(f"(() => {{ let m; for (const d of {json.dumps(wire)}) "
                             f"m = oddsBoard.applyDelta(m, d); return m; }})()")
     assert got == json.loads(ENCODER.encode(want))
+
+
+async def test_page_resyncs_on_a_seq_gap_instead_of_applying_the_delta() -> None:
+    """A delta only says what changed since ``seq - 1``: one that skips a seq
+    (not ``conflated``) is not applied — the page counts the gap and restarts
+    its stream for a fresh snapshot; a conflated delta may skip seqs. An
+    entry without ``lay`` keeps the lay."""
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    t = 1_800_000_000_000
+    m = Market(market_id="bf:1.5", source="betfair", seq=4, sport="soccer", status="OPEN",
+               selections=[Selection(selection_id="1", name="A", price=2.0, back=[(2.0, 5.0)], lay=[(2.02, 3.0)])])
+    snap = {"type": "snapshot", "markets": [json.loads(ENCODER.encode(m)) | {"age_ms": 0, "stale": False}],
+            "as_of": t}
+
+    def delta(seq: int, price: float, **extra: Any) -> dict[str, Any]:
+        return {"type": "delta", "market_id": "bf:1.5", "seq": seq, "kind": "delta", "source": "betfair",
+                "source_ts": t, "received_at": t, "stored_at": t, "sent_at": t, "age_ms": 0, "stale": False,
+                "selections": [{"selection_id": "1", "price": price, "back": [[price, 1.0]]}], **extra}
+
+    async with browser("about:blank") as page:
+        await page.until("document.readyState === 'complete'", "a blank page")
+        js = (ROOT / "streaming" / "web" / "app.js").read_text()
+        await page.js("document.body.innerHTML = '<div id=board></div><div id=banner></div><div id=conn></div>"
+                      "<span id=conn-text></span><div id=meta></div><div id=sport-filter></div>"
+                      "<div id=play-filter></div>'; window.opened = 0; window.EventSource = class { "
+                      "constructor() { window.opened += 1; } addEventListener() {} close() {} }; "
+                      "window.fetch = () => new Promise(() => {}); 0")
+        await page.js(js + "\n0")
+        opened = await page.js("window.opened")
+        sel = "oddsBoard.book()['bf:1.5'] && oddsBoard.book()['bf:1.5'].selections[0]"
+        await page.js(f"oddsBoard.handle({json.dumps(snap)}); oddsBoard.handle({json.dumps(delta(5, 2.02))}); 0")
+        assert await page.js(f"[{sel}.price, {sel}.lay, oddsBoard.state.stats.gaps]") == [2.02, [[2.02, 3.0]], 0]
+        await page.js(f"oddsBoard.handle({json.dumps(delta(7, 2.1))}); 0")  # seq 6 is missing
+        assert await page.js("[oddsBoard.state.stats.gaps, oddsBoard.state.stats.resyncs, "
+                             "Object.keys(oddsBoard.book()).length, window.opened]") == [1, 1, 0, opened + 1]
+        await page.js(f"oddsBoard.handle({json.dumps(snap)}); "
+                      f"oddsBoard.handle({json.dumps(delta(9, 2.2, conflated=True))}); 0")
+        assert await page.js(f"[{sel}.price, {sel}.lay, oddsBoard.book()['bf:1.5'].seq, oddsBoard.state.stats.gaps]"
+                             ) == [2.2, [[2.02, 3.0]], 9, 1]

@@ -286,7 +286,7 @@ async def test_a_server_side_close_is_a_drop_not_a_crash(store: Store, redis_url
 def _crafted_gap(app: Any, mid: str, jump: int, price: float) -> None:
     """Dispatch, through the node's hub, a delta for ``mid`` whose seq skips ``jump - 1`` values
     (never applied to the node's state or stored: only the clients see it)."""
-    from feed.models import Delta, Selection
+    from feed.models import Delta, Selection, whole_change
     from streaming.encoding import delta_message
     from streaming.state import PreparedDelta, PreparedEntry, keys_of
 
@@ -295,7 +295,8 @@ def _crafted_gap(app: Any, mid: str, jump: int, price: float) -> None:
     m = st.markets[mid]
     t = now_ms()
     d = Delta(market_id=mid, seq=m.seq + jump, kind="delta", source=m.source, source_ts=t, received_at=t,
-              stored_at=t, selections=[Selection(selection_id="1", name="sel 1", price=price, back=[(price, 1.0)])])
+              stored_at=t, selections=[whole_change(Selection(selection_id="1", name="sel 1", price=price,
+                                                          back=[(price, 1.0)]))])
     msg = delta_message(d, market_json=None, age_ms=0, stale=False, sent_at=t, token=st.token,
                         prev_token=st.token)
     node.hub.dispatch(PreparedEntry(0, st.positions[0], st.token, [PreparedDelta(mid, keys_of(m), None, msg, None, d)],
@@ -373,7 +374,7 @@ async def test_gap_rules_duplicates_images_conflated_and_the_snapshot_fallback()
     """Against a fake server speaking our wire format: a duplicate is ignored, an image with a
     higher seq replaces, a conflated delta may skip seqs, a plain delta that skips one is a gap →
     resume with the token from before it; the same gap again → a fresh snapshot (no token)."""
-    from feed.models import ENCODER, Delta, Market, Selection
+    from feed.models import ENCODER, Delta, Market, Selection, whole_change
     from streaming.encoding import delta_message, market_with_age, resumed_message, snapshot_message
 
     def market(mid: str, seq: int, price: float) -> Market:
@@ -387,7 +388,7 @@ async def test_gap_rules_duplicates_images_conflated_and_the_snapshot_fallback()
     def delta(mid: str, seq: int, price: float, token: bytes | None, *, conflated: bool = False) -> bytes:
         t = now_ms()
         d = Delta(market_id=mid, seq=seq, kind="delta", source="fake", source_ts=t, received_at=t,
-                  selections=[Selection(selection_id="1", name="one", price=price, back=[(price, 5.0)])])
+                  selections=[whole_change(Selection(selection_id="1", name="one", price=price, back=[(price, 5.0)]))])
         return delta_message(d, market_json=None, age_ms=0, stale=False, sent_at=t, token=token,
                              conflated=conflated).sse(token is not None)
 

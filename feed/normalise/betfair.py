@@ -277,7 +277,10 @@ class _Runner:
         self.outcome: str | None = None
         self.bsp: float | None = None
         self.name: str | None = None
-        self.back: list[tuple[float, float]] = []  # canonical ladders, rebuilt only when dirty
+        # canonical ladders, rebuilt only when dirty (a change reached the best ladder_depth levels);
+        # never mutated in place: an unchanged side is the same list in every Selection built from it,
+        # which is how the book tells it unchanged at the cost of an identity check
+        self.back: list[tuple[float, float]] = []
         self.lay: list[tuple[float, float]] = []
         self.back_dirty = True
         self.lay_dirty = True
@@ -343,15 +346,33 @@ def _bad_bsp(value: Bsp | None) -> bool:
     return value is not None and not isinstance(value, str) and not (MIN_PRICE <= value <= MAX_PRICE)
 
 
-def _apply_prices(book: dict[float, float], prices: list[float], changes: list[tuple[float, float]]) -> None:
-    """Apply ``[price, size]`` changes; ``prices`` is kept sorted ascending."""
+def _apply_prices(book: dict[float, float], prices: list[float], changes: list[tuple[float, float]],
+                  depth: int, back: bool, dirty: bool) -> bool:
+    """Apply ``[price, size]`` changes; ``prices`` is kept sorted ascending.
+
+    Returns whether the side's best ``depth`` prices (the highest for
+    ``back``, the lowest for lay) may have changed (``dirty``: they are
+    already to be rebuilt): False only when every change lies strictly
+    beyond the ``depth``-th best price held before — an insert, update or
+    delete there cannot reach the top ``depth``."""
+    n = len(prices)
+    if dirty or n < depth or depth <= 0:
+        lo, hi = -math.inf, math.inf  # every change is visible
+    elif back:
+        lo, hi = prices[n - depth], math.inf
+    else:
+        lo, hi = -math.inf, prices[depth - 1]
+    visible = False
     for price, size in changes:
+        if lo <= price <= hi:
+            visible = True
         if size:
             if price not in book:
                 insort(prices, price)
             book[price] = size
         elif book.pop(price, None) is not None:
             del prices[bisect_left(prices, price)]
+    return visible or dirty
 
 
 def _apply_levels(book: dict[int, tuple[float, float]], changes: list[tuple[int, float, float]]) -> None:
@@ -612,7 +633,7 @@ class BetfairNormaliser:
         if mc.rc:
             for rc in mc.rc:
                 runner = self._runner(market, rc.id, rc.hc)
-                self._apply_runner(market, runner, rc)
+                self._apply_runner(market, runner, rc, self.ladder_depth)
                 changed[runner.key] = runner
         market.source_ts = source_ts
         if header_changed or tv_changed:
@@ -734,15 +755,16 @@ class BetfairNormaliser:
                 changed[runner.key] = runner
 
     @staticmethod
-    def _apply_runner(market: _Market, runner: _Runner, rc: RunnerChange) -> None:
+    def _apply_runner(market: _Market, runner: _Runner, rc: RunnerChange, depth: int) -> None:
+        """Apply one runner change to the cache; a canonical side is marked
+        dirty (rebuilt by :meth:`_selection`) only when its best ``depth``
+        levels may have moved."""
         kind = market.ladder
         if rc.atb is not None:
-            _apply_prices(runner.atb, runner.atb_px, rc.atb)
-            runner.back_dirty = True
+            runner.back_dirty = _apply_prices(runner.atb, runner.atb_px, rc.atb, depth, True, runner.back_dirty)
             kind = _ATB
         if rc.atl is not None:
-            _apply_prices(runner.atl, runner.atl_px, rc.atl)
-            runner.lay_dirty = True
+            runner.lay_dirty = _apply_prices(runner.atl, runner.atl_px, rc.atl, depth, False, runner.lay_dirty)
             kind = _ATB
         if rc.bdatb is not None:
             _apply_levels(runner.bdatb, rc.bdatb)

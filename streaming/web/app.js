@@ -4,11 +4,18 @@
  * feed.models.apply_delta do it:
  *   snapshot            → replaces the whole book
  *   delta kind "image"  → replaces the market
- *   delta kind "delta"  → skipped when seq <= the held seq; otherwise seq and
- *                         latency tags are taken, "header" replaces every
+ *   delta kind "delta"  → skipped when seq <= the held seq; a seq past the held
+ *                         seq + 1 (not "conflated") means a change was missed:
+ *                         not applied, the stream restarts from a fresh
+ *                         snapshot (stats.gaps / stats.resyncs); otherwise seq
+ *                         and latency tags are taken, "header" replaces every
  *                         market-level field (else "traded_volume" updates the
- *                         market's volume) and each entry of "selections"
- *                         replaces the selection with that id (new ids appended)
+ *                         market's volume) and each entry of "selections", in
+ *                         order, replaces only the fields it carries of the
+ *                         selection with that id (an absent field, e.g. an
+ *                         unchanged "lay", is kept; "back": [] means nothing
+ *                         offered); an id not held is appended, absent fields
+ *                         at the defaults of feed.models.Selection
  *   resumed             → recovered:false is followed by a snapshot (replace)
  *
  * Ages and staleness are recomputed in the page like the Python client does:
@@ -71,7 +78,7 @@
     connected: false,
     filter: { sport: params.get("sport") || "all", play: playFromParam(params.get("in_play")) },
     stats: { snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, resumedRecovered: 0,
-             resumedLost: 0, flashes: 0, renders: 0, errors: 0, lagMs: null },
+             resumedLost: 0, flashes: 0, renders: 0, errors: 0, gaps: 0, resyncs: 0, lagMs: null },
   };
 
   function playFromParam(v) {
@@ -87,15 +94,27 @@
 
   // -- the book (mirror of feed.models.apply_delta) --------------------------------
 
+  /** A new selection's fields before a delta's entry is applied (feed.models.Selection's defaults). */
+  function selectionDefaults() {
+    return { selection_id: null, name: null, handicap: 0.0, status: "ACTIVE", price: null, back: [], lay: [],
+             ltp: null, traded_volume: null, max_stake: null, sort_priority: null, adjustment_factor: null,
+             bsp: null, price_raw: null, outcome: null };
+  }
+
+  /** Apply a delta's selection changes in order (feed.models.merge_selections): each
+   *  replaces only the fields it carries; current is not modified. */
   function mergeSelections(current, changed) {
-    const byId = new Map(changed.map((s) => [s.selection_id, s]));
-    const out = current.map((s) => {
-      const c = byId.get(s.selection_id);
-      if (c === undefined) return s;
-      byId.delete(s.selection_id);
-      return c;
-    });
-    for (const s of byId.values()) out.push(s);
+    const out = current.slice();
+    const index = new Map(out.map((s, i) => [s.selection_id, i]));
+    for (const c of changed) {
+      const i = index.get(c.selection_id);
+      if (i === undefined) {
+        index.set(c.selection_id, out.length);
+        out.push(Object.assign(selectionDefaults(), c));
+      } else {
+        out[i] = Object.assign({}, out[i], c);
+      }
+    }
     return out;
   }
 
@@ -168,6 +187,14 @@
     const cur = state.markets.get(d.market_id);
     if (cur && d.seq <= cur.seq) {  // a duplicate (e.g. replayed around a resume)
       state.stats.duplicates += 1;
+      return;
+    }
+    if (cur && d.kind === "delta" && !d.conflated && d.seq !== cur.seq + 1) {
+      // a change was missed: this delta only says what changed since seq - 1, so applying it
+      // would show a wrong price as fresh; start over from a fresh snapshot instead
+      state.stats.gaps += 1;
+      state.stats.resyncs += 1;
+      restartStream();
       return;
     }
     const next = applyDelta(cur, d);
