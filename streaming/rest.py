@@ -47,9 +47,9 @@ from starlette.routing import BaseRoute, Route
 from feed.errors import StoreError
 from feed.models import ENCODER, Market, effective_health
 from streaming.responses import json_error, json_response, node_of
-from feed.taxonomy import is_unmapped, market_key, parse_market_key
+from feed.taxonomy import is_unmapped, market_key
 from streaming.aggregate import event_view, market_views
-from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, now_ms, parse_bool
+from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, market_types, now_ms, parse_bool
 
 __all__ = ["json_error", "json_response", "node_of", "routes"]
 
@@ -154,17 +154,9 @@ def _etag_headers(request: Request, state: NodeState, markets: list[Market], ext
 
 
 def _types(value: str | None) -> set[str] | None:
-    """``market_type=`` of the events endpoints: canonical types or market keys."""
-    if not value:
-        return None
-    out = {x.strip() for x in value.split(",") if x.strip()}
-    for t in out:
-        if ":" in t and not t.startswith("raw:"):
-            try:
-                parse_market_key(t)
-            except ValueError as exc:
-                raise FilterError(str(exc)) from None
-    return out or None
+    """``market_type=`` of the events endpoints (see :func:`streaming.state.market_types`)."""
+    types = market_types(value)
+    return set(types) if types is not None else None
 
 
 def _view_param(value: str | None) -> str | None:

@@ -157,17 +157,9 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
         """Build a filter from query-string or JSON values. Lists may be a
         comma-separated string or a JSON list of strings; in_play accepts
         true/false/1/0 (string or JSON bool). Raises FilterError."""
-        types = _id_set("market_type", market_type)
-        if types is not None:
-            for t in types:
-                if ":" in t and not t.startswith("raw:"):
-                    try:
-                        parse_market_key(t)
-                    except ValueError as exc:
-                        raise FilterError(str(exc)) from None
         return cls(sport=_id_set("sport", sport), competition=_id_set("competition", competition),
-                   event=_id_set("event", event), market=_id_set("market", market), market_type=types,
-                   in_play=parse_bool("in_play", in_play))
+                   event=_id_set("event", event), market=_id_set("market", market),
+                   market_type=market_types(market_type), in_play=parse_bool("in_play", in_play))
 
     def match(self, market_id: str, keys: MarketKeys) -> bool:
         """Whether a market with these keys passes the filter."""
@@ -188,6 +180,20 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
     def match_market(self, m: Market, canonical: str | None = None) -> bool:
         """Whether market ``m`` (of canonical event ``canonical``) passes the filter."""
         return self.match(m.market_id, keys_of(m, canonical))
+
+
+def market_types(value: object) -> frozenset[str] | None:
+    """``market_type`` filter values: canonical types (``total``) or market
+    keys (``total:line=2.5``, checked by :func:`feed.taxonomy.parse_market_key`).
+    Raises FilterError saying what to fix."""
+    types = _id_set("market_type", value)
+    for t in types or ():
+        if ":" in t and not t.startswith("raw:"):
+            try:
+                parse_market_key(t)
+            except ValueError as exc:
+                raise FilterError(str(exc)) from None
+    return types
 
 
 def parse_bool(name: str, value: object) -> bool | None:
