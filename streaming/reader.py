@@ -349,10 +349,17 @@ class Node:
         epoch = await store.current_epoch()
         parts = range(self.state.partitions) if partitions is None else partitions
         loaded = {}
+        heads = {}
         for p in parts:
             position = await store.last_log_id(p)
             loaded[p] = (position, await store.load_markets(p))
+            # the snapshots may hold changes logged after ``position``: up to this head the reader
+            # skips a delta it already holds; past it a seq at or below the held one is a lineage
+            # the node did not load (Redis went back in time under the same epoch): reload
+            heads[p] = await store.last_log_id(p)
         self.state.replace_partitions(loaded, epoch)
+        for p, head in heads.items():
+            self.state.load_heads[p] = head
         for p in parts:
             self.loaded[p] += 1
 

@@ -408,8 +408,11 @@ class NodeState:
         self.loaded = False
         self.health: dict[str, SourceHealth] = {}
         self.changes = 0
-        #: (partition, market, held seq, seq received) of the last per-market seq gap seen in the log
+        #: (partition, market, held seq, seq received) of the last per-market seq gap seen in the log,
+        #: or of a seq at or below the held one past ``load_heads`` (a lineage the node never loaded)
         self.seq_gap: tuple[int, str, int, int] | None = None
+        #: per partition: the log head read right after the snapshots were loaded ("0-0": none)
+        self.load_heads: list[str] = ["0-0"] * partitions
         self.token: bytes = encode_token(None, self.positions)
         self.ring = ReplayRing(self.options.replay_ring_entries, self.options.replay_ring_bytes, self.positions)
         self._json: dict[str, bytes] = {}
@@ -610,9 +613,16 @@ class NodeState:
         if self._waiting[p]:
             self._reach(p)
         markets = self.markets
+        past_load = parse_stream_id(entry_id) > parse_stream_id(self.load_heads[p])
         for d in deltas:
             old = markets.get(d.market_id)
             if old is not None and d.seq <= old.seq:
+                if past_load and self.seq_gap is None:
+                    # logged after everything this node loaded, yet not newer than what it holds:
+                    # the store went back (an older snapshot restored under the same epoch) and a
+                    # writer goes on from there — skipping it would freeze the market at a state
+                    # the store no longer has; the reader reloads the partition
+                    self.seq_gap = (p, d.market_id, old.seq, d.seq)
                 continue
             if d.kind == "image":
                 new = d.market

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import msgspec
 from redis.exceptions import RedisError
 
 from feed.store import EPOCH_KEY, EpochChanged, LogCheck, LogTail, Store, log_key, pepoch_key
@@ -276,3 +277,39 @@ def test_log_tail_parses_resp2_and_resp3_xread_replies(store: Store) -> None:
         entries = tail._entries(reply)
         assert [(i, [d.seq for d in ds]) for i, ds in entries] == [("5-0", [4]), ("6-1", [4])]
     assert tail._entries(None) == []
+
+
+async def test_a_store_gone_back_in_time_under_the_same_epoch_is_reloaded_not_skipped(
+        store: Store, redis_url: str) -> None:
+    """Redis restored from an older snapshot (same epoch: the AOF/RDB of an hour ago) and the
+    ingest restarted from it: its next change of m1 carries seq 2 while the node holds seq 3.
+    Skipping it as "already held" would freeze m1 at a price the store no longer has; the node
+    reloads the partition and its subscribers get the store's state as a recovered:false snapshot."""
+    from feed.book import Book
+    from feed.store import market_key, seq_key
+
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    restored = feed.book.markets["m1"]  # what the older snapshot holds (seq 1)
+    await feed.write(feed.price("m1", "1", 2.2))
+    await feed.write(feed.price("m1", "1", 2.3))  # the node will hold seq 3
+    app = make_app(redis_url)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with c.stream("GET", "/v1/stream") as resp:
+            sse = SSEReader(resp)
+            snap = await _event(sse)
+            assert snap.event == "snapshot" and snap.data["markets"][0]["seq"] == 3
+            # the restore: the stored state of m1 goes back to seq 1 (its log entries stay: ids are newer)
+            await store.redis.hset(seq_key(0), "m1", 1)
+            await store.redis.set(market_key(0, "m1"), msgspec.json.encode(restored))
+            # the ingest restarts from the restored store and goes on: seq 2, another price
+            again = Feed(store)
+            again.book = Book()
+            again.book.restore([restored])
+            (d,) = await again.write(again.price("m1", "1", 9.9))
+            assert d.seq == 2
+            ev = await sse.until(lambda e: e.event == "snapshot", TIMEOUT_S)
+            assert ev.data["recovered"] is False
+            (m1,) = ev.data["markets"]
+            assert (m1["seq"], m1["selections"][0]["price"]) == (2, 9.9)
+    assert app.state.node.reloads >= 1
