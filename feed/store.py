@@ -36,12 +36,14 @@ as one log entry and, for partition 0, stores the source cursor with them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -704,14 +706,16 @@ class LogTail:
         try:
             if not check:
                 await conn.send_packed_command(conn.pack_command(*xread))
-                return self._entries(await conn.read_response(disable_decoding=True, timeout=deadline_s)), None
+                return self._entries(await _reply(conn, deadline_s)), None
             await conn.send_packed_command(conn.pack_commands((xread, *self._check_cmd)))
-            res = await conn.read_response(disable_decoding=True, timeout=deadline_s)
-            replies = [await conn.read_response(disable_decoding=True, timeout=self.timeout_s) for _ in range(3)]
+            res = await _reply(conn, deadline_s)
+            replies = [await _reply(conn, self.timeout_s) for _ in range(3)]
+            return self._entries(res), _log_check(*replies)
         except BaseException:
-            await conn.disconnect(nowait=True)  # never leave a reply unread on the connection
+            # never leave a reply unread on the connection (or read one that belongs to another
+            # command): after a timeout, an error or a reply we cannot read, start a new connection
+            await conn.disconnect(nowait=True)
             raise
-        return self._entries(res), _log_check(*replies)
 
     async def check(self) -> LogCheck:
         """The guards alone (one round trip)."""
@@ -725,11 +729,11 @@ class LogTail:
             conn = self._conn = await self._pool.get_connection()
         try:
             await conn.send_packed_command(conn.pack_commands(self._check_cmd))
-            replies = [await conn.read_response(disable_decoding=True, timeout=self.timeout_s) for _ in range(3)]
+            replies = [await _reply(conn, self.timeout_s) for _ in range(3)]
+            return _log_check(*replies)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
-        return _log_check(*replies)
 
     async def _read_cluster(self, after: str, block_ms: int, count: int,
                             check: bool) -> tuple[LogEntries, LogCheck | None]:
@@ -762,6 +766,16 @@ class LogTail:
                     raise StoreError(f"unexpected redis stream entry {fields!r:.80}")
                 out.append((reply_text(entry_id), decode(payload)))
         return out
+
+
+async def _reply(conn: Any, timeout_s: float) -> Any:
+    """The next reply on ``conn`` within ``timeout_s`` (raises TimeoutError).
+
+    Not redis-py's ``read_response(timeout=…)``: on a timeout that returns
+    None — the same as XREAD's "nothing came" — and leaves the late reply on
+    the connection, where the next read would take it for its own."""
+    async with asyncio.timeout(timeout_s):
+        return await conn.read_response(disable_decoding=True)
 
 
 def _log_check(epoch: object, pepoch: object, first: object) -> LogCheck:

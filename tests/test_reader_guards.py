@@ -313,3 +313,33 @@ async def test_a_store_gone_back_in_time_under_the_same_epoch_is_reloaded_not_sk
             (m1,) = ev.data["markets"]
             assert (m1["seq"], m1["selections"][0]["price"]) == (2, 9.9)
     assert app.state.node.reloads >= 1
+
+
+async def test_log_tail_starts_a_new_connection_when_a_reply_comes_too_late(store: Store) -> None:
+    """A reply that misses its deadline must never be read later as the answer of the
+    next command (a node stalled on Redis — SIGSTOP in the fault suite — then read
+    the epoch as an XREAD reply forever)."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    tail = store.tail(0)
+    try:
+        await tail.check()  # connected
+        tail.timeout_s = 0.05
+        await store.redis.execute_command("CLIENT", "PAUSE", 400, "ALL")  # every other client waits 0.4 s
+        try:
+            await tail.check()
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("the check answered although Redis was paused")
+        tail.timeout_s = 5.0
+
+        async def reads() -> bool:
+            entries, guards = await tail.read("0-0", block_ms=10, count=10, check=True)
+            return [d.market_id for _, ds in entries for d in ds] == ["m1"] and guards is not None \
+                and guards.epoch is not None
+        await eventually(reads, TIMEOUT_S, "a read with its own replies after the pause")
+        entries, _ = await tail.read("0-0", block_ms=10, count=10)
+        assert [d.market_id for _, ds in entries for d in ds] == ["m1"]
+    finally:
+        await tail.aclose()
