@@ -67,6 +67,11 @@ Only 127.0.0.1 is used. Each loop is bounded in count and time; the whole
 run stops starting rows after ``--budget`` seconds (rows not run fail).
 Logs of every process: the printed work directory (kept with ``--keep`` or
 when a row failed).
+
+Writes ``docs/bench/faults-recovery.png`` (``--png-dir`` elsewhere,
+``--no-png`` not at all): per row run, the time to recover against the
+target (``--recover-timeout``), missed rows marked; a run of some rows only
+(``--only`` or the budget) says so in its title and names them.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ from benchmarks.fault_harness import (  # noqa: E402
     judge_probes,
     now_ms,
 )
+from benchmarks import plots  # noqa: E402
 from feed.embedded_redis import redis_server_binary  # noqa: E402
 from feed.settings import Settings  # noqa: E402
 
@@ -1192,11 +1198,50 @@ async def main_async(args: argparse.Namespace, rows: list[Row]) -> int:
             "rows": [r.as_json() for r in results], "met": len(results) - len(failed), "failed": len(failed),
         }, indent=1, default=str))
         print(f"JSON summary: {args.json}")
+    if not args.no_png and results:
+        path = write_png(results, args, v.get("git", "?"), load0, load1)
+        print(f"wrote {path}")
     if failed or args.keep:
         print(f"logs kept in {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
+
+
+def write_png(results: list[Result], args: argparse.Namespace, git: str, load0: tuple[float, float, float],
+              load1: tuple[float, float, float]) -> Path:
+    """Horizontal bars, one per row in run order: time to recover (s) against the
+    ``--recover-timeout`` target; a row that missed (or was not run, invalid, an
+    error) is red and says its verdict; a row with no time to recover gets an
+    empty bar and says why. A partial run names its rows in the title."""
+    plt = plots.pyplot()
+    target = args.recover_timeout
+    n = len(results)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.32 * n))
+    ys = list(range(n))[::-1]  # first row at the top
+    values = [r.ttr_s if r.ttr_s is not None else 0.0 for r in results]
+    colors = ["C2" if r.verdict == "met" else "C3" for r in results]
+    ax.barh(ys, values, color=colors, height=0.7)
+    ax.set_yticks(ys, [r.row.name for r in results], fontsize=8)
+    for y, r, v in zip(ys, results, values):
+        ttr = "no recovery" if r.ttr_s is None and r.recovered is False else "-" if r.ttr_s is None \
+            else f"{r.ttr_s:.1f} s"
+        text = ttr if r.verdict == "met" else f"{ttr}  {r.verdict}"
+        ax.annotate(text, (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7,
+                    color="k" if r.verdict == "met" else "C3", fontweight="normal" if r.verdict == "met" else "bold")
+    ax.axvline(target, color="k", linestyle="--", linewidth=1, label=f"target: recovered within {target:g} s")
+    ax.set_xlim(0, target * 1.3)
+    ax.set_xlabel("time to recover after the fault ended, s (ingest_dead: until its source read DOWN)")
+    ax.legend(fontsize=8, loc="lower right")
+    met = sum(1 for r in results if r.verdict == "met")
+    names = [r.row.name for r in results]
+    partial = set(names) != {r.name for r in ROWS}
+    title = f"fault suite: {met}/{n} rows met every target (red: missed)"
+    if partial:
+        title += f"\nPARTIAL RUN: {n} of {len(ROWS)} rows: " + ", ".join(names[:8]) + (" …" if n > 8 else "")
+    ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{os.cpu_count()} CPUs, load avg {load0[0]:.2f} → {load1[0]:.2f}; git {git}", fontsize=8)
+    return plots.save(fig, "faults-recovery", args.png_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1225,6 +1270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds the frozen upstream is given to converge before the end-state diff (default 6)")
     p.add_argument("--budget", type=float, default=780.0,
                    help="no row starts after this many seconds (default 780; rows not run fail)")
+    p.add_argument("--png-dir", type=Path, default=None, help="where faults-recovery.png goes (default docs/bench/)")
+    p.add_argument("--no-png", action="store_true")
     return p.parse_args(argv)
 
 

@@ -33,6 +33,10 @@ recovered, got a gap, or missed the deadline.
 Also printed: the delivery lag of ``--bystanders`` streams opened before the
 storm (what the storm costs clients that did not drop), and the node's CPU.
 
+Writes ``docs/bench/reconnect-storm-resumed.png`` (``--png-dir`` elsewhere,
+``--no-png`` not at all): per round, the distribution (CDF) of the time to
+``resumed`` over all clients, the floor's time to first event and the deadline.
+
 Usage::
 
     python benchmarks/reconnect_storm.py              # 1000 clients each on one event, 2000 updates/s, 3 s old token
@@ -68,6 +72,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import fanout  # noqa: E402  (the node, Redis and feeder helpers)
+from benchmarks import plots  # noqa: E402
 
 __all__ = ["StormClient", "follow_for_token", "main", "run_floor", "run_storm"]
 
@@ -267,7 +272,8 @@ async def follow_for_token(base_url: str, *, query: str = "", follow_s: float = 
 async def run_storm(base_url: str, token: str, n: int = 1000, *, query: str | Sequence[str] = "",
                     deadline_s: float = 2.0,
                     timeout_s: float = 30.0, base_seqs: dict[str, int] | None = None, check_every: int = 10,
-                    settle_s: float = 1.0, node_pid: int | None = None) -> dict[str, Any]:
+                    settle_s: float = 1.0, node_pid: int | None = None,
+                    times_out: list[float] | None = None) -> dict[str, Any]:
     """Open ``n`` SSE connections to ``base_url`` at once, each resuming from ``token``
     (``Last-Event-ID``), and measure.
 
@@ -286,7 +292,7 @@ async def run_storm(base_url: str, token: str, n: int = 1000, *, query: str | Se
     "gaps", "dups", "replayed_deltas" (checked clients), "errors": [first five],
     "wall_s", "client_cpu_frac" (this process's CPU share until the last ``resumed``: near 1,
     the times include the clients' own delay)}. Times are from the moment the connections were
-    started.
+    started. ``times_out``, when given, is extended with every client's time to ``resumed`` (ms).
     """
     fanout._raise_nofile()  # n sockets at once
     host, port = _host_port(base_url)
@@ -328,6 +334,8 @@ async def run_storm(base_url: str, token: str, n: int = 1000, *, query: str | Se
         if c.transport is not None:
             c.transport.close()
     times = [c.resumed_s * 1000 for c in clients if c.resumed_s is not None]
+    if times_out is not None:
+        times_out.extend(times)
     heads = [c.headers_s * 1000 for c in clients if c.headers_s is not None]
     statuses: dict[str, int] = {}
     for c in clients:
@@ -361,9 +369,11 @@ async def run_storm(base_url: str, token: str, n: int = 1000, *, query: str | Se
     }
 
 
-async def run_floor(base_url: str, n: int = 1000, *, timeout_s: float = 30.0) -> dict[str, Any]:
+async def run_floor(base_url: str, n: int = 1000, *, timeout_s: float = 30.0,
+                    times_out: list[float] | None = None) -> dict[str, Any]:
     """N plain SSE connections at once (no token; a filter matching nothing, so a tiny
-    snapshot): time to the first event, ms — what accepting N streams costs the node."""
+    snapshot): time to the first event, ms — what accepting N streams costs the node
+    (``times_out``, when given, is extended with every client's)."""
     host, port = _host_port(base_url)
     t0 = time.monotonic()
     clients = [StormClient(b"/v1/stream?market=__storm_floor__", None, t0) for _ in range(n)]
@@ -377,6 +387,8 @@ async def run_floor(base_url: str, n: int = 1000, *, timeout_s: float = 30.0) ->
         if c.transport is not None:
             c.transport.close()
     times = [c.first_event_s * 1000 for c in clients if c.first_event_s is not None]
+    if times_out is not None:
+        times_out.extend(times)
     return {"clients": n, "answered": len(times),
             "first_event_ms": {"p50": _pct(times, 50), "p90": _pct(times, 90), "p99": _pct(times, 99),
                                "max": max(times) if times else float("nan")}, "errors": errors[:5]}
@@ -422,7 +434,9 @@ def _ms(d: dict[str, float]) -> str:
 
 
 async def _round(args: argparse.Namespace, base: str, server_pid: int, query: str | list[str],
-                 spy: Any) -> dict[str, Any]:
+                 spy: Any, series: dict[str, list[float]]) -> dict[str, Any]:
+    """One storm (and its floor); every client's time (ms) goes into ``series["resumed"]`` /
+    ``series["floor"]`` (for the PNG; not in the returned figures)."""
     token, seqs = await follow_for_token(base)  # one token serves every filter: it is the node's position
     print(f"token taken ({len(seqs)} markets); waiting {args.age:g} s while the feed goes on …", flush=True)
     host, port = _host_port(base)
@@ -445,7 +459,8 @@ async def _round(args: argparse.Namespace, base: str, server_pid: int, query: st
         rss.reset()
         print(f"storm: {args.clients} SSE clients resuming at once (node RSS {before / MB:,.0f} MB) …", flush=True)
         storm = await run_storm(base, token, args.clients, query=query, deadline_s=args.deadline,
-                                base_seqs=seqs, check_every=args.check_every, node_pid=server_pid)
+                                base_seqs=seqs, check_every=args.check_every, node_pid=server_pid,
+                                times_out=series["resumed"])
         for c in by:
             c.lags = None
             if c.transport is not None:
@@ -456,7 +471,7 @@ async def _round(args: argparse.Namespace, base: str, server_pid: int, query: st
         after = rss.rss()
     if spy is not None:
         await asyncio.to_thread(spy.wait, 30)
-    floor = await run_floor(base, args.clients) if not args.no_floor else None
+    floor = await run_floor(base, args.clients, times_out=series["floor"]) if not args.no_floor else None
     def lag(v: list[int]) -> dict[str, float]:
         return {"p50": _pct(v, 50), "p99": _pct(v, 99), "max": max(v) if v else float("nan"), "n": len(v)}
     return {"storm": storm, "floor": floor, "bystanders": args.bystanders, "lag_calm_ms": lag(calm),
@@ -464,7 +479,8 @@ async def _round(args: argparse.Namespace, base: str, server_pid: int, query: st
             "rss_after_mb": after / MB, "rss_peak_growth_kb_per_client": (peak - before) / 1024 / args.clients}
 
 
-async def _drive(args: argparse.Namespace, port: int, server_pid: int) -> list[dict[str, Any]]:
+async def _drive(args: argparse.Namespace, port: int, server_pid: int,
+                 series: list[dict[str, list[float]]]) -> list[dict[str, Any]]:
     base = f"http://127.0.0.1:{port}"
     query: str | list[str] = (["event=bf:e%d" % e for e in range(args.events)] if args.filter == "event" else "")
     await asyncio.sleep(args.warmup)
@@ -479,7 +495,8 @@ async def _drive(args: argparse.Namespace, port: int, server_pid: int) -> list[d
                                     "--nonblocking", *(["--native"] if os.environ.get("STORM_PYSPY_NATIVE") else [])],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(1.0)
-        res = await _round(args, base, server_pid, query, spy)
+        series.append({"resumed": [], "floor": []})
+        res = await _round(args, base, server_pid, query, spy, series[-1])
         _report(res, r + 1, args.rounds)
         out.append(res)
         await asyncio.sleep(1.0)
@@ -513,6 +530,38 @@ def _report(res: dict[str, Any], r: int, rounds: int) -> None:
           flush=True)
     if s["errors"]:
         print(f"errors (first): {s['errors']}")
+
+
+def write_png(args: argparse.Namespace, series: list[dict[str, list[float]]], res: list[dict[str, Any]],
+              load0: tuple[float, ...], load1: tuple[float, ...]) -> Path:
+    """The time to ``resumed`` per round as an empirical CDF (every client; x log), the
+    floor's time to first event dashed, the deadline as a vertical line."""
+    plt = plots.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (s, r) in enumerate(zip(series, res)):
+        st = r["storm"]
+        for key, style, label in (("resumed", "-", f"round {i + 1}: resumed ({st['recovered']}/{st['clients']} "
+                                   f"recovered, {st['within_deadline']} within {st['deadline_s']:g} s)"),
+                                  ("floor", ":", f"round {i + 1}: floor, plain connect → first event")):
+            v = sorted(s[key])
+            if not v:
+                continue
+            n = st["clients"]  # the fraction is of all clients: one that never resumed keeps the line below 1
+            ax.step([max(x, 0.1) for x in v], [(k + 1) / n for k in range(len(v))], where="post", linestyle=style,
+                    color=f"C{i}", label=label)
+    ax.axvline(args.deadline * 1000, color="k", linestyle="--", linewidth=1,
+               label=f"target: all within {args.deadline:g} s")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("ms since the storm's connections were started (log)")
+    ax.set_ylabel("fraction of clients")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    shape = "each on one event" if args.filter == "event" else "each on every market"
+    ax.set_title(f"reconnect storm: {args.clients} SSE clients ({shape}) resume with a {args.age:g} s old token,\n"
+                 f"feed {args.rate} updates/s, {args.rounds} round(s)", fontsize=9)
+    fig.suptitle(f"{os.cpu_count()} CPUs, load avg {load0[0]:.2f} → {load1[0]:.2f}", fontsize=8)
+    return plots.save(fig, "reconnect-storm-resumed", args.png_dir)
 
 
 def _spawn_node(redis_url: str, port: int, log: Any, *, uvloop: bool) -> Any:
@@ -556,6 +605,9 @@ def main() -> int:
                    "(oddsfeed serve uses uvloop)")
     p.add_argument("--profile", metavar="FILE", help="record the node with py-spy during the first storm (raw "
                    "collapsed stacks to FILE; needs py-spy)")
+    p.add_argument("--png-dir", type=Path, default=None,
+                   help="where reconnect-storm-resumed.png goes (default docs/bench/)")
+    p.add_argument("--no-png", action="store_true")
     args = p.parse_args()
     fanout._pin(fanout.LOAD_CPU)
     fanout._raise_nofile()
@@ -564,6 +616,8 @@ def main() -> int:
           f"updates/s over {args.events} events × {fanout.MARKETS_PER_EVENT} markets; node on CPU "
           f"{fanout.SERVER_CPU} ({'asyncio' if args.asyncio else 'uvloop'}), redis + feeder + clients on CPU "
           f"{fanout.LOAD_CPU}; python {sys.version.split()[0]}", flush=True)
+    load0 = os.getloadavg()
+    series: list[dict[str, list[float]]] = []
     print(f"command: {' '.join(sys.argv)}; load average before: {os.getloadavg()[0]:.2f} "
           "(other work on this 2-core machine skews the times)", flush=True)
     feed_s = args.warmup + args.rounds * (args.age + 40) + 30
@@ -580,7 +634,7 @@ def main() -> int:
             feeder = fanout._spawn(["_feeder", "--redis-url", url, "--events", str(args.events), "--mode", "oddsfeed",
                                     "--rate", str(args.rate), "--seconds", str(feed_s),
                                     "--t0", str(fanout.now_ms() + 200)], stdout=open(os.devnull, "w"))
-            res = asyncio.run(asyncio.wait_for(_drive(args, port, server.pid),
+            res = asyncio.run(asyncio.wait_for(_drive(args, port, server.pid, series),
                                                args.warmup + args.rounds * (args.age + 120)))
         finally:
             if feeder is not None:
@@ -595,6 +649,11 @@ def main() -> int:
           f"partial, in {args.rounds} round(s) (slowest resumed after {worst:,.0f} ms; node RSS peak growth "
           f"{peak:,.0f} MB)")
     print("\nraw:", json.dumps(res, default=str))
+    load1 = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs; load average before {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, "
+          f"after {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f} (1/5/15 min)")
+    if not args.no_png and res:
+        print(f"wrote {write_png(args, series, res, load0, load1)}")
     return 0 if ok else 1
 
 

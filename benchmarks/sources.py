@@ -50,10 +50,14 @@ A kind whose run fails prints ``failed: <error>`` (exit status 1) and the
 others still run; ``uof`` prints ``skipped: <reason>`` when the AMQP/UOF
 modules, aio-pika or ``rabbitmq-server`` are not there.
 
+Writes ``docs/bench/sources-rate-lag.png`` (``--png-dir`` elsewhere,
+``--no-png`` not at all): per kind, messages/s and lag p50 / p99 as bars.
+
 Usage::
 
     python benchmarks/sources.py [--duration 5] [--interval 0.2] [--rate 3000] [--events 60]
         [--webhook-rate 500] [--webhook-senders 4] [--uof-rate 500] [--only KIND …]
+        [--png-dir DIR] [--no-png]
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ try:
     )
 except ImportError:
     from sources_more import KINDS_MORE, READY_TIMEOUT_S, child, redis_store, running  # type: ignore[no-redef]  # noqa: E402
+try:
+    from benchmarks import plots  # noqa: E402
+except ImportError:
+    import plots  # type: ignore[no-redef]  # noqa: E402
 
 __all__ = ["KINDS", "bench_pinnacle", "bench_theoddsapi", "format_row", "main"]
 
@@ -179,6 +187,48 @@ def _load() -> str:
     return "load average {:.2f} {:.2f} {:.2f} (1/5/15 min)".format(*os.getloadavg())
 
 
+def write_png(rows: list[dict[str, Any]], args: argparse.Namespace, load0: tuple[float, ...],
+              load1: tuple[float, ...]) -> Path:
+    """Two panels, a bar per kind measured: messages/s, and lag p50 / p99 (ms, log)."""
+    plt = plots.pyplot()
+    done = [r for r in rows if "skipped" not in r and "failed" not in r]
+    missing = [f"{r['transport']} ({'skipped' if 'skipped' in r else 'failed'})" for r in rows if r not in done]
+    labels = [r["transport"] for r in done]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    plots.bar_axes(ax1, labels, [float(r["messages_per_s"]) for r in done],
+                   "payloads ingested per second", "messages / s",
+                   notes=[f"{r['odds_per_s']:,}\nodds/s" for r in done])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("messages / s (log)")
+
+    def ms(v: Any) -> float:
+        return float("nan") if v is None or v != v else max(float(v), 0.5)
+    x = range(len(done))
+    w = 0.38
+    p50 = [ms(r["lag_p50_ms"]) for r in done]
+    p99 = [ms(r["lag_p99_ms"]) for r in done]
+    b50 = ax2.bar([i - w / 2 for i in x], p50, w, color="C0", label="lag p50")
+    b99 = ax2.bar([i + w / 2 for i in x], p99, w, color="C3", label="lag p99")
+    for bars, vals in ((b50, p50), (b99, p99)):
+        for b, v in zip(bars, vals):
+            if v == v:
+                ax2.annotate(f"{v:.0f}" if v >= 1 else "<1", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                             va="bottom", fontsize=7)
+    ax2.set_yscale("log")
+    ax2.set_xticks(list(x), labels, fontsize=8, rotation=15)
+    ax2.set_ylabel("ms (log)")
+    ax2.set_title("lag: Redis apply acknowledged − provider change time", fontsize=10)
+    ax2.legend(fontsize=8)
+    ax2.margins(y=0.2)
+    sub = (f"{args.rate:g} model updates/s (webhook {args.webhook_rate:g}, uof {args.uof_rate:g}), {args.events} "
+           f"events, {args.duration:g} s per kind, pollers every {args.interval:g} s")
+    if missing:
+        sub += "; not measured: " + ", ".join(missing)
+    fig.suptitle(f"sources vs the local simulators: {sub}\n{os.cpu_count()} CPUs, load avg {load0[0]:.2f} → "
+                 f"{load1[0]:.2f}", fontsize=8)
+    return plots.save(fig, "sources-rate-lag", args.png_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per kind (default 5)")
@@ -192,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="changes per second of the UOF simulator (default 500; see the docstring)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     p.add_argument("--only", nargs="+", choices=sorted(KINDS), default=None, help="kinds to run (default all)")
+    p.add_argument("--png-dir", type=Path, default=None, help="where sources-rate-lag.png goes (default docs/bench/)")
+    p.add_argument("--no-png", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cmd = [Path(sys.executable).name, *sys.argv] if argv is None else ["benchmarks/sources.py", *argv]
@@ -202,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
           f"lag = Redis apply acknowledged − provider change time; pipe = pipeline.lag (received − provider time)",
           flush=True)
     print(_HEADER, flush=True)
+    load0 = os.getloadavg()
+    rows: list[dict[str, Any]] = []
     failed = False
     for kind in args.only or list(KINDS):
         opts: dict[str, Any] = {"duration_s": args.duration, "rate_per_s": args.rate, "events": args.events,
@@ -221,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             row = {"transport": kind, "failed": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
         print(format_row(row), flush=True)
+        rows.append(row)
     print(f"at end: {_load()}", flush=True)
+    if not args.no_png and rows:
+        print(f"wrote {write_png(rows, args, load0, os.getloadavg())}", flush=True)
     return 1 if failed else 0
 
 
