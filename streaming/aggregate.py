@@ -44,6 +44,7 @@ Each book's ``margin`` (overround − 1) is reported with the group. Groups of
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -53,7 +54,8 @@ from feed.taxonomy import LINE_TYPES, MARKET_TYPES, is_unmapped, line_text, mark
 from streaming.state import NodeState
 
 __all__ = [
-    "BestPrice", "BookPrice", "EventView", "FAIR_METHODS", "MarketView", "OutcomeView", "devig", "event_view",
+    "BestPrice", "BookPrice", "EventView", "FAIR_METHODS", "MarketView", "OutcomeView", "devig", "event_facts",
+    "event_view",
     "group_markets", "market_views",
 ]
 
@@ -369,6 +371,24 @@ def _fair(view: MarketView, outcomes: dict[str, OutcomeView], per_book: dict[str
     view.fair_books = books
 
 
+def event_facts(state: NodeState, canonical_id: str, markets: Sequence[Market]) -> dict[str, Any]:
+    """``event_name``, ``sport``, ``competition``, ``start_time`` (ms) and
+    ``in_play`` of a canonical event: the linker's summary where it has
+    them, else the first of its markets (by id) that does — one answer for
+    REST, the aggregated view and the ``view=best`` stream."""
+    summary = state.canon.get(canonical_id)
+    ms = sorted(markets, key=lambda m: m.market_id)
+
+    def pick(attr: str) -> Any:
+        v = getattr(summary, attr if attr != "event_name" else "name") if summary is not None else None
+        return v if v is not None and v != "" else next((getattr(m, attr) for m in ms if getattr(m, attr)), None)
+
+    starts = [m.start_time for m in ms if m.start_time is not None]
+    start = summary.start_time if summary is not None and summary.start_time is not None else min(starts, default=None)
+    return {"event_name": pick("event_name"), "sport": pick("sport"), "competition": pick("competition"),
+            "start_time": start, "in_play": any(m.in_play for m in ms)}
+
+
 def event_view(state: NodeState, canonical_id: str, now: int, *, method: str = "multiplicative",
                keys: set[str] | None = None) -> EventView | None:
     """The aggregated view of ``canonical_id`` (None when no market of it is held)."""
@@ -392,16 +412,14 @@ def event_view(state: NodeState, canonical_id: str, now: int, *, method: str = "
         members[rid] = {"event_id": rid, "source": m.source, "event_name": m.event_name,
                         "confidence": link.p if link is not None else 1.0,
                         "method": link.m if link is not None else "self", "bookmakers": [m.bookmaker or m.source]}
-    first = markets[0]
-    starts = [m.start_time for m in markets if m.start_time is not None]
+    facts = event_facts(state, canonical_id, markets)
     return EventView(
         event_id=canonical_id,
-        name=summary.name if summary is not None else first.event_name,
-        sport=summary.sport if summary is not None and summary.sport else first.sport,
-        competition=summary.competition if summary is not None and summary.competition else first.competition,
-        start_time=summary.start_time if summary is not None and summary.start_time is not None
-        else (min(starts) if starts else None),
-        in_play=any(m.in_play for m in markets),
+        name=facts["event_name"],
+        sport=facts["sport"],
+        competition=facts["competition"],
+        start_time=facts["start_time"],
+        in_play=facts["in_play"],
         home=summary.home if summary is not None else None,
         away=summary.away if summary is not None else None,
         members=sorted(members.values(), key=lambda x: str(x["event_id"])),

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from streaming.aggregate import MarketView, market_views
+from streaming.aggregate import MarketView, event_facts, market_views
 from streaming.encoding import Message
 from streaming.state import Filter, NodeState, PreparedEntry, now_ms
 
@@ -205,11 +205,8 @@ class BestView:
             out.append(v)
         if only_changed and not out:
             return None
-        summary = st.canon.get(cid)
         ms = [m for mid in st.by_canonical.get(cid, ()) if (m := st.markets.get(mid)) is not None]
-        first = min(ms, key=lambda m: m.market_id) if ms else None
-        name = summary.name if summary is not None and summary.name else (first.event_name if first else None)
-        start = summary.start_time if summary is not None and summary.start_time is not None else min(
-            (m.start_time for m in ms if m.start_time is not None), default=None)
-        return {"event_id": cid, "event_name": name, "start_time": start, "in_play": any(m.in_play for m in ms),
+        facts = event_facts(st, cid, ms)
+        return {"event_id": cid, "event_name": facts["event_name"], "start_time": facts["start_time"],
+                "in_play": facts["in_play"],
                 "markets": out}

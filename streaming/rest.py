@@ -48,7 +48,7 @@ from feed.errors import StoreError
 from feed.models import ENCODER, Market, effective_health
 from streaming.responses import json_error, json_response, node_of
 from feed.taxonomy import is_unmapped, market_key
-from streaming.aggregate import event_view, market_views
+from streaming.aggregate import event_facts, event_view, market_views
 from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, market_types, now_ms, parse_bool
 
 __all__ = ["json_error", "json_response", "node_of", "routes"]
@@ -125,19 +125,10 @@ def _event_of(state: NodeState, canonical_id: str, markets: list[Market]) -> dic
     """The summary of one canonical event from its markets (every book's)."""
     if not markets:
         return None
-    first = min(markets, key=lambda m: m.market_id)
-    summary = state.canon.get(canonical_id)
     members = sorted({m.event_id for m in markets if m.event_id is not None})
     return {
         "event_id": canonical_id,
-        "event_name": summary.name if summary is not None and summary.name
-        else next((m.event_name for m in markets if m.event_name), None),
-        "sport": summary.sport if summary is not None and summary.sport else first.sport,
-        "competition": summary.competition if summary is not None and summary.competition
-        else next((m.competition for m in markets if m.competition), None),
-        "start_time": summary.start_time if summary is not None and summary.start_time is not None
-        else min((m.start_time for m in markets if m.start_time is not None), default=None),
-        "in_play": any(m.in_play for m in markets),
+        **event_facts(state, canonical_id, markets),
         "markets": len(markets),
         "members": members,
         "bookmakers": sorted({m.bookmaker or m.source for m in markets}),

@@ -651,9 +651,11 @@ class NodeState:
                  prev_token: bytes | None) -> PreparedDelta:
         age, stale = self.age_stale(new, now)
         keys = self.keys_of(new)
-        prev = self.keys_of(old) if old is not None else None
-        if prev == keys:
-            prev = None
+        prev = None
+        if old is not None and (d.kind == "image" or d.header is not None):  # only a header moves the keys
+            prev = self.keys_of(old)
+            if prev == keys:
+                prev = None
         if d.kind == "image":
             msg = delta_message(d, market_json=self.market_json(new, now), age_ms=age, stale=stale,
                                 sent_at=now, token=token, prev_token=prev_token)
