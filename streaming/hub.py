@@ -1,10 +1,17 @@
 """Fan-out hub: subscriptions, a filter index, conflation, per-connection outboxes.
 
 No Starlette/ASGI imports: transports (:mod:`streaming.sse`,
-:mod:`streaming.ws`) create a :class:`Connection`, subscribe it, and run ONE
-writer task per connection that waits on :meth:`Connection.wait` and writes
-whatever :meth:`Connection.take` returns in one go (coalesced: one body
-chunk for SSE, one socket write of complete frames for WebSocket).
+:mod:`streaming.ws`) create a :class:`Connection` and subscribe it. On
+oddsfeed's own server the connection owns its socket
+(:mod:`streaming.sockets`, a :class:`~streaming.transport.Sink`): no task
+per connection; :meth:`Hub.flush` runs once per event-loop turn in which
+something was queued and writes each ready connection's outbox in one go
+(one body chunk for SSE, one socket write of complete frames for
+WebSocket); flow control pauses a connection (its outbox grows against the
+budget below) and one timer wheel holds the send deadlines. Elsewhere a
+writer task per connection waits on :meth:`Connection.wait` and writes
+whatever :meth:`Connection.take` returns in one go
+(:func:`streaming.transport.write_loop`).
 
 Policy (DESIGN §6, style §3.8):
 
@@ -80,7 +87,8 @@ from streaming.encoding import (
     heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message,
 )
 from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms
-from streaming.transport import FRAMINGS, WS_FRAMES, Framing, framing_of
+from streaming.timers import TimerWheel
+from streaming.transport import FRAMINGS, WS_FRAMES, Framing, Sink, framing_of
 
 __all__ = ["ADMIT_PER_TURN", "Admission", "Connection", "Hub", "ReplayBlock", "SharedReplay", "Subscription",
            "SLOW_CONSUMER_CODE"]
@@ -281,10 +289,11 @@ class Connection:
     __slots__ = ("hub", "framing", "label", "ip", "heartbeat_ms", "max_bytes", "subs", "outbox", "meta",
                  "outbox_bytes", "control_bytes", "wakeup", "drained", "closed", "close_code", "close_reason",
                  "_next_sub", "sent_frames", "sent_bytes", "resync_pending", "snapshot_in_flight",
-                 "queued_at", "writer", "in_send", "interrupted", "send_started", "deadline_missed", "__weakref__")
+                 "queued_at", "writer", "in_send", "interrupted", "send_started", "deadline_missed",
+                 "sink", "ready", "paused", "pause_gen", "finished", "__weakref__")
 
     def __init__(self, hub: "Hub", framing: Framing, *, heartbeat_ms: int, max_bytes: int, label: str = "",
-                 ip: str | None = None) -> None:
+                 ip: str | None = None, sink: "Sink | None" = None) -> None:
         self.hub = hub
         self.framing = framing
         self.label = label
@@ -296,8 +305,18 @@ class Connection:
         self.meta: list[Any] = []
         self.outbox_bytes = 0
         self.control_bytes = 0
-        self.wakeup = asyncio.Event()
-        self.drained = asyncio.Event()
+        #: the socket this connection writes to directly (None: a writer task drains the outbox)
+        self.sink = sink
+        #: writer-task connections only (a sink connection has no task and no Event)
+        self.wakeup: asyncio.Event | None = asyncio.Event() if sink is None else None
+        self.drained: asyncio.Event | None = asyncio.Event() if sink is None else None
+        #: sink connections: queued in the hub's flush of this loop turn / the socket is over its
+        #: write buffer's high-water mark (flow control) since pause number ``pause_gen`` /
+        #: the stream was ended (last frame written)
+        self.ready = False
+        self.paused = False
+        self.pause_gen = 0
+        self.finished = False
         self.closed = False
         self.close_code = 1000
         self.close_reason = ""
@@ -359,7 +378,7 @@ class Connection:
         if self.control_bytes > self.max_bytes * CONTROL_BUDGET_FACTOR:
             self.hub.evict(self, "more control messages queued than allowed (the client does not read)")
             return
-        self.wakeup.set()
+        self._wake()
 
     # -- outbox ---------------------------------------------------------------
 
@@ -374,7 +393,7 @@ class Connection:
         self.outbox_bytes += nbytes
         if self.outbox_bytes > self.max_bytes:
             self.hub.overflow(self)
-        self.wakeup.set()
+        self._wake()
 
     def push1(self, frame: bytes, meta: Any) -> None:
         """:meth:`push` of one frame (the common case)."""
@@ -387,7 +406,7 @@ class Connection:
         self.outbox_bytes += len(frame)
         if self.outbox_bytes > self.max_bytes:
             self.hub.overflow(self)
-        self.wakeup.set()
+        self._wake()
 
     def take(self) -> list[bytes]:
         """Everything queued, oldest first (the writer sends it in one go);
@@ -405,8 +424,50 @@ class Connection:
             self.control_bytes = 0
             self.sent_frames += len(out)
             self.hub.frames_out += len(out)
-        self.drained.set()
+        if self.drained is not None:
+            self.drained.set()
+        elif self.sink is not None:
+            self.sink.drained()
         return out
+
+    def _wake(self) -> None:
+        """Something to write (or the connection closed): wake the writer task, or queue
+        this connection for the hub's flush at the end of this loop turn."""
+        if self.wakeup is not None:
+            self.wakeup.set()
+        elif not self.ready:
+            self.ready = True
+            self.hub.ready(self)
+
+    # -- flow control of a sink connection (called by its socket) ----------------------------
+
+    def pause(self) -> None:
+        """The socket's write buffer went over its high-water mark: stop writing;
+        queued data accumulates against the byte budget (the slow-consumer
+        ladder), and the send deadline starts (:meth:`Hub.check_deadline`)."""
+        if self.paused:
+            return
+        self.paused = True
+        self.in_send = True
+        self.pause_gen += 1
+        hub = self.hub
+        self.send_started = hub.loop_time()
+        hub.timers.call_later(hub.send_timeout_s, hub.check_deadline, (self, self.pause_gen))
+
+    def resume(self) -> None:
+        """The socket's write buffer drained below its low-water mark: write what is queued."""
+        if not self.paused:
+            return
+        self.paused = False
+        self.in_send = False
+        self.snapshot_in_flight = False  # what was handed out has been written
+        if self.outbox or self.closed or self.resync_pending:
+            self._wake()
+
+    def lost(self) -> None:
+        """The socket is gone (reset, closed by the client): close without writing."""
+        self.finished = True
+        self.close(1006, "connection lost")
 
     async def wait(self) -> None:
         """Until there is something to write or the connection closed (the
@@ -415,6 +476,7 @@ class Connection:
         self.snapshot_in_flight = False
         if self.outbox or self.closed or self.resync_pending:
             return
+        assert self.wakeup is not None, "a sink connection has no writer task"
         await self.wakeup.wait()
         self.wakeup.clear()
 
@@ -444,8 +506,9 @@ class Connection:
         self.closed = True
         self.close_code = code
         self.close_reason = reason
-        self.wakeup.set()
-        self.drained.set()
+        if self.drained is not None:
+            self.drained.set()
+        self._wake()
         self.hub.disconnect(self)
 
     def next_sub_id(self) -> int:
@@ -521,6 +584,13 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: view=best subscriptions (not in the delta index)
         self.best = BestView(state)
+        #: sink connections with something to write this loop turn (see flush)
+        self._ready: list[Connection] = []
+        self._flush_scheduled = False
+        #: deadlines, keepalive pings and close grace periods of sink connections
+        self.timers = TimerWheel()
+        #: send deadlines missed (sink and writer-task connections)
+        self.deadlines_missed = 0
 
     @property
     def resumes_recovered(self) -> int:
@@ -539,21 +609,25 @@ class Hub:
     # -- connections ----------------------------------------------------------
 
     def connect(self, framing: Framing | str, *, heartbeat_ms: int, label: str = "", ws_raw: bool = False,
-                ip: str | None = None) -> Connection:
+                ip: str | None = None, sink: Sink | None = None) -> Connection:
         """A new connection framed by ``framing`` (or a transport name's
         default framing, see :func:`streaming.transport.framing_of`),
-        registered for heartbeats every ``heartbeat_ms``."""
+        registered for heartbeats every ``heartbeat_ms``.
+
+        sink: the socket the hub writes to directly (:class:`streaming.transport.Sink`:
+        no writer task; :meth:`flush` writes each ready connection once per
+        loop turn); None: the transport runs :func:`streaming.transport.write_loop`."""
         framing = framing_of(framing, ws_raw)
         kind = framing.name
         conn = Connection(self, framing, heartbeat_ms=heartbeat_ms, max_bytes=self.outbox_max_bytes, label=label,
-                          ip=ip)
+                          ip=ip, sink=sink)
         if self.closing:
             conn.closed = True
             conn.close_code, conn.close_reason = 1001, "server shutting down"
             return conn
         self.connections.add(conn)
         self.connects[kind] = self.connects.get(kind, 0) + 1
-        if self._watchdog is None or self._watchdog.done():
+        if sink is None and (self._watchdog is None or self._watchdog.done()):
             self._watchdog = asyncio.get_running_loop().create_task(self._deadline_loop(), name="send-deadlines")
         bucket = self._buckets.setdefault(heartbeat_ms, set())
         bucket.add(conn)
@@ -576,9 +650,70 @@ class Hub:
             bucket.discard(conn)
         if not conn.closed:
             conn.closed = True
-            conn.wakeup.set()
+            conn._wake()
         logger.info("disconnect %s %s%s", conn.kind, conn.label,
                     f" ({conn.close_reason})" if conn.close_reason else "")
+
+    # -- direct writes (sink connections) -------------------------------------
+
+    def ready(self, conn: Connection) -> None:
+        """``conn`` has something to write: flush it at the end of this loop turn
+        (one flush for every connection made ready in the turn)."""
+        self._ready.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every ready, unpaused sink connection's outbox in ONE write
+        (``transport.writelines`` of the frames, by reference) and end the
+        closed ones. A paused connection is skipped: it is made ready again when
+        its socket resumes (:meth:`Connection.resume`)."""
+        self._flush_scheduled = False
+        ready = self._ready
+        self._ready = []
+        observe = self.on_send_delay
+        now = self.loop_time() if observe is not None else 0.0
+        for conn in ready:
+            conn.ready = False
+            if conn.paused or conn.finished:
+                continue
+            sink = conn.sink
+            assert sink is not None
+            queued_at = conn.queued_at
+            frames = conn.take()
+            if frames:
+                n = 0
+                for f in frames:
+                    n += len(f)
+                conn.sent_bytes += n
+                sink.write(frames, n)  # may pause the connection (flow control) at once
+                if not conn.paused:
+                    conn.snapshot_in_flight = False  # written (into the socket's buffer)
+                if observe is not None:
+                    observe(now - queued_at)
+            if conn.closed and not conn.paused and not conn.outbox and not conn.finished:
+                conn.finished = True
+                sink.finish(conn)
+
+    def check_deadline(self, arg: tuple[Connection, int]) -> None:
+        """Timer: a sink connection still paused since pause ``gen`` after
+        ``send_timeout_s`` missed its send deadline: closed with ``send_deadline``
+        (its last words written past flow control)."""
+        conn, gen = arg
+        if not conn.paused or conn.pause_gen != gen or conn.finished or conn.interrupted:
+            return
+        conn.deadline_missed = True
+        self.deadlines_missed += 1
+        logger.warning("%s %s: write missed the %.1f s deadline; dropping the client", conn.framing.name, conn.label,
+                       self.send_timeout_s)
+        conn.close(1008, "send deadline", error_message(
+            "send_deadline", f"a write to this {'stream' if not conn.framing.acks else 'connection'} took longer "
+            f"than {self.send_timeout_s:g} s"))
+        interrupt(conn)
 
     def close_all(self, reason: str = "server shutting down") -> None:
         """Close every connection (shutdown); new connections are refused."""
@@ -1213,7 +1348,7 @@ class Hub:
             sub.pending = None
             sub.floor = None
             sub.cpending = None
-        conn.wakeup.set()
+        conn._wake()
         logger.info("slow consumer %s: outbox over %d bytes after collapsing, resyncing with a snapshot",
                     conn.label, conn.max_bytes)
 
@@ -1355,7 +1490,7 @@ class Hub:
             await asyncio.sleep(period)
             limit = self.loop_time() - self.send_timeout_s
             for conn in list(self.connections):
-                if conn.in_send and conn.send_started < limit and not conn.interrupted:
+                if conn.sink is None and conn.in_send and conn.send_started < limit and not conn.interrupted:
                     conn.deadline_missed = True
                     interrupt(conn)
 
@@ -1395,7 +1530,16 @@ class Hub:
 
 
 def interrupt(conn: Connection) -> None:
-    """Cancel the write ``conn``'s writer is blocked in (it then writes its last words and closes)."""
+    """Cancel the write ``conn``'s writer is blocked in (it then writes its last words and closes).
+    A sink connection blocked by flow control writes its last words (what is
+    queued: the error) past flow control now and ends."""
+    sink = conn.sink
+    if sink is not None:
+        if conn.paused and not conn.finished and not conn.interrupted:
+            conn.interrupted = True
+            conn.finished = True
+            sink.last_words(conn, conn.take())
+        return
     w = conn.writer
     if conn.in_send and w is not None and not w.done() and not conn.interrupted:
         conn.interrupted = True

@@ -1,8 +1,9 @@
-"""uvicorn protocol wrappers: connection limits uvicorn lacks, and coalesced WebSocket writes.
+"""uvicorn's HTTP protocol with the connection limits it lacks, and the seam where streams leave it.
 
 :func:`install` (called by :class:`streaming.app.StreamingServer` before
-the server loads its config) swaps uvicorn's HTTP and WebSocket protocol
-classes for subclasses that add, per TCP connection:
+the server loads its config) swaps uvicorn's HTTP protocol class for a
+subclass — and its WebSocket protocol for oddsfeed's own
+(:class:`streaming.sockets.WebSocketStream`) — that add, per TCP connection:
 
 - **a whole-request header deadline** (slowloris): from the moment a
   connection opens, or a response ends on a kept-alive connection, the
@@ -46,51 +47,49 @@ classes for subclasses that add, per TCP connection:
   same name): the body is written as the final chunk *without waiting for
   flow control* (a client that stopped reading would block it forever),
   the connection is closed, and aborted if it has not drained after
-  ``FINAL_GRACE_S``. The WebSocket frames message takes ``"final": True``
-  for the same (the data ends with a close frame).
-- **frames written by reference** (SSE): an HTTP response may send
-  ``{"type": "oddsfeed.http.frames", "frames": [bytes, …]}`` (scope
-  extension of the same name, offered when the response can take it), or
-  call the extension's ``"send"`` (``await send(frames)``: the same without
-  the middleware's send wrappers — a stream writes many small chunks): the
-  frames go out as ONE chunk of the chunked body with
-  ``transport.writelines`` after uvicorn's flow control — never joined or
-  copied per connection (the frames, e.g. a replay shared by a thousand
-  resuming clients, stay one object each).
-- **one socket write for many WebSocket messages**: the WebSocket protocol
-  (uvicorn's sans-I/O websockets one) advertises the ASGI scope extension
-  ``"oddsfeed.ws.frames"`` and accepts ``{"type": "oddsfeed.ws.frames",
-  "data": <bytes of complete text frames>}`` or ``"frames": [bytes, …]``
-  (written by reference with ``transport.writelines``), as is after the
-  usual flow control. permessage-deflate is turned off (frames are built
-  once per node and shared; compression would be per connection: 3× the
-  memory, 2× the CPU per frame, see research/fanout.md).
+  ``FINAL_GRACE_S``.
+- **the detach seam** (httptools): an HTTP response that has sent its head
+  and at least one chunk of a chunked body may call the scope extension
+  ``"oddsfeed.http.detach"``'s ``"detach"(sock)``: the socket leaves the
+  HTTP server (``transport.set_protocol(sock)``, the response counts as
+  complete for uvicorn, the per-IP slot and the place in the server's
+  connection set go with it), and ``sock.attached(transport, release,
+  connections, write_paused)`` is called; ``release()`` gives the per-IP
+  slot back when the socket closes. The SSE stream uses it
+  (:class:`streaming.sockets.SSESocket`): from then on the hub writes to the
+  socket directly. Returns False (nothing changed) when the response cannot
+  be detached.
 
-Keepalive pings (``ws_ping_interval`` / ``ws_ping_timeout``) are uvicorn's
-own: a peer that does not answer a ping in time is closed with 1011.
+WebSocket connections are served by :class:`streaming.sockets.WebSocketStream`
+(installed as uvicorn's ``ws`` protocol class; ``websockets``' sans-I/O
+protocol for the handshake, frames and keepalive pings — ``ws_ping_interval``
+/ ``ws_ping_timeout``: a peer that does not answer a ping in time is closed
+with 1011), which holds the per-IP slot the HTTP protocol had. No
+permessage-deflate: frames are built once per node and shared; compression
+would be per connection (3× the memory, 2× the CPU per frame, see
+research/fanout.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from typing import Any
 
-from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS, Config
+from uvicorn.config import HTTP_PROTOCOLS, Config
 from uvicorn.importer import import_from_string
 
-__all__ = ["DISCARD_MAX_BYTES", "FINAL_GRACE_S", "Guard", "HTTP_FINAL", "HTTP_FRAMES", "MAX_HEADERS", "MAX_HEADER_BYTES",
-           "MAX_HEADER_LINE", "WS_FRAMES_EXTENSION", "WS_FRAMES_MESSAGE", "install", "ws_close_frame"]
+from streaming.sockets import FINAL_GRACE_S, WebSocketStream, finish_transport
+
+__all__ = ["DISCARD_MAX_BYTES", "FINAL_GRACE_S", "Guard", "HTTP_DETACH", "HTTP_FINAL", "MAX_HEADERS",
+           "MAX_HEADER_BYTES", "MAX_HEADER_LINE", "install", "stream_ws"]
 
 logger = logging.getLogger(__name__)
 
-WS_FRAMES_EXTENSION = "oddsfeed.ws.frames"
-WS_FRAMES_MESSAGE = "oddsfeed.ws.frames"
 HTTP_FINAL = "oddsfeed.http.final"
-HTTP_FRAMES = "oddsfeed.http.frames"
-#: seconds a closed connection may take to drain its last bytes before it is aborted
-FINAL_GRACE_S = 2.0
+HTTP_DETACH = "oddsfeed.http.detach"
 
 #: request line + header lines (CRLFs included) of one request, bytes
 MAX_HEADER_BYTES = 32 * 1024
@@ -173,25 +172,6 @@ class Guard:
             self.per_ip[ip] = n
 
 
-def ws_close_frame(code: int, reason: str = "") -> bytes:
-    """An unmasked WebSocket close frame (server → client)."""
-    payload = code.to_bytes(2, "big") + reason.encode()[:120]
-    return bytes((0x88, len(payload))) + payload
-
-
-def _finish(loop: asyncio.AbstractEventLoop, transport: Any) -> None:
-    """Close ``transport``; abort it if its buffer has not drained within the grace period."""
-    transport.close()
-
-    def abort() -> None:
-        try:
-            if transport.get_write_buffer_size():
-                transport.abort()
-        except Exception:  # already gone
-            pass
-    loop.call_later(FINAL_GRACE_S, abort)
-
-
 def _peer_ip(transport: asyncio.BaseTransport) -> str | None:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, (tuple, list)) and peer:
@@ -238,6 +218,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._head_restarted = False  # a head began inside the current read
             self._refusal: bytes | None = None  # the answer, once a limit was hit
             self._discarding = 0      # > 0: refused; bytes dropped since (lingering close)
+            self._detached = False    # the socket went to a stream (oddsfeed.http.detach)
             inner = self.app
             proto = self
 
@@ -251,15 +232,12 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                         ext[HTTP_FINAL] = {}
                         cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
                         if cycle is not None and hasattr(cycle, "chunked_encoding"):
-                            async def send_frames(frames: list[bytes]) -> None:
-                                await proto._frames(cycle, send, frames)
-                            ext[HTTP_FRAMES] = {"send": send_frames}
+                            def detach(sock: Any) -> bool:
+                                return proto._detach(cycle, sock)
+                            ext[HTTP_DETACH] = {"detach": detach}
 
                         async def guarded_send(message: Any) -> None:
                             kind = message["type"]
-                            if kind == HTTP_FRAMES:
-                                await proto._frames(cycle, send, message["frames"])
-                                return
                             if kind == HTTP_FINAL:
                                 proto._final(message.get("body", b""))
                                 return
@@ -291,32 +269,50 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                 self._guard.release(self._ip)
             super().connection_lost(exc)
 
+        def _detach(self, cycle: Any, sock: Any) -> bool:
+            """The ``oddsfeed.http.detach`` seam (see the module docstring): hand the
+            socket of a started, chunked response to ``sock`` (an asyncio protocol
+            with ``attached(transport, release, connections, write_paused)``)."""
+            transport = self.transport
+            current: Any = getattr(self, "cycle", None)
+            if (self._detached or cycle is None or cycle is not current or not cycle.response_started
+                    or not cycle.chunked_encoding or cycle.response_complete or cycle.disconnected
+                    or transport is None or transport.is_closing()):
+                return False
+            cycle.response_complete = True  # the app may return; uvicorn writes nothing more
+            self._detached = True
+            self._disarm()
+            connections = getattr(self, "connections", None)
+            if connections is not None:
+                connections.discard(self)  # the socket's new protocol takes its place
+            release = None
+            if self._counted:  # the per-IP slot goes with the socket
+                self._counted = False
+                release = functools.partial(self._guard.release, self._ip)
+            flow = getattr(self, "flow", None)
+            transport.set_protocol(sock)
+            sock.attached(transport, release, connections, bool(flow is not None and flow.write_paused))
+            self._forget()
+            return True
+
         def handle_websocket_upgrade(self, *args: Any, **kwargs: Any) -> None:
             self._disarm()
             if self._counted:  # the WebSocket protocol takes the slot over
                 self._counted = False
                 self._guard.release(self._ip)
             super().handle_websocket_upgrade(*args, **kwargs)
+            self._forget()
 
-        async def _frames(self, cycle: Any, send: Any, frames: list[bytes]) -> None:
-            """Write ``frames`` as ONE chunk of the started, chunked response, by reference
-            (``transport.writelines``: no join, no copy), after uvicorn's flow control."""
-            if not frames:
-                return
-            if not (cycle.response_started and cycle.chunked_encoding and not cycle.response_complete):
-                await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
-                return
-            if cycle.flow.write_paused and not cycle.disconnected:
-                await cycle.flow.drain()
-            if cycle.disconnected:
-                return
-            transport = self.transport
-            if transport is None or transport.is_closing():
-                return
-            n = 0
-            for f in frames:
-                n += len(f)
-            transport.writelines([b"%x\r\n" % n, *frames, b"\r\n"])
+        def _forget(self) -> None:
+            """The socket went to another protocol: break this object's reference cycles
+            (parser ↔ protocol, app closure ↔ protocol, protocol ↔ request cycle) so that
+            it is freed now, not by a later GC pass — an idle stream should not keep the
+            request's objects alive."""
+            self.parser = None
+            self.app = None
+            self.cycle = None
+            self.scope = None
+            self.headers = None
 
         def _final(self, body: bytes) -> None:
             transport = self.transport
@@ -326,7 +322,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             cycle = getattr(self, "cycle", None)
             if cycle is not None:
                 cycle.response_complete = True  # the app may return: nothing more to send
-            _finish(self.loop, transport)
+            finish_transport(self.loop, transport)
 
         def data_received(self, data: bytes) -> None:
             if self._discarding:
@@ -429,6 +425,8 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                 transport.close()
 
         def _arm(self) -> None:
+            if self._detached:
+                return
             self._partial = False
             timeout = self._guard.header_timeout_s
             if timeout <= 0 or self._deadline is not None:
@@ -462,63 +460,14 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
     return GuardedHTTP
 
 
-def framed_ws(base: type[Any], guard: Guard) -> type[Any]:
-    """uvicorn's sans-I/O WebSocket protocol with the frames extension and the per-IP slot."""
+def stream_ws(guard: Guard) -> type[WebSocketStream]:
+    """oddsfeed's WebSocket protocol (:class:`streaming.sockets.WebSocketStream`) holding ``guard``'s per-IP slot."""
 
-    class FramedWS(base):
-        _guard = guard
-        # set by uvicorn's WebSocket protocol (the base is typed Any, so declared here)
-        close_sent: bool
-        close_timer: asyncio.TimerHandle | None
+    class GuardedWebSocketStream(WebSocketStream):
+        __slots__ = ()
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            self._ip = _peer_ip(transport)
-            self._counted = self._ip is not None
-            if self._ip is not None:
-                self._guard.per_ip[self._ip] = self._guard.per_ip.get(self._ip, 0) + 1
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if getattr(self, "_counted", False):
-                self._counted = False
-                self._guard.release(self._ip)
-            super().connection_lost(exc)
-
-        def handle_connect(self, event: Any) -> None:
-            super().handle_connect(event)
-            scope = getattr(self, "scope", None)
-            if scope is not None and not self.conn.extensions:
-                scope.setdefault("extensions", {})[WS_FRAMES_EXTENSION] = {}
-
-        async def send(self, message: Any) -> None:
-            if message["type"] == WS_FRAMES_MESSAGE and message.get("final"):
-                if self.close_sent or self.transport.is_closing():
-                    return
-                self.transport.write(message["data"])  # no flow control: the client stopped reading
-                self.close_sent = True
-                self.stop_keepalive()
-                if self.close_timer is not None:
-                    self.close_timer.cancel()
-                self.close_timer = self.loop.call_later(FINAL_GRACE_S, self.transport.abort)
-                return
-            if message["type"] == WS_FRAMES_MESSAGE:
-                await self.writable.wait()
-                if self.disconnected:
-                    from uvicorn.protocols.utils import ClientDisconnected
-
-                    raise ClientDisconnected()
-                if self.close_sent or self.transport.is_closing():
-                    return
-                frames = message.get("frames")
-                if frames is not None:
-                    self.transport.writelines(frames)  # by reference: shared frames are not copied
-                else:
-                    self.transport.write(message["data"])
-                return
-            await super().send(message)
-
-    FramedWS.__name__ = FramedWS.__qualname__ = f"Framed{base.__name__}"
-    return FramedWS
+    GuardedWebSocketStream.guard = guard
+    return GuardedWebSocketStream
 
 
 def install(config: Config, guard: Guard) -> None:
@@ -534,10 +483,6 @@ def install(config: Config, guard: Guard) -> None:
         if not hasattr(base_http, "on_headers_complete"):  # h11: its own cap on an incomplete head (→ 400)
             config.h11_max_incomplete_event_size = guard.max_header_bytes
     ws = config.ws
-    if isinstance(ws, str) and ws in ("auto", "websockets-sansio"):
-        try:
-            base_ws = import_from_string(WS_PROTOCOLS["websockets-sansio"])
-        except Exception:  # websockets not installed: keep uvicorn's choice
-            return
+    if isinstance(ws, str) and ws in ("auto", "websockets", "websockets-sansio"):
         config.ws_per_message_deflate = False
-        config.ws = framed_ws(base_ws, guard)
+        config.ws = stream_ws(guard)

@@ -19,12 +19,14 @@ Response: ``200 text/event-stream`` with ``Cache-Control: no-store`` and
 resuming, ``resumed`` and the missed ``delta`` events or a fresh snapshot),
 then ``delta`` / ``status`` / ``heartbeat`` events as they happen (message
 bodies in :mod:`streaming.encoding`). ``id:`` is the resume token; only the
-last event of one log entry carries it. One writer task per connection
-writes everything queued in one chunk, each write under a deadline
-(``send_timeout_s``) — a stuck client is dropped. On oddsfeed's own server
-the chunk's frames are written by reference (``oddsfeed.http.frames``, see
-:mod:`streaming.server`): frames shared by many connections — a replay after
-a reconnect storm — are never copied per connection. A slow consumer that
+last event of one log entry carries it. On oddsfeed's own server the stream
+leaves the ASGI path once the head is written (:mod:`streaming.sockets`,
+``oddsfeed.http.detach``): no task per connection; the hub writes everything
+queued per loop turn as one chunk, frames by reference (frames shared by
+many connections — a replay after a reconnect storm — are never copied per
+connection); a client whose socket stays blocked longer than
+``send_timeout_s`` is dropped. On another ASGI server one writer task per
+connection does the same through ``send``. A slow consumer that
 cannot be helped (see :mod:`streaming.hub`) gets
 ``event: error`` ``{"code":"slow_consumer",…}`` and the stream ends.
 """
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -45,7 +47,9 @@ from streaming.bestview import VIEWS
 from streaming.transport import SSE, write_loop
 from streaming.odds_format import parse_odds_format
 from streaming.responses import json_error, node_of
-from streaming.server import HTTP_FINAL, HTTP_FRAMES
+from streaming.encoding import error_message
+from streaming.server import HTTP_DETACH, HTTP_FINAL
+from streaming.sockets import SSESocket
 from streaming.state import Filter, FilterError
 
 if TYPE_CHECKING:
@@ -142,10 +146,16 @@ class SSEStream(Response):
         node = self.node
         hub = node.hub
         await hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
-        conn = hub.connect(SSE, heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip)
+        ext = scope.get("extensions") or {}
+        detach = (ext.get(HTTP_DETACH) or {}).get("detach")
+        sock = SSESocket() if detach is not None else None
+        conn = hub.connect(SSE, heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip, sink=sock)
         if conn.closed:
             await json_error(503, "shutting_down", "the server is shutting down; retry on another node")(
                 scope, receive, send)
+            return
+        if sock is not None and detach is not None:
+            await self._detached(conn, sock, detach, send)
             return
         watcher = asyncio.create_task(_watch_disconnect(receive, conn), name=f"sse-disconnect {self.label}")
         try:
@@ -153,14 +163,38 @@ class SSEStream(Response):
             await send({"type": "http.response.body", "body": b"retry: %d\n\n" % RETRY_MS, "more_body": True})
             await hub.subscribe(conn, self.filter, resume=self.resume, conflate_ms=self.conflate_ms, fmt=self.fmt,
                                 view=self.view)
-            ext = scope.get("extensions") or {}
-            writer = _SSEWriter(send, HTTP_FINAL in ext, (ext.get(HTTP_FRAMES) or {}).get("send"))
+            writer = _SSEWriter(send, HTTP_FINAL in ext)
             await write_loop(conn, writer, node.options.send_timeout_s, "stream")
         except OSError:
             conn.close(1006, "connection lost")
         finally:
             watcher.cancel()
             hub.disconnect(conn)
+
+    async def _detached(self, conn: Connection, sock: SSESocket, detach: Callable[[SSESocket], bool],
+                        send: Send) -> None:
+        """The stream on its own socket (:mod:`streaming.sockets`): the HTTP server
+        writes the head and the first chunk, then hands the socket over; the hub
+        writes everything after that, with no task for this connection."""
+        hub = self.node.hub
+        sock.conn = conn
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b"retry: %d\n\n" % RETRY_MS, "more_body": True})
+        except OSError:
+            hub.disconnect(conn)
+            return
+        if not detach(sock):  # the client went away meanwhile
+            conn.close(1006, "connection lost")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        try:
+            await hub.subscribe(conn, self.filter, resume=self.resume, conflate_ms=self.conflate_ms, fmt=self.fmt,
+                                view=self.view)
+        except Exception:  # a bug or a store failure: say so on the stream, never a silent hang
+            logger.exception("sse %s: setting up the stream failed", self.label)
+            conn.close(1011, "internal error", error_message(
+                "internal_error", "the server failed to set up this stream; reconnect"))
 
 
 async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
@@ -173,26 +207,20 @@ async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
 
 
 class _SSEWriter:
-    """The SSE side of :func:`streaming.transport.write_loop`: frames go out as
-    one body chunk per write. ``send_frames``: the server's
-    ``oddsfeed.http.frames`` sender (:mod:`streaming.server`), which writes
-    the frames as one chunk by reference (no per-connection joined copy, no
-    middleware send wrappers); ``final``: the server takes a last chunk past
-    flow control (``oddsfeed.http.final``) for a client the hub drops."""
+    """The SSE side of :func:`streaming.transport.write_loop` on an ASGI server
+    that cannot detach the socket: frames go out as one body chunk per write;
+    ``final``: the server takes a last chunk past flow control
+    (``oddsfeed.http.final``) for a client the hub drops."""
 
-    __slots__ = ("send", "final", "send_frames")
+    __slots__ = ("send", "final")
 
-    def __init__(self, send: Send, final: bool, send_frames: Callable[[list[bytes]], Awaitable[None]] | None) -> None:
+    def __init__(self, send: Send, final: bool) -> None:
         self.send = send
         self.final = final
-        self.send_frames = send_frames
 
     async def write(self, frames: list[bytes]) -> None:
-        if self.send_frames is not None:
-            await self.send_frames(frames)
-        else:
-            await self.send({"type": "http.response.body", "body": frames[0] if len(frames) == 1
-                             else b"".join(frames), "more_body": True})
+        await self.send({"type": "http.response.body", "body": frames[0] if len(frames) == 1
+                         else b"".join(frames), "more_body": True})
 
     async def finish(self, conn: Connection) -> None:
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -19,8 +19,12 @@ A framing says:
 - :meth:`Framing.frame` / :meth:`Framing.frame_with`: one message's bytes,
   with the resume token (cached per message) or an explicit one.
 
-and a :class:`Writer` says what the transport does with the bytes; one
-:func:`write_loop` drains every connection's outbox through its writer.
+A connection that owns its socket (:mod:`streaming.sockets`) is given to
+the hub as a :class:`Sink`: the hub writes its frames itself, once per
+loop turn (:meth:`streaming.hub.Hub.flush`), with no task. Otherwise (an
+ASGI server that cannot hand the socket over) a :class:`Writer` says what
+the transport does with the bytes and one :func:`write_loop` task per
+connection drains its outbox through it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from streaming.encoding import Message, ws_frame
 if TYPE_CHECKING:
     from streaming.hub import Connection
 
-__all__ = ["FRAMINGS", "Framing", "SSE", "WS_FRAMES", "WS_PAYLOADS", "Writer", "framing_of", "write_loop"]
+__all__ = ["FRAMINGS", "Framing", "SSE", "Sink", "WS_FRAMES", "WS_PAYLOADS", "Writer", "framing_of", "write_loop"]
 
 
 class Framing:
@@ -114,6 +118,33 @@ def framing_of(kind: "str | Framing", ws_raw: bool = False) -> Framing:
         return FRAMINGS[kind]
     except KeyError:
         raise ValueError(f"unknown transport {kind!r}; known: {', '.join(FRAMINGS)}") from None
+
+
+# -- the socket side --------------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    """A socket the hub writes to directly (a stream that owns its socket,
+    :mod:`streaming.sockets`): no task and no Event per connection. The hub
+    calls :meth:`write` from its flush (once per loop turn, only while the
+    socket is not paused); the socket reports flow control with
+    :meth:`Connection.pause` / :meth:`Connection.resume` and its end with
+    :meth:`Connection.lost`."""
+
+    def write(self, frames: list[bytes], nbytes: int) -> None:
+        """Write ``frames`` (``nbytes`` in all) now, in one go, by reference (``transport.writelines``)."""
+
+    def finish(self, conn: "Connection") -> None:
+        """The connection closed and everything queued was written: end the
+        stream (final chunk, close frame) and close the socket."""
+
+    def last_words(self, conn: "Connection", frames: list[bytes]) -> None:
+        """The client stopped reading (missed deadline, eviction): write
+        ``frames`` (the ``error``) and the end of the stream past flow control,
+        close, and abort if it has not drained within a grace period."""
+
+    def drained(self) -> None:
+        """The outbox was taken: the socket may read client messages again."""
 
 
 # -- the write loop --------------------------------------------------------------------------------

@@ -40,11 +40,14 @@ deadline), 1009 message too big, 1011 keepalive ping timeout (no pong within
 ``ws_ping_timeout_s``) or an internal error, 4008 slow consumer (after an ``error`` with code
 ``slow_consumer``).
 
-Writes: on oddsfeed's own server (:class:`streaming.server`), every
-message is a pre-built WebSocket frame (built once per node) and all frames
-queued per wake-up go out in ONE socket write; on any other ASGI server
-they are sent one ``websocket.send`` each. Either way under one deadline
-(``send_timeout_s``); a stuck client is dropped.
+Writes: on oddsfeed's own server the connection leaves the ASGI path once
+accepted (:mod:`streaming.sockets`): every message is a pre-built WebSocket
+frame (built once per node), all frames queued per loop turn go out in ONE
+socket write, and there is no task per connection (client messages are
+handled in order by a task that exists only while messages wait). On any
+other ASGI server a writer and a reader task per connection send one
+``websocket.send`` per message. Either way a client whose socket stays
+blocked longer than ``send_timeout_s`` is dropped.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from streaming.encoding import ack_message, error_message, pong_message
 from streaming.hub import Connection
 from streaming.responses import node_of
-from streaming.server import WS_FRAMES_EXTENSION, WS_FRAMES_MESSAGE, ws_close_frame
+from streaming.sockets import WS_ATTACH, WebSocketStream
 from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms, parse_view
 from streaming.state import Filter, FilterError
 from streaming.transport import WS_FRAMES, WS_PAYLOADS, write_loop
@@ -77,17 +80,17 @@ FILTER_FIELDS = ("sport", "competition", "event", "market", "market_type", "in_p
 
 
 class _WebSocketApp:
-    """``GET /v1/ws`` as a raw ASGI app: the session keeps the ASGI ``send`` it
-    was given (our server's frames extension is not a Starlette message type)."""
+    """``GET /v1/ws`` as a raw ASGI app (the scope's extensions say whether the
+    server hands the socket over: :data:`streaming.sockets.WS_ATTACH`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _session(WebSocket(scope, receive, send), send)
+        await _session(WebSocket(scope, receive, send))
 
 
 websocket_endpoint = _WebSocketApp()
 
 
-async def _session(websocket: WebSocket, send: Send) -> None:
+async def _session(websocket: WebSocket) -> None:
     """One WebSocket connection (see the module docstring)."""
     node = node_of(websocket)
     await node.hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
@@ -109,14 +112,18 @@ async def _session(websocket: WebSocket, send: Send) -> None:
     await websocket.accept()
     client = websocket.client
     label = f"{client.host}:{client.port}" if client else "?"
-    raw = WS_FRAMES_EXTENSION in (websocket.scope.get("extensions") or {})
-    conn = node.hub.connect(WS_FRAMES if raw else WS_PAYLOADS, heartbeat_ms=heartbeat_ms, label=label,
-                            ip=client.host if client else None)
+    sock: WebSocketStream | None = (websocket.scope.get("extensions", {}).get(WS_ATTACH) or {}).get("socket")
+    conn = node.hub.connect(WS_FRAMES if sock is not None else WS_PAYLOADS, heartbeat_ms=heartbeat_ms, label=label,
+                            ip=client.host if client else None, sink=sock)
     if conn.closed:
         await websocket.close(code=1001, reason="server shutting down")
         return
+    if sock is not None:  # the connection leaves the ASGI path: the hub writes to the socket
+        handler = _Messages(conn, node, fmt)
+        sock.attach(conn, handler.message)
+        return
     writer = asyncio.create_task(
-        write_loop(conn, _WSWriter(websocket, send, raw), node.options.send_timeout_s, "connection",
+        write_loop(conn, _WSWriter(websocket), node.options.send_timeout_s, "connection",
                    (WebSocketDisconnect, RuntimeError, OSError)), name=f"ws-writer {label}")
     reader = asyncio.create_task(_read_loop(conn, websocket, node, fmt), name=f"ws-reader {label}")
     try:
@@ -135,38 +142,61 @@ async def _session(websocket: WebSocket, send: Send) -> None:
 
 
 class _WSWriter:
-    """The WebSocket side of :func:`streaming.transport.write_loop`. On
-    oddsfeed's own server (``raw``: :mod:`streaming.server`'s frames
-    extension) the frames are complete WebSocket frames, written in ONE
-    socket write by reference; elsewhere one ``websocket.send`` each. A
-    client the hub drops gets its last words (the queued error, then a close
-    frame) past flow control, and the socket is aborted if it does not
-    drain (:mod:`streaming.server`)."""
+    """The WebSocket side of :func:`streaming.transport.write_loop` on an ASGI
+    server that does not hand the socket over: one ``websocket.send`` per
+    message, under the hub's send deadline."""
 
-    __slots__ = ("websocket", "send", "raw")
+    __slots__ = ("websocket",)
 
-    def __init__(self, websocket: WebSocket, send: Send, raw: bool) -> None:
+    def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
-        self.send = send
-        self.raw = raw
 
     async def write(self, frames: list[bytes]) -> None:
-        if self.raw:
-            await self.send({"type": WS_FRAMES_MESSAGE, "frames": frames})
-        else:
-            for f in frames:
-                await self.websocket.send({"type": "websocket.send", "text": f.decode()})
+        for f in frames:
+            await self.websocket.send({"type": "websocket.send", "text": f.decode()})
 
     async def finish(self, conn: Connection) -> None:
         await self.websocket.close(code=conn.close_code, reason=conn.close_reason[:120])
 
     async def last_words(self, conn: Connection) -> None:
-        frames = conn.take()
-        if self.raw:
-            await self.send({"type": WS_FRAMES_MESSAGE, "final": True,
-                             "data": b"".join(frames) + ws_close_frame(conn.close_code, conn.close_reason)})
-        else:
-            await asyncio.wait_for(self.websocket.close(code=conn.close_code, reason=conn.close_reason[:120]), 1.0)
+        await asyncio.wait_for(self.websocket.close(code=conn.close_code, reason=conn.close_reason[:120]), 1.0)
+
+
+class _Messages:
+    """Client messages of an attached connection (:mod:`streaming.sockets`),
+    handed over one at a time, in order."""
+
+    __slots__ = ("conn", "node", "fmt")
+
+    def __init__(self, conn: Connection, node: "Node", fmt: str | None) -> None:
+        self.conn = conn
+        self.node = node
+        self.fmt = fmt
+
+    async def message(self, data: bytes, is_text: bool) -> None:
+        conn = self.conn
+        max_bytes = self.node.options.ws_max_message_bytes
+        if len(data) > max_bytes:
+            _too_big(conn, len(data), max_bytes)
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            conn.send(error_message("bad_request", "send JSON text (UTF-8)"))
+            return
+        await _handle(conn, self.node, text, self.fmt)
+
+
+async def _handle(conn: Connection, node: "Node", text: str, fmt: str | None) -> bool:
+    """One client message; False when it closed the connection (a bug: 1011)."""
+    try:
+        await handle_message(conn, node, text, fmt)
+    except Exception:  # a bug, not the client's fault: say so and close with a close frame
+        logger.exception("ws %s: handling a client message failed", conn.label)
+        conn.close(1011, "internal error", error_message(
+            "internal_error", "the server failed to handle that message; reconnect"))
+        return False
+    return True
 
 
 async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: str | None = None) -> None:
@@ -177,9 +207,11 @@ async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: 
     max_bytes = node.options.ws_max_message_bytes
     try:
         while not conn.closed:
+            drained = conn.drained
+            assert drained is not None  # a writer-task connection
             while conn.control_bytes > conn.max_bytes and not conn.closed:
-                conn.drained.clear()
-                await conn.drained.wait()
+                drained.clear()
+                await drained.wait()
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 conn.close(1000, "client disconnected")
@@ -198,12 +230,7 @@ async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: 
             elif len(text) > max_bytes or len(text.encode()) > max_bytes:
                 _too_big(conn, len(text.encode()), max_bytes)
                 return
-            try:
-                await handle_message(conn, node, text, fmt)
-            except Exception:  # a bug, not the client's fault: say so and close with a close frame
-                logger.exception("ws %s: handling a client message failed", conn.label)
-                conn.close(1011, "internal error", error_message(
-                    "internal_error", "the server failed to handle that message; reconnect"))
+            if not await _handle(conn, node, text, fmt):
                 return
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.close(1006, "connection lost")
