@@ -30,7 +30,7 @@ from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
 from feed.store import EpochChanged, Store
-from feed.validate import validate_update
+from feed.validate import CheckedLadders, validate_update
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,8 @@ class Ingest:
         self.normaliser.max_future_skew_ms = max_future_skew_ms
         self.backlog_max = backlog_max
         self._pending: list[MarketUpdate] = []
+        #: ladder sides already validated (an unchanged side is not walked again; feed.validate)
+        self._checked = CheckedLadders()
         self._unconfirm: set[str] = set()
         self._backlog: list[Delta] = []
         self._cursor_dirty = False
@@ -236,6 +238,7 @@ class Ingest:
         pending = self._pending
         skew = self.max_future_skew_ms
         time_map = self.time_map
+        checked = self._checked
         out = Delivered()
         requests: set[str] = set()
         recv_ms = 0
@@ -273,7 +276,7 @@ class Ingest:
                             u.source_ts_original = u.source_ts
                         u.source_ts = time_map(u.source_ts)
                     try:
-                        validate_update(u, recv_ms, max_future_skew_ms=skew)
+                        validate_update(u, recv_ms, max_future_skew_ms=skew, checked=checked)
                     except FeedDecodeError as invalid:
                         invalid.market_id = u.market_id
                         invalid.raw = raw

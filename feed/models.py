@@ -116,7 +116,8 @@ class SelectionChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
 SELECTION_FIELDS: tuple[str, ...] = Selection.__struct_fields__[1:]
 assert SelectionChange.__struct_fields__ == Selection.__struct_fields__
 
-# fields that seldom change, compared together first (selection_change)
+# fields that seldom change, compared together (selection_change: by identity first, the same
+# semantics as the tuple comparison, which also takes identical items as equal)
 _RARE_FIELDS = ("name", "handicap", "status", "max_stake", "sort_priority", "adjustment_factor", "bsp",
                 "price_raw", "outcome")
 _rare = attrgetter(*_RARE_FIELDS)
@@ -130,6 +131,8 @@ def selection_change(old: Selection | None, new: Selection) -> SelectionChange |
     equals ``new``."""
     if old is None:
         return whole_change(new)
+    if old is new:  # a normaliser hands out the same (frozen) Selection while nothing of it changed
+        return None
     u: Any = UNSET
     back: Any = new.back
     x = old.back
@@ -148,12 +151,18 @@ def selection_change(old: Selection | None, new: Selection) -> SelectionChange |
     tv: Any = new.traded_volume
     if tv == old.traded_volume:
         tv = u
-    rare_new = _rare(new)
-    rare_old = _rare(old)
-    if rare_new != rare_old:
-        rare = {f: b for f, a, b in zip(_RARE_FIELDS, rare_old, rare_new) if a != b}
-        return SelectionChange(selection_id=new.selection_id, back=back, lay=lay, price=price, ltp=ltp,
-                               traded_volume=tv, **rare)
+    # the rare fields are usually the very same objects (a normaliser copies them from its cache):
+    # unchanged without building the tuples
+    if not (new.name is old.name and new.handicap is old.handicap and new.status is old.status
+            and new.max_stake is old.max_stake and new.sort_priority is old.sort_priority
+            and new.adjustment_factor is old.adjustment_factor and new.bsp is old.bsp
+            and new.price_raw is old.price_raw and new.outcome is old.outcome):
+        rare_new = _rare(new)
+        rare_old = _rare(old)
+        if rare_new != rare_old:
+            rare = {f: b for f, a, b in zip(_RARE_FIELDS, rare_old, rare_new) if a != b}
+            return SelectionChange(selection_id=new.selection_id, back=back, lay=lay, price=price, ltp=ltp,
+                                   traded_volume=tv, **rare)
     if back is u and lay is u and price is u and ltp is u and tv is u:
         return None
     return SelectionChange(selection_id=new.selection_id, back=back, lay=lay, price=price, ltp=ltp,

@@ -368,7 +368,16 @@ class Store:
         by_part: dict[int, dict[str, list[Delta]]] = {}
         P = self.partitions
         for d in deltas:
-            by_part.setdefault(partition_of(d.market_id, P), {}).setdefault(d.market_id, []).append(d)
+            mid = d.market_id
+            p = 0 if P == 1 else partition_of(mid, P)
+            per_market = by_part.get(p)
+            if per_market is None:
+                per_market = by_part[p] = {}
+            ds = per_market.get(mid)
+            if ds is None:
+                per_market[mid] = [d]
+            else:
+                ds.append(d)
         if cursor is not None:
             by_part.setdefault(0, {})
         entries: dict[int, str] = {}
@@ -387,7 +396,8 @@ class Store:
                 for mid, ds in per_market.items():
                     keys.append(market_key(p, mid))
                     first, last = ds[0], ds[-1]
-                    args += [mid, encode(markets[mid]), first.seq, last.seq, b",".join(map(encode, ds)),
+                    # the deltas as one JSON array without its brackets: their items joined by ","
+                    args += [mid, encode(markets[mid]), first.seq, last.seq, encode(ds)[1:-1],
                              first.source, provider_ts(first), provider_ts(last),
                              "1" if first.kind == "image" else "0"]
                 try:

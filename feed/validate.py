@@ -58,7 +58,10 @@ Cost (``python benchmarks/fuzz.py --validator``): no allocation on success;
 about 0.7 µs for a one-selection delta with 3 ladder levels a side, 1.1 µs
 with 10 + 10 levels, ~1 µs per selection for images (one shared, loaded
 2-core machine). A failed check takes a slower path that finds and
-describes the first offending value.
+describes the first offending value. The ingest passes a
+:class:`CheckedLadders` so that a ladder side that did not change (the very
+list already found within bounds for that selection) is not walked again;
+every other check still runs on every update.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 from feed.errors import FeedDecodeError
 
 if TYPE_CHECKING:
-    from feed.models import MarketHeader, Selection
+    from feed.models import Ladder, MarketHeader, Selection
     from feed.normalise.base import MarketUpdate
 
 __all__ = [
@@ -83,6 +86,7 @@ __all__ = [
     "MAX_TIME_MS",
     "MIN_PRICE",
     "MIN_TIME_MS",
+    "CheckedLadders",
     "check_market",
     "check_provider_time",
     "check_selection",
@@ -217,12 +221,20 @@ def _header(h: MarketHeader, market_id: str) -> None:
 
 
 def _ok(header: MarketHeader | None, selections: Iterable[Selection], traded_volume: float | None, ts: int,
-        original: int | None, recv_ms: int, skew: int, _lo: float = MIN_PRICE, _hi: float = MAX_PRICE,
-        _top: float = _FINITE, _imax: int = MAX_INT, _tmax: int = MAX_TIME_MS, _adj: float = MAX_ADJUSTMENT_FACTOR,
-        _hc: float = MAX_HANDICAP, _int: type = int) -> bool:
-    """The hot path: True when everything is within bounds (no allocation,
-    no exception); False (or TypeError) sends the caller to :func:`_explain`.
-    Constants are bound as defaults: locals are faster than globals."""
+        original: int | None, recv_ms: int, skew: int, checked: dict[str, tuple[Ladder, Ladder]] | None = None,
+        _lo: float = MIN_PRICE, _hi: float = MAX_PRICE, _top: float = _FINITE, _imax: int = MAX_INT,
+        _tmax: int = MAX_TIME_MS, _adj: float = MAX_ADJUSTMENT_FACTOR, _hc: float = MAX_HANDICAP,
+        _int: type = int) -> bool:
+    """The hot path: True when everything is within bounds (no exception;
+    no allocation without ``checked``); False (or TypeError) sends the
+    caller to :func:`_explain`. Constants are bound as defaults: locals are
+    faster than globals.
+
+    checked: the market's entry of a :class:`CheckedLadders` (selection id →
+    the back and lay lists last found within bounds): a side that is the
+    very list recorded there is not walked again; every side found within
+    bounds is recorded (even when a later check of the update fails: the
+    record is about that list alone)."""
     if type(ts) is not _int or ts <= 0 or ts > _tmax or ts > recv_ms and ts - recv_ms > skew:
         return False
     if original is not None and (type(original) is not _int or original <= 0 or original > _tmax):
@@ -246,16 +258,27 @@ def _ok(header: MarketHeader | None, selections: Iterable[Selection], traded_vol
         x = header.traded_volume
         if x is not None and not 0.0 <= x <= _top:
             return False
+    back: Any
+    lay: Any
+    seen: Any = None
     for s in selections:
         x = s.price
         if x is not None and not _lo <= x <= _hi:
             return False
-        for p, z in s.back:
-            if not (_lo <= p <= _hi and 0.0 <= z <= _top):
-                return False
-        for p, z in s.lay:
-            if not (_lo <= p <= _hi and 0.0 <= z <= _top):
-                return False
+        back = s.back
+        lay = s.lay
+        if checked is not None:
+            seen = checked.get(s.selection_id)
+        if seen is None or seen[0] is not back:
+            for p, z in back:
+                if not (_lo <= p <= _hi and 0.0 <= z <= _top):
+                    return False
+        if seen is None or seen[1] is not lay:
+            for p, z in lay:
+                if not (_lo <= p <= _hi and 0.0 <= z <= _top):
+                    return False
+        if checked is not None and (seen is None or seen[0] is not back or seen[1] is not lay):
+            checked[s.selection_id] = (back, lay)
         x = s.ltp
         if x is not None and not _lo <= x <= _hi:
             return False
@@ -317,20 +340,71 @@ def check_market(market_id: str, header: MarketHeader | None, selections: Iterab
     raise FeedDecodeError("invalid_schema", f"market {market_id}: a value of the wrong type", market_id=market_id)
 
 
-def validate_update(update: MarketUpdate, recv_ms: int, *, max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
+class CheckedLadders:
+    """The ladder sides :func:`validate_update` already found within bounds,
+    so that an unchanged side is not walked again (one per ingest source).
+
+    Per market id and selection id it holds the ``back`` and ``lay`` lists
+    of the last selection whose sides passed; a later selection whose side
+    is the *very same list object* (``is``, not ``==``) skips that side's
+    level checks — every other check of the selection and the market still
+    runs, and any other list (a changed side, a copy, a side of another
+    selection) is walked in full. Holding the lists keeps them alive, so an
+    id can never be reused by another list while it is recorded.
+
+    Sound because a ladder list a normaliser has emitted is never mutated
+    afterwards (normalisers build a new list for a changed side and reuse
+    the old one only when it is unchanged): the same invariant
+    :mod:`feed.book` relies on to tell an unchanged side by identity.
+    Bounded: past ``max_markets`` markets the record is dropped whole (the
+    next update of each market is then walked in full).
+    """
+
+    __slots__ = ("markets", "max_markets")
+
+    def __init__(self, max_markets: int = 200_000) -> None:
+        self.markets: dict[str, dict[str, tuple[Ladder, Ladder]]] = {}
+        self.max_markets = max_markets
+
+    def of(self, market_id: str) -> dict[str, tuple[Ladder, Ladder]]:
+        """The record of one market (selection id → (back, lay)), created empty."""
+        rec = self.markets.get(market_id)
+        if rec is None:
+            if len(self.markets) >= self.max_markets:
+                self.markets.clear()
+            rec = self.markets[market_id] = {}
+        return rec
+
+    def forget(self, market_id: str) -> None:
+        """Drop a market's record (its next update is walked in full)."""
+        self.markets.pop(market_id, None)
+
+
+def validate_update(update: MarketUpdate, recv_ms: int, *, max_future_skew_ms: int = MAX_FUTURE_SKEW_MS,
+                    checked: CheckedLadders | None = None) -> None:
     """Check one market update against the bounds of the module docstring.
 
     update: a normaliser's :class:`~feed.normalise.base.MarketUpdate`.
     recv_ms: when its message was received (int ms since the epoch).
     max_future_skew_ms: how far ``source_ts`` may run ahead of ``recv_ms``.
+    checked: ladder sides already found within bounds (see
+    :class:`CheckedLadders`): a side that is the same list object as the one
+    recorded for its selection is not walked again; the sides found within
+    bounds are recorded. None: every side is walked.
     Returns None; raises :class:`~feed.errors.FeedDecodeError` (``raw``
     empty, ``market_id`` = the update's) with reason ``invalid_price``,
     ``invalid_size``, ``invalid_number``, ``invalid_time``, ``clock_skew`` or
-    ``invalid_schema``. Allocates nothing when the update is valid.
+    ``invalid_schema``. Allocates nothing when the update is valid and
+    ``checked`` is None.
     """
+    rec = None
+    if checked is not None:
+        rec = checked.markets.get(update.market_id)
+        if rec is None:
+            rec = checked.of(update.market_id)
     try:
         if _ok(update.header, update.selections, update.traded_volume, update.source_ts,
-               update.source_ts_original, recv_ms, max_future_skew_ms):
+               update.source_ts_original, recv_ms, max_future_skew_ms, rec):
             return
     except (TypeError, ValueError):
         pass

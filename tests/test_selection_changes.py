@@ -193,6 +193,46 @@ def test_a_price_ladder_change_beyond_the_depth_does_not_rebuild_the_side() -> N
     assert d.selections[0].lay is UNSET and "lay" not in _wire(d)["selections"][0]
 
 
+def test_an_unchanged_runner_hands_out_its_last_selection_and_any_change_a_new_one() -> None:
+    """A runner change that moves nothing of its canonical selection (prices
+    deeper than ``ladder_depth``) yields the very same Selection (the book
+    takes it as unchanged at once); a change of any field — ltp, traded
+    volume, a side, its definition — yields a new one carrying it."""
+    n = BetfairNormaliser("bf", ladder_depth=2)
+    atb = [[2.0 + i / 100, 10.0 + i] for i in range(4)]
+    (u,) = n.feed(_mcm(T, [{"id": 7, "atb": atb, "atl": [[2.2, 5.0]], "ltp": 2.0, "tv": 10.0}], img=True), T).updates
+    first = u.selections[0]
+    book = Book()
+    assert book.apply(u) is not None
+    (u,) = n.feed(_mcm(T + 1, [{"id": 7, "atb": [[2.0, 1.0]]}]), T + 1).updates  # deeper than the 2nd best
+    assert u.selections[0] is first
+    assert book.apply(u) is None and book.last_drop == "duplicate"
+    steps: list[tuple[dict[str, Any], str, Any]] = [
+        ({"ltp": 2.5}, "ltp", 2.5),
+        ({"tv": 11.0}, "traded_volume", 11.0),
+        ({"atl": [[2.19, 1.0]]}, "lay", [(2.19, 1.0), (2.2, 5.0)]),
+        ({"atb": [[2.03, 0]]}, "back", [(2.02, 12.0), (2.01, 11.0)]),
+        ({"ltp": 0}, "ltp", None),
+    ]
+    prev = first
+    for i, (change, field, value) in enumerate(steps, start=2):
+        (u,) = n.feed(_mcm(T + i, [{"id": 7, **change}]), T + i).updates
+        sel = u.selections[0]
+        assert sel is not prev and getattr(sel, field) == value, (change, sel)
+        d = book.apply(u)
+        assert d is not None and getattr(d.selections[0], field) == value
+        prev = sel
+    # a definition that changes the runner's status: a new selection with it
+    line = json.dumps({"op": "mcm", "pt": T + 10, "clk": "x", "mc": [{"id": "1.9", "marketDefinition": {
+        "status": "OPEN", "eventId": "5", "eventTypeId": "1", "marketType": "MATCH_ODDS",
+        "runners": [{"id": 7, "status": "REMOVED"}]}}]}).encode()
+    (u,) = n.feed(line, T + 10).updates
+    assert u.selections[0] is not prev and u.selections[0].status == "REMOVED"
+    d = book.apply(u)
+    assert d is not None and d.selections[0].status == "REMOVED"
+    assert book.markets["bf:1.9"].selections[0] == u.selections[0]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_price_ladders_stay_exact_under_random_changes(seed: int) -> None:
     """Whatever the changes (deep, at the edge, deletions of the best), each

@@ -14,7 +14,9 @@ import pytest
 from feed.errors import FeedDecodeError
 from feed.models import MarketHeader, Selection
 from feed.normalise.base import MarketUpdate, iso_to_ms
-from feed.validate import MAX_FUTURE_SKEW_MS, MAX_TIME_MS, check_market, is_price, is_size, validate_update
+from feed.validate import (
+    MAX_FUTURE_SKEW_MS, MAX_TIME_MS, CheckedLadders, check_market, is_price, is_size, validate_update,
+)
 
 NOW = 1_755_349_200_000
 T2100 = 4_102_444_800_000
@@ -147,6 +149,51 @@ def test_out_of_bounds_is_rejected_with_its_reason(u: MarketUpdate, reason: str)
     assert info.value.reason == reason, str(info.value)
     assert info.value.market_id == "bf:1.1" and info.value.raw == b""
     assert "bf:1.1" in info.value.detail
+
+
+@pytest.mark.parametrize(("u", "reason"), [(u, r) for _, u, r in BAD], ids=[n for n, _, _ in BAD])
+def test_checked_ladders_change_no_verdict(u: MarketUpdate, reason: str) -> None:
+    """With the ingest's record of checked ladder sides (fresh, or holding
+    every good update's sides), every bad update is rejected as before."""
+    for checked in (CheckedLadders(), CheckedLadders()):
+        for _, good in GOOD:
+            validate_update(good, NOW, checked=checked)
+        with pytest.raises(FeedDecodeError) as info:
+            validate_update(u, NOW, checked=checked)
+        assert info.value.reason == reason, str(info.value)
+        with pytest.raises(FeedDecodeError):  # and again: a rejected update's sides were not taken as checked
+            validate_update(u, NOW, checked=checked)
+
+
+def test_checked_ladders_skip_only_the_very_same_list_of_the_same_selection() -> None:
+    """A side is skipped only when it is the very list already found within
+    bounds for that market and selection: a changed side (a new list), an
+    equal copy, or the same list under another selection is walked again."""
+    checked = CheckedLadders()
+    back, lay = [(2.0, 10.0)], [(2.02, 5.0)]
+    validate_update(update([sel(back=back, lay=lay)]), NOW, checked=checked)
+    assert checked.markets["bf:1.1"]["1"] == (back, lay)
+    # the recorded lists themselves are not re-read: proven by a list the walk would reject
+    # (never done by a normaliser: an emitted side is not mutated; this only shows what is skipped)
+    back.append((0.5, 1.0))
+    validate_update(update([sel(back=back, lay=lay)]), NOW, checked=checked)
+    for bad in ([(2.0, 10.0), (0.5, 1.0)], list(back)):  # a new list: walked
+        with pytest.raises(FeedDecodeError) as info:
+            validate_update(update([sel(back=bad, lay=lay)]), NOW, checked=checked)
+        assert info.value.reason == "invalid_price"
+    with pytest.raises(FeedDecodeError):  # the same list under another selection: walked
+        validate_update(update([sel(selection_id="2", back=back, lay=lay)]), NOW, checked=checked)
+    with pytest.raises(FeedDecodeError):  # ... or in another market
+        validate_update(update([sel(back=back, lay=lay)], market_id="bf:1.2"), NOW, checked=checked)
+    with pytest.raises(FeedDecodeError):  # every other field is still checked
+        validate_update(update([sel(back=back, lay=lay, ltp=0.5)]), NOW, checked=checked)
+    checked.forget("bf:1.1")
+    with pytest.raises(FeedDecodeError):
+        validate_update(update([sel(back=back, lay=lay)]), NOW, checked=checked)
+    small = CheckedLadders(max_markets=1)
+    validate_update(update(), NOW, checked=small)
+    validate_update(update(market_id="bf:1.2"), NOW, checked=small)
+    assert list(small.markets) == ["bf:1.2"]
 
 
 def test_the_skew_bound_is_a_parameter() -> None:

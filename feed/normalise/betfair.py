@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated
@@ -252,16 +252,19 @@ class _Runner:
     __slots__ = (
         "key", "id", "hc", "atb", "atl", "atb_px", "atl_px", "batb", "batl", "bdatb", "bdatl",
         "ltp", "tv", "tv_sent", "trd", "status", "sort", "adj", "bsp", "name", "back", "lay", "back_dirty",
-        "lay_dirty", "outcome",
+        "lay_dirty", "outcome", "sel",
     )
 
     def __init__(self, key: str, rid: int, hc: float) -> None:
         self.key = key
         self.id = rid
         self.hc = hc
-        self.atb: dict[float, float] = {}
-        self.atl: dict[float, float] = {}
-        self.atb_px: list[float] = []  # prices of atb, ascending (kept sorted incrementally)
+        # price ladders as [(price, size), …] ascending by price, with their prices alone beside
+        # them (for bisect), kept sorted incrementally; the levels are the decoded tuples, so a
+        # canonical side is a slice of them (built in C, no tuple per level)
+        self.atb: list[tuple[float, float]] = []
+        self.atl: list[tuple[float, float]] = []
+        self.atb_px: list[float] = []
         self.atl_px: list[float] = []
         self.batb: dict[int, tuple[float, float]] = {}
         self.batl: dict[int, tuple[float, float]] = {}
@@ -284,14 +287,17 @@ class _Runner:
         self.lay: list[tuple[float, float]] = []
         self.back_dirty = True
         self.lay_dirty = True
+        # the last Selection built from this runner: handed out again while every field equals it
+        self.sel: Selection | None = None
 
 
 class _Market:
-    __slots__ = ("market_id", "runners", "header", "ladder", "tv", "source_ts")
+    __slots__ = ("market_id", "runners", "by_id", "header", "ladder", "tv", "source_ts")
 
     def __init__(self, market_id: str) -> None:
         self.market_id = market_id
         self.runners: dict[str, _Runner] = {}
+        self.by_id: dict[int, _Runner] = {}  # the runners of `runners` without handicap, by runner id
         self.header: MarketHeader | None = None
         self.ladder = 0
         self.tv: float | None = None
@@ -346,9 +352,11 @@ def _bad_bsp(value: Bsp | None) -> bool:
     return value is not None and not isinstance(value, str) and not (MIN_PRICE <= value <= MAX_PRICE)
 
 
-def _apply_prices(book: dict[float, float], prices: list[float], changes: list[tuple[float, float]],
+def _apply_prices(levels: list[tuple[float, float]], prices: list[float], changes: list[tuple[float, float]],
                   depth: int, back: bool, dirty: bool) -> bool:
-    """Apply ``[price, size]`` changes; ``prices`` is kept sorted ascending.
+    """Apply ``[price, size]`` changes to ``levels`` (``(price, size)``
+    ascending by price, no price twice) and ``prices`` (their prices, kept
+    beside them for bisect); size 0 deletes the price.
 
     Returns whether the side's best ``depth`` prices (the highest for
     ``back``, the lowest for lay) may have changed (``dirty``: they are
@@ -362,17 +370,22 @@ def _apply_prices(book: dict[float, float], prices: list[float], changes: list[t
         lo, hi = prices[n - depth], math.inf
     else:
         lo, hi = -math.inf, prices[depth - 1]
-    visible = False
-    for price, size in changes:
-        if lo <= price <= hi:
+    visible = dirty
+    for level in changes:
+        price = level[0]
+        if not visible and lo <= price <= hi:
             visible = True
-        if size:
-            if price not in book:
-                insort(prices, price)
-            book[price] = size
-        elif book.pop(price, None) is not None:
-            del prices[bisect_left(prices, price)]
-    return visible or dirty
+        i = bisect_left(prices, price)
+        if i < len(prices) and prices[i] == price:
+            if level[1]:
+                levels[i] = level
+            else:
+                del prices[i]
+                del levels[i]
+        elif level[1]:
+            prices.insert(i, price)
+            levels.insert(i, level)
+    return visible
 
 
 def _apply_levels(book: dict[int, tuple[float, float]], changes: list[tuple[int, float, float]]) -> None:
@@ -619,6 +632,7 @@ class BetfairNormaliser:
             market = self.markets[mc.id] = _Market(mc.id)
         elif image:
             market.runners = {}
+            market.by_id = {}
             market.ladder = 0
             market.tv = None
         changed: dict[str, _Runner] = {}
@@ -661,6 +675,10 @@ class BetfairNormaliser:
         )
 
     def _runner(self, market: _Market, rid: int, hc: float | None) -> _Runner:
+        if not hc:
+            runner = market.by_id.get(rid)
+            if runner is not None:
+                return runner
         key = selection_key(rid, hc)
         runner = market.runners.get(key)
         if runner is None:
@@ -669,6 +687,8 @@ class BetfairNormaliser:
             if cat is not None:
                 runner.name = next((r.runnerName for r in cat.runners
                                     if selection_key(r.selectionId, r.handicap) == key), None)
+        if not hc:
+            market.by_id[rid] = runner
         return runner
 
     def _apply_catalogue(self, raw: bytes, batch: NormalisedBatch, recv_ms: int) -> None:
@@ -807,8 +827,7 @@ class BetfairNormaliser:
         if r.back_dirty:
             r.back_dirty = False
             if kind == _ATB:
-                atb = r.atb
-                r.back = [(p, atb[p]) for p in reversed(r.atb_px[-depth:])]
+                r.back = r.atb[-depth:][::-1]  # best (highest) first
             elif kind == _BDATB:
                 r.back = [r.bdatb[k] for k in sorted(r.bdatb)][:depth]
             elif kind == _BATB:
@@ -818,8 +837,7 @@ class BetfairNormaliser:
         if r.lay_dirty:
             r.lay_dirty = False
             if kind == _ATB:
-                atl = r.atl
-                r.lay = [(p, atl[p]) for p in r.atl_px[:depth]]
+                r.lay = r.atl[:depth]
             elif kind == _BDATB:
                 r.lay = [r.bdatl[k] for k in sorted(r.bdatl)][:depth]
             elif kind == _BATB:
@@ -828,7 +846,16 @@ class BetfairNormaliser:
                 r.lay = []
         back = r.back
         lay = r.lay
-        return Selection(
+        sel = r.sel
+        if (sel is not None and sel.back is back and sel.lay is lay and sel.ltp == r.ltp
+                and sel.traded_volume == r.tv and sel.status == r.status and sel.name == r.name
+                and sel.sort_priority == r.sort and sel.adjustment_factor == r.adj and sel.bsp == r.bsp
+                and sel.outcome == r.outcome):
+            # nothing of the runner changed (a price-ladder change deeper than ladder_depth, a resent
+            # definition): the Selection it would build equals the last one (selection_id and handicap
+            # never change, price follows back), so that one is handed out again
+            return sel
+        sel = r.sel = Selection(
             selection_id=r.key,
             name=r.name,
             handicap=r.hc,
@@ -843,6 +870,7 @@ class BetfairNormaliser:
             bsp=r.bsp,
             outcome=r.outcome,
         )
+        return sel
 
     def forget(self, market_id: str) -> None:
         """Drop a market's cache (``bf:`` id or raw id), e.g. after it closed."""
