@@ -123,7 +123,8 @@ class Subscription:
     window; fmt: odds format (None = decimal).
     """
 
-    __slots__ = ("id", "conn", "filter", "conflate_ms", "fmt", "replaying", "pending", "floor", "cpending", "view")
+    __slots__ = ("id", "conn", "filter", "conflate_ms", "fmt", "replaying", "pending", "floor", "cpending", "view",
+                 "group")
 
     def __init__(self, id: int, conn: "Connection", f: Filter, conflate_ms: int = 0, fmt: str | None = None,
                  view: str | None = None) -> None:
@@ -141,9 +142,31 @@ class Subscription:
         self.floor: tuple[StreamId, ...] | None = None
         #: conflation: market_id → changes gathered in the current window (None = nothing pending)
         self.cpending: dict[str, Merge] | None = None
+        #: the dispatch group it belongs to (None: not indexed, e.g. view=best)
+        self.group: Group | None = None
 
     def __repr__(self) -> str:
         return f"Subscription({self.id}, {self.filter})"
+
+
+class Group:
+    """Subscriptions that get the same frames for every entry: same filter,
+    odds format, framing, conflation window, and subscription id where the
+    framing carries it. The filter index holds groups, not subscriptions:
+    dispatch picks each group's messages once, builds its frames once, and
+    walks its subscriptions only to append them."""
+
+    __slots__ = ("key", "filter", "conflate_ms", "subs")
+
+    def __init__(self, key: tuple[object, ...], f: Filter, conflate_ms: int) -> None:
+        self.key = key
+        self.filter = f
+        self.conflate_ms = conflate_ms
+        #: its subscriptions, in the order they joined
+        self.subs: dict[Subscription, None] = {}
+
+    def __repr__(self) -> str:
+        return f"Group({self.filter}, {len(self.subs)} subs)"
 
 
 class Merge:
@@ -547,12 +570,13 @@ class Hub:
         self.outbox_max_bytes = outbox_max_bytes
         self.replay_max_entries = replay_max_entries
         self.connections: set[Connection] = set()
-        self._by_market: dict[str, set[Subscription]] = {}
-        self._by_event: dict[str, set[Subscription]] = {}
-        self._by_competition: dict[str, set[Subscription]] = {}
-        self._by_sport: dict[str, set[Subscription]] = {}
-        self._by_in_play: dict[bool, set[Subscription]] = {True: set(), False: set()}
-        self._wild: set[Subscription] = set()
+        self._by_market: dict[str, set[Group]] = {}
+        self._by_event: dict[str, set[Group]] = {}
+        self._by_competition: dict[str, set[Group]] = {}
+        self._by_sport: dict[str, set[Group]] = {}
+        self._by_in_play: dict[bool, set[Group]] = {True: set(), False: set()}
+        self._wild: set[Group] = set()
+        self._groups: dict[tuple[object, ...], Group] = {}
         self._buckets: dict[int, set[Connection]] = {}
         self._hb_tasks: dict[int, asyncio.Task[None]] = {}
         self._conflating: dict[int, set[Subscription]] = {}
@@ -728,7 +752,7 @@ class Hub:
 
     # -- index ----------------------------------------------------------------
 
-    def _index_sets(self, f: Filter) -> list[set[Subscription]]:
+    def _index_sets(self, f: Filter) -> list[set[Group]]:
         if f.market is not None:
             return [self._by_market.setdefault(k, set()) for k in f.market]
         if f.event is not None:
@@ -742,11 +766,26 @@ class Hub:
         return [self._wild]
 
     def _index(self, sub: Subscription) -> None:
-        for s in self._index_sets(sub.filter):
-            s.add(sub)
+        framing = sub.conn.framing
+        key = (sub.filter, sub.fmt, framing, sub.id if framing.per_sub else 0, sub.conflate_ms)
+        g = self._groups.get(key)
+        if g is None:
+            g = self._groups[key] = Group(key, sub.filter, sub.conflate_ms)
+            for s in self._index_sets(sub.filter):
+                s.add(g)
+        g.subs[sub] = None
+        sub.group = g
 
     def _unindex(self, sub: Subscription) -> None:
-        f = sub.filter
+        g = sub.group
+        if g is None:
+            return
+        sub.group = None
+        g.subs.pop(sub, None)
+        if g.subs:
+            return
+        del self._groups[g.key]
+        f = g.filter
         for index, keys in ((self._by_market, f.market), (self._by_event, f.event),
                             (self._by_competition, f.competition), (self._by_sport, f.sport)):
             if keys is None:
@@ -754,14 +793,14 @@ class Hub:
             for k in keys:
                 s = index.get(k)
                 if s is not None:
-                    s.discard(sub)
+                    s.discard(g)
                     if not s:
                         del index[k]
             return
         if f.in_play is not None:
-            self._by_in_play[f.in_play].discard(sub)
+            self._by_in_play[f.in_play].discard(g)
             return
-        self._wild.discard(sub)
+        self._wild.discard(g)
 
     def _remove(self, sub: Subscription) -> None:
         if sub.view is not None:
@@ -1070,9 +1109,9 @@ class Hub:
             self.best.on_entry(entry)
         by_market, by_event, by_comp = self._by_market, self._by_event, self._by_competition
         by_sport, by_in_play, wild = self._by_sport, self._by_in_play, self._wild
-        per_sub: dict[Subscription, list[Message]] = {}
+        per_group: dict[Group, list[Message]] = {}
         for pd in entry.deltas:
-            groups: list[set[Subscription]] = []
+            groups: list[set[Group]] = []
             s = by_market.get(pd.market_id)
             if s:
                 groups.append(s)
@@ -1104,47 +1143,45 @@ class Hub:
             if wild:
                 groups.append(wild)
             per_filter: dict[Filter, Message | None] = {}  # one message_for per distinct filter
-            for group in groups:
-                for sub in group:
-                    if sub.replaying:
-                        pend = sub.pending
-                        if pend is not None and (not pend or pend[-1] is not entry):
-                            if len(pend) >= PENDING_MAX:
-                                self._not_recovered(sub, "too many live entries while replaying")
-                            else:
-                                pend.append(entry)
-                        continue
-                    f = sub.filter
+            for gs in groups:
+                for g in gs:
+                    f = g.filter
                     if f in per_filter:
                         msg = per_filter[f]
                     else:
                         msg = per_filter[f] = pd.message_for(f)
                     if msg is None:
                         continue
-                    lst = per_sub.get(sub)
+                    lst = per_group.get(g)
                     if lst is None:
-                        per_sub[sub] = [msg]
+                        per_group[g] = [msg]
                     elif lst[-1] is not msg:
                         lst.append(msg)
         p, key, tb = entry.partition, entry.key, entry.prev_token
-        # subscriptions alike (filter, format, transport, sub id) share the frames built for them
-        built: dict[tuple[object, ...], tuple[list[bytes], list[Any], int]] = {}
-        for sub, msgs in per_sub.items():
-            floor = sub.floor
-            if floor is not None:
-                if key <= floor[p]:
+        for g, msgs in per_group.items():
+            built: tuple[list[bytes], list[Any], int] | None = None
+            # a copy: a push may close a connection (eviction), which leaves its group
+            for sub in tuple(g.subs):
+                if sub.replaying:
+                    pend = sub.pending
+                    if pend is not None and (not pend or pend[-1] is not entry):
+                        if len(pend) >= PENDING_MAX:
+                            self._not_recovered(sub, "too many live entries while replaying")
+                        else:
+                            pend.append(entry)
                     continue
-            conn = sub.conn
-            if conn.closed or conn.resync_pending:
-                continue
-            if sub.conflate_ms:
-                self._gather(sub, msgs, tb)
-                continue
-            k = (sub.filter, sub.fmt, conn.framing, sub.id if conn.framing.per_sub else 0, len(msgs))
-            b = built.get(k)
-            if b is None:
-                b = built[k] = self._frames(sub, msgs, tb)
-            conn.push(*b)
+                floor = sub.floor
+                if floor is not None and key <= floor[p]:
+                    continue
+                conn = sub.conn
+                if conn.closed or conn.resync_pending:
+                    continue
+                if g.conflate_ms:
+                    self._gather(sub, msgs, tb)
+                    continue
+                if built is None:  # the group's frames, built once
+                    built = self._frames(sub, msgs, tb)
+                conn.push(*built)
 
     def _frames(self, sub: Subscription, msgs: list[Message], token_before: bytes | None
                 ) -> tuple[list[bytes], list[Any], int]:

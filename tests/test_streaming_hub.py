@@ -212,3 +212,37 @@ async def test_encoded_delta_rebuilds_with_apply_delta() -> None:
         local[d.market_id] = apply_delta(local[d.market_id], d)
     assert local == st.markets
     hub.close_all()
+
+
+async def test_dispatch_builds_frames_once_per_group_of_alike_subscriptions() -> None:
+    st = _state()
+    book = _load(st, 3)
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    alike = [hub.connect("sse", heartbeat_ms=60_000) for _ in range(3)]
+    other_fmt = hub.connect("sse", heartbeat_ms=60_000)
+    ws = [hub.connect("ws", heartbeat_ms=60_000, ws_raw=True) for _ in range(2)]
+    for c in alike:
+        await hub.subscribe(c, Filter.parse(market="m1,m2"))
+    await hub.subscribe(other_fmt, Filter.parse(market="m1,m2"), fmt="fractional")
+    for c in ws:
+        await hub.subscribe(c, Filter.parse(market="m1,m2"))
+    assert len(hub._groups) == 3  # SSE decimal, SSE fractional, WebSocket sub 1
+    for c in (*alike, other_fmt, *ws):
+        c.take()
+    hub.dispatch(_entry(st, book, 2, ["m1", "m2", "m0"], 2.5))
+    got = [c.take() for c in alike]
+    assert len(got[0]) == 2 and all(g[0] is got[0][0] and g[1] is got[0][1] for g in got)  # shared, not copied
+    frac = other_fmt.take()
+    assert len(frac) == 2 and frac[0] is not got[0][0] and b'"price":"3/2"' in frac[0]
+    w = [c.take() for c in ws]
+    assert w[0][0] is w[1][0] and b'"sub":1' in w[0][0]
+    # leaving: the group goes when its last subscription does; the others keep getting deltas
+    for c in alike[:2]:
+        hub.disconnect(c)
+    assert len(hub._groups) == 3
+    hub.disconnect(alike[2])
+    assert len(hub._groups) == 2 and not any(hub._by_market.get(k) and any(
+        g.key[1] is None and g.key[2].name == "sse" for g in hub._by_market[k]) for k in ("m1", "m2"))
+    hub.dispatch(_entry(st, book, 3, ["m1"], 2.6))
+    assert len(other_fmt.take()) == 1 and all(len(c.take()) == 1 for c in ws)
+    hub.close_all()
