@@ -36,6 +36,7 @@ the same strategies at length and prints a table.
 from __future__ import annotations
 
 import bz2
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -75,7 +76,7 @@ _SELECTION_STATUSES = {"ACTIVE", "SUSPENDED", "REMOVED", "WINNER", "LOSER", "PLA
 
 
 def _is_number(x: object) -> bool:
-    return (type(x) is float or type(x) is int) and math.isfinite(x)  # type: ignore[arg-type]
+    return (type(x) is float or type(x) is int) and math.isfinite(x)  # type: ignore[arg-type, unused-ignore]
 
 
 def _price_ok(x: object) -> bool:
@@ -316,7 +317,8 @@ EDGE_NUMBERS: tuple[Any, ...] = (0, -0.0, -1, 1, 1.0, 1.001, 1.0099, 1.01, 1000,
 #: raw JSON text put in place of a value (what msgspec would not write)
 RAW_TEXT: tuple[bytes, ...] = (b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400", b"1" * 40, b"-0",
                                b'"\\ud800"', b'"\\u0000"', b"2.5e", b"[]]", b'"\\u202e"')
-#: values of other types put in place of a value
+#: values of other types put in place of a value (the lists and dicts here are templates: ``mutated``
+#: puts a deep copy in the tree, never the object itself — see ``_paths``)
 ODD_VALUES: tuple[Any, ...] = ("", "x", "NaN", "Infinity", "2.5", "-1", "1e308", "0/1", "1/101", "5/2", "evs",
                                "9999-12-31T23:59:59Z", "1969-12-31T23:59:59Z", "2023-11-14T23:00:00Z",
                                "x" * 300, "\u202eevil", None, True, False, [], {}, [1, 2], {"id": 1})
@@ -327,11 +329,22 @@ Path_ = tuple[Any, ...]
 
 
 def _paths(node: Any, path: Path_ = ()) -> list[Path_]:
-    """Every path below the root (dict keys / list indexes)."""
+    """Every path below the root (dict keys / list indexes).
+
+    ``node`` must be a tree — every list and dict in it reached once. A mutation
+    that put a shared object in it (``ODD_VALUES``' own ``[1, 2]`` or ``{"id": 1}``)
+    let later mutations edit that object in place, so it carried over to later
+    examples and could come to contain itself; this walk then never ended,
+    each path one key longer than the last (the 24 GB benchmark run). Any such
+    aliasing now fails at once."""
     out: list[Path_] = []
+    seen: set[int] = set()
     stack = [(node, path)]
     while stack:
         n, p = stack.pop()
+        if isinstance(n, (dict, list)):
+            assert id(n) not in seen, f"not a tree: the node at {p} is reached twice (a shared or cyclic value)"
+            seen.add(id(n))
         if isinstance(n, dict):
             for k, v in n.items():
                 out.append((*p, k))
@@ -390,7 +403,7 @@ def mutated(draw: st.DrawFn, raw: bytes) -> Mutated:
                 ops.append(f"raw {path}={raw_subs[token]!r}")
             elif kind == "type":
                 new = draw(st.sampled_from(ODD_VALUES))
-                _set(tree, path, new)
+                _set(tree, path, copy.deepcopy(new))  # a copy: later mutations edit the tree in place
                 ops.append(f"type {path}={new!r}")
             elif kind == "drop":
                 parent = _get(tree, path[:-1])
@@ -411,7 +424,7 @@ def mutated(draw: st.DrawFn, raw: bytes) -> Mutated:
                 value.reverse()
                 ops.append(f"reverse {path}")
         out = msgspec.json.encode(tree)
-        for token, text in raw_subs.items():
+        for token, text in reversed(raw_subs.items()):  # latest first: a nest's text may hold an earlier token
             out = out.replace(msgspec.json.encode(token), text)
     else:
         out = raw
@@ -505,11 +518,11 @@ def run_case(target: Target, case: Case) -> Outcome:
         except Exception as exc:  # noqa: BLE001 - exactly what the fuzz is looking for
             out.crashes.append(f"{type(exc).__name__}: {exc}: {where}")
             continue
-        for exc in batch.rejected:
-            if not isinstance(exc, FeedDecodeError) or not (exc.market_id is None or isinstance(exc.market_id, str)):
-                out.crashes.append(f"malformed rejection {exc!r}: {where}")
+        for rej in batch.rejected:
+            if not isinstance(rej, FeedDecodeError) or not (rej.market_id is None or isinstance(rej.market_id, str)):
+                out.crashes.append(f"malformed rejection {rej!r}: {where}")
                 continue
-            out.rejected[exc.reason] += 1
+            out.rejected[rej.reason] += 1
         for u in batch.updates:
             try:
                 validate_update(u, seed.recv_ms)
