@@ -76,25 +76,27 @@ an answer.
 from __future__ import annotations
 
 import asyncio
+import types
+from collections.abc import Generator
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Message, Receive, Scope, Send
 
-from feed.models import CLOSED_STATUSES, Market, Selection, lost_change
+from feed.models import CLOSED_STATUSES, Market, Selection, SourceHealth, lost_change
 from feed.settings import Settings
-from streaming.responses import json_error, json_response, node_of
+from streaming.responses import JSON, json_error
 from streaming.state import NodeState, now_ms
 
 if TYPE_CHECKING:
     from streaming.reader import Node
 
 __all__ = [
-    "BatchRequest", "BatchResult", "PriceCheckRequest", "PriceCheckResult", "REASONS", "check", "check_batch",
-    "price_to_hundredths", "routes",
+    "BatchRequest", "BatchResult", "PriceCheckEndpoint", "PriceCheckRequest", "PriceCheckResult", "REASONS", "check",
+    "check_batch", "price_to_hundredths", "routes",
 ]
 
 Side = Literal["back", "lay"]
@@ -331,65 +333,75 @@ def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
 
 def _check_book(state: NodeState, req: PriceCheckRequest, market_id: str, selection_id: str, now: int, *,
                 feed_problem: str | None = None) -> PriceCheckResult:
-    base: dict[str, Any] = {"market_id": market_id, "selection_id": selection_id, "side": req.side,
-            "requested_price": req.price, "checked_at": now}
+    # the hot path of every check: one PriceCheckResult built with plain keywords (no dicts, no
+    # closure, no **kwargs); the reasons are judged in order by _judge
     m: Market | None = state.markets.get(market_id)
     if m is None:
-        return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",
-                                message=f"no market {market_id!r} on this feed", **base)
+        return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET", message=f"no market {market_id!r} on this feed",
+                                market_id=market_id, selection_id=selection_id, side=req.side,
+                                requested_price=req.price, checked_at=now)
     age, _ = state.age_stale(m, now)
     health = state.source_health(m.source, now)
     source_state = health.state if health is not None else None
     max_age = req.max_age_ms if req.max_age_ms is not None else default_max_age_ms(state.settings, m.in_play)
     sel = m.selection(selection_id)
-    info: dict[str, Any] = {"age_ms": age, "max_age_ms": max_age, "market_status": m.status, "in_play": m.in_play,
-            "version": m.version, "seq": m.seq, "source": m.source, "source_state": source_state, **base}
-
-    def answer(reason: str, message: str, **extra: Any) -> PriceCheckResult:
-        return PriceCheckResult(accepted=reason == "OK", reason=reason, message=message,
-                                **info, **extra)
-
     if sel is None:
-        return answer("UNKNOWN_SELECTION", f"market {m.market_id} has no selection {selection_id!r}")
-    cur, size, field = _best(sel, req.side)
-    priced = {"current_price": cur, "available_size": size, "price_field": field, "selection_status": sel.status}
-    if sel.status in _GONE_SELECTION:
-        return answer("UNKNOWN_SELECTION", f"selection {sel.selection_id} was removed from market {m.market_id}",
-                      **priced)
+        reason = "UNKNOWN_SELECTION"
+        message = f"market {m.market_id} has no selection {selection_id!r}"
+        cur = size = None
+        field = sel_status = None
+    else:
+        cur, size, field = _best(sel, req.side)
+        sel_status = sel.status
+        reason, message, cur = _judge(m, sel, req, cur, field, age, max_age, health, feed_problem)
+    return PriceCheckResult(accepted=reason == "OK", reason=reason, message=message, market_id=market_id,
+                            selection_id=selection_id, side=req.side, requested_price=req.price, current_price=cur,
+                            price_field=field, available_size=size, age_ms=age, max_age_ms=max_age,
+                            market_status=m.status, selection_status=sel_status, in_play=m.in_play, version=m.version,
+                            seq=m.seq, source=m.source, source_state=source_state, checked_at=now)
+
+
+def _judge(m: Market, sel: Selection, req: PriceCheckRequest, cur: float | None, field: str | None, age: int,
+           max_age: int, health: SourceHealth | None, feed_problem: str | None) -> tuple[str, str, float | None]:
+    """(reason, message, current_price) of one book's selection, the reasons in the order of
+    the module docstring; ``current_price`` is the compared price in exact hundredths once the
+    price itself is judged."""
+    status = sel.status
+    if status in _GONE_SELECTION:
+        return "UNKNOWN_SELECTION", f"selection {sel.selection_id} was removed from market {m.market_id}", cur
     if m.status in CLOSED_STATUSES:
-        return answer("MARKET_CLOSED", f"market {m.market_id} is {m.status.lower()}", **priced)
-    if sel.status in _SETTLED_SELECTION:
-        return answer("MARKET_CLOSED", f"selection {sel.selection_id} is settled ({sel.status.lower()})", **priced)
-    if source_state == "DOWN":
-        why = f" ({health.reason})" if health is not None and health.reason else ""
-        return answer("SOURCE_DOWN", f"source {m.source} is down{why}; its prices are not confirmed", **priced)
+        return "MARKET_CLOSED", f"market {m.market_id} is {m.status.lower()}", cur
+    if status in _SETTLED_SELECTION:
+        return "MARKET_CLOSED", f"selection {sel.selection_id} is settled ({status.lower()})", cur
+    if health is not None and health.state == "DOWN":
+        why = f" ({health.reason})" if health.reason else ""
+        return "SOURCE_DOWN", f"source {m.source} is down{why}; its prices are not confirmed", cur
     if feed_problem is not None:
-        return answer("STALE", f"this node is not receiving updates ({feed_problem})", **priced)
+        return "STALE", f"this node is not receiving updates ({feed_problem})", cur
     if lost_change(m, health):
-        return answer("STALE", f"an update of market {m.market_id} was rejected; its prices are not trusted "
-                               "until the source re-images it", **priced)
+        return ("STALE", f"an update of market {m.market_id} was rejected; its prices are not trusted "
+                         "until the source re-images it", cur)
     if age > max_age:
-        return answer("STALE", f"market data is {age} ms old, older than max_age_ms {max_age}", **priced)
+        return "STALE", f"market data is {age} ms old, older than max_age_ms {max_age}", cur
     if m.status in _SUSPENDED_MARKET:
         why = f" ({m.suspend_reason})" if m.suspend_reason else ""
-        return answer("SUSPENDED", f"market {m.market_id} is {m.status.lower()}{why}", **priced)
-    if sel.status == "SUSPENDED":
-        return answer("SUSPENDED", f"selection {sel.selection_id} is suspended", **priced)
+        return "SUSPENDED", f"market {m.market_id} is {m.status.lower()}{why}", cur
+    if status == "SUSPENDED":
+        return "SUSPENDED", f"selection {sel.selection_id} is suspended", cur
     if req.version is not None and req.version != m.version:
-        return answer("VERSION_CHANGED", f"market definition version is {m.version}, not {req.version}", **priced)
+        return "VERSION_CHANGED", f"market definition version is {m.version}, not {req.version}", cur
     if cur is None:
-        return answer("PRICE_CHANGED", f"no {req.side} price is offered on selection {sel.selection_id}", **priced)
+        return "PRICE_CHANGED", f"no {req.side} price is offered on selection {sel.selection_id}", cur
     want = price_to_hundredths(req.price)
     have = price_to_hundredths(cur)
     if req.side == "back":
         ok = have >= want if req.accept_better else have == want
     else:
         ok = have <= want if req.accept_better else have == want
-    priced["current_price"] = have / 100
     if ok:
-        return answer("OK", f"{field} {have / 100:g} {'matches' if have == want else 'is better than'} "
-                            f"{req.price:g}", **priced)
-    return answer("PRICE_CHANGED", f"{field} is {have / 100:g}, requested {req.price:g}", **priced)
+        return ("OK", f"{field} {have / 100:g} {'matches' if have == want else 'is better than'} {req.price:g}",
+                have / 100)
+    return "PRICE_CHANGED", f"{field} is {have / 100:g}, requested {req.price:g}", have / 100
 
 
 def check_batch(state: NodeState, legs: list[PriceCheckRequest], now: int, *,
@@ -400,6 +412,12 @@ def check_batch(state: NodeState, legs: list[PriceCheckRequest], now: int, *,
 
 
 # -- HTTP ----------------------------------------------------------------------
+#
+# Both endpoints are raw ASGI apps (no Starlette Request/Response on the hot path): every
+# check pays for uvicorn and Starlette's routing anyway, so the endpoint itself reads the
+# body straight from ``receive``, decodes it with the typed msgspec decoder, checks, encodes
+# the answer with one reused Encoder and sends it with prebuilt headers. Errors (422, 413,
+# 408, 503) are rare and use the shared json_error Response.
 
 
 class _BodyError(Exception):
@@ -408,23 +426,80 @@ class _BodyError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-async def _read_body(request: Request, deadline_s: float) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise _BodyError(413, "payload_too_large", f"the body is limited to {MAX_BODY_BYTES} bytes")
+class _Disconnected(Exception):
+    """The client went away before its body arrived: nobody to answer."""
+
+
+@types.coroutine
+def _resume(coro: Any, waiting: Any) -> Generator[Any, Any, Any]:
+    """Await the rest of ``coro``, whose first step already ran and yielded ``waiting`` (what a
+    coroutine hands its task: the future it waits for). Like ``yield from``: the task waits on
+    what ``coro`` yields; values sent and exceptions thrown in (a cancellation: the deadline)
+    are passed on to ``coro``."""
+    while True:
+        try:
+            value = yield waiting
+        except BaseException as exc:
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting = coro.send(value)
+            except StopIteration as done:
+                return done.value
+
+
+async def _receive(receive: Receive, deadline: float) -> Message:
+    """``await receive()`` under ``deadline`` (loop time). The deadline's timer is armed only
+    when ``receive`` has to wait: a body that arrived with the request head (nearly every
+    price check) is taken without scheduling and cancelling a timer. Raises TimeoutError."""
+    aw = receive()
+    step = getattr(aw, "send", None)
+    if step is not None:  # a coroutine (uvicorn's, Starlette's wrappers): run its first step now
+        try:
+            waiting = step(None)
+        except StopIteration as done:
+            return done.value
+        async with asyncio.timeout_at(deadline):
+            return await _resume(aw, waiting)
+    async with asyncio.timeout_at(deadline):
+        return await aw
+
+
+async def _read_body(scope: Scope, receive: Receive, deadline_s: float) -> bytes:
+    """The request body: at most MAX_BODY_BYTES (413, also when Content-Length says more),
+    all of it within ``deadline_s`` (408). Raises _BodyError, or _Disconnected."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > MAX_BODY_BYTES:
+                raise _BodyError(413, "payload_too_large", f"the body is limited to {MAX_BODY_BYTES} bytes")
+            break
+    deadline = asyncio.get_running_loop().time() + deadline_s
     chunks: list[bytes] = []
     n = 0
     try:
-        async with asyncio.timeout(deadline_s):
-            async for chunk in request.stream():
+        while True:
+            message = await _receive(receive, deadline)
+            if message["type"] != "http.request":
+                if message["type"] == "http.disconnect":
+                    raise _Disconnected()
+                continue
+            chunk = message.get("body", b"")
+            if chunk:
                 n += len(chunk)
                 if n > MAX_BODY_BYTES:
                     raise _BodyError(413, "payload_too_large", f"the body is limited to {MAX_BODY_BYTES} bytes")
                 chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
     except TimeoutError:
         raise _BodyError(408, "deadline_exceeded",
                          f"the request body did not arrive within {deadline_s * 1000:.0f} ms") from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
 
 
 _SHAPE = ('send {"market_id": str, "selection_id": str, "side": "back"|"lay", "price": 1.01-1000, '
@@ -463,55 +538,59 @@ def _feed_problem(node: "Node") -> str | None:
     return None
 
 
-async def _prepare(request: Request) -> tuple["Node", bytes] | Response:
-    node = node_of(request)
-    if not node.state.loaded:
-        return json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly")
-    ms = node.settings.price_check_deadline_ms
-    try:
-        body = await _read_body(request, ms / 1000)
-    except _BodyError as exc:
-        return json_error(exc.status, exc.code, exc.message)
-    return node, body
+_CACHE_CONTROL = (b"cache-control", b"no-store")
+_CONTENT_TYPE = (b"content-type", JSON.encode())
 
 
-async def price_check(request: Request) -> Response:
-    """``POST /v1/price-check``."""
-    got = await _prepare(request)
-    if isinstance(got, Response):
-        return got
-    node, body = got
-    try:
-        req = _REQUEST_DECODER.decode(body)
-    except msgspec.MsgspecError as exc:
-        return _invalid(exc, False)
-    bad = _validate_prices([req], False)
-    if bad is not None:
-        return bad
-    result = check(node.state, req, now_ms(), feed_problem=_feed_problem(node))
-    return json_response(_ENCODER.encode(result), headers={"Cache-Control": "no-store"})
+class PriceCheckEndpoint:
+    """``POST /v1/price-check`` (``batch=False``) or ``POST /v1/price-check/batch``, a raw ASGI
+    app (see the note above). Answers, in order: 503 before the node has loaded; 413 / 408
+    while reading the body; 422 for a body that does not decode or validate; else 200 with
+    the answer, ``Cache-Control: no-store``."""
 
+    def __init__(self, *, batch: bool) -> None:
+        self.batch = batch
 
-async def price_check_batch(request: Request) -> Response:
-    """``POST /v1/price-check/batch``."""
-    got = await _prepare(request)
-    if isinstance(got, Response):
-        return got
-    node, body = got
-    try:
-        req = _BATCH_DECODER.decode(body)
-    except msgspec.MsgspecError as exc:
-        return _invalid(exc, True)
-    bad = _validate_prices(req.legs, True)
-    if bad is not None:
-        return bad
-    result = check_batch(node.state, req.legs, now_ms(), feed_problem=_feed_problem(node))
-    return json_response(_ENCODER.encode(result), headers={"Cache-Control": "no-store"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        node: Node = scope["app"].state.node
+        if not node.state.loaded:
+            await json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly")(
+                scope, receive, send)
+            return
+        deadline_s = node.settings.price_check_deadline_ms / 1000
+        try:
+            body = await _read_body(scope, receive, deadline_s)
+        except _BodyError as exc:
+            await json_error(exc.status, exc.code, exc.message)(scope, receive, send)
+            return
+        except _Disconnected:
+            return
+        result: PriceCheckResult | BatchResult
+        try:
+            if self.batch:
+                legs = _BATCH_DECODER.decode(body).legs
+            else:
+                legs = [_REQUEST_DECODER.decode(body)]
+        except msgspec.MsgspecError as exc:
+            await _invalid(exc, self.batch)(scope, receive, send)
+            return
+        bad = _validate_prices(legs, self.batch)
+        if bad is not None:
+            await bad(scope, receive, send)
+            return
+        if self.batch:
+            result = check_batch(node.state, legs, now_ms(), feed_problem=_feed_problem(node))
+        else:
+            result = check(node.state, legs[0], now_ms(), feed_problem=_feed_problem(node))
+        answer = _ENCODER.encode(result)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [_CACHE_CONTROL, (b"content-length", b"%d" % len(answer)), _CONTENT_TYPE]})
+        await send({"type": "http.response.body", "body": answer})
 
 
 def routes() -> list[BaseRoute]:
     """The price-check routes (mounted by :func:`streaming.app.create_app` beside :func:`streaming.rest.routes`)."""
     return [
-        Route("/v1/price-check", price_check, methods=["POST"]),
-        Route("/v1/price-check/batch", price_check_batch, methods=["POST"]),
+        Route("/v1/price-check", PriceCheckEndpoint(batch=False), methods=["POST"], name="price_check"),
+        Route("/v1/price-check/batch", PriceCheckEndpoint(batch=True), methods=["POST"], name="price_check_batch"),
     ]

@@ -242,7 +242,14 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                                 proto._final(message.get("body", b""))
                                 return
                             await send(message)
-                        await inner(scope, receive, guarded_send)
+                        try:
+                            await inner(scope, receive, guarded_send)
+                        finally:
+                            # the detach closure refers to uvicorn's request cycle, which holds this
+                            # scope: drop it so the request's objects go by reference counting, not
+                            # by a later GC pass (~15 objects a request, ~10 ms young collections
+                            # at 2k requests/s)
+                            ext.pop(HTTP_DETACH, None)
                     else:
                         await inner(scope, receive, send)
                 finally:
