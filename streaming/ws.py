@@ -174,17 +174,23 @@ class _Messages:
         self.fmt = fmt
 
     async def message(self, data: bytes, is_text: bool) -> None:
-        conn = self.conn
-        max_bytes = self.node.options.ws_max_message_bytes
-        if len(data) > max_bytes:
-            _too_big(conn, len(data), max_bytes)
-            return
-        try:
-            text = data.decode()
-        except UnicodeDecodeError:
-            conn.send(error_message("bad_request", "send JSON text (UTF-8)"))
-            return
-        await _handle(conn, self.node, text, self.fmt)
+        text = _text(self.conn, data, self.node.options.ws_max_message_bytes)
+        if text is not None:
+            await _handle(self.conn, self.node, text, self.fmt)
+
+
+def _text(conn: Connection, data: bytes, max_bytes: int) -> str | None:
+    """One client message's text, or None when it was answered instead: over
+    ``max_bytes`` (an error and a 1009 close: the connection is closed) or not
+    UTF-8 (an error; the connection stays)."""
+    if len(data) > max_bytes:
+        _too_big(conn, len(data), max_bytes)
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        conn.send(error_message("bad_request", "send JSON text (UTF-8)"))
+        return None
 
 
 async def _handle(conn: Connection, node: "Node", text: str, fmt: str | None) -> bool:
@@ -216,20 +222,12 @@ async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: 
             if message["type"] == "websocket.disconnect":
                 conn.close(1000, "client disconnected")
                 return
-            text = message.get("text")
+            raw = message.get("text")
+            text = _text(conn, raw.encode() if raw is not None else message.get("bytes") or b"", max_bytes)
             if text is None:
-                data = message.get("bytes") or b""
-                if len(data) > max_bytes:
-                    _too_big(conn, len(data), max_bytes)
+                if conn.closed:
                     return
-                try:
-                    text = data.decode()
-                except UnicodeDecodeError:
-                    conn.send(error_message("bad_request", "send JSON text (UTF-8)"))
-                    continue
-            elif len(text) > max_bytes or len(text.encode()) > max_bytes:
-                _too_big(conn, len(text.encode()), max_bytes)
-                return
+                continue
             if not await _handle(conn, node, text, fmt):
                 return
     except (WebSocketDisconnect, RuntimeError, OSError):

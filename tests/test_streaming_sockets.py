@@ -235,3 +235,55 @@ async def test_timer_wheel_runs_each_timer_once_never_early_and_survives_a_faili
     wheel.call_later(0.01, lambda _: wheel.call_later(0.01, note, "chained"), None)
     await eventually(lambda: len(ran) == 4, 5)
     assert ran[-1][0] == "chained"
+
+
+async def _serve_plain(app: Any, **config: Any) -> tuple[Any, asyncio.Task[None], str]:
+    import uvicorn
+
+    from streaming.app import StreamingServer
+
+    cfg = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
+                         timeout_graceful_shutdown=5, **{k: v for k, v in config.items() if k != "ours"})
+    server = StreamingServer(cfg, app) if config.get("ours") else uvicorn.Server(cfg)
+    task = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started or task.done())
+    assert not task.done()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, f"http://127.0.0.1:{port}"
+
+
+async def test_streams_on_servers_that_do_not_hand_the_socket_over(store: Store, redis_url: str) -> None:
+    """h11 on our server (SSE cannot detach) and plain uvicorn (neither can): the writer-task path
+    serves the same stream, and the hub's connections have no sink."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    for config in ({"ours": True, "http": "h11"}, {"ours": False}):
+        app = make_app(redis_url)
+        server, task, base = await _serve_plain(app, **config)
+        try:
+            hub = app.state.node.hub
+            async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S) as c, \
+                    c.stream("GET", "/v1/stream?market=m1") as r, \
+                    connect(base.replace("http://", "ws://") + "/v1/ws") as ws:
+                sse = SSEReader(r)
+                await sse.until(lambda e: e.event == "snapshot")
+                await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"market": "m1"}}))
+                assert json.loads(await ws.recv())["type"] == "ack"
+                assert json.loads(await ws.recv())["type"] == "snapshot"
+                sinks = {conn.framing.name: conn.sink for conn in hub.connections}
+                assert sinks["sse"] is None, config  # SSE: the writer task
+                assert (sinks["ws"] is None) == (not config["ours"]), config
+                price = 4.4 if config["ours"] else 5.5
+                await feed.write(feed.price("m1", "1", price))
+                ev = await sse.until(lambda e: e.event == "delta")
+                assert ev.data["selections"][0]["price"] == price
+                msg = json.loads(await ws.recv())
+                assert msg["type"] == "delta" and msg["selections"][0]["price"] == price
+                await ws.send(b"\xff")  # not UTF-8: an error, the connection stays
+                assert json.loads(await ws.recv())["code"] == "bad_request"
+                await ws.send(json.dumps({"op": "ping", "id": 2}))
+                assert json.loads(await ws.recv()) == {"type": "pong", "id": 2}
+            await eventually(lambda: not hub.connections)
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, TIMEOUT_S)
