@@ -613,11 +613,10 @@ class NodeState:
         if self._waiting[p]:
             self._reach(p)
         markets = self.markets
-        past_load = parse_stream_id(entry_id) > parse_stream_id(self.load_heads[p])
         for d in deltas:
             old = markets.get(d.market_id)
             if old is not None and d.seq <= old.seq:
-                if past_load and self.seq_gap is None:
+                if self.seq_gap is None and parse_stream_id(entry_id) > parse_stream_id(self.load_heads[p]):
                     # logged after everything this node loaded, yet not newer than what it holds:
                     # the store went back (an older snapshot restored under the same epoch) and a
                     # writer goes on from there — skipping it would freeze the market at a state
