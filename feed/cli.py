@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from feed.errors import ConfigError, OddsfeedError
@@ -61,7 +62,48 @@ def _hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {value!r}")
-    return host or "127.0.0.1", int(port)
+    return host or "127.0.0.1", _port(port)
+
+
+def _port(value: str) -> int:
+    """A TCP port, 0–65535 (0: any free port)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {port}")
+    return port
+
+
+def _positive(value: str) -> int:
+    """An integer ≥ 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    """A number > 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, not {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {value}")
+    return x
+
+
+def _redis_url(value: str) -> str:
+    """A Redis URL: redis://, rediss:// or unix:// (what redis-py accepts)."""
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(
+            f"a Redis URL starts with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0), not {value!r}")
+    return value
 
 
 def _source(value: str) -> Any:
@@ -80,6 +122,58 @@ def _kinds_help() -> str:
     return "; ".join(f"{k.kind} ({k.protocol.split(' ([')[0]})" for k in REGISTRY.values())
 
 
+def _log_format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"--log-format is text or json, not {value!r}")
+    return value
+
+
+def _observability_opts(p: argparse.ArgumentParser, *, metrics: bool, run: bool = False) -> None:
+    """``--log-format`` (every process command) and, for commands that ingest,
+    ``--metrics-port`` / ``--metrics-host`` (the ingest's Prometheus metrics, :mod:`feed.metrics`)."""
+    g = p.add_argument_group("observability")
+    g.add_argument("--log-format", type=_log_format, default=os.environ.get("ODDSFEED_LOG_FORMAT", "text"),
+                   metavar="{text,json}",
+                   help="log lines as text (default) or one JSON object per line with ts, level, logger, message "
+                        "and trace_id / source / market when known (env ODDSFEED_LOG_FORMAT)")
+    if not metrics:
+        return
+    port_env = os.environ.get("ODDSFEED_METRICS_PORT")
+    g.add_argument("--metrics-port", type=_port, default=port_env if port_env is not None else (None if run else 0),
+                   help="serve the ingest's Prometheus metrics on http://METRICS_HOST:PORT/metrics; 0 = off "
+                        + ("(default: the API port + 1, 8001; skipped with a warning when that port is busy) "
+                           if run else "(default 0: off) ")
+                        + "(env ODDSFEED_METRICS_PORT)")
+    g.add_argument("--metrics-host", default=os.environ.get("ODDSFEED_METRICS_HOST", "127.0.0.1"),
+                   help="bind address of the ingest metrics (default 127.0.0.1; env ODDSFEED_METRICS_HOST)")
+
+
+@contextlib.asynccontextmanager
+async def _ingest_metrics(args: argparse.Namespace, settings: Settings) -> AsyncIterator[None]:
+    """Serve the ingest metrics while inside (``--metrics-port``; :mod:`feed.metrics`). ``oddsfeed run``
+    without the option (or ODDSFEED_METRICS_PORT) uses the API port + 1 and carries on without
+    metrics, with a warning, when that port is busy; an explicit busy port is an error."""
+    from feed.metrics import bind, serve_metrics
+
+    port = args.metrics_port
+    soft = port is None
+    if port is None:
+        port = settings.port + 1 if 0 < settings.port < 65535 else 0
+    sock = None
+    if port:
+        try:
+            sock = bind(args.metrics_host, port)
+        except ConfigError as exc:
+            if not soft:
+                raise
+            logger.warning("ingest metrics not served: %s", exc)
+    if sock is None:
+        yield
+        return
+    async with serve_metrics(args.metrics_host, port, sock=sock):
+        yield
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddsfeed", description="Live odds feed ingestion and streaming.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -87,15 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def store_opts(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("store")
-        g.add_argument("--redis-url", help="Redis/Valkey URL (default: start the embedded redis-server)")
+        g.add_argument("--redis-url", type=_redis_url,
+                       help="Redis/Valkey URL (default: start the embedded redis-server)")
         g.add_argument("--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node")
         g.add_argument("--data-dir", help="embedded Redis data directory (default ./var)")
-        g.add_argument("--partitions", type=int, help="delta-log partitions (default 1)")
+        g.add_argument("--partitions", type=_positive, help="delta-log partitions (default 1)")
 
     def api_opts(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("api")
         g.add_argument("--host", help="API bind address (default 127.0.0.1)")
-        g.add_argument("--port", type=int, help="API port (default 8000)")
+        g.add_argument("--port", type=_port, help="API port (default 8000)")
 
     def source_opts(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("source")
@@ -123,17 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sim_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
         g = p.add_argument_group("simulator")
-        g.add_argument(f"--{prefix}events", type=int, default=12, help="synthetic events (default 12)")
-        g.add_argument(f"--{prefix}rate", type=float, default=50.0, help="synthetic price updates per second (default 50)")
+        g.add_argument(f"--{prefix}events", type=_positive, default=12, help="synthetic events (default 12)")
+        g.add_argument(f"--{prefix}rate", type=_positive_float, default=50.0,
+                       help="synthetic price updates per second (default 50)")
         g.add_argument(f"--{prefix}seed", type=int, help="random seed for the synthetic model")
-        g.add_argument(f"--{prefix}time-scale", type=float, default=60.0, help="lifecycle speed-up (default 60)")
+        g.add_argument(f"--{prefix}time-scale", type=_positive_float, default=60.0,
+                       help="lifecycle speed-up (default 60)")
 
     run = sub.add_parser("run", help="the main job: embedded Redis, simulator (or replay), ingest and API")
     store_opts(run)
     api_opts(run)
     source_opts(run)
     sim_opts(run, "sim-")
-    run.add_argument("--sim-port", type=int, default=0, help="simulator port (default: any free port)")
+    run.add_argument("--sim-port", type=_port, default=0, help="simulator port (default: any free port)")
 
     ingest = sub.add_parser("ingest", help="ingest only: --replay PATH… (exits when done), --esa HOST:PORT or --source SPEC…")
     store_opts(ingest)
@@ -148,24 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the API only, reading what an ingest writes to Redis")
     store_opts(serve)
     api_opts(serve)
+    for p in (run, ingest, record, serve):
+        _observability_opts(p, metrics=p is not serve, run=p is run)
 
     sim = sub.add_parser("simulate", help="the local ESA upstream (synthetic markets or recorded files)")
     sim.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    sim.add_argument("--port", type=int, default=9444, help="port (default 9444)")
-    sim.add_argument("--api-port", type=int, default=9445,
+    sim.add_argument("--port", type=_port, default=9444, help="port (default 9444)")
+    sim.add_argument("--api-port", type=_port, default=9445,
                      help="port of the Betfair identity SSO (login, keepAlive) and Betting API (listMarketCatalogue) "
                           "the live client uses beside the stream (default 9445)")
     sim.add_argument("--replay", nargs="+", metavar="PATH", help="serve recorded files instead of synthetic markets")
     sim.add_argument("--speed", type=_speed, default=1.0, help="recorded pacing multiplier or 'max'")
     sim.add_argument("--providers", action="store_true",
                      help="also serve Pinnacle- and The-Odds-API-style HTTP endpoints from the same markets")
-    sim.add_argument("--providers-port", type=int, default=9555, help="port of the HTTP providers (default 9555)")
-    sim.add_argument("--push-port", type=int, default=9556,
+    sim.add_argument("--providers-port", type=_port, default=9555, help="port of the HTTP providers (default 9555)")
+    sim.add_argument("--push-port", type=_port, default=9556,
                      help="with --providers: port of the push provider (WebSocket /push/ws, SSE /push/sse; default 9556)")
     sim.add_argument("--truth-log", metavar="PATH",
                      help="append every upstream change (ground truth, one JSON line per selection, oddsfeed ids) "
                           "to PATH; see feed/simulator/truth.py (default: off)")
-    sim.add_argument("--control-port", type=int, metavar="PORT",
+    sim.add_argument("--control-port", type=_port, metavar="PORT",
                      help="serve the simulators' fault switches on 127.0.0.1:PORT (JSON lines; "
                           "see feed/simulator/control.py; default: off)")
     sim_opts(sim)
@@ -371,10 +470,44 @@ async def _replay(store: Any, settings: Settings, args: argparse.Namespace) -> N
 # --- commands ----------------------------------------------------------------
 
 
+def _run_lock(data_dir: str | Path) -> int:
+    """Hold ``data_dir/run.lock`` for this process (an exclusive ``flock``; the
+    kernel drops it when the process ends, however it ends): two ``oddsfeed
+    run`` in one data directory would share the embedded Redis and overwrite
+    each other's sources. Returns the lock's file descriptor (keep it open).
+    Raises UsageError naming the other process when the lock is held."""
+    import fcntl
+
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(f"another `oddsfeed run` (pid {other}) uses the embedded Redis in {d.resolve()}; stop it, "
+                         "or give this one another --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    lock = _run_lock(settings.data_dir) if settings.redis_url is None else None
+    try:
+        async with _ingest_metrics(args, settings):
+            return await _cmd_run(args, settings)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from feed.ingest import tune_gc
 
-    settings = settings_from_args(args)
     sock = bind_socket(settings.host, settings.port)
     tune_gc()
     async with open_store(settings) as store:
@@ -433,7 +566,7 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.command} needs {'' if args.command == 'record' else '--replay PATH…, '}"
                          "--esa HOST:PORT or --source SPEC")
     tune_gc()
-    async with open_store(settings) as store:
+    async with _ingest_metrics(args, settings), open_store(settings) as store:
         linker = _linker(settings, store)
         if args.replay:
             await _replay(store, settings, args)
@@ -464,6 +597,10 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 async def cmd_simulate(args: argparse.Namespace) -> int:
     from feed.simulator.esa_server import SimulatorConfig, run_simulator
+    from feed.sources.replay import recording_files
+
+    if args.replay:
+        recording_files(args.replay)  # raises FileNotFoundError (one line) before any server starts
 
     config = SimulatorConfig(host=args.host, port=args.port, events=args.events, rate_per_s=args.rate,
                              seed=args.seed, time_scale=args.time_scale, replay=tuple(args.replay or ()),
@@ -583,11 +720,12 @@ def _run(coro: Any) -> int:
     return uvloop.run(coro)
 
 
-def setup_logging(verbose: bool, stream: Any = None) -> logging.Handler:
+def setup_logging(verbose: bool, stream: Any = None, log_format: str = "text") -> logging.Handler:
     """The CLI's logging: one stream handler on the root logger (stderr unless ``stream``),
     DEBUG with ``-v`` else INFO, and secret redaction on every record of the process
     (:mod:`feed.redaction`: secret header/parameter values and registered secrets never
-    reach a log line, at any level). Returns the handler (tests remove it)."""
+    reach a log line, at any level). ``log_format="json"``: one JSON object per line
+    (:class:`feed.logjson.JsonFormatter`). Returns the handler (tests remove it)."""
     from feed import redaction
 
     redaction.install()
@@ -596,7 +734,12 @@ def setup_logging(verbose: bool, stream: Any = None) -> logging.Handler:
         root.removeHandler(old)
     handler = logging.StreamHandler(stream)
     handler.oddsfeed_cli = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        from feed.logjson import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("feed.ingest").setLevel(logging.WARNING if not verbose else logging.DEBUG)
@@ -619,7 +762,7 @@ def register_secrets(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, log_format=getattr(args, "log_format", "text"))
     register_secrets(args)
     try:
         return _run(_main_async(args))

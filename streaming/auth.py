@@ -179,6 +179,9 @@ class AuthMiddleware:
             try:
                 self.check(scope)
             except AuthError as exc:
+                client = scope.get("client")
+                logger.info("401 %s %s from %s: %s", scope.get("method", "WS"), scope["path"],
+                            client[0] if client else "?", exc)  # the reason, never the credential
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
                     return

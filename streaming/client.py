@@ -735,7 +735,13 @@ class OddsClient:
     # -- convenience --------------------------------------------------------------
 
     def open_markets(self) -> list[Market]:
-        """Markets not closed/settled/cancelled, by market id."""
+        """Markets open for betting (status ``OPEN``: not suspended, inactive,
+        closed, settled or cancelled), by market id. See :meth:`live_markets`
+        for every market not yet closed."""
+        return sorted((m for m in self.markets.values() if m.status == "OPEN"), key=lambda m: m.market_id)
+
+    def live_markets(self) -> list[Market]:
+        """Markets not closed, settled or cancelled (suspended ones included), by market id."""
         return sorted((m for m in self.markets.values() if m.status not in CLOSED_STATUSES),
                       key=lambda m: m.market_id)
 

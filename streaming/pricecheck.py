@@ -112,6 +112,7 @@ MAX_LEGS = 50
 MAX_BODY_BYTES = 64 << 10
 
 _ID = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_INT_ID = Annotated[int, msgspec.Meta(ge=0)]
 _PRICE = Annotated[float, msgspec.Meta(ge=1.01, le=1000)]
 _AGE = Annotated[int, msgspec.Meta(ge=0, le=86_400_000)]
 
@@ -130,13 +131,18 @@ class PriceCheckRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     side: Side
     price: _PRICE
     market_id: _ID | None = None
-    selection_id: _ID | None = None
+    #: a string; a JSON integer is taken as its decimal digits (Betfair's selection ids are numbers)
+    selection_id: _ID | _INT_ID | None = None
     event: _ID | None = None
     market: _ID | None = None
     outcome: _ID | None = None
     max_age_ms: _AGE | None = None
     accept_better: bool = True
     version: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.selection_id) is int:
+            msgspec.structs.force_setattr(self, "selection_id", str(self.selection_id))
 
     def shape_error(self) -> str | None:
         """What is wrong with the choice of identity fields, or None: give
@@ -272,7 +278,7 @@ def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: s
     canonical market (:func:`check_best`)."""
     if req.market_id is None or req.selection_id is None:
         return check_best(state, req, now, feed_problem=feed_problem)
-    return _check_book(state, req, req.market_id, req.selection_id, now, feed_problem=feed_problem)
+    return _check_book(state, req, req.market_id, str(req.selection_id), now, feed_problem=feed_problem)
 
 
 def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
@@ -511,6 +517,8 @@ def _invalid(exc: msgspec.MsgspecError, batch: bool) -> Response:
     text = str(exc)
     if "unknown field" in text:
         text += " (remove it)"
+    elif "got `int`" in text or "got `float`" in text:
+        text += " (ids are strings: quote it, e.g. \"1.234567\")"
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         text = f"body is not valid JSON ({text})"
     shape = 'send {"legs": [<leg>, …]} with 1-%d legs, each: %s' % (MAX_LEGS, _SHAPE[5:]) if batch else _SHAPE

@@ -398,3 +398,32 @@ async def test_page_resyncs_on_a_seq_gap_instead_of_applying_the_delta() -> None
                       f"oddsBoard.handle({json.dumps(delta(9, 2.2, conflated=True))}); 0")
         assert await page.js(f"[{sel}.price, {sel}.lay, oddsBoard.book()['bf:1.5'].seq, oddsBoard.state.stats.gaps]"
                              ) == [2.2, [[2.02, 3.0]], 9, 1]
+
+
+async def test_the_board_asks_for_an_api_key_when_the_server_needs_one(redis_url: str, store: Store) -> None:
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    from streaming_helpers import Feed
+
+    feed = Feed(store)
+    await feed.write(feed.image("bf:1.9"))
+    key = "board-test-key-0123456789"
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=1000, api_keys=(key,)))
+    async with serve(app) as base, browser(base + "/") as page:
+        await page.until("!!document.getElementById('auth-form') "
+                         "&& document.getElementById('banner').dataset.kind === 'auth'", "the API-key prompt")
+        text = await page.js("document.getElementById('banner').textContent")
+        assert "needs an API key" in text
+        await page.js(f"document.getElementById('auth-key').value = {json.dumps(key)}; "
+                      "setTimeout(() => document.getElementById('auth-form').requestSubmit(), 50); true")
+        deadline = time.monotonic() + WAIT_S
+        while True:  # the page navigates (reload with ?api_key=): an evaluation may hit the old document
+            with contextlib.suppress(RuntimeError, AssertionError):
+                if await page.js("location.search.includes('api_key=') && !!window.oddsBoard "
+                                 "&& oddsBoard.state.stats.snapshots >= 1"):
+                    break
+            assert time.monotonic() < deadline, "the board did not connect with the key"
+            await asyncio.sleep(0.1)
+        await page.until("!!document.getElementById('banner') && (document.getElementById('banner').hidden "
+                         "|| document.getElementById('banner').dataset.kind !== 'auth')", "the prompt gone")

@@ -66,6 +66,46 @@ def test_busy_port_is_one_line(redis_url: str) -> None:
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["serve", "--redis-url", "notaurl"], "argument --redis-url: a Redis URL starts with redis://, rediss:// or unix://"),
+    (["serve", "--port", "99999"], "argument --port: a port is a number from 0 to 65535, not 99999"),
+    (["run", "--partitions", "0"], "argument --partitions: must be at least 1, not 0"),
+    (["run", "--sim-events", "0"], "argument --sim-events: must be at least 1, not 0"),
+    (["run", "--sim-rate", "-5"], "argument --sim-rate: must be a number > 0"),
+    (["simulate", "--port", "-1"], "argument --port: a port is a number from 0 to 65535, not -1"),
+])
+def test_bad_values_are_one_line_errors(args: list[str], says: str) -> None:
+    res = _oddsfeed(*args, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert says in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr
+
+
+def test_simulate_with_a_missing_recording_exits() -> None:
+    res = _oddsfeed("simulate", "--replay", "/no/such/file", "--port", "0", "--api-port", "0", timeout=60)
+    assert res.returncode == 2
+    assert "no such recording file or folder: /no/such/file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_two_runs_do_not_share_one_data_directory(tmp_path: Path) -> None:
+    from feed.cli import UsageError, _run_lock
+
+    fd = _run_lock(tmp_path)  # this process is "the first run"
+    try:
+        with pytest.raises(UsageError, match="another `oddsfeed run`"):
+            _run_lock(tmp_path)
+        res = _oddsfeed("run", "--data-dir", str(tmp_path), "--port", "0", timeout=60)
+        assert res.returncode == 2
+        last = res.stderr.strip().splitlines()[-1]
+        assert "another `oddsfeed run`" in last and str(tmp_path.resolve()) in last and "--data-dir" in last
+        assert not (tmp_path / "redis.sock").exists()  # it stopped before touching the embedded Redis
+    finally:
+        import os
+
+        os.close(fd)
+    os.close(_run_lock(tmp_path))  # free again once the first one is gone
+
+
 def test_missing_recording_is_one_line(redis_url: str) -> None:
     res = _oddsfeed("ingest", "--replay", "/no/such/file", "--redis-url", redis_url, timeout=60)
     assert res.returncode == 2

@@ -169,6 +169,21 @@ async def test_ages_heartbeats_and_staleness(store: Store, redis_url: str, trans
             assert client.age_ms("nope") is None and client.is_stale("nope")
 
 
+async def test_open_markets_are_the_bettable_ones() -> None:
+    client = OddsClient("http://127.0.0.1:9")
+    try:
+        t = now_ms()
+        snap = {"type": "snapshot", "as_of": t, "markets": [
+            {"market_id": mid, "source": "s", "status": status, "received_at": t, "age_ms": 0, "stale": False}
+            for mid, status in (("a", "OPEN"), ("b", "SUSPENDED"), ("c", "CLOSED"), ("d", "INACTIVE"),
+                                ("e", "SETTLED"), ("f", "OPEN"))]}
+        client._on_message(msgspec.json.encode(snap), time.monotonic(), "tok")
+        assert [m.market_id for m in client.open_markets()] == ["a", "f"]
+        assert [m.market_id for m in client.live_markets()] == ["a", "b", "d", "f"]
+    finally:
+        await client.close()
+
+
 async def test_local_thresholds_make_a_quiet_market_stale() -> None:
     client = OddsClient("http://127.0.0.1:9", stale_in_play_ms=50)
     try:

@@ -227,6 +227,9 @@ async def test_http_answers_and_follows_live_changes(store: Store, redis_url: st
         assert a["price_field"] == "best_back" and a["age_ms"] >= 0 and a["checked_at"] > 0
         assert set(a) >= {"accepted", "reason", "current_price", "age_ms", "market_status", "version", "checked_at"}
         assert (a["market_status"], a["version"], a["seq"]) == ("OPEN", 3, 1)
+        as_number = await _pc(c, market_id="bf:1.1", selection_id=1, side="back", price=2.0)  # an integer id
+        assert {k: v for k, v in as_number.items() if k not in ("checked_at", "age_ms")} == \
+            {k: v for k, v in a.items() if k not in ("checked_at", "age_ms")}
         lay = await _pc(c, market_id="bf:1.1", selection_id="1", side="lay", price=2.04, accept_better=False)
         assert lay["reason"] == "OK" and lay["current_price"] == 2.04
 
@@ -287,6 +290,8 @@ async def test_http_batch(store: Store, redis_url: str) -> None:
     ("", {"market_id": "m", "side": "back", "price": 2.0}, "selection_id"),
     ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": "2.0"}, "$.price"),
     ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": 2.0, "max_age_ms": -1}, "$.max_age_ms"),
+    ("", {"market_id": 1.234, "selection_id": "1", "side": "back", "price": 2.0}, "ids are strings: quote it"),
+    ("", {"market_id": "m", "selection_id": -3, "side": "back", "price": 2.0}, "$.selection_id"),
     ("", b"not json", "not valid JSON"),
     ("", b"", "not valid JSON"),
     ("/batch", {"legs": []}, "$.legs"),

@@ -69,6 +69,7 @@
   const SUSPENDED = new Set(["SUSPENDED", "INACTIVE"]);
 
   const state = {
+    authRequired: false,  // /v1 answered 401: the banner asks for an API key
     markets: new Map(),    // market_id → market (the wire JSON, without age_ms / stale)
     confirmed: new Map(),  // market_id → performance.now() of the last confirmation
     flagged: new Map(),    // market_id → the server said stale
@@ -537,7 +538,12 @@
     }
     let html = "", kind = "";
     const why = (s) => (s.reason ? " (" + esc(s.reason.replace(/_/g, " ")) + ")" : "");
-    if (down.length) {
+    if (state.authRequired) {
+      kind = "auth";
+      html = "<strong>This server needs an API key</strong>" + (API_KEY ? " — the one given was refused" : "")
+        + ' <form id="auth-form"><input id="auth-key" type="password" autocomplete="off" placeholder="API key" '
+        + 'aria-label="API key"> <button type="submit">Connect</button></form>';
+    } else if (down.length) {
       kind = "down";
       html = down.map(([n, s]) => "<strong>Source " + esc(n) + " is DOWN</strong>" + why(s)).join(" · ")
         + " — its prices are not being confirmed and are marked stale.";
@@ -553,7 +559,20 @@
       if (!banner.hidden) { banner.hidden = true; banner.dataset.kind = ""; }
       return;
     }
-    if (banner.innerHTML !== html) banner.innerHTML = html;
+    if (banner.innerHTML !== html) {
+      banner.innerHTML = html;
+      const form = document.getElementById("auth-form");
+      if (form) {
+        form.addEventListener("submit", (e) => {  // reload with ?api_key= (EventSource cannot send headers)
+          e.preventDefault();
+          const key = document.getElementById("auth-key").value.trim();
+          if (!key) return;
+          const u = new URL(window.location.href);
+          u.searchParams.set("api_key", key);
+          window.location.href = u.toString();
+        });
+      }
+    }
     banner.dataset.kind = kind;
     banner.hidden = false;
   }
@@ -666,6 +685,14 @@
   async function pollSources() {
     try {
       const r = await fetch(withKey("/v1/sources"), { cache: "no-store" });
+      if (r.status === 401) {  // the server requires an API key: say so and ask for one
+        if (!state.authRequired) {
+          console.warn("oddsfeed: /v1 answered 401 — this server requires an API key (open the board with ?api_key=…)");
+        }
+        state.authRequired = true;
+        renderBanner();
+        return;
+      }
       if (r.ok) {
         const body = await r.json();
         const seen = new Set();
