@@ -58,6 +58,10 @@ def _die_with_parent() -> None:
         pass
 
 
+#: the append-only file is rewritten when it has doubled since the last rewrite and is at least this big
+AOF_REWRITE_MIN_BYTES = 16 << 20
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process on a Unix socket (or a loopback TCP
     port when ``port`` is given, for tests that need several servers). It
@@ -111,6 +115,11 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec",
+            # the delta log is trimmed as it grows (XADD MAXLEN), but the append-only file keeps every
+            # command until it is rewritten: rewrite it whenever it doubles past 16 MB (Redis' default
+            # is 64 MB), so the file stays within a few times the data set
+            "--auto-aof-rewrite-percentage", "100",
+            "--auto-aof-rewrite-min-size", str(AOF_REWRITE_MIN_BYTES),
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),

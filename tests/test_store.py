@@ -125,3 +125,37 @@ async def test_a_market_belongs_to_the_source_that_wrote_it_first(store: Store) 
     assert (res.kept, res.foreign) == (0, 5)
     m = await store.get_market("m1")
     assert m is not None and m.source == "t" and m.selections[0].price == 2.2
+
+
+async def test_the_embedded_append_only_file_is_rewritten_as_the_trimmed_log_grows(tmp_path) -> None:
+    """The delta log is trimmed (XADD MAXLEN) but the AOF keeps every command until a rewrite: the
+    embedded server rewrites it past AOF_REWRITE_MIN_BYTES, so it does not grow with the traffic."""
+    import redis.asyncio as aioredis
+
+    from feed.embedded_redis import AOF_REWRITE_MIN_BYTES, EmbeddedRedis
+    from streaming_helpers import eventually
+
+    server = EmbeddedRedis(tmp_path / "r", appendonly=True)
+    server.start()
+    r = aioredis.from_url(server.url)
+    try:
+        assert int((await r.config_get("auto-aof-rewrite-min-size"))["auto-aof-rewrite-min-size"]) \
+            == AOF_REWRITE_MIN_BYTES
+        payload = b"x" * 4096
+        written = 0
+        while written < 3 * AOF_REWRITE_MIN_BYTES:  # bounded: 48 MB of trimmed stream entries
+            pipe = r.pipeline(transaction=False)
+            for _ in range(256):
+                pipe.xadd("of:{0}:log", {"d": payload}, maxlen=100, approximate=False)
+            await pipe.execute()
+            written += 256 * len(payload)
+
+        async def rewritten() -> bool:  # (Redis 6.2 has no aof_rewrites counter: -1 = never rewritten)
+            info = await r.info("persistence")
+            return int(info.get("aof_last_rewrite_time_sec", -1)) >= 0 and not int(info.get("aof_rewrite_in_progress", 0))
+        await eventually(rewritten, 60, "an AOF rewrite")
+        aof = sum(f.stat().st_size for f in (tmp_path / "r").rglob("*.aof*"))
+        assert aof < written, (aof, written)  # rewritten: not every command written
+    finally:
+        await r.aclose()
+        server.stop()
