@@ -22,6 +22,7 @@ import msgspec
 from feed.aio import raise_if_cancelled, wait_event
 from feed.book import Book, image_delta
 from feed.errors import FeedDecodeError, StoreError
+from feed.metrics import INGEST_METRICS
 from feed.models import Delta, SourceHealth, SourceState
 from feed.normalise.base import MarketUpdate, Normaliser
 from feed.normalise.betfair import BetfairNormaliser
@@ -138,6 +139,8 @@ class Ingest:
         self.book = book or Book()
         self.clock_ms = clock_ms
         self.stats = IngestStats()
+        #: this source's Prometheus instruments (feed.metrics; they outlive this object)
+        self.metrics = INGEST_METRICS.register(self)
         self.cursor: str | None = None
         self.session: str = new_session_id()
         #: :meth:`restore` found the source's stored session: its cursor and markets continue it
@@ -389,6 +392,7 @@ class Ingest:
             await self._flush_rejections()
             deltas = self._backlog
             if deltas or cursor is not None:
+                started = time.perf_counter()
                 try:
                     result = await self.store.apply(deltas, book.markets, cursor)
                     raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
@@ -412,6 +416,7 @@ class Ingest:
                     raise_if_cancelled()
                     result.entries.update(more.entries)
                     result.kept += more.kept
+                self.metrics.apply_seconds.observe(time.perf_counter() - started)
             else:
                 result = None
         except StoreError as exc:
@@ -449,6 +454,7 @@ class Ingest:
 
     def _store_failed(self, exc: Exception) -> None:
         self.store_failures += 1
+        self.metrics.redis_error("store")
         first = self._store_error is None
         self._store_error = str(exc)
         if first:
@@ -564,6 +570,7 @@ class HealthPublisher:
                     apply_to_health(ingest.health, self.lag)
                 await ingest.publish_health()
             except Exception as exc:  # a Redis hiccup must not stop the source
+                ingest.metrics.redis_error("health")
                 logger.warning("could not publish health of %s: %s", ingest.source, exc)
 
     async def __aenter__(self) -> "HealthPublisher":

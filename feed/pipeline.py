@@ -64,7 +64,7 @@ class Pipeline:
                              stale_after_ms=stale_after_ms or settings.stale_in_play_ms, **ingest_options(settings))
         self.ingest.confirm_by_messages = confirms_by_messages
         self.ingest.time_map = time_map
-        self.lag = LagWindow(lag_window_s)
+        self.lag = LagWindow(lag_window_s, histogram=self.ingest.metrics.lag_seconds)
         self.health = HealthPublisher(self.ingest, lag=self.lag)
         self.recorder = recorder
         self.events = EventRegistrar(name)
@@ -93,7 +93,7 @@ class Pipeline:
             try:  # event records for the linker; a failure waits for the next delivery
                 await self.events.flush(ingest.store, ingest.clock_ms())
             except StoreError:
-                pass
+                ingest.metrics.redis_error("events")
         out.deltas = len(deltas)
         out.stored = ingest.store_ok and not ingest.backlog and not ingest.pending
         if ingest.take_lost():

@@ -41,13 +41,14 @@ from starlette.staticfiles import StaticFiles
 from feed.errors import ConfigError
 from feed.settings import Settings
 from feed.store import Store
-from streaming import pricecheck, rest
+from streaming import openapi, pricecheck, rest
 from streaming.auth import AuthMiddleware
 from streaming.metrics import make_registry, metrics_endpoint
 from streaming.reader import Node
 from streaming.server import Guard, install
 from streaming.sse import stream
 from streaming.state import NodeOptions, parse_stale_by_sport
+from streaming.tracing import TraceMiddleware
 from streaming.ws import websocket_endpoint
 
 __all__ = ["AppState", "StreamingServer", "begin_shutdown", "create_app"]
@@ -108,11 +109,13 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
         WebSocketRoute("/v1/ws", websocket_endpoint),
         *rest.routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *openapi.routes(),  # GET /openapi.json, /docs (+ its assets): public, outside /v1/
     ]
     if (WEB_DIR / "index.html").is_file():
         routes.append(Mount("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web"))
     auth = bool(settings.api_keys or settings.jwt_secrets)
     middleware = [Middleware(AuthMiddleware, settings=settings)] if auth else []
+    middleware.insert(0, Middleware(TraceMiddleware))  # outermost: X-Trace-Id / Deprecation on every answer (streaming.tracing)
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.settings = settings
     app.state.options = opts

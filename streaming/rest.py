@@ -26,7 +26,9 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
     GET /v1/sources
         200 {"sources":[{<SourceHealth fields>,"rejected_by_reason":{reason:n},"markets":n,
                          "stale_markets":n,"age_ms":int}…],"as_of":ms}   (503 when redis fails)
-    GET /health   200 {"status":"ok"}
+    GET /health   200 {"status":"ok","version":str,"revision":str|null,"started_at":ms,"uptime_s":float,"now":ms}
+                  (version: the installed package; revision: ODDSFEED_REVISION, else the git commit of the
+                  source checkout, else null — both read once when the app is built, as is started_at)
     GET /ready    200 {"ready":true,"reason":"ok",…} | 503 {"ready":false,"reason":…,…}
                   (not ready: a reader disconnected from Redis, stalled, or behind the log by more
                   than ready_max_lag_ms; "partitions" gives position, lag_ms, errors, last_error)
@@ -37,7 +39,8 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -284,8 +287,20 @@ async def list_sources(request: Request) -> Response:
     return json_response({"sources": out, "as_of": now}, headers={"Cache-Control": "no-store"})
 
 
-async def health(request: Request) -> Response:
-    return json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
+def health_endpoint() -> Callable[[Request], Awaitable[Response]]:
+    """``GET /health`` of one app: the version and revision (:mod:`feed.buildinfo`) are read
+    and ``started_at`` taken now, once — never per request; ``uptime_s`` is measured on the
+    monotonic clock (seconds, ms precision)."""
+    from feed import buildinfo
+
+    version, revision = buildinfo.version(), buildinfo.revision()
+    started_at, started = now_ms(), time.monotonic()
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok", "version": version, "revision": revision, "started_at": started_at,
+                              "uptime_s": round(time.monotonic() - started, 3), "now": now_ms()},
+                             headers={"Cache-Control": "no-store"})
+    return health
 
 
 async def ready(request: Request) -> Response:
@@ -315,6 +330,6 @@ def routes() -> list[BaseRoute]:
         Route("/v1/events/{event_id:path}", get_event, methods=["GET"]),
         Route("/v1/sports", list_sports, methods=["GET"]),
         Route("/v1/sources", list_sources, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
+        Route("/health", health_endpoint(), methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from hdrh.histogram import HdrHistogram
 
@@ -28,11 +29,19 @@ _LOWEST, _HIGHEST, _DIGITS = 1, 3_600_000, 3
 
 
 
-class LagWindow:
-    """Recent lag samples in ms. ``clock``: monotonic seconds."""
+class Observer(Protocol):
+    def observe(self, value_s: float) -> None: ...
 
-    def __init__(self, window_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+
+class LagWindow:
+    """Recent lag samples in ms. ``clock``: monotonic seconds. ``histogram``: every
+    non-negative sample is also observed there, in seconds (the cumulative Prometheus
+    histogram of :mod:`feed.metrics`)."""
+
+    def __init__(self, window_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic,
+                 histogram: Observer | None = None) -> None:
         self.window_s = window_s
+        self.histogram = histogram
         self._clock = clock
         self._current = HdrHistogram(_LOWEST, _HIGHEST, _DIGITS)
         self._previous = HdrHistogram(_LOWEST, _HIGHEST, _DIGITS)
@@ -57,6 +66,8 @@ class LagWindow:
             self.negative += 1
             return
         self._current.record_value(min(lag_ms, _HIGHEST))
+        if self.histogram is not None:
+            self.histogram.observe(lag_ms / 1000)
 
     def record_deltas(self, deltas: Iterable[Delta]) -> None:
         """Samples from stored deltas (``received_at − source_ts``)."""
