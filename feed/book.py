@@ -114,6 +114,10 @@ class MarketsView(Mapping[str, Market]):
         return len(self._states)
 
 
+#: markets whose seq :meth:`Book.prune_closed` remembers after forgetting them (~100 B each)
+PRUNED_SEQ_KEPT = 100_000
+
+
 class Book:
     """Canonical state of the markets one ingest process writes.
 
@@ -129,6 +133,28 @@ class Book:
         self.dropped: Counter[str] = Counter()
         #: why the last :meth:`apply` returned None (a key of ``dropped``)
         self.last_drop: str | None = None
+        #: seq of markets forgotten by :meth:`prune_closed` (a later image continues it), oldest first
+        self._pruned: dict[str, int] = {}
+
+    def prune_closed(self, now_ms: int, retention_ms: int) -> list[tuple[str, int]]:
+        """Forget the markets closed, settled or cancelled whose last change
+        (``received_at``, ms since the epoch) is more than ``retention_ms`` old;
+        return ``(market_id, seq)`` of each (the store drops them only at that
+        seq). A later image of one continues its seq (at most
+        :data:`PRUNED_SEQ_KEPT` are remembered)."""
+        out: list[tuple[str, int]] = []
+        if retention_ms <= 0:
+            return out
+        limit = now_ms - retention_ms
+        for mid, st in list(self._states.items()):
+            if st.header.status in CLOSED_STATUSES and st.received_at < limit:
+                del self._states[mid]
+                out.append((mid, st.seq))
+                self._pruned.pop(mid, None)
+                self._pruned[mid] = st.seq
+        while len(self._pruned) > PRUNED_SEQ_KEPT:
+            del self._pruned[next(iter(self._pruned))]
+        return out
 
     def restore(self, markets: Iterable[Market]) -> None:
         """Seed the book from stored snapshots so ``seq`` continues."""
@@ -225,7 +251,7 @@ class Book:
 
     def _image(self, st: _State | None, update: MarketUpdate, stored_at: int, session: str | None) -> Delta | None:
         header = update.header or (st.header if st is not None else MarketHeader())
-        seq = (st.seq if st is not None else 0) + 1
+        seq = (st.seq if st is not None else self._pruned.pop(update.market_id, 0)) + 1
         market = Market(
             market_id=update.market_id,
             source=update.source,

@@ -68,12 +68,14 @@ class IngestOptions(TypedDict):
     lease_ms: int
     max_future_skew_ms: int
     backlog_max: int
+    settled_retention_ms: int
 
 
 def ingest_options(settings: Settings) -> IngestOptions:
     """The :class:`Ingest` keyword arguments that come from settings."""
     return IngestOptions(lease_ms=settings.health_lease_ms, max_future_skew_ms=settings.max_future_skew_ms,
-                         backlog_max=settings.ingest_backlog_max)
+                         backlog_max=settings.ingest_backlog_max,
+                         settled_retention_ms=settings.settled_retention_ms)
 
 
 def now_ms() -> int:
@@ -131,7 +133,7 @@ class Ingest:
     def __init__(self, store: Store, *, source: str = "betfair", normaliser: Normaliser | None = None,
                  book: Book | None = None, clock_ms: Callable[[], int] = now_ms, stale_after_ms: int = 10_000,
                  kind: str = "betfair", lease_ms: int = 5_000, max_future_skew_ms: int = 10_000,
-                 backlog_max: int = 50_000) -> None:
+                 backlog_max: int = 50_000, settled_retention_ms: int = 3_600_000) -> None:
         self.store = store
         self.source = source
         self.kind = kind
@@ -151,6 +153,10 @@ class Ingest:
         # one bound for the normaliser's own checks (before it caches a change) and the ingest's
         self.normaliser.max_future_skew_ms = max_future_skew_ms
         self.backlog_max = backlog_max
+        #: closed markets are forgotten (book and store) this long after their last change (0 = never)
+        self.settled_retention_ms = settled_retention_ms
+        #: markets dropped from the store by :meth:`prune_closed`
+        self.pruned = 0
         self._pending: list[MarketUpdate] = []
         #: ladder sides already validated (an unchanged side is not walked again; feed.validate)
         self._checked = CheckedLadders()
@@ -529,9 +535,32 @@ class Ingest:
             return msgspec.structs.replace(h, state="DOWN", reason=STORE_UNAVAILABLE)
         return h
 
+    async def prune_closed(self) -> int:
+        """Forget this source's markets closed, settled or cancelled longer than
+        ``settled_retention_ms`` ago: from the book, then from the store (each
+        only at the seq the book last wrote: a change since wins). Skipped while
+        the store is unreachable or changes wait for it (they might touch those
+        markets). Returns how many the store dropped. Raises RedisError."""
+        if self.settled_retention_ms <= 0 or self.backlog or self._pending or not self.store_ok:
+            return 0
+        items = self.book.prune_closed(self.clock_ms(), self.settled_retention_ms)
+        if not items:
+            return 0
+        for mid, _ in items:
+            self._checked.forget(mid)
+        dropped = await self.store.prune(items)
+        self.pruned += len(dropped)
+        logger.info("%s: dropped %d closed markets older than %d s", self.source, len(dropped),
+                    self.settled_retention_ms // 1000)
+        return len(dropped)
+
     async def publish_health(self) -> None:
         """Persist the source's health with its counters, cursor, session and lease."""
         await self.store.set_health(self.published_health())
+
+
+#: how often a source's closed markets past the retention are pruned (HealthPublisher), s
+PRUNE_EVERY_S = 30.0
 
 
 class HealthPublisher:
@@ -545,10 +574,13 @@ class HealthPublisher:
     cancellation swallowed inside a Redis call can never keep it running.
     """
 
-    def __init__(self, ingest: Ingest, interval_s: float = 1.0, *, lag: LagWindow | None = None) -> None:
+    def __init__(self, ingest: Ingest, interval_s: float = 1.0, *, lag: LagWindow | None = None,
+                 prune_every_s: float = PRUNE_EVERY_S) -> None:
         self.ingest = ingest
         self.lag = lag
         self.interval_s = interval_s
+        self.prune_every_s = prune_every_s
+        self._pruned_at = time.monotonic()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -569,6 +601,9 @@ class HealthPublisher:
                 if self.lag is not None:
                     apply_to_health(ingest.health, self.lag)
                 await ingest.publish_health()
+                if time.monotonic() - self._pruned_at >= self.prune_every_s:
+                    self._pruned_at = time.monotonic()
+                    await ingest.prune_closed()
             except Exception as exc:  # a Redis hiccup must not stop the source
                 ingest.metrics.redis_error("health")
                 logger.warning("could not publish health of %s: %s", ingest.source, exc)

@@ -72,6 +72,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     health_lease_ms: int = 5_000
     """A source's health record is good for this long after its ingest last renewed it
     (about once a second); then every node reads the source as DOWN (``ingest_gone``), ms."""
+    settled_retention_ms: int = 3_600_000
+    """A market closed, settled or cancelled is dropped this long after its last change: from the
+    ingest's book and the store (by its ingest), from every API node's snapshots, lists and
+    counts (0 = kept forever), ms. A later image of it starts again, its seq continuing."""
     ingest_backlog_max: int = 50_000
     """Deltas an ingest keeps while Redis is unreachable before it compacts them to one
     image per market (memory bound during a store outage)."""

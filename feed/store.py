@@ -147,6 +147,26 @@ def source_key(name: str) -> str:
 # Returns {log entry id or "", kept, dropped, foreign, lost}; errors "EPOCH <epoch>" when the
 # partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
 # falls inside the batch (the caller trims and retries).
+PRUNE_SCRIPT = """
+local out = {}
+local n = #ARGV / 2
+for i = 1, n do
+  local mid = ARGV[2 * i - 1]
+  if redis.call('HGET', KEYS[1], mid) == ARGV[2 * i] then
+    redis.call('DEL', KEYS[4 + i])
+    redis.call('SREM', KEYS[2], mid)
+    redis.call('HDEL', KEYS[1], mid)
+    redis.call('HDEL', KEYS[3], mid)
+    redis.call('HDEL', KEYS[4], mid)
+    out[#out + 1] = mid
+  end
+end
+return out
+"""
+"""Drop markets from one partition — each only if its stored seq is still the given one
+(a change since the caller decided wins). KEYS: seq, idx, owner, pt, then one market key per
+market; ARGV: market id, seq, … Returns the ids dropped."""
+
 APPLY_SCRIPT = """
 local epoch = redis.call('GET', KEYS[4])
 if epoch ~= ARGV[1] then
@@ -305,6 +325,7 @@ class Store:
         self.epoch: str = ""
         self._apply = redis.register_script(APPLY_SCRIPT)
         self._lease = redis.register_script(LEASE_SCRIPT)
+        self._prune = redis.register_script(PRUNE_SCRIPT)
 
     @classmethod
     async def open(cls, url: str, *, partitions: int = 1, log_maxlen: int = 100_000,
@@ -510,6 +531,26 @@ class Store:
         """The stored health record of ``source`` (None when there is none)."""
         v = await self.redis.get(source_key(source))
         return HEALTH_DECODER.decode(v) if v is not None else None
+
+    async def prune(self, markets: Iterable[tuple[str, int]], chunk: int = 500) -> list[str]:
+        """Drop closed markets an ingest forgot (:meth:`feed.book.Book.prune_closed`):
+        ``(market_id, seq)`` pairs; each goes (snapshot, index, seq, owner and
+        provider-time entries) only if its stored seq is still ``seq``. Returns
+        the ids dropped. Raises RedisError."""
+        by_p: dict[int, list[tuple[str, int]]] = {}
+        for mid, seq in markets:
+            by_p.setdefault(partition_of(mid, self.partitions), []).append((mid, seq))
+        out: list[str] = []
+        for p, items in by_p.items():
+            for i in range(0, len(items), chunk):
+                part = items[i:i + chunk]
+                keys = [seq_key(p), idx_key(p), owner_key(p), pt_key(p), *(market_key(p, mid) for mid, _ in part)]
+                args: list[str] = []
+                for mid, seq in part:
+                    args += [mid, str(seq)]
+                res = await self._prune(keys=keys, args=args)
+                out += [reply_text(x) for x in res]
+        return out
 
     async def sources(self) -> list[SourceHealth]:
         names = sorted(reply_text(n) for n in await self.redis.smembers(SOURCES_KEY))

@@ -64,6 +64,9 @@ __all__ = ["Node", "PartitionReader"]
 
 logger = logging.getLogger(__name__)
 
+#: how often the node drops closed markets past ``settings.settled_retention_ms``, ms
+PRUNE_EVERY_MS = 30_000
+
 _REDIS_ERRORS = (RedisError, OSError, StoreError, asyncio.TimeoutError)
 
 #: Log entries applied between two yields to the event loop.
@@ -276,6 +279,8 @@ class Node:
     def __init__(self, settings: Settings, store: Store, *, options: NodeOptions | None = None,
                  owns_store: bool = False) -> None:
         self.settings = settings
+        #: when closed markets past the retention were last dropped (ms since the epoch)
+        self._pruned_at = 0
         self.store = store
         self.options = options or NodeOptions()
         self.owns_store = owns_store
@@ -425,6 +430,14 @@ class Node:
                 self.hub.relinked(moved)
         self.health_at = now = now_ms()
         self._announce(now, announce=announce)
+        if now - self._pruned_at >= PRUNE_EVERY_MS:
+            self._pruned_at = now
+            gone = self.state.prune_closed(now, self.settings.settled_retention_ms)
+            if gone:
+                logger.info("dropped %d closed markets older than %d s", len(gone),
+                            self.settings.settled_retention_ms // 1000)
+                if self.hub.best.subs:
+                    self.hub.best.refresh()
 
     def _announce(self, now: int, *, announce: bool = True) -> None:
         """Announce each change of a source's state (as it stands at ``now``:

@@ -51,7 +51,7 @@ import msgspec
 
 from feed.errors import OddsfeedError
 from feed.models import (
-    ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health, lease_expired, lost_change,
+    CLOSED_STATUSES, ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health, lease_expired, lost_change,
 )
 from feed.settings import Settings
 from feed.linker import SUMMARY_DECODER, CanonicalSummary
@@ -581,6 +581,24 @@ class NodeState:
             self._index_add(m)
         self.markets[m.market_id] = m
         self._json.pop(m.market_id, None)
+
+    def prune_closed(self, now: int, retention_ms: int) -> list[str]:
+        """Drop the markets closed, settled or cancelled whose last change
+        (``received_at``) is more than ``retention_ms`` old (0 = none): from
+        snapshots, lists, counts and the price check (then ``UNKNOWN_MARKET``
+        instead of ``MARKET_CLOSED``: a refusal either way). Their ingest drops
+        them from the store by the same rule. Returns the ids dropped."""
+        if retention_ms <= 0:
+            return []
+        limit = now - retention_ms
+        gone = [m for m in self.markets.values() if m.status in CLOSED_STATUSES and m.received_at < limit]
+        for m in gone:
+            self._index_remove(m)
+            del self.markets[m.market_id]
+            self._json.pop(m.market_id, None)
+        if gone:
+            self.changes += 1
+        return [m.market_id for m in gone]
 
     def replace_partitions(self, loaded: dict[int, tuple[str, list[Market]]], epoch: str | None) -> None:
         """Swap in freshly loaded partitions ({p: (position, snapshots)}) and

@@ -159,3 +159,37 @@ async def test_the_embedded_append_only_file_is_rewritten_as_the_trimmed_log_gro
     finally:
         await r.aclose()
         server.stop()
+
+
+async def test_closed_markets_past_the_retention_leave_the_book_and_the_store(store: Store) -> None:
+    from streaming_helpers import Feed, now_ms
+
+    feed = Feed(store)
+    await feed.write(feed.image("old"), feed.image("open"), feed.image("recent"), feed.image("raced"))
+    await feed.write(feed.header("old", status="CLOSED"), feed.header("recent", status="SETTLED"),
+                     feed.header("raced", status="CLOSED"))
+    now = now_ms()
+    # "recent" closed just now; the others' last change is pretended 2 h old
+    items = feed.book.prune_closed(now + 7_200_000, 3_600_000)
+    assert sorted(mid for mid, _ in items) == ["old", "raced", "recent"]  # open markets never go
+    assert feed.book.prune_closed(now, 3_600_000) == [] and feed.book.prune_closed(now, 0) == []
+    # a change stored since the book decided wins: "raced" was written again at a higher seq
+    stored = {m.market_id: m.seq for m in await store.load_all_markets()}
+    raced = [(mid, seq) for mid, seq in items if mid == "raced"][0]
+    other = Book()
+    other.restore([m for m in await store.load_all_markets() if m.market_id == "raced"])
+    d = other.apply(MarketUpdate(market_id="raced", source="t", image=False, source_ts=now, received_at=now + 1,
+                                 header=MarketHeader(status="OPEN", sport="soccer", event_id="e1"), selections=[]))
+    assert d is not None and d.seq == stored["raced"] + 1
+    await store.apply([d], other.markets)
+    dropped = await store.prune(items)
+    assert sorted(dropped) == ["old", "recent"] and raced[1] == stored["raced"]
+    left = {m.market_id: m for m in await store.load_all_markets()}
+    assert sorted(left) == ["open", "raced"] and left["raced"].status == "OPEN"
+    r = store.redis
+    for key in ("of:{0}:seq", "of:{0}:owner", "of:{0}:pt"):
+        assert not await r.hexists(key, "old")
+    assert not await r.sismember("of:{0}:idx", "old") and not await r.exists("of:{0}:m:old")
+    # an image of a forgotten market starts again with its seq continuing (never back in time)
+    again = feed.book.apply(feed.image("old"))
+    assert again is not None and again.seq == stored["old"] + 1

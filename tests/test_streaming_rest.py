@@ -161,3 +161,38 @@ async def test_api_keys(store: Store, redis_url: str) -> None:
         assert (await c.get("/v1/markets?api_key=k1")).status_code == 200
         assert (await c.get("/v1/markets?api_key=k2")).status_code == 401
         assert (await c.get("/health")).status_code == 200
+
+
+async def test_closed_markets_past_the_retention_leave_the_node_and_the_store(store: Store, redis_url: str,
+                                                                             monkeypatch) -> None:
+    import streaming.reader
+    from feed.ingest import Ingest
+
+    monkeypatch.setattr(streaming.reader, "PRUNE_EVERY_MS", 50)
+    feed = Feed(store)
+    await feed.write(feed.image("bf:open"), feed.image("bf:done", event="e2"))
+    await feed.write(feed.header("bf:done", status="SETTLED"))
+    retention = 1_000
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=60_000, settled_retention_ms=retention))
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        ids = [m["market_id"] for m in (await c.get("/v1/markets")).json()["markets"]]
+        assert sorted(ids) == ["bf:done", "bf:open"]  # within the retention: still served
+
+        async def gone() -> bool:
+            return (await c.get("/v1/markets/bf:done")).status_code == 404
+        await eventually(gone, 15, "the settled market dropped by the node")
+        assert [m["market_id"] for m in (await c.get("/v1/markets")).json()["markets"]] == ["bf:open"]
+        sports = (await c.get("/v1/sports")).json()["sports"]
+        assert sports == [{"sport": "soccer", "events": 1, "markets": 1, "in_play_markets": 0}]
+        check = (await c.post("/v1/price-check", json={"market_id": "bf:done", "selection_id": "1",
+                                                       "side": "back", "price": 2.0})).json()
+        assert check["accepted"] is False and check["reason"] == "UNKNOWN_MARKET"
+        async with c.stream("GET", "/v1/stream") as r:
+            snap = await SSEReader(r).until(lambda e: e.event == "snapshot")
+            assert [m["market_id"] for m in snap.data["markets"]] == ["bf:open"]
+
+        # the ingest that wrote it drops it from the store by the same rule
+        ingest = Ingest(store, source="t", book=feed.book, settled_retention_ms=retention,
+                        clock_ms=lambda: now_ms() + 5_000)
+        assert await ingest.prune_closed() == 1
+        assert [m.market_id for m in await store.load_all_markets()] == ["bf:open"]
