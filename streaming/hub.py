@@ -1115,7 +1115,7 @@ class Hub:
             s = by_market.get(pd.market_id)
             if s:
                 groups.append(s)
-            sport, event_id, comp, in_play, canonical, _ = pd.keys
+            sport, event_id, comp, in_play, canonical, _, _, _ = pd.keys
             if event_id is not None and (s := by_event.get(event_id)):
                 groups.append(s)
             if canonical is not None and (s := by_event.get(canonical)):
@@ -1129,7 +1129,7 @@ class Hub:
                 groups.append(s)
             prev = pd.prev
             if prev is not None:
-                psport, pevent, pcomp, pin, pcanonical, _ = prev
+                psport, pevent, pcomp, pin, pcanonical, _, _, _ = prev
                 if pevent is not None and pevent != event_id and (s := by_event.get(pevent)):
                     groups.append(s)
                 if pcanonical is not None and pcanonical != canonical and (s := by_event.get(pcanonical)):

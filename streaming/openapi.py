@@ -373,6 +373,8 @@ _P_EVENT = _q("event", "provider event ids or canonical ids `ev:…` (every book
 _P_MARKET = _q("market", "market ids" + _LIST)
 _P_MARKET_TYPE = _q("market_type", "canonical market types (`total`) or market keys (`total:line=2.5`)" + _LIST)
 _P_IN_PLAY = _q("in_play", "only in-play (true) or pre-match (false) markets", _BOOL)
+_P_SOURCE = _q("source", "ingest source names, as in /v1/sources" + _LIST)
+_P_BOOKMAKER = _q("bookmaker", "bookmakers (a market's `bookmaker`; one without never matches)" + _LIST)
 _P_STATUS = _q("status", "market statuses" + _LIST + ", case-insensitive",
                {"type": "string", "examples": [",".join(MARKET_STATUSES[:2])]})
 _P_VIEW_EVENTS = _q("view", "`best`: add the aggregated markets (best / fair price per outcome)",
@@ -437,7 +439,8 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
         "/v1/markets": {"get": _get(
             "List markets", "Every market matching the filters, with `age_ms` and `stale`.",
             {**data, "200": markets_ok, "400": _400},
-            [_P_SPORT, _P_COMPETITION, _P_EVENT, _P_MARKET, _P_MARKET_TYPE, _P_IN_PLAY, _P_STATUS, _P_IF_NONE_MATCH],
+            [_P_SPORT, _P_COMPETITION, _P_EVENT, _P_MARKET, _P_MARKET_TYPE, _P_IN_PLAY, _P_SOURCE, _P_BOOKMAKER,
+             _P_STATUS, _P_IF_NONE_MATCH],
             ["markets"])},
         "/v1/markets/{market_id}": {"get": _get(
             "One market", "One book's market with `age_ms` and `stale`.",
@@ -449,7 +452,8 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
             "List canonical events", "Canonical events (one real event, every book); `view=best` adds each "
             "event's aggregated markets, limited to `market_type` when given.",
             {**data, "200": _json("EventList", "the events, sorted by event_id", _DATA_HEADERS), "400": _400},
-            [_P_SPORT, _P_COMPETITION, _P_IN_PLAY, _P_MARKET_TYPE, _P_VIEW_EVENTS, _P_IF_NONE_MATCH],
+            [_P_SPORT, _P_COMPETITION, _P_IN_PLAY, _P_MARKET_TYPE, _P_SOURCE, _P_BOOKMAKER, _P_VIEW_EVENTS,
+             _P_IF_NONE_MATCH],
             ["events"])},
         "/v1/events/{event_id}": {"get": _get(
             "One canonical event", "A canonical event (`ev:…`, or a provider event id: its canonical event) "
@@ -499,7 +503,7 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
                      }}}},
              "400": _400,
              "503": _error("Service Unavailable: the server is shutting down (`shutting_down`)")},
-            [_P_SPORT, _P_COMPETITION, _P_EVENT, _P_MARKET, _P_MARKET_TYPE, _P_IN_PLAY,
+            [_P_SPORT, _P_COMPETITION, _P_EVENT, _P_MARKET, _P_MARKET_TYPE, _P_IN_PLAY, _P_SOURCE, _P_BOOKMAKER,
              _q("view", "`deltas` (default) or `best` (best / fair price changes only)",
                 {"type": "string", "enum": ["deltas", "best"]}),
              _P_HEARTBEAT, _q("last_event_id", "resume token (the `Last-Event-ID` header wins)"),

@@ -103,7 +103,8 @@ async def list_markets(request: Request) -> Response:
     q = request.query_params
     try:
         f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"), event=q.get("event"),
-                         market=q.get("market"), in_play=q.get("in_play"), market_type=q.get("market_type"))
+                         market=q.get("market"), in_play=q.get("in_play"), market_type=q.get("market_type"),
+                         source=q.get("source"), bookmaker=q.get("bookmaker"))
         statuses = _status_set(q.get("status"))
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
@@ -160,13 +161,15 @@ def _view_param(value: str | None) -> str | None:
 
 
 async def list_events(request: Request) -> Response:
-    """``GET /v1/events?sport=&competition=&in_play=&market_type=&view=``:
-    canonical events (one real-world event, every book); ``view=best``
-    adds each event's aggregated markets (best / fair price per outcome,
-    see :mod:`streaming.aggregate`), limited to ``market_type`` when given."""
+    """``GET /v1/events?sport=&competition=&in_play=&market_type=&source=&bookmaker=&view=``:
+    canonical events (one real-world event, every book — or only the books
+    of the given sources / bookmakers); ``view=best`` adds each event's
+    aggregated markets (best / fair price per outcome over those books, see
+    :mod:`streaming.aggregate`), limited to ``market_type`` when given."""
     q = request.query_params
     try:
-        f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"))
+        f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"), source=q.get("source"),
+                         bookmaker=q.get("bookmaker"))  # source / bookmaker: the books taken into account
         in_play = parse_bool("in_play", q.get("in_play"))
         types = _types(q.get("market_type"))
         view = _view_param(q.get("view"))
@@ -187,7 +190,8 @@ async def list_events(request: Request) -> Response:
             ev["view"] = market_views(state, ms, now, method=node.settings.fair_method, keys=types)
         events.append(ev)
         included.extend(ms)
-    headers, not_modified = _etag_headers(request, state, included, f"events|{view}|{types}")
+    headers, not_modified = _etag_headers(request, state, included,
+                                          f"events|{view}|{types}|{sorted(f.source or ())}|{sorted(f.bookmaker or ())}")
     if not_modified:
         return Response(status_code=304, headers=headers)
     return json_response({"events": events, "count": len(events), "as_of": now}, headers=headers)

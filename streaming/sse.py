@@ -1,7 +1,8 @@
 """Server-Sent Events transport: ``GET /v1/stream``.
 
 Query: ``sport``, ``competition``, ``event`` (provider or canonical ``ev:…``
-ids), ``market``, ``market_type`` (canonical types or market keys)
+ids), ``market``, ``market_type`` (canonical types or market keys),
+``source`` (ingest source names), ``bookmaker``
 (comma-separated lists allowed), ``in_play`` (true/false), ``view``
 (``deltas``, default, or ``best``: :mod:`streaming.bestview`), ``heartbeat_ms`` (100–300000,
 default ``settings.heartbeat_ms``), ``last_event_id`` (resume token; the
@@ -236,7 +237,8 @@ async def stream(request: Request) -> Response:
     q = request.query_params
     try:
         f = Filter.parse(sport=q.get("sport"), competition=q.get("competition"), event=q.get("event"),
-                         market=q.get("market"), in_play=q.get("in_play"), market_type=q.get("market_type"))
+                         market=q.get("market"), in_play=q.get("in_play"), market_type=q.get("market_type"),
+                         source=q.get("source"), bookmaker=q.get("bookmaker"))
         view = parse_view(q.get("view"))
         heartbeat_ms = parse_heartbeat_ms(q.get("heartbeat_ms"), node.settings.heartbeat_ms)
         conflate_ms = parse_conflate_ms(q.get("conflate_ms"), node.options.max_conflate_ms)

@@ -122,14 +122,15 @@ class FilterError(OddsfeedError, ValueError):
     """A filter value the client must fix; ``str()`` says what to fix."""
 
 
-MarketKeys = tuple[str | None, str | None, str | None, bool, str | None, str]
+MarketKeys = tuple[str | None, str | None, str | None, bool, str | None, str, str, str | None]
 """(sport, event_id, competition, in_play, canonical event id, canonical
-market key) of a market: what filters look at."""
+market key, source, bookmaker) of a market: what filters look at."""
 
 
 def keys_of(m: Market, canonical: str | None = None) -> MarketKeys:
     """A market's filter keys; ``canonical``: its canonical event id (None: not linked yet)."""
-    return (m.sport, m.event_id, m.competition, m.in_play, canonical, market_key(m.market_type, m.specifiers))
+    return (m.sport, m.event_id, m.competition, m.in_play, canonical, market_key(m.market_type, m.specifiers),
+            m.source, m.bookmaker)
 
 
 class Filter(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,7 +142,10 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
     markets of that event); ``market_type`` takes canonical market types
     (``total``) or full canonical market keys (``total:line=2.5``, see
     :func:`feed.taxonomy.market_key`); in_play: True = only in-play
-    markets, False = only not in-play. All given conditions must hold.
+    markets, False = only not in-play; source: ingest source names (as in
+    ``/v1/sources``); bookmaker: the markets' ``bookmaker`` (a market
+    without one never matches a bookmaker filter). All given conditions
+    must hold.
     """
 
     sport: frozenset[str] | None = None
@@ -150,20 +154,28 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
     market: frozenset[str] | None = None
     market_type: frozenset[str] | None = None
     in_play: bool | None = None
+    source: frozenset[str] | None = None
+    bookmaker: frozenset[str] | None = None
 
     @classmethod
     def parse(cls, *, sport: object = None, competition: object = None, event: object = None,
-              market: object = None, in_play: object = None, market_type: object = None) -> "Filter":
+              market: object = None, in_play: object = None, market_type: object = None,
+              source: object = None, bookmaker: object = None) -> "Filter":
         """Build a filter from query-string or JSON values. Lists may be a
         comma-separated string or a JSON list of strings; in_play accepts
         true/false/1/0 (string or JSON bool). Raises FilterError."""
         return cls(sport=_id_set("sport", sport), competition=_id_set("competition", competition),
                    event=_id_set("event", event), market=_id_set("market", market),
-                   market_type=market_types(market_type), in_play=parse_bool("in_play", in_play))
+                   market_type=market_types(market_type), in_play=parse_bool("in_play", in_play),
+                   source=_id_set("source", source), bookmaker=_id_set("bookmaker", bookmaker))
 
     def match(self, market_id: str, keys: MarketKeys) -> bool:
         """Whether a market with these keys passes the filter."""
-        sport, event_id, competition, in_play, canonical, mkey = keys
+        sport, event_id, competition, in_play, canonical, mkey, source, bookmaker = keys
+        if self.source is not None and source not in self.source:
+            return False
+        if self.bookmaker is not None and bookmaker not in self.bookmaker:
+            return False
         if self.market is not None and market_id not in self.market:
             return False
         if self.event is not None and event_id not in self.event and canonical not in self.event:
@@ -703,11 +715,12 @@ class NodeState:
             elif d.header is not None:
                 h = d.header
                 keys = (h.sport, h.event_id, h.competition, h.in_play,
-                        self.canonical_id(h.event_id, h.sport, h.start_time), market_key(h.market_type, h.specifiers))
+                        self.canonical_id(h.event_id, h.sport, h.start_time), market_key(h.market_type, h.specifiers),
+                        d.source, h.bookmaker)
             elif cur is not None:
                 keys = self.keys_of(cur)
             else:
-                keys = (None, None, None, False, None, "")
+                keys = (None, None, None, False, None, "", d.source, None)
             ref = d.market or cur
             if ref is not None:
                 age, stale = self.age_stale(msgspec.structs.replace(ref, received_at=d.received_at), now)

@@ -11,7 +11,7 @@ Client → server (one JSON object per text frame, at most
 ``ws_max_message_bytes``, 64 KiB)::
 
     {"op":"subscribe","id":1,"filter":{"sport":…,"competition":…,"event":…,"market":…,"market_type":…,
-     "in_play":…}, "resume":"<token>"?, "conflate_ms":0?, "odds_format":"decimal"|"fractional"|"american"?,
+     "in_play":…,"source":…,"bookmaker":…}, "resume":"<token>"?, "conflate_ms":0?, "odds_format":"decimal"|"fractional"|"american"?,
      "view":"deltas"|"best"?}
     {"op":"unsubscribe","id":2,"sub":1}
     {"op":"ping","id":3}
@@ -76,7 +76,7 @@ __all__ = ["ClientOp", "FilterSpec", "Ping", "Subscribe", "Unsubscribe", "decode
 
 logger = logging.getLogger(__name__)
 
-FILTER_FIELDS = ("sport", "competition", "event", "market", "market_type", "in_play")
+FILTER_FIELDS = ("sport", "competition", "event", "market", "market_type", "in_play", "source", "bookmaker")
 
 
 class _WebSocketApp:
@@ -260,6 +260,8 @@ class FilterSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     market: FilterValue = None
     market_type: FilterValue = None
     in_play: FilterValue = None
+    source: FilterValue = None
+    bookmaker: FilterValue = None
 
 
 class Subscribe(_Op, tag="subscribe"):

@@ -196,3 +196,43 @@ async def test_closed_markets_past_the_retention_leave_the_node_and_the_store(st
                         clock_ms=lambda: now_ms() + 5_000)
         assert await ingest.prune_closed() == 1
         assert [m.market_id for m in await store.load_all_markets()] == ["bf:open"]
+
+
+async def test_filters_by_source_and_bookmaker_on_rest_sse_and_ws(store: Store, redis_url: str) -> None:
+    import json
+
+    from websockets.asyncio.client import connect
+
+    feed = Feed(store)
+    await feed.write(feed.image("bf:1", source="esa", bookmaker="betfair"),
+                     feed.image("pn:1", source="pinnacle", bookmaker="pinnacle"),
+                     feed.image("toa:1", source="theoddsapi", bookmaker="bet365"),
+                     feed.image("toa:2", source="theoddsapi", bookmaker="unibet"),
+                     feed.image("x:1", source="push"))  # no bookmaker
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async def ids(query: str) -> list[str]:
+            r = await c.get("/v1/markets?" + query)
+            assert r.status_code == 200, r.text
+            return [m["market_id"] for m in r.json()["markets"]]
+
+        assert await ids("source=theoddsapi") == ["toa:1", "toa:2"]
+        assert await ids("bookmaker=bet365,pinnacle") == ["pn:1", "toa:1"]
+        assert await ids("source=theoddsapi&bookmaker=unibet") == ["toa:2"]
+        assert await ids("bookmaker=nobody") == []
+        r = await c.get("/v1/markets?bookmaker=" + "x" * 300)
+        assert r.status_code == 400 and "bookmaker" in r.json()["message"]
+        every = (await c.get("/v1/events")).json()["events"]
+        only = (await c.get("/v1/events?bookmaker=betfair")).json()["events"]
+        assert only and all(e["bookmakers"] == ["betfair"] for e in only) and len(every) >= len(only)
+        async with c.stream("GET", "/v1/stream?source=pinnacle,push") as r:
+            snap = await SSEReader(r).until(lambda e: e.event == "snapshot")
+            assert sorted(m["market_id"] for m in snap.data["markets"]) == ["pn:1", "x:1"]
+        async with connect(base.replace("http://", "ws://") + "/v1/ws") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"bookmaker": ["bet365"]}}))
+            assert json.loads(await ws.recv())["type"] == "ack"
+            snap = json.loads(await ws.recv())
+            assert [m["market_id"] for m in snap["markets"]] == ["toa:1"]
+            await feed.write(feed.price("toa:2", "1", 4.0, source="theoddsapi"),
+                             feed.price("toa:1", "1", 5.0, source="theoddsapi"))
+            delta = json.loads(await ws.recv())
+            assert delta["type"] == "delta" and delta["market_id"] == "toa:1"  # toa:2 (unibet) never comes
