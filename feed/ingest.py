@@ -22,6 +22,7 @@ import msgspec
 from feed.aio import raise_if_cancelled, wait_event
 from feed.book import Book, image_delta
 from feed.errors import FeedDecodeError, StoreError
+from feed.history import HistoryWriter
 from feed.metrics import INGEST_METRICS
 from feed.models import Delta, SourceHealth, SourceState
 from feed.normalise.base import MarketUpdate, Normaliser
@@ -69,13 +70,15 @@ class IngestOptions(TypedDict):
     max_future_skew_ms: int
     backlog_max: int
     settled_retention_ms: int
+    history_retention_ms: int
 
 
 def ingest_options(settings: Settings) -> IngestOptions:
     """The :class:`Ingest` keyword arguments that come from settings."""
     return IngestOptions(lease_ms=settings.health_lease_ms, max_future_skew_ms=settings.max_future_skew_ms,
                          backlog_max=settings.ingest_backlog_max,
-                         settled_retention_ms=settings.settled_retention_ms)
+                         settled_retention_ms=settings.settled_retention_ms,
+                         history_retention_ms=settings.history_retention_ms)
 
 
 def now_ms() -> int:
@@ -133,7 +136,8 @@ class Ingest:
     def __init__(self, store: Store, *, source: str = "betfair", normaliser: Normaliser | None = None,
                  book: Book | None = None, clock_ms: Callable[[], int] = now_ms, stale_after_ms: int = 10_000,
                  kind: str = "betfair", lease_ms: int = 5_000, max_future_skew_ms: int = 10_000,
-                 backlog_max: int = 50_000, settled_retention_ms: int = 3_600_000) -> None:
+                 backlog_max: int = 50_000, settled_retention_ms: int = 3_600_000,
+                 history_retention_ms: int = 0) -> None:
         self.store = store
         self.source = source
         self.kind = kind
@@ -187,6 +191,8 @@ class Ingest:
         self._reimage_after = 0.0
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
+        #: price history, written after each successful apply (best-effort; 0 ms = off)
+        self.history = HistoryWriter(store, history_retention_ms)
 
     async def restore(self) -> str | None:
         """Load stored snapshots (so seq continues) and the upstream session
@@ -422,6 +428,7 @@ class Ingest:
                     raise_if_cancelled()
                     result.entries.update(more.entries)
                     result.kept += more.kept
+                    result.markets |= more.markets
                 self.metrics.apply_seconds.observe(time.perf_counter() - started)
             else:
                 result = None
@@ -440,6 +447,8 @@ class Ingest:
             self._store_backoff.reset()
         if result is None:
             return []
+        if result.markets:
+            self.history.record(deltas, book.markets, result.markets)  # never raises nor waits
         self.stats.deltas += result.kept
         self.stats.batches += 1
         if result.foreign:
@@ -457,6 +466,7 @@ class Ingest:
         while self._backlog or self._store_error is not None:
             await asyncio.sleep(max(0.05, self._retry_at - time.monotonic()))
             await self.flush()
+        await self.history.idle()  # best-effort: the price history, at most 5 s more
 
     def _store_failed(self, exc: Exception) -> None:
         self.store_failures += 1

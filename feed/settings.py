@@ -90,6 +90,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fair_method: str = "multiplicative"
     """How the fair price removes the margin: ``multiplicative`` or ``power``
     (see :mod:`streaming.aggregate`)."""
+    history_retention_ms: int = 24 * 3_600_000
+    """Price history (:mod:`feed.history`): every applied change of a selection's best back/lay
+    and last traded price is kept this long per market in Redis (``of:{p}:h:<market>``), served
+    by ``/v1/markets/{id}/history`` and ``/v1/price-at`` (0 = off), ms."""
 
 
 

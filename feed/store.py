@@ -10,6 +10,11 @@ so one script touches them on Redis Cluster)::
     of:{p}:pt              hash  market_id -> provider time of its stored state (ms)
     of:{p}:log             stream of delta batches, MAXLEN ~ log_maxlen; field d = JSON array of Delta
     of:{p}:epoch           copy of the store epoch, checked by every apply
+    of:{p}:h:<market_id>   stream: price history of one market (feed.history), one entry per applied
+                           change that moved a selection's top: id = provider time (ms, kept
+                           non-decreasing), fields t (provider time), r (received), q (seq), d (JSON
+                           array of feed.history.Top); trimmed MINID ~ id − history_retention_ms,
+                           the key expires history_retention_ms after its last write
     of:{0}:cursor          hash  source -> resume cursor (written with partition 0's data)
     of:epoch               random id made when the store is created (a new one voids resume tokens)
     of:meta                hash  partitions, created_at
@@ -42,7 +47,7 @@ import secrets
 import time
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -97,6 +102,10 @@ def pepoch_key(p: int) -> str:
     return f"of:{{{p}}}:epoch"
 
 
+def history_key(p: int, market_id: str) -> str:
+    return f"of:{{{p}}}:h:{market_id}"
+
+
 CURSOR_KEY = "of:{0}:cursor"
 EPOCH_KEY = "of:epoch"
 META_KEY = "of:meta"
@@ -144,29 +153,9 @@ def source_key(name: str) -> str:
 # Lost writes: a market whose stored seq is below first - 1 while the batch starts with a delta
 # (not an image) lost acknowledged writes (a failover promoted a replica that had not received
 # them, an older RDB was restored): counted in `lost`; the writer re-images its markets.
-# Returns {log entry id or "", kept, dropped, foreign, lost}; errors "EPOCH <epoch>" when the
+# Returns {log entry id or "", kept, dropped, foreign, lost, ids of the markets kept}; errors "EPOCH <epoch>" when the
 # partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
 # falls inside the batch (the caller trims and retries).
-PRUNE_SCRIPT = """
-local out = {}
-local n = #ARGV / 2
-for i = 1, n do
-  local mid = ARGV[2 * i - 1]
-  if redis.call('HGET', KEYS[1], mid) == ARGV[2 * i] then
-    redis.call('DEL', KEYS[4 + i])
-    redis.call('SREM', KEYS[2], mid)
-    redis.call('HDEL', KEYS[1], mid)
-    redis.call('HDEL', KEYS[3], mid)
-    redis.call('HDEL', KEYS[4], mid)
-    out[#out + 1] = mid
-  end
-end
-return out
-"""
-"""Drop markets from one partition — each only if its stored seq is still the given one
-(a change since the caller decided wins). KEYS: seq, idx, owner, pt, then one market key per
-market; ARGV: market id, seq, … Returns the ids dropped."""
-
 APPLY_SCRIPT = """
 local epoch = redis.call('GET', KEYS[4])
 if epoch ~= ARGV[1] then
@@ -206,6 +195,7 @@ for i = 1, n do
 end
 local parts = {}
 local kept = 0
+local kept_ids = {}
 a = 6
 for i = 1, n do
   if keep[i] then
@@ -217,6 +207,7 @@ for i = 1, n do
     redis.call('SADD', KEYS[3], mid)
     parts[#parts + 1] = ARGV[a + 4]
     kept = kept + (tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 2]) + 1)
+    kept_ids[#kept_ids + 1] = mid
   end
   a = a + 9
 end
@@ -227,8 +218,74 @@ local id = ''
 if #parts > 0 then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', '[' .. table.concat(parts, ',') .. ']')
 end
-return {id, kept, dropped, foreign, lost}
+return {id, kept, dropped, foreign, lost, kept_ids}
 """
+
+
+PRUNE_SCRIPT = """
+local out = {}
+local n = #ARGV / 2
+for i = 1, n do
+  local mid = ARGV[2 * i - 1]
+  if redis.call('HGET', KEYS[1], mid) == ARGV[2 * i] then
+    redis.call('DEL', KEYS[4 + i])
+    redis.call('SREM', KEYS[2], mid)
+    redis.call('HDEL', KEYS[1], mid)
+    redis.call('HDEL', KEYS[3], mid)
+    redis.call('HDEL', KEYS[4], mid)
+    out[#out + 1] = mid
+  end
+end
+return out
+"""
+"""Drop markets from one partition — each only if its stored seq is still the given one
+(a change since the caller decided wins). KEYS: seq, idx, owner, pt, then one market key per
+market; ARGV: market id, seq, … Returns the ids dropped."""
+
+
+# KEYS: history streams of one partition; ARGV: 1 retention ms, then per key: n entries, then per
+# entry: provider time ms, received ms, seq, payload. Entry ids are <provider time>-<n> (Redis 6.2
+# has no <ms>-* ids), the time kept non-decreasing per stream (a time before the newest entry's
+# uses the newest's); each XADD trims MINID ~ (its ms − retention) and the key expires retention
+# ms after the write.
+# Returns the number of entries added.
+HISTORY_SCRIPT = """
+local retention = tonumber(ARGV[1])
+local a = 2
+local added = 0
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local top = -1
+  local sub = 0
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    local ms, sq = string.match(last[1][1], '^(%d+)-(%d+)$')
+    top = tonumber(ms)
+    sub = tonumber(sq)
+  end
+  for j = 1, n do
+    local t = tonumber(ARGV[a])
+    if t <= top then
+      t = top
+      sub = sub + 1
+    else
+      sub = 0
+    end
+    top = t
+    redis.call('XADD', key, 'MINID', '~', string.format('%d', math.max(t - retention, 0)),
+               string.format('%d-%d', t, sub), 't', ARGV[a], 'r', ARGV[a + 1], 'q', ARGV[a + 2], 'd', ARGV[a + 3])
+    a = a + 4
+    added = added + 1
+  end
+  redis.call('PEXPIRE', key, retention)
+end
+return added
+"""
+
+HistoryEntry = tuple[int, int, int, bytes]
+"""One history entry to write: (provider time ms, received ms, seq, payload JSON)."""
 
 
 @dataclass(slots=True)
@@ -244,6 +301,8 @@ class ApplyResult:
     dropped: int
     foreign: int = 0
     lost: int = 0
+    #: ids of the markets whose deltas were applied (feed.history records only those)
+    markets: set[str] = field(default_factory=set)
 
 
 class EpochChanged(StoreError):
@@ -326,6 +385,7 @@ class Store:
         self._apply = redis.register_script(APPLY_SCRIPT)
         self._lease = redis.register_script(LEASE_SCRIPT)
         self._prune = redis.register_script(PRUNE_SCRIPT)
+        self._history = redis.register_script(HISTORY_SCRIPT)
 
     @classmethod
     async def open(cls, url: str, *, partitions: int = 1, log_maxlen: int = 100_000,
@@ -403,6 +463,7 @@ class Store:
             by_part.setdefault(0, {})
         entries: dict[int, str] = {}
         kept = dropped = foreign = lost = 0
+        kept_markets: set[str] = set()
         encode = ENCODER.encode
         for p in sorted(by_part, reverse=True):
             per_market = by_part[p]
@@ -444,7 +505,9 @@ class Store:
             dropped += int(res[2])
             foreign += int(res[3])
             lost += int(res[4])
-        return ApplyResult(entries, kept, dropped, foreign, lost)
+            if len(res) > 5:
+                kept_markets.update(reply_text(x) for x in res[5])
+        return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets)
 
     async def reset_epoch(self) -> str:
         """After EpochChanged: adopt the epoch now in Redis (creating one)."""
@@ -469,6 +532,50 @@ class Store:
             await self.redis.hincrby(QUARANTINE_COUNT_KEY, f"{source}:{reason}", 1)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis write failed: {exc}") from None
+
+    async def write_history(self, entries: Mapping[str, list[HistoryEntry]], retention_ms: int) -> int:
+        """Append price-history entries ({market id: entries, oldest first}) to
+        the markets' history streams: one script call per partition, all in one
+        pipelined round trip. Returns the entries added. Raises StoreError."""
+        by_p: dict[int, list[str]] = {}
+        for mid in entries:
+            by_p.setdefault(partition_of(mid, self.partitions), []).append(mid)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for p, mids in by_p.items():
+                args: list[int | bytes] = [retention_ms]
+                for mid in mids:
+                    rows = entries[mid]
+                    args.append(len(rows))
+                    for t, r, q, d in rows:
+                        args += [t, r, q, d]
+                await self._history(keys=[history_key(p, mid) for mid in mids], args=args, client=pipe)
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"history write failed: {exc}") from None
+        return sum(int(x) for x in replies)
+
+    async def history_range(self, market_id: str, start: str, end: str, *, count: int,
+                            reverse: bool = False) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries of a market's history stream between stream ids ``start`` and
+        ``end`` (XRANGE syntax: "-", "+", "<ms>", "(<id>"), at most ``count``;
+        with ``reverse`` newest first (then ``start`` is the upper bound).
+        Raises StoreError."""
+        key = history_key(partition_of(market_id, self.partitions), market_id)
+        try:
+            if reverse:
+                rows = await self.redis.xrevrange(key, max=start, min=end, count=count)
+            else:
+                rows = await self.redis.xrange(key, min=start, max=end, count=count)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return reply_entries(rows)
+
+    async def history_bytes(self, market_id: str) -> int | None:
+        """MEMORY USAGE of a market's history stream (None when it has none)."""
+        key = history_key(partition_of(market_id, self.partitions), market_id)
+        v = await self.redis.memory_usage(key, samples=0)
+        return None if v is None else int(v)
 
     # -- reads ---------------------------------------------------------------
 

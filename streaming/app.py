@@ -41,7 +41,7 @@ from starlette.staticfiles import StaticFiles
 from feed.errors import ConfigError
 from feed.settings import Settings
 from feed.store import Store
-from streaming import openapi, pricecheck, rest
+from streaming import history, openapi, pricecheck, rest
 from streaming.auth import AuthMiddleware
 from streaming.metrics import make_registry, metrics_endpoint
 from streaming.reader import Node
@@ -107,6 +107,7 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
         *pricecheck.routes(),  # POST /v1/price-check[/batch]: first, the hottest REST route (~7 µs of route matching)
         Route("/v1/stream", stream, methods=["GET"]),
         WebSocketRoute("/v1/ws", websocket_endpoint),
+        *history.routes(),  # before rest's /v1/markets/{market_id:path}, which would shadow …/history
         *rest.routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *openapi.routes(),  # GET /openapi.json, /docs (+ its assets): public, outside /v1/

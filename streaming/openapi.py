@@ -63,6 +63,7 @@ from starlette.routing import BaseRoute, Route
 
 from feed.models import Delta, Market, SourceHealth, SourceState
 from streaming.aggregate import MarketView
+from streaming.history import MarketHistory, PriceAt
 from streaming.pricecheck import MAX_BODY_BYTES, MAX_LEGS, BatchRequest, BatchResult, PriceCheckRequest, PriceCheckResult
 from streaming.state import MARKET_STATUSES
 from streaming.ws import ClientOp
@@ -320,7 +321,7 @@ ServerMessage = StreamMessage | AckMessage | PongMessage
 
 _COMPONENT_TYPES: tuple[Any, ...] = (
     ErrorBody, MarketList, MarketWithAge, EventList, EventDetail, SportList, SourceList, Health, Ready,
-    PriceCheckRequest, BatchRequest, PriceCheckResult, BatchResult,
+    PriceCheckRequest, BatchRequest, PriceCheckResult, BatchResult, MarketHistory, PriceAt,
     StreamMessage, ServerMessage, ClientOp,
 )
 _UNION_NAMES = {"StreamMessage": StreamMessage, "ServerMessage": ServerMessage, "ClientOp": ClientOp}
@@ -448,6 +449,32 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
              "404": _error("Not Found: no such market (`unknown_market`)")},
             [_path("market_id", "a market id, e.g. `bf:1.206064380` (may contain `/`)"), _P_IF_NONE_MATCH],
             ["markets"])},
+        "/v1/markets/{market_id}/history": {"get": _get(
+            "Price history of a market", "Each selection's top of book (best back / lay with sizes, last "
+            "traded, price) over time: the last change per `resolution` bucket from `from` to `to`, and its "
+            "top at `from` (`start`). Kept for ODDSFEED_HISTORY_RETENTION_MS (times: ms since the Unix epoch).",
+            {"200": _json("MarketHistory", "the history"),
+             "400": _400,
+             "404": _error("Not Found: neither a served market nor one with history (`unknown_market`)"),
+             "503": _error("Service Unavailable: the history cannot be read now (`store_unavailable`)")},
+            [_path("market_id", "a market id"), _q("selection", "selection ids" + _LIST),
+             _q("from", "start, ms since the Unix epoch (default: an hour before `to`)", {"type": "integer"}),
+             _q("to", "end, ms since the Unix epoch (default: now)", {"type": "integer"}),
+             _q("resolution", "bucket width, ms (default: (to − from) / 240)", {"type": "integer"})],
+            ["history"])},
+        "/v1/price-at": {"get": _get(
+            "The price at a time", "A selection's `side` as it stood at `ts` (the last change at or before "
+            "it) — for disputes: what was the price when the bet was placed.",
+            {"200": _json("PriceAt", "the price and the change it comes from"),
+             "400": _400,
+             "404": _error("Not Found: no change of that selection at or before `ts` is retained (`no_price`)"),
+             "503": _error("Service Unavailable: the history cannot be read now (`store_unavailable`)")},
+            [{**_q("market", "the market id"), "required": True}, {**_q("selection", "the selection id"),
+                                                                   "required": True},
+             {**_q("side", "which price", {"type": "string", "enum": ["back", "lay", "ltp", "price"]}),
+              "required": True},
+             {**_q("ts", "the time, ms since the Unix epoch", {"type": "integer"}), "required": True}],
+            ["history"])},
         "/v1/events": {"get": _get(
             "List canonical events", "Canonical events (one real event, every book); `view=best` adds each "
             "event's aggregated markets, limited to `market_type` when given.",

@@ -104,6 +104,13 @@ async def _seed(store: Store) -> Feed:
         await store.set_health(SourceHealth(source=source, kind="push", state="UP", last_message_at=now_ms(),
                                             updated_at=now_ms(), lease_ms=600_000, stale_after_ms=600_000,
                                             lag_p50_ms=3, lag_p99_ms=9, cursor="c1"))
+    from feed.history import Top, _ENCODER
+
+    t0 = now_ms() - 60_000  # two recorded changes of a:1's selection 1, as an ingest writes them
+    await store.write_history({"a:1": [(t0, t0 + 5, 1, _ENCODER.encode([Top("1", 2.08, 40.0, 2.14, 12.0, None, 2.08)])),
+                                       (t0 + 30_000, t0 + 30_005, 2,
+                                        _ENCODER.encode([Top("1", 2.10, 55.0, None, None, 2.1, 2.10)]))]},
+                              3_600_000)
     await store.save_links({"a:e": StoredLink("ev:a:e", 1.0, "self"), "b:e": StoredLink("ev:a:e", 0.96, "fuzzy")},
                            {"ev:a:e": json.dumps({"event_id": "ev:a:e", "sport": "soccer", "name": "Arsenal v Chelsea",
                                                   "home": "Arsenal", "away": "Chelsea",
@@ -191,6 +198,14 @@ async def test_every_rest_answer_matches_the_document(store: Store, redis_url: s
         assert "markets" not in r.json()
         await get("/v1/events/{event_id}", "/v1/events/nope", 404)
         await get("/v1/events/{event_id}", "/v1/events/ev:a:e?view=bogus", 400)
+        r = await get("/v1/markets/{market_id}/history", "/v1/markets/a:1/history", 200)
+        assert r.json()["entries"] == 2
+        await get("/v1/markets/{market_id}/history", "/v1/markets/a:1/history?from=soon", 400)
+        await get("/v1/markets/{market_id}/history", "/v1/markets/nope/history", 404)
+        r = await get("/v1/price-at", f"/v1/price-at?market=a:1&selection=1&side=back&ts={now_ms()}", 200)
+        assert r.json()["price"] == 2.10
+        await get("/v1/price-at", "/v1/price-at?market=a:1&selection=1&side=both&ts=1", 400)
+        await get("/v1/price-at", "/v1/price-at?market=a:1&selection=1&side=back&ts=1000", 404)
         await get("/v1/sports", "/v1/sports", 200)
         r = await get("/v1/sources", "/v1/sources", 200)
         assert {x["source"] for x in r.json()["sources"]} == {"book_a", "book_b", "t"}

@@ -385,6 +385,68 @@
       + '<span class="s">' + fmtSize(size) + "</span></td>";
   }
 
+  // -- sparklines: each selection's best back over the last hour, from /v1/markets/{id}/history.
+  // Fetched lazily for the markets the board renders (4 at a time, each at most once a minute).
+  const SPARK_SPAN_MS = 3600000;
+  const SPARK_TTL_MS = 60000;
+  const SPARK_PARALLEL = 4;
+  const sparks = new Map();   // market_id -> { at, pending, sels: Map(selection_id -> [price…]) }
+  const sparkQueue = [];
+  let sparkBusy = 0;
+
+  function wantSpark(id) {
+    const s = sparks.get(id);
+    const t = Date.now();
+    if (s && (s.pending || t - s.at < SPARK_TTL_MS)) return;
+    sparks.set(id, { at: t, pending: true, sels: s ? s.sels : new Map() });
+    sparkQueue.push(id);
+    pumpSparks();
+  }
+
+  function pumpSparks() {
+    while (sparkBusy < SPARK_PARALLEL && sparkQueue.length) {
+      const id = sparkQueue.shift();
+      sparkBusy++;
+      loadSpark(id).finally(() => { sparkBusy--; pumpSparks(); });
+    }
+  }
+
+  async function loadSpark(id) {
+    const to = Date.now();
+    const old = sparks.get(id);
+    let sels = old ? old.sels : new Map();
+    try {
+      const r = await fetch(withKey("/v1/markets/" + encodeURIComponent(id) + "/history?from=" + (to - SPARK_SPAN_MS)
+        + "&to=" + to + "&resolution=" + (SPARK_SPAN_MS / 60)), { cache: "no-store" });
+      if (r.ok) {
+        const h = await r.json();
+        sels = new Map();
+        for (const s of h.selections) {
+          const pts = (s.start ? [s.start] : []).concat(s.points)
+            .map((p) => (p.back_price !== null ? p.back_price : p.price)).filter((v) => v !== null);
+          sels.set(s.selection_id, pts);
+        }
+      }
+    } catch (e) { /* history is optional: keep what we had */ }
+    sparks.set(id, { at: Date.now(), pending: false, sels });
+    renderMarket(id, performance.now());
+  }
+
+  function sparkSvg(id, selId) {
+    const s = sparks.get(id);
+    const pts = s && s.sels.get(selId);
+    if (!pts || pts.length < 2) return "";
+    const W = 60, H = 14;
+    let lo = Infinity, hi = -Infinity;
+    for (const v of pts) { if (v < lo) lo = v; if (v > hi) hi = v; }
+    const span = hi - lo || 1;
+    const xy = pts.map((v, i) => (i * W / (pts.length - 1)).toFixed(1) + "," + (H - 1 - (v - lo) * (H - 2) / span).toFixed(1));
+    const dir = pts[pts.length - 1] > pts[0] ? " up" : pts[pts.length - 1] < pts[0] ? " down" : "";
+    return '<svg class="spark' + dir + '" viewBox="0 0 ' + W + " " + H + '" width="' + W + '" height="' + H
+      + '" aria-hidden="true" data-from="' + pts[0] + '" data-to="' + pts[pts.length - 1] + '">'
+      + '<polyline points="' + xy.join(" ") + '"/></svg>';
+  }
+
   function marketInner(m, now) {
     const stale = isStale(m.market_id, now);
     const suspended = SUSPENDED.has(m.status);
@@ -394,8 +456,9 @@
     const sels = (m.selections || []).filter((s) => s.status !== "REMOVED" && s.status !== "HIDDEN")
       .slice().sort((a, b) => (a.sort_priority || 0) - (b.sort_priority || 0));
     const rows = sels.map((s) => '<tr class="sel' + (s.status !== "ACTIVE" ? " sel-off" : "") + '">'
-      + '<th scope="row">' + esc(s.name || s.selection_id) + "</th>"
+      + '<th scope="row">' + esc(s.name || s.selection_id) + sparkSvg(m.market_id, s.selection_id) + "</th>"
       + priceCell(m, s, "back", now) + priceCell(m, s, "lay", now) + "</tr>").join("");
+    wantSpark(m.market_id);
     const vol = m.traded_volume ? '<span class="matched">' + fmtSize(m.traded_volume) + " matched</span>" : "";
     return '<div class="market-head"><span class="market-name">' + esc(m.name || m.market_type) + "</span>"
       + badges.join("") + '<span class="spacer"></span>' + vol
