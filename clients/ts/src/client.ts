@@ -1,0 +1,787 @@
+// OddsClient: a live local book of the markets matching a filter (SSE or WebSocket), with the
+// README's seq-gap rule, resume tokens, per-market age/staleness and the price check.
+// The TypeScript counterpart of streaming/client.py.
+import { Book, normaliseMarket, type ApplyResult, type BookMarket, type Delta } from "./book.js";
+import {
+  DroppedError,
+  HttpError,
+  OddsTimeoutError,
+  OddsfeedError,
+  PriceCheckError,
+  SeqGapError,
+  StreamError,
+} from "./errors.js";
+import type {
+  BatchResult,
+  DeltaMessage,
+  MarketList,
+  MarketWithAge,
+  PriceCheckRequest,
+  PriceCheckResult,
+  ServerMessage,
+  SnapshotMessage,
+  SourceList,
+  StatusMessage,
+} from "./schema.js";
+import { SseParser } from "./sse.js";
+
+export type Transport = "sse" | "ws";
+export type OddsFormat = "decimal" | "fractional" | "american";
+
+/** The part of the WebSocket API the client uses (the browser's, Node ≥ 22's global, or any
+ *  implementation with the same shape). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+}
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+export type FetchLike = typeof fetch;
+
+export interface OddsClientOptions {
+  /** "sse" (GET /v1/stream) or "ws" (GET /v1/ws); default by the URL's scheme (ws:// → ws). */
+  transport?: Transport;
+  sport?: string | string[];
+  competition?: string | string[];
+  /** provider event ids or canonical `ev:…` ids */
+  event?: string | string[];
+  market?: string | string[];
+  /** canonical market types (`total`) or market keys (`total:line=2.5`) */
+  market_type?: string | string[];
+  in_play?: boolean;
+  /** source names (as in /v1/sources) */
+  source?: string | string[];
+  /** bookmakers (a market without one never matches) */
+  bookmaker?: string | string[];
+  /** prices converted by the server; the book then holds the converted values (the generated
+   *  types describe decimal odds) */
+  odds_format?: OddsFormat;
+  /** 0 (every change) or 10–120000: one conflated delta per market per window */
+  conflate_ms?: number;
+  /** heartbeat asked of the server (SSE; WS uses the query); a stream silent for 3× + 1 s is dropped. Default 2000. */
+  heartbeatMs?: number;
+  /** sent as X-API-Key (SSE, REST) or ?api_key= (WebSocket: browsers cannot set its headers) */
+  apiKey?: string;
+  /** local staleness thresholds (defaults match the server's) */
+  staleInPlayMs?: number;
+  stalePreMatchMs?: number;
+  /** reconnect backoff: full jitter between 0 and min(max, initial·2^attempt) */
+  reconnectInitialMs?: number;
+  reconnectMaxMs?: number;
+  /** replaces the backoff: the delay (ms) before reconnect attempt `attempt` (0-based) */
+  backoff?: (attempt: number) => number;
+  priceCheckTimeoutMs?: number;
+  connectTimeoutMs?: number;
+  /** injectable platform pieces (default: globalThis.fetch / globalThis.WebSocket) */
+  fetch?: FetchLike;
+  WebSocket?: WebSocketConstructor;
+  /** monotonic clock in ms (default performance.now) */
+  now?: () => number;
+  /** called after each change of the book (undefined = the market left the book) */
+  onUpdate?: (marketId: string, market: BookMarket | undefined) => void;
+}
+
+export interface ClientStats {
+  connects: number;
+  reconnects: number;
+  snapshots: number;
+  deltas: number;
+  duplicates: number;
+  heartbeats: number;
+  statuses: number;
+  resumedRecovered: number;
+  resumedLost: number;
+  gaps: number;
+  resyncs: number;
+  errors: number;
+  /** wall-clock receipt − source_ts of the last delta (meaningful when clocks agree) */
+  lagMs: number | null;
+  lastError: string | null;
+  disconnectReasons: string[];
+}
+
+export interface SourceState {
+  source: string;
+  state: "UP" | "DEGRADED" | "DOWN";
+  reason: string | null;
+}
+
+export type ClientEventName = "connected" | "disconnected" | "snapshot" | "delta" | "resumed" | "status" | "gap" | "error";
+export type ClientListener = (name: ClientEventName, detail: unknown) => void;
+
+/** One leg of a price check (the PriceCheckRequest schema). */
+export type PriceCheckLeg = PriceCheckRequest;
+
+/** the filters GET /v1/markets takes (README "REST") */
+const REST_FILTERS = new Set(["sport", "competition", "event", "market", "in_play"]);
+
+const FATAL_STATUSES = new Set([400, 401, 403, 404, 405, 422]);
+
+function csv(v: string | string[] | undefined): string | undefined {
+  if (v === undefined) return undefined;
+  return Array.isArray(v) ? v.join(",") : v;
+}
+
+function asSet(v: string | string[] | undefined): Set<string> | undefined {
+  if (v === undefined) return undefined;
+  const items = (Array.isArray(v) ? v : v.split(",")).map((x) => x.trim()).filter(Boolean);
+  return items.length ? new Set(items) : undefined;
+}
+
+const defaultNow = (): number => performance.now();
+
+/**
+ * A live, local copy of the markets matching a filter, plus the price check.
+ *
+ * ```ts
+ * const odds = new OddsClient("http://127.0.0.1:8000", { sport: "soccer" });
+ * await odds.start().waitSynced(10_000);
+ * ```
+ *
+ * The book: the first `snapshot` replaces it, each `delta` goes through {@link Book.apply}
+ * (feed.models.apply_delta's rule; a gap is never applied). A gap resyncs at once: reconnect with
+ * the token held before the gap (the server replays what followed); if that gaps again before a
+ * snapshot, reconnect without a token (a fresh snapshot replaces the book). After a drop the
+ * client reconnects with jittered backoff and resumes with its token (SSE `Last-Event-ID`,
+ * WS `"resume"`): `resumed {recovered: true}` keeps the book; `false` → the next snapshot
+ * replaces it.
+ */
+export class OddsClient {
+  readonly transport: Transport;
+  readonly httpUrl: string;
+  readonly wsUrl: string;
+  /** the book (market_id → market), kept current */
+  readonly book = new Book();
+  /** source → state (GET /v1/sources on connect, then `status` messages) */
+  readonly sources = new Map<string, SourceState>();
+  /** the last resume token kept (opaque) */
+  token: string | null = null;
+  connected = false;
+  synced = false;
+  /** the fatal error that stopped the client, if any */
+  error: OddsfeedError | null = null;
+  /** the last seq gap seen */
+  lastGap: SeqGapError | null = null;
+  readonly stats: ClientStats = {
+    connects: 0, reconnects: 0, snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0,
+    resumedRecovered: 0, resumedLost: 0, gaps: 0, resyncs: 0, errors: 0, lagMs: null, lastError: null,
+    disconnectReasons: [],
+  };
+
+  private readonly opts: OddsClientOptions;
+  private readonly fetchImpl: FetchLike;
+  private readonly now: () => number;
+  private readonly confirmed = new Map<string, number>();
+  private readonly flagged = new Map<string, boolean>();
+  private readonly listeners = new Set<ClientListener>();
+  private readonly waiters = new Set<() => void>();
+  private readonly fSport?: Set<string>;
+  private readonly fComp?: Set<string>;
+  private readonly fEvent?: Set<string>;
+  private readonly fMarket?: Set<string>;
+  private readonly fSource?: Set<string>;
+  private readonly fBook?: Set<string>;
+  private gapResumes = 0;
+  private gapMarket: string | null = null;
+  private attempt = 0;
+  private closing = false;
+  private running: Promise<void> | null = null;
+  private current: AbortController | null = null;
+  private sleepCancel: (() => void) | null = null;
+
+  constructor(url: string, options: OddsClientOptions = {}) {
+    const u = new URL(url);
+    const scheme = u.protocol.replace(":", "").toLowerCase();
+    if (!["http", "https", "ws", "wss"].includes(scheme)) {
+      throw new TypeError(`url must start with http://, https://, ws:// or wss://, not ${JSON.stringify(url)}`);
+    }
+    const secure = scheme === "https" || scheme === "wss";
+    this.transport = options.transport ?? (scheme.startsWith("ws") ? "ws" : "sse");
+    if (this.transport !== "sse" && this.transport !== "ws") {
+      throw new TypeError(`transport must be "sse" or "ws", not ${JSON.stringify(this.transport)}`);
+    }
+    this.httpUrl = `${secure ? "https" : "http"}://${u.host}`;
+    this.wsUrl = `${secure ? "wss" : "ws"}://${u.host}/v1/ws`;
+    this.opts = options;
+    const f = options.fetch ?? (globalThis.fetch as FetchLike | undefined);
+    if (!f) throw new TypeError("no fetch: pass options.fetch");
+    this.fetchImpl = f;
+    this.now = options.now ?? defaultNow;
+    this.fSport = asSet(options.sport);
+    this.fComp = asSet(options.competition);
+    const ev = asSet(options.event);
+    // canonical ev:… ids name several provider events: the server filters those, not the client
+    this.fEvent = ev && ![...ev].some((e) => e.startsWith("ev:")) ? ev : undefined;
+    this.fMarket = asSet(options.market);
+    this.fSource = asSet(options.source);
+    this.fBook = asSet(options.bookmaker);
+  }
+
+  // -- lifecycle ------------------------------------------------------------------------------
+
+  /** Start following the stream in the background (returns this at once). */
+  start(): this {
+    if (!this.running && !this.closing) this.running = this.run();
+    return this;
+  }
+
+  /** Stop the stream; idempotent. Resolves once the stream task has ended. */
+  async close(): Promise<void> {
+    this.closing = true;
+    this.current?.abort(new DroppedError("client closed"));
+    this.sleepCancel?.();
+    await this.running;
+    this.connected = false;
+    this.notify();
+  }
+
+  /** Drop the current connection now (the client reconnects and resumes, as after a network drop). */
+  reconnect(): void {
+    this.current?.abort(new DroppedError("reconnect requested"));
+  }
+
+  /** Resolves once the book holds a snapshot (or a recovered resume); rejects with the fatal
+   *  error that stopped the client, or OddsTimeoutError after `timeoutMs`. */
+  waitSynced(timeoutMs = 10_000): Promise<void> {
+    return this.waitFor(() => this.synced, timeoutMs, "synced");
+  }
+
+  /** Resolves when `predicate()` holds (checked now and after every change); rejects with the
+   *  client's fatal error or OddsTimeoutError after `timeoutMs`. */
+  waitFor(predicate: () => boolean, timeoutMs: number, what = "condition"): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const check = (): void => {
+        let ok = false;
+        try { ok = predicate(); } catch (e) { done(); reject(e); return; }
+        if (ok) { done(); resolve(); }
+        else if (this.error) { done(); reject(this.error); }
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new OddsTimeoutError(`${what} not reached within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const done = (): void => { clearTimeout(timer); this.waiters.delete(check); };
+      this.waiters.add(check);
+      check();
+    });
+  }
+
+  /** Listen to client events (connected, disconnected, snapshot, delta, resumed, status, gap, error). */
+  on(listener: ClientListener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  // -- the book -------------------------------------------------------------------------------
+
+  get markets(): Map<string, BookMarket> {
+    return this.book.markets;
+  }
+
+  /** Milliseconds since the market was last confirmed current: the server's `age_ms` at receipt
+   *  plus the local (monotonic) time since; heartbeats confirm markets not flagged stale whose
+   *  source is not DOWN. Undefined for a market not held. */
+  ageMs(marketId: string): number | undefined {
+    const t = this.confirmed.get(marketId);
+    if (t === undefined) return undefined;
+    return Math.max(0, Math.round(this.now() - t));
+  }
+
+  /** True when the market's source is DOWN, the server flagged it stale (snapshot, delta,
+   *  status), or its age exceeds the in-play / pre-match threshold (unknown market → true). */
+  isStale(marketId: string): boolean {
+    const m = this.book.get(marketId);
+    const age = this.ageMs(marketId);
+    if (m === undefined || age === undefined) return true;
+    if (this.sources.get(m.source)?.state === "DOWN") return true;
+    if (this.flagged.get(marketId)) return true;
+    return age > (m.in_play ? this.opts.staleInPlayMs ?? 10_000 : this.opts.stalePreMatchMs ?? 60_000);
+  }
+
+  /** Best back (or lay) price of a selection in the local book, or null. */
+  best(marketId: string, selectionId: string, side: "back" | "lay" = "back"): number | null {
+    const sel = this.book.get(marketId)?.selections.find((s) => s.selection_id === selectionId);
+    if (!sel) return null;
+    const ladder = side === "back" ? sel.back : sel.lay;
+    if (ladder.length) return ladder[0][0];
+    return side === "back" ? sel.price : null;
+  }
+
+  /** Markets open for betting (status OPEN), by market id. */
+  openMarkets(): BookMarket[] {
+    return [...this.book.markets.values()].filter((m) => m.status === "OPEN")
+      .sort((a, b) => (a.market_id < b.market_id ? -1 : a.market_id > b.market_id ? 1 : 0));
+  }
+
+  /**
+   * Process one server message as if it had arrived on the stream (`token`: its SSE `id:`;
+   * WebSocket messages carry their own `token`). The apply API: the stream calls it for every
+   * message, and tests or custom transports may call it directly. For a delta it returns what the
+   * book did; a `"gap"` is not applied, its token is not kept, and the client resyncs (the
+   * current connection is dropped and resumed with the token held before the gap).
+   */
+  handleMessage(msg: ServerMessage, token?: string | null): ApplyResult | undefined {
+    const tok = token ?? (msg as { token?: string }).token ?? null;
+    if (msg.type === "delta") {
+      const r = this.onDelta(msg);
+      if (r !== "gap" && tok !== null) this.token = tok;
+      this.notify();
+      return r;
+    }
+    if (tok !== null) this.token = tok;
+    switch (msg.type) {
+      case "heartbeat":
+        this.stats.heartbeats++;
+        this.onHeartbeat();
+        break;
+      case "snapshot":
+        this.onSnapshot(msg);
+        break;
+      case "status":
+        this.onStatus(msg);
+        break;
+      case "resumed":
+        if (msg.recovered) {
+          this.stats.resumedRecovered++;
+          this.synced = true; // the book is kept; the missed deltas follow
+        } else {
+          this.stats.resumedLost++; // the snapshot that follows replaces the book
+        }
+        this.emit("resumed", msg);
+        break;
+      case "error":
+        this.stats.errors++;
+        this.emit("error", msg);
+        if (msg.id === 1 && msg.code === "bad_request") {
+          this.current?.abort(new StreamError(`subscribe refused: ${msg.message}`, undefined, msg.code));
+        }
+        break;
+      default:
+        break; // ack, pong
+    }
+    this.notify();
+    return undefined;
+  }
+
+  private onSnapshot(msg: SnapshotMessage): void {
+    const now = this.now();
+    const old = new Set(this.book.markets.keys());
+    this.book.replace(msg.markets);
+    this.confirmed.clear();
+    this.flagged.clear();
+    for (const m of msg.markets) {
+      this.confirmed.set(m.market_id, now - (m.age_ms ?? 0));
+      this.flagged.set(m.market_id, Boolean(m.stale));
+    }
+    this.stats.snapshots++;
+    this.gapResumes = 0;
+    this.synced = true;
+    this.attempt = 0;
+    this.emit("snapshot", msg);
+    const cb = this.opts.onUpdate;
+    if (cb) {
+      for (const id of old) if (!this.book.markets.has(id)) cb(id, undefined);
+      for (const [id, m] of this.book.markets) cb(id, m);
+    }
+  }
+
+  private onDelta(msg: DeltaMessage): ApplyResult {
+    const id = msg.market_id;
+    const cur = this.book.get(id);
+    const r = this.book.apply(msg as Delta);
+    if (r === "duplicate") {
+      this.stats.duplicates++;
+      return r;
+    }
+    if (r === "gap") {
+      this.stats.gaps++;
+      this.gapMarket = id;
+      this.lastGap = new SeqGapError(id, cur!.seq, msg.seq);
+      this.emit("gap", this.lastGap);
+      this.current?.abort(this.lastGap);
+      if (!this.current && this.running) this.pendingGap = this.lastGap; // between connections: resync on the next
+      return r;
+    }
+    if (r === "unknown") return r;
+    if (this.gapResumes && id === this.gapMarket) this.gapResumes = 0; // it flows in order again
+    this.stats.deltas++;
+    this.stats.lagMs = Math.max(0, Date.now() - msg.source_ts);
+    const m = this.book.get(id)!;
+    const cb = this.opts.onUpdate;
+    if (!this.matches(m)) {
+      this.book.markets.delete(id);
+      this.confirmed.delete(id);
+      this.flagged.delete(id);
+      if (cb && cur !== undefined) cb(id, undefined);
+      return r;
+    }
+    this.confirmed.set(id, this.now() - (msg.age_ms ?? 0));
+    this.flagged.set(id, Boolean(msg.stale));
+    this.emit("delta", msg);
+    if (cb) cb(id, m);
+    return r;
+  }
+
+  private pendingGap: SeqGapError | null = null;
+
+  private onHeartbeat(): void {
+    const now = this.now();
+    for (const [id, m] of this.book.markets) {
+      if (this.sources.get(m.source)?.state === "DOWN" || this.flagged.get(id)) continue;
+      if ((this.confirmed.get(id) ?? 0) < now) this.confirmed.set(id, now);
+    }
+  }
+
+  private onStatus(msg: StatusMessage): void {
+    this.stats.statuses++;
+    this.sources.set(msg.source, { source: msg.source, state: msg.state, reason: msg.reason ?? null });
+    const stale = new Set(msg.stale_markets ?? []);
+    for (const [id, m] of this.book.markets) {
+      if (m.source === msg.source) this.flagged.set(id, stale.has(id));
+    }
+    this.emit("status", msg);
+  }
+
+  private matches(m: BookMarket): boolean {
+    if (this.fMarket && !this.fMarket.has(m.market_id)) return false;
+    if (this.fEvent && !(m.event_id !== null && this.fEvent.has(m.event_id))) return false;
+    if (this.fSport && !(m.sport !== null && this.fSport.has(m.sport))) return false;
+    if (this.fComp && !(m.competition !== null && this.fComp.has(m.competition))) return false;
+    if (this.fSource && !this.fSource.has(m.source)) return false;
+    if (this.fBook && !(m.bookmaker !== null && this.fBook.has(m.bookmaker))) return false;
+    return this.opts.in_play === undefined || m.in_play === this.opts.in_play;
+  }
+
+  private emit(name: ClientEventName, detail: unknown): void {
+    for (const l of this.listeners) {
+      try { l(name, detail); } catch { /* a listener's error is its own */ }
+    }
+  }
+
+  private notify(): void {
+    for (const w of [...this.waiters]) w();
+  }
+
+  // -- the stream -----------------------------------------------------------------------------
+
+  private async run(): Promise<void> {
+    while (!this.closing) {
+      const ctl = new AbortController();
+      this.current = ctl;
+      if (this.pendingGap) { ctl.abort(this.pendingGap); this.pendingGap = null; }
+      let failure: unknown = null;
+      try {
+        await this.connectOnce(ctl);
+        failure = new DroppedError("server closed the stream");
+      } catch (e) {
+        failure = e;
+      }
+      if (ctl.signal.aborted) failure = ctl.signal.reason;
+      this.current = null;
+      this.connected = false;
+      if (this.closing) break;
+      if (failure instanceof StreamError) {
+        this.error = failure;
+        this.stats.lastError = failure.message;
+        this.emit("error", failure);
+        this.emit("disconnected", failure.message);
+        this.notify();
+        return;
+      }
+      const reason = failure instanceof Error ? `${failure.name}: ${failure.message}` : String(failure);
+      this.synced = false;
+      this.stats.reconnects++;
+      this.stats.lastError = reason;
+      if (this.stats.disconnectReasons.length < 100) this.stats.disconnectReasons.push(reason);
+      this.emit("disconnected", reason);
+      this.notify();
+      if (failure instanceof SeqGapError) {
+        this.stats.resyncs++;
+        this.gapResumes++;
+        if (this.gapResumes > 1) this.token = null; // resuming did not fill it: a fresh snapshot
+        if (this.gapResumes <= 2) continue; // at once: the stream itself is fine
+      }
+      await this.sleep(this.nextDelay());
+    }
+  }
+
+  private nextDelay(): number {
+    const a = this.attempt++;
+    if (this.opts.backoff) return this.opts.backoff(a);
+    const initial = this.opts.reconnectInitialMs ?? 100;
+    const max = this.opts.reconnectMaxMs ?? 5000;
+    return Math.random() * Math.min(max, initial * 2 ** Math.min(a, 30));
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const t = setTimeout(() => { this.sleepCancel = null; resolve(); }, ms);
+      this.sleepCancel = () => { clearTimeout(t); this.sleepCancel = null; resolve(); };
+    });
+  }
+
+  private silenceMs(): number {
+    return 3 * (this.opts.heartbeatMs ?? 2000) + 1000;
+  }
+
+  private async connectOnce(ctl: AbortController): Promise<void> {
+    await this.refreshSources(ctl.signal);
+    if (ctl.signal.aborted) throw ctl.signal.reason;
+    this.stats.connects++;
+    if (this.transport === "sse") await this.runSse(ctl);
+    else await this.runWs(ctl);
+  }
+
+  /** Best effort: the sources' current state (status messages only announce changes). */
+  private async refreshSources(signal: AbortSignal): Promise<void> {
+    try {
+      const r = await this.fetchImpl(`${this.httpUrl}/v1/sources`, {
+        headers: this.headers(), signal: AbortSignal.any([signal, AbortSignal.timeout(this.opts.connectTimeoutMs ?? 5000)]),
+      });
+      if (r.ok) {
+        const body = (await r.json()) as SourceList;
+        for (const s of body.sources) this.sources.set(s.source, { source: s.source, state: s.state ?? "UP", reason: s.reason ?? null });
+      } else {
+        await r.body?.cancel();
+      }
+    } catch { /* best effort */ }
+  }
+
+  private headers(): Record<string, string> {
+    return this.opts.apiKey ? { "X-API-Key": this.opts.apiKey } : {};
+  }
+
+  /** The filter as the server takes it (WS subscribe `filter`). */
+  filterSpec(): Record<string, string | boolean> {
+    const o = this.opts;
+    const out: Record<string, string | boolean> = {};
+    for (const [k, v] of [["sport", csv(o.sport)], ["competition", csv(o.competition)], ["event", csv(o.event)],
+      ["market", csv(o.market)], ["market_type", csv(o.market_type)], ["source", csv(o.source)],
+      ["bookmaker", csv(o.bookmaker)]] as const) {
+      if (v !== undefined) out[k] = v;
+    }
+    if (o.in_play !== undefined) out.in_play = o.in_play;
+    return out;
+  }
+
+  private async runSse(ctl: AbortController): Promise<void> {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(this.filterSpec())) q.set(k, String(v));
+    q.set("heartbeat_ms", String(this.opts.heartbeatMs ?? 2000));
+    if (this.opts.conflate_ms !== undefined) q.set("conflate_ms", String(this.opts.conflate_ms));
+    if (this.opts.odds_format !== undefined) q.set("odds_format", this.opts.odds_format);
+    const headers: Record<string, string> = { Accept: "text/event-stream", ...this.headers() };
+    if (this.token) headers["Last-Event-ID"] = this.token;
+    const connectTimer = setTimeout(() => ctl.abort(new DroppedError(
+      `no answer within ${this.opts.connectTimeoutMs ?? 5000} ms`)), this.opts.connectTimeoutMs ?? 5000);
+    let resp: Response;
+    try {
+      resp = await this.fetchImpl(`${this.httpUrl}/v1/stream?${q}`, { headers, signal: ctl.signal });
+    } finally {
+      clearTimeout(connectTimer);
+    }
+    if (resp.status !== 200 || !resp.body) {
+      const text = (await resp.text().catch(() => "")).slice(0, 500);
+      let code: string | undefined;
+      try { code = JSON.parse(text).error; } catch { /* not JSON */ }
+      const msg = `GET /v1/stream answered ${resp.status}: ${text}`;
+      if (FATAL_STATUSES.has(resp.status)) throw new StreamError(msg, resp.status, code);
+      throw new DroppedError(msg);
+    }
+    this.connected = true;
+    this.emit("connected", "sse");
+    this.notify();
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    const parser = new SseParser();
+    const silence = this.silenceMs();
+    let timer = setTimeout(() => ctl.abort(new DroppedError(`no message for ${silence} ms`)), silence);
+    const onAbort = (): void => { reader.cancel(ctl.signal.reason).catch(() => undefined); };
+    ctl.signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || ctl.signal.aborted) break;
+        clearTimeout(timer);
+        timer = setTimeout(() => ctl.abort(new DroppedError(`no message for ${silence} ms`)), silence);
+        for (const ev of parser.push(decoder.decode(value, { stream: true }))) {
+          if (ctl.signal.aborted) break;
+          if (ev.data === "") { if (ev.id !== undefined) this.token = ev.id; continue; }
+          this.handleMessage(JSON.parse(ev.data) as ServerMessage, ev.id);
+        }
+        if (ctl.signal.aborted) break;
+      }
+    } finally {
+      clearTimeout(timer);
+      ctl.signal.removeEventListener("abort", onAbort);
+    }
+    if (ctl.signal.aborted) throw ctl.signal.reason;
+    throw new DroppedError("server closed the stream");
+  }
+
+  private runWs(ctl: AbortController): Promise<void> {
+    const Ctor = this.opts.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!Ctor) {
+      return Promise.reject(new StreamError("no WebSocket implementation: pass options.WebSocket (Node < 22)"));
+    }
+    const q = new URLSearchParams({ heartbeat_ms: String(this.opts.heartbeatMs ?? 2000) });
+    if (this.opts.apiKey) q.set("api_key", this.opts.apiKey);
+    return new Promise<void>((resolve, reject) => {
+      let ws: WebSocketLike;
+      try {
+        ws = new Ctor(`${this.wsUrl}?${q}`);
+      } catch (e) {
+        reject(e);
+        return;
+      }
+      const silence = this.silenceMs();
+      const connectMs = this.opts.connectTimeoutMs ?? 5000;
+      let timer = setTimeout(() => ctl.abort(new DroppedError(`no WebSocket open within ${connectMs} ms`)), connectMs);
+      let settled = false;
+      const finish = (err: unknown): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        ctl.signal.removeEventListener("abort", onAbort);
+        ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+        try { ws.close(1000); } catch { /* already closed */ }
+        reject(err);
+      };
+      const onAbort = (): void => finish(ctl.signal.reason);
+      ctl.signal.addEventListener("abort", onAbort, { once: true });
+      if (ctl.signal.aborted) { onAbort(); return; }
+      const rearm = (): void => {
+        clearTimeout(timer);
+        timer = setTimeout(() => ctl.abort(new DroppedError(`no message for ${silence} ms`)), silence);
+      };
+      ws.onopen = () => {
+        const sub: Record<string, unknown> = { op: "subscribe", id: 1, filter: this.filterSpec() };
+        if (this.token) sub.resume = this.token;
+        if (this.opts.conflate_ms !== undefined) sub.conflate_ms = this.opts.conflate_ms;
+        if (this.opts.odds_format !== undefined) sub.odds_format = this.opts.odds_format;
+        ws.send(JSON.stringify(sub));
+        this.connected = true;
+        this.emit("connected", "ws");
+        this.notify();
+        rearm();
+      };
+      ws.onmessage = (ev) => {
+        if (settled) return;
+        rearm();
+        const d = ev.data;
+        const text = typeof d === "string" ? d : new TextDecoder().decode(d as ArrayBuffer | Uint8Array);
+        try {
+          this.handleMessage(JSON.parse(text) as ServerMessage);
+        } catch (e) {
+          ctl.abort(e);
+        }
+      };
+      ws.onerror = () => { /* the close event follows */ };
+      ws.onclose = (ev) => {
+        const why = `${ev.code} ${ev.reason ?? ""}`.trim();
+        if (ev.code === 1008) finish(new StreamError(`websocket closed: ${why}`, undefined, "unauthorized"));
+        else finish(new DroppedError(`websocket closed (${why})`));
+      };
+    }).then(() => undefined, (e) => { throw e; });
+  }
+
+  // -- REST -----------------------------------------------------------------------------------
+
+  private async getJson<T>(path: string, timeoutMs: number): Promise<T> {
+    let r: Response;
+    try {
+      r = await this.fetchImpl(`${this.httpUrl}${path}`, { headers: this.headers(), signal: AbortSignal.timeout(timeoutMs) });
+    } catch (e) {
+      if ((e as Error)?.name === "TimeoutError") throw new OddsTimeoutError(`GET ${path}: no answer within ${timeoutMs} ms`);
+      throw new HttpError(`GET ${path} failed: ${(e as Error)?.message ?? e}`);
+    }
+    const text = await r.text();
+    if (r.status !== 200) {
+      let code: string | undefined;
+      let message = text.slice(0, 200);
+      try { const j = JSON.parse(text); code = j.error; message = j.message ?? message; } catch { /* not JSON */ }
+      throw new HttpError(`GET ${path} answered ${r.status} ${code ?? ""}: ${message}`, r.status, code);
+    }
+    return JSON.parse(text) as T;
+  }
+
+  /** GET /v1/markets with this client's filter (those of its filters REST takes: sport,
+   *  competition, event, market, in_play) or `query`: the served markets. */
+  async fetchMarkets(query?: Record<string, string>, timeoutMs = 5000): Promise<MarketList> {
+    const q = new URLSearchParams(query ?? Object.fromEntries(
+      Object.entries(this.filterSpec()).filter(([k]) => REST_FILTERS.has(k)).map(([k, v]) => [k, String(v)])));
+    return this.getJson<MarketList>(`/v1/markets${q.size ? `?${q}` : ""}`, timeoutMs);
+  }
+
+  /** GET /v1/markets/{id}; HttpError (404 unknown_market) when unknown. */
+  fetchMarket(marketId: string, timeoutMs = 5000): Promise<MarketWithAge> {
+    return this.getJson<MarketWithAge>(`/v1/markets/${encodeURIComponent(marketId)}`, timeoutMs);
+  }
+
+  /** A served market as the book holds it (age_ms/stale dropped, defaults filled). */
+  static asBookMarket(m: MarketWithAge): BookMarket {
+    return normaliseMarket(m);
+  }
+
+  // -- price check ----------------------------------------------------------------------------
+
+  /** POST /v1/price-check: the server's answer (accepted, reason: OK | PRICE_CHANGED | STALE …).
+   *  Throws PriceCheckError on a non-200 answer, a timeout (`priceCheckTimeoutMs`) or a transport
+   *  error. */
+  async priceCheck(marketId: string, selectionId: string, side: "back" | "lay", price: number,
+    extra: Partial<Pick<PriceCheckRequest, "max_age_ms" | "accept_better" | "version">> = {}): Promise<PriceCheckResult> {
+    const body = omitUndefined({ market_id: marketId, selection_id: selectionId, side, price, ...extra });
+    return (await this.post("/v1/price-check", body)) as PriceCheckResult;
+  }
+
+  /** POST /v1/price-check with any leg (also the best-price form: event, market, outcome). */
+  async priceCheckLeg(leg: PriceCheckLeg): Promise<PriceCheckResult> {
+    return (await this.post("/v1/price-check", omitUndefined(leg))) as PriceCheckResult;
+  }
+
+  /** POST /v1/price-check/batch: every leg of a multiple against one consistent view;
+   *  `accepted` only when all legs are. */
+  async priceCheckBatch(legs: PriceCheckLeg[]): Promise<BatchResult> {
+    return (await this.post("/v1/price-check/batch", { legs: legs.map(omitUndefined) })) as BatchResult;
+  }
+
+  private async post(path: string, body: unknown): Promise<unknown> {
+    // No side effects: a connection the server closed as it was reused is retried once, inside
+    // the same total deadline; anything else is the caller's decision.
+    const timeoutMs = this.opts.priceCheckTimeoutMs ?? 1000;
+    const signal = AbortSignal.timeout(timeoutMs);
+    const init: RequestInit = {
+      method: "POST", body: JSON.stringify(body), signal,
+      headers: { "Content-Type": "application/json", ...this.headers() },
+    };
+    let r: Response;
+    try {
+      try {
+        r = await this.fetchImpl(`${this.httpUrl}${path}`, init);
+      } catch (e) {
+        if (signal.aborted || (e as Error)?.name !== "TypeError") throw e;
+        r = await this.fetchImpl(`${this.httpUrl}${path}`, init);
+      }
+      const text = await r.text();
+      if (r.status !== 200) {
+        let code: string | undefined;
+        let message: string | undefined;
+        try { const j = JSON.parse(text); code = j.error; message = j.message; } catch { /* not JSON */ }
+        throw new PriceCheckError(`${r.status} ${code ?? ""}: ${message ?? text.slice(0, 200)}`, r.status, code, message);
+      }
+      return JSON.parse(text);
+    } catch (e) {
+      if (e instanceof PriceCheckError) throw e;
+      if (signal.aborted) throw new PriceCheckError(`no answer within ${timeoutMs} ms`, undefined, "timeout");
+      throw new PriceCheckError(`price check failed: ${(e as Error)?.message ?? e}`, undefined, "network");
+    }
+  }
+}
+
+function omitUndefined<T extends object>(o: T): T {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined && v !== null)) as T;
+}

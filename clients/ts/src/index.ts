@@ -1,0 +1,13 @@
+export * from "./schema.js";
+export * from "./errors.js";
+export {
+  Book, applyDelta, applySelectionChange, mergeSelections, normaliseMarket, normaliseSelection,
+  HEADER_FIELDS, SELECTION_FIELDS,
+  type ApplyResult, type BookMarket, type BookSelection, type Delta,
+} from "./book.js";
+export { SseParser, type SseEvent } from "./sse.js";
+export {
+  OddsClient,
+  type ClientEventName, type ClientListener, type ClientStats, type FetchLike, type OddsClientOptions,
+  type OddsFormat, type PriceCheckLeg, type SourceState, type Transport, type WebSocketConstructor, type WebSocketLike,
+} from "./client.js";
