@@ -226,6 +226,33 @@ export interface HeartbeatMessage {
 }
 
 /**
+ * One recorded change: its history stream id, provider time ``at``,
+ * ``received_at`` and the market's ``seq`` after it.
+ */
+export interface HistoryChange {
+  id: string;
+  at: number;
+  received_at: number;
+  seq: number;
+}
+
+/**
+ * A selection's top of book after one change. t: start of its bucket
+ * (ms); at: the change's provider time (ms); seq: the market's seq after it.
+ */
+export interface HistoryPoint {
+  t: number;
+  at: number;
+  seq: number;
+  back_price?: number | null;
+  back_size?: number | null;
+  lay_price?: number | null;
+  lay_size?: number | null;
+  ltp?: number | null;
+  price?: number | null;
+}
+
+/**
  * Market-level fields (everything of a :class:`Market` but its id,
  * source, selections and latency tags). Sent whole in a delta when any
  * changed.
@@ -252,6 +279,24 @@ export interface MarketHeader {
   number_of_winners?: number | null;
   country_code?: string | null;
   venue?: string | null;
+}
+
+/**
+ * Answer of ``GET /v1/markets/{id}/history``. entries: history entries
+ * read; truncated: MAX_SCAN was reached before ``to`` (points end early);
+ * oldest: provider time of the oldest retained entry (None: no history);
+ * retention_ms: the configured window.
+ */
+export interface MarketHistory {
+  market_id: string;
+  from: number;
+  to: number;
+  resolution: number;
+  retention_ms: number;
+  oldest: number | null;
+  entries: number;
+  truncated: boolean;
+  selections: SelectionHistory[];
 }
 
 /**
@@ -360,6 +405,24 @@ export interface Ping {
 export interface PongMessage {
   type: "pong";
   id: number | string | null;
+}
+
+/**
+ * Answer of ``GET /v1/price-at``: the selection's ``side`` at ``ts`` —
+ * ``price`` and ``size`` (size None for ltp/price; price None when the side
+ * was empty) — from ``change``, its last change at or before ``ts``, made
+ * ``age_ms`` = ts − change.at before ``ts``; ``top``: its whole top then.
+ */
+export interface PriceAt {
+  market_id: string;
+  selection_id: string;
+  side: "back" | "lay" | "ltp" | "price";
+  ts: number;
+  price: number | null;
+  size: number | null;
+  age_ms: number;
+  change: HistoryChange;
+  top: HistoryPoint;
 }
 
 /**
@@ -496,6 +559,17 @@ export interface SelectionChange {
   bsp?: number | null;
   price_raw?: string | null;
   outcome?: string | null;
+}
+
+/**
+ * One selection's history: ``start`` (its top at ``from``: the last
+ * change before it, ``t`` = from; None when none is retained or within
+ * reach) and ``points`` (last change per bucket, oldest first).
+ */
+export interface SelectionHistory {
+  selection_id: string;
+  start: HistoryPoint | null;
+  points: HistoryPoint[];
 }
 
 /**
@@ -652,6 +726,14 @@ export const SCHEMA_DEFAULTS = {
     source: null,
     bookmaker: null,
   },
+  HistoryPoint: {
+    back_price: null,
+    back_size: null,
+    lay_price: null,
+    lay_size: null,
+    ltp: null,
+    price: null,
+  },
   MarketHeader: {
     event_id: null,
     bookmaker: null,
@@ -796,4 +878,4 @@ export const SCHEMA_DEFAULTS = {
 } as const;
 
 /** Every schema name of components.schemas. */
-export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventSummary","FilterSpec","Health","HeartbeatMessage","MarketHeader","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","Ping","PongMessage","PriceCheckRequest","PriceCheckResult","Ready","ResumedMessage","Selection","SelectionChange","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","Unsubscribe"] as const;
+export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","ResumedMessage","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","Unsubscribe"] as const;
