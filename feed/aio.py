@@ -9,6 +9,8 @@ stops. These helpers use ``asyncio.timeout``, which tells the two apart.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
@@ -37,3 +39,24 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def listening_socket(host: str, port: int, backlog: int, *, busy: str, error: type[Exception],
+                     what: str = "port") -> socket.socket:
+    """A non-blocking TCP socket listening on ``host:port`` (IPv6 when the host
+    has a ``:``). Raises ``error`` ("<what> <port> on <host> is already in use:
+    <busy>", ``busy`` saying what to do) when the address is in use, or with
+    the OS's reason otherwise."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise error(f"{what} {port} on {host} is already in use: {busy}") from None
+        raise error(f"cannot listen on {host}:{port}{'' if what == 'port' else f' ({what})'}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock

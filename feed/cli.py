@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -355,19 +354,10 @@ async def _restart_when_dead(server: Any, interval_s: float = 1.0) -> None:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket, or UsageError naming the busy/unavailable address."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise UsageError(f"port {port} on {host} is already in use: stop the other process or pick another with --port") from None
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
+    from feed.aio import listening_socket
+
+    return listening_socket(host, port, 2048, error=UsageError,
+                            busy="stop the other process or pick another with --port")
 
 
 async def serve_api(settings: Settings, store: Any, sock: socket.socket) -> None:

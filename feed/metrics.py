@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import weakref
@@ -235,20 +234,10 @@ def make_registry(metrics: IngestMetrics | None = None) -> CollectorRegistry:
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket for the metrics server, or ConfigError naming the busy address."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"metrics port {port} on {host} is already in use: stop the other process or "
-                              "pick another with --metrics-port (0 = off)") from None
-        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
-    sock.listen(64)
-    sock.setblocking(False)
-    return sock
+    from feed.aio import listening_socket
+
+    return listening_socket(host, port, 64, error=ConfigError, what="metrics port",
+                            busy="stop the other process or pick another with --metrics-port (0 = off)")
 
 
 _HEAD_MAX = 16 * 1024
