@@ -418,8 +418,11 @@ async def test_an_expired_session_on_the_stream_logs_in_again_and_resumes(make_s
         resub = sim.subscriptions[-1]
         assert resub.get("initialClk") and resub.get("clk")  # resumed where it was, not a fresh image
         assert not task.done()
-        health = await store.get_health("bf-live")
-        assert health is not None and health.state == "UP"
+
+        async def stored_up() -> bool:  # the health publisher persists it on its next beat (≤ 1 s)
+            health = await store.get_health("bf-live")
+            return health is not None and health.state == "UP"
+        await eventually(stored_up, what="the stored health record UP again")
 
 
 # -- options ----------------------------------------------------------------------------------------
