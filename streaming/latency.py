@@ -11,12 +11,16 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
-__all__ = ["BUCKETS_S", "HOPS", "Histogram"]
+__all__ = ["BUCKETS_S", "HOPS", "Histogram", "PRICE_CHECK_BUCKETS_S"]
 
 #: Latency buckets, seconds (1 ms … 30 s).
 BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 HOPS = ("provider_to_received", "received_to_stored", "stored_to_read", "queued_to_sent")
+
+#: Price-check handling buckets, seconds (0.1 ms … 1 s): a check takes well under a millisecond.
+PRICE_CHECK_BUCKETS_S: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                            0.1, 0.25, 1.0)
 
 
 class Histogram:

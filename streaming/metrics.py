@@ -28,6 +28,9 @@ Families (all times in seconds)::
     oddsfeed_reader_checks_total{partition}      counter  epoch / oldest-id checks (on a timer or when a read looks off)
     oddsfeed_reader_reloads_total                counter  state reloads from Redis
     oddsfeed_markets                             gauge    markets held by the node
+    oddsfeed_markets_stale                       gauge    markets served as stale now
+    oddsfeed_price_checks_total{reason}          counter  price checks answered (a batch counts each leg)
+    oddsfeed_price_check_seconds                 histogram handling per request (body read → answer sent)
     oddsfeed_ready                               gauge    1 when /ready says ready
     oddsfeed_hop_latency_seconds{hop}            histogram per delta, once per node:
         provider_to_received (received_at − source_ts), received_to_stored (stored_at − received_at),
@@ -46,6 +49,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from streaming.state import now_ms
 from streaming.transport import FRAMINGS
 from streaming.latency import BUCKETS_S, HOPS, Histogram
 
@@ -119,6 +123,20 @@ class NodeCollector(Collector):
         yield checks
         yield CounterMetricFamily("oddsfeed_reader_reloads", "State reloads from Redis", value=float(node.reloads))
         yield GaugeMetricFamily("oddsfeed_markets", "Markets held by the node", value=float(len(node.state.markets)))
+        st = node.state
+        now = now_ms()
+        stale = sum(1 for m in list(st.markets.values()) if st.age_stale(m, now)[1])
+        yield GaugeMetricFamily("oddsfeed_markets_stale", "Markets the node serves as stale now", value=float(stale))
+        pc = CounterMetricFamily("oddsfeed_price_checks", "Price checks answered, by reason (a batch counts each leg)",
+                                 labels=["reason"])
+        for reason, n in sorted(node.price_checks.items()):
+            pc.add_metric([reason], float(n))
+        yield pc
+        hist = node.price_check_latency
+        ph = HistogramMetricFamily("oddsfeed_price_check_seconds",
+                                   "Price-check handling per request, from its body read to its answer sent")
+        ph.add_metric([], hist.buckets(), hist.sum)
+        yield ph
         yield GaugeMetricFamily("oddsfeed_ready", "1 when /ready says ready", value=1.0 if node.readiness()[0] else 0.0)
         h = HistogramMetricFamily("oddsfeed_hop_latency_seconds", "Latency per hop", labels=["hop"])
         for hop, hist in node.hops.items():

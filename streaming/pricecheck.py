@@ -76,6 +76,7 @@ an answer.
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 from collections.abc import Generator
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -586,14 +587,20 @@ class PriceCheckEndpoint:
         if bad is not None:
             await bad(scope, receive, send)
             return
+        t0 = time.perf_counter()
+        counts = node.price_checks
         if self.batch:
             result = check_batch(node.state, legs, now_ms(), feed_problem=_feed_problem(node))
+            for leg in result.legs:
+                counts[leg.reason] = counts.get(leg.reason, 0) + 1
         else:
             result = check(node.state, legs[0], now_ms(), feed_problem=_feed_problem(node))
+            counts[result.reason] = counts.get(result.reason, 0) + 1
         answer = _ENCODER.encode(result)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [_CACHE_CONTROL, (b"content-length", b"%d" % len(answer)), _CONTENT_TYPE]})
         await send({"type": "http.response.body", "body": answer})
+        node.price_check_latency.observe(time.perf_counter() - t0)
 
 
 def routes() -> list[BaseRoute]:

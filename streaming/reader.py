@@ -57,7 +57,7 @@ from feed.store import LogCheck, Store
 from streaming.aggregate import FAIR_METHODS
 from streaming.encoding import parse_stream_id
 from streaming.hub import Hub
-from streaming.latency import HOPS, Histogram
+from streaming.latency import HOPS, PRICE_CHECK_BUCKETS_S, Histogram
 from streaming.state import NodeOptions, NodeState, now_ms
 
 __all__ = ["Node", "PartitionReader"]
@@ -305,6 +305,10 @@ class Node:
         #: per-hop latency histograms (seconds), see streaming.metrics
         self.hops: dict[str, Histogram] = {hop: Histogram() for hop in HOPS}
         self.hub.on_send_delay = self.hops["queued_to_sent"].observe
+        #: price checks answered: reason → count (a batch counts each leg), and how long each request's
+        #: handling took once its body was read (seconds), see streaming.pricecheck / streaming.metrics
+        self.price_checks: dict[str, int] = {}
+        self.price_check_latency = Histogram(PRICE_CHECK_BUCKETS_S)
 
     # -- lifecycle ------------------------------------------------------------
 

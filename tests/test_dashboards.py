@@ -692,10 +692,10 @@ def test_alert_rules_file_is_well_formed() -> None:
             assert {"summary", "description", "runbook"} <= ann.keys() and all(ann[k].strip() for k in ann), r
             for text in list(ann.values()) + list(r["labels"].values()):
                 check_templates(text)
-    # what issue 12 item 7 asks for (the stale-share rule waits for a metric: see placeholder_panels)
+    # what issue 12 item 7 asks for: source DOWN, lag p99, ingest gone, reader lag, stale share
     by_metric = {name: " ".join(r["expr"] for r in alert_rules() if name in r["expr"])
                  for name in ("oddsfeed_ingest_source_state", "histogram_quantile", "up{job=\"oddsfeed-ingest\"}",
-                              "oddsfeed_reader_lag_seconds")}
+                              "oddsfeed_reader_lag_seconds", "oddsfeed_markets_stale")}
     assert all(by_metric.values()), by_metric
     assert 'state="DOWN"' in by_metric["oddsfeed_ingest_source_state"]
 
@@ -742,8 +742,9 @@ def test_dashboard_json_model() -> None:
                  "oddsfeed_slow_consumer_total", "oddsfeed_ingest_messages_total", "oddsfeed_ingest_rejected_total"):
         assert what in everything, f"no panel queries {what}"
     assert "histogram_quantile(0.5," in everything and "histogram_quantile(0.99," in everything
-    assert {p["title"] for p in placeholder_panels()} == {"Stale markets", "Price-check latency",
-                                                          "Price-check answers by reason"}
+    for what in ("oddsfeed_markets_stale", "oddsfeed_price_check_seconds_bucket", "oddsfeed_price_checks_total"):
+        assert what in everything, f"no panel queries {what}"
+    assert placeholder_panels() == []  # every panel queries a metric the processes export
 
 
 def _compose() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -872,6 +873,9 @@ async def test_every_queried_metric_exists_on_the_process_it_is_scraped_from(
                     try:
                         if not rejected:
                             rejected.append(await _post_bad_delivery(c, hook_port, secret))
+                        # one price check, so the answers-by-reason counter has a series
+                        await c.post(f"{base}/v1/price-check", json={"market_id": "none", "selection_id": "1",
+                                                                      "side": "back", "price": 2.0})
                         ingest = Exposition((await c.get(f"http://127.0.0.1:{port}/metrics")).text)
                     except httpx.HTTPError:
                         return None
@@ -883,7 +887,8 @@ async def test_every_queried_metric_exists_on_the_process_it_is_scraped_from(
                         and all(_value(api, "oddsfeed_hop_latency_seconds_count", hop=h) > 0
                                 for h in ("provider_to_received", "received_to_stored", "stored_to_read",
                                           "queued_to_sent"))
-                        and _value(api, "oddsfeed_connections", transport="sse") >= 1)
+                        and _value(api, "oddsfeed_connections", transport="sse") >= 1
+                        and _value(api, "oddsfeed_price_checks_total", reason="UNKNOWN_MARKET") >= 1)
                     return {"oddsfeed-api": api, "oddsfeed-ingest": ingest} if flowing else None
 
                 async def read_deltas() -> None:

@@ -65,3 +65,31 @@ async def test_metrics_follow_activity(store: Store, redis_url: str) -> None:
             assert ("oddsfeed_outbox_bytes", ()) in m
         r = await c.get("/ready")
         assert r.json()["partitions"][0]["lag_ms"] >= 0
+
+
+async def test_price_checks_and_stale_markets_are_counted(store: Store, redis_url: str) -> None:
+    from feed.settings import Settings
+    from streaming_helpers import now_ms
+
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"))
+    old = feed.image("m3")
+    old.received_at = old.source_ts = now_ms() - 600_000  # 10 min old, pre-match threshold 60 s: stale
+    await feed.write(old)
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=60_000))
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        for body in ({"market_id": "m1", "selection_id": "1", "side": "back", "price": 2.0},
+                     {"market_id": "m1", "selection_id": "1", "side": "back", "price": 900.0},
+                     {"market_id": "nope", "selection_id": "1", "side": "back", "price": 2.0}):
+            assert (await c.post("/v1/price-check", json=body)).status_code == 200
+        legs = [{"market_id": "m2", "selection_id": "1", "side": "back", "price": 2.0}] * 2
+        assert (await c.post("/v1/price-check/batch", json={"legs": legs})).status_code == 200
+        fams = {f.name: f for f in text_string_to_metric_families((await c.get("/metrics")).text)}
+        reasons = {s.labels["reason"]: s.value for s in fams["oddsfeed_price_checks"].samples
+                   if s.name.endswith("_total")}
+        assert reasons.get("OK", 0) >= 3 and reasons.get("PRICE_CHANGED") == 1 and reasons.get("UNKNOWN_MARKET") == 1
+        count = [s.value for s in fams["oddsfeed_price_check_seconds"].samples if s.name.endswith("_count")]
+        assert count == [4.0]  # requests, not legs
+        stale = [s.value for s in fams["oddsfeed_markets_stale"].samples]
+        held = [s.value for s in fams["oddsfeed_markets"].samples]
+        assert stale == [1.0] and held == [3.0]
