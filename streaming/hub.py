@@ -511,10 +511,17 @@ class Connection:
         if task is not None:
             task.uncancel()
         if self.deadline_missed:
-            logger.warning("%s %s: write missed the %.1f s deadline; dropping the client", self.framing.name, self.label,
-                           timeout_s)
-            self.close(1008, "send deadline", error_message(
-                "send_deadline", f"a write to this {what} took longer than {timeout_s:g} s"))
+            self.close_missed_deadline(what, timeout_s)
+
+    def close_missed_deadline(self, what: str, timeout_s: float) -> None:
+        """A write to this client has been blocked longer than ``timeout_s``: close
+        with 1008 and an ``error`` {code ``send_deadline``} (``what``: "stream", "connection")."""
+        self.deadline_missed = True
+        self.hub.deadlines_missed += 1
+        logger.warning("%s %s: write missed the %.1f s deadline; dropping the client", self.framing.name, self.label,
+                       timeout_s)
+        self.close(1008, "send deadline", error_message(
+            "send_deadline", f"a write to this {what} took longer than {timeout_s:g} s"))
 
     def close(self, code: int = 1000, reason: str = "", error: Message | None = None) -> None:
         """Stop queuing; the writer flushes what is queued (after ``error``,
@@ -730,13 +737,7 @@ class Hub:
         conn, gen = arg
         if not conn.paused or conn.pause_gen != gen or conn.finished or conn.interrupted:
             return
-        conn.deadline_missed = True
-        self.deadlines_missed += 1
-        logger.warning("%s %s: write missed the %.1f s deadline; dropping the client", conn.framing.name, conn.label,
-                       self.send_timeout_s)
-        conn.close(1008, "send deadline", error_message(
-            "send_deadline", f"a write to this {'stream' if not conn.framing.acks else 'connection'} took longer "
-            f"than {self.send_timeout_s:g} s"))
+        conn.close_missed_deadline("connection" if conn.framing.acks else "stream", self.send_timeout_s)
         interrupt(conn)
 
     def close_all(self, reason: str = "server shutting down") -> None:

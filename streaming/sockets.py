@@ -780,16 +780,10 @@ class WebSocketStream(asyncio.Protocol):
         t = self.transport
         if t.is_closing():
             return
-        eof = False
-        data = []
-        for d in out:
-            if d is SEND_EOF or d == SEND_EOF:
-                eof = True
-            else:
-                data.append(d)
+        data = [d for d in out if d != SEND_EOF]  # SEND_EOF (b""): websockets asks for the end of the stream
         if data:
             t.writelines(data)
-        if eof:
+        if len(data) < len(out):
             self._close_tcp()
 
     def _close_tcp(self) -> None:

@@ -91,12 +91,3 @@ class TimerWheel:
                 except Exception:  # one bad callback must not stop the others
                     logger.exception("timer callback %r failed", fn)
         self._arm(loop)
-
-    def close(self) -> None:
-        """Drop every timer (shutdown)."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._slots.clear()
-        self._ticks.clear()
-        self.pending = 0
