@@ -121,6 +121,17 @@ def _kinds_help() -> str:
     return "; ".join(f"{k.kind} ({k.protocol.split(' ([')[0]})" for k in REGISTRY.values())
 
 
+def _tenants_file(value: str) -> str:
+    """A tenants file that parses and validates (:func:`streaming.tenants.load_tenants_file`)."""
+    from streaming.tenants import load_tenants_file
+
+    try:
+        load_tenants_file(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _log_format(value: str) -> str:
     if value not in ("text", "json"):
         raise argparse.ArgumentTypeError(f"--log-format is text or json, not {value!r}")
@@ -190,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group("api")
         g.add_argument("--host", help="API bind address (default 127.0.0.1)")
         g.add_argument("--port", type=_port, help="API port (default 8000)")
+        g.add_argument("--tenants", type=_tenants_file, metavar="FILE", default=os.environ.get("ODDSFEED_TENANTS_FILE"),
+                       help="tenants (TOML): API keys / JWT subjects, scopes, what each may see, limits; "
+                            "re-read when it changes (env ODDSFEED_TENANTS_FILE; see README 'Tenants')")
 
     def source_opts(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("source")
@@ -280,6 +294,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         port=getattr(args, "port", None),
         record_dir=getattr(args, "out", None) or getattr(args, "record", None),
         mappings=getattr(args, "mappings", None),
+        tenants_file=getattr(args, "tenants", None),
     )
 
 

@@ -31,7 +31,10 @@ from :class:`OddsfeedError`::
      │    └── EsaError                  the Betfair ESA server answered FAILURE     [feed.sources.esa_protocol]
      │         └── EsaFatalError ‡      … with a code no retry can fix              [feed.sources.esa_protocol]
      ├── AuthError                      a credential was refused: an API client's key or JWT
-     │                                  (raised by streaming.auth) or, as SourceAuthError, ours
+     │    │                             (raised by streaming.auth) or, as SourceAuthError, ours
+     │    └── ForbiddenError            a valid credential asked for what its tenant may not
+     │                                  do or see (HTTP 403)                         [streaming.tenants]
+     ├── LimitError                     a tenant limit was reached (HTTP 429); ``retry_after_s``  [streaming.tenants]
      ├── FilterError *                  a stream / REST query value the client must fix  [streaming.state]
      ├── StreamError                    the API refused an OddsClient stream        [streaming.client]
      └── PriceCheckError                a price check the API did not answer        [streaming.client]

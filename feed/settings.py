@@ -53,6 +53,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     "horse_racing:pre_match=120000" (comma-separated in the environment), ms."""
     jwt_secrets: tuple[str, ...] = ()
     """HS256 secrets accepted for JWTs on /v1 (empty = no JWT; several = key rotation)."""
+    tenants_file: str | None = None
+    """TOML file of tenants: each one's API keys and JWT subjects, scopes, the sports / sources /
+    bookmakers it may see and its limits (:mod:`streaming.tenants`); re-read within a second of a
+    change (None = every accepted credential may do and see everything, without limits)."""
     jwt_audience: str | None = None
     """Required JWT ``aud`` (None = not checked)."""
     jwt_issuer: str | None = None

@@ -390,10 +390,12 @@ def event_facts(state: NodeState, canonical_id: str, markets: Sequence[Market]) 
 
 
 def event_view(state: NodeState, canonical_id: str, now: int, *, method: str = "multiplicative",
-               keys: set[str] | None = None) -> EventView | None:
-    """The aggregated view of ``canonical_id`` (None when no market of it is held)."""
+               keys: set[str] | None = None, visible: Callable[[Market], bool] | None = None) -> EventView | None:
+    """The aggregated view of ``canonical_id`` (None when no market of it is held); ``visible``:
+    only the markets it passes (a tenant's books, :mod:`streaming.tenants`)."""
     ids = state.by_canonical.get(canonical_id)
-    markets = [m for mid in sorted(ids) if (m := state.markets.get(mid)) is not None] if ids else []
+    markets = [m for mid in sorted(ids) if (m := state.markets.get(mid)) is not None
+               and (visible is None or visible(m))] if ids else []
     if not markets:
         return None
     summary = state.canon.get(canonical_id)

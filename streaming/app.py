@@ -16,8 +16,10 @@ Routes: ``/v1/stream`` (SSE, :mod:`streaming.sse`), ``/v1/ws``
 ``/v1/events/{id}``, ``/v1/sports``, ``/v1/sources``, ``/health``, ``/ready``
 (:mod:`streaming.rest`), and ``/`` (the static board in ``streaming/web``)
 when it exists, and ``/metrics`` (:mod:`streaming.metrics`). With
-``settings.api_keys`` or ``settings.jwt_secrets`` set, ``/v1/*`` needs a
-credential (:mod:`streaming.auth`).
+``settings.api_keys``, ``settings.jwt_secrets`` or ``settings.tenants_file``
+set, ``/v1/*`` needs a credential (:mod:`streaming.auth`), and what it may
+do and see, and its limits, come from the tenants file
+(:mod:`streaming.tenants`, watched for changes by the lifespan).
 
 :class:`StreamingServer` also installs the connection guards of
 :mod:`streaming.server` (request-header deadline, per-IP cap, TCP
@@ -26,6 +28,7 @@ keepalive, coalesced WebSocket writes) and the WebSocket ping settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,6 +51,7 @@ from streaming.reader import Node
 from streaming.server import Guard, install
 from streaming.sse import stream
 from streaming.state import NodeOptions, parse_stale_by_sport
+from streaming.tenants import Tenants
 from streaming.tracing import TraceMiddleware
 from streaming.ws import websocket_endpoint
 
@@ -78,6 +82,10 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
         parse_stale_by_sport(settings.stale_after_ms_by_sport)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    tenants = Tenants(settings.tenants_file)  # raises ConfigError for a bad file
+    if settings.tenants_file and not (tenants.has_keys or settings.api_keys or settings.jwt_secrets):
+        raise ConfigError(f"tenants file {settings.tenants_file} lists no API key and no JWT secret is set "
+                          "(ODDSFEED_API_KEYS / ODDSFEED_JWT_SECRETS): no request could be accepted")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
@@ -97,10 +105,15 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
                 await s.close()
             raise
         app.state.node = node
+        node.tenants = tenants
         app.state.metrics_registry = make_registry(node)
+        watcher = asyncio.create_task(tenants.watch(), name="tenants-file") if tenants.path else None
         try:
             yield {"node": node}
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await node.stop()
 
     routes: list[BaseRoute] = [
@@ -114,8 +127,8 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
     ]
     if (WEB_DIR / "index.html").is_file():
         routes.append(Mount("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web"))
-    auth = bool(settings.api_keys or settings.jwt_secrets)
-    middleware = [Middleware(AuthMiddleware, settings=settings)] if auth else []
+    auth = bool(settings.api_keys or settings.jwt_secrets or settings.tenants_file)
+    middleware = [Middleware(AuthMiddleware, settings=settings, tenants=tenants)] if auth else []
     middleware.insert(0, Middleware(TraceMiddleware))  # outermost: X-Trace-Id / Deprecation on every answer (streaming.tracing)
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.settings = settings

@@ -7,7 +7,7 @@ Off when ``settings.api_keys`` and ``settings.jwt_secrets`` are both empty
 A credential is read from ``X-API-Key``, ``Authorization: Bearer <value>``,
 or the query (``?api_key=`` / ``?access_token=``, for browsers' EventSource
 which cannot set headers); at most :data:`MAX_CREDENTIAL_CHARS` characters.
-It is accepted when it equals one of the API keys (``hmac.compare_digest``)
+It is accepted when it equals one of the API keys (their SHA-256 digests are compared)
 or is a JWT that PyJWT (``jwt.decode``, the only JWT code: there is no
 hand-written fallback) verifies with these rules:
 
@@ -34,13 +34,20 @@ echoing the credential); WebSocket: a close with 1008 before the upgrade,
 which uvicorn turns into a refused handshake (HTTP 403). No token, however
 malformed, causes a 500. Credentials are never logged.
 
+Tenants (:mod:`streaming.tenants`): a credential that passes is given a
+:class:`~streaming.tenants.Grant` — what its tenant may do (scopes ``read``,
+``stream``, ``price_check``), see, and its limits — put in the ASGI scope
+for the endpoints (:func:`streaming.tenants.grant_of`). API keys may also be
+listed in the tenants file; a request outside its scopes gets ``403
+{"error":"forbidden",…}`` (a WebSocket: a refused handshake with that body).
+
 Secrets shorter than 32 bytes (RFC 7518 §3.2's minimum for HS256) are
 accepted with one warning at startup (PyJWT's per-call warning is muted).
 """
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import json
 import logging
 import warnings
@@ -53,6 +60,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from feed.errors import AuthError
 from feed.settings import Settings
+from streaming.tenants import SCOPE_KEY, ForbiddenError, Grant, Tenants
 
 __all__ = ["AuthError", "AuthMiddleware", "LEEWAY_S", "MAX_CREDENTIAL_CHARS", "verify_jwt"]
 
@@ -138,9 +146,12 @@ def verify_jwt(token: str, secrets: tuple[str, ...], *, audience: str | None = N
 class AuthMiddleware:
     """Require an API key or a JWT on ``/v1/*`` (HTTP → 401 JSON, WebSocket → close 1008 before the upgrade)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, tenants: Tenants | None = None) -> None:
         self.app = app
-        self.keys = [k.encode() for k in settings.api_keys]
+        #: SHA-256 of each ODDSFEED_API_KEYS key (a dict lookup of the digest: no per-key loop,
+        #: and no timing signal about the key's bytes)
+        self.keys = {hashlib.sha256(k.encode()).digest() for k in settings.api_keys}
+        self.tenants = tenants if tenants is not None else Tenants(None)
         self.secrets = tuple(settings.jwt_secrets)
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer
@@ -158,38 +169,72 @@ class AuthMiddleware:
         q = QueryParams(scope.get("query_string", b"").decode("latin-1"))
         return q.get("api_key") or q.get("access_token") or None
 
-    def check(self, scope: Scope) -> None:
-        """Raises AuthError when the request may not pass."""
+    def check(self, scope: Scope) -> Grant:
+        """The request's grant; raises AuthError when its credential is refused (ForbiddenError,
+        an AuthError, is raised by the caller when the grant lacks the path's scope)."""
         cred = self._credential(scope)
         if not cred:
             raise AuthError("send an API key (X-API-Key, Authorization: Bearer, ?api_key=) or a JWT "
                             "(Authorization: Bearer, ?access_token=)")
         if len(cred) > MAX_CREDENTIAL_CHARS:
             raise AuthError(f"credential longer than {MAX_CREDENTIAL_CHARS} characters")
-        raw = cred.encode("latin-1", "replace")
-        if any(hmac.compare_digest(raw, k) for k in self.keys):
-            return
+        digest = hashlib.sha256(cred.encode("latin-1", "replace")).digest()
+        grant = self.tenants.for_key(digest)
+        if grant is not None:
+            return grant
+        if digest in self.keys:
+            return self.tenants.for_unnamed_key(digest)
         if self.secrets and cred.count(".") == 2:
-            verify_jwt(cred, self.secrets, audience=self.audience, issuer=self.issuer)
-            return
-        raise AuthError("unknown API key" if self.keys else "invalid token: not a JWT")
+            claims = verify_jwt(cred, self.secrets, audience=self.audience, issuer=self.issuer)
+            return self.tenants.for_jwt(claims)
+        raise AuthError("unknown API key" if self.keys or self.tenants.has_keys else "invalid token: not a JWT")
+
+    @staticmethod
+    def permission(path: str) -> str:
+        """The scope a ``/v1`` path needs (see :data:`streaming.tenants.PERMISSIONS`)."""
+        if path in ("/v1/stream", "/v1/ws"):
+            return "stream"
+        if path.startswith("/v1/price-check"):
+            return "price_check"
+        return "read"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and scope["path"].startswith("/v1/"):
             try:
-                self.check(scope)
+                grant = self.check(scope)
+                grant.require(self.permission(scope["path"]))
             except AuthError as exc:
+                status = 403 if isinstance(exc, ForbiddenError) else 401
                 client = scope.get("client")
-                logger.info("401 %s %s from %s: %s", scope.get("method", "WS"), scope["path"],
+                logger.info("%d %s %s from %s: %s", status, scope.get("method", "WS"), scope["path"],
                             client[0] if client else "?", exc)  # the reason, never the credential
                 if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
+                    if status == 403:
+                        await deny_websocket(scope, send, 403, "forbidden", str(exc))
+                    else:
+                        await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
                     return
-                body = json.dumps({"error": "unauthorized", "message": str(exc)}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", b'Bearer realm="oddsfeed"')]})
+                body = json.dumps({"error": "unauthorized" if status == 401 else "forbidden",
+                                   "message": str(exc)}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                if status == 401:
+                    headers.append((b"www-authenticate", b'Bearer realm="oddsfeed"'))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
+            scope[SCOPE_KEY] = grant
         await self.app(scope, receive, send)
+
+
+async def deny_websocket(scope: Scope, send: Send, status: int, code: str, message: str,
+                         headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Refuse a WebSocket handshake with an HTTP ``status`` and ``{"error": code, "message":
+    message}`` when the server offers the ASGI ``websocket.http.response`` extension (ours and
+    uvicorn's do), else with close 1008 (the server answers 403)."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        body = json.dumps({"error": code, "message": message}).encode()
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})

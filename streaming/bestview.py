@@ -19,7 +19,9 @@ best price; the ``status`` machinery notices staleness without a delta and
 calls :meth:`BestView.refresh`). Price moves that leave best and fair as
 they were send nothing. ``event`` filters take canonical ids; ``sport``,
 ``competition``, ``in_play`` and ``market_type`` apply as on the delta
-stream. No resume token: a reconnecting subscriber gets a new snapshot.
+stream; ``source`` and ``bookmaker`` choose the books aggregated (as
+``/v1/events?view=best`` does; a tenant's filter is narrowed to its books,
+:mod:`streaming.tenants`). No resume token: a reconnecting subscriber gets a new snapshot.
 """
 
 from __future__ import annotations
@@ -142,25 +144,31 @@ class BestView:
 
     def _send(self, events: Iterable[str]) -> None:
         now = now_ms()
-        views: dict[str, list[_BestMarket]] = {}
+        views: dict[tuple[str, frozenset[str] | None, frozenset[str] | None], list[_BestMarket]] = {}
         for sub in list(self.subs):
             if sub.conn.closed:
                 continue
+            f = sub.filter
             for cid in sorted(events):
-                if not self._wants(sub.filter, cid):
+                if not self._wants(f, cid):
                     continue
-                if cid not in views:
-                    views[cid] = self._views(cid, now)
-                body = self._event_body(sub, cid, now, only_changed=True, views=views[cid])
+                key = (cid, f.source, f.bookmaker)
+                if key not in views:
+                    views[key] = self._views(cid, now, f)
+                body = self._event_body(sub, cid, now, only_changed=True, views=views[key])
                 if body is not None:
                     sub.conn.send(Message(b"best", _ENCODER.encode({"type": "best", **body, "as_of": now})), sub)
                     self.messages += 1
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _views(self, cid: str, now: int) -> list[_BestMarket]:
+    def _views(self, cid: str, now: int, f: Filter) -> list[_BestMarket]:
+        """The event's aggregated markets over the books ``f`` takes (its ``source`` /
+        ``bookmaker``, as ``/v1/events?view=best``; a tenant's filter is narrowed to its books)."""
         st = self.state
-        markets = [m for mid in sorted(st.by_canonical.get(cid, ())) if (m := st.markets.get(mid)) is not None]
+        markets = [m for mid in sorted(st.by_canonical.get(cid, ())) if (m := st.markets.get(mid)) is not None
+                   and (f.source is None or m.source in f.source)
+                   and (f.bookmaker is None or m.bookmaker in f.bookmaker)]
         return [_slim(v) for v in market_views(st, markets, now, method=self.fair_method)]
 
     def _events_of(self, f: Filter) -> set[str]:
@@ -190,7 +198,7 @@ class BestView:
                     views: list[_BestMarket] | None = None) -> dict[str, object] | None:
         st = self.state
         if views is None:
-            views = self._views(cid, now)
+            views = self._views(cid, now, sub.filter)
         types = sub.filter.market_type
         sent = self._sent.setdefault(sub, {})
         out = []

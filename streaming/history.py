@@ -37,9 +37,11 @@ from starlette.routing import BaseRoute, Route
 
 from feed.errors import StoreError
 from feed.history import Top, decode_tops
+from feed.models import Market
 from feed.settings import Settings
 from streaming.responses import json_error, json_response, node_of
 from streaming.state import FilterError, now_ms
+from streaming.tenants import grant_of
 
 __all__ = ["HistoryChange", "HistoryPoint", "MarketHistory", "PriceAt", "SelectionHistory", "routes"]
 
@@ -156,6 +158,16 @@ def _retention(request: Request) -> int:
     return settings.history_retention_ms if settings is not None else 0
 
 
+def _may_see(request: Request, m: Market | None) -> bool:
+    """Whether the request's tenant may see the history of market ``m`` (None: not held by
+    this node — then only a credential that sees every market may ask, since what the market
+    was cannot be checked)."""
+    grant = grant_of(request)
+    if not grant.restricted:
+        return True
+    return m is not None and grant.visible(m)
+
+
 async def market_history(request: Request) -> Response:
     market_id: str = request.path_params["market_id"]
     q = request.query_params
@@ -177,7 +189,10 @@ async def market_history(request: Request) -> Response:
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
     store = node_of(request).store
-    known = market_id in node_of(request).state.markets
+    held = node_of(request).state.markets.get(market_id)
+    known = held is not None
+    if not _may_see(request, held):
+        return json_error(404, "unknown_market", f"no market {market_id!r} on this feed")
     try:
         oldest_rows = await store.history_range(market_id, "-", "+", count=1)
         if not oldest_rows and not known:
@@ -237,6 +252,8 @@ async def price_at(request: Request) -> Response:
         assert ts is not None
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
+    if not _may_see(request, node_of(request).state.markets.get(market_id)):
+        return json_error(404, "no_price", f"no price history of market {market_id!r}")
     store = node_of(request).store
     hi = str(ts)
     scanned = 0

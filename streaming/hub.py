@@ -74,7 +74,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -89,6 +89,9 @@ from streaming.encoding import (
 from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms
 from streaming.timers import TimerWheel
 from streaming.transport import FRAMINGS, WS_FRAMES, Framing, Sink, framing_of
+
+if TYPE_CHECKING:
+    from streaming.tenants import Principal
 
 __all__ = ["ADMIT_PER_TURN", "Admission", "Connection", "Hub", "ReplayBlock", "SharedReplay", "Subscription",
            "SLOW_CONSUMER_CODE"]
@@ -313,11 +316,13 @@ class Connection:
                  "outbox_bytes", "control_bytes", "wakeup", "drained", "closed", "close_code", "close_reason",
                  "_next_sub", "sent_frames", "sent_bytes", "resync_pending", "snapshot_in_flight",
                  "queued_at", "writer", "in_send", "interrupted", "send_started", "deadline_missed",
-                 "sink", "ready", "paused", "pause_gen", "finished", "__weakref__")
+                 "sink", "ready", "paused", "pause_gen", "finished", "principal", "__weakref__")
 
     def __init__(self, hub: "Hub", framing: Framing, *, heartbeat_ms: int, max_bytes: int, label: str = "",
-                 ip: str | None = None, sink: "Sink | None" = None) -> None:
+                 ip: str | None = None, sink: "Sink | None" = None, principal: "Principal | None" = None) -> None:
         self.hub = hub
+        #: the tenant whose limits this connection and its subscriptions count against (None: no limits)
+        self.principal = principal
         self.framing = framing
         self.label = label
         self.ip = ip
@@ -640,23 +645,28 @@ class Hub:
     # -- connections ----------------------------------------------------------
 
     def connect(self, framing: Framing | str, *, heartbeat_ms: int, label: str = "", ws_raw: bool = False,
-                ip: str | None = None, sink: Sink | None = None) -> Connection:
+                ip: str | None = None, sink: Sink | None = None, principal: "Principal | None" = None) -> Connection:
         """A new connection framed by ``framing`` (or a transport name's
         default framing, see :func:`streaming.transport.framing_of`),
         registered for heartbeats every ``heartbeat_ms``.
 
         sink: the socket the hub writes to directly (:class:`streaming.transport.Sink`:
         no writer task; :meth:`flush` writes each ready connection once per
-        loop turn); None: the transport runs :func:`streaming.transport.write_loop`."""
+        loop turn); None: the transport runs :func:`streaming.transport.write_loop`.
+        principal: the tenant it counts against (:mod:`streaming.tenants`; the caller
+        checked its limits), released by :meth:`disconnect`."""
         framing = framing_of(framing, ws_raw)
         kind = framing.name
         conn = Connection(self, framing, heartbeat_ms=heartbeat_ms, max_bytes=self.outbox_max_bytes, label=label,
-                          ip=ip, sink=sink)
+                          ip=ip, sink=sink, principal=principal)
         if self.closing:
             conn.closed = True
             conn.close_code, conn.close_reason = 1001, "server shutting down"
             return conn
         self.connections.add(conn)
+        if principal is not None:
+            principal.connections += 1
+            principal.conns.add(conn)
         self.connects[kind] = self.connects.get(kind, 0) + 1
         if sink is None and (self._watchdog is None or self._watchdog.done()):
             self._watchdog = asyncio.get_running_loop().create_task(self._deadline_loop(), name="send-deadlines")
@@ -676,6 +686,10 @@ class Hub:
         for sub in list(conn.subs.values()):
             self._remove(sub)
         conn.subs.clear()
+        p = conn.principal
+        if p is not None:
+            p.connections -= 1
+            p.conns.discard(conn)
         bucket = self._buckets.get(conn.heartbeat_ms)
         if bucket is not None:
             bucket.discard(conn)
@@ -804,6 +818,9 @@ class Hub:
         self._wild.discard(g)
 
     def _remove(self, sub: Subscription) -> None:
+        p = sub.conn.principal
+        if p is not None:
+            p.subscriptions -= 1
         if sub.view is not None:
             self.best.discard(sub)
             self.subscriptions -= 1
@@ -839,6 +856,8 @@ class Hub:
             return sub
         conn.subs[sub.id] = sub
         self.subscriptions += 1
+        if conn.principal is not None:
+            conn.principal.subscriptions += 1
         if view is not None:
             if conn.framing.acks:
                 conn.send(ack_message(ack_id, sub.id))

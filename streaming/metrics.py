@@ -32,6 +32,10 @@ Families (all times in seconds)::
     oddsfeed_price_checks_total{reason}          counter  price checks answered (a batch counts each leg)
     oddsfeed_price_check_seconds                 histogram handling per request (body read → answer sent)
     oddsfeed_ready                               gauge    1 when /ready says ready
+    oddsfeed_tenant_limited_total{tenant,limit}  counter  refusals by a tenant limit: connections |
+                                                          subscriptions | price_checks (streaming.tenants)
+    oddsfeed_tenant_connections{tenant}          gauge    open streams per tenant ("default": unnamed keys/subjects)
+    oddsfeed_tenants_reloads_total{result}       counter  tenants file reloads: ok | error (old file kept)
     oddsfeed_hop_latency_seconds{hop}            histogram per delta, once per node:
         provider_to_received (received_at − source_ts), received_to_stored (stored_at − received_at),
         stored_to_read (node read − stored_at); per connection write: queued_to_sent (first frame
@@ -138,6 +142,24 @@ class NodeCollector(Collector):
         ph.add_metric([], hist.buckets(), hist.sum)
         yield ph
         yield GaugeMetricFamily("oddsfeed_ready", "1 when /ready says ready", value=1.0 if node.readiness()[0] else 0.0)
+        tenants = node.tenants
+        limited = CounterMetricFamily("oddsfeed_tenant_limited", "Requests refused by a tenant limit",
+                                      labels=["tenant", "limit"])
+        streams = GaugeMetricFamily("oddsfeed_tenant_connections", "Open streams per tenant", labels=["tenant"])
+        reloads = CounterMetricFamily("oddsfeed_tenants_reloads", "Tenants file reloads by result", labels=["result"])
+        if tenants is not None:
+            for (tenant, limit), n in sorted(tenants.limited.items()):
+                limited.add_metric([tenant, limit], float(n))
+            open_by: dict[str, int] = {}
+            for p in list(tenants.principals.values()):
+                open_by[p.tenant] = open_by.get(p.tenant, 0) + p.connections
+            for tenant, n in sorted(open_by.items()):
+                streams.add_metric([tenant], float(n))
+            for result, n in sorted(tenants.reloads.items()):
+                reloads.add_metric([result], float(n))
+        yield limited
+        yield streams
+        yield reloads
         h = HistogramMetricFamily("oddsfeed_hop_latency_seconds", "Latency per hop", labels=["hop"])
         for hop, hist in node.hops.items():
             h.add_metric([hop], hist.buckets(), hist.sum)

@@ -37,8 +37,10 @@ Shapes (``<market>`` = :class:`MarketWithAge`: the Market JSON of
 Auth: ``components.securitySchemes`` always declares the credentials of
 :mod:`streaming.auth` (``X-API-Key``, ``Authorization: Bearer`` — API key or
 HS256 JWT —, ``?api_key=``, ``?access_token=``). With ``auth=True`` (keys or
-JWT secrets configured) every ``/v1/*`` operation requires one of them and
-documents the 401; otherwise they are declared but not required.
+JWT secrets or a tenants file configured) every ``/v1/*`` operation requires one
+of them and documents the 401 and 403 (and the 429s of the tenant limits,
+:mod:`streaming.tenants`, on streams and price checks); otherwise they are
+declared but not required.
 ``/openapi.json``, ``/docs``, ``/health``, ``/ready`` and ``/metrics`` are
 always public.
 
@@ -82,6 +84,8 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
     error: str
     message: str
+    retry_after_ms: int | msgspec.UnsetType = msgspec.UNSET
+    """``rate_limited`` only: ms until a retry can pass (the ``Retry-After`` header in whole seconds)."""
 
 
 class MarketWithAge(Market, frozen=True, kw_only=True, gc=False):
@@ -572,6 +576,21 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
                 if auth:
                     op["security"] = _SECURITY
                     op["responses"]["401"] = _error("Unauthorized: a missing or bad credential (`unauthorized`)")
+                    op["responses"]["403"] = _error(
+                        "Forbidden: the credential's tenant may not use this endpoint (its scopes), or may see "
+                        "none of the sports / sources / bookmakers asked for (`forbidden`; the message says "
+                        "what it may use)")
+                    if path in ("/v1/stream", "/v1/ws"):
+                        op["responses"]["429"] = _error(
+                            "Too Many Requests: the tenant's streams (`too_many_connections`) or subscriptions "
+                            "(`too_many_subscriptions`) on this node are at its limit")
+                    elif path.startswith("/v1/price-check"):
+                        op["responses"]["429"] = {
+                            **_error("Too Many Requests: over the tenant's price checks per second (`rate_limited`; "
+                                     "the body's `retry_after_ms` says when one can pass; a batch larger than "
+                                     "the burst never can)"),
+                            "headers": {"Retry-After": {"description": "seconds until a retry can pass (rounded up)",
+                                                        "schema": {"type": "integer", "minimum": 1}}}}
             else:
                 op["security"] = []
     return paths
@@ -702,7 +721,7 @@ async def openapi_json(request: Request) -> Response:
     body: bytes | None = getattr(state, "openapi_json", None)
     if body is None:
         settings = getattr(state, "settings", None)
-        auth = bool(settings is not None and (settings.api_keys or settings.jwt_secrets))
+        auth = bool(settings is not None and (settings.api_keys or settings.jwt_secrets or settings.tenants_file))
         body = state.openapi_json = msgspec.json.encode(openapi_document(auth=auth))
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
 

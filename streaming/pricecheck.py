@@ -32,6 +32,11 @@ judged on one consistent view. Times are integer ms since the Unix epoch.
     422 {"error":"invalid_request","message":"<what to fix>"}     bad body
     413 {"error":"payload_too_large",…}   408 {"error":"deadline_exceeded",…}
     503 {"error":"not_ready",…}           (the node has not loaded its state yet)
+    429 {"error":"rate_limited","message":…,"retry_after_ms":n} + Retry-After (whole seconds)
+                                          (the tenant's price_checks_per_s; a batch leg counts one)
+
+With tenants (:mod:`streaming.tenants`) a market the credential may not see is
+``UNKNOWN_MARKET``, and a best-price check considers only the books it may see.
 
 ``current_price`` is the price the check compared (``price_field`` says
 which: ``best_back`` = ``back[0]``, ``best_lay`` = ``lay[0]``, ``price`` = a
@@ -76,9 +81,10 @@ an answer.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import types
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -89,8 +95,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from feed.models import CLOSED_STATUSES, Market, Selection, SourceHealth, lost_change
 from feed.settings import Settings
-from streaming.responses import JSON, json_error
+from streaming.responses import JSON, json_error, json_response
 from streaming.state import NodeState, now_ms
+from streaming.tenants import SCOPE_KEY, Grant, LimitError
 
 if TYPE_CHECKING:
     from streaming.reader import Node
@@ -271,19 +278,23 @@ _RANK = {r: i for i, r in enumerate(("OK", "PRICE_CHANGED", "VERSION_CHANGED", "
                                      "MARKET_CLOSED", "UNKNOWN_SELECTION", "UNKNOWN_MARKET"))}
 
 
-def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: str | None = None) -> PriceCheckResult:
+def check(state: NodeState, req: PriceCheckRequest, now: int, *, feed_problem: str | None = None,
+          visible: Callable[[Market], bool] | None = None) -> PriceCheckResult:
     """Check one leg against ``state`` at ``now`` (pure apart from reading
     state). ``feed_problem``: why this node is not receiving updates, if it
     is not (then the answer is at best ``STALE``). A leg naming ``event`` +
     ``market`` + ``outcome`` is checked against every book of that
-    canonical market (:func:`check_best`)."""
+    canonical market (:func:`check_best`). ``visible``: the markets the
+    caller may see (a tenant's, :mod:`streaming.tenants`); others are unknown
+    to it."""
     if req.market_id is None or req.selection_id is None:
-        return check_best(state, req, now, feed_problem=feed_problem)
-    return _check_book(state, req, req.market_id, str(req.selection_id), now, feed_problem=feed_problem)
+        return check_best(state, req, now, feed_problem=feed_problem, visible=visible)
+    return _check_book(state, req, req.market_id, str(req.selection_id), now, feed_problem=feed_problem,
+                       visible=visible)
 
 
 def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
-               feed_problem: str | None = None) -> PriceCheckResult:
+               feed_problem: str | None = None, visible: Callable[[Market], bool] | None = None) -> PriceCheckResult:
     """A best-price check: the canonical market ``req.market`` of canonical
     event ``req.event`` (a provider event id is taken as its canonical
     event), outcome ``req.outcome``. Every book's selection of that outcome
@@ -305,7 +316,8 @@ def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
     if cid not in state.by_canonical and (ids := state.by_event.get(cid)):
         first = state.markets.get(next(iter(ids)))
         cid = (state.canonical_of(first) if first is not None else None) or cid
-    markets = [m for mid in sorted(state.by_canonical.get(cid, ())) if (m := state.markets.get(mid)) is not None]
+    markets = [m for mid in sorted(state.by_canonical.get(cid, ())) if (m := state.markets.get(mid)) is not None
+               and (visible is None or visible(m))]
     if not markets:
         return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET", message=f"no event {req.event!r} on this feed",
                                 **base)
@@ -339,11 +351,11 @@ def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
 
 
 def _check_book(state: NodeState, req: PriceCheckRequest, market_id: str, selection_id: str, now: int, *,
-                feed_problem: str | None = None) -> PriceCheckResult:
+                feed_problem: str | None = None, visible: Callable[[Market], bool] | None = None) -> PriceCheckResult:
     # the hot path of every check: one PriceCheckResult built with plain keywords (no dicts, no
     # closure, no **kwargs); the reasons are judged in order by _judge
     m: Market | None = state.markets.get(market_id)
-    if m is None:
+    if m is None or (visible is not None and not visible(m)):
         return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET", message=f"no market {market_id!r} on this feed",
                                 market_id=market_id, selection_id=selection_id, side=req.side,
                                 requested_price=req.price, checked_at=now)
@@ -412,9 +424,9 @@ def _judge(m: Market, sel: Selection, req: PriceCheckRequest, cur: float | None,
 
 
 def check_batch(state: NodeState, legs: list[PriceCheckRequest], now: int, *,
-                feed_problem: str | None = None) -> BatchResult:
-    """Check every leg against the same state at the same ``now``."""
-    out = [check(state, leg, now, feed_problem=feed_problem) for leg in legs]
+                feed_problem: str | None = None, visible: Callable[[Market], bool] | None = None) -> BatchResult:
+    """Check every leg against the same state at the same ``now`` (``visible``: as :func:`check`)."""
+    out = [check(state, leg, now, feed_problem=feed_problem, visible=visible) for leg in legs]
     return BatchResult(accepted=all(r.accepted for r in out), legs=out, checked_at=now)
 
 
@@ -540,6 +552,18 @@ def _validate_prices(legs: list[PriceCheckRequest], batch: bool) -> Response | N
     return None
 
 
+def _rate_limited(exc: LimitError) -> Response:
+    """429 for a tenant's price-check limit: ``Retry-After`` in whole seconds (rounded up, HTTP's
+    unit) and ``retry_after_ms`` in the body; a batch larger than the burst has neither (no wait
+    makes it pass)."""
+    body: dict[str, object] = {"error": exc.code, "message": str(exc)}
+    headers = {"Cache-Control": "no-store"}
+    if exc.retry_after_s is not None:
+        body["retry_after_ms"] = math.ceil(exc.retry_after_s * 1000)
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return json_response(body, 429, headers=headers)
+
+
 def _feed_problem(node: "Node") -> str | None:
     for r in node.readers:
         if not r.connected:
@@ -587,14 +611,25 @@ class PriceCheckEndpoint:
         if bad is not None:
             await bad(scope, receive, send)
             return
+        grant: Grant | None = scope.get(SCOPE_KEY)  # None: authentication is off
+        visible = None
+        if grant is not None:
+            if grant.principal is not None:
+                try:
+                    grant.principal.take_price_checks(len(legs))
+                except LimitError as exc:
+                    await _rate_limited(exc)(scope, receive, send)
+                    return
+            if grant.restricted:
+                visible = grant.visible
         t0 = time.perf_counter()
         counts = node.price_checks
         if self.batch:
-            result = check_batch(node.state, legs, now_ms(), feed_problem=_feed_problem(node))
+            result = check_batch(node.state, legs, now_ms(), feed_problem=_feed_problem(node), visible=visible)
             for leg in result.legs:
                 counts[leg.reason] = counts.get(leg.reason, 0) + 1
         else:
-            result = check(node.state, legs[0], now_ms(), feed_problem=_feed_problem(node))
+            result = check(node.state, legs[0], now_ms(), feed_problem=_feed_problem(node), visible=visible)
             counts[result.reason] = counts.get(result.reason, 0) + 1
         answer = _ENCODER.encode(result)
         await send({"type": "http.response.start", "status": 200,

@@ -59,6 +59,7 @@ from streaming.encoding import parse_stream_id
 from streaming.hub import Hub
 from streaming.latency import HOPS, PRICE_CHECK_BUCKETS_S, Histogram
 from streaming.state import NodeOptions, NodeState, now_ms
+from streaming.tenants import Tenants
 
 __all__ = ["Node", "PartitionReader"]
 
@@ -309,6 +310,8 @@ class Node:
         #: handling took once its body was read (seconds), see streaming.pricecheck / streaming.metrics
         self.price_checks: dict[str, int] = {}
         self.price_check_latency = Histogram(PRICE_CHECK_BUCKETS_S)
+        #: the app's tenants (streaming.tenants; set by streaming.app's lifespan), for metrics
+        self.tenants: Tenants | None = None
 
     # -- lifecycle ------------------------------------------------------------
 

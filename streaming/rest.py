@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 import msgspec
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -53,6 +53,7 @@ from streaming.responses import json_error, json_response, node_of
 from feed.taxonomy import is_unmapped, market_key
 from streaming.aggregate import event_facts, event_view, market_views
 from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, market_types, now_ms, parse_bool
+from streaming.tenants import ForbiddenError, grant_of
 
 __all__ = ["json_error", "json_response", "node_of", "routes"]
 
@@ -106,8 +107,11 @@ async def list_markets(request: Request) -> Response:
                          market=q.get("market"), in_play=q.get("in_play"), market_type=q.get("market_type"),
                          source=q.get("source"), bookmaker=q.get("bookmaker"))
         statuses = _status_set(q.get("status"))
+        f = grant_of(request).restrict(f)
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
+    except ForbiddenError as exc:
+        return json_error(403, "forbidden", str(exc))
     state = node_of(request).state
     markets = [m for m in state.matching(f) if statuses is None or m.status in statuses]
     markets.sort(key=lambda m: m.market_id)
@@ -120,7 +124,7 @@ async def get_market(request: Request) -> Response:
     market_id = request.path_params["market_id"]
     state = node_of(request).state
     m = state.markets.get(market_id)
-    if m is None:
+    if m is None or not grant_of(request).visible(m):  # a market a tenant may not see is not there for it
         return json_error(404, "unknown_market", f"no market {market_id!r} on this feed")
     return _markets_response(request, state, [m], (b"", b""))
 
@@ -173,8 +177,11 @@ async def list_events(request: Request) -> Response:
         in_play = parse_bool("in_play", q.get("in_play"))
         types = _types(q.get("market_type"))
         view = _view_param(q.get("view"))
+        f = grant_of(request).restrict(f)
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
+    except ForbiddenError as exc:
+        return json_error(403, "forbidden", str(exc))
     node = node_of(request)
     state = node.state
     now = now_ms()
@@ -212,18 +219,20 @@ async def get_event(request: Request) -> Response:
         return json_error(400, "bad_request", str(exc))
     node = node_of(request)
     state = node.state
+    grant = grant_of(request)
+    visible = grant.visible if grant.restricted else None
     cid = event_id
     if event_id not in state.by_canonical:
         provider = state.by_event.get(event_id)
         m0 = state.markets.get(next(iter(provider))) if provider else None
-        if m0 is None:
+        if m0 is None or (visible is not None and not visible(m0)):
             return json_error(404, "unknown_event", f"no event {event_id!r} on this feed "
                                                     "(give a canonical id ev:… or a provider event id)")
         cid = state.canonical_of(m0) or event_id
     now = now_ms()
-    agg = event_view(state, cid, now, method=node.settings.fair_method, keys=types)
-    ms = sorted((m for mid in state.by_canonical.get(cid, ()) if (m := state.markets.get(mid)) is not None),
-                key=lambda m: m.market_id)
+    agg = event_view(state, cid, now, method=node.settings.fair_method, keys=types, visible=visible)
+    ms = sorted((m for mid in state.by_canonical.get(cid, ()) if (m := state.markets.get(mid)) is not None
+                 and (visible is None or visible(m))), key=lambda m: m.market_id)
     if types is not None:
         ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers)) in types or k.partition(":")[0] in types]
     if agg is None:
@@ -245,11 +254,14 @@ async def get_event(request: Request) -> Response:
 
 async def list_sports(request: Request) -> Response:
     state = node_of(request).state
+    grant = grant_of(request)
     out = []
     included: list[Market] = []
     for sport in sorted(state.by_sport):
-        ms = sorted((m for mid in state.by_sport[sport] if (m := state.markets.get(mid)) is not None),
-                    key=lambda m: m.market_id)
+        ms = sorted((m for mid in state.by_sport[sport] if (m := state.markets.get(mid)) is not None
+                     and grant.visible(m)), key=lambda m: m.market_id)
+        if not ms:
+            continue
         out.append({"sport": sport, "events": len({c for m in ms if (c := state.canonical_of(m)) is not None}),
                     "markets": len(ms), "in_play_markets": sum(1 for m in ms if m.in_play)})
         included.extend(ms)
@@ -267,12 +279,17 @@ async def list_sources(request: Request) -> Response:
     except (RedisError, OSError, StoreError) as exc:
         return json_error(503, "store_unavailable", f"cannot read source health from redis: {exc}")
     state = node.state
+    grant = grant_of(request)
     now = now_ms()
     out = []
     for h in sources:
+        if grant.sources is not None and h.source not in grant.sources:
+            continue
         h = effective_health(h, now)
         d = msgspec.structs.asdict(h)
-        ids = state.by_source.get(h.source, ())
+        ids: Collection[str] = state.by_source.get(h.source, ())
+        if grant.restricted:  # counts over what the tenant may see
+            ids = [mid for mid in ids if (m := state.markets.get(mid)) is not None and grant.visible(m)]
         d["rejected_by_reason"] = rejected.get(h.source, {})
         d["markets"] = len(ids)
         d["stale_markets"] = sum(1 for mid in ids if (m := state.markets.get(mid)) is not None

@@ -10,7 +10,11 @@ default ``settings.heartbeat_ms``), ``last_event_id`` (resume token; the
 10–``max_conflate_ms``: changes merged per market per window, flagged
 ``"conflated": true``), ``odds_format`` (``decimal`` default,
 ``fractional``, ``american``). Invalid values →
-``400 {"error":"bad_request","message":…}``.
+``400 {"error":"bad_request","message":…}``. Tenants (:mod:`streaming.tenants`):
+the filter is narrowed to what the credential may see (``403
+{"error":"forbidden"}`` when nothing it asked for is visible), and a stream
+over the tenant's ``max_connections`` / ``max_subscriptions`` gets ``429
+{"error":"too_many_connections" | "too_many_subscriptions"}``.
 
 A new stream first passes the hub's admission (a reconnect storm is set up a
 batch per event-loop turn, see :class:`streaming.hub.Admission`).
@@ -52,6 +56,7 @@ from streaming.encoding import error_message
 from streaming.server import HTTP_DETACH, HTTP_FINAL
 from streaming.sockets import SSESocket
 from streaming.state import Filter, FilterError
+from streaming.tenants import ForbiddenError, LimitError, Principal, grant_of
 
 if TYPE_CHECKING:
     from streaming.reader import Node
@@ -130,8 +135,10 @@ class SSEStream(Response):
     """The event stream of one client as a raw ASGI response."""
 
     def __init__(self, node: "Node", f: Filter, *, heartbeat_ms: int, resume: str | None, label: str,
-                 conflate_ms: int = 0, fmt: str | None = None, ip: str | None = None, view: str | None = None) -> None:
+                 conflate_ms: int = 0, fmt: str | None = None, ip: str | None = None, view: str | None = None,
+                 principal: Principal | None = None) -> None:
         self.node = node
+        self.principal = principal
         self.filter = f
         self.heartbeat_ms = heartbeat_ms
         self.resume = resume
@@ -147,10 +154,18 @@ class SSEStream(Response):
         node = self.node
         hub = node.hub
         await hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
+        principal = self.principal
+        if principal is not None:  # checked and counted in one step (no await between)
+            try:
+                principal.admit_connection(subscriptions=1)
+            except LimitError as exc:
+                await json_error(429, exc.code, str(exc))(scope, receive, send)
+                return
         ext = scope.get("extensions") or {}
         detach = (ext.get(HTTP_DETACH) or {}).get("detach")
         sock = SSESocket() if detach is not None else None
-        conn = hub.connect(SSE, heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip, sink=sock)
+        conn = hub.connect(SSE, heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip, sink=sock,
+                           principal=principal)
         if conn.closed:
             await json_error(503, "shutting_down", "the server is shutting down; retry on another node")(
                 scope, receive, send)
@@ -245,8 +260,13 @@ async def stream(request: Request) -> Response:
         fmt = parse_format(q.get("odds_format"))
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
+    grant = grant_of(request)
+    try:
+        f = grant.restrict(f)
+    except ForbiddenError as exc:
+        return json_error(403, "forbidden", str(exc))
     resume = request.headers.get("last-event-id") or q.get("last_event_id") or None
     client = request.client
     label = f"{client.host}:{client.port}" if client else "?"
     return SSEStream(node, f, heartbeat_ms=heartbeat_ms, resume=resume, label=label, conflate_ms=conflate_ms,
-                     fmt=fmt, ip=client.host if client else None, view=view)
+                     fmt=fmt, ip=client.host if client else None, view=view, principal=grant.principal)

@@ -5,7 +5,13 @@ Query: ``heartbeat_ms`` (100–300000, default ``settings.heartbeat_ms``),
 ``Origin`` must be in ``settings.allowed_origins`` when that is non-empty
 and the request has one (Starlette's CORS does not cover WebSockets; a
 request without Origin is not from a browser and passes); otherwise the
-handshake is refused (403).
+handshake is refused (403). Tenants (:mod:`streaming.tenants`): a
+connection over the tenant's ``max_connections`` is refused with ``429
+{"error":"too_many_connections"}``; each subscription's filter is narrowed to
+what the credential may see (``error {code:"forbidden"}`` when nothing it
+asked for is visible) and counts against ``max_subscriptions`` (``error
+{code:"too_many_subscriptions"}``); when the tenant's entry changes the
+connection gets ``error {code:"tenant_changed"}`` and a 1012 close (reconnect).
 
 Client → server (one JSON object per text frame, at most
 ``ws_max_message_bytes``, 64 KiB)::
@@ -60,12 +66,14 @@ import msgspec
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from streaming.auth import deny_websocket
 from streaming.encoding import ack_message, error_message, pong_message
 from streaming.hub import Connection
 from streaming.responses import node_of
 from streaming.sockets import WS_ATTACH, WebSocketStream
 from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms, parse_view
 from streaming.state import Filter, FilterError
+from streaming.tenants import ANONYMOUS, ForbiddenError, Grant, LimitError, grant_of
 from streaming.transport import WS_FRAMES, WS_PAYLOADS, write_loop
 
 if TYPE_CHECKING:
@@ -109,23 +117,31 @@ async def _session(websocket: WebSocket) -> None:
         await websocket.send_text(error_message("bad_request", str(exc)).json.decode())
         await websocket.close(code=1008, reason="bad query")
         return
+    grant = grant_of(websocket)
+    principal = grant.principal
+    if principal is not None:
+        try:
+            principal.admit_connection()
+        except LimitError as exc:
+            await deny_websocket(websocket.scope, websocket.send, 429, exc.code, str(exc))
+            return
     await websocket.accept()
     client = websocket.client
     label = f"{client.host}:{client.port}" if client else "?"
     sock: WebSocketStream | None = (websocket.scope.get("extensions", {}).get(WS_ATTACH) or {}).get("socket")
     conn = node.hub.connect(WS_FRAMES if sock is not None else WS_PAYLOADS, heartbeat_ms=heartbeat_ms, label=label,
-                            ip=client.host if client else None, sink=sock)
+                            ip=client.host if client else None, sink=sock, principal=principal)
     if conn.closed:
         await websocket.close(code=1001, reason="server shutting down")
         return
     if sock is not None:  # the connection leaves the ASGI path: the hub writes to the socket
-        handler = _Messages(conn, node, fmt)
+        handler = _Messages(conn, node, fmt, grant)
         sock.attach(conn, handler.message)
         return
     writer = asyncio.create_task(
         write_loop(conn, _WSWriter(websocket), node.options.send_timeout_s, "connection",
                    (WebSocketDisconnect, RuntimeError, OSError)), name=f"ws-writer {label}")
-    reader = asyncio.create_task(_read_loop(conn, websocket, node, fmt), name=f"ws-reader {label}")
+    reader = asyncio.create_task(_read_loop(conn, websocket, node, fmt, grant), name=f"ws-reader {label}")
     try:
         done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and not writer.done():
@@ -166,17 +182,18 @@ class _Messages:
     """Client messages of an attached connection (:mod:`streaming.sockets`),
     handed over one at a time, in order."""
 
-    __slots__ = ("conn", "node", "fmt")
+    __slots__ = ("conn", "node", "fmt", "grant")
 
-    def __init__(self, conn: Connection, node: "Node", fmt: str | None) -> None:
+    def __init__(self, conn: Connection, node: "Node", fmt: str | None, grant: Grant = ANONYMOUS) -> None:
         self.conn = conn
         self.node = node
         self.fmt = fmt
+        self.grant = grant
 
     async def message(self, data: bytes, is_text: bool) -> None:
         text = _text(self.conn, data, self.node.options.ws_max_message_bytes)
         if text is not None:
-            await _handle(self.conn, self.node, text, self.fmt)
+            await _handle(self.conn, self.node, text, self.fmt, self.grant)
 
 
 def _text(conn: Connection, data: bytes, max_bytes: int) -> str | None:
@@ -193,10 +210,10 @@ def _text(conn: Connection, data: bytes, max_bytes: int) -> str | None:
         return None
 
 
-async def _handle(conn: Connection, node: "Node", text: str, fmt: str | None) -> bool:
+async def _handle(conn: Connection, node: "Node", text: str, fmt: str | None, grant: Grant = ANONYMOUS) -> bool:
     """One client message; False when it closed the connection (a bug: 1011)."""
     try:
-        await handle_message(conn, node, text, fmt)
+        await handle_message(conn, node, text, fmt, grant)
     except Exception:  # a bug, not the client's fault: say so and close with a close frame
         logger.exception("ws %s: handling a client message failed", conn.label)
         conn.close(1011, "internal error", error_message(
@@ -205,7 +222,8 @@ async def _handle(conn: Connection, node: "Node", text: str, fmt: str | None) ->
     return True
 
 
-async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: str | None = None) -> None:
+async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: str | None = None,
+                     grant: Grant = ANONYMOUS) -> None:
     """Handle client messages until the client disconnects or the
     connection closes. While the client leaves more control messages
     unread than its byte budget, its next message is not read (it cannot
@@ -228,7 +246,7 @@ async def _read_loop(conn: Connection, websocket: WebSocket, node: "Node", fmt: 
                 if conn.closed:
                     return
                 continue
-            if not await _handle(conn, node, text, fmt):
+            if not await _handle(conn, node, text, fmt, grant):
                 return
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.close(1006, "connection lost")
@@ -351,8 +369,10 @@ def decode_op(text: str | bytes) -> ClientOp | tuple[str, int | str | None]:
     return why, mid
 
 
-async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | None = None) -> None:
-    """One client message → ack/pong/error and hub calls."""
+async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | None = None,
+                         grant: Grant = ANONYMOUS) -> None:
+    """One client message → ack/pong/error and hub calls; ``grant``: what the connection's
+    credential may see and its tenant's limits (:mod:`streaming.tenants`)."""
     op = decode_op(text)
     if isinstance(op, tuple):
         why, mid = op
@@ -375,6 +395,16 @@ async def handle_message(conn: Connection, node: "Node", text: str, fmt: str | N
         if len(conn.subs) >= node.options.max_subscriptions:
             conn.send(error_message("bad_request", f"at most {node.options.max_subscriptions} subscriptions per "
                                     "connection; unsubscribe one first", id=mid))
+            return
+        try:
+            f = grant.restrict(f)
+            if conn.principal is not None:
+                conn.principal.admit_subscription()
+        except ForbiddenError as exc:
+            conn.send(error_message("forbidden", str(exc), id=mid))
+            return
+        except LimitError as exc:
+            conn.send(error_message(exc.code, str(exc), id=mid))
             return
         await hub.subscribe(conn, f, resume=op.resume or None, ack_id=mid, conflate_ms=conflate_ms, fmt=sub_fmt,
                             view=view)

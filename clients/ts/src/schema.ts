@@ -109,6 +109,7 @@ export interface DeltaMessage {
 export interface ErrorBody {
   error: string;
   message: string;
+  retry_after_ms?: number;
 }
 
 /**

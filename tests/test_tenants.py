@@ -1,0 +1,352 @@
+"""Tenants (streaming.tenants): scopes, visibility, per-tenant limits and the reloaded tenants file —
+unit rules first, then end to end against a real server, embedded Redis and real clients (httpx, websockets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from feed.errors import AuthError, ConfigError
+from feed.settings import Settings
+from feed.store import Store
+from streaming.state import Filter
+from streaming.tenants import ForbiddenError, LimitError, Principal, TenantSpec, Tenants, parse_tenants, scope_words
+from streaming_helpers import Feed, SSEReader, eventually, make_app, serve
+from test_streaming_security import SECRET, make_jwt
+
+# -- the file ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[tenant.a]\nkeyz = ['x']\n", "unknown field `keyz`"),
+    ("[tenant.a]\nscopes = ['read', 'write']\n", "scopes ['write'] unknown"),
+    ("[tenant.a]\nkeys = ['k']\n[tenant.b]\nkeys = ['k']\n", "one API key is listed by [tenant.a] and [tenant.b]"),
+    ("[tenant.a]\nsubjects = ['s']\n[tenant.b]\nsubjects = ['s']\n", "subject 's' is listed by"),
+    ("[default]\nkeys = ['k']\n", "[default] applies to credentials no tenant names"),
+    ("[tenant.a]\nmax_connections = -1\n", ">= 0"),
+    ("[tenant.a]\nprice_checks_per_s = 'fast'\n", "Expected `float"),
+    ("[tenant.a\n", "not valid TOML"),
+    ("[tenant.default]\n", "may not be named 'default'"),
+    ("[tenants.a]\n", "unknown field `tenants`"),
+])
+def test_bad_tenants_files_say_what_to_fix(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_tenants(text.encode(), "t.toml")
+    assert fragment in str(info.value) and str(info.value).startswith("t.toml: ")
+
+
+def test_restrict_narrows_a_filter_or_refuses_it() -> None:
+    tenants = Tenants(None)
+    tenants._install(parse_tenants(b"[tenant.a]\nkeys=['k']\nsports=['soccer','tennis']\nbookmakers=['b1']\n"),
+                     b"", None)
+    import hashlib
+
+    g = tenants.for_key(hashlib.sha256(b"k").digest())
+    assert g is not None and g.tenant == "a" and g.restricted
+    f = g.restrict(Filter())
+    assert f.sport == {"soccer", "tennis"} and f.bookmaker == {"b1"} and f.source is None
+    assert g.restrict(Filter.parse(sport="soccer,golf")).sport == {"soccer"}  # what it may not see is dropped
+    with pytest.raises(ForbiddenError, match="may not see sport golf; it may see sport soccer, tennis"):
+        g.restrict(Filter.parse(sport="golf"))
+    with pytest.raises(ForbiddenError, match="bookmaker"):
+        g.restrict(Filter.parse(bookmaker="b2"))
+
+
+def test_jwt_scope_claim_narrows_and_never_widens() -> None:
+    tenants = Tenants(None)
+    tenants._install(parse_tenants(b"[tenant.a]\nsubjects=['svc']\nscopes=['read','stream']\nsports=['soccer']\n"
+                                   b"[default]\nscopes=['read']\n"), b"", None)
+    g = tenants.for_jwt({"sub": "svc", "scope": "stream price_check sport:soccer sport:golf openid"})
+    assert g.tenant == "a" and g.permissions == {"stream"}  # price_check is not the tenant's: not granted
+    assert g.sports == {"soccer"}  # golf asked, not the tenant's
+    assert tenants.for_jwt({"sub": "svc"}).permissions == {"read", "stream"}
+    other = tenants.for_jwt({"sub": "someone", "scope": ["read", "source:betfair"]})
+    assert other.tenant == "default" and other.permissions == {"read"} and other.sources == {"betfair"}
+    with pytest.raises(ForbiddenError, match="may not use price checks"):
+        other.require("price_check")
+    assert scope_words("a b") == ["a", "b"] and scope_words(["a b", "c"]) == ["a", "b", "c"]
+    with pytest.raises(AuthError, match="scope must be"):
+        tenants.for_jwt({"sub": "svc", "scope": 7})
+
+
+def test_price_check_token_bucket() -> None:
+    p = Principal("tenant:a", "a", TenantSpec(price_checks_per_s=2.0, price_check_burst=3))
+    t0 = p.refilled_at
+    for _ in range(3):
+        p.take_price_checks(1, t0)
+    with pytest.raises(LimitError) as info:
+        p.take_price_checks(1, t0)
+    assert info.value.code == "rate_limited" and info.value.retry_after_s == pytest.approx(0.5)
+    p.take_price_checks(1, t0 + 0.5)  # one token back after 1/rate s
+    with pytest.raises(LimitError) as info:
+        p.take_price_checks(4, t0 + 100)  # a batch over the burst can never pass
+    assert info.value.retry_after_s is None and "split it" in str(info.value)
+    p.take_price_checks(3, t0 + 100)  # refilled to the burst, not beyond
+    with pytest.raises(LimitError):
+        p.take_price_checks(1, t0 + 100)
+    assert p.limited == {("a", "price_checks"): 3}
+
+
+def test_connection_and_subscription_limits() -> None:
+    p = Principal("tenant:a", "a", TenantSpec(max_connections=1, max_subscriptions=2))
+    p.admit_connection(subscriptions=1)
+    p.connections, p.subscriptions = 1, 1
+    with pytest.raises(LimitError, match="1 of its 1 streams") as info:
+        p.admit_connection()
+    assert info.value.code == "too_many_connections"
+    p.admit_subscription()
+    p.subscriptions = 2
+    with pytest.raises(LimitError) as info:
+        p.admit_subscription()
+    assert info.value.code == "too_many_subscriptions"
+    Principal("x", "default", None).admit_connection(subscriptions=99)  # no spec: no limits
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+TENANTS = """
+[default]
+max_connections = 1
+
+[tenant.acme]
+keys = ["acme-key"]
+subjects = ["acme-svc"]
+sports = ["soccer"]
+max_connections = 2
+max_subscriptions = 3
+price_checks_per_s = 0.05
+price_check_burst = 2
+
+[tenant.reader]
+key_sha256 = ["{reader_sha}"]
+scopes = ["read"]
+"""
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace the file (a new mtime and, with the padding, never the same size as before)."""
+    pad = "#" * (int(time.monotonic_ns()) % 97)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text + "\n" + pad + "\n")
+    os.replace(tmp, path)
+
+
+def _tenants_text(**replace: str) -> str:
+    import hashlib
+
+    text = TENANTS.replace("{reader_sha}", hashlib.sha256(b"reader-key").hexdigest())
+    for a, b in replace.items():
+        text = text.replace(a, b)
+    return text
+
+
+async def _markets(c: httpx.AsyncClient, key: str, **params: Any) -> tuple[int, Any]:
+    r = await c.get("/v1/markets", headers={"X-API-Key": key}, params=params)
+    return r.status_code, r.json()
+
+
+async def _feed(store: Store) -> Feed:
+    feed = Feed(store)
+    await feed.write(feed.image("1.soc", sport="soccer", event="e1", bookmaker="b1"),
+                     feed.image("1.ten", sport="tennis", event="e2", bookmaker="b1"))
+    return feed
+
+
+async def test_tenant_scopes_and_visibility_end_to_end(store: Store, redis_url: str, tmp_path: Path) -> None:
+    feed = await _feed(store)
+    path = tmp_path / "tenants.toml"
+    _write(path, _tenants_text())
+    settings = Settings(heartbeat_ms=60_000, tenants_file=str(path), api_keys=("plain-key",), jwt_secrets=(SECRET,))
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+        # what each sees: acme only soccer; an unnamed key ([default] has no lists) everything
+        status, body = await _markets(c, "acme-key")
+        assert status == 200 and [m["market_id"] for m in body["markets"]] == ["1.soc"]
+        status, body = await _markets(c, "plain-key")
+        assert [m["market_id"] for m in body["markets"]] == ["1.soc", "1.ten"]
+        status, body = await _markets(c, "acme-key", sport="tennis")
+        assert status == 403 and body["error"] == "forbidden" and "may see sport soccer" in body["message"]
+        assert (await _markets(c, "acme-key", sport="tennis,soccer"))[1]["count"] == 1
+        r = await c.get("/v1/markets/1.ten", headers={"X-API-Key": "acme-key"})
+        assert r.status_code == 404 and r.json()["error"] == "unknown_market"
+        assert (await c.get("/v1/markets/1.ten", headers={"X-API-Key": "reader-key"})).status_code == 200
+        sports = (await c.get("/v1/sports", headers={"X-API-Key": "acme-key"})).json()["sports"]
+        assert [s["sport"] for s in sports] == ["soccer"]
+        events = (await c.get("/v1/events", headers={"X-API-Key": "acme-key"})).json()["events"]
+        assert [e["sport"] for e in events] == ["soccer"]
+        # a price check of a market the tenant may not see is a check of an unknown market
+        r = await c.post("/v1/price-check", headers={"X-API-Key": "acme-key"},
+                         json={"market_id": "1.ten", "selection_id": "1", "side": "back", "price": 2.0})
+        assert r.status_code == 200 and r.json()["reason"] == "UNKNOWN_MARKET"
+        # scopes: the reader tenant may read but not stream or check prices
+        r = await c.get("/v1/stream", headers={"X-API-Key": "reader-key"})
+        assert r.status_code == 403 and "scope stream" in r.json()["message"]
+        r = await c.post("/v1/price-check", headers={"X-API-Key": "reader-key"},
+                         json={"market_id": "1.soc", "selection_id": "1", "side": "back", "price": 2.0})
+        assert r.status_code == 403 and r.json()["error"] == "forbidden"
+        ws = base.replace("http://", "ws://") + "/v1/ws"
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(ws, additional_headers={"X-API-Key": "reader-key"}):
+                pass
+        assert info.value.response.status_code == 403
+        assert json.loads(info.value.response.body)["error"] == "forbidden"
+        # a JWT of acme's subject whose scope claim asks for read only
+        token = make_jwt({"sub": "acme-svc", "scope": "read", "exp": time.time() + 60})
+        r = await c.get("/v1/markets", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["count"] == 1
+        assert (await c.get("/v1/stream", params={"access_token": token})).status_code == 403
+        # the SSE stream of acme: the snapshot and then only what it may see
+        async with c.stream("GET", "/v1/stream", headers={"X-API-Key": "acme-key"}) as resp:
+            sse = SSEReader(resp)
+            snap = await sse.next()
+            assert snap.event == "snapshot" and [m["market_id"] for m in snap.data["markets"]] == ["1.soc"]
+            await feed.write(feed.price("1.ten", "1", 2.5))
+            await feed.write(feed.price("1.soc", "1", 2.2))
+            ev = await sse.until(lambda e: e.event == "delta")
+            assert ev.data["market_id"] == "1.soc"  # the tennis delta was written first and never sent
+        # WebSocket: a subscription for a sport it may not see gets an error, the connection stays
+        async with connect(ws, additional_headers={"X-API-Key": "acme-key"}) as conn:
+            await conn.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"sport": "tennis"}}))
+            err = json.loads(await conn.recv())
+            assert err["type"] == "error" and err["code"] == "forbidden" and err["id"] == 1
+            await conn.send(json.dumps({"op": "subscribe", "id": 2}))
+            assert json.loads(await conn.recv()) == {"type": "ack", "id": 2, "sub": 1}
+            snap_msg = json.loads(await conn.recv())
+            assert [m["market_id"] for m in snap_msg["markets"]] == ["1.soc"]
+
+
+async def test_tenant_limits_end_to_end(store: Store, redis_url: str, tmp_path: Path) -> None:
+    await _feed(store)
+    path = tmp_path / "tenants.toml"
+    _write(path, _tenants_text())
+    settings = Settings(heartbeat_ms=60_000, tenants_file=str(path), api_keys=("plain-key",))
+    acme = {"X-API-Key": "acme-key"}
+    app = make_app(redis_url, settings=settings)
+    async with serve(app) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c1, httpx.AsyncClient(base_url=base, timeout=10) as c2, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c3:
+        ws = base.replace("http://", "ws://") + "/v1/ws"
+        # price checks: a bucket of 2, refilled one per 20 s
+        check = {"market_id": "1.soc", "selection_id": "1", "side": "back", "price": 2.0}
+        for _ in range(2):
+            assert (await c1.post("/v1/price-check", headers=acme, json=check)).status_code == 200
+        r = await c1.post("/v1/price-check", headers=acme, json=check)
+        assert r.status_code == 429 and r.json()["error"] == "rate_limited"
+        assert 1 <= int(r.headers["retry-after"]) <= 20 and 0 < r.json()["retry_after_ms"] <= 20_000
+        r = await c1.post("/v1/price-check/batch", headers=acme, json={"legs": [check] * 3})
+        assert r.status_code == 429 and "exceeds tenant acme's burst of 2" in r.json()["message"]
+        assert "retry-after" not in r.headers
+        # another tenant's bucket is its own
+        assert (await c1.post("/v1/price-check", headers={"X-API-Key": "plain-key"}, json=check)).status_code == 200
+        # connections: acme may hold 2 streams, and 3 subscriptions over them
+        async with c1.stream("GET", "/v1/stream", headers=acme) as r1:
+            assert r1.status_code == 200
+            sse1 = SSEReader(r1)  # kept: a dropped reader's generator is finalised and closes the response
+            assert (await sse1.next()).event == "snapshot"
+            async with connect(ws, additional_headers=acme) as conn:
+                for i in (1, 2):
+                    await conn.send(json.dumps({"op": "subscribe", "id": i}))
+                    assert json.loads(await conn.recv())["type"] == "ack"
+                    assert json.loads(await conn.recv())["type"] == "snapshot"
+                await conn.send(json.dumps({"op": "subscribe", "id": 3}))
+                err = json.loads(await conn.recv())
+                assert err["code"] == "too_many_subscriptions" and "3 of its 3" in err["message"]
+                r = await c2.get("/v1/stream", headers=acme)
+                assert r.status_code == 429 and r.json()["error"] == "too_many_connections"
+                with pytest.raises(InvalidStatus) as info:
+                    async with connect(ws, additional_headers=acme):
+                        pass
+                assert info.value.response.status_code == 429
+                assert json.loads(info.value.response.body)["error"] == "too_many_connections"
+                # an unnamed key is limited on its own ([default]: one stream), not by acme's count
+                async with c3.stream("GET", "/v1/stream", headers={"X-API-Key": "plain-key"}) as r3:
+                    assert r3.status_code == 200
+                    r = await c2.get("/v1/stream", headers={"X-API-Key": "plain-key"})
+                    assert r.status_code == 429
+                await conn.send(json.dumps({"op": "unsubscribe", "id": 4, "sub": 1}))
+                assert json.loads(await conn.recv())["type"] == "ack"
+                await conn.send(json.dumps({"op": "subscribe", "id": 5}))
+                assert json.loads(await conn.recv())["type"] == "ack"
+        # the slots come back when the streams close
+        async def reopened() -> bool:
+            async with c2.stream("GET", "/v1/stream", headers=acme) as r:
+                return r.status_code == 200
+        await eventually(reopened, what="acme's streams released")
+        metrics = (await c1.get("/metrics")).text
+        assert 'oddsfeed_tenant_limited_total{limit="price_checks",tenant="acme"} 2.0' in metrics
+        assert 'oddsfeed_tenant_limited_total{limit="connections",tenant="acme"} 2.0' in metrics
+        assert 'oddsfeed_tenant_limited_total{limit="subscriptions",tenant="acme"} 1.0' in metrics
+
+
+async def test_tenants_file_reload(store: Store, redis_url: str, tmp_path: Path) -> None:
+    feed = await _feed(store)
+    path = tmp_path / "tenants.toml"
+    _write(path, _tenants_text())
+    settings = Settings(heartbeat_ms=60_000, tenants_file=str(path))
+    acme = {"X-API-Key": "acme-key"}
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c, httpx.AsyncClient(base_url=base, timeout=10) as c2:
+        async with c2.stream("GET", "/v1/stream", headers=acme) as resp:
+            sse = SSEReader(resp)
+            assert (await sse.next()).event == "snapshot"
+            # acme now sees tennis instead of soccer: its open stream is told and ended, new requests see tennis
+            _write(path, _tenants_text(**{'sports = ["soccer"]': 'sports = ["tennis"]'}))
+            ev = await sse.until(lambda e: e.event == "error", timeout_s=30)
+            assert ev.data["code"] == "tenant_changed"
+            with pytest.raises(EOFError):
+                await sse.next(timeout_s=30)
+
+        async def sees_tennis() -> bool:
+            status, body = await _markets(c, "acme-key")
+            return status == 200 and [m["market_id"] for m in body["markets"]] == ["1.ten"]
+        await eventually(sees_tennis, timeout_s=30, what="the reloaded tenants file in force")
+        # a file that does not parse: logged, counted, the previous one stays in force
+        _write(path, "[tenant.acme\n")
+
+        async def counted() -> bool:
+            return 'oddsfeed_tenants_reloads_total{result="error"} 1.0' in (await c.get("/metrics")).text
+        await eventually(counted, timeout_s=30, what="the bad file counted")
+        assert await sees_tennis()
+        # a key removed from the file is refused at once
+        _write(path, _tenants_text(**{'keys = ["acme-key"]': 'keys = ["acme-key-2"]'}))
+
+        async def revoked() -> bool:
+            return (await _markets(c, "acme-key"))[0] == 401
+        await eventually(revoked, timeout_s=30, what="the removed key refused")
+        assert (await _markets(c, "acme-key-2"))[1]["count"] == 1
+        del feed
+
+
+async def test_tenants_file_errors_at_startup(tmp_path: Path) -> None:
+    from streaming.app import create_app
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tenant.a]\nscopes = ['all']\n")
+    with pytest.raises(ConfigError, match="scopes"):
+        create_app(Settings(tenants_file=str(bad), api_keys=("k",)))
+    with pytest.raises(ConfigError, match="No such file"):
+        create_app(Settings(tenants_file=str(tmp_path / "missing.toml"), api_keys=("k",)))
+    nokeys = tmp_path / "nokeys.toml"
+    nokeys.write_text("[default]\nmax_connections = 5\n")
+    with pytest.raises(ConfigError, match="no request could be accepted"):
+        create_app(Settings(tenants_file=str(nokeys)))
+
+
+def test_cli_rejects_a_bad_tenants_file_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tenant.a]\nmax_connections = 'many'\n")
+    r = subprocess.run([sys.executable, "-m", "feed", "serve", "--redis-url", "redis://127.0.0.1:1/0",
+                        "--tenants", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--tenants" in r.stderr and "max_connections" in r.stderr
