@@ -104,12 +104,16 @@ class StreamError(OddsfeedError):
 class PriceCheckError(OddsfeedError):
     """A price check the server did not answer with a result: ``status``
     (HTTP, or None for a transport error/timeout), ``code`` (``error`` of
-    the JSON body) and the server's ``message``."""
+    the JSON body) and the server's ``message``; ``retry_after_s``: for a
+    ``429 rate_limited`` (the tenant's price checks per second), seconds until
+    a retry can pass (from the body's ``retry_after_ms``), else None."""
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -430,11 +434,14 @@ class OddsClient:
             raise PriceCheckError(f"price check failed: {type(exc).__name__}: {exc}") from exc
         if r.status_code != 200:
             code = message = None
+            retry_after_s: float | None = None
             with contextlib.suppress(Exception):
                 j = r.json()
                 code, message = j.get("error"), j.get("message")
+                if isinstance(j.get("retry_after_ms"), int):
+                    retry_after_s = j["retry_after_ms"] / 1000
             raise PriceCheckError(f"{r.status_code} {code}: {message or r.text[:200]}", status=r.status_code,
-                                  code=code)
+                                  code=code, retry_after_s=retry_after_s)
         return r.content
 
     # -- stream -------------------------------------------------------------------

@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
+from feed import redaction
 from feed.errors import AuthError, ConfigError, OddsfeedError
 from feed.models import Market
 from streaming.encoding import error_message
@@ -422,6 +423,8 @@ class Tenants:
             for sub in spec.subjects:
                 by_subject[sub] = name
         self.by_key, self.by_subject = by_key, by_subject
+        # the keys never reach a log line, even when a client sends one somewhere odd (feed.redaction)
+        redaction.register_secrets(k for spec in parsed.tenant.values() for k in spec.keys)
         changed: list[Principal] = []
         for identity, p in list(self.principals.items()):
             now_spec = parsed.tenant.get(p.tenant) if p.tenant != DEFAULT else parsed.default

@@ -244,6 +244,17 @@ async def test_tenant_limits_end_to_end(store: Store, redis_url: str, tmp_path: 
         r = await c1.post("/v1/price-check/batch", headers=acme, json={"legs": [check] * 3})
         assert r.status_code == 429 and "exceeds tenant acme's burst of 2" in r.json()["message"]
         assert "retry-after" not in r.headers
+        # the Python client says when to retry
+        from streaming.client import OddsClient, PriceCheckError
+
+        client = OddsClient(base, api_key="acme-key")
+        try:
+            with pytest.raises(PriceCheckError) as pc:
+                await client.price_check("1.soc", "1", "back", 2.0)
+            assert pc.value.status == 429 and pc.value.code == "rate_limited"
+            assert pc.value.retry_after_s is not None and 0 < pc.value.retry_after_s <= 20
+        finally:
+            await client.close()
         # another tenant's bucket is its own
         assert (await c1.post("/v1/price-check", headers={"X-API-Key": "plain-key"}, json=check)).status_code == 200
         # connections: acme may hold 2 streams, and 3 subscriptions over them
@@ -281,7 +292,7 @@ async def test_tenant_limits_end_to_end(store: Store, redis_url: str, tmp_path: 
                 return r.status_code == 200
         await eventually(reopened, what="acme's streams released")
         metrics = (await c1.get("/metrics")).text
-        assert 'oddsfeed_tenant_limited_total{limit="price_checks",tenant="acme"} 2.0' in metrics
+        assert 'oddsfeed_tenant_limited_total{limit="price_checks",tenant="acme"} 3.0' in metrics
         assert 'oddsfeed_tenant_limited_total{limit="connections",tenant="acme"} 2.0' in metrics
         assert 'oddsfeed_tenant_limited_total{limit="subscriptions",tenant="acme"} 1.0' in metrics
 
