@@ -361,3 +361,11 @@ def test_cli_rejects_a_bad_tenants_file_in_one_line(tmp_path: Path) -> None:
                         "--tenants", str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--tenants" in r.stderr and "max_connections" in r.stderr
+
+
+def test_the_example_tenants_file_is_valid() -> None:
+    from streaming.tenants import load_tenants_file
+
+    parsed, _ = load_tenants_file(str(Path(__file__).parent.parent / "deploy" / "tenants.example.toml"))
+    assert set(parsed.tenant) == {"frontend", "placement"} and parsed.default is not None
+    assert parsed.tenant["placement"].scopes == ["price_check", "read"]
