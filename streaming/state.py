@@ -421,7 +421,8 @@ class NodeState:
         self.health: dict[str, SourceHealth] = {}
         self.changes = 0
         #: (partition, market, held seq, seq received) of the last per-market seq gap seen in the log,
-        #: or of a seq at or below the held one past ``load_heads`` (a lineage the node never loaded)
+        #: or of a seq at or below the held one past ``load_heads`` (a lineage the node never loaded),
+        #: or (held seq 0) of a delta past ``load_heads`` for a market the node does not hold
         self.seq_gap: tuple[int, str, int, int] | None = None
         #: per partition: the log head read right after the snapshots were loaded ("0-0": none)
         self.load_heads: list[str] = ["0-0"] * partitions
@@ -656,7 +657,14 @@ class NodeState:
             if d.kind == "image":
                 new = d.market
             elif old is None:
-                continue  # a delta never creates a market
+                # a delta never creates a market. Logged after everything this node loaded, it
+                # changes a market the store holds and this node does not: one the node dropped
+                # (closed past the retention) before its ingest did, reopened by that delta.
+                # Skipping it would leave the market unknown here while every other node serves
+                # it; the reader reloads the partition (the store's snapshot has it)
+                if self.seq_gap is None and parse_stream_id(entry_id) > parse_stream_id(self.load_heads[p]):
+                    self.seq_gap = (p, d.market_id, 0, d.seq)
+                continue
             elif d.seq != old.seq + 1:
                 # a change is missing from the log (it should never be): applying this one would
                 # serve a book that differs from the provider's; the reader reloads the partition

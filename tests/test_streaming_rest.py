@@ -198,6 +198,36 @@ async def test_closed_markets_past_the_retention_leave_the_node_and_the_store(st
         assert [m.market_id for m in await store.load_all_markets()] == ["bf:open"]
 
 
+async def test_a_market_the_node_dropped_and_a_delta_reopens_is_served_again(store: Store, redis_url: str,
+                                                                              monkeypatch) -> None:
+    """The node drops a settled market past the retention before its ingest does; the provider then
+    reopens it with a delta (not an image), which the store applies to the market it still holds.
+    The node must not skip that delta (it knows no such market): it reloads the partition and
+    serves the reopened market like every other node."""
+    import streaming.reader
+
+    monkeypatch.setattr(streaming.reader, "PRUNE_EVERY_MS", 50)
+    feed = Feed(store)
+    await feed.write(feed.image("bf:open"), feed.image("bf:back", event="e2"))
+    await feed.write(feed.header("bf:back", status="SETTLED"))
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=60_000, settled_retention_ms=1_000))
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async def gone() -> bool:
+            return (await c.get("/v1/markets/bf:back")).status_code == 404
+        await eventually(gone, 15, "the settled market dropped by the node")
+        assert sorted(m.market_id for m in await store.load_all_markets()) == ["bf:back", "bf:open"]  # the store has it
+        await feed.write(feed.header("bf:back", status="OPEN"))  # reopened (a settlement rolled back)
+        await feed.write(feed.price("bf:back", "1", 2.6))
+
+        async def served() -> object:
+            r = await c.get("/v1/markets/bf:back")
+            return r.status_code == 200 and r.json()["status"] == "OPEN" and r.json()["selections"][0]["price"] == 2.6
+        await eventually(served, 15, "the reopened market served again")
+        check = (await c.post("/v1/price-check", json={"market_id": "bf:back", "selection_id": "1",
+                                                       "side": "back", "price": 2.6})).json()
+        assert check["reason"] == "OK", check
+
+
 async def test_filters_by_source_and_bookmaker_on_rest_sse_and_ws(store: Store, redis_url: str) -> None:
     import json
 
