@@ -220,7 +220,9 @@ async def test_producer_down_and_up(store: Store, rabbitmq_url: str) -> None:  #
             await eventually(run.up, WAIT_S, "UP")
             await eventually(lambda: 1 in decode_cursor(run.pipeline.cursor), WAIT_S, "a cursor for producer 1")
             n = len(sim.recovery_requests)
-            sim.producer_down(1, seconds=2.0, mode="silent")
+            # silent until the down state has been checked (a fixed 2 s outage raced these checks on a
+            # loaded machine: recovery could already have brought the markets back)
+            sim.producer_down(1, seconds=3600.0, mode="silent")
             await eventually(lambda: run.states[-1][:2] == ("DEGRADED", "producer_down"), WAIT_S,
                              f"producer 1 down ({run.states[-3:]})")
             cursor = decode_cursor(run.pipeline.cursor)
@@ -232,6 +234,7 @@ async def test_producer_down_and_up(store: Store, rabbitmq_url: str) -> None:  #
             assert ones and all(m.suspend_reason == "producer_down" and lost_change(m, h) for m in ones)
             threes = [m for m in markets.values() if run.normaliser.markets[m.market_id].product == 3]
             assert threes and not any(m.suspend_reason == "producer_down" for m in threes)
+            sim.producer_down(1, seconds=0.0)  # producer 1 speaks again
             await eventually(lambda: len(sim.recovery_requests) > n and run.up(), WAIT_S, "producer 1 recovered")
             product, after, _ = sim.recovery_requests[n]
             assert product == 1 and after == cursor[1]
