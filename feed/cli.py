@@ -1,4 +1,4 @@
-"""``oddsfeed`` command line: run | ingest | serve | simulate.
+"""``oddsfeed`` command line: run | ingest | serve | simulate | export-history.
 
 - ``oddsfeed run`` — the main job in one process tree: the embedded Redis
   (unless ``--redis-url``), the simulator as upstream (unless ``--replay``,
@@ -10,6 +10,8 @@
 - ``oddsfeed simulate`` — the local ESA upstream; ``--providers`` also serves
   the Pinnacle- and Odds-API-style HTTP endpoints on ``--providers-port`` and
   the push format (WebSocket and SSE) on ``--push-port``.
+- ``oddsfeed export-history --out DIR`` — the price history kept in Redis to
+  Parquet files (:mod:`feed.history_export`; needs ``oddsfeed[parquet]``).
 
 Errors a user can fix (busy port, unreachable Redis, missing file) end with
 one line on stderr and exit status 2, not a traceback.
@@ -102,6 +104,34 @@ def _redis_url(value: str) -> str:
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise argparse.ArgumentTypeError(
             f"a Redis URL starts with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0), not {value!r}")
+    return value
+
+
+def _instant(value: str) -> int:
+    """A point in time: integer ms since the Unix epoch, or ISO-8601 (UTC when
+    it names no offset: ``2027-01-15``, ``2027-01-15T08:00:00Z``) → ms since the epoch."""
+    from datetime import UTC, datetime, timedelta
+
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ISO-8601 UTC (e.g. 2027-01-15T08:00:00Z) or integer ms since "
+                                         f"the Unix epoch, not {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    ms = (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)  # exact, no float rounding
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"must not be before 1970-01-01T00:00:00Z, not {value!r}")
+    return ms
+
+
+def _out_dir(value: str) -> str:
+    """A folder for the export (made when missing), not an existing file."""
+    if not value or (os.path.exists(value) and not os.path.isdir(value)):
+        raise argparse.ArgumentTypeError(f"expected a folder, not {'the file ' if value else ''}{value!r}")
     return value
 
 
@@ -260,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     api_opts(serve)
     for p in (run, ingest, record, serve):
         _observability_opts(p, metrics=p is not serve, run=p is run)
+
+    export = sub.add_parser("export-history",
+                            help="write the price history kept in Redis to Parquet files under --out DIR "
+                                 "(date=YYYY-MM-DD/source=<source>/part-<n>.parquet; "
+                                 "pip install 'oddsfeed[parquet]')")
+    export.add_argument("--out", dest="export_dir", type=_out_dir, required=True, metavar="DIR",
+                        help="dataset folder (made when missing); a re-run replaces the rows of the range it "
+                             "exports, keeping every other row (see feed/history_export.py)")
+    export.add_argument("--from", dest="from_ms", type=_instant, metavar="TIME",
+                        help="first change to export, inclusive: ISO-8601 UTC (2027-01-15T08:00:00Z) or integer "
+                             "ms since the epoch (default: the oldest retained)")
+    export.add_argument("--to", dest="to_ms", type=_instant, metavar="TIME",
+                        help="last change to export, inclusive, as --from (default: the newest)")
+    export.add_argument("--market", dest="markets", action="append", metavar="ID",
+                        help="a market id to export; repeat for several (default: every market with history)")
+    store_opts(export)
+    _observability_opts(export, metrics=False)
 
     sim = sub.add_parser("simulate", help="the local ESA upstream (synthetic markets or recorded files)")
     sim.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -681,8 +728,22 @@ async def cmd_record(args: argparse.Namespace) -> int:
     return await cmd_ingest(args)
 
 
+async def cmd_export_history(args: argparse.Namespace) -> int:
+    from feed.history_export import export_history, require_pyarrow
+
+    require_pyarrow()  # before any Redis is started: one line naming the extra
+    if args.from_ms is not None and args.to_ms is not None and args.from_ms > args.to_ms:
+        raise UsageError(f"--from ({args.from_ms} ms) must not be after --to ({args.to_ms} ms)")
+    settings = settings_from_args(args)
+    async with open_store(settings) as store:
+        result = await export_history(store, args.export_dir, start_ms=args.from_ms, end_ms=args.to_ms,
+                                      markets=args.markets)
+    print(result.summary(), flush=True)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "ingest": cmd_ingest, "record": cmd_record, "serve": cmd_serve,
-            "simulate": cmd_simulate}
+            "simulate": cmd_simulate, "export-history": cmd_export_history}
 
 
 async def _main_async(args: argparse.Namespace) -> int:

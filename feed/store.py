@@ -577,6 +577,24 @@ class Store:
         v = await self.redis.memory_usage(key, samples=0)
         return None if v is None else int(v)
 
+    # -- price history export (feed.history_export) ---------------------------------------------
+
+    async def history_markets(self) -> list[str]:
+        """Ids of every market that has a price-history stream, sorted — also
+        markets whose snapshot is gone (closed markets are dropped before
+        their history expires). One ``SCAN … TYPE stream`` over the keyspace
+        (every primary on Redis Cluster). Raises StoreError."""
+        found: set[str] = set()
+        try:
+            async for key in self.redis.scan_iter(match="of:{*}:h:*", count=1000, _type="stream"):
+                k = reply_text(key)
+                tag_end = k.find("}:h:")
+                if tag_end > 4 and k[4:tag_end].isdigit():
+                    found.add(k[tag_end + 4:])
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return sorted(found)
+
     # -- reads ---------------------------------------------------------------
 
     async def load_cursor(self, source: str) -> str | None:
