@@ -770,8 +770,14 @@ export class OddsClient {
       if (r.status !== 200) {
         let code: string | undefined;
         let message: string | undefined;
-        try { const j = JSON.parse(text); code = j.error; message = j.message; } catch { /* not JSON */ }
-        throw new PriceCheckError(`${r.status} ${code ?? ""}: ${message ?? text.slice(0, 200)}`, r.status, code, message);
+        let retryAfterMs: number | undefined;
+        try {
+          const j = JSON.parse(text);
+          code = j.error; message = j.message;
+          if (typeof j.retry_after_ms === "number") retryAfterMs = j.retry_after_ms;
+        } catch { /* not JSON */ }
+        throw new PriceCheckError(`${r.status} ${code ?? ""}: ${message ?? text.slice(0, 200)}`, r.status, code, message,
+                                  retryAfterMs);
       }
       return JSON.parse(text);
     } catch (e) {

@@ -17,10 +17,12 @@ export class StreamError extends OddsfeedError {
 
 /** A price check the server did not answer with a result: `status` (HTTP; undefined for a
  *  transport error or timeout), `code` (`error` of the JSON body, `"timeout"`, `"network"`)
- *  and the server's `serverMessage`. */
+ *  and the server's `serverMessage`; `retryAfterMs`: for a `429 rate_limited` (the tenant's
+ *  price checks per second), ms until a retry can pass, else undefined. */
 export class PriceCheckError extends OddsfeedError {
   override name = "PriceCheckError";
-  constructor(message: string, readonly status?: number, readonly code?: string, readonly serverMessage?: string) {
+  constructor(message: string, readonly status?: number, readonly code?: string, readonly serverMessage?: string,
+              readonly retryAfterMs?: number) {
     super(message);
   }
 }

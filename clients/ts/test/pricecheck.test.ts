@@ -76,6 +76,19 @@ test("a bad request is a PriceCheckError with the server's status, code and mess
   assert.ok(e2 instanceof PriceCheckError && e2.status === undefined && ["network", "timeout"].includes(e2.code!), String(e2));
 });
 
+test("a tenant's rate limit (429) carries retryAfterMs", async () => {
+  // the body and headers oddsfeed's price check sends over a tenant's price_checks_per_s (streaming/tenants.py)
+  const body = JSON.stringify({ error: "rate_limited", message: "tenant acme may make 2 price checks per second (burst 2); retry in 480 ms", retry_after_ms: 480 });
+  const limited = new OddsClient(server.url, {
+    fetch: async () => new Response(body, { status: 429, headers: { "content-type": "application/json", "retry-after": "1" } }),
+  });
+  const err = await limited.priceCheck("bf:1", "1", "back", 2).then(() => null, (e) => e);
+  assert.ok(err instanceof PriceCheckError, String(err));
+  assert.equal(err.status, 429);
+  assert.equal(err.code, "rate_limited");
+  assert.equal(err.retryAfterMs, 480);
+});
+
 test("age / stale on the live feed: fresh markets young and not stale, unknown ones stale", async () => {
   const live = client.openMarkets().filter((m) => !client.isStale(m.market_id));
   assert.ok(live.length > 0);
