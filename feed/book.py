@@ -324,7 +324,8 @@ def image_delta(m: Market) -> Delta:
                  session=m.session, market=m)
 
 
-_DEFINITION_FIELDS = ("name", "handicap", "status", "sort_priority", "adjustment_factor", "bsp", "outcome")
+_DEFINITION_FIELDS = ("name", "handicap", "status", "sort_priority", "adjustment_factor", "bsp", "outcome",
+                      "void_factor", "dead_heat_factor")
 
 
 def _definition_only(current: Selection | None, update: Selection) -> Selection:

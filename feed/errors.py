@@ -72,14 +72,18 @@ class FeedDecodeError(OddsfeedError):
     (the offending bytes, possibly truncated by the caller before
     logging/quarantine), ``market_id`` (the canonical id of the one market
     rejected when the rest of the message applies; None when the whole
-    message is rejected).
+    message is rejected), ``event_id`` (the provider event id of the one
+    event state rejected — see :class:`feed.models.EventState` — when the
+    rest of the message applies).
     """
 
-    def __init__(self, reason: str, detail: str = "", raw: bytes = b"", *, market_id: str | None = None) -> None:
+    def __init__(self, reason: str, detail: str = "", raw: bytes = b"", *, market_id: str | None = None,
+                 event_id: str | None = None) -> None:
         self.reason = reason
         self.detail = detail
         self.raw = raw
         self.market_id = market_id
+        self.event_id = event_id
         super().__init__(reason, detail)
 
     def __str__(self) -> str:

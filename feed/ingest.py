@@ -24,7 +24,7 @@ from feed.book import Book, image_delta
 from feed.errors import FeedDecodeError, StoreError
 from feed.history import HistoryWriter
 from feed.metrics import INGEST_METRICS
-from feed.models import Delta, SourceHealth, SourceState
+from feed.models import FINAL_EVENT_STATUSES, Delta, EventState, SourceHealth, SourceState
 from feed.normalise.base import MarketUpdate, Normaliser
 from feed.normalise.betfair import BetfairNormaliser
 from feed.settings import Settings
@@ -32,7 +32,7 @@ from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
 from feed.store import EpochChanged, Store
-from feed.validate import CheckedLadders, validate_update
+from feed.validate import CheckedLadders, validate_event_state, validate_update
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(100_000, 50, 1000)
 
+
+#: an event state unchanged for this long is forgotten (ms): two days (final ones go after the retention)
+EVENT_STATE_IDLE_MS = 2 * 86_400_000
 
 #: Reason of a source whose ingest cannot write to Redis.
 STORE_UNAVAILABLE = "store_unavailable"
@@ -99,6 +102,10 @@ class IngestStats:
     heartbeats: int = 0
     batches: int = 0
     foreign: int = 0
+    #: event states stored (feed.models.EventState), and those dropped: older than the one held
+    #: (``stale``), or refused by the store as not newer or another source's
+    event_states: int = 0
+    event_states_dropped: int = 0
     started_at_ms: int = field(default_factory=now_ms)
 
 
@@ -162,6 +169,10 @@ class Ingest:
         #: markets dropped from the store by :meth:`prune_closed`
         self.pruned = 0
         self._pending: list[MarketUpdate] = []
+        #: event states waiting for the store: the latest per event (each a whole state, versioned)
+        self._states_pending: dict[str, EventState] = {}
+        #: the last event state stored per event of this source (versions continue from it)
+        self.event_states: dict[str, EventState] = {}
         #: ladder sides already validated (an unchanged side is not walked again; feed.validate)
         self._checked = CheckedLadders()
         self._unconfirm: set[str] = set()
@@ -201,6 +212,7 @@ class Ingest:
         without sessions): the source then starts from a full image."""
         markets = await self.store.load_all_markets()
         self.book.restore([m for m in markets if m.source == self.source])
+        self.event_states = {es.event_id: es for es in await self.store.load_event_states(self.source)}
         self.cursor = await self.store.load_cursor(self.source)
         stored = await self.store.get_health(self.source)
         raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
@@ -303,6 +315,8 @@ class Ingest:
                 stats.runner_changes += batch.runner_changes
             elif batch.heartbeat:
                 stats.heartbeats += 1
+            if batch.event_states:
+                self._feed_states(batch.event_states, raw, recv_ms, out)
             if batch.degraded is not None:
                 self._degraded = batch.degraded
             if batch.cursor is not None:
@@ -319,6 +333,55 @@ class Ingest:
         if self.confirm_by_messages and recv_ms:
             self._fed_at = max(self._fed_at, recv_ms)
         return out
+
+    def _feed_states(self, states: list[EventState], raw: bytes, recv_ms: int, out: Delivered) -> None:
+        """Validate, order and version a message's event states into the
+        pending set: a state older (provider time) than the one held for its
+        event is dropped, one saying nothing new is skipped, a changed one
+        gets the next version (the store keeps the highest)."""
+        time_map = self.time_map
+        pending = self._states_pending
+        held = self.event_states
+        for es in states:
+            if time_map is not None:
+                original = es.source_ts_original if es.source_ts_original is not None else es.source_ts
+                mapped = time_map(es.source_ts)
+                clock = es.clock
+                if clock is not None:  # the clock reading moves with its state
+                    clock = msgspec.structs.replace(clock, at=max(1, clock.at + mapped - es.source_ts))
+                es = msgspec.structs.replace(es, source_ts=mapped, source_ts_original=original, clock=clock)
+            if es.source != self.source:
+                es = msgspec.structs.replace(es, source=self.source)
+            try:
+                validate_event_state(es, recv_ms, max_future_skew_ms=self.max_future_skew_ms)
+            except FeedDecodeError as invalid:
+                invalid.raw = raw
+                out.rejected_parts += 1
+                self._reject(invalid)
+                continue
+            prev = pending.get(es.event_id) or held.get(es.event_id)
+            if prev is not None:
+                if es.provider_ts < prev.provider_ts:
+                    self.stats.event_states_dropped += 1
+                    continue
+                if es.same_content(prev):
+                    continue
+            pending[es.event_id] = msgspec.structs.replace(es, version=(prev.version if prev is not None else 0) + 1)
+
+    async def _flush_states(self) -> None:
+        """Write the pending event states (raises StoreError; they stay pending)."""
+        states = list(self._states_pending.values())
+        result = await self.store.apply_event_states(states)
+        raise_if_cancelled()
+        for es in states:
+            if self._states_pending.get(es.event_id) is es:
+                del self._states_pending[es.event_id]
+            self.event_states[es.event_id] = es
+        self.stats.event_states += result.kept
+        self.stats.event_states_dropped += result.dropped + result.foreign
+        if result.foreign:
+            logger.warning("source %s: %d event states dropped: their events belong to another source",
+                           self.source, result.foreign)
 
     def confirm(self, recv_ms: int) -> None:
         """The upstream confirmed its data at ``recv_ms`` without a message to
@@ -350,8 +413,8 @@ class Ingest:
 
     @property
     def backlog(self) -> int:
-        """Deltas sequenced but not yet acknowledged by the store."""
-        return len(self._backlog)
+        """Deltas sequenced, and event states versioned, not yet acknowledged by the store."""
+        return len(self._backlog) + len(self._states_pending)
 
     @property
     def store_ok(self) -> bool:
@@ -394,7 +457,8 @@ class Ingest:
         if len(backlog) > self.backlog_max:
             self._compact()
         cursor = (self.source, self.cursor) if self._cursor_dirty and self.cursor is not None else None
-        if not self._backlog and cursor is None and not self._rejections:
+        states = bool(self._states_pending)
+        if not self._backlog and cursor is None and not self._rejections and not states:
             if self._store_error is None:
                 self._confirmed(fed_at)
             return []
@@ -403,17 +467,20 @@ class Ingest:
         try:
             await self._flush_rejections()
             deltas = self._backlog
-            if deltas or cursor is not None:
+            # event states go after the markets; the cursor after both (it never runs ahead of the data
+            # it covers), so with states to write the markets are applied without it
+            market_cursor = None if states else cursor
+            if deltas or market_cursor is not None:
                 started = time.perf_counter()
                 try:
-                    result = await self.store.apply(deltas, book.markets, cursor)
+                    result = await self.store.apply(deltas, book.markets, market_cursor)
                     raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
                 except EpochChanged:
                     logger.warning("store epoch changed under source %s: re-sending every market as an image",
                                    self.source)
                     await self.store.reset_epoch()
                     self._backlog = deltas = book.reimage_all(stored_at)
-                    result = await self.store.apply(deltas, book.markets, cursor)
+                    result = await self.store.apply(deltas, book.markets, market_cursor)
                     raise_if_cancelled()
                 if result.lost and time.monotonic() >= self._reimage_after:
                     # the store lost writes it had acknowledged (a failover to a replica that had
@@ -432,19 +499,32 @@ class Ingest:
                 self.metrics.apply_seconds.observe(time.perf_counter() - started)
             else:
                 result = None
+            states_error: StoreError | None = None
+            if states:
+                self._backlog = []  # stored: a failure below must not write them again
+                try:
+                    await self._flush_states()
+                    if cursor is not None:
+                        await self.store.apply([], book.markets, cursor)
+                        raise_if_cancelled()
+                except StoreError as exc:  # the states (and the cursor) wait; the deltas are stored
+                    states_error = exc
         except StoreError as exc:
             self._store_failed(exc)
             return []
         self._backlog = []
-        if cursor is not None:
-            self._cursor_dirty = False
-        self._confirmed(fed_at)
-        if self._store_error is not None:
-            logger.warning("source %s: store writable again after %.1f s; %d deltas written", self.source,
-                           time.monotonic() - (self._store_down_since or 0.0), len(deltas))
-            self._store_error = None
-            self._store_down_since = None
-            self._store_backoff.reset()
+        if states_error is not None:
+            self._store_failed(states_error)
+        else:
+            if cursor is not None:
+                self._cursor_dirty = False
+            self._confirmed(fed_at)
+            if self._store_error is not None:
+                logger.warning("source %s: store writable again after %.1f s; %d deltas written", self.source,
+                               time.monotonic() - (self._store_down_since or 0.0), len(deltas))
+                self._store_error = None
+                self._store_down_since = None
+                self._store_backoff.reset()
         if result is None:
             return []
         if result.markets:
@@ -463,7 +543,7 @@ class Ingest:
         while Redis is unreachable); returns once everything sequenced so
         far is stored. Cancel it to give up."""
         await self.flush()
-        while self._backlog or self._store_error is not None:
+        while self._backlog or self._states_pending or self._store_error is not None:
             await asyncio.sleep(max(0.05, self._retry_at - time.monotonic()))
             await self.flush()
         await self.history.idle()  # best-effort: the price history, at most 5 s more
@@ -494,7 +574,7 @@ class Ingest:
         stats = self.stats
         stats.rejected += 1
         stats.rejected_by_reason[exc.reason] = stats.rejected_by_reason.get(exc.reason, 0) + 1
-        where = f" market {exc.market_id}" if exc.market_id else ""
+        where = f" market {exc.market_id}" if exc.market_id else f" event {exc.event_id}" if exc.event_id else ""
         logger.warning("rejected %s%s message (%s): %s; raw[:200]=%r", self.source, where, exc.reason,
                        exc.detail[:200], exc.raw[:200])
         if exc.market_id is not None:
@@ -553,6 +633,7 @@ class Ingest:
         markets). Returns how many the store dropped. Raises RedisError."""
         if self.settled_retention_ms <= 0 or self.backlog or self._pending or not self.store_ok:
             return 0
+        await self._prune_states()
         items = self.book.prune_closed(self.clock_ms(), self.settled_retention_ms)
         if not items:
             return 0
@@ -563,6 +644,23 @@ class Ingest:
         logger.info("%s: dropped %d closed markets older than %d s", self.source, len(dropped),
                     self.settled_retention_ms // 1000)
         return len(dropped)
+
+    async def _prune_states(self) -> None:
+        """Forget this source's event states that are final (ENDED, CLOSED,
+        CANCELLED, ABANDONED) and older than ``settled_retention_ms``, or that
+        have not changed for :data:`EVENT_STATE_IDLE_MS` — from memory and
+        the store (each only at the version written: a newer state wins).
+        Raises StoreError."""
+        now = self.clock_ms()
+        old = [(eid, es.version) for eid, es in self.event_states.items()
+               if (es.status in FINAL_EVENT_STATUSES and now - es.received_at > self.settled_retention_ms)
+               or now - es.received_at > EVENT_STATE_IDLE_MS]
+        if not old:
+            return
+        await self.store.prune_event_states(old)
+        for eid, _ in old:
+            self.event_states.pop(eid, None)
+        logger.info("%s: dropped %d event states (final, or idle for long)", self.source, len(old))
 
     async def publish_health(self) -> None:
         """Persist the source's health with its counters, cursor, session and lease."""

@@ -37,8 +37,10 @@ from msgspec import UNSET, UnsetType
 
 EventStatus = Literal[
     "NOT_STARTED", "LIVE", "SUSPENDED", "ENDED", "CLOSED", "CANCELLED",
-    "POSTPONED", "INTERRUPTED", "ABANDONED",
+    "POSTPONED", "INTERRUPTED", "ABANDONED", "DELAYED",
 ]
+#: Event statuses after which the event's state no longer changes (its score is final).
+FINAL_EVENT_STATUSES: frozenset[str] = frozenset({"ENDED", "CLOSED", "CANCELLED", "ABANDONED"})
 MarketStatus = Literal["OPEN", "SUSPENDED", "INACTIVE", "CLOSED", "SETTLED", "CANCELLED"]
 SelectionStatus = Literal["ACTIVE", "SUSPENDED", "REMOVED", "WINNER", "LOSER", "PLACED", "VOID", "HIDDEN"]
 SourceState = Literal["UP", "DEGRADED", "DOWN"]
@@ -59,6 +61,14 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     (American ``"-115"``, fractional ``"5/2"``), else None.
     back / lay: ``[[price, size], …]`` best first. ltp: last traded decimal
     price. traded_volume: total matched on this selection.
+    void_factor: the share of a stake refunded at settlement, 0–1 (a fraction,
+    not percent): ``1.0`` with status VOID (the bet is void), ``0.5`` with
+    WINNER / LOSER on an Asian quarter line (half the stake refunded, the
+    other half won / lost); None when the provider gives none.
+    dead_heat_factor: the share of a WINNER's (or PLACED's) payout paid after
+    a dead heat, in (0, 1] (``0.5``: two runners tied for one place; UOF
+    ``dead_heat_factor``); None when there was no dead heat or the provider
+    gives none.
     """
 
     selection_id: str
@@ -76,6 +86,8 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     bsp: float | None = None
     price_raw: str | None = None
     outcome: str | None = None
+    void_factor: float | None = None
+    dead_heat_factor: float | None = None
 
 
 class SelectionChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
@@ -110,6 +122,8 @@ class SelectionChange(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     bsp: float | None | UnsetType = UNSET
     price_raw: str | None | UnsetType = UNSET
     outcome: str | None | UnsetType = UNSET
+    void_factor: float | None | UnsetType = UNSET
+    dead_heat_factor: float | None | UnsetType = UNSET
 
 
 #: The fields of a selection other than its id (those a SelectionChange may carry).
@@ -119,7 +133,7 @@ assert SelectionChange.__struct_fields__ == Selection.__struct_fields__
 # fields that seldom change, compared together (selection_change: by identity first, the same
 # semantics as the tuple comparison, which also takes identical items as equal)
 _RARE_FIELDS = ("name", "handicap", "status", "max_stake", "sort_priority", "adjustment_factor", "bsp",
-                "price_raw", "outcome")
+                "price_raw", "outcome", "void_factor", "dead_heat_factor")
 _rare = attrgetter(*_RARE_FIELDS)
 
 
@@ -156,7 +170,8 @@ def selection_change(old: Selection | None, new: Selection) -> SelectionChange |
     if not (new.name is old.name and new.handicap is old.handicap and new.status is old.status
             and new.max_stake is old.max_stake and new.sort_priority is old.sort_priority
             and new.adjustment_factor is old.adjustment_factor and new.bsp is old.bsp
-            and new.price_raw is old.price_raw and new.outcome is old.outcome):
+            and new.price_raw is old.price_raw and new.outcome is old.outcome
+            and new.void_factor is old.void_factor and new.dead_heat_factor is old.dead_heat_factor):
         rare_new = _rare(new)
         rare_old = _rare(old)
         if rare_new != rare_old:
@@ -231,6 +246,12 @@ def _present(c: SelectionChange) -> dict[str, Any]:
     v = c.outcome
     if v is not u:
         out["outcome"] = v
+    v = c.void_factor
+    if v is not u:
+        out["void_factor"] = v
+    v = c.dead_heat_factor
+    if v is not u:
+        out["dead_heat_factor"] = v
     return out
 
 
@@ -306,6 +327,125 @@ class Market(_MarketFields, frozen=True, kw_only=True, gc=False):
             if sel.selection_id == selection_id:
                 return sel
         return None
+
+
+# -- event state: scores, clock, period ----------------------------------------------------------
+
+HomeAway = Literal["home", "away"]
+
+
+class PeriodScore(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The score of one period. period: a period code (see :class:`EventState`);
+    home / away: points, goals or runs scored in it (non-negative ints)."""
+
+    period: str
+    home: int
+    away: int
+
+
+class Score(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """An event's score. home / away: the running (or final) totals in the
+    sport's unit — goals, points, runs, sets for tennis — as non-negative ints.
+    periods: per-period scores in the order they were played, as the provider
+    gives them (they may overlap: Pinnacle settles basketball halves *and*
+    quarters; [] when the provider gives only totals)."""
+
+    home: int
+    away: int
+    periods: list[PeriodScore] = []
+
+
+class Clock(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The match clock as read at ``at``.
+
+    seconds: elapsed match time in seconds at ``at`` (soccer 23:10 → 1390;
+    counts up across periods as the sport counts it: 45:00 at the start of
+    a soccer second half). running: the clock was running at ``at``; a
+    client extrapolates ``seconds + (now − at) / 1000`` while it runs (no
+    message per second) and shows ``seconds`` while it is stopped.
+    at: int ms since the epoch (provider time) the reading refers to.
+    remaining_s: seconds left in the current period (count-down sports:
+    basketball quarters), None when not given. stoppage_s: stoppage /
+    added time played or announced, seconds, None when not given.
+    """
+
+    seconds: int
+    running: bool
+    at: int
+    remaining_s: int | None = None
+    stoppage_s: int | None = None
+
+
+class TeamCounts(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A count per side (red cards): non-negative ints."""
+
+    home: int = 0
+    away: int = 0
+
+
+class Innings(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One cricket innings. number: 1, 2 …; team: the batting side
+    (``home`` / ``away``; None when the provider has not named it yet);
+    runs, wickets: non-negative ints; balls: legal deliveries bowled
+    (overs × 6 + balls: Betfair's ``"19.4"`` overs → 118)."""
+
+    number: int
+    team: HomeAway | None = None
+    runs: int = 0
+    wickets: int = 0
+    balls: int = 0
+
+
+class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The state of one provider event: status, period, clock, score, cards,
+    cricket innings — what the provider gives, nothing derived.
+
+    event_id: the provider event id markets carry in ``Market.event_id``
+    (``bf:31573045``, ``pn:1590000001``, ``uof:sr:match:1001``).
+    source: the ingest source that wrote it. status / in_play: the event's
+    status (:data:`EventStatus`) and whether it is being played.
+    period: the current period as a lowercase code, the same vocabulary as
+    the markets' ``period`` specifier (:mod:`feed.taxonomy`): ``1h``,
+    ``2h``, ``q1``–``q4``, ``p1``–``p3``, ``set1``…, plus the states between
+    and after periods: ``ht`` (half time), ``et`` (extra time), ``pen``
+    (penalties), ``ot`` (overtime), ``break``, cricket ``innings1``,
+    ``innings2`` …; None when not in play or not given.
+    clock: see :class:`Clock` (None: the provider gives none).
+    score: see :class:`Score` (None: not given). red_cards: per side (None:
+    not given). innings: cricket innings in order ([] for other sports).
+    source_ts / received_at: the provider's time of the state and when the
+    ingest read it, int ms since the epoch (UTC); source_ts_original: a
+    replay's own clock when it was mapped onto now. version: per event,
+    strictly increasing, assigned by the ingest when it stores a changed
+    state (a consumer that holds version v ignores anything ≤ v).
+    """
+
+    event_id: str
+    source: str
+    status: EventStatus = "NOT_STARTED"
+    in_play: bool = False
+    period: str | None = None
+    clock: Clock | None = None
+    score: Score | None = None
+    red_cards: TeamCounts | None = None
+    innings: list[Innings] = []
+    source_ts: int = 0
+    received_at: int = 0
+    source_ts_original: int | None = None
+    version: int = 0
+
+    def same_content(self, other: EventState | None) -> bool:
+        """True when ``other`` says the same as this state (status, in-play,
+        period, clock, score, cards, innings), whatever the times and version."""
+        return (other is not None and self.event_id == other.event_id and self.status == other.status
+                and self.in_play == other.in_play and self.period == other.period and self.clock == other.clock
+                and self.score == other.score and self.red_cards == other.red_cards
+                and self.innings == other.innings)
+
+    @property
+    def provider_ts(self) -> int:
+        """The provider's own time of this state: a replay's original clock when set, else ``source_ts``."""
+        return self.source_ts if self.source_ts_original is None else self.source_ts_original
 
 
 class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
@@ -456,3 +596,5 @@ MARKET_DECODER = msgspec.json.Decoder(Market)
 DELTA_DECODER = msgspec.json.Decoder(Delta)
 DELTAS_DECODER = msgspec.json.Decoder(list[Delta])
 HEALTH_DECODER = msgspec.json.Decoder(SourceHealth)
+EVENT_STATE_DECODER = msgspec.json.Decoder(EventState)
+EVENT_STATES_DECODER = msgspec.json.Decoder(list[EventState])

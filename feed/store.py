@@ -29,6 +29,12 @@ so one script touches them on Redis Cluster)::
     of:{links}:canon       hash  canonical id -> JSON summary (sport, name, start_time, members …)
     of:{links}:ver         counter, bumped when the links are rewritten (API nodes reload on change)
     of:{links}:lease       the linker lease (one linker writes links at a time)
+    of:{es}:state          hash  provider event id -> msgspec JSON of feed.models.EventState (the latest)
+    of:{es}:v              hash  event id -> version of the stored state
+    of:{es}:pt             hash  event id -> provider time (ms) of the stored state
+    of:{es}:owner          hash  event id -> the source that owns it (first writer)
+    of:{es}:log            stream of event-state changes, MAXLEN ~ log_maxlen; field d = JSON array of
+                           EventState (each a whole state: a consumer keeps the highest version per event)
 
 ``p = crc32(market_id) mod partitions``.
 
@@ -59,7 +65,18 @@ from redis.exceptions import RedisError, ResponseError
 from redis.typing import KeyT, StreamIdT
 
 from feed.errors import StoreError
-from feed.models import DELTAS_DECODER, ENCODER, HEALTH_DECODER, MARKET_DECODER, Delta, Market, SourceHealth
+from feed.models import (
+    DELTAS_DECODER,
+    ENCODER,
+    EVENT_STATE_DECODER,
+    EVENT_STATES_DECODER,
+    HEALTH_DECODER,
+    MARKET_DECODER,
+    Delta,
+    EventState,
+    Market,
+    SourceHealth,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +130,13 @@ SOURCES_KEY = "of:sources"
 QUARANTINE_KEY = "of:quarantine"
 QUARANTINE_COUNT_KEY = "of:quarantine:count"
 
+
+ES_STATE_KEY = "of:{es}:state"
+ES_VERSION_KEY = "of:{es}:v"
+ES_PT_KEY = "of:{es}:pt"
+ES_OWNER_KEY = "of:{es}:owner"
+ES_LOG_KEY = "of:{es}:log"
+_ES_KEYS = [ES_STATE_KEY, ES_VERSION_KEY, ES_PT_KEY, ES_OWNER_KEY, ES_LOG_KEY]
 
 EVENTS_KEY = "of:{links}:events"
 EVENTS_SEEN_KEY = "of:{links}:seen"
@@ -222,6 +246,63 @@ return {id, kept, dropped, foreign, lost, kept_ids}
 """
 
 
+# KEYS: 1 state hash, 2 version hash, 3 provider-time hash, 4 owner hash, 5 log stream
+# ARGV: 1 log maxlen, 2 n states, then per state: event id, JSON, version, provider time (ms), source
+# A state is kept only when its version is above the stored one and its provider time not below the
+# stored one (an out-of-order or older state never overwrites a newer one), and only from the source
+# that first wrote the event (another source's states are dropped as foreign). The kept states are
+# appended to the log as one entry. Returns {log entry id or "", kept, dropped, foreign}.
+EVENT_STATE_SCRIPT = """
+local n = tonumber(ARGV[2])
+local parts = {}
+local kept, dropped, foreign = 0, 0, 0
+local a = 3
+for i = 1, n do
+  local eid = ARGV[a]
+  local owner = redis.call('HGET', KEYS[4], eid)
+  if owner and owner ~= ARGV[a + 4] then
+    foreign = foreign + 1
+  else
+    local v = tonumber(redis.call('HGET', KEYS[2], eid) or '-1')
+    local pt = tonumber(redis.call('HGET', KEYS[3], eid) or '0')
+    if tonumber(ARGV[a + 2]) <= v or tonumber(ARGV[a + 3]) < pt then
+      dropped = dropped + 1
+    else
+      redis.call('HSET', KEYS[1], eid, ARGV[a + 1])
+      redis.call('HSET', KEYS[2], eid, ARGV[a + 2])
+      redis.call('HSET', KEYS[3], eid, ARGV[a + 3])
+      redis.call('HSET', KEYS[4], eid, ARGV[a + 4])
+      parts[#parts + 1] = ARGV[a + 1]
+      kept = kept + 1
+    end
+  end
+  a = a + 5
+end
+local id = ''
+if #parts > 0 then
+  id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[1], '*', 'd', '[' .. table.concat(parts, ',') .. ']')
+end
+return {id, kept, dropped, foreign}
+"""
+
+# KEYS: state, version, provider-time, owner hashes; ARGV: event id, version, … Drops each state only if
+# its stored version is still the given one. Returns the ids dropped.
+PRUNE_STATES_SCRIPT = """
+local out = {}
+for i = 1, #ARGV, 2 do
+  local eid = ARGV[i]
+  if redis.call('HGET', KEYS[2], eid) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], eid)
+    redis.call('HDEL', KEYS[2], eid)
+    redis.call('HDEL', KEYS[3], eid)
+    redis.call('HDEL', KEYS[4], eid)
+    out[#out + 1] = eid
+  end
+end
+return out
+"""
+
+
 PRUNE_SCRIPT = """
 local out = {}
 local n = #ARGV / 2
@@ -305,6 +386,18 @@ class ApplyResult:
     markets: set[str] = field(default_factory=set)
 
 
+@dataclass(slots=True)
+class EventStateResult:
+    """What one event-state write did: the log entry id ("" when nothing was
+    kept), states kept, dropped (not newer than the stored one) and foreign
+    (the event belongs to another source)."""
+
+    entry: str
+    kept: int
+    dropped: int
+    foreign: int
+
+
 class EpochChanged(StoreError):
     """The store's epoch is not the one this writer started with (Redis lost
     its data or was reset): the writer must re-send full images."""
@@ -386,6 +479,8 @@ class Store:
         self._lease = redis.register_script(LEASE_SCRIPT)
         self._prune = redis.register_script(PRUNE_SCRIPT)
         self._history = redis.register_script(HISTORY_SCRIPT)
+        self._event_states = redis.register_script(EVENT_STATE_SCRIPT)
+        self._prune_states = redis.register_script(PRUNE_STATES_SCRIPT)
 
     @classmethod
     async def open(cls, url: str, *, partitions: int = 1, log_maxlen: int = 100_000,
@@ -595,6 +690,99 @@ class Store:
             raise StoreError(f"redis read failed: {exc}") from None
         return sorted(found)
 
+    # -- event states (feed.models.EventState) -----------------------------------------------
+
+    async def apply_event_states(self, states: Iterable[EventState]) -> EventStateResult:
+        """Store event states (each a whole state with its version) in one
+        script call: the latest per event in ``of:{es}:state``, the kept ones
+        appended to ``of:{es}:log`` as one entry. A state whose version is not
+        above the stored one, or whose provider time is older, is dropped; one
+        for an event another source owns is dropped as foreign. Raises
+        StoreError."""
+        args: list[bytes | str | int] = [self.log_maxlen, 0]
+        n = 0
+        encode = ENCODER.encode
+        for es in states:
+            args += [es.event_id, encode(es), es.version, es.provider_ts, es.source]
+            n += 1
+        if not n:
+            return EventStateResult("", 0, 0, 0)
+        args[1] = n
+        try:
+            res = await self._event_states(keys=_ES_KEYS, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+        return EventStateResult(reply_text(res[0]), int(res[1]), int(res[2]), int(res[3]))
+
+    async def load_event_states(self, source: str | None = None) -> list[EventState]:
+        """Every stored event state (of ``source`` only, when given). Raises StoreError."""
+        try:
+            raw = await self.redis.hgetall(ES_STATE_KEY)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        out = [EVENT_STATE_DECODER.decode(v) for v in raw.values()]
+        return [es for es in out if source is None or es.source == source]
+
+    async def get_event_states(self, event_ids: Iterable[str]) -> dict[str, EventState]:
+        """The stored states of ``event_ids`` (those that have one). Raises StoreError."""
+        ids = list(event_ids)
+        if not ids:
+            return {}
+        try:
+            values = await self.redis.hmget(ES_STATE_KEY, ids)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return {eid: EVENT_STATE_DECODER.decode(v) for eid, v in zip(ids, values, strict=True) if v is not None}
+
+    async def event_state_log_bounds(self) -> tuple[str | None, str]:
+        """(id of the oldest retained entry of ``of:{es}:log`` or None when it
+        is empty, id of the newest or ``"0-0"``). Raises StoreError."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xrange(ES_LOG_KEY, count=1)
+            pipe.xrevrange(ES_LOG_KEY, count=1)
+            first, last = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return (reply_text(first[0][0]) if first else None), (reply_text(last[0][0]) if last else "0-0")
+
+    async def event_state_log_has(self, entry_id: str) -> bool:
+        """Whether ``of:{es}:log`` still holds entry ``entry_id``. Raises StoreError."""
+        try:
+            return bool(await self.redis.xrange(ES_LOG_KEY, min=entry_id, max=entry_id, count=1))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+
+    async def read_event_state_log(self, after: str, *, block_ms: int | None = None,
+                                   count: int = 1000) -> list[tuple[str, list[EventState]]]:
+        """Entries of ``of:{es}:log`` after entry id ``after``, oldest first:
+        [(entry id, states)]; ``block_ms`` waits for the first (XREAD BLOCK).
+        Raises StoreError (also for an entry that does not decode)."""
+        try:
+            res = await self.redis.xread({ES_LOG_KEY: after}, count=count, block=block_ms)
+            out: list[tuple[str, list[EventState]]] = []
+            for _, rows in reply_streams(res):
+                for entry_id, fields in rows:
+                    out.append((entry_id, EVENT_STATES_DECODER.decode(fields[b"d"])))
+        except (RedisError, OSError, msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
+            raise StoreError(f"redis read of the event-state log failed: {exc}") from None
+        return out
+
+    async def prune_event_states(self, states: Iterable[tuple[str, int]]) -> list[str]:
+        """Drop stored event states — ``(event id, version)`` pairs, each only
+        if its stored version is still that one (a newer state wins). Returns
+        the ids dropped. Raises StoreError."""
+        args: list[str | int] = []
+        for eid, version in states:
+            args += [eid, version]
+        if not args:
+            return []
+        try:
+            res = await self._prune_states(keys=_ES_KEYS[:4], args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+        return [reply_text(x) for x in res]
+
     # -- reads ---------------------------------------------------------------
 
     async def load_cursor(self, source: str) -> str | None:
@@ -646,6 +834,11 @@ class Store:
     def tail(self, p: int) -> "LogTail":
         """A :class:`LogTail` following partition ``p``'s log (close it with ``aclose()``)."""
         return LogTail(self, p)
+
+    def event_state_tail(self) -> "StreamTail":
+        """A :class:`StreamTail` following the event-state log (``read_entries`` gives
+        ``[(entry id, [EventState…])]``; close it with ``aclose()``)."""
+        return StreamTail(self, ES_LOG_KEY, EVENT_STATES_DECODER)
 
     async def log_range(self, p: int, after: str, *, count: int | None = None) -> list[tuple[str, list[Delta]]]:
         """Log entries of partition p strictly after entry id ``after``."""
@@ -823,7 +1016,78 @@ LogEntries = list[tuple[str, list[Delta]]]
 """Log entries of one partition, oldest first: [(entry id, deltas)]."""
 
 
-class LogTail:
+class StreamTail:
+    """Follows one Redis stream with ``XREAD BLOCK`` on a connection of its own
+    (see :class:`LogTail`, which adds the delta log's guards): each entry's
+    ``d`` field decoded once with ``decoder``; every reply awaited with a
+    deadline; a cancel, timeout or error drops the connection (the next call
+    opens a new one), so a cancelled blocking read never leaves a reply behind
+    or holds a pooled connection. Raises RedisError/OSError, StoreError on an
+    unexpected reply, msgspec.DecodeError/ValidationError on an undecodable entry."""
+
+    def __init__(self, store: "Store", key: str, decoder: Any) -> None:
+        self.store = store
+        self.key = key
+        self._decode = decoder.decode
+        r = store.redis
+        self._pool: aioredis.ConnectionPool | None = None
+        self._conn: aioredis.connection.AbstractConnection | None = None
+        self.timeout_s = 5.0
+        if not isinstance(r, RedisCluster):
+            pool = r.connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            self.timeout_s = float(kwargs.get("socket_timeout") or 5.0)
+            kwargs["socket_timeout"] = None
+            kwargs.pop("orig_socket_timeout", None)
+            kwargs["retry"] = Retry(NoBackoff(), 0)  # the caller backs off (with jitter) and reports
+            self._pool = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
+
+    async def aclose(self) -> None:
+        """Drop the connection (idempotent)."""
+        self._conn = None
+        if self._pool is not None:
+            await self._pool.disconnect()
+
+    async def read_entries(self, after: str, *, block_ms: int, count: int) -> list[tuple[str, Any]]:
+        """Entries after id ``after`` (at most ``count``; waits up to ``block_ms`` ms for the first)."""
+        if self._pool is None:
+            return self._entries(await self.store.redis.xread({self.key: after}, count=count, block=block_ms))
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._pool.get_connection()
+        xread = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, after)
+        try:
+            await conn.send_packed_command(conn.pack_command(*xread))
+            return self._entries(await _reply(conn, max(self.timeout_s, block_ms / 1000 + 1.0)))
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+
+    def _entries(self, res: object) -> list[tuple[str, Any]]:
+        """An XREAD reply (raw or through redis-py's callback; RESP2 or 3) → entries, each decoded once."""
+        if res is None:
+            return []
+        if isinstance(res, dict):  # RESP3: {key: rows}
+            streams = list(res.values())
+        elif isinstance(res, list):  # RESP2: [[key, rows]]
+            streams = [pair[1] for pair in res]
+        else:
+            raise StoreError(f"unexpected redis XREAD reply {res!r:.80}")
+        decode = self._decode
+        out: list[tuple[str, Any]] = []
+        for rows in streams:
+            for entry_id, fields in rows:
+                if isinstance(fields, list) and len(fields) == 2 and fields[0] == b"d":
+                    payload = fields[1]
+                elif isinstance(fields, dict):  # parsed by redis-py
+                    payload = fields[b"d"]
+                else:
+                    raise StoreError(f"unexpected redis stream entry {fields!r:.80}")
+                out.append((reply_text(entry_id), decode(payload)))
+        return out
+
+
+class LogTail(StreamTail):
     """Follows one partition's delta log: ``XREAD BLOCK`` and, on request, the
     guards (:class:`LogCheck`) in the same round trip, or the guards alone.
 
@@ -843,29 +1107,10 @@ class LogTail:
     """
 
     def __init__(self, store: Store, p: int) -> None:
-        self.store = store
+        super().__init__(store, log_key(p), DELTAS_DECODER)
         self.partition = p
-        self.key = log_key(p)
         self._pepoch_key = pepoch_key(p)
         self._check_cmd = (("GET", EPOCH_KEY), ("GET", self._pepoch_key), ("XRANGE", self.key, "-", "+", "COUNT", 1))
-        r = store.redis
-        self._pool: aioredis.ConnectionPool | None = None
-        self._conn: aioredis.connection.AbstractConnection | None = None
-        self.timeout_s = 5.0
-        if not isinstance(r, RedisCluster):
-            pool = r.connection_pool
-            kwargs = dict(pool.connection_kwargs)
-            self.timeout_s = float(kwargs.get("socket_timeout") or 5.0)
-            kwargs["socket_timeout"] = None
-            kwargs.pop("orig_socket_timeout", None)
-            kwargs["retry"] = Retry(NoBackoff(), 0)  # the caller backs off (with jitter) and reports
-            self._pool = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
-
-    async def aclose(self) -> None:
-        """Drop the connection (idempotent)."""
-        self._conn = None
-        if self._pool is not None:
-            await self._pool.disconnect()
 
     async def read(self, after: str, *, block_ms: int, count: int,
                    check: bool = False) -> tuple[LogEntries, LogCheck | None]:
@@ -919,29 +1164,6 @@ class LogTail:
         # a cluster pipeline groups commands by node: read first, then the guards
         res = await r.xread({self.key: after}, count=count, block=block_ms)
         return self._entries(res), await self.check()
-
-    def _entries(self, res: object) -> LogEntries:
-        """An XREAD reply (raw or through redis-py's callback; RESP2 or 3) → entries, each decoded once."""
-        if res is None:
-            return []
-        if isinstance(res, dict):  # RESP3: {key: rows}
-            streams = list(res.values())
-        elif isinstance(res, list):  # RESP2: [[key, rows]]
-            streams = [pair[1] for pair in res]
-        else:
-            raise StoreError(f"unexpected redis XREAD reply {res!r:.80}")
-        decode = DELTAS_DECODER.decode
-        out: LogEntries = []
-        for rows in streams:
-            for entry_id, fields in rows:
-                if isinstance(fields, list) and len(fields) == 2 and fields[0] == b"d":
-                    payload = fields[1]
-                elif isinstance(fields, dict):  # parsed by redis-py
-                    payload = fields[b"d"]
-                else:
-                    raise StoreError(f"unexpected redis stream entry {fields!r:.80}")
-                out.append((reply_text(entry_id), decode(payload)))
-        return out
 
 
 async def _reply(conn: Any, timeout_s: float) -> Any:

@@ -23,6 +23,8 @@ version, bet_delay_s,        ``int`` (not bool), ``0 ≤ x ≤ 2**53 − 1``    
 number_of_winners,           (``2**53 − 1``: above it JavaScript clients
 sort_priority                lose precision)
 adjustment_factor            finite, ``0 ≤ x ≤ 100`` (percent)                  ``invalid_number``
+void_factor                  finite, ``0 ≤ x ≤ 1`` (a fraction of the stake)    ``invalid_number``
+dead_heat_factor             finite, ``0 < x ≤ 1`` (a fraction of the payout)   ``invalid_number``
 handicap                     finite, ``|x| ≤ 1000``                             ``invalid_number``
 start_time                   ``int`` ms, 1970-01-01 ≤ t ≤ 2100-01-01 (UTC)      ``invalid_time``
 source_ts                    ``int`` ms, ``0 < t ≤ 2100-01-01`` and             ``clock_skew``
@@ -73,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 from feed.errors import FeedDecodeError
 
 if TYPE_CHECKING:
-    from feed.models import Ladder, MarketHeader, Selection
+    from feed.models import EventState, Ladder, MarketHeader, Selection
     from feed.normalise.base import MarketUpdate
 
 __all__ = [
@@ -93,6 +95,8 @@ __all__ = [
     "check_time",
     "is_price",
     "is_size",
+    "check_event_state",
+    "validate_event_state",
     "validate_update",
 ]
 
@@ -200,6 +204,12 @@ def _selection(s: Selection, market_id: str) -> None:
     x = s.handicap
     if not (-MAX_HANDICAP <= x <= MAX_HANDICAP):
         raise _bad("invalid_number", market_id, f"selection {s.selection_id} handicap", x)
+    x = s.void_factor
+    if x is not None and not (0.0 <= x <= 1.0):
+        raise _bad("invalid_number", market_id, f"selection {s.selection_id} void_factor", x)
+    x = s.dead_heat_factor
+    if x is not None and not (0.0 < x <= 1.0):
+        raise _bad("invalid_number", market_id, f"selection {s.selection_id} dead_heat_factor", x)
 
 
 def _header(h: MarketHeader, market_id: str) -> None:
@@ -298,6 +308,12 @@ def _ok(header: MarketHeader | None, selections: Iterable[Selection], traded_vol
         if x is not None and not 0.0 <= x <= _adj:
             return False
         if not -_hc <= s.handicap <= _hc:
+            return False
+        x = s.void_factor
+        if x is not None and not 0.0 <= x <= 1.0:
+            return False
+        x = s.dead_heat_factor
+        if x is not None and not 0.0 < x <= 1.0:
             return False
     return True
 
@@ -410,3 +426,118 @@ def validate_update(update: MarketUpdate, recv_ms: int, *, max_future_skew_ms: i
         pass
     check_market(update.market_id, update.header, update.selections, update.traded_volume,
                  update.source_ts, update.source_ts_original, recv_ms, max_future_skew_ms)
+
+
+# -- event state (feed.models.EventState) ---------------------------------------------------------
+
+#: scores (totals and periods, goals / points / runs) are ints within 0..this
+MAX_SCORE = 100_000
+#: red cards per side at most this
+MAX_CARDS = 20
+#: clock readings (elapsed, remaining, stoppage) are seconds within 0..this (a day)
+MAX_CLOCK_S = 86_400
+#: cricket: wickets per innings at most this; legal balls per innings at most this; innings at most this
+MAX_WICKETS = 11
+MAX_BALLS = 10_000
+MAX_INNINGS = 20
+#: periods listed in one score at most this
+MAX_PERIODS = 64
+#: a period code: lowercase letters, digits, ``_``, 1–16 characters (``1h``, ``ht``, ``q3``, ``innings2``)
+_PERIOD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+_EVENT_STATUSES = frozenset({"NOT_STARTED", "LIVE", "SUSPENDED", "ENDED", "CLOSED", "CANCELLED", "POSTPONED",
+                             "INTERRUPTED", "ABANDONED", "DELAYED"})
+
+
+def is_period(text: object) -> bool:
+    """``text`` is a period code (see :class:`feed.models.EventState`)."""
+    return type(text) is str and 1 <= len(text) <= 16 and all(c in _PERIOD_CHARS for c in text)
+
+
+def _es_bad(reason: str, event_id: str, what: str, value: object) -> FeedDecodeError:
+    return FeedDecodeError(reason, f"{what} {value!r:.80} out of range in the state of event {event_id}",
+                           event_id=event_id)
+
+
+def _es_int(event_id: str, what: str, value: object, hi: int, lo: int = 0) -> None:
+    if type(value) is not int:
+        raise FeedDecodeError("invalid_schema", f"{what} {value!r:.80} is not an integer in the state of event "
+                              f"{event_id}", event_id=event_id)
+    if not lo <= value <= hi:
+        raise _es_bad("invalid_number", event_id, what, value)
+
+
+def validate_event_state(es: EventState, recv_ms: int, *, max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
+    """Check one :class:`~feed.models.EventState` (the ingest runs it on every
+    state a normaliser emits; normalisers run it before they absorb a state).
+
+    Bounds: scores (totals, periods, innings runs) ints 0..:data:`MAX_SCORE`;
+    red cards 0..:data:`MAX_CARDS`; wickets 0..:data:`MAX_WICKETS`; balls
+    0..:data:`MAX_BALLS`; innings numbers 1..:data:`MAX_INNINGS`; clock
+    seconds / remaining / stoppage 0..:data:`MAX_CLOCK_S` — ``invalid_number``;
+    a value of the wrong type, an unknown status, a period code that is not
+    1–16 of ``[a-z0-9_]``, more than :data:`MAX_PERIODS` periods or
+    :data:`MAX_INNINGS` innings, an empty event id — ``invalid_schema``;
+    ``source_ts`` and the clock's ``at`` as every provider time (positive,
+    ≤ 2100-01-01, at most ``max_future_skew_ms`` after ``recv_ms``),
+    ``source_ts_original`` positive and ≤ 2100 — ``clock_skew``.
+    Raises :class:`~feed.errors.FeedDecodeError` with ``event_id`` set;
+    returns None when the state is within bounds.
+    """
+    eid = es.event_id
+    if type(eid) is not str or not 0 < len(eid) <= 256:
+        raise FeedDecodeError("invalid_schema", f"event id {eid!r:.80} is not 1-256 characters", event_id=None)
+    try:
+        check_provider_time(es.source_ts, recv_ms, max_future_skew_ms, f"source_ts of the state of event {eid}")
+        o = es.source_ts_original
+        if o is not None and (type(o) is not int or o <= 0 or o > MAX_TIME_MS):
+            raise _es_bad("clock_skew", eid, "source_ts_original", o)
+        if es.status not in _EVENT_STATUSES:
+            raise FeedDecodeError("invalid_schema", f"status {es.status!r:.40} of event {eid}")
+        if type(es.in_play) is not bool:
+            raise FeedDecodeError("invalid_schema", f"in_play {es.in_play!r:.40} of event {eid}")
+        if es.period is not None and not is_period(es.period):
+            raise FeedDecodeError("invalid_schema", f"period {es.period!r:.40} of event {eid} is not 1-16 of [a-z0-9_]")
+        _es_int(eid, "version", es.version, MAX_INT)
+        c = es.clock
+        if c is not None:
+            _es_int(eid, "clock seconds", c.seconds, MAX_CLOCK_S)
+            if type(c.running) is not bool:
+                raise FeedDecodeError("invalid_schema", f"clock running {c.running!r:.40} of event {eid}")
+            check_provider_time(c.at, recv_ms, max_future_skew_ms, f"clock at of event {eid}")
+            if c.remaining_s is not None:
+                _es_int(eid, "clock remaining_s", c.remaining_s, MAX_CLOCK_S)
+            if c.stoppage_s is not None:
+                _es_int(eid, "clock stoppage_s", c.stoppage_s, MAX_CLOCK_S)
+        sc = es.score
+        if sc is not None:
+            _es_int(eid, "home score", sc.home, MAX_SCORE)
+            _es_int(eid, "away score", sc.away, MAX_SCORE)
+            if len(sc.periods) > MAX_PERIODS:
+                raise FeedDecodeError("invalid_schema", f"{len(sc.periods)} periods in the score of event {eid}")
+            for p in sc.periods:
+                if not is_period(p.period):
+                    raise FeedDecodeError("invalid_schema", f"period {p.period!r:.40} in the score of event {eid}")
+                _es_int(eid, f"{p.period} home score", p.home, MAX_SCORE)
+                _es_int(eid, f"{p.period} away score", p.away, MAX_SCORE)
+        rc = es.red_cards
+        if rc is not None:
+            _es_int(eid, "home red cards", rc.home, MAX_CARDS)
+            _es_int(eid, "away red cards", rc.away, MAX_CARDS)
+        if len(es.innings) > MAX_INNINGS:
+            raise FeedDecodeError("invalid_schema", f"{len(es.innings)} innings in the state of event {eid}")
+        for inn in es.innings:
+            _es_int(eid, "innings number", inn.number, MAX_INNINGS, 1)
+            if inn.team not in (None, "home", "away"):
+                raise FeedDecodeError("invalid_schema", f"innings team {inn.team!r:.40} of event {eid}")
+            _es_int(eid, f"innings {inn.number} runs", inn.runs, MAX_SCORE)
+            _es_int(eid, f"innings {inn.number} wickets", inn.wickets, MAX_WICKETS)
+            _es_int(eid, f"innings {inn.number} balls", inn.balls, MAX_BALLS)
+    except FeedDecodeError as exc:
+        exc.event_id = eid
+        raise
+    except (TypeError, ValueError) as exc:  # a structure that is not what the model says
+        raise FeedDecodeError("invalid_schema", f"state of event {eid}: {exc}", event_id=eid) from None
+
+
+#: the same checks, under the name the normalisers use before they absorb a state
+check_event_state = validate_event_state

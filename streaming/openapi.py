@@ -63,7 +63,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from feed.models import Delta, Market, SourceHealth, SourceState
+from feed.models import Delta, EventState, Market, SourceHealth, SourceState
 from streaming.aggregate import MarketView
 from streaming.history import MarketHistory, PriceAt
 from streaming.pricecheck import MAX_BODY_BYTES, MAX_LEGS, BatchRequest, BatchResult, PriceCheckRequest, PriceCheckResult
@@ -104,6 +104,23 @@ class MarketList(msgspec.Struct, kw_only=True):
     as_of: int
 
 
+class EventStateWithAge(EventState, frozen=True, kw_only=True, gc=False):
+    """An event's state as served: the EventState of feed.models (status, period, clock, score, red
+    cards, cricket innings; ``version`` per event, increasing) plus its age and staleness
+    (``streaming.event_states``: stale when its source is DOWN, or when not final and older than the
+    in-play / pre-match limit)."""
+
+    age_ms: int
+    stale: bool
+
+
+class EventStateOfMember(EventStateWithAge, frozen=True, kw_only=True, gc=False):
+    """One member provider event's own state; ``reversed``: it names the sides the other way round
+    from the canonical event (its home is the canonical away)."""
+
+    reversed: bool
+
+
 class EventSummary(msgspec.Struct, kw_only=True):
     """One canonical event (every book's markets of one real event)."""
 
@@ -117,10 +134,12 @@ class EventSummary(msgspec.Struct, kw_only=True):
     members: list[str]
     bookmakers: list[str]
     view: list[MarketView] | UnsetType = UNSET
+    state: EventStateWithAge | UnsetType = UNSET
 
 
 class EventList(msgspec.Struct, kw_only=True):
-    """``GET /v1/events``; each event has ``view`` (aggregated markets) only with ``view=best``."""
+    """``GET /v1/events``; each event has ``view`` (aggregated markets) only with ``view=best``, and
+    ``state`` (score, clock, status) when one of its provider events has one."""
 
     events: list[EventSummary]
     count: int
@@ -160,6 +179,10 @@ class EventDetail(msgspec.Struct, kw_only=True):
     view: list[MarketView]
     fair_method: Literal["multiplicative", "power"]
     markets: list[MarketWithAge] | UnsetType = UNSET
+    state: EventStateWithAge | None
+    """the state to show (a member's: not stale first, then the newest), turned round to the canonical
+    event's home / away; null when no member has one"""
+    states: list[EventStateOfMember]
     as_of: int
 
 

@@ -58,6 +58,7 @@ from streaming.aggregate import FAIR_METHODS
 from streaming.encoding import parse_stream_id
 from streaming.hub import Hub
 from streaming.latency import HOPS, PRICE_CHECK_BUCKETS_S, Histogram
+from streaming.event_states import EventStates, EventStateTail
 from streaming.state import NodeOptions, NodeState, now_ms
 from streaming.tenants import Tenants
 
@@ -65,6 +66,8 @@ __all__ = ["Node", "PartitionReader"]
 
 logger = logging.getLogger(__name__)
 
+#: how long :meth:`Node.stop` waits for its cancelled tasks to end, s
+STOP_WAIT_S = 3.0
 #: how often the node drops closed markets past ``settings.settled_retention_ms``, ms
 PRUNE_EVERY_MS = 30_000
 
@@ -293,6 +296,10 @@ class Node:
             raise ConfigError(f"fair_method must be one of {', '.join(FAIR_METHODS)}, not {settings.fair_method!r}")
         self.hub.best.fair_method = settings.fair_method
         self.readers: list[PartitionReader] = []
+        #: event states (scores, clock, status: streaming.event_states), kept current by their own tail task
+        self.event_states = EventStates()
+        self.event_state_tail = EventStateTail(store, self.event_states, block_ms=self.options.read_block_ms,
+                                               retention_ms=settings.settled_retention_ms)
         #: per partition, how many times it was loaded from Redis (readers reset their guards on a change)
         self.loaded: list[int] = [0] * store.partitions
         self.shutdown = asyncio.Event()
@@ -319,6 +326,7 @@ class Node:
         """Load every partition, then start readers and the health poller.
         Raises StoreError (or RedisError) when Redis cannot be read."""
         await self._load(None)
+        await self.event_state_tail.load()
         await self.refresh_health(announce=False)
         if self.options.tune_gc:
             # latency over throughput: frequent, short young collections; full ones rare; what was
@@ -333,6 +341,7 @@ class Node:
             self.readers.append(reader)
             self._tasks.append(asyncio.create_task(reader.run(), name=f"reader-p{p}"))
         self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        self._tasks.append(asyncio.create_task(self.event_state_tail.run(), name="event-states"))
         logger.info("node started: %d markets, %d partitions, epoch %s", len(self.state.markets),
                     self.state.partitions, self.state.epoch)
 
@@ -344,7 +353,12 @@ class Node:
         self.hub.close_all()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
+            for t in pending:  # a task that does not end on cancel is a bug: say where it is, go on
+                stack = "".join(f"\n  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack())
+                logger.error("node stop: task %s did not end within %g s of its cancel:%s", t.get_name(),
+                             STOP_WAIT_S, stack)
         self._tasks.clear()
         if self.owns_store:
             await self.store.close()

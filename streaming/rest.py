@@ -20,7 +20,13 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
         200 {"events":[<event>…],"count":n,"as_of":ms}
         <event> = {"event_id","event_name","sport","competition","start_time","in_play","markets":n}
     GET /v1/events/{event_id}
-        200 {"event":<event>,"markets":[<market>…],"as_of":ms} | 404 {"error":"unknown_event",…}
+        200 {"event":<event>,"markets":[<market>…],"state":<state>|null,"states":[<state>…],"as_of":ms}
+        | 404 {"error":"unknown_event",…}
+        <state> = the EventState JSON of feed.models (score, clock, period, status) plus "age_ms" and
+        "stale" (streaming.event_states); "state" is the member event's state to show (not stale first,
+        then the newest), turned round to the canonical event's home/away; "states" holds every member's
+        own, each with "reversed" (its sides are the other way round). The list gives each event its
+        "state" when one of its members has one.
     GET /v1/sports
         200 {"sports":[{"sport","events":n,"markets":n,"in_play_markets":n}…],"as_of":ms}
     GET /v1/sources
@@ -40,7 +46,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING
 import msgspec
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -48,12 +55,16 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from feed.errors import StoreError
-from feed.models import ENCODER, Market, effective_health
+from feed.models import ENCODER, EventState, Market, effective_health
 from streaming.responses import json_error, json_response, node_of
 from feed.taxonomy import is_unmapped, market_key
 from streaming.aggregate import event_facts, event_view, market_views
+from streaming.event_states import pick, turned
 from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, market_types, now_ms, parse_bool
 from streaming.tenants import ForbiddenError, grant_of
+
+if TYPE_CHECKING:
+    from streaming.reader import Node
 
 __all__ = ["json_error", "json_response", "node_of", "routes"]
 
@@ -164,6 +175,36 @@ def _view_param(value: str | None) -> str | None:
     raise FilterError(f"view must be summary or best, not {value!r}")
 
 
+def _event_states(node: Node, markets: Iterable[Market], now: int) -> tuple[bytes, list[bytes], str]:
+    """The event states of a canonical event's member events (one per
+    provider event of ``markets``): (the state to show, turned round to the
+    canonical event's sides, as JSON or ``b"null"``; every member's own
+    state as JSON with ``"reversed"``; an ETag part naming their versions
+    and staleness)."""
+    st = node.state
+    held = node.event_states
+    members: list[tuple[EventState, bool, bool]] = []
+    seen: set[str] = set()
+    for m in markets:
+        eid = m.event_id
+        if eid is None or eid in seen:
+            continue
+        seen.add(eid)
+        es = held.get(eid)
+        if es is not None:
+            members.append((es, held.age_stale(es, st, now)[1], st.reversed_of(m)))
+    if not members:
+        return b"null", [], ""
+    chosen = pick((es, stale) for es, stale, _ in members)
+    rev = next(r for es, _, r in members if es is chosen)
+    assert chosen is not None
+    shown = held.json(turned(chosen) if rev else chosen, st, now)
+    own = [held.json(es, st, now)[:-1] + (b',"reversed":true}' if r else b',"reversed":false}')
+           for es, _, r in sorted(members, key=lambda x: x[0].event_id)]
+    tag = ";".join(f"{es.event_id}:{es.version}:{int(stale)}" for es, stale, _ in members)
+    return shown, own, tag
+
+
 async def list_events(request: Request) -> Response:
     """``GET /v1/events?sport=&competition=&in_play=&market_type=&source=&bookmaker=&view=``:
     canonical events (one real-world event, every book — or only the books
@@ -187,6 +228,7 @@ async def list_events(request: Request) -> Response:
     now = now_ms()
     events = []
     included: list[Market] = []
+    tags: list[str] = []
     for cid in sorted(state.by_canonical):
         ms = sorted((m for mid in state.by_canonical[cid] if (m := state.markets.get(mid)) is not None
                      and f.match_market(m, cid)), key=lambda m: m.market_id)
@@ -195,10 +237,15 @@ async def list_events(request: Request) -> Response:
             continue
         if view == "best":
             ev["view"] = market_views(state, ms, now, method=node.settings.fair_method, keys=types)
+        shown, _, tag = _event_states(node, ms, now)
+        if tag:
+            ev["state"] = msgspec.Raw(shown)
+            tags.append(tag)
         events.append(ev)
         included.extend(ms)
     headers, not_modified = _etag_headers(request, state, included,
-                                          f"events|{view}|{types}|{sorted(f.source or ())}|{sorted(f.bookmaker or ())}")
+                                          f"events|{view}|{types}|{sorted(f.source or ())}|{sorted(f.bookmaker or ())}"
+                                          f"|{'|'.join(tags)}")
     if not_modified:
         return Response(status_code=304, headers=headers)
     return json_response({"events": events, "count": len(events), "as_of": now}, headers=headers)
@@ -233,11 +280,12 @@ async def get_event(request: Request) -> Response:
     agg = event_view(state, cid, now, method=node.settings.fair_method, keys=types, visible=visible)
     ms = sorted((m for mid in state.by_canonical.get(cid, ()) if (m := state.markets.get(mid)) is not None
                  and (visible is None or visible(m))), key=lambda m: m.market_id)
+    shown, own, tag = _event_states(node, ms, now)
     if types is not None:
         ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers)) in types or k.partition(":")[0] in types]
     if agg is None:
         return json_error(404, "unknown_event", f"no event {event_id!r} on this feed")
-    headers, not_modified = _etag_headers(request, state, ms, f"event|{cid}|{view}|{types}")
+    headers, not_modified = _etag_headers(request, state, ms, f"event|{cid}|{view}|{types}|{tag}")
     if not_modified:
         return Response(status_code=304, headers=headers)
     head = ENCODER.encode({"event_id": agg.event_id, "event_name": agg.name, "sport": agg.sport,
@@ -248,6 +296,7 @@ async def get_event(request: Request) -> Response:
     body = b'{"event":' + head + b',"view":' + ENCODER.encode(agg.markets) + b',"fair_method":"' + fair + b'"'
     if view != "best":
         body += b',"markets":[' + b",".join(state.market_json(m, now) for m in ms) + b"]"
+    body += b',"state":' + shown + b',"states":[' + b",".join(own) + b"]"
     body += b',"as_of":%d}' % now
     return json_response(body, headers=headers)
 

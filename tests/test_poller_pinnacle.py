@@ -107,7 +107,8 @@ async def test_pinnacle_restart_resumes_from_the_stored_cursor(redis_url: str) -
                 await eventually(lambda: src.since("odds", 29) is not None and src.polls >= 6,
                                  what="a few polls")
             cursor = json.loads(await store.load_cursor("pinnacle") or "{}")
-            assert set(cursor) == {"fixtures", "odds"} and cursor["odds"]["29"] > 0
+            # fixtures, odds and (once a settled answer was applied) settled: each endpoint's last per sport
+            assert set(cursor) <= {"fixtures", "odds", "settled"} and cursor["odds"]["29"] > 0
             await asyncio.sleep(0.5)  # the providers move on while the ingest is down
             before = len(sim.requests)
             async with poller("pinnacle", store, spec(sim.url)) as (src2, _):
@@ -116,8 +117,13 @@ async def test_pinnacle_restart_resumes_from_the_stored_cursor(redis_url: str) -
                 for r in list(sim.requests)[before:]:
                     if r.path in ("/v2/odds", "/v1/fixtures"):
                         first.setdefault((r.path, r.query["sportId"]), r.query)
+                for r in list(sim.requests)[before:]:
+                    if r.path == "/v1/fixtures/settled":
+                        first.setdefault((r.path, r.query["sportId"]), r.query)
                 for sport in ("29", "33", "4"):
                     assert first[("/v2/odds", sport)].get("since") == str(cursor["odds"][sport])  # resumed
+                    if sport in cursor.get("settled", {}):  # results resume from their own cursor too
+                        assert first[("/v1/fixtures/settled", sport)].get("since") == str(cursor["settled"][sport])
                     assert "since" not in first[("/v1/fixtures", sport)]  # names and parentId links re-read whole
                 markets = await converge(store, sim, "pinnacle", "pinnacle")
                 await assert_log_sequenced(store, markets)  # seq continued from the stored snapshots

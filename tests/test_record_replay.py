@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -78,6 +79,17 @@ def view(m: Market) -> dict[str, Any]:
 
 async def snapshot(store: Store, source: str) -> dict[str, dict[str, Any]]:
     return {m.market_id: view(m) for m in await store.load_all_markets() if m.source == source}
+
+
+async def states(store: Store, source: str) -> dict[str, dict[str, Any]]:
+    """The source's event states (scores, clock, status) without their versions: a replay delivers in
+    larger chunks, and an ingest stores the latest state per event of each chunk."""
+    out = {}
+    for es in await store.load_event_states(source):
+        d = msgspec.to_builtins(es)
+        del d["version"]
+        out[es.event_id] = d
+    return out
 
 
 async def flush(redis_url: str) -> None:
@@ -252,7 +264,10 @@ async def test_a_recorded_session_replays_to_the_live_snapshot(store: Store, red
     async with UPSTREAMS[kind](*args) as (spec_text, freeze):
         name, recorded = await record_live(store, spec_text, freeze, tmp_path)
     live = await snapshot(store, name)
+    live_states = await states(store, name)
     assert recorded > 0 and len(live) > 0
+    if kind in ("pinnacle", "theoddsapi", "push-ws", "push-sse", "uof"):  # providers that give scores
+        assert live_states, f"{kind}: no event state recorded"
     files = list((tmp_path / name).iterdir())
     assert files and all(f.name.endswith(".gz") for f in files), files  # compressed when closed
     await flush(redis_url)
@@ -266,6 +281,7 @@ async def test_a_recorded_session_replays_to_the_live_snapshot(store: Store, red
         assert done.sources == {name: recorded}
     replayed = await snapshot(store, name)
     assert replayed == live
+    assert await states(store, name) == live_states  # the scores channels too (Pinnacle, /scores, push, UOF)
 
 
 async def test_a_paced_replay_keeps_the_recorded_gaps(store: Store, tmp_path: Path) -> None:

@@ -142,6 +142,7 @@ def test_selection_change_round_trips_random_changes() -> None:
             "ltp": [None, 2.0, 3.0], "traded_volume": [None, 10.0, 20.0], "max_stake": [None, 100.0],
             "sort_priority": [None, 1, 2], "adjustment_factor": [None, 12.5], "bsp": [None, 4.4],
             "price_raw": [None, "5/2"], "outcome": [None, "home", "away"],
+            "void_factor": [None, 0.5, 1.0], "dead_heat_factor": [None, 0.5],
         }
         return rng.choice(choices[f]) if rng.random() < 0.3 else cur
 

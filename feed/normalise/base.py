@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
 from feed.errors import ConfigError, FeedDecodeError
-from feed.models import Market, MarketHeader, Selection
+from feed.models import EventState, Market, MarketHeader, Selection
 from feed.validate import MAX_TIME_MS, MIN_TIME_MS
 
 
@@ -96,6 +96,13 @@ class NormalisedBatch(msgspec.Struct, kw_only=True, gc=False):
     in_play: bool | None = None
     """Whether the message's scope has events in play (None: it does not
     say); pollers poll faster while it does."""
+    event_states: list[EventState] = msgspec.field(default_factory=list)
+    """Event states (score, clock, period, status) the message changed, one
+    whole :class:`~feed.models.EventState` per event (``version`` 0: the
+    ingest numbers them). A normaliser emits a state only when it differs
+    from the last it emitted for that event, and never absorbs one that
+    fails :func:`feed.validate.check_event_state` (reported in ``rejected``
+    with its ``event_id`` instead, the rest of the message applying)."""
 
 
 class Normaliser(Protocol):
@@ -117,6 +124,21 @@ class Normaliser(Protocol):
         delta applies to them, or a vanished one is suspended) and its stored
         cursor (None: the source starts from a full image)."""
         ...
+
+
+#: per-event caches of a normaliser (last states, merge state) keep at most this many events
+EVENT_CACHE_MAX = 20_000
+
+
+def remember(cache: dict[Any, Any], key: object, value: object, cap: int = EVENT_CACHE_MAX) -> None:
+    """``cache[key] = value``, the key moved to the newest end; past ``cap``
+    entries the oldest half is forgotten (events long over: at worst a state
+    is emitted again, which the ingest skips as saying nothing new)."""
+    cache.pop(key, None)
+    cache[key] = value
+    if len(cache) > cap:
+        for old in list(cache)[: len(cache) // 2]:
+            del cache[old]
 
 
 def iso_to_ms(value: str | float | None) -> int | None:

@@ -20,6 +20,19 @@ Follows ESA ``mcm`` semantics (``research/upstream.md`` §1–2):
 - BSP near/far prices may be the JSON *strings* ``"NaN"``/``"Infinity"``;
 - ``status: 503`` marks a degraded stream; ``op`` other than ``mcm``
   (``connection``, ``status``, cricket ``ccm``) carries no odds;
+- cricket ``ccm`` lines (the sports-data stream, ``op: ccm``, one ``cc``
+  entry per event; each entry carries only what changed: ``fixtureInfo``
+  with the teams and ``fixtureStatus`` PRE_MATCH / IN_RUNNING / FINISHED and
+  ``eventStatus`` …/EVENT_CLOSED, ``matchStats`` with ``currentInnings`` and
+  every innings' runs, wickets and overs) become
+  :class:`~feed.models.EventState` s of event ``bf:<eventId>`` (the id the
+  event's markets carry): status NOT_STARTED / LIVE / ENDED (CLOSED once the
+  event is closed), period ``innings<n>``, score = runs per side (each
+  innings credited to its batting team, matched by name against the
+  fixture's home and away teams) with one ``innings<n>`` period per
+  innings, and the innings (runs, wickets, balls = overs × 6 + balls);
+  ``source_ts`` = the line's ``pt``. An entry that does not decode, or
+  whose state is out of bounds, is rejected alone (``event_id`` set);
 - ``op: marketCatalogue`` lines (flumine's recorder writes the market
   catalogue beside the stream) give market, event, competition and runner
   names, which the stream itself lacks.
@@ -43,8 +56,20 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import Market, MarketHeader, MarketStatus, Selection, SelectionStatus
-from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms
+from feed.models import (
+    EventState,
+    EventStatus,
+    HomeAway,
+    Innings,
+    Market,
+    MarketHeader,
+    MarketStatus,
+    PeriodScore,
+    Score,
+    Selection,
+    SelectionStatus,
+)
+from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms, remember
 from feed.taxonomy import betfair_market, betfair_outcome
 from feed.validate import (
     MAX_ADJUSTMENT_FACTOR,
@@ -55,6 +80,7 @@ from feed.validate import (
     MAX_SIZE,
     MAX_TIME_MS,
     MIN_PRICE,
+    check_event_state,
     check_provider_time,
 )
 
@@ -200,7 +226,73 @@ class MarketCatalogue(msgspec.Struct, kw_only=True, gc=False):
     competition: CatalogueNamed | None = None
 
 
+class CcmTeam(msgspec.Struct, kw_only=True, gc=False):
+    name: str | None = None
+
+
+class CcmFixtureInfo(msgspec.Struct, kw_only=True, gc=False):
+    """``fixtureInfo`` of a cricket change (what we read of it)."""
+
+    homeTeam: str | None = None
+    awayTeam: str | None = None
+    fixtureStatus: str | None = None
+    eventStatus: str | None = None
+
+
+class CcmInnings(msgspec.Struct, kw_only=True, gc=False):
+    """One ``inningsStats`` item: ``inningsOvers`` is cricket notation,
+    ``"19.4"`` = 19 overs and 4 balls."""
+
+    inningsNum: int
+    battingTeam: str | None = None
+    inningsRuns: int = 0
+    inningsOvers: str | None = None
+    inningsWickets: int = 0
+
+
+class CcmMatchStats(msgspec.Struct, kw_only=True, gc=False):
+    currentInnings: int | None = None
+    inningsStats: list[CcmInnings] | None = None
+
+
+class CricketChange(msgspec.Struct, kw_only=True, gc=False):
+    """One ``cc`` entry of a ``ccm`` line: an event's changed parts."""
+
+    eventId: str
+    marketId: str | None = None
+    fixtureInfo: CcmFixtureInfo | None = None
+    homeTeam: CcmTeam | None = None
+    awayTeam: CcmTeam | None = None
+    matchStats: CcmMatchStats | None = None
+
+
+class _CricketMessage(msgspec.Struct, kw_only=True, gc=False):
+    op: str
+    pt: int | None = None
+    cc: list[msgspec.Raw] | None = None
+
+
+class _EventIdOnly(msgspec.Struct, gc=False):
+    eventId: str
+
+
+class _Cricket(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What the cricket stream has said of one event (merged entry by entry)."""
+
+    home: str | None = None
+    away: str | None = None
+    fixture_status: str | None = None
+    event_status: str | None = None
+    current: int | None = None
+    innings: tuple[CcmInnings, ...] | None = None
+
+
+_CRICKET_STATUS: dict[str, EventStatus] = {"PRE_MATCH": "NOT_STARTED", "IN_RUNNING": "LIVE", "FINISHED": "ENDED"}
+
 _DECODER = msgspec.json.Decoder(ChangeMessage)
+_CCM_DECODER = msgspec.json.Decoder(_CricketMessage)
+_CC_DECODER = msgspec.json.Decoder(CricketChange)
+_CC_ID_DECODER = msgspec.json.Decoder(_EventIdOnly)
 _LOOSE_DECODER = msgspec.json.Decoder(_LooseChangeMessage)
 _MC_DECODER = msgspec.json.Decoder(MarketChange)
 _MC_ID_DECODER = msgspec.json.Decoder(_MarketId)
@@ -449,6 +541,9 @@ class BetfairNormaliser:
         self.catalogues: dict[str, MarketCatalogue] = {}
         self.initial_clk: str | None = None
         self.clk: str | None = None
+        #: cricket stream state per raw event id, and the last state emitted per event
+        self.cricket: dict[str, _Cricket] = {}
+        self.states: dict[str, EventState] = {}
 
     # -- public -----------------------------------------------------------
 
@@ -484,6 +579,9 @@ class BetfairNormaliser:
             self._track_clock(msg, batch)
         if msg.op == "marketCatalogue":
             self._apply_catalogue(raw, batch, recv_ms)
+            return batch
+        if msg.op == "ccm":
+            self._apply_cricket(raw, batch, recv_ms)
             return batch
         if msg.op != "mcm" or not msg.mc:
             return batch
@@ -551,6 +649,40 @@ class BetfairNormaliser:
             ids = {e.market_id for e in rejected}
             msg.mc = [mc for mc in good if SOURCE_PREFIX + mc.id not in ids]
         return msg
+
+    def _apply_cricket(self, raw: bytes, batch: NormalisedBatch, recv_ms: int) -> None:
+        """A ``ccm`` line: each ``cc`` entry merged into its event's cricket
+        state, one :class:`EventState` per event whose state changed (an
+        entry that fails is rejected alone, its event's state untouched)."""
+        try:
+            msg = _CCM_DECODER.decode(raw)
+        except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+            raise FeedDecodeError("invalid_schema", f"ccm: {exc}", raw) from None
+        pt = msg.pt if msg.pt is not None else recv_ms
+        for i, part in enumerate(msg.cc or ()):
+            try:
+                cc = _CC_DECODER.decode(part)
+            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                try:
+                    eid: str | None = SOURCE_PREFIX + _CC_ID_DECODER.decode(part).eventId
+                except (msgspec.ValidationError, *_JSON_ERRORS):
+                    eid = None
+                batch.rejected.append(FeedDecodeError("invalid_schema", f"{exc} (cricket change {i})", raw,
+                                                      event_id=eid))
+                continue
+            event_id = SOURCE_PREFIX + cc.eventId
+            old = self.cricket.get(cc.eventId) or _Cricket()
+            new = _merge_cricket(old, cc)
+            try:
+                state = _cricket_state(new, event_id, self.source, pt, recv_ms)
+                check_event_state(state, recv_ms, max_future_skew_ms=self.max_future_skew_ms)
+            except FeedDecodeError as exc:
+                batch.rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, event_id=event_id))
+                continue
+            remember(self.cricket, cc.eventId, new)
+            if not state.same_content(self.states.get(event_id)):
+                remember(self.states, event_id, state)
+                batch.event_states.append(state)
 
     def _track_clock(self, msg: ChangeMessage, batch: NormalisedBatch) -> None:
         """ESA resume tokens: ``initialClk`` from images, ``clk`` from every
@@ -875,6 +1007,62 @@ class BetfairNormaliser:
     def forget(self, market_id: str) -> None:
         """Drop a market's cache (``bf:`` id or raw id), e.g. after it closed."""
         self.markets.pop(market_id.removeprefix(SOURCE_PREFIX), None)
+
+
+def _merge_cricket(old: _Cricket, cc: CricketChange) -> _Cricket:
+    """``old`` with what the change ``cc`` says (absent parts keep theirs)."""
+    fi = cc.fixtureInfo
+    home = fi.homeTeam if fi is not None and fi.homeTeam else (cc.homeTeam.name if cc.homeTeam else None)
+    away = fi.awayTeam if fi is not None and fi.awayTeam else (cc.awayTeam.name if cc.awayTeam else None)
+    ms = cc.matchStats
+    return _Cricket(
+        home=home or old.home, away=away or old.away,
+        fixture_status=(fi.fixtureStatus if fi is not None and fi.fixtureStatus else old.fixture_status),
+        event_status=(fi.eventStatus if fi is not None and fi.eventStatus else old.event_status),
+        current=ms.currentInnings if ms is not None and ms.currentInnings is not None else old.current,
+        innings=tuple(ms.inningsStats) if ms is not None and ms.inningsStats is not None else old.innings)
+
+
+def overs_to_balls(text: str | None) -> int:
+    """Cricket overs notation → legal balls: ``"19.4"`` → 118, ``"20"`` → 120.
+    Raises ``FeedDecodeError("invalid_schema")`` for anything else."""
+    if not text:
+        return 0
+    whole, dot, part = text.partition(".")
+    if not whole.isdigit() or len(whole) > 4 or (dot and not (len(part) == 1 and part in "012345")):
+        raise FeedDecodeError("invalid_schema", f"overs {text[:20]!r} is not <overs>[.<balls 0-5>]")
+    return int(whole) * 6 + (int(part) if dot else 0)
+
+
+def _cricket_state(c: _Cricket, event_id: str, source: str, ts: int, recv_ms: int) -> EventState:
+    status: EventStatus = _CRICKET_STATUS.get(c.fixture_status or "", "NOT_STARTED")
+    if c.event_status == "EVENT_CLOSED":
+        status = "CLOSED"
+    live = status == "LIVE"
+    innings: list[Innings] = []
+    periods: list[PeriodScore] = []
+    home = away = 0
+    for inn in sorted(c.innings or (), key=lambda x: x.inningsNum):
+        team: HomeAway | None = ("home" if inn.battingTeam and inn.battingTeam == c.home
+                                 else "away" if inn.battingTeam and inn.battingTeam == c.away else None)
+        balls = overs_to_balls(inn.inningsOvers)
+        if team is None and not (inn.inningsRuns or inn.inningsWickets or balls):
+            continue  # an innings not started (a T20 lists four)
+        innings.append(Innings(number=inn.inningsNum, team=team, runs=inn.inningsRuns, wickets=inn.inningsWickets,
+                               balls=balls))
+        if team is not None:
+            periods.append(PeriodScore(period=f"innings{inn.inningsNum}",
+                                       home=inn.inningsRuns if team == "home" else 0,
+                                       away=inn.inningsRuns if team == "away" else 0))
+            if team == "home":
+                home += inn.inningsRuns
+            else:
+                away += inn.inningsRuns
+    return EventState(
+        event_id=event_id, source=source, status=status, in_play=live,
+        period=f"innings{c.current}" if live and c.current else None,
+        score=Score(home=home, away=away, periods=periods) if c.innings is not None else None,
+        innings=innings, source_ts=ts, received_at=recv_ms)
 
 
 def from_spec(spec: SourceSpec, settings: Settings) -> BetfairNormaliser:

@@ -43,6 +43,35 @@ semantics (``research/upstream.md`` §3):
   its markets are neither suspended nor forgotten by a snapshot, and the
   rest of the body applies (the cursor advances).
 
+Scores, results (issue 12 item 3):
+
+- **live scores**: an odds event may carry ``homeScore`` / ``awayScore``
+  (doubles holding whole goals) and ``homeRedCards`` / ``awayRedCards``
+  (Pinnacle gives them for live soccer events, full-match period only):
+  an :class:`~feed.models.EventState` of the canonical event
+  ``pn:<parent id>`` (the id its markets carry), status LIVE, in play, the
+  score and red cards; ``source_ts`` the event's newest ``*UpdatedAt`` in
+  the body (else the receive time), never earlier than the last state's.
+  A score that is not a whole number ≥ 0 rejects that state alone
+  (``invalid_number``, ``event_id`` set; the event's lines apply).
+- **settled** (``/v1/fixtures/settled``, cursor ``since``/``last`` like
+  the others): each settled period (``status`` 1 settled, 2 re-settled)
+  settles the markets of that period: moneyline home / away / draw by the
+  score; spreads and totals by the line — a push is VOID
+  (``void_factor`` 1), an Asian quarter line split in two halves (half won
+  and half pushed → WINNER with ``void_factor`` 0.5, half lost and half
+  pushed → LOSER with 0.5); the market becomes SETTLED and is never
+  re-rendered from odds again. ``status`` 3 / 4 (cancelled) → the
+  period's markets CANCELLED, every selection VOID (``void_factor`` 1);
+  5 (deleted) is dropped. ``team1Score`` / ``team2Score`` are the home /
+  away scores unless ``/v2/leagues`` says the league's ``homeTeamType`` is
+  ``Team2`` (then team1 is the away side): the poller delivers the
+  leagues answer (channel ``leagues:<sportId>:snapshot``) before the first
+  settled poll. The event's state follows: per-period scores, and period
+  0 settled → CLOSED with the final score (cancelled → CANCELLED);
+  ``source_ts`` = ``settledAt``. A re-delivered settlement (``settlementId``
+  not above the one applied) is dropped.
+
 Which endpoint a body came from, and whether it answered a snapshot call,
 is told by the caller with :meth:`PinnacleNormaliser.expect` before
 :meth:`~PinnacleNormaliser.feed`; without it the endpoint is recognised by
@@ -61,10 +90,20 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from feed.errors import FeedDecodeError
-from feed.models import Market, MarketHeader
-from feed.normalise.base import MarketUpdate, NormalisedBatch, odds_format_of
+from feed.models import (
+    EventState,
+    Market,
+    MarketHeader,
+    PeriodScore,
+    Score,
+    Selection,
+    SelectionStatus,
+    TeamCounts,
+)
+from feed.normalise.base import MarketUpdate, NormalisedBatch, odds_format_of, remember
 from feed.normalise.rendered import (
     MarketDiffer,
     Rendered,
@@ -80,6 +119,7 @@ from feed.validate import (
     MAX_HANDICAP,
     MAX_INT,
     MAX_SIZE,
+    check_event_state,
     check_market,
     check_provider_time,
 )
@@ -168,11 +208,66 @@ class Period(msgspec.Struct, kw_only=True, gc=False):
 class OddsEvent(msgspec.Struct, kw_only=True, gc=False):
     id: EventId
     periods: list[Period] = []
+    homeScore: float | None = None
+    awayScore: float | None = None
+    homeRedCards: int | None = None
+    awayRedCards: int | None = None
 
 
 class OddsLeague(msgspec.Struct, kw_only=True, gc=False):
     id: EventId
     events: list[OddsEvent] = []
+
+
+class SettledPeriod(msgspec.Struct, kw_only=True, gc=False):
+    """A period of ``/v1/fixtures/settled``: ``status`` 1 settled, 2
+    re-settled, 3 cancelled, 4 re-settled as cancelled, 5 deleted."""
+
+    number: Annotated[int, msgspec.Meta(ge=0, le=99)]
+    status: int = 1
+    settlementId: EventId | None = None
+    settledAt: str | None = None
+    team1Score: float | None = None
+    team2Score: float | None = None
+
+
+class SettledEvent(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    periods: list[SettledPeriod] = []
+
+
+class SettledLeague(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    events: list[SettledEvent] = []
+
+
+class SettledResponse(msgspec.Struct, kw_only=True, gc=False):
+    sportId: EventId
+    last: EventId | None = None
+    leagues: list[SettledLeague] = []
+
+
+class _LooseSettledLeague(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    events: list[msgspec.Raw] = []
+
+
+class _LooseSettledResponse(msgspec.Struct, kw_only=True, gc=False):
+    sportId: EventId
+    last: EventId | None = None
+    leagues: list[_LooseSettledLeague] = []
+
+
+class LeagueInfo(msgspec.Struct, kw_only=True, gc=False):
+    id: EventId
+    name: str | None = None
+    homeTeamType: str | None = None
+
+
+class LeaguesResponse(msgspec.Struct, kw_only=True, gc=False):
+    """``/v2/leagues?sportId=``: which team (Team1 / Team2) is the home side, per league."""
+
+    leagues: list[LeagueInfo] = []
 
 
 class FixtureEvent(msgspec.Struct, kw_only=True, gc=False):
@@ -201,6 +296,10 @@ class Response(msgspec.Struct, kw_only=True, gc=False):
 
 
 _DECODER = msgspec.json.Decoder(Response)
+_SETTLED_DECODER = msgspec.json.Decoder(SettledResponse)
+_LOOSE_SETTLED_DECODER = msgspec.json.Decoder(_LooseSettledResponse)
+_SETTLED_EVENT_DECODER = msgspec.json.Decoder(SettledEvent)
+_LEAGUES_DECODER = msgspec.json.Decoder(LeaguesResponse)
 
 
 class _LooseOddsLeague(msgspec.Struct, kw_only=True, gc=False):
@@ -256,6 +355,15 @@ class PinnacleCursor(msgspec.Struct, kw_only=True):
 
     fixtures: dict[str, int] = {}
     odds: dict[str, int] = {}
+    settled: dict[str, int] | UnsetType = UNSET  # absent until a settled answer was applied
+
+    def of(self, endpoint: str) -> dict[str, int]:
+        """The ``last`` per sportId of ``endpoint`` (``fixtures``, ``odds``, ``settled``)."""
+        value = getattr(self, endpoint)
+        if value is UNSET:
+            value = {}
+            setattr(self, endpoint, value)
+        return value
 
 
 # --- state -------------------------------------------------------------------
@@ -347,6 +455,15 @@ class PinnacleNormaliser:
         self.cursors = PinnacleCursor()
         self.missing_fixtures: set[int] = set()
         self.dropped: Counter[str] = Counter()
+        #: (base event, unit, period) settled or cancelled: its markets are never re-rendered from odds
+        self.settled: dict[tuple[int, str, int], None] = {}
+        #: settlementId applied per (base event, unit, period)
+        self.settlements: dict[tuple[int, str, int], int] = {}
+        #: league ids whose home side is Team2 (``/v2/leagues`` homeTeamType)
+        self.team2_home: set[int] = set()
+        #: the last event state emitted per canonical event id, and settled period scores per base event
+        self.states: dict[str, EventState] = {}
+        self.period_scores: dict[int, dict[int, tuple[int, int]]] = {}
         # per feed() call: the body, its receive time, the events rejected alone
         # (raw event id, None when unreadable → error) and the batch's rejections
         self._raw = b""
@@ -356,9 +473,9 @@ class PinnacleNormaliser:
 
     # -- public -----------------------------------------------------------
 
-    def since(self, endpoint: Literal["fixtures", "odds"], sport_id: int) -> int | None:
+    def since(self, endpoint: Literal["fixtures", "odds", "settled"], sport_id: int) -> int | None:
         """The ``since`` to send next for ``endpoint`` and ``sport_id`` (None: snapshot)."""
-        return getattr(self.cursors, endpoint).get(str(sport_id))
+        return self.cursors.of(endpoint).get(str(sport_id))
 
     def cursor(self) -> str:
         """The resume cursor as stored (JSON)."""
@@ -379,6 +496,8 @@ class PinnacleNormaliser:
             if parts is not None:
                 e, unit, period, _, _ = parts
                 self.by_gp.setdefault((e, unit, period), set()).add(m.market_id)
+                if m.status in ("SETTLED", "CANCELLED"):
+                    remember(self.settled, (e, unit, period), None)
 
     def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
         """Decode one response body and apply it (see the module docstring).
@@ -396,6 +515,10 @@ class PinnacleNormaliser:
         expect = _parse_channel(channel, raw)
         self._raw, self._recv_ms, self._bad_events = raw, recv_ms, {}
         rejected = self._rejected = []
+        if expect is not None and expect[0] == "leagues":
+            return self._apply_leagues(raw)
+        if (expect is not None and expect[0] == "settled") or (expect is None and b'"settlementId"' in raw):
+            return self._feed_settled(raw, recv_ms, expect)
         msg = self._decode(raw)
         if expect is not None:
             endpoint, snapshot, sport_id = expect
@@ -412,7 +535,7 @@ class PinnacleNormaliser:
         if not endpoint:
             return batch
         sport = str(msg.sportId)
-        cursors: dict[str, int] = getattr(self.cursors, endpoint)
+        cursors: dict[str, int] = self.cursors.of(endpoint)
         current = cursors.get(sport)
         if not snapshot and msg.last is not None and current is not None and msg.last <= current:
             has_data = bool(msg.leagues or msg.league or self._bad_events)
@@ -428,6 +551,7 @@ class PinnacleNormaliser:
         else:
             periods = self._periods_of(msg, raw, recv_ms)
             self._apply_odds(msg.sportId, periods, snapshot, recv_ms, batch.updates)
+            self._live_scores(msg, periods, recv_ms, batch)
         if len(self.missing_fixtures) > missing_before:
             batch.requests.append("fixtures")  # odds of events whose fixture is unknown yet
         batch.in_play = any(f.live == 1 and f.sport == msg.sportId for f in self.fixtures.values())
@@ -437,6 +561,228 @@ class PinnacleNormaliser:
             cursors[sport] = msg.last
             batch.cursor = self.cursor()
         return batch
+
+    # -- scores and results -------------------------------------------------------
+
+    def _emit_state(self, state: EventState, batch: NormalisedBatch) -> None:
+        """Emit ``state`` when it says something new (checked first: a state
+        out of bounds is rejected alone, with its ``event_id``)."""
+        try:
+            check_event_state(state, self._recv_ms, max_future_skew_ms=self.max_future_skew_ms)
+        except FeedDecodeError as exc:
+            self._rejected.append(FeedDecodeError(exc.reason, exc.detail, self._raw, event_id=state.event_id))
+            return
+        if not state.same_content(self.states.get(state.event_id)):
+            remember(self.states, state.event_id, state)
+            batch.event_states.append(state)
+
+    def _live_scores(self, msg: Response, periods: list[tuple[int, list[_Period]]], recv_ms: int,
+                     batch: NormalisedBatch) -> None:
+        """Live scores and red cards of the body's odds events (module docstring)."""
+        newest = {rid: max((t for p in ps if (t := p.newest_ts) is not None), default=None) for rid, ps in periods}
+        for league in msg.leagues or ():
+            for ev in league.events:
+                if ev.homeScore is None and ev.awayScore is None and ev.homeRedCards is None \
+                        and ev.awayRedCards is None:
+                    continue
+                if ev.id in self._bad_events:
+                    continue
+                fx = self.fixtures.get(ev.id)
+                if fx is not None and fx.unit:
+                    continue  # a corners / bookings event: its "score" is not the match's
+                base = fx.group[0] if fx is not None else ev.id
+                eid = f"{SOURCE_PREFIX}{base}"
+                prev = self.states.get(eid)
+                score = prev.score if prev is not None else None
+                if ev.homeScore is not None or ev.awayScore is not None:
+                    h, a = _whole(ev.homeScore), _whole(ev.awayScore)
+                    if h is None or a is None:
+                        self._rejected.append(FeedDecodeError(
+                            "invalid_number", f"score {ev.homeScore!r}-{ev.awayScore!r} of event {ev.id} is not "
+                            "two whole numbers >= 0", self._raw, event_id=eid))
+                        continue
+                    score = Score(home=h, away=a, periods=score.periods if score is not None else [])
+                cards = prev.red_cards if prev is not None else None
+                if ev.homeRedCards is not None or ev.awayRedCards is not None:
+                    cards = TeamCounts(home=ev.homeRedCards or 0, away=ev.awayRedCards or 0)
+                ts = newest.get(ev.id) or recv_ms
+                if prev is not None:
+                    if prev.status in ("CLOSED", "CANCELLED"):
+                        continue  # settled: the live feed's last words change nothing
+                    ts = max(ts, prev.source_ts)
+                self._emit_state(EventState(event_id=eid, source=self.source, status="LIVE", in_play=True,
+                                            period=prev.period if prev is not None else None, score=score,
+                                            red_cards=cards, source_ts=ts, received_at=recv_ms), batch)
+
+    def _apply_leagues(self, raw: bytes) -> NormalisedBatch:
+        """``/v2/leagues``: remember the leagues whose home side is Team2."""
+        try:
+            body = _LEAGUES_DECODER.decode(raw)
+        except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+            raise FeedDecodeError("invalid_schema", f"leagues: {exc}", raw) from None
+        for lg in body.leagues:
+            if (lg.homeTeamType or "").lower() == "team2":
+                self.team2_home.add(lg.id)
+            else:
+                self.team2_home.discard(lg.id)
+        return NormalisedBatch(op="leagues")
+
+    def _feed_settled(self, raw: bytes, recv_ms: int, expect: tuple[str, bool, int | None] | None) -> NormalisedBatch:
+        """``/v1/fixtures/settled``: results of settled periods (module docstring)."""
+        try:
+            msg = _SETTLED_DECODER.decode(raw)
+        except msgspec.ValidationError:
+            msg = self._decode_settled_by_event(raw)
+        except _JSON_ERRORS as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        if expect is not None and expect[2] is not None and msg.sportId != expect[2]:
+            raise FeedDecodeError("invalid_schema", f"sportId {msg.sportId} in the answer for sportId {expect[2]}", raw)
+        batch = NormalisedBatch(op="settled", rejected=self._rejected)
+        sport = str(msg.sportId)
+        current = self.cursors.of("settled").get(sport)
+        snapshot = expect is not None and expect[1]
+        if not snapshot and msg.last is not None and current is not None and msg.last < current:
+            self.dropped["stale_response"] += 1
+            batch.stale = True
+            return batch
+        for league in msg.leagues:
+            swap = league.id in self.team2_home
+            for ev in league.events:
+                try:
+                    self._apply_settled_event(msg.sportId, ev, swap, recv_ms, batch)
+                except FeedDecodeError as exc:  # (its markets left as they were)
+                    self._rejected.append(FeedDecodeError(exc.reason, exc.detail, raw,
+                                                          event_id=f"{SOURCE_PREFIX}{self._base_of(ev.id)}"))
+        batch.runner_changes = sum(len(u.selections) for u in batch.updates)
+        if msg.last is not None and msg.last != current:
+            self.cursors.of("settled")[sport] = msg.last
+            batch.cursor = self.cursor()
+        return batch
+
+    def _decode_settled_by_event(self, raw: bytes) -> SettledResponse:
+        try:
+            loose = _LOOSE_SETTLED_DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise FeedDecodeError("invalid_schema", f"settled: {exc}", raw) from None
+        except _JSON_ERRORS as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        leagues = []
+        for lg in loose.leagues:
+            events = []
+            for part in lg.events:
+                try:
+                    events.append(_SETTLED_EVENT_DECODER.decode(part))
+                except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                    try:
+                        eid: str | None = f"{SOURCE_PREFIX}{self._base_of(_EVENT_ID_DECODER.decode(part).id)}"
+                    except (msgspec.ValidationError, *_JSON_ERRORS):
+                        eid = None
+                    self._rejected.append(FeedDecodeError("invalid_schema", f"settled event: {exc}", raw,
+                                                          event_id=eid))
+            leagues.append(SettledLeague(id=lg.id, events=events))
+        return SettledResponse(sportId=loose.sportId, last=loose.last, leagues=leagues)
+
+    def _base_of(self, rid: int) -> int:
+        fx = self.fixtures.get(rid)
+        return fx.group[0] if fx is not None else rid
+
+    def _apply_settled_event(self, sport_id: int, ev: SettledEvent, swap: bool, recv_ms: int,
+                             batch: NormalisedBatch) -> None:
+        fx = self.fixtures.get(ev.id)
+        base, unit = fx.group if fx is not None else (ev.id, "")
+        sport = _sport_key(fx.sport if fx is not None else sport_id)
+        where = f"settled event {ev.id}"
+        checked = []
+        for p in sorted(ev.periods, key=lambda x: x.number):  # phase 1: check everything
+            ts = self._time(p.settledAt, f"{where} period {p.number} settledAt", self._raw, True) or recv_ms
+            t1, t2 = _whole(p.team1Score), _whole(p.team2Score)
+            if p.status in (1, 2) and (t1 is None or t2 is None):
+                raise FeedDecodeError("invalid_number", f"{where} period {p.number} score {p.team1Score!r}-"
+                                      f"{p.team2Score!r} is not two whole numbers >= 0")
+            checked.append((p, ts, t1, t2))
+        state_changed = False
+        final: str | None = None
+        final_ts = recv_ms
+        for p, ts, t1, t2 in checked:
+            key = (base, unit, p.number)
+            if p.status == 5 or p.status not in (1, 2, 3, 4):
+                self.dropped["settled_deleted" if p.status == 5 else "settled_unknown_status"] += 1
+                continue
+            done = self.settlements.get(key)
+            if done is not None and (p.settlementId is None or p.settlementId <= done):
+                self.dropped["stale_settlement"] += 1
+                continue
+            if p.settlementId is not None:
+                remember(self.settlements, key, p.settlementId)
+            remember(self.settled, key, None)
+            cancelled = p.status in (3, 4)
+            home, away = ((t2, t1) if swap else (t1, t2)) if not cancelled else (None, None)
+            for mid in sorted(self.by_gp.get(key, ())):
+                u = self._settle_market(mid, home, away, ts, recv_ms)
+                if u is not None:
+                    batch.updates.append(u)
+            if unit:
+                continue
+            scores = self.period_scores.get(base) or {}
+            remember(self.period_scores, base, scores)
+            if not cancelled and home is not None and away is not None:
+                scores[p.number] = (home, away)
+                state_changed = True
+            if p.number == 0:
+                final = "CANCELLED" if cancelled else "CLOSED"
+                state_changed = True
+            final_ts = max(final_ts, ts)
+        if state_changed:
+            self._settled_state(base, sport, final, final_ts, recv_ms, batch)
+
+    def _settle_market(self, mid: str, home: int | None, away: int | None, ts: int,
+                       recv_ms: int) -> MarketUpdate | None:
+        """The update settling (scores given) or cancelling (None) one emitted market."""
+        e = self.differ.emitted.get(mid)
+        parts = market_id_parts(mid)
+        if e is None or parts is None:
+            return None
+        kind, line = parts[3], parts[4]
+        sels: list[Selection] = []
+        for sel in e.selections.values():
+            status: SelectionStatus
+            void: float | None
+            if home is None or away is None:
+                status, void = "VOID", 1.0
+            else:
+                status, void = selection_result(kind, sel.selection_id, line, home, away, "draw" in e.selections)
+            sels.append(msgspec.structs.replace(sel, status=status, void_factor=void))
+        if home is None:
+            header = msgspec.structs.replace(e.header, status="CANCELLED", suspend_reason="cancelled")
+        else:
+            header = msgspec.structs.replace(e.header, status="SETTLED", suspend_reason=None)
+        return self.differ.emit(Rendered(market_id=mid, header=header, selections=sels, source_ts=ts,
+                                         header_ts=ts), recv_ms)
+
+    def _settled_state(self, base: int, sport: str, final: str | None, ts: int, recv_ms: int,
+                       batch: NormalisedBatch) -> None:
+        eid = f"{SOURCE_PREFIX}{base}"
+        prev = self.states.get(eid)
+        scores = self.period_scores.get(base, {})
+        periods = [PeriodScore(period=period_of(sport, n) or f"p{n}", home=h, away=a)
+                   for n, (h, a) in sorted(scores.items()) if n != 0]
+        if 0 in scores:
+            score: Score | None = Score(home=scores[0][0], away=scores[0][1], periods=periods)
+        elif prev is not None and prev.score is not None:
+            score = Score(home=prev.score.home, away=prev.score.away, periods=periods)
+        else:
+            score = None  # totals unknown yet: the periods wait for them
+        if final is not None:
+            status, in_play = final, False
+        elif prev is not None:
+            status, in_play = prev.status, prev.in_play
+        else:
+            status, in_play = "LIVE", True
+        self._emit_state(EventState(
+            event_id=eid, source=self.source, status=status,  # type: ignore[arg-type]  # (one of the literals)
+            in_play=in_play, period=None if final is not None else (prev.period if prev is not None else None),
+            score=score, red_cards=prev.red_cards if prev is not None else None,
+            source_ts=max(ts, prev.source_ts if prev is not None else 0), received_at=recv_ms), batch)
 
     # -- decoding (phase 1: validate everything, apply nothing) -------------
 
@@ -663,7 +1009,7 @@ class PinnacleNormaliser:
             fixtures = self.fixtures
             kept = {fixtures[r].group for r in bad if r is not None and r in fixtures}  # rejected: left alone
             for gp, mids in list(self.by_gp.items()):
-                if gp in rendered or (gp[0], gp[1]) in kept:
+                if gp in rendered or (gp[0], gp[1]) in kept or gp in self.settled:
                     continue
                 group = (gp[0], gp[1])
                 auth = self._authority(group)
@@ -708,6 +1054,8 @@ class PinnacleNormaliser:
 
     def _render_period(self, group: tuple[int, str], number: int, rid: int, recv_ms: int,
                        updates: list[MarketUpdate]) -> None:
+        if (group[0], group[1], number) in self.settled:
+            return  # settled or cancelled: its results stand, whatever the odds still say
         period = self.odds[rid][number]
         fx = self.fixtures[rid]
         base = self.fixtures.get(group[0], fx)
@@ -810,13 +1158,64 @@ class PinnacleNormaliser:
         return out
 
 
+def _whole(x: float | None) -> int | None:
+    """A provider score (a double holding a whole number) → int; None when
+    absent, negative, fractional or not finite."""
+    if x is None or not (0 <= x <= 1e9) or x != int(x):
+        return None
+    return int(x)
+
+
+def _half_result(margin: float) -> int:
+    return 1 if margin > 0 else -1 if margin < 0 else 0
+
+
+def line_result(margin: float) -> tuple[SelectionStatus, float | None]:
+    """The result of a bet whose score difference with its handicap applied
+    is ``margin`` (positive = ahead): WINNER / LOSER, or VOID on a push
+    (``void_factor`` 1.0). An Asian quarter line (``margin`` ending in .25
+    or .75) is two half-stakes on the neighbouring half lines: half won and
+    half pushed → (WINNER, 0.5), half lost and half pushed → (LOSER, 0.5)."""
+    if (margin * 4) % 2 == 1:  # a quarter line
+        a, b = _half_result(margin - 0.25), _half_result(margin + 0.25)
+        if a == b:
+            return ("WINNER", None) if a > 0 else ("LOSER", None) if a < 0 else ("VOID", 1.0)
+        if 1 in (a, b):
+            return "WINNER", 0.5
+        return "LOSER", 0.5
+    r = _half_result(margin)
+    return ("WINNER", None) if r > 0 else ("LOSER", None) if r < 0 else ("VOID", 1.0)
+
+
+def selection_result(kind: str, selection_id: str, line: str | None, home: int, away: int,
+                     has_draw: bool) -> tuple[SelectionStatus, float | None]:
+    """(status, void_factor) of one selection of a settled Pinnacle market:
+    ``kind`` moneyline / spread / total, ``line`` the home side's handicap or
+    the total's points (as in the market id), ``home`` / ``away`` the period's
+    scores. A two-way moneyline tied is VOID for both sides."""
+    if kind == "moneyline":
+        if selection_id == "draw":
+            return ("WINNER", None) if home == away else ("LOSER", None)
+        diff = home - away if selection_id == "home" else away - home
+        if has_draw:
+            return ("WINNER", None) if diff > 0 else ("LOSER", None)
+        return line_result(diff)
+    points = float(line) if line is not None else 0.0
+    if kind == "spread":
+        margin = home - away + points
+        return line_result(margin if selection_id == "home" else -margin)
+    total = home + away - points
+    return line_result(total if selection_id == "over" else -total)
+
+
 def _event_name(fx: _Fixture) -> str | None:
     if fx.home and fx.away:
         return f"{fx.home} v {fx.away}"
     return fx.home or fx.away
 
 
-def channel(endpoint: Literal["fixtures", "odds"], sport_id: int | None, *, snapshot: bool) -> str:
+def channel(endpoint: Literal["fixtures", "odds", "settled", "leagues"], sport_id: int | None, *,
+            snapshot: bool) -> str:
     """The :class:`~feed.sources.base.Payload` channel of a Pinnacle answer:
     ``<endpoint>:<sportId>:snapshot|since`` (sportId empty: not checked)."""
     return f"{endpoint}:{'' if sport_id is None else sport_id}:{'snapshot' if snapshot else 'since'}"
@@ -827,9 +1226,10 @@ def _parse_channel(value: str, raw: bytes) -> tuple[str, bool, int | None] | Non
         return None
     endpoint, _, rest = value.partition(":")
     sport, _, mode = rest.partition(":")
-    if endpoint not in ("fixtures", "odds") or mode not in ("snapshot", "since") or not (sport.isdigit() or not sport):
-        raise FeedDecodeError("invalid_schema", f"channel {value[:60]!r} is not <fixtures|odds>:<sportId>:<snapshot|since>",
-                              raw)
+    if endpoint not in ("fixtures", "odds", "settled", "leagues") or mode not in ("snapshot", "since") \
+            or not (sport.isdigit() or not sport):
+        raise FeedDecodeError("invalid_schema", f"channel {value[:60]!r} is not "
+                              "<fixtures|odds|settled|leagues>:<sportId>:<snapshot|since>", raw)
     return endpoint, mode == "snapshot", int(sport) if sport else None
 
 

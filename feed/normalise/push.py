@@ -18,8 +18,21 @@ The format is modelled on OpticOdds' SSE stream and OddsPapi's WebSocket
   every market of the fixture follows (status override, ``in_play``);
 - ``snapshot``: the full state of the markets it carries (each becomes an
   image whose selections are exactly those listed); markets it does not
-  carry are left alone;
+  carry are left alone; its optional ``scores`` list holds the current
+  state of fixtures (as a ``scores`` message's ``data``);
+- ``scores``: ``data`` is a list of fixture states (status, period, clock,
+  score with periods, red cards, cricket innings; absent fields keep what
+  was sent before, ``null`` clears one), each an :class:`~feed.models.EventState` of
+  ``px:<fixture>``; ``fixture-status`` updates the same state's status and
+  in-play flag. A fixture state that fails its checks (a negative score,
+  an unknown status, a period that is not a code) is rejected alone
+  (``event_id`` set), the message's others apply;
 - ``ping`` / ``connected``: keep-alives (``heartbeat``), no data.
+
+Odd results: ``status`` ``won`` / ``lost`` / ``placed`` / ``void`` with the
+optional ``void_factor`` (0–1, the share of the stake refunded: 1 = void,
+0.5 = half of an Asian quarter line) and ``dead_heat_factor`` (0 < x ≤ 1)
+go to the selection as they are.
 
 Canonical ids: event ``px:<fixture>``, market ``px:<fixture>:<market>`` plus
 ``:<line>`` when the market has a line (``px:f1:total:2.5``); selection ids
@@ -71,10 +84,24 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from feed.errors import FeedDecodeError
-from feed.models import Market, MarketHeader, MarketStatus, Selection, SelectionStatus
-from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.models import (
+    Clock,
+    EventState,
+    EventStatus,
+    Innings,
+    Market,
+    MarketHeader,
+    MarketStatus,
+    PeriodScore,
+    Score,
+    Selection,
+    SelectionStatus,
+    TeamCounts,
+)
+from feed.normalise.base import MarketUpdate, NormalisedBatch, remember
 from feed.odds import PriceError, to_decimal
 from feed.taxonomy import generic_market, is_unmapped, outcome_from_name
 from feed.validate import (
@@ -84,6 +111,7 @@ from feed.validate import (
     MAX_SIZE,
     MAX_TIME_MS,
     MIN_TIME_MS,
+    check_event_state,
     check_market,
     check_provider_time,
 )
@@ -112,6 +140,8 @@ Seq = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT_ID)]
 Line = Annotated[float, msgspec.Meta(ge=-MAX_HANDICAP, le=MAX_HANDICAP)]
 Stake = Annotated[float, msgspec.Meta(ge=0, le=MAX_SIZE)]
 PriceFormat = Literal["decimal", "american", "fractional"]
+Factor = Annotated[float, msgspec.Meta(ge=0, le=1)]
+DeadHeat = Annotated[float, msgspec.Meta(gt=0, le=1)]
 OddStatus = Literal["active", "removed", "won", "lost", "placed", "void"]
 
 
@@ -153,6 +183,8 @@ class WireOdd(msgspec.Struct, kw_only=True, gc=False):
     status: OddStatus = "active"
     sportsbook: Name | None = None
     max_stake: Stake | None = None
+    void_factor: Factor | None = None
+    dead_heat_factor: DeadHeat | None = None
 
 
 class _Message(msgspec.Struct, kw_only=True, gc=False, tag_field="type"):
@@ -171,13 +203,76 @@ class LockedOddsMessage(OddsMessage, kw_only=True, tag="locked-odds"):
 
 
 class SnapshotMessage(OddsMessage, kw_only=True, tag="snapshot"):
-    pass
+    scores: list[msgspec.Raw] | None = None
 
 
 class FixtureStatusMessage(_Message, kw_only=True, tag="fixture-status"):
     entry_id: str
     seq: Seq | None = None
     data: WireFixture
+
+
+class WireClock(msgspec.Struct, kw_only=True, gc=False):
+    """A fixture's clock: ``seconds`` elapsed match time, running or stopped."""
+
+    seconds: int
+    running: bool = True
+    remaining_seconds: int | None = None
+    stoppage_seconds: int | None = None
+
+
+class WirePeriodScore(msgspec.Struct, kw_only=True, gc=False):
+    period: str
+    home: int
+    away: int
+
+
+class WireScore(msgspec.Struct, kw_only=True, gc=False):
+    home: int
+    away: int
+    periods: list[WirePeriodScore] | None = None
+
+
+class WireCounts(msgspec.Struct, kw_only=True, gc=False):
+    home: int = 0
+    away: int = 0
+
+
+class WireInnings(msgspec.Struct, kw_only=True, gc=False):
+    number: int
+    team: Literal["home", "away"] | None = None
+    runs: int = 0
+    wickets: int = 0
+    balls: int = 0
+
+
+class WireFixtureState(msgspec.Struct, kw_only=True, gc=False):
+    """One item of a ``scores`` message: an absent field keeps what was sent
+    before, ``null`` clears it (``status`` / ``is_live``: null = unchanged)."""
+
+    fixture_id: Id
+    status: str | None = None
+    is_live: bool | None = None
+    period: str | None | UnsetType = UNSET
+    clock: WireClock | None | UnsetType = UNSET
+    score: WireScore | None | UnsetType = UNSET
+    red_cards: WireCounts | None | UnsetType = UNSET
+    innings: list[WireInnings] | None | UnsetType = UNSET
+    timestamp: Seconds | None = None
+
+
+class ScoresMessage(_Message, kw_only=True, tag="scores"):
+    entry_id: str
+    seq: Seq | None = None
+    data: list[msgspec.Raw]
+
+
+class _FixtureRef(msgspec.Struct, gc=False):
+    fixture_id: Id
+
+
+_FIXTURE_STATE_DECODER = msgspec.json.Decoder(WireFixtureState)
+_FIXTURE_REF_DECODER = msgspec.json.Decoder(_FixtureRef)
 
 
 class PingMessage(_Message, kw_only=True, tag="ping"):
@@ -191,7 +286,8 @@ class ConnectedMessage(_Message, kw_only=True, tag="connected"):
 
 
 _DECODER = msgspec.json.Decoder(
-    OddsMessage | LockedOddsMessage | SnapshotMessage | FixtureStatusMessage | PingMessage | ConnectedMessage)
+    OddsMessage | LockedOddsMessage | SnapshotMessage | FixtureStatusMessage | ScoresMessage | PingMessage
+    | ConnectedMessage)
 
 
 class _LooseOdds(_Message, kw_only=True, tag="odds"):
@@ -209,7 +305,7 @@ class _LooseLocked(_LooseOdds, kw_only=True, tag="locked-odds"):
 
 
 class _LooseSnapshot(_LooseOdds, kw_only=True, tag="snapshot"):
-    pass
+    scores: list[msgspec.Raw] | None = None
 
 
 class _RefId(msgspec.Struct, gc=False):
@@ -229,7 +325,8 @@ class _OddRef(msgspec.Struct, gc=False):
 
 
 _LOOSE_DECODER = msgspec.json.Decoder(
-    _LooseOdds | _LooseLocked | _LooseSnapshot | FixtureStatusMessage | PingMessage | ConnectedMessage)
+    _LooseOdds | _LooseLocked | _LooseSnapshot | FixtureStatusMessage | ScoresMessage | PingMessage
+    | ConnectedMessage)
 _ODD_DECODER = msgspec.json.Decoder(WireOdd)
 _ODD_REF_DECODER = msgspec.json.Decoder(_OddRef)
 _TYPED = {_LooseOdds: OddsMessage, _LooseLocked: LockedOddsMessage, _LooseSnapshot: SnapshotMessage}
@@ -240,6 +337,8 @@ def _odd_reason(text: str) -> str:
     """A msgspec ValidationError message about one odd → rejection reason."""
     if ".price`" in text:
         return "invalid_price"
+    if (text.endswith(".void_factor`") or text.endswith(".dead_heat_factor`")) and "Expected `float`" in text:
+        return "invalid_number"
     if ">=" in text or "<=" in text:
         if text.endswith(".max_stake`"):
             return "invalid_size"
@@ -264,6 +363,11 @@ _STATUS_ALIASES = {
     "canceled": "cancelled",
 }
 _SUSPENDING = frozenset({"suspended", "ended", "postponed", "interrupted"})
+#: fixture status key -> canonical event status
+_EVENT_STATUS: dict[str, EventStatus] = {
+    "not_started": "NOT_STARTED", "live": "LIVE", "suspended": "SUSPENDED", "ended": "ENDED", "settled": "CLOSED",
+    "cancelled": "CANCELLED", "postponed": "POSTPONED", "interrupted": "INTERRUPTED", "abandoned": "ABANDONED",
+}
 _CANCELLING = frozenset({"cancelled", "abandoned"})
 _ODD_STATUS: dict[str, SelectionStatus] = {"active": "ACTIVE", "removed": "REMOVED", "won": "WINNER", "lost": "LOSER",
                "placed": "PLACED", "void": "VOID"}
@@ -398,6 +502,8 @@ class PushNormaliser:
         self.last_entry_id: str | None = None
         self._last_key: tuple[int, int] | None = None
         self.dropped: dict[str, int] = {}
+        #: the last event state emitted per event id (``px:<fixture>``)
+        self.states: dict[str, EventState] = {}
         self._rejected: list[FeedDecodeError] = []  # the current batch's (for the safety net in _emit)
         self._raw = b""
         self._recv_ms = 0
@@ -463,7 +569,7 @@ class PushNormaliser:
                 emitted_error, emitted = exc.detail, None
         if isinstance(msg, (PingMessage, ConnectedMessage)):
             return NormalisedBatch(op=_tag(msg), provider_ts=emitted, heartbeat=True)
-        assert isinstance(msg, (OddsMessage, FixtureStatusMessage))
+        assert isinstance(msg, (OddsMessage, FixtureStatusMessage, ScoresMessage))
         key = entry_key(msg.entry_id)
         if key is None:
             raise FeedDecodeError("invalid_schema", f"entry_id {msg.entry_id[:40]!r} is not <ms>-<n>", raw)
@@ -471,6 +577,10 @@ class PushNormaliser:
         if isinstance(msg, OddsMessage):
             prices, mids = self._validate_odds(msg, raw, recv_ms, emitted_error, bad)
             status = None
+        elif isinstance(msg, ScoresMessage):
+            if emitted_error is not None:
+                raise FeedDecodeError("clock_skew", emitted_error, raw)
+            prices, mids, status = [], [], None
         else:
             if emitted_error is not None:
                 raise FeedDecodeError("clock_skew", emitted_error, raw)
@@ -497,8 +607,16 @@ class PushNormaliser:
         self._raw = raw
         if isinstance(msg, OddsMessage):
             self._apply_odds(msg, prices, mids, bad, batch, raw, default_ts, recv_ms)
+            if isinstance(msg, SnapshotMessage) and msg.scores:
+                self._apply_scores(msg.scores, batch, raw, default_ts, recv_ms)
+        elif isinstance(msg, ScoresMessage):
+            self._apply_scores(msg.data, batch, raw, default_ts, recv_ms)
         else:
             self._apply_fixture_status(msg.data, status, batch, raw, default_ts, recv_ms)
+            if status is not None or msg.data.is_live is not None:
+                fts = ts_to_ms(msg.data.timestamp) if msg.data.timestamp is not None else default_ts
+                self._state(str(msg.data.id), WireFixtureState(fixture_id=msg.data.id, status=msg.data.status,
+                                                               is_live=msg.data.is_live), fts, batch, raw, recv_ms)
         if self._last_key is None or key > self._last_key:
             self._last_key = key
             self.last_entry_id = msg.entry_id
@@ -541,8 +659,9 @@ class PushNormaliser:
                 except (msgspec.ValidationError, *_JSON_ERRORS):
                     mid = None
                 bad.setdefault(mid, FeedDecodeError(_odd_reason(text), f"{text} (at $.data[{i}])", raw, market_id=mid))
+        extra = {"scores": loose.scores} if isinstance(loose, _LooseSnapshot) else {}
         return typed(entry_id=loose.entry_id, seq=loose.seq, price_format=loose.price_format,
-                     emitted_at=loose.emitted_at, data=good)
+                     emitted_at=loose.emitted_at, data=good, **extra)
 
     @staticmethod
     def _raise_whole(raw: bytes, exc: msgspec.ValidationError) -> NoReturn:
@@ -676,6 +795,8 @@ class PushNormaliser:
                 status=status,
                 price=price,
                 max_stake=odd.max_stake if odd.max_stake is not None else (prev.max_stake if prev else None),
+                void_factor=odd.void_factor,
+                dead_heat_factor=odd.dead_heat_factor,
             )
             m.odd_ts[sid] = ts
             if sid not in changed:
@@ -695,6 +816,75 @@ class PushNormaliser:
                 ts = max(m.ts, ts)
             self._emit(m, mid in images, sids, ts, batch, recv_ms)
             batch.runner_changes += len(sids)
+
+    def _apply_scores(self, items: list[msgspec.Raw], batch: NormalisedBatch, raw: bytes, default_ts: int,
+                      recv_ms: int) -> None:
+        """Each fixture state of a ``scores`` message (or of a snapshot's
+        ``scores``); one that does not decode or check is rejected alone."""
+        for i, part in enumerate(items):
+            try:
+                item = _FIXTURE_STATE_DECODER.decode(part)
+            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                try:
+                    eid: str | None = f"{self.prefix}:{_FIXTURE_REF_DECODER.decode(part).fixture_id}"
+                except (msgspec.ValidationError, *_JSON_ERRORS):
+                    eid = None
+                batch.rejected.append(FeedDecodeError("invalid_schema", f"{exc} (at $.data[{i}])", raw, event_id=eid))
+                continue
+            ts = ts_to_ms(item.timestamp) if item.timestamp is not None else default_ts
+            self._state(str(item.fixture_id), item, ts, batch, raw, recv_ms)
+
+    def _state(self, fixture_id: str, item: WireFixtureState, ts: int, batch: NormalisedBatch, raw: bytes,
+               recv_ms: int) -> None:
+        """Merge ``item`` into the fixture's last state; emit it when it changed
+        (reject it alone when it does not check)."""
+        eid = f"{self.prefix}:{fixture_id}"
+        prev = self.states.get(eid)
+        try:
+            status: EventStatus = prev.status if prev is not None else "NOT_STARTED"
+            key = _status_key(item.status, raw)
+            if key is not None:
+                status = _EVENT_STATUS[key]
+            in_play = item.is_live if item.is_live is not None else (
+                status == "LIVE" if key is not None else (prev.in_play if prev is not None else False))
+            period = prev.period if prev is not None else None
+            if item.period is not UNSET:
+                period = (item.period.strip().lower().replace(" ", "").replace("-", "_")
+                          if item.period is not None else None)
+            clock = prev.clock if prev is not None else None
+            if item.clock is not UNSET:
+                c = item.clock
+                clock = None if c is None else Clock(seconds=c.seconds, running=c.running, at=ts,
+                                                     remaining_s=c.remaining_seconds, stoppage_s=c.stoppage_seconds)
+            score = prev.score if prev is not None else None
+            if item.score is not UNSET:
+                sc = item.score
+                score = None if sc is None else Score(
+                    home=sc.home, away=sc.away,
+                    periods=[PeriodScore(period=p.period.strip().lower(), home=p.home, away=p.away)
+                             for p in sc.periods or ()])
+            cards = prev.red_cards if prev is not None else None
+            if item.red_cards is not UNSET:
+                rc = item.red_cards
+                cards = None if rc is None else TeamCounts(home=rc.home, away=rc.away)
+            innings = prev.innings if prev is not None else []
+            if item.innings is not UNSET:
+                innings = [Innings(number=x.number, team=x.team, runs=x.runs, wickets=x.wickets, balls=x.balls)
+                           for x in item.innings or ()]
+            if prev is not None:
+                if ts < prev.source_ts:
+                    self.dropped["stale_state"] = self.dropped.get("stale_state", 0) + 1
+                    return
+            state = EventState(event_id=eid, source=self.source, status=status, in_play=in_play, period=period,
+                               clock=clock, score=score, red_cards=cards, innings=innings, source_ts=ts,
+                               received_at=recv_ms)
+            check_event_state(state, recv_ms, max_future_skew_ms=self.max_future_skew_ms)
+        except FeedDecodeError as exc:
+            batch.rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, event_id=eid))
+            return
+        if not state.same_content(prev):
+            remember(self.states, eid, state)
+            batch.event_states.append(state)
 
     def _apply_fixture_status(self, wf: WireFixture, status: str | None, batch: NormalisedBatch, raw: bytes,
                               default_ts: int, recv_ms: int) -> None:

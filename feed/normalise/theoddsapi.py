@@ -36,6 +36,19 @@ canonical ``line`` (the home side's point for spreads) and ``sport_key``
 ``commence_time <= recv_ms``. Prices: decimal, or American with
 ``odds_format="american"``, converted and validated by :mod:`feed.odds`.
 
+Scores (``/v4/sports/{sport}/scores``, channel ``scores:<sport key>``):
+every event that has started (``scores`` not null) or is ``completed``
+becomes an :class:`~feed.models.EventState` of ``toa:<id>`` (the id its
+markets carry): LIVE and in play while not completed, ENDED once it is;
+the score = the ``score`` of the outcome named like ``home_team`` /
+``away_team`` (text holding a whole number; cricket's ``"163/7"`` gives the
+runs); ``source_ts`` = ``last_update`` (else the receive time). Events not
+started yet say nothing and are skipped. An event whose scores do not
+read is rejected alone (``event_id`` set). The batch asks the source for
+more scores of the sport (``requests=["scores:<key>"]``) while an event is
+in play; an odds answer asks for them for every sport key with an event
+that has started.
+
 Rejections: a body that is not a JSON array of events, or that carries
 events of another sport than the one asked for, raises
 :class:`FeedDecodeError` and applies nothing. Otherwise a bad part is
@@ -66,8 +79,8 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import Market, MarketHeader, Selection
-from feed.normalise.base import NormalisedBatch, odds_format_of
+from feed.models import EventState, Market, MarketHeader, Score, Selection
+from feed.normalise.base import NormalisedBatch, odds_format_of, remember
 from feed.normalise.rendered import (
     MarketDiffer,
     Rendered,
@@ -78,7 +91,7 @@ from feed.normalise.rendered import (
     price_to_decimal,
 )
 from feed.taxonomy import generic_market
-from feed.validate import MAX_FUTURE_SKEW_MS, MAX_HANDICAP, check_market, check_provider_time
+from feed.validate import MAX_FUTURE_SKEW_MS, MAX_HANDICAP, check_event_state, check_market, check_provider_time
 
 if TYPE_CHECKING:
     from feed.settings import Settings
@@ -138,7 +151,28 @@ class Event(msgspec.Struct, kw_only=True, gc=False):
     bookmakers: list[Bookmaker] = []
 
 
+class TeamScore(msgspec.Struct, kw_only=True, gc=False):
+    name: str
+    score: str | int | None = None
+
+
+class ScoreEvent(msgspec.Struct, kw_only=True, gc=False):
+    """One item of ``/scores``: ``scores`` null until the event starts."""
+
+    id: str
+    sport_key: str
+    commence_time: Time | None = None
+    completed: bool = False
+    home_team: str | None = None
+    away_team: str | None = None
+    scores: list[TeamScore] | None = None
+    last_update: Time | None = None
+
+
 _DECODER = msgspec.json.Decoder(list[Event])
+_SCORES_DECODER = msgspec.json.Decoder(list[ScoreEvent])
+_SCORE_EVENT_DECODER = msgspec.json.Decoder(ScoreEvent)
+_RUNS = re.compile(r"^\s*(\d{1,6})(?:\s*/\s*\d{1,2})?\s*$")
 _RAW_LIST_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
 _EVENT_DECODER = msgspec.json.Decoder(Event)
 _JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
@@ -180,6 +214,8 @@ class TheOddsApiNormaliser:
         self.scope_of: dict[str, str] = {}  # market id -> sport key
         self.dropped: Counter[str] = Counter()
         self.live_events: dict[str, set[str]] = {}  # sport key -> ids of events in play in the last snapshot
+        #: the last event state emitted per event id
+        self.states: dict[str, EventState] = {}
 
     def restore(self, markets: Iterable[Market], cursor: str | None = None) -> None:
         """Resume after a restart: remember the stored open markets of this
@@ -200,6 +236,8 @@ class TheOddsApiNormaliser:
         (``invalid_json``, ``invalid_schema``) for a body rejected whole, and
         then has applied nothing; parts rejected alone are in
         ``batch.rejected`` (see the module docstring)."""
+        if channel.startswith("scores:") or (not channel and b'"completed"' in raw and b'"bookmakers"' not in raw):
+            return self._feed_scores(raw, recv_ms, channel[7:] or None)
         expect = channel or None
         bad: dict[str | None, FeedDecodeError] = {}  # rejected part prefix -> why
         events = self._decode(raw, bad)
@@ -269,7 +307,88 @@ class TheOddsApiNormaliser:
         batch.rejected = self._rejections(bad, raw)
         batch.runner_changes = sum(len(u.selections) for u in updates)
         batch.in_play = any(self.live_events.get(k) for k in (scopes if scopes is not None else self.live_events))
+        batch.requests = sorted(f"scores:{k}" for k, ids in live.items() if ids)
         return batch
+
+    def _feed_scores(self, raw: bytes, recv_ms: int, expect: str | None) -> NormalisedBatch:
+        """One ``/scores`` answer → event states (see the module docstring)."""
+        batch = NormalisedBatch(op="scores")
+        try:
+            events = _SCORES_DECODER.decode(raw)
+        except msgspec.ValidationError:
+            events = self._decode_scores_by_event(raw, batch)
+        except _JSON_ERRORS as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        if expect is not None and any(ev.sport_key != expect for ev in events):
+            raise FeedDecodeError("invalid_schema", f"scores of other sports in a {expect} response", raw)
+        live: set[str] = set()
+        for ev in events:
+            if ev.scores is None and not ev.completed:
+                continue  # not started: nothing to say
+            eid = f"{SOURCE_PREFIX}{ev.id}"
+            try:
+                if not _ID.match(ev.id):
+                    raise FeedDecodeError("invalid_schema", f"event id {ev.id[:80]!r}")
+                ts = iso_to_ms(ev.last_update)
+                if ts is not None:
+                    check_provider_time(ts, recv_ms, self.max_future_skew_ms, f"event {ev.id} last_update")
+                score = self._score_of(ev)
+                prev = self.states.get(eid)
+                ts = max(ts or recv_ms, prev.source_ts if prev is not None else 0)
+                state = EventState(event_id=eid, source=self.source, status="ENDED" if ev.completed else "LIVE",
+                                   in_play=not ev.completed, score=score, source_ts=ts, received_at=recv_ms)
+                check_event_state(state, recv_ms, max_future_skew_ms=self.max_future_skew_ms)
+            except FeedDecodeError as exc:
+                batch.rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, event_id=eid))
+                continue
+            if not ev.completed:
+                live.add(ev.sport_key)
+            if not state.same_content(prev):
+                remember(self.states, eid, state)
+                batch.event_states.append(state)
+        batch.requests = sorted(f"scores:{k}" for k in live)
+        batch.in_play = bool(live)
+        return batch
+
+    @staticmethod
+    def _decode_scores_by_event(raw: bytes, batch: NormalisedBatch) -> list[ScoreEvent]:
+        try:
+            parts = _RAW_LIST_DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise FeedDecodeError("invalid_schema", str(exc), raw) from None
+        except _JSON_ERRORS as exc:
+            raise FeedDecodeError("invalid_json", str(exc), raw) from None
+        out = []
+        for i, part in enumerate(parts):
+            try:
+                out.append(_SCORE_EVENT_DECODER.decode(part))
+            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                try:
+                    eid: str | None = f"{SOURCE_PREFIX}{_EVENT_ID_DECODER.decode(part).id}"
+                except (msgspec.ValidationError, *_JSON_ERRORS):
+                    eid = None
+                batch.rejected.append(FeedDecodeError("invalid_schema", f"scores event {i}: {exc}", raw,
+                                                      event_id=eid))
+        return out
+
+    @staticmethod
+    def _score_of(ev: ScoreEvent) -> Score | None:
+        """The event's score from its per-team ``score`` texts (None: none given)."""
+        if not ev.scores:
+            return None
+        by_name = {t.name: t.score for t in ev.scores}
+        if ev.home_team not in by_name or ev.away_team not in by_name:
+            raise FeedDecodeError("invalid_schema", f"scores of event {ev.id} do not name its home and away teams")
+        out = []
+        for side in (by_name[ev.home_team], by_name[ev.away_team]):
+            if isinstance(side, int) and not isinstance(side, bool) and side >= 0:
+                out.append(side)
+                continue
+            m = _RUNS.match(side) if isinstance(side, str) else None
+            if m is None:
+                raise FeedDecodeError("invalid_number", f"score {side!r:.40} of event {ev.id} is not a whole number")
+            out.append(int(m.group(1)))
+        return Score(home=out[0], away=out[1])
 
     # -- internals ------------------------------------------------------------
 

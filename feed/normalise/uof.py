@@ -25,7 +25,21 @@ Messages (root element = ``op``):
   ``CANCELLED``. Outcome ``active="0"`` → selection ``SUSPENDED`` (its odds
   kept), else ``ACTIVE``; price = ``odds`` (decimal). An outcome the market
   no longer lists keeps its last state. ``<sport_event_status status>``
-  sets the event's ``in_play`` (1 = live; 0, 2–9 = not live).
+  sets the event's ``in_play`` (1 = live; 0, 2–9 = not live), and the
+  whole element becomes the :class:`~feed.models.EventState` of
+  ``uof:<event_id>``: ``status`` 0–9 → NOT_STARTED, LIVE, SUSPENDED,
+  ENDED, CLOSED, CANCELLED, DELAYED, INTERRUPTED, POSTPONED, ABANDONED;
+  ``match_status`` → the period (6 ``1h``, 31 ``ht``, 7 ``2h``, 41/42
+  ``et1``/``et2``, 50 ``pen``, 13–16 ``q1``–``q4``, 40 ``ot``, 1–3
+  ``p1``–``p3``, 8–12 ``set1``–``set5``, breaks ``break``);
+  ``home_score`` / ``away_score`` and ``<period_scores>`` (each period by
+  its ``match_status_code``) the score; ``<clock match_time="23:10"
+  stoppage_time remaining_time_in_period stopped>`` the clock (seconds,
+  running unless ``stopped``, read at the message's ``timestamp``);
+  ``<statistics><red_cards home away/>`` the red cards. A status that does
+  not read, or a state out of bounds, rejects the state alone
+  (``event_id`` set; the markets apply); an older one (``timestamp``) is
+  dropped.
 - ``bet_stop`` (``groups``, ``market_status``): every market of the event we
   hold becomes ``SUSPENDED`` (``suspend_reason`` ``bet_stop``), or
   ``INACTIVE`` for ``market_status="0"``. Market groups need Sportradar's
@@ -33,7 +47,8 @@ Messages (root element = ``op``):
   ``groups`` value stops every market of the event (the safe side).
 - ``bet_settlement``: outcome ``void_factor="1"`` → ``VOID``, else
   ``result="1"`` → ``WINNER``, ``result="0"`` → ``LOSER``; the market
-  becomes ``SETTLED``. ``rollback_bet_settlement``: the market goes back to
+  becomes ``SETTLED``; the outcome's ``void_factor`` (0.5: half the stake
+  refunded) and ``dead_heat_factor`` go to the selection as they are. ``rollback_bet_settlement``: the market goes back to
   ``SUSPENDED`` (``settlement_rolled_back``) with its outcomes ``SUSPENDED``
   until the next ``odds_change``.
 - ``bet_cancel``: the market becomes ``CANCELLED`` and its outcomes
@@ -104,10 +119,31 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from feed.errors import FeedDecodeError
-from feed.models import CLOSED_STATUSES, Market, MarketHeader, MarketStatus, Selection, SelectionStatus
-from feed.normalise.base import MarketUpdate, NormalisedBatch
+from feed.models import (
+    CLOSED_STATUSES,
+    Clock,
+    EventState,
+    EventStatus,
+    Market,
+    MarketHeader,
+    MarketStatus,
+    PeriodScore,
+    Score,
+    Selection,
+    SelectionStatus,
+    TeamCounts,
+)
+from feed.normalise.base import MarketUpdate, NormalisedBatch, remember
 from feed.taxonomy import is_unmapped, uof_market, uof_outcome
-from feed.validate import MAX_FUTURE_SKEW_MS, MAX_INT, MIN_PRICE, check_market, check_provider_time, is_price
+from feed.validate import (
+    MAX_FUTURE_SKEW_MS,
+    MAX_INT,
+    MIN_PRICE,
+    check_event_state,
+    check_market,
+    check_provider_time,
+    is_price,
+)
 
 if TYPE_CHECKING:
     from feed.settings import Settings
@@ -175,6 +211,7 @@ Ms = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 Product = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 Factor = Annotated[float, msgspec.Meta(ge=0, le=1)]
+DeadHeat = Annotated[float, msgspec.Meta(gt=0, le=1)]
 
 
 class WireOutcome(msgspec.Struct, kw_only=True, gc=False, forbid_unknown_fields=False):
@@ -183,7 +220,7 @@ class WireOutcome(msgspec.Struct, kw_only=True, gc=False, forbid_unknown_fields=
     active: int | None = None
     result: int | None = None
     void_factor: Factor | None = None
-    dead_heat_factor: Factor | None = None
+    dead_heat_factor: DeadHeat | None = None
 
 
 class WireMarket(msgspec.Struct, kw_only=True, gc=False):
@@ -192,6 +229,40 @@ class WireMarket(msgspec.Struct, kw_only=True, gc=False):
     status: int | None = None
     void_reason: int | None = None
     outcomes: list[WireOutcome] = []
+
+
+class WireClock(msgspec.Struct, kw_only=True, gc=False):
+    """``<clock>``: times as ``"MM:SS"`` or whole minutes ``"MM"``."""
+
+    match_time: str | None = None
+    stoppage_time: str | None = None
+    remaining_time: str | None = None
+    remaining_time_in_period: str | None = None
+    stopped: bool | None = None
+
+
+class WirePeriodScore(msgspec.Struct, kw_only=True, gc=False):
+    number: int
+    match_status_code: int
+    home_score: float
+    away_score: float
+
+
+class WireCounts(msgspec.Struct, kw_only=True, gc=False):
+    home: int
+    away: int
+
+
+class WireEventStatus(msgspec.Struct, kw_only=True, gc=False):
+    """``<sport_event_status>`` with its clock, period scores and red cards."""
+
+    status: int
+    match_status: int | None = None
+    home_score: float | None = None
+    away_score: float | None = None
+    clock: WireClock | None = None
+    period_scores: list[WirePeriodScore] = []
+    red_cards: WireCounts | None = None
 
 
 class _Msg(msgspec.Struct, kw_only=True, gc=False, tag_field="type"):
@@ -208,6 +279,7 @@ class OddsChange(_EventMsg, kw_only=True, tag="odds_change"):
     markets: list[dict[str, Any]] = []
     event_status: int | None = None
     betting_status: int | None = None
+    sport_event_status: dict[str, Any] | None = None
 
 
 class BetStop(_EventMsg, kw_only=True, tag="bet_stop"):
@@ -287,6 +359,16 @@ def _element_dict(root: ET.Element) -> dict[str, Any]:
         ses = root.find("sport_event_status")
         if ses is not None and "status" in ses.attrib:
             d["event_status"] = ses.attrib["status"]
+        if ses is not None:
+            sd: dict[str, Any] = dict(ses.attrib)
+            clock = ses.find("clock")
+            if clock is not None:
+                sd["clock"] = dict(clock.attrib)
+            sd["period_scores"] = [dict(p.attrib) for p in ses.iter("period_score")]
+            red = ses.find("statistics/red_cards")
+            if red is not None:
+                sd["red_cards"] = dict(red.attrib)
+            d["sport_event_status"] = sd
         odds = root.find("odds")
         if odds is not None and "betting_status" in odds.attrib:
             d["betting_status"] = odds.attrib["betting_status"]
@@ -374,6 +456,18 @@ _MARKET_STATUS: dict[int, tuple[MarketStatus, str | None]] = {
     -3: ("SETTLED", None), -4: ("CANCELLED", "cancelled"),
 }
 _RESULTS = frozenset({"WINNER", "LOSER", "VOID", "PLACED"})
+_EVENT_STATUS: dict[int, EventStatus] = {
+    0: "NOT_STARTED", 1: "LIVE", 2: "SUSPENDED", 3: "ENDED", 4: "CLOSED", 5: "CANCELLED", 6: "DELAYED",
+    7: "INTERRUPTED", 8: "POSTPONED", 9: "ABANDONED",
+}
+#: UOF match_status (and period_score match_status_code) -> period code (feed.models.EventState)
+_MATCH_PERIOD: dict[int, str] = {
+    6: "1h", 7: "2h", 31: "ht", 32: "break", 33: "et_ht", 34: "break", 41: "et1", 42: "et2", 50: "pen",
+    13: "q1", 14: "q2", 15: "q3", 16: "q4", 40: "ot", 1: "p1", 2: "p2", 3: "p3", 8: "set1", 9: "set2",
+    10: "set3", 11: "set4", 12: "set5", 301: "break", 302: "break", 303: "break",
+}
+#: periods in which the clock runs (unless the feed says ``stopped``)
+_PLAYING = frozenset({"1h", "2h", "et1", "et2", "q1", "q2", "q3", "q4", "ot", "p1", "p2", "p3"})
 _SPORTS = {"1": "soccer", "2": "basketball", "3": "baseball", "4": "ice_hockey", "5": "tennis", "6": "handball",
            "12": "rugby", "16": "american_football", "20": "table_tennis", "21": "cricket", "23": "volleyball"}
 
@@ -386,6 +480,56 @@ def _specifiers(text: str | None) -> dict[str, str] | None:
         k, _, v = part.partition("=")
         out[k] = v
     return out
+
+
+def clock_seconds(text: str | None) -> int | None:
+    """A UOF time ``"23:10"`` (minutes:seconds) or ``"23"`` (minutes) → seconds;
+    None when absent. Raises FeedDecodeError ``invalid_schema`` otherwise."""
+    if text is None or text == "":
+        return None
+    mm, colon, ss = text.partition(":")
+    if not mm.isdigit() or len(mm) > 5 or (colon and not (ss.isdigit() and len(ss) <= 2)):
+        raise FeedDecodeError("invalid_schema", f"time {text[:20]!r} is not MM:SS or MM")
+    return int(mm) * 60 + (int(ss) if colon else 0)
+
+
+def _whole(x: float | None, what: str) -> int | None:
+    if x is None:
+        return None
+    if not (0 <= x <= 1e9) or x != int(x):
+        raise FeedDecodeError("invalid_number", f"{what} {x!r} is not a whole number >= 0")
+    return int(x)
+
+
+def event_status_to_state(ses: WireEventStatus, event_id: str, source: str, ts: int, recv_ms: int) -> EventState:
+    """A decoded ``<sport_event_status>`` → EventState (module docstring).
+    Raises FeedDecodeError for a status or time that does not read."""
+    status = _EVENT_STATUS.get(ses.status)
+    if status is None:
+        raise FeedDecodeError("invalid_schema", f"sport_event_status status {ses.status} is not 0-9")
+    live = status == "LIVE"
+    period = _MATCH_PERIOD.get(ses.match_status) if live and ses.match_status is not None else None
+    clock = None
+    c = ses.clock
+    if c is not None and c.match_time:
+        seconds = clock_seconds(c.match_time)
+        assert seconds is not None
+        running = (not c.stopped) if c.stopped is not None else (live and period in _PLAYING)
+        clock = Clock(seconds=seconds, running=running and live, at=ts,
+                      remaining_s=clock_seconds(c.remaining_time_in_period or c.remaining_time),
+                      stoppage_s=clock_seconds(c.stoppage_time))
+    periods = [PeriodScore(period=_MATCH_PERIOD.get(p.match_status_code, f"p{p.number}"),
+                           home=_whole(p.home_score, "period home_score") or 0,
+                           away=_whole(p.away_score, "period away_score") or 0)
+               for p in sorted(ses.period_scores, key=lambda x: x.number)]
+    home, away = _whole(ses.home_score, "home_score"), _whole(ses.away_score, "away_score")
+    score = None
+    if home is not None or away is not None or periods:
+        score = Score(home=home if home is not None else sum(p.home for p in periods),
+                      away=away if away is not None else sum(p.away for p in periods), periods=periods)
+    cards = TeamCounts(home=ses.red_cards.home, away=ses.red_cards.away) if ses.red_cards is not None else None
+    return EventState(event_id=event_id, source=source, status=status, in_play=live, period=period, clock=clock,
+                      score=score, red_cards=cards, source_ts=ts, received_at=recv_ms)
 
 
 def _bad_odds(o: WireOutcome) -> bool:
@@ -467,6 +611,8 @@ class UofNormaliser:
         self.up: set[int] = set()
         self.pending: dict[int, int] = {}  # product -> request id of the recovery in progress
         self.dropped: dict[str, int] = {}
+        #: the last event state emitted per event id (``uof:<event_id>``)
+        self.states: dict[str, EventState] = {}
         self._raw = b""
         self._rejected: list[FeedDecodeError] = []
 
@@ -629,6 +775,8 @@ class UofNormaliser:
                          | RollbackBetCancel, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
         ev = self._event(msg.event_id, channel)
         live_changed = False
+        if isinstance(msg, OddsChange) and msg.sport_event_status is not None:
+            self._event_state(ev, msg, batch, recv_ms)
         if isinstance(msg, OddsChange) and msg.event_status is not None:
             live = msg.event_status == 1
             live_changed = live != ev.in_play
@@ -676,6 +824,29 @@ class UofNormaliser:
             self.dropped["stale"] = self.dropped.get("stale", 0) + stale
             batch.stale = not applied
 
+    def _event_state(self, ev: _Event, msg: OddsChange, batch: NormalisedBatch, recv_ms: int) -> None:
+        """The event's state from the message's ``<sport_event_status>``."""
+        eid = f"{self.prefix}:{ev.id}"
+        prev = self.states.get(eid)
+        if prev is not None and msg.timestamp < prev.source_ts:
+            self._drop("stale_state")
+            return
+        try:
+            ses = msgspec.convert(msg.sport_event_status, WireEventStatus, strict=False)
+            state = event_status_to_state(ses, eid, self.source, msg.timestamp, recv_ms)
+            check_event_state(state, recv_ms, max_future_skew_ms=self.max_future_skew_ms)
+        except msgspec.ValidationError as exc:
+            self._rejected.append(FeedDecodeError("invalid_schema", f"<sport_event_status>: {exc}", self._raw,
+                                                  event_id=eid))
+            return
+        except FeedDecodeError as exc:
+            self._rejected.append(FeedDecodeError(exc.reason, f"<sport_event_status>: {exc.detail}", self._raw,
+                                                  event_id=eid))
+            return
+        if not state.same_content(prev):
+            remember(self.states, eid, state)
+            batch.event_states.append(state)
+
     def _apply_market(self, msg: _Msg, m: _Market, wm: WireMarket) -> list[str]:
         """Apply one ``<market>`` to the cache; the changed selection ids."""
         changed: list[str] = []
@@ -688,7 +859,9 @@ class UofNormaliser:
                 price = o.odds if o.odds is not None and is_price(o.odds) else (prev.price if prev else None)
                 status: SelectionStatus = "SUSPENDED" if o.active == 0 else "ACTIVE"
                 if closing and prev is not None and prev.status in _RESULTS:
-                    status = prev.status  # odds of a settled / cancelled market: its results stand
+                    # odds of a settled / cancelled market: its results (and their factors) stand
+                    self._set(m, msgspec.structs.replace(prev, price=price), changed)
+                    continue
                 self._set(m, Selection(selection_id=o.id, status=status, price=price), changed)
         elif isinstance(msg, BetSettlement):
             m.status, m.reason = "SETTLED", None
@@ -703,11 +876,13 @@ class UofNormaliser:
                     res = "LOSER"
                 else:
                     continue
-                self._set(m, Selection(selection_id=o.id, status=res, price=prev.price if prev else None), changed)
+                self._set(m, Selection(selection_id=o.id, status=res, price=prev.price if prev else None,
+                                       void_factor=o.void_factor, dead_heat_factor=o.dead_heat_factor), changed)
         elif isinstance(msg, RollbackBetSettlement):
             m.status, m.reason = "SUSPENDED", "settlement_rolled_back"
             for sid, s in list(m.sels.items()):
-                self._set(m, msgspec.structs.replace(s, status="SUSPENDED"), changed)
+                self._set(m, msgspec.structs.replace(s, status="SUSPENDED", void_factor=None, dead_heat_factor=None),
+                          changed)
         elif isinstance(msg, BetCancel):
             if m.status != "CANCELLED":
                 m.pre_cancel = (m.status, m.reason, dict(m.sels))

@@ -1,7 +1,8 @@
 """Push-format messages delivered one by one, in any order (webhooks).
 
 A webhook provider POSTs each message of ``docs/push-format.md`` (``odds``,
-``locked-odds``, ``fixture-status``; ``ping`` is accepted as a keep-alive)
+``locked-odds``, ``fixture-status``, ``scores`` — a fixture's state newer
+than the one held wins; ``ping`` is accepted as a keep-alive)
 as its own HTTP request. Unlike a stream, deliveries may arrive out of
 order (retries, parallel senders) and more than once, and there is no
 ``seq`` stream to detect gaps. :class:`PushNormaliser` as such does not fit:

@@ -17,7 +17,18 @@ Pinnacle (HTTP Basic ``user``/``password``, or ``X-API-Key``, or a Bearer token)
   last, leagues:[{id, events:[{id, periods:[{number, lineId, status, cutoff,
   moneyline, totals, *UpdatedAt}]}]}]}``; without ``since`` the whole
   sport, with it only the periods changed after it;
-- ``GET /v2/sports``.
+- ``GET /v2/sports``; ``GET /v2/leagues?sportId=`` (``homeTeamType``: the
+  NBA league says ``Team2``, the others ``Team1``);
+- live scores: a live soccer event of ``/v2/odds`` carries ``homeScore``,
+  ``awayScore``, ``homeRedCards``, ``awayRedCards`` (the model's goals and
+  cards; a change of them puts the event in the next delta);
+- ``GET /v1/fixtures/settled?sportId=&since=`` — ``{sportId, last,
+  leagues:[{id, events:[{id, periods:[{number, status: 1, settlementId,
+  settledAt, team1Score, team2Score}]}]}]}``: once the model settles an
+  event, its pre-match event (and its live one) is settled — soccer periods
+  0 and 1 (1st half), basketball 0, 1–2 (halves) and 3–6 (quarters),
+  tennis period 0 in sets (2–0 or 2–1 to the winner); team1 is the home
+  side except in the NBA league (``homeTeamType`` Team2).
 
 Pre-match events (soccer → sportId 29, tennis → 33, basketball → 4) keep the
 model's event id; when the model turns an event in play, a **live event**
@@ -40,6 +51,11 @@ The Odds API (``apiKey`` query parameter, ``X-API-Key``, or a Bearer token):
   ``config.bookmakers`` (book 0 at the model's best back price, the others
   shaded) with h2h (and totals 2.5 for soccer); a suspended market is simply
   absent. ``last_update`` (ISO with milliseconds) = the change time.
+  ``GET /v4/sports/{sport}/scores?daysFrom=&dateFormat=`` — every event of
+  the sport: ``scores`` (``[{name, score}]``, text) once it started (soccer
+  and basketball: the model's score; others null), ``completed`` once the
+  model ended play, ``last_update`` = when the score last changed; cost 1,
+  2 with ``daysFrom``; an ``ETag`` / 304 like the odds.
 
 Both: ``POST /v1/token`` (JSON or form ``client_id``/``client_secret``) →
 ``{access_token, token_type, expires_in}``; with ``hmac_secret`` set every
@@ -110,6 +126,8 @@ PINNACLE, TOA = "pinnacle", "theoddsapi"
 #: model eventTypeId -> Pinnacle sportId
 _PN_SPORTS = {"1": 29, "2": 33, "7522": 4}
 _PN_SPORT_NAMES = {29: "Soccer", 33: "Tennis", 4: "Basketball"}
+#: leagues whose home side is Team2 (/v2/leagues homeTeamType), as US leagues list the away team first
+_PN_TEAM2_HOME = frozenset({487})
 _PN_LEAGUES = {"GB": (1980, "England - Premier League"), "ES": (2196, "Spain - La Liga"),
                "DE": (1842, "Germany - Bundesliga"), "IT": (2436, "Italy - Serie A")}
 #: (eventTypeId, country) -> (sport key, title)
@@ -190,6 +208,20 @@ class _PnEvent:
     fixture_version: int
     period: _PnPeriod = field(default_factory=_PnPeriod)
     removed: bool = False
+    scores: tuple[int, int, int, int] | None = None  # live soccer: home, away, home red cards, away red cards
+    score_version: int = 0
+
+
+@dataclass
+class _PnSettled:
+    """One settled event of ``/v1/fixtures/settled``: periods (number, team1, team2)."""
+
+    version: int
+    league: int
+    event_id: int
+    periods: list[tuple[int, int, int]]
+    settlement_id: int
+    settled_ms: int
 
 
 @dataclass
@@ -207,6 +239,10 @@ class _ToaEvent:
     away: str
     commence_ms: int
     markets: dict[tuple[str, str], _ToaMarket] = field(default_factory=dict)  # (bookmaker, key) -> market
+    score: tuple[int, int] | None = None  # once started (soccer, basketball)
+    score_ms: int = 0  # when the score last changed
+    completed: bool = False
+    started: bool = False
 
 
 @dataclass
@@ -246,9 +282,17 @@ class HttpProviders:
         self.pn_events: dict[int, _PnEvent] = {}
         self.pn_history: dict[int, deque[tuple[int, bytes]]] = {}
         self.pn_served: set[str] = set()
+        #: settled events per sportId, and the settled base events whose settlement a client has read
+        self.pn_settled: dict[int, list[_PnSettled]] = {}
+        self.pn_settled_bases: dict[int, int] = {}  # base event -> sportId (settled in the model)
+        self.pn_settled_served: set[int] = set()
+        self._pn_settled_served_last: dict[int, int] = {}
+        self._settlement_id = 7_000_000
         # The Odds API
         self.toa_events: dict[str, _ToaEvent] = {}
         self.toa_served: dict[str, dict[str, Any]] = {}
+        #: The Odds API scores a client has read: toa event id -> (completed, home, away)
+        self.toa_scores_served: dict[str, tuple[bool, int | None, int | None]] = {}
         self.quota_remaining = cfg.quota
         self.quota_used = 0
         self.dropped_bookmakers: set[str] = set()
@@ -351,7 +395,8 @@ class HttpProviders:
 
     def malformed(self, n: int = 1, kind: str = "truncated", provider: str | None = None) -> None:
         """The next ``n`` data bodies are bad: ``truncated`` (invalid JSON),
-        ``bad_price`` (a price of 0.5), ``wrong_type`` (a field of the wrong type)."""
+        ``bad_price`` (a price of 0.5), ``wrong_type`` (a field of the wrong type).
+        Odds and fixtures answers only (never settled results, leagues or scores)."""
         self._add("malformed", provider, n, kind)
 
     def duplicate(self, n: int = 1) -> None:
@@ -421,6 +466,7 @@ class HttpProviders:
         for eid, books in by_event.items():
             self._project_pinnacle(eid, books, now_ms)
             self._project_toa(eid, books, now_ms)
+            self._project_state(eid, books, now_ms)
         live_ids = {int(e) for e in by_event}
         for ev in self.pn_events.values():
             base = ev.parent or ev.id
@@ -431,6 +477,9 @@ class HttpProviders:
                 ev.fixture_version = self.pn_last
         current = {_toa_id(e) for e in by_event}
         for tid, tev in self.toa_events.items():
+            if tid not in current and tev.started and not tev.completed:
+                tev.completed = True  # the model dropped it: play is long over
+                tev.score_ms = now_ms
             if tev.markets and tid not in current:
                 if self._truth is not None:
                     for bk, k in tev.markets:
@@ -586,6 +635,76 @@ class HttpProviders:
                 if self._truth is not None and k[0] not in self.dropped_bookmakers:
                     self._truth_toa(ev, k[0], k[1], ev.markets[k], now_ms)
 
+    def _project_state(self, eid: str, books: list[Any], now_ms: int) -> None:
+        """Scores and settlement of one model event, in each provider's terms."""
+        md = books[0].definition
+        state = self.model.event_state(eid)
+        pid = int(eid)
+        # Pinnacle: live soccer scores on the live event
+        live = self.pn_events.get(pid + LIVE_ID_OFFSET)
+        if state is not None and live is not None and md["eventTypeId"] == "1" and state.phase == "live":
+            red = state.red_cards or (0, 0)
+            scores = (state.home, state.away, red[0], red[1])
+            if live.scores != scores:
+                live.scores = scores
+                self.pn_last += 1
+                live.score_version = self.pn_last
+        # The Odds API: the score once started, completed when play is over
+        tev = self.toa_events.get(_toa_id(eid))
+        if tev is not None:
+            started = any(b.definition.get("inPlay") for b in books) or (state is not None and state.phase != "pre")
+            score = (state.home, state.away) if state is not None and state.phase != "pre" else None
+            done = state is not None and state.phase in ("ended", "closed") or all(
+                b.definition.get("status") == "CLOSED" for b in books)
+            if started and (score != tev.score or done != tev.completed or not tev.started):
+                tev.started, tev.score, tev.completed, tev.score_ms = True, score, done, now_ms
+        # Pinnacle: settle the event once every market of it is settled
+        if pid in self.pn_settled_bases or not all(b.definition.get("status") == "CLOSED" for b in books):
+            return
+        parent = self.pn_events.get(pid)
+        if parent is None:
+            return
+        periods = self._settled_periods(md, books, state)
+        if periods is None:
+            return
+        self.pn_settled_bases[pid] = parent.sport
+        for ev in (parent, self.pn_events.get(pid + LIVE_ID_OFFSET)):
+            if ev is None:
+                continue
+            self.pn_last += 1
+            self._settlement_id += 1
+            swap = ev.league[0] in _PN_TEAM2_HOME
+            rows = [(n, a if swap else h, h if swap else a) for n, h, a in periods]
+            self.pn_settled.setdefault(ev.sport, []).append(_PnSettled(
+                version=self.pn_last, league=ev.league[0], event_id=ev.id, periods=rows,
+                settlement_id=self._settlement_id, settled_ms=now_ms))
+
+    @staticmethod
+    def _settled_periods(md: dict[str, Any], books: list[Any], state: Any) -> list[tuple[int, int, int]] | None:
+        """(period number, home, away) of a settled model event in Pinnacle's numbering; None: cannot say."""
+        sport = md["eventTypeId"]
+        if state is not None and sport == "1":
+            first = next((p for p in state.periods if p[0] == "1h"), ("1h", 0, 0))
+            return [(0, state.home, state.away), (1, first[1], first[2])]
+        if state is not None and sport == "7522":
+            q = {p[0]: (p[1], p[2]) for p in state.periods}
+            quarters = [q.get(f"q{i}", (0, 0)) for i in range(1, 5)]
+            out = [(0, state.home, state.away),
+                   (1, quarters[0][0] + quarters[1][0], quarters[0][1] + quarters[1][1]),
+                   (2, quarters[2][0] + quarters[3][0], quarters[2][1] + quarters[3][1])]
+            return out + [(3 + i, h, a) for i, (h, a) in enumerate(quarters)]
+        if sport == "2":  # tennis: sets to the winner, 2-0 or 2-1 (by the event id, reproducible)
+            mo = next((b for b in books if b.definition["marketType"] == "MATCH_ODDS"), None)
+            if mo is None:
+                return None
+            runners = mo.definition["runners"]
+            won = [r.get("status") == "WINNER" for r in runners]
+            if not any(won):
+                return None
+            lose = 1 if int(md["eventId"]) % 3 == 0 else 0
+            return [(0, 2, lose) if won[0] else (0, lose, 2)]
+        return None
+
     # -- truth log ---------------------------------------------------------------------------
 
     def _truth_pn_period(self, ev: _PnEvent, now_ms: int) -> None:
@@ -649,7 +768,7 @@ class HttpProviders:
                 continue
             if since is None and ev.removed:
                 continue
-            if since is not None and p.version <= since:
+            if since is not None and p.version <= since and ev.score_version <= since:
                 continue
             price = (lambda x: decimal_to_american(x)) if american else (lambda x: x)
             period: dict[str, Any] = {
@@ -665,13 +784,75 @@ class HttpProviders:
                 period["moneyline"] = {k: price(v) for k, v in p.ml.items()}
             period["totals"] = [{"points": pts, "over": price(o), "under": price(u)} for pts, o, u in p.totals]
             lg = leagues.setdefault(ev.league[0], {"id": ev.league[0], "events": []})
-            lg["events"].append({"id": ev.id, "periods": [period]})
+            item: dict[str, Any] = {"id": ev.id, "periods": [period]}
+            if ev.scores is not None and not ev.removed:
+                item.update(homeScore=float(ev.scores[0]), awayScore=float(ev.scores[1]),
+                            homeRedCards=ev.scores[2], awayRedCards=ev.scores[3])
+            lg["events"].append(item)
             base = ev.parent or ev.id
             if p.ml is not None:
                 served.add(f"pn:{base}:0:moneyline")
             for pts, _, _ in p.totals:
                 served.add(f"pn:{base}:0:total:{pts:g}")
         return {"sportId": sport, "last": self.pn_last, "leagues": list(leagues.values())}, served
+
+    def _pn_settled_body(self, sport: int, since: int | None) -> tuple[dict[str, Any], set[int]]:
+        leagues: dict[int, dict[str, Any]] = {}
+        bases: set[int] = set()
+        for st in self.pn_settled.get(sport, ()):
+            if since is not None and st.version <= since:
+                continue
+            periods = [{"number": n, "status": 1, "settlementId": st.settlement_id, "settledAt": iso_ms(st.settled_ms),
+                        "team1Score": t1, "team2Score": t2} for n, t1, t2 in st.periods]
+            leagues.setdefault(st.league, {"id": st.league, "events": []})["events"].append(
+                {"id": st.event_id, "periods": periods})
+            ev = self.pn_events.get(st.event_id)
+            bases.add(ev.parent or ev.id if ev is not None else st.event_id)
+        return {"sportId": sport, "last": self.pn_last, "leagues": list(leagues.values())}, bases
+
+    def _toa_scores_body(self, sport: str) -> tuple[list[Any], dict[str, tuple[bool, int | None, int | None]]]:
+        out: list[Any] = []
+        seen: dict[str, tuple[bool, int | None, int | None]] = {}
+        for ev in self.toa_events.values():
+            if ev.sport_key != sport:
+                continue
+            item: dict[str, Any] = {"id": ev.id, "sport_key": ev.sport_key, "sport_title": ev.title,
+                                    "commence_time": iso_ms(ev.commence_ms)[:19] + "Z", "completed": ev.completed,
+                                    "home_team": ev.home, "away_team": ev.away, "scores": None, "last_update": None}
+            if ev.started and ev.score is not None:
+                item["scores"] = [{"name": ev.home, "score": str(ev.score[0])},
+                                  {"name": ev.away, "score": str(ev.score[1])}]
+                item["last_update"] = iso_ms(ev.score_ms)[:19] + "Z"
+            if ev.started:
+                seen[ev.id] = (ev.completed, *(ev.score if ev.score is not None else (None, None)))
+            out.append(item)
+        return out, seen
+
+    def score_truth(self, provider: str) -> dict[str, dict[str, Any]]:
+        """Event states a client that read every answer now holds, in canonical
+        ids: Pinnacle ``pn:<base>`` → {"status": "CLOSED", "home", "away"} for
+        every settled event served (home/away as the model scored them); The
+        Odds API ``toa:<id>`` → {"status": "LIVE"|"ENDED", "home", "away"} for
+        every started event whose scores were served."""
+        out: dict[str, dict[str, Any]] = {}
+        if provider == TOA:
+            for tid, (done, h, a) in self.toa_scores_served.items():
+                if h is not None:
+                    out[f"toa:{tid}"] = {"status": "ENDED" if done else "LIVE", "home": h, "away": a}
+            return out
+        for sport, rows in self.pn_settled.items():
+            for st in rows:
+                ev = self.pn_events.get(st.event_id)
+                if ev is None or ev.parent is not None:
+                    continue
+                base = ev.id
+                if base not in self.pn_settled_served:
+                    continue
+                n0 = next(r for r in st.periods if r[0] == 0)
+                swap = st.league in _PN_TEAM2_HOME
+                h, a = (n0[2], n0[1]) if swap else (n0[1], n0[2])
+                out[f"pn:{base}"] = {"status": "CLOSED", "home": h, "away": a}
+        return out
 
     def _toa_body(self, sport: str, markets: set[str], american: bool, now_ms: int) -> tuple[list[Any], dict[str, Any], set[str]]:
         out = []
@@ -739,6 +920,9 @@ class HttpProviders:
             for mid in offered:
                 if mid not in self.pn_served:
                     continue
+                if base in self.pn_settled_served and mid.split(":")[2] == "0":
+                    out[mid] = {"status": "SETTLED", "in_play": None, "prices": None}
+                    continue
                 out[mid] = now.get(mid) or {"status": "SUSPENDED", "in_play": None, "prices": None}
         return out
 
@@ -750,8 +934,10 @@ class HttpProviders:
             return all(k in self.toa_served and self.toa_served[k]["prices"] == v["prices"]
                        and self.toa_served[k]["status"] == "OPEN" for k, v in current.items()
                        if sports is None or _toa_scope(k, self.toa_events) in sports)
-        return all(not ev.period.version or ev.period.version <= self._pn_served_last.get(ev.sport, 0)
-                   for ev in self.pn_events.values() if sports is None or ev.sport in sports)
+        return all(max(ev.period.version, ev.score_version) <= self._pn_served_last.get(ev.sport, 0)
+                   for ev in self.pn_events.values() if (sports is None or ev.sport in sports) and ev.period.version) \
+            and all(st.version <= self._pn_settled_served_last.get(sport, 0)
+                    for sport, rows in self.pn_settled.items() if sports is None or sport in sports for st in rows)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -761,6 +947,9 @@ class HttpProviders:
             Route("/v1/fixtures", self._pn_fixtures, methods=["GET"]),
             Route("/v2/odds", self._pn_odds, methods=["GET"]),
             Route("/v2/sports", self._pn_sports, methods=["GET"]),
+            Route("/v2/leagues", self._pn_leagues, methods=["GET"]),
+            Route("/v1/fixtures/settled", self._pn_settled_endpoint, methods=["GET"]),
+            Route("/v4/sports/{sport}/scores", self._toa_scores, methods=["GET"]),
             Route("/v4/sports", self._toa_sports, methods=["GET"]),
             Route("/v4/sports/{sport}/odds", self._toa_odds, methods=["GET"]),
             Route("/health", lambda r: _json({"status": "ok"}), methods=["GET"]),
@@ -860,8 +1049,10 @@ class HttpProviders:
         connected — never for an answer the client gave up on (a stall or a
         trickle past its deadline): a client cannot hold what it never read."""
         rec: RequestRecord | None = getattr(request.state, "rec", None)
-        if status == 200:
-            fixtures = request.url.path == "/v1/fixtures"  # no prices in fixtures: a bad price waits for odds
+        path = request.url.path
+        if status == 200 and not (path in ("/v1/fixtures/settled", "/v2/leagues") or path.endswith("/scores")):
+            # (results and scores bodies are never made malformed: the fault is about the odds path)
+            fixtures = path == "/v1/fixtures"  # no prices in fixtures: a bad price waits for odds
             bad = self._take(provider, ("malformed",), lambda f: not (fixtures and f.arg == "bad_price"))
             if bad is not None:
                 payload = self._malformed_body(provider, payload, bad.arg, request)
@@ -958,6 +1149,65 @@ class HttpProviders:
         if denied is not None:
             return denied
         return _json({"sports": [{"id": i, "name": n, "hasOfferings": True} for i, n in _PN_SPORT_NAMES.items()]})
+
+    async def _pn_leagues(self, request: Request) -> Response:
+        denied = await self._check(request, PINNACLE)
+        if denied is not None:
+            return denied
+        try:
+            sport = int(request.query_params.get("sportId", ""))
+        except ValueError:
+            return self._error(PINNACLE, 400, "INVALID_REQUEST", "sportId must be an integer")
+        if sport == 29:
+            rows = [(lid, name) for lid, name in _PN_LEAGUES.values()] + [(1977, "International - Friendlies")]
+        else:
+            rows = [(3000, "ATP")] if sport == 33 else [(487, "NBA")] if sport == 4 else []
+        return _json({"leagues": [{"id": lid, "name": name, "homeTeamType": "Team2" if lid in _PN_TEAM2_HOME else "Team1",
+                                   "hasOfferings": True} for lid, name in rows]})
+
+    async def _pn_settled_endpoint(self, request: Request) -> Response:
+        denied = await self._check(request, PINNACLE)
+        if denied is not None:
+            return denied
+        parsed = self._pn_params(request)
+        if isinstance(parsed, Response):
+            return parsed
+        sport, since = parsed
+        body, bases = self._pn_settled_body(sport, since)
+        last = body["last"]
+
+        def sent() -> None:
+            self.pn_settled_served.update(bases)
+            self._pn_settled_served_last[sport] = max(self._pn_settled_served_last.get(sport, 0), last)
+
+        return await self._deliver(PINNACLE, request, orjson.dumps(body), on_sent=sent)
+
+    async def _toa_scores(self, request: Request) -> Response:
+        denied = await self._check(request, TOA)
+        if denied is not None:
+            return denied
+        sport = request.path_params["sport"]
+        if sport not in {k for k, _, _ in _TOA_SPORTS}:
+            return self._error(TOA, 404, "UNKNOWN_SPORT", f"unknown sport {sport}")
+        body, seen = self._toa_scores_body(sport)
+        payload = orjson.dumps(body)
+        etag = '"' + hashlib.sha1(payload).hexdigest() + '"'
+        if self.config.etag and request.headers.get("if-none-match") == etag:
+            return await self._deliver(TOA, request, b"", 304, {**self._quota_headers(0), "ETag": etag})
+        cost = 2 if request.query_params.get("daysFrom") else 1
+        if self.quota_remaining < cost:
+            return self._error(TOA, 401, "OUT_OF_USAGE_CREDITS", "Usage quota has been reached",
+                               self._quota_headers(0))
+        self.quota_remaining -= cost
+        self.quota_used += cost
+        headers = self._quota_headers(cost)
+        if self.config.etag:
+            headers["ETag"] = etag
+
+        def sent() -> None:
+            self.toa_scores_served.update(seen)
+
+        return await self._deliver(TOA, request, payload, headers=headers, on_sent=sent)
 
     def _pn_params(self, request: Request) -> tuple[int, int | None] | Response:
         try:

@@ -29,6 +29,18 @@ stream has no names) and :mod:`feed.simulator.betfair_api` serves them, with
 the competition (:meth:`MarketModel.competition_of`), through
 ``listMarketCatalogue``.
 
+Event state (:meth:`MarketModel.event_state`): soccer and basketball events
+keep a score, a period and a match clock that the HTTP, push and UOF-style
+providers serve the way each real provider does. Soccer: the goals are the
+model's goal incidents (they move the prices), red cards come with some of
+them; 1st half for 47 model minutes of play (45 + 2 stoppage), 15 minutes
+half time, then the 2nd half from 45:00 until the end. Basketball: four
+12-minute quarters spread over the time in play, points accruing with
+the clock towards quarter totals drawn when the event is made; the winner
+settled is the side ahead at the end. Everything state-only is drawn from a
+second generator seeded from ``seed``, so the price stream of a seed is the
+same as without event states.
+
 The model only mutates :class:`~feed.simulator.wire.MarketBook` objects and
 records :class:`~feed.simulator.wire.MarketDirty` marks; turning them into ESA
 messages is the server's job.
@@ -39,13 +51,14 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from feed.simulator.ladder import TICKS, tick_index
 from feed.simulator.wire import MarketBook, MarketDirty, RunnerBook, num, truth_of
 
-__all__ = ["SPORTS", "MarketModel", "iso_ms"]
+__all__ = ["SPORTS", "MarketModel", "ModelState", "iso_ms"]
 
 #: eventTypeId -> sport name
 SPORTS: dict[str, str] = {
@@ -145,10 +158,50 @@ class _Market:
             self.book.runner(sid)
 
 
+#: soccer timeline in model seconds of play: 1st half (45:00 + 2 min stoppage), half time, 2nd half
+_SOCCER_1H_S, _SOCCER_HT_S = 47 * 60, 15 * 60
+#: basketball: regulation game clock (4 × 12 min), seconds
+_QUARTER_S = 12 * 60
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What the model says of one event's state at its current time.
+
+    phase: ``pre`` (not started), ``live`` (in play), ``ended`` (play over,
+    not settled), ``closed`` (settled). period: ``1h`` / ``ht`` / ``2h``,
+    ``q1``–``q4``, None outside play. clock_s: elapsed match time in
+    seconds (None before play); running: the clock runs; remaining_s:
+    seconds left in the quarter (basketball); stoppage_s: stoppage time
+    played (soccer, 1st half). home / away: the score; periods: per period
+    ``(period, home, away)``; red_cards: ``(home, away)`` (soccer), None
+    otherwise. at_ms: the model time the state refers to (ms).
+    """
+
+    sport: str
+    phase: str
+    period: str | None
+    clock_s: int | None
+    running: bool
+    remaining_s: int | None
+    stoppage_s: int | None
+    home: int
+    away: int
+    periods: tuple[tuple[str, int, int], ...]
+    red_cards: tuple[int, int] | None
+    at_ms: int
+
+    def key(self) -> tuple[object, ...]:
+        """Everything but the running clock's reading (a provider sends a
+        state when this changes, and the clock with it)."""
+        return (self.phase, self.period, self.running, self.home, self.away, self.periods, self.red_cards,
+                self.clock_s if not self.running else None)
+
+
 class _Event:
     __slots__ = ("event_id", "sport", "name", "country", "venue", "timezone", "start_ms", "end_ms",
                  "phase", "next_ms", "markets", "score", "in_play_delay", "turn_in_play", "suspended_until",
-                 "next_incident_ms", "competition")
+                 "next_incident_ms", "competition", "play_ms", "goals", "red_cards", "quarters", "play_end_ms")
 
     def __init__(self, event_id: str, sport: str, name: str, country: str, venue: str | None) -> None:
         self.event_id = event_id
@@ -168,6 +221,11 @@ class _Event:
         self.suspended_until = 0
         self.next_incident_ms = 0
         self.competition: tuple[str, str] | None = None  # (id, name) as Betfair's catalogue gives it
+        self.play_ms = 0  # wall ms play started (0: not yet)
+        self.play_end_ms = 0  # wall ms play ended (0: not yet)
+        self.goals: list[tuple[int, int]] = []  # (side 0 home / 1 away, model seconds of play)
+        self.red_cards = [0, 0]
+        self.quarters: list[tuple[int, int]] = []  # basketball: (home, away) points per quarter
 
 
 class MarketModel:
@@ -193,11 +251,14 @@ class MarketModel:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.rng = random.Random(seed)
+        #: draws of the event states only (scores, cards): the price stream of a seed stays as it was
+        self.state_rng = random.Random(None if seed is None else f"oddsfeed-state:{seed}")
         self.time_scale = time_scale
         self.target_events = events
         self.books: dict[str, MarketBook] = {}
         self._markets: dict[str, _Market] = {}
         self._events: list[_Event] = []
+        self._event_by_id: dict[str, _Event] = {}
         self._dirty: dict[str, MarketDirty] = {}
         self._ids: dict[str, int] = dict(_FIXED_IDS)
         self._used_ids: set[int] = set(_FIXED_IDS.values())
@@ -247,6 +308,71 @@ class MarketModel:
         weights = [3.0 if m.event.phase == IN_PLAY else 1.0 for m in live]
         for m in self.rng.choices(live, weights, k=updates):
             self._random_update(m)
+
+    def event_state(self, event_id: str) -> ModelState | None:
+        """The state of event ``event_id`` now (see :class:`ModelState`);
+        None for an unknown event or a sport without one (tennis, racing)."""
+        ev = self._event_by_id.get(event_id)
+        if ev is None or ev.sport not in ("1", "7522"):
+            return None
+        now = self.now_ms
+        if ev.play_ms == 0:
+            return ModelState(sport=ev.sport, phase="pre", period=None, clock_s=None, running=False,
+                              remaining_s=None, stoppage_s=None, home=0, away=0, periods=(),
+                              red_cards=(0, 0) if ev.sport == "1" else None, at_ms=now)
+        end = ev.play_end_ms or now
+        played_s = max(0.0, (min(now, end) - ev.play_ms) * self.time_scale / 1000)
+        phase = "live" if ev.play_end_ms == 0 else "closed" if ev.phase == CLOSED else "ended"
+        if ev.sport == "1":
+            return self._soccer_state(ev, played_s, phase, now)
+        return self._basketball_state(ev, played_s, phase, now)
+
+    def _soccer_state(self, ev: _Event, e: float, phase: str, now: int) -> ModelState:
+        live = phase == "live"
+        if e < _SOCCER_1H_S:
+            period, clock, stoppage, running = "1h", int(e), max(0, int(e) - 45 * 60) or None, live
+        elif e < _SOCCER_1H_S + _SOCCER_HT_S:
+            period, clock, stoppage, running = "ht", 45 * 60, None, False
+        else:
+            period, clock, stoppage, running = "2h", 45 * 60 + int(e - _SOCCER_1H_S - _SOCCER_HT_S), None, live
+        first = [0, 0]
+        second = [0, 0]
+        for side, at in ev.goals:
+            (first if at < _SOCCER_1H_S + _SOCCER_HT_S // 2 else second)[side] += 1
+        periods = [("1h", first[0], first[1])]
+        if period == "2h" or not live:
+            periods.append(("2h", second[0], second[1]))
+        return ModelState(sport=ev.sport, phase=phase, period=period if live else None, clock_s=clock,
+                          running=running, remaining_s=None, stoppage_s=stoppage if live else None,
+                          home=ev.score[0], away=ev.score[1], periods=tuple(periods),
+                          red_cards=(ev.red_cards[0], ev.red_cards[1]), at_ms=now)
+
+    def _basketball_state(self, ev: _Event, e: float, phase: str, now: int) -> ModelState:
+        live = phase == "live"
+        span_s = max(1.0, (ev.end_ms - ev.play_ms) * self.time_scale / 1000) if ev.end_ms > ev.play_ms else 1.0
+        f = 1.0 if not live else min(max(e / span_s, 0.0), 0.9999)
+        q = min(int(f * 4), 3)
+        fq = f * 4 - q
+        home = away = 0
+        periods = []
+        for i, (h, a) in enumerate(ev.quarters):
+            if i < q or not live:
+                ph, pa = h, a
+            elif i == q:
+                ph, pa = int(h * fq), int(a * fq)
+            else:
+                break
+            periods.append((f"q{i + 1}", ph, pa))
+            home += ph
+            away += pa
+        clock = int((q + fq) * _QUARTER_S) if live else 4 * _QUARTER_S
+        return ModelState(sport=ev.sport, phase=phase, period=f"q{q + 1}" if live else None, clock_s=clock,
+                          running=live, remaining_s=int((1 - fq) * _QUARTER_S) if live else None, stoppage_s=None,
+                          home=home, away=away, periods=tuple(periods), red_cards=None, at_ms=now)
+
+    def event_ids(self) -> list[str]:
+        """Ids of the events the model holds (not yet removed)."""
+        return [ev.event_id for ev in self._events]
 
     def competition_of(self, market_id: str) -> tuple[str, str] | None:
         """``(id, name)`` of the competition of ``market_id``'s event (None:
@@ -353,6 +479,12 @@ class MarketModel:
             duration_s, ev.in_play_delay = rng.uniform(140, 160) * 60, 5
         ev.start_ms = start_ms
         ev.end_ms = start_ms + self._wall(duration_s)
+        if sport == "7522":  # quarter totals, drawn from the state generator (the prices' is untouched)
+            srng = self.state_rng
+            ev.quarters = [(srng.randint(20, 34), srng.randint(20, 34)) for _ in range(4)]
+            if sum(h for h, _ in ev.quarters) == sum(a for _, a in ev.quarters):
+                last_h, last_a = ev.quarters[3]
+                ev.quarters[3] = (last_h + 2, last_a)  # no ties: the home side wins by two
         for market_type, name, runner_names, probs, liquidity in specs:
             total = sum(probs)
             ids = [self._selection_id(rn) for rn in runner_names]
@@ -368,6 +500,7 @@ class MarketModel:
                     self._trade(m, i)
             self._mark(m).image = True
         self._events.append(ev)
+        self._event_by_id[ev.event_id] = ev
         if start_ms <= now_ms:
             # already under way: jump straight in play (or to the off for greyhounds)
             if ev.turn_in_play:
@@ -487,6 +620,7 @@ class MarketModel:
                 ev.phase = ENDED
         elif ev.phase == AT_OFF:
             ev.phase = IN_PLAY
+            ev.play_ms = now_ms
             ev.next_ms = max(ev.end_ms, now_ms + 1)
             ev.next_incident_ms = now_ms + self._incident_gap(ev)
             for m in ev.markets:
@@ -495,6 +629,7 @@ class MarketModel:
                 self._rebuild_all(m, fresh=True)  # unmatched bets lapse at the off
         elif ev.phase == IN_PLAY:
             ev.phase = ENDED
+            ev.play_end_ms = now_ms
             ev.next_incident_ms = 0
             ev.next_ms = now_ms + self._wall(rng.uniform(30, 120))
             for m in ev.markets:
@@ -507,6 +642,7 @@ class MarketModel:
         else:  # CLOSED for a while: remove, a new event takes its place
             ev.next_ms = 2**62
             self._events.remove(ev)
+            self._event_by_id.pop(ev.event_id, None)
             for m in ev.markets:
                 del self._markets[m.book.market_id]
                 del self.books[m.book.market_id]
@@ -521,6 +657,10 @@ class MarketModel:
             winner = m.runner_ids[1 if sum(ev.score) > 2 else 0]
         else:
             winner = self.rng.choices(m.runner_ids, m.probs)[0]
+            if ev.sport == "7522" and ev.quarters:  # the side ahead at the end (runners: away, home)
+                home = sum(h for h, _ in ev.quarters)
+                away = sum(a for _, a in ev.quarters)
+                winner = m.runner_ids[1] if home > away else m.runner_ids[0]
         m.winners = {winner}
         for rb in m.book.runners.values():
             if rb.atb or rb.atl:
@@ -544,6 +684,10 @@ class MarketModel:
         if ev.sport == "1":  # a goal
             side = 0 if rng.random() < ev.markets[0].probs[0] / (ev.markets[0].probs[0] + ev.markets[0].probs[1]) else 1
             ev.score[side] += 1
+            if ev.play_ms:
+                ev.goals.append((side, int((now_ms - ev.play_ms) * self.time_scale / 1000)))
+            if self.state_rng.random() < 0.15:  # a red card with it now and then (state generator)
+                ev.red_cards[self.state_rng.randrange(2)] += 1
             mo = ev.markets[0]
             mo.probs[side] *= 2.2
             mo.probs[2] *= 0.8 if ev.score[0] != ev.score[1] else 1.6

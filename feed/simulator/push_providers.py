@@ -35,6 +35,14 @@ null when none); a SUSPENDED market → its odds go out as ``locked-odds``
 envelope's ``emitted_at`` are the server's wall clock (ms) when the change
 was emitted, for lag measurement.
 
+Scores: soccer and basketball fixtures in play (the model's
+:meth:`~feed.simulator.market_model.MarketModel.event_state`) go out as
+``scores`` messages whenever their period, score, red cards or clock state
+(running / stopped) change — the clock's ``seconds`` as of emission, never
+once a second — then ``ended`` and ``settled``; every ``snapshot`` carries
+the current ``scores`` too. :meth:`PushSimulator.state_truth` is what the
+stream has conveyed of them.
+
 Fault switches (for tests, per run): :meth:`PushSimulator.drop_connections`,
 :meth:`~PushSimulator.stall`, :meth:`~PushSimulator.duplicate`,
 :meth:`~PushSimulator.reorder`, :meth:`~PushSimulator.skip` (sequence gap:
@@ -311,6 +319,9 @@ class PushSimulator:
         self._tasks: list[asyncio.Task[None]] = []
         self._truth: TruthLog | None = open_truth_log(cfg.truth_log) if cfg.truth_log else None
         self._poison: deque[int] = deque()
+        #: per fixture: the last state item conveyed (scores) and its key (what makes a new one)
+        self.scores: dict[str, dict[str, Any]] = {}
+        self._score_keys: dict[str, tuple[object, ...]] = {}
         # the initial state is served as snapshots, not as stream entries
         if self.owns_model:
             self.model.drain()
@@ -575,6 +586,47 @@ class PushSimulator:
         for fx in fixtures.values():
             self._append("fixture-status", {"data": {"id": fx.id, "status": fx.status, "is_live": fx.is_live,
                                                      "start_time": fx.start_time, "timestamp": ts}}, ts)
+        self._publish_scores(ts)
+
+    def _publish_scores(self, ts: int) -> None:
+        """One ``scores`` message with every fixture whose state changed."""
+        items = []
+        for eid in self.model.event_ids():
+            if eid not in self.fixtures:
+                continue
+            st = self.model.event_state(eid)
+            if st is None or st.phase == "pre":
+                continue
+            key = st.key()
+            if self._score_keys.get(eid) == key:
+                continue
+            self._score_keys[eid] = key
+            item: dict[str, Any] = {"fixture_id": eid,
+                                    "status": {"live": "live", "ended": "ended", "closed": "settled"}[st.phase],
+                                    "is_live": st.phase == "live", "period": st.period,
+                                    "score": {"home": st.home, "away": st.away,
+                                              "periods": [{"period": p, "home": h, "away": a}
+                                                          for p, h, a in st.periods]},
+                                    "timestamp": ts}
+            if st.clock_s is not None:
+                item["clock"] = {"seconds": st.clock_s, "running": st.running,
+                                 "remaining_seconds": st.remaining_s, "stoppage_seconds": st.stoppage_s}
+            if st.red_cards is not None:
+                item["red_cards"] = {"home": st.red_cards[0], "away": st.red_cards[1]}
+            self.scores[eid] = item
+            items.append(item)
+        if items:
+            self._append("scores", {"data": items}, ts)
+
+    def state_truth(self) -> dict[str, dict[str, Any]]:
+        """The fixture states the stream has conveyed, canonically:
+        ``{"px:<fixture>": {"status", "home", "away", "period", "red_cards"}}``."""
+        status = {"live": "LIVE", "ended": "ENDED", "settled": "CLOSED"}
+        return {f"px:{fid}": {"status": status[it["status"]], "home": it["score"]["home"],
+                              "away": it["score"]["away"], "period": it["period"],
+                              "red_cards": (it["red_cards"]["home"], it["red_cards"]["away"])
+                              if "red_cards" in it else None}
+                for fid, it in self.scores.items()}
 
     def snapshot_body(self) -> bytes:
         """One ``snapshot`` message of every market (odds on their own lines)."""
@@ -582,7 +634,8 @@ class PushSimulator:
                              "emitted_at": now_ms()})
         odds = [orjson.dumps(self._odd_json(mid, sid, odd, snapshot=True))
                 for mid, m in self.markets.items() for sid, odd in m.odds.items()]
-        return head[:-1] + b',"data":[\n' + b",\n".join(odds) + b"\n]}"
+        scores = orjson.dumps(list(self.scores.values()))
+        return head[:-1] + b',"scores":' + scores + b',"data":[\n' + b",\n".join(odds) + b"\n]}"
 
     async def _ticker(self) -> None:
         await tick_forever(self.config.tick_ms, self.config.rate_per_s, self._tick)

@@ -27,6 +27,17 @@ go in play; 3 = Ctrl: pre-match only):
   ``odds_change`` with status -3/-4, then its ``bet_settlement`` /
   ``bet_cancel``); then ``snapshot_complete`` with the ``request_id``.
 
+Event state: every ``odds_change`` carries the event's
+``<sport_event_status>`` — ``status`` 0 / 1, ``match_status`` (6 1st half,
+31 half time, 7 2nd half; one real second is one match minute),
+``home_score`` / ``away_score`` (goals drawn now and then while in play),
+``<clock match_time="MM:SS" stopped>``, ``<period_scores>`` and
+``<statistics><red_cards>``; after an event's settlements an
+``odds_change`` without markets says ``status="4"`` (closed) with the final
+score (:meth:`UofSimulator.state_truth`). A handicap market (``hcp=-1``)
+is now and then settled as a push: both outcomes ``void_factor="1"``.
+State-only draws come from a second generator seeded from ``seed``.
+
 Message ``timestamp`` s are the wall clock (ms), strictly increasing.
 
 Ground truth: :meth:`UofSimulator.truth` is every market the model ever
@@ -144,7 +155,8 @@ def market_view(m: Market) -> dict[str, Any]:
     :meth:`UofSimulator.truth` values; resulted selections without price)."""
     return {"status": m.status, "suspend_reason": m.suspend_reason, "in_play": m.in_play,
             "start_time": m.start_time,
-            "selections": {s.selection_id: {"price": _price(s.price, s.status), "status": s.status}
+            "selections": {s.selection_id: {"price": _price(s.price, s.status), "status": s.status,
+                                            "void_factor": s.void_factor}
                            for s in m.selections}}
 
 
@@ -187,13 +199,15 @@ class _SimMarket:
                 st = self.results[o]
             else:
                 st = "SUSPENDED" if self.active[o] == 0 else "ACTIVE"
-            sels[o] = {"price": _price(price, st), "status": st}
+            sels[o] = {"price": _price(price, st), "status": st,
+                       "void_factor": 1.0 if st == "VOID" and self.code == -3 else None}
         return {"status": _STATUS[self.code], "suspend_reason": self.reason, "in_play": self.in_play,
                 "start_time": self.event.start_time, "selections": sels}
 
 
 class _SimEvent:
-    __slots__ = ("born", "bet_stop", "event_id", "in_play", "markets", "product", "start_time")
+    __slots__ = ("born", "bet_stop", "closed", "event_id", "goals", "in_play", "live_at", "markets", "product",
+                 "red", "start_time")
 
     def __init__(self, event_id: str, product: int, start_time: int, born: float) -> None:
         self.event_id = event_id
@@ -203,6 +217,17 @@ class _SimEvent:
         self.in_play = False
         self.bet_stop = False
         self.markets: list[_SimMarket] = []
+        self.live_at = 0.0  # monotonic time play started
+        self.goals: list[tuple[int, int]] = []  # (side 0 home / 1 away, match second)
+        self.red = [0, 0]
+        self.closed = False
+
+    def match_s(self, now: float) -> int:
+        """Match seconds played (one real second = one match minute)."""
+        return int((now - self.live_at) * 3600) if self.in_play else 0
+
+    def score(self) -> tuple[int, int]:
+        return (sum(1 for side, _ in self.goals if side == 0), sum(1 for side, _ in self.goals if side == 1))
 
 
 
@@ -221,6 +246,10 @@ class UofSimulator:
     def __init__(self, config: UofSimConfig) -> None:
         self.config = cfg = config
         self.rng = random.Random(cfg.seed)
+        #: state-only draws (goals, cards, pushes): the odds stream of a seed stays as it was
+        self.state_rng = random.Random(None if cfg.seed is None else f"oddsfeed-state:{cfg.seed}")
+        #: the last <sport_event_status> sent per event: (status, home, away)
+        self.states: dict[str, tuple[str, int, int]] = {}
         self.port = 0
         self.events: dict[str, _SimEvent] = {}
         self.markets: dict[str, _SimMarket] = {}  # every market ever offered, by canonical id
@@ -335,6 +364,12 @@ class UofSimulator:
         """Every market the model offered, in canonical terms (see :func:`market_view`)."""
         return {mid: m.view() for mid, m in self.markets.items()}
 
+    def state_truth(self) -> dict[str, dict[str, Any]]:
+        """The event states the feed has conveyed, canonically:
+        ``{"uof:<event_id>": {"status", "home", "away"}}``."""
+        return {f"{self.config.prefix}:{eid}": {"status": st, "home": h, "away": a}
+                for eid, (st, h, a) in self.states.items()}
+
     def silent(self, product: int) -> bool:
         return time.monotonic() < self._silent_until.get(product, 0.0) or product in self._unsubscribed
 
@@ -363,8 +398,13 @@ class UofSimulator:
         now = time.monotonic()
         open_markets = [m for m in ev.markets if not m.closed]
         r = rng.random()
+        if ev.in_play and not ev.closed and self.state_rng.random() < 0.06:  # a goal (and now and then a red card)
+            ev.goals.append((self.state_rng.randrange(2), ev.match_s(now)))
+            if self.state_rng.random() < 0.2:
+                ev.red[self.state_rng.randrange(2)] += 1
         if ev.product == 1 and not ev.in_play and now - ev.born > self.config.live_after_s:
             ev.in_play = True
+            ev.live_at = now
             for m in open_markets:
                 m.in_play = True
             self._reopen(ev)
@@ -440,9 +480,13 @@ class UofSimulator:
                 continue
             winner = self.rng.choice(list(m.probs))
             m.results = {o: "WINNER" if o == winner else "LOSER" for o in m.probs}
+            if m.spec == "hcp=-1" and self.state_rng.random() < 0.3:  # won by exactly one goal: a push
+                m.results = {o: "VOID" for o in m.probs}
             m.code, m.reason = -3, None
             m.closed_at = self._ts()
             self._send_settlement(m, m.closed_at)
+        ev.closed = True
+        self._send_final(ev)
         del self.events[ev.event_id]
         self._new_event(ev.product, time.monotonic())
 
@@ -456,11 +500,46 @@ class UofSimulator:
         outs = "".join(f'<outcome id="{o}" odds="{m.odds[o]}" active="{m.active[o]}"/>' for o in m.odds)
         return f'<market id="{m.market_id}"{spec}{status}>{outs}</market>'
 
+    def _ses(self, ev: _SimEvent, status: int | None = None) -> str:
+        """The event's ``<sport_event_status>`` now (``status`` 4: closed, the final score)."""
+        h, a = ev.score()
+        st = status if status is not None else 1 if ev.in_play else 0
+        if st != 1:
+            match_status = 100 if st in (3, 4) else 0
+            inner = ""
+        else:
+            sec = ev.match_s(time.monotonic())
+            if sec < 45 * 60:
+                match_status, clock, stopped = 6, sec, False
+            elif sec < 60 * 60:
+                match_status, clock, stopped = 31, 45 * 60, True
+            else:
+                match_status, clock, stopped = 7, 45 * 60 + sec - 60 * 60, False
+            h1 = sum(1 for side, t in ev.goals if side == 0 and t < 45 * 60)
+            a1 = sum(1 for side, t in ev.goals if side == 1 and t < 45 * 60)
+            periods = f'<period_score type="regular_period" number="1" match_status_code="6" home_score="{h1}" ' \
+                      f'away_score="{a1}"/>'
+            if match_status == 7:
+                periods += (f'<period_score type="regular_period" number="2" match_status_code="7" '
+                            f'home_score="{h - h1}" away_score="{a - a1}"/>')
+            inner = (f'<clock match_time="{clock // 60}:{clock % 60:02d}" stopped="{str(stopped).lower()}"/>'
+                     f'<period_scores>{periods}</period_scores>'
+                     f'<statistics><red_cards home="{ev.red[0]}" away="{ev.red[1]}"/></statistics>')
+        if st == 1 or st in (3, 4):
+            self.states[ev.event_id] = ({1: "LIVE", 3: "ENDED", 4: "CLOSED"}[st], h, a)
+        scores = f' home_score="{h}" away_score="{a}"' if st in (1, 3, 4) else ""
+        return f'<sport_event_status status="{st}" match_status="{match_status}"{scores}>{inner}</sport_event_status>'
+
+    def _send_final(self, ev: _SimEvent, recovery: bool = False) -> None:
+        """After an event's settlements: an odds_change without markets, the event closed."""
+        self._send(ev, "odds_change", f'<odds_change product="{ev.product}" event_id="{ev.event_id}" '
+                                      f'timestamp="{self._ts()}">{self._ses(ev, 4)}</odds_change>', recovery=recovery)
+
     def _send_odds(self, ev: _SimEvent, markets: Any, request_id: int | None = None) -> None:
         ms = list(markets.values()) if isinstance(markets, dict) else list(markets)
         req = f' request_id="{request_id}"' if request_id is not None else ""
         body = (f'<odds_change product="{ev.product}" event_id="{ev.event_id}" timestamp="{self._ts()}"{req}>'
-                f'<sport_event_status status="{1 if ev.in_play else 0}" match_status="0"/>'
+                f'{self._ses(ev)}'
                 f'<odds>{"".join(self._market_tag(m) for m in ms)}</odds></odds_change>')
         self._send(ev, "odds_change", body, recovery=request_id is not None)
 
@@ -472,7 +551,8 @@ class UofSimulator:
     def _send_settlement(self, m: _SimMarket, ts: int, recovery: bool = False) -> None:
         ev = m.event
         assert m.results is not None
-        outs = "".join(f'<outcome id="{o}" result="{1 if r == "WINNER" else 0}"/>' for o, r in m.results.items())
+        outs = "".join(f'<outcome id="{o}" result="{1 if r == "WINNER" else 0}"'
+                       + (' void_factor="1"' if r == "VOID" else "") + "/>" for o, r in m.results.items())
         spec = f' specifiers="{m.spec}"' if m.spec else ""
         self._send(ev, "bet_settlement", f'<bet_settlement product="{ev.product}" event_id="{ev.event_id}" '
                                          f'timestamp="{ts}" certainty="2"><outcomes><market id="{m.market_id}"'
@@ -501,6 +581,7 @@ class UofSimulator:
             if ev.bet_stop:
                 self._send(ev, "bet_stop", f'<bet_stop product="{ev.product}" event_id="{ev.event_id}" '
                                            f'timestamp="{self._ts()}" groups="all"/>', recovery=True)
+        finals: dict[str, _SimEvent] = {}  # closed events replayed: their final state follows
         for m in self.markets.values():  # stateful messages since `after`
             if m.event.product != product or not m.closed or (after is not None and m.closed_at <= after):
                 continue
@@ -509,6 +590,8 @@ class UofSimulator:
             # an event with no open market left says whether it was in play (nothing else of it follows)
             ses = ("" if any(not x.closed for x in ev.markets)
                    else f'<sport_event_status status="{1 if m.in_play else 0}" match_status="0"/>')
+            if ev.closed:
+                finals[ev.event_id] = ev
             self._send(ev, "odds_change", f'<odds_change product="{product}" event_id="{ev.event_id}" '
                                           f'timestamp="{self._ts()}"{req}>{ses}<odds>{self._market_tag(m)}</odds>'
                                           f'</odds_change>', recovery=True)
@@ -518,6 +601,8 @@ class UofSimulator:
                 self._send(ev, "bet_cancel", f'<bet_cancel product="{product}" event_id="{ev.event_id}" '
                                              f'timestamp="{self._ts()}">{self._market_tag(m, outcomes=False)}'
                                              f'</bet_cancel>', priority="lo", recovery=True)
+        for ev in finals.values():
+            self._send_final(ev, recovery=True)
         self._outbox.append(("-.-.-.snapshot_complete.-.-.-.-",
                              f'<snapshot_complete product="{product}" request_id="{request_id}" '
                              f'timestamp="{self._ts()}"/>'.encode(), False))

@@ -28,12 +28,19 @@ I/O only — decoding and diffing are the normalisers' job
   Fixtures are re-read as a snapshot at start (names and ``parentId``
   links are not in the odds), and early when odds name an unknown event.
   Three stale answers in a row (``last`` going backwards) or
-  ``resync_s`` → a fresh snapshot.
+  ``resync_s`` → a fresh snapshot. Results: ``/v1/fixtures/settled`` per
+  sportId every ``settled_interval_s`` (``since=<last>`` like the others;
+  ``settled=false`` turns it off), after ``/v2/leagues`` (static, cached
+  ``static_ttl_s``: which team is the home side) was delivered once.
 - :class:`TheOddsApiSource` — **snapshot-diff** mode: ``/v4/sports/{sport}/odds``
   every ``interval_s`` (``live_interval_s`` while the sport has events in
   play); with ``mode=conditional`` it sends ``If-None-Match`` and a 304
   means nothing changed. ``sport=all`` polls the active sports from
-  ``/v4/sports`` (static data, cached ``static_ttl_s``).
+  ``/v4/sports`` (static data, cached ``static_ttl_s``). Scores:
+  ``/v4/sports/{key}/scores?daysFrom=1`` every ``live_interval_s`` for each
+  sport key the normaliser asks for (``scores:<key>``: events in play),
+  kept ``scores_linger_s`` after the last ask so a completion is seen
+  (``scores=off`` turns it off); scores polls confirm no market.
 
 Each answer is delivered as a :class:`~feed.sources.base.Payload` whose
 channel says what it answers (Pinnacle ``odds:29:since``; The Odds API's
@@ -331,6 +338,10 @@ class StaticCache:
         self._items: dict[str, tuple[float, Any]] = {}
         self.loads = 0
 
+    def put(self, key: str, value: Any) -> None:
+        """Hold ``value`` for ``key`` as if just loaded."""
+        self._items[key] = (self._clock(), value)
+
     async def get(self, key: str, loader: Callable[[], Awaitable[Any]]) -> Any:
         hit = self._items.get(key)
         now = self._clock()
@@ -436,6 +447,10 @@ class PollerSource:
         """Deliver one answer (``channel``: what it answers) to the pipeline."""
         return await self.sink.deliver([Payload(recv_ms, body, channel)])
 
+    def confirm_keys(self) -> list[str]:
+        """The keys whose odds polls confirm the source's markets (default: every key)."""
+        return self.keys()
+
     def odds_confirmed(self, key: str, recv_ms: int) -> None:
         """An odds poll of ``key`` succeeded (new data stored, or 304 / nothing
         new) with the reply read at ``recv_ms``. The source's markets are
@@ -443,7 +458,7 @@ class PollerSource:
         keys: a fixtures call, or one sport's poll while another's keep
         failing (429, 5xx, timeouts), confirms nothing."""
         self._odds_ok_at[key] = recv_ms
-        times = [self._odds_ok_at.get(k) for k in self.keys()]
+        times = [self._odds_ok_at.get(k) for k in self.confirm_keys()]
         if times and None not in times:
             self.sink.confirm(min(t for t in times if t is not None))
 
@@ -548,12 +563,15 @@ class PinnacleSource(PollerSource):
     def __init__(self, name: str, http: ProviderHttp, options: PollerOptions, *, sports: list[int] | None,
                  odds_format: Literal["decimal", "american"] = "decimal", fixtures_interval_s: float = 60.0,
                  resync_s: float = 3600.0, clock: Callable[[], float] = time.monotonic,
-                 stale_after_ms: int | None = None) -> None:
+                 stale_after_ms: int | None = None, settled_interval_s: float | None = 60.0) -> None:
         super().__init__(name, http, options, clock=clock, stale_after_ms=stale_after_ms)
         self.sports = sports
         self.odds_format = odds_format
         self.fixtures_interval_s = fixtures_interval_s
         self.resync_s = resync_s
+        #: seconds between settled polls of a sport (None: results are not polled)
+        self.settled_interval_s = settled_interval_s
+        self._settled_at: dict[int, float] = {}
         self._fixtures_at: dict[int, float] = {}
         self._snapshot_at: dict[int, float] = {}
         self._stale_streak: dict[int, int] = {}
@@ -563,11 +581,11 @@ class PinnacleSource(PollerSource):
         self.requests: Counter[str] = Counter()
         self.stale_answers = 0
 
-    def since(self, endpoint: Literal["fixtures", "odds"], sport: int) -> int | None:
+    def since(self, endpoint: Literal["fixtures", "odds", "settled"], sport: int) -> int | None:
         """The ``since`` to send next (None: a snapshot), from the cursor the
         pipeline stored with the data it covers."""
         cursor = self._sink.cursor if self._sink is not None else None
-        return getattr(pinnacle_cursor(cursor), endpoint).get(str(sport))
+        return pinnacle_cursor(cursor).of(endpoint).get(str(sport))
 
     def keys(self) -> list[str]:
         if self.sports is None:
@@ -612,15 +630,42 @@ class PinnacleSource(PollerSource):
         got = await self._fetch("odds", sport, snapshot=resync or self.since("odds", sport) is None)
         if "fixtures" in got.requests:  # odds of events whose fixture is unknown yet
             await self._fetch("fixtures", sport, snapshot=False)
+        every = self.settled_interval_s
+        if every is not None and self._clock() - self._settled_at.get(sport, float("-inf")) >= every:
+            await self._leagues(sport)
+            self._settled_at[sport] = self._clock()
+            await self._fetch("settled", sport, snapshot=self.since("settled", sport) is None)
 
-    async def _fetch(self, endpoint: Literal["fixtures", "odds"], sport: int, *, snapshot: bool) -> Delivered:
+    async def _leagues(self, sport: int) -> None:
+        """Deliver ``/v2/leagues`` of ``sport`` once per ``static_ttl_s`` (which
+        team is the home side, for the settled scores). A provider without it
+        is logged once and the settled scores read team1 as home."""
+        async def load() -> bool:
+            res = await self.http.get("/v2/leagues", {"sportId": sport})
+            await self.ingest_body(res.body, res.recv_ms, pinnacle_channel("leagues", sport, snapshot=True))
+            return True
+
+        try:
+            await self.static.get(f"leagues:{sport}", load)
+        except SourceError as exc:
+            if isinstance(exc, SourceAuthError):
+                raise
+            self._settled_at[sport] = self._clock()
+            if self.failures["leagues"] == 0:
+                logger.warning("%s: no /v2/leagues for sport %d (%s); settled scores read team1 as home",
+                               self.name, sport, self.http.redact(str(exc)))
+            self.failures["leagues"] += 1
+            self.static.put(f"leagues:{sport}", False)  # not asked again before static_ttl_s
+
+    async def _fetch(self, endpoint: Literal["fixtures", "odds", "settled"], sport: int, *,
+                     snapshot: bool) -> Delivered:
         since = None if snapshot else self.since(endpoint, sport)
         params: dict[str, Any] = {"sportId": sport}
         if since is not None:
             params["since"] = since
         if endpoint == "odds":
             params["oddsFormat"] = "American" if self.odds_format == "american" else "Decimal"
-        path = "/v1/fixtures" if endpoint == "fixtures" else "/v2/odds"
+        path = {"fixtures": "/v1/fixtures", "odds": "/v2/odds", "settled": "/v1/fixtures/settled"}[endpoint]
         self.requests[endpoint] += 1
         res = await self.http.get(path, params)
         now = self._clock()
@@ -634,6 +679,8 @@ class PinnacleSource(PollerSource):
                 self.odds_confirmed(str(sport), res.recv_ms)
             return Delivered()
         got = await self.ingest_body(res.body, res.recv_ms, pinnacle_channel(endpoint, sport, snapshot=since is None))
+        if endpoint == "settled":
+            return got
         if got.in_play is not None:
             self._live[sport] = got.in_play
         rejected = bool(got.rejected_messages or got.rejected_parts)
@@ -683,8 +730,16 @@ class TheOddsApiSource(PollerSource):
     def __init__(self, name: str, http: ProviderHttp, options: PollerOptions, *, sports: list[str],
                  odds_format: Literal["decimal", "american"] = "decimal", regions: str = "eu",
                  markets: str = "h2h,spreads,totals", bookmakers: str | None = None, conditional: bool = False,
-                 clock: Callable[[], float] = time.monotonic, stale_after_ms: int | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, stale_after_ms: int | None = None,
+                 scores: bool = True, scores_linger_s: float = 600.0, scores_days_from: int = 1) -> None:
         super().__init__(name, http, options, clock=clock, stale_after_ms=stale_after_ms)
+        #: poll /scores for the sport keys the normaliser asks for (events in play)
+        self.scores = scores
+        self.scores_linger_s = scores_linger_s
+        self.scores_days_from = scores_days_from
+        #: sport key -> monotonic time until which its scores are polled
+        self._scores_until: dict[str, float] = {}
+        self.scores_polls = 0
         self.sports = sports
         self.odds_format = odds_format
         self.regions = regions
@@ -709,15 +764,52 @@ class TheOddsApiSource(PollerSource):
         return await self.static.get("sports", load)
 
     def keys(self) -> list[str]:
+        now = self._clock()
+        scores = [f"scores:{k}" for k, until in self._scores_until.items() if until > now]
+        return self.confirm_keys() + scores
+
+    def confirm_keys(self) -> list[str]:
         if self.sports == ["all"]:
             return self._active or ["__sports__"]
         return self.sports
 
     def interval(self, key: str) -> float:
+        if key.startswith("scores:"):
+            return self.options.live_interval_s
         live = self._live.get(key, False)
         return self.options.live_interval_s if live else self.options.interval_s
 
+    def _want_scores(self, requests: frozenset[str]) -> None:
+        if not self.scores:
+            return
+        until = self._clock() + self.scores_linger_s
+        for r in requests:
+            if r.startswith("scores:") and r[7:]:
+                self._scores_until[r[7:]] = until
+
+    async def _poll_scores(self, sport_key: str) -> None:
+        params: dict[str, Any] = {"dateFormat": "iso"}
+        if self.scores_days_from:
+            params["daysFrom"] = self.scores_days_from
+        key = f"scores:{sport_key}"
+        headers = {"If-None-Match": self.etags[key]} if self.conditional and key in self.etags else {}
+        res = await self.http.get(f"/sports/{sport_key}/scores", params, headers=headers)
+        self.scores_polls += 1
+        if res.status == 304 or not res.body.strip():
+            self.not_modified += res.status == 304
+            return
+        etag = res.headers.get("etag")
+        if etag and self.conditional:
+            self.etags[key] = etag
+        got = await self.ingest_body(res.body, res.recv_ms, key)
+        if got.rejected_messages or got.rejected_parts:
+            self.etags.pop(key, None)
+        self._want_scores(got.requests)
+
     async def poll(self, key: str) -> None:
+        if key.startswith("scores:"):
+            await self._poll_scores(key[7:])
+            return
         if self.sports == ["all"]:
             self._active = await self._sports()
             if key == "__sports__" or key not in self._active:
@@ -739,6 +831,7 @@ class TheOddsApiSource(PollerSource):
         if etag and self.conditional:
             self.etags[key] = etag
         got = await self.ingest_body(res.body, res.recv_ms, key)
+        self._want_scores(got.requests)
         # (a rejected market is re-imaged by the next snapshot: the normaliser forgot it)
         if got.in_play is not None:
             self._live[key] = got.in_play
@@ -849,10 +942,12 @@ def pinnacle_from_spec(spec: SourceSpec, settings: Settings) -> PinnacleSource:
         raise ConfigError(f"source {spec.name}: sports must be sportIds like 29+4, or all") from None
     http = build_http(spec, base_url=spec.url, provider=spec.name, defaults=HttpOptions(rate_per_s=2.0, burst=4))
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=5.0, min_interval_s=5.0))
+    settled = _typed(spec, "settled", True)
     return PinnacleSource(spec.name, http, opts, sports=sports, odds_format=odds_format,
                           fixtures_interval_s=spec.get_float("fixtures_interval_s", 60.0),
                           resync_s=spec.get_float("resync_s", 3600.0),
-                          stale_after_ms=_stale_after_ms(settings, opts, http.options))
+                          stale_after_ms=_stale_after_ms(settings, opts, http.options),
+                          settled_interval_s=spec.get_float("settled_interval_s", 60.0) if settled else None)
 
 
 def theoddsapi_from_spec(spec: SourceSpec, settings: Settings) -> TheOddsApiSource:
@@ -879,9 +974,14 @@ def theoddsapi_from_spec(spec: SourceSpec, settings: Settings) -> TheOddsApiSour
                       defaults=HttpOptions(rate_per_s=5.0, burst=5))
     opts = _poller_options(spec, PollerOptions(interval_s=60.0, live_interval_s=40.0, min_interval_s=20.0))
     sports = _split(spec.get("sport", spec.get("sports", "upcoming")) or "upcoming")
+    scores = spec.get("scores", "live") or "live"
+    if scores not in ("live", "off"):
+        raise ConfigError(f"source {spec.name}: scores must be live or off, not {scores!r}")
     return TheOddsApiSource(spec.name, http, opts, sports=sports, odds_format=odds_format,
                             regions=spec.get("regions", "eu") or "eu",
                             markets=",".join(_split(spec.get("markets", "h2h+spreads+totals") or "h2h")),
                             bookmakers=",".join(_split(spec.get("bookmakers", "") or "")) or None,
                             conditional=mode == "conditional",
-                            stale_after_ms=_stale_after_ms(settings, opts, http.options))
+                            stale_after_ms=_stale_after_ms(settings, opts, http.options),
+                            scores=scores == "live", scores_linger_s=spec.get_float("scores_linger_s", 600.0),
+                            scores_days_from=_typed(spec, "scores_days_from", 1))

@@ -106,7 +106,8 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
         "pinnacle", "Pinnacle Lines API polling",
         "fixtures + odds snapshot, then `since=<last>` deltas merged by period; live events keep their "
         "pre-match identity (`parentId`); the cursor is stored with the data",
-        HTTP_OPTIONS | POLL_OPTIONS | HTTP_AUTH_OPTIONS | {"odds_format", "sports", "fixtures_interval_s", "resync_s"},
+        HTTP_OPTIONS | POLL_OPTIONS | HTTP_AUTH_OPTIONS | {"odds_format", "sports", "fixtures_interval_s", "resync_s",
+                                                          "settled", "settled_interval_s"},
         (("user", "api_key", "client_id"),), "feed.sources.poller:pinnacle_from_spec",
         "feed.normalise.pinnacle:from_spec"),
     SourceKind(
@@ -114,7 +115,8 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
         "full snapshots diffed per bookmaker/market on `last_update`; a vanished bookmaker or market becomes "
         "SUSPENDED; `mode=conditional` uses ETag / If-None-Match",
         HTTP_OPTIONS | POLL_OPTIONS | HTTP_AUTH_OPTIONS | {"odds_format", "mode", "sport", "sports", "regions",
-                                                          "markets", "bookmakers"},
+                                                          "markets", "bookmakers", "scores", "scores_linger_s",
+                                                          "scores_days_from"},
         (("api_key", "client_id", "user"),), "feed.sources.poller:theoddsapi_from_spec",
         "feed.normalise.theoddsapi:from_spec"),
     SourceKind(

@@ -3,7 +3,7 @@
 The source runs its own HTTP server (Starlette in uvicorn, no signal
 handlers) on the spec's address and accepts
 ``POST /ingest/webhook/<source name>``; each request body is one message of
-``docs/push-format.md`` (``odds``, ``locked-odds``, ``fixture-status``; see
+``docs/push-format.md`` (``odds``, ``locked-odds``, ``fixture-status``, ``scores``; see
 :mod:`feed.normalise.webhook` for why deliveries may come in any order and
 more than once). It is I/O only: it authenticates a delivery, hands its
 bytes to the pipeline (:meth:`feed.sources.base.Sink.deliver`) and answers
@@ -597,7 +597,7 @@ def _seconds(value: float) -> str:
 def _rejected(delivered: Delivered) -> Response:
     reasons: Any = getattr(delivered, "reasons", None)  # a pipeline that reports reasons: pass them on
     detail = ("the message was rejected whole (quarantined): it must be one push-format message "
-              "(docs/push-format.md) of type odds, locked-odds, fixture-status or ping")
+              "(docs/push-format.md) of type odds, locked-odds, fixture-status, scores or ping")
     body: dict[str, Any] = {"error": "rejected", "detail": detail}
     if reasons:
         body["reasons"] = list(reasons)

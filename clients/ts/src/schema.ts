@@ -75,6 +75,27 @@ export interface BookPrice {
 export type ClientOp = Subscribe | Unsubscribe | Ping;
 
 /**
+ * The match clock as read at ``at``.
+ *
+ * seconds: elapsed match time in seconds at ``at`` (soccer 23:10 → 1390;
+ * counts up across periods as the sport counts it: 45:00 at the start of
+ * a soccer second half). running: the clock was running at ``at``; a
+ * client extrapolates ``seconds + (now − at) / 1000`` while it runs (no
+ * message per second) and shows ``seconds`` while it is stopped.
+ * at: int ms since the epoch (provider time) the reading refers to.
+ * remaining_s: seconds left in the current period (count-down sports:
+ * basketball quarters), None when not given. stoppage_s: stoppage /
+ * added time played or announced, seconds, None when not given.
+ */
+export interface Clock {
+  seconds: number;
+  running: boolean;
+  at: number;
+  remaining_s?: number | null;
+  stoppage_s?: number | null;
+}
+
+/**
  * One change of one market (the Delta of feed.models; apply with ``feed.models.apply_delta``):
  * ``kind: image`` carries the whole ``market``; ``kind: delta`` the changed ``header``,
  * ``traded_volume`` and per changed selection only its changed fields. ``conflated``: stands for
@@ -132,6 +153,8 @@ export interface EventDetail {
   view: MarketView[];
   fair_method: "multiplicative" | "power";
   markets?: MarketWithAge[];
+  state: EventStateWithAge | null;
+  states: EventStateOfMember[];
   as_of: number;
 }
 
@@ -152,7 +175,8 @@ export interface EventHead {
 }
 
 /**
- * ``GET /v1/events``; each event has ``view`` (aggregated markets) only with ``view=best``.
+ * ``GET /v1/events``; each event has ``view`` (aggregated markets) only with ``view=best``, and
+ * ``state`` (score, clock, status) when one of its provider events has one.
  */
 export interface EventList {
   events: EventSummary[];
@@ -173,6 +197,53 @@ export interface EventMember {
 }
 
 /**
+ * One member provider event's own state; ``reversed``: it names the sides the other way round
+ * from the canonical event (its home is the canonical away).
+ */
+export interface EventStateOfMember {
+  event_id: string;
+  source: string;
+  status?: "ABANDONED" | "CANCELLED" | "CLOSED" | "DELAYED" | "ENDED" | "INTERRUPTED" | "LIVE" | "NOT_STARTED" | "POSTPONED" | "SUSPENDED";
+  in_play?: boolean;
+  period?: string | null;
+  clock?: Clock | null;
+  score?: Score | null;
+  red_cards?: TeamCounts | null;
+  innings?: Innings[];
+  source_ts?: number;
+  received_at?: number;
+  source_ts_original?: number | null;
+  version?: number;
+  age_ms: number;
+  stale: boolean;
+  reversed: boolean;
+}
+
+/**
+ * An event's state as served: the EventState of feed.models (status, period, clock, score, red
+ * cards, cricket innings; ``version`` per event, increasing) plus its age and staleness
+ * (``streaming.event_states``: stale when its source is DOWN, or when not final and older than the
+ * in-play / pre-match limit).
+ */
+export interface EventStateWithAge {
+  event_id: string;
+  source: string;
+  status?: "ABANDONED" | "CANCELLED" | "CLOSED" | "DELAYED" | "ENDED" | "INTERRUPTED" | "LIVE" | "NOT_STARTED" | "POSTPONED" | "SUSPENDED";
+  in_play?: boolean;
+  period?: string | null;
+  clock?: Clock | null;
+  score?: Score | null;
+  red_cards?: TeamCounts | null;
+  innings?: Innings[];
+  source_ts?: number;
+  received_at?: number;
+  source_ts_original?: number | null;
+  version?: number;
+  age_ms: number;
+  stale: boolean;
+}
+
+/**
  * One canonical event (every book's markets of one real event).
  */
 export interface EventSummary {
@@ -186,6 +257,7 @@ export interface EventSummary {
   members: string[];
   bookmakers: string[];
   view?: MarketView[];
+  state?: EventStateWithAge;
 }
 
 /**
@@ -251,6 +323,20 @@ export interface HistoryPoint {
   lay_size?: number | null;
   ltp?: number | null;
   price?: number | null;
+}
+
+/**
+ * One cricket innings. number: 1, 2 …; team: the batting side
+ * (``home`` / ``away``; None when the provider has not named it yet);
+ * runs, wickets: non-negative ints; balls: legal deliveries bowled
+ * (overs × 6 + balls: Betfair's ``"19.4"`` overs → 118).
+ */
+export interface Innings {
+  number: number;
+  team?: "away" | "home" | null;
+  runs?: number;
+  wickets?: number;
+  balls?: number;
 }
 
 /**
@@ -393,6 +479,16 @@ export interface PartitionState {
 }
 
 /**
+ * The score of one period. period: a period code (see :class:`EventState`);
+ * home / away: points, goals or runs scored in it (non-negative ints).
+ */
+export interface PeriodScore {
+  period: string;
+  home: number;
+  away: number;
+}
+
+/**
  * ``{"op":"ping","id"}``.
  */
 export interface Ping {
@@ -501,6 +597,19 @@ export interface ResumedMessage {
 }
 
 /**
+ * An event's score. home / away: the running (or final) totals in the
+ * sport's unit — goals, points, runs, sets for tennis — as non-negative ints.
+ * periods: per-period scores in the order they were played, as the provider
+ * gives them (they may overlap: Pinnacle settles basketball halves *and*
+ * quarters; [] when the provider gives only totals).
+ */
+export interface Score {
+  home: number;
+  away: number;
+  periods?: PeriodScore[];
+}
+
+/**
  * One selection (runner) of a market.
  *
  * price: best decimal odds to back (exchanges: best ``back`` level;
@@ -509,6 +618,14 @@ export interface ResumedMessage {
  * (American ``"-115"``, fractional ``"5/2"``), else None.
  * back / lay: ``[[price, size], …]`` best first. ltp: last traded decimal
  * price. traded_volume: total matched on this selection.
+ * void_factor: the share of a stake refunded at settlement, 0–1 (a fraction,
+ * not percent): ``1.0`` with status VOID (the bet is void), ``0.5`` with
+ * WINNER / LOSER on an Asian quarter line (half the stake refunded, the
+ * other half won / lost); None when the provider gives none.
+ * dead_heat_factor: the share of a WINNER's (or PLACED's) payout paid after
+ * a dead heat, in (0, 1] (``0.5``: two runners tied for one place; UOF
+ * ``dead_heat_factor``); None when there was no dead heat or the provider
+ * gives none.
  */
 export interface Selection {
   selection_id: string;
@@ -526,6 +643,8 @@ export interface Selection {
   bsp?: number | null;
   price_raw?: string | null;
   outcome?: string | null;
+  void_factor?: number | null;
+  dead_heat_factor?: number | null;
 }
 
 /**
@@ -560,6 +679,8 @@ export interface SelectionChange {
   bsp?: number | null;
   price_raw?: string | null;
   outcome?: string | null;
+  void_factor?: number | null;
+  dead_heat_factor?: number | null;
 }
 
 /**
@@ -681,6 +802,14 @@ export interface Subscribe {
 }
 
 /**
+ * A count per side (red cards): non-negative ints.
+ */
+export interface TeamCounts {
+  home?: number;
+  away?: number;
+}
+
+/**
  * ``{"op":"unsubscribe","id","sub"}``.
  */
 export interface Unsubscribe {
@@ -708,6 +837,10 @@ export const SCHEMA_DEFAULTS = {
     status: "ACTIVE",
     excluded: null,
   },
+  Clock: {
+    remaining_s: null,
+    stoppage_s: null,
+  },
   DeltaMessage: {
     stored_at: 0,
     source_ts_original: null,
@@ -716,6 +849,32 @@ export const SCHEMA_DEFAULTS = {
     header: null,
     selections: [],
     traded_volume: null,
+  },
+  EventStateOfMember: {
+    status: "NOT_STARTED",
+    in_play: false,
+    period: null,
+    clock: null,
+    score: null,
+    red_cards: null,
+    innings: [],
+    source_ts: 0,
+    received_at: 0,
+    source_ts_original: null,
+    version: 0,
+  },
+  EventStateWithAge: {
+    status: "NOT_STARTED",
+    in_play: false,
+    period: null,
+    clock: null,
+    score: null,
+    red_cards: null,
+    innings: [],
+    source_ts: 0,
+    received_at: 0,
+    source_ts_original: null,
+    version: 0,
   },
   FilterSpec: {
     sport: null,
@@ -734,6 +893,12 @@ export const SCHEMA_DEFAULTS = {
     lay_size: null,
     ltp: null,
     price: null,
+  },
+  Innings: {
+    team: null,
+    runs: 0,
+    wickets: 0,
+    balls: 0,
   },
   MarketHeader: {
     event_id: null,
@@ -833,6 +998,9 @@ export const SCHEMA_DEFAULTS = {
     bookmaker: null,
     books: null,
   },
+  Score: {
+    periods: [],
+  },
   Selection: {
     name: null,
     handicap: 0,
@@ -848,6 +1016,8 @@ export const SCHEMA_DEFAULTS = {
     bsp: null,
     price_raw: null,
     outcome: null,
+    void_factor: null,
+    dead_heat_factor: null,
   },
   SourceStatus: {
     kind: "betfair",
@@ -872,6 +1042,10 @@ export const SCHEMA_DEFAULTS = {
     view: null,
     id: null,
   },
+  TeamCounts: {
+    home: 0,
+    away: 0,
+  },
   Unsubscribe: {
     sub: null,
     id: null,
@@ -879,4 +1053,4 @@ export const SCHEMA_DEFAULTS = {
 } as const;
 
 /** Every schema name of components.schemas. */
-export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","ResumedMessage","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","Unsubscribe"] as const;
+export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","Clock","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventStateOfMember","EventStateWithAge","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","Innings","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","PeriodScore","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","ResumedMessage","Score","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","TeamCounts","Unsubscribe"] as const;

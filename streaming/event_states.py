@@ -1,0 +1,269 @@
+"""Event states (scores, clock, period, status) on an API node: held in memory, kept current from Redis.
+
+:class:`EventStates` holds the latest :class:`~feed.models.EventState` of
+every provider event the store has (``of:{es}:state``), and
+:class:`EventStateTail` keeps it current: it loads the hash, then follows
+the event-state log (``of:{es}:log``) with ``XREAD BLOCK``, applying each
+state only when its ``version`` is above the one held (a state is whole:
+no order within an entry matters, a duplicate changes nothing). When the
+entry the node stopped at is gone (the log was trimmed past it, or the store
+was wiped and a new log begun) or the log went back, it reloads the hash. Listeners (:attr:`EventStates.listeners`) are called
+with the states that changed — the seam the stream fan-out uses.
+
+Staleness (as markets have it, see the README's "Staleness"): ``age_ms`` =
+now − the later of the state's ``received_at`` and its source's last
+message while the source is UP or DEGRADED (a source still talking
+confirms the state it last gave); ``stale`` = the source is DOWN (or its
+lease ran out), or the state is not final (ENDED, CLOSED, CANCELLED,
+ABANDONED: a final score does not age) and ``age_ms`` exceeds the in-play or
+pre-match limit (or the source's own ``stale_after_ms`` when longer). Times
+are integer ms since the Unix epoch (UTC).
+
+Canonical events: a canonical event (``ev:…``) may have several member
+provider events with a state each; :func:`pick` chooses the one to show
+(not stale first, then the newest provider time), and :func:`turned` turns a
+member's state round (home ↔ away) when the linker found that member naming
+the sides the other way round from the canonical event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import msgspec
+from redis.exceptions import RedisError
+
+from feed.errors import StoreError
+from feed.models import ENCODER, FINAL_EVENT_STATUSES, EventState, PeriodScore, Score, TeamCounts
+from feed.sources.backoff import Backoff
+from streaming.encoding import parse_stream_id
+
+if TYPE_CHECKING:
+    from feed.store import Store
+    from streaming.state import NodeState
+
+__all__ = ["EventStateTail", "EventStates", "pick", "turned"]
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[list[EventState]], None]
+
+
+class EventStates:
+    """The node's event states by provider event id (see the module docstring).
+
+    position: the id of the last ``of:{es}:log`` entry applied ("0-0": none).
+    """
+
+    def __init__(self) -> None:
+        self.states: dict[str, EventState] = {}
+        self.position = "0-0"
+        self.loaded = False
+        self.reloads = 0
+        #: called with the states that changed (after each log entry, and after a reload: all of them)
+        self.listeners: list[Listener] = []
+        self._json: dict[str, bytes] = {}
+
+    def get(self, event_id: str) -> EventState | None:
+        return self.states.get(event_id)
+
+    def replace(self, states: Iterable[EventState], position: str) -> None:
+        """Everything, as loaded from the store, read at log ``position``."""
+        self.states = {es.event_id: es for es in states}
+        self._json.clear()
+        self.position = position
+        self.loaded = True
+        self._notify(list(self.states.values()))
+
+    def apply(self, entry_id: str, states: Iterable[EventState]) -> list[EventState]:
+        """Apply one log entry: each state newer (``version``) than the one
+        held; returns the states that changed."""
+        changed = []
+        held = self.states
+        for es in states:
+            old = held.get(es.event_id)
+            if old is not None and old.version >= es.version and old.source == es.source:
+                continue
+            held[es.event_id] = es
+            self._json.pop(es.event_id, None)
+            changed.append(es)
+        self.position = entry_id
+        if changed:
+            self._notify(changed)
+        return changed
+
+    def drop(self, event_ids: Iterable[str]) -> None:
+        for eid in event_ids:
+            self.states.pop(eid, None)
+            self._json.pop(eid, None)
+
+    def prune(self, now: int, retention_ms: int) -> list[str]:
+        """Forget final states older than ``retention_ms`` and states unchanged
+        for :data:`feed.ingest.EVENT_STATE_IDLE_MS` (as the ingest drops them
+        from the store); ``retention_ms`` 0 keeps final states. Returns the ids."""
+        from feed.ingest import EVENT_STATE_IDLE_MS
+
+        gone = [eid for eid, es in self.states.items()
+                if (retention_ms > 0 and es.status in FINAL_EVENT_STATUSES and now - es.received_at > retention_ms)
+                or now - es.received_at > EVENT_STATE_IDLE_MS]
+        self.drop(gone)
+        return gone
+
+    def _notify(self, changed: list[EventState]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(changed)
+            except Exception:  # a listener's bug must not stop the tail
+                logger.exception("event-state listener failed")
+
+    # -- staleness and JSON ------------------------------------------------------------------
+
+    @staticmethod
+    def age_stale(es: EventState, node: NodeState, now: int) -> tuple[int, bool]:
+        """(age_ms, stale) of ``es`` at ``now`` (see the module docstring)."""
+        h = node.source_health(es.source, now)
+        last = es.received_at
+        down = h is not None and h.state == "DOWN"
+        if h is not None and not down and h.last_message_at > last:
+            last = h.last_message_at
+        age = max(0, now - last)
+        if down:
+            return age, True
+        if es.status in FINAL_EVENT_STATUSES:
+            return age, False
+        limit = node.stale_after_ms(None, es.in_play)
+        if h is not None and h.stale_after_ms > limit:
+            limit = h.stale_after_ms
+        return age, age > limit
+
+    def json(self, es: EventState, node: NodeState, now: int) -> bytes:
+        """The state's JSON with ``age_ms`` and ``stale`` appended (the
+        encoding of a held state is cached until it changes)."""
+        raw = self._json.get(es.event_id) if self.states.get(es.event_id) is es else None
+        if raw is None:
+            raw = ENCODER.encode(es)
+            if self.states.get(es.event_id) is es:
+                self._json[es.event_id] = raw
+        age, stale = self.age_stale(es, node, now)
+        return b'%s,"age_ms":%d,"stale":%s}' % (raw[:-1], age, b"true" if stale else b"false")
+
+
+def turned(es: EventState) -> EventState:
+    """``es`` with the sides turned round: home ↔ away in the score, its
+    periods, the red cards and the innings' batting teams."""
+    score = es.score
+    if score is not None:
+        score = Score(home=score.away, away=score.home,
+                      periods=[PeriodScore(period=p.period, home=p.away, away=p.home) for p in score.periods])
+    cards = TeamCounts(home=es.red_cards.away, away=es.red_cards.home) if es.red_cards is not None else None
+    innings = [msgspec.structs.replace(i, team="away" if i.team == "home" else "home" if i.team == "away" else None)
+               for i in es.innings]
+    return msgspec.structs.replace(es, score=score, red_cards=cards, innings=innings)
+
+
+def pick(states: Iterable[tuple[EventState, bool]]) -> EventState | None:
+    """The state to show for a canonical event among its members' ``(state,
+    stale)``: not stale first, then the newest provider time (then the
+    highest version)."""
+    best: tuple[bool, int, int] | None = None
+    chosen = None
+    for es, stale in states:
+        key = (not stale, es.provider_ts, es.version)
+        if best is None or key > best:
+            best, chosen = key, es
+    return chosen
+
+
+class EventStateTail:
+    """Loads the node's :class:`EventStates` and follows ``of:{es}:log``
+    (one task per node; see the module docstring). ``block_ms``: how long
+    one read waits; errors back off (0.2 s … 5 s) and reload."""
+
+    def __init__(self, store: Store, states: EventStates, *, block_ms: int = 1000, retention_ms: int = 0,
+                 clock_ms: Callable[[], int] | None = None) -> None:
+        self.store = store
+        self.states = states
+        self.block_ms = block_ms
+        #: final states are forgotten this long after their last change (ODDSFEED_SETTLED_RETENTION_MS)
+        self.retention_ms = retention_ms
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._pruned_at = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._backoff = Backoff(initial_s=0.2, factor=2.0, max_s=5.0)
+        #: the log is read on a connection of its own (a cancelled blocking read drops it, never a
+        #: pooled one: redis-py's XREAD BLOCK on the shared pool could hold the node's stop)
+        self._tail = store.event_state_tail()
+
+    async def load(self) -> None:
+        """Load every state; the log position is read first (a state written
+        meanwhile is in the hash and comes again from the log: harmless)."""
+        _, last = await self.store.event_state_log_bounds()
+        states = await self.store.load_event_states()
+        self.states.replace(states, last)
+
+    async def run(self) -> None:
+        """Follow the log until cancelled."""
+        try:
+            await self._run()
+        finally:
+            await self._tail.aclose()
+
+    async def _run(self) -> None:
+        need_load = not self.states.loaded
+        while True:
+            try:
+                if need_load:
+                    await self.load()
+                    self.states.reloads += 1
+                    need_load = False
+                pos = self.states.position
+                try:
+                    entries = await self._tail.read_entries(pos, block_ms=self.block_ms, count=500)
+                except (RedisError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise StoreError(f"redis read of the event-state log failed: {exc}") from None
+                if entries and pos != "0-0" and not await self.store.event_state_log_has(pos):
+                    # the entry the node stopped at is gone (trimmed past, or the store was wiped and a
+                    # new log begun): what lay between may be lost — take everything afresh
+                    logger.warning("event-state log entry %s is gone: reloading", pos)
+                    need_load = True
+                    continue
+                for entry_id, states in entries:
+                    self.states.apply(entry_id, states)
+                if not entries:  # caught up: is the log still the one the node follows?
+                    need_load = await self._lost()
+                self._backoff.reset()
+                now = self._clock_ms()
+                if now - self._pruned_at >= 30_000:
+                    self._pruned_at = now
+                    self.states.prune(now, self.retention_ms)
+            except asyncio.CancelledError:
+                raise
+            except (StoreError, OSError) as exc:
+                self.errors += 1
+                self.last_error = str(exc)
+                delay = self._backoff.next_delay()
+                logger.warning("event-state log read failed (%s); retry in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                need_load = True
+
+    async def _lost(self) -> bool:
+        """After a read that found nothing new (the node is caught up): True
+        when the log is not the one the node followed any more — its newest
+        entry is behind the node's position (a wiped store, a reset log) or
+        its oldest is past it (trimmed or replaced whole): reload."""
+        pos = self.states.position
+        if pos == "0-0":
+            return False
+        first, last = await self.store.event_state_log_bounds()
+        if parse_stream_id(last) < parse_stream_id(pos):
+            logger.warning("event-state log went back (%s < %s): reloading", last, pos)
+            return True
+        if first is not None and parse_stream_id(first) > parse_stream_id(pos):
+            logger.warning("event-state log moved past %s (oldest %s): reloading", pos, first)
+            return True
+        return False if last == pos else not await self.store.event_state_log_has(pos)
