@@ -85,9 +85,16 @@ def register_secret(value: str | None) -> None:
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
-    """:func:`register_secret` for each of ``values``."""
-    for v in values:
-        register_secret(v)
+    """:func:`register_secret` for each of ``values``, compiling the pattern once (not once per value:
+    thousands of tenant keys made that quadratic — a minute at startup, seconds of a blocked loop
+    on a reload)."""
+    global _pattern
+    new = {v for v in values if v and len(v) >= MIN_SECRET_CHARS}
+    with _lock:
+        if new <= _secrets:
+            return
+        _secrets.update(new)
+        _pattern = re.compile("|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True)))
 
 
 def redact(text: str) -> str:

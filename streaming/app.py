@@ -107,7 +107,8 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
         app.state.node = node
         node.tenants = tenants
         app.state.metrics_registry = make_registry(node)
-        watcher = asyncio.create_task(tenants.watch(), name="tenants-file") if tenants.path else None
+        # always: it also forgets idle principals (one per API key / JWT subject seen), file or not
+        watcher = asyncio.create_task(tenants.watch(), name="tenants-file") if auth else None
         try:
             yield {"node": node}
         finally:

@@ -213,7 +213,9 @@ class BestView:
             out.append(v)
         if only_changed and not out:
             return None
-        ms = [m for mid in st.by_canonical.get(cid, ()) if (m := st.markets.get(mid)) is not None]
+        f = sub.filter
+        ms = [m for mid in st.by_canonical.get(cid, ()) if (m := st.markets.get(mid)) is not None
+              and not f.hides(st.keys_of(m))]  # a tenant's event facts come from its books only, as on REST
         facts = event_facts(st, cid, ms)
         return {"event_id": cid, "event_name": facts["event_name"], "start_time": facts["start_time"],
                 "in_play": facts["in_play"],

@@ -167,6 +167,7 @@ class _Envelope(msgspec.Struct):
     code: str | None = None
     message: str | None = None
     id: int | str | None = None
+    market_id: str | None = None
     conflated: bool = False
 
 
@@ -641,6 +642,8 @@ class OddsClient:
             self._on_snapshot(data, env, now)
         elif t == "status":
             self._on_status(env)
+        elif t == "removed":  # the market left what this credential may see (streaming.tenants)
+            self._forget(env.market_id)
         elif t == "resumed":
             if env.recovered:
                 self.stats.resumed_recovered += 1
@@ -697,17 +700,23 @@ class OddsClient:
         self.stats.deltas += 1
         self.stats.lag_ms = max(0, time.time_ns() // 1_000_000 - d.source_ts)
         if not self._matches(new):
-            self.markets.pop(mid, None)
-            self._confirmed.pop(mid, None)
-            self._flagged.pop(mid, None)
-            if self.on_update is not None and cur is not None:
-                self.on_update(mid, None)
+            self._forget(mid)
             return
         self.markets[mid] = new
         self._confirmed[mid] = now - (env.age_ms or 0) / 1000
         self._flagged[mid] = bool(env.stale)
         if self.on_update is not None:
             self.on_update(mid, new)
+
+    def _forget(self, mid: str | None) -> None:
+        """Drop market ``mid`` from the book (``on_update(mid, None)`` when it was held)."""
+        if mid is None:
+            return
+        cur = self.markets.pop(mid, None)
+        self._confirmed.pop(mid, None)
+        self._flagged.pop(mid, None)
+        if self.on_update is not None and cur is not None:
+            self.on_update(mid, None)
 
     def _on_heartbeat(self, now: float) -> None:
         down = {s for s, st in self.sources.items() if st.state == "DOWN"}

@@ -86,7 +86,7 @@ from streaming.encoding import (
     Message, ResumeToken, StreamId, ack_message, decode_token, delta_message, encode_token, error_message,
     heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message,
 )
-from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms
+from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms, removed_message
 from streaming.timers import TimerWheel
 from streaming.transport import FRAMINGS, WS_FRAMES, Framing, Sink, framing_of
 
@@ -316,13 +316,15 @@ class Connection:
                  "outbox_bytes", "control_bytes", "wakeup", "drained", "closed", "close_code", "close_reason",
                  "_next_sub", "sent_frames", "sent_bytes", "resync_pending", "snapshot_in_flight",
                  "queued_at", "writer", "in_send", "interrupted", "send_started", "deadline_missed",
-                 "sink", "ready", "paused", "pause_gen", "finished", "principal", "__weakref__")
+                 "sink", "ready", "paused", "pause_gen", "finished", "principal", "reserved_subs", "__weakref__")
 
     def __init__(self, hub: "Hub", framing: Framing, *, heartbeat_ms: int, max_bytes: int, label: str = "",
                  ip: str | None = None, sink: "Sink | None" = None, principal: "Principal | None" = None) -> None:
         self.hub = hub
         #: the tenant whose limits this connection and its subscriptions count against (None: no limits)
         self.principal = principal
+        #: subscriptions the principal reserved for it (an SSE stream's one) not yet made
+        self.reserved_subs = 0
         self.framing = framing
         self.label = label
         self.ip = ip
@@ -645,7 +647,8 @@ class Hub:
     # -- connections ----------------------------------------------------------
 
     def connect(self, framing: Framing | str, *, heartbeat_ms: int, label: str = "", ws_raw: bool = False,
-                ip: str | None = None, sink: Sink | None = None, principal: "Principal | None" = None) -> Connection:
+                ip: str | None = None, sink: Sink | None = None, principal: "Principal | None" = None,
+                reserved_subs: int = 0) -> Connection:
         """A new connection framed by ``framing`` (or a transport name's
         default framing, see :func:`streaming.transport.framing_of`),
         registered for heartbeats every ``heartbeat_ms``.
@@ -662,11 +665,13 @@ class Hub:
         if self.closing:
             conn.closed = True
             conn.close_code, conn.close_reason = 1001, "server shutting down"
+            if principal is not None:
+                principal.release(reserved_subs)
             return conn
         self.connections.add(conn)
-        if principal is not None:
-            principal.connections += 1
+        if principal is not None:  # its admit_connection() counted it (and reserved_subs)
             principal.conns.add(conn)
+            conn.reserved_subs = reserved_subs
         self.connects[kind] = self.connects.get(kind, 0) + 1
         if sink is None and (self._watchdog is None or self._watchdog.done()):
             self._watchdog = asyncio.get_running_loop().create_task(self._deadline_loop(), name="send-deadlines")
@@ -689,6 +694,8 @@ class Hub:
         p = conn.principal
         if p is not None:
             p.connections -= 1
+            p.subscriptions -= conn.reserved_subs
+            conn.reserved_subs = 0
             p.conns.discard(conn)
         bucket = self._buckets.get(conn.heartbeat_ms)
         if bucket is not None:
@@ -857,7 +864,10 @@ class Hub:
         conn.subs[sub.id] = sub
         self.subscriptions += 1
         if conn.principal is not None:
-            conn.principal.subscriptions += 1
+            if conn.reserved_subs:
+                conn.reserved_subs -= 1
+            else:
+                conn.principal.subscriptions += 1
         if view is not None:
             if conn.framing.acks:
                 conn.send(ack_message(ack_id, sub.id))
@@ -1298,10 +1308,15 @@ class Hub:
         so a resume from any of them misses nothing."""
         conn, fmt = sub.conn, sub.fmt
         n = 0
+        st = self.state
         for i, (mid, mg) in enumerate(merges):
             token = merges[i + 1][1].token_before if i + 1 < len(merges) else last_token
-            if mg.count == 1 and mg.msg is not None:
-                msg: Message | None = mg.msg
+            cur = st.markets.get(mid)
+            if sub.filter.visible is not None and (cur is None or sub.filter.hides(st.keys_of(cur))
+                                                   or (mg.msg is not None and getattr(mg.msg.info, "removed", False))):
+                msg: Message | None = removed_message(mid, None, None)
+            elif mg.count == 1 and mg.msg is not None:
+                msg = mg.msg
             else:
                 k = mg.key(mid)
                 if k in cache:
@@ -1529,6 +1544,8 @@ class Hub:
                 if sub.replaying or sub.view is not None:
                     continue
                 f = sub.filter
+                if f.visible is not None and f.visible[1] is not None and source not in f.visible[1]:
+                    continue  # a source the tenant may not see
                 msg = cache.get(f)
                 if msg is None:
                     msg = cache[f] = status_message(

@@ -317,6 +317,16 @@ class ResumedMessage(msgspec.Struct, tag_field="type", tag="resumed", kw_only=Tr
     token: str | UnsetType = UNSET
 
 
+class RemovedMessage(msgspec.Struct, tag_field="type", tag="removed", kw_only=True):
+    """A market left what this credential's tenant may see (``reason: not_visible``,
+    :mod:`streaming.tenants`): drop it from the book; nothing of its new state is sent."""
+
+    sub: int | UnsetType = UNSET
+    market_id: str
+    reason: Literal["not_visible"]
+    token: str | UnsetType = UNSET
+
+
 class ErrorMessage(msgspec.Struct, tag_field="type", tag="error", kw_only=True):
     """An error on a stream (``slow_consumer``, ``bad_request`` …); ``id`` names the WebSocket
     client message it answers."""
@@ -340,7 +350,8 @@ class PongMessage(msgspec.Struct, tag_field="type", tag="pong", kw_only=True):
     id: int | str | None
 
 
-StreamMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | ErrorMessage
+StreamMessage = (SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage
+                 | ErrorMessage)
 ServerMessage = StreamMessage | AckMessage | PongMessage
 
 
@@ -611,7 +622,7 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
                         op["responses"]["429"] = {
                             **_error("Too Many Requests: over the tenant's price checks per second (`rate_limited`; "
                                      "the body's `retry_after_ms` says when one can pass; a batch larger than "
-                                     "the burst never can)"),
+                                     "the burst never can: 422 `batch_over_burst`)"),
                             "headers": {"Retry-After": {"description": "seconds until a retry can pass (rounded up)",
                                                         "schema": {"type": "integer", "minimum": 1}}}}
             else:
@@ -625,7 +636,8 @@ def _price_check_responses(ok: str, description: str) -> dict[str, Any]:
         "408": _error("Request Timeout: the body did not arrive within the deadline (`deadline_exceeded`)"),
         "413": _error(f"Payload Too Large: over {MAX_BODY_BYTES} bytes (`payload_too_large`)"),
         "422": _error("Unprocessable Content: the body does not decode or validate (`invalid_request`); the "
-                      "message names the field and what to send"),
+                      "message names the field and what to send. With tenants also a batch larger than the "
+                      "tenant's price-check burst (`batch_over_burst`: split it)"),
         "503": _error("Service Unavailable: the node has not loaded its state yet (`not_ready`)"),
     }
 

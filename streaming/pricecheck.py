@@ -34,6 +34,7 @@ judged on one consistent view. Times are integer ms since the Unix epoch.
     503 {"error":"not_ready",…}           (the node has not loaded its state yet)
     429 {"error":"rate_limited","message":…,"retry_after_ms":n} + Retry-After (whole seconds)
                                           (the tenant's price_checks_per_s; a batch leg counts one)
+    422 {"error":"batch_over_burst",…}   (a batch larger than the tenant's burst: split it)
 
 With tenants (:mod:`streaming.tenants`) a market the credential may not see is
 ``UNKNOWN_MARKET``, and a best-price check considers only the books it may see.
@@ -554,14 +555,15 @@ def _validate_prices(legs: list[PriceCheckRequest], batch: bool) -> Response | N
 
 def _rate_limited(exc: LimitError) -> Response:
     """429 for a tenant's price-check limit: ``Retry-After`` in whole seconds (rounded up, HTTP's
-    unit) and ``retry_after_ms`` in the body; a batch larger than the burst has neither (no wait
-    makes it pass)."""
+    unit) and ``retry_after_ms`` in the body; 422 for a batch larger than the burst, without
+    either (no wait makes it pass)."""
     body: dict[str, object] = {"error": exc.code, "message": str(exc)}
     headers = {"Cache-Control": "no-store"}
     if exc.retry_after_s is not None:
         body["retry_after_ms"] = math.ceil(exc.retry_after_s * 1000)
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return json_response(body, 429, headers=headers)
+    # a batch over the burst: no retry can pass (422, so retrying clients do not loop)
+    return json_response(body, 422 if exc.code == "batch_over_burst" else 429, headers=headers)
 
 
 def _feed_problem(node: "Node") -> str | None:

@@ -269,12 +269,13 @@ async def get_event(request: Request) -> Response:
     grant = grant_of(request)
     visible = grant.visible if grant.restricted else None
     cid = event_id
+    unknown = f"no event {event_id!r} on this feed (give a canonical id ev:… or a provider event id)"
     if event_id not in state.by_canonical:
-        provider = state.by_event.get(event_id)
-        m0 = state.markets.get(next(iter(provider))) if provider else None
-        if m0 is None or (visible is not None and not visible(m0)):
-            return json_error(404, "unknown_event", f"no event {event_id!r} on this feed "
-                                                    "(give a canonical id ev:… or a provider event id)")
+        # a market of the provider event the tenant may see (an aggregator's event has several books)
+        m0 = next((m for mid in state.by_event.get(event_id, ()) if (m := state.markets.get(mid)) is not None
+                   and (visible is None or visible(m))), None)
+        if m0 is None:
+            return json_error(404, "unknown_event", unknown)
         cid = state.canonical_of(m0) or event_id
     now = now_ms()
     agg = event_view(state, cid, now, method=node.settings.fair_method, keys=types, visible=visible)
@@ -283,8 +284,8 @@ async def get_event(request: Request) -> Response:
     shown, own, tag = _event_states(node, ms, now)
     if types is not None:
         ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers)) in types or k.partition(":")[0] in types]
-    if agg is None:
-        return json_error(404, "unknown_event", f"no event {event_id!r} on this feed")
+    if agg is None:  # the same answer as an id never seen: a hidden event does not exist for the tenant
+        return json_error(404, "unknown_event", unknown)
     headers, not_modified = _etag_headers(request, state, ms, f"event|{cid}|{view}|{types}|{tag}")
     if not_modified:
         return Response(status_code=304, headers=headers)

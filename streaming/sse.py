@@ -56,7 +56,7 @@ from streaming.encoding import error_message
 from streaming.server import HTTP_DETACH, HTTP_FINAL
 from streaming.sockets import SSESocket
 from streaming.state import Filter, FilterError
-from streaming.tenants import ForbiddenError, LimitError, Principal, grant_of
+from streaming.tenants import ForbiddenError, Grant, LimitError, Principal, grant_of
 
 if TYPE_CHECKING:
     from streaming.reader import Node
@@ -136,9 +136,10 @@ class SSEStream(Response):
 
     def __init__(self, node: "Node", f: Filter, *, heartbeat_ms: int, resume: str | None, label: str,
                  conflate_ms: int = 0, fmt: str | None = None, ip: str | None = None, view: str | None = None,
-                 principal: Principal | None = None) -> None:
+                 principal: Principal | None = None, grant: "Grant | None" = None) -> None:
         self.node = node
         self.principal = principal
+        self.grant = grant
         self.filter = f
         self.heartbeat_ms = heartbeat_ms
         self.resume = resume
@@ -154,6 +155,13 @@ class SSEStream(Response):
         node = self.node
         hub = node.hub
         await hub.admission.enter()  # a reconnect storm is set up a batch per loop turn
+        if self.grant is not None and node.tenants is not None:
+            grant = node.tenants.current(self.grant)  # the file may have changed (or been pruned) meanwhile
+            if grant is None:
+                await json_error(503, "tenant_changed", "this credential's tenant configuration changed while "
+                                 "the stream was set up; reconnect")(scope, receive, send)
+                return
+            self.principal = grant.principal
         principal = self.principal
         if principal is not None:  # checked and counted in one step (no await between)
             try:
@@ -165,7 +173,7 @@ class SSEStream(Response):
         detach = (ext.get(HTTP_DETACH) or {}).get("detach")
         sock = SSESocket() if detach is not None else None
         conn = hub.connect(SSE, heartbeat_ms=self.heartbeat_ms, label=self.label, ip=self.ip, sink=sock,
-                           principal=principal)
+                           principal=principal, reserved_subs=1 if principal is not None else 0)
         if conn.closed:
             await json_error(503, "shutting_down", "the server is shutting down; retry on another node")(
                 scope, receive, send)
@@ -269,4 +277,5 @@ async def stream(request: Request) -> Response:
     client = request.client
     label = f"{client.host}:{client.port}" if client else "?"
     return SSEStream(node, f, heartbeat_ms=heartbeat_ms, resume=resume, label=label, conflate_ms=conflate_ms,
-                     fmt=fmt, ip=client.host if client else None, view=view, principal=grant.principal)
+                     fmt=fmt, ip=client.host if client else None, view=view, principal=grant.principal,
+                     grant=grant)

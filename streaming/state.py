@@ -156,6 +156,19 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
     in_play: bool | None = None
     source: frozenset[str] | None = None
     bookmaker: frozenset[str] | None = None
+    #: a tenant's allow-lists (sport, source, bookmaker; streaming.tenants.Grant.restrict), None: no tenant
+    #: restriction. The conditions above already include them; this says which markets leave the
+    #: tenant's sight (they get a ``removed`` message, never the delta that moved them)
+    visible: tuple[frozenset[str] | None, frozenset[str] | None, frozenset[str] | None] | None = None
+
+    def hides(self, keys: "MarketKeys") -> bool:
+        """Whether a market with these keys is outside the tenant's allow-lists."""
+        v = self.visible
+        if v is None:
+            return False
+        sports, sources, books = v
+        return ((sports is not None and keys[0] not in sports) or (sources is not None and keys[6] not in sources)
+                or (books is not None and keys[7] not in books))
 
     @classmethod
     def parse(cls, *, sport: object = None, competition: object = None, event: object = None,
@@ -247,7 +260,7 @@ class DeltaInfo:
     """What one delta message changed (``Message.info``): the hub merges messages of one
     market from it (conflation, collapsing a slow consumer's queue)."""
 
-    __slots__ = ("market_id", "sel_ids", "has_header", "has_tv", "is_image")
+    __slots__ = ("market_id", "sel_ids", "has_header", "has_tv", "is_image", "removed")
 
     def __init__(self, market_id: str, sel_ids: tuple[str, ...], has_header: bool, has_tv: bool,
                  is_image: bool) -> None:
@@ -256,6 +269,7 @@ class DeltaInfo:
         self.has_header = has_header
         self.has_tv = has_tv
         self.is_image = is_image
+        self.removed = False
 
 
 class PreparedDelta:
@@ -303,10 +317,21 @@ class PreparedDelta:
         before = f.match(self.market_id, self.prev)
         if now and not before:
             return self.image or self.msg
+        if before and not now and f.hides(self.keys):
+            return removed_message(self.market_id, self.msg.token, self.msg.prev_token)
         return self.msg if (now or before) else None
 
     def nbytes(self) -> int:
         return len(self.msg.json) * 2 + (len(self.image.json) * 2 if self.image is not None else 0)
+
+
+def removed_message(market_id: str, token: bytes | None, prev_token: bytes | None) -> Message:
+    """``{"type":"removed","market_id":…}``: the market left what the tenant may see (drop it);
+    nothing of its new state is sent."""
+    info = DeltaInfo(market_id, (), False, False, False)
+    info.removed = True
+    return Message(b"removed", b'{"type":"removed","market_id":' + ENCODER.encode(market_id) + b',"reason":"not_visible"}',
+                   token, prev_token, info)
 
 
 class PreparedEntry:

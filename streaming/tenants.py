@@ -18,7 +18,7 @@ rights; ``[default]`` (optional) applies to every other accepted credential
     max_connections = 100          # open SSE + WebSocket streams, per API node
     max_subscriptions = 200        # subscriptions over all its streams, per API node
     price_checks_per_s = 50        # token bucket, per API node (a batch leg counts one)
-    price_check_burst = 100        # bucket size (default: max(1, price_checks_per_s))
+    price_check_burst = 100        # bucket size (default: price_checks_per_s rounded up, at least 1)
 
 **Scopes** (permissions): ``read`` — the REST data endpoints (markets,
 events, sports, sources, history); ``stream`` — ``/v1/stream`` and
@@ -52,8 +52,8 @@ balancer, a tenant may hold up to N× (set them per node). Over
 over ``max_subscriptions`` an SSE stream gets 429 and a WebSocket
 ``subscribe`` an ``error {code:"too_many_subscriptions"}``; over the price-check
 rate ``429 {"error":"rate_limited","retry_after_ms":n}`` with ``Retry-After``
-(whole seconds, rounded up). A batch larger than the burst can never pass and
-says so.
+(whole seconds, rounded up). A batch larger than the burst can never pass:
+``422 {"error":"batch_over_burst"}`` says to split it.
 
 **Reload.** The file is checked once a second (:data:`RELOAD_CHECK_S`; size,
 mtime, then content) and re-read when it changed. A file that does not parse
@@ -167,6 +167,12 @@ def parse_tenants(raw: bytes, where: str = "tenants file") -> TenantsFile:
     try:
         parsed = msgspec.convert(data, TenantsFile, strict=True)
     except msgspec.ValidationError as exc:
+        # msgspec writes a tenant's section as `$.tenant[...]`: name the section that is wrong
+        for name, section in (data.get("tenant") or {}).items() if isinstance(data.get("tenant"), dict) else ():
+            try:
+                msgspec.convert(section, TenantSpec, strict=True)
+            except msgspec.ValidationError as inner:
+                raise ConfigError(f"{where}: [{_section(str(name))}]: {inner}") from None
         raise ConfigError(f"{where}: {exc} (sections are [default] and [tenant.<name>])") from None
     keys: dict[bytes, str] = {}
     subjects: dict[str, str] = {}
@@ -194,6 +200,20 @@ def parse_tenants(raw: bytes, where: str = "tenants file") -> TenantsFile:
     return parsed
 
 
+def _digests(spec: TenantSpec) -> set[bytes]:
+    return {hashlib.sha256(k.encode()).digest() for k in spec.keys} | {bytes.fromhex(h) for h in spec.key_sha256}
+
+
+def _must_close(was: TenantSpec | None, now: TenantSpec | None) -> bool:
+    """Whether a changed entry must close its streams: what it may do or see changed, or one of
+    its credentials was taken away (a key rotation that adds one, or a new limit, does not)."""
+    if was is None or now is None:
+        return True
+    if (was.scopes, was.sports, was.sources, was.bookmakers) != (now.scopes, now.sports, now.sources, now.bookmakers):
+        return True
+    return not (_digests(was) <= _digests(now) and set(was.subjects) <= set(now.subjects))
+
+
 def _section(name: str) -> str:
     return DEFAULT if name == DEFAULT else f"tenant.{name}"
 
@@ -204,11 +224,14 @@ class Principal:
     tenant entry changes). Mutated only on the event loop."""
 
     __slots__ = ("identity", "tenant", "spec", "connections", "subscriptions", "tokens", "refilled_at", "conns",
-                 "limited")
+                 "limited", "credential")
 
     def __init__(self, identity: str, tenant: str, spec: TenantSpec | None,
-                 limited: dict[tuple[str, str], int] | None = None) -> None:
+                 limited: dict[tuple[str, str], int] | None = None, credential: bytes | str | None = None) -> None:
         self.identity = identity
+        #: a [default] principal's credential (an API key's SHA-256, a JWT sub): a reload that gives it
+        #: to a tenant closes its streams
+        self.credential = credential
         self.tenant = tenant
         self.spec = spec
         self.connections = 0
@@ -244,6 +267,16 @@ class Principal:
                                "open on this node; close one first")
         if subscriptions:
             self.admit_subscription(subscriptions)
+        # reserved now, in the same step as the check (an ASGI send or accept may suspend before
+        # the hub counts the connection): Hub.connect(principal=…, reserved_subs=…) takes the
+        # reservation over; a path that never connects calls release()
+        self.connections += 1
+        self.subscriptions += subscriptions
+
+    def release(self, subscriptions: int = 0) -> None:
+        """Undo :meth:`admit_connection`'s reservation (the stream never opened)."""
+        self.connections -= 1
+        self.subscriptions -= subscriptions
 
     def admit_subscription(self, n: int = 1) -> None:
         """Check that ``n`` more subscriptions may be made. Raises LimitError (``too_many_subscriptions``)."""
@@ -252,7 +285,7 @@ class Principal:
                 and self.subscriptions + n > spec.max_subscriptions:
             raise self._refuse("subscriptions", "too_many_subscriptions",
                                f"tenant {self.tenant} has {self.subscriptions} of its {spec.max_subscriptions} "
-                               "subscriptions on this node; unsubscribe one first")
+                               "subscriptions on this node; close a stream or unsubscribe one first")
 
     def take_price_checks(self, n: int, now: float | None = None) -> None:
         """Take ``n`` price checks from the token bucket (``price_checks_per_s``,
@@ -265,8 +298,8 @@ class Principal:
         t = time.monotonic() if now is None else now
         self.tokens = min(float(burst), self.tokens + (t - self.refilled_at) * rate)
         self.refilled_at = t
-        if n > burst:
-            raise self._refuse("price_checks", "rate_limited",
+        if n > burst:  # no wait makes it pass: not a rate limit but a request to fix (HTTP 422)
+            raise self._refuse("price_checks", "batch_over_burst",
                                f"a batch of {n} checks exceeds tenant {self.tenant}'s burst of {burst}; "
                                f"split it into batches of at most {burst}", None)
         if self.tokens < n:
@@ -337,7 +370,7 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True):
                 raise ForbiddenError(f"tenant {self.tenant} may not see {kind} {', '.join(sorted(asked))}; "
                                      f"it may see {kind} {', '.join(sorted(allowed)) or '(none)'}")
             changes[kind] = kept
-        return msgspec.structs.replace(f, **changes)
+        return msgspec.structs.replace(f, **changes, visible=(self.sports, self.sources, self.bookmakers))
 
 
 _WHAT = {"read": "the REST data endpoints", "stream": "streams (/v1/stream, /v1/ws)",
@@ -429,21 +462,51 @@ class Tenants:
         for identity, p in list(self.principals.items()):
             now_spec = parsed.tenant.get(p.tenant) if p.tenant != DEFAULT else parsed.default
             was = old.tenant.get(p.tenant) if p.tenant != DEFAULT else old.default
-            if now_spec != was or (p.tenant != DEFAULT and now_spec is None):
+            if was != now_spec and not _must_close(was, now_spec):
+                # only limits changed, or credentials were added: the streams stay, the new limits
+                # apply from now on (the bucket keeps what it holds, up to the new burst)
+                p.spec = now_spec
+                p.tokens = min(p.tokens, float(p._burst()))
+                continue
+            moved = p.tenant == DEFAULT and ((isinstance(p.credential, bytes) and p.credential in by_key)
+                                             or (isinstance(p.credential, str) and p.credential in by_subject))
+            if now_spec != was or (p.tenant != DEFAULT and now_spec is None) or moved:
                 changed.append(p)
                 del self.principals[identity]
         return changed
 
-    def _principal(self, identity: str, tenant: str) -> Principal:
+    def _principal(self, identity: str, tenant: str, credential: bytes | str | None = None) -> Principal:
         p = self.principals.get(identity)
         if p is None:
             spec = self.file.tenant.get(tenant) if tenant != DEFAULT else self.file.default
-            p = self.principals[identity] = Principal(identity, tenant, spec, self.limited)
+            p = self.principals[identity] = Principal(identity, tenant, spec, self.limited, credential)
         return p
 
-    def _grant(self, tenant: str, identity: str, words: list[str] | None = None) -> Grant:
+    def current(self, grant: Grant) -> Grant | None:
+        """``grant`` re-checked after an await (a stream waiting for admission): the same grant
+        when its principal is still in force (re-registered if :meth:`prune` forgot it meanwhile,
+        or the principal that replaced it); None when its tenant entry changed or the credential
+        moved meanwhile (its filter was narrowed by the old entry: the request must be retried)."""
+        p = grant.principal
+        if p is None:
+            return grant
+        live = self.principals.get(p.identity)
+        if live is p:
+            return grant
+        spec = self.file.tenant.get(p.tenant) if p.tenant != DEFAULT else self.file.default
+        moved = p.tenant == DEFAULT and ((isinstance(p.credential, bytes) and p.credential in self.by_key)
+                                         or (isinstance(p.credential, str) and p.credential in self.by_subject))
+        if spec != p.spec or moved or (p.tenant != DEFAULT and spec is None):
+            return None
+        if live is None:
+            self.principals[p.identity] = p
+            return grant
+        return msgspec.structs.replace(grant, principal=live)
+
+    def _grant(self, tenant: str, identity: str, words: list[str] | None = None,
+               credential: bytes | str | None = None) -> Grant:
         spec = self.file.tenant.get(tenant) if tenant != DEFAULT else self.file.default
-        principal = self._principal(identity, tenant)
+        principal = self._principal(identity, tenant, credential)
         perms = frozenset(PERMISSIONS if spec is None or spec.scopes is None else spec.scopes)
         sports = frozenset(spec.sports) if spec is not None and spec.sports is not None else None
         sources = frozenset(spec.sources) if spec is not None and spec.sources is not None else None
@@ -465,7 +528,7 @@ class Tenants:
 
     def for_unnamed_key(self, digest: bytes) -> Grant:
         """The grant of an accepted API key the file does not name (``[default]``, counted per key)."""
-        return self._grant(DEFAULT, "key:" + digest.hex()[:16])
+        return self._grant(DEFAULT, "key:" + digest.hex()[:16], credential=digest)
 
     def for_jwt(self, claims: dict[str, Any]) -> Grant:
         """The grant of a verified JWT's claims (``sub``, ``scope``). Raises AuthError for a
@@ -476,7 +539,7 @@ class Tenants:
         name = self.by_subject.get(sub) if sub is not None else None
         if name is not None:
             return self._grant(name, "tenant:" + name, words)
-        return self._grant(DEFAULT, "sub:" + (sub or ""), words)
+        return self._grant(DEFAULT, "sub:" + (sub or ""), words, credential=sub)
 
     def check_reload(self) -> list[Principal] | None:
         """Re-read the file when it changed (see the module docstring). None when nothing

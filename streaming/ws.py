@@ -118,6 +118,14 @@ async def _session(websocket: WebSocket) -> None:
         await websocket.close(code=1008, reason="bad query")
         return
     grant = grant_of(websocket)
+    if node.tenants is not None:
+        current = node.tenants.current(grant)  # the file may have changed (or been pruned) during admission
+        if current is None:
+            await deny_websocket(websocket.scope, websocket.send, 503, "tenant_changed",
+                                 "this credential's tenant configuration changed while the connection was set up; "
+                                 "reconnect")
+            return
+        grant = current
     principal = grant.principal
     if principal is not None:
         try:
@@ -125,7 +133,12 @@ async def _session(websocket: WebSocket) -> None:
         except LimitError as exc:
             await deny_websocket(websocket.scope, websocket.send, 429, exc.code, str(exc))
             return
-    await websocket.accept()
+    try:
+        await websocket.accept()
+    except BaseException:
+        if principal is not None:
+            principal.release()
+        raise
     client = websocket.client
     label = f"{client.host}:{client.port}" if client else "?"
     sock: WebSocketStream | None = (websocket.scope.get("extensions", {}).get(WS_ATTACH) or {}).get("socket")

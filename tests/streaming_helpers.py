@@ -125,6 +125,8 @@ class LocalBook:
             new = apply_delta(self.markets.get(d.market_id), d)
             if new is not None:
                 self.markets[d.market_id] = new
+        elif msg["type"] == "removed":  # left what the credential's tenant may see
+            self.markets.pop(msg["market_id"], None)
 
 
 class Feed:

@@ -3,6 +3,7 @@ unit rules first, then end to end against a real server, embedded Redis and real
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -242,7 +243,8 @@ async def test_tenant_limits_end_to_end(store: Store, redis_url: str, tmp_path: 
         assert r.status_code == 429 and r.json()["error"] == "rate_limited"
         assert 1 <= int(r.headers["retry-after"]) <= 20 and 0 < r.json()["retry_after_ms"] <= 20_000
         r = await c1.post("/v1/price-check/batch", headers=acme, json={"legs": [check] * 3})
-        assert r.status_code == 429 and "exceeds tenant acme's burst of 2" in r.json()["message"]
+        assert r.status_code == 422 and r.json()["error"] == "batch_over_burst"
+        assert "exceeds tenant acme's burst of 2" in r.json()["message"]
         assert "retry-after" not in r.headers
         # the Python client says when to retry
         from streaming.client import OddsClient, PriceCheckError
@@ -369,3 +371,206 @@ def test_the_example_tenants_file_is_valid() -> None:
     parsed, _ = load_tenants_file(str(Path(__file__).parent.parent / "deploy" / "tenants.example.toml"))
     assert set(parsed.tenant) == {"frontend", "placement"} and parsed.default is not None
     assert parsed.tenant["placement"].scopes == ["price_check", "read"]
+
+
+# -- review findings (each failed before its fix) ------------------------------------------------
+
+SOCCER_ONLY = '[tenant.acme]\nkeys = ["acme-key"]\nsports = ["soccer"]\n'
+
+
+def _soccer_only(path: Path, extra: str = "") -> Settings:
+    _write(path, SOCCER_ONLY + extra)
+    return Settings(heartbeat_ms=60_000, tenants_file=str(path), api_keys=("plain-key",))
+
+
+async def test_a_market_leaving_the_tenants_sight_is_removed_not_sent(store: Store, redis_url: str,
+                                                                      tmp_path: Path) -> None:
+    import msgspec
+
+    from feed.models import Selection
+
+    feed = await _feed(store)
+    settings = _soccer_only(tmp_path / "t.toml")
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c, httpx.AsyncClient(base_url=base, timeout=10) as c2:
+        async with c.stream("GET", "/v1/stream", headers={"X-API-Key": "acme-key"}) as resp, \
+                c2.stream("GET", "/v1/stream", headers={"X-API-Key": "plain-key"}, params={"sport": "soccer"}) as r2:
+            sse, sse2 = SSEReader(resp), SSEReader(r2)
+            await sse.next()
+            await sse2.next()
+            move = msgspec.structs.replace(feed.header("1.soc", sport="tennis"), selections=[
+                Selection(selection_id="1", name="sel 1", price=7.7, back=[(7.7, 10.0)])])
+            await feed.write(move)
+            ev = await sse.until(lambda e: e.event != "heartbeat")
+            assert ev.event == "removed" and ev.data == {"type": "removed", "market_id": "1.soc",
+                                                         "reason": "not_visible"}
+            ev2 = await sse2.until(lambda e: e.event != "heartbeat")
+            assert ev2.event == "delta" and ev2.data["header"]["sport"] == "tennis"  # a plain filter: the delta
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_the_python_client_drops_a_market_its_tenant_no_longer_sees(store: Store, redis_url: str,
+                                                                          tmp_path: Path, transport: str) -> None:
+    from streaming.client import OddsClient
+
+    feed = await _feed(store)
+    settings = _soccer_only(tmp_path / "t.toml")
+    async with serve(make_app(redis_url, settings=settings)) as base:
+        url = base if transport == "sse" else base.replace("http://", "ws://")
+        client = OddsClient(url, api_key="acme-key", heartbeat_ms=500)
+        await client.start()
+        try:
+            await eventually(lambda: set(client.markets) == {"1.soc"}, what="acme's book")
+            await feed.write(feed.header("1.soc", sport="tennis"))
+            await eventually(lambda: not client.markets, what="the market gone from acme's book")
+        finally:
+            await client.close()
+
+
+async def test_a_conflated_stream_never_merges_a_hidden_markets_later_prices(store: Store, redis_url: str,
+                                                                             tmp_path: Path) -> None:
+    feed = await _feed(store)
+    settings = _soccer_only(tmp_path / "t.toml")
+    async with serve(make_app(redis_url, settings=settings)) as base:
+        async with connect(base.replace("http://", "ws://") + "/v1/ws",
+                           additional_headers={"X-API-Key": "acme-key"}) as conn:
+            await conn.send(json.dumps({"op": "subscribe", "id": 1, "conflate_ms": 1500}))
+            assert json.loads(await conn.recv())["type"] == "ack"
+            assert json.loads(await conn.recv())["type"] == "snapshot"
+            await feed.write(feed.price("1.soc", "1", 2.2))
+            await feed.write(feed.header("1.soc", sport="tennis"))
+            await feed.write(feed.price("1.soc", "1", 9.9))
+            while (m := json.loads(await asyncio.wait_for(conn.recv(), 10)))["type"] == "heartbeat":
+                pass
+            assert m["type"] == "removed" and m["market_id"] == "1.soc" and "9.9" not in json.dumps(m)
+
+
+async def test_status_of_a_source_the_tenant_may_not_see_is_not_sent(store: Store, redis_url: str,
+                                                                     tmp_path: Path) -> None:
+    from feed.models import SourceHealth
+    from streaming_helpers import now_ms
+
+    await _feed(store)
+    settings = _soccer_only(tmp_path / "t.toml", 'sources = ["t"]\n')
+    lease = 600_000
+    await store.set_health(SourceHealth(source="secret", kind="push", state="UP", last_message_at=now_ms(),
+                                        updated_at=now_ms(), lease_ms=lease))
+    await store.set_health(SourceHealth(source="t", kind="push", state="UP", last_message_at=now_ms(),
+                                        updated_at=now_ms(), lease_ms=lease))
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with c.stream("GET", "/v1/stream", headers={"X-API-Key": "acme-key"}) as resp:
+            sse = SSEReader(resp)
+            assert (await sse.next()).event == "snapshot"
+            await store.set_health(SourceHealth(source="secret", kind="push", state="DOWN", reason="contract",
+                                                last_message_at=now_ms(), updated_at=now_ms(), lease_ms=lease))
+            await store.set_health(SourceHealth(source="t", kind="push", state="DOWN", reason="x",
+                                                last_message_at=now_ms(), updated_at=now_ms(), lease_ms=lease))
+            st = await sse.until(lambda e: e.event == "status")
+            assert st.data["source"] == "t"  # the hidden source's (announced first, if at all) never came
+
+
+async def test_a_reload_that_moves_a_key_into_a_tenant_closes_its_stream(store: Store, redis_url: str,
+                                                                         tmp_path: Path) -> None:
+    await _feed(store)
+    path = tmp_path / "t.toml"
+    settings = _soccer_only(path)
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with c.stream("GET", "/v1/stream", headers={"X-API-Key": "plain-key"}) as resp:
+            sse = SSEReader(resp)
+            assert len((await sse.next()).data["markets"]) == 2
+            _write(path, SOCCER_ONLY + '[tenant.partner]\nkeys = ["plain-key"]\nsports = ["soccer"]\n')
+            ev = await sse.until(lambda e: e.event == "error", timeout_s=30)
+            assert ev.data["code"] == "tenant_changed"
+
+
+@pytest.mark.parametrize("edit", ["key", "limit"])
+async def test_a_new_key_or_limit_keeps_the_tenants_streams(store: Store, redis_url: str, tmp_path: Path,
+                                                            edit: str) -> None:
+    feed = await _feed(store)
+    path = tmp_path / "t.toml"
+    settings = _soccer_only(path)
+    app = make_app(redis_url, settings=settings)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with c.stream("GET", "/v1/stream", headers={"X-API-Key": "acme-key"}) as resp:
+            sse = SSEReader(resp)
+            assert (await sse.next()).event == "snapshot"
+            if edit == "key":  # a key rotation starts by adding the new key
+                _write(path, SOCCER_ONLY.replace('["acme-key"]', '["acme-key", "acme-key-2"]'))
+            else:
+                _write(path, SOCCER_ONLY + "price_checks_per_s = 100\nmax_connections = 50\n")
+
+            async def in_force() -> bool:
+                return app.state.node.tenants.reloads["ok"] == 1
+            await eventually(in_force, timeout_s=30, what="the edited file in force")
+            await feed.write(feed.price("1.soc", "1", 2.4))
+            ev = await sse.until(lambda e: e.event != "heartbeat")
+            assert ev.event == "delta" and ev.data["market_id"] == "1.soc"  # not an error and a close
+
+
+async def test_limits_hold_when_the_asgi_servers_send_suspends(store: Store, redis_url: str,
+                                                               tmp_path: Path) -> None:
+    """Check and count in one step: an ASGI server whose send() yields (any server that writes
+    through an awaitable) must not let six concurrent streams past a limit of one."""
+    from contextlib import asynccontextmanager
+
+    import uvicorn
+
+    await _feed(store)
+    settings = _soccer_only(tmp_path / "t.toml", "max_connections = 1\n")
+    app = make_app(redis_url, settings=settings)
+
+    async def yielding(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await app(scope, receive, send)
+
+        async def ysend(message: Any) -> None:
+            await asyncio.sleep(0)
+            await send(message)
+        await app(scope, receive, ysend)
+
+    @asynccontextmanager
+    async def serve_plain() -> Any:
+        server = uvicorn.Server(uvicorn.Config(yielding, host="127.0.0.1", port=0, lifespan="on",
+                                               log_level="warning", timeout_graceful_shutdown=5))
+        task = asyncio.create_task(server.serve())
+        await eventually(lambda: server.started or task.done(), what="uvicorn started")
+        try:
+            yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 30)
+
+    async with serve_plain() as base:
+        ws = base.replace("http://", "ws://") + "/v1/ws"
+
+        async def one() -> Any:
+            try:
+                return await connect(ws, additional_headers={"X-API-Key": "acme-key"})
+            except InvalidStatus as exc:
+                return exc.response.status_code
+        out = await asyncio.gather(*(one() for _ in range(6)))
+        opened = [c for c in out if not isinstance(c, int)]
+        try:
+            assert len(opened) == 1 and sorted(c for c in out if isinstance(c, int)) == [429] * 5
+        finally:
+            for conn in opened:
+                await conn.close()
+        p = app.state.node.tenants.principals["tenant:acme"]
+        await eventually(lambda: p.connections == 0 and p.subscriptions == 0, what="the counts back to zero")
+
+
+async def test_a_hidden_event_answers_like_an_unknown_one(store: Store, redis_url: str, tmp_path: Path) -> None:
+    await _feed(store)
+    settings = _soccer_only(tmp_path / "t.toml")
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+        acme = {"X-API-Key": "acme-key"}
+        events = (await c.get("/v1/events", headers={"X-API-Key": "plain-key"})).json()["events"]
+        hidden = next(e["event_id"] for e in events if e["sport"] == "tennis")
+        r1 = await c.get(f"/v1/events/{hidden}", headers=acme)
+        r2 = await c.get("/v1/events/ev:nothing-like-it", headers=acme)
+        r3 = await c.get("/v1/events/e2", headers=acme)  # the hidden event's provider id
+        assert r1.status_code == r2.status_code == r3.status_code == 404
+        assert r1.json()["message"].replace(hidden, "X") == r2.json()["message"].replace("ev:nothing-like-it", "X")

@@ -344,6 +344,9 @@ export class OddsClient {
       case "status":
         this.onStatus(msg);
         break;
+      case "removed": // the market left what this credential may see (the server's tenants)
+        this.forget(msg.market_id);
+        break;
       case "resumed":
         if (msg.recovered) {
           this.stats.resumedRecovered++;
@@ -413,10 +416,7 @@ export class OddsClient {
     const m = this.book.get(id)!;
     const cb = this.opts.onUpdate;
     if (!this.matches(m)) {
-      this.book.markets.delete(id);
-      this.confirmed.delete(id);
-      this.flagged.delete(id);
-      if (cb && cur !== undefined) cb(id, undefined);
+      this.forget(id, cur !== undefined);
       return r;
     }
     this.confirmed.set(id, this.now() - (msg.age_ms ?? 0));
@@ -424,6 +424,15 @@ export class OddsClient {
     this.emit("delta", msg);
     if (cb) cb(id, m);
     return r;
+  }
+
+  /** Drop market `id` from the book (`onUpdate(id, undefined)` when it was held and `notify`). */
+  private forget(id: string, notify = true): void {
+    const held = this.book.markets.delete(id);
+    this.confirmed.delete(id);
+    this.flagged.delete(id);
+    const cb = this.opts.onUpdate;
+    if (cb && held && notify) cb(id, undefined);
   }
 
   private pendingGap: SeqGapError | null = null;

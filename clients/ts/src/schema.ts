@@ -586,6 +586,18 @@ export interface Ready {
 }
 
 /**
+ * A market left what this credential's tenant may see (``reason: not_visible``,
+ * :mod:`streaming.tenants`): drop it from the book; nothing of its new state is sent.
+ */
+export interface RemovedMessage {
+  type: "removed";
+  sub?: number;
+  market_id: string;
+  reason: "not_visible";
+  token?: string;
+}
+
+/**
  * Answer to a resume token: ``recovered`` true = the missed deltas follow; false = a fresh
  * snapshot follows.
  */
@@ -697,7 +709,7 @@ export interface SelectionHistory {
 /**
  * WebSocket server → client: a StreamMessage of a subscription (with `sub` and `token`), an ack or a pong
  */
-export type ServerMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | ErrorMessage | AckMessage | PongMessage;
+export type ServerMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage | ErrorMessage | AckMessage | PongMessage;
 
 /**
  * Every matching market; ``recovered`` after a resume that could not be served from the log.
@@ -786,7 +798,7 @@ export interface StatusMessage {
 /**
  * A stream message: the `data` of an SSE event, a WebSocket frame
  */
-export type StreamMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | ErrorMessage;
+export type StreamMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage | ErrorMessage;
 
 /**
  * ``{"op":"subscribe","id","filter"?,"resume"?,"conflate_ms"?,"odds_format"?,"view"?}``.
@@ -1053,4 +1065,4 @@ export const SCHEMA_DEFAULTS = {
 } as const;
 
 /** Every schema name of components.schemas. */
-export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","Clock","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventStateOfMember","EventStateWithAge","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","Innings","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","PeriodScore","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","ResumedMessage","Score","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","TeamCounts","Unsubscribe"] as const;
+export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","Clock","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventStateOfMember","EventStateWithAge","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","Innings","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","PeriodScore","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","RemovedMessage","ResumedMessage","Score","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","TeamCounts","Unsubscribe"] as const;

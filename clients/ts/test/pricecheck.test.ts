@@ -133,4 +133,11 @@ test("age / stale arithmetic: server age + local time, heartbeats confirm, serve
     turned_fresh: ["a", "b", "c"] });
   assert.equal(c.isStale("b"), false);
   assert.equal(c.isStale("c"), false, "the server cleared its flag");
+  const gone: string[] = [];
+  const d = new OddsClient("http://127.0.0.1:9", { onUpdate: (id, m) => { if (m === undefined) gone.push(id); } });
+  d.handleMessage({ type: "snapshot", as_of: 0, markets: [mk("a", true, 0), mk("b", true, 0)] }, "t1");
+  d.handleMessage({ type: "removed", market_id: "a", reason: "not_visible" }, "t2");
+  assert.deepEqual([...d.markets.keys()], ["b"], "a market the tenant may no longer see leaves the book");
+  assert.deepEqual(gone, ["a"]);
+  assert.equal(d.token, "t2");
 });
