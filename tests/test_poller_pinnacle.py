@@ -250,3 +250,29 @@ async def test_pinnacle_all_sports_come_from_the_cached_sports_list(redis_url: s
             assert {r.query["sportId"] for r in paths if r.path == "/v2/odds"} == {"29", "33", "4"}
     finally:
         await store.close()
+
+
+async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arrival(redis_url: str) -> None:
+    """An odds answer that takes 0.8 s reflects the provider at some moment between the request
+    and its arrival: it may confirm the markets only as of the request. Confirming as of the
+    arrival served old prices as fresh under load (the fault suite's wrong-fresh)."""
+    import time as _time
+
+    store = await Store.open(redis_url)
+    try:
+        async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
+            assert isinstance(src, PinnacleSource)
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
+            calls: list[tuple[int, int]] = []  # (confirmed as of, wall ms when confirmed)
+            real = src.odds_confirmed
+
+            def spy(key: str, at_ms: int) -> None:
+                calls.append((at_ms, _time.time_ns() // 1_000_000))
+                real(key, at_ms)
+            src.odds_confirmed = spy  # type: ignore[method-assign]
+            sim.trickle(1, seconds=0.8, provider="pinnacle")
+            await wait_faults_consumed(sim)
+            await eventually(lambda: any(now - at >= 700 for at, now in calls), what="the slow answer's confirmation")
+            assert all(at <= now for at, now in calls)
+    finally:
+        await store.close()

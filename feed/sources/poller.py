@@ -136,13 +136,22 @@ class HttpOptions:
 
 
 class HttpResult(NamedTuple):
-    """A successful reply (2xx or 304). recv_ms: wall ms when the body was read."""
+    """A successful reply (2xx or 304). recv_ms: wall ms when the body was read;
+    elapsed_ms: from sending the request to reading the body."""
 
     status: int
     headers: httpx.Headers
     body: bytes
     recv_ms: int
     elapsed_ms: float
+
+    @property
+    def asked_ms(self) -> int:
+        """Wall ms when the request was sent: what an answer that says "nothing changed"
+        confirms. The provider answered at some moment between sending and reading, so
+        confirming as of the read would claim up to the whole round trip of freshness the
+        answer does not vouch for (a slow answer under load served old prices as fresh)."""
+        return self.recv_ms - int(self.elapsed_ms + 0.999)
 
 
 class ProviderHttp:
@@ -453,7 +462,7 @@ class PollerSource:
 
     def odds_confirmed(self, key: str, recv_ms: int) -> None:
         """An odds poll of ``key`` succeeded (new data stored, or 304 / nothing
-        new) with the reply read at ``recv_ms``. The source's markets are
+        new) for a request sent at ``recv_ms`` (:attr:`HttpResult.asked_ms`). The source's markets are
         confirmed as of the *oldest* last successful odds poll over its
         keys: a fixtures call, or one sport's poll while another's keep
         failing (429, 5xx, timeouts), confirms nothing."""
@@ -676,7 +685,7 @@ class PinnacleSource(PollerSource):
             self._stale_streak[sport] = 0
         if res.status == 304 or not res.body.strip():
             if endpoint == "odds":
-                self.odds_confirmed(str(sport), res.recv_ms)
+                self.odds_confirmed(str(sport), res.asked_ms)
             return Delivered()
         got = await self.ingest_body(res.body, res.recv_ms, pinnacle_channel(endpoint, sport, snapshot=since is None))
         if endpoint == "settled":
@@ -695,7 +704,7 @@ class PinnacleSource(PollerSource):
             else:
                 self._stale_streak[sport] = 0
                 if not rejected:  # an answer with a rejected part confirms nothing
-                    self.odds_confirmed(str(sport), res.recv_ms)
+                    self.odds_confirmed(str(sport), res.asked_ms)
         return got
 
 
@@ -825,7 +834,7 @@ class TheOddsApiSource(PollerSource):
         res = await self.http.get(f"/sports/{key}/odds", params, headers=headers)
         if res.status == 304 or not res.body.strip():
             self.not_modified += res.status == 304
-            self.odds_confirmed(key, res.recv_ms)
+            self.odds_confirmed(key, res.asked_ms)
             return
         etag = res.headers.get("etag")
         if etag and self.conditional:
@@ -838,7 +847,7 @@ class TheOddsApiSource(PollerSource):
         if got.rejected_messages or got.rejected_parts:
             self.etags.pop(key, None)  # a rejected body must be fetched whole next time
         if not got.rejected_messages:  # a rejected answer confirms nothing
-            self.odds_confirmed(key, res.recv_ms)
+            self.odds_confirmed(key, res.asked_ms)
 
 
 # --- building from a --source spec -------------------------------------------------------
