@@ -171,6 +171,7 @@ class Ingest:
         self._pending: list[MarketUpdate] = []
         #: event states waiting for the store: the latest per event (each a whole state, versioned)
         self._states_pending: dict[str, EventState] = {}
+        self._states_stored: list[EventState] = []  # since the last take_stored_states() (feed lag)
         #: the last event state stored per event of this source (versions continue from it)
         self.event_states: dict[str, EventState] = {}
         #: ladder sides already validated (an unchanged side is not walked again; feed.validate)
@@ -377,6 +378,8 @@ class Ingest:
             if self._states_pending.get(es.event_id) is es:
                 del self._states_pending[es.event_id]
             self.event_states[es.event_id] = es
+        if len(self._states_stored) < 10_000:  # nobody taking them (a bare Ingest): bounded
+            self._states_stored.extend(states)
         self.stats.event_states += result.kept
         self.stats.event_states_dropped += result.dropped + result.foreign
         if result.foreign:
@@ -398,6 +401,13 @@ class Ingest:
         for the store."""
         if recv_ms > self.health.last_message_at:
             self.health.last_message_at = recv_ms
+
+    def take_stored_states(self) -> list[EventState]:
+        """The event states written since the last call (the pipeline's feed
+        lag counts them, as it counts stored deltas: a source of scores only
+        has a lag too)."""
+        states, self._states_stored = self._states_stored, []
+        return states
 
     def take_lost(self) -> bool:
         """True once after market updates were rejected alone since the last

@@ -87,6 +87,7 @@ class Pipeline:
         out = ingest.feed(payloads)
         deltas = await ingest.flush()
         self.lag.record_deltas(deltas)
+        self.lag.record_states(ingest.take_stored_states())
         if deltas:
             self.events.note(deltas, ingest.book.markets)
         if self.events.pending and ingest.store_ok:

@@ -533,8 +533,13 @@ class BetfairNormaliser:
     """
 
     def __init__(self, source: str = "betfair", *, ladder_depth: int = 10,
-                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, ccm_cursor: bool = False) -> None:
         self.source = source
+        #: the resume cursor follows the ``ccm`` lines' ``initialClk``/``clk`` (a
+        #: ``betfair-cricket`` source: the sports-data stream is its only stream);
+        #: otherwise only ``mcm`` lines move it (a replay mixes both: the market
+        #: stream's tokens are the cursor)
+        self.ccm_cursor = ccm_cursor
         self.ladder_depth = ladder_depth
         self.max_future_skew_ms = max_future_skew_ms
         self.markets: dict[str, _Market] = {}
@@ -581,6 +586,9 @@ class BetfairNormaliser:
             self._apply_catalogue(raw, batch, recv_ms)
             return batch
         if msg.op == "ccm":
+            if self.ccm_cursor:  # the sports-data stream's own envelope (a replay leaves it to mcm)
+                batch.degraded = msg.status == 503
+                self._track_clock(msg, batch)
             self._apply_cricket(raw, batch, recv_ms)
             return batch
         if msg.op != "mcm" or not msg.mc:
@@ -680,6 +688,11 @@ class BetfairNormaliser:
                 batch.rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, event_id=event_id))
                 continue
             remember(self.cricket, cc.eventId, new)
+            if new.fixture_status is None:
+                # nothing said yet of the fixture (a stream joined mid-match, after a restart, whose
+                # first entries carry only matchStats): no state until fixtureInfo names the status
+                # and the teams — a guess (NOT_STARTED, innings of no side) would overwrite the truth
+                continue
             if not state.same_content(self.states.get(event_id)):
                 remember(self.states, event_id, state)
                 batch.event_states.append(state)
@@ -1069,3 +1082,10 @@ def from_spec(spec: SourceSpec, settings: Settings) -> BetfairNormaliser:
     """The registry's normaliser factory for ``esa`` sources (and Betfair
     recordings): ``ladder_depth`` from the settings."""
     return BetfairNormaliser(spec.name, ladder_depth=settings.ladder_depth)
+
+
+def cricket_from_spec(spec: SourceSpec, settings: Settings) -> BetfairNormaliser:
+    """The registry's normaliser factory for ``betfair-cricket`` sources: the
+    same normaliser (``ccm`` lines → event states), its cursor following the
+    ``ccm`` stream's ``initialClk``/``clk``."""
+    return BetfairNormaliser(spec.name, ladder_depth=settings.ladder_depth, ccm_cursor=True)

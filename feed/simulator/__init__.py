@@ -10,6 +10,10 @@
   API-style HTTP endpoints; :mod:`.push_providers` (``PushSimulator``, also
   ``python -m feed.simulator.push_providers``): the push format over
   WebSocket and SSE — both driven by the same synthetic model.
+- :mod:`.cricket_server` (``CricketSimulator``, also ``python -m
+  feed.simulator.cricket_server``): Betfair's sports-data stream
+  (``cricketSubscription`` → ``ccm``) on its own port, replaying the real
+  recorded cricket stream or a synthetic T20 match.
 - :mod:`.ladder`: the Betfair tick ladder. :mod:`.wire`: server-side market
   state and its projection onto ESA deltas.
 """

@@ -56,6 +56,7 @@ from feed.sources.backoff import Backoff
 from feed.sources.betfair_api import BetfairApiError, CatalogueFetcher
 from feed.sources.esa_protocol import (
     FATAL_ERROR_CODES,
+    MARKET_STREAM,
     MAX_LINE_BYTES,
     SESSION_ERROR_CODES,
     Authenticated,
@@ -72,6 +73,7 @@ from feed.sources.esa_protocol import (
     SegmentDropped,
     SegmentStarted,
     StatusFailure,
+    StreamKind,
     StreamStatus,
     Subscribed,
 )
@@ -138,7 +140,7 @@ def _wall_clock_ms() -> int:
 
 
 class EsaClient(SessionClient):
-    """One ESA market subscription, kept alive across disconnects.
+    """One ESA subscription (markets, or cricket scores), kept alive across disconnects.
 
     Args:
         host, port: the stream endpoint (``stream-api.betfair.com``, 443).
@@ -148,6 +150,11 @@ class EsaClient(SessionClient):
         heartbeat_ms: requested heartbeat interval in ms (server clamps 500–30000).
         conflate_ms: requested conflation window in ms; ``None`` leaves it out.
         segmentation: request ``segmentationEnabled``.
+            (``None`` for any of these four leaves it out of the subscription.)
+        stream: which subscription
+            (:data:`~feed.sources.esa_protocol.MARKET_STREAM`, or
+            :data:`~feed.sources.esa_protocol.CRICKET_STREAM` on the
+            sports-data endpoint: ``on_lines`` then gets ``ccm`` lines).
         ssl: TLS context, or ``None`` for plain TCP (the local simulator).
         initial_clk, clk: resume tokens from a previous run (both or neither).
         on_lines: ``await on_lines(lines, recv_ms)`` with raw mcm lines.
@@ -174,11 +181,12 @@ class EsaClient(SessionClient):
         port: int,
         app_key: str,
         session_token: str,
-        market_filter: dict[str, Any],
-        market_data_filter: dict[str, Any],
-        heartbeat_ms: int = 5000,
+        market_filter: dict[str, Any] | None = None,
+        market_data_filter: dict[str, Any] | None = None,
+        heartbeat_ms: int | None = 5000,
         conflate_ms: int | None = None,
-        segmentation: bool = True,
+        segmentation: bool | None = True,
+        stream: StreamKind = MARKET_STREAM,
         ssl: _ssl.SSLContext | None = None,
         initial_clk: str | None = None,
         clk: str | None = None,
@@ -206,6 +214,7 @@ class EsaClient(SessionClient):
             segmentation=segmentation,
             initial_clk=initial_clk,
             clk=clk,
+            stream=stream,
         )
         self._ssl = ssl
         self._on_lines = on_lines
@@ -585,7 +594,7 @@ class EsaSource(ClientSource):
 
 
 def endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
-    """``(host, port, tls)`` of an ``esa=[tls://|tcp://]HOST:PORT`` spec
+    """``(host, port, tls)`` of an ``esa=[tls://|tcp://]HOST:PORT`` spec (or ``betfair-cricket=…``)
     (``tls=true`` also turns TLS on); ConfigError otherwise."""
     url = spec.url
     tls = spec.get("tls", "false") in ("1", "true", "yes")
@@ -594,7 +603,7 @@ def endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
             url, tls = url[len(prefix):], is_tls or tls
     host, sep, port = url.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(f"source {spec.name}: esa needs HOST:PORT, not {spec.url!r}")
+        raise ConfigError(f"source {spec.name}: {spec.kind} needs HOST:PORT, not {spec.url!r}")
     return host or "127.0.0.1", int(port), tls
 
 
@@ -626,35 +635,33 @@ def market_filter_of(spec: SourceSpec) -> dict[str, Any]:
     return out
 
 
-def from_spec(spec: SourceSpec, settings: Settings) -> EsaSource:
-    """The registry's source factory: ``esa=HOST:PORT,app_key=…`` with
-    ``session=…`` (a token obtained elsewhere) or ``username=…,password=…``
-    (login; with ``cert_file=…,key_file=…`` the certificate login)
-    ``[,sso_url=…][,cert_sso_url=…][,betting_url=…][,keep_alive_s=900]
-    [,event_types=1+7][,countries=GB+IE][,market_types=MATCH_ODDS+WIN]
-    [,catalogue=true][,tls=true][,heartbeat_ms=1000][,conflate_ms=…]``.
+def login_of(spec: SourceSpec, host: str) -> tuple[BetfairLogin, str | None]:
+    """The Betfair login of a spec streaming from ``host`` and the Betting
+    API URL (``None``: no catalogue): ``app_key=…`` with ``session=…`` (a
+    token obtained elsewhere) or ``username=…,password=…`` (login; with
+    ``cert_file=…,key_file=…`` the certificate login)
+    ``[,sso_url=…][,cert_sso_url=…][,betting_url=…][,keep_alive_s=900]``.
     The SSO and Betting API URLs default to Betfair's hosts only when the
     stream is Betfair's (``*.betfair.com``); for any other stream (the local
     simulator) keep-alives and the catalogue are off unless ``sso_url`` /
-    ``betting_url`` are given, and a login needs ``sso_url``.
+    ``betting_url`` are given, and a login needs ``sso_url``. Shared by the
+    ``esa`` and ``betfair-cricket`` kinds (one account, one app key).
     Raises ConfigError for missing or contradictory options."""
     from feed.sources.betfair_api import (
         BETTING_URL,
         CERT_SSO_URL,
         SSO_URL,
         BetfairLogin,
-        BettingApi,
         Credentials,
     )
 
-    host, port, tls = endpoint(spec)
     app_key, session = spec.get("app_key"), spec.get("session")
     username, password = spec.get("username"), spec.get("password")
     cert_file, key_file = spec.get("cert_file"), spec.get("key_file")
     if not app_key:
-        raise ConfigError(f"source {spec.name}: esa needs app_key=")
+        raise ConfigError(f"source {spec.name}: {spec.kind} needs app_key=")
     if not session and not (username and password):
-        raise ConfigError(f"source {spec.name}: esa needs session= or username= and password=")
+        raise ConfigError(f"source {spec.name}: {spec.kind} needs session= or username= and password=")
     if bool(cert_file) != bool(key_file):
         raise ConfigError(f"source {spec.name}: cert_file= and key_file= go together")
     if cert_file and not (username and password):
@@ -668,7 +675,7 @@ def from_spec(spec: SourceSpec, settings: Settings) -> EsaSource:
     if username and not (cert_sso_url if cert_file else sso_url):
         raise ConfigError(f"source {spec.name}: logging in to a stream at {host} needs "
                           f"{'cert_sso_url' if cert_file else 'sso_url'}= (Betfair's hosts are the default only "
-                          "for stream-api.betfair.com)")
+                          "for streams at *.betfair.com)")
     keep_alive_s = spec.get_float("keep_alive_s", 900.0)
     if keep_alive_s < 0:
         raise ConfigError(f"source {spec.name}: keep_alive_s must be >= 0 (0 = off)")
@@ -677,10 +684,24 @@ def from_spec(spec: SourceSpec, settings: Settings) -> EsaSource:
                     key_file=key_file, session=session),
         sso_url=sso_url or SSO_URL, cert_sso_url=cert_sso_url or CERT_SSO_URL,
         keep_alive_s=keep_alive_s if sso_url else 0.0, name=spec.name)
+    return login, betting_url
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> EsaSource:
+    """The registry's source factory: ``esa=HOST:PORT,app_key=…`` with the
+    login options of :func:`login_of`
+    ``[,event_types=1+7][,countries=GB+IE][,market_types=MATCH_ODDS+WIN]
+    [,catalogue=true][,tls=true][,heartbeat_ms=1000][,conflate_ms=…]``.
+    Raises ConfigError for missing or contradictory options."""
+    from feed.sources.betfair_api import BettingApi
+
+    host, port, tls = endpoint(spec)
+    login, betting_url = login_of(spec, host)
     catalogue = None
     if _flag(spec, "catalogue", True) and betting_url:
         catalogue = BettingApi(login, url=betting_url)
-    return EsaSource(spec.name, host=host, port=port, app_key=app_key, session_token=session or "",
+    return EsaSource(spec.name, host=host, port=port, app_key=login.credentials.app_key,
+                     session_token=spec.get("session") or "",
                      ssl=_ssl.create_default_context() if tls else None,
                      market_filter=market_filter_of(spec), market_data_filter=default_market_data_filter(),
                      heartbeat_ms=int(spec.get_float("heartbeat_ms", 1000)),

@@ -75,7 +75,10 @@ import orjson
 from feed.errors import FatalSourceError, RetryableSourceError, SourceError
 
 __all__ = [
+    "CRICKET_STREAM",
+    "DEFAULT_HEARTBEAT_MS",
     "FATAL_ERROR_CODES",
+    "MARKET_STREAM",
     "MAX_LINE_BYTES",
     "SESSION_ERROR_CODES",
     "Authenticated",
@@ -94,6 +97,7 @@ __all__ = [
     "SegmentDropped",
     "SegmentStarted",
     "StatusFailure",
+    "StreamKind",
     "StreamStatus",
     "Subscribed",
 ]
@@ -119,6 +123,33 @@ SESSION_ERROR_CODES: frozenset[str] = frozenset({"NO_SESSION", "INVALID_SESSION_
 
 #: A line longer than this (bytes) is a protocol violation.
 MAX_LINE_BYTES = 256 << 20
+
+#: The server's heartbeat interval (ms) when the subscription asks for none.
+DEFAULT_HEARTBEAT_MS = 5000
+
+
+@dataclass(slots=True, frozen=True)
+class StreamKind:
+    """Which subscription a protocol speaks: the request ``op``, the ``op`` of
+    the change messages it answers with, and the ``errorCode`` s that, in
+    answer to a subscription carrying ``initialClk``/``clk``, mean "not from
+    there" (the cursor is dropped and a subscription without it follows,
+    :class:`ResumeRejected`) rather than a failure."""
+
+    subscribe_op: str
+    change_op: str
+    resume_rejected: frozenset[str] = frozenset({"INVALID_CLOCK"})
+
+
+#: The Exchange Stream API's market stream (``stream-api.betfair.com``).
+MARKET_STREAM = StreamKind("marketSubscription", "mcm")
+#: The sports-data stream's cricket scores (``sports-data-stream-api.betfair.com``):
+#: ``cricketSubscription`` → ``ccm`` lines with one ``cc`` entry per match.
+#: Betfair documents no resume for it (betfairlightweight and flumine send
+#: ``op`` and ``id`` only); a server that refuses the tokens as input
+#: (``INVALID_INPUT``) is answered like ``INVALID_CLOCK``: a subscription
+#: without them.
+CRICKET_STREAM = StreamKind("cricketSubscription", "ccm", frozenset({"INVALID_CLOCK", "INVALID_INPUT"}))
 
 
 # -- errors -----------------------------------------------------------------------------
@@ -331,18 +362,24 @@ _NO_STATUS = object()  # "no mcm seen yet on this connection"
 
 
 class EsaProtocol:
-    """Client side of one ESA market subscription, across connections.
+    """Client side of one ESA subscription, across connections.
 
     Args:
         app_key, session_token: credentials (sent, never kept in events).
-        market_filter: ESA ``marketFilter``.
-        market_data_filter: ESA ``marketDataFilter``.
-        heartbeat_ms: requested heartbeat interval, ms.
+        market_filter: ESA ``marketFilter`` (``None`` leaves it out).
+        market_data_filter: ESA ``marketDataFilter`` (``None`` leaves it out).
+        heartbeat_ms: requested heartbeat interval, ms; ``None`` leaves it
+            out (the server's default, :data:`DEFAULT_HEARTBEAT_MS`, applies).
         conflate_ms: requested conflation window, ms; ``None`` leaves it out.
-        segmentation: request ``segmentationEnabled``.
+        segmentation: request ``segmentationEnabled``; ``None`` leaves it out.
         initial_clk, clk: stored resume tokens (both or neither; one alone
             is ignored).
         max_line_bytes: longest acceptable line, bytes.
+        stream: the subscription spoken (:data:`MARKET_STREAM`, the default,
+            or :data:`CRICKET_STREAM`); its change ``op`` is what
+            :class:`MarketChanges` / :class:`Heartbeat` carry. Everything else
+            (handshake, framing, segments, ``clk`` cursor, status codes) is
+            the same on both endpoints.
 
     Use: :meth:`connection_made` when a connection opens, then
     :meth:`receive_data` for each chunk read, write :meth:`data_to_send`,
@@ -357,17 +394,20 @@ class EsaProtocol:
         *,
         app_key: str,
         session_token: str,
-        market_filter: dict[str, Any],
-        market_data_filter: dict[str, Any],
-        heartbeat_ms: int = 5000,
+        market_filter: dict[str, Any] | None = None,
+        market_data_filter: dict[str, Any] | None = None,
+        heartbeat_ms: int | None = 5000,
         conflate_ms: int | None = None,
-        segmentation: bool = True,
+        segmentation: bool | None = True,
         initial_clk: str | None = None,
         clk: str | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
+        stream: StreamKind | None = None,
     ) -> None:
         self._app_key = app_key
         self._session_token = session_token
+        self._stream = stream or MARKET_STREAM
+        self._change_op = self._stream.change_op
         self._market_filter = market_filter
         self._market_data_filter = market_data_filter
         self._heartbeat_ms = heartbeat_ms
@@ -409,7 +449,7 @@ class EsaProtocol:
     @property
     def heartbeat_ms(self) -> int:
         """The heartbeat interval in force, ms: the server's echo, else the request."""
-        return self._server_heartbeat_ms or self._heartbeat_ms
+        return self._server_heartbeat_ms or self._heartbeat_ms or DEFAULT_HEARTBEAT_MS
 
     @property
     def messages_received(self) -> int:
@@ -493,7 +533,7 @@ class EsaProtocol:
             if (
                 fast
                 and env is not None
-                and env.op == "mcm"
+                and env.op == self._change_op
                 and env.segment_type is None
                 and env.status is None
                 and env.ct != "HEARTBEAT"
@@ -565,18 +605,21 @@ class EsaProtocol:
         ) + b"\r\n"
 
     def subscription(self, request_id: int) -> bytes:
-        """The ``marketSubscription`` request line (with ``\\r\\n``), carrying
-        ``initialClk``/``clk`` when a cursor is stored."""
-        msg: dict[str, Any] = {
-            "op": "marketSubscription",
-            "id": request_id,
-            "marketFilter": self._market_filter,
-            "marketDataFilter": self._market_data_filter,
-            "heartbeatMs": self._heartbeat_ms,
-        }
+        """The subscription request line (with ``\\r\\n``): ``marketSubscription``
+        or the stream kind's op, with the options that were given (``None``
+        leaves a field out), carrying ``initialClk``/``clk`` when a cursor is
+        stored."""
+        msg: dict[str, Any] = {"op": self._stream.subscribe_op, "id": request_id}
+        if self._market_filter is not None:
+            msg["marketFilter"] = self._market_filter
+        if self._market_data_filter is not None:
+            msg["marketDataFilter"] = self._market_data_filter
+        if self._heartbeat_ms is not None:
+            msg["heartbeatMs"] = self._heartbeat_ms
         if self._conflate_ms is not None:
             msg["conflateMs"] = self._conflate_ms
-        msg["segmentationEnabled"] = self._segmentation
+        if self._segmentation is not None:
+            msg["segmentationEnabled"] = self._segmentation
         if self._initial_clk and self._clk:
             msg["initialClk"] = self._initial_clk
             msg["clk"] = self._clk
@@ -622,7 +665,7 @@ class EsaProtocol:
                 self._deliver(raw, None, None)
             return
         op = env.op
-        if op == "mcm":
+        if op == self._change_op:
             self._mcm(raw, env)
         elif op == "status":
             self._status(env)
@@ -671,7 +714,7 @@ class EsaProtocol:
     def _status(self, env: _Envelope) -> None:
         if env.status_code == "FAILURE":
             code = env.error_code or "UNEXPECTED_ERROR"
-            if code == "INVALID_CLOCK" and self._sent_tokens:
+            if code in self._stream.resume_rejected and self._sent_tokens:
                 self._initial_clk = self._clk = None
                 self._epoch += 1
                 if env.connection_closed is False:

@@ -1,6 +1,6 @@
 """Feed-lag percentiles of one source over a sliding window (HdrHistogram).
 
-Lag = ``received_at − source_ts`` (ms) of every delta a source stored: how
+Lag = ``received_at − source_ts`` (ms) of every delta (and event state) a source stored: how
 long after the provider's change time we read it. For a poller it includes
 the wait for the next poll; for a push source only the transport.
 
@@ -21,7 +21,7 @@ from typing import Protocol
 
 from hdrh.histogram import HdrHistogram
 
-from feed.models import Delta, SourceHealth
+from feed.models import Delta, EventState, SourceHealth
 
 __all__ = ["LagWindow", "apply_to_health"]
 
@@ -74,6 +74,12 @@ class LagWindow:
         for d in deltas:
             if d.source_ts:
                 self.record(d.received_at - d.source_ts)
+
+    def record_states(self, states: Iterable[EventState]) -> None:
+        """Samples from stored event states (``received_at − source_ts``)."""
+        for es in states:
+            if es.source_ts:
+                self.record(es.received_at - es.source_ts)
 
     def percentiles(self) -> tuple[int | None, int | None]:
         """(p50, p99) in ms over the window, (None, None) without samples."""

@@ -103,6 +103,15 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
                    "market_types", "catalogue"}),
         (("app_key",), ("session", "username")), "feed.sources.esa:from_spec", "feed.normalise.betfair:from_spec"),
     SourceKind(
+        "betfair-cricket", "Betfair sports-data stream (TCP/TLS, `sports-data-stream-api.betfair.com`)",
+        "live cricket scores: `cricketSubscription` → `ccm` lines → event states (status, innings, runs, "
+        "wickets, balls) of the match's `bf:` event; the `esa` kind's login, heartbeats, `clk` resume and "
+        "503 = DEGRADED; `betfair-cricket=betfair` is Betfair's endpoint",
+        frozenset({"app_key", "session", "tls", "heartbeat_ms", "username", "password", "cert_file", "key_file",
+                   "sso_url", "cert_sso_url", "keep_alive_s"}),
+        (("app_key",), ("session", "username")), "feed.sources.betfair_cricket:from_spec",
+        "feed.normalise.betfair:cricket_from_spec"),
+    SourceKind(
         "pinnacle", "Pinnacle Lines API polling",
         "fixtures + odds snapshot, then `since=<last>` deltas merged by period; live events keep their "
         "pre-match identity (`parentId`); the cursor is stored with the data",
