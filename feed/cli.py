@@ -2,7 +2,9 @@
 
 - ``oddsfeed run`` — the main job in one process tree: the embedded Redis
   (unless ``--redis-url``), the simulator as upstream (unless ``--replay``,
-  ``--esa`` or ``--source`` is given), ingest, and the API on ``--host``/``--port``.
+  ``--esa`` or ``--source`` is given), ingest, and the API on ``--host``/``--port``;
+  ``--sim-push`` also serves the simulator's matches in the push format (with
+  live scores and a match clock) and ingests them as the source ``push``.
 - ``oddsfeed ingest`` — ingest only (``--replay PATH…`` exits when the
   recordings are consumed and prints a summary; ``--esa HOST:PORT`` streams;
   ``--source KIND=URL,…`` (repeatable) runs any sources together).
@@ -274,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     source_opts(run)
     sim_opts(run, "sim-")
     run.add_argument("--sim-port", type=_port, default=0, help="simulator port (default: any free port)")
+    run.add_argument("--sim-push", action="store_true",
+                     help="also serve the simulator's matches in the push format (docs/push-format.md: scores, "
+                          "period and match clock of soccer and basketball in play; the Betfair stream has none) "
+                          "and ingest them as the source 'push'")
 
     ingest = sub.add_parser("ingest", help="ingest only: --replay PATH… (exits when done), --esa HOST:PORT or --source SPEC…")
     store_opts(ingest)
@@ -487,6 +493,24 @@ async def _sim_esa_source(settings: Settings, store: Any, sim: Any) -> None:
     await supervise("betfair", lambda: run_source(store, settings, spec), store=store)
 
 
+async def _sim_push_source(settings: Settings, store: Any, sim: Any, args: argparse.Namespace) -> None:
+    """Serve the ESA simulator's model in the push format (its own server, any free
+    port) and ingest it over WebSocket as the source ``push``, until cancelled."""
+    from feed.simulator.push_providers import PushSimConfig, PushSimulator
+    from feed.sources.spec import parse_source_spec
+    from feed.supervisor import run_source, supervise
+
+    push = PushSimulator(PushSimConfig(events=args.sim_events, rate_per_s=args.sim_rate, seed=args.sim_seed,
+                                       time_scale=args.sim_time_scale), model=sim.model)
+    await push.start()
+    try:
+        print(f"simulator (push format, with scores) on {push.url('ws')}", flush=True)
+        spec = parse_source_spec(f"push-ws={push.url('ws')},api_key={push.config.api_key},name=push")
+        await supervise("push", lambda: run_source(store, settings, spec), store=store)
+    finally:
+        await push.stop()
+
+
 async def _replay(store: Any, settings: Settings, args: argparse.Namespace) -> None:
     """``--replay PATH…``: Betfair historic files through the Betfair replay
     (clock mapped onto now unless --keep-clock), oddsfeed recordings of any
@@ -560,6 +584,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
 async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from feed.ingest import tune_gc
 
+    if getattr(args, "sim_push", False) and (args.replay or args.esa or args.source):
+        raise UsageError("--sim-push adds a source to the built-in simulator: not with --replay, --esa or --source")
     sock = bind_socket(settings.host, settings.port)
     tune_gc()
     async with open_store(settings) as store:
@@ -597,6 +623,8 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                         await sim.stop()
 
                 background.append(asyncio.create_task(simulate_and_ingest()))
+                if args.sim_push:
+                    background.append(asyncio.create_task(_sim_push_source(settings, store, sim, args)))
             done, _ = await asyncio.wait({api, *background[1:]} if len(background) > 1 else {api},
                                          return_when=asyncio.FIRST_COMPLETED)
             for task in done:

@@ -54,6 +54,18 @@ and ``GET /v1/sources`` on connect), or the server flagged it stale (in a
 snapshot, delta or ``status``), or its age exceeds ``stale_in_play_ms`` /
 ``stale_pre_match_ms``.
 
+Event states (scores, clock, period, status; the README's "Event state"):
+every ``event_state`` message updates ``event_states[event_id]`` (the
+provider event id the markets carry in ``event_id``) unless it holds a
+``version`` at or below the one held from the same source; a ``snapshot``
+clears them (the current states of its events follow it, and after a
+``resumed {recovered: true}`` too). :meth:`OddsClient.match_time_s` runs a
+running clock on locally (``seconds + (now − at) / 1000``: the server sends
+no message per second), :meth:`OddsClient.event_state_stale` says whether a
+state is stale (flagged by the server or its source DOWN);
+``on_event_state`` is called with each state taken. ``event_state``
+messages carry no resume token.
+
 The price check (:meth:`OddsClient.price_check`, :meth:`price_check_batch`)
 is one POST under a total deadline (``price_check_timeout_s``); the only
 retry is one resend when a kept-alive connection turns out to have been
@@ -80,11 +92,11 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from feed.errors import OddsfeedError
-from feed.models import CLOSED_STATUSES, Delta, Market, apply_delta
+from feed.models import CLOSED_STATUSES, Delta, EventState, Market, apply_delta
 from feed.sources.backoff import Backoff
 from streaming.pricecheck import BatchResult, PriceCheckRequest, PriceCheckResult
 
-__all__ = ["ClientStats", "OddsClient", "PriceCheckError", "SourceStatus", "StreamError"]
+__all__ = ["ClientStats", "OddsClient", "PriceCheckError", "ServedEventState", "SourceStatus", "StreamError"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +149,7 @@ class ClientStats:
     duplicates: int = 0
     heartbeats: int = 0
     statuses: int = 0
+    event_states: int = 0
     resumed_recovered: int = 0
     resumed_lost: int = 0
     gaps: int = 0
@@ -145,6 +158,14 @@ class ClientStats:
     lag_ms: int | None = None
     last_error: str | None = None
     disconnect_reasons: list[str] = field(default_factory=list)
+
+
+class ServedEventState(EventState, frozen=True, kw_only=True, gc=False):
+    """An event's state as the stream serves it: :class:`feed.models.EventState`
+    plus ``age_ms`` and ``stale`` at the time it was sent."""
+
+    age_ms: int = 0
+    stale: bool = False
 
 
 # -- wire views (decoded once per message; unknown fields are skipped) ----------
@@ -185,6 +206,10 @@ class _SnapshotMarkets(msgspec.Struct):
     markets: list[Market]
 
 
+class _EventStateMessage(msgspec.Struct):
+    event_state: ServedEventState
+
+
 class _Source(msgspec.Struct):
     source: str
     state: str = "UP"
@@ -199,6 +224,7 @@ _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _SNAP_AGES = msgspec.json.Decoder(_SnapshotAges)
 _SNAP_MARKETS = msgspec.json.Decoder(_SnapshotMarkets)
 _DELTA = msgspec.json.Decoder(Delta)
+_EVENT_STATE = msgspec.json.Decoder(_EventStateMessage)
 _SOURCES = msgspec.json.Decoder(_Sources)
 _RESULT = msgspec.json.Decoder(PriceCheckResult)
 _BATCH = msgspec.json.Decoder(BatchResult)
@@ -245,7 +271,9 @@ class OddsClient:
     reconnect_initial_s / reconnect_max_s: backoff bounds (full jitter).
     price_check_timeout_s: total deadline of one price-check call.
     on_update: called as ``on_update(market_id, market_or_None)`` after
-    each change of the book (None = removed), synchronously. backoff: a
+    each change of the book (None = removed), synchronously. on_event_state:
+    called as ``on_event_state(state)`` with each event state taken (a
+    :class:`ServedEventState`), synchronously. backoff: a
     :class:`~feed.sources.backoff.Backoff` to use instead of one built from
     the reconnect bounds (tests inject a deterministic one).
     """
@@ -258,6 +286,7 @@ class OddsClient:
                  reconnect_initial_s: float = 0.1, reconnect_max_s: float = 5.0,
                  price_check_timeout_s: float = 1.0, connect_timeout_s: float = 5.0,
                  on_update: Callable[[str, Market | None], None] | None = None,
+                 on_event_state: Callable[[ServedEventState], None] | None = None,
                  backoff: Backoff | None = None) -> None:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -284,9 +313,12 @@ class OddsClient:
         self.price_check_timeout_s = price_check_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.on_update = on_update
+        self.on_event_state = on_event_state
 
         #: market_id → Market: the book, kept current.
         self.markets: dict[str, Market] = {}
+        #: provider event id → its latest state (``event_state`` messages; see the module docstring).
+        self.event_states: dict[str, ServedEventState] = {}
         #: source → SourceStatus (from ``GET /v1/sources`` on connect and ``status`` messages).
         self.sources: dict[str, SourceStatus] = {}
         #: the last resume token received (opaque).
@@ -386,6 +418,28 @@ class OddsClient:
         if self._flagged.get(market_id):
             return True
         return age > (self.stale_in_play_ms if m.in_play else self.stale_pre_match_ms)
+
+    def match_time_s(self, event_id: str, now_ms: int | None = None) -> float | None:
+        """The event's match time in seconds now: its clock's ``seconds``, plus
+        ``(now − at) / 1000`` while the clock runs (``now_ms``: wall clock, ms
+        since the epoch; default now). None without a state or a clock."""
+        es = self.event_states.get(event_id)
+        clock = es.clock if es is not None else None
+        if clock is None:
+            return None
+        if not clock.running:
+            return float(clock.seconds)
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        return clock.seconds + max(0, now - clock.at) / 1000
+
+    def event_state_stale(self, event_id: str) -> bool:
+        """True when the event's state is stale: flagged by the server when sent,
+        or its source is DOWN now (``status`` messages); unknown event → True."""
+        es = self.event_states.get(event_id)
+        if es is None:
+            return True
+        src = self.sources.get(es.source)
+        return es.stale or (src is not None and src.state == "DOWN")
 
     def best(self, market_id: str, selection_id: str, side: Literal["back", "lay"] = "back") -> float | None:
         """Best back (or lay) price of a selection in the local book, or None."""
@@ -642,6 +696,8 @@ class OddsClient:
             self._on_snapshot(data, env, now)
         elif t == "status":
             self._on_status(env)
+        elif t == "event_state":
+            self._on_event_state(data)
         elif t == "removed":  # the market left what this credential may see (streaming.tenants)
             self._forget(env.market_id)
         elif t == "resumed":
@@ -664,6 +720,8 @@ class OddsClient:
         self.markets = {}
         self._confirmed.clear()
         self._flagged.clear()
+        # a fresh snapshot starts over (after a wiped store, versions restart): the current states follow it
+        self.event_states.clear()
         for m in markets:
             a = ages.get(m.market_id)
             self.markets[m.market_id] = m
@@ -707,6 +765,17 @@ class OddsClient:
         self._flagged[mid] = bool(env.stale)
         if self.on_update is not None:
             self.on_update(mid, new)
+
+    def _on_event_state(self, data: bytes) -> None:
+        """Take an event state unless one with a higher or equal version from the same source is held."""
+        es = _EVENT_STATE.decode(data).event_state
+        held = self.event_states.get(es.event_id)
+        if held is not None and held.version >= es.version and held.source == es.source:
+            return
+        self.event_states[es.event_id] = es
+        self.stats.event_states += 1
+        if self.on_event_state is not None:
+            self.on_event_state(es)
 
     def _forget(self, mid: str | None) -> None:
         """Drop market ``mid`` from the book (``on_update(mid, None)`` when it was held)."""

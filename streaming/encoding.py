@@ -23,12 +23,16 @@ Wire messages (all times integer ms since the Unix epoch, UTC)::
     status     {"type":"status","source":str,"state":"UP"|"DEGRADED"|"DOWN","reason":str|null,
                 "stale_markets":[market_id…],"turned_stale":[…],"turned_fresh":[…],"as_of":ms}
     resumed    {"type":"resumed","recovered":bool}
+    removed    {"type":"removed","market_id":str,"reason":"not_visible"}   (a market left a tenant's sight)
+    event_state {"type":"event_state","event_state":<event state>,"sent_at":ms}   (never a token: states
+                are whole and versioned, so they do not move a client's resume position)
     error      {"type":"error","code":str,"message":str[,"id":int]}
     ack        {"type":"ack","id":int[,"sub":int]}        (WS only)
     pong       {"type":"pong","id":int}                   (WS only)
 
 ``<market>`` is the Market JSON of :mod:`feed.models` plus ``"age_ms"`` and
-``"stale"``. A decoded delta message is a valid :class:`feed.models.Delta`
+``"stale"``; ``<event state>`` the EventState JSON plus ``"age_ms"`` and
+``"stale"`` (:meth:`streaming.event_states.EventStates.json`). A decoded delta message is a valid :class:`feed.models.Delta`
 (msgspec ignores the extra keys), so ``apply_delta`` rebuilds the book.
 
 Resume token: URL-safe base64 (no padding) of ``"<epoch>|<id0>,<id1>,…"``
@@ -55,7 +59,7 @@ from feed.models import ENCODER, Delta
 __all__ = [
     "Message", "ResumeToken", "StreamId", "ack_message", "delta_message", "encode_token", "decode_token",
     "ws_frame", "ws_frame_header",
-    "error_message", "heartbeat_message", "market_with_age", "parse_stream_id", "pong_message",
+    "error_message", "event_state_message", "heartbeat_message", "market_with_age", "parse_stream_id", "pong_message",
     "resumed_message", "snapshot_message", "status_message",
 ]
 
@@ -312,6 +316,19 @@ def status_message(*, source: str, state: str, reason: str | None, stale_markets
     if as_of is not None:
         obj["as_of"] = as_of
     return Message(b"status", ENCODER.encode(obj), token)
+
+
+def event_state_message(state_json: bytes, *, sent_at: int, info: object = None) -> Message:
+    """``{"type":"event_state","event_state":<state JSON with age_ms and stale>,"sent_at":ms}``.
+
+    No token (SSE: no ``id:`` line; WebSocket: no ``"token"``): a state is
+    whole and versioned, resending one is harmless, so it never moves a
+    client's resume position. The key is ``event_state``, not ``state``:
+    ``status`` messages use ``state`` for a string, and clients that decode
+    one envelope for every message type (this package's Python client before
+    event states) would fail on an object there."""
+    return Message(b"event_state", b'{"type":"event_state","event_state":%s,"sent_at":%d}' % (state_json, sent_at),
+                   None, None, info)
 
 
 def resumed_message(*, recovered: bool, token: bytes | None = None) -> Message:

@@ -46,7 +46,16 @@ Policy (DESIGN §6, style §3.8):
 - a market that newly matches a subscription (e.g. turns in-play under
   ``in_play=true``) is sent as an ``image`` delta;
 - heartbeats every ``heartbeat_ms`` per connection (one timer per distinct
-  interval; one encoded message per tick) with ``as_of``.
+  interval; one encoded message per tick) with ``as_of``;
+- event states (scores, clock: :mod:`streaming.event_states`) go out as
+  ``event_state`` messages, keyed by provider event id, to every
+  subscription whose filter matches a market the node holds of that event
+  (candidate groups from the same index, then the filter): live from the
+  EventStates listener (encoded once per change), after each snapshot and
+  recovered resume (the current states of its events), and with a market
+  that newly matches. They carry no resume token. Live ones are stream data
+  (they count against the budget; a collapse keeps the latest per event),
+  the ones after a snapshot or resume control messages (one per event).
 
 Resume (:meth:`Hub.subscribe` with a token): same epoch and every position
 still covered → ``resumed {recovered: true}`` then the missed deltas in log
@@ -84,17 +93,21 @@ from feed.store import Store, log_key
 from streaming.bestview import BestView
 from streaming.encoding import (
     Message, ResumeToken, StreamId, ack_message, decode_token, delta_message, encode_token, error_message,
-    heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message,
+    event_state_message, heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message,
 )
-from streaming.state import DeltaInfo, Filter, NodeState, PreparedEntry, image_of, now_ms, removed_message
+from streaming.state import (
+    DeltaInfo, Filter, MarketKeys, Newly, NodeState, PreparedEntry, image_of, now_ms, removed_message,
+)
 from streaming.timers import TimerWheel
 from streaming.transport import FRAMINGS, WS_FRAMES, Framing, Sink, framing_of
 
 if TYPE_CHECKING:
+    from feed.models import EventState
+    from streaming.event_states import EventStates
     from streaming.tenants import Principal
 
-__all__ = ["ADMIT_PER_TURN", "Admission", "Connection", "Hub", "ReplayBlock", "SharedReplay", "Subscription",
-           "SLOW_CONSUMER_CODE"]
+__all__ = ["ADMIT_PER_TURN", "Admission", "Connection", "Hub", "ReplayBlock", "SharedReplay", "StateMeta",
+           "Subscription", "SLOW_CONSUMER_CODE"]
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +271,19 @@ class Admission:
             self._schedule()
 
 
+class StateMeta:
+    """Meta of a live ``event_state`` frame in an outbox: stream data (it counts
+    against the byte budget), of subscription ``sid`` and provider event
+    ``event_id``; collapsing a slow consumer's queue keeps only the latest
+    frame per (subscription, event)."""
+
+    __slots__ = ("sid", "event_id")
+
+    def __init__(self, sid: int, event_id: str) -> None:
+        self.sid = sid
+        self.event_id = event_id
+
+
 class ReplayBlock:
     """Meta of an outbox item that is several replayed frames joined into one bytes object
     (shared by every connection resuming alike): ``metas`` are the frames' own metas, which
@@ -305,9 +331,11 @@ class Connection:
     asks it and never looks at the transport's name.
 
     ``outbox`` holds frames in order and ``meta`` says what each is: None
-    for a control message (snapshot, ack, pong, error, resumed, status),
-    :data:`HEARTBEAT`, or ``(subscription id, message, token_before)`` for a
-    delta (frames and metas may be shared by alike subscriptions: never mutated). ``outbox_bytes`` counts queued stream data (deltas, heartbeats)
+    for a control message (snapshot, ack, pong, error, resumed, status, and
+    the event states that follow a snapshot or a resume), :data:`HEARTBEAT`,
+    a :class:`StateMeta` for a live event state, a :class:`ReplayBlock`, or
+    ``(subscription id, message, token_before)`` for a delta (frames and
+    metas may be shared by alike subscriptions: never mutated). ``outbox_bytes`` counts queued stream data (deltas, heartbeats)
     against ``max_bytes``; ``control_bytes`` counts the rest. See the module
     docstring for what happens over budget.
     """
@@ -567,17 +595,24 @@ class Hub:
     subscriptions admitted per event-loop turn (:class:`Admission`; None =
     :data:`ADMIT_PER_TURN`, 0 = no pacing).
 
+    event_states: the node's event states (:class:`streaming.event_states.EventStates`,
+    whose listener :meth:`event_states_changed` is), None = no ``event_state``
+    messages.
+
     Counters (read by :mod:`streaming.metrics`): ``frames_out``,
     ``overflows``, ``collapses``, ``collapsed_frames``, ``slow_resyncs``,
     ``slow_closes``, ``conflated``, ``resumes`` ({outcome: n}), ``resyncs``;
     shared replays: ``replay_builds``, ``replay_extends``, ``replay_shares``;
-    ``admission.waited`` (streams that waited for a later loop turn).
+    ``admission.waited`` (streams that waited for a later loop turn);
+    ``event_state_frames`` (event_state messages queued).
     """
 
     def __init__(self, state: NodeState, store: Store | None, *, outbox_max_bytes: int,
                  replay_max_entries: int = 10_000, send_timeout_s: float = 5.0,
-                 admit_per_turn: int | None = None) -> None:
+                 admit_per_turn: int | None = None, event_states: "EventStates | None" = None) -> None:
         self.state = state
+        self.event_states = event_states
+        self.event_state_frames = 0
         self.send_timeout_s = send_timeout_s
         self._watchdog: asyncio.Task[None] | None = None
         self.store = store
@@ -935,16 +970,30 @@ class Hub:
 
     # -- snapshots ------------------------------------------------------------
 
-    def snapshot_message(self, f: Filter, *, recovered: bool | None = None, reason: str | None = None) -> Message:
-        """A ``snapshot`` of the markets matching ``f``, as of now, carrying the node's token."""
+    def snapshot_message(self, f: Filter, *, recovered: bool | None = None, reason: str | None = None,
+                         events: dict[str, None] | None = None) -> Message:
+        """A ``snapshot`` of the markets matching ``f``, as of now, carrying the node's token;
+        ``events`` (when given) gets the provider event ids of those markets, in order."""
         st = self.state
         now = now_ms()
-        return snapshot_message((st.market_json(m, now) for m in st.matching(f)), as_of=now, token=st.token,
-                                recovered=recovered, reason=reason)
+        if events is None:
+            markets: Iterable[bytes] = (st.market_json(m, now) for m in st.matching(f))
+        else:
+            def markets_and_events() -> Iterable[bytes]:
+                for m in st.matching(f):
+                    if m.event_id is not None:
+                        events[m.event_id] = None
+                    yield st.market_json(m, now)
+            markets = markets_and_events()
+        return snapshot_message(markets, as_of=now, token=st.token, recovered=recovered, reason=reason)
 
     def send_snapshot(self, sub: Subscription, *, recovered: bool | None = None, reason: str | None = None) -> None:
-        msg = self.snapshot_message(sub.filter, recovered=recovered, reason=reason).formatted(sub.fmt)
+        """Queue a snapshot for ``sub``, then the current state of every event among its markets."""
+        events: dict[str, None] | None = {} if self._has_states() else None
+        msg = self.snapshot_message(sub.filter, recovered=recovered, reason=reason, events=events).formatted(sub.fmt)
         sub.conn.send(msg, sub, True)
+        if events:
+            self.send_states(sub, events)
 
     def _not_recovered(self, sub: Subscription, why: str = "") -> None:
         self.resumes["not_recovered"] += 1
@@ -988,6 +1037,7 @@ class Hub:
         conn.send(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
         if frames:
             conn.push(frames, metas, n)
+        self.send_states(sub, self._events_of(sub.filter))
 
     def _replay_shared(self, sub: Subscription, tok: ResumeToken) -> None:
         """Resume ``sub`` from the ring with the :class:`SharedReplay` of its token, filter,
@@ -1036,6 +1086,7 @@ class Hub:
         conn.send_raw(rep.resumed)
         if rep.blocks:
             conn.push(rep.blocks, rep.metas, rep.nbytes)
+        self.send_states(sub, self._events_of(sub.filter))
 
     def _extend_replay(self, rep: "SharedReplay", sub: Subscription, tok: ResumeToken,
                        entries: list[PreparedEntry] | None) -> bool:
@@ -1127,6 +1178,7 @@ class Hub:
         for entry in pending:
             self._deliver_entry(sub, entry)
         self._set_floor(sub, sub.floor)
+        self.send_states(sub, self._events_of(sub.filter))  # live states were skipped while it replayed
 
     # -- fan-out --------------------------------------------------------------
 
@@ -1212,6 +1264,9 @@ class Hub:
                 if built is None:  # the group's frames, built once
                     built = self._frames(sub, msgs, tb)
                 conn.push(*built)
+        if entry.newly is not None and per_group and self._has_states():
+            # (per entry, not per delta: markets new to the node or whose keys moved)
+            self._states_for_newly(entry, entry.newly, per_group)
 
     def _frames(self, sub: Subscription, msgs: list[Message], token_before: bytes | None
                 ) -> tuple[list[bytes], list[Any], int]:
@@ -1248,6 +1303,204 @@ class Hub:
         msgs = [m for pd in entry.deltas if (m := pd.message_for(sub.filter)) is not None]
         if msgs:
             self._deliver(sub, msgs, entry.prev_token)
+
+    # -- event states -----------------------------------------------------------
+    #
+    # An ``event_state`` message goes to a subscription whose filter matches at least one market
+    # the node holds of that provider event (a market hidden from a tenant never counts, nor does a
+    # state of a source it may not see). Live changes come from EventStates' listener; after a
+    # snapshot or a recovered resume the current states of the events among its markets follow;
+    # a market that newly matches (an image) brings its event's state. No resume token: a state is
+    # whole and versioned. view=best subscriptions get none (their messages are per canonical
+    # event; GET /v1/events/{id} gives its state).
+
+    def _has_states(self) -> bool:
+        held = self.event_states
+        return held is not None and bool(held.states)
+
+    def event_states_changed(self, changed: list["EventState"]) -> None:
+        """EventStates listener: queue each changed state, encoded once, for every subscription
+        that sees one of its event's markets (stream data: a slow consumer's collapse keeps
+        the latest per event)."""
+        if not self.connections or self.event_states is None:
+            return
+        now = now_ms()
+        for es in changed:
+            self._fan_out_state(es, now)
+
+    def _event_markets(self, event_id: str) -> list[tuple[str, MarketKeys]]:
+        st = self.state
+        mids = st.by_event.get(event_id)
+        if not mids:
+            return []
+        return [(mid, st.keys_of(m)) for mid in mids if (m := st.markets.get(mid)) is not None]
+
+    def _state_candidates(self, markets: list[tuple[str, MarketKeys]]) -> set[Group]:
+        """The groups indexed under any of ``markets``' ids, events (provider and canonical),
+        competitions, sports or in-play flags, and the wild ones."""
+        ids, events, comps, sports, plays = set(), set(), set(), set(), set()
+        for mid, keys in markets:
+            ids.add(mid)
+            sport, eid, comp, in_play, canonical = keys[:5]
+            events.add(eid)
+            events.add(canonical)
+            comps.add(comp)
+            sports.add(sport)
+            plays.add(in_play)
+        out: set[Group] = set(self._wild)
+        for index, keys_ in ((self._by_market, ids), (self._by_event, events), (self._by_competition, comps),
+                             (self._by_sport, sports)):
+            for k in keys_:
+                if k is not None and (s := index.get(k)):
+                    out |= s
+        for flag in plays:
+            out |= self._by_in_play[flag]
+        return out
+
+    @staticmethod
+    def _sees_state(f: Filter, es: "EventState", markets: Iterable[tuple[str, MarketKeys]]) -> bool:
+        """Whether filter ``f`` gets ``es``: it matches a market of the event that is not hidden
+        from its tenant, and the state's source is one the tenant may see."""
+        v = f.visible
+        if v is not None and v[1] is not None and es.source not in v[1]:
+            return False
+        for mid, keys in markets:
+            if f.match(mid, keys) and not f.hides(keys):
+                return True
+        return False
+
+    def _state_message(self, es: "EventState", now: int) -> Message:
+        held = self.event_states
+        assert held is not None
+        return event_state_message(held.json(es, self.state, now), sent_at=now)
+
+    def _fan_out_state(self, es: "EventState", now: int) -> None:
+        markets = self._event_markets(es.event_id)
+        if not markets:
+            return
+        msg: Message | None = None
+        seen: dict[Filter, bool] = {}
+        for g in self._state_candidates(markets):
+            f = g.filter
+            ok = seen.get(f)
+            if ok is None:
+                ok = seen[f] = self._sees_state(f, es, markets)
+            if not ok:
+                continue
+            if msg is None:
+                msg = self._state_message(es, now)
+            for sub in tuple(g.subs):
+                if sub.replaying:  # the end of its replay sends the current states
+                    continue
+                conn = sub.conn
+                if conn.closed or conn.resync_pending:  # the resync snapshot brings them
+                    continue
+                conn.push1(conn.frame(msg, sub), StateMeta(sub.id, es.event_id))
+                self.event_state_frames += 1
+
+    def _states_for_newly(self, entry: PreparedEntry, newly: list[Newly], per_group: dict[Group, list[Message]]
+                          ) -> None:
+        """After an entry: a group that got a market it did not match before (new to the node,
+        or its keys moved) gets the market's event state too (it may have come before the
+        market: the state log and the delta log are read apart)."""
+        held = self.event_states
+        assert held is not None
+        states = held.states
+        cands = [(mid, keys, prev, es) for mid, keys, prev in newly
+                 if keys[1] is not None and (es := states.get(keys[1])) is not None]
+        if not cands:
+            return
+        now = now_ms()
+        msgs: dict[str, Message] = {}
+        per_filter: dict[Filter, list[str]] = {}
+        p, key = entry.partition, entry.key
+        for g in per_group:
+            f = g.filter
+            eids = per_filter.get(f)
+            if eids is None:
+                eids = per_filter[f] = []
+                v = f.visible
+                sources = v[1] if v is not None else None
+                for mid, keys, prev, es in cands:
+                    eid = es.event_id
+                    if eid in eids or not f.match(mid, keys) or f.hides(keys):
+                        continue
+                    if prev is not None and prev[1] == eid and f.match(mid, prev) and not f.hides(prev):
+                        continue  # it had this market of the event before: it has the state
+                    if sources is not None and es.source not in sources:
+                        continue  # a source the tenant may not see
+                    eids.append(eid)
+            if not eids:
+                continue
+            for sub in tuple(g.subs):
+                if sub.replaying:
+                    continue
+                floor = sub.floor
+                if floor is not None and key <= floor[p]:
+                    continue
+                conn = sub.conn
+                if conn.closed or conn.resync_pending:
+                    continue
+                for eid in eids:
+                    msg = msgs.get(eid)
+                    if msg is None:
+                        msg = msgs[eid] = self._state_message(states[eid], now)
+                    conn.push1(conn.frame(msg, sub), StateMeta(sub.id, eid))
+                    self.event_state_frames += 1
+
+    def _state_frames(self, sub: Subscription, event_ids: Iterable[str], now: int) -> list[bytes]:
+        """The frames of the current states of ``event_ids`` for ``sub`` (those with a state whose
+        source its tenant may see)."""
+        held = self.event_states
+        if held is None or not held.states:
+            return []
+        v = sub.filter.visible
+        sources = v[1] if v is not None else None
+        conn = sub.conn
+        out = []
+        for eid in event_ids:
+            es = held.states.get(eid)
+            if es is None or (sources is not None and es.source not in sources):
+                continue
+            out.append(conn.frame(self._state_message(es, now), sub))
+        self.event_state_frames += len(out)
+        return out
+
+    def send_states(self, sub: Subscription, event_ids: Iterable[str]) -> None:
+        """Queue the current states of ``event_ids`` for ``sub`` as control messages (after a
+        snapshot or a resume: one per event, so bounded like the snapshot itself)."""
+        conn = sub.conn
+        if conn.closed:
+            return
+        frames = self._state_frames(sub, event_ids, now_ms())
+        if not frames:
+            return
+        if conn.framing.shared:  # complete wire units: one outbox item
+            conn.send_raw(frames[0] if len(frames) == 1 else b"".join(frames))
+        else:
+            for fr in frames:
+                conn.send_raw(fr)
+
+    def _events_of(self, f: Filter) -> list[str]:
+        """The provider events with a state among the markets matching ``f`` (not hidden from its tenant)."""
+        held = self.event_states
+        if held is None or not held.states:
+            return []
+        st = self.state
+        if f.market is not None or f.event is not None:  # indexed: few markets
+            seen: dict[str, None] = {}
+            for m in st.matching(f):
+                if m.event_id is not None and m.event_id in held.states:
+                    seen[m.event_id] = None
+            return list(seen)
+        out = []
+        for eid in held.states:
+            for mid in st.by_event.get(eid, ()):
+                held_m = st.markets.get(mid)
+                if held_m is not None and f.match(mid, keys := st.keys_of(held_m)) and not f.hides(keys):
+                    out.append(eid)
+                    break
+        return out
 
     # -- conflation -----------------------------------------------------------
 
@@ -1439,18 +1692,26 @@ class Hub:
     def collapse(self, conn: Connection) -> None:
         """Replace the queued deltas of each (subscription, market) by one
         message with the market's latest state (``conflated: true``);
-        heartbeats are dropped, control messages kept in order."""
+        heartbeats are dropped, control messages kept in order; of the live
+        event states only the latest per (subscription, event) is kept (after
+        the merged deltas: a state does not depend on them)."""
         self.collapses += 1
         before = len(conn.outbox)
         frames: list[bytes] = []
         metas: list[Any] = []
         groups: dict[Subscription, dict[str, Merge]] = {}
+        states: dict[tuple[int, str], tuple[bytes, StateMeta]] = {}
         for f, m in zip(conn.outbox, conn.meta):
             if m is None:
                 frames.append(f)
                 metas.append(None)
                 continue
             if m is HEARTBEAT:
+                continue
+            if type(m) is StateMeta:  # queued in version order: the later one wins
+                k = (m.sid, m.event_id)
+                states.pop(k, None)
+                states[k] = (f, m)
                 continue
             for sid, msg, tb in (m.metas if isinstance(m, ReplayBlock) else (m,)):
                 sub = conn.subs.get(sid)
@@ -1475,6 +1736,11 @@ class Hub:
             else:
                 last = self.state.token
             n += self._merged_frames(sub, list(g.items()), last, cache, now, frames, metas)
+        for (sid, _), (f, sm) in states.items():
+            if sid in conn.subs:
+                frames.append(f)
+                metas.append(sm)
+                n += len(f)
         conn.outbox = frames
         conn.meta = metas
         conn.outbox_bytes = n
@@ -1483,14 +1749,20 @@ class Hub:
 
     def resync_frames(self, conn: Connection) -> list[bytes]:
         """Fresh snapshots (``recovered: false``, ``reason: "slow_consumer"``)
-        for every subscription of ``conn``, built now."""
+        for every subscription of ``conn``, built now, each followed by the
+        current states of the events among its markets."""
         out = []
+        states = self._has_states()
         for sub in conn.subs.values():
             if sub.view is not None:
                 out.append(conn.frame(self.best.snapshot_message(sub), sub))
                 continue
-            msg = self.snapshot_message(sub.filter, recovered=False, reason="slow_consumer").formatted(sub.fmt)
+            events: dict[str, None] | None = {} if states else None
+            msg = self.snapshot_message(sub.filter, recovered=False, reason="slow_consumer",
+                                        events=events).formatted(sub.fmt)
             out.append(conn.frame(msg, sub, True))
+            if events:
+                out.extend(self._state_frames(sub, events, now_ms()))
         return out
 
     # -- status ---------------------------------------------------------------
@@ -1503,11 +1775,13 @@ class Hub:
         st = self.state
         now = now_ms()
         images: dict[str, Message] = {}
+        states = self._has_states()
         for conn in list(self.connections):
             for sub in list(conn.subs.values()):
                 f = sub.filter
                 if sub.view is not None or sub.replaying or f.event is None:
                     continue
+                events: dict[str, None] = {}
                 for mid in market_ids:
                     m = st.markets.get(mid)
                     if m is None or not f.match(mid, st.keys_of(m)):
@@ -1519,6 +1793,10 @@ class Hub:
                                                           age_ms=age, stale=stale, sent_at=now, token=st.token,
                                                           prev_token=st.token)
                     conn.send(msg.formatted(sub.fmt), sub, True)
+                    if states and m.event_id is not None:
+                        events[m.event_id] = None
+                if events:  # the events it newly matches: their states too
+                    self.send_states(sub, events)
         if self.best.subs:
             self.best.refresh()
 

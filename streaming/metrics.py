@@ -18,6 +18,7 @@ Families (all times in seconds)::
     oddsfeed_conflated_total                     counter  messages that merged several deltas
     oddsfeed_slow_consumer_total{action}         counter  overflow | collapse | snapshot | close
     oddsfeed_collapsed_frames_total              counter  queued frames removed by collapsing
+    oddsfeed_event_state_messages_total          counter  event_state messages queued (scores, clock: per subscription)
     oddsfeed_resumes_total{outcome}              counter  recovered | not_recovered
     oddsfeed_resyncs_total                       counter  node-wide resyncs (epoch change, trim, restart)
     oddsfeed_reader_connected{partition}         gauge    1 when the partition reader's last Redis call worked
@@ -98,6 +99,8 @@ class NodeCollector(Collector):
         yield slow
         yield CounterMetricFamily("oddsfeed_collapsed_frames", "Queued frames removed by collapsing",
                                   value=float(hub.collapsed_frames))
+        yield CounterMetricFamily("oddsfeed_event_state_messages", "event_state messages queued to subscriptions",
+                                  value=float(hub.event_state_frames))
         res = CounterMetricFamily("oddsfeed_resumes", "Resume attempts by outcome", labels=["outcome"])
         for outcome, n in sorted(hub.resumes.items()):
             res.add_metric([outcome], float(n))

@@ -327,6 +327,19 @@ class RemovedMessage(msgspec.Struct, tag_field="type", tag="removed", kw_only=Tr
     token: str | UnsetType = UNSET
 
 
+class EventStateMessage(msgspec.Struct, tag_field="type", tag="event_state", kw_only=True):
+    """An event's state (score, clock, period, status) changed — or, after a ``snapshot`` or a
+    ``resumed {recovered: true}``, the current state of each event among the subscription's markets.
+    Keyed by the provider event id its markets carry in ``event_id``; sent to a subscription whose
+    filter matches at least one of that event's markets. Whole and versioned: keep the highest
+    ``version`` (a fresh ``snapshot`` starts over: the states that follow it are the current ones).
+    Never carries a resume token (SSE: no ``id:``): resending a state is harmless."""
+
+    sub: int | UnsetType = UNSET
+    event_state: EventStateWithAge
+    sent_at: int
+
+
 class ErrorMessage(msgspec.Struct, tag_field="type", tag="error", kw_only=True):
     """An error on a stream (``slow_consumer``, ``bad_request`` …); ``id`` names the WebSocket
     client message it answers."""
@@ -351,7 +364,7 @@ class PongMessage(msgspec.Struct, tag_field="type", tag="pong", kw_only=True):
 
 
 StreamMessage = (SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage
-                 | ErrorMessage)
+                 | EventStateMessage | ErrorMessage)
 ServerMessage = StreamMessage | AckMessage | PongMessage
 
 
@@ -448,14 +461,16 @@ def _get(summary: str, description: str, responses: dict[str, Any], parameters: 
 
 
 def _stream_description() -> str:
-    names = ", ".join(f"`{n}` (`{n.title()}Message`)"
-                      for n in ("snapshot", "delta", "status", "heartbeat", "resumed", "error"))
+    names = ", ".join(f"`{n}` (`{n.title().replace('_', '')}Message`)"
+                      for n in ("snapshot", "delta", "status", "heartbeat", "resumed", "removed", "event_state",
+                                "error"))
     return (
         "Server-Sent Events (`Cache-Control: no-store`, `X-Accel-Buffering: no`). First `retry: 2000`, then a "
-        "`snapshot` (or, when resuming, `resumed` and the missed `delta` events or a fresh snapshot), then "
-        "`delta` / `status` / `heartbeat` events as they happen. Each event's name is its `type`, its `data:` "
+        "`snapshot` (or, when resuming, `resumed` and the missed `delta` events or a fresh snapshot) and the "
+        "`event_state` of each event among its markets, then `delta` / `event_state` / `status` / `heartbeat` "
+        "events as they happen. Each event's name is its `type`, its `data:` "
         f"one JSON object: {names} — all in the union `StreamMessage` (`view=best` sends `best` events "
-        "instead of deltas, see the README). `id:` is the opaque resume token: reconnect with "
+        "instead of deltas, see the README). `id:` is the opaque resume token (never on `event_state`): reconnect with "
         "`Last-Event-ID` or `?last_event_id=`. A slow consumer that cannot be helped gets an `error` event "
         "with code `slow_consumer` and the stream ends.")
 
@@ -465,7 +480,8 @@ def _ws_description() -> str:
         "WebSocket (`Upgrade: websocket`), JSON text frames, many subscriptions per connection. Client → "
         "server: one `ClientOp` per frame (`subscribe`, `unsubscribe`, `ping`; at most 64 KiB, unknown fields "
         "refused). Server → client: `ServerMessage` — `ack` / `pong` answering a client message (by `id`), "
-        "and every `StreamMessage` of the subscription with `sub` (its id) and `token` (its resume token). "
+        "and every `StreamMessage` of the subscription with `sub` (its id) and `token` (its resume token; "
+        "`event_state` has none). "
         "A bad client message gets `error {code: bad_request}` and the connection stays open. Close codes: "
         "1001 shutting down, 1008 policy (origin, credential), 1009 message too big, 1011 ping timeout or "
         "internal error, 4008 slow consumer. A refused credential closes the handshake (HTTP 403).")

@@ -300,6 +300,9 @@ class Node:
         self.event_states = EventStates()
         self.event_state_tail = EventStateTail(store, self.event_states, block_ms=self.options.read_block_ms,
                                                retention_ms=settings.settled_retention_ms)
+        # every changed state goes out as an ``event_state`` message to the subscriptions that see its event
+        self.hub.event_states = self.event_states
+        self.event_states.listeners.append(self.hub.event_states_changed)
         #: per partition, how many times it was loaded from Redis (readers reset their guards on a change)
         self.loaded: list[int] = [0] * store.partitions
         self.shutdown = asyncio.Event()

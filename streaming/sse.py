@@ -21,10 +21,11 @@ batch per event-loop turn, see :class:`streaming.hub.Admission`).
 
 Response: ``200 text/event-stream`` with ``Cache-Control: no-store`` and
 ``X-Accel-Buffering: no``; first ``retry: 2000``, then ``snapshot`` (or, when
-resuming, ``resumed`` and the missed ``delta`` events or a fresh snapshot),
-then ``delta`` / ``status`` / ``heartbeat`` events as they happen (message
+resuming, ``resumed`` and the missed ``delta`` events or a fresh snapshot)
+and the ``event_state`` of each event among its markets, then ``delta`` /
+``event_state`` / ``status`` / ``heartbeat`` events as they happen (message
 bodies in :mod:`streaming.encoding`). ``id:`` is the resume token; only the
-last event of one log entry carries it. On oddsfeed's own server the stream
+last event of one log entry carries it, never an ``event_state``. On oddsfeed's own server the stream
 leaves the ASGI path once the head is written (:mod:`streaming.sockets`,
 ``oddsfeed.http.detach``): no task per connection; the hub writes everything
 queued per loop turn as one chunk, frames by reference (frames shared by

@@ -126,6 +126,10 @@ MarketKeys = tuple[str | None, str | None, str | None, bool, str | None, str, st
 """(sport, event_id, competition, in_play, canonical event id, canonical
 market key, source, bookmaker) of a market: what filters look at."""
 
+Newly = tuple[str, MarketKeys, MarketKeys | None]
+"""(market_id, keys, keys before — None for a market new to the node) of a market
+that may newly match a subscription (:attr:`PreparedEntry.newly`)."""
+
 
 def keys_of(m: Market, canonical: str | None = None) -> MarketKeys:
     """A market's filter keys; ``canonical``: its canonical event id (None: not linked yet)."""
@@ -339,13 +343,17 @@ class PreparedEntry:
 
     partition / entry_id / key: where it sits in the log; token: the resume
     token once it is delivered (the node's positions right after it);
-    deltas: the deltas the node applied (duplicates skipped).
+    deltas: the deltas the node applied (duplicates skipped); newly: the
+    markets among them that may newly match a subscription — new to the node,
+    or their filter keys moved — as ``(market_id, keys, keys before or None)``,
+    or None (the hub sends their event's state with them, see
+    :meth:`streaming.hub.Hub.dispatch`).
     """
 
-    __slots__ = ("partition", "entry_id", "key", "token", "prev_token", "deltas", "nbytes")
+    __slots__ = ("partition", "entry_id", "key", "token", "prev_token", "deltas", "nbytes", "newly")
 
     def __init__(self, partition: int, entry_id: str, token: bytes, deltas: list[PreparedDelta],
-                 prev_token: bytes | None = None) -> None:
+                 prev_token: bytes | None = None, newly: list[Newly] | None = None) -> None:
         self.partition = partition
         self.entry_id = entry_id
         self.key: StreamId = parse_stream_id(entry_id)
@@ -353,6 +361,7 @@ class PreparedEntry:
         self.prev_token = prev_token
         self.deltas = deltas
         self.nbytes = sum(d.nbytes() for d in deltas) + 200
+        self.newly = newly
 
 
 class ReplayRing:
@@ -452,6 +461,8 @@ class NodeState:
         #: per partition: the log head read right after the snapshots were loaded ("0-0": none)
         self.load_heads: list[str] = ["0-0"] * partitions
         self.token: bytes = encode_token(None, self.positions)
+        #: apply_entry: the entry's markets that may newly match a subscription (PreparedEntry.newly)
+        self._newly: list[Newly] | None = None
         self.ring = ReplayRing(self.options.replay_ring_entries, self.options.replay_ring_bytes, self.positions)
         self._json: dict[str, bytes] = {}
         self._stale_in_play_ms = settings.stale_in_play_ms
@@ -663,6 +674,7 @@ class NodeState:
         ``seq`` ≤ the held one), advance the position and return the entry
         prepared for the hub (None when nothing was applied)."""
         prepared: list[PreparedDelta] = []
+        self._newly = None
         prev_token = self.token
         self.positions[p] = entry_id
         self.token = token = encode_token(self.epoch, self.positions)
@@ -705,7 +717,7 @@ class NodeState:
         if not prepared:
             return None
         self.changes += 1
-        entry = PreparedEntry(p, entry_id, token, prepared, prev_token)
+        entry = PreparedEntry(p, entry_id, token, prepared, prev_token, self._newly)
         self.ring.append(entry)
         return entry
 
@@ -714,10 +726,14 @@ class NodeState:
         age, stale = self.age_stale(new, now)
         keys = self.keys_of(new)
         prev = None
-        if old is not None and (d.kind == "image" or d.header is not None):  # only a header moves the keys
+        if old is None:  # new to the node: may newly match subscriptions (as may a move, below)
+            self._note_newly((d.market_id, keys, None))
+        elif d.kind == "image" or d.header is not None:  # only a header moves the keys
             prev = self.keys_of(old)
             if prev == keys:
                 prev = None
+            else:
+                self._note_newly((d.market_id, keys, prev))
         if d.kind == "image":
             msg = delta_message(d, market_json=self.market_json(new, now), age_ms=age, stale=stale,
                                 sent_at=now, token=token, prev_token=prev_token)
@@ -729,6 +745,12 @@ class NodeState:
             image = delta_message(image_of(new, d), market_json=self.market_json(new, now), age_ms=age,
                                   stale=stale, sent_at=now, token=token, prev_token=prev_token)
         return PreparedDelta(d.market_id, keys, prev, msg, image, d)
+
+    def _note_newly(self, item: Newly) -> None:
+        if self._newly is None:
+            self._newly = [item]
+        else:
+            self._newly.append(item)
 
     def prepare_replay(self, p: int, entry_id: str, deltas: list[Delta], positions: Sequence[str],
                        now: int, prev_position: str) -> PreparedEntry:

@@ -6,8 +6,8 @@ Checks in the page: prices update and flash; the page's book equals the API's
 (same rebuild rules as the Python client); filters work; "updated N s ago"
 ticks; when the simulator stops, the ESA client marks the source DOWN and the
 page shows the DOWN banner and stale markers; both clear when it returns.
-Screenshots go to tests/artifacts/ (and to docs/board.png when
-ODDSFEED_UPDATE_DOCS_SCREENSHOT=1).
+Screenshots go to tests/artifacts/ (the README's docs/board.png, with scores,
+is made by tests/board_screenshot.py against ``oddsfeed run --sim-push``).
 
 Needs /usr/bin/chromium (Debian packages chromium + chromium-driver;
 .ci/install-browser installs them); skipped with a message otherwise.
@@ -263,10 +263,7 @@ async def test_board_shows_live_prices_stale_markers_and_the_down_banner(redis_u
             await page.until("document.querySelectorAll('.sport').length >= 2", "all sports again")
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            shots = [ARTIFACTS / "board.png"]
-            if os.environ.get("ODDSFEED_UPDATE_DOCS_SCREENSHOT") == "1":
-                shots.append(ROOT / "docs" / "board.png")
-            await page.screenshot(*shots)
+            await page.screenshot(ARTIFACTS / "board.png")
 
             # -- the source stops: DOWN banner, every market stale, ages tick
             await sim.stop()
@@ -427,3 +424,60 @@ async def test_the_board_asks_for_an_api_key_when_the_server_needs_one(redis_url
             await asyncio.sleep(0.1)
         await page.until("!!document.getElementById('banner') && (document.getElementById('banner').hidden "
                          "|| document.getElementById('banner').dataset.kind !== 'auth')", "the prompt gone")
+
+
+async def test_board_shows_the_score_beside_the_odds_and_drops_a_removed_market(redis_url: str, store: Store,
+                                                                                tmp_path: Path) -> None:
+    """Event states on the board, end to end (store → node → SSE → page): the score, period and a
+    running clock (ticking in the page) beside the event's odds; a goal updates it; an event without
+    a state shows none; its source DOWN marks it stale. And a market that leaves the tenant's sight
+    (the server's ``removed`` message) leaves the board."""
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    from feed.models import Clock, EventState, Score, SourceHealth, TeamCounts
+    from streaming_helpers import Feed, now_ms
+
+    feed = Feed(store)
+    await feed.write(feed.image("bf:1.1", event="bf:e1", in_play=True), feed.image("bf:1.2", event="bf:e2"))
+
+    async def health(state: str) -> None:
+        t = now_ms()
+        await store.set_health(SourceHealth(source="t", kind="push", state=state,  # type: ignore[arg-type]
+                                            last_message_at=t, updated_at=t, lease_ms=600_000,
+                                            stale_after_ms=600_000))
+
+    def live(version: int, home: int, red: int = 0) -> EventState:
+        t = now_ms()
+        return EventState(event_id="bf:e1", source="t", status="LIVE", in_play=True, period="2h",
+                          clock=Clock(seconds=3000, running=True, at=t), score=Score(home=home, away=1),
+                          red_cards=TeamCounts(home=0, away=red), source_ts=t, received_at=t, version=version)
+
+    await health("UP")
+    await store.apply_event_states([live(1, 0)])
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tenant.acme]\nkeys = ["acme-key"]\nsports = ["soccer"]\n')
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=1000, tenants_file=str(tenants)))
+    score = "document.querySelector('.score[data-event=\"bf:e1\"]')"
+    async with serve(app) as base, browser(base + "/?api_key=acme-key") as page:
+        await page.until(f"{score} && {score}.textContent.includes('0\u20131') "
+                         f"&& {score}.textContent.includes('2nd half')", "the score beside the odds")
+        assert await page.js(f"{score}.closest('.event').querySelectorAll('.market').length") == 1
+        first = await page.js(f"{score}.querySelector('.clock.running').textContent")
+        assert first.startswith("50:")  # 3000 s run on from the reading
+        await page.until(f"{score}.querySelector('.clock').textContent !== {json.dumps(first)}",
+                         "the match clock ticking in the page")
+        assert await page.js("document.querySelector('.score[data-event=\"bf:e2\"]').classList.contains('none')")
+        await store.apply_event_states([live(2, 1, red=1)])  # a goal, and a red card
+        await page.until(f"{score}.dataset.version === '2' && {score}.textContent.includes('1\u20131') "
+                         f"&& {score}.querySelectorAll('.rc').length === 1", "the goal on the board")
+        assert await page.js(f"{score}.classList.contains('stale')") is False
+        await health("DOWN")
+        await page.until(f"{score}.classList.contains('stale') && {score}.querySelector('.badge.stale') !== null",
+                         "the score marked stale while its source is DOWN")
+        await page.screenshot(ARTIFACTS / "board-score.png")
+        # the market of bf:e2 moves out of acme's sight (soccer only): removed from the board
+        await feed.write(feed.header("bf:1.2", sport="tennis"))
+        await page.until("oddsBoard.state.stats.removed === 1 "
+                         "&& !document.querySelector('[data-market-id=\"bf:1.2\"]')", "the removed market gone")
+        assert page.errors() == [], page.errors()

@@ -136,6 +136,13 @@ def test_record_without_a_live_source_is_a_usage_error(tmp_path: Path) -> None:
     assert res.returncode == 2 and "not --replay" in res.stderr
 
 
+def test_sim_push_goes_with_the_built_in_simulator_only() -> None:
+    res = _oddsfeed("run", "--sim-push", "--replay", "x", "--redis-url", "redis://127.0.0.1:1/0", "--metrics-port", "0",
+                    timeout=60)
+    assert res.returncode == 2 and "--sim-push adds a source to the built-in simulator" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_ingest_replays_an_oddsfeed_recording(tmp_path: Path, redis_url: str) -> None:
     from feed.recorder import Recorder
     from feed.sources.base import Payload

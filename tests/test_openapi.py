@@ -21,7 +21,7 @@ from openapi_spec_validator import validate as validate_openapi
 from starlette.routing import Mount, Route, WebSocketRoute
 from websockets.asyncio.client import connect
 
-from feed.models import MarketHeader, Selection, SourceHealth
+from feed.models import Clock, EventState, MarketHeader, Score, Selection, SourceHealth, TeamCounts
 from feed.normalise.base import MarketUpdate
 from feed.settings import Settings
 from feed.store import Store, StoredLink
@@ -321,7 +321,7 @@ async def test_stream_messages_match_the_document(store: Store, redis_url: str) 
 
         def check(msg: dict[str, Any], what: str) -> None:
             s.component("StreamMessage", msg, what)
-            s.component(msg["type"].title() + "Message", msg, what)
+            s.component(_component_of(msg), msg, what)
 
         seen: set[str] = set()
         async with c.stream("GET", "/v1/stream?sport=soccer&heartbeat_ms=300") as resp:
@@ -345,6 +345,14 @@ async def test_stream_messages_match_the_document(store: Store, redis_url: str) 
                     if ev.data["kind"] == "delta":
                         kinds.add("header" if "header" in ev.data else "delta")
             token = sse.last_id
+            t = now_ms()
+            await store.apply_event_states([EventState(
+                event_id="bf:e1", source="t", status="LIVE", in_play=True, period="2h",
+                clock=Clock(seconds=3000, running=True, at=t), score=Score(home=1, away=0),
+                red_cards=TeamCounts(home=0, away=1), source_ts=t, received_at=t, version=1)])
+            state = await sse.until(lambda e: e.event == "event_state")
+            check(state.data, "event_state")
+            assert state.id is None and sse.last_id == token
             await store.set_health(SourceHealth(source="t", kind="push", state="DOWN", reason="heartbeat_missed",
                                                 last_message_at=now_ms(), updated_at=now_ms(), lease_ms=600_000))
             status = await sse.until(lambda e: e.event == "status")
@@ -367,7 +375,7 @@ async def test_stream_messages_match_the_document(store: Store, redis_url: str) 
             async def recv() -> dict[str, Any]:
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
                 s.component("ServerMessage", msg, msg.get("type", "?"))
-                s.component(msg["type"].title() + "Message", msg, msg["type"])
+                s.component(_component_of(msg), msg, msg["type"])
                 return msg
 
             await ws.send(json.dumps(ops[0]))
@@ -375,6 +383,8 @@ async def test_stream_messages_match_the_document(store: Store, redis_url: str) 
             assert ack == {"type": "ack", "id": 1, "sub": 1}
             first = await recv()
             assert first["type"] == "snapshot" and first["sub"] == 1 and "token" in first
+            state_msg = await recv()  # bf:e1's state, after the snapshot of its in-play market
+            assert state_msg["type"] == "event_state" and state_msg["sub"] == 1 and "token" not in state_msg
             await feed.write(feed.price("bf:1.1", "2", 4.2))
             delta = await recv()
             while delta["type"] != "delta":
@@ -395,6 +405,11 @@ async def test_stream_messages_match_the_document(store: Store, redis_url: str) 
             while ack["type"] != "ack":
                 ack = await recv()
             assert ack["id"] == 3
+
+
+def _component_of(msg: dict[str, Any]) -> str:
+    """The schema of a stream message by its type: ``event_state`` → ``EventStateMessage``."""
+    return "".join(part.title() for part in msg["type"].split("_")) + "Message"
 
 
 def test_closed_schemas_catch_undocumented_keys() -> None:

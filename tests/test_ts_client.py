@@ -78,7 +78,8 @@ def oddsfeed_url(tmp_path: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "feed", "run", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(tmp_path / "var"), "--metrics-port", "0", "--sim-rate", "100", "--sim-seed", "11"],
+         "--data-dir", str(tmp_path / "var"), "--metrics-port", "0", "--sim-rate", "100", "--sim-seed", "11",
+         "--sim-push"],  # the push simulator's matches carry scores: the client's event-state tests need them
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

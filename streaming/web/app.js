@@ -17,6 +17,14 @@
  *                         offered); an id not held is appended, absent fields
  *                         at the defaults of feed.models.Selection
  *   resumed             → recovered:false is followed by a snapshot (replace)
+ *   removed             → the market left what the credential's tenant may see: dropped
+ *   event_state         → the event's score, period, clock and status (keyed by the provider
+ *                         event id the markets carry in event_id): kept unless a version at or
+ *                         above it from the same source is held; a snapshot clears them (the
+ *                         current states of its events follow it). Shown beside the event's
+ *                         odds; a running clock is extrapolated in the page (seconds + (now −
+ *                         at) / 1000, ticking once a second: the server sends no message per
+ *                         second); marked stale when the server said so or its source is DOWN.
  *
  * Ages and staleness are recomputed in the page like the Python client does:
  * a market is confirmed when a message about it arrives (minus the age the
@@ -74,11 +82,13 @@
     confirmed: new Map(),  // market_id → performance.now() of the last confirmation
     flagged: new Map(),    // market_id → the server said stale
     sources: new Map(),    // source → {state, reason}
+    eventStates: new Map(), // provider event id → its latest event state (with age_ms / stale as sent)
     token: null,
     snapshotOf: -1,        // the stream (streamGen) whose snapshot the book holds
     connected: false,
     filter: { sport: params.get("sport") || "all", play: playFromParam(params.get("in_play")) },
-    stats: { snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, resumedRecovered: 0,
+    stats: { snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, eventStates: 0, removed: 0,
+             resumedRecovered: 0,
              resumedLost: 0, flashes: 0, renders: 0, errors: 0, gaps: 0, resyncs: 0, lagMs: null },
   };
 
@@ -172,6 +182,7 @@
     state.markets.clear();
     state.confirmed.clear();
     state.flagged.clear();
+    state.eventStates.clear();  // a fresh start: the current states of its events follow the snapshot
     for (const raw of msg.markets) {
       state.markets.set(raw.market_id, stripAge(raw));
       state.confirmed.set(raw.market_id, now - (raw.age_ms || 0));
@@ -218,6 +229,28 @@
     schedule();
   }
 
+  /** An event's state (score, period, clock, status): the newest version per event is kept. */
+  function onEventState(msg) {
+    const es = msg.event_state;
+    if (!es || !es.event_id) return;
+    const held = state.eventStates.get(es.event_id);
+    if (held && held.source === es.source && (held.version || 0) >= (es.version || 0)) return;
+    state.eventStates.set(es.event_id, es);
+    state.stats.eventStates += 1;
+    renderScores(es.event_id);
+  }
+
+  /** The market left what this credential may see (the server's tenants): drop it. */
+  function onRemoved(msg) {
+    if (!state.markets.has(msg.market_id)) return;
+    state.markets.delete(msg.market_id);
+    state.confirmed.delete(msg.market_id);
+    state.flagged.delete(msg.market_id);
+    state.stats.removed += 1;
+    structureDirty = true;
+    schedule();
+  }
+
   function onHeartbeat() {
     state.stats.heartbeats += 1;
     const now = performance.now();
@@ -238,6 +271,7 @@
       }
     }
     renderBanner();
+    renderScores();
     schedule();
   }
 
@@ -315,6 +349,94 @@
     if (diff > 0 && diff < 3600e3) return "starts in " + Math.max(1, Math.round(diff / 60e3)) + " min · " + hm;
     const sameDay = new Date().toDateString() === d.toDateString();
     return (sameDay ? "" : d.toLocaleDateString([], { weekday: "short", day: "numeric", month: "short" }) + " ") + hm;
+  }
+
+  // -- scores: the event state beside each event's odds -----------------------------------
+
+  const PERIODS = { "1h": "1st half", "2h": "2nd half", ht: "Half time", et: "Extra time", et1: "Extra time 1",
+                    et2: "Extra time 2", pen: "Penalties", ot: "Overtime", "break": "Break" };
+  const FINAL_EVENT = new Set(["ENDED", "CLOSED"]);
+
+  function periodLabel(p) {
+    if (!p) return "";
+    if (PERIODS[p]) return PERIODS[p];
+    let m;
+    if ((m = /^q(\d+)$/.exec(p))) return "Q" + m[1];
+    if ((m = /^p(\d+)$/.exec(p))) return "P" + m[1];
+    if ((m = /^ot(\d+)$/.exec(p))) return "OT" + m[1];
+    if ((m = /^set(\d+)$/.exec(p))) return "Set " + m[1];
+    if ((m = /^innings(\d+)$/.exec(p))) return "Innings " + m[1];
+    return p.toUpperCase();
+  }
+
+  function mmss(sec) {
+    const s = Math.max(0, Math.floor(sec));
+    return String(Math.floor(s / 60)).padStart(2, "0") + ":" + String(s % 60).padStart(2, "0");
+  }
+
+  /** The match clock now: elapsed (or, for count-down sports, remaining in the period) as mm:ss,
+   *  run on from the reading at clock.at while it runs. */
+  function clockText(c, wallNow) {
+    if (!c) return "";
+    const run = c.running ? Math.max(0, wallNow - c.at) / 1000 : 0;
+    if (c.remaining_s !== null && c.remaining_s !== undefined) return mmss(c.remaining_s - run);
+    return mmss(c.seconds + run);
+  }
+
+  function stateStale(es) {
+    return !!es.stale || sourceDown(es.source);
+  }
+
+  function scoreHtml(es, wallNow) {
+    if (es.status === "NOT_STARTED" && !es.in_play) return "";  // nothing to show before the start
+    const sc = es.score;
+    const parts = [];
+    if (sc) {
+      const rc = es.red_cards || {};
+      const card = (n) => (n ? '<span class="rc" title="red cards">' + n + "</span>" : "");
+      parts.push('<b class="goals">' + card(rc.home) + esc(sc.home) + "\u2013" + esc(sc.away) + card(rc.away) + "</b>");
+    }
+    if (FINAL_EVENT.has(es.status)) {
+      parts.push('<span class="period">Full time</span>');
+    } else if (es.status && es.status !== "LIVE" && es.status !== "NOT_STARTED") {
+      parts.push('<span class="period">' + esc(es.status.charAt(0) + es.status.slice(1).toLowerCase()) + "</span>");
+    } else {
+      if (es.period) parts.push('<span class="period">' + esc(periodLabel(es.period)) + "</span>");
+      if (es.clock) {
+        parts.push('<span class="clock' + (es.clock.running ? " running" : "") + '">'
+          + clockText(es.clock, wallNow) + "</span>");
+      }
+    }
+    if (!parts.length) return "";
+    if (stateStale(es)) parts.push('<span class="badge stale">Stale</span>');
+    return parts.join("");
+  }
+
+  function scoreClass(es) {
+    return "score" + (es && stateStale(es) ? " stale" : "") + (es && !scoreHtml(es, Date.now()) ? " none" : "");
+  }
+
+  /** The score element of an event (filled by renderScores). */
+  function scoreSlot(id) {
+    const es = state.eventStates.get(id);
+    return '<span class="' + (es ? scoreClass(es) : "score none") + '" data-event="' + esc(id) + '"'
+      + ' title="score, period and match clock (stale: not confirmed recently or its source is down)">'
+      + (es ? scoreHtml(es, Date.now()) : "") + "</span>";
+  }
+
+  /** Refresh the score of one event (or every shown one): a new state, the clock's tick, a source's status. */
+  function renderScores(eventId) {
+    const wallNow = Date.now();
+    const els = eventId === undefined ? board.querySelectorAll(".score[data-event]")
+      : board.querySelectorAll('.score[data-event="' + CSS.escape(eventId) + '"]');
+    for (const el of els) {
+      const es = state.eventStates.get(el.dataset.event);
+      const html = es ? scoreHtml(es, wallNow) : "";
+      const cls = es ? scoreClass(es) : "score none";
+      if (el.innerHTML !== html) el.innerHTML = html;
+      if (el.className !== cls) el.className = cls;
+      if (es) el.dataset.version = String(es.version || 0); else delete el.dataset.version;
+    }
   }
 
   function visibleMarkets() {
@@ -491,6 +613,7 @@
           + (ev.linked ? '<a class="event-name" href="#/event/' + esc(encodeURIComponent(ev.id))
              + '" title="every book side by side: best and fair price">' + esc(ev.name) + "</a>"
              : '<span class="event-name">' + esc(ev.name) + "</span>")
+          + (ev.linked ? scoreSlot(ev.id) : "")
           + (ev.in_play ? "" : '<time class="start">' + esc(fmtStart(ev.start)) + "</time>")
           + (ev.linked ? '<a class="all-books" href="#/event/' + esc(encodeURIComponent(ev.id)) + '">all books ›</a>' : "")
           + "</header>"
@@ -570,7 +693,7 @@
     dirty.clear();
   }
 
-  /** Once a second: ages tick, stale markers follow the clock, flashes expire. */
+  /** Once a second: ages tick, stale markers follow the clock, flashes expire, match clocks run. */
   function tick() {
     const now = performance.now();
     if (route.event !== null) {
@@ -589,6 +712,7 @@
         if (card.className !== want) renderMarket(id, now);
       }
     }
+    renderScores();
     renderBanner();
     renderMeta();
   }
@@ -698,6 +822,7 @@
     state.markets.clear();
     state.confirmed.clear();
     state.flagged.clear();
+    state.eventStates.clear();
     flashes.clear();
     structureDirty = true;
     if (route.event !== null && !evp.cid) return;  // connected once the API named the canonical event
@@ -723,6 +848,8 @@
     es.addEventListener("delta", handle(onDelta));
     es.addEventListener("heartbeat", handle(onHeartbeat));
     es.addEventListener("status", handle(onStatus));
+    es.addEventListener("event_state", handle(onEventState));  // no id: the resume token stays as it was
+    es.addEventListener("removed", handle(onRemoved));
     es.addEventListener("resumed", handle((msg) => {
       if (msg.recovered) state.stats.resumedRecovered += 1;
       else state.stats.resumedLost += 1;  // the snapshot that follows replaces the book
@@ -1199,8 +1326,9 @@
   }
 
   // for tests and the curious: the page's book and its rules
-  const HANDLERS = { snapshot: onSnapshot, delta: onDelta, heartbeat: onHeartbeat, status: onStatus };
-  window.oddsBoard = { state, applyDelta, mergeSelections, ageMs, isStale,
+  const HANDLERS = { snapshot: onSnapshot, delta: onDelta, heartbeat: onHeartbeat, status: onStatus,
+                     event_state: onEventState, removed: onRemoved };
+  window.oddsBoard = { state, applyDelta, mergeSelections, ageMs, isStale, clockText, periodLabel,
     book: () => Object.fromEntries(state.markets),
     /** feed one stream message (as the server sends it) through the page's handlers */
     handle: (msg) => { const fn = HANDLERS[msg.type]; if (fn) fn(msg); },

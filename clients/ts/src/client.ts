@@ -14,6 +14,8 @@ import {
 import type {
   BatchResult,
   DeltaMessage,
+  EventStateMessage,
+  EventStateWithAge,
   MarketList,
   MarketWithAge,
   PriceCheckRequest,
@@ -83,6 +85,8 @@ export interface OddsClientOptions {
   now?: () => number;
   /** called after each change of the book (undefined = the market left the book) */
   onUpdate?: (marketId: string, market: BookMarket | undefined) => void;
+  /** called with each event state taken into {@link OddsClient.eventStates} (score, clock, period, status) */
+  onEventState?: (state: EventStateWithAge) => void;
 }
 
 export interface ClientStats {
@@ -93,6 +97,8 @@ export interface ClientStats {
   duplicates: number;
   heartbeats: number;
   statuses: number;
+  /** event states taken (event_state messages not older than the one held) */
+  eventStates: number;
   resumedRecovered: number;
   resumedLost: number;
   gaps: number;
@@ -110,7 +116,8 @@ export interface SourceState {
   reason: string | null;
 }
 
-export type ClientEventName = "connected" | "disconnected" | "snapshot" | "delta" | "resumed" | "status" | "gap" | "error";
+export type ClientEventName = "connected" | "disconnected" | "snapshot" | "delta" | "event_state" | "resumed" | "status"
+  | "gap" | "error";
 export type ClientListener = (name: ClientEventName, detail: unknown) => void;
 
 /** One leg of a price check (the PriceCheckRequest schema). */
@@ -149,6 +156,12 @@ const defaultNow = (): number => performance.now();
  * client reconnects with jittered backoff and resumes with its token (SSE `Last-Event-ID`,
  * WS `"resume"`): `resumed {recovered: true}` keeps the book; `false` → the next snapshot
  * replaces it.
+ *
+ * Event states (scores, clock, period, status): each `event_state` message updates
+ * {@link OddsClient.eventStates} (by the provider event id markets carry in `event_id`) unless a
+ * version at or above it from the same source is held; a snapshot clears them (the current
+ * states of its events follow it, and a recovered resume). {@link OddsClient.matchTimeS} runs a
+ * running clock on locally (`seconds + (now − at) / 1000`: no message per second).
  */
 export class OddsClient {
   readonly transport: Transport;
@@ -158,6 +171,8 @@ export class OddsClient {
   readonly book = new Book();
   /** source → state (GET /v1/sources on connect, then `status` messages) */
   readonly sources = new Map<string, SourceState>();
+  /** provider event id → its latest state (`event_state` messages), with `age_ms` / `stale` as sent */
+  readonly eventStates = new Map<string, EventStateWithAge>();
   /** the last resume token kept (opaque) */
   token: string | null = null;
   connected = false;
@@ -167,7 +182,7 @@ export class OddsClient {
   /** the last seq gap seen */
   lastGap: SeqGapError | null = null;
   readonly stats: ClientStats = {
-    connects: 0, reconnects: 0, snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0,
+    connects: 0, reconnects: 0, snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, eventStates: 0,
     resumedRecovered: 0, resumedLost: 0, gaps: 0, resyncs: 0, errors: 0, lagMs: null, lastError: null,
     disconnectReasons: [],
   };
@@ -302,6 +317,24 @@ export class OddsClient {
     return age > (m.in_play ? this.opts.staleInPlayMs ?? 10_000 : this.opts.stalePreMatchMs ?? 60_000);
   }
 
+  /** The event's match time in seconds: its clock's `seconds`, plus `(nowMs − at) / 1000` while
+   *  the clock runs (`nowMs`: wall clock, ms since the epoch; default Date.now()). Undefined
+   *  without a state or a clock. */
+  matchTimeS(eventId: string, nowMs: number = Date.now()): number | undefined {
+    const clock = this.eventStates.get(eventId)?.clock;
+    if (!clock) return undefined;
+    if (!clock.running) return clock.seconds;
+    return clock.seconds + Math.max(0, nowMs - clock.at) / 1000;
+  }
+
+  /** True when the event's state is stale: flagged by the server when sent, or its source is
+   *  DOWN now (`status` messages); an event without a state → true. */
+  isEventStateStale(eventId: string): boolean {
+    const es = this.eventStates.get(eventId);
+    if (!es) return true;
+    return es.stale || this.sources.get(es.source)?.state === "DOWN";
+  }
+
   /** Best back (or lay) price of a selection in the local book, or null. */
   best(marketId: string, selectionId: string, side: "back" | "lay" = "back"): number | null {
     const sel = this.book.get(marketId)?.selections.find((s) => s.selection_id === selectionId);
@@ -347,6 +380,9 @@ export class OddsClient {
       case "removed": // the market left what this credential may see (the server's tenants)
         this.forget(msg.market_id);
         break;
+      case "event_state":
+        this.onEventState(msg);
+        break;
       case "resumed":
         if (msg.recovered) {
           this.stats.resumedRecovered++;
@@ -376,6 +412,7 @@ export class OddsClient {
     this.book.replace(msg.markets);
     this.confirmed.clear();
     this.flagged.clear();
+    this.eventStates.clear(); // a fresh start (versions restart after a wiped store): the current states follow
     for (const m of msg.markets) {
       this.confirmed.set(m.market_id, now - (m.age_ms ?? 0));
       this.flagged.set(m.market_id, Boolean(m.stale));
@@ -424,6 +461,16 @@ export class OddsClient {
     this.emit("delta", msg);
     if (cb) cb(id, m);
     return r;
+  }
+
+  private onEventState(msg: EventStateMessage): void {
+    const es = msg.event_state;
+    const held = this.eventStates.get(es.event_id);
+    if (held && held.source === es.source && (held.version ?? 0) >= (es.version ?? 0)) return;
+    this.eventStates.set(es.event_id, es);
+    this.stats.eventStates++;
+    this.emit("event_state", es);
+    this.opts.onEventState?.(es);
   }
 
   /** Drop market `id` from the book (`onUpdate(id, undefined)` when it was held and `notify`). */

@@ -197,6 +197,21 @@ export interface EventMember {
 }
 
 /**
+ * An event's state (score, clock, period, status) changed — or, after a ``snapshot`` or a
+ * ``resumed {recovered: true}``, the current state of each event among the subscription's markets.
+ * Keyed by the provider event id its markets carry in ``event_id``; sent to a subscription whose
+ * filter matches at least one of that event's markets. Whole and versioned: keep the highest
+ * ``version`` (a fresh ``snapshot`` starts over: the states that follow it are the current ones).
+ * Never carries a resume token (SSE: no ``id:``): resending a state is harmless.
+ */
+export interface EventStateMessage {
+  type: "event_state";
+  sub?: number;
+  event_state: EventStateWithAge;
+  sent_at: number;
+}
+
+/**
  * One member provider event's own state; ``reversed``: it names the sides the other way round
  * from the canonical event (its home is the canonical away).
  */
@@ -709,7 +724,7 @@ export interface SelectionHistory {
 /**
  * WebSocket server → client: a StreamMessage of a subscription (with `sub` and `token`), an ack or a pong
  */
-export type ServerMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage | ErrorMessage | AckMessage | PongMessage;
+export type ServerMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage | EventStateMessage | ErrorMessage | AckMessage | PongMessage;
 
 /**
  * Every matching market; ``recovered`` after a resume that could not be served from the log.
@@ -798,7 +813,7 @@ export interface StatusMessage {
 /**
  * A stream message: the `data` of an SSE event, a WebSocket frame
  */
-export type StreamMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage | ErrorMessage;
+export type StreamMessage = SnapshotMessage | DeltaMessage | HeartbeatMessage | StatusMessage | ResumedMessage | RemovedMessage | EventStateMessage | ErrorMessage;
 
 /**
  * ``{"op":"subscribe","id","filter"?,"resume"?,"conflate_ms"?,"odds_format"?,"view"?}``.
@@ -1065,4 +1080,4 @@ export const SCHEMA_DEFAULTS = {
 } as const;
 
 /** Every schema name of components.schemas. */
-export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","Clock","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventStateOfMember","EventStateWithAge","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","Innings","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","PeriodScore","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","RemovedMessage","ResumedMessage","Score","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","TeamCounts","Unsubscribe"] as const;
+export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","Clock","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventStateMessage","EventStateOfMember","EventStateWithAge","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","Innings","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","PeriodScore","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","RemovedMessage","ResumedMessage","Score","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","TeamCounts","Unsubscribe"] as const;

@@ -1,6 +1,8 @@
 // The oddsfeed server the tests run against: ODDSFEED_URL when set (tests/test_ts_client.py starts
-// a real `oddsfeed run` and passes its URL), else a private `python3 -m feed run` started here on a
-// free loopback port (stopped when the tests end). Every wait is bounded.
+// a real `oddsfeed run --sim-push` and passes its URL), else a private `python3 -m feed run --sim-push`
+// started here on a free loopback port (stopped when the tests end): the Betfair-protocol simulator
+// plus the same matches in the push format, whose soccer and basketball in play carry scores and a
+// clock (the Betfair stream has none). Every wait is bounded.
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
@@ -61,7 +63,7 @@ export async function startServer(): Promise<Server> {
   const dir = mkdtempSync(join(tmpdir(), "oddsfeed-ts-"));
   const python = process.env.ODDSFEED_PYTHON || "python3";
   const proc: ChildProcess = spawn(python, ["-m", "feed", "run", "--host", "127.0.0.1", "--port", String(port),
-    "--data-dir", join(dir, "var"), "--metrics-port", "0", "--sim-rate", "100", "--sim-seed", "11"],
+    "--data-dir", join(dir, "var"), "--metrics-port", "0", "--sim-rate", "100", "--sim-seed", "11", "--sim-push"],
   { cwd: REPO, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PYTHONUNBUFFERED: "1" } });
   let log = "";
   proc.stdout?.on("data", (d) => { log = (log + d).slice(-4000); });

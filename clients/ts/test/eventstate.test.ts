@@ -1,0 +1,85 @@
+// Event states (scores, period, clock) on the stream against a real `oddsfeed run --sim-push` (its
+// push-format simulator serves the soccer and basketball matches in play with scores and a clock):
+// they arrive over SSE and WebSocket keyed by the event ids the book's markets carry, the newest
+// version is kept, they agree with GET /v1/events/{id}, the clock runs on locally, and they never
+// move the resume token.
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { OddsClient, type EventStateMessage, type EventStateWithAge } from "../src/index.js";
+import { MiniWebSocket } from "./helpers/miniws.js";
+import { startServer, type Server } from "./helpers/server.js";
+
+let server: Server;
+before(async () => { server = await startServer(); });
+after(async () => { await server?.stop(); });
+
+interface EventDetailBody { states: (EventStateWithAge & { reversed: boolean })[] }
+
+for (const transport of ["sse", "ws"] as const) {
+  test(`${transport}: event states arrive for the book's events, newest kept, as REST serves them`, async () => {
+    const taken: EventStateWithAge[] = [];
+    const c = new OddsClient(server.url, {
+      transport, WebSocket: MiniWebSocket, heartbeatMs: 1000, onEventState: (s) => taken.push(s),
+    });
+    try {
+      await c.start().waitSynced(10_000);
+      await c.waitFor(() => c.eventStates.size > 0, 30_000, "an event state");
+      const eventIds = new Set([...c.markets.values()].map((m) => m.event_id));
+      for (const id of c.eventStates.keys()) assert.ok(eventIds.has(id), `${id}: a state of an event the book holds`);
+      assert.equal(c.stats.eventStates, taken.length);
+
+      // a change arrives live (basketball points accrue with the clock; soccer goals, periods)
+      const before = taken.length;
+      await c.waitFor(() => taken.length > before, 30_000, "a live event state");
+      const byEvent = new Map<string, number>();
+      for (const s of taken) {
+        const v = s.version ?? 0;
+        assert.ok(v > (byEvent.get(s.event_id) ?? -1), `${s.event_id}: versions only go up (${v})`);
+        byEvent.set(s.event_id, v);
+      }
+
+      // as REST serves it: the member's own state, at the same or a newer version
+      const [id, es] = [...c.eventStates.entries()][0];
+      const r = await fetch(`${server.url}/v1/events/${encodeURIComponent(id)}`, { signal: AbortSignal.timeout(5000) });
+      assert.equal(r.status, 200);
+      const own = ((await r.json()) as EventDetailBody).states.find((s) => s.event_id === id);
+      assert.ok(own, `GET /v1/events/${id} lists its own state`);
+      assert.ok((own.version ?? 0) >= (es.version ?? 0));
+      if (own.version === es.version) assert.deepEqual(own.score, es.score);
+
+      // the clock runs on locally; a stopped one stands
+      const running = [...c.eventStates.values()].find((s) => s.clock?.running);
+      if (running?.clock) {
+        assert.equal(c.matchTimeS(running.event_id, running.clock.at + 1500), running.clock.seconds + 1.5);
+        assert.ok((c.matchTimeS(running.event_id) ?? 0) >= running.clock.seconds);
+      }
+      assert.equal(c.matchTimeS("no:such-event"), undefined);
+      assert.equal(c.isEventStateStale("no:such-event"), true);
+      assert.equal(c.isEventStateStale(id), es.stale);
+
+      // an older version changes nothing, and never moves the token
+      const tokenNow = c.token;
+      const older: EventStateMessage = { type: "event_state", event_state: { ...es, version: (es.version ?? 1) - 1,
+        score: { home: 99, away: 99, periods: [] } }, sent_at: Date.now() };
+      const n = taken.length;
+      c.handleMessage(older);
+      assert.notDeepEqual(c.eventStates.get(id)?.score, { home: 99, away: 99, periods: [] });
+      assert.equal(taken.length, n);
+      assert.equal(c.token, tokenNow);
+    } finally {
+      await c.close();
+    }
+  });
+}
+
+test("a snapshot starts the event states over; the states after it are the current ones", async () => {
+  const c = new OddsClient(server.url, { transport: "ws", WebSocket: MiniWebSocket, heartbeatMs: 1000 });
+  try {
+    await c.start().waitSynced(10_000);
+    await c.waitFor(() => c.eventStates.size > 0, 30_000, "an event state");
+    c.handleMessage({ type: "snapshot", markets: [], as_of: Date.now() });
+    assert.equal(c.eventStates.size, 0);
+  } finally {
+    await c.close();
+  }
+});
