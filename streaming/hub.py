@@ -468,13 +468,15 @@ class Connection:
 
     def take(self) -> list[bytes]:
         """Everything queued, oldest first (the writer sends it in one go);
-        after an overflow, fresh snapshots come first."""
+        after an overflow, the fresh snapshots come last: the control messages
+        kept ahead of them may include an older snapshot not yet written, which
+        must not land after the fresh one (the client's book would go back)."""
         self.snapshot_in_flight = False
         out = self.outbox
         if self.resync_pending and not self.closed:
             self.resync_pending = False
             self.snapshot_in_flight = True
-            out = self.hub.resync_frames(self) + out
+            out = out + self.hub.resync_frames(self)
         if out:
             self.outbox = []
             self.meta = []

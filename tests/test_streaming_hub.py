@@ -133,8 +133,8 @@ async def test_slow_ladder_collapse_then_snapshot_then_close_and_others_unaffect
     assert hub.slow_resyncs == 1 and slow.resync_pending and slow.outbox_bytes == 0
     slow.send(pong_message(7))  # control messages still go through
     msgs = _rebuild(slow.take(), local)
-    assert [m["type"] for m in msgs] == ["snapshot", "pong"]
-    assert msgs[0]["reason"] == "slow_consumer" and msgs[0]["recovered"] is False
+    assert [m["type"] for m in msgs] == ["pong", "snapshot"]
+    assert msgs[1]["reason"] == "slow_consumer" and msgs[1]["recovered"] is False
     assert local == st.markets
     # 3. while that snapshot is being written, over budget again: closed with a reason (4008)
     for i in range(90, 120):
@@ -245,4 +245,25 @@ async def test_dispatch_builds_frames_once_per_group_of_alike_subscriptions() ->
         g.key[1] is None and g.key[2].name == "sse" for g in hub._by_market[k]) for k in ("m1", "m2"))
     hub.dispatch(_entry(st, book, 3, ["m1"], 2.6))
     assert len(other_fmt.take()) == 1 and all(len(c.take()) == 1 for c in ws)
+    hub.close_all()
+
+
+async def test_a_snapshot_still_queued_at_a_slow_consumer_resync_never_lands_after_the_fresh_one() -> None:
+    """The first snapshot of a subscription is still queued (the client has not read it) when the
+    connection goes over budget and is resynced: the fresh snapshot must come after it, or the
+    client's book would go back to the older one (and read it as current)."""
+    st = _state()
+    book = _load(st, 5)
+    mids = ["m0", "m1", "m2", "m3", "m4"]
+    hub = Hub(st, None, outbox_max_bytes=1_500)
+    slow = hub.connect("ws", heartbeat_ms=60_000, label="slow")
+    await hub.subscribe(slow, Filter())  # ack + snapshot queued, not taken
+    for i in range(2, 40):
+        hub.dispatch(_entry(st, book, i, mids, 2.0 + i / 100))
+    assert hub.slow_resyncs == 1 and not slow.closed
+    local: dict = {}
+    msgs = _rebuild(slow.take(), local)
+    snaps = [m for m in msgs if m["type"] == "snapshot"]
+    assert len(snaps) == 2 and snaps[-1].get("reason") == "slow_consumer"
+    assert local == st.markets  # the book ends at the node's state, not the first snapshot's
     hub.close_all()
