@@ -11,6 +11,10 @@ lay; a suspended book is greyed with the reason as tooltip; a price change
 that makes another book the best highlights and flashes the new best cell
 (for about a second); the in-play badge follows the books; a book linked
 while the page is open joins the grid and its prices stream live.
+The header shows the event's score (the GET's state on load, then live
+event_state messages of its members: the freshest not stale one, turned
+round for a member naming the sides the other way round), period, a running
+clock, red cards and a stale marker.
 
 Set ODDSFEED_SCREENSHOT_DIR to keep a screenshot of the page.
 """
@@ -29,7 +33,16 @@ from streaming_helpers import Feed, make_app, now_ms, serve
 from test_board_browser import _chromium, browser
 
 from feed.linker import CanonicalSummary
-from feed.models import MarketHeader, MarketStatus, Selection
+from feed.models import (
+    Clock,
+    EventState,
+    MarketHeader,
+    MarketStatus,
+    Score,
+    Selection,
+    SourceHealth,
+    TeamCounts,
+)
 from feed.normalise.base import MarketUpdate
 from feed.settings import Settings
 from feed.store import Store, StoredLink
@@ -78,16 +91,17 @@ def _fmt(p: float) -> str:
     return f"{p:.2f}".rstrip("0").rstrip(".")
 
 
-async def _link(store: Store, members: dict[str, tuple[str, float, str]]) -> None:
-    links = {ev: StoredLink(CID, p, m) for ev, p, m in members.values()}
+async def _link(store: Store, members: dict[str, tuple[str, float, str]], reversed_: frozenset[str] = frozenset()
+                ) -> None:
+    links = {ev: StoredLink(CID, p, m, ev in reversed_) for ev, p, m in members.values()}
     summary = CanonicalSummary(event_id=CID, sport="soccer", name="Arsenal v Chelsea", home="Arsenal",
                                away="Chelsea", competition="Premier League", start_time=START,
                                members=sorted(links))
     await store.save_links(links, {CID: msgspec.json.encode(summary)})
 
 
-async def _setup(store: Store) -> Feed:
-    await _link(store, MEMBERS)
+async def _setup(store: Store, reversed_: frozenset[str] = frozenset()) -> Feed:
+    await _link(store, MEMBERS, reversed_)
     feed = Feed(store)
     await feed.write(
         _image("a:1", "book_a", [_sel("home", 2.10), _sel("draw", 3.40), _sel("away", 3.60)]),
@@ -209,6 +223,84 @@ async def test_event_page_shows_every_book_best_and_fair_and_flashes_a_new_best(
             await page.js("document.querySelector('.back-link').click()")
             await page.until("!document.getElementById('board').hidden && "
                              "document.querySelectorAll('#board .event').length === 5", "the list again")
+            assert page.errors() == [], page.errors()
+    finally:
+        await store.close()
+
+
+def _state(event_id: str, source: str, version: int, home: int, away: int, *, period: str = "1h",
+           seconds: int = 600, red: tuple[int, int] = (0, 0), ts: int | None = None) -> EventState:
+    t = now_ms() if ts is None else ts
+    return EventState(event_id=event_id, source=source, status="LIVE", in_play=True, period=period,
+                      clock=Clock(seconds=seconds, running=True, at=t), score=Score(home=home, away=away),
+                      red_cards=TeamCounts(home=red[0], away=red[1]), source_ts=t, received_at=t, version=version)
+
+
+async def test_event_page_shows_the_score_and_keeps_it_current(redis_url: str) -> None:
+    """The header's score, period, running clock, red cards and stale marker: the GET's state on load,
+    then live event_state messages of the members (the freshest not stale one; exch names the sides
+    the other way round, so its state is shown turned round, as the API's "state")."""
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    store = await Store.open(redis_url)
+
+    async def health(source: str, state: str) -> None:
+        t = now_ms()
+        await store.set_health(SourceHealth(source=source, kind="push", state=state,  # type: ignore[arg-type]
+                                            last_message_at=t, updated_at=t, lease_ms=600_000,
+                                            stale_after_ms=600_000))
+
+    try:
+        await _setup(store, frozenset({"x:e1"}))
+        for book in ("book_b", "exch"):
+            await health(book, "UP")
+        await store.apply_event_states([_state("b:e1", "book_b", 1, 1, 0)])
+        app = make_app(redis_url, settings=Settings(heartbeat_ms=1000))
+        score = "document.querySelector('#event-page .ev-head .score')"
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as http, \
+                browser(base + "/?event_refresh_ms=1000#/event/" + CID) as page:
+            # -- on load: the GET's state
+            api = (await http.get(f"/v1/events/{CID}")).json()
+            assert api["state"]["event_id"] == "b:e1" and api["state"]["score"]["home"] == 1
+            await page.until(f"{score} && {score}.textContent.includes('1\u20130') "
+                             f"&& {score}.textContent.includes('1st half')", "the score in the event's header")
+            assert await page.js(f"[{score}.dataset.member, {score}.dataset.version, "
+                                 f"{score}.classList.contains('stale'), {score}.classList.contains('none')]") \
+                == ["b:e1", "1", False, False]
+            first = await page.js(f"{score}.querySelector('.clock.running').textContent")
+            assert first.startswith("10:")  # 600 s run on from the reading
+            await page.until(f"{score}.querySelector('.clock').textContent !== {json.dumps(first)}",
+                             "the match clock ticking in the header")
+            assert await page.js(f"{score}.querySelectorAll('.rc').length") == 0
+
+            # -- live: a goal and a red card
+            await store.apply_event_states([_state("b:e1", "book_b", 2, 2, 0, red=(0, 1))])
+            await page.until(f"{score}.dataset.version === '2' && {score}.textContent.includes('2\u20130') "
+                             f"&& {score}.querySelectorAll('.rc').length === 1", "the goal in the header")
+            assert await page.js("oddsBoard.state.stats.eventStates") >= 1  # it came on the stream
+
+            # -- a fresher state of another member, which names the sides the other way round: turned
+            await store.apply_event_states([_state("x:e1", "exch", 1, 0, 3, period="2h", seconds=3000,
+                                                   red=(1, 0), ts=now_ms() + 1000)])
+            await page.until(f"{score}.dataset.member === 'x:e1' && {score}.textContent.includes('3\u20130') "
+                             f"&& {score}.textContent.includes('2nd half')", "the fresher member's state, turned")
+            api = (await http.get(f"/v1/events/{CID}")).json()
+            assert (api["state"]["event_id"], api["state"]["score"]["home"], api["state"]["score"]["away"]) \
+                == ("x:e1", 3, 0)
+            # its red card (exch's home) is the canonical away's: after the score
+            assert await page.js(f"{score}.querySelector('.goals').innerHTML.endsWith('<span class=\"rc\" "
+                                 f"title=\"red cards\">1</span>')")
+            await _screenshot(page, "oddsfeed-event-page-score.png")
+
+            # -- exch DOWN: its state is stale, the other member's (not stale) is shown
+            await health("exch", "DOWN")
+            await page.until(f"{score}.dataset.member === 'b:e1' && {score}.textContent.includes('2\u20130') "
+                             f"&& !{score}.classList.contains('stale')", "the not stale member's state")
+            # -- both DOWN: the freshest, marked stale
+            await health("book_b", "DOWN")
+            await page.until(f"{score}.dataset.member === 'x:e1' && {score}.classList.contains('stale') "
+                             f"&& {score}.querySelector('.badge.stale') !== null", "the score marked stale")
             assert page.errors() == [], page.errors()
     finally:
         await store.close()

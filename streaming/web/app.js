@@ -62,6 +62,11 @@
  * market), ticking in the page; greyed cells are those the server left out of
  * best and fair (stale / suspended / closed / no price; the reason is the
  * cell's tooltip).
+ * The header shows the score, period, running clock, red cards and a stale
+ * marker (the list cards' rendering): the GET's "state" on load, then the
+ * freshest not stale state among the event's members (the GET's "states",
+ * kept current by the live event_state messages of the member provider
+ * events), turned round to the canonical home/away as the GET says.
  */
 "use strict";
 
@@ -238,6 +243,7 @@
     state.eventStates.set(es.event_id, es);
     state.stats.eventStates += 1;
     renderScores(es.event_id);
+    if (route.event !== null && evNoteState(es, false)) renderEventScore();
   }
 
   /** The market left what this credential may see (the server's tenants): drop it. */
@@ -272,6 +278,7 @@
     }
     renderBanner();
     renderScores();
+    renderEventScore();
     schedule();
   }
 
@@ -429,14 +436,17 @@
     const wallNow = Date.now();
     const els = eventId === undefined ? board.querySelectorAll(".score[data-event]")
       : board.querySelectorAll('.score[data-event="' + CSS.escape(eventId) + '"]');
-    for (const el of els) {
-      const es = state.eventStates.get(el.dataset.event);
-      const html = es ? scoreHtml(es, wallNow) : "";
-      const cls = es ? scoreClass(es) : "score none";
-      if (el.innerHTML !== html) el.innerHTML = html;
-      if (el.className !== cls) el.className = cls;
-      if (es) el.dataset.version = String(es.version || 0); else delete el.dataset.version;
-    }
+    for (const el of els) fillScore(el, state.eventStates.get(el.dataset.event), wallNow);
+  }
+
+  /** Put event state es (or none) into a score element: its HTML, class and data-version
+   *  (shared by the cards on the list and the event page's header). */
+  function fillScore(el, es, wallNow, extraClass) {
+    const html = es ? scoreHtml(es, wallNow) : "";
+    const cls = (es ? scoreClass(es) : "score none") + (extraClass ? " " + extraClass : "");
+    if (el.innerHTML !== html) el.innerHTML = html;
+    if (el.className !== cls) el.className = cls;
+    if (es) el.dataset.version = String(es.version || 0); else delete el.dataset.version;
   }
 
   function visibleMarkets() {
@@ -941,6 +951,9 @@
     missing: "",            // grid markets the book stream did not deliver, when it was last restarted for them
     bestEs: null,
     bestRetryMs: 500,
+    restState: null,        // the GET's "state": the member state the API shows (canonical home/away)
+    memberStates: new Map(),// member provider event id → its latest state (the GET's "states", then live)
+    reversedOf: new Map(),  // member provider event id → it names the sides the other way round (the GET's)
     stats: { fetches: 0, bestMessages: 0, bestFlashes: 0, renders: 0 },
   };
 
@@ -960,8 +973,10 @@
     clearTimeout(evp.retryTimer);
     Object.assign(evp, { cid: null, head: null, views: [], viewAsOf: 0, fairMethod: null, error: null, fetching: false,
                         again: false, lastFetch: 0, refetchTimer: null, retryTimer: null, rendered: null,
-                        missing: "" });
-    for (const k of ["cells", "keys", "best", "shownBest", "bestFlashes", "seen"]) evp[k].clear();
+                        missing: "", restState: null });
+    for (const k of ["cells", "keys", "best", "shownBest", "bestFlashes", "seen", "memberStates", "reversedOf"]) {
+      evp[k].clear();
+    }
     const onEvent = want !== null && evPage !== null;
     if (!onEvent) route.event = null;
     if (evPage) evPage.hidden = !onEvent;
@@ -1035,6 +1050,9 @@
     evp.stats.fetches += 1;
     const first = !evp.cid;
     evp.head = body.event;
+    evp.restState = body.state || null;
+    for (const st of body.states || []) evp.reversedOf.set(st.event_id, !!st.reversed);
+    for (const st of body.states || []) evNoteState(st, true);
     evp.views = body.view || [];
     evp.viewAsOf = body.as_of || 0;
     evp.fairMethod = body.fair_method || null;
@@ -1067,6 +1085,68 @@
       restartStream();
       openBest();
     }
+  }
+
+  // the score: the member provider events' states (the GET's "states" on each read, live event_state
+  // messages between them); shown is the freshest not stale one, as the API picks its "state" (not
+  // stale first, then the newest provider time, then the version), turned round to the canonical sides
+
+  function evMember(id) {
+    return evp.reversedOf.has(id) || !!(evp.head && (evp.head.members || []).some((m) => m.event_id === id));
+  }
+
+  /** A member's state from the GET (fromRest) or the stream: kept unless a newer version from the same
+   *  source is held (the same version from a later GET brings a fresher stale flag). */
+  function evNoteState(es, fromRest) {
+    if (!es || !es.event_id || (!fromRest && !evMember(es.event_id))) return false;
+    const held = evp.memberStates.get(es.event_id);
+    if (held && held.source === es.source && (held.version || 0) > (es.version || 0)) return false;
+    evp.memberStates.set(es.event_id, es);
+    if (!evp.reversedOf.has(es.event_id)) refetchSoon();  // which way round it names the sides: the API knows
+    return true;
+  }
+
+  /** es with the sides turned round (as streaming.event_states.turned): score, periods, red cards, innings. */
+  function turnedState(es) {
+    const sw = (o) => (o ? Object.assign({}, o, { home: o.away, away: o.home }) : o);
+    const t = Object.assign({}, es, { red_cards: sw(es.red_cards) });
+    if (es.score) {
+      t.score = sw(es.score);
+      if (es.score.periods) t.score.periods = es.score.periods.map(sw);
+    }
+    if (es.innings) {
+      t.innings = es.innings.map((i) => Object.assign({}, i,
+        { team: i.team === "home" ? "away" : i.team === "away" ? "home" : i.team }));
+    }
+    return t;
+  }
+
+  /** The state to show in the header (canonical home/away), or null. */
+  function evShownState() {
+    let best = null;
+    let key = null;
+    for (const [id, es] of evp.memberStates) {
+      const rev = evp.reversedOf.get(id);
+      if (rev === undefined) continue;  // not yet known which way round: until the next GET
+      const ts = es.source_ts_original !== null && es.source_ts_original !== undefined
+        ? es.source_ts_original : (es.source_ts || 0);
+      const k = [stateStale(es) ? 0 : 1, ts, es.version || 0];
+      if (!key || k[0] > key[0] || k[0] === key[0] && (k[1] > key[1] || k[1] === key[1] && k[2] > key[2])) {
+        key = k;
+        best = rev ? turnedState(es) : es;
+      }
+    }
+    return best || evp.restState;
+  }
+
+  /** Refresh the header's score (the card's helpers): a new state, the clock's tick, a source's status. */
+  function renderEventScore() {
+    if (!evPage || route.event === null) return;
+    const el = evPage.querySelector(".ev-head .score");
+    if (!el) return;
+    const es = evShownState();
+    fillScore(el, es, Date.now(), "ev-score");
+    if (es) el.dataset.member = es.event_id; else delete el.dataset.member;
   }
 
   // the best stream
@@ -1289,6 +1369,8 @@
       + '<article class="ev' + (live ? " in-play" : "") + '" data-event-id="' + esc(h.event_id) + '">'
       + '<header class="ev-head">' + (live ? '<span class="live">In-play</span>' : "")
       + '<h1 class="ev-name">' + esc(h.event_name || h.event_id) + "</h1>"
+      + '<span class="score none ev-score" title="score, period and match clock (stale: not confirmed recently'
+      + ' or its source is down)"></span>'  // filled by renderEventScore
       + '<span class="ev-sub">' + esc([sportName(h.sport), h.competition].filter(Boolean).join(" · ")) + "</span>"
       + (h.start_time ? '<time class="start" datetime="' + new Date(h.start_time).toISOString() + '">'
          + esc(fmtStart(h.start_time)) + "</time>" : "")
@@ -1306,11 +1388,13 @@
         : '<p class="empty">No markets of a known type on this event yet.</p>') + "</div></article>";
     }
     evp.rendered = { top, keys, sections };
+    renderEventScore();
   }
 
-  /** Once a second on the event page: ages tick, flashes end. */
+  /** Once a second on the event page: ages tick, flashes end, the match clock runs. */
   function tickEvent(now) {
     if (!evPage || evPage.hidden) return;
+    renderEventScore();  // the match clock runs
     for (const el of evPage.querySelectorAll(".cage[data-mid]")) {
       const t = fmtAge(cellAge(el.dataset.mid, now));
       if (el.textContent !== t) el.textContent = t;
