@@ -50,7 +50,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import itertools
 import logging
 import random
 import secrets
@@ -62,6 +61,7 @@ import msgspec
 import orjson
 
 from feed.simulator.betfair_api import Sessions
+from feed.simulator.esa_line import EsaLineServer, LineConn
 from feed.sources.replay import read_messages, recording_files
 
 __all__ = ["CricketSimConfig", "CricketSimulator", "synthetic_matches"]
@@ -116,36 +116,19 @@ def _decode_clk(clk: Any) -> int | None:
     return int.from_bytes(raw, "big") if len(raw) == 9 else None
 
 
-class _Conn:
-    __slots__ = ("authenticated", "closed", "connection_id", "heartbeat_ms", "last_send_ms", "malformed", "sub_id",
-                 "subscribed", "transport")
+class _Conn(LineConn):
+    MALFORMED = _MALFORMED
+    ABORT_ON_CLOSE = True
+    __slots__ = ("heartbeat_ms", "sub_id", "subscribed")
 
     def __init__(self, writer: asyncio.StreamWriter, connection_id: str) -> None:
-        self.transport = writer.transport
-        self.connection_id = connection_id
-        self.authenticated = False
+        super().__init__(writer, connection_id)
         self.subscribed = False
-        self.closed = False
         self.sub_id: Any = None
         self.heartbeat_ms = 5000
-        self.last_send_ms = 0
-        self.malformed = 0
-
-    def write(self, lines: list[bytes]) -> None:
-        if self.closed:
-            return
-        if self.malformed:
-            lines = [_MALFORMED[i % len(_MALFORMED)] for i in range(self.malformed)] + lines
-            self.malformed = 0
-        self.transport.write(b"\r\n".join(lines) + b"\r\n")
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.transport.abort()
 
 
-class CricketSimulator:
+class CricketSimulator(EsaLineServer[_Conn]):
     """The local sports-data (cricket) stream. ``await start()``, use ``port``, ``await stop()``.
 
     sessions: the session registry to accept (share an ESA simulator's, whose
@@ -157,22 +140,24 @@ class CricketSimulator:
     (upstream changes published), ``done`` (set when the upstream ran out).
     """
 
+    subscription_op = "cricketSubscription"
+    label = "cricket simulator"
+    conn_class = _Conn
+
     def __init__(self, config: CricketSimConfig | None = None, *, sessions: Sessions | None = None) -> None:
         self.config = config or CricketSimConfig()
+        self._init_lines()
         self.sessions = sessions or Sessions(None, fixed=(self.config.session_token,))
         self.port = 0
         self.subscriptions: list[dict[str, Any]] = []
-        self.connections_accepted = 0
         self.matches: dict[str, dict[str, Any]] = {}
         self.messages_sent = 0
         self.done = asyncio.Event()
         self.initial_clk = base64.b64encode(secrets.token_bytes(21)).decode()
         self.seq = 0
         self._changed_at: dict[str, int] = {}  # event id -> seq of its last change
-        self._conns: set[_Conn] = set()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._conn_seq = itertools.count(1)
         self._started = asyncio.Event()
         self._frozen = False
         self._thawed = asyncio.Event()
@@ -239,84 +224,6 @@ class CricketSimulator:
             conn.malformed += n
 
     # -- connections -----------------------------------------------------------------------
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        conn = _Conn(writer, f"sim-{next(self._conn_seq):03d}-{secrets.randbelow(10**12):012d}")
-        self._conns.add(conn)
-        self.connections_accepted += 1
-        conn.write([orjson.dumps({"op": "connection", "connectionId": conn.connection_id})])
-        deadline = loop.time() + self.config.auth_timeout_s
-        try:
-            while not conn.closed:
-                try:
-                    if conn.authenticated:
-                        line = await reader.readline()
-                    else:
-                        async with asyncio.timeout_at(deadline):
-                            line = await reader.readline()
-                except TimeoutError:
-                    self._fail(conn, None, "TIMEOUT", "Timed out trying to read message make sure to add \\r\\n")
-                    break
-                except (ValueError, ConnectionError):
-                    break
-                if not line:
-                    break
-                line = line.strip()
-                if line:
-                    self._request(conn, line)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            conn.close()
-            self._conns.discard(conn)
-
-    def _status_ok(self, conn: _Conn, req_id: Any, **extra: Any) -> None:
-        msg: dict[str, Any] = {"op": "status"}
-        if req_id is not None:
-            msg["id"] = req_id
-        msg.update(statusCode="SUCCESS", connectionClosed=False, **extra)
-        conn.write([orjson.dumps(msg)])
-
-    def _fail(self, conn: _Conn, req_id: Any, code: str, message: str) -> None:
-        msg: dict[str, Any] = {"op": "status"}
-        if req_id is not None:
-            msg["id"] = req_id
-        msg.update(statusCode="FAILURE", errorCode=code, errorMessage=message, connectionClosed=True,
-                   connectionId=conn.connection_id)
-        conn.write([orjson.dumps(msg)])
-        conn.close()
-        logger.info("cricket simulator: %s closed with %s", conn.connection_id, code)
-
-    def _request(self, conn: _Conn, line: bytes) -> None:
-        try:
-            req = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            req = None
-        if not isinstance(req, dict):
-            self._fail(conn, None, "INVALID_INPUT", "Failed to unmarshal message")
-            return
-        op, req_id = req.get("op"), req.get("id")
-        if op == "authentication":
-            session = req.get("session")
-            if not req.get("appKey"):
-                self._fail(conn, req_id, "NO_APP_KEY", "AppKey is not provided")
-            elif req["appKey"] != self.config.app_key:
-                self._fail(conn, req_id, "INVALID_APP_KEY", "AppKey is not valid")
-            elif code := self.sessions.check(session if isinstance(session, str) else None):
-                self._fail(conn, req_id, code, "Session token is not provided" if code == "NO_SESSION"
-                           else "Session token is not valid or has expired")
-            else:
-                conn.authenticated = True
-                self._status_ok(conn, req_id, connectionsAvailable=9)
-        elif op == "heartbeat":
-            self._status_ok(conn, req_id)
-        elif not conn.authenticated:
-            self._fail(conn, req_id, "NOT_AUTHORIZED", "Connection is not authenticated")
-        elif op == "cricketSubscription":
-            self._subscribe(conn, req)
-        else:
-            self._fail(conn, req_id, "INVALID_REQUEST", f"Unsupported op: {op}")
 
     def _subscribe(self, conn: _Conn, req: dict[str, Any]) -> None:
         self.subscriptions.append(req)

@@ -62,6 +62,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from feed.simulator.esa_line import EsaLineServer, LineConn
 from feed.simulator.betfair_api import BetfairApi, Sessions
 from feed.simulator.market_model import MarketModel
 from feed.simulator.pacing import tick_forever
@@ -196,46 +197,23 @@ class _View:
         self.runners: dict[Any, dict[str, Any]] = {}
 
 
-class _Conn:
-    __slots__ = ("authenticated", "clk", "closed", "connection_id", "held", "last_flush_ms", "last_send_ms",
-                 "malformed", "pending", "stalled_until_ms", "stream", "sub", "transport", "views", "writer")
+class _Conn(LineConn):
+    MALFORMED = _MALFORMED
+    __slots__ = ("clk", "held", "last_flush_ms", "pending", "stalled_until_ms", "stream", "sub", "views")
 
     def __init__(self, writer: asyncio.StreamWriter, connection_id: str) -> None:
-        self.writer = writer
-        self.transport = writer.transport
-        self.connection_id = connection_id
-        self.authenticated = False
-        self.closed = False
+        super().__init__(writer, connection_id)
         self.sub: _Sub | None = None
         self.stream: _Stream | None = None
         self.clk = ""
         self.views: dict[str, _View] = {}
         self.pending: dict[str, MarketDirty] = {}
         self.held = False
-        self.last_send_ms = 0
         self.last_flush_ms = 0
         self.stalled_until_ms = 0
-        self.malformed = 0
-
-    def write(self, lines: list[bytes]) -> None:
-        if self.closed:
-            return
-        if self.malformed:
-            bad = [_MALFORMED[i % len(_MALFORMED)] for i in range(self.malformed)]
-            self.malformed = 0
-            lines = bad + lines
-        self.transport.write(b"\r\n".join(lines) + b"\r\n")
-
-    def close(self, abort: bool = False) -> None:
-        if not self.closed:
-            self.closed = True
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
 
 
-class Simulator:
+class Simulator(EsaLineServer[_Conn]):
     """The local ESA upstream. ``await start()``, use ``port``, ``await stop()``.
 
     ``ssl``: a server-side TLS context to serve TLS like the real endpoint
@@ -248,12 +226,16 @@ class Simulator:
     ``model`` (the synthetic model, ``None`` in replay mode).
     """
 
+    subscription_op = "marketSubscription"
+    label = "esa simulator"
+    conn_class = _Conn
+
     def __init__(self, config: SimulatorConfig | None = None, *, ssl: _ssl.SSLContext | None = None) -> None:
         self.config = config or SimulatorConfig()
+        self._init_lines()
         self._ssl = ssl
         self.port = 0
         self.subscriptions: deque[dict[str, Any]] = deque(maxlen=1000)
-        self.connections_accepted = 0
         self.replay_done = asyncio.Event()
         self.model: MarketModel | None = None
         self._truth = open_truth_log(self.config.truth_log) if self.config.truth_log else None
@@ -269,11 +251,9 @@ class Simulator:
                 for mb in self.books.values():
                     record_exchange_market(self._truth, now, mb)
                 self._truth.flush()
-        self._conns: set[_Conn] = set()
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._conn_seq = itertools.count(1)
         self._degraded = False
         self._cut_segments = 0
         self._malformed_next = 0
@@ -397,89 +377,6 @@ class Simulator:
         return truth_of(self.books)
 
     # -- connections -------------------------------------------------------------
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        n = next(self._conn_seq)
-        conn = _Conn(writer, f"sim-{n:03d}-{secrets.randbelow(10**12):012d}")
-        self._conns.add(conn)
-        self.connections_accepted += 1
-        conn.write([orjson.dumps({"op": "connection", "connectionId": conn.connection_id})])
-        deadline = loop.time() + self.config.auth_timeout_s
-        try:
-            while not conn.closed:
-                try:
-                    if conn.authenticated:
-                        line = await reader.readline()
-                    else:
-                        async with asyncio.timeout_at(deadline):
-                            line = await reader.readline()
-                except TimeoutError:
-                    self._fail(conn, None, "TIMEOUT", "Timed out trying to read message make sure to add \\r\\n")
-                    break
-                except (ValueError, ConnectionError):
-                    break
-                if not line:
-                    break
-                line = line.strip()
-                if line:
-                    self._request(conn, line)
-        except asyncio.CancelledError:
-            # loop shutdown; return quietly (3.11's start_server callback calls
-            # task.exception() on cancelled handler tasks)
-            pass
-        finally:
-            conn.close()
-            self._conns.discard(conn)
-
-    def _status_ok(self, conn: _Conn, req_id: Any, **extra: Any) -> None:
-        msg: dict[str, Any] = {"op": "status"}
-        if req_id is not None:
-            msg["id"] = req_id
-        msg["statusCode"] = "SUCCESS"
-        msg["connectionClosed"] = False
-        msg.update(extra)
-        conn.write([orjson.dumps(msg)])
-
-    def _fail(self, conn: _Conn, req_id: Any, code: str, message: str) -> None:
-        msg: dict[str, Any] = {"op": "status"}
-        if req_id is not None:
-            msg["id"] = req_id
-        msg.update(statusCode="FAILURE", errorCode=code, errorMessage=message,
-                   connectionClosed=True, connectionId=conn.connection_id)
-        conn.write([orjson.dumps(msg)])
-        conn.close()
-        logger.info("esa simulator: %s closed with %s", conn.connection_id, code)
-
-    def _request(self, conn: _Conn, line: bytes) -> None:
-        try:
-            req = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            req = None
-        if not isinstance(req, dict):
-            self._fail(conn, None, "INVALID_INPUT", "Failed to unmarshal message")
-            return
-        op, req_id = req.get("op"), req.get("id")
-        if op == "authentication":
-            cfg = self.config
-            if not req.get("appKey"):
-                self._fail(conn, req_id, "NO_APP_KEY", "AppKey is not provided")
-            elif req["appKey"] != cfg.app_key:
-                self._fail(conn, req_id, "INVALID_APP_KEY", "AppKey is not valid")
-            elif (code := self.sessions.check(req.get("session") if isinstance(req.get("session"), str) else None)):
-                self._fail(conn, req_id, code, "Session token is not provided" if code == "NO_SESSION"
-                           else "Session token is not valid or has expired")
-            else:
-                conn.authenticated = True
-                self._status_ok(conn, req_id, connectionsAvailable=9)
-        elif op == "heartbeat":
-            self._status_ok(conn, req_id)
-        elif not conn.authenticated:
-            self._fail(conn, req_id, "NOT_AUTHORIZED", "Connection is not authenticated")
-        elif op == "marketSubscription":
-            self._subscribe(conn, req)
-        else:
-            self._fail(conn, req_id, "INVALID_REQUEST", f"Unsupported op: {op}")
 
     def _subscribe(self, conn: _Conn, req: dict[str, Any]) -> None:
         self.subscriptions.append(req)
