@@ -53,7 +53,6 @@ import contextlib
 import logging
 import random
 import secrets
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,6 +61,9 @@ import orjson
 
 from feed.simulator.betfair_api import Sessions
 from feed.simulator.esa_line import EsaLineServer, LineConn
+from feed.simulator.esa_line import decode_clk as _decode_clk
+from feed.simulator.esa_line import encode_clk as _encode_clk
+from feed.simulator.esa_line import now_ms as _now_ms
 from feed.sources.replay import read_messages, recording_files
 
 __all__ = ["CricketSimConfig", "CricketSimulator", "synthetic_matches"]
@@ -96,24 +98,6 @@ class CricketSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     start_on_subscribe: bool = True
     auth_timeout_s: float = 15.0
     tick_ms: int = 20
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _encode_clk(seq: int) -> str:
-    return base64.b64encode(seq.to_bytes(9, "big")).decode()
-
-
-def _decode_clk(clk: Any) -> int | None:
-    if not isinstance(clk, str):
-        return None
-    try:
-        raw = base64.b64decode(clk, validate=True)
-    except ValueError:
-        return None
-    return int.from_bytes(raw, "big") if len(raw) == 9 else None
 
 
 class _Conn(LineConn):

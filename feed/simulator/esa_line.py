@@ -18,18 +18,41 @@ malformed-line fault switch both simulators offer).
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import secrets
+import time
 from typing import Any, Generic, TypeVar
 
 import orjson
 
 from feed.simulator.betfair_api import Sessions
 
-__all__ = ["EsaLineServer", "LineConn"]
+__all__ = ["EsaLineServer", "LineConn", "decode_clk", "encode_clk", "now_ms"]
 
 logger = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    """Wall clock, integer ms since the Unix epoch (UTC)."""
+    return time.time_ns() // 1_000_000
+
+
+def encode_clk(seq: int) -> str:
+    """A simulator's ``clk`` token for position ``seq`` (opaque to clients, as Betfair's is)."""
+    return base64.b64encode(seq.to_bytes(9, "big")).decode()
+
+
+def decode_clk(clk: Any) -> int | None:
+    """The position of a ``clk`` token made by :func:`encode_clk`, None for anything else."""
+    if not isinstance(clk, str):
+        return None
+    try:
+        raw = base64.b64decode(clk, validate=True)
+    except ValueError:
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 9 else None
 
 
 class LineConn:

@@ -54,7 +54,6 @@ import itertools
 import logging
 import secrets
 import ssl as _ssl
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -63,6 +62,9 @@ import msgspec
 import orjson
 
 from feed.simulator.esa_line import EsaLineServer, LineConn
+from feed.simulator.esa_line import decode_clk as _decode_clk
+from feed.simulator.esa_line import encode_clk as _encode_clk
+from feed.simulator.esa_line import now_ms as _now_ms
 from feed.simulator.betfair_api import BetfairApi, Sessions
 from feed.simulator.market_model import MarketModel
 from feed.simulator.pacing import tick_forever
@@ -143,24 +145,6 @@ class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True):
     session_ttl_s: float | None = None
     max_weight: int = 200
     cert_tls: tuple[str, str, str] | None = None
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _encode_clk(seq: int) -> str:
-    return base64.b64encode(seq.to_bytes(9, "big")).decode()
-
-
-def _decode_clk(clk: Any) -> int | None:
-    if not isinstance(clk, str):
-        return None
-    try:
-        raw = base64.b64decode(clk, validate=True)
-    except ValueError:
-        return None
-    return int.from_bytes(raw, "big") if len(raw) == 9 else None
 
 
 class _Stream:
