@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--providers-port", type=_port, default=9555, help="port of the HTTP providers (default 9555)")
     sim.add_argument("--push-port", type=_port, default=9556,
                      help="with --providers: port of the push provider (WebSocket /push/ws, SSE /push/sse; default 9556)")
+    sim.add_argument("--cricket-port", type=_port, default=9446,
+                     help="with --providers: port of Betfair's sports-data stream (live cricket scores for a "
+                          "betfair-cricket source; the ESA simulator's logins work on it; default 9446)")
     sim.add_argument("--truth-log", metavar="PATH",
                      help="append every upstream change (ground truth, one JSON line per selection, oddsfeed ids) "
                           "to PATH; see feed/simulator/truth.py (default: off)")
@@ -702,10 +705,13 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
     from feed.simulator.http_providers import HttpProviders, ProvidersConfig
     from feed.simulator.push_providers import PushSimConfig, PushSimulator
 
-    providers = push = control = None
+    from feed.simulator.cricket_server import CricketSimConfig, CricketSimulator
+
+    providers = push = control = cricket = None
     if args.providers:
         bind_socket(args.host, args.providers_port).close()
         bind_socket(args.host, args.push_port).close()
+        bind_socket(args.host, args.cricket_port).close()
     sim = Simulator(config)
     await sim.start()
     ready(sim)
@@ -718,6 +724,9 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
                                            rate_per_s=args.rate, seed=args.seed, time_scale=args.time_scale,
                                            truth_log=args.truth_log),
                              model=sim.model)  # the same matches as every other simulator (own model in replay)
+        cricket = CricketSimulator(CricketSimConfig(host=args.host, port=args.cricket_port, app_key=sim.config.app_key,
+                                                    session_token=sim.config.session_token, seed=args.seed),
+                                   sessions=sim.sessions)  # one Betfair login serves both streams
     try:
         if args.control_port is not None:
             control = ControlServer({"esa": sim, "http": providers, "push": push}, port=args.control_port)
@@ -738,8 +747,14 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"push provider (docs/push-format.md) on {args.host}:{push.port}:", flush=True)
         print(f"  --source push-ws={push.url('ws')},api_key={key}", flush=True)
         print(f"  --source push-sse={push.url('sse')},api_key={key}", flush=True)
+        if cricket is not None:
+            await cricket.start()
+            print(f"Betfair sports-data stream (live cricket scores) on {args.host}:{cricket.port}:", flush=True)
+            print(f"  --source betfair-cricket={args.host}:{cricket.port},{_sim_esa_options(sim)}", flush=True)
         await asyncio.Event().wait()
     finally:
+        if cricket is not None:
+            await cricket.stop()
         if control is not None:
             await control.stop()
         if push is not None:

@@ -220,11 +220,12 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
     """``oddsfeed simulate --providers`` + ``oddsfeed run --source …`` ×4, as README shows:
     every source UP in /v1/sources with its own markets, served together."""
-    esa, http, push, api, bf = (_free_port() for _ in range(5))
+    esa, http, push, api, bf, cricket = (_free_port() for _ in range(6))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sim = subprocess.Popen(
         [sys.executable, "-m", "feed", "simulate", "--providers", "--port", str(esa), "--providers-port", str(http),
-         "--push-port", str(push), "--api-port", str(bf), "--rate", "200", "--seed", "3"],
+         "--push-port", str(push), "--api-port", str(bf), "--cricket-port", str(cricket), "--rate", "200",
+         "--seed", "3"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     fast = "min_interval_s=0,interval_s=1,live_interval_s=1"
     run = None
@@ -236,7 +237,9 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
                          f"sso_url=http://127.0.0.1:{bf},betting_url=http://127.0.0.1:{bf}/exchange/betting",
              "--source", f"pinnacle=http://127.0.0.1:{http},user=demo,password=demo,sports=29+33+4,{fast}",
              "--source", f"theoddsapi=http://127.0.0.1:{http}/v4,api_key=demo,sport=upcoming,markets=h2h+totals,{fast}",
-             "--source", f"push-sse=http://127.0.0.1:{push}/push/sse,api_key=sim-push-key"],
+             "--source", f"push-sse=http://127.0.0.1:{push}/push/sse,api_key=sim-push-key",
+             "--source", f"betfair-cricket=127.0.0.1:{cricket},app_key=sim-app-key,username=sim-user,"
+                         f"password=sim-password,sso_url=http://127.0.0.1:{bf}"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         want = {"esa", "pinnacle", "theoddsapi", "push-sse"}
         sources: dict[str, dict] = {}
@@ -256,6 +259,15 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
         markets = httpx.get(f"http://127.0.0.1:{api}/v1/markets", timeout=2).json()["markets"]
         prefixes = {m["market_id"].split(":")[0] for m in markets}
         assert {"bf", "pn", "toa", "px"} <= prefixes, prefixes
+        # the live cricket scores of `simulate --providers`, logged in with the ESA simulator's SSO
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            cric = {s["source"]: s for s in httpx.get(f"http://127.0.0.1:{api}/v1/sources", timeout=2)
+                    .json()["sources"]}.get("betfair-cricket")
+            if cric is not None and cric["state"] == "UP" and cric.get("last_message_at"):
+                break
+            time.sleep(0.5)
+        assert cric is not None and cric["state"] == "UP", cric
     finally:
         if run is not None:
             out = _stop(run)
