@@ -1190,24 +1190,12 @@ class HttpProviders:
         if sport not in {k for k, _, _ in _TOA_SPORTS}:
             return self._error(TOA, 404, "UNKNOWN_SPORT", f"unknown sport {sport}")
         body, seen = self._toa_scores_body(sport)
-        payload = orjson.dumps(body)
-        etag = '"' + hashlib.sha1(payload).hexdigest() + '"'
-        if self.config.etag and request.headers.get("if-none-match") == etag:
-            return await self._deliver(TOA, request, b"", 304, {**self._quota_headers(0), "ETag": etag})
-        cost = 2 if request.query_params.get("daysFrom") else 1
-        if self.quota_remaining < cost:
-            return self._error(TOA, 401, "OUT_OF_USAGE_CREDITS", "Usage quota has been reached",
-                               self._quota_headers(0))
-        self.quota_remaining -= cost
-        self.quota_used += cost
-        headers = self._quota_headers(cost)
-        if self.config.etag:
-            headers["ETag"] = etag
 
         def sent() -> None:
             self.toa_scores_served.update(seen)
 
-        return await self._deliver(TOA, request, payload, headers=headers, on_sent=sent)
+        return await self._toa_billed(request, orjson.dumps(body), 2 if request.query_params.get("daysFrom") else 1,
+                                      sent)
 
     def _pn_params(self, request: Request) -> tuple[int, int | None] | Response:
         try:
@@ -1285,11 +1273,23 @@ class HttpProviders:
         american = (q.get("oddsFormat") or "decimal").lower() == "american"
         now_ms = _now_ms()
         events, rendered, scope = self._toa_body(sport, markets, american, now_ms)
-        payload = orjson.dumps(events)
+        def sent() -> None:
+            for mid, r in rendered.items():
+                self.toa_served[mid] = r
+            for mid, r in self.toa_served.items():
+                if mid not in rendered and r["status"] == "OPEN" and _toa_scope(mid, self.toa_events) in scope:
+                    r["status"] = "SUSPENDED"
+
+        return await self._toa_billed(request, orjson.dumps(events), max(1, len(markets)) * max(1, len(regions)),
+                                      sent)
+
+    async def _toa_billed(self, request: Request, payload: bytes, cost: int, sent: Callable[[], None]) -> Response:
+        """An Odds API answer as the real one bills it: ``304`` (free) when ``If-None-Match`` names
+        the payload's ETag, ``401 OUT_OF_USAGE_CREDITS`` when ``cost`` exceeds the quota left, else
+        the payload with the quota headers (and its ETag); ``sent`` runs once it was written."""
         etag = '"' + hashlib.sha1(payload).hexdigest() + '"'
         if self.config.etag and request.headers.get("if-none-match") == etag:
             return await self._deliver(TOA, request, b"", 304, {**self._quota_headers(0), "ETag": etag})
-        cost = max(1, len(markets)) * max(1, len(regions))
         if self.quota_remaining < cost:
             return self._error(TOA, 401, "OUT_OF_USAGE_CREDITS", "Usage quota has been reached",
                                self._quota_headers(0))
@@ -1298,14 +1298,6 @@ class HttpProviders:
         headers = self._quota_headers(cost)
         if self.config.etag:
             headers["ETag"] = etag
-
-        def sent() -> None:
-            for mid, r in rendered.items():
-                self.toa_served[mid] = r
-            for mid, r in self.toa_served.items():
-                if mid not in rendered and r["status"] == "OPEN" and _toa_scope(mid, self.toa_events) in scope:
-                    r["status"] = "SUSPENDED"
-
         return await self._deliver(TOA, request, payload, headers=headers, on_sent=sent)
 
 
