@@ -33,7 +33,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ import httpx  # noqa: E402
 import msgspec  # noqa: E402
 
 from benchmarks.price_check import Procs, free_port  # noqa: E402
-from feed.embedded_redis import EmbeddedRedis, redis_server_binary  # noqa: E402
+from feed.embedded_redis import EmbeddedRedis, redis_server_binary, start_cluster_node  # noqa: E402
 from streaming.client import OddsClient  # noqa: E402
 
 __all__ = [
@@ -118,16 +117,6 @@ def offered_of(sel: dict[str, Any]) -> float | None:
 
 # -- truth -----------------------------------------------------------------------------------
 
-
-
-def _port_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:``port`` (checked by binding it)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 class Truth:
     """The simulator's truth log (:mod:`feed.simulator.truth`), read incrementally.
@@ -561,14 +550,6 @@ class ClusterStack(Stack):
     def store_args(self) -> list[str]:
         return ["--redis-url", self.redis_url, "--redis-cluster", "--partitions", str(self.partitions)]
 
-    def _cluster_port(self) -> int:
-        """A free port whose cluster-bus port (port + 10000) is free too."""
-        for _ in range(100):
-            port = free_port()
-            if port < 55_000 and _port_free(port + 10_000):  # the cluster bus listens on port + 10000
-                return port
-        raise RuntimeError("no free port pair (port, port + 10000) below 65535 for a cluster node")
-
     def redis_cli(self, port: int | None, *args: str, timeout_s: float = 10.0) -> str:
         out = subprocess.run([self.cli, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout_s,
                              check=False)
@@ -576,12 +557,8 @@ class ClusterStack(Stack):
 
     def start_redis(self) -> None:
         for _ in range(6):
-            port = self._cluster_port()
-            node = EmbeddedRedis(self.work / f"node-{port}", port=port, appendonly=True,
-                                 extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                             "--cluster-node-timeout", str(self.node_timeout_ms)))
-            node.start()
-            self.nodes.append(node)
+            self.nodes.append(start_cluster_node(self.work, appendonly=True,
+                                                 extra_args=("--cluster-node-timeout", str(self.node_timeout_ms))))
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         out = subprocess.run([self.cli, "--cluster", "create", *addrs, "--cluster-replicas", "1", "--cluster-yes"],
                              capture_output=True, text=True, timeout=60, check=False)

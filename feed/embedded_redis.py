@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -199,3 +200,59 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: cluster nodes take their client port from here, so the cluster bus (client port + 10000, fixed in
+#: Redis 6) stays below the kernel's ephemeral range (32768+ on Linux), where any outgoing connection
+#: may take it between our check and redis-server's bind
+CLUSTER_PORT_RANGE = (12_000, 22_000)
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (checked by binding it)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_node_port() -> int:
+    """A loopback port for a Redis Cluster node whose bus port (port + 10000) is free too.
+
+    Both lie below the ephemeral range, so only another listener can take
+    them; raises EmbeddedRedisError after 200 tries.
+    """
+    low, high = CLUSTER_PORT_RANGE
+    for _ in range(200):
+        port = random.randint(low, high)
+        if _port_free(port) and _port_free(port + 10_000):
+            return port
+    raise EmbeddedRedisError(f"no free port pair (port, port + 10000) with port in {low}-{high}")
+
+
+def start_cluster_node(data_root: Path, *, extra_args: tuple[str, ...] = (), appendonly: bool = False,
+                       attempts: int = 5) -> EmbeddedRedis:
+    """Start a cluster-enabled redis-server on loopback in ``data_root / node-<port>``.
+
+    Picks the port with cluster_node_port() and tries a new pair when the
+    server fails to start (a port taken between the check and its bind).
+    ``extra_args`` follow ``--cluster-enabled yes --cluster-config-file
+    nodes.conf``. Raises the last EmbeddedRedisError after ``attempts`` tries.
+    """
+    last: EmbeddedRedisError | None = None
+    for _ in range(attempts):
+        port = cluster_node_port()
+        node = EmbeddedRedis(data_root / f"node-{port}", port=port, appendonly=appendonly,
+                             extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                         *extra_args))
+        try:
+            node.start()
+        except EmbeddedRedisError as exc:
+            last = exc
+            node.stop()
+            continue
+        return node
+    assert last is not None
+    raise last

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from feed.embedded_redis import EmbeddedRedis, redis_server_binary
+from feed.embedded_redis import redis_server_binary, start_cluster_node
 from feed.ingest import Ingest
 from feed.settings import Settings
 from feed.store import Store, partition_of
@@ -47,16 +46,6 @@ def price_line(mid: str, sel: int, price: float, pt: int, clk: str) -> bytes:
                        "mc": [{"id": mid, "rc": [{"id": sel, "batb": [[0, price, 10]]}]}]}).encode()
 
 
-def _free_port() -> int:
-    while True:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        if port < 55_000:  # the cluster bus listens on port + 10000
-            return port
-
-
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Three cluster-enabled redis-servers joined with ``redis-cli --cluster create``; yields a seed URL."""
@@ -64,12 +53,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     servers = []
     try:
         for _ in range(3):
-            port = _free_port()
-            server = EmbeddedRedis(base / str(port), port=port, appendonly=False,
-                                   extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                               "--cluster-node-timeout", "5000"))
-            server.start()
-            servers.append(server)
+            servers.append(start_cluster_node(base, extra_args=("--cluster-node-timeout", "5000")))
         cli = str(Path(redis_server_binary()).with_name("redis-cli"))
         if not os.path.exists(cli):
             pytest.skip("redis-cli not found beside redis-server")
