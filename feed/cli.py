@@ -330,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cricket-port", type=_port, default=9446,
                      help="with --providers: port of Betfair's sports-data stream (live cricket scores for a "
                           "betfair-cricket source; the ESA simulator's logins work on it; default 9446)")
+    sim.add_argument("--race-port", type=_port, default=9447,
+                     help="with --providers: port of Betfair's sports-data stream serving race progress, TPD "
+                          "(the simulator's in-play horse races, for a betfair-race source; the ESA "
+                          "simulator's logins work on it; default 9447)")
     sim.add_argument("--truth-log", metavar="PATH",
                      help="append every upstream change (ground truth, one JSON line per selection, oddsfeed ids) "
                           "to PATH; see feed/simulator/truth.py (default: off)")
@@ -706,12 +710,14 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
     from feed.simulator.push_providers import PushSimConfig, PushSimulator
 
     from feed.simulator.cricket_server import CricketSimConfig, CricketSimulator
+    from feed.simulator.race_server import RaceSimConfig, RaceSimulator
 
-    providers = push = control = cricket = None
+    providers = push = control = cricket = race = None
     if args.providers:
         bind_socket(args.host, args.providers_port).close()
         bind_socket(args.host, args.push_port).close()
         bind_socket(args.host, args.cricket_port).close()
+        bind_socket(args.host, args.race_port).close()
     sim = Simulator(config)
     await sim.start()
     ready(sim)
@@ -727,6 +733,10 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
         cricket = CricketSimulator(CricketSimConfig(host=args.host, port=args.cricket_port, app_key=sim.config.app_key,
                                                     session_token=sim.config.session_token, seed=args.seed),
                                    sessions=sim.sessions)  # one Betfair login serves both streams
+        race = RaceSimulator(RaceSimConfig(host=args.host, port=args.race_port, app_key=sim.config.app_key,
+                                           session_token=sim.config.session_token, seed=args.seed),
+                             sessions=sim.sessions,  # the same login again
+                             model=sim.model)  # the ESA simulator's horse races in play (synthetic ones in replay)
     try:
         if args.control_port is not None:
             control = ControlServer({"esa": sim, "http": providers, "push": push}, port=args.control_port)
@@ -751,8 +761,14 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
             await cricket.start()
             print(f"Betfair sports-data stream (live cricket scores) on {args.host}:{cricket.port}:", flush=True)
             print(f"  --source betfair-cricket={args.host}:{cricket.port},{_sim_esa_options(sim)}", flush=True)
+        if race is not None:
+            await race.start()
+            print(f"Betfair sports-data stream (race progress, TPD) on {args.host}:{race.port}:", flush=True)
+            print(f"  --source betfair-race={args.host}:{race.port},{_sim_esa_options(sim)}", flush=True)
         await asyncio.Event().wait()
     finally:
+        if race is not None:
+            await race.stop()
         if cricket is not None:
             await cricket.stop()
         if control is not None:

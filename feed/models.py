@@ -396,9 +396,49 @@ class Innings(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     balls: int = 0
 
 
+class RaceRunner(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One runner's place in a race as last tracked (Betfair TPD ``rrc``).
+
+    selection_id: the race market's selection id (``"7390417"``).
+    distance_m: metres to the finish, ≥ 0 (0 once past it). speed_mps:
+    ground speed, m/s (None: not given). at: the tracking time of the
+    reading, int ms since the epoch (provider time).
+    """
+
+    selection_id: str
+    distance_m: float
+    speed_mps: float | None = None
+    at: int = 0
+
+
+class RaceProgress(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A race's progress (Betfair Total Performance Data, the ``rcm`` stream).
+
+    race_id: the provider's race id (Betfair: ``<meeting event id>.<HHMM of
+    the scheduled start, UTC>``, ``"28587288.1650"``). market_id: the race's
+    market the provider names (``bf:1.173853449``). gate: the last timing
+    gate the leader passed (``Start``, ``7f`` … ``1f``, ``Finish``; None:
+    none yet). distance_m: the leader's metres to the finish (0 once
+    finished). leader_speed_mps: m/s. sectional_s: time of the last
+    section, seconds. order: selection ids in running order, leader first
+    (the finishing order once finished — the result is the market's
+    settlement, not this). runners: every tracked runner, nearest the
+    finish first.
+    """
+
+    race_id: str
+    market_id: str | None = None
+    gate: str | None = None
+    distance_m: float | None = None
+    leader_speed_mps: float | None = None
+    sectional_s: float | None = None
+    order: list[str] = []
+    runners: list[RaceRunner] = []
+
+
 class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The state of one provider event: status, period, clock, score, cards,
-    cricket innings — what the provider gives, nothing derived.
+    cricket innings, race progress — what the provider gives, nothing derived.
 
     event_id: the provider event id markets carry in ``Market.event_id``
     (``bf:31573045``, ``pn:1590000001``, ``uof:sr:match:1001``).
@@ -413,6 +453,11 @@ class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     clock: see :class:`Clock` (None: the provider gives none).
     score: see :class:`Score` (None: not given). red_cards: per side (None:
     not given). innings: cricket innings in order ([] for other sports).
+    race: a race's progress (:class:`RaceProgress`; None for other events).
+    A race's state is keyed by the race, not its meeting: ``event_id`` is
+    ``bf:<race id>`` (``bf:28587288.1650``), and it belongs to the markets
+    of the meeting's event whose scheduled start is that race's
+    (:func:`feed.taxonomy.race_event_id` of a market gives it).
     source_ts / received_at: the provider's time of the state and when the
     ingest read it, int ms since the epoch (UTC); source_ts_original: a
     replay's own clock when it was mapped onto now. version: per event,
@@ -429,6 +474,7 @@ class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     score: Score | None = None
     red_cards: TeamCounts | None = None
     innings: list[Innings] = []
+    race: RaceProgress | None = None
     source_ts: int = 0
     received_at: int = 0
     source_ts_original: int | None = None
@@ -436,11 +482,11 @@ class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     def same_content(self, other: EventState | None) -> bool:
         """True when ``other`` says the same as this state (status, in-play,
-        period, clock, score, cards, innings), whatever the times and version."""
+        period, clock, score, cards, innings, race), whatever the times and version."""
         return (other is not None and self.event_id == other.event_id and self.status == other.status
                 and self.in_play == other.in_play and self.period == other.period and self.clock == other.clock
                 and self.score == other.score and self.red_cards == other.red_cards
-                and self.innings == other.innings)
+                and self.innings == other.innings and self.race == other.race)
 
     @property
     def provider_ts(self) -> int:

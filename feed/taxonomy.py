@@ -437,3 +437,16 @@ def uof_outcome(market_id: str, outcome_id: str) -> str | None:
     """A UOF outcome id of a mapped market → canonical outcome (None: unknown)."""
     hit = _UOF.get(market_id)
     return hit[1].get(outcome_id) if hit is not None else None
+
+
+def race_event_id(event_id: str | None, sport: str | None, start_time: int | None) -> str | None:
+    """The race event id a Betfair racing market belongs to: its event (the
+    meeting, ``bf:28587288``) and the HHMM of its scheduled start in UTC
+    (``bf:28587288.1650``), as Betfair's race ids are formed; None for a
+    market that is not a Betfair horse or greyhound race. ``start_time``:
+    int ms since the epoch."""
+    if (sport not in ("horse_racing", "greyhound_racing") or start_time is None or event_id is None
+            or not event_id.startswith("bf:")):
+        return None
+    minute = (start_time // 60_000) % 1440
+    return f"{event_id}.{minute // 60:02d}{minute % 60:02d}"

@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 from feed.errors import FeedDecodeError
 
 if TYPE_CHECKING:
-    from feed.models import EventState, Ladder, MarketHeader, Selection
+    from feed.models import EventState, Ladder, MarketHeader, RaceProgress, Selection
     from feed.normalise.base import MarketUpdate
 
 __all__ = [
@@ -442,6 +442,13 @@ MAX_BALLS = 10_000
 MAX_INNINGS = 20
 #: periods listed in one score at most this
 MAX_PERIODS = 64
+#: races: distances to the finish in metres within 0..this; speeds in m/s within 0..this (a racehorse
+#: tops out near 20, a greyhound near 18: anything past this is a broken reading); sectional times in
+#: seconds within 0..this; runners (and the running order) at most this many
+MAX_RACE_M = 10_000.0
+MAX_RACE_SPEED_MPS = 40.0
+MAX_SECTIONAL_S = 3_600.0
+MAX_RACE_RUNNERS = 64
 #: a period code: lowercase letters, digits, ``_``, 1–16 characters (``1h``, ``ht``, ``q3``, ``innings2``)
 _PERIOD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 _EVENT_STATUSES = frozenset({"NOT_STARTED", "LIVE", "SUSPENDED", "ENDED", "CLOSED", "CANCELLED", "POSTPONED",
@@ -456,6 +463,35 @@ def is_period(text: object) -> bool:
 def _es_bad(reason: str, event_id: str, what: str, value: object) -> FeedDecodeError:
     return FeedDecodeError(reason, f"{what} {value!r:.80} out of range in the state of event {event_id}",
                            event_id=event_id)
+
+
+def _es_float(event_id: str, what: str, value: float | None, hi: float) -> None:
+    """``value`` is None or a finite number within 0..``hi``."""
+    if value is None:
+        return
+    if type(value) not in (int, float):
+        raise FeedDecodeError("invalid_schema", f"{what} {value!r:.80} is not a number in the state of event "
+                              f"{event_id}", event_id=event_id)
+    if not 0 <= value <= hi:  # NaN fails both
+        raise _es_bad("invalid_number", event_id, what, value)
+
+
+def _check_race(eid: str, race: RaceProgress, recv_ms: int, max_future_skew_ms: int) -> None:
+    if type(race.race_id) is not str or not 0 < len(race.race_id) <= 64:
+        raise FeedDecodeError("invalid_schema", f"race id {race.race_id!r:.80} of event {eid}")
+    if race.gate is not None and (type(race.gate) is not str or not 0 < len(race.gate) <= 16):
+        raise FeedDecodeError("invalid_schema", f"race gate {race.gate!r:.40} of event {eid}")
+    _es_float(eid, "race distance_m", race.distance_m, MAX_RACE_M)
+    _es_float(eid, "race leader_speed_mps", race.leader_speed_mps, MAX_RACE_SPEED_MPS)
+    _es_float(eid, "race sectional_s", race.sectional_s, MAX_SECTIONAL_S)
+    if len(race.order) > MAX_RACE_RUNNERS or len(race.runners) > MAX_RACE_RUNNERS:
+        raise FeedDecodeError("invalid_schema", f"more than {MAX_RACE_RUNNERS} runners in the race of event {eid}")
+    if len(set(race.order)) != len(race.order):
+        raise FeedDecodeError("invalid_schema", f"a runner twice in the running order of event {eid}")
+    for r in race.runners:
+        _es_float(eid, f"runner {r.selection_id} distance_m", r.distance_m, MAX_RACE_M)
+        _es_float(eid, f"runner {r.selection_id} speed_mps", r.speed_mps, MAX_RACE_SPEED_MPS)
+        check_provider_time(r.at, recv_ms, max_future_skew_ms, f"tracking time of runner {r.selection_id}")
 
 
 def _es_int(event_id: str, what: str, value: object, hi: int, lo: int = 0) -> None:
@@ -473,7 +509,10 @@ def validate_event_state(es: EventState, recv_ms: int, *, max_future_skew_ms: in
     Bounds: scores (totals, periods, innings runs) ints 0..:data:`MAX_SCORE`;
     red cards 0..:data:`MAX_CARDS`; wickets 0..:data:`MAX_WICKETS`; balls
     0..:data:`MAX_BALLS`; innings numbers 1..:data:`MAX_INNINGS`; clock
-    seconds / remaining / stoppage 0..:data:`MAX_CLOCK_S` — ``invalid_number``;
+    seconds / remaining / stoppage 0..:data:`MAX_CLOCK_S`; a race's
+    distances 0..:data:`MAX_RACE_M` m, speeds 0..:data:`MAX_RACE_SPEED_MPS`
+    m/s, sectional time 0..:data:`MAX_SECTIONAL_S` s — ``invalid_number``;
+    more than :data:`MAX_RACE_RUNNERS` runners, a runner twice in the order,
     a value of the wrong type, an unknown status, a period code that is not
     1–16 of ``[a-z0-9_]``, more than :data:`MAX_PERIODS` periods or
     :data:`MAX_INNINGS` innings, an empty event id — ``invalid_schema``;
@@ -532,6 +571,8 @@ def validate_event_state(es: EventState, recv_ms: int, *, max_future_skew_ms: in
             _es_int(eid, f"innings {inn.number} runs", inn.runs, MAX_SCORE)
             _es_int(eid, f"innings {inn.number} wickets", inn.wickets, MAX_WICKETS)
             _es_int(eid, f"innings {inn.number} balls", inn.balls, MAX_BALLS)
+        if es.race is not None:
+            _check_race(eid, es.race, recv_ms, max_future_skew_ms)
     except FeedDecodeError as exc:
         exc.event_id = eid
         raise

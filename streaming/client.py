@@ -56,7 +56,9 @@ snapshot, delta or ``status``), or its age exceeds ``stale_in_play_ms`` /
 
 Event states (scores, clock, period, status; the README's "Event state"):
 every ``event_state`` message updates ``event_states[event_id]`` (the
-provider event id the markets carry in ``event_id``) unless it holds a
+provider event id the markets carry in ``event_id``; a horse or greyhound
+race's own id ``bf:<meeting>.<HHMM>`` for its race progress:
+:meth:`OddsClient.state_of_market` finds either) unless it holds a
 ``version`` at or below the one held from the same source; a ``snapshot``
 clears them (the current states of its events follow it, and after a
 ``resumed {recovered: true}`` too). :meth:`OddsClient.match_time_s` runs a
@@ -93,6 +95,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from feed.errors import OddsfeedError
 from feed.models import CLOSED_STATUSES, Delta, EventState, Market, apply_delta
+from feed.taxonomy import race_event_id
 from feed.sources.backoff import Backoff
 from streaming.pricecheck import BatchResult, PriceCheckRequest, PriceCheckResult
 
@@ -431,6 +434,18 @@ class OddsClient:
             return float(clock.seconds)
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         return clock.seconds + max(0, now - clock.at) / 1000
+
+    def state_of_market(self, market_id: str) -> ServedEventState | None:
+        """The state to show beside a market of the local book: its race's
+        (a Betfair horse or greyhound race: ``bf:<meeting>.<HHMM>``, from the
+        market's event and scheduled start, :func:`feed.taxonomy.race_event_id`)
+        when there is one, else its event's; None without either."""
+        m = self.markets.get(market_id)
+        if m is None or m.event_id is None:
+            return None
+        race = race_event_id(m.event_id, m.sport, m.start_time)
+        es = self.event_states.get(race) if race is not None else None
+        return es if es is not None else self.event_states.get(m.event_id)
 
     def event_state_stale(self, event_id: str) -> bool:
         """True when the event's state is stale: flagged by the server when sent,

@@ -983,8 +983,8 @@ class Hub:
         else:
             def markets_and_events() -> Iterable[bytes]:
                 for m in st.matching(f):
-                    if m.event_id is not None:
-                        events[m.event_id] = None
+                    for eid in st.state_events(m):  # its event's, and its race's
+                        events[eid] = None
                     yield st.market_json(m, now)
             markets = markets_and_events()
         return snapshot_message(markets, as_of=now, token=st.token, recovered=recovered, reason=reason)
@@ -1332,7 +1332,7 @@ class Hub:
 
     def _event_markets(self, event_id: str) -> list[tuple[str, MarketKeys]]:
         st = self.state
-        mids = st.by_event.get(event_id)
+        mids = st.state_markets(event_id)  # a provider event's markets, or a race's
         if not mids:
             return []
         return [(mid, st.keys_of(m)) for mid in mids if (m := st.markets.get(mid)) is not None]
@@ -1408,8 +1408,15 @@ class Hub:
         held = self.event_states
         assert held is not None
         states = held.states
-        cands = [(mid, keys, prev, es) for mid, keys, prev in newly
-                 if keys[1] is not None and (es := states.get(keys[1])) is not None]
+        st = self.state
+        cands = []
+        for mid, keys, prev in newly:
+            if keys[1] is None:
+                continue
+            m = st.markets.get(mid)
+            for eid in (st.state_events(m) if m is not None else (keys[1],)):  # its event's, its race's
+                if (es := states.get(eid)) is not None:
+                    cands.append((mid, keys, prev, es))
         if not cands:
             return
         now = now_ms()
@@ -1427,7 +1434,7 @@ class Hub:
                     eid = es.event_id
                     if eid in eids or not f.match(mid, keys) or f.hides(keys):
                         continue
-                    if prev is not None and prev[1] == eid and f.match(mid, prev) and not f.hides(prev):
+                    if prev is not None and prev[1] == keys[1] and f.match(mid, prev) and not f.hides(prev):
                         continue  # it had this market of the event before: it has the state
                     if sources is not None and es.source not in sources:
                         continue  # a source the tenant may not see
@@ -1492,12 +1499,13 @@ class Hub:
         if f.market is not None or f.event is not None:  # indexed: few markets
             seen: dict[str, None] = {}
             for m in st.matching(f):
-                if m.event_id is not None and m.event_id in held.states:
-                    seen[m.event_id] = None
+                for eid in st.state_events(m):
+                    if eid in held.states:
+                        seen[eid] = None
             return list(seen)
         out = []
         for eid in held.states:
-            for mid in st.by_event.get(eid, ()):
+            for mid in st.state_markets(eid):
                 held_m = st.markets.get(mid)
                 if held_m is not None and f.match(mid, keys := st.keys_of(held_m)) and not f.hides(keys):
                     out.append(eid)
@@ -1795,8 +1803,9 @@ class Hub:
                                                           age_ms=age, stale=stale, sent_at=now, token=st.token,
                                                           prev_token=st.token)
                     conn.send(msg.formatted(sub.fmt), sub, True)
-                    if states and m.event_id is not None:
-                        events[m.event_id] = None
+                    if states:
+                        for eid in st.state_events(m):
+                            events[eid] = None
                 if events:  # the events it newly matches: their states too
                     self.send_states(sub, events)
         if self.best.subs:

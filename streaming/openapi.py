@@ -106,7 +106,8 @@ class MarketList(msgspec.Struct, kw_only=True):
 
 class EventStateWithAge(EventState, frozen=True, kw_only=True, gc=False):
     """An event's state as served: the EventState of feed.models (status, period, clock, score, red
-    cards, cricket innings; ``version`` per event, increasing) plus its age and staleness
+    cards, cricket innings, a horse race's progress keyed by the race ``bf:<meeting>.<HHMM>``;
+    ``version`` per event, increasing) plus its age and staleness
     (``streaming.event_states``: stale when its source is DOWN, or when not final and older than the
     in-play / pre-match limit)."""
 

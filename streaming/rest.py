@@ -25,8 +25,12 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
         <state> = the EventState JSON of feed.models (score, clock, period, status) plus "age_ms" and
         "stale" (streaming.event_states); "state" is the member event's state to show (not stale first,
         then the newest), turned round to the canonical event's home/away; "states" holds every member's
-        own, each with "reversed" (its sides are the other way round). The list gives each event its
-        "state" when one of its members has one.
+        own, each with "reversed" (its sides are the other way round), and the race states of its
+        markets (Betfair racing: event_id bf:<race id>, with "race": progress; a race's canonical
+        event — the linker keys racing events by meeting and start time — shows its race's state
+        as "state" when no member event has one). A race id (bf:28587288.1650) is accepted as
+        {event_id}: the race's canonical event. The list gives each event its "state" when one of
+        its members (or its race) has one.
     GET /v1/sports
         200 {"sports":[{"sport","events":n,"markets":n,"in_play_markets":n}…],"as_of":ms}
     GET /v1/sources
@@ -177,31 +181,40 @@ def _view_param(value: str | None) -> str | None:
 
 def _event_states(node: Node, markets: Iterable[Market], now: int) -> tuple[bytes, list[bytes], str]:
     """The event states of a canonical event's member events (one per
-    provider event of ``markets``): (the state to show, turned round to the
-    canonical event's sides, as JSON or ``b"null"``; every member's own
-    state as JSON with ``"reversed"``; an ETag part naming their versions
-    and staleness)."""
+    provider event of ``markets``) and of its races (Betfair racing: one per
+    race with a state, ``bf:<race id>``): (the state to show — a member
+    event's, else its race's — turned round to the canonical event's sides,
+    as JSON or ``b"null"``; every member's and race's own state as JSON with
+    ``"reversed"``; an ETag part naming their versions and staleness)."""
     st = node.state
     held = node.event_states
     members: list[tuple[EventState, bool, bool]] = []
+    races: list[tuple[EventState, bool, bool]] = []
     seen: set[str] = set()
     for m in markets:
         eid = m.event_id
-        if eid is None or eid in seen:
+        if eid is None:
             continue
-        seen.add(eid)
-        es = held.get(eid)
-        if es is not None:
-            members.append((es, held.age_stale(es, st, now)[1], st.reversed_of(m)))
-    if not members:
+        for i, sid in enumerate(st.state_events(m)):  # the event's state, then its race's (racing)
+            if sid in seen:
+                continue
+            seen.add(sid)
+            es = held.get(sid)
+            if es is not None:
+                (races if i else members).append((es, held.age_stale(es, st, now)[1], st.reversed_of(m)))
+    if not members and not races:
         return b"null", [], ""
-    chosen = pick((es, stale) for es, stale, _ in members)
-    rev = next(r for es, _, r in members if es is chosen)
+    # a race's canonical event (the linker keys racing events by meeting and start) shows its race's
+    # state when no member event has one of its own
+    shown_from = members or races
+    chosen = pick((es, stale) for es, stale, _ in shown_from)
+    rev = next(r for es, _, r in shown_from if es is chosen)
     assert chosen is not None
     shown = held.json(turned(chosen) if rev else chosen, st, now)
+    everyone = members + races
     own = [held.json(es, st, now)[:-1] + (b',"reversed":true}' if r else b',"reversed":false}')
-           for es, _, r in sorted(members, key=lambda x: x[0].event_id)]
-    tag = ";".join(f"{es.event_id}:{es.version}:{int(stale)}" for es, stale, _ in members)
+           for es, _, r in sorted(everyone, key=lambda x: x[0].event_id)]
+    tag = ";".join(f"{es.event_id}:{es.version}:{int(stale)}" for es, stale, _ in everyone)
     return shown, own, tag
 
 
@@ -272,7 +285,7 @@ async def get_event(request: Request) -> Response:
     unknown = f"no event {event_id!r} on this feed (give a canonical id ev:… or a provider event id)"
     if event_id not in state.by_canonical:
         # a market of the provider event the tenant may see (an aggregator's event has several books)
-        m0 = next((m for mid in state.by_event.get(event_id, ()) if (m := state.markets.get(mid)) is not None
+        m0 = next((m for mid in state.state_markets(event_id) if (m := state.markets.get(mid)) is not None
                    and (visible is None or visible(m))), None)
         if m0 is None:
             return json_error(404, "unknown_event", unknown)

@@ -57,7 +57,7 @@ from feed.settings import Settings
 from feed.linker import SUMMARY_DECODER, CanonicalSummary
 from feed.matching import CANONICAL_PREFIX, record_id
 from feed.store import StoredLink, partition_of
-from feed.taxonomy import market_key, parse_market_key
+from feed.taxonomy import market_key, parse_market_key, race_event_id
 from streaming.encoding import (
     Message, StreamId, delta_message, encode_token, market_with_age, parse_stream_id,
 )
@@ -69,6 +69,7 @@ __all__ = [
 
 MARKET_STATUSES = ("OPEN", "SUSPENDED", "INACTIVE", "CLOSED", "SETTLED", "CANCELLED")
 _FILTER_LIST_MAX = 1000
+_NO_IDS: frozenset[str] = frozenset()
 _FILTER_ITEM_MAX = 256
 
 
@@ -442,6 +443,10 @@ class NodeState:
         self.by_event: dict[str, set[str]] = {}
         self.by_sport: dict[str, set[str]] = {}
         self.by_source: dict[str, set[str]] = {}
+        #: race event id (``bf:28587288.1650``) -> the race's market ids: a Betfair meeting's
+        #: markets split by scheduled start (:func:`feed.taxonomy.race_event_id`), what a
+        #: race's event state (race progress) belongs to
+        self.by_race: dict[str, set[str]] = {}
         #: canonical event id -> market ids of every book (see :meth:`canonical_of`)
         self.by_canonical: dict[str, set[str]] = {}
         #: event record id -> its stored link; canonical id -> summary (from the linker)
@@ -545,6 +550,19 @@ class NodeState:
         link = self.links.get(record_id(m.event_id, m.sport, m.start_time))
         return link is not None and link.r
 
+    def state_markets(self, event_id: str) -> set[str] | frozenset[str]:
+        """The ids of the markets an event state of ``event_id`` belongs to: the provider
+        event's markets, or a race's (``bf:<race id>``: :attr:`by_race`)."""
+        return self.by_event.get(event_id) or self.by_race.get(event_id) or _NO_IDS
+
+    def state_events(self, m: Market) -> tuple[str, ...]:
+        """The event ids whose states belong to market ``m``: its event's, and its race's
+        when it is a Betfair race market."""
+        race = race_event_id(m.event_id, m.sport, m.start_time)
+        if m.event_id is None:
+            return ()
+        return (m.event_id,) if race is None else (m.event_id, race)
+
     def canonical_of(self, m: Market) -> str | None:
         """The canonical event id of market ``m`` (see :meth:`canonical_id`)."""
         return self.canonical_id(m.event_id, m.sport, m.start_time)
@@ -604,6 +622,9 @@ class NodeState:
         if m.sport is not None:
             self.by_sport.setdefault(m.sport, set()).add(m.market_id)
         self.by_source.setdefault(m.source, set()).add(m.market_id)
+        race = race_event_id(m.event_id, m.sport, m.start_time)
+        if race is not None:
+            self.by_race.setdefault(race, set()).add(m.market_id)
         cid = self.canonical_of(m)
         if cid is not None:
             self.by_canonical.setdefault(cid, set()).add(m.market_id)
@@ -611,7 +632,7 @@ class NodeState:
     def _index_remove(self, m: Market) -> None:
         pairs: tuple[tuple[dict[str, set[str]], str | None], ...] = (
             (self.by_event, m.event_id), (self.by_sport, m.sport), (self.by_source, m.source),
-            (self.by_canonical, self.canonical_of(m)))
+            (self.by_canonical, self.canonical_of(m)), (self.by_race, race_event_id(m.event_id, m.sport, m.start_time)))
         for index, key in pairs:
             if key is None:
                 continue

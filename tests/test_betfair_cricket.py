@@ -140,7 +140,7 @@ def test_the_synthetic_match_is_a_t20_and_deterministic() -> None:
 def test_a_match_joined_mid_stream_waits_for_its_fixture() -> None:
     """A stream joined mid-match (a restart) may open with ``matchStats`` alone: no state is guessed
     (NOT_STARTED, innings of no side) until ``fixtureInfo`` names the status and the teams."""
-    n = BetfairNormaliser("x", ccm_cursor=True)
+    n = BetfairNormaliser("x", cursor_op="ccm")
     stats = {"currentInnings": 1, "inningsStats": [{"inningsNum": 1, "battingTeam": "A", "bowlingTeam": "B",
                                                     "inningsRuns": 40, "inningsOvers": "5.2", "inningsWickets": 1}]}
     line = {"op": "ccm", "id": 2, "clk": "1", "pt": 1_800_000_000_000, "cc": [{"eventId": "9", "matchStats": stats}]}

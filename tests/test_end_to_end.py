@@ -220,11 +220,11 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
     """``oddsfeed simulate --providers`` + ``oddsfeed run --source …`` ×4, as README shows:
     every source UP in /v1/sources with its own markets, served together."""
-    esa, http, push, api, bf, cricket = (_free_port() for _ in range(6))
+    esa, http, push, api, bf, cricket, race = (_free_port() for _ in range(7))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sim = subprocess.Popen(
         [sys.executable, "-m", "feed", "simulate", "--providers", "--port", str(esa), "--providers-port", str(http),
-         "--push-port", str(push), "--api-port", str(bf), "--cricket-port", str(cricket), "--rate", "200",
+         "--push-port", str(push), "--api-port", str(bf), "--cricket-port", str(cricket), "--race-port", str(race), "--rate", "200",
          "--seed", "3"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     fast = "min_interval_s=0,interval_s=1,live_interval_s=1"
@@ -239,6 +239,8 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
              "--source", f"theoddsapi=http://127.0.0.1:{http}/v4,api_key=demo,sport=upcoming,markets=h2h+totals,{fast}",
              "--source", f"push-sse=http://127.0.0.1:{push}/push/sse,api_key=sim-push-key",
              "--source", f"betfair-cricket=127.0.0.1:{cricket},app_key=sim-app-key,username=sim-user,"
+                         f"password=sim-password,sso_url=http://127.0.0.1:{bf}",
+             "--source", f"betfair-race=127.0.0.1:{race},app_key=sim-app-key,username=sim-user,"
                          f"password=sim-password,sso_url=http://127.0.0.1:{bf}"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         want = {"esa", "pinnacle", "theoddsapi", "push-sse"}
@@ -259,15 +261,19 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
         markets = httpx.get(f"http://127.0.0.1:{api}/v1/markets", timeout=2).json()["markets"]
         prefixes = {m["market_id"].split(":")[0] for m in markets}
         assert {"bf", "pn", "toa", "px"} <= prefixes, prefixes
-        # the live cricket scores of `simulate --providers`, logged in with the ESA simulator's SSO
+        # the live cricket scores and race progress of `simulate --providers`, logged in with the ESA
+        # simulator's SSO
         deadline = time.monotonic() + 30
+        data: dict[str, dict] = {}
         while time.monotonic() < deadline:
-            cric = {s["source"]: s for s in httpx.get(f"http://127.0.0.1:{api}/v1/sources", timeout=2)
-                    .json()["sources"]}.get("betfair-cricket")
-            if cric is not None and cric["state"] == "UP" and cric.get("last_message_at"):
+            got = {s["source"]: s for s in httpx.get(f"http://127.0.0.1:{api}/v1/sources", timeout=2)
+                   .json()["sources"]}
+            data = {k: got[k] for k in ("betfair-cricket", "betfair-race") if k in got}
+            if len(data) == 2 and all(s["state"] == "UP" and s.get("last_message_at") for s in data.values()):
                 break
             time.sleep(0.5)
-        assert cric is not None and cric["state"] == "UP", cric
+        for kind in ("betfair-cricket", "betfair-race"):
+            assert kind in data and data[kind]["state"] == "UP", data
     finally:
         if run is not None:
             out = _stop(run)

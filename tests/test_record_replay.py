@@ -219,6 +219,22 @@ async def cricket_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
         await sim.stop()
 
 
+@contextlib.asynccontextmanager
+async def race_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
+    """Betfair's sports-data stream (race progress, TPD): three synthetic races at 20× (a progress
+    line every 50 ms of real time)."""
+    from feed.simulator.race_server import RaceSimConfig, RaceSimulator
+
+    sim = RaceSimulator(RaceSimConfig(seed=5, races=3, time_scale=20.0, distance_m=(1000.0, 1200.0),
+                                      min_update_ms=10, tick_ms=5, race_gap_ms=100))
+    await sim.start()
+    try:
+        yield (f"betfair-race=127.0.0.1:{sim.port},app_key=sim-app-key,session=sim-session,heartbeat_ms=500,"
+               "name=rec-race"), sim.freeze
+    finally:
+        await sim.stop()
+
+
 UPSTREAMS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[tuple[str, Callable[[], None]]]]] = {
     "esa": esa_upstream,
     "pinnacle": lambda: http_upstream("pinnacle"),
@@ -229,6 +245,7 @@ UPSTREAMS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[tuple[
     "uof": uof_upstream,
     "betfair-csv": csv_upstream,
     "betfair-cricket": cricket_upstream,
+    "betfair-race": race_upstream,
 }
 
 
@@ -281,8 +298,9 @@ async def test_a_recorded_session_replays_to_the_live_snapshot(store: Store, red
         name, recorded = await record_live(store, spec_text, freeze, tmp_path)
     live = await snapshot(store, name)
     live_states = await states(store, name)
-    assert recorded > 0 and (len(live) > 0 or kind == "betfair-cricket")  # (scores only: no markets)
-    if kind in ("pinnacle", "theoddsapi", "push-ws", "push-sse", "uof", "betfair-cricket"):  # providers of scores
+    assert recorded > 0 and (len(live) > 0 or kind in ("betfair-cricket", "betfair-race"))  # (states only)
+    if kind in ("pinnacle", "theoddsapi", "push-ws", "push-sse", "uof", "betfair-cricket",
+                "betfair-race"):  # providers of scores / race progress
         assert live_states, f"{kind}: no event state recorded"
     files = list((tmp_path / name).iterdir())
     assert files and all(f.name.endswith(".gz") for f in files), files  # compressed when closed

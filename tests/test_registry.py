@@ -43,6 +43,7 @@ def test_every_kind_builds_a_source_and_normaliser_from_a_spec() -> None:
         "uof": "uof=amqp://guest:guest@127.0.0.1:9/,api=http://127.0.0.1:9,token=t",
         "betfair-csv": "betfair-csv=/no/such/file.csv",
         "betfair-cricket": "betfair-cricket=127.0.0.1:9446,app_key=a,session=s",
+        "betfair-race": "betfair-race=127.0.0.1:9447,app_key=a,session=s",
     }
     assert set(REGISTRY) <= set(examples), "add an example spec for the new kind"
     for kind in REGISTRY:

@@ -33,6 +33,17 @@ Follows ESA ``mcm`` semantics (``research/upstream.md`` §1–2):
   innings, and the innings (runs, wickets, balls = overs × 6 + balls);
   ``source_ts`` = the line's ``pt``. An entry that does not decode, or
   whose state is out of bounds, is rejected alone (``event_id`` set);
+- race progress ``rcm`` lines (the sports-data stream's Total
+  Performance Data, ``op: rcm``, one ``rc`` entry per race: ``id`` the race
+  id ``<meeting eventId>.<HHMM UTC>``, ``mid`` its market, ``rpc`` the
+  race's progress — last gate, leader's distance to the finish, speed,
+  running time, running order — and ``rrc`` runners' tracking readings)
+  become :class:`~feed.models.EventState` s of event ``bf:<race id>`` with
+  a :class:`~feed.models.RaceProgress`: LIVE / in play until the leader
+  passes the ``Finish`` gate, then ENDED; the clock is the running time.
+  A state is emitted with each ``rpc`` (about once a second), carrying the
+  latest reading of every runner (readings alone emit nothing). An entry
+  that does not decode or is out of bounds is rejected alone;
 - ``op: marketCatalogue`` lines (flumine's recorder writes the market
   catalogue beside the stream) give market, event, competition and runner
   names, which the stream itself lacks.
@@ -57,6 +68,7 @@ import msgspec
 
 from feed.errors import FeedDecodeError
 from feed.models import (
+    Clock,
     EventState,
     EventStatus,
     HomeAway,
@@ -65,12 +77,14 @@ from feed.models import (
     MarketHeader,
     MarketStatus,
     PeriodScore,
+    RaceProgress,
+    RaceRunner,
     Score,
     Selection,
     SelectionStatus,
 )
 from feed.normalise.base import MarketUpdate, NormalisedBatch, iso_to_ms, remember
-from feed.taxonomy import betfair_market, betfair_outcome
+from feed.taxonomy import betfair_market, betfair_outcome, race_event_id  # noqa: F401 (race_event_id: re-exported)
 from feed.validate import (
     MAX_ADJUSTMENT_FACTOR,
     MAX_FUTURE_SKEW_MS,
@@ -287,12 +301,77 @@ class _Cricket(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     innings: tuple[CcmInnings, ...] | None = None
 
 
+class RrcRunner(msgspec.Struct, kw_only=True, gc=False):
+    """One ``rrc`` item of a race change: a runner's tracking reading
+    (``ft`` ms, ``spd`` m/s, ``prg`` metres to the finish; ``lat``/``long``
+    and ``sfq`` stride frequency are not kept)."""
+
+    id: int
+    ft: int | None = None
+    spd: float | None = None
+    prg: float | None = None
+
+
+class RpcProgress(msgspec.Struct, kw_only=True, gc=False):
+    """``rpc`` of a race change: the race's progress. ``ft`` ms; ``g`` the
+    last gate the leader passed; ``st`` sectional time s; ``rt`` running
+    time s; ``spd`` leader speed m/s; ``prg`` leader metres to the finish;
+    ``ord`` selection ids in running order (``J`` jumps not kept)."""
+
+    ft: int | None = None
+    g: str | None = None
+    st: float | None = None
+    rt: float | None = None
+    spd: float | None = None
+    prg: float | None = None
+    ord: list[int] | None = None
+
+
+class RaceChange(msgspec.Struct, kw_only=True, gc=False):
+    """One ``rc`` entry of an ``rcm`` line: ``id`` the race id
+    (``<meeting eventId>.<HHMM UTC>``), ``mid`` its market id."""
+
+    id: str
+    mid: str | None = None
+    rpc: RpcProgress | None = None
+    rrc: list[RrcRunner] | None = None
+
+
+class _RaceMessage(msgspec.Struct, kw_only=True, gc=False):
+    op: str
+    pt: int | None = None
+    rc: list[msgspec.Raw] | None = None
+
+
+class _RaceIdOnly(msgspec.Struct, gc=False):
+    id: str
+
+
+class _Race:
+    """What the race stream has said of one race: its market, the latest
+    progress (``rpc`` and its time) and each runner's latest reading."""
+
+    __slots__ = ("market_id", "rpc", "rpc_at", "runners")
+
+    def __init__(self) -> None:
+        self.market_id: str | None = None
+        self.rpc: RpcProgress | None = None
+        self.rpc_at = 0
+        self.runners: dict[str, RaceRunner] = {}
+
+
+#: the gate a race's leader passes at the finish (Betfair TPD ``g``)
+FINISH_GATE = "Finish"
+
 _CRICKET_STATUS: dict[str, EventStatus] = {"PRE_MATCH": "NOT_STARTED", "IN_RUNNING": "LIVE", "FINISHED": "ENDED"}
 
 _DECODER = msgspec.json.Decoder(ChangeMessage)
 _CCM_DECODER = msgspec.json.Decoder(_CricketMessage)
 _CC_DECODER = msgspec.json.Decoder(CricketChange)
 _CC_ID_DECODER = msgspec.json.Decoder(_EventIdOnly)
+_RCM_DECODER = msgspec.json.Decoder(_RaceMessage)
+_RC_DECODER = msgspec.json.Decoder(RaceChange)
+_RC_ID_DECODER = msgspec.json.Decoder(_RaceIdOnly)
 _LOOSE_DECODER = msgspec.json.Decoder(_LooseChangeMessage)
 _MC_DECODER = msgspec.json.Decoder(MarketChange)
 _MC_ID_DECODER = msgspec.json.Decoder(_MarketId)
@@ -533,13 +612,13 @@ class BetfairNormaliser:
     """
 
     def __init__(self, source: str = "betfair", *, ladder_depth: int = 10,
-                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, ccm_cursor: bool = False) -> None:
+                 max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, cursor_op: str = "mcm") -> None:
         self.source = source
-        #: the resume cursor follows the ``ccm`` lines' ``initialClk``/``clk`` (a
-        #: ``betfair-cricket`` source: the sports-data stream is its only stream);
-        #: otherwise only ``mcm`` lines move it (a replay mixes both: the market
-        #: stream's tokens are the cursor)
-        self.ccm_cursor = ccm_cursor
+        #: the op whose lines' ``initialClk``/``clk`` are the resume cursor: ``mcm`` (the
+        #: market stream; a replay mixing streams keeps the market stream's tokens), ``ccm``
+        #: (a ``betfair-cricket`` source) or ``rcm`` (``betfair-race``): the sports-data
+        #: stream a source subscribes to is its only stream
+        self.cursor_op = cursor_op
         self.ladder_depth = ladder_depth
         self.max_future_skew_ms = max_future_skew_ms
         self.markets: dict[str, _Market] = {}
@@ -548,6 +627,8 @@ class BetfairNormaliser:
         self.clk: str | None = None
         #: cricket stream state per raw event id, and the last state emitted per event
         self.cricket: dict[str, _Cricket] = {}
+        #: race stream state per race id
+        self.races: dict[str, _Race] = {}
         self.states: dict[str, EventState] = {}
 
     # -- public -----------------------------------------------------------
@@ -585,11 +666,14 @@ class BetfairNormaliser:
         if msg.op == "marketCatalogue":
             self._apply_catalogue(raw, batch, recv_ms)
             return batch
-        if msg.op == "ccm":
-            if self.ccm_cursor:  # the sports-data stream's own envelope (a replay leaves it to mcm)
+        if msg.op in ("ccm", "rcm"):
+            if self.cursor_op == msg.op:  # the sports-data stream's own envelope (a replay leaves it to mcm)
                 batch.degraded = msg.status == 503
                 self._track_clock(msg, batch)
-            self._apply_cricket(raw, batch, recv_ms)
+            if msg.op == "ccm":
+                self._apply_cricket(raw, batch, recv_ms)
+            else:
+                self._apply_race(raw, batch, recv_ms)
             return batch
         if msg.op != "mcm" or not msg.mc:
             return batch
@@ -693,6 +777,47 @@ class BetfairNormaliser:
                 # first entries carry only matchStats): no state until fixtureInfo names the status
                 # and the teams — a guess (NOT_STARTED, innings of no side) would overwrite the truth
                 continue
+            if not state.same_content(self.states.get(event_id)):
+                remember(self.states, event_id, state)
+                batch.event_states.append(state)
+
+    def _apply_race(self, raw: bytes, batch: NormalisedBatch, recv_ms: int) -> None:
+        """An ``rcm`` line: each ``rc`` entry merged into its race (runner
+        readings by selection, the progress whole); a race whose ``rpc``
+        came emits its :class:`EventState` (event ``bf:<race id>``) when it
+        says something new. Readings and progress older (``ft``) than the
+        ones held are skipped (a reordered or repeated line cannot take a
+        race back). An entry that fails is rejected alone, its race untouched."""
+        try:
+            msg = _RCM_DECODER.decode(raw)
+        except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+            raise FeedDecodeError("invalid_schema", f"rcm: {exc}", raw) from None
+        pt = msg.pt if msg.pt is not None else recv_ms
+        for i, part in enumerate(msg.rc or ()):
+            try:
+                rc = _RC_DECODER.decode(part)
+            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+                try:
+                    eid: str | None = SOURCE_PREFIX + _RC_ID_DECODER.decode(part).id
+                except (msgspec.ValidationError, *_JSON_ERRORS):
+                    eid = None
+                batch.rejected.append(FeedDecodeError("invalid_schema", f"{exc} (race change {i})", raw,
+                                                      event_id=eid))
+                continue
+            event_id = SOURCE_PREFIX + rc.id
+            held = self.races.get(rc.id) or _Race()
+            try:
+                new = _merge_race(held, rc, pt)
+                # checked whole even without a progress yet: a bad reading must not be held and
+                # then fail every later progress of its race
+                state = _race_state(new, rc.id, event_id, self.source, pt, recv_ms)
+                check_event_state(state, recv_ms, max_future_skew_ms=self.max_future_skew_ms)
+            except FeedDecodeError as exc:
+                batch.rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, event_id=event_id))
+                continue
+            remember(self.races, rc.id, new)
+            if rc.rpc is None or new.rpc is not rc.rpc:
+                continue  # runner readings ride with the next progress; a stale progress says nothing
             if not state.same_content(self.states.get(event_id)):
                 remember(self.states, event_id, state)
                 batch.event_states.append(state)
@@ -1036,6 +1161,52 @@ def _merge_cricket(old: _Cricket, cc: CricketChange) -> _Cricket:
         innings=tuple(ms.inningsStats) if ms is not None and ms.inningsStats is not None else old.innings)
 
 
+def _merge_race(held: _Race, rc: RaceChange, pt: int) -> _Race:
+    """A copy of ``held`` with what ``rc`` says: its market, each runner
+    reading newer than the one held (by ``ft``; none → ``pt``), its
+    progress when newer. Raises ``FeedDecodeError`` for a reading that is
+    not a distance (``invalid_number``)."""
+    new = _Race()
+    new.market_id = rc.mid or held.market_id
+    new.rpc, new.rpc_at = held.rpc, held.rpc_at
+    runners = new.runners = dict(held.runners)
+    for r in rc.rrc or ():
+        at = r.ft if r.ft is not None else pt
+        key = str(r.id)
+        old = runners.get(key)
+        if r.prg is None or (old is not None and at < old.at):
+            continue
+        runners[key] = RaceRunner(selection_id=key, distance_m=r.prg, speed_mps=r.spd, at=at)
+    p = rc.rpc
+    if p is not None:
+        at = p.ft if p.ft is not None else pt
+        if held.rpc is None or at >= held.rpc_at:
+            new.rpc, new.rpc_at = p, at
+    return new
+
+
+def _race_state(race: _Race, race_id: str, event_id: str, source: str, pt: int, recv_ms: int) -> EventState:
+    """The state of a race from its merged stream: LIVE and in play until the
+    leader passes the ``Finish`` gate, then ENDED; the clock is the running
+    time as of the progress' ``ft``. Raises ``FeedDecodeError`` for a running
+    time that is not 0..86400 s."""
+    p = race.rpc or RpcProgress()
+    finished = p.g == FINISH_GATE
+    clock = None
+    if p.rt is not None:
+        if not (math.isfinite(p.rt) and 0 <= p.rt <= 86_400):
+            raise FeedDecodeError("invalid_number", f"running time {p.rt!r:.40} of race {race_id}")
+        clock = Clock(seconds=int(p.rt), running=not finished, at=race.rpc_at)
+    runners = sorted(race.runners.values(), key=lambda r: (r.distance_m, r.selection_id))
+    return EventState(
+        event_id=event_id, source=source, status="ENDED" if finished else "LIVE", in_play=not finished,
+        clock=clock,
+        race=RaceProgress(race_id=race_id, market_id=SOURCE_PREFIX + race.market_id if race.market_id else None,
+                          gate=p.g, distance_m=p.prg, leader_speed_mps=p.spd, sectional_s=p.st,
+                          order=[str(x) for x in p.ord or ()], runners=runners),
+        source_ts=pt, received_at=recv_ms)
+
+
 def overs_to_balls(text: str | None) -> int:
     """Cricket overs notation → legal balls: ``"19.4"`` → 118, ``"20"`` → 120.
     Raises ``FeedDecodeError("invalid_schema")`` for anything else."""
@@ -1088,4 +1259,11 @@ def cricket_from_spec(spec: SourceSpec, settings: Settings) -> BetfairNormaliser
     """The registry's normaliser factory for ``betfair-cricket`` sources: the
     same normaliser (``ccm`` lines → event states), its cursor following the
     ``ccm`` stream's ``initialClk``/``clk``."""
-    return BetfairNormaliser(spec.name, ladder_depth=settings.ladder_depth, ccm_cursor=True)
+    return BetfairNormaliser(spec.name, ladder_depth=settings.ladder_depth, cursor_op="ccm")
+
+
+def race_from_spec(spec: SourceSpec, settings: Settings) -> BetfairNormaliser:
+    """The registry's normaliser factory for ``betfair-race`` sources: the
+    same normaliser (``rcm`` lines → race states), its cursor following the
+    ``rcm`` stream's ``initialClk``/``clk``."""
+    return BetfairNormaliser(spec.name, ladder_depth=settings.ladder_depth, cursor_op="rcm")

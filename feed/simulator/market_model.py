@@ -53,6 +53,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 from feed.simulator.ladder import TICKS, tick_index
@@ -254,6 +255,9 @@ class MarketModel:
         #: draws of the event states only (scores, cards): the price stream of a seed stays as it was
         self.state_rng = random.Random(None if seed is None else f"oddsfeed-state:{seed}")
         self.time_scale = time_scale
+        #: at settlement, the winner a race was run with (a race simulator following this model:
+        #: :mod:`feed.simulator.race_server`): market id -> selection id, None = draw one
+        self.race_winner: Callable[[str], int | None] | None = None
         self.target_events = events
         self.books: dict[str, MarketBook] = {}
         self._markets: dict[str, _Market] = {}
@@ -308,6 +312,14 @@ class MarketModel:
         weights = [3.0 if m.event.phase == IN_PLAY else 1.0 for m in live]
         for m in self.rng.choices(live, weights, k=updates):
             self._random_update(m)
+
+    def play_end_ms(self, market_id: str) -> int | None:
+        """When the event of ``market_id`` ends play (wall clock, ms since the
+        epoch), while it is in play; None otherwise."""
+        m = self._markets.get(market_id)
+        if m is None or m.event.phase != IN_PLAY:
+            return None
+        return m.event.next_ms
 
     def event_state(self, event_id: str) -> ModelState | None:
         """The state of event ``event_id`` now (see :class:`ModelState`);
@@ -657,6 +669,9 @@ class MarketModel:
             winner = m.runner_ids[1 if sum(ev.score) > 2 else 0]
         else:
             winner = self.rng.choices(m.runner_ids, m.probs)[0]
+            ran = self.race_winner(m.book.market_id) if self.race_winner is not None and ev.sport == "7" else None
+            if ran is not None and ran in m.runner_ids:  # drawn anyway: the price stream of a seed stays the same
+                winner = ran
             if ev.sport == "7522" and ev.quarters:  # the side ahead at the end (runners: away, home)
                 home = sum(h for h, _ in ev.quarters)
                 away = sum(a for _, a in ev.quarters)

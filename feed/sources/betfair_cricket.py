@@ -41,27 +41,34 @@ from typing import TYPE_CHECKING
 
 from feed.errors import ConfigError
 from feed.sources.esa import EsaSource, endpoint, login_of
-from feed.sources.esa_protocol import CRICKET_STREAM
+from feed.sources.esa_protocol import CRICKET_STREAM, StreamKind
 
 if TYPE_CHECKING:
     from feed.settings import Settings
     from feed.sources.spec import SourceSpec
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "CricketSource", "from_spec"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "CricketSource", "SportsDataSource", "cricket_endpoint", "from_spec",
+           "sports_data_from_spec"]
 
 #: Betfair's sports-data stream endpoint (TLS).
 DEFAULT_HOST = "sports-data-stream-api.betfair.com"
 DEFAULT_PORT = 443
 
 
-class CricketSource(EsaSource):
-    """One ``cricketSubscription`` on the sports-data stream as a
-    :class:`~feed.sources.base.Source` (an :class:`EsaSource` without the
-    Betting API catalogue: scores need no names)."""
+class SportsDataSource(EsaSource):
+    """One subscription on the sports-data stream (``cricketSubscription``
+    here, ``raceSubscription`` in :mod:`feed.sources.betfair_race`) as a
+    :class:`~feed.sources.base.Source`: an :class:`EsaSource` without the
+    Betting API catalogue (scores and race progress need no names)."""
+
+
+#: the cricket source's class (the sports-data source speaking :data:`CRICKET_STREAM`)
+CricketSource = SportsDataSource
 
 
 def cricket_endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
-    """``(host, port, tls)``: ``betfair-cricket=betfair`` is Betfair's endpoint
+    """``(host, port, tls)`` of a sports-data source (cricket or race):
+    ``betfair-cricket=betfair`` is Betfair's endpoint
     (:data:`DEFAULT_HOST`:443, TLS); otherwise ``[tls://|tcp://]HOST:PORT`` as
     for ``esa``, TLS on by default for a ``*.betfair.com`` host (``tls=false``
     turns it off)."""
@@ -77,22 +84,28 @@ def cricket_endpoint(spec: SourceSpec) -> tuple[str, int, bool]:
     return host, port, tls
 
 
-def from_spec(spec: SourceSpec, settings: Settings) -> CricketSource:
-    """The registry's source factory: ``betfair-cricket=betfair|HOST:PORT,
-    app_key=…`` with the ``esa`` kind's login options
-    (:func:`feed.sources.esa.login_of`: ``session=`` or ``username=`` +
-    ``password=`` [+ ``cert_file=``/``key_file=``], ``sso_url=``,
-    ``cert_sso_url=``, ``keep_alive_s=``) ``[,tls=true][,heartbeat_ms=…]``
-    (``heartbeat_ms`` absent: not requested, the server's 5 s applies).
-    Raises ConfigError for missing or contradictory options."""
+def sports_data_from_spec(spec: SourceSpec, settings: Settings, stream: StreamKind) -> SportsDataSource:
+    """A source on the sports-data stream subscribing as ``stream`` says:
+    ``<kind>=betfair|HOST:PORT,app_key=…`` with the ``esa`` kind's login
+    options (:func:`feed.sources.esa.login_of`: ``session=`` or
+    ``username=`` + ``password=`` [+ ``cert_file=``/``key_file=``],
+    ``sso_url=``, ``cert_sso_url=``, ``keep_alive_s=``)
+    ``[,tls=true][,heartbeat_ms=…]`` (``heartbeat_ms`` absent: not
+    requested, the server's 5 s applies). Raises ConfigError for missing or
+    contradictory options."""
     host, port, tls = cricket_endpoint(spec)
     login, _ = login_of(spec, host)
     raw_hb = spec.get("heartbeat_ms")
     heartbeat_ms = int(spec.get_float("heartbeat_ms", 0)) if raw_hb is not None else None
     if heartbeat_ms is not None and heartbeat_ms <= 0:
         raise ConfigError(f"source {spec.name}: heartbeat_ms must be > 0")
-    return CricketSource(spec.name, host=host, port=port, app_key=login.credentials.app_key,
-                         session_token=spec.get("session") or "",
-                         ssl=_ssl.create_default_context() if tls else None,
-                         stream=CRICKET_STREAM, heartbeat_ms=heartbeat_ms, segmentation=None,
-                         login=login)
+    return SportsDataSource(spec.name, host=host, port=port, app_key=login.credentials.app_key,
+                            session_token=spec.get("session") or "",
+                            ssl=_ssl.create_default_context() if tls else None,
+                            stream=stream, heartbeat_ms=heartbeat_ms, segmentation=None, login=login)
+
+
+def from_spec(spec: SourceSpec, settings: Settings) -> SportsDataSource:
+    """The registry's source factory: ``betfair-cricket=betfair|HOST:PORT,
+    app_key=…`` and the options of :func:`sports_data_from_spec`."""
+    return sports_data_from_spec(spec, settings, CRICKET_STREAM)

@@ -150,6 +150,10 @@ MARKET_STREAM = StreamKind("marketSubscription", "mcm")
 #: (``INVALID_INPUT``) is answered like ``INVALID_CLOCK``: a subscription
 #: without them.
 CRICKET_STREAM = StreamKind("cricketSubscription", "ccm", frozenset({"INVALID_CLOCK", "INVALID_INPUT"}))
+#: The sports-data stream's race progress (Total Performance Data): ``raceSubscription``
+#: → ``rcm`` lines with one ``rc`` entry per race. No documented resume either (betfairlightweight's
+#: ``subscribe_to_races`` sends ``op`` and ``id`` only): tokens refused → a subscription without them.
+RACE_STREAM = StreamKind("raceSubscription", "rcm", frozenset({"INVALID_CLOCK", "INVALID_INPUT"}))
 
 
 # -- errors -----------------------------------------------------------------------------

@@ -112,6 +112,16 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
         (("app_key",), ("session", "username")), "feed.sources.betfair_cricket:from_spec",
         "feed.normalise.betfair:cricket_from_spec"),
     SourceKind(
+        "betfair-race", "Betfair sports-data stream (TCP/TLS, `sports-data-stream-api.betfair.com`)",
+        "live race progress (TPD): `raceSubscription` → `rcm` lines → race states (LIVE → ENDED at the "
+        "`Finish` gate, running clock, leader's gate and distance to the finish, running order, each runner's "
+        "distance) of event `bf:<race id>`, joined to the race's markets; the `esa` kind's login, heartbeats, "
+        "`clk` resume and 503 = DEGRADED; `betfair-race=betfair` is Betfair's endpoint",
+        frozenset({"app_key", "session", "tls", "heartbeat_ms", "username", "password", "cert_file", "key_file",
+                   "sso_url", "cert_sso_url", "keep_alive_s"}),
+        (("app_key",), ("session", "username")), "feed.sources.betfair_race:from_spec",
+        "feed.normalise.betfair:race_from_spec"),
+    SourceKind(
         "pinnacle", "Pinnacle Lines API polling",
         "fixtures + odds snapshot, then `since=<last>` deltas merged by period; live events keep their "
         "pre-match identity (`parentId`); the cursor is stored with the data",

@@ -25,6 +25,13 @@
  *                         odds; a running clock is extrapolated in the page (seconds + (now −
  *                         at) / 1000, ticking once a second: the server sends no message per
  *                         second); marked stale when the server said so or its source is DOWN.
+ *                         A Betfair horse/greyhound race's state (race progress) is keyed by
+ *                         the race, bf:<meeting event id>.<HHMM of its scheduled start, UTC>
+ *                         (raceEventId, feed.taxonomy.race_event_id's rule), and shown on each
+ *                         market of that race: a line under the market's head (status, running
+ *                         time run on as the match clock is, the leader's last gate and metres
+ *                         to go) and each runner's position (race.order, leader first) before
+ *                         its name; marked stale as the score is.
  *
  * Ages and staleness are recomputed in the page like the Python client does:
  * a market is confirmed when a message about it arrives (minus the age the
@@ -243,6 +250,7 @@
     state.eventStates.set(es.event_id, es);
     state.stats.eventStates += 1;
     renderScores(es.event_id);
+    raceStateChanged(es.event_id);
     if (route.event !== null && evNoteState(es, false)) renderEventScore();
   }
 
@@ -278,6 +286,7 @@
     }
     renderBanner();
     renderScores();
+    renderRaces();
     renderEventScore();
     schedule();
   }
@@ -449,6 +458,101 @@
     if (es) el.dataset.version = String(es.version || 0); else delete el.dataset.version;
   }
 
+  // -- races: a Betfair horse/greyhound race's progress beside its markets' odds -----------------
+
+  const RACE_SPORTS = new Set(["horse_racing", "greyhound_racing"]);
+  const RACE_ID = /^bf:.+\.\d{4}$/;
+
+  /** The race event id a Betfair race market's state is keyed by (feed.taxonomy.race_event_id):
+   *  its event (the meeting, bf:28587288) and the HHMM of its scheduled start in UTC
+   *  (bf:28587288.1650); null for a market that is not a Betfair horse or greyhound race. */
+  function raceEventId(eventId, sport, startTime) {
+    if (!RACE_SPORTS.has(sport) || typeof startTime !== "number" || !isFinite(startTime)
+        || typeof eventId !== "string" || !eventId.startsWith("bf:")) return null;
+    const minute = ((Math.floor(startTime / 60000) % 1440) + 1440) % 1440;  // UTC, whatever the page's zone
+    return eventId + "." + String(Math.floor(minute / 60)).padStart(2, "0") + String(minute % 60).padStart(2, "0");
+  }
+
+  const raceOf = (m) => raceEventId(m.event_id, m.sport, m.start_time);
+
+  function ordinal(n) {
+    const t = n % 100;
+    return n + (t >= 11 && t <= 13 ? "th" : ["th", "st", "nd", "rd"][n % 10] || "th");
+  }
+
+  /** A race's line: status, running time (run on locally while it runs), the leader's last gate and
+   *  metres to the finish, a stale marker; "" when there is nothing to show yet. */
+  function raceHtml(es, wallNow) {
+    const r = es.race || null;
+    const status = es.status || "NOT_STARTED";
+    if (status === "NOT_STARTED" && !es.in_play && !r) return "";
+    const parts = ['<span class="rstatus ' + esc(status.toLowerCase()) + '">' + esc(status.replace(/_/g, " ")) + "</span>"];
+    if (es.clock) {
+      parts.push('<span class="clock' + (es.clock.running ? " running" : "") + '" title="running time">'
+        + clockText(es.clock, wallNow) + "</span>");
+    }
+    const where = [];
+    if (r && r.gate) where.push(r.gate);
+    if (r && r.distance_m !== null && r.distance_m !== undefined && r.gate !== "Finish") {
+      where.push(Math.round(r.distance_m) + " m to go");
+    }
+    if (where.length) {
+      parts.push('<span class="gate" title="the leader\'s last gate and distance to the finish">'
+        + esc(where.join(" \u00b7 ")) + "</span>");
+    }
+    if (stateStale(es)) parts.push('<span class="badge stale">Stale</span>');
+    return parts.join("");
+  }
+
+  function raceClass(es) {
+    return "race-line" + (es && stateStale(es) ? " stale" : "") + (es && raceHtml(es, Date.now()) ? "" : " none");
+  }
+
+  /** selection id → position (1 = leader) by the race's running (finally finishing) order. */
+  function racePositions(es) {
+    const out = new Map();
+    const order = es && es.race && es.race.order;
+    if (order) order.forEach((sid, i) => { if (!out.has(sid)) out.set(sid, i + 1); });
+    return out;
+  }
+
+  /** A runner's position before its name (none when the race's order does not name it). */
+  function posHtml(es, positions, selId) {
+    const n = positions.get(selId);
+    if (n === undefined) return "";
+    return '<span class="pos' + (stateStale(es) ? " stale" : "") + (n === 1 ? " lead" : "") + '" data-pos="' + n + '" title="'
+      + (FINAL_EVENT.has(es.status) ? "finishing order (the result is the market's settlement)" : "running order")
+      + '">' + ordinal(n) + "</span>";
+  }
+
+  /** Put race state es (or none) into a race line: its HTML and class. */
+  function fillRace(el, es, wallNow) {
+    const html = es ? raceHtml(es, wallNow) : "";
+    const cls = raceClass(es);
+    if (el.innerHTML !== html) el.innerHTML = html;
+    if (el.className !== cls) el.className = cls;
+    if (es) el.dataset.version = String(es.version || 0); else delete el.dataset.version;
+  }
+
+  /** Once a second (and on a source's status): race clocks run; a change of staleness re-renders
+   *  the market (its runners' positions are marked too). */
+  function renderRaces() {
+    const wallNow = Date.now();
+    for (const el of board.querySelectorAll(".race-line[data-race]")) {
+      const es = state.eventStates.get(el.dataset.race);
+      const card = el.closest(".market");
+      if (el.className !== raceClass(es) && card) renderMarket(card.dataset.marketId, performance.now());
+      else fillRace(el, es, wallNow);
+    }
+  }
+
+  /** A race's new state: re-render its markets (line and positions). */
+  function raceStateChanged(raceId) {
+    if (!RACE_ID.test(raceId)) return;
+    for (const [id, m] of state.markets) if (raceOf(m) === raceId) dirty.add(id);
+    schedule();
+  }
+
   function visibleMarkets() {
     const f = state.filter;
     const out = [];
@@ -587,14 +691,21 @@
     if (stale) badges.push('<span class="badge stale" title="not confirmed recently or source down">Stale</span>');
     const sels = (m.selections || []).filter((s) => s.status !== "REMOVED" && s.status !== "HIDDEN")
       .slice().sort((a, b) => (a.sort_priority || 0) - (b.sort_priority || 0));
+    const raceId = raceOf(m);
+    const race = raceId === null ? undefined : state.eventStates.get(raceId);
+    const positions = racePositions(race);
     const rows = sels.map((s) => '<tr class="sel' + (s.status !== "ACTIVE" ? " sel-off" : "") + '">'
-      + '<th scope="row">' + esc(s.name || s.selection_id) + sparkSvg(m.market_id, s.selection_id) + "</th>"
+      + '<th scope="row">' + posHtml(race, positions, s.selection_id) + esc(s.name || s.selection_id)
+      + sparkSvg(m.market_id, s.selection_id) + "</th>"
       + priceCell(m, s, "back", now) + priceCell(m, s, "lay", now) + "</tr>").join("");
     wantSpark(m.market_id);
     const vol = m.traded_volume ? '<span class="matched">' + fmtSize(m.traded_volume) + " matched</span>" : "";
     return '<div class="market-head"><span class="market-name">' + esc(m.name || m.market_type) + "</span>"
       + badges.join("") + '<span class="spacer"></span>' + vol
       + '<span class="age" data-age="' + esc(m.market_id) + '">updated ' + fmtAgo(ageMs(m.market_id, now)) + "</span></div>"
+      + (raceId === null ? "" : '<div class="' + raceClass(race) + '" data-race="' + esc(raceId) + '"'
+         + ' title="the race: status, running time, the leader\'s last gate and distance to go (stale: not confirmed'
+         + ' recently or its source is down)">' + (race ? raceHtml(race, Date.now()) : "") + "</div>")
       + '<table class="prices"><thead><tr><th></th><th class="back">Back</th><th class="lay">Lay</th></tr></thead>'
       + "<tbody>" + rows + "</tbody></table>";
   }
@@ -723,6 +834,7 @@
       }
     }
     renderScores();
+    renderRaces();
     renderBanner();
     renderMeta();
   }
@@ -1412,7 +1524,7 @@
   // for tests and the curious: the page's book and its rules
   const HANDLERS = { snapshot: onSnapshot, delta: onDelta, heartbeat: onHeartbeat, status: onStatus,
                      event_state: onEventState, removed: onRemoved };
-  window.oddsBoard = { state, applyDelta, mergeSelections, ageMs, isStale, clockText, periodLabel,
+  window.oddsBoard = { state, applyDelta, mergeSelections, ageMs, isStale, clockText, periodLabel, raceEventId,
     book: () => Object.fromEntries(state.markets),
     /** feed one stream message (as the server sends it) through the page's handlers */
     handle: (msg) => { const fn = HANDLERS[msg.type]; if (fn) fn(msg); },

@@ -141,6 +141,33 @@ function asSet(v: string | string[] | undefined): Set<string> | undefined {
 
 const defaultNow = (): number => performance.now();
 
+/** The sports whose Betfair markets are races with their own state (race progress). */
+const RACE_SPORTS = new Set(["horse_racing", "greyhound_racing"]);
+
+/**
+ * The race event id a Betfair racing market belongs to: its event (the meeting, `bf:28587288`)
+ * and the HHMM of its scheduled start **in UTC** (`bf:28587288.1650`), as Betfair's race ids are
+ * formed (feed.taxonomy.race_event_id). Undefined for a market that is not a Betfair horse or
+ * greyhound race (another sport, an event id not starting `bf:`, no start time).
+ *
+ * ```ts
+ * raceEventId("bf:28587288", "horse_racing", Date.UTC(2024, 4, 1, 16, 50)); // "bf:28587288.1650"
+ * ```
+ *
+ * @param eventId the market's `event_id` (the meeting)
+ * @param sport the market's `sport` (`horse_racing` or `greyhound_racing`)
+ * @param startTime the market's `start_time`, ms since the epoch
+ */
+export function raceEventId(eventId: string | null | undefined, sport: string | null | undefined,
+  startTime: number | null | undefined): string | undefined {
+  if (sport == null || !RACE_SPORTS.has(sport) || startTime == null || !Number.isFinite(startTime)
+    || eventId == null || !eventId.startsWith("bf:")) return undefined;
+  const minute = ((Math.floor(startTime / 60_000) % 1440) + 1440) % 1440; // UTC, whatever the local zone
+  const hh = String(Math.floor(minute / 60)).padStart(2, "0");
+  const mm = String(minute % 60).padStart(2, "0");
+  return `${eventId}.${hh}${mm}`;
+}
+
 /**
  * A live, local copy of the markets matching a filter, plus the price check.
  *
@@ -160,7 +187,9 @@ const defaultNow = (): number => performance.now();
  * Event states (scores, clock, period, status): each `event_state` message updates
  * {@link OddsClient.eventStates} (by the provider event id markets carry in `event_id`) unless a
  * version at or above it from the same source is held; a snapshot clears them (the current
- * states of its events follow it, and a recovered resume). {@link OddsClient.matchTimeS} runs a
+ * states of its events follow it, and a recovered resume). A Betfair horse or greyhound race's
+ * progress is keyed by the race (`bf:<meeting>.<HHMM>`, {@link raceEventId}), not its meeting:
+ * {@link OddsClient.stateOfMarket} finds either. {@link OddsClient.matchTimeS} runs a
  * running clock on locally (`seconds + (now − at) / 1000`: no message per second).
  */
 export class OddsClient {
@@ -171,7 +200,8 @@ export class OddsClient {
   readonly book = new Book();
   /** source → state (GET /v1/sources on connect, then `status` messages) */
   readonly sources = new Map<string, SourceState>();
-  /** provider event id → its latest state (`event_state` messages), with `age_ms` / `stale` as sent */
+  /** provider event id → its latest state (`event_state` messages), with `age_ms` / `stale` as sent
+   *  (a race's state under its race id `bf:<meeting>.<HHMM>`: {@link OddsClient.stateOfMarket}) */
   readonly eventStates = new Map<string, EventStateWithAge>();
   /** the last resume token kept (opaque) */
   token: string | null = null;
@@ -325,6 +355,20 @@ export class OddsClient {
     if (!clock) return undefined;
     if (!clock.running) return clock.seconds;
     return clock.seconds + Math.max(0, nowMs - clock.at) / 1000;
+  }
+
+  /** The state to show beside a market of the book: its race's (a Betfair horse or greyhound
+   *  race: `bf:<meeting>.<HHMM>`, from the market's event and scheduled start,
+   *  {@link raceEventId}) when there is one, else its event's; undefined without either (or for a
+   *  market not held). Its `event_id` is the key for {@link OddsClient.matchTimeS} and
+   *  {@link OddsClient.isEventStateStale}; a race's progress is in `race` (gate, leader's
+   *  distance to the finish, running `order`, runners). */
+  stateOfMarket(marketId: string): EventStateWithAge | undefined {
+    const m = this.book.get(marketId);
+    if (!m || m.event_id === null || m.event_id === undefined) return undefined;
+    const race = raceEventId(m.event_id, m.sport, m.start_time);
+    const es = race !== undefined ? this.eventStates.get(race) : undefined;
+    return es ?? this.eventStates.get(m.event_id);
   }
 
   /** True when the event's state is stale: flagged by the server when sent, or its source is

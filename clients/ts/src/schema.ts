@@ -225,6 +225,7 @@ export interface EventStateOfMember {
   score?: Score | null;
   red_cards?: TeamCounts | null;
   innings?: Innings[];
+  race?: RaceProgress | null;
   source_ts?: number;
   received_at?: number;
   source_ts_original?: number | null;
@@ -236,7 +237,8 @@ export interface EventStateOfMember {
 
 /**
  * An event's state as served: the EventState of feed.models (status, period, clock, score, red
- * cards, cricket innings; ``version`` per event, increasing) plus its age and staleness
+ * cards, cricket innings, a horse race's progress keyed by the race ``bf:<meeting>.<HHMM>``;
+ * ``version`` per event, increasing) plus its age and staleness
  * (``streaming.event_states``: stale when its source is DOWN, or when not final and older than the
  * in-play / pre-match limit).
  */
@@ -250,6 +252,7 @@ export interface EventStateWithAge {
   score?: Score | null;
   red_cards?: TeamCounts | null;
   innings?: Innings[];
+  race?: RaceProgress | null;
   source_ts?: number;
   received_at?: number;
   source_ts_original?: number | null;
@@ -589,6 +592,46 @@ export interface PriceCheckResult {
 }
 
 /**
+ * A race's progress (Betfair Total Performance Data, the ``rcm`` stream).
+ *
+ * race_id: the provider's race id (Betfair: ``<meeting event id>.<HHMM of
+ * the scheduled start, UTC>``, ``"28587288.1650"``). market_id: the race's
+ * market the provider names (``bf:1.173853449``). gate: the last timing
+ * gate the leader passed (``Start``, ``7f`` … ``1f``, ``Finish``; None:
+ * none yet). distance_m: the leader's metres to the finish (0 once
+ * finished). leader_speed_mps: m/s. sectional_s: time of the last
+ * section, seconds. order: selection ids in running order, leader first
+ * (the finishing order once finished — the result is the market's
+ * settlement, not this). runners: every tracked runner, nearest the
+ * finish first.
+ */
+export interface RaceProgress {
+  race_id: string;
+  market_id?: string | null;
+  gate?: string | null;
+  distance_m?: number | null;
+  leader_speed_mps?: number | null;
+  sectional_s?: number | null;
+  order?: string[];
+  runners?: RaceRunner[];
+}
+
+/**
+ * One runner's place in a race as last tracked (Betfair TPD ``rrc``).
+ *
+ * selection_id: the race market's selection id (``"7390417"``).
+ * distance_m: metres to the finish, ≥ 0 (0 once past it). speed_mps:
+ * ground speed, m/s (None: not given). at: the tracking time of the
+ * reading, int ms since the epoch (provider time).
+ */
+export interface RaceRunner {
+  selection_id: string;
+  distance_m: number;
+  speed_mps?: number | null;
+  at?: number;
+}
+
+/**
  * ``GET /ready``: 200 when every partition reader is connected and caught up, else 503.
  */
 export interface Ready {
@@ -885,6 +928,7 @@ export const SCHEMA_DEFAULTS = {
     score: null,
     red_cards: null,
     innings: [],
+    race: null,
     source_ts: 0,
     received_at: 0,
     source_ts_original: null,
@@ -898,6 +942,7 @@ export const SCHEMA_DEFAULTS = {
     score: null,
     red_cards: null,
     innings: [],
+    race: null,
     source_ts: 0,
     received_at: 0,
     source_ts_original: null,
@@ -1025,6 +1070,19 @@ export const SCHEMA_DEFAULTS = {
     bookmaker: null,
     books: null,
   },
+  RaceProgress: {
+    market_id: null,
+    gate: null,
+    distance_m: null,
+    leader_speed_mps: null,
+    sectional_s: null,
+    order: [],
+    runners: [],
+  },
+  RaceRunner: {
+    speed_mps: null,
+    at: 0,
+  },
   Score: {
     periods: [],
   },
@@ -1080,4 +1138,4 @@ export const SCHEMA_DEFAULTS = {
 } as const;
 
 /** Every schema name of components.schemas. */
-export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","Clock","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventStateMessage","EventStateOfMember","EventStateWithAge","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","Innings","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","PeriodScore","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","Ready","RemovedMessage","ResumedMessage","Score","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","TeamCounts","Unsubscribe"] as const;
+export const SCHEMA_NAMES = ["AckMessage","BatchRequest","BatchResult","BestPrice","BookCheck","BookPrice","ClientOp","Clock","DeltaMessage","ErrorBody","ErrorMessage","EventDetail","EventHead","EventList","EventMember","EventStateMessage","EventStateOfMember","EventStateWithAge","EventSummary","FilterSpec","Health","HeartbeatMessage","HistoryChange","HistoryPoint","Innings","MarketHeader","MarketHistory","MarketList","MarketView","MarketWithAge","OutcomeView","PartitionState","PeriodScore","Ping","PongMessage","PriceAt","PriceCheckRequest","PriceCheckResult","RaceProgress","RaceRunner","Ready","RemovedMessage","ResumedMessage","Score","Selection","SelectionChange","SelectionHistory","ServerMessage","SnapshotMessage","SourceList","SourceStatus","SportCount","SportList","StatusMessage","StreamMessage","Subscribe","TeamCounts","Unsubscribe"] as const;
