@@ -24,7 +24,7 @@ its own pool at the same rate, to the same Redis the API node reads.
 Usage::
 
     python benchmarks/price_check.py [--rate 2000] [--seconds 10] [--warmup-s 2] [--connections 32]
-                                     [--http auto|h11|httptools] [--loop auto|asyncio|uvloop]
+                                     [--http auto|h11|httptools] [--loop auto|asyncio|uvloop] [--no-fast-path]
 
 Targets (DESIGN §10, issue 11), printed with figure and met / not met:
 price check over HTTP p99 ≤ 2 ms at 2k req/s; p99 ≤ 3× the Redis GET p99 of
@@ -376,6 +376,8 @@ async def main_async() -> int:
         procs.start("ingest", [py, "-m", "feed", "ingest", "--redis-url", url, "--esa", f"127.0.0.1:{sim_port}",
                                "--app-key", "sim-app-key", "--session", "sim-session"], env, work / "ingest.log")
         serve_env = dict(env)
+        if args.no_fast_path:  # every check through ASGI (streaming.fastpath off)
+            serve_env["ODDSFEED_PRICE_CHECK_FAST_PATH"] = "false"
         serve_cmd = [py, "-c", SERVE_SNIPPET, url, str(api_port), args.http, args.loop, "1" if args.tune_gc else "0"]
         api = procs.start("serve", serve_cmd, serve_env, work / "serve.log")
         base = f"http://127.0.0.1:{api_port}"
@@ -431,7 +433,8 @@ async def main_async() -> int:
               f"{len(markets)} markets / {len(legs)} legs, simulator {args.sim_rate:g} updates/s")
         print(f"machine: {os.cpu_count()} cores (load average {os.getloadavg()[0]:.2f}), "
               f"Python {platform.python_version()}, server header {impl!r}, "
-              f"uvicorn http={args.http} loop={args.loop}, tune_gc={args.tune_gc}, redis {url.split(':')[0]}")
+              f"uvicorn http={args.http} loop={args.loop}, tune_gc={args.tune_gc}, redis {url.split(':')[0]}, "
+              f"fast path {'off' if args.no_fast_path else 'on'}")
         await open_loop("warm-up", http_conn, payloads, args.rate, warm, None, classify_http)
         pc = Stats()
         split0, t0 = cpu_split(api.pid), time.perf_counter()
@@ -578,6 +581,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tune-gc", action="store_true",
                    help="in the API node: feed.ingest.tune_gc() once the state is loaded (freeze + higher thresholds)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, redis data)")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="serve every check through ASGI (ODDSFEED_PRICE_CHECK_FAST_PATH=false): the before of "
+                        "streaming.fastpath")
     p.add_argument("--redis-tcp", action="store_true", help="run redis on loopback TCP instead of a Unix socket")
     p.add_argument("--png-dir", type=Path, default=None, help="where the PNG goes (default docs/bench/)")
     p.add_argument("--no-png", action="store_true")

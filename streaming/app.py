@@ -46,6 +46,7 @@ from feed.settings import Settings
 from feed.store import Store
 from streaming import history, openapi, pricecheck, rest
 from streaming.auth import AuthMiddleware
+from streaming.fastpath import price_check_routes
 from streaming.metrics import make_registry, metrics_endpoint
 from streaming.reader import Node
 from streaming.server import Guard, install
@@ -134,6 +135,9 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.settings = settings
     app.state.options = opts
+    # plain price checks answered by the HTTP protocol itself (streaming.fastpath; StreamingServer
+    # hands these to its protocol): the same tenants object, so the same principals and limits
+    app.state.fast_routes = price_check_routes(app, settings, tenants, auth=auth)
     return app
 
 
@@ -164,7 +168,8 @@ class StreamingServer(uvicorn.Server):
         options: NodeOptions | None = getattr(app.state, "options", None)
         self.guard = Guard(
             header_timeout_s=(settings.request_header_timeout_ms / 1000) if settings else 10.0,
-            max_per_ip=settings.max_connections_per_ip if settings else 0)
+            max_per_ip=settings.max_connections_per_ip if settings else 0,
+            fast_routes=getattr(app.state, "fast_routes", None))
         if options is not None:
             config.ws_ping_interval = options.ws_ping_interval_s
             config.ws_ping_timeout = options.ws_ping_timeout_s

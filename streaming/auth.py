@@ -198,27 +198,35 @@ class AuthMiddleware:
             return "price_check"
         return "read"
 
+    @staticmethod
+    def deny(exc: AuthError, method: str, path: str, client: str | None
+             ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Log a refused request (the reason, never the credential) and return the HTTP answer:
+        401 with ``WWW-Authenticate`` (no or a bad credential) or 403 (a ForbiddenError: the
+        grant lacks the path's scope), ``{"error","message"}``."""
+        status = 403 if isinstance(exc, ForbiddenError) else 401
+        logger.info("%d %s %s from %s: %s", status, method, path, client or "?", exc)
+        body = json.dumps({"error": "unauthorized" if status == 401 else "forbidden", "message": str(exc)}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="oddsfeed"'))
+        return status, headers, body
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and scope["path"].startswith("/v1/"):
             try:
                 grant = self.check(scope)
                 grant.require(self.permission(scope["path"]))
             except AuthError as exc:
-                status = 403 if isinstance(exc, ForbiddenError) else 401
                 client = scope.get("client")
-                logger.info("%d %s %s from %s: %s", status, scope.get("method", "WS"), scope["path"],
-                            client[0] if client else "?", exc)  # the reason, never the credential
+                status, headers, body = self.deny(exc, scope.get("method", "WS"), scope["path"],
+                                                  client[0] if client else None)
                 if scope["type"] == "websocket":
                     if status == 403:
                         await deny_websocket(scope, send, 403, "forbidden", str(exc))
                     else:
                         await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
                     return
-                body = json.dumps({"error": "unauthorized" if status == 401 else "forbidden",
-                                   "message": str(exc)}).encode()
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                if status == 401:
-                    headers.append((b"www-authenticate", b'Bearer realm="oddsfeed"'))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return

@@ -577,11 +577,32 @@ _CACHE_CONTROL = (b"cache-control", b"no-store")
 _CONTENT_TYPE = (b"content-type", JSON.encode())
 
 
+#: an answer as (status, headers, body): what both the ASGI endpoint and the protocol-layer fast
+#: path (:mod:`streaming.fastpath`) send
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def answer_of(response: Response) -> Answer:
+    """A Starlette response as (status, raw headers, body)."""
+    return response.status_code, list(response.raw_headers), bytes(response.body)
+
+
+async def send_answer(send: Send, answer: Answer) -> None:
+    """Send ``answer`` on an ASGI ``send``."""
+    status, headers, body = answer
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+_NOT_READY = answer_of(json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly"))
+
+
 class PriceCheckEndpoint:
     """``POST /v1/price-check`` (``batch=False``) or ``POST /v1/price-check/batch``, a raw ASGI
     app (see the note above). Answers, in order: 503 before the node has loaded; 413 / 408
     while reading the body; 422 for a body that does not decode or validate; else 200 with
-    the answer, ``Cache-Control: no-store``."""
+    the answer, ``Cache-Control: no-store``. :meth:`answer` is the part after the body has
+    arrived, synchronous: the fast path (:mod:`streaming.fastpath`) calls it too."""
 
     def __init__(self, *, batch: bool) -> None:
         self.batch = batch
@@ -589,17 +610,36 @@ class PriceCheckEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         node: Node = scope["app"].state.node
         if not node.state.loaded:
-            await json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly")(
-                scope, receive, send)
+            await send_answer(send, _NOT_READY)
             return
         deadline_s = node.settings.price_check_deadline_ms / 1000
         try:
             body = await _read_body(scope, receive, deadline_s)
         except _BodyError as exc:
-            await json_error(exc.status, exc.code, exc.message)(scope, receive, send)
+            await send_answer(send, answer_of(json_error(exc.status, exc.code, exc.message)))
             return
         except _Disconnected:
             return
+        await send_answer(send, self.answer(node, scope.get(SCOPE_KEY), body))
+
+    @staticmethod
+    def too_large() -> Answer:
+        """413: the body is over :data:`MAX_BODY_BYTES` (the fast path's answer when it is)."""
+        return answer_of(json_error(413, "payload_too_large", f"the body is limited to {MAX_BODY_BYTES} bytes"))
+
+    @staticmethod
+    def timed_out(node: Node) -> Answer:
+        """408: the body did not arrive within the node's price-check deadline."""
+        ms = node.settings.price_check_deadline_ms
+        return answer_of(json_error(408, "deadline_exceeded", f"the request body did not arrive within {ms} ms"))
+
+    def answer(self, node: Node, grant: Grant | None, body: bytes) -> Answer:
+        """The answer to a whole request ``body`` from a caller with ``grant`` (None:
+        authentication is off): 503 before the node has loaded, 422 for a body that does not
+        decode or validate, 429/422 over the tenant's limit, else 200 with the check's result.
+        Synchronous: every leg is judged on the same state."""
+        if not node.state.loaded:
+            return _NOT_READY
         result: PriceCheckResult | BatchResult
         try:
             if self.batch:
@@ -607,21 +647,17 @@ class PriceCheckEndpoint:
             else:
                 legs = [_REQUEST_DECODER.decode(body)]
         except msgspec.MsgspecError as exc:
-            await _invalid(exc, self.batch)(scope, receive, send)
-            return
+            return answer_of(_invalid(exc, self.batch))
         bad = _validate_prices(legs, self.batch)
         if bad is not None:
-            await bad(scope, receive, send)
-            return
-        grant: Grant | None = scope.get(SCOPE_KEY)  # None: authentication is off
+            return answer_of(bad)
         visible = None
         if grant is not None:
             if grant.principal is not None:
                 try:
                     grant.principal.take_price_checks(len(legs))
                 except LimitError as exc:
-                    await _rate_limited(exc)(scope, receive, send)
-                    return
+                    return answer_of(_rate_limited(exc))
             if grant.restricted:
                 visible = grant.visible
         t0 = time.perf_counter()
@@ -634,10 +670,8 @@ class PriceCheckEndpoint:
             result = check(node.state, legs[0], now_ms(), feed_problem=_feed_problem(node), visible=visible)
             counts[result.reason] = counts.get(result.reason, 0) + 1
         answer = _ENCODER.encode(result)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [_CACHE_CONTROL, (b"content-length", b"%d" % len(answer)), _CONTENT_TYPE]})
-        await send({"type": "http.response.body", "body": answer})
         node.price_check_latency.observe(time.perf_counter() - t0)
+        return 200, [_CACHE_CONTROL, (b"content-length", b"%d" % len(answer)), _CONTENT_TYPE], answer
 
 
 def routes() -> list[BaseRoute]:

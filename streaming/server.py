@@ -60,6 +60,20 @@ subclass — and its WebSocket protocol for oddsfeed's own
   socket directly. Returns False (nothing changed) when the response cannot
   be detached.
 
+- **the fast path** (httptools): a request for one of ``guard.fast_routes``
+  (``POST /v1/price-check[/batch]``, :mod:`streaming.fastpath`) that needs
+  nothing of HTTP but a ``Content-Length`` body is answered by the protocol
+  itself when the body is complete: the route's ``answer(headers, query,
+  body, client)`` (the same tracing, authentication and endpoint code as the
+  ASGI path) and one ``transport.write`` of head and body, no request cycle,
+  task or middleware. The body has the route's deadline (408 and a
+  lingering close). After the answer the header deadline is armed for the
+  next request, and it also closes a connection that stays idle (after
+  ``request_header_timeout_ms``, where an ASGI answer arms uvicorn's 5 s
+  keep-alive timer as well). Anything else (chunked, ``Expect``, an upgrade, a
+  request behind one still being answered, a client not reading) goes
+  through ASGI as before.
+
 WebSocket connections are served by :class:`streaming.sockets.WebSocketStream`
 (installed as uvicorn's ``ws`` protocol class; ``websockets``' sans-I/O
 protocol for the handshake, frames and keepalive pings — ``ws_ping_interval``
@@ -74,9 +88,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http
 import logging
 import socket
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from uvicorn.config import HTTP_PROTOCOLS, Config
 from uvicorn.importer import import_from_string
@@ -136,12 +152,16 @@ class Guard:
     header_timeout_s: whole-request header deadline (0 = off);
     max_per_ip: open connections per client IP (0 = no cap);
     max_header_bytes / max_headers / max_header_line: request head limits
-    (see the module docstring; bytes, fields, bytes).
+    (see the module docstring; bytes, fields, bytes); fast_routes: the
+    requests the protocol answers itself (see the module docstring).
     Counters: ``header_timeouts``, ``ip_rejections``, ``header_rejections``.
     """
 
     def __init__(self, *, header_timeout_s: float, max_per_ip: int, max_header_bytes: int = MAX_HEADER_BYTES,
-                 max_headers: int = MAX_HEADERS, max_header_line: int = MAX_HEADER_LINE) -> None:
+                 max_headers: int = MAX_HEADERS, max_header_line: int = MAX_HEADER_LINE,
+                 fast_routes: Mapping[bytes, FastRoute] | None = None) -> None:
+        #: raw path -> the route the protocol answers itself (httptools; see "the fast path" above)
+        self.fast_routes = dict(fast_routes) if fast_routes else None
         self.header_timeout_s = header_timeout_s
         self.max_per_ip = max_per_ip
         self.max_header_bytes = max_header_bytes
@@ -209,6 +229,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._ip: str | None = None
             self._counted = False
             self._deadline: asyncio.TimerHandle | None = None
+            self._deadline_at: float | None = None  # loop time the head deadline is due (None: not armed)
             self._partial = False
             # request head accounting (bytes counted before the parser sees them)
             self._in_head = True      # waiting for / inside a request head
@@ -219,6 +240,10 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._refusal: bytes | None = None  # the answer, once a limit was hit
             self._discarding = 0      # > 0: refused; bytes dropped since (lingering close)
             self._detached = False    # the socket went to a stream (oddsfeed.http.detach)
+            # the fast path (httptools only): the request being read, its body, its deadline
+            self._fast_routes = self._guard.fast_routes if self._limit_head else None
+            self._fast: _FastRequest | None = None
+            self._fast_timer: asyncio.TimerHandle | None = None
             inner = self.app
             proto = self
 
@@ -270,7 +295,11 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._drop_deadline()
+            self._fast = None
+            if self._fast_timer is not None:
+                self._fast_timer.cancel()
+                self._fast_timer = None
             if self._counted:
                 self._counted = False
                 self._guard.release(self._ip)
@@ -288,7 +317,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                 return False
             cycle.response_complete = True  # the app may return; uvicorn writes nothing more
             self._detached = True
-            self._disarm()
+            self._drop_deadline()
             connections = getattr(self, "connections", None)
             if connections is not None:
                 connections.discard(self)  # the socket's new protocol takes its place
@@ -303,7 +332,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             return True
 
         def handle_websocket_upgrade(self, *args: Any, **kwargs: Any) -> None:
-            self._disarm()
+            self._drop_deadline()
             if self._counted:  # the WebSocket protocol takes the slot over
                 self._counted = False
                 self._guard.release(self._ip)
@@ -349,6 +378,9 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             before = self._head_bytes
             self._head_restarted = False
             super().data_received(data)
+            fast = self._fast
+            if fast is not None and self._fast_timer is None:  # a fast-path body still to come
+                self._fast_timer = self.loop.call_at(fast.deadline, self._fast_timed_out)
             if self._in_head and not self._discarding:  # a head goes on in the next read
                 if self._head_restarted:  # it began inside this read, after a message ended (its
                     # start in the read is unknown): count from the next read — the read is bounded
@@ -369,6 +401,11 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._head_restarted = True
             self._head_bytes = 0
             self._head_tail = b""
+            fast = self._fast
+            if fast is not None:
+                self._fast = None
+                self._answer_fast(fast)
+                return
             super().on_message_complete()
 
         def on_url(self, url: bytes) -> None:
@@ -390,7 +427,96 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self._fast_routes is not None and self._take_fast():
+                return
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            fast = self._fast
+            if fast is not None:
+                fast.body.append(body)
+                return
+            super().on_body(body)
+
+        # -- the fast path: requests answered here, without ASGI ----------------------------
+
+        def _take_fast(self) -> bool:
+            """Whether the request whose head just ended is one the protocol answers itself
+            (see the module docstring); if so its body is collected by on_body and it is
+            answered by on_message_complete."""
+            parser: Any = self.parser
+            headers: Any = self.headers
+            if parser.get_method() != b"POST" or parser.should_upgrade():
+                return False
+            cycle = self.cycle
+            if (cycle is not None and not cycle.response_complete) or self.flow.write_paused:
+                return False  # an earlier request is still being answered, or the client is not reading
+            if getattr(self, "limit_concurrency", None) is not None:
+                return False  # uvicorn's own 503 counting applies
+            assert self._fast_routes is not None
+            path, _, query = self.url.partition(b"?")
+            route = self._fast_routes.get(path)
+            if route is None:
+                return False
+            length = -1
+            for name, value in headers:
+                if name == b"content-length":
+                    if not value.isdigit() or length >= 0:
+                        return False
+                    length = int(value)
+                elif name in (b"transfer-encoding", b"expect"):
+                    return False
+            if not 0 <= length <= route.max_body_bytes:
+                return False
+            self._disarm()  # the head is complete: its deadline stops; the body has the route's own
+            keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+            # the body's deadline is armed by data_received only if the body is not complete within
+            # the read that ended the head (nearly every check: no timer to make and cancel)
+            self._fast = _FastRequest(route, headers, query, keep_alive, self.loop.time() + route.deadline_s())
+            return True
+
+        def _answer_fast(self, req: _FastRequest) -> None:
+            if self._fast_timer is not None:
+                self._fast_timer.cancel()
+                self._fast_timer = None
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
+            status, headers, answer = req.route.answer(req.headers, req.query, body, self._ip)
+            head = [_status_line(status)]
+            for name, value in (*self.server_state.default_headers, *headers):
+                head += (name, b": ", value, b"\r\n")
+            if not req.keep_alive:
+                head.append(b"connection: close\r\n")
+            head += (b"\r\n", answer)
+            transport.write(b"".join(head))
+            if not req.keep_alive:
+                transport.close()
+                return
+            if self._guard.header_timeout_s > 0:
+                # the next request's head deadline (as after an ASGI answer) also closes the
+                # connection when it stays idle: no keep-alive timer of uvicorn's beside it
+                self.server_state.total_requests += 1
+                self.flow.resume_reading()
+                self._arm()
+            else:
+                self.on_response_complete()  # uvicorn's bookkeeping and keep-alive timer
+
+        def _fast_timed_out(self) -> None:
+            """The body of a fast-path request did not arrive in time: the endpoint's 408,
+            then a lingering close (the rest of the body may still be on its way)."""
+            self._fast_timer = None
+            req, self._fast = self._fast, None
+            if req is None:
+                return
+            status, headers, answer = req.route.timed_out(req.headers)
+            head = [_status_line(status)]
+            for name, value in (*self.server_state.default_headers, *headers):
+                head += (name, b": ", value, b"\r\n")
+            head += (b"connection: close\r\n\r\n", answer)
+            logger.info("closing %s: the body of POST %s did not arrive in time", self._ip, req.route.path)
+            self._refuse(b"".join(head), count=False)
 
         def send_400_response(self, msg: str) -> None:  # uvicorn's answer to a parser error
             if self._refusal is not None:  # ours: a limit, raised from a callback above
@@ -402,7 +528,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             """Answer ``answer`` (431/414/408), then a lingering close (see the module docstring):
             the client reads the answer instead of a reset caused by what it was still sending."""
             transport = self.transport
-            self._disarm()
+            self._drop_deadline()
             if count:
                 self._guard.header_rejections += 1
                 logger.info("refusing a request from %s: %s", self._ip, answer.split(b"\r\n", 1)[0].decode())
@@ -432,24 +558,43 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                 transport.close()
 
         def _arm(self) -> None:
+            """Start the head deadline (unless one is running). One timer per connection:
+            disarming only clears the due time, and a timer that fires after the deadline
+            was armed again re-aims itself at the new due time — no timer is made and
+            cancelled per request (~2 µs each; issue 11's price-check CPU budget)."""
             if self._detached:
                 return
             self._partial = False
             timeout = self._guard.header_timeout_s
-            if timeout <= 0 or self._deadline is not None:
+            if timeout <= 0 or self._deadline_at is not None:
                 return
             transport = getattr(self, "transport", None)
             if transport is None or transport.is_closing():
                 return
-            self._deadline = self.loop.call_later(timeout, self._header_timeout)
+            due = self._deadline_at = self.loop.time() + timeout
+            if self._deadline is None:
+                self._deadline = self.loop.call_at(due, self._header_timeout)
 
         def _disarm(self) -> None:
+            """Stop the head deadline: the timer, if any, stays and finds nothing due."""
+            self._deadline_at = None
+
+        def _drop_deadline(self) -> None:
+            """Stop the head deadline for good (the connection closes or leaves the protocol)."""
+            self._deadline_at = None
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None
 
         def _header_timeout(self) -> None:
             self._deadline = None
+            due = self._deadline_at
+            if due is None:
+                return  # disarmed since (the head arrived); _arm starts a timer again
+            if due > self.loop.time():  # disarmed and armed again since: wait for that deadline
+                self._deadline = self.loop.call_at(due, self._header_timeout)
+                return
+            self._deadline_at = None
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
@@ -465,6 +610,49 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
 
     GuardedHTTP.__name__ = GuardedHTTP.__qualname__ = f"Guarded{base.__name__}"
     return GuardedHTTP
+
+
+class FastRoute(Protocol):
+    """What the protocol needs of a route it answers itself (:class:`streaming.fastpath.SyncRoute`)."""
+
+    path: str
+    max_body_bytes: int
+
+    def deadline_s(self) -> float: ...
+
+    def answer(self, headers: list[tuple[bytes, bytes]], query: bytes, body: bytes,
+               client: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]: ...
+
+    def timed_out(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]], bytes]: ...
+
+
+class _FastRequest:
+    """A request the protocol is reading for a fast route: its head's parts and body chunks."""
+
+    __slots__ = ("body", "deadline", "headers", "keep_alive", "query", "route")
+
+    def __init__(self, route: FastRoute, headers: list[tuple[bytes, bytes]], query: bytes, keep_alive: bool,
+                 deadline: float) -> None:
+        self.route = route
+        self.deadline = deadline  # loop time by which the body must have arrived
+        self.headers = headers
+        self.query = query
+        self.keep_alive = keep_alive
+        self.body: list[bytes] = []
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode())
+    return line
 
 
 def stream_ws(guard: Guard) -> type[WebSocketStream]:
