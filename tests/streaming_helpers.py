@@ -222,3 +222,35 @@ async def sse_deltas(sse: SSEReader, n: int, timeout_s: float = TIMEOUT_S) -> li
             out.append(ev)
     await asyncio.wait_for(run(), timeout_s)
     return out
+
+
+@asynccontextmanager
+async def started(server: Any) -> AsyncIterator[Any]:
+    """``await server.start()``, yield it, ``await server.stop()`` (any simulator)."""
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@asynccontextmanager
+async def running_source(store: Store, text: str, settings: Any = None) -> AsyncIterator[tuple[Any, Any]]:
+    """Run the ``--source`` spec ``text`` through the registry and the real pipeline into ``store``
+    until the block ends; yield (source, pipeline). Fails when the source cannot be built or its run
+    ends before the block does."""
+    from feed.pipeline import run_spec
+    from feed.settings import Settings
+    from feed.sources.spec import parse_source_spec
+
+    got: list[tuple[Any, Any]] = []
+    task = asyncio.create_task(run_spec(store, settings or Settings(), parse_source_spec(text),
+                                        on_source=lambda s, p: got.append((s, p))))
+    try:
+        await eventually(lambda: got or task.done(), 20, "the source built")
+        assert got, task.exception()
+        yield got[0]
+        assert not task.done(), task.exception()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -22,10 +22,8 @@ import redis.asyncio as aioredis
 from feed.ingest import Ingest
 from feed.models import EventState, Innings, PeriodScore, Score
 from feed.normalise.betfair import BetfairNormaliser, decode_cursor
-from feed.pipeline import Pipeline, run_spec
-from feed.settings import Settings
+from feed.pipeline import Pipeline
 from feed.simulator.cricket_server import CricketSimConfig, CricketSimulator, synthetic_matches
-from feed.sources.base import Source
 from feed.sources.betfair_cricket import CricketSource, cricket_endpoint
 from feed.sources.esa import EsaClient
 from feed.sources.esa_protocol import CRICKET_STREAM, EsaProtocol
@@ -33,7 +31,7 @@ from feed.sources.replay import Replay
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from tests.conftest import require_shared_data
-from tests.streaming_helpers import eventually
+from tests.streaming_helpers import eventually, running_source
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,19 +59,9 @@ async def simulator(**options: Any) -> AsyncIterator[CricketSimulator]:
 @contextlib.asynccontextmanager
 async def running(store: Store, text: str) -> AsyncIterator[tuple[CricketSource, Pipeline]]:
     """Run ``text`` through the registry and the pipeline into ``store`` until the block ends."""
-    got: list[tuple[Source, Pipeline]] = []
-    task = asyncio.create_task(run_spec(store, Settings(), parse_source_spec(text),
-                                        on_source=lambda s, p: got.append((s, p))))
-    try:
-        await eventually(lambda: got or task.done(), what="the source built")
-        assert got, task.exception()
-        source, pipeline = got[0]
+    async with running_source(store, text) as (source, pipeline):
         assert isinstance(source, CricketSource)
         yield source, pipeline
-        assert not task.done(), task.exception()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def state_of(store: Store, event_id: str) -> EventState | None:

@@ -7,10 +7,7 @@ through the registry, the pipeline and the embedded Redis."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,14 +17,11 @@ import pytest
 
 from feed.models import EventState, SourceHealth
 from feed.normalise.betfair import BetfairNormaliser, decode_cursor
-from feed.pipeline import Pipeline, run_spec
-from feed.settings import Settings
 from feed.simulator.race_server import RaceSimConfig, RaceSimulator
-from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from feed.taxonomy import race_event_id
 from streaming.client import OddsClient
-from streaming_helpers import Feed, SSEReader, eventually, make_app, now_ms, serve
+from streaming_helpers import Feed, SSEReader, eventually, make_app, now_ms, running_source, serve, started
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -246,40 +240,16 @@ async def test_a_race_state_reaches_its_races_markets_on_sse_rest_and_the_client
 # -- the betfair-race source against the local sports-data stream ----------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _race_sim(**options: Any) -> AsyncIterator[RaceSimulator]:
-    sim = RaceSimulator(RaceSimConfig(**options))
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
-
-
-@contextlib.asynccontextmanager
-async def _running(store: Store, text: str) -> AsyncIterator[Pipeline]:
-    got: list[Pipeline] = []
-    task = asyncio.create_task(run_spec(store, Settings(), parse_source_spec(text),
-                                        on_source=lambda s, p: got.append(p)))
-    try:
-        await eventually(lambda: got or task.done(), what="the source built")
-        assert got, task.exception()
-        yield got[0]
-        assert not task.done(), task.exception()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 async def test_the_betfair_race_source_stores_each_race_to_its_finish_through_a_cut_and_bad_lines(
         store: Store) -> None:
     """``betfair-race`` through the registry and the pipeline: each race of the simulator is stored
     as a live state, then ENDED with the finishing order the simulator ran; the stream cut mid-race
     resumes (RESUB_DELTA) and the race still ends right; malformed lines are quarantined."""
-    async with _race_sim(seed=11, races=2, time_scale=20.0, distance_m=(1000.0, 1200.0), min_update_ms=10,
-                         tick_ms=5, race_gap_ms=200) as sim, \
-            _running(store, f"betfair-race=127.0.0.1:{sim.port},name=bf-race,app_key=sim-app-key,"
-                            "session=sim-session,heartbeat_ms=500"):
+    config = RaceSimConfig(seed=11, races=2, time_scale=20.0, distance_m=(1000.0, 1200.0), min_update_ms=10,
+                           tick_ms=5, race_gap_ms=200)
+    async with started(RaceSimulator(config)) as sim, \
+            running_source(store, f"betfair-race=127.0.0.1:{sim.port},name=bf-race,app_key=sim-app-key,"
+                                  "session=sim-session,heartbeat_ms=500"):
         first = f"bf:{sim.cards[0].race_id}"
 
         async def live() -> bool:

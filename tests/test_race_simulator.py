@@ -28,7 +28,7 @@ from feed.simulator.race_server import (
     race_id_of,
     synthetic_races,
 )
-from tests.streaming_helpers import eventually
+from tests.streaming_helpers import eventually, started
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,14 +95,8 @@ class Client:
             await self.writer.wait_closed()
 
 
-@contextlib.asynccontextmanager
-async def server(config: RaceSimConfig | None = None, **kw: Any) -> AsyncIterator[RaceSimulator]:
-    sim = RaceSimulator(config, **kw)
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
+def server(config: RaceSimConfig | None = None, **kw: Any) -> contextlib.AbstractAsyncContextManager[RaceSimulator]:
+    return started(RaceSimulator(config, **kw))
 
 
 @contextlib.asynccontextmanager

@@ -60,9 +60,9 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import msgspec
 
@@ -746,22 +746,10 @@ class BetfairNormaliser:
         """A ``ccm`` line: each ``cc`` entry merged into its event's cricket
         state, one :class:`EventState` per event whose state changed (an
         entry that fails is rejected alone, its event's state untouched)."""
-        try:
-            msg = _CCM_DECODER.decode(raw)
-        except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
-            raise FeedDecodeError("invalid_schema", f"ccm: {exc}", raw) from None
+        msg = _envelope(_CCM_DECODER, raw, "ccm")
         pt = msg.pt if msg.pt is not None else recv_ms
-        for i, part in enumerate(msg.cc or ()):
-            try:
-                cc = _CC_DECODER.decode(part)
-            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
-                try:
-                    eid: str | None = SOURCE_PREFIX + _CC_ID_DECODER.decode(part).eventId
-                except (msgspec.ValidationError, *_JSON_ERRORS):
-                    eid = None
-                batch.rejected.append(FeedDecodeError("invalid_schema", f"{exc} (cricket change {i})", raw,
-                                                      event_id=eid))
-                continue
+        for cc in _entries(msg.cc, _CC_DECODER, lambda part: _CC_ID_DECODER.decode(part).eventId, "cricket change",
+                           raw, batch):
             event_id = SOURCE_PREFIX + cc.eventId
             old = self.cricket.get(cc.eventId) or _Cricket()
             new = _merge_cricket(old, cc)
@@ -788,22 +776,10 @@ class BetfairNormaliser:
         says something new. Readings and progress older (``ft``) than the
         ones held are skipped (a reordered or repeated line cannot take a
         race back). An entry that fails is rejected alone, its race untouched."""
-        try:
-            msg = _RCM_DECODER.decode(raw)
-        except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
-            raise FeedDecodeError("invalid_schema", f"rcm: {exc}", raw) from None
+        msg = _envelope(_RCM_DECODER, raw, "rcm")
         pt = msg.pt if msg.pt is not None else recv_ms
-        for i, part in enumerate(msg.rc or ()):
-            try:
-                rc = _RC_DECODER.decode(part)
-            except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
-                try:
-                    eid: str | None = SOURCE_PREFIX + _RC_ID_DECODER.decode(part).id
-                except (msgspec.ValidationError, *_JSON_ERRORS):
-                    eid = None
-                batch.rejected.append(FeedDecodeError("invalid_schema", f"{exc} (race change {i})", raw,
-                                                      event_id=eid))
-                continue
+        for rc in _entries(msg.rc, _RC_DECODER, lambda part: _RC_ID_DECODER.decode(part).id, "race change", raw,
+                           batch):
             event_id = SOURCE_PREFIX + rc.id
             held = self.races.get(rc.id) or _Race()
             try:
@@ -1145,6 +1121,36 @@ class BetfairNormaliser:
     def forget(self, market_id: str) -> None:
         """Drop a market's cache (``bf:`` id or raw id), e.g. after it closed."""
         self.markets.pop(market_id.removeprefix(SOURCE_PREFIX), None)
+
+
+_T = TypeVar("_T")
+_E = TypeVar("_E")
+
+
+def _envelope(decoder: msgspec.json.Decoder[_E], raw: bytes, op: str) -> _E:
+    """A sports-data line's envelope; raises ``FeedDecodeError("invalid_schema")`` (the whole line)."""
+    try:
+        return decoder.decode(raw)
+    except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+        raise FeedDecodeError("invalid_schema", f"{op}: {exc}", raw) from None
+
+
+def _entries(parts: list[msgspec.Raw] | None, decoder: msgspec.json.Decoder[_T], id_of: Callable[[msgspec.Raw], str],
+             what: str, raw: bytes, batch: NormalisedBatch) -> Iterator[_T]:
+    """Each entry of a sports-data line (``cc`` / ``rc``) decoded; one that does not decode is
+    rejected alone in ``batch.rejected`` (``invalid_schema``, with its event id when at least
+    its id decodes: ``id_of``) and the others go on."""
+    for i, part in enumerate(parts or ()):
+        try:
+            entry = decoder.decode(part)
+        except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
+            try:
+                eid: str | None = SOURCE_PREFIX + id_of(part)
+            except (msgspec.ValidationError, *_JSON_ERRORS):
+                eid = None
+            batch.rejected.append(FeedDecodeError("invalid_schema", f"{exc} ({what} {i})", raw, event_id=eid))
+            continue
+        yield entry
 
 
 def _merge_cricket(old: _Cricket, cc: CricketChange) -> _Cricket:

@@ -48,11 +48,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import logging
 import random
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,9 +58,7 @@ import msgspec
 import orjson
 
 from feed.simulator.betfair_api import Sessions
-from feed.simulator.esa_line import EsaLineServer, LineConn
-from feed.simulator.esa_line import decode_clk as _decode_clk
-from feed.simulator.esa_line import encode_clk as _encode_clk
+from feed.simulator.esa_line import SportsConn, SportsDataServer
 from feed.simulator.esa_line import now_ms as _now_ms
 from feed.sources.replay import read_messages, recording_files
 
@@ -100,19 +96,12 @@ class CricketSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     tick_ms: int = 20
 
 
-class _Conn(LineConn):
+class _Conn(SportsConn):
     MALFORMED = _MALFORMED
-    ABORT_ON_CLOSE = True
-    __slots__ = ("heartbeat_ms", "sub_id", "subscribed")
-
-    def __init__(self, writer: asyncio.StreamWriter, connection_id: str) -> None:
-        super().__init__(writer, connection_id)
-        self.subscribed = False
-        self.sub_id: Any = None
-        self.heartbeat_ms = 5000
+    __slots__ = ()
 
 
-class CricketSimulator(EsaLineServer[_Conn]):
+class CricketSimulator(SportsDataServer[_Conn]):
     """The local sports-data (cricket) stream. ``await start()``, use ``port``, ``await stop()``.
 
     sessions: the session registry to accept (share an ESA simulator's, whose
@@ -125,6 +114,7 @@ class CricketSimulator(EsaLineServer[_Conn]):
     """
 
     subscription_op = "cricketSubscription"
+    change_op, change_key = "ccm", "cc"
     label = "cricket simulator"
     conn_class = _Conn
 
@@ -132,22 +122,12 @@ class CricketSimulator(EsaLineServer[_Conn]):
         self.config = config or CricketSimConfig()
         self._init_lines()
         self.sessions = sessions or Sessions(None, fixed=(self.config.session_token,))
+        self._init_sports()
         self.port = 0
-        self.subscriptions: list[dict[str, Any]] = []
         self.matches: dict[str, dict[str, Any]] = {}
-        self.messages_sent = 0
         self.done = asyncio.Event()
-        self.initial_clk = base64.b64encode(secrets.token_bytes(21)).decode()
-        self.seq = 0
         self._changed_at: dict[str, int] = {}  # event id -> seq of its last change
-        self._server: asyncio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._started = asyncio.Event()
         self._frozen = False
-        self._thawed = asyncio.Event()
-        self._thawed.set()
-        self._degraded = False
-        self._malformed_next = 0
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -165,27 +145,7 @@ class CricketSimulator(EsaLineServer[_Conn]):
                 else f"{cfg.matches} synthetic T20 match(es), a ball every {cfg.ball_ms} ms")
         logger.info("cricket simulator (sports-data stream) listening on %s:%d (%s)", cfg.host, self.port, mode)
 
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        for conn in list(self._conns):
-            conn.close()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
-
     # -- fault switches ---------------------------------------------------------------
-
-    def drop_connections(self) -> None:
-        """Close every client socket now (the upstream goes on)."""
-        for conn in list(self._conns):
-            conn.close()
 
     def freeze(self, on: bool = True) -> None:
         """Hold the upstream (no changes; heartbeats go on) or let it go."""
@@ -195,51 +155,14 @@ class CricketSimulator(EsaLineServer[_Conn]):
         else:
             self._thawed.set()
 
-    def set_degraded(self, on: bool) -> None:
-        """While on, every ccm (heartbeats too) carries ``status: 503``."""
-        self._degraded = on
-
-    def inject_malformed(self, n: int = 1) -> None:
-        """``n`` invalid lines before the next message of each subscribed connection."""
-        targets = [c for c in self._conns if c.subscribed]
-        if not targets:
-            self._malformed_next += n
-        for conn in targets:
-            conn.malformed += n
-
     # -- connections -----------------------------------------------------------------------
 
     def _subscribe(self, conn: _Conn, req: dict[str, Any]) -> None:
-        self.subscriptions.append(req)
-        req_id = req.get("id")
-        hb = req.get("heartbeatMs", 5000)
-        if not isinstance(hb, int) or isinstance(hb, bool):
-            self._fail(conn, req_id, "INVALID_INPUT", "Invalid subscription")
+        ok, since = self._accept(conn, req)
+        if not ok:
             return
-        initial_clk, clk = req.get("initialClk"), req.get("clk")
-        since: int | None = None
-        if initial_clk and clk:
-            since = _decode_clk(clk)
-            if initial_clk != self.initial_clk or since is None or since > self.seq:
-                self._fail(conn, req_id, "INVALID_CLOCK", "Invalid clock")
-                return
-        conn.sub_id, conn.heartbeat_ms, conn.subscribed = req_id, min(max(hb, 500), 30000), True
-        if self._malformed_next:
-            conn.malformed += self._malformed_next
-            self._malformed_next = 0
-        self._status_ok(conn, req_id)
         changed = [eid for eid in self.matches if since is None or self._changed_at.get(eid, 0) > since]
-        msg: dict[str, Any] = {"op": "ccm", "id": req_id, "initialClk": self.initial_clk,
-                               "clk": _encode_clk(self.seq), "heartbeatMs": conn.heartbeat_ms}
-        if self._degraded:
-            msg["status"] = 503
-        msg["pt"] = _now_ms()
-        msg["ct"] = "SUB_IMAGE" if since is None else "RESUB_DELTA"
-        if changed:
-            msg["cc"] = [self.matches[eid] for eid in changed]
-        conn.write([orjson.dumps(msg)])
-        conn.last_send_ms = _now_ms()
-        self._started.set()
+        self._reply(conn, since is not None, [self.matches[eid] for eid in changed])
         logger.info("cricket simulator: %s subscribed (%s, %d match(es) sent)", conn.connection_id,
                     "new" if since is None else "resumed", len(changed))
 
@@ -250,38 +173,12 @@ class CricketSimulator(EsaLineServer[_Conn]):
         that changed) merged into the matches and sent to every subscriber."""
         if not cc:
             return
-        self.seq += 1
         for entry in cc:
             eid = str(entry.get("eventId"))
             merged = self.matches.setdefault(eid, {})
             merged.update(entry)  # a part present replaces that part (betfairlightweight's cache does the same)
-            self._changed_at[eid] = self.seq
-        self.messages_sent += 1
-        now = _now_ms()
-        clk = _encode_clk(self.seq)
-        body = orjson.dumps(cc)
-        for conn in list(self._conns):
-            if not conn.subscribed or conn.closed:
-                continue
-            head = orjson.dumps({"op": "ccm", "id": conn.sub_id, "clk": clk,
-                                 **({"status": 503} if self._degraded else {}), "pt": now})
-            conn.write([head[:-1] + b',"cc":' + body + b"}"])
-            conn.last_send_ms = now
-
-    async def _heartbeats(self) -> None:
-        tick_s = max(self.config.tick_ms, 1) / 1000
-        while True:
-            await asyncio.sleep(tick_s)
-            now = _now_ms()
-            for conn in list(self._conns):
-                if conn.subscribed and not conn.closed and now - conn.last_send_ms >= conn.heartbeat_ms:
-                    msg: dict[str, Any] = {"op": "ccm", "id": conn.sub_id, "clk": _encode_clk(self.seq)}
-                    if self._degraded:
-                        msg["status"] = 503
-                    msg["pt"] = now
-                    msg["ct"] = "HEARTBEAT"
-                    conn.write([orjson.dumps(msg)])
-                    conn.last_send_ms = now
+            self._changed_at[eid] = self.seq + 1  # the clk of the line below
+        self._broadcast(cc)
 
     # -- upstreams -------------------------------------------------------------------------------
 

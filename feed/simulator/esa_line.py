@@ -12,13 +12,18 @@ the server closes. :class:`EsaLineServer` is that part, shared by
 :mod:`feed.simulator.cricket_server` (``cricketSubscription``); each
 subclass names its subscription op and handles it in ``_subscribe``.
 :class:`LineConn` is one client connection's writing side (with the
-malformed-line fault switch both simulators offer).
+malformed-line fault switch every simulator offers).
+:class:`SportsDataServer` adds what the sports-data streams share (cricket's
+``ccm``, :mod:`feed.simulator.race_server`'s ``rcm``): change lines with a
+``clk`` each, heartbeats, the subscription's checks and first line, and the
+fault switches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import logging
 import secrets
@@ -29,7 +34,7 @@ import orjson
 
 from feed.simulator.betfair_api import Sessions
 
-__all__ = ["EsaLineServer", "LineConn", "decode_clk", "encode_clk", "now_ms"]
+__all__ = ["EsaLineServer", "LineConn", "SportsConn", "SportsDataServer", "decode_clk", "encode_clk", "now_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,3 +201,160 @@ class EsaLineServer(Generic[C]):
 
     def _subscribe(self, conn: C, req: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+class SportsConn(LineConn):
+    """A connection of a sports-data stream (cricket, races): its subscription id,
+    whether it subscribed, and its heartbeat interval (ms)."""
+
+    ABORT_ON_CLOSE = True
+    __slots__ = ("heartbeat_ms", "sub_id", "subscribed")
+
+    def __init__(self, writer: asyncio.StreamWriter, connection_id: str) -> None:
+        super().__init__(writer, connection_id)
+        self.subscribed = False
+        self.sub_id: Any = None
+        self.heartbeat_ms = 5000
+
+
+S = TypeVar("S", bound=SportsConn)
+
+
+class SportsDataServer(EsaLineServer[S]):
+    """What Betfair's sports-data streams share (:mod:`feed.simulator.cricket_server`,
+    :mod:`feed.simulator.race_server`): one change op (``ccm`` / ``rcm``) whose lines
+    carry their entries under one key (``cc`` / ``rc``), a ``clk`` per change
+    (:attr:`seq`), ``initialClk`` per server, heartbeats, the subscription's
+    checks, and the fault switches ``drop_connections`` / ``set_degraded`` /
+    ``inject_malformed``. A subclass sets :attr:`change_op` and
+    :attr:`change_key`, calls :meth:`_init_sports` from ``__init__``, starts
+    :meth:`_heartbeats` as a task in :attr:`_tasks`, and in ``_subscribe``
+    calls :meth:`_accept` then :meth:`_reply`."""
+
+    change_op = ""
+    change_key = ""
+
+    def _init_sports(self) -> None:
+        """Call from ``__init__`` (after ``_init_lines``)."""
+        self.subscriptions: Any = []
+        self.messages_sent = 0
+        self.initial_clk = base64.b64encode(secrets.token_bytes(21)).decode()
+        self.seq = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = asyncio.Event()
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self._degraded = False
+        self._malformed_next = 0
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for conn in list(self._conns):
+            conn.close()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    # -- fault switches ---------------------------------------------------------------
+
+    def drop_connections(self) -> None:
+        """Close every client socket now (the upstream goes on)."""
+        for conn in list(self._conns):
+            conn.close()
+
+    def set_degraded(self, on: bool) -> None:
+        """While on, every change line (heartbeats too) carries ``status: 503``."""
+        self._degraded = on
+
+    def inject_malformed(self, n: int = 1) -> None:
+        """``n`` invalid lines before the next message of each subscribed connection."""
+        targets = [c for c in self._conns if c.subscribed]
+        if not targets:
+            self._malformed_next += n
+        for conn in targets:
+            conn.malformed += n
+
+    # -- the subscription ----------------------------------------------------------------
+
+    def _accept(self, conn: S, req: dict[str, Any]) -> tuple[bool, int | None]:
+        """Check a subscription (``heartbeatMs`` an int, clamped 500–30000; resume tokens
+        this server issued and not ahead of it) and, when good, take it: the connection
+        subscribed, pending malformed lines moved to it, ``status`` SUCCESS. Returns
+        (accepted, the seq the tokens name — None for a subscription without them)."""
+        self.subscriptions.append(req)
+        req_id = req.get("id")
+        hb = req.get("heartbeatMs", 5000)
+        if not isinstance(hb, int) or isinstance(hb, bool):
+            self._fail(conn, req_id, "INVALID_INPUT", "Invalid subscription")
+            return False, None
+        initial_clk, clk = req.get("initialClk"), req.get("clk")
+        since: int | None = None
+        if initial_clk and clk:
+            since = decode_clk(clk)
+            if initial_clk != self.initial_clk or since is None or since > self.seq:
+                self._fail(conn, req_id, "INVALID_CLOCK", "Invalid clock")
+                return False, None
+        conn.sub_id, conn.heartbeat_ms, conn.subscribed = req_id, min(max(hb, 500), 30000), True
+        if self._malformed_next:
+            conn.malformed += self._malformed_next
+            self._malformed_next = 0
+        self._status_ok(conn, req_id)
+        return True, since
+
+    def _reply(self, conn: S, resume: bool, entries: list[Any]) -> None:
+        """The subscription's first line: ``SUB_IMAGE`` (or ``RESUB_DELTA`` for a resume)
+        with ``initialClk``, ``clk``, ``heartbeatMs`` and ``entries`` (none: no key)."""
+        msg: dict[str, Any] = {"op": self.change_op, "id": conn.sub_id, "initialClk": self.initial_clk,
+                               "clk": encode_clk(self.seq), "heartbeatMs": conn.heartbeat_ms}
+        if self._degraded:
+            msg["status"] = 503
+        msg["pt"] = now_ms()
+        msg["ct"] = "RESUB_DELTA" if resume else "SUB_IMAGE"
+        if entries:
+            msg[self.change_key] = entries
+        conn.write([orjson.dumps(msg)])
+        conn.last_send_ms = now_ms()
+        self._started.set()
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _broadcast(self, entries: list[Any]) -> None:
+        """One change line carrying ``entries`` (a new ``clk``) to every subscriber."""
+        self.seq += 1
+        self.messages_sent += 1
+        now = now_ms()
+        clk = encode_clk(self.seq)
+        body = orjson.dumps(entries)
+        key = b',"%s":' % self.change_key.encode()
+        for conn in list(self._conns):
+            if not conn.subscribed or conn.closed:
+                continue
+            head = orjson.dumps({"op": self.change_op, "id": conn.sub_id, "clk": clk,
+                                 **({"status": 503} if self._degraded else {}), "pt": now})
+            conn.write([head[:-1] + key + body + b"}"])
+            conn.last_send_ms = now
+
+    async def _heartbeats(self) -> None:
+        """``ct: HEARTBEAT`` (the current ``clk``) to a subscriber after its ``heartbeatMs``
+        without a line; checked every ``config.tick_ms``."""
+        tick_s = max(self.config.tick_ms, 1) / 1000
+        while True:
+            await asyncio.sleep(tick_s)
+            now = now_ms()
+            for conn in list(self._conns):
+                if conn.subscribed and not conn.closed and now - conn.last_send_ms >= conn.heartbeat_ms:
+                    msg: dict[str, Any] = {"op": self.change_op, "id": conn.sub_id, "clk": encode_clk(self.seq)}
+                    if self._degraded:
+                        msg["status"] = 503
+                    msg["pt"] = now
+                    msg["ct"] = "HEARTBEAT"
+                    conn.write([orjson.dumps(msg)])
+                    conn.last_send_ms = now

@@ -107,24 +107,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import logging
 import math
 import random
 import re
-import secrets
 from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-import orjson
 
 from feed.simulator.betfair_api import Sessions
-from feed.simulator.esa_line import EsaLineServer, LineConn
-from feed.simulator.esa_line import decode_clk as _decode_clk
-from feed.simulator.esa_line import encode_clk as _encode_clk
+from feed.simulator.esa_line import SportsConn, SportsDataServer
 from feed.simulator.esa_line import now_ms as _now_ms
 from feed.simulator.market_model import MarketModel
 from feed.simulator.wire import MarketBook
@@ -541,19 +536,12 @@ class Race:
 # -- the server --------------------------------------------------------------------------------------
 
 
-class _Conn(LineConn):
+class _Conn(SportsConn):
     MALFORMED = _MALFORMED
-    ABORT_ON_CLOSE = True
-    __slots__ = ("heartbeat_ms", "sub_id", "subscribed")
-
-    def __init__(self, writer: asyncio.StreamWriter, connection_id: str) -> None:
-        super().__init__(writer, connection_id)
-        self.subscribed = False
-        self.sub_id: Any = None
-        self.heartbeat_ms = 5000
+    __slots__ = ()
 
 
-class RaceSimulator(EsaLineServer[_Conn]):
+class RaceSimulator(SportsDataServer[_Conn]):
     """The local sports-data (race progress) stream. ``await start()``, use ``port``, ``await stop()``.
 
     sessions: the session registry to accept (share an ESA simulator's, whose
@@ -572,6 +560,7 @@ class RaceSimulator(EsaLineServer[_Conn]):
     """
 
     subscription_op = "raceSubscription"
+    change_op, change_key = "rcm", "rc"
     label = "race simulator"
     conn_class = _Conn
 
@@ -581,6 +570,7 @@ class RaceSimulator(EsaLineServer[_Conn]):
         if cfg.time_scale <= 0 or cfg.update_ms <= 0 or cfg.min_update_ms <= 0:
             raise ValueError("time_scale, update_ms and min_update_ms must be > 0")
         self._init_lines()
+        self._init_sports()
         self.sessions = sessions or Sessions(None, fixed=(cfg.session_token,))
         self.model = model
         if model is not None:  # the model settles a race's market with the winner the race was run with
@@ -593,21 +583,11 @@ class RaceSimulator(EsaLineServer[_Conn]):
         self.cards = [] if model is not None else synthetic_races(cfg.seed, cfg.races, _now_ms(), cfg.distance_m)
         self.running: dict[str, Race] = {}
         self.results: OrderedDict[str, list[int]] = OrderedDict()
-        self.messages_sent = 0
         self.done = asyncio.Event()
-        self.initial_clk = base64.b64encode(secrets.token_bytes(21)).decode()
-        self.seq = 0
         self._seen: set[str] = set()  # market ids whose race went off
         self._by_market: OrderedDict[str, Race] = OrderedDict()  # market id -> its race (the latest kept)
         self._next_off_ms = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._started = asyncio.Event()
         self._frozen_at: int | None = None
-        self._thawed = asyncio.Event()
-        self._thawed.set()
-        self._degraded = False
-        self._malformed_next = 0
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -623,27 +603,7 @@ class RaceSimulator(EsaLineServer[_Conn]):
                 else f"{len(self.cards)} synthetic race(s), time x{self.time_scale:g}")
         logger.info("race simulator (sports-data stream) listening on %s:%d (%s)", cfg.host, self.port, mode)
 
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        for conn in list(self._conns):
-            conn.close()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
-
     # -- fault switches ---------------------------------------------------------------
-
-    def drop_connections(self) -> None:
-        """Close every client socket now (the races go on)."""
-        for conn in list(self._conns):
-            conn.close()
 
     def freeze(self, on: bool = True) -> None:
         """Hold the races (no messages, race time stands still; heartbeats go
@@ -661,51 +621,15 @@ class RaceSimulator(EsaLineServer[_Conn]):
             self._next_off_ms += held
             self._thawed.set()
 
-    def set_degraded(self, on: bool) -> None:
-        """While on, every rcm (heartbeats too) carries ``status: 503``."""
-        self._degraded = on
-
-    def inject_malformed(self, n: int = 1) -> None:
-        """``n`` invalid lines before the next message of each subscribed connection."""
-        targets = [c for c in self._conns if c.subscribed]
-        if not targets:
-            self._malformed_next += n
-        for conn in targets:
-            conn.malformed += n
-
     # -- connections -----------------------------------------------------------------------
 
     def _subscribe(self, conn: _Conn, req: dict[str, Any]) -> None:
-        self.subscriptions.append(req)
-        req_id = req.get("id")
-        hb = req.get("heartbeatMs", 5000)
-        if not isinstance(hb, int) or isinstance(hb, bool):
-            self._fail(conn, req_id, "INVALID_INPUT", "Invalid subscription")
+        ok, since = self._accept(conn, req)
+        if not ok:
             return
-        initial_clk, clk = req.get("initialClk"), req.get("clk")
-        resume = bool(initial_clk and clk)
-        if resume:
-            since = _decode_clk(clk)
-            if initial_clk != self.initial_clk or since is None or since > self.seq:
-                self._fail(conn, req_id, "INVALID_CLOCK", "Invalid clock")
-                return
-        conn.sub_id, conn.heartbeat_ms, conn.subscribed = req_id, min(max(hb, 500), 30000), True
-        if self._malformed_next:
-            conn.malformed += self._malformed_next
-            self._malformed_next = 0
-        self._status_ok(conn, req_id)
-        msg: dict[str, Any] = {"op": "rcm", "id": req_id, "initialClk": self.initial_clk,
-                               "clk": _encode_clk(self.seq), "heartbeatMs": conn.heartbeat_ms}
-        if self._degraded:
-            msg["status"] = 503
-        msg["pt"] = _now_ms()
-        msg["ct"] = "RESUB_DELTA" if resume else "SUB_IMAGE"
+        resume = since is not None
         states = [race.state() for race in self.running.values()] if resume else []
-        if states:
-            msg["rc"] = states
-        conn.write([orjson.dumps(msg)])
-        conn.last_send_ms = _now_ms()
-        self._started.set()
+        self._reply(conn, resume, states)
         logger.info("race simulator: %s subscribed (%s, %d race(s) sent)", conn.connection_id,
                     "resumed" if resume else "new", len(states))
 
@@ -713,35 +637,8 @@ class RaceSimulator(EsaLineServer[_Conn]):
 
     def _publish(self, rc: list[dict[str, Any]]) -> None:
         """One rcm with ``rc`` to every subscriber."""
-        if not rc:
-            return
-        self.seq += 1
-        self.messages_sent += 1
-        now = _now_ms()
-        clk = _encode_clk(self.seq)
-        body = orjson.dumps(rc)
-        for conn in list(self._conns):
-            if not conn.subscribed or conn.closed:
-                continue
-            head = orjson.dumps({"op": "rcm", "id": conn.sub_id, "clk": clk,
-                                 **({"status": 503} if self._degraded else {}), "pt": now})
-            conn.write([head[:-1] + b',"rc":' + body + b"}"])
-            conn.last_send_ms = now
-
-    async def _heartbeats(self) -> None:
-        tick_s = max(self.config.tick_ms, 1) / 1000
-        while True:
-            await asyncio.sleep(tick_s)
-            now = _now_ms()
-            for conn in list(self._conns):
-                if conn.subscribed and not conn.closed and now - conn.last_send_ms >= conn.heartbeat_ms:
-                    msg: dict[str, Any] = {"op": "rcm", "id": conn.sub_id, "clk": _encode_clk(self.seq)}
-                    if self._degraded:
-                        msg["status"] = 503
-                    msg["pt"] = now
-                    msg["ct"] = "HEARTBEAT"
-                    conn.write([orjson.dumps(msg)])
-                    conn.last_send_ms = now
+        if rc:
+            self._broadcast(rc)
 
     # -- upstreams -------------------------------------------------------------------------------
 
