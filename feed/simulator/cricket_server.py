@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Iterator
@@ -58,7 +57,7 @@ import msgspec
 import orjson
 
 from feed.simulator.betfair_api import Sessions
-from feed.simulator.esa_line import SportsConn, SportsDataServer
+from feed.simulator.esa_line import SportsConn, SportsDataServer, serve_until_interrupted
 from feed.simulator.esa_line import now_ms as _now_ms
 from feed.sources.replay import read_messages, recording_files
 
@@ -375,19 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                               speed=None if args.speed == "max" else float(args.speed), seed=args.seed,
                               matches=args.matches, ball_ms=args.ball_ms)
 
-    async def serve() -> None:
-        sim = CricketSimulator(config)
-        await sim.start()
-        print(f"cricket simulator (Betfair sports-data stream) on {args.host}:{sim.port}", flush=True)
-        print(f"  --source betfair-cricket={args.host}:{sim.port},app_key={config.app_key},"
-              f"session={config.session_token}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await sim.stop()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    serve_until_interrupted(CricketSimulator(config), "cricket simulator (Betfair sports-data stream)", "betfair-cricket")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ import orjson
 
 from feed.simulator.betfair_api import Sessions
 
-__all__ = ["EsaLineServer", "LineConn", "SportsConn", "SportsDataServer", "decode_clk", "encode_clk", "now_ms"]
+__all__ = ["EsaLineServer", "LineConn", "SportsConn", "SportsDataServer", "cancel_tasks", "decode_clk", "encode_clk",
+           "now_ms", "serve_until_interrupted"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,35 @@ def decode_clk(clk: Any) -> int | None:
     except ValueError:
         return None
     return int.from_bytes(raw, "big") if len(raw) == 9 else None
+
+
+async def cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks``, wait for each to end, and empty the list."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    tasks.clear()
+
+
+def serve_until_interrupted(sim: Any, banner: str, kind: str) -> None:
+    """Run sports-data simulator ``sim`` until Ctrl-C (a ``python -m`` entry point): print
+    ``banner … on HOST:PORT`` and the ``--source <kind>=…`` line that reaches it."""
+    cfg = sim.config
+
+    async def serve() -> None:
+        await sim.start()
+        print(f"{banner} on {cfg.host}:{sim.port}", flush=True)
+        print(f"  --source {kind}={cfg.host}:{sim.port},app_key={cfg.app_key},session={cfg.session_token}",
+              flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await sim.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
 
 
 class LineConn:
@@ -249,12 +279,7 @@ class SportsDataServer(EsaLineServer[S]):
         self._malformed_next = 0
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
         for conn in list(self._conns):
             conn.close()
         if self._server is not None:

@@ -61,7 +61,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from feed.simulator.esa_line import EsaLineServer, LineConn
+from feed.simulator.esa_line import EsaLineServer, LineConn, cancel_tasks
 from feed.simulator.esa_line import decode_clk as _decode_clk
 from feed.simulator.esa_line import encode_clk as _encode_clk
 from feed.simulator.esa_line import now_ms as _now_ms
@@ -273,12 +273,7 @@ class Simulator(EsaLineServer[_Conn]):
 
     async def stop(self) -> None:
         """Stop the pump, close every connection and the listener."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
         for conn in list(self._conns):
             conn.close(abort=True)
         if self.api is not None:

@@ -107,7 +107,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -119,7 +118,7 @@ from typing import Any
 import msgspec
 
 from feed.simulator.betfair_api import Sessions
-from feed.simulator.esa_line import SportsConn, SportsDataServer
+from feed.simulator.esa_line import SportsConn, SportsDataServer, serve_until_interrupted
 from feed.simulator.esa_line import now_ms as _now_ms
 from feed.simulator.market_model import MarketModel
 from feed.simulator.wire import MarketBook
@@ -736,19 +735,7 @@ def main(argv: list[str] | None = None) -> None:
     config = RaceSimConfig(host=args.host, port=args.port, seed=args.seed, races=args.races,
                            race_gap_ms=args.race_gap_ms, time_scale=args.time_scale)
 
-    async def serve() -> None:
-        sim = RaceSimulator(config)
-        await sim.start()
-        print(f"race simulator (Betfair sports-data stream, race progress) on {args.host}:{sim.port}", flush=True)
-        print(f"  --source betfair-race={args.host}:{sim.port},app_key={config.app_key},"
-              f"session={config.session_token}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await sim.stop()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    serve_until_interrupted(RaceSimulator(config), "race simulator (Betfair sports-data stream, race progress)", "betfair-race")
 
 
 if __name__ == "__main__":
