@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import json
 import os
@@ -173,9 +174,11 @@ async def node(args: argparse.Namespace) -> dict[str, Any]:
         print("ready", flush=True)  # the parent starts the writer now
         await asyncio.sleep(args.warmup)
         e0 = sum(r.entries for r in n.readers)
+        gc_s, gc_runs = _gc_meter()
         c0, w0, s0 = time.process_time(), time.monotonic(), await _commandstats(stats.redis)
         await asyncio.sleep(args.seconds)
         cpu, wall, s1 = time.process_time() - c0, time.monotonic() - w0, await _commandstats(stats.redis)
+        gc.callbacks.clear()
         entries = sum(r.entries for r in n.readers) - e0
         errors = sum(r.errors for r in n.readers)
         reloads = n.reloads
@@ -184,7 +187,23 @@ async def node(args: argparse.Namespace) -> dict[str, Any]:
         await stats.close()
     calls = {k: s1.get(k, 0) - s0.get(k, 0) for k in ("xread", "xrange", "get")}
     return {"cpu_s": cpu, "wall_s": wall, "entries": entries, "errors": errors, "reloads": reloads,
-            "xread": calls["xread"], "xrange": calls["xrange"], "get": calls["get"]}
+            "xread": calls["xread"], "xrange": calls["xrange"], "get": calls["get"],
+            "gc_s": gc_s[0], "gc_runs": gc_runs}
+
+
+def _gc_meter() -> tuple[list[float], list[int]]:
+    """From now: time spent in the cyclic GC (s, in a one-item list) and collections per generation."""
+    spent, runs = [0.0], [0, 0, 0]
+    started: list[float] = []
+
+    def cb(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            spent[0] += time.perf_counter() - started.pop()
+            runs[info["generation"]] += 1
+    gc.callbacks.append(cb)
+    return spent, runs
 
 
 def cmd_node(args: argparse.Namespace) -> None:
@@ -231,6 +250,10 @@ def one_run(args: argparse.Namespace, label: str, reader_file: str | None) -> di
           f"{res['us_per_entry']:6.1f} µs/entry  {res['us_per_read']:6.1f} µs/read  "
           f"errors {res['errors']} reloads {res['reloads']}  writer behind ≤ {res['writer']['behind_max_ms']} ms",
           flush=True)
+    if "gc_s" in res:
+        print(f"         cyclic GC: {res['gc_s'] / e * 1e6:5.1f} µs/entry ({100 * res['gc_s'] / max(res['cpu_s'], 1e-9):.0f} % "
+              f"of the node's CPU), collections gen0/1/2 {res['gc_runs'][0]}/{res['gc_runs'][1]}/{res['gc_runs'][2]}",
+              flush=True)
     return res
 
 
