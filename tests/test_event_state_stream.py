@@ -154,7 +154,9 @@ async def test_sse_resume_recovered_resends_the_current_states(store: Store, red
         # while away: a goal and a price
         await store.apply_event_states([_state("e1", 2, 0, 1)])
         await _node_has(app, "e1", 2)
-        await feed.write(feed.price("m2", "1", 3.3))
+        (d,) = await feed.write(feed.price("m2", "1", 3.3))
+        # the node has read the price (else the resume has nothing to replay and it comes live, after the state)
+        await eventually(lambda: app.state.node.state.markets["m2"].seq >= d.seq, TIMEOUT_S, "the node holding the price")
         async with c.stream("GET", "/v1/stream?sport=soccer", headers={"Last-Event-ID": token}) as r:
             sse = SSEReader(r)
             resumed = await sse.next()
@@ -207,7 +209,8 @@ async def test_ws_snapshot_states_filters_live_and_resume(store: Store, redis_ur
         # resume sub 1 from its snapshot's token: recovered, the missed delta, then the current state
         await store.apply_event_states([_state("e1", 3, 3, 0)])
         await _node_has(app, "e1", 3)
-        await feed.write(feed.price("m1", "1", 2.7))
+        (d,) = await feed.write(feed.price("m1", "1", 2.7))
+        await eventually(lambda: app.state.node.state.markets["m1"].seq >= d.seq, TIMEOUT_S, "the node holding the price")
         async with connect(url) as ws:
             r = WSReader(ws)
             await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"sport": "soccer"}, "resume": token}))
