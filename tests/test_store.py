@@ -193,3 +193,53 @@ async def test_closed_markets_past_the_retention_leave_the_book_and_the_store(st
     # an image of a forgotten market starts again with its seq continuing (never back in time)
     again = feed.book.apply(feed.image("old"))
     assert again is not None and again.seq == stored["old"] + 1
+
+
+def _one_per_partition(partitions: int) -> list[str]:
+    from feed.store import partition_of
+
+    out: dict[int, str] = {}
+    i = 0
+    while len(out) < partitions:
+        out.setdefault(partition_of(f"m{i}", partitions), f"m{i}")
+        i += 1
+    return [out[p] for p in range(partitions)]
+
+
+async def test_a_batch_over_several_partitions_keeps_the_cursor_last(redis_url: str) -> None:
+    """A batch touching every partition: all stored, the cursor with partition 0 (last); a
+    partition answered PARTIAL (a redelivered delta) keeps only what is new, and an epoch change
+    raises before the cursor moves."""
+    s = await Store.open(redis_url, partitions=4)
+    try:
+        await s.redis.flushall()
+        await s.reset_epoch()
+        mids = _one_per_partition(4)
+        book = Book()
+        images = [book.apply(_update(mid, 2.0, image=True)) for mid in mids]
+        res = await s.apply(images, book.markets, cursor=("t", "c1"))
+        assert (res.kept, res.dropped, sorted(res.entries)) == (4, 0, [0, 1, 2, 3])
+        assert await s.load_cursor("t") == "c1"
+        # a batch redelivering partition 3's last delta beside new ones: kept what is new, dropped the rest
+        again = book.apply(_update(mids[3], 2.2, ts=1002))
+        await s.apply([again], book.markets)
+        news = [book.apply(_update(mid, 2.4, ts=1003)) for mid in mids]
+        res = await s.apply([again, *news], book.markets, cursor=("t", "c2"))
+        assert (res.kept, res.dropped, sorted(res.entries)) == (4, 1, [0, 1, 2, 3])
+        assert await s.load_cursor("t") == "c2"
+        for mid in mids:
+            m = await s.get_market(mid)
+            assert m is not None and m.selections[0].price == 2.4
+        rows = await s.log_range(3, "0-0")
+        assert [d.seq for _, ds in rows for d in ds] == [1, 2, 3]  # seq 2 once
+        # the epoch changes under the writer: EpochChanged, and the cursor stays where it was
+        from feed.store import EPOCH_KEY, pepoch_key
+
+        for key in (EPOCH_KEY, *(pepoch_key(p) for p in range(4))):
+            await s.redis.set(key, "another-writer")
+        more = [book.apply(_update(mid, 2.6, ts=1004)) for mid in mids]
+        with pytest.raises(EpochChanged):
+            await s.apply(more, book.markets, cursor=("t", "c3"))
+        assert await s.load_cursor("t") == "c2"
+    finally:
+        await s.close()
