@@ -243,3 +243,52 @@ async def test_a_batch_over_several_partitions_keeps_the_cursor_last(redis_url: 
         assert await s.load_cursor("t") == "c2"
     finally:
         await s.close()
+
+
+async def test_the_log_tails_bare_connection_auths_selects_reports_errors_and_reconnects(tmp_path) -> None:
+    """The tails' RESP connection (feed.store.RespConnection), against a real redis-server that
+    wants a password: AUTH and SELECT from the URL, an error reply raised as ResponseError, a
+    server gone raised (never a hang), and the next call connecting again."""
+    import asyncio
+
+    from redis.exceptions import ResponseError
+
+    from feed.embedded_redis import EmbeddedRedis, cluster_node_port
+    from feed.store import RespConnection, log_key
+
+    port = cluster_node_port()
+    import redis as sync_redis
+
+    server = EmbeddedRedis(tmp_path / "r", appendonly=False, port=port)
+    server.start()
+    sync_redis.Redis(port=port).config_set("requirepass", "s3cret")  # (the embedded server's ping has no password)
+    try:
+        s = await Store.open(f"redis://:s3cret@127.0.0.1:{port}/3")
+        tail = s.tail(0)
+        assert isinstance(tail._conn, RespConnection)  # the hot path does not go through redis-py
+        book = Book()
+        await s.apply([book.apply(_update("m1", 2.0, image=True))], book.markets)
+        entries, check = await tail.read("0-0", block_ms=100, count=10, check=True)
+        assert [d.market_id for _, ds in entries for d in ds] == ["m1"] and check is not None
+        assert check.epoch == s.epoch  # read from db 3, where the store writes
+        conn = tail._conn
+        await conn.send_packed_command(conn.pack_command("NOSUCHCOMMAND"))
+        with pytest.raises(ResponseError):
+            await conn.read_response()
+        # the server goes away in the middle of a blocked read: an error, not a hang
+        reading = asyncio.create_task(tail.read(entries[-1][0], block_ms=10_000, count=10))
+        await asyncio.sleep(0.2)
+        server.kill()
+        with pytest.raises((ConnectionError, OSError)):
+            await asyncio.wait_for(reading, 10)
+        server.start()
+        sync_redis.Redis(port=port).config_set("requirepass", "s3cret")
+        book.apply(_update("m1", 2.2, ts=1002))
+        await s.reset_epoch()
+        await s.apply([book.apply(_update("m1", 2.4, ts=1003))], book.markets)
+        got, _ = await asyncio.wait_for(tail.read("0-0", block_ms=100, count=10), 10)  # connects again
+        assert got
+        await tail.aclose()
+        await s.close()
+    finally:
+        server.stop()
