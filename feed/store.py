@@ -1222,7 +1222,8 @@ class LogTail(StreamTail):
     """Follows one partition's delta log: ``XREAD BLOCK`` and, on request, the
     guards (:class:`LogCheck`) in the same round trip, or the guards alone.
 
-    On a plain Redis it holds a connection of its own (XREAD BLOCK holds one)
+    On a plain Redis it holds a connection of its own (XREAD BLOCK holds one) —
+    a bare :class:`RespConnection` where the URL allows, else redis-py's —
     and talks to it directly: one command, or one pipelined write of four, per
     call, replies parsed once (no redis-py response callbacks, no per-entry
     field dicts) and each entry's payload decoded once into

@@ -254,7 +254,7 @@ async def test_the_log_tails_bare_connection_auths_selects_reports_errors_and_re
     from redis.exceptions import ResponseError
 
     from feed.embedded_redis import EmbeddedRedis, cluster_node_port
-    from feed.store import RespConnection, log_key
+    from feed.store import RespConnection
 
     port = cluster_node_port()
     import redis as sync_redis
