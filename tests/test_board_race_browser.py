@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 from streaming_helpers import Feed, make_app, now_ms, serve
 from test_board_browser import ARTIFACTS, _chromium, browser
@@ -123,4 +124,15 @@ async def test_board_shows_a_race_beside_its_markets_odds(redis_url: str, store:
         await page.until(f"{line}.classList.contains('stale') && {line}.querySelector('.badge.stale') !== null "
                          f"&& {_market('bf:1.5')}.querySelectorAll('.pos.stale').length === 3",
                          "the race marked stale while its source is DOWN")
+
+        # the race's event page (a race id names the race's canonical event): its header reads the race
+        await health("UP")
+        await page.js(f"location.hash = '#/event/' + encodeURIComponent({json.dumps(race)})")
+        head = "document.querySelector('.ev-head .score')"
+        await page.until(f"{head} && {head}.textContent.includes('ENDED') && {head}.textContent.includes('Finish') "
+                         f"&& {head}.textContent.includes('01:11')", "the race on its event page")
+        assert await page.js(f"{head}.dataset.member") == race
+        await store.apply_event_states([msgspec.structs.replace(progress(3, ended=False), race=msgspec.structs.replace(
+            progress(3, ended=False).race, gate="2f", distance_m=402.0))])
+        await page.until(f"{head}.textContent.includes('2f \u00b7 402 m to go')", "the event page following the race")
         assert page.errors() == [], page.errors()

@@ -451,7 +451,8 @@
   /** Put event state es (or none) into a score element: its HTML, class and data-version
    *  (shared by the cards on the list and the event page's header). */
   function fillScore(el, es, wallNow, extraClass) {
-    const html = es ? scoreHtml(es, wallNow) : "";
+    // a race's state (an event page of a race: its canonical event is the race) reads as its race line
+    const html = es ? (es.race ? raceHtml(es, wallNow) : scoreHtml(es, wallNow)) : "";
     const cls = (es ? scoreClass(es) : "score none") + (extraClass ? " " + extraClass : "");
     if (el.innerHTML !== html) el.innerHTML = html;
     if (el.className !== cls) el.className = cls;
