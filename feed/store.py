@@ -57,8 +57,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import hiredis
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -1046,7 +1046,7 @@ class RespConnection:
     """A bare RESP2 connection for the log tails' hot path: what they use of redis-py's
     connection (``pack_command``, ``pack_commands``, ``send_packed_command``,
     ``read_response``, ``disconnect``), without its per-command layers — a read round
-    trip costs the node ~33 µs of CPU instead of ~50–57 (``benchmarks/xread_path.py``).
+    trip costs the node ~33–37 µs of CPU instead of ~50–57 (``benchmarks/xread_path.py``).
 
     Built from a plain ``redis://`` or ``unix://`` pool's connection kwargs (host/port or
     path, username/password → ``AUTH``, db → ``SELECT``, ``socket_connect_timeout``);

@@ -43,8 +43,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 
 from streaming.auth import AuthError, AuthMiddleware
-from streaming.pricecheck import MAX_BODY_BYTES, Answer, PriceCheckEndpoint, answer_of
-from streaming.responses import json_error
+from streaming.pricecheck import MAX_BODY_BYTES, NOT_READY, Answer, PriceCheckEndpoint
 from streaming.tracing import DEPRECATIONS, TRACE, Trace, trace_id_of
 
 if TYPE_CHECKING:
@@ -102,12 +101,8 @@ class SyncRoute:
 
     def timed_out(self, headers: list[tuple[bytes, bytes]]) -> Answer:
         """408: the body did not arrive in time (the endpoint's answer, with the trace headers)."""
-        node = getattr(self.app.state, "node", None)
-        if node is None:
-            ms = self.app.state.settings.price_check_deadline_ms
-            return self._traced(headers, lambda: answer_of(json_error(
-                408, "deadline_exceeded", f"the request body did not arrive within {ms} ms")))
-        return self._traced(headers, lambda: PriceCheckEndpoint.timed_out(node))
+        ms = round(self._deadline_s * 1000)
+        return self._traced(headers, lambda: PriceCheckEndpoint.timed_out(ms))
 
     def _traced(self, headers: list[tuple[bytes, bytes]], make: Any) -> Answer:
         trace_id = trace_id_of(headers)
@@ -138,7 +133,7 @@ class SyncRoute:
                 return self.auth.deny(exc, "POST", self.path, client)
         node = getattr(self.app.state, "node", None)
         if node is None:  # before the lifespan started the node
-            return answer_of(json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly"))
+            return NOT_READY
         return self.endpoint.answer(node, grant, body)
 
 

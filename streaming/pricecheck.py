@@ -594,7 +594,8 @@ async def send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-_NOT_READY = answer_of(json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly"))
+#: 503: the node has not loaded its state yet (both paths answer it)
+NOT_READY = answer_of(json_error(503, "not_ready", "this node has not loaded the markets yet; retry shortly"))
 
 
 class PriceCheckEndpoint:
@@ -610,7 +611,7 @@ class PriceCheckEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         node: Node = scope["app"].state.node
         if not node.state.loaded:
-            await send_answer(send, _NOT_READY)
+            await send_answer(send, NOT_READY)
             return
         deadline_s = node.settings.price_check_deadline_ms / 1000
         try:
@@ -628,10 +629,10 @@ class PriceCheckEndpoint:
         return answer_of(json_error(413, "payload_too_large", f"the body is limited to {MAX_BODY_BYTES} bytes"))
 
     @staticmethod
-    def timed_out(node: Node) -> Answer:
-        """408: the body did not arrive within the node's price-check deadline."""
-        ms = node.settings.price_check_deadline_ms
-        return answer_of(json_error(408, "deadline_exceeded", f"the request body did not arrive within {ms} ms"))
+    def timed_out(deadline_ms: int) -> Answer:
+        """408: the body did not arrive within ``deadline_ms`` (the price-check deadline)."""
+        return answer_of(json_error(408, "deadline_exceeded",
+                                    f"the request body did not arrive within {deadline_ms} ms"))
 
     def answer(self, node: Node, grant: Grant | None, body: bytes) -> Answer:
         """The answer to a whole request ``body`` from a caller with ``grant`` (None:
@@ -639,7 +640,7 @@ class PriceCheckEndpoint:
         decode or validate, 429/422 over the tenant's limit, else 200 with the check's result.
         Synchronous: every leg is judged on the same state."""
         if not node.state.loaded:
-            return _NOT_READY
+            return NOT_READY
         result: PriceCheckResult | BatchResult
         try:
             if self.batch:

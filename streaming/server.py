@@ -483,14 +483,8 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             if transport is None or transport.is_closing():
                 return
             body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
-            status, headers, answer = req.route.answer(req.headers, req.query, body, self._ip)
-            head = [_status_line(status)]
-            for name, value in (*self.server_state.default_headers, *headers):
-                head += (name, b": ", value, b"\r\n")
-            if not req.keep_alive:
-                head.append(b"connection: close\r\n")
-            head += (b"\r\n", answer)
-            transport.write(b"".join(head))
+            transport.write(self._response(req.route.answer(req.headers, req.query, body, self._ip),
+                                           close=not req.keep_alive))
             if not req.keep_alive:
                 transport.close()
                 return
@@ -510,13 +504,20 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             req, self._fast = self._fast, None
             if req is None:
                 return
-            status, headers, answer = req.route.timed_out(req.headers)
+            logger.info("closing %s: the body of POST %s did not arrive in time", self._ip, req.route.path)
+            self._refuse(self._response(req.route.timed_out(req.headers), close=True), count=False)
+
+        def _response(self, answer: tuple[int, list[tuple[bytes, bytes]], bytes], *, close: bool) -> bytes:
+            """A whole HTTP/1.1 response: status line, the server's default headers (``date``,
+            ``server``) and the answer's, ``connection: close`` when ``close``, then the body."""
+            status, headers, body = answer
             head = [_status_line(status)]
             for name, value in (*self.server_state.default_headers, *headers):
                 head += (name, b": ", value, b"\r\n")
-            head += (b"connection: close\r\n\r\n", answer)
-            logger.info("closing %s: the body of POST %s did not arrive in time", self._ip, req.route.path)
-            self._refuse(b"".join(head), count=False)
+            if close:
+                head.append(b"connection: close\r\n")
+            head += (b"\r\n", body)
+            return b"".join(head)
 
         def send_400_response(self, msg: str) -> None:  # uvicorn's answer to a parser error
             if self._refusal is not None:  # ours: a limit, raised from a callback above

@@ -118,6 +118,7 @@ from typing import Any
 import msgspec
 
 from feed.simulator.betfair_api import Sessions
+from feed.normalise.base import iso_to_ms
 from feed.simulator.esa_line import SportsConn, SportsDataServer, serve_until_interrupted
 from feed.simulator.esa_line import now_ms as _now_ms
 from feed.simulator.market_model import MarketModel
@@ -193,14 +194,16 @@ def race_id_of(event_id: str, market_time: int | str) -> str:
     """Betfair's race id: ``<event id>.<HHMM>`` of the scheduled start
     ``market_time`` (ms since the epoch, or ISO-8601 as in a market
     definition: ``2021-07-30T16:50:00.000Z``; naive = UTC), in UTC."""
-    dt = _utc(market_time) if isinstance(market_time, str) else datetime.fromtimestamp(market_time / 1000, UTC)
-    return f"{event_id}.{dt:%H%M}"
+    ms = _ms_of(market_time) if isinstance(market_time, str) else market_time
+    return f"{event_id}.{datetime.fromtimestamp(ms / 1000, UTC):%H%M}"
 
 
-def _utc(iso: str) -> datetime:
-    """An ISO-8601 time (``…Z``, an offset, or naive = UTC) as an aware UTC datetime."""
-    dt = datetime.fromisoformat(iso)
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+def _ms_of(iso: str) -> int:
+    """An ISO-8601 market time as ms since the epoch; raises ValueError when it is not one."""
+    ms = iso_to_ms(iso)
+    if ms is None:
+        raise ValueError(f"not an ISO-8601 time: {iso!r:.40}")
+    return ms
 
 
 class RaceCard(msgspec.Struct, kw_only=True, frozen=True):
@@ -271,7 +274,7 @@ def race_card(book: MarketBook, *, seed: int | None = None,
     if distance is None:
         distance = _draw_distance(random.Random(None if seed is None else f"oddsfeed-race-card:{seed}:{book.market_id}"),
                                   distance_m)
-    ms = int(_utc(market_time).timestamp() * 1000)
+    ms = _ms_of(market_time)
     return RaceCard(event_id=str(event_id), market_id=book.market_id, market_time_ms=ms,
                     runners=tuple(int(r["id"]) for r in active), weights=tuple(weights), distance_m=distance,
                     race_type=str(md.get("raceType") or "Flat"), venue=md.get("venue"))
