@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from feed.sources.backoff import Backoff, backoff
+from feed.sources.backoff import Backoff, RepairPacer, backoff
 
 
 def test_backoff_upper_bound_grows_exponentially_then_caps() -> None:
@@ -44,3 +44,34 @@ def test_backoff_class_resets_to_initial() -> None:
     b.reset()
     assert b.attempts == 0
     assert b.next_delay() == 1.0
+
+
+def test_repair_pacer_takes_the_first_repair_at_once_then_doubles_the_gap_up_to_the_cap() -> None:
+    pacer = RepairPacer(first_s=1.0, max_s=8.0, quiet_s=60.0)
+    taken: list[float] = []
+    t = 0.0
+    while t < 40.0:  # a provider that keeps asking every 0.1 s
+        if pacer.due(t):
+            pacer.take(t)
+            taken.append(t)
+        t = round(t + 0.1, 1)
+    assert taken[:5] == [0.0, 1.0, 3.0, 7.0, 15.0]
+    assert [b - a for a, b in zip(taken[4:], taken[5:])] == [8.0] * (len(taken) - 5)  # capped
+
+
+def test_repair_pacer_starts_over_after_a_quiet_spell() -> None:
+    pacer = RepairPacer(first_s=1.0, max_s=30.0, quiet_s=60.0)
+    for t in (0.0, 1.0, 3.0):
+        assert pacer.due(t)
+        pacer.take(t)
+    assert not pacer.due(6.9) and pacer.due(7.0)  # 4 s after the third
+    assert pacer.due(63.0)  # a quiet minute: at once again …
+    pacer.take(63.0)
+    assert not pacer.due(63.9) and pacer.due(64.0)  # … and the gap is back to 1 s
+
+
+def test_repair_pacer_rejects_nonsense_settings() -> None:
+    with pytest.raises(ValueError):
+        RepairPacer(first_s=0.0)
+    with pytest.raises(ValueError):
+        RepairPacer(first_s=2.0, max_s=1.0)

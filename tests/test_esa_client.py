@@ -133,7 +133,7 @@ class Recorder:
                 out.append(msg)
         return out
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
         async with asyncio.timeout(timeout_s):
             while not predicate():
                 await asyncio.sleep(0.01)
@@ -296,7 +296,8 @@ async def test_stall_is_a_dead_link_then_resume_with_resub_delta(make_sim, make_
 async def test_drop_connections_reconnects_and_resumes(make_sim, make_client) -> None:
     sim = await make_sim()
     client, rec, _ = make_client(sim.port)
-    await rec.wait_for(lambda: rec.health == [("UP", None)])
+    # UP comes with the first message, the cursor once its delivery is handed over: wait for both
+    await rec.wait_for(lambda: rec.health == [("UP", None)] and client.cursor[0] is not None)
     first_connection = client.connection_id
     cursor = client.cursor
     sim.drop_connections()

@@ -523,7 +523,7 @@ async def test_an_esa_market_whose_change_was_rejected_is_reimaged_by_a_fresh_su
                         return False
             return True
         await eventually(repaired, 30, "every market re-imaged and equal to the simulator's truth")
-        # another lost change within the 10 s that images are spaced by waits for them, never dropped
+        # another lost change soon after an image waits for the pacing gap (1 s here), never dropped
         sim.freeze(False)
         sim.poison_timestamps([4_102_444_800_000 + 2])
         await eventually(lambda: len(sim.subscriptions) >= 3, 40, "a second fresh subscription")

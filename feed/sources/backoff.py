@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 
-__all__ = ["Backoff", "backoff"]
+__all__ = ["Backoff", "RepairPacer", "backoff"]
 
 
 def backoff(
@@ -81,3 +81,49 @@ class Backoff:
         """Start the sequence again from ``initial_s``."""
         self._gen = backoff(self._initial_s, self._factor, self._max_s, self._rng)
         self.attempts = 0
+
+
+class RepairPacer:
+    """Spaces repairs that cost the upstream a round of work — an ESA
+    resubscription for a full image, say — without making the first one wait.
+
+    The first repair after a quiet spell may go at once; the next one
+    ``first_s`` after it, then 2×, 4× … that gap, up to ``max_s``;
+    ``quiet_s`` without a repair start the sequence over. So an isolated
+    rejected change is repaired within a second, and a provider that keeps
+    sending bad data gets one repair per ``max_s`` instead of a reconnect
+    loop. Times are seconds on a monotonic clock (``time.monotonic()``).
+
+    >>> p = RepairPacer(first_s=1.0, max_s=4.0, quiet_s=60.0)
+    >>> p.due(0.0); p.take(0.0); p.due(0.5), p.due(1.0)
+    True
+    (False, True)
+    >>> p.take(1.0); p.take(3.0); p.take(7.0); p.due(10.9), p.due(11.0)
+    (False, True)
+    >>> p.take(11.0); p.due(71.0)   # a quiet minute: at once again
+    True
+    """
+
+    __slots__ = ("_first_s", "_gap_s", "_last", "_max_s", "_quiet_s")
+
+    def __init__(self, first_s: float = 1.0, max_s: float = 30.0, quiet_s: float = 60.0) -> None:
+        if first_s <= 0 or max_s < first_s or quiet_s < max_s:
+            raise ValueError("RepairPacer needs 0 < first_s <= max_s <= quiet_s")
+        self._first_s = first_s
+        self._max_s = max_s
+        self._quiet_s = quiet_s
+        self._gap_s = 0.0
+        self._last = -1e18
+
+    def due(self, now: float) -> bool:
+        """Whether a repair may be taken at ``now``."""
+        since = now - self._last
+        return since >= self._quiet_s or since >= self._gap_s
+
+    def take(self, now: float) -> None:
+        """Record a repair taken at ``now``: the next one waits the next gap."""
+        if now - self._last >= self._quiet_s:
+            self._gap_s = self._first_s
+        else:
+            self._gap_s = min(self._max_s, self._gap_s * 2)
+        self._last = now

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from feed.aio import wait_event
 from feed.errors import ConfigError
-from feed.sources.backoff import Backoff
+from feed.sources.backoff import Backoff, RepairPacer
 from feed.sources.betfair_api import BetfairApiError, CatalogueFetcher
 from feed.sources.esa_protocol import (
     FATAL_ERROR_CODES,
@@ -164,6 +164,8 @@ class EsaClient(SessionClient):
             handshake, in seconds.
         clock_ms: wall clock in integer ms since the Unix epoch.
         backoff_initial_s, backoff_max_s: reconnect delays (full jitter), seconds.
+        image_first_s, image_max_s: pacing of the full images that repair
+            rejected changes (:meth:`request_image`, :class:`RepairPacer`), seconds.
         login: where the session token comes from
             (:class:`feed.sources.betfair_api.BetfairLogin`); each connection
             authenticates with its current token, and ``NO_SESSION`` /
@@ -197,6 +199,8 @@ class EsaClient(SessionClient):
         clock_ms: Callable[[], int] = _wall_clock_ms,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        image_first_s: float = 1.0,
+        image_max_s: float = 30.0,
         login: BetfairLogin | None = None,
     ) -> None:
         self._host = host
@@ -224,8 +228,7 @@ class EsaClient(SessionClient):
         self._clock_ms = clock_ms
         self._backoff = Backoff(initial_s=backoff_initial_s, max_s=backoff_max_s)
         self._image_wanted = False
-        self._image_requested_at = -1e18
-        self._image_min_interval_s = 10.0
+        self._image_pacer = RepairPacer(first_s=image_first_s, max_s=image_max_s)
 
         self._connection_id: str | None = None
         self._reconnects = 0
@@ -234,17 +237,19 @@ class EsaClient(SessionClient):
     def __repr__(self) -> str:
         return f"<EsaClient {self._name} {self._host}:{self._port}>"
 
-    def request_image(self, min_interval_s: float = 10.0) -> None:
+    def request_image(self) -> None:
         """Ask for a fresh full image of the subscription: after the current
         delivery the client drops its ``clk`` cursor and resubscribes (ESA
         cannot re-image one market). Used when a market's change had to be
-        rejected: only an image repairs it. At most once per
-        ``min_interval_s`` seconds, so a provider that keeps sending bad data
-        does not make us reconnect in a loop: a request within that interval
-        of the last image waits for it to pass (the next delivery after it,
-        heartbeats included), never dropped — its market stays stale until then."""
+        rejected: only an image repairs it. Paced by a
+        :class:`~feed.sources.backoff.RepairPacer`: the first image after a
+        quiet minute is taken at once, the next ``image_first_s`` (1 s) after
+        it, then 2 s, 4 s … up to ``image_max_s`` (30 s), so a provider that
+        keeps sending bad data does not make us reconnect in a loop. A request
+        inside the gap waits for it to pass (the next delivery after it,
+        heartbeats included), never dropped — its market stays stale until
+        then."""
         self._image_wanted = True
-        self._image_min_interval_s = min_interval_s
 
     # -- public state -------------------------------------------------------
 
@@ -501,9 +506,9 @@ class EsaClient(SessionClient):
                 raise _CallbackFailed() from exc
         for delivery in deliveries:
             self._protocol.commit(delivery)
-        if self._image_wanted and time.monotonic() - self._image_requested_at >= self._image_min_interval_s:
+        if self._image_wanted and self._image_pacer.due(now := time.monotonic()):
             self._image_wanted = False
-            self._image_requested_at = time.monotonic()
+            self._image_pacer.take(now)
             self._protocol.forget_cursor()
             raise _ReconnectNow("a full image was requested (a market's change was rejected)")
 
@@ -518,7 +523,7 @@ class EsaSource(ClientSource):
     resumes with RESUB_DELTA; when the upstream no longer knows that point
     it sends a SUB_IMAGE, which opens a new upstream session) and delivers
     every batch of ``mcm`` lines. A rejected change asks for a new image
-    (:meth:`EsaClient.request_image`, at most every 10 s). ``client_args``:
+    (:meth:`EsaClient.request_image`: at once, then paced 1 s, 2 s … 30 s apart). ``client_args``:
     :class:`EsaClient` keyword arguments besides the callbacks and cursor.
 
     With a ``login`` (:class:`feed.sources.betfair_api.BetfairLogin`) the
