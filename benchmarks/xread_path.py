@@ -3,7 +3,8 @@
 What a partition reader paid per ``XREAD`` through redis-py's connection (``pack_command``,
 ``send_packed_command``, ``read_response``) against :class:`feed.store.RespConnection`, the bare
 connection the log tails use now (an ``asyncio.Protocol`` feeding ``hiredis.Reader``, the command
-packed once here); both under the tails' reply deadline (``asyncio.timeout``). Both read the same
+packed once here); both under the tails' reply deadline — ``asyncio.timeout`` per read for redis-py's,
+the connection's one lazy timer for the bare one (``RespConnection.reply``). Both read the same
 one-entry log of an embedded redis-server over its Unix socket, ``--reads`` times after a warm-up,
 on uvloop; the figure is this process's CPU (``time.process_time``) per round trip — what a node
 would save per read, not the server's cost. Bounded: ``--reads`` round trips per path.

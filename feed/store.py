@@ -1022,11 +1022,45 @@ class _RespProtocol(asyncio.Protocol):
     """The socket side of :class:`RespConnection`: replies parsed by ``hiredis.Reader`` as they
     arrive, handed to the one waiting reader."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.reader = hiredis.Reader()
         self.replies: collections.deque[Any] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.lost: BaseException | None = None
+        #: loop time by which the awaited reply must be in; one lazy timer enforces it (see arm())
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+
+    def arm(self, deadline: float) -> None:
+        """The next awaited reply must arrive by loop time ``deadline``. One timer per
+        connection, not one per read: it is (re)scheduled only when none is pending or the
+        pending one is later than ``deadline``; when it fires early (the deadline moved on)
+        it goes back to sleep until the current one — a read that answers in a millisecond
+        costs no timer."""
+        self.deadline = deadline
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # nothing awaited: the next arm() schedules again
+        if self.loop.time() >= self.deadline:
+            waiter.set_exception(TimeoutError("no reply from redis within the deadline"))
+        else:
+            self.timer_at = self.deadline
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -1038,6 +1072,7 @@ class _RespProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionError("redis closed the connection")
+        self.disarm()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(self.lost)
 
@@ -1109,8 +1144,35 @@ class RespConnection:
             raise ResponseError(str(reply))
         return reply
 
+    async def reply(self, timeout_s: float) -> Any:
+        """The next reply within ``timeout_s`` seconds: raises TimeoutError after it (the
+        caller then drops the connection: the late reply must never be taken for the next
+        command's), ``ResponseError`` for an error reply, ``ConnectionError`` when the
+        connection is gone. The deadline is kept by the connection's one lazy timer
+        (:meth:`_RespProtocol.arm`), not an ``asyncio.timeout`` per read."""
+        proto = self._proto
+        if proto is None:
+            raise ConnectionError("not connected")
+        if not proto.replies:
+            proto.arm(proto.loop.time() + timeout_s)
+            while not proto.replies:
+                if proto.lost is not None:
+                    raise proto.lost
+                proto.waiter = proto.loop.create_future()
+                try:
+                    await proto.waiter
+                finally:
+                    proto.waiter = None
+        reply = proto.replies.popleft()
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        return reply
+
     async def disconnect(self, nowait: bool = False) -> None:
-        transport, self._transport, self._proto = self._transport, None, None
+        transport, proto = self._transport, self._proto
+        self._transport = self._proto = None
+        if proto is not None:
+            proto.disarm()
         if transport is not None:
             transport.abort()
 
@@ -1118,7 +1180,7 @@ class RespConnection:
         kw = self.kwargs
         loop = asyncio.get_running_loop()
         timeout = kw.get("socket_connect_timeout") or kw.get("socket_timeout") or 5.0
-        proto = _RespProtocol()
+        proto = _RespProtocol(loop)
         async with asyncio.timeout(timeout):
             if kw.get("path"):
                 transport, _ = await loop.create_unix_connection(lambda: proto, kw["path"])
@@ -1170,6 +1232,18 @@ class StreamTail:
             self._pool = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
             # the hot path's connection: a bare RESP one where the URL allows (else redis-py's)
             self._conn = RespConnection.for_pool(pool, dict(pool.connection_kwargs))  # type: ignore[assignment]
+        self._xread_for: tuple[int, int] | None = None
+        self._xread_head = b""
+
+    def _xread(self, after: str, block_ms: int, count: int) -> bytes:
+        """``XREAD COUNT count BLOCK block_ms STREAMS key after``, packed (RESP); all but
+        ``after`` packed once per (count, block_ms)."""
+        if self._xread_for != (count, block_ms):
+            self._xread_for = (count, block_ms)
+            self._xread_head = RespConnection.pack_command("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS",
+                                                           self.key).replace(b"*7\r\n", b"*8\r\n", 1)
+        a = after.encode()
+        return b"%s$%d\r\n%s\r\n" % (self._xread_head, len(a), a)
 
     async def aclose(self) -> None:
         """Drop the connection (idempotent)."""
@@ -1186,9 +1260,8 @@ class StreamTail:
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._pool.get_connection()
-        xread = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, after)
         try:
-            await conn.send_packed_command(conn.pack_command(*xread))
+            await conn.send_packed_command(self._xread(after, block_ms, count))
             return self._entries(await _reply(conn, max(self.timeout_s, block_ms / 1000 + 1.0)))
         except BaseException:
             await conn.disconnect(nowait=True)
@@ -1243,6 +1316,7 @@ class LogTail(StreamTail):
         self.partition = p
         self._pepoch_key = pepoch_key(p)
         self._check_cmd = (("GET", EPOCH_KEY), ("GET", self._pepoch_key), ("XRANGE", self.key, "-", "+", "COUNT", 1))
+        self._check_packed = b"".join(RespConnection.pack_command(*c) for c in self._check_cmd)
 
     async def read(self, after: str, *, block_ms: int, count: int,
                    check: bool = False) -> tuple[LogEntries, LogCheck | None]:
@@ -1254,13 +1328,13 @@ class LogTail(StreamTail):
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._pool.get_connection()
-        xread = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, after)
+        xread = self._xread(after, block_ms, count)
         deadline_s = max(self.timeout_s, block_ms / 1000 + 1.0)  # as before: the socket timeout covers the block
         try:
             if not check:
-                await conn.send_packed_command(conn.pack_command(*xread))
+                await conn.send_packed_command(xread)
                 return self._entries(await _reply(conn, deadline_s)), None
-            await conn.send_packed_command(conn.pack_commands((xread, *self._check_cmd)))
+            await conn.send_packed_command(xread + self._check_packed)
             res = await _reply(conn, deadline_s)
             replies = [await _reply(conn, self.timeout_s) for _ in range(3)]
             return self._entries(res), _log_check(*replies)
@@ -1281,7 +1355,7 @@ class LogTail(StreamTail):
         if conn is None:
             conn = self._conn = await self._pool.get_connection()
         try:
-            await conn.send_packed_command(conn.pack_commands(self._check_cmd))
+            await conn.send_packed_command(self._check_packed)
             replies = [await _reply(conn, self.timeout_s) for _ in range(3)]
             return _log_check(*replies)
         except BaseException:
@@ -1304,6 +1378,8 @@ async def _reply(conn: Any, timeout_s: float) -> Any:
     Not redis-py's ``read_response(timeout=…)``: on a timeout that returns
     None — the same as XREAD's "nothing came" — and leaves the late reply on
     the connection, where the next read would take it for its own."""
+    if isinstance(conn, RespConnection):
+        return await conn.reply(timeout_s)
     async with asyncio.timeout(timeout_s):
         return await conn.read_response(disable_decoding=True)
 

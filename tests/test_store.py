@@ -292,3 +292,32 @@ async def test_the_log_tails_bare_connection_auths_selects_reports_errors_and_re
         await s.close()
     finally:
         server.stop()
+
+
+async def test_the_bare_connection_keeps_each_replys_own_deadline_with_one_timer(store: Store) -> None:
+    """RespConnection.reply: a reply that does not come within its deadline raises TimeoutError
+    even when the connection's one timer was set further out by an earlier read; a reply that
+    comes after that timer fired early but before its own deadline is returned."""
+    import asyncio
+
+    from feed.store import RespConnection
+
+    pool = store.redis.connection_pool
+    conn = RespConnection.for_pool(pool, dict(pool.connection_kwargs))
+    assert conn is not None
+    loop = asyncio.get_running_loop()
+    try:
+        await conn.send_packed_command(conn.pack_command("PING"))
+        assert await conn.reply(0.2) == b"PONG"  # the timer: 0.2 s out, nothing awaited when it fires
+        await conn.send_packed_command(conn.pack_command("BLPOP", "of:test:never", 1))  # nil after 1 s
+        assert await conn.reply(10.0) is None  # the 0.2 s timer fired early and slept on: no timeout
+        await conn.send_packed_command(conn.pack_command("PING"))
+        assert await conn.reply(60.0) == b"PONG"  # the timer: 60 s out
+        await conn.send_packed_command(conn.pack_command("BLPOP", "of:test:never", 0))  # never answers
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(30):  # (a guard: the 0.5 s deadline must fire long before it)
+                await conn.reply(0.5)
+        assert loop.time() - t0 < 20, "the earlier 60 s timer hid the 0.5 s deadline"
+    finally:
+        await conn.disconnect()
