@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections.abc import Sequence
 
 import msgspec
@@ -315,7 +316,9 @@ class Node:
         self.reloads = 0
         #: per-hop latency histograms (seconds), see streaming.metrics
         self.hops: dict[str, Histogram] = {hop: Histogram() for hop in HOPS}
-        self.hub.on_send_delay = self.hops["queued_to_sent"].observe
+        self.hub.send_delay = self.hops["queued_to_sent"]
+        self._hop_hists = (self.hops["provider_to_received"], self.hops["received_to_stored"],
+                           self.hops["stored_to_read"])
         #: price checks answered: reason → count (a batch counts each leg), and how long each request's
         #: handling took once its body was read (seconds), see streaming.pricecheck / streaming.metrics
         self.price_checks: dict[str, int] = {}
@@ -408,12 +411,26 @@ class Node:
         """Apply one log entry and hand it to the hub (synchronous)."""
         entry = self.state.apply_entry(partition, entry_id, deltas, now)
         if entry is not None:
-            hops = self.hops
-            h1, h2, h3 = hops["provider_to_received"], hops["received_to_stored"], hops["stored_to_read"]
-            for d in deltas:
-                h1.observe((d.received_at - d.source_ts) / 1000)
-                h2.observe((d.stored_at - d.received_at) / 1000)
-                h3.observe((now - d.stored_at) / 1000)
+            h1, h2, h3 = self._hop_hists
+            b1, c1, b2, c2, b3, c3 = h1.bounds, h1.counts, h2.bounds, h2.counts, h3.bounds, h3.counts
+            s1 = s2 = s3 = 0.0
+            for d in deltas:  # Histogram.observe inlined: three per delta on the hot path
+                v = (d.received_at - d.source_ts) / 1000
+                c1[bisect_left(b1, v)] += 1
+                s1 += v
+                v = (d.stored_at - d.received_at) / 1000
+                c2[bisect_left(b2, v)] += 1
+                s2 += v
+                v = (now - d.stored_at) / 1000
+                c3[bisect_left(b3, v)] += 1
+                s3 += v
+            n = len(deltas)
+            h1.sum += s1
+            h1.count += n
+            h2.sum += s2
+            h2.count += n
+            h3.sum += s3
+            h3.count += n
             self.hub.dispatch(entry)
 
     # -- health ---------------------------------------------------------------

@@ -189,8 +189,8 @@ async def write_loop(conn: "Connection", writer: Writer, timeout_s: float, what:
                 finally:
                     conn.in_send = False
                 del frames  # nothing of this write stays referenced while the writer waits
-                if hub.on_send_delay is not None:
-                    hub.on_send_delay(hub.loop_time() - queued_at)
+                if hub.send_delay is not None:
+                    hub.send_delay.observe(hub.loop_time() - queued_at)
             elif conn.closed:
                 break
         await writer.finish(conn)
