@@ -1267,8 +1267,12 @@ class Hub:
                     elif lst[-1] is not msg:
                         lst.append(msg)
         p, key, tb = entry.partition, entry.key, entry.prev_token
+        now = -1.0
         for g, msgs in per_group.items():
             built: tuple[list[bytes], list[Any], int] | None = None
+            frames: list[bytes] = []
+            metas: list[Any] = []
+            nbytes = 0
             # a copy: a push may close a connection (eviction), which leaves its group
             for sub in tuple(g.subs):
                 if sub.replaying:
@@ -1289,8 +1293,23 @@ class Hub:
                     self._gather(sub, msgs, tb)
                     continue
                 if built is None:  # the group's frames, built once
-                    built = self._frames(sub, msgs, tb)
-                conn.push(*built)
+                    built = frames, metas, nbytes = self._frames(sub, msgs, tb)
+                # Connection.push inlined (once per subscription per entry: the fan-out's inner loop)
+                outbox = conn.outbox
+                if not outbox:
+                    if now < 0:
+                        now = self.loop_time()
+                    conn.queued_at = now
+                outbox.extend(frames)
+                conn.meta.extend(metas)
+                conn.outbox_bytes += nbytes
+                if conn.outbox_bytes > conn.max_bytes:
+                    self.overflow(conn)
+                if conn.wakeup is not None:
+                    conn.wakeup.set()
+                elif not conn.ready:
+                    conn.ready = True
+                    self.ready(conn)
         if entry.newly is not None and per_group and self._has_states():
             # (per entry, not per delta: markets new to the node or whose keys moved)
             self._states_for_newly(entry, entry.newly, per_group)
