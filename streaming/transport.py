@@ -132,7 +132,8 @@ class Sink(Protocol):
     :meth:`Connection.lost`."""
 
     def write(self, frames: list[bytes], nbytes: int) -> None:
-        """Write ``frames`` (``nbytes`` in all) now, in one go, by reference (``transport.writelines``)."""
+        """Write ``frames`` (``nbytes`` in all) now, in one go: a small write joined into one
+        buffer, a big one by reference (``transport.writelines``)."""
 
     def finish(self, conn: "Connection") -> None:
         """The connection closed and everything queued was written: end the
