@@ -227,7 +227,7 @@ async def test_history_write_hanging_does_not_hold_the_apply(store: Store) -> No
     setattr(ingest.history, "store", type("Hung", (), {"write_history": staticmethod(hang)})())  # noqa: B010
     for i in range(3):  # each flush returns at once although every history write hangs
         ingest.feed_lines([price("1.1", 2.0 + i / 10, pt=NOW + i) if i else image("1.1", 2.0, pt=NOW)], NOW + 5 + i)
-        async with asyncio.timeout(1.0):
+        async with asyncio.timeout(10.0):  # (a hang would never end; 10 s: generous under load)
             assert len(await ingest.flush()) == 1
     assert (await store.get_market("bf:1.1")).seq == 3  # type: ignore[union-attr]
     await eventually(lambda: ingest.history.failures >= 1, what="the hung history write given up")

@@ -54,7 +54,7 @@ class Client:
     def send(self, msg: dict[str, Any]) -> None:
         self.writer.write(orjson.dumps(msg) + b"\r\n")
 
-    async def line(self, timeout_s: float = 5.0) -> bytes | None:
+    async def line(self, timeout_s: float = 10.0) -> bytes | None:
         """The next line (CRLF checked and cut), None once the server closed."""
         try:
             async with asyncio.timeout(timeout_s):
@@ -66,7 +66,7 @@ class Client:
         assert line.endswith(b"\r\n"), line
         return line[:-2]
 
-    async def recv(self, timeout_s: float = 5.0) -> dict[str, Any] | None:
+    async def recv(self, timeout_s: float = 10.0) -> dict[str, Any] | None:
         """The next line decoded, None once the server closed."""
         line = await self.line(timeout_s)
         if line is None:
