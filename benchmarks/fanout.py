@@ -42,7 +42,12 @@ clients each on one event (2k/s, 100 events, 1,000 clients: 20 frames/s per
 client, 20k frames/s); ``firehose`` — K clients on everything (100 × 2,000
 frames/s); ``idle`` — C idle connections (half SSE, half WS; the websockets
 peer: all WS). The summary prints each target of issue 11 with the figure,
-met / not met, and the floor and peers of the same run. An optional
+met / not met, and the floor and peers of the same run. ``--rounds R`` runs
+every (shape, server) R times, round-robin, so a drift in the machine's speed
+hits every server alike: each round prints its same-run ratios, and the
+summary takes per figure the median over the rounds (lost and duplicated:
+the worst round) and, for the ratio targets, the median of the rounds'
+ratios. An optional
 ``--profile`` run repeats a short firehose under cProfile (figures of that
 run not reported).
 
@@ -50,6 +55,7 @@ Usage::
 
     python benchmarks/fanout.py                          # everything, ~4 min
     python benchmarks/fanout.py --only lag --peers oddsfeed,floor --duration 20
+    python benchmarks/fanout.py --only lag --only firehose --peers oddsfeed,floor,starlette --rounds 3
     python benchmarks/fanout.py --rate 2000 --events 100 --clients 1000 --firehose-clients 100 --idle 10000
 
 Writes ``docs/bench/fanout-lag-cdf.png`` (lag CDF per scenario, one line per
@@ -81,6 +87,7 @@ import re
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -863,9 +870,9 @@ def _fmt(r: dict[str, Any]) -> str:
                if r.get("hops") else ""))
 
 
-def _verdict(target: str, ok: bool | None, figure: str, peers: str) -> str:
+def _verdict(target: str, ok: bool | None, figure: str, peers: str, peers_label: str = "same run") -> str:
     mark = "n/a" if ok is None else ("met" if ok else "NOT MET")
-    return f"  [{mark}] {target}\n        figure: {figure}\n        same run: {peers}"
+    return f"  [{mark}] {target}\n        figure: {figure}\n        {peers_label}: {peers}"
 
 
 def _peer_costs(results: dict[str, dict[str, Any]], shape: str, skip: str = "oddsfeed") -> str:
@@ -878,30 +885,83 @@ def _peer_costs(results: dict[str, dict[str, Any]], shape: str, skip: str = "odd
     return "; ".join(parts) or "no peer ran"
 
 
-def summary(results: dict[str, dict[str, Any]]) -> list[str]:
-    out = ["", "=== issue 11 targets (figure, target, met / not met, floor and peers of this run) ==="]
+RATIOS = (("lag_floor", "one event per client: oddsfeed ÷ floor, µs per frame"),
+          ("firehose_floor", "firehose: oddsfeed ÷ floor, µs per frame"),
+          ("lag_starlette", "one event per client: oddsfeed ÷ Starlette, frames per CPU-s"))
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The same-run ratios behind the issue's relative targets (those whose servers ran)."""
+    out: dict[str, float] = {}
+    for shape in ("lag", "firehose"):
+        ours, floor = results.get(f"{shape}/oddsfeed"), results.get(f"{shape}/floor")
+        if ours and floor and floor["cpu_us_per_frame"]:
+            out[f"{shape}_floor"] = ours["cpu_us_per_frame"] / floor["cpu_us_per_frame"]
+    ours, base = results.get("lag/oddsfeed"), results.get("lag/starlette")
+    if ours and base and base["frames_per_cpu_s"]:
+        out["lag_starlette"] = ours["frames_per_cpu_s"] / base["frames_per_cpu_s"]
+    return out
+
+
+def _ratios_line(r: dict[str, float]) -> str:
+    return "; ".join(f"{label} {r[key]:.2f}×" for key, label in RATIOS if key in r) or "no pair of servers ran"
+
+
+def median_results(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per (shape, server): the round whose µs per frame (idle: KB per connection) is the median,
+    with lost / duplicated / not-delivered taken from the worst round."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in dict.fromkeys(k for r in rounds for k in r):
+        got = [r[key] for r in rounds if key in r]
+        metric = "rss_per_conn_kb" if key.startswith("idle/") else "cpu_us_per_frame"
+        got.sort(key=lambda x: x.get(metric) or 0.0)
+        med = dict(got[(len(got) - 1) // 2])
+        for worst in ("lost", "dup"):
+            if worst in med:
+                med[worst] = max(x.get(worst, 0) for x in got)
+        med["rounds"] = len(got)
+        out[key] = med
+    return out
+
+
+def summary(results: dict[str, dict[str, Any]], per_round: list[dict[str, float]] | None = None) -> list[str]:
+    """The issue's targets against ``results``; with ``per_round`` (several rounds), the ratio
+    targets are judged on the median of the rounds' same-run ratios."""
+    head = "floor and peers of this run" if per_round is None else f"median of {len(per_round)} rounds"
+    plabel = "same run" if per_round is None else "peers (each its median round)"
+    out = ["", f"=== issue 11 targets (figure, target, met / not met, {head}) ==="]
+    med: dict[str, float] = {}
+    spread: dict[str, str] = {}
+    if per_round:
+        for key, _ in RATIOS:
+            xs = [r[key] for r in per_round if key in r]
+            if xs:
+                med[key] = statistics.median(xs)
+                spread[key] = f" (rounds: {', '.join(f'{x:.2f}×' for x in xs)})"
     for shape, label in (("lag", "one event per client (≈20 frames/s each)"), ("firehose", "firehose")):
         ours, floor = results.get(f"{shape}/oddsfeed"), results.get(f"{shape}/floor")
         if ours and floor and floor["cpu_us_per_frame"]:
-            x = ours["cpu_us_per_frame"] / floor["cpu_us_per_frame"]
+            x = med.get(f"{shape}_floor", ours["cpu_us_per_frame"] / floor["cpu_us_per_frame"])
             out.append(_verdict(f"µs per delivered frame ≤ 1.5× the floor, {label}",
                                 x <= 1.5 if ours["cpu_us_per_frame"] else None,
                                 f"oddsfeed {ours['cpu_us_per_frame']:.2f} µs/frame at {ours['frames_per_write']:.1f} "
-                                f"frames/write = {x:.1f}× the floor",
-                                _peer_costs(results, shape)))
+                                f"frames/write = {x:.2f}× the floor{spread.get(f'{shape}_floor', '')}",
+                                _peer_costs(results, shape), plabel))
     ours, base = results.get("lag/oddsfeed"), results.get("lag/starlette")
     if ours and base and ours["frames_per_cpu_s"]:
         x = ours["frames_per_cpu_s"] / base["frames_per_cpu_s"] if base["frames_per_cpu_s"] else float("inf")
+        x = med.get("lag_starlette", x)
         out.append(_verdict("≥ 2× the Starlette baseline (frames per CPU-second), one event per client", x >= 2,
-                            f"{x:.2f}× ({ours['frames_per_cpu_s']:,.0f} vs {base['frames_per_cpu_s']:,.0f} frames/CPU-s)",
-                            _peer_costs(results, "lag")))
+                            f"{x:.2f}× ({ours['frames_per_cpu_s']:,.0f} vs {base['frames_per_cpu_s']:,.0f} frames/CPU-s)"
+                            f"{spread.get('lag_starlette', '')}",
+                            _peer_costs(results, "lag"), plabel))
     idle = results.get("idle/oddsfeed")
     if idle:
         peers = "; ".join(f"{p} {results[f'idle/{p}']['rss_per_conn_kb']:.1f} KB"
                           for p in PEERS if p != "oddsfeed" and f"idle/{p}" in results) or "no peer ran"
         out.append(_verdict(f"RSS per idle connection at {idle['connections']:,} connections ≤ 4 KB",
                             idle["rss_per_conn_kb"] <= 4, f"{idle['rss_per_conn_kb']:.1f} KB (server RSS; kernel "
-                            "socket memory not included)", peers))
+                            "socket memory not included)", peers, plabel))
     lag = results.get("lag/oddsfeed")
     if lag:
         ok = lag["p50_ms"] <= 5 and lag["p99_ms"] <= 25 and not lag["lost"] and not lag["dup"]
@@ -910,14 +970,14 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
         out.append(_verdict(f"{lag['updates_per_s']:,} updates/s to {lag['clients']:,} clients: p50 ≤ 5 ms, p99 ≤ 25 ms "
                             "emit → client, zero lost or duplicated (full ingest path: ESA lines → ingest → Redis → node)",
                             ok, f"p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms, p99.9 {lag['p999_ms']:.1f} ms, "
-                            f"lost {lag['lost']}, dup {lag['dup']}", peers or "no peer ran"))
+                            f"lost {lag['lost']}, dup {lag['dup']}", peers or "no peer ran", plabel))
     fh = results.get("firehose/oddsfeed")
     if fh:
         peers = "; ".join(f"{p} p99 {r['p99_ms']:.1f} ms, lost {r['lost']}"
                           for p in PEERS if p != "oddsfeed" and (r := results.get(f"firehose/{p}")))
         out.append(_verdict("firehose: p99 ≤ 100 ms, zero loss (DESIGN §10)", fh["p99_ms"] <= 100 and not fh["lost"]
                             and not fh["dup"], f"p99 {fh['p99_ms']:.1f} ms, lost {fh['lost']}, dup {fh['dup']}, "
-                            f"{fh['delivered_per_s']:,.0f} frames/s", peers or "no peer ran"))
+                            f"{fh['delivered_per_s']:,.0f} frames/s", peers or "no peer ran", plabel))
     return out
 
 
@@ -985,13 +1045,16 @@ def main() -> int:
     p.add_argument("--payload-bytes", type=int, default=0,
                    help="peers' JSON bytes per update (default: oddsfeed's wire size measured in this run, "
                         f"else {DEFAULT_PAYLOAD})")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every (shape, server) this many times, round-robin; medians reported (default 1, at most 5)")
     p.add_argument("--profile", action="store_true", help="also a short profiled oddsfeed firehose run (cProfile)")
     p.add_argument("--png-dir", type=Path, default=None, help="where the PNGs go (default docs/bench/)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--json", type=Path, help="write the raw figures (with base64 HdrHistograms) here")
     args = p.parse_args()
-    if not (0 < args.duration <= 60 and 0 < args.rate <= 20_000 and args.idle <= 20_000 and args.drain <= 60):
-        p.error("bounded runs only: --duration ≤ 60, --rate ≤ 20000, --idle ≤ 20000, --drain ≤ 60")
+    if not (0 < args.duration <= 60 and 0 < args.rate <= 20_000 and args.idle <= 20_000 and args.drain <= 60
+            and 1 <= args.rounds <= 5):
+        p.error("bounded runs only: --duration ≤ 60, --rate ≤ 20000, --idle ≤ 20000, --drain ≤ 60, --rounds 1–5")
     peers = [x for x in args.peers.split(",") if x]
     if unknown := set(peers) - set(PEERS):
         p.error(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
@@ -1006,7 +1069,7 @@ def main() -> int:
     print(f"  {args.rate} updates/s over {args.events} events × {MARKETS_PER_EVENT} markets; servers on CPU {SERVER_CPU}, "
           f"redis + feeder + clients on CPU {LOAD_CPU}; {args.duration:g} s measured after {args.warmup:g} s warm-up "
           f"per run; servers: {', '.join(peers)}", flush=True)
-    results: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, dict[str, Any]]] = [{} for _ in range(args.rounds)]
     runs = []
     for shape in ("lag", "firehose", "idle"):
         if shape not in parts:
@@ -1019,26 +1082,33 @@ def main() -> int:
     failed = False
     sized = args.payload_bytes > 0  # given on the command line: kept
     args.payload_bytes = args.payload_bytes or DEFAULT_PAYLOAD
-    for name, peer, kw in runs:
-        print(f"\nrunning {name} against {peer} …", flush=True)
-        try:
-            r = run_scenario(name, peer, args, seconds=args.duration, sse=int(kw["sse"]), ws=int(kw["ws"]),
-                             filter=str(kw["filter"]))
-        except Exception as exc:  # a peer that falls over is a result too
-            print(f"  {name}/{peer} failed: {type(exc).__name__}: {exc}", flush=True)
-            continue
-        results[f"{name}/{peer}"] = r
-        print(_fmt(r), flush=True)
-        if r.get("errors"):
-            print(f"  client errors (first): {r['errors']}")
-        if name != "idle" and (r["lost"] or r["dup"]):
-            failed = failed or peer == "oddsfeed"
-        if peer == "oddsfeed" and name != "idle" and not sized and r["wire_bytes_per_frame"]:
-            # peers' JSON sized so their frames on the wire match oddsfeed's (SSE/WS framing ≈ 10 B)
-            args.payload_bytes = max(200, round(r["wire_bytes_per_frame"]) - 10)
-            sized = True
-            print(f"  peers' updates padded to {args.payload_bytes} B of JSON (oddsfeed: "
-                  f"{r['wire_bytes_per_frame']:.0f} B per frame on the wire)", flush=True)
+    for k, results in enumerate(rounds):
+        if args.rounds > 1:
+            print(f"\n=== round {k + 1}/{args.rounds} ===", flush=True)
+        for name, peer, kw in runs:
+            print(f"\nrunning {name} against {peer} …", flush=True)
+            try:
+                r = run_scenario(name, peer, args, seconds=args.duration, sse=int(kw["sse"]), ws=int(kw["ws"]),
+                                 filter=str(kw["filter"]))
+            except Exception as exc:  # a peer that falls over is a result too
+                print(f"  {name}/{peer} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            results[f"{name}/{peer}"] = r
+            print(_fmt(r), flush=True)
+            if r.get("errors"):
+                print(f"  client errors (first): {r['errors']}")
+            if name != "idle" and (r["lost"] or r["dup"]):
+                failed = failed or peer == "oddsfeed"
+            if peer == "oddsfeed" and name != "idle" and not sized and r["wire_bytes_per_frame"]:
+                # peers' JSON sized so their frames on the wire match oddsfeed's (SSE/WS framing ≈ 10 B)
+                args.payload_bytes = max(200, round(r["wire_bytes_per_frame"]) - 10)
+                sized = True
+                print(f"  peers' updates padded to {args.payload_bytes} B of JSON (oddsfeed: "
+                      f"{r['wire_bytes_per_frame']:.0f} B per frame on the wire)", flush=True)
+        if args.rounds > 1:
+            print(f"  round {k + 1} same-run ratios: {_ratios_line(ratios(results))}", flush=True)
+    results = median_results(rounds)
+    per_round = [ratios(r) for r in rounds]
     prof_out = None
     if args.profile and "oddsfeed" in peers:
         prof_file = tempfile.mktemp(suffix=".prof")
@@ -1055,7 +1125,7 @@ def main() -> int:
     load_after = os.getloadavg()
     note = (f"{os.cpu_count()} CPUs, load avg {load_before[0]:.2f} before → {load_after[0]:.2f} after; "
             f"{args.rate:,} updates/s, {args.duration:g} s per run")
-    for line in summary(results):
+    for line in summary(results, per_round if args.rounds > 1 else None):
         print(line)
     print(f"\nmachine: {os.cpu_count()} CPUs; load average before {load_before[0]:.2f} / {load_before[1]:.2f} / "
           f"{load_before[2]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f} (1/5/15 min)")
@@ -1067,8 +1137,10 @@ def main() -> int:
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     print(f"server stderr (all runs): {SERVER_LOG}")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "load_before": load_before, "load_after": load_after,
-                                         "cpus": os.cpu_count(), "argv": sys.argv}, default=str))
+        args.json.write_text(json.dumps({"results": results, "rounds": rounds if args.rounds > 1 else None,
+                                         "ratios_per_round": per_round, "load_before": load_before,
+                                         "load_after": load_after, "cpus": os.cpu_count(), "argv": sys.argv},
+                                        default=str))
         print(f"raw figures: {args.json}")
     return 1 if failed else 0
 
