@@ -44,10 +44,10 @@ frames/s); ``idle`` — C idle connections (half SSE, half WS; the websockets
 peer: all WS). The summary prints each target of issue 11 with the figure,
 met / not met, and the floor and peers of the same run. ``--rounds R`` runs
 every (shape, server) R times, round-robin, so a drift in the machine's speed
-hits every server alike: each round prints its same-run ratios, and the
-summary takes per figure the median over the rounds (lost and duplicated:
-the worst round) and, for the ratio targets, the median of the rounds'
-ratios. An optional
+hits every server alike: each round prints its same-run ratios; the summary
+shows per (shape, server) the round with the median µs per frame (lost and
+duplicated: the worst round's) and judges the ratio targets on the median of
+the rounds' own ratios. An optional
 ``--profile`` run repeats a short firehose under cProfile (figures of that
 run not reported).
 
@@ -895,10 +895,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for shape in ("lag", "firehose"):
         ours, floor = results.get(f"{shape}/oddsfeed"), results.get(f"{shape}/floor")
-        if ours and floor and floor["cpu_us_per_frame"]:
+        if ours and floor and ours["cpu_us_per_frame"] and floor["cpu_us_per_frame"]:  # (0: nothing delivered)
             out[f"{shape}_floor"] = ours["cpu_us_per_frame"] / floor["cpu_us_per_frame"]
     ours, base = results.get("lag/oddsfeed"), results.get("lag/starlette")
-    if ours and base and base["frames_per_cpu_s"]:
+    if ours and base and ours["frames_per_cpu_s"] and base["frames_per_cpu_s"]:
         out["lag_starlette"] = ours["frames_per_cpu_s"] / base["frames_per_cpu_s"]
     return out
 
@@ -908,13 +908,14 @@ def _ratios_line(r: dict[str, float]) -> str:
 
 
 def median_results(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per (shape, server): the round whose µs per frame (idle: KB per connection) is the median,
-    with lost / duplicated / not-delivered taken from the worst round."""
+    """Per (shape, server): the whole result of the round whose µs per frame (idle: KB per
+    connection) is the median (the lower middle one of an even count; a round that delivered
+    nothing counts as the worst), with lost and duplicated taken from the worst round."""
     out: dict[str, dict[str, Any]] = {}
     for key in dict.fromkeys(k for r in rounds for k in r):
         got = [r[key] for r in rounds if key in r]
         metric = "rss_per_conn_kb" if key.startswith("idle/") else "cpu_us_per_frame"
-        got.sort(key=lambda x: x.get(metric) or 0.0)
+        got.sort(key=lambda x: x.get(metric) or float("inf"))
         med = dict(got[(len(got) - 1) // 2])
         for worst in ("lost", "dup"):
             if worst in med:

@@ -1080,8 +1080,10 @@ class _RespProtocol(asyncio.Protocol):
 class RespConnection:
     """A bare RESP2 connection for the log tails' hot path: what they use of redis-py's
     connection (``pack_command``, ``pack_commands``, ``send_packed_command``,
-    ``read_response``, ``disconnect``), without its per-command layers — a read round
-    trip costs the node ~33–37 µs of CPU instead of ~50–57 (``benchmarks/xread_path.py``).
+    ``read_response``, ``disconnect``), without its per-command layers, plus
+    :meth:`reply` — the next reply under a deadline kept by one lazy timer per connection.
+    A read round trip costs the node ~27–31 µs of CPU instead of ~50–57 through redis-py
+    (``benchmarks/xread_path.py``).
 
     Built from a plain ``redis://`` or ``unix://`` pool's connection kwargs (host/port or
     path, username/password → ``AUTH``, db → ``SELECT``, ``socket_connect_timeout``);
@@ -1128,21 +1130,9 @@ class RespConnection:
         self._transport.write(data if isinstance(data, bytes) else b"".join(data))
 
     async def read_response(self, disable_decoding: bool = True) -> Any:
-        proto = self._proto
-        if proto is None:
-            raise ConnectionError("not connected")
-        while not proto.replies:
-            if proto.lost is not None:
-                raise proto.lost
-            proto.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await proto.waiter
-            finally:
-                proto.waiter = None
-        reply = proto.replies.popleft()
-        if isinstance(reply, hiredis.ReplyError):
-            raise ResponseError(str(reply))
-        return reply
+        """The next reply, with no deadline of its own (the caller keeps one: ``_connect``
+        wraps its AUTH / SELECT in ``asyncio.timeout``). Raises as :meth:`reply`."""
+        return await self._next(None)
 
     async def reply(self, timeout_s: float) -> Any:
         """The next reply within ``timeout_s`` seconds: raises TimeoutError after it (the
@@ -1150,11 +1140,19 @@ class RespConnection:
         command's), ``ResponseError`` for an error reply, ``ConnectionError`` when the
         connection is gone. The deadline is kept by the connection's one lazy timer
         (:meth:`_RespProtocol.arm`), not an ``asyncio.timeout`` per read."""
+        return await self._next(timeout_s)
+
+    async def _next(self, timeout_s: float | None) -> Any:
         proto = self._proto
         if proto is None:
             raise ConnectionError("not connected")
         if not proto.replies:
-            proto.arm(proto.loop.time() + timeout_s)
+            if proto.lost is not None:
+                raise proto.lost
+            if timeout_s is None:
+                proto.disarm()  # a timer left from an earlier read must not end this wait
+            else:
+                proto.arm(proto.loop.time() + timeout_s)
             while not proto.replies:
                 if proto.lost is not None:
                     raise proto.lost
@@ -1240,8 +1238,9 @@ class StreamTail:
         ``after`` packed once per (count, block_ms)."""
         if self._xread_for != (count, block_ms):
             self._xread_for = (count, block_ms)
-            self._xread_head = RespConnection.pack_command("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS",
-                                                           self.key).replace(b"*7\r\n", b"*8\r\n", 1)
+            # the command's 7 first arguments packed under a header for all 8 (the position follows)
+            self._xread_head = b"*8\r\n" + RespConnection.pack_command(
+                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key).partition(b"\r\n")[2]
         a = after.encode()
         return b"%s$%d\r\n%s\r\n" % (self._xread_head, len(a), a)
 

@@ -92,11 +92,11 @@ from feed.errors import StoreError
 from feed.models import Delta, whole_change
 from feed.store import Store, log_key
 from streaming.bestview import BestView
-from streaming.latency import Histogram
 from streaming.encoding import (
     Message, ResumeToken, StreamId, ack_message, decode_token, delta_message, encode_token, error_message,
     event_state_message, heartbeat_message, parse_stream_id, resumed_message, snapshot_message, status_message,
 )
+from streaming.latency import Histogram
 from streaming.state import (
     DeltaInfo, Filter, MarketKeys, Newly, NodeState, PreparedEntry, image_of, now_ms, removed_message,
 )
@@ -760,7 +760,8 @@ class Hub:
 
     def flush(self) -> None:
         """Write every ready, unpaused sink connection's outbox in ONE write
-        (``transport.writelines`` of the frames, by reference) and end the
+        (joined into one buffer up to 16 KiB, else ``transport.writelines`` of the
+        frames by reference: :mod:`streaming.sockets`) and end the
         closed ones. A paused connection is skipped: it is made ready again when
         its socket resumes (:meth:`Connection.resume`). Each write's delay since
         its outbox filled goes to :attr:`send_delay`."""
@@ -1269,10 +1270,7 @@ class Hub:
         p, key, tb = entry.partition, entry.key, entry.prev_token
         now = -1.0
         for g, msgs in per_group.items():
-            built: tuple[list[bytes], list[Any], int] | None = None
-            frames: list[bytes] = []
-            metas: list[Any] = []
-            nbytes = 0
+            built = False
             # a copy: a push may close a connection (eviction), which leaves its group
             for sub in tuple(g.subs):
                 if sub.replaying:
@@ -1292,8 +1290,9 @@ class Hub:
                 if g.conflate_ms:
                     self._gather(sub, msgs, tb)
                     continue
-                if built is None:  # the group's frames, built once
-                    built = frames, metas, nbytes = self._frames(sub, msgs, tb)
+                if not built:  # the group's frames, built once
+                    frames, metas, nbytes = self._frames(sub, msgs, tb)
+                    built = True
                 # Connection.push inlined (once per subscription per entry: the fan-out's inner loop)
                 outbox = conn.outbox
                 if not outbox:

@@ -8,7 +8,8 @@ directly (:class:`streaming.transport.Sink`) — no task, no asyncio Event, no
 ASGI message per write, no per-connection objects of the HTTP server left.
 The hub appends pre-built frames to the connection's outbox, and one flush
 per event-loop turn (:meth:`streaming.hub.Hub.flush`) writes each ready
-connection's frames with ``transport.writelines`` (by reference). Flow
+connection's frames in one write: joined into one buffer up to
+:data:`JOIN_MAX_BYTES`, else with ``transport.writelines`` (by reference). Flow
 control is the transport's own: ``pause_writing`` / ``resume_writing``
 pause and resume the connection (:meth:`~streaming.hub.Connection.pause`),
 and while it is paused its outbox grows against the byte budget and the

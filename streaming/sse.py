@@ -28,9 +28,9 @@ bodies in :mod:`streaming.encoding`). ``id:`` is the resume token; only the
 last event of one log entry carries it, never an ``event_state``. On oddsfeed's own server the stream
 leaves the ASGI path once the head is written (:mod:`streaming.sockets`,
 ``oddsfeed.http.detach``): no task per connection; the hub writes everything
-queued per loop turn as one chunk, frames by reference (frames shared by
-many connections — a replay after a reconnect storm — are never copied per
-connection); a client whose socket stays blocked longer than
+queued per loop turn as one chunk — joined into one buffer up to 16 KiB, frames
+by reference above that (a replay after a reconnect storm, shared by many
+connections, is never copied per connection); a client whose socket stays blocked longer than
 ``send_timeout_s`` is dropped. On another ASGI server one writer task per
 connection does the same through ``send``. A slow consumer that
 cannot be helped (see :mod:`streaming.hub`) gets

@@ -75,3 +75,10 @@ def test_repair_pacer_rejects_nonsense_settings() -> None:
         RepairPacer(first_s=0.0)
     with pytest.raises(ValueError):
         RepairPacer(first_s=2.0, max_s=1.0)
+    with pytest.raises(ValueError):
+        RepairPacer(first_s=1.0, max_s=30.0, quiet_s=10.0)  # a quiet spell shorter than a gap
+    pacer = RepairPacer(first_s=1.0, max_s=120.0)  # the quiet spell grows with a longer cap
+    for t in (0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0, 127.0):
+        assert pacer.due(t)
+        pacer.take(t)
+    assert not pacer.due(127.0 + 119.0) and pacer.due(127.0 + 128.0)  # gap 128 → capped at 120 s…

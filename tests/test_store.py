@@ -295,29 +295,35 @@ async def test_the_log_tails_bare_connection_auths_selects_reports_errors_and_re
 
 
 async def test_the_bare_connection_keeps_each_replys_own_deadline_with_one_timer(store: Store) -> None:
-    """RespConnection.reply: a reply that does not come within its deadline raises TimeoutError
-    even when the connection's one timer was set further out by an earlier read; a reply that
-    comes after that timer fired early but before its own deadline is returned."""
+    """RespConnection.reply: a reply that comes after the connection's one timer fired early
+    (for an earlier, shorter deadline) but before its own deadline is returned; a reply that
+    does not come within its deadline raises TimeoutError at that deadline even when the
+    pending timer was set further out by an earlier read."""
     import asyncio
 
     from feed.store import RespConnection
 
     pool = store.redis.connection_pool
+    loop = asyncio.get_running_loop()
     conn = RespConnection.for_pool(pool, dict(pool.connection_kwargs))
     assert conn is not None
-    loop = asyncio.get_running_loop()
     try:
         await conn.send_packed_command(conn.pack_command("PING"))
         assert await conn.reply(0.2) == b"PONG"  # the timer: 0.2 s out, nothing awaited when it fires
         await conn.send_packed_command(conn.pack_command("BLPOP", "of:test:never", 1))  # nil after 1 s
         assert await conn.reply(10.0) is None  # the 0.2 s timer fired early and slept on: no timeout
+    finally:
+        await conn.disconnect()
+    conn = RespConnection.for_pool(pool, dict(pool.connection_kwargs))
+    assert conn is not None
+    try:
         await conn.send_packed_command(conn.pack_command("PING"))
-        assert await conn.reply(60.0) == b"PONG"  # the timer: 60 s out
+        assert await conn.reply(60.0) == b"PONG"  # the timer: 60 s out, still pending
         await conn.send_packed_command(conn.pack_command("BLPOP", "of:test:never", 0))  # never answers
         t0 = loop.time()
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(30):  # (a guard: the 0.5 s deadline must fire long before it)
+            async with asyncio.timeout(30):  # a guard: without the 0.5 s deadline this fires after 30 s
                 await conn.reply(0.5)
-        assert loop.time() - t0 < 20, "the earlier 60 s timer hid the 0.5 s deadline"
+        assert loop.time() - t0 < 5, "the pending 60 s timer hid the 0.5 s deadline"
     finally:
         await conn.disconnect()

@@ -1,4 +1,4 @@
-"""Reconnect delays: capped exponential growth with full jitter.
+"""Reconnect delays (capped exponential growth with full jitter) and the pacing of repairs.
 
 Every source that reconnects (ESA socket, WebSocket and SSE consumers, pollers
 after a failure) waits ``backoff()`` seconds between attempts, so a fleet of
@@ -7,7 +7,9 @@ clients that lost the same upstream does not reconnect in lock step.
 Attempt ``n`` (0-based) waits a uniformly random delay in
 ``[0, min(max_s, initial_s * factor ** n))`` seconds ("full jitter", as in the
 AWS architecture note and the websockets client, which also starts with a
-random delay). Units are seconds throughout.
+random delay). Units are seconds throughout. :class:`RepairPacer` spaces
+repairs that cost the upstream something (an ESA resubscription for a full
+image) without making the first one wait.
 
 >>> delays = backoff(initial_s=1.0, factor=2.0, max_s=8.0, rng=lambda: 1.0)
 >>> [next(delays) for _ in range(5)]
@@ -89,7 +91,8 @@ class RepairPacer:
 
     The first repair after a quiet spell may go at once; the next one
     ``first_s`` after it, then 2×, 4× … that gap, up to ``max_s``;
-    ``quiet_s`` without a repair start the sequence over. So an isolated
+    ``quiet_s`` (default: 60 s, or 2 × ``max_s`` when longer) without a repair
+    start the sequence over. So an isolated
     rejected change is repaired within a second, and a provider that keeps
     sending bad data gets one repair per ``max_s`` instead of a reconnect
     loop. Times are seconds on a monotonic clock (``time.monotonic()``).
@@ -106,7 +109,9 @@ class RepairPacer:
 
     __slots__ = ("_first_s", "_gap_s", "_last", "_max_s", "_quiet_s")
 
-    def __init__(self, first_s: float = 1.0, max_s: float = 30.0, quiet_s: float = 60.0) -> None:
+    def __init__(self, first_s: float = 1.0, max_s: float = 30.0, quiet_s: float | None = None) -> None:
+        if quiet_s is None:
+            quiet_s = max(60.0, 2 * max_s)  # (a quiet spell is longer than the longest gap)
         if first_s <= 0 or max_s < first_s or quiet_s < max_s:
             raise ValueError("RepairPacer needs 0 < first_s <= max_s <= quiet_s")
         self._first_s = first_s
@@ -117,8 +122,7 @@ class RepairPacer:
 
     def due(self, now: float) -> bool:
         """Whether a repair may be taken at ``now``."""
-        since = now - self._last
-        return since >= self._quiet_s or since >= self._gap_s
+        return now - self._last >= self._gap_s  # (the gap never exceeds max_s ≤ quiet_s)
 
     def take(self, now: float) -> None:
         """Record a repair taken at ``now``: the next one waits the next gap."""
