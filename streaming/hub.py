@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from bisect import bisect_left
 from collections.abc import Iterable
@@ -781,33 +782,39 @@ class Hub:
                 continue
             sink = conn.sink
             assert sink is not None
-            queued_at = conn.queued_at
-            if conn.resync_pending or conn.snapshot_in_flight:
-                frames = conn.take()
-            else:  # Connection.take() inlined: the common case, once per connection per turn
-                frames = conn.outbox
+            try:
+                queued_at = conn.queued_at
+                if conn.resync_pending or conn.snapshot_in_flight:
+                    frames = conn.take()
+                else:  # Connection.take() inlined: the common case, once per connection per turn
+                    frames = conn.outbox
+                    if frames:
+                        conn.outbox = []
+                        conn.meta = []
+                        conn.outbox_bytes = 0
+                        conn.control_bytes = 0
+                        conn.sent_frames += len(frames)
+                        frames_out += len(frames)
+                    sink.drained()
                 if frames:
-                    conn.outbox = []
-                    conn.meta = []
-                    conn.outbox_bytes = 0
-                    conn.control_bytes = 0
-                    conn.sent_frames += len(frames)
-                    frames_out += len(frames)
-                sink.drained()
-            if frames:
-                n = sum(map(len, frames))
-                conn.sent_bytes += n
-                sink.write(frames, n)  # may pause the connection (flow control) at once
-                if not conn.paused:
-                    conn.snapshot_in_flight = False  # written (into the socket's buffer)
-                if hist is not None:
-                    d = now - queued_at
-                    counts[bisect_left(bounds, d)] += 1
-                    delays += d
-                    writes += 1
-            if conn.closed and not conn.paused and not conn.outbox and not conn.finished:
-                conn.finished = True
-                sink.finish(conn)
+                    n = sum(map(len, frames))
+                    conn.sent_bytes += n
+                    sink.write(frames, n)  # may pause the connection (flow control) at once
+                    if not conn.paused:
+                        conn.snapshot_in_flight = False  # written (into the socket's buffer)
+                    if hist is not None:
+                        d = now - queued_at
+                        counts[bisect_left(bounds, d)] += 1
+                        delays += d
+                        writes += 1
+                if conn.closed and not conn.paused and not conn.outbox and not conn.finished:
+                    conn.finished = True
+                    sink.finish(conn)
+            except Exception:  # one socket's failure must not strand the connections after it
+                logger.exception("writing to %s %s failed; closing it", conn.kind, conn.label)
+                conn.lost()
+                with contextlib.suppress(Exception):
+                    sink.finish(conn)
         self.frames_out += frames_out
         if writes:
             assert hist is not None

@@ -267,3 +267,48 @@ async def test_a_snapshot_still_queued_at_a_slow_consumer_resync_never_lands_aft
     assert len(snaps) == 2 and snaps[-1].get("reason") == "slow_consumer"
     assert local == st.markets  # the book ends at the node's state, not the first snapshot's
     hub.close_all()
+
+
+class _RecordingSink:
+    """A socket side (streaming.transport.Sink) that keeps what it is given; ``broken``: every
+    write raises, as a transport in a state nobody foresaw would."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.written: list[bytes] = []
+        self.finished = False
+
+    def write(self, frames: list[bytes], nbytes: int) -> None:
+        if self.broken:
+            raise RuntimeError("transport in a state nobody foresaw")
+        assert nbytes == sum(map(len, frames))
+        self.written.extend(frames)
+
+    def finish(self, conn: object) -> None:
+        self.finished = True
+
+    def last_words(self, conn: object, frames: list[bytes]) -> None:
+        self.finished = True
+
+    def drained(self) -> None:
+        pass
+
+
+async def test_a_socket_that_fails_to_write_is_closed_alone_and_the_others_still_get_their_frames(caplog) -> None:
+    st = _state()
+    book = _load(st, 3)
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    sinks = [_RecordingSink(), _RecordingSink(broken=True), _RecordingSink()]
+    conns = [hub.connect("sse", heartbeat_ms=60_000, sink=s) for s in sinks]  # type: ignore[arg-type]
+    for c in conns:
+        await hub.subscribe(c, Filter.parse(market="m1"))
+    hub.flush()  # the acks and snapshots: the broken socket fails here already
+    assert conns[1].closed and conns[1] not in hub.connections and sinks[1].finished
+    assert "failed; closing it" in caplog.text
+    before = [len(s.written) for s in sinks]
+    hub.dispatch(_entry(st, book, 2, ["m1"], 2.5))
+    hub.flush()
+    assert [len(s.written) - b for s, b in zip(sinks, before)] == [1, 0, 1]  # nobody stranded behind it
+    assert b'"price":2.5' in sinks[0].written[-1] and sinks[2].written[-1] is sinks[0].written[-1]
+    assert not conns[0].closed and not conns[2].closed
+    hub.close_all()
