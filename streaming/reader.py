@@ -34,6 +34,8 @@ No Starlette imports. :class:`Node` is what an API process runs once:
   idle reader always had (one ``read_block_ms``);
 - Redis errors: ``connected`` goes False, the reader retries with capped,
   jittered backoff (never hangs: each read blocks at most ``read_block_ms``);
+  an unexpected error (a bug) reloads the partition, so a change applied but
+  not handed to every subscriber is never lost silently;
 - every ~``health_refresh_ms`` the node reloads source health
   (``store.sources()``) and announces changes of a source's state, reason or
   stale markets as ``status`` messages.
@@ -227,7 +229,12 @@ class PartitionReader:
                 self.connected = False
                 self._check_now = True
                 self.last_error = "internal error (see log)"
-                logger.exception("reader of partition %d failed; restarting it", p)
+                logger.exception("reader of partition %d failed; reloading it from redis", p)
+                # the failure may have come between applying an entry and handing it to every
+                # subscription: the node's state or some clients may be missing a change. A
+                # reload rebuilds the partition from the store's snapshots and sends every
+                # subscriber a recovered:false snapshot (the entry itself is not read again)
+                self._reload = ([p], "internal error in the reader", st.generation)
                 await node.sleep(backoff.next_delay())
 
     async def _read(self, pos: str, block_ms: int, count: int,

@@ -343,3 +343,37 @@ async def test_log_tail_starts_a_new_connection_when_a_reply_comes_too_late(stor
         assert [d.market_id for _, ds in entries for d in ds] == ["m1"]
     finally:
         await tail.aclose()
+
+
+async def test_a_bug_between_applying_an_entry_and_sending_it_reloads_and_resyncs(store: Store,
+                                                                                   redis_url: str) -> None:
+    """An exception inside the hub's dispatch (after the node applied the entry, before every
+    subscriber got it) must not leave a client silently without that change: the reader
+    reloads the partition and the client gets a recovered:false snapshot holding it."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    app = make_app(redis_url)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with c.stream("GET", "/v1/stream") as resp:
+            sse = SSEReader(resp)
+            assert (await _event(sse)).event == "snapshot"
+            hub = app.state.node.hub
+            real = hub.dispatch
+            failed: list[int] = []
+
+            def dispatch_failing_once(entry: Any) -> None:
+                if not failed:
+                    failed.append(1)
+                    raise RuntimeError("a bug in dispatch")
+                real(entry)
+
+            hub.dispatch = dispatch_failing_once
+            (d,) = await feed.write(feed.price("m1", "1", 3.3))
+            snap = await sse.until(lambda e: e.event == "snapshot", TIMEOUT_S)
+            assert snap.data["recovered"] is False
+            (m,) = [m for m in snap.data["markets"] if m["market_id"] == "m1"]
+            assert m["seq"] == d.seq  # the change the subscriber never got as a delta is in it
+            (d2,) = await feed.write(feed.price("m1", "1", 3.4))
+            ev = await _event(sse)
+            assert ev.event == "delta" and ev.data["seq"] == d2.seq  # and the stream goes on
+    assert app.state.node.reloads >= 1
