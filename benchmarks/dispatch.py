@@ -52,6 +52,9 @@ class NullSink:
     def drained(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
 
 async def measure(subs: int, events: int, entries: int) -> dict[str, float]:
     from feed.book import Book

@@ -722,8 +722,16 @@ class Store:
             raw = await self.redis.hgetall(ES_STATE_KEY)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis read failed: {exc}") from None
-        out = [EVENT_STATE_DECODER.decode(v) for v in raw.values()]
-        return [es for es in out if source is None or es.source == source]
+        out = []
+        for key, v in raw.items():
+            try:
+                es = EVENT_STATE_DECODER.decode(v)
+            except msgspec.MsgspecError as exc:  # one bad record must not hide every other event's state
+                logger.error("stored event state %r is undecodable (%s); skipped", reply_text(key), exc)
+                continue
+            if source is None or es.source == source:
+                out.append(es)
+        return out
 
     async def get_event_states(self, event_ids: Iterable[str]) -> dict[str, EventState]:
         """The stored states of ``event_ids`` (those that have one). Raises StoreError."""

@@ -250,6 +250,13 @@ class EventStateTail:
                 logger.warning("event-state log read failed (%s); retry in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 need_load = True
+            except Exception as exc:  # a bug or an undecodable stored state: never end the task
+                self.errors += 1
+                self.last_error = f"internal error: {type(exc).__name__}: {exc}"
+                delay = self._backoff.next_delay()
+                logger.exception("event-state tail failed; reloading in %.2f s", delay)
+                await asyncio.sleep(delay)
+                need_load = True
 
     async def _lost(self) -> bool:
         """After a read that found nothing new (the node is caught up): True

@@ -814,7 +814,7 @@ class Hub:
                 logger.exception("writing to %s %s failed; closing it", conn.kind, conn.label)
                 conn.lost()
                 with contextlib.suppress(Exception):
-                    sink.finish(conn)
+                    sink.abort()  # (a transport whose write raised cannot be trusted to finish cleanly)
         self.frames_out += frames_out
         if writes:
             assert hist is not None
@@ -1378,7 +1378,10 @@ class Hub:
             return
         now = now_ms()
         for es in changed:
-            self._fan_out_state(es, now)
+            try:
+                self._fan_out_state(es, now)
+            except Exception:  # the other states of the batch still go out (they are not sent again)
+                logger.exception("sending the state of event %s failed", es.event_id)
 
     def _event_markets(self, event_id: str) -> list[tuple[str, MarketKeys]]:
         st = self.state
@@ -1662,9 +1665,15 @@ class Hub:
                 continue
             frames: list[bytes] = []
             metas: list[Any] = []
-            n = self._merged_frames(sub, list(cp.items()), token, cache, now, frames, metas)
-            if frames:
-                conn.push(frames, metas, n)
+            try:
+                n = self._merged_frames(sub, list(cp.items()), token, cache, now, frames, metas)
+                if frames:
+                    conn.push(frames, metas, n)
+            except Exception:
+                # what it gathered is gone: close it (it resumes with its token and is replayed the
+                # changes) rather than let it, or the subscriptions after it, sit on old prices
+                logger.exception("conflated flush to %s %s failed; closing it", conn.kind, conn.label)
+                conn.close(1011, "internal error")
 
     async def _conflate_loop(self, conflate_ms: int) -> None:
         try:
@@ -1918,7 +1927,10 @@ class Hub:
                 conns = self._buckets.get(interval_ms)
                 if not conns:
                     break
-                self.heartbeat(conns)
+                try:
+                    self.heartbeat(conns)
+                except Exception:  # a bug must not end the heartbeats of everyone on this interval
+                    logger.exception("heartbeat (every %d ms) failed", interval_ms)
         finally:
             if self._hb_tasks.get(interval_ms) is asyncio.current_task():
                 del self._hb_tasks[interval_ms]
@@ -1931,15 +1943,22 @@ class Hub:
         for conn in list(conns):
             if conn.closed or conn.resync_pending:
                 continue
-            for s in conn.subs.values():
-                if s.replaying:
-                    continue
-                if s.cpending:
-                    tok = self.safe_token(s)
-                    fr = conn.frame_with(msg, s, tok)
-                else:
-                    fr = conn.frame(msg, s, True)
-                conn.push1(fr, HEARTBEAT)
+            try:
+                # a copy: a push over the budget may evict the connection, which clears its subs
+                for s in tuple(conn.subs.values()):
+                    if conn.closed or conn.resync_pending:
+                        break
+                    if s.replaying:
+                        continue
+                    if s.cpending:
+                        tok = self.safe_token(s)
+                        fr = conn.frame_with(msg, s, tok)
+                    else:
+                        fr = conn.frame(msg, s, True)
+                    conn.push1(fr, HEARTBEAT)
+            except Exception:  # one connection's failure must not cost the others their heartbeat
+                logger.exception("heartbeat to %s %s failed; closing it", conn.kind, conn.label)
+                conn.close(1011, "internal error")
 
 
 def interrupt(conn: Connection) -> None:
@@ -1951,7 +1970,12 @@ def interrupt(conn: Connection) -> None:
         if conn.paused and not conn.finished and not conn.interrupted:
             conn.interrupted = True
             conn.finished = True
-            sink.last_words(conn, conn.take())
+            try:
+                sink.last_words(conn, conn.take())
+            except Exception:  # never leave the socket open and silent
+                logger.exception("last words to %s %s failed; aborting it", conn.kind, conn.label)
+                with contextlib.suppress(Exception):
+                    sink.abort()
         return
     w = conn.writer
     if conn.in_send and w is not None and not w.done() and not conn.interrupted:

@@ -212,6 +212,14 @@ class PartitionReader:
             except asyncio.CancelledError:
                 raise
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                if self._reload is not None:  # the reload itself met an undecodable stored snapshot
+                    self.connected = False  # (/ready says so) — retried with backoff, not in a tight loop
+                    self.last_error = f"undecodable stored snapshot: {exc}"
+                    delay = backoff.next_delay()
+                    logger.error("partition %d: reload failed on an undecodable stored snapshot (%s); retry in "
+                                 "%.2f s", p, exc, delay)
+                    await node.sleep(delay)
+                    continue
                 logger.error("partition %d: undecodable log entry after %s (%s); reloading", p,
                              st.positions[p], exc)
                 self._reload = ([p], "undecodable log entry", st.generation)
@@ -234,7 +242,8 @@ class PartitionReader:
                 # subscription: the node's state or some clients may be missing a change. A
                 # reload rebuilds the partition from the store's snapshots and sends every
                 # subscriber a recovered:false snapshot (the entry itself is not read again)
-                self._reload = ([p], "internal error in the reader", st.generation)
+                pending_all = self._reload is not None and self._reload[0] is None
+                self._reload = (None if pending_all else [p], "internal error in the reader", st.generation)
                 await node.sleep(backoff.next_delay())
 
     async def _read(self, pos: str, block_ms: int, count: int,
@@ -460,7 +469,10 @@ class Node:
                 self.health_error = f"{type(exc).__name__}: {exc}"
                 delay = max(self.options.health_refresh_ms / 1000, backoff.next_delay())
                 logger.warning("source health refresh failed (%s); retry in %.2f s", self.health_error, delay)
-                self._announce(now_ms())  # leases still run out while Redis is unreachable
+                try:
+                    self._announce(now_ms())  # leases still run out while Redis is unreachable
+                except Exception:  # never end the health loop
+                    logger.exception("announcing source health failed")
             except Exception:
                 logger.exception("source health refresh failed")
 

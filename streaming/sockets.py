@@ -204,6 +204,10 @@ class SSESocket(asyncio.Protocol):
     def drained(self) -> None:
         pass
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
     def _label(self) -> str:
         return self.conn.label if self.conn is not None else "?"
 
@@ -619,6 +623,9 @@ class WebSocketStream(asyncio.Protocol):
         if self.inbox and self.worker is None and conn.control_bytes <= conn.max_bytes:
             self.worker = self.loop.create_task(self._work())
         self._maybe_resume_reading()
+
+    def abort(self) -> None:
+        self.transport.abort()
 
     # -- client messages (attached) ------------------------------------------------------------
 

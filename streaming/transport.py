@@ -147,6 +147,10 @@ class Sink(Protocol):
     def drained(self) -> None:
         """The outbox was taken: the socket may read client messages again."""
 
+    def abort(self) -> None:
+        """Drop the socket at once (nothing more is written): after a failure that leaves
+        the stream in an unknown state."""
+
 
 # -- the write loop --------------------------------------------------------------------------------
 

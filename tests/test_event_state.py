@@ -189,6 +189,10 @@ async def test_store_keeps_the_newest_version_and_provider_time(store: Store) ->
     replayed = msgspec.structs.replace(a2, source_ts=T0 + 10_000, source_ts_original=T0 + 1, version=4)
     assert (await store.apply_event_states([replayed])).dropped == 1  # its own clock is older than T0 + 10
     assert await store.load_event_states("pn") == [a2] and await store.load_event_states("x") == []
+    # one undecodable record (a newer writer's schema, a hand edit) is skipped, never hides the rest
+    await store.redis.hset("of:{es}:state", "pn:bad", b'{"event_id":"pn:bad","version":"x"}')
+    assert await store.load_event_states("pn") == [a2]
+    await store.redis.hdel("of:{es}:state", "pn:bad")
     # pruning takes only the version named
     assert await store.prune_event_states([("pn:1", 1)]) == []
     assert await store.prune_event_states([("pn:1", 2)]) == ["pn:1"]

@@ -277,6 +277,7 @@ class _RecordingSink:
         self.broken = broken
         self.written: list[bytes] = []
         self.finished = False
+        self.aborted = False
 
     def write(self, frames: list[bytes], nbytes: int) -> None:
         if self.broken:
@@ -293,6 +294,9 @@ class _RecordingSink:
     def drained(self) -> None:
         pass
 
+    def abort(self) -> None:
+        self.aborted = True
+
 
 async def test_a_socket_that_fails_to_write_is_closed_alone_and_the_others_still_get_their_frames(caplog) -> None:
     st = _state()
@@ -303,7 +307,7 @@ async def test_a_socket_that_fails_to_write_is_closed_alone_and_the_others_still
     for c in conns:
         await hub.subscribe(c, Filter.parse(market="m1"))
     hub.flush()  # the acks and snapshots: the broken socket fails here already
-    assert conns[1].closed and conns[1] not in hub.connections and sinks[1].finished
+    assert conns[1].closed and conns[1] not in hub.connections and sinks[1].aborted
     assert "failed; closing it" in caplog.text
     before = [len(s.written) for s in sinks]
     hub.dispatch(_entry(st, book, 2, ["m1"], 2.5))
@@ -311,4 +315,28 @@ async def test_a_socket_that_fails_to_write_is_closed_alone_and_the_others_still
     assert [len(s.written) - b for s, b in zip(sinks, before)] == [1, 0, 1]  # nobody stranded behind it
     assert b'"price":2.5' in sinks[0].written[-1] and sinks[2].written[-1] is sinks[0].written[-1]
     assert not conns[0].closed and not conns[2].closed
+    hub.close_all()
+
+
+async def test_a_heartbeat_that_evicts_a_slow_consumer_still_reaches_every_other_connection() -> None:
+    """A heartbeat pushed over a client's budget while its resync snapshot is still being written
+    evicts it, which clears its subscriptions mid-loop: the other connections of the interval must
+    still get their heartbeat (before, the loop raised and the interval's heartbeat task died)."""
+    st = _state()
+    book = _load(st, 3)
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    slow = hub.connect("sse", heartbeat_ms=60_000)
+    ok = hub.connect("sse", heartbeat_ms=60_000)
+    for c in (slow, ok):
+        await hub.subscribe(c, Filter.parse(market="m1"))
+        await hub.subscribe(c, Filter.parse(market="m2"))
+        c.take()
+    hub.dispatch(_entry(st, book, 2, ["m1", "m2"], 2.5))
+    ok.take()
+    slow.max_bytes = slow.outbox_bytes + 40  # the next heartbeat crosses it; collapsing cannot help
+    slow.snapshot_in_flight = True  # its resync snapshot is still being written: over budget = evicted
+    hub.heartbeat([slow, ok])
+    assert slow.closed and slow.close_code == SLOW_CONSUMER_CODE
+    got = ok.take()
+    assert len(got) == 2 and all(b"heartbeat" in f for f in got)  # one per subscription
     hub.close_all()
