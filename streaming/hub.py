@@ -1700,22 +1700,26 @@ class Hub:
         logger.warning("resync of %d connections: %s", len(self.connections), reason)
         self.resyncs += 1
         for conn in list(self.connections):
-            # queued deltas belong to the old state: the snapshot replaces them
-            keep = [(f, m) for f, m in zip(conn.outbox, conn.meta) if m is None]
-            conn.outbox = [f for f, _ in keep]
-            conn.meta = [None] * len(keep)
-            conn.outbox_bytes = 0
-            for sub in list(conn.subs.values()):
-                if sub.view is not None:
-                    conn.send(self.best.snapshot_message(sub), sub)
-                    continue
-                if sub.replaying:  # a resume in flight ends unrecovered
-                    conn.send(resumed_message(recovered=False), sub)
-                sub.replaying = False
-                sub.pending = None
-                sub.floor = None
-                sub.cpending = None
-                self.send_snapshot(sub, recovered=False, reason="resync")
+            try:
+                # queued deltas belong to the old state: the snapshot replaces them
+                keep = [(f, m) for f, m in zip(conn.outbox, conn.meta) if m is None]
+                conn.outbox = [f for f, _ in keep]
+                conn.meta = [None] * len(keep)
+                conn.outbox_bytes = 0
+                for sub in list(conn.subs.values()):
+                    if sub.view is not None:
+                        conn.send(self.best.snapshot_message(sub), sub)
+                        continue
+                    if sub.replaying:  # a resume in flight ends unrecovered
+                        conn.send(resumed_message(recovered=False), sub)
+                    sub.replaying = False
+                    sub.pending = None
+                    sub.floor = None
+                    sub.cpending = None
+                    self.send_snapshot(sub, recovered=False, reason="resync")
+            except Exception:  # a client that cannot be resynced is closed (it resumes), never left behind
+                logger.exception("resync of %s %s failed; closing it", conn.kind, conn.label)
+                conn.close(1011, "internal error")
 
     def overflow(self, conn: Connection) -> None:
         """``conn`` went over its byte budget: collapse its outbox by market;
@@ -1886,20 +1890,28 @@ class Hub:
             return sorted(mid for mid in wanted if (m := st.markets.get(mid)) is not None and f.match(mid, st.keys_of(m)))
 
         if self.best.subs:  # a book turned stale or fresh: best prices may move without a delta
-            self.best.refresh()
+            try:
+                self.best.refresh()
+            except Exception:  # the best view's failure must not hold back everyone's status
+                logger.exception("refreshing the best view failed")
         for conn in list(self.connections):
-            for sub in list(conn.subs.values()):
-                if sub.replaying or sub.view is not None:
-                    continue
-                f = sub.filter
-                if f.visible is not None and f.visible[1] is not None and source not in f.visible[1]:
-                    continue  # a source the tenant may not see
-                msg = cache.get(f)
-                if msg is None:
-                    msg = cache[f] = status_message(
-                        source=source, state=state, reason=reason, stale_markets=ids(f, stale),
-                        turned_stale=ids(f, went_stale), turned_fresh=ids(f, went_fresh), as_of=now, token=None)
-                conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
+            try:
+                for sub in list(conn.subs.values()):
+                    if sub.replaying or sub.view is not None:
+                        continue
+                    f = sub.filter
+                    if f.visible is not None and f.visible[1] is not None and source not in f.visible[1]:
+                        continue  # a source the tenant may not see
+                    msg = cache.get(f)
+                    if msg is None:
+                        msg = cache[f] = status_message(
+                            source=source, state=state, reason=reason, stale_markets=ids(f, stale),
+                            turned_stale=ids(f, went_stale), turned_fresh=ids(f, went_fresh), as_of=now,
+                            token=None)
+                    conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
+            except Exception:  # a client that cannot be told its source's health is closed (it resumes)
+                logger.exception("status to %s %s failed; closing it", conn.kind, conn.label)
+                conn.close(1011, "internal error")
 
     # -- send deadlines -------------------------------------------------------
 
