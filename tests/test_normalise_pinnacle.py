@@ -338,3 +338,29 @@ def test_a_body_of_the_wrong_endpoint_or_sport_is_rejected() -> None:
         n.feed(load("02_odds_snapshot.json"), 1, pinnacle_channel("odds", 4, snapshot=True))  # soccer odds answering a basketball call
     assert info.value.reason == "invalid_schema"
     assert n.cursor() == '{"fixtures":{},"odds":{}}'  # no cursor moved
+
+
+def test_a_snapshot_older_than_the_cursor_is_dropped_unless_the_provider_keeps_sending_them() -> None:
+    """A replayed or cached answer to a snapshot call (its ``last`` below the cursor) would put old
+    prices back and let the poller confirm them as of the call; it is dropped as stale. Three in a
+    row mean the provider's counter went back: the third is taken."""
+    from feed.normalise.pinnacle import OLD_SNAPSHOTS_TO_RESET
+
+    n = PinnacleNormaliser()
+    n.feed(load("01_fixtures_snapshot.json"), 1755349190000, pinnacle_channel("fixtures", None, snapshot=True))
+    n.feed(load("02_odds_snapshot.json"), 1755349200000, pinnacle_channel("odds", None, snapshot=True))
+    body = json.loads(load("02_odds_snapshot.json"))
+    body["last"] = 5000  # a newer snapshot moves the cursor on
+    assert not n.feed(json.dumps(body).encode(), 1755349300000, pinnacle_channel("odds", None, snapshot=True)).stale
+    assert n.since("odds", 29) == 5000
+    old = load("02_odds_snapshot.json")  # last 2000: the older answer served again
+    for i in range(OLD_SNAPSHOTS_TO_RESET - 1):
+        batch = n.feed(old, 1755349400000 + i, pinnacle_channel("odds", None, snapshot=True))
+        assert batch.stale and batch.updates == [] and n.since("odds", 29) == 5000
+    assert n.dropped["stale_response"] == OLD_SNAPSHOTS_TO_RESET - 1
+    batch = n.feed(old, 1755349500000, pinnacle_channel("odds", None, snapshot=True))
+    assert not batch.stale and n.since("odds", 29) == 2000  # the provider's counter went back: taken
+    # a snapshot at or above the cursor starts the count over
+    body["last"] = 6000
+    assert not n.feed(json.dumps(body).encode(), 1755349600000, pinnacle_channel("odds", None, snapshot=True)).stale
+    assert n.feed(old, 1755349700000, pinnacle_channel("odds", None, snapshot=True)).stale

@@ -13,7 +13,11 @@ semantics (``research/upstream.md`` §3):
   them (``NormalisedBatch.cursor``, JSON ``{"fixtures": {sportId: last},
   "odds": {sportId: last}}``) so Ingest stores them with that data.
 - **duplicates / out of order**: a delta whose ``last`` is not above the
-  cursor (the server replayed an old answer) is dropped whole; a period
+  cursor (the server replayed an old answer) is dropped whole; so is a
+  snapshot whose ``last`` is below the cursor (a replayed or cached answer
+  to a snapshot call would put old prices back and confirm them), unless
+  :data:`OLD_SNAPSHOTS_TO_RESET` of them come in a row (the provider's
+  counter went back: the last one is taken); a period
   whose ``*UpdatedAt`` times are all older than the period held is dropped.
 - **status**: period ``status`` 1 = online, 2 = offline → SUSPENDED
   (``offline``); an online period past its ``cutoff`` (compared with
@@ -431,6 +435,11 @@ def market_id_parts(market_id: str) -> tuple[int, str, int, str, str | None] | N
     return int(parts[1]), unit, int(parts[2]), rest[0], rest[1] if len(rest) > 1 else None
 
 
+#: Snapshot answers in a row whose ``last`` is below the held cursor before one is taken as the
+#: provider's counter having gone back (the ones before are dropped as replayed old answers).
+OLD_SNAPSHOTS_TO_RESET = 3
+
+
 class PinnacleNormaliser:
     """Pinnacle fixtures + odds → canonical markets (see the module docstring).
 
@@ -455,6 +464,8 @@ class PinnacleNormaliser:
         self.cursors = PinnacleCursor()
         self.missing_fixtures: set[int] = set()
         self.dropped: Counter[str] = Counter()
+        #: (endpoint, sport) → snapshot answers in a row older than the held cursor (see feed())
+        self._old_snapshots: Counter[tuple[str, str]] = Counter()
         #: (base event, unit, period) settled or cancelled: its markets are never re-rendered from odds
         self.settled: dict[tuple[int, str, int], None] = {}
         #: settlementId applied per (base event, unit, period)
@@ -544,6 +555,18 @@ class PinnacleNormaliser:
                 batch.stale = True
             self._report_bad_events()  # (an old answer, but its bad parts were bad all the same)
             return batch
+        if snapshot and msg.last is not None and current is not None and msg.last < current:
+            # a snapshot older than what is held (a replayed or cached answer): applying it would
+            # put old prices back and confirm them as of this request. Only when the provider keeps
+            # answering snapshots older than the cursor (its counter went back) is one taken
+            key = (endpoint, sport)
+            self._old_snapshots[key] += 1
+            if self._old_snapshots[key] < OLD_SNAPSHOTS_TO_RESET:
+                self.dropped["stale_response"] += 1
+                batch.stale = True
+                self._report_bad_events()
+                return batch
+        self._old_snapshots.pop((endpoint, sport), None)
         missing_before = len(self.missing_fixtures)
         if endpoint == "fixtures":
             fixtures = self._fixtures_of(msg, raw)
