@@ -1672,8 +1672,7 @@ class Hub:
             except Exception:
                 # what it gathered is gone: close it (it resumes with its token and is replayed the
                 # changes) rather than let it, or the subscriptions after it, sit on old prices
-                logger.exception("conflated flush to %s %s failed; closing it", conn.kind, conn.label)
-                conn.close(1011, "internal error")
+                self._close_failed(conn, "conflated flush")
 
     async def _conflate_loop(self, conflate_ms: int) -> None:
         try:
@@ -1692,6 +1691,14 @@ class Hub:
                 self._conflating.pop(conflate_ms, None)
 
     # -- resync and slow consumers --------------------------------------------
+
+    @staticmethod
+    def _close_failed(conn: Connection, what: str) -> None:
+        """``what`` failed for ``conn`` (a bug, or a socket in a state nobody foresaw): log it
+        and close that connection alone — it resumes with its token and is replayed what it
+        missed — so the loop over the other connections goes on. Call from an ``except``."""
+        logger.exception("%s to %s %s failed; closing it", what, conn.kind, conn.label)
+        conn.close(1011, "internal error")
 
     def resync(self, reason: str) -> None:
         """After the node reloaded its state (log trimmed past it, epoch
@@ -1718,8 +1725,7 @@ class Hub:
                     sub.cpending = None
                     self.send_snapshot(sub, recovered=False, reason="resync")
             except Exception:  # a client that cannot be resynced is closed (it resumes), never left behind
-                logger.exception("resync of %s %s failed; closing it", conn.kind, conn.label)
-                conn.close(1011, "internal error")
+                self._close_failed(conn, "resync")
 
     def overflow(self, conn: Connection) -> None:
         """``conn`` went over its byte budget: collapse its outbox by market;
@@ -1910,8 +1916,7 @@ class Hub:
                             token=None)
                     conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
             except Exception:  # a client that cannot be told its source's health is closed (it resumes)
-                logger.exception("status to %s %s failed; closing it", conn.kind, conn.label)
-                conn.close(1011, "internal error")
+                self._close_failed(conn, "status")
 
     # -- send deadlines -------------------------------------------------------
 
@@ -1969,8 +1974,7 @@ class Hub:
                         fr = conn.frame(msg, s, True)
                     conn.push1(fr, HEARTBEAT)
             except Exception:  # one connection's failure must not cost the others their heartbeat
-                logger.exception("heartbeat to %s %s failed; closing it", conn.kind, conn.label)
-                conn.close(1011, "internal error")
+                self._close_failed(conn, "heartbeat")
 
 
 def interrupt(conn: Connection) -> None:
