@@ -394,7 +394,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Any]:
     watchdog: asyncio.Task[None] | None = None
     try:
         store = await Store.open(url, partitions=settings.partitions, log_maxlen=settings.log_maxlen,
-                                 cluster=settings.redis_cluster)
+                                 cluster=settings.redis_cluster, push=settings.log_push)
         if server is not None:
             watchdog = asyncio.create_task(_restart_when_dead(server), name="embedded-redis-watchdog")
         try:

@@ -97,6 +97,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fair_method: str = "multiplicative"
     """How the fair price removes the margin: ``multiplicative`` or ``power``
     (see :mod:`streaming.aggregate`)."""
+    log_push: bool = True
+    """The ingest PUBLISHes each delta-log entry beside its XADD and API nodes take new entries
+    from these pushes (each applied only when it directly follows the node's position; the log
+    is read after any gap) instead of a blocking XREAD per entry; off = neither (XREAD alone).
+    Not on Redis Cluster."""
     history_retention_ms: int = 24 * 3_600_000
     """Price history (:mod:`feed.history`): every applied change of a selection's best back/lay
     and last traded price is kept this long per market in Redis (``of:{p}:h:<market>``), served

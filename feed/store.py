@@ -121,6 +121,12 @@ def pepoch_key(p: int) -> str:
     return f"of:{{{p}}}:epoch"
 
 
+def push_channel(p: int, db: int = 0) -> str:
+    """The pushed log's channel of partition ``p`` (pub/sub channels are not per database:
+    the database is in the name, so two stores on one server never hear each other)."""
+    return f"of:{{{p}}}:push:{db}"
+
+
 def history_key(p: int, market_id: str) -> str:
     return f"of:{{{p}}}:h:{market_id}"
 
@@ -167,7 +173,7 @@ def source_key(name: str) -> str:
 #       partition), 6 owner hash (market -> source), 7 provider-time hash, 8.. snapshot keys in
 #       market order
 # ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
-#       then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
+#       6 push channel ("" = no push), then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
 #       as JSON array items joined by "," (seqs first..last, consecutive), source name,
 #       provider time (ms) of the first delta, provider time of the last delta, "1" when the
 #       first delta is an image else "0"
@@ -179,6 +185,11 @@ def source_key(name: str) -> str:
 # Lost writes: a market whose stored seq is below first - 1 while the batch starts with a delta
 # (not an image) lost acknowledged writes (a failover promoted a replica that had not received
 # them, an older RDB was restored): counted in `lost`; the writer re-images its markets.
+# Pushed log: the new entry is also PUBLISHed on the push channel as "<epoch> <previous entry id>
+# <entry id> <deltas JSON>" (the previous id read from the log itself, "" when it is empty: an
+# entry any other writer added breaks the chain), so a reader that holds exactly the previous
+# entry can apply it without reading the log (LogPush). A refused PUBLISH (an ACL without the
+# channel) does not fail the write: readers then read the log.
 # Returns {log entry id or "", kept, dropped, foreign, lost, ids of the markets kept}; errors "EPOCH <epoch>" when the
 # partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
 # falls inside the batch (the caller trims and retries).
@@ -192,7 +203,7 @@ local keep = {}
 local dropped = 0
 local foreign = 0
 local lost = 0
-local a = 6
+local a = 7
 local ptkey = KEYS[7]
 for i = 1, n do
   local mid = ARGV[a]
@@ -222,7 +233,7 @@ end
 local parts = {}
 local kept = 0
 local kept_ids = {}
-a = 6
+a = 7
 for i = 1, n do
   if keep[i] then
     local mid = ARGV[a]
@@ -242,7 +253,18 @@ if ARGV[3] ~= '' then
 end
 local id = ''
 if #parts > 0 then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', '[' .. table.concat(parts, ',') .. ']')
+  local payload = '[' .. table.concat(parts, ',') .. ']'
+  local prev = ''
+  if ARGV[6] ~= '' then
+    local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+    if #last > 0 then
+      prev = last[1][1]
+    end
+  end
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', payload)
+  if ARGV[6] ~= '' then
+    redis.pcall('PUBLISH', ARGV[6], ARGV[1] .. ' ' .. prev .. ' ' .. id .. ' ' .. payload)
+  end
 end
 return {id, kept, dropped, foreign, lost, kept_ids}
 """
@@ -469,14 +491,22 @@ class Store:
 
     partitions: P ≥ 1, fixed for the life of the data (stored in ``of:meta``;
     a mismatch raises StoreError). log_maxlen: approximate number of log
-    entries kept per partition (``XADD MAXLEN ~``).
+    entries kept per partition (``XADD MAXLEN ~``). push: also PUBLISH every
+    new log entry for the readers' pushed log (:class:`LogPush`; never on
+    Redis Cluster).
     """
 
-    def __init__(self, redis: aioredis.Redis, *, partitions: int = 1, log_maxlen: int = 100_000) -> None:
+    def __init__(self, redis: aioredis.Redis, *, partitions: int = 1, log_maxlen: int = 100_000,
+                 push: bool = True) -> None:
         self.redis = redis
         self.partitions = partitions
         self.log_maxlen = log_maxlen
         self.epoch: str = ""
+        #: publish every log entry for the readers' pushed log (``push=False``: not; never on
+        #: Redis Cluster, where a PUBLISH goes to every node: readers there follow the log with
+        #: XREAD alone)
+        self.push = push and not isinstance(redis, RedisCluster)
+        self.db = 0 if not self.push else int(redis.connection_pool.connection_kwargs.get("db") or 0)
         self._apply = redis.register_script(APPLY_SCRIPT)
         self._lease = redis.register_script(LEASE_SCRIPT)
         self._prune = redis.register_script(PRUNE_SCRIPT)
@@ -486,13 +516,13 @@ class Store:
 
     @classmethod
     async def open(cls, url: str, *, partitions: int = 1, log_maxlen: int = 100_000,
-                   cluster: bool = False) -> "Store":
+                   cluster: bool = False, push: bool = True) -> "Store":
         """Connect, check the server answers, create or load the epoch.
 
         Raises StoreError("cannot reach redis at …: …") when unreachable.
         """
         client = connect(url, cluster=cluster)
-        store = cls(client, partitions=partitions, log_maxlen=log_maxlen)
+        store = cls(client, partitions=partitions, log_maxlen=log_maxlen, push=push)
         try:
             await client.ping()
             await store.ensure_epoch()
@@ -571,7 +601,8 @@ class Store:
             while True:
                 keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
                         CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p), pt_key(p)]
-                args: list[bytes | str | int] = [self.epoch, self.log_maxlen, *cursor_args, len(per_market)]
+                args: list[bytes | str | int] = [self.epoch, self.log_maxlen, *cursor_args, len(per_market),
+                                                 push_channel(p, self.db) if self.push else ""]
                 for mid, ds in per_market.items():
                     keys.append(market_key(p, mid))
                     first, last = ds[0], ds[-1]
@@ -1211,6 +1242,174 @@ class RespConnection:
             raise
 
 
+def _id_key(entry_id: str) -> tuple[int, int]:
+    """A stream id ``<ms>-<n>`` as a comparable pair."""
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+class LogPush(asyncio.Protocol):
+    """The subscriber side of one partition's pushed log: ``SUBSCRIBE`` to the channel the
+    apply script PUBLISHes every new entry on (``"<epoch> <previous id> <id> <deltas JSON>"``,
+    see ``APPLY_SCRIPT``), on a connection of its own, messages parsed by ``hiredis.Reader``
+    as they arrive and held raw until :meth:`take`.
+
+    Pub/sub delivers at most once, so a pushed entry is only ever a shortcut: :meth:`take`
+    hands out entries only while each one's epoch is the reader's and its previous id is the
+    reader's position — an unbroken chain from what the reader holds. Anything else (a
+    message lost or a connection dropped, the store reset, the buffer overflowing) is a gap:
+    the buffer is cleared and the caller reads the log itself (XREAD), which holds every
+    entry. Nothing is waited on but the next message: the deadline of :meth:`wait` is kept by
+    one lazy timer, as in :class:`_RespProtocol`.
+    """
+
+    #: entries / bytes held before the buffer is dropped as a gap (the reader then reads the log)
+    MAX_ENTRIES = 20_000
+    MAX_BYTES = 16 << 20
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: bytes) -> None:
+        self.loop = loop
+        self.channel = channel
+        self.reader = hiredis.Reader()
+        self.entries: collections.deque[bytes] = collections.deque()
+        self.nbytes = 0  # of the entries held
+        self.replies: collections.deque[Any] = collections.deque()  # AUTH / SUBSCRIBE replies
+        self.transport: asyncio.Transport | None = None
+        self.live = False  # subscribed, and the connection is up
+        self.overflow = False
+        self.lost: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        entries = self.entries
+        while (msg := reader.gets()) is not False:
+            if type(msg) is list and len(msg) == 3 and msg[0] == b"message":
+                entries.append(msg[2])
+                self.nbytes += len(msg[2])
+            elif type(msg) is list and msg and msg[0] == b"subscribe":
+                self.live = True
+                self.replies.append(msg)
+            else:
+                self.replies.append(msg)
+        if len(entries) > self.MAX_ENTRIES or self.nbytes > self.MAX_BYTES:
+            entries.clear()
+            self.nbytes = 0
+            self.overflow = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.live = False
+        self.lost = exc or ConnectionError("redis closed the connection")
+        self.entries.clear()
+        self.nbytes = 0
+        self.disarm()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def arm(self, deadline: float) -> None:
+        self.deadline = deadline
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        if self.loop.time() >= self.deadline:
+            waiter.set_result(None)
+        else:
+            self.timer_at = self.deadline
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a message arrives, the connection is lost or ``timeout_s`` s pass."""
+        if self.entries or not self.live or self.overflow:
+            return
+        self.arm(self.loop.time() + timeout_s)
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def _reply(self, timeout_s: float) -> Any:
+        async with asyncio.timeout(timeout_s):
+            while not self.replies:
+                if self.lost is not None:
+                    raise self.lost
+                self.waiter = self.loop.create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
+        reply = self.replies.popleft()
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        return reply
+
+    def take(self, epoch: bytes, after: str, count: int) -> list[tuple[str, bytes]] | None:
+        """The held entries that continue the chain from position ``after`` in ``epoch``
+        (at most ``count``, oldest first, as ``(entry id, deltas JSON)``; entries at or
+        before ``after`` are dropped as already read), or None for a gap anywhere in what
+        is held: then the buffer is cleared and the caller must read the log from ``after``
+        (every entry whose message was cleared is in the log by then)."""
+        if not self.live or self.overflow:
+            self.overflow = False
+            self.entries.clear()
+            self.nbytes = 0
+            return None
+        entries = self.entries
+        out: list[tuple[str, bytes]] = []
+        pos = after
+        pos_key: tuple[int, int] | None = None
+        while entries and len(out) < count:
+            try:
+                e, prev, eid, payload = entries[0].split(b" ", 3)
+                entry_id = eid.decode()
+                if e == epoch and prev.decode() == pos:
+                    self.nbytes -= len(entries.popleft())
+                    out.append((entry_id, payload))
+                    pos, pos_key = entry_id, None
+                    continue
+                if pos_key is None:
+                    pos_key = _id_key(pos)
+                if e == epoch and _id_key(entry_id) <= pos_key:
+                    self.nbytes -= len(entries.popleft())  # read already (through the log, before this came)
+                    continue
+            except ValueError:  # not a message of ours: a gap like any other (never a failure)
+                pass
+            entries.clear()
+            self.nbytes = 0  # a gap: what came before it is read again from the log with the rest
+            return None
+        return out
+
+    def close(self) -> None:
+        self.live = False
+        self.disarm()
+        if self.transport is not None:
+            self.transport.abort()
+
+
 class StreamTail:
     """Follows one Redis stream with ``XREAD BLOCK`` on a connection of its own
     (see :class:`LogTail`, which adds the delta log's guards): each entry's
@@ -1238,17 +1437,18 @@ class StreamTail:
             self._pool = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
             # the hot path's connection: a bare RESP one where the URL allows (else redis-py's)
             self._conn = RespConnection.for_pool(pool, dict(pool.connection_kwargs))  # type: ignore[assignment]
-        self._xread_for: tuple[int, int] | None = None
+        self._xread_for: tuple[int, int | None] | None = None
         self._xread_head = b""
 
-    def _xread(self, after: str, block_ms: int, count: int) -> bytes:
-        """``XREAD COUNT count BLOCK block_ms STREAMS key after``, packed (RESP); all but
-        ``after`` packed once per (count, block_ms)."""
+    def _xread(self, after: str, block_ms: int | None, count: int) -> bytes:
+        """``XREAD COUNT count [BLOCK block_ms] STREAMS key after``, packed (RESP; no BLOCK
+        when ``block_ms`` is None); all but ``after`` packed once per (count, block_ms)."""
         if self._xread_for != (count, block_ms):
             self._xread_for = (count, block_ms)
-            # the command's 7 first arguments packed under a header for all 8 (the position follows)
-            self._xread_head = b"*8\r\n" + RespConnection.pack_command(
-                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key).partition(b"\r\n")[2]
+            # the command's first arguments packed under a header for all of them and the position
+            head: tuple[Any, ...] = (("XREAD", "COUNT", count, "STREAMS", self.key) if block_ms is None
+                                     else ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key))
+            self._xread_head = b"*%d\r\n" % (len(head) + 1) + RespConnection.pack_command(*head).partition(b"\r\n")[2]
         a = after.encode()
         return b"%s$%d\r\n%s\r\n" % (self._xread_head, len(a), a)
 
@@ -1299,8 +1499,10 @@ class StreamTail:
 
 
 class LogTail(StreamTail):
-    """Follows one partition's delta log: ``XREAD BLOCK`` and, on request, the
-    guards (:class:`LogCheck`) in the same round trip, or the guards alone.
+    """Follows one partition's delta log: new entries from the pushed log
+    (:class:`LogPush`, see :meth:`read`) or ``XREAD [BLOCK]``, and, on request,
+    the guards (:class:`LogCheck`) in the same round trip as an XREAD, or the
+    guards alone.
 
     On a plain Redis it holds a connection of its own (XREAD BLOCK holds one) —
     a bare :class:`RespConnection` where the URL allows, else redis-py's —
@@ -1318,29 +1520,83 @@ class LogTail(StreamTail):
     an undecodable entry.
     """
 
+    #: longest wait between two tries of a failing pushed log, s
+    PUSH_BACKOFF_MAX_S = 30.0
+    #: a subscription delivering this long after it was made resets the backoff, s
+    PUSH_TRUSTED_AFTER_S = 30.0
+
     def __init__(self, store: Store, p: int) -> None:
         super().__init__(store, log_key(p), DELTAS_DECODER)
         self.partition = p
         self._pepoch_key = pepoch_key(p)
         self._check_cmd = (("GET", EPOCH_KEY), ("GET", self._pepoch_key), ("XRANGE", self.key, "-", "+", "COUNT", 1))
         self._check_packed = b"".join(RespConnection.pack_command(*c) for c in self._check_cmd)
+        #: the pushed log (a plain Redis with a bare connection only; see :meth:`read`)
+        self._push: LogPush | None = None
+        self._push_kwargs: dict[str, Any] | None = (
+            self._conn.kwargs if isinstance(self._conn, RespConnection) and store.push else None)
+        self._push_retry_at = 0.0
+        self._push_backoff_s = 0.0
+        self._push_trusted_at = 0.0  # loop time after which a delivering subscription resets the backoff
+        self._epoch_b = (b"", "")  # (encoded, str) of the last epoch asked for
+        #: entries taken from pushes; gaps (a pushed entry that did not follow the position, or the
+        #: subscription lost), after which the log itself was read
+        self.pushed = 0
+        self.push_gaps = 0
 
-    async def read(self, after: str, *, block_ms: int, count: int,
-                   check: bool = False) -> tuple[LogEntries, LogCheck | None]:
+    async def read(self, after: str, *, block_ms: int, count: int, check: bool = False,
+                   epoch: str | None = None) -> tuple[LogEntries, LogCheck | None]:
         """Entries after id ``after`` (at most ``count``; waits up to
         ``block_ms`` ms for the first), and with ``check`` the guards read
-        right after the XREAD returns (None without ``check``)."""
+        right after the XREAD returns (None without ``check``).
+
+        With ``epoch`` (the store epoch the caller's position belongs to) on a plain Redis,
+        entries come from the pushed log (:class:`LogPush`) while they continue the caller's
+        position unbroken — no round trip. The log is read (XREAD, without waiting) after a
+        gap, on a checked read, right after (re)subscribing, and when nothing was pushed
+        within ``block_ms``; if that read finds entries, pushes are not arriving (a dead
+        link, a refused PUBLISH): the subscription is dropped and reads block on the log
+        (XREAD BLOCK, as without ``epoch``) until subscribing is retried — 1 s, doubling to
+        30 s while it keeps failing. So a lost message costs at most ``block_ms``, once."""
         if self._pool is None:
             return await self._read_cluster(after, block_ms, count, check)
+        block: int | None = block_ms
+        quiet = False  # waited block_ms on a live subscription and nothing came
+        if epoch is not None and self._push_kwargs is not None:
+            push = self._push
+            if push is not None and push.live:
+                if not check:
+                    if self._epoch_b[1] != epoch:
+                        self._epoch_b = (epoch.encode(), epoch)
+                    got = push.take(self._epoch_b[0], after, count)
+                    if got == []:
+                        await push.wait(block_ms / 1000)
+                        got = push.take(self._epoch_b[0], after, count)
+                        quiet = got == []
+                    if got:
+                        self.pushed += len(got)
+                        if self._push_backoff_s and push.loop.time() >= self._push_trusted_at:
+                            self._push_backoff_s = 0.0  # delivering for a while: failures start over at 1 s
+                        decode = self._decode
+                        return [(entry_id, decode(payload)) for entry_id, payload in got], None
+                    if got is None:
+                        self.push_gaps += 1
+                block = None  # read what the log holds now; pushes carry on after it
+            elif await self._subscribe():
+                block = None  # subscribed: read the log up to now, then pushes continue it
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._pool.get_connection()
-        xread = self._xread(after, block_ms, count)
-        deadline_s = max(self.timeout_s, block_ms / 1000 + 1.0)  # as before: the socket timeout covers the block
+        xread = self._xread(after, block, count)
+        deadline_s = max(self.timeout_s, (block or 0) / 1000 + 1.0)  # the socket timeout covers the block
         try:
             if not check:
                 await conn.send_packed_command(xread)
-                return self._entries(await _reply(conn, deadline_s)), None
+                entries = self._entries(await _reply(conn, deadline_s))
+                if quiet and entries:
+                    self.push_gaps += 1
+                    self._push_failed(f"{len(entries)} log entries came without their pushes")
+                return entries, None
             await conn.send_packed_command(xread + self._check_packed)
             res = await _reply(conn, deadline_s)
             replies = [await _reply(conn, self.timeout_s) for _ in range(3)]
@@ -1349,7 +1605,67 @@ class LogTail(StreamTail):
             # never leave a reply unread on the connection (or read one that belongs to another
             # command): after a timeout, an error or a reply we cannot read, start a new connection
             await conn.disconnect(nowait=True)
+            self._close_push()  # and subscribe again with it (it may have moved to another server)
             raise
+
+    def _close_push(self) -> None:
+        push, self._push = self._push, None
+        if push is not None:
+            push.close()
+
+    def _push_failed(self, why: str) -> None:
+        """Drop the subscription; reads block on the log until the next try (backoff)."""
+        self._close_push()
+        self._push_backoff_s = min(self.PUSH_BACKOFF_MAX_S, max(1.0, self._push_backoff_s * 2))
+        self._push_retry_at = asyncio.get_running_loop().time() + self._push_backoff_s
+        logger.warning("log of partition %d: pushed log not usable (%s); reading the log alone, retry in %.0f s",
+                       self.partition, why, self._push_backoff_s)
+
+    async def _subscribe(self) -> bool:
+        """(Re)subscribe to the pushed log unless a retry is not due yet; True when
+        subscribed now. Never raises but CancelledError: a failure is logged, and reads
+        go on blocking on the log until the next try."""
+        loop = asyncio.get_running_loop()
+        kw = self._push_kwargs
+        if kw is None or loop.time() < self._push_retry_at:
+            return False
+        self._close_push()  # one that died (its loss was counted as a gap by the read that saw it)
+        channel = push_channel(self.partition, int(kw.get("db") or 0)).encode()
+        proto = LogPush(loop, channel)
+        timeout = self.timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                if kw.get("path"):
+                    await loop.create_unix_connection(lambda: proto, kw["path"])
+                else:
+                    await loop.create_connection(lambda: proto, kw.get("host") or "localhost",
+                                                 int(kw.get("port") or 6379))
+            assert proto.transport is not None
+            cmds: list[tuple[Any, ...]] = []
+            if kw.get("password"):
+                cmds.append(("AUTH", kw["username"], kw["password"]) if kw.get("username")
+                            else ("AUTH", kw["password"]))
+            cmds.append(("SUBSCRIBE", channel))
+            proto.transport.write(b"".join(RespConnection.pack_command(*c) for c in cmds))
+            for _ in cmds:
+                await proto._reply(timeout)
+            if not proto.live:
+                raise StoreError("redis did not confirm the subscription")
+        except asyncio.CancelledError:
+            proto.close()
+            raise
+        except Exception as exc:  # whatever it was, the log itself is still there to read
+            proto.close()
+            self._push_failed(f"cannot subscribe: {type(exc).__name__}: {exc}")
+            return False
+        self._push = proto
+        self._push_trusted_at = loop.time() + self.PUSH_TRUSTED_AFTER_S
+        return True
+
+    async def aclose(self) -> None:
+        """Drop the connections (idempotent)."""
+        self._close_push()
+        await super().aclose()
 
     async def check(self) -> LogCheck:
         """The guards alone (one round trip)."""

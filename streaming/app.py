@@ -97,7 +97,7 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
             if not url:
                 raise ConfigError("no redis url: pass redis_url= or set settings.redis_url")
             s = await Store.open(url, partitions=settings.partitions, log_maxlen=settings.log_maxlen,
-                                 cluster=settings.redis_cluster)
+                                 cluster=settings.redis_cluster, push=settings.log_push)
         node = Node(settings, s, options=opts, owns_store=owns)
         try:
             await node.start()

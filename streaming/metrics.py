@@ -114,6 +114,11 @@ class NodeCollector(Collector):
         errors = CounterMetricFamily("oddsfeed_reader_errors", "Reader Redis errors", labels=["partition"])
         reads = CounterMetricFamily("oddsfeed_reader_reads", "XREADs of the delta log", labels=["partition"])
         checks = CounterMetricFamily("oddsfeed_reader_checks", "Epoch / oldest-id checks", labels=["partition"])
+        pushed = CounterMetricFamily("oddsfeed_reader_pushed_entries",
+                                     "Log entries taken from the pushed log (no read round trip)", labels=["partition"])
+        gaps = CounterMetricFamily("oddsfeed_reader_push_gaps",
+                                   "Pushed-log gaps (a message missed or the subscription lost; the log was read)",
+                                   labels=["partition"])
         for r in node.readers:
             label = [str(r.partition)]
             connected.add_metric(label, 1.0 if r.connected else 0.0)
@@ -122,12 +127,16 @@ class NodeCollector(Collector):
             errors.add_metric(label, float(r.errors))
             reads.add_metric(label, float(r.reads))
             checks.add_metric(label, float(r.checks))
+            pushed.add_metric(label, float(r.pushed))
+            gaps.add_metric(label, float(r.push_gaps))
         yield connected
         yield lag
         yield entries
         yield errors
         yield reads
         yield checks
+        yield pushed
+        yield gaps
         yield CounterMetricFamily("oddsfeed_reader_reloads", "State reloads from Redis", value=float(node.reloads))
         yield GaugeMetricFamily("oddsfeed_markets", "Markets held by the node", value=float(len(node.state.markets)))
         st = node.state

@@ -7,8 +7,12 @@ No Starlette imports. :class:`Node` is what an API process runs once:
   is applied on top (deltas with ``seq`` ≤ the held one are skipped); then
   one :class:`PartitionReader` per partition and a health poller;
 - each reader follows its partition with a :class:`~feed.store.LogTail`
-  on its OWN Redis connection (XREAD BLOCK holds one): in the common case one
-  ``XREAD BLOCK`` per read, each entry decoded once, applied to
+  on its OWN Redis connection (XREAD BLOCK holds one): on a plain Redis new
+  entries come from the pushed log (:class:`~feed.store.LogPush`: the apply
+  script PUBLISHes each entry with the epoch and the previous entry's id, and
+  one is taken only when it directly follows the node's position — after any
+  gap, and after ``read_block_ms`` without a push, the log itself is read),
+  else one ``XREAD BLOCK`` per read; each entry decoded once, applied to
   :class:`~streaming.state.NodeState` and handed to the
   :class:`~streaming.hub.Hub` once (encoded once, never per client);
 - the guards — store epoch, partition epoch, oldest retained log id — are
@@ -33,7 +37,8 @@ No Starlette imports. :class:`Node` is what an API process runs once:
   store no longer holds) is caught within ``check_interval_s``, the bound an
   idle reader always had (one ``read_block_ms``);
 - Redis errors: ``connected`` goes False, the reader retries with capped,
-  jittered backoff (never hangs: each read blocks at most ``read_block_ms``);
+  jittered backoff (never hangs: each read waits at most ``read_block_ms``
+  for entries, and every reply has a deadline);
   an unexpected error (a bug) reloads the partition, so a change applied but
   not handed to every subscriber is never lost silently;
 - every ~``health_refresh_ms`` the node reloads source health
@@ -97,8 +102,9 @@ class PartitionReader:
     errors: Redis errors so far; reads / checks: XREADs and guard checks
     (epoch, partition epoch, oldest id) so far.
 
-    Guards (see the module docstring): a read is ``XREAD BLOCK`` alone unless
-    a check is due before it (the first read, after an error or a reload,
+    Guards (see the module docstring): a read is entries from the pushed log or
+    an ``XREAD BLOCK`` alone (:meth:`feed.store.LogTail.read`) unless a check is
+    due before it (the first read, after an error or a reload,
     while behind, or ``check_interval_s`` after the last check: then the
     guards go in the same round trip); after an unchecked read, the guards
     are read before anything is applied when the read returned nothing,
@@ -125,6 +131,7 @@ class PartitionReader:
         self.check_interval_s = node.state.options.read_block_ms / 1000
         self._reload: tuple[list[int] | None, str, int] | None = None
         self._tail = store.tail(partition)
+        self._push = node.settings.log_push  # take entries from the pushed log (feed.store.LogPush)
         self._check_now = True  # the first read is checked
         self._check_due = 0.0  # loop time after which the next read is checked
         #: every read since the last check started at or after this position; a
@@ -246,12 +253,24 @@ class PartitionReader:
                 self._reload = (None if pending_all else [p], "internal error in the reader", st.generation)
                 await node.sleep(backoff.next_delay())
 
+    @property
+    def pushed(self) -> int:
+        """Log entries taken from the pushed log (no round trip) so far."""
+        return getattr(self._tail, "pushed", 0)
+
+    @property
+    def push_gaps(self) -> int:
+        """Pushed-log gaps so far (each followed by a read of the log itself)."""
+        return getattr(self._tail, "push_gaps", 0)
+
     async def _read(self, pos: str, block_ms: int, count: int,
                     check: bool) -> tuple[list[tuple[str, list[Delta]]], LogCheck | None]:
-        """Log entries after ``pos`` (one XREAD BLOCK, each entry decoded
-        once) and, with ``check``, the guards read in the same round trip
-        right after the read returns (else None)."""
-        return await self._tail.read(pos, block_ms=block_ms, count=count, check=check)
+        """Log entries after ``pos`` (from the pushed log, or one XREAD [BLOCK];
+        each entry decoded once) and, with ``check``, the guards read in the
+        same round trip as an XREAD of the log (else None)."""
+        st = self.node.state
+        return await self._tail.read(pos, block_ms=block_ms, count=count, check=check,
+                                     epoch=st.epoch if self._push else None)
 
     async def _guards(self) -> LogCheck:
         """The guards alone, read now (one round trip)."""
