@@ -1223,7 +1223,11 @@ class Hub:
         if not self.connections:
             return
         if self.best.subs:
-            self.best.on_entry(entry)
+            try:
+                self.best.on_entry(entry)
+            except Exception:  # the best view's failure must not hold back the entry's deltas
+                for conn in {sub.conn for sub in self.best.subs}:
+                    self._close_failed(conn, "the best view")  # they reconnect to a fresh best view
         by_market, by_event, by_comp = self._by_market, self._by_event, self._by_competition
         by_sport, by_in_play, wild = self._by_sport, self._by_in_play, self._wild
         per_group: dict[Group, list[Message]] = {}

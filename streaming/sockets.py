@@ -745,9 +745,16 @@ class WebSocketStream(asyncio.Protocol):
         self.ping_sent_at = self.loop.time()
         try:
             self._proto().send_ping(payload)
+            self._write_out()
         except InvalidState:
             return
-        self._write_out()
+        except Exception:  # a write that raised: the socket is in a state nobody foresaw — close it
+            logger.exception("ws %s: keepalive ping failed; closing", conn.label)
+            self.ping_payload = None
+            conn.finished = True
+            conn.close(1011, "internal error")
+            self.abort()
+            return
         self._idle()
         timeout = self.config.ws_ping_timeout
         if timeout is not None:

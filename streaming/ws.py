@@ -149,7 +149,15 @@ async def _session(websocket: WebSocket) -> None:
         return
     if sock is not None:  # the connection leaves the ASGI path: the hub writes to the socket
         handler = _Messages(conn, node, fmt, grant)
-        sock.attach(conn, handler.message)
+        try:
+            sock.attach(conn, handler.message)
+        except RuntimeError:  # the socket closed between accept and attach: the connection ends here
+            logger.info("ws %s: closed before it could be attached", label)
+            node.hub.disconnect(conn)
+        except Exception:  # a bug: the client must not be left half-attached
+            logger.exception("ws %s: attaching the socket failed; closing it", label)
+            node.hub.disconnect(conn)
+            sock.abort()
         return
     writer = asyncio.create_task(
         write_loop(conn, _WSWriter(websocket), node.options.send_timeout_s, "connection",

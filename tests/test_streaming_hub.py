@@ -340,3 +340,29 @@ async def test_a_heartbeat_that_evicts_a_slow_consumer_still_reaches_every_other
     got = ok.take()
     assert len(got) == 2 and all(b"heartbeat" in f for f in got)  # one per subscription
     hub.close_all()
+
+
+async def test_a_best_view_that_fails_on_an_entry_still_lets_its_deltas_through(caplog) -> None:
+    """The best view runs first in dispatch: its failure must not cost the delta subscribers the
+    entry (it did: the whole fan-out of that entry was aborted). Its own subscribers are closed
+    (they reconnect to a fresh best view)."""
+    st = _state()
+    book = _load(st, 3)
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    sinks = [_RecordingSink(), _RecordingSink()]
+    deltas, best = [hub.connect("sse", heartbeat_ms=60_000, sink=s) for s in sinks]  # type: ignore[arg-type]
+    await hub.subscribe(deltas, Filter.parse(market="m1"))
+    await hub.subscribe(best, Filter.parse(market="m1"), view="best")
+    hub.flush()
+
+    def broken(entry: object) -> None:
+        raise RuntimeError("a bug in the best view")
+    hub.best.on_entry = broken  # type: ignore[method-assign]
+    before = len(sinks[0].written)
+    hub.dispatch(_entry(st, book, 2, ["m1"], 2.5))
+    hub.flush()
+    assert len(sinks[0].written) == before + 1 and b'"price":2.5' in sinks[0].written[-1]
+    assert not deltas.closed
+    assert best.closed and best not in hub.connections
+    assert "the best view" in caplog.text
+    hub.close_all()

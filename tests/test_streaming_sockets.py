@@ -287,3 +287,58 @@ async def test_streams_on_servers_that_do_not_hand_the_socket_over(store: Store,
         finally:
             server.should_exit = True
             await asyncio.wait_for(task, TIMEOUT_S)
+
+
+async def test_a_keepalive_ping_whose_write_fails_closes_the_connection(store: Store, redis_url: str,
+                                                                         caplog: Any, monkeypatch: Any) -> None:
+    """Before, a ping whose write raised ended that socket's pings (the timer wheel logged it)
+    and left the connection open and never checked again."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    app = make_app(redis_url, ws_ping_interval_s=0.2, ws_ping_timeout_s=10.0)
+    async with serve(app) as base:
+        hub = app.state.node.hub
+        reader, writer, frames = await _ws_raw(int(base.rsplit(":", 1)[1]))
+        writer.write(_frame(b'{"op":"subscribe","id":1,"filter":{"market":"m1"}}'))
+        assert (await frames.message(lambda m: True))["type"] == "ack"
+        (conn,) = hub.connections
+        sock = conn.sink
+        assert isinstance(sock, WebSocketStream)
+
+        def broken(self: WebSocketStream) -> None:
+            raise RuntimeError("transport in a state nobody foresaw")
+        monkeypatch.setattr(type(sock), "_write_out", broken)  # the idle connection's next write is a ping
+        await eventually(lambda: not hub.connections, TIMEOUT_S, "the connection to be closed")
+        assert await _ended(reader)  # and the TCP connection ends
+        assert "keepalive ping failed" in caplog.text
+        writer.close()
+
+
+async def _ended(reader: asyncio.StreamReader) -> bool:
+    """True once the server ended the TCP connection (EOF or reset); fails the test after TIMEOUT_S."""
+    try:
+        while await asyncio.wait_for(reader.read(65536), TIMEOUT_S):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+async def test_a_websocket_that_cannot_be_attached_leaves_no_connection_behind(store: Store, redis_url: str,
+                                                                               monkeypatch: Any) -> None:
+    """attach() raising — the socket closed at accept (RuntimeError), or a bug (anything else):
+    the hub forgets the connection (before, it stayed counted and subscribed to nothing
+    forever), and after a bug the client's socket is closed, not left half-attached."""
+    for error in (RuntimeError("attach() needs an accepted, open WebSocket"), KeyError("a bug")):
+        def failing(self: WebSocketStream, conn: Any, handler: Any, error: Exception = error) -> None:
+            raise error
+        monkeypatch.setattr(WebSocketStream, "attach", failing)
+        app = make_app(redis_url)
+        async with serve(app) as base:
+            hub = app.state.node.hub
+            reader, writer, _ = await _ws_raw(int(base.rsplit(":", 1)[1]))
+            await eventually(lambda: sum(hub.connects.values()) >= 1, TIMEOUT_S, "the hub to take the connection")
+            await eventually(lambda: not hub.connections, TIMEOUT_S, "the hub to forget the connection")
+            if isinstance(error, KeyError):
+                assert await _ended(reader)
+            writer.close()
