@@ -198,6 +198,9 @@ class Ingest:
         self._lost_seen = 0
         #: messages rejected whole (nothing of them applied)
         self.rejected_messages = 0
+        #: the provider delivers a message rejected whole again (a webhook answered 422): its
+        #: rejection loses no change (else it may have: see :meth:`_rejected_whole`)
+        self.rejected_messages_redelivered = False
         #: markets the store was found to have lost acknowledged writes of (then re-imaged)
         self.lost_writes = 0
         self._reimage_after = 0.0
@@ -270,6 +273,7 @@ class Ingest:
         out = Delivered()
         requests: set[str] = set()
         recv_ms = 0
+        fed_at = 0  # receipt of the last payload taken (a payload rejected whole vouches for nothing)
         for payload in payloads:
             raw, recv_ms = payload.data, payload.recv_ms
             if not raw or raw.isspace():
@@ -278,16 +282,13 @@ class Ingest:
             try:
                 batch = normaliser.feed(raw, recv_ms, payload.channel)
             except FeedDecodeError as exc:
-                self.rejected_messages += 1
-                out.rejected_messages += 1
-                self._reject(exc)
+                self._rejected_whole(exc, out)
                 continue
             except Exception as exc:  # a normaliser bug must not end the source (nor its neighbours)
                 logger.exception("normaliser of %s failed on a message", self.source)
-                self.rejected_messages += 1
-                out.rejected_messages += 1
-                self._reject(FeedDecodeError("internal_error", f"{type(exc).__name__}: {exc}", raw))
+                self._rejected_whole(FeedDecodeError("internal_error", f"{type(exc).__name__}: {exc}", raw), out)
                 continue
+            fed_at = recv_ms
             if batch.full_image:
                 self.new_session()
             for rejected in batch.rejected:
@@ -331,9 +332,24 @@ class Ingest:
                 out.in_play = batch.in_play
         if requests:
             out.requests = frozenset(requests)
-        if self.confirm_by_messages and recv_ms:
-            self._fed_at = max(self._fed_at, recv_ms)
+        if self.confirm_by_messages and fed_at:
+            self._fed_at = max(self._fed_at, fed_at)
         return out
+
+    def _rejected_whole(self, exc: FeedDecodeError, out: Delivered) -> None:
+        """A payload the normaliser rejected whole: quarantined, and — unless the provider
+        delivers it again (:attr:`rejected_messages_redelivered`: a webhook answered 422) or
+        it is a message type we do not know (``unknown_type``: nothing of ours in it) — a
+        change of unknown markets may be lost with it: the source asks for a fresh image
+        (:meth:`take_lost`), and a stream's heartbeats stop confirming its markets until
+        that image (a new session), so none reads fresh at a price that may be behind."""
+        self.rejected_messages += 1
+        out.rejected_messages += 1
+        self._reject(exc)
+        if exc.market_id is None and exc.reason != "unknown_type" and not self.rejected_messages_redelivered:
+            self.lost_changes += 1
+            if self.confirm_by_messages:
+                self.new_session()
 
     def _feed_states(self, states: list[EventState], raw: bytes, recv_ms: int, out: Delivered) -> None:
         """Validate, order and version a message's event states into the

@@ -57,12 +57,14 @@ class Pipeline:
 
     def __init__(self, store: Store, settings: Settings, *, name: str, kind: str, normaliser: Normaliser,
                  stale_after_ms: int | None = None, confirms_by_messages: bool = True,
+                 rejected_messages_redelivered: bool = False,
                  recorder: Recorder | None = None, time_map: Callable[[int], int] | None = None,
                  lag_window_s: float = 60.0) -> None:
         self.normaliser = normaliser
         self.ingest = Ingest(store, source=name, normaliser=normaliser, book=Book(), kind=kind,
                              stale_after_ms=stale_after_ms or settings.stale_in_play_ms, **ingest_options(settings))
         self.ingest.confirm_by_messages = confirms_by_messages
+        self.ingest.rejected_messages_redelivered = rejected_messages_redelivered
         self.ingest.time_map = time_map
         self.lag = LagWindow(lag_window_s, histogram=self.ingest.metrics.lag_seconds)
         self.health = HealthPublisher(self.ingest, lag=self.lag)
@@ -167,6 +169,7 @@ def build(store: Store, settings: Settings, spec: SourceSpec, *,
     normaliser = entry.load_normaliser()(spec, settings)
     pipeline = Pipeline(store, settings, name=spec.name, kind=spec.kind, normaliser=normaliser,
                         stale_after_ms=source.stale_after_ms, confirms_by_messages=source.confirms_by_messages,
+                        rejected_messages_redelivered=getattr(source, "rejected_messages_redelivered", False),
                         recorder=recorder)
     return source, pipeline
 

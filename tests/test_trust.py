@@ -97,6 +97,62 @@ async def test_dropped_updates_stop_heartbeats_confirming_the_market(store: Stor
     assert stale and age >= 59_000, "heartbeats must not confirm a market whose updates are being rejected"
 
 
+
+@pytest.mark.parametrize("bad", [
+    b'{"op":"mcm","id":2,"clk":"AAB","pt":1800000000010,"mc":[{"id":"1.1","rc":[{"id":1,"atb":[[2.6,1',  # cut off
+    b'{"op":"mcm","id":2,"clk":"AAB","pt":"1800000000010","mc":[{"id":"1.1","rc":[{"id":1,"atb":[[2.6,12]]}]}]}',
+])
+async def test_a_line_rejected_whole_leaves_no_market_confirmed_at_a_price_it_may_have_changed(
+        store: Store, bad: bytes) -> None:
+    """A line the normaliser cannot read at all names no market, so nothing was unconfirmed and
+    no repair asked for: the stream's next heartbeat confirmed 1.1 at 2.0 although the lost line
+    had moved it to 2.6 (found by an audit). Now the source asks for a fresh image and no market
+    is confirmed by heartbeats until that image carries it."""
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    await ingest.flush()
+    assert ingest.take_lost() is False
+    ingest.feed_lines([bad], NOW + 10)
+    ingest.feed_lines([line(pt=NOW + 20, ct="HEARTBEAT", clk="AAC")], NOW + 20)
+    await ingest.flush()
+    assert ingest.take_lost() is True  # the source re-images (ESA: a fresh subscription)
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.0
+    assert m.session != ingest.session
+    # a minute of heartbeats later
+    h = msgspec.structs.replace(ingest.published_health(), state="UP", last_message_at=NOW + 60_000,
+                                updated_at=NOW + 60_000)
+    assert node([m], [h]).age_stale(m, NOW + 60_000)[1], "a heartbeat vouched for a market whose change may be lost"
+    ingest.feed_lines([image("1.1", 2.6, pt=NOW + 40)], NOW + 40)  # the fresh image
+    await ingest.flush()
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.6 and m.session == ingest.session
+
+
+async def test_a_webhook_delivery_rejected_whole_vouches_for_nothing_and_loses_nothing(store: Store) -> None:
+    """A webhook answers 422 and the provider delivers again: no re-image is asked for and the
+    session stays — but the refused delivery confirms nothing either."""
+    ingest = Ingest(store, source="betfair")
+    ingest.rejected_messages_redelivered = True
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    await ingest.flush()
+    ingest.take_lost()
+    session = ingest.session
+    ingest.feed_lines([b'{"op":"mcm","pt":"x"}'], NOW + 30_000)
+    await ingest.flush()
+    assert ingest.session == session and ingest.take_lost() is False
+    assert ingest.published_health().last_message_at == NOW + 5
+
+
+async def test_a_message_of_a_type_we_do_not_know_loses_nothing(store: Store) -> None:
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    session = ingest.session
+    ingest.feed_lines([b'{"op":"gossip","id":3}'], NOW + 10)
+    await ingest.flush()
+    assert ingest.session == session
+
+
 # --- honest confirmation -----------------------------------------------------------------------
 
 

@@ -132,6 +132,9 @@ class Source(Protocol):
     #: True: every delivery vouches for all the source's markets once stored
     #: (a stream with heartbeats); False: the source calls :meth:`Sink.confirm`
     confirms_by_messages: bool
+    # (optional) rejected_messages_redelivered: bool — True when the provider delivers a message
+    # rejected whole again (a webhook answered 422), so its rejection loses no change; default
+    # False: the pipeline asks for a fresh image and stops confirming (feed.ingest.Ingest._rejected_whole)
     #: how long the source's data stays fresh without news, ms (None: the
     #: service default for in-play markets)
     stale_after_ms: int | None

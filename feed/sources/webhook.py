@@ -378,6 +378,8 @@ class WebhookSource:
     """
 
     confirms_by_messages = True
+    #: a delivery rejected whole is answered 422 and sent again by the provider: nothing is lost
+    rejected_messages_redelivered = True
 
     def __init__(self, name: str, options: WebhookOptions) -> None:
         self.name = name
