@@ -90,3 +90,30 @@ async def test_a_restarted_provider_counting_from_zero_is_no_gap() -> None:
                  snapshot_url="http://127.0.0.1:9/never-called")
     await asyncio.wait_for(c.run(), 5)
     assert c.seqs() == [50, 51, 3, 4] and c.resyncs == 0
+
+
+async def test_repair_snapshots_are_paced_when_a_market_keeps_being_rejected() -> None:
+    """Every batch of a market that stays invalid asks for a repair: before, each one cost a
+    REST snapshot (40 messages, 40 GETs — and a provider 429 on it became a reconnect loop).
+    Now the first goes at once and the next wait 1, 2, 4 … s."""
+    import httpx
+
+    gets: list[float] = []
+
+    def snapshot(request: httpx.Request) -> httpx.Response:
+        gets.append(asyncio.get_running_loop().time())
+        return httpx.Response(200, content=_m("snapshot", len(gets), markets=[]))
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(snapshot))
+    c = Scripted([[_m("connected")] + [_m("ping") for _ in range(40)]], snapshot_url="http://snapshot/", http=http)
+    deliver = c._on_messages
+
+    async def on_messages(lines: list[bytes], recv_ms: int) -> None:
+        await deliver(lines, recv_ms)
+        c.request_repair()  # every delivery: a market of it was rejected
+    c._on_messages = on_messages
+    try:
+        await asyncio.wait_for(c.run(), 10)
+    finally:
+        await http.aclose()
+    assert 1 <= len(gets) <= 2, f"{len(gets)} snapshots for 41 batches in {c.resyncs} resyncs"

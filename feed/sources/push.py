@@ -61,7 +61,7 @@ from feed.aio import raise_if_cancelled
 from feed.errors import FatalSourceError
 from feed.normalise.push import entry_key
 from feed.redaction import register_secret
-from feed.sources.backoff import Backoff
+from feed.sources.backoff import Backoff, RepairPacer
 from feed.sources.base import ClientSource, Sink
 from feed.sources.session import HealthCallback, SessionClient
 from feed.sources.spec import SourceSpec
@@ -197,6 +197,8 @@ class PushClient(SessionClient):
         self.reordered = 0
         self.resyncs = 0
         self._repair = False
+        #: spaces repair snapshots (a market that stays invalid must not cost a snapshot per batch)
+        self._repair_pacer = RepairPacer(first_s=1.0, max_s=30.0)
         self.reconnects = 0
         self.retry_ms: int | None = None  # an SSE server's reconnection hint
 
@@ -320,8 +322,10 @@ class PushClient(SessionClient):
                     if not delivered:
                         delivered = True
                         self._backoff.reset()
-                    if self._repair and self.snapshot_url is not None and self._gap_since is None:
+                    if (self._repair and self.snapshot_url is not None and self._gap_since is None
+                            and self._repair_pacer.due(now)):
                         self._repair = False  # a market's change was rejected: the snapshot re-images it
+                        self._repair_pacer.take(now)  # (the first at once, then 1, 2, 4 … 30 s apart)
                         await self._resync()
                         last_rx = loop.time()
                         continue
@@ -434,7 +438,8 @@ class PushClient(SessionClient):
             self._cursor = entry
 
     def request_repair(self) -> None:
-        """Ask for a REST snapshot after the current batch: the caller rejected
+        """Ask for a REST snapshot after the current batch (paced: the first at
+        once, then 1, 2, 4 … 30 s apart while more are asked for): the caller rejected
         a market's change, and only a fresh image can repair it (no-op
         without a snapshot URL: the market then stays stale until the
         stream re-images it)."""
