@@ -200,7 +200,8 @@ class Linker:
             return None
 
     async def run(self) -> None:
-        """Step until :meth:`stop`; Redis failures are logged and retried."""
+        """Step until :meth:`stop`; Redis failures (and any other error of a step) are logged
+        and retried every ``interval_s``: never raises."""
         while not self._stop.is_set():
             try:
                 await self.step()
@@ -209,6 +210,9 @@ class Linker:
                 if self.last_error != str(exc):
                     logger.warning("linker: %s; retrying", exc)
                 self.last_error = str(exc)
+            except Exception as exc:  # a bug (or a provider's record nobody foresaw) must not end the ingest
+                logger.exception("linker: a step failed; retrying")
+                self.last_error = f"internal error: {type(exc).__name__}: {exc}"
             await wait_event(self._stop, self.interval_s)
 
     async def step(self) -> bool:

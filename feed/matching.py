@@ -256,19 +256,33 @@ def participants(rec: EventRecord) -> tuple[str, str] | None:
     return a, b
 
 
+#: longest name (words) read as an abbreviation of another, and most steps of that search
+ABBREVIATION_MAX_WORDS = 12
+ABBREVIATION_MAX_STEPS = 5_000
+
+
 def _abbreviates(short: tuple[str, ...], long: tuple[str, ...]) -> bool:
     """Every word of ``short`` is a word of ``long``, a prefix of one, or the
     initials of consecutive ones, one word at least is whole or a prefix of
     three letters or more, and nothing of ``long`` is left over. Every way of
     reading the words is tried ("la" in ``LA Lakers`` / ``Los Angeles Lakers``
-    is a prefix of "lakers" but the initials of "los angeles")."""
-    if not short or len(short) > len(long):
+    is a prefix of "lakers" but the initials of "los angeles").
+
+    Bounded: names of more than ``ABBREVIATION_MAX_WORDS`` words are not read as
+    abbreviations, and the search gives up (False) after ``ABBREVIATION_MAX_STEPS``
+    steps — the ways of reading grow exponentially with the words, and a
+    provider's name ("Ab Ab Ab …") must not hold the ingest's event loop."""
+    if not short or len(short) > len(long) or len(long) > ABBREVIATION_MAX_WORDS:
         return False
     used = [False] * len(long)
+    budget = [ABBREVIATION_MAX_STEPS]
 
     def fit(i: int, strong: bool) -> bool:
         if i == len(short):
             return strong and all(used)
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
         s = short[i]
         for j, w in enumerate(long):  # the same word or a prefix
             if not used[j] and w.startswith(s):

@@ -153,3 +153,34 @@ def test_lone_records_are_looked_at_again() -> None:
                  {"bf:1": Link("ev:bf:1", 1.0, "self"), "toa:2": Link("ev:toa:2", 1.0, "self")})
     assert lone.relink_alone() == 1
     assert lone.event_of("toa:2") == "ev:bf:1" and "ev:toa:2" not in lone.events
+
+
+def test_hostile_event_names_cannot_hold_the_ingest() -> None:
+    """Reading one name as an abbreviation of another tries every way of reading its words —
+    exponential in them: "Ab Ab … v X" against "Abc Abc … Zz v X" took 19 s at 10 words and
+    raised RecursionError at 1,200 (which ended the ingest through the linker). Bounded now; the
+    10 s here only catches a hang, it is not a speed target."""
+    import time
+
+    from feed.matching import name_similarity, team_name
+
+    t0 = time.monotonic()
+    for n in (10, 12, 14, 1200):
+        assert 0.0 <= name_similarity(team_name("Ab " * n), team_name("Abc " * n + "Zz")) <= 1.0
+    assert time.monotonic() - t0 < 10
+
+
+async def test_a_failing_linker_step_is_logged_and_retried_not_raised(store: Store, caplog) -> None:
+    linker = Linker(store, interval_s=0.01)
+    calls = 0
+
+    async def step() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RecursionError("maximum recursion depth exceeded")
+        linker.stop()
+        return False
+    linker.step = step  # type: ignore[method-assign]
+    await linker.run()
+    assert calls == 2 and "a step failed" in caplog.text
