@@ -337,3 +337,17 @@ def test_cli_takes_several_sources() -> None:
         build_parser().parse_args(["run", "--source", "ftp=nope"])
     args = build_parser().parse_args(["simulate", "--providers", "--providers-port", "0"])
     assert args.providers and args.providers_port == 0
+
+
+async def test_a_header_httpx_cannot_send_is_a_transport_failure_not_a_crash() -> None:
+    """A provider's non-ASCII ETag, sent back as If-None-Match, raised UnicodeEncodeError out of
+    the poll: the source crashed on every second poll (found by the ingest audit)."""
+    import httpx
+
+    http = ProviderHttp("http://provider.test", provider="theoddsapi",
+                        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"{}")))
+    try:
+        with pytest.raises(TransportFailure):
+            await http.get("/odds", headers={"If-None-Match": '"\u00e9t\u00e9"'})
+    finally:
+        await http.aclose()

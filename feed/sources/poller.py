@@ -331,6 +331,10 @@ class ProviderHttp:
             code = "connect" if isinstance(exc, httpx.ConnectError) else "reset"
             raise TransportFailure(f"{self.provider} {path}: {type(exc).__name__}: {self.redact(str(exc))[:200]}",
                                    code, provider=self.provider, path=path) from None
+        except (UnicodeError, ValueError) as exc:  # a header or URL httpx cannot encode (a provider's value)
+            self.stats["transport_error"] += 1
+            raise TransportFailure(f"{self.provider} {path}: request not sendable: {type(exc).__name__}",
+                                   "bad_request", provider=self.provider, path=path) from None
         self.stats[f"status_{resp.status_code}"] += 1
         return HttpResult(resp.status_code, resp.headers, body, self._clock_ms(), (time.perf_counter() - t0) * 1000)
 
@@ -808,7 +812,7 @@ class TheOddsApiSource(PollerSource):
             self.not_modified += res.status == 304
             return
         etag = res.headers.get("etag")
-        if etag and self.conditional:
+        if etag and self.conditional and etag.isascii():  # (httpx cannot send a non-ASCII one back)
             self.etags[key] = etag
         got = await self.ingest_body(res.body, res.recv_ms, key)
         if got.rejected_messages or got.rejected_parts:
@@ -837,7 +841,7 @@ class TheOddsApiSource(PollerSource):
             self.odds_confirmed(key, res.asked_ms)
             return
         etag = res.headers.get("etag")
-        if etag and self.conditional:
+        if etag and self.conditional and etag.isascii():  # (httpx cannot send a non-ASCII one back)
             self.etags[key] = etag
         got = await self.ingest_body(res.body, res.recv_ms, key)
         self._want_scores(got.requests)
