@@ -638,8 +638,12 @@ class Store:
         return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets)
 
     async def reset_epoch(self) -> str:
-        """After EpochChanged: adopt the epoch now in Redis (creating one)."""
-        return await self.ensure_epoch()
+        """After EpochChanged: adopt the epoch now in Redis (creating one). Raises
+        StoreError when Redis fails meanwhile (it may be restarting empty)."""
+        try:
+            return await self.ensure_epoch()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis failed while adopting the new epoch: {exc}") from None
 
     async def set_health(self, health: SourceHealth) -> None:
         """Persist one source's health (and register the source)."""

@@ -316,6 +316,38 @@ async def test_redis_back_empty_gets_every_market_reimaged(own_store: Store) -> 
     assert all(kind == "image" for ss in seqs.values() for _, kind in ss)
 
 
+async def test_redis_failing_while_the_ingest_adopts_a_new_epoch_keeps_the_backlog(store: Store,
+                                                                                  monkeypatch) -> None:
+    """Redis restarted empty and still resetting connections: adopting its new epoch failed with
+    a bare redis error that escaped the flush (the source crashed and its backlog was dropped,
+    or the health publisher never reported store_unavailable). Now it is a store failure like
+    any other: the backlog waits, and the next flush writes it (found by the ingest audit)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from feed.store import EpochChanged
+
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    real_apply, real_set = store.apply, store.redis.set
+
+    async def epoch_gone(*args, **kwargs):
+        raise EpochChanged("store epoch changed")
+
+    async def refused(*args, **kwargs):
+        raise RedisConnectionError("Connection reset by peer")
+    monkeypatch.setattr(store, "apply", epoch_gone)
+    monkeypatch.setattr(store.redis, "set", refused)
+    assert await ingest.flush() == []
+    assert not ingest.store_ok and ingest.backlog
+    monkeypatch.setattr(store, "apply", real_apply)
+    monkeypatch.setattr(store.redis, "set", real_set)
+    ingest._retry_at = 0.0  # (skip the backoff wait)
+    stored = await ingest.flush()
+    assert [d.market_id for d in stored] == ["bf:1.1"] and ingest.store_ok
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.0
+
+
 async def test_health_publisher_drains_the_backlog_of_a_quiet_source(own_redis: EmbeddedRedis, own_store: Store) -> None:
     store = own_store
     ingest = Ingest(store, source="betfair")
