@@ -169,6 +169,8 @@ class Ingest:
         #: markets dropped from the store by :meth:`prune_closed`
         self.pruned = 0
         self._pending: list[MarketUpdate] = []
+        #: (n, session): the first n pending updates came in ``session`` (a new one began after them)
+        self._pending_sessions: list[tuple[int, str | None]] = []
         #: event states waiting for the store: the latest per event (each a whole state, versioned)
         self._states_pending: dict[str, EventState] = {}
         self._states_stored: list[EventState] = []  # since the last take_stored_states() (feed lag)
@@ -242,7 +244,10 @@ class Ingest:
     def new_session(self) -> str:
         """Start a new upstream session (a full image of the subscription
         follows): markets not imaged from now on are no longer confirmed by
-        the source's heartbeats."""
+        the source's heartbeats. Updates fed before, still waiting for the
+        flush, keep the session they came in (they do not vouch for the new one)."""
+        if self._pending:
+            self._pending_sessions.append((len(self._pending), self.session))
         self._set_session(new_session_id())
         return self.session
 
@@ -341,15 +346,16 @@ class Ingest:
         delivers it again (:attr:`rejected_messages_redelivered`: a webhook answered 422) or
         it is a message type we do not know (``unknown_type``: nothing of ours in it) — a
         change of unknown markets may be lost with it: the source asks for a fresh image
-        (:meth:`take_lost`), and a stream's heartbeats stop confirming its markets until
-        that image (a new session), so none reads fresh at a price that may be behind."""
+        (:meth:`take_lost`), and a stream's markets are all unconfirmed until that image
+        re-images each (as a market whose change was rejected alone is), so none reads
+        fresh at a price that may be behind."""
         self.rejected_messages += 1
         out.rejected_messages += 1
         self._reject(exc)
         if exc.market_id is None and exc.reason != "unknown_type" and not self.rejected_messages_redelivered:
             self.lost_changes += 1
-            if self.confirm_by_messages:
-                self.new_session()
+            if self.confirm_by_messages:  # every market waits for an image (a later delta does not vouch)
+                self._unconfirm.update(self.book.markets)
 
     def _feed_states(self, states: list[EventState], raw: bytes, recv_ms: int, out: Delivered) -> None:
         """Validate, order and version a message's event states into the
@@ -460,18 +466,23 @@ class Ingest:
         is failing: they wait in the backlog). On EpochChanged (Redis lost
         its data) re-sends every market as an image under the new epoch."""
         updates, self._pending = self._pending, []
+        marks, self._pending_sessions = self._pending_sessions, []
         fed_at = self._fed_at
         stored_at = self.clock_ms()
         book = self.book
         session = self.session
         unconfirm = self._unconfirm
         new: list[Delta] = []
-        for u in updates:
-            d = book.apply(u, stored_at, session)
-            if d is not None:
-                new.append(d)
-            elif book.last_drop == "out_of_order":
-                unconfirm.add(u.market_id)
+        start = 0
+        for n, batch_session in [*marks, (len(updates), session)]:
+            # (marks: a new upstream session began after the first n updates: those keep theirs)
+            for u in updates[start:n] if marks else updates:
+                d = book.apply(u, stored_at, batch_session)
+                if d is not None:
+                    new.append(d)
+                elif book.last_drop == "out_of_order":
+                    unconfirm.add(u.market_id)
+            start = n
         if unconfirm:
             for mid in unconfirm:
                 d = book.unconfirm(mid, stored_at)

@@ -113,12 +113,14 @@ async def test_a_line_rejected_whole_leaves_no_market_confirmed_at_a_price_it_ma
     await ingest.flush()
     assert ingest.take_lost() is False
     ingest.feed_lines([bad], NOW + 10)
-    ingest.feed_lines([line(pt=NOW + 20, ct="HEARTBEAT", clk="AAC")], NOW + 20)
+    # a later valid change of the other runner must not vouch for the market either
+    ingest.feed_lines([line({"id": "1.1", "rc": [{"id": 2, "atb": [[4.1, 3]]}]}, pt=NOW + 15, clk="AAC")], NOW + 15)
+    ingest.feed_lines([line(pt=NOW + 20, ct="HEARTBEAT", clk="AAD")], NOW + 20)
     await ingest.flush()
     assert ingest.take_lost() is True  # the source re-images (ESA: a fresh subscription)
     m = await store.get_market("bf:1.1")
     assert m is not None and best_back(m) == 2.0
-    assert m.session != ingest.session
+    assert m.session is None
     # a minute of heartbeats later
     h = msgspec.structs.replace(ingest.published_health(), state="UP", last_message_at=NOW + 60_000,
                                 updated_at=NOW + 60_000)
@@ -142,6 +144,25 @@ async def test_a_webhook_delivery_rejected_whole_vouches_for_nothing_and_loses_n
     await ingest.flush()
     assert ingest.session == session and ingest.take_lost() is False
     assert ingest.published_health().last_message_at == NOW + 5
+
+
+async def test_updates_fed_before_a_new_upstream_image_do_not_take_its_session(store: Store) -> None:
+    """One delivery: a change of 1.2, then a fresh image of the subscription without 1.2 (the
+    upstream dropped it). 1.2's change came in the old session; stamped with the new one at the
+    flush, it read as confirmed by the new upstream (found by the ingest audit)."""
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([line({"id": "1.1", "img": True, "marketDefinition": definition(),
+                             "rc": [{"id": 1, "atb": [[2.0, 10]]}]},
+                            {"id": "1.2", "img": True, "marketDefinition": definition(),
+                             "rc": [{"id": 1, "atb": [[3.0, 10]]}]}, pt=NOW, ct="SUB_IMAGE")], NOW + 5)
+    await ingest.flush()
+    old = ingest.session
+    ingest.feed_lines([price("1.2", 3.2, pt=NOW + 10), image("1.1", 2.1, pt=NOW + 20)], NOW + 20)
+    await ingest.flush()
+    assert ingest.session != old
+    m11, m12 = await store.get_market("bf:1.1"), await store.get_market("bf:1.2")
+    assert m11 is not None and m11.session == ingest.session
+    assert m12 is not None and best_back(m12) == 3.2 and m12.session == old
 
 
 async def test_a_message_of_a_type_we_do_not_know_loses_nothing(store: Store) -> None:
