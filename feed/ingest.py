@@ -667,8 +667,16 @@ class Ingest:
         ``settled_retention_ms`` ago: from the book, then from the store (each
         only at the seq the book last wrote: a change since wins). Skipped while
         the store is unreachable or changes wait for it (they might touch those
-        markets). Returns how many the store dropped. Raises RedisError."""
-        if self.settled_retention_ms <= 0 or self.backlog or self._pending or not self.store_ok:
+        markets). Returns how many the store dropped. Raises RedisError.
+        Runs under the flush lock: a flush in flight (its Store.apply reads
+        ``book.markets`` between partitions) never sees a market vanish."""
+        if self.settled_retention_ms <= 0:
+            return 0
+        async with self._flush_lock:
+            return await self._prune_closed()
+
+    async def _prune_closed(self) -> int:
+        if self.backlog or self._pending or not self.store_ok:
             return 0
         await self._prune_states()
         items = self.book.prune_closed(self.clock_ms(), self.settled_retention_ms)

@@ -717,3 +717,20 @@ def test_a_node_vouches_for_a_heartbeat_only_once_it_has_read_the_log_that_far()
     assert st.age_stale(st.markets[m.market_id], NOW) == (100, False)
     st.set_health([h], ["5-0", "5-0"])  # a reader at the head vouches at once
     assert st.age_stale(st.markets[m.market_id], NOW) == (100, False)
+
+
+async def test_pruning_waits_for_a_flush_in_flight(store: Store) -> None:
+    """A flush's Store.apply reads the book's markets between partitions; pruning a closed market
+    from the book meanwhile made it raise KeyError (found by the ingest audit). Pruning now takes
+    the flush lock."""
+    ingest = Ingest(store, source="betfair", settled_retention_ms=1_000, clock_ms=lambda: NOW + 60_000)
+    closed = line({"id": "1.9", "img": True, "marketDefinition": definition(status="CLOSED"),
+                   "rc": [{"id": 1, "atb": [[2.0, 10]]}]}, pt=NOW, ct="SUB_IMAGE")
+    ingest.feed_lines([closed], NOW + 5)
+    await ingest.flush()
+    async with ingest._flush_lock:  # a flush in flight
+        prune = asyncio.create_task(ingest.prune_closed())
+        await asyncio.sleep(0.05)
+        assert not prune.done() and "bf:1.9" in ingest.book.markets
+    assert await asyncio.wait_for(prune, 10) == 1
+    assert "bf:1.9" not in ingest.book.markets
