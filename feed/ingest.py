@@ -502,7 +502,6 @@ class Ingest:
         if self._store_error is not None and time.monotonic() < self._retry_at:
             return []  # backing off: the backlog waits
         try:
-            await self._flush_rejections()
             deltas = self._backlog
             # event states go after the markets; the cursor after both (it never runs ahead of the data
             # it covers), so with states to write the markets are applied without it
@@ -550,6 +549,13 @@ class Ingest:
             self._store_failed(exc)
             return []
         self._backlog = []
+        if self._rejections:  # after the prices: keeping a rejected message must never hold them back
+            try:
+                await self._flush_rejections()
+            except StoreError as exc:  # they wait for the next flush (bounded: QUARANTINE_QUEUE_MAX)
+                self.metrics.redis_error("quarantine")
+                logger.warning("source %s: quarantine write failed (%s); %d rejected messages wait", self.source,
+                               exc, len(self._rejections))
         if states_error is not None:
             self._store_failed(states_error)
         else:

@@ -734,3 +734,25 @@ async def test_pruning_waits_for_a_flush_in_flight(store: Store) -> None:
         assert not prune.done() and "bf:1.9" in ingest.book.markets
     assert await asyncio.wait_for(prune, 10) == 1
     assert "bf:1.9" not in ingest.book.markets
+
+
+async def test_a_failing_quarantine_write_never_holds_back_the_prices(store: Store, monkeypatch) -> None:
+    """The quarantine stream's write went first and its failure failed the whole flush: on a
+    Redis Cluster, losing the node that holds the quarantine key stopped every price write
+    (found by the ingest audit). Prices go first now; the rejected message waits."""
+    from feed.errors import StoreError
+
+    ingest = Ingest(store, source="betfair")
+    real = store.quarantine
+
+    async def refused(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("CLUSTERDOWN the quarantine's node is gone")
+    monkeypatch.setattr(store, "quarantine", refused)
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW), b'{"op":"mcm","pt":"x"}'], NOW + 5)
+    stored = await ingest.flush()
+    assert [d.market_id for d in stored] == ["bf:1.1"] and ingest.store_ok
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.0
+    monkeypatch.setattr(store, "quarantine", real)
+    await ingest.flush()
+    assert sum((await store.quarantine_counts()).get("betfair", {}).values()) == 1
