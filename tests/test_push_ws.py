@@ -117,3 +117,12 @@ async def test_repair_snapshots_are_paced_when_a_market_keeps_being_rejected() -
     finally:
         await http.aclose()
     assert 1 <= len(gets) <= 2, f"{len(gets)} snapshots for 41 batches in {c.resyncs} resyncs"
+
+
+async def test_a_servers_retry_hint_never_exceeds_our_longest_backoff() -> None:
+    """An SSE ``retry:`` of days made the reconnect wait days, health DOWN meanwhile (found by the
+    ingest audit); the hint counts up to backoff_max_s."""
+    c = Scripted([[_m("connected"), _m("odds", 1)], [_m("odds", 2)]])
+    c.retry_ms = 10**12
+    await asyncio.wait_for(c.run(), 10)
+    assert c.seqs() == [1, 2]

@@ -179,6 +179,7 @@ class PushClient(SessionClient):
         self._connect_timeout_s = connect_timeout_s
         self._snapshot_timeout_s = snapshot_timeout_s
         self._backoff = Backoff(initial_s=backoff_initial_s, max_s=backoff_max_s)
+        self._backoff_max_s = backoff_max_s
         self._clock_ms = clock_ms
         self._http = http
         self._own_http = http is None
@@ -273,8 +274,8 @@ class PushClient(SessionClient):
             raise_if_cancelled()  # a cancel may have been swallowed, or replaced by an error while closing
             self._set_health("DOWN", reason)
             delay = self._backoff.next_delay()
-            if self.retry_ms is not None:
-                delay = max(delay, self.retry_ms / 1000)
+            if self.retry_ms is not None:  # the server's hint, never beyond our own longest wait
+                delay = max(delay, min(self.retry_ms / 1000, self._backoff_max_s))
             logger.info("push %s: connection lost (%s); reconnecting in %.2f s", self.name, why, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
