@@ -123,6 +123,9 @@ SESSION_ERROR_CODES: frozenset[str] = frozenset({"NO_SESSION", "INVALID_SESSION_
 
 #: A line longer than this (bytes) is a protocol violation.
 MAX_LINE_BYTES = 256 << 20
+#: Longest segment held (bytes, SEG_START … SEG_END together); past it the segment is dropped
+#: (:class:`SegmentDropped` "too_large") — a server that never ends one must not grow memory.
+MAX_SEGMENT_BYTES = 512 << 20
 
 #: The server's heartbeat interval (ms) when the subscription asks for none.
 DEFAULT_HEARTBEAT_MS = 5000
@@ -434,6 +437,7 @@ class EsaProtocol:
         self._pending: list[bytes] = []  # pieces of an unterminated line
         self._pending_len = 0
         self._segment: list[bytes] | None = None
+        self._segment_bytes = 0
         self._segment_initial_clk: str | None = None
         self._events: list[Event] = []
         self._out: list[bytes] = []
@@ -664,7 +668,7 @@ class EsaProtocol:
         if env is None:
             # not JSON or not an object: the normaliser quarantines it
             if self._segment is not None:
-                self._segment.append(raw)
+                self._segment_append(raw)
             else:
                 self._deliver(raw, None, None)
             return
@@ -702,18 +706,30 @@ class EsaProtocol:
             self._drop_segment("restarted")
             self._events.append(SegmentStarted())
             self._segment = [raw]
+            self._segment_bytes = len(raw)
             self._segment_initial_clk = env.initial_clk
         elif self._segment is None:
             self._events.append(Ignored(op=env.op, reason=f"{seg_type} without SEG_START"))
         elif seg_type == "SEG_END":
-            self._segment.append(raw)
-            self._events.append(
-                MarketChanges(self._segment, env.initial_clk or self._segment_initial_clk, env.clk, self._epoch, True)
-            )
-            self._segment = None
-            self._segment_initial_clk = None
+            if self._segment_append(raw):
+                self._events.append(MarketChanges(self._segment, env.initial_clk or self._segment_initial_clk,
+                                                  env.clk, self._epoch, True))
+                self._segment = None
+                self._segment_initial_clk = None
         else:
-            self._segment.append(raw)
+            self._segment_append(raw)
+
+    def _segment_append(self, raw: bytes) -> bool:
+        """Hold one more line of the open segment; False when that took it past
+        ``MAX_SEGMENT_BYTES`` (then it is dropped: a SEG_START without its SEG_END
+        must not grow without bound)."""
+        assert self._segment is not None
+        self._segment.append(raw)
+        self._segment_bytes += len(raw)
+        if self._segment_bytes > MAX_SEGMENT_BYTES:
+            self._drop_segment("too_large")
+            return False
+        return True
 
     def _status(self, env: _Envelope) -> None:
         if env.status_code == "FAILURE":
