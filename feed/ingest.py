@@ -344,15 +344,17 @@ class Ingest:
     def _rejected_whole(self, exc: FeedDecodeError, out: Delivered) -> None:
         """A payload the normaliser rejected whole: quarantined, and — unless the provider
         delivers it again (:attr:`rejected_messages_redelivered`: a webhook answered 422) or
-        it is a message type we do not know (``unknown_type``: nothing of ours in it) — a
-        change of unknown markets may be lost with it: the source asks for a fresh image
+        it is a message type we do not know (``unknown_type``: nothing of ours in it), or the
+        source holds no market (a scores stream: each state is whole) — a change of unknown
+        markets may be lost with it: the source asks for a fresh image
         (:meth:`take_lost`), and a stream's markets are all unconfirmed until that image
         re-images each (as a market whose change was rejected alone is), so none reads
         fresh at a price that may be behind."""
         self.rejected_messages += 1
         out.rejected_messages += 1
         self._reject(exc)
-        if exc.market_id is None and exc.reason != "unknown_type" and not self.rejected_messages_redelivered:
+        if (exc.market_id is None and exc.reason != "unknown_type" and not self.rejected_messages_redelivered
+                and self.book.markets):  # (no market, no price to protect: a scores-only stream sends whole states)
             self.lost_changes += 1
             if self.confirm_by_messages:  # every market waits for an image (a later delta does not vouch)
                 self._unconfirm.update(self.book.markets)
