@@ -171,6 +171,9 @@ class Ingest:
         self._pending: list[MarketUpdate] = []
         #: (n, session): the first n pending updates came in ``session`` (a new one began after them)
         self._pending_sessions: list[tuple[int, str | None]] = []
+        #: a payload rejected whole came after the first n pending updates: at the flush every market
+        #: not imaged after it is unconfirmed (None: none came)
+        self._unconfirm_all_from: int | None = None
         #: event states waiting for the store: the latest per event (each a whole state, versioned)
         self._states_pending: dict[str, EventState] = {}
         self._states_stored: list[EventState] = []  # since the last take_stored_states() (feed lag)
@@ -192,6 +195,8 @@ class Ingest:
         self._store_down_since: float | None = None
         self._retry_at = 0.0
         self._store_backoff = Backoff(initial_s=0.2, factor=2.0, max_s=5.0)
+        self._quarantine_backoff = Backoff(initial_s=1.0, factor=2.0, max_s=30.0)
+        self._quarantine_retry_at = 0.0
         self.store_failures = 0
         self.compactions = 0
         #: market updates rejected alone (each leaves its market unconfirmed until re-imaged);
@@ -354,10 +359,12 @@ class Ingest:
         out.rejected_messages += 1
         self._reject(exc)
         if (exc.market_id is None and exc.reason != "unknown_type" and not self.rejected_messages_redelivered
-                and self.book.markets):  # (no market, no price to protect: a scores-only stream sends whole states)
+                and (self.book.markets or self._pending)):  # (no market, no price to protect: scores send whole states)
             self.lost_changes += 1
-            if self.confirm_by_messages:  # every market waits for an image (a later delta does not vouch)
-                self._unconfirm.update(self.book.markets)
+            if self.confirm_by_messages:
+                # every market waits for an image (a later delta does not vouch), except one re-imaged
+                # after this payload: the flush unconfirms the book from here (see _flush)
+                self._unconfirm_all_from = len(self._pending)
 
     def _feed_states(self, states: list[EventState], raw: bytes, recv_ms: int, out: Delivered) -> None:
         """Validate, order and version a message's event states into the
@@ -469,6 +476,7 @@ class Ingest:
         its data) re-sends every market as an image under the new epoch."""
         updates, self._pending = self._pending, []
         marks, self._pending_sessions = self._pending_sessions, []
+        unconfirm_all_from, self._unconfirm_all_from = self._unconfirm_all_from, None
         fed_at = self._fed_at
         stored_at = self.clock_ms()
         book = self.book
@@ -485,6 +493,9 @@ class Ingest:
                 elif book.last_drop == "out_of_order":
                     unconfirm.add(u.market_id)
             start = n
+        if unconfirm_all_from is not None:  # a payload rejected whole: only an image after it vouches
+            reimaged = {u.market_id for u in updates[unconfirm_all_from:] if u.image}
+            unconfirm.update(mid for mid in book.markets if mid not in reimaged)
         if unconfirm:
             for mid in unconfirm:
                 d = book.unconfirm(mid, stored_at)
@@ -551,13 +562,17 @@ class Ingest:
             self._store_failed(exc)
             return []
         self._backlog = []
-        if self._rejections:  # after the prices: keeping a rejected message must never hold them back
+        if self._rejections and time.monotonic() >= self._quarantine_retry_at:
+            # after the prices: keeping a rejected message must never hold them back
             try:
                 await self._flush_rejections()
-            except StoreError as exc:  # they wait for the next flush (bounded: QUARANTINE_QUEUE_MAX)
+                self._quarantine_backoff.reset()
+            except StoreError as exc:  # they wait (bounded: QUARANTINE_QUEUE_MAX), retried with backoff
+                delay = self._quarantine_backoff.next_delay()
+                self._quarantine_retry_at = time.monotonic() + delay
                 self.metrics.redis_error("quarantine")
-                logger.warning("source %s: quarantine write failed (%s); %d rejected messages wait", self.source,
-                               exc, len(self._rejections))
+                logger.warning("source %s: quarantine write failed (%s); %d rejected messages wait, retry in "
+                               "%.1f s", self.source, exc, len(self._rejections), delay)
         if states_error is not None:
             self._store_failed(states_error)
         else:

@@ -166,12 +166,50 @@ async def test_updates_fed_before_a_new_upstream_image_do_not_take_its_session(s
 
 
 async def test_a_message_of_a_type_we_do_not_know_loses_nothing(store: Store) -> None:
-    ingest = Ingest(store, source="betfair")
+    """``unknown_type`` (a message type the provider added, nothing of ours in it): quarantined,
+    no repair asked for, no market unconfirmed."""
+    from feed.errors import FeedDecodeError
+    from feed.normalise.betfair import BetfairNormaliser
+
+    class WithGossip(BetfairNormaliser):
+        def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> Any:
+            if raw.startswith(b'{"op":"gossip"'):
+                raise FeedDecodeError("unknown_type", "a message type we do not know", raw)
+            return super().feed(raw, recv_ms, channel)
+
+    ingest = Ingest(store, source="betfair", normaliser=WithGossip())
     ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
-    session = ingest.session
+    await ingest.flush()
+    ingest.take_lost()
     ingest.feed_lines([b'{"op":"gossip","id":3}'], NOW + 10)
     await ingest.flush()
-    assert ingest.session == session
+    assert ingest.take_lost() is False and ingest.rejected_messages == 1
+    m = await store.get_market("bf:1.1")
+    assert m is not None and m.session == ingest.session is not None
+
+
+async def test_a_line_rejected_whole_after_an_image_in_one_delivery_unconfirms_it(store: Store) -> None:
+    """Cold start, one delivery [image, bad line]: the book is still empty when the bad line is fed
+    (found in review: the rule looked at the book only) — the image's market must not be confirmed."""
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW), b'{"op":"mcm","pt":"x"}'], NOW + 5)
+    await ingest.flush()
+    assert ingest.take_lost() is True
+    m = await store.get_market("bf:1.1")
+    assert m is not None and m.session is None
+
+
+async def test_an_image_after_a_line_rejected_whole_in_one_delivery_still_vouches(store: Store) -> None:
+    """[bad line, image of 1.2] in one delivery: 1.1 waits for its image, 1.2 has it (found in review:
+    unconfirming the whole book at the flush threw away the image that came after the bad line)."""
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW), image("1.2", 3.0, pt=NOW)], NOW + 5)
+    await ingest.flush()
+    ingest.feed_lines([b'{"op":"mcm","pt":"x"}', image("1.2", 3.1, pt=NOW + 10, ct=None)], NOW + 10)
+    await ingest.flush()
+    m11, m12 = await store.get_market("bf:1.1"), await store.get_market("bf:1.2")
+    assert m11 is not None and m11.session is None
+    assert m12 is not None and best_back(m12) == 3.1 and m12.session == ingest.session
 
 
 # --- honest confirmation -----------------------------------------------------------------------
@@ -744,15 +782,22 @@ async def test_a_failing_quarantine_write_never_holds_back_the_prices(store: Sto
 
     ingest = Ingest(store, source="betfair")
     real = store.quarantine
+    calls = 0
 
     async def refused(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
         raise StoreError("CLUSTERDOWN the quarantine's node is gone")
     monkeypatch.setattr(store, "quarantine", refused)
-    ingest.feed_lines([image("1.1", 2.0, pt=NOW), b'{"op":"mcm","pt":"x"}'], NOW + 5)
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW), price("1.1", 1.001, pt=NOW + 1)], NOW + 5)  # one market rejected
     stored = await ingest.flush()
-    assert [d.market_id for d in stored] == ["bf:1.1"] and ingest.store_ok
+    assert {d.market_id for d in stored} == {"bf:1.1"} and ingest.store_ok and calls == 1
     m = await store.get_market("bf:1.1")
     assert m is not None and best_back(m) == 2.0
+    ingest.feed_lines([price("1.1", 2.2, pt=NOW + 10)], NOW + 10)
+    assert {d.market_id for d in await ingest.flush()} == {"bf:1.1"}
+    assert calls == 1  # backing off: the next flush does not wait on it again
     monkeypatch.setattr(store, "quarantine", real)
+    ingest._quarantine_retry_at = 0.0  # (skip the backoff wait)
     await ingest.flush()
     assert sum((await store.quarantine_counts()).get("betfair", {}).values()) == 1

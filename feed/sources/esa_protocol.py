@@ -720,15 +720,17 @@ class EsaProtocol:
             self._segment_append(raw)
 
     def _segment_append(self, raw: bytes) -> bool:
-        """Hold one more line of the open segment; False when that took it past
-        ``MAX_SEGMENT_BYTES`` (then it is dropped: a SEG_START without its SEG_END
-        must not grow without bound)."""
+        """Hold one more line of the open segment. Past ``MAX_SEGMENT_BYTES`` (a
+        SEG_START without its SEG_END must not grow without bound) the segment is
+        dropped and EsaFramingError raised, as for a line too long: its changes are
+        lost, so the connection ends (health DOWN: the markets read stale, not fresh)
+        and the client reconnects."""
         assert self._segment is not None
         self._segment.append(raw)
         self._segment_bytes += len(raw)
         if self._segment_bytes > MAX_SEGMENT_BYTES:
             self._drop_segment("too_large")
-            return False
+            raise EsaFramingError(f"segment longer than {MAX_SEGMENT_BYTES} bytes")
         return True
 
     def _status(self, env: _Envelope) -> None:

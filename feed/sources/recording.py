@@ -121,7 +121,10 @@ async def replay_recordings(store: Store, settings: Settings, paths: Iterable[st
         normaliser = kind_of(spec).load_normaliser()(spec, settings)
         payloads = [p for r in recs for p in r.payloads]
         source = RecordingSource(name, payloads, speed=speed)
-        pipeline = Pipeline(store, settings, name=name, kind=kind, normaliser=normaliser)
+        # (a webhook's recording keeps the live source's rule: a delivery rejected whole was answered
+        # 422 and delivered again — the recording holds the redelivery)
+        pipeline = Pipeline(store, settings, name=name, kind=kind, normaliser=normaliser,
+                            rejected_messages_redelivered=kind == "webhook")
         logger.info("replaying %d payloads of %s (%s) from %d file(s)", len(payloads), name, kind, len(recs))
         await pipeline.run(source)
         await pipeline.ingest.drain()
