@@ -1095,15 +1095,37 @@ class _RespProtocol(asyncio.Protocol):
         if waiter is None or waiter.done():
             return  # nothing awaited: the next arm() schedules again
         if self.loop.time() >= self.deadline:
-            waiter.set_exception(TimeoutError("no reply from redis within the deadline"))
+            self._expired(waiter)
         else:
             self.timer_at = self.deadline
             self.timer = self.loop.call_at(self.deadline, self._on_timer)
+
+    def _expired(self, waiter: "asyncio.Future[None]") -> None:
+        """The deadline passed with ``waiter`` still waiting."""
+        waiter.set_exception(TimeoutError("no reply from redis within the deadline"))
 
     def disarm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    async def wait_reply(self) -> None:
+        """Until a reply is held (raises the connection's loss, or what the deadline sets)."""
+        while not self.replies:
+            if self.lost is not None:
+                raise self.lost
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    def pop_reply(self) -> Any:
+        """The oldest held reply; an error reply raises ``ResponseError``."""
+        reply = self.replies.popleft()
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        return reply
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -1196,18 +1218,8 @@ class RespConnection:
                 proto.disarm()  # a timer left from an earlier read must not end this wait
             else:
                 proto.arm(proto.loop.time() + timeout_s)
-            while not proto.replies:
-                if proto.lost is not None:
-                    raise proto.lost
-                proto.waiter = proto.loop.create_future()
-                try:
-                    await proto.waiter
-                finally:
-                    proto.waiter = None
-        reply = proto.replies.popleft()
-        if isinstance(reply, hiredis.ReplyError):
-            raise ResponseError(str(reply))
-        return reply
+            await proto.wait_reply()
+        return proto.pop_reply()
 
     async def disconnect(self, nowait: bool = False) -> None:
         transport, proto = self._transport, self._proto
@@ -1252,7 +1264,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(n or 0)
 
 
-class LogPush(asyncio.Protocol):
+class LogPush(_RespProtocol):
     """The subscriber side of one partition's pushed log: ``SUBSCRIBE`` to the channel the
     apply script PUBLISHes every new entry on (``"<epoch> <previous id> <id> <deltas JSON>"``,
     see ``APPLY_SCRIPT``), on a connection of its own, messages parsed by ``hiredis.Reader``
@@ -1264,7 +1276,7 @@ class LogPush(asyncio.Protocol):
     message lost or a connection dropped, the store reset, the buffer overflowing) is a gap:
     the buffer is cleared and the caller reads the log itself (XREAD), which holds every
     entry. Nothing is waited on but the next message: the deadline of :meth:`wait` is kept by
-    one lazy timer, as in :class:`_RespProtocol`.
+    the lazy timer of :class:`_RespProtocol` (its expiry wakes the waiter instead of failing it).
     """
 
     #: entries / bytes held before the buffer is dropped as a gap (the reader then reads the log)
@@ -1272,20 +1284,13 @@ class LogPush(asyncio.Protocol):
     MAX_BYTES = 16 << 20
 
     def __init__(self, loop: asyncio.AbstractEventLoop, channel: bytes) -> None:
-        self.loop = loop
+        super().__init__(loop)
         self.channel = channel
-        self.reader = hiredis.Reader()
         self.entries: collections.deque[bytes] = collections.deque()
         self.nbytes = 0  # of the entries held
-        self.replies: collections.deque[Any] = collections.deque()  # AUTH / SUBSCRIBE replies
         self.transport: asyncio.Transport | None = None
         self.live = False  # subscribed, and the connection is up
         self.overflow = False
-        self.lost: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -1298,10 +1303,9 @@ class LogPush(asyncio.Protocol):
             if type(msg) is list and len(msg) == 3 and msg[0] == b"message":
                 entries.append(msg[2])
                 self.nbytes += len(msg[2])
-            elif type(msg) is list and msg and msg[0] == b"subscribe":
-                self.live = True
-                self.replies.append(msg)
-            else:
+            else:  # AUTH / SUBSCRIBE replies
+                if type(msg) is list and msg and msg[0] == b"subscribe":
+                    self.live = True
                 self.replies.append(msg)
         if len(entries) > self.MAX_ENTRIES or self.nbytes > self.MAX_BYTES:
             entries.clear()
@@ -1321,29 +1325,8 @@ class LogPush(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def arm(self, deadline: float) -> None:
-        self.deadline = deadline
-        if self.timer is None or self.timer_at > deadline:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer_at = deadline
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        waiter = self.waiter
-        if waiter is None or waiter.done():
-            return
-        if self.loop.time() >= self.deadline:
-            waiter.set_result(None)
-        else:
-            self.timer_at = self.deadline
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
-
-    def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _expired(self, waiter: "asyncio.Future[None]") -> None:
+        waiter.set_result(None)  # nothing pushed within the wait: the reader reads the log
 
     async def wait(self, timeout_s: float) -> None:
         """Until a message arrives, the connection is lost or ``timeout_s`` s pass."""
@@ -1358,18 +1341,8 @@ class LogPush(asyncio.Protocol):
 
     async def _reply(self, timeout_s: float) -> Any:
         async with asyncio.timeout(timeout_s):
-            while not self.replies:
-                if self.lost is not None:
-                    raise self.lost
-                self.waiter = self.loop.create_future()
-                try:
-                    await self.waiter
-                finally:
-                    self.waiter = None
-        reply = self.replies.popleft()
-        if isinstance(reply, hiredis.ReplyError):
-            raise ResponseError(str(reply))
-        return reply
+            await self.wait_reply()
+        return self.pop_reply()
 
     def take(self, epoch: bytes, after: str, count: int) -> list[tuple[str, bytes]] | None:
         """The held entries that continue the chain from position ``after`` in ``epoch``
