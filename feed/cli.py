@@ -864,7 +864,9 @@ def setup_logging(verbose: bool, stream: Any = None, log_format: str = "text") -
 
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        from feed.logjson import TextFormatter
+
+        handler.setFormatter(TextFormatter())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("feed.ingest").setLevel(logging.WARNING if not verbose else logging.DEBUG)

@@ -95,3 +95,23 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             out["stack"] = redact(self.formatStack(record.stack_info))
         return json.dumps(out, ensure_ascii=False, default=str)
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in range(32) if c not in (9,)}
+_CONTROLS.update({10: "\\n", 13: "\\r", 127: "\\x7f"})
+
+
+class TextFormatter(logging.Formatter):
+    """The text log line (``--log-format text``): ``asctime level logger: message``, one record
+    per line — control characters in the message (a client's ``%0a`` in a logged path, a
+    provider's bytes) are escaped (``\\n``, ``\\r``, ``\\x00`` …), so no input can forge a line.
+    A traceback still follows on its own lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if not message.isprintable():
+            record.message = message.translate(_CONTROLS)
+        return super().formatMessage(record)

@@ -90,6 +90,7 @@ import asyncio
 import functools
 import http
 import logging
+import re
 import socket
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -103,6 +104,9 @@ __all__ = ["DISCARD_MAX_BYTES", "FINAL_GRACE_S", "Guard", "HTTP_DETACH", "HTTP_F
            "MAX_HEADER_BYTES", "MAX_HEADER_LINE", "install", "stream_ws"]
 
 logger = logging.getLogger(__name__)
+
+#: an ``Upgrade: h2c`` header line (the CRLF before it included), ignored — see data_received
+_H2C_UPGRADE = re.compile(rb"\r\nupgrade:[ \t]*h2c[ \t]*(?=\r\n)", re.IGNORECASE)
 
 HTTP_FINAL = "oddsfeed.http.final"
 HTTP_DETACH = "oddsfeed.http.detach"
@@ -364,6 +368,11 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             if self._discarding:
                 self._discard(len(data))
                 return
+            if self._in_head and b"pgrade" in data and (m := _H2C_UPGRADE.search(data)) is not None:
+                # an HTTP/2 cleartext upgrade offer (curl --http2, Java clients): RFC 9113 §3.1 lets
+                # a server ignore it and answer in HTTP/1.1 — and must, here: the parser would take
+                # the request's body for the new protocol's bytes, and uvicorn drops them
+                data = data[:m.start()] + data[m.end():]
             self._partial = True  # part of a request has arrived since the timer was armed
             if not self._limit_head:
                 super().data_received(data)

@@ -127,3 +127,23 @@ async def test_push_sources_and_the_client_never_log_secrets_at_debug(store: Sto
     assert "websockets.client" in text and "X-Api-Key: " + REDACTED in text, \
         "DEBUG logging did not run (the test would prove nothing)"
     assert SIM  # the simulator settings the harness uses
+
+
+def test_no_input_can_forge_a_text_log_line() -> None:
+    """A refused request's path was logged raw: ``%0a`` in it wrote a line of the attacker's
+    choosing (found by probing the API without credentials). Control characters in a message
+    are escaped now; a traceback still gets its own lines."""
+    from streaming.auth import AuthError, AuthMiddleware
+
+    with cli_logging_at_debug() as (buf, _):
+        AuthMiddleware.deny(AuthError("no credential"), "GET",
+                           "/v1/markets/x\n2026-12-05 09:00:00,000 ERROR feed.store: FORGED\r\x00", "1.2.3.4")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("t").exception("failed on %s", "a\nb")
+    lines = buf.getvalue().splitlines()
+    forged = [ln for ln in lines if "FORGED" in ln]
+    assert len(forged) == 1 and forged[0].split(" ", 3)[2] == "INFO"  # one line, the real record's
+    assert "x\\n2026" in forged[0] and "\\r\\x00" in forged[0]
+    assert any(ln.endswith("failed on a\\nb") for ln in lines) and "Traceback (most recent call last):" in lines

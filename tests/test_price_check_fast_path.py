@@ -235,3 +235,21 @@ async def test_a_fast_path_body_that_never_comes_gets_the_endpoints_408(redis_ur
         finally:
             writer.close()
         assert route.requests == 0  # never answered as a check
+
+
+async def test_an_h2c_upgrade_offer_is_ignored_and_the_body_still_read(store: Store, redis_url: str) -> None:
+    """curl --http2 and Java HTTP clients offer ``Upgrade: h2c`` on a plain-HTTP POST. The parser
+    took the body for the new protocol's bytes and uvicorn dropped them: a valid price check got
+    422 "body is not valid JSON (truncated)" (found by probing the API; uvicorn #2722). The offer
+    is ignored now (RFC 9113 §3.1 allows it) and the check answered in HTTP/1.1."""
+    await Feed(store).write(_image("bf:1.1"))
+    app = make_app(redis_url)
+    body = msgspec.json.encode(CHECK)
+    offer = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    async with serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        for path in (b"/v1/price-check", b"/v1/price%2Dcheck"):  # the fast path and the ASGI path
+            got, _ = await _exchange(host, int(port), _post(path, body, extra=offer))
+            (head, answer), = got
+            assert head.startswith(b"HTTP/1.1 200"), (head, answer)
+            assert msgspec.json.decode(answer)["reason"] == "OK"
