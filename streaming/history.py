@@ -39,6 +39,7 @@ from feed.errors import StoreError
 from feed.history import Top, decode_tops
 from feed.models import Market
 from feed.settings import Settings
+from feed.validate import MAX_TIME_MS
 from streaming.responses import json_error, json_response, node_of
 from streaming.state import FilterError, now_ms
 from streaming.tenants import grant_of
@@ -130,17 +131,24 @@ class PriceAt(msgspec.Struct, kw_only=True):
 
 
 
-def _int_param(q: object, name: str, *, default: int | None = None, minimum: int = 0) -> int | None:
+def _int_param(q: object, name: str, *, default: int | None = None, minimum: int = 0,
+               maximum: int = MAX_TIME_MS) -> int | None:
+    """An integer query parameter in [minimum, maximum] (times: ms since the Unix epoch, before
+    2100, as every provider time); raises FilterError saying what to fix."""
     raw = q.get(name)  # type: ignore[attr-defined]
     if raw is None or raw == "":
         return default
     try:
+        if not raw.isascii():
+            raise ValueError
         v = int(raw)
     except ValueError:
         raise FilterError(f"{name} must be an integer (ms{' since the Unix epoch, UTC' if name != 'resolution' else ''}), "
                        f"not {raw[:40]!r}") from None
     if v < minimum:
         raise FilterError(f"{name} must be ≥ {minimum}, not {v}")
+    if v > maximum:
+        raise FilterError(f"{name} must be ≤ {maximum} (ms since the Unix epoch: before 2100), not {str(v)[:40]}")
     return v
 
 
