@@ -30,9 +30,10 @@ hand-written fallback) verifies with these rules:
 
 Refusals: HTTP ``401 {"error":"unauthorized","message":…}`` (the message
 says what is wrong: missing, unknown key, expired, bad signature …, never
-echoing the credential); WebSocket: a close with 1008 before the upgrade,
-which uvicorn turns into a refused handshake (HTTP 403). No token, however
-malformed, causes a 500. Credentials are never logged.
+echoing the credential); a WebSocket handshake gets the same HTTP answer (401
+with its JSON body; where the server lacks the ASGI ``websocket.http.response``
+extension, a close with 1008 before the upgrade, i.e. an empty 403). No token,
+however malformed, causes a 500. Credentials are never logged.
 
 Tenants (:mod:`streaming.tenants`): a credential that passes is given a
 :class:`~streaming.tenants.Grant` — what its tenant may do (scopes ``read``,
@@ -221,11 +222,9 @@ class AuthMiddleware:
                 client = scope.get("client")
                 status, headers, body = self.deny(exc, scope.get("method", "WS"), scope["path"],
                                                   client[0] if client else None)
-                if scope["type"] == "websocket":
-                    if status == 403:
-                        await deny_websocket(scope, send, 403, "forbidden", str(exc))
-                    else:
-                        await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
+                if scope["type"] == "websocket":  # the same answer as HTTP: 401/403 + a JSON body
+                    await deny_websocket(scope, send, status, "forbidden" if status == 403 else "unauthorized",
+                                         str(exc), [h for h in headers if h[0] == b"www-authenticate"])
                     return
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})

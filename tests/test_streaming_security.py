@@ -139,7 +139,9 @@ async def test_hostile_jwts_get_401_and_ws_refusal_never_500(store: Store, redis
             with pytest.raises(InvalidStatus) as info:
                 async with connect(ws, additional_headers={"Authorization": f"Bearer {token}"}):
                     pass
-            assert info.value.response.status_code == 403, what
+            # the handshake gets the HTTP answer, with its body (it was an empty 403: API probe)
+            assert info.value.response.status_code == 401, what
+            assert json.loads(info.value.response.body)["error"] == "unauthorized", what
 
 
 async def test_jwt_and_api_keys_guard_v1(store: Store, redis_url: str) -> None:
@@ -173,7 +175,8 @@ async def test_jwt_and_api_keys_guard_v1(store: Store, redis_url: str) -> None:
         with pytest.raises(InvalidStatus) as info:
             async with connect(ws):
                 pass
-        assert info.value.response.status_code == 403
+        assert info.value.response.status_code == 401
+        assert "send an API key" in json.loads(info.value.response.body)["message"]
         async with connect(ws, additional_headers={"Authorization": f"Bearer {token}"}) as conn:
             await conn.send(json.dumps({"op": "ping", "id": 1}))
             assert json.loads(await conn.recv()) == {"type": "pong", "id": 1}
