@@ -95,6 +95,12 @@ _MESSAGES: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+#: what a claim of the wrong type must be, added to the refusal
+_CLAIM_HINTS = (("exp", "; exp must be a number of seconds"), ("nbf", "; nbf must be a number of seconds"),
+                ("iat", "; iat must be a number of seconds"), ("aud", "; aud must be a string or a list of strings"),
+                ("iss", "; iss must be a string"))
+
+
 def _reason(exc: Exception) -> str:
     """A refusal message for a PyJWT error (never contains the token)."""
     for cls, text in _MESSAGES:
@@ -106,7 +112,7 @@ def _reason(exc: Exception) -> str:
         return f"invalid token: not valid yet ({exc})"
     if isinstance(exc, jwt.DecodeError):
         return f"invalid token: not a valid JWT ({str(exc)[:120]})"
-    return f"invalid token: {type(exc).__name__}"
+    return f"invalid token: {str(exc)[:120] or type(exc).__name__}"  # (PyJWT's texts: "Subject must be a string")
 
 
 def verify_jwt(token: str, secrets: tuple[str, ...], *, audience: str | None = None,
@@ -140,7 +146,9 @@ def verify_jwt(token: str, secrets: tuple[str, ...], *, audience: str | None = N
     try:
         msgspec.convert(claims, _Claims, strict=True)
     except msgspec.ValidationError as exc:
-        raise AuthError(f"invalid token: {exc}; exp, nbf and iat must be numbers of seconds") from None
+        text = str(exc)
+        hint = next((h for claim, h in _CLAIM_HINTS if f"`$.{claim}`" in text), "")
+        raise AuthError(f"invalid token: {text}{hint}") from None
     return claims
 
 

@@ -372,3 +372,24 @@ async def test_header_count_line_and_target_limits(store: Store, redis_url: str)
                          headers={"content-type": "application/json"})
         assert r.status_code in (400, 413, 422), r.text[:200]
         assert (await c.get("/v1/markets")).status_code == 200
+
+
+def test_a_jwt_refusal_says_which_claim_is_wrong_and_how() -> None:
+    """It said "invalid token: InvalidSubjectError" (a class name), and "exp, nbf and iat must be
+    numbers of seconds" whatever claim was wrong (API probe)."""
+    import time
+
+    import jwt as pyjwt
+
+    from feed.errors import AuthError
+    from streaming.auth import verify_jwt
+
+    secret = "s" * 32
+    cases = [({"exp": time.time() + 100, "sub": 5}, "invalid token: Subject must be a string"),
+             ({"exp": "4000000000"}, "exp must be a number of seconds"),
+             ({"exp": time.time() + 100, "nbf": "1"}, "nbf must be a number of seconds")]
+    for claims, says in cases:
+        with pytest.raises(AuthError) as info:
+            verify_jwt(pyjwt.encode(claims, secret, algorithm="HS256"), (secret,))
+        assert says in str(info.value), (claims, str(info.value))
+        assert "exp, nbf and iat" not in str(info.value)
