@@ -527,11 +527,20 @@ _SHAPE = ('send {"market_id": str, "selection_id": str, "side": "back"|"lay", "p
           '"market": "total:line=2.5", "outcome": "over", "side", "price", …} (the best book)')
 
 
+#: the fields whose values are ids (strings: a number there gets the hint to quote it)
+_ID_PATHS = ("`$.market_id`", "`$.selection_id`", "`$.event`", "`$.market`", "`$.outcome`", "].market_id`",
+             "].selection_id`", "].event`", "].market`", "].outcome`")
+
+
 def _invalid(exc: msgspec.MsgspecError, batch: bool) -> Response:
     text = str(exc)
-    if "unknown field" in text:
+    if "unknown field `legs`" in text and not batch:
+        text += " (a batch goes to POST /v1/price-check/batch)"
+    elif "unknown field" in text and batch and " - at " not in text:  # (a field of the body itself)
+        text += " (one check goes to POST /v1/price-check; here send {\"legs\": [...]})"
+    elif "unknown field" in text:
         text += " (remove it)"
-    elif "got `int`" in text or "got `float`" in text:
+    elif ("got `int`" in text or "got `float`" in text) and any(p in text for p in _ID_PATHS):
         text += " (ids are strings: quote it, e.g. \"1.234567\")"
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         text = f"body is not valid JSON ({text})"

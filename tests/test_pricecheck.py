@@ -300,6 +300,12 @@ async def test_http_batch(store: Store, redis_url: str) -> None:
                          {"market_id": "m", "selection_id": "1", "side": "lay", "price": 0.5}]}, "$.legs[1].price"),
     ("/batch", {"legs": [{"market_id": "m", "selection_id": "1", "side": "back", "price": 2.005}]},
      "$.legs[0].price"),
+    # the wrong endpoint is named, and a number is told to be quoted only where an id goes (API probe)
+    ("", {"legs": []}, "a batch goes to POST /v1/price-check/batch"),
+    ("/batch", {"market_id": "m", "selection_id": "1", "side": "back", "price": 2.0},
+     "one check goes to POST /v1/price-check"),
+    ("/batch", {"legs": [{"market_id": 5, "selection_id": "1", "side": "back", "price": 2.0}]},
+     "$.legs[0].market_id` (ids are strings: quote it"),
 ])
 async def test_validation_errors_say_what_to_fix(redis_url: str, path: str, body: Any, fix: str) -> None:
     async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
@@ -311,6 +317,15 @@ async def test_validation_errors_say_what_to_fix(redis_url: str, path: str, body
         err = r.json()
         assert err["error"] == "invalid_request" and fix in err["message"], err
         assert "send {" in err["message"]  or "send decimal odds" in err["message"]
+
+
+async def test_a_number_where_no_id_goes_is_not_told_to_be_quoted(redis_url: str) -> None:
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        for extra in ({"max_age_ms": 1.5}, {"accept_better": 1}, {"version": 1.5}):
+            r = await c.post("/v1/price-check", json={"market_id": "m", "selection_id": "1", "side": "back",
+                                                      "price": 2.0, **extra})
+            assert r.status_code == 422 and "ids are strings" not in r.json()["message"], (extra, r.text)
+            assert f"$.{next(iter(extra))}" in r.json()["message"]
 
 
 async def test_a_slow_body_gets_408_and_a_huge_one_413(redis_url: str) -> None:
