@@ -126,6 +126,7 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
         *rest.routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *openapi.routes(),  # GET /openapi.json, /docs (+ its assets): public, outside /v1/
+        *rest.fallback_routes(),  # any other /v1 request: a JSON 404 / 405 / 426, never the board's files
     ]
     if (WEB_DIR / "index.html").is_file():
         routes.append(Mount("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web"))

@@ -417,3 +417,35 @@ def routes() -> list[BaseRoute]:
         Route("/health", health_endpoint(), methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
+
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+async def v1_fallback(request: Request) -> Response:
+    """What no ``/v1`` route answered: 405 with the methods the path takes (``Allow``), 426 for
+    ``/v1/ws`` asked without a WebSocket upgrade, else 404 — each ``{"error","message"}``, as
+    every other ``/v1`` answer (before, the board's static files answered them: a plain-text
+    404, or a 405 claiming ``Allow: GET, HEAD``)."""
+    path = request.url.path
+    if path == "/v1/ws":
+        resp = json_error(426, "upgrade_required",
+                          "/v1/ws is a WebSocket endpoint: connect with a WebSocket client (Upgrade: websocket)")
+        resp.headers["upgrade"] = "websocket"
+        return resp
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.endpoint is not v1_fallback and route.methods \
+                and route.path_regex.match(path):
+            allowed |= route.methods
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        resp = json_error(405, "method_not_allowed", f"{request.method} is not allowed on {path[:100]}; use {methods}")
+        resp.headers["allow"] = methods
+        return resp
+    return json_error(404, "not_found", f"no endpoint {path[:100]!r}; the API is listed at /docs and /openapi.json")
+
+
+def fallback_routes() -> list[BaseRoute]:
+    """The ``/v1`` catch-all (:func:`v1_fallback`): after every other route, before the board's files."""
+    return [Route("/v1/{rest:path}", v1_fallback, methods=_ALL_METHODS)]

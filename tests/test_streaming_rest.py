@@ -266,3 +266,23 @@ async def test_filters_by_source_and_bookmaker_on_rest_sse_and_ws(store: Store, 
                              feed.price("toa:1", "1", 5.0, source="theoddsapi"))
             delta = json.loads(await ws.recv())
             assert delta["type"] == "delta" and delta["market_id"] == "toa:1"  # toa:2 (unibet) never comes
+
+
+async def test_wrong_methods_and_unknown_v1_paths_get_json_answers(redis_url: str) -> None:
+    """They fell through to the board's static files: a plain-text 404, or a 405 claiming
+    ``Allow: GET, HEAD`` for the POST-only price check (API probe)."""
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        for method in ("GET", "PUT", "DELETE"):
+            r = await c.request(method, "/v1/price-check")
+            assert r.status_code == 405 and r.headers["allow"] == "POST", (method, r.status_code, r.text)
+            assert r.json()["error"] == "method_not_allowed" and "use POST" in r.json()["message"]
+        r = await c.post("/v1/markets")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+        r = await c.get("/v1/ws")
+        assert r.status_code == 426 and r.json()["error"] == "upgrade_required" and r.headers["upgrade"] == "websocket"
+        for path in ("/v1/nothing", "/v1/price-check/batch/more"):
+            r = await c.get(path)
+            assert r.status_code == 404 and r.json()["error"] == "not_found", (path, r.text)
+        assert (await c.get("/v1/markets/not-there")).json()["error"] == "unknown_market"  # the route's own 404 stays
+        r = await c.get("/")  # the board is still served
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
