@@ -26,6 +26,10 @@ Usage::
     python benchmarks/reader.py                                   # 4 partitions × 250 entries/s, 2 rounds
     python benchmarks/reader.py --partitions 8 --rate 250 --deltas 4 --seconds 20 --rounds 3
     python benchmarks/reader.py --before 0123abc                  # another baseline commit
+    python benchmarks/reader.py --compare push --nodes 4          # the pushed log off/on, 4 API nodes
+
+``--nodes N`` runs N node processes (all on CPU 0) following the same log; redis-server's own
+CPU (``INFO cpu``) over the window is printed per entry written.
 """
 
 from __future__ import annotations
@@ -91,7 +95,8 @@ async def writer(args: argparse.Namespace) -> dict[str, Any]:
     from feed.normalise.base import MarketUpdate
     from feed.store import Store
 
-    store = await Store.open(args.redis_url, partitions=args.partitions, log_maxlen=200_000)
+    store = await Store.open(args.redis_url, partitions=args.partitions, log_maxlen=200_000,
+                             push=bool(args.log_push))
     book = Book()
     parts = _markets(args.partitions, args.deltas)
     now = time.time_ns() // 1_000_000
@@ -155,6 +160,12 @@ def _load_reader(path: str | None) -> ModuleType:
     return mod
 
 
+async def _redis_cpu(r: Any) -> float:
+    """redis-server's CPU seconds so far (user + system, ``INFO cpu``)."""
+    info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 async def _commandstats(r: Any) -> dict[str, int]:
     info = await r.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
@@ -168,7 +179,8 @@ async def node(args: argparse.Namespace) -> dict[str, Any]:
     mod = _load_reader(args.reader_file)
     store = await Store.open(args.redis_url, partitions=args.partitions, log_maxlen=200_000)
     stats = await Store.open(args.redis_url, partitions=args.partitions)  # INFO on a connection of its own
-    n = mod.Node(Settings(partitions=args.partitions), store, options=NodeOptions(), owns_store=True)
+    n = mod.Node(Settings(partitions=args.partitions, log_push=bool(args.log_push)), store, options=NodeOptions(),
+                 owns_store=True)
     await n.start()
     try:
         print("ready", flush=True)  # the parent starts the writer now
@@ -176,8 +188,10 @@ async def node(args: argparse.Namespace) -> dict[str, Any]:
         e0 = sum(r.entries for r in n.readers)
         gc_s, gc_runs = _gc_meter()
         c0, w0, s0 = time.process_time(), time.monotonic(), await _commandstats(stats.redis)
+        r0 = await _redis_cpu(stats.redis)
         await asyncio.sleep(args.seconds)
         cpu, wall, s1 = time.process_time() - c0, time.monotonic() - w0, await _commandstats(stats.redis)
+        redis_cpu = await _redis_cpu(stats.redis) - r0
         gc.callbacks.clear()
         entries = sum(r.entries for r in n.readers) - e0
         errors = sum(r.errors for r in n.readers)
@@ -187,6 +201,7 @@ async def node(args: argparse.Namespace) -> dict[str, Any]:
         await stats.close()
     calls = {k: s1.get(k, 0) - s0.get(k, 0) for k in ("xread", "xrange", "get")}
     return {"cpu_s": cpu, "wall_s": wall, "entries": entries, "errors": errors, "reloads": reloads,
+            "redis_cpu_s": redis_cpu, "pushed": sum(getattr(r, "pushed", 0) for r in n.readers),
             "xread": calls["xread"], "xrange": calls["xrange"], "get": calls["get"],
             "gc_s": gc_s[0], "gc_runs": gc_runs}
 
@@ -214,30 +229,38 @@ def cmd_node(args: argparse.Namespace) -> None:
 # -- driver ------------------------------------------------------------------------------------
 
 
-def one_run(args: argparse.Namespace, label: str, reader_file: str | None) -> dict[str, Any]:
-    common = ["--redis-url", args.redis_url, "--partitions", str(args.partitions)]
+def one_run(args: argparse.Namespace, label: str, reader_file: str | None, log_push: bool = True) -> dict[str, Any]:
+    common = ["--redis-url", args.redis_url, "--partitions", str(args.partitions), "--log-push", str(int(log_push))]
     node_cmd = [sys.executable, __file__, "node", *common, "--seconds", str(args.seconds),
                 "--warmup", str(args.warmup)]
     if reader_file:
         node_cmd += ["--reader-file", reader_file]
     subprocess.run([sys.executable, "-c", "import redis; redis.Redis.from_url(" + repr(args.redis_url)
                     + ").flushall()"], check=True)
-    nproc = subprocess.Popen(node_cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert nproc.stdout is not None
-    # the node loads an empty store, then the writer starts (its images are the first entries)
-    line = nproc.stdout.readline().strip()
-    if line != "ready":
-        nproc.kill()
-        raise RuntimeError(f"node did not start: {line!r}")
+    nprocs = [subprocess.Popen(node_cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(args.nodes)]
+    for nproc in nprocs:
+        assert nproc.stdout is not None
+        # each node loads an empty store, then the writer starts (its images are the first entries)
+        line = nproc.stdout.readline().strip()
+        if line != "ready":
+            for q in nprocs:
+                q.kill()
+            raise RuntimeError(f"node did not start: {line!r}")
     wproc = subprocess.Popen([sys.executable, __file__, "writer", *common, "--rate", str(args.rate),
                               "--deltas", str(args.deltas), "--seconds", str(args.seconds + args.warmup + 1)],
                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    nout, _ = nproc.communicate(timeout=args.seconds + args.warmup + 60)
+    outs = [nproc.communicate(timeout=args.seconds + args.warmup + 60)[0] for nproc in nprocs]
     wout, _ = wproc.communicate(timeout=60)
+    nodes = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    nout = outs[0]
     res = json.loads(nout.strip().splitlines()[-1])
     res["writer"] = json.loads(wout.strip().splitlines()[-1])
     res["label"] = label
     e = max(1, res["entries"])
+    res["nodes"] = len(nodes)
+    res["node_us_per_entry_all"] = [n["cpu_s"] / max(1, n["entries"]) * 1e6 for n in nodes]
+    res["redis_us_per_entry"] = res["redis_cpu_s"] / e * 1e6  # every node reads every entry: per entry written
+    res["redis_cpu_pct"] = 100 * res["redis_cpu_s"] / res["wall_s"]
     res["us_per_entry"] = res["cpu_s"] / e * 1e6
     res["us_per_read"] = res["cpu_s"] / max(1, res["xread"]) * 1e6
     res["cpu_pct"] = 100 * res["cpu_s"] / res["wall_s"]
@@ -250,6 +273,9 @@ def one_run(args: argparse.Namespace, label: str, reader_file: str | None) -> di
           f"{res['us_per_entry']:6.1f} µs/entry  {res['us_per_read']:6.1f} µs/read  "
           f"errors {res['errors']} reloads {res['reloads']}  writer behind ≤ {res['writer']['behind_max_ms']} ms",
           flush=True)
+    print(f"         redis-server CPU {res['redis_cpu_pct']:5.1f} % = {res['redis_us_per_entry']:6.1f} µs per entry "
+          f"written ({res['nodes']} node(s)); entries from pushes {res['pushed']}; node CPU per entry, each node: "
+          + " / ".join(f"{x:.1f}" for x in res["node_us_per_entry_all"]) + " µs", flush=True)
     if "gc_s" in res:
         print(f"         cyclic GC: {res['gc_s'] / e * 1e6:5.1f} µs/entry ({100 * res['gc_s'] / max(res['cpu_s'], 1e-9):.0f} % "
               f"of the node's CPU), collections gen0/1/2 {res['gc_runs'][0]}/{res['gc_runs'][1]}/{res['gc_runs'][2]}",
@@ -269,6 +295,7 @@ def main() -> int:
         sp.add_argument("--deltas", type=int, default=2)
         sp.add_argument("--warmup", type=float, default=2.0)
         sp.add_argument("--reader-file", default=None)
+        sp.add_argument("--log-push", type=int, default=1)
     p.add_argument("--partitions", type=int, default=4, help="partitions (one reader each); default 4")
     p.add_argument("--rate", type=float, default=250.0,
                    help="writer ticks per second = log entries per second per partition; default 250")
@@ -278,6 +305,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="before/after pairs; default 2")
     p.add_argument("--before", default="HEAD", help="commit whose streaming/reader.py is 'before'; default HEAD")
     p.add_argument("--redis-url", default=None, help="an existing Redis (flushed!); default: an embedded one")
+    p.add_argument("--nodes", type=int, default=1, help="API node processes following the log; default 1")
+    p.add_argument("--compare", choices=["reader", "push"], default="reader",
+                   help="reader: --before's streaming/reader.py against the working tree (default); push: the "
+                        "working tree with the pushed log off (XREAD alone) against on (ODDSFEED_LOG_PUSH)")
     args = p.parse_args()
     if args.cmd == "writer":
         cmd_writer(args)
@@ -307,8 +338,12 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            runs.append(one_run(args, "before", before_file))
-            runs.append(one_run(args, "after", None))
+            if args.compare == "push":
+                runs.append(one_run(args, "before", None, log_push=False))
+                runs.append(one_run(args, "after", None, log_push=True))
+            else:
+                runs.append(one_run(args, "before", before_file))
+                runs.append(one_run(args, "after", None))
     finally:
         if server is not None:
             server.stop()
@@ -320,15 +355,18 @@ def main() -> int:
         rs = [r for r in runs if r["label"] == label]
         summary[label] = {k: statistics.median(r[k] for r in rs)
                           for k in ("us_per_entry", "us_per_read", "cpu_pct", "reads_per_s", "guards_per_s",
-                                    "entries_per_read")}
+                                    "entries_per_read", "redis_us_per_entry", "redis_cpu_pct")}
         s = summary[label]
         print(f"{label:6s} (median of {len(rs)}): {s['us_per_entry']:.1f} µs node CPU per entry, "
               f"{s['us_per_read']:.1f} µs per read, node CPU {s['cpu_pct']:.1f} % of a core, "
               f"{s['reads_per_s']:.0f} reads/s ({s['entries_per_read']:.2f} entries/read), "
-              f"{s['guards_per_s']:.1f} guard reads/s")
+              f"{s['guards_per_s']:.1f} guard reads/s; redis-server {s['redis_us_per_entry']:.1f} µs per entry "
+              f"written ({s['redis_cpu_pct']:.1f} % of a core)")
     b, a = summary["before"], summary["after"]
-    print(f"after/before: CPU per entry × {a['us_per_entry'] / b['us_per_entry']:.2f}, "
-          f"guard reads per s × {a['guards_per_s'] / max(1e-9, b['guards_per_s']):.3f}")
+    print(f"after/before: node CPU per entry × {a['us_per_entry'] / b['us_per_entry']:.2f}, "
+          f"redis-server CPU per entry × {a['redis_us_per_entry'] / max(1e-9, b['redis_us_per_entry']):.2f}, "
+          f"guard reads per s × {a['guards_per_s'] / max(1e-9, b['guards_per_s']):.3f}"
+          + ("  (before = pushed log off, after = on)" if args.compare == "push" else ""))
     return 1 if any(r["errors"] or r["reloads"] for r in runs) else 0
 
 
