@@ -97,8 +97,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in range(32) if c not in (9,)}
-_CONTROLS.update({10: "\\n", 13: "\\r", 127: "\\x7f"})
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if c != 9}  # C0, DEL, C1 (tab kept)
+_CONTROLS.update({10: "\\n", 13: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})  # (and the line separators)
 
 
 class TextFormatter(logging.Formatter):

@@ -148,7 +148,8 @@ def _int_param(q: object, name: str, *, default: int | None = None, minimum: int
     if v < minimum:
         raise FilterError(f"{name} must be ≥ {minimum}, not {v}")
     if v > maximum:
-        raise FilterError(f"{name} must be ≤ {maximum} (ms since the Unix epoch: before 2100), not {str(v)[:40]}")
+        what = "ms" if name == "resolution" else "ms since the Unix epoch: before 2100"
+        raise FilterError(f"{name} must be ≤ {maximum} ({what}), not {str(v)[:40]}")
     return v
 
 

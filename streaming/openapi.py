@@ -485,7 +485,8 @@ def _ws_description() -> str:
         "`event_state` has none). "
         "A bad client message gets `error {code: bad_request}` and the connection stays open. Close codes: "
         "1001 shutting down, 1008 policy (origin, credential), 1009 message too big, 1011 ping timeout or "
-        "internal error, 4008 slow consumer. A refused credential closes the handshake (HTTP 403).")
+        "internal error, 4008 slow consumer. A missing or bad credential refuses the handshake with HTTP 401 (a "
+        "tenant's scope: 403), with the `{error, message}` body as every /v1 refusal.")
 
 
 def _paths(auth: bool) -> dict[str, dict[str, Any]]:
@@ -597,8 +598,7 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
             "WebSocket stream", _ws_description(),
             {"101": {"description": "Switching Protocols: the WebSocket is open; client messages are "
                                     "`ClientOp`, server messages `ServerMessage`"},
-             "403": {"description": "the handshake was refused (origin not allowed, or a missing or bad "
-                                    "credential)"}},
+             "403": {"description": "the handshake was refused (origin not allowed)"}},
             [_P_HEARTBEAT, _P_ODDS_FORMAT], ["streams"])},
         "/health": {"get": _get("Liveness", "The process is alive.", {"200": _json("Health", "alive")},
                                 None, ["operations"])},

@@ -48,6 +48,8 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
 
 from __future__ import annotations
 
+from typing import Any
+
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -419,8 +421,6 @@ def routes() -> list[BaseRoute]:
     ]
 
 
-_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
-
 
 async def v1_fallback(request: Request) -> Response:
     """What no ``/v1`` route answered: 405 with the methods the path takes (``Allow``), 426 for
@@ -435,7 +435,7 @@ async def v1_fallback(request: Request) -> Response:
         return resp
     allowed: set[str] = set()
     for route in request.app.routes:
-        if isinstance(route, Route) and route.endpoint is not v1_fallback and route.methods \
+        if isinstance(route, Route) and not isinstance(route.endpoint, _V1Fallback) and route.methods \
                 and route.path_regex.match(path):
             allowed |= route.methods
     if allowed:
@@ -446,6 +446,15 @@ async def v1_fallback(request: Request) -> Response:
     return json_error(404, "not_found", f"no endpoint {path[:100]!r}; the API is listed at /docs and /openapi.json")
 
 
+class _V1Fallback:
+    """:func:`v1_fallback` as an ASGI app: a route of it takes every method (TRACE, CONNECT,
+    PROPFIND … too — a function endpoint's route takes only the methods listed)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        response = await v1_fallback(Request(scope, receive))
+        await response(scope, receive, send)
+
+
 def fallback_routes() -> list[BaseRoute]:
     """The ``/v1`` catch-all (:func:`v1_fallback`): after every other route, before the board's files."""
-    return [Route("/v1/{rest:path}", v1_fallback, methods=_ALL_METHODS)]
+    return [Route("/v1/{rest:path}", _V1Fallback())]

@@ -368,11 +368,16 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             if self._discarding:
                 self._discard(len(data))
                 return
-            if self._in_head and b"pgrade" in data and (m := _H2C_UPGRADE.search(data)) is not None:
+            if self._limit_head and self._in_head and b"pgrade" in data:
                 # an HTTP/2 cleartext upgrade offer (curl --http2, Java clients): RFC 9113 §3.1 lets
                 # a server ignore it and answer in HTTP/1.1 — and must, here: the parser would take
-                # the request's body for the new protocol's bytes, and uvicorn drops them
-                data = data[:m.start()] + data[m.end():]
+                # the request's body for the new protocol's bytes, and uvicorn drops them. Only in
+                # the head (this read starts one): a body's bytes are never touched. (httptools only:
+                # h11 reads the body anyway. A header line split across two reads is not seen.)
+                end = data.find(b"\r\n\r\n")
+                m = _H2C_UPGRADE.search(data, 0, len(data) if end < 0 else end + 2)
+                if m is not None:
+                    data = data[:m.start()] + data[m.end():]
             self._partial = True  # part of a request has arrived since the timer was armed
             if not self._limit_head:
                 super().data_received(data)

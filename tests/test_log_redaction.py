@@ -146,4 +146,7 @@ def test_no_input_can_forge_a_text_log_line() -> None:
     forged = [ln for ln in lines if "FORGED" in ln]
     assert len(forged) == 1 and forged[0].split(" ", 3)[2] == "INFO"  # one line, the real record's
     assert "x\\n2026" in forged[0] and "\\r\\x00" in forged[0]
+    with cli_logging_at_debug() as (buf, _):  # the other line breaks (U+0085 from %C2%85, U+2028/9) and C1
+        logging.getLogger("t").info("a\u0085b\u2028c\u2029d\x9be")
+    assert buf.getvalue().count("\n") == 1 and len(buf.getvalue().splitlines()) == 1, repr(buf.getvalue())
     assert any(ln.endswith("failed on a\\nb") for ln in lines) and "Traceback (most recent call last):" in lines

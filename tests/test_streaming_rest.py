@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -286,3 +288,28 @@ async def test_wrong_methods_and_unknown_v1_paths_get_json_answers(redis_url: st
         assert (await c.get("/v1/markets/not-there")).json()["error"] == "unknown_market"  # the route's own 404 stays
         r = await c.get("/")  # the board is still served
         assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+
+
+async def test_the_v1_catch_all_takes_every_method_and_never_touches_a_body(redis_url: str) -> None:
+    """Review of the API fixes: TRACE / PROPFIND fell through to the board's files (a function
+    route takes only the methods listed); and the h2c strip must only ever look at a head — a body
+    holding "\\r\\nUpgrade: h2c" kept whole (it lost those bytes, and the framing of the connection)."""
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        for method in ("TRACE", "PROPFIND"):
+            r = await c.request(method, "/v1/price-check")
+            assert r.status_code == 405 and r.headers["allow"] == "POST", (method, r.status_code, r.text)
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            body = b'{"market_id":"m\r\nUpgrade: h2c\r\n","selection_id":"1","side":"back","price":2.0}'  # raw CR LF
+            one = (b"POST /v1/price-check HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+            writer.write(one + one)  # two pipelined: both answered, the second's framing intact
+            answers = []
+            for _ in range(2):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                n = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+                answers.append((head.split(b" ", 2)[1], json.loads(await asyncio.wait_for(reader.readexactly(n), 10))))
+        finally:
+            writer.close()
+        for status, answer in answers:  # (raw control characters in a JSON string: refused, but read whole)
+            assert status == b"422" and "invalid character (byte 15)" in answer["message"], answer  # the CR, in place
