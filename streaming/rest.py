@@ -48,12 +48,10 @@ flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
 
 from __future__ import annotations
 
-from typing import Any
-
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 import msgspec
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -419,7 +417,6 @@ def routes() -> list[BaseRoute]:
         Route("/health", health_endpoint(), methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
-
 
 
 async def v1_fallback(request: Request) -> Response:

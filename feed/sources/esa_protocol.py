@@ -123,8 +123,8 @@ SESSION_ERROR_CODES: frozenset[str] = frozenset({"NO_SESSION", "INVALID_SESSION_
 
 #: A line longer than this (bytes) is a protocol violation.
 MAX_LINE_BYTES = 256 << 20
-#: Longest segment held (bytes, SEG_START … SEG_END together); past it the segment is dropped
-#: (:class:`SegmentDropped` "too_large") — a server that never ends one must not grow memory.
+#: Longest segment held (bytes, SEG_START … SEG_END together); past it the segment is dropped and
+#: the connection ends (EsaFramingError, as for a line too long) — one never ended must not grow memory.
 MAX_SEGMENT_BYTES = 512 << 20
 
 #: The server's heartbeat interval (ms) when the subscription asks for none.
@@ -711,15 +711,15 @@ class EsaProtocol:
         elif self._segment is None:
             self._events.append(Ignored(op=env.op, reason=f"{seg_type} without SEG_START"))
         elif seg_type == "SEG_END":
-            if self._segment_append(raw):
-                self._events.append(MarketChanges(self._segment, env.initial_clk or self._segment_initial_clk,
-                                                  env.clk, self._epoch, True))
-                self._segment = None
-                self._segment_initial_clk = None
+            self._segment_append(raw)
+            self._events.append(MarketChanges(self._segment, env.initial_clk or self._segment_initial_clk,
+                                              env.clk, self._epoch, True))
+            self._segment = None
+            self._segment_initial_clk = None
         else:
             self._segment_append(raw)
 
-    def _segment_append(self, raw: bytes) -> bool:
+    def _segment_append(self, raw: bytes) -> None:
         """Hold one more line of the open segment. Past ``MAX_SEGMENT_BYTES`` (a
         SEG_START without its SEG_END must not grow without bound) the segment is
         dropped and EsaFramingError raised, as for a line too long: its changes are
@@ -731,7 +731,6 @@ class EsaProtocol:
         if self._segment_bytes > MAX_SEGMENT_BYTES:
             self._drop_segment("too_large")
             raise EsaFramingError(f"segment longer than {MAX_SEGMENT_BYTES} bytes")
-        return True
 
     def _status(self, env: _Envelope) -> None:
         if env.status_code == "FAILURE":

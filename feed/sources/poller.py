@@ -331,7 +331,7 @@ class ProviderHttp:
             code = "connect" if isinstance(exc, httpx.ConnectError) else "reset"
             raise TransportFailure(f"{self.provider} {path}: {type(exc).__name__}: {self.redact(str(exc))[:200]}",
                                    code, provider=self.provider, path=path) from None
-        except (UnicodeError, ValueError) as exc:  # a header or URL httpx cannot encode (a provider's value)
+        except ValueError as exc:  # a header or URL httpx cannot encode (UnicodeEncodeError: a provider's value)
             self.stats["transport_error"] += 1
             raise TransportFailure(f"{self.provider} {path}: request not sendable: {type(exc).__name__}",
                                    "bad_request", provider=self.provider, path=path) from None
