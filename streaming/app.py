@@ -48,6 +48,7 @@ from streaming import history, openapi, pricecheck, rest
 from streaming.auth import AuthMiddleware
 from streaming.fastpath import price_check_routes
 from streaming.metrics import make_registry, metrics_endpoint
+from streaming.queryparams import QueryCheckMiddleware
 from streaming.reader import Node
 from streaming.server import Guard, install
 from streaming.sse import stream
@@ -132,6 +133,7 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
         routes.append(Mount("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web"))
     auth = bool(settings.api_keys or settings.jwt_secrets or settings.tenants_file)
     middleware = [Middleware(AuthMiddleware, settings=settings, tenants=tenants)] if auth else []
+    middleware.append(Middleware(QueryCheckMiddleware))  # inside auth: a 401 comes before a 400
     middleware.insert(0, Middleware(TraceMiddleware))  # outermost: X-Trace-Id / Deprecation on every answer (streaming.tracing)
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.settings = settings

@@ -43,7 +43,9 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 
 from streaming.auth import AuthError, AuthMiddleware
-from streaming.pricecheck import MAX_BODY_BYTES, NOT_READY, Answer, PriceCheckEndpoint
+from streaming.pricecheck import MAX_BODY_BYTES, NOT_READY, Answer, PriceCheckEndpoint, answer_of
+from streaming.queryparams import query_check
+from streaming.responses import json_error
 from streaming.tracing import DEPRECATIONS, TRACE, Trace, trace_id_of
 
 if TYPE_CHECKING:
@@ -131,6 +133,10 @@ class SyncRoute:
                 grant.require("price_check")
             except AuthError as exc:
                 return self.auth.deny(exc, "POST", self.path, client)
+        if query:  # credentials only: anything else is a 400 saying what to fix, as on the ASGI path
+            problem = query_check().problem("POST", self.path, query)
+            if problem is not None:
+                return answer_of(json_error(400, "bad_request", problem))
         node = getattr(self.app.state, "node", None)
         if node is None:  # before the lifespan started the node
             return NOT_READY

@@ -687,6 +687,14 @@ def _strict_structs(types: tuple[Any, ...]) -> set[str]:
     return out
 
 
+def query_parameters() -> dict[str, dict[str, frozenset[str]]]:
+    """Path template → method → the query parameter names the operation
+    documents (credentials aside): what :mod:`streaming.queryparams` lets through."""
+    return {path: {m: frozenset(p["name"] for p in op.get("parameters", ()) if p["in"] == "query")
+                   for m, op in ops.items()}
+            for path, ops in _paths(True).items() if path.startswith("/v1/")}
+
+
 def openapi_document(*, auth: bool = False, version: str | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document (a JSON-able dict; pure). ``auth``: credentials are configured,
     so ``/v1/*`` operations require one (see the module docstring). ``version``: the API's

@@ -70,6 +70,7 @@ from streaming.auth import deny_websocket
 from streaming.encoding import ack_message, error_message, pong_message
 from streaming.hub import Connection
 from streaming.responses import node_of
+from streaming.queryparams import query_check
 from streaming.sockets import WS_ATTACH, WebSocketStream
 from streaming.sse import parse_conflate_ms, parse_format, parse_heartbeat_ms, parse_view
 from streaming.state import Filter, FilterError
@@ -110,6 +111,9 @@ async def _session(websocket: WebSocket) -> None:
         await websocket.close(code=1008, reason="origin not allowed")
         return
     try:
+        problem = query_check().problem("GET", "/v1/ws", websocket.scope.get("query_string", b""))
+        if problem is not None:
+            raise FilterError(problem)
         heartbeat_ms = parse_heartbeat_ms(websocket.query_params.get("heartbeat_ms"), settings.heartbeat_ms)
         fmt = parse_format(websocket.query_params.get("odds_format"))
     except FilterError as exc:

@@ -92,6 +92,9 @@ REQUESTS: list[tuple[str, str, Any, dict[str, str]]] = [
     ("no credential", "/v1/price-check", CHECK, {}),
     ("unknown key", "/v1/price-check", CHECK, {"authorization": "Bearer nope"}),
     ("key in the query", "/v1/price-check?api_key=plain-key", CHECK, {}),
+    ("unknown query parameter", "/v1/price-check?market_id=bf:1", CHECK, {"x-api-key": "plain-key"}),
+    ("key twice in the query", "/v1/price-check?api_key=plain-key&api_key=plain-key", CHECK, {}),
+    ("no credential, unknown parameter", "/v1/price-check?x=1", CHECK, {}),
     ("scope lacking", "/v1/price-check", CHECK, {"x-api-key": "reader-key"}),
     ("trace id given", "/v1/price-check", CHECK, {"x-api-key": "plain-key", "x-trace-id": "bet-42"}),
     ("rate limited 1", "/v1/price-check", CHECK, {"x-api-key": "acme-key"}),
@@ -135,6 +138,10 @@ async def test_the_fast_path_answers_as_the_asgi_path_does(store: Store, redis_u
     assert got["int id"][0] == 200  # an integer selection id is taken as its string
     assert got["no credential"][0] == 401 and got["unknown key"][0] == 401
     assert got["key in the query"][0] == 200
+    assert got["unknown query parameter"][0] == 400 and "unknown query parameter 'market_id'" in \
+        got["unknown query parameter"][1]["message"]  # (it was ignored: a check read as if the query mattered)
+    assert got["key twice in the query"][0] == 400 and "more than once" in got["key twice in the query"][1]["message"]
+    assert got["no credential, unknown parameter"][0] == 401  # authentication answers first
     assert got["scope lacking"] == (403, {"error": "forbidden", "message": got["scope lacking"][1]["message"]})
     assert [got[f"rate limited {i}"][0] for i in (1, 2, 3)] == [200, 200, 429]
     assert got["rate limited 3"][1]["error"] == "rate_limited" and "retry in" in got["rate limited 3"][1]["message"]
