@@ -556,12 +556,25 @@ class SourceHealth(msgspec.Struct, kw_only=True):
 
 #: Reason of a source whose ingest stopped renewing its health lease.
 INGEST_GONE = "ingest_gone"
+#: Reason of a source whose health record was stamped ahead of the reader's clock by more than
+#: :data:`MAX_CLOCK_SKEW_MS`: the ingest host's clock runs ahead, so ages and the lease measured
+#: against it would read younger than they are (a dead ingest would look alive for the skew).
+CLOCK_SKEW = "clock_skew"
+#: How far (ms) an ingest's timestamps may run ahead of a reader's clock before its prices are
+#: no longer vouched for (hosts kept in step by NTP differ by a few ms).
+MAX_CLOCK_SKEW_MS = 1000
 
 
 def lease_expired(h: SourceHealth, now_ms: int) -> bool:
     """``h`` was not renewed in time: ``updated_at + lease_ms`` passed (a
     record without a lease, ``lease_ms`` 0, never expires)."""
     return h.lease_ms > 0 and now_ms > h.updated_at + h.lease_ms
+
+
+def clock_ahead(h: SourceHealth, now_ms: int) -> bool:
+    """``h`` was stamped more than :data:`MAX_CLOCK_SKEW_MS` after ``now_ms``
+    (the reader's clock): its writer's clock runs ahead of the reader's."""
+    return h.updated_at > now_ms + MAX_CLOCK_SKEW_MS
 
 
 def lost_change(m: Market, h: SourceHealth | None) -> bool:
@@ -576,9 +589,15 @@ def effective_health(h: SourceHealth, now_ms: int) -> SourceHealth:
     ``ingest_gone`` once its lease ran out (``updated_at + lease_ms`` passed:
     the ingest process that owns the source died or cannot reach Redis);
     ``h`` itself otherwise. A record without a lease (``lease_ms`` 0) never
-    expires."""
-    if h.state != "DOWN" and lease_expired(h, now_ms):
-        return msgspec.structs.replace(h, state="DOWN", reason=INGEST_GONE)
+    expires. DOWN with reason ``clock_skew`` when the record was stamped more
+    than :data:`MAX_CLOCK_SKEW_MS` ahead of ``now_ms``: measured against a clock
+    that runs ahead, its lease and its markets' ages would read younger than
+    they are."""
+    if h.state != "DOWN":
+        if lease_expired(h, now_ms):
+            return msgspec.structs.replace(h, state="DOWN", reason=INGEST_GONE)
+        if clock_ahead(h, now_ms):
+            return msgspec.structs.replace(h, state="DOWN", reason=CLOCK_SKEW)
     return h
 
 

@@ -561,7 +561,8 @@ def _paths(auth: bool) -> dict[str, dict[str, Any]]:
             "description": "Checks one price against the node's in-memory state. Give `market_id` + "
                            "`selection_id` (one book) or `event` + `market` + `outcome` (the best book; the "
                            "answer then names it and lists every book in `books`). `price`: decimal odds "
-                           "with at most 2 decimal places. Reasons, first match wins: UNKNOWN_MARKET, "
+                           "with at most 4 decimal places, compared exactly with the book's own price (more "
+                           "places: 422). Reasons, first match wins: UNKNOWN_MARKET, "
                            "UNKNOWN_SELECTION, MARKET_CLOSED, SOURCE_DOWN, STALE, SUSPENDED, VERSION_CHANGED, "
                            "PRICE_CHANGED, OK.",
             "tags": ["price check"],

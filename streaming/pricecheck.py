@@ -10,7 +10,7 @@ judged on one consistent view. Times are integer ms since the Unix epoch.
 ::
 
     POST /v1/price-check
-      {"market_id": str, "selection_id": str, "side": "back"|"lay", "price": 1.01–1000 (≤ 2 dp),
+      {"market_id": str, "selection_id": str, "side": "back"|"lay", "price": 1.01–1000 (≤ 4 dp),
        "max_age_ms"?: int ≥ 0, "accept_better"?: bool = true, "version"?: int}
       200 <answer>
 
@@ -73,10 +73,18 @@ whether the data can be trusted (a stale "suspended" may already be lifted,
 so freshness is reported before it), then the market's own state, then the
 price. DEGRADED sources are not rejected; ``source_state`` reports them.
 
-Prices are compared exactly as decimals: both sides are turned into integer
-hundredths (every Betfair ladder price has at most 2 decimal places), so
-``2.1`` vs ``2.10`` is equal and float noise like ``2.0999999`` never flips
-an answer.
+Prices are compared exactly as decimals, never rounded in the bettor's
+favour: both sides are turned into integer ten-thousandths (4 decimal places:
+Betfair's ladder has 2, Pinnacle quotes 3, American and fractional odds are
+stored with 4 — ``-110`` is ``1.9091``), so ``2.1`` vs ``2.10`` is equal,
+float noise like ``2.0999999999999996`` (within 1e-10 of a 4-place value)
+never flips an answer, and ``1.9091`` does not match a request at ``1.91``.
+A requested price may have at most 4 decimal places (422 otherwise). An
+offered price is taken as stored; one with more than 4 places (a provider's
+decimal odds are stored as sent) is rounded against the bettor — down for
+back, up for lay — and ``current_price`` is that compared value, so it can be
+requested as it is. ``current_price`` is the book's own price otherwise
+(``1.9091``, not ``1.91``).
 """
 
 from __future__ import annotations
@@ -86,7 +94,7 @@ import math
 import time
 import types
 from collections.abc import Callable, Generator
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -105,7 +113,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchRequest", "BatchResult", "PriceCheckEndpoint", "PriceCheckRequest", "PriceCheckResult", "REASONS", "check",
-    "check_batch", "price_to_hundredths", "routes",
+    "check_batch", "price_to_ten_thousandths", "routes",
 ]
 
 Side = Literal["back", "lay"]
@@ -132,7 +140,7 @@ _GONE_SELECTION = frozenset({"REMOVED", "HIDDEN"})
 
 class PriceCheckRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """One price check (one leg). ``price``: decimal odds 1.01–1000 with at
-    most 2 decimal places; ``max_age_ms``: oldest acceptable data (default
+    most 4 decimal places; ``max_age_ms``: oldest acceptable data (default
     by in-play / pre-match); ``accept_better``: a better price than asked
     is accepted; ``version``: the market definition version the price was
     shown with (optional)."""
@@ -233,23 +241,36 @@ _REQUEST_DECODER = msgspec.json.Decoder(PriceCheckRequest)
 _BATCH_DECODER = msgspec.json.Decoder(BatchRequest)
 _ENCODER = msgspec.json.Encoder()
 
-_HUNDREDTH = Decimal("0.01")
+#: prices are compared as integers in ten-thousandths (4 decimal places)
+PRICE_UNITS = 10_000
+_TEN_THOUSANDTH = Decimal("0.0001")
 
 
-def price_to_hundredths(price: float) -> int:
-    """Decimal odds → integer hundredths, exactly: ``2.1`` → 210. Prices with
-    more than 2 decimal places are rounded half-even on their shortest
-    decimal form (``repr``), never on the binary float."""
-    x = price * 100.0
+def price_to_ten_thousandths(price: float) -> int | None:
+    """Decimal odds → integer ten-thousandths, exactly: ``2.1`` → 21000, ``1.9091`` → 19091;
+    None when the price has more than 4 decimal places. Float noise within 1e-10 of a
+    4-place value is that value (``0.7 * 3`` → 21000). For every 4-place price 1.0001–1000,
+    ``price * 10000`` is within 1e-9 of the integer, so no Decimal is built here."""
+    x = price * 10_000.0
+    r = round(x)
+    return r if abs(x - r) < 1e-6 else None
+
+
+def _units(price: float, up: bool) -> int:
+    """``price`` in ten-thousandths, one with more than 4 decimal places rounded up or down
+    (on its shortest decimal form, ``repr``, never on the binary float)."""
+    x = price * 10_000.0
     r = round(x)
     if abs(x - r) < 1e-6:
-        return int(r)
-    return int(Decimal(repr(price)).quantize(_HUNDREDTH, rounding=ROUND_HALF_EVEN) * 100)
+        return r
+    return int(Decimal(repr(price)).quantize(_TEN_THOUSANDTH, rounding=ROUND_CEILING if up else ROUND_FLOOR)
+               * PRICE_UNITS)
 
 
-def _has_two_decimals(price: float) -> bool:
-    x = price * 100.0
-    return abs(x - round(x)) < 1e-6
+def _show(units: int) -> str:
+    """Ten-thousandths as the shortest decimal: 19091 → ``1.9091``, 21000 → ``2.1``, 20000 → ``2``."""
+    whole, frac = divmod(units, PRICE_UNITS)
+    return f"{whole}.{frac:04d}".rstrip("0") if frac else str(whole)
 
 
 def _best(sel: Selection, side: str) -> tuple[float | None, float | None, str | None]:
@@ -361,9 +382,15 @@ def _check_book(state: NodeState, req: PriceCheckRequest, market_id: str, select
                                 market_id=market_id, selection_id=selection_id, side=req.side,
                                 requested_price=req.price, checked_at=now)
     age, _ = state.age_stale(m, now)
+    if feed_problem is None and state.rebuilding:
+        why = state.rebuilding_reason(market_id)
+        if why is not None:  # this node knows the market may miss a change until its reload
+            feed_problem = f"its partition is being reloaded from the store: {why}"
     health = state.source_health(m.source, now)
     source_state = health.state if health is not None else None
-    max_age = req.max_age_ms if req.max_age_ms is not None else default_max_age_ms(state.settings, m.in_play)
+    max_age = req.max_age_ms
+    if max_age is None:  # the default, never above the age at which this node streams the market as stale
+        max_age = min(default_max_age_ms(state.settings, m.in_play), state.stale_after_ms(m.sport, m.in_play))
     sel = m.selection(selection_id)
     if sel is None:
         reason = "UNKNOWN_SELECTION"
@@ -384,8 +411,8 @@ def _check_book(state: NodeState, req: PriceCheckRequest, market_id: str, select
 def _judge(m: Market, sel: Selection, req: PriceCheckRequest, cur: float | None, field: str | None, age: int,
            max_age: int, health: SourceHealth | None, feed_problem: str | None) -> tuple[str, str, float | None]:
     """(reason, message, current_price) of one book's selection, the reasons in the order of
-    the module docstring; ``current_price`` is the compared price in exact hundredths once the
-    price itself is judged."""
+    the module docstring; ``current_price`` is the compared price (exact, in ten-thousandths)
+    once the price itself is judged."""
     status = sel.status
     if status in _GONE_SELECTION:
         return "UNKNOWN_SELECTION", f"selection {sel.selection_id} was removed from market {m.market_id}", cur
@@ -412,16 +439,21 @@ def _judge(m: Market, sel: Selection, req: PriceCheckRequest, cur: float | None,
         return "VERSION_CHANGED", f"market definition version is {m.version}, not {req.version}", cur
     if cur is None:
         return "PRICE_CHANGED", f"no {req.side} price is offered on selection {sel.selection_id}", cur
-    want = price_to_hundredths(req.price)
-    have = price_to_hundredths(cur)
-    if req.side == "back":
-        ok = have >= want if req.accept_better else have == want
+    back = req.side == "back"
+    have = _units(cur, not back)  # more than 4 places: rounded against the bettor (down back, up lay)
+    want = price_to_ten_thousandths(req.price)
+    if want is None:  # more than 4 places: only from a direct caller (HTTP answers 422). Never equal; rounded
+        # like the offered price, so `have > want` (back) / `have < want` (lay) stays exact
+        want, same, asked = _units(req.price, not back), False, repr(req.price)
     else:
-        ok = have <= want if req.accept_better else have == want
+        same, asked = have == want, _show(want)
+    if back:
+        ok = same or (req.accept_better and have > want)
+    else:
+        ok = same or (req.accept_better and have < want)
     if ok:
-        return ("OK", f"{field} {have / 100:g} {'matches' if have == want else 'is better than'} {req.price:g}",
-                have / 100)
-    return "PRICE_CHANGED", f"{field} is {have / 100:g}, requested {req.price:g}", have / 100
+        return "OK", f"{field} {_show(have)} {'matches' if same else 'is better than'} {asked}", have / PRICE_UNITS
+    return "PRICE_CHANGED", f"{field} is {_show(have)}, requested {asked}", have / PRICE_UNITS
 
 
 def check_batch(state: NodeState, legs: list[PriceCheckRequest], now: int, *,
@@ -554,11 +586,11 @@ def _validate_prices(legs: list[PriceCheckRequest], batch: bool) -> Response | N
         if shape is not None:
             return json_error(422, "invalid_request", shape + (f" - at `$.legs[{i}]`" if batch else "") + "; "
                               + (_SHAPE if not batch else 'send {"legs": [<leg>, …]}, each leg ' + _SHAPE[5:]))
-        if not _has_two_decimals(leg.price):
+        if price_to_ten_thousandths(leg.price) is None:
             where = f"$.legs[{i}].price" if batch else "$.price"
             return json_error(422, "invalid_request",
-                              f"price {leg.price!r} has more than 2 decimal places - at `{where}`; "
-                              "send decimal odds as quoted (e.g. 2.12)")
+                              f"price {leg.price!r} has more than 4 decimal places - at `{where}`; "
+                              "send decimal odds as quoted (e.g. 2.12 or 1.9091)")
     return None
 
 

@@ -58,7 +58,7 @@ from redis.exceptions import RedisError
 
 from feed.aio import wait_event
 from feed.errors import ConfigError, StoreError
-from feed.models import INGEST_GONE, Delta, Market, effective_health
+from feed.models import INGEST_GONE, Delta, Market
 from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.store import LogCheck, Store
@@ -129,7 +129,9 @@ class PartitionReader:
         self.loop_at = asyncio.get_running_loop().time()
         #: longest time (loop seconds) a read's entries are applied after the last check
         self.check_interval_s = node.state.options.read_block_ms / 1000
-        self._reload: tuple[list[int] | None, str, int] | None = None
+        #: a reload to do at the next turn: (partitions or None = all, reason, Node.loaded when the
+        #: turn that found the problem began — a partition loaded again since needs no reload)
+        self._reload: tuple[list[int] | None, str, tuple[int, ...]] | None = None
         self._tail = store.tail(partition)
         self._push = node.settings.log_push  # take entries from the pushed log (feed.store.LogPush)
         self._check_now = True  # the first read is checked
@@ -155,10 +157,11 @@ class PartitionReader:
         verify_at = min(opts.read_count, VERIFY_BATCH_ENTRIES)
         while not node.stopping:
             self.loop_at = now_s = loop.time()
+            since = tuple(node.loaded)  # (what a reload found in this turn is judged against)
             try:
                 if self._reload is not None:
-                    parts, reason, gen = self._reload
-                    await node.reload(parts, reason, gen)
+                    parts, reason, asked = self._reload
+                    await node.reload(parts, reason, asked)
                     self._reload = None
                     continue
                 gen = st.generation
@@ -186,7 +189,7 @@ class PartitionReader:
                     self.checks += 1
                     problem = self._problem(guards, self._verified_pos, bool(batch))
                     if problem is not None:
-                        self._reload = (problem[0], problem[1], gen)
+                        self._ask_reload(problem[0], problem[1], since)
                         continue
                     self._check_now = False
                     self._check_due = loop.time() + self.check_interval_s
@@ -207,7 +210,7 @@ class PartitionReader:
                             st.seq_gap = None
                             logger.error("partition %d: market %s jumped from seq %d to %d in the log; reloading",
                                          gp, mid, held, got)
-                            self._reload = ([gp], f"seq gap in market {mid} ({held} -> {got})", gen)
+                            self._ask_reload([gp], f"seq gap in market {mid} ({held} -> {got})", since)
                             break
                 if guards is not None and st.generation == gen:
                     self._verified_pos = st.positions[p]  # where the next unchecked read starts
@@ -229,7 +232,7 @@ class PartitionReader:
                     continue
                 logger.error("partition %d: undecodable log entry after %s (%s); reloading", p,
                              st.positions[p], exc)
-                self._reload = ([p], "undecodable log entry", st.generation)
+                self._ask_reload([p], "undecodable log entry", since)
             except _REDIS_ERRORS as exc:
                 self.connected = False
                 self.behind = True
@@ -250,8 +253,15 @@ class PartitionReader:
                 # reload rebuilds the partition from the store's snapshots and sends every
                 # subscriber a recovered:false snapshot (the entry itself is not read again)
                 pending_all = self._reload is not None and self._reload[0] is None
-                self._reload = (None if pending_all else [p], "internal error in the reader", st.generation)
+                self._ask_reload(None if pending_all else [p], "internal error in the reader", since)
                 await node.sleep(backoff.next_delay())
+
+    def _ask_reload(self, partitions: list[int] | None, reason: str, since: tuple[int, ...]) -> None:
+        """Reload ``partitions`` (None = all) at the next turn; until then the node
+        knows their markets may miss a change (a gap, a trim, an error between an
+        apply and the fan-out): they read as stale (:meth:`NodeState.mark_rebuilding`)."""
+        self._reload = (partitions, reason, since)
+        self.node.state.mark_rebuilding(partitions, reason)
 
     @property
     def pushed(self) -> int:
@@ -414,6 +424,13 @@ class Node:
     async def _load(self, partitions: Sequence[int] | None) -> None:
         store = self.store
         epoch = await store.current_epoch()
+        if partitions is not None and self.state.loaded and epoch != self.state.epoch:
+            # the store's epoch moved (Redis reset or flushed): the partitions not asked for hold
+            # the old epoch's data — loading some under the new epoch would make the node take
+            # the rest as current (their readers' epoch check would pass): load every partition
+            logger.warning("store epoch changed from %s to %s during a partial reload: reloading every partition",
+                           self.state.epoch, epoch)
+            partitions = None
         parts = range(self.state.partitions) if partitions is None else partitions
         loaded = {}
         heads = {}
@@ -430,15 +447,21 @@ class Node:
         for p in parts:
             self.loaded[p] += 1
 
-    async def reload(self, partitions: list[int] | None, reason: str, generation: int) -> None:
-        """Reload ``partitions`` (None = all) from Redis unless another
-        reader already reloaded since ``generation``; then resync clients."""
+    async def reload(self, partitions: list[int] | None, reason: str, since: Sequence[int]) -> None:
+        """Reload ``partitions`` (None = all) from Redis, except those loaded again
+        since ``since`` (:attr:`loaded` when the problem was found: a later load
+        read the store after it); then resync clients."""
         async with self._reload_lock:
-            if self.state.generation != generation:
+            wanted = range(self.state.partitions) if partitions is None else partitions
+            todo = [q for q in wanted if self.loaded[q] == since[q]]
+            for q in wanted:
+                if q not in todo:  # loaded since the problem was found: fresh, not rebuilding
+                    self.state.rebuilding.pop(q, None)
+            if not todo:
                 return
-            logger.warning("reloading %s: %s", "all partitions" if partitions is None else f"partitions {partitions}",
-                           reason)
-            await self._load(partitions)
+            parts = None if len(todo) == self.state.partitions else todo
+            logger.warning("reloading %s: %s", "all partitions" if parts is None else f"partitions {parts}", reason)
+            await self._load(parts)
             self.reloads += 1
             self.hub.resync(reason)
 
@@ -525,7 +548,7 @@ class Node:
         st = self.state
         seen = set()
         for h in st.health.values():
-            h = effective_health(h, now)
+            h = st.effective(h, now)
             seen.add(h.source)
             stale = tuple(st.stale_ids(h.source, now))
             sig = (h.state, h.reason, stale)

@@ -59,7 +59,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from feed.errors import StoreError
-from feed.models import ENCODER, EventState, Market, effective_health
+from feed.models import ENCODER, EventState, Market
 from streaming.responses import json_error, json_response, node_of
 from feed.taxonomy import is_unmapped, market_key
 from streaming.aggregate import event_facts, event_view, market_views
@@ -348,7 +348,7 @@ async def list_sources(request: Request) -> Response:
     for h in sources:
         if grant.sources is not None and h.source not in grant.sources:
             continue
-        h = effective_health(h, now)
+        h = state.effective(h, now)
         d = msgspec.structs.asdict(h)
         ids: Collection[str] = state.by_source.get(h.source, ())
         if grant.restricted:  # counts over what the tenant may see

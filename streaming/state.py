@@ -42,6 +42,7 @@ record's ``last_message_at`` in partition ``p`` only once its position in
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,7 +52,8 @@ import msgspec
 
 from feed.errors import OddsfeedError
 from feed.models import (
-    CLOSED_STATUSES, ENCODER, Delta, Market, SourceHealth, apply_delta, effective_health, lease_expired, lost_change,
+    CLOCK_SKEW, CLOSED_STATUSES, ENCODER, MAX_CLOCK_SKEW_MS, Delta, Market, SourceHealth, apply_delta, clock_ahead,
+    effective_health, lease_expired, lost_change,
 )
 from feed.settings import Settings
 from feed.linker import SUMMARY_DECODER, CanonicalSummary
@@ -61,6 +63,8 @@ from feed.taxonomy import market_key, parse_market_key, race_event_id
 from streaming.encoding import (
     Message, StreamId, delta_message, encode_token, market_with_age, parse_stream_id,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DeltaInfo", "Filter", "FilterError", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry", "ReplayRing",
@@ -470,6 +474,11 @@ class NodeState:
         self.seq_gap: tuple[int, str, int, int] | None = None
         #: per partition: the log head read right after the snapshots were loaded ("0-0": none)
         self.load_heads: list[str] = ["0-0"] * partitions
+        #: partition -> why it is to be reloaded from the store: from the moment a reader finds that
+        #: this node may miss a change of it (a seq gap, a trim past its position, an undecodable
+        #: entry, an error between an apply and the fan-out) until the reload swaps it in, its
+        #: markets are stale — the node knows they may be wrong (:meth:`mark_rebuilding`)
+        self.rebuilding: dict[int, str] = {}
         self.token: bytes = encode_token(None, self.positions)
         #: apply_entry: the entry's markets that may newly match a subscription (PreparedEntry.newly)
         self._newly: list[Newly] | None = None
@@ -478,6 +487,9 @@ class NodeState:
         self._stale_in_play_ms = settings.stale_in_play_ms
         self._stale_pre_match_ms = settings.stale_pre_match_ms
         self._stale_by_sport = parse_stale_by_sport(getattr(settings, "stale_after_ms_by_sport", ()))
+        #: source -> how far (ms) its last health record read ahead of this node's clock, for the
+        #: sources seen stamped more than MAX_CLOCK_SKEW_MS ahead (see :meth:`set_health`)
+        self.skewed: dict[str, int] = {}
         #: source -> per partition: the newest ``last_message_at`` this node has read far enough to vouch for
         self._vouched: dict[str, list[int]] = {}
         #: per partition: (log head read after the record, source, last_message_at) not reached yet
@@ -486,19 +498,41 @@ class NodeState:
     # -- staleness -----------------------------------------------------------
 
     def source_health(self, source: str, now: int) -> SourceHealth | None:
-        """The health of ``source`` as it stands at ``now``: DOWN /
-        ``ingest_gone`` once its lease ran out (see
-        :func:`feed.models.effective_health`); None when it has no record."""
+        """The health of ``source`` as it stands at ``now`` (:meth:`effective`);
+        None when it has no record."""
         h = self.health.get(source)
-        return effective_health(h, now) if h is not None else None
+        return self.effective(h, now) if h is not None else None
+
+    def effective(self, h: SourceHealth, now: int) -> SourceHealth:
+        """``h`` as this node must take it at ``now``: DOWN / ``ingest_gone``
+        once its lease ran out, DOWN / ``clock_skew`` while it is stamped ahead
+        of this node's clock or its source was last seen so (see
+        :func:`feed.models.effective_health` and :attr:`skewed`)."""
+        h = effective_health(h, now)
+        if h.state != "DOWN" and self.skewed and h.source in self.skewed:
+            return msgspec.structs.replace(h, state="DOWN", reason=CLOCK_SKEW)
+        return h
+
+    def mark_rebuilding(self, partitions: Iterable[int] | None, reason: str) -> None:
+        """``partitions`` (None = all) are to be reloaded: their markets read as
+        stale until :meth:`replace_partitions` swaps them in."""
+        for p in range(self.partitions) if partitions is None else partitions:
+            self.rebuilding[p] = reason
+
+    def rebuilding_reason(self, market_id: str) -> str | None:
+        """Why the partition of ``market_id`` is being reloaded, else None."""
+        if not self.rebuilding:
+            return None
+        return self.rebuilding.get(partition_of(market_id, self.partitions))
 
     def age_stale(self, m: Market, now: int) -> tuple[int, bool]:
         """(age_ms, stale) of market ``m`` at ``now`` (see the module docstring)."""
         last = m.received_at
         h = self.health.get(m.source)
-        down = False
+        down = bool(self.rebuilding) and partition_of(m.market_id, self.partitions) in self.rebuilding
         if h is not None:
-            if h.state == "DOWN" or lease_expired(h, now) or lost_change(m, h):
+            if (h.state == "DOWN" or lease_expired(h, now) or lost_change(m, h) or clock_ahead(h, now)
+                    or (self.skewed and m.source in self.skewed)):
                 down = True  # (a lost change: stale until its source re-images the market)
             elif h.last_message_at > last and m.session is not None and m.session == h.session:
                 vouched = self._vouched.get(m.source)
@@ -508,6 +542,8 @@ class NodeState:
                         last = confirmed
         age = now - last
         if age < 0:
+            if age < -MAX_CLOCK_SKEW_MS:  # stamped ahead of this node's clock: its age is not known
+                down = True
             age = 0
         if down:
             return age, True
@@ -684,6 +720,7 @@ class NodeState:
             del self.markets[m.market_id]
             self._json.pop(m.market_id, None)
         for p, (position, markets) in loaded.items():
+            self.rebuilding.pop(p, None)
             self.positions[p] = position
             for m in markets:
                 self._put(m, self.markets.get(m.market_id))
@@ -815,13 +852,38 @@ class NodeState:
                                                    token=token, prev_token=prev_token), None, d))
         return PreparedEntry(p, entry_id, token, out, prev_token)
 
-    def set_health(self, sources: Iterable[SourceHealth], heads: Sequence[str] | None = None) -> None:
+    def set_health(self, sources: Iterable[SourceHealth], heads: Sequence[str] | None = None, *,
+                   now: int | None = None) -> None:
         """Replace the source health records. ``heads``: each partition's
         newest log entry id, read *after* the records; a record's
         confirmation counts in partition ``p`` once this node's position
         reaches ``heads[p]`` (see the module docstring). None: the caller
-        holds every write already (tests, tools) and vouches at once."""
+        holds every write already (tests, tools) and vouches at once.
+        ``now``: when the records were read, ms (default: this node's clock) —
+        a record stamped more than ``MAX_CLOCK_SKEW_MS`` after it marks its
+        source skewed (:attr:`skewed`)."""
+        old = self.health
         self.health = {h.source: h for h in sources}
+        if now is None:
+            now = now_ms()
+        for h in self.health.values():
+            if h.updated_at > now + MAX_CLOCK_SKEW_MS:
+                # stamped ahead of this node's clock: the writer's clock runs ahead, and every age and
+                # lease measured against it reads younger than it is — until a record stamped within
+                # the bound arrives, the source is DOWN here (a writer that dies skewed sends none:
+                # without this its last record would read alive and current for the skew plus a lease)
+                if h.source not in self.skewed:
+                    logger.error("source %s: health record stamped %d ms ahead of this node's clock; its prices "
+                                 "are not vouched for until the clocks agree (NTP)", h.source, h.updated_at - now)
+                self.skewed[h.source] = h.updated_at - now
+            elif h.source in self.skewed:
+                prev = old.get(h.source)
+                if prev is None or prev.updated_at != h.updated_at:  # a new record, within the bound
+                    del self.skewed[h.source]
+                    logger.warning("source %s: its health records are within %d ms of this node's clock again",
+                                   h.source, MAX_CLOCK_SKEW_MS)
+        for name in [n for n in self.skewed if n not in self.health]:
+            del self.skewed[name]
         P = self.partitions
         for name in [n for n in self._vouched if n not in self.health]:
             del self._vouched[name]

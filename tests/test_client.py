@@ -227,9 +227,9 @@ async def test_price_check_wrapper(store: Store, redis_url: str) -> None:
             {"market_id": "m2", "selection_id": "1", "side": "back", "price": 4.0, "max_age_ms": 60_000}])
         assert b.accepted and [leg.reason for leg in b.legs] == ["OK", "OK"]
         with pytest.raises(PriceCheckError) as err:
-            await client.price_check("m1", "1", "back", 2.123)
+            await client.price_check("m1", "1", "back", 2.12345)
         assert err.value.status == 422 and err.value.code == "invalid_request"
-        assert "2 decimal places" in str(err.value)
+        assert "4 decimal places" in str(err.value)
     dead = OddsClient("http://127.0.0.1:9", price_check_timeout_s=0.5)
     try:
         with pytest.raises(PriceCheckError):

@@ -88,7 +88,9 @@ REQUESTS: list[tuple[str, str, Any, dict[str, str]]] = [
      {"x-api-key": "plain-key"}),
     ("bad json", "/v1/price-check", b'{"market_id": ', {"x-api-key": "plain-key"}),
     ("int id", "/v1/price-check", {**CHECK, "selection_id": 1}, {"x-api-key": "plain-key"}),
-    ("three decimals", "/v1/price-check", {**CHECK, "price": 2.005}, {"x-api-key": "plain-key"}),
+    ("four decimals", "/v1/price-check", {**CHECK, "price": 1.9999, "accept_better": False},
+     {"x-api-key": "plain-key"}),
+    ("five decimals", "/v1/price-check", {**CHECK, "price": 2.00005}, {"x-api-key": "plain-key"}),
     ("no credential", "/v1/price-check", CHECK, {}),
     ("unknown key", "/v1/price-check", CHECK, {"authorization": "Bearer nope"}),
     ("key in the query", "/v1/price-check?api_key=plain-key", CHECK, {}),
@@ -136,6 +138,9 @@ async def test_the_fast_path_answers_as_the_asgi_path_does(store: Store, redis_u
     assert got["batch"][1]["accepted"] is True and len(got["batch"][1]["legs"]) == 2
     assert got["bad json"][0] == 422 and "not valid JSON" in got["bad json"][1]["message"]
     assert got["int id"][0] == 200  # an integer selection id is taken as its string
+    assert got["four decimals"][0] == 200 and got["four decimals"][1]["reason"] == "PRICE_CHANGED"
+    assert got["four decimals"][1]["message"] == "best_back is 2, requested 1.9999"
+    assert got["five decimals"][0] == 422 and "more than 4 decimal places" in got["five decimals"][1]["message"]
     assert got["no credential"][0] == 401 and got["unknown key"][0] == 401
     assert got["key in the query"][0] == 200
     assert got["unknown query parameter"][0] == 400 and "unknown query parameter 'market_id'" in \

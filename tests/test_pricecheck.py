@@ -21,7 +21,7 @@ from feed.models import Market, MarketHeader, Selection, SourceHealth
 from feed.normalise.base import MarketUpdate
 from feed.settings import Settings
 from feed.store import Store
-from streaming.pricecheck import REASONS, PriceCheckRequest, check, check_batch, price_to_hundredths
+from streaming.pricecheck import REASONS, PriceCheckRequest, check, check_batch, price_to_ten_thousandths
 from streaming.state import NodeState
 from streaming_helpers import Feed, eventually, make_app, now_ms, serve
 
@@ -84,14 +84,67 @@ def test_back_and_lay_comparisons_with_and_without_accept_better() -> None:
 
 def test_prices_compare_as_decimals_not_floats() -> None:
     noisy = 0.7 * 3  # 2.0999999999999996
-    assert noisy != 2.1 and price_to_hundredths(noisy) == price_to_hundredths(2.1) == 210
-    assert price_to_hundredths(1.01) == 101 and price_to_hundredths(1000.0) == 100_000
-    assert price_to_hundredths(1.1 + 2.2) == 330  # 3.3000000000000003
+    assert noisy != 2.1 and price_to_ten_thousandths(noisy) == price_to_ten_thousandths(2.1) == 21_000
+    assert price_to_ten_thousandths(1.01) == 10_100 and price_to_ten_thousandths(1000.0) == 10_000_000
+    assert price_to_ten_thousandths(1.1 + 2.2) == 33_000  # 3.3000000000000003
+    assert price_to_ten_thousandths(1.9091) == 19_091 and price_to_ten_thousandths(999.9999) == 9_999_999
+    assert price_to_ten_thousandths(1.90915) is None and price_to_ten_thousandths(2.12345) is None
     st = _state(_market("m", selections=[_sel("1", back=noisy, lay=1.1 + 2.2)]))
     r = check(st, _req(price=2.1, accept_better=False), NOW)
     assert r.reason == "OK" and r.current_price == 2.1
     assert check(st, _req(side="lay", price=3.3, accept_better=False), NOW).reason == "OK"
     assert check(st, _req(price=2.12), NOW).reason == "PRICE_CHANGED"
+
+
+@pytest.mark.parametrize("side,offered,asked,accept_better,reason,message", [
+    # American / fractional odds are stored with 4 places (-110 -> 1.9091), Pinnacle quotes 3: the
+    # book's price is compared as it is, never rounded to hundredths in the bettor's favour
+    ("back", 1.9091, 1.91, False, "PRICE_CHANGED", "best_back is 1.9091, requested 1.91"),
+    ("back", 1.9091, 1.91, True, "PRICE_CHANGED", "best_back is 1.9091, requested 1.91"),  # lower: worse
+    ("back", 1.9091, 1.9091, False, "OK", "best_back 1.9091 matches 1.9091"),
+    ("back", 1.9091, 1.9, True, "OK", "best_back 1.9091 is better than 1.9"),
+    ("back", 1.9091, 1.9, False, "PRICE_CHANGED", "best_back is 1.9091, requested 1.9"),
+    ("back", 1.935, 1.94, False, "PRICE_CHANGED", "best_back is 1.935, requested 1.94"),
+    ("back", 1.935, 1.94, True, "PRICE_CHANGED", "best_back is 1.935, requested 1.94"),
+    ("back", 1.935, 1.935, False, "OK", "best_back 1.935 matches 1.935"),
+    # lay: lower is better for the layer; 1.9049 is above 1.90, below 1.91
+    ("lay", 1.9049, 1.9, False, "PRICE_CHANGED", "best_lay is 1.9049, requested 1.9"),
+    ("lay", 1.9049, 1.9, True, "PRICE_CHANGED", "best_lay is 1.9049, requested 1.9"),
+    ("lay", 1.9049, 1.91, True, "OK", "best_lay 1.9049 is better than 1.91"),
+    ("lay", 1.9049, 1.91, False, "PRICE_CHANGED", "best_lay is 1.9049, requested 1.91"),
+    ("lay", 1.9049, 1.9049, False, "OK", "best_lay 1.9049 matches 1.9049"),
+])
+def test_prices_with_4_decimals_compare_exactly(side: str, offered: float, asked: float, accept_better: bool,
+                                                reason: str, message: str) -> None:
+    st = _state(_market("m", selections=[_sel("1", back=offered, lay=offered)]))
+    r = check(st, _req(side=side, price=asked, accept_better=accept_better), NOW)
+    assert (r.reason, r.message, r.current_price) == (reason, message, offered), r
+
+
+def test_offered_price_with_more_than_4_decimals_is_rounded_against_the_bettor() -> None:
+    # a provider's decimal odds are stored as sent: 2.12345 backs as 2.1234 and lays as 2.1235
+    st = _state(_market("m", selections=[_sel("1", back=2.12345, lay=2.12345), _sel("2", back=1000.0, lay=1.01)]))
+    r = check(st, _req(price=2.12, accept_better=False), NOW)
+    assert r.reason == "PRICE_CHANGED" and r.current_price == 2.1234, r
+    assert check(st, _req(price=2.1235), NOW).reason == "PRICE_CHANGED"
+    r = check(st, _req(price=2.1234, accept_better=False), NOW)
+    assert r.reason == "OK" and r.current_price == 2.1234
+    r = check(st, _req(side="lay", price=2.13, accept_better=False), NOW)
+    assert r.reason == "PRICE_CHANGED" and r.current_price == 2.1235, r
+    assert check(st, _req(side="lay", price=2.1234), NOW).reason == "PRICE_CHANGED"
+    assert check(st, _req(side="lay", price=2.1235, accept_better=False), NOW).reason == "OK"
+    # a request with more than 4 places from a direct caller (HTTP answers 422): never equal, never looser
+    assert check(st, _req(price=2.12345, accept_better=False), NOW).reason == "PRICE_CHANGED"
+    assert check(st, _req(price=2.12341), NOW).reason == "PRICE_CHANGED"  # 2.1234 < 2.12341
+    assert check(st, _req(price=2.12339), NOW).reason == "OK"
+    assert check(st, _req(side="lay", price=2.12351), NOW).reason == "OK"
+    assert check(st, _req(side="lay", price=2.12349), NOW).reason == "PRICE_CHANGED"
+    # the bounds, and a price of 3 digits before the point keeps its 4 places in the message
+    assert check(st, _req(sid="2", price=1000.0, accept_better=False), NOW).reason == "OK"
+    assert check(st, _req(sid="2", side="lay", price=1.01, accept_better=False), NOW).reason == "OK"
+    st = _state(_market("m", selections=[_sel("1", back=101.2345, lay=None)]))
+    r = check(st, _req(price=101.2346), NOW)
+    assert r.message == "best_back is 101.2345, requested 101.2346" and r.current_price == 101.2345
 
 
 def test_bookmaker_price_and_missing_sides() -> None:
@@ -265,6 +318,23 @@ async def test_http_answers_and_follows_live_changes(store: Store, redis_url: st
         assert unknown["reason"] == "UNKNOWN_MARKET" and unknown["accepted"] is False
 
 
+async def test_http_prices_with_4_decimals(store: Store, redis_url: str) -> None:
+    # -110 / 10-11 are stored as 1.9091: a client may ask for it as shown, and 1.91 is not it
+    await Feed(store).write(_image("bf:1.1", back=1.9091, lay=1.9049))
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        a = await _pc(c, market_id="bf:1.1", selection_id="1", side="back", price=1.9091, accept_better=False)
+        assert a["reason"] == "OK" and a["current_price"] == 1.9091 and a["requested_price"] == 1.9091, a
+        a = await _pc(c, market_id="bf:1.1", selection_id="1", side="back", price=1.91, accept_better=False)
+        assert a["reason"] == "PRICE_CHANGED" and a["current_price"] == 1.9091, a
+        a = await _pc(c, market_id="bf:1.1", selection_id="1", side="lay", price=1.9, accept_better=True)
+        assert a["reason"] == "PRICE_CHANGED" and a["current_price"] == 1.9049, a
+        r = await c.post("/v1/price-check/batch", json={"legs": [
+            {"market_id": "bf:1.1", "selection_id": "1", "side": "lay", "price": 1.9049, "accept_better": False},
+            {"market_id": "bf:1.1", "selection_id": "1", "side": "lay", "price": 1.9091}]})
+        assert r.status_code == 200, r.text
+        assert [leg["reason"] for leg in r.json()["legs"]] == ["OK", "OK"]
+
+
 async def test_http_batch(store: Store, redis_url: str) -> None:
     feed = Feed(store)
     await feed.write(_image("bf:1.1"), _image("bf:1.2", back=5.0, lay=5.1))
@@ -285,7 +355,8 @@ async def test_http_batch(store: Store, redis_url: str) -> None:
     ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": 1.0}, "$.price"),
     ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": 1001}, "$.price"),
     ("", {"market_id": "m", "selection_id": "1", "side": "both", "price": 2.0}, "$.side"),
-    ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": 2.123}, "2 decimal places"),
+    ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": 2.12345}, "more than 4 decimal places"),
+    ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": 1.90915}, "price 1.90915 has more than 4"),
     ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": 2.0, "stake": 5}, "stake"),
     ("", {"market_id": "m", "side": "back", "price": 2.0}, "selection_id"),
     ("", {"market_id": "m", "selection_id": "1", "side": "back", "price": "2.0"}, "$.price"),
@@ -298,7 +369,7 @@ async def test_http_batch(store: Store, redis_url: str) -> None:
     ("/batch", {"legs": [{"market_id": "m", "selection_id": "1", "side": "back", "price": 2.0}] * 51}, "$.legs"),
     ("/batch", {"legs": [{"market_id": "m", "selection_id": "1", "side": "back", "price": 2.0},
                          {"market_id": "m", "selection_id": "1", "side": "lay", "price": 0.5}]}, "$.legs[1].price"),
-    ("/batch", {"legs": [{"market_id": "m", "selection_id": "1", "side": "back", "price": 2.005}]},
+    ("/batch", {"legs": [{"market_id": "m", "selection_id": "1", "side": "back", "price": 2.00005}]},
      "$.legs[0].price"),
     # the wrong endpoint is named, and a number is told to be quoted only where an id goes (API probe)
     ("", {"legs": []}, "a batch goes to POST /v1/price-check/batch"),
@@ -485,3 +556,14 @@ async def test_answers_while_redis_is_frozen(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGCONT)
         await store.close()
         server.stop()
+
+
+def test_the_default_max_age_never_exceeds_the_age_at_which_the_market_streams_stale() -> None:
+    """With ODDSFEED_STALE_IN_PLAY_MS below the price check's 5 s default, a market streamed as
+    ``stale: true`` was still answered OK (trust audit, architecture §65)."""
+    st = _state(_market("m", in_play=True, received_at=NOW - 3_000),
+                settings=Settings(stale_in_play_ms=2_000, stale_pre_match_ms=60_000))
+    assert st.age_stale(st.markets["m"], NOW) == (3_000, True)
+    r = check(st, _req(), NOW)
+    assert r.reason == "STALE" and r.max_age_ms == 2_000, r
+    assert check(st, _req(max_age_ms=5_000), NOW).reason == "OK"  # a caller's own max_age_ms is its choice

@@ -57,7 +57,7 @@ def price(market: str, back: float, *, pt: int) -> bytes:
 def node(markets: list[Market], health: list[SourceHealth]) -> NodeState:
     st = NodeState(Settings(stale_in_play_ms=10_000), 1)
     st.replace_partitions({0: ("0-0", markets)}, "e")
-    st.set_health(health)
+    st.set_health(health, now=max((h.updated_at for h in health), default=None))  # read as they were written
     return st
 
 
@@ -749,11 +749,11 @@ def test_a_node_vouches_for_a_heartbeat_only_once_it_has_read_the_log_that_far()
                      lease_ms=5_000)
     heads = ["5-0", "5-0"]
     heads[p] = "9-0"  # the ingest stored more in the market's partition than the node has read
-    st.set_health([h], heads)
+    st.set_health([h], heads, now=NOW)
     assert st.age_stale(st.markets[m.market_id], NOW) == (8_000, False)  # its own receipt, not the heartbeat
     st.apply_entry(p, "9-0", [], NOW)  # the reader caught up with the log head read after the record
     assert st.age_stale(st.markets[m.market_id], NOW) == (100, False)
-    st.set_health([h], ["5-0", "5-0"])  # a reader at the head vouches at once
+    st.set_health([h], ["5-0", "5-0"], now=NOW)  # a reader at the head vouches at once
     assert st.age_stale(st.markets[m.market_id], NOW) == (100, False)
 
 

@@ -542,7 +542,7 @@ export interface PriceAt {
 
 /**
  * One price check (one leg). ``price``: decimal odds 1.01–1000 with at
- * most 2 decimal places; ``max_age_ms``: oldest acceptable data (default
+ * most 4 decimal places; ``max_age_ms``: oldest acceptable data (default
  * by in-play / pre-match); ``accept_better``: a better price than asked
  * is accepted; ``version``: the market definition version the price was
  * shown with (optional).
