@@ -429,7 +429,11 @@ class Ingest:
         """Everything received up to ``recv_ms`` is stored: the source's
         markets are confirmed as of then (``SourceHealth.last_message_at``).
         Never earlier: a heartbeat must not vouch for changes still waiting
-        for the store."""
+        for the store. Never while the provider flags its stream degraded
+        (ESA ``status: 503``: "data may be delayed"): a heartbeat then does not
+        say nothing changed, so quiet markets age from their own last change."""
+        if self._degraded:
+            return
         if recv_ms > self.health.last_message_at:
             self.health.last_message_at = recv_ms
 

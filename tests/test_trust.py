@@ -801,3 +801,31 @@ async def test_a_failing_quarantine_write_never_holds_back_the_prices(store: Sto
     ingest._quarantine_retry_at = 0.0  # (skip the backoff wait)
     await ingest.flush()
     assert sum((await store.quarantine_counts()).get("betfair", {}).values()) == 1
+
+
+async def test_heartbeats_of_a_stream_flagged_degraded_confirm_nothing(store: Store) -> None:
+    """ESA ``status: 503`` says the stream's data may be delayed: its heartbeats went on vouching
+    for every quiet market, so a market whose change was held up upstream read current (trust
+    audit of the price check, architecture §65)."""
+    ingest = Ingest(store, source="betfair")
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    await ingest.flush()
+    ingest.feed_lines([line(pt=NOW + 1_000, ct="HEARTBEAT", clk="AAB")], NOW + 1_000)
+    await ingest.flush()
+    assert ingest.published_health().last_message_at == NOW + 1_000  # healthy: a heartbeat confirms
+    for at, clk in ((NOW + 2_000, "AAC"), (NOW + 30_000, "AAD")):  # ESA: every message carries it while degraded
+        degraded = orjson.loads(line(pt=at, ct="HEARTBEAT", clk=clk))
+        degraded["status"] = 503
+        ingest.feed_lines([orjson.dumps(degraded)], at)
+        await ingest.flush()
+    assert ingest.degraded
+    assert ingest.published_health().last_message_at == NOW + 1_000  # not vouched while degraded
+    m = await store.get_market("bf:1.1")
+    assert m is not None
+    st = node([m], [msgspec.structs.replace(ingest.published_health(), state="DEGRADED", updated_at=NOW + 30_000)])
+    assert st.age_stale(m, NOW + 30_000)[1] is True  # 29 s since the last confirmation: stale
+    ok = orjson.loads(line(pt=NOW + 31_000, ct="HEARTBEAT", clk="AAE"))
+    ok["status"] = None  # the flag cleared: heartbeats vouch again
+    ingest.feed_lines([orjson.dumps(ok)], NOW + 31_000)
+    await ingest.flush()
+    assert not ingest.degraded and ingest.published_health().last_message_at == NOW + 31_000
