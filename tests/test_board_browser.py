@@ -481,3 +481,75 @@ async def test_board_shows_the_score_beside_the_odds_and_drops_a_removed_market(
         await page.until("oddsBoard.state.stats.removed === 1 "
                          "&& !document.querySelector('[data-market-id=\"bf:1.2\"]')", "the removed market gone")
         assert page.errors() == [], page.errors()
+
+
+class _SilencingProxy:
+    """A TCP relay on 127.0.0.1 in front of the API that can go silent: while frozen it holds
+    every connection open and passes nothing on to the browser (a half-open link: no error, no
+    close — what a NAT or a dead host looks like to the page)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gated: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if gated:
+                    await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _client(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        await asyncio.gather(self._pipe(c_reader, u_writer, False), self._pipe(u_reader, c_writer, True))
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.flowing.set()
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_silent_stream_is_noticed_marked_stale_and_reopened(redis_url: str, store: Store) -> None:
+    """A half-open connection raises nothing in the page: EventSource waited forever, the page
+    said "live" and its prices aged only into the 10 s / 60 s thresholds (client audit,
+    architecture §65). Now a stream silent for 3 heartbeats + 1 s is dropped and reopened, and
+    meanwhile every price reads stale with the "connection lost" banner."""
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    from feed.models import SourceHealth
+    from streaming_helpers import Feed, now_ms
+
+    feed = Feed(store)
+    await feed.write(feed.image("bf:1.1", event="bf:e1"))  # pre-match: fresh for 60 s on its own
+    t = now_ms()
+    await store.set_health(SourceHealth(source="t", kind="push", state="UP", last_message_at=t, updated_at=t,
+                                        lease_ms=600_000))
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=1000))
+    proxy = _SilencingProxy(0)
+    async with serve(app) as base:
+        proxy.upstream_port = int(base.rsplit(":", 1)[1])
+        async with proxy as port, browser(f"http://127.0.0.1:{port}/") as page:
+            await page.until("window.oddsBoard && oddsBoard.state.connected && oddsBoard.state.markets.size === 1 "
+                             "&& !oddsBoard.isStale('bf:1.1')", "the board live with a fresh price")
+            proxy.flowing.clear()  # the link goes silent
+            await page.until("!oddsBoard.state.connected && oddsBoard.state.stats.silences >= 1 "
+                             "&& oddsBoard.isStale('bf:1.1') "
+                             "&& document.querySelector('[data-market-id=\"bf:1.1\"]').classList.contains('stale')",
+                             "the silence noticed and the price marked stale", timeout_s=20)
+            assert "Connection to the feed lost" in await page.js("document.body.textContent")
+            proxy.flowing.set()
+            await page.until("oddsBoard.state.connected && !oddsBoard.isStale('bf:1.1')",
+                             "the stream reopened and the price fresh again", timeout_s=20)
+            assert page.errors() == [], page.errors()

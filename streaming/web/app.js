@@ -101,7 +101,7 @@
     filter: { sport: params.get("sport") || "all", play: playFromParam(params.get("in_play")) },
     stats: { snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, eventStates: 0, removed: 0,
              resumedRecovered: 0,
-             resumedLost: 0, flashes: 0, renders: 0, errors: 0, gaps: 0, resyncs: 0, lagMs: null },
+             resumedLost: 0, silences: 0, flashes: 0, renders: 0, errors: 0, gaps: 0, resyncs: 0, lagMs: null },
   };
 
   function playFromParam(v) {
@@ -180,6 +180,7 @@
     const m = state.markets.get(id);
     const age = ageMs(id, now);
     if (!m || age === null) return true;
+    if (!state.connected) return true;  // nothing confirms a price while the stream is down
     if (sourceDown(m.source) || state.flagged.get(id)) return true;
     return age > (m.in_play ? STALE_IN_PLAY_MS : STALE_PRE_MATCH_MS);
   }
@@ -818,6 +819,7 @@
   /** Once a second: ages tick, stale markers follow the clock, flashes expire, match clocks run. */
   function tick() {
     const now = performance.now();
+    watchdog(now);
     if (route.event !== null) {
       tickEvent(now);
       renderBanner();
@@ -934,6 +936,7 @@
 
   let es = null;
   let retryMs = 500;
+  let lastHeard = 0;  // performance.now() of the stream's last message (watchdog)
   let streamGen = 0;
 
   /** (Re)open the book stream for the current route: everything on the list,
@@ -952,6 +955,18 @@
     connect();
   }
 
+  /** A stream that goes silent (a half-open connection: no error, no close — EventSource
+   *  would wait forever) is dropped after 3 heartbeats + 1 s and opened again, resuming with
+   *  the last token; meanwhile every price reads stale (isStale). Called every second. */
+  function watchdog(now) {
+    if (!es || !state.connected || now - lastHeard <= 3 * HEARTBEAT_MS + 1000) return;
+    state.stats.silences += 1;
+    es.close();
+    es = null;
+    setConnected(false, "connection lost — reconnecting…");
+    connect();
+  }
+
   function connect() {
     const gen = streamGen;
     let url = "/v1/stream?heartbeat_ms=" + HEARTBEAT_MS;
@@ -961,12 +976,15 @@
     const mine = es;
     const handle = (fn) => (e) => {
       if (gen !== streamGen) { mine.close(); return; }
+      lastHeard = performance.now();
       if (e.lastEventId) state.token = e.lastEventId;
       let msg;
       try { msg = JSON.parse(e.data); } catch (err) { state.stats.errors += 1; return; }
       fn(msg);
     };
-    es.addEventListener("open", () => { if (gen === streamGen) { retryMs = 500; setConnected(true, "live"); } });
+    es.addEventListener("open", () => {
+      if (gen === streamGen) { retryMs = 500; lastHeard = performance.now(); setConnected(true, "live"); }
+    });
     es.addEventListener("snapshot", handle(onSnapshot));
     es.addEventListener("delta", handle(onDelta));
     es.addEventListener("heartbeat", handle(onHeartbeat));
