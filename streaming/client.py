@@ -49,10 +49,31 @@ market is "confirmed" when a message about it arrives (minus the
 ``age_ms`` the server reported, which counts from ``received_at`` or the
 source's last message) and by every heartbeat while its source is not
 DOWN and the server has not flagged it stale. ``age_ms(id)`` = now − that
-confirmation; ``is_stale(id)`` = its source is DOWN (``status`` messages,
-and ``GET /v1/sources`` on connect), or the server flagged it stale (in a
-snapshot, delta or ``status``), or its age exceeds ``stale_in_play_ms`` /
-``stale_pre_match_ms``.
+confirmation; ``is_stale(id)`` = the client is not following a live stream,
+or its source is DOWN (``status`` messages, and ``GET /v1/sources`` on
+connect), or the server flagged it stale (in a snapshot, delta or
+``status``), or its age exceeds ``stale_in_play_ms`` / ``stale_pre_match_ms``.
+Not following a live stream: from the moment the stream drops or is found
+silent until a reconnect resumes it (``resumed {recovered: true}``) or a
+snapshot replaces the book — every market reads stale meanwhile, and ages
+keep growing from the last confirmation (a reconnected stream confirms
+nothing before it is resumed); likewise after a fatal error or ``close()``.
+
+Callbacks (``on_update``, ``on_event_state``) run synchronously after the
+book (or ``event_states``) is updated; an exception one raises is logged
+(``logger.exception``, naming the callback), counted in
+``stats.callback_errors`` and otherwise ignored: the stream goes on.
+
+A newer server: the wire types (feed.models) type their enums as closed
+Literals; a value the client does not know (a market status ``PRE_OPEN``,
+an event status ``HALF_TIME`` …) is kept as a plain string (the message is
+decoded again with a type that admits any string there, see
+``_lenient_struct``), and a message of a type it does not know is skipped
+(logged once per type; its resume token is kept). A message of a known type
+that does not decode even so is skipped too (a delta's market then reads
+stale until a later delta or a snapshot); ``stats.skipped`` counts both.
+Content never drops the stream (the resumed stream would send the same
+message again): only bytes that are not JSON count as a broken stream.
 
 Event states (scores, clock, period, status; the README's "Event state"):
 every ``event_state`` message updates ``event_states[event_id]`` (the
@@ -83,9 +104,10 @@ import contextlib
 import json
 import logging
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -143,7 +165,11 @@ class SourceStatus:
 @dataclass
 class ClientStats:
     """Counters since construction. ``lag_ms``: wall-clock receipt − ``source_ts``
-    of the last delta (end-to-end lag, meaningful when clocks are in sync)."""
+    of the last delta (end-to-end lag, meaningful when clocks are in sync).
+    ``skipped``: messages not applied because the client cannot read them (an
+    unknown ``type``, or content that does not decode even leniently).
+    ``callback_errors``: exceptions raised by ``on_update`` / ``on_event_state``
+    (logged; the stream goes on)."""
 
     connects: int = 0
     reconnects: int = 0
@@ -158,6 +184,8 @@ class ClientStats:
     gaps: int = 0
     resyncs: int = 0
     errors: int = 0
+    skipped: int = 0
+    callback_errors: int = 0
     lag_ms: int | None = None
     last_error: str | None = None
     disconnect_reasons: list[str] = field(default_factory=list)
@@ -223,11 +251,92 @@ class _Sources(msgspec.Struct):
     sources: list[_Source]
 
 
+class _Head(msgspec.Struct):
+    """What is read of a message whose envelope does not decode (a type this client does not know,
+    with fields of other shapes): its type and its resume token, whatever their shapes."""
+
+    type: Any = None
+    token: Any = None
+
+
+class _SnapshotRaw(msgspec.Struct):
+    markets: list[msgspec.Raw]
+
+
+#: Message types this client knows (others are skipped: a server newer than the client).
+_KNOWN_TYPES = frozenset({"delta", "heartbeat", "snapshot", "status", "event_state", "removed", "resumed",
+                          "error", "ack", "pong"})
+
+
+# -- lenient decoding: a newer server's enum values ---------------------------------------------
+#
+# feed.models types its enums as closed Literals (MarketStatus, EventStatus, DeltaKind …), so a value
+# a newer server added ("PRE_OPEN", "HALF_TIME") fails the strict decode. Such a message is decoded
+# again with a lenient twin of its type: a subclass (built here, from the annotations) whose
+# string-Literal fields admit any str. What it decodes *is* a Market / Delta / ServedEventState
+# (isinstance holds, apply_delta and msgspec.structs.replace keep it), holding the unknown value as
+# a plain string; the strict decoders stay the fast path.
+
+_S = TypeVar("_S")
+
+
+def _lenient_type(tp: Any, memo: dict[type, type]) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        args = get_args(tp)
+        return str if args and all(isinstance(a, str) for a in args) else tp
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return _lenient_struct(tp, memo)
+    if origin is Union or origin is types.UnionType:
+        args = tuple(_lenient_type(a, memo) for a in get_args(tp))
+        return tp if args == get_args(tp) else Union[args]
+    if origin in (list, tuple, dict, set, frozenset):
+        args = tuple(a if a is Ellipsis else _lenient_type(a, memo) for a in get_args(tp))
+        return tp if args == get_args(tp) else origin[args]
+    return tp
+
+
+def _lenient_struct(cls: type, memo: dict[type, type]) -> type:
+    """``cls``, or a subclass of it whose fields (nested ones included) take any str where ``cls``
+    takes a string Literal."""
+    if cls in memo:
+        return memo[cls]
+    memo[cls] = cls  # a recursive reference decodes strictly (none in the wire types)
+    overrides: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for f in msgspec.structs.fields(cls):
+        t = _lenient_type(f.type, memo)
+        if t == f.type:
+            continue
+        if f.default is not msgspec.NODEFAULT:
+            overrides.append((f.name, t, msgspec.field(default=f.default, name=f.encode_name)))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            overrides.append((f.name, t, msgspec.field(default_factory=f.default_factory, name=f.encode_name)))
+        else:
+            overrides.append((f.name, t, msgspec.field(name=f.encode_name)))
+    if overrides:
+        cfg = getattr(cls, "__struct_config__")
+        memo[cls] = msgspec.defstruct(cls.__name__, overrides, bases=(cls,), module=__name__, kw_only=True,
+                                      frozen=cfg.frozen, gc=cfg.gc, omit_defaults=cfg.omit_defaults)
+    return memo[cls]
+
+
+def _lenient_decoder(cls: type[_S]) -> msgspec.json.Decoder[_S]:
+    """A decoder of ``cls`` that keeps unknown enum values as plain strings."""
+    return msgspec.json.Decoder(_lenient_struct(cls, {}))
+
+
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
+_HEAD = msgspec.json.Decoder(_Head)
 _SNAP_AGES = msgspec.json.Decoder(_SnapshotAges)
 _SNAP_MARKETS = msgspec.json.Decoder(_SnapshotMarkets)
+_SNAP_RAW = msgspec.json.Decoder(_SnapshotRaw)
+_MARKET = msgspec.json.Decoder(Market)
+_MARKET_LENIENT = _lenient_decoder(Market)
+_MARKET_AGE = msgspec.json.Decoder(_MarketAge)
 _DELTA = msgspec.json.Decoder(Delta)
+_DELTA_LENIENT = _lenient_decoder(Delta)
 _EVENT_STATE = msgspec.json.Decoder(_EventStateMessage)
+_EVENT_STATE_LENIENT = _lenient_decoder(_EventStateMessage)
 _SOURCES = msgspec.json.Decoder(_Sources)
 _RESULT = msgspec.json.Decoder(PriceCheckResult)
 _BATCH = msgspec.json.Decoder(BatchResult)
@@ -267,8 +376,11 @@ class OddsClient:
     url: the server (``http[s]://host:port`` or ``ws[s]://host:port``; a
     path, if given, is ignored). transport: "sse" | "ws" (default by scheme).
     sport / competition / event / market: a value, a comma-separated string
-    or a list; in_play: True/False/None. heartbeat_ms: heartbeat interval
-    asked of the server (a stream silent for 3× that is dropped).
+    or a list; in_play: True/False/None. The book is also filtered locally
+    (a market that stops matching is dropped), except by a canonical event
+    (``event="ev:…"``, several provider events): the server filters that
+    one. heartbeat_ms: heartbeat interval asked of the server (a stream
+    silent for 3× that is dropped).
     api_key: sent as ``X-API-Key``. stale_in_play_ms / stale_pre_match_ms:
     local staleness thresholds (defaults match the server's).
     reconnect_initial_s / reconnect_max_s: backoff bounds (full jitter).
@@ -276,7 +388,9 @@ class OddsClient:
     on_update: called as ``on_update(market_id, market_or_None)`` after
     each change of the book (None = removed), synchronously. on_event_state:
     called as ``on_event_state(state)`` with each event state taken (a
-    :class:`ServedEventState`), synchronously. backoff: a
+    :class:`ServedEventState`), synchronously. Both run once the book is
+    updated; an exception they raise is logged and counted
+    (``stats.callback_errors``), never the end of the stream. backoff: a
     :class:`~feed.sources.backoff.Backoff` to use instead of one built from
     the reconnect bounds (tests inject a deterministic one).
     """
@@ -307,7 +421,11 @@ class OddsClient:
             ("sport", _csv(sport)), ("competition", _csv(competition)), ("event", _csv(event)),
             ("market", _csv(market)), ("in_play", in_play)) if v is not None}
         self._f_sport, self._f_comp = _as_set(sport), _as_set(competition)
-        self._f_event, self._f_market = _as_set(event), _as_set(market)
+        ev = _as_set(event)
+        # canonical ev:… ids name several provider events (the markets carry provider ids in
+        # event_id): the server filters those, not the client (as the TS client does)
+        self._f_event = ev if ev is not None and not any(e.startswith("ev:") for e in ev) else None
+        self._f_market = _as_set(market)
         self._f_in_play = in_play
         self.heartbeat_ms = heartbeat_ms
         self.api_key = api_key
@@ -338,6 +456,10 @@ class OddsClient:
         self._gap_resumes = 0
         self._gap_market: str | None = None
         self._confirmed: dict[str, float] = {}   # market_id → monotonic s of the last confirmation
+        #: the book is being kept current: set by a snapshot or ``resumed {recovered: true}``, cleared
+        #: when the stream drops or goes silent (every market reads stale until it is set again)
+        self._live = False
+        self._logged: set[str] = set()           # keys of the warnings logged once
         self._flagged: dict[str, bool] = {}      # market_id → the server said stale
         self._backoff = backoff or Backoff(initial_s=reconnect_initial_s, max_s=reconnect_max_s)
         self._changed = asyncio.Condition()
@@ -375,6 +497,7 @@ class OddsClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        self.connected = self._live = False
         await self._http.aclose()
 
     def reconnect(self) -> None:
@@ -409,11 +532,13 @@ class OddsClient:
         return max(0, int((time.monotonic() - t) * 1000))
 
     def is_stale(self, market_id: str) -> bool:
-        """True when the market's source is DOWN, the server flagged it stale,
-        or its age exceeds the in-play / pre-match threshold (unknown → True)."""
+        """True when the client is not following a live stream (dropped, silent
+        for 3 × the heartbeat, reconnecting and not yet resumed or re-snapshotted,
+        closed), the market's source is DOWN, the server flagged it stale, or its
+        age exceeds the in-play / pre-match threshold (unknown → True)."""
         m = self.markets.get(market_id)
         age = self.age_ms(market_id)
-        if m is None or age is None:
+        if m is None or age is None or not self._live:
             return True
         src = self.sources.get(m.source)
         if src is not None and src.state == "DOWN":
@@ -538,7 +663,7 @@ class OddsClient:
                     conn.result()
                 except StreamError as exc:
                     logger.error("oddsclient: %s", exc)
-                    self.connected = False
+                    self.connected = self._live = False
                     self.error = exc
                     self.stats.last_error = str(exc)
                     await self._notify()
@@ -553,7 +678,7 @@ class OddsClient:
                 except (httpx.HTTPError, websockets.exceptions.WebSocketException, OSError,
                         msgspec.DecodeError, EOFError) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
-            self.connected = False
+            self.connected = self._live = False  # every market reads stale until resumed / a snapshot
             if self._closing:
                 return
             self.synced.clear()
@@ -692,45 +817,140 @@ class OddsClient:
             self._changed.notify_all()
 
     # -- messages -------------------------------------------------------------------
+    #
+    # Content never drops the stream: a resumed stream would send the same message again and the
+    # client would reconnect forever. Unknown enum values are kept as strings (lenient decoding), a
+    # message of an unknown type is skipped, and one that does not decode even leniently is skipped
+    # too (a delta's market then reads stale, see _skip). Only bytes that are not JSON at all count
+    # as a broken stream (msgspec.DecodeError: reconnect).
 
     def _on_message(self, data: bytes, now: float, sse_id: str | None) -> None:
-        env = _ENVELOPE.decode(data)
-        t = env.type
-        token = sse_id if sse_id is not None else env.token
-        if t == "delta":
-            self._on_delta(data, env, now)  # raises _SeqGap before the token moves past the gap
-            if token is not None:
-                self.token = token
+        try:
+            env = _ENVELOPE.decode(data)
+        except msgspec.ValidationError as exc:  # JSON, but its fields are not what the envelope says
+            self._on_unknown(data, sse_id, str(exc))
             return
+        t = env.type
+        if t not in _KNOWN_TYPES:
+            self._on_unknown(data, sse_id, None)
+            return
+        token = sse_id if sse_id is not None else env.token
+        try:
+            if t == "delta":
+                self._on_delta(data, env, now)  # raises _SeqGap before the token moves past the gap
+            elif t == "heartbeat":
+                self.stats.heartbeats += 1
+                self._on_heartbeat(now)
+            elif t == "snapshot":
+                self._on_snapshot(data, env, now)
+            elif t == "status":
+                self._on_status(env)
+            elif t == "event_state":
+                self._on_event_state(data)
+            elif t == "removed":  # the market left what this credential may see (streaming.tenants)
+                self._forget(env.market_id)
+            elif t == "resumed":
+                if env.recovered:
+                    self.stats.resumed_recovered += 1
+                    self._live = True
+                    self.synced.set()  # the book is kept; the missed deltas follow
+                else:
+                    self.stats.resumed_lost += 1  # the snapshot that follows replaces the book
+            elif t == "error":
+                self.stats.errors += 1
+                if env.id == 1 and env.code == "bad_request":
+                    raise StreamError(f"subscribe refused: {env.message}", code=env.code)
+                logger.warning("oddsclient: server error %s: %s", env.code, env.message)
+            # ack, pong: nothing to do
+        except msgspec.ValidationError as exc:
+            self._skip(t, str(exc), env.market_id if t == "delta" else None)
+            return  # nor is its token taken
         if token is not None:
             self.token = token
-        if t == "heartbeat":
-            self.stats.heartbeats += 1
-            self._on_heartbeat(now)
-        elif t == "snapshot":
-            self._on_snapshot(data, env, now)
-        elif t == "status":
-            self._on_status(env)
-        elif t == "event_state":
-            self._on_event_state(data)
-        elif t == "removed":  # the market left what this credential may see (streaming.tenants)
-            self._forget(env.market_id)
-        elif t == "resumed":
-            if env.recovered:
-                self.stats.resumed_recovered += 1
-                self.synced.set()  # the book is kept; the missed deltas follow
-            else:
-                self.stats.resumed_lost += 1  # the snapshot that follows replaces the book
-        elif t == "error":
-            self.stats.errors += 1
-            if env.id == 1 and env.code == "bad_request":
-                raise StreamError(f"subscribe refused: {env.message}", code=env.code)
-            logger.warning("oddsclient: server error %s: %s", env.code, env.message)
-        # ack, pong: nothing to do
+
+    def _on_unknown(self, data: bytes, sse_id: str | None, why: str | None) -> None:
+        """A message this client cannot read as one it knows: skipped (logged once per type); its
+        resume token is kept (the position after it: a resume need not replay what would be skipped
+        again). A known type whose envelope fields have other shapes is a malformed message (_skip)."""
+        try:
+            head = _HEAD.decode(data)
+        except msgspec.ValidationError as exc:  # not even an object
+            self._skip("?", str(exc), None)
+            return
+        t = head.type if isinstance(head.type, str) else repr(head.type)
+        if t in _KNOWN_TYPES:
+            self._skip(t, why or "malformed", None)
+            return
+        self.stats.skipped += 1
+        self._log_once(f"type:{t}", logging.WARNING,
+                       "oddsclient: skipping messages of type %r, which this client does not know", t)
+        token = sse_id if sse_id is not None else head.token
+        if isinstance(token, str):
+            self.token = token
+
+    def _skip(self, t: str, why: str, market_id: str | None) -> None:
+        """A message of a known type that does not decode even leniently: not applied, its token not
+        taken. A delta's market (when held) reads stale until a later delta or snapshot replaces it:
+        the client knows it missed a change of it."""
+        self.stats.skipped += 1
+        if market_id is not None and market_id in self.markets:
+            self._flagged[market_id] = True
+        self._log_once(f"bad:{t}:{why}", logging.WARNING,
+                       "oddsclient: skipping a %s message this client cannot read: %s", t, why)
+
+    def _log_once(self, key: str, level: int, msg: str, *args: object) -> None:
+        if key in self._logged or len(self._logged) >= 1000:
+            return
+        self._logged.add(key)
+        logger.log(level, msg, *args)
+
+    def _decode(self, strict: msgspec.json.Decoder[_S], lenient: msgspec.json.Decoder[_S], data: bytes,
+                what: str) -> _S:
+        """``data`` decoded strictly or, failing that, leniently (unknown enum values kept as strings;
+        logged once per value and place). Raises msgspec.ValidationError when even that fails."""
+        try:
+            return strict.decode(data)
+        except msgspec.ValidationError as exc:
+            out = lenient.decode(data)
+            self._log_once(f"lenient:{what}:{exc}", logging.INFO,
+                           "oddsclient: a %s carries a value this client does not know (%s): kept as a string",
+                           what, exc)
+            return out
+
+    def _callback(self, name: str, fn: Callable[..., None], *args: Any) -> None:
+        """Call a user callback: an exception it raises is logged and counted, never the stream's
+        end (the book is updated before any callback runs)."""
+        try:
+            fn(*args)
+        except Exception:
+            self.stats.callback_errors += 1
+            logger.exception("oddsclient: the %s callback raised; the book is updated and the stream goes on",
+                             name)
+
+    def _snapshot_markets(self, data: bytes) -> tuple[list[Market], dict[str, _MarketAge]]:
+        try:
+            markets = _SNAP_MARKETS.decode(data).markets
+            return markets, {a.market_id: a for a in _SNAP_AGES.decode(data).markets}
+        except msgspec.ValidationError:
+            pass
+        # market by market: unknown enum values kept, a market that cannot be read left out (logged)
+        out: list[Market] = []
+        ages: dict[str, _MarketAge] = {}
+        for raw in _SNAP_RAW.decode(data).markets:
+            try:
+                m = self._decode(_MARKET, _MARKET_LENIENT, raw, "snapshot market")
+            except msgspec.ValidationError as exc:
+                self.stats.skipped += 1
+                self._log_once(f"bad:snapshot:{exc}", logging.WARNING,
+                               "oddsclient: leaving out a snapshot market this client cannot read: %s", exc)
+                continue
+            out.append(m)
+            with contextlib.suppress(msgspec.ValidationError):
+                ages[m.market_id] = _MARKET_AGE.decode(raw)
+        return out, ages
 
     def _on_snapshot(self, data: bytes, env: _Envelope, now: float) -> None:
-        markets = _SNAP_MARKETS.decode(data).markets
-        ages = {a.market_id: a for a in _SNAP_AGES.decode(data).markets}
+        markets, ages = self._snapshot_markets(data)
         old = self.markets
         self.markets = {}
         self._confirmed.clear()
@@ -744,17 +964,18 @@ class OddsClient:
             self._flagged[m.market_id] = bool(a and a.stale)
         self.stats.snapshots += 1
         self._gap_resumes = 0
+        self._live = True
         self.synced.set()
         self._backoff.reset()
         if self.on_update is not None:
             for mid in old.keys() - self.markets.keys():
-                self.on_update(mid, None)
+                self._callback("on_update", self.on_update, mid, None)
             for mid, m in self.markets.items():
-                self.on_update(mid, m)
+                self._callback("on_update", self.on_update, mid, m)
 
     def _on_delta(self, data: bytes, env: _Envelope, now: float) -> None:
         """Apply one delta message (the seq rules are in the module docstring). Raises _SeqGap."""
-        d = _DELTA.decode(data)
+        d = self._decode(_DELTA, _DELTA_LENIENT, data, "delta")
         mid = d.market_id
         cur = self.markets.get(mid)
         if cur is not None:
@@ -779,18 +1000,18 @@ class OddsClient:
         self._confirmed[mid] = now - (env.age_ms or 0) / 1000
         self._flagged[mid] = bool(env.stale)
         if self.on_update is not None:
-            self.on_update(mid, new)
+            self._callback("on_update", self.on_update, mid, new)
 
     def _on_event_state(self, data: bytes) -> None:
         """Take an event state unless one with a higher or equal version from the same source is held."""
-        es = _EVENT_STATE.decode(data).event_state
+        es = self._decode(_EVENT_STATE, _EVENT_STATE_LENIENT, data, "event_state").event_state
         held = self.event_states.get(es.event_id)
         if held is not None and held.version >= es.version and held.source == es.source:
             return
         self.event_states[es.event_id] = es
         self.stats.event_states += 1
         if self.on_event_state is not None:
-            self.on_event_state(es)
+            self._callback("on_event_state", self.on_event_state, es)
 
     def _forget(self, mid: str | None) -> None:
         """Drop market ``mid`` from the book (``on_update(mid, None)`` when it was held)."""
@@ -800,9 +1021,11 @@ class OddsClient:
         self._confirmed.pop(mid, None)
         self._flagged.pop(mid, None)
         if self.on_update is not None and cur is not None:
-            self.on_update(mid, None)
+            self._callback("on_update", self.on_update, mid, None)
 
     def _on_heartbeat(self, now: float) -> None:
+        if not self._live:
+            return  # a reconnected stream not yet resumed confirms nothing
         down = {s for s, st in self.sources.items() if st.state == "DOWN"}
         confirmed, flagged = self._confirmed, self._flagged
         for mid, m in self.markets.items():

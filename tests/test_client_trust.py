@@ -1,0 +1,317 @@
+"""streaming.client.OddsClient: what it holds can be trusted (audit of the Python client).
+
+- F: a client that has lost its stream (silence detected, or reconnected but not yet resumed)
+  read its pre-match markets as fresh for up to a minute: every market now reads stale until a
+  resume (``recovered: true``) or a snapshot.
+- I: an exception in a user callback ended the stream task silently (connected stayed True, the
+  book froze and read fresh): it is logged and the stream goes on.
+- A: ``event="ev:…"`` (a canonical event) dropped every market at its first delta: the client
+  compared the markets' provider event ids with ``ev:…``; the server filters those.
+- E: a value the client does not know (a newer server's market or event status, a message type
+  with object fields) failed the decode, dropped the stream, and the resumed stream sent it
+  again — forever: unknown enum values are kept as strings, unknown types are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from feed.models import Market, SourceHealth
+from feed.sources.backoff import Backoff
+from feed.store import StoredLink, Store
+from streaming.client import OddsClient
+from streaming_helpers import Feed, eventually, make_app, now_ms, serve
+
+TRANSPORTS = ["sse", "ws"]
+
+
+def _url(base: str, transport: str) -> str:
+    return base.replace("http://", "ws://") if transport == "ws" else base
+
+
+def _same(a: dict[str, Market], b: dict[str, Market]) -> bool:
+    return a.keys() == b.keys() and all(msgspec.to_builtins(a[k]) == msgspec.to_builtins(b[k]) for k in a)
+
+
+def _frame(obj: dict[str, Any], eid: str | None = None) -> bytes:
+    """One SSE frame of the server's wire format."""
+    return (f"event: {obj['type']}\n" + (f"id: {eid}\n" if eid else "") + f"data: {json.dumps(obj)}\n\n").encode()
+
+
+def _market(mid: str, *, in_play: bool = False, status: str = "OPEN", sel_status: str = "ACTIVE",
+            seq: int = 1) -> dict[str, Any]:
+    t = now_ms()
+    return {"market_id": mid, "source": "fake", "seq": seq, "sport": "soccer", "status": status, "in_play": in_play,
+            "event_id": "e1", "received_at": t, "source_ts": t, "age_ms": 0, "stale": False,
+            "selections": [{"selection_id": "1", "status": sel_status, "price": 2.0, "back": [[2.0, 5.0]]}]}
+
+
+def _snapshot(*markets: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "snapshot", "markets": list(markets), "as_of": now_ms()}
+
+
+def _delta(mid: str, seq: int, price: float, **extra: Any) -> dict[str, Any]:
+    t = now_ms()
+    return {"type": "delta", "market_id": mid, "seq": seq, "kind": "delta", "source": "fake", "source_ts": t,
+            "received_at": t, "selections": [{"selection_id": "1", "price": price, "back": [[price, 5.0]]}],
+            "age_ms": 0, "stale": False, "sent_at": t, **extra}
+
+
+class _ScriptedStream:
+    """A loopback HTTP server speaking the SSE wire format: each connection plays the next script
+    of ``scripts`` (none left: nothing; append one to script the next connection) and then stays
+    open, silent — a half-open stream. Records each request's Last-Event-ID."""
+
+    def __init__(self, scripts: list[list[bytes]]) -> None:
+        self.scripts = collections.deque(scripts)
+        self.last_event_ids: list[str | None] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.streams: list[asyncio.StreamWriter] = []  # the stream connections', in order
+
+    async def __aenter__(self) -> "_ScriptedStream":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"GET /v1/stream"):
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        lei = None
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"last-event-id:"):
+                lei = line.split(b":", 1)[1].strip().decode()
+        self.last_event_ids.append(lei)
+        self.streams.append(writer)
+        script = self.scripts.popleft() if self.scripts else []
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
+                     b"connection: close\r\n\r\n")
+        for frame in script:
+            writer.write(frame)
+        with contextlib.suppress(Exception):
+            await writer.drain()
+            await reader.read()  # silent until the client goes away
+
+
+# -- F: a client without a live stream vouches for nothing ----------------------------------------
+
+
+async def test_a_silent_stream_makes_every_market_stale_until_it_resumes() -> None:
+    hb_ms = 300
+    silence_s = 3 * hb_ms / 1000 + 1.0  # the client counts a stream silent this long as dropped
+    first = [_frame(_snapshot(_market("pre"), _market("live", in_play=True)), "t0"),
+             _frame({"type": "heartbeat", "as_of": now_ms()})]
+    async with _ScriptedStream([first]) as fake:
+        # thresholds far away: only the lost stream can make these markets stale here
+        client = OddsClient(fake.url, heartbeat_ms=hb_ms, stale_in_play_ms=120_000, stale_pre_match_ms=120_000,
+                            backoff=Backoff(initial_s=0.2, max_s=0.2, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await client.wait_synced()
+            assert not client.is_stale("pre") and not client.is_stale("live")
+            # the server goes silent (the socket stays open): stale once the silence is noticed
+            await eventually(lambda: client.is_stale("pre"), silence_s + 3, "the pre-match market stale")
+            assert client.is_stale("live")
+            # reconnected (connection 2 is silent too) but not resumed: still stale, the age still growing
+            await eventually(lambda: client.stats.connects >= 2 and client.connected, 10, "a reconnect")
+            assert client.is_stale("pre") and client.is_stale("live")
+            age = client.age_ms("pre")
+            assert age is not None and age >= 1_500
+            await eventually(lambda: (client.age_ms("pre") or 0) > age, 5, "the age growing")
+            # a resume that recovers clears it (the ages go on from the last confirmation)
+            fake.scripts.append([_frame({"type": "resumed", "recovered": True}, "t1")])
+            await eventually(lambda: not client.is_stale("pre") and not client.is_stale("live"), 15,
+                             "fresh again after the resume")
+            assert fake.last_event_ids[-1] == "t0" and client.stats.resumed_recovered == 1
+            assert (client.age_ms("pre") or 0) > age
+        finally:
+            await client.close()
+        assert client.is_stale("pre")  # a closed client follows nothing
+
+
+# -- I: a callback's exception is the callback's problem ------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_raising_callback_neither_ends_nor_freezes_the_stream(
+        store: Store, redis_url: str, transport: str, caplog: pytest.LogCaptureFixture) -> None:
+    from feed.models import EventState
+
+    feed = Feed(store)
+    await feed.write(feed.image("m1"), feed.image("m2"))
+    await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms()))
+    seen: list[tuple[str, float | None]] = []
+
+    def on_update(mid: str, m: Market | None) -> None:
+        # the book is already updated when the callback runs
+        assert client.markets.get(mid) is m
+        seen.append((mid, client.best(mid, "1")))
+        if len(seen) == 1:
+            raise KeyError("bug in user code")
+
+    states: list[int] = []
+
+    def on_event_state(es: Any) -> None:
+        states.append(es.version)
+        raise RuntimeError("another bug in user code")
+
+    caplog.set_level(logging.ERROR, logger="streaming.client")
+    async with serve(make_app(redis_url)) as base:
+        client = OddsClient(_url(base, transport), heartbeat_ms=300, on_update=on_update,
+                            on_event_state=on_event_state)
+        try:
+            await client.start()
+            await eventually(lambda: client.synced.is_set(), 10, "the snapshot")
+            for i in range(3):
+                await feed.write(feed.price("m1", "1", round(2.2 + i / 10, 2)))
+                await store.apply_event_states([EventState(event_id="e1", source="t", status="LIVE", in_play=True,
+                                                           source_ts=now_ms(), received_at=now_ms(),
+                                                           version=i + 1)])
+            await feed.write(feed.price("m2", "2", 3.9))
+            await eventually(lambda: _same(client.markets, feed.book.markets), 10, "the book caught up")
+            await eventually(lambda: client.event_states.get("e1") is not None
+                             and client.event_states["e1"].version == 3, 10, "the event states taken")
+            assert ("m1", 2.4) in seen and states[-1] == 3
+            assert client.connected and client.error is None and client.stats.reconnects == 0
+            assert client._task is not None and not client._task.done()
+            assert not client.is_stale("m1")
+            assert client.stats.callback_errors == 1 + len(states)
+            logged = [r.getMessage() for r in caplog.records if r.exc_info]
+            assert any("on_update" in m for m in logged) and any("on_event_state" in m for m in logged)
+        finally:
+            await client.close()
+
+
+# -- A: a canonical event filter --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_canonical_event_filter_keeps_every_market_of_the_event(store: Store, redis_url: str,
+                                                                       transport: str) -> None:
+    feed = Feed(store)
+    await feed.write(feed.image("a:1", event="a:e"), feed.image("b:1", event="b:e"), feed.image("c:1", event="c:e"))
+    await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms()))
+    await store.save_links({"a:e": StoredLink("ev:a:e", 1.0, "self"), "b:e": StoredLink("ev:a:e", 0.96, "fuzzy")},
+                           {"ev:a:e": json.dumps({"event_id": "ev:a:e", "sport": "soccer", "name": "A v B",
+                                                  "home": "A", "away": "B", "members": ["a:e", "b:e"]}).encode()})
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as http:
+        async def linked() -> bool:
+            return (await http.get("/v1/markets", params={"event": "ev:a:e"})).json()["count"] == 2
+        await eventually(linked, 10, "the node serving the link")
+        gone: list[str] = []
+        client = OddsClient(_url(base, transport), event="ev:a:e", heartbeat_ms=500,
+                            on_update=lambda mid, m: gone.append(mid) if m is None else None)
+        try:
+            await client.start()
+            await eventually(lambda: client.synced.is_set(), 10, "the snapshot")
+            assert sorted(client.markets) == ["a:1", "b:1"]
+            await feed.write(feed.price("a:1", "1", 2.2))
+            await feed.write(feed.price("a:1", "1", 2.4), feed.price("b:1", "2", 3.9), feed.price("c:1", "1", 5.0))
+            want = {k: v for k, v in feed.book.markets.items() if k != "c:1"}
+            await eventually(lambda: _same(client.markets, want), 10, "both markets of the event current")
+            assert client.best("a:1", "1") == 2.4 and client.best("b:1", "2") == 3.9
+            assert gone == [] and client.stats.deltas >= 3
+        finally:
+            await client.close()
+    # a provider event id is still checked locally: a market that moves to another event is dropped
+    client = OddsClient("http://127.0.0.1:9", event="e1")
+    try:
+        client._on_message(json.dumps(_snapshot(_market("m1"))).encode(), time.monotonic(), "t0")
+        moved = {**_delta("m1", 2, 2.1), "header": {"event_id": "e2", "sport": "soccer", "status": "OPEN"}}
+        client._on_message(json.dumps(moved).encode(), time.monotonic(), "t1")
+        assert "m1" not in client.markets
+    finally:
+        await client.close()
+
+
+
+
+# -- E: values a newer server sends ---------------------------------------------------------------
+
+
+_SCENARIOS: dict[str, list[dict[str, Any]]] = {
+    # a market status and a selection status this client does not know, in a snapshot and a delta's header
+    "market_status": [_snapshot(_market("m1", status="PRE_OPEN", sel_status="RESERVE"), _market("m2")),
+                      {**_delta("m1", 2, 2.1), "header": {"event_id": "e1", "sport": "soccer", "status": "PRE_OPEN",
+                                                          "in_play": False}}],
+    # an event status it does not know
+    "event_status": [_snapshot(_market("m1"), _market("m2")),
+                     {"type": "event_state", "sent_at": now_ms(), "event_state": {
+                         "event_id": "e1", "source": "fake", "status": "HALF_TIME", "in_play": True, "version": 1,
+                         "innings": [{"number": 1, "team": "neutral"}], "received_at": now_ms(),
+                         "source_ts": now_ms(), "age_ms": 0, "stale": False}},
+                     _delta("m1", 2, 2.1)],
+    # a message type it does not know, whose fields have shapes the envelope does not expect
+    "unknown_type": [_snapshot(_market("m1"), _market("m2")),
+                     {"type": "notice", "state": {"phase": 2}, "id": [1, 2], "stale": "maybe"},
+                     {"type": "bulletin", "text": "hello"},
+                     _delta("m1", 2, 2.1)],
+}
+
+
+@pytest.mark.parametrize("scenario", list(_SCENARIOS))
+async def test_values_the_client_does_not_know_neither_stop_nor_loop_the_stream(scenario: str) -> None:
+    msgs = _SCENARIOS[scenario]
+    frames = [_frame(m, f"t{i}" if m["type"] != "event_state" else None) for i, m in enumerate(msgs)]
+    async with _ScriptedStream([frames]) as fake:
+        client = OddsClient(fake.url, heartbeat_ms=60_000, backoff=Backoff(initial_s=0.2, max_s=0.2, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await eventually(lambda: client.markets.get("m1") is not None and client.markets["m1"].seq == 2, 10,
+                             "synced, and the delta after the odd message applied")
+            # later deltas go on applying on the same connection
+            fake.streams[0].write(_frame(_delta("m1", 3, 2.3), "t98") + _frame(_delta("m2", 2, 3.3), "t99"))
+            await eventually(lambda: client.best("m1", "1") == 2.3 and client.best("m2", "1") == 3.3, 10,
+                             "later deltas applied")
+            assert client.synced.is_set() and client.connected
+            assert len(fake.last_event_ids) == 1 and client.stats.reconnects == 0 and client.error is None
+            assert client.token == "t99" and not client.is_stale("m1")
+            m1 = client.markets["m1"]
+            assert isinstance(m1, Market)
+            if scenario == "market_status":
+                assert m1.status == "PRE_OPEN" and m1.selections[0].status == "RESERVE"
+                assert [m.market_id for m in client.open_markets()] == ["m2"]
+                assert [m.market_id for m in client.live_markets()] == ["m1", "m2"]
+            elif scenario == "event_status":
+                es = client.event_states["e1"]
+                assert es.status == "HALF_TIME" and es.innings[0].team == "neutral"
+            else:
+                assert client.stats.skipped == 2
+        finally:
+            await client.close()
+
+
+async def test_a_delta_that_cannot_be_read_is_skipped_and_its_market_reads_stale() -> None:
+    client = OddsClient("http://127.0.0.1:9")
+    try:
+        client._on_message(json.dumps(_snapshot(_market("m1"), _market("m2"))).encode(), time.monotonic(), "t0")
+        bad = _delta("m1", 2, 2.1)
+        bad["selections"][0]["price"] = "two point one"  # not a price, whatever the server's version
+        client._on_message(json.dumps(bad).encode(), time.monotonic(), "t1")
+        assert client.stats.skipped == 1 and client.token == "t0"  # not applied, its token not taken
+        assert client.markets["m1"].seq == 1 and client.is_stale("m1") and not client.is_stale("m2")
+        client._on_message(json.dumps(_delta("m2", 2, 3.1)).encode(), time.monotonic(), "t2")
+        assert client.best("m2", "1") == 3.1 and client.token == "t2"
+    finally:
+        await client.close()
