@@ -23,7 +23,8 @@ Wire messages (all times integer ms since the Unix epoch, UTC)::
     status     {"type":"status","source":str,"state":"UP"|"DEGRADED"|"DOWN","reason":str|null,
                 "stale_markets":[market_id…],"turned_stale":[…],"turned_fresh":[…],"as_of":ms}
     resumed    {"type":"resumed","recovered":bool}
-    removed    {"type":"removed","market_id":str,"reason":"not_visible"}   (a market left a tenant's sight)
+    removed    {"type":"removed","market_id":str,"reason":"not_visible"}   (a market left a tenant's sight,
+                or a relink moved it out of the canonical event a subscription filters on)
     event_state {"type":"event_state","event_state":<event state>,"sent_at":ms}   (never a token: states
                 are whole and versioned, so they do not move a client's resume position)
     error      {"type":"error","code":str,"message":str[,"id":int]}

@@ -64,6 +64,12 @@ deduplicated against live deltas by per-partition floors; a position this
 node has not reached yet is accepted only when that entry exists in Redis
 (another node is ahead), then live deltas up to it are skipped; otherwise
 ``resumed {recovered: false}`` and a fresh snapshot. Never a partial replay.
+What changes a subscription's view without a log entry is handled too (the
+section "what a resume cannot replay"): a recovered resume ends with every
+visible source's current ``status``; a resume from before a relink of a
+canonical event it filters on, or from before (or not known to be after) a
+change of its tenant's allow-lists, is not recovered. A relink sends ``removed``
+to a connected subscription whose canonical event lost a market.
 
 Reconnect storms: a replay from the ring is a :class:`SharedReplay` per
 (token, filter, odds format, transport variant, subscription id) — built by
@@ -84,12 +90,13 @@ import collections
 import contextlib
 import logging
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
 from feed.errors import StoreError
+from feed.matching import CANONICAL_PREFIX
 from feed.models import Delta, whole_change
 from feed.store import Store, log_key
 from streaming.bestview import BestView
@@ -105,7 +112,7 @@ from streaming.timers import TimerWheel
 from streaming.transport import FRAMINGS, WS_FRAMES, Framing, Sink, framing_of
 
 if TYPE_CHECKING:
-    from feed.models import EventState
+    from feed.models import EventState, Market
     from streaming.event_states import EventStates
     from streaming.tenants import Principal
 
@@ -133,6 +140,19 @@ REPLAY_CACHE_MAX = 256
 REPLAY_CACHE_BYTES = 64 << 20
 #: a shared replay unused for this long is dropped (a storm lasts seconds), s
 REPLAY_CACHE_IDLE_S = 30.0
+#: Close code of a stream whose tenant entry changed (:meth:`streaming.tenants.Tenants.step`):
+#: resumes from tokens issued before it are not recovered (:meth:`Hub.disconnect`)
+TENANT_CHANGED_CLOSE = 1012
+#: (credential, allow-lists) pairs whose first use the hub remembers (least recently used dropped:
+#: a pair seen again after that is "first seen", which only costs its resumes a snapshot)
+GRANTS_MAX = 10_000
+#: canonical events whose last relink the hub remembers (older ones are folded into one floor)
+RELINK_MARKS_MAX = 10_000
+#: per source, the status messages kept for distinct filters between two announcements
+STATUS_FILTERS_MAX = 1024
+#: a source status worked out at a resume (not announced since the node started) is used by
+#: later resumes for this long, ms (a resume storm works it out once, not once per client)
+WORKED_OUT_MS = 1000
 
 
 class Subscription:
@@ -285,6 +305,25 @@ class StateMeta:
     def __init__(self, sid: int, event_id: str) -> None:
         self.sid = sid
         self.event_id = event_id
+
+
+class Announced:
+    """A source's status as the hub last announced it (:meth:`Hub.status`), or as worked out at a
+    recovered resume for a source not announced since the node started: what a resumed
+    subscription is told (:meth:`Hub.send_statuses`). ``stale``: the source's stale markets;
+    ``msgs``: the ``status`` message per filter, built once (no token)."""
+
+    __slots__ = ("state", "reason", "stale", "as_of", "worked_out", "msgs")
+
+    def __init__(self, state: str, reason: str | None, stale: Iterable[str], as_of: int,
+                 worked_out: bool = False) -> None:
+        self.state = state
+        self.reason = reason
+        self.stale = frozenset(stale)
+        self.as_of = as_of
+        #: worked out at a resume, not announced: used for :data:`WORKED_OUT_MS` only
+        self.worked_out = worked_out
+        self.msgs: dict[Filter, Message] = {}
 
 
 class ReplayBlock:
@@ -669,6 +708,20 @@ class Hub:
         self.timers = TimerWheel()
         #: send deadlines missed (sink and writer-task connections)
         self.deadlines_missed = 0
+        # What a resume replays is the log; these change what a subscription sees without a log
+        # entry, so the hub remembers them to answer a resume correctly (see subscribe):
+        #: source → its status as last announced (sent again after a recovered resume)
+        self._announced: dict[str, Announced] = {}
+        #: a subscription has been made (before that, links the node adopts move nothing anyone holds)
+        self._served = False
+        #: canonical event id → the node's positions when a relink last moved a market into or out
+        #: of it; older marks are folded into ``_relink_floor`` (applies to every canonical id)
+        self._relinks: dict[str, tuple[StreamId, ...]] = {}
+        self._relink_floor: tuple[StreamId, ...] | None = None
+        #: (credential, allow-lists) → the node's positions when it first served them (see _grant_since)
+        self._grants: dict[tuple[str, object], tuple[StreamId, ...]] = {}
+        #: the node's positions when it last closed a stream because its tenant entry changed
+        self._grants_changed: tuple[StreamId, ...] | None = None
 
     @property
     def resumes_recovered(self) -> int:
@@ -732,6 +785,9 @@ class Hub:
             self._remove(sub)
         conn.subs.clear()
         p = conn.principal
+        if p is not None and conn.close_code == TENANT_CHANGED_CLOSE:
+            # its client resumes under the changed entry: nothing issued up to here is recovered
+            self._grants_changed = self._positions()
         if p is not None:
             p.connections -= 1
             p.subscriptions -= conn.reserved_subs
@@ -954,6 +1010,8 @@ class Hub:
             conn.send(ack_message(ack_id, sub.id))
         logger.info("subscribe %s %s sub=%d filter=%s conflate_ms=%d resume=%s", conn.kind, conn.label, sub.id, f,
                     conflate_ms, bool(resume))
+        self._served = True
+        granted = self._grant_since(sub)
         if resume is None:
             self.send_snapshot(sub)
             return sub
@@ -972,6 +1030,10 @@ class Hub:
                 return sub
             if sub.id not in conn.subs or conn.closed:
                 return sub
+        why = self._resume_void(sub, tok, granted)
+        if why is not None:
+            self._not_recovered(sub, why)
+            return sub
         if st.ring.covers(tok.keys):
             self._replay_from_ring(sub, tok)
         elif f.in_play is not None or self.store is None:
@@ -994,6 +1056,64 @@ class Hub:
             logger.warning("resume check against redis failed: %s", exc)
             return False
         return True
+
+    # -- what a resume cannot replay ------------------------------------------------
+    #
+    # A resume replays log entries. Three things change what a subscription sees without one:
+    # a source's status (sent again after every recovered resume: send_statuses), a relink of
+    # canonical events and a change of the credential's allow-lists. For the last two the
+    # client may hold a market it no longer sees (or miss one it now sees), and the resume path
+    # cannot know which: a resume from a token issued before such a change is not recovered —
+    # ``resumed {recovered: false}`` and a fresh snapshot under the filter as it is now.
+
+    def _positions(self) -> tuple[StreamId, ...]:
+        return tuple(parse_stream_id(p) for p in self.state.positions)
+
+    def _grant_since(self, sub: Subscription) -> tuple[StreamId, ...] | None:
+        """For a subscription of a restricted credential (its filter carries the tenant's
+        allow-lists, :attr:`Filter.visible`): the node's positions when it first served this
+        credential with these allow-lists — recorded now when it has not (first seen since the
+        node started, or the allow-lists changed), for what a token from before was issued
+        under is not known here. None for a credential that sees every market (nothing it
+        holds can be hidden from it)."""
+        v = sub.filter.visible
+        if v is None or sub.view is not None:
+            return None
+        p = sub.conn.principal
+        key = (p.identity if p is not None else "", v)
+        grants = self._grants
+        since = grants.pop(key, None)
+        if since is None:
+            since = self._positions()
+        grants[key] = since  # (most recently used last)
+        while len(grants) > GRANTS_MAX:
+            del grants[next(iter(grants))]
+        return since
+
+    def _resume_void(self, sub: Subscription, tok: ResumeToken, granted: tuple[StreamId, ...] | None) -> str | None:
+        """Why a resume from ``tok`` must not be recovered although the log could replay it
+        (None: it may be): what the subscription sees changed after the token without a log
+        entry. ``granted``: :meth:`_grant_since` of the subscription."""
+        if granted is not None:
+            if not _after(tok.keys, granted):
+                return "the credential's allow-lists when the token was issued are not known to be these"
+            if self._grants_changed is not None and not _after(tok.keys, self._grants_changed):
+                return "a tenant entry changed after the token was issued"
+        return self._relinked_after(sub.filter, tok.keys)
+
+    def _relinked_after(self, f: Filter, keys: tuple[StreamId, ...]) -> str | None:
+        """Why a resume of filter ``f`` from a token at ``keys`` is not recovered: a canonical
+        event it filters on gained or lost a market (a relink) after the token."""
+        if f.event is None:
+            return None
+        floor = self._relink_floor
+        for e in f.event:
+            at = self._relinks.get(e)
+            if floor is not None and e.startswith(CANONICAL_PREFIX):
+                at = _later(at, floor)
+            if at is not None and not _after(keys, at):
+                return f"canonical event {e} was re-linked after the token was issued"
+        return None
 
     def unsubscribe(self, conn: Connection, sub_id: int) -> bool:
         """Remove a subscription; False when ``sub_id`` is unknown."""
@@ -1073,6 +1193,7 @@ class Hub:
         if frames:
             conn.push(frames, metas, n)
         self.send_states(sub, self._events_of(sub.filter))
+        self.send_statuses(sub)
 
     def _replay_shared(self, sub: Subscription, tok: ResumeToken) -> None:
         """Resume ``sub`` from the ring with the :class:`SharedReplay` of its token, filter,
@@ -1122,6 +1243,7 @@ class Hub:
         if rep.blocks:
             conn.push(rep.blocks, rep.metas, rep.nbytes)
         self.send_states(sub, self._events_of(sub.filter))
+        self.send_statuses(sub)
 
     def _extend_replay(self, rep: "SharedReplay", sub: Subscription, tok: ResumeToken,
                        entries: list[PreparedEntry] | None) -> bool:
@@ -1172,6 +1294,10 @@ class Hub:
         if st.generation != gen or tok.epoch != st.epoch:
             self._not_recovered(sub, "node state reloaded meanwhile")
             return
+        why = self._relinked_after(sub.filter, tok.keys)  # (relinked() skipped it while it replayed)
+        if why is not None:
+            self._not_recovered(sub, why)
+            return
         positions = [parse_stream_id(p) for p in st.positions]
         merged: list[tuple[StreamId, int, str, list[Delta]]] = []
         for p in range(st.partitions):
@@ -1214,6 +1340,7 @@ class Hub:
             self._deliver_entry(sub, entry)
         self._set_floor(sub, sub.floor)
         self.send_states(sub, self._events_of(sub.filter))  # live states were skipped while it replayed
+        self.send_statuses(sub)
 
     # -- fan-out --------------------------------------------------------------
 
@@ -1632,8 +1759,8 @@ class Hub:
         for i, (mid, mg) in enumerate(merges):
             token = merges[i + 1][1].token_before if i + 1 < len(merges) else last_token
             cur = st.markets.get(mid)
-            if sub.filter.visible is not None and (cur is None or sub.filter.hides(st.keys_of(cur))
-                                                   or (mg.msg is not None and getattr(mg.msg.info, "removed", False))):
+            if (mg.msg is not None and getattr(mg.msg.info, "removed", False)) or (  # (its last word: relinked)
+                    sub.filter.visible is not None and (cur is None or sub.filter.hides(st.keys_of(cur)))):
                 msg: Message | None = removed_message(mid, None, None)
             elif mg.count == 1 and mg.msg is not None:
                 msg = mg.msg
@@ -1850,37 +1977,70 @@ class Hub:
 
     # -- status ---------------------------------------------------------------
 
-    def relinked(self, market_ids: list[str]) -> None:
-        """The linker moved markets to another canonical event: a subscription
-        filtered by canonical event that matches one of them now gets it as
-        an ``image`` (as a market that newly matches does), and ``view=best``
-        subscriptions get the changed best prices."""
+    def relinked(self, moved_from: Mapping[str, tuple[str | None, bool]]) -> None:
+        """The linker moved markets to another canonical event (called right after
+        :meth:`NodeState.set_links`): a subscription filtered by canonical event that matches
+        one of them now gets it as an ``image`` (as a market that newly matches does); one
+        that matched it before the move and does not now gets ``removed`` (in order with its
+        deltas: conflation and a slow consumer's collapse keep it as the market's last
+        message), and nothing of it after; ``view=best`` subscriptions get the changed best
+        prices. A resume from a token issued before the move, of a subscription filtered on
+        a canonical event the move changed, is not recovered (:meth:`_relinked_after`)."""
         st = self.state
         now = now_ms()
+        # (market id, market, keys now, keys before the move)
+        moved: list[tuple[str, Market, MarketKeys, MarketKeys]] = []
+        touched: set[str] = set()
+        for mid, (was, _) in moved_from.items():
+            m = st.markets.get(mid)
+            if m is None:
+                continue
+            keys = st.keys_of(m)
+            prev: MarketKeys = (keys[0], keys[1], keys[2], keys[3], was, keys[5], keys[6], keys[7])
+            if was is not None:
+                touched.add(was)
+            if keys[4] is not None:
+                touched.add(keys[4])
+            moved.append((mid, m, keys, prev))
+        if self._served:  # (the links a node loads as it starts move nothing it served)
+            at = self._positions()
+            for cid in touched:
+                self._relinks.pop(cid, None)
+                self._relinks[cid] = at
+            while len(self._relinks) > RELINK_MARKS_MAX:
+                self._relink_floor = _later(self._relink_floor, self._relinks.pop(next(iter(self._relinks))))
         images: dict[str, Message] = {}
+        removals: dict[str, Message] = {}
         states = self._has_states()
         for conn in list(self.connections):
-            for sub in list(conn.subs.values()):
-                f = sub.filter
-                if sub.view is not None or sub.replaying or f.event is None:
-                    continue
-                events: dict[str, None] = {}
-                for mid in market_ids:
-                    m = st.markets.get(mid)
-                    if m is None or not f.match(mid, st.keys_of(m)):
+            try:
+                for sub in list(conn.subs.values()):
+                    f = sub.filter
+                    if sub.view is not None or sub.replaying or f.event is None or conn.closed:
                         continue
-                    msg = images.get(mid)
-                    if msg is None:
-                        age, stale = st.age_stale(m, now)
-                        msg = images[mid] = delta_message(image_of(m), market_json=st.market_json(m, now),
-                                                          age_ms=age, stale=stale, sent_at=now, token=st.token,
-                                                          prev_token=st.token)
-                    conn.send(msg.formatted(sub.fmt), sub, True)
-                    if states:
-                        for eid in st.state_events(m):
-                            events[eid] = None
-                if events:  # the events it newly matches: their states too
-                    self.send_states(sub, events)
+                    events: dict[str, None] = {}
+                    for mid, m, keys, prev in moved:
+                        if not f.match(mid, keys):
+                            if f.match(mid, prev):  # it held the market before the move
+                                gone = removals.get(mid)
+                                if gone is None:
+                                    gone = removals[mid] = removed_message(mid, None, None)
+                                self._deliver(sub, [gone], st.token)
+                            continue
+                        msg = images.get(mid)
+                        if msg is None:
+                            age, stale = st.age_stale(m, now)
+                            msg = images[mid] = delta_message(image_of(m), market_json=st.market_json(m, now),
+                                                              age_ms=age, stale=stale, sent_at=now, token=st.token,
+                                                              prev_token=st.token)
+                        conn.send(msg.formatted(sub.fmt), sub, True)
+                        if states:
+                            for eid in st.state_events(m):
+                                events[eid] = None
+                    if events:  # the events it newly matches: their states too
+                        self.send_states(sub, events)
+            except Exception:  # a client that cannot be told of the move is closed (it resumes unrecovered)
+                self._close_failed(conn, "relink")
         if self.best.subs:
             self.best.refresh()
 
@@ -1894,6 +2054,7 @@ class Hub:
         stale = set(stale_ids)
         went_stale, went_fresh = set(turned_stale), set(turned_fresh)
         now = now_ms()
+        self._announced[source] = Announced(state, reason, stale, now)  # (what a resume is told: send_statuses)
         cache: dict[Filter, Message] = {}  # encoded once per distinct filter; the token is per subscription
 
         def ids(f: Filter, wanted: set[str]) -> list[str]:
@@ -1921,6 +2082,61 @@ class Hub:
                     conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
             except Exception:  # a client that cannot be told its source's health is closed (it resumes)
                 self._close_failed(conn, "status")
+
+    def send_statuses(self, sub: Subscription) -> None:
+        """After a recovered resume (queued after the replayed deltas): the current status of
+        every source its tenant may see — the ``status`` message a change sends, with
+        ``stale_markets`` as the subscription sees them and no ``turned_*`` (nothing turned
+        since the last one) — since the status changes of its time away are not in the log.
+        No resume token (like the event states after a resume): it never moves the client's
+        position. "Current" is the last announced status (:meth:`status`; the node announces
+        every change of a source's state or stale markets within a health refresh), or, for a
+        source not announced since the node started, its status worked out now."""
+        conn = sub.conn
+        if conn.closed or sub.view is not None:
+            return
+        st = self.state
+        f = sub.filter
+        v = f.visible
+        allowed = v[1] if v is not None else None
+        now = now_ms()
+        frames = []
+        for name in sorted(st.health):
+            if allowed is not None and name not in allowed:
+                continue  # a source the tenant may not see
+            a = self._announced.get(name)
+            if a is None or (a.worked_out and now - a.as_of > WORKED_OUT_MS):
+                h = st.source_health(name, now)
+                if h is None:
+                    continue
+                a = self._announced[name] = Announced(h.state, h.reason, st.stale_ids(name, now), now,
+                                                      worked_out=True)
+            msg = a.msgs.get(f)
+            if msg is None:
+                if len(a.msgs) >= STATUS_FILTERS_MAX:
+                    a.msgs.clear()
+                msg = a.msgs[f] = status_message(source=name, state=a.state, reason=a.reason,
+                                                 stale_markets=self._stale_seen(f, a.stale), as_of=a.as_of,
+                                                 token=None)
+            frames.append(conn.frame(msg, sub))
+        if not frames:
+            return
+        if conn.framing.shared:  # complete wire units: one outbox item
+            conn.send_raw(frames[0] if len(frames) == 1 else b"".join(frames))
+        else:
+            for fr in frames:
+                conn.send_raw(fr)
+
+    def _stale_seen(self, f: Filter, stale: frozenset[str]) -> list[str]:
+        """The markets among ``stale`` that filter ``f`` matches, sorted (through the index when
+        ``f`` names markets or events: a resume storm of one-event subscriptions stays cheap)."""
+        st = self.state
+        if f.market is not None or f.event is not None:
+            out = [m.market_id for m in st.matching(f) if m.market_id in stale]
+        else:
+            out = [mid for mid in stale if (m := st.markets.get(mid)) is not None and f.match(mid, st.keys_of(m))]
+        out.sort()
+        return out
 
     # -- send deadlines -------------------------------------------------------
 
@@ -2006,3 +2222,18 @@ def interrupt(conn: Connection) -> None:
 def tok_bytes(tok: ResumeToken) -> bytes:
     """The token as the client sent it (re-encoded canonically)."""
     return encode_token(tok.epoch, tok.positions)
+
+
+def _after(keys: Sequence[StreamId], since: Sequence[StreamId]) -> bool:
+    """Whether a resume token at ``keys`` was issued after the node stood at ``since``: at or past
+    it in every partition and past it in one (a token equal to ``since`` may be from before it)."""
+    return (len(keys) == len(since) and all(k >= s for k, s in zip(keys, since))
+            and any(k > s for k, s in zip(keys, since)))
+
+
+def _later(a: tuple[StreamId, ...] | None, b: tuple[StreamId, ...]) -> tuple[StreamId, ...]:
+    """Per partition, the later of ``a`` (None: none) and ``b``."""
+    if a is None or len(a) != len(b):
+        return b
+    return tuple(max(x, y) for x, y in zip(a, b))
+

@@ -612,10 +612,13 @@ class NodeState:
         """Market ``m``'s filter keys, with its canonical event."""
         return keys_of(m, self.canonical_of(m))
 
-    def set_links(self, version: int, links: dict[str, StoredLink], canon: dict[str, bytes]) -> list[str]:
+    def set_links(self, version: int, links: dict[str, StoredLink],
+                  canon: dict[str, bytes]) -> dict[str, tuple[str | None, bool]]:
         """Adopt the linker's links (version ``version``) and re-index every
-        market by canonical event. Returns the ids of the markets whose
-        canonical event or orientation changed."""
+        market by canonical event. Returns the markets whose canonical event
+        or orientation changed: market id → its (canonical event id, reversed)
+        before the change (what :meth:`streaming.hub.Hub.relinked` needs to
+        tell the subscriptions it left)."""
         before = {m.market_id: (self.canonical_of(m), self.reversed_of(m)) for m in self.markets.values()}
         summaries: dict[str, CanonicalSummary] = {}
         for key, raw in canon.items():
@@ -631,7 +634,8 @@ class NodeState:
                 index.setdefault(cid, set()).add(m.market_id)
         self.by_canonical = index
         self.changes += 1
-        return [mid for mid, m in self.markets.items() if before.get(mid) != (self.canonical_of(m), self.reversed_of(m))]
+        return {mid: was for mid, m in self.markets.items()
+                if (was := before[mid]) != (self.canonical_of(m), self.reversed_of(m))}
 
     # -- queries -------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from feed.simulator.push_providers import PushSimConfig, PushSimulator
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from tests.poller_helpers import FAST
-from tests.streaming_helpers import eventually, make_app, serve
+from tests.streaming_helpers import Feed, SSEReader, eventually, make_app, serve
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -221,3 +221,131 @@ async def _match_result(client: httpx.AsyncClient, cid: str) -> dict[str, Any] |
             if len(books) >= 4 and all(o.get("best") and o.get("fair") for o in v["outcomes"]):
                 return dict(v)
     return None
+
+
+# -- a relink on open streams and resumes (streaming.hub.Hub.relinked) ----------------------------
+
+
+def _canon(cid: str, members: list[str]) -> bytes:
+    import json
+
+    return json.dumps({"event_id": cid, "sport": "soccer", "name": "A v B", "home": "A", "away": "B",
+                       "members": members}).encode()
+
+
+async def _linked_together(store: Store, feed: Feed) -> None:
+    """Markets a:1 (event a:e) and b:1 (event b:e), both linked to canonical event ev:a:e."""
+    from feed.store import StoredLink
+
+    await feed.write(feed.image("a:1", event="a:e"), feed.image("b:1", event="b:e"))
+    await store.save_links({"a:e": StoredLink("ev:a:e", 1.0, "self"), "b:e": StoredLink("ev:a:e", 0.96, "fuzzy")},
+                           {"ev:a:e": _canon("ev:a:e", ["a:e", "b:e"])})
+
+
+async def _split(store: Store) -> None:
+    """The linker changes its mind: b:e is its own canonical event."""
+    from feed.store import StoredLink
+
+    await store.save_links({"a:e": StoredLink("ev:a:e", 1.0, "self"), "b:e": StoredLink("ev:b:e", 1.0, "self")},
+                           {"ev:a:e": _canon("ev:a:e", ["a:e"]), "ev:b:e": _canon("ev:b:e", ["b:e"])})
+
+
+async def _event_count(c: httpx.AsyncClient, cid: str) -> int:
+    return int((await c.get("/v1/markets", params={"event": cid})).json()["count"])
+
+
+def _both_linked(c: httpx.AsyncClient) -> Any:
+    async def both() -> bool:
+        return await _event_count(c, "ev:a:e") == 2
+    return both
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws_conflated"])
+async def test_a_market_relinked_out_of_a_canonical_event_is_removed_from_its_streams(
+        store: Store, redis_url: str, transport: str) -> None:
+    """b:1 leaves ev:a:e because the linker re-linked its event (no delta of its own): a stream
+    filtered on ev:a:e gets ``removed`` for it and nothing of it after (it held the old price as
+    fresh for ever). Conflated: the move lands in the window that gathered a b:1 change, and the
+    window's one message for b:1 is ``removed``, not a merged delta."""
+    import json
+
+    from websockets.asyncio.client import connect
+
+    feed = Feed(store)
+    await _linked_together(store, feed)
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        await eventually(_both_linked(c), what="both markets in ev:a:e")
+        if transport == "sse":
+            async with c.stream("GET", "/v1/stream", params={"event": "ev:a:e"}) as resp:
+                sse = SSEReader(resp)
+                snap = await sse.next()
+                assert sorted(m["market_id"] for m in snap.data["markets"]) == ["a:1", "b:1"]
+                await _split(store)
+                ev = await sse.until(lambda e: e.event != "heartbeat", timeout_s=20)
+                assert ev.event == "removed" and ev.data["market_id"] == "b:1", ev
+                await feed.write(feed.price("b:1", "1", 7.7))
+                await feed.write(feed.price("a:1", "1", 2.2))
+                ev = await sse.until(lambda e: e.event != "heartbeat")
+                assert ev.event == "delta" and ev.data["market_id"] == "a:1", ev  # b:1's delta never came
+            return
+        async with connect(base.replace("http://", "ws://") + "/v1/ws") as ws:
+            async def recv() -> dict[str, Any]:
+                while (m := json.loads(await asyncio.wait_for(ws.recv(), 20)))["type"] == "heartbeat":
+                    pass
+                return dict(m)
+            await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"event": "ev:a:e"}, "conflate_ms": 1000}))
+            assert (await recv())["type"] == "ack"
+            assert sorted(m["market_id"] for m in (await recv())["markets"]) == ["a:1", "b:1"]
+            await feed.write(feed.price("a:1", "1", 2.1))
+            assert (await recv())["market_id"] == "a:1"  # a window was just sent: the next starts now
+            await feed.write(feed.price("b:1", "1", 7.7))  # gathered …
+            await _split(store)                             # … and b:1 leaves in the same window
+            await eventually(lambda: _event_count(c, "ev:b:e"), what="the relink applied")
+            await feed.write(feed.price("b:1", "1", 9.9))
+            await feed.write(feed.price("a:1", "1", 2.3))
+            got = [await recv()]
+            while not (got[-1]["type"] == "delta" and got[-1]["market_id"] == "a:1"):
+                got.append(await recv())
+            about_b = [m for m in got if m.get("market_id") == "b:1"]
+            assert about_b and about_b[-1]["type"] == "removed", got
+            assert "9.9" not in json.dumps(got), got
+
+
+async def test_a_resume_from_before_a_relink_is_not_recovered(store: Store, redis_url: str) -> None:
+    """The client was away while b:1 left ev:a:e: its resume is not recovered (the replay holds no
+    trace of the move and it holds b:1) — a fresh snapshot without b:1; a token issued after the
+    move resumes as before."""
+    feed = Feed(store)
+    await _linked_together(store, feed)
+    params = {"event": "ev:a:e"}
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        await eventually(_both_linked(c), what="both markets in ev:a:e")
+        async with c.stream("GET", "/v1/stream", params=params) as resp:
+            sse = SSEReader(resp)
+            assert len((await sse.next()).data["markets"]) == 2
+            await feed.write(feed.price("a:1", "1", 2.2))
+            ev = await sse.until(lambda e: e.event == "delta")
+            token = ev.id
+        assert token
+        await _split(store)
+
+        async def moved() -> bool:
+            return await _event_count(c, "ev:a:e") == 1
+        await eventually(moved, what="the relink applied")
+        await feed.write(feed.price("a:1", "1", 2.4))
+        async with c.stream("GET", "/v1/stream", params=params, headers={"Last-Event-ID": token}) as resp:
+            sse = SSEReader(resp)
+            ev = await sse.next()
+            assert ev.event == "resumed" and ev.data["recovered"] is False, ev
+            snap = await sse.next()
+            assert snap.event == "snapshot" and [m["market_id"] for m in snap.data["markets"]] == ["a:1"]
+            await feed.write(feed.price("a:1", "1", 2.6))
+            token = (await sse.until(lambda e: e.event == "delta")).id
+        await feed.write(feed.price("a:1", "1", 2.8))
+        async with c.stream("GET", "/v1/stream", params=params, headers={"Last-Event-ID": token}) as resp:
+            sse = SSEReader(resp)
+            ev = await sse.next()
+            assert ev.event == "resumed" and ev.data["recovered"] is True, ev
+            ev = await sse.until(lambda e: e.event != "heartbeat")
+            assert ev.event == "delta" and ev.data["market_id"] == "a:1" and ev.data["selections"][0]["price"] == 2.8
+

@@ -22,10 +22,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 from feed.embedded_redis import EmbeddedRedis
+from feed.models import SourceHealth
 from feed.settings import Settings
 from feed.store import Store, log_key
 from streaming.encoding import encode_token
-from streaming_helpers import Feed, SSEReader, eventually, make_app, serve
+from streaming_helpers import Feed, SSEReader, eventually, make_app, now_ms, serve
 
 TIMEOUT_S = 10.0
 
@@ -165,6 +166,54 @@ async def test_resume_matrix(redis_url: str, case: Case, transport: str) -> None
                 live = await feed.write(feed.image("m9") if not feed.book.markets else feed.price("m1", "2", 9.9))
                 nxt = await client.next()
                 assert nxt["type"] == "delta" and (nxt["market_id"], nxt["seq"]) == (live[0].market_id, live[0].seq)
+            finally:
+                await client.close()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("ring", [10_000, 0], ids=["ring", "redis"])
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_recovered_resume_ends_with_each_sources_current_status(redis_url: str, transport: str,
+                                                                         ring: int) -> None:
+    """The source went DOWN while the client was away: the ``status`` saying its markets are stale
+    went to the streams open then, and the log the resume replays does not hold it. The recovered
+    resume sends the missed deltas and then the source's current status (it kept showing the
+    markets fresh while the server said stale)."""
+    store = await Store.open(redis_url)
+    try:
+        feed = Feed(store)
+        lease = 600_000
+
+        def health(state: str, reason: str | None = None) -> SourceHealth:
+            return SourceHealth(source="t", kind="push", state=state, reason=reason, last_message_at=now_ms(),
+                                updated_at=now_ms(), lease_ms=lease)
+        await store.set_health(health("UP"))
+        app = make_app(store=store, replay_ring_entries=ring)
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S) as c:
+            ids = await _write_entries(store, feed, 3)
+            await _caught_up(c, ids[-1])
+            token = encode_token(store.epoch, [ids[1]]).decode()  # the client had entry 1, then dropped
+            async with c.stream("GET", "/v1/stream") as resp:  # a client that stayed: told at once
+                watcher = SSEReader(resp)
+                assert (await watcher.next()).event == "snapshot"
+                await store.set_health(health("DOWN", "upstream_gone"))
+                st = await watcher.until(lambda e: e.event == "status")
+                assert st.data["state"] == "DOWN" and st.data["stale_markets"] == ["m1", "m2"]
+            client = await (SSEClient(c) if transport == "sse" else WSClient(base)).open(token)
+            try:
+                resumed = await client.next()
+                assert resumed["type"] == "resumed" and resumed["recovered"] is True, resumed
+                replayed = await client.next()
+                assert replayed["type"] == "delta" and replayed["market_id"] == "m2"  # entry 2
+                status = await client.next()
+                assert status["type"] == "status", status
+                assert (status["source"], status["state"], status["reason"]) == ("t", "DOWN", "upstream_gone")
+                assert status["stale_markets"] == ["m1", "m2"] and status["turned_stale"] == []
+                assert "token" not in status  # it does not move the client's resume position
+                live = await feed.write(feed.price("m1", "2", 9.9))
+                nxt = await client.next()
+                assert nxt["type"] == "delta" and (nxt["market_id"], nxt["seq"]) == ("m1", live[0].seq)
             finally:
                 await client.close()
     finally:

@@ -7,13 +7,15 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from feed.errors import AuthError, ConfigError
 from feed.settings import Settings
@@ -483,6 +485,100 @@ async def test_a_reload_that_moves_a_key_into_a_tenant_closes_its_stream(store: 
             _write(path, SOCCER_ONLY + '[tenant.partner]\nkeys = ["plain-key"]\nsports = ["soccer"]\n')
             ev = await sse.until(lambda e: e.event == "error", timeout_s=30)
             assert ev.data["code"] == "tenant_changed"
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_resume_after_the_tenant_was_narrowed_is_not_recovered(store: Store, redis_url: str,
+                                                                       tmp_path: Path, transport: str) -> None:
+    """acme loses tennis: its streams are closed (tenant_changed) and its clients resume with their
+    tokens. The log holds no trace of the change, so a recovered resume left the tennis market in
+    their books for ever: the resume is not recovered — a fresh snapshot under the new entry. A
+    token issued under the new entry resumes as before."""
+    feed = await _feed(store)
+    path = tmp_path / "t.toml"
+    _write(path, SOCCER_ONLY.replace('["soccer"]', '["soccer", "tennis"]'))
+    settings = Settings(heartbeat_ms=60_000, tenants_file=str(path))
+    acme = {"X-API-Key": "acme-key"}
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+
+        @asynccontextmanager
+        async def opened(token: str | None) -> AsyncIterator[tuple[Any, Any]]:
+            """(next message, the token of the last message read) of a new stream resuming from ``token``."""
+            if transport == "sse":
+                headers = {**acme, **({"Last-Event-ID": token} if token else {})}
+                async with c.stream("GET", "/v1/stream", headers=headers) as resp:
+                    sse = SSEReader(resp)
+
+                    async def next_sse() -> dict[str, Any]:
+                        return dict((await sse.until(lambda e: e.event != "heartbeat", timeout_s=30)).data)
+                    yield next_sse, lambda: sse.last_id
+                return
+            async with connect(base.replace("http://", "ws://") + "/v1/ws", additional_headers=acme) as conn:
+                last: list[str | None] = [None]
+
+                async def next_ws() -> dict[str, Any]:
+                    while True:
+                        try:
+                            m = json.loads(await asyncio.wait_for(conn.recv(), 30))
+                        except ConnectionClosed:
+                            raise EOFError("closed") from None
+                        last[0] = m.get("token") or last[0]
+                        if m["type"] not in ("heartbeat", "ack"):
+                            return dict(m)
+                await conn.send(json.dumps({"op": "subscribe", "id": 1, **({"resume": token} if token else {})}))
+                yield next_ws, lambda: last[0]
+
+        async with opened(None) as (nxt, token_of):
+            snap = await nxt()
+            assert sorted(m["market_id"] for m in snap["markets"]) == ["1.soc", "1.ten"]
+            token = token_of()
+            _write(path, SOCCER_ONLY)  # acme no longer sees tennis
+            err = await nxt()
+            assert err["type"] == "error" and err["code"] == "tenant_changed"
+            with pytest.raises(EOFError):
+                await nxt()
+        assert token
+        async with opened(token) as (nxt, token_of):
+            resumed = await nxt()
+            assert resumed["type"] == "resumed" and resumed["recovered"] is False, resumed
+            snap = await nxt()
+            assert snap["type"] == "snapshot" and [m["market_id"] for m in snap["markets"]] == ["1.soc"]
+            await feed.write(feed.price("1.soc", "1", 2.2))
+            assert (await nxt())["market_id"] == "1.soc"
+            token = token_of()
+        await feed.write(feed.price("1.ten", "1", 4.4), feed.price("1.soc", "1", 2.4))
+        async with opened(token) as (nxt, token_of):
+            resumed = await nxt()
+            assert resumed["type"] == "resumed" and resumed["recovered"] is True, resumed
+            got = await nxt()
+            assert got["type"] == "delta" and got["market_id"] == "1.soc" and got["selections"][0]["price"] == 2.4
+
+
+async def test_a_restricted_credentials_token_the_node_cannot_vouch_for_is_not_recovered(
+        store: Store, redis_url: str, tmp_path: Path) -> None:
+    """A node that has not served acme's allow-lists since it started (it restarted, or another
+    node issued the token) cannot tell what acme saw when the token was issued — its entry may have
+    changed meanwhile — so acme's resume gets a snapshot; a credential that sees every market
+    (nothing it holds can have been hidden from it) resumes as before."""
+    from streaming.encoding import encode_token
+
+    feed = await _feed(store)
+    before = await store.last_log_id(0)
+    await feed.write(feed.price("1.soc", "1", 2.1))
+    token = encode_token(store.epoch, [before]).decode()
+    async with serve(make_app(redis_url, settings=_soccer_only(tmp_path / "t.toml"))) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+        for key, recovered in (("acme-key", False), ("plain-key", True)):
+            async with c.stream("GET", "/v1/stream", headers={"X-API-Key": key, "Last-Event-ID": token}) as resp:
+                sse = SSEReader(resp)
+                ev = await sse.next()
+                assert ev.event == "resumed" and ev.data["recovered"] is recovered, (key, ev)
+                ev = await sse.until(lambda e: e.event != "heartbeat")
+                if recovered:
+                    assert ev.event == "delta" and ev.data["selections"][0]["price"] == 2.1
+                else:
+                    assert ev.event == "snapshot" and [m["market_id"] for m in ev.data["markets"]] == ["1.soc"]
 
 
 @pytest.mark.parametrize("edit", ["key", "limit"])
