@@ -1668,11 +1668,7 @@ class Hub:
         frames = self._state_frames(sub, event_ids, now_ms())
         if not frames:
             return
-        if conn.framing.shared:  # complete wire units: one outbox item
-            conn.send_raw(frames[0] if len(frames) == 1 else b"".join(frames))
-        else:
-            for fr in frames:
-                conn.send_raw(fr)
+        _queue_control(conn, frames)
 
     def _events_of(self, f: Filter) -> list[str]:
         """The provider events with a state among the markets matching ``f`` (not hidden from its tenant)."""
@@ -2121,11 +2117,7 @@ class Hub:
             frames.append(conn.frame(msg, sub))
         if not frames:
             return
-        if conn.framing.shared:  # complete wire units: one outbox item
-            conn.send_raw(frames[0] if len(frames) == 1 else b"".join(frames))
-        else:
-            for fr in frames:
-                conn.send_raw(fr)
+        _queue_control(conn, frames)
 
     def _stale_seen(self, f: Filter, stale: frozenset[str]) -> list[str]:
         """The markets among ``stale`` that filter ``f`` matches, sorted (through the index when
@@ -2237,3 +2229,12 @@ def _later(a: tuple[StreamId, ...] | None, b: tuple[StreamId, ...]) -> tuple[Str
         return b
     return tuple(max(x, y) for x, y in zip(a, b))
 
+
+def _queue_control(conn: Connection, frames: list[bytes]) -> None:
+    """Queue control frames built for ``conn`` (states, statuses): one outbox item when its
+    framing takes complete wire units, else one per frame."""
+    if conn.framing.shared:
+        conn.send_raw(frames[0] if len(frames) == 1 else b"".join(frames))
+    else:
+        for fr in frames:
+            conn.send_raw(fr)

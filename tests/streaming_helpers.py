@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -254,3 +255,56 @@ async def running_source(store: Store, text: str, settings: Any = None) -> Async
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class ScriptedSSEServer:
+    """A loopback HTTP server speaking oddsfeed's SSE wire format from scripts (the provider's
+    side is ours here: a client test needs exact frames): stream connection i plays
+    ``scripts[i]`` (SSE frames; none past the list) and then stays open, silent, until the client
+    goes away. Records each request's Last-Event-ID and each stream's writer."""
+
+    def __init__(self, scripts: list[list[bytes]]) -> None:
+        self.scripts = scripts
+        self.last_event_ids: list[str | None] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.streams: list[asyncio.StreamWriter] = []  # the stream connections', in order
+        #: when set, the next stream connection plays this instead (then it is cleared)
+        self.next_script: list[bytes] | None = None
+
+    async def __aenter__(self) -> "ScriptedSSEServer":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"GET /v1/stream"):
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        lei = None
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"last-event-id:"):
+                lei = line.split(b":", 1)[1].strip().decode()
+        self.last_event_ids.append(lei)
+        self.streams.append(writer)
+        n = len(self.last_event_ids)
+        script = self.scripts[n - 1] if n <= len(self.scripts) else []
+        if self.next_script is not None:
+            script, self.next_script = self.next_script, None
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
+                     b"connection: close\r\n\r\nretry: 2000\n\n")
+        for frame in script:
+            writer.write(frame)
+        with contextlib.suppress(Exception):
+            await writer.drain()
+            await reader.read()  # silent until the client goes away

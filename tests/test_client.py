@@ -5,7 +5,6 @@ filters, the price-check wrapper, fatal errors."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from feed.sources.backoff import Backoff
 from feed.store import Store
 from streaming.client import OddsClient, PriceCheckError, StreamError
 from streaming.pricecheck import PriceCheckRequest
-from streaming_helpers import Feed, make_app, now_ms, serve
+from streaming_helpers import Feed, ScriptedSSEServer, make_app, now_ms, serve
 
 TRANSPORTS = ["sse", "ws"]
 
@@ -341,50 +340,6 @@ async def test_a_seq_gap_is_not_applied_and_the_client_resyncs(store: Store, red
             assert client.stats.reconnects == 1
 
 
-class _FakeStream:
-    """A loopback HTTP server speaking oddsfeed's SSE wire format from scripts: connection i
-    plays ``scripts[i]`` (SSE frames) and then stays open; records each request's Last-Event-ID."""
-
-    def __init__(self, scripts: list[list[bytes]]) -> None:
-        self.scripts = scripts
-        self.last_event_ids: list[str | None] = []
-        self.server: asyncio.base_events.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> "_FakeStream":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"GET /v1/stream"):
-            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            await writer.drain()
-            writer.close()
-            return
-        lei = None
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"last-event-id:"):
-                lei = line.split(b":", 1)[1].strip().decode()
-        self.last_event_ids.append(lei)
-        script = self.scripts[len(self.last_event_ids) - 1] if len(self.last_event_ids) <= len(self.scripts) else []
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
-                     b"connection: close\r\n\r\nretry: 2000\n\n")
-        for frame in script:
-            writer.write(frame)
-        await writer.drain()
-        with contextlib.suppress(Exception):
-            await reader.read()  # until the client goes away
-
-
 async def test_gap_rules_duplicates_images_conflated_and_the_snapshot_fallback() -> None:
     """Against a fake server speaking our wire format: a duplicate is ignored, an image with a
     higher seq replaces, a conflated delta may skip seqs, a plain delta that skips one is a gap →
@@ -423,7 +378,7 @@ async def test_gap_rules_duplicates_images_conflated_and_the_snapshot_fallback()
               delta("m1", 4, 2.4, b"t4")]                    # the replay gaps again
     third = [snap(market("m1", 4, 2.4), market("m2", 8, 3.8), recovered=None),
              delta("m1", 5, 2.5, b"t5")]
-    async with _FakeStream([first, second, third]) as fake:
+    async with ScriptedSSEServer([first, second, third]) as fake:
         async with OddsClient(fake.url, heartbeat_ms=60_000, backoff=Backoff(initial_s=5, max_s=5)) as client:
             await client.wait_until(lambda c: c.markets.get("m1") is not None and c.markets["m1"].seq == 5, 10)
             assert {m: client.markets[m].seq for m in client.markets} == {"m1": 5, "m2": 8}

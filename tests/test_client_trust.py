@@ -14,9 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import json
 import logging
 import time
@@ -30,7 +27,7 @@ from feed.models import Market, SourceHealth
 from feed.sources.backoff import Backoff
 from feed.store import StoredLink, Store
 from streaming.client import OddsClient
-from streaming_helpers import Feed, eventually, make_app, now_ms, serve
+from streaming_helpers import Feed, ScriptedSSEServer, eventually, make_app, now_ms, serve
 
 TRANSPORTS = ["sse", "ws"]
 
@@ -67,53 +64,6 @@ def _delta(mid: str, seq: int, price: float, **extra: Any) -> dict[str, Any]:
             "age_ms": 0, "stale": False, "sent_at": t, **extra}
 
 
-class _ScriptedStream:
-    """A loopback HTTP server speaking the SSE wire format: each connection plays the next script
-    of ``scripts`` (none left: nothing; append one to script the next connection) and then stays
-    open, silent — a half-open stream. Records each request's Last-Event-ID."""
-
-    def __init__(self, scripts: list[list[bytes]]) -> None:
-        self.scripts = collections.deque(scripts)
-        self.last_event_ids: list[str | None] = []
-        self.server: asyncio.base_events.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.streams: list[asyncio.StreamWriter] = []  # the stream connections', in order
-
-    async def __aenter__(self) -> "_ScriptedStream":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"GET /v1/stream"):
-            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            await writer.drain()
-            writer.close()
-            return
-        lei = None
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"last-event-id:"):
-                lei = line.split(b":", 1)[1].strip().decode()
-        self.last_event_ids.append(lei)
-        self.streams.append(writer)
-        script = self.scripts.popleft() if self.scripts else []
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
-                     b"connection: close\r\n\r\n")
-        for frame in script:
-            writer.write(frame)
-        with contextlib.suppress(Exception):
-            await writer.drain()
-            await reader.read()  # silent until the client goes away
-
-
 # -- F: a client without a live stream vouches for nothing ----------------------------------------
 
 
@@ -122,7 +72,7 @@ async def test_a_silent_stream_makes_every_market_stale_until_it_resumes() -> No
     silence_s = 3 * hb_ms / 1000 + 1.0  # the client counts a stream silent this long as dropped
     first = [_frame(_snapshot(_market("pre"), _market("live", in_play=True)), "t0"),
              _frame({"type": "heartbeat", "as_of": now_ms()})]
-    async with _ScriptedStream([first]) as fake:
+    async with ScriptedSSEServer([first]) as fake:
         # thresholds far away: only the lost stream can make these markets stale here
         client = OddsClient(fake.url, heartbeat_ms=hb_ms, stale_in_play_ms=120_000, stale_pre_match_ms=120_000,
                             backoff=Backoff(initial_s=0.2, max_s=0.2, rng=lambda: 1.0))
@@ -140,7 +90,7 @@ async def test_a_silent_stream_makes_every_market_stale_until_it_resumes() -> No
             assert age is not None and age >= 1_500
             await eventually(lambda: (client.age_ms("pre") or 0) > age, 5, "the age growing")
             # a resume that recovers clears it (the ages go on from the last confirmation)
-            fake.scripts.append([_frame({"type": "resumed", "recovered": True}, "t1")])
+            fake.next_script = [_frame({"type": "resumed", "recovered": True}, "t1")]
             await eventually(lambda: not client.is_stale("pre") and not client.is_stale("live"), 15,
                              "fresh again after the resume")
             assert fake.last_event_ids[-1] == "t0" and client.stats.resumed_recovered == 1
@@ -274,7 +224,7 @@ _SCENARIOS: dict[str, list[dict[str, Any]]] = {
 async def test_values_the_client_does_not_know_neither_stop_nor_loop_the_stream(scenario: str) -> None:
     msgs = _SCENARIOS[scenario]
     frames = [_frame(m, f"t{i}" if m["type"] != "event_state" else None) for i, m in enumerate(msgs)]
-    async with _ScriptedStream([frames]) as fake:
+    async with ScriptedSSEServer([frames]) as fake:
         client = OddsClient(fake.url, heartbeat_ms=60_000, backoff=Backoff(initial_s=0.2, max_s=0.2, rng=lambda: 1.0))
         try:
             await client.start()
