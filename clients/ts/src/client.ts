@@ -87,6 +87,10 @@ export interface OddsClientOptions {
   onUpdate?: (marketId: string, market: BookMarket | undefined) => void;
   /** called with each event state taken into {@link OddsClient.eventStates} (score, clock, period, status) */
   onEventState?: (state: EventStateWithAge) => void;
+  /** called with an error a callback (`onUpdate`, `onEventState`, a listener added by `on`)
+   *  threw, after it is counted in `stats.callbackErrors`; the stream goes on whatever it does.
+   *  Default: `console.error`. `name`: "onUpdate", "onEventState" or "listener:<event>". */
+  onCallbackError?: (name: string, error: unknown) => void;
 }
 
 export interface ClientStats {
@@ -104,6 +108,9 @@ export interface ClientStats {
   gaps: number;
   resyncs: number;
   errors: number;
+  /** exceptions thrown by callbacks (onUpdate, onEventState, listeners added by `on`): reported
+   *  (option onCallbackError, default console.error) and otherwise ignored — the stream goes on */
+  callbackErrors: number;
   /** wall-clock receipt − source_ts of the last delta (meaningful when clocks agree) */
   lagMs: number | null;
   lastError: string | null;
@@ -184,6 +191,17 @@ export function raceEventId(eventId: string | null | undefined, sport: string | 
  * WS `"resume"`): `resumed {recovered: true}` keeps the book; `false` → the next snapshot
  * replaces it.
  *
+ * What it vouches for: while no live stream is followed — from the moment the stream drops, is
+ * found silent (3 × `heartbeatMs` + 1 s), gaps or is refused, until a reconnect resumes it
+ * (`resumed {recovered: true}`) or a snapshot replaces the book; after a fatal error or
+ * {@link OddsClient.close} — {@link OddsClient.isStale} is true for every market, and heartbeats
+ * confirm nothing (ages keep growing from the last confirmation). See {@link OddsClient.live}.
+ *
+ * Callbacks (`onUpdate`, `onEventState`, listeners added by {@link OddsClient.on}) run
+ * synchronously once the book (or `eventStates`) is updated; an exception one throws is counted
+ * (`stats.callbackErrors`), reported (option `onCallbackError`, default `console.error`) and
+ * otherwise ignored: it never ends or stalls the stream.
+ *
  * Event states (scores, clock, period, status): each `event_state` message updates
  * {@link OddsClient.eventStates} (by the provider event id markets carry in `event_id`) unless a
  * version at or above it from the same source is held; a snapshot clears them (the current
@@ -213,7 +231,7 @@ export class OddsClient {
   lastGap: SeqGapError | null = null;
   readonly stats: ClientStats = {
     connects: 0, reconnects: 0, snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, eventStates: 0,
-    resumedRecovered: 0, resumedLost: 0, gaps: 0, resyncs: 0, errors: 0, lagMs: null, lastError: null,
+    resumedRecovered: 0, resumedLost: 0, gaps: 0, resyncs: 0, errors: 0, callbackErrors: 0, lagMs: null, lastError: null,
     disconnectReasons: [],
   };
 
@@ -230,6 +248,9 @@ export class OddsClient {
   private readonly fMarket?: Set<string>;
   private readonly fSource?: Set<string>;
   private readonly fBook?: Set<string>;
+  /** following a live stream: set by a snapshot or a recovered resume, cleared the moment the
+   *  stream ends (dropped, found silent, a gap, a fatal error, close) */
+  private following = false;
   private gapResumes = 0;
   private gapMarket: string | null = null;
   private attempt = 0;
@@ -277,6 +298,7 @@ export class OddsClient {
   /** Stop the stream; idempotent. Resolves once the stream task has ended. */
   async close(): Promise<void> {
     this.closing = true;
+    this.following = false; // every market reads stale from now on
     this.current?.abort(new DroppedError("client closed"));
     this.sleepCancel?.();
     await this.running;
@@ -323,25 +345,37 @@ export class OddsClient {
 
   // -- the book -------------------------------------------------------------------------------
 
+  /** True while the client follows a live stream: since a snapshot or a recovered resume
+   *  (`resumed {recovered: true}`) on the current connection. False from the moment the stream
+   *  drops, is found silent, gaps or is refused, while reconnecting (also once reconnected, until
+   *  resumed or re-snapshotted), and after a fatal error or {@link OddsClient.close}: every market
+   *  then reads stale ({@link OddsClient.isStale}) and heartbeats confirm nothing. */
+  get live(): boolean {
+    return this.following;
+  }
+
   get markets(): Map<string, BookMarket> {
     return this.book.markets;
   }
 
   /** Milliseconds since the market was last confirmed current: the server's `age_ms` at receipt
    *  plus the local (monotonic) time since; heartbeats confirm markets not flagged stale whose
-   *  source is not DOWN. Undefined for a market not held. */
+   *  source is not DOWN, and only while the stream is live ({@link OddsClient.live}): without a
+   *  live stream the age keeps growing. Undefined for a market not held. */
   ageMs(marketId: string): number | undefined {
     const t = this.confirmed.get(marketId);
     if (t === undefined) return undefined;
     return Math.max(0, Math.round(this.now() - t));
   }
 
-  /** True when the market's source is DOWN, the server flagged it stale (snapshot, delta,
-   *  status), or its age exceeds the in-play / pre-match threshold (unknown market → true). */
+  /** True when the client follows no live stream ({@link OddsClient.live} false: dropped, found
+   *  silent, reconnecting and not yet resumed or re-snapshotted, fatally errored, closed), the
+   *  market's source is DOWN, the server flagged it stale (snapshot, delta, status), or its age
+   *  exceeds the in-play / pre-match threshold (unknown market → true). */
   isStale(marketId: string): boolean {
     const m = this.book.get(marketId);
     const age = this.ageMs(marketId);
-    if (m === undefined || age === undefined) return true;
+    if (m === undefined || age === undefined || !this.following) return true;
     if (this.sources.get(m.source)?.state === "DOWN") return true;
     if (this.flagged.get(marketId)) return true;
     return age > (m.in_play ? this.opts.staleInPlayMs ?? 10_000 : this.opts.stalePreMatchMs ?? 60_000);
@@ -431,6 +465,7 @@ export class OddsClient {
         if (msg.recovered) {
           this.stats.resumedRecovered++;
           this.synced = true; // the book is kept; the missed deltas follow
+          if (!this.closing && !this.error) this.following = true;
         } else {
           this.stats.resumedLost++; // the snapshot that follows replaces the book
         }
@@ -464,12 +499,13 @@ export class OddsClient {
     this.stats.snapshots++;
     this.gapResumes = 0;
     this.synced = true;
+    if (!this.closing && !this.error) this.following = true;
     this.attempt = 0;
     this.emit("snapshot", msg);
     const cb = this.opts.onUpdate;
     if (cb) {
-      for (const id of old) if (!this.book.markets.has(id)) cb(id, undefined);
-      for (const [id, m] of this.book.markets) cb(id, m);
+      for (const id of old) if (!this.book.markets.has(id)) this.callback("onUpdate", cb, id, undefined);
+      for (const [id, m] of this.book.markets) this.callback("onUpdate", cb, id, m);
     }
   }
 
@@ -503,7 +539,7 @@ export class OddsClient {
     this.confirmed.set(id, this.now() - (msg.age_ms ?? 0));
     this.flagged.set(id, Boolean(msg.stale));
     this.emit("delta", msg);
-    if (cb) cb(id, m);
+    if (cb) this.callback("onUpdate", cb, id, m);
     return r;
   }
 
@@ -514,7 +550,8 @@ export class OddsClient {
     this.eventStates.set(es.event_id, es);
     this.stats.eventStates++;
     this.emit("event_state", es);
-    this.opts.onEventState?.(es);
+    const cb = this.opts.onEventState;
+    if (cb) this.callback("onEventState", cb, es);
   }
 
   /** Drop market `id` from the book (`onUpdate(id, undefined)` when it was held and `notify`). */
@@ -523,12 +560,13 @@ export class OddsClient {
     this.confirmed.delete(id);
     this.flagged.delete(id);
     const cb = this.opts.onUpdate;
-    if (cb && held && notify) cb(id, undefined);
+    if (cb && held && notify) this.callback("onUpdate", cb, id, undefined);
   }
 
   private pendingGap: SeqGapError | null = null;
 
   private onHeartbeat(): void {
+    if (!this.following) return; // a reconnected stream not yet resumed (or none) confirms nothing
     const now = this.now();
     for (const [id, m] of this.book.markets) {
       if (this.sources.get(m.source)?.state === "DOWN" || this.flagged.get(id)) continue;
@@ -557,8 +595,20 @@ export class OddsClient {
   }
 
   private emit(name: ClientEventName, detail: unknown): void {
-    for (const l of this.listeners) {
-      try { l(name, detail); } catch { /* a listener's error is its own */ }
+    for (const l of this.listeners) this.callback(`listener:${name}`, l, name, detail);
+  }
+
+  /** Call a user callback: an exception it throws is counted and reported, never the stream's
+   *  end (the book is updated before any callback runs). */
+  private callback<A extends unknown[]>(name: string, fn: (...args: A) => void, ...args: A): void {
+    try {
+      fn(...args);
+    } catch (e) {
+      this.stats.callbackErrors++;
+      try {
+        if (this.opts.onCallbackError) this.opts.onCallbackError(name, e);
+        else console.error(`oddsfeed client: the ${name} callback threw; the book is updated and the stream goes on:`, e);
+      } catch { /* the reporter's own error: nothing more to do */ }
     }
   }
 
@@ -572,6 +622,8 @@ export class OddsClient {
     while (!this.closing) {
       const ctl = new AbortController();
       this.current = ctl;
+      // the moment the connection is given up (silence, gap, reconnect(), close) nothing is vouched for
+      ctl.signal.addEventListener("abort", () => { this.following = false; }, { once: true });
       if (this.pendingGap) { ctl.abort(this.pendingGap); this.pendingGap = null; }
       let failure: unknown = null;
       try {
@@ -582,7 +634,7 @@ export class OddsClient {
       }
       if (ctl.signal.aborted) failure = ctl.signal.reason;
       this.current = null;
-      this.connected = false;
+      this.connected = this.following = false; // every market reads stale until resumed / a snapshot
       if (this.closing) break;
       if (failure instanceof StreamError) {
         this.error = failure;
