@@ -429,9 +429,11 @@ class Stack:
         self.start_serve()
         await self.wait_healthy(ready_timeout_s)
 
-    def start_ingest(self, name: str) -> None:
+    def start_ingest(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Start (or restart) the ingest of ``name``; ``env``: extra environment for this
+        start only (a later restart without it runs in the plain environment)."""
         self.managed.start(f"ingest-{name}", [sys.executable, "-m", "feed", "ingest", *self.store_args(),
-                                              "--source", self.source_spec(name)])
+                                              "--source", self.source_spec(name)], env=env or {})
 
     def start_serve(self) -> None:
         # every client of the suite (the storm's 1,000 included) comes from 127.0.0.1: no per-IP cap

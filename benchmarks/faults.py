@@ -309,6 +309,54 @@ async def ingest_dead(ctx: Ctx) -> dict[str, Any]:
             "grace_ms": grace_ms}
 
 
+FAKETIME_LIBS = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+                 "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1")
+CLOCK_AHEAD_S = 30
+
+
+async def ingest_clock_ahead(ctx: Ctx) -> dict[str, Any]:
+    """Restart the ESA ingest with its host clock 30 s ahead (libfaketime: its wall clock only,
+    not the monotonic one), let it stream, then kill it and leave it dead. Every time it
+    stamps — receipt, health record, lease — is 30 s in the node's future: measured against
+    them, its dead source's prices read 0 ms old for 30 s plus the lease. Its source must read
+    DOWN (``clock_skew``) within 5 s, and no price check of its markets may answer OK from then
+    until it is restarted with a true clock."""
+    lib = next((p for p in FAKETIME_LIBS if os.path.exists(p)), None)
+    if lib is None:
+        ctx.checks["libfaketime present"] = ("no: apt-get install faketime", False)
+        return {"applied": False, "why": "libfaketime not installed (apt-get install faketime)"}
+    ctx.begin()
+    ctx.stack.managed.signal("ingest-esa", signal.SIGKILL)
+    ctx.stack.start_ingest("esa", env={"LD_PRELOAD": lib, "FAKETIME": f"+{CLOCK_AHEAD_S}s",
+                                       "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    t_skewed = now_ms()
+    t_down = None
+    reason = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        st = (await ctx.sources()).get("esa", {})
+        if st.get("state") == "DOWN" and st.get("reason") == "clock_skew":
+            t_down, reason = now_ms(), st.get("reason")
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(3.0)  # the skewed ingest streams on: still DOWN, no OK
+    pid = ctx.stack.managed.signal("ingest-esa", signal.SIGKILL)
+    t_kill = now_ms()
+    await asyncio.sleep(CLOCK_AHEAD_S / 3)  # its last records still read "in the future" here
+    st = (await ctx.sources()).get("esa", {})
+    t_restart = now_ms()
+    ctx.dead["esa"] = ((t_down if t_down is not None else t_skewed + 5000), t_restart)
+    down_s = (t_down - t_skewed) / 1000 if t_down is not None else None
+    ctx.checks["DOWN (clock_skew) within 5 s"] = (f"{down_s:.1f}s" if down_s is not None else "never",
+                                                  down_s is not None and down_s <= 5.0)
+    ctx.checks["still DOWN after it died"] = (f"{st.get('state')}/{st.get('reason')}", st.get("state") == "DOWN")
+    ctx.stack.start_ingest("esa")  # heal with a true clock; the rest of the row checks it comes back
+    ctx.end()
+    ctx.notes.append(f"ingest {CLOCK_AHEAD_S} s ahead for {(t_kill - t_skewed) / 1000:.1f} s, then dead "
+                     f"{(t_restart - t_kill) / 1000:.1f} s")
+    return {"applied": True, "killed_pid": pid, "down_after_s": down_s, "down_reason": reason}
+
+
 def esa_switch(op: str, wait_s: float = 0.0, then: tuple[str, dict[str, Any]] | None = None,
                watch: bool = False, expect_reconnects: int = 0, **args: Any) -> Inject:
     async def inject(ctx: Ctx) -> dict[str, Any]:
@@ -484,6 +532,8 @@ ROWS: list[Row] = [
         serve_kill),
     Row("ingest_dead", "ingest of esa kill -9 and left dead (DOWN/ingest_gone expected, no OK); then restarted",
         ("esa",), ingest_dead),
+    Row("ingest_clock_ahead", f"ingest of esa restarted with its clock {CLOCK_AHEAD_S} s ahead, then kill -9 "
+        "(DOWN/clock_skew expected, no OK); then restarted with a true clock", ("esa",), ingest_clock_ahead),
     Row("esa_drop", "ESA simulator drops the connection (reconnect, resume with clk)", ("esa",),
         esa_switch("drop_connections", expect_reconnects=1)),
     Row("esa_503", "ESA stream status 503 for 5 s (stay connected, DEGRADED)", ("esa",),
@@ -759,7 +809,7 @@ async def run_row(env: Env, row: Row) -> Result:
             if judged["ok_dead"] or "esa" in ctx.dead:
                 ctx.checks["no OK after lease+2s"] = (judged["ok_dead"], judged["ok_dead"] == 0)
             recovered = ttr is not None and res.differ == 0 and not client_diffs
-            if row.name == "ingest_dead":
+            if row.name in ("ingest_dead", "ingest_clock_ahead"):
                 recovered = all(ok for _, ok in ctx.checks.values()) and recovered
             res.recovered = recovered
             if ttr is None:

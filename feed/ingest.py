@@ -71,6 +71,7 @@ class IngestOptions(TypedDict):
 
     lease_ms: int
     max_future_skew_ms: int
+    max_stream_lag_ms: int
     backlog_max: int
     settled_retention_ms: int
     history_retention_ms: int
@@ -79,6 +80,7 @@ class IngestOptions(TypedDict):
 def ingest_options(settings: Settings) -> IngestOptions:
     """The :class:`Ingest` keyword arguments that come from settings."""
     return IngestOptions(lease_ms=settings.health_lease_ms, max_future_skew_ms=settings.max_future_skew_ms,
+                         max_stream_lag_ms=settings.max_stream_lag_ms,
                          backlog_max=settings.ingest_backlog_max,
                          settled_retention_ms=settings.settled_retention_ms,
                          history_retention_ms=settings.history_retention_ms)
@@ -100,6 +102,8 @@ class IngestStats:
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     heartbeats: int = 0
+    #: messages received more than ``max_stream_lag_ms`` after their provider time
+    late_messages: int = 0
     batches: int = 0
     foreign: int = 0
     #: event states stored (feed.models.EventState), and those dropped: older than the one held
@@ -143,7 +147,7 @@ class Ingest:
     def __init__(self, store: Store, *, source: str = "betfair", normaliser: Normaliser | None = None,
                  book: Book | None = None, clock_ms: Callable[[], int] = now_ms, stale_after_ms: int = 10_000,
                  kind: str = "betfair", lease_ms: int = 5_000, max_future_skew_ms: int = 10_000,
-                 backlog_max: int = 50_000, settled_retention_ms: int = 3_600_000,
+                 max_stream_lag_ms: int = 0, backlog_max: int = 50_000, settled_retention_ms: int = 3_600_000,
                  history_retention_ms: int = 0) -> None:
         self.store = store
         self.source = source
@@ -161,6 +165,8 @@ class Ingest:
         self.health = SourceHealth(source=source, kind=kind, state="DOWN", reason="starting",
                                    stale_after_ms=stale_after_ms, lease_ms=lease_ms, session=self.session)
         self.max_future_skew_ms = max_future_skew_ms
+        self._max_stream_lag_ms = 0
+        self.max_stream_lag_ms = max_stream_lag_ms
         # one bound for the normaliser's own checks (before it caches a change) and the ingest's
         self.normaliser.max_future_skew_ms = max_future_skew_ms
         self.backlog_max = backlog_max
@@ -278,6 +284,7 @@ class Ingest:
         stats = self.stats
         pending = self._pending
         skew = self.max_future_skew_ms
+        lag_cap = self.max_stream_lag_ms
         time_map = self.time_map
         checked = self._checked
         out = Delivered()
@@ -298,7 +305,15 @@ class Ingest:
                 logger.exception("normaliser of %s failed on a message", self.source)
                 self._rejected_whole(FeedDecodeError("internal_error", f"{type(exc).__name__}: {exc}", raw), out)
                 continue
-            fed_at = recv_ms
+            as_of = recv_ms
+            pt = batch.provider_ts
+            if lag_cap and pt is not None:
+                if time_map is not None:
+                    pt = time_map(pt)
+                if recv_ms - pt > lag_cap:  # late: a backlog after a stall, or a lagging upstream
+                    as_of = pt + lag_cap
+                    stats.late_messages += 1
+            fed_at = as_of
             if batch.full_image:
                 self.new_session()
             for rejected in batch.rejected:
@@ -416,6 +431,21 @@ class Ingest:
         if result.foreign:
             logger.warning("source %s: %d event states dropped: their events belong to another source",
                            self.source, result.foreign)
+
+    @property
+    def max_stream_lag_ms(self) -> int:
+        """How late (ms) after its provider time a message may arrive and still count from its
+        arrival — for a normaliser of live provider times only (0 = no bound): a later one (a
+        backlog after a stall) confirms its source only as of its provider time plus this, and
+        readers take its changes as current from then (``SourceHealth.max_lag_ms``: its prices
+        were current then, not at their arrival — timing a price check from the arrival would
+        call them fresh)."""
+        return self._max_stream_lag_ms
+
+    @max_stream_lag_ms.setter
+    def max_stream_lag_ms(self, ms: int) -> None:
+        self._max_stream_lag_ms = ms if getattr(self.normaliser, "live_provider_times", False) else 0
+        self.health.max_lag_ms = self._max_stream_lag_ms
 
     def confirm(self, recv_ms: int) -> None:
         """The upstream confirmed its data at ``recv_ms`` without a message to

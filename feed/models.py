@@ -535,6 +535,12 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     ``updated_at + lease_ms`` (the ingest renews it about once a second; see
     :func:`effective_health`). session: the current upstream session (image
     lineage); heartbeats confirm only the markets of this session.
+    max_lag_ms: for a source whose messages carry live provider times (ESA
+    ``pt``, push, UOF), how late after its provider time a change may arrive
+    and still count from its arrival: a reader takes a market's change as
+    current at ``min(received_at, source_ts + max_lag_ms)`` — a backlog
+    delivered after a stall is as old as it was published, not as fresh as
+    its arrival (0: no such bound, e.g. polled snapshots).
     """
 
     source: str
@@ -552,6 +558,7 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     lag_p99_ms: int | None = None
     lease_ms: int = 0
     session: str | None = None
+    max_lag_ms: int = 0
 
 
 #: Reason of a source whose ingest stopped renewing its health lease.

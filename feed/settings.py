@@ -76,6 +76,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     (``streaming.fastpath``; same answers, less CPU); false sends them through ASGI."""
     max_future_skew_ms: int = 10_000
     """A provider time more than this far ahead of receipt is quarantined as ``clock_skew``, ms."""
+    max_stream_lag_ms: int = 1_000
+    """A streamed message received more than this long after its provider time (a backlog
+    after a stall) counts as received at its provider time plus this, ms: its prices and the
+    confirmation it brings are that old, not as fresh as their arrival (0 = off)."""
     health_lease_ms: int = 5_000
     """A source's health record is good for this long after its ingest last renewed it
     (about once a second); then every node reads the source as DOWN (``ingest_gone``), ms."""

@@ -108,6 +108,7 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
             raise
         app.state.node = node
         node.tenants = tenants
+        tenants.on_change = node.hub.tenants_changed
         app.state.metrics_registry = make_registry(node)
         # always: it also forgets idle principals (one per API key / JWT subject seen), file or not
         watcher = asyncio.create_task(tenants.watch(), name="tenants-file") if auth else None

@@ -1973,6 +1973,18 @@ class Hub:
 
     # -- status ---------------------------------------------------------------
 
+    def started(self) -> None:
+        """The node loaded its state from the store (at start): links it adopted while it was
+        down moved nothing it knows of, so a resume of a subscription filtered on a canonical
+        event from a token issued before now is not recovered (:meth:`_relinked_after`)."""
+        self._relink_floor = _later(self._relink_floor, self._positions())
+
+    def tenants_changed(self) -> None:
+        """The tenants file changed (any entry, with or without open streams): a restricted
+        credential's resume from a token issued before now is not recovered — what it may see
+        then is not known to be what it may see now (:meth:`_resume_void`)."""
+        self._grants_changed = self._positions()
+
     def relinked(self, moved_from: Mapping[str, tuple[str | None, bool]]) -> None:
         """The linker moved markets to another canonical event (called right after
         :meth:`NodeState.set_links`): a subscription filtered by canonical event that matches
@@ -2028,8 +2040,11 @@ class Hub:
                             age, stale = st.age_stale(m, now)
                             msg = images[mid] = delta_message(image_of(m), market_json=st.market_json(m, now),
                                                               age_ms=age, stale=stale, sent_at=now, token=st.token,
-                                                              prev_token=st.token)
-                        conn.send(msg.formatted(sub.fmt), sub, True)
+                                                              prev_token=st.token,
+                                                              info=DeltaInfo(mid, (), False, False, True))
+                        # in order with the market's deltas and a `removed` of a move out before it
+                        # (conflation and a slow consumer's collapse merge them: the last word wins)
+                        self._deliver(sub, [msg], st.token)
                         if states:
                             for eid in st.state_events(m):
                                 events[eid] = None

@@ -386,6 +386,8 @@ def _check_book(state: NodeState, req: PriceCheckRequest, market_id: str, select
         why = state.rebuilding_reason(market_id)
         if why is not None:  # this node knows the market may miss a change until its reload
             feed_problem = f"its partition is being reloaded from the store: {why}"
+    if feed_problem is None and age == 0:  # (an age of 0: fresh, or stamped in this node's future)
+        feed_problem = state.stamp_problem(m, now)
     health = state.source_health(m.source, now)
     source_state = health.state if health is not None else None
     max_age = req.max_age_ms

@@ -261,7 +261,7 @@ class PartitionReader:
         knows their markets may miss a change (a gap, a trim, an error between an
         apply and the fan-out): they read as stale (:meth:`NodeState.mark_rebuilding`)."""
         self._reload = (partitions, reason, since)
-        self.node.state.mark_rebuilding(partitions, reason)
+        self.node.state.mark_rebuilding(partitions, reason, self.node.loaded)
 
     @property
     def pushed(self) -> int:
@@ -377,6 +377,7 @@ class Node:
         """Load every partition, then start readers and the health poller.
         Raises StoreError (or RedisError) when Redis cannot be read."""
         await self._load(None)
+        self.hub.started()
         await self.event_state_tail.load()
         await self.refresh_health(announce=False)
         if self.options.tune_gc:
@@ -456,7 +457,7 @@ class Node:
             todo = [q for q in wanted if self.loaded[q] == since[q]]
             for q in wanted:
                 if q not in todo:  # loaded since the problem was found: fresh, not rebuilding
-                    self.state.rebuilding.pop(q, None)
+                    self.state.loaded_since_mark(q, self.loaded[q])
             if not todo:
                 return
             parts = None if len(todo) == self.state.partitions else todo

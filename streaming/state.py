@@ -66,6 +66,9 @@ from streaming.encoding import (
 
 logger = logging.getLogger(__name__)
 
+#: how long (ms, past the skew itself) a node corrects the stamps of a source once seen skewed
+SKEW_MEMORY_MS = 600_000
+
 __all__ = [
     "DeltaInfo", "Filter", "FilterError", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry", "ReplayRing",
     "image_of", "now_ms", "parse_stale_by_sport",
@@ -479,6 +482,8 @@ class NodeState:
         #: entry, an error between an apply and the fan-out) until the reload swaps it in, its
         #: markets are stale — the node knows they may be wrong (:meth:`mark_rebuilding`)
         self.rebuilding: dict[int, str] = {}
+        #: partition -> how many loads of it had completed when it was last marked rebuilding
+        self._marked_after: dict[int, int] = {}
         self.token: bytes = encode_token(None, self.positions)
         #: apply_entry: the entry's markets that may newly match a subscription (PreparedEntry.newly)
         self._newly: list[Newly] | None = None
@@ -490,6 +495,11 @@ class NodeState:
         #: source -> how far (ms) its last health record read ahead of this node's clock, for the
         #: sources seen stamped more than MAX_CLOCK_SKEW_MS ahead (see :meth:`set_health`)
         self.skewed: dict[str, int] = {}
+        #: source -> (the largest skew seen, ms; node time after which it is forgotten, 0 while the
+        #: source is still skewed): the times its ingest stamped while ahead stay in its markets
+        #: (``received_at``) after the clocks agree again, ``skew`` ms too young — ages of its
+        #: markets count from ``received_at − skew`` meanwhile (see :meth:`stamp_time`)
+        self._skew_seen: dict[str, tuple[int, int]] = {}
         #: source -> per partition: the newest ``last_message_at`` this node has read far enough to vouch for
         self._vouched: dict[str, list[int]] = {}
         #: per partition: (log head read after the record, source, last_message_at) not reached yet
@@ -513,11 +523,22 @@ class NodeState:
             return msgspec.structs.replace(h, state="DOWN", reason=CLOCK_SKEW)
         return h
 
-    def mark_rebuilding(self, partitions: Iterable[int] | None, reason: str) -> None:
+    def mark_rebuilding(self, partitions: Iterable[int] | None, reason: str,
+                        loaded: Sequence[int] | None = None) -> None:
         """``partitions`` (None = all) are to be reloaded: their markets read as
-        stale until :meth:`replace_partitions` swaps them in."""
+        stale until :meth:`replace_partitions` swaps them in. ``loaded``: per
+        partition, the loads completed so far (see :meth:`loaded_since_mark`)."""
         for p in range(self.partitions) if partitions is None else partitions:
             self.rebuilding[p] = reason
+            self._marked_after[p] = loaded[p] if loaded is not None else -1
+
+    def loaded_since_mark(self, p: int, loads: int) -> None:
+        """Partition ``p`` has completed ``loads`` loads and a reload asked for it is skipped
+        (loaded since it was asked): its rebuilding mark goes — unless a newer problem marked
+        it after that load (its own reload, still to come, clears it)."""
+        if self._marked_after.get(p, -1) < loads:
+            self.rebuilding.pop(p, None)
+            self._marked_after.pop(p, None)
 
     def rebuilding_reason(self, market_id: str) -> str | None:
         """Why the partition of ``market_id`` is being reloaded, else None."""
@@ -525,10 +546,33 @@ class NodeState:
             return None
         return self.rebuilding.get(partition_of(market_id, self.partitions))
 
+    def stamp_time(self, source: str, stamped: int, now: int) -> int:
+        """A time ``source``'s ingest stamped (``received_at``), as this node's clock reads it:
+        less the largest skew seen of that source, while it is remembered (a stamp made while
+        its clock ran ahead reads that much too young; one made since reads older than it is
+        until a confirmation supersedes it — the safe side)."""
+        if self._skew_seen:
+            seen = self._skew_seen.get(source)
+            if seen is not None:
+                if seen[1] == 0 or now < seen[1]:
+                    return stamped - seen[0]
+                del self._skew_seen[source]
+        return stamped
+
+    def stamp_problem(self, m: Market, now: int) -> str | None:
+        """Why market ``m``'s age cannot be told (its receipt was stamped more than
+        ``MAX_CLOCK_SKEW_MS`` after ``now``, this node's clock), else None."""
+        ahead = self.stamp_time(m.source, m.received_at, now) - now
+        if ahead > MAX_CLOCK_SKEW_MS:
+            return f"market {m.market_id} was stamped {ahead} ms ahead of this node's clock (clock skew)"
+        return None
+
     def age_stale(self, m: Market, now: int) -> tuple[int, bool]:
         """(age_ms, stale) of market ``m`` at ``now`` (see the module docstring)."""
-        last = m.received_at
+        last = self.stamp_time(m.source, m.received_at, now) if self._skew_seen else m.received_at
         h = self.health.get(m.source)
+        if h is not None and h.max_lag_ms and m.source_ts and m.source_ts + h.max_lag_ms < last:
+            last = m.source_ts + h.max_lag_ms  # arrived late (a backlog): as old as it was published
         down = bool(self.rebuilding) and partition_of(m.market_id, self.partitions) in self.rebuilding
         if h is not None:
             if (h.state == "DOWN" or lease_expired(h, now) or lost_change(m, h) or clock_ahead(h, now)
@@ -725,6 +769,7 @@ class NodeState:
             self._json.pop(m.market_id, None)
         for p, (position, markets) in loaded.items():
             self.rebuilding.pop(p, None)
+            self._marked_after.pop(p, None)
             self.positions[p] = position
             for m in markets:
                 self._put(m, self.markets.get(m.market_id))
@@ -879,11 +924,18 @@ class NodeState:
                 if h.source not in self.skewed:
                     logger.error("source %s: health record stamped %d ms ahead of this node's clock; its prices "
                                  "are not vouched for until the clocks agree (NTP)", h.source, h.updated_at - now)
-                self.skewed[h.source] = h.updated_at - now
+                skew = h.updated_at - now
+                self.skewed[h.source] = skew
+                seen = self._skew_seen.get(h.source)
+                self._skew_seen[h.source] = (max(skew, seen[0]) if seen is not None else skew, 0)
             elif h.source in self.skewed:
                 prev = old.get(h.source)
                 if prev is None or prev.updated_at != h.updated_at:  # a new record, within the bound
                     del self.skewed[h.source]
+                    skew = self._skew_seen.get(h.source, (0, 0))[0]
+                    # stamps made while it ran ahead are at most ``skew`` in the future of now: past
+                    # this they read older than any stale limit or are superseded by confirmations
+                    self._skew_seen[h.source] = (skew, now + skew + SKEW_MEMORY_MS)
                     logger.warning("source %s: its health records are within %d ms of this node's clock again",
                                    h.source, MAX_CLOCK_SKEW_MS)
         for name in [n for n in self.skewed if n not in self.health]:

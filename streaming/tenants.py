@@ -74,7 +74,7 @@ import math
 import os
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -425,6 +425,9 @@ class Tenants:
         #: refusals by (tenant, limit), for ``oddsfeed_tenant_limited_total``
         self.limited: dict[tuple[str, str], int] = {}
         self.last_error: str | None = None
+        #: called after each reload that installed a changed file (the API node's hub: resumes
+        #: of restricted credentials from before it are not recovered)
+        self.on_change: Callable[[], None] | None = None
         if path is not None:
             parsed, raw = load_tenants_file(path)
             self._install(parsed, raw, self._stat_of(path))
@@ -565,6 +568,8 @@ class Tenants:
             return None
         changed = self._install(parsed, raw, stat)
         self.reloads["ok"] += 1
+        if self.on_change is not None:
+            self.on_change()
         logger.info("tenants file reloaded: %d tenants%s; %d tenants' streams closed", len(parsed.tenant),
                     " and [default]" if parsed.default is not None else "", len(changed))
         return changed

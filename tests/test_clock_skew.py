@@ -64,3 +64,32 @@ def test_a_skew_within_the_bound_is_tolerated() -> None:
     now = now_ms()
     st = _state(now + MAX_CLOCK_SKEW_MS // 2)
     assert check(st, REQ, now).reason == "OK"
+
+
+def test_stamps_made_while_the_clock_ran_ahead_are_corrected_after_the_clocks_agree() -> None:
+    """The skewed ingest died and a new one (true clock, new session) took over: its first record
+    cleared the skew — and the markets the old one stamped 30 s ahead read 0 ms old, answering
+    OK on prices nobody confirmed (review, §65). Their stamps are now read less the skew seen."""
+    now = now_ms()
+    st = _state(now + SKEW_MS)  # seen alive and 30 s ahead: the market stamped now + 29.5 s
+    later = now + 13_000  # it died; 13 s on, a new ingest with a true clock writes its first record
+    st.set_health([SourceHealth(source="t", state="UP", last_message_at=later, updated_at=later, lease_ms=5000,
+                                session="s2")], now=later)
+    assert "t" not in st.skewed  # the source itself is trusted again
+    age, stale = st.age_stale(st.markets["bf:1.1"], later)
+    assert age >= 13_000 and stale, (age, stale)  # the market's real age, not 0
+    r = check(st, REQ, later)
+    assert r.reason == "STALE" and r.age_ms is not None and r.age_ms >= 13_000, r
+
+
+def test_a_market_stamped_ahead_of_the_node_is_not_answered_ok() -> None:
+    """A market stamped more than the bound ahead of the node's clock (its source not, or no
+    longer, known to be skewed) streams stale; the price check dropped that flag and said OK."""
+    now = now_ms()
+    st = _state(now)
+    m = st.markets["bf:1.1"]
+    st.markets["bf:1.1"] = type(m)(**{**{f: getattr(m, f) for f in m.__struct_fields__},
+                                      "received_at": now + 5_000})
+    assert st.age_stale(st.markets["bf:1.1"], now)[1] is True
+    r = check(st, REQ, now)
+    assert r.reason == "STALE" and "ahead of this node's clock" in r.message, r

@@ -349,3 +349,76 @@ async def test_a_resume_from_before_a_relink_is_not_recovered(store: Store, redi
             ev = await sse.until(lambda e: e.event != "heartbeat")
             assert ev.event == "delta" and ev.data["market_id"] == "a:1" and ev.data["selections"][0]["price"] == 2.8
 
+
+
+async def test_a_resume_on_another_node_after_a_relink_while_no_node_served_it_is_not_recovered(
+        store: Store, redis_url: str) -> None:
+    """The linker split b:e out of ev:a:e while the client's node was gone; the next node adopted
+    the links before serving anyone, so it saw no relink: the resume was recovered, no `removed`
+    came for b:1 and none of its changes — its old price, confirmed by every heartbeat (review,
+    §66). A node now takes no resume of a canonical-event filter from before it started."""
+    feed = Feed(store)
+    await _linked_together(store, feed)
+    params = {"event": "ev:a:e"}
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        await eventually(_both_linked(c), what="both linked")
+        async with c.stream("GET", "/v1/stream", params=params) as resp:
+            sse = SSEReader(resp)
+            assert sorted(m["market_id"] for m in (await sse.next()).data["markets"]) == ["a:1", "b:1"]
+            await feed.write(feed.price("a:1", "1", 2.2))
+            token = (await sse.until(lambda e: e.event == "delta")).id
+    await _split(store)  # no node serves the client meanwhile
+    await feed.write(feed.price("b:1", "1", 7.7), feed.price("a:1", "1", 2.4))
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async def split_seen() -> bool:
+            return await _event_count(c, "ev:a:e") == 1
+        await eventually(split_seen, what="the new node holds the new links")
+        async with c.stream("GET", "/v1/stream", params=params, headers={"Last-Event-ID": token}) as resp:
+            sse = SSEReader(resp)
+            resumed = await sse.next()
+            assert resumed.event == "resumed" and resumed.data["recovered"] is False, resumed
+            snap = await sse.until(lambda e: e.event == "snapshot")
+            assert [m["market_id"] for m in snap.data["markets"]] == ["a:1"]
+
+
+async def test_a_market_relinked_out_and_back_within_a_conflation_window_stays_held(
+        store: Store, redis_url: str) -> None:
+    """Out and back within one window: the move-out `removed` went through conflation, the
+    move-back image straight out — the client got the image, then `removed`, and dropped a
+    market its event holds (review, §66). Both now go in order: the last word wins."""
+    import contextlib
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from feed.store import StoredLink
+
+    feed = Feed(store)
+    await _linked_together(store, feed)
+    async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        await eventually(_both_linked(c), what="both linked")
+        async with connect(base.replace("http://", "ws://") + "/v1/ws") as ws:
+            async def recv(timeout_s: float = 20) -> dict[str, Any]:
+                while (m := json.loads(await asyncio.wait_for(ws.recv(), timeout_s)))["type"] == "heartbeat":
+                    pass
+                return dict(m)
+            await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"event": "ev:a:e"}, "conflate_ms": 3000}))
+            assert (await recv())["type"] == "ack"
+            assert sorted(m["market_id"] for m in (await recv())["markets"]) == ["a:1", "b:1"]
+            await _split(store)
+            async def split_seen() -> bool:
+                return await _event_count(c, "ev:b:e") == 1
+            await eventually(split_seen, what="the split applied")
+            await store.save_links({"a:e": StoredLink("ev:a:e", 1.0, "self"),
+                                    "b:e": StoredLink("ev:a:e", 0.96, "fuzzy")},
+                                   {"ev:a:e": _canon("ev:a:e", ["a:e", "b:e"])})
+            await eventually(_both_linked(c), what="linked back")
+            held = {"a:1", "b:1"}
+            got = await recv(10)  # the window's one message for b:1
+            assert got["market_id"] == "b:1" and got["type"] == "delta" and got["kind"] == "image", got
+            with contextlib.suppress(asyncio.TimeoutError):
+                while True:  # nothing after it takes b:1 away
+                    m = await recv(4)
+                    if m["type"] == "removed":
+                        held.discard(m["market_id"])
+            assert held == {"a:1", "b:1"}

@@ -130,3 +130,32 @@ async def test_a_partial_reload_that_meets_a_new_store_epoch_reloads_every_parti
         await node.reload([0], "test", tuple(before))
         assert node.state.epoch == "a-new-epoch" != old_epoch
         assert node.loaded == [before[0] + 1, before[1] + 1]  # partition 1 was loaded from the new epoch too
+
+
+async def test_a_skipped_reload_keeps_a_mark_made_after_the_load_that_made_it_skippable(redis_url: str) -> None:
+    """An older reload-everything request skips partition 1 (loaded since it was asked); a newer
+    problem marked partition 1 after that load, and its own reload is still to come: partition 1
+    must stay stale meanwhile (the skip cleared every mark, so it read fresh — review, §65)."""
+    async with _node(redis_url) as (store, feed, node, release):
+        b = _market_in(1)
+        await eventually(lambda: _check(node, b) == "OK", what="the market OK")
+        asked_before = tuple(node.loaded)  # an older turn asks for everything from here
+        await node.reload([1], "partition 1 reloaded meanwhile", tuple(node.loaded))
+        node.state.mark_rebuilding([1], "a gap found after that reload", node.loaded)  # its reload comes later
+        release.clear()  # partition 0's load takes a while
+        loading = asyncio.Event()
+        held = store.load_markets
+
+        async def load(p: int) -> list[Market]:
+            loading.set()
+            return await held(p)
+
+        store.load_markets = load  # type: ignore[method-assign]
+        task = asyncio.create_task(node.reload(None, "the older request", asked_before))
+        try:
+            await asyncio.wait_for(loading.wait(), 10)  # the older reload is loading partition 0
+            assert 1 in node.state.rebuilding and _check(node, b) == "STALE"
+        finally:
+            release.set()
+            await task
+        assert 1 in node.state.rebuilding  # still: its own reload has not run

@@ -670,3 +670,49 @@ async def test_a_hidden_event_answers_like_an_unknown_one(store: Store, redis_ur
         r3 = await c.get("/v1/events/e2", headers=acme)  # the hidden event's provider id
         assert r1.status_code == r2.status_code == r3.status_code == 404
         assert r1.json()["message"].replace(hidden, "X") == r2.json()["message"].replace("ev:nothing-like-it", "X")
+
+
+async def test_a_tenant_entry_reverted_while_its_client_is_away_voids_its_resume(store: Store, redis_url: str,
+                                                                                  tmp_path: Path) -> None:
+    """A → B (the stream closed, resumed unrecovered under B: tennis now held) → back to A while
+    the client is away (no stream open: nothing closed, nothing marked). The resume with B's
+    token was recovered against the old (acme, A) grant: the client kept 1.ten, hidden and
+    frozen (review, §66). Any change of the file now voids restricted credentials' older tokens."""
+    feed = await _feed(store)
+    path = tmp_path / "tenants.toml"
+    _write(path, SOCCER_ONLY)
+    wide = SOCCER_ONLY.replace('["soccer"]', '["soccer", "tennis"]')
+    acme = {"X-API-Key": "acme-key"}
+    settings = Settings(heartbeat_ms=60_000, tenants_file=str(path))
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async def count() -> int:
+            return int((await c.get("/v1/markets", headers=acme)).json()["count"])
+
+        async with c.stream("GET", "/v1/stream", headers=acme) as resp:
+            sse = SSEReader(resp)
+            assert [m["market_id"] for m in (await sse.next()).data["markets"]] == ["1.soc"]
+            await feed.write(feed.price("1.soc", "1", 2.1))
+            token = (await sse.until(lambda e: e.event == "delta")).id
+        _write(path, wide)
+        await eventually(lambda: _is(count, 2), what="B in force")
+        async with c.stream("GET", "/v1/stream", headers={**acme, "Last-Event-ID": token}) as resp:
+            sse = SSEReader(resp)
+            assert (await sse.next()).data["recovered"] is False
+            snap = await sse.until(lambda e: e.event == "snapshot")
+            assert sorted(m["market_id"] for m in snap.data["markets"]) == ["1.soc", "1.ten"]
+            await feed.write(feed.price("1.soc", "1", 2.2))
+            token = (await sse.until(lambda e: e.event == "delta")).id  # a token issued under B
+        _write(path, SOCCER_ONLY)  # reverted while acme's client is away
+        await eventually(lambda: _is(count, 1), what="A in force again")
+        await feed.write(feed.price("1.ten", "1", 9.9), feed.price("1.soc", "1", 2.4))
+        async with c.stream("GET", "/v1/stream", headers={**acme, "Last-Event-ID": token}) as resp:
+            sse = SSEReader(resp)
+            resumed = await sse.next()
+            assert resumed.event == "resumed" and resumed.data["recovered"] is False, resumed.data
+            snap = await sse.until(lambda e: e.event == "snapshot")
+            assert [m["market_id"] for m in snap.data["markets"]] == ["1.soc"]
+
+
+async def _is(count: Any, n: int) -> bool:
+    return bool(await count() == n)

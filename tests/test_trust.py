@@ -829,3 +829,48 @@ async def test_heartbeats_of_a_stream_flagged_degraded_confirm_nothing(store: St
     ingest.feed_lines([orjson.dumps(ok)], NOW + 31_000)
     await ingest.flush()
     assert not ingest.degraded and ingest.published_health().last_message_at == NOW + 31_000
+
+
+async def test_a_backlog_after_a_stall_is_as_old_as_its_provider_times_not_its_arrival(store: Store) -> None:
+    """A stream stalls and then delivers what piled up: its messages arrive seconds after their
+    provider time. Timed from their arrival, a backlog's old prices read milliseconds old — and
+    between two of its flushes a price check said OK on a price the upstream had changed 4 s
+    earlier (fault suite, push_stall; architecture §66). A late message's change counts as
+    current from its provider time + ODDSFEED_MAX_STREAM_LAG_MS, and confirms nothing later."""
+    ingest = Ingest(store, source="betfair", max_stream_lag_ms=1_000)
+    assert ingest.published_health().max_lag_ms == 1_000
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    await ingest.flush()
+    ingest.feed_lines([line(pt=NOW + 100, ct="HEARTBEAT", clk="AAB")], NOW + 110)
+    await ingest.flush()
+    assert ingest.published_health().last_message_at == NOW + 110  # on time: its arrival
+    # 8 s of silence, then the backlog: a change published at +1 s and a heartbeat of +2 s
+    ingest.feed_lines([price("1.1", 2.2, pt=NOW + 1_000), line(pt=NOW + 2_000, ct="HEARTBEAT", clk="AAC")],
+                      NOW + 9_000)
+    await ingest.flush()
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.2
+    assert m.received_at == NOW + 9_000  # the receipt is the receipt (feed-lag figures stay true)
+    assert ingest.published_health().last_message_at == NOW + 3_000  # the heartbeat confirms as of +2 s + 1 s
+    assert ingest.stats.late_messages == 2
+    st = node([m], [msgspec.structs.replace(ingest.published_health(), state="UP", updated_at=NOW + 9_000)])
+    age, _ = st.age_stale(m, NOW + 9_000)
+    assert age == 6_000, age  # at its arrival: as confirmed by the backlog's heartbeat (+2 s, +1 s allowed), not 0
+    alone = node([m], [msgspec.structs.replace(ingest.published_health(), state="UP", updated_at=NOW + 9_000,
+                                               session=None)])  # (no confirmation: the change alone)
+    assert alone.age_stale(m, NOW + 9_000)[0] == 7_000  # published at +1 s, +1 s allowed
+    on_time = msgspec.structs.replace(m, source_ts=NOW + 8_900)
+    assert alone.age_stale(on_time, NOW + 9_000)[0] == 0  # a change on time counts from its arrival
+
+
+async def test_a_replay_on_the_recordings_clock_is_not_late() -> None:
+    """A recording replayed on its own clock (map_clock=False) is old, not late: no lag bound."""
+    from feed.sources.replay import Replay
+
+    class _NoStore:
+        pass
+
+    ingest = Ingest(_NoStore(), source="replay", max_stream_lag_ms=1_000)  # type: ignore[arg-type]
+    assert ingest.max_stream_lag_ms == 1_000
+    Replay([], ingest, map_clock=False)
+    assert ingest.max_stream_lag_ms == 0 and ingest.published_health().max_lag_ms == 0

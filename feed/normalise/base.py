@@ -110,6 +110,9 @@ class Normaliser(Protocol):
 
     source: str
     max_future_skew_ms: int
+    #: its messages carry the provider's publish time of a live stream (``provider_ts``): a
+    #: message arriving much later than it is a backlog (see ``Ingest.max_stream_lag_ms``)
+    live_provider_times: bool
     """How far ahead of receipt a provider time may be, ms (``feed.validate``);
     the ingest sets it to its own bound."""
 

@@ -611,6 +611,9 @@ class BetfairNormaliser:
     markets of one message independently).
     """
 
+    #: provider times of a live stream (see Normaliser.live_provider_times)
+    live_provider_times = True
+
     def __init__(self, source: str = "betfair", *, ladder_depth: int = 10,
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, cursor_op: str = "mcm") -> None:
         self.source = source

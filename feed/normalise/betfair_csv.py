@@ -536,6 +536,9 @@ class BetfairCsvNormaliser:
     either way). :attr:`dropped` counts later steps of rejected markets.
     """
 
+    #: no live provider times (see Normaliser.live_provider_times)
+    live_provider_times = False
+
     def __init__(self, source: str = "betfair-csv", *, keep_clock: bool = False,
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source

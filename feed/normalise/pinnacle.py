@@ -449,6 +449,9 @@ class PinnacleNormaliser:
     ``stale_period``, ``no_fixture``).
     """
 
+    #: no live provider times (see Normaliser.live_provider_times)
+    live_provider_times = False
+
     def __init__(self, source: str = "pinnacle", *, odds_format: Literal["decimal", "american"] = "decimal",
                  bookmaker: str = "pinnacle", max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source

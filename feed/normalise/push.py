@@ -489,6 +489,9 @@ class PushNormaliser:
     ``stale_snapshot``). :attr:`last_entry_id` is the last entry applied.
     """
 
+    #: provider times of a live stream (see Normaliser.live_provider_times)
+    live_provider_times = True
+
     def __init__(self, source: str = "push", *, prefix: str = PREFIX,
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, ordered: bool = True) -> None:
         self.source = source

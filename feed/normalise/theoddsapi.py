@@ -205,6 +205,9 @@ class TheOddsApiNormaliser:
     ``oddsFormat`` the poller asked for).
     """
 
+    #: no live provider times (see Normaliser.live_provider_times)
+    live_provider_times = False
+
     def __init__(self, source: str = "theoddsapi", *, odds_format: Literal["decimal", "american"] = "decimal",
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source

@@ -600,6 +600,9 @@ class UofNormaliser:
     cursor).
     """
 
+    #: provider times of a live stream (see Normaliser.live_provider_times)
+    live_provider_times = True
+
     def __init__(self, source: str = "uof", *, prefix: str = PREFIX,
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS) -> None:
         self.source = source

@@ -102,6 +102,9 @@ class WebhookNormaliser:
     ``stale_odd``.
     """
 
+    #: no live provider times (see Normaliser.live_provider_times)
+    live_provider_times = False
+
     def __init__(self, source: str = "webhook", *, prefix: str = PREFIX,
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, remember: int = 65_536) -> None:
         self.source = source

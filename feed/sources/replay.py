@@ -148,6 +148,8 @@ class Replay:
         self.ingest = ingest
         self.speed = speed
         self.map_clock = map_clock
+        if not map_clock:  # the recording's own clock: its messages are not late, they are old
+            ingest.max_stream_lag_ms = 0
         self.chunk_lines = chunk_lines
         self.clock_ms = clock_ms
         self.progress = progress
