@@ -85,9 +85,13 @@ clears them (the current states of its events follow it, and after a
 ``resumed {recovered: true}`` too). :meth:`OddsClient.match_time_s` runs a
 running clock on locally (``seconds + (now − at) / 1000``: the server sends
 no message per second), :meth:`OddsClient.event_state_stale` says whether a
-state is stale (flagged by the server or its source DOWN);
-``on_event_state`` is called with each state taken. ``event_state``
-messages carry no resume token.
+state is stale: the client is not following a live stream (as for markets),
+or its source is DOWN, or the server's last word on it says stale — the
+``stale`` of each ``event_state`` message about the event, then each
+``status`` of its source (``stale_events`` lists every event of that source
+whose state is stale now: one not listed is fresh again; a server that sends
+no ``stale_events`` leaves the flag as it was). ``on_event_state`` is called
+with each state taken. ``event_state`` messages carry no resume token.
 
 The price check (:meth:`OddsClient.price_check`, :meth:`price_check_batch`)
 is one POST under a total deadline (``price_check_timeout_s``); the only
@@ -216,6 +220,7 @@ class _Envelope(msgspec.Struct):
     source_ts: int | None = None
     state: str | None = None
     stale_markets: list[str] | None = None
+    stale_events: list[str] | None = None
     code: str | None = None
     message: str | None = None
     id: int | str | None = None
@@ -461,6 +466,9 @@ class OddsClient:
         self._live = False
         self._logged: set[str] = set()           # keys of the warnings logged once
         self._flagged: dict[str, bool] = {}      # market_id → the server said stale
+        #: event id → the server's last word on its state: the ``stale`` of an ``event_state``
+        #: message, then each ``status`` of its source (``stale_events``)
+        self._es_flagged: dict[str, bool] = {}
         self._backoff = backoff or Backoff(initial_s=reconnect_initial_s, max_s=reconnect_max_s)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -573,13 +581,18 @@ class OddsClient:
         return es if es is not None else self.event_states.get(m.event_id)
 
     def event_state_stale(self, event_id: str) -> bool:
-        """True when the event's state is stale: flagged by the server when sent,
-        or its source is DOWN now (``status`` messages); unknown event → True."""
+        """True when the event's state is stale: the client is not following a live
+        stream (see :meth:`is_stale`), its source is DOWN now, or the server's last word
+        on it says stale — the ``stale`` of the last ``event_state`` message about it, or
+        a later ``status`` of its source (listed in ``stale_events``: stale; not listed:
+        fresh again). Unknown event → True."""
         es = self.event_states.get(event_id)
-        if es is None:
+        if es is None or not self._live:
             return True
         src = self.sources.get(es.source)
-        return es.stale or (src is not None and src.state == "DOWN")
+        if src is not None and src.state == "DOWN":
+            return True
+        return self._es_flagged.get(event_id, es.stale)
 
     def best(self, market_id: str, selection_id: str, side: Literal["back", "lay"] = "back") -> float | None:
         """Best back (or lay) price of a selection in the local book, or None."""
@@ -957,6 +970,7 @@ class OddsClient:
         self._flagged.clear()
         # a fresh snapshot starts over (after a wiped store, versions restart): the current states follow it
         self.event_states.clear()
+        self._es_flagged.clear()
         for m in markets:
             a = ages.get(m.market_id)
             self.markets[m.market_id] = m
@@ -1006,6 +1020,9 @@ class OddsClient:
         """Take an event state unless one with a higher or equal version from the same source is held."""
         es = self._decode(_EVENT_STATE, _EVENT_STATE_LENIENT, data, "event_state").event_state
         held = self.event_states.get(es.event_id)
+        # its ``stale`` is the server's word as of sending, even on a state already held (resent
+        # after a resume) — only the same source's state is skipped, so the flag is about the held one
+        self._es_flagged[es.event_id] = es.stale
         if held is not None and held.version >= es.version and held.source == es.source:
             return
         self.event_states[es.event_id] = es
@@ -1043,6 +1060,11 @@ class OddsClient:
         for mid, m in self.markets.items():
             if m.source == env.source:
                 self._flagged[mid] = mid in stale
+        if env.stale_events is not None:  # (a server before stale_events leaves the flags as they were)
+            stale_events = set(env.stale_events)
+            for eid, es in self.event_states.items():
+                if es.source == env.source:
+                    self._es_flagged[eid] = eid in stale_events
 
     def _matches(self, m: Market) -> bool:
         if self._f_market is not None and m.market_id not in self._f_market:

@@ -21,7 +21,11 @@ Wire messages (all times integer ms since the Unix epoch, UTC)::
                 each selection it touches)
     heartbeat  {"type":"heartbeat","as_of":ms}
     status     {"type":"status","source":str,"state":"UP"|"DEGRADED"|"DOWN","reason":str|null,
-                "stale_markets":[market_id…],"turned_stale":[…],"turned_fresh":[…],"as_of":ms}
+                "stale_markets":[market_id…],"turned_stale":[…],"turned_fresh":[…],
+                "stale_events":[event_id…],"as_of":ms}   ("stale_events": the events whose held
+                state from this source is stale now, among those whose event_state messages the
+                subscription gets — the whole list, as "stale_markets" is: a state not in it is
+                fresh; a change of either list is announced at the next health refresh)
     resumed    {"type":"resumed","recovered":bool}
     removed    {"type":"removed","market_id":str,"reason":"not_visible"}   (a market left a tenant's sight,
                 or a relink moved it out of the canonical event a subscription filters on)
@@ -308,12 +312,12 @@ def heartbeat_message(*, as_of: int, token: bytes | None) -> Message:
 
 def status_message(*, source: str, state: str, reason: str | None, stale_markets: Sequence[str],
                    token: bytes | None, turned_stale: Sequence[str] = (), turned_fresh: Sequence[str] = (),
-                   as_of: int | None = None) -> Message:
+                   stale_events: Sequence[str] = (), as_of: int | None = None) -> Message:
     """``{"type":"status","source","state","reason","stale_markets":[ids],
-    "turned_stale":[ids],"turned_fresh":[ids],"as_of":ms}``."""
+    "turned_stale":[ids],"turned_fresh":[ids],"stale_events":[event ids],"as_of":ms}``."""
     obj: dict[str, object] = {"type": "status", "source": source, "state": state, "reason": reason,
                               "stale_markets": list(stale_markets), "turned_stale": list(turned_stale),
-                              "turned_fresh": list(turned_fresh)}
+                              "turned_fresh": list(turned_fresh), "stale_events": list(stale_events)}
     if as_of is not None:
         obj["as_of"] = as_of
     return Message(b"status", ENCODER.encode(obj), token)

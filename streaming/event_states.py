@@ -17,7 +17,10 @@ confirms the state it last gave); ``stale`` = the source is DOWN (or its
 lease ran out), or the state is not final (ENDED, CLOSED, CANCELLED,
 ABANDONED: a final score does not age) and ``age_ms`` exceeds the in-play or
 pre-match limit (or the source's own ``stale_after_ms`` when longer). Times
-are integer ms since the Unix epoch (UTC).
+are integer ms since the Unix epoch (UTC). A held state turns stale (or
+fresh again) without a new state: each health refresh the node works out
+the stale states per source (:meth:`EventStates.stale_ids`) and announces a
+change as a ``status`` message's ``stale_events``, as it does stale markets.
 
 Canonical events: a canonical event (``ev:…``) may have several member
 provider events with a state each; :func:`pick` chooses the one to show
@@ -141,6 +144,18 @@ class EventStates:
         if h is not None and h.stale_after_ms > limit:
             limit = h.stale_after_ms
         return age, age > limit
+
+    def stale_ids(self, node: NodeState, now: int, source: str | None = None) -> dict[str, list[str]]:
+        """The held states stale at ``now`` (:meth:`age_stale`): source → their event ids, sorted
+        (only ``source``'s when given). What ``status`` messages carry as ``stale_events``."""
+        out: dict[str, list[str]] = {}
+        age_stale = self.age_stale
+        for eid, es in self.states.items():
+            if (source is None or es.source == source) and age_stale(es, node, now)[1]:
+                out.setdefault(es.source, []).append(eid)
+        for ids in out.values():
+            ids.sort()
+        return out
 
     def json(self, es: EventState, node: NodeState, now: int) -> bytes:
         """The state's JSON with ``age_ms`` and ``stale`` appended (the

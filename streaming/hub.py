@@ -54,8 +54,11 @@ Policy (DESIGN §6, style §3.8):
   EventStates listener (encoded once per change), after each snapshot and
   recovered resume (the current states of its events), and with a market
   that newly matches. They carry no resume token. Live ones are stream data
-  (they count against the budget; a collapse keeps the latest per event),
-  the ones after a snapshot or resume control messages (one per event).
+  (they count against the budget; a collapse keeps the latest per event, in
+  its place among the control messages), the ones after a snapshot or resume
+  control messages (one per event). A held state that turns stale or fresh
+  without a new one is told in its source's ``status`` (``stale_events``: the
+  stale states among those the subscription gets, :meth:`Hub._stale_events_seen`).
 
 Resume (:meth:`Hub.subscribe` with a token): same epoch and every position
 still covered → ``resumed {recovered: true}`` then the missed deltas in log
@@ -311,15 +314,17 @@ class Announced:
     """A source's status as the hub last announced it (:meth:`Hub.status`), or as worked out at a
     recovered resume for a source not announced since the node started: what a resumed
     subscription is told (:meth:`Hub.send_statuses`). ``stale``: the source's stale markets;
-    ``msgs``: the ``status`` message per filter, built once (no token)."""
+    ``stale_events``: its stale event states; ``msgs``: the ``status`` message per filter, built
+    once (no token)."""
 
-    __slots__ = ("state", "reason", "stale", "as_of", "worked_out", "msgs")
+    __slots__ = ("state", "reason", "stale", "stale_events", "as_of", "worked_out", "msgs")
 
     def __init__(self, state: str, reason: str | None, stale: Iterable[str], as_of: int,
-                 worked_out: bool = False) -> None:
+                 worked_out: bool = False, stale_events: Iterable[str] = ()) -> None:
         self.state = state
         self.reason = reason
         self.stale = frozenset(stale)
+        self.stale_events = frozenset(stale_events)
         self.as_of = as_of
         #: worked out at a resume, not announced: used for :data:`WORKED_OUT_MS` only
         self.worked_out = worked_out
@@ -1899,25 +1904,32 @@ class Hub:
         """Replace the queued deltas of each (subscription, market) by one
         message with the market's latest state (``conflated: true``);
         heartbeats are dropped, control messages kept in order; of the live
-        event states only the latest per (subscription, event) is kept (after
-        the merged deltas: a state does not depend on them)."""
+        event states only the latest per (subscription, event) is kept, in its
+        place among the control messages (its ``stale`` and a ``status``'s
+        ``stale_events`` are the server's word as of sending: the later one must
+        stay later; the merged deltas follow — a state does not depend on them)."""
         self.collapses += 1
         before = len(conn.outbox)
         frames: list[bytes] = []
         metas: list[Any] = []
         groups: dict[Subscription, dict[str, Merge]] = {}
-        states: dict[tuple[int, str], tuple[bytes, StateMeta]] = {}
-        for f, m in zip(conn.outbox, conn.meta):
+        last_state: dict[tuple[int, str], int] = {}  # queued in version order: the later one wins
+        for i, m in enumerate(conn.meta):
+            if type(m) is StateMeta:
+                last_state[(m.sid, m.event_id)] = i
+        n_states = 0
+        for i, (f, m) in enumerate(zip(conn.outbox, conn.meta)):
             if m is None:
                 frames.append(f)
                 metas.append(None)
                 continue
             if m is HEARTBEAT:
                 continue
-            if type(m) is StateMeta:  # queued in version order: the later one wins
-                k = (m.sid, m.event_id)
-                states.pop(k, None)
-                states[k] = (f, m)
+            if type(m) is StateMeta:
+                if last_state[(m.sid, m.event_id)] == i and m.sid in conn.subs:
+                    frames.append(f)
+                    metas.append(m)
+                    n_states += len(f)
                 continue
             for sid, msg, tb in (m.metas if isinstance(m, ReplayBlock) else (m,)):
                 sub = conn.subs.get(sid)
@@ -1933,7 +1945,7 @@ class Hub:
                 mg.add(msg)
         now = now_ms()
         cache: dict[tuple[object, ...], Message | None] = {}
-        n = 0
+        n = n_states
         for sub, g in groups.items():
             if sub.id not in conn.subs:
                 continue
@@ -1942,11 +1954,6 @@ class Hub:
             else:
                 last = self.state.token
             n += self._merged_frames(sub, list(g.items()), last, cache, now, frames, metas)
-        for (sid, _), (f, sm) in states.items():
-            if sid in conn.subs:
-                frames.append(f)
-                metas.append(sm)
-                n += len(f)
         conn.outbox = frames
         conn.meta = metas
         conn.outbox_bytes = n
@@ -2056,16 +2063,20 @@ class Hub:
             self.best.refresh()
 
     def status(self, source: str, state: str, reason: str | None, stale_ids: list[str],
-               turned_stale: Iterable[str] = (), turned_fresh: Iterable[str] = ()) -> None:
+               turned_stale: Iterable[str] = (), turned_fresh: Iterable[str] = (), *,
+               stale_events: Iterable[str] = ()) -> None:
         """Announce a source health change (or a change of its stale
-        markets) to every subscription: ``stale_markets`` lists the stale
-        markets of ``source`` that match the subscription, ``turned_stale``
-        / ``turned_fresh`` those that changed since the last status."""
+        markets or stale event states) to every subscription: ``stale_markets``
+        lists the stale markets of ``source`` that match the subscription,
+        ``turned_stale`` / ``turned_fresh`` those that changed since the last
+        status, ``stale_events`` the events whose state (from ``source``) is stale and
+        reaches the subscription (:meth:`_stale_events_seen`)."""
         st = self.state
         stale = set(stale_ids)
         went_stale, went_fresh = set(turned_stale), set(turned_fresh)
         now = now_ms()
-        self._announced[source] = Announced(state, reason, stale, now)  # (what a resume is told: send_statuses)
+        announced = self._announced[source] = Announced(state, reason, stale, now, stale_events=stale_events)
+        stale_states = announced.stale_events  # (what a resume is told: send_statuses)
         cache: dict[Filter, Message] = {}  # encoded once per distinct filter; the token is per subscription
 
         def ids(f: Filter, wanted: set[str]) -> list[str]:
@@ -2089,7 +2100,7 @@ class Hub:
                         msg = cache[f] = status_message(
                             source=source, state=state, reason=reason, stale_markets=ids(f, stale),
                             turned_stale=ids(f, went_stale), turned_fresh=ids(f, went_fresh), as_of=now,
-                            token=None)
+                            stale_events=self._stale_events_seen(f, stale_states), token=None)
                     conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
             except Exception:  # a client that cannot be told its source's health is closed (it resumes)
                 self._close_failed(conn, "status")
@@ -2097,12 +2108,13 @@ class Hub:
     def send_statuses(self, sub: Subscription) -> None:
         """After a recovered resume (queued after the replayed deltas): the current status of
         every source its tenant may see — the ``status`` message a change sends, with
-        ``stale_markets`` as the subscription sees them and no ``turned_*`` (nothing turned
-        since the last one) — since the status changes of its time away are not in the log.
-        No resume token (like the event states after a resume): it never moves the client's
-        position. "Current" is the last announced status (:meth:`status`; the node announces
-        every change of a source's state or stale markets within a health refresh), or, for a
-        source not announced since the node started, its status worked out now."""
+        ``stale_markets`` and ``stale_events`` as the subscription sees them and no ``turned_*``
+        (nothing turned since the last one) — since the status changes of its time away are not
+        in the log. No resume token (like the event states after a resume): it never moves the
+        client's position. "Current" is the last announced status (:meth:`status`; the node
+        announces every change of a source's state, stale markets or stale event states within a
+        health refresh), or, for a source not announced since the node started, its status
+        worked out now."""
         conn = sub.conn
         if conn.closed or sub.view is not None:
             return
@@ -2120,14 +2132,17 @@ class Hub:
                 h = st.source_health(name, now)
                 if h is None:
                     continue
+                held = self.event_states
+                stale_events = held.stale_ids(st, now, name).get(name, ()) if held is not None else ()
                 a = self._announced[name] = Announced(h.state, h.reason, st.stale_ids(name, now), now,
-                                                      worked_out=True)
+                                                      worked_out=True, stale_events=stale_events)
             msg = a.msgs.get(f)
             if msg is None:
                 if len(a.msgs) >= STATUS_FILTERS_MAX:
                     a.msgs.clear()
                 msg = a.msgs[f] = status_message(source=name, state=a.state, reason=a.reason,
                                                  stale_markets=self._stale_seen(f, a.stale), as_of=a.as_of,
+                                                 stale_events=self._stale_events_seen(f, a.stale_events),
                                                  token=None)
             frames.append(conn.frame(msg, sub))
         if not frames:
@@ -2142,6 +2157,35 @@ class Hub:
             out = [m.market_id for m in st.matching(f) if m.market_id in stale]
         else:
             out = [mid for mid in stale if (m := st.markets.get(mid)) is not None and f.match(mid, st.keys_of(m))]
+        out.sort()
+        return out
+
+    def _stale_events_seen(self, f: Filter, stale: frozenset[str]) -> list[str]:
+        """The events among ``stale`` (stale event states of one source) whose state filter ``f``
+        gets — the rule of the ``event_state`` messages (:meth:`_sees_state`: a market of the event
+        it matches and its tenant may see) — sorted (through the index when ``f`` names markets or
+        events, as :meth:`_stale_seen`)."""
+        held = self.event_states
+        if not stale or held is None:
+            return []
+        states = held.states
+        out: list[str] = []
+        if f.market is not None or f.event is not None:
+            st = self.state
+            v = f.visible
+            sources = v[1] if v is not None else None
+            for m in st.matching(f):
+                if f.hides(st.keys_of(m)):
+                    continue
+                for eid in st.state_events(m):
+                    if eid in stale and eid not in out and (es := states.get(eid)) is not None \
+                            and (sources is None or es.source in sources):
+                        out.append(eid)
+        else:
+            for eid in stale:
+                es = states.get(eid)
+                if es is not None and self._sees_state(f, es, self._event_markets(eid)):
+                    out.append(eid)
         out.sort()
         return out
 

@@ -296,7 +296,11 @@ class HeartbeatMessage(msgspec.Struct, tag_field="type", tag="heartbeat", kw_onl
 
 
 class StatusMessage(msgspec.Struct, tag_field="type", tag="status", kw_only=True):
-    """A source's health changed, or markets turned stale / fresh."""
+    """A source's health changed, or its markets or event states turned stale / fresh.
+    ``stale_markets`` / ``stale_events``: every market / event (provider event id) of the
+    source whose market / event state is stale now, as the subscription sees them (one not
+    listed is fresh). This server always sends ``stale_events``; a server before it did not
+    (then leave the event states' flags as they were)."""
 
     sub: int | UnsetType = UNSET
     source: str
@@ -305,6 +309,7 @@ class StatusMessage(msgspec.Struct, tag_field="type", tag="status", kw_only=True
     stale_markets: list[str]
     turned_stale: list[str]
     turned_fresh: list[str]
+    stale_events: list[str] | UnsetType = UNSET
     as_of: int | UnsetType = UNSET
     token: str | UnsetType = UNSET
 

@@ -357,7 +357,8 @@ class Node:
         self.health_at: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
-        self._status: dict[str, tuple[str, str | None, tuple[str, ...]]] = {}
+        #: per source, what was last announced: (state, reason, stale markets, stale event states)
+        self._status: dict[str, tuple[str, str | None, tuple[str, ...], tuple[str, ...]]] = {}
         self.reloads = 0
         #: per-hop latency histograms (seconds), see streaming.metrics
         self.hops: dict[str, Histogram] = {hop: Histogram() for hop in HOPS}
@@ -521,7 +522,7 @@ class Node:
 
     async def refresh_health(self, *, announce: bool = True) -> None:
         """Reload source health; announce each change of a source's state,
-        reason or set of stale markets as a ``status`` message."""
+        reason, set of stale markets or set of stale event states as a ``status`` message."""
         sources = await self.store.sources()
         # read after the records: the node vouches for a record in a partition once it has read that far
         heads = await self.store.log_heads()
@@ -544,24 +545,28 @@ class Node:
 
     def _announce(self, now: int, *, announce: bool = True) -> None:
         """Announce each change of a source's state (as it stands at ``now``:
-        an expired lease reads DOWN / ``ingest_gone``), reason or set of
-        stale markets as a ``status`` message."""
+        an expired lease reads DOWN / ``ingest_gone``), reason, set of stale
+        markets or set of stale event states as a ``status`` message."""
         st = self.state
         seen = set()
+        stale_states = self.event_states.stale_ids(st, now)  # source → its stale event states, sorted
         for h in st.health.values():
             h = st.effective(h, now)
             seen.add(h.source)
             stale = tuple(st.stale_ids(h.source, now))
-            sig = (h.state, h.reason, stale)
+            stale_events = tuple(stale_states.get(h.source, ()))
+            sig = (h.state, h.reason, stale, stale_events)
             old = self._status.get(h.source)
             if old != sig:
                 if announce:
                     before = set(old[2]) if old is not None else set()
                     went_stale = sorted(set(stale) - before)
                     went_fresh = sorted(before - set(stale))
-                    logger.info("source %s is %s (%s), %d stale markets (%d newly stale, %d fresh again)",
-                                h.source, h.state, h.reason, len(stale), len(went_stale), len(went_fresh))
-                    self.hub.status(h.source, h.state, h.reason, list(stale), went_stale, went_fresh)
+                    logger.info("source %s is %s (%s), %d stale markets (%d newly stale, %d fresh again), "
+                                "%d stale event states", h.source, h.state, h.reason, len(stale), len(went_stale),
+                                len(went_fresh), len(stale_events))
+                    self.hub.status(h.source, h.state, h.reason, list(stale), went_stale, went_fresh,
+                                    stale_events=stale_events)
                 self._status[h.source] = sig
         for name in set(self._status) - seen:
             del self._status[name]

@@ -430,7 +430,8 @@ async def test_board_shows_the_score_beside_the_odds_and_drops_a_removed_market(
                                                                                 tmp_path: Path) -> None:
     """Event states on the board, end to end (store → node → SSE → page): the score, period and a
     running clock (ticking in the page) beside the event's odds; a goal updates it; an event without
-    a state shows none; its source DOWN marks it stale. And a market that leaves the tenant's sight
+    a state shows none; a status listing it in stale_events marks it stale (the next one not listing it
+    clears that), and so does its source DOWN. And a market that leaves the tenant's sight
     (the server's ``removed`` message) leaves the board."""
     if _chromium() is None:
         pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
@@ -472,6 +473,15 @@ async def test_board_shows_the_score_beside_the_odds_and_drops_a_removed_market(
         await page.until(f"{score}.dataset.version === '2' && {score}.textContent.includes('1\u20131') "
                          f"&& {score}.querySelectorAll('.rc').length === 1", "the goal on the board")
         assert await page.js(f"{score}.classList.contains('stale')") is False
+        # a status whose stale_events lists the event (its state turned stale with no new state, e.g. its
+        # source silent): marked stale; the next status that does not list it clears the marker
+        status = {"type": "status", "source": "t", "state": "UP", "reason": None, "stale_markets": [],
+                  "turned_stale": [], "turned_fresh": [], "stale_events": ["bf:e1"], "as_of": now_ms()}
+        await page.js(f"oddsBoard.handle({json.dumps(status)}); 0")
+        await page.until(f"{score}.classList.contains('stale') && {score}.querySelector('.badge.stale') !== null",
+                         "the score marked stale by the status")
+        await page.js(f"oddsBoard.handle({json.dumps(status | {'stale_events': []})}); 0")
+        await page.until(f"!{score}.classList.contains('stale')", "the marker cleared by the next status")
         await health("DOWN")
         await page.until(f"{score}.classList.contains('stale') && {score}.querySelector('.badge.stale') !== null",
                          "the score marked stale while its source is DOWN")

@@ -8,8 +8,11 @@ event keep other events' states out; the messages carry no resume token (SSE: no
 client's position stays put); a recovered resume sends the current states again; a tenant never
 gets the state of an event whose markets it may not see (nor of a source it may not see); a market
 that newly matches a subscription brings its event's state; a slow consumer's collapsed queue keeps
-the latest state per event; the Python client keeps them (``event_states``, ``match_time_s``,
-``on_event_state``). Every wait is ``eventually`` or a bounded read.
+the latest state per event (in its place among the status messages); a held state that turns stale
+(its source DEGRADED and silent) or fresh again without a new state is announced in the source's
+``status`` (``stale_events``, as each subscription sees it, and again after a recovered resume); the
+Python client keeps them (``event_states``, ``match_time_s``, ``on_event_state``,
+``event_state_stale`` following those statuses). Every wait is ``eventually`` or a bounded read.
 """
 
 from __future__ import annotations
@@ -317,6 +320,91 @@ async def test_a_tenant_never_gets_the_state_of_an_event_it_cannot_see(store: St
             assert ("event_state", "e3") not in seen and ("event_state", "e1") in seen, seen
 
 
+# -- a held state turning stale / fresh: status stale_events ----------------------------------------
+
+
+async def _confirms(store: Store, state: str = "UP", silent_ms: int = 0) -> None:
+    """Source ``t``'s health, its last message ``silent_ms`` ago; its stale limit 30 s."""
+    t = now_ms()
+    await store.set_health(SourceHealth(source="t", kind="push", state=state,  # type: ignore[arg-type]
+                                        reason=None if state == "UP" else "silent", last_message_at=t - silent_ms,
+                                        updated_at=t, lease_ms=600_000, stale_after_ms=30_000))
+
+
+async def _seed_quiet(store: Store) -> None:
+    """m1 (soccer, e1) and m3 (tennis, e2), in play; the states of e1 and e2 received two minutes
+    ago: fresh only while their source confirms them (its last message)."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1", sport="soccer", event="e1", in_play=True),
+                     feed.image("m3", sport="tennis", event="e2", in_play=True))
+    await _confirms(store)
+    old = now_ms() - 120_000
+    await store.apply_event_states([_state("e1", 1, at=old), _state("e2", 1, at=old)])
+
+
+def _status_of_t(ev: Any) -> bool:
+    return ev.event == "status" and ev.data["source"] == "t"
+
+
+async def test_a_held_state_turning_stale_and_fresh_is_announced_in_status(store: Store, redis_url: str) -> None:
+    """A state the client holds turns stale without a new state (its source DEGRADED and silent
+    past its stale limit): the source's ``status`` lists it in ``stale_events`` — for the
+    subscription that gets the event's states only (tennis: e2, soccer: e1) — a recovered resume
+    is told again, and the next status once the source confirms again lists it no more."""
+    await _seed_quiet(store)
+    app = make_app(redis_url)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S) as c:
+        await _node_has(app, "e2", 1)
+        async with c.stream("GET", "/v1/stream?sport=soccer") as r1, c.stream("GET", "/v1/stream?sport=tennis") as r2:
+            soccer, tennis = SSEReader(r1), SSEReader(r2)
+            assert (await soccer.next()).event == "snapshot"
+            st = await soccer.until(lambda ev: ev.event == "event_state")
+            assert (st.data["event_state"]["event_id"], st.data["event_state"]["stale"]) == ("e1", False)
+            token = soccer.last_id
+            await _confirms(store, "DEGRADED", silent_ms=120_000)
+            said = await soccer.until(lambda ev: _status_of_t(ev) and ev.data.get("stale_events"), 20)
+            assert (said.data["state"], said.data["stale_events"]) == ("DEGRADED", ["e1"])
+            said = await tennis.until(lambda ev: _status_of_t(ev) and ev.data.get("stale_events"), 20)
+            assert said.data["stale_events"] == ["e2"]
+        # a recovered resume is told the current status: e1 still stale
+        async with c.stream("GET", "/v1/stream?sport=soccer", headers={"Last-Event-ID": token}) as r:
+            sse = SSEReader(r)
+            resumed = await sse.next()
+            assert resumed.event == "resumed" and resumed.data["recovered"] is True
+            said = await sse.until(_status_of_t, 20)
+            assert said.data["stale_events"] == ["e1"] and said.id is None
+            # the source confirms again: fresh, announced
+            await _confirms(store, "UP")
+            said = await sse.until(lambda ev: _status_of_t(ev) and ev.data["state"] == "UP", 20)
+            assert said.data["stale_events"] == []
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_the_python_client_follows_stale_events(store: Store, redis_url: str, transport: str) -> None:
+    """``event_state_stale`` turns true when a status lists the held state in ``stale_events`` (no
+    new state comes: the state's own ``stale`` stays false) and false again when the next does not;
+    and true while the client follows no live stream."""
+    await _seed_quiet(store)
+    app = make_app(redis_url)
+    async with serve(app) as base:
+        await _node_has(app, "e1", 1)
+        url = base if transport == "sse" else base.replace("http://", "ws://")
+        client = OddsClient(url, sport="soccer", heartbeat_ms=500)
+        await client.start()
+        try:
+            await eventually(lambda: "e1" in client.event_states, TIMEOUT_S, "e1's state in the client")
+            assert client.event_state_stale("e1") is False
+            await _confirms(store, "DEGRADED", silent_ms=120_000)
+            await eventually(lambda: client.event_state_stale("e1"), 20, "e1 stale by its source's status")
+            assert client.event_states["e1"].stale is False and client.event_states["e1"].version == 1
+            assert client.sources["t"].state == "DEGRADED"
+            await _confirms(store, "UP")
+            await eventually(lambda: not client.event_state_stale("e1"), 20, "e1 fresh again by the next status")
+        finally:
+            await client.close()
+        assert client.event_state_stale("e1")  # no live stream
+
+
 # -- slow consumers -------------------------------------------------------------------------------
 
 PRICES = {str(i): 2.0 + i / 10 for i in range(40)}  # a big market (~5 KB per image)
@@ -339,7 +427,8 @@ def _collapse_hub() -> tuple[Hub, NodeState, EventStates, Feed]:
 
 async def test_the_collapse_keeps_the_latest_state_per_event() -> None:
     """Without sockets: live states are stream data; collapsing the queue keeps one per
-    (subscription, event), the latest, after the merged deltas; control messages stay."""
+    (subscription, event), the latest, in its place: before a ``status`` queued after it (whose
+    ``stale_events`` is the later word on its staleness); control messages stay."""
     hub, st, held, _ = _collapse_hub()
     conn = hub.connect("ws", heartbeat_ms=60_000)
     await hub.subscribe(conn, Filter())
@@ -350,12 +439,19 @@ async def test_the_collapse_keeps_the_latest_state_per_event() -> None:
     assert conn.control_bytes == 0 and conn.outbox_bytes > 0  # counted as stream data, not control
     # sub 1 sees e0 and e1, sub 2 only e1: 29 versions each
     assert sum(type(m) is StateMeta for m in conn.meta) == 29 * 3
+    # then both states turn stale (announced by the node's health refresh): each subscription is told
+    # of the events whose states it gets
+    hub.status("t", "DEGRADED", "silent", [], stale_events=["e0", "e1"])
     hub.collapse(conn)
     metas = [m for m in conn.meta if type(m) is StateMeta]
     assert sorted((m.sid, m.event_id) for m in metas) == [(1, "e0"), (1, "e1"), (2, "e1")]
     msgs = [msgspec.json.decode(f) for f in conn.take()]
-    assert {(m["sub"], m["event_state"]["event_id"], m["event_state"]["version"]) for m in msgs} == \
+    states = [m for m in msgs if m["type"] == "event_state"]
+    assert {(m["sub"], m["event_state"]["event_id"], m["event_state"]["version"]) for m in states} == \
         {(1, "e0", 29), (1, "e1", 29), (2, "e1", 29)}
+    assert [(m["sub"], m["stale_events"]) for m in msgs if m["type"] == "status"] == [(1, ["e0", "e1"]), (2, ["e1"])]
+    # the collapse kept the order: the (not stale) states first, the status that says stale last
+    assert [m["type"] for m in msgs] == ["event_state"] * 3 + ["status"] * 2
     # a slow-consumer resync snapshot is followed by the current states
     conn.resync_pending = True
     types = [(m["type"], m.get("sub")) for m in (msgspec.json.decode(f) for f in conn.take())]

@@ -24,7 +24,11 @@
  *                         current states of its events follow it). Shown beside the event's
  *                         odds; a running clock is extrapolated in the page (seconds + (now −
  *                         at) / 1000, ticking once a second: the server sends no message per
- *                         second); marked stale when the server said so or its source is DOWN.
+ *                         second); marked stale as a market is: no live stream (the list's
+ *                         scores come from it alone), its source DOWN, or the server's last
+ *                         word on the state says stale — the event_state's own "stale", then
+ *                         each status of its source ("stale_events": every event of that
+ *                         source whose state is stale now; one not listed is fresh again).
  *                         A Betfair horse/greyhound race's state (race progress) is keyed by
  *                         the race, bf:<meeting event id>.<HHMM of its scheduled start, UTC>
  *                         (raceEventId, feed.taxonomy.race_event_id's rule), and shown on each
@@ -95,6 +99,7 @@
     flagged: new Map(),    // market_id → the server said stale
     sources: new Map(),    // source → {state, reason}
     eventStates: new Map(), // provider event id → its latest event state (with age_ms / stale as sent)
+    esFlagged: new Map(),  // provider event id → the server said its state is stale (event_state, then status)
     token: null,
     snapshotOf: -1,        // the stream (streamGen) whose snapshot the book holds
     connected: false,
@@ -196,6 +201,7 @@
     state.confirmed.clear();
     state.flagged.clear();
     state.eventStates.clear();  // a fresh start: the current states of its events follow the snapshot
+    state.esFlagged.clear();
     for (const raw of msg.markets) {
       state.markets.set(raw.market_id, stripAge(raw));
       state.confirmed.set(raw.market_id, now - (raw.age_ms || 0));
@@ -247,7 +253,13 @@
     const es = msg.event_state;
     if (!es || !es.event_id) return;
     const held = state.eventStates.get(es.event_id);
-    if (held && held.source === es.source && (held.version || 0) >= (es.version || 0)) return;
+    // its stale is the server's word as of sending, even on a state already held (resent after a resume)
+    const wasStale = state.esFlagged.get(es.event_id);
+    state.esFlagged.set(es.event_id, !!es.stale);
+    if (held && held.source === es.source && (held.version || 0) >= (es.version || 0)) {
+      if (wasStale !== !!es.stale) { renderScores(es.event_id); raceStateChanged(es.event_id); renderEventScore(); }
+      return;
+    }
     state.eventStates.set(es.event_id, es);
     state.stats.eventStates += 1;
     renderScores(es.event_id);
@@ -283,6 +295,14 @@
       if (m.source === msg.source) {
         state.flagged.set(id, stale.has(id));
         dirty.add(id);
+      }
+    }
+    if (msg.stale_events) {  // every event of the source whose state is stale now (a server before it sends none)
+      const staleEvents = new Set(msg.stale_events);
+      for (const states of [state.eventStates, evp.memberStates]) {
+        for (const [id, es] of states) {
+          if (es.source === msg.source) state.esFlagged.set(id, staleEvents.has(id));
+        }
       }
     }
     renderBanner();
@@ -400,8 +420,15 @@
     return mmss(c.seconds + run);
   }
 
+  /** An event state's stale marker, by the markets' rule (isStale): its source DOWN; on the list, no
+   *  live stream (its scores come from the stream alone; the event page re-reads its members' states
+   *  every few seconds); else the server's last word on it — the stale of the last event_state (or
+   *  GET) about it, or a later status of its source (listed in stale_events or not). */
   function stateStale(es) {
-    return !!es.stale || sourceDown(es.source);
+    if (sourceDown(es.source)) return true;
+    if (route.event === null && !state.connected) return true;
+    const flagged = state.esFlagged.get(es.event_id);
+    return flagged === undefined ? !!es.stale : flagged;
   }
 
   function scoreHtml(es, wallNow) {
@@ -949,6 +976,7 @@
     state.confirmed.clear();
     state.flagged.clear();
     state.eventStates.clear();
+    state.esFlagged.clear();
     flashes.clear();
     structureDirty = true;
     if (route.event !== null && !evp.cid) return;  // connected once the API named the canonical event
@@ -1233,6 +1261,7 @@
     const held = evp.memberStates.get(es.event_id);
     if (held && held.source === es.source && (held.version || 0) > (es.version || 0)) return false;
     evp.memberStates.set(es.event_id, es);
+    if (fromRest) state.esFlagged.set(es.event_id, !!es.stale);  // the GET's word is the latest
     if (!evp.reversedOf.has(es.event_id)) refetchSoon();  // which way round it names the sides: the API knows
     return true;
   }

@@ -209,6 +209,8 @@ export function raceEventId(eventId: string | null | undefined, sport: string | 
  * progress is keyed by the race (`bf:<meeting>.<HHMM>`, {@link raceEventId}), not its meeting:
  * {@link OddsClient.stateOfMarket} finds either. {@link OddsClient.matchTimeS} runs a
  * running clock on locally (`seconds + (now − at) / 1000`: no message per second).
+ * {@link OddsClient.isEventStateStale} follows the server's last word on each state (an
+ * `event_state`'s `stale`, then each `status`'s `stale_events` of its source).
  */
 export class OddsClient {
   readonly transport: Transport;
@@ -240,6 +242,9 @@ export class OddsClient {
   private readonly now: () => number;
   private readonly confirmed = new Map<string, number>();
   private readonly flagged = new Map<string, boolean>();
+  /** event id → the server's last word on its state: the `stale` of an `event_state` message, then
+   *  each `status` of its source (`stale_events`) */
+  private readonly esFlagged = new Map<string, boolean>();
   private readonly listeners = new Set<ClientListener>();
   private readonly waiters = new Set<() => void>();
   private readonly fSport?: Set<string>;
@@ -405,12 +410,16 @@ export class OddsClient {
     return es ?? this.eventStates.get(m.event_id);
   }
 
-  /** True when the event's state is stale: flagged by the server when sent, or its source is
-   *  DOWN now (`status` messages); an event without a state → true. */
+  /** True when the event's state is stale: the client follows no live stream
+   *  ({@link OddsClient.live} false, as for {@link OddsClient.isStale}), its source is DOWN now, or
+   *  the server's last word on it says stale — the `stale` of the last `event_state` message about
+   *  it, or a later `status` of its source (listed in `stale_events`: stale; not listed: fresh
+   *  again). An event without a state → true. */
   isEventStateStale(eventId: string): boolean {
     const es = this.eventStates.get(eventId);
-    if (!es) return true;
-    return es.stale || this.sources.get(es.source)?.state === "DOWN";
+    if (!es || !this.following) return true;
+    if (this.sources.get(es.source)?.state === "DOWN") return true;
+    return this.esFlagged.get(eventId) ?? Boolean(es.stale);
   }
 
   /** Best back (or lay) price of a selection in the local book, or null. */
@@ -492,6 +501,7 @@ export class OddsClient {
     this.confirmed.clear();
     this.flagged.clear();
     this.eventStates.clear(); // a fresh start (versions restart after a wiped store): the current states follow
+    this.esFlagged.clear();
     for (const m of msg.markets) {
       this.confirmed.set(m.market_id, now - (m.age_ms ?? 0));
       this.flagged.set(m.market_id, Boolean(m.stale));
@@ -546,6 +556,9 @@ export class OddsClient {
   private onEventState(msg: EventStateMessage): void {
     const es = msg.event_state;
     const held = this.eventStates.get(es.event_id);
+    // its `stale` is the server's word as of sending, even on a state already held (resent after a
+    // resume): only the same source's state is skipped, so the flag is about the held one
+    this.esFlagged.set(es.event_id, Boolean(es.stale));
     if (held && held.source === es.source && (held.version ?? 0) >= (es.version ?? 0)) return;
     this.eventStates.set(es.event_id, es);
     this.stats.eventStates++;
@@ -580,6 +593,14 @@ export class OddsClient {
     const stale = new Set(msg.stale_markets ?? []);
     for (const [id, m] of this.book.markets) {
       if (m.source === msg.source) this.flagged.set(id, stale.has(id));
+    }
+    // every event of the source whose state is stale now: one not listed is fresh again (a server
+    // before `stale_events` sends none: the flags stay as they were)
+    if (msg.stale_events !== undefined) {
+      const set = new Set(msg.stale_events);
+      for (const [id, es] of this.eventStates) {
+        if (es.source === msg.source) this.esFlagged.set(id, set.has(id));
+      }
     }
     this.emit("status", msg);
   }

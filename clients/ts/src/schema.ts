@@ -810,6 +810,7 @@ export interface SourceStatus {
   lag_p99_ms?: number | null;
   lease_ms?: number;
   session?: string | null;
+  max_lag_ms?: number;
   rejected_by_reason: {
     [key: string]: number;
   };
@@ -838,7 +839,11 @@ export interface SportList {
 }
 
 /**
- * A source's health changed, or markets turned stale / fresh.
+ * A source's health changed, or its markets or event states turned stale / fresh.
+ * ``stale_markets`` / ``stale_events``: every market / event (provider event id) of the
+ * source whose market / event state is stale now, as the subscription sees them (one not
+ * listed is fresh). This server always sends ``stale_events``; a server before it did not
+ * (then leave the event states' flags as they were).
  */
 export interface StatusMessage {
   type: "status";
@@ -849,6 +854,7 @@ export interface StatusMessage {
   stale_markets: string[];
   turned_stale: string[];
   turned_fresh: string[];
+  stale_events?: string[];
   as_of?: number;
   token?: string;
 }
@@ -1119,6 +1125,7 @@ export const SCHEMA_DEFAULTS = {
     lag_p99_ms: null,
     lease_ms: 0,
     session: null,
+    max_lag_ms: 0,
   },
   Subscribe: {
     filter: null,

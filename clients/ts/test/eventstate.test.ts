@@ -2,10 +2,11 @@
 // push-format simulator serves the soccer and basketball matches in play with scores and a clock):
 // they arrive over SSE and WebSocket keyed by the event ids the book's markets carry, the newest
 // version is kept, they agree with GET /v1/events/{id}, the clock runs on locally, and they never
-// move the resume token.
+// move the resume token. And isEventStateStale follows the server's last word on a held state: its
+// `event_state`'s `stale`, then each `status` of its source (`stale_events`).
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { OddsClient, type EventStateMessage, type EventStateWithAge } from "../src/index.js";
+import { OddsClient, type EventStateMessage, type EventStateWithAge, type StatusMessage } from "../src/index.js";
 import { MiniWebSocket } from "./helpers/miniws.js";
 import { startServer, type Server } from "./helpers/server.js";
 
@@ -82,4 +83,42 @@ test("a snapshot starts the event states over; the states after it are the curre
   } finally {
     await c.close();
   }
+});
+
+test("isEventStateStale follows the status messages' stale_events of the state's source", async () => {
+  // the messages as the server sends them, fed through handleMessage (no stream: the rule itself)
+  const c = new OddsClient("http://127.0.0.1:9");
+  const status = (source: string, stale_events: string[] | undefined, state: StatusMessage["state"] = "DEGRADED"):
+    StatusMessage => ({ type: "status", source, state, reason: "silent", stale_markets: [], turned_stale: [],
+      turned_fresh: [], stale_events, as_of: Date.now() });
+  const es: EventStateWithAge = { event_id: "p:e1", source: "p", status: "LIVE", in_play: true, version: 3,
+    age_ms: 0, stale: false };
+  try {
+    c.handleMessage({ type: "snapshot", markets: [], as_of: Date.now() });
+    c.handleMessage({ type: "event_state", event_state: es, sent_at: Date.now() });
+    assert.equal(c.isEventStateStale("p:e1"), false);
+    // its source DEGRADED and silent: the held state turned stale (no new state comes)
+    c.handleMessage(status("p", ["p:e1"]));
+    assert.equal(c.isEventStateStale("p:e1"), true);
+    assert.equal(c.eventStates.get("p:e1")?.stale, false); // the flag is the status's, not a new state's
+    c.handleMessage(status("q", [])); // another source's status says nothing of it
+    assert.equal(c.isEventStateStale("p:e1"), true);
+    // it confirms again: the next status lists it no more
+    c.handleMessage(status("p", [], "UP"));
+    assert.equal(c.isEventStateStale("p:e1"), false);
+    // the same state resent (after a resume) says stale: its word is the latest
+    c.handleMessage({ type: "event_state", event_state: { ...es, age_ms: 60_000, stale: true }, sent_at: Date.now() });
+    assert.equal(c.isEventStateStale("p:e1"), true);
+    c.handleMessage(status("p", []));
+    assert.equal(c.isEventStateStale("p:e1"), false);
+    // a server before stale_events: its statuses leave the flag as it was
+    c.handleMessage({ type: "event_state", event_state: { ...es, stale: true }, sent_at: Date.now() });
+    c.handleMessage(status("p", undefined, "UP"));
+    assert.equal(c.isEventStateStale("p:e1"), true);
+    c.handleMessage(status("p", []));
+    assert.equal(c.isEventStateStale("p:e1"), false);
+  } finally {
+    await c.close();
+  }
+  assert.equal(c.isEventStateStale("p:e1"), true); // no live stream
 });
