@@ -142,7 +142,7 @@ async def test_staleness_follows_source_health(store: Store, redis_url: str) -> 
             assert status.data["as_of"] >= snap.data["as_of"]
             assert status.data == {"type": "status", "source": "t", "state": "DOWN", "reason": "heartbeat_missed",
                                    "stale_markets": ["m1", "m2"], "turned_stale": ["m1", "m2"], "turned_fresh": [],
-                                   "as_of": status.data["as_of"]}
+                                   "stale_events": [], "as_of": status.data["as_of"]}
             r = await c.get("/v1/markets/m1")
             assert r.json()["stale"] is True
             await feed.write(feed.price("m1", "1", 2.3))
