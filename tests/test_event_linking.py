@@ -254,6 +254,19 @@ async def _event_count(c: httpx.AsyncClient, cid: str) -> int:
     return int((await c.get("/v1/markets", params={"event": cid})).json()["count"])
 
 
+async def _token_on_both(c: httpx.AsyncClient, feed: Feed, params: dict[str, str]) -> str:
+    """Stream ``params`` (a canonical event holding a:1 and b:1): the snapshot has both; a
+    change of a:1 gives the resume token returned."""
+    await eventually(_both_linked(c), what="both markets in ev:a:e")
+    async with c.stream("GET", "/v1/stream", params=params) as resp:
+        sse = SSEReader(resp)
+        assert sorted(m["market_id"] for m in (await sse.next()).data["markets"]) == ["a:1", "b:1"]
+        await feed.write(feed.price("a:1", "1", 2.2))
+        token = (await sse.until(lambda e: e.event == "delta")).id
+    assert token
+    return token
+
+
 def _both_linked(c: httpx.AsyncClient) -> Any:
     async def both() -> bool:
         return await _event_count(c, "ev:a:e") == 2
@@ -319,14 +332,7 @@ async def test_a_resume_from_before_a_relink_is_not_recovered(store: Store, redi
     await _linked_together(store, feed)
     params = {"event": "ev:a:e"}
     async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
-        await eventually(_both_linked(c), what="both markets in ev:a:e")
-        async with c.stream("GET", "/v1/stream", params=params) as resp:
-            sse = SSEReader(resp)
-            assert len((await sse.next()).data["markets"]) == 2
-            await feed.write(feed.price("a:1", "1", 2.2))
-            ev = await sse.until(lambda e: e.event == "delta")
-            token = ev.id
-        assert token
+        token = await _token_on_both(c, feed, params)
         await _split(store)
 
         async def moved() -> bool:
@@ -361,12 +367,7 @@ async def test_a_resume_on_another_node_after_a_relink_while_no_node_served_it_i
     await _linked_together(store, feed)
     params = {"event": "ev:a:e"}
     async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
-        await eventually(_both_linked(c), what="both linked")
-        async with c.stream("GET", "/v1/stream", params=params) as resp:
-            sse = SSEReader(resp)
-            assert sorted(m["market_id"] for m in (await sse.next()).data["markets"]) == ["a:1", "b:1"]
-            await feed.write(feed.price("a:1", "1", 2.2))
-            token = (await sse.until(lambda e: e.event == "delta")).id
+        token = await _token_on_both(c, feed, params)
     await _split(store)  # no node serves the client meanwhile
     await feed.write(feed.price("b:1", "1", 7.7), feed.price("a:1", "1", 2.4))
     async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
