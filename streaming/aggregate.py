@@ -15,7 +15,9 @@ price), ``lay`` (exchanges: best lay), sizes, the market's own ``age_ms`` /
 ``stale``, and ``excluded`` — why the price is not used for the best or
 fair price: ``stale`` (too old, source down, or a lost change), ``suspended``
 (market or selection suspended / inactive), ``closed`` (closed, settled,
-removed), ``no_price`` (nothing offered).
+removed), ``start_time`` (the market starts more than ``ODDSFEED_MATCH_TOLERANCE_MS``
+from its canonical event: a link that no longer fits, :func:`start_disagrees`), ``no_price``
+(nothing offered).
 
 **Best price**: the highest back price over the books not excluded (ties:
 the fresher, then the bookmaker's name); **best lay**: the lowest lay price
@@ -239,9 +241,24 @@ def group_markets(markets: Iterable[Market], reversed_of: Callable[[Market], boo
     return out
 
 
-def _exclusion(m: Market, sel: Selection, stale: bool, price: float | None) -> str | None:
+def start_disagrees(state: NodeState, m: Market) -> bool:
+    """Market ``m`` starts more than ``ODDSFEED_MATCH_TOLERANCE_MS`` away from its canonical
+    event (its anchor's start): a link that no longer fits — a rescheduled or wrongly linked
+    fixture, a return match — must not lend its prices to this event. Unknown either way: False
+    (a fuzzy link needs both start times, feed.matching)."""
+    if m.start_time is None or not state.canon:
+        return False
+    cid = state.canonical_of(m)
+    summary = state.canon.get(cid) if cid is not None else None
+    start = summary.start_time if summary is not None else None
+    return start is not None and abs(m.start_time - start) > state.settings.match_tolerance_ms
+
+
+def _exclusion(m: Market, sel: Selection, stale: bool, price: float | None, start_off: bool = False) -> str | None:
     if m.status in CLOSED_STATUSES or sel.status in _SETTLED_SEL:
         return "closed"
+    if start_off:
+        return "start_time"
     if stale:
         return "stale"
     if m.status in _SUSPENDED or sel.status == "SUSPENDED":
@@ -283,6 +300,7 @@ def market_views(state: NodeState, markets: Iterable[Market], now: int, *, metho
             if m.market_id not in ages:
                 ages[m.market_id] = state.age_stale(m, now)
             age, stale = ages[m.market_id]
+            start_off = start_disagrees(state, m)
             book = m.bookmaker or m.source
             usable: dict[str, float] = {}
             reasons = set()
@@ -291,7 +309,7 @@ def market_views(state: NodeState, markets: Iterable[Market], now: int, *, metho
                     continue
                 price, size = (sel.back[0] if sel.back else (sel.price, None))
                 lay, lay_size = (sel.lay[0] if sel.lay else (None, None))
-                why = _exclusion(m, sel, stale, price)
+                why = _exclusion(m, sel, stale, price, start_off)
                 ov = outcomes.get(sel.outcome)
                 if ov is None:
                     ov = outcomes[sel.outcome] = OutcomeView(outcome=sel.outcome, name=sel.name)

@@ -329,7 +329,7 @@ def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
     its own reason (``books``): stale or suspended books never make it OK.
     ``UNKNOWN_MARKET`` when no book holds the event's market,
     ``UNKNOWN_SELECTION`` when none prices the outcome."""
-    from streaming.aggregate import group_markets
+    from streaming.aggregate import group_markets, start_disagrees
 
     assert req.event is not None and req.market is not None and req.outcome is not None
     base: dict[str, Any] = {"market_id": None, "selection_id": None, "side": req.side, "requested_price": req.price,
@@ -343,6 +343,13 @@ def check_best(state: NodeState, req: PriceCheckRequest, now: int, *,
     if not markets:
         return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET", message=f"no event {req.event!r} on this feed",
                                 **base)
+    # a book whose market starts far from the event's start is not this event (a link that no
+    # longer fits): its price is never an answer
+    kept = [m for m in markets if not start_disagrees(state, m)]
+    if not kept:
+        return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",
+                                message=f"no book of event {cid} starts at its start time", **base)
+    markets = kept
     group = group_markets(markets, state.reversed_of).get(req.market)
     if not group:
         return PriceCheckResult(accepted=False, reason="UNKNOWN_MARKET",

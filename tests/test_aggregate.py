@@ -216,3 +216,40 @@ def test_a_book_naming_the_sides_the_other_way_round_is_turned_round() -> None:
     assert (away.best.price, away.best.bookmaker, away.best.selection_id) == (3.90, "book_b", "chelsea")  # type: ignore[union-attr]
     ah_home = views["handicap:line=-0.5"].outcomes[0]
     assert [(b.bookmaker, b.selection_id) for b in ah_home.books] == [("book_a", "home"), ("book_b", "arsenal-0.5")]
+
+
+def test_a_linked_book_starting_far_from_the_event_lends_no_price() -> None:
+    """A fixture linked to an event it is not (the return match, months later; a rescheduled one):
+    its price was the best view's and a best-price check's answer — another match's price, fresh
+    (linker audit, architecture §66). A book whose market starts more than the match tolerance
+    from the canonical event's start is excluded (``start_time``) and never a check's answer."""
+    import json
+
+    from streaming.pricecheck import check
+
+    start = NOW + 3_600_000
+    a = mkt("a:1", "book_a", [sel("home", 2.10), sel("draw", 3.40), sel("away", 3.60)], event="a:e")
+    b = mkt("b:1", "book_b", [sel("home", 2.60), sel("draw", 3.50), sel("away", 3.10)], event="b:e")
+    st = state(a, b)
+    st._put(_with_start(a, start), st.markets["a:1"])
+    st._put(_with_start(b, start + 120 * 86_400_000), st.markets["b:1"])
+    canon = {"ev:a:e": json.dumps({"event_id": "ev:a:e", "sport": "soccer", "name": "A v B", "home": "A",
+                                   "away": "B", "members": ["a:e", "b:e"], "start_time": start}).encode()}
+    st.set_links(1, {"a:e": StoredLink("ev:a:e", 1.0, "self"), "b:e": StoredLink("ev:a:e", 0.87, "fuzzy")}, canon)
+    ev = event_view(st, "ev:a:e", NOW)
+    assert ev is not None
+    home = ev.markets[0].outcomes[0]
+    assert home.best is not None and home.best.bookmaker == "book_a" and home.best.price == 2.10
+    assert {bp.bookmaker: bp.excluded for bp in home.books} == {"book_a": None, "book_b": "start_time"}
+    r = check(st, _best_req(2.60), NOW)
+    assert not r.accepted and r.bookmaker == "book_a" and r.reason == "PRICE_CHANGED", r
+    assert {bc.bookmaker for bc in r.books or []} == {"book_a"}
+    # within the tolerance it counts (a kick-off moved by an hour)
+    st._put(_with_start(b, start + 3_600_000), st.markets["b:1"])
+    assert check(st, _best_req(2.60), NOW).accepted
+
+
+def _with_start(m: Market, start: int) -> Market:
+    import msgspec
+
+    return msgspec.structs.replace(m, start_time=start)
