@@ -5,7 +5,10 @@ A provider event is described by an :class:`EventRecord` (sport, start
 time, name, participants, competition, venue). Two records are the same
 real-world event when (:func:`match_score`):
 
-- their sports agree (both given; ``Soccer`` = ``soccer`` = ``football``);
+- their sports agree and both start times are given (``Soccer`` = ``soccer``
+  = ``football``; a record lacking either is linked only by a pin — without
+  them the reverse fixture, next season's, a double-header's other game or
+  the same names in another sport look the same);
 - **team events**: both participants match — names are folded (case,
   accents, punctuation), club-form noise is dropped (FC, CF, AFC, SC …),
   ``Utd`` reads ``United``, ``St`` ``Saint``; the sides are read from
@@ -14,9 +17,12 @@ real-world event when (:func:`match_score`):
   (``Man Utd`` / ``Manchester United``, ``WS Wanderers`` / ``Western Sydney
   Wanderers``, ``Djokovic N`` / ``Novak Djokovic``: every word a prefix or
   the initials of the other's words, nothing left over), or close by
-  rapidfuzz's ``token_sort_ratio`` (typos, transliterations); a women's,
-  youth (U21 …) or reserve (II, B, Reserves) side never matches the first
-  team; reversed home/away spelling matches at a small discount; start
+  rapidfuzz's ``token_sort_ratio`` (typos, transliterations); a women's
+  (Women, W, (F), (V), Femeni, Feminines, Dam, Vrouwen …), youth (U21, U21s,
+  Under-23s, Sub-20, Primavera, Olympic …) or reserve (II, B, Reserves,
+  Castilla, Atletic, Jong …, Next Gen) side never matches the first team, nor
+  does a name with any other bracket ("(Ivan)": an e-soccer player; "(N)",
+  "(ESP)", "(1)" are ignored); reversed home/away spelling matches at a small discount; start
   times within ``tolerance_ms`` (default 90 min; the score falls with the
   gap); the competition is a hint (± a few points), never decisive;
 - **racing** (horse / greyhound): the same venue and race time within
@@ -27,8 +33,10 @@ real-world event when (:func:`match_score`):
 
 :class:`Matcher` links records one by one (first seen, first anchored): a
 record joins the best-scoring canonical event at or above
-:data:`LINK_THRESHOLD` that has no member from the same source, else it
-becomes its own canonical event ``ev:<its record id>`` — so an unmatched
+:data:`LINK_THRESHOLD` that has no member from the same source — unless
+another one scores within :data:`AMBIGUITY_MARGIN` of it (a tie, for racing)
+— else it becomes its own canonical event ``ev:<its record id>`` (a record
+whose description changes is scored again: see :meth:`Matcher.link`) — so an unmatched
 event keeps a stable canonical id, and so does a matched one (the id of
 its first member). :class:`Overrides` (``mappings.yaml``) pin records
 together or forbid a link, and add team aliases.
@@ -53,12 +61,14 @@ from rapidfuzz import fuzz
 from feed.errors import ConfigError
 
 __all__ = [
-    "CANONICAL_PREFIX", "LINK_THRESHOLD", "CanonicalEvent", "EventRecord", "Link", "Matcher", "Overrides",
-    "TeamName", "canonical_sport", "match_detail", "match_score", "participants", "record_id", "team_name",
+    "AMBIGUITY_MARGIN", "CANONICAL_PREFIX", "LINK_THRESHOLD", "CanonicalEvent", "EventRecord", "Link", "Matcher",
+    "Overrides", "TeamName", "canonical_sport", "match_detail", "match_score", "participants", "record_id", "team_name",
 ]
 
 #: a link is made at or above this confidence
 LINK_THRESHOLD = 0.8
+#: no link when the second-best canonical event scores within this of the best (which one is meant is a guess)
+AMBIGUITY_MARGIN = 0.05
 CANONICAL_PREFIX = "ev:"
 TOLERANCE_MS = 90 * 60_000
 RACE_TOLERANCE_MS = 6 * 60_000
@@ -149,8 +159,14 @@ _NOISE = frozenset({"fc", "cf", "afc", "sc", "cfc", "ac", "fk", "sk", "bk", "clu
 _EXPAND = {"utd": "united", "st": "saint", "intl": "international", "ath": "athletic", "atl": "atletico",
            "wand": "wanderers", "mgr": "manager"}
 _WOMEN = frozenset({"w", "women", "womens", "ladies", "fem", "femenino", "feminino", "feminin", "wfc", "frauen",
-                    "damen"})
-_RESERVE = frozenset({"ii", "b", "reserves", "reserve", "res", "2"})
+                    "damen", "femeni", "femenil", "feminine", "feminines", "femminile", "dam", "dames", "damer",
+                    "vrouwen", "kvinner", "kvinnor", "kvinder", "naiset", "kobiety"})
+_RESERVE = frozenset({"ii", "b", "reserves", "reserve", "res", "2", "castilla", "atletic", "nextgen"})
+#: in brackets only: "(F)" femenino / feminin, "(V)" vrouwen, "(W)"
+_WOMEN_MARK = frozenset({"f", "v"})
+#: a bracket that says nothing of the side ("(N)" neutral ground, "(ENG)" a country, "(1)" a seed): ignored;
+#: any other bracket ("(Ivan)": an e-soccer player) is part of the name — it must agree
+_IGNORED_BRACKET = re.compile(r"^([a-z]{1,3}|\d+|neutral|neutral venue|nv)$")
 #: words that alone never name a club (a name cut down to one of them identifies nothing)
 _GENERIC = frozenset({"united", "city", "town", "county", "athletic", "rovers", "wanderers", "albion", "rangers",
                       "real", "sporting", "racing", "olympic", "club", "fc", "sc", "saint", "new", "north", "south",
@@ -158,7 +174,12 @@ _GENERIC = frozenset({"united", "city", "town", "county", "athletic", "rovers", 
 #: sports of individuals: a player is often shown by surname alone ("Norrie" for "Cameron Norrie")
 _INDIVIDUAL = frozenset({"tennis", "mma", "boxing", "darts", "snooker", "table_tennis", "badminton", "golf",
                          "squash"})
-_YOUTH = re.compile(r"^(u\d{2}|under\d{2}|youth|academy|juniors?|jnr)$")
+_YOUTH = re.compile(r"^(u\d{2}|under\d{2}|youth|academy|juniors?|jnr|primavera|juvenil|olympic)$")
+#: "U-21s", "Under 21", "Under-23s", "Sub-20", "U 19" → "U21" …
+_AGE = re.compile(r"\b(?:u|under|sub)[\s-]?(\d{2})s?\b", re.IGNORECASE)
+#: words that, left over beside a name, make it another side (see :func:`_part_of`)
+_QUALIFIER_WORDS = (_WOMEN | _RESERVE | {"jong", "next", "gen", "youth", "academy", "juniors", "junior", "jnr",
+                                         "primavera", "juvenil", "olympic", "under", "sub"}) - {"w", "b", "2"}
 #: a club's number ("1. FSV Mainz 05", "Bayer 04 Leverkusen", "Hannover 96"): no identity; a year (1860) stays
 _CLUB_NUMBER = re.compile(r"^\d{1,2}$")
 #: nicknames a bookmaker uses that no spelling rule can derive (folded → folded)
@@ -194,30 +215,41 @@ def team_name(name: str, aliases: Mapping[str, str] | None = None) -> TeamName:
 
 @lru_cache(maxsize=65536)
 def _team_name(name: str, aliases: tuple[tuple[str, str], ...]) -> TeamName:
-    raw = name
+    raw = _AGE.sub(r"U\1", name)
     quals: set[str] = set()
-    # "(W)", "(Women)", "(Res)" in brackets
+    # "(W)", "(F)", "(Women)", "(Res)", "(U21)" in brackets; "(Ivan)" (an e-soccer player) kept as a tag
     for inner in re.findall(r"\(([^)]*)\)", raw):
         f = _fold(inner)
-        if f in _WOMEN:
+        if f in _WOMEN or f in _WOMEN_MARK:
             quals.add("women")
         elif f in _RESERVE or f == "r":
             quals.add("reserve")
         elif _YOUTH.match(f.replace(" ", "")):
             quals.add("youth:" + f.replace(" ", ""))
+        elif f and not _IGNORED_BRACKET.match(f):
+            quals.add("tag:" + f)
     raw = re.sub(r"\([^)]*\)", " ", raw)
     if raw.count(",") == 1:  # "Norrie, Cameron": surname first
         last, first = raw.split(",")
         raw = f"{first} {last}"
-    raw = re.sub(r"\b[uU]-(\d{2})\b", r"U\1", raw)
     tokens = _fold(raw).split()
+    # the last word that is not club noise ("Arsenal W FC": the W is last)
+    end = max((i for i, t in enumerate(tokens) if t not in _NOISE), default=len(tokens) - 1)
     out: list[str] = []
     for i, t in enumerate(tokens):
-        if t in _WOMEN and (t != "w" or i == len(tokens) - 1) and i > 0:
+        if t in _WOMEN and (t != "w" or i == end) and i > 0:
             quals.add("women")
             continue
-        if t in _RESERVE and i > 0 and (t != "b" and t != "2" or i == len(tokens) - 1):
+        if t in _RESERVE and i > 0 and (t != "b" and t != "2" or i == end):
             quals.add("reserve")
+            continue
+        if i == 0 and t == "jong" and len(tokens) > 1:  # "Jong Ajax": Ajax's reserves
+            quals.add("reserve")
+            continue
+        if t == "next" and i > 0 and i + 1 < len(tokens) and tokens[i + 1] == "gen":  # "Juventus Next Gen"
+            quals.add("reserve")
+            continue
+        if t == "gen" and i > 0 and tokens[i - 1] == "next":
             continue
         if _YOUTH.match(t) and i > 0:
             quals.add("youth:" + t.replace("under", "u"))
@@ -306,15 +338,21 @@ def _part_of(short: tuple[str, ...], long: tuple[str, ...], individual: bool) ->
     """``short`` names the first words of ``long`` ("Central Coast" for
     "Central Coast Mariners", "Perth" for "Perth Glory") or its last words
     ("Cavaliers" for "Cleveland Cavaliers", a player's surname) — never a
-    word that alone names nothing (``United``, ``City``)."""
+    word that alone names nothing (``United``, ``City``), and never when a
+    word left over makes ``long`` another side (``Women``, ``Castilla``,
+    ``Jong``, ``U21`` …: :data:`_QUALIFIER_WORDS`)."""
     k = len(short)
     if k >= len(long) or all(t in _GENERIC for t in short) or sum(map(len, short)) < 3:
         return False
-    if not individual and _abbreviates(short, long[:k]):
+
+    def other_side(rest: tuple[str, ...]) -> bool:
+        return any(t in _QUALIFIER_WORDS or _YOUTH.match(t) for t in rest)
+
+    if not individual and not other_side(long[k:]) and _abbreviates(short, long[:k]):
         return True
     if individual and all(len(t) == 1 for t in long[k:]) and _abbreviates(short, long[:k]):
         return True  # "Ruud C." (surname, initials) for "Ruud"
-    return _abbreviates(short, long[-k:])
+    return not other_side(long[:-k]) and _abbreviates(short, long[-k:])
 
 
 def name_similarity(a: TeamName, b: TeamName, sport: str | None = None) -> float:
@@ -337,9 +375,7 @@ def name_similarity(a: TeamName, b: TeamName, sport: str | None = None) -> float
     return fuzzy
 
 
-def _time_factor(a: int | None, b: int | None, tolerance_ms: int) -> float | None:
-    if a is None or b is None:
-        return 0.9
+def _time_factor(a: int, b: int, tolerance_ms: int) -> float | None:
     gap = abs(a - b)
     if gap > tolerance_ms:
         return None
@@ -350,7 +386,10 @@ def match_score(a: EventRecord, b: EventRecord, *, tolerance_ms: int = TOLERANCE
                 race_tolerance_ms: int = RACE_TOLERANCE_MS, aliases: Mapping[str, str] | None = None) -> float | None:
     """Confidence 0–1 that ``a`` and ``b`` are the same event; None when they
     cannot be (other sport, start times too far apart, different venue of
-    a race). Compare with :data:`LINK_THRESHOLD`."""
+    a race) or cannot be told apart from another event: either record lacks
+    its sport or its start time (the reverse fixture, next season's, a
+    double-header's other game, the same names in another sport all look
+    alike without them). Compare with :data:`LINK_THRESHOLD`."""
     got = match_detail(a, b, tolerance_ms=tolerance_ms, race_tolerance_ms=race_tolerance_ms, aliases=aliases)
     return got[0] if got is not None else None
 
@@ -361,27 +400,20 @@ def match_detail(a: EventRecord, b: EventRecord, *, tolerance_ms: int = TOLERANC
     """(:func:`match_score`, reversed): reversed when ``b`` names the sides
     the other way round from ``a``."""
     sa, sb = canonical_sport(a.sport), canonical_sport(b.sport)
-    if sa is not None and sb is not None and sa != sb:
+    if sa is None or sb is None or sa != sb or a.start_time is None or b.start_time is None:
         return None
-    if (sa or sb) in RACING:
+    if sa in RACING:
         race = _race_score(a, b, race_tolerance_ms)
         return (race, False) if race is not None else None
     tf = _time_factor(a.start_time, b.start_time, tolerance_ms)
     if tf is None:
         return None
-    pa, pb = participants(a), participants(b)
-    if pa is None or pb is None:
-        if pa is not None or pb is not None or not a.name or not b.name:
-            return None
-        na, nb = team_name(a.name, aliases), team_name(b.name, aliases)  # outrights: the whole name
-        return name_similarity(na, nb) * tf, False
-    ha, aa = team_name(pa[0], aliases), team_name(pa[1], aliases)
-    hb, ab = team_name(pb[0], aliases), team_name(pb[1], aliases)
-    sport = sa or sb
-    direct = min(name_similarity(ha, hb, sport), name_similarity(aa, ab, sport))
-    swapped = min(name_similarity(ha, ab, sport), name_similarity(aa, hb, sport)) * 0.97
-    rev = swapped > direct
-    score = max(direct, swapped) * tf
+    names = _names_detail(a, b, sa, aliases)
+    if names is None:
+        return None
+    score, rev = names[0] * tf, names[1]
+    if participants(a) is None:  # outrights: the whole name, no competition hint
+        return score, False
     ca, cb = _fold(a.competition or ""), _fold(b.competition or "")
     if len(ca) >= 4 and len(cb) >= 4:  # a country code ("IT") says nothing either way
         c = fuzz.token_set_ratio(ca, cb) / 100.0
@@ -390,6 +422,24 @@ def match_detail(a: EventRecord, b: EventRecord, *, tolerance_ms: int = TOLERANC
         elif c < 0.3:
             score -= 0.05
     return max(0.0, min(1.0, score)), rev
+
+
+def _names_detail(a: EventRecord, b: EventRecord, sport: str | None, aliases: Mapping[str, str] | None
+                  ) -> tuple[float, bool] | None:
+    """How alike the names are (0–1, a reversed reading at a small discount)
+    and whether ``b`` names the sides the other way round from ``a``; None
+    when one has two sides and the other not. Neither time nor sport looked at."""
+    pa, pb = participants(a), participants(b)
+    if pa is None or pb is None:
+        if pa is not None or pb is not None or not a.name or not b.name:
+            return None
+        na, nb = team_name(a.name, aliases), team_name(b.name, aliases)  # outrights: the whole name
+        return name_similarity(na, nb), False
+    ha, aa = team_name(pa[0], aliases), team_name(pa[1], aliases)
+    hb, ab = team_name(pb[0], aliases), team_name(pb[1], aliases)
+    direct = min(name_similarity(ha, hb, sport), name_similarity(aa, ab, sport))
+    swapped = min(name_similarity(ha, ab, sport), name_similarity(aa, hb, sport)) * 0.97
+    return max(direct, swapped), swapped > direct
 
 
 def _venue(rec: EventRecord) -> str | None:
@@ -543,18 +593,28 @@ class Matcher:
         return moved
 
     def link(self, rec: EventRecord) -> Link:
-        """Link (or re-link, when its description changed) one record; returns its link."""
+        """Link (or re-link, when its description changed) one record; returns its link.
+
+        A changed record linked with others is scored again against its
+        canonical event (:meth:`_rescore`): it stays, its ``reversed`` flag
+        recomputed, or leaves and is linked afresh; when it is the event's
+        anchor (whose sides are the canonical sides) every other member is
+        scored again. A changed record alone is linked afresh; a pinned one
+        keeps its pin."""
         old = self.records.get(rec.event_id)
         if old is not None:
             if old == rec:
                 return self.links[rec.event_id]
             link = self.links[rec.event_id]
             ev = self.events[link.canonical_id]
-            if link.method != "self" or len(ev.members) > 1:
-                self.records[rec.event_id] = rec  # linked with others: the link stands
+            if len(ev.members) > 1 or link.method == "pinned":
+                self.records[rec.event_id] = rec
                 if ev.anchor.event_id == rec.event_id:
                     ev.anchor = rec
-                return link
+                    self._reindex(ev)
+                if len(ev.members) > 1:
+                    self._rescore(ev, rec.event_id)
+                return self.links[rec.event_id]
             self._remove(rec.event_id)  # alone: look again with the new description (names arrived)
         self.records[rec.event_id] = rec
         found = self._pinned(rec) or self._best(rec)
@@ -584,6 +644,22 @@ class Matcher:
                 self._index(link.canonical_id, rec)
             ev.members.append(rec.event_id)
             self.links[rec.event_id] = link
+        for ev in self.events.values():
+            self._restore_anchor(ev)
+
+    def _restore_anchor(self, ev: CanonicalEvent) -> None:
+        """The anchor (whose sides are the canonical sides the stored
+        ``reversed`` flags refer to) is the record the canonical id is named
+        after, else the first member not reversed — not whichever record was
+        loaded first."""
+        ids = ev.members
+        named = [m for m in ids if CANONICAL_PREFIX + m == ev.canonical_id]
+        pick = named or [m for m in ids if not self.links[m].reversed] or ids[:1]
+        if pick and pick[0] != ev.anchor.event_id:
+            ev.anchor = self.records[pick[0]]
+            ids.remove(pick[0])
+            ids.insert(0, pick[0])
+            self._reindex(ev)
 
     def event_of(self, event_id: str) -> str | None:
         """The canonical id of a record (None when not linked)."""
@@ -601,6 +677,47 @@ class Matcher:
             for ids in self._buckets.values():
                 ids.discard(link.canonical_id)
         del self.records[event_id]
+
+    def _reindex(self, ev: CanonicalEvent) -> None:
+        for ids in self._buckets.values():
+            ids.discard(ev.canonical_id)
+        self._index(ev.canonical_id, ev.anchor)
+
+    def _rescore(self, ev: CanonicalEvent, changed: str) -> None:
+        """Score again the members of ``ev`` from ``changed`` on (all of them
+        when it is the anchor), each against the anchor and the members kept
+        before it, as :meth:`_best` scored them when they joined: a member
+        that still reaches the threshold stays, its confidence and
+        ``reversed`` flag recomputed; one that no longer does (or whose new
+        sport / start time rules it out) leaves and is linked afresh. A pinned
+        member stays; only its flag is recomputed."""
+        anchor = ev.anchor.event_id
+        order = [anchor] + [m for m in ev.members if m != anchor]
+        start = 1 if changed == anchor else order.index(changed)
+        kept, dropped = order[:start], []
+        aliases = self.overrides.aliases
+        for rid in order[start:]:
+            rec, link = self.records[rid], self.links[rid]
+            if link.method == "pinned":
+                self.links[rid] = Link(link.canonical_id, link.confidence, link.method, self._orientation(rec, anchor))
+                kept.append(rid)
+                continue
+            top: tuple[float, bool] | None = None
+            for m in kept:
+                got = match_detail(self.records[m], rec, tolerance_ms=self.tolerance_ms,
+                                   race_tolerance_ms=self.race_tolerance_ms, aliases=aliases)
+                if got is not None and (top is None or got[0] > top[0]):
+                    top = (got[0], got[1] != self.links[m].reversed)
+            if top is None or top[0] < self.threshold:
+                dropped.append(rid)
+                continue
+            method = "venue_time" if canonical_sport(rec.sport) in RACING else "fuzzy"
+            self.links[rid] = Link(ev.canonical_id, round(top[0], 3), method, top[1])
+            kept.append(rid)
+        for rid in dropped:
+            rec = self.records[rid]
+            self._remove(rid)
+            self.link(rec)
 
     def _index(self, cid: str, rec: EventRecord) -> None:
         day = rec.start_time // _DAY_MS if rec.start_time is not None else -1
@@ -624,9 +741,11 @@ class Matcher:
 
     def _orientation(self, rec: EventRecord, member: str) -> bool:
         """Whether ``rec`` names the sides the other way round from the
-        canonical event that ``member`` (a linked record) belongs to."""
-        got = match_detail(self.records[member], rec, tolerance_ms=10 * 365 * _DAY_MS,
-                           race_tolerance_ms=10 * 365 * _DAY_MS, aliases=self.overrides.aliases)
+        canonical event that ``member`` (a linked record) belongs to (by the
+        names alone: a pinned record may lack its time or sport)."""
+        other = self.records[member]
+        sport = canonical_sport(other.sport) or canonical_sport(rec.sport)
+        got = None if sport in RACING else _names_detail(other, rec, sport, self.overrides.aliases)
         rev = got is not None and got[1]
         return rev != self.links[member].reversed
 
@@ -646,7 +765,15 @@ class Matcher:
         return Link(cid, 1.0, "pinned")
 
     def _best(self, rec: EventRecord, exclude: str | None = None) -> Link | None:
-        best: tuple[float, str, bool] | None = None
+        """The canonical event ``rec`` joins: the best-scoring one at or above
+        the threshold — None when ``rec`` lacks its sport or start time, or
+        when another event scores within :data:`AMBIGUITY_MARGIN` of the best
+        (a double-header's two games: which one is meant is a guess). Racing:
+        the race time is the race, the nearer race wins; only a tie is
+        ambiguous."""
+        if rec.start_time is None or canonical_sport(rec.sport) is None:
+            return None
+        scored: list[tuple[float, str, bool]] = []
         racing = canonical_sport(rec.sport) in RACING
         aliases = self.overrides.aliases
         for cid in self._candidates(rec):
@@ -663,8 +790,15 @@ class Matcher:
                                    race_tolerance_ms=self.race_tolerance_ms, aliases=aliases)
                 if got is not None and (top is None or got[0] > top[0]):
                     top = (got[0], got[1] != self.links[m].reversed)  # relative to the canonical sides
-            if top is not None and top[0] >= self.threshold and (best is None or (top[0], cid) > best[:2]):
-                best = (top[0], cid, top[1])
-        if best is None:
+            if top is not None:
+                scored.append((top[0], cid, top[1]))
+        if not scored:
+            return None
+        scored.sort(reverse=True)
+        best = scored[0]
+        if best[0] < self.threshold:
+            return None
+        margin = 0.0 if racing else AMBIGUITY_MARGIN
+        if len(scored) > 1 and best[0] - scored[1][0] < margin + 1e-9:
             return None
         return Link(best[1], round(best[0], 3), "venue_time" if racing else "fuzzy", best[2])

@@ -13,7 +13,7 @@ import pytest
 
 from feed.errors import ConfigError
 from feed.linker import EventRegistrar, Linker, load_overrides
-from feed.matching import EventRecord, Link, Matcher, Overrides, match_score
+from feed.matching import LINK_THRESHOLD, EventRecord, Link, Matcher, Overrides, match_detail, match_score
 from feed.models import Delta, Market
 from feed.store import Store
 
@@ -36,7 +36,7 @@ async def links(store: Store) -> dict[str, str]:
 
 def test_matcher_links_first_seen_first_and_one_record_per_source() -> None:
     m = Matcher()
-    m.link_all([rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("bf:2", "betfair", "Arsenal v Chelsea", T + 600_000),
+    m.link_all([rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("bf:2", "betfair", "Arsenal v Chelsea", T + 3_600_000),
                 rec("pn:9", "pinnacle", "Arsenal FC v Chelsea FC", T + 60_000),
                 rec("toa:x", "theoddsapi", "Arsenal v Chelsea", T + 30 * 86_400_000)])
     assert m.event_of("pn:9") == "ev:bf:1"  # the closer start time wins
@@ -184,3 +184,111 @@ async def test_a_failing_linker_step_is_logged_and_retried_not_raised(store: Sto
     linker.step = step  # type: ignore[method-assign]
     await linker.run()
     assert calls == 2 and "a step failed" in caplog.text
+
+
+# -- false links and wrong orientation (a price check answering OK with another event's or the other
+#    team's price: wrong and fresh). Each failed before the fix.
+
+
+def linked(a: str, b: str, sport: str = "soccer") -> bool:
+    got = match_detail(rec("a", "betfair", a, sport=sport), rec("b", "pinnacle", b, sport=sport))
+    return got is not None and got[0] >= LINK_THRESHOLD
+
+
+@pytest.mark.parametrize("other", [
+    "Barcelona Femeni v Espanyol Femeni", "Barcelona (F) v Espanyol (F)", "Barcelona (V) v Espanyol (V)",
+    "Barcelona Dam v Espanyol Dam", "Barcelona Vrouwen v Espanyol Vrouwen", "Barcelona Feminines v Espanyol Feminines",
+    "Barcelona W FC v Espanyol W FC", "Barcelona U21s v Espanyol U21s", "Barcelona Under 21 v Espanyol Under 21",
+    "Barcelona Under-23s v Espanyol Under-23s", "Barcelona U-21s v Espanyol U-21s", "Barcelona Sub-20 v Espanyol Sub-20",
+    "Barcelona Olympic v Espanyol Olympic", "Barcelona Atletic v Espanyol Dam", "Jong Barcelona v Jong Espanyol",
+    "Barcelona Castilla v Espanyol B", "Barcelona Next Gen v Espanyol Next Gen",
+    "Barcelona (Ivan) v Espanyol (Petr)",  # e-soccer: players' names in brackets
+])
+def test_womens_youth_reserve_and_esoccer_sides_never_link_to_the_first_team(other: str) -> None:
+    assert not linked("Barcelona v Espanyol", other)
+
+
+def test_qualified_sides_still_link_to_their_own_spellings() -> None:
+    assert linked("Barcelona Femeni v Espanyol Femeni", "Barcelona (W) v Espanyol Women")
+    assert linked("Arsenal U21s v Chelsea U21s", "Arsenal Under-21 v Chelsea U21")
+    assert linked("Real Madrid Castilla v Barcelona Atletic", "Real Madrid Castilla v Barcelona Atletic")
+    assert linked("Real Madrid (Ivan) v Barcelona (Petr)", "Real Madrid (Ivan) v Barcelona (Petr)")
+    assert linked("Arsenal (N) v Chelsea", "Arsenal v Chelsea")  # neutral ground: the same side
+
+
+def test_a_record_without_start_time_or_sport_is_not_linked_fuzzily_until_they_arrive() -> None:
+    m = Matcher()
+    m.link(rec("bf:1", "betfair", "Chelsea v Arsenal"))
+    # the reverse fixture (or next season's) looks the same without a time: not linked, reversed or not
+    assert m.link(EventRecord("px:1", "push", "soccer", None, "Arsenal v Chelsea")).method == "self"
+    assert m.link(rec("px:1", "push", "Arsenal v Chelsea", T + 120 * 86_400_000)).canonical_id == "ev:px:1"
+    # once its time arrives, a record that is the same event is matched
+    assert m.link(EventRecord("pn:1", "pinnacle", "soccer", None, "Chelsea v Arsenal")).method == "self"
+    assert m.link(rec("pn:1", "pinnacle", "Chelsea v Arsenal")).canonical_id == "ev:bf:1"
+    b = Matcher()
+    b.link(rec("bf:1", "betfair", "Real Madrid v Barcelona", sport="basketball"))
+    assert b.link(EventRecord("px:1", "push", None, T, "Real Madrid v Barcelona")).method == "self"
+    assert b.link(rec("px:1", "push", "Real Madrid v Barcelona", sport="soccer")).canonical_id == "ev:px:1"
+    assert match_detail(rec("a", "betfair", "A v B"), EventRecord("b", "pinnacle", "soccer", None, "A v B")) is None
+
+
+def test_pins_link_records_without_start_time_or_sport() -> None:
+    m = Matcher(Overrides.from_data({"pin": [["bf:1", "px:1"]]}))
+    m.link(rec("bf:1", "betfair", "Arsenal v Chelsea"))
+    got = m.link(EventRecord("px:1", "push", None, None, "Chelsea v Arsenal"))
+    assert (got.canonical_id, got.method, got.reversed) == ("ev:bf:1", "pinned", True)
+
+
+def test_a_linked_record_whose_description_changes_is_scored_again() -> None:
+    m = Matcher()
+    m.link(rec("bf:1", "betfair", "Arsenal v Chelsea"))
+    m.link(rec("pn:1", "pinnacle", "Arsenal v Chelsea"))
+    got = m.link(rec("pn:1", "pinnacle", "Chelsea v Arsenal"))  # the provider corrects home / away
+    assert (got.canonical_id, got.reversed) == ("ev:bf:1", True)
+    got = m.link(rec("pn:1", "pinnacle", "Chelsea v Arsenal", T + 7 * 86_400_000))  # moved a week: another event
+    assert got.canonical_id == "ev:pn:1" and m.events["ev:bf:1"].members == ["bf:1"]
+    assert m.link(rec("pn:1", "pinnacle", "Arsenal v Chelsea")) == m.links["pn:1"]  # back: linked afresh
+    assert (m.event_of("pn:1"), m.links["pn:1"].reversed) == ("ev:bf:1", False)
+
+
+def test_when_the_anchor_turns_its_sides_round_every_member_is_turned_with_it() -> None:
+    from feed.linker import summary_of
+
+    m = Matcher()
+    m.link_all([rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("pn:1", "pinnacle", "Chelsea v Arsenal"),
+                rec("px:1", "push", "Arsenal v Chelsea")])
+    assert [m.links[e].reversed for e in ("pn:1", "px:1")] == [True, False]
+    m.link(rec("bf:1", "betfair", "Chelsea v Arsenal"))  # the anchor: the canonical sides are Chelsea v Arsenal now
+    summary = summary_of(m.events["ev:bf:1"], m)
+    assert (summary.home, summary.away) == ("Chelsea", "Arsenal")
+    assert [m.links[e].reversed for e in ("bf:1", "pn:1", "px:1")] == [False, False, True]
+    # the anchor moves to another day: it keeps its id, the others are linked afresh (together)
+    m.link(rec("bf:1", "betfair", "Chelsea v Arsenal", T + 7 * 86_400_000))
+    assert m.events["ev:bf:1"].members == ["bf:1"]
+    assert m.event_of("pn:1") == m.event_of("px:1") == "ev:pn:1"
+    assert [m.links[e].reversed for e in ("pn:1", "px:1")] == [False, True]
+
+
+def test_a_restored_event_is_anchored_on_the_record_its_id_names() -> None:
+    m = Matcher()
+    m.restore([rec("pn:1", "pinnacle", "Chelsea v Arsenal"), rec("bf:1", "betfair", "Arsenal v Chelsea")],
+              {"pn:1": Link("ev:bf:1", 0.97, "fuzzy", True), "bf:1": Link("ev:bf:1", 1.0, "self")})
+    ev = m.events["ev:bf:1"]
+    assert ev.anchor.event_id == "bf:1" and ev.members == ["bf:1", "pn:1"]
+
+
+def test_a_record_as_near_to_two_events_is_not_linked_to_either() -> None:
+    """A baseball double-header: the record joined game 1 only because "ev:bf:99" > "ev:bf:100"."""
+    def double_header() -> Matcher:
+        m = Matcher(tolerance_ms=4 * 3_600_000)
+        m.link(rec("bf:99", "betfair", "Boston Red Sox @ New York Yankees", sport="baseball"))
+        m.link(rec("bf:100", "betfair", "Boston Red Sox @ New York Yankees", T + 200 * 60_000, sport="baseball"))
+        return m
+
+    game = "New York Yankees v Boston Red Sox"
+    assert double_header().link(rec("pn:7", "pinnacle", game, T + 100 * 60_000, sport="baseball")).method == "self"
+    # game 2's time TBD at one book: not linked either
+    assert double_header().link(EventRecord("px:7", "push", "baseball", None, game)).method == "self"
+    # well apart (more than the margin): the nearer game
+    assert double_header().link(rec("toa:7", "theoddsapi", game, T + 10 * 60_000, sport="baseball")).canonical_id \
+        == "ev:bf:99"
