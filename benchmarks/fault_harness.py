@@ -931,6 +931,10 @@ def judge_probes(probes: list[Probe], truth: Truth, allowance_ms: dict[str, int]
         src = source_of(p.market_id)
         if dead and src in dead and dead[src][0] <= p.checked_at < dead[src][1]:
             out["ok_dead"] += 1
+            if len(out["examples"]) < 5:
+                out["examples"].append(f"{p.market_id}/{p.selection_id} OK at {p.price_h / 100:g} while its source "
+                                       f"was dead ({p.checked_at - dead[src][0]} ms into the window, age_ms "
+                                       f"{p.age_ms}, source {p.source_state})")
         prefix = p.market_id.split(":", 1)[0] + ":"
         allow = allowance_ms.get(prefix, 1000)
         claimed = p.checked_at - (p.age_ms or 0)

@@ -120,6 +120,7 @@ from benchmarks.fault_harness import (  # noqa: E402
 from benchmarks import plots  # noqa: E402
 from feed.embedded_redis import redis_server_binary  # noqa: E402
 from feed.settings import Settings  # noqa: E402
+from streaming.state import NodeOptions  # noqa: E402
 
 #: provider times a poisoned message carries: year 2100, the epoch, negative, 2**63
 POISON = [4_102_444_800_000, 0, -1, 2**63]
@@ -345,7 +346,10 @@ async def ingest_clock_ahead(ctx: Ctx) -> dict[str, Any]:
     await asyncio.sleep(CLOCK_AHEAD_S / 3)  # its last records still read "in the future" here
     st = (await ctx.sources()).get("esa", {})
     t_restart = now_ms()
-    ctx.dead["esa"] = ((t_down if t_down is not None else t_skewed + 5000), t_restart)
+    # /v1/sources reads the health records from Redis at once; the node's own view (what price
+    # checks use) reads them every health refresh (1 s): OK is wrong from its next read on
+    grace_ms = NodeOptions().health_refresh_ms + 1000
+    ctx.dead["esa"] = ((t_down if t_down is not None else t_skewed + 5000) + grace_ms, t_restart)
     down_s = (t_down - t_skewed) / 1000 if t_down is not None else None
     ctx.checks["DOWN (clock_skew) within 5 s"] = (f"{down_s:.1f}s" if down_s is not None else "never",
                                                   down_s is not None and down_s <= 5.0)

@@ -570,10 +570,12 @@ class NodeState:
     def age_stale(self, m: Market, now: int) -> tuple[int, bool]:
         """(age_ms, stale) of market ``m`` at ``now`` (see the module docstring)."""
         last = self.stamp_time(m.source, m.received_at, now) if self._skew_seen else m.received_at
+        # stamped ahead of this node's clock: its age is not known (whatever bounds it below)
+        down = last - now > MAX_CLOCK_SKEW_MS or (
+            bool(self.rebuilding) and partition_of(m.market_id, self.partitions) in self.rebuilding)
         h = self.health.get(m.source)
         if h is not None and h.max_lag_ms and m.source_ts and m.source_ts + h.max_lag_ms < last:
             last = m.source_ts + h.max_lag_ms  # arrived late (a backlog): as old as it was published
-        down = bool(self.rebuilding) and partition_of(m.market_id, self.partitions) in self.rebuilding
         if h is not None:
             if (h.state == "DOWN" or lease_expired(h, now) or lost_change(m, h) or clock_ahead(h, now)
                     or (self.skewed and m.source in self.skewed)):

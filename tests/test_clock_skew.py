@@ -93,3 +93,18 @@ def test_a_market_stamped_ahead_of_the_node_is_not_answered_ok() -> None:
     assert st.age_stale(st.markets["bf:1.1"], now)[1] is True
     r = check(st, REQ, now)
     assert r.reason == "STALE" and "ahead of this node's clock" in r.message, r
+
+
+def test_a_market_stamped_ahead_streams_stale_even_when_its_provider_time_bounds_its_age() -> None:
+    """A skewed ingest's market carries a receipt 29.5 s ahead and a true provider time; the
+    backlog bound (``max_lag_ms``) took its age from the provider time and the stream marker said
+    fresh, while the price check said STALE (found by the ``ingest_clock_ahead`` fault row)."""
+    now = now_ms()
+    st = _state(now)
+    m = st.markets["bf:1.1"]
+    st.markets["bf:1.1"] = type(m)(**{**{f: getattr(m, f) for f in m.__struct_fields__},
+                                      "received_at": now + 29_500, "source_ts": now - 50})
+    st.set_health([SourceHealth(source="t", state="UP", last_message_at=now - 500, updated_at=now - 500,
+                                lease_ms=5000, session="s1", max_lag_ms=1000)])
+    assert st.age_stale(st.markets["bf:1.1"], now)[1] is True
+    assert check(st, REQ, now).reason == "STALE"
