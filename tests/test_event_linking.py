@@ -403,7 +403,7 @@ async def test_a_market_relinked_out_and_back_within_a_conflation_window_stays_h
                 while (m := json.loads(await asyncio.wait_for(ws.recv(), timeout_s)))["type"] == "heartbeat":
                     pass
                 return dict(m)
-            await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"event": "ev:a:e"}, "conflate_ms": 3000}))
+            await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {"event": "ev:a:e"}, "conflate_ms": 1500}))
             assert (await recv())["type"] == "ack"
             assert sorted(m["market_id"] for m in (await recv())["markets"]) == ["a:1", "b:1"]
             await _split(store)
@@ -419,7 +419,7 @@ async def test_a_market_relinked_out_and_back_within_a_conflation_window_stays_h
             assert got["market_id"] == "b:1" and got["type"] == "delta" and got["kind"] == "image", got
             with contextlib.suppress(asyncio.TimeoutError):
                 while True:  # nothing after it takes b:1 away
-                    m = await recv(4)
+                    m = await recv(2.5)  # (> the window: a later word would have come)
                     if m["type"] == "removed":
                         held.discard(m["market_id"])
             assert held == {"a:1", "b:1"}

@@ -270,7 +270,7 @@ async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arri
                 calls.append((at_ms, _time.time_ns() // 1_000_000))
                 real(key, at_ms)
             src.odds_confirmed = spy  # type: ignore[method-assign]
-            sim.trickle(1, seconds=0.8, provider="pinnacle")
+            sim.trickle(1, seconds=0.8, provider="pinnacle", path="/v2/odds")  # (a fixtures body confirms nothing)
             await wait_faults_consumed(sim)
             await eventually(lambda: any(now - at >= 700 for at, now in calls), what="the slow answer's confirmation")
             assert all(at <= now for at, now in calls)

@@ -389,9 +389,10 @@ class HttpProviders:
         """The next ``n`` data requests are answered only after ``seconds``."""
         self._add("stall", provider, n, seconds)
 
-    def trickle(self, n: int = 1, seconds: float = 3.0, provider: str | None = None) -> None:
-        """The next ``n`` bodies are sent in small pieces spread over ``seconds``."""
-        self._add("trickle", provider, n, seconds)
+    def trickle(self, n: int = 1, seconds: float = 3.0, provider: str | None = None, path: str | None = None) -> None:
+        """The next ``n`` bodies (of requests to ``path`` only, when given — e.g. ``/v2/odds``)
+        are sent in small pieces spread over ``seconds``."""
+        self._add("trickle", provider, n, (seconds, path))
 
     def malformed(self, n: int = 1, kind: str = "truncated", provider: str | None = None) -> None:
         """The next ``n`` data bodies are bad: ``truncated`` (invalid JSON),
@@ -1067,11 +1068,12 @@ class HttpProviders:
         if rec is not None:
             rec.status = status
         self.status_counts[f"{provider}:{status}"] += 1
-        trickle = self._take(provider, ("trickle",)) if status == 200 else None
+        trickle = (self._take(provider, ("trickle",), lambda f: f.arg[1] in (None, path)) if status == 200
+                   else None)
         if trickle is not None:
             # not a BackgroundTask: Starlette runs a StreamingResponse's background even after the
             # client disconnected, which would count an answer cut at the client's deadline as served
-            return StreamingResponse(self._trickled(provider, request, payload, float(trickle.arg), on_sent),
+            return StreamingResponse(self._trickled(provider, request, payload, float(trickle.arg[0]), on_sent),
                                      status_code=status, media_type="application/json", headers=headers)
         # an async callable: run on the loop, in send order (a sync one would go to a worker thread)
         task = BackgroundTask(_call, on_sent) if on_sent is not None else None
