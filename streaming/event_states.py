@@ -41,7 +41,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from feed.errors import StoreError
-from feed.models import ENCODER, FINAL_EVENT_STATUSES, MAX_CLOCK_SKEW_MS, EventState, PeriodScore, Score, TeamCounts
+from feed.models import ENCODER, FINAL_EVENT_STATUSES, EventState, PeriodScore, Score, TeamCounts
 from feed.sources.backoff import Backoff
 from streaming.encoding import parse_stream_id
 
@@ -129,10 +129,8 @@ class EventStates:
     def age_stale(es: EventState, node: NodeState, now: int) -> tuple[int, bool]:
         """(age_ms, stale) of ``es`` at ``now`` (see the module docstring)."""
         h = node.source_health(es.source, now)
-        last = node.stamp_time(es.source, es.received_at, now)
-        if h is not None and h.max_lag_ms and es.source_ts and es.source_ts + h.max_lag_ms < last:
-            last = es.source_ts + h.max_lag_ms  # arrived late (a backlog): as old as it was published
-        down = (h is not None and h.state == "DOWN") or last - now > MAX_CLOCK_SKEW_MS
+        last, down = node.changed_at(es.source, es.received_at, es.source_ts, h, now)
+        down = down or (h is not None and h.state == "DOWN")
         if h is not None and not down and h.last_message_at > last:
             last = h.last_message_at
         age = max(0, now - last)

@@ -93,7 +93,7 @@ import collections
 import contextlib
 import logging
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -143,9 +143,6 @@ REPLAY_CACHE_MAX = 256
 REPLAY_CACHE_BYTES = 64 << 20
 #: a shared replay unused for this long is dropped (a storm lasts seconds), s
 REPLAY_CACHE_IDLE_S = 30.0
-#: Close code of a stream whose tenant entry changed (:meth:`streaming.tenants.Tenants.step`):
-#: resumes from tokens issued before it are not recovered (:meth:`Hub.disconnect`)
-TENANT_CHANGED_CLOSE = 1012
 #: (credential, allow-lists) pairs whose first use the hub remembers (least recently used dropped:
 #: a pair seen again after that is "first seen", which only costs its resumes a snapshot)
 GRANTS_MAX = 10_000
@@ -717,15 +714,13 @@ class Hub:
         # entry, so the hub remembers them to answer a resume correctly (see subscribe):
         #: source → its status as last announced (sent again after a recovered resume)
         self._announced: dict[str, Announced] = {}
-        #: a subscription has been made (before that, links the node adopts move nothing anyone holds)
-        self._served = False
         #: canonical event id → the node's positions when a relink last moved a market into or out
         #: of it; older marks are folded into ``_relink_floor`` (applies to every canonical id)
         self._relinks: dict[str, tuple[StreamId, ...]] = {}
         self._relink_floor: tuple[StreamId, ...] | None = None
         #: (credential, allow-lists) → the node's positions when it first served them (see _grant_since)
         self._grants: dict[tuple[str, object], tuple[StreamId, ...]] = {}
-        #: the node's positions when it last closed a stream because its tenant entry changed
+        #: the node's positions when the tenants file last changed (:meth:`tenants_changed`)
         self._grants_changed: tuple[StreamId, ...] | None = None
 
     @property
@@ -790,9 +785,6 @@ class Hub:
             self._remove(sub)
         conn.subs.clear()
         p = conn.principal
-        if p is not None and conn.close_code == TENANT_CHANGED_CLOSE:
-            # its client resumes under the changed entry: nothing issued up to here is recovered
-            self._grants_changed = self._positions()
         if p is not None:
             p.connections -= 1
             p.subscriptions -= conn.reserved_subs
@@ -1015,7 +1007,6 @@ class Hub:
             conn.send(ack_message(ack_id, sub.id))
         logger.info("subscribe %s %s sub=%d filter=%s conflate_ms=%d resume=%s", conn.kind, conn.label, sub.id, f,
                     conflate_ms, bool(resume))
-        self._served = True
         granted = self._grant_since(sub)
         if resume is None:
             self.send_snapshot(sub)
@@ -2017,13 +2008,12 @@ class Hub:
             if keys[4] is not None:
                 touched.add(keys[4])
             moved.append((mid, m, keys, prev))
-        if self._served:  # (the links a node loads as it starts move nothing it served)
-            at = self._positions()
-            for cid in touched:
-                self._relinks.pop(cid, None)
-                self._relinks[cid] = at
-            while len(self._relinks) > RELINK_MARKS_MAX:
-                self._relink_floor = _later(self._relink_floor, self._relinks.pop(next(iter(self._relinks))))
+        at = self._positions()
+        for cid in touched:
+            self._relinks.pop(cid, None)
+            self._relinks[cid] = at
+        while len(self._relinks) > RELINK_MARKS_MAX:
+            self._relink_floor = _later(self._relink_floor, self._relinks.pop(next(iter(self._relinks))))
         images: dict[str, Message] = {}
         removals: dict[str, Message] = {}
         states = self._has_states()
@@ -2071,16 +2061,12 @@ class Hub:
         ``turned_stale`` / ``turned_fresh`` those that changed since the last
         status, ``stale_events`` the events whose state (from ``source``) is stale and
         reaches the subscription (:meth:`_stale_events_seen`)."""
-        st = self.state
         stale = set(stale_ids)
         went_stale, went_fresh = set(turned_stale), set(turned_fresh)
         now = now_ms()
         announced = self._announced[source] = Announced(state, reason, stale, now, stale_events=stale_events)
         stale_states = announced.stale_events  # (what a resume is told: send_statuses)
         cache: dict[Filter, Message] = {}  # encoded once per distinct filter; the token is per subscription
-
-        def ids(f: Filter, wanted: set[str]) -> list[str]:
-            return sorted(mid for mid in wanted if (m := st.markets.get(mid)) is not None and f.match(mid, st.keys_of(m)))
 
         if self.best.subs:  # a book turned stale or fresh: best prices may move without a delta
             try:
@@ -2098,8 +2084,9 @@ class Hub:
                     msg = cache.get(f)
                     if msg is None:
                         msg = cache[f] = status_message(
-                            source=source, state=state, reason=reason, stale_markets=ids(f, stale),
-                            turned_stale=ids(f, went_stale), turned_fresh=ids(f, went_fresh), as_of=now,
+                            source=source, state=state, reason=reason, stale_markets=self._stale_seen(f, stale),
+                            turned_stale=self._stale_seen(f, went_stale), turned_fresh=self._stale_seen(f, went_fresh),
+                            as_of=now,
                             stale_events=self._stale_events_seen(f, stale_states), token=None)
                     conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
             except Exception:  # a client that cannot be told its source's health is closed (it resumes)
@@ -2149,7 +2136,7 @@ class Hub:
             return
         _queue_control(conn, frames)
 
-    def _stale_seen(self, f: Filter, stale: frozenset[str]) -> list[str]:
+    def _stale_seen(self, f: Filter, stale: AbstractSet[str]) -> list[str]:
         """The markets among ``stale`` that filter ``f`` matches, sorted (through the index when
         ``f`` names markets or events: a resume storm of one-event subscriptions stays cheap)."""
         st = self.state
@@ -2169,25 +2156,9 @@ class Hub:
         if not stale or held is None:
             return []
         states = held.states
-        out: list[str] = []
-        if f.market is not None or f.event is not None:
-            st = self.state
-            v = f.visible
-            sources = v[1] if v is not None else None
-            for m in st.matching(f):
-                if f.hides(st.keys_of(m)):
-                    continue
-                for eid in st.state_events(m):
-                    if eid in stale and eid not in out and (es := states.get(eid)) is not None \
-                            and (sources is None or es.source in sources):
-                        out.append(eid)
-        else:
-            for eid in stale:
-                es = states.get(eid)
-                if es is not None and self._sees_state(f, es, self._event_markets(eid)):
-                    out.append(eid)
-        out.sort()
-        return out
+        candidates = self._events_of(f) if f.market is not None or f.event is not None else stale
+        return sorted(eid for eid in candidates if eid in stale and (es := states.get(eid)) is not None
+                      and self._sees_state(f, es, self._event_markets(eid)))
 
     # -- send deadlines -------------------------------------------------------
 

@@ -259,10 +259,9 @@ def price_to_ten_thousandths(price: float) -> int | None:
 def _units(price: float, up: bool) -> int:
     """``price`` in ten-thousandths, one with more than 4 decimal places rounded up or down
     (on its shortest decimal form, ``repr``, never on the binary float)."""
-    x = price * 10_000.0
-    r = round(x)
-    if abs(x - r) < 1e-6:
-        return r
+    units = price_to_ten_thousandths(price)
+    if units is not None:
+        return units
     return int(Decimal(repr(price)).quantize(_TEN_THOUSANDTH, rounding=ROUND_CEILING if up else ROUND_FLOOR)
                * PRICE_UNITS)
 

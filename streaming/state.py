@@ -523,14 +523,13 @@ class NodeState:
             return msgspec.structs.replace(h, state="DOWN", reason=CLOCK_SKEW)
         return h
 
-    def mark_rebuilding(self, partitions: Iterable[int] | None, reason: str,
-                        loaded: Sequence[int] | None = None) -> None:
+    def mark_rebuilding(self, partitions: Iterable[int] | None, reason: str, loaded: Sequence[int]) -> None:
         """``partitions`` (None = all) are to be reloaded: their markets read as
         stale until :meth:`replace_partitions` swaps them in. ``loaded``: per
         partition, the loads completed so far (see :meth:`loaded_since_mark`)."""
         for p in range(self.partitions) if partitions is None else partitions:
             self.rebuilding[p] = reason
-            self._marked_after[p] = loaded[p] if loaded is not None else -1
+            self._marked_after[p] = loaded[p]
 
     def loaded_since_mark(self, p: int, loads: int) -> None:
         """Partition ``p`` has completed ``loads`` loads and a reload asked for it is skipped
@@ -567,15 +566,25 @@ class NodeState:
             return f"market {m.market_id} was stamped {ahead} ms ahead of this node's clock (clock skew)"
         return None
 
+    def changed_at(self, source: str, received_at: int, source_ts: int | None, h: SourceHealth | None,
+                   now: int) -> tuple[int, bool]:
+        """(when a change of ``source`` counts as current, stamped ahead): its receipt as this
+        node's clock reads it (:meth:`stamp_time`), or — it arrived late, a backlog — its
+        provider time + the source's ``max_lag_ms``; and whether the receipt was stamped more
+        than ``MAX_CLOCK_SKEW_MS`` after ``now`` (its age is then not known). Markets and event
+        states alike."""
+        last = self.stamp_time(source, received_at, now) if self._skew_seen else received_at
+        ahead = last - now > MAX_CLOCK_SKEW_MS
+        if h is not None and h.max_lag_ms and source_ts and source_ts + h.max_lag_ms < last:
+            last = source_ts + h.max_lag_ms
+        return last, ahead
+
     def age_stale(self, m: Market, now: int) -> tuple[int, bool]:
         """(age_ms, stale) of market ``m`` at ``now`` (see the module docstring)."""
-        last = self.stamp_time(m.source, m.received_at, now) if self._skew_seen else m.received_at
-        # stamped ahead of this node's clock: its age is not known (whatever bounds it below)
-        down = last - now > MAX_CLOCK_SKEW_MS or (
-            bool(self.rebuilding) and partition_of(m.market_id, self.partitions) in self.rebuilding)
         h = self.health.get(m.source)
-        if h is not None and h.max_lag_ms and m.source_ts and m.source_ts + h.max_lag_ms < last:
-            last = m.source_ts + h.max_lag_ms  # arrived late (a backlog): as old as it was published
+        last, down = self.changed_at(m.source, m.received_at, m.source_ts, h, now)
+        if self.rebuilding and partition_of(m.market_id, self.partitions) in self.rebuilding:
+            down = True
         if h is not None:
             if (h.state == "DOWN" or lease_expired(h, now) or lost_change(m, h) or clock_ahead(h, now)
                     or (self.skewed and m.source in self.skewed)):
@@ -588,8 +597,6 @@ class NodeState:
                         last = confirmed
         age = now - last
         if age < 0:
-            if age < -MAX_CLOCK_SKEW_MS:  # stamped ahead of this node's clock: its age is not known
-                down = True
             age = 0
         if down:
             return age, True
