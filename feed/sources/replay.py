@@ -42,6 +42,9 @@ class _Envelope(msgspec.Struct):
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 
+#: a paced replay does not wait on a longer jump of the recording's clock, ms
+MAX_PACED_GAP_MS = 3_600_000
+
 
 def recording_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and folders into the list of files to replay (sorted
@@ -136,12 +139,15 @@ class Replay:
     for as fast as possible. map_clock: map the recording's clock onto now
     (default) or keep the original ``pt``. chunk_lines: messages per batched
     store apply at max speed. progress: called about once a second with the
-    ingest's counters (for a progress line).
+    ingest's counters (for a progress line). max_gap_ms: a paced replay does
+    not wait on a longer jump (either way) of the recording's clock between
+    two messages (ms of recorded time; an absurd ``pt`` is such a jump).
     """
 
     def __init__(self, paths: list[str | Path], ingest: Ingest, *, speed: float | None = None,
                  map_clock: bool = True, chunk_lines: int = 2000, clock_ms: Callable[[], int] = now_ms,
-                 progress: Callable[[Ingest, int, int], None] | None = None) -> None:
+                 progress: Callable[[Ingest, int, int], None] | None = None,
+                 max_gap_ms: int = MAX_PACED_GAP_MS) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be > 0 or None (max)")
         self.files = recording_files(paths)
@@ -153,6 +159,7 @@ class Replay:
         self.chunk_lines = chunk_lines
         self.clock_ms = clock_ms
         self.progress = progress
+        self.max_gap_ms = max_gap_ms
         self.summary = ReplaySummary()
         self._done_files = 0
         self._last_progress = 0.0
@@ -227,31 +234,69 @@ class Replay:
             await in_flight
 
     async def _play_paced(self, messages: list[bytes]) -> None:
+        """Feed one file's messages when their ``pt`` is due.
+
+        The recording's clock is followed while it moves by at most
+        :attr:`max_gap_ms` between two messages; a message a little out of
+        order is due at once. A jump of more than that, either way, that the
+        next message continues (the recording's clock jumped) is not waited
+        on: the clock goes on from there (logged), and each stretch between
+        jumps maps onto now by its own offset. One absurd ``pt`` that the
+        next message does not continue (a year ahead, or 0, among normal
+        ones; or the last message's) is neither waited on nor followed: it
+        maps by its stretch, so the ingest rejects it (``clock_skew``) as it
+        would live. Several paced files play side by side, each with its
+        own mapping."""
         ingest = self.ingest
         speed = self.speed or 1.0
+        max_gap = self.max_gap_ms
+        n = len(messages)
         pts: list[int | None] = []
         for raw in messages:
             try:
                 pts.append(_ENVELOPE.decode(raw).pt)
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
                 pts.append(None)
-        first_pt = next((p for p in pts if p is not None), 0)
+        due: list[int] = [0] * n  # ms of replay (recorded time, jumps removed) at which message i is due
+        base: list[int] = [0] * n  # a pt of message i's stretch maps to start + (pt − base) / speed
+        ref: int | None = None  # the recording's clock: the last pt it followed
+        t = b = jumps = 0
+        for k, pt in enumerate(pts):
+            if pt is not None:
+                if ref is None:
+                    ref, b = pt, pt
+                elif 0 <= pt - ref <= max_gap:
+                    t += pt - ref
+                    ref = pt
+                elif abs(pt - ref) > max_gap:
+                    nxt = next((q for q in pts[k + 1:] if q is not None), None)
+                    if nxt is not None and abs(nxt - pt) <= max_gap:  # the clock jumped: a new stretch
+                        jumps += 1
+                        ref, b = pt, pt - t
+                    # else one absurd pt the clock does not follow: mapped by its stretch (so the
+                    # ingest rejects it as it would live — a clock_skew — not stamped now)
+            due[k], base[k] = t, b
+        if jumps:
+            logger.warning("replay: the recording's clock jumps by more than %d s %d time(s); not waited on",
+                           max_gap // 1000, jumps)
         start = self.clock_ms()
-        ingest.time_map = (lambda pt: start + int((pt - first_pt) / speed)) if self.map_clock else None
-        i, n = 0, len(messages)
+        i = 0
         while i < n:
             now = self.clock_ms()
-            due_pt = first_pt + (now - start) * speed
+            due_t = (now - start) * speed
             j = i
-            while j < n and ((pt := pts[j]) is None or pt <= due_pt) and j - i < self.chunk_lines:
+            b = base[i]
+            while j < n and due[j] <= due_t and base[j] == b and j - i < self.chunk_lines:
                 j += 1
             if j > i:
+                if self.map_clock:  # bound per stretch; files play side by side, each maps by its own
+                    ingest.time_map = lambda pt, _b=b: start + int((pt - _b) / speed)
+                else:
+                    ingest.time_map = None
                 ingest.feed_lines(messages[i:j], now)
                 await ingest.flush()
                 i = j
                 self._tick()
                 continue
-            next_pt = pts[i]
-            assert next_pt is not None  # a None pt is always due, so the loop above took it
-            wait_ms = (next_pt - first_pt) / speed - (now - start)
+            wait_ms = (due[i] - due_t) / speed
             await asyncio.sleep(min(max(wait_ms, 1) / 1000, 1.0))
