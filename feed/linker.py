@@ -6,7 +6,12 @@ One linker writes at a time: each ingest process (``oddsfeed ingest``,
 ``oddsfeed run``) runs a :class:`Linker`, and the one holding the Redis
 lease (renewed every step, ``lease_ms`` long) links; the others wait to
 take over. A new leader starts from the stored links (canonical ids stay
-as they were) and links only what is new or changed.
+as they were) and links only what is new or changed — changed also since
+the previous leader's last step: the links are stored with the fingerprint
+(:func:`record_fingerprint`) of the record each was scored on (in its
+canonical summary's ``scored``, written in the same transaction), and a
+member whose record no longer has it (or whose link was stored without one)
+is scored again as a live change is (:meth:`feed.matching.Matcher.restore`).
 
 Each step (every ``interval_s``):
 
@@ -21,12 +26,15 @@ Each step (every ``interval_s``):
 Canonical summary JSON (``of:{links}:canon``): ``{"event_id": "ev:…",
 "sport", "name", "home", "away", "competition", "start_time" (ms),
 "venue", "country", "members": [record ids], "confidence": lowest link
-confidence of a member}``.
+confidence of a member, "scored": {record id: fingerprint of the record its
+link was scored on}}`` (``scored`` is the linker's own: the API nodes do not
+read it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
@@ -43,7 +51,7 @@ from feed.store import Store, StoredLink
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CanonicalSummary", "EventRegistrar", "Linker", "load_overrides"]
+__all__ = ["CanonicalSummary", "EventRegistrar", "Linker", "StoredSummary", "load_overrides", "record_fingerprint"]
 
 _RECORD_DECODER = msgspec.json.Decoder(EventRecord)
 
@@ -64,8 +72,44 @@ class CanonicalSummary(msgspec.Struct, kw_only=True, omit_defaults=True):
     confidence: float = 1.0
 
 
+class StoredSummary(CanonicalSummary, kw_only=True, omit_defaults=True):
+    """A canonical summary as the linker stores it: the served fields and
+    ``scored``, member record id → :func:`record_fingerprint` of the record
+    its link was scored on (a member missing from it: unknown, scored again
+    by the next leader). :data:`SUMMARY_DECODER` ignores ``scored``."""
+
+    scored: dict[str, str] = {}
+
+
 SUMMARY_DECODER = msgspec.json.Decoder(CanonicalSummary)
+_STORED_DECODER = msgspec.json.Decoder(StoredSummary)
 _ENCODER = msgspec.json.Encoder()
+
+
+def record_fingerprint(rec: EventRecord) -> str:
+    """A compact digest of every field of an event record: 16 hex digits
+    (64-bit BLAKE2b of its msgspec JSON). Equal records give equal
+    fingerprints; any change of a field (names, sides, start time, sport,
+    competition …) gives another (but for a 2**-64 collision)."""
+    return hashlib.blake2b(_ENCODER.encode(rec), digest_size=8).hexdigest()
+
+
+def _scored_on(links: Mapping[str, StoredLink], canon: Mapping[str, bytes]) -> dict[str, str]:
+    """What stored links were scored on, from the stored canonical summaries
+    (:meth:`feed.store.Store.load_links`): record id → fingerprint, for each
+    link whose canonical event's summary lists it in ``scored`` (a summary
+    that does not decode, or a link stored without one: left out)."""
+    out: dict[str, str] = {}
+    for cid, raw in canon.items():
+        try:
+            fps = _STORED_DECODER.decode(raw).scored
+        except msgspec.MsgspecError:
+            continue
+        for rid, fp in fps.items():
+            link = links.get(rid)
+            if link is not None and link.c == cid:
+                out[rid] = fp
+    return out
 
 
 class EventRegistrar:
@@ -242,9 +286,16 @@ class Linker:
             self.matcher = self._matcher()
             self.matcher.link_all(records)
         elif not self._seeded:
-            _, stored, _ = await self.store.load_links()
+            _, stored, canon = await self.store.load_links()
+            scored = _scored_on(stored, canon)
+            changed = {r.event_id for r in records
+                       if r.event_id in stored and scored.get(r.event_id) != record_fingerprint(r)}
             self.matcher = self._matcher()
-            self.matcher.restore(records, {k: Link(v.c, v.p, v.m, v.r) for k, v in stored.items()})
+            again = self.matcher.restore(records, {k: Link(v.c, v.p, v.m, v.r) for k, v in stored.items()},
+                                         changed=changed)
+            if again:
+                logger.info("linker: %d linked records changed since their links were scored (or were stored "
+                            "without saying): scored again", len(again))
             self.matcher.link_all(records)
         else:
             self.matcher.link_all(records)
@@ -274,9 +325,18 @@ class Linker:
     async def _save(self) -> bool:
         m = self.matcher
         links = {rid: StoredLink(l.canonical_id, l.confidence, l.method, l.reversed) for rid, l in m.links.items()}
-        canon = {cid: _ENCODER.encode(summary_of(ev, m)) for cid, ev in m.events.items()}
+        canon = {cid: _ENCODER.encode(StoredSummary(
+            **msgspec.structs.asdict(summary_of(ev, m)),
+            scored={rid: record_fingerprint(m.records[rid]) for rid in ev.members})) for cid, ev in m.events.items()}
         if self._saved is not None and self._saved == (links, canon):
             return False
-        await self.store.save_links(links, canon)
+        if await self.store.save_links(links, canon, owner=self.owner) < 0:
+            # the lease ran out during this step (a stall longer than lease_ms) and another linker
+            # may lead now: writing would overwrite its links with this step's older view
+            logger.warning("linker: the lease ran out during a step; its links were not written")
+            self.leader = False
+            self._seeded = False
+            self._saved = None
+            return False
         self._saved = (links, canon)
         return True

@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -602,20 +602,34 @@ class Matcher:
         scored again. A changed record alone is linked afresh; a pinned one
         keeps its pin."""
         old = self.records.get(rec.event_id)
-        if old is not None:
-            if old == rec:
-                return self.links[rec.event_id]
-            link = self.links[rec.event_id]
-            ev = self.events[link.canonical_id]
-            if len(ev.members) > 1 or link.method == "pinned":
-                self.records[rec.event_id] = rec
-                if ev.anchor.event_id == rec.event_id:
-                    ev.anchor = rec
-                    self._reindex(ev)
-                if len(ev.members) > 1:
-                    self._rescore(ev, rec.event_id)
-                return self.links[rec.event_id]
-            self._remove(rec.event_id)  # alone: look again with the new description (names arrived)
+        if old is None:
+            return self._link_new(rec)
+        if old == rec:
+            return self.links[rec.event_id]
+        ev = self.events[self.links[rec.event_id].canonical_id]
+        self.records[rec.event_id] = rec
+        if ev.anchor.event_id == rec.event_id:
+            ev.anchor = rec
+            self._reindex(ev)
+        return self._changed(rec.event_id)
+
+    def _changed(self, event_id: str) -> Link:
+        """The record ``self.records[event_id]`` (already in place, and the
+        anchor when it is one) is not the one its link was scored on: score it
+        again as :meth:`link` says (shared by a live change and :meth:`restore`)."""
+        link = self.links[event_id]
+        ev = self.events[link.canonical_id]
+        if len(ev.members) > 1:
+            self._rescore(ev, event_id)
+            return self.links[event_id]
+        if link.method == "pinned":
+            return link
+        rec = self.records[event_id]
+        self._remove(event_id)  # alone: look again with the new description (names arrived)
+        return self._link_new(rec)
+
+    def _link_new(self, rec: EventRecord) -> Link:
+        """Link a record the matcher does not hold (a pin, the best event, else its own)."""
         self.records[rec.event_id] = rec
         found = self._pinned(rec) or self._best(rec)
         if found is None:
@@ -629,15 +643,27 @@ class Matcher:
         self.links[rec.event_id] = link
         return link
 
-    def restore(self, records: Iterable[EventRecord], links: Mapping[str, Link]) -> None:
+    def restore(self, records: Iterable[EventRecord], links: Mapping[str, Link],
+                changed: Collection[str] = frozenset()) -> list[str]:
         """Put records back into the canonical events ``links`` (record id →
         link, as stored) gives them, first seen first — a new linker keeps
-        the canonical ids; records without a link wait for :meth:`link`."""
+        the canonical ids; records without a link wait for :meth:`link`.
+
+        ``changed``: record ids whose record is not the one their stored link
+        was scored on (it changed while no linker ran, or the link was stored
+        without saying which record it was scored on). Once every record is
+        back (and each event anchored: :meth:`_restore_anchor`), each of
+        them that was restored is scored again, first seen first, as
+        :meth:`link` scores a changed record — its ``reversed`` flag
+        recomputed, or it leaves and is linked afresh; a changed anchor has
+        every member of its event scored again. Returns the ids scored again."""
+        order: list[str] = []
         for rec in records:
             link = links.get(rec.event_id)
             if link is None or rec.event_id in self.records:
                 continue
             self.records[rec.event_id] = rec
+            order.append(rec.event_id)
             ev = self.events.get(link.canonical_id)
             if ev is None:
                 ev = self.events[link.canonical_id] = CanonicalEvent(link.canonical_id, rec, [])
@@ -646,6 +672,11 @@ class Matcher:
             self.links[rec.event_id] = link
         for ev in self.events.values():
             self._restore_anchor(ev)
+        again = [rid for rid in order if rid in changed]
+        for rid in again:
+            if rid in self.links:
+                self._changed(rid)
+        return again
 
     def _restore_anchor(self, ev: CanonicalEvent) -> None:
         """The anchor (whose sides are the canonical sides the stored

@@ -164,6 +164,26 @@ end
 return 0
 """
 
+# KEYS: 1 lease, 2 links map, 3 canonical summaries, 4 links version; ARGV: 1 owner, 2 n links,
+#       then n (record id, link JSON) pairs, then (canonical id, summary JSON) pairs.
+# Replaces every link and summary only while ``owner`` holds the lease (a leader that stalled past
+# its lease must not overwrite what the next leader wrote); returns the new version, or -1.
+SAVE_LINKS_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -1
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+local n = tonumber(ARGV[2])
+local last = 2 + 2 * n
+for i = 3, last, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+for i = last + 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+return redis.call('INCR', KEYS[4])
+"""
+
 
 def source_key(name: str) -> str:
     return f"of:src:{name}"
@@ -509,6 +529,7 @@ class Store:
         self.db = 0 if not self.push else int(redis.connection_pool.connection_kwargs.get("db") or 0)
         self._apply = redis.register_script(APPLY_SCRIPT)
         self._lease = redis.register_script(LEASE_SCRIPT)
+        self._save_links = redis.register_script(SAVE_LINKS_SCRIPT)
         self._prune = redis.register_script(PRUNE_SCRIPT)
         self._history = redis.register_script(HISTORY_SCRIPT)
         self._event_states = redis.register_script(EVENT_STATE_SCRIPT)
@@ -978,11 +999,22 @@ class Store:
         out.sort()
         return out
 
-    async def save_links(self, links: Mapping[str, StoredLink], canon: Mapping[str, bytes]) -> int:
+    async def save_links(self, links: Mapping[str, StoredLink], canon: Mapping[str, bytes],
+                         owner: str | None = None) -> int:
         """Replace every link (record id → :class:`StoredLink`) and canonical
         event summary (canonical id → JSON) at once; bumps and returns the
-        links version. Raises StoreError."""
+        links version. With ``owner`` (the linker's lease owner), only while
+        that owner holds the linker lease (:meth:`take_lease`): otherwise
+        nothing is written and -1 is returned. Raises StoreError."""
         try:
+            if owner is not None:
+                args: list[str | bytes] = [owner, str(len(links))]
+                for k, v in links.items():
+                    args += (k, ENCODER.encode(v))
+                for k, c in canon.items():
+                    args += (k, c)
+                return int(await self._save_links(keys=[LINK_LEASE_KEY, LINKS_KEY, CANON_KEY, LINKS_VER_KEY],
+                                                  args=args))
             pipe = self.redis.pipeline(transaction=True)
             pipe.delete(LINKS_KEY, CANON_KEY)
             if links:

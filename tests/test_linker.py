@@ -5,17 +5,22 @@ lease and takes over with the same canonical ids."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from feed.errors import ConfigError
-from feed.linker import EventRegistrar, Linker, load_overrides
+from feed.linker import SUMMARY_DECODER, CanonicalSummary, EventRegistrar, Linker, load_overrides, record_fingerprint
 from feed.matching import LINK_THRESHOLD, EventRecord, Link, Matcher, Overrides, match_detail, match_score
 from feed.models import Delta, Market
-from feed.store import Store
+from feed.store import Store, StoredLink
+from tests.streaming_helpers import eventually
 
 T = 1_700_000_000_000
 ENC = msgspec.json.Encoder()
@@ -292,3 +297,177 @@ def test_a_record_as_near_to_two_events_is_not_linked_to_either() -> None:
     # well apart (more than the margin): the nearer game
     assert double_header().link(rec("toa:7", "theoddsapi", game, T + 10 * 60_000, sport="baseball")).canonical_id \
         == "ev:bf:99"
+
+
+
+# -- a record that changes during a leader handover (after the old leader's last step, before the new
+#    leader's restore) is scored again as a live change is. (a), (b), the anchor and the old-format
+#    links failed before the fix: the new leader kept the stored link and its reversed flag.
+
+LEASE_KEY = "of:{links}:lease"
+#: generous: a step takes milliseconds; these bound a hang, they are not speed targets
+WAIT_S = 20.0
+
+
+async def stored_links(store: Store) -> dict[str, tuple[str, bool]]:
+    _, stored, _ = await store.load_links()
+    return {k: (v.c, v.r) for k, v in stored.items()}
+
+
+@asynccontextmanager
+async def handover(store: Store, before: list[EventRecord], during: list[EventRecord]) -> AsyncIterator[Linker]:
+    """Leader A links ``before`` and stops; ``during`` is registered (the provider changes its records)
+    while no linker runs; leader B starts once A's lease is gone (as when it expires). Yields B, running,
+    once it has written the links it restored (a new leader's first step always writes them)."""
+    a = Linker(store, interval_s=0.02, lease_ms=60_000)
+    run_a = asyncio.create_task(a.run())
+    try:
+        await register(store, *before)
+        ids = {r.event_id for r in before}
+        await eventually(lambda: _links_cover(store, ids), WAIT_S, "leader A's links")
+    finally:
+        a.stop()
+        await asyncio.wait_for(run_a, WAIT_S)
+    version = await store.links_version()
+    await register(store, *during)
+    await store.redis.delete(LEASE_KEY)
+    b = Linker(store, interval_s=0.02, lease_ms=60_000)
+    run_b = asyncio.create_task(b.run())
+    try:
+        await eventually(lambda: _written_after(store, version), WAIT_S, "leader B's links")
+        assert b.leader
+        yield b
+    finally:
+        b.stop()
+        await asyncio.wait_for(run_b, WAIT_S)
+
+
+async def _links_cover(store: Store, ids: set[str]) -> bool:
+    return set(await links(store)) >= ids
+
+
+async def _written_after(store: Store, version: int) -> bool:
+    return await store.links_version() > version
+
+
+#: bf:1 anchors ev:bf:1 (Arsenal at home); pn:1 agrees, px:1 names the sides the other way round
+ARS_CHE = [rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("pn:1", "pinnacle", "Arsenal v Chelsea", T + 60_000),
+           rec("px:1", "push", "Chelsea v Arsenal", T + 120_000)]
+LINKED = {"bf:1": ("ev:bf:1", False), "pn:1": ("ev:bf:1", False), "px:1": ("ev:bf:1", True)}
+
+
+async def test_a_member_whose_sides_turn_round_during_a_handover_is_scored_again(store: Store) -> None:
+    """(a) Before the fix B kept pn:1 not reversed: its home price served as Arsenal's, now Chelsea's."""
+    async with handover(store, ARS_CHE, [rec("pn:1", "pinnacle", "Chelsea v Arsenal", T + 60_000)]):
+        assert await stored_links(store) == {**LINKED, "pn:1": ("ev:bf:1", True)}
+
+
+async def test_a_member_moved_days_during_a_handover_is_unlinked(store: Store) -> None:
+    """(b) Before the fix B kept pn:1 in ev:bf:1: another match's prices served as this one's."""
+    async with handover(store, ARS_CHE, [rec("pn:1", "pinnacle", "Arsenal v Chelsea", T + 3 * 86_400_000)]):
+        assert await stored_links(store) == {**LINKED, "pn:1": ("ev:pn:1", False)}
+        _, _, canon = await store.load_links()
+        assert SUMMARY_DECODER.decode(canon["ev:bf:1"]).members == ["bf:1", "px:1"]
+
+
+async def test_when_the_anchor_turns_its_sides_round_during_a_handover_every_member_follows(store: Store) -> None:
+    async with handover(store, ARS_CHE, [rec("bf:1", "betfair", "Chelsea v Arsenal")]):
+        # the canonical sides are Chelsea v Arsenal now: pn:1 is reversed, px:1 is not
+        assert await stored_links(store) == {"bf:1": ("ev:bf:1", False), "pn:1": ("ev:bf:1", True),
+                                             "px:1": ("ev:bf:1", False)}
+        _, _, canon = await store.load_links()
+        summary = SUMMARY_DECODER.decode(canon["ev:bf:1"])
+        assert (summary.home, summary.away) == ("Chelsea", "Arsenal")
+
+
+async def test_an_unchanged_record_keeps_its_link_across_a_handover(store: Store, caplog) -> None:
+    """(c) No churn: the same record registered again during the handover (an ingest restart does
+    that) keeps its link, confidence and canonical id, and nothing is scored again."""
+    caplog.set_level(logging.INFO, logger="feed.linker")
+    want = Matcher()
+    want.link_all(ARS_CHE)
+    async with handover(store, ARS_CHE, [ARS_CHE[1]]) as b:
+        _, stored, canon = await store.load_links()
+        assert {k: (v.c, v.p, v.m, v.r) for k, v in stored.items()} == {
+            k: (v.canonical_id, v.confidence, v.method, v.reversed) for k, v in want.links.items()}
+        assert SUMMARY_DECODER.decode(canon["ev:bf:1"]).members == ["bf:1", "pn:1", "px:1"]
+        assert b.matcher.events["ev:bf:1"].anchor.event_id == "bf:1"
+        assert "scored again" not in caplog.text
+
+
+async def test_links_stored_without_fingerprints_are_scored_again(store: Store, caplog) -> None:
+    """Links written before the fingerprints (or by an older linker) say nothing of the record they
+    were scored on: the new leader scores every member again (here: a flag that is wrong now)."""
+    caplog.set_level(logging.INFO, logger="feed.linker")
+    await register(store, rec("bf:1", "betfair", "Arsenal v Chelsea"), rec("pn:1", "pinnacle", "Chelsea v Arsenal"))
+    summary = CanonicalSummary(event_id="ev:bf:1", sport="soccer", name="Arsenal v Chelsea", home="Arsenal",
+                               away="Chelsea", start_time=T, members=["bf:1", "pn:1"], confidence=0.97)
+    await store.save_links({"bf:1": StoredLink("ev:bf:1", 1.0, "self"), "pn:1": StoredLink("ev:bf:1", 0.97, "fuzzy")},
+                           {"ev:bf:1": ENC.encode(summary)})
+    b = Linker(store, lease_ms=60_000)
+    assert await b.step() and b.leader
+    assert await stored_links(store) == {"bf:1": ("ev:bf:1", False), "pn:1": ("ev:bf:1", True)}
+    assert "2 linked records changed" in caplog.text
+    # and what B stored says what it scored: the next leader scores nothing again
+    caplog.clear()
+    await store.redis.delete(LEASE_KEY)
+    c = Linker(store, lease_ms=60_000)
+    assert await c.step() and "scored again" not in caplog.text
+    _, _, canon = await store.load_links()
+    scored = msgspec.json.decode(canon["ev:bf:1"])["scored"]
+    assert scored == {r: record_fingerprint(b.matcher.records[r]) for r in ("bf:1", "pn:1")}
+
+
+def test_a_restored_record_marked_changed_is_scored_as_a_live_change() -> None:
+    """The matcher's side: restore(changed=…) gives what link() gives for the same change."""
+    live = Matcher()
+    live.link_all(ARS_CHE)
+    moved = rec("pn:1", "pinnacle", "Chelsea v Arsenal", T + 60_000)
+    live.link(moved)
+    restored = Matcher()
+    records = [ARS_CHE[0], moved, ARS_CHE[2]]
+    stored = {"bf:1": Link("ev:bf:1", 1.0, "self"), "pn:1": Link("ev:bf:1", 1.0, "fuzzy"),
+              "px:1": Link("ev:bf:1", 0.97, "fuzzy", True)}
+    assert restored.restore(records, stored, changed={"pn:1"}) == ["pn:1"]
+    assert restored.links == live.links
+    kept = Matcher()
+    assert kept.restore(records, stored) == [] and not kept.links["pn:1"].reversed  # not said changed: kept
+
+
+async def test_a_leader_whose_lease_ran_out_mid_step_does_not_overwrite_the_next_leaders_links(store: Store) -> None:
+    """A stalls inside a step past its lease; B takes the lease and writes links
+    from a newer record (pn:1's sides turned round). A's write at the end of its
+    step is refused (before the fix it replaced B's links with A's older view —
+    pn:1 not reversed, one team's price served as the other's — and B, whose
+    own view had not changed, never wrote them again)."""
+    a = Linker(store, interval_s=60, lease_ms=60_000)
+    await register(store, *ARS_CHE)
+    assert await a.step()
+    assert await stored_links(store) == LINKED
+    # A's next step has begun (it holds the lease and has read the records) when it stalls ...
+    await register(store, rec("pn:1", "pinnacle", "Chelsea v Arsenal", T + 60_000))
+    assert await store.take_lease(a.owner, 60_000)
+    a.matcher.link_all([rec("pn:1", "pinnacle", "Arsenal v Chelsea", T + 90_000)])  # what it read before the stall
+    # ... past its lease: B takes over and links the corrected record
+    await store.redis.delete(LEASE_KEY)
+    b = Linker(store, interval_s=60, lease_ms=60_000)
+    assert await b.step()
+    assert await stored_links(store) == {**LINKED, "pn:1": ("ev:bf:1", True)}
+    version = await store.links_version()
+    # A wakes and finishes its step
+    assert not await a._save()
+    assert not a.leader
+    assert await stored_links(store) == {**LINKED, "pn:1": ("ev:bf:1", True)}
+    assert await store.links_version() == version
+
+
+async def test_save_links_with_an_owner_writes_only_under_its_lease(store: Store) -> None:
+    link = {"a:e": StoredLink("ev:a:e", 1.0, "self")}
+    summary = {"ev:a:e": ENC.encode(CanonicalSummary(event_id="ev:a:e", members=["a:e"]))}
+    assert await store.save_links(link, summary, owner="x") == -1  # nobody holds the lease
+    assert await store.links_version() == 0 and await links(store) == {}
+    assert await store.take_lease("x", 60_000)
+    assert await store.save_links(link, summary, owner="x") == 1
+    assert await store.save_links({}, {}, owner="y") == -1
+    assert await links(store) == {"a:e": "ev:a:e"}
+    assert await store.save_links({}, {}, owner="x") == 2 and await links(store) == {}
