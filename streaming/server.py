@@ -107,6 +107,8 @@ logger = logging.getLogger(__name__)
 
 #: an ``Upgrade: h2c`` header line (the CRLF before it included), ignored — see data_received
 _H2C_UPGRADE = re.compile(rb"\r\nupgrade:[ \t]*h2c[ \t]*(?=\r\n)", re.IGNORECASE)
+#: the start of such a line, as far as one read may cut it (held back until the next read)
+_H2C_PREFIX = re.compile(rb"\r(\n(u(p(g(r(a(d(e(:[ \t]{0,8}(h(2(c[ \t]{0,8}\r?)?)?)?)?)?)?)?)?)?)?)?)?", re.IGNORECASE)
 
 HTTP_FINAL = "oddsfeed.http.final"
 HTTP_DETACH = "oddsfeed.http.detach"
@@ -239,6 +241,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._in_head = True      # waiting for / inside a request head
             self._head_bytes = 0      # bytes of the current head read so far
             self._head_tail = b""     # its last 3 bytes (a CRLFCRLF split across reads)
+            self._held = b""          # a head's last bytes that may begin an h2c offer (data_received)
             self._head_fields = 0     # header fields parsed so far
             self._head_restarted = False  # a head began inside the current read
             self._refusal: bytes | None = None  # the answer, once a limit was hit
@@ -368,16 +371,30 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             if self._discarding:
                 self._discard(len(data))
                 return
-            if self._limit_head and self._in_head and b"pgrade" in data:
-                # an HTTP/2 cleartext upgrade offer (curl --http2, Java clients): RFC 9113 §3.1 lets
-                # a server ignore it and answer in HTTP/1.1 — and must, here: the parser would take
-                # the request's body for the new protocol's bytes, and uvicorn drops them. Only in
-                # the head (this read starts one): a body's bytes are never touched. (httptools only:
-                # h11 reads the body anyway. A header line split across two reads is not seen.)
-                end = data.find(b"\r\n\r\n")
-                m = _H2C_UPGRADE.search(data, 0, len(data) if end < 0 else end + 2)
-                if m is not None:
-                    data = data[:m.start()] + data[m.end():]
+            if self._limit_head and self._in_head:
+                if self._held:  # the start of a header line that may be an h2c offer (below)
+                    data, self._held = self._held + data, b""
+                if b"pgrade" in data:
+                    # an HTTP/2 cleartext upgrade offer (curl --http2, Java clients): RFC 9113 §3.1
+                    # lets a server ignore it and answer in HTTP/1.1 — and must, here: the parser
+                    # would take the request's body for the new protocol's bytes, and uvicorn drops
+                    # them. Only in the head (this read starts one): a body's bytes are never touched.
+                    # (httptools only: h11 reads the body anyway.)
+                    end = data.find(b"\r\n\r\n")
+                    m = _H2C_UPGRADE.search(data, 0, len(data) if end < 0 else end + 2)
+                    if m is not None:
+                        data = data[:m.start()] + data[m.end():]
+                if b"\r\n\r\n" not in data:
+                    # the head goes on in the next read: a last line that may still become that
+                    # offer is held back until the read that completes it (a few bytes at most)
+                    cut = data.rfind(b"\r\n")
+                    if data.endswith(b"\r") and not (cut >= 0 and _H2C_PREFIX.fullmatch(data, cut)):
+                        cut = len(data) - 1  # a CR whose LF may start such a line
+                    if cut >= 0 and _H2C_PREFIX.fullmatch(data, cut):
+                        data, self._held = data[:cut], data[cut:]
+                        if not data:
+                            self._partial = True
+                            return
             self._partial = True  # part of a request has arrived since the timer was armed
             if not self._limit_head:
                 super().data_received(data)

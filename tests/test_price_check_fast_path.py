@@ -12,6 +12,7 @@ comes) behaves as HTTP and the endpoint say."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import hashlib
 import re
 from pathlib import Path
@@ -265,3 +266,34 @@ async def test_an_h2c_upgrade_offer_is_ignored_and_the_body_still_read(store: St
             (head, answer), = got
             assert head.startswith(b"HTTP/1.1 200"), (head, answer)
             assert msgspec.json.decode(answer)["reason"] == "OK"
+
+
+async def test_an_h2c_upgrade_offer_split_across_reads_is_ignored_too(store: Store, redis_url: str) -> None:
+    """The offer's header line cut by the network anywhere (between CR and LF, inside the name,
+    after the colon, inside "h2c"): still seen and ignored, the body still read. (The strip
+    looked at one read at a time: a cut line reached the parser and the check got 422.)"""
+    await Feed(store).write(_image("bf:1.1"))
+    app = make_app(redis_url)
+    body = msgspec.json.encode(CHECK)
+    request = _post(b"/v1/price-check", body, extra=b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n")
+    line = request.index(b"\r\nUpgrade")
+    async with serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        for cut in (line, line + 1, line + 2, line + 5, line + 10, line + 11, line + 13, line + 14, line + 15):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                writer.write(request[:cut])
+                await writer.drain()
+                await asyncio.sleep(0.05)  # two reads on the server's side (were they one, nothing is proven)
+                writer.write(request[cut:])
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+                answer = await asyncio.wait_for(reader.readexactly(length), 10)
+                assert head.startswith(b"HTTP/1.1 200"), (cut - line, head, answer)
+                assert msgspec.json.decode(answer)["reason"] == "OK"
+            finally:
+                writer.close()
