@@ -364,3 +364,196 @@ def test_a_snapshot_older_than_the_cursor_is_dropped_unless_the_provider_keeps_s
     body["last"] = 6000
     assert not n.feed(json.dumps(body).encode(), 1755349600000, pinnacle_channel("odds", None, snapshot=True)).stale
     assert n.feed(old, 1755349700000, pinnacle_channel("odds", None, snapshot=True)).stale
+
+
+# --- cutoffs and live events (the auditor's findings f2, f3, f8) ---------------------------------
+
+T0 = 1755349200000  # 2025-08-16T13:00:00Z
+
+
+def _iso(ms: int) -> str:
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _fixture(rid: int, live: int, parent: int | None = None) -> dict[str, Any]:
+    ev: dict[str, Any] = {"id": rid, "starts": _iso(T0 + 60_000), "home": "Arsenal", "away": "Chelsea",
+                          "liveStatus": live}
+    if parent is not None:
+        ev["parentId"] = parent
+    return ev
+
+
+def _period(number: int, ts: int, cutoff: int, status: int = 1, ml: dict[str, float] | None = None,
+            totals: list[tuple[float, float, float]] | None = None) -> dict[str, Any]:
+    p: dict[str, Any] = {"number": number, "lineId": 10 + number, "status": status, "cutoff": _iso(cutoff)}
+    if ml is not None:
+        p.update(moneylineUpdatedAt=_iso(ts), moneyline=ml)
+    if totals is not None:
+        p.update(totalUpdatedAt=_iso(ts), totals=[{"points": pts, "over": o, "under": u} for pts, o, u in totals])
+    return p
+
+
+class _Feed:
+    """A normaliser and the book its updates go to, fed dict bodies."""
+
+    def __init__(self, sport: int = 29) -> None:
+        self.n, self.book, self.sport, self.last = PinnacleNormaliser(), Book(), sport, 100
+
+    def send(self, endpoint: str, events: list[dict[str, Any]], recv_ms: int, *, snapshot: bool = False,
+             sport: int | None = None) -> list[MarketUpdate]:
+        sport = self.sport if sport is None else sport
+        self.last += 1
+        key = "league" if endpoint == "fixtures" else "leagues"
+        league: dict[str, Any] = {"id": 1980, "events": events}
+        if endpoint == "fixtures":
+            league["name"] = "EPL"
+        body = {"sportId": sport, "last": self.last, key: [league] if events else []}
+        batch = self.n.feed(json.dumps(body).encode(), recv_ms, pinnacle_channel(endpoint, sport, snapshot=snapshot))  # type: ignore[arg-type]
+        assert batch.rejected == []
+        for u in batch.updates:
+            assert self.book.apply(u, stored_at=recv_ms) is not None, u.market_id
+        return batch.updates
+
+    def market(self, mid: str) -> Market:
+        return self.book.markets[mid]
+
+    def prices(self, mid: str) -> dict[str, float | None]:
+        return {s.selection_id: s.price for s in self.market(mid).selections}
+
+
+def test_a_period_past_its_cutoff_is_suspended_by_any_later_answer_that_does_not_mention_it() -> None:
+    """f2: a delta carries only changed periods, so a period OPEN before its cutoff was never
+    re-rendered after it, and every odds poll confirmed it: OPEN and fresh at a price Pinnacle no
+    longer offers (its FAQ: open only while the cutoff is ahead)."""
+    cutoff = T0 + 60_000
+    f = _Feed()
+    f.send("fixtures", [_fixture(1, 0)], T0, snapshot=True)
+    f.send("odds", [{"id": 1, "periods": [_period(0, T0 - 1000, cutoff, ml={"home": 2.1, "draw": 3.4, "away": 3.6})]}],
+           T0, snapshot=True)
+    mid = "pn:1:0:moneyline"
+    assert f.market(mid).status == "OPEN"
+    assert f.send("odds", [], cutoff - 1) == []  # before the cutoff: nothing to say
+    ups = f.send("odds", [], cutoff + 600_000)  # a delta that does not mention the event
+    assert [(u.market_id, u.header.status, u.header.suspend_reason) for u in ups if u.header] == [
+        (mid, "SUSPENDED", "past_cutoff")]
+    assert ups[0].source_ts == cutoff  # the provider's time of the change: the cutoff
+    m = f.market(mid)
+    assert (m.status, m.suspend_reason, f.prices(mid)) == ("SUSPENDED", "past_cutoff",
+                                                           {"home": 2.1, "away": 3.6, "draw": 3.4})
+    assert f.send("odds", [], cutoff + 900_000) == []  # said once
+    # the same period sent again unchanged (still status 1, same cutoff) does not reopen it
+    f.send("odds", [{"id": 1, "periods": [_period(0, T0, cutoff, ml={"home": 2.0, "draw": 3.4, "away": 3.6})]}],
+           cutoff + 960_000)
+    assert f.market(mid).status == "SUSPENDED" and f.market(mid).suspend_reason == "past_cutoff"
+
+
+def test_any_answer_of_any_sport_expires_cutoffs() -> None:
+    """Each sport's odds poll confirms the source's markets (feed.sources.poller: odds_confirmed),
+    so another sport's answer, a fixtures answer or a stale one must expire them too."""
+    cutoff = T0 + 60_000
+    for answer in ("other_sport", "fixtures", "stale"):
+        f = _Feed()
+        f.send("fixtures", [_fixture(1, 0)], T0, snapshot=True)
+        f.send("odds", [{"id": 1, "periods": [_period(0, T0 - 1000, cutoff, ml={"home": 2.1, "away": 1.8})]}],
+               T0, snapshot=True)
+        recv = cutoff + 5_000
+        if answer == "other_sport":
+            f.send("odds", [], recv, sport=33)
+        elif answer == "fixtures":
+            f.send("fixtures", [], recv)
+        else:
+            f.last -= 5  # an old answer replayed: dropped as stale, but an answer as of its receipt
+            body = {"sportId": 29, "last": f.last, "leagues": []}
+            batch = f.n.feed(json.dumps(body).encode(), recv, pinnacle_channel("odds", 29, snapshot=False))
+            assert batch.stale
+            for u in batch.updates:
+                f.book.apply(u, stored_at=recv)
+        assert f.market("pn:1:0:moneyline").suspend_reason == "past_cutoff", answer
+
+
+def test_a_pre_match_period_going_offline_is_honoured_while_a_live_event_is_listed() -> None:
+    """f3: once a live event was listed for a parent, every line of the parent was ignored, its
+    ``status: 2`` (offline) too, so a period the live event does not offer kept its pre-match price
+    OPEN, in play False, after kick-off. Now each period is served from the events that hold it:
+    a live event's when one does, else the pre-match event's own status (offline → SUSPENDED)."""
+    P, L = 100, 200
+    cut = T0 + 6 * 3_600_000  # far ahead: the cutoff plays no part
+    f = _Feed()
+    f.send("fixtures", [_fixture(P, 2)], T0, snapshot=True)
+    f.send("odds", [{"id": P, "periods": [_period(0, T0, cut, ml={"home": 2.1, "draw": 3.4, "away": 3.6}),
+                                          _period(1, T0, cut, ml={"home": 2.9, "draw": 2.1, "away": 4.2})]}],
+           T0, snapshot=True)
+    t1 = T0 + 90_000
+    f.send("fixtures", [_fixture(L, 1, P)], t1)  # kick-off: the live event is listed, no odds yet
+    # until the live event offers a period, the pre-match event's word on it still counts
+    f.send("odds", [{"id": P, "periods": [_period(1, t1, cut, ml={"home": 3.0, "draw": 2.0, "away": 4.2})]}], t1)
+    assert f.prices("pn:100:1:moneyline")["home"] == 3.0
+    t2 = t1 + 5_000
+    f.send("odds", [
+        {"id": P, "periods": [_period(0, t2, cut, 2, ml={"home": 2.1, "draw": 3.4, "away": 3.6}),
+                              _period(1, t2, cut, 2, ml={"home": 3.0, "draw": 2.0, "away": 4.2})]},
+        {"id": L, "periods": [_period(0, t2, cut, ml={"home": 1.8, "draw": 3.9, "away": 4.8})]}], t2)
+    live, pre = f.market("pn:100:0:moneyline"), f.market("pn:100:1:moneyline")
+    assert (live.status, live.in_play, f.prices("pn:100:0:moneyline")) == (
+        "OPEN", True, {"home": 1.8, "away": 4.8, "draw": 3.9})
+    assert (pre.status, pre.suspend_reason, pre.in_play) == ("SUSPENDED", "offline", False)
+    # the pre-match event online again for a period the live event offers changes nothing of it
+    t3 = t2 + 5_000
+    f.send("odds", [{"id": P, "periods": [_period(0, t3, cut, ml={"home": 2.5, "draw": 3.0, "away": 3.0})]}], t3)
+    assert f.market("pn:100:0:moneyline").in_play and f.prices("pn:100:0:moneyline")["home"] == 1.8
+    # the live event going offline suspends what it supplied
+    t4 = t3 + 5_000
+    f.send("odds", [{"id": L, "periods": [_period(0, t4, cut, 2, ml={"home": 1.8, "draw": 3.9, "away": 4.8})]}], t4)
+    assert f.market("pn:100:0:moneyline").suspend_reason == "offline"
+
+
+def _two_live_events(l2_period: int) -> _Feed:
+    P, L1, L2 = 100, 200, 201
+    cut = T0 + 4 * 3_600_000
+    f = _Feed(sport=3)
+    f.send("fixtures", [_fixture(P, 2)], T0, snapshot=True)
+    f.send("odds", [{"id": P, "periods": [_period(0, T0, cut, ml={"home": 1.7, "away": 2.25},
+                                                  totals=[(8.5, 1.95, 1.9)])]}], T0, snapshot=True)
+    t1 = T0 + 600_000
+    f.send("fixtures", [_fixture(L1, 1, P), _fixture(L2, 1, P)], t1)
+    f.send("odds", [
+        {"id": L1, "periods": [_period(0, t1, cut, ml={"home": 1.3, "away": 3.6}, totals=[(9.5, 1.91, 1.93)])]},
+        {"id": L2, "periods": [_period(l2_period, t1, cut, totals=[(10.5, 2.4, 1.58)])]},
+        {"id": P, "periods": [_period(0, t1, cut, 2, ml={"home": 1.7, "away": 2.25})]}], t1)
+    return f
+
+
+@pytest.mark.parametrize("l2_period", [0, 1])
+def test_two_live_events_of_one_parent_each_serve_what_they_offer(l2_period: int) -> None:
+    """f8: Pinnacle's FAQ — more than one live event for the same actual event, never the same
+    market on both at once. Only the higher live id was rendered: the other's live moneyline was
+    never served (SUSPENDED), or the parent's pre-match lines stayed OPEN, in play False."""
+    f = _two_live_events(l2_period)
+    want = {"pn:100:0:moneyline": {"home": 1.3, "away": 3.6}, "pn:100:0:total:9.5": {"over": 1.91, "under": 1.93},
+            f"pn:100:{l2_period}:total:10.5": {"over": 2.4, "under": 1.58}}
+    for mid, prices in want.items():
+        m = f.market(mid)
+        assert (m.status, m.in_play, f.prices(mid)) == ("OPEN", True, prices), mid
+    pre = f.market("pn:100:0:total:8.5")  # the pre-match total no live event offers
+    assert (pre.status, pre.suspend_reason) == ("SUSPENDED", "not_offered")
+    assert {mid for mid, m in f.book.markets.items() if m.status == "OPEN"} == set(want)
+
+
+def test_two_live_events_pricing_one_market_the_later_change_wins() -> None:
+    """Should two live events price the same market (a leftover of one: Pinnacle never offers it on
+    both), the one whose period changed last is served — whichever id is higher."""
+    f = _two_live_events(0)
+    cut = T0 + 4 * 3_600_000
+    t2 = T0 + 700_000
+    f.send("odds", [{"id": 200, "periods": [_period(0, t2, cut, ml={"home": 1.3, "away": 3.6},
+                                                    totals=[(9.5, 1.91, 1.93), (10.5, 2.2, 1.7)])]}], t2)
+    assert f.prices("pn:100:0:total:10.5") == {"over": 2.2, "under": 1.7}  # 200 changed last
+    t3 = t2 + 10_000
+    f.send("odds", [{"id": 201, "periods": [_period(0, t3, cut, totals=[(10.5, 2.5, 1.55)])]}], t3)
+    assert f.prices("pn:100:0:total:10.5") == {"over": 2.5, "under": 1.55}  # now 201 did
+    # 201 going offline suspends what it supplies; 200's markets stay as 200 says
+    t4 = t3 + 10_000
+    f.send("odds", [{"id": 201, "periods": [_period(0, t4, cut, 2, totals=[(10.5, 2.5, 1.55)])]}], t4)
+    assert f.market("pn:100:0:total:10.5").suspend_reason == "offline"
+    assert f.market("pn:100:0:moneyline").status == "OPEN"

@@ -19,9 +19,12 @@ import logging
 import httpx
 import pytest
 
+from feed.book import Book
+from feed.normalise.pinnacle import PinnacleNormaliser
+from feed.sources.base import Delivered, Payload
 from feed.sources.http_auth import HmacSigner, Secret, TokenAuth
 from feed.sources.http_limits import AuthError
-from feed.sources.poller import HttpOptions, PinnacleSource, ProviderHttp
+from feed.sources.poller import HttpOptions, PinnacleSource, PollerOptions, ProviderHttp
 from feed.store import Store
 from tests.poller_helpers import (
     FAST,
@@ -276,3 +279,66 @@ async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arri
             assert all(at <= now for at, now in calls)
     finally:
         await store.close()
+
+
+class _BookSink:
+    """A sink that normalises into a Book as the ingest does (empty payloads skipped, like
+    feed.ingest.Ingest) and records what each confirmation vouched for."""
+
+    source = "pinnacle"
+
+    def __init__(self) -> None:
+        self.normaliser, self.book = PinnacleNormaliser("pinnacle"), Book()
+        self.cursor: str | None = None
+        self.confirmed: list[tuple[int, dict[str, tuple[str, str | None]]]] = []
+
+    async def deliver(self, payloads: list[Payload]) -> Delivered:
+        for p in payloads:
+            if not p.data.strip():
+                continue
+            batch = self.normaliser.feed(p.data, p.recv_ms, p.channel)
+            for u in batch.updates:
+                self.book.apply(u, stored_at=p.recv_ms)
+            self.cursor = batch.cursor or self.cursor
+        return Delivered()
+
+    def confirm(self, recv_ms: int) -> None:
+        self.confirmed.append((recv_ms, {mid: (m.status, m.suspend_reason) for mid, m in self.book.markets.items()}))
+
+    def set_state(self, state: str, reason: str | None) -> None:
+        pass
+
+
+async def test_an_empty_odds_answer_suspends_what_is_past_its_cutoff_before_it_confirms() -> None:
+    """An odds answer with nothing new confirmed the sport's markets without the normaliser hearing
+    of it, so a market whose cutoff had passed read OPEN and fresh (Pinnacle: open only while the
+    cutoff is ahead). It is now delivered as an empty delta first."""
+    t0 = 1755349200000  # 13:00:00Z; the cutoff at 13:01
+    fixtures = json.dumps({"sportId": 29, "last": 10, "league": [{"id": 1980, "name": "EPL", "events": [
+        {"id": 1, "starts": "2025-08-16T13:01:00Z", "home": "Arsenal", "away": "Chelsea", "liveStatus": 0}]}]})
+    odds = json.dumps({"sportId": 29, "last": 20, "leagues": [{"id": 1980, "events": [{"id": 1, "periods": [
+        {"number": 0, "lineId": 5, "status": 1, "cutoff": "2025-08-16T13:01:00Z",
+         "moneylineUpdatedAt": "2025-08-16T12:59:00Z", "moneyline": {"home": 2.1, "away": 3.6, "draw": 3.4}}]}]}]})
+    answers = {"/v1/fixtures": [fixtures.encode()], "/v2/odds": [odds.encode(), b""]}
+    now = [t0]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        queue = answers[request.url.path]
+        return httpx.Response(200, content=queue.pop(0) if len(queue) > 1 else queue[0])
+
+    http = ProviderHttp("http://pinnacle.test", provider="pinnacle", transport=httpx.MockTransport(handle),
+                        clock_ms=lambda: now[0])
+    src = PinnacleSource("pinnacle", http, PollerOptions(), sports=[29], fixtures_interval_s=1e9, resync_s=0,
+                         settled_interval_s=None)
+    sink = _BookSink()
+    src._sink = sink  # type: ignore[assignment]  # (what run() sets)
+    try:
+        await src.poll("29")  # fixtures and odds snapshots
+        assert sink.confirmed[-1][1] == {"pn:1:0:moneyline": ("OPEN", None)}
+        now[0] = t0 + 120_000  # a minute past the cutoff
+        await src.poll("29")  # since=20: the provider answers an empty body
+        assert src.since("odds", 29) == 20  # (no cursor moved)
+        assert len(sink.confirmed) == 2  # the empty answer confirmed the sport …
+        assert sink.confirmed[-1][1] == {"pn:1:0:moneyline": ("SUSPENDED", "past_cutoff")}  # … suspended first
+    finally:
+        await http.aclose()

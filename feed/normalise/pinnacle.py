@@ -20,18 +20,35 @@ semantics (``research/upstream.md`` §3):
   counter went back: the last one is taken); a period
   whose ``*UpdatedAt`` times are all older than the period held is dropped.
 - **status**: period ``status`` 1 = online, 2 = offline → SUSPENDED
-  (``offline``); an online period past its ``cutoff`` (compared with
-  ``recv_ms``) → SUSPENDED (``past_cutoff``); a line the provider stopped
-  offering (absent from a period it re-sent, or from a snapshot) →
-  SUSPENDED (``not_offered``), prices kept.
+  (``offline``); a line the provider stopped offering (absent from a period
+  it re-sent, or from a snapshot) → SUSPENDED (``not_offered``), prices
+  kept. A market is open only while its period's ``cutoff`` is ahead
+  (Pinnacle's FAQ): an online period past it (compared with ``recv_ms``) →
+  SUSPENDED (``past_cutoff``), and since a delta re-sends a period only when
+  it changes, *every* fixtures or odds answer (delta, snapshot, stale or
+  empty, of any sport: each odds poll confirms all the source's markets)
+  also suspends each OPEN market whose cutoff is at or before its receipt,
+  stamped with the cutoff (the poller delivers an empty odds answer as an
+  empty delta for this). Markets restored after a restart have no known
+  cutoff until their period is sent again.
 - **identity**: live events have their own id and point to the pre-match
   event through ``parentId`` (corners / bookings events too, told apart by
   ``resultingUnit``). The canonical event is the parent, so a market keeps
   its id when the match goes in play: ``pn:<eventId>:<period>:moneyline``,
   ``pn:<eventId>:<period>:spread:<hdp>``, ``pn:<eventId>:<period>:total:<points>``
   (``pn:<eventId>:<period>:<unit>:…`` for a non-regular ``resultingUnit``).
-  Once a live event (``liveStatus`` 1) is listed for a parent, it is the
-  authority for those markets and the pre-match event's lines are ignored.
+  The events of one group (parent id, unit) share these ids, so each
+  period is served from its *sources*: every live event (``liveStatus`` 1)
+  of the group that holds lines for the period — Pinnacle may run several
+  live events for one match (alternative odds) but never offers one market
+  on two at once; when two do price one market, the event whose period
+  changed last wins, then the higher id — and, only when no live event
+  holds the period, the pre-match event (the highest non-live id: a
+  duplicated parent's newer copy). A pre-match price is never served for a
+  period a live event offers, and each market takes its status (offline,
+  cutoff) and ``in_play`` from the event that supplies it: any event of the
+  group going offline suspends the markets it supplies. A market none of
+  the period's sources offers is SUSPENDED (``not_offered``).
 - **prices**: decimal by default; with ``odds_format="american"`` (the
   ``oddsFormat=American`` query) they are converted to decimal
   (:mod:`feed.odds`).
@@ -89,6 +106,7 @@ fixtures early).
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -464,6 +482,10 @@ class PinnacleNormaliser:
         self.odds_sport: dict[int, int] = {}
         self.differ = MarketDiffer(source)
         self.by_gp: dict[tuple[int, str, int], set[str]] = {}
+        #: market id -> the cutoff (ms) of the period it was last rendered OPEN from (until that
+        #: cutoff is reached); ``_cutoff_heap`` holds (cutoff, market id) for :meth:`_expire_cutoffs`
+        self.cutoffs: dict[str, int] = {}
+        self._cutoff_heap: list[tuple[int, str]] = []
         self.cursors = PinnacleCursor()
         self.missing_fixtures: set[int] = set()
         self.dropped: Counter[str] = Counter()
@@ -547,6 +569,7 @@ class PinnacleNormaliser:
             snapshot = False
         batch = NormalisedBatch(op=endpoint or "empty", rejected=rejected)
         if not endpoint:
+            self._expire_cutoffs(recv_ms, batch.updates)
             return batch
         sport = str(msg.sportId)
         cursors: dict[str, int] = self.cursors.of(endpoint)
@@ -557,6 +580,7 @@ class PinnacleNormaliser:
                 self.dropped["stale_response"] += 1
                 batch.stale = True
             self._report_bad_events()  # (an old answer, but its bad parts were bad all the same)
+            self._expire_cutoffs(recv_ms, batch.updates)
             return batch
         if snapshot and msg.last is not None and current is not None and msg.last < current:
             # a snapshot older than what is held (a replayed or cached answer): applying it would
@@ -568,6 +592,7 @@ class PinnacleNormaliser:
                 self.dropped["stale_response"] += 1
                 batch.stale = True
                 self._report_bad_events()
+                self._expire_cutoffs(recv_ms, batch.updates)
                 return batch
         self._old_snapshots.pop((endpoint, sport), None)
         missing_before = len(self.missing_fixtures)
@@ -582,6 +607,7 @@ class PinnacleNormaliser:
             batch.requests.append("fixtures")  # odds of events whose fixture is unknown yet
         batch.in_play = any(f.live == 1 and f.sport == msg.sportId for f in self.fixtures.values())
         self._report_bad_events()
+        self._expire_cutoffs(recv_ms, batch.updates)
         batch.runner_changes = sum(len(u.selections) for u in batch.updates)
         if msg.last is not None and msg.last != current:
             cursors[sport] = msg.last
@@ -947,16 +973,21 @@ class PinnacleNormaliser:
 
     # -- applying (phase 2) ---------------------------------------------------
 
-    def _authority(self, group: tuple[int, str]) -> int | None:
-        """The raw event whose lines define the group's markets: a live event
-        (liveStatus 1) if one is listed, else the pre-match one (the higher
-        id when duplicated)."""
+    def _sources(self, group: tuple[int, str], number: int) -> list[int]:
+        """The raw events whose lines of period ``number`` define the group's
+        markets (module docstring, *identity*), ascending ids: every live
+        member (liveStatus 1) that holds the period; when none does, the
+        pre-match one (the highest non-live id: a duplicated parent's newer
+        copy) if it holds the period; else none."""
         members = self.members.get(group)
         if not members:
-            return None
-        fx = self.fixtures
-        live = [r for r in members if fx[r].live == 1]
-        return max(live) if live else max(members)
+            return []
+        fx, odds = self.fixtures, self.odds
+        live = sorted(r for r in members if fx[r].live == 1 and number in odds.get(r, ()))
+        if live:
+            return live
+        pre = max((r for r in members if fx[r].live != 1), default=None)
+        return [pre] if pre is not None and number in odds.get(pre, ()) else []
 
     def _set_fixture(self, fx: _Fixture) -> None:
         old = self.fixtures.get(fx.id)
@@ -1025,11 +1056,9 @@ class PinnacleNormaliser:
                 self.missing_fixtures.add(rid)
                 self.dropped["no_fixture"] += 1
                 continue
-            if self._authority(fx.group) != rid:
-                continue
-            for n in sorted(numbers):
-                self._render_period(fx.group, n, rid, recv_ms, updates)
-                rendered.add((*fx.group, n))
+            rendered.update((*fx.group, n) for n in numbers)
+        for gp in sorted(rendered):  # (whichever member changed: the period is served from its sources)
+            self._render_period((gp[0], gp[1]), gp[2], recv_ms, updates)
         if snapshot and complete:
             sport = _sport_key(sport_id)
             fixtures = self.fixtures
@@ -1037,10 +1066,7 @@ class PinnacleNormaliser:
             for gp, mids in list(self.by_gp.items()):
                 if gp in rendered or (gp[0], gp[1]) in kept or gp in self.settled:
                     continue
-                group = (gp[0], gp[1])
-                auth = self._authority(group)
-                if auth is not None and gp[2] in self.odds.get(auth, {}):
-                    self._render_period(group, gp[2], auth, recv_ms, updates)
+                if self._render_period((gp[0], gp[1]), gp[2], recv_ms, updates):
                     continue
                 for mid in sorted(mids):
                     h = self.differ.header(mid)
@@ -1055,15 +1081,16 @@ class PinnacleNormaliser:
                     del self.by_gp[gp]
 
     def _render_group(self, group: tuple[int, str], recv_ms: int, updates: list[MarketUpdate]) -> None:
-        """After a fixture change: re-render the periods the authority has
-        lines for; elsewhere only refresh the names and times."""
-        auth = self._authority(group)
-        if auth is None:
+        """After a fixture change: re-render every period some member has
+        lines for (its sources may have changed: a live event listed or
+        gone); elsewhere only refresh the names and times."""
+        members = self.members.get(group)
+        if not members:
             return
-        held = self.odds.get(auth, {})
-        for n in sorted(held):
-            self._render_period(group, n, auth, recv_ms, updates)
-        fx = self.fixtures[auth]
+        numbers = {n for r in members for n in self.odds.get(r, ())}
+        numbers.update(n for (e, unit, n) in self.by_gp if (e, unit) == group)
+        held = {n for n in sorted(numbers) if self._render_period(group, n, recv_ms, updates)}
+        fx = self.fixtures[max(members)]
         base = self.fixtures.get(group[0], fx)
         for (e, unit, n), mids in self.by_gp.items():
             if (e, unit) != group or n in held:
@@ -1078,18 +1105,41 @@ class PinnacleNormaliser:
                 if u is not None:
                     updates.append(u)
 
-    def _render_period(self, group: tuple[int, str], number: int, rid: int, recv_ms: int,
-                       updates: list[MarketUpdate]) -> None:
-        if (group[0], group[1], number) in self.settled:
-            return  # settled or cancelled: its results stand, whatever the odds still say
-        period = self.odds[rid][number]
-        fx = self.fixtures[rid]
-        base = self.fixtures.get(group[0], fx)
-        rendered = self._markets_of(group, period, fx, base, recv_ms)
-        for r in rendered:  # a new lineId (any change in the period) dates from the period's newest change
-            r.header_ts = period.newest_ts
-        now = {r.market_id: r for r in rendered}
-        for r in now.values():
+    def _render_period(self, group: tuple[int, str], number: int, recv_ms: int,
+                       updates: list[MarketUpdate]) -> bool:
+        """Render period ``number`` of ``group`` from its sources
+        (:meth:`_sources`) and emit what changed; a market none of them
+        offers any more is SUSPENDED (``not_offered``). Each market takes
+        its status from the period of the event that supplies it. Two live
+        events pricing the same market (Pinnacle never offers one market on
+        both at once: the other's is a leftover) → the event whose period
+        changed last, then the higher id. Returns False when no source holds
+        the period (nothing done); True otherwise, settled periods included."""
+        key = (group[0], group[1], number)
+        if key in self.settled:
+            return True  # settled or cancelled: its results stand, whatever the odds still say
+        sources = self._sources(group, number)
+        if not sources:
+            return False
+        now: dict[str, tuple[Rendered, _Period, tuple[int, int]]] = {}
+        newest: int | None = None
+        for rid in sources:
+            period = self.odds[rid][number]
+            fx = self.fixtures[rid]
+            base = self.fixtures.get(group[0], fx)
+            rank = (period.newest_ts or 0, rid)
+            if period.newest_ts is not None:
+                newest = max(newest or 0, period.newest_ts)
+            for r in self._markets_of(group, period, fx, base, recv_ms):
+                # a new lineId (any change in the period) dates from the period's newest change; a
+                # period past its cutoff, from the cutoff at the earliest
+                r.header_ts = period.newest_ts
+                if r.header.suspend_reason == "past_cutoff" and period.cutoff_ms is not None:
+                    r.header_ts = max(r.header_ts or 0, period.cutoff_ms)
+                held = now.get(r.market_id)
+                if held is None or rank > held[2]:
+                    now[r.market_id] = (r, period, rank)
+        for r, period, _ in now.values():
             try:  # the bounds every update must meet (checked on the event already: a safety net)
                 check_market(r.market_id, r.header, r.selections, None, max(r.source_ts, r.header_ts or 0), None,
                              self._recv_ms, self.max_future_skew_ms)
@@ -1100,14 +1150,43 @@ class PinnacleNormaliser:
             u = self.differ.emit(r, recv_ms)
             if u is not None:
                 updates.append(u)
-        key = (group[0], group[1], number)
+            if r.header.status == "OPEN":
+                self._watch_cutoff(r.market_id, period.cutoff_ms)
         known = self.by_gp.setdefault(key, set())
-        ts = period.newest_ts or recv_ms
+        ts = newest or recv_ms
         for mid in sorted(known - now.keys()):
             u = self.differ.suspend(mid, "not_offered", ts, recv_ms)
             if u is not None:
                 updates.append(u)
         known.update(now)
+        return True
+
+    def _watch_cutoff(self, market_id: str, cutoff_ms: int | None) -> None:
+        """Remember the cutoff of an OPEN market's period (None: it has none)."""
+        if cutoff_ms is None:
+            self.cutoffs.pop(market_id, None)
+        elif self.cutoffs.get(market_id) != cutoff_ms:
+            self.cutoffs[market_id] = cutoff_ms
+            heapq.heappush(self._cutoff_heap, (cutoff_ms, market_id))
+
+    def _expire_cutoffs(self, recv_ms: int, updates: list[MarketUpdate]) -> None:
+        """Suspend (``past_cutoff``) every OPEN market whose period's cutoff
+        is at or before ``recv_ms`` (ms, the answer's receipt), whether or not
+        the answer mentions it: Pinnacle sends a period again only when it
+        changes, and a market is open only while its cutoff is ahead. The
+        update is stamped with the cutoff (its provider time)."""
+        heap, cutoffs = self._cutoff_heap, self.cutoffs
+        while heap and heap[0][0] <= recv_ms:
+            cutoff, mid = heapq.heappop(heap)
+            if cutoffs.get(mid) != cutoff:
+                continue  # re-rendered since with another cutoff (or none)
+            del cutoffs[mid]
+            h = self.differ.header(mid)
+            if h is None or h.status != "OPEN":
+                continue
+            u = self.differ.suspend(mid, "past_cutoff", cutoff, recv_ms)
+            if u is not None:
+                updates.append(u)
 
     def _markets_of(self, group: tuple[int, str], p: _Period, fx: _Fixture, base: _Fixture,
                     recv_ms: int) -> list[Rendered]:

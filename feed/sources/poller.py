@@ -32,6 +32,9 @@ I/O only — decoding and diffing are the normalisers' job
   sportId every ``settled_interval_s`` (``since=<last>`` like the others;
   ``settled=false`` turns it off), after ``/v2/leagues`` (static, cached
   ``static_ttl_s``: which team is the home side) was delivered once.
+  An empty (or 304) odds answer is delivered as an empty delta before it
+  confirms the sport's markets, so the normaliser suspends those whose
+  cutoff has passed by then.
 - :class:`TheOddsApiSource` — **snapshot-diff** mode: ``/v4/sports/{sport}/odds``
   every ``interval_s`` (``live_interval_s`` while the sport has events in
   play); with ``mode=conditional`` it sends ``If-None-Match`` and a 304
@@ -689,6 +692,11 @@ class PinnacleSource(PollerSource):
             self._stale_streak[sport] = 0
         if res.status == 304 or not res.body.strip():
             if endpoint == "odds":
+                # "nothing changed" is still an answer as of now: the normaliser hears it (an empty
+                # delta, no cursor) so a market whose cutoff has passed is suspended before this
+                # answer confirms the sport's markets (it would otherwise read fresh and OPEN)
+                await self.ingest_body(_PN_NOTHING_NEW % sport, res.recv_ms,
+                                       pinnacle_channel("odds", sport, snapshot=False))
                 self.odds_confirmed(str(sport), res.asked_ms)
             return Delivered()
         got = await self.ingest_body(res.body, res.recv_ms, pinnacle_channel(endpoint, sport, snapshot=since is None))
@@ -710,6 +718,11 @@ class PinnacleSource(PollerSource):
                 if not rejected:  # an answer with a rejected part confirms nothing
                     self.odds_confirmed(str(sport), res.asked_ms)
         return got
+
+
+#: What an empty (or 304) odds answer of a sport is delivered as: a delta with no events and no
+#: ``last`` (the cursor stays), so the normaliser sees the answer's receipt time.
+_PN_NOTHING_NEW = b'{"sportId":%d,"leagues":[]}'
 
 
 class _PnSport(msgspec.Struct, kw_only=True):
