@@ -76,15 +76,16 @@ price. DEGRADED sources are not rejected; ``source_state`` reports them.
 Prices are compared exactly as decimals, never rounded in the bettor's
 favour: both sides are turned into integer ten-thousandths (4 decimal places:
 Betfair's ladder has 2, Pinnacle quotes 3, American and fractional odds are
-stored with 4 — ``-110`` is ``1.9091``), so ``2.1`` vs ``2.10`` is equal,
-float noise like ``2.0999999999999996`` (within 1e-10 of a 4-place value)
-never flips an answer, and ``1.9091`` does not match a request at ``1.91``.
+stored with 4, rounded against the bettor — ``-105`` is ``1.9523``), so
+``2.1`` vs ``2.10`` is equal, float noise like ``2.0999999999999996``
+(within 1e-10 of a 4-place value) never flips an answer, and ``1.9523``
+does not match a request at ``1.95``.
 A requested price may have at most 4 decimal places (422 otherwise). An
 offered price is taken as stored; one with more than 4 places (a provider's
 decimal odds are stored as sent) is rounded against the bettor — down for
 back, up for lay — and ``current_price`` is that compared value, so it can be
 requested as it is. ``current_price`` is the book's own price otherwise
-(``1.9091``, not ``1.91``).
+(``1.9523``, not ``1.95``).
 """
 
 from __future__ import annotations

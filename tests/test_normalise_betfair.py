@@ -577,3 +577,173 @@ def test_traded_ladder_gives_the_volume_when_tv_is_not_subscribed() -> None:
     # once the stream sends tv, tv wins
     sel = n.feed(b'{"op":"mcm","pt":3,"mc":[{"id":"1.7","rc":[{"id":5,"tv":99,"trd":[[3.0,1]]}]}]}', 3).updates[0].selections[0]
     assert sel.traded_volume == 99
+
+
+# --- LINE markets: ladder "prices" are line positions, never decimal odds -------------------------
+
+LINE_MID = "1.500"
+
+
+def _line_definition(**extra: Any) -> dict[str, Any]:
+    md = definition(runners=[{"id": 1001, "sortPriority": 1, "status": "ACTIVE"}], bettingType="LINE",
+                    marketType="INNINGS_RUNS", eventTypeId="4", lineMinUnit=0.5, lineMaxUnit=400.5, lineInterval=1.0,
+                    priceLadderDefinition={"type": "LINE_RANGE"})
+    md.update(extra)
+    return md
+
+
+def _line_image(**extra: Any) -> dict[str, Any]:
+    # EX_BEST_OFFERS_DISP: "back" the line at 155.5 runs, "lay" it at 156.5 (both at evens)
+    return {"id": LINE_MID, "img": True, "marketDefinition": _line_definition(**extra),
+            "rc": [{"id": 1001, "bdatb": [[0, 155.5, 40.0]], "bdatl": [[0, 156.5, 25.0]], "ltp": 156.5}]}
+
+
+def test_a_line_market_is_never_served_as_decimal_odds() -> None:
+    """Betfair LINE markets trade at evens; their ladders hold line
+    positions. Served as they were, 155.5 runs read as ``price`` 155.5 and a
+    back check at 155.5 passed. The market is rejected once
+    (``unsupported_market``, with its id: counted and quarantined by the
+    ingest) and its later changes are left out without another report —
+    even positions below 1.01, which are no bad odds."""
+    p = Pipe()
+    batch, _ = p.feed(mcm(_line_image(), {"id": MID, "img": True, "marketDefinition": definition(),
+                                          "rc": [{"id": 1, "atb": [[2.0, 10]]}]}))
+    assert [u.market_id for u in batch.updates] == ["bf:" + MID]  # the message's other market applies
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("unsupported_market", "bf:" + LINE_MID)]
+    assert "LINE" in str(batch.rejected[0])
+    assert "bf:" + LINE_MID not in p.book.markets
+    assert LINE_MID not in p.normaliser.markets and p.normaliser.unsupported == {LINE_MID: "LINE"}
+    later = [
+        mcm({"id": LINE_MID, "rc": [{"id": 1001, "bdatb": [[0, 157.5, 12.0]], "ltp": 157.5}]}, pt=1100),
+        mcm({"id": LINE_MID, "rc": [{"id": 1001, "atb": [[0.5, 3]], "atl": [[1.5, 2]], "ltp": 0.5}]}, pt=1200),
+        mcm({"id": LINE_MID, "marketDefinition": _line_definition(status="SUSPENDED")}, pt=1300),
+        mcm({"id": LINE_MID, "marketDefinition": definition(runners=[{"id": 1001}])}, pt=1350),  # no bettingType
+        mcm(_line_image(), pt=1400, ct="SUB_IMAGE"),  # the image after a resubscription
+    ]
+    for line in later:
+        batch, _ = p.feed(line)
+        assert batch.updates == [] and batch.rejected == [], line
+    assert "bf:" + LINE_MID not in p.book.markets
+    # first seen with positions below 1.01 (the typed decode fails on them): still a line market, not bad odds
+    n = BetfairNormaliser()
+    batch = n.feed(mcm({"id": "1.501", "img": True, "marketDefinition": _line_definition(lineMinUnit=0.5),
+                        "rc": [{"id": 1001, "atb": [[0.5, 3]], "atl": [[1.5, 2]]}]},
+                       {"id": MID, "img": True, "marketDefinition": definition(), "rc": [{"id": 1, "atb": [[2.0, 1]]}]}),
+                   5)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("unsupported_market", "bf:1.501")]
+    assert [u.market_id for u in batch.updates] == ["bf:" + MID]
+    batch = n.feed(mcm({"id": "1.501", "rc": [{"id": 1001, "atb": [[0.5, 0], [1.5, 4]]}]}, pt=1100), 6)
+    assert batch.updates == [] and batch.rejected == []
+
+
+def test_a_line_market_is_counted_and_quarantined_once_by_the_ingest() -> None:
+    """Through the ingest: one ``unsupported_market`` rejection (counted,
+    queued for the quarantine), one request for a fresh image (as for any
+    rejected change) — and not one more per later change or image of the
+    market, so a live line market cannot make the source resubscribe in a loop."""
+    from feed.ingest import Ingest
+    from feed.sources.base import Payload
+
+    ingest = Ingest(None, source="betfair")  # type: ignore[arg-type]  # feed() needs no store
+    ingest.feed([Payload(5, mcm(_line_image(), ct="SUB_IMAGE", initialClk="i1"))])
+    assert ingest.stats.rejected_by_reason == {"unsupported_market": 1} and ingest.take_lost()
+    for i in range(3):
+        ingest.feed([Payload(6 + i, mcm({"id": LINE_MID, "rc": [{"id": 1001, "bdatb": [[0, 150.5 + i, 9.0]]}]},
+                                        pt=1100 + i))])
+    ingest.feed([Payload(10, mcm(_line_image(), pt=1200, ct="SUB_IMAGE", initialClk="i2"))])
+    assert ingest.stats.rejected_by_reason == {"unsupported_market": 1} and not ingest.take_lost()
+    assert ingest.pending == 0
+
+
+@pytest.mark.parametrize("betting_type", ["LINE", "RANGE"])
+def test_a_market_turning_into_a_line_market_is_rejected_and_served_again_as_odds(betting_type: str) -> None:
+    p = Pipe()
+    p.feed(image_line())
+    batch, _ = p.feed(mcm({"id": MID, "marketDefinition": definition(bettingType=betting_type, version=2),
+                           "rc": [{"id": 1, "atb": [[155.5, 3]]}]}, pt=1100))
+    # market_id set: the ingest unconfirms the market it holds (it reads stale), nothing of 155.5 is served
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("unsupported_market", "bf:" + MID)]
+    assert batch.updates == [] and p.sel("1").price == 2.0 and MID not in p.normaliser.markets
+    # a definition of another betting type serves it again, as an image (nothing of the line ladder kept)
+    batch, (d,) = p.feed(mcm({"id": MID, "marketDefinition": definition(bettingType="ODDS", version=3),
+                              "rc": [{"id": 1, "atb": [[2.2, 4]]}]}, pt=1200))
+    assert batch.rejected == [] and d is not None and d.kind == "image"
+    assert p.sel("1").back == [(2.2, 4.0)] and p.market().version == 3
+    assert p.normaliser.unsupported == {}
+
+
+def test_asian_handicap_markets_are_odds_markets() -> None:
+    p = Pipe()
+    batch, _ = p.feed(mcm({"id": MID, "img": True,
+                           "marketDefinition": definition(bettingType="ASIAN_HANDICAP_DOUBLE_LINE"),
+                           "rc": [{"id": 1, "hc": -0.25, "atb": [[1.95, 10]]}]}))
+    assert batch.rejected == [] and p.sel("1:-0.25").price == 1.95
+
+
+# --- a market twice in one image (moved to another event): the higher version only ------------------
+
+
+def _copy(version: int, event: str, back11: list[list[float]], back12: list[list[float]]) -> dict[str, Any]:
+    runners = [{"id": 11, "sortPriority": 1, "status": "ACTIVE"}, {"id": 12, "sortPriority": 2, "status": "ACTIVE"}]
+    return {"id": "1.77", "img": True, "marketDefinition": definition(runners=runners, version=version, eventId=event),
+            "rc": [{"id": 11, "bdatb": back11}, {"id": 12, "bdatb": back12}]}
+
+
+def _current() -> dict[str, Any]:
+    return _copy(2000, "30000002", [[0, 3.0, 50.0], [1, 2.9, 80.0]], [[0, 1.6, 70.0]])
+
+
+def _stale() -> dict[str, Any]:
+    return _copy(1990, "30000001", [[0, 4.5, 20.0], [1, 4.4, 30.0]], [[0, 1.3, 90.0]])
+
+
+def _assert_current(p: Pipe) -> None:
+    m = p.market("1.77")
+    assert (m.event_id, m.version) == ("bf:30000002", 2000)
+    assert p.sel("12", "1.77").back == [(1.6, 70.0)]
+    # the next delta, for the current copy: level 0 of runner 11 moves; level 1 is the current copy's
+    p.feed(mcm({"id": "1.77", "rc": [{"id": 11, "bdatb": [[0, 3.05, 40.0]]}]}, pt=1100))
+    assert p.sel("11", "1.77").back == [(3.05, 40.0), (2.9, 80.0)]
+
+
+@pytest.mark.parametrize("order", ["current_first", "stale_first"])
+def test_a_market_twice_in_an_image_keeps_only_the_higher_version(order: str) -> None:
+    """betcode-org/betfair#295: a market moved to another event is in the
+    image twice; only the copy with the higher ``version`` is current. The
+    stale copy coming second won: old event, old definition, and ladder
+    levels that later deltas (changed levels only) never cleared; coming
+    first, it was served for a moment. Now it is ignored whole, in either order."""
+    copies = [_current(), _stale()] if order == "current_first" else [_stale(), _current()]
+    p = Pipe()
+    batch, deltas = p.feed(mcm(*copies, ct="SUB_IMAGE", initialClk="i1"))
+    _assert_current(p)
+    assert len(batch.updates) == 1 and len(deltas) == 1  # nothing of the stale copy, not even for a moment
+    assert batch.rejected == [] and p.normaliser.stale_copies == 1
+
+
+@pytest.mark.parametrize("order", ["current_first", "stale_first"])
+def test_a_market_twice_in_a_historic_first_line_keeps_only_the_higher_version(order: str) -> None:
+    """Historic files carry no ``img``: the first sight of a market is its image."""
+    copies = [_current(), _stale()] if order == "current_first" else [_stale(), _current()]
+    p = Pipe()
+    for c in copies:
+        del c["img"]
+    batch, _ = p.feed(raw({"op": "mcm", "clk": "1", "pt": 1000, "mc": copies}))
+    _assert_current(p)
+    assert len(batch.updates) == 1 and p.normaliser.stale_copies == 1
+
+
+@pytest.mark.parametrize("order", ["current_first", "stale_first"])
+def test_a_market_twice_in_a_segmented_image_keeps_only_the_higher_version(order: str) -> None:
+    """With segmentation the two copies may come in different segments of one image."""
+    first, second = (_current(), _stale()) if order == "current_first" else (_stale(), _current())
+    p = Pipe()
+    p.feed(mcm(first, {"id": MID, "img": True, "marketDefinition": definition(), "rc": []},
+               ct="SUB_IMAGE", segmentType="SEG_START", initialClk="i1"))
+    batch, _ = p.feed(mcm(second, ct="SUB_IMAGE", segmentType="SEG_END", pt=1001))
+    _assert_current(p)
+    if order == "current_first":
+        assert batch.updates == [] and p.normaliser.stale_copies == 1  # the later, stale copy is ignored
+    # the run is over: a later message starts afresh (a new version is applied as usual)
+    p.feed(mcm(_copy(2001, "30000002", [[0, 3.1, 5.0]], [[0, 1.7, 5.0]]), pt=1200))
+    assert p.market("1.77").version == 2001 and p.sel("11", "1.77").back == [(3.1, 5.0)]

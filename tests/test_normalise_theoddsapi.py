@@ -216,6 +216,69 @@ def test_a_market_listed_twice_is_rejected_alone() -> None:
     assert len(batch.updates) == 4  # the 5 markets of the body, less the one listed twice
 
 
+def _exchange_body(lay_key: str = "h2h_lay", back: tuple[float, float, float] = (2.10, 3.9, 3.5),
+                   lay: tuple[float, float, float] = (2.14, 4.0, 3.6)) -> bytes:
+    """An exchange bookmaker with its back (``h2h``) and lay (``h2h_lay``) odds
+    (Arsenal, Chelsea, Draw)."""
+    ts = "2025-08-16T12:59:55Z"
+
+    def outcomes(prices: tuple[float, float, float]) -> list[dict[str, Any]]:
+        return [{"name": name, "price": p} for name, p in zip(("Arsenal", "Chelsea", "Draw"), prices)]
+
+    return json.dumps([{
+        "id": "e1", "sport_key": "soccer_epl", "commence_time": "2025-08-16T14:00:00Z",
+        "home_team": "Arsenal", "away_team": "Chelsea",
+        "bookmakers": [{"key": "betfair_ex_eu", "title": "Betfair", "last_update": ts, "markets": [
+            {"key": "h2h", "last_update": ts, "outcomes": outcomes(back)},
+            {"key": lay_key, "last_update": ts, "outcomes": outcomes(lay)},
+        ]}]}]).encode()
+
+
+@pytest.mark.parametrize("lay_key", ["h2h_lay", "outrights_lay"])
+def test_lay_odds_are_never_served_as_a_back_price(lay_key: str) -> None:
+    """An exchange's ``h2h_lay`` holds lay odds. They were served as ``price``
+    (the best price to back, which a back price check reads) of a market
+    ``…:h2h_lay`` with no lay side: "back Arsenal at 2.14" was accepted
+    against a lay price, while the best back is 2.10. The model's lay side
+    needs a size the API does not give, so lay markets are left out (counted);
+    the back prices come from ``h2h``."""
+    n, book = TheOddsApiNormaliser(), Book()
+    batch = n.feed(_exchange_body(lay_key), 1755349200000, "soccer_epl")
+    assert batch.rejected == []
+    for u in batch.updates:
+        assert book.apply(u) is not None
+    assert set(book.markets) == {"toa:e1:betfair_ex_eu:h2h"}
+    home = book.markets["toa:e1:betfair_ex_eu:h2h"].selection("home")
+    assert home is not None and (home.price, home.back, home.lay) == (2.1, [], [])
+    served = [s.price for m in book.markets.values() for s in m.selections]
+    assert not {2.14, 4.0, 3.6} & set(served), served
+    assert n.dropped["lay_market"] == 1
+    # the same in American odds
+    n2 = TheOddsApiNormaliser(odds_format="american")
+    body = _exchange_body(lay_key, back=(110, 290, 250), lay=(114, 300, 260))
+    (u,) = n2.feed(body, 1755349200000, "soccer_epl").updates
+    assert u.market_id == "toa:e1:betfair_ex_eu:h2h" and [s.price for s in u.selections] == [2.1, 3.9, 3.5]
+    assert n2.dropped["lay_market"] == 1
+
+
+def test_a_stored_lay_market_is_suspended_after_a_restart() -> None:
+    """A ``…:h2h_lay`` market stored by an older version (its lay odds in
+    ``price``) is absent from the next snapshot: SUSPENDED, so no price check
+    accepts its price any more."""
+    from feed.models import Market, Selection
+
+    old = Market(market_id="toa:e1:betfair_ex_eu:h2h_lay", source="theoddsapi", status="OPEN", event_id="toa:e1",
+                 bookmaker="betfair_exchange", specifiers={"sport_key": "soccer_epl"}, seq=3, source_ts=1755349100000,
+                 selections=[Selection(selection_id="home", price=2.14), Selection(selection_id="away", price=4.0)])
+    n = TheOddsApiNormaliser()
+    n.restore([old])
+    batch = n.feed(_exchange_body(), 1755349200000, "soccer_epl")
+    by_id = {u.market_id: u for u in batch.updates}
+    gone = by_id["toa:e1:betfair_ex_eu:h2h_lay"]
+    assert gone.header is not None and (gone.header.status, gone.header.suspend_reason) == ("SUSPENDED", "not_offered")
+    assert "toa:e1:betfair_ex_eu:h2h_lay" not in n.differ.emitted
+
+
 def test_sport_of() -> None:
     assert sport_of("soccer_epl") == "soccer"
     assert sport_of("americanfootball_nfl") == "american_football"

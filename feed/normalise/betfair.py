@@ -53,6 +53,41 @@ the market has shown: full price ladders (``atb``/``atl``, EX_ALL_OFFERS)
 over display ladders (``bdatb``/``bdatl``, EX_BEST_OFFERS_DISP) over best
 offers (``batb``/``batl``, EX_BEST_OFFERS); best first, ``ladder_depth``
 levels.
+
+**Line markets are rejected.** On a market whose definition's
+``bettingType`` is ``LINE`` (or the retired ``RANGE``; such a definition
+also carries ``lineMinUnit`` / ``lineMaxUnit`` / ``lineInterval`` and the
+price ladder ``LINE_RANGE``) every bet is struck at evens (2.0) and the
+ladders' and ``ltp``'s "prices" are *line positions* (155.5 runs, say), not
+decimal odds. The canonical model has only decimal odds (``price``,
+``back``/``lay``, ``ltp``, ``bsp``) and no field for a line, so serving such a
+market would make 155.5 read as odds of 155.5 — a back check at 155.5 would
+pass. Such a market is never emitted: the first change that defines it (or
+turns a held market into one) is rejected alone with reason
+``unsupported_market`` (``market_id`` set: counted and quarantined by the
+ingest, and a market held before reads stale), its cache is dropped, and its
+later changes (definitions without a ``bettingType`` too) are left out
+without another report (its id is remembered,
+:attr:`BetfairNormaliser.unsupported`), so a market the stream keeps
+updating is quarantined once, not once per change (the one report, like
+any rejected change, makes the ingest ask the source for one fresh image;
+that image's copy of the market is then left out silently, so it does not
+repeat). A definition naming
+another betting type (``ODDS``, ``ASIAN_HANDICAP_*``) serves it again, from
+an image. The check runs before any price check, so line positions below 1.01
+(a wickets line at 0.5) are not mistaken for bad odds.
+
+**Duplicated markets in an image.** A market moved to another event appears
+*twice* in an image (Betfair support, betcode-org/betfair#295): both copies
+carry a ``marketDefinition``, and only the one with the higher ``version``
+is current (later deltas are for it alone). Of the image copies of one
+market in one message — or in one segmented message (``SEG_START`` …
+``SEG_END``) — only those with the highest definition ``version`` apply; a
+lower-version copy is ignored whole (nothing of it: not its event id, not
+its ladder levels), whichever order the copies come in
+(:attr:`BetfairNormaliser.stale_copies` counts them). Across segments, a
+stale copy in an earlier segment than the current one is replaced by the
+current copy's image when it arrives.
 """
 
 from __future__ import annotations
@@ -214,8 +249,21 @@ class _LooseChangeMessage(ChangeMessage, kw_only=True, gc=False):
     mc: list[msgspec.Raw] | None = None  # type: ignore[assignment]
 
 
-class _MarketId(msgspec.Struct, gc=False):
+class _DefinitionProbe(msgspec.Struct, gc=False):
+    bettingType: str | None = None
+
+
+class _MarketProbe(msgspec.Struct, gc=False):
+    """A market change's id and betting type alone: read when the change
+    itself does not decode (a line market's positions below 1.01 fail the
+    decimal-odds bounds), to tell a line market from bad odds."""
+
     id: str
+    marketDefinition: _DefinitionProbe | None = None
+
+
+#: ``bettingType`` s whose ladder "prices" are line positions, not decimal odds (module docstring)
+UNSUPPORTED_BETTING_TYPES: frozenset[str] = frozenset({"LINE", "RANGE"})
 
 
 class CatalogueRunner(msgspec.Struct, kw_only=True, gc=False):
@@ -374,7 +422,7 @@ _RC_DECODER = msgspec.json.Decoder(RaceChange)
 _RC_ID_DECODER = msgspec.json.Decoder(_RaceIdOnly)
 _LOOSE_DECODER = msgspec.json.Decoder(_LooseChangeMessage)
 _MC_DECODER = msgspec.json.Decoder(MarketChange)
-_MC_ID_DECODER = msgspec.json.Decoder(_MarketId)
+_MC_PROBE_DECODER = msgspec.json.Decoder(_MarketProbe)
 _CATALOGUE_DECODER = msgspec.json.Decoder(MarketCatalogue)
 
 _JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
@@ -608,7 +656,10 @@ class BetfairNormaliser:
     message's ``pt``) is reported in ``batch.rejected`` (``market_id`` =
     ``bf:<id>``, ``raw`` = the message) and its cache is left as it was; the
     message's other markets apply (betfairlightweight, too, handles the
-    markets of one message independently).
+    markets of one message independently). A line market (``bettingType``
+    ``LINE`` / ``RANGE``) is rejected once with ``unsupported_market`` and
+    its later changes are left out; of a market's copies in one image only
+    those with the highest definition ``version`` apply (module docstring).
     """
 
     #: provider times of a live stream (see Normaliser.live_provider_times)
@@ -633,6 +684,13 @@ class BetfairNormaliser:
         #: race stream state per race id
         self.races: dict[str, _Race] = {}
         self.states: dict[str, EventState] = {}
+        #: raw ids of line markets (not served: module docstring) → their ``bettingType``
+        self.unsupported: dict[str, str] = {}
+        #: lower-version copies of a market ignored in images (a market moved to another event)
+        self.stale_copies = 0
+        #: the highest definition version of each market's image copies in the current segmented
+        #: message (SEG_START … SEG_END); empty between messages
+        self._image_versions: dict[str, int] = {}
 
     # -- public -----------------------------------------------------------
 
@@ -696,10 +754,13 @@ class BetfairNormaliser:
                 clock_error = exc.detail
         if clock_error is not None:
             batch.provider_ts = None
-        bad = self._check_markets(msg.mc, rejected, raw, clock_error)
         sub_image = msg.ct == "SUB_IMAGE"
+        changes = msg.mc
+        if len(changes) > 1 or msg.segmentType is not None or self._image_versions:
+            changes = self._current_copies(changes, sub_image, msg.segmentType)
+        bad = self._check_markets(changes, rejected, raw, clock_error)
         updates = batch.updates
-        for mc in msg.mc:
+        for mc in changes:
             if bad and mc.id in bad:
                 continue
             update = self._apply_market(mc, sub_image, source_ts, original, recv_ms)
@@ -728,20 +789,29 @@ class BetfairNormaliser:
         if loose.mc is None:  # cannot happen (the envelope was the problem), but never lose the error
             raise FeedDecodeError(_reason_of(str(first)), str(first), raw)
         good: list[MarketChange] = []
+        left_out: set[str] = set()  # line markets (raw ids): see _unsupported
         for i, part in enumerate(loose.mc):
             try:
                 good.append(_MC_DECODER.decode(part))
             except (msgspec.ValidationError, *_JSON_ERRORS) as exc:
                 try:
-                    mid: str | None = SOURCE_PREFIX + _MC_ID_DECODER.decode(part).id
+                    probe: _MarketProbe | None = _MC_PROBE_DECODER.decode(part)
                 except (msgspec.ValidationError, *_JSON_ERRORS):
-                    mid = None
+                    probe = None
+                if probe is not None:
+                    kind = probe.marketDefinition.bettingType if probe.marketDefinition is not None else None
+                    if kind in UNSUPPORTED_BETTING_TYPES or (kind is None and probe.id in self.unsupported):
+                        # a line market's positions (0.5 …) are no odds: not a bad price
+                        self._unsupported(probe.id, kind, raw, rejected)
+                        left_out.add(probe.id)
+                        continue
+                mid = SOURCE_PREFIX + probe.id if probe is not None else None
                 text = f"{exc} (market change {i})"
                 rejected.append(FeedDecodeError(_reason_of(str(exc)), text, raw, market_id=mid))
         fields = {f: getattr(loose, f) for f in ChangeMessage.__struct_fields__ if f != "mc"}
         msg = ChangeMessage(**fields, mc=good)
-        if rejected:  # a market that failed in one change of the message fails in all of them
-            ids = {e.market_id for e in rejected}
+        if rejected or left_out:  # a market that failed in one change of the message fails in all of them
+            ids = {e.market_id for e in rejected} | {SOURCE_PREFIX + x for x in left_out}
             msg.mc = [mc for mc in good if SOURCE_PREFIX + mc.id not in ids]
         return msg
 
@@ -814,18 +884,82 @@ class BetfairNormaliser:
         if changed:
             batch.cursor = encode_cursor(self.initial_clk, self.clk)
 
+    def _current_copies(self, changes: list[MarketChange], sub_image: bool,
+                        segment: str | None) -> list[MarketChange]:
+        """``changes`` without the stale copies of a market duplicated in an
+        image (module docstring): an image copy (``img``, a ``SUB_IMAGE``, or
+        the first sight of the market) whose definition ``version`` is below
+        that of another image copy of the market in this message, or in an
+        earlier segment of this segmented message, is left out (counted in
+        :attr:`stale_copies`)."""
+        held = self._image_versions
+        if held and segment not in ("SEG", "SEG_END"):
+            held.clear()  # a new message (or segmented run): earlier copies say nothing of it
+        known = self.markets
+        best: dict[str, int] | None = None
+        for mc in changes:
+            md = mc.marketDefinition
+            if md is not None and (mc.img or sub_image or mc.id not in known):
+                if best is None:
+                    best = {}
+                v = best.get(mc.id)
+                if v is None or md.version > v:
+                    best[mc.id] = md.version
+        if best is None:
+            return changes
+        for mid, v in best.items():  # an earlier segment carried a newer copy: that one stands
+            before = held.get(mid)
+            if before is not None and before > v:
+                best[mid] = before
+        kept = [mc for mc in changes
+                if not (mc.marketDefinition is not None and mc.marketDefinition.version < best.get(mc.id, -1)
+                        and (mc.img or sub_image or mc.id not in known))]
+        if segment in ("SEG_START", "SEG"):
+            held.update(best)
+        elif held:
+            held.clear()  # SEG_END: the run is over
+        self.stale_copies += len(changes) - len(kept)
+        return kept
+
+    def _unsupported(self, mid: str, betting_type: str | None, raw: bytes,
+                     rejected: list[FeedDecodeError]) -> None:
+        """A change of a line market (``betting_type`` set: its definition; None: a
+        change of a market already known to be one): left out, and reported in
+        ``rejected`` (``unsupported_market``) only the first time; the market's
+        cache is dropped (module docstring)."""
+        if mid in self.unsupported:
+            return
+        remember(self.unsupported, mid, betting_type or "LINE")
+        self.markets.pop(mid, None)
+        rejected.append(FeedDecodeError(
+            "unsupported_market",
+            f"market {mid} is a {betting_type} market: its prices are line positions traded at evens, "
+            "not decimal odds; not served", raw, market_id=SOURCE_PREFIX + mid))
+
     def _check_markets(self, changes: list[MarketChange], rejected: list[FeedDecodeError], raw: bytes,
                        clock_error: str | None) -> set[str] | None:
         """Check every market change before anything is applied (what msgspec
         cannot express). Returns the raw ids of the markets to leave out
-        (each reported once in ``rejected``), or None when all are good."""
+        (each reported once in ``rejected``, except a line market already
+        reported before: see :meth:`_unsupported`), or None when all are good."""
         bad: set[str] | None = None
         known = self.markets
+        unsupported = self.unsupported
         defined: set[str] | None = None  # markets first defined earlier in this message
         for mc in changes:
             mid = mc.id
             if bad is not None and mid in bad:
                 continue
+            md = mc.marketDefinition
+            betting_type = md.bettingType if md is not None else None
+            if betting_type in UNSUPPORTED_BETTING_TYPES or (betting_type is None and unsupported and mid in unsupported):
+                self._unsupported(mid, betting_type, raw, rejected)
+                if bad is None:
+                    bad = set()
+                bad.add(mid)
+                continue
+            if betting_type is not None and unsupported and mid in unsupported:
+                del unsupported[mid]  # now of another betting type: served again, from this definition (an image)
             error: FeedDecodeError | None
             if clock_error is not None:
                 error = FeedDecodeError("clock_skew", f"{clock_error} (market {mid})", raw,

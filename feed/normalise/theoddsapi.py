@@ -34,7 +34,21 @@ canonical ``line`` (the home side's point for spreads) and ``sport_key``
 ``home`` / ``away`` / ``draw`` (matched on the event's team names),
 ``over`` / ``under``, else the outcome name lower-cased. ``in_play`` =
 ``commence_time <= recv_ms``. Prices: decimal, or American with
-``odds_format="american"``, converted and validated by :mod:`feed.odds`.
+``odds_format="american"``, converted and validated by :mod:`feed.odds`
+(rounded against the bettor: down, these are prices offered to back).
+
+**Lay markets are not carried.** An exchange's ``h2h_lay`` (any market key
+ending ``_lay``) holds *lay* odds. ``Selection.price`` is the best price to
+*back* (a price check on the back side reads it), so a lay price must never
+sit there; and the lay side of the model is a ladder of ``[price, size]``
+levels, where the API gives no size (size 0 means "nothing offered", so no
+level can be written honestly — the rule ``feed.normalise.betfair_csv``
+follows for the CSV's sizeless lay). Such a market is therefore left out
+(counted in ``dropped["lay_market"]`` per bookmaker market per body); one
+emitted before (by an older version, restored from the store) is absent
+from the next snapshot and so SUSPENDED (``not_offered``) like any market
+that vanished. The exchange's back prices come in its ``h2h`` market as
+usual.
 
 Scores (``/v4/sports/{sport}/scores``, channel ``scores:<sport key>``):
 every event that has started (``scores`` not null) or is ``completed``
@@ -104,6 +118,8 @@ SOURCE_PREFIX = "toa:"
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _SPREADS = frozenset({"spreads", "alternate_spreads"})
 _TOTALS = frozenset({"totals", "alternate_totals"})
+#: a market key ending so holds lay odds (``h2h_lay``, ``outrights_lay``): not carried
+_LAY_SUFFIX = "_lay"
 
 #: sport-key group prefix → canonical sport (``soccer_epl`` → ``soccer``)
 _SPORT_GROUPS = {"americanfootball": "american_football", "icehockey": "ice_hockey", "mma": "mma",
@@ -202,7 +218,9 @@ class TheOddsApiNormaliser:
     """Odds API snapshots → canonical market updates (see the module docstring).
 
     source: the source name; odds_format: ``decimal`` or ``american`` (the
-    ``oddsFormat`` the poller asked for).
+    ``oddsFormat`` the poller asked for). ``dropped`` counts what was left
+    out: ``stale_market`` (a lagging replica's older market), ``lay_market``
+    (a ``*_lay`` market: lay odds are not carried, see the module docstring).
     """
 
     #: no live provider times (see Normaliser.live_provider_times)
@@ -497,6 +515,9 @@ class TheOddsApiNormaliser:
                 bad.setdefault(rej.prefix, rej.error)
                 continue
             for m in bm.markets:
+                if m.key.endswith(_LAY_SUFFIX):  # lay odds: never a back price (module docstring)
+                    self.dropped["lay_market"] += 1
+                    continue
                 prefix = f"{bm_prefix}:{m.key}"
                 try:
                     out.extend(self._market_lines(ev, bm, m, raw, recv_ms, bm_ts, common, prefix))
@@ -548,7 +569,7 @@ class TheOddsApiNormaliser:
             spec["sport_key"] = ev.sport_key
             if line is not None:
                 spec["line"] = line
-            name = {"match_result": "Match result", "moneyline": "Moneyline", "raw:h2h_lay": "Moneyline (lay)",
+            name = {"match_result": "Match result", "moneyline": "Moneyline",
                     "handicap": f"Handicap {line}", "total": f"Total {line}"}.get(mtype, m.key)
             out.append(Rendered(
                 market_id=mid,
