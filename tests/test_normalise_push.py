@@ -21,6 +21,7 @@ from feed.book import Book
 from feed.errors import FeedDecodeError
 from feed.models import MarketHeader, Selection
 from feed.normalise.push import PushNormaliser, entry_key, market_id_of, ts_to_ms
+from feed.odds import to_decimal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "push"
 RECV_MS = 1718000099999
@@ -133,7 +134,7 @@ def feed(n: PushNormaliser, raw: bytes) -> Any:
 
 @pytest.mark.parametrize(("price", "fmt", "decimal"), [
     (2.5, None, 2.5), (1.01, "decimal", 1.01), (1000, "decimal", 1000.0),
-    (150, "american", 2.5), (-200, "american", 1.5), (-110, "american", 1.9091), (100, "american", 2.0),
+    (150, "american", 2.5), (-200, "american", 1.5), (-110, "american", 1.909), (100, "american", 2.0),
     ("5/2", "fractional", 3.5), ("evs", "fractional", 2.0), ("1/100", "fractional", 1.01), ("11-10", "fractional", 2.1),
 ])
 def test_price_formats_convert_to_decimal(price: Any, fmt: str | None, decimal: float) -> None:
@@ -141,6 +142,19 @@ def test_price_formats_convert_to_decimal(price: Any, fmt: str | None, decimal: 
     extra = {"price_format": fmt} if fmt else {}
     batch = feed(n, msg("odds", 1, odd(price=price, **extra)))
     assert batch.updates[0].selections[0].price == decimal
+
+
+def test_converted_prices_keep_the_providers_text() -> None:
+    """README: American and fractional prices are converted to decimal with the provider's text in
+    ``price_raw`` (push left it empty); a locked odd without a price keeps both."""
+    n = PushNormaliser("px")
+    batch = feed(n, msg("odds", 1, odd("a", -110, price_format="american"), odd("b", 150, price_format="american"),
+                        odd("c", "5/2", price_format="fractional"), odd("d", 2.5)))
+    assert [(s.selection_id, s.price, s.price_raw) for s in batch.updates[0].selections] == [
+        ("a", to_decimal(-110, "american"), "-110"), ("b", 2.5, "150"), ("c", 3.5, "5/2"), ("d", 2.5, None)]
+    batch = feed(n, msg("locked-odds", 2, odd("a", None)))
+    assert [(s.status, s.price, s.price_raw) for s in batch.updates[0].selections] == [
+        ("SUSPENDED", to_decimal(-110, "american"), "-110")]
 
 
 def test_message_level_price_format_is_the_default_and_an_odd_overrides_it() -> None:
@@ -356,10 +370,121 @@ def test_a_fixture_change_inside_odds_reaches_its_other_markets() -> None:
         ("px:f1:ml", True), ("px:f1:total", True)]
 
 
+def _book_run(n: PushNormaliser, book: Book, raw: bytes) -> Any:
+    batch = feed(n, raw)
+    for u in batch.updates:
+        book.apply(u, RECV_MS)
+    return batch
+
+
+def test_each_sportsbook_of_a_stream_is_a_market_of_its_own() -> None:
+    """A stream carrying two books' odds for one selection (OpticOdds with several ``sportsbook=``
+    filters) made one market of them: DraftKings' side overwritten by FanDuel's price, the other
+    side still DraftKings', ``bookmaker`` the last book seen (found by the normaliser audit). The
+    first book named keeps the plain id; another book's odds go to ``…@<book>``."""
+    n, book = PushNormaliser("px"), Book()
+    am = {"price_format": "american"}
+    _book_run(n, book, msg("odds", 1, odd("a", -150, sportsbook="DraftKings", **am),
+                           odd("b", 130, sportsbook="DraftKings", **am), odd("a", -110, sportsbook="FanDuel", **am),
+                           odd("o", 1.9, market="total", sportsbook="FanDuel")))
+    assert sorted(book.markets) == ["px:f1:ml", "px:f1:ml@fanduel", "px:f1:total"]
+    dk, fd = book.markets["px:f1:ml"], book.markets["px:f1:ml@fanduel"]
+    assert (dk.bookmaker, fd.bookmaker, book.markets["px:f1:total"].bookmaker) == ("DraftKings", "FanDuel", "FanDuel")
+    assert {s.selection_id: s.price_raw for s in dk.selections} == {"a": "-150", "b": "130"}
+    assert {s.selection_id: s.price_raw for s in fd.selections} == {"a": "-110"}
+    assert (dk.event_id, fd.event_id, fd.market_type_raw) == ("px:f1", "px:f1", "ml")
+    # later odds of each book stay in its market; an odd naming no book is the first book's (sticky)
+    _book_run(n, book, msg("odds", 2, odd("b", 2.4, sportsbook="FanDuel"), odd("a", 1.7, sportsbook="DraftKings")))
+    _book_run(n, book, msg("odds", 3, odd("b", 2.3)))
+    line = {"market": {"id": "total", "line": 2.5}}
+    _book_run(n, book, msg("odds", 4, odd("u", 1.95, market="total", sportsbook="FanDuel"),
+                           odd("u", 2.05, sportsbook="DraftKings", market="total"),
+                           odd("o", 1.8, market="total", sportsbook="DraftKings"),
+                           {**odd("o", 1.6, sportsbook="DraftKings"), **line},
+                           {**odd("o", 1.65, sportsbook="FanDuel"), **line}))
+    prices = {mid: {s.selection_id: s.price for s in m.selections} for mid, m in book.markets.items()}
+    assert prices == {"px:f1:ml": {"a": 1.7, "b": 2.3}, "px:f1:ml@fanduel": {"a": to_decimal(-110, "american"), "b": 2.4},
+                      "px:f1:total": {"o": 1.9, "u": 1.95}, "px:f1:total@draftkings": {"u": 2.05, "o": 1.8},
+                      "px:f1:total:2.5": {"o": 1.6}, "px:f1:total:2.5@fanduel": {"o": 1.65}}
+    # restarted: the plain ids stay with their books, whichever book's odd comes first
+    again = PushNormaliser("px")
+    again.restore(book.markets.values(), n.last_entry_id)
+    batch = feed(again, msg("odds", 5, odd("a", 1.8, sportsbook="FanDuel"), odd("o", 1.85, market="total",
+                                                                               sportsbook="DraftKings"),
+                            odd("a", 1.75, sportsbook="DraftKings"), odd("a", 1.76, sportsbook="Bet 365"),
+                            {**odd("o", 1.66, sportsbook="FanDuel"), **line}, {**odd("u", 2.2), **line}))
+    assert [(u.market_id, u.image) for u in batch.updates] == [
+        ("px:f1:ml@fanduel", False), ("px:f1:total@draftkings", False), ("px:f1:ml", False),
+        ("px:f1:ml@bet_365", True), ("px:f1:total:2.5@fanduel", False), ("px:f1:total:2.5", False)]
+
+
+_T = 1718000010000
+_LIVE = {"id": "f1", "sport": "soccer", "home": "A", "away": "B", "status": "live", "is_live": True}
+
+
+def _settled_market() -> tuple[PushNormaliser, Book]:
+    """``px:f1:ml`` priced at _T, then its fixture settled at _T + 5 s (the market CLOSED)."""
+    n, book = PushNormaliser("px"), Book()
+    _book_run(n, book, msg("odds", 1, odd("a", 1.5, fixture=_LIVE, timestamp=_T),
+                           odd("b", 4.0, fixture=_LIVE, timestamp=_T), ms=_T))
+    _book_run(n, book, msg("fixture-status", 2, ms=_T + 5000,
+                           data={"id": "f1", "status": "settled", "is_live": False, "timestamp": _T + 5000}))
+    m = book.markets["px:f1:ml"]
+    assert (m.status, m.in_play) == ("CLOSED", False)
+    return n, book
+
+
+def test_a_stale_odd_changes_nothing_not_even_its_fixture() -> None:
+    """An odd older than the one held was dropped (``stale_odd``) after its fixture fields had
+    been applied: carrying ``status: live`` it reopened a settled market OPEN and in play at its
+    old prices (found by the normaliser audit)."""
+    n, book = _settled_market()
+    batch = _book_run(n, book, msg("odds", 3, odd("a", 1.45, fixture=_LIVE, is_live=True, timestamp=_T - 1000),
+                                   ms=_T + 6000))
+    assert batch.updates == [] and n.dropped == {"stale_odd": 1}
+    m = book.markets["px:f1:ml"]
+    assert (m.status, m.in_play) == ("CLOSED", False)
+    assert [(s.selection_id, s.price) for s in m.selections] == [("a", 1.5), ("b", 4.0)]
+    assert n.fixtures["f1"].status == "settled" and n.markets["px:f1:ml"].header.status == "CLOSED"  # type: ignore[union-attr]
+
+
+def test_fixture_fields_older_than_the_fixtures_never_reopen_a_settled_market() -> None:
+    """An odd changed before the settlement but sent after it is news for its selection, not for
+    its fixture: its price is taken, its ``status: live`` is not (``late_fixture_fields``); a
+    ``fixture-status`` older than the settlement changes nothing either. A newer one applies."""
+    n, book = _settled_market()
+    batch = _book_run(n, book, msg("odds", 3, odd("a", 1.45, fixture=_LIVE, is_live=True, timestamp=_T + 2000),
+                                   ms=_T + 6000))
+    assert [(u.market_id, u.header) for u in batch.updates] == [("px:f1:ml", None)]  # a price, no new status
+    assert n.dropped == {"late_fixture_fields": 1} and n.markets["px:f1:ml"].sels["a"].price == 1.45
+    m = book.markets["px:f1:ml"]
+    assert (m.status, m.in_play) == ("CLOSED", False)
+    batch = feed(n, msg("fixture-status", 4, ms=_T + 7000,
+                        data={"id": "f1", "status": "live", "is_live": True, "timestamp": _T + 3000}))
+    assert (batch.updates, batch.event_states) == ([], [])
+    assert n.dropped == {"late_fixture_fields": 2} and n.states["px:f1"].status == "CLOSED"
+    batch = feed(n, msg("fixture-status", 5, ms=_T + 8000, data={"id": "f1", "status": "cancelled"}))
+    assert [(u.header.status if u.header else None) for u in batch.updates] == ["CANCELLED"]
+    assert [e.status for e in batch.event_states] == ["CANCELLED"]
+
+
+def test_a_snapshots_fixture_fields_always_apply() -> None:
+    """A snapshot is the current state: its fixture fields apply even when its odds carry
+    their original (older) change times."""
+    n, _ = _settled_market()
+    feed(n, msg("fixture-status", 3, ms=_T + 6000, data={"id": "f1", "status": "live", "timestamp": _T + 6000}))
+    assert n.markets["px:f1:ml"].header.status == "OPEN"  # type: ignore[union-attr]
+    batch = feed(n, msg("snapshot", 4, odd("a", 1.5, fixture={**_LIVE, "status": "suspended"}, timestamp=_T),
+                        ms=_T + 7000))
+    assert [(u.image, u.header.status if u.header else None) for u in batch.updates] == [(True, "SUSPENDED")]
+
+
 def test_market_ids_carry_the_line() -> None:
     assert market_id_of("f1", "total", 2.5) == "px:f1:total:2.5"
     assert market_id_of("f1", "spread", -1.0) == "px:f1:spread:-1"
     assert market_id_of("f1", "ml", None, prefix="op") == "op:f1:ml"
+    assert market_id_of("f1", "total", 2.5, book="Bet 365") == "px:f1:total:2.5@bet_365"
+    assert market_id_of("f1", "ml", None, book="Ébet ") == "px:f1:ml@bet"
 
 
 def test_restore_from_stored_markets_continues_with_deltas() -> None:

@@ -19,6 +19,7 @@ import httpx
 import orjson
 import pytest
 
+from feed.book import Book
 from feed.embedded_redis import EmbeddedRedis
 from feed.errors import ConfigError
 from feed.normalise.webhook import WebhookNormaliser
@@ -436,6 +437,41 @@ async def test_thousand_deliveries_with_duplicates_and_reordering_equal_the_trut
 
 
 # --- units -------------------------------------------------------------------------------
+
+
+def test_a_retried_older_delivery_without_times_never_moves_a_market_back() -> None:
+    """Odds with neither ``timestamp`` nor ``emitted_at`` were timed at receipt, so an older
+    delivery retried after a newer one (its first attempt answered 503) replaced the newer price
+    and read fresh (found by the normaliser audit). Their entry id's ``<ms>`` is a provider time:
+    it orders them (``n`` breaks a tie) and is their ``source_ts``."""
+    now = now_ms()
+    n, book = WebhookNormaliser(NAME), Book()
+
+    def deliver(entry: str, price: float, recv: int, status: str = "live") -> Any:
+        body = orjson.dumps({"type": "odds", "entry_id": entry, "data": [
+            {"fixture": {"id": "f1", "sport": "Soccer", "home": "A", "away": "B", "status": status},
+             "market": {"id": "match_odds"}, "selection": {"id": "home", "name": "A"}, "price": price}]})
+        batch = n.feed(body, recv)
+        for u in batch.updates:
+            book.apply(u, recv)
+        return batch
+
+    deliver(f"{now - 9000}-1", 2.10, now - 8000)
+    deliver(f"{now - 3000}-2", 2.50, now - 2900)
+    # sent at now - 6000 (before entry 2), delivered now — carrying the fixture as it was then
+    late = deliver(f"{now - 6000}-1", 1.95, now, status="not_started")
+    m = book.markets["px:f1:match_odds"]
+    assert (m.selection("home").price, m.in_play) == (2.50, True)  # type: ignore[union-attr]
+    assert late.updates == [] and n.dropped == {"stale_odd": 1}
+    assert deliver(f"{now - 3000}-1", 1.90, now).updates == []  # same <ms>, an earlier n
+    m = book.markets["px:f1:match_odds"]
+    assert (m.selection("home").price, m.source_ts, m.in_play) == (2.50, now - 3000, True)  # type: ignore[union-attr]
+    assert deliver(f"{now - 3000}-3", 2.60, now).updates  # same <ms>, a later n: newer
+    assert book.markets["px:f1:match_odds"].selection("home").price == 2.60  # type: ignore[union-attr]
+    # an entry id's <ms> is checked like emitted_at: one far ahead of receipt rejects the odd's market
+    ahead = deliver(f"{now + 3_600_000}-4", 9.0, now)
+    assert [(e.reason, e.market_id) for e in ahead.rejected] == [("clock_skew", "px:f1:match_odds")]
+    assert book.markets["px:f1:match_odds"].selection("home").price == 2.60  # type: ignore[union-attr]
 
 
 def test_nonce_cache_evicts_by_age_and_caps_its_size() -> None:

@@ -38,6 +38,17 @@ Canonical ids: event ``px:<fixture>``, market ``px:<fixture>:<market>`` plus
 ``:<line>`` when the market has a line (``px:f1:total:2.5``); selection ids
 are the provider's. ``px`` is the ``prefix`` argument.
 
+Sportsbooks: one stream may carry several books' odds for one selection
+(OpticOdds with several ``sportsbook=`` filters), and each book's market is
+a market of its own. The first book named for a ``px:<fixture>:<market>[:<line>]``
+keeps that id (so a one-book stream's ids do not depend on its book); every
+other book's odds go to ``px:<fixture>:<market>[:<line>]@<book>``, ``<book>``
+the sportsbook lower-cased with each run of characters outside ``[a-z0-9]``
+replaced by ``_`` (``@fanduel``, ``@bet_365``). An odd without ``sportsbook``
+belongs to the first book's market (``bookmaker`` is sticky: absent =
+unchanged). Which book holds the plain id is remembered with the stored
+markets (:meth:`PushNormaliser.restore`).
+
 Market status (first rule that applies):
 
 1. fixture ``settled`` → ``SETTLED`` if a selection won or placed, else
@@ -54,10 +65,20 @@ Ordering: every data message carries an ``entry_id`` ``"<ms>-<n>"``,
 monotonic per stream. An entry at or below the last one applied is dropped
 without effect (counted in :attr:`PushNormaliser.dropped` as ``duplicate`` or
 ``out_of_order``); the entry id of the last message applied is the batch
-``cursor``. Within a market, an odd older (``timestamp``) than the one held
-is dropped (``stale_odd``), and a market's ``source_ts`` never goes back
-(it is the newest change time seen), so the book never discards a push
-update as out of order.
+``cursor``. Within a market, an odd older than the one held is dropped
+(``stale_odd``) and changes nothing: neither prices nor the fixture fields
+(status, ``is_live``, names, start time) it carries. Odds are ordered by
+their ``timestamp`` (default: the message's ``emitted_at``, else receipt — or,
+with ``ordered=False``, the ``<ms>`` of the entry id, a provider time), ties
+by entry id. A market's ``source_ts`` never goes back (it is the newest change
+time seen), so the book never discards a push update as out of order.
+
+Fixture fields are newest-wins by the same order: a fixture remembers the
+time of the newest odd or ``fixture-status`` whose fields it took, and the
+fields of an older one are ignored (``late_fixture_fields``; the odd's price
+still applies when it is newer than the one held) — so an odd changed
+before a settlement but sent after it cannot reopen the settled market. A
+``snapshot`` is the current state: its fixture fields always apply.
 
 Rejections (:class:`~feed.errors.FeedDecodeError`): a message whose envelope
 cannot be read (``invalid_json``, ``invalid_schema``, ``unknown_type``; a
@@ -68,7 +89,7 @@ and nothing of it is applied. Within ``odds`` / ``locked-odds`` /
 American/fractional values), ``invalid_size`` (``max_stake`` < 0 or
 > 1e12), ``invalid_number`` (a ``line`` beyond ±1000), ``invalid_time`` (a
 start time outside 1970..2100), ``clock_skew`` (a ``timestamp`` — or, for
-odds without one, the message's ``emitted_at`` — absurd or more than
+odds without one, the message's default time above — absurd or more than
 ``max_future_skew_ms`` after receipt), ``invalid_schema`` (an odd that does
 not decode). Every odd of that market in the message is left out (nothing
 of the market is applied, ``batch.rejected`` names it — ``market_id`` None
@@ -78,10 +99,11 @@ apply; the entry id still advances.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -123,6 +145,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FIXTURE_STATUSES",
     "PushNormaliser",
+    "book_key",
     "entry_key",
     "market_id_of",
     "ts_to_ms",
@@ -322,6 +345,7 @@ class _OddRef(msgspec.Struct, gc=False):
 
     fixture: _RefId
     market: _RefMarket
+    sportsbook: Any = None
 
 
 _LOOSE_DECODER = msgspec.json.Decoder(
@@ -377,6 +401,14 @@ _LIVE_SELECTION = frozenset({"ACTIVE", "SUSPENDED"})
 
 _ENTRY_RE = re.compile(r"^(\d{1,16})-(\d{1,19})$")
 
+#: an odd's decimal price and, when it came in another format, the provider's text of it
+_Price = tuple[float | None, str | None]
+
+
+def _price_text(value: float | str) -> str:
+    """An American / fractional price as the provider wrote it (``-110``, ``"5/2"``)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
 
 def entry_key(entry_id: str) -> tuple[int, int] | None:
     """``"<ms>-<n>"`` → ``(ms, n)`` for ordering; None when malformed."""
@@ -430,17 +462,39 @@ def _line_text(line: float) -> str:
     return f"{line:g}"
 
 
-def market_id_of(fixture_id: str, market_id: str, line: float | None, prefix: str = PREFIX) -> str:
-    """Canonical market id: ``px:<fixture>:<market>[:<line>]``."""
+_BOOK_JUNK = re.compile(r"[^a-z0-9]+")
+
+
+def book_key(sportsbook: str) -> str:
+    """A sportsbook's name → its id part: lower-cased, each run of characters
+    outside ``[a-z0-9]`` → ``_`` (``"Bet 365"`` → ``bet_365``); a name with no
+    such character → ``book_<12 hex digits of its SHA-1>``."""
+    key = _BOOK_JUNK.sub("_", sportsbook.strip().lower()).strip("_")
+    return key or "book_" + hashlib.sha1(sportsbook.encode()).hexdigest()[:12]
+
+
+def market_id_of(fixture_id: str, market_id: str, line: float | None, prefix: str = PREFIX,
+                 book: str | None = None) -> str:
+    """Canonical market id: ``px:<fixture>:<market>[:<line>]``, plus
+    ``@<book>`` (:func:`book_key` of ``book``) for a sportsbook other than the
+    first one named for that market (module docstring)."""
     base = f"{prefix}:{fixture_id}:{market_id}"
-    return base if line is None else f"{base}:{_line_text(line)}"
+    if line is not None:
+        base = f"{base}:{_line_text(line)}"
+    return base if book is None else f"{base}@{book_key(book)}"
 
 
 # --- cache ---------------------------------------------------------------------
 
 
+#: an order of changes: (provider time in ms, entry id as (ms, n)); (0, (0, 0)) = unknown
+_At = tuple[int, tuple[int, int]]
+_NO_KEY = (0, 0)
+
+
 class _Fixture:
-    __slots__ = ("away", "home", "id", "in_play", "league", "markets", "name", "sport", "start_time", "status")
+    __slots__ = ("at", "away", "home", "id", "in_play", "league", "markets", "name", "sport", "start_time",
+                 "status")
 
     def __init__(self, fixture_id: str) -> None:
         self.id = fixture_id
@@ -453,6 +507,7 @@ class _Fixture:
         self.in_play = False
         self.status: str | None = None
         self.markets: dict[str, None] = {}  # canonical market ids, insertion ordered
+        self.at: _At = (0, _NO_KEY)  # order of the newest odd / fixture-status whose fields were taken
 
     def event_name(self) -> str | None:
         if self.name:
@@ -463,7 +518,7 @@ class _Fixture:
 
 
 class _Market:
-    __slots__ = ("bookmaker", "fixture", "header", "line", "locked", "market_id", "name", "odd_ts", "raw_id", "sels",
+    __slots__ = ("bookmaker", "fixture", "header", "line", "locked", "market_id", "name", "odd_at", "raw_id", "sels",
                  "ts")
 
     def __init__(self, market_id: str, fixture: _Fixture, raw_id: str, line: float | None) -> None:
@@ -475,7 +530,7 @@ class _Market:
         self.bookmaker: str | None = None
         self.sels: dict[str, Selection] = {}
         self.locked: set[str] = set()
-        self.odd_ts: dict[str, int] = {}  # selection id -> change time of the odd held (ms)
+        self.odd_at: dict[str, _At] = {}  # selection id -> order of the odd held (change time ms, entry)
         self.header: MarketHeader | None = None  # last emitted
         self.ts = 0  # newest change time seen (ms)
 
@@ -484,9 +539,14 @@ class PushNormaliser:
     """Feeds push-format messages through a per-market cache.
 
     ``source`` names the source; ``prefix`` namespaces ids (``px`` →
-    ``px:<fixture>:<market>``). :attr:`dropped` counts what was dropped
+    ``px:<fixture>:<market>``). ``ordered`` False: deliveries stand alone
+    (webhooks): no entry is dropped for its place in the stream, and an odd
+    without ``timestamp`` in a message without ``emitted_at`` is timed by
+    its entry id's ``<ms>`` (checked like ``emitted_at``: ``clock_skew``)
+    instead of the receive time. :attr:`dropped` counts what was dropped
     without being an error (``duplicate``, ``out_of_order``, ``stale_odd``,
-    ``stale_snapshot``). :attr:`last_entry_id` is the last entry applied.
+    ``stale_snapshot``, ``late_fixture_fields``, ``stale_state``).
+    :attr:`last_entry_id` is the last entry applied.
     """
 
     #: provider times of a live stream (see Normaliser.live_provider_times)
@@ -502,6 +562,8 @@ class PushNormaliser:
         self.max_future_skew_ms = max_future_skew_ms
         self.fixtures: dict[str, _Fixture] = {}
         self.markets: dict[str, _Market] = {}
+        #: ``px:<fixture>:<market>[:<line>]`` -> book_key of the sportsbook whose market has that id
+        self.book_of: dict[str, str] = {}
         self.last_entry_id: str | None = None
         self._last_key: tuple[int, int] | None = None
         self.dropped: dict[str, int] = {}
@@ -516,7 +578,9 @@ class PushNormaliser:
     def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
         """Seed the cache from stored canonical markets of this source (and the
         stored cursor), so a restarted ingest that resumes mid-stream applies
-        deltas to what it already holds instead of mistaking them for images."""
+        deltas to what it already holds instead of mistaking them for images.
+        A fixture's fields count as taken at the newest ``source_ts`` of its
+        markets, each odd as changed at its market's ``source_ts``."""
         pfx = self.prefix + ":"
         for m in markets:
             if m.source != self.source or not m.event_id or not m.event_id.startswith(pfx):
@@ -533,16 +597,28 @@ class PushNormaliser:
                 fx.status = "settled"
             elif m.suspend_reason and m.suspend_reason.startswith("fixture_"):
                 fx.status = m.suspend_reason.removeprefix("fixture_")
-            rest = m.market_id[len(pfx) + len(fixture_id) + 1:]
-            raw_id, line = rest, None
-            if m.specifiers and "line" in m.specifiers:
-                raw_id = rest.rsplit(":", 1)[0]
-                line = float(m.specifiers["line"])
+            line = float(m.specifiers["line"]) if m.specifiers and "line" in m.specifiers else None
+            raw_id = m.market_type_raw
+            if raw_id is None or m.market_id not in (market_id_of(fixture_id, raw_id, line, self.prefix),
+                                                     market_id_of(fixture_id, raw_id, line, self.prefix, m.bookmaker)):
+                # no raw type stored (or one that does not make the id): read it from the id
+                rest = m.market_id[len(pfx) + len(fixture_id) + 1:]
+                suffix = "@" + book_key(m.bookmaker) if m.bookmaker else None
+                if suffix and rest.endswith(suffix):
+                    rest = rest[:-len(suffix)]
+                raw_id = rest.rsplit(":", 1)[0] if line is not None else rest
+            plain = market_id_of(fixture_id, raw_id, line, self.prefix)
+            if m.market_id == plain:
+                if m.bookmaker:
+                    self.book_of[plain] = book_key(m.bookmaker)
+            else:  # another book's: the plain id is not free for it (its owner, when stored, says whose it is)
+                self.book_of.setdefault(plain, "")
             mk = _Market(m.market_id, fx, raw_id, line)
             mk.name, mk.bookmaker, mk.ts = m.name, m.bookmaker, m.source_ts
+            fx.at = max(fx.at, (m.source_ts, _NO_KEY))
             for s in m.selections:
                 mk.sels[s.selection_id] = s
-                mk.odd_ts[s.selection_id] = m.source_ts
+                mk.odd_at[s.selection_id] = (m.source_ts, _NO_KEY)
                 if s.status == "SUSPENDED":
                     mk.locked.add(s.selection_id)
             mk.header = m.header()
@@ -562,7 +638,8 @@ class PushNormaliser:
         ``batch.rejected`` (see the module docstring).
         """
         bad: dict[str | None, FeedDecodeError] = {}  # market id (None: unnameable) -> why
-        msg = self._decode(raw, bad)
+        claims: dict[str, str] = {}  # plain market ids this message gives a sportsbook (see _market_id)
+        msg = self._decode(raw, bad, claims)
         emitted = ts_to_ms(msg.emitted_at) if msg.emitted_at is not None else None
         emitted_error = None
         if emitted is not None:
@@ -577,8 +654,18 @@ class PushNormaliser:
         if key is None:
             raise FeedDecodeError("invalid_schema", f"entry_id {msg.entry_id[:40]!r} is not <ms>-<n>", raw)
         batch = NormalisedBatch(op=_tag(msg), provider_ts=emitted, full_image=isinstance(msg, SnapshotMessage))
+        default_ts = emitted
+        if default_ts is None and emitted_error is None:
+            if self.ordered:  # a stream: applied in entry order, receipt order is that order
+                default_ts = recv_ms
+            else:  # deliveries in any order: the entry id's <ms> is the provider's time of the entry
+                try:
+                    check_provider_time(key[0], recv_ms, self.max_future_skew_ms, "entry_id <ms>")
+                    default_ts = key[0]
+                except FeedDecodeError as exc:
+                    emitted_error = exc.detail
         if isinstance(msg, OddsMessage):
-            prices, mids = self._validate_odds(msg, raw, recv_ms, emitted_error, bad)
+            prices, mids = self._validate_odds(msg, raw, recv_ms, emitted_error, bad, claims)
             status = None
         elif isinstance(msg, ScoresMessage):
             if emitted_error is not None:
@@ -604,19 +691,21 @@ class PushNormaliser:
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
             batch.stale = True
             return batch
-        default_ts = emitted if emitted is not None else recv_ms
+        if default_ts is None:  # (only odds with their own timestamp need no default: the others were rejected)
+            default_ts = recv_ms
+        self.book_of.update(claims)
         self._rejected = batch.rejected
         self._recv_ms = recv_ms
         self._raw = raw
         if isinstance(msg, OddsMessage):
-            self._apply_odds(msg, prices, mids, bad, batch, raw, default_ts, recv_ms)
+            self._apply_odds(msg, prices, mids, bad, batch, raw, default_ts, key, recv_ms)
             if isinstance(msg, SnapshotMessage) and msg.scores:
                 self._apply_scores(msg.scores, batch, raw, default_ts, recv_ms)
         elif isinstance(msg, ScoresMessage):
             self._apply_scores(msg.data, batch, raw, default_ts, recv_ms)
         else:
-            self._apply_fixture_status(msg.data, status, batch, raw, default_ts, recv_ms)
-            if status is not None or msg.data.is_live is not None:
+            taken = self._apply_fixture_status(msg.data, batch, raw, default_ts, key, recv_ms)
+            if taken and (status is not None or msg.data.is_live is not None):
                 fts = ts_to_ms(msg.data.timestamp) if msg.data.timestamp is not None else default_ts
                 self._state(str(msg.data.id), WireFixtureState(fixture_id=msg.data.id, status=msg.data.status,
                                                                is_live=msg.data.is_live), fts, batch, raw, recv_ms)
@@ -627,14 +716,30 @@ class PushNormaliser:
         return batch
 
     def forget(self, market_id: str) -> None:
-        """Drop a market's cache (e.g. long after it closed)."""
+        """Drop a market's cache (e.g. long after it closed). Which sportsbook
+        holds its plain id is kept (another book's odds keep their ``@<book>`` id)."""
         m = self.markets.pop(market_id, None)
         if m is not None:
             m.fixture.markets.pop(market_id, None)
 
+    def _market_id(self, fixture_id: str, raw_id: str, line: float | None, sportsbook: str | None,
+                   claims: dict[str, str]) -> str:
+        """The canonical id of an odd's market (module docstring, Sportsbooks):
+        the plain id unless the odd names a book other than the one holding
+        it. A plain id no book holds yet is given to ``sportsbook`` in
+        ``claims`` (kept only if the message is applied)."""
+        plain = market_id_of(fixture_id, raw_id, line, self.prefix)
+        if sportsbook is None:
+            return plain
+        key = book_key(sportsbook)
+        holder = self.book_of.get(plain)
+        if holder is None:
+            holder = claims.setdefault(plain, key)
+        return plain if holder == key else market_id_of(fixture_id, raw_id, line, self.prefix, sportsbook)
+
     # -- decoding -----------------------------------------------------------
 
-    def _decode(self, raw: bytes, bad: dict[str | None, FeedDecodeError]) -> _Message:
+    def _decode(self, raw: bytes, bad: dict[str | None, FeedDecodeError], claims: dict[str, str]) -> _Message:
         try:
             return _DECODER.decode(raw)
         except msgspec.ValidationError as exc:
@@ -658,7 +763,9 @@ class PushNormaliser:
                 text = str(exc)
                 try:
                     ref = _ODD_REF_DECODER.decode(part)
-                    mid: str | None = market_id_of(str(ref.fixture.id), str(ref.market.id), ref.market.line, self.prefix)
+                    book = ref.sportsbook if isinstance(ref.sportsbook, str) and ref.sportsbook else None
+                    mid: str | None = self._market_id(str(ref.fixture.id), str(ref.market.id), ref.market.line, book,
+                                                      claims)
                 except (msgspec.ValidationError, *_JSON_ERRORS):
                     mid = None
                 bad.setdefault(mid, FeedDecodeError(_odd_reason(text), f"{text} (at $.data[{i}])", raw, market_id=mid))
@@ -682,19 +789,22 @@ class PushNormaliser:
         raise FeedDecodeError(reason, text, raw) from None
 
     def _validate_odds(self, msg: OddsMessage, raw: bytes, recv_ms: int, emitted_error: str | None,
-                       bad: dict[str | None, FeedDecodeError]) -> tuple[list[float | None], list[str]]:
+                       bad: dict[str | None, FeedDecodeError],
+                       claims: dict[str, str]) -> tuple[list[_Price], list[str]]:
         """Every price converted to decimal, every fixture field and time
-        checked, before anything is applied: (decimal price, market id) per
-        odd; an odd that fails marks its market bad (in ``bad``)."""
-        out: list[float | None] = []
+        checked, before anything is applied: ((decimal price, the provider's
+        text of an American / fractional one), market id) per odd; an odd that
+        fails marks its market bad (in ``bad``).
+        ``emitted_error``: why the message's default time is unusable (odds
+        without ``timestamp`` are then ``clock_skew``)."""
+        out: list[_Price] = []
         mids: list[str] = []
         default_fmt = msg.price_format or "decimal"
         skew = self.max_future_skew_ms
-        prefix = self.prefix
         for i, odd in enumerate(msg.data):
-            mid = market_id_of(str(odd.fixture.id), str(odd.market.id), odd.market.line, prefix)
+            mid = self._market_id(str(odd.fixture.id), str(odd.market.id), odd.market.line, odd.sportsbook, claims)
             mids.append(mid)
-            price = None
+            price: _Price = (None, None)
             try:
                 _status_key(odd.fixture.status, raw)
                 _start_ms(odd.fixture.start_time, raw)
@@ -705,7 +815,7 @@ class PushNormaliser:
                 if odd.price is not None:
                     fmt = odd.price_format or default_fmt
                     try:
-                        price = to_decimal(odd.price, fmt)
+                        price = (to_decimal(odd.price, fmt), None if fmt == "decimal" else _price_text(odd.price))
                     except PriceError as exc:
                         raise FeedDecodeError("invalid_price", str(exc)) from None
             except FeedDecodeError as exc:
@@ -715,13 +825,26 @@ class PushNormaliser:
 
     # -- applying -------------------------------------------------------------
 
-    def _fixture(self, wf: WireFixture, raw: bytes) -> tuple[_Fixture, bool]:
-        """Update the cached fixture from ``wf``; (fixture, whether it changed)."""
+    def _fixture(self, wf: WireFixture, raw: bytes, at: _At, *, is_live: bool | None = None,
+                 force: bool = False) -> tuple[_Fixture, bool]:
+        """Update the cached fixture from ``wf`` (and an odd's ``is_live``),
+        unless what it sets is older (``at``) than the fields the fixture
+        took last (``late_fixture_fields``; ``force``: a snapshot's, always
+        taken); (fixture, whether it changed)."""
         fid = str(wf.id)
         fx = self.fixtures.get(fid)
         changed = False
         if fx is None:
             fx = self.fixtures[fid] = _Fixture(fid)
+        sets = is_live is not None or any(
+            v is not None for v in (wf.sport, wf.league, wf.home, wf.away, wf.name, wf.start_time, wf.is_live,
+                                    wf.status))
+        if not sets:
+            return fx, False
+        if at < fx.at and not force:
+            self.dropped["late_fixture_fields"] = self.dropped.get("late_fixture_fields", 0) + 1
+            return fx, False
+        fx.at = max(fx.at, at)
         for attr, value in (("sport", _sport_key(wf.sport) if wf.sport else None), ("league", wf.league),
                             ("home", wf.home), ("away", wf.away), ("name", wf.name),
                             ("start_time", _start_ms(wf.start_time, raw))):
@@ -735,55 +858,57 @@ class PushNormaliser:
         live = wf.is_live
         if live is None and status in ("live", "not_started"):
             live = status == "live"
+        if is_live is not None:  # an odd's own flag (the same as its fixture's)
+            live = is_live
         if live is not None and live != fx.in_play:
             fx.in_play = live
             changed = True
         return fx, changed
 
-    def _apply_odds(self, msg: OddsMessage, prices: list[float | None], mids: list[str],
+    def _apply_odds(self, msg: OddsMessage, prices: list[_Price], mids: list[str],
                     bad: dict[str | None, FeedDecodeError], batch: NormalisedBatch, raw: bytes,
-                    default_ts: int, recv_ms: int) -> None:
-        """Apply the odds of the markets not in ``bad``."""
+                    default_ts: int, key: tuple[int, int], recv_ms: int) -> None:
+        """Apply the odds of the markets not in ``bad``. ``default_ts``: the
+        change time (ms) of odds without ``timestamp``; ``key``: the entry id."""
         snapshot = isinstance(msg, SnapshotMessage)
         locked_msg = isinstance(msg, LockedOddsMessage)
         touched: dict[str, list[str]] = {}  # market id -> changed selection ids (ordered)
         images: set[str] = set()
         newest: dict[str, int] = {}
         refreshed: set[str] = set()  # fixtures whose header fields changed
-        for odd, price, mid in zip(msg.data, prices, mids, strict=True):
+        for odd, (price, price_raw), mid in zip(msg.data, prices, mids, strict=True):
             if bad and mid in bad:
                 continue
-            fx, fx_changed = self._fixture(odd.fixture, raw)
-            if odd.is_live is not None and odd.is_live != fx.in_play:
-                fx.in_play = odd.is_live
-                fx_changed = True
+            ts = ts_to_ms(odd.timestamp) if odd.timestamp is not None else default_ts
+            at = (ts, key)
+            sid = str(odd.selection.id)
+            m = self.markets.get(mid)
+            if (not snapshot and m is not None and sid in m.sels
+                    and at < m.odd_at.get(sid, (0, _NO_KEY))):
+                # older than the odd held: changes nothing (neither its price nor its fixture's fields)
+                self.dropped["stale_odd"] = self.dropped.get("stale_odd", 0) + 1
+                continue
+            fx, fx_changed = self._fixture(odd.fixture, raw, at, is_live=odd.is_live, force=snapshot)
             if fx_changed:
                 refreshed.add(fx.id)
             wm = odd.market
-            raw_mid = str(wm.id)
-            m = self.markets.get(mid)
             if m is None:
-                m = self.markets[mid] = _Market(mid, fx, raw_mid, wm.line)
+                m = self.markets[mid] = _Market(mid, fx, str(wm.id), wm.line)
                 fx.markets[mid] = None
                 images.add(mid)
             if snapshot and mid not in images:
                 images.add(mid)
             if snapshot and mid not in touched:
-                m.sels, m.locked, m.odd_ts = {}, set(), {}
+                m.sels, m.locked, m.odd_at = {}, set(), {}
             if wm.name is not None:
                 m.name = wm.name
             if odd.sportsbook is not None:
                 m.bookmaker = odd.sportsbook
-            ts = ts_to_ms(odd.timestamp) if odd.timestamp is not None else default_ts
-            sid = str(odd.selection.id)
             prev = m.sels.get(sid)
             changed = touched.setdefault(mid, [])
-            if prev is not None and not snapshot and ts < m.odd_ts.get(sid, 0):
-                self.dropped["stale_odd"] = self.dropped.get("stale_odd", 0) + 1
-                continue
             locked = odd.locked or locked_msg
             if locked and price is None and prev is not None:
-                price = prev.price
+                price, price_raw = prev.price, prev.price_raw
             status: SelectionStatus = _ODD_STATUS[odd.status]
             if status == "ACTIVE" and locked:
                 status = "SUSPENDED"
@@ -797,11 +922,12 @@ class PushNormaliser:
                 handicap=0.0,
                 status=status,
                 price=price,
+                price_raw=price_raw,
                 max_stake=odd.max_stake if odd.max_stake is not None else (prev.max_stake if prev else None),
                 void_factor=odd.void_factor,
                 dead_heat_factor=odd.dead_heat_factor,
             )
-            m.odd_ts[sid] = ts
+            m.odd_at[sid] = at
             if sid not in changed:
                 changed.append(sid)
             if ts > newest.get(mid, 0):
@@ -889,13 +1015,19 @@ class PushNormaliser:
             remember(self.states, eid, state)
             batch.event_states.append(state)
 
-    def _apply_fixture_status(self, wf: WireFixture, status: str | None, batch: NormalisedBatch, raw: bytes,
-                              default_ts: int, recv_ms: int) -> None:
-        fx, _ = self._fixture(wf, raw)
+    def _apply_fixture_status(self, wf: WireFixture, batch: NormalisedBatch, raw: bytes, default_ts: int,
+                              key: tuple[int, int], recv_ms: int) -> bool:
+        """A ``fixture-status``: its fields (unless older than the fixture's,
+        see :meth:`_fixture`) and every market of the fixture following them.
+        False when it was older (nothing of it taken)."""
         ts = ts_to_ms(wf.timestamp) if wf.timestamp is not None else default_ts
+        held = self.fixtures.get(str(wf.id))
+        late = held is not None and (ts, key) < held.at
+        fx, _ = self._fixture(wf, raw, (ts, key))
         for mid in fx.markets:
             m = self.markets[mid]
             self._emit(m, False, [], max(m.ts, ts), batch, recv_ms)
+        return not late
 
     def _emit(self, m: _Market, image: bool, sids: list[str], ts: int, batch: NormalisedBatch, recv_ms: int) -> None:
         self._outcomes(m, sids)

@@ -17,15 +17,17 @@ ordering rules:
 
 - **no stream order**: each delivery is applied on its own; the newest-wins
   rule is the provider time of each odd (``timestamp``, else the message's
-  ``emitted_at``, else the receive time) — an odd older than the one held
-  for its selection is dropped (``stale_odd``, PushNormaliser's rule), and a
-  market's ``source_ts`` never goes back, so the book never refuses a
-  webhook update as out of order;
-- **fixture fields newest-wins**: the normaliser remembers, per fixture, the
-  provider time of the newest message that set its fields; an odd (or a
-  ``fixture-status`` message) older than that has its fixture fields (and
-  the odd's ``is_live``) stripped before it is applied, so a late delivery
-  cannot move a fixture back;
+  ``emitted_at``, else the ``<ms>`` of its ``entry_id`` — a provider time, so
+  a retried older delivery without times never beats a newer one; never the
+  receive time), ties broken by ``entry_id`` — an odd older than the one
+  held for its selection is dropped whole (``stale_odd``, PushNormaliser's
+  rule), and a market's ``source_ts`` never goes back, so the book never
+  refuses a webhook update as out of order;
+- **fixture fields newest-wins** (PushNormaliser's rule): a fixture
+  remembers the time of the newest odd or ``fixture-status`` whose fields
+  it took; the fixture fields (and the odd's ``is_live``) of an older one
+  are ignored (``late_fixture_fields``), so a late delivery cannot move a
+  fixture back;
 - **exact duplicates**: the ``entry_id`` of the last ``remember`` applied
   deliveries is kept (not of one with a market rejected alone: its fixed
   re-delivery must apply); a delivery whose ``entry_id`` was applied already
@@ -57,10 +59,9 @@ Pure: no I/O, no clock reads. Times are integer ms since the Unix epoch.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import orjson
@@ -68,7 +69,7 @@ import orjson
 from feed.errors import FeedDecodeError
 from feed.models import CLOSED_STATUSES, Market
 from feed.normalise.base import NormalisedBatch
-from feed.normalise.push import PREFIX, PushNormaliser, entry_key, ts_to_ms
+from feed.normalise.push import PREFIX, PushNormaliser, entry_key
 from feed.validate import MAX_FUTURE_SKEW_MS
 
 if TYPE_CHECKING:
@@ -77,29 +78,14 @@ if TYPE_CHECKING:
 
 __all__ = ["WebhookNormaliser", "from_spec"]
 
-#: odd / fixture fields that describe the fixture (stripped from a late delivery)
-_FIXTURE_FIELDS = ("sport", "league", "home", "away", "name", "start_time", "is_live", "status")
-
-
-def _time_ms(value: Any) -> int | None:
-    """A provider time (epoch ms, or seconds as a number < 1e11) → ms; None
-    when absent or not a number (the push normaliser reports the error)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        return None
-    try:
-        return ts_to_ms(value)
-    except (OverflowError, ValueError):
-        return None
-
-
 class WebhookNormaliser:
     """Feeds push-format webhook deliveries in any order (module docstring).
 
     source: the source's name. prefix: id namespace (``px`` →
     ``px:<fixture>:<market>``). remember: how many applied ``entry_id`` s
     are kept to drop exact re-deliveries. :attr:`dropped` counts
-    ``duplicate``, ``late_fixture_fields`` and PushNormaliser's
-    ``stale_odd``.
+    ``duplicate`` and PushNormaliser's ``stale_odd`` and
+    ``late_fixture_fields``.
     """
 
     #: no live provider times (see Normaliser.live_provider_times)
@@ -111,7 +97,6 @@ class WebhookNormaliser:
         self.push = PushNormaliser(source, prefix=prefix, max_future_skew_ms=max_future_skew_ms, ordered=False)
         self.remember = remember
         self._applied: OrderedDict[str, None] = OrderedDict()
-        self._fixture_ts: dict[str, int] = {}
         self._cursor_key: tuple[int, int] | None = None
         self._dropped: dict[str, int] = {}
         #: changes of closed markets sent as images (see :meth:`_image_closed`)
@@ -136,15 +121,10 @@ class WebhookNormaliser:
     def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
         """Seed the cache from the source's stored markets (a later odd of
         one is a delta of it); each fixture's fields count as set at the
-        newest ``source_ts`` of its markets. ``cursor``: the greatest entry
-        id stored (kept as the cursor's floor; not used for ordering)."""
-        ms = [m for m in markets if m.source == self.source]
-        self.push.restore(ms, None)
-        pfx = self.push.prefix + ":"
-        for m in ms:
-            if m.event_id and m.event_id.startswith(pfx):
-                fid = m.event_id[len(pfx):]
-                self._fixture_ts[fid] = max(self._fixture_ts.get(fid, 0), m.source_ts)
+        newest ``source_ts`` of its markets (:meth:`PushNormaliser.restore`).
+        ``cursor``: the greatest entry id stored (kept as the cursor's floor;
+        not used for ordering)."""
+        self.push.restore([m for m in markets if m.source == self.source], None)
         if cursor is not None:
             self._cursor_key = entry_key(cursor)
 
@@ -161,8 +141,6 @@ class WebhookNormaliser:
             msg = orjson.loads(raw)
         except orjson.JSONDecodeError:
             msg = None  # the push normaliser says why (invalid_json)
-        original = raw
-        fixture_ts: dict[str, int] = {}
         entry_id: str | None = None
         if isinstance(msg, dict):
             kind = msg.get("type")
@@ -175,22 +153,9 @@ class WebhookNormaliser:
                     and entry_id in self._applied:
                 self._dropped["duplicate"] = self._dropped.get("duplicate", 0) + 1
                 return NormalisedBatch(op=str(kind), stale=True)
-            emitted = _time_ms(msg.get("emitted_at"))
-            default_ts = emitted if emitted is not None else recv_ms
-            if self._strip_late_fixture_fields(msg, default_ts, recv_ms + self.max_future_skew_ms, fixture_ts):
-                raw = orjson.dumps(msg)
-        try:
-            batch = self.push.feed(raw, recv_ms)
-        except FeedDecodeError as exc:
-            exc.raw = original  # quarantine what was delivered, not our rewrite
-            raise
-        for rejected in batch.rejected:
-            rejected.raw = original
+        batch = self.push.feed(raw, recv_ms)
         batch.cursor = None
         self._image_closed(batch)
-        for fid, ts in fixture_ts.items():
-            if ts > self._fixture_ts.get(fid, -1):
-                self._fixture_ts[fid] = ts
         if entry_id is not None and not batch.heartbeat and not batch.rejected:
             # (a message with a market rejected is not remembered: its fixed re-delivery must apply)
             self._applied[entry_id] = None
@@ -218,54 +183,6 @@ class WebhookNormaliser:
                 continue
             updates[i] = msgspec.structs.replace(u, image=True, header=m.header, selections=list(m.sels.values()))
             self.closed_images += 1
-
-    def _strip_late_fixture_fields(self, msg: dict[str, Any], default_ts: int, limit_ms: int,
-                                   seen: dict[str, int]) -> bool:
-        """Remove fixture fields older than what is held for their fixture
-        (in place); record in ``seen`` the newest time per fixture whose
-        fields this message sets (times past ``limit_ms`` — rejected as
-        ``clock_skew`` by the push normaliser — are not recorded, so a
-        poisoned time cannot freeze a fixture). True when something was removed."""
-        held = self._fixture_ts
-        stripped = False
-        kind = msg.get("type")
-        if kind in ("odds", "locked-odds"):
-            data = msg.get("data")
-            if not isinstance(data, list):
-                return False
-            for odd in data:
-                fx = odd.get("fixture") if isinstance(odd, dict) else None
-                if not isinstance(fx, dict) or "id" not in fx or isinstance(fx["id"], (dict, list)):
-                    continue
-                ts = _time_ms(odd.get("timestamp"))
-                ts = default_ts if ts is None else ts
-                fid = str(fx["id"])
-                newest = max(held.get(fid, -1), seen.get(fid, -1))
-                sets = any(k in fx for k in _FIXTURE_FIELDS) or "is_live" in odd
-                if ts < newest:
-                    if sets:
-                        for k in _FIXTURE_FIELDS:
-                            fx.pop(k, None)
-                        odd.pop("is_live", None)
-                        stripped = True
-                        self._dropped["late_fixture_fields"] = self._dropped.get("late_fixture_fields", 0) + 1
-                elif sets and ts <= limit_ms:
-                    seen[fid] = ts
-        elif kind == "fixture-status":
-            fx = msg.get("data")
-            if not isinstance(fx, dict) or "id" not in fx or isinstance(fx["id"], (dict, list)):
-                return False
-            ts = _time_ms(fx.get("timestamp"))
-            ts = default_ts if ts is None else ts
-            fid = str(fx["id"])
-            if ts < held.get(fid, -1):
-                for k in _FIXTURE_FIELDS:
-                    fx.pop(k, None)
-                stripped = True
-                self._dropped["late_fixture_fields"] = self._dropped.get("late_fixture_fields", 0) + 1
-            elif ts <= limit_ms:
-                seen[fid] = ts
-        return stripped
 
 
 def from_spec(spec: SourceSpec, settings: Settings) -> WebhookNormaliser:
