@@ -284,3 +284,211 @@ def test_sport_of() -> None:
     assert sport_of("americanfootball_nfl") == "american_football"
     assert sport_of("basketball_nba") == "basketball"
     assert sport_of("icehockey_nhl") == "ice_hockey"
+
+
+# -- market key families: periods, alternates, pairing -----------------------------------
+
+_NBA = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+_NOW = 1_755_349_200_000
+
+
+def _game(markets: list[tuple[str, str, list[tuple[str, float, float | None, str | None]]]],
+          sport_key: str = "basketball_nba", home: str = "Boston Celtics", away: str = "Miami Heat") -> bytes:
+    """One event's body: markets = [(bookmaker, market key, [(name, decimal price, point or None,
+    description or None)])]."""
+    ts = "2025-08-16T12:59:00Z"
+    books: dict[str, list[dict[str, Any]]] = {}
+    for book, key, outs in markets:
+        books.setdefault(book, []).append({"key": key, "last_update": ts, "outcomes": [
+            {"name": n, "price": p, **({"point": pt} if pt is not None else {}),
+             **({"description": d} if d is not None else {})} for n, p, pt, d in outs]})
+    return json.dumps([{"id": _NBA, "sport_key": sport_key, "commence_time": "2025-08-16T20:00:00Z",
+                        "home_team": home, "away_team": away,
+                        "bookmakers": [{"key": b, "title": b, "last_update": ts, "markets": ms}
+                                       for b, ms in books.items()]}]).encode()
+
+
+def _book_of(body: bytes, sport_key: str = "basketball_nba") -> Book:
+    n, book = TheOddsApiNormaliser(), Book()
+    batch = n.feed(body, _NOW, sport_key)
+    assert batch.rejected == [], [str(e) for e in batch.rejected]
+    for u in batch.updates:
+        assert book.apply(u, stored_at=_NOW) is not None, u.market_id
+    return book
+
+
+def _sels(book: Book, mid: str) -> list[tuple[str, float, float | None]]:
+    return [(s.selection_id, s.handicap, s.price) for s in book.markets[mid].selections]
+
+
+#: the spreads family (The Odds API's market keys: featured, alternate, game periods,
+#: baseball innings, soccer specials) → (canonical type, period)
+SPREAD_KEYS = [
+    ("spreads", "handicap", None), ("alternate_spreads", "handicap", None),
+    ("spreads_h1", "handicap", "1h"), ("spreads_h2", "handicap", "2h"),
+    ("spreads_q1", "handicap", "q1"), ("spreads_q2", "handicap", "q2"), ("spreads_q3", "handicap", "q3"),
+    ("spreads_q4", "handicap", "q4"), ("spreads_p1", "handicap", "p1"), ("spreads_p2", "handicap", "p2"),
+    ("spreads_p3", "handicap", "p3"), ("alternate_spreads_h1", "handicap", "1h"),
+    ("alternate_spreads_q4", "handicap", "q4"), ("alternate_spreads_p2", "handicap", "p2"),
+    ("spreads_1st_5_innings", "handicap", "f5"), ("alternate_spreads_1st_5_innings", "handicap", "f5"),
+    ("spreads_1st_3_innings", "raw:spreads_1st_3_innings", None),
+    ("alternate_spreads_corners", "raw:alternate_spreads_corners", None),
+]
+
+
+@pytest.mark.parametrize(("key", "mtype", "period"), SPREAD_KEYS, ids=[k for k, _, _ in SPREAD_KEYS])
+def test_every_spreads_key_files_both_sides_under_the_home_point(key: str, mtype: str, period: str | None) -> None:
+    """Only ``spreads`` / ``alternate_spreads`` negated the away point; a
+    period spread (``spreads_h1`` …) filed each outcome under its own point,
+    so betmgm's Celtics +1.5 @ 1.40 / Heat -1.5 @ 2.90 put Heat -1.5 @ 2.90 in
+    as the "away" of ``line=-1.5`` — Heat **+1.5** — next to another book's
+    Celtics -1.5. Every spreads-family key now pairs by the home point."""
+    book = _book_of(_game([
+        ("betmgm", key, [("Boston Celtics", 1.40, 1.5, None), ("Miami Heat", 2.90, -1.5, None),
+                         ("Boston Celtics", 1.95, -1.5, None), ("Miami Heat", 1.87, 1.5, None)]),
+    ]))
+    pre = f"toa:{_NBA}:betmgm:{key}"
+    assert set(book.markets) == {f"{pre}:1.5", f"{pre}:-1.5"}
+    assert _sels(book, f"{pre}:1.5") == [("home", 1.5, 1.40), ("away", -1.5, 2.90)]
+    assert _sels(book, f"{pre}:-1.5") == [("home", -1.5, 1.95), ("away", 1.5, 1.87)]
+    for line in ("1.5", "-1.5"):
+        m = book.markets[f"{pre}:{line}"]
+        assert m.market_type == mtype
+        assert m.specifiers == {"sport_key": "basketball_nba", "line": line, **({"period": period} if period else {})}
+
+
+def test_a_period_spread_price_check_reads_the_right_side() -> None:
+    """The audit's case end to end: through the book, the node's best view and
+    a price check, Heat +1.5 (1st half) at 2.90 — a price only ever offered
+    for Heat **-1.5** — is no longer accepted; the real Heat +1.5 price is."""
+    from streaming.pricecheck import PriceCheckRequest, check
+    from streaming.state import NodeState
+
+    from feed.models import SourceHealth
+    from feed.settings import Settings
+
+    book = _book_of(_game([
+        ("fanduel", "spreads", [("Boston Celtics", 1.91, -1.5, None), ("Miami Heat", 1.91, 1.5, None)]),
+        ("draftkings", "spreads_h1", [("Boston Celtics", 1.95, -1.5, None), ("Miami Heat", 1.87, 1.5, None)]),
+        ("betmgm", "spreads_h1", [("Boston Celtics", 1.40, 1.5, None), ("Miami Heat", 2.90, -1.5, None)]),
+    ]))
+    st = NodeState(Settings(), 1)
+    st.replace_partitions({0: ("0-0", list(book.markets.values()))}, "e")
+    st.set_health([SourceHealth(source="theoddsapi", state="UP", last_message_at=_NOW)], now=_NOW)
+
+    def ask(market: str, outcome: str, price: float) -> Any:
+        return check(st, PriceCheckRequest(event=f"ev:toa:{_NBA}", market=market, outcome=outcome, side="back",
+                                           price=price), _NOW)
+
+    heat_plus = ask("handicap:period=1h|line=-1.5", "away", 2.90)  # Celtics -1.5 / Heat +1.5
+    assert heat_plus.reason != "OK" and not heat_plus.accepted
+    assert (heat_plus.bookmaker, heat_plus.current_price) == ("draftkings", 1.87)
+    heat_minus = ask("handicap:period=1h|line=1.5", "away", 2.90)  # Celtics +1.5 / Heat -1.5
+    assert heat_minus.accepted and (heat_minus.bookmaker, heat_minus.selection_id) == ("betmgm", "away")
+
+
+def test_a_stored_market_of_the_old_pairing_is_suspended() -> None:
+    """After the upgrade, a stored ``spreads_h1:-1.5`` market holding only
+    betmgm's Heat -1.5 as "away" (the old pairing) is absent from the next
+    snapshot: SUSPENDED, so nothing reads its price as Heat +1.5 any more;
+    the price comes back in ``spreads_h1:1.5``."""
+    from feed.models import Market, Selection
+
+    pre = f"toa:{_NBA}:betmgm:spreads_h1"
+    old = Market(market_id=f"{pre}:-1.5", source="theoddsapi", status="OPEN", event_id=f"toa:{_NBA}",
+                 bookmaker="betmgm", market_type="handicap", seq=3, source_ts=_NOW - 60_000,
+                 specifiers={"sport_key": "basketball_nba", "period": "1h", "line": "-1.5"},
+                 selections=[Selection(selection_id="away", price=2.9, handicap=-1.5, outcome="away")])
+    n = TheOddsApiNormaliser()
+    n.restore([old])
+    batch = n.feed(_game([("betmgm", "spreads_h1", [("Boston Celtics", 1.40, 1.5, None),
+                                                    ("Miami Heat", 2.90, -1.5, None)])]), _NOW, "basketball_nba")
+    by_id = {u.market_id: u for u in batch.updates}
+    gone = by_id[f"{pre}:-1.5"].header
+    assert gone is not None and (gone.status, gone.suspend_reason) == ("SUSPENDED", "not_offered")
+    assert [(s.selection_id, s.price) for s in by_id[f"{pre}:1.5"].selections] == [("home", 1.4), ("away", 2.9)]
+
+
+#: the totals family → (canonical type, period)
+TOTAL_KEYS = [
+    ("totals", "total", None), ("alternate_totals", "total", None), ("totals_h1", "total", "1h"),
+    ("totals_h2", "total", "2h"), ("totals_q1", "total", "q1"), ("totals_q4", "total", "q4"),
+    ("totals_p1", "total", "p1"), ("totals_p3", "total", "p3"), ("alternate_totals_q1", "total", "q1"),
+    ("alternate_totals_h2", "total", "2h"), ("totals_1st_5_innings", "total", "f5"),
+    ("alternate_totals_1st_7_innings", "raw:alternate_totals_1st_7_innings", None),
+    ("alternate_totals_corners", "raw:alternate_totals_corners", None),
+]
+
+
+@pytest.mark.parametrize(("key", "mtype", "period"), TOTAL_KEYS, ids=[k for k, _, _ in TOTAL_KEYS])
+def test_every_totals_key_pairs_over_and_under_at_one_point(key: str, mtype: str, period: str | None) -> None:
+    """Over and Under of one point are one market (two points: two markets),
+    period from the key; like ``totals``, the point is the market's line, not
+    a selection handicap, and the names say it (``Over 2.5``) — a period
+    total used to carry the total as each selection's handicap, unnamed."""
+    book = _book_of(_game([("fanduel", key, [("Over", 1.91, 2.5, None), ("Under", 1.89, 2.5, None),
+                                             ("Over", 2.40, 3.5, None), ("Under", 1.55, 3.5, None)])]))
+    pre = f"toa:{_NBA}:fanduel:{key}"
+    assert set(book.markets) == {f"{pre}:2.5", f"{pre}:3.5"}
+    assert _sels(book, f"{pre}:2.5") == [("over", 0.0, 1.91), ("under", 0.0, 1.89)]
+    assert _sels(book, f"{pre}:3.5") == [("over", 0.0, 2.40), ("under", 0.0, 1.55)]
+    m = book.markets[f"{pre}:2.5"]
+    assert [s.name for s in m.selections] == ["Over 2.5", "Under 2.5"]
+    assert m.market_type == mtype
+    assert m.specifiers == {"sport_key": "basketball_nba", "line": "2.5", **({"period": period} if period else {})}
+
+
+@pytest.mark.parametrize(("key", "period"), [("team_totals", None), ("team_totals_h1", "1h"),
+                                             ("team_totals_q2", "q2"), ("alternate_team_totals", None),
+                                             ("alternate_team_totals_p1", "p1")])
+def test_team_totals_pair_each_teams_over_and_under(key: str, period: str | None) -> None:
+    """A team total's outcomes name the team in ``description``: each team's
+    Over and Under of one point stay together (``<team>:over``), never another
+    team's; ``alternate_team_totals`` is a ``team_total`` too (it was
+    ``raw:alternate_team_totals``)."""
+    book = _book_of(_game([("draftkings", key, [
+        ("Over", 1.87, 110.5, "Boston Celtics"), ("Under", 1.95, 110.5, "Boston Celtics"),
+        ("Over", 1.80, 104.5, "Miami Heat"), ("Under", 2.02, 104.5, "Miami Heat")])]))
+    pre = f"toa:{_NBA}:draftkings:{key}"
+    assert set(book.markets) == {f"{pre}:110.5", f"{pre}:104.5"}
+    assert _sels(book, f"{pre}:110.5") == [("boston_celtics:over", 0.0, 1.87), ("boston_celtics:under", 0.0, 1.95)]
+    assert _sels(book, f"{pre}:104.5") == [("miami_heat:over", 0.0, 1.80), ("miami_heat:under", 0.0, 2.02)]
+    m = book.markets[f"{pre}:110.5"]
+    assert m.market_type == "team_total"
+    assert m.specifiers == {"sport_key": "basketball_nba", "line": "110.5", **({"period": period} if period else {})}
+
+
+#: h2h keys: (sport key, market key, outcomes, canonical type, period)
+H2H_KEYS: list[tuple[str, str, tuple[str, ...], str, str | None]] = [
+    ("basketball_nba", "h2h", ("Boston Celtics", "Miami Heat"), "moneyline", None),
+    ("basketball_nba", "h2h_h1", ("Boston Celtics", "Miami Heat"), "moneyline", "1h"),
+    ("basketball_nba", "h2h_q3", ("Boston Celtics", "Miami Heat"), "moneyline", "q3"),
+    ("basketball_nba", "h2h_3_way_h1", ("Boston Celtics", "Miami Heat", "Draw"), "match_result", "1h"),
+    ("basketball_nba", "h2h_3_way_q1", ("Boston Celtics", "Miami Heat"), "match_result", "q1"),  # Draw missing
+    ("icehockey_nhl", "h2h_3_way", ("Boston Celtics", "Miami Heat"), "match_result", None),  # Draw missing
+    ("icehockey_nhl", "h2h_p1", ("Boston Celtics", "Miami Heat", "Draw"), "match_result", "p1"),
+    ("icehockey_nhl", "h2h_3_way_p2", ("Boston Celtics", "Miami Heat", "Draw"), "match_result", "p2"),
+    ("soccer_epl", "h2h_h1", ("Boston Celtics", "Miami Heat", "Draw"), "match_result", "1h"),
+    ("baseball_mlb", "h2h_1st_5_innings", ("Boston Celtics", "Miami Heat"), "moneyline", "f5"),
+    ("baseball_mlb", "h2h_3_way_1st_5_innings", ("Boston Celtics", "Miami Heat", "Draw"), "match_result", "f5"),
+    ("baseball_mlb", "h2h_1st_3_innings", ("Boston Celtics", "Miami Heat"), "raw:h2h_1st_3_innings", None),
+]
+
+
+@pytest.mark.parametrize(("sport_key", "key", "names", "mtype", "period"), H2H_KEYS,
+                         ids=[f"{s}-{k}-{len(o)}" for s, k, o, _, _ in H2H_KEYS])
+def test_h2h_period_keys(sport_key: str, key: str, names: tuple[str, ...], mtype: str, period: str | None) -> None:
+    """h2h keys of every period: ``moneyline`` / ``match_result`` (a Draw
+    offered) with the key's period. A three-way key (``h2h_3_way*``) is
+    ``match_result`` even when its Draw is missing: its prices lose on a draw
+    and must never be read as a two-way moneyline's (it was ``moneyline``,
+    next to ``h2h``)."""
+    outs: list[tuple[str, float, float | None, str | None]] = [(nm, 2.0 + i, None, None)
+                                                               for i, nm in enumerate(names)]
+    book = _book_of(_game([("pinnacle", key, outs)], sport_key=sport_key), sport_key)
+    mid = f"toa:{_NBA}:pinnacle:{key}"
+    assert set(book.markets) == {mid}
+    m = book.markets[mid]
+    assert [s.selection_id for s in m.selections] == ["home", "away", "draw"][:len(names)]
+    assert m.market_type == mtype
+    assert m.specifiers == {"sport_key": sport_key, **({"period": period} if period else {})}

@@ -20,20 +20,47 @@ normaliser is **snapshot-diff**:
 
 Canonical ids, one market per (event, bookmaker, market key, line)::
 
-    toa:<eventId>:<bookmaker>:h2h
-    toa:<eventId>:<bookmaker>:spreads:<home point>
-    toa:<eventId>:<bookmaker>:totals:<points>
+    toa:<eventId>:<bookmaker>:h2h                      (no points: h2h_h1, btts …)
+    toa:<eventId>:<bookmaker>:spreads:<home point>     (the spreads family)
+    toa:<eventId>:<bookmaker>:totals:<points>          (the totals family, props)
+
+**Market key families.** A key is ``[alternate_]<base>[_<part>]``: base
+``h2h``, ``h2h_3_way``, ``spreads``, ``totals``, ``team_totals`` …; part a
+game period (``h1``, ``h2``, ``q1``…``q4``, ``p1``…``p3``,
+``1st_<n>_innings``) or a soccer special (``corners``, ``cards``).
+
+- The **spreads family** (``spreads``, ``alternate_spreads`` and every
+  ``[alternate_]spreads_<part>``: ``spreads_h1``, ``alternate_spreads_q3``,
+  ``spreads_p1``, ``spreads_1st_5_innings``, ``alternate_spreads_corners``
+  …): each outcome carries its own side's point (Celtics −1.5 / Heat +1.5
+  are one line), so both outcomes file under the **home** point: the home
+  outcome's point, the away outcome's point negated. ``line`` (id and
+  specifier) = the home point; each selection's ``handicap`` = its own
+  point. So Celtics +1.5 / Heat −1.5 is the line ``1.5`` and never the
+  "away" side of ``-1.5``.
+- The **totals family** (``[alternate_][team_]totals[_<part>]``): Over and
+  Under share one point, the ``line``; ``handicap`` 0, names ``Over 2.5``.
+  ``team_totals`` outcomes name the team in ``description``: selection ids
+  ``<team>:over`` (no ``team`` specifier).
+- Other keys with points (``player_*`` props …): ``line`` = the outcome's
+  point, which is also its ``handicap``.
 
 market_type: the canonical type of :mod:`feed.taxonomy` (``h2h`` →
-``match_result`` when a Draw is offered, else ``moneyline``; ``spreads`` →
-``handicap``; ``totals`` → ``total``; ``btts``, ``draw_no_bet``,
-``player_*`` props; unknown keys → ``raw:<key>``); ``specifiers`` carry the
-canonical ``line`` (the home side's point for spreads) and ``sport_key``
-(the scope, needed to resume after a restart). Selection ids (and their
-``outcome``):
+``match_result`` when a Draw is offered, else ``moneyline``;
+``h2h_3_way`` → ``match_result`` always; the spreads family →
+``handicap``; totals → ``total``; ``[alternate_]team_totals`` →
+``team_total``; ``btts``, ``draw_no_bet``, ``player_*`` props; unknown
+keys → ``raw:<key>``) with ``period`` from the
+key's period part (``h1`` → ``1h``, ``h2`` → ``2h``, ``q1``…``q4``,
+``p1``…``p3`` as they are, ``1st_5_innings`` → ``f5``); a key whose part
+has no canonical name (``1st_3_innings``, ``corners``, ``cards``) stays
+``raw:<key>``, its outcomes still paired by its family's rule.
+``specifiers`` carry the canonical ``line`` and ``sport_key`` (the scope,
+needed to resume after a restart). Selection ids (and their ``outcome``):
 ``home`` / ``away`` / ``draw`` (matched on the event's team names),
-``over`` / ``under``, else the outcome name lower-cased. ``in_play`` =
-``commence_time <= recv_ms``. Prices: decimal, or American with
+``over`` / ``under``, else the outcome name lower-cased; an outcome with a
+``description`` (a player, a team) → ``<description slug>:<id>``.
+``in_play`` = ``commence_time <= recv_ms``. Prices: decimal, or American with
 ``odds_format="american"``, converted and validated by :mod:`feed.odds`
 (rounded against the bettor: down, these are prices offered to back).
 
@@ -104,26 +131,75 @@ from feed.normalise.rendered import (
     make_selection,
     price_to_decimal,
 )
-from feed.taxonomy import generic_market
+from feed.taxonomy import generic_market, is_unmapped
 from feed.validate import MAX_FUTURE_SKEW_MS, MAX_HANDICAP, check_event_state, check_market, check_provider_time
 
 if TYPE_CHECKING:
     from feed.settings import Settings
     from feed.sources.spec import SourceSpec
 
-__all__ = ["TheOddsApiNormaliser", "sport_of"]
+__all__ = ["TheOddsApiNormaliser", "market_family", "market_type_of", "sport_of"]
 
 SOURCE_PREFIX = "toa:"
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_SPREADS = frozenset({"spreads", "alternate_spreads"})
-_TOTALS = frozenset({"totals", "alternate_totals"})
+#: the spreads family: ``spreads``, ``alternate_spreads``, ``spreads_h1``,
+#: ``alternate_spreads_q3``, ``spreads_1st_5_innings``, ``alternate_spreads_corners`` …
+#: (each outcome at its own side's point: filed under the home point)
+_SPREADS = re.compile(r"^(?:alternate_)?spreads(?:_[a-z0-9_]+)?$")
+#: the totals family: ``totals``, ``alternate_totals_q1``, ``team_totals_h1``,
+#: ``alternate_team_totals`` … (Over and Under at one shared point)
+_TOTALS = re.compile(r"^(?:alternate_)?(?:team_)?totals(?:_[a-z0-9_]+)?$")
+#: a key of the first five innings (``spreads_1st_5_innings``): canonical period ``f5``
+_FIRST_FIVE = "_1st_5_innings"
 #: a market key ending so holds lay odds (``h2h_lay``, ``outrights_lay``): not carried
 _LAY_SUFFIX = "_lay"
 
 #: sport-key group prefix → canonical sport (``soccer_epl`` → ``soccer``)
 _SPORT_GROUPS = {"americanfootball": "american_football", "icehockey": "ice_hockey", "mma": "mma",
                  "aussierules": "australian_rules", "rugbyleague": "rugby_league", "rugbyunion": "rugby_union"}
+
+
+def market_family(key: str) -> Literal["spreads", "totals", None]:
+    """The pairing family of an Odds API market key (see the module
+    docstring): ``"spreads"`` (``spreads``, ``spreads_h1``,
+    ``alternate_spreads_p2`` …: outcomes filed under the home point),
+    ``"totals"`` (``totals_q1``, ``alternate_team_totals`` …: one shared
+    point), else None (a point is the outcome's own line). Case-insensitive."""
+    k = key.lower()
+    if _SPREADS.match(k):
+        return "spreads"
+    if _TOTALS.match(k):
+        return "totals"
+    return None
+
+
+def market_type_of(key: str, *, has_draw: bool | None = None, sport: str | None = None
+                   ) -> tuple[str, dict[str, str]]:
+    """An Odds API market key → (canonical type, specifiers found in the
+    key: ``period``): :func:`feed.taxonomy.generic_market` (``spreads_h1`` →
+    ``handicap`` ``period=1h``, ``h2h_3_way_p1`` → ``match_result``
+    ``period=p1``) plus the Odds API's own forms: ``alternate_team_totals``
+    (any period) → ``team_total``; ``<key>_1st_5_innings`` → the key's type
+    with ``period=f5``; ``h2h_3_way`` (any period) is always
+    ``match_result``: a three-way price (the draw loses) must never be read
+    as a two-way moneyline's, even in a snapshot whose Draw outcome is
+    missing. Anything else unknown → ``raw:<key>``. has_draw / sport: as for
+    ``generic_market``."""
+    k = key.lower()
+    base, period = k, None
+    if base.startswith("h2h_3_way"):
+        has_draw = True
+    if base.startswith("alternate_team_totals"):
+        base = base[len("alternate_"):]
+    if base.endswith(_FIRST_FIVE):
+        base, period = base[: -len(_FIRST_FIVE)], "f5"
+    mtype, spec = generic_market(base, has_draw=has_draw, sport=sport)
+    if is_unmapped(mtype) or (period is not None and "period" in spec):
+        return generic_market(key, has_draw=has_draw, sport=sport)
+    if period is not None:
+        spec["period"] = period
+    return mtype, spec
 
 
 def sport_of(sport_key: str) -> str:
@@ -530,7 +606,8 @@ class TheOddsApiNormaliser:
         fmt = self.odds_format
         ts = self._time(m.last_update, f"event {ev.id} {bm.key} {m.key} last_update", raw, True, recv_ms, prefix) \
             or bm_ts or recv_ms
-        # group outcomes into lines
+        family = market_family(m.key)
+        # group outcomes into lines: the spreads family by the home side's point
         lines: dict[str | None, list[Selection]] = {}
         for i, o in enumerate(m.outcomes):
             where = f"event {ev.id} {bm.key} {m.key} outcome {i}"
@@ -544,16 +621,16 @@ class TheOddsApiNormaliser:
             handicap = 0.0
             line: str | None = None
             if o.point is not None:
-                if m.key in _SPREADS:
+                if family == "spreads":  # the away side's +1.5 is the home side's -1.5 line
                     line = fmt_line(o.point if sid != "away" else -o.point)
                     handicap = o.point
                 else:
                     line = fmt_line(o.point)
-                    handicap = 0.0 if m.key in _TOTALS else o.point
+                    handicap = 0.0 if family == "totals" else o.point
             if o.description:
                 sid = f"{_slug(o.description)}:{sid}"
             name = display_name(o.name)
-            if m.key in _TOTALS and o.point is not None:
+            if family == "totals" and o.point is not None:
                 name = f"{name} {fmt_line(o.point)}"
             lines.setdefault(line, []).append(
                 make_selection(sid, name, price, raw_price=o.price, odds_format=fmt, handicap=handicap, outcome=sid))
@@ -564,7 +641,7 @@ class TheOddsApiNormaliser:
                 raise _Rejected(prefix, FeedDecodeError(
                     "invalid_schema", f"duplicate outcomes in event {ev.id} {bm.key} {m.key}", raw))
             mid = f"{prefix}" + (f":{line}" if line is not None else "")
-            mtype, spec = generic_market(m.key, has_draw=any(s.outcome == "draw" for s in sels),
+            mtype, spec = market_type_of(m.key, has_draw=any(s.outcome == "draw" for s in sels),
                                          sport=common["sport"])
             spec["sport_key"] = ev.sport_key
             if line is not None:
