@@ -175,13 +175,13 @@ def test_invalid_prices_reject_their_market_alone(price: Any, fmt: str | None) -
     message: not the good odd of the same market either); the message's
     other markets apply and the entry id advances."""
     n = PushNormaliser("px")
-    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("o", 1.9, market="total")))
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("o", 1.9, market="btts")))
     extra = {"price_format": fmt} if fmt else {}
-    raw = msg("odds", 2, odd("a", 2.2), odd("b", price, **extra), odd("o", 1.95, market="total"))
+    raw = msg("odds", 2, odd("a", 2.2), odd("b", price, **extra), odd("o", 1.95, market="btts"))
     batch = feed(n, raw)
     assert [(e.reason, e.market_id) for e in batch.rejected] == [("invalid_price", "px:f1:ml")]
     assert batch.rejected[0].raw == raw
-    assert [(u.market_id, [s.price for s in u.selections]) for u in batch.updates] == [("px:f1:total", [1.95])]
+    assert [(u.market_id, [s.price for s in u.selections]) for u in batch.updates] == [("px:f1:btts", [1.95])]
     assert batch.cursor == n.last_entry_id
     # nothing of the bad market was applied: not the good odd either
     assert [s.price for s in n.markets["px:f1:ml"].sels.values()] == [2.0, 3.0]
@@ -232,13 +232,13 @@ def test_a_bad_odd_rejects_its_market_alone(bad: dict[str, Any], reason: str, ma
     from feed.validate import validate_update
 
     n = PushNormaliser("px")
-    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("o", 1.9, market="total")))
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("o", 1.9, market="btts")))
     before = dict(n.markets["px:f1:ml"].sels)
-    raw = msg("odds", 2, odd("o", 1.95, market="total"), odd("a", 2.2), bad)
+    raw = msg("odds", 2, odd("o", 1.95, market="btts"), odd("a", 2.2), bad)
     batch = feed(n, raw)
     assert [(e.reason, e.market_id) for e in batch.rejected] == [(reason, market)], [str(e) for e in batch.rejected]
     got = {u.market_id for u in batch.updates}
-    assert "px:f1:total" in got
+    assert "px:f1:btts" in got
     if market is not None:  # (an unnameable odd: its market cannot be left out, its good odds apply)
         assert "px:f1:ml" not in got and n.markets["px:f1:ml"].sels == before
     for u in batch.updates:
@@ -247,10 +247,10 @@ def test_a_bad_odd_rejects_its_market_alone(bad: dict[str, Any], reason: str, ma
 
 def test_a_bad_emitted_at_rejects_the_markets_of_odds_without_their_own_time() -> None:
     n = PushNormaliser("px")
-    raw = msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="total", timestamp=1718000000.0), ms=RECV_MS + 3_600_000)
+    raw = msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="btts", timestamp=1718000000.0), ms=RECV_MS + 3_600_000)
     batch = n.feed(raw, RECV_MS)
     assert [(e.reason, e.market_id) for e in batch.rejected] == [("clock_skew", "px:f1:ml")]
-    assert [u.market_id for u in batch.updates] == ["px:f1:total"] and batch.provider_ts is None
+    assert [u.market_id for u in batch.updates] == ["px:f1:btts"] and batch.provider_ts is None
     with pytest.raises(FeedDecodeError) as info:
         n.feed(msg("fixture-status", 2, data={"id": "f1", "status": "live"}, ms=RECV_MS + 3_600_000), RECV_MS)
     assert info.value.reason == "clock_skew"
@@ -349,10 +349,10 @@ def test_locked_odds_keep_the_last_price_and_suspend_the_market_when_all_are_loc
 
 def test_fixture_status_moves_every_market_of_the_fixture() -> None:
     n = PushNormaliser("px")
-    feed(n, msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="total")))
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="btts")))
     batch = feed(n, msg("fixture-status", 2, data={"id": "f1", "status": "suspended"}))
     assert [(u.market_id, u.header.status, u.header.suspend_reason) for u in batch.updates] == [  # type: ignore[union-attr]
-        ("px:f1:ml", "SUSPENDED", "fixture_suspended"), ("px:f1:total", "SUSPENDED", "fixture_suspended")]
+        ("px:f1:ml", "SUSPENDED", "fixture_suspended"), ("px:f1:btts", "SUSPENDED", "fixture_suspended")]
     batch = feed(n, msg("fixture-status", 3, data={"id": "f1", "status": "live", "is_live": True}))
     assert [(u.header.status, u.header.in_play) for u in batch.updates] == [("OPEN", True), ("OPEN", True)]  # type: ignore[union-attr]
     assert feed(n, msg("fixture-status", 4, data={"id": "f1", "status": "live"})).updates == []
@@ -364,10 +364,10 @@ def test_fixture_status_moves_every_market_of_the_fixture() -> None:
 
 def test_a_fixture_change_inside_odds_reaches_its_other_markets() -> None:
     n = PushNormaliser("px")
-    feed(n, msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="total")))
+    feed(n, msg("odds", 1, odd("a", 2.0), odd("o", 1.9, market="btts")))
     batch = feed(n, msg("odds", 2, odd("a", 2.1, is_live=True)))
     assert [(u.market_id, u.header is not None and u.header.in_play) for u in batch.updates] == [
-        ("px:f1:ml", True), ("px:f1:total", True)]
+        ("px:f1:ml", True), ("px:f1:btts", True)]
 
 
 def _book_run(n: PushNormaliser, book: Book, raw: bytes) -> Any:
@@ -386,10 +386,10 @@ def test_each_sportsbook_of_a_stream_is_a_market_of_its_own() -> None:
     am = {"price_format": "american"}
     _book_run(n, book, msg("odds", 1, odd("a", -150, sportsbook="DraftKings", **am),
                            odd("b", 130, sportsbook="DraftKings", **am), odd("a", -110, sportsbook="FanDuel", **am),
-                           odd("o", 1.9, market="total", sportsbook="FanDuel")))
-    assert sorted(book.markets) == ["px:f1:ml", "px:f1:ml@fanduel", "px:f1:total"]
+                           odd("o", 1.9, market="btts", sportsbook="FanDuel")))
+    assert sorted(book.markets) == ["px:f1:btts", "px:f1:ml", "px:f1:ml@fanduel"]
     dk, fd = book.markets["px:f1:ml"], book.markets["px:f1:ml@fanduel"]
-    assert (dk.bookmaker, fd.bookmaker, book.markets["px:f1:total"].bookmaker) == ("DraftKings", "FanDuel", "FanDuel")
+    assert (dk.bookmaker, fd.bookmaker, book.markets["px:f1:btts"].bookmaker) == ("DraftKings", "FanDuel", "FanDuel")
     assert {s.selection_id: s.price_raw for s in dk.selections} == {"a": "-150", "b": "130"}
     assert {s.selection_id: s.price_raw for s in fd.selections} == {"a": "-110"}
     assert (dk.event_id, fd.event_id, fd.market_type_raw) == ("px:f1", "px:f1", "ml")
@@ -397,24 +397,24 @@ def test_each_sportsbook_of_a_stream_is_a_market_of_its_own() -> None:
     _book_run(n, book, msg("odds", 2, odd("b", 2.4, sportsbook="FanDuel"), odd("a", 1.7, sportsbook="DraftKings")))
     _book_run(n, book, msg("odds", 3, odd("b", 2.3)))
     line = {"market": {"id": "total", "line": 2.5}}
-    _book_run(n, book, msg("odds", 4, odd("u", 1.95, market="total", sportsbook="FanDuel"),
-                           odd("u", 2.05, sportsbook="DraftKings", market="total"),
-                           odd("o", 1.8, market="total", sportsbook="DraftKings"),
+    _book_run(n, book, msg("odds", 4, odd("u", 1.95, market="btts", sportsbook="FanDuel"),
+                           odd("u", 2.05, sportsbook="DraftKings", market="btts"),
+                           odd("o", 1.8, market="btts", sportsbook="DraftKings"),
                            {**odd("o", 1.6, sportsbook="DraftKings"), **line},
                            {**odd("o", 1.65, sportsbook="FanDuel"), **line}))
     prices = {mid: {s.selection_id: s.price for s in m.selections} for mid, m in book.markets.items()}
     assert prices == {"px:f1:ml": {"a": 1.7, "b": 2.3}, "px:f1:ml@fanduel": {"a": to_decimal(-110, "american"), "b": 2.4},
-                      "px:f1:total": {"o": 1.9, "u": 1.95}, "px:f1:total@draftkings": {"u": 2.05, "o": 1.8},
+                      "px:f1:btts": {"o": 1.9, "u": 1.95}, "px:f1:btts@draftkings": {"u": 2.05, "o": 1.8},
                       "px:f1:total:2.5": {"o": 1.6}, "px:f1:total:2.5@fanduel": {"o": 1.65}}
     # restarted: the plain ids stay with their books, whichever book's odd comes first
     again = PushNormaliser("px")
     again.restore(book.markets.values(), n.last_entry_id)
-    batch = feed(again, msg("odds", 5, odd("a", 1.8, sportsbook="FanDuel"), odd("o", 1.85, market="total",
+    batch = feed(again, msg("odds", 5, odd("a", 1.8, sportsbook="FanDuel"), odd("o", 1.85, market="btts",
                                                                                sportsbook="DraftKings"),
                             odd("a", 1.75, sportsbook="DraftKings"), odd("a", 1.76, sportsbook="Bet 365"),
                             {**odd("o", 1.66, sportsbook="FanDuel"), **line}, {**odd("u", 2.2), **line}))
     assert [(u.market_id, u.image) for u in batch.updates] == [
-        ("px:f1:ml@fanduel", False), ("px:f1:total@draftkings", False), ("px:f1:ml", False),
+        ("px:f1:ml@fanduel", False), ("px:f1:btts@draftkings", False), ("px:f1:ml", False),
         ("px:f1:ml@bet_365", True), ("px:f1:total:2.5@fanduel", False), ("px:f1:total:2.5", False)]
 
 
@@ -490,7 +490,7 @@ def test_market_ids_carry_the_line() -> None:
 def test_restore_from_stored_markets_continues_with_deltas() -> None:
     first, book = PushNormaliser("px"), Book()
     for raw in (msg("odds", 1, odd("a", 2.0), odd("b", 3.0)), msg("locked-odds", 2, odd("a", None)),
-                msg("odds", 3, odd("o", 1.9, market="total")),
+                msg("odds", 3, odd("o", 1.9, market="btts")),
                 msg("fixture-status", 4, data={"id": "f1", "status": "postponed"})):
         for u in first.feed(raw, RECV_MS).updates:
             book.apply(u, RECV_MS)
@@ -531,3 +531,105 @@ def test_start_time_forms(start: Any) -> None:
     n = PushNormaliser("px")
     batch = feed(n, msg("odds", 1, odd(fixture={"id": "f1", "start_time": start})))
     assert batch.updates[0].header.start_time == 1718046000000  # type: ignore[union-attr]
+
+
+# -- lines and restored fixture statuses (best-price audit) -------------------------------------
+
+
+_AH_FIXTURE = {"id": "f1", "sport": "Soccer", "home": "Arsenal", "away": "Chelsea"}
+
+
+def _ah(sel: str, name: str, price: float, market: dict[str, Any]) -> dict[str, Any]:
+    return {"fixture": _AH_FIXTURE, "market": market, "selection": {"id": sel, "name": name}, "price": price,
+            "sportsbook": "book1"}
+
+
+def test_a_handicap_without_its_line_is_rejected_never_filed_on_the_level_ball_line() -> None:
+    """``market.line`` was optional and every push selection has handicap 0, so an Asian handicap
+    sent without its line ("Arsenal -1.5" at 3.30) was filed by the aggregate under
+    ``handicap:line=0`` and served as the best level-ball price (found by the best-price audit,
+    p3). A market of a lined type without its line is rejected alone (``missing_line``); with its
+    line (the home side's) it is filed on that line."""
+    from streaming.aggregate import group_markets
+
+    n, book = PushNormaliser("px"), Book()
+    bare = {"id": "asian_handicap", "name": "Asian Handicap"}
+    raw = msg("odds", 1, _ah("ars", "Arsenal -1.5", 3.30, bare), _ah("che", "Chelsea +1.5", 1.33, bare),
+              {**odd("home", 1.5, fixture=_AH_FIXTURE), "sportsbook": "book1"})
+    batch = _book_run(n, book, raw)
+    assert [(e.reason, e.market_id) for e in batch.rejected] == [("missing_line", "px:f1:asian_handicap")]
+    assert batch.rejected[0].raw == raw and batch.cursor == n.last_entry_id
+    assert [u.market_id for u in batch.updates] == ["px:f1:ml"]  # the message's other market applies
+    assert "px:f1:asian_handicap" not in n.markets
+    assert not any(k.startswith("handicap") for k in group_markets(book.markets.values()))
+    lined = {**bare, "line": -1.5}  # the home side's line: Arsenal -1.5 / Chelsea +1.5
+    batch = _book_run(n, book, msg("odds", 2, _ah("ars", "Arsenal -1.5", 3.30, lined),
+                                   _ah("che", "Chelsea +1.5", 1.33, lined)))
+    assert batch.rejected == [] and [u.market_id for u in batch.updates] == ["px:f1:asian_handicap:-1.5"]
+    groups = group_markets(book.markets.values())
+    assert [k for k in groups if k.startswith("handicap")] == ["handicap:line=-1.5"]
+    ((_, sels),) = groups["handicap:line=-1.5"]
+    assert {s.outcome: s.price for s in sels} == {"home": 3.30, "away": 1.33}
+
+
+@pytest.mark.parametrize(("market_id", "accepted"), [
+    ("asian_handicap", False), ("spread", False), ("spreads_h1", False), ("handicap", False),
+    ("european_handicap", False), ("total", False), ("totals", False), ("over_under", False),
+    ("team_total", False), ("player_points", False), ("alternate_totals", False),
+    ("over_under_25", True), ("ml", True), ("1x2", True), ("btts", True), ("win", True), ("corners_special", True),
+])
+def test_markets_of_lined_types_need_their_line(market_id: str, accepted: bool) -> None:
+    """Total, handicap, European handicap, team total and player props are quoted per line
+    (``feed.taxonomy``): without ``market.line`` (and no line in the id, ``over_under_25``) the
+    market is rejected alone; types without a line, and unknown (``raw:``) ones, need none."""
+    n = PushNormaliser("px")
+    batch = feed(n, msg("odds", 1, odd("o", 1.9, market=market_id)))
+    if accepted:
+        assert batch.rejected == [] and [u.market_id for u in batch.updates] == [f"px:f1:{market_id}"]
+    else:
+        assert [(e.reason, e.market_id) for e in batch.rejected] == [("missing_line", f"px:f1:{market_id}")]
+        assert batch.updates == [] and n.markets == {}
+        batch = feed(n, msg("odds", 2, {**odd("o", 1.9, market=market_id),
+                                        "market": {"id": market_id, "line": 2.5}}))
+        assert batch.rejected == [] and [u.market_id for u in batch.updates] == [f"px:f1:{market_id}:2.5"]
+        assert batch.updates[0].header.specifiers["line"] == "2.5"
+
+
+def test_restore_never_settles_a_fixture_from_a_market_closed_by_its_own_results() -> None:
+    """``restore`` set a fixture ``settled`` when any of its markets was closed — even one closed
+    because all its selections carry results — so after a restart the fixture's open markets
+    turned CLOSED with their next update (a price check: MARKET_CLOSED for an open market; found
+    by the best-price audit). Only a market that a fixture status made what it is tells that."""
+    first, book = PushNormaliser("px"), Book()
+    for raw in (msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("y", 1.8, market="btts")),
+                msg("odds", 2, odd("a", None, status="won"), odd("b", None, status="lost"))):
+        for u in first.feed(raw, RECV_MS).updates:
+            book.apply(u, RECV_MS)
+    assert (book.markets["px:f1:ml"].status, book.markets["px:f1:btts"].status) == ("SETTLED", "OPEN")
+    stored = list(book.markets.values())
+    for order in (stored, stored[::-1]):
+        again = PushNormaliser("px")
+        again.restore(order, first.last_entry_id)
+        assert again.fixtures["f1"].status is None
+        batch = feed(again, msg("odds", 3, odd("y", 1.7, market="btts")))
+        (u,) = batch.updates
+        assert u.header is None and [(s.selection_id, s.price) for s in u.selections] == [("y", 1.7)]
+        assert again.markets["px:f1:btts"].header.status == "OPEN"  # type: ignore[union-attr]
+
+
+def test_restore_keeps_a_fixture_settlement_that_a_market_shows() -> None:
+    """A market closed while a selection of it is still unresulted was closed by its fixture's
+    settlement: the restored fixture stays settled (a later odd does not reopen it)."""
+    first, book = PushNormaliser("px"), Book()
+    for raw in (msg("odds", 1, odd("a", 2.0), odd("b", 3.0), odd("y", 1.8, market="btts")),
+                msg("odds", 2, odd("a", None, status="won"), odd("b", None, status="lost")),
+                msg("fixture-status", 3, data={"id": "f1", "status": "settled"})):
+        for u in first.feed(raw, RECV_MS).updates:
+            book.apply(u, RECV_MS)
+    assert (book.markets["px:f1:ml"].status, book.markets["px:f1:btts"].status) == ("SETTLED", "CLOSED")
+    again = PushNormaliser("px")
+    again.restore(book.markets.values(), first.last_entry_id)
+    assert again.fixtures["f1"].status == "settled"
+    batch = feed(again, msg("odds", 4, odd("y", 1.7, market="btts")))
+    assert [u.header for u in batch.updates] == [None]
+    assert again.markets["px:f1:btts"].header.status == "CLOSED"  # type: ignore[union-attr]

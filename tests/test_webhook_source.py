@@ -505,3 +505,28 @@ def test_timestamps_and_options() -> None:
     from feed.sources.registry import REGISTRY
     from feed.sources.webhook import WEBHOOK_OPTIONS
     assert REGISTRY["webhook"].options == WEBHOOK_OPTIONS
+
+
+def test_a_delivered_handicap_without_its_line_is_rejected_and_its_fixed_redelivery_applies() -> None:
+    """A webhook delivery is a push message: an Asian handicap without ``market.line`` would be
+    filed on the level-ball line (found by the best-price audit); it is rejected alone
+    (``missing_line``), its delivery not remembered, so the provider's fixed one applies."""
+    now = now_ms()
+    n, book = WebhookNormaliser(NAME), Book()
+
+    def deliver(entry: str, market: dict[str, Any]) -> Any:
+        body = orjson.dumps({"type": "odds", "entry_id": entry, "emitted_at": now - 1000, "data": [
+            {"fixture": {"id": "f1", "sport": "Soccer", "home": "A", "away": "B"}, "market": market,
+             "selection": {"id": sel, "name": name}, "price": price}
+            for sel, name, price in (("a", "A -1.5", 3.3), ("b", "B +1.5", 1.33))]})
+        batch = n.feed(body, now)
+        for u in batch.updates:
+            book.apply(u, now)
+        return batch
+
+    bad = deliver(f"{now - 1000}-1", {"id": "spread"})
+    assert [(e.reason, e.market_id) for e in bad.rejected] == [("missing_line", "px:f1:spread")]
+    assert bad.updates == [] and book.markets == {}
+    fixed = deliver(f"{now - 1000}-1", {"id": "spread", "line": -1.5})
+    assert fixed.rejected == [] and [u.market_id for u in fixed.updates] == ["px:f1:spread:-1.5"]
+    assert book.markets["px:f1:spread:-1.5"].specifiers == {"line": "-1.5"}

@@ -36,7 +36,10 @@ go to the selection as they are.
 
 Canonical ids: event ``px:<fixture>``, market ``px:<fixture>:<market>`` plus
 ``:<line>`` when the market has a line (``px:f1:total:2.5``); selection ids
-are the provider's. ``px`` is the ``prefix`` argument.
+are the provider's. ``px`` is the ``prefix`` argument. ``market.line`` goes
+to ``specifiers.line`` as sent: a total's line, a handicap's line *quoted on
+the home side* (``-1.5`` = home −1.5 / away +1.5, :mod:`feed.taxonomy`);
+a market of a lined type without one is rejected (``missing_line``).
 
 Sportsbooks: one stream may carry several books' odds for one selection
 (OpticOdds with several ``sportsbook=`` filters), and each book's market is
@@ -87,7 +90,11 @@ and nothing of it is applied. Within ``odds`` / ``locked-odds`` /
 ``snapshot``, an odd that fails its checks rejects *its market* alone:
 ``invalid_price`` (NaN, < 1.01, > 1000, wrong type, impossible
 American/fractional values), ``invalid_size`` (``max_stake`` < 0 or
-> 1e12), ``invalid_number`` (a ``line`` beyond ±1000), ``invalid_time`` (a
+> 1e12), ``invalid_number`` (a ``line`` beyond ±1000), ``missing_line``
+(a market whose canonical type is quoted per line — total, handicap,
+European handicap, team total, player prop: :func:`lined_type` — without
+``market.line``: it is never given a line it does not have, e.g. the
+level-ball handicap 0), ``invalid_time`` (a
 start time outside 1970..2100), ``clock_skew`` (a ``timestamp`` — or, for
 odds without one, the message's default time above — absurd or more than
 ``max_future_skew_ms`` after receipt), ``invalid_schema`` (an odd that does
@@ -99,6 +106,7 @@ apply; the entry id still advances.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
@@ -125,7 +133,7 @@ from feed.models import (
 )
 from feed.normalise.base import MarketUpdate, NormalisedBatch, remember
 from feed.odds import PriceError, to_decimal
-from feed.taxonomy import generic_market, is_unmapped, outcome_from_name
+from feed.taxonomy import LINE_TYPES, generic_market, is_unmapped, outcome_from_name
 from feed.validate import (
     MAX_FUTURE_SKEW_MS,
     MAX_HANDICAP,
@@ -147,6 +155,7 @@ __all__ = [
     "PushNormaliser",
     "book_key",
     "entry_key",
+    "lined_type",
     "market_id_of",
     "ts_to_ms",
 ]
@@ -454,6 +463,22 @@ def _status_key(value: str | None, raw: bytes) -> str | None:
     return key
 
 
+@functools.lru_cache(maxsize=4096)
+def lined_type(raw_id: str) -> str | None:
+    """The canonical market type (:mod:`feed.taxonomy`) of a push market id
+    when that type is quoted per line and the id does not carry the line
+    itself: ``total`` / ``over_under`` → ``total``, ``spread`` /
+    ``asian_handicap`` → ``handicap``, ``european_handicap`` →
+    ``handicap_3way``, ``team_total``, ``player_points`` (a player prop);
+    None for a type without a line (``ml``, ``btts``, ``win``, ``raw:…``) or
+    an id with the line in it (``over_under_25`` → ``total`` ``line=2.5``).
+    A market of such a type must carry ``market.line`` (``missing_line``)."""
+    kind, specs = generic_market(raw_id)
+    if "line" in specs or not (kind in LINE_TYPES or kind.startswith("player_")):
+        return None
+    return kind
+
+
 def _sport_key(value: str) -> str:
     return value.strip().lower().replace(" ", "_")
 
@@ -580,8 +605,17 @@ class PushNormaliser:
         stored cursor), so a restarted ingest that resumes mid-stream applies
         deltas to what it already holds instead of mistaking them for images.
         A fixture's fields count as taken at the newest ``source_ts`` of its
-        markets, each odd as changed at its market's ``source_ts``."""
+        markets, each odd as changed at its market's ``source_ts``.
+
+        A fixture's status is read only from what a fixture status made of
+        a market (:func:`_fixture_status_of`), the newest such market
+        (``source_ts``) telling: a market closed because its own selections
+        all carry results says nothing of its fixture, so it never settles
+        the fixture's other (open) markets; a market that would be what it
+        is without any fixture status says the fixture has none of the
+        statuses that override its markets."""
         pfx = self.prefix + ":"
+        said: dict[str, tuple[int, int, str | None]] = {}  # fixture -> (source_ts, said a status, the status)
         for m in markets:
             if m.source != self.source or not m.event_id or not m.event_id.startswith(pfx):
                 continue
@@ -591,12 +625,6 @@ class PushNormaliser:
                 fx = self.fixtures[fixture_id] = _Fixture(fixture_id)
                 fx.sport, fx.league, fx.name = m.sport, m.competition, m.event_name
                 fx.start_time, fx.in_play = m.start_time, m.in_play
-            if m.status == "CANCELLED":
-                fx.status = (m.suspend_reason or "fixture_cancelled").removeprefix("fixture_")
-            elif m.status in ("SETTLED", "CLOSED") and fx.status is None:
-                fx.status = "settled"
-            elif m.suspend_reason and m.suspend_reason.startswith("fixture_"):
-                fx.status = m.suspend_reason.removeprefix("fixture_")
             line = float(m.specifiers["line"]) if m.specifiers and "line" in m.specifiers else None
             raw_id = m.market_type_raw
             if raw_id is None or m.market_id not in (market_id_of(fixture_id, raw_id, line, self.prefix),
@@ -624,6 +652,13 @@ class PushNormaliser:
             mk.header = m.header()
             self.markets[m.market_id] = mk
             fx.markets[m.market_id] = None
+            told = _fixture_status_of(m, mk)
+            if told is not False:
+                evidence = (m.source_ts, told is not None, told)
+                if fixture_id not in said or evidence[:2] > said[fixture_id][:2]:
+                    said[fixture_id] = evidence
+        for fixture_id, (_, _, status) in said.items():
+            self.fixtures[fixture_id].status = status
         if cursor is not None and entry_key(cursor) is not None:
             self.last_entry_id, self._last_key = cursor, entry_key(cursor)
 
@@ -806,6 +841,11 @@ class PushNormaliser:
             mids.append(mid)
             price: _Price = (None, None)
             try:
+                if odd.market.line is None:
+                    kind = lined_type(str(odd.market.id))
+                    if kind is not None:  # (its selections would be filed on some line they are not offered at)
+                        raise FeedDecodeError("missing_line", f"market {str(odd.market.id)[:40]!r} is a {kind} "
+                                              "market: market.line is required")
                 _status_key(odd.fixture.status, raw)
                 _start_ms(odd.fixture.start_time, raw)
                 if odd.timestamp is not None:
@@ -1110,6 +1150,29 @@ def _tag(msg: _Message) -> str:
     tag = msg.__struct_config__.tag
     assert isinstance(tag, str)  # every message Struct declares a string tag
     return tag
+
+
+def _fixture_status_of(stored: Market, m: _Market) -> str | None | Literal[False]:
+    """What a stored market says of its fixture's status (the rules of
+    :func:`_market_status` read backwards; ``m``: its restored cache): the
+    fixture status key when only that status makes the market what it is
+    (``suspend_reason`` ``fixture_<status>``; ``SETTLED`` / ``CLOSED``
+    while a selection is still live or none has a result: ``settled``);
+    None when the market is what its own selections make it (so the fixture
+    has no status that overrides markets); False when it cannot tell (a
+    market closed with every selection resulted: by its results or by a
+    fixture settlement alike)."""
+    reason = stored.suspend_reason
+    if reason and reason.startswith("fixture_"):
+        status = reason.removeprefix("fixture_")
+        if status in _CANCELLING or status in _SUSPENDING:
+            return status
+    if stored.status in ("SETTLED", "CLOSED"):
+        own, _ = _market_status(m, None)
+        return False if own == stored.status else "settled"
+    if stored.status == "CANCELLED":  # (only a fixture cancels a market; a reason lost: cancelled)
+        return "cancelled"
+    return None
 
 
 def _market_status(m: _Market, fixture_status: str | None) -> tuple[MarketStatus, str | None]:
