@@ -11,15 +11,23 @@ matching its filter, the aggregated markets of :mod:`streaming.aggregate`
                                "best_lay":{…}|null,"fair":2.04|null,"books":n,"excluded":{"book_b":"stale"}}],
                   "fair_method":"multiplicative"}]}],"as_of":ms}
     {"type":"best","event_id":"ev:…","markets":[<only the markets whose best / fair changed>],"as_of":ms}
+    {"market":"total:line=3.5","market_type":"total","specifiers":{"line":"3.5"},"outcomes":[],"removed":true}
 
 First a snapshot of every matching event, then a ``best`` message per
-event whenever a change of any book moves a best price, its book, a best
-lay or a fair price — or a book turns stale or suspended (it leaves the
-best price; the ``status`` machinery notices staleness without a delta and
-calls :meth:`BestView.refresh`). Price moves that leave best and fair as
-they were send nothing. ``event`` filters take canonical ids; ``sport``,
-``competition``, ``in_play`` and ``market_type`` apply as on the delta
-stream; ``source`` and ``bookmaker`` choose the books aggregated (as
+event whenever a change of any book moves a best price or where it is
+(its book, market or selection), a best lay or a fair price — or a book
+turns stale or suspended (it leaves the best price; the ``status``
+machinery notices staleness without a delta and calls
+:meth:`BestView.refresh`). Price moves that leave best and fair as they
+were send nothing. A market group the subscriber was sent that leaves the
+event (its last book left: a relink, a market dropped after retention, a
+market of another type; or the whole event no longer matches the filter)
+comes once as the third form above, ``outcomes: []`` and ``removed: true``,
+in that event's ``best`` message: drop it; nothing of it follows unless it
+comes back (then whole, as a changed market). A snapshot replaces
+everything held (a group it does not list is gone). ``event`` filters
+take canonical ids; ``sport``, ``competition``, ``in_play`` and
+``market_type`` apply as on the delta stream; ``source`` and ``bookmaker`` choose the books aggregated (as
 ``/v1/events?view=best`` does; a tenant's filter is narrowed to its books,
 :mod:`streaming.tenants`). No resume token: a reconnecting subscriber gets a new snapshot.
 """
@@ -45,7 +53,10 @@ VIEWS = ("best",)
 
 _ENCODER = msgspec.json.Encoder()
 
-Signature = tuple[tuple[str, float | None, str | None, float | None, float | None, tuple[tuple[str, str], ...]], ...]
+#: where a best (or best lay) is: (price, bookmaker, market_id, selection_id), all None without one
+Where = tuple[float | None, str | None, str | None, str | None]
+#: per outcome: (outcome, best, best lay, fair, excluded books sorted) — a change of any sends the market
+Signature = tuple[tuple[str, Where, Where, float | None, tuple[tuple[str, str], ...]], ...]
 
 
 class _BestOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -67,6 +78,25 @@ class _BestMarket(msgspec.Struct, kw_only=True, omit_defaults=True):
     fair_method: str | None = None
 
 
+class _RemovedMarket(msgspec.Struct, kw_only=True):
+    """A market group that left the event (every field encoded: ``outcomes`` is ``[]``)."""
+
+    market: str
+    market_type: str
+    specifiers: dict[str, str]
+    outcomes: list[_BestOutcome]
+    removed: bool = True
+
+
+class _Sent(msgspec.Struct, frozen=True):
+    """What a subscriber holds of one market group: the signature last sent, and what a
+    removal of it names."""
+
+    sig: Signature
+    market_type: str
+    specifiers: dict[str, str]
+
+
 def _slim(v: MarketView) -> _BestMarket:
     outs = []
     for o in v.outcomes:
@@ -77,14 +107,17 @@ def _slim(v: MarketView) -> _BestMarket:
                        outcomes=outs, fair_method=v.fair_method)
 
 
+def _where(b: object) -> Where:
+    """A best price's (price, bookmaker, market_id, selection_id): a bet is placed on that
+    market and selection, so a best that moves to another market of the same book at the
+    same price is a change."""
+    return (getattr(b, "price", None), getattr(b, "bookmaker", None), getattr(b, "market_id", None),
+            getattr(b, "selection_id", None))
+
+
 def _signature(m: _BestMarket) -> Signature:
-    out = []
-    for o in m.outcomes:
-        b = o.best
-        bl = o.best_lay
-        out.append((o.outcome, getattr(b, "price", None), getattr(b, "bookmaker", None),
-                    getattr(bl, "price", None), o.fair, tuple(sorted(o.excluded.items()))))
-    return tuple(out)
+    return tuple((o.outcome, _where(o.best), _where(o.best_lay), o.fair, tuple(sorted(o.excluded.items())))
+                 for o in m.outcomes)
 
 
 class BestView:
@@ -97,8 +130,9 @@ class BestView:
         self.state = state
         self.fair_method = fair_method
         self.subs: set["Subscription"] = set()
-        #: per subscription: (canonical id, market key) -> signature last sent
-        self._sent: dict["Subscription", dict[tuple[str, str], Signature]] = {}
+        #: per subscription: canonical id -> market key -> what it was last sent of that group
+        #: (a group it holds; an event with none is not listed)
+        self._sent: dict["Subscription", dict[str, dict[str, _Sent]]] = {}
         self.messages = 0
 
     # -- subscriptions ---------------------------------------------------------------------------
@@ -135,10 +169,13 @@ class BestView:
             self._send({c for c in touched if c is not None})
 
     def refresh(self) -> None:
-        """Source health or staleness changed: look at every subscribed event again."""
+        """Source health or staleness changed, the linker moved books, closed markets were
+        dropped: look again at every event a subscriber matches or holds something of (an
+        event that left, or left its filter, gets its groups removed)."""
         events: set[str] = set()
         for sub in self.subs:
             events |= self._events_of(sub.filter)
+            events.update(self._sent.get(sub, ()))
         if events:
             self._send(events)
 
@@ -149,13 +186,17 @@ class BestView:
             if sub.conn.closed:
                 continue
             f = sub.filter
+            held = self._sent.get(sub, {})
             for cid in sorted(events):
                 if not self._wants(f, cid):
-                    continue
-                key = (cid, f.source, f.bookmaker)
-                if key not in views:
-                    views[key] = self._views(cid, now, f)
-                body = self._event_body(sub, cid, now, only_changed=True, views=views[key])
+                    if cid not in held:
+                        continue
+                    body = self._event_body(sub, cid, now, only_changed=True, views=[])  # it left: remove all
+                else:
+                    key = (cid, f.source, f.bookmaker)
+                    if key not in views:
+                        views[key] = self._views(cid, now, f)
+                    body = self._event_body(sub, cid, now, only_changed=True, views=views[key])
                 if body is not None:
                     sub.conn.send(Message(b"best", _ENCODER.encode({"type": "best", **body, "as_of": now})), sub)
                     self.messages += 1
@@ -196,21 +237,34 @@ class BestView:
 
     def _event_body(self, sub: "Subscription", cid: str, now: int, *, only_changed: bool,
                     views: list[_BestMarket] | None = None) -> dict[str, object] | None:
+        """The ``best`` body of event ``cid`` for ``sub`` (``event_id``, ``event_name``,
+        ``start_time`` ms, ``in_play``, ``markets``) from ``views`` (its aggregated markets; None:
+        computed now; ``[]``: it has none for ``sub``), recording what ``sub`` now holds.
+        only_changed: only the markets whose signature differs from the one last sent, and
+        a removal (``outcomes: []``, ``removed: true``) of each group last sent that is not
+        among them any more; None when there is neither."""
         st = self.state
         if views is None:
             views = self._views(cid, now, sub.filter)
         types = sub.filter.market_type
-        sent = self._sent.setdefault(sub, {})
-        out = []
+        subs_sent = self._sent.setdefault(sub, {})
+        was = subs_sent.pop(cid, {})
+        sent: dict[str, _Sent] = {}
+        out: list[_BestMarket | _RemovedMarket] = []
         for v in views:
             if types is not None and v.market not in types and v.market_type not in types:
                 continue
             sig = _signature(v)
-            key = (cid, v.market)
-            if only_changed and sent.get(key) == sig:
+            old = was.get(v.market)
+            sent[v.market] = _Sent(sig, v.market_type, v.specifiers)
+            if only_changed and old is not None and old.sig == sig:
                 continue
-            sent[key] = sig
             out.append(v)
+        if only_changed:  # the groups it holds that left the event: removed, in order with the rest
+            out.extend(_RemovedMarket(market=k, market_type=g.market_type, specifiers=g.specifiers, outcomes=[])
+                       for k, g in sorted(was.items()) if k not in sent)
+        if sent:
+            subs_sent[cid] = sent
         if only_changed and not out:
             return None
         f = sub.filter

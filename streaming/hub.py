@@ -1990,8 +1990,11 @@ class Hub:
         that matched it before the move and does not now gets ``removed`` (in order with its
         deltas: conflation and a slow consumer's collapse keep it as the market's last
         message), and nothing of it after; ``view=best`` subscriptions get the changed best
-        prices. A resume from a token issued before the move, of a subscription filtered on
-        a canonical event the move changed, is not recovered (:meth:`_relinked_after`)."""
+        prices, and a ``removed`` market of each group they hold that left its event
+        (:meth:`streaming.bestview.BestView.refresh`; a failure there closes their connections:
+        they reconnect to a fresh snapshot rather than keep another match's price). A resume
+        from a token issued before the move, of a subscription filtered on a canonical event
+        the move changed, is not recovered (:meth:`_relinked_after`)."""
         st = self.state
         now = now_ms()
         # (market id, market, keys now, keys before the move)
@@ -2050,7 +2053,11 @@ class Hub:
             except Exception:  # a client that cannot be told of the move is closed (it resumes unrecovered)
                 self._close_failed(conn, "relink")
         if self.best.subs:
-            self.best.refresh()
+            try:
+                self.best.refresh()
+            except Exception:  # what they hold may be another match's price: they reconnect to a fresh one
+                for conn in {sub.conn for sub in self.best.subs}:
+                    self._close_failed(conn, "the best view")
 
     def status(self, source: str, state: str, reason: str | None, stale_ids: list[str],
                turned_stale: Iterable[str] = (), turned_fresh: Iterable[str] = (), *,
