@@ -26,9 +26,12 @@ draw_no_bet        draw no bet                                home, away
 correct_score      correct score                              ``<home>-<away>`` (``2-1``), other
 team_total         one team's total, ``team``, ``line``       over, under
 win                outright / race winner                     the provider's runner id
-place              to be placed, ``places`` when known,       the provider's runner id
-                   each-way terms as ``ew_places`` /
-                   ``ew_fraction`` when given
+place              to be placed, ``places`` when known        the provider's runner id
+each_way           each-way bet (win part at the price, a     the provider's runner id
+                   place part at a fraction of it):
+                   ``places``, ``ew_fraction`` (``1/4``)
+                   when known; never the ``place`` key, and
+                   no fair price (not in :data:`MARKET_TYPES`)
 player_<stat>      player prop (``player_points`` …),         over, under (``<player>:over``
                    ``line``                                   when one market lists players)
 raw:<provider>     a type not in this table: passed through,  the provider's selection id
@@ -36,29 +39,66 @@ raw:<provider>     a type not in this table: passed through,  the provider's sel
 =================  =========================================  ===========================
 
 Specifiers (canonical names; values are strings): ``line`` (``2.5``,
-``-0.25``), ``period`` (absent = full time incl. overtime where the
-sport's result includes it; ``1h``, ``2h``, ``q1``…``q4``, ``p1``…``p3``,
-``set1``…``set5``, ``f5`` = baseball's first five innings, ``p<n>`` for a
-provider period with no canonical name), ``team`` (``home``/``away``),
+``-0.25``), ``period`` (absent = full time, see below; ``1h``, ``2h``,
+``q1``…``q4``, ``p1``…``p3``, ``set1``…``set5``, ``f5`` = baseball's first
+five innings, ``p<n>`` for a provider period with no canonical name, and the
+time scopes ``rt`` / ``ot`` / ``ot_pen``), ``team`` (``home``/``away``),
 ``unit`` (``corners``, ``bookings``: the counted thing when it is not
-goals/points), ``places``, ``ew_places``, ``ew_fraction``. Providers'
-private specifiers (``sport_key``) may ride along; only
-:data:`KEY_SPECIFIERS` make a market key.
+goals/points), ``places``, ``ew_fraction``. Providers' private specifiers
+(``sport_key``) may ride along and never make a key; only
+:data:`KEY_SPECIFIERS` make the key of a mapped market, while a ``raw:``
+market's key carries every other specifier the provider gave
+(``raw:uof_412:total=5.5``: each line of an unmapped market is its own
+market).
+
+**Full time and overtime.** No ``period`` means full time: for a market with
+a draw (``match_result``, ``handicap_3way``, ``double_chance``,
+``draw_no_bet``, ``correct_score``) that is regular time in every sport (a
+draw exists only then); for the others it is the sport's result — regular
+time in soccer, handball, rugby, tennis …; incl. overtime in basketball,
+American football, baseball (extra innings) and cricket (super over); incl.
+overtime and the shoot-out in ice hockey. A market covering another time
+than that carries a scope ``period``: ``rt`` (regular time only: UOF's
+"Total" 18 in ice hockey), ``ot`` (incl. overtime / extra innings / super
+over but no penalty decider: UOF 219/223/225 in ice hockey or soccer),
+``ot_pen`` (incl. overtime and penalties: UOF 406 in soccer). A scope that
+is the sport's full time is left out (:func:`market_key` with ``sport``
+does this for a market mapped without its sport); a sport not listed has no
+full-time scope, so its scoped markets keep the scope. Per provider:
+
+- UOF: the time each mapped id covers is its Sportradar market description's
+  group — ``regular_play`` (1, 10, 11, 14, 16, 18, 19, 20, 29, 186),
+  ``incl_ot`` (219, 223, 225), ``incl_ei`` (251), ``incl_so`` (340),
+  ``incl_ot_and_pen`` (406); 60/66/68 are ``1st_half`` (``period=1h``).
+  Without the event's sport (:func:`uof_market` ``sport=None``) a scope is
+  kept: never a key it may not have.
+- Pinnacle: period 0 is the game incl. overtime (and the shoot-out): full
+  time, no ``period``.
+- The Odds API: ``h2h`` in NHL / NBA / NFL includes overtime (``moneyline``,
+  full time); ``h2h_3_way`` is regulation (``match_result``: regular time
+  by its draw).
+- Betfair: ``MATCH_ODDS`` in ice hockey is the three-way regular-time result
+  (``match_result``, the UOF 1 key); ``MONEY_LINE`` / ``MATCH_ODDS_INC_OT``
+  include overtime (``moneyline``); in basketball, American football and
+  baseball ``MATCH_ODDS`` includes overtime (``moneyline``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Mapping
 
 __all__ = [
     "KEY_SPECIFIERS", "LINE_TYPES", "MARKET_TYPES", "OUTCOMES", "betfair_market", "betfair_outcome",
-    "generic_market", "is_unmapped", "line_text", "market_key", "outcome_from_name", "parse_market_key",
-    "period_of", "raw_type", "uof_market", "uof_outcome",
+    "generic_market", "is_unmapped", "key_type", "line_text", "market_key", "outcome_from_name",
+    "parse_market_key", "period_of", "raw_type", "uof_market", "uof_outcome",
 ]
 
-#: canonical market types and their outcome keys (None: runner ids / free keys)
+#: canonical market types and their outcome keys (None: runner ids / free keys); ``each_way`` is
+#: canonical too but left out: its prices are win prices with a place part, not one event's outcome
+#: set, so it gets no fair price (streaming.aggregate prices only the types listed here)
 MARKET_TYPES: dict[str, tuple[str, ...] | None] = {
     "match_result": ("home", "draw", "away"),
     "moneyline": ("home", "away"),
@@ -77,15 +117,39 @@ MARKET_TYPES: dict[str, tuple[str, ...] | None] = {
 OUTCOMES: frozenset[str] = frozenset(o for v in MARKET_TYPES.values() if v for o in v)
 #: market types whose markets are per line (``line`` specifier)
 LINE_TYPES: frozenset[str] = frozenset({"total", "handicap", "handicap_3way", "team_total"})
-#: the specifiers that identify a market of an event across books
-KEY_SPECIFIERS: tuple[str, ...] = ("period", "unit", "team", "line", "places")
+#: the specifiers that identify a mapped market of an event across books (a ``raw:`` market's key
+#: carries all of its specifiers)
+KEY_SPECIFIERS: tuple[str, ...] = ("period", "unit", "team", "line", "places", "ew_fraction")
 
 _RAW = "raw:"
+#: specifiers a normaliser adds for itself (The Odds API's sport key of the call): never in a key
+_PRIVATE = frozenset({"sport_key"})
+
+#: market types with a draw (or void on one): full time is regular time in every sport
+_DRAW_TYPES = frozenset({"match_result", "handicap_3way", "double_chance", "draw_no_bet", "correct_score"})
+#: the time scopes a ``period`` may name (see the module docstring)
+_SCOPES = frozenset({"rt", "ot", "ot_pen"})
+#: sport → the scope its result (a market with no ``period``) covers; a sport not listed has none
+_FULL_TIME: dict[str, str] = {
+    **dict.fromkeys(("soccer", "futsal", "handball", "rugby", "rugby_union", "rugby_league", "tennis",
+                     "table_tennis", "volleyball", "badminton", "darts", "snooker", "mma", "boxing"), "rt"),
+    **dict.fromkeys(("basketball", "american_football", "baseball", "cricket"), "ot"),
+    "ice_hockey": "ot_pen",
+}
+
+
+def _full_time(market_type: str, sport: str | None) -> str | None:
+    """The scope a market of this type and sport covers with no ``period`` (None: unknown)."""
+    if market_type in _DRAW_TYPES:
+        return "rt"
+    return _FULL_TIME.get(sport or "")
 
 
 def raw_type(provider_type: str | None) -> str:
-    """The pass-through key of a type the taxonomy does not know: ``raw:<type lower-cased>``."""
-    return _RAW + (provider_type or "unknown").strip().lower()
+    """The pass-through key of a type the taxonomy does not know: ``raw:<type lower-cased>``, with
+    ``:``, ``|`` and ``=`` (the market key's separators) written ``_``."""
+    t = (provider_type or "unknown").strip().lower()
+    return _RAW + t.replace(":", "_").replace("|", "_").replace("=", "_")
 
 
 def is_unmapped(market_type: str | None) -> bool:
@@ -100,33 +164,56 @@ def line_text(value: float) -> str:
     return f"{value:.4f}".rstrip("0").rstrip(".")
 
 
-def market_key(market_type: str | None, specifiers: Mapping[str, str] | None) -> str:
-    """The canonical market key of a market: its type plus its key
-    specifiers in a fixed order: ``match_result``, ``total:line=2.5``,
-    ``handicap:period=1h|line=-0.25``. Equal keys = the same market of an
-    event across books."""
+def market_key(market_type: str | None, specifiers: Mapping[str, str] | None, sport: str | None = None) -> str:
+    """The canonical market key of a market (a str): its type plus its key
+    specifiers in a fixed order (:data:`KEY_SPECIFIERS`): ``match_result``,
+    ``total:line=2.5``, ``handicap:period=1h|line=-0.25``; a ``raw:`` type
+    plus every specifier it has but the private ones, by name
+    (``raw:uof_8:goalnr=1``). Equal keys = the same market of an event
+    across books. ``sport``: the market's sport; a scope ``period`` that is
+    the sport's full time is left out (``total`` ``period=rt`` in soccer →
+    ``total:line=2.5``), as for a draw type's ``rt`` in any sport. A mapped
+    market's empty specifiers are left out."""
     t = market_type or "raw:unknown"
     if not specifiers:
         return t
-    parts = [f"{k}={specifiers[k]}" for k in KEY_SPECIFIERS if specifiers.get(k)]
+    if is_unmapped(t):
+        parts = [f"{k}={v}" for k, v in sorted(specifiers.items()) if k not in _PRIVATE]
+    else:
+        period = specifiers.get("period")
+        drop = period in _SCOPES and period == _full_time(t, sport)
+        parts = [f"{k}={specifiers[k]}" for k in KEY_SPECIFIERS if specifiers.get(k) and not (drop and k == "period")]
     return f"{t}:{'|'.join(parts)}" if parts else t
+
+
+def key_type(key: str) -> str:
+    """The market type of a market key: ``total:line=2.5`` → ``total``,
+    ``raw:uof_8:goalnr=1`` → ``raw:uof_8``."""
+    if key.startswith(_RAW):
+        return _RAW + key[len(_RAW):].partition(":")[0]
+    return key.partition(":")[0]
 
 
 def parse_market_key(key: str) -> tuple[str, dict[str, str]]:
     """Inverse of :func:`market_key`: ``total:line=2.5`` → (``total``,
-    ``{"line": "2.5"}``). Raises ValueError for a malformed key (a
-    specifier without ``=``, or one not in :data:`KEY_SPECIFIERS`)."""
-    if key.startswith(_RAW):
-        return key, {}
-    t, _, rest = key.partition(":")
+    ``{"line": "2.5"}``), ``raw:uof_412:total=5.5`` → (``raw:uof_412``,
+    ``{"total": "5.5"}``). Raises ValueError for a malformed key (a
+    specifier without ``=``; for a mapped type, one not in
+    :data:`KEY_SPECIFIERS` or empty)."""
+    t = key_type(key)
+    rest = key[len(t) + 1:]
+    raw = t.startswith(_RAW)
     specs: dict[str, str] = {}
     if rest:
         for part in rest.split("|"):
             k, eq, v = part.partition("=")
-            if not eq or k not in KEY_SPECIFIERS or not v:
+            if raw and eq and k:
+                specs[k] = v
+                continue
+            if raw or not eq or k not in KEY_SPECIFIERS or not v:
                 raise ValueError(f"bad market key {key!r}: specifiers are {'|'.join(KEY_SPECIFIERS)} as name=value")
             specs[k] = v
-    if not t:
+    if not t or t == _RAW:
         raise ValueError(f"bad market key {key!r}: no market type")
     return t, specs
 
@@ -236,7 +323,7 @@ _BETFAIR: dict[str, tuple[str, dict[str, str]]] = {
     "WIN": ("win", {}),
     "PLACE": ("place", {}),
     "OTHER_PLACE": ("place", {}),
-    "EACH_WAY": ("place", {}),
+    "EACH_WAY": ("each_way", {}),  # a win price with a place part: never the PLACE market's key
     "MONEY_LINE": ("moneyline", {}),
     "MATCH_ODDS_INC_OT": ("moneyline", {}),
     "TOTAL_POINTS": ("total", {}),
@@ -252,16 +339,20 @@ def _tenths(digits: str) -> str:
     return line_text(int(digits) / 10)
 
 
-def betfair_market(raw: str | None, sport: str | None = None, *, places: int | None = None
-                   ) -> tuple[str, dict[str, str] | None]:
-    """Betfair ``marketType`` → (canonical type, specifiers).
+def betfair_market(raw: str | None, sport: str | None = None, *, places: int | None = None,
+                   divisor: float | None = None) -> tuple[str, dict[str, str] | None]:
+    """Betfair ``marketType`` → (canonical type, specifiers or None).
 
     ``MATCH_ODDS`` → ``match_result`` (``moneyline`` in sports without a
-    draw: tennis, basketball …); ``OVER_UNDER_25`` → ``total`` with
+    draw: tennis, basketball …; in ice hockey the three-way regular-time
+    result stays ``match_result``); ``OVER_UNDER_25`` → ``total`` with
     ``line=2.5``; ``FIRST_HALF_GOALS_15`` → ``total`` ``period=1h``
-    ``line=1.5``; ``CORNER_ODDS`` style and other unknown types →
-    ``raw:<type>``. places: the market's ``numberOfWinners`` (kept as
-    ``places`` for PLACE markets)."""
+    ``line=1.5``; ``PLACE`` → ``place``; ``EACH_WAY`` → ``each_way`` (never
+    the place market's key); ``CORNER_ODDS`` style and other unknown types
+    → ``raw:<type>``. places: the market's ``numberOfWinners`` (kept as
+    ``places`` for PLACE and EACH_WAY markets); divisor: an EACH_WAY
+    market's ``eachWayDivisor`` (``4.0`` → ``ew_fraction=1/4``; one not
+    above 1 or not finite is left out)."""
     if not raw:
         return raw_type(None), None
     for prefix, extra in (("OVER_UNDER_", {}), ("FIRST_HALF_GOALS_", {"period": "1h"}),
@@ -276,8 +367,10 @@ def betfair_market(raw: str | None, sport: str | None = None, *, places: int | N
     specs = dict(extra)
     if kind == "match_result" and sport in _NO_DRAW_SPORTS:
         kind = "moneyline"
-    if kind == "place" and places:
+    if kind in ("place", "each_way") and places:
         specs["places"] = str(places)
+    if kind == "each_way" and divisor is not None and math.isfinite(divisor) and divisor > 1:
+        specs["ew_fraction"] = f"1/{line_text(divisor)}"
     return kind, specs or None
 
 
@@ -294,14 +387,14 @@ _BETFAIR_ORDER: dict[str, tuple[str, ...]] = {
 
 def betfair_outcome(market_type: str, selection_id: str, name: str | None, sort_priority: int | None,
                     event_name: str | None, handicap: float = 0.0) -> str | None:
-    """A Betfair runner → canonical outcome. Racing (``win`` / ``place``)
-    and unmapped types: the selection id. Otherwise the runner name against
-    the event name ("Home v Away"; US-style "Away @ Home") when names are
-    known (historic files, the catalogue of a live connection), else — only
+    """A Betfair runner → canonical outcome. Racing (``win`` / ``place`` /
+    ``each_way``) and unmapped types: the selection id. Otherwise the runner
+    name against the event name ("Home v Away"; US-style "Away @ Home") when
+    names are known (historic files, the catalogue of a live connection), else — only
     for match result, over/under and BTTS, whose runner order Betfair fixes
     — the runner's ``sortPriority``. None when neither tells: the runner
     then takes no part in best or fair prices until its name arrives."""
-    if market_type in ("win", "place") or is_unmapped(market_type):
+    if market_type in ("win", "place", "each_way") or is_unmapped(market_type):
         return selection_id
     home = away = None
     if event_name:
@@ -403,12 +496,26 @@ _UOF: dict[str, tuple[str, dict[str, str]]] = {
     "406": ("moneyline", {"4": "home", "5": "away"}),
 }
 _UOF_PERIOD = {"60": "1h", "66": "1h", "68": "1h"}
+#: the time a full-match UOF market covers: its market description's group (regular_play → rt;
+#: incl_ot, incl_ei = extra innings, incl_so = super over → ot; incl_ot_and_pen → ot_pen)
+_UOF_SCOPE: dict[str, str] = {
+    **dict.fromkeys(("1", "10", "11", "14", "16", "18", "19", "20", "29", "186"), "rt"),
+    **dict.fromkeys(("219", "223", "225", "251", "340"), "ot"),
+    "406": "ot_pen",
+}
 _UOF_TEAM = {"19": "home", "20": "away"}
 
 
-def uof_market(market_id: str, specifiers: Mapping[str, str] | None) -> tuple[str, dict[str, str] | None]:
+def uof_market(market_id: str, specifiers: Mapping[str, str] | None, *, sport: str | None = None
+               ) -> tuple[str, dict[str, str] | None]:
     """A UOF market (id + specifiers such as ``total=2.5``, ``hcp=-1``) →
-    (canonical type, canonical specifiers); unknown ids → ``raw:uof_<id>``."""
+    (canonical type, canonical specifiers or None); unknown ids (and a
+    mapped id whose ``total`` / ``hcp`` is not a number) →
+    ``raw:uof_<id>`` with the UOF specifiers as they are. ``sport``: the
+    event's canonical sport (``ice_hockey``); a market covering another time
+    than the sport's result gets its scope as ``period`` (UOF 18 "Total",
+    regular time: ``period=rt`` in ice hockey, none in soccer), and without
+    the sport every scope is kept (module docstring)."""
     hit = _UOF.get(market_id)
     if hit is None:
         return raw_type(f"uof_{market_id}"), dict(specifiers) if specifiers else None
@@ -416,6 +523,9 @@ def uof_market(market_id: str, specifiers: Mapping[str, str] | None) -> tuple[st
     specs: dict[str, str] = {}
     if market_id in _UOF_PERIOD:
         specs["period"] = _UOF_PERIOD[market_id]
+    scope = _UOF_SCOPE.get(market_id)
+    if scope is not None and scope != _full_time(kind, sport):
+        specs["period"] = scope
     if market_id in _UOF_TEAM:
         specs["team"] = _UOF_TEAM[market_id]
     if specifiers:

@@ -52,7 +52,7 @@ import msgspec
 
 from feed.matching import record_id
 from feed.models import CLOSED_STATUSES, Market, Selection
-from feed.taxonomy import LINE_TYPES, MARKET_TYPES, is_unmapped, line_text, market_key
+from feed.taxonomy import LINE_TYPES, MARKET_TYPES, is_unmapped, key_type, line_text, market_key, parse_market_key
 from streaming.state import NodeState
 
 __all__ = [
@@ -215,10 +215,11 @@ def turned(m: Market) -> tuple[dict[str, str], list[Selection]]:
 
 def group_markets(markets: Iterable[Market], reversed_of: Callable[[Market], bool] | None = None
                   ) -> dict[str, list[tuple[Market, list[Selection]]]]:
-    """Canonical market key → [(market, its selections in that group)],
-    for markets with a canonical type; markets with per-selection lines are
-    split by line; ``reversed_of(m)``: ``m``'s event names the sides the
-    other way round from the canonical event (see :func:`turned`)."""
+    """Canonical market key (:func:`feed.taxonomy.market_key` with the
+    market's sport) → [(market, its selections in that group)], for markets
+    with a canonical type; markets with per-selection lines are split by
+    line; ``reversed_of(m)``: ``m``'s event names the sides the other way
+    round from the canonical event (see :func:`turned`)."""
     out: dict[str, list[tuple[Market, list[Selection]]]] = {}
     for m in markets:
         t = m.market_type
@@ -235,9 +236,9 @@ def group_markets(markets: Iterable[Market], reversed_of: Callable[[Market], boo
                 if ln is not None:
                     per.setdefault(ln, []).append(sel)
             for ln, sels in per.items():
-                out.setdefault(market_key(t, {**specs, "line": ln}), []).append((m, sels))
+                out.setdefault(market_key(t, {**specs, "line": ln}, m.sport), []).append((m, sels))
             continue
-        out.setdefault(market_key(t, specs), []).append((m, list(selections)))
+        out.setdefault(market_key(t, specs, m.sport), []).append((m, list(selections)))
     return out
 
 
@@ -283,15 +284,14 @@ def market_views(state: NodeState, markets: Iterable[Market], now: int, *, metho
     views: list[MarketView] = []
     ages: dict[str, tuple[int, bool]] = {}
     for key, members in sorted(group_markets(markets, state.reversed_of).items()):
-        mtype = key.partition(":")[0] if not key.startswith("raw:") else key
+        mtype = key_type(key)
         if keys is not None and key not in keys and mtype not in keys:
             continue
         first = members[0][0]
-        specs = {k: v for k, v in (first.specifiers or {}).items() if k in ("period", "unit", "team", "line", "places")}
-        if ":" in key and not key.startswith("raw:"):
-            for part in key.split(":", 1)[1].split("|"):
-                k, _, v = part.partition("=")
-                specs[k] = v
+        try:  # the key's specifiers: a raw market's all, a mapped market's key specifiers
+            specs = parse_market_key(key)[1]
+        except ValueError:  # a provider's value holding a separator: the key still names the group
+            specs = {}
         outcomes: dict[str, OutcomeView] = {}
         per_book: dict[str, dict[str, float]] = {}  # usable back prices per book and outcome
         excluded_books: dict[str, str] = {}

@@ -61,7 +61,7 @@ from starlette.routing import BaseRoute, Route
 from feed.errors import StoreError
 from feed.models import ENCODER, EventState, Market
 from streaming.responses import json_error, json_response, node_of
-from feed.taxonomy import is_unmapped, market_key
+from feed.taxonomy import is_unmapped, key_type, market_key
 from streaming.aggregate import event_facts, event_view, market_views
 from streaming.event_states import pick, turned
 from streaming.state import MARKET_STATUSES, Filter, FilterError, NodeState, market_types, now_ms, parse_bool
@@ -296,7 +296,7 @@ async def get_event(request: Request) -> Response:
                  and (visible is None or visible(m))), key=lambda m: m.market_id)
     shown, own, tag = _event_states(node, ms, now)
     if types is not None:
-        ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers)) in types or k.partition(":")[0] in types]
+        ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers, m.sport)) in types or key_type(k) in types]
     if agg is None:  # the same answer as an id never seen: a hidden event does not exist for the tenant
         return json_error(404, "unknown_event", unknown)
     headers, not_modified = _etag_headers(request, state, ms, f"event|{cid}|{view}|{types}|{tag}")

@@ -59,7 +59,7 @@ from feed.settings import Settings
 from feed.linker import SUMMARY_DECODER, CanonicalSummary
 from feed.matching import CANONICAL_PREFIX, record_id
 from feed.store import StoredLink, partition_of
-from feed.taxonomy import market_key, parse_market_key, race_event_id
+from feed.taxonomy import key_type, market_key, parse_market_key, race_event_id
 from streaming.encoding import (
     Message, StreamId, delta_message, encode_token, market_with_age, parse_stream_id,
 )
@@ -141,7 +141,7 @@ that may newly match a subscription (:attr:`PreparedEntry.newly`)."""
 
 def keys_of(m: Market, canonical: str | None = None) -> MarketKeys:
     """A market's filter keys; ``canonical``: its canonical event id (None: not linked yet)."""
-    return (m.sport, m.event_id, m.competition, m.in_play, canonical, market_key(m.market_type, m.specifiers),
+    return (m.sport, m.event_id, m.competition, m.in_play, canonical, market_key(m.market_type, m.specifiers, m.sport),
             m.source, m.bookmaker)
 
 
@@ -206,7 +206,7 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
         if self.event is not None and event_id not in self.event and canonical not in self.event:
             return False
         if self.market_type is not None and mkey not in self.market_type \
-                and mkey.partition(":")[0] not in self.market_type:
+                and key_type(mkey) not in self.market_type:
             return False
         if self.sport is not None and sport not in self.sport:
             return False
@@ -891,7 +891,7 @@ class NodeState:
             elif d.header is not None:
                 h = d.header
                 keys = (h.sport, h.event_id, h.competition, h.in_play,
-                        self.canonical_id(h.event_id, h.sport, h.start_time), market_key(h.market_type, h.specifiers),
+                        self.canonical_id(h.event_id, h.sport, h.start_time), market_key(h.market_type, h.specifiers, h.sport),
                         d.source, h.bookmaker)
             elif cur is not None:
                 keys = self.keys_of(cur)

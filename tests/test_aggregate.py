@@ -253,3 +253,96 @@ def _with_start(m: Market, start: int) -> Market:
     import msgspec
 
     return msgspec.structs.replace(m, start_time=start)
+
+
+# -- one canonical key, one market (audit F2, F5, F6) --------------------------------------------
+
+
+def _in(m: Market, sport: str) -> Market:
+    import msgspec
+
+    return msgspec.structs.replace(m, sport=sport)
+
+
+def _check(st: NodeState, market: str, outcome: str, price: float) -> object:
+    from streaming.pricecheck import check
+
+    return check(st, PriceCheckRequest(event="ev:a:e", market=market, outcome=outcome, side="back",  # type: ignore[arg-type]
+                                       price=price), NOW)
+
+
+def test_an_each_way_price_is_never_the_best_place_price() -> None:
+    """Betfair's EACH_WAY market (numberOfWinners 2) had the PLACE market's key:
+    its 3.1 (a win price with a place part) was the best "to be placed" price,
+    and a place bet at 3.0 passed the best-price check against a real 1.55."""
+    from feed.taxonomy import betfair_market
+
+    runners = [("14766968", 3.0, 1.55, 3.1), ("38218050", 4.5, 1.9, 4.6)]
+    ms = []
+    for raw, col in (("WIN", 1), ("PLACE", 2), ("EACH_WAY", 3)):
+        mtype, specs = betfair_market(raw, "horse_racing", places=1 if raw == "WIN" else 2)
+        ms.append(_in(mkt(f"bf:1.{col}", "betfair", [sel(r[0], r[col]) for r in runners], mtype=mtype, specs=specs,
+                          event="a:e"), "horse_racing"))
+    st = state(*ms)
+    views = {v.market: v for v in market_views(st, st.markets.values(), NOW)}
+    assert set(views) == {"win", "place:places=2", "each_way:places=2"}
+    assert [o.best.price for o in views["place:places=2"].outcomes if o.best] == [1.55, 1.9]
+    assert {b.market_id for o in views["place:places=2"].outcomes for b in o.books} == {"bf:1.2"}
+    assert views["each_way:places=2"].fair_books == []  # a win price with a place part: no fair price
+    r = _check(st, "place:places=2", "14766968", 3.0)
+    assert (r.accepted, r.reason, r.market_id, r.current_price) == (False, "PRICE_CHANGED", "bf:1.2", 1.55)  # type: ignore[attr-defined]
+
+
+def test_a_regular_time_total_is_never_the_best_price_of_the_games_total() -> None:
+    """UOF 18 "Total" (regular play) in the NHL next to Pinnacle's period-0
+    total (incl. overtime): one group served UOF's 2.35 as the game's best over
+    5.5 (Pinnacle 1.95). The UOF normaliser maps without the sport: the scope
+    is kept, and the view still puts a soccer regular-time total with the others."""
+    from feed.taxonomy import period_of, uof_market
+
+    t, uof_specs = uof_market("18", {"total": "5.5"})
+    pn_specs = {"line": "5.5", **({"period": p} if (p := period_of("ice_hockey", 0)) else {})}
+    st = state(_in(mkt("uof:1", "uof", [sel("over", 2.35, sid="12"), sel("under", 1.60, sid="13")], mtype=t,
+                       specs=uof_specs, event="a:e"), "ice_hockey"),
+               _in(mkt("pn:1", "pinnacle", [sel("over", 1.95), sel("under", 1.87)], mtype="total", specs=pn_specs,
+                       event="b:e"), "ice_hockey"))
+    st.set_links(1, {"a:e": StoredLink("ev:a:e", 1.0, "self"), "b:e": StoredLink("ev:a:e", 1.0, "pinned")}, {})
+    views = {v.market: v for v in market_views(st, st.markets.values(), NOW)}
+    assert set(views) == {"total:line=5.5", "total:period=rt|line=5.5"}
+    assert views["total:period=rt|line=5.5"].specifiers == {"period": "rt", "line": "5.5"}
+    assert [b.bookmaker for o in views["total:line=5.5"].outcomes for b in o.books] == ["pinnacle", "pinnacle"]
+    r = _check(st, "total:line=5.5", "over", 2.30)
+    assert (r.accepted, r.bookmaker, r.current_price) == (False, "pinnacle", 1.95)  # type: ignore[attr-defined]
+    # soccer's result is regular time: UOF 18 (mapped without the sport) is the other books' total
+    t, uof_specs = uof_market("18", {"total": "2.5"})
+    st = state(mkt("uof:2", "uof", [sel("over", 2.05, sid="12"), sel("under", 1.80, sid="13")], mtype=t,
+                   specs=uof_specs, event="a:e"),
+               mkt("bf:2", "betfair", [sel("over", 1.98), sel("under", 1.90)], mtype="total", specs={"line": "2.5"},
+                   event="b:e"))
+    st.set_links(1, {"a:e": StoredLink("ev:a:e", 1.0, "self"), "b:e": StoredLink("ev:a:e", 1.0, "pinned")}, {})
+    (view,) = market_views(st, st.markets.values(), NOW)
+    assert view.market == "total:line=2.5" and view.specifiers == {"line": "2.5"}
+    assert view.outcomes[0].best is not None and view.outcomes[0].best.bookmaker == "uof"
+
+
+def test_each_line_of_an_unmapped_market_is_its_own_group() -> None:
+    """UOF 412 (unmapped) at 5.5 and 6.5 were one ``raw:uof_412`` group: the
+    6.5 line's over 2.90 was the best "over" and a bet at 2.5 on the 5.5 line
+    passed the check."""
+    from feed.taxonomy import uof_market
+
+    ms = []
+    for i, (line, over, under) in enumerate((("5.5", 1.90, 1.90), ("6.5", 2.90, 1.40))):
+        t, specs = uof_market("412", {"total": line})
+        ms.append(_in(mkt(f"uof:412:{i}", "uof", [sel("12", over), sel("13", under)], mtype=t, specs=specs,
+                          event="a:e"), "ice_hockey"))
+    st = state(*ms)
+    views = {v.market: v for v in market_views(st, st.markets.values(), NOW)}
+    assert set(views) == {"raw:uof_412:total=5.5", "raw:uof_412:total=6.5"}
+    v = views["raw:uof_412:total=5.5"]
+    assert (v.market_type, v.specifiers) == ("raw:uof_412", {"total": "5.5"})
+    assert [o.best.price for o in v.outcomes if o.best] == [1.90, 1.90]
+    assert len(market_views(st, st.markets.values(), NOW, keys={"raw:uof_412"})) == 2  # the type still selects both
+    r = _check(st, "raw:uof_412:total=5.5", "12", 2.5)
+    assert (r.accepted, r.market_id, r.current_price) == (False, "uof:412:0", 1.90)  # type: ignore[attr-defined]
+    assert _check(st, "raw:uof_412", "12", 2.5).reason == "UNKNOWN_MARKET"  # type: ignore[attr-defined]

@@ -366,3 +366,22 @@ async def test_a_best_view_that_fails_on_an_entry_still_lets_its_deltas_through(
     assert best.closed and best not in hub.connections
     assert "the best view" in caplog.text
     hub.close_all()
+
+
+def test_a_market_type_filter_takes_raw_types_with_their_specifiers_and_keys_by_sport() -> None:
+    """``market_type=raw:uof_412`` matches every line of that unmapped market (its key carries its
+    specifiers: ``raw:uof_412:total=5.5`` — the type was taken as ``raw``); a soccer regular-time
+    total keys as the full-time total, an ice hockey one does not (the sport decides)."""
+    from streaming.state import keys_of
+
+    raw = Market(market_id="uof:m1", source="uof", event_id="uof:e1", sport="ice_hockey", market_type="raw:uof_412",
+                 specifiers={"total": "5.5"})
+    assert Filter.parse(market_type="raw:uof_412").match(raw.market_id, keys_of(raw))
+    assert Filter.parse(market_type="raw:uof_412:total=5.5").match(raw.market_id, keys_of(raw))
+    assert not Filter.parse(market_type="raw:uof_8").match(raw.market_id, keys_of(raw))
+    rt = {"period": "rt", "line": "2.5"}
+    soccer = Market(market_id="uof:m2", source="uof", event_id="uof:e2", sport="soccer", market_type="total", specifiers=rt)
+    hockey = Market(market_id="uof:m3", source="uof", event_id="uof:e3", sport="ice_hockey", market_type="total", specifiers=rt)
+    full_time = Filter.parse(market_type="total:line=2.5")
+    assert full_time.match(soccer.market_id, keys_of(soccer))
+    assert not full_time.match(hockey.market_id, keys_of(hockey))

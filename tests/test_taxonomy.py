@@ -11,6 +11,7 @@ from feed.taxonomy import (
     betfair_outcome,
     generic_market,
     is_unmapped,
+    key_type,
     market_key,
     outcome_from_name,
     parse_market_key,
@@ -87,8 +88,8 @@ def test_generic_market_names(raw: str, has_draw: bool | None, want: tuple) -> N
 
 def test_uof_markets_and_outcomes() -> None:
     assert uof_market("1", None) == ("match_result", None)
-    assert uof_market("18", {"total": "2.5"}) == ("total", {"line": "2.5"})
-    assert uof_market("16", {"hcp": "-0.25"}) == ("handicap", {"line": "-0.25"})
+    assert uof_market("18", {"total": "2.5"}, sport="soccer") == ("total", {"line": "2.5"})
+    assert uof_market("16", {"hcp": "-0.25"}, sport="soccer") == ("handicap", {"line": "-0.25"})
     assert uof_market("14", {"hcp": "0:1"}) == ("handicap_3way", {"line": "-1"})
     assert uof_market("68", {"total": "1.5"}) == ("total", {"period": "1h", "line": "1.5"})
     assert uof_market("999", {"x": "1"}) == ("raw:uof_999", {"x": "1"})
@@ -120,3 +121,146 @@ def test_a_live_betfair_stream_gets_outcomes_by_runner_order() -> None:
     (u,) = batch.updates
     assert u.header is not None and u.header.market_type == "match_result"
     assert {s.selection_id: s.outcome for s in u.selections} == {"11": "home", "22": "away", "58805": "draw"}
+
+
+# -- each-way is not a place bet (audit F2) ------------------------------------------------------
+
+
+def test_betfair_each_way_never_takes_the_place_key() -> None:
+    """An EACH_WAY price is a win price with a place part (Catterick: 3.1 each
+    way next to 1.55 to be placed): under the PLACE market's key it was served
+    as the best place price."""
+    place = betfair_market("PLACE", "horse_racing", places=2)
+    each_way = betfair_market("EACH_WAY", "horse_racing", places=2)
+    assert place == ("place", {"places": "2"})
+    assert each_way == ("each_way", {"places": "2"})
+    assert market_key(*each_way) == "each_way:places=2" != market_key(*place)
+    # the each-way terms make the key where they are known: other terms are another bet
+    with_terms = betfair_market("EACH_WAY", "horse_racing", places=3, divisor=4.0)
+    assert with_terms == ("each_way", {"places": "3", "ew_fraction": "1/4"})
+    assert market_key(*with_terms) == "each_way:places=3|ew_fraction=1/4"
+    assert parse_market_key("each_way:places=3|ew_fraction=1/4") == with_terms
+    assert market_key(*betfair_market("EACH_WAY", "horse_racing", places=3, divisor=5.0)) != market_key(*with_terms)
+    assert betfair_market("EACH_WAY", "horse_racing", places=3, divisor=float("nan")) == ("each_way", {"places": "3"})
+    # runners are the selection ids, as in WIN and PLACE
+    assert betfair_outcome("each_way", "14766968", "Militia", 1, None) == "14766968"
+
+
+# -- regular time vs overtime (audit F5) --------------------------------------------------------
+
+#: (UOF id, specifiers, sport, key): every id of the UOF table, checked against its Sportradar
+#: market description's group (regular_play, incl_ot, incl_ei, incl_so, incl_ot_and_pen, 1st_half)
+UOF_KEYS: list[tuple[str, dict[str, str] | None, str | None, str]] = [
+    # regular_play: the result in soccer; regular time (rt) where the result includes overtime
+    ("18", {"total": "2.5"}, "soccer", "total:line=2.5"),
+    ("18", {"total": "5.5"}, "ice_hockey", "total:period=rt|line=5.5"),
+    ("18", {"total": "210.5"}, "basketball", "total:period=rt|line=210.5"),
+    ("18", {"total": "5.5"}, None, "total:period=rt|line=5.5"),  # no sport: the scope is kept
+    ("16", {"hcp": "-1.5"}, "soccer", "handicap:line=-1.5"),
+    ("16", {"hcp": "-1.5"}, "ice_hockey", "handicap:period=rt|line=-1.5"),
+    ("19", {"total": "2.5"}, "ice_hockey", "team_total:period=rt|team=home|line=2.5"),
+    ("20", {"total": "2.5"}, "soccer", "team_total:team=away|line=2.5"),
+    ("29", None, "ice_hockey", "btts:period=rt"),
+    ("29", None, "soccer", "btts"),
+    ("186", None, "tennis", "moneyline"),
+    ("186", None, "ice_hockey", "moneyline:period=rt"),
+    ("186", None, "cricket", "moneyline:period=rt"),
+    # a draw type is regular time by its draw, in every sport: no period
+    ("1", None, "ice_hockey", "match_result"),
+    ("1", None, None, "match_result"),
+    ("10", None, "basketball", "double_chance"),
+    ("11", None, "ice_hockey", "draw_no_bet"),
+    ("14", {"hcp": "0:1"}, "ice_hockey", "handicap_3way:line=-1"),
+    # 1st half
+    ("60", None, "soccer", "match_result:period=1h"),
+    ("66", {"hcp": "-0.5"}, "basketball", "handicap:period=1h|line=-0.5"),
+    ("68", {"total": "1.5"}, "soccer", "total:period=1h|line=1.5"),
+    # incl_ot / incl_ei / incl_so: the result in basketball, American football, baseball, cricket
+    ("219", None, "basketball", "moneyline"),
+    ("223", {"hcp": "-4.5"}, "basketball", "handicap:line=-4.5"),
+    ("225", {"total": "210.5"}, "basketball", "total:line=210.5"),
+    ("225", {"total": "47.5"}, "american_football", "total:line=47.5"),
+    ("251", None, "baseball", "moneyline"),
+    ("340", None, "cricket", "moneyline"),
+    ("225", {"total": "210.5"}, None, "total:period=ot|line=210.5"),
+    ("225", {"total": "2.5"}, "soccer", "total:period=ot|line=2.5"),  # extra time is not soccer's result
+    ("219", None, "ice_hockey", "moneyline:period=ot"),  # no shoot-out: not ice hockey's result
+    # incl_ot_and_pen: ice hockey's result
+    ("406", None, "ice_hockey", "moneyline"),
+    ("406", None, "soccer", "moneyline:period=ot_pen"),
+    ("406", None, None, "moneyline:period=ot_pen"),
+]
+
+
+@pytest.mark.parametrize(("mid", "specs", "sport", "key"), UOF_KEYS,
+                         ids=[f"{m}-{s}-{(sp or {}).get('total') or (sp or {}).get('hcp') or ''}"
+                              for m, sp, s, _ in UOF_KEYS])
+def test_every_uof_market_keys_the_time_it_covers(mid: str, specs: dict[str, str] | None, sport: str | None,
+                                                  key: str) -> None:
+    assert market_key(*uof_market(mid, specs, sport=sport)) == key
+
+
+def test_regular_time_never_shares_the_full_time_key() -> None:
+    """UOF 18 "Total" is regular play; Pinnacle's period 0 (NHL) and UOF 225
+    "Total (incl. overtime)" include overtime: one key put the regular-time
+    over 5.5 at 2.35 up as the best price of the game's over 5.5."""
+    pinnacle = market_key("total", {"line": "5.5"})  # period_of(sport, 0) is None: the game incl. overtime
+    assert period_of("ice_hockey", 0) is None
+    assert market_key(*uof_market("18", {"total": "5.5"}, sport="ice_hockey")) != pinnacle
+    assert market_key(*uof_market("18", {"total": "5.5"})) != pinnacle  # the sport not known: still apart
+    assert (market_key(*uof_market("18", {"total": "210.5"}, sport="basketball"))
+            != market_key(*uof_market("225", {"total": "210.5"}, sport="basketball")))
+    assert (market_key(*uof_market("16", {"hcp": "-4.5"}))
+            != market_key(*uof_market("223", {"hcp": "-4.5"})))
+    # Pinnacle's and The Odds API's hockey moneyline (incl. overtime and shoot-out) = UOF 406 = Betfair MONEY_LINE
+    assert market_key(*uof_market("406", None, sport="ice_hockey")) == "moneyline"
+    assert market_key(*betfair_market("MONEY_LINE", "ice_hockey")) == "moneyline"
+    assert market_key(*generic_market("h2h", has_draw=False, sport="ice_hockey")) == "moneyline"
+    # Betfair MATCH_ODDS in ice hockey is the three-way regular-time result: UOF 1's key, never a moneyline
+    assert betfair_market("MATCH_ODDS", "ice_hockey") == ("match_result", None)
+    assert market_key(*betfair_market("MATCH_ODDS", "ice_hockey")) == market_key(*uof_market("1", None))
+    # … in basketball it includes overtime: UOF 219's key
+    assert market_key(*betfair_market("MATCH_ODDS", "basketball")) == market_key(
+        *uof_market("219", None, sport="basketball"))
+
+
+def test_a_scope_that_is_the_sports_full_time_leaves_the_key() -> None:
+    """A market mapped without its sport keeps its scope; with the sport, the
+    key is the one a provider that knew the sport gives."""
+    rt = {"period": "rt", "line": "2.5"}
+    assert market_key("total", rt, "soccer") == "total:line=2.5"
+    assert market_key("total", rt, "ice_hockey") == market_key("total", rt) == "total:period=rt|line=2.5"
+    assert market_key("total", {"period": "ot", "line": "210.5"}, "basketball") == "total:line=210.5"
+    assert market_key("total", {"period": "ot", "line": "2.5"}, "soccer") == "total:period=ot|line=2.5"
+    assert market_key("moneyline", {"period": "ot_pen"}, "ice_hockey") == "moneyline"
+    assert market_key("moneyline", {"period": "ot_pen"}, "curling") == "moneyline:period=ot_pen"
+    assert market_key("match_result", {"period": "rt"}) == "match_result"  # a draw type: regular time anyway
+    assert market_key("total", {"period": "1h", "line": "1.5"}, "soccer") == "total:period=1h|line=1.5"
+
+
+# -- unmapped markets keep their specifiers in the key (audit F6) -------------------------------
+
+
+def test_an_unmapped_markets_key_carries_every_specifier() -> None:
+    """UOF 412 at 5.5 and at 6.5 (and UOF 8 goalnr=1 / goalnr=6) were one
+    ``raw:uof_412`` group: the 6.5 line's over price was served as the best
+    price of a market with no line."""
+    t, s55 = uof_market("412", {"total": "5.5"})
+    assert (t, s55) == ("raw:uof_412", {"total": "5.5"})
+    k55, k65 = market_key(t, s55), market_key(*uof_market("412", {"total": "6.5"}))
+    assert (k55, k65) == ("raw:uof_412:total=5.5", "raw:uof_412:total=6.5")
+    assert market_key(*uof_market("8", {"goalnr": "1"})) != market_key(*uof_market("8", {"goalnr": "6"}))
+    # every specifier, by name: the same market whatever order the provider wrote them in
+    many = market_key("raw:uof_1048", {"variant": "sr:exact_goals:5+", "hcp": "0:1"})
+    assert many == "raw:uof_1048:hcp=0:1|variant=sr:exact_goals:5+"
+    assert many == market_key("raw:uof_1048", {"hcp": "0:1", "variant": "sr:exact_goals:5+"})
+    assert parse_market_key(many) == ("raw:uof_1048", {"hcp": "0:1", "variant": "sr:exact_goals:5+"})
+    assert key_type(many) == "raw:uof_1048" and key_type("total:line=2.5") == "total"
+    assert market_key("raw:corner_odds", None) == "raw:corner_odds" == key_type("raw:corner_odds")
+    # private specifiers never make a key, mapped or not
+    assert market_key("total", {"sport_key": "soccer_epl", "line": "2.5"}) == "total:line=2.5"
+    assert market_key("raw:h2h_1st_3_innings", {"sport_key": "baseball_mlb"}) == "raw:h2h_1st_3_innings"
+    # a provider type holding a key separator cannot bleed into the specifiers
+    assert betfair_market("ODD:TYPE|X=1")[0] == "raw:odd_type_x_1"
+    with pytest.raises(ValueError, match="specifiers"):
+        parse_market_key("raw:uof_8:goalnr")
