@@ -557,3 +557,84 @@ def test_two_live_events_pricing_one_market_the_later_change_wins() -> None:
     f.send("odds", [{"id": 201, "periods": [_period(0, t4, cut, 2, totals=[(10.5, 2.5, 1.55)])]}], t4)
     assert f.market("pn:100:0:total:10.5").suspend_reason == "offline"
     assert f.market("pn:100:0:moneyline").status == "OPEN"
+
+
+# --- events a fixtures snapshot no longer lists ------------------------------------------------------
+
+
+def _settle(f: _Feed, rid: int, number: int, recv_ms: int) -> None:
+    """Settle period ``number`` of raw event ``rid`` 1-0 (``/v1/fixtures/settled``)."""
+    f.last += 1
+    body = {"sportId": f.sport, "last": f.last, "leagues": [{"id": 1980, "events": [{"id": rid, "periods": [
+        {"number": number, "status": 1, "settlementId": f.last, "settledAt": _iso(recv_ms - 1000),
+         "team1Score": 1, "team2Score": 0}]}]}]}
+    batch = f.n.feed(json.dumps(body).encode(), recv_ms, pinnacle_channel("settled", f.sport, snapshot=False))
+    for u in batch.updates:
+        assert f.book.apply(u, stored_at=recv_ms) is not None
+
+
+def _statuses(f: _Feed) -> dict[str, tuple[str, str | None]]:
+    return {mid: (m.status, m.suspend_reason) for mid, m in sorted(f.book.markets.items())}
+
+
+def test_an_event_a_fixtures_snapshot_no_longer_lists_has_its_markets_suspended() -> None:
+    """Gap: an event dropped from a fixtures snapshot (Pinnacle's full list: no longer offered) had
+    its fixture and odds forgotten but its markets kept their last state, OPEN, confirmed fresh by
+    every odds delta poll until the next odds snapshot (up to an hour). They are now SUSPENDED
+    (``not_offered``, prices kept); a settled period keeps its result; the other event is untouched."""
+    cut = T0 + 6 * 3_600_000
+    f = _Feed()
+    f.send("fixtures", [_fixture(1, 0), _fixture(2, 0)], T0, snapshot=True)
+    f.send("odds", [{"id": 1, "periods": [_period(0, T0, cut, ml={"home": 2.1, "draw": 3.4, "away": 3.6}),
+                                          _period(1, T0, cut, ml={"home": 2.9, "draw": 2.1, "away": 4.2})]},
+                    {"id": 2, "periods": [_period(0, T0, cut, ml={"home": 1.5, "draw": 4.0, "away": 6.0})]}],
+           T0, snapshot=True)
+    _settle(f, 1, 1, T0 + 30_000)
+    t1 = T0 + 60_000
+    ups = f.send("fixtures", [_fixture(2, 0)], t1, snapshot=True)
+    assert [(u.market_id, u.header.status, u.header.suspend_reason) for u in ups if u.header] == [
+        ("pn:1:0:moneyline", "SUSPENDED", "not_offered")]
+    assert _statuses(f) == {"pn:1:0:moneyline": ("SUSPENDED", "not_offered"),
+                            "pn:1:1:moneyline": ("SETTLED", None),
+                            "pn:2:0:moneyline": ("OPEN", None)}
+    assert f.prices("pn:1:0:moneyline") == {"home": 2.1, "away": 3.6, "draw": 3.4}
+    assert f.send("odds", [], t1 + 5_000) == []  # a later delta poll changes nothing of it
+    assert f.send("fixtures", [_fixture(2, 0)], t1 + 10_000, snapshot=True) == []  # said once
+
+
+@pytest.mark.parametrize("l2_period", [0, 1])
+def test_a_live_event_no_longer_listed_suspends_what_only_it_supplied(l2_period: int) -> None:
+    """A live event dropped from the fixtures snapshot while its group stays listed: a period only
+    it held lines for is SUSPENDED (``not_offered``); a period another event of the group holds is
+    served from that event (its markets stay as it says, OPEN)."""
+    f = _two_live_events(l2_period)  # 200 prices period 0; 201 period ``l2_period`` (total 10.5)
+    t2 = T0 + 700_000
+    f.send("fixtures", [_fixture(100, 2), _fixture(200, 1, 100)], t2, snapshot=True)
+    assert f.market(f"pn:100:{l2_period}:total:10.5").suspend_reason == "not_offered"
+    assert f.prices(f"pn:100:{l2_period}:total:10.5") == {"over": 2.4, "under": 1.58}
+    for mid in ("pn:100:0:moneyline", "pn:100:0:total:9.5"):
+        assert (f.market(mid).status, f.market(mid).in_play) == ("OPEN", True), mid
+
+
+def test_a_fixtures_snapshot_after_a_restart_suspends_restored_markets_of_unlisted_events() -> None:
+    """After a restart the normaliser knows no fixture: a restored market whose event the first
+    fixtures snapshot does not list is no longer offered (SUSPENDED ``not_offered``); one whose
+    event is listed is left as restored (its odds are not known yet), and so is one of an event
+    the snapshot rejects (we cannot tell what it lists)."""
+    cut = T0 + 6 * 3_600_000
+    f = _Feed()
+    f.send("fixtures", [_fixture(1, 0), _fixture(2, 0), _fixture(3, 0)], T0, snapshot=True)
+    f.send("odds", [{"id": r, "periods": [_period(0, T0, cut, ml={"home": 2.1, "away": 1.8})]} for r in (1, 2, 3)],
+           T0, snapshot=True)
+    n2 = PinnacleNormaliser()
+    n2.restore(f.book.markets.values(), f.n.cursor())
+    bad = _fixture(3, 0)
+    bad["resultingUnit"] = "Corners!"  # rejected alone (invalid_schema)
+    body = {"sportId": 29, "last": 500, "league": [{"id": 1980, "name": "EPL", "events": [_fixture(2, 0), bad]}]}
+    batch = n2.feed(json.dumps(body).encode(), T0 + 60_000, pinnacle_channel("fixtures", 29, snapshot=True))
+    assert [r.market_id for r in batch.rejected] == [None]
+    assert [(u.market_id, u.header.status, u.header.suspend_reason) for u in batch.updates if u.header] == [
+        ("pn:1:0:moneyline", "SUSPENDED", "not_offered")]
+    # another sport's snapshot leaves this sport's markets alone
+    other = {"sportId": 33, "last": 501, "league": []}
+    assert n2.feed(json.dumps(other).encode(), T0 + 61_000, pinnacle_channel("fixtures", 33, snapshot=True)).updates == []

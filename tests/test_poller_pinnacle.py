@@ -115,7 +115,12 @@ async def test_pinnacle_restart_resumes_from_the_stored_cursor(redis_url: str) -
             await asyncio.sleep(0.5)  # the providers move on while the ingest is down
             before = len(sim.requests)
             async with poller("pinnacle", store, spec(sim.url)) as (src2, _):
-                await eventually(lambda: src2.polls >= 3, what="polls after the restart")
+                def odds_calls(sport: str) -> list[dict[str, str]]:
+                    return [r.query for r in list(sim.requests)[before:] if r.path == "/v2/odds"
+                            and r.query["sportId"] == sport]
+
+                await eventually(lambda: src2.polls >= 3 and all(len(odds_calls(s)) >= 2 for s in ("29", "33", "4")),
+                                 what="polls after the restart")
                 first = {}
                 for r in list(sim.requests)[before:]:
                     if r.path in ("/v2/odds", "/v1/fixtures"):
@@ -124,7 +129,10 @@ async def test_pinnacle_restart_resumes_from_the_stored_cursor(redis_url: str) -
                     if r.path == "/v1/fixtures/settled":
                         first.setdefault((r.path, r.query["sportId"]), r.query)
                 for sport in ("29", "33", "4"):
-                    assert first[("/v2/odds", sport)].get("since") == str(cursor["odds"][sport])  # resumed
+                    # odds: a snapshot first (the restored markets' cutoffs are only in the odds), then
+                    # deltas from a cursor no older than the stored one
+                    calls = odds_calls(sport)
+                    assert "since" not in calls[0] and int(calls[1]["since"]) >= cursor["odds"][sport]
                     if sport in cursor.get("settled", {}):  # results resume from their own cursor too
                         assert first[("/v1/fixtures/settled", sport)].get("since") == str(cursor["settled"][sport])
                     assert "since" not in first[("/v1/fixtures", sport)]  # names and parentId links re-read whole
@@ -293,6 +301,7 @@ class _BookSink:
         self.confirmed: list[tuple[int, dict[str, tuple[str, str | None]]]] = []
 
     async def deliver(self, payloads: list[Payload]) -> Delivered:
+        stale = False
         for p in payloads:
             if not p.data.strip():
                 continue
@@ -300,7 +309,8 @@ class _BookSink:
             for u in batch.updates:
                 self.book.apply(u, stored_at=p.recv_ms)
             self.cursor = batch.cursor or self.cursor
-        return Delivered()
+            stale = stale or batch.stale
+        return Delivered(stale=stale)
 
     def confirm(self, recv_ms: int) -> None:
         self.confirmed.append((recv_ms, {mid: (m.status, m.suspend_reason) for mid, m in self.book.markets.items()}))
@@ -340,5 +350,177 @@ async def test_an_empty_odds_answer_suspends_what_is_past_its_cutoff_before_it_c
         assert src.since("odds", 29) == 20  # (no cursor moved)
         assert len(sink.confirmed) == 2  # the empty answer confirmed the sport …
         assert sink.confirmed[-1][1] == {"pn:1:0:moneyline": ("SUSPENDED", "past_cutoff")}  # … suspended first
+    finally:
+        await http.aclose()
+
+
+# --- a restart: restored markets have no known cutoff until their period is sent again ------------
+
+_T0 = 1755349200000  # 13:00:00Z; the cutoff at 13:01
+
+
+def _fixtures(last: int) -> bytes:
+    return json.dumps({"sportId": 29, "last": last, "league": [{"id": 1980, "name": "EPL", "events": [
+        {"id": 1, "starts": "2025-08-16T13:01:00Z", "home": "Arsenal", "away": "Chelsea", "liveStatus": 0}]}]}).encode()
+
+
+def _odds(last: int, cutoff: str = "2025-08-16T13:01:00Z") -> bytes:
+    return json.dumps({"sportId": 29, "last": last, "leagues": [{"id": 1980, "events": [{"id": 1, "periods": [
+        {"number": 0, "lineId": 5, "status": 1, "cutoff": cutoff,
+         "moneylineUpdatedAt": "2025-08-16T12:59:00Z",
+         "moneyline": {"home": 2.1, "away": 3.6, "draw": 3.4}}]}]}]}).encode()
+
+
+class _Pinnacle:
+    """A scripted Pinnacle: an odds snapshot call answers ``snapshots`` in turn (the last one
+    repeated), a fixtures snapshot call ``fixtures`` likewise (default: ``_fixtures(10)``), a delta
+    call an empty body (nothing new). ``calls`` records (path, since) of every request; ``now`` is
+    the wall clock (ms) and ``mono`` the poller's monotonic clock (s)."""
+
+    def __init__(self, snapshots: list[bytes], fixtures: list[bytes] | None = None) -> None:
+        self.answers = {"/v2/odds": snapshots, "/v1/fixtures": fixtures or [_fixtures(10)]}
+        self.calls: list[tuple[str, str | None]] = []
+        self.now = [_T0]
+        self.mono = [0.0]
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        since = request.url.params.get("since")
+        self.calls.append((request.url.path, since))
+        if since is not None:
+            return httpx.Response(200, content=b"")
+        queue = self.answers[request.url.path]
+        return httpx.Response(200, content=queue.pop(0) if len(queue) > 1 else queue[0])
+
+    def source(self, sink: _BookSink) -> tuple[PinnacleSource, ProviderHttp]:
+        http = ProviderHttp("http://pinnacle.test", provider="pinnacle", transport=httpx.MockTransport(self.handle),
+                            clock_ms=lambda: self.now[0])
+        src = PinnacleSource("pinnacle", http, PollerOptions(), sports=[29], fixtures_interval_s=1e9, resync_s=0,
+                             settled_interval_s=None, clock=lambda: self.mono[0])
+        src._sink = sink  # type: ignore[assignment]  # (what run() sets)
+        return src, http
+
+
+async def _restarted(pn: _Pinnacle) -> tuple[_BookSink, int]:
+    """Run a first process (snapshots at _T0: the market OPEN, cutoff 13:01) and return a second
+    one's sink, restored from what the first stored (markets and cursor), and the stored odds cursor."""
+    first = _BookSink()
+    src, http = pn.source(first)
+    try:
+        await src.poll("29")
+    finally:
+        await http.aclose()
+    assert first.confirmed[-1][1] == {"pn:1:0:moneyline": ("OPEN", None)}
+    stored_cursor = src.since("odds", 29)
+    assert stored_cursor is not None
+    second = _BookSink()
+    second.book.restore(first.book.markets.values())
+    second.normaliser.restore(first.book.markets.values(), first.cursor)
+    second.cursor = first.cursor
+    return second, stored_cursor
+
+
+async def test_after_a_restart_the_first_odds_call_is_a_snapshot_so_a_restored_cutoff_is_known() -> None:
+    """Gap: a restarted poller resumed odds with since=<stored cursor>; a restored OPEN market's
+    period was never sent again (unchanged), its cutoff was unknown, and every delta poll confirmed
+    it OPEN and fresh after its cutoff. The first odds call of a run is now a snapshot (one request,
+    like the delta it replaces): the period comes back with its cutoff."""
+    pn = _Pinnacle([_odds(20), _odds(30)])
+    sink, stored = await _restarted(pn)
+    pn.now[0] = _T0 + 120_000  # the restart came a minute after the cutoff
+    pn.calls.clear()
+    src, http = pn.source(sink)
+    try:
+        await src.poll("29")
+        confirmed_first = list(sink.confirmed)
+        pn.now[0] += 5_000
+        pn.mono[0] += 5
+        await src.poll("29")
+        assert sink.confirmed and all(c == {"pn:1:0:moneyline": ("SUSPENDED", "past_cutoff")}
+                                      for _, c in sink.confirmed)  # never vouched for OPEN past its cutoff
+        assert confirmed_first == []  # the snapshot (up to a minute old) confirmed nothing; the delta did
+        assert pn.calls == [("/v1/fixtures", None), ("/v2/odds", None), ("/v2/odds", "30")]
+        assert src.since("odds", 29) == 30 > stored
+    finally:
+        await http.aclose()
+
+
+async def test_a_cached_snapshot_older_than_the_resumed_cursor_is_asked_again_a_minute_later() -> None:
+    """Pinnacle caches snapshot answers 60 s: right after a restart the snapshot may be older than
+    the stored cursor (dropped as stale). No delta follows it (the markets' cutoffs are still
+    unknown: nothing confirms them, they read stale) and the snapshot is asked again once the
+    cache has moved on — at most one snapshot a minute (Pinnacle's historic snapshot limit)."""
+    pn = _Pinnacle([_odds(20), _odds(15), _odds(40)])  # (the first process's, a cached older one, a fresh one)
+    sink, _ = await _restarted(pn)
+    pn.now[0] = _T0 + 120_000
+    pn.calls.clear()
+    src, http = pn.source(sink)
+    try:
+        await src.poll("29")
+        assert pn.calls[-1] == ("/v2/odds", None) and src.stale_answers == 1 and src.since("odds", 29) == 20
+        for _ in range(11):  # polls every 5 s for 55 s: no odds call, no confirmation
+            pn.now[0] += 5_000
+            pn.mono[0] += 5
+            await src.poll("29")
+        assert [c for c in pn.calls if c[0] == "/v2/odds"] == [("/v2/odds", None)]
+        assert sink.confirmed == [] and sink.book.markets["pn:1:0:moneyline"].status == "OPEN"
+        pn.now[0] += 5_000
+        pn.mono[0] += 5  # 60 s after the stale snapshot was asked
+        await src.poll("29")
+        assert [c for c in pn.calls if c[0] == "/v2/odds"] == [("/v2/odds", None)] * 2
+        assert src.since("odds", 29) == 40
+        assert sink.book.markets["pn:1:0:moneyline"].suspend_reason == "past_cutoff"
+        pn.mono[0] += 5
+        await src.poll("29")
+        assert pn.calls[-1] == ("/v2/odds", "40")
+        assert sink.confirmed and all(c == {"pn:1:0:moneyline": ("SUSPENDED", "past_cutoff")}
+                                      for _, c in sink.confirmed)
+    finally:
+        await http.aclose()
+
+
+async def test_an_empty_answer_to_the_snapshot_after_a_restart_suspends_the_restored_markets() -> None:
+    """An empty body answering a snapshot call says the sport offers nothing: delivered as an empty
+    delta it left the restored markets OPEN with no known cutoff, and the next delta confirmed them.
+    It is now an empty snapshot: they are SUSPENDED (``not_offered``) before anything confirms."""
+    pn = _Pinnacle([_odds(20), b""])
+    sink, _ = await _restarted(pn)
+    pn.now[0] = _T0 + 10_000  # before the cutoff: only the snapshot can tell
+    src, http = pn.source(sink)
+    try:
+        await src.poll("29")
+        pn.now[0] += 5_000
+        pn.mono[0] += 5
+        await src.poll("29")
+        assert sink.confirmed and all(c == {"pn:1:0:moneyline": ("SUSPENDED", "not_offered")}
+                                      for _, c in sink.confirmed)
+        assert sink.book.markets["pn:1:0:moneyline"].selections[0].price == 2.1  # prices kept
+    finally:
+        await http.aclose()
+
+
+async def test_after_a_restart_no_odds_are_asked_before_a_fixtures_snapshot_newer_than_the_cursor() -> None:
+    """Right after a restart the fixtures snapshot may come back older than the stored fixtures
+    cursor (cached): dropped, the normaliser knows no fixture, and the odds snapshot would suspend
+    (not_offered) and forget every restored market of an unknown event — confirmed so by the next
+    delta while Pinnacle still offers them. The odds wait until a fixtures snapshot was applied
+    (asked again a minute later: the cache has moved on)."""
+    later = "2025-08-16T14:00:00Z"  # the cutoff: ahead all along
+    pn = _Pinnacle([_odds(20, later), _odds(30, later)], fixtures=[_fixtures(10), _fixtures(5), _fixtures(12)])
+    sink, _ = await _restarted(pn)
+    seq = sink.book.markets["pn:1:0:moneyline"].seq
+    pn.now[0] = _T0 + 5_000
+    pn.calls.clear()
+    src, http = pn.source(sink)
+    try:
+        for _ in range(14):  # a poll every 5 s for 70 s
+            await src.poll("29")
+            pn.now[0] += 5_000
+            pn.mono[0] += 5
+        assert sink.confirmed and all(c == {"pn:1:0:moneyline": ("OPEN", None)} for _, c in sink.confirmed)
+        assert {s.selection_id: s.price for s in sink.book.markets["pn:1:0:moneyline"].selections} == {
+            "home": 2.1, "away": 3.6, "draw": 3.4}
+        assert sink.book.markets["pn:1:0:moneyline"].seq == seq  # never suspended meanwhile (nothing changed)
+        snapshots = [c[0] for c in pn.calls if c[1] is None]
+        assert snapshots[:3] == ["/v1/fixtures", "/v1/fixtures", "/v2/odds"]  # no odds before the 2nd fixtures
     finally:
         await http.aclose()

@@ -29,8 +29,22 @@ semantics (``research/upstream.md`` §3):
   empty, of any sport: each odds poll confirms all the source's markets)
   also suspends each OPEN market whose cutoff is at or before its receipt,
   stamped with the cutoff (the poller delivers an empty odds answer as an
-  empty delta for this). Markets restored after a restart have no known
-  cutoff until their period is sent again.
+  empty delta for this). Markets restored after a restart (:meth:`restore`)
+  have no known cutoff until their period is sent again, so the poller's
+  first odds call of a run is a snapshot even with a stored cursor (after
+  an applied fixtures snapshot): it re-renders each restored market with
+  its period's cutoff, or suspends it (``not_offered``), and confirms
+  nothing (``feed.sources.poller``). The
+  cutoff is not derived from the stored market: Pinnacle documents it only
+  as the period's wagering cut-off (its FAQ: open while it is ahead; nowhere
+  the period's start), and a live period's cutoff follows no stored field.
+- **dropped events**: a fixtures snapshot is the sport's full list, so an
+  event it no longer lists (fixtures and odds forgotten) is no longer
+  offered: each market of a period that event held lines for, that no
+  remaining event of its group now holds, is SUSPENDED (``not_offered``,
+  prices kept), and so is every market of a group none of whose events is
+  listed any more (markets restored after a restart too), unless settled
+  or cancelled, or of an event rejected in that snapshot.
 - **identity**: live events have their own id and point to the pre-match
   event through ``parentId`` (corners / bookings events too, told apart by
   ``resultingUnit``). The canonical event is the parent, so a market keeps
@@ -116,6 +130,7 @@ from msgspec import UNSET, UnsetType
 
 from feed.errors import FeedDecodeError
 from feed.models import (
+    CLOSED_STATUSES,
     EventState,
     Market,
     MarketHeader,
@@ -519,7 +534,10 @@ class PinnacleNormaliser:
 
     def restore(self, markets: Iterable[Market], cursor: str | None) -> None:
         """Resume after a restart: the stored cursor and the stored markets
-        of this source (so a later delta can suspend a line that vanished)."""
+        of this source (so a later delta can suspend a line that vanished,
+        and a fixtures snapshot the markets of an event it no longer lists).
+        Their cutoffs are not known until their period is sent again (the
+        poller's first odds call of a run is a snapshot: module docstring)."""
         if cursor:
             try:
                 self.cursors = msgspec.json.decode(cursor, type=PinnacleCursor)
@@ -1012,10 +1030,14 @@ class PinnacleNormaliser:
     def _apply_fixtures(self, sport_id: int, fixtures: list[_Fixture], snapshot: bool, recv_ms: int,
                         updates: list[MarketUpdate]) -> None:
         changed: set[tuple[int, str]] = set()
-        if snapshot and None not in self._bad_events:  # (an unreadable event: we cannot tell what is unlisted)
+        gone: dict[tuple[int, str], set[int]] = {}  # group -> periods an unlisted event held lines for
+        complete = snapshot and None not in self._bad_events  # (an unreadable event: we cannot tell what is unlisted)
+        if complete:
             listed = {f.id for f in fixtures} | self._bad_events.keys()
             for rid in [r for r, f in self.fixtures.items() if f.sport == sport_id and r not in listed]:
-                changed.add(self.fixtures[rid].group)
+                group = self.fixtures[rid].group
+                changed.add(group)
+                gone.setdefault(group, set()).update(self.odds.get(rid, ()))
                 self._drop_fixture(rid)
         for fx in fixtures:
             if self.fixtures.get(fx.id) == fx:
@@ -1026,8 +1048,33 @@ class PinnacleNormaliser:
             self._set_fixture(fx)
             changed.add(fx.group)
             self.missing_fixtures.discard(fx.id)
-        for group in changed:
-            self._render_group(group, recv_ms, updates)
+        for group in sorted(changed):
+            self._render_group(group, recv_ms, updates, gone.get(group, set()))
+        if complete:
+            self._suspend_unlisted(sport_id, recv_ms, updates)
+
+    def _suspend_unlisted(self, sport_id: int, recv_ms: int, updates: list[MarketUpdate]) -> None:
+        """After a complete fixtures snapshot of ``sport_id``: suspend
+        (``not_offered``, no provider time: the markets vanished from a
+        snapshot) every market of that sport whose group (base event id,
+        unit) no listed event belongs to; a group of an event rejected in
+        the snapshot, and settled or cancelled periods, are left alone. The
+        markets stay known (a settlement may still come for them); the next
+        odds snapshot forgets them."""
+        sport = _sport_key(sport_id)
+        bad = {r for r in self._bad_events if r is not None}
+        kept = {self.fixtures[r].group for r in bad if r in self.fixtures}
+        for gp, mids in sorted(self.by_gp.items()):
+            group = (gp[0], gp[1])
+            if self.members.get(group) or group in kept or gp[0] in bad or gp in self.settled:
+                continue
+            for mid in sorted(mids):
+                h = self.differ.header(mid)
+                if h is None or h.sport != sport or h.status in CLOSED_STATUSES:
+                    continue
+                u = self.differ.suspend(mid, "not_offered", None, recv_ms)
+                if u is not None:
+                    updates.append(u)
 
     def _apply_odds(self, sport_id: int, events: list[tuple[int, list[_Period]]], snapshot: bool,
                     recv_ms: int, updates: list[MarketUpdate]) -> None:
@@ -1080,10 +1127,15 @@ class PinnacleNormaliser:
                 if not mids:
                     del self.by_gp[gp]
 
-    def _render_group(self, group: tuple[int, str], recv_ms: int, updates: list[MarketUpdate]) -> None:
+    def _render_group(self, group: tuple[int, str], recv_ms: int, updates: list[MarketUpdate],
+                      gone: set[int] | None = None) -> None:
         """After a fixture change: re-render every period some member has
         lines for (its sources may have changed: a live event listed or
-        gone); elsewhere only refresh the names and times."""
+        gone); a period in ``gone`` (period numbers an event no longer
+        listed held lines for) that no member holds now is SUSPENDED
+        (``not_offered``, no provider time); elsewhere only refresh the
+        names and times. A group left without members is
+        :meth:`_suspend_unlisted`'s."""
         members = self.members.get(group)
         if not members:
             return
@@ -1094,6 +1146,14 @@ class PinnacleNormaliser:
         base = self.fixtures.get(group[0], fx)
         for (e, unit, n), mids in self.by_gp.items():
             if (e, unit) != group or n in held:
+                continue
+            if gone and n in gone:  # (not settled: _render_period held those)
+                for mid in sorted(mids):
+                    h = self.differ.header(mid)
+                    if h is not None and h.status not in CLOSED_STATUSES:
+                        u = self.differ.suspend(mid, "not_offered", None, recv_ms)
+                        if u is not None:
+                            updates.append(u)
                 continue
             for mid in sorted(mids):
                 h = self.differ.header(mid)

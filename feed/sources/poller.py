@@ -27,6 +27,17 @@ I/O only — decoding and diffing are the normalisers' job
   them (the source reads its ``since`` back from ``sink.cursor``).
   Fixtures are re-read as a snapshot at start (names and ``parentId``
   links are not in the odds), and early when odds name an unknown event.
+  Odds too: a sport's first odds call of a run is a snapshot even when a
+  stored cursor would resume it (restored markets have no known cutoff
+  until their period is sent again; the snapshot re-renders each with its
+  cutoff or suspends it, at no more requests than the delta it replaces),
+  asked only once a fixtures snapshot was applied (else it would suspend
+  every market of an event whose fixture is unknown). That odds snapshot
+  confirms nothing (Pinnacle delays snapshot odds up to a minute): the next
+  delta does. A fixtures or odds snapshot of a resumed sport answered older
+  than its cursor (Pinnacle caches snapshot answers 60 s) is dropped, no
+  fixtures or odds call follows, and it is asked again
+  :data:`PN_SNAPSHOT_CACHE_S` later; the markets read stale meanwhile.
   Three stale answers in a row (``last`` going backwards) or
   ``resync_s`` → a fresh snapshot. Results: ``/v1/fixtures/settled`` per
   sportId every ``settled_interval_s`` (``since=<last>`` like the others;
@@ -592,6 +603,12 @@ class PinnacleSource(PollerSource):
         self._snapshot_at: dict[int, float] = {}
         self._stale_streak: dict[int, int] = {}
         self._repair: set[int] = set()  # sports whose next odds poll is a snapshot (a change was rejected)
+        #: (endpoint, sportId) a snapshot answer imaged in this run: until then each call of it is a
+        #: snapshot (a resumed cursor's markets have no known cutoff) and no odds are asked before the
+        #: fixtures are imaged; ``_stale_image_at``: when (clock s) the last such snapshot was asked that
+        #: came back older than the cursor (the sport's next fixtures or odds call waits PN_SNAPSHOT_CACHE_S)
+        self._imaged: set[tuple[str, int]] = set()
+        self._stale_image_at: dict[int, float] = {}
         self._live: dict[int, bool] = {}  # sportId -> the last fixtures/odds answer had events in play
         self._active: list[str] = []
         self.requests: Counter[str] = Counter()
@@ -640,10 +657,22 @@ class PinnacleSource(PollerSource):
         if self._stale_streak.get(sport, 0) >= 3:
             logger.warning("%s: odds cursor for sport %d keeps going backwards; taking a snapshot", self.name, sport)
             resync = True
-        first = sport not in self._fixtures_at
-        if first or resync or now - self._fixtures_at[sport] >= self.fixtures_interval_s:
-            await self._fetch("fixtures", sport, snapshot=first or resync)
-        got = await self._fetch("odds", sport, snapshot=resync or self.since("odds", sport) is None)
+        first = ("fixtures", sport) not in self._imaged
+        stale_at = self._stale_image_at.get(sport)
+        got = Delivered()
+        if (first or ("odds", sport) not in self._imaged) and stale_at is not None \
+                and now - stale_at < PN_SNAPSHOT_CACHE_S:
+            # a snapshot came back older than the resumed cursor (Pinnacle caches snapshot answers): no
+            # delta meanwhile (it would move the cursor past the next snapshot again, and confirm markets
+            # whose cutoff is unknown); the sport's markets read stale until the next snapshot
+            pass
+        else:
+            if first or resync or now - self._fixtures_at[sport] >= self.fixtures_interval_s:
+                await self._fetch("fixtures", sport, snapshot=first or resync)
+            if ("fixtures", sport) in self._imaged:  # (else an odds snapshot would suspend every market
+                # of an event whose fixture is unknown: the fixtures snapshot is asked again first)
+                got = await self._fetch("odds", sport, snapshot=resync or ("odds", sport) not in self._imaged
+                                        or self.since("odds", sport) is None)
         if "fixtures" in got.requests:  # odds of events whose fixture is unknown yet
             await self._fetch("fixtures", sport, snapshot=False)
         every = self.settled_interval_s
@@ -683,6 +712,12 @@ class PinnacleSource(PollerSource):
             params["oddsFormat"] = "American" if self.odds_format == "american" else "Decimal"
         path = {"fixtures": "/v1/fixtures", "odds": "/v2/odds", "settled": "/v1/fixtures/settled"}[endpoint]
         self.requests[endpoint] += 1
+        image = since is None and endpoint != "settled" and (endpoint, sport) not in self._imaged
+        # the first odds snapshot of a resumed sport (a stored cursor) re-renders every restored market
+        # with its cutoff (or suspends it, not_offered); up to a minute old (Pinnacle delays snapshot
+        # odds), it confirms nothing: the next delta does
+        resumed = image and endpoint == "odds" and self.since("odds", sport) is not None
+        asked = self._clock()
         res = await self.http.get(path, params)
         now = self._clock()
         if endpoint == "fixtures":
@@ -691,17 +726,27 @@ class PinnacleSource(PollerSource):
             self._snapshot_at[sport] = now
             self._stale_streak[sport] = 0
         if res.status == 304 or not res.body.strip():
+            if image:
+                self._imaged.add((endpoint, sport))
             if endpoint == "odds":
                 # "nothing changed" is still an answer as of now: the normaliser hears it (an empty
                 # delta, no cursor) so a market whose cutoff has passed is suspended before this
-                # answer confirms the sport's markets (it would otherwise read fresh and OPEN)
+                # answer confirms the sport's markets (it would otherwise read fresh and OPEN); to a
+                # snapshot call it says the sport offers nothing (an empty snapshot: its markets
+                # are suspended, not_offered)
                 await self.ingest_body(_PN_NOTHING_NEW % sport, res.recv_ms,
-                                       pinnacle_channel("odds", sport, snapshot=False))
-                self.odds_confirmed(str(sport), res.asked_ms)
+                                       pinnacle_channel("odds", sport, snapshot=since is None))
+                if not resumed:
+                    self.odds_confirmed(str(sport), res.asked_ms)
             return Delivered()
         got = await self.ingest_body(res.body, res.recv_ms, pinnacle_channel(endpoint, sport, snapshot=since is None))
         if endpoint == "settled":
             return got
+        if image:
+            if got.stale:
+                self._stale_image_at[sport] = asked
+            elif not got.rejected_messages:  # (events rejected alone: unconfirmed, and _repair re-images them)
+                self._imaged.add((endpoint, sport))
         if got.in_play is not None:
             self._live[sport] = got.in_play
         rejected = bool(got.rejected_messages or got.rejected_parts)
@@ -715,14 +760,21 @@ class PinnacleSource(PollerSource):
                 self._stale_streak[sport] = self._stale_streak.get(sport, 0) + 1
             else:
                 self._stale_streak[sport] = 0
-                if not rejected:  # an answer with a rejected part confirms nothing
+                if not rejected and not resumed:  # an answer with a rejected part confirms nothing
                     self.odds_confirmed(str(sport), res.asked_ms)
         return got
 
 
-#: What an empty (or 304) odds answer of a sport is delivered as: a delta with no events and no
-#: ``last`` (the cursor stays), so the normaliser sees the answer's receipt time.
+#: What an empty (or 304) odds answer of a sport is delivered as: a delta (or, answering a snapshot
+#: call, a snapshot) with no events and no ``last`` (the cursor stays), so the normaliser sees the
+#: answer's receipt time.
 _PN_NOTHING_NEW = b'{"sportId":%d,"leagues":[]}'
+
+#: Seconds Pinnacle caches a snapshot answer (its FAQ: ``/odds`` and ``/fixtures`` snapshot calls are
+#: cached 60 s; snapshot odds are delayed up to a minute), and its historic snapshot limit (one a
+#: minute per sport): while a resumed sport waits for its odds image, snapshots are asked at most
+#: this often, so the next one is newer than the cursor the last one came back older than.
+PN_SNAPSHOT_CACHE_S = 60.0
 
 
 class _PnSport(msgspec.Struct, kw_only=True):
