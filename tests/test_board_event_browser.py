@@ -11,6 +11,10 @@ lay; a suspended book is greyed with the reason as tooltip; a price change
 that makes another book the best highlights and flashes the new best cell
 (for about a second); the in-play badge follows the books; a book linked
 while the page is open joins the grid and its prices stream live.
+A market group that leaves the event (its only book relinked to its own
+event: the best stream's removal; or a resync snapshot of the open best
+stream that no longer lists it) leaves the page at once, without waiting
+for the page's re-read of the event.
 The header shows the event's score (the GET's state on load, then live
 event_state messages of its members: the freshest not stale one, turned
 round for a member naming the sides the other way round), period, a running
@@ -29,7 +33,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from streaming_helpers import Feed, make_app, now_ms, serve
+from streaming_helpers import Feed, eventually, make_app, now_ms, serve
 from test_board_browser import _chromium, browser
 
 from feed.linker import CanonicalSummary
@@ -54,6 +58,8 @@ MEMBERS = {"book_a": ("a:e1", 1.0, "self"), "book_b": ("b:e1", 0.93, "fuzzy"),
            "exch": ("x:e1", 0.88, "fuzzy"), "book_s": ("s:e1", 0.97, "fuzzy")}
 #: a book linked to the event while the page is open
 LATE = {"book_c": ("c:e1", 0.91, "fuzzy")}
+#: books that alone offer a market group, and are relinked to an event of their own while the page is open
+LONERS = {"book_d": ("d:e1", 0.90, "fuzzy"), "book_e": ("e:e1", 0.89, "fuzzy")}
 SEL_IDS = {"home": "h", "draw": "d", "away": "a", "over": "o", "under": "u"}
 
 
@@ -67,7 +73,7 @@ def _image(mid: str, book: str, sels: list[Selection], *, mtype: str = "match_re
     t = now_ms()
     return MarketUpdate(
         market_id=mid, source=book, image=True,
-        header=MarketHeader(sport="soccer", event_id=(MEMBERS | LATE)[book][0], event_name="Arsenal v Chelsea",
+        header=MarketHeader(sport="soccer", event_id=(MEMBERS | LATE | LONERS)[book][0], event_name="Arsenal v Chelsea",
                             competition="Premier League", bookmaker=book, in_play=False, status=status,
                             market_type=mtype, specifiers=specs, name="Match Odds" if mtype == "match_result"
                             else "Over/Under 2.5 Goals", start_time=START),
@@ -91,9 +97,11 @@ def _fmt(p: float) -> str:
     return f"{p:.2f}".rstrip("0").rstrip(".")
 
 
-async def _link(store: Store, members: dict[str, tuple[str, float, str]], reversed_: frozenset[str] = frozenset()
-                ) -> None:
+async def _link(store: Store, members: dict[str, tuple[str, float, str]], reversed_: frozenset[str] = frozenset(),
+                apart: dict[str, tuple[str, float, str]] | None = None) -> None:
+    """Link ``members`` to CID; the events of ``apart`` each to a canonical event of its own."""
     links = {ev: StoredLink(CID, p, m, ev in reversed_) for ev, p, m in members.values()}
+    links |= {ev: StoredLink(f"ev:{ev}", 1.0, "self") for ev, _, _ in (apart or {}).values()}
     summary = CanonicalSummary(event_id=CID, sport="soccer", name="Arsenal v Chelsea", home="Arsenal",
                                away="Chelsea", competition="Premier League", start_time=START,
                                members=sorted(links))
@@ -223,6 +231,80 @@ async def test_event_page_shows_every_book_best_and_fair_and_flashes_a_new_best(
             await page.js("document.querySelector('.back-link').click()")
             await page.until("!document.getElementById('board').hidden && "
                              "document.querySelectorAll('#board .event').length === 5", "the list again")
+            assert page.errors() == [], page.errors()
+    finally:
+        await store.close()
+
+
+async def test_event_page_drops_a_market_group_that_leaves_the_event(redis_url: str) -> None:
+    """book_d alone offers total 3.5 and book_e alone total 4.5 of the event. book_d is relinked to an
+    event of its own: the best stream removes total 3.5 (``outcomes: []``, ``removed: true``) and the
+    page drops that grid at once — not book_d's old prices until its next re-read of the event (set
+    to a minute here). Then book_e leaves while the best stream's message about it is lost, and a
+    resync snapshot of the open stream, which no longer lists total 4.5, takes it off the page."""
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    store = await Store.open(redis_url)
+    try:
+        feed = await _setup(store)
+        await feed.write(
+            _image("d:3", "book_d", [_sel("over", 2.60), _sel("under", 1.50)], mtype="total", specs={"line": "3.5"}),
+            _image("e:4", "book_e", [_sel("over", 3.90), _sel("under", 1.25)], mtype="total", specs={"line": "4.5"}),
+        )
+        await _link(store, MEMBERS | LONERS)
+        app = make_app(redis_url, settings=Settings(heartbeat_ms=1000))
+        grid = "document.querySelector('#event-page [data-market=\"{}\"]')"
+        g35, g45 = grid.format("total:line=3.5"), grid.format("total:line=4.5")
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as http, \
+                browser(base + "/?event_refresh_ms=60000#/event/" + CID) as page:
+            await page.until(f"window.oddsBoard && oddsBoard.event.stats.bestMessages >= 1 "
+                             f"&& {_q('total:line=3.5', 'over', 'td.bestcol')}?.textContent === '2.6book_d' "
+                             f"&& {_q('total:line=4.5', 'over', 'td.bestcol')}?.textContent === '3.9book_e'",
+                             "both lone groups with their best prices")
+            views = {v["market"] for v in (await http.get(f"/v1/events/{CID}?view=best")).json()["view"]}
+            assert views == {"match_result", "total:line=2.5", "total:line=3.5", "total:line=4.5"}
+            fetches = await page.js("oddsBoard.event.stats.fetches")
+
+            # -- book_d is another match: total 3.5 leaves the event (the best stream's removal)
+            await _link(store, MEMBERS | {"book_e": LONERS["book_e"]}, apart={"book_d": LONERS["book_d"]})
+            await page.until(f"{g35} === null && !oddsBoard.event.best.has('total:line=3.5') "
+                             "&& !oddsBoard.event.views.some(v => v.market === 'total:line=3.5')",
+                             "the vanished group off the page (and out of the fetched view)", timeout_s=15)
+            views = {v["market"] for v in (await http.get(f"/v1/events/{CID}?view=best")).json()["view"]}
+            assert views == {"match_result", "total:line=2.5", "total:line=4.5"}
+            # the rest stays, current: the other groups, book_s still greyed as suspended (not the best)
+            assert await page.js(f"{g45} !== null && {grid.format('total:line=2.5')} !== null")
+            susp = _q("match_result", "home", 'td.cell[data-book="book_s"]')
+            assert await page.js(f"[{susp}.classList.contains('excluded'), {susp}.dataset.excluded]") \
+                == [True, "suspended"]
+            assert await page.js("document.querySelectorAll('#event-page td.cell.best[data-book=book_d]').length") == 0
+
+            # -- book_e leaves too, but the best stream's word on it is lost (as if dropped on the way); a
+            #    resync snapshot of the open stream (the hub's slow-consumer path) does not list total 4.5
+            hub = app.state.node.hub
+            (sub,) = hub.best.subs
+            lost = hub.best._send
+            hub.best._send = lambda events: None  # type: ignore[method-assign]
+            try:
+                await _link(store, MEMBERS, apart=LONERS)
+                await eventually(lambda: "total:line=4.5" not in {
+                    v.market for v in hub.best._views(CID, now_ms(), sub.filter)}, 10, "book_e relinked on the node")
+            finally:
+                hub.best._send = lost  # type: ignore[method-assign]
+            assert await page.js(f"{g45} !== null")  # nothing said yet: the page still shows it
+            messages = await page.js("oddsBoard.event.stats.bestMessages")
+            sub.conn.resync_pending = True
+            sub.conn._wake()
+            await page.until(f"oddsBoard.event.stats.bestMessages > {messages} && {g45} === null "
+                             "&& !oddsBoard.event.best.has('total:line=4.5')",
+                             "the group the resync snapshot does not list off the page", timeout_s=15)
+            assert await page.js("[...document.querySelectorAll('#event-page .ev-market')].map(e => e.dataset.market)") \
+                == ["match_result", "total:line=2.5"]
+            assert await page.js(f"[{susp}.classList.contains('excluded'), {susp}.dataset.excluded]") \
+                == [True, "suspended"]
+            # all of it without the page's periodic re-read of the event
+            assert await page.js("oddsBoard.event.stats.fetches") == fetches
             assert page.errors() == [], page.errors()
     finally:
         await store.close()

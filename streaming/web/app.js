@@ -69,6 +69,12 @@
  * exclusions: the best stream's last message, or the last GET (the stream
  * says nothing when the linker re-links books). A change of the shown best
  * price or its book flashes the new best cell (flash-up / flash-down).
+ * A market group the best stream says left the event (an entry with
+ * removed: true — a relink, a corrected line, retention — or a best snapshot
+ * that does not list it: a snapshot replaces everything held) leaves the page
+ * at once, grid and fetched values alike; a GET read before that is not
+ * shown for it (only a newer GET, or the stream sending it whole, brings it
+ * back).
  * A cell's age is the server's (age_ms of the last message or fetch about its
  * market), ticking in the page; greyed cells are those the server left out of
  * best and fair (stale / suspended / closed / no price; the reason is the
@@ -1097,6 +1103,8 @@
     keys: new Set(),        // canonical market keys in the grid
     viewAsOf: 0,            // the server time (as_of, ms) of views
     best: new Map(),        // market key → {m: the best stream's market (best, best_lay, fair, excluded), asOf}
+    gone: new Map(),        // market key → as_of (ms) the best stream said the group left: a view read then or
+                            // before does not show it
     shownBest: new Map(),   // "key|outcome|back|lay" → the best price shown
     bestFlashes: new Map(), // "key|outcome|back|lay" → {dir, at}
     seen: new Map(),        // market id → performance.now() the server last vouched for it (age 0)
@@ -1133,7 +1141,8 @@
     Object.assign(evp, { cid: null, head: null, views: [], viewAsOf: 0, fairMethod: null, error: null, fetching: false,
                         again: false, lastFetch: 0, refetchTimer: null, retryTimer: null, rendered: null,
                         missing: "", restState: null });
-    for (const k of ["cells", "keys", "best", "shownBest", "bestFlashes", "seen", "memberStates", "reversedOf"]) {
+    for (const k of ["cells", "keys", "best", "gone", "shownBest", "bestFlashes", "seen", "memberStates",
+                     "reversedOf"]) {
       evp[k].clear();
     }
     const onEvent = want !== null && evPage !== null;
@@ -1212,16 +1221,14 @@
     evp.restState = body.state || null;
     for (const st of body.states || []) evp.reversedOf.set(st.event_id, !!st.reversed);
     for (const st of body.states || []) evNoteState(st, true);
-    evp.views = body.view || [];
     evp.viewAsOf = body.as_of || 0;
     evp.fairMethod = body.fair_method || null;
-    evp.cells.clear();
-    evp.keys.clear();
+    // a removal older than this read is its word no more: a group it lists is back
+    for (const [k, t] of evp.gone) if (t < evp.viewAsOf) evp.gone.delete(k);
+    setViews(body.view || []);
     for (const v of evp.views) {
-      evp.keys.add(v.market);
       for (const o of v.outcomes || []) {
         for (const b of o.books || []) {
-          evp.cells.add(b.market_id + "|" + b.selection_id);
           const at = now - (b.age_ms || 0);
           if (!(evp.seen.get(b.market_id) >= at)) evp.seen.set(b.market_id, at);
         }
@@ -1244,6 +1251,29 @@
       restartStream();
       openBest();
     }
+  }
+
+  /** The grid (and fallback values): a fetched view without the groups the best stream said
+   *  left at or after the time it was read (evp.gone); its market keys and cells. */
+  function setViews(views) {
+    evp.views = views.filter((v) => !(evp.gone.get(v.market) >= evp.viewAsOf));
+    evp.keys.clear();
+    evp.cells.clear();
+    for (const v of evp.views) {
+      evp.keys.add(v.market);
+      for (const o of v.outcomes || []) for (const b of o.books || []) evp.cells.add(b.market_id + "|" + b.selection_id);
+    }
+  }
+
+  /** The best stream says market group `key` left the event as of `asOf` (server ms): it leaves
+   *  the page now — its best values, its grid from the last read, its shown best and flashes. */
+  function dropGroup(key, asOf) {
+    if (!(evp.gone.get(key) >= asOf)) evp.gone.set(key, asOf);
+    evp.best.delete(key);
+    for (const m of [evp.shownBest, evp.bestFlashes]) {
+      for (const k of [...m.keys()]) if (k.startsWith(key + "|")) m.delete(k);
+    }
+    if (evp.views.some((v) => v.market === key)) setViews(evp.views);
   }
 
   // the score: the member provider events' states (the GET's "states" on each read, live event_state
@@ -1346,16 +1376,24 @@
   function onBest(msg) {
     evp.stats.bestMessages += 1;
     const now = performance.now();
+    const asOf = msg.as_of || 0;
     let markets;
     if (msg.snapshot) {
       const mine = (msg.events || []).find((e) => e.event_id === evp.cid);
-      markets = mine ? mine.markets : [];
+      markets = (mine && mine.markets) || [];
+      // a snapshot (on open, a reconnect or a resync of an open stream) replaces everything held:
+      // a group it does not list has left the event
+      const listed = new Set(markets.filter((m) => !m.removed).map((m) => m.market));
+      for (const key of new Set([...evp.best.keys(), ...evp.keys])) if (!listed.has(key)) dropGroup(key, asOf);
+      evp.best.clear();
     } else {
       if (msg.event_id !== evp.cid) return;
       markets = msg.markets || [];
     }
     for (const m of markets) {
-      evp.best.set(m.market, { m, asOf: msg.as_of || 0 });
+      if (m.removed) { dropGroup(m.market, asOf); continue; }  // it left the event: not "no outcomes"
+      if (!(evp.gone.get(m.market) > asOf)) evp.gone.delete(m.market);  // back, whole
+      evp.best.set(m.market, { m, asOf });
       if (evp.head && !evp.keys.has(m.market)) refetchSoon();
     }
     schedule();
