@@ -80,7 +80,20 @@ full-time scope, so its scoped markets keep the scope. Per provider:
 - Betfair: ``MATCH_ODDS`` in ice hockey is the three-way regular-time result
   (``match_result``, the UOF 1 key); ``MONEY_LINE`` / ``MATCH_ODDS_INC_OT``
   include overtime (``moneyline``); in basketball, American football and
-  baseball ``MATCH_ODDS`` includes overtime (``moneyline``).
+  baseball ``MATCH_ODDS`` includes overtime (``moneyline``). A result market
+  whose runners include a draw is three-way in every sport
+  (``match_result``; ``period=ot`` for those that include overtime: the draw
+  left after it is not the regular-time draw).
+
+**Home and away on Betfair.** Betfair names most events "Home v Away" and
+North American ones "Away @ Home" (the NBA recording ``1-166811431``:
+"Cleveland Cavaliers @ Minnesota Timberwolves", runners listed in that
+order), so the first-named side — sortPriority 1, Team A of
+``TEAM_A_OVER_UNDER_nn`` — is home in one and away in the other. Outcomes
+come from runner names against the event name; the runner order and Team A
+are used only where the event name says which side is first, or, without
+it, in a sport other than those Betfair may name "Away @ Home" (basketball,
+American football, baseball, ice hockey).
 """
 
 from __future__ import annotations
@@ -88,7 +101,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "KEY_SPECIFIERS", "LINE_TYPES", "MARKET_TYPES", "OUTCOMES", "betfair_market", "betfair_outcome",
@@ -333,39 +346,107 @@ _BETFAIR: dict[str, tuple[str, dict[str, str]]] = {
 _NO_DRAW_SPORTS = frozenset({"tennis", "basketball", "american_football", "baseball", "mma", "boxing",
                              "darts", "snooker", "esports", "table_tennis", "volleyball", "badminton"})
 _RACING = frozenset({"horse_racing", "greyhound_racing"})
+#: Betfair types that are a two-sided result: a draw runner makes one three-way (``match_result``)
+_BETFAIR_RESULT = frozenset({"MATCH_ODDS", "HALF_TIME", "MONEY_LINE", "MATCH_ODDS_INC_OT", "SET_WINNER"})
+#: Betfair result types that include overtime: with a draw runner, the draw left after overtime
+_BETFAIR_INC_OT = frozenset({"MONEY_LINE", "MATCH_ODDS_INC_OT"})
+#: sports whose Betfair ``MATCH_ODDS`` includes overtime / extra innings (module docstring)
+_MATCH_ODDS_INC_OT = frozenset({"basketball", "american_football", "baseball"})
+#: sports where Betfair may name an event US-style, "Away @ Home", and list its runners in that
+#: order (the NBA recording ``1-166811431``: sortPriority 1 is the away side): without the event's
+#: name, neither the runner order nor TEAM_A / TEAM_B tells home from away
+_AT_SPORTS = frozenset({"basketball", "american_football", "baseball", "ice_hockey"})
+_SIDES = re.compile(r"\s+(v|vs\.?|@)\s+")
 
 
 def _tenths(digits: str) -> str:
     return line_text(int(digits) / 10)
 
 
+def _event_sides(event_name: str | None) -> tuple[str, str, bool] | None:
+    """An event name → (home, away, US-style): "Home v Away" / "Home vs Away" → (Home, Away,
+    False), "Away @ Home" → (Home, Away, True); None when it names no two sides."""
+    if not event_name:
+        return None
+    m = _SIDES.search(event_name)
+    if m is None:
+        return None
+    a, b = event_name[: m.start()], event_name[m.end():]
+    return (b, a, True) if m.group(1) == "@" else (a, b, False)
+
+
+def _first_named_is_home(event_name: str | None, sport: str | None) -> bool | None:
+    """Whether a Betfair event's first-named side (its runner order, TEAM_A) is the home side:
+    True for "Home v Away", False for "Away @ Home"; unknown name: True, but None (cannot tell)
+    in a sport Betfair may name "Away @ Home" (:data:`_AT_SPORTS`)."""
+    sides = _event_sides(event_name)
+    if sides is not None:
+        return not sides[2]
+    return None if sport in _AT_SPORTS else True
+
+
+def _has_draw(runners: Sequence[str | None] | None) -> bool | None:
+    """Whether a result market's runners include a draw: a runner named as one ("The Draw",
+    "Draw", "X", "Tie"), or a third runner (a two-sided result's third runner is the draw; the
+    live stream has no runner names). None: runners unknown."""
+    if not runners:
+        return None
+    return len(runners) >= 3 or any(n is not None and _fold(n) in _DRAW for n in runners)
+
+
 def betfair_market(raw: str | None, sport: str | None = None, *, places: int | None = None,
-                   divisor: float | None = None) -> tuple[str, dict[str, str] | None]:
+                   divisor: float | None = None, runners: Sequence[str | None] | None = None,
+                   event_name: str | None = None) -> tuple[str, dict[str, str] | None]:
     """Betfair ``marketType`` → (canonical type, specifiers or None).
 
     ``MATCH_ODDS`` → ``match_result`` (``moneyline`` in sports without a
     draw: tennis, basketball …; in ice hockey the three-way regular-time
-    result stays ``match_result``); ``OVER_UNDER_25`` → ``total`` with
-    ``line=2.5``; ``FIRST_HALF_GOALS_15`` → ``total`` ``period=1h``
-    ``line=1.5``; ``PLACE`` → ``place``; ``EACH_WAY`` → ``each_way`` (never
-    the place market's key); ``CORNER_ODDS`` style and other unknown types
-    → ``raw:<type>``. places: the market's ``numberOfWinners`` (kept as
-    ``places`` for PLACE and EACH_WAY markets); divisor: an EACH_WAY
-    market's ``eachWayDivisor`` (``4.0`` → ``ew_fraction=1/4``; one not
-    above 1 or not finite is left out)."""
+    result stays ``match_result``); a result type (``MATCH_ODDS``,
+    ``HALF_TIME``, ``MONEY_LINE``, ``MATCH_ODDS_INC_OT``, ``SET_WINNER``)
+    whose runners include a draw is ``match_result`` in every sport, with
+    ``period=ot`` where it includes overtime (``MONEY_LINE``,
+    ``MATCH_ODDS_INC_OT``; ``MATCH_ODDS`` in basketball, American football,
+    baseball) — never a two-way ``moneyline`` key; ``OVER_UNDER_25`` →
+    ``total`` with ``line=2.5``; ``FIRST_HALF_GOALS_15`` → ``total``
+    ``period=1h`` ``line=1.5``; ``TEAM_A_OVER_UNDER_15`` → ``team_total``
+    ``team`` = Team A's side: Team A is the event's first-named side,
+    ``home`` in "Home v Away", ``away`` in "Away @ Home" (``TEAM_B_…`` the
+    other); without the event's name in a sport Betfair may name "Away @
+    Home" (basketball, American football, baseball, ice hockey) the side is
+    unknown and the market passes as ``raw:team_a_over_under_15``; ``PLACE``
+    → ``place``; ``EACH_WAY`` → ``each_way`` (never the place market's
+    key); ``CORNER_ODDS`` style and other unknown types → ``raw:<type>``.
+
+    places: the market's ``numberOfWinners`` (kept as ``places`` for PLACE
+    and EACH_WAY markets); divisor: an EACH_WAY market's ``eachWayDivisor``
+    (``4.0`` → ``ew_fraction=1/4``; one not above 1 or not finite is left
+    out); runners: the market's runners' names in definition order, None
+    for a name not known (the live stream has none: three or more runners
+    of a result market count as a draw); None: runners unknown (the sport
+    decides); event_name: the Betfair event's name ("Home v Away" or
+    "Away @ Home"), None when not known."""
     if not raw:
         return raw_type(None), None
     for prefix, extra in (("OVER_UNDER_", {}), ("FIRST_HALF_GOALS_", {"period": "1h"}),
-                          ("TEAM_A_OVER_UNDER_", {"team": "home"}), ("TEAM_B_OVER_UNDER_", {"team": "away"})):
+                          ("TEAM_A_OVER_UNDER_", {"team": "a"}), ("TEAM_B_OVER_UNDER_", {"team": "b"})):
         if raw.startswith(prefix) and raw[len(prefix):].isdigit():
-            kind = "team_total" if "team" in extra else "total"
-            return kind, {**extra, "line": _tenths(raw[len(prefix):])}
+            if "team" not in extra:
+                return "total", {**extra, "line": _tenths(raw[len(prefix):])}
+            first_home = _first_named_is_home(event_name, sport)
+            if first_home is None:  # which side Team A is cannot be told: never a side's key
+                return raw_type(raw), None
+            team = "home" if (extra["team"] == "a") == first_home else "away"
+            return "team_total", {"team": team, "line": _tenths(raw[len(prefix):])}
     hit = _BETFAIR.get(raw)
     if hit is None:
         return raw_type(raw), None
     kind, extra = hit
     specs = dict(extra)
-    if kind == "match_result" and sport in _NO_DRAW_SPORTS:
+    if raw in _BETFAIR_RESULT and _has_draw(runners):
+        kind = "match_result"  # three-way whatever the sport: never a two-way moneyline's key
+        if "period" not in specs and (raw in _BETFAIR_INC_OT or (raw == "MATCH_ODDS" and sport in _MATCH_ODDS_INC_OT)):
+            specs["period"] = "ot"
+    elif kind == "match_result" and sport in _NO_DRAW_SPORTS:
         kind = "moneyline"
     if kind in ("place", "each_way") and places:
         specs["places"] = str(places)
@@ -375,42 +456,50 @@ def betfair_market(raw: str | None, sport: str | None = None, *, places: int | N
 
 
 #: outcome by Betfair sortPriority where the runner order is fixed whatever the sport: a
-#: match result lists home, away, then The Draw; over/under lists Under first; BTTS Yes first.
-#: Nothing else is guessed from the order (US sports list the away side first; handicap and
-#: double chance orders vary): a wrong outcome would put one side's price under the other's.
+#: match result lists home, away, then The Draw ("Home v Away"); over/under lists Under first;
+#: BTTS Yes first. Nothing else is guessed from the order (handicap and double chance orders
+#: vary), and a match result's only where the first-named side is known to be home: an "Away @
+#: Home" event lists the away side first. A wrong outcome would put one side's price under the
+#: other's.
 _BETFAIR_ORDER: dict[str, tuple[str, ...]] = {
     "match_result": ("home", "away", "draw"),
     "btts": ("yes", "no"),
     "total": ("under", "over"),
 }
+#: orders that name sides: used only where the first-named side is home
+_SIDED_ORDER = frozenset({"match_result"})
 
 
 def betfair_outcome(market_type: str, selection_id: str, name: str | None, sort_priority: int | None,
-                    event_name: str | None, handicap: float = 0.0) -> str | None:
-    """A Betfair runner → canonical outcome. Racing (``win`` / ``place`` /
-    ``each_way``) and unmapped types: the selection id. Otherwise the runner
-    name against the event name ("Home v Away"; US-style "Away @ Home") when
-    names are known (historic files, the catalogue of a live connection), else — only
+                    event_name: str | None, handicap: float = 0.0, *, sport: str | None = None) -> str | None:
+    """A Betfair runner → canonical outcome (a str, or None). Racing
+    (``win`` / ``place`` / ``each_way``) and unmapped types: the selection
+    id. Otherwise the runner name against the event name ("Home v Away";
+    US-style "Away @ Home": the second-named side is home) when names are
+    known (historic files, the catalogue of a live connection), else — only
     for match result, over/under and BTTS, whose runner order Betfair fixes
-    — the runner's ``sortPriority``. None when neither tells: the runner
-    then takes no part in best or fair prices until its name arrives."""
+    — the runner's ``sortPriority`` (1-based); a match result's order only
+    where the event's first-named side is home: a "Home v Away" name, or no
+    name in a ``sport`` other than those Betfair may name "Away @ Home"
+    (basketball, American football, baseball, ice hockey; None: not known,
+    taken as such another). None when
+    nothing tells: the runner then takes no part in best or fair prices
+    until its name arrives."""
     if market_type in ("win", "place", "each_way") or is_unmapped(market_type):
         return selection_id
-    home = away = None
-    if event_name:
-        m = re.search(r"\s+(v|vs\.?|@)\s+", event_name)
-        if m is not None:
-            a, b = event_name[: m.start()], event_name[m.end():]
-            home, away = (b, a) if m.group(1) == "@" else (a, b)
+    sides = _event_sides(event_name)
+    home, away = (sides[0], sides[1]) if sides is not None else (None, None)
     by_name = outcome_from_name(market_type, name, home, away)
     if by_name is not None:
         return by_name
     if name:  # a name that says nothing we know: never guess from the order
         return None
     order = _BETFAIR_ORDER.get(market_type)
-    if order is not None and sort_priority is not None and 1 <= sort_priority <= len(order):
-        return order[sort_priority - 1]
-    return None
+    if order is None or sort_priority is None or not 1 <= sort_priority <= len(order):
+        return None
+    if market_type in _SIDED_ORDER and not _first_named_is_home(event_name, sport):
+        return None  # "Away @ Home", or a sport that may name it so: the order does not say home
+    return order[sort_priority - 1]
 
 
 # -- names used by bookmakers and push providers ----------------------------------------------

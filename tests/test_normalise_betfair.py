@@ -747,3 +747,120 @@ def test_a_market_twice_in_a_segmented_image_keeps_only_the_higher_version(order
     # the run is over: a later message starts afresh (a new version is applied as usual)
     p.feed(mcm(_copy(2001, "30000002", [[0, 3.1, 5.0]], [[0, 1.7, 5.0]]), pt=1200))
     assert p.market("1.77").version == 2001 and p.sel("11", "1.77").back == [(3.1, 5.0)]
+
+
+# --- a draw runner is a three-way result; "Away @ Home" names the away side first (audit) ----------
+
+
+def _nba_first_line(market_type: str, runners: list[dict[str, Any]], rc: list[dict[str, Any]],
+                    names: bool = True) -> bytes:
+    """The first line of the NBA recording 1-166811431 ("Cleveland Cavaliers @
+    Minnesota Timberwolves", historic layout: names on the definition) with
+    another market type and runners; ``names=False``: as the live stream sends
+    it (no event, market or runner names)."""
+    import bz2
+    import json
+
+    from tests.conftest import require_shared_data
+
+    with bz2.open(require_shared_data() / "nautilus_trader" / "1-166811431.bz2") as f:
+        line = json.loads(f.readline())
+    mc = line["mc"][0]
+    md = mc["marketDefinition"]
+    md["marketType"], md["runners"], mc["rc"] = market_type, [dict(r) for r in runners], rc
+    if not names:
+        md.pop("eventName"), md.pop("name")
+        for r in md["runners"]:
+            r.pop("name", None)
+    return raw(line)
+
+
+_NBA_HALF_TIME = [{"status": "ACTIVE", "sortPriority": 1, "id": 60424, "name": "Cleveland Cavaliers"},
+                  {"status": "ACTIVE", "sortPriority": 2, "id": 237478, "name": "Minnesota Timberwolves"},
+                  {"status": "ACTIVE", "sortPriority": 3, "id": 58805, "name": "The Draw"}]
+_NBA_RECV = 1577499783086 + 50  # just after the recording's first pt
+_NBA_HALF_TIME_RC = [{"id": 60424, "atb": [[2.30, 50]]}, {"id": 237478, "atb": [[1.95, 50]]},
+                     {"id": 58805, "atb": [[15.0, 20]]}]
+
+
+@pytest.mark.parametrize("names", [True, False])
+def test_a_basketball_market_with_the_draw_is_three_way(names: bool) -> None:
+    """A basketball HALF_TIME market listing The Draw was keyed
+    ``moneyline:period=1h`` (basketball has no draws): its 3-way home 1.95 was
+    the best first-half moneyline next to Pinnacle's 2-way 1.80, and a bet at
+    1.95 passed the best-price check. Live (no names) its third runner tells."""
+    p = Pipe()
+    p.feed(_nba_first_line("HALF_TIME", _NBA_HALF_TIME, _NBA_HALF_TIME_RC, names), _NBA_RECV)
+    m = p.market("1.166811431")
+    assert (m.sport, m.market_type, m.specifiers) == ("basketball", "match_result", {"period": "1h"})
+    if names:  # "Away @ Home": the second-named side is home
+        assert {s.selection_id: s.outcome for s in m.selections} == {"60424": "away", "237478": "home",
+                                                                     "58805": "draw"}
+    else:  # no names, and the runner order of an NBA event starts with the away side: no guess
+        assert [s.outcome for s in m.selections] == [None, None, None]
+
+
+def test_a_three_way_basketball_price_is_never_the_best_moneyline() -> None:
+    from streaming.aggregate import market_views
+    from tests.test_aggregate import NOW, mkt, sel, state
+
+    p = Pipe()
+    p.feed(_nba_first_line("HALF_TIME", _NBA_HALF_TIME, _NBA_HALF_TIME_RC), _NBA_RECV)
+    bf = msgspec.structs.replace(p.market("1.166811431"), received_at=NOW, source_ts=NOW, event_id="a:e")
+    pn = msgspec.structs.replace(mkt("pn:1", "pinnacle", [sel("home", 1.80), sel("away", 2.05)], mtype="moneyline",
+                                     specs={"period": "1h"}, event="a:e"), sport="basketball")
+    st = state(bf, pn)
+    views = {v.market: v for v in market_views(st, st.markets.values(), NOW)}
+    assert set(views) == {"match_result:period=1h", "moneyline:period=1h"}
+    home = views["moneyline:period=1h"].outcomes[0]
+    assert home.outcome == "home" and home.best is not None and (home.best.price, home.best.bookmaker) == (
+        1.80, "pinnacle")
+    assert {b.bookmaker for o in views["moneyline:period=1h"].outcomes for b in o.books} == {"pinnacle"}
+
+
+def _live(market_type: str, sport_id: str, runners: list[dict[str, Any]], rc: list[dict[str, Any]]) -> bytes:
+    md = definition(runners=runners, marketType=market_type, eventTypeId=sport_id, eventId="33000001")
+    return mcm({"id": "1.200", "img": True, "marketDefinition": md, "rc": rc})
+
+
+def _catalogue(event: str, market_name: str, names: dict[int, str]) -> bytes:
+    return raw({"op": "marketCatalogue", "marketId": "1.200", "marketName": market_name,
+                "event": {"id": "33000001", "name": event},
+                "runners": [{"selectionId": k, "runnerName": v, "handicap": 0.0} for k, v in names.items()]})
+
+
+def test_an_away_at_home_match_odds_gets_no_side_from_the_runner_order() -> None:
+    """NHL MATCH_ODDS from the live stream (no names): "home, away, draw" by
+    sortPriority served the Bruins' (away, listed first) 2.60 as the home
+    price until the catalogue came, and for good if it never did."""
+    p = Pipe()
+    runners = [{"id": 1111, "sortPriority": 1, "status": "ACTIVE"}, {"id": 2222, "sortPriority": 2, "status": "ACTIVE"},
+               {"id": 58805, "sortPriority": 3, "status": "ACTIVE"}]
+    p.feed(_live("MATCH_ODDS", "7524", runners, [{"id": 1111, "atb": [[2.6, 10]]}, {"id": 2222, "atb": [[2.2, 10]]},
+                                                 {"id": 58805, "atb": [[4.3, 10]]}]))
+    m = p.market("1.200")
+    assert m.market_type == "match_result" and [s.outcome for s in m.selections] == [None, None, None]
+    p.feed(_catalogue("Boston Bruins @ New York Rangers", "Match Odds",
+                      {1111: "Boston Bruins", 2222: "New York Rangers", 58805: "The Draw"}), 6)
+    m = p.market("1.200")
+    assert {s.selection_id: s.outcome for s in m.selections} == {"1111": "away", "2222": "home", "58805": "draw"}
+
+
+def test_team_a_of_an_away_at_home_event_is_the_away_side() -> None:
+    """TEAM_A_OVER_UNDER_nn was ``team=home`` whatever the event: in "Boston
+    Bruins @ New York Rangers" Team A (first named) is the Bruins, away. Live,
+    before the event's name is known, the market passes through unmapped."""
+    p = Pipe()
+    runners = [{"id": 47972, "sortPriority": 1, "status": "ACTIVE"}, {"id": 47973, "sortPriority": 2, "status": "ACTIVE"}]
+    p.feed(_live("TEAM_A_OVER_UNDER_25", "7524", runners, [{"id": 47972, "atb": [[1.9, 10]]},
+                                                           {"id": 47973, "atb": [[2.0, 10]]}]))
+    assert (p.market("1.200").market_type, p.market("1.200").specifiers) == ("raw:team_a_over_under_25", None)
+    p.feed(_catalogue("Boston Bruins @ New York Rangers", "Boston Bruins Over/Under 2.5 Goals",
+                      {47972: "Under 2.5 Goals", 47973: "Over 2.5 Goals"}), 6)
+    m = p.market("1.200")
+    assert (m.market_type, m.specifiers) == ("team_total", {"team": "away", "line": "2.5"})
+    assert {s.selection_id: s.outcome for s in m.selections} == {"47972": "under", "47973": "over"}
+    # "Home v Away" (and soccer without a name): Team A is home
+    p = Pipe()
+    p.feed(_live("TEAM_A_OVER_UNDER_25", "1", runners, []))
+    assert p.market("1.200").specifiers == {"team": "home", "line": "2.5"}

@@ -264,3 +264,76 @@ def test_an_unmapped_markets_key_carries_every_specifier() -> None:
     assert betfair_market("ODD:TYPE|X=1")[0] == "raw:odd_type_x_1"
     with pytest.raises(ValueError, match="specifiers"):
         parse_market_key("raw:uof_8:goalnr")
+
+
+# -- a draw runner is a three-way result; "Away @ Home" names the away side first (audit) -----------
+
+
+@pytest.mark.parametrize(("raw", "sport", "runners", "want"), [
+    # a 3-way market in a sport without draws: never the two-way moneyline key
+    ("HALF_TIME", "basketball", ["Cleveland Cavaliers", "Minnesota Timberwolves", "The Draw"],
+     ("match_result", {"period": "1h"})),
+    ("MATCH_ODDS", "boxing", ["Fury", "Usyk", "Draw"], ("match_result", None)),
+    ("MATCH_ODDS", "darts", [None, None, None], ("match_result", None)),  # live stream: no names, 3 runners
+    # one that includes overtime keeps its scope: the draw after overtime is not the regular-time draw
+    ("MATCH_ODDS", "american_football", ["Chiefs", "Bills", "The Draw"], ("match_result", {"period": "ot"})),
+    ("MONEY_LINE", "american_football", [None, None, None], ("match_result", {"period": "ot"})),
+    # two runners: two-way, as before
+    ("MATCH_ODDS", "boxing", ["Fury", "Usyk"], ("moneyline", None)),
+    ("MATCH_ODDS", "basketball", [None, None], ("moneyline", None)),
+    ("MATCH_ODDS", "soccer", ["Arsenal", "Chelsea", "The Draw"], ("match_result", None)),
+    ("MATCH_ODDS", "ice_hockey", [None, None, None], ("match_result", None)),
+])
+def test_betfair_a_draw_runner_makes_a_three_way_result_in_any_sport(
+        raw: str, sport: str, runners: list[str | None], want: tuple) -> None:
+    assert betfair_market(raw, sport, runners=runners) == want
+
+
+def test_betfair_a_three_way_market_never_shares_a_moneylines_key() -> None:
+    """A basketball half-time market with The Draw was ``moneyline:period=1h``:
+    its home 1.95 (a 3-way price) was the best 2-way first-half moneyline."""
+    three_way = betfair_market("HALF_TIME", "basketball", runners=["A", "B", "The Draw"])
+    assert market_key(*three_way, sport="basketball") == "match_result:period=1h"
+    assert market_key("moneyline", {"period": "1h"}, "basketball") != market_key(*three_way, sport="basketball")
+    assert market_key(*betfair_market("MONEY_LINE", "american_football", runners=["A", "B", "The Draw"]),
+                      sport="american_football") == "match_result:period=ot"
+
+
+@pytest.mark.parametrize(("event", "sport", "want_a", "want_b"), [
+    ("Arsenal v Chelsea", "soccer", "home", "away"),
+    ("Boston Bruins @ New York Rangers", "ice_hockey", "away", "home"),  # Team A = first named = away
+    ("LA Galaxy @ Seattle Sounders", "soccer", "away", "home"),
+    (None, "soccer", "home", "away"),
+])
+def test_betfair_team_a_is_the_first_named_side(event: str | None, sport: str, want_a: str, want_b: str) -> None:
+    assert betfair_market("TEAM_A_OVER_UNDER_25", sport, event_name=event) == (
+        "team_total", {"team": want_a, "line": "2.5"})
+    assert betfair_market("TEAM_B_OVER_UNDER_15", sport, event_name=event) == (
+        "team_total", {"team": want_b, "line": "1.5"})
+
+
+def test_betfair_team_a_without_the_event_name_where_it_may_be_away_is_no_sides_key() -> None:
+    """Basketball, American football, baseball and ice hockey may be named
+    "Away @ Home": without the name Team A's side is unknown, so the market
+    passes through (never grouped) rather than claim a side."""
+    assert betfair_market("TEAM_A_OVER_UNDER_25", "ice_hockey") == ("raw:team_a_over_under_25", None)
+    assert betfair_market("TEAM_B_OVER_UNDER_25", "basketball") == ("raw:team_b_over_under_25", None)
+
+
+def test_betfair_runner_order_names_no_side_in_an_away_at_home_event() -> None:
+    """The NBA recording (1-166811431, "Cleveland Cavaliers @ Minnesota
+    Timberwolves") lists the away side first (sortPriority 1): the "home,
+    away, draw" order would serve the away side's price as home's."""
+    at = "Boston Bruins @ New York Rangers"
+    assert [betfair_outcome("match_result", str(i), None, i, at, sport="ice_hockey") for i in (1, 2, 3)] == [None] * 3
+    # no event name in a sport that may be named so: no guess either
+    assert [betfair_outcome("match_result", str(i), None, i, None, sport="ice_hockey") for i in (1, 2, 3)] == [None] * 3
+    assert betfair_outcome("match_result", "1", None, 1, None, sport="basketball") is None
+    # names decide in either naming
+    assert betfair_outcome("match_result", "1", "Boston Bruins", 1, at, sport="ice_hockey") == "away"
+    assert betfair_outcome("match_result", "2", "New York Rangers", 2, at, sport="ice_hockey") == "home"
+    # "Home v Away" and soccer's live stream keep the fixed order; over/under needs no sides
+    assert betfair_outcome("match_result", "1", None, 1, "Arsenal v Chelsea", sport="soccer") == "home"
+    assert [betfair_outcome("match_result", str(i), None, i, None, sport="soccer") for i in (1, 2, 3)] == [
+        "home", "away", "draw"]
+    assert betfair_outcome("total", "1", None, 1, at, sport="ice_hockey") == "under"

@@ -95,7 +95,7 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -628,13 +628,18 @@ def _check_levels(changes: list[tuple[int, float, float]] | None) -> bool:
     return True
 
 
-def market_type_to_canonical(raw: str | None, sport: str | None = None, places: int | None = None
+def market_type_to_canonical(raw: str | None, sport: str | None = None, places: int | None = None, *,
+                             runners: Sequence[str | None] | None = None, event_name: str | None = None
                              ) -> tuple[str, dict[str, str] | None]:
     """Betfair ``marketType`` → (canonical key, specifiers) of
-    :mod:`feed.taxonomy`: ``MATCH_ODDS`` → ``("match_result", None)``
-    (``moneyline`` in sports without a draw); ``OVER_UNDER_25`` →
-    ``("total", {"line": "2.5"})``; unknown types → ``raw:<type>``."""
-    return betfair_market(raw, sport, places=places)
+    :mod:`feed.taxonomy` (:func:`feed.taxonomy.betfair_market`):
+    ``MATCH_ODDS`` → ``("match_result", None)`` (``moneyline`` in sports
+    without a draw, unless its runners include one); ``OVER_UNDER_25`` →
+    ``("total", {"line": "2.5"})``; ``TEAM_A_OVER_UNDER_25`` → Team A's side
+    by the event name ("Away @ Home": ``away``); unknown types →
+    ``raw:<type>``. runners: the runners' names in definition order (None
+    for one not known); event_name: "Home v Away" / "Away @ Home", or None."""
+    return betfair_market(raw, sport, places=places, runners=runners, event_name=event_name)
 
 
 class BetfairNormaliser:
@@ -1091,10 +1096,16 @@ class BetfairNormaliser:
                 runner.name = r.runnerName
                 changed[runner.key] = runner
         h = market.header
+        event_name = h.event_name or (cat.event.name if cat.event else None)
+        # the names may settle what the stream could not: which side Team A is ("Away @ Home")
+        market_type, specifiers = market_type_to_canonical(
+            h.market_type_raw, h.sport, h.number_of_winners, event_name=event_name,
+            runners=[r.name for r in market.runners.values()])
         market.header = msgspec.structs.replace(
-            h, name=h.name or cat.marketName,
-            event_name=h.event_name or (cat.event.name if cat.event else None),
-            competition=h.competition or (cat.competition.name if cat.competition else None))
+            h, name=h.name or cat.marketName, event_name=event_name, market_type=market_type,
+            specifiers=specifiers, competition=h.competition or (cat.competition.name if cat.competition else None))
+        if market_type != h.market_type:  # every runner's outcome is of the new type
+            changed.update(market.runners)
         self._outcomes(market, changed)
         batch.updates.append(MarketUpdate(
             market_id=SOURCE_PREFIX + cat.marketId, source=self.source, image=False, header=market.header,
@@ -1119,13 +1130,16 @@ class BetfairNormaliser:
         if status == "CLOSED" and any(r.status in ("WINNER", "PLACED") for r in market.runners.values()):
             status = "SETTLED"
         sport = SPORTS.get(md.eventTypeId or "", f"betfair_{md.eventTypeId}" if md.eventTypeId else None)
-        market_type, specifiers = market_type_to_canonical(md.marketType, sport, md.numberOfWinners)
         cat = self.catalogues.get(market.market_id)
+        event_name = md.eventName or (cat.event.name if cat and cat.event else None)
+        market_type, specifiers = market_type_to_canonical(
+            md.marketType, sport, md.numberOfWinners, event_name=event_name,
+            runners=[self._runner(market, rd.id, rd.hc).name for rd in md.runners])
         market.header = MarketHeader(
             event_id=SOURCE_PREFIX + md.eventId if md.eventId else None,
             bookmaker="betfair_exchange",
             sport=sport,
-            event_name=md.eventName or (cat.event.name if cat and cat.event else None),
+            event_name=event_name,
             competition=cat.competition.name if cat and cat.competition else None,
             name=md.name or (cat.marketName if cat else None),
             market_type=market_type,
@@ -1152,7 +1166,8 @@ class BetfairNormaliser:
         if h is None or h.market_type is None:
             return
         for runner in market.runners.values():
-            outcome = betfair_outcome(h.market_type, runner.key, runner.name, runner.sort, h.event_name, runner.hc)
+            outcome = betfair_outcome(h.market_type, runner.key, runner.name, runner.sort, h.event_name, runner.hc,
+                                      sport=h.sport)
             if outcome != runner.outcome:
                 runner.outcome = outcome
                 changed[runner.key] = runner
