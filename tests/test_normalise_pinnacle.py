@@ -638,3 +638,53 @@ def test_a_fixtures_snapshot_after_a_restart_suspends_restored_markets_of_unlist
     # another sport's snapshot leaves this sport's markets alone
     other = {"sportId": 33, "last": 501, "league": []}
     assert n2.feed(json.dumps(other).encode(), T0 + 61_000, pinnacle_channel("fixtures", 33, snapshot=True)).updates == []
+
+
+def test_a_snapshot_answer_counts_as_received_a_cache_period_before_its_request() -> None:
+    """Pinnacle serves snapshot calls from a 60 s cache: what a snapshot answer images or changes
+    (markets and event states, fixtures and odds alike) is stamped received as of its request (the
+    channel: asked 250 ms before the receipt) − SNAPSHOT_CACHE_MS — stamped as received, it read up
+    to a minute fresher than it may be. Provider times are still checked against the receipt: a
+    change 10 s before it is applied (a receipt moved back would refuse it as clock_skew). A delta
+    is stamped with its receipt."""
+    from feed.normalise.pinnacle import SNAPSHOT_CACHE_MS
+    from feed.validate import validate_update
+
+    recv = T0 + 5_000
+    as_of = recv - 250 - SNAPSHOT_CACHE_MS
+    n = PinnacleNormaliser()
+    fx = {"sportId": 29, "last": 10, "league": [{"id": 1980, "name": "EPL", "events": [_fixture(1, 0),
+                                                                                      _fixture(2, 1, parent=1)]}]}
+    n.feed(json.dumps(fx).encode(), T0, pinnacle_channel("fixtures", 29, snapshot=True))
+    cut = T0 + 3_600_000
+    odds = {"sportId": 29, "last": 20, "leagues": [{"id": 1980, "events": [
+        {"id": 2, "homeScore": 1.0, "awayScore": 0.0,
+         "periods": [_period(0, recv - 10_000, cut, ml={"home": 2.1, "draw": 3.4, "away": 3.6})]}]}]}
+    batch = n.feed(json.dumps(odds).encode(), recv, pinnacle_channel("odds", 29, snapshot=True, asked_before_ms=250))
+    assert batch.rejected == [] and [u.market_id for u in batch.updates] == ["pn:1:0:moneyline"]
+    (u,) = batch.updates
+    assert u.image and u.source_ts == recv - 10_000 and u.received_at == as_of
+    validate_update(u, recv)  # (the ingest checks provider times against the payload's receipt)
+    assert [(es.event_id, es.received_at) for es in batch.event_states] == [("pn:1", as_of)]
+    # a fixtures snapshot's changes too (the live event gone: the market it supplied suspended)
+    fx2 = {"sportId": 29, "last": 11, "league": [{"id": 1980, "name": "EPL", "events": [_fixture(1, 0)]}]}
+    batch = n.feed(json.dumps(fx2).encode(), recv + 1_000, pinnacle_channel("fixtures", 29, snapshot=True))
+    assert [(u.market_id, u.received_at) for u in batch.updates] == [
+        ("pn:1:0:moneyline", recv + 1_000 - SNAPSHOT_CACHE_MS)]
+    # a delta (now the pre-match event's period): as of its receipt
+    delta = {"sportId": 29, "last": 21, "leagues": [{"id": 1980, "events": [
+        {"id": 1, "periods": [_period(0, recv + 1_500, cut, ml={"home": 2.0, "draw": 3.4, "away": 3.6})]}]}]}
+    batch = n.feed(json.dumps(delta).encode(), recv + 2_000, pinnacle_channel("odds", 29, snapshot=False))
+    assert batch.updates and all(u.received_at == recv + 2_000 for u in batch.updates)
+
+
+def test_the_channel_carries_how_long_before_its_receipt_a_snapshot_was_asked() -> None:
+    assert pinnacle_channel("odds", 29, snapshot=True, asked_before_ms=0) == "odds:29:snapshot"
+    assert pinnacle_channel("odds", 29, snapshot=True, asked_before_ms=180) == "odds:29:snapshot:180"
+    with pytest.raises(ValueError):
+        pinnacle_channel("odds", 29, snapshot=False, asked_before_ms=180)  # a delta is not cached
+    n = PinnacleNormaliser()
+    for bad in ("odds:29:since:180", "odds:29:snapshot:", "odds:29:snapshot:-5", "odds:29:snapshot:1e3"):
+        with pytest.raises(FeedDecodeError) as err:
+            n.feed(b'{"sportId": 29, "last": 5, "leagues": []}', T0, bad)
+        assert err.value.reason == "invalid_schema", bad

@@ -211,6 +211,8 @@ async def test_pinnacle_down_then_up_is_visible_over_sse(redis_url: str) -> None
             app = make_app(store=store)
             async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, read=None)) as http:
                 await eventually(lambda: _markets(http, "pinnacle"), what="markets served")
+                # (imaged by snapshots, they read stale until a delta confirms them)
+                await eventually(lambda: _all_fresh(http, "pinnacle"), what="markets confirmed by a delta")
                 async with http.stream("GET", "/v1/stream?heartbeat_ms=500") as resp:
                     sse = SSEReader(resp)
                     snap = await sse.until(lambda e: e.event == "snapshot")
@@ -274,6 +276,8 @@ async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arri
         async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
             assert isinstance(src, PinnacleSource)
             await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
+            # every sport past its snapshots (a snapshot confirms nothing): the trickled call is a delta
+            await eventually(lambda: set(src._odds_ok_at) == {"29", "33", "4"}, what="a delta of every sport")
             calls: list[tuple[int, int]] = []  # (confirmed as of, wall ms when confirmed)
             real = src.odds_confirmed
 
@@ -294,6 +298,7 @@ class _BookSink:
     feed.ingest.Ingest) and records what each confirmation vouched for."""
 
     source = "pinnacle"
+    session = "s1"  # the ingest's upstream session, stamped on the markets
 
     def __init__(self) -> None:
         self.normaliser, self.book = PinnacleNormaliser("pinnacle"), Book()
@@ -307,7 +312,7 @@ class _BookSink:
                 continue
             batch = self.normaliser.feed(p.data, p.recv_ms, p.channel)
             for u in batch.updates:
-                self.book.apply(u, stored_at=p.recv_ms)
+                self.book.apply(u, stored_at=p.recv_ms, session=self.session)
             self.cursor = batch.cursor or self.cursor
             stale = stale or batch.stale
         return Delivered(stale=stale)
@@ -343,10 +348,12 @@ async def test_an_empty_odds_answer_suspends_what_is_past_its_cutoff_before_it_c
     sink = _BookSink()
     src._sink = sink  # type: ignore[assignment]  # (what run() sets)
     try:
-        await src.poll("29")  # fixtures and odds snapshots
-        assert sink.confirmed[-1][1] == {"pn:1:0:moneyline": ("OPEN", None)}
-        now[0] = t0 + 120_000  # a minute past the cutoff
+        await src.poll("29")  # fixtures and odds snapshots (a snapshot confirms nothing)
+        now[0] = t0 + 5_000
         await src.poll("29")  # since=20: the provider answers an empty body
+        assert [c for _, c in sink.confirmed] == [{"pn:1:0:moneyline": ("OPEN", None)}]
+        now[0] = t0 + 120_000  # a minute past the cutoff
+        await src.poll("29")  # since=20: empty again
         assert src.since("odds", 29) == 20  # (no cursor moved)
         assert len(sink.confirmed) == 2  # the empty answer confirmed the sport …
         assert sink.confirmed[-1][1] == {"pn:1:0:moneyline": ("SUSPENDED", "past_cutoff")}  # … suspended first
@@ -391,11 +398,11 @@ class _Pinnacle:
         queue = self.answers[request.url.path]
         return httpx.Response(200, content=queue.pop(0) if len(queue) > 1 else queue[0])
 
-    def source(self, sink: _BookSink) -> tuple[PinnacleSource, ProviderHttp]:
+    def source(self, sink: _BookSink, resync_s: float = 0) -> tuple[PinnacleSource, ProviderHttp]:
         http = ProviderHttp("http://pinnacle.test", provider="pinnacle", transport=httpx.MockTransport(self.handle),
                             clock_ms=lambda: self.now[0])
-        src = PinnacleSource("pinnacle", http, PollerOptions(), sports=[29], fixtures_interval_s=1e9, resync_s=0,
-                             settled_interval_s=None, clock=lambda: self.mono[0])
+        src = PinnacleSource("pinnacle", http, PollerOptions(), sports=[29], fixtures_interval_s=1e9,
+                             resync_s=resync_s, settled_interval_s=None, clock=lambda: self.mono[0])
         src._sink = sink  # type: ignore[assignment]  # (what run() sets)
         return src, http
 
@@ -406,7 +413,8 @@ async def _restarted(pn: _Pinnacle) -> tuple[_BookSink, int]:
     first = _BookSink()
     src, http = pn.source(first)
     try:
-        await src.poll("29")
+        await src.poll("29")  # the snapshots (they confirm nothing) …
+        await src.poll("29")  # … and a delta (nothing new: it confirms)
     finally:
         await http.aclose()
     assert first.confirmed[-1][1] == {"pn:1:0:moneyline": ("OPEN", None)}
@@ -522,5 +530,129 @@ async def test_after_a_restart_no_odds_are_asked_before_a_fixtures_snapshot_newe
         assert sink.book.markets["pn:1:0:moneyline"].seq == seq  # never suspended meanwhile (nothing changed)
         snapshots = [c[0] for c in pn.calls if c[1] is None]
         assert snapshots[:3] == ["/v1/fixtures", "/v1/fixtures", "/v2/odds"]  # no odds before the 2nd fixtures
+    finally:
+        await http.aclose()
+
+
+# --- snapshots are Pinnacle's cached answers (60 s): nothing of one reads fresher than it may be --------
+
+
+def _node_reads(sink: _BookSink, now: int) -> tuple[int, bool]:
+    """(age_ms, stale) of ``pn:1:0:moneyline`` on an API node (default limits: pre-match 60 s) at
+    ``now`` (wall ms), its source UP and confirmed as of the sink's last confirmation (none: 0)."""
+    from streaming.state import NodeState
+
+    from feed.models import SourceHealth
+    from feed.settings import Settings
+
+    node = NodeState(Settings(), 1)
+    node.replace_partitions({0: ("0-0", list(sink.book.markets.values()))}, "e")
+    last = sink.confirmed[-1][0] if sink.confirmed else 0
+    node.set_health([SourceHealth(source="pinnacle", kind="pinnacle", state="UP", session=sink.session,
+                                  last_message_at=last, updated_at=now)], now=now)
+    return node.age_stale(node.markets["pn:1:0:moneyline"], now)
+
+
+async def test_a_market_imaged_by_the_first_snapshot_reads_stale_until_a_delta_confirms_it() -> None:
+    """Gap: the initial odds snapshot confirmed the sport as of its request and stamped what it
+    imaged as received then — but Pinnacle serves snapshot calls from a 60 s cache: a market read
+    fresh at a price up to a minute old until the next delta. Now a snapshot confirms nothing and
+    its updates count as of the request − 60 s (provider times still checked against the receipt:
+    the moneyline changed 10 s before it, no clock_skew): stale until the delta confirms it."""
+    later = "2025-08-16T14:00:00Z"  # the cutoff: ahead all along
+    odds = json.loads(_odds(20, later))
+    odds["leagues"][0]["events"][0]["periods"][0]["moneylineUpdatedAt"] = "2025-08-16T12:59:50Z"  # 10 s ago
+    pn = _Pinnacle([json.dumps(odds).encode()])
+    sink = _BookSink()
+    src, http = pn.source(sink)
+    try:
+        await src.poll("29")  # fixtures and odds snapshots at 13:00:00
+        m = sink.book.markets["pn:1:0:moneyline"]
+        assert m.status == "OPEN" and m.source_ts == _T0 - 10_000  # applied, not refused as clock skew
+        assert m.received_at <= _T0 - 60_000  # as of the request less the cache
+        assert sink.confirmed == []  # the snapshot vouched for nothing
+        age, stale = _node_reads(sink, _T0 + 1_000)
+        assert stale and age >= 61_000  # never "1 s old"
+        pn.now[0] += 5_000
+        pn.mono[0] += 5
+        await src.poll("29")  # a delta (since=20): nothing new since the snapshot's last — it confirms
+        assert pn.calls[-1] == ("/v2/odds", "20") and len(sink.confirmed) == 1
+        age, stale = _node_reads(sink, _T0 + 6_000)
+        assert not stale and age == _T0 + 6_000 - sink.confirmed[-1][0] < 2_000  # as of the delta's request
+    finally:
+        await http.aclose()
+
+
+async def test_an_hourly_resync_snapshot_older_than_the_cursor_is_asked_again_with_deltas_held() -> None:
+    """Gap: at a 5 s delta rate the hourly (resync_s) odds snapshot is usually Pinnacle's cached
+    answer, older than the cursor: dropped, the deltas went on (moving the cursor past the next
+    cached answer) and the resync never took effect — a change the deltas missed stayed wrong. Now
+    no fixtures or odds call follows a stale resync snapshot until it is asked again a minute
+    later (the cache has moved on past the held cursor): applied, the missed price is corrected,
+    and nothing confirms it before the next delta."""
+    missed = json.loads(_odds(40, "2025-08-16T14:00:00Z"))
+    missed["leagues"][0]["events"][0]["periods"][0]["moneyline"]["home"] = 2.3  # a change the deltas missed
+    pn = _Pinnacle([_odds(20, "2025-08-16T14:00:00Z"), _odds(15, "2025-08-16T14:00:00Z"),
+                    json.dumps(missed).encode()])
+    sink = _BookSink()
+    src, http = pn.source(sink, resync_s=3600)
+    try:
+        await src.poll("29")  # snapshots at 0 s
+        pn.mono[0], pn.now[0] = 5, _T0 + 5_000
+        await src.poll("29")  # a delta
+        confirmed = len(sink.confirmed)
+        pn.mono[0], pn.now[0] = 3600, _T0 + 3_600_000
+        pn.calls.clear()
+        await src.poll("29")  # the hourly resync: a cached snapshot (last 15 < 20), dropped
+        assert pn.calls[-1] == ("/v2/odds", None) and src.since("odds", 29) == 20
+        for _ in range(11):  # every 5 s for 55 s: deltas held, nothing confirmed
+            pn.mono[0] += 5
+            pn.now[0] += 5_000
+            await src.poll("29")
+        assert [c for c in pn.calls if c[0] == "/v2/odds"] == [("/v2/odds", None)]
+        assert len(sink.confirmed) == confirmed
+        pn.mono[0] += 5  # a minute after the stale one: asked again, newer than the cursor
+        pn.now[0] += 5_000
+        await src.poll("29")
+        assert [c for c in pn.calls if c[0] == "/v2/odds"] == [("/v2/odds", None)] * 2
+        assert src.since("odds", 29) == 40
+        m = sink.book.markets["pn:1:0:moneyline"]
+        assert m.selection("home") is not None and m.selection("home").price == 2.3  # type: ignore[union-attr]
+        assert m.received_at <= pn.now[0] - 60_000 and len(sink.confirmed) == confirmed  # as of the cache
+        pn.mono[0] += 5
+        pn.now[0] += 5_000
+        await src.poll("29")
+        assert pn.calls[-1] == ("/v2/odds", "40") and len(sink.confirmed) == confirmed + 1
+        pn.mono[0] += 5
+        await src.poll("29")
+        assert pn.calls[-1] == ("/v2/odds", "40")  # deltas go on; the next resync in an hour
+    finally:
+        await http.aclose()
+
+
+async def test_a_resync_whose_snapshots_keep_coming_back_older_than_the_cursor_gives_up_after_a_bound() -> None:
+    """The retries are bounded: PN_RESYNC_TRIES stale resync snapshots a minute apart, then deltas
+    resume (until the next resync)."""
+    from feed.sources.poller import PN_RESYNC_TRIES
+
+    class StaleSnapshots(_BookSink):
+        async def deliver(self, payloads: list[Payload]) -> Delivered:
+            if self.book.markets and all(p.channel.startswith("odds:29:snapshot") for p in payloads):
+                return Delivered(stale=True)  # (a resync's answer: always older than the cursor)
+            return await super().deliver(payloads)
+
+    pn = _Pinnacle([_odds(20, "2025-08-16T14:00:00Z")])
+    sink = StaleSnapshots()
+    src, http = pn.source(sink, resync_s=3600)
+    try:
+        await src.poll("29")
+        pn.mono[0] = 3600
+        pn.calls.clear()
+        for _ in range(12 * PN_RESYNC_TRIES + 2):  # every 5 s
+            await src.poll("29")
+            pn.mono[0] += 5
+        odds = [c[1] for c in pn.calls if c[0] == "/v2/odds"]
+        # snapshots at 3600, 3660, 3720 s (deltas held between them), then a delta every 5 s
+        assert odds == [None] * PN_RESYNC_TRIES + ["20"] * 13
     finally:
         await http.aclose()

@@ -38,6 +38,17 @@ semantics (``research/upstream.md`` §3):
   cutoff is not derived from the stored market: Pinnacle documents it only
   as the period's wagering cut-off (its FAQ: open while it is ahead; nowhere
   the period's start), and a live period's cutoff follows no stored field.
+- **snapshot age**: Pinnacle caches snapshot answers (``/odds`` and
+  ``/fixtures`` without ``since``) 60 s, so a snapshot's prices may be up to
+  :data:`SNAPSHOT_CACHE_MS` older than its request: every update and event
+  state of a snapshot answer is stamped ``received_at`` = its request (the
+  channel says how long before the receipt it was sent) −
+  :data:`SNAPSHOT_CACHE_MS`, and the poller confirms nothing by it (the next
+  delta, ``since`` = the snapshot's ``last``, brings every change since and
+  confirms): a market it imaged or changed reads that old — stale under the
+  default limits — until then. Provider times are still checked against
+  the receipt itself (a receipt moved back would refuse a change of the
+  last minute as ``clock_skew``).
 - **dropped events**: a fixtures snapshot is the sport's full list, so an
   event it no longer lists (fixtures and odds forgotten) is no longer
   offered: each market of a period that event held lines for, that no
@@ -472,6 +483,12 @@ def market_id_parts(market_id: str) -> tuple[int, str, int, str, str | None] | N
 #: provider's counter having gone back (the ones before are dropped as replayed old answers).
 OLD_SNAPSHOTS_TO_RESET = 3
 
+#: How old (ms) a snapshot answer may be when it is served: Pinnacle caches ``/odds`` and
+#: ``/fixtures`` snapshot answers 60 s (its FAQ; "odds requested without since are delayed by up to
+#: 1 min"). Updates and event states of a snapshot answer are stamped ``received_at`` = its request
+#: − this (module docstring).
+SNAPSHOT_CACHE_MS = 60_000
+
 
 class PinnacleNormaliser:
     """Pinnacle fixtures + odds → canonical markets (see the module docstring).
@@ -557,10 +574,15 @@ class PinnacleNormaliser:
         """Decode one response body and apply it (see the module docstring).
 
         channel: what the body answers, :func:`channel` ``(endpoint, sport,
-        snapshot)`` — ``odds:29:snapshot``, ``fixtures:29:since``: a body of
+        snapshot, asked_before_ms)`` — ``odds:29:snapshot``,
+        ``odds:29:snapshot:180``, ``fixtures:29:since``: a body of
         the other endpoint's shape or of another sport is then rejected
         (``invalid_schema``: applying it would move the wrong cursor). An
-        empty channel infers the endpoint from the body (a delta).
+        empty channel infers the endpoint from the body (a delta). Every
+        update and event state of a fixtures or odds snapshot answer is
+        stamped ``received_at`` = ``recv_ms`` − ``asked_before_ms`` −
+        :data:`SNAPSHOT_CACHE_MS` (ms; at least 0): the answer may be
+        Pinnacle's cached one, that old at its request.
 
         Raises :class:`FeedDecodeError` (``invalid_json``, ``invalid_schema``)
         for a body rejected whole, and then has applied nothing; events
@@ -568,14 +590,30 @@ class PinnacleNormaliser:
         """
         expect = _parse_channel(channel, raw)
         self._raw, self._recv_ms, self._bad_events = raw, recv_ms, {}
-        rejected = self._rejected = []
+        self._rejected = []
         if expect is not None and expect[0] == "leagues":
             return self._apply_leagues(raw)
         if (expect is not None and expect[0] == "settled") or (expect is None and b'"settlementId"' in raw):
             return self._feed_settled(raw, recv_ms, expect)
+        batch = self._feed_lines(raw, recv_ms, expect)
+        if expect is not None and expect[1]:
+            # a snapshot call's answer (fixtures or odds) may be Pinnacle's cached one: nothing of it
+            # counts as received later than SNAPSHOT_CACHE_MS before the request (provider times were
+            # checked against the receipt itself: a change of the last minute is no clock skew)
+            as_of = max(0, recv_ms - SNAPSHOT_CACHE_MS - expect[3])
+            for u in batch.updates:
+                u.received_at = min(u.received_at, as_of)
+            batch.event_states = [msgspec.structs.replace(es, received_at=min(es.received_at, as_of))
+                                  for es in batch.event_states]
+        return batch
+
+    def _feed_lines(self, raw: bytes, recv_ms: int,
+                    expect: tuple[str, bool, int | None, int] | None) -> NormalisedBatch:
+        """:meth:`feed` of a fixtures or odds body (``expect``: the parsed channel, None: none given)."""
+        rejected = self._rejected
         msg = self._decode(raw)
         if expect is not None:
-            endpoint, snapshot, sport_id = expect
+            endpoint, snapshot, sport_id, _ = expect
             other = msg.leagues if endpoint == "fixtures" else msg.league
             if other is not None:
                 raise FeedDecodeError("invalid_schema", f"a {'odds' if endpoint == 'fixtures' else 'fixtures'} "
@@ -697,7 +735,8 @@ class PinnacleNormaliser:
                 self.team2_home.discard(lg.id)
         return NormalisedBatch(op="leagues")
 
-    def _feed_settled(self, raw: bytes, recv_ms: int, expect: tuple[str, bool, int | None] | None) -> NormalisedBatch:
+    def _feed_settled(self, raw: bytes, recv_ms: int,
+                      expect: tuple[str, bool, int | None, int] | None) -> NormalisedBatch:
         """``/v1/fixtures/settled``: results of settled periods (module docstring)."""
         try:
             msg = _SETTLED_DECODER.decode(raw)
@@ -1380,22 +1419,35 @@ def _event_name(fx: _Fixture) -> str | None:
 
 
 def channel(endpoint: Literal["fixtures", "odds", "settled", "leagues"], sport_id: int | None, *,
-            snapshot: bool) -> str:
+            snapshot: bool, asked_before_ms: int = 0) -> str:
     """The :class:`~feed.sources.base.Payload` channel of a Pinnacle answer:
-    ``<endpoint>:<sportId>:snapshot|since`` (sportId empty: not checked)."""
-    return f"{endpoint}:{'' if sport_id is None else sport_id}:{'snapshot' if snapshot else 'since'}"
+    ``<endpoint>:<sportId>:snapshot|since`` (sportId empty: not checked),
+    ``<endpoint>:<sportId>:snapshot:<ms>`` when a snapshot call was sent
+    ``asked_before_ms`` (int ms, 0..999999999) before its answer was read:
+    what the answer's age is counted from (see :data:`SNAPSHOT_CACHE_MS`).
+    Raises ValueError for ``asked_before_ms`` out of range or given to a delta."""
+    mode = "snapshot" if snapshot else "since"
+    if asked_before_ms:
+        if not snapshot or not 0 < asked_before_ms <= 999_999_999:
+            raise ValueError(f"asked_before_ms {asked_before_ms!r}: only a snapshot's, 0..999999999")
+        mode = f"snapshot:{asked_before_ms}"
+    return f"{endpoint}:{'' if sport_id is None else sport_id}:{mode}"
 
 
-def _parse_channel(value: str, raw: bytes) -> tuple[str, bool, int | None] | None:
+def _parse_channel(value: str, raw: bytes) -> tuple[str, bool, int | None, int] | None:
+    """A :func:`channel` → (endpoint, snapshot, sportId or None, asked_before_ms); None for ``""``.
+    Raises FeedDecodeError (``invalid_schema``) for anything else."""
     if not value:
         return None
     endpoint, _, rest = value.partition(":")
-    sport, _, mode = rest.partition(":")
+    sport, _, rest = rest.partition(":")
+    mode, sep, before = rest.partition(":")
     if endpoint not in ("fixtures", "odds", "settled", "leagues") or mode not in ("snapshot", "since") \
-            or not (sport.isdigit() or not sport):
+            or not (sport.isdigit() or not sport) \
+            or (sep and not (mode == "snapshot" and before.isdigit() and len(before) <= 9)):
         raise FeedDecodeError("invalid_schema", f"channel {value[:60]!r} is not "
-                              "<fixtures|odds|settled|leagues>:<sportId>:<snapshot|since>", raw)
-    return endpoint, mode == "snapshot", int(sport) if sport else None
+                              "<fixtures|odds|settled|leagues>:<sportId>:<snapshot[:<ms>]|since>", raw)
+    return endpoint, mode == "snapshot", int(sport) if sport else None, int(before) if sep else 0
 
 
 def decode_cursor(value: str | None) -> PinnacleCursor:

@@ -32,14 +32,24 @@ I/O only — decoding and diffing are the normalisers' job
   until their period is sent again; the snapshot re-renders each with its
   cutoff or suspends it, at no more requests than the delta it replaces),
   asked only once a fixtures snapshot was applied (else it would suspend
-  every market of an event whose fixture is unknown). That odds snapshot
-  confirms nothing (Pinnacle delays snapshot odds up to a minute): the next
-  delta does. A fixtures or odds snapshot of a resumed sport answered older
-  than its cursor (Pinnacle caches snapshot answers 60 s) is dropped, no
-  fixtures or odds call follows, and it is asked again
+  every market of an event whose fixture is unknown). No odds snapshot
+  confirms anything (Pinnacle caches snapshot answers 60 s: its odds may be
+  a minute old at the request): the next delta (``since`` = the snapshot's
+  ``last``: every change since) does; the channel tells the normaliser how
+  long before the receipt the snapshot was asked, and it stamps what the
+  snapshot changed as of the request − the cache, so a market it imaged
+  reads that old (stale) until then. A fixtures or odds snapshot of a
+  resumed sport answered older than its cursor (a cached answer) is
+  dropped, no fixtures or odds call follows, and it is asked again
   :data:`PN_SNAPSHOT_CACHE_S` later; the markets read stale meanwhile.
-  Three stale answers in a row (``last`` going backwards) or
-  ``resync_s`` → a fresh snapshot. Results: ``/v1/fixtures/settled`` per
+  Three stale answers in a row (``last`` going backwards), a rejected
+  change (a repair) or ``resync_s`` → a fresh snapshot (a *resync*); one
+  answered older than the cursor (at a 5 s delta rate the cached answer
+  usually is) is dropped, and so that it takes effect no fixtures or odds
+  call follows until it is asked again :data:`PN_SNAPSHOT_CACHE_S` later
+  (the cache has moved past the held cursor by then), at most
+  :data:`PN_RESYNC_TRIES` times in a row; the markets read stale
+  meanwhile. Results: ``/v1/fixtures/settled`` per
   sportId every ``settled_interval_s`` (``since=<last>`` like the others;
   ``settled=false`` turns it off), after ``/v2/leagues`` (static, cached
   ``static_ttl_s``: which team is the home side) was delivered once.
@@ -79,6 +89,7 @@ import msgspec
 from feed.aio import wait_event
 from feed.errors import ConfigError, FatalSourceError, RetryableSourceError, SourceError
 from feed.models import SourceState
+from feed.normalise.pinnacle import SNAPSHOT_CACHE_MS as PN_SNAPSHOT_CACHE_MS
 from feed.normalise.pinnacle import channel as pinnacle_channel
 from feed.normalise.pinnacle import decode_cursor as pinnacle_cursor
 from feed.settings import Settings
@@ -582,7 +593,9 @@ class PinnacleSource(PollerSource):
     sports: sportIds to poll, or None for every sport ``/v2/sports`` lists
     with offerings (static data, cached ``static_ttl_s``).
     fixtures_interval_s: fixture deltas at most this often (sooner when odds
-    name an unknown event). resync_s: a full snapshot this often (0: never).
+    name an unknown event). resync_s: a full snapshot this often (0: never;
+    one answered older than the cursor is asked again a minute later, the
+    deltas held meanwhile: module docstring).
     """
 
     kind = "pinnacle"
@@ -609,6 +622,11 @@ class PinnacleSource(PollerSource):
         #: came back older than the cursor (the sport's next fixtures or odds call waits PN_SNAPSHOT_CACHE_S)
         self._imaged: set[tuple[str, int]] = set()
         self._stale_image_at: dict[int, float] = {}
+        #: sportId -> (when (clock s) its last resync odds snapshot was asked — hourly, a repair, a
+        #: cursor going backwards — that came back older than the cursor, how many did in a row):
+        #: no fixtures or odds call until it is asked again PN_SNAPSHOT_CACHE_S later (at most
+        #: PN_RESYNC_TRIES in all)
+        self._resync_retry: dict[int, tuple[float, int]] = {}
         self._live: dict[int, bool] = {}  # sportId -> the last fixtures/odds answer had events in play
         self._active: list[str] = []
         self.requests: Counter[str] = Counter()
@@ -659,12 +677,20 @@ class PinnacleSource(PollerSource):
             resync = True
         first = ("fixtures", sport) not in self._imaged
         stale_at = self._stale_image_at.get(sport)
+        retry = self._resync_retry.get(sport)
+        if retry is not None and now - retry[0] >= PN_SNAPSHOT_CACHE_S:
+            resync = True  # the resync snapshot again: the cache has moved on past the held cursor
         got = Delivered()
         if (first or ("odds", sport) not in self._imaged) and stale_at is not None \
                 and now - stale_at < PN_SNAPSHOT_CACHE_S:
             # a snapshot came back older than the resumed cursor (Pinnacle caches snapshot answers): no
             # delta meanwhile (it would move the cursor past the next snapshot again, and confirm markets
             # whose cutoff is unknown); the sport's markets read stale until the next snapshot
+            pass
+        elif retry is not None and now - retry[0] < PN_SNAPSHOT_CACHE_S:
+            # a resync snapshot came back older than the cursor (a cached answer) and was dropped:
+            # deltas wait (each would move the cursor past the next cached snapshot again, and the
+            # resync would never take effect); unconfirmed meanwhile, the sport's markets age
             pass
         else:
             if first or resync or now - self._fixtures_at[sport] >= self.fixtures_interval_s:
@@ -713,13 +739,17 @@ class PinnacleSource(PollerSource):
         path = {"fixtures": "/v1/fixtures", "odds": "/v2/odds", "settled": "/v1/fixtures/settled"}[endpoint]
         self.requests[endpoint] += 1
         image = since is None and endpoint != "settled" and (endpoint, sport) not in self._imaged
-        # the first odds snapshot of a resumed sport (a stored cursor) re-renders every restored market
-        # with its cutoff (or suspends it, not_offered); up to a minute old (Pinnacle delays snapshot
-        # odds), it confirms nothing: the next delta does
-        resumed = image and endpoint == "odds" and self.since("odds", sport) is not None
+        # a snapshot answer may be Pinnacle's cached one, up to a minute old at its request: it
+        # confirms nothing (the next delta, since=its last, brings every change since and does), and
+        # the normaliser stamps what it changes as of the request less the cache (the channel says
+        # how long before the receipt the request was sent)
+        resync = since is None and endpoint == "odds" and not image
         asked = self._clock()
         res = await self.http.get(path, params)
         now = self._clock()
+        channel = pinnacle_channel(endpoint, sport, snapshot=since is None,
+                                   asked_before_ms=min(res.recv_ms - res.asked_ms, 999_999_999)
+                                   if since is None and endpoint != "settled" else 0)
         if endpoint == "fixtures":
             self._fixtures_at[sport] = now
         if since is None and endpoint == "odds":
@@ -728,18 +758,19 @@ class PinnacleSource(PollerSource):
         if res.status == 304 or not res.body.strip():
             if image:
                 self._imaged.add((endpoint, sport))
+            if resync:
+                self._resync_retry.pop(sport, None)
             if endpoint == "odds":
                 # "nothing changed" is still an answer as of now: the normaliser hears it (an empty
                 # delta, no cursor) so a market whose cutoff has passed is suspended before this
                 # answer confirms the sport's markets (it would otherwise read fresh and OPEN); to a
                 # snapshot call it says the sport offers nothing (an empty snapshot: its markets
                 # are suspended, not_offered)
-                await self.ingest_body(_PN_NOTHING_NEW % sport, res.recv_ms,
-                                       pinnacle_channel("odds", sport, snapshot=since is None))
-                if not resumed:
+                await self.ingest_body(_PN_NOTHING_NEW % sport, res.recv_ms, channel)
+                if since is not None:
                     self.odds_confirmed(str(sport), res.asked_ms)
             return Delivered()
-        got = await self.ingest_body(res.body, res.recv_ms, pinnacle_channel(endpoint, sport, snapshot=since is None))
+        got = await self.ingest_body(res.body, res.recv_ms, channel)
         if endpoint == "settled":
             return got
         if image:
@@ -747,6 +778,15 @@ class PinnacleSource(PollerSource):
                 self._stale_image_at[sport] = asked
             elif not got.rejected_messages:  # (events rejected alone: unconfirmed, and _repair re-images them)
                 self._imaged.add((endpoint, sport))
+        elif resync:
+            tries = self._resync_retry.get(sport, (0.0, 0))[1] + 1
+            if got.stale and tries < PN_RESYNC_TRIES:
+                self._resync_retry[sport] = (asked, tries)
+            else:
+                if got.stale:
+                    logger.warning("%s: %d resync snapshots of sport %d in a row were older than the cursor; "
+                                   "resuming deltas without it", self.name, tries, sport)
+                self._resync_retry.pop(sport, None)
         if got.in_play is not None:
             self._live[sport] = got.in_play
         rejected = bool(got.rejected_messages or got.rejected_parts)
@@ -760,7 +800,7 @@ class PinnacleSource(PollerSource):
                 self._stale_streak[sport] = self._stale_streak.get(sport, 0) + 1
             else:
                 self._stale_streak[sport] = 0
-                if not rejected and not resumed:  # an answer with a rejected part confirms nothing
+                if not rejected and since is not None:  # (a rejected part, or a snapshot: nothing)
                     self.odds_confirmed(str(sport), res.asked_ms)
         return got
 
@@ -772,9 +812,15 @@ _PN_NOTHING_NEW = b'{"sportId":%d,"leagues":[]}'
 
 #: Seconds Pinnacle caches a snapshot answer (its FAQ: ``/odds`` and ``/fixtures`` snapshot calls are
 #: cached 60 s; snapshot odds are delayed up to a minute), and its historic snapshot limit (one a
-#: minute per sport): while a resumed sport waits for its odds image, snapshots are asked at most
-#: this often, so the next one is newer than the cursor the last one came back older than.
-PN_SNAPSHOT_CACHE_S = 60.0
+#: minute per sport): while a resumed sport waits for its odds image, or a resync for a snapshot
+#: newer than the cursor, snapshots are asked at most this often, so the next one is newer than the
+#: cursor the last one came back older than (no delta moved it meanwhile).
+PN_SNAPSHOT_CACHE_S = PN_SNAPSHOT_CACHE_MS / 1000
+
+#: Resync odds snapshots of a sport (``resync_s``, a repair, a cursor going backwards) asked at most
+#: in a row while each comes back older than the cursor (deltas wait between them); then deltas
+#: resume without it (the normaliser takes the third one anyway: ``OLD_SNAPSHOTS_TO_RESET``).
+PN_RESYNC_TRIES = 3
 
 
 class _PnSport(msgspec.Struct, kw_only=True):
