@@ -245,7 +245,9 @@ async def test_the_betfair_race_source_stores_each_race_to_its_finish_through_a_
     """``betfair-race`` through the registry and the pipeline: each race of the simulator is stored
     as a live state, then ENDED with the finishing order the simulator ran; the stream cut mid-race
     resumes (RESUB_DELTA) and the race still ends right; malformed lines are quarantined."""
-    config = RaceSimConfig(seed=11, races=2, time_scale=20.0, distance_m=(1000.0, 1200.0), min_update_ms=10,
+    # (at 40×: a race of 1,000-1,200 m runs ~1.7 s, a progress line every 25 ms of real time — dozens per
+    # race —, and the cut, right after the first race is stored live, is mid-race)
+    config = RaceSimConfig(seed=11, races=2, time_scale=40.0, distance_m=(1000.0, 1200.0), min_update_ms=10,
                            tick_ms=5, race_gap_ms=200)
     async with started(RaceSimulator(config)) as sim, \
             running_source(store, f"betfair-race=127.0.0.1:{sim.port},name=bf-race,app_key=sim-app-key,"

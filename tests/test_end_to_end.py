@@ -183,11 +183,15 @@ def test_oddsfeed_run_serves_live_prices_from_the_simulator(tmp_path: Path) -> N
             else:
                 time.sleep(0.2)
         assert named, "open markets not named by the catalogue within 10 s"
-        time.sleep(3)
-        later = {m["market_id"]: m for m in httpx.get(f"{base}/v1/markets", timeout=2).json()["markets"]}
-        moved = [mid for mid, m in first.items()
-                 if mid in later and later[mid]["seq"] > m["seq"]
-                 and [s["back"] for s in later[mid]["selections"]] != [s["back"] for s in m["selections"]]]
+        moved_by = time.monotonic() + 3
+        while True:  # (polled: done as soon as a price moved, at most 3 s as before)
+            later = {m["market_id"]: m for m in httpx.get(f"{base}/v1/markets", timeout=2).json()["markets"]}
+            moved = [mid for mid, m in first.items()
+                     if mid in later and later[mid]["seq"] > m["seq"]
+                     and [s["back"] for s in later[mid]["selections"]] != [s["back"] for s in m["selections"]]]
+            if moved or time.monotonic() > moved_by:
+                break
+            time.sleep(0.1)
         assert moved, "no market's prices changed in 3 s"
         for m in later.values():
             assert m["age_ms"] >= 0 and m["stale"] is False
@@ -204,6 +208,21 @@ def test_oddsfeed_run_serves_live_prices_from_the_simulator(tmp_path: Path) -> N
             pytest.fail(f"oddsfeed run did not stop on SIGTERM:\n{out[-3000:]}")
     assert proc.returncode == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
+
+
+def _wait_listening(proc: subprocess.Popen[str], ports: tuple[int, ...], timeout_s: float = 30.0) -> None:
+    """Until every port accepts a connection on 127.0.0.1 (bounded; fails if ``proc`` exits)."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(ports)
+    while waiting:
+        if proc.poll() is not None:
+            pytest.fail(f"the simulator exited ({proc.returncode}):\n{proc.communicate()[0][-3000:]}")
+        assert time.monotonic() < deadline, f"ports {waiting} not listening within {timeout_s:g} s"
+        try:
+            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=1):
+                waiting.pop(0)
+        except OSError:
+            time.sleep(0.05)
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
@@ -230,7 +249,7 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
     fast = "min_interval_s=0,interval_s=1,live_interval_s=1"
     run = None
     try:
-        time.sleep(2)
+        _wait_listening(sim, (esa, http, push, bf, cricket, race))  # (was a blind 2 s sleep)
         run = subprocess.Popen(
             [sys.executable, "-m", "feed", "run", "--port", str(api), "--data-dir", str(tmp_path / "var"),
              "--source", f"esa=127.0.0.1:{esa},app_key=sim-app-key,username=sim-user,password=sim-password,"
@@ -254,7 +273,7 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert set(sources) >= want, sources
         for name in want:
             assert sources[name]["state"] == "UP" and sources[name]["markets"] > 0, sources[name]
@@ -271,7 +290,7 @@ def test_oddsfeed_run_ingests_several_sources_at_once(tmp_path: Path) -> None:
             data = {k: got[k] for k in ("betfair-cricket", "betfair-race") if k in got}
             if len(data) == 2 and all(s["state"] == "UP" and s.get("last_message_at") for s in data.values()):
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         for kind in ("betfair-cricket", "betfair-race"):
             assert kind in data and data[kind]["state"] == "UP", data
     finally:

@@ -630,12 +630,20 @@ _MARKETS = ("m1", "m2", "m3")
 _SEL_IDS = ("a", "b", "c")
 
 
+# (strategies built once, here: built inside the composites, hypothesis re-created and re-validated
+# them on every draw, which took most of the test's time; the examples drawn are the same)
+_PRICES = st.sampled_from((None, 1.5, 2.0, 3.25, 10.0))
+_SEL_ID = st.sampled_from(_SEL_IDS)
+_SIZES = st.sampled_from((1.0, 5.0))
+_SEL_STATUSES = st.sampled_from(("ACTIVE", "SUSPENDED", "WINNER", "LOSER"))
+
+
 @st.composite
 def _selection(draw: st.DrawFn) -> Selection:
-    price = draw(st.sampled_from((None, 1.5, 2.0, 3.25, 10.0)))
-    return Selection(selection_id=draw(st.sampled_from(_SEL_IDS)), price=price,
-                     back=[(price, draw(st.sampled_from((1.0, 5.0))))] if price else [],
-                     status=draw(st.sampled_from(("ACTIVE", "SUSPENDED", "WINNER", "LOSER"))))
+    price = draw(_PRICES)
+    return Selection(selection_id=draw(_SEL_ID), price=price,
+                     back=[(price, draw(_SIZES))] if price else [],
+                     status=draw(_SEL_STATUSES))
 
 
 def _unique(sels: list[Selection]) -> list[Selection]:
@@ -645,26 +653,35 @@ def _unique(sels: list[Selection]) -> list[Selection]:
 _HEADERS = st.builds(MarketHeader, status=st.sampled_from(("OPEN", "SUSPENDED", "CLOSED", "SETTLED")),
                      version=st.integers(0, 3), in_play=st.booleans(),
                      traded_volume=st.sampled_from((None, 10.0, 20.0)))
+_N_UPDATES = st.integers(1, 40)
+_KINDS = st.sampled_from(("image", "delta", "delta", "delta", "duplicate", "old"))
+_TS_STEP = st.integers(0, 50)
+_AGE = st.integers(1, 500)
+_BOOLS = st.booleans()
+_SELECTIONS = st.lists(_selection(), max_size=3)
+_ONE_IN_FOUR = st.integers(0, 3)
+_MARKET_IDS = st.sampled_from(_MARKETS)
+_TRADED = st.sampled_from((None, 1.0, 2.0))
 
 
 @st.composite
 def _updates(draw: st.DrawFn) -> list[MarketUpdate]:
     out: list[MarketUpdate] = []
     ts = 1_000_000
-    for _ in range(draw(st.integers(1, 40))):
-        kind = draw(st.sampled_from(("image", "delta", "delta", "delta", "duplicate", "old")))
+    for _ in range(draw(_N_UPDATES)):
+        kind = draw(_KINDS)
         if kind == "duplicate" and out:
             out.append(out[draw(st.integers(0, len(out) - 1))])
             continue
-        ts += draw(st.integers(0, 50))
-        when = ts - draw(st.integers(1, 500)) if kind == "old" else ts
-        image = kind == "image" or kind == "old" and draw(st.booleans())
-        sels = _unique(draw(st.lists(_selection(), max_size=3)))
-        header = draw(_HEADERS) if image or draw(st.integers(0, 3)) == 0 else None
+        ts += draw(_TS_STEP)
+        when = ts - draw(_AGE) if kind == "old" else ts
+        image = kind == "image" or kind == "old" and draw(_BOOLS)
+        sels = _unique(draw(_SELECTIONS))
+        header = draw(_HEADERS) if image or draw(_ONE_IN_FOUR) == 0 else None
         out.append(MarketUpdate(
-            market_id=draw(st.sampled_from(_MARKETS)), source="fuzz", image=image, header=header, selections=sels,
+            market_id=draw(_MARKET_IDS), source="fuzz", image=image, header=header, selections=sels,
             source_ts=when, received_at=when + 5,
-            traded_volume=draw(st.sampled_from((None, 1.0, 2.0))) if header is None else None))
+            traded_volume=draw(_TRADED) if header is None else None))
     return out
 
 

@@ -102,7 +102,7 @@ async def flush(redis_url: str) -> None:
 async def esa_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
     from feed.simulator import Simulator, SimulatorConfig
 
-    sim = Simulator(SimulatorConfig(seed=5, events=4, rate_per_s=150.0, time_scale=300.0, api_port=0))
+    sim = Simulator(SimulatorConfig(seed=5, events=4, rate_per_s=600.0, time_scale=300.0, api_port=0))
     await sim.start()
     assert sim.api is not None
     try:  # the live Betfair path: login, stream, catalogue (recorded beside the stream, as flumine does)
@@ -116,13 +116,16 @@ async def esa_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
 async def http_upstream(kind: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
     from feed.simulator.http_providers import HttpProviders, ProvidersConfig
 
-    sim = HttpProviders(ProvidersConfig(seed=5, rate_per_s=150.0, time_scale=300.0, tick_ms=20, events=4))
+    # a poll carries one delta per changed market: 6 events (two of them soccer, Pinnacle's sports=29) polled
+    # every 50 ms store the 300 deltas in ~3 s (4 events polled every 100 ms: ~10 s)
+    sim = HttpProviders(ProvidersConfig(seed=5, rate_per_s=600.0, time_scale=300.0, tick_ms=20, events=6))
     await sim.start()
+    fast = f"{FAST},interval_s=0.05,live_interval_s=0.05"  # (a later option overrides FAST's)
     try:
         if kind == "pinnacle":
-            text = f"pinnacle={sim.url},user=demo,password=demo,sports=29,fixtures_interval_s=0.3,{FAST},name=rec-pn"
+            text = f"pinnacle={sim.url},user=demo,password=demo,sports=29,fixtures_interval_s=0.3,{fast},name=rec-pn"
         else:
-            text = f"theoddsapi={sim.url},api_key=demo,sport=upcoming,{FAST},name=rec-toa"
+            text = f"theoddsapi={sim.url},api_key=demo,sport=upcoming,{fast},name=rec-toa"
         yield text, sim.freeze
     finally:
         await sim.stop()
@@ -132,7 +135,7 @@ async def http_upstream(kind: str) -> AsyncIterator[tuple[str, Callable[[], None
 async def push_upstream(kind: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
     from feed.simulator.push_providers import PushSimConfig, PushSimulator
 
-    sim = PushSimulator(PushSimConfig(seed=5, events=4, rate_per_s=150.0, time_scale=300.0, tick_ms=20,
+    sim = PushSimulator(PushSimConfig(seed=5, events=4, rate_per_s=600.0, time_scale=300.0, tick_ms=20,
                                       ping_interval_ms=400))
     await sim.start()
     try:
@@ -183,7 +186,7 @@ async def webhook_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
 async def uof_upstream(amqp_url: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
     from feed.simulator.uof import UofSimConfig, UofSimulator
 
-    sim = UofSimulator(UofSimConfig(amqp_url=amqp_url, seed=5, events=4, rate_per_s=150.0, tick_ms=20,
+    sim = UofSimulator(UofSimConfig(amqp_url=amqp_url, seed=5, events=4, rate_per_s=600.0, tick_ms=20,
                                     alive_interval_s=0.2, live_after_s=0.8))
     await sim.start()
     try:
@@ -221,12 +224,12 @@ async def cricket_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
 
 @contextlib.asynccontextmanager
 async def race_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
-    """Betfair's sports-data stream (race progress, TPD): three synthetic races at 20× (a progress
-    line every 50 ms of real time)."""
+    """Betfair's sports-data stream (race progress, TPD): three synthetic races at 20×, a reading every
+    250 ms of race time (a progress line every 12.5 ms of real time)."""
     from feed.simulator.race_server import RaceSimConfig, RaceSimulator
 
     sim = RaceSimulator(RaceSimConfig(seed=5, races=3, time_scale=20.0, distance_m=(1000.0, 1200.0),
-                                      min_update_ms=10, tick_ms=5, race_gap_ms=100))
+                                      min_update_ms=10, tick_ms=5, race_gap_ms=100, update_ms=250))
     await sim.start()
     try:
         yield (f"betfair-race=127.0.0.1:{sim.port},app_key=sim-app-key,session=sim-session,heartbeat_ms=500,"
@@ -272,6 +275,9 @@ async def record_live(store: Store, spec_text: str, freeze: Callable[[], None], 
             last["snap"] = now
             return same
 
+        # still = unchanged over 1 s (twice every cadence left after the freeze: polls every 0.05-0.3 s,
+        # pings / heartbeats / alives every 0.2-0.5 s — a margin for a loaded machine) with nothing
+        # pending in the ingest
         await eventually(still, 60, "the stored snapshot stands still", interval_s=1.0)
         # every kind reports its feed-lag percentiles in its health record (/v1/sources)
         await eventually(lambda: _has_lag(store, spec.name), 10, "lag percentiles in the health record")

@@ -73,7 +73,10 @@ def built() -> str:
 
 
 @pytest.fixture
-def oddsfeed_url(tmp_path: Path):
+def oddsfeed_url(tmp_path: Path, request: pytest.FixtureRequest):
+    """An ``oddsfeed run`` on a free loopback port, started before ``built``: the server boots
+    (~3 s of imports and startup) while npm ci and tsc run."""
+    _node_or_skip()  # (skip before starting anything)
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -83,6 +86,7 @@ def oddsfeed_url(tmp_path: Path):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
+        request.getfixturevalue("built")  # (module-scoped: built once, while this server boots)
         deadline = time.monotonic() + 60
         ready = False
         while time.monotonic() < deadline and not ready and proc.poll() is None:
@@ -109,7 +113,8 @@ def oddsfeed_url(tmp_path: Path):
 
 
 @pytest.mark.timeout(900)
-def test_typescript_client_against_oddsfeed_run(built: str, oddsfeed_url: str) -> None:
+def test_typescript_client_against_oddsfeed_run(oddsfeed_url: str, request: pytest.FixtureRequest) -> None:
+    built: str = request.getfixturevalue("built")  # (set up by oddsfeed_url, before its readiness wait)
     env = {**os.environ, "ODDSFEED_URL": oddsfeed_url}
     r = _run([built, "test"], 600, env)
     out = r.stdout + r.stderr

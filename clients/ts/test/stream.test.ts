@@ -18,8 +18,8 @@ for (const transport of ["sse", "ws"] as const) {
     try {
       await t.client.start().waitSynced(10_000);
       assert.equal(t.client.stats.snapshots, 1);
-      await sleep(1500); // deltas flow
-      assert.ok(t.client.stats.deltas > 0, "deltas applied");
+      // deltas flow: the book compared is built from many deltas on top of the snapshot
+      await t.client.waitFor(() => t.client.stats.deltas >= 50, 10_000, "50 deltas applied");
       const n = await assertBookMatchesRest(t, {});
       assert.ok(n >= 5, `${n} markets compared`);
       assert.equal(t.client.stats.gaps, 0);
@@ -34,7 +34,7 @@ test("ws with filters (sport, source, conflate_ms): the book equals the filtered
   try {
     await t.client.start().waitSynced(10_000);
     assert.ok([...t.client.markets.values()].every((m) => m.sport === "soccer"));
-    await sleep(1000);
+    await t.client.waitFor(() => t.client.stats.deltas >= 20, 10_000, "20 filtered deltas applied");
     await assertBookMatchesRest(t, { sport: "soccer", source: "betfair" }); // the server also runs the push source
   } finally {
     await t.client.close();
@@ -59,15 +59,14 @@ test("sse with market_type and in_play filters subscribes and holds only matchin
 for (const transport of ["sse", "ws"] as const) {
   test(`${transport}: a resume after a forced disconnect replays the missed deltas (none lost)`, async () => {
     const applied: { at: number; received_at: number }[] = [];
-    const t = tracked(server.url, { transport, backoff: () => 1500 });
+    const t = tracked(server.url, { transport, backoff: () => 800 }); // disconnected for 800 ms
     const c = t.client;
     c.on((name, detail) => {
       if (name === "delta") applied.push({ at: Date.now(), received_at: (detail as DeltaMessage).received_at });
     });
     try {
       await c.start().waitSynced(10_000);
-      await sleep(500);
-      await c.waitFor(() => c.token !== null, 5000, "a resume token");
+      await c.waitFor(() => c.token !== null && c.stats.deltas >= 10, 5000, "deltas flowing, a resume token");
       const droppedAt = Date.now();
       if (transport === "ws") MiniWebSocket.instances.at(-1)!.dropNetwork(); // the network goes away
       else c.reconnect();
@@ -77,7 +76,8 @@ for (const transport of ["sse", "ws"] as const) {
       assert.equal(c.stats.snapshots, 1, "the book was kept (no new snapshot)");
       assert.equal(c.stats.resumedLost, 0);
       assert.equal(c.stats.gaps, 0, "no seq skipped across the resume");
-      const replayed = applied.filter((d) => d.at > droppedAt + 1400 && d.received_at < droppedAt + 1000);
+      // applied after the reconnect (≥ 800 ms after the drop), received by the server while disconnected
+      const replayed = applied.filter((d) => d.at > droppedAt + 700 && d.received_at < droppedAt + 500);
       assert.ok(replayed.length > 0, "deltas stored while disconnected arrived after the resume");
       await assertBookMatchesRest(t, {});
     } finally {

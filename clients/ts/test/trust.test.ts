@@ -12,7 +12,9 @@ let server: Server;
 before(async () => { server = await startServer(); });
 after(async () => { await server?.stop(); });
 
-const HEARTBEAT_MS = 1000;
+// (the server takes 100 ms and up; at 500 the silence is found after 2.5 s instead of 4 s, and the
+// live stream — deltas every few ms, a heartbeat otherwise — is never near silent)
+const HEARTBEAT_MS = 500;
 const SILENCE_MS = 3 * HEARTBEAT_MS + 1000; // the client's rule: silent that long → dropped
 
 for (const transport of ["sse", "ws"] as const) {
