@@ -633,3 +633,108 @@ def test_restore_keeps_a_fixture_settlement_that_a_market_shows() -> None:
     batch = feed(again, msg("odds", 4, odd("y", 1.7, market="btts")))
     assert [u.header for u in batch.updates] == [None]
     assert again.markets["px:f1:btts"].header.status == "CLOSED"  # type: ignore[union-attr]
+
+
+# -- scores move the fixture's in-play flag ---------------------------------------------------------
+
+_PRE = {"id": "f1", "sport": "soccer", "home": "A", "away": "B", "status": "not_started", "is_live": False}
+
+
+def _scores(n: int, ms: int, *, ts: int | None = None, **item: Any) -> bytes:
+    """A ``scores`` message sent at ``ms`` with one item of f1 (its ``timestamp``: ``ts``, default ``ms``)."""
+    return msg("scores", n, ms=ms, data=[{"fixture_id": "f1", "timestamp": ms if ts is None else ts, **item}])
+
+
+def _pre_match() -> tuple[PushNormaliser, Book]:
+    """``px:f1:ml`` and ``px:f1:btts`` priced pre-match at _T."""
+    n, book = PushNormaliser("px"), Book()
+    _book_run(n, book, msg("odds", 1, odd("a", 2.0, fixture=_PRE, timestamp=_T),
+                           odd("o", 1.9, market="btts", fixture=_PRE, timestamp=_T), ms=_T))
+    assert [m.in_play for m in book.markets.values()] == [False, False]
+    return n, book
+
+
+def test_a_scores_item_takes_every_market_of_its_fixture_in_play() -> None:
+    """A fixture taken live by a ``scores`` message (``status: live``, ``is_live: true``) got a LIVE
+    event state while its markets stayed ``in_play: false`` (only odds and ``fixture-status`` moved
+    them), so in-play staleness limits did not apply to them (found by the in-play audit). The
+    item's in-play signal moves the fixture as a ``fixture-status`` does: every market follows."""
+    n, book = _pre_match()
+    batch = _book_run(n, book, _scores(2, _T + 1000, status="live", is_live=True, period="1h",
+                                       clock={"seconds": 1}, score={"home": 0, "away": 0}))
+    assert [(e.status, e.in_play) for e in batch.event_states] == [("LIVE", True)]
+    assert [(u.market_id, u.image, u.header is not None and (u.header.status, u.header.in_play), u.selections,
+             u.source_ts) for u in batch.updates] == [
+        ("px:f1:ml", False, ("OPEN", True), [], _T + 1000), ("px:f1:btts", False, ("OPEN", True), [], _T + 1000)]
+    assert [m.in_play for m in book.markets.values()] == [True, True]
+    # a score alone says nothing of in-play; later odds without is_live keep it
+    batch = feed(n, _scores(3, _T + 2000, score={"home": 1, "away": 0}))
+    assert batch.updates == [] and len(batch.event_states) == 1
+    batch = _book_run(n, book, msg("odds", 4, odd("a", 2.1, fixture={"id": "f1"}, timestamp=_T + 3000), ms=_T + 3000))
+    assert [u.header for u in batch.updates] == [None] and book.markets["px:f1:ml"].in_play is True
+    # a status without is_live moves it as a fixture's does: live / not_started only
+    assert feed(n, _scores(5, _T + 4000, status="ended")).updates == []
+    batch = _book_run(n, book, _scores(6, _T + 5000, is_live=False))
+    assert [(u.market_id, u.header.in_play) for u in batch.updates] == [  # type: ignore[union-attr]
+        ("px:f1:ml", False), ("px:f1:btts", False)]
+    batch = _book_run(n, book, _scores(7, _T + 6000, status="live"))
+    assert [u.header.in_play for u in batch.updates] == [True, True]  # type: ignore[union-attr]
+    assert [m.in_play for m in book.markets.values()] == [True, True]
+    # an item rejected alone (a negative score) moves nothing
+    batch = feed(n, _scores(8, _T + 7000, is_live=False, score={"home": -1, "away": 0}))
+    assert [e.reason for e in batch.rejected] == ["invalid_number"] and batch.updates == []
+    assert n.fixtures["f1"].in_play is True
+
+
+def test_a_scores_item_never_moves_the_in_play_flag_back() -> None:
+    """Time-ordered like a fixture's fields: a ``scores`` item older than the in-play flag held is
+    ignored (``late_fixture_fields``), and an odd older than the item keeps its price and its other
+    fixture fields but not its in-play flag; a settled fixture is not reopened in play."""
+    n, book = _pre_match()
+    # a pre-match odd changed at _T + 2 s, then a scores item of _T + 1 s saying live: older
+    _book_run(n, book, msg("odds", 2, odd("a", 2.05, fixture=_PRE, timestamp=_T + 2000), ms=_T + 2000))
+    batch = feed(n, _scores(3, _T + 3000, ts=_T + 1000, status="live", is_live=True))
+    assert batch.updates == [] and n.dropped == {"late_fixture_fields": 1}
+    assert [e.status for e in batch.event_states] == ["LIVE"]  # (the event state has no newer one)
+    # a newer one takes it live; an odd older than it is a price (and names), never pre-match again
+    batch = _book_run(n, book, _scores(4, _T + 5000, status="live", is_live=True))
+    assert [u.header.in_play for u in batch.updates] == [True, True]  # type: ignore[union-attr]
+    batch = _book_run(n, book, msg("odds", 5, odd("a", 2.2, fixture={**_PRE, "league": "L1"}, is_live=False,
+                                                  timestamp=_T + 4000), ms=_T + 6000))
+    assert n.dropped == {"late_fixture_fields": 2}
+    m = book.markets["px:f1:ml"]
+    assert (m.in_play, m.competition, m.selection("a").price) == (True, "L1", 2.2)  # type: ignore[union-attr]
+    assert book.markets["px:f1:btts"].in_play is True
+    # a newer odd's flag applies
+    batch = _book_run(n, book, msg("odds", 6, odd("a", 2.3, is_live=False, timestamp=_T + 7000), ms=_T + 7000))
+    assert [u.header is not None and u.header.in_play for u in batch.updates] == [False, False]
+    # settled at _T + 5 s: a live scores item of _T + 3 s changes nothing
+    n, book = _settled_market()
+    batch = _book_run(n, book, _scores(3, _T + 6000, ts=_T + 3000, status="live", is_live=True))
+    assert (batch.updates, batch.event_states) == ([], [])
+    assert (book.markets["px:f1:ml"].status, book.markets["px:f1:ml"].in_play) == ("CLOSED", False)
+
+
+def test_scores_before_the_odds_in_a_snapshot_and_after_a_restart() -> None:
+    """A fixture a ``scores`` item took live before any market of it: its first odds are in play;
+    a snapshot's ``scores`` apply like its odds' fixture fields; a restarted normaliser orders
+    items by its stored markets' times."""
+    n = PushNormaliser("px")
+    assert feed(n, _scores(1, 1718000001000, status="live")).updates == []
+    batch = feed(n, msg("odds", 2, odd("a", 2.0)))
+    assert [(u.image, u.header.in_play) for u in batch.updates] == [(True, True)]  # type: ignore[union-attr]
+    n = PushNormaliser("px")
+    snap = feed(n, msg("snapshot", 1, odd("a", 2.0), scores=[{"fixture_id": "f1", "is_live": True}]))
+    assert [e.in_play for e in snap.event_states] == [True]
+    assert n.markets["px:f1:ml"].header.in_play is True  # type: ignore[union-attr]
+    book = Book()
+    for u in snap.updates:
+        book.apply(u, RECV_MS)
+    assert book.markets["px:f1:ml"].in_play is True
+    again = PushNormaliser("px")
+    again.restore(book.markets.values(), n.last_entry_id)
+    stored_ts = book.markets["px:f1:ml"].source_ts
+    assert feed(again, _scores(2, stored_ts + 5, ts=stored_ts - 1, is_live=False)).updates == []
+    assert again.dropped == {"late_fixture_fields": 1}
+    batch = feed(again, _scores(3, stored_ts + 6, ts=stored_ts + 1, is_live=False))
+    assert [u.header.in_play for u in batch.updates] == [False]  # type: ignore[union-attr]

@@ -530,3 +530,50 @@ def test_a_delivered_handicap_without_its_line_is_rejected_and_its_fixed_redeliv
     fixed = deliver(f"{now - 1000}-1", {"id": "spread", "line": -1.5})
     assert fixed.rejected == [] and [u.market_id for u in fixed.updates] == ["px:f1:spread:-1.5"]
     assert book.markets["px:f1:spread:-1.5"].specifiers == {"line": "-1.5"}
+
+
+def test_a_delivered_scores_item_takes_the_markets_in_play_and_a_late_one_never_moves_it_back() -> None:
+    """A webhook ``scores`` delivery taking a fixture live left its markets pre-match (only odds and
+    ``fixture-status`` moved ``in_play``; found by the in-play audit). It moves them as a
+    ``fixture-status`` does, ordered by provider time: a delivery older than the in-play flag held
+    (an overtaken scores item, a retried pre-match odd) never takes the markets back pre-match."""
+    now = now_ms()
+    n, book = WebhookNormaliser(NAME), Book()
+
+    def deliver(body: dict[str, Any], recv: int = now) -> Any:
+        batch = n.feed(orjson.dumps(body), recv)
+        for u in batch.updates:
+            book.apply(u, recv)
+        return batch
+
+    def odd(entry_ms: int, n_: int, price: float, live: bool | None) -> dict[str, Any]:
+        fixture: dict[str, Any] = {"id": "f1", "sport": "Soccer", "home": "A", "away": "B"}
+        if live is not None:
+            fixture["is_live"] = live
+        return {"type": "odds", "entry_id": f"{entry_ms}-{n_}", "data": [
+            {"fixture": fixture, "market": {"id": "match_odds"}, "selection": {"id": "home", "name": "A"},
+             "price": price}]}
+
+    def scores(entry_ms: int, n_: int, **item: Any) -> dict[str, Any]:
+        return {"type": "scores", "entry_id": f"{entry_ms}-{n_}", "data": [{"fixture_id": "f1", **item}]}
+
+    deliver(odd(now - 60_000, 1, 2.10, False))
+    batch = deliver(scores(now - 30_000, 2, status="live", is_live=True, score={"home": 0, "away": 0}))
+    assert [(e.status, e.in_play) for e in batch.event_states] == [("LIVE", True)]
+    assert [(u.market_id, u.header is not None and u.header.in_play) for u in batch.updates] == [
+        ("px:f1:match_odds", True)]
+    m = book.markets["px:f1:match_odds"]
+    assert (m.in_play, m.source_ts) == (True, now - 30_000)
+    # a pre-match odd sent before the scores item, delivered after it: its price, not its flag
+    deliver(odd(now - 40_000, 3, 2.05, False))
+    assert n.dropped == {"late_fixture_fields": 1}
+    # an overtaken scores item saying not live: dropped (older than the fixture's state)
+    assert deliver(scores(now - 35_000, 4, is_live=False)).updates == []
+    m = book.markets["px:f1:match_odds"]
+    assert (m.in_play, m.selection("home").price) == (True, 2.05)  # type: ignore[union-attr]
+    # later odds without is_live keep it; a newer scores item ends it
+    deliver(odd(now - 20_000, 5, 2.00, None))
+    assert book.markets["px:f1:match_odds"].in_play is True
+    batch = deliver(scores(now - 10_000, 6, status="ended", is_live=False))
+    assert [u.header is not None and (u.header.in_play, u.header.status) for u in batch.updates] == [(False, "OPEN")]
+    assert book.markets["px:f1:match_odds"].in_play is False

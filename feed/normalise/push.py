@@ -24,9 +24,13 @@ The format is modelled on OpticOdds' SSE stream and OddsPapi's WebSocket
   score with periods, red cards, cricket innings; absent fields keep what
   was sent before, ``null`` clears one), each an :class:`~feed.models.EventState` of
   ``px:<fixture>``; ``fixture-status`` updates the same state's status and
-  in-play flag. A fixture state that fails its checks (a negative score,
-  an unknown status, a period that is not a code) is rejected alone
-  (``event_id`` set), the message's others apply;
+  in-play flag. A state taken also moves its fixture's ``in_play`` as a
+  ``fixture-status`` does (its ``is_live``, else a ``status`` ``live`` /
+  ``not_started``): every market of the fixture whose header changes is
+  emitted; its ``status`` moves no market status. A fixture state that
+  fails its checks (a negative score, an unknown status, a period that is
+  not a code) is rejected alone (``event_id`` set), moves nothing, and the
+  message's others apply;
 - ``ping`` / ``connected``: keep-alives (``heartbeat``), no data.
 
 Odd results: ``status`` ``won`` / ``lost`` / ``placed`` / ``void`` with the
@@ -82,6 +86,11 @@ fields of an older one are ignored (``late_fixture_fields``; the odd's price
 still applies when it is newer than the one held) — so an odd changed
 before a settlement but sent after it cannot reopen the settled market. A
 ``snapshot`` is the current state: its fixture fields always apply.
+The in-play flag is newest-wins across odds, ``fixture-status`` and
+``scores`` items alike (``_Fixture.live_at``): a ``scores`` item older than
+the flag held is ignored (``late_fixture_fields``), and an odd or
+``fixture-status`` older than a ``scores`` item keeps its other fields but
+not its in-play flag.
 
 Rejections (:class:`~feed.errors.FeedDecodeError`): a message whose envelope
 cannot be read (``invalid_json``, ``invalid_schema``, ``unknown_type``; a
@@ -518,8 +527,8 @@ _NO_KEY = (0, 0)
 
 
 class _Fixture:
-    __slots__ = ("at", "away", "home", "id", "in_play", "league", "markets", "name", "sport", "start_time",
-                 "status")
+    __slots__ = ("at", "away", "home", "id", "in_play", "league", "live_at", "markets", "name", "sport",
+                 "start_time", "status")
 
     def __init__(self, fixture_id: str) -> None:
         self.id = fixture_id
@@ -533,6 +542,8 @@ class _Fixture:
         self.status: str | None = None
         self.markets: dict[str, None] = {}  # canonical market ids, insertion ordered
         self.at: _At = (0, _NO_KEY)  # order of the newest odd / fixture-status whose fields were taken
+        #: order of the newest in-play flag taken (an odd's, a fixture-status' or a ``scores`` item's)
+        self.live_at: _At = (0, _NO_KEY)
 
     def event_name(self) -> str | None:
         if self.name:
@@ -644,6 +655,7 @@ class PushNormaliser:
             mk = _Market(m.market_id, fx, raw_id, line)
             mk.name, mk.bookmaker, mk.ts = m.name, m.bookmaker, m.source_ts
             fx.at = max(fx.at, (m.source_ts, _NO_KEY))
+            fx.live_at = fx.at
             for s in m.selections:
                 mk.sels[s.selection_id] = s
                 mk.odd_at[s.selection_id] = (m.source_ts, _NO_KEY)
@@ -735,9 +747,9 @@ class PushNormaliser:
         if isinstance(msg, OddsMessage):
             self._apply_odds(msg, prices, mids, bad, batch, raw, default_ts, key, recv_ms)
             if isinstance(msg, SnapshotMessage) and msg.scores:
-                self._apply_scores(msg.scores, batch, raw, default_ts, recv_ms)
+                self._apply_scores(msg.scores, batch, raw, default_ts, key, recv_ms, snapshot=True)
         elif isinstance(msg, ScoresMessage):
-            self._apply_scores(msg.data, batch, raw, default_ts, recv_ms)
+            self._apply_scores(msg.data, batch, raw, default_ts, key, recv_ms)
         else:
             taken = self._apply_fixture_status(msg.data, batch, raw, default_ts, key, recv_ms)
             if taken and (status is not None or msg.data.is_live is not None):
@@ -870,7 +882,9 @@ class PushNormaliser:
         """Update the cached fixture from ``wf`` (and an odd's ``is_live``),
         unless what it sets is older (``at``) than the fields the fixture
         took last (``late_fixture_fields``; ``force``: a snapshot's, always
-        taken); (fixture, whether it changed)."""
+        taken); its in-play flag also not when a newer one was taken from a
+        ``scores`` item (``live_at``, the other fields still apply);
+        (fixture, whether it changed)."""
         fid = str(wf.id)
         fx = self.fixtures.get(fid)
         changed = False
@@ -900,9 +914,14 @@ class PushNormaliser:
             live = status == "live"
         if is_live is not None:  # an odd's own flag (the same as its fixture's)
             live = is_live
-        if live is not None and live != fx.in_play:
-            fx.in_play = live
-            changed = True
+        if live is not None:
+            if at < fx.live_at and not force:  # a newer ``scores`` item said whether it is in play
+                self.dropped["late_fixture_fields"] = self.dropped.get("late_fixture_fields", 0) + 1
+            else:
+                fx.live_at = max(fx.live_at, at)
+                if live != fx.in_play:
+                    fx.in_play = live
+                    changed = True
         return fx, changed
 
     def _apply_odds(self, msg: OddsMessage, prices: list[_Price], mids: list[str],
@@ -987,9 +1006,11 @@ class PushNormaliser:
             batch.runner_changes += len(sids)
 
     def _apply_scores(self, items: list[msgspec.Raw], batch: NormalisedBatch, raw: bytes, default_ts: int,
-                      recv_ms: int) -> None:
+                      key: tuple[int, int], recv_ms: int, *, snapshot: bool = False) -> None:
         """Each fixture state of a ``scores`` message (or of a snapshot's
-        ``scores``); one that does not decode or check is rejected alone."""
+        ``scores``, ``snapshot`` True); one that does not decode or check is
+        rejected alone. A state taken also moves its fixture's in-play flag
+        (:meth:`_scores_live`); ``key``: the message's entry id."""
         for i, part in enumerate(items):
             try:
                 item = _FIXTURE_STATE_DECODER.decode(part)
@@ -1001,12 +1022,45 @@ class PushNormaliser:
                 batch.rejected.append(FeedDecodeError("invalid_schema", f"{exc} (at $.data[{i}])", raw, event_id=eid))
                 continue
             ts = ts_to_ms(item.timestamp) if item.timestamp is not None else default_ts
-            self._state(str(item.fixture_id), item, ts, batch, raw, recv_ms)
+            if self._state(str(item.fixture_id), item, ts, batch, raw, recv_ms):
+                self._scores_live(str(item.fixture_id), item, (ts, key), batch, raw, recv_ms, force=snapshot)
+
+    def _scores_live(self, fixture_id: str, item: WireFixtureState, at: _At, batch: NormalisedBatch, raw: bytes,
+                     recv_ms: int, *, force: bool = False) -> None:
+        """A ``scores`` item's in-play signal (its ``is_live``; without it a
+        ``status`` ``live`` → in play, ``not_started`` → not) moves the
+        fixture's ``in_play`` as a ``fixture-status`` does, unless an in-play
+        flag newer than ``at`` (``(ms, entry id)``) was taken already
+        (``late_fixture_fields``; ``force``: a snapshot's, always taken);
+        every market of the fixture whose header changed is emitted. Its
+        ``status`` moves no market status (markets follow ``fixture-status``
+        and odds for that)."""
+        live = item.is_live
+        if live is None:
+            key = _status_key(item.status, raw)  # (checked by _state already)
+            if key in ("live", "not_started"):
+                live = key == "live"
+        if live is None:
+            return
+        fx = self.fixtures.get(fixture_id)
+        if fx is None:  # remembered for the fixture's first odds
+            fx = self.fixtures[fixture_id] = _Fixture(fixture_id)
+        if at < fx.live_at and not force:
+            self.dropped["late_fixture_fields"] = self.dropped.get("late_fixture_fields", 0) + 1
+            return
+        fx.live_at = max(fx.live_at, at)
+        if live == fx.in_play:
+            return
+        fx.in_play = live
+        for mid in fx.markets:
+            m = self.markets[mid]
+            self._emit(m, False, [], max(m.ts, at[0]), batch, recv_ms)
 
     def _state(self, fixture_id: str, item: WireFixtureState, ts: int, batch: NormalisedBatch, raw: bytes,
-               recv_ms: int) -> None:
+               recv_ms: int) -> bool:
         """Merge ``item`` into the fixture's last state; emit it when it changed
-        (reject it alone when it does not check)."""
+        (reject it alone when it does not check). True when it was taken
+        (checked and not older than the state held: ``stale_state``)."""
         eid = f"{self.prefix}:{fixture_id}"
         prev = self.states.get(eid)
         try:
@@ -1043,17 +1097,18 @@ class PushNormaliser:
             if prev is not None:
                 if ts < prev.source_ts:
                     self.dropped["stale_state"] = self.dropped.get("stale_state", 0) + 1
-                    return
+                    return False
             state = EventState(event_id=eid, source=self.source, status=status, in_play=in_play, period=period,
                                clock=clock, score=score, red_cards=cards, innings=innings, source_ts=ts,
                                received_at=recv_ms)
             check_event_state(state, recv_ms, max_future_skew_ms=self.max_future_skew_ms)
         except FeedDecodeError as exc:
             batch.rejected.append(FeedDecodeError(exc.reason, exc.detail, raw, event_id=eid))
-            return
+            return False
         if not state.same_content(prev):
             remember(self.states, eid, state)
             batch.event_states.append(state)
+        return True
 
     def _apply_fixture_status(self, wf: WireFixture, batch: NormalisedBatch, raw: bytes, default_ts: int,
                               key: tuple[int, int], recv_ms: int) -> bool:

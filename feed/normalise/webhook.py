@@ -27,7 +27,8 @@ ordering rules:
   remembers the time of the newest odd or ``fixture-status`` whose fields
   it took; the fixture fields (and the odd's ``is_live``) of an older one
   are ignored (``late_fixture_fields``), so a late delivery cannot move a
-  fixture back;
+  fixture back; a ``scores`` item moves the fixture's in-play flag as a
+  ``fixture-status`` does (ordered by the time of the flag's last change);
 - **exact duplicates**: the ``entry_id`` of the last ``remember`` applied
   deliveries is kept (not of one with a market rejected alone: its fixed
   re-delivery must apply); a delivery whose ``entry_id`` was applied already
