@@ -348,11 +348,10 @@ async def test_the_recorded_match_ends_where_the_replay_path_ends(store: Store, 
 
 
 async def test_a_paced_replay_resumes_mid_match(store: Store) -> None:
-    """The recorded stream paced (4 h at 4000×: ~3.7 s; the cuts after messages 300 and 900 of 2,170,
-    ~1.2 s and ~1.9 s in), cut twice mid-match: the states still end at the recording's final score,
-    and the resumed stream never stored a state twice."""
+    """The recorded stream paced (4 h at 2000×: ~7 s), cut twice mid-match: the states still end at the
+    recording's final score, and the resumed stream never stored a state twice."""
     data = require_shared_data()
-    async with simulator(replay=(str(data / CCM),), speed=4000.0) as sim, \
+    async with simulator(replay=(str(data / CCM),), speed=2000.0) as sim, \
             running(store, spec_text(sim)) as (source, pipeline):
         for k in (300, 900):
             await eventually(lambda k=k: sim.messages_sent >= k, 60, f"{k} recorded messages served")
