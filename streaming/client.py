@@ -52,7 +52,8 @@ DOWN and the server has not flagged it stale. ``age_ms(id)`` = now − that
 confirmation; ``is_stale(id)`` = the client is not following a live stream,
 or its source is DOWN (``status`` messages, and ``GET /v1/sources`` on
 connect), or the server flagged it stale (in a snapshot, delta or
-``status``), or its age exceeds ``stale_in_play_ms`` / ``stale_pre_match_ms``.
+``status``), or its age exceeds ``stale_in_play_ms`` / ``stale_pre_match_ms``
+(in-play: ``in_play``, or ``start_time`` reached on this host's wall clock).
 Not following a live stream: from the moment the stream drops or is found
 silent until a reconnect resumes it (``resumed {recovered: true}``) or a
 snapshot replaces the book — every market reads stale meanwhile, and ages
@@ -387,7 +388,8 @@ class OddsClient:
     one. heartbeat_ms: heartbeat interval asked of the server (a stream
     silent for 3× that is dropped).
     api_key: sent as ``X-API-Key``. stale_in_play_ms / stale_pre_match_ms:
-    local staleness thresholds (defaults match the server's).
+    local staleness thresholds, ms (defaults match the server's; the in-play one
+    applies from a market's ``start_time`` on even while ``in_play`` is false).
     reconnect_initial_s / reconnect_max_s: backoff bounds (full jitter).
     price_check_timeout_s: total deadline of one price-check call.
     on_update: called as ``on_update(market_id, market_or_None)`` after
@@ -543,7 +545,10 @@ class OddsClient:
         """True when the client is not following a live stream (dropped, silent
         for 3 × the heartbeat, reconnecting and not yet resumed or re-snapshotted,
         closed), the market's source is DOWN, the server flagged it stale, or its
-        age exceeds the in-play / pre-match threshold (unknown → True)."""
+        age exceeds the in-play / pre-match threshold (unknown → True). The in-play
+        threshold (``stale_in_play_ms``) applies once the market is in play or its
+        ``start_time`` (ms since the epoch) is at or before this host's wall clock —
+        an event that has started before its provider said so, as the server judges it."""
         m = self.markets.get(market_id)
         age = self.age_ms(market_id)
         if m is None or age is None or not self._live:
@@ -553,7 +558,10 @@ class OddsClient:
             return True
         if self._flagged.get(market_id):
             return True
-        return age > (self.stale_in_play_ms if m.in_play else self.stale_pre_match_ms)
+        # in play, or its start time has come though the provider has not said so yet (the server's rule)
+        start = m.start_time
+        live = m.in_play or (start is not None and start <= time.time_ns() // 1_000_000)
+        return age > (self.stale_in_play_ms if live else self.stale_pre_match_ms)
 
     def match_time_s(self, event_id: str, now_ms: int | None = None) -> float | None:
         """The event's match time in seconds now: its clock's ``seconds``, plus

@@ -58,7 +58,9 @@ Reasons, checked in this order (the first that applies is the answer):
 5. ``STALE``             ``age_ms > max_age_ms``, an update of the market
                          was rejected (not trusted until re-imaged), or this node is not
    receiving updates (a partition reader lost Redis). Default ``max_age_ms``:
-   ``settings.price_check_max_age_in_play_ms`` (5 s) for in-play markets,
+   ``settings.price_check_max_age_in_play_ms`` (5 s) for in-play markets
+   — in play, or past their ``start_time`` though the provider has not
+   said so yet (:func:`streaming.state.live_for_limits`) —
    ``…_pre_match_ms`` (30 s) otherwise;
 6. ``SUSPENDED``         market SUSPENDED/INACTIVE or selection SUSPENDED;
 7. ``VERSION_CHANGED``   ``version`` was given and the market's definition
@@ -106,7 +108,7 @@ from starlette.types import Message, Receive, Scope, Send
 from feed.models import CLOSED_STATUSES, Market, Selection, SourceHealth, lost_change
 from feed.settings import Settings
 from streaming.responses import JSON, json_error, json_response
-from streaming.state import NodeState, now_ms
+from streaming.state import NodeState, live_for_limits, now_ms
 from streaming.tenants import SCOPE_KEY, Grant, LimitError
 
 if TYPE_CHECKING:
@@ -290,7 +292,9 @@ def _best(sel: Selection, side: str) -> tuple[float | None, float | None, str | 
 
 def default_max_age_ms(settings: Settings, in_play: bool) -> int:
     """The default ``max_age_ms`` for an in-play or pre-match market, ms
-    (``settings.price_check_max_age_in_play_ms`` / ``…_pre_match_ms``)."""
+    (``settings.price_check_max_age_in_play_ms`` / ``…_pre_match_ms``). ``in_play``: whether the
+    market is judged by the in-play limits (:func:`streaming.state.live_for_limits`: in play, or
+    its ``start_time`` has come), not its ``in_play`` flag alone."""
     return settings.price_check_max_age_in_play_ms if in_play else settings.price_check_max_age_pre_match_ms
 
 
@@ -399,7 +403,8 @@ def _check_book(state: NodeState, req: PriceCheckRequest, market_id: str, select
     source_state = health.state if health is not None else None
     max_age = req.max_age_ms
     if max_age is None:  # the default, never above the age at which this node streams the market as stale
-        max_age = min(default_max_age_ms(state.settings, m.in_play), state.stale_after_ms(m.sport, m.in_play))
+        live = live_for_limits(m, now)  # in play, or past its start_time though the provider has not said so yet
+        max_age = min(default_max_age_ms(state.settings, live), state.stale_after_ms(m.sport, live))
     sel = m.selection(selection_id)
     if sel is None:
         reason = "UNKNOWN_SELECTION"

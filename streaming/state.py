@@ -12,12 +12,24 @@ Staleness (DESIGN §6) of a market at ``now_ms``::
     age_ms         = max(0, now_ms - last_confirmed)
     stale          = source is DOWN (or its health lease ran out: ``ingest_gone``)
                      or market.session is None while the source has one (a change was lost)
-                     or age_ms > threshold(market.sport, market.in_play)
+                     or age_ms > threshold(market.sport, live_for_limits(market, now_ms))
+
+``live_for_limits`` (:func:`live_for_limits`): the market is in play
+(``in_play``) or its ``start_time`` (ms since the epoch, when known) is at
+or before ``now_ms`` — an event that has started is judged by the in-play
+limits even while its provider has not said so yet (a poller's next poll,
+a push provider's scores message); the market's ``in_play`` as served stays
+the provider's. A market that was fresh under the pre-match limit turns
+stale at its start time with no new message when its age then exceeds the
+in-play limit: every health refresh the node re-judges every market at the
+refresh's ``now`` (:meth:`NodeState.stale_ids`) and announces the change.
 
 ``threshold`` is ``settings.stale_in_play_ms`` / ``stale_pre_match_ms``
 unless ``settings.stale_after_ms_by_sport`` names the sport:
 ``"soccer=8000"`` (both phases), ``"tennis:in_play=5000"``,
-``"horse_racing:pre_match=120000"`` (a phase-specific entry wins); a
+``"horse_racing:pre_match=120000"`` (a phase-specific entry wins; the sport
+is spelled as markets carry it — ``Soccer`` / ``football`` read ``soccer``,
+:func:`feed.matching.canonical_sport`); a
 source that advertises a longer ``stale_after_ms`` in its health (a poller
 confirms its markets only once per polling interval) raises it to that.
 
@@ -57,7 +69,7 @@ from feed.models import (
 )
 from feed.settings import Settings
 from feed.linker import SUMMARY_DECODER, CanonicalSummary
-from feed.matching import CANONICAL_PREFIX, record_id
+from feed.matching import CANONICAL_PREFIX, canonical_sport, record_id
 from feed.store import StoredLink, partition_of
 from feed.taxonomy import key_type, market_key, parse_market_key, race_event_id
 from streaming.encoding import (
@@ -71,7 +83,7 @@ SKEW_MEMORY_MS = 600_000
 
 __all__ = [
     "DeltaInfo", "Filter", "FilterError", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry", "ReplayRing",
-    "image_of", "now_ms", "parse_stale_by_sport",
+    "image_of", "live_for_limits", "now_ms", "parse_stale_by_sport",
 ]
 
 MARKET_STATUSES = ("OPEN", "SUSPENDED", "INACTIVE", "CLOSED", "SETTLED", "CANCELLED")
@@ -600,9 +612,10 @@ class NodeState:
             age = 0
         if down:
             return age, True
-        limit = self._stale_by_sport.get((m.sport, m.in_play)) if self._stale_by_sport else None
+        live = live_for_limits(m, now)
+        limit = self._stale_by_sport.get((m.sport, live)) if self._stale_by_sport else None
         if limit is None:
-            limit = self._stale_in_play_ms if m.in_play else self._stale_pre_match_ms
+            limit = self._stale_in_play_ms if live else self._stale_pre_match_ms
         if h is not None and h.stale_after_ms > limit:
             # a polled source confirms only once per interval: its own limit (≈ 2.5 × the
             # in-play interval + the request deadline) is the earliest honest "stale"
@@ -610,7 +623,8 @@ class NodeState:
         return age, age > limit
 
     def stale_after_ms(self, sport: str | None, in_play: bool) -> int:
-        """The age (ms) after which a market of ``sport`` / phase is stale."""
+        """The age (ms) after which a market of ``sport`` / phase is stale (``in_play``: judged
+        by the in-play limits — for a market, :func:`live_for_limits`, not its flag alone)."""
         limit = self._stale_by_sport.get((sport, in_play))
         if limit is not None:
             return limit
@@ -997,14 +1011,32 @@ class NodeState:
 _WAITING_MAX = 256
 
 
+def live_for_limits(m: Market, now: int) -> bool:
+    """Whether market ``m`` is judged by the in-play limits (stale limit, the price check's
+    default ``max_age_ms``) at ``now`` (ms since the epoch): it is in play, or its
+    ``start_time`` (ms since the epoch, when known) is at or before ``now`` — its event has
+    started though its provider has not said so yet (The Odds API until its next poll,
+    Pinnacle until its next answer, a push provider until its scores message). Limits only:
+    the market's ``in_play`` as served stays the provider's."""
+    if m.in_play:
+        return True
+    start = m.start_time
+    return start is not None and start <= now
+
+
 def parse_stale_by_sport(entries: Iterable[str]) -> dict[tuple[str | None, bool], int]:
-    """``("soccer=8000", "tennis:in_play=5000", …)`` → {(sport, in_play): ms}.
-    Raises ValueError naming the bad entry."""
+    """``("soccer=8000", "tennis:in_play=5000", …)`` → {(sport, in_play): ms}. The sport is
+    spelled as markets carry it (:func:`feed.matching.canonical_sport`: stripped, lower-case,
+    ``Soccer`` / ``football`` → ``soccer``, ``Horse Racing`` → ``horse_racing``) and the phase
+    is stripped and lower-cased, so ``"Soccer : in_play=3000"`` applies to soccer. Raises
+    ValueError naming the bad entry (the app raises it as ConfigError)."""
     general: dict[tuple[str | None, bool], int] = {}
     specific: dict[tuple[str | None, bool], int] = {}
     for raw in entries:
         key, sep, value = raw.partition("=")
-        sport, _, phase = key.strip().partition(":")
+        name, _, phase = key.partition(":")
+        sport = canonical_sport(name.strip())
+        phase = phase.strip().lower()
         try:
             ms = int(value)
         except ValueError:

@@ -397,6 +397,54 @@ async def test_page_resyncs_on_a_seq_gap_instead_of_applying_the_delta() -> None
                              ) == [2.2, [[2.02, 3.0]], 9, 1]
 
 
+async def test_the_board_judges_a_market_past_its_start_time_by_the_in_play_limit() -> None:
+    """A market whose event has started while its provider still says ``in_play: false`` (The Odds
+    API until its next poll, Pinnacle until its next answer) read fresh on the board for up to the
+    pre-match minute: from its ``start_time`` on the page judges it by the in-play limit (10 s), as
+    the server does, and marks it stale at the start with no new message. The page's wall clock is
+    moved (``Date.now``) within one evaluation: no timer of the page runs in between."""
+    if _chromium() is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+
+    def market(mid: str, start_time: int | None, age_ms: int) -> dict[str, Any]:
+        m = Market(market_id=mid, source="betfair", seq=1, sport="soccer", status="OPEN", in_play=False,
+                   start_time=start_time, selections=[Selection(selection_id="1", name="A", price=2.0,
+                                                                back=[(2.0, 5.0)])])
+        return json.loads(ENCODER.encode(m)) | {"age_ms": age_ms, "stale": False}
+
+    async with browser("about:blank") as page:
+        await page.until("document.readyState === 'complete'", "a blank page")
+        js = (ROOT / "streaming" / "web" / "app.js").read_text()
+        await page.js("document.body.innerHTML = '<div id=board></div><div id=banner></div><div id=conn></div>"
+                      "<span id=conn-text></span><div id=meta></div><div id=sport-filter></div>"
+                      "<div id=play-filter></div>'; window.EventSource = class { addEventListener() {} close() {} }; "
+                      "window.fetch = () => new Promise(() => {}); 0")
+        await page.js(js + "\n0")
+        got = await page.js("""(() => {
+          const t = Date.now(), realNow = Date.now;
+          const m = (id, start, age) => Object.assign({}, %s, {market_id: id, start_time: start, age_ms: age});
+          oddsBoard.state.connected = true;  // (as the stream's open event sets it)
+          oddsBoard.handle({type: "snapshot", as_of: t, markets: [
+            m("ko", t - 1000, 15000), m("later", t + 600000, 15000), m("soon", t + 1500, 15000),
+            m("tbd", null, 15000)]});
+          const ids = ["ko", "later", "soon", "tbd"];
+          const before = ids.map((id) => oddsBoard.isStale(id));
+          const inPlay = oddsBoard.state.markets.get("ko").in_play;
+          Date.now = () => realNow() + 2000;  // the start of "soon" has come (2 s on, no message)
+          try {
+            return {before, inPlay, after: ids.map((id) => oddsBoard.isStale(id))};
+          } finally {
+            Date.now = realNow;
+          }
+        })()""" % json.dumps(market("x", None, 0)))
+        # started 15 s ago > the in-play 10 s: stale (the pre-match 60 s would say fresh); not started, or
+        # no start time known: the pre-match limit; "soon" turns stale at its start
+        assert got == {"before": [True, False, False, False], "inPlay": False,
+                       "after": [True, False, True, False]}, got
+        assert page.errors() == [], page.errors()
+
+
 async def test_the_board_asks_for_an_api_key_when_the_server_needs_one(redis_url: str, store: Store) -> None:
     if _chromium() is None:
         pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "

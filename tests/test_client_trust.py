@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 from feed.models import Market, SourceHealth
+from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.store import StoredLink, Store
 from streaming.client import OddsClient
@@ -195,6 +196,74 @@ async def test_a_canonical_event_filter_keeps_every_market_of_the_event(store: S
         await client.close()
 
 
+
+
+# -- kick-off: an event that has started is judged in play before its provider says so ------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_market_turns_stale_at_its_start_time_with_no_new_message(store: Store, redis_url: str,
+                                                                          transport: str) -> None:
+    """A market its provider still calls pre-match (``in_play: false``: The Odds API until its next
+    poll, Pinnacle until its next answer) was judged by the pre-match limit after its event had
+    started. From its ``start_time`` on the in-play limit applies: a market fresh before the start
+    whose age then exceeds the in-play limit is streamed stale at the start — a ``status`` lists it,
+    no message about the market itself — and REST and the price check agree; ``in_play`` as served
+    stays the provider's. (The client's own limits are far off: only the server's word makes it stale.)"""
+    settings = Settings(heartbeat_ms=300, stale_in_play_ms=1_500, stale_pre_match_ms=60_000)
+    feed = Feed(store)
+    await store.set_health(SourceHealth(source="t", state="UP", last_message_at=now_ms()))
+    await feed.write(feed.image("other"))
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as http:
+        client = OddsClient(_url(base, transport), heartbeat_ms=300, stale_in_play_ms=120_000,
+                            stale_pre_match_ms=120_000)
+        try:
+            await client.start()
+            await eventually(lambda: client.synced.is_set(), 10, "the snapshot")
+            start = now_ms() + 3_000  # kick-off in 3 s; the provider will not say so (no message follows)
+            await feed.write(feed.image("ko", start_time=start))
+            await eventually(lambda: "ko" in client.markets, 10, "the market streamed")
+            deltas = client.stats.deltas
+            assert not client.is_stale("ko") and now_ms() < start  # before the start: pre-match (60 s)
+            before = (await http.post("/v1/price-check", json={"market_id": "ko", "selection_id": "1",
+                                                                 "side": "back", "price": 2.0})).json()
+            assert (before["reason"], before["max_age_ms"]) == ("OK", 30_000), before
+            await eventually(lambda: client.is_stale("ko"), 15, "the market flagged stale at its start")
+            flagged_at = now_ms()
+            assert start <= flagged_at < start + 10_000
+            assert client.stats.deltas == deltas  # no message about the market: the server's status said so
+            assert not client.is_stale("other")  # a market without a start time keeps its pre-match limit
+            served = (await http.get("/v1/markets/ko")).json()
+            assert (served["stale"], served["in_play"], served["start_time"]) == (True, False, start), served
+            r = (await http.post("/v1/price-check", json={"market_id": "ko", "selection_id": "1", "side": "back",
+                                                          "price": 2.0})).json()
+            assert (r["reason"], r["max_age_ms"], r["in_play"]) == ("STALE", 1_500, False), r
+        finally:
+            await client.close()
+
+
+async def test_the_client_judges_a_market_past_its_start_time_by_its_in_play_limit() -> None:
+    """The client's own limits: a market past its ``start_time`` is judged by ``stale_in_play_ms``
+    though ``in_play`` is false (as the server judges it); it turns stale at the start, locally."""
+    client = OddsClient("http://127.0.0.1:9", stale_in_play_ms=5_000, stale_pre_match_ms=60_000)
+    try:
+        t = now_ms()
+        aged = {"age_ms": 7_000}
+        snap = _snapshot(_market("ko") | aged | {"start_time": t - 1_000},
+                         _market("later") | aged | {"start_time": t + 60_000},
+                         _market("soon") | aged | {"start_time": t + 1_500},
+                         _market("tbd") | aged)
+        client._on_message(json.dumps(snap).encode(), time.monotonic(), "t0")
+        assert client.markets["ko"].in_play is False
+        assert client.is_stale("ko")  # 7 s > the in-play 5 s (the pre-match 60 s would say fresh)
+        assert not client.is_stale("later") and not client.is_stale("tbd")
+        assert not client.is_stale("soon")
+        await eventually(lambda: client.is_stale("soon"), 10, "stale once its start time has come")
+        assert now_ms() >= t + 1_500
+        assert not client.is_stale("later") and not client.is_stale("tbd")
+    finally:
+        await client.close()
 
 
 # -- E: values a newer server sends ---------------------------------------------------------------

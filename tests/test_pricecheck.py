@@ -241,6 +241,56 @@ def test_default_max_age_differs_in_play_and_is_configurable() -> None:
     assert check(st, _req("ip", max_age_ms=4_000), NOW).reason == "OK"
 
 
+def test_a_market_past_its_start_time_gets_the_in_play_default_max_age() -> None:
+    """A game that has kicked off while its provider still says ``in_play: false`` (The Odds API sets
+    it only at its next poll, 60 s apart pre-match) was checked against the pre-match default: a 25 s
+    old price at kick-off + 20 s answered OK. From its ``start_time`` on the in-play default applies
+    (the answer's ``in_play`` stays the provider's)."""
+    settings = Settings(stale_in_play_ms=10_000, stale_pre_match_ms=60_000)
+    st = _state(msgspec.structs.replace(_market("ko", received_at=NOW - 25_000), start_time=NOW - 20_000),
+                msgspec.structs.replace(_market("later", received_at=NOW - 25_000), start_time=NOW + 60_000),
+                _market("tbd", received_at=NOW - 25_000), settings=settings)
+    ko = check(st, _req("ko"), NOW)
+    assert (ko.reason, ko.age_ms, ko.max_age_ms, ko.in_play) == ("STALE", 25_000, 5_000, False), ko
+    assert check(st, _req("ko"), NOW - 20_001).max_age_ms == 30_000  # just before the start: pre-match
+    assert check(st, _req("ko"), NOW - 20_000).max_age_ms == 5_000  # at the start
+    for mid in ("later", "tbd"):  # not started yet / start unknown: the pre-match default
+        r = check(st, _req(mid), NOW)
+        assert (r.reason, r.max_age_ms) == ("OK", 30_000), r
+    assert check(st, _req("ko", max_age_ms=30_000), NOW).reason == "OK"  # a caller's own max_age_ms is its choice
+
+
+def test_the_odds_api_at_kick_off_before_its_next_poll_answers_stale() -> None:
+    """The audit's case on the real normaliser: the last pre-match poll 5 s before kick-off, checked
+    at kick-off + 20 s (the next poll is 60 s away): STALE by the in-play default, not OK."""
+    from feed.book import Book
+    from feed.normalise.theoddsapi import TheOddsApiNormaliser
+
+    ko_at = 1_755_352_800_000  # 2025-08-16T14:00:00Z
+    body = msgspec.json.encode([{
+        "id": "e9", "sport_key": "soccer_epl", "sport_title": "EPL", "commence_time": "2025-08-16T14:00:00Z",
+        "home_team": "Arsenal", "away_team": "Chelsea",
+        "bookmakers": [{"key": "pinnacle", "title": "Pinnacle", "last_update": "2025-08-16T13:59:50Z", "markets": [
+            {"key": "h2h", "last_update": "2025-08-16T13:59:50Z", "outcomes": [
+                {"name": "Arsenal", "price": 2.10}, {"name": "Chelsea", "price": 3.6},
+                {"name": "Draw", "price": 3.4}]}]}]}])
+    book = Book()
+    for u in TheOddsApiNormaliser("theoddsapi").feed(body, ko_at - 5_000, "soccer_epl").updates:
+        book.apply(u, stored_at=ko_at - 5_000, session="s1")
+    (m,) = book.markets.values()
+    assert m.in_play is False and m.start_time == ko_at
+    st = NodeState(Settings(), 1)
+    st.markets[m.market_id] = m
+    st.set_health([SourceHealth(source=m.source, kind="poller", state="UP", last_message_at=ko_at - 5_000,
+                                session="s1")], now=ko_at - 5_000)
+    st.loaded = True
+    sel = next(x.selection_id for x in m.selections if x.outcome == "home")
+    before = check(st, _req(m.market_id, sel, price=2.10), ko_at - 1_000)
+    assert (before.reason, before.max_age_ms) == ("OK", 30_000), before
+    r = check(st, _req(m.market_id, sel, price=2.10), ko_at + 20_000)
+    assert (r.reason, r.age_ms, r.max_age_ms, r.in_play) == ("STALE", 25_000, 5_000, False), r
+
+
 def test_batch_is_all_or_nothing() -> None:
     st = _state(_market("a"), _market("b"), _market("c", status="SUSPENDED"))
     ok = check_batch(st, [_req("a"), _req("b", "2", price=3.5)], NOW)

@@ -182,6 +182,55 @@ def test_stale_after_ms_by_sport() -> None:
         parse_stale_by_sport(["soccer:live=5"])
 
 
+def test_a_market_past_its_start_time_is_judged_by_the_in_play_limits() -> None:
+    """A market whose event has started while its provider still says ``in_play: false`` (The Odds
+    API until its next poll, Pinnacle until its next answer, a push provider until its scores message)
+    was judged by the pre-match limit: 25 s old at kick-off + 20 s and still fresh. Its limit is the
+    in-play one from its ``start_time`` on — it turns stale at the start with no new message (the
+    health refresh re-judges at its ``now``: ``stale_ids``) — while ``in_play`` as served stays false."""
+    st = _state(stale_in_play_ms=10_000, stale_pre_match_ms=60_000)
+    now = now_ms()
+    start = now + 5_000
+    feed = Feed(None)  # type: ignore[arg-type]
+    book = Book()
+    for mid, start_time in (("ko", start), ("tbd", None)):
+        u = feed.image(mid, start_time=start_time)
+        u.received_at = now - 20_000
+        book.apply(u)
+    ko, tbd = book.markets["ko"], book.markets["tbd"]
+    st.replace_partitions({0: ("1-0", list(book.markets.values()))}, "ep")
+    assert ko.in_play is False and ko.start_time == start
+    assert st.age_stale(ko, start - 1) == (24_999, False)  # before the start: the pre-match limit (60 s)
+    assert st.age_stale(ko, start) == (25_000, True)  # from the start on: the in-play limit (10 s)
+    assert st.stale_ids("t", start - 1) == [] and st.stale_ids("t", start) == ["ko"]
+    assert st.age_stale(tbd, start)[1] is False  # no start time known: its flag alone
+    served = msgspec.json.decode(st.market_json(ko, start))
+    assert (served["in_play"], served["stale"], served["start_time"]) == (False, True, start)
+    # an in-play entry per sport applies from the start time on too
+    st2 = NodeState(Settings(stale_after_ms_by_sport=("soccer:in_play=30000",)), 1, NodeOptions())
+    assert st2.age_stale(ko, start)[1] is False and st2.age_stale(ko, start + 5_001)[1] is True
+
+
+def test_stale_after_ms_by_sport_spells_the_sport_as_markets_do() -> None:
+    """``Soccer:in_play=3000`` / ``soccer :in_play=3000`` were kept as sports no market carries
+    (silently: the operator's tighter limit never applied); they read ``soccer``."""
+    for entry in ("soccer:in_play=3000", "soccer :in_play=3000", "Soccer:in_play=3000", " SOCCER : In_Play = 3000",
+                  "football:in_play=3000"):
+        assert parse_stale_by_sport([entry]) == {("soccer", True): 3000}, entry
+    assert parse_stale_by_sport(["Horse Racing=120000"]) == {("horse_racing", True): 120_000,
+                                                             ("horse_racing", False): 120_000}
+    now = now_ms()
+    u = Feed(None).image("m", in_play=True)  # type: ignore[arg-type]
+    u.received_at = now - 4_000
+    book = Book()
+    book.apply(u)
+    st = NodeState(Settings(stale_after_ms_by_sport=("Soccer :in_play=3000",)), 1, NodeOptions())
+    assert st.age_stale(book.markets["m"], now) == (4_000, True)
+    for bad in (":in_play=3000", " :in_play=3000", "soccer:live=3000", "soccer=-1", "soccer"):
+        with pytest.raises(ValueError, match="stale_after_ms_by_sport entry"):
+            parse_stale_by_sport([bad])
+
+
 def test_odds_formats() -> None:
     assert decimal_to_fractional(2.5) == "3/2" and decimal_to_fractional(2.0) == "1/1"
     assert decimal_to_fractional(1.91) == "91/100"

@@ -589,17 +589,17 @@ async def test_a_restarted_push_upstream_snapshot_without_a_market_unconfirms_it
     from feed.normalise.push import PushNormaliser
 
     ingest = Ingest(store, source="push", normaliser=PushNormaliser("push"), clock_ms=lambda: NOW + 60_000)
-    ingest.feed_lines([_push_snapshot(1, ["moneyline", "total"], ts=NOW)], NOW + 5)
+    ingest.feed_lines([_push_snapshot(1, ["moneyline", "btts"], ts=NOW)], NOW + 5)
     await ingest.flush()
     first_session = ingest.session
-    # the provider restarted: its new stream starts with a snapshot that no longer has "total"
+    # the provider restarted: its new stream starts with a snapshot that no longer has "btts"
     ingest.feed_lines([_push_snapshot(1, ["moneyline"], ts=NOW + 100)], NOW + 105)
     await ingest.flush()
     assert ingest.session != first_session
     ingest.set_state("UP", None)
     ingest.health.last_message_at = NOW + 60_000
     markets = {m.market_id: m for m in await store.load_all_markets()}
-    kept, gone = markets["px:f1:moneyline"], markets["px:f1:total"]
+    kept, gone = markets["px:f1:moneyline"], markets["px:f1:btts"]
     st = node(list(markets.values()), [ingest.published_health()])
     assert st.age_stale(kept, NOW + 60_000) == (0, False)
     assert st.age_stale(gone, NOW + 60_000)[1], "a market the new upstream no longer sends must turn stale"

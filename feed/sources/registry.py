@@ -124,7 +124,10 @@ REGISTRY: dict[str, SourceKind] = {k.kind: k for k in (
     SourceKind(
         "pinnacle", "Pinnacle Lines API polling",
         "fixtures + odds snapshot, then `since=<last>` deltas merged by period; live events keep their "
-        "pre-match identity (`parentId`); the cursor is stored with the data",
+        "pre-match identity (`parentId`), every event of a group supplying the periods it offers (live first); a "
+        "market past its period's cutoff is suspended (`past_cutoff`) by the next answer; only deltas confirm — a "
+        "snapshot (cached by Pinnacle up to 60 s) counts as received 60 s before its request, and the first odds "
+        "call after a restart is one; the cursor is stored with the data",
         HTTP_OPTIONS | POLL_OPTIONS | HTTP_AUTH_OPTIONS | {"odds_format", "sports", "fixtures_interval_s", "resync_s",
                                                           "settled", "settled_interval_s"},
         (("user", "api_key", "client_id"),), "feed.sources.poller:pinnacle_from_spec",

@@ -42,7 +42,8 @@
  * server reported) and by each heartbeat while its source is not DOWN and
  * the server has not flagged it stale; stale = source DOWN, or flagged by the
  * server (snapshot / delta / status), or older than 10 s in play / 60 s
- * pre-match (?stale_in_play_ms= / ?stale_pre_match_ms= change these).
+ * pre-match (?stale_in_play_ms= / ?stale_pre_match_ms= change these; in
+ * play = in_play, or start_time reached on this browser's clock).
  *
  * Query parameters of the page: sport=, in_play=true|false (initial filters),
  * api_key= (passed on to /v1 when the server requires one), event_refresh_ms=
@@ -193,7 +194,9 @@
     if (!m || age === null) return true;
     if (!state.connected) return true;  // nothing confirms a price while the stream is down
     if (sourceDown(m.source) || state.flagged.get(id)) return true;
-    return age > (m.in_play ? STALE_IN_PLAY_MS : STALE_PRE_MATCH_MS);
+    // in play, or its start time (ms since the epoch) has come though the provider has not said so yet
+    const live = m.in_play || (m.start_time != null && m.start_time <= Date.now());
+    return age > (live ? STALE_IN_PLAY_MS : STALE_PRE_MATCH_MS);
   }
 
   // -- messages ------------------------------------------------------------------------

@@ -68,7 +68,8 @@ export interface OddsClientOptions {
   heartbeatMs?: number;
   /** sent as X-API-Key (SSE, REST) or ?api_key= (WebSocket: browsers cannot set its headers) */
   apiKey?: string;
-  /** local staleness thresholds (defaults match the server's) */
+  /** local staleness thresholds, ms (defaults match the server's: 10000 / 60000); the in-play one
+   *  applies from a market's `start_time` on even while its `in_play` is false */
   staleInPlayMs?: number;
   stalePreMatchMs?: number;
   /** reconnect backoff: full jitter between 0 and min(max, initial·2^attempt) */
@@ -83,6 +84,8 @@ export interface OddsClientOptions {
   WebSocket?: WebSocketConstructor;
   /** monotonic clock in ms (default performance.now) */
   now?: () => number;
+  /** wall clock, ms since the epoch (default Date.now): compared with a market's `start_time` */
+  wallNow?: () => number;
   /** called after each change of the book (undefined = the market left the book) */
   onUpdate?: (marketId: string, market: BookMarket | undefined) => void;
   /** called with each event state taken into {@link OddsClient.eventStates} (score, clock, period, status) */
@@ -240,6 +243,7 @@ export class OddsClient {
   private readonly opts: OddsClientOptions;
   private readonly fetchImpl: FetchLike;
   private readonly now: () => number;
+  private readonly wallNow: () => number;
   private readonly confirmed = new Map<string, number>();
   private readonly flagged = new Map<string, boolean>();
   /** event id → the server's last word on its state: the `stale` of an `event_state` message, then
@@ -282,6 +286,7 @@ export class OddsClient {
     if (!f) throw new TypeError("no fetch: pass options.fetch");
     this.fetchImpl = f;
     this.now = options.now ?? defaultNow;
+    this.wallNow = options.wallNow ?? ((): number => Date.now());
     this.fSport = asSet(options.sport);
     this.fComp = asSet(options.competition);
     const ev = asSet(options.event);
@@ -376,14 +381,19 @@ export class OddsClient {
   /** True when the client follows no live stream ({@link OddsClient.live} false: dropped, found
    *  silent, reconnecting and not yet resumed or re-snapshotted, fatally errored, closed), the
    *  market's source is DOWN, the server flagged it stale (snapshot, delta, status), or its age
-   *  exceeds the in-play / pre-match threshold (unknown market → true). */
+   *  exceeds the in-play / pre-match threshold (unknown market → true). The in-play threshold
+   *  (`staleInPlayMs`) applies once the market is in play or its `start_time` (ms since the epoch)
+   *  is at or before the wall clock (`wallNow`) — an event that has started before its provider
+   *  said so, as the server judges it. */
   isStale(marketId: string): boolean {
     const m = this.book.get(marketId);
     const age = this.ageMs(marketId);
     if (m === undefined || age === undefined || !this.following) return true;
     if (this.sources.get(m.source)?.state === "DOWN") return true;
     if (this.flagged.get(marketId)) return true;
-    return age > (m.in_play ? this.opts.staleInPlayMs ?? 10_000 : this.opts.stalePreMatchMs ?? 60_000);
+    // in play, or its start time has come though the provider has not said so yet (the server's rule)
+    const live = m.in_play || (m.start_time != null && m.start_time <= this.wallNow());
+    return age > (live ? this.opts.staleInPlayMs ?? 10_000 : this.opts.stalePreMatchMs ?? 60_000);
   }
 
   /** The event's match time in seconds: its clock's `seconds`, plus `(nowMs − at) / 1000` while
