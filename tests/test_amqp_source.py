@@ -25,7 +25,7 @@ from feed.normalise.uof import UofNormaliser, decode_cursor
 from feed.pipeline import Pipeline, run_spec
 from feed.settings import Settings
 from feed.simulator.uof import MALFORMED, UofSimConfig, UofSimulator, market_view
-from feed.sources.amqp import AmqpSource
+from feed.sources.amqp import AmqpSource, now_ms
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from tests.rabbitmq import rabbitmq_url  # noqa: F401 - the session fixture
@@ -95,10 +95,10 @@ async def stored(store: Store) -> dict[str, Market]:
     return {m.market_id: m for m in await store.load_all_markets() if m.source == "uof"}
 
 
-async def converge(store: Store, sim: UofSimulator) -> dict[str, Any]:
-    """Freeze the model: the stored markets must come to equal the simulator's truth."""
+async def converge(store: Store, sim: UofSimulator, products: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Freeze the model: the stored markets must come to equal the simulator's truth (of ``products``)."""
     sim.freeze()
-    truth = sim.truth()
+    truth = sim.truth(products)
     last: dict[str, Any] = {}
 
     async def same() -> bool:
@@ -174,24 +174,42 @@ async def test_faults_end_equal_to_truth(store: Store, rabbitmq_url: str) -> Non
             await eventually(lambda: sim.reordered >= 3, WAIT_S, "reordered pairs")
 
             rejected = run.pipeline.ingest.rejected_messages
+            k = len(run.source.recoveries)
             sim.inject_malformed(len(MALFORMED))
             await eventually(lambda: run.pipeline.ingest.rejected_messages >= rejected + len(MALFORMED), WAIT_S,
                              "malformed bodies rejected")
+            # a body rejected whole may have carried a change: the source recovers both producers (a fresh
+            # image, architecture §63); the stall starts once that is over, from UP (starting it while they
+            # were recovering read DOWN at the first producer down, before the other's markets were suspended)
+            await eventually(lambda: len(run.source.recoveries) >= k + 2 and run.up(), WAIT_S,
+                             f"the repair the malformed bodies asked for ({run.states[-3:]})")
 
-            # a stall longer than max_inactivity_s: both producers down, then recovered from the cursor
+            # a stall longer than max_inactivity_s: both producers down, then recovered from the cursor. It
+            # lasts until the down state has been checked (a fixed 2 s stall raced these checks on a loaded
+            # machine: its backlog could re-image markets before they were read)
             cursor = decode_cursor(run.pipeline.cursor)
             assert set(cursor) == {1, 3}
             n = len(sim.recovery_requests)
-            sim.stall(2.0)
-            await eventually(lambda: run.states[-1][:2] == ("DOWN", "producer_down"), WAIT_S, "producers down")
+            sim.stall(3600.0)
+            await eventually(lambda: all(p.state == "down" for p in run.source.producers.values())
+                             and run.states[-1][:2] == ("DOWN", "producer_down"), WAIT_S, "both producers down")
             async def stored_health_is(want: tuple[str, str | None]) -> bool:
                 return await health(store) == want
             await eventually(lambda: stored_health_is(("DOWN", "producer_down")), 5, "DOWN in the health record")
-            markets = await stored(store)
-            h = await store.get_health("uof")
-            live = [m for m in markets.values() if m.status not in ("SETTLED", "CANCELLED")]
-            assert live and all(m.status == "SUSPENDED" and m.suspend_reason == "producer_down" for m in live)
-            assert all(lost_change(m, h) for m in live)  # unconfirmed: stale until re-imaged
+            not_down: list[tuple[str, str, str | None, bool]] = []
+
+            async def all_suspended_and_unconfirmed() -> bool:  # (each producer_down payload is delivered, then stored)
+                nonlocal not_down
+                h = await store.get_health("uof")
+                live = [m for m in (await stored(store)).values() if m.status not in ("SETTLED", "CANCELLED")]
+                not_down = [(m.market_id, m.status, m.suspend_reason, lost_change(m, h)) for m in live
+                            if (m.status, m.suspend_reason) != ("SUSPENDED", "producer_down") or not lost_change(m, h)]
+                return bool(live) and not not_down
+            try:  # the stall goes on: nothing but the producer_down payloads can change a market meanwhile
+                await eventually(all_suspended_and_unconfirmed, 5, "every live market suspended and unconfirmed")
+            except AssertionError:
+                pytest.fail(f"not suspended by producer_down and unconfirmed: {not_down[:3]} ({run.states[-3:]})")
+            sim.stall(0.0)  # the stall ends: its backlog, then alives (the recovery follows)
             await eventually(lambda: len(sim.recovery_requests) >= n + 2 and run.up(), WAIT_S, "recovery and UP")
             new = sim.recovery_requests[n:]
             assert {p for p, _, _ in new} == {1, 3}
@@ -199,6 +217,8 @@ async def test_faults_end_equal_to_truth(store: Store, rabbitmq_url: str) -> Non
                 assert after is not None and after >= cursor[p]  # the cursor's timestamp, never None
             assert_up_only_after_recovery(run)
             await eventually(lambda: stored_health_is(("UP", None)), 5, "UP in the health record")
+            await eventually(lambda: any(v["status"] == "SETTLED" for v in sim.truth().values()), WAIT_S,
+                             "an event settled (the model's time, not a fixed stall, decides when)")
 
             await converge(store, sim)
             quarantined = [q for q in await store.quarantined(50) if q["source"] == "uof"]
@@ -280,6 +300,48 @@ async def test_restart_recovers_from_the_stored_cursor(store: Store, rabbitmq_ur
             assert {p: a for p, a, _ in sim.recovery_requests[n:]} == stored_cursor
             assert_up_only_after_recovery(run)
             await converge(store, sim)
+            await check_log_rebuilds_the_snapshots(store)
+        finally:
+            await run.stop()
+
+
+async def test_other_producers_are_ignored(store: Store, rabbitmq_url: str) -> None:  # noqa: F811
+    """The feed also carries producers the source was not configured for (producers=1+3): 4, with
+    events of its own, and 7, which only sends alive and which the recovery API does not know.
+    Their messages are acknowledged and ignored (counted): neither is tracked nor recovered, the
+    source keeps confirming (architecture §63: an alive of producer 7 made it DEGRADED for good
+    and stopped every confirmation), stores nothing of producer 4 and ends UP, equal to the truth
+    of producers 1 and 3."""
+    async with uof_sim(rabbitmq_url, seed=21, events=6, producers=(1, 3, 4), alive_only=(7,)) as sim:
+        run = await start(store, sim, rabbitmq_url)
+        try:
+            await eventually(run.up, WAIT_S, "UP")
+            first_up = max(i for i, s in enumerate(run.states) if s[0] == "UP")
+            sent = sim.alives_sent.get(7, 0)
+            await eventually(lambda: sim.alives_sent.get(7, 0) >= sent + 3, WAIT_S, "alives of producer 7")
+            after = now_ms()  # producer 7's alives went out before any alive of 1 and 3 that confirms from now on
+
+            async def confirmed_since() -> bool:
+                h = await store.get_health("uof")
+                return h is not None and h.last_message_at > after
+            try:
+                await eventually(confirmed_since, WAIT_S, "alives of 1 and 3 confirming")
+            except AssertionError:
+                pytest.fail(f"no confirmation since producer 7's alives: states since UP "
+                            f"{[s[:2] for s in run.states[first_up:]][:6]}, producers {list(run.source.producers)}")
+            assert set(run.source.producers) == {1, 3}  # 7 was never tracked (so never down, never recovered)
+            assert {p for p, _, _ in run.source.recoveries} == {p for p, _, _ in sim.recovery_requests} == {1, 3}
+            assert run.source.ignored.get(7, 0) >= 3 and run.source.ignored.get(4, 0) > 0, run.source.ignored
+            assert set(decode_cursor(run.pipeline.cursor)) == {1, 3}
+            await converge(store, sim, (1, 3))
+            fours = set(sim.truth((4,)))
+            assert fours and not fours & set(await stored(store))  # nothing of producer 4 stored
+
+            async def up_and_confirmed() -> bool:
+                h = await store.get_health("uof")
+                return (h is not None and (h.state, h.reason) == ("UP", None)
+                        and not any(lost_change(m, h) for m in (await stored(store)).values()))
+            await eventually(up_and_confirmed, 5, "UP, every market confirmed")
             await check_log_rebuilds_the_snapshots(store)
         finally:
             await run.stop()

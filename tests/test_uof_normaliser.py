@@ -103,6 +103,72 @@ def test_bet_stop_duplicates_and_out_of_order() -> None:
     assert b.updates[0].header is not None and b.updates[0].header.status == "OPEN"
 
 
+STOP = "hi.-.live.bet_stop.1.sr:match.1.-"
+
+
+def stop(ts: int) -> bytes:
+    return f'<bet_stop product="1" event_id="sr:match:1" timestamp="{ts}" groups="all"/>'.encode()
+
+
+def settle(ts: int, market: str = '<market id="1"><outcome id="1" result="1"/><outcome id="2" result="0"/>'
+                                 '<outcome id="3" result="0"/></market>') -> bytes:
+    return (f'<bet_settlement product="1" event_id="sr:match:1" timestamp="{ts}" certainty="2"><outcomes>'
+            f'{market}</outcomes></bet_settlement>').encode()
+
+
+def in_play(b: NormalisedBatch) -> dict[str, tuple[str, bool, int]]:
+    return {u.market_id: (u.header.status, u.header.in_play, u.source_ts) for u in b.updates if u.header}
+
+
+def test_a_late_status_does_not_take_the_event_out_of_play() -> None:
+    """An odds_change from before the event went live, arriving after it (the queue reordered them),
+    does not make its markets "not in play" (the flake of test_faults_end_equal_to_truth)."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal(), status=0))
+    assert in_play(feed(n, odds(T + 3, m1x2(a=2.2), mtotal(), status=1))) == {
+        MID: ("OPEN", True, T + 3), TOTAL: ("OPEN", True, T + 3)}
+    late = feed(n, odds(T + 2, m1x2(a=2.1), status=0))
+    assert late.stale and late.updates == [] and late.in_play is True
+    assert in_play(feed(n, stop(T + 4), STOP)) == {MID: ("SUSPENDED", True, T + 4), TOTAL: ("SUSPENDED", True, T + 4)}
+    assert in_play(feed(n, settle(T + 5))) == {MID: ("SETTLED", True, T + 5)}
+
+
+def test_a_late_status_reaches_the_markets_whose_later_parts_came_first() -> None:
+    """The odds_change taking the event live arrives after a bet_cancel and a bet_stop generated after
+    it: its market parts are stale, but the markets are in play from then on (a header change, at
+    their own time; a closed market too, since it closed after going live)."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal(), status=0))
+    cancel = f'<bet_cancel product="1" event_id="sr:match:1" timestamp="{T + 3}"><market id="18" ' \
+             f'specifiers="total=2.5"/></bet_cancel>'
+    assert in_play(feed(n, cancel.encode(), "lo.-.live.bet_cancel.1.sr:match.1.-")) == {
+        TOTAL: ("CANCELLED", False, T + 3)}
+    assert in_play(feed(n, stop(T + 4), STOP)) == {MID: ("SUSPENDED", False, T + 4)}
+    b = feed(n, odds(T + 2, m1x2(a=2.1), mtotal(), status=1))
+    # (the bet_stop moved the cancelled market's time too: it names every market of the event)
+    assert in_play(b) == {MID: ("SUSPENDED", True, T + 4), TOTAL: ("CANCELLED", True, T + 4)}
+    assert all(not u.image and not u.selections for u in b.updates)
+    assert b.stale and n.dropped["stale"] == 2
+
+
+def test_a_settlement_overtaken_by_the_final_status_is_kept_as_in_play() -> None:
+    """The event's final odds_change (status 4: not live) overtakes the last bet_settlement: the
+    settlement is applied (not dropped as older than the header change the final made) and the
+    settled market keeps "in play" as of its settlement; a market settled before keeps it too."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal(), status=1))
+    feed(n, stop(T + 2), STOP)
+    total = ('<market id="18" specifiers="total=2.5"><outcome id="12" result="1"/><outcome id="13" result="0"/>'
+             '</market>')
+    assert in_play(feed(n, settle(T + 3, total))) == {TOTAL: ("SETTLED", True, T + 3)}
+    final = f'<odds_change product="1" event_id="sr:match:1" timestamp="{T + 5}"><sport_event_status status="4"/>' \
+            f'</odds_change>'
+    assert in_play(feed(n, final.encode())) == {MID: ("SUSPENDED", False, T + 5)}  # the open one follows
+    b = feed(n, settle(T + 4))  # generated before the final
+    assert not b.stale and in_play(b) == {MID: ("SETTLED", True, T + 5)}
+    assert {s.status for s in b.updates[0].selections} == {"WINNER", "LOSER"}
+
+
 def test_settlement_cancel_and_rollback() -> None:
     n = UofNormaliser()
     feed(n, odds(T + 1, m1x2(), mtotal()))

@@ -25,10 +25,11 @@ Messages (root element = ``op``):
   ``CANCELLED``. Outcome ``active="0"`` → selection ``SUSPENDED`` (its odds
   kept), else ``ACTIVE``; price = ``odds`` (decimal). An outcome the market
   no longer lists keeps its last state. ``<sport_event_status status>``
-  sets the event's ``in_play`` (1 = live; 0, 2–9 = not live), and the
-  whole element becomes the :class:`~feed.models.EventState` of
-  ``uof:<event_id>``: ``status`` 0–9 → NOT_STARTED, LIVE, SUSPENDED,
-  ENDED, CLOSED, CANCELLED, DELAYED, INTERRUPTED, POSTPONED, ABANDONED;
+  sets the event's ``in_play`` (1 = live; 0, 2–9 = not live) as of the
+  message's ``timestamp`` (see Ordering), and the whole element becomes
+  the :class:`~feed.models.EventState` of ``uof:<event_id>``: ``status``
+  0–9 → NOT_STARTED, LIVE, SUSPENDED, ENDED, CLOSED, CANCELLED, DELAYED,
+  INTERRUPTED, POSTPONED, ABANDONED;
   ``match_status`` → the period (6 ``1h``, 31 ``ht``, 7 ``2h``, 41/42
   ``et1``/``et2``, 50 ``pen``, 13–16 ``q1``–``q4``, 40 ``ot``, 1–3
   ``p1``–``p3``, 8–12 ``set1``–``set5``, breaks ``break``);
@@ -81,10 +82,24 @@ Selection ids are the outcome ids. Specifiers also go, parsed, into
 
 Ordering: UOF has no sequence numbers; messages carry their generation
 ``timestamp`` (ms). Each market keeps the timestamp of the last message
-applied to it (each event that of its last ``fixture_change``); a message
-part at or below it is dropped (a duplicate, or a late message the queue
-reordered) and counted in :attr:`UofNormaliser.dropped`; a message of which
-nothing applied for that reason is returned with ``stale=True``.
+applied to its own state (``odds_change`` / ``bet_stop`` / settlement /
+cancel parts, ``producer_down``; each event that of its last
+``fixture_change``); a message part at or below it is dropped (a duplicate,
+or a late message the queue reordered) and counted in
+:attr:`UofNormaliser.dropped`; a message of which nothing applied for that
+reason is returned with ``stale=True``. What a market only inherits from its
+event — ``in_play``, ``start_time`` — travels as a header change that never
+moves that timestamp (an update's ``source_ts`` still never goes back), so a
+late part of the market itself is not lost behind it. ``in_play`` is kept
+per event as the last :data:`IN_PLAY_HISTORY` statuses with their
+timestamps, so a late ``sport_event_status`` is placed where it belongs: an
+open market reads the newest status; a closed one (settled, cancelled) the
+status as of its close (``timestamp`` of the part that closed it) — a final
+``status="4"`` that overtook the last ``bet_settlement`` does not make that
+market "not in play", and a ``bet_cancel`` that overtook the ``odds_change``
+taking the event live is corrected when that arrives. Whenever a status
+arrives, every market of the event whose ``in_play`` it changes is emitted
+(header change, not an image).
 
 Cursor (``batch.cursor``): per producer, the timestamp up to which
 everything that producer sent is applied, ``"1=1718000000123;3=…"`` (read it
@@ -161,6 +176,7 @@ __all__ = [
     "market_id_of",
     "parse_xml",
     "peek_control",
+    "peek_product",
     "producer_down_payload",
     "recovery_requested_payload",
 ]
@@ -170,6 +186,8 @@ PREFIX = "uof"
 PRODUCER_DOWN = "oddsfeed.producer_down"
 #: channel of the synthetic "recovery requested" payload (made by the source)
 RECOVERY_REQUESTED = "oddsfeed.recovery_requested"
+#: per event, how many ``sport_event_status`` statuses (with their timestamps) are kept to place a late one
+IN_PLAY_HISTORY = 16
 #: bodies larger than this are rejected unparsed (UOF messages are a few KiB; a full odds_change < 1 MiB)
 MAX_MESSAGE_BYTES = 4 << 20
 
@@ -416,6 +434,22 @@ def peek_control(raw: bytes) -> Control | None:
     return None
 
 
+#: the root element's ``product`` attribute: an optional XML declaration, the root tag, attributes before it
+_ROOT_PRODUCT = re.compile(
+    rb"""\s*(?:<\?xml[^>]*\?>\s*)?<[A-Za-z_][\w.-]*(?:\s+[\w.:-]+\s*=\s*(?:"[^"<]*"|'[^'<]*'))*?"""
+    rb"""\s+product\s*=\s*(?:"(\d{1,7})"|'(\d{1,7})')""")
+
+
+def peek_product(raw: bytes) -> int | None:
+    """The producer id of a body (its root element's ``product``), read
+    without parsing from the first 1 KiB; None when that does not show one
+    (the normaliser then reads the body, or rejects it)."""
+    m = _ROOT_PRODUCT.match(raw, 0, 1024)
+    if m is None:
+        return None
+    return int(m.group(1) or m.group(2))
+
+
 def producer_down_payload(product: int, timestamp: int, reason: str) -> bytes:
     """Body of the synthetic :data:`PRODUCER_DOWN` payload. ``timestamp``:
     the producer's last known time (its last ``alive``, provider clock, ms)."""
@@ -550,32 +584,67 @@ def market_id_of(event_id: str, market_id: int | str, specifiers: str | None, pr
 
 
 class _Event:
-    __slots__ = ("id", "in_play", "markets", "sport", "start_time", "ts")
+    __slots__ = ("before", "id", "in_play", "live", "markets", "sport", "start_time", "ts")
 
     def __init__(self, event_id: str) -> None:
         self.id = event_id
         self.sport: str | None = None
         self.start_time: int | None = None
-        self.in_play = False
+        self.in_play = False  # as of the newest status (what an open market reads)
+        #: ``(timestamp ms, in play)`` of the last IN_PLAY_HISTORY statuses, oldest first
+        self.live: list[tuple[int, bool]] = []
+        #: in play before the oldest kept status: False for an event seen from its start, None when
+        #: unknown (a restored event, or statuses dropped off the history)
+        self.before: bool | None = False
         self.ts = 0
         self.markets: dict[str, None] = {}
 
+    def observe(self, ts: int, live: bool) -> bool:
+        """A ``sport_event_status`` of ``ts`` (ms) said ``live``; a late one is
+        placed by its timestamp (it changes :attr:`in_play` only if newest).
+        Returns whether in play as of some time changed (else no market's
+        ``in_play`` can have)."""
+        changed = self.in_play_at(ts) != live
+        hist = self.live
+        i = len(hist)
+        while i > 0 and hist[i - 1][0] > ts:
+            i -= 1
+        if i > 0 and hist[i - 1][0] == ts:
+            hist[i - 1] = (ts, live)
+        else:
+            hist.insert(i, (ts, live))
+        if len(hist) > IN_PLAY_HISTORY:
+            del hist[0]
+            self.before = None
+        self.in_play = hist[-1][1]
+        return changed
+
+    def in_play_at(self, ts: int) -> bool | None:
+        """In play as of ``ts`` (ms): the last status at or before it; None when unknown."""
+        for t, live in reversed(self.live):
+            if t <= ts:
+                return live
+        return self.before
+
 
 class _Market:
-    __slots__ = ("canonical_specifiers", "event", "header", "kind", "market_id", "need_image", "pre_cancel", "product",
-                 "raw_id", "reason", "sels", "specifiers", "status", "ts")
+    __slots__ = ("canonical_specifiers", "closed_ts", "event", "header", "kind", "kind_sport", "market_id", "need_image", "out_ts",
+                 "pre_cancel", "product", "raw_id", "reason", "sels", "specifiers", "status", "ts")
 
     def __init__(self, market_id: str, event: _Event, raw_id: str, specifiers: str | None) -> None:
         self.market_id = market_id
         self.event = event
         self.raw_id = raw_id
         self.specifiers = specifiers
-        self.kind, self.canonical_specifiers = uof_market(raw_id, _specifiers(specifiers))
+        self.kind, self.canonical_specifiers = uof_market(raw_id, _specifiers(specifiers), sport=event.sport)
+        self.kind_sport = event.sport  # the sport the kind was mapped with (None: the period is always kept)
         self.product: int | None = None
         self.status: MarketStatus = "OPEN"
         self.reason: str | None = None
         self.sels: dict[str, Selection] = {}
-        self.ts = 0
+        self.ts = 0  # timestamp of the last part applied to the market's own state (older parts are stale)
+        self.out_ts = 0  # source_ts of the last update emitted (also moved by header changes of its event)
+        self.closed_ts: int | None = None  # timestamp of the part that closed it (while closed)
         self.header: MarketHeader | None = None  # last emitted
         self.need_image = True
         self.pre_cancel: tuple[MarketStatus, str | None, dict[str, Selection]] | None = None
@@ -634,10 +703,12 @@ class UofNormaliser:
             if ev is None:
                 ev = self.events[eid] = _Event(eid)
                 ev.sport, ev.start_time, ev.in_play = m.sport, m.start_time, m.in_play
+                ev.before = None  # its statuses are not known: a closed market keeps its stored in_play
             raw_id = m.market_type_raw or m.market_id[len(m.event_id) + 1:].split(":", 1)[0]
             spec = m.market_id[len(m.event_id) + 1 + len(raw_id) + 1:] or None
             mk = _Market(m.market_id, ev, raw_id, spec)
-            mk.status, mk.reason, mk.ts = m.status, m.suspend_reason, m.source_ts
+            mk.status, mk.reason, mk.ts, mk.out_ts = m.status, m.suspend_reason, m.source_ts, m.source_ts
+            mk.closed_ts = m.source_ts if m.status in CLOSED_STATUSES else None
             mk.sels = {s.selection_id: s for s in m.selections}
             mk.header = m.header()
             mk.need_image = False
@@ -737,7 +808,8 @@ class UofNormaliser:
             if m.product not in (product, None) or m.status in CLOSED_STATUSES:
                 continue
             m.status, m.reason = "SUSPENDED", "producer_down"
-            self._emit(m, False, [], max(m.ts, msg.timestamp), batch, recv_ms)
+            m.ts = max(m.ts, msg.timestamp)
+            self._emit(m, False, [], msg.timestamp, batch, recv_ms)
             m.need_image = True  # confirmed again only by its next image (the recovery's odds_change)
             batch.unconfirm.append(m.market_id)
 
@@ -752,7 +824,7 @@ class UofNormaliser:
             ev.start_time = msg.start_time
             for mid in ev.markets:
                 m = self.markets[mid]
-                self._emit(m, m.need_image, [], max(m.ts, msg.timestamp), batch, recv_ms)
+                self._emit(m, m.need_image, [], msg.timestamp, batch, recv_ms)
 
     def _bet_stop(self, msg: BetStop, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
         ev = self._event(msg.event_id, channel)
@@ -768,6 +840,7 @@ class UofNormaliser:
                 m.ts = msg.timestamp
                 continue
             applied += 1
+            m.ts = msg.timestamp
             m.status, m.reason = status, "bet_stop"
             self._emit(m, m.need_image, [], msg.timestamp, batch, recv_ms)
         if stale:
@@ -777,14 +850,13 @@ class UofNormaliser:
     def _markets_message(self, msg: OddsChange | BetSettlement | RollbackBetSettlement | BetCancel
                          | RollbackBetCancel, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
         ev = self._event(msg.event_id, channel)
-        live_changed = False
         if isinstance(msg, OddsChange) and msg.sport_event_status is not None:
             self._event_state(ev, msg, batch, recv_ms)
+        live_changed = False
         if isinstance(msg, OddsChange) and msg.event_status is not None:
-            live = msg.event_status == 1
-            live_changed = live != ev.in_play
-            ev.in_play = live
-            batch.in_play = live
+            # before the markets: a part closing one reads it
+            live_changed = ev.observe(msg.timestamp, msg.event_status == 1)
+            batch.in_play = ev.in_play
         applied = stale = 0
         touched: set[str] = set()
         for raw_market in msg.markets:
@@ -813,16 +885,21 @@ class UofNormaliser:
             m = self._market(ev, str(wm.id), wm.specifiers)
             m.product = msg.product
             m.ts = msg.timestamp
+            was_closed = m.status in CLOSED_STATUSES
             sids = self._apply_market(msg, m, wm)
+            if m.status not in CLOSED_STATUSES:
+                m.closed_ts = None
+            elif not was_closed or m.closed_ts is None:
+                m.closed_ts = msg.timestamp
             applied += 1
             touched.add(mid)
             self._emit(m, m.need_image, sids, msg.timestamp, batch, recv_ms)
             batch.runner_changes += len(sids)
-        if live_changed:  # every other market of the event follows (header change)
+        if live_changed:  # every other market whose in_play this status changes follows (header change)
             for mid in ev.markets:
                 m = self.markets[mid]
-                if mid not in touched and msg.timestamp > m.ts and m.status not in CLOSED_STATUSES:
-                    self._emit(m, m.need_image, [], msg.timestamp, batch, recv_ms)
+                if mid not in touched and m.header is not None and m.header.in_play != self._in_play(m):
+                    self._emit(m, False, [], msg.timestamp, batch, recv_ms)
         if stale:
             self.dropped["stale"] = self.dropped.get("stale", 0) + stale
             batch.stale = not applied
@@ -917,13 +994,14 @@ class UofNormaliser:
         header = self._header(m)
         if not image and header == m.header and not sids:
             return
-        m.ts = max(m.ts, ts)
+        # never back in time (the book drops an older update), even for a late part applied now
+        m.out_ts = max(m.out_ts, m.ts, ts)
         update = MarketUpdate(
             market_id=m.market_id, source=self.source, image=image,
             # a closed market's header always travels: after the close the book takes only definitions
             header=header if image or header != m.header or m.status in CLOSED_STATUSES else None,
             selections=list(m.sels.values()) if image else [m.sels[s] for s in sids],
-            source_ts=m.ts, received_at=recv_ms)
+            source_ts=m.out_ts, received_at=recv_ms)
         try:  # the bounds every update must meet (odds were checked on the way in: a safety net)
             check_market(update.market_id, update.header, update.selections, None, update.source_ts, None, recv_ms,
                          self.max_future_skew_ms)
@@ -937,11 +1015,26 @@ class UofNormaliser:
         if image:
             m.need_image = False
 
+    @staticmethod
+    def _in_play(m: _Market) -> bool:
+        """An open market: its event's newest status; a closed one: the
+        status as of its close (its last emitted value when not known)."""
+        ev = m.event
+        if m.status not in CLOSED_STATUSES or m.closed_ts is None:
+            return ev.in_play
+        live = ev.in_play_at(m.closed_ts)
+        if live is None:
+            return m.header.in_play if m.header is not None else ev.in_play
+        return live
+
     def _header(self, m: _Market) -> MarketHeader:
         ev = m.event
+        if ev.sport is not None and m.kind_sport != ev.sport:  # the sport decides a period's key (regular time …)
+            m.kind, m.canonical_specifiers = uof_market(m.raw_id, _specifiers(m.specifiers), sport=ev.sport)
+            m.kind_sport = ev.sport
         return MarketHeader(
             event_id=f"{self.prefix}:{ev.id}", sport=ev.sport, market_type=m.kind, market_type_raw=m.raw_id,
-            specifiers=m.canonical_specifiers, status=m.status, suspend_reason=m.reason, in_play=ev.in_play,
+            specifiers=m.canonical_specifiers, status=m.status, suspend_reason=m.reason, in_play=self._in_play(m),
             start_time=ev.start_time)
 
 

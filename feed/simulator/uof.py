@@ -8,7 +8,9 @@ default, is declared as a durable topic exchange) with UOF routing keys
 ``events`` soccer events spread over ``producers`` (1 = LiveOdds: events
 go in play; 3 = Ctrl: pre-match only):
 
-- every ``alive_interval_s`` each producer sends ``alive`` (``subscribed="1"``);
+- every ``alive_interval_s`` each producer sends ``alive`` (``subscribed="1"``),
+  and so does each of ``alive_only`` (producers of the account with nothing
+  on offer: no events, and the recovery API answers 404 for them);
 - each tick makes about ``rate_per_s × tick`` changes: ``odds_change``
   (random-walk odds of one market, sometimes an outcome turned inactive, a
   market deactivated, or the whole event going in play), ``bet_stop`` (every
@@ -68,6 +70,7 @@ import random
 import re
 import time
 from collections import deque
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -96,7 +99,7 @@ MALFORMED: tuple[tuple[bytes, str], ...] = (
     (b'<odds_change product="x" event_id="sr:match:1" timestamp="1"/>', "invalid_schema"),
 )
 
-_PATHS = {1: "liveodds", 3: "pre"}
+_PATHS = {1: "liveodds", 3: "pre", 4: "betpal"}
 _PRODUCTS = {v: k for k, v in _PATHS.items()}
 #: market id -> (specifiers, outcome ids)
 _MARKETS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
@@ -118,7 +121,10 @@ class UofSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     per second; tick_ms: pump interval, ms; alive_interval_s: seconds
     between a producer's alives (UOF: 10); live_after_s: seconds before a
     live producer's event goes in play; prefix: the canonical id prefix of
-    :meth:`UofSimulator.truth` (the consumer's ``prefix=``).
+    :meth:`UofSimulator.truth` (the consumer's ``prefix=``); alive_only:
+    producer ids that send only ``alive`` (no events; not recoverable).
+    Producer ids with a recovery path here: 1 ``liveodds``, 3 ``pre``,
+    4 ``betpal``.
     """
 
     amqp_url: str
@@ -134,6 +140,7 @@ class UofSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     alive_interval_s: float = 1.0
     live_after_s: float = 2.0
     prefix: str = "uof"
+    alive_only: tuple[int, ...] = ()
 
 
 def now_ms() -> int:
@@ -240,7 +247,8 @@ class UofSimulator:
     request_id)`` per accepted request), ``completed`` (``(product,
     request_id)`` per ``snapshot_complete`` published), ``published`` (messages sent),
     ``duplicates_sent``, ``reordered``, ``malformed_sent``, ``lost`` (messages
-    a down producer did not send).
+    a down producer did not send), ``alives_sent`` (per producer id, alives
+    published).
     """
 
     def __init__(self, config: UofSimConfig) -> None:
@@ -260,6 +268,7 @@ class UofSimulator:
         self.reordered = 0
         self.malformed_sent = 0
         self.lost = 0
+        self.alives_sent: dict[int, int] = {}
         self.frozen = False
         self._next_event = 1000
         self._last_ts = 0
@@ -360,9 +369,10 @@ class UofSimulator:
 
     # -- truth -----------------------------------------------------------------------------------
 
-    def truth(self) -> dict[str, dict[str, Any]]:
-        """Every market the model offered, in canonical terms (see :func:`market_view`)."""
-        return {mid: m.view() for mid, m in self.markets.items()}
+    def truth(self, products: Collection[int] | None = None) -> dict[str, dict[str, Any]]:
+        """Every market the model offered, in canonical terms (see :func:`market_view`);
+        with ``products``, only those of these producers' events."""
+        return {mid: m.view() for mid, m in self.markets.items() if products is None or m.event.product in products}
 
     def state_truth(self) -> dict[str, dict[str, Any]]:
         """The event states the feed has conveyed, canonically:
@@ -645,7 +655,7 @@ class UofSimulator:
     async def _alives(self) -> None:
         cfg = self.config
         while True:
-            for p in cfg.producers:
+            for p in (*cfg.producers, *cfg.alive_only):
                 if time.monotonic() < self._silent_until.get(p, 0.0):
                     continue
                 subscribed = 0 if p in self._unsub_pending else 1
@@ -689,6 +699,10 @@ class UofSimulator:
                 m = re.search(rb'product="(\d+)" request_id="(\d+)"', body)
                 if m:
                     self.completed.append((int(m.group(1)), int(m.group(2))))
+            elif key.startswith("-.-.-.alive."):
+                m = re.search(rb'product="(\d+)"', body)
+                if m:
+                    self.alives_sent[int(m.group(1))] = self.alives_sent.get(int(m.group(1)), 0) + 1
             await self._exchange.publish(aio_pika.Message(body, content_type="text/xml",
                                                           headers={"timestamp_in_ms": now_ms()}), routing_key=key)
             self.published += 1

@@ -28,7 +28,14 @@ REST base URL for recovery; ``token``: sent as ``x-access-token``.
 
 Producer health (the UOF SDKs' ``RecoveryManager``; research/upstream.md §6):
 each producer of ``producers`` (ids; 1 = LiveOdds ``liveodds``, 3 = Ctrl
-``pre``, …) is ``down``, ``recovering`` or ``up``.
+``pre``, …) is ``down``, ``recovering`` or ``up``. Messages of any other
+producer (the root element's ``product``, :func:`~feed.normalise.uof.peek_product`)
+— ``alive``, ``snapshot_complete``, odds — are ignored, as the SDKs drop
+those of a disabled producer: acknowledged, never delivered (nor recorded),
+counted per producer in :attr:`AmqpSource.ignored` and logged once per
+producer. Such a producer is never tracked nor recovered, so it cannot keep
+the source DOWN or stop its confirmations, and nothing of it is stored or
+confirmed (no health of ours vouches for its markets).
 
 - At start (and after every reconnect: an exclusive queue loses what was
   published meanwhile) every producer is down and a recovery is requested:
@@ -88,6 +95,7 @@ from feed.normalise.uof import (
     RECOVERY_REQUESTED,
     decode_cursor,
     peek_control,
+    peek_product,
     producer_down_payload,
     recovery_requested_payload,
 )
@@ -163,7 +171,8 @@ class _Producer:
 class _Item:
     __slots__ = ("channel", "message", "payload")
 
-    def __init__(self, payload: Payload, message: Any = None, channel: Any = None) -> None:
+    def __init__(self, payload: Payload | None, message: Any = None, channel: Any = None) -> None:
+        """payload None: a message to acknowledge in order without delivering it (ignored)."""
         self.payload = payload
         self.message = message
         self.channel = channel
@@ -175,7 +184,9 @@ class AmqpSource:
     Attributes for tests and metrics: :attr:`producers` (per producer:
     ``state``, ``reason``, ``history`` of ``(request_id, after)``),
     :attr:`recoveries` (every request made: ``(product, request_id,
-    after)``), :attr:`connections`, :attr:`acked`, :attr:`requeued`.
+    after)``), :attr:`connections`, :attr:`acked`, :attr:`requeued`,
+    :attr:`ignored` (messages of producers not in ``producers``, per
+    producer id).
     """
 
     name: str
@@ -191,6 +202,7 @@ class AmqpSource:
         self.connections = 0
         self.acked = 0
         self.requeued = 0
+        self.ignored: dict[int, int] = {}
         self._items: asyncio.Queue[_Item] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._sink: Sink | None = None
@@ -305,23 +317,29 @@ class AmqpSource:
             recv = now_ms()
             key = message.routing_key or ""
             body = message.body
+            product = peek_product(body)
+            if product is not None and product not in self.producers:
+                self._ignore(product)
+                self._items.put_nowait(_Item(None, message, channel))  # acknowledged in order, not delivered
+                return
             parts = key.split(".")
             if len(parts) > 3 and parts[3] == "alive":
                 ctl = peek_control(body)
-                if ctl is not None:
-                    p = self._producer(ctl.product)
+                p = self.producers.get(ctl.product) if ctl is not None else None
+                if ctl is not None and p is not None:
                     p.last_alive = time.monotonic()
                     p.last_alive_recv = recv
                     p.last_alive_ts = max(p.last_alive_ts, ctl.timestamp)
             self._items.put_nowait(_Item(Payload(recv, body, key), message, channel))
         return on_message
 
-    def _producer(self, product: int) -> _Producer:
-        p = self.producers.get(product)
-        if p is None:  # a producer we were not told of: recover it like the others
-            p = self.producers[product] = _Producer(product, last_alive=time.monotonic())
-            self._publish_state()
-        return p
+    def _ignore(self, product: int) -> None:
+        """Count a message of a producer not in ``producers`` (logged once per producer)."""
+        n = self.ignored.get(product, 0)
+        if n == 0:
+            logger.info("source %s: ignoring the messages of producer %d (not in producers=%s)", self.name,
+                        product, "+".join(str(p) for p in self.options.producers))
+        self.ignored[product] = n + 1
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -334,7 +352,8 @@ class AmqpSource:
                     items.append(self._items.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            done = await sink.deliver([i.payload for i in items])
+            # (ignored messages only: an empty delivery still says whether everything before is stored)
+            done = await sink.deliver([i.payload for i in items if i.payload is not None])
             last = next((i for i in reversed(items) if i.message is not None), None)
             if done.stored:
                 backoff.reset()
@@ -349,12 +368,12 @@ class AmqpSource:
                         await last.message.nack(multiple=True, requeue=True)
                         self.requeued += sum(1 for i in items if i.message is not None)
             for item in items:
-                if not item.payload.channel.startswith("oddsfeed."):
+                if item.payload is not None and not item.payload.channel.startswith("oddsfeed."):
                     self._after_delivery(item.payload)
             for req in done.requests:
                 product = req.removeprefix("recovery:")
-                if product.isdigit():
-                    p = self._producer(int(product))
+                p = self.producers.get(int(product)) if product.isdigit() and len(product) < 8 else None
+                if p is not None:
                     if p.state == "up":
                         self._down(p, "subscribed_0")
                     if p.state == "down":
@@ -368,9 +387,11 @@ class AmqpSource:
         if op not in ("alive", "snapshot_complete"):
             return
         ctl = peek_control(payload.data)
-        if ctl is None:
+        p = self.producers.get(ctl.product) if ctl is not None else None
+        if ctl is None or p is None:  # (another producer's, which the peek at receipt did not read: ignored)
+            if ctl is not None:
+                self._ignore(ctl.product)
             return
-        p = self._producer(ctl.product)
         if ctl.op == "alive":
             if not ctl.subscribed:
                 if p.state != "down":
