@@ -59,6 +59,31 @@ def _chromium() -> str | None:
     return None
 
 
+def require_chromium() -> str:
+    """The Chromium binary, or skip the test saying how to install it."""
+    path = _chromium()
+    if path is None:
+        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
+                    "or run .ci/install-browser as root")
+    return path
+
+
+#: the board's elements, as index.html has them, for app.js loaded into a blank page
+_BOARD_DOM = ("<div id=board></div><div id=banner></div><div id=conn></div><span id=conn-text></span>"
+              "<div id=meta></div><div id=sport-filter></div><div id=play-filter></div>")
+
+
+async def load_board(page: Any, event_source: str = "class { addEventListener() {} close() {} }") -> None:
+    """Load the board's app.js into a blank page with its elements, a stub
+    ``EventSource`` (``event_source``: a JS class expression) and a ``fetch``
+    that never answers: the page's logic runs, no request leaves it."""
+    await page.until("document.readyState === 'complete'", "a blank page")
+    js = (ROOT / "streaming" / "web" / "app.js").read_text()
+    await page.js(f"document.body.innerHTML = {json.dumps(_BOARD_DOM)}; window.EventSource = {event_source}; "
+                  "window.fetch = () => new Promise(() => {}); 0")
+    await page.js(js + "\n0")
+
+
 class CDP:
     """A minimal Chrome DevTools Protocol client over one browser WebSocket
     (flattened target sessions)."""
@@ -207,9 +232,7 @@ async def _ingest(store: Store, port: int) -> None:
 
 
 async def test_board_shows_live_prices_stale_markers_and_the_down_banner(redis_url: str) -> None:
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     store = await Store.open(redis_url)
     sim_config = SimulatorConfig(events=10, rate_per_s=60, seed=11)
     sim = Simulator(sim_config)
@@ -311,9 +334,7 @@ async def test_page_rebuilds_the_book_exactly_like_apply_delta() -> None:
     feed.models.apply_delta gives the same market (image, header, traded
     volume, new selections, selection changes carrying only some fields — an
     unchanged lay absent, an emptied back ``[]`` — and a duplicate)."""
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     book = Book()
     t = 1_800_000_000_000
 
@@ -344,13 +365,7 @@ async def test_page_rebuilds_the_book_exactly_like_apply_delta() -> None:
         want = apply_delta(want, d)
     assert want is not None
     async with browser("about:blank") as page:
-        await page.until("document.readyState === 'complete'", "a blank page")
-        js = (ROOT / "streaming" / "web" / "app.js").read_text()
-        await page.js("document.body.innerHTML = '<div id=board></div><div id=banner></div><div id=conn></div>"
-                      "<span id=conn-text></span><div id=meta></div><div id=sport-filter></div>"
-                      "<div id=play-filter></div>'; window.EventSource = class { addEventListener() {} }; "
-                      "window.fetch = () => new Promise(() => {}); 0")
-        await page.js(js + "\n0")
+        await load_board(page, "class { addEventListener() {} }")
         got = await page.js(f"(() => {{ let m; for (const d of {json.dumps(wire)}) "
                             f"m = oddsBoard.applyDelta(m, d); return m; }})()")
     assert got == json.loads(ENCODER.encode(want))
@@ -361,9 +376,7 @@ async def test_page_resyncs_on_a_seq_gap_instead_of_applying_the_delta() -> None
     (not ``conflated``) is not applied — the page counts the gap and restarts
     its stream for a fresh snapshot; a conflated delta may skip seqs. An
     entry without ``lay`` keeps the lay."""
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     t = 1_800_000_000_000
     m = Market(market_id="bf:1.5", source="betfair", seq=4, sport="soccer", status="OPEN",
                selections=[Selection(selection_id="1", name="A", price=2.0, back=[(2.0, 5.0)], lay=[(2.02, 3.0)])])
@@ -376,14 +389,8 @@ async def test_page_resyncs_on_a_seq_gap_instead_of_applying_the_delta() -> None
                 "selections": [{"selection_id": "1", "price": price, "back": [[price, 1.0]]}], **extra}
 
     async with browser("about:blank") as page:
-        await page.until("document.readyState === 'complete'", "a blank page")
-        js = (ROOT / "streaming" / "web" / "app.js").read_text()
-        await page.js("document.body.innerHTML = '<div id=board></div><div id=banner></div><div id=conn></div>"
-                      "<span id=conn-text></span><div id=meta></div><div id=sport-filter></div>"
-                      "<div id=play-filter></div>'; window.opened = 0; window.EventSource = class { "
-                      "constructor() { window.opened += 1; } addEventListener() {} close() {} }; "
-                      "window.fetch = () => new Promise(() => {}); 0")
-        await page.js(js + "\n0")
+        await page.js("window.opened = 0")
+        await load_board(page, "class { constructor() { window.opened += 1; } addEventListener() {} close() {} }")
         opened = await page.js("window.opened")
         sel = "oddsBoard.book()['bf:1.5'] && oddsBoard.book()['bf:1.5'].selections[0]"
         await page.js(f"oddsBoard.handle({json.dumps(snap)}); oddsBoard.handle({json.dumps(delta(5, 2.02))}); 0")
@@ -403,9 +410,7 @@ async def test_the_board_judges_a_market_past_its_start_time_by_the_in_play_limi
     pre-match minute: from its ``start_time`` on the page judges it by the in-play limit (10 s), as
     the server does, and marks it stale at the start with no new message. The page's wall clock is
     moved (``Date.now``) within one evaluation: no timer of the page runs in between."""
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
 
     def market(mid: str, start_time: int | None, age_ms: int) -> dict[str, Any]:
         m = Market(market_id=mid, source="betfair", seq=1, sport="soccer", status="OPEN", in_play=False,
@@ -414,13 +419,7 @@ async def test_the_board_judges_a_market_past_its_start_time_by_the_in_play_limi
         return json.loads(ENCODER.encode(m)) | {"age_ms": age_ms, "stale": False}
 
     async with browser("about:blank") as page:
-        await page.until("document.readyState === 'complete'", "a blank page")
-        js = (ROOT / "streaming" / "web" / "app.js").read_text()
-        await page.js("document.body.innerHTML = '<div id=board></div><div id=banner></div><div id=conn></div>"
-                      "<span id=conn-text></span><div id=meta></div><div id=sport-filter></div>"
-                      "<div id=play-filter></div>'; window.EventSource = class { addEventListener() {} close() {} }; "
-                      "window.fetch = () => new Promise(() => {}); 0")
-        await page.js(js + "\n0")
+        await load_board(page)
         got = await page.js("""(() => {
           const t = Date.now(), realNow = Date.now;
           const m = (id, start, age) => Object.assign({}, %s, {market_id: id, start_time: start, age_ms: age});
@@ -446,9 +445,7 @@ async def test_the_board_judges_a_market_past_its_start_time_by_the_in_play_limi
 
 
 async def test_the_board_asks_for_an_api_key_when_the_server_needs_one(redis_url: str, store: Store) -> None:
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     from streaming_helpers import Feed
 
     feed = Feed(store)
@@ -481,9 +478,7 @@ async def test_board_shows_the_score_beside_the_odds_and_drops_a_removed_market(
     a state shows none; a status listing it in stale_events marks it stale (the next one not listing it
     clears that), and so does its source DOWN. And a market that leaves the tenant's sight
     (the server's ``removed`` message) leaves the board."""
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     from feed.models import Clock, EventState, Score, SourceHealth, TeamCounts
     from streaming_helpers import Feed, now_ms
 
@@ -583,9 +578,7 @@ async def test_a_silent_stream_is_noticed_marked_stale_and_reopened(redis_url: s
     said "live" and its prices aged only into the 10 s / 60 s thresholds (client audit,
     architecture §65). Now a stream silent for 3 heartbeats + 1 s is dropped and reopened, and
     meanwhile every price reads stale with the "connection lost" banner."""
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     from feed.models import SourceHealth
     from streaming_helpers import Feed, now_ms
 

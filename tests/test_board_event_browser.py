@@ -32,9 +32,8 @@ from typing import Any
 
 import httpx
 import msgspec
-import pytest
 from streaming_helpers import Feed, eventually, make_app, now_ms, serve
-from test_board_browser import _chromium, browser
+from test_board_browser import browser, require_chromium
 
 from feed.linker import CanonicalSummary
 from feed.models import (
@@ -124,9 +123,7 @@ async def _setup(store: Store, reversed_: frozenset[str] = frozenset()) -> Feed:
 
 
 async def test_event_page_shows_every_book_best_and_fair_and_flashes_a_new_best(redis_url: str) -> None:
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     store = await Store.open(redis_url)
     try:
         feed = await _setup(store)
@@ -242,9 +239,7 @@ async def test_event_page_drops_a_market_group_that_leaves_the_event(redis_url: 
     page drops that grid at once — not book_d's old prices until its next re-read of the event (set
     to a minute here). Then book_e leaves while the best stream's message about it is lost, and a
     resync snapshot of the open stream, which no longer lists total 4.5, takes it off the page."""
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     store = await Store.open(redis_url)
     try:
         feed = await _setup(store)
@@ -322,9 +317,7 @@ async def test_event_page_shows_the_score_and_keeps_it_current(redis_url: str) -
     """The header's score, period, running clock, red cards and stale marker: the GET's state on load,
     then live event_state messages of the members (the freshest not stale one; exch names the sides
     the other way round, so its state is shown turned round, as the API's "state")."""
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     store = await Store.open(redis_url)
 
     async def health(source: str, state: str) -> None:

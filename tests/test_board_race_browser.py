@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 
 import msgspec
-import pytest
 from streaming_helpers import Feed, make_app, now_ms, serve
-from test_board_browser import ARTIFACTS, _chromium, browser
+from test_board_browser import ARTIFACTS, browser, require_chromium
 
 from feed.models import Clock, EventState, RaceProgress, RaceRunner, SourceHealth
 from feed.settings import Settings
@@ -40,9 +39,7 @@ def _pos(mid: str, sel: str) -> str:
 
 
 async def test_board_shows_a_race_beside_its_markets_odds(redis_url: str, store: Store) -> None:
-    if _chromium() is None:
-        pytest.skip("needs Chromium (/usr/bin/chromium): apt-get install chromium chromium-driver, "
-                    "or run .ci/install-browser as root")
+    require_chromium()
     t0 = now_ms()
     start = (t0 // 60_000 - 2) * 60_000  # the race went off two minutes ago
     race = race_event_id(MEETING, "horse_racing", start)
