@@ -291,3 +291,135 @@ def test_restore_continues_and_peek_control() -> None:
     c = peek_control(b'<alive product="3" timestamp="5" subscribed="0"/>')
     assert c is not None and (c.op, c.product, c.subscribed) == ("alive", 3, False)
     assert peek_control(odds(T, m1x2())) is None and peek_control(b"<alive") is None
+
+
+CANCEL = "lo.-.live.bet_cancel.1.sr:match.1.-"
+
+
+def cancel(ts: int, op: str = "bet_cancel", window: str = "",
+           market: str = '<market id="1" void_reason="1"/>') -> bytes:
+    return f'<{op} product="1" event_id="sr:match:1" timestamp="{ts}"{window}>{market}</{op}>'.encode()
+
+
+@pytest.mark.parametrize("window", [f' start_time="{T - 20_000}" end_time="{T - 10_000}"',
+                                    f' start_time="{T - 20_000}"', f' end_time="{T - 10_000}"'])
+def test_a_windowed_bet_cancel_leaves_the_market_trading(window: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A bet_cancel with start_time / end_time voids only the bets placed in that window: the market
+    keeps trading (not CANCELLED, outcomes not VOID); nothing applies, counted and logged. Its
+    rollback undoes only that window's cancel: a whole-market cancel stays until its own rollback."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), mtotal(), status=1))
+    caplog.set_level("INFO", logger="feed.normalise.uof")
+    b = feed(n, cancel(T + 2, window=window), CANCEL)
+    assert b.updates == [] and not b.stale and n.dropped["windowed_cancel"] == 1
+    assert "bet_cancel of sr:match:1" in caplog.text and "not applied" in caplog.text
+    m = n.markets[MID]
+    assert (m.status, {s.status for s in m.sels.values()}) == ("OPEN", {"ACTIVE"})
+    b = feed(n, cancel(T + 3, window=window, market='<market id="7"/>'), CANCEL)  # a market never seen
+    assert b.updates == [] and "uof:sr:match:1:7" not in n.markets
+    (u,) = feed(n, odds(T + 4, m1x2(a=2.2))).updates  # its prices go on as deltas
+    assert not u.image and [(s.selection_id, s.price, s.status) for s in u.selections] == [("1", 2.2, "ACTIVE")]
+    # a whole-market cancel, then a windowed rollback (not its own): still cancelled; its own rollback restores
+    (c,) = feed(n, cancel(T + 5), CANCEL).updates
+    assert c.header is not None and c.header.status == "CANCELLED" and {s.status for s in c.selections} == {"VOID"}
+    b = feed(n, cancel(T + 6, "rollback_bet_cancel", window), "lo.-.live.rollback_bet_cancel.1.sr:match.1.-")
+    assert b.updates == [] and n.dropped["windowed_cancel_rollback"] == 1 and n.markets[MID].status == "CANCELLED"
+    (r,) = feed(n, cancel(T + 7, "rollback_bet_cancel"), "lo.-.live.rollback_bet_cancel.1.sr:match.1.-").updates
+    assert r.header is not None and r.header.status == "OPEN" and {s.status for s in r.selections} == {"ACTIVE"}
+
+
+def test_rollback_bet_settlement_suspends_until_the_next_odds_change() -> None:
+    """A rolled-back settlement: the market is SUSPENDED (settlement_rolled_back), its outcomes
+    SUSPENDED with their prices and without the settlement's factors; the next odds_change re-opens."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), status=1))
+    s = ('<market id="1"><outcome id="1" result="1"/><outcome id="2" result="0" void_factor="0.5"/>'
+         '<outcome id="3" result="0"/></market>')
+    feed(n, settle(T + 2, s))
+    rb = b'<rollback_bet_settlement product="1" event_id="sr:match:1" timestamp="%d"><market id="1"/>' \
+         b'</rollback_bet_settlement>' % (T + 3)
+    (u,) = feed(n, rb, "lo.-.live.rollback_bet_settlement.1.sr:match.1.-").updates
+    assert u.header is not None
+    assert (u.header.status, u.header.suspend_reason) == ("SUSPENDED", "settlement_rolled_back")
+    assert [(s.selection_id, s.status, s.price, s.void_factor) for s in u.selections] == [
+        ("1", "SUSPENDED", 2.0, None), ("2", "SUSPENDED", 3.4, None), ("3", "SUSPENDED", 3.9, None)]
+    (u,) = feed(n, odds(T + 4, m1x2())).updates
+    assert u.header is not None and u.header.status == "OPEN" and {s.status for s in u.selections} == {"ACTIVE"}
+
+
+def test_parts_of_the_same_millisecond_apply_in_arrival_order_and_a_redelivery_does_not() -> None:
+    """A bet_stop generated in the millisecond of the odds_change before it suspends the market (it
+    was dropped as stale: the market stayed OPEN); the same message delivered again changes
+    nothing; another message of that millisecond applies; an older one is stale."""
+    n = UofNormaliser()
+    first = odds(T + 1, m1x2(), mtotal(), status=0)
+    feed(n, first)
+    b = feed(n, stop(T + 1), STOP)
+    assert in_play(b) == {MID: ("SUSPENDED", False, T + 1), TOTAL: ("SUSPENDED", False, T + 1)} and not b.stale
+    for again, channel in ((first, LIVE), (stop(T + 1), STOP)):  # redeliveries (a nack, requeue)
+        b = feed(n, again, channel)
+        assert b.updates == [] and b.stale
+    assert n.markets[MID].status == "SUSPENDED" and n.dropped["stale"] == 4
+    (u,) = feed(n, odds(T + 1, m1x2(a=2.3))).updates  # a later message of the same ms re-opens
+    assert u.header is not None and u.header.status == "OPEN" and [s.price for s in u.selections] == [2.3]
+    assert feed(n, odds(T, m1x2(a=9.0))).stale  # older: stale
+    fixture = b'<fixture_change product="3" event_id="sr:match:1" timestamp="%d" start_time="%d"/>'
+    feed(n, fixture % (T + 5, T + 3_600_000), "hi.pre.-.fixture_change.1.sr:match.1.-")
+    b = feed(n, fixture % (T + 5, T + 7_200_000), "hi.pre.-.fixture_change.1.sr:match.1.-")
+    assert {u.header.start_time for u in b.updates if u.header} == {T + 7_200_000}
+    assert feed(n, fixture % (T + 5, T + 7_200_000), "hi.pre.-.fixture_change.1.sr:match.1.-").stale
+
+
+PRE = "hi.pre.-.odds_change.1.sr:match.1.-"
+
+
+def test_a_prematch_producers_status_does_not_take_a_live_event_out_of_play() -> None:
+    """Ctrl (product 3) says 0 after LiveOdds (product 1) said 1: the event stays in play, its state
+    LIVE — in arrival order, and when Ctrl's later status arrives before LiveOdds' earlier one.
+    LiveOdds' own "not in play" does take it out; Ctrl's status of an event not live applies."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), product=3, status=0), PRE)
+    b = feed(n, odds(T + 2, mtotal(), status=1))
+    assert in_play(b) == {TOTAL: ("OPEN", True, T + 2), MID: ("OPEN", True, T + 2)}
+    assert [(s.status, s.in_play) for s in b.event_states] == [("LIVE", True)]
+    b = feed(n, odds(T + 3, m1x2(status=-2), product=3, status=0), PRE)  # Ctrl hands its market over
+    assert in_play(b) == {MID: ("SUSPENDED", True, T + 3)} and b.in_play is True and b.event_states == []
+    assert n.dropped["prematch_status"] == 1 and n.states["uof:sr:match:1"].status == "LIVE"
+    b = feed(n, odds(T + 4, status=3))  # LiveOdds: ended
+    assert in_play(b) == {MID: ("SUSPENDED", False, T + 4), TOTAL: ("OPEN", False, T + 4)}
+    # reordered: Ctrl's 0 of T+12 arrives before LiveOdds' 1 of T+11
+    r = UofNormaliser()
+    feed(r, odds(T + 10, m1x2(), mtotal(), product=3, status=0), PRE)
+    feed(r, odds(T + 12, m1x2(a=2.2), product=3, status=0), PRE)
+    b = feed(r, odds(T + 11, mtotal(over=2.0), status=1))  # its market part is newer for TOTAL only
+    assert in_play(b) == {TOTAL: ("OPEN", True, T + 11), MID: ("OPEN", True, T + 12)}
+    assert r.events["sr:match:1"].in_play is True
+
+
+def test_a_live_producers_market_without_a_status_is_in_play_until_one_is_known() -> None:
+    """sport_event_status is optional (minOccurs=0): a LiveOdds market of an event whose status is
+    not known reads in play (a Ctrl one not); once a status is known every market reads it."""
+    n = UofNormaliser()
+    (u,) = feed(n, odds(T + 1, m1x2())).updates
+    assert u.header is not None and u.header.in_play is True
+    other = odds(T + 1, m1x2(), product=3, event="sr:match:2")
+    (u,) = feed(n, other, "hi.pre.-.odds_change.1.sr:match.2.-").updates
+    assert u.header is not None and u.header.in_play is False
+    b = feed(n, odds(T + 2, mtotal(), status=0))  # the event's status: not started; the other market follows
+    assert in_play(b) == {TOTAL: ("OPEN", False, T + 2), MID: ("OPEN", False, T + 2)}
+    (u,) = feed(n, odds(T + 3, '<market id="18" specifiers="total=3.5"><outcome id="12" odds="1.5"/></market>')).updates
+    assert u.header is not None and u.header.in_play is False  # a new market inherits the known status
+
+
+@pytest.mark.parametrize(("code", "state"), [(2, "SUSPENDED"), (7, "INTERRUPTED")])
+def test_a_suspended_or_interrupted_match_stays_in_play(code: int, state: str) -> None:
+    """Status 2 ("the match will continue") and 7 (an interruption of a few minutes) are a match under
+    way: its markets stay in play (judged by the in-play limits), the state says so too."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), status=1))
+    b = feed(n, odds(T + 2, m1x2(a=2.2), status=code))
+    assert in_play(b) == {} and b.updates[0].selections and b.in_play is True
+    assert [(s.status, s.in_play) for s in b.event_states] == [(state, True)]
+    assert n.markets[MID].header is not None and n.markets[MID].header.in_play is True
+    b = feed(n, odds(T + 3, m1x2(), status=3))
+    assert in_play(b) == {MID: ("OPEN", False, T + 3)} and b.event_states[0].in_play is False

@@ -1,7 +1,8 @@
 """Sportradar Unified Odds Feed (UOF) XML messages → canonical market updates.
 
-Pure: bytes in, :class:`~feed.normalise.base.NormalisedBatch` out; no I/O and
-no clock reads (times come in as arguments). The AMQP source
+Pure: bytes in, :class:`~feed.normalise.base.NormalisedBatch` out; no I/O
+(but a log line for a windowed ``bet_cancel``) and no clock reads (times come
+in as arguments). The AMQP source
 (:mod:`feed.sources.amqp`) hands every message body here with its routing key
 as ``channel``; the same object replays a recording of them.
 
@@ -25,13 +26,27 @@ Messages (root element = ``op``):
   ``CANCELLED``. Outcome ``active="0"`` → selection ``SUSPENDED`` (its odds
   kept), else ``ACTIVE``; price = ``odds`` (decimal). An outcome the market
   no longer lists keeps its last state. ``<sport_event_status status>``
-  sets the event's ``in_play`` (1 = live; 0, 2–9 = not live) as of the
-  message's ``timestamp`` (see Ordering), and the whole element becomes
-  the :class:`~feed.models.EventState` of ``uof:<event_id>``: ``status``
-  0–9 → NOT_STARTED, LIVE, SUSPENDED, ENDED, CLOSED, CANCELLED, DELAYED,
-  INTERRUPTED, POSTPONED, ABANDONED;
-  ``match_status`` → the period (6 ``1h``, 31 ``ht``, 7 ``2h``, 41/42
-  ``et1``/``et2``, 50 ``pen``, 13–16 ``q1``–``q4``, 40 ``ot``, 1–3
+  sets the event's ``in_play`` as of the message's ``timestamp`` (see
+  Ordering): 1 (live), 2 (suspended: "the match will continue") and 7
+  (interrupted: "expected to be just a few minutes", the SDKs'
+  ``EventStatus``) are in play — the match is under way and its prices are
+  live prices, judged by the in-play limits; 0, 3–6, 8, 9 are not. A
+  prematch producer's status (:data:`PREMATCH_PRODUCERS`, 3 = Ctrl) never
+  takes out of play an event that another producer's status (1 =
+  LiveOdds) put in play as of that time (Ctrl's view of a match under
+  way may still say 0, e.g. on the markets it hands over, and arrives in
+  any order against LiveOdds'); such a status is neither the event's
+  ``in_play`` nor its state (counted ``prematch_status``); LiveOdds' own
+  later "not in play" (3, 4 …) is. The
+  element (``minOccurs=0``) may be absent: until a status of the event is
+  known, a market reads in play when it comes from a live producer
+  (:data:`LIVE_PRODUCERS`, 1 = LiveOdds), not otherwise; once one is, every
+  market reads it. The whole element becomes the
+  :class:`~feed.models.EventState` of ``uof:<event_id>`` (its ``in_play``
+  as above): ``status`` 0–9 → NOT_STARTED, LIVE, SUSPENDED, ENDED, CLOSED,
+  CANCELLED, DELAYED, INTERRUPTED, POSTPONED, ABANDONED;
+  ``match_status`` → the period while in play (6 ``1h``, 31 ``ht``, 7
+  ``2h``, 41/42 ``et1``/``et2``, 50 ``pen``, 13–16 ``q1``–``q4``, 40 ``ot``, 1–3
   ``p1``–``p3``, 8–12 ``set1``–``set5``, breaks ``break``);
   ``home_score`` / ``away_score`` and ``<period_scores>`` (each period by
   its ``match_status_code``) the score; ``<clock match_time="23:10"
@@ -54,6 +69,14 @@ Messages (root element = ``op``):
   until the next ``odds_change``.
 - ``bet_cancel``: the market becomes ``CANCELLED`` and its outcomes
   ``VOID`` (the state before is kept); ``rollback_bet_cancel`` restores it.
+  One with ``start_time`` and/or ``end_time`` (ms) cancels only the bets
+  placed in that window (only ``start_time``: after it; only
+  ``end_time``: before it): the market keeps trading, its status and
+  outcomes are untouched. The model has no place for such a window, so it
+  does not apply at all (no update; counted per market in
+  :attr:`UofNormaliser.dropped` as ``windowed_cancel``, logged at INFO);
+  nor does a ``rollback_bet_cancel`` with a window
+  (``windowed_cancel_rollback``: it undoes only the cancel of that window).
 - ``fixture_change`` (``start_time`` ms): the event's start time; every
   market of the event follows (header change).
 - ``alive`` (``subscribed``): a producer's keep-alive (``heartbeat``);
@@ -84,15 +107,25 @@ Ordering: UOF has no sequence numbers; messages carry their generation
 ``timestamp`` (ms). Each market keeps the timestamp of the last message
 applied to its own state (``odds_change`` / ``bet_stop`` / settlement /
 cancel parts, ``producer_down``; each event that of its last
-``fixture_change``); a message part at or below it is dropped (a duplicate,
-or a late message the queue reordered) and counted in
-:attr:`UofNormaliser.dropped`; a message of which nothing applied for that
-reason is returned with ``stale=True``. What a market only inherits from its
-event — ``in_play``, ``start_time`` — travels as a header change that never
-moves that timestamp (an update's ``source_ts`` still never goes back), so a
-late part of the market itself is not lost behind it. ``in_play`` is kept
+``fixture_change``) and the digests (BLAKE2b of the body) of the messages
+applied in that millisecond. A message part older than it is dropped (a
+late message the queue reordered); one of the same millisecond applies in
+arrival order (a producer's messages are in order on its queue, and a
+``bet_stop`` may share the millisecond of the ``odds_change`` before it),
+unless it is one of those messages again (a redelivery: a duplicate
+changes nothing) — or the market was restored from the store, where what
+was applied in that millisecond is not known, and it is taken as applied
+(the recovery that follows a restart re-images the market). Dropped parts
+are counted in :attr:`UofNormaliser.dropped` (``stale``); a message of
+which nothing applied for that reason is returned with ``stale=True``. What
+a market only inherits from its event — ``in_play``, ``start_time`` —
+travels as a header change that never moves that timestamp (an update's
+``source_ts`` still never goes back), so a late part of the market itself is
+not lost behind it. ``in_play`` is kept
 per event as the last :data:`IN_PLAY_HISTORY` statuses with their
-timestamps, so a late ``sport_event_status`` is placed where it belongs: an
+timestamps and producers' kinds, so a late ``sport_event_status`` is placed
+where it belongs (a later one of the same millisecond and kind replaces it;
+a late LiveOdds "in play" overrules a Ctrl "not in play" after it): an
 open market reads the newest status; a closed one (settled, cancelled) the
 status as of its close (``timestamp`` of the part that closed it) — a final
 ``status="4"`` that overtook the last ``bet_settlement`` does not make that
@@ -125,6 +158,8 @@ market's next update is emitted as an image.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -164,8 +199,12 @@ if TYPE_CHECKING:
     from feed.settings import Settings
     from feed.sources.spec import SourceSpec
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "LIVE_PRODUCERS",
     "MAX_MESSAGE_BYTES",
+    "PREMATCH_PRODUCERS",
     "PRODUCER_DOWN",
     "RECOVERY_REQUESTED",
     "Control",
@@ -188,6 +227,12 @@ PRODUCER_DOWN = "oddsfeed.producer_down"
 RECOVERY_REQUESTED = "oddsfeed.recovery_requested"
 #: per event, how many ``sport_event_status`` statuses (with their timestamps) are kept to place a late one
 IN_PLAY_HISTORY = 16
+#: producers whose markets are live odds (1 = LiveOdds): in play while their event's status is not known
+LIVE_PRODUCERS = frozenset({1})
+#: producers of pre-match odds (3 = Ctrl): their status never takes an event out of play that another put in play
+PREMATCH_PRODUCERS = frozenset({3})
+#: per market (and event), at most this many digests of the messages applied in its last millisecond
+SAME_MS_KEPT = 32
 #: bodies larger than this are rejected unparsed (UOF messages are a few KiB; a full odds_change < 1 MiB)
 MAX_MESSAGE_BYTES = 4 << 20
 
@@ -490,6 +535,9 @@ _MARKET_STATUS: dict[int, tuple[MarketStatus, str | None]] = {
     -3: ("SETTLED", None), -4: ("CANCELLED", "cancelled"),
 }
 _RESULTS = frozenset({"WINNER", "LOSER", "VOID", "PLACED"})
+#: sport_event_status codes that are in play: 1 live, 2 suspended ("will continue"), 7 interrupted (a few minutes)
+_IN_PLAY_CODES = frozenset({1, 2, 7})
+_IN_PLAY_STATES = frozenset({"LIVE", "SUSPENDED", "INTERRUPTED"})
 _EVENT_STATUS: dict[int, EventStatus] = {
     0: "NOT_STARTED", 1: "LIVE", 2: "SUSPENDED", 3: "ENDED", 4: "CLOSED", 5: "CANCELLED", 6: "DELAYED",
     7: "INTERRUPTED", 8: "POSTPONED", 9: "ABANDONED",
@@ -541,8 +589,9 @@ def event_status_to_state(ses: WireEventStatus, event_id: str, source: str, ts: 
     status = _EVENT_STATUS.get(ses.status)
     if status is None:
         raise FeedDecodeError("invalid_schema", f"sport_event_status status {ses.status} is not 0-9")
-    live = status == "LIVE"
-    period = _MATCH_PERIOD.get(ses.match_status) if live and ses.match_status is not None else None
+    live = status == "LIVE"  # the clock runs only while live
+    in_play = status in _IN_PLAY_STATES
+    period = _MATCH_PERIOD.get(ses.match_status) if in_play and ses.match_status is not None else None
     clock = None
     c = ses.clock
     if c is not None and c.match_time:
@@ -562,7 +611,7 @@ def event_status_to_state(ses: WireEventStatus, event_id: str, source: str, ts: 
         score = Score(home=home if home is not None else sum(p.home for p in periods),
                       away=away if away is not None else sum(p.away for p in periods), periods=periods)
     cards = TeamCounts(home=ses.red_cards.home, away=ses.red_cards.away) if ses.red_cards is not None else None
-    return EventState(event_id=event_id, source=source, status=status, in_play=live, period=period, clock=clock,
+    return EventState(event_id=event_id, source=source, status=status, in_play=in_play, period=period, clock=clock,
                       score=score, red_cards=cards, source_ts=ts, received_at=recv_ms)
 
 
@@ -580,56 +629,122 @@ def market_id_of(event_id: str, market_id: int | str, specifiers: str | None, pr
     return f"{base}:{specifiers}" if specifiers else base
 
 
+def _is_stale(ts: int, last: int, seen: list[bytes] | None, digest: bytes) -> bool:
+    """Whether a message part of ``ts`` (ms) is stale against ``last``, the
+    timestamp of the last part applied, and ``seen``, the digests of the
+    messages applied at ``last``: an older one is; one of the same ms only
+    when it is one of those messages again (a redelivery), or when they are
+    not known (``seen`` None)."""
+    if ts != last:
+        return ts < last
+    return seen is None or digest in seen
+
+
+def _stamp(obj: _Market | _Event, ts: int, digest: bytes) -> None:
+    """Record that the message of ``digest`` applied at ``ts`` (not older
+    than ``obj.ts``; at that very ms, ``seen`` unknown stays unknown)."""
+    if ts > obj.ts:
+        obj.ts, obj.seen = ts, [digest]
+    elif obj.seen is not None and digest not in obj.seen:
+        obj.seen.append(digest)
+        if len(obj.seen) > SAME_MS_KEPT:
+            del obj.seen[0]
+
+
 # --- cache ----------------------------------------------------------------------------------------
 
 
 class _Event:
-    __slots__ = ("before", "id", "in_play", "live", "markets", "sport", "start_time", "ts")
+    __slots__ = ("before", "before_auth", "eff", "id", "in_play", "known", "live", "markets", "seen", "sport",
+                 "start_time", "ts")
 
     def __init__(self, event_id: str) -> None:
         self.id = event_id
         self.sport: str | None = None
         self.start_time: int | None = None
-        self.in_play = False  # as of the newest status (what an open market reads)
-        #: ``(timestamp ms, in play)`` of the last IN_PLAY_HISTORY statuses, oldest first
-        self.live: list[tuple[int, bool]] = []
-        #: in play before the oldest kept status: False for an event seen from its start, None when
-        #: unknown (a restored event, or statuses dropped off the history)
-        self.before: bool | None = False
-        self.ts = 0
+        self.in_play = False  # as of the newest status (what an open market reads), when :attr:`known`
+        self.known = False  # a status was observed (or restored): else a market reads its producer's default
+        #: ``(timestamp ms, in play, from a prematch producer)`` of the last IN_PLAY_HISTORY statuses, in
+        #: order (timestamp, then arrival)
+        self.live: list[tuple[int, bool, bool]] = []
+        #: ``(timestamp ms, in play)`` per entry of :attr:`live` after the prematch rule (module docstring)
+        self.eff: list[tuple[int, bool]] = []
+        #: in play before the oldest kept status: None when unknown (nothing before it was seen, a restored
+        #: event, or statuses dropped off the history)
+        self.before: bool | None = None
+        #: in play per the last status of a producer that is not prematch before the oldest kept status
+        self.before_auth: bool | None = None
+        self.ts = 0  # timestamp of the last fixture_change applied
+        self.seen: list[bytes] | None = []  # digests of the fixture_change messages applied at ``ts``
         self.markets: dict[str, None] = {}
 
-    def observe(self, ts: int, live: bool) -> bool:
-        """A ``sport_event_status`` of ``ts`` (ms) said ``live``; a late one is
-        placed by its timestamp (it changes :attr:`in_play` only if newest).
-        Returns whether in play as of some time changed (else no market's
-        ``in_play`` can have)."""
-        changed = self.in_play_at(ts) != live
-        hist = self.live
+    def observe(self, ts: int, live: bool, prematch: bool) -> bool:
+        """A ``sport_event_status`` of ``ts`` (ms) said ``live`` (from a
+        prematch producer when ``prematch``); a late one is placed by its
+        timestamp (it changes :attr:`in_play` only if newest), one of the same
+        ms and kind replaces the one it follows. Returns whether in play as of
+        some time changed (else no market's ``in_play`` can have)."""
+        was = self.in_play if self.known else None
+        if not self.live or ts > self.live[-1][0]:  # the newest (the usual case): nothing before it changes
+            auth = next((v for _, v, pre in reversed(self.live) if not pre), self.before_auth)
+            now = live or (prematch and auth is True)
+            last = self.eff[-1][1] if self.eff else self.before  # as of ts (and after) until now
+            self.live.append((ts, live, prematch))
+            self.eff.append((ts, now))
+            if len(self.live) > IN_PLAY_HISTORY:
+                self._forget()
+            self.in_play, self.known = now, True
+            return was != now or last != now
+        probe = sorted({t for t, _ in self.eff} | {ts})  # where in play as of a time can change
+        old = [self.in_play_at(t) for t in probe]
+        # one status per ms and kind: a later one of the same ms replaces it (arrival order)
+        hist = self.live = [e for e in self.live if e[0] != ts or e[2] != prematch]
         i = len(hist)
         while i > 0 and hist[i - 1][0] > ts:
             i -= 1
-        if i > 0 and hist[i - 1][0] == ts:
-            hist[i - 1] = (ts, live)
-        else:
-            hist.insert(i, (ts, live))
+        hist.insert(i, (ts, live, prematch))
+        auth = self.before_auth
+        eff: list[tuple[int, bool]] = []
+        for t, v, pre in hist:
+            # a prematch producer never takes out of play what another producer put in play
+            eff.append((t, v or (pre and auth is True)))
+            if not pre:
+                auth = v
+        self.eff = eff
         if len(hist) > IN_PLAY_HISTORY:
-            del hist[0]
-            self.before = None
-        self.in_play = hist[-1][1]
-        return changed
+            self._forget()
+        self.in_play, self.known = eff[-1][1], True
+        return was != self.in_play or old != [self.in_play_at(t) for t in probe]
+
+    def _forget(self) -> None:
+        """Drop the oldest status (the history is full): what was before the rest is no longer known."""
+        _, gone_live, gone_pre = self.live.pop(0)
+        del self.eff[0]
+        if not gone_pre:
+            self.before_auth = gone_live
+        self.before = None
+
+    def auth_at(self, ts: int) -> bool | None:
+        """In play as of ``ts`` per the last status of a producer that is not
+        prematch at or before it (None: none known)."""
+        for t, live, pre in reversed(self.live):
+            if t <= ts and not pre:
+                return live
+        return self.before_auth
 
     def in_play_at(self, ts: int) -> bool | None:
-        """In play as of ``ts`` (ms): the last status at or before it; None when unknown."""
-        for t, live in reversed(self.live):
+        """In play as of ``ts`` (ms): the last status at or before it (after the
+        prematch rule); None when unknown."""
+        for t, live in reversed(self.eff):
             if t <= ts:
                 return live
         return self.before
 
 
 class _Market:
-    __slots__ = ("canonical_specifiers", "closed_ts", "event", "header", "kind", "kind_sport", "market_id", "need_image", "out_ts",
-                 "pre_cancel", "product", "raw_id", "reason", "sels", "specifiers", "status", "ts")
+    __slots__ = ("canonical_specifiers", "closed_ts", "event", "header", "kind", "kind_sport", "market_id",
+                 "need_image", "out_ts", "pre_cancel", "product", "raw_id", "reason", "seen", "sels", "specifiers",
+                 "status", "ts")
 
     def __init__(self, market_id: str, event: _Event, raw_id: str, specifiers: str | None) -> None:
         self.market_id = market_id
@@ -643,12 +758,14 @@ class _Market:
         self.reason: str | None = None
         self.sels: dict[str, Selection] = {}
         self.ts = 0  # timestamp of the last part applied to the market's own state (older parts are stale)
+        #: digests of the messages whose parts were applied at ``ts`` (a redelivered one is a duplicate);
+        #: None when not known (a restored market: a part of that very ms is then taken as applied)
+        self.seen: list[bytes] | None = []
         self.out_ts = 0  # source_ts of the last update emitted (also moved by header changes of its event)
         self.closed_ts: int | None = None  # timestamp of the part that closed it (while closed)
         self.header: MarketHeader | None = None  # last emitted
         self.need_image = True
         self.pre_cancel: tuple[MarketStatus, str | None, dict[str, Selection]] | None = None
-
 
     def outcome_of(self, outcome_id: str) -> str | None:
         """The canonical outcome of one of this market's outcome ids (unmapped markets: the id)."""
@@ -661,9 +778,13 @@ class UofNormaliser:
     """Feeds UOF messages through a per-market cache (see the module docstring).
 
     source: the source's name; prefix: namespaces ids. :attr:`dropped`
-    counts parts dropped without error (``stale``: a market part at or below
-    the market's last timestamp; ``stale_fixture``; ``unknown_market``: a
-    bet_stop/settlement/cancel of a market never seen). :attr:`cursor`:
+    counts parts dropped without error (``stale``: a market part older than
+    the market's last timestamp, or a message applied at that very ms again;
+    ``stale_fixture``; ``unknown_market``: a bet_stop/settlement/cancel of a
+    market never seen, which applies; ``windowed_cancel`` /
+    ``windowed_cancel_rollback``: markets of a bet_cancel (rollback) of a
+    time window, not applied; ``prematch_status``: a prematch producer's
+    status overruled; ``stale_state``). :attr:`cursor`:
     per producer, the timestamp everything is applied up to. :attr:`up`:
     producers whose recovery is complete (their ``alive`` advances the
     cursor).
@@ -686,6 +807,7 @@ class UofNormaliser:
         #: the last event state emitted per event id (``uof:<event_id>``)
         self.states: dict[str, EventState] = {}
         self._raw = b""
+        self._digest = b""
         self._rejected: list[FeedDecodeError] = []
 
     # -- public ----------------------------------------------------------------------------------
@@ -702,8 +824,10 @@ class UofNormaliser:
             ev = self.events.get(eid)
             if ev is None:
                 ev = self.events[eid] = _Event(eid)
-                ev.sport, ev.start_time, ev.in_play = m.sport, m.start_time, m.in_play
-                ev.before = None  # its statuses are not known: a closed market keeps its stored in_play
+                ev.sport, ev.start_time, ev.in_play, ev.known = m.sport, m.start_time, m.in_play, True
+                # its statuses are not known: a closed market keeps its stored in_play; an event stored in
+                # play stays so against a prematch producer's status until a live producer says otherwise
+                ev.before, ev.before_auth = None, (True if m.in_play else None)
             raw_id = m.market_type_raw or m.market_id[len(m.event_id) + 1:].split(":", 1)[0]
             spec = m.market_id[len(m.event_id) + 1 + len(raw_id) + 1:] or None
             mk = _Market(m.market_id, ev, raw_id, spec)
@@ -712,6 +836,7 @@ class UofNormaliser:
             mk.sels = {s.selection_id: s for s in m.selections}
             mk.header = m.header()
             mk.need_image = False
+            mk.seen = None  # what was applied at its last ms is not known: that ms is not taken again
             self.markets[m.market_id] = mk
             ev.markets[m.market_id] = None
         self.cursor = decode_cursor(cursor)
@@ -738,6 +863,8 @@ class UofNormaliser:
                 raise FeedDecodeError(exc.reason, exc.detail, raw) from None
         batch = NormalisedBatch(op=tag, provider_ts=msg.timestamp)
         self._raw, self._rejected = raw, batch.rejected
+        # the message's identity within its ms: a redelivered copy is a duplicate, another message is not
+        self._digest = hashlib.blake2b(raw, digest_size=16).digest()
         if isinstance(msg, Alive):
             batch.heartbeat = True
             if msg.subscribed == 0:
@@ -763,7 +890,7 @@ class UofNormaliser:
         else:
             assert isinstance(msg, (OddsChange, BetSettlement, RollbackBetSettlement, BetCancel, RollbackBetCancel))
             self._markets_message(msg, batch, recv_ms, channel)
-        self._raw, self._rejected = b"", []
+        self._raw, self._rejected, self._digest = b"", [], b""
         return batch
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -808,18 +935,19 @@ class UofNormaliser:
             if m.product not in (product, None) or m.status in CLOSED_STATUSES:
                 continue
             m.status, m.reason = "SUSPENDED", "producer_down"
-            m.ts = max(m.ts, msg.timestamp)
+            if msg.timestamp >= m.ts:
+                _stamp(m, msg.timestamp, self._digest)
             self._emit(m, False, [], msg.timestamp, batch, recv_ms)
             m.need_image = True  # confirmed again only by its next image (the recovery's odds_change)
             batch.unconfirm.append(m.market_id)
 
     def _fixture_change(self, msg: FixtureChange, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
         ev = self._event(msg.event_id, channel)
-        if msg.timestamp <= ev.ts:
+        if _is_stale(msg.timestamp, ev.ts, ev.seen, self._digest):
             self._drop("stale_fixture")
             batch.stale = True
             return
-        ev.ts = msg.timestamp
+        _stamp(ev, msg.timestamp, self._digest)
         if msg.start_time is not None and msg.start_time != ev.start_time:
             ev.start_time = msg.start_time
             for mid in ev.markets:
@@ -832,15 +960,14 @@ class UofNormaliser:
         applied = stale = 0
         for mid in ev.markets:
             m = self.markets[mid]
-            if msg.timestamp <= m.ts:
+            if _is_stale(msg.timestamp, m.ts, m.seen, self._digest):
                 stale += 1
                 continue
             m.product = msg.product
+            _stamp(m, msg.timestamp, self._digest)
             if m.status in CLOSED_STATUSES:
-                m.ts = msg.timestamp
                 continue
             applied += 1
-            m.ts = msg.timestamp
             m.status, m.reason = status, "bet_stop"
             self._emit(m, m.need_image, [], msg.timestamp, batch, recv_ms)
         if stale:
@@ -850,13 +977,27 @@ class UofNormaliser:
     def _markets_message(self, msg: OddsChange | BetSettlement | RollbackBetSettlement | BetCancel
                          | RollbackBetCancel, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
         ev = self._event(msg.event_id, channel)
-        if isinstance(msg, OddsChange) and msg.sport_event_status is not None:
-            self._event_state(ev, msg, batch, recv_ms)
+        if isinstance(msg, (BetCancel, RollbackBetCancel)) and (msg.start_time is not None
+                                                                 or msg.end_time is not None):
+            self._windowed_cancel(ev, msg)
+            return
         live_changed = False
         if isinstance(msg, OddsChange) and msg.event_status is not None:
+            prematch = msg.product in PREMATCH_PRODUCERS
+            live = msg.event_status in _IN_PLAY_CODES
+            # a prematch producer's "not in play" against another producer's "in play": neither the
+            # event's in_play (see _Event.observe) nor its state
+            overruled = prematch and not live and ev.auth_at(msg.timestamp) is True
+            if msg.sport_event_status is not None:
+                if overruled:
+                    self._drop("prematch_status")
+                else:
+                    self._event_state(ev, msg, batch, recv_ms)
             # before the markets: a part closing one reads it
-            live_changed = ev.observe(msg.timestamp, msg.event_status == 1)
+            live_changed = ev.observe(msg.timestamp, live, prematch)
             batch.in_play = ev.in_play
+        elif isinstance(msg, OddsChange) and msg.sport_event_status is not None:
+            self._event_state(ev, msg, batch, recv_ms)  # no status attribute: rejected as a state
         applied = stale = 0
         touched: set[str] = set()
         for raw_market in msg.markets:
@@ -872,7 +1013,7 @@ class UofNormaliser:
                 continue
             mid = market_id_of(ev.id, wm.id, wm.specifiers, self.prefix)
             known = self.markets.get(mid)
-            if known is not None and msg.timestamp <= known.ts:
+            if known is not None and _is_stale(msg.timestamp, known.ts, known.seen, self._digest):
                 stale += 1
                 continue
             if known is None and not isinstance(msg, OddsChange):
@@ -884,7 +1025,7 @@ class UofNormaliser:
                 continue
             m = self._market(ev, str(wm.id), wm.specifiers)
             m.product = msg.product
-            m.ts = msg.timestamp
+            _stamp(m, msg.timestamp, self._digest)
             was_closed = m.status in CLOSED_STATUSES
             sids = self._apply_market(msg, m, wm)
             if m.status not in CLOSED_STATUSES:
@@ -903,6 +1044,20 @@ class UofNormaliser:
         if stale:
             self.dropped["stale"] = self.dropped.get("stale", 0) + stale
             batch.stale = not applied
+
+    def _windowed_cancel(self, ev: _Event, msg: BetCancel | RollbackBetCancel) -> None:
+        """A ``bet_cancel`` (or its rollback) of the bets placed in a time
+        window: the markets keep trading and the model has no place for the
+        window, so nothing of it applies (counted in :attr:`dropped` as
+        ``windowed_cancel`` / ``windowed_cancel_rollback`` per market, logged)."""
+        reason = "windowed_cancel" if isinstance(msg, BetCancel) else "windowed_cancel_rollback"
+        n = len(msg.markets)
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        ids = [f"{m.get('id')}{':' + str(m['specifiers']) if m.get('specifiers') else ''}" for m in msg.markets[:8]]
+        logger.info("%s: %s of %s (product %s, timestamp %s) for the bets placed %s..%s, markets %s%s: not applied "
+                    "(the markets keep trading; bets of that window are void)", self.source,
+                    msg.__struct_config__.tag, ev.id, msg.product, msg.timestamp, msg.start_time, msg.end_time,
+                    ",".join(ids), " …" if n > len(ids) else "")
 
     def _event_state(self, ev: _Event, msg: OddsChange, batch: NormalisedBatch, recv_ms: int) -> None:
         """The event's state from the message's ``<sport_event_status>``."""
@@ -1018,13 +1173,17 @@ class UofNormaliser:
     @staticmethod
     def _in_play(m: _Market) -> bool:
         """An open market: its event's newest status; a closed one: the
-        status as of its close (its last emitted value when not known)."""
+        status as of its close (its last emitted value when not known). An
+        event whose status is not known: in play for a market of a live
+        producer (:data:`LIVE_PRODUCERS`), else not."""
         ev = m.event
         if m.status not in CLOSED_STATUSES or m.closed_ts is None:
-            return ev.in_play
+            return ev.in_play if ev.known else m.product in LIVE_PRODUCERS
         live = ev.in_play_at(m.closed_ts)
         if live is None:
-            return m.header.in_play if m.header is not None else ev.in_play
+            if m.header is not None:
+                return m.header.in_play
+            return ev.in_play if ev.known else m.product in LIVE_PRODUCERS
         return live
 
     def _header(self, m: _Market) -> MarketHeader:
