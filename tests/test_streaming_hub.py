@@ -229,6 +229,15 @@ def test_stale_after_ms_by_sport_spells_the_sport_as_markets_do() -> None:
     for bad in (":in_play=3000", " :in_play=3000", "soccer:live=3000", "soccer=-1", "soccer"):
         with pytest.raises(ValueError, match="stale_after_ms_by_sport entry"):
             parse_stale_by_sport([bad])
+    # a market whose provider spells its sport otherwise (push stores "football", "ice-hockey" as sent)
+    # is judged by the entry all the same — either spelling of the entry (the lookup was by the
+    # market's own spelling, so after the entry was normalised neither applied)
+    for sport, entry in (("football", "football:in_play=3000"), ("football", "soccer:in_play=3000"),
+                         ("ice-hockey", "ice_hockey:in_play=3000")):
+        m = msgspec.structs.replace(book.markets["m"], sport=sport)
+        st = NodeState(Settings(stale_after_ms_by_sport=(entry,)), 1, NodeOptions())
+        assert st.age_stale(m, now) == (4_000, True), (sport, entry)
+        assert st.stale_after_ms(sport, True) == 3000
 
 
 def test_odds_formats() -> None:
