@@ -384,9 +384,11 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
                     m = _H2C_UPGRADE.search(data, 0, len(data) if end < 0 else end + 2)
                     if m is not None:
                         data = data[:m.start()] + data[m.end():]
-                if b"\r\n\r\n" not in data:
+                if b"\r\n\r\n" not in self._head_tail + data:
                     # the head goes on in the next read: a last line that may still become that
-                    # offer is held back until the read that completes it (a few bytes at most)
+                    # offer is held back until the read that completes it (a few bytes at most).
+                    # Never bytes that end the head with what the parser already has (its last
+                    # bytes: _head_tail) — a head whose final LF came alone would wait forever
                     cut = data.rfind(b"\r\n")
                     if data.endswith(b"\r") and not (cut >= 0 and _H2C_PREFIX.fullmatch(data, cut)):
                         cut = len(data) - 1  # a CR whose LF may start such a line

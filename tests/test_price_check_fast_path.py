@@ -297,3 +297,30 @@ async def test_an_h2c_upgrade_offer_split_across_reads_is_ignored_too(store: Sto
                 assert msgspec.json.decode(answer)["reason"] == "OK"
             finally:
                 writer.close()
+
+
+async def test_a_head_whose_last_bytes_come_alone_is_answered(store: Store, redis_url: str) -> None:
+    """A GET whose final LF comes alone in a read, and one sent a byte at a time: answered at once.
+    (The h2c hold-back held a last CR, then took the lone LF for the start of an offer line and
+    held it too: with no body to follow, the head never completed — the request waited for the
+    header deadline.)"""
+    await Feed(store).write(_image("bf:1.1"))
+    app = make_app(redis_url)
+    request = b"GET /v1/markets/bf:1.1 HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n"
+    end = len(request)
+    async with serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        for pieces in ([request[:end - 1], request[end - 1:]],  # "…\r\n\r" then "\n"
+                       [request[:end - 2], request[end - 2:end - 1], request[end - 1:]],
+                       [request[:end - 24], *(request[i:i + 1] for i in range(end - 24, end))]):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.02)  # separate reads on the server's side (one read proves nothing)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # the header deadline is 10 s
+                assert head.startswith(b"HTTP/1.1 200"), (len(pieces), head)
+            finally:
+                writer.close()
