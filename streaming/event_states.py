@@ -138,10 +138,25 @@ class EventStates:
             return age, True
         if es.status in FINAL_EVENT_STATUSES:
             return age, False
-        limit = node.stale_after_ms(None, es.in_play)
+        live = es.in_play or EventStates._started(es, node, now)
+        limit = node.stale_after_ms(None, live)
         if h is not None and h.stale_after_ms > limit:
             limit = h.stale_after_ms
         return age, age > limit
+
+    @staticmethod
+    def _started(es: EventState, node: NodeState, now: int) -> bool:
+        """Whether ``es``'s event has started by its markets' ``start_time`` (ms since the epoch)
+        though the state does not say in play yet: it is judged by the in-play limits, as its
+        markets are (:func:`streaming.state.live_for_limits`)."""
+        if es.status != "NOT_STARTED":
+            return False
+        markets = node.markets
+        for mid in node.state_markets(es.event_id):
+            m = markets.get(mid)
+            if m is not None and m.start_time is not None:
+                return m.start_time <= now
+        return False
 
     def stale_ids(self, node: NodeState, now: int, source: str | None = None) -> dict[str, list[str]]:
         """The held states stale at ``now`` (:meth:`age_stale`): source → their event ids, sorted

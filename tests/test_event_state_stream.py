@@ -566,3 +566,24 @@ async def test_the_python_client_keeps_event_states(store: Store, redis_url: str
             await eventually(lambda: client.event_state_stale("e1"), TIMEOUT_S, "stale once its source is DOWN")
         finally:
             await client.close()
+
+
+def test_a_state_not_started_past_its_events_start_is_judged_by_the_in_play_limit() -> None:
+    """A NOT_STARTED state 25 s old at kick-off + 20 s read fresh by the pre-match limit (60 s)
+    while its event's markets were already judged in play (their start_time came): the state
+    follows them (in-play limit 10 s). Before the start it keeps the pre-match limit; a final
+    state never ages."""
+    from feed.models import Market
+
+    now = int(time.time() * 1000)
+    h = SourceHealth(source="px", state="UP", updated_at=now, last_message_at=0)
+    for start, stale in ((now - 20_000, True), (now + 600_000, False)):
+        m = Market(market_id="px:f1:ml", source="px", event_id="px:f1", sport="soccer", start_time=start,
+                   received_at=now - 25_000)
+        st = NodeState(Settings(stale_in_play_ms=10_000, stale_pre_match_ms=60_000), 1, NodeOptions())
+        st.replace_partitions({0: ("0-0", [m])}, "e")
+        st.set_health([h], now=now)
+        es = EventState(event_id="px:f1", source="px", status="NOT_STARTED", received_at=now - 25_000)
+        assert EventStates.age_stale(es, st, now) == (25_000, stale), start - now
+        final = msgspec.structs.replace(es, status="CLOSED")
+        assert EventStates.age_stale(final, st, now)[1] is False
