@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from feed.book import Book
+from feed.errors import FeedDecodeError
 from feed.normalise.pinnacle import PinnacleNormaliser
 from feed.sources.base import Delivered, Payload
 from feed.sources.http_auth import HmacSigner, Secret, TokenAuth
@@ -294,8 +295,9 @@ async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arri
 
 
 class _BookSink:
-    """A sink that normalises into a Book as the ingest does (empty payloads skipped, like
-    feed.ingest.Ingest) and records what each confirmation vouched for."""
+    """A sink that normalises into a Book as the ingest does (empty payloads skipped, a body the
+    normaliser rejects whole counted and, while markets are held, reported lost, like
+    feed.ingest.Ingest) and records what each confirmation vouched for and each health state."""
 
     source = "pinnacle"
     session = "s1"  # the ingest's upstream session, stamped on the markets
@@ -304,24 +306,30 @@ class _BookSink:
         self.normaliser, self.book = PinnacleNormaliser("pinnacle"), Book()
         self.cursor: str | None = None
         self.confirmed: list[tuple[int, dict[str, tuple[str, str | None]]]] = []
+        self.states: list[tuple[str, str | None]] = []
 
     async def deliver(self, payloads: list[Payload]) -> Delivered:
         stale = False
+        rejected = 0
         for p in payloads:
             if not p.data.strip():
                 continue
-            batch = self.normaliser.feed(p.data, p.recv_ms, p.channel)
+            try:
+                batch = self.normaliser.feed(p.data, p.recv_ms, p.channel)
+            except FeedDecodeError:
+                rejected += 1
+                continue
             for u in batch.updates:
                 self.book.apply(u, stored_at=p.recv_ms, session=self.session)
             self.cursor = batch.cursor or self.cursor
             stale = stale or batch.stale
-        return Delivered(stale=stale)
+        return Delivered(stale=stale, rejected_messages=rejected, lost=bool(rejected and self.book.markets))
 
     def confirm(self, recv_ms: int) -> None:
         self.confirmed.append((recv_ms, {mid: (m.status, m.suspend_reason) for mid, m in self.book.markets.items()}))
 
     def set_state(self, state: str, reason: str | None) -> None:
-        pass
+        self.states.append((state, reason))
 
 
 async def test_an_empty_odds_answer_suspends_what_is_past_its_cutoff_before_it_confirms() -> None:
@@ -654,5 +662,57 @@ async def test_a_resync_whose_snapshots_keep_coming_back_older_than_the_cursor_g
         odds = [c[1] for c in pn.calls if c[0] == "/v2/odds"]
         # snapshots at 3600, 3660, 3720 s (deltas held between them), then a delta every 5 s
         assert odds == [None] * PN_RESYNC_TRIES + ["20"] * 13
+    finally:
+        await http.aclose()
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["first-start", "restart"])
+async def test_a_rejected_fixtures_snapshot_is_asked_again_a_minute_later_with_the_source_degraded(
+        restarted: bool) -> None:
+    """Gap: a fixtures snapshot the normaliser rejected whole (a 200 with a malformed body) never
+    imaged the fixtures, so every poll asked another fixtures snapshot (Pinnacle's snapshot limit:
+    429s) and no odds call was ever made — the sport's markets stale for good, the source UP. Now it
+    is asked again a minute later (each time it is rejected again: at most one a minute, never
+    given up), no odds call meanwhile (nothing confirms a market of unknown fixtures), the source
+    DEGRADED (bad_fixtures) until one applies; then the odds resume as designed."""
+    from feed.sources.poller import PN_BAD_FIXTURES, PN_SNAPSHOT_CACHE_S
+
+    later = "2025-08-16T14:00:00Z"  # the cutoff: ahead all along
+    garbage = b'{"sportId":29,"last":11,"league":[{"id":1980,"ev'  # a 200 with a truncated body
+    pn = _Pinnacle([_odds(20, later), _odds(30, later)],
+                   fixtures=[_fixtures(10), garbage, garbage, _fixtures(12)] if restarted
+                   else [garbage, garbage, _fixtures(12)])
+    if restarted:
+        sink, _ = await _restarted(pn)
+        seq: int | None = sink.book.markets["pn:1:0:moneyline"].seq
+    else:
+        sink, seq = _BookSink(), None
+    pn.calls.clear()
+    src, http = pn.source(sink)
+    assert PN_SNAPSHOT_CACHE_S == 60
+    try:
+        health: list[tuple[float, str, str | None]] = []
+        for _ in range(24):  # a poll every 5 s for 2 minutes: the snapshot rejected at 0 s and at 60 s
+            await src._poll_once("29")
+            health.append((pn.mono[0], src.state, src.reason))
+            pn.now[0] += 5_000
+            pn.mono[0] += 5
+        # one fixtures snapshot a minute, nothing else (no odds: the fixtures are unknown)
+        assert pn.calls == [("/v1/fixtures", None)] * 2
+        assert sink.confirmed == []  # the markets read stale (nothing vouched for them)
+        assert all(h[1:] == ("DEGRADED", PN_BAD_FIXTURES) for h in health)
+        assert sink.states and set(sink.states) == {("DEGRADED", PN_BAD_FIXTURES)}
+        if seq is not None:  # the restored market left alone (no odds snapshot suspended it not_offered)
+            m = sink.book.markets["pn:1:0:moneyline"]
+            assert m.status == "OPEN" and m.seq == seq
+        await src._poll_once("29")  # 120 s: the fixtures snapshot applies, then the odds snapshot
+        assert pn.calls[2:] == [("/v1/fixtures", None), ("/v2/odds", None)]
+        assert (src.state, src.reason) == ("UP", None) and sink.states[-1] == ("UP", None)
+        assert sink.confirmed == [] and src.since("odds", 29) == (30 if restarted else 20)  # (it confirms nothing)
+        pn.now[0] += 5_000
+        pn.mono[0] += 5
+        await src._poll_once("29")  # a delta: it confirms, as designed
+        assert pn.calls[-1] == ("/v2/odds", "30" if restarted else "20")
+        assert sink.confirmed and all(c == {"pn:1:0:moneyline": ("OPEN", None)} for _, c in sink.confirmed)
     finally:
         await http.aclose()

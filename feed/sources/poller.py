@@ -42,6 +42,11 @@ I/O only — decoding and diffing are the normalisers' job
   resumed sport answered older than its cursor (a cached answer) is
   dropped, no fixtures or odds call follows, and it is asked again
   :data:`PN_SNAPSHOT_CACHE_S` later; the markets read stale meanwhile.
+  A fixtures snapshot rejected whole by the normaliser (a malformed body)
+  is likewise asked again :data:`PN_SNAPSHOT_CACHE_S` later (at most one a
+  minute, for as long as it takes: Pinnacle's snapshot limit), no odds call
+  before one applies (nothing confirms the sport's markets: they read
+  stale) and the source reads DEGRADED (:data:`PN_BAD_FIXTURES`) until then.
   Three stale answers in a row (``last`` going backwards), a rejected
   change (a repair) or ``resync_s`` → a fresh snapshot (a *resync*); one
   answered older than the cursor (at a 5 s delta rate the cached answer
@@ -622,6 +627,10 @@ class PinnacleSource(PollerSource):
         #: came back older than the cursor (the sport's next fixtures or odds call waits PN_SNAPSHOT_CACHE_S)
         self._imaged: set[tuple[str, int]] = set()
         self._stale_image_at: dict[int, float] = {}
+        #: sportIds whose fixtures snapshot (the image) was last rejected whole by the normaliser (a
+        #: malformed body): asked again PN_SNAPSHOT_CACHE_S later (``_stale_image_at`` holds when it
+        #: was asked), no odds call before one applies; the source reads DEGRADED (PN_BAD_FIXTURES)
+        self._bad_fixtures: set[int] = set()
         #: sportId -> (when (clock s) its last resync odds snapshot was asked — hourly, a repair, a
         #: cursor going backwards — that came back older than the cursor, how many did in a row):
         #: no fixtures or odds call until it is asked again PN_SNAPSHOT_CACHE_S later (at most
@@ -685,7 +694,9 @@ class PinnacleSource(PollerSource):
                 and now - stale_at < PN_SNAPSHOT_CACHE_S:
             # a snapshot came back older than the resumed cursor (Pinnacle caches snapshot answers): no
             # delta meanwhile (it would move the cursor past the next snapshot again, and confirm markets
-            # whose cutoff is unknown); the sport's markets read stale until the next snapshot
+            # whose cutoff is unknown); the sport's markets read stale until the next snapshot. Or the
+            # fixtures snapshot was rejected whole (a malformed body): asked again no sooner (the same
+            # cached answer, and Pinnacle's snapshot limit), no odds before a fixtures snapshot applies
             pass
         elif retry is not None and now - retry[0] < PN_SNAPSHOT_CACHE_S:
             # a resync snapshot came back older than the cursor (a cached answer) and was dropped:
@@ -706,6 +717,14 @@ class PinnacleSource(PollerSource):
             await self._leagues(sport)
             self._settled_at[sport] = self._clock()
             await self._fetch("settled", sport, snapshot=self.since("settled", sport) is None)
+
+    def _set_state(self, state: SourceState, reason: str | None) -> None:
+        # a sport polled whose fixtures snapshot was rejected (its odds held, its markets unconfirmed):
+        # not UP — a poll that succeeded otherwise says DEGRADED and why
+        if state == "UP" and self._bad_fixtures and not self._bad_fixtures.isdisjoint(
+                int(k) for k in self.keys() if k.isdigit()):
+            state, reason = "DEGRADED", PN_BAD_FIXTURES
+        super()._set_state(state, reason)
 
     async def _leagues(self, sport: int) -> None:
         """Deliver ``/v2/leagues`` of ``sport`` once per ``static_ttl_s`` (which
@@ -758,6 +777,8 @@ class PinnacleSource(PollerSource):
         if res.status == 304 or not res.body.strip():
             if image:
                 self._imaged.add((endpoint, sport))
+                if endpoint == "fixtures":
+                    self._bad_fixtures.discard(sport)
             if resync:
                 self._resync_retry.pop(sport, None)
             if endpoint == "odds":
@@ -778,6 +799,19 @@ class PinnacleSource(PollerSource):
                 self._stale_image_at[sport] = asked
             elif not got.rejected_messages:  # (events rejected alone: unconfirmed, and _repair re-images them)
                 self._imaged.add((endpoint, sport))
+                if endpoint == "fixtures":
+                    self._bad_fixtures.discard(sport)
+            elif endpoint == "fixtures":
+                # rejected whole (a malformed body): nothing applied, the fixtures are still unknown, so
+                # no odds call may follow (an odds snapshot would suspend every market of an unknown
+                # event; a delta would confirm them). Asking it again at every poll would only hammer
+                # Pinnacle's snapshot limit (and likely meet the same cached answer): it is asked again
+                # PN_SNAPSHOT_CACHE_S later, the source DEGRADED meanwhile (the markets read stale)
+                self._stale_image_at[sport] = asked
+                if sport not in self._bad_fixtures:
+                    logger.warning("%s: the fixtures snapshot of sport %d was rejected; its odds wait for one "
+                                   "that applies (asked again in %gs)", self.name, sport, PN_SNAPSHOT_CACHE_S)
+                self._bad_fixtures.add(sport)
         elif resync:
             tries = self._resync_retry.get(sport, (0.0, 0))[1] + 1
             if got.stale and tries < PN_RESYNC_TRIES:
@@ -816,6 +850,11 @@ _PN_NOTHING_NEW = b'{"sportId":%d,"leagues":[]}'
 #: newer than the cursor, snapshots are asked at most this often, so the next one is newer than the
 #: cursor the last one came back older than (no delta moved it meanwhile).
 PN_SNAPSHOT_CACHE_S = PN_SNAPSHOT_CACHE_MS / 1000
+
+#: The health reason (DEGRADED) while a sport's fixtures snapshot was rejected whole (a malformed body)
+#: and none has applied since: its odds are not asked, its markets read stale; asked again
+#: PN_SNAPSHOT_CACHE_S later (like ``bad_sports``: an unreadable ``/v2/sports`` reply).
+PN_BAD_FIXTURES = "bad_fixtures"
 
 #: Resync odds snapshots of a sport (``resync_s``, a repair, a cursor going backwards) asked at most
 #: in a row while each comes back older than the cursor (deltas wait between them); then deltas
