@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from feed.book import Book
 from feed.errors import FeedDecodeError
 from feed.models import Market
 from feed.normalise.base import NormalisedBatch
@@ -423,3 +424,89 @@ def test_a_suspended_or_interrupted_match_stays_in_play(code: int, state: str) -
     assert n.markets[MID].header is not None and n.markets[MID].header.in_play is True
     b = feed(n, odds(T + 3, m1x2(), status=3))
     assert in_play(b) == {MID: ("OPEN", False, T + 3)} and b.event_states[0].in_play is False
+
+
+FINAL = b'<odds_change product="1" event_id="sr:match:1" timestamp="%d"><sport_event_status status="4"/></odds_change>'
+RB_SETTLE = "lo.-.live.rollback_bet_settlement.1.sr:match.1.-"
+
+
+def rollback_settle(ts: int) -> bytes:
+    return (b'<rollback_bet_settlement product="1" event_id="sr:match:1" timestamp="%d"><market id="1"/>'
+            b'</rollback_bet_settlement>' % ts)
+
+
+def restarted(*before: tuple[bytes, str]) -> tuple[UofNormaliser, Book]:
+    """Feed ``before`` into a normaliser and a book, then restore a new normaliser from the book's
+    markets (a restart): the normaliser and the book."""
+    n, book = UofNormaliser(), Book()
+    for raw, channel in before:
+        for u in feed(n, raw, channel).updates:
+            book.apply(u, 0, "s1")
+    r = UofNormaliser()
+    r.restore(list(book.markets.values()), "1=%d" % T)
+    return r, book
+
+
+def into(book: Book, b: NormalisedBatch) -> NormalisedBatch:
+    for u in b.updates:
+        assert book.apply(u, 0, "s1") is not None
+    return b
+
+
+def test_a_restored_market_takes_a_settlement_older_than_its_stored_time() -> None:
+    """The final status (T+5) moves the suspended market's stored source_ts past its own last part
+    (the bet_stop at T+2); after a restart the settlement of T+4 (generated before the final,
+    replayed by the recovery or redelivered) is applied, not dropped as older than T+5 (a lost
+    settlement: the market stayed SUSPENDED); applied again it changes nothing. An odds_change up
+    to the stored time is still taken as applied; a part newer than it makes the market's own time
+    known again."""
+    r, book = restarted((odds(T + 1, m1x2(), mtotal(), status=1), LIVE), (stop(T + 2), STOP), (FINAL % (T + 5), LIVE))
+    assert (book.markets[MID].source_ts, book.markets[MID].status) == (T + 5, "SUSPENDED")
+    assert feed(r, odds(T + 3, m1x2(a=9.0))).stale  # an odds_change: taken as applied (the recovery re-images)
+    b = into(book, feed(r, settle(T + 4)))
+    assert not b.stale and in_play(b) == {MID: ("SETTLED", False, T + 5)}  # source_ts never goes back
+    assert [(s.selection_id, s.status) for s in b.updates[0].selections] == [
+        ("1", "WINNER"), ("2", "LOSER"), ("3", "LOSER")]
+    assert book.markets[MID].status == "SETTLED"
+    again = feed(r, settle(T + 4))  # a duplicate: nothing changes
+    assert again.updates == [] and r.markets[MID].status == "SETTLED"
+    assert {s.status for s in r.markets[MID].sels.values()} == {"WINNER", "LOSER"}
+    # a bet_stop of T+3: older than the settlement applied since the restore (stale for it), the total's own
+    # (it applies: suspended already, nothing to emit)
+    dropped = r.dropped["stale"]
+    b = feed(r, stop(T + 3), STOP)
+    assert not b.stale and b.updates == [] and r.dropped["stale"] == dropped + 1
+    assert (r.markets[TOTAL].status, r.markets[TOTAL].unsure) == ("SUSPENDED", T + 3)
+    # a part newer than the stored time makes the market's own time known again: a settlement up to it is stale
+    (u,) = into(book, feed(r, odds(T + 6, mtotal(over=2.0)))).updates
+    assert not u.image and r.markets[TOTAL].unsure is None
+    b = feed(r, settle(T + 5, '<market id="18" specifiers="total=2.5"><outcome id="12" result="1"/></market>'))
+    assert b.stale and b.updates == [] and r.markets[TOTAL].status == "OPEN"
+
+
+def test_a_restored_market_replays_a_settlement_and_its_rollback_in_their_order() -> None:
+    """After a restart, a recovery replays a settlement (T+3) and its rollback (T+4), both older than
+    the stored time (T+5, moved by the final status): the market ends rolled back, as before the
+    restart; a rollback only undoes a close made since the restore (a market stored settled keeps it)."""
+    r, _ = restarted((odds(T + 1, m1x2(), status=1), LIVE), (stop(T + 2), STOP), (FINAL % (T + 5), LIVE))
+    assert feed(r, rollback_settle(T + 3), RB_SETTLE).stale  # nothing settled since the restore: nothing to undo
+    assert in_play(feed(r, settle(T + 3))) == {MID: ("SETTLED", False, T + 5)}
+    b = feed(r, rollback_settle(T + 4), RB_SETTLE)
+    assert in_play(b) == {MID: ("SUSPENDED", False, T + 5)} and r.markets[MID].reason == "settlement_rolled_back"
+    assert feed(r, settle(T + 3)).stale  # older than the rollback
+    assert feed(r, rollback_settle(T + 4), RB_SETTLE).stale  # again: not settled, nothing to undo
+    # a whole-market cancel (older than the stored time) and its rollback, in their order
+    b = feed(r, cancel(T + 4), CANCEL)
+    assert in_play(b) == {MID: ("CANCELLED", False, T + 5)} and {s.status for s in b.updates[0].selections} == {"VOID"}
+    (u,) = feed(r, cancel(T + 4, "rollback_bet_cancel"), "lo.-.live.rollback_bet_cancel.1.sr:match.1.-").updates
+    assert u.header is not None and (u.header.status, u.header.suspend_reason) == (
+        "SUSPENDED", "settlement_rolled_back")
+    # a market stored settled (its stored time moved by a start time change): a rollback up to its stored
+    # time is taken as applied (it may be one undone by a later settlement)
+    fixture = b'<fixture_change product="3" event_id="sr:match:1" timestamp="%d" start_time="%d"/>' % (
+        T + 4, T + 3_600_000)
+    r, _ = restarted((odds(T + 1, m1x2(), status=1), LIVE), (settle(T + 2), LIVE),
+                     (fixture, "hi.pre.-.fixture_change.1.sr:match.1.-"))
+    assert r.markets[MID].status == "SETTLED" and r.markets[MID].ts == T + 4
+    assert feed(r, rollback_settle(T + 3), RB_SETTLE).stale and r.markets[MID].status == "SETTLED"
+    assert feed(r, settle(T + 3)).stale  # nor is it settled again

@@ -121,7 +121,23 @@ which nothing applied for that reason is returned with ``stale=True``. What
 a market only inherits from its event — ``in_play``, ``start_time`` —
 travels as a header change that never moves that timestamp (an update's
 ``source_ts`` still never goes back), so a late part of the market itself is
-not lost behind it. ``in_play`` is kept
+not lost behind it. A market restored from the store knows only its stored
+``source_ts``, which such header changes may have moved past its own last
+part (the final ``status="4"`` stamped after its ``bet_stop``): its own time
+is not known, only that it is at most that. Until a part newer than it
+applies (the market's time is then known again), an ``odds_change`` up to it
+is taken as applied (it cannot be told from one that was, which would put
+older prices back; the recovery re-images the market), while a
+``bet_stop``, ``bet_settlement`` or (whole-market) ``bet_cancel`` up to it
+applies to a market that is not closed, or that one of these closed since
+the restore, and a ``rollback_bet_settlement`` / ``rollback_bet_cancel``
+only undoes a close made since the restore; these go by their own
+timestamps (one older than the last of them applied since the restore is
+stale), and applied again they change nothing (a settlement of a market
+already settled by it: the same results). So a settlement generated before
+the final status, replayed by the recovery or redelivered after the
+restart, is not lost; the update's ``source_ts`` is still the stored one.
+``in_play`` is kept
 per event as the last :data:`IN_PLAY_HISTORY` statuses with their
 timestamps and producers' kinds, so a late ``sport_event_status`` is placed
 where it belongs (a later one of the same millisecond and kind replaces it;
@@ -640,11 +656,33 @@ def _is_stale(ts: int, last: int, seen: list[bytes] | None, digest: bytes) -> bo
     return seen is None or digest in seen
 
 
+def _late_part(m: _Market, msg: _Msg) -> bool:
+    """Whether a part stale against a restored market's ``ts`` (the stored
+    ``source_ts``, maybe moved by header changes past the market's own last
+    part) applies anyway (module docstring, Ordering): a ``bet_stop`` /
+    ``bet_settlement`` / ``bet_cancel`` to a market not closed or closed since
+    the restore, a rollback only of a close made since the restore; never an
+    ``odds_change``; never one older than the last part applied so since the
+    restore."""
+    late = m.unsure
+    if late is None or msg.timestamp < late or isinstance(msg, OddsChange):
+        return False
+    if isinstance(msg, RollbackBetSettlement):
+        return late > 0 and m.status == "SETTLED"
+    if isinstance(msg, RollbackBetCancel):
+        return late > 0 and m.status == "CANCELLED"
+    # while the time is unsure only such parts change the market: closed with one applied = closed by it
+    return m.status not in CLOSED_STATUSES or late > 0
+
+
 def _stamp(obj: _Market | _Event, ts: int, digest: bytes) -> None:
     """Record that the message of ``digest`` applied at ``ts`` (not older
-    than ``obj.ts``; at that very ms, ``seen`` unknown stays unknown)."""
+    than ``obj.ts``; at that very ms, ``seen`` unknown stays unknown; a
+    restored market's own time is known from a newer part on)."""
     if ts > obj.ts:
         obj.ts, obj.seen = ts, [digest]
+        if isinstance(obj, _Market):
+            obj.unsure = None
     elif obj.seen is not None and digest not in obj.seen:
         obj.seen.append(digest)
         if len(obj.seen) > SAME_MS_KEPT:
@@ -744,7 +782,7 @@ class _Event:
 class _Market:
     __slots__ = ("canonical_specifiers", "closed_ts", "event", "header", "kind", "kind_sport", "market_id",
                  "need_image", "out_ts", "pre_cancel", "product", "raw_id", "reason", "seen", "sels", "specifiers",
-                 "status", "ts")
+                 "status", "ts", "unsure")
 
     def __init__(self, market_id: str, event: _Event, raw_id: str, specifiers: str | None) -> None:
         self.market_id = market_id
@@ -762,6 +800,10 @@ class _Market:
         #: None when not known (a restored market: a part of that very ms is then taken as applied)
         self.seen: list[bytes] | None = []
         self.out_ts = 0  # source_ts of the last update emitted (also moved by header changes of its event)
+        #: restored from the store: its own last part's time is not known, only that it is at most ``ts``
+        #: (the stored source_ts); meanwhile the timestamp of the last part applied at or before ``ts`` since
+        #: the restore (0: none yet; see _late_part). None: ``ts`` is the market's own
+        self.unsure: int | None = None
         self.closed_ts: int | None = None  # timestamp of the part that closed it (while closed)
         self.header: MarketHeader | None = None  # last emitted
         self.need_image = True
@@ -837,6 +879,9 @@ class UofNormaliser:
             mk.header = m.header()
             mk.need_image = False
             mk.seen = None  # what was applied at its last ms is not known: that ms is not taken again
+            # the stored source_ts is the market's out_ts (header changes of its event move it): its own last
+            # part may be older (see _late_part)
+            mk.unsure = 0
             self.markets[m.market_id] = mk
             ev.markets[m.market_id] = None
         self.cursor = decode_cursor(cursor)
@@ -961,8 +1006,10 @@ class UofNormaliser:
         for mid in ev.markets:
             m = self.markets[mid]
             if _is_stale(msg.timestamp, m.ts, m.seen, self._digest):
-                stale += 1
-                continue
+                if not _late_part(m, msg):
+                    stale += 1
+                    continue
+                m.unsure = msg.timestamp
             m.product = msg.product
             _stamp(m, msg.timestamp, self._digest)
             if m.status in CLOSED_STATUSES:
@@ -1013,9 +1060,12 @@ class UofNormaliser:
                 continue
             mid = market_id_of(ev.id, wm.id, wm.specifiers, self.prefix)
             known = self.markets.get(mid)
+            late = False
             if known is not None and _is_stale(msg.timestamp, known.ts, known.seen, self._digest):
-                stale += 1
-                continue
+                if not _late_part(known, msg):
+                    stale += 1
+                    continue
+                late = True  # a restored market's part older than its stored time (module docstring)
             if known is None and not isinstance(msg, OddsChange):
                 self._drop("unknown_market")  # a settlement of a market we never had: nothing to settle
             bad = next((o for o in wm.outcomes if _bad_odds(o)), None) if isinstance(msg, OddsChange) else None
@@ -1026,6 +1076,8 @@ class UofNormaliser:
             m = self._market(ev, str(wm.id), wm.specifiers)
             m.product = msg.product
             _stamp(m, msg.timestamp, self._digest)
+            if late:
+                m.unsure = msg.timestamp
             was_closed = m.status in CLOSED_STATUSES
             sids = self._apply_market(msg, m, wm)
             if m.status not in CLOSED_STATUSES:
