@@ -417,7 +417,13 @@ class Ingest:
 
     async def _flush_states(self) -> None:
         """Write the pending event states (raises StoreError; they stay pending)."""
-        states = list(self._states_pending.values())
+        held, pending = self.event_states, self._states_pending
+        for eid, es in list(pending.items()):
+            # states coalesce per event until the flush: one back where the stored state is (a
+            # correction undone, A → B → C → A, within one flush) says nothing new
+            if (h := held.get(eid)) is not None and es.same_content(h):
+                del pending[eid]
+        states = list(pending.values())
         result = await self.store.apply_event_states(states)
         raise_if_cancelled()
         for es in states:
