@@ -277,6 +277,15 @@ def _better(a: BestPrice | None, price: float, age: int, book: str, lower: bool)
     return (age, book) < (a.age_ms, a.bookmaker)
 
 
+def key_specifiers(key: str) -> dict[str, str]:
+    """The specifiers a canonical market key names: a raw market's all, a mapped market's key
+    specifiers; ``{}`` when a provider's value holds a separator (the key still names the group)."""
+    try:
+        return parse_market_key(key)[1]
+    except ValueError:
+        return {}
+
+
 def market_views(state: NodeState, markets: Iterable[Market], now: int, *, method: str = "multiplicative",
                  keys: set[str] | None = None) -> list[MarketView]:
     """The aggregated markets (see the module docstring), ordered by key;
@@ -288,10 +297,7 @@ def market_views(state: NodeState, markets: Iterable[Market], now: int, *, metho
         if keys is not None and key not in keys and mtype not in keys:
             continue
         first = members[0][0]
-        try:  # the key's specifiers: a raw market's all, a mapped market's key specifiers
-            specs = parse_market_key(key)[1]
-        except ValueError:  # a provider's value holding a separator: the key still names the group
-            specs = {}
+        specs = key_specifiers(key)
         outcomes: dict[str, OutcomeView] = {}
         per_book: dict[str, dict[str, float]] = {}  # usable back prices per book and outcome
         excluded_books: dict[str, str] = {}

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from streaming.aggregate import MarketView, event_facts, market_views
+from feed.taxonomy import key_type
+from streaming.aggregate import MarketView, event_facts, key_specifiers, market_views
 from streaming.encoding import Message
 from streaming.state import Filter, NodeState, PreparedEntry, now_ms
 
@@ -88,15 +89,6 @@ class _RemovedMarket(msgspec.Struct, kw_only=True):
     removed: bool = True
 
 
-class _Sent(msgspec.Struct, frozen=True):
-    """What a subscriber holds of one market group: the signature last sent, and what a
-    removal of it names."""
-
-    sig: Signature
-    market_type: str
-    specifiers: dict[str, str]
-
-
 def _slim(v: MarketView) -> _BestMarket:
     outs = []
     for o in v.outcomes:
@@ -132,7 +124,7 @@ class BestView:
         self.subs: set["Subscription"] = set()
         #: per subscription: canonical id -> market key -> what it was last sent of that group
         #: (a group it holds; an event with none is not listed)
-        self._sent: dict["Subscription", dict[str, dict[str, _Sent]]] = {}
+        self._sent: dict["Subscription", dict[str, dict[str, Signature]]] = {}
         self.messages = 0
 
     # -- subscriptions ---------------------------------------------------------------------------
@@ -249,20 +241,20 @@ class BestView:
         types = sub.filter.market_type
         subs_sent = self._sent.setdefault(sub, {})
         was = subs_sent.pop(cid, {})
-        sent: dict[str, _Sent] = {}
+        sent: dict[str, Signature] = {}  # market group key → the signature last sent
         out: list[_BestMarket | _RemovedMarket] = []
         for v in views:
             if types is not None and v.market not in types and v.market_type not in types:
                 continue
             sig = _signature(v)
             old = was.get(v.market)
-            sent[v.market] = _Sent(sig, v.market_type, v.specifiers)
-            if only_changed and old is not None and old.sig == sig:
+            sent[v.market] = sig
+            if only_changed and old == sig:
                 continue
             out.append(v)
         if only_changed:  # the groups it holds that left the event: removed, in order with the rest
-            out.extend(_RemovedMarket(market=k, market_type=g.market_type, specifiers=g.specifiers, outcomes=[])
-                       for k, g in sorted(was.items()) if k not in sent)
+            out.extend(_RemovedMarket(market=k, market_type=key_type(k), specifiers=key_specifiers(k), outcomes=[])
+                       for k in sorted(was) if k not in sent)
         if sent:
             subs_sent[cid] = sent
         if only_changed and not out:

@@ -125,6 +125,7 @@ from feed.models import CLOSED_STATUSES, Delta, EventState, Market, apply_delta
 from feed.taxonomy import race_event_id
 from feed.sources.backoff import Backoff
 from streaming.pricecheck import BatchResult, PriceCheckRequest, PriceCheckResult
+from streaming.state import live_for_limits
 
 __all__ = ["ClientStats", "OddsClient", "PriceCheckError", "ServedEventState", "SourceStatus", "StreamError"]
 
@@ -558,9 +559,7 @@ class OddsClient:
             return True
         if self._flagged.get(market_id):
             return True
-        # in play, or its start time has come though the provider has not said so yet (the server's rule)
-        start = m.start_time
-        live = m.in_play or (start is not None and start <= time.time_ns() // 1_000_000)
+        live = live_for_limits(m, time.time_ns() // 1_000_000)  # the server's rule, on this host's clock
         return age > (self.stale_in_play_ms if live else self.stale_pre_match_ms)
 
     def match_time_s(self, event_id: str, now_ms: int | None = None) -> float | None:

@@ -44,6 +44,7 @@ from feed.errors import StoreError
 from feed.models import ENCODER, FINAL_EVENT_STATUSES, EventState, PeriodScore, Score, TeamCounts
 from feed.sources.backoff import Backoff
 from streaming.encoding import parse_stream_id
+from streaming.state import live_for_limits
 
 if TYPE_CHECKING:
     from feed.store import Store
@@ -155,7 +156,7 @@ class EventStates:
         for mid in node.state_markets(es.event_id):
             m = markets.get(mid)
             if m is not None and m.start_time is not None:
-                return m.start_time <= now
+                return live_for_limits(m, now)
         return False
 
     def stale_ids(self, node: NodeState, now: int, source: str | None = None) -> dict[str, list[str]]:

@@ -53,7 +53,6 @@ record's ``last_message_at`` in partition ``p`` only once its position in
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import time
@@ -614,7 +613,7 @@ class NodeState:
         if down:
             return age, True
         live = live_for_limits(m, now)
-        limit = self._stale_by_sport.get((_sport_of(m.sport), live)) if self._stale_by_sport else None
+        limit = self._stale_by_sport.get((m.sport, live)) if self._stale_by_sport else None
         if limit is None:
             limit = self._stale_in_play_ms if live else self._stale_pre_match_ms
         if h is not None and h.stale_after_ms > limit:
@@ -626,7 +625,7 @@ class NodeState:
     def stale_after_ms(self, sport: str | None, in_play: bool) -> int:
         """The age (ms) after which a market of ``sport`` / phase is stale (``in_play``: judged
         by the in-play limits — for a market, :func:`live_for_limits`, not its flag alone)."""
-        limit = self._stale_by_sport.get((_sport_of(sport), in_play)) if self._stale_by_sport else None
+        limit = self._stale_by_sport.get((sport, in_play))
         if limit is not None:
             return limit
         return self._stale_in_play_ms if in_play else self._stale_pre_match_ms
@@ -1023,11 +1022,6 @@ def live_for_limits(m: Market, now: int) -> bool:
         return True
     start = m.start_time
     return start is not None and start <= now
-
-
-#: a market's sport as the per-sport settings spell it (:func:`feed.matching.canonical_sport`: a push
-#: provider's ``football`` / ``ice-hockey`` is ``soccer`` / ``ice_hockey``), cached
-_sport_of = functools.lru_cache(maxsize=4096)(canonical_sport)
 
 
 def parse_stale_by_sport(entries: Iterable[str]) -> dict[tuple[str | None, bool], int]:

@@ -229,15 +229,23 @@ def test_stale_after_ms_by_sport_spells_the_sport_as_markets_do() -> None:
     for bad in (":in_play=3000", " :in_play=3000", "soccer:live=3000", "soccer=-1", "soccer"):
         with pytest.raises(ValueError, match="stale_after_ms_by_sport entry"):
             parse_stale_by_sport([bad])
-    # a market whose provider spells its sport otherwise (push stores "football", "ice-hockey" as sent)
-    # is judged by the entry all the same — either spelling of the entry (the lookup was by the
-    # market's own spelling, so after the entry was normalised neither applied)
-    for sport, entry in (("football", "football:in_play=3000"), ("football", "soccer:in_play=3000"),
-                         ("ice-hockey", "ice_hockey:in_play=3000")):
-        m = msgspec.structs.replace(book.markets["m"], sport=sport)
+    # a push provider's free-text sport is stored as markets spell it, so an entry applies to its
+    # markets whichever spelling either side used (push stored "football" / "ice-hockey" as sent:
+    # once entries were normalised, neither spelling of an entry reached those markets)
+    from feed.normalise.push import PushNormaliser
+
+    for sport, entry, stored in (("Football", "football:in_play=3000", "soccer"),
+                                 ("football", "soccer:in_play=3000", "soccer"),
+                                 ("Ice-Hockey", "ice_hockey:in_play=3000", "ice_hockey")):
+        body = msgspec.json.encode({"type": "odds", "entry_id": f"{now}-1", "seq": 1, "data": [{
+            "fixture": {"id": "f1", "sport": sport, "league": "L", "home": "A", "away": "B", "is_live": True},
+            "market": {"id": "ml"}, "selection": {"id": "home", "name": "A"}, "price": 2.0, "timestamp": now}]})
+        (u,) = PushNormaliser("px").feed(body, now).updates
+        pm = Book().apply(u, stored_at=now)
+        assert pm is not None and pm.market is not None and pm.market.sport == stored, sport
+        m = msgspec.structs.replace(pm.market, received_at=now - 4_000)
         st = NodeState(Settings(stale_after_ms_by_sport=(entry,)), 1, NodeOptions())
         assert st.age_stale(m, now) == (4_000, True), (sport, entry)
-        assert st.stale_after_ms(sport, True) == 3000
 
 
 def test_odds_formats() -> None:

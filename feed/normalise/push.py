@@ -140,6 +140,7 @@ from feed.models import (
     SelectionStatus,
     TeamCounts,
 )
+from feed.matching import canonical_sport
 from feed.normalise.base import MarketUpdate, NormalisedBatch, remember
 from feed.odds import PriceError, to_decimal
 from feed.taxonomy import LINE_TYPES, generic_market, is_unmapped, outcome_from_name
@@ -488,8 +489,19 @@ def lined_type(raw_id: str) -> str | None:
     return kind
 
 
+def _live_of(is_live: bool | None, status: str | None) -> bool | None:
+    """A fixture's in-play signal: its ``is_live``; without it status ``live`` → in play,
+    ``not_started`` → not; None: it says nothing of it."""
+    if is_live is not None:
+        return is_live
+    return status == "live" if status in ("live", "not_started") else None
+
+
 def _sport_key(value: str) -> str:
-    return value.strip().lower().replace(" ", "_")
+    """A provider's sport text as every market spells it (:func:`feed.matching.canonical_sport`:
+    ``Football`` → ``soccer``, ``Ice-Hockey`` → ``ice_hockey``): the taxonomy's full-time scopes,
+    the per-sport stale settings, filters and the linker all read that spelling."""
+    return canonical_sport(value) or value.strip().lower()
 
 
 def _line_text(line: float) -> str:
@@ -909,20 +921,23 @@ class PushNormaliser:
         if status is not None and status != fx.status:
             fx.status = status
             changed = True
-        live = wf.is_live
-        if live is None and status in ("live", "not_started"):
-            live = status == "live"
-        if is_live is not None:  # an odd's own flag (the same as its fixture's)
-            live = is_live
-        if live is not None:
-            if at < fx.live_at and not force:  # a newer ``scores`` item said whether it is in play
-                self.dropped["late_fixture_fields"] = self.dropped.get("late_fixture_fields", 0) + 1
-            else:
-                fx.live_at = max(fx.live_at, at)
-                if live != fx.in_play:
-                    fx.in_play = live
-                    changed = True
+        live = is_live if is_live is not None else _live_of(wf.is_live, status)  # an odd's own flag wins
+        if live is not None and self._take_live(fx, live, at, force):
+            changed = True
         return fx, changed
+
+    def _take_live(self, fx: _Fixture, live: bool, at: _At, force: bool) -> bool:
+        """Set the fixture's in-play flag to ``live`` unless a flag newer than ``at`` was
+        taken already (``late_fixture_fields``; ``force``: a snapshot's, always taken);
+        True when the flag changed."""
+        if at < fx.live_at and not force:
+            self.dropped["late_fixture_fields"] = self.dropped.get("late_fixture_fields", 0) + 1
+            return False
+        fx.live_at = max(fx.live_at, at)
+        if live == fx.in_play:
+            return False
+        fx.in_play = live
+        return True
 
     def _apply_odds(self, msg: OddsMessage, prices: list[_Price], mids: list[str],
                     bad: dict[str | None, FeedDecodeError], batch: NormalisedBatch, raw: bytes,
@@ -1035,23 +1050,14 @@ class PushNormaliser:
         every market of the fixture whose header changed is emitted. Its
         ``status`` moves no market status (markets follow ``fixture-status``
         and odds for that)."""
-        live = item.is_live
-        if live is None:
-            key = _status_key(item.status, raw)  # (checked by _state already)
-            if key in ("live", "not_started"):
-                live = key == "live"
+        live = _live_of(item.is_live, _status_key(item.status, raw))  # (the status checked by _state already)
         if live is None:
             return
         fx = self.fixtures.get(fixture_id)
         if fx is None:  # remembered for the fixture's first odds
             fx = self.fixtures[fixture_id] = _Fixture(fixture_id)
-        if at < fx.live_at and not force:
-            self.dropped["late_fixture_fields"] = self.dropped.get("late_fixture_fields", 0) + 1
+        if not self._take_live(fx, live, at, force):
             return
-        fx.live_at = max(fx.live_at, at)
-        if live == fx.in_play:
-            return
-        fx.in_play = live
         for mid in fx.markets:
             m = self.markets[mid]
             self._emit(m, False, [], max(m.ts, at[0]), batch, recv_ms)
