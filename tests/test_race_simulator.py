@@ -459,3 +459,17 @@ def test_a_race_is_deterministic_for_a_seed_and_favours_the_favourite() -> None:
                     weights=(70.0, 10.0, 10.0, 10.0), distance_m=1200.0)
     wins = sum(Race(card, seed=s, off_ms=0).result[0] == 11 for s in range(300))
     assert 170 < wins < 250
+
+
+def test_a_jumps_race_cut_short_still_has_a_jump() -> None:
+    """Following the model, a race is cut to finish before the model ends play (down to 400 m); a hurdle
+    or chase cut that short still has a jump, inside the race (a CI flake: it had none)."""
+    for race_type in ("Hurdle", "Chase"):
+        for distance in (400.0, 440.0, 700.0, 3218.7):
+            card = RaceCard(event_id="1", market_id="1.1", market_time_ms=0, runners=(11, 22), weights=(1.0, 1.0),
+                            distance_m=distance, race_type=race_type)
+            jumps = Race(card, seed=1, off_ms=0).jumps
+            assert jumps and all(0 < j["L"] < distance for j in jumps), (race_type, distance, jumps)
+    flat = RaceCard(event_id="1", market_id="1.1", market_time_ms=0, runners=(11, 22), weights=(1.0, 1.0),
+                    distance_m=400.0)
+    assert Race(flat, seed=1, off_ms=0).jumps == []

@@ -384,6 +384,8 @@ class Race:
             while to_go < d - 250:
                 marks.append(to_go)
                 to_go += spacing
+            if not marks:  # a jumps race cut short (to end before the model ends play) still has a jump
+                marks.append(round(d / 2, 1))
             self.jumps = [{"J": j, "L": round(x, 1)} for j, x in enumerate(reversed(marks), start=1)]
         lat, lon = _VENUES.get(card.venue or "", _VENUES[_DEFAULT_VENUE])
         self._origin = (lat, lon, math.cos(math.radians(lat)))
