@@ -83,7 +83,9 @@ full-time scope, so its scoped markets keep the scope. Per provider:
   baseball ``MATCH_ODDS`` includes overtime (``moneyline``). A result market
   whose runners include a draw is three-way in every sport
   (``match_result``; ``period=ot`` for those that include overtime: the draw
-  left after it is not the regular-time draw).
+  left after it is not the regular-time draw); one whose runners are known
+  and include none (a limited-overs cricket match's two runners) is
+  two-way in every sport (``moneyline``).
 
 **Home and away on Betfair.** Betfair names most events "Home v Away" and
 North American ones "Away @ Home" (the NBA recording ``1-166811431``:
@@ -400,8 +402,10 @@ def betfair_market(raw: str | None, sport: str | None = None, *, places: int | N
     """Betfair ``marketType`` → (canonical type, specifiers or None).
 
     ``MATCH_ODDS`` → ``match_result`` (``moneyline`` in sports without a
-    draw: tennis, basketball …; in ice hockey the three-way regular-time
-    result stays ``match_result``); a result type (``MATCH_ODDS``,
+    draw: tennis, basketball …, and in any sport when its runners are known
+    and include no draw — a limited-overs cricket match's two runners; in
+    ice hockey the three-way regular-time result stays ``match_result``); a
+    result type (``MATCH_ODDS``,
     ``HALF_TIME``, ``MONEY_LINE``, ``MATCH_ODDS_INC_OT``, ``SET_WINNER``)
     whose runners include a draw is ``match_result`` in every sport, with
     ``period=ot`` where it includes overtime (``MONEY_LINE``,
@@ -422,8 +426,9 @@ def betfair_market(raw: str | None, sport: str | None = None, *, places: int | N
     (``4.0`` → ``ew_fraction=1/4``; one not above 1 or not finite is left
     out); runners: the market's runners' names in definition order, None
     for a name not known (the live stream has none: three or more runners
-    of a result market count as a draw); None: runners unknown (the sport
-    decides); event_name: the Betfair event's name ("Home v Away" or
+    of a result market count as a draw, two with no draw among their known
+    names make it two-way, ``moneyline``, in every sport); None or empty:
+    runners unknown (the sport decides); event_name: the Betfair event's name ("Home v Away" or
     "Away @ Home"), None when not known."""
     if not raw:
         return raw_type(None), None
@@ -442,11 +447,14 @@ def betfair_market(raw: str | None, sport: str | None = None, *, places: int | N
         return raw_type(raw), None
     kind, extra = hit
     specs = dict(extra)
-    if raw in _BETFAIR_RESULT and _has_draw(runners):
+    draw = _has_draw(runners) if raw in _BETFAIR_RESULT else None
+    if draw:
         kind = "match_result"  # three-way whatever the sport: never a two-way moneyline's key
         if "period" not in specs and (raw in _BETFAIR_INC_OT or (raw == "MATCH_ODDS" and sport in _MATCH_ODDS_INC_OT)):
             specs["period"] = "ot"
-    elif kind == "match_result" and sport in _NO_DRAW_SPORTS:
+    elif kind == "match_result" and (draw is False or sport in _NO_DRAW_SPORTS):
+        # no draw runner (a limited-overs cricket match: two runners) or a sport without draws: two-way,
+        # never the three-way key (a two-way price is no 1X2 price)
         kind = "moneyline"
     if kind in ("place", "each_way") and places:
         specs["places"] = str(places)

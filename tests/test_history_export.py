@@ -230,7 +230,7 @@ async def test_from_and_to_are_inclusive_and_days_split_at_utc_midnight(store: S
     assert {d[1:] for d in described if d[0] == "bf:7.7"} == {
         ("1", m.bookmaker, m.sport, None, "bf:30000", "Home FC v Away FC", "Match Odds", m.market_type, "Home FC"),
         ("2", m.bookmaker, m.sport, None, "bf:30000", "Home FC v Away FC", "Match Odds", m.market_type, "Away FC")}
-    assert (m.sport, m.market_type, m.event_id) == ("soccer", "match_result", "bf:30000")
+    assert (m.sport, m.market_type, m.event_id) == ("soccer", "moneyline", "bf:30000")  # two runners, no draw: two-way
 
     # one market; a window after every change of the other exports nothing of it
     out2 = tmp_path / "one"

@@ -864,3 +864,46 @@ def test_team_a_of_an_away_at_home_event_is_the_away_side() -> None:
     p = Pipe()
     p.feed(_live("TEAM_A_OVER_UNDER_25", "1", runners, []))
     assert p.market("1.200").specifiers == {"team": "home", "line": "2.5"}
+
+
+# --- an EACH_WAY market's terms: the definition's eachWayDivisor (audit: never read) ----------------
+
+
+def test_an_each_way_market_carries_its_fraction_from_the_definition() -> None:
+    """ESA's market definition carries ``eachWayDivisor`` (EACH_WAY only: the place part pays
+    1/divisor of the odds). It was never read, so a live EACH_WAY market at 1/4 and one at 1/5
+    were one market key (``each_way:places=3``): a price of other terms served as this one's.
+    The catalogue's names, arriving later, keep the terms."""
+    p = Pipe()
+    p.feed(image_line(marketType="EACH_WAY", numberOfWinners=3, eachWayDivisor=4.0))
+    m = p.market()
+    assert (m.market_type, m.specifiers) == ("each_way", {"places": "3", "ew_fraction": "1/4"})
+    p.feed(raw({"op": "marketCatalogue", "marketId": MID, "marketName": "Each Way",
+                "runners": [{"selectionId": 1, "runnerName": "Militia"}, {"selectionId": 2, "runnerName": "Hasty"}]}))
+    m = p.market()
+    assert (m.market_type, m.specifiers) == ("each_way", {"places": "3", "ew_fraction": "1/4"})
+    assert m.selection("1") is not None and m.selection("1").name == "Militia"  # type: ignore[union-attr]
+    # new terms (an integer on the wire) move the key
+    p.feed(mcm({"id": MID, "marketDefinition": definition(marketType="EACH_WAY", numberOfWinners=3,
+                                                          eachWayDivisor=5, version=2)}, pt=1100))
+    assert p.market().specifiers == {"places": "3", "ew_fraction": "1/5"}
+
+
+def test_the_recorded_limited_overs_cricket_match_odds_is_two_way() -> None:
+    """The recording 1.200806927 (Netherlands v Papua New Guinea, an ODI: two runners, ids
+    alone, no draw) was keyed ``match_result`` — a two-way price as the three-way market's —
+    and its runners took home / away from the 1X2 order. Now ``moneyline``, the key of
+    UOF's cricket winner (340); no side is guessed from the order of a two-way market."""
+    import json
+
+    from tests.conftest import require_shared_data
+
+    with open(require_shared_data() / "flumine" / "1.200806927", "rb") as f:
+        first = f.readline()
+    md = json.loads(first)["mc"][0]["marketDefinition"]
+    assert (md["eventTypeId"], md["marketType"], len(md["runners"])) == ("4", "MATCH_ODDS", 2)
+    p = Pipe()
+    p.feed(first, 1657018212979 + 50)
+    m = p.market("1.200806927")
+    assert (m.sport, m.market_type, m.specifiers) == ("cricket", "moneyline", None)
+    assert [s.outcome for s in m.selections] == [None, None]

@@ -72,6 +72,10 @@ async def test_pinnacle_faults_end_to_end(redis_url: str) -> None:
             for kind in ("truncated", "bad_price", "wrong_type"):
                 sim.malformed(1, kind=kind, provider="pinnacle")
                 await wait_faults_consumed(sim)
+                # the repair snapshot a rejected delta asks is read before the next bad body: one
+                # landing on it is a snapshot rejected whole, asked again only a minute later
+                p = src.polls
+                await eventually(lambda: src.polls >= p + 2 and not src._repair, what="the repair read")
             await asyncio.sleep(1.7)  # let the stalled/trickled handlers finish on the server side
             await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP again")
             markets = await converge(store, sim, "pinnacle", "pinnacle")
@@ -714,5 +718,80 @@ async def test_a_rejected_fixtures_snapshot_is_asked_again_a_minute_later_with_t
         await src._poll_once("29")  # a delta: it confirms, as designed
         assert pn.calls[-1] == ("/v2/odds", "30" if restarted else "20")
         assert sink.confirmed and all(c == {"pn:1:0:moneyline": ("OPEN", None)} for _, c in sink.confirmed)
+    finally:
+        await http.aclose()
+
+
+@pytest.mark.parametrize("when", ["image", "repair"])
+async def test_a_rejected_odds_snapshot_is_asked_again_a_minute_later_with_the_source_degraded(when: str) -> None:
+    """Gap: an odds snapshot the normaliser rejected whole (a 200 with a malformed body) — the
+    first one of a run (the image) or the repair after a rejected delta — asked for a repair, so
+    every poll (each 5 s) asked a fixtures and an odds snapshot again: Pinnacle's snapshot limit
+    (429s), and likely the same cached answer. Now the rejected fixtures snapshot's rule: asked
+    again a minute later (at most one a minute, never given up), no delta meanwhile (it would
+    confirm the markets the snapshot was to image or repair: nothing vouches for them, they read
+    stale), the source DEGRADED (bad_odds) until one is read; then deltas resume as designed."""
+    from feed.sources.poller import PN_BAD_ODDS, PN_SNAPSHOT_CACHE_S
+
+    later = "2025-08-16T14:00:00Z"  # the cutoff: ahead all along
+    garbage = b'{"sportId":29,"last":21,"leagues":[{"id":1980,"ev'  # a 200 with a truncated body
+
+    class Scripted(_Pinnacle):
+        """Delta calls answer ``deltas`` in turn (the last one repeated)."""
+
+        def __init__(self, snapshots: list[bytes], deltas: list[bytes]) -> None:
+            super().__init__(snapshots)
+            self.deltas = deltas
+
+        def handle(self, request: httpx.Request) -> httpx.Response:
+            since = request.url.params.get("since")
+            if since is None:
+                return super().handle(request)
+            self.calls.append((request.url.path, since))
+            return httpx.Response(200, content=self.deltas.pop(0) if len(self.deltas) > 1 else self.deltas[0])
+
+    if when == "image":  # the run's first odds snapshot is rejected, twice
+        pn = Scripted([garbage, garbage, _odds(20, later)], [b""])
+    else:  # a delta is rejected (a repair follows), and the repair snapshot twice
+        pn = Scripted([_odds(20, later), garbage, garbage, _odds(40, later)], [b"", garbage, b""])
+    sink = _BookSink()
+    src, http = pn.source(sink)
+    assert PN_SNAPSHOT_CACHE_S == 60
+
+    async def poll() -> None:
+        await src._poll_once("29")
+        pn.now[0] += 5_000
+        pn.mono[0] += 5
+
+    try:
+        if when == "repair":
+            for _ in range(3):  # 0 s: the snapshots; 5 s: a delta (it confirms); 10 s: a delta rejected
+                await poll()
+            assert pn.calls == [("/v1/fixtures", None), ("/v2/odds", None), ("/v2/odds", "20"), ("/v2/odds", "20")]
+            assert len(sink.confirmed) == 1 and (src.state, src.reason) == ("UP", None)
+            pn.calls.clear()
+        confirmed = list(sink.confirmed)
+        health: list[tuple[str, str | None]] = []
+        for _ in range(24):  # a poll every 5 s for 2 minutes: the odds snapshot rejected at 0 s and at 60 s
+            await poll()
+            health.append((src.state, src.reason))
+        # one repair a minute (a fixtures and an odds snapshot), nothing else: no delta
+        assert pn.calls == [("/v1/fixtures", None), ("/v2/odds", None)] * 2
+        assert sink.confirmed == confirmed  # nothing vouched for the markets: they read stale
+        if when == "repair":
+            age, stale = _node_reads(sink, pn.now[0])
+            assert stale and age >= 120_000
+        assert set(health) == {("DEGRADED", PN_BAD_ODDS)}
+        assert sink.states[-1] == ("DEGRADED", PN_BAD_ODDS)
+        await poll()  # 120 s: the snapshots are read, the odds applied
+        assert pn.calls[4:] == [("/v1/fixtures", None), ("/v2/odds", None)]
+        assert (src.state, src.reason) == ("UP", None) and sink.states[-1] == ("UP", None)
+        assert sink.confirmed == confirmed  # (a snapshot confirms nothing)
+        cursor = "20" if when == "image" else "40"
+        assert src.since("odds", 29) == int(cursor)
+        await poll()  # a delta: it confirms, as designed
+        assert pn.calls[-1] == ("/v2/odds", cursor)
+        assert len(sink.confirmed) == len(confirmed) + 1
+        assert sink.confirmed[-1][1] == {"pn:1:0:moneyline": ("OPEN", None)}
     finally:
         await http.aclose()

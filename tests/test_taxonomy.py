@@ -337,3 +337,38 @@ def test_betfair_runner_order_names_no_side_in_an_away_at_home_event() -> None:
     assert [betfair_outcome("match_result", str(i), None, i, None, sport="soccer") for i in (1, 2, 3)] == [
         "home", "away", "draw"]
     assert betfair_outcome("total", "1", None, 1, at, sport="ice_hockey") == "under"
+
+
+# -- a result market with no draw runner is two-way in any sport (audit: cricket) -----------------
+
+
+@pytest.mark.parametrize(("raw", "sport", "runners", "want"), [
+    # a limited-overs cricket match: two runners (ids alone on the live stream, or names)
+    ("MATCH_ODDS", "cricket", [None, None], ("moneyline", None)),
+    ("MATCH_ODDS", "cricket", ["Netherlands", "Papua New Guinea"], ("moneyline", None)),
+    # a sport with draws whose market has none
+    ("MATCH_ODDS", "soccer", [None, None], ("moneyline", None)),
+    ("MATCH_ODDS", "ice_hockey", ["Boston Bruins", "New York Rangers"], ("moneyline", None)),
+    ("HALF_TIME", "rugby_union", [None, None], ("moneyline", {"period": "1h"})),
+    # a draw among them (a test match), or a third runner: three-way as before
+    ("MATCH_ODDS", "cricket", ["England", "India", "The Draw"], ("match_result", None)),
+    ("MATCH_ODDS", "cricket", [None, None, None], ("match_result", None)),
+    ("MATCH_ODDS", "cricket", ["England", "The Draw"], ("match_result", None)),
+    # runners unknown: the sport decides
+    ("MATCH_ODDS", "cricket", None, ("match_result", None)),
+    ("MATCH_ODDS", "cricket", [], ("match_result", None)),
+    # not a result type: untouched
+    ("CORNER_MATCH_BET", "soccer", [None, None], ("match_result", {"unit": "corners"})),
+])
+def test_betfair_a_result_market_without_a_draw_runner_is_two_way_in_any_sport(
+        raw: str, sport: str, runners: list[str | None] | None, want: tuple) -> None:
+    """A cricket MATCH_ODDS of a limited-overs match (no draw runner: the recording
+    1.200806927 lists two) was ``match_result``, the three-way key: its two-way price
+    stood beside other books' 1X2 prices as the same market's."""
+    assert betfair_market(raw, sport, runners=runners) == want
+
+
+def test_betfair_a_two_runner_cricket_match_shares_the_two_way_key() -> None:
+    two_way = betfair_market("MATCH_ODDS", "cricket", runners=[None, None])
+    assert market_key(*two_way, sport="cricket") == market_key(*uof_market("340", None, sport="cricket")) == "moneyline"
+    assert market_key(*two_way, sport="cricket") != market_key(*uof_market("1", None, sport="cricket"))

@@ -192,6 +192,7 @@ class MarketDefinition(msgspec.Struct, kw_only=True, gc=False):
     marketType: str | None = None
     bettingType: str | None = None
     numberOfWinners: Count | None = None
+    eachWayDivisor: float | None = None  # EACH_WAY only: the place part pays 1/divisor of the odds
     countryCode: str | None = None
     venue: str | None = None
     eventName: str | None = None
@@ -511,7 +512,7 @@ class _Runner:
 
 
 class _Market:
-    __slots__ = ("market_id", "runners", "by_id", "header", "ladder", "tv", "source_ts")
+    __slots__ = ("market_id", "runners", "by_id", "header", "ladder", "tv", "source_ts", "divisor")
 
     def __init__(self, market_id: str) -> None:
         self.market_id = market_id
@@ -521,6 +522,7 @@ class _Market:
         self.ladder = 0
         self.tv: float | None = None
         self.source_ts = 0  # provider time of the last change applied (a catalogue's names carry it)
+        self.divisor: float | None = None  # the definition's eachWayDivisor (the catalogue re-maps with it)
 
 
 class EsaCursor(msgspec.Struct, kw_only=True):
@@ -629,8 +631,8 @@ def _check_levels(changes: list[tuple[int, float, float]] | None) -> bool:
 
 
 def market_type_to_canonical(raw: str | None, sport: str | None = None, places: int | None = None, *,
-                             runners: Sequence[str | None] | None = None, event_name: str | None = None
-                             ) -> tuple[str, dict[str, str] | None]:
+                             runners: Sequence[str | None] | None = None, event_name: str | None = None,
+                             divisor: float | None = None) -> tuple[str, dict[str, str] | None]:
     """Betfair ``marketType`` → (canonical key, specifiers) of
     :mod:`feed.taxonomy` (:func:`feed.taxonomy.betfair_market`):
     ``MATCH_ODDS`` → ``("match_result", None)`` (``moneyline`` in sports
@@ -638,8 +640,10 @@ def market_type_to_canonical(raw: str | None, sport: str | None = None, places: 
     ``("total", {"line": "2.5"})``; ``TEAM_A_OVER_UNDER_25`` → Team A's side
     by the event name ("Away @ Home": ``away``); unknown types →
     ``raw:<type>``. runners: the runners' names in definition order (None
-    for one not known); event_name: "Home v Away" / "Away @ Home", or None."""
-    return betfair_market(raw, sport, places=places, runners=runners, event_name=event_name)
+    for one not known); event_name: "Home v Away" / "Away @ Home", or None;
+    divisor: the definition's ``eachWayDivisor`` (an EACH_WAY market's
+    ``ew_fraction``: ``4.0`` → ``1/4``)."""
+    return betfair_market(raw, sport, places=places, runners=runners, event_name=event_name, divisor=divisor)
 
 
 class BetfairNormaliser:
@@ -1100,7 +1104,7 @@ class BetfairNormaliser:
         # the names may settle what the stream could not: which side Team A is ("Away @ Home")
         market_type, specifiers = market_type_to_canonical(
             h.market_type_raw, h.sport, h.number_of_winners, event_name=event_name,
-            runners=[r.name for r in market.runners.values()])
+            runners=[r.name for r in market.runners.values()], divisor=market.divisor)
         market.header = msgspec.structs.replace(
             h, name=h.name or cat.marketName, event_name=event_name, market_type=market_type,
             specifiers=specifiers, competition=h.competition or (cat.competition.name if cat.competition else None))
@@ -1132,9 +1136,10 @@ class BetfairNormaliser:
         sport = SPORTS.get(md.eventTypeId or "", f"betfair_{md.eventTypeId}" if md.eventTypeId else None)
         cat = self.catalogues.get(market.market_id)
         event_name = md.eventName or (cat.event.name if cat and cat.event else None)
+        market.divisor = md.eachWayDivisor
         market_type, specifiers = market_type_to_canonical(
             md.marketType, sport, md.numberOfWinners, event_name=event_name,
-            runners=[self._runner(market, rd.id, rd.hc).name for rd in md.runners])
+            runners=[self._runner(market, rd.id, rd.hc).name for rd in md.runners], divisor=md.eachWayDivisor)
         market.header = MarketHeader(
             event_id=SOURCE_PREFIX + md.eventId if md.eventId else None,
             bookmaker="betfair_exchange",

@@ -47,6 +47,11 @@ I/O only — decoding and diffing are the normalisers' job
   minute, for as long as it takes: Pinnacle's snapshot limit), no odds call
   before one applies (nothing confirms the sport's markets: they read
   stale) and the source reads DEGRADED (:data:`PN_BAD_FIXTURES`) until then.
+  An odds snapshot rejected whole (the image, a resync or the repair after a
+  rejected change) follows the same rule: asked again
+  :data:`PN_SNAPSHOT_CACHE_S` later (it was asked at every poll), no fixtures
+  or odds call meanwhile (a delta would confirm the markets it was to image
+  or repair: they read stale), DEGRADED (:data:`PN_BAD_ODDS`) until one is read.
   Three stale answers in a row (``last`` going backwards), a rejected
   change (a repair) or ``resync_s`` → a fresh snapshot (a *resync*); one
   answered older than the cursor (at a 5 s delta rate the cached answer
@@ -631,6 +636,11 @@ class PinnacleSource(PollerSource):
         #: malformed body): asked again PN_SNAPSHOT_CACHE_S later (``_stale_image_at`` holds when it
         #: was asked), no odds call before one applies; the source reads DEGRADED (PN_BAD_FIXTURES)
         self._bad_fixtures: set[int] = set()
+        #: sportIds whose last odds snapshot (the image, or a resync / repair) was rejected whole by the
+        #: normaliser: the same rule — asked again PN_SNAPSHOT_CACHE_S later (``_stale_image_at``), no
+        #: fixtures or odds call meanwhile (a delta would confirm markets the snapshot was to repair),
+        #: the source DEGRADED (PN_BAD_ODDS)
+        self._bad_odds: set[int] = set()
         #: sportId -> (when (clock s) its last resync odds snapshot was asked — hourly, a repair, a
         #: cursor going backwards — that came back older than the cursor, how many did in a row):
         #: no fixtures or odds call until it is asked again PN_SNAPSHOT_CACHE_S later (at most
@@ -689,14 +699,17 @@ class PinnacleSource(PollerSource):
         retry = self._resync_retry.get(sport)
         if retry is not None and now - retry[0] >= PN_SNAPSHOT_CACHE_S:
             resync = True  # the resync snapshot again: the cache has moved on past the held cursor
+        if sport in self._bad_odds:
+            resync = True  # the odds snapshot was rejected whole: only a snapshot repairs (never a delta)
         got = Delivered()
-        if (first or ("odds", sport) not in self._imaged) and stale_at is not None \
+        if (first or ("odds", sport) not in self._imaged or sport in self._bad_odds) and stale_at is not None \
                 and now - stale_at < PN_SNAPSHOT_CACHE_S:
             # a snapshot came back older than the resumed cursor (Pinnacle caches snapshot answers): no
             # delta meanwhile (it would move the cursor past the next snapshot again, and confirm markets
             # whose cutoff is unknown); the sport's markets read stale until the next snapshot. Or the
             # fixtures snapshot was rejected whole (a malformed body): asked again no sooner (the same
-            # cached answer, and Pinnacle's snapshot limit), no odds before a fixtures snapshot applies
+            # cached answer, and Pinnacle's snapshot limit), no odds before a fixtures snapshot applies.
+            # Or the odds snapshot was (an image, a resync or a repair): likewise, and no delta meanwhile
             pass
         elif retry is not None and now - retry[0] < PN_SNAPSHOT_CACHE_S:
             # a resync snapshot came back older than the cursor (a cached answer) and was dropped:
@@ -721,9 +734,12 @@ class PinnacleSource(PollerSource):
     def _set_state(self, state: SourceState, reason: str | None) -> None:
         # a sport polled whose fixtures snapshot was rejected (its odds held, its markets unconfirmed):
         # not UP — a poll that succeeded otherwise says DEGRADED and why
-        if state == "UP" and self._bad_fixtures and not self._bad_fixtures.isdisjoint(
-                int(k) for k in self.keys() if k.isdigit()):
-            state, reason = "DEGRADED", PN_BAD_FIXTURES
+        if state == "UP" and (self._bad_fixtures or self._bad_odds):
+            polled = {int(k) for k in self.keys() if k.isdigit()}
+            if not self._bad_fixtures.isdisjoint(polled):
+                state, reason = "DEGRADED", PN_BAD_FIXTURES
+            elif not self._bad_odds.isdisjoint(polled):
+                state, reason = "DEGRADED", PN_BAD_ODDS
         super()._set_state(state, reason)
 
     async def _leagues(self, sport: int) -> None:
@@ -775,6 +791,8 @@ class PinnacleSource(PollerSource):
             self._snapshot_at[sport] = now
             self._stale_streak[sport] = 0
         if res.status == 304 or not res.body.strip():
+            if since is None and endpoint == "odds":
+                self._bad_odds.discard(sport)  # (an answer: the sport offers nothing)
             if image:
                 self._imaged.add((endpoint, sport))
                 if endpoint == "fixtures":
@@ -823,6 +841,19 @@ class PinnacleSource(PollerSource):
                 self._resync_retry.pop(sport, None)
         if got.in_play is not None:
             self._live[sport] = got.in_play
+        if since is None and endpoint == "odds" and got.rejected_messages:
+            # an odds snapshot rejected whole (a malformed body): nothing applied, so what it was to
+            # image or repair is not; asked again at every poll it would hammer Pinnacle's snapshot
+            # limit (and likely meet the same cached answer) — as a rejected fixtures snapshot: asked
+            # again PN_SNAPSHOT_CACHE_S later, no delta meanwhile (it would confirm the markets it
+            # was to repair: they read stale), the source DEGRADED (PN_BAD_ODDS)
+            self._stale_image_at[sport] = asked
+            if sport not in self._bad_odds:
+                logger.warning("%s: the odds snapshot of sport %d was rejected; no odds delta before one "
+                               "applies (asked again in %gs)", self.name, sport, PN_SNAPSHOT_CACHE_S)
+            self._bad_odds.add(sport)
+        elif since is None and endpoint == "odds":
+            self._bad_odds.discard(sport)  # read (applied, or older than the cursor: the stale rules hold)
         rejected = bool(got.rejected_messages or got.rejected_parts)
         if got.lost or (rejected and endpoint == "odds"):
             # a rejected part may have carried changes the advanced cursor now skips (or markets
@@ -855,6 +886,11 @@ PN_SNAPSHOT_CACHE_S = PN_SNAPSHOT_CACHE_MS / 1000
 #: and none has applied since: its odds are not asked, its markets read stale; asked again
 #: PN_SNAPSHOT_CACHE_S later (like ``bad_sports``: an unreadable ``/v2/sports`` reply).
 PN_BAD_FIXTURES = "bad_fixtures"
+
+#: The health reason (DEGRADED) while a sport's last odds snapshot (its image, a resync or a repair) was
+#: rejected whole: no odds delta is asked (the sport's markets read stale), the snapshot is asked again
+#: PN_SNAPSHOT_CACHE_S later — the rule of PN_BAD_FIXTURES.
+PN_BAD_ODDS = "bad_odds"
 
 #: Resync odds snapshots of a sport (``resync_s``, a repair, a cursor going backwards) asked at most
 #: in a row while each comes back older than the cursor (deltas wait between them); then deltas
