@@ -501,12 +501,106 @@ def test_a_restored_market_replays_a_settlement_and_its_rollback_in_their_order(
     (u,) = feed(r, cancel(T + 4, "rollback_bet_cancel"), "lo.-.live.rollback_bet_cancel.1.sr:match.1.-").updates
     assert u.header is not None and (u.header.status, u.header.suspend_reason) == (
         "SUSPENDED", "settlement_rolled_back")
-    # a market stored settled (its stored time moved by a start time change): a rollback up to its stored
-    # time is taken as applied (it may be one undone by a later settlement)
+    # a market stored settled, then a start time change: its stored time stays the settlement's (a start time
+    # change does not move a closed market's time), so the rollback of that settlement applies after the restart
+    # (test_a_start_time_change_never_blocks_the_rollback_of_a_close)
     fixture = b'<fixture_change product="3" event_id="sr:match:1" timestamp="%d" start_time="%d"/>' % (
         T + 4, T + 3_600_000)
     r, _ = restarted((odds(T + 1, m1x2(), status=1), LIVE), (settle(T + 2), LIVE),
                      (fixture, "hi.pre.-.fixture_change.1.sr:match.1.-"))
-    assert r.markets[MID].status == "SETTLED" and r.markets[MID].ts == T + 4
+    assert r.markets[MID].status == "SETTLED" and r.markets[MID].ts == T + 2
+    assert feed(r, settle(T + 2)).stale  # a settlement up to its stored time is taken as applied
+    assert not feed(r, rollback_settle(T + 3), RB_SETTLE).stale and r.markets[MID].status == "SUSPENDED"
+
+
+CTRL_STOP = "hi.pre.-.bet_stop.1.sr:match.1.-"
+
+
+def test_a_prematch_status_never_takes_a_live_producers_market_out_of_play() -> None:
+    """Ctrl's (product 3) status 0 as the first status known of the event: a market LiveOdds prices
+    stays in play (LiveOdds' odds are live odds; it went back to "not in play", judged by the
+    pre-match limits) — whether Ctrl's status comes before or after LiveOdds' odds, through a Ctrl
+    bet_stop, and for a market LiveOdds settles. Ctrl's own market reads Ctrl's status; LiveOdds'
+    own "not started" does take the LiveOdds market out of play, its "live" back in."""
+    n = UofNormaliser()
+    (u,) = feed(n, odds(T + 1, m1x2())).updates  # LiveOdds, no status yet: in play
+    assert u.header is not None and u.header.in_play is True
+    b = feed(n, odds(T + 2, mtotal(), product=3, status=0), PRE)  # Ctrl's 0: the first status known
+    assert in_play(b) == {TOTAL: ("OPEN", False, T + 2)}  # the LiveOdds market is not moved
+    assert n.markets[MID].header is not None and n.markets[MID].header.in_play is True
+    b = feed(n, settle(T + 3))  # settled by LiveOdds: in play as of its close
+    assert in_play(b) == {MID: ("SETTLED", True, T + 3)}
+    # the other order: Ctrl's 0 first, then LiveOdds' odds; a Ctrl bet_stop does not re-attribute it
+    r = UofNormaliser()
+    feed(r, odds(T + 1, mtotal(), product=3, status=0), PRE)
+    (u,) = feed(r, odds(T + 2, m1x2())).updates
+    assert u.header is not None and u.header.in_play is True
+    ctrl_stop = f'<bet_stop product="3" event_id="sr:match:1" timestamp="{T + 3}" groups="all"/>'.encode()
+    assert in_play(feed(r, ctrl_stop, CTRL_STOP)) == {
+        MID: ("SUSPENDED", True, T + 3), TOTAL: ("SUSPENDED", False, T + 3)}
+    b = feed(r, odds(T + 4, status=0))  # LiveOdds' own status: not started
+    assert in_play(b) == {MID: ("SUSPENDED", False, T + 4)} and r.states["uof:sr:match:1"].status == "NOT_STARTED"
+    b = feed(r, odds(T + 5, status=1))  # LiveOdds: live (every market)
+    assert in_play(b) == {MID: ("SUSPENDED", True, T + 5), TOTAL: ("SUSPENDED", True, T + 5)}
+
+
+FIXTURE = "hi.pre.-.fixture_change.1.sr:match.1.-"
+
+
+def fixture_change(ts: int, start: int) -> bytes:
+    return b'<fixture_change product="3" event_id="sr:match:1" timestamp="%d" start_time="%d"/>' % (ts, start)
+
+
+def test_a_start_time_change_never_blocks_the_rollback_of_a_close() -> None:
+    """A settled (cancelled) market, then a start-time change, then a restart: the rollback generated
+    after the settlement (cancel) but delivered after the start-time change applies — it was compared
+    with the stored time the start-time change had moved and dropped (the market stayed SETTLED: a
+    lost change). The start-time change still reaches the closed market; a rollback older than a
+    later settlement of the market is still stale."""
+    start = T + 3_600_000
+    r, book = restarted((odds(T + 1, m1x2(), status=1), LIVE), (settle(T + 2), LIVE),
+                        (fixture_change(T + 4, start), FIXTURE))
+    assert (book.markets[MID].status, book.markets[MID].start_time) == ("SETTLED", start)
+    b = into(book, feed(r, rollback_settle(T + 3), RB_SETTLE))
+    assert not b.stale and in_play(b) == {MID: ("SUSPENDED", True, T + 3)}
+    assert (book.markets[MID].status, book.markets[MID].suspend_reason) == ("SUSPENDED", "settlement_rolled_back")
+    assert {s.status for s in book.markets[MID].selections} == {"SUSPENDED"}
+    # without a restart: the same, in the book
+    n, book = UofNormaliser(), Book()
+    for raw, channel in ((odds(T + 1, m1x2(), status=1), LIVE), (cancel(T + 2), CANCEL),
+                         (fixture_change(T + 4, start), FIXTURE)):
+        into(book, feed(n, raw, channel))
+    b = into(book, feed(n, cancel(T + 3, "rollback_bet_cancel"), "lo.-.live.rollback_bet_cancel.1.sr:match.1.-"))
+    assert in_play(b) == {MID: ("OPEN", True, T + 3)} and book.markets[MID].status == "OPEN"
+    # a cancelled market, restarted: its rollback applies too
+    r, book = restarted((odds(T + 1, m1x2(), status=1), LIVE), (cancel(T + 2), CANCEL),
+                        (fixture_change(T + 4, start), FIXTURE))
+    b = into(book, feed(r, cancel(T + 3, "rollback_bet_cancel"), "lo.-.live.rollback_bet_cancel.1.sr:match.1.-"))
+    assert in_play(b) == {MID: ("SUSPENDED", True, T + 3)} and book.markets[MID].suspend_reason == "cancel_rolled_back"
+    # settled, rolled back, settled again, then the start-time change: the old rollback (redelivered after
+    # the restart) belongs to the first settlement, undone already: stale, the market stays settled
+    r, book = restarted((odds(T + 1, m1x2(), status=1), LIVE), (settle(T + 2), LIVE),
+                        (rollback_settle(T + 3), RB_SETTLE), (settle(T + 4), LIVE),
+                        (fixture_change(T + 6, start), FIXTURE))
+    assert book.markets[MID].status == "SETTLED"
     assert feed(r, rollback_settle(T + 3), RB_SETTLE).stale and r.markets[MID].status == "SETTLED"
-    assert feed(r, settle(T + 3)).stale  # nor is it settled again
+
+
+def test_a_market_first_seen_in_an_odds_change_older_than_the_events_bet_stop_is_stopped() -> None:
+    """An event-wide bet_stop (T+5), then an odds_change generated before it (T+3, another producer)
+    naming a market not seen yet: that market is suspended by the bet_stop as the markets the stop
+    reached are (it was served OPEN at T+3's prices, the event stopped), and stamped with it (a part
+    between them is stale, the stop again a duplicate); one generated after the stop opens it."""
+    n = UofNormaliser()
+    feed(n, odds(T + 1, m1x2(), status=1))
+    feed(n, stop(T + 5), STOP)
+    b = feed(n, odds(T + 3, mtotal(), product=3), PRE)
+    assert in_play(b) == {TOTAL: ("SUSPENDED", True, T + 5)} and n.markets[TOTAL].reason == "bet_stop"
+    assert [s.price for s in b.updates[0].selections] == [1.9, 1.95]  # its prices are kept (suspended)
+    assert feed(n, odds(T + 4, mtotal(over=2.5), product=3), PRE).stale
+    assert feed(n, stop(T + 5), STOP).stale  # a redelivery of the stop
+    other = '<market id="18" specifiers="total=3.5"><outcome id="12" odds="1.5"/><outcome id="13" odds="2.5"/></market>'
+    b = feed(n, odds(T + 5, other, product=3), PRE)  # of the stop's ms (after it): not stopped
+    assert in_play(b) == {"uof:sr:match:1:18:total=3.5": ("OPEN", True, T + 5)}
+    (u,) = feed(n, odds(T + 6, mtotal(over=2.0))).updates  # the next odds_change re-opens it
+    assert u.header is not None and u.header.status == "OPEN"

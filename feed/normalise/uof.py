@@ -41,7 +41,17 @@ Messages (root element = ``op``):
   element (``minOccurs=0``) may be absent: until a status of the event is
   known, a market reads in play when it comes from a live producer
   (:data:`LIVE_PRODUCERS`, 1 = LiveOdds), not otherwise; once one is, every
-  market reads it. The whole element becomes the
+  market reads it — but a market a live producer priced (the producer of the
+  last ``odds_change`` that set its odds; a ``bet_stop``, settlement or
+  odds-less handover of another producer does not change it) reads in play
+  while every status known (as of its close, for a closed one) is a prematch
+  producer's: Ctrl's 0 says nothing of LiveOdds' odds, which are live odds
+  (Sportradar's practice: the producer, 3 or 1, tells a match's pre-match
+  section from its live one), so neither its order against them nor a Ctrl
+  ``bet_stop`` makes them pre-match ones. LiveOdds' own 0 (it opens its
+  markets minutes before the start with status 0) does: NOT_STARTED, its
+  ``start_time``, when known, then judges it by the in-play limits from the
+  start on (``streaming.state.live_for_limits``). The whole element becomes the
   :class:`~feed.models.EventState` of ``uof:<event_id>`` (its ``in_play``
   as above): ``status`` 0–9 → NOT_STARTED, LIVE, SUSPENDED, ENDED, CLOSED,
   CANCELLED, DELAYED, INTERRUPTED, POSTPONED, ABANDONED;
@@ -60,7 +70,10 @@ Messages (root element = ``op``):
   hold becomes ``SUSPENDED`` (``suspend_reason`` ``bet_stop``), or
   ``INACTIVE`` for ``market_status="0"``. Market groups need Sportradar's
   market descriptions API, which this normaliser does not read: any
-  ``groups`` value stops every market of the event (the safe side).
+  ``groups`` value stops every market of the event (the safe side). A
+  market first seen in an ``odds_change`` older than the event's newest
+  ``bet_stop`` (another producer's, delivered after it) is held by that stop
+  too, as if it had come in order (stamped with it).
 - ``bet_settlement``: outcome ``void_factor="1"`` → ``VOID``, else
   ``result="1"`` → ``WINNER``, ``result="0"`` → ``LOSER``; the market
   becomes ``SETTLED``; the outcome's ``void_factor`` (0.5: half the stake
@@ -78,7 +91,8 @@ Messages (root element = ``op``):
   nor does a ``rollback_bet_cancel`` with a window
   (``windowed_cancel_rollback``: it undoes only the cancel of that window).
 - ``fixture_change`` (``start_time`` ms): the event's start time; every
-  market of the event follows (header change).
+  market of the event follows (header change; a closed market's
+  ``source_ts`` stays its own, see Ordering).
 - ``alive`` (``subscribed``): a producer's keep-alive (``heartbeat``);
   ``subscribed="0"`` asks the source for a recovery
   (``requests=["recovery:<product>"]``).
@@ -121,8 +135,13 @@ which nothing applied for that reason is returned with ``stale=True``. What
 a market only inherits from its event — ``in_play``, ``start_time`` —
 travels as a header change that never moves that timestamp (an update's
 ``source_ts`` still never goes back), so a late part of the market itself is
-not lost behind it. A market restored from the store knows only its stored
-``source_ts``, which such header changes may have moved past its own last
+not lost behind it; a start-time change does not move even the
+``source_ts`` of a closed market (its update keeps the market's own time),
+so a closed market's stored time is that of its own last part and the
+rollback of its close, generated after it but delivered after the
+start-time change — and a restart — still applies. A market restored from
+the store knows only its stored ``source_ts``, which such header changes (an
+``in_play`` change, or a start-time change while it was open) may have moved past its own last
 part (the final ``status="4"`` stamped after its ``bet_stop``): its own time
 is not known, only that it is at most that. Until a part newer than it
 applies (the market's time is then known again), an ``odds_change`` up to it
@@ -694,7 +713,7 @@ def _stamp(obj: _Market | _Event, ts: int, digest: bytes) -> None:
 
 class _Event:
     __slots__ = ("before", "before_auth", "eff", "id", "in_play", "known", "live", "markets", "seen", "sport",
-                 "start_time", "ts")
+                 "start_time", "stop", "ts")
 
     def __init__(self, event_id: str) -> None:
         self.id = event_id
@@ -714,6 +733,8 @@ class _Event:
         self.before_auth: bool | None = None
         self.ts = 0  # timestamp of the last fixture_change applied
         self.seen: list[bytes] | None = []  # digests of the fixture_change messages applied at ``ts``
+        #: the newest bet_stop: (timestamp ms, the status it sets, its digest) — for a market first seen after it
+        self.stop: tuple[int, MarketStatus, bytes] | None = None
         self.markets: dict[str, None] = {}
 
     def observe(self, ts: int, live: bool, prematch: bool) -> bool:
@@ -724,7 +745,7 @@ class _Event:
         some time changed (else no market's ``in_play`` can have)."""
         was = self.in_play if self.known else None
         if not self.live or ts > self.live[-1][0]:  # the newest (the usual case): nothing before it changes
-            auth = next((v for _, v, pre in reversed(self.live) if not pre), self.before_auth)
+            auth = self.auth_now()
             now = live or (prematch and auth is True)
             last = self.eff[-1][1] if self.eff else self.before  # as of ts (and after) until now
             self.live.append((ts, live, prematch))
@@ -762,6 +783,11 @@ class _Event:
             self.before_auth = gone_live
         self.before = None
 
+    def auth_now(self) -> bool | None:
+        """In play per the newest status of a producer that is not prematch
+        (None: none known)."""
+        return next((v for _, v, pre in reversed(self.live) if not pre), self.before_auth)
+
     def auth_at(self, ts: int) -> bool | None:
         """In play as of ``ts`` per the last status of a producer that is not
         prematch at or before it (None: none known)."""
@@ -781,8 +807,8 @@ class _Event:
 
 class _Market:
     __slots__ = ("canonical_specifiers", "closed_ts", "event", "header", "kind", "kind_sport", "market_id",
-                 "need_image", "out_ts", "pre_cancel", "product", "raw_id", "reason", "seen", "sels", "specifiers",
-                 "status", "ts", "unsure")
+                 "need_image", "out_ts", "pre_cancel", "priced_by", "product", "raw_id", "reason", "seen", "sels",
+                 "specifiers", "status", "ts", "unsure")
 
     def __init__(self, market_id: str, event: _Event, raw_id: str, specifiers: str | None) -> None:
         self.market_id = market_id
@@ -791,7 +817,10 @@ class _Market:
         self.specifiers = specifiers
         self.kind, self.canonical_specifiers = uof_market(raw_id, _specifiers(specifiers), sport=event.sport)
         self.kind_sport = event.sport  # the sport the kind was mapped with (None: the period is always kept)
-        self.product: int | None = None
+        self.product: int | None = None  # the producer of the last part applied
+        #: the producer of the last odds_change that priced it (set an outcome's odds): whose odds it carries
+        #: (a bet_stop, settlement or odds-less handover of another producer does not change it)
+        self.priced_by: int | None = None
         self.status: MarketStatus = "OPEN"
         self.reason: str | None = None
         self.sels: dict[str, Selection] = {}
@@ -997,11 +1026,16 @@ class UofNormaliser:
             ev.start_time = msg.start_time
             for mid in ev.markets:
                 m = self.markets[mid]
-                self._emit(m, m.need_image, [], msg.timestamp, batch, recv_ms)
+                # a closed market's source_ts stays its own (its close's, or a later part's): stored, it is all a
+                # restart knows of the market's time, and a rollback newer than the close must still apply
+                self._emit(m, m.need_image, [], m.ts if m.status in CLOSED_STATUSES else msg.timestamp, batch,
+                           recv_ms)
 
     def _bet_stop(self, msg: BetStop, batch: NormalisedBatch, recv_ms: int, channel: str) -> None:
         ev = self._event(msg.event_id, channel)
         status: MarketStatus = "INACTIVE" if msg.market_status == 0 else "SUSPENDED"
+        if ev.stop is None or msg.timestamp >= ev.stop[0]:
+            ev.stop = (msg.timestamp, status, self._digest)
         applied = stale = 0
         for mid in ev.markets:
             m = self.markets[mid]
@@ -1040,8 +1074,11 @@ class UofNormaliser:
                     self._drop("prematch_status")
                 else:
                     self._event_state(ev, msg, batch, recv_ms)
+            # the first status of a producer that is not prematch (as of then) decides the markets of a live
+            # producer that read in play while none was known (see _in_play)
+            first_auth = not prematch and ev.auth_at(msg.timestamp) is None
             # before the markets: a part closing one reads it
-            live_changed = ev.observe(msg.timestamp, live, prematch)
+            live_changed = ev.observe(msg.timestamp, live, prematch) or first_auth
             batch.in_play = ev.in_play
         elif isinstance(msg, OddsChange) and msg.sport_event_status is not None:
             self._event_state(ev, msg, batch, recv_ms)  # no status attribute: rejected as a state
@@ -1080,6 +1117,13 @@ class UofNormaliser:
                 m.unsure = msg.timestamp
             was_closed = m.status in CLOSED_STATUSES
             sids = self._apply_market(msg, m, wm)
+            stop = ev.stop
+            if (known is None and stop is not None and msg.timestamp < stop[0] and isinstance(msg, OddsChange)
+                    and m.status not in CLOSED_STATUSES):
+                # first seen in a part older than the event's last bet_stop (it arrived after it): that stop
+                # holds it too, as it holds every market it reached (stamped with it: parts between are stale)
+                m.status, m.reason = stop[1], "bet_stop"
+                _stamp(m, stop[0], stop[2])
             if m.status not in CLOSED_STATUSES:
                 m.closed_ts = None
             elif not was_closed or m.closed_ts is None:
@@ -1143,7 +1187,11 @@ class UofNormaliser:
             closing = m.status in CLOSED_STATUSES
             for o in wm.outcomes:
                 prev = m.sels.get(o.id)
-                price = o.odds if o.odds is not None and is_price(o.odds) else (prev.price if prev else None)
+                if o.odds is not None and is_price(o.odds):
+                    price: float | None = o.odds
+                    m.priced_by = msg.product  # whose odds it carries (see _in_play)
+                else:
+                    price = prev.price if prev else None
                 status: SelectionStatus = "SUSPENDED" if o.active == 0 else "ACTIVE"
                 if closing and prev is not None and prev.status in _RESULTS:
                     # odds of a settled / cancelled market: its results (and their factors) stand
@@ -1227,16 +1275,25 @@ class UofNormaliser:
         """An open market: its event's newest status; a closed one: the
         status as of its close (its last emitted value when not known). An
         event whose status is not known: in play for a market of a live
-        producer (:data:`LIVE_PRODUCERS`), else not."""
+        producer (:data:`LIVE_PRODUCERS`: the producer whose odds it carries,
+        else of its last part), else not. A market of a live producer is in
+        play, too, while every status known (as of then) is a prematch
+        producer's (:data:`PREMATCH_PRODUCERS`): Ctrl's "not started" never
+        makes LiveOdds' odds pre-match ones, in whatever order they come."""
         ev = m.event
+        live_odds = m.priced_by in LIVE_PRODUCERS
         if m.status not in CLOSED_STATUSES or m.closed_ts is None:
-            return ev.in_play if ev.known else m.product in LIVE_PRODUCERS
+            if not ev.known:
+                return (m.product if m.priced_by is None else m.priced_by) in LIVE_PRODUCERS
+            return ev.in_play or (live_odds and ev.auth_now() is None)
         live = ev.in_play_at(m.closed_ts)
         if live is None:
             if m.header is not None:
                 return m.header.in_play
-            return ev.in_play if ev.known else m.product in LIVE_PRODUCERS
-        return live
+            if not ev.known:
+                return (m.product if m.priced_by is None else m.priced_by) in LIVE_PRODUCERS
+            return ev.in_play or (live_odds and ev.auth_now() is None)
+        return live or (live_odds and ev.auth_at(m.closed_ts) is None)
 
     def _header(self, m: _Market) -> MarketHeader:
         ev = m.event
