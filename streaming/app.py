@@ -107,6 +107,8 @@ def create_app(settings: Settings, *, store: Store | None = None, redis_url: str
                 await s.close()
             raise
         app.state.node = node
+        for route in getattr(app.state, "fast_routes", {}).values():
+            route.node = node  # the price checks the HTTP protocol answers itself (streaming.fastpath)
         node.tenants = tenants
         tenants.on_change = node.hub.tenants_changed
         app.state.metrics_registry = make_registry(node)
@@ -174,6 +176,7 @@ class StreamingServer(uvicorn.Server):
             header_timeout_s=(settings.request_header_timeout_ms / 1000) if settings else 10.0,
             max_per_ip=settings.max_connections_per_ip if settings else 0,
             fast_routes=getattr(app.state, "fast_routes", None))
+        app.state.http_guard = self.guard  # (its counters: tests, diagnostics)
         if options is not None:
             config.ws_ping_interval = options.ws_ping_interval_s
             config.ws_ping_timeout = options.ws_ping_timeout_s

@@ -38,7 +38,7 @@ turns the fast path off.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from feed.settings import Settings
+    from streaming.reader import Node
     from streaming.tenants import Tenants
 
 __all__ = ["SyncRoute", "price_check_routes"]
@@ -69,15 +70,15 @@ async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma
 class SyncRoute:
     """One path the HTTP protocol answers itself (see the module docstring).
 
-    app: the Starlette app (its ``state.node`` once the lifespan has started).
-    path: the route's path. endpoint: the price-check endpoint whose
+    app: the Starlette app. path: the route's path. endpoint: the price-check endpoint whose
     synchronous :meth:`~streaming.pricecheck.PriceCheckEndpoint.answer` is
     called. auth: the credential checker (None: authentication is off).
     max_body_bytes: a larger ``Content-Length`` goes through ASGI (which
-    answers 413).
+    answers 413). :attr:`node`: the node, set by the app's lifespan once it
+    has started (None before: the answer is 503 ``not_ready``).
     """
 
-    __slots__ = ("_deadline_s", "app", "auth", "endpoint", "max_body_bytes", "path", "requests")
+    __slots__ = ("_deadline_s", "app", "auth", "endpoint", "max_body_bytes", "node", "path", "requests")
 
     def __init__(self, app: Starlette, path: str, endpoint: PriceCheckEndpoint, auth: AuthMiddleware | None,
                  *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
@@ -86,6 +87,7 @@ class SyncRoute:
         self.endpoint = endpoint
         self.auth = auth
         self.max_body_bytes = max_body_bytes
+        self.node: Node | None = None  # (a Starlette State lookup per request costs ~1-3 µs)
         settings: Settings = app.state.settings  # (a Starlette State lookup per request costs ~1 µs)
         self._deadline_s = settings.price_check_deadline_ms / 1000
         #: requests answered here (tests and the benchmark read it)
@@ -99,14 +101,15 @@ class SyncRoute:
         """The answer to a whole request: ``headers`` as ASGI gives them (lowercase names),
         ``query`` the raw query string, ``body`` the whole body, ``client`` the peer's address."""
         self.requests += 1
-        return self._traced(headers, lambda: self._answer(headers, query, body, client))
+        return self._traced(headers, query, body, client)
 
     def timed_out(self, headers: list[tuple[bytes, bytes]]) -> Answer:
         """408: the body did not arrive in time (the endpoint's answer, with the trace headers)."""
-        ms = round(self._deadline_s * 1000)
-        return self._traced(headers, lambda: PriceCheckEndpoint.timed_out(ms))
+        return self._traced(headers, b"", None, None)
 
-    def _traced(self, headers: list[tuple[bytes, bytes]], make: Any) -> Answer:
+    def _traced(self, headers: list[tuple[bytes, bytes]], query: bytes, body: bytes | None,
+                client: str | None) -> Answer:
+        """The answer (``body`` None: the 408) with the trace headers, made in the request's trace."""
         trace_id = trace_id_of(headers)
         extra = [(b"x-trace-id", trace_id.encode("ascii"))]
         if DEPRECATIONS.entries:
@@ -114,7 +117,10 @@ class SyncRoute:
         trace = Trace(trace_id)
         token = TRACE.set(trace)
         try:
-            status, hdrs, body = make()
+            if body is None:
+                status, hdrs, body = PriceCheckEndpoint.timed_out(round(self._deadline_s * 1000))
+            else:
+                status, hdrs, body = self._answer(headers, query, body, client)
         except Exception as exc:
             logger.exception("POST %s failed: %s: %s", self.path, type(exc).__name__, exc)
             status, hdrs, body = _SERVER_ERROR
@@ -137,7 +143,7 @@ class SyncRoute:
             problem = query_check().problem("POST", self.path, query)
             if problem is not None:
                 return answer_of(json_error(400, "bad_request", problem))
-        node = getattr(self.app.state, "node", None)
+        node = self.node
         if node is None:  # before the lifespan started the node
             return NOT_READY
         return self.endpoint.answer(node, grant, body)

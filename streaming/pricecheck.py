@@ -269,10 +269,22 @@ def _units(price: float, up: bool) -> int:
                * PRICE_UNITS)
 
 
+#: _show's texts by units (prices repeat: a ladder has a few hundred); cleared when it holds
+#: _SHOWN_MAX, so a caller sending ever new prices keeps it bounded
+_SHOWN: dict[int, str] = {}
+_SHOWN_MAX = 4096
+
+
 def _show(units: int) -> str:
     """Ten-thousandths as the shortest decimal: 19091 → ``1.9091``, 21000 → ``2.1``, 20000 → ``2``."""
-    whole, frac = divmod(units, PRICE_UNITS)
-    return f"{whole}.{frac:04d}".rstrip("0") if frac else str(whole)
+    text = _SHOWN.get(units)
+    if text is None:
+        whole, frac = divmod(units, PRICE_UNITS)
+        text = f"{whole}.{frac:04d}".rstrip("0") if frac else str(whole)
+        if len(_SHOWN) >= _SHOWN_MAX:
+            _SHOWN.clear()
+        _SHOWN[units] = text
+    return text
 
 
 def _best(sel: Selection, side: str) -> tuple[float | None, float | None, str | None]:

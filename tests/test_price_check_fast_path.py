@@ -159,9 +159,10 @@ async def test_the_fast_path_answers_as_the_asgi_path_does(store: Store, redis_u
     assert headers["ok"]["cache-control"] == "no-store" and headers["rate limited 3"]["retry-after"] == "…"
 
 
-async def _exchange(host: str, port: int, data: bytes, answers: int = 1) -> tuple[list[tuple[bytes, bytes]], bool]:
+async def _exchange(host: str, port: int, data: bytes, answers: int = 1, *,
+                    wait_close: bool = True) -> tuple[list[tuple[bytes, bytes]], bool]:
     """Write ``data`` on a fresh connection; read ``answers`` responses (head, body) and whether
-    the server closed the connection after them."""
+    the server closed the connection after them (``wait_close`` False: not asked, False)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(data)
@@ -173,6 +174,8 @@ async def _exchange(host: str, port: int, data: bytes, answers: int = 1) -> tupl
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
             out.append((head, await asyncio.wait_for(reader.readexactly(length), 10)))
+        if not wait_close:
+            return out, False
         try:
             closed = await asyncio.wait_for(reader.read(1), 1.0) == b""
         except TimeoutError:
@@ -185,6 +188,37 @@ async def _exchange(host: str, port: int, data: bytes, answers: int = 1) -> tupl
 def _post(path: bytes, body: bytes, *, extra: bytes = b"", version: bytes = b"1.1") -> bytes:
     return (b"POST " + path + b" HTTP/" + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n" + extra
             + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def test_a_request_in_one_read_is_read_directly_and_answered_as_through_asgi(
+        store: Store, redis_url: str, tmp_path: Path) -> None:
+    """Most clients send a small POST in one write: its head is read by the protocol itself
+    (streaming.server.read_direct), never by httptools. Every request above, sent so, gets the
+    answer the ASGI path gives; the fast node read each directly, the other none."""
+    out: dict[bool, list[Any]] = {}
+    direct: dict[bool, int] = {}
+    for fast in (False, True):
+        await Feed(store).write(_image("bf:1.1"))  # (fresh for each node's checks)
+        app = make_app(redis_url, settings=_settings(tmp_path, fast=fast))
+        async with serve(app) as base:
+            host, port = base.removeprefix("http://").split(":")
+            answers = []
+            for name, path, body, headers in REQUESTS:
+                content = body if isinstance(body, bytes) else msgspec.json.encode(body)
+                extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+                (head, answer), = (await _exchange(host, int(port), _post(path.encode(), content, extra=extra),
+                                                   wait_close=False))[0]
+                lines = head.decode().lower().split("\r\n")
+                kept = sorted(line.split(":", 1)[0] if line.split(":", 1)[0] in ("date", "x-trace-id", "retry-after",
+                              "content-length") else line for line in lines[1:] if line)
+                answers.append((name, lines[0], _timeless(msgspec.json.decode(answer)) if answer.startswith(b"{")
+                                else answer, kept))
+            out[fast] = answers
+            direct[fast] = app.state.http_guard.direct_reads
+    assert direct == {False: 0, True: len(REQUESTS)}
+    for a, b in zip(out[False], out[True], strict=True):
+        assert a == b, (a, b)
+    assert out[True][0][2]["reason"] == "OK"
 
 
 async def test_what_the_fast_path_takes_and_what_it_leaves_to_asgi(store: Store, redis_url: str) -> None:
