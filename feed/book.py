@@ -27,7 +27,12 @@ market an ingest process owns and turns each
   fields (its result: WINNER / LOSER / VOID …, prices kept as at the close)
   or an image is applied; price traffic is dropped (``closed``);
 - **seq**: per market, strictly increasing, continued from the store after a
-  restart (:meth:`Book.restore`);
+  restart (:meth:`Book.restore`), and never back in time for a market id even
+  across a prune and a restart (docs/architecture.md §69): a market new to
+  the book starts above :attr:`Book.seq_floor` — the highest seq the book
+  pruned, raised to the store's seq floor at restore — and when the store
+  still refuses one (``FLOOR``: it was pruned at a higher seq elsewhere)
+  :meth:`Book.rebase` re-images it above the store's floor;
 - **confirmation session**: each market carries the upstream session that
   last imaged or updated it (``Market.session``). An unchanged image from a
   new session yields a delta that only moves ``session`` (the market is
@@ -114,16 +119,19 @@ class MarketsView(Mapping[str, Market]):
         return len(self._states)
 
 
-#: markets whose seq :meth:`Book.prune_closed` remembers after forgetting them (~100 B each)
-PRUNED_SEQ_KEPT = 100_000
-
-
 class Book:
     """Canonical state of the markets one ingest process writes.
 
     ``markets`` is a read-only mapping market_id → Market; the book keeps
     mutable per-market state and builds a Market only when one is read
     (once per batch for the store), not at every update.
+
+    Seq floor: a market id's seq never goes backwards, across a prune and a
+    restart (clients keep a pruned market and drop what is not above it).
+    A market new to the book starts at :attr:`seq_floor` + 1; the floor is
+    the highest seq this book pruned (:meth:`prune_closed`), the store's
+    floor given to :meth:`restore`, or one learnt from :meth:`rebase` — one
+    integer, so it is never forgotten (it replaces a bounded per-market map).
     """
 
     def __init__(self, *, reorder_tolerance_ms: int = 0) -> None:
@@ -133,15 +141,16 @@ class Book:
         self.dropped: Counter[str] = Counter()
         #: why the last :meth:`apply` returned None (a key of ``dropped``)
         self.last_drop: str | None = None
-        #: seq of markets forgotten by :meth:`prune_closed` (a later image continues it), oldest first
-        self._pruned: dict[str, int] = {}
+        #: every market new to the book starts above this seq: the highest seq of a market pruned
+        #: here or in the store (:meth:`prune_closed`, :meth:`restore`, :meth:`rebase`)
+        self.seq_floor = 0
 
     def prune_closed(self, now_ms: int, retention_ms: int) -> list[tuple[str, int]]:
         """Forget the markets closed, settled or cancelled whose last change
         (``received_at``, ms since the epoch) is more than ``retention_ms`` old;
         return ``(market_id, seq)`` of each (the store drops them only at that
-        seq). A later image of one continues its seq (at most
-        :data:`PRUNED_SEQ_KEPT` are remembered)."""
+        seq). The book's :attr:`seq_floor` rises to their seqs: a later image
+        of one (or of any market new to the book) starts above them."""
         out: list[tuple[str, int]] = []
         if retention_ms <= 0:
             return out
@@ -150,16 +159,35 @@ class Book:
             if st.header.status in CLOSED_STATUSES and st.received_at < limit:
                 del self._states[mid]
                 out.append((mid, st.seq))
-                self._pruned.pop(mid, None)
-                self._pruned[mid] = st.seq
-        while len(self._pruned) > PRUNED_SEQ_KEPT:
-            del self._pruned[next(iter(self._pruned))]
+                if st.seq > self.seq_floor:
+                    self.seq_floor = st.seq
         return out
 
-    def restore(self, markets: Iterable[Market]) -> None:
-        """Seed the book from stored snapshots so ``seq`` continues."""
+    def restore(self, markets: Iterable[Market], *, seq_floor: int = 0) -> None:
+        """Seed the book from stored snapshots so ``seq`` continues; a market
+        new to the book starts above ``seq_floor`` (the store's:
+        :meth:`feed.store.Store.seq_floor`), so one pruned before a restart is
+        re-created above the seq clients may still hold."""
         for m in markets:
             self._states[m.market_id] = _State(m)
+        if seq_floor > self.seq_floor:
+            self.seq_floor = seq_floor
+
+    def rebase(self, market_id: str, floor: int) -> Delta | None:
+        """The store refused ``market_id`` as new at or below its partition's
+        seq floor ``floor`` (it was pruned at a higher seq, and a client may
+        still hold it): move the market to a seq above ``floor`` and return
+        its current state as one image at that seq, to be stored in place of
+        every delta of it not yet stored. Markets new to the book start above
+        ``floor`` from now on. None when the book does not hold the market."""
+        if floor > self.seq_floor:
+            self.seq_floor = floor
+        st = self._states.get(market_id)
+        if st is None:
+            return None
+        m = msgspec.structs.replace(st.materialise(), seq=max(st.seq, floor) + 1)
+        self._states[market_id] = _State(m)
+        return image_delta(m)
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -251,7 +279,7 @@ class Book:
 
     def _image(self, st: _State | None, update: MarketUpdate, stored_at: int, session: str | None) -> Delta | None:
         header = update.header or (st.header if st is not None else MarketHeader())
-        seq = (st.seq if st is not None else self._pruned.pop(update.market_id, 0)) + 1
+        seq = (st.seq if st is not None else self.seq_floor) + 1
         market = Market(
             market_id=update.market_id,
             source=update.source,

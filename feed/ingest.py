@@ -141,7 +141,13 @@ class Ingest:
       (retries back off); meanwhile the health reads DOWN /
       ``store_unavailable``;
     - the health record carries a lease (``lease_ms``): a source whose
-      ingest stops renewing it reads DOWN / ``ingest_gone`` everywhere.
+      ingest stops renewing it reads DOWN / ``ingest_gone`` everywhere;
+    - a market id's seq never goes backwards, across a prune and a restart
+      (docs/architecture.md §69): :meth:`restore` seeds the book's seq floor
+      from the store's, and a market the store refuses as new at or below
+      its partition's floor is re-imaged above it in the same flush
+      (:meth:`feed.book.Book.rebase`; the flush returns that image in place
+      of the market's deltas).
     """
 
     def __init__(self, store: Store, *, source: str = "betfair", normaliser: Normaliser | None = None,
@@ -174,6 +180,9 @@ class Ingest:
         self.settled_retention_ms = settled_retention_ms
         #: markets dropped from the store by :meth:`prune_closed`
         self.pruned = 0
+        #: markets the store refused as new at or below their partition's seq floor (pruned at a
+        #: higher seq, e.g. before a restart), re-imaged above it
+        self.rebased = 0
         self._pending: list[MarketUpdate] = []
         #: (n, session): the first n pending updates came in ``session`` (a new one began after them)
         self._pending_sessions: list[tuple[int, str | None]] = []
@@ -228,7 +237,8 @@ class Ingest:
         stored session to continue (a first run, or data from an oddsfeed
         without sessions): the source then starts from a full image."""
         markets = await self.store.load_all_markets()
-        self.book.restore([m for m in markets if m.source == self.source])
+        # a market pruned before the restart and re-created now starts above every seq pruned
+        self.book.restore([m for m in markets if m.source == self.source], seq_floor=await self.store.seq_floor())
         self.event_states = {es.event_id: es for es in await self.store.load_event_states(self.source)}
         self.cursor = await self.store.load_cursor(self.source)
         stored = await self.store.get_health(self.source)
@@ -562,15 +572,17 @@ class Ingest:
             if deltas or market_cursor is not None:
                 started = time.perf_counter()
                 try:
-                    result = await self.store.apply(deltas, book.markets, market_cursor)
+                    result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
                     raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
                 except EpochChanged:
                     logger.warning("store epoch changed under source %s: re-sending every market as an image",
                                    self.source)
                     await self.store.reset_epoch()
                     self._backlog = deltas = book.reimage_all(stored_at)
-                    result = await self.store.apply(deltas, book.markets, market_cursor)
+                    result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
                     raise_if_cancelled()
+                if result.rebased:
+                    deltas = self._rebased(deltas, result.rebased)
                 if result.lost and time.monotonic() >= self._reimage_after:
                     # the store lost writes it had acknowledged (a failover to a replica that had
                     # not received them): what it holds for any market may be behind the book,
@@ -580,8 +592,10 @@ class Ingest:
                     logger.warning("source %s: the store lost acknowledged writes of %d market(s); "
                                    "re-sending every market as an image", self.source, result.lost)
                     self._backlog = deltas = book.reimage_all(stored_at)
-                    more = await self.store.apply(deltas, book.markets, None)
+                    more = await self.store.apply(deltas, book.markets, None, rebase=book.rebase)
                     raise_if_cancelled()
+                    if more.rebased:
+                        deltas = self._rebased(deltas, more.rebased)
                     result.entries.update(more.entries)
                     result.kept += more.kept
                     result.markets |= more.markets
@@ -647,6 +661,24 @@ class Ingest:
             await asyncio.sleep(max(0.05, self._retry_at - time.monotonic()))
             await self.flush()
         await self.history.idle()  # best-effort: the price history, at most 5 s more
+
+    def _rebased(self, deltas: list[Delta], images: dict[str, Delta]) -> list[Delta]:
+        """``deltas`` as stored: each market the store re-imaged above its
+        partition's seq floor (:meth:`feed.book.Book.rebase`) by that one
+        image, in place of its first delta."""
+        self.rebased += len(images)
+        logger.info("source %s: %d market(s) new to the store re-imaged above the seq of a pruned market "
+                    "of the same id: %s", self.source, len(images), ", ".join(sorted(images)[:5]))
+        out: list[Delta] = []
+        done: set[str] = set()
+        for d in deltas:
+            image = images.get(d.market_id)
+            if image is None:
+                out.append(d)
+            elif d.market_id not in done:
+                done.add(d.market_id)
+                out.append(image)
+        return out
 
     def _store_failed(self, exc: Exception) -> None:
         self.store_failures += 1

@@ -10,6 +10,9 @@ so one script touches them on Redis Cluster)::
     of:{p}:pt              hash  market_id -> provider time of its stored state (ms)
     of:{p}:log             stream of delta batches, MAXLEN ~ log_maxlen; field d = JSON array of Delta
     of:{p}:epoch           copy of the store epoch, checked by every apply
+    of:{p}:floor           seq floor: the highest seq of any market pruned from the partition
+                           (written by Store.prune, never lowered, never expires); a market the
+                           partition does not hold must start above it (see "Seq floor" below)
     of:{p}:h:<market_id>   stream: price history of one market (feed.history), one entry per applied
                            change that moved a selection's top: id = provider time (ms, kept
                            non-decreasing), fields t (provider time), r (received), q (seq), d (JSON
@@ -43,6 +46,22 @@ market deltas — it drops any delta whose ``seq`` is not above the stored
 one (a market's deltas in a batch are consecutive, so it compares the
 first and last seq and the caller trims a partial overlap), writes the newest snapshot of each market once, appends the kept deltas
 as one log entry and, for partition 0, stores the source cursor with them.
+
+Seq floor (docs/architecture.md §69): a market id's seq never goes backwards,
+across a prune and an ingest restart. Clients keep a market the nodes pruned
+(nothing tells them) and drop every delta whose seq is not above the one they
+hold, so a pruned market re-created at seq 1 would be ignored until its seq
+passed the old one and its next delta then applied to the *old* market. So
+:meth:`Store.prune` raises the partition's floor to the seq of every market it
+drops, and the apply script refuses (reply ``FLOOR``, nothing written) a
+market the partition does not hold whose first seq is not above the floor; the
+writer's ``rebase`` callback (:meth:`feed.book.Book.rebase`) turns that
+market's deltas into one image of its current state above the floor, and the
+batch is retried. One integer per partition, not a tombstone per market: a
+client can hold a pruned market for as long as it runs, so no TTL would be long
+enough, and the memory stays constant whatever the prune rate. The cost: a
+market new to a partition starts above the floor, not at 1 (a seq is only ever
+compared within one market; an image needs no continuity).
 """
 
 from __future__ import annotations
@@ -53,7 +72,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +138,11 @@ def pt_key(p: int) -> str:
 
 def pepoch_key(p: int) -> str:
     return f"of:{{{p}}}:epoch"
+
+
+def floor_key(p: int) -> str:
+    """Partition ``p``'s seq floor (in the partition's hash slot, like its other keys)."""
+    return f"of:{{{p}}}:floor"
 
 
 def push_channel(p: int, db: int = 0) -> str:
@@ -190,8 +214,8 @@ def source_key(name: str) -> str:
 
 
 # KEYS: 1 seq hash, 2 log, 3 idx, 4 partition epoch, 5 cursor hash (or a dummy key of the
-#       partition), 6 owner hash (market -> source), 7 provider-time hash, 8.. snapshot keys in
-#       market order
+#       partition), 6 owner hash (market -> source), 7 provider-time hash, 8 seq floor,
+#       9.. snapshot keys in market order
 # ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
 #       6 push channel ("" = no push), then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
 #       as JSON array items joined by "," (seqs first..last, consecutive), source name,
@@ -210,6 +234,11 @@ def source_key(name: str) -> str:
 # entry any other writer added breaks the chain), so a reader that holds exactly the previous
 # entry can apply it without reading the log (LogPush). A refused PUBLISH (an ACL without the
 # channel) does not fail the write: readers then read the log.
+# Seq floor: a market the partition does not hold (no stored seq: new, or pruned) whose first seq
+# is not above the partition's floor (the highest seq of any market pruned from it) would move
+# back in time for every client that still holds the pruned market: nothing is written and the
+# reply is {"FLOOR", floor, ids of those markets} (the caller re-images them above the floor and
+# retries).
 # Returns {log entry id or "", kept, dropped, foreign, lost, ids of the markets kept}; errors "EPOCH <epoch>" when the
 # partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
 # falls inside the batch (the caller trims and retries).
@@ -225,6 +254,8 @@ local foreign = 0
 local lost = 0
 local a = 7
 local ptkey = KEYS[7]
+local floor = nil
+local below = {}
 for i = 1, n do
   local mid = ARGV[a]
   local first = tonumber(ARGV[a + 2])
@@ -234,13 +265,20 @@ for i = 1, n do
     keep[i] = false
     foreign = foreign + (last - first + 1)
   else
-    local stored = tonumber(redis.call('HGET', KEYS[1], mid) or '0')
+    local held = redis.call('HGET', KEYS[1], mid)
+    local stored = tonumber(held or '0')
     local stored_pt = tonumber(redis.call('HGET', ptkey, mid) or '0')
+    if held == false and floor == nil then
+      floor = redis.call('GET', KEYS[8]) or '0'
+    end
     if stored >= last or tonumber(ARGV[a + 6]) < stored_pt then
       keep[i] = false
       dropped = dropped + (last - first + 1)
     elseif stored >= first then
       return redis.error_reply('PARTIAL ' .. mid .. ' ' .. stored)
+    elseif held == false and first <= tonumber(floor) then
+      keep[i] = false
+      below[#below + 1] = mid
     else
       keep[i] = true
       if stored < first - 1 and ARGV[a + 8] == '0' then
@@ -249,6 +287,9 @@ for i = 1, n do
     end
   end
   a = a + 9
+end
+if #below > 0 then
+  return {'FLOOR', floor, below}
 end
 local parts = {}
 local kept = 0
@@ -260,7 +301,7 @@ for i = 1, n do
     redis.call('HSET', KEYS[1], mid, ARGV[a + 3])
     redis.call('HSET', KEYS[6], mid, ARGV[a + 5])
     redis.call('HSET', ptkey, mid, ARGV[a + 7])
-    redis.call('SET', KEYS[7 + i], ARGV[a + 1])
+    redis.call('SET', KEYS[8 + i], ARGV[a + 1])
     redis.call('SADD', KEYS[3], mid)
     parts[#parts + 1] = ARGV[a + 4]
     kept = kept + (tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 2]) + 1)
@@ -350,22 +391,34 @@ return out
 PRUNE_SCRIPT = """
 local out = {}
 local n = #ARGV / 2
+local floor = tonumber(redis.call('GET', KEYS[5]) or '0')
+local top = nil
 for i = 1, n do
   local mid = ARGV[2 * i - 1]
-  if redis.call('HGET', KEYS[1], mid) == ARGV[2 * i] then
-    redis.call('DEL', KEYS[4 + i])
+  local seq = ARGV[2 * i]
+  if redis.call('HGET', KEYS[1], mid) == seq then
+    redis.call('DEL', KEYS[5 + i])
     redis.call('SREM', KEYS[2], mid)
     redis.call('HDEL', KEYS[1], mid)
     redis.call('HDEL', KEYS[3], mid)
     redis.call('HDEL', KEYS[4], mid)
     out[#out + 1] = mid
+    if tonumber(seq) > floor then
+      floor = tonumber(seq)
+      top = seq
+    end
   end
+end
+if top then
+  redis.call('SET', KEYS[5], top)
 end
 return out
 """
 """Drop markets from one partition — each only if its stored seq is still the given one
-(a change since the caller decided wins). KEYS: seq, idx, owner, pt, then one market key per
-market; ARGV: market id, seq, … Returns the ids dropped."""
+(a change since the caller decided wins) — and raise the partition's seq floor to the highest
+seq dropped (never lowered: a re-created market must start above it). KEYS: seq, idx, owner,
+pt, seq floor, then one market key per market; ARGV: market id, seq, … (seqs as decimal
+strings, stored as given). Returns the ids dropped."""
 
 
 # KEYS: history streams of one partition; ARGV: 1 retention ms, then per key: n entries, then per
@@ -428,6 +481,10 @@ class ApplyResult:
     lost: int = 0
     #: ids of the markets whose deltas were applied (feed.history records only those)
     markets: set[str] = field(default_factory=set)
+    #: markets the store did not hold that would have started at or below their partition's seq
+    #: floor: market id -> the image (from the ``rebase`` callback, above the floor) written in
+    #: place of all of that market's deltas in the batch
+    rebased: dict[str, Delta] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -445,6 +502,24 @@ class EventStateResult:
 class EpochChanged(StoreError):
     """The store's epoch is not the one this writer started with (Redis lost
     its data or was reset): the writer must re-send full images."""
+
+
+class SeqBelowFloor(StoreError):
+    """A market the store does not hold would start at or below its
+    partition's seq floor (it was pruned at a higher seq: clients may still
+    hold it), and the writer gave :meth:`Store.apply` no ``rebase`` that
+    re-images it above the floor. Nothing of that partition was written."""
+
+    def __init__(self, market_id: str, floor: int) -> None:
+        super().__init__(f"market {market_id} would start at or below its partition's seq floor {floor}")
+        self.market_id = market_id
+        self.floor = floor
+
+
+Rebase = Callable[[str, int], Delta | None]
+"""``rebase(market_id, floor)``: the market's current state as an image delta at a
+seq above ``floor`` — the writer's book moves to that seq (:meth:`feed.book.Book.rebase`);
+None when the writer does not hold the market."""
 
 
 # -- replies ---------------------------------------------------------------
@@ -585,14 +660,23 @@ class Store:
     # -- writes --------------------------------------------------------------
 
     async def apply(self, deltas: Iterable[Delta], markets: Mapping[str, Market],
-                    cursor: tuple[str, str] | None = None) -> ApplyResult:
+                    cursor: tuple[str, str] | None = None, *, rebase: Rebase | None = None) -> ApplyResult:
         """Atomically store a batch of deltas with the latest snapshot of each
         touched market (``markets[market_id]``), per partition; partition 0
         goes last and carries ``cursor`` = (source, value) so the cursor
         never runs ahead of the data it covers.
 
+        Seq floor: a market the store does not hold (new, or pruned) must
+        start above its partition's floor (the highest seq pruned there), or
+        a client still holding the pruned market would drop it as old. Such a
+        market's deltas are replaced by ``rebase(market_id, floor)`` — an image
+        of its current state above the floor, snapshot included — and the
+        partition is retried; :attr:`ApplyResult.rebased` lists them.
+
         Raises EpochChanged when Redis no longer holds this writer's epoch,
-        StoreError on any other Redis failure.
+        SeqBelowFloor when a market is below the floor and ``rebase`` is not
+        given (or gives no image above the floor), StoreError on any other
+        Redis failure.
         """
         by_part: dict[int, dict[str, list[Delta]]] = {}
         P = self.partitions
@@ -612,6 +696,7 @@ class Store:
         entries: dict[int, str] = {}
         kept = dropped = foreign = lost = 0
         kept_markets: set[str] = set()
+        rebased: dict[str, Delta] = {}
         encode = ENCODER.encode
         for p in sorted(by_part, reverse=True):
             per_market = by_part[p]
@@ -621,18 +706,31 @@ class Store:
                 cursor_args = ["", ""]
             while True:
                 keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
-                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p), pt_key(p)]
+                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p), pt_key(p), floor_key(p)]
                 args: list[bytes | str | int] = [self.epoch, self.log_maxlen, *cursor_args, len(per_market),
                                                  push_channel(p, self.db) if self.push else ""]
                 for mid, ds in per_market.items():
                     keys.append(market_key(p, mid))
                     first, last = ds[0], ds[-1]
+                    snapshot = markets[mid] if not rebased or mid not in rebased else rebased[mid].market
                     # the deltas as one JSON array without its brackets: their items joined by ","
-                    args += [mid, encode(markets[mid]), first.seq, last.seq, encode(ds)[1:-1],
+                    args += [mid, encode(snapshot), first.seq, last.seq, encode(ds)[1:-1],
                              first.source, provider_ts(first), provider_ts(last),
                              "1" if first.kind == "image" else "0"]
                 try:
                     res = await self._apply(keys=keys, args=args)
+                    if reply_text(res[0]) == "FLOOR":
+                        # markets new to the store at or below the partition's seq floor: nothing
+                        # was written; re-image each above the floor and retry
+                        floor = int(res[1])
+                        for x in res[2]:
+                            mid = reply_text(x)
+                            image = rebase(mid, floor) if rebase is not None else None
+                            if image is None or image.market is None or image.seq <= floor:
+                                raise SeqBelowFloor(mid, floor)
+                            per_market[mid] = [image]
+                            rebased[mid] = image
+                        continue
                     break
                 except ResponseError as exc:
                     text = str(exc)
@@ -656,7 +754,7 @@ class Store:
             lost += int(res[4])
             if len(res) > 5:
                 kept_markets.update(reply_text(x) for x in res[5])
-        return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets)
+        return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets, rebased)
 
     async def reset_epoch(self) -> str:
         """After EpochChanged: adopt the epoch now in Redis (creating one). Raises
@@ -919,7 +1017,9 @@ class Store:
     async def prune(self, markets: Iterable[tuple[str, int]], chunk: int = 500) -> list[str]:
         """Drop closed markets an ingest forgot (:meth:`feed.book.Book.prune_closed`):
         ``(market_id, seq)`` pairs; each goes (snapshot, index, seq, owner and
-        provider-time entries) only if its stored seq is still ``seq``. Returns
+        provider-time entries) only if its stored seq is still ``seq``, and
+        raises its partition's seq floor to that seq in the same script call
+        (a re-created market must start above it: :meth:`apply`). Returns
         the ids dropped. Raises RedisError."""
         by_p: dict[int, list[tuple[str, int]]] = {}
         for mid, seq in markets:
@@ -928,13 +1028,27 @@ class Store:
         for p, items in by_p.items():
             for i in range(0, len(items), chunk):
                 part = items[i:i + chunk]
-                keys = [seq_key(p), idx_key(p), owner_key(p), pt_key(p), *(market_key(p, mid) for mid, _ in part)]
+                keys = [seq_key(p), idx_key(p), owner_key(p), pt_key(p), floor_key(p),
+                        *(market_key(p, mid) for mid, _ in part)]
                 args: list[str] = []
                 for mid, seq in part:
                     args += [mid, str(seq)]
                 res = await self._prune(keys=keys, args=args)
                 out += [reply_text(x) for x in res]
         return out
+
+    async def seq_floor(self) -> int:
+        """The highest seq floor of all partitions (0: nothing pruned yet): a
+        writer that starts every market new to it above this one never needs a
+        rebase (:meth:`apply`). Raises StoreError."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for p in range(self.partitions):
+                pipe.get(floor_key(p))
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return max((int(v) for v in replies if v is not None), default=0)
 
     async def sources(self) -> list[SourceHealth]:
         names = sorted(reply_text(n) for n in await self.redis.smembers(SOURCES_KEY))

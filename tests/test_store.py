@@ -327,3 +327,140 @@ async def test_the_bare_connection_keeps_each_replys_own_deadline_with_one_timer
         assert loop.time() - t0 < 5, "the pending 60 s timer hid the 0.5 s deadline"
     finally:
         await conn.disconnect()
+
+
+async def test_a_market_new_to_the_store_at_or_below_the_seq_floor_is_reimaged_above_it(store: Store) -> None:
+    """A settled market pruned at seq 3, then re-created under the same id by a writer that no longer
+    knows that seq (an ingest restarted, or one past its memory) at seq 1: clients still hold the
+    old market (nodes never tell them of a prune) and would drop the new image and every delta up
+    to seq 3, then apply seq 4 to the OLD market. The store keeps the partition's seq floor and
+    refuses such a market; the writer's rebase re-images it above the floor (docs §69)."""
+    from feed.store import SeqBelowFloor, floor_key
+
+    a = Book()
+    ds = [a.apply(_update("M", 2.0, image=True), stored_at=1), a.apply(_update("M", 2.2, ts=1001), stored_at=1)]
+    closing = a.apply(MarketUpdate(market_id="M", source="t", image=False, source_ts=1002, received_at=1007,
+                                   header=MarketHeader(sport="soccer", status="SETTLED"), selections=[]), stored_at=1)
+    await store.apply([*ds, closing], a.markets)
+    assert closing is not None and closing.seq == 3
+    held = await store.get_market("M")  # what a client holds, and keeps after the prune
+    assert await store.prune([("M", 3)]) == ["M"]
+    assert await store.redis.get(floor_key(0)) == b"3" and await store.seq_floor() == 3
+    head = await store.last_log_id(0)
+
+    b = Book()  # the restarted writer: no memory of M
+    again = [b.apply(_update("M", 5.0, image=True, ts=2000), stored_at=2),
+             b.apply(_update("M", 5.2, ts=2001), stored_at=2)]
+    assert [d.seq for d in again if d is not None] == [1, 2]
+    with pytest.raises(SeqBelowFloor):  # without a rebase nothing of the partition is written
+        await store.apply(again, b.markets)
+    assert await store.get_market("M") is None and await store.last_log_id(0) == head
+    res = await store.apply(again, b.markets, rebase=b.rebase)
+    image = res.rebased["M"]
+    assert (image.kind, image.seq, res.kept, res.dropped) == ("image", 4, 1, 0)
+    assert b.markets["M"].seq == 4 and b.seq_floor == 3
+    stored = await store.get_market("M")  # the snapshot carries the new seq and the whole batch
+    assert stored is not None and stored.seq == 4 and stored.selections[0].price == 5.2 and stored.status == "OPEN"
+    rows = await store.log_range(0, head)
+    assert [[(d.kind, d.seq) for d in ds] for _, ds in rows] == [[("image", 4)]]
+    nxt = b.apply(_update("M", 5.4, ts=2002), stored_at=3)
+    assert nxt is not None and nxt.seq == 5 and (await store.apply([nxt], b.markets, rebase=b.rebase)).kept == 1
+
+    # a client that held the old market applies what follows by its rule (drop seq <= held):
+    # it ends with the store's book, not the old market's prices under the new header
+    from feed.models import apply_delta
+
+    client = held
+    for _, entry in await store.log_range(0, head):
+        for d in entry:
+            if client is None or d.seq > client.seq:
+                client = apply_delta(client, d)
+    assert client == await store.get_market("M")
+
+    # a market never seen in the partition starts above the floor too (a seq is only compared
+    # within one market), and the floor is never lowered by a prune at a lower seq
+    fresh = Book()
+    n1 = fresh.apply(_update("N", 3.0, image=True), stored_at=4)
+    res = await store.apply([n1], fresh.markets, rebase=fresh.rebase)
+    n = await store.get_market("N")
+    assert res.rebased["N"].seq == 4 and n is not None and n.seq == 4
+    assert await store.prune([("N", 4)]) == ["N"] and await store.redis.get(floor_key(0)) == b"4"
+    c = Book()
+    rebased = []
+    for mid in ("P", "Q"):
+        res = await store.apply([c.apply(_update(mid, 2.0, image=True))], c.markets, rebase=c.rebase)
+        rebased += list(res.rebased)
+    # P was refused once; the book learnt the floor from it, so Q starts above it at once
+    assert rebased == ["P"] and {mid: c.markets[mid].seq for mid in ("P", "Q")} == {"P": 5, "Q": 5}
+    q = c.apply(_update("Q", 2.1, ts=1001))
+    assert q is not None and (await store.apply([q], c.markets)).kept == 1
+    assert await store.prune([("Q", 6)]) == ["Q"] and await store.redis.get(floor_key(0)) == b"6"
+    assert await store.prune([("P", 5)]) == ["P"] and await store.redis.get(floor_key(0)) == b"6"  # never lowered
+    restored = Book()  # a restart seeded with the store's floor needs no rebase
+    restored.restore([], seq_floor=await store.seq_floor())
+    p = restored.apply(_update("P", 2.0, image=True))
+    assert p is not None and p.seq == 7 and not (await store.apply([p], restored.markets)).rebased
+    # a stale prune (seq no longer stored) drops nothing and moves no floor
+    assert await store.prune([("P", 1)]) == [] and await store.redis.get(floor_key(0)) == b"6"
+
+
+async def test_the_seq_floor_keeps_each_partition_in_its_hash_slot_on_a_redis_cluster(tmp_path) -> None:
+    """On a three-node Redis Cluster (partitions on different nodes) the prune and apply scripts
+    touch each partition's floor in that partition's slot: a market re-created after a prune in
+    every partition is re-imaged above its own partition's floor."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from feed.embedded_redis import redis_server_binary, start_cluster_node
+    from feed.store import floor_key, partition_of
+
+    cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+    if not os.path.exists(cli):
+        pytest.skip("redis-cli not found beside redis-server")
+    servers = []
+    try:
+        for _ in range(3):
+            servers.append(start_cluster_node(tmp_path, extra_args=("--cluster-node-timeout", "5000")))
+        out = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
+                              "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout[-500:] + out.stderr[-500:]
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in subprocess.run([cli, "-p", str(s.port), "cluster", "info"],
+                                                           capture_output=True, text=True, timeout=10).stdout
+                      for s in servers):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        s = await Store.open(f"redis://127.0.0.1:{servers[0].port}/0", partitions=3, cluster=True)
+        try:
+            slot = s.redis.keyslot
+            assert all(slot(floor_key(p)) == slot(f"of:{{{p}}}:seq") for p in range(3))
+            assert len({slot(floor_key(p)) for p in range(3)}) == 3
+            mids = _one_per_partition(3)
+            a = Book()
+            deltas = [a.apply(_update(mid, 2.0, image=True)) for mid in mids]
+            deltas += [a.apply(_update(mid, 2.0 + i / 10, ts=1001)) for i, mid in enumerate(mids, 1)]
+            await s.apply(deltas, a.markets)
+            assert sorted(await s.prune([(mid, 2) for mid in mids[1:]])) == sorted(mids[1:])  # not partition 0
+            assert [await s.redis.get(floor_key(p)) for p in range(3)] == [None, b"2", b"2"]
+            assert await s.seq_floor() == 2
+            b = Book()
+            res = await s.apply([b.apply(_update(mid, 3.0, image=True, ts=2000)) for mid in mids[1:]],
+                                b.markets, rebase=b.rebase)
+            assert {mid: d.seq for mid, d in res.rebased.items()} == {mid: 3 for mid in mids[1:]}
+            for mid in mids[1:]:
+                m = await s.get_market(mid)
+                assert m is not None and m.seq == 3 and partition_of(mid, 3) != 0
+            # partition 0 pruned nothing: a market new there (known to a book that pruned nothing) is
+            # not refused — its partition's floor, not another's, is the rule
+            fresh = Book()
+            n = fresh.apply(_update("n0", 2.0, image=True))
+            assert partition_of("n0", 3) == 0
+            res = await s.apply([n], fresh.markets)
+            assert not res.rebased and res.kept == 1
+        finally:
+            await s.close()
+    finally:
+        for srv in servers:
+            srv.stop()
