@@ -45,20 +45,46 @@ heartbeat interval counts as dropped.
 
 Ages and staleness are recomputed locally on every call, on the local
 monotonic clock (so wall-clock skew between hosts does not matter): each
-market is "confirmed" when a message about it arrives (minus the
-``age_ms`` the server reported, which counts from ``received_at`` or the
-source's last message) and by every heartbeat while its source is not
-DOWN and the server has not flagged it stale. ``age_ms(id)`` = now − that
-confirmation; ``is_stale(id)`` = the client is not following a live stream,
-or its source is DOWN (``status`` messages, and ``GET /v1/sources`` on
-connect), or the server flagged it stale (in a snapshot, delta or
-``status``), or its age exceeds ``stale_in_play_ms`` / ``stale_pre_match_ms``
+market is "confirmed" when a message about it arrives (as of its receipt
+minus the stream's lag, below, minus the ``age_ms`` the server reported,
+which counts from ``received_at`` or the source's last message) and by
+every heartbeat (as of its receipt minus the stream's lag) while its source
+is not DOWN, the server has not flagged it stale and no change of it was
+missed (below). ``age_ms(id)`` = now − that confirmation; ``is_stale(id)`` =
+the client is not following a live stream, or its source is DOWN
+(``status`` messages, and ``GET /v1/sources`` on connect), or the server
+flagged it stale (in a snapshot, delta or ``status``), or a change of it
+was missed, or its age exceeds ``stale_in_play_ms`` / ``stale_pre_match_ms``
 (in-play: ``in_play``, or ``start_time`` reached on this host's wall clock).
 Not following a live stream: from the moment the stream drops or is found
 silent until a reconnect resumes it (``resumed {recovered: true}``) or a
-snapshot replaces the book — every market reads stale meanwhile, and ages
+snapshot replaces the book, and while the stream lags more than
+``stale_in_play_ms`` — every market reads stale meanwhile, and ages
 keep growing from the last confirmation (a reconnected stream confirms
 nothing before it is resumed); likewise after a fatal error or ``close()``.
+
+The stream's lag (``stream_lag_ms``): how late this client reads what the
+server sends — a consumer slower than the feed leaves a backlog in socket
+buffers that no server budget sees, and every message then arrives late.
+Each ``heartbeat`` and ``snapshot`` carries the server's send time
+``as_of``, each ``delta`` and ``event_state`` its ``sent_at`` (server wall
+clock, ms; a ``status``'s ``as_of`` is when its news was worked out, not a
+send time, and is not used). Per connection the client keeps the least
+``receipt − send time`` seen (receipt on the local monotonic clock, in ms):
+the clock offset between the hosts plus the least transit time. The lag of
+a message is its own ``receipt − send time`` minus that least one (so a
+fixed clock skew cancels out; the lag is measured against the fastest
+delivery seen, typically the snapshot or resume at connect), and
+``stream_lag_ms`` is the lag of the last message that carried a send time.
+A heartbeat confirms as of receipt − lag, a delta or snapshot market as of
+receipt − lag − ``age_ms``. The least offset starts over on every
+connection (a new connection may take another path).
+
+A missed change: a delta the client cannot read (below) is not applied;
+its market reads stale — whatever later ``status`` messages say (the
+server does not know the client skipped it) and however many heartbeats
+follow — until a snapshot or an image (``kind: "image"``) of that market
+replaces it.
 
 Callbacks (``on_update``, ``on_event_state``) run synchronously after the
 book (or ``event_states``) is updated; an exception one raises is logged
@@ -72,7 +98,8 @@ decoded again with a type that admits any string there, see
 ``_lenient_struct``), and a message of a type it does not know is skipped
 (logged once per type; its resume token is kept). A message of a known type
 that does not decode even so is skipped too (a delta's market then reads
-stale until a later delta or a snapshot); ``stats.skipped`` counts both.
+stale until a snapshot or an image of it: a missed change, above);
+``stats.skipped`` counts both.
 Content never drops the stream (the resumed stream would send the same
 message again): only bytes that are not JSON count as a broken stream.
 
@@ -469,6 +496,13 @@ class OddsClient:
         self._live = False
         self._logged: set[str] = set()           # keys of the warnings logged once
         self._flagged: dict[str, bool] = {}      # market_id → the server said stale
+        #: markets a delta of which was skipped (unreadable): stale until a snapshot or an image of
+        #: them — a ``status`` (the server's stale list knows nothing of the skip) does not clear it
+        self._missed: set[str] = set()
+        #: this connection's least (monotonic receipt − server send time), ms: None until a message
+        #: with a send time arrives; reset on every connection (see the module docstring)
+        self._min_offset_ms: float | None = None
+        self._lag_ms = 0.0                        # the lag of the last message with a send time
         #: event id → the server's last word on its state: the ``stale`` of an ``event_state``
         #: message, then each ``status`` of its source (``stale_events``)
         self._es_flagged: dict[str, bool] = {}
@@ -542,22 +576,38 @@ class OddsClient:
             return None
         return max(0, int((time.monotonic() - t) * 1000))
 
+    @property
+    def stream_lag_ms(self) -> int:
+        """How late this client reads the stream: the lag of the last message that
+        carried a server send time (``as_of`` of a heartbeat or snapshot, ``sent_at``
+        of a delta or event state), against the fastest delivery seen on this
+        connection (see the module docstring). 0 before any such message."""
+        return int(self._lag_ms)
+
+    def _following(self) -> bool:
+        """Following a live stream: resumed or snapshotted on this connection, and not
+        lagging more than ``stale_in_play_ms`` behind the server."""
+        return self._live and self._lag_ms <= self.stale_in_play_ms
+
     def is_stale(self, market_id: str) -> bool:
         """True when the client is not following a live stream (dropped, silent
         for 3 × the heartbeat, reconnecting and not yet resumed or re-snapshotted,
-        closed), the market's source is DOWN, the server flagged it stale, or its
-        age exceeds the in-play / pre-match threshold (unknown → True). The in-play
-        threshold (``stale_in_play_ms``) applies once the market is in play or its
-        ``start_time`` (ms since the epoch) is at or before this host's wall clock —
-        an event that has started before its provider said so, as the server judges it."""
+        closed, or lagging more than ``stale_in_play_ms`` behind the server:
+        :attr:`stream_lag_ms`), the market's source is DOWN, the server flagged it
+        stale, a change of it was missed (a delta skipped: until a snapshot or an
+        image of it), or its age exceeds the in-play / pre-match threshold (unknown
+        → True). The in-play threshold (``stale_in_play_ms``) applies once the market
+        is in play or its ``start_time`` (ms since the epoch) is at or before this
+        host's wall clock — an event that has started before its provider said so,
+        as the server judges it."""
         m = self.markets.get(market_id)
         age = self.age_ms(market_id)
-        if m is None or age is None or not self._live:
+        if m is None or age is None or not self._following():
             return True
         src = self.sources.get(m.source)
         if src is not None and src.state == "DOWN":
             return True
-        if self._flagged.get(market_id):
+        if self._flagged.get(market_id) or market_id in self._missed:
             return True
         live = live_for_limits(m, time.time_ns() // 1_000_000)  # the server's rule, on this host's clock
         return age > (self.stale_in_play_ms if live else self.stale_pre_match_ms)
@@ -589,12 +639,12 @@ class OddsClient:
 
     def event_state_stale(self, event_id: str) -> bool:
         """True when the event's state is stale: the client is not following a live
-        stream (see :meth:`is_stale`), its source is DOWN now, or the server's last word
-        on it says stale — the ``stale`` of the last ``event_state`` message about it, or
-        a later ``status`` of its source (listed in ``stale_events``: stale; not listed:
-        fresh again). Unknown event → True."""
+        stream (see :meth:`is_stale`: a lagging stream counts as not live), its source
+        is DOWN now, or the server's last word on it says stale — the ``stale`` of the
+        last ``event_state`` message about it, or a later ``status`` of its source
+        (listed in ``stale_events``: stale; not listed: fresh again). Unknown event → True."""
         es = self.event_states.get(event_id)
-        if es is None or not self._live:
+        if es is None or not self._following():
             return True
         src = self.sources.get(es.source)
         if src is not None and src.state == "DOWN":
@@ -724,6 +774,9 @@ class OddsClient:
     async def _connect_once(self) -> None:
         await self._refresh_sources()
         self.stats.connects += 1
+        # a new connection: its clock offset and lag are measured afresh (another path, maybe another node)
+        self._min_offset_ms = None
+        self._lag_ms = 0.0
         if self.transport == "sse":
             await self._run_sse()
         else:
@@ -855,6 +908,10 @@ class OddsClient:
             self._on_unknown(data, sse_id, None)
             return
         token = sse_id if sse_id is not None else env.token
+        if t in ("delta", "event_state"):
+            now -= self._note_sent(env.sent_at, now) / 1000  # as of: receipt − the stream's lag
+        elif t in ("heartbeat", "snapshot"):
+            now -= self._note_sent(env.as_of, now) / 1000
         try:
             if t == "delta":
                 self._on_delta(data, env, now)  # raises _SeqGap before the token moves past the gap
@@ -888,6 +945,19 @@ class OddsClient:
         if token is not None:
             self.token = token
 
+    def _note_sent(self, sent_ms: int | None, now: float) -> float:
+        """The lag (ms) of a message the server sent at ``sent_ms`` (its wall clock) and this client
+        received at ``now`` (monotonic s): ``now − sent`` minus the least such difference seen on
+        this connection (the hosts' clock offset cancels out). A message without a send time (an
+        older server) leaves the lag as it was."""
+        if sent_ms is None:
+            return self._lag_ms
+        off = now * 1000 - sent_ms
+        if self._min_offset_ms is None or off < self._min_offset_ms:
+            self._min_offset_ms = off
+        self._lag_ms = off - self._min_offset_ms
+        return self._lag_ms
+
     def _on_unknown(self, data: bytes, sse_id: str | None, why: str | None) -> None:
         """A message this client cannot read as one it knows: skipped (logged once per type); its
         resume token is kept (the position after it: a resume need not replay what would be skipped
@@ -910,11 +980,12 @@ class OddsClient:
 
     def _skip(self, t: str, why: str, market_id: str | None) -> None:
         """A message of a known type that does not decode even leniently: not applied, its token not
-        taken. A delta's market (when held) reads stale until a later delta or snapshot replaces it:
-        the client knows it missed a change of it."""
+        taken. A delta's market (when held) reads stale until a snapshot or an image of it replaces
+        it: the client knows it missed a change of it (``_missed``: no ``status`` clears that, the
+        server knows nothing of the skip; no heartbeat confirms it)."""
         self.stats.skipped += 1
         if market_id is not None and market_id in self.markets:
-            self._flagged[market_id] = True
+            self._missed.add(market_id)
         self._log_once(f"bad:{t}:{why}", logging.WARNING,
                        "oddsclient: skipping a %s message this client cannot read: %s", t, why)
 
@@ -975,6 +1046,7 @@ class OddsClient:
         self.markets = {}
         self._confirmed.clear()
         self._flagged.clear()
+        self._missed.clear()
         # a fresh snapshot starts over (after a wiped store, versions restart): the current states follow it
         self.event_states.clear()
         self._es_flagged.clear()
@@ -1020,6 +1092,8 @@ class OddsClient:
         self.markets[mid] = new
         self._confirmed[mid] = now - (env.age_ms or 0) / 1000
         self._flagged[mid] = bool(env.stale)
+        if d.kind == "image":
+            self._missed.discard(mid)  # the whole market again: nothing of it is missing any more
         if self.on_update is not None:
             self._callback("on_update", self.on_update, mid, new)
 
@@ -1044,6 +1118,7 @@ class OddsClient:
         cur = self.markets.pop(mid, None)
         self._confirmed.pop(mid, None)
         self._flagged.pop(mid, None)
+        self._missed.discard(mid)
         if self.on_update is not None and cur is not None:
             self._callback("on_update", self.on_update, mid, None)
 
@@ -1051,9 +1126,9 @@ class OddsClient:
         if not self._live:
             return  # a reconnected stream not yet resumed confirms nothing
         down = {s for s, st in self.sources.items() if st.state == "DOWN"}
-        confirmed, flagged = self._confirmed, self._flagged
+        confirmed, flagged, missed = self._confirmed, self._flagged, self._missed
         for mid, m in self.markets.items():
-            if m.source in down or flagged.get(mid):
+            if m.source in down or flagged.get(mid) or mid in missed:
                 continue
             if confirmed.get(mid, 0.0) < now:
                 confirmed[mid] = now

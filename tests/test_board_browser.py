@@ -604,3 +604,75 @@ async def test_a_silent_stream_is_noticed_marked_stale_and_reopened(redis_url: s
             await page.until("oddsBoard.state.connected && !oddsBoard.isStale('bf:1.1')",
                              "the stream reopened and the price fresh again", timeout_s=20)
             assert page.errors() == [], page.errors()
+
+
+def _board_market(mid: str, in_play: bool) -> dict[str, Any]:
+    m = Market(market_id=mid, source="betfair", seq=1, sport="soccer", status="OPEN", in_play=in_play,
+               selections=[Selection(selection_id="1", name="A", price=2.0, back=[(2.0, 5.0)])])
+    return json.loads(ENCODER.encode(m)) | {"age_ms": 0, "stale": False}
+
+
+async def test_a_page_that_falls_behind_the_stream_marks_its_prices_stale() -> None:
+    """A page slower than the feed reads what the server sent seconds ago: each heartbeat arrives
+    later after its ``as_of``. The page took a heartbeat as confirming every market at its receipt,
+    so a book 14 s behind read fresh. Now a confirmation counts as of receipt − the stream's lag
+    (receipt − send time, less the least such difference on the connection), and a stream lagging
+    more than the in-play limit is not live: every market reads stale, until it catches up."""
+    require_chromium()
+    async with browser("about:blank") as page:
+        await load_board(page)
+        got = await page.js("""(() => {
+          const b = oddsBoard, ids = ["live", "pre"];
+          b.state.connected = true;  // (as the stream's open event sets it)
+          const t = Date.now() + 3600000;  // the server's clock: an hour ahead of the page's (cancels out)
+          window.p0 = performance.now(); window.t0 = t;
+          b.handle({type: "snapshot", as_of: t, markets: [%s, %s]});
+          const before = ids.map((id) => b.isStale(id));
+          // heartbeats arriving now that the server sent further and further back: the backlog grows
+          for (let k = 1; k <= 20; k++) b.handle({type: "heartbeat", as_of: t - k * 700});
+          return {before, stale: ids.map((id) => b.isStale(id)), lag: b.state.streamLagMs};
+        })()""" % (json.dumps(_board_market("live", True)), json.dumps(_board_market("pre", False))))
+        assert got["before"] == [False, False], got
+        assert got["stale"] == [True, True], got  # 14 s behind the server: not live, every market stale
+        assert 14_000 <= got["lag"] < 14_500, got  # (and the time the loop took)
+        await page.until("document.getElementById('banner').dataset.kind === 'lagging'", "the lagging banner")
+        # caught up: a heartbeat as early as the fastest delivery
+        got = await page.js("""(() => {
+          oddsBoard.handle({type: "heartbeat", as_of: window.t0 + Math.ceil(performance.now() - window.p0)});
+          return {stale: ["live", "pre"].map((id) => oddsBoard.isStale(id)), lag: oddsBoard.state.streamLagMs};
+        })()""")
+        assert got["stale"] == [False, False] and got["lag"] < 50, got
+        await page.until("document.getElementById('banner').hidden", "the banner gone")
+        assert page.errors() == [], page.errors()
+
+
+async def test_a_delta_the_page_cannot_read_starts_the_stream_over() -> None:
+    """A delta the page cannot read (not JSON, or not applicable) was dropped with its resume token
+    taken: the change it carried was lost and the market read fresh, confirmed by every heartbeat.
+    Now its token is not taken and the page starts over from a fresh snapshot, as on a seq gap."""
+    require_chromium()
+    stub = ("class { constructor() { window.opened += 1; window.lastES = this; this.l = {}; } "
+            "addEventListener(t, f) { this.l[t] = f; } close() {} "
+            "emit(t, data, id) { this.l[t]({data, lastEventId: id || ''}); } }")
+    snap = {"type": "snapshot", "as_of": now_ms_js(), "markets": [_board_market("m1", True)]}
+    async with browser("about:blank") as page:
+        await page.js("window.opened = 0")
+        await load_board(page, stub)
+        for bad in ('{"type":"delta","market_id":"m1",', json.dumps(
+                {"type": "delta", "market_id": "m1", "seq": 2, "kind": "delta", "source": "betfair", "source_ts": 1,
+                 "received_at": 1, "sent_at": now_ms_js(), "age_ms": 0, "stale": False, "selections": [None]})):
+            got = await page.js("""(() => {
+              const es = window.lastES, opened = window.opened;
+              es.l.open();
+              es.emit("snapshot", %s, "t0");
+              const fresh = !oddsBoard.isStale("m1");
+              es.emit("delta", %s, "t1");
+              return {fresh, token: oddsBoard.state.token, restarted: window.opened - opened,
+                      held: oddsBoard.state.markets.has("m1"), resyncs: oddsBoard.state.stats.resyncs};
+            })()""" % (json.dumps(json.dumps(snap)), json.dumps(bad)))
+            assert got["fresh"] and got["token"] != "t1" and got["restarted"] == 1 and not got["held"], got
+        assert page.errors() == [], page.errors()
+
+
+def now_ms_js() -> int:
+    return time.time_ns() // 1_000_000

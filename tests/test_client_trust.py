@@ -334,3 +334,112 @@ async def test_a_delta_that_cannot_be_read_is_skipped_and_its_market_reads_stale
         assert client.best("m2", "1") == 3.1 and client.token == "t2"
     finally:
         await client.close()
+
+
+# -- a lagging stream: a consumer slower than the feed reads what the server sent seconds ago --------
+
+
+def _hb(as_of: int) -> bytes:
+    return json.dumps({"type": "heartbeat", "as_of": as_of}).encode()
+
+
+async def test_a_stream_delivered_late_reads_stale_and_ages_count_the_lag() -> None:
+    """A consumer slower than the feed leaves a backlog in socket buffers: each heartbeat arrives
+    later after its ``as_of``. The client took a heartbeat as confirming every market at its
+    *receipt* (and a delta's ``age_ms`` as of receipt), so a book 14 s behind the server read fresh.
+    Now a confirmation counts as of receipt − the stream's lag (its receipt − send time, less the
+    least such difference seen on the connection: a fixed clock skew cancels), and a stream lagging
+    more than the in-play limit is not live: every market reads stale."""
+    client = OddsClient("http://127.0.0.1:9", stale_in_play_ms=10_000, stale_pre_match_ms=60_000)
+    on_time = OddsClient("http://127.0.0.1:9", stale_in_play_ms=10_000, stale_pre_match_ms=60_000)
+    try:
+        # the receipt clock (monotonic s) is injected: 21 s of messages, the last ones received now
+        m0 = time.monotonic() - 21
+        s0 = now_ms() + 3_600_000  # the server's clock: an hour ahead of this host's (a skew that cancels)
+        snap = json.dumps(_snapshot(_market("live", in_play=True), _market("pre")) | {"as_of": s0}).encode()
+        client._on_message(snap, m0, "t0")
+        on_time._on_message(snap, m0, "t0")
+        lags = []
+        for k in range(1, 21):
+            # every second of receipt the server's send times advance by 0.3 s: 0.7 s more behind each time
+            client._on_message(_hb(s0 + k * 300), m0 + k, None)
+            on_time._on_message(_hb(s0 + k * 1_000), m0 + k, None)  # (the control: delivered on time)
+            lags.append(getattr(client, "stream_lag_ms", None))
+        assert not on_time.is_stale("live") and not on_time.is_stale("pre")
+        age = client.age_ms("live")
+        assert age is not None and age >= 14_000, age  # confirmed as of 14 s before the last receipt
+        assert client.is_stale("live"), "an in-play market 14 s behind the server reads stale"
+        assert client.is_stale("pre"), "a stream lagging more than the in-play limit is not live"
+        assert lags[4] == 3_500 and lags[-1] == 14_000 and on_time.stream_lag_ms == 0, lags
+        # a delta delivered late: its age is the server's age_ms plus the lag
+        late = _delta("live", 2, 2.2) | {"sent_at": s0 + 6_100, "age_ms": 100}
+        client._on_message(json.dumps(late).encode(), m0 + 21, "t1")
+        assert client.best("live", "1") == 2.2 and client.stream_lag_ms == 14_900
+        assert (client.age_ms("live") or 0) >= 15_000 and client.is_stale("live")
+        # caught up: a heartbeat as early as the fastest delivery → the lag is gone, fresh again
+        client._on_message(_hb(s0 + 21_000), m0 + 21, None)
+        assert client.stream_lag_ms == 0
+        assert not client.is_stale("live") and not client.is_stale("pre")
+    finally:
+        await client.close()
+        await on_time.close()
+
+
+async def test_a_fixed_clock_skew_is_no_lag_and_the_estimate_starts_over_on_each_connection() -> None:
+    """The clock offset is measured per connection: a stream that reconnects to a server whose
+    clock reads 30 s earlier (another node) is not 30 s behind."""
+    hb_ms = 300
+    first = [_frame(_snapshot(_market("live", in_play=True)) | {"as_of": now_ms()}, "t0"),
+             _frame({"type": "heartbeat", "as_of": now_ms()})]
+    async with ScriptedSSEServer([first]) as fake:
+        client = OddsClient(fake.url, heartbeat_ms=hb_ms, stale_in_play_ms=10_000,
+                            backoff=Backoff(initial_s=0.2, max_s=0.2, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await client.wait_synced()
+            assert not client.is_stale("live")
+            skew = -30_000  # the next node's clock: 30 s behind this one's
+            fake.next_script = [_frame(_snapshot(_market("live", in_play=True)) | {"as_of": now_ms() + skew}, "t1"),
+                                _frame({"type": "heartbeat", "as_of": now_ms() + skew})]
+            fake.streams[0].close()  # the first connection ends: the client reconnects
+            await eventually(lambda: client.stats.snapshots == 2 and client.stats.heartbeats >= 2, 10,
+                             "the second connection's snapshot and heartbeat")
+            assert not client.is_stale("live")
+            assert client.stream_lag_ms < 1_000, client.stream_lag_ms
+        finally:
+            await client.close()
+
+
+async def test_a_skipped_delta_keeps_its_market_stale_whatever_a_status_says() -> None:
+    """A delta the client cannot read is skipped and its market marked stale (a change missed). The
+    next ``status`` of its source reset that mark from the server's stale list — which knows
+    nothing of the skip — and heartbeats then confirmed the market at the old price. The mark is
+    kept apart from the server's flags: only a snapshot or an image of the market clears it."""
+    client = OddsClient("http://127.0.0.1:9")
+    try:
+        client._on_message(json.dumps(_snapshot(_market("m1"), _market("m2"))).encode(), time.monotonic(), "t0")
+        bad = _delta("m1", 2, 5.0)
+        bad["selections"][0]["back"] = [{"price": 5.0, "size": 10.0}]  # a shape this client cannot read
+        client._on_message(json.dumps(bad).encode(), time.monotonic(), "t1")
+        assert client.stats.skipped == 1 and client.is_stale("m1")
+        status = {"type": "status", "source": "fake", "state": "UP", "reason": None, "stale_markets": [],
+                  "as_of": now_ms()}
+        client._on_message(json.dumps(status).encode(), time.monotonic(), None)
+        client._on_message(_hb(now_ms()), time.monotonic(), None)
+        assert client.is_stale("m1"), "a status and a heartbeat do not make a missed change fresh"
+        assert not client.is_stale("m2")
+        # a conflated delta carries only what it stands for: not the missed change
+        client._on_message(json.dumps(_delta("m1", 3, 2.4, conflated=True)).encode(), time.monotonic(), "t2")
+        assert client.best("m1", "1") == 2.4 and client.is_stale("m1")
+        # an image of the market replaces it whole: fresh again
+        img = {**_delta("m1", 4, 5.0), "kind": "image", "market": _market("m1", seq=4)}
+        del img["selections"]
+        client._on_message(json.dumps(img).encode(), time.monotonic(), "t3")
+        assert client.markets["m1"].seq == 4 and not client.is_stale("m1")
+        # and a snapshot clears every mark
+        client._on_message(json.dumps(bad | {"seq": 5}).encode(), time.monotonic(), "t4")
+        assert client.is_stale("m1")
+        client._on_message(json.dumps(_snapshot(_market("m1", seq=5), _market("m2"))).encode(), time.monotonic(), "t5")
+        assert not client.is_stale("m1")
+    finally:
+        await client.close()

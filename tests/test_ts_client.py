@@ -10,6 +10,7 @@ committed file. Skips with a message when ``node``/``npm`` are missing or Node i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -122,3 +123,65 @@ def test_typescript_client_against_oddsfeed_run(oddsfeed_url: str, request: pyte
     assert r.returncode == 0, f"npm test failed ({summary}):\n{out[-8000:]}"
     assert summary.get("fail") == "0" and summary.get("cancelled") == "0", out[-8000:]
     assert int(summary.get("pass", "0")) >= 15, f"fewer Node tests ran than expected: {summary}"
+
+
+# -- the client's own rules, offline: compiled with the package's tsc, no server, no npm registry ------
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clients/ts compiled (src and test) into a temporary directory with the package's own tsc
+    (clients/ts/node_modules: skips without it — ``npm ci`` there)."""
+    node, _ = _node_or_skip()
+    tsc = PKG / "node_modules" / "typescript" / "bin" / "tsc"
+    if not tsc.is_file():
+        pytest.skip("needs clients/ts/node_modules (run `npm ci` in clients/ts)")
+    out = tmp_path_factory.mktemp("ts-client")
+    r = _run([node, str(tsc), "-p", "tsconfig.json", "--outDir", str(out)], 300)
+    assert r.returncode == 0, f"tsc failed:\n{r.stdout[-5000:]}{r.stderr[-3000:]}"
+    (out / "package.json").write_text('{"type": "module"}\n')
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_typescript_client_rules_without_a_server(compiled: Path) -> None:
+    """The Node tests that need no server: the book's delta and seq rules, kick-off staleness, race
+    states, and a late stream (ages count the stream's lag; lagging past the in-play limit is not
+    live; the clock offset measured afresh per connection) and the local market_type filter."""
+    node, _ = _node_or_skip()
+    files = [str(compiled / "test" / f"{name}.test.js") for name in ("lag", "kickoff", "book", "race")]
+    r = _run([node, "--test", "--test-concurrency=1", *files], 120)
+    out = r.stdout + r.stderr
+    summary = dict(re.findall(r"^# (tests|pass|fail|cancelled|skipped) (\d+)$", out, re.MULTILINE))
+    assert r.returncode == 0 and summary.get("fail") == "0", out[-8000:]
+    assert int(summary.get("pass", "0")) >= 4, summary
+
+
+def test_typescript_market_key_is_the_taxonomy_market_key(compiled: Path) -> None:
+    """The TS client filters its book by ``market_type`` as the server does: on the market key of
+    feed.taxonomy.market_key (or its type). Its port gives the same key for every shape of input."""
+    from feed.taxonomy import market_key
+
+    node, _ = _node_or_skip()
+    cases: list[tuple[str | None, dict[str, str] | None, str | None]] = [
+        ("match_result", None, "soccer"), ("match_result", {}, "soccer"), (None, None, None), ("", {"line": "1"}, None),
+        ("total", {"line": "2.5"}, "soccer"), ("total", {"line": "2.5", "period": "rt"}, "soccer"),
+        ("total", {"line": "2.5", "period": "ot"}, "soccer"), ("total", {"period": "ot", "line": "210.5"}, "basketball"),
+        ("total", {"period": "rt", "line": "210.5"}, "basketball"), ("moneyline", {"period": "ot_pen"}, "ice_hockey"),
+        ("match_result", {"period": "rt"}, "basketball"), ("handicap", {"line": "-0.25", "period": "1h"}, "soccer"),
+        ("team_total", {"team": "home", "line": "1.5", "unit": "goals"}, "soccer"),
+        ("win", {"places": "3", "ew_fraction": "1/4", "extra": "x"}, "horse_racing"), ("total", {"line": ""}, "soccer"),
+        ("raw:uof_8", {"goalnr": "1", "sport_key": "x", "a": "2"}, "soccer"), ("raw:x", {"sport_key": "y"}, None),
+        ("total", {"period": "rt", "line": "2.5"}, None), ("draw_no_bet", {"period": "rt"}, "tennis"),
+    ]
+    script = ("import { marketKey, keyType } from %s;\n"
+              "const cases = JSON.parse(process.argv[1]);\n"
+              "console.log(JSON.stringify(cases.map(([t, s, sp]) => { const k = marketKey(t, s, sp); return [k, keyType(k)]; })));"
+              ) % json.dumps((compiled / "src" / "index.js").as_uri())
+    r = subprocess.run([node, "--input-type=module", "-e", script, json.dumps(cases)], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    from feed.taxonomy import key_type
+
+    want = [[market_key(t, s, sp), key_type(market_key(t, s, sp))] for t, s, sp in cases]
+    assert json.loads(r.stdout) == want

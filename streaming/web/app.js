@@ -39,11 +39,25 @@
  *
  * Ages and staleness are recomputed in the page like the Python client does:
  * a market is confirmed when a message about it arrives (minus the age the
- * server reported) and by each heartbeat while its source is not DOWN and
- * the server has not flagged it stale; stale = source DOWN, or flagged by the
+ * server reported, minus the stream's lag) and by each heartbeat (minus the
+ * stream's lag) while its source is not DOWN and the server has not flagged
+ * it stale; stale = no live stream (not connected, or lagging more than the
+ * in-play limit behind the server), or source DOWN, or flagged by the
  * server (snapshot / delta / status), or older than 10 s in play / 60 s
  * pre-match (?stale_in_play_ms= / ?stale_pre_match_ms= change these; in
  * play = in_play, or start_time reached on this browser's clock).
+ *
+ * The stream's lag (state.streamLagMs): a page that cannot keep up reads
+ * what the server sent a while ago. Heartbeats and snapshots carry the
+ * server's send time (as_of), deltas and event states theirs (sent_at); per
+ * connection the page keeps the least (performance.now() at receipt − send
+ * time) seen — the clocks' offset plus the least transit — and a message's
+ * lag is its own receipt − send time less that least one (a fixed clock skew
+ * cancels out). A heartbeat confirms as of receipt − lag, a delta as of
+ * receipt − lag − age_ms; the least offset starts over on every (re)opened
+ * stream. A delta the page cannot read (not JSON, or not applicable) is a
+ * change missed of a market it cannot name: its resume token is not taken and
+ * the stream starts over from a fresh snapshot, as on a seq gap.
  *
  * Query parameters of the page: sport=, in_play=true|false (initial filters),
  * api_key= (passed on to /v1 when the server requires one), event_refresh_ms=
@@ -108,12 +122,15 @@
     eventStates: new Map(), // provider event id → its latest event state (with age_ms / stale as sent)
     esFlagged: new Map(),  // provider event id → the server said its state is stale (event_state, then status)
     token: null,
+    minOffset: null,       // this connection's least (performance.now() at receipt − server send time), ms
+    streamLagMs: 0,        // the lag of the last message that carried a server send time (as_of / sent_at)
     snapshotOf: -1,        // the stream (streamGen) whose snapshot the book holds
     connected: false,
     filter: { sport: params.get("sport") || "all", play: playFromParam(params.get("in_play")) },
     stats: { snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, eventStates: 0, removed: 0,
              resumedRecovered: 0,
-             resumedLost: 0, silences: 0, flashes: 0, renders: 0, errors: 0, gaps: 0, resyncs: 0, lagMs: null },
+             resumedLost: 0, silences: 0, flashes: 0, renders: 0, errors: 0, skipped: 0, gaps: 0, resyncs: 0,
+             lagMs: null },
   };
 
   function playFromParam(v) {
@@ -188,11 +205,32 @@
     return !!s && s.state === "DOWN";
   }
 
+  /** The lag (ms) of a message the server sent at `sent` (its clock, ms) and the page received at
+   *  `now` (performance.now()): now − sent, less the least such difference on this connection. A
+   *  message without a send time (an older server) leaves the lag as it was. */
+  function noteSent(sent, now) {
+    if (typeof sent !== "number" || !isFinite(sent)) return state.streamLagMs;
+    const off = now - sent;
+    if (state.minOffset === null || off < state.minOffset) state.minOffset = off;
+    state.streamLagMs = off - state.minOffset;
+    return state.streamLagMs;
+  }
+
+  function resetLag() {
+    state.minOffset = null;
+    state.streamLagMs = 0;
+  }
+
+  /** Following a live stream: connected, and not lagging more than the in-play limit behind the server. */
+  function streamLive() {
+    return state.connected && state.streamLagMs <= STALE_IN_PLAY_MS;
+  }
+
   function isStale(id, now) {
     const m = state.markets.get(id);
     const age = ageMs(id, now);
     if (!m || age === null) return true;
-    if (!state.connected) return true;  // nothing confirms a price while the stream is down
+    if (!streamLive()) return true;  // nothing confirms a price while the stream is down or far behind
     if (sourceDown(m.source) || state.flagged.get(id)) return true;
     // in play, or its start time (ms since the epoch) has come though the provider has not said so yet
     const live = m.in_play || (m.start_time != null && m.start_time <= Date.now());
@@ -205,7 +243,8 @@
   let structureDirty = true;
 
   function onSnapshot(msg) {
-    const now = performance.now();
+    let now = performance.now();
+    now -= noteSent(msg.as_of, now);  // as of: the receipt, less the stream's lag
     state.markets.clear();
     state.confirmed.clear();
     state.flagged.clear();
@@ -224,6 +263,8 @@
   }
 
   function onDelta(d) {
+    let at = performance.now();
+    at -= noteSent(d.sent_at, at);  // as of: the receipt, less the stream's lag
     const cur = state.markets.get(d.market_id);
     if (cur && d.seq <= cur.seq) {  // a duplicate (e.g. replayed around a resume)
       state.stats.duplicates += 1;
@@ -250,15 +291,16 @@
       structureDirty = true;
     }
     state.markets.set(d.market_id, next);
-    state.confirmed.set(d.market_id, performance.now() - (d.age_ms || 0));
+    state.confirmed.set(d.market_id, at - (d.age_ms || 0));
     state.flagged.set(d.market_id, !!d.stale);
-    evSeen(next, performance.now(), d.age_ms || 0);
+    evSeen(next, at, d.age_ms || 0);
     dirty.add(d.market_id);
     schedule();
   }
 
   /** An event's state (score, period, clock, status): the newest version per event is kept. */
   function onEventState(msg) {
+    noteSent(msg.sent_at, performance.now());
     const es = msg.event_state;
     if (!es || !es.event_id) return;
     const held = state.eventStates.get(es.event_id);
@@ -287,9 +329,10 @@
     schedule();
   }
 
-  function onHeartbeat() {
+  function onHeartbeat(msg) {
     state.stats.heartbeats += 1;
-    const now = performance.now();
+    let now = performance.now();
+    now -= noteSent(msg && msg.as_of, now);  // what the server vouched for then: the receipt less the lag
     for (const [id, m] of state.markets) {
       if (sourceDown(m.source) || state.flagged.get(id)) continue;
       if ((state.confirmed.get(id) || 0) < now) state.confirmed.set(id, now);
@@ -435,7 +478,7 @@
    *  GET) about it, or a later status of its source (listed in stale_events or not). */
   function stateStale(es) {
     if (sourceDown(es.source)) return true;
-    if (route.event === null && !state.connected) return true;
+    if (route.event === null && !streamLive()) return true;
     const flagged = state.esFlagged.get(es.event_id);
     return flagged === undefined ? !!es.stale : flagged;
   }
@@ -898,6 +941,10 @@
     } else if (!state.connected && state.stats.snapshots) {
       kind = "offline";
       html = "<strong>Connection to the feed lost</strong> — reconnecting; prices shown may be out of date.";
+    } else if (!streamLive() && state.stats.snapshots) {
+      kind = "lagging";
+      html = "<strong>This page is " + Math.round(state.streamLagMs / 1000) + " s behind the feed</strong>"
+        + " — its prices are marked stale until it catches up.";
     } else if (degraded.length) {
       kind = "degraded";
       html = degraded.map(([n, s]) => "<strong>Source " + esc(n) + " is degraded</strong>" + why(s)).join(" · ")
@@ -1009,21 +1056,34 @@
     let url = "/v1/stream?heartbeat_ms=" + HEARTBEAT_MS;
     if (route.event !== null) url += "&event=" + encodeURIComponent(evp.cid);
     if (state.token) url += "&last_event_id=" + encodeURIComponent(state.token);
+    resetLag();
     es = new EventSource(withKey(url));
     const mine = es;
-    const handle = (fn) => (e) => {
+    const handle = (fn, isDelta) => (e) => {
       if (gen !== streamGen) { mine.close(); return; }
       lastHeard = performance.now();
-      if (e.lastEventId) state.token = e.lastEventId;
-      let msg;
-      try { msg = JSON.parse(e.data); } catch (err) { state.stats.errors += 1; return; }
-      fn(msg);
+      try {
+        fn(JSON.parse(e.data));
+      } catch (err) {
+        state.stats.errors += 1;
+        if (isDelta && gen === streamGen) {
+          // a change missed, of a market it cannot even name: its token is not taken, and the stream
+          // starts over from a fresh snapshot (as on a seq gap) rather than show that market fresh
+          console.warn("oddsfeed: a delta the page cannot read; starting over from a fresh snapshot", err);
+          state.stats.skipped += 1;
+          state.stats.resyncs += 1;
+          restartStream();
+        }
+        return;
+      }
+      if (e.lastEventId && gen === streamGen) state.token = e.lastEventId;  // (a resync restarted: not this stream's)
     };
     es.addEventListener("open", () => {
-      if (gen === streamGen) { retryMs = 500; lastHeard = performance.now(); setConnected(true, "live"); }
+      // (also when the EventSource reopens by itself: a new connection's clock offset is measured afresh)
+      if (gen === streamGen) { retryMs = 500; lastHeard = performance.now(); resetLag(); setConnected(true, "live"); }
     });
     es.addEventListener("snapshot", handle(onSnapshot));
-    es.addEventListener("delta", handle(onDelta));
+    es.addEventListener("delta", handle(onDelta, true));
     es.addEventListener("heartbeat", handle(onHeartbeat));
     es.addEventListener("status", handle(onStatus));
     es.addEventListener("event_state", handle(onEventState));  // no id: the resume token stays as it was

@@ -178,6 +178,53 @@ export function raceEventId(eventId: string | null | undefined, sport: string | 
   return `${eventId}.${hh}${mm}`;
 }
 
+/** The market key specifiers, in key order (feed.taxonomy.KEY_SPECIFIERS). */
+const KEY_SPECIFIERS = ["period", "unit", "team", "line", "places", "ew_fraction"] as const;
+const RAW = "raw:";
+/** specifiers a normaliser adds for itself: never in a key (feed.taxonomy._PRIVATE) */
+const PRIVATE_SPECIFIERS = new Set(["sport_key"]);
+/** market types with a draw: full time is regular time in every sport (feed.taxonomy._DRAW_TYPES) */
+const DRAW_TYPES = new Set(["match_result", "handicap_3way", "double_chance", "draw_no_bet", "correct_score"]);
+/** the time scopes a `period` may name (feed.taxonomy._SCOPES) */
+const SCOPES = new Set(["rt", "ot", "ot_pen"]);
+/** sport → the scope its result covers (feed.taxonomy._FULL_TIME) */
+const FULL_TIME: Record<string, string> = {
+  ...Object.fromEntries(["soccer", "futsal", "handball", "rugby", "rugby_union", "rugby_league", "tennis",
+    "table_tennis", "volleyball", "badminton", "darts", "snooker", "mma", "boxing"].map((s) => [s, "rt"])),
+  ...Object.fromEntries(["basketball", "american_football", "baseball", "cricket"].map((s) => [s, "ot"])),
+  ice_hockey: "ot_pen",
+};
+
+/**
+ * The canonical market key of a market, as the server's `market_type` filter reads it
+ * (feed.taxonomy.market_key): its type plus its key specifiers in a fixed order — `match_result`,
+ * `total:line=2.5`, `handicap:period=1h|line=-0.25`; a `raw:` type plus every specifier but the
+ * private ones, by name. A `period` that is the sport's full time is left out.
+ */
+export function marketKey(marketType: string | null | undefined, specifiers: Record<string, string> | null | undefined,
+  sport?: string | null): string {
+  const t = marketType || "raw:unknown";
+  if (!specifiers || Object.keys(specifiers).length === 0) return t;
+  let parts: string[];
+  if (t.startsWith(RAW)) {
+    parts = Object.keys(specifiers).filter((k) => !PRIVATE_SPECIFIERS.has(k))
+      .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)).map((k) => `${k}=${specifiers[k]}`);
+  } else {
+    const period = specifiers.period;
+    const full = DRAW_TYPES.has(t) ? "rt" : FULL_TIME[sport ?? ""];
+    const drop = period !== undefined && SCOPES.has(period) && period === full;
+    parts = KEY_SPECIFIERS.filter((k) => specifiers[k] && !(drop && k === "period")).map((k) => `${k}=${specifiers[k]}`);
+  }
+  return parts.length ? `${t}:${parts.join("|")}` : t;
+}
+
+/** The market type of a market key (feed.taxonomy.key_type): `total:line=2.5` → `total`,
+ *  `raw:uof_8:goalnr=1` → `raw:uof_8`. */
+export function keyType(key: string): string {
+  if (key.startsWith(RAW)) return RAW + key.slice(RAW.length).split(":")[0];
+  return key.split(":")[0];
+}
+
 /**
  * A live, local copy of the markets matching a filter, plus the price check.
  *
@@ -196,9 +243,19 @@ export function raceEventId(eventId: string | null | undefined, sport: string | 
  *
  * What it vouches for: while no live stream is followed — from the moment the stream drops, is
  * found silent (3 × `heartbeatMs` + 1 s), gaps or is refused, until a reconnect resumes it
- * (`resumed {recovered: true}`) or a snapshot replaces the book; after a fatal error or
- * {@link OddsClient.close} — {@link OddsClient.isStale} is true for every market, and heartbeats
- * confirm nothing (ages keep growing from the last confirmation). See {@link OddsClient.live}.
+ * (`resumed {recovered: true}`) or a snapshot replaces the book; while the stream lags more than
+ * `staleInPlayMs` behind the server; after a fatal error or {@link OddsClient.close} —
+ * {@link OddsClient.isStale} is true for every market, and heartbeats confirm nothing (ages keep
+ * growing from the last confirmation). See {@link OddsClient.live}.
+ *
+ * The stream's lag ({@link OddsClient.streamLagMs}): a consumer slower than the feed leaves a
+ * backlog in socket buffers, and every message then arrives late. Heartbeats and snapshots carry
+ * the server's send time `as_of`, deltas and event states `sent_at` (a status's `as_of` is when
+ * its news was worked out: not used). Per connection the client keeps the least
+ * `receipt − send time` seen (receipt on the monotonic clock `now`, ms): the hosts' clock offset
+ * plus the least transit. A message's lag is its own `receipt − send time` minus that least one (a
+ * fixed clock skew cancels out), and a heartbeat confirms as of receipt − lag, a delta or snapshot
+ * market as of receipt − lag − `age_ms`. The least offset starts over on every connection.
  *
  * Callbacks (`onUpdate`, `onEventState`, listeners added by {@link OddsClient.on}) run
  * synchronously once the book (or `eventStates`) is updated; an exception one throws is counted
@@ -257,6 +314,11 @@ export class OddsClient {
   private readonly fMarket?: Set<string>;
   private readonly fSource?: Set<string>;
   private readonly fBook?: Set<string>;
+  private readonly fMarketType?: Set<string>;
+  /** this connection's least (receipt − server send time), ms; null until a message with one */
+  private minOffset: number | null = null;
+  /** the lag of the last message that carried a send time, ms */
+  private lag = 0;
   /** following a live stream: set by a snapshot or a recovered resume, cleared the moment the
    *  stream ends (dropped, found silent, a gap, a fatal error, close) */
   private following = false;
@@ -295,6 +357,7 @@ export class OddsClient {
     this.fMarket = asSet(options.market);
     this.fSource = asSet(options.source);
     this.fBook = asSet(options.bookmaker);
+    this.fMarketType = asSet(options.market_type);
   }
 
   // -- lifecycle ------------------------------------------------------------------------------
@@ -356,22 +419,34 @@ export class OddsClient {
   // -- the book -------------------------------------------------------------------------------
 
   /** True while the client follows a live stream: since a snapshot or a recovered resume
-   *  (`resumed {recovered: true}`) on the current connection. False from the moment the stream
-   *  drops, is found silent, gaps or is refused, while reconnecting (also once reconnected, until
-   *  resumed or re-snapshotted), and after a fatal error or {@link OddsClient.close}: every market
-   *  then reads stale ({@link OddsClient.isStale}) and heartbeats confirm nothing. */
+   *  (`resumed {recovered: true}`) on the current connection, and not lagging more than
+   *  `staleInPlayMs` behind the server ({@link OddsClient.streamLagMs}). False from the moment the
+   *  stream drops, is found silent, gaps or is refused, while reconnecting (also once reconnected,
+   *  until resumed or re-snapshotted), while it lags that much, and after a fatal error or
+   *  {@link OddsClient.close}: every market then reads stale ({@link OddsClient.isStale}) and
+   *  heartbeats confirm nothing (a lagging stream's confirm as of receipt − lag). */
   get live(): boolean {
-    return this.following;
+    return this.following && this.lag <= (this.opts.staleInPlayMs ?? 10_000);
+  }
+
+  /** How late this client reads the stream, ms: the lag of the last message that carried a server
+   *  send time (`as_of` of a heartbeat or snapshot, `sent_at` of a delta or event state) — its
+   *  receipt − send time, less the least such difference seen on this connection (so a fixed clock
+   *  skew between the hosts cancels out). 0 before any such message; measured afresh on every
+   *  connection. */
+  get streamLagMs(): number {
+    return Math.round(this.lag);
   }
 
   get markets(): Map<string, BookMarket> {
     return this.book.markets;
   }
 
-  /** Milliseconds since the market was last confirmed current: the server's `age_ms` at receipt
-   *  plus the local (monotonic) time since; heartbeats confirm markets not flagged stale whose
-   *  source is not DOWN, and only while the stream is live ({@link OddsClient.live}): without a
-   *  live stream the age keeps growing. Undefined for a market not held. */
+  /** Milliseconds since the market was last confirmed current: the server's `age_ms` plus the
+   *  stream's lag at receipt ({@link OddsClient.streamLagMs}), plus the local (monotonic) time
+   *  since; heartbeats confirm (as of their receipt − the lag) markets not flagged stale whose
+   *  source is not DOWN, and only while a stream is followed: without one the age keeps growing.
+   *  Undefined for a market not held. */
   ageMs(marketId: string): number | undefined {
     const t = this.confirmed.get(marketId);
     if (t === undefined) return undefined;
@@ -379,7 +454,8 @@ export class OddsClient {
   }
 
   /** True when the client follows no live stream ({@link OddsClient.live} false: dropped, found
-   *  silent, reconnecting and not yet resumed or re-snapshotted, fatally errored, closed), the
+   *  silent, reconnecting and not yet resumed or re-snapshotted, lagging more than `staleInPlayMs`
+   *  behind the server, fatally errored, closed), the
    *  market's source is DOWN, the server flagged it stale (snapshot, delta, status), or its age
    *  exceeds the in-play / pre-match threshold (unknown market → true). The in-play threshold
    *  (`staleInPlayMs`) applies once the market is in play or its `start_time` (ms since the epoch)
@@ -388,7 +464,7 @@ export class OddsClient {
   isStale(marketId: string): boolean {
     const m = this.book.get(marketId);
     const age = this.ageMs(marketId);
-    if (m === undefined || age === undefined || !this.following) return true;
+    if (m === undefined || age === undefined || !this.live) return true;
     if (this.sources.get(m.source)?.state === "DOWN") return true;
     if (this.flagged.get(marketId)) return true;
     // in play, or its start time has come though the provider has not said so yet (the server's rule)
@@ -427,7 +503,7 @@ export class OddsClient {
    *  again). An event without a state → true. */
   isEventStateStale(eventId: string): boolean {
     const es = this.eventStates.get(eventId);
-    if (!es || !this.following) return true;
+    if (!es || !this.live) return true;
     if (this.sources.get(es.source)?.state === "DOWN") return true;
     return this.esFlagged.get(eventId) ?? Boolean(es.stale);
   }
@@ -456,8 +532,12 @@ export class OddsClient {
    */
   handleMessage(msg: ServerMessage, token?: string | null): ApplyResult | undefined {
     const tok = token ?? (msg as { token?: string }).token ?? null;
+    // as of: the receipt, less the stream's lag (what the server sent that long ago arrives now)
+    let at = this.now();
+    if (msg.type === "delta" || msg.type === "event_state") at -= this.noteSent(msg.sent_at, at);
+    else if (msg.type === "heartbeat" || msg.type === "snapshot") at -= this.noteSent(msg.as_of, at);
     if (msg.type === "delta") {
-      const r = this.onDelta(msg);
+      const r = this.onDelta(msg, at);
       if (r !== "gap" && tok !== null) this.token = tok;
       this.notify();
       return r;
@@ -466,10 +546,10 @@ export class OddsClient {
     switch (msg.type) {
       case "heartbeat":
         this.stats.heartbeats++;
-        this.onHeartbeat();
+        this.onHeartbeat(at);
         break;
       case "snapshot":
-        this.onSnapshot(msg);
+        this.onSnapshot(msg, at);
         break;
       case "status":
         this.onStatus(msg);
@@ -504,8 +584,18 @@ export class OddsClient {
     return undefined;
   }
 
-  private onSnapshot(msg: SnapshotMessage): void {
-    const now = this.now();
+  /** The lag (ms) of a message the server sent at `sent` (its wall clock, ms) and received at `now`
+   *  (monotonic ms): `now − sent` less the least such difference seen on this connection. A message
+   *  without a send time (an older server) leaves the lag as it was. */
+  private noteSent(sent: number | undefined | null, now: number): number {
+    if (typeof sent !== "number" || !Number.isFinite(sent)) return this.lag;
+    const off = now - sent;
+    if (this.minOffset === null || off < this.minOffset) this.minOffset = off;
+    this.lag = off - this.minOffset;
+    return this.lag;
+  }
+
+  private onSnapshot(msg: SnapshotMessage, now: number): void {
     const old = new Set(this.book.markets.keys());
     this.book.replace(msg.markets);
     this.confirmed.clear();
@@ -529,7 +619,7 @@ export class OddsClient {
     }
   }
 
-  private onDelta(msg: DeltaMessage): ApplyResult {
+  private onDelta(msg: DeltaMessage, at: number): ApplyResult {
     const id = msg.market_id;
     const cur = this.book.get(id);
     const r = this.book.apply(msg as Delta);
@@ -556,7 +646,7 @@ export class OddsClient {
       this.forget(id, cur !== undefined);
       return r;
     }
-    this.confirmed.set(id, this.now() - (msg.age_ms ?? 0));
+    this.confirmed.set(id, at - (msg.age_ms ?? 0));
     this.flagged.set(id, Boolean(msg.stale));
     this.emit("delta", msg);
     if (cb) this.callback("onUpdate", cb, id, m);
@@ -588,9 +678,8 @@ export class OddsClient {
 
   private pendingGap: SeqGapError | null = null;
 
-  private onHeartbeat(): void {
+  private onHeartbeat(now: number): void {
     if (!this.following) return; // a reconnected stream not yet resumed (or none) confirms nothing
-    const now = this.now();
     for (const [id, m] of this.book.markets) {
       if (this.sources.get(m.source)?.state === "DOWN" || this.flagged.get(id)) continue;
       if ((this.confirmed.get(id) ?? 0) < now) this.confirmed.set(id, now);
@@ -622,6 +711,10 @@ export class OddsClient {
     if (this.fComp && !(m.competition !== null && this.fComp.has(m.competition))) return false;
     if (this.fSource && !this.fSource.has(m.source)) return false;
     if (this.fBook && !(m.bookmaker !== null && this.fBook.has(m.bookmaker))) return false;
+    if (this.fMarketType) { // a canonical market key (`total:line=2.5`) or its type (`total`): the server's rule
+      const key = marketKey(m.market_type, m.specifiers, m.sport);
+      if (!this.fMarketType.has(key) && !this.fMarketType.has(keyType(key))) return false;
+    }
     return this.opts.in_play === undefined || m.in_play === this.opts.in_play;
   }
 
@@ -653,6 +746,9 @@ export class OddsClient {
     while (!this.closing) {
       const ctl = new AbortController();
       this.current = ctl;
+      // a new connection (another path, maybe another node): its clock offset and lag measured afresh
+      this.minOffset = null;
+      this.lag = 0;
       // the moment the connection is given up (silence, gap, reconnect(), close) nothing is vouched for
       ctl.signal.addEventListener("abort", () => { this.following = false; }, { once: true });
       if (this.pendingGap) { ctl.abort(this.pendingGap); this.pendingGap = null; }

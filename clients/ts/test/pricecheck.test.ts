@@ -108,7 +108,8 @@ test("age / stale arithmetic: server age + local time, heartbeats confirm, serve
   const c = new OddsClient("http://127.0.0.1:9", { now: () => now, staleInPlayMs: 500, stalePreMatchMs: 5000 });
   const mk = (id: string, in_play: boolean, age_ms: number, stale = false): MarketWithAge =>
     ({ market_id: id, source: "s1", seq: 1, in_play, age_ms, stale, selections: [] });
-  c.handleMessage({ type: "snapshot", as_of: 0, markets: [mk("a", true, 100), mk("b", false, 100), mk("c", true, 0, true)] }, "t1");
+  // (the server's send times, as_of / sent_at, keep step with the receipt clock here: no stream lag)
+  c.handleMessage({ type: "snapshot", as_of: now, markets: [mk("a", true, 100), mk("b", false, 100), mk("c", true, 0, true)] }, "t1");
   assert.equal(c.token, "t1");
   assert.equal(c.ageMs("a"), 100);
   now = 1_300;
@@ -118,11 +119,11 @@ test("age / stale arithmetic: server age + local time, heartbeats confirm, serve
   assert.equal(c.isStale("a"), true, "in-play threshold 500 ms passed");
   assert.equal(c.isStale("b"), false, "pre-match threshold 5000 ms not passed");
   assert.equal(c.isStale("c"), true, "flagged stale by the server");
-  c.handleMessage({ type: "heartbeat", as_of: 0 });
+  c.handleMessage({ type: "heartbeat", as_of: now });
   assert.equal(c.ageMs("a"), 0, "a heartbeat confirms a market not flagged stale");
   assert.equal(c.isStale("c"), true, "…but not a flagged one");
   c.handleMessage({ type: "delta", market_id: "a", seq: 2, kind: "delta", source: "s1", source_ts: 1, received_at: 1,
-    sent_at: 1, age_ms: 30, stale: false }, "t2");
+    sent_at: now, age_ms: 30, stale: false }, "t2");
   assert.equal(c.ageMs("a"), 30, "a delta confirms at receipt minus the server's age");
   assert.equal(c.token, "t2");
   c.handleMessage({ type: "status", source: "s1", state: "DOWN", reason: "x", stale_markets: ["a", "b", "c"],
