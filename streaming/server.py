@@ -74,20 +74,21 @@ subclass — and its WebSocket protocol for oddsfeed's own
   request behind one still being answered, a client not reading) goes
   through ASGI as before.
 
-  The *direct read*: a read that starts at a request boundary and holds a
-  whole fast-route request whose head is in a strict subset of HTTP/1.1
+  The *direct read*: a read that starts at a request boundary and holds the
+  whole head of a fast-route request in a strict subset of HTTP/1.1
   (:func:`read_direct`: ``POST <path> HTTP/1.1``, CRLF line ends, token
   header names, visible-ASCII values, one ``Content-Length``, no
   ``Transfer-Encoding`` / ``Expect`` / ``Upgrade``, ``Connection`` absent or
-  ``keep-alive`` / ``close``, within the head limits) is answered without
-  handing it to httptools at all — the same route, answer and bookkeeping,
-  minus the parser's eight Python callbacks and uvicorn's per-request ASGI
-  scope (~40 % of the fast path's CPU). Anything outside that subset (or a
-  request split across reads) goes to httptools as before, which then
-  applies every limit and answers every error: on the subset, httptools
-  and this reading agree byte for byte, so no request can mean one thing
-  to one and another to the other. Pipelined requests in the same read are
-  read one after the other.
+  ``keep-alive`` / ``close``, within the head limits) is read without
+  handing it to httptools at all — its body from the same read or the next
+  ones (within the route's deadline: else the 408 above), then the same
+  route, answer and bookkeeping, minus the parser's eight Python callbacks
+  and uvicorn's per-request ASGI scope (~40 % of the fast path's CPU).
+  Anything outside that subset (or a head split across reads) goes to
+  httptools as before, which then applies every limit and answers every
+  error: on the subset, httptools and this reading agree byte for byte, so
+  no request can mean one thing to one and another to the other. Pipelined
+  requests in the same read are read one after the other.
 
 WebSocket connections are served by :class:`streaming.sockets.WebSocketStream`
 (installed as uvicorn's ``ws`` protocol class; ``websockets``' sans-I/O
@@ -175,9 +176,11 @@ _DIRECT_HEAD = re.compile(rb"POST /[!-~]* HTTP/1\.1(?:\r\n[!#$%&'*+\-.^_`|~0-9A-
 
 
 class DirectRequest(NamedTuple):
-    """A whole request :func:`read_direct` read: its route, headers (lowercase names, values without
-    surrounding spaces/tabs — as uvicorn gives them to ASGI), raw query, body, whether the
-    connection stays open, and the bytes after it in the read (a pipelined next request)."""
+    """A request :func:`read_direct` read: its route, headers (lowercase names, values without
+    surrounding spaces/tabs — as uvicorn gives them to ASGI), raw query, body (so far), whether
+    the connection stays open, the bytes after it in the read (a pipelined next request) and how
+    many bytes of its body are still to come (0: the request is whole; clients such as httpx
+    write the head and the body apart)."""
 
     route: FastRoute
     headers: list[tuple[bytes, bytes]]
@@ -185,13 +188,15 @@ class DirectRequest(NamedTuple):
     body: bytes
     keep_alive: bool
     rest: bytes
+    missing: int = 0
 
 
 def read_direct(data: bytes, routes: Mapping[bytes, FastRoute], *, max_header_bytes: int, max_headers: int,
                 max_header_line: int) -> DirectRequest | None:
-    """The request at the start of ``data`` when it is a whole request for one of ``routes`` in the
+    """The request at the start of ``data`` when its head is whole, for one of ``routes``, in the
     strict subset of HTTP/1.1 the protocol reads itself (see the module docstring, *direct read*),
-    within the head limits; None otherwise (httptools reads it). Pure: no I/O."""
+    within the head limits (its body may be still to come: ``missing``); None otherwise
+    (httptools reads it). Pure: no I/O."""
     if not data.startswith(b"POST /"):
         return None
     end = data.find(b"\r\n\r\n")
@@ -238,7 +243,7 @@ def read_direct(data: bytes, routes: Mapping[bytes, FastRoute], *, max_header_by
     start = end + 4
     stop = start + length
     if len(data) < stop:
-        return None
+        return DirectRequest(route, headers, query, data[start:], keep_alive, b"", stop - len(data))
     return DirectRequest(route, headers, query, data[start:stop], keep_alive, data[stop:])
 
 
@@ -343,6 +348,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._fast_routes = self._guard.fast_routes if self._limit_head else None
             self._fast: _FastRequest | None = None
             self._boundary = True  # the parser is between requests, holding no bytes (the direct read)
+            self._direct_missing = 0  # > 0: body bytes still to come of a request read directly (in _fast)
             self._fast_timer: asyncio.TimerHandle | None = None
             inner = self.app
             proto = self
@@ -463,6 +469,9 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
         def data_received(self, data: bytes) -> None:
             if self._discarding:
                 self._discard(len(data))
+                return
+            if self._direct_missing:
+                self._direct_body(data)
                 return
             if self._boundary and self._fast_routes is not None and not self._held and self._direct(data):
                 return
@@ -622,17 +631,42 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             g.direct_reads += 1
             self._unset_keepalive_if_required()
             self._disarm()
+            if req.missing:  # the body comes in the next reads, within the route's deadline
+                self._partial = True
+                fast = self._fast = _FastRequest(req.route, req.headers, req.query, req.keep_alive,
+                                                 self.loop.time() + req.route.deadline_s())
+                fast.body.append(req.body)
+                self._direct_missing = req.missing
+                self._fast_timer = self.loop.call_at(fast.deadline, self._fast_timed_out)
+                return True
             if self._write_answer(req.route.answer(req.headers, req.query, req.body, self._ip), req.keep_alive) \
                     and req.rest:
                 self.data_received(req.rest)  # a pipelined next request
             return True
 
-        def _answer_fast(self, req: _FastRequest) -> None:
+        def _direct_body(self, data: bytes) -> None:
+            """More of the body of a request read directly; answered once whole, and what follows
+            it in the read is the next request."""
+            fast = self._fast
+            assert fast is not None
+            missing = self._direct_missing
+            if len(data) < missing:
+                fast.body.append(data)
+                self._direct_missing = missing - len(data)
+                return
+            fast.body.append(data[:missing])
+            self._direct_missing = 0
+            self._fast = None
+            if self._answer_fast(fast) and len(data) > missing:
+                self.data_received(data[missing:])
+
+        def _answer_fast(self, req: _FastRequest) -> bool:
+            """Answer a fast-path request whose body is whole; whether the connection stays open."""
             if self._fast_timer is not None:
                 self._fast_timer.cancel()
                 self._fast_timer = None
             body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
-            self._write_answer(req.route.answer(req.headers, req.query, body, self._ip), req.keep_alive)
+            return self._write_answer(req.route.answer(req.headers, req.query, body, self._ip), req.keep_alive)
 
         def _write_answer(self, answer: tuple[int, list[tuple[bytes, bytes]], bytes], keep_alive: bool) -> bool:
             """Write a fast-path ``answer`` in one write, then close (not ``keep_alive``) or wait for
@@ -659,6 +693,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             then a lingering close (the rest of the body may still be on its way)."""
             self._fast_timer = None
             req, self._fast = self._fast, None
+            self._direct_missing = 0
             if req is None:
                 return
             logger.info("closing %s: the body of POST %s did not arrive in time", self._ip, req.route.path)

@@ -221,6 +221,40 @@ async def test_a_request_in_one_read_is_read_directly_and_answered_as_through_as
     assert out[True][0][2]["reason"] == "OK"
 
 
+async def test_a_body_written_apart_from_its_head_is_read_directly(store: Store, redis_url: str) -> None:
+    """httpx (and other clients) write a request's head and body apart: the head is read directly,
+    the body in the next reads, and a next request in the body's read is read after it."""
+    await Feed(store).write(_image("bf:1.1"))
+    app = make_app(redis_url)
+    body = msgspec.json.encode(CHECK)
+    request = _post(b"/v1/price-check", body)
+    head_end = request.index(b"\r\n\r\n") + 4
+    async with serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # the head; the body in two writes, the second carrying the next request whole
+            for part in (request[:head_end], request[head_end:head_end + 5], request[head_end + 5:] + request):
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # separate reads on the server's side
+            for _ in range(2):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+                answer = msgspec.json.decode(await asyncio.wait_for(reader.readexactly(length), 10))
+                assert head.startswith(b"HTTP/1.1 200") and answer["reason"] == "OK", (head, answer)
+        finally:
+            writer.close()
+        assert app.state.http_guard.direct_reads == 2
+        assert _routes(app)[b"/v1/price-check"].requests == 2
+        # and through httpx itself
+        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+            r = await c.post("/v1/price-check", json=CHECK)
+        assert r.status_code == 200 and r.json()["reason"] == "OK"
+        assert app.state.http_guard.direct_reads == 3
+
+
 async def test_what_the_fast_path_takes_and_what_it_leaves_to_asgi(store: Store, redis_url: str) -> None:
     await Feed(store).write(_image("bf:1.1"))
     app = make_app(redis_url)
