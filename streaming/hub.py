@@ -34,7 +34,8 @@ Policy (DESIGN §6, style §3.8):
   that changed (``"conflated": true``);
 - slow consumers, byte budget per connection (``outbox_max_bytes``) on
   queued stream data: over it, (1) the outbox is collapsed by market
-  (latest state wins, ``conflated: true``); (2) if that does not bring it
+  (latest state wins, ``conflated: true``; a conflation window's pending
+  changes of those markets go in the merge); (2) if that does not bring it
   under half the budget, queued stream data is dropped and the writer's
   next take starts with a fresh snapshot per subscription
   (``recovered: false``, ``reason: "slow_consumer"``) built at that
@@ -67,6 +68,14 @@ deduplicated against live deltas by per-partition floors; a position this
 node has not reached yet is accepted only when that entry exists in Redis
 (another node is ahead), then live deltas up to it are skipped; otherwise
 ``resumed {recovered: false}`` and a fresh snapshot. Never a partial replay.
+The log holds each change's filter keys after it, not before: a Redis replay
+takes them before from the replay's own earlier changes, or from the moves the
+hub saw this node apply (:meth:`Hub.moved_at`), so a delta that moves a market
+out of (or into) the filter is sent as live; where they cannot be known the
+replay sends what any holder needs (:class:`streaming.state.ReplayedDelta`), or,
+for a tenant-restricted subscription, is not recovered. A live ``status``
+carries no resume token: a control message, it is kept ahead of the deltas a
+slow consumer's collapse moves after it or its resync drops.
 What changes a subscription's view without a log entry is handled too (the
 section "what a resume cannot replay"): a recovered resume ends with every
 visible source's current ``status``; a resume from before a relink of a
@@ -93,7 +102,7 @@ import collections
 import contextlib
 import logging
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence, Set as AbstractSet
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -109,7 +118,7 @@ from streaming.encoding import (
 )
 from streaming.latency import Histogram
 from streaming.state import (
-    DeltaInfo, Filter, MarketKeys, Newly, NodeState, PreparedEntry, image_of, now_ms, removed_message,
+    DeltaInfo, Filter, MarketKeys, Newly, NodeState, PreparedEntry, ReplayedDelta, image_of, now_ms, removed_message,
 )
 from streaming.timers import TimerWheel
 from streaming.transport import FRAMINGS, WS_FRAMES, Framing, Sink, framing_of
@@ -148,6 +157,8 @@ REPLAY_CACHE_IDLE_S = 30.0
 GRANTS_MAX = 10_000
 #: canonical events whose last relink the hub remembers (older ones are folded into one floor)
 RELINK_MARKS_MAX = 10_000
+#: filter-key moves the hub remembers for Redis replays (Hub.moved_at; the oldest are forgotten)
+MOVES_MAX = 50_000
 #: per source, the status messages kept for distinct filters between two announcements
 STATUS_FILTERS_MAX = 1024
 #: a source status worked out at a resume (not announced since the node started) is used by
@@ -238,6 +249,17 @@ class Merge:
                 self.header = True
             if info.has_tv:
                 self.tv = True
+
+    def fold(self, later: "Merge") -> None:
+        """Take in ``later``: changes of the same market gathered after this merge's (a
+        conflation window's, folded into a slow consumer's collapsed queue)."""
+        self.count += later.count
+        if later.msg is not None:
+            self.msg = later.msg
+        self.sel_ids |= later.sel_ids
+        self.header = self.header or later.header
+        self.tv = self.tv or later.tv
+        self.image = self.image or later.image
 
     def key(self, market_id: str) -> tuple[object, ...]:
         if self.image:
@@ -722,6 +744,15 @@ class Hub:
         self._grants: dict[tuple[str, object], tuple[StreamId, ...]] = {}
         #: the node's positions when the tenants file last changed (:meth:`tenants_changed`)
         self._grants_changed: tuple[StreamId, ...] | None = None
+        #: while set (:meth:`_overflows_held`): connections gone over budget, collapsed at the end
+        self._held_overflows: dict[Connection, None] | None = None
+        #: the markets whose filter keys an entry this node applied moved (:meth:`moved_at`: the
+        #: log holds a change's keys after it, a Redis replay needs them before it too):
+        #: (partition, entry key, market id) → its keys before, oldest first; per partition, the
+        #: newest entry key of a move forgotten (past MOVES_MAX), or the position when recording began
+        self._moves: dict[tuple[int, StreamId, str], MarketKeys] = {}
+        self._moves_floor: list[StreamId] = [parse_stream_id(x) for x in state.positions]
+        self._moves_epoch = state.epoch
 
     @property
     def resumes_recovered(self) -> int:
@@ -1315,11 +1346,20 @@ class Hub:
         frames: list[bytes] = []
         metas: list[Any] = []
         n = 0
+        # the keys of the markets the replay re-keys, as of the token: a delta that moves one out
+        # of (or into) the filter is sent as live (ReplayedDelta)
+        held = st.replay_held(((p, entry_id, deltas) for _, p, entry_id, deltas in merged), self.moved_at)
+        restricted = sub.filter.visible is not None
         for key, p, entry_id, deltas in merged:
             before = running[p]
             running[p] = entry_id
             floor[p] = max(floor[p], key)
-            entry = st.prepare_replay(p, entry_id, deltas, running, now, before)
+            entry = st.prepare_replay(p, entry_id, deltas, running, now, before, held, self.moved_at)
+            if restricted and any(type(pd) is ReplayedDelta and pd.unsure(sub.filter) for pd in entry.deltas):
+                # a market whose keys before the change are not known may have been hidden from its
+                # tenant then (its changes must not go out) or visible (its removal must)
+                self._not_recovered(sub, "a market's keys moved before this node can vouch for them")
+                return
             n += self._replay_frames(sub, entry, frames, metas)
             if n > conn.max_bytes:
                 self._not_recovered(sub, "more to replay than the byte budget")
@@ -1330,10 +1370,11 @@ class Hub:
         sub.floor = tuple(floor)
         self.resumes["recovered"] += 1
         conn.send(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
-        if frames:
-            conn.push(frames, metas, n)
-        for entry in pending:
-            self._deliver_entry(sub, entry)
+        with self._overflows_held():  # (a collapse merges from the markets as they are: after the live entries)
+            if frames:
+                conn.push(frames, metas, n)
+            for entry in pending:
+                self._deliver_entry(sub, entry)
         self._set_floor(sub, sub.floor)
         self.send_states(sub, self._events_of(sub.filter))  # live states were skipped while it replayed
         self.send_statuses(sub)
@@ -1343,6 +1384,8 @@ class Hub:
     def dispatch(self, entry: PreparedEntry) -> None:
         """Send one applied log entry to every matching subscription (called
         by the reader once per entry; never awaits)."""
+        if entry.newly is not None:  # (per entry: markets new to the node or whose keys moved)
+            self._note_moves(entry)
         if not self.connections:
             return
         if self.best.subs:
@@ -1403,6 +1446,10 @@ class Hub:
                         lst.append(msg)
         p, key, tb = entry.partition, entry.key, entry.prev_token
         now = -1.0
+        # connections over their budget: collapsed once every group has been given this entry — a
+        # collapse merges from the markets as they are now, so a subscription of the connection
+        # still waiting for this entry's delta would get it after a merge that carries its seq
+        over: list[Connection] | None = None
         for g, msgs in per_group.items():
             built = False
             # a copy: a push may close a connection (eviction), which leaves its group
@@ -1437,15 +1484,52 @@ class Hub:
                 conn.meta.extend(metas)
                 conn.outbox_bytes += nbytes
                 if conn.outbox_bytes > conn.max_bytes:
-                    self.overflow(conn)
+                    if over is None:
+                        over = [conn]
+                    else:
+                        over.append(conn)
                 if conn.wakeup is not None:
                     conn.wakeup.set()
                 elif not conn.ready:
                     conn.ready = True
                     self.ready(conn)
+        if over is not None:
+            self._overflow_all(over)
         if entry.newly is not None and per_group and self._has_states():
             # (per entry, not per delta: markets new to the node or whose keys moved)
             self._states_for_newly(entry, entry.newly, per_group)
+
+    def _note_moves(self, entry: PreparedEntry) -> None:
+        """Remember the markets whose filter keys ``entry`` moved, with their keys before
+        (:meth:`moved_at`)."""
+        st = self.state
+        moves = self._moves
+        if st.epoch != self._moves_epoch:  # the store was reset: positions start again
+            moves.clear()
+            self._moves_floor = [(0, 0)] * st.partitions
+            self._moves_epoch = st.epoch
+        p, key = entry.partition, entry.key
+        for mid, _, before in entry.newly or ():
+            if before is not None:
+                moves[(p, key, mid)] = before
+        if len(moves) > MOVES_MAX:
+            floor = self._moves_floor
+            while len(moves) > MOVES_MAX:
+                old = next(iter(moves))
+                del moves[old]
+                if old[1] > floor[old[0]]:
+                    floor[old[0]] = old[1]
+
+    def moved_at(self, p: int, key: StreamId, market_id: str) -> tuple[bool, MarketKeys | None]:
+        """For a Redis replay (:meth:`NodeState.prepare_replay`): whether this node applied log
+        entry ``key`` of partition ``p`` itself — after its last load of the partition, within
+        what the hub remembers — and, if so, ``market_id``'s filter keys before that entry when
+        it moved them (None: it did not move them)."""
+        st = self.state
+        same = st.epoch == self._moves_epoch
+        if key <= parse_stream_id(st.load_heads[p]) or (same and key <= self._moves_floor[p]):
+            return False, None
+        return True, (self._moves.get((p, key, market_id)) if same else None)
 
     def _frames(self, sub: Subscription, msgs: list[Message], token_before: bytes | None
                 ) -> tuple[list[bytes], list[Any], int]:
@@ -1705,7 +1789,7 @@ class Hub:
             mg.add(m)
 
     def safe_token(self, sub: Subscription) -> bytes:
-        """The token a heartbeat/status for ``sub`` may carry: the node's,
+        """The token a heartbeat for ``sub`` may carry: the node's,
         unless changes are still gathered for it (then the one before them)."""
         cp = sub.cpending
         if cp:
@@ -1850,11 +1934,43 @@ class Hub:
             except Exception:  # a client that cannot be resynced is closed (it resumes), never left behind
                 self._close_failed(conn, "resync")
 
+    def _overflow_all(self, conns: Iterable[Connection]) -> None:
+        """:meth:`overflow` for each of ``conns`` still over its budget (a connection may be
+        listed more than once; one may have been closed or resynced meanwhile)."""
+        for conn in conns:
+            if not conn.closed and not conn.resync_pending and conn.outbox_bytes > conn.max_bytes:
+                try:
+                    self.overflow(conn)
+                except Exception:  # one connection's failure must not leave the others over budget
+                    self._close_failed(conn, "slow-consumer handling")
+
+    @contextlib.contextmanager
+    def _overflows_held(self) -> Iterator[None]:
+        """Hold back :meth:`overflow` while a batch of deltas is queued for several
+        subscriptions (or a replay and the live entries after it for one), and run it
+        for the connections still over budget at the end: a collapse in between would
+        merge from markets the batch has not finished queueing."""
+        if self._held_overflows is not None:  # nested: the outer hold runs them
+            yield
+            return
+        held: dict[Connection, None] = {}
+        self._held_overflows = held
+        try:
+            yield
+        finally:
+            self._held_overflows = None
+            if held:
+                self._overflow_all(list(held))
+
     def overflow(self, conn: Connection) -> None:
         """``conn`` went over its byte budget: collapse its outbox by market;
         if that is not enough, drop its queued stream data and resync it
         with fresh snapshots when its writer is ready; if it is still
         writing the previous resync snapshot, close it."""
+        held = self._held_overflows
+        if held is not None:
+            held[conn] = None
+            return
         self.overflows += 1
         if not any(s.replaying for s in conn.subs.values()):
             self.collapse(conn)
@@ -1898,7 +2014,13 @@ class Hub:
         event states only the latest per (subscription, event) is kept, in its
         place among the control messages (its ``stale`` and a ``status``'s
         ``stale_events`` are the server's word as of sending: the later one must
-        stay later; the merged deltas follow — a state does not depend on them)."""
+        stay later; the merged deltas follow — a state does not depend on them;
+        no control message carries a token ahead of them: a ``status`` carries none).
+        A merge is built from the market as the node holds it now, so it also takes
+        in that market's changes the subscription's conflation window still holds
+        (sent now, not later with a seq the merge already carries), and the callers
+        that queue one entry for several subscriptions (or a replay and the live
+        entries held meanwhile) collapse only once all of it is queued."""
         self.collapses += 1
         before = len(conn.outbox)
         frames: list[bytes] = []
@@ -1940,7 +2062,17 @@ class Hub:
         for sub, g in groups.items():
             if sub.id not in conn.subs:
                 continue
-            if sub.cpending:  # still gathering for this sub: stay before those changes
+            cp = sub.cpending
+            if cp:
+                # a merge is built from the market as the node holds it now, which includes the
+                # changes this subscription's conflation window still holds: they go in the merge
+                # (sent now), else the window's message would come later with a seq the merge
+                # already carries and every client would drop it as a duplicate
+                for mid, mg in g.items():
+                    later = cp.pop(mid, None)
+                    if later is not None:
+                        mg.fold(later)
+            if cp:  # still gathering other markets for this sub: stay before those changes
                 last = self.safe_token(sub)
             else:
                 last = self.state.token
@@ -2067,13 +2199,14 @@ class Hub:
         lists the stale markets of ``source`` that match the subscription,
         ``turned_stale`` / ``turned_fresh`` those that changed since the last
         status, ``stale_events`` the events whose state (from ``source``) is stale and
-        reaches the subscription (:meth:`_stale_events_seen`)."""
+        reaches the subscription (:meth:`_stale_events_seen`). No resume token: it never moves a
+        client's resume position."""
         stale = set(stale_ids)
         went_stale, went_fresh = set(turned_stale), set(turned_fresh)
         now = now_ms()
         announced = self._announced[source] = Announced(state, reason, stale, now, stale_events=stale_events)
         stale_states = announced.stale_events  # (what a resume is told: send_statuses)
-        cache: dict[Filter, Message] = {}  # encoded once per distinct filter; the token is per subscription
+        cache: dict[Filter, Message] = {}  # encoded once per distinct filter (no token: framed per subscription id)
 
         if self.best.subs:  # a book turned stale or fresh: best prices may move without a delta
             try:
@@ -2095,7 +2228,11 @@ class Hub:
                             turned_stale=self._stale_seen(f, went_stale), turned_fresh=self._stale_seen(f, went_fresh),
                             as_of=now,
                             stale_events=self._stale_events_seen(f, stale_states), token=None)
-                    conn.send_raw(conn.frame_with(msg, sub, self.safe_token(sub)))
+                    # no resume token (as after a resume, send_statuses): a status is a control
+                    # message, kept when a slow consumer's queued deltas are dropped or merged after
+                    # it — a token on it would stand ahead of deltas not delivered yet, and a client
+                    # resuming from it would never be sent them
+                    conn.send_raw(conn.frame(msg, sub))
             except Exception:  # a client that cannot be told its source's health is closed (it resumes)
                 self._close_failed(conn, "status")
 

@@ -57,7 +57,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -82,7 +82,8 @@ logger = logging.getLogger(__name__)
 SKEW_MEMORY_MS = 600_000
 
 __all__ = [
-    "DeltaInfo", "Filter", "FilterError", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry", "ReplayRing",
+    "DeltaInfo", "Filter", "FilterError", "MovedAt", "NodeOptions", "NodeState", "PreparedDelta", "PreparedEntry",
+    "ReplayRing", "ReplayedDelta",
     "image_of", "live_for_limits", "now_ms", "parse_stale_by_sport",
 ]
 
@@ -356,6 +357,82 @@ def removed_message(market_id: str, token: bytes | None, prev_token: bytes | Non
     info.removed = True
     return Message(b"removed", b'{"type":"removed","market_id":' + ENCODER.encode(market_id) + b',"reason":"not_visible"}',
                    token, prev_token, info)
+
+
+MovedAt = Callable[[int, StreamId, str], tuple[bool, "MarketKeys | None"]]
+"""(partition, entry key, market id) → (whether this node applied that log entry itself, so knows
+what it did; the market's filter keys before it when that entry moved them, else None): what a
+Redis replay asks the hub (:meth:`streaming.hub.Hub.moved_at`)."""
+
+
+def _may_hold(f: Filter, market_id: str, source: str) -> bool:
+    """Whether a subscription with filter ``f`` may hold a market whatever its keys were (the
+    conditions no change moves: market id, source)."""
+    return (f.market is None or market_id in f.market) and (f.source is None or source in f.source)
+
+
+class ReplayedDelta(PreparedDelta):
+    """A delta of a market the replay re-keys, read back from Redis for one resume
+    (:meth:`NodeState.prepare_replay`): the log holds each change's keys after it, not before,
+    so those come from the replay itself (the keys the market's previous header or image set)
+    or from what this node saw when it applied the entry; ``after`` / ``before`` None = not
+    known (a change before this node can vouch for: ``unknown``).
+
+    As a live or ring delta does (:meth:`PreparedDelta.message_for`), the delta goes to a
+    subscription that matches the market before or after it — so one that held a market the
+    delta moves out of its filter is sent the move and drops the market. Where the keys
+    before are not known it goes to every subscription that may hold the market (one that
+    does not hold it ignores a delta of a market it never saw; an image is sent as ``removed``
+    to one it does not match now, which drops the market). A market that may newly match
+    is sent as ``image``: the market as the node holds it now (the replay has no image of it
+    as it was then; the replay's later deltas of it are older and clients skip them), while it
+    still matches the subscription — else as the delta (a market it leaves again later)."""
+
+    __slots__ = ("after", "before", "unknown", "cur_keys", "source")
+
+    def __init__(self, market_id: str, after: MarketKeys | None, before: MarketKeys | None, unknown: bool,
+                 msg: Message, image: Message | None, cur_keys: MarketKeys | None, delta: Delta) -> None:
+        super().__init__(market_id, after or cur_keys or (None, None, None, False, None, "", delta.source, None),
+                         None, msg, image, delta)
+        self.after = after
+        #: the keys before when the delta moved them (None: moved none, or ``unknown``)
+        self.before = before
+        self.unknown = unknown
+        self.cur_keys = cur_keys
+        self.source = delta.source
+
+    def message_for(self, f: Filter) -> Message | None:
+        mid, after = self.market_id, self.after
+        if after is None:  # its keys at the time are not known
+            return self.msg if _may_hold(f, mid, self.source) else None
+        now = f.match(mid, after)
+        if self.unknown:
+            if now:
+                return self._newly(f)
+            if not _may_hold(f, mid, self.source):
+                return None
+            if self.is_image or f.hides(after):  # (an image would add the market to a client that does not hold it)
+                return removed_message(mid, self.msg.token, self.msg.prev_token)
+            return self.msg
+        before = self.before
+        if before is None:
+            return self.msg if now else None
+        was = f.match(mid, before)
+        if now and not was:
+            return self._newly(f)
+        if was and not now and f.hides(after):
+            return removed_message(mid, self.msg.token, self.msg.prev_token)
+        return self.msg if (now or was) else None
+
+    def unsure(self, f: Filter) -> bool:
+        """Whether ``f`` may have held the market while its keys are not known."""
+        return self.unknown and _may_hold(f, self.market_id, self.source)
+
+    def _newly(self, f: Filter) -> Message:
+        image, ck = self.image, self.cur_keys
+        if not self.is_image and image is not None and ck is not None and f.match(self.market_id, ck):
+            return image
+        return self.msg
 
 
 class PreparedEntry:
@@ -887,30 +964,62 @@ class NodeState:
         else:
             self._newly.append(item)
 
+    def _replay_keys(self, d: Delta, cur: Market | None) -> MarketKeys:
+        """A replayed delta's keys after it: from its own market or header, else the market's
+        as the node holds it now."""
+        if d.market is not None:
+            return self.keys_of(d.market)
+        if d.header is not None:
+            h = d.header
+            return (h.sport, h.event_id, h.competition, h.in_play,
+                    self.canonical_id(h.event_id, h.sport, h.start_time), market_key(h.market_type, h.specifiers, h.sport),
+                    d.source, h.bookmaker)
+        if cur is not None:
+            return self.keys_of(cur)
+        return (None, None, None, False, None, "", d.source, None)
+
+    def replay_held(self, rows: Iterable[tuple[int, str, list[Delta]]], moved_at: MovedAt) -> dict[str, MarketKeys | None]:
+        """For a Redis replay of ``rows`` ((partition, entry id, deltas), in replay order): the
+        filter keys, as of the resume position, of every market a replayed delta re-keys (an
+        image or a header: it may move the market into or out of a filter) — None where not
+        known. Known from what this node saw when it applied the first such delta
+        (``moved_at``, see :meth:`prepare_replay`); the others' deltas keep their keys as
+        the node holds them now (nothing in the replay moved them)."""
+        held: dict[str, MarketKeys | None] = {}
+        for p, entry_id, deltas in rows:
+            key: StreamId | None = None
+            for d in deltas:
+                mid = d.market_id
+                if (d.market is None and d.header is None) or mid in held:
+                    continue
+                if key is None:
+                    key = parse_stream_id(entry_id)
+                seen, before = moved_at(p, key, mid)
+                held[mid] = (before or self._replay_keys(d, self.markets.get(mid))) if seen else None
+        return held
+
     def prepare_replay(self, p: int, entry_id: str, deltas: list[Delta], positions: Sequence[str],
-                       now: int, prev_position: str) -> PreparedEntry:
+                       now: int, prev_position: str, held: dict[str, MarketKeys | None] | None = None,
+                       moved_at: MovedAt | None = None) -> PreparedEntry:
         """A log entry read back from Redis for one resuming client (not
         applied to state): keys come from the delta's own header/market, else
         from the market as the node holds it now; ``positions`` are the
-        client's positions after this entry (its token)."""
+        client's positions after this entry (its token).
+
+        held (:meth:`replay_held`, updated here as the replay goes): the keys in force of the
+        markets the replay re-keys, so a delta that moves one out of a filter reaches the
+        subscriptions that held it (and one that moves it in sends the market), as live and
+        from the ring (:class:`ReplayedDelta`); moved_at(p, entry key, market id) → (this
+        node applied that entry, so knows; the market's keys before it when it moved them,
+        else None)."""
         token = encode_token(self.epoch, positions)
         before = list(positions)
         before[p] = prev_position
         prev_token = encode_token(self.epoch, before)
         out: list[PreparedDelta] = []
+        key: StreamId | None = None
         for d in deltas:
             cur = self.markets.get(d.market_id)
-            if d.market is not None:
-                keys = self.keys_of(d.market)
-            elif d.header is not None:
-                h = d.header
-                keys = (h.sport, h.event_id, h.competition, h.in_play,
-                        self.canonical_id(h.event_id, h.sport, h.start_time), market_key(h.market_type, h.specifiers, h.sport),
-                        d.source, h.bookmaker)
-            elif cur is not None:
-                keys = self.keys_of(cur)
-            else:
-                keys = (None, None, None, False, None, "", d.source, None)
             ref = d.market or cur
             if ref is not None:
                 age, stale = self.age_stale(msgspec.structs.replace(ref, received_at=d.received_at), now)
@@ -919,9 +1028,32 @@ class NodeState:
             mj = None
             if d.market is not None:
                 mj = market_with_age(ENCODER.encode(d.market), age, stale)
-            out.append(PreparedDelta(d.market_id, keys, None,
-                                     delta_message(d, market_json=mj, age_ms=age, stale=stale, sent_at=now,
-                                                   token=token, prev_token=prev_token), None, d))
+            msg = delta_message(d, market_json=mj, age_ms=age, stale=stale, sent_at=now, token=token,
+                                prev_token=prev_token)
+            mid = d.market_id
+            if held is None or mid not in held:
+                out.append(PreparedDelta(mid, self._replay_keys(d, cur), None, msg, None, d))
+                continue
+            was = held[mid]  # (None: not known)
+            if d.market is None and d.header is None:  # moves nothing: its keys are the ones in force
+                out.append(ReplayedDelta(mid, was, None, was is None, msg, None, None, d))
+                continue
+            keys = self._replay_keys(d, cur)
+            held[mid] = keys
+            if moved_at is not None:
+                if key is None:
+                    key = parse_stream_id(entry_id)
+                seen, moved_from = moved_at(p, key, mid)
+                if seen:
+                    was = moved_from or keys  # (not moved by it: its keys before are its keys after)
+            image = None
+            if d.kind != "image" and cur is not None and (was is None or was != keys):
+                # it may newly match a subscription: the market as held now (see ReplayedDelta)
+                cage, cstale = self.age_stale(cur, now)
+                image = delta_message(image_of(cur), market_json=self.market_json(cur, now), age_ms=cage,
+                                      stale=cstale, sent_at=now, token=token, prev_token=prev_token)
+            out.append(ReplayedDelta(mid, keys, None if was == keys else was, was is None, msg, image,
+                                     self.keys_of(cur) if cur is not None else None, d))
         return PreparedEntry(p, entry_id, token, out, prev_token)
 
     def set_health(self, sources: Iterable[SourceHealth], heads: Sequence[str] | None = None, *,

@@ -451,3 +451,217 @@ def test_a_market_type_filter_takes_raw_types_with_their_specifiers_and_keys_by_
     full_time = Filter.parse(market_type="total:line=2.5")
     assert full_time.match(soccer.market_id, keys_of(soccer))
     assert not full_time.match(hockey.market_id, keys_of(hockey))
+
+
+def _books_per_sub(frames: list[bytes], books: dict[int, dict]) -> list[dict]:
+    """Apply WS frames to one local book per subscription id (``sub``), as a client does: an image
+    replaces, a delta whose seq is not above the held one is a duplicate and is dropped."""
+    out = []
+    for raw in frames:
+        msg = msgspec.json.decode(raw)
+        out.append(msg)
+        book = books.setdefault(msg.get("sub", 0), {})
+        if msg["type"] == "snapshot":
+            book.clear()
+            book.update({m["market_id"]: msgspec.convert(m, Market) for m in msg["markets"]})
+        elif msg["type"] == "delta":
+            d = DELTA_DECODER.decode(raw)
+            held = book.get(d.market_id)
+            if held is None or d.seq > held.seq:
+                book[d.market_id] = apply_delta(held, d)
+    return out
+
+
+def _change(st: NodeState, book: Book, entry_no: int, mid: str, sel: str, price: float):
+    feed = Feed(None)  # type: ignore[arg-type]
+    d = book.apply(feed.price(mid, sel, price))
+    assert d is not None
+    return st.apply_entry(0, f"{entry_no}-0", [d], now_ms())
+
+
+async def test_a_collapse_during_dispatch_waits_for_every_subscription_of_the_connection() -> None:
+    """One WebSocket connection, two subscriptions ({market: m1} and {}), a client that stops
+    reading. The entry that takes the connection over its budget reaches the first subscription's
+    group first; collapsing right then merged the second subscription's queued m1 deltas from m1 as
+    the node holds it — with this entry's seq — and the second subscription's own delta of the entry
+    came after it, a duplicate every client drops: its change (selection 2) was lost, the market
+    read fresh. The collapse now runs once every group has been given the entry."""
+    st = _state()
+    book = _load(st, 2)  # m0: filler, m1
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    conn = hub.connect("ws", heartbeat_ms=60_000)
+    narrow = await hub.subscribe(conn, Filter.parse(market="m1"))
+    wide = await hub.subscribe(conn, Filter())
+    books: dict[int, dict] = {}
+    _books_per_sub(conn.take(), books)
+    n = 2
+    for i in range(8):  # changes of m1 selection 1 queued for both: merged by a collapse
+        hub.dispatch(_change(st, book, n, "m1", "1", 2.1 + i / 100))
+        n += 1
+    conn.max_bytes = conn.outbox_bytes + 100  # the next delta crosses the budget
+    hub.dispatch(_change(st, book, n, "m1", "2", 9.9))  # the change that was lost
+    assert hub.collapses == 1 and hub.slow_resyncs == 0 and not conn.closed
+    msgs = _books_per_sub(conn.take(), books)
+    assert any(m.get("conflated") for m in msgs)
+    for sub in (narrow, wide):
+        held = books[sub.id]["m1"]
+        assert held.seq == st.markets["m1"].seq
+        assert held == st.markets["m1"], sub  # selection 2 at 9.9, as the node (REST) has it
+    assert books[wide.id] == st.markets
+    hub.close_all()
+
+
+async def test_a_collapse_takes_in_what_the_conflation_window_still_holds() -> None:
+    """A conflated subscription (``conflate_ms``) whose client stops reading: a heartbeat takes it
+    over its budget while the window still holds a change of m1. The collapse merged the queued m1
+    messages from m1 as the node holds it (that change's seq) with only their own selections; the
+    window then sent the change as is, with the same seq: a duplicate every client drops, selection
+    2 lost and fresh. The collapse now takes the window's changes of the markets it merges."""
+    st = _state()
+    book = _load(st, 2)
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    conn = hub.connect("ws", heartbeat_ms=60_000)
+    sub = await hub.subscribe(conn, Filter.parse(market="m1"), conflate_ms=60_000)
+    books: dict[int, dict] = {}
+    _books_per_sub(conn.take(), books)
+    for n in range(2, 8):  # windows of one change of selection 1 each: queued (the client does not read)
+        hub.dispatch(_change(st, book, n, "m1", "1", 2.0 + n / 100))
+        hub.flush_conflated(60_000)
+    hub.dispatch(_change(st, book, 8, "m1", "2", 9.9))  # gathered in the next window
+    assert sub.cpending and "m1" in sub.cpending
+    conn.max_bytes = conn.outbox_bytes + 40  # the next heartbeat crosses the budget
+    hub.heartbeat([conn])
+    assert hub.collapses == 1 and hub.slow_resyncs == 0 and not conn.closed
+    hub.flush_conflated(60_000)  # the window's end
+    conn.max_bytes = 1 << 20
+    _books_per_sub(conn.take(), books)
+    assert books[sub.id]["m1"] == st.markets["m1"]  # selection 2 at 9.9
+    # the next change follows in order (nothing claimed a seq it does not carry)
+    hub.dispatch(_change(st, book, 9, "m1", "1", 2.3))
+    hub.flush_conflated(60_000)
+    msgs = _books_per_sub(conn.take(), books)
+    assert [m["seq"] for m in msgs if m["type"] == "delta"] == [st.markets["m1"].seq]
+    assert books[sub.id]["m1"] == st.markets["m1"]
+    hub.close_all()
+
+
+class _Log:
+    """A store's delta log for Hub's Redis replay (log_range / first_log_id); ``while_read``
+    runs once inside the first read (a live entry arriving while the replay reads)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, list]] = []
+        self.while_read: object = None
+
+    async def log_range(self, p: int, after: str, *, count: int | None = None) -> list[tuple[str, list]]:
+        rows = [(eid, ds) for eid, ds in self.entries if parse_stream_id(eid) > parse_stream_id(after)]
+        cb, self.while_read = self.while_read, None
+        if callable(cb):
+            cb()
+        return rows[:count]
+
+    async def first_log_id(self, p: int) -> str | None:
+        return "1-0"
+
+
+async def test_a_collapse_after_a_redis_replay_waits_for_the_live_entries_held_meanwhile() -> None:
+    """A subscription resumes from Redis on a connection whose other subscription has deltas
+    queued (its client is not reading); an entry changing m1 arrives while the log is read (held
+    for the replay). The replay's frames take the connection over budget: collapsing before the held
+    entry was queued merged the replayed m1 deltas from m1 as the node holds it — the held entry's
+    seq — and the held delta came after it, a duplicate every client drops (selection 2 lost, read
+    fresh). The collapse now runs after the held entries."""
+    st = NodeState(Settings(), 1, NodeOptions(replay_ring_entries=0))  # every resume from Redis
+    feed = Feed(None)  # type: ignore[arg-type]
+    book = Book()
+    for mid in ("m0", "m1"):
+        book.apply(feed.image(mid))
+    st.replace_partitions({0: ("1-0", list(book.markets.values()))}, "ep")
+    log = _Log()
+    hub = Hub(st, log, outbox_max_bytes=1 << 20)  # type: ignore[arg-type]
+
+    def write(n: int, mid: str, sel: str, price: float) -> None:
+        d = book.apply(feed.price(mid, sel, price))
+        assert d is not None
+        log.entries.append((f"{n}-0", [d]))
+        entry = st.apply_entry(0, f"{n}-0", [d], now_ms())
+        assert entry is not None
+        hub.dispatch(entry)
+
+    conn = hub.connect("ws", heartbeat_ms=60_000)
+    await hub.subscribe(conn, Filter.parse(market="m0"))
+    books: dict[int, dict] = {2: {"m1": st.markets["m1"]}}  # (what the resuming client holds)
+    _books_per_sub(conn.take(), books)  # ack and snapshot of the first subscription
+    token = st.token.decode()  # the resuming client's position: before every m1 change below
+    n = 2
+    for i in range(6):  # m1 changes the resuming client missed
+        write(n, "m1", "1", 2.01 + i / 100)
+        n += 1
+    for i in range(20):  # the other subscription's queue (its client does not read)
+        write(n, "m0", "1", 3.0 + i / 100)
+        n += 1
+    conn.max_bytes = conn.outbox_bytes + 1_000  # the replay fits the budget, not on top of that queue
+    log.while_read = lambda: write(n, "m1", "2", 9.9)
+    resumed = await hub.subscribe(conn, Filter.parse(market="m1"), resume=token)
+    assert resumed.id == 2 and hub.resumes == {"recovered": 1, "not_recovered": 0}
+    assert hub.collapses >= 1 and hub.slow_resyncs == 0 and not conn.closed
+    msgs = _books_per_sub(conn.take(), books)
+    assert any(m.get("conflated") for m in msgs)
+    assert books[2]["m1"] == st.markets["m1"]  # selection 2 at 9.9
+    assert books[1]["m0"] == st.markets["m0"]
+    hub.close_all()
+
+
+@pytest.mark.parametrize("node", ["applied_the_move", "loaded_after_the_move"])
+async def test_a_redis_resume_of_a_restricted_credential_removes_a_market_that_left_its_sight(node: str) -> None:
+    """A tenant sees soccer only; while its client is away m1 turns tennis (then changes again).
+    Resumed from Redis, the move must reach it as live — ``removed``, never the tennis market's
+    deltas. A node that applied the move knows m1 was soccer before it; one that loaded the
+    partition after the move cannot tell whether the client held m1, or may see its changes: that
+    resume is not recovered (a snapshot under the allow-lists) rather than guessed."""
+    st = NodeState(Settings(), 1, NodeOptions(replay_ring_entries=0))  # every resume from Redis
+    feed = Feed(None)  # type: ignore[arg-type]
+    book = Book()
+    for mid in ("m1", "m2"):
+        book.apply(feed.image(mid))
+    st.replace_partitions({0: ("1-0", list(book.markets.values()))}, "ep")
+    log = _Log()
+    hub = Hub(st, log, outbox_max_bytes=1 << 20)  # type: ignore[arg-type]
+    n = 2
+
+    def write(u: object) -> None:
+        nonlocal n
+        d = book.apply(u)  # type: ignore[arg-type]
+        assert d is not None
+        log.entries.append((f"{n}-0", [d]))
+        entry = st.apply_entry(0, f"{n}-0", [d], now_ms())
+        assert entry is not None
+        hub.dispatch(entry)
+        n += 1
+
+    soccer = frozenset({"soccer"})
+    f = Filter(sport=soccer, visible=(soccer, None, None))
+    first = hub.connect("sse", heartbeat_ms=60_000)
+    await hub.subscribe(first, f)  # (the node has served this credential since before the token)
+    hub.disconnect(first)
+    write(feed.price("m2", "1", 2.5))
+    token = st.token.decode()
+    write(feed.header("m1", sport="tennis"))  # out of the tenant's sight
+    write(feed.price("m1", "1", 7.5))
+    write(feed.price("m2", "1", 2.6))
+    if node == "loaded_after_the_move":
+        st.load_heads[0] = st.positions[0]
+    conn = hub.connect("ws", heartbeat_ms=60_000)
+    await hub.subscribe(conn, f, resume=token)
+    msgs = [msgspec.json.decode(fr) for fr in conn.take()]
+    types = [m["type"] for m in msgs]
+    if node == "applied_the_move":
+        assert hub.resumes == {"recovered": 1, "not_recovered": 0}
+        assert [(m["type"], m["market_id"]) for m in msgs if m["type"] in ("delta", "removed")] == [
+            ("removed", "m1"), ("delta", "m2")]
+        assert b"tennis" not in b"".join(msgspec.json.encode(m) for m in msgs)
+    else:
+        assert hub.resumes == {"recovered": 0, "not_recovered": 1}
+        assert types[:3] == ["ack", "resumed", "snapshot"] and msgs[1]["recovered"] is False
+        assert [m["market_id"] for m in msgs[2]["markets"]] == ["m2"]
+    hub.close_all()

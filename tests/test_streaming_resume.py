@@ -22,7 +22,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from feed.embedded_redis import EmbeddedRedis
-from feed.models import SourceHealth
+from feed.models import DELTA_DECODER, MARKET_DECODER, SourceHealth, apply_delta
 from feed.settings import Settings
 from feed.store import Store, log_key
 from streaming.encoding import encode_token
@@ -321,3 +321,149 @@ async def test_redis_killed_with_aof_keeps_streaming_without_a_gap(tmp_path: Pat
     assert [m["type"] for m in seen if m["type"] != "heartbeat"] == ["ack", "snapshot", "delta", "delta"]
     assert node.reloads == 0 and node.hub.resyncs == 0
     assert node.readers[0].errors >= 1
+
+
+def _sse_frames(frames: list[bytes]) -> list[tuple[str | None, dict[str, Any]]]:
+    """(id or None, data) of each SSE event in ``frames`` (comments and retry lines skipped)."""
+    out: list[tuple[str | None, dict[str, Any]]] = []
+    for block in b"".join(frames).split(b"\n\n"):
+        eid, data = None, []
+        for line in block.decode().split("\n"):
+            if line.startswith("id: "):
+                eid = line[4:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+        if data:
+            out.append((eid, json.loads("\n".join(data))))
+    return out
+
+
+@pytest.mark.parametrize("ladder", ["collapse", "resync"])
+async def test_a_status_queued_for_a_slow_consumer_never_moves_its_resume_position_past_undelivered_deltas(
+        ladder: str) -> None:
+    """A change of m1 is queued for a client that is not reading, then a ``status`` (its source
+    degraded). The client goes over its budget: a collapse moves the merged deltas after the
+    control messages, a resync drops them for a snapshot — the status is kept ahead of them. It
+    carried a resume token issued after the m1 change; a client whose stream broke right after the
+    status resumed from it, ``recovered: true``, and never got the change (m1 at its old price,
+    fresh). A live status carries no token now (as the statuses after a resume), so the client
+    resumes from before the change and is replayed it."""
+    from feed.book import Book
+    from streaming.hub import Hub
+    from streaming.state import Filter, NodeState
+
+    st = NodeState(Settings(), 1)
+    feed = Feed(None)  # type: ignore[arg-type]
+    book = Book()
+    for mid in ("m0", "m1", "m2"):
+        book.apply(feed.image(mid))
+    st.replace_partitions({0: ("1-0", list(book.markets.values()))}, "ep")
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    n = 2
+
+    def write(mid: str, sel: str, price: float) -> None:
+        nonlocal n
+        d = book.apply(feed.price(mid, sel, price))
+        assert d is not None
+        entry = st.apply_entry(0, f"{n}-0", [d], now_ms())
+        assert entry is not None
+        n += 1
+        hub.dispatch(entry)
+
+    conn = hub.connect("sse", heartbeat_ms=60_000)
+    await hub.subscribe(conn, Filter())
+    ((token, snap),) = _sse_frames(conn.take())
+    local = {m["market_id"]: m for m in snap["markets"]}
+    write("m1", "1", 5.0)  # queued, not read
+    hub.status("t", "DEGRADED", "upstream_503", [])
+    assert conn.outbox and b"event: status" in conn.outbox[-1]
+    conn.max_bytes = conn.outbox_bytes + 2_000
+    price = 3.0
+    while hub.collapses == 0 if ladder == "collapse" else not conn.resync_pending:
+        price = round(price + 0.01, 2)
+        write("m2" if ladder == "collapse" else f"m{n % 2 * 2}", "1", price)  # other markets only
+        if ladder == "resync":
+            conn.max_bytes = 600  # collapsing cannot bring it under half the budget
+    events = _sse_frames(conn.take())
+    # the client reads up to the status and its stream breaks there
+    upto = next(i for i, (_, m) in enumerate(events) if m["type"] == "status")
+    for eid, m in events[:upto + 1]:
+        token = eid if eid is not None else token  # (the WHATWG rule: an event without id keeps the last)
+        if m["type"] == "delta":
+            local[m["market_id"]] = m
+    again = hub.connect("sse", heartbeat_ms=60_000)
+    await hub.subscribe(again, Filter(), resume=token)
+    got = _sse_frames(again.take())
+    assert got[0][1] == {"type": "resumed", "recovered": True}
+    m1 = [m for _, m in got if m["type"] == "delta" and m["market_id"] == "m1"]
+    assert m1 and m1[-1]["seq"] == st.markets["m1"].seq  # the change is replayed
+    assert m1[-1]["selections"][0]["price"] == 5.0
+    assert events[upto][0] is None  # the status moves no resume position
+    hub.close_all()
+
+
+@pytest.mark.parametrize("when", ["while_serving", "before_the_node_started"])
+async def test_a_resume_from_redis_sends_the_moves_out_of_and_into_the_filter(redis_url: str, when: str) -> None:
+    """A client filtered on competition c1 is away while m1 moves to competition c2 (and changes
+    again) and m3 moves from c2 into c1, and for longer than the replay ring holds. Resumed from
+    Redis, the replayed deltas were prepared with each change's keys after it only: the delta that
+    took m1 out of the filter was not sent (recovered: true, the client kept m1 frozen and fresh)
+    and m3's move in came as a delta of a market the client never held (ignored: m3 missing). As
+    live and from the ring, the move out now reaches the client (it drops m1) and the move in
+    brings m3 whole — also when the node started after the moves (it never saw them applied)."""
+    store = await Store.open(redis_url)
+    try:
+        feed = Feed(store)
+        await feed.write(feed.image("m1"), feed.image("m3"), feed.image("other"))
+        await feed.write(feed.header("m3", competition="c2"))  # (Feed's images are all of c1)
+        token = encode_token(store.epoch, [await store.last_log_id(0)]).decode()
+        held = {mid: m for mid, m in feed.book.markets.items() if m.competition == "c1"}  # what the client holds
+
+        async def moves() -> None:
+            await feed.write(feed.header("m1", competition="c2"))  # m1 leaves the client's filter
+            await feed.write(feed.price("m1", "1", 7.5))
+            await feed.write(feed.price("m3", "1", 4.5))
+            await feed.write(feed.header("m3", competition="c1"))  # m3 comes in
+            await feed.write(feed.price("m3", "2", 8.5))
+            for i in range(4):  # more entries than the ring holds
+                await feed.write(feed.price("other", "1", 2.1 + i / 10))
+        if when == "before_the_node_started":
+            await moves()
+        app = make_app(store=store, replay_ring_entries=2)
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S) as c:
+            if when == "while_serving":
+                await moves()
+            await _caught_up(c, await store.last_log_id(0))
+            async with c.stream("GET", "/v1/stream?competition=c1", headers={"Last-Event-ID": token}) as resp:
+                sse = SSEReader(resp)
+                first = await sse.next()
+                assert first.data == {"type": "resumed", "recovered": True}, first
+                book = dict(held)
+                live = await feed.write(feed.price("other", "2", 9.9))
+                while True:
+                    ev = (await sse.next()).data
+                    if ev["type"] == "removed":
+                        book.pop(ev["market_id"], None)
+                    if ev["type"] != "delta":
+                        continue
+                    d = DELTA_DECODER.decode(json.dumps(ev).encode())
+                    cur = book.get(d.market_id)
+                    if cur is None or d.kind == "image" or d.seq > cur.seq:  # (a client skips what it holds)
+                        new = apply_delta(cur, d)
+                        if new is not None:
+                            book[d.market_id] = new
+                    if d.market_id in book and book[d.market_id].competition != "c1":
+                        del book[d.market_id]  # (a client drops a market that left its filter)
+                    if (d.market_id, d.seq) == ("other", live[0].seq):
+                        break
+            rest = {m["market_id"]: MARKET_DECODER.decode(json.dumps(m).encode())
+                    for m in (await c.get("/v1/markets", params={"competition": "c1"})).json()["markets"]}
+            assert sorted(book) == ["m3", "other"] == sorted(rest)
+            node = app.state.node.state.markets
+            assert book == {mid: node[mid] for mid in book}  # the server's (REST) book, field for field
+            hub = app.state.node.hub
+            assert hub.resumes["recovered"] == 1
+            # (the node knew the keys before each move it applied; one started after them did not)
+            assert {k[2] for k in hub._moves} == ({"m1", "m3"} if when == "while_serving" else set())
+    finally:
+        await store.close()
