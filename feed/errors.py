@@ -14,7 +14,8 @@ from :class:`OddsfeedError`::
      ├── PriceError *                   a price not valid in its format             [feed.odds]
      ├── StoreError                     Redis unreachable, script failure
      │    ├── EmbeddedRedisError        the embedded redis-server could not start
-     │    └── EpochChanged              Redis lost the writer's epoch: re-send images  [feed.store]
+     │    ├── EpochChanged              Redis lost the writer's epoch: re-send images  [feed.store]
+     │    └── SeqBelowFloor             a market would restart at or below its seq floor [feed.store]
      ├── SourceError                    an upstream source failed; ``code`` = provider's code
      │    ├── RetryableSourceError      worth a reconnect / retry with backoff
      │    │    ├── UpstreamError        HTTP 5xx or an unexpected status            [feed.sources.http_limits]

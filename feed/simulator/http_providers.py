@@ -394,11 +394,14 @@ class HttpProviders:
         are sent in small pieces spread over ``seconds``."""
         self._add("trickle", provider, n, (seconds, path))
 
-    def malformed(self, n: int = 1, kind: str = "truncated", provider: str | None = None) -> None:
+    def malformed(self, n: int = 1, kind: str = "truncated", provider: str | None = None, *,
+                  snapshots: bool = True) -> None:
         """The next ``n`` data bodies are bad: ``truncated`` (invalid JSON),
         ``bad_price`` (a price of 0.5), ``wrong_type`` (a field of the wrong type).
-        Odds and fixtures answers only (never settled results, leagues or scores)."""
-        self._add("malformed", provider, n, kind)
+        Odds and fixtures answers only (never settled results, leagues or scores);
+        ``snapshots`` False: only answers to a request with a ``since`` cursor (a
+        Pinnacle snapshot rejected whole is asked again only a minute later)."""
+        self._add("malformed", provider, n, (kind, snapshots))
 
     def duplicate(self, n: int = 1) -> None:
         """The next ``n`` Pinnacle odds replies repeat the previous reply of that sport."""
@@ -1054,9 +1057,11 @@ class HttpProviders:
         if status == 200 and not (path in ("/v1/fixtures/settled", "/v2/leagues") or path.endswith("/scores")):
             # (results and scores bodies are never made malformed: the fault is about the odds path)
             fixtures = path == "/v1/fixtures"  # no prices in fixtures: a bad price waits for odds
-            bad = self._take(provider, ("malformed",), lambda f: not (fixtures and f.arg == "bad_price"))
+            delta = "since" in request.query_params
+            bad = self._take(provider, ("malformed",),
+                             lambda f: not (fixtures and f.arg[0] == "bad_price") and (f.arg[1] or delta))
             if bad is not None:
-                payload = self._malformed_body(provider, payload, bad.arg, request)
+                payload = self._malformed_body(provider, payload, bad.arg[0], request)
                 on_sent = None
         stall = self._take(provider, ("stall",))
         if stall is not None:
