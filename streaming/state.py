@@ -371,6 +371,14 @@ def _may_hold(f: Filter, market_id: str, source: str) -> bool:
     return (f.market is None or market_id in f.market) and (f.source is None or source in f.source)
 
 
+def _keyed(f: Filter) -> bool:
+    """Whether ``f`` selects on a key a change can move (sport, competition, event, market type,
+    in play, bookmaker) or a tenant's sight: if not, a market matched it before a change exactly
+    when it matches it after."""
+    return (f.sport is not None or f.competition is not None or f.event is not None or f.market_type is not None
+            or f.in_play is not None or f.bookmaker is not None or f.visible is not None)
+
+
 class ReplayedDelta(PreparedDelta):
     """A delta of a market the replay re-keys, read back from Redis for one resume
     (:meth:`NodeState.prepare_replay`): the log holds each change's keys after it, not before,
@@ -403,6 +411,8 @@ class ReplayedDelta(PreparedDelta):
 
     def message_for(self, f: Filter) -> Message | None:
         mid, after = self.market_id, self.after
+        if not _keyed(f):  # no move changes what it gets: the delta, as any other
+            return self.msg if _may_hold(f, mid, self.source) else None
         if after is None:  # its keys at the time are not known
             return self.msg if _may_hold(f, mid, self.source) else None
         now = f.match(mid, after)
@@ -425,8 +435,8 @@ class ReplayedDelta(PreparedDelta):
         return self.msg if (now or was) else None
 
     def unsure(self, f: Filter) -> bool:
-        """Whether ``f`` may have held the market while its keys are not known."""
-        return self.unknown and _may_hold(f, self.market_id, self.source)
+        """Whether ``f`` may have held the market while its keys are not known (and they matter to it)."""
+        return self.unknown and _keyed(f) and _may_hold(f, self.market_id, self.source)
 
     def _newly(self, f: Filter) -> Message:
         image, ck = self.image, self.cur_keys

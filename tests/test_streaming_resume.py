@@ -467,3 +467,38 @@ async def test_a_resume_from_redis_sends_the_moves_out_of_and_into_the_filter(re
             assert {k[2] for k in hub._moves} == ({"m1", "m3"} if when == "while_serving" else set())
     finally:
         await store.close()
+
+
+async def test_a_resume_from_redis_of_an_unfiltered_subscription_is_exactly_the_missed_deltas(redis_url: str) -> None:
+    """A node started after markets' keys moved cannot know their keys before; a subscription
+    whose filter selects on no key a change moves matched them before exactly as it does now: it
+    gets the missed deltas as they were, not the market's current image ahead of them (which
+    repeated the last delta's seq — the fault suite's serve_kill row counted a duplicate)."""
+    store = await Store.open(redis_url)
+    try:
+        feed = Feed(store)
+        await feed.write(feed.image("m1"), feed.image("other"))
+        token = encode_token(store.epoch, [await store.last_log_id(0)]).decode()
+        await feed.write(feed.header("m1", competition="c2"))
+        await feed.write(feed.price("m1", "1", 7.5))
+        await feed.write(feed.header("m1", market_type="MONEY_LINE"))
+        for i in range(4):  # more entries than the ring holds
+            await feed.write(feed.price("other", "1", 2.1 + i / 10))
+        app = make_app(store=store, replay_ring_entries=2)
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S) as c:
+            await _caught_up(c, await store.last_log_id(0))
+            async with c.stream("GET", "/v1/stream", headers={"Last-Event-ID": token}) as resp:
+                sse = SSEReader(resp)
+                assert (await sse.next()).data == {"type": "resumed", "recovered": True}
+                live = await feed.write(feed.price("other", "2", 9.9))
+                got = []
+                while True:
+                    ev = (await sse.next()).data
+                    if ev["type"] in ("delta", "removed"):
+                        got.append((ev["market_id"], ev.get("seq"), ev.get("kind")))
+                    if ev["type"] == "delta" and (ev["market_id"], ev["seq"]) == ("other", live[0].seq):
+                        break
+        assert [g for g in got if g[0] == "m1"] == [("m1", 2, "delta"), ("m1", 3, "delta"), ("m1", 4, "delta")]
+        assert [g[1] for g in got if g[0] == "other"] == [2, 3, 4, 5, 6]
+    finally:
+        await store.close()
