@@ -100,7 +100,6 @@ American football, baseball, ice hockey).
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -423,7 +422,7 @@ def betfair_market(raw: str | None, sport: str | None = None, *, places: int | N
 
     places: the market's ``numberOfWinners`` (kept as ``places`` for PLACE
     and EACH_WAY markets); divisor: an EACH_WAY market's ``eachWayDivisor``
-    (``4.0`` → ``ew_fraction=1/4``; one not above 1 or not finite is left
+    (``4.0`` → ``ew_fraction=1/4``; one not in (1, 100] is left
     out); runners: the market's runners' names in definition order, None
     for a name not known (the live stream has none: three or more runners
     of a result market count as a draw, two with no draw among their known
@@ -458,7 +457,7 @@ def betfair_market(raw: str | None, sport: str | None = None, *, places: int | N
         kind = "moneyline"
     if kind in ("place", "each_way") and places:
         specs["places"] = str(places)
-    if kind == "each_way" and divisor is not None and math.isfinite(divisor) and divisor > 1:
+    if kind == "each_way" and divisor is not None and 1 < divisor <= 100:  # (places pay 1/2 … 1/10; absurd: left out)
         specs["ew_fraction"] = f"1/{line_text(divisor)}"
     return kind, specs or None
 

@@ -102,6 +102,7 @@ import collections
 import contextlib
 import logging
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
@@ -750,7 +751,7 @@ class Hub:
         #: log holds a change's keys after it, a Redis replay needs them before it too):
         #: (partition, entry key, market id) → its keys before, oldest first; per partition, the
         #: newest entry key of a move forgotten (past MOVES_MAX), or the position when recording began
-        self._moves: dict[tuple[int, StreamId, str], MarketKeys] = {}
+        self._moves: OrderedDict[tuple[int, StreamId, str], MarketKeys] = OrderedDict()  # (popitem: O(1) eviction)
         self._moves_floor: list[StreamId] = [parse_stream_id(x) for x in state.positions]
         self._moves_epoch = state.epoch
 
@@ -1515,8 +1516,7 @@ class Hub:
         if len(moves) > MOVES_MAX:
             floor = self._moves_floor
             while len(moves) > MOVES_MAX:
-                old = next(iter(moves))
-                del moves[old]
+                old, _ = moves.popitem(last=False)  # (a dict's next(iter()) after deletes scans the holes)
                 if old[1] > floor[old[0]]:
                     floor[old[0]] = old[1]
 

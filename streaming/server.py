@@ -170,9 +170,13 @@ _429 = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nre
 
 #: the request heads :func:`read_direct` reads: ``POST <target> HTTP/1.1`` then header lines, each a
 #: token name, ``:``, optional spaces/tabs, a value of visible ASCII runs separated by spaces/tabs,
-#: optional spaces/tabs (RFC 9110 §5.1/§5.5 without obs-text or obs-fold), CRLF between lines
-_DIRECT_HEAD = re.compile(rb"POST /[!-~]* HTTP/1\.1(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*"
-                          rb"(?:[!-~]+(?:[ \t]+[!-~]+)*)?[ \t]*)*")
+#: optional spaces/tabs (RFC 9110 §5.1/§5.5 without obs-text or obs-fold), CRLF between lines.
+#: Possessive quantifiers throughout: the spaces around a value could be taken by the run before it
+#: or after it, and a head failing late made the engine retry every split of every line —
+#: exponential time on a few hundred bytes any client can send (found by review: 183 bytes froze a
+#: node for 53 s). Possessive, every part matches one way: linear.
+_DIRECT_HEAD = re.compile(rb"POST /[!-~]*+ HTTP/1\.1(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[ \t]*+"
+                          rb"(?:[!-~]++(?:[ \t]++[!-~]++)*+)?+[ \t]*+)*+")
 
 
 class DirectRequest(NamedTuple):
@@ -202,18 +206,18 @@ def read_direct(data: bytes, routes: Mapping[bytes, FastRoute], *, max_header_by
     end = data.find(b"\r\n\r\n")
     if end < 0 or end + 4 > max_header_bytes:
         return None
+    space = data.find(b" ", 5, min(end, max_header_line + 5))
+    if space < 0:
+        return None
+    path, _, query = data[5:space].partition(b"?")
+    route = routes.get(path)  # (before the head is checked: other requests cost no more than a find)
+    if route is None:
+        return None
     head = data[:end]
     if _DIRECT_HEAD.fullmatch(head) is None:
         return None
     lines = head.split(b"\r\n")
     if len(lines) - 1 > max_headers:
-        return None
-    target = lines[0][5:-9]
-    if len(target) > max_header_line:
-        return None
-    path, _, query = target.partition(b"?")
-    route = routes.get(path)
-    if route is None:
         return None
     headers: list[tuple[bytes, bytes]] = []
     length = -1
@@ -235,8 +239,8 @@ def read_direct(data: bytes, routes: Mapping[bytes, FastRoute], *, max_header_by
                 keep_alive = False
             elif token != b"keep-alive":
                 return None
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-            return None
+        elif name in (b"transfer-encoding", b"expect", b"upgrade", b"proxy-connection"):
+            return None  # (llhttp reads Proxy-Connection as Connection: left to it)
         headers.append((name, value))
     if not 0 <= length <= route.max_body_bytes:
         return None
@@ -470,11 +474,10 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             if self._discarding:
                 self._discard(len(data))
                 return
-            if self._direct_missing:
-                self._direct_body(data)
-                return
-            if self._boundary and self._fast_routes is not None and not self._held and self._direct(data):
-                return
+            if self._fast_routes is not None:
+                data = self._read_directly(data)
+                if not data:
+                    return
             if self._limit_head and self._in_head:
                 if self._held:  # the start of a header line that may be an h2c offer (below)
                     data, self._held = self._held + data, b""
@@ -587,10 +590,7 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             headers: Any = self.headers
             if parser.get_method() != b"POST" or parser.should_upgrade():
                 return False
-            cycle = self.cycle
-            if (cycle is not None and not cycle.response_complete) or self.flow.write_paused:
-                return False  # an earlier request is still being answered, or the client is not reading
-            if getattr(self, "limit_concurrency", None) is not None:
+            if self._busy():  # an earlier request still being answered, a client not reading, or
                 return False  # uvicorn's own 503 counting applies
             assert self._fast_routes is not None
             path, _, query = self.url.partition(b"?")
@@ -614,51 +614,60 @@ def guarded_http(base: type[Any], guard: Guard) -> type[Any]:
             self._fast = _FastRequest(route, headers, query, keep_alive, self.loop.time() + route.deadline_s())
             return True
 
-        def _direct(self, data: bytes) -> bool:
-            """Answer the fast-route request(s) in ``data`` without httptools (the *direct read*,
-            see the module docstring); False — nothing done — when ``data`` does not start with
-            one, or the connection is not free to answer it here (as _take_fast decides)."""
+        def _busy(self) -> bool:
+            """Whether the connection cannot answer a request here now: one still being answered
+            through ASGI (or queued behind it), a client not reading, uvicorn's concurrency limit."""
             cycle = self.cycle
-            if ((cycle is not None and not cycle.response_complete) or self.pipeline or self.flow.write_paused
-                    or self._fast is not None or self._detached or getattr(self, "limit_concurrency", None) is not None):
-                return False
-            g = self._guard
-            assert self._fast_routes is not None
-            req = read_direct(data, self._fast_routes, max_header_bytes=g.max_header_bytes,
-                              max_headers=g.max_headers, max_header_line=g.max_header_line)
-            if req is None:
-                return False
-            g.direct_reads += 1
-            self._unset_keepalive_if_required()
-            self._disarm()
-            if req.missing:  # the body comes in the next reads, within the route's deadline
-                self._partial = True
-                fast = self._fast = _FastRequest(req.route, req.headers, req.query, req.keep_alive,
-                                                 self.loop.time() + req.route.deadline_s())
-                fast.body.append(req.body)
-                self._direct_missing = req.missing
-                self._fast_timer = self.loop.call_at(fast.deadline, self._fast_timed_out)
-                return True
-            if self._write_answer(req.route.answer(req.headers, req.query, req.body, self._ip), req.keep_alive) \
-                    and req.rest:
-                self.data_received(req.rest)  # a pipelined next request
-            return True
+            return ((cycle is not None and not cycle.response_complete) or bool(self.pipeline)
+                    or self.flow.write_paused or getattr(self, "limit_concurrency", None) is not None)
 
-        def _direct_body(self, data: bytes) -> None:
-            """More of the body of a request read directly; answered once whole, and what follows
-            it in the read is the next request."""
-            fast = self._fast
-            assert fast is not None
-            missing = self._direct_missing
-            if len(data) < missing:
-                fast.body.append(data)
-                self._direct_missing = missing - len(data)
-                return
-            fast.body.append(data[:missing])
-            self._direct_missing = 0
-            self._fast = None
-            if self._answer_fast(fast) and len(data) > missing:
-                self.data_received(data[missing:])
+        def _read_directly(self, data: bytes) -> bytes:
+            """Answer the fast-route requests at the start of ``data`` without httptools (the
+            *direct read*, see the module docstring) — the rest of a body read directly, then
+            each whole request, one after the other (a loop: a read may hold hundreds of
+            pipelined checks); what is left is for httptools (b"": nothing, or the connection
+            closed after a ``Connection: close`` answer)."""
+            g = self._guard
+            routes = self._fast_routes
+            assert routes is not None
+            while data:
+                missing = self._direct_missing
+                if missing:  # more of the body of a request whose head was read directly
+                    fast = self._fast
+                    assert fast is not None
+                    if len(data) < missing:
+                        fast.body.append(data)
+                        self._direct_missing = missing - len(data)
+                        return b""
+                    fast.body.append(data[:missing])
+                    self._direct_missing = 0
+                    self._fast = None
+                    if not self._answer_fast(fast):
+                        return b""
+                    data = data[missing:]
+                    continue
+                if not self._boundary or self._held or self._fast is not None or self._detached or self._busy():
+                    return data
+                req = read_direct(data, routes, max_header_bytes=g.max_header_bytes, max_headers=g.max_headers,
+                                  max_header_line=g.max_header_line)
+                if req is None:
+                    return data
+                g.direct_reads += 1
+                self._unset_keepalive_if_required()
+                self._disarm()
+                if req.missing:  # the body comes in the next reads, within the route's deadline
+                    self._partial = True
+                    fast = self._fast = _FastRequest(req.route, req.headers, req.query, req.keep_alive,
+                                                     self.loop.time() + req.route.deadline_s())
+                    fast.body.append(req.body)
+                    self._direct_missing = req.missing
+                    self._fast_timer = self.loop.call_at(fast.deadline, self._fast_timed_out)
+                    return b""
+                if not self._write_answer(req.route.answer(req.headers, req.query, req.body, self._ip),
+                                          req.keep_alive):
+                    return b""
+                data = req.rest
+            return b""
 
         def _answer_fast(self, req: _FastRequest) -> bool:
             """Answer a fast-path request whose body is whole; whether the connection stays open."""

@@ -276,6 +276,9 @@ async def test_what_the_fast_path_takes_and_what_it_leaves_to_asgi(store: Store,
         # three pipelined checks in one write: three answers, in order, the connection kept
         n, got, closed = await taken(_post(b"/v1/price-check", body) * 3, answers=3)
         assert n == 3 and not closed
+        # a thousand in one write (read one after the other in a loop: recursion overflowed the stack)
+        n, got, closed = await taken(_post(b"/v1/price-check", body) * 1000, answers=1000)
+        assert n == 1000 and not closed
         # Connection: close and HTTP/1.0 are honoured: the answer says so and the server closes
         n, got, closed = await taken(_post(b"/v1/price-check", body, extra=b"Connection: close\r\n"))
         assert n == 1 and closed and b"connection: close" in got[0][0].lower()

@@ -142,6 +142,7 @@ def test_betfair_each_way_never_takes_the_place_key() -> None:
     assert parse_market_key("each_way:places=3|ew_fraction=1/4") == with_terms
     assert market_key(*betfair_market("EACH_WAY", "horse_racing", places=3, divisor=5.0)) != market_key(*with_terms)
     assert betfair_market("EACH_WAY", "horse_racing", places=3, divisor=float("nan")) == ("each_way", {"places": "3"})
+    assert betfair_market("EACH_WAY", "horse_racing", places=3, divisor=1e308) == ("each_way", {"places": "3"})  # (a 300-digit key)
     # runners are the selection ids, as in WIN and PLACE
     assert betfair_outcome("each_way", "14766968", "Militia", 1, None) == "14766968"
 
