@@ -78,7 +78,21 @@ delivery seen, typically the snapshot or resume at connect), and
 ``stream_lag_ms`` is the lag of the last message that carried a send time.
 A heartbeat confirms as of receipt − lag, a delta or snapshot market as of
 receipt − lag − ``age_ms``. The least offset starts over on every
-connection (a new connection may take another path).
+connection (a new connection may take another path). The least offset
+never forgets within a connection, so a server wall clock that steps back
+(an NTP step) or runs slower than this host's monotonic clock reads as a
+lag that never goes away: when :data:`LAG_RECONNECT_HEARTBEATS` (3)
+heartbeats in a row arrive lagging more than ``stale_in_play_ms``, the
+client drops the connection and reconnects with its resume token after the
+usual backoff (``stats.lag_reconnects``; the reason is in
+``stats.disconnect_reasons``). The new connection measures the offset
+afresh (a clock step or drift is cured), and a real lag loses the kernel
+backlog: the server resumes from its log. Every market reads stale from the
+drop until the resumed stream is live again, as after any drop; and as the
+offset is measured afresh on each connection, a lag past the limit takes at
+least ``stale_in_play_ms`` of a connection (while the server's clock runs
+forward) — with the backoff between, the reconnects cannot loop fast. This
+host's own wall clock plays no part (receipts are on the monotonic clock).
 
 A missed change: a delta the client cannot read (below) is not applied;
 its market reads stale — whatever later ``status`` messages say (the
@@ -154,11 +168,17 @@ from feed.sources.backoff import Backoff
 from streaming.pricecheck import BatchResult, PriceCheckRequest, PriceCheckResult
 from streaming.state import live_for_limits
 
-__all__ = ["ClientStats", "OddsClient", "PriceCheckError", "ServedEventState", "SourceStatus", "StreamError"]
+__all__ = ["LAG_RECONNECT_HEARTBEATS", "ClientStats", "OddsClient", "PriceCheckError", "ServedEventState", "SourceStatus", "StreamError"]
 
 logger = logging.getLogger(__name__)
 
 Transport = Literal["sse", "ws"]
+
+#: Heartbeats in a row that arrive lagging more than ``stale_in_play_ms`` (``stream_lag_ms``) after
+#: which the client drops the connection and reconnects with its resume token: the lag estimate's
+#: least offset never forgets within a connection, so a server clock stepped back (or running slow)
+#: would read as lagging until the connection happens to drop (see the module docstring).
+LAG_RECONNECT_HEARTBEATS = 3
 
 
 class StreamError(OddsfeedError):
@@ -202,7 +222,9 @@ class ClientStats:
     ``skipped``: messages not applied because the client cannot read them (an
     unknown ``type``, or content that does not decode even leniently).
     ``callback_errors``: exceptions raised by ``on_update`` / ``on_event_state``
-    (logged; the stream goes on)."""
+    (logged; the stream goes on). ``lag_reconnects``: connections dropped because
+    :data:`LAG_RECONNECT_HEARTBEATS` heartbeats in a row read lagging more than
+    ``stale_in_play_ms`` (each then reconnects and resumes, as after a drop)."""
 
     connects: int = 0
     reconnects: int = 0
@@ -219,6 +241,7 @@ class ClientStats:
     errors: int = 0
     skipped: int = 0
     callback_errors: int = 0
+    lag_reconnects: int = 0
     lag_ms: int | None = None
     last_error: str | None = None
     disconnect_reasons: list[str] = field(default_factory=list)
@@ -388,6 +411,11 @@ class _SeqGap(_Dropped):
     """A market's delta skipped a ``seq``: resync (reconnect at once, see the module docstring)."""
 
 
+class _Lagging(_Dropped):
+    """:data:`LAG_RECONNECT_HEARTBEATS` heartbeats in a row lagged more than ``stale_in_play_ms``:
+    reconnect (with the backoff) and resume, measuring the clock offset afresh."""
+
+
 def _csv(v: str | Sequence[str] | None) -> str | None:
     if v is None:
         return None
@@ -503,6 +531,8 @@ class OddsClient:
         #: with a send time arrives; reset on every connection (see the module docstring)
         self._min_offset_ms: float | None = None
         self._lag_ms = 0.0                        # the lag of the last message with a send time
+        #: heartbeats in a row (on this connection) read lagging more than ``stale_in_play_ms``
+        self._lag_beats = 0
         #: event id → the server's last word on its state: the ``stale`` of an ``event_state``
         #: message, then each ``status`` of its source (``stale_events``)
         self._es_flagged: dict[str, bool] = {}
@@ -581,7 +611,9 @@ class OddsClient:
         """How late this client reads the stream: the lag of the last message that
         carried a server send time (``as_of`` of a heartbeat or snapshot, ``sent_at``
         of a delta or event state), against the fastest delivery seen on this
-        connection (see the module docstring). 0 before any such message."""
+        connection (see the module docstring). 0 before any such message. Past
+        ``stale_in_play_ms`` for :data:`LAG_RECONNECT_HEARTBEATS` heartbeats in a row the
+        client reconnects and resumes (a server clock step or drift is measured afresh)."""
         return int(self._lag_ms)
 
     def _following(self) -> bool:
@@ -777,6 +809,7 @@ class OddsClient:
         # a new connection: its clock offset and lag are measured afresh (another path, maybe another node)
         self._min_offset_ms = None
         self._lag_ms = 0.0
+        self._lag_beats = 0
         if self.transport == "sse":
             await self._run_sse()
         else:
@@ -832,6 +865,7 @@ class OddsClient:
                             data, eid = self._parse_sse(ev)
                             if data is not None:
                                 self._on_message(data, now, eid)
+                                self._check_lag()
                         await self._notify()
                 raise _Dropped("server closed the stream")
 
@@ -877,6 +911,7 @@ class OddsClient:
                         deadline.reschedule(loop.time() + silence)
                         data = raw.encode() if isinstance(raw, str) else raw
                         self._on_message(data, time.monotonic(), None)
+                        self._check_lag()
                         await self._notify()
             rcvd = ws.protocol.close_rcvd
             why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
@@ -917,6 +952,8 @@ class OddsClient:
                 self._on_delta(data, env, now)  # raises _SeqGap before the token moves past the gap
             elif t == "heartbeat":
                 self.stats.heartbeats += 1
+                if env.as_of is not None and self._lag_ms > self.stale_in_play_ms:
+                    self._lag_beats += 1  # (a message read within the limit starts the count over)
                 self._on_heartbeat(now)
             elif t == "snapshot":
                 self._on_snapshot(data, env, now)
@@ -956,7 +993,19 @@ class OddsClient:
         if self._min_offset_ms is None or off < self._min_offset_ms:
             self._min_offset_ms = off
         self._lag_ms = off - self._min_offset_ms
+        if self._lag_ms <= self.stale_in_play_ms:
+            self._lag_beats = 0
         return self._lag_ms
+
+    def _check_lag(self) -> None:
+        """After each message of the stream: :data:`LAG_RECONNECT_HEARTBEATS` heartbeats in a row
+        lagging more than ``stale_in_play_ms`` drop the connection (raises _Lagging: ``_run``
+        reconnects after the backoff and resumes with the token; every market reads stale until the
+        resumed stream is live). The new connection measures the clock offset afresh."""
+        if self._lag_beats >= LAG_RECONNECT_HEARTBEATS:
+            self.stats.lag_reconnects += 1
+            raise _Lagging(f"stream lagging {self._lag_ms / 1000:.1f} s behind the server for "
+                           f"{self._lag_beats} heartbeats in a row (past stale_in_play_ms)")
 
     def _on_unknown(self, data: bytes, sse_id: str | None, why: str | None) -> None:
         """A message this client cannot read as one it knows: skipped (logged once per type); its

@@ -676,3 +676,55 @@ async def test_a_delta_the_page_cannot_read_starts_the_stream_over() -> None:
 
 def now_ms_js() -> int:
     return time.time_ns() // 1_000_000
+
+
+async def test_a_server_clock_stepped_back_reopens_the_stream_after_3_lagging_heartbeats() -> None:
+    """The least offset never forgets within a stream: a server whose wall clock steps back 15 s (an
+    NTP step) — or runs slower than the page's — read as 15 s behind for as long as the stream
+    lasted, every price stale (a healthy stream: an outage). Now 3 heartbeats in a row lagging past
+    the in-play limit close the stream; after the reconnect backoff the page opens it again with its
+    resume token, reads every price stale until that stream is resumed, and measures the offset
+    afresh (the stepped clock is no lag). A heartbeat within the limit starts the count over."""
+    require_chromium()
+    stub = ("class { constructor(url) { window.opened += 1; window.urls.push(url); window.lastES = this; "
+            "this.l = {}; } addEventListener(t, f) { this.l[t] = f; } close() { this.closed = true; } "
+            "emit(t, data, id) { this.l[t]({data, lastEventId: id || ''}); } }")
+    t = now_ms_js()
+    step = -15_000  # the server's clock, stepped back after the snapshot
+    snap = {"type": "snapshot", "as_of": t, "markets": [_board_market("live", True), _board_market("pre", False)]}
+    beats = [{"type": "heartbeat", "as_of": t + k + (0 if k == 3 else step)} for k in range(1, 7)]  # the 3rd in time
+    async with browser("about:blank") as page:
+        await page.js("window.opened = 0; window.urls = []")
+        await load_board(page, stub)
+        got = await page.js("""(() => {
+          const es = window.lastES, b = oddsBoard, ids = ["live", "pre"];
+          es.l.open();
+          es.emit("snapshot", %s, "t0");
+          const before = ids.map((id) => b.isStale(id));
+          const counts = [];
+          for (const hb of %s) { es.emit("heartbeat", JSON.stringify(hb)); counts.push(b.state.stats.lagReconnects); }
+          return {before, counts, closed: !!es.closed, connected: b.state.connected, opened: window.opened,
+                  stale: ids.map((id) => b.isStale(id))};
+        })()""" % (json.dumps(json.dumps(snap)), json.dumps(beats)))
+        assert got["before"] == [False, False], got
+        assert got["closed"] and not got["connected"] and got["stale"] == [True, True], got
+        assert got["counts"] == [0, 0, 0, 0, 0, 1], got  # two, one in time (starts over), then three in a row
+        opened = got["opened"]
+        await page.until("document.getElementById('banner').dataset.kind === 'lagging'", "the lagging banner")
+        # reopened after the backoff (500 ms), resuming with the token
+        await page.until(f"window.opened === {opened + 1}", "the stream reopened", timeout_s=5)
+        assert "last_event_id=t0" in await page.js("window.urls[window.urls.length - 1]")
+        got = await page.js("""(() => {
+          const es = window.lastES, b = oddsBoard, ids = ["live", "pre"];
+          es.l.open();  // open, not yet resumed: nothing vouched for (never fresher than before)
+          es.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now() + %d}));
+          const opened = ids.map((id) => b.isStale(id));
+          es.emit("resumed", JSON.stringify({type: "resumed", recovered: true}), "t1");
+          es.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now() + %d}));
+          return {opened, resumed: ids.map((id) => b.isStale(id)), lag: b.state.streamLagMs,
+                  lagReconnects: b.state.stats.lagReconnects, connected: b.state.connected};
+        })()""" % (step, step))
+        assert got["opened"] == [True, True], got
+        assert got["resumed"] == [False, False] and got["lag"] < 1_000 and got["lagReconnects"] == 1, got
+        await page.until("document.getElementById('banner').hidden", "the banner gone")
+        assert page.errors() == [], page.errors()

@@ -443,3 +443,46 @@ async def test_a_skipped_delta_keeps_its_market_stale_whatever_a_status_says() -
         assert not client.is_stale("m1")
     finally:
         await client.close()
+
+
+async def test_a_server_clock_stepped_back_reconnects_after_3_lagging_heartbeats_and_resumes_live() -> None:
+    """The least offset never forgets within a connection: a server whose wall clock steps back 15 s
+    (an NTP step) — or runs slower than this host's monotonic clock — read as 15 s behind for as long
+    as the connection lasted, every market stale (a healthy stream: an outage). Now 3 heartbeats in a
+    row lagging past the in-play limit drop the connection; the client reconnects after its backoff
+    with its resume token, reads every market stale until the resumed stream is live, and measures
+    the offset afresh (the stepped clock is no lag). A heartbeat within the limit starts the count over."""
+    hb_ms = 300
+    t = now_ms()
+    step = -15_000  # the server's clock, stepped back after the snapshot
+
+    def hb(lagging: bool, k: int) -> bytes:
+        return _frame({"type": "heartbeat", "as_of": t + k + (step if lagging else 0)})
+
+    first = [_frame(_snapshot(_market("live", in_play=True), _market("pre")) | {"as_of": t}, "t0"),
+             hb(True, 1), hb(True, 2), hb(False, 3),  # two lagging, then one in time: the count starts over
+             hb(True, 4), hb(True, 5), hb(True, 6)]   # three in a row: reconnect
+    backoff = Backoff(initial_s=0.2, max_s=0.2, rng=lambda: 1.0)
+    async with ScriptedSSEServer([first, []]) as fake:  # (connection 2: open, nothing sent)
+        client = OddsClient(fake.url, heartbeat_ms=hb_ms, stale_in_play_ms=10_000, stale_pre_match_ms=60_000,
+                            backoff=backoff)
+        try:
+            await client.start()
+            await eventually(lambda: client.stats.connects >= 2 and client.connected, 10, "a reconnect")
+            assert "lagging" in client.stats.disconnect_reasons[0], client.stats.disconnect_reasons
+            assert client.stats.lag_reconnects == 1 and client.stats.heartbeats == 6, client.stats
+            assert backoff.attempts == 1, "the reconnect waited the backoff"
+            assert fake.last_event_ids == [None, "t0"], "resumed with its token"
+            # reconnected, not resumed: nothing vouched for, both markets stale (never fresher than before)
+            assert client.is_stale("live") and client.is_stale("pre") and client.stream_lag_ms == 0
+            # the next connection resumes (the server's clock still stepped back): live again
+            fake.next_script = [_frame({"type": "resumed", "recovered": True}, "t1"),
+                                _frame({"type": "heartbeat", "as_of": now_ms() + step})]
+            await eventually(lambda: client.stats.resumed_recovered == 1 and client.stats.heartbeats >= 7, 15,
+                             "the resumed stream")
+            assert fake.last_event_ids[-1] == "t0"
+            assert client.stream_lag_ms < 1_000, client.stream_lag_ms
+            assert not client.is_stale("live") and not client.is_stale("pre")
+            assert client.stats.lag_reconnects == 1
+        finally:
+            await client.close()

@@ -55,7 +55,17 @@
  * lag is its own receipt − send time less that least one (a fixed clock skew
  * cancels out). A heartbeat confirms as of receipt − lag, a delta as of
  * receipt − lag − age_ms; the least offset starts over on every (re)opened
- * stream. A delta the page cannot read (not JSON, or not applicable) is a
+ * stream. Within one it never forgets, so a server clock that steps back
+ * (NTP) or runs slower than the page's reads as a lag that never goes: when
+ * LAG_RECONNECT_HEARTBEATS (3) heartbeats in a row arrive lagging more than
+ * the in-play limit, the page closes the stream and, after the reconnect
+ * backoff (retryMs, doubling up to 10 s), opens it again with its resume
+ * token (state.stats.lagReconnects). The new stream measures the offset
+ * afresh (a clock step or drift is cured; a real lag loses the browser's
+ * backlog and the server resumes from its log); every price reads stale
+ * until that stream is resumed (resumed recovered: true) or snapshotted
+ * (state.resuming). A lag past the limit takes at least the limit's time on
+ * a stream (while the server's clock runs forward): no fast loop. A delta the page cannot read (not JSON, or not applicable) is a
  * change missed of a market it cannot name: its resume token is not taken and
  * the stream starts over from a fresh snapshot, as on a seq gap.
  *
@@ -110,6 +120,8 @@
   const HEARTBEAT_MS = 1000;
   const SOURCES_POLL_MS = 3000;
   const FLASH_MS = 1500;
+  // heartbeats in a row lagging past the in-play limit after which the stream is reopened (resumed)
+  const LAG_RECONNECT_HEARTBEATS = 3;
   const CLOSED = new Set(["CLOSED", "SETTLED", "CANCELLED"]);
   const SUSPENDED = new Set(["SUSPENDED", "INACTIVE"]);
 
@@ -124,13 +136,15 @@
     token: null,
     minOffset: null,       // this connection's least (performance.now() at receipt − server send time), ms
     streamLagMs: 0,        // the lag of the last message that carried a server send time (as_of / sent_at)
+    lagBeats: 0,           // heartbeats in a row (this connection) read lagging more than the in-play limit
+    resuming: false,       // reopened for lagging: nothing vouched for until resumed (recovered) or snapshotted
     snapshotOf: -1,        // the stream (streamGen) whose snapshot the book holds
     connected: false,
     filter: { sport: params.get("sport") || "all", play: playFromParam(params.get("in_play")) },
     stats: { snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, eventStates: 0, removed: 0,
              resumedRecovered: 0,
              resumedLost: 0, silences: 0, flashes: 0, renders: 0, errors: 0, skipped: 0, gaps: 0, resyncs: 0,
-             lagMs: null },
+             lagReconnects: 0, lagMs: null },
   };
 
   function playFromParam(v) {
@@ -213,17 +227,20 @@
     const off = now - sent;
     if (state.minOffset === null || off < state.minOffset) state.minOffset = off;
     state.streamLagMs = off - state.minOffset;
+    if (state.streamLagMs <= STALE_IN_PLAY_MS) state.lagBeats = 0;  // within the limit: the count starts over
     return state.streamLagMs;
   }
 
   function resetLag() {
     state.minOffset = null;
     state.streamLagMs = 0;
+    state.lagBeats = 0;
   }
 
-  /** Following a live stream: connected, and not lagging more than the in-play limit behind the server. */
+  /** Following a live stream: connected, not reopened for lagging and still to be resumed, and not
+   *  lagging more than the in-play limit behind the server. */
   function streamLive() {
-    return state.connected && state.streamLagMs <= STALE_IN_PLAY_MS;
+    return state.connected && !state.resuming && state.streamLagMs <= STALE_IN_PLAY_MS;
   }
 
   function isStale(id, now) {
@@ -258,6 +275,10 @@
     }
     state.stats.snapshots += 1;
     state.snapshotOf = streamGen;
+    if (state.resuming) {  // the reopened stream starts over from this snapshot: live again
+      state.resuming = false;
+      if (state.connected) setConnected(true, "live");
+    }
     structureDirty = true;
     schedule();
   }
@@ -333,6 +354,8 @@
     state.stats.heartbeats += 1;
     let now = performance.now();
     now -= noteSent(msg && msg.as_of, now);  // what the server vouched for then: the receipt less the lag
+    if (msg && typeof msg.as_of === "number" && state.streamLagMs > STALE_IN_PLAY_MS) state.lagBeats += 1;
+    if (state.resuming) return;  // reopened for lagging, not yet resumed: it confirms nothing
     for (const [id, m] of state.markets) {
       if (sourceDown(m.source) || state.flagged.get(id)) continue;
       if ((state.confirmed.get(id) || 0) < now) state.confirmed.set(id, now);
@@ -938,6 +961,10 @@
       kind = "down";
       html = down.map(([n, s]) => "<strong>Source " + esc(n) + " is DOWN</strong>" + why(s)).join(" · ")
         + " — its prices are not being confirmed and are marked stale.";
+    } else if (state.resuming && state.stats.snapshots) {
+      kind = "lagging";
+      html = "<strong>This page fell behind the feed</strong> — reconnecting to catch up; its prices are marked"
+        + " stale until the stream resumes.";
     } else if (!state.connected && state.stats.snapshots) {
       kind = "offline";
       html = "<strong>Connection to the feed lost</strong> — reconnecting; prices shown may be out of date.";
@@ -988,7 +1015,7 @@
 
   function setConnected(on, text) {
     state.connected = on;
-    connEl.dataset.state = on ? "live" : "connecting";
+    connEl.dataset.state = on && !state.resuming ? "live" : "connecting";
     connText.textContent = text;
     renderBanner();
   }
@@ -1051,6 +1078,22 @@
     connect();
   }
 
+  /** LAG_RECONNECT_HEARTBEATS heartbeats in a row lagged past the in-play limit: the least offset
+   *  never forgets within a stream (a server clock stepped back or running slow reads as lag for
+   *  good), so close it and, after the backoff, open it again with the resume token — measured
+   *  afresh. Every price reads stale until the new stream is resumed or snapshotted. */
+  function lagReconnect() {
+    state.stats.lagReconnects += 1;
+    console.warn("oddsfeed: the stream lagged " + Math.round(state.streamLagMs / 1000) + " s behind the server for "
+      + state.lagBeats + " heartbeats; reopening it (resuming) in " + retryMs + " ms");
+    state.resuming = true;
+    if (es) { es.close(); es = null; }
+    setConnected(false, "behind the feed — reconnecting…");
+    const gen = streamGen;
+    setTimeout(() => { if (gen === streamGen && !es) connect(); }, retryMs);
+    retryMs = Math.min(10000, retryMs * 2);  // (not reset by the reopened stream's open: see connect)
+  }
+
   function connect() {
     const gen = streamGen;
     let url = "/v1/stream?heartbeat_ms=" + HEARTBEAT_MS;
@@ -1077,10 +1120,17 @@
         return;
       }
       if (e.lastEventId && gen === streamGen) state.token = e.lastEventId;  // (a resync restarted: not this stream's)
+      if (state.lagBeats >= LAG_RECONNECT_HEARTBEATS && gen === streamGen && mine === es) lagReconnect();
     };
     es.addEventListener("open", () => {
       // (also when the EventSource reopens by itself: a new connection's clock offset is measured afresh)
-      if (gen === streamGen) { retryMs = 500; lastHeard = performance.now(); resetLag(); setConnected(true, "live"); }
+      // (a stream reopened for lagging keeps its backoff: repeated lag reconnects wait longer and longer)
+      if (gen === streamGen) {
+        if (!state.resuming) retryMs = 500;
+        lastHeard = performance.now();
+        resetLag();
+        setConnected(true, state.resuming ? "resuming…" : "live");
+      }
     });
     es.addEventListener("snapshot", handle(onSnapshot));
     es.addEventListener("delta", handle(onDelta, true));
@@ -1089,8 +1139,12 @@
     es.addEventListener("event_state", handle(onEventState));  // no id: the resume token stays as it was
     es.addEventListener("removed", handle(onRemoved));
     es.addEventListener("resumed", handle((msg) => {
-      if (msg.recovered) state.stats.resumedRecovered += 1;
-      else state.stats.resumedLost += 1;  // the snapshot that follows replaces the book
+      if (msg.recovered) {
+        state.stats.resumedRecovered += 1;
+        if (state.resuming) { state.resuming = false; setConnected(true, "live"); }  // live again
+      } else {
+        state.stats.resumedLost += 1;  // the snapshot that follows replaces the book
+      }
     }));
     es.addEventListener("error", (e) => {
       if (gen !== streamGen) { mine.close(); return; }

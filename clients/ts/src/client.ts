@@ -111,6 +111,9 @@ export interface ClientStats {
   gaps: number;
   resyncs: number;
   errors: number;
+  /** connections dropped because {@link LAG_RECONNECT_HEARTBEATS} heartbeats in a row read
+   *  lagging more than `staleInPlayMs` (each then reconnects with the backoff and resumes) */
+  lagReconnects: number;
   /** exceptions thrown by callbacks (onUpdate, onEventState, listeners added by `on`): reported
    *  (option onCallbackError, default console.error) and otherwise ignored — the stream goes on */
   callbackErrors: number;
@@ -137,6 +140,12 @@ export type PriceCheckLeg = PriceCheckRequest;
 const REST_FILTERS = new Set(["sport", "competition", "event", "market", "in_play"]);
 
 const FATAL_STATUSES = new Set([400, 401, 403, 404, 405, 422]);
+
+/** Heartbeats in a row arriving lagging more than `staleInPlayMs` ({@link OddsClient.streamLagMs})
+ *  after which the client drops the connection and reconnects with its resume token (after the
+ *  backoff): the lag estimate's least offset never forgets within a connection, so a server clock
+ *  stepped back (or running slow) would otherwise read as lagging until the connection drops. */
+export const LAG_RECONNECT_HEARTBEATS = 3;
 
 function csv(v: string | string[] | undefined): string | undefined {
   if (v === undefined) return undefined;
@@ -255,7 +264,15 @@ export function keyType(key: string): string {
  * `receipt − send time` seen (receipt on the monotonic clock `now`, ms): the hosts' clock offset
  * plus the least transit. A message's lag is its own `receipt − send time` minus that least one (a
  * fixed clock skew cancels out), and a heartbeat confirms as of receipt − lag, a delta or snapshot
- * market as of receipt − lag − `age_ms`. The least offset starts over on every connection.
+ * market as of receipt − lag − `age_ms`. The least offset starts over on every connection; within
+ * one it never forgets, so a server clock that steps back (NTP) or runs slower than `now` reads as
+ * a lag that never goes: when {@link LAG_RECONNECT_HEARTBEATS} (3) heartbeats in a row arrive
+ * lagging more than `staleInPlayMs`, the client drops the connection and reconnects after the usual
+ * backoff with its resume token (`stats.lagReconnects`). The new connection measures the offset
+ * afresh (a clock step or drift is cured; a real lag loses the kernel backlog and the server
+ * resumes from its log), and every market reads stale until the resumed stream is live. A lag past
+ * the limit takes at least `staleInPlayMs` of a connection (while the server's clock runs
+ * forward), and the backoff comes between: no fast loop. The local wall clock plays no part.
  *
  * Callbacks (`onUpdate`, `onEventState`, listeners added by {@link OddsClient.on}) run
  * synchronously once the book (or `eventStates`) is updated; an exception one throws is counted
@@ -293,7 +310,8 @@ export class OddsClient {
   lastGap: SeqGapError | null = null;
   readonly stats: ClientStats = {
     connects: 0, reconnects: 0, snapshots: 0, deltas: 0, duplicates: 0, heartbeats: 0, statuses: 0, eventStates: 0,
-    resumedRecovered: 0, resumedLost: 0, gaps: 0, resyncs: 0, errors: 0, callbackErrors: 0, lagMs: null, lastError: null,
+    resumedRecovered: 0, resumedLost: 0, gaps: 0, resyncs: 0, errors: 0, lagReconnects: 0, callbackErrors: 0, lagMs: null,
+    lastError: null,
     disconnectReasons: [],
   };
 
@@ -319,6 +337,8 @@ export class OddsClient {
   private minOffset: number | null = null;
   /** the lag of the last message that carried a send time, ms */
   private lag = 0;
+  /** heartbeats in a row (on this connection) read lagging more than `staleInPlayMs` */
+  private lagBeats = 0;
   /** following a live stream: set by a snapshot or a recovered resume, cleared the moment the
    *  stream ends (dropped, found silent, a gap, a fatal error, close) */
   private following = false;
@@ -426,14 +446,15 @@ export class OddsClient {
    *  {@link OddsClient.close}: every market then reads stale ({@link OddsClient.isStale}) and
    *  heartbeats confirm nothing (a lagging stream's confirm as of receipt − lag). */
   get live(): boolean {
-    return this.following && this.lag <= (this.opts.staleInPlayMs ?? 10_000);
+    return this.following && this.lag <= this.staleInPlayMs();
   }
 
   /** How late this client reads the stream, ms: the lag of the last message that carried a server
    *  send time (`as_of` of a heartbeat or snapshot, `sent_at` of a delta or event state) — its
    *  receipt − send time, less the least such difference seen on this connection (so a fixed clock
    *  skew between the hosts cancels out). 0 before any such message; measured afresh on every
-   *  connection. */
+   *  connection. Past `staleInPlayMs` for {@link LAG_RECONNECT_HEARTBEATS} heartbeats in a row the
+   *  client reconnects and resumes (a server clock step or drift is then measured afresh). */
   get streamLagMs(): number {
     return Math.round(this.lag);
   }
@@ -547,6 +568,7 @@ export class OddsClient {
       case "heartbeat":
         this.stats.heartbeats++;
         this.onHeartbeat(at);
+        this.checkLag(msg.as_of);
         break;
       case "snapshot":
         this.onSnapshot(msg, at);
@@ -592,7 +614,25 @@ export class OddsClient {
     const off = now - sent;
     if (this.minOffset === null || off < this.minOffset) this.minOffset = off;
     this.lag = off - this.minOffset;
+    if (this.lag <= this.staleInPlayMs()) this.lagBeats = 0; // within the limit: the count starts over
     return this.lag;
+  }
+
+  private staleInPlayMs(): number {
+    return this.opts.staleInPlayMs ?? 10_000;
+  }
+
+  /** After a heartbeat: {@link LAG_RECONNECT_HEARTBEATS} in a row lagging more than `staleInPlayMs`
+   *  drop the current connection (the client reconnects after the backoff and resumes with its
+   *  token; the new connection measures the clock offset afresh). Without a running stream (the
+   *  apply API called directly) only the count moves. */
+  private checkLag(asOf: number | undefined | null): void {
+    if (typeof asOf !== "number" || !Number.isFinite(asOf) || this.lag <= this.staleInPlayMs()) return;
+    this.lagBeats++;
+    if (this.lagBeats < LAG_RECONNECT_HEARTBEATS || !this.current || this.current.signal.aborted) return;
+    this.stats.lagReconnects++;
+    this.current.abort(new DroppedError(`stream lagging ${(this.lag / 1000).toFixed(1)} s behind the server for `
+      + `${this.lagBeats} heartbeats in a row (past staleInPlayMs)`));
   }
 
   private onSnapshot(msg: SnapshotMessage, now: number): void {
@@ -749,6 +789,7 @@ export class OddsClient {
       // a new connection (another path, maybe another node): its clock offset and lag measured afresh
       this.minOffset = null;
       this.lag = 0;
+      this.lagBeats = 0;
       // the moment the connection is given up (silence, gap, reconnect(), close) nothing is vouched for
       ctl.signal.addEventListener("abort", () => { this.following = false; }, { once: true });
       if (this.pendingGap) { ctl.abort(this.pendingGap); this.pendingGap = null; }

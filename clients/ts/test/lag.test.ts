@@ -133,3 +133,72 @@ test("marketKey / keyType: the server's market keys", () => {
   assert.equal(keyType("total:line=2.5"), "total");
   assert.equal(keyType("raw:uof_8:goalnr=1"), "raw:uof_8");
 });
+
+/** A fetch serving /v1/stream: connection i sends `first[i]` (SSE frames `[message, id?]`) and stays
+ *  open; `push(i, …)` sends more on connection i later. Records each connection's Last-Event-ID. */
+function openFetch(first: [ServerMessage, string?][][]): {
+  fetch: typeof fetch; lastEventIds: (string | null)[]; push: (i: number, msgs: [ServerMessage, string?][]) => void;
+} {
+  const ctls: ReadableStreamDefaultController<Uint8Array>[] = [];
+  const frames = (msgs: [ServerMessage, string?][]): Uint8Array => new TextEncoder().encode(msgs.map(([m, id]) =>
+    `event: ${m.type}\n${id ? `id: ${id}\n` : ""}data: ${JSON.stringify(m)}\n\n`).join(""));
+  const out = {
+    lastEventIds: [] as (string | null)[],
+    push: (i: number, msgs: [ServerMessage, string?][]): void => ctls[i].enqueue(frames(msgs)),
+    fetch: (async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
+      const url = String(input instanceof Request ? input.url : input);
+      if (!url.includes("/v1/stream")) return new Response("{}", { status: 404 });
+      const i = out.lastEventIds.length;
+      out.lastEventIds.push((init?.headers as Record<string, string> | undefined)?.["Last-Event-ID"] ?? null);
+      const body = new ReadableStream<Uint8Array>({
+        start(ctl) {
+          ctls[i] = ctl;
+          if (first[i]?.length) ctl.enqueue(frames(first[i]));
+        },
+      });
+      return new Response(body, { status: 200, headers: { "content-type": "text/event-stream" } });
+    }) as typeof fetch,
+  };
+  return out;
+}
+
+test("a server clock stepped back: 3 heartbeats in a row lagging past the limit reconnect with the token, stale until resumed", async () => {
+  // The least offset never forgets within a connection: a server whose wall clock steps back 15 s
+  // (an NTP step) or runs slow read as lagging — every market stale — until the connection dropped.
+  const t = Date.now();
+  const step = -15_000;
+  const hb = (lagging: boolean, k: number): [ServerMessage] => [{ type: "heartbeat", as_of: t + k + (lagging ? step : 0) }];
+  const f = openFetch([[
+    [{ type: "snapshot", as_of: t, markets: [mk("live", true), mk("pre", false)] }, "t0"],
+    hb(true, 1), hb(true, 2), hb(false, 3), // two lagging, one in time: the count starts over
+    hb(true, 4), hb(true, 5), hb(true, 6), // three in a row: reconnect
+  ]]);
+  const delays: number[] = [];
+  const c = new OddsClient("http://127.0.0.1:9", { transport: "sse", fetch: f.fetch, heartbeatMs: 60_000,
+    staleInPlayMs: 10_000, stalePreMatchMs: 60_000, backoff: (a) => { delays.push(a); return 10; } });
+  try {
+    c.start();
+    await c.waitFor(() => c.stats.connects >= 2 && c.connected, 5_000, "a reconnect");
+    assert.match(c.stats.disconnectReasons[0] ?? "", /lagging/);
+    assert.equal(c.stats.lagReconnects, 1);
+    assert.equal(c.stats.heartbeats, 6);
+    assert.deepEqual(delays, [0], "the reconnect waited the backoff");
+    assert.deepEqual(f.lastEventIds, [null, "t0"], "resumed with its token");
+    // reconnected, not resumed: nothing vouched for (never fresher than before)
+    assert.equal(c.live, false);
+    assert.equal(c.isStale("live"), true);
+    assert.equal(c.isStale("pre"), true);
+    assert.equal(c.streamLagMs, 0);
+    // the resume (the server's clock still stepped back): live again, the offset measured afresh
+    f.push(1, [[{ type: "resumed", recovered: true }, "t1"], [{ type: "heartbeat", as_of: Date.now() + step }]]);
+    await c.waitFor(() => c.stats.resumedRecovered === 1 && c.stats.heartbeats >= 7, 5_000, "the resumed stream");
+    assert.ok(c.streamLagMs < 1_000, `lag ${c.streamLagMs}`);
+    assert.equal(c.live, true);
+    assert.equal(c.isStale("live"), false);
+    assert.equal(c.isStale("pre"), false);
+    assert.equal(c.stats.lagReconnects, 1);
+    assert.equal(c.stats.connects, 2);
+  } finally {
+    await c.close();
+  }
+});
