@@ -564,6 +564,19 @@ class _Log:
         return "1-0"
 
 
+def _redis_resume_node(*mids: str) -> tuple[NodeState, Feed, Book, "_Log", Hub]:
+    """A one-partition node holding images of ``mids`` that serves every resume from its log
+    (no replay ring), its feed's book, the log and the hub."""
+    st = NodeState(Settings(), 1, NodeOptions(replay_ring_entries=0))
+    feed = Feed(None)  # type: ignore[arg-type]
+    book = Book()
+    for mid in mids:
+        book.apply(feed.image(mid))
+    st.replace_partitions({0: ("1-0", list(book.markets.values()))}, "ep")
+    log = _Log()
+    return st, feed, book, log, Hub(st, log, outbox_max_bytes=1 << 20)  # type: ignore[arg-type]
+
+
 async def test_a_collapse_after_a_redis_replay_waits_for_the_live_entries_held_meanwhile() -> None:
     """A subscription resumes from Redis on a connection whose other subscription has deltas
     queued (its client is not reading); an entry changing m1 arrives while the log is read (held
@@ -571,14 +584,7 @@ async def test_a_collapse_after_a_redis_replay_waits_for_the_live_entries_held_m
     entry was queued merged the replayed m1 deltas from m1 as the node holds it — the held entry's
     seq — and the held delta came after it, a duplicate every client drops (selection 2 lost, read
     fresh). The collapse now runs after the held entries."""
-    st = NodeState(Settings(), 1, NodeOptions(replay_ring_entries=0))  # every resume from Redis
-    feed = Feed(None)  # type: ignore[arg-type]
-    book = Book()
-    for mid in ("m0", "m1"):
-        book.apply(feed.image(mid))
-    st.replace_partitions({0: ("1-0", list(book.markets.values()))}, "ep")
-    log = _Log()
-    hub = Hub(st, log, outbox_max_bytes=1 << 20)  # type: ignore[arg-type]
+    st, feed, book, log, hub = _redis_resume_node("m0", "m1")
 
     def write(n: int, mid: str, sel: str, price: float) -> None:
         d = book.apply(feed.price(mid, sel, price))
@@ -619,14 +625,7 @@ async def test_a_redis_resume_of_a_restricted_credential_removes_a_market_that_l
     deltas. A node that applied the move knows m1 was soccer before it; one that loaded the
     partition after the move cannot tell whether the client held m1, or may see its changes: that
     resume is not recovered (a snapshot under the allow-lists) rather than guessed."""
-    st = NodeState(Settings(), 1, NodeOptions(replay_ring_entries=0))  # every resume from Redis
-    feed = Feed(None)  # type: ignore[arg-type]
-    book = Book()
-    for mid in ("m1", "m2"):
-        book.apply(feed.image(mid))
-    st.replace_partitions({0: ("1-0", list(book.markets.values()))}, "ep")
-    log = _Log()
-    hub = Hub(st, log, outbox_max_bytes=1 << 20)  # type: ignore[arg-type]
+    st, feed, book, log, hub = _redis_resume_node("m1", "m2")
     n = 2
 
     def write(u: object) -> None:
