@@ -17,7 +17,12 @@ The book: the first ``snapshot`` replaces it, each ``delta`` is applied with
 with ``seq`` ≤ the held one is a duplicate and changes nothing; otherwise each
 entry of ``selections`` carries only the fields of that selection that
 changed — a ladder side whole, or absent when it did not move — and replaces
-just those), markets that stop matching the filter are dropped. Because a
+just those), and a ``removed`` message drops the market: the server sends
+it for a market that leaves the filter (a change of its sport, competition,
+event or canonical ``ev:`` event, market type, in play, bookmaker; a relink;
+its tenant's sight), live and on a resume, with the resume token of the
+change that moved it — the client need not judge the filter itself (its
+local check, below, stays as a second line). Because a
 delta is a change against the previous one, it is only ever applied to the
 market at ``seq - 1``: hence the gap rule below.
 
@@ -438,10 +443,12 @@ class OddsClient:
     url: the server (``http[s]://host:port`` or ``ws[s]://host:port``; a
     path, if given, is ignored). transport: "sse" | "ws" (default by scheme).
     sport / competition / event / market: a value, a comma-separated string
-    or a list; in_play: True/False/None. The book is also filtered locally
-    (a market that stops matching is dropped), except by a canonical event
-    (``event="ev:…"``, several provider events): the server filters that
-    one. heartbeat_ms: heartbeat interval asked of the server (a stream
+    or a list; in_play: True/False/None. A market that leaves the filter is
+    dropped on the server's word (``removed``: it says so for every key, a
+    canonical event ``event="ev:…"`` included, live and on a resume); the book
+    is also filtered locally as a second line (a delta whose market no longer
+    matches drops it), except by a canonical event (several provider events,
+    not in the market's JSON). heartbeat_ms: heartbeat interval asked of the server (a stream
     silent for 3× that is dropped).
     api_key: sent as ``X-API-Key``. stale_in_play_ms / stale_pre_match_ms:
     local staleness thresholds, ms (defaults match the server's; the in-play one
@@ -486,7 +493,8 @@ class OddsClient:
         self._f_sport, self._f_comp = _as_set(sport), _as_set(competition)
         ev = _as_set(event)
         # canonical ev:… ids name several provider events (the markets carry provider ids in
-        # event_id): the server filters those, not the client (as the TS client does)
+        # event_id): the server filters those, not the client (as the TS client does); a market
+        # that leaves such an event comes as ``removed``
         self._f_event = ev if ev is not None and not any(e.startswith("ev:") for e in ev) else None
         self._f_market = _as_set(market)
         self._f_in_play = in_play
@@ -961,7 +969,7 @@ class OddsClient:
                 self._on_status(env)
             elif t == "event_state":
                 self._on_event_state(data)
-            elif t == "removed":  # the market left what this credential may see (streaming.tenants)
+            elif t == "removed":  # it left what the subscription sees: its filter, a relink, the tenant's sight
                 self._forget(env.market_id)
             elif t == "resumed":
                 if env.recovered:
@@ -1135,7 +1143,7 @@ class OddsClient:
             return  # a delta for a market we never saw: the server sends an image first
         self.stats.deltas += 1
         self.stats.lag_ms = max(0, time.time_ns() // 1_000_000 - d.source_ts)
-        if not self._matches(new):
+        if not self._matches(new):  # (a second line: the server sends ``removed``, not this delta)
             self._forget(mid)
             return
         self.markets[mid] = new

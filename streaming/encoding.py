@@ -27,8 +27,9 @@ Wire messages (all times integer ms since the Unix epoch, UTC)::
                 subscription gets — the whole list, as "stale_markets" is: a state not in it is
                 fresh; a change of either list is announced at the next health refresh)
     resumed    {"type":"resumed","recovered":bool}
-    removed    {"type":"removed","market_id":str,"reason":"not_visible"}   (a market left a tenant's sight,
-                or a relink moved it out of the canonical event a subscription filters on)
+    removed    {"type":"removed","market_id":str,"reason":"not_visible"}   (a market left what the
+                subscription sees: a change moved it out of the filter, a relink out of the canonical
+                event filtered on, or it left a tenant's sight)
     event_state {"type":"event_state","event_state":<event state>,"sent_at":ms}   (never a token: states
                 are whole and versioned, so they do not move a client's resume position)
     error      {"type":"error","code":str,"message":str[,"id":int]}

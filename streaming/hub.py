@@ -45,7 +45,14 @@ Policy (DESIGN §6, style §3.8):
   + a bounded amount of control messages: a client that keeps sending but
   never reads is closed the same way);
 - a market that newly matches a subscription (e.g. turns in-play under
-  ``in_play=true``) is sent as an ``image`` delta;
+  ``in_play=true``) is sent as an ``image`` delta; one that stops matching
+  it (any key moved: sport, competition, event or canonical event, market
+  type, in play, bookmaker; or its tenant's sight) is sent as ``removed``
+  with the tokens of the change that moved it, never that change's delta —
+  the client drops it without judging the filter itself (live, from the
+  replay ring and from Redis alike: :meth:`streaming.state.PreparedDelta.message_for`,
+  :class:`streaming.state.ReplayedDelta`; the per-frame cost is unchanged:
+  ``removed`` is built once per delta, and only for a market whose keys moved);
 - heartbeats every ``heartbeat_ms`` per connection (one timer per distinct
   interval; one encoded message per tick) with ``as_of``;
 - event states (scores, clock: :mod:`streaming.event_states`) go out as
@@ -71,9 +78,11 @@ node has not reached yet is accepted only when that entry exists in Redis
 The log holds each change's filter keys after it, not before: a Redis replay
 takes them before from the replay's own earlier changes, or from the moves the
 hub saw this node apply (:meth:`Hub.moved_at`), so a delta that moves a market
-out of (or into) the filter is sent as live; where they cannot be known the
-replay sends what any holder needs (:class:`streaming.state.ReplayedDelta`), or,
-for a tenant-restricted subscription, is not recovered. A live ``status``
+out of (or into) the filter is sent as live (``removed``, or an image); where
+they cannot be known the replay sends what any holder needs
+(:class:`streaming.state.ReplayedDelta`: ``removed`` to a subscription the
+market does not match after the move), or, for a tenant-restricted
+subscription, is not recovered. A live ``status``
 carries no resume token: a control message, it is kept ahead of the deltas a
 slow consumer's collapse moves after it or its resync drops.
 What changes a subscription's view without a log entry is handled too (the
@@ -1835,7 +1844,7 @@ class Hub:
         for i, (mid, mg) in enumerate(merges):
             token = merges[i + 1][1].token_before if i + 1 < len(merges) else last_token
             cur = st.markets.get(mid)
-            if (mg.msg is not None and getattr(mg.msg.info, "removed", False)) or (  # (its last word: relinked)
+            if (mg.msg is not None and getattr(mg.msg.info, "removed", False)) or (  # (its last word: it left)
                     sub.filter.visible is not None and (cur is None or sub.filter.hides(st.keys_of(cur)))):
                 msg: Message | None = removed_message(mid, None, None)
             elif mg.count == 1 and mg.msg is not None:

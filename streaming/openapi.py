@@ -324,8 +324,10 @@ class ResumedMessage(msgspec.Struct, tag_field="type", tag="resumed", kw_only=Tr
 
 
 class RemovedMessage(msgspec.Struct, tag_field="type", tag="removed", kw_only=True):
-    """A market left what this credential's tenant may see (``reason: not_visible``,
-    :mod:`streaming.tenants`): drop it from the book; nothing of its new state is sent."""
+    """A market left what this subscription sees (``reason: not_visible``): a change moved it
+    out of the filter, a relink out of the canonical event filtered on, or it left what the
+    credential's tenant may see (:mod:`streaming.tenants`). Drop it from the book; nothing of
+    its new state is sent."""
 
     sub: int | UnsetType = UNSET
     market_id: str

@@ -182,8 +182,9 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
     source: frozenset[str] | None = None
     bookmaker: frozenset[str] | None = None
     #: a tenant's allow-lists (sport, source, bookmaker; streaming.tenants.Grant.restrict), None: no tenant
-    #: restriction. The conditions above already include them; this says which markets leave the
-    #: tenant's sight (they get a ``removed`` message, never the delta that moved them)
+    #: restriction. The conditions above already include them; this says which markets are out of the
+    #: tenant's sight (a market that leaves it gets ``removed``, as one that leaves any condition does —
+    #: never the delta that moved it; :meth:`hides` keeps what it may not see out of states and merges)
     visible: tuple[frozenset[str] | None, frozenset[str] | None, frozenset[str] | None] | None = None
 
     def hides(self, keys: "MarketKeys") -> bool:
@@ -300,16 +301,19 @@ class DeltaInfo:
 class PreparedDelta:
     """One applied delta, decoded and encoded once per node.
 
-    keys: the market's (sport, event_id, competition, in_play) after the
-    delta; prev: the keys before it when they differ (else None) — then the
-    market may newly match a subscription, and ``image`` holds the same
-    change as a ``kind="image"`` message (the whole market) for it.
+    keys: the market's filter keys (:data:`MarketKeys`) after the delta; prev:
+    the keys before it when they differ (else None) — then the market may
+    newly match a subscription, and ``image`` holds the same change as a
+    ``kind="image"`` message (the whole market) for it; or it may leave one,
+    which gets ``removed`` (built once, on the first such subscription: ``gone``).
 
     sel_ids / has_header / has_tv / is_image: what the delta changed (the
     hub merges several deltas of one market into one message from them).
     """
 
-    __slots__ = ("market_id", "keys", "prev", "msg", "image", "sel_ids", "has_header", "has_tv", "is_image")
+    __slots__ = ("market_id", "keys", "prev", "msg", "image", "sel_ids", "has_header", "has_tv", "is_image",
+                 "gone")
+    gone: Message
 
     def __init__(self, market_id: str, keys: MarketKeys, prev: MarketKeys | None,
                  msg: Message, image: Message | None, delta: Delta | None = None) -> None:
@@ -318,6 +322,8 @@ class PreparedDelta:
         self.prev = prev
         self.msg = msg
         self.image = image
+        # (``gone`` is left unset: set by :meth:`removed`, for a market whose keys moved, so a delta
+        # that moves nothing costs nothing more)
         if delta is None:
             self.sel_ids: tuple[str, ...] = ()
             self.has_header = self.has_tv = False
@@ -334,25 +340,41 @@ class PreparedDelta:
 
     def message_for(self, f: Filter) -> Message | None:
         """The message a subscription with filter ``f`` gets, or None:
-        the delta when the market matched before or matches now; the image
-        when it matches now but did not before."""
+        the delta when the market matched before and matches now; the image
+        when it matches now but did not before; ``removed`` when it matched
+        before and does not now — whichever key moved it out (sport,
+        competition, event or canonical event, market type, in play,
+        bookmaker, a tenant's sight): the client drops it, and need not judge
+        the filter itself (it cannot judge them all: an ``ev:`` canonical
+        event, a filter it does not implement). ``removed`` carries the
+        delta's tokens, so a resume position moves exactly as the delta's
+        would have."""
         now = f.match(self.market_id, self.keys)
-        if self.prev is None:
+        if self.prev is None:  # (the hot path: the keys did not move)
             return self.msg if now else None
         before = f.match(self.market_id, self.prev)
-        if now and not before:
-            return self.image or self.msg
-        if before and not now and f.hides(self.keys):
-            return removed_message(self.market_id, self.msg.token, self.msg.prev_token)
-        return self.msg if (now or before) else None
+        if now:
+            return self.msg if before else (self.image or self.msg)
+        return self.removed() if before else None
+
+    def removed(self) -> Message:
+        """``removed`` for this delta's market, with the delta's tokens (built once per delta, on
+        the first subscription it leaves: shared, with its frames, by every other)."""
+        try:
+            return self.gone
+        except AttributeError:
+            gone = self.gone = removed_message(self.market_id, self.msg.token, self.msg.prev_token)
+            return gone
 
     def nbytes(self) -> int:
         return len(self.msg.json) * 2 + (len(self.image.json) * 2 if self.image is not None else 0)
 
 
 def removed_message(market_id: str, token: bytes | None, prev_token: bytes | None) -> Message:
-    """``{"type":"removed","market_id":…}``: the market left what the tenant may see (drop it);
-    nothing of its new state is sent."""
+    """``{"type":"removed","market_id":…}``: the market left what the subscription sees — its
+    filter (a change of its keys, or a relink out of an ``ev:`` canonical event) or what its
+    tenant may see — drop it; nothing of its new state is sent. ``token`` / ``prev_token``: those
+    of the change that moved it (None for a relink, which is no log entry)."""
     info = DeltaInfo(market_id, (), False, False, False)
     info.removed = True
     return Message(b"removed", b'{"type":"removed","market_id":' + ENCODER.encode(market_id) + b',"reason":"not_visible"}',
@@ -387,14 +409,15 @@ class ReplayedDelta(PreparedDelta):
     known (a change before this node can vouch for: ``unknown``).
 
     As a live or ring delta does (:meth:`PreparedDelta.message_for`), the delta goes to a
-    subscription that matches the market before or after it — so one that held a market the
-    delta moves out of its filter is sent the move and drops the market. Where the keys
-    before are not known it goes to every subscription that may hold the market (one that
-    does not hold it ignores a delta of a market it never saw; an image is sent as ``removed``
-    to one it does not match now, which drops the market). A market that may newly match
-    is sent as ``image``: the market as the node holds it now (the replay has no image of it
-    as it was then; the replay's later deltas of it are older and clients skip them), while it
-    still matches the subscription — else as the delta (a market it leaves again later)."""
+    subscription that matches the market before and after it, and one that held a market the
+    delta moves out of its filter gets ``removed`` (with the delta's tokens) and drops it.
+    Where the keys before are not known, a subscription it matches now gets it as newly
+    matching (below) and every other subscription that may hold the market gets ``removed``
+    (one that does not hold it has nothing to drop). A market that may newly match is sent as
+    ``image``: the market as the node holds it now (the replay has no image of it as it was
+    then; the replay's later deltas of it are older and clients skip them), while it still
+    matches the subscription — else as the delta (a market it leaves again later: a client that
+    does not hold it ignores the delta, and the later move out is a ``removed``)."""
 
     __slots__ = ("after", "before", "unknown", "cur_keys", "source")
 
@@ -419,20 +442,15 @@ class ReplayedDelta(PreparedDelta):
         if self.unknown:
             if now:
                 return self._newly(f)
-            if not _may_hold(f, mid, self.source):
-                return None
-            if self.is_image or f.hides(after):  # (an image would add the market to a client that does not hold it)
-                return removed_message(mid, self.msg.token, self.msg.prev_token)
-            return self.msg
+            # it may have matched before (then it left the filter: drop it) or not (nothing to drop)
+            return self.removed() if _may_hold(f, mid, self.source) else None
         before = self.before
         if before is None:
             return self.msg if now else None
         was = f.match(mid, before)
-        if now and not was:
-            return self._newly(f)
-        if was and not now and f.hides(after):
-            return removed_message(mid, self.msg.token, self.msg.prev_token)
-        return self.msg if (now or was) else None
+        if now:
+            return self.msg if was else self._newly(f)
+        return self.removed() if was else None
 
     def unsure(self, f: Filter) -> bool:
         """Whether ``f`` may have held the market while its keys are not known (and they matter to it)."""

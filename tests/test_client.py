@@ -211,6 +211,43 @@ async def test_filter_drops_markets_that_stop_matching(store: Store, redis_url: 
             await client.wait_until(lambda c: sorted(c.markets) == ["m1", "m2"])
 
 
+@pytest.mark.parametrize("path", ["live", "resume_from_redis"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_market_that_leaves_a_canonical_event_filter_is_dropped_on_the_servers_word(
+        store: Store, redis_url: str, transport: str, path: str) -> None:
+    """A client filtered on a canonical event (``ev:…``) cannot judge the filter itself: the market
+    JSON carries no canonical id. A race's start time is corrected: the market now belongs to
+    another race of the meeting (``ev:bf:1/<start>``), its event id unchanged. The server said
+    nothing the client could act on (it sent the change's delta) and the client kept the market
+    under the old race, confirmed by every heartbeat; now the server sends ``removed`` and the
+    client drops it — live, and on a resume from Redis while the client was away."""
+    s1, s2 = 1_900_000_000_000, 1_900_000_600_000
+    feed = Feed(store)
+    await feed.write(*(feed.image(mid, sport="horse_racing", event="bf:1", start_time=s1) for mid in ("x1", "x2")))
+    app = make_app(redis_url, replay_ring_entries=0 if path == "resume_from_redis" else 10_000)
+    async with serve(app) as base:
+        client = OddsClient(_url(base, transport), event=f"ev:bf:1/{s1}", heartbeat_ms=500,
+                            backoff=Backoff(initial_s=0.5, max_s=0.5, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await client.wait_synced()
+            assert sorted(client.markets) == ["x1", "x2"]
+            await feed.write(feed.price("x2", "1", 2.2))  # (a token past the node's start)
+            await client.wait_until(lambda c: c.markets["x2"].seq == 2)
+            if path == "resume_from_redis":
+                client.reconnect()
+                await client.wait_until(lambda c: not c.connected)
+            await feed.write(feed.header("x1", start_time=s2))  # another race of the meeting
+            await feed.write(feed.price("x1", "1", 7.5), feed.price("x2", "1", 2.4))
+            await client.wait_until(lambda c: c.connected and "x2" in c.markets and c.markets["x2"].seq == 3)
+            assert sorted(client.markets) == ["x2"]
+            assert client.stats.snapshots == 1  # (no snapshot replaced the book: the server said it)
+            if path == "resume_from_redis":
+                assert client.stats.resumed_recovered == 1 and client.stats.resumed_lost == 0
+        finally:
+            await client.close()
+
+
 async def test_price_check_wrapper(store: Store, redis_url: str) -> None:
     feed = Feed(store)
     await feed.write(feed.image("m1", prices={"1": 2.0, "2": 3.5}), feed.image("m2", prices={"1": 4.0}))

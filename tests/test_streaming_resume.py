@@ -409,8 +409,9 @@ async def test_a_resume_from_redis_sends_the_moves_out_of_and_into_the_filter(re
     Redis, the replayed deltas were prepared with each change's keys after it only: the delta that
     took m1 out of the filter was not sent (recovered: true, the client kept m1 frozen and fresh)
     and m3's move in came as a delta of a market the client never held (ignored: m3 missing). As
-    live and from the ring, the move out now reaches the client (it drops m1) and the move in
-    brings m3 whole — also when the node started after the moves (it never saw them applied)."""
+    live and from the ring, the move out now reaches the client as ``removed`` (it drops m1 without
+    judging the filter) and the move in brings m3 whole — also when the node started after the
+    moves (it never saw them applied)."""
     store = await Store.open(redis_url)
     try:
         feed = Feed(store)
@@ -452,8 +453,10 @@ async def test_a_resume_from_redis_sends_the_moves_out_of_and_into_the_filter(re
                         new = apply_delta(cur, d)
                         if new is not None:
                             book[d.market_id] = new
-                    if d.market_id in book and book[d.market_id].competition != "c1":
-                        del book[d.market_id]  # (a client drops a market that left its filter)
+                    # the server says a move out of the filter (``removed``, never the delta that moved
+                    # the market): the client judges no filter itself (it dropped a market that left c1
+                    # here before the server said so, §72)
+                    assert d.market_id not in book or book[d.market_id].competition == "c1", ev
                     if (d.market_id, d.seq) == ("other", live[0].seq):
                         break
             rest = {m["market_id"]: MARKET_DECODER.decode(json.dumps(m).encode())

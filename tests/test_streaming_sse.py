@@ -102,9 +102,13 @@ async def test_filters_sport_market_in_play(store: Store, redis_url: str) -> Non
             book.on(second.data)
             rest = await _rest_market(c, "m2")
             assert book.markets["m2"].selections == rest.selections and book.markets["m2"].in_play
-            # in_play=false sees the change that takes m2 out of its filter, then nothing more of it
-            (leaving,) = await sse_deltas(pre, 1)
-            assert leaving.data["seq"] == 2 and leaving.data["header"]["in_play"] is True
+            # in_play=false: the change that takes m2 out of its filter comes as ``removed`` (it was
+            # that change's delta, the client to judge the filter itself: §72), with the change's
+            # resume token (the id the other stream got with it), then nothing more of it
+            leaving = await pre.until(lambda e: e.event != "heartbeat")
+            assert leaving.event == "removed" and leaving.data == {"type": "removed", "market_id": "m2",
+                                                                   "reason": "not_visible"}, leaving
+            assert leaving.id == got[1].id  # (m2's seq 2: the move)
             await feed.write(feed.image("m5", event="e2"))
             (nxt,) = await sse_deltas(pre, 1)
             assert nxt.data["market_id"] == "m5"

@@ -17,7 +17,9 @@
  *                         offered); an id not held is appended, absent fields
  *                         at the defaults of feed.models.Selection
  *   resumed             → recovered:false is followed by a snapshot (replace)
- *   removed             → the market left what the credential's tenant may see: dropped
+ *   removed             → the market left what the stream sees (its filter — the server says it
+ *                         for every key, a relink out of a canonical event included —, or the
+ *                         credential's tenant's sight): dropped
  *   event_state         → the event's score, period, clock and status (keyed by the provider
  *                         event id the markets carry in event_id): kept unless a version at or
  *                         above it from the same source is held; a snapshot clears them (the
@@ -339,7 +341,7 @@
     if (route.event !== null && evNoteState(es, false)) renderEventScore();
   }
 
-  /** The market left what this credential may see (the server's tenants): drop it. */
+  /** The market left what the stream sees (its filter, a relink, the tenant's sight): drop it. */
   function onRemoved(msg) {
     if (!state.markets.has(msg.market_id)) return;
     state.markets.delete(msg.market_id);

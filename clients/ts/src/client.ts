@@ -243,7 +243,11 @@ export function keyType(key: string): string {
  * ```
  *
  * The book: the first `snapshot` replaces it, each `delta` goes through {@link Book.apply}
- * (feed.models.apply_delta's rule; a gap is never applied). A gap resyncs at once: reconnect with
+ * (feed.models.apply_delta's rule; a gap is never applied), and `removed` drops the market: the
+ * server sends it for a market that leaves the filter (a change of its sport, competition, event or
+ * canonical `ev:` event, market type, in play, bookmaker; a relink; its tenant's sight), live and
+ * on a resume, with the resume token of the change that moved it — the client need not judge the
+ * filter itself (its local check stays as a second line). A gap resyncs at once: reconnect with
  * the token held before the gap (the server replays what followed); if that gaps again before a
  * snapshot, reconnect without a token (a fresh snapshot replaces the book). After a drop the
  * client reconnects with jittered backoff and resumes with its token (SSE `Last-Event-ID`,
@@ -372,7 +376,8 @@ export class OddsClient {
     this.fSport = asSet(options.sport);
     this.fComp = asSet(options.competition);
     const ev = asSet(options.event);
-    // canonical ev:… ids name several provider events: the server filters those, not the client
+    // canonical ev:… ids name several provider events: the server filters those, not the client (a
+    // market that leaves such an event comes as `removed`)
     this.fEvent = ev && ![...ev].some((e) => e.startsWith("ev:")) ? ev : undefined;
     this.fMarket = asSet(options.market);
     this.fSource = asSet(options.source);
@@ -576,7 +581,7 @@ export class OddsClient {
       case "status":
         this.onStatus(msg);
         break;
-      case "removed": // the market left what this credential may see (the server's tenants)
+      case "removed": // it left what the subscription sees: its filter, a relink, the tenant's sight
         this.forget(msg.market_id);
         break;
       case "event_state":
@@ -682,7 +687,7 @@ export class OddsClient {
     this.stats.lagMs = Math.max(0, Date.now() - msg.source_ts);
     const m = this.book.get(id)!;
     const cb = this.opts.onUpdate;
-    if (!this.matches(m)) {
+    if (!this.matches(m)) { // (a second line: the server sends `removed`, not this delta)
       this.forget(id, cur !== undefined);
       return r;
     }

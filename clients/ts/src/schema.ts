@@ -644,8 +644,10 @@ export interface Ready {
 }
 
 /**
- * A market left what this credential's tenant may see (``reason: not_visible``,
- * :mod:`streaming.tenants`): drop it from the book; nothing of its new state is sent.
+ * A market left what this subscription sees (``reason: not_visible``): a change moved it
+ * out of the filter, a relink out of the canonical event filtered on, or it left what the
+ * credential's tenant may see (:mod:`streaming.tenants`). Drop it from the book; nothing of
+ * its new state is sent.
  */
 export interface RemovedMessage {
   type: "removed";
