@@ -230,7 +230,7 @@ def read_direct(data: bytes, routes: Mapping[bytes, FastRoute], *, max_header_by
         name = name.lower()
         value = value.strip(b" \t")
         if name == b"content-length":
-            if length >= 0 or not value.isdigit():
+            if length >= 0 or not value.isdigit() or len(value) > 18:  # (int() refuses > 4300 digits: a raise)
                 return None
             length = int(value)
         elif name == b"connection":

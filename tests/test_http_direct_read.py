@@ -75,6 +75,8 @@ def test_a_body_still_to_come_is_counted() -> None:
     pytest.param(b"POST /v1/price-check HTTP/1.1\r\nHost: x\r\n\r\n", id="no Content-Length"),
     pytest.param(post(b"Content-Length: 2\r\n"), id="two Content-Lengths"),
     pytest.param(b"POST /v1/price-check HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}", id="a signed length"),
+    pytest.param(b"POST /v1/price-check HTTP/1.1\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n{}",
+                 id="a 5000-digit length (int() raised: the connection aborted, a traceback logged)"),
     pytest.param(post(b"Transfer-Encoding: chunked\r\n"), id="Transfer-Encoding"),
     pytest.param(post(b"Expect: 100-continue\r\n"), id="Expect"),
     pytest.param(post(b"Connection: Upgrade\r\nUpgrade: h2c\r\n"), id="an upgrade offer"),
