@@ -26,7 +26,7 @@ Wire messages (all times integer ms since the Unix epoch, UTC)::
                 state from this source is stale now, among those whose event_state messages the
                 subscription gets — the whole list, as "stale_markets" is: a state not in it is
                 fresh; a change of either list is announced at the next health refresh)
-    resumed    {"type":"resumed","recovered":bool}
+    resumed    {"type":"resumed","recovered":bool,"as_of":ms}   (as_of: when it was queued)
     removed    {"type":"removed","market_id":str,"reason":"not_visible"}   (a market left what the
                 subscription sees: a change moved it out of the filter, a relink out of the canonical
                 event filtered on, or it left a tenant's sight)
@@ -337,9 +337,15 @@ def event_state_message(state_json: bytes, *, sent_at: int, info: object = None)
                    None, None, info)
 
 
-def resumed_message(*, recovered: bool, token: bytes | None = None) -> Message:
-    """``{"type":"resumed","recovered":bool}``."""
-    return Message(b"resumed", b'{"type":"resumed","recovered":%s}' % _bool(recovered), token)
+def resumed_message(*, recovered: bool, token: bytes | None = None, as_of: int | None = None) -> Message:
+    """``{"type":"resumed","recovered":bool,"as_of":ms}`` for ONE resume: ``as_of`` is when it is
+    queued for the subscription, a send time as a heartbeat's is (clients measure their stream's
+    lag from it; after a resume from the ring the replayed deltas' ``sent_at`` is when each was
+    applied, so one of them as the new connection's baseline would hide a slow client's lag) —
+    never cached nor shared between resumes. (None: left out, as a server before it sent it.)"""
+    if as_of is None:
+        return Message(b"resumed", b'{"type":"resumed","recovered":%s}' % _bool(recovered), token)
+    return Message(b"resumed", b'{"type":"resumed","recovered":%s,"as_of":%d}' % (_bool(recovered), as_of), token)
 
 
 def error_message(code: str, message: str, *, id: int | str | None = None) -> Message:

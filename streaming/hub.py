@@ -75,6 +75,8 @@ deduplicated against live deltas by per-partition floors; a position this
 node has not reached yet is accepted only when that entry exists in Redis
 (another node is ahead), then live deltas up to it are skipped; otherwise
 ``resumed {recovered: false}`` and a fresh snapshot. Never a partial replay.
+``resumed`` carries ``as_of``, when it was queued for that resume (a send time,
+built per resume: :func:`resumed`).
 The log holds each change's filter keys after it, not before: a Redis replay
 takes them before from the replay's own earlier changes, or from the moves the
 hub saw this node apply (:meth:`Hub.moved_at`), so a delta that moves a market
@@ -174,6 +176,11 @@ STATUS_FILTERS_MAX = 1024
 #: a source status worked out at a resume (not announced since the node started) is used by
 #: later resumes for this long, ms (a resume storm works it out once, not once per client)
 WORKED_OUT_MS = 1000
+
+
+def resumed(recovered: bool, token: bytes | None = None) -> Message:
+    """The ``resumed`` message of one resume, ``as_of`` now (:func:`streaming.encoding.resumed_message`)."""
+    return resumed_message(recovered=recovered, token=token, as_of=now_ms())
 
 
 class Subscription:
@@ -378,23 +385,22 @@ class SharedReplay:
 
     blocks: the frames, joined into blocks of bytes (one per extension), queued by
     reference; metas: a :class:`ReplayBlock` per block; nbytes: their size; upto: the ring's
-    ``appended`` count the replay is complete up to; resumed: the ``resumed
-    {recovered: true}`` frame; too_big: over the byte budget (the resume is not recovered);
-    used_at: loop time of its last use.
+    ``appended`` count the replay is complete up to; too_big: over the byte budget (the
+    resume is not recovered); used_at: loop time of its last use. (Not the ``resumed`` message:
+    each resume gets its own, stamped when it is queued — :func:`resumed`.)
 
     The hub keeps at most :data:`REPLAY_CACHE_MAX` of them and :data:`REPLAY_CACHE_BYTES`
     in all (least recently used dropped first), none unused for
     :data:`REPLAY_CACHE_IDLE_S`, none from before the ring was last reset.
     """
 
-    __slots__ = ("blocks", "metas", "nbytes", "upto", "resumed", "too_big", "used_at")
+    __slots__ = ("blocks", "metas", "nbytes", "upto", "too_big", "used_at")
 
     def __init__(self, upto: int) -> None:
         self.blocks: list[bytes] = []
         self.metas: list[ReplayBlock] = []
         self.nbytes = 0
         self.upto = upto
-        self.resumed = b""
         self.too_big = False
         self.used_at = 0.0
 
@@ -1192,7 +1198,7 @@ class Hub:
         logger.info("resume of %s sub=%d not recovered: %s", sub.conn.label, sub.id, why)
         sub.replaying = False
         sub.pending = None
-        sub.conn.send(resumed_message(recovered=False), sub)
+        sub.conn.send(resumed(False), sub)
         self.send_snapshot(sub, recovered=False)
 
     # -- resume ---------------------------------------------------------------
@@ -1226,7 +1232,7 @@ class Hub:
                 return
         self._set_floor(sub, tok.keys)
         self.resumes["recovered"] += 1
-        conn.send(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
+        conn.send(resumed(True, tok_bytes(tok)), sub, True)
         if frames:
             conn.push(frames, metas, n)
         self.send_states(sub, self._events_of(sub.filter))
@@ -1256,7 +1262,6 @@ class Hub:
             rep = SharedReplay(ring.appended)
             rep.used_at = now
             self._extend_replay(rep, sub, tok, None)
-            rep.resumed = conn.frame(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
             self._replays[key] = rep
             self._replay_bytes += rep.nbytes
             self.replay_builds += 1
@@ -1276,7 +1281,7 @@ class Hub:
             return
         self._set_floor(sub, tok.keys)
         self.resumes["recovered"] += 1
-        conn.send_raw(rep.resumed)
+        conn.send(resumed(True, tok_bytes(tok)), sub, True)  # (its own as_of: never shared)
         if rep.blocks:
             conn.push(rep.blocks, rep.metas, rep.nbytes)
         self.send_states(sub, self._events_of(sub.filter))
@@ -1379,7 +1384,7 @@ class Hub:
         sub.pending = None
         sub.floor = tuple(floor)
         self.resumes["recovered"] += 1
-        conn.send(resumed_message(recovered=True, token=tok_bytes(tok)), sub, True)
+        conn.send(resumed(True, tok_bytes(tok)), sub, True)
         with self._overflows_held():  # (a collapse merges from the markets as they are: after the live entries)
             if frames:
                 conn.push(frames, metas, n)
@@ -1510,8 +1515,11 @@ class Hub:
             self._states_for_newly(entry, entry.newly, per_group)
 
     def _note_moves(self, entry: PreparedEntry) -> None:
-        """Remember the markets whose filter keys ``entry`` moved, with their keys before
-        (:meth:`moved_at`)."""
+        """Remember the markets whose filter keys ``entry`` moved, with their keys before the
+        entry (:meth:`moved_at`). One entry may change a market more than once (the store batches
+        a market's deltas): its first change's keys before are the ones before the entry — a
+        later change's are what an earlier change of the entry set (c1 → c2 → c3 is c1 before,
+        not c2), and a replay takes those from the entry itself."""
         st = self.state
         moves = self._moves
         if st.epoch != self._moves_epoch:  # the store was reset: positions start again
@@ -1519,8 +1527,12 @@ class Hub:
             self._moves_floor = [(0, 0)] * st.partitions
             self._moves_epoch = st.epoch
         p, key = entry.partition, entry.key
+        first: set[str] = set()
         for mid, _, before in entry.newly or ():
-            if before is not None:
+            if mid in first:  # a later change of the market in this entry
+                continue
+            first.add(mid)
+            if before is not None:  # (None: new to the node — nothing held before the entry)
                 moves[(p, key, mid)] = before
         if len(moves) > MOVES_MAX:
             floor = self._moves_floor
@@ -1934,7 +1946,7 @@ class Hub:
                         conn.send(self.best.snapshot_message(sub), sub)
                         continue
                     if sub.replaying:  # a resume in flight ends unrecovered
-                        conn.send(resumed_message(recovered=False), sub)
+                        conn.send(resumed(False), sub)
                     sub.replaying = False
                     sub.pending = None
                     sub.floor = None

@@ -316,10 +316,13 @@ class StatusMessage(msgspec.Struct, tag_field="type", tag="status", kw_only=True
 
 class ResumedMessage(msgspec.Struct, tag_field="type", tag="resumed", kw_only=True):
     """Answer to a resume token: ``recovered`` true = the missed deltas follow; false = a fresh
-    snapshot follows."""
+    snapshot follows. ``as_of``: when the server queued this message for this resume (ms since
+    the epoch) — a send time, as a heartbeat's ``as_of`` is (the replayed deltas that follow may
+    carry the ``sent_at`` of when each was first sent: no send time of this stream)."""
 
     sub: int | UnsetType = UNSET
     recovered: bool
+    as_of: int
     token: str | UnsetType = UNSET
 
 

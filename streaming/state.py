@@ -1046,6 +1046,7 @@ class NodeState:
         prev_token = encode_token(self.epoch, before)
         out: list[PreparedDelta] = []
         key: StreamId | None = None
+        asked: set[str] = set()  # the markets moved_at was asked about for this entry
         for d in deltas:
             cur = self.markets.get(d.market_id)
             ref = d.market or cur
@@ -1068,7 +1069,11 @@ class NodeState:
                 continue
             keys = self._replay_keys(d, cur)
             held[mid] = keys
-            if moved_at is not None:
+            if moved_at is not None and mid not in asked:
+                # only for the market's first re-keying delta in the entry: moved_at knows its keys
+                # before the ENTRY; a later delta's keys before are the ones the entry's earlier
+                # delta set (``was``, from held) — c1 → c2 → c3 is c1 → c2, then c2 → c3
+                asked.add(mid)
                 if key is None:
                     key = parse_stream_id(entry_id)
                 seen, moved_from = moved_at(p, key, mid)

@@ -59,6 +59,13 @@ async def serve(app: Starlette) -> AsyncIterator[str]:
         await asyncio.wait_for(task, TIMEOUT_S)
 
 
+def sans_as_of(msg: dict[str, Any]) -> dict[str, Any]:
+    """A ``resumed`` message without its ``as_of`` (the server's send time: checked here to be a
+    recent integer ms), to compare the rest whole."""
+    assert isinstance(msg.get("as_of"), int) and abs(now_ms() - msg["as_of"]) < 60_000, msg
+    return {k: v for k, v in msg.items() if k != "as_of"}
+
+
 class SSEEvent(NamedTuple):
     event: str
     id: str | None

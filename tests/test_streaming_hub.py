@@ -664,3 +664,59 @@ async def test_a_redis_resume_of_a_restricted_credential_removes_a_market_that_l
         assert types[:3] == ["ack", "resumed", "snapshot"] and msgs[1]["recovered"] is False
         assert [m["market_id"] for m in msgs[2]["markets"]] == ["m2"]
     hub.close_all()
+
+
+def _wire_messages(frames: list[bytes], raw_ws: bool) -> list[dict]:
+    """The JSON messages in an outbox's frames: SSE events' data, or complete (unmasked) WebSocket
+    text frames' payloads."""
+    data = b"".join(frames)
+    out: list[dict] = []
+    if not raw_ws:
+        for block in data.split(b"\n\n"):
+            lines = [ln[6:] for ln in block.split(b"\n") if ln.startswith(b"data: ")]
+            if lines:
+                out.append(msgspec.json.decode(b"\n".join(lines)))
+        return out
+    i = 0
+    while i < len(data):
+        n, i = data[i + 1] & 0x7F, i + 2
+        if n == 126:
+            n, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        out.append(msgspec.json.decode(data[i:i + n]))
+        i += n
+    return out
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws_frames"])
+async def test_resumes_that_share_a_ring_replay_each_get_the_time_their_own_resumed_was_sent(transport: str) -> None:
+    """A reconnect storm's resumes from one token share one replay from the ring (its frames queued
+    by reference). ``resumed`` carries ``as_of`` — when it was queued for THAT resume, a send time
+    clients measure their lag from — so it is never the shared replay's: each resume gets its own,
+    after the replayed deltas' ``sent_at`` (when they were first sent)."""
+    import asyncio
+    st = _state()
+    book = _load(st, 2)
+    hub = Hub(st, None, outbox_max_bytes=1 << 20)
+    raw = transport == "ws_frames"
+    token = st.token.decode()
+    for n in (2, 3):
+        hub.dispatch(_entry(st, book, n, ["m0", "m1"], 2.0 + n / 10))
+    got = []
+    for _ in range(2):
+        await asyncio.sleep(0.005)  # (the two resumes a few ms apart)
+        t0 = now_ms()
+        conn = hub.connect("ws", heartbeat_ms=60_000, ws_raw=True) if raw else hub.connect("sse", heartbeat_ms=60_000)
+        await hub.subscribe(conn, Filter(), resume=token)
+        t1 = now_ms()
+        msgs = [m for m in _wire_messages(conn.take(), raw) if m["type"] != "ack"]
+        assert msgs[0]["type"] == "resumed" and msgs[0]["recovered"] is True, msgs[0]
+        assert type(msgs[0].get("as_of")) is int and t0 <= msgs[0]["as_of"] <= t1, (t0, msgs[0], t1)
+        deltas = [m for m in msgs if m["type"] == "delta"]
+        assert len(deltas) == 4 and all(d["sent_at"] <= msgs[0]["as_of"] for d in deltas)
+        got.append((msgs[0]["as_of"], deltas))
+    assert hub.replay_builds == 1 and hub.replay_shares == 1  # the replay was shared …
+    assert got[0][1] == got[1][1]
+    assert got[1][0] > got[0][0]  # … the resumed was not
+    hub.close_all()

@@ -296,3 +296,38 @@ async def test_a_linker_relink_out_of_an_ev_stream_is_removed_and_a_resume_from_
         assert [m["type"] for m in again[:3]] == ["ack", "resumed", "snapshot"] and again[1]["recovered"] is False
         assert sorted(m["market_id"] for m in again[2]["markets"]) == ["x1", "z1"]
         hub.close_all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("seq", [("c2", "c3"), ("c2", "c1"), ("c3", "c2")])
+async def test_a_market_moved_twice_by_one_entry(path: str, seq: tuple[str, str]) -> None:
+    """The store batches a market's deltas: ONE log entry may move a market twice. Filtered on c1,
+    one entry moves m1 c1 → c2 → c3 (out), c1 → c2 → c1 (out and back: ``removed`` then the market
+    whole, never ``removed`` then a plain delta the client ignores) or c1 → c3 → c2, while m3 moves
+    in (c2 → c1) and changes again. Every path says what live dispatch says. A Redis replay used
+    to take the keys before m1's SECOND change (c2, what the hub remembered last) as its keys before
+    the entry — c2 → c2, then c2 → c3: no ``removed``, and the client kept m1 under c1 (its old
+    price, fresh by every heartbeat, ``recovered:true``); and, with those keys right, to take them
+    again as the second change's keys before (c1 → c1: a plain delta after the ``removed``)."""
+    feed = Feed(None)  # type: ignore[arg-type]
+    node = _Node(path, feed, feed.image("m1"), feed.image("m2"), feed.image("m3"))
+    node.write(feed.header("m3", competition="c2"))
+    f = Filter.parse(competition="c1")
+
+    def moves() -> None:
+        node.write(feed.header("m1", competition=seq[0]), feed.header("m1", competition=seq[1]),  # 3-0
+                   feed.header("m3", competition="c1"), feed.header("m3", competition="c1", status="SUSPENDED"))
+        node.write(feed.price("m1", "1", 9.9), feed.price("m3", "1", 9.9))  # 4-0
+    msgs, book = await _run(node, f, moves)
+    t = node.tokens
+    back = seq[1] == "c1"
+    assert _said(msgs) == [
+        ("removed", "m1", None, t["3-0"][0]),
+        *([("delta", "m1", "image", t["3-0"][0])] if back else []),
+        ("delta", "m3", "image", t["3-0"][0]),
+        ("delta", "m3", "delta", t["3-0"][1]),
+        *([("delta", "m1", "delta", t["4-0"][0])] if back else []),
+        ("delta", "m3", "delta", t["4-0"][1]),
+    ]
+    assert book == {mid: m for mid, m in node.st.markets.items() if m.competition == "c1"}
+    assert sorted(book) == (["m1", "m2", "m3"] if back else ["m2", "m3"])

@@ -26,7 +26,7 @@ from feed.models import DELTA_DECODER, MARKET_DECODER, SourceHealth, apply_delta
 from feed.settings import Settings
 from feed.store import Store, log_key
 from streaming.encoding import encode_token
-from streaming_helpers import Feed, SSEReader, eventually, make_app, now_ms, serve
+from streaming_helpers import Feed, SSEReader, eventually, make_app, now_ms, sans_as_of, serve
 
 TIMEOUT_S = 10.0
 
@@ -142,10 +142,13 @@ async def test_resume_matrix(redis_url: str, case: Case, transport: str) -> None
             else:
                 pos = ids[case.since]
             token = encode_token("another-epoch" if case.other_epoch else store.epoch, [pos]).decode()
+            t0 = now_ms()
             client = await (SSEClient(c) if transport == "sse" else WSClient(base)).open(token)
             try:
                 resumed = await client.next()
+                t1 = now_ms()
                 assert resumed["type"] == "resumed" and resumed["recovered"] is case.recovered, resumed
+                assert t0 <= resumed["as_of"] <= t1, (t0, resumed, t1)  # queued for this resume
                 if case.recovered:
                     got = [await client.next() for _ in range(case.replayed)]
                     assert all(m["type"] == "delta" for m in got), got
@@ -166,6 +169,40 @@ async def test_resume_matrix(redis_url: str, case: Case, transport: str) -> None
                 live = await feed.write(feed.image("m9") if not feed.book.markets else feed.price("m1", "2", 9.9))
                 nxt = await client.next()
                 assert nxt["type"] == "delta" and (nxt["market_id"], nxt["seq"]) == (live[0].market_id, live[0].seq)
+            finally:
+                await client.close()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("ring", [10_000, 0], ids=["ring", "redis"])
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_resumed_carries_the_time_it_was_sent(redis_url: str, transport: str, ring: int) -> None:
+    """Clients measure their stream's lag from (receipt − server send time), the least per
+    connection. After a resume from the ring the first timed message was the oldest replayed delta,
+    whose ``sent_at`` is when it was applied: the lag a slow client had when it dropped became the
+    new connection's baseline (read as none), and old prices read fresh. ``resumed`` now carries
+    ``as_of``: when the server queued it for this resume — from the ring and from Redis, SSE and WS."""
+    store = await Store.open(redis_url)
+    try:
+        feed = Feed(store)
+        app = make_app(store=store, replay_ring_entries=ring)
+        async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S) as c:
+            ids = await _write_entries(store, feed, 4)
+            await _caught_up(c, ids[-1])
+            await asyncio.sleep(0.3)  # the client is away: the missed deltas were sent before it comes back
+            token = encode_token(store.epoch, [ids[1]]).decode()
+            t0 = now_ms()
+            client = await (SSEClient(c) if transport == "sse" else WSClient(base)).open(token)
+            try:
+                resumed = await client.next()
+                t1 = now_ms()
+                assert resumed["type"] == "resumed" and resumed["recovered"] is True, resumed
+                assert type(resumed["as_of"]) is int and t0 <= resumed["as_of"] <= t1, (t0, resumed, t1)
+                replayed = [await client.next() for _ in range(2)]
+                assert [m["type"] for m in replayed] == ["delta", "delta"], replayed
+                if ring:  # (the reason: a ring replay's deltas keep the time they were first sent)
+                    assert all(m["sent_at"] < t0 - 200 for m in replayed), (t0, replayed)
             finally:
                 await client.close()
     finally:
@@ -243,7 +280,7 @@ async def test_resume_on_a_node_that_lags_behind(redis_url: str) -> None:
             token = encode_token(store.epoch, [await store.last_log_id(0)]).decode()
             client = await SSEClient(c).open(token)
             try:
-                assert (await client.next()) == {"type": "resumed", "recovered": True}
+                assert sans_as_of(await client.next()) == {"type": "resumed", "recovered": True}
                 gate.set()
                 live = await feed.write(feed.price("m2", "1", 6.6))
                 nxt = await client.next()
@@ -394,7 +431,7 @@ async def test_a_status_queued_for_a_slow_consumer_never_moves_its_resume_positi
     again = hub.connect("sse", heartbeat_ms=60_000)
     await hub.subscribe(again, Filter(), resume=token)
     got = _sse_frames(again.take())
-    assert got[0][1] == {"type": "resumed", "recovered": True}
+    assert sans_as_of(got[0][1]) == {"type": "resumed", "recovered": True}
     m1 = [m for _, m in got if m["type"] == "delta" and m["market_id"] == "m1"]
     assert m1 and m1[-1]["seq"] == st.markets["m1"].seq  # the change is replayed
     assert m1[-1]["selections"][0]["price"] == 5.0
@@ -438,7 +475,7 @@ async def test_a_resume_from_redis_sends_the_moves_out_of_and_into_the_filter(re
             async with c.stream("GET", "/v1/stream?competition=c1", headers={"Last-Event-ID": token}) as resp:
                 sse = SSEReader(resp)
                 first = await sse.next()
-                assert first.data == {"type": "resumed", "recovered": True}, first
+                assert sans_as_of(first.data) == {"type": "resumed", "recovered": True}, first
                 book = dict(held)
                 live = await feed.write(feed.price("other", "2", 9.9))
                 while True:
@@ -492,7 +529,7 @@ async def test_a_resume_from_redis_of_an_unfiltered_subscription_is_exactly_the_
             await _caught_up(c, await store.last_log_id(0))
             async with c.stream("GET", "/v1/stream", headers={"Last-Event-ID": token}) as resp:
                 sse = SSEReader(resp)
-                assert (await sse.next()).data == {"type": "resumed", "recovered": True}
+                assert sans_as_of((await sse.next()).data) == {"type": "resumed", "recovered": True}
                 live = await feed.write(feed.price("other", "2", 9.9))
                 got = []
                 while True:

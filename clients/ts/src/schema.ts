@@ -659,12 +659,15 @@ export interface RemovedMessage {
 
 /**
  * Answer to a resume token: ``recovered`` true = the missed deltas follow; false = a fresh
- * snapshot follows.
+ * snapshot follows. ``as_of``: when the server queued this message for this resume (ms since
+ * the epoch) — a send time, as a heartbeat's ``as_of`` is (the replayed deltas that follow may
+ * carry the ``sent_at`` of when each was first sent: no send time of this stream).
  */
 export interface ResumedMessage {
   type: "resumed";
   sub?: number;
   recovered: boolean;
+  as_of: number;
   token?: string;
 }
 
