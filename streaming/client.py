@@ -89,8 +89,10 @@ never forgets within a connection, so a server wall clock that steps back
 lag that never goes away: when :data:`LAG_RECONNECT_HEARTBEATS` (3)
 heartbeats in a row arrive lagging more than ``stale_in_play_ms``, the
 client drops the connection and reconnects with its resume token after the
-usual backoff (``stats.lag_reconnects``; the reason is in
-``stats.disconnect_reasons``). The new connection measures the offset
+usual backoff plus a random spread of up to :data:`LAG_RECONNECT_SPREAD_MS`
+(after a server clock step every client of the node lags on the same
+heartbeat: they do not all come back at once) (``stats.lag_reconnects``; the
+reason is in ``stats.disconnect_reasons``). The new connection measures the offset
 afresh (a clock step or drift is cured), and a real lag loses the kernel
 backlog: the server resumes from its log. Every market reads stale from the
 drop until the resumed stream is live again, as after any drop; and as the
@@ -98,6 +100,24 @@ offset is measured afresh on each connection, a lag past the limit takes at
 least ``stale_in_play_ms`` of a connection (while the server's clock runs
 forward) — with the backoff between, the reconnects cannot loop fast. This
 host's own wall clock plays no part (receipts are on the monotonic clock).
+
+A resumed stream: the deltas the server replays carry the ``sent_at`` they
+were first sent with (a genuinely slow client resumes seconds behind), so
+the oldest of them must not set the baseline — the lag it had would read as
+none and its old price as fresh. ``resumed`` carries the server's send time
+``as_of`` (stamped per resume), taken as a heartbeat's is: the first message
+of the resumed stream, it sets the baseline, and a replayed delta's lag is
+its real age (past ``stale_in_play_ms`` the stream is not live: every market
+stale until it catches up). After a ``resumed {recovered: true}`` without
+``as_of`` (an older server) the client takes no send time until the next
+heartbeat, and reads the stream as not live (every market and event state
+stale) until that heartbeat, whose ``as_of`` then sets the baseline and
+confirms the book.
+
+A WebSocket the client leaves of its own accord (a gap, a lag, silence,
+``reconnect()``, ``close()``) is aborted, not closed with a handshake: the
+server's close frame would wait behind the backlog the client no longer
+reads (websockets' close timeout, 10 s), the reconnect held back meanwhile.
 
 A missed change: a delta the client cannot read (below) is not applied;
 its market reads stale — whatever later ``status`` messages say (the
@@ -137,7 +157,11 @@ or its source is DOWN, or the server's last word on it says stale — the
 ``stale`` of each ``event_state`` message about the event, then each
 ``status`` of its source (``stale_events`` lists every event of that source
 whose state is stale now: one not listed is fresh again; a server that sends
-no ``stale_events`` leaves the flag as it was). ``on_event_state`` is called
+no ``stale_events`` leaves the flag as it was). A market that leaves the book
+(``removed``, or the local filter) takes with it the states of its event and
+its race that no market left in the book refers to, and their flags: the
+server sends no more of them nor lists them in ``stale_events``, so held they
+would read fresh for good. ``on_event_state`` is called
 with each state taken. ``event_state`` messages carry no resume token.
 
 The price check (:meth:`OddsClient.price_check`, :meth:`price_check_batch`)
@@ -154,6 +178,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -173,7 +198,7 @@ from feed.sources.backoff import Backoff
 from streaming.pricecheck import BatchResult, PriceCheckRequest, PriceCheckResult
 from streaming.state import live_for_limits
 
-__all__ = ["LAG_RECONNECT_HEARTBEATS", "ClientStats", "OddsClient", "PriceCheckError", "ServedEventState", "SourceStatus", "StreamError"]
+__all__ = ["LAG_RECONNECT_HEARTBEATS", "LAG_RECONNECT_SPREAD_MS", "ClientStats", "OddsClient", "PriceCheckError", "ServedEventState", "SourceStatus", "StreamError"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +209,11 @@ Transport = Literal["sse", "ws"]
 #: least offset never forgets within a connection, so a server clock stepped back (or running slow)
 #: would read as lagging until the connection happens to drop (see the module docstring).
 LAG_RECONNECT_HEARTBEATS = 3
+
+#: A lag reconnect waits, on top of its backoff, a uniformly random delay in [0, this) ms: after a
+#: server clock step every client of the node sees its third lagging heartbeat on the same tick, and
+#: would otherwise reconnect together (its markets read stale either way: the stream is not live).
+LAG_RECONNECT_SPREAD_MS = 2000
 
 
 class StreamError(OddsfeedError):
@@ -462,7 +492,9 @@ class OddsClient:
     updated; an exception they raise is logged and counted
     (``stats.callback_errors``), never the end of the stream. backoff: a
     :class:`~feed.sources.backoff.Backoff` to use instead of one built from
-    the reconnect bounds (tests inject a deterministic one).
+    the reconnect bounds (tests inject a deterministic one). rng: the uniform
+    ``[0, 1)`` source of a lag reconnect's spread (:data:`LAG_RECONNECT_SPREAD_MS`
+    on top of the backoff; tests inject a fixed one).
     """
 
     def __init__(self, url: str, *, transport: Transport | None = None,
@@ -474,7 +506,7 @@ class OddsClient:
                  price_check_timeout_s: float = 1.0, connect_timeout_s: float = 5.0,
                  on_update: Callable[[str, Market | None], None] | None = None,
                  on_event_state: Callable[[ServedEventState], None] | None = None,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, rng: Callable[[], float] = random.random) -> None:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https", "ws", "wss"):
@@ -541,10 +573,14 @@ class OddsClient:
         self._lag_ms = 0.0                        # the lag of the last message with a send time
         #: heartbeats in a row (on this connection) read lagging more than ``stale_in_play_ms``
         self._lag_beats = 0
+        #: a ``resumed {recovered: true}`` without ``as_of`` (an older server) came, and no heartbeat
+        #: since: no send time is taken (the replay's deltas carry old ones) and the stream is not live
+        self._await_beat = False
         #: event id → the server's last word on its state: the ``stale`` of an ``event_state``
         #: message, then each ``status`` of its source (``stale_events``)
         self._es_flagged: dict[str, bool] = {}
         self._backoff = backoff or Backoff(initial_s=reconnect_initial_s, max_s=reconnect_max_s)
+        self._rng = rng
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -625,9 +661,10 @@ class OddsClient:
         return int(self._lag_ms)
 
     def _following(self) -> bool:
-        """Following a live stream: resumed or snapshotted on this connection, and not
-        lagging more than ``stale_in_play_ms`` behind the server."""
-        return self._live and self._lag_ms <= self.stale_in_play_ms
+        """Following a live stream: resumed or snapshotted on this connection, its lag
+        measurable (from an older server's ``resumed`` without ``as_of``: not before the next
+        heartbeat), and not lagging more than ``stale_in_play_ms`` behind the server."""
+        return self._live and not self._await_beat and self._lag_ms <= self.stale_in_play_ms
 
     def is_stale(self, market_id: str) -> bool:
         """True when the client is not following a live stream (dropped, silent
@@ -755,7 +792,7 @@ class OddsClient:
         while not self._closing:
             self._kick.clear()
             reason = "stream ended"
-            gap = False
+            gap = lagging = False
             conn = asyncio.create_task(self._connect_once(), name="oddsclient-stream")
             kick = asyncio.create_task(self._kick.wait(), name="oddsclient-kick")
             try:
@@ -781,6 +818,9 @@ class OddsClient:
                 except _SeqGap as exc:
                     reason = str(exc)
                     gap = True
+                except _Lagging as exc:
+                    reason = str(exc)
+                    lagging = True
                 except _Dropped as exc:
                     reason = str(exc)
                 except TimeoutError:
@@ -808,6 +848,8 @@ class OddsClient:
                     continue  # at once: the stream itself is fine
                 # gaps even after a fresh snapshot: the server is in trouble, back off
             delay = self._backoff.next_delay()
+            if lagging:  # spread: after a server clock step every client lags on the same heartbeat
+                delay += self._rng() * LAG_RECONNECT_SPREAD_MS / 1000
             logger.info("oddsclient: stream dropped (%s); reconnecting in %.2f s", reason, delay)
             await asyncio.sleep(delay)
 
@@ -818,6 +860,7 @@ class OddsClient:
         self._min_offset_ms = None
         self._lag_ms = 0.0
         self._lag_beats = 0
+        self._await_beat = False
         if self.transport == "sse":
             await self._run_sse()
         else:
@@ -905,22 +948,31 @@ class OddsClient:
                 raise StreamError(f"GET /v1/ws answered {status}", status=status) from exc
             raise
         async with ws:
-            sub: dict[str, Any] = {"op": "subscribe", "id": 1, "filter": self.filter}
-            if self.token:
-                sub["resume"] = self.token
-            await ws.send(json.dumps(sub))
-            self.connected = True
-            await self._notify()
-            loop = asyncio.get_running_loop()
-            silence = self._silence_s()
-            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
-                async with asyncio.timeout(silence) as deadline:
-                    async for raw in ws:
-                        deadline.reschedule(loop.time() + silence)
-                        data = raw.encode() if isinstance(raw, str) else raw
-                        self._on_message(data, time.monotonic(), None)
-                        self._check_lag()
-                        await self._notify()
+            try:
+                sub: dict[str, Any] = {"op": "subscribe", "id": 1, "filter": self.filter}
+                if self.token:
+                    sub["resume"] = self.token
+                await ws.send(json.dumps(sub))
+                self.connected = True
+                await self._notify()
+                loop = asyncio.get_running_loop()
+                silence = self._silence_s()
+                with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                    async with asyncio.timeout(silence) as deadline:
+                        async for raw in ws:
+                            deadline.reschedule(loop.time() + silence)
+                            data = raw.encode() if isinstance(raw, str) else raw
+                            self._on_message(data, time.monotonic(), None)
+                            self._check_lag()
+                            await self._notify()
+            except BaseException:
+                # the client leaves of its own accord (a gap, a lag, silence, a fatal error,
+                # reconnect(), close()): the TCP connection is aborted. A closing handshake would
+                # wait for the server's close frame — behind the backlog this client no longer
+                # reads, or never (a silent peer) — for websockets' close_timeout (10 s), the
+                # client still `connected` and its reconnect held back
+                ws.transport.abort()
+                raise
             rcvd = ws.protocol.close_rcvd
             why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
             if rcvd is not None and rcvd.code == 1008 and "api key" in rcvd.reason:
@@ -953,7 +1005,13 @@ class OddsClient:
         token = sse_id if sse_id is not None else env.token
         if t in ("delta", "event_state"):
             now -= self._note_sent(env.sent_at, now) / 1000  # as of: receipt − the stream's lag
-        elif t in ("heartbeat", "snapshot"):
+        elif t in ("heartbeat", "snapshot", "resumed"):
+            if t != "resumed" or env.as_of is not None:
+                # a heartbeat or a snapshot is a send time again; so is a resumed stream's first
+                # message when the server stamps it (its replayed deltas keep their old sent_at)
+                self._await_beat = False
+            elif env.recovered:  # (an older server) no baseline before the first heartbeat: not live
+                self._await_beat = True
             now -= self._note_sent(env.as_of, now) / 1000
         try:
             if t == "delta":
@@ -994,8 +1052,10 @@ class OddsClient:
         """The lag (ms) of a message the server sent at ``sent_ms`` (its wall clock) and this client
         received at ``now`` (monotonic s): ``now − sent`` minus the least such difference seen on
         this connection (the hosts' clock offset cancels out). A message without a send time (an
-        older server) leaves the lag as it was."""
-        if sent_ms is None:
+        older server) leaves the lag as it was; so does every message between a ``resumed`` without
+        ``as_of`` and the next heartbeat (``_await_beat``: a replayed delta's ``sent_at`` is when it
+        was first sent, and as the baseline it would read the lag it had as none)."""
+        if sent_ms is None or self._await_beat:
             return self._lag_ms
         off = now * 1000 - sent_ms
         if self._min_offset_ms is None or off < self._min_offset_ms:
@@ -1169,15 +1229,44 @@ class OddsClient:
             self._callback("on_event_state", self.on_event_state, es)
 
     def _forget(self, mid: str | None) -> None:
-        """Drop market ``mid`` from the book (``on_update(mid, None)`` when it was held)."""
+        """Drop market ``mid`` from the book (``on_update(mid, None)`` when it was held), and the
+        states of its events no market left in the book refers to (:meth:`_drop_orphan_states`)."""
         if mid is None:
             return
         cur = self.markets.pop(mid, None)
         self._confirmed.pop(mid, None)
         self._flagged.pop(mid, None)
         self._missed.discard(mid)
+        if cur is not None:
+            self._drop_orphan_states(cur)
         if self.on_update is not None and cur is not None:
             self._callback("on_update", self.on_update, mid, None)
+
+    def _drop_orphan_states(self, gone: Market) -> None:
+        """A market left the book: drop the event states it was shown with — its event's
+        (``event_id``) and its race's (:func:`feed.taxonomy.race_event_id`), as
+        :meth:`state_of_market` looks them up — and their stale flags, unless a market left in the
+        book refers to them. The server sends an event's state (and lists it in a ``status``'s
+        ``stale_events``) only to a subscription holding one of its markets: a state kept after
+        its last market would never be updated nor flagged again, and read fresh for good."""
+        eid = gone.event_id
+        if eid is None:
+            return
+        rid = race_event_id(eid, gone.sport, gone.start_time)
+        keys = {k for k in (eid, rid) if k is not None and (k in self.event_states or k in self._es_flagged)}
+        if not keys:
+            return
+        for m in self.markets.values():
+            if m.event_id != eid:  # (a market refers to its event's state and to its race's: same event_id)
+                continue
+            keys.discard(eid)
+            if rid is not None and rid in keys and race_event_id(eid, m.sport, m.start_time) == rid:
+                keys.discard(rid)
+            if not keys:
+                return
+        for k in keys:
+            self.event_states.pop(k, None)
+            self._es_flagged.pop(k, None)
 
     def _on_heartbeat(self, now: float) -> None:
         if not self._live:

@@ -711,7 +711,7 @@ async def test_a_server_clock_stepped_back_reopens_the_stream_after_3_lagging_he
         assert got["counts"] == [0, 0, 0, 0, 0, 1], got  # two, one in time (starts over), then three in a row
         opened = got["opened"]
         await page.until("document.getElementById('banner').dataset.kind === 'lagging'", "the lagging banner")
-        # reopened after the backoff (500 ms), resuming with the token
+        # reopened after the backoff (250–500 ms) and a random spread (under 2 s), resuming with the token
         await page.until(f"window.opened === {opened + 1}", "the stream reopened", timeout_s=5)
         assert "last_event_id=t0" in await page.js("window.urls[window.urls.length - 1]")
         got = await page.js("""(() => {
@@ -727,4 +727,124 @@ async def test_a_server_clock_stepped_back_reopens_the_stream_after_3_lagging_he
         assert got["opened"] == [True, True], got
         assert got["resumed"] == [False, False] and got["lag"] < 1_000 and got["lagReconnects"] == 1, got
         await page.until("document.getElementById('banner').hidden", "the banner gone")
+        assert page.errors() == [], page.errors()
+
+
+_RECORDING_STUB = ("class { constructor(url) { window.opened += 1; window.urls.push(url); window.lastES = this; "
+                   "this.l = {}; } addEventListener(t, f) { this.l[t] = f; } close() { this.closed = true; } "
+                   "emit(t, data, id) { this.l[t]({data, lastEventId: id || ''}); } }")
+
+
+@pytest.mark.parametrize("stamped", [True, False], ids=["as_of", "older_server"])
+async def test_a_resumed_streams_as_of_sets_the_baseline_and_a_replay_counts_its_age(stamped: bool) -> None:
+    """A page that resumes (its EventSource reopened, or the page reopened it for lagging) gets the
+    deltas it missed replayed with the ``sent_at`` each was first sent with. The oldest was the new
+    stream's first timed message: the lag it had became the baseline and read as 0, and replayed
+    prices older than the in-play limit read fresh. ``resumed``'s ``as_of`` now sets the baseline:
+    a replay 12 s old (the limit: 10 s) lags 12 s, its prices stale, their ages counting it. From an
+    older server (``resumed`` without ``as_of``) the page reads every price stale until the next
+    heartbeat."""
+    require_chromium()
+    snap = {"type": "snapshot", "as_of": now_ms_js(),
+            "markets": [_board_market("live", True), _board_market("pre", False)]}
+    async with browser("about:blank") as page:
+        await page.js("window.opened = 0; window.urls = []")
+        await load_board(page, _RECORDING_STUB)
+        got = await page.js("""(() => {
+          const es = window.lastES, b = oddsBoard, ids = ["live", "pre"], stamped = %s;
+          es.l.open();
+          es.emit("snapshot", %s, "t0");
+          es.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now()}));
+          const before = ids.map((id) => b.isStale(id));
+          es.l.open();  // the EventSource reopened (Last-Event-ID: t0): the offset measured afresh
+          const t = Date.now();
+          es.emit("resumed", JSON.stringify(stamped ? {type: "resumed", recovered: true, as_of: t}
+                                                    : {type: "resumed", recovered: true}), "t1");
+          const d = (id, p, sent) => JSON.stringify({type: "delta", market_id: id, seq: 2, kind: "delta",
+            source: "betfair", source_ts: sent, received_at: sent, sent_at: sent, age_ms: 0, stale: false,
+            selections: [{selection_id: "1", price: p, back: [[p, 5.0]]}]});
+          es.emit("delta", d("live", 2.2, t - 12000), "t2");
+          es.emit("delta", d("pre", 3.2, t - 11900), "t3");
+          const replayed = {stale: ids.map((id) => b.isStale(id)), ages: ids.map((id) => b.ageMs(id)),
+                            lag: b.state.streamLagMs, price: b.state.markets.get("pre").selections[0].price};
+          es.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now()}));
+          return {before, replayed, caught: ids.map((id) => b.isStale(id)), lag: b.state.streamLagMs};
+        })()""" % ("true" if stamped else "false", json.dumps(json.dumps(snap))))
+        assert got["before"] == [False, False], got
+        assert got["replayed"]["price"] == 3.2 and got["replayed"]["stale"] == [True, True], (stamped, got)
+        if stamped:
+            assert got["replayed"]["lag"] >= 11_900 and got["replayed"]["ages"][0] >= 12_000 \
+                and got["replayed"]["ages"][1] >= 11_900, got
+        assert got["caught"] == [False, False] and got["lag"] < 1_000, (stamped, got)
+        assert page.errors() == [], page.errors()
+
+
+async def test_an_event_state_leaves_with_the_last_market_that_refers_to_it() -> None:
+    """An event's state stayed in the page, reading fresh, after its last market was removed: the
+    server sends that event's state only to a stream holding one of its markets and leaves it out of
+    ``stale_events``. A removed market now takes with it the states of its event and its race that
+    no market left refers to (and their flags)."""
+    require_chromium()
+    t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000)  # 17:00 UTC: race ids .1700 / .1730
+
+    def m(mid: str, event: str, **extra: Any) -> dict[str, Any]:
+        return _board_market(mid, True) | {"event_id": event, **extra}
+
+    markets = [m("a1", "e1"), m("a2", "e1"), m("r1", "bf:100", sport="horse_racing", start_time=t1),
+               m("r2", "bf:100", sport="horse_racing", start_time=t1 + 1_800_000)]
+    states = [{"type": "event_state", "sent_at": now_ms_js(), "event_state": {
+        "event_id": e, "source": "betfair", "status": "LIVE", "in_play": True, "version": 1, "age_ms": 0,
+        "stale": False}} for e in ("e1", "bf:100", "bf:100.1700", "bf:100.1730")]
+    async with browser("about:blank") as page:
+        await load_board(page)
+        got = await page.js("""(() => {
+          const b = oddsBoard, s = b.state, out = [];
+          s.connected = true;
+          b.handle({type: "snapshot", as_of: Date.now(), markets: %s});
+          for (const st of %s) b.handle(st);
+          b.handle({type: "status", source: "betfair", state: "UP", stale_markets: [], stale_events: [], as_of: Date.now()});
+          const held = () => [...s.eventStates.keys()].sort().join(",") + "|" + [...s.esFlagged.keys()].sort().join(",");
+          for (const id of ["a1", "a2", "r1"]) { b.handle({type: "removed", market_id: id, reason: "not_visible"}); out.push(held()); }
+          return out;
+        })()""" % (json.dumps(markets), json.dumps(states)))
+        assert got == [
+            "bf:100,bf:100.1700,bf:100.1730,e1|bf:100,bf:100.1700,bf:100.1730,e1",  # a2 still shows e1's state
+            "bf:100,bf:100.1700,bf:100.1730|bf:100,bf:100.1700,bf:100.1730",        # e1's last market: gone
+            "bf:100,bf:100.1730|bf:100,bf:100.1730",                                # r1's race; the meeting stays
+        ], got
+        assert page.errors() == [], page.errors()
+
+
+async def test_the_board_jitters_its_reopens_and_spreads_a_lag_reopen() -> None:
+    """The board reopened its stream after exactly retryMs (500 ms, doubling) — after a server clock
+    step every page of the node saw its third lagging heartbeat on the same tick and came back
+    together. Now a reopen after an error waits retryMs jittered (half of it plus a random part of
+    the other half), and a lag reopen a random spread of up to 2 s on top."""
+    require_chromium()
+    t = now_ms_js()
+    snap = {"type": "snapshot", "as_of": t, "markets": [_board_market("live", True)]}
+    beats = [{"type": "heartbeat", "as_of": t + k - 15_000} for k in range(1, 4)]
+    async with browser("about:blank") as page:
+        await page.js("window.opened = 0; window.urls = []; window.delays = []; window.rand = 0;"
+                      "Math.random = () => window.rand; const st = window.setTimeout;"
+                      "window.setTimeout = (f, ms, ...a) => { if (String(f).includes('connect()')) "
+                      "window.delays.push(ms); return st(f, ms, ...a); }; 0")
+        await load_board(page, _RECORDING_STUB)
+        lag = """((r) => {
+          window.rand = r;
+          const es = window.lastES;
+          es.l.open();
+          es.emit("snapshot", %s, "t0");
+          for (const hb of %s) es.emit("heartbeat", JSON.stringify(hb));
+          return oddsBoard.state.stats.lagReconnects;
+        })""" % (json.dumps(json.dumps(snap)), json.dumps(beats))
+        assert await page.js(f"{lag}(0)") == 1
+        await page.until("window.opened === 2", "the first lag reopen", timeout_s=5)
+        assert await page.js(f"{lag}(0.5)") == 2
+        await page.until("window.opened === 3", "the second lag reopen", timeout_s=5)
+        # an error the browser gives up on (a 503; the stub reads as CLOSED): the page reopens by itself
+        await page.js("window.rand = 0.5; window.lastES.l.error({}); 0")
+        delays = await page.js("window.delays")
+        # retryMs 500: 250 + 0; then 1000 (doubled): 500 + 250 + 0.5 × 2000; then 2000: 1000 + 500
+        assert delays == [250, 1750, 1500], delays
         assert page.errors() == [], page.errors()

@@ -90,12 +90,23 @@ async def test_a_silent_stream_makes_every_market_stale_until_it_resumes() -> No
             age = client.age_ms("pre")
             assert age is not None and age >= 1_500
             await eventually(lambda: (client.age_ms("pre") or 0) > age, 5, "the age growing")
-            # a resume that recovers clears it (the ages go on from the last confirmation)
+            # a resume that recovers clears it (the ages go on from the last confirmation) — from an
+            # older server (no as_of on its resumed: no baseline for the stream's lag) once the first
+            # heartbeat after it is read
             fake.next_script = [_frame({"type": "resumed", "recovered": True}, "t1")]
-            await eventually(lambda: not client.is_stale("pre") and not client.is_stale("live"), 15,
-                             "fresh again after the resume")
+            await eventually(lambda: client.stats.resumed_recovered == 1, 15, "the resume")
+            assert client.is_stale("pre") and client.is_stale("live") and (client.age_ms("pre") or 0) > age
+            fake.streams[-1].write(_frame({"type": "heartbeat", "as_of": now_ms()}))
+            await eventually(lambda: not client.is_stale("pre") and not client.is_stale("live"), 5,
+                             "fresh again after the resume and its first heartbeat")
             assert fake.last_event_ids[-1] == "t0" and client.stats.resumed_recovered == 1
-            assert (client.age_ms("pre") or 0) > age
+            # a server that stamps its resumed (as_of: its send time): fresh from the resumed on
+            fake.next_script = [_frame({"type": "resumed", "recovered": True, "as_of": now_ms()}, "t2")]
+            before = client.stats.heartbeats
+            fake.streams[-1].close()
+            await eventually(lambda: client.stats.resumed_recovered == 2, 15, "the second resume")
+            assert not client.is_stale("pre") and not client.is_stale("live")
+            assert client.stats.heartbeats == before and fake.last_event_ids[-1] == "t1"
         finally:
             await client.close()
         assert client.is_stale("pre")  # a closed client follows nothing
@@ -486,3 +497,216 @@ async def test_a_server_clock_stepped_back_reconnects_after_3_lagging_heartbeats
             assert client.stats.lag_reconnects == 1
         finally:
             await client.close()
+
+
+# -- a resumed stream's replay, orphaned event states, the WebSocket's drop, lag reconnects' spread ------
+
+
+@pytest.mark.parametrize("stamped", [True, False], ids=["as_of", "older_server"])
+async def test_a_resumed_streams_as_of_is_its_baseline_and_replayed_deltas_count_their_age(stamped: bool) -> None:
+    """A genuinely slow client reconnects for lagging and resumes: the server replays what it
+    missed, each delta with the ``sent_at`` it was first sent with (here 6 s ago). The first timed
+    message of the new connection was the oldest replayed delta, so the lag it had became the
+    baseline and read as 0: the replayed prices, older than the in-play limit, read fresh. Now
+    ``resumed``'s ``as_of`` (the server's send time, stamped per resume) sets the baseline: the
+    replayed deltas lag 6 s, read stale, and their ages count it. From an older server (``resumed``
+    without ``as_of``) no replayed delta sets the baseline: every market reads stale from the
+    ``resumed`` until the first heartbeat after it, which sets it and confirms the book."""
+    limit = 2_000
+    first = [_frame(_snapshot(_market("live", in_play=True), _market("pre")), "t0"),
+             _frame({"type": "heartbeat", "as_of": now_ms()})]
+    async with ScriptedSSEServer([first]) as fake:
+        client = OddsClient(fake.url, heartbeat_ms=60_000, stale_in_play_ms=limit, stale_pre_match_ms=60_000,
+                            backoff=Backoff(initial_s=0.05, max_s=0.05, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await client.wait_synced()
+            assert not client.is_stale("live") and not client.is_stale("pre")
+            t = now_ms()
+            resumed = {"type": "resumed", "recovered": True} | ({"as_of": t} if stamped else {})
+            fake.next_script = [_frame(resumed, "t1"),
+                                _frame(_delta("live", 2, 2.2) | {"sent_at": t - 6_000}, "t2"),
+                                _frame(_delta("pre", 2, 3.2) | {"sent_at": t - 5_900}, "t3")]
+            fake.streams[0].close()  # the connection ends: the client reconnects and resumes
+            await client.wait_until(lambda c: c.best("pre", "1") == 3.2, 10)
+            assert client.stats.resumed_recovered == 1
+            if stamped:
+                assert client.stream_lag_ms >= 5_900, client.stream_lag_ms
+                assert (client.age_ms("live") or 0) >= 6_000 and (client.age_ms("pre") or 0) >= 5_900, \
+                    (client.age_ms("live"), client.age_ms("pre"))
+            assert client.is_stale("live") and client.is_stale("pre"), "a replay 6 s old read fresh"
+            # caught up: a heartbeat sent now confirms the book
+            fake.streams[-1].write(_frame({"type": "heartbeat", "as_of": now_ms()}))
+            await client.wait_until(lambda c: c.stats.heartbeats == 2, 10)
+            assert client.stream_lag_ms < 1_000, client.stream_lag_ms
+            assert not client.is_stale("live") and not client.is_stale("pre")
+        finally:
+            await client.close()
+
+
+def _es(event_id: str, version: int = 1, *, source: str = "fake", stale: bool = False) -> dict[str, Any]:
+    t = now_ms()
+    return {"type": "event_state", "sent_at": t, "event_state": {
+        "event_id": event_id, "source": source, "status": "LIVE", "in_play": True, "period": "1h",
+        "score": {"home": 1, "away": 0}, "source_ts": t, "received_at": t, "version": version,
+        "age_ms": 0, "stale": stale}}
+
+
+async def test_an_event_state_leaves_with_the_last_market_that_refers_to_it() -> None:
+    """An event's state stayed in the client, reading fresh, after its last market left the
+    filter: the server sends that event's state only to a subscription holding one of its markets,
+    and leaves it out of ``stale_events`` — ``event_state_stale()`` was False for good. A market
+    dropped (``removed``, or leaving the local filter) now takes with it the states of its event
+    and its race that no market left refers to."""
+    t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000)  # 2030-03-17 17:00 UTC: race ids .1700 / .1730
+    client = OddsClient("http://127.0.0.1:9", competition="c1")
+    try:
+        def race(mid: str, start: int) -> dict[str, Any]:
+            return _market(mid) | {"sport": "horse_racing", "event_id": "bf:100", "start_time": start,
+                                   "competition": "c1"}
+        snap = _snapshot(_market("a1") | {"competition": "c1"}, _market("a2") | {"competition": "c1"},
+                         _market("b1") | {"event_id": "e2", "competition": "c1"},
+                         race("r1", t1), race("r2", t1 + 1_800_000))
+        now = time.monotonic()
+        client._on_message(json.dumps(snap).encode(), now, "t0")
+        for eid in ("e1", "e2", "bf:100", "bf:100.1700", "bf:100.1730"):
+            client._on_message(json.dumps(_es(eid)).encode(), now, None)
+        assert client.state_of_market("r1").event_id == "bf:100.1700"  # type: ignore[union-attr]
+        status = {"type": "status", "source": "fake", "state": "UP", "stale_markets": [], "stale_events": [],
+                  "as_of": now_ms()}
+        client._on_message(json.dumps(status).encode(), now, None)
+        assert not any(client.event_state_stale(e) for e in ("e1", "e2", "bf:100", "bf:100.1700"))
+        # one of e1's two markets leaves: e1's state stays (a2 still shows it)
+        client._on_message(json.dumps({"type": "removed", "market_id": "a1", "reason": "not_visible"}).encode(), now, "t1")
+        assert "e1" in client.event_states and not client.event_state_stale("e1")
+        # the last one leaves: so does the state, which reads stale (unknown)
+        client._on_message(json.dumps({"type": "removed", "market_id": "a2", "reason": "not_visible"}).encode(), now, "t2")
+        assert "e1" not in client.event_states and client.event_state_stale("e1")
+        # a race's market leaves: its race's state goes, the meeting's (r2 refers to it) and r2's race stay
+        client._on_message(json.dumps({"type": "removed", "market_id": "r1", "reason": "not_visible"}).encode(), now, "t3")
+        assert "bf:100.1700" not in client.event_states and client.event_state_stale("bf:100.1700")
+        assert not client.event_state_stale("bf:100") and not client.event_state_stale("bf:100.1730")
+        # leaving the local filter (a delta moving its competition, and its event) drops the state of
+        # the event it was shown with too
+        moved = _delta("b1", 2, 2.5) | {"header": {"competition": "c2", "sport": "soccer", "event_id": "e3",
+                                                   "in_play": False, "status": "OPEN"}}
+        client._on_message(json.dumps(moved).encode(), now, "t4")
+        assert "b1" not in client.markets
+        assert "e2" not in client.event_states and client.event_state_stale("e2")
+        # and a later status of the source cannot bring a flag back for a state not held
+        client._on_message(json.dumps(status).encode(), now, None)
+        assert client.event_state_stale("e1") and client.event_state_stale("e2")
+        assert sorted(client.event_states) == ["bf:100", "bf:100.1730"]
+    finally:
+        await client.close()
+
+
+class _DeafWebSocketServer:
+    """A loopback WebSocket server (the handshake and unmasked text frames by hand) that plays
+    ``script`` (JSON messages) on its first connection and then never answers again — not even a
+    close frame, as a server whose close frame sits behind a backlog the client no longer reads.
+    Records the time of each WebSocket connection; anything else (GET /v1/sources) is a 404."""
+
+    def __init__(self, script: list[dict[str, Any]]) -> None:
+        self.script = script
+        self.opened: list[float] = []
+        self.writers: list[Any] = []
+
+    async def __aenter__(self) -> "_DeafWebSocketServer":
+        import asyncio
+
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for w in self.writers:
+            w.close()
+
+    @staticmethod
+    def _text(obj: dict[str, Any]) -> bytes:
+        data = json.dumps(obj).encode()
+        n = len(data)
+        head = bytes([0x81, n]) if n < 126 else bytes([0x81, 126]) + n.to_bytes(2, "big") if n < 65536 \
+            else bytes([0x81, 127]) + n.to_bytes(8, "big")
+        return head + data
+
+    async def _handle(self, reader: Any, writer: Any) -> None:
+        import base64
+        import contextlib
+        import hashlib
+
+        self.writers.append(writer)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        key = next((ln.split(":", 1)[1].strip() for ln in head.split("\r\n")
+                    if ln.lower().startswith("sec-websocket-key:")), None)
+        if key is None:
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            writer.close()
+            return
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self.opened.append(time.monotonic())
+        if len(self.opened) == 1:
+            for obj in self.script:
+                writer.write(self._text(obj))
+        with contextlib.suppress(Exception):
+            await writer.drain()
+            while await reader.read(65536):  # read, never answer (no close frame)
+                pass
+
+
+@pytest.mark.parametrize("why", ["lag", "gap"])
+async def test_a_websocket_the_client_drops_itself_reconnects_at_once(why: str) -> None:
+    """Over WebSocket a drop the client decides itself (3 lagging heartbeats, a seq gap) went
+    through websockets' closing handshake: it waited for the server's close frame — behind the
+    backlog the client no longer reads — until close_timeout, 10 s, ``connected`` True all the
+    while and the reconnect held back. Now the transport is aborted and the reconnect follows."""
+    t = now_ms()
+    script: list[dict[str, Any]] = [_snapshot(_market("live", in_play=True)) | {"as_of": t}]
+    if why == "lag":
+        script += [{"type": "heartbeat", "as_of": t - 15_000 + k} for k in range(3)]  # a clock stepped back 15 s
+    else:
+        script += [_delta("live", 3, 2.2)]  # seq 1 held: a gap, resynced at once
+    async with _DeafWebSocketServer(script) as server:
+        client = OddsClient(server.url, heartbeat_ms=2_000, stale_in_play_ms=10_000, rng=lambda: 0.0,
+                            backoff=Backoff(initial_s=0.05, max_s=0.05, rng=lambda: 1.0))
+        try:
+            await client.start()
+            await eventually(lambda: client.stats.lag_reconnects == 1 or client.stats.gaps == 1, 5, "the decision")
+            decided = time.monotonic()
+            await eventually(lambda: len(server.opened) >= 2, 3, "the reconnect")
+            assert server.opened[1] - decided < 1.5, server.opened[1] - decided
+            assert client.stats.disconnect_reasons[0].startswith("stream lagging" if why == "lag" else "seq gap")
+        finally:
+            await client.close()
+
+
+async def test_a_lag_reconnect_waits_a_random_spread_on_top_of_its_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    """After a server clock step every client of a node sees its third lagging heartbeat on the same
+    tick; with a backoff of a few tens of ms they all came back together. A lag reconnect now waits
+    a uniformly random spread of up to LAG_RECONNECT_SPREAD_MS on top of its backoff."""
+    from streaming.client import LAG_RECONNECT_SPREAD_MS
+
+    t = now_ms()
+    first = [_frame(_snapshot(_market("live", in_play=True)) | {"as_of": t}, "t0")]
+    first += [_frame({"type": "heartbeat", "as_of": t - 15_000 + k}) for k in range(3)]
+    for r in (0.0, 0.25):
+        async with ScriptedSSEServer([first, []]) as fake:
+            client = OddsClient(fake.url, heartbeat_ms=60_000, stale_in_play_ms=10_000, rng=lambda: r,
+                                backoff=Backoff(initial_s=0.05, max_s=0.05, rng=lambda: 1.0))
+            try:
+                caplog.clear()
+                with caplog.at_level(logging.INFO, logger="streaming.client"):
+                    await client.start()
+                    await eventually(lambda: client.stats.lag_reconnects == 1, 5, "the lag reconnect")
+                    decided = time.monotonic()
+                    await eventually(lambda: len(fake.last_event_ids) >= 2, 5, "the reconnect")
+                    waited = time.monotonic() - decided
+                want = 0.05 + r * LAG_RECONNECT_SPREAD_MS / 1000
+                assert f"reconnecting in {want:.2f} s" in caplog.text, caplog.text
+                assert want - 0.05 <= waited < want + 1.0, (r, waited)
+            finally:
+                await client.close()

@@ -37,7 +37,10 @@
  *                         market of that race: a line under the market's head (status, running
  *                         time run on as the match clock is, the leader's last gate and metres
  *                         to go) and each runner's position (race.order, leader first) before
- *                         its name; marked stale as the score is.
+ *                         its name; marked stale as the score is. A market that leaves the
+ *                         book (removed) takes with it the states of its event and its race that
+ *                         no market left refers to (the server sends no more of them, nor lists
+ *                         them in stale_events: held, they would read fresh for good).
  *
  * Ages and staleness are recomputed in the page like the Python client does:
  * a market is confirmed when a message about it arrives (minus the age the
@@ -67,7 +70,19 @@
  * backlog and the server resumes from its log); every price reads stale
  * until that stream is resumed (resumed recovered: true) or snapshotted
  * (state.resuming). A lag past the limit takes at least the limit's time on
- * a stream (while the server's clock runs forward): no fast loop. A delta the page cannot read (not JSON, or not applicable) is a
+ * a stream (while the server's clock runs forward): no fast loop. The reopen
+ * waits a random spread of up to LAG_RECONNECT_SPREAD_MS on top of the backoff
+ * (after a server clock step every page lags on the same heartbeat: they do
+ * not all come back at once), and every reopen after an error is jittered.
+ * A resumed stream: the deltas the server replays carry the sent_at they were
+ * first sent with, so the oldest must not set the baseline (the lag it had
+ * would read as none, its old price fresh). "resumed"'s as_of (the server's
+ * send time, stamped per resume) is taken as a heartbeat's is: the resumed
+ * stream's first message, it sets the baseline, and a replayed delta's lag is
+ * its real age. After a resumed (recovered) without as_of (an older server) the
+ * page takes no send time until the next heartbeat and reads every price stale
+ * until then (state.awaitBeat); that heartbeat sets the baseline.
+ * A delta the page cannot read (not JSON, or not applicable) is a
  * change missed of a market it cannot name: its resume token is not taken and
  * the stream starts over from a fresh snapshot, as on a seq gap.
  *
@@ -124,6 +139,9 @@
   const FLASH_MS = 1500;
   // heartbeats in a row lagging past the in-play limit after which the stream is reopened (resumed)
   const LAG_RECONNECT_HEARTBEATS = 3;
+  // a reopen for lagging waits a random delay in [0, this) ms on top of its backoff: after a server
+  // clock step every page of the node lags on the same heartbeat (its prices read stale either way)
+  const LAG_RECONNECT_SPREAD_MS = 2000;
   const CLOSED = new Set(["CLOSED", "SETTLED", "CANCELLED"]);
   const SUSPENDED = new Set(["SUSPENDED", "INACTIVE"]);
 
@@ -140,6 +158,7 @@
     streamLagMs: 0,        // the lag of the last message that carried a server send time (as_of / sent_at)
     lagBeats: 0,           // heartbeats in a row (this connection) read lagging more than the in-play limit
     resuming: false,       // reopened for lagging: nothing vouched for until resumed (recovered) or snapshotted
+    awaitBeat: false,      // resumed (recovered) without as_of (an older server): no send time, not live, until a heartbeat
     snapshotOf: -1,        // the stream (streamGen) whose snapshot the book holds
     connected: false,
     filter: { sport: params.get("sport") || "all", play: playFromParam(params.get("in_play")) },
@@ -225,7 +244,9 @@
    *  `now` (performance.now()): now − sent, less the least such difference on this connection. A
    *  message without a send time (an older server) leaves the lag as it was. */
   function noteSent(sent, now) {
-    if (typeof sent !== "number" || !isFinite(sent)) return state.streamLagMs;
+    // (between a resumed without as_of and the next heartbeat: a replayed delta's sent_at is when it
+    // was first sent, and as the baseline it would read the lag it had as none)
+    if (typeof sent !== "number" || !isFinite(sent) || state.awaitBeat) return state.streamLagMs;
     const off = now - sent;
     if (state.minOffset === null || off < state.minOffset) state.minOffset = off;
     state.streamLagMs = off - state.minOffset;
@@ -237,12 +258,14 @@
     state.minOffset = null;
     state.streamLagMs = 0;
     state.lagBeats = 0;
+    state.awaitBeat = false;
   }
 
-  /** Following a live stream: connected, not reopened for lagging and still to be resumed, and not
-   *  lagging more than the in-play limit behind the server. */
+  /** Following a live stream: connected, not reopened for lagging and still to be resumed, its lag
+   *  measurable (after an older server's resumed without as_of: from the next heartbeat on), and
+   *  not lagging more than the in-play limit behind the server. */
   function streamLive() {
-    return state.connected && !state.resuming && state.streamLagMs <= STALE_IN_PLAY_MS;
+    return state.connected && !state.resuming && !state.awaitBeat && state.streamLagMs <= STALE_IN_PLAY_MS;
   }
 
   function isStale(id, now) {
@@ -263,6 +286,7 @@
 
   function onSnapshot(msg) {
     let now = performance.now();
+    state.awaitBeat = false;  // a send time again
     now -= noteSent(msg.as_of, now);  // as of: the receipt, less the stream's lag
     state.markets.clear();
     state.confirmed.clear();
@@ -341,20 +365,68 @@
     if (route.event !== null && evNoteState(es, false)) renderEventScore();
   }
 
-  /** The market left what the stream sees (its filter, a relink, the tenant's sight): drop it. */
+  /** The market left what the stream sees (its filter, a relink, the tenant's sight): drop it, and
+   *  the states of its events no market left refers to (dropOrphanStates). */
   function onRemoved(msg) {
-    if (!state.markets.has(msg.market_id)) return;
+    const gone = state.markets.get(msg.market_id);
+    if (!gone) return;
     state.markets.delete(msg.market_id);
     state.confirmed.delete(msg.market_id);
     state.flagged.delete(msg.market_id);
+    dropOrphanStates(gone);
     state.stats.removed += 1;
     structureDirty = true;
     schedule();
   }
 
+  /** A market left the book: drop the event states it was shown with — its event's (event_id) and
+   *  its race's (raceEventId) — and their stale flags, unless a market left in the book refers to
+   *  them. The server sends an event's state (and lists it in a status's stale_events) only to a
+   *  stream holding one of its markets: a state kept after its last market would never be updated
+   *  nor flagged again, and read fresh for good. (An event page's member states are the GET's: a
+   *  member's flag stays while it is one.) */
+  function dropOrphanStates(gone) {
+    const eid = gone.event_id;
+    if (eid === null || eid === undefined) return;
+    const rid = raceEventId(eid, gone.sport, gone.start_time);
+    const keys = new Set([eid, rid].filter((k) => k !== null && k !== undefined
+      && (state.eventStates.has(k) || state.esFlagged.has(k))));
+    if (!keys.size) return;
+    for (const m of state.markets.values()) {
+      if (m.event_id !== eid) continue;  // (a market refers to its event's state and its race's: same event_id)
+      keys.delete(eid);
+      if (rid !== null && rid !== undefined && keys.has(rid) && raceEventId(eid, m.sport, m.start_time) === rid) {
+        keys.delete(rid);
+      }
+      if (!keys.size) return;
+    }
+    for (const k of keys) {
+      state.eventStates.delete(k);
+      if (!evp.memberStates.has(k)) state.esFlagged.delete(k);
+    }
+  }
+
+  /** resumed: recovered → the book is kept and the missed deltas follow (live again after a reopen
+   *  for lagging); not recovered → the snapshot that follows replaces the book. Its as_of (the
+   *  server's send time for this resume) sets the resumed stream's baseline; without one (an older
+   *  server) nothing is live until the next heartbeat (state.awaitBeat). */
+  function onResumed(msg) {
+    const stamped = typeof msg.as_of === "number" && isFinite(msg.as_of);
+    if (stamped) state.awaitBeat = false;
+    else if (msg.recovered) state.awaitBeat = true;
+    noteSent(msg.as_of, performance.now());
+    if (msg.recovered) {
+      state.stats.resumedRecovered += 1;
+      if (state.resuming) { state.resuming = false; setConnected(true, "live"); }  // live again
+    } else {
+      state.stats.resumedLost += 1;  // the snapshot that follows replaces the book
+    }
+  }
+
   function onHeartbeat(msg) {
     state.stats.heartbeats += 1;
     let now = performance.now();
+    state.awaitBeat = false;  // a send time again (after an older server's resumed: the baseline)
     now -= noteSent(msg && msg.as_of, now);  // what the server vouched for then: the receipt less the lag
     if (msg && typeof msg.as_of === "number" && state.streamLagMs > STALE_IN_PLAY_MS) state.lagBeats += 1;
     if (state.resuming) return;  // reopened for lagging, not yet resumed: it confirms nothing
@@ -970,7 +1042,7 @@
     } else if (!state.connected && state.stats.snapshots) {
       kind = "offline";
       html = "<strong>Connection to the feed lost</strong> — reconnecting; prices shown may be out of date.";
-    } else if (!streamLive() && state.stats.snapshots) {
+    } else if (state.streamLagMs > STALE_IN_PLAY_MS && state.stats.snapshots) {
       kind = "lagging";
       html = "<strong>This page is " + Math.round(state.streamLagMs / 1000) + " s behind the feed</strong>"
         + " — its prices are marked stale until it catches up.";
@@ -1048,6 +1120,12 @@
 
   let es = null;
   let retryMs = 500;
+
+  /** The delay before reopening the stream after an error: retryMs, jittered (a half of it, plus a
+   *  random part of the other half: pages that lost the same server do not come back in step). */
+  function retryDelay() {
+    return retryMs / 2 + Math.random() * retryMs / 2;
+  }
   let lastHeard = 0;  // performance.now() of the stream's last message (watchdog)
   let streamGen = 0;
 
@@ -1086,13 +1164,15 @@
    *  afresh. Every price reads stale until the new stream is resumed or snapshotted. */
   function lagReconnect() {
     state.stats.lagReconnects += 1;
+    // spread: after a server clock step every page lags on the same heartbeat (its prices stale either way)
+    const delay = Math.round(retryDelay() + Math.random() * LAG_RECONNECT_SPREAD_MS);
     console.warn("oddsfeed: the stream lagged " + Math.round(state.streamLagMs / 1000) + " s behind the server for "
-      + state.lagBeats + " heartbeats; reopening it (resuming) in " + retryMs + " ms");
+      + state.lagBeats + " heartbeats; reopening it (resuming) in " + delay + " ms");
     state.resuming = true;
     if (es) { es.close(); es = null; }
     setConnected(false, "behind the feed — reconnecting…");
     const gen = streamGen;
-    setTimeout(() => { if (gen === streamGen && !es) connect(); }, retryMs);
+    setTimeout(() => { if (gen === streamGen && !es) connect(); }, delay);
     retryMs = Math.min(10000, retryMs * 2);  // (not reset by the reopened stream's open: see connect)
   }
 
@@ -1140,14 +1220,7 @@
     es.addEventListener("status", handle(onStatus));
     es.addEventListener("event_state", handle(onEventState));  // no id: the resume token stays as it was
     es.addEventListener("removed", handle(onRemoved));
-    es.addEventListener("resumed", handle((msg) => {
-      if (msg.recovered) {
-        state.stats.resumedRecovered += 1;
-        if (state.resuming) { state.resuming = false; setConnected(true, "live"); }  // live again
-      } else {
-        state.stats.resumedLost += 1;  // the snapshot that follows replaces the book
-      }
-    }));
+    es.addEventListener("resumed", handle(onResumed));
     es.addEventListener("error", (e) => {
       if (gen !== streamGen) { mine.close(); return; }
       if (e.data) {  // an "error" event sent by the server
@@ -1158,7 +1231,7 @@
         // the browser gave up (e.g. a 503): reconnect ourselves, resuming with the last token
         setConnected(false, "reconnecting…");
         mine.close();
-        setTimeout(() => { if (gen === streamGen) connect(); }, retryMs);
+        setTimeout(() => { if (gen === streamGen) connect(); }, retryDelay());
         retryMs = Math.min(10000, retryMs * 2);
       } else {
         setConnected(false, "reconnecting…");  // EventSource retries by itself with Last-Event-ID
@@ -1728,7 +1801,7 @@
 
   // for tests and the curious: the page's book and its rules
   const HANDLERS = { snapshot: onSnapshot, delta: onDelta, heartbeat: onHeartbeat, status: onStatus,
-                     event_state: onEventState, removed: onRemoved };
+                     event_state: onEventState, removed: onRemoved, resumed: onResumed };
   window.oddsBoard = { state, applyDelta, mergeSelections, ageMs, isStale, clockText, periodLabel, raceEventId,
     book: () => Object.fromEntries(state.markets),
     /** feed one stream message (as the server sends it) through the page's handlers */

@@ -77,6 +77,9 @@ export interface OddsClientOptions {
   reconnectMaxMs?: number;
   /** replaces the backoff: the delay (ms) before reconnect attempt `attempt` (0-based) */
   backoff?: (attempt: number) => number;
+  /** uniform random numbers in [0, 1) (default Math.random): the backoff's jitter and a lag
+   *  reconnect's spread ({@link LAG_RECONNECT_SPREAD_MS}); tests inject a fixed one */
+  random?: () => number;
   priceCheckTimeoutMs?: number;
   connectTimeoutMs?: number;
   /** injectable platform pieces (default: globalThis.fetch / globalThis.WebSocket) */
@@ -146,6 +149,12 @@ const FATAL_STATUSES = new Set([400, 401, 403, 404, 405, 422]);
  *  backoff): the lag estimate's least offset never forgets within a connection, so a server clock
  *  stepped back (or running slow) would otherwise read as lagging until the connection drops. */
 export const LAG_RECONNECT_HEARTBEATS = 3;
+
+/** A lag reconnect waits, on top of its backoff, a uniformly random delay in [0, this) ms: after a
+ *  server clock step every client of the node sees its third lagging heartbeat on the same tick,
+ *  and would otherwise reconnect together (its markets read stale either way: the stream is not
+ *  live). */
+export const LAG_RECONNECT_SPREAD_MS = 2000;
 
 function csv(v: string | string[] | undefined): string | undefined {
   if (v === undefined) return undefined;
@@ -272,11 +281,22 @@ export function keyType(key: string): string {
  * one it never forgets, so a server clock that steps back (NTP) or runs slower than `now` reads as
  * a lag that never goes: when {@link LAG_RECONNECT_HEARTBEATS} (3) heartbeats in a row arrive
  * lagging more than `staleInPlayMs`, the client drops the connection and reconnects after the usual
- * backoff with its resume token (`stats.lagReconnects`). The new connection measures the offset
- * afresh (a clock step or drift is cured; a real lag loses the kernel backlog and the server
- * resumes from its log), and every market reads stale until the resumed stream is live. A lag past
+ * backoff plus a random spread of up to {@link LAG_RECONNECT_SPREAD_MS} (after a server clock step
+ * every client of the node lags on the same heartbeat) with its resume token
+ * (`stats.lagReconnects`). The new connection measures the offset afresh (a clock step or drift is
+ * cured; a real lag loses the kernel backlog and the server resumes from its log), and every
+ * market reads stale until the resumed stream is live. A lag past
  * the limit takes at least `staleInPlayMs` of a connection (while the server's clock runs
  * forward), and the backoff comes between: no fast loop. The local wall clock plays no part.
+ *
+ * A resumed stream: the deltas the server replays carry the `sent_at` they were first sent with
+ * (a genuinely slow client resumes seconds behind), so the oldest must not set the baseline (the
+ * lag it had would read as none, its old price fresh). `resumed`'s `as_of` (the server's send
+ * time, stamped per resume) is taken as a heartbeat's is: the first message of the resumed stream,
+ * it sets the baseline and a replayed delta's lag is its real age (past `staleInPlayMs`: not live,
+ * every market stale until the stream catches up). After a `resumed {recovered: true}` without
+ * `as_of` (an older server) the client takes no send time until the next heartbeat and reads the
+ * stream as not live until then; that heartbeat's `as_of` sets the baseline and confirms the book.
  *
  * Callbacks (`onUpdate`, `onEventState`, listeners added by {@link OddsClient.on}) run
  * synchronously once the book (or `eventStates`) is updated; an exception one throws is counted
@@ -291,7 +311,10 @@ export function keyType(key: string): string {
  * {@link OddsClient.stateOfMarket} finds either. {@link OddsClient.matchTimeS} runs a
  * running clock on locally (`seconds + (now − at) / 1000`: no message per second).
  * {@link OddsClient.isEventStateStale} follows the server's last word on each state (an
- * `event_state`'s `stale`, then each `status`'s `stale_events` of its source).
+ * `event_state`'s `stale`, then each `status`'s `stale_events` of its source). A market that
+ * leaves the book (`removed`, or the local filter) takes with it the states of its event and its
+ * race that no market left in the book refers to (and their flags): the server sends no more of
+ * them nor lists them in `stale_events`, so held they would read fresh for good.
  */
 export class OddsClient {
   readonly transport: Transport;
@@ -343,6 +366,12 @@ export class OddsClient {
   private lag = 0;
   /** heartbeats in a row (on this connection) read lagging more than `staleInPlayMs` */
   private lagBeats = 0;
+  /** a `resumed {recovered: true}` without `as_of` (an older server) came and no heartbeat since:
+   *  no send time is taken (the replay's deltas carry old ones) and the stream is not live */
+  private awaitBeat = false;
+  /** the drop {@link OddsClient.checkLag} decided on the current connection (its reconnect waits
+   *  the spread too) */
+  private lagDrop: DroppedError | null = null;
   /** following a live stream: set by a snapshot or a recovered resume, cleared the moment the
    *  stream ends (dropped, found silent, a gap, a fatal error, close) */
   private following = false;
@@ -451,7 +480,7 @@ export class OddsClient {
    *  {@link OddsClient.close}: every market then reads stale ({@link OddsClient.isStale}) and
    *  heartbeats confirm nothing (a lagging stream's confirm as of receipt − lag). */
   get live(): boolean {
-    return this.following && this.lag <= this.staleInPlayMs();
+    return this.following && !this.awaitBeat && this.lag <= this.staleInPlayMs();
   }
 
   /** How late this client reads the stream, ms: the lag of the last message that carried a server
@@ -561,7 +590,16 @@ export class OddsClient {
     // as of: the receipt, less the stream's lag (what the server sent that long ago arrives now)
     let at = this.now();
     if (msg.type === "delta" || msg.type === "event_state") at -= this.noteSent(msg.sent_at, at);
-    else if (msg.type === "heartbeat" || msg.type === "snapshot") at -= this.noteSent(msg.as_of, at);
+    else if (msg.type === "heartbeat" || msg.type === "snapshot" || msg.type === "resumed") {
+      // (an older server's resumed has no as_of, whatever the generated type says)
+      const asOf = (msg as { as_of?: number | null }).as_of;
+      const stamped = typeof asOf === "number" && Number.isFinite(asOf);
+      // a heartbeat or a snapshot is a send time again; so is a resumed stream's first message when
+      // the server stamps it (its replayed deltas keep their old sent_at)
+      if (msg.type !== "resumed" || stamped) this.awaitBeat = false;
+      else if (msg.recovered) this.awaitBeat = true; // no baseline before the next heartbeat: not live
+      at -= this.noteSent(asOf, at);
+    }
     if (msg.type === "delta") {
       const r = this.onDelta(msg, at);
       if (r !== "gap" && tok !== null) this.token = tok;
@@ -613,9 +651,11 @@ export class OddsClient {
 
   /** The lag (ms) of a message the server sent at `sent` (its wall clock, ms) and received at `now`
    *  (monotonic ms): `now − sent` less the least such difference seen on this connection. A message
-   *  without a send time (an older server) leaves the lag as it was. */
+   *  without a send time (an older server) leaves the lag as it was; so does every message between a
+   *  `resumed` without `as_of` and the next heartbeat (a replayed delta's `sent_at` is when it was
+   *  first sent: as the baseline it would read the lag it had as none). */
   private noteSent(sent: number | undefined | null, now: number): number {
-    if (typeof sent !== "number" || !Number.isFinite(sent)) return this.lag;
+    if (typeof sent !== "number" || !Number.isFinite(sent) || this.awaitBeat) return this.lag;
     const off = now - sent;
     if (this.minOffset === null || off < this.minOffset) this.minOffset = off;
     this.lag = off - this.minOffset;
@@ -636,8 +676,9 @@ export class OddsClient {
     this.lagBeats++;
     if (this.lagBeats < LAG_RECONNECT_HEARTBEATS || !this.current || this.current.signal.aborted) return;
     this.stats.lagReconnects++;
-    this.current.abort(new DroppedError(`stream lagging ${(this.lag / 1000).toFixed(1)} s behind the server for `
-      + `${this.lagBeats} heartbeats in a row (past staleInPlayMs)`));
+    this.lagDrop = new DroppedError(`stream lagging ${(this.lag / 1000).toFixed(1)} s behind the server for `
+      + `${this.lagBeats} heartbeats in a row (past staleInPlayMs)`);
+    this.current.abort(this.lagDrop);
   }
 
   private onSnapshot(msg: SnapshotMessage, now: number): void {
@@ -688,7 +729,7 @@ export class OddsClient {
     const m = this.book.get(id)!;
     const cb = this.opts.onUpdate;
     if (!this.matches(m)) { // (a second line: the server sends `removed`, not this delta)
-      this.forget(id, cur !== undefined);
+      this.forget(id, cur !== undefined, cur);
       return r;
     }
     this.confirmed.set(id, at - (msg.age_ms ?? 0));
@@ -712,13 +753,41 @@ export class OddsClient {
     if (cb) this.callback("onEventState", cb, es);
   }
 
-  /** Drop market `id` from the book (`onUpdate(id, undefined)` when it was held and `notify`). */
-  private forget(id: string, notify = true): void {
+  /** Drop market `id` from the book (`onUpdate(id, undefined)` when it was held and `notify`), and
+   *  the states of the events it was shown with (`shown`: the market as it was before the delta
+   *  that moved it out, if any) that no market left refers to. */
+  private forget(id: string, notify = true, shown: BookMarket | undefined = this.book.get(id)): void {
     const held = this.book.markets.delete(id);
     this.confirmed.delete(id);
     this.flagged.delete(id);
+    if (shown) this.dropOrphanStates(shown);
     const cb = this.opts.onUpdate;
     if (cb && held && notify) this.callback("onUpdate", cb, id, undefined);
+  }
+
+  /** A market left the book: drop the event states it was shown with — its event's (`event_id`)
+   *  and its race's ({@link raceEventId}), as {@link OddsClient.stateOfMarket} looks them up — and
+   *  their stale flags, unless a market left in the book refers to them. The server sends an
+   *  event's state (and lists it in a status's `stale_events`) only to a subscription holding one of
+   *  its markets: a state kept after its last market would never be updated nor flagged again, and
+   *  read fresh for good. */
+  private dropOrphanStates(gone: BookMarket): void {
+    const eid = gone.event_id;
+    if (eid === null || eid === undefined) return;
+    const rid = raceEventId(eid, gone.sport, gone.start_time);
+    const keys = new Set([eid, rid].filter((k): k is string =>
+      k !== undefined && (this.eventStates.has(k) || this.esFlagged.has(k))));
+    if (!keys.size) return;
+    for (const m of this.book.markets.values()) {
+      if (m.event_id !== eid) continue; // (a market refers to its event's state and its race's: same event_id)
+      keys.delete(eid);
+      if (rid !== undefined && keys.has(rid) && raceEventId(eid, m.sport, m.start_time) === rid) keys.delete(rid);
+      if (!keys.size) return;
+    }
+    for (const k of keys) {
+      this.eventStates.delete(k);
+      this.esFlagged.delete(k);
+    }
   }
 
   private pendingGap: SeqGapError | null = null;
@@ -795,6 +864,8 @@ export class OddsClient {
       this.minOffset = null;
       this.lag = 0;
       this.lagBeats = 0;
+      this.awaitBeat = false;
+      this.lagDrop = null;
       // the moment the connection is given up (silence, gap, reconnect(), close) nothing is vouched for
       ctl.signal.addEventListener("abort", () => { this.following = false; }, { once: true });
       if (this.pendingGap) { ctl.abort(this.pendingGap); this.pendingGap = null; }
@@ -830,7 +901,10 @@ export class OddsClient {
         if (this.gapResumes > 1) this.token = null; // resuming did not fill it: a fresh snapshot
         if (this.gapResumes <= 2) continue; // at once: the stream itself is fine
       }
-      await this.sleep(this.nextDelay());
+      let delay = this.nextDelay();
+      // spread: after a server clock step every client lags on the same heartbeat (stale either way)
+      if (failure !== null && failure === this.lagDrop) delay += this.random() * LAG_RECONNECT_SPREAD_MS;
+      await this.sleep(delay);
     }
   }
 
@@ -839,7 +913,11 @@ export class OddsClient {
     if (this.opts.backoff) return this.opts.backoff(a);
     const initial = this.opts.reconnectInitialMs ?? 100;
     const max = this.opts.reconnectMaxMs ?? 5000;
-    return Math.random() * Math.min(max, initial * 2 ** Math.min(a, 30));
+    return this.random() * Math.min(max, initial * 2 ** Math.min(a, 30));
+  }
+
+  private random(): number {
+    return (this.opts.random ?? Math.random)();
   }
 
   private sleep(ms: number): Promise<void> {

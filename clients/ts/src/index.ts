@@ -7,7 +7,7 @@ export {
 } from "./book.js";
 export { SseParser, type SseEvent } from "./sse.js";
 export {
-  LAG_RECONNECT_HEARTBEATS, OddsClient, keyType, marketKey, raceEventId,
+  LAG_RECONNECT_HEARTBEATS, LAG_RECONNECT_SPREAD_MS, OddsClient, keyType, marketKey, raceEventId,
   type ClientEventName, type ClientListener, type ClientStats, type FetchLike, type OddsClientOptions,
   type OddsFormat, type PriceCheckLeg, type SourceState, type Transport, type WebSocketConstructor, type WebSocketLike,
 } from "./client.js";

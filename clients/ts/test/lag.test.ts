@@ -8,7 +8,9 @@
 // the in-play limit is not live.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { OddsClient, keyType, marketKey, type MarketWithAge, type ServerMessage } from "../src/index.js";
+import {
+  LAG_RECONNECT_SPREAD_MS, OddsClient, keyType, marketKey, type MarketWithAge, type ServerMessage,
+} from "../src/index.js";
 
 const T = 1_800_000_000_000; // the server's wall clock at the snapshot (ms since the epoch)
 
@@ -175,7 +177,7 @@ test("a server clock stepped back: 3 heartbeats in a row lagging past the limit 
   ]]);
   const delays: number[] = [];
   const c = new OddsClient("http://127.0.0.1:9", { transport: "sse", fetch: f.fetch, heartbeatMs: 60_000,
-    staleInPlayMs: 10_000, stalePreMatchMs: 60_000, backoff: (a) => { delays.push(a); return 10; } });
+    staleInPlayMs: 10_000, stalePreMatchMs: 60_000, backoff: (a) => { delays.push(a); return 10; }, random: () => 0 });
   try {
     c.start();
     await c.waitFor(() => c.stats.connects >= 2 && c.connected, 5_000, "a reconnect");
@@ -190,7 +192,8 @@ test("a server clock stepped back: 3 heartbeats in a row lagging past the limit 
     assert.equal(c.isStale("pre"), true);
     assert.equal(c.streamLagMs, 0);
     // the resume (the server's clock still stepped back): live again, the offset measured afresh
-    f.push(1, [[{ type: "resumed", recovered: true }, "t1"], [{ type: "heartbeat", as_of: Date.now() + step }]]);
+    f.push(1, [[{ type: "resumed", recovered: true, as_of: Date.now() + step }, "t1"],
+      [{ type: "heartbeat", as_of: Date.now() + step }]]);
     await c.waitFor(() => c.stats.resumedRecovered === 1 && c.stats.heartbeats >= 7, 5_000, "the resumed stream");
     assert.ok(c.streamLagMs < 1_000, `lag ${c.streamLagMs}`);
     assert.equal(c.live, true);
@@ -200,5 +203,135 @@ test("a server clock stepped back: 3 heartbeats in a row lagging past the limit 
     assert.equal(c.stats.connects, 2);
   } finally {
     await c.close();
+  }
+});
+
+/** A delta of market `id` to `price` at `seq`, sent at `sentAt` (the server's clock). */
+function priceDelta(id: string, seq: number, price: number, sentAt: number): ServerMessage {
+  return { type: "delta", market_id: id, seq, kind: "delta", source: "s1", source_ts: sentAt, received_at: sentAt,
+    sent_at: sentAt, age_ms: 0, stale: false, selections: [{ selection_id: "1", price, back: [[price, 5.0]] }] };
+}
+
+test("a resumed stream: resumed's as_of sets the baseline, replayed deltas count their age (6 s old: stale)", async () => {
+  // A genuinely slow client resumes: the replayed deltas carry the sent_at they were first sent
+  // with. The oldest was the new connection's first timed message, so the lag it had became the
+  // baseline and read as 0: replayed prices older than the limit read fresh.
+  const f = openFetch([[[{ type: "snapshot", as_of: Date.now(), markets: [mk("live", true), mk("pre", false)] }, "t0"],
+    [{ type: "heartbeat", as_of: Date.now() }]]]);
+  const c = new OddsClient("http://127.0.0.1:9", { transport: "sse", fetch: f.fetch, heartbeatMs: 60_000,
+    staleInPlayMs: 2_000, stalePreMatchMs: 60_000, backoff: () => 10 });
+  try {
+    c.start();
+    await c.waitFor(() => c.live, 5_000, "the first connection live");
+    assert.equal(c.isStale("live"), false);
+    c.reconnect();
+    await c.waitFor(() => c.stats.connects === 2 && c.connected, 5_000, "the reconnect");
+    const t = Date.now();
+    f.push(1, [[{ type: "resumed", recovered: true, as_of: t }, "t1"], [priceDelta("live", 2, 2.2, t - 6_000), "t2"],
+      [priceDelta("pre", 2, 3.2, t - 5_900), "t3"]]);
+    await c.waitFor(() => c.best("pre", "1") === 3.2, 5_000, "the replay");
+    assert.equal(c.stats.resumedRecovered, 1);
+    assert.ok(c.streamLagMs >= 5_900, `lag ${c.streamLagMs}`);
+    assert.ok(c.ageMs("live")! >= 6_000 && c.ageMs("pre")! >= 5_900, `ages ${c.ageMs("live")} ${c.ageMs("pre")}`);
+    assert.equal(c.isStale("live"), true, "a replayed price 6 s old read fresh");
+    assert.equal(c.isStale("pre"), true);
+    // caught up: a heartbeat sent now → lag 0, the book confirmed
+    f.push(1, [[{ type: "heartbeat", as_of: Date.now() }]]);
+    await c.waitFor(() => c.stats.heartbeats === 2, 5_000, "the heartbeat");
+    assert.ok(c.streamLagMs < 1_000, `lag ${c.streamLagMs}`);
+    assert.equal(c.isStale("live"), false);
+  } finally {
+    await c.close();
+  }
+});
+
+test("a resumed without as_of (an older server): stale until the first heartbeat after it, no replayed delta as the baseline", async () => {
+  const f = openFetch([[[{ type: "snapshot", as_of: Date.now(), markets: [mk("live", true), mk("pre", false)] }, "t0"],
+    [{ type: "heartbeat", as_of: Date.now() }]]]);
+  const c = new OddsClient("http://127.0.0.1:9", { transport: "sse", fetch: f.fetch, heartbeatMs: 60_000,
+    staleInPlayMs: 2_000, stalePreMatchMs: 60_000, backoff: () => 10 });
+  try {
+    c.start();
+    await c.waitFor(() => c.live, 5_000, "the first connection live");
+    c.reconnect();
+    await c.waitFor(() => c.stats.connects === 2 && c.connected, 5_000, "the reconnect");
+    const t = Date.now();
+    f.push(1, [[{ type: "resumed", recovered: true } as ServerMessage, "t1"], [priceDelta("live", 2, 2.2, t - 6_000), "t2"],
+      [priceDelta("pre", 2, 3.2, t - 5_900), "t3"]]);
+    await c.waitFor(() => c.best("pre", "1") === 3.2, 5_000, "the replay");
+    assert.equal(c.stats.resumedRecovered, 1);
+    assert.equal(c.live, false);
+    assert.equal(c.isStale("live"), true, "the replay set the baseline: read fresh before any heartbeat");
+    assert.equal(c.isStale("pre"), true);
+    f.push(1, [[{ type: "heartbeat", as_of: Date.now() }]]);
+    await c.waitFor(() => c.stats.heartbeats === 2, 5_000, "the heartbeat");
+    assert.equal(c.live, true);
+    assert.ok(c.streamLagMs < 1_000, `lag ${c.streamLagMs}`);
+    assert.equal(c.isStale("live"), false);
+    assert.equal(c.isStale("pre"), false);
+  } finally {
+    await c.close();
+  }
+});
+
+test("an event state leaves with the last market that refers to it (event id and race id)", () => {
+  const now = 1_000;
+  const c = new OddsClient("http://127.0.0.1:9", { now: () => now, wallNow: () => T, competition: "c1" });
+  const t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000); // 17:00 UTC: race ids .1700 / .1730
+  const m = (id: string, event: string, extra: Partial<MarketWithAge> = {}): MarketWithAge =>
+    mk(id, true, { event_id: event, competition: "c1", ...extra });
+  const race = (id: string, start: number): MarketWithAge => m(id, "bf:100", { sport: "horse_racing", start_time: start });
+  c.handleMessage({ type: "snapshot", as_of: T, markets: [m("a1", "e1"), m("a2", "e1"), m("b1", "e2"),
+    race("r1", t1), race("r2", t1 + 1_800_000)] }, "t0");
+  for (const id of ["e1", "e2", "bf:100", "bf:100.1700", "bf:100.1730"]) {
+    c.handleMessage({ type: "event_state", sent_at: T, event_state: { event_id: id, source: "s1", status: "LIVE",
+      in_play: true, version: 1, source_ts: T, received_at: T, age_ms: 0, stale: false } } as ServerMessage);
+  }
+  const status = { type: "status", source: "s1", state: "UP", reason: null, stale_markets: [], stale_events: [],
+    as_of: T } as unknown as ServerMessage;
+  c.handleMessage(status);
+  assert.equal(c.stateOfMarket("r1")?.event_id, "bf:100.1700");
+  const removed = (id: string): ServerMessage => ({ type: "removed", market_id: id, reason: "not_visible" });
+  c.handleMessage(removed("a1"), "t1"); // a2 still shows e1's state
+  assert.equal(c.isEventStateStale("e1"), false);
+  c.handleMessage(removed("a2"), "t2"); // the last one: the state goes (the server says no more of it)
+  assert.equal(c.eventStates.has("e1"), false);
+  assert.equal(c.isEventStateStale("e1"), true);
+  c.handleMessage(removed("r1"), "t3"); // its race's state goes; the meeting's and r2's race's stay
+  assert.equal(c.eventStates.has("bf:100.1700"), false);
+  assert.equal(c.isEventStateStale("bf:100"), false);
+  assert.equal(c.isEventStateStale("bf:100.1730"), false);
+  // leaving the local filter (a delta moving its competition, and its event) drops the state of the
+  // event it was shown with too
+  c.handleMessage({ type: "delta", market_id: "b1", seq: 2, kind: "delta", source: "s1", source_ts: T, received_at: T,
+    sent_at: T, age_ms: 0, stale: false, header: { competition: "c2", sport: "soccer", event_id: "e3", in_play: true,
+      status: "OPEN" } } as ServerMessage, "t4");
+  assert.equal(c.markets.has("b1"), false);
+  assert.equal(c.eventStates.has("e2"), false);
+  assert.equal(c.isEventStateStale("e2"), true);
+  c.handleMessage(status);
+  assert.deepEqual([...c.eventStates.keys()].sort(), ["bf:100", "bf:100.1730"]);
+});
+
+test("a lag reconnect waits a random spread on top of its backoff", async () => {
+  // After a server clock step every client sees its third lagging heartbeat on the same tick: with a
+  // backoff of a few ms they would all come back together.
+  for (const r of [0, 0.25]) {
+    const t = Date.now();
+    const f = openFetch([[[{ type: "snapshot", as_of: t, markets: [mk("live", true)] }, "t0"],
+      ...[1, 2, 3].map((k): [ServerMessage] => [{ type: "heartbeat", as_of: t + k - 15_000 }])]]);
+    const c = new OddsClient("http://127.0.0.1:9", { transport: "sse", fetch: f.fetch, heartbeatMs: 60_000,
+      staleInPlayMs: 10_000, backoff: () => 10, random: () => r });
+    try {
+      c.start();
+      await c.waitFor(() => c.stats.lagReconnects === 1, 5_000, "the lag reconnect");
+      const decided = performance.now();
+      await c.waitFor(() => c.stats.connects === 2, 5_000, "the reconnect");
+      const waited = performance.now() - decided;
+      const want = 10 + r * LAG_RECONNECT_SPREAD_MS;
+      assert.ok(waited >= want - 15 && waited < want + 400, `random ${r}: waited ${waited} ms, want ${want}`);
+    } finally {
+      await c.close();
+    }
   }
 });
