@@ -212,20 +212,27 @@ function priceDelta(id: string, seq: number, price: number, sentAt: number): Ser
     sent_at: sentAt, age_ms: 0, stale: false, selections: [{ selection_id: "1", price, back: [[price, 5.0]] }] };
 }
 
-test("a resumed stream: resumed's as_of sets the baseline, replayed deltas count their age (6 s old: stale)", async () => {
-  // A genuinely slow client resumes: the replayed deltas carry the sent_at they were first sent
-  // with. The oldest was the new connection's first timed message, so the lag it had became the
-  // baseline and read as 0: replayed prices older than the limit read fresh.
+/** A client whose first connection went live (a snapshot of "live" in play and "pre", a
+ * heartbeat), then reconnected: the second connection open, nothing on it yet. */
+async function reconnectedClient(): Promise<{ f: ReturnType<typeof openFetch>; c: OddsClient }> {
   const f = openFetch([[[{ type: "snapshot", as_of: Date.now(), markets: [mk("live", true), mk("pre", false)] }, "t0"],
     [{ type: "heartbeat", as_of: Date.now() }]]]);
   const c = new OddsClient("http://127.0.0.1:9", { transport: "sse", fetch: f.fetch, heartbeatMs: 60_000,
     staleInPlayMs: 2_000, stalePreMatchMs: 60_000, backoff: () => 10 });
+  c.start();
+  await c.waitFor(() => c.live, 5_000, "the first connection live");
+  assert.equal(c.isStale("live"), false);
+  c.reconnect();
+  await c.waitFor(() => c.stats.connects === 2 && c.connected, 5_000, "the reconnect");
+  return { f, c };
+}
+
+test("a resumed stream: resumed's as_of sets the baseline, replayed deltas count their age (6 s old: stale)", async () => {
+  // A genuinely slow client resumes: the replayed deltas carry the sent_at they were first sent
+  // with. The oldest was the new connection's first timed message, so the lag it had became the
+  // baseline and read as 0: replayed prices older than the limit read fresh.
+  const { f, c } = await reconnectedClient();
   try {
-    c.start();
-    await c.waitFor(() => c.live, 5_000, "the first connection live");
-    assert.equal(c.isStale("live"), false);
-    c.reconnect();
-    await c.waitFor(() => c.stats.connects === 2 && c.connected, 5_000, "the reconnect");
     const t = Date.now();
     f.push(1, [[{ type: "resumed", recovered: true, as_of: t }, "t1"], [priceDelta("live", 2, 2.2, t - 6_000), "t2"],
       [priceDelta("pre", 2, 3.2, t - 5_900), "t3"]]);
@@ -246,15 +253,8 @@ test("a resumed stream: resumed's as_of sets the baseline, replayed deltas count
 });
 
 test("a resumed without as_of (an older server): stale until the first heartbeat after it, no replayed delta as the baseline", async () => {
-  const f = openFetch([[[{ type: "snapshot", as_of: Date.now(), markets: [mk("live", true), mk("pre", false)] }, "t0"],
-    [{ type: "heartbeat", as_of: Date.now() }]]]);
-  const c = new OddsClient("http://127.0.0.1:9", { transport: "sse", fetch: f.fetch, heartbeatMs: 60_000,
-    staleInPlayMs: 2_000, stalePreMatchMs: 60_000, backoff: () => 10 });
+  const { f, c } = await reconnectedClient();
   try {
-    c.start();
-    await c.waitFor(() => c.live, 5_000, "the first connection live");
-    c.reconnect();
-    await c.waitFor(() => c.stats.connects === 2 && c.connected, 5_000, "the reconnect");
     const t = Date.now();
     f.push(1, [[{ type: "resumed", recovered: true } as ServerMessage, "t1"], [priceDelta("live", 2, 2.2, t - 6_000), "t2"],
       [priceDelta("pre", 2, 3.2, t - 5_900), "t3"]]);
