@@ -63,7 +63,7 @@ import msgspec
 from feed.models import ENCODER, Delta
 
 __all__ = [
-    "Message", "ResumeToken", "StreamId", "ack_message", "delta_message", "encode_token", "decode_token",
+    "LazyDeltaMessage", "Message", "ResumeToken", "StreamId", "ack_message", "delta_message", "encode_token", "decode_token",
     "ws_frame", "ws_frame_header",
     "error_message", "event_state_message", "heartbeat_message", "market_with_age", "parse_stream_id", "pong_message",
     "resumed_message", "snapshot_message", "status_message",
@@ -292,6 +292,62 @@ def delta_message(delta: Delta, *, market_json: bytes | None, age_ms: int, stale
         parts.append(b',"conflated":true')
     parts.append(b',"sent_at":%d,"age_ms":%d,"stale":%s}' % (sent_at, age_ms, _bool(stale)))
     return Message(b"delta", b"".join(parts), token, prev_token, info)
+
+
+class LazyDeltaMessage(Message):
+    """A ``delta`` message (as :func:`delta_message` without ``market_json`` or ``conflated``)
+    whose JSON is encoded the first time anything reads it — byte for byte what
+    :func:`delta_message` writes for the same arguments.
+
+    A node with no stream connection applies every log entry but sends it to no one, so it
+    does not pay for encoding it: the entry's messages wait in the replay ring (for a resume
+    that may never come) as the delta plus its ``sent_at`` / ``age_ms`` / ``stale``, taken
+    when it was applied. :attr:`json` is an ordinary attribute once read (the first read
+    fills it through ``__getattr__``); :meth:`size_hint` is an upper estimate of its length
+    in bytes without encoding it (the ring's byte bound).
+    """
+
+    __slots__ = ("_delta", "_tail")
+
+    def __init__(self, delta: Delta, *, age_ms: int, stale: bool, sent_at: int, token: bytes | None,
+                 prev_token: bytes | None = None) -> None:
+        # (no Message.__init__: it sets json)
+        self.type = b"delta"
+        self.token = token
+        self.prev_token = prev_token
+        self.info = None
+        self._sse = self._sse_id = self._json_tok = self._json_prev = None
+        self._wsf = None
+        self._fmt = None
+        self._delta: Delta | None = delta
+        self._tail = (sent_at, age_ms, stale)
+
+    def __getattr__(self, name: str) -> bytes:
+        if name != "json" or self._delta is None:
+            raise AttributeError(name)
+        sent_at, age_ms, stale = self._tail
+        json = self.json = b'{"type":"delta",%s,"sent_at":%d,"age_ms":%d,"stale":%s}' % (
+            ENCODER.encode(self._delta)[1:-1], sent_at, age_ms, _bool(stale))
+        self._delta = None
+        return json
+
+    def size_hint(self) -> int:
+        """An upper estimate of ``len(self.json)`` (the exact length once encoded)."""
+        d = self._delta
+        if d is None:
+            return len(self.json)
+        # (every field present, every number at its longest — 24 characters, "-2.2250738585072014e-308" —
+        # and every character of a string written as a 6-byte \uXXXX escape)
+        n = 600 + 6 * (len(d.market_id) + len(d.source) + len(d.session or ""))
+        for s in d.selections:
+            n += 420 + 6 * len(s.selection_id) + 56 * (len(s.back or ()) + len(s.lay or ()))
+            if type(s.name) is str:
+                n += len(s.name) * 6
+            if type(s.price_raw) is str:
+                n += len(s.price_raw) * 6
+        if d.header is not None:
+            n += len(ENCODER.encode(d.header))
+        return n
 
 
 def snapshot_message(markets: Iterable[bytes], *, as_of: int, token: bytes | None,

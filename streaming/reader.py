@@ -469,7 +469,8 @@ class Node:
 
     def on_entry(self, partition: int, entry_id: str, deltas: list[Delta], now: int) -> None:
         """Apply one log entry and hand it to the hub (synchronous)."""
-        entry = self.state.apply_entry(partition, entry_id, deltas, now)
+        # (no stream connection: nothing is sent now, the messages are encoded if a resume replays them)
+        entry = self.state.apply_entry(partition, entry_id, deltas, now, bool(self.hub.connections))
         if entry is not None:
             h1, h2, h3 = self._hop_hists
             b1, c1, b2, c2, b3, c3 = h1.bounds, h1.counts, h2.bounds, h2.counts, h3.bounds, h3.counts

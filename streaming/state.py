@@ -73,7 +73,7 @@ from feed.matching import CANONICAL_PREFIX, canonical_sport, record_id
 from feed.store import StoredLink, partition_of
 from feed.taxonomy import key_type, market_key, parse_market_key, race_event_id
 from streaming.encoding import (
-    Message, StreamId, delta_message, encode_token, market_with_age, parse_stream_id,
+    LazyDeltaMessage, Message, StreamId, delta_message, encode_token, market_with_age, parse_stream_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -367,7 +367,9 @@ class PreparedDelta:
             return gone
 
     def nbytes(self) -> int:
-        return len(self.msg.json) * 2 + (len(self.image.json) * 2 if self.image is not None else 0)
+        m = self.msg
+        return ((m.size_hint() if type(m) is LazyDeltaMessage else len(m.json)) * 2
+                + (len(self.image.json) * 2 if self.image is not None else 0))
 
 
 def removed_message(market_id: str, token: bytes | None, prev_token: bytes | None) -> Message:
@@ -487,7 +489,8 @@ class PreparedEntry:
         self.deltas = deltas
         n = 200
         for d in deltas:  # PreparedDelta.nbytes() inlined (once per entry, on the hot path)
-            n += len(d.msg.json) * 2
+            m = d.msg
+            n += (m.size_hint() if type(m) is LazyDeltaMessage else len(m.json)) * 2
             if d.image is not None:
                 n += len(d.image.json) * 2
         self.nbytes = n
@@ -909,10 +912,14 @@ class NodeState:
         self.token = encode_token(epoch, self.positions)
         self.ring.reset(self.positions)
 
-    def apply_entry(self, p: int, entry_id: str, deltas: list[Delta], now: int) -> PreparedEntry | None:
+    def apply_entry(self, p: int, entry_id: str, deltas: list[Delta], now: int,
+                    encode: bool = True) -> PreparedEntry | None:
         """Apply one log entry of partition ``p`` (skipping deltas with
         ``seq`` ≤ the held one), advance the position and return the entry
-        prepared for the hub (None when nothing was applied)."""
+        prepared for the hub (None when nothing was applied). ``encode`` False:
+        no one is connected to receive it now — a delta that moves no market
+        gets a :class:`~streaming.encoding.LazyDeltaMessage` (encoded if a resume
+        ever replays it from the ring)."""
         prepared: list[PreparedDelta] = []
         self._newly = None
         prev_token = self.token
@@ -953,7 +960,7 @@ class NodeState:
             if new is None:
                 continue
             self._put(new, old)
-            prepared.append(self._prepare(d, old, new, now, token, prev_token))
+            prepared.append(self._prepare(d, old, new, now, token, prev_token, encode))
         if not prepared:
             return None
         self.changes += 1
@@ -962,7 +969,7 @@ class NodeState:
         return entry
 
     def _prepare(self, d: Delta, old: Market | None, new: Market, now: int, token: bytes,
-                 prev_token: bytes | None) -> PreparedDelta:
+                 prev_token: bytes | None, encode: bool = True) -> PreparedDelta:
         age, stale = self.age_stale(new, now)
         keys = self.keys_of(new)
         prev = None
@@ -978,6 +985,9 @@ class NodeState:
             msg = delta_message(d, market_json=self.market_json(new, now), age_ms=age, stale=stale,
                                 sent_at=now, token=token, prev_token=prev_token)
             return PreparedDelta(d.market_id, keys, prev, msg, None, d)
+        if prev is None and not encode:
+            return PreparedDelta(d.market_id, keys, None, LazyDeltaMessage(d, age_ms=age, stale=stale, sent_at=now,
+                                                                            token=token, prev_token=prev_token), None, d)
         msg = delta_message(d, market_json=None, age_ms=age, stale=stale, sent_at=now, token=token,
                             prev_token=prev_token)
         image = None
