@@ -84,17 +84,26 @@ def parse_stream_id(entry_id: str) -> StreamId:
 
 
 class ResumeToken(NamedTuple):
-    """A decoded resume token: the store epoch and one log entry id per partition."""
+    """A decoded resume token: the store epoch, one log entry id per partition, and the
+    links version the issuing node served under (None: a token of a node from before
+    tokens carried it)."""
 
     epoch: str
     positions: tuple[str, ...]
     keys: tuple[StreamId, ...]
+    links_version: int | None = None
 
 
-def encode_token(epoch: str | None, positions: Sequence[str]) -> bytes:
-    """The opaque, URL-safe resume token (ASCII bytes) for ``epoch`` and
-    ``positions`` (one log entry id per partition)."""
-    raw = f"{epoch or ''}|{','.join(positions)}".encode()
+def encode_token(epoch: str | None, positions: Sequence[str], links_version: int | None = None) -> bytes:
+    """The opaque, URL-safe resume token (ASCII bytes) for ``epoch``, ``positions`` (one
+    log entry id per partition) and ``links_version`` — the linker's links the issuing node
+    had adopted (:meth:`feed.store.Store.links_version`; None or < 0: none yet, left out).
+    A node that adopted a relink the issuing node had not yet does not resume the token's
+    canonical-event subscriptions as recovered (:meth:`streaming.hub.Hub._relinked_after`)."""
+    if links_version is None or links_version < 0:
+        raw = f"{epoch or ''}|{','.join(positions)}".encode()
+    else:
+        raw = f"{epoch or ''}|{','.join(positions)}|{links_version}".encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
@@ -115,14 +124,15 @@ def decode_token(token: str | bytes | None) -> ResumeToken | None:
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
     epoch, sep, ids = raw.partition("|")
-    if not sep or not epoch or not ids:
+    ids, sep2, version = ids.partition("|")
+    if not sep or not epoch or not ids or (sep2 and not (version.isdigit() and len(version) <= 18)):
         return None
     positions = tuple(ids.split(","))
     try:
         keys = tuple(parse_stream_id(p) for p in positions)
     except ValueError:
         return None
-    return ResumeToken(epoch, positions, keys)
+    return ResumeToken(epoch, positions, keys, int(version) if sep2 else None)
 
 
 def ws_frame_header(n: int) -> bytes:

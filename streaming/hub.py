@@ -756,6 +756,12 @@ class Hub:
         #: of it; older marks are folded into ``_relink_floor`` (applies to every canonical id)
         self._relinks: dict[str, tuple[StreamId, ...]] = {}
         self._relink_floor: tuple[StreamId, ...] | None = None
+        #: canonical event id → the links version (the linker's, global) of its last relink here;
+        #: older ones are folded into ``_relink_floor_version``. A token issued under an older
+        #: version — by a node that had not adopted that relink yet, here or on another node, so
+        #: its client never got the relink's ``removed`` — is not recovered for that event
+        self._relink_versions: dict[str, int] = {}
+        self._relink_floor_version = -1
         #: (credential, allow-lists) → the node's positions when it first served them (see _grant_since)
         self._grants: dict[tuple[str, object], tuple[StreamId, ...]] = {}
         #: the node's positions when the tenants file last changed (:meth:`tenants_changed`)
@@ -1142,20 +1148,30 @@ class Hub:
                 return "the credential's allow-lists when the token was issued are not known to be these"
             if self._grants_changed is not None and not _after(tok.keys, self._grants_changed):
                 return "a tenant entry changed after the token was issued"
-        return self._relinked_after(sub.filter, tok.keys)
+        return self._relinked_after(sub.filter, tok)
 
-    def _relinked_after(self, f: Filter, keys: tuple[StreamId, ...]) -> str | None:
-        """Why a resume of filter ``f`` from a token at ``keys`` is not recovered: a canonical
-        event it filters on gained or lost a market (a relink) after the token."""
+    def _relinked_after(self, f: Filter, tok: ResumeToken) -> str | None:
+        """Why a resume of filter ``f`` from ``tok`` is not recovered: a canonical event it
+        filters on gained or lost a market (a relink) after the token — after its positions
+        (this node's relink), or after the links it was issued under (a relink the issuing
+        node had not adopted yet: nodes adopt the linker's links each on its own, so another
+        node may have issued a token past this node's relink without it)."""
         if f.event is None:
             return None
-        floor = self._relink_floor
+        floor, floor_version = self._relink_floor, self._relink_floor_version
+        issued_under = tok.links_version
         for e in f.event:
             at = self._relinks.get(e)
-            if floor is not None and e.startswith(CANONICAL_PREFIX):
-                at = _later(at, floor)
-            if at is not None and not _after(keys, at):
+            version = self._relink_versions.get(e, -1)
+            if e.startswith(CANONICAL_PREFIX):
+                if floor is not None:
+                    at = _later(at, floor)
+                version = max(version, floor_version)
+            if at is not None and not _after(tok.keys, at):
                 return f"canonical event {e} was re-linked after the token was issued"
+            if issued_under is not None and issued_under < version:
+                return (f"canonical event {e} was re-linked (links version {version}) after the links the token "
+                        f"was issued under ({issued_under})")
         return None
 
     def unsubscribe(self, conn: Connection, sub_id: int) -> bool:
@@ -1336,7 +1352,7 @@ class Hub:
         if st.generation != gen or tok.epoch != st.epoch:
             self._not_recovered(sub, "node state reloaded meanwhile")
             return
-        why = self._relinked_after(sub.filter, tok.keys)  # (relinked() skipped it while it replayed)
+        why = self._relinked_after(sub.filter, tok)  # (relinked() skipped it while it replayed)
         if why is not None:
             self._not_recovered(sub, why)
             return
@@ -2129,6 +2145,7 @@ class Hub:
         down moved nothing it knows of, so a resume of a subscription filtered on a canonical
         event from a token issued before now is not recovered (:meth:`_relinked_after`)."""
         self._relink_floor = _later(self._relink_floor, self._positions())
+        self._relink_floor_version = max(self._relink_floor_version, self.state.links_version)
 
     def tenants_changed(self) -> None:
         """The tenants file changed (any entry, with or without open streams): a restricted
@@ -2165,11 +2182,15 @@ class Hub:
                 touched.add(keys[4])
             moved.append((mid, m, keys, prev))
         at = self._positions()
+        version = st.links_version
         for cid in touched:
             self._relinks.pop(cid, None)
             self._relinks[cid] = at
+            self._relink_versions[cid] = version
         while len(self._relinks) > RELINK_MARKS_MAX:
-            self._relink_floor = _later(self._relink_floor, self._relinks.pop(next(iter(self._relinks))))
+            cid = next(iter(self._relinks))
+            self._relink_floor = _later(self._relink_floor, self._relinks.pop(cid))
+            self._relink_floor_version = max(self._relink_floor_version, self._relink_versions.pop(cid, -1))
         images: dict[str, Message] = {}
         removals: dict[str, Message] = {}
         states = self._has_states()
@@ -2408,7 +2429,7 @@ def interrupt(conn: Connection) -> None:
 
 def tok_bytes(tok: ResumeToken) -> bytes:
     """The token as the client sent it (re-encoded canonically)."""
-    return encode_token(tok.epoch, tok.positions)
+    return encode_token(tok.epoch, tok.positions, tok.links_version)
 
 
 def _after(keys: Sequence[StreamId], since: Sequence[StreamId]) -> bool:

@@ -604,7 +604,7 @@ class NodeState:
         self.rebuilding: dict[int, str] = {}
         #: partition -> how many loads of it had completed when it was last marked rebuilding
         self._marked_after: dict[int, int] = {}
-        self.token: bytes = encode_token(None, self.positions)
+        self.token: bytes = encode_token(None, self.positions, self.links_version)
         #: apply_entry: the entry's markets that may newly match a subscription (PreparedEntry.newly)
         self._newly: list[Newly] | None = None
         self.ring = ReplayRing(self.options.replay_ring_entries, self.options.replay_ring_bytes, self.positions)
@@ -802,6 +802,8 @@ class NodeState:
             except msgspec.MsgspecError:
                 continue
         self.links, self.canon, self.links_version = links, summaries, version
+        # tokens from now on say these links (a resume elsewhere judges relinks by it)
+        self.token = encode_token(self.epoch, self.positions, version)
         index: dict[str, set[str]] = {}
         for m in self.markets.values():
             cid = self.canonical_of(m)
@@ -909,7 +911,7 @@ class NodeState:
         self.generation += 1
         self.changes += 1
         self.loaded = True
-        self.token = encode_token(epoch, self.positions)
+        self.token = encode_token(epoch, self.positions, self.links_version)
         self.ring.reset(self.positions)
 
     def apply_entry(self, p: int, entry_id: str, deltas: list[Delta], now: int,
@@ -924,7 +926,7 @@ class NodeState:
         self._newly = None
         prev_token = self.token
         self.positions[p] = entry_id
-        self.token = token = encode_token(self.epoch, self.positions)
+        self.token = token = encode_token(self.epoch, self.positions, self.links_version)
         if self._waiting[p]:
             self._reach(p)
         markets = self.markets
@@ -1050,10 +1052,10 @@ class NodeState:
         from the ring (:class:`ReplayedDelta`); moved_at(p, entry key, market id) → (this
         node applied that entry, so knows; the market's keys before it when it moved them,
         else None)."""
-        token = encode_token(self.epoch, positions)
+        token = encode_token(self.epoch, positions, self.links_version)
         before = list(positions)
         before[p] = prev_position
-        prev_token = encode_token(self.epoch, before)
+        prev_token = encode_token(self.epoch, before, self.links_version)
         out: list[PreparedDelta] = []
         key: StreamId | None = None
         asked: set[str] = set()  # the markets moved_at was asked about for this entry

@@ -27,6 +27,14 @@ def test_token_roundtrip_and_garbage() -> None:
     assert parse_stream_id("12-3") == (12, 3)
     with pytest.raises(ValueError):
         parse_stream_id("12")
+    # the links version the token was issued under (a token without one: a node from before it)
+    assert d.links_version is None
+    v = decode_token(encode_token("abc123", ["1-0"], 7))
+    assert v is not None and v.links_version == 7 and v.positions == ("1-0",)
+    assert decode_token(encode_token("e", ["1-0"], -1)) == decode_token(encode_token("e", ["1-0"]))
+    import base64
+    for raw in (b"e|1-0|", b"e|1-0|x", b"e|1-0|-1", b"e|1-0|1|2", b"e|1-0|" + b"9" * 19):
+        assert decode_token(base64.urlsafe_b64encode(raw).rstrip(b"=")) is None, raw
 
 
 def test_filter_parse() -> None:

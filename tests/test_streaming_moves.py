@@ -298,6 +298,64 @@ async def test_a_linker_relink_out_of_an_ev_stream_is_removed_and_a_resume_from_
         hub.close_all()
 
 
+@pytest.mark.parametrize("path", ["ring", "redis"])
+async def test_a_token_from_a_node_that_had_not_adopted_a_relink_yet_is_not_recovered_on_one_that_had(
+        path: str) -> None:
+    """Nodes adopt the linker's links each on its own, at different log positions. Node B adopts a
+    relink (b1 leaves ev:A) before node A does; entries follow; a client of A subscribed to ev:A
+    takes a token past B's relink and resumes on B. B's mark is by its own positions, so the
+    token reads as issued after the relink — and the client, which A never sent the ``removed``,
+    kept b1 under ev:A, confirmed fresh by B's heartbeats. Tokens now carry the links version
+    their node served under: B does not resume a token issued under links older than its
+    relink of that event as recovered."""
+    feed = Feed(None)  # type: ignore[arg-type]
+    images = (feed.image("x1", event="a:e"), feed.image("b1", event="b:e"))
+    a = _Node(path, feed, *images)
+    b = _Node(path, Feed(None), *images)  # type: ignore[arg-type]
+    linked = {"a:e": StoredLink("ev:A", 1.0, "self"), "b:e": StoredLink("ev:A", 0.9, "fuzzy")}
+    for node in (a, b):
+        node.st.set_links(1, linked, {})
+
+    def both(*updates: Any) -> None:  # one log entry, applied by both nodes
+        a.write(*updates)
+        eid, ds = a.log.entries[-1]
+        b.log.entries.append((eid, ds))
+        entry = b.st.apply_entry(0, eid, ds, now_ms())
+        assert entry is not None
+        b.hub.dispatch(entry)
+
+    both(feed.price("x1", "1", 2.2))
+    relinked = {"a:e": StoredLink("ev:A", 1.0, "self"), "b:e": StoredLink("ev:B", 1.0, "self")}
+    b.hub.relinked(b.st.set_links(2, relinked, {}))  # B adopts the relink; A not yet
+    both(feed.price("x1", "1", 2.3))
+    f = Filter.parse(event="ev:A")
+    conn = a.hub.connect("ws", heartbeat_ms=60_000)
+    await a.hub.subscribe(conn, f)
+    start = _msgs(conn.take())
+    assert sorted(m["market_id"] for m in start[1]["markets"]) == ["b1", "x1"]  # A: b1 still in ev:A
+    both(feed.price("x1", "1", 2.4))
+    token = _msgs(conn.take())[-1]["token"]  # past B's relink, issued under links version 1
+    a.hub.disconnect(conn)
+    both(feed.price("x1", "1", 2.5))
+    conn = b.hub.connect("ws", heartbeat_ms=60_000)
+    await b.hub.subscribe(conn, f, resume=token)
+    again = _msgs(conn.take())
+    assert [m["type"] for m in again[:3]] == ["ack", "resumed", "snapshot"] and again[1]["recovered"] is False
+    assert [m["market_id"] for m in again[2]["markets"]] == ["x1"]
+    # a token B issued itself (under version 2) resumes on B as recovered
+    both(feed.price("x1", "1", 2.6))
+    token = _msgs(conn.take())[-1]["token"]
+    b.hub.disconnect(conn)
+    both(feed.price("x1", "1", 2.7))
+    conn = b.hub.connect("ws", heartbeat_ms=60_000)
+    await b.hub.subscribe(conn, f, resume=token)
+    again = _msgs(conn.take())
+    assert [m["type"] for m in again[:2]] == ["ack", "resumed"] and again[1]["recovered"] is True
+    assert [(m["type"], m["market_id"]) for m in again[2:] if m["type"] == "delta"] == [("delta", "x1")]
+    a.hub.close_all()
+    b.hub.close_all()
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seq", [("c2", "c3"), ("c2", "c1"), ("c3", "c2")])
 async def test_a_market_moved_twice_by_one_entry(path: str, seq: tuple[str, str]) -> None:
