@@ -161,7 +161,9 @@ no ``stale_events`` leaves the flag as it was). A market that leaves the book
 (``removed``, or the local filter) takes with it the states of its event and
 its race that no market left in the book refers to, and their flags: the
 server sends no more of them nor lists them in ``stale_events``, so held they
-would read fresh for good. ``on_event_state`` is called
+would read fresh for good. So does a market that stays in the book but moves
+to another event or race (a delta's ``header``, or an image): the states it
+was shown with before the move. ``on_event_state`` is called
 with each state taken. ``event_state`` messages carry no resume token.
 
 The price check (:meth:`OddsClient.price_check`, :meth:`price_check_batch`)
@@ -1211,6 +1213,10 @@ class OddsClient:
         self._flagged[mid] = bool(env.stale)
         if d.kind == "image":
             self._missed.discard(mid)  # the whole market again: nothing of it is missing any more
+        if cur is not None and _state_keys(cur) != _state_keys(new):
+            # it moved to another event (or race) and stays in the book: the states it was shown
+            # with may have no market left, and the server sends no more of them
+            self._drop_orphan_states(cur)
         if self.on_update is not None:
             self._callback("on_update", self.on_update, mid, new)
 
@@ -1243,7 +1249,8 @@ class OddsClient:
             self._callback("on_update", self.on_update, mid, None)
 
     def _drop_orphan_states(self, gone: Market) -> None:
-        """A market left the book: drop the event states it was shown with — its event's
+        """A market left the book (or moved to another event or race: ``gone`` is it as it was
+        before): drop the event states it was shown with — its event's
         (``event_id``) and its race's (:func:`feed.taxonomy.race_event_id`), as
         :meth:`state_of_market` looks them up — and their stale flags, unless a market left in the
         book refers to them. The server sends an event's state (and lists it in a ``status``'s
@@ -1317,6 +1324,12 @@ class OddsClient:
         """Markets not closed, settled or cancelled (suspended ones included), by market id."""
         return sorted((m for m in self.markets.values() if m.status not in CLOSED_STATUSES),
                       key=lambda m: m.market_id)
+
+
+def _state_keys(m: Market) -> tuple[str | None, str | None]:
+    """The event states a market is shown with (:meth:`OddsClient.state_of_market`): its event's
+    (``event_id``) and its race's (:func:`feed.taxonomy.race_event_id`)."""
+    return m.event_id, race_event_id(m.event_id, m.sport, m.start_time)
 
 
 def _omit_none(req: PriceCheckRequest) -> dict[str, Any]:

@@ -812,6 +812,39 @@ async def test_an_event_state_leaves_with_the_last_market_that_refers_to_it() ->
             "bf:100,bf:100.1700,bf:100.1730|bf:100,bf:100.1700,bf:100.1730",        # e1's last market: gone
             "bf:100,bf:100.1730|bf:100,bf:100.1730",                                # r1's race; the meeting stays
         ], got
+        # a market that stays but moves to another event or race (a delta's header, an image) left the
+        # state it was shown with, no market referring to it, reading fresh for good: it goes too
+        moving = [m("a1", "e1"), m("b1", "e2"), m("r1", "bf:100", sport="horse_racing", start_time=t1),
+                  m("r3", "bf:100", sport="horse_racing", start_time=t1 + 1_800_000)]
+        states += [states[0] | {"event_state": states[0]["event_state"] | {"event_id": "e2"}}]
+        got = await page.js("""(() => {
+          const b = oddsBoard, s = b.state, out = [], markets = %s;
+          b.handle({type: "snapshot", as_of: Date.now(), markets});
+          for (const st of %s) b.handle(st);
+          const held = () => [...s.eventStates.keys()].sort().join(",") + "|" + [...s.esFlagged.keys()].sort().join(",");
+          const image = (mk, seq) => ({type: "delta", market_id: mk.market_id, seq, kind: "image", source: "betfair",
+            source_ts: Date.now(), received_at: Date.now(), sent_at: Date.now(), age_ms: 0, stale: false,
+            market: Object.assign({}, mk, {seq})});
+          out.push(held());
+          b.handle({type: "delta", market_id: "a1", seq: 2, kind: "delta", source: "betfair", source_ts: Date.now(),
+                    received_at: Date.now(), sent_at: Date.now(), age_ms: 0, stale: false,
+                    header: Object.assign({}, markets[0], {event_id: "e2"})});  // to b1's event
+          out.push(held());
+          b.handle(image(Object.assign({}, markets[2], {start_time: %d + 3600000}), 2));  // r1 to 18:00
+          out.push(held());
+          b.handle(image(Object.assign({}, markets[3], {start_time: %d + 1830000}), 2));  // r3 to 17:30:30: same race
+          out.push(held());
+          b.handle(image(Object.assign({}, markets[3], {start_time: %d + 1860000}), 3));  // r3 to 17:31
+          out.push(held());
+          return out;
+        })()""" % (json.dumps(moving), json.dumps(states), t1, t1, t1))
+        assert got == [
+            "bf:100,bf:100.1700,bf:100.1730,e1,e2|bf:100,bf:100.1700,bf:100.1730,e1,e2",
+            "bf:100,bf:100.1700,bf:100.1730,e2|bf:100,bf:100.1700,bf:100.1730,e2",  # a1 left e1: its last market
+            "bf:100,bf:100.1730,e2|bf:100,bf:100.1730,e2",                          # r1 left its race; the meeting stays
+            "bf:100,bf:100.1730,e2|bf:100,bf:100.1730,e2",                          # the same race: nothing goes
+            "bf:100,e2|bf:100,e2",                                                  # r3, the race's last market, left it
+        ], got
         assert page.errors() == [], page.errors()
 
 
@@ -847,4 +880,75 @@ async def test_the_board_jitters_its_reopens_and_spreads_a_lag_reopen() -> None:
         delays = await page.js("window.delays")
         # retryMs 500: 250 + 0; then 1000 (doubled): 500 + 250 + 0.5 × 2000; then 2000: 1000 + 500
         assert delays == [250, 1750, 1500], delays
+        assert page.errors() == [], page.errors()
+
+
+async def test_a_reopened_stream_is_not_live_until_the_server_resumes_it() -> None:
+    """When the page's EventSource reopened (by itself after a drop, or by the page), the page said
+    "live" and vouched for its prices from the ``open`` event on — yet until the server's
+    ``resumed`` (or a snapshot) the book is the one from before the gap, and what was missed is
+    still to come. Now, with the server's answer held back, the page is not live (the "connecting"
+    marker, the "connection lost" banner, every price stale, heartbeats confirming nothing) until
+    ``resumed {recovered: true}`` — or, after ``recovered: false``, the snapshot."""
+    require_chromium()
+    snap = {"type": "snapshot", "as_of": now_ms_js(), "markets": [_board_market("live", True), _board_market("pre", False)]}
+    probe = """(() => {
+      const conn = document.getElementById("conn"), banner = document.getElementById("banner");
+      return {stale: ["live", "pre"].map((id) => oddsBoard.isStale(id)), dot: conn.dataset.state,
+              text: document.getElementById("conn-text").textContent, banner: banner.hidden ? "" : banner.dataset.kind};
+    })()"""
+    async with browser("about:blank") as page:
+        await page.js("window.opened = 0; window.urls = []")
+        await load_board(page, _RECORDING_STUB)
+        await page.js("""(() => {
+          const es = window.lastES;
+          es.l.open();
+          es.emit("snapshot", %s, "t0");
+          es.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now()}));
+          return 0;
+        })()""" % json.dumps(json.dumps(snap)))
+        got = await page.js(probe)
+        assert got == {"stale": [False, False], "dot": "live", "text": "live", "banner": ""}, got
+        for recovered in (True, False):
+            # the connection drops and the EventSource reopens by itself (Last-Event-ID): the server's
+            # answer is held back
+            await page.js("""(() => {
+              const es = window.lastES;
+              es.readyState = 0;  // CONNECTING: the browser retries by itself
+              es.l.error({});
+              es.l.open();
+              return 0;
+            })()""")
+            held = await page.js(probe)
+            assert held["stale"] == [True, True] and held["dot"] == "connecting" and held["text"] != "live" \
+                and held["banner"] == "offline", (recovered, held)
+            # still not live after the page's ticks (ages, markers) and a heartbeat: nothing vouched for
+            await page.until("(() => { const cards = [...document.querySelectorAll('.market[data-market-id]')]; "
+                             "return cards.length === 2 && cards.every((el) => el.classList.contains('stale')); })()",
+                             "the prices marked stale while the reopened stream is not yet resumed", timeout_s=5)
+            ages = await page.js("""(() => {
+              const before = oddsBoard.ageMs("pre");
+              window.lastES.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now()}));
+              return [before, oddsBoard.ageMs("pre")];
+            })()""")
+            assert ages[1] >= ages[0] >= 20, ages  # the heartbeat confirmed nothing (the age goes on)
+            assert await page.js(probe) == held, (recovered, await page.js(probe))
+            if recovered:
+                await page.js("""(() => {
+                  window.lastES.emit("resumed", JSON.stringify({type: "resumed", recovered: true, as_of: Date.now()}), "t1");
+                  return 0;
+                })()""")
+            else:
+                got = await page.js("""(() => {
+                  window.lastES.emit("resumed", JSON.stringify({type: "resumed", recovered: false, as_of: Date.now()}), "t2");
+                  return %s;
+                })()""" % probe)
+                assert got == held, got  # the snapshot that follows replaces the book: not live before it
+                await page.js("""(() => {
+                  window.lastES.emit("snapshot", JSON.stringify(Object.assign(%s, {as_of: Date.now()})), "t3");
+                  return 0;
+                })()""" % json.dumps(snap))
+            got = await page.js(probe)
+            assert got == {"stale": [False, False], "dot": "live", "text": "live", "banner": ""}, (recovered, got)
+        assert await page.js("window.opened") == 1  # the same EventSource, reopened by itself
         assert page.errors() == [], page.errors()

@@ -601,6 +601,87 @@ async def test_an_event_state_leaves_with_the_last_market_that_refers_to_it() ->
         await client.close()
 
 
+async def test_an_event_state_leaves_with_a_market_that_moves_to_another_event(store: Store, redis_url: str) -> None:
+    """A market that stays in the filter but moves to another event (a delta whose ``header``
+    carries another ``event_id``) left its old event's state in the client: no market referred to
+    it any more, the server sent no more of it nor listed it in ``stale_events``, and
+    ``event_state_stale()`` read False for good. The move now takes with it the states of the old
+    event that no market left refers to."""
+    from feed.models import EventState, Score
+
+    def state(event: str) -> EventState:
+        t = now_ms()
+        return EventState(event_id=event, source="t", status="LIVE", in_play=True, period="1h",
+                          score=Score(home=1, away=0), source_ts=t, received_at=t, version=1)
+
+    feed = Feed(store)
+    await feed.write(feed.image("m1", event="e1", in_play=True), feed.image("m2", event="e2", in_play=True))
+    t = now_ms()
+    await store.set_health(SourceHealth(source="t", kind="push", state="UP", last_message_at=t, updated_at=t,
+                                        lease_ms=600_000, stale_after_ms=600_000))
+    await store.apply_event_states([state("e1"), state("e2")])
+    async with serve(make_app(redis_url)) as base:
+        async with OddsClient(base, sport="soccer", heartbeat_ms=500) as client:
+            await eventually(lambda: {"e1", "e2"} <= client.event_states.keys(), 10, "both events' states")
+            assert not client.event_state_stale("e1") and not client.event_state_stale("e2")
+            await feed.write(feed.header("m1", event_id="e2"))  # still soccer: it stays in the book
+            await client.wait_until(lambda c: c.markets["m1"].event_id == "e2", 10)
+            assert "e1" not in client.event_states and client.event_state_stale("e1"), \
+                "the state of the event m1 left read fresh with no market referring to it"
+            assert "e2" in client.event_states and not client.event_state_stale("e2")  # m1 and m2 show it
+            assert client.state_of_market("m1") is client.event_states["e2"]
+
+
+async def test_an_image_or_header_that_moves_a_race_market_drops_the_states_left_without_a_market() -> None:
+    """As for a move by ``header``: an image (``kind: "image"``) whose market carries another event
+    or another start (another race, ``bf:<meeting>.<HHMM>``) takes with it the states the market was
+    shown with that no market left refers to — and only those."""
+    t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000)  # 2030-03-17 17:00 UTC: race ids .1700 / .1730
+    client = OddsClient("http://127.0.0.1:9", competition="c1")
+    try:
+        def race(mid: str, start: int, event: str = "bf:100", seq: int = 1) -> dict[str, Any]:
+            return _market(mid, seq=seq) | {"sport": "horse_racing", "event_id": event, "start_time": start,
+                                            "competition": "c1"}
+
+        def image(m: dict[str, Any]) -> bytes:
+            t = now_ms()
+            return json.dumps({"type": "delta", "market_id": m["market_id"], "seq": m["seq"], "kind": "image",
+                               "source": "fake", "source_ts": t, "received_at": t, "market": m, "age_ms": 0,
+                               "stale": False, "sent_at": t}).encode()
+
+        now = time.monotonic()
+        snap = _snapshot(_market("a1") | {"competition": "c1"}, _market("b1") | {"event_id": "e2", "competition": "c1"},
+                         race("r1", t1), race("r2", t1 + 1_800_000), race("r3", t1 + 1_800_000))
+        client._on_message(json.dumps(snap).encode(), now, "t0")
+        for eid in ("e1", "e2", "bf:100", "bf:100.1700", "bf:100.1730"):
+            client._on_message(json.dumps(_es(eid)).encode(), now, None)
+        held = ["bf:100", "bf:100.1700", "bf:100.1730", "e1", "e2"]
+        assert sorted(client.event_states) == held
+        # an image moving a1 to e2 (b1's event): e1 has no market left, e2 stays
+        client._on_message(image(_market("a1", seq=2) | {"event_id": "e2", "competition": "c1"}), now, "t1")
+        assert client.markets["a1"].event_id == "e2"
+        assert "e1" not in client.event_states and client.event_state_stale("e1")
+        assert not client.event_state_stale("e2")
+        # an image moving r1's start by an hour: its race (.1700) goes, the meeting (same event) stays
+        client._on_message(image(race("r1", t1 + 3_600_000, seq=2)), now, "t2")
+        assert "bf:100.1700" not in client.event_states and client.event_state_stale("bf:100.1700")
+        assert not client.event_state_stale("bf:100")
+        # a header moving r2 to another meeting: r3 still shows the race .1730 and the meeting bf:100
+        header = {"competition": "c1", "sport": "horse_racing", "event_id": "bf:200", "start_time": t1 + 1_800_000,
+                  "in_play": False, "status": "OPEN"}
+        client._on_message(json.dumps(_delta("r2", 2, 2.5) | {"header": header}).encode(), now, "t3")
+        assert client.markets["r2"].event_id == "bf:200"
+        assert not client.event_state_stale("bf:100.1730") and not client.event_state_stale("bf:100")
+        # a new start within the same minute (17:30:30) is the same race: nothing goes
+        client._on_message(image(race("r3", t1 + 1_830_000, seq=2)), now, "t4")
+        assert sorted(client.event_states) == ["bf:100", "bf:100.1730", "e2"]
+        # r3, the race's last market, moved to 17:31: the race .1730 goes, the meeting stays
+        client._on_message(image(race("r3", t1 + 1_860_000, seq=3)), now, "t5")
+        assert sorted(client.event_states) == ["bf:100", "e2"]
+    finally:
+        await client.close()
+
+
 class _DeafWebSocketServer:
     """A loopback WebSocket server (the handshake and unmasked text frames by hand) that plays
     ``script`` (JSON messages) on its first connection and then never answers again — not even a

@@ -81,6 +81,8 @@ class Backoff:
 
     def reset(self) -> None:
         """Start the sequence again from ``initial_s``."""
+        if not self.attempts:  # nothing handed out since the last reset (the usual case: per read)
+            return
         self._gen = backoff(self._initial_s, self._factor, self._max_s, self._rng)
         self.attempts = 0
 

@@ -40,14 +40,18 @@
  *                         its name; marked stale as the score is. A market that leaves the
  *                         book (removed) takes with it the states of its event and its race that
  *                         no market left refers to (the server sends no more of them, nor lists
- *                         them in stale_events: held, they would read fresh for good).
+ *                         them in stale_events: held, they would read fresh for good); so does
+ *                         one that stays but moves to another event or race (a delta's header,
+ *                         or an image): the states it was shown with before the move.
  *
  * Ages and staleness are recomputed in the page like the Python client does:
  * a market is confirmed when a message about it arrives (minus the age the
  * server reported, minus the stream's lag) and by each heartbeat (minus the
  * stream's lag) while its source is not DOWN and the server has not flagged
- * it stale; stale = no live stream (not connected, or lagging more than the
- * in-play limit behind the server), or source DOWN, or flagged by the
+ * it stale; stale = no live stream (not connected; or (re)opened and not yet
+ * resumed (recovered) nor snapshotted, state.syncing: until then the book is
+ * from before the gap, and the page does not say "live"; or lagging more than
+ * the in-play limit behind the server), or source DOWN, or flagged by the
  * server (snapshot / delta / status), or older than 10 s in play / 60 s
  * pre-match (?stale_in_play_ms= / ?stale_pre_match_ms= change these; in
  * play = in_play, or start_time reached on this browser's clock).
@@ -158,6 +162,8 @@
     streamLagMs: 0,        // the lag of the last message that carried a server send time (as_of / sent_at)
     lagBeats: 0,           // heartbeats in a row (this connection) read lagging more than the in-play limit
     resuming: false,       // reopened for lagging: nothing vouched for until resumed (recovered) or snapshotted
+    syncing: false,        // the stream (re)opened, not yet resumed (recovered) nor snapshotted: the book is from
+                           // before the gap (or empty), nothing vouched for until then
     awaitBeat: false,      // resumed (recovered) without as_of (an older server): no send time, not live, until a heartbeat
     snapshotOf: -1,        // the stream (streamGen) whose snapshot the book holds
     connected: false,
@@ -261,11 +267,13 @@
     state.awaitBeat = false;
   }
 
-  /** Following a live stream: connected, not reopened for lagging and still to be resumed, its lag
-   *  measurable (after an older server's resumed without as_of: from the next heartbeat on), and
-   *  not lagging more than the in-play limit behind the server. */
+  /** Following a live stream: connected, resumed (recovered) or snapshotted since it (re)opened
+   *  (the book held across a reopen is from before the gap until then), its lag measurable (after
+   *  an older server's resumed without as_of: from the next heartbeat on), and not lagging more
+   *  than the in-play limit behind the server. */
   function streamLive() {
-    return state.connected && !state.resuming && !state.awaitBeat && state.streamLagMs <= STALE_IN_PLAY_MS;
+    return state.connected && !state.resuming && !state.syncing && !state.awaitBeat
+      && state.streamLagMs <= STALE_IN_PLAY_MS;
   }
 
   function isStale(id, now) {
@@ -301,8 +309,8 @@
     }
     state.stats.snapshots += 1;
     state.snapshotOf = streamGen;
-    if (state.resuming) {  // the reopened stream starts over from this snapshot: live again
-      state.resuming = false;
+    if (state.resuming || state.syncing) {  // the (re)opened stream starts over from this snapshot: live again
+      state.resuming = state.syncing = false;
       if (state.connected) setConnected(true, "live");
     }
     structureDirty = true;
@@ -340,6 +348,13 @@
     state.markets.set(d.market_id, next);
     state.confirmed.set(d.market_id, at - (d.age_ms || 0));
     state.flagged.set(d.market_id, !!d.stale);
+    if (cur && (cur.event_id !== next.event_id || raceEventId(cur.event_id, cur.sport, cur.start_time)
+        !== raceEventId(next.event_id, next.sport, next.start_time))) {
+      // it moved to another event (or race) and stays in the book: the states it was shown with
+      // may have no market left, and the server sends no more of them
+      dropOrphanStates(cur);
+      structureDirty = true;
+    }
     evSeen(next, at, d.age_ms || 0);
     dirty.add(d.market_id);
     schedule();
@@ -417,7 +432,10 @@
     noteSent(msg.as_of, performance.now());
     if (msg.recovered) {
       state.stats.resumedRecovered += 1;
-      if (state.resuming) { state.resuming = false; setConnected(true, "live"); }  // live again
+      if (state.resuming || state.syncing) {  // the book is caught up from here on: live again
+        state.resuming = state.syncing = false;
+        if (state.connected) setConnected(true, "live");
+      }
     } else {
       state.stats.resumedLost += 1;  // the snapshot that follows replaces the book
     }
@@ -429,7 +447,7 @@
     state.awaitBeat = false;  // a send time again (after an older server's resumed: the baseline)
     now -= noteSent(msg && msg.as_of, now);  // what the server vouched for then: the receipt less the lag
     if (msg && typeof msg.as_of === "number" && state.streamLagMs > STALE_IN_PLAY_MS) state.lagBeats += 1;
-    if (state.resuming) return;  // reopened for lagging, not yet resumed: it confirms nothing
+    if (state.resuming || state.syncing) return;  // (re)opened, not yet resumed: it confirms nothing
     for (const [id, m] of state.markets) {
       if (sourceDown(m.source) || state.flagged.get(id)) continue;
       if ((state.confirmed.get(id) || 0) < now) state.confirmed.set(id, now);
@@ -1039,7 +1057,8 @@
       kind = "lagging";
       html = "<strong>This page fell behind the feed</strong> — reconnecting to catch up; its prices are marked"
         + " stale until the stream resumes.";
-    } else if (!state.connected && state.stats.snapshots) {
+    } else if ((!state.connected || state.syncing) && state.stats.snapshots) {
+      // (reopened but not yet resumed: its prices are still those from before the gap)
       kind = "offline";
       html = "<strong>Connection to the feed lost</strong> — reconnecting; prices shown may be out of date.";
     } else if (state.streamLagMs > STALE_IN_PLAY_MS && state.stats.snapshots) {
@@ -1089,7 +1108,7 @@
 
   function setConnected(on, text) {
     state.connected = on;
-    connEl.dataset.state = on && !state.resuming ? "live" : "connecting";
+    connEl.dataset.state = on && !state.resuming && !state.syncing ? "live" : "connecting";
     connText.textContent = text;
     renderBanner();
   }
@@ -1182,6 +1201,7 @@
     if (route.event !== null) url += "&event=" + encodeURIComponent(evp.cid);
     if (state.token) url += "&last_event_id=" + encodeURIComponent(state.token);
     resetLag();
+    state.syncing = true;  // live again once the server resumes this stream or sends its snapshot
     es = new EventSource(withKey(url));
     const mine = es;
     const handle = (fn, isDelta) => (e) => {
@@ -1207,11 +1227,14 @@
     es.addEventListener("open", () => {
       // (also when the EventSource reopens by itself: a new connection's clock offset is measured afresh)
       // (a stream reopened for lagging keeps its backoff: repeated lag reconnects wait longer and longer)
+      // (and until the server resumes it or sends a snapshot, the book is from before the gap: not
+      // live — the server's resumed or snapshot says it is caught up, not the open)
       if (gen === streamGen) {
         if (!state.resuming) retryMs = 500;
         lastHeard = performance.now();
         resetLag();
-        setConnected(true, state.resuming ? "resuming…" : "live");
+        state.syncing = true;
+        setConnected(true, state.resuming || state.token ? "resuming…" : "connecting…");
       }
     });
     es.addEventListener("snapshot", handle(onSnapshot));

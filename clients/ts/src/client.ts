@@ -314,7 +314,9 @@ export function keyType(key: string): string {
  * `event_state`'s `stale`, then each `status`'s `stale_events` of its source). A market that
  * leaves the book (`removed`, or the local filter) takes with it the states of its event and its
  * race that no market left in the book refers to (and their flags): the server sends no more of
- * them nor lists them in `stale_events`, so held they would read fresh for good.
+ * them nor lists them in `stale_events`, so held they would read fresh for good. So does a market
+ * that stays in the book but moves to another event or race (a delta's `header`, or an image): the
+ * states it was shown with before the move.
  */
 export class OddsClient {
   readonly transport: Transport;
@@ -734,6 +736,12 @@ export class OddsClient {
     }
     this.confirmed.set(id, at - (msg.age_ms ?? 0));
     this.flagged.set(id, Boolean(msg.stale));
+    if (cur !== undefined && (cur.event_id !== m.event_id
+        || raceEventId(cur.event_id, cur.sport, cur.start_time) !== raceEventId(m.event_id, m.sport, m.start_time))) {
+      // it moved to another event (or race) and stays in the book: the states it was shown with
+      // may have no market left, and the server sends no more of them
+      this.dropOrphanStates(cur);
+    }
     this.emit("delta", msg);
     if (cb) this.callback("onUpdate", cb, id, m);
     return r;
@@ -765,7 +773,8 @@ export class OddsClient {
     if (cb && held && notify) this.callback("onUpdate", cb, id, undefined);
   }
 
-  /** A market left the book: drop the event states it was shown with — its event's (`event_id`)
+  /** A market left the book (or moved to another event or race: `gone` is it as it was before):
+   *  drop the event states it was shown with — its event's (`event_id`)
    *  and its race's ({@link raceEventId}), as {@link OddsClient.stateOfMarket} looks them up — and
    *  their stale flags, unless a market left in the book refers to them. The server sends an
    *  event's state (and lists it in a status's `stale_events`) only to a subscription holding one of

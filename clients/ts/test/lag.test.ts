@@ -313,6 +313,52 @@ test("an event state leaves with the last market that refers to it (event id and
   assert.deepEqual([...c.eventStates.keys()].sort(), ["bf:100", "bf:100.1730"]);
 });
 
+test("a market that moves to another event or race takes the states left without a market with it", () => {
+  // A market that stayed in the filter but moved (a delta's header, or an image, with another
+  // event_id or another start: another race) left its old event's state in the client: no market
+  // referred to it, the server sent no more of it nor listed it in stale_events, and it read fresh
+  // for good. The move now drops the states it was shown with that no market left refers to.
+  const now = 1_000;
+  const c = new OddsClient("http://127.0.0.1:9", { now: () => now, wallNow: () => T, competition: "c1" });
+  const t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000); // 17:00 UTC: race ids .1700 / .1730
+  const m = (id: string, event: string, extra: Partial<MarketWithAge> = {}): MarketWithAge =>
+    mk(id, true, { event_id: event, competition: "c1", ...extra });
+  const race = (id: string, start: number, seq = 1): MarketWithAge =>
+    m(id, "bf:100", { sport: "horse_racing", start_time: start, seq });
+  const image = (mkt: MarketWithAge): ServerMessage => ({ type: "delta", market_id: mkt.market_id, seq: mkt.seq,
+    kind: "image", source: "s1", source_ts: T, received_at: T, sent_at: T, age_ms: 0, stale: false,
+    market: mkt } as ServerMessage);
+  c.handleMessage({ type: "snapshot", as_of: T, markets: [m("a1", "e1"), m("b1", "e2"),
+    race("r1", t1), race("r2", t1 + 1_800_000), race("r3", t1 + 1_800_000)] }, "t0");
+  for (const id of ["e1", "e2", "bf:100", "bf:100.1700", "bf:100.1730"]) {
+    c.handleMessage({ type: "event_state", sent_at: T, event_state: { event_id: id, source: "s1", status: "LIVE",
+      in_play: true, version: 1, source_ts: T, received_at: T, age_ms: 0, stale: false } } as ServerMessage);
+  }
+  const held = (): string => [...c.eventStates.keys()].sort().join(",");
+  // a header moving a1 to e2 (b1's event): e1 has no market left and goes, e2 stays
+  c.handleMessage({ type: "delta", market_id: "a1", seq: 2, kind: "delta", source: "s1", source_ts: T, received_at: T,
+    sent_at: T, age_ms: 0, stale: false, header: { competition: "c1", sport: "soccer", event_id: "e2", in_play: true,
+      status: "OPEN" } } as ServerMessage, "t1");
+  assert.equal(c.markets.get("a1")?.event_id, "e2");
+  assert.equal(c.eventStates.has("e1"), false, "the state of the event a1 left is held, with no market showing it");
+  assert.equal(c.isEventStateStale("e1"), true);
+  assert.equal(c.isEventStateStale("e2"), false);
+  // an image moving r1's start by an hour: its race (.1700) goes, the meeting (same event) stays
+  c.handleMessage(image(race("r1", t1 + 3_600_000, 2)), "t2");
+  assert.equal(held(), "bf:100,bf:100.1730,e2");
+  // an image moving r2 to another meeting: r3 still shows the race .1730 and the meeting
+  c.handleMessage(image({ ...race("r2", t1 + 1_800_000, 2), event_id: "bf:200" }), "t3");
+  assert.equal(held(), "bf:100,bf:100.1730,e2");
+  // a new start within the same minute (17:30:30) is the same race: nothing goes
+  c.handleMessage(image(race("r3", t1 + 1_830_000, 2)), "t4");
+  assert.equal(held(), "bf:100,bf:100.1730,e2");
+  // r3, the race's last market, moved to 17:31: the race .1730 goes, the meeting stays
+  c.handleMessage(image(race("r3", t1 + 1_860_000, 3)), "t5");
+  assert.equal(held(), "bf:100,e2");
+  assert.equal(c.isEventStateStale("bf:100.1730"), true);
+  assert.equal(c.isEventStateStale("bf:100"), false);
+});
+
 test("a lag reconnect waits a random spread on top of its backoff", async () => {
   // After a server clock step every client sees its third lagging heartbeat on the same tick: with a
   // backoff of a few ms they would all come back together.
