@@ -6,8 +6,8 @@ trip per request). Markets carry ``age_ms`` and ``stale`` (see
 
 Responses of the data endpoints set ``X-Data-Age-Ms`` (the market's age, or
 for a list the largest age among the listed markets, 0 when empty) and an
-``ETag`` (a hash of the epoch and every listed market's id, seq and stale
-flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
+``ETag`` (a hash of the epoch and every listed market's id, seq, stored time
+and stale flag); a matching ``If-None-Match`` gets ``304``. Invalid query values get
 ``400 {"error":"bad_request","message":"<what to fix>"}``.
 
 ::
@@ -73,10 +73,14 @@ if TYPE_CHECKING:
 __all__ = ["json_error", "json_response", "node_of", "routes"]
 
 def _etag(state: NodeState, markets: Sequence[Market], stale: Sequence[bool], extra: str = "") -> str:
+    """The ETag of a response listing ``markets``: the epoch, ``extra``, and per market its id,
+    seq, when it was stored and its stale flag. (The stored time too: a store that went back
+    under the same epoch — an older snapshot restored — and an ingest going on from there writes
+    the same seqs with other prices; by seq alone a revalidating client kept the old price.)"""
     h = hashlib.blake2b(digest_size=12)
     h.update(f"{state.epoch}|{extra}".encode())
     for m, s in zip(markets, stale):
-        h.update(b"%s:%d:%d;" % (m.market_id.encode(), m.seq, s))
+        h.update(b"%s:%d:%d:%d;" % (m.market_id.encode(), m.seq, m.stored_at, s))
     return f'"{h.hexdigest()}"'
 
 
@@ -214,7 +218,7 @@ def _event_states(node: Node, markets: Iterable[Market], now: int) -> tuple[byte
     everyone = members + races
     own = [held.json(es, st, now)[:-1] + (b',"reversed":true}' if r else b',"reversed":false}')
            for es, _, r in sorted(everyone, key=lambda x: x[0].event_id)]
-    tag = ";".join(f"{es.event_id}:{es.version}:{int(stale)}" for es, stale, _ in everyone)
+    tag = ";".join(f"{es.event_id}:{es.version}:{es.received_at}:{int(stale)}" for es, stale, _ in everyone)
     return shown, own, tag
 
 
@@ -257,7 +261,7 @@ async def list_events(request: Request) -> Response:
         events.append(ev)
         included.extend(ms)
     headers, not_modified = _etag_headers(request, state, included,
-                                          f"events|{view}|{types}|{sorted(f.source or ())}|{sorted(f.bookmaker or ())}"
+                                          f"events|{view}|{sorted(types or ())}|{sorted(f.source or ())}|{sorted(f.bookmaker or ())}"
                                           f"|{'|'.join(tags)}")
     if not_modified:
         return Response(status_code=304, headers=headers)
@@ -299,7 +303,7 @@ async def get_event(request: Request) -> Response:
         ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers, m.sport)) in types or key_type(k) in types]
     if agg is None:  # the same answer as an id never seen: a hidden event does not exist for the tenant
         return json_error(404, "unknown_event", unknown)
-    headers, not_modified = _etag_headers(request, state, ms, f"event|{cid}|{view}|{types}|{tag}")
+    headers, not_modified = _etag_headers(request, state, ms, f"event|{cid}|{view}|{sorted(types or ())}|{tag}")
     if not_modified:
         return Response(status_code=304, headers=headers)
     head = ENCODER.encode({"event_id": agg.event_id, "event_name": agg.name, "sport": agg.sport,

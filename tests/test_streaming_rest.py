@@ -98,6 +98,46 @@ async def test_etag_304_and_change(store: Store, redis_url: str) -> None:
         await eventually(changed)
 
 
+async def test_an_etag_cached_before_the_store_went_back_is_not_revalidated(store: Store, redis_url: str) -> None:
+    """Redis restarts from an older snapshot under the same epoch and the ingest goes on from
+    there: it writes the same seqs again, with other prices. The node reloads; a client that
+    cached the old lineage's body got 304 for its ETag (epoch, id, seq, stale — all equal) and
+    kept the old price, fresh. The ETag names when the market was stored too."""
+    import redis.asyncio as aioredis
+
+    feed = Feed(store)
+    await feed.write(feed.image("m1", prices={"1": 2.0, "2": 3.5}))
+    await feed.write(feed.price("m1", "1", 2.02))
+    r = aioredis.Redis.from_url(redis_url)
+    dump = {k: (await r.dump(k), await r.pttl(k)) for k in await r.keys("*")}  # the snapshot at seq 2
+    try:
+        async with serve(make_app(redis_url)) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+            await feed.write(feed.price("m1", "1", 2.06))
+            await feed.write(feed.price("m1", "1", 2.50))  # seq 4, price 2.50
+
+            async def at(seq: int) -> httpx.Response | None:
+                got = await c.get("/v1/markets/m1")
+                return got if got.json()["seq"] == seq else None
+            cached = await eventually(lambda: at(4), what="seq 4 served")
+            etag = cached.headers["etag"]
+            await r.flushall()
+            for k, (v, ttl) in dump.items():
+                await r.restore(k, max(ttl, 0), v)
+            again = Feed(store)  # the ingest restarted from the restored store
+            again.book.restore(await store.load_all_markets(), seq_floor=await store.seq_floor())
+            await again.write(again.price("m1", "1", 1.80))
+            await again.write(again.price("m1", "1", 1.60))  # seq 4 again, price 1.60
+
+            async def reloaded() -> bool:
+                return (await c.get("/v1/markets/m1")).json()["selections"][0]["price"] == 1.60
+            await eventually(reloaded, what="the node serves the new lineage")
+            revalidated = await c.get("/v1/markets/m1", headers={"If-None-Match": etag})
+            assert revalidated.status_code == 200, "304: the client would keep the old lineage's price 2.50"
+            assert revalidated.json()["seq"] == 4 and revalidated.json()["selections"][0]["price"] == 1.60
+    finally:
+        await r.aclose()
+
+
 async def test_sources_health_and_ready(store: Store, redis_url: str) -> None:
     await _seed(store)
     await store.set_health(SourceHealth(source="t", state="DEGRADED", reason="upstream_503",
