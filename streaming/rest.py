@@ -183,13 +183,15 @@ def _view_param(value: str | None) -> str | None:
     raise FilterError(f"view must be summary or best, not {value!r}")
 
 
-def _event_states(node: Node, markets: Iterable[Market], now: int) -> tuple[bytes, list[bytes], str]:
+def _event_states(node: Node, markets: Iterable[Market], now: int,
+                  sources: frozenset[str] | None = None) -> tuple[bytes, list[bytes], str]:
     """The event states of a canonical event's member events (one per
     provider event of ``markets``) and of its races (Betfair racing: one per
     race with a state, ``bf:<race id>``): (the state to show — a member
     event's, else its race's — turned round to the canonical event's sides,
     as JSON or ``b"null"``; every member's and race's own state as JSON with
-    ``"reversed"``; an ETag part naming their versions and staleness)."""
+    ``"reversed"``; an ETag part naming their versions and staleness). ``sources``: the
+    tenant's allowed sources (None: all) — a state of another source is left out, as streams do."""
     st = node.state
     held = node.event_states
     members: list[tuple[EventState, bool, bool]] = []
@@ -204,7 +206,7 @@ def _event_states(node: Node, markets: Iterable[Market], now: int) -> tuple[byte
                 continue
             seen.add(sid)
             es = held.get(sid)
-            if es is not None:
+            if es is not None and (sources is None or es.source in sources):  # (a tenant's sources: as streams)
                 (races if i else members).append((es, held.age_stale(es, st, now)[1], st.reversed_of(m)))
     if not members and not races:
         return b"null", [], ""
@@ -235,7 +237,8 @@ async def list_events(request: Request) -> Response:
         in_play = parse_bool("in_play", q.get("in_play"))
         types = _types(q.get("market_type"))
         view = _view_param(q.get("view"))
-        f = grant_of(request).restrict(f)
+        grant = grant_of(request)
+        f = grant.restrict(f)
     except FilterError as exc:
         return json_error(400, "bad_request", str(exc))
     except ForbiddenError as exc:
@@ -254,7 +257,7 @@ async def list_events(request: Request) -> Response:
             continue
         if view == "best":
             ev["view"] = market_views(state, ms, now, method=node.settings.fair_method, keys=types)
-        shown, _, tag = _event_states(node, ms, now)
+        shown, _, tag = _event_states(node, ms, now, grant.sources)
         if tag:
             ev["state"] = msgspec.Raw(shown)
             tags.append(tag)
@@ -298,7 +301,7 @@ async def get_event(request: Request) -> Response:
     agg = event_view(state, cid, now, method=node.settings.fair_method, keys=types, visible=visible)
     ms = sorted((m for mid in state.by_canonical.get(cid, ()) if (m := state.markets.get(mid)) is not None
                  and (visible is None or visible(m))), key=lambda m: m.market_id)
-    shown, own, tag = _event_states(node, ms, now)
+    shown, own, tag = _event_states(node, ms, now, grant.sources)
     if types is not None:
         ms = [m for m in ms if (k := market_key(m.market_type, m.specifiers, m.sport)) in types or key_type(k) in types]
     if agg is None:  # the same answer as an id never seen: a hidden event does not exist for the tenant

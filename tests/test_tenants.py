@@ -718,3 +718,31 @@ async def test_a_tenant_entry_reverted_while_its_client_is_away_voids_its_resume
 
 async def _is(count: Any, n: int) -> bool:
     return bool(await count() == n)
+
+
+async def test_rest_leaves_out_an_event_state_of_a_source_the_tenant_may_not_see(store: Store, redis_url: str,
+                                                                                 tmp_path: Path) -> None:
+    """A tenant limited to source ``t`` sees event e1's markets (from ``t``); e1's score comes
+    from another source, ``scores``. The streams never send it that state (the hub checks its
+    source); REST's event endpoints showed it."""
+    from feed.models import EventState, Score
+    from streaming_helpers import eventually, now_ms
+
+    await _feed(store)
+    t = now_ms()
+    await store.apply_event_states([EventState(event_id="e1", source="scores", status="LIVE", in_play=True,
+                                               score=Score(home=2, away=1), source_ts=t, received_at=t, version=1)])
+    settings = _soccer_only(tmp_path / "t.toml", 'sources = ["t"]\n')
+    async with serve(make_app(redis_url, settings=settings)) as base, \
+            httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async def state_seen(key: str) -> Any:
+            r = await c.get("/v1/events/e1", headers={"X-API-Key": key})
+            return r if r.status_code == 200 and r.json()["state"] is not None else None
+        plain = await eventually(lambda: state_seen("plain-key"), what="the score served to an unrestricted key")
+        assert plain.json()["state"]["score"]["home"] == 2
+        r = await c.get("/v1/events/e1", headers={"X-API-Key": "acme-key"})
+        assert r.status_code == 200 and r.json()["state"] is None and r.json()["states"] == []
+        events = (await c.get("/v1/events", headers={"X-API-Key": "acme-key"})).json()["events"]
+        assert [e["event_id"] for e in events] and all("state" not in e for e in events)
+        everyone = (await c.get("/v1/events", headers={"X-API-Key": "plain-key"})).json()["events"]
+        assert any("state" in e for e in everyone)
