@@ -30,6 +30,11 @@ take canonical ids; ``sport``, ``competition``, ``in_play`` and
 ``market_type`` apply as on the delta stream; ``source`` and ``bookmaker`` choose the books aggregated (as
 ``/v1/events?view=best`` does; a tenant's filter is narrowed to its books,
 :mod:`streaming.tenants`). No resume token: a reconnecting subscriber gets a new snapshot.
+
+Prices are in the subscription's ``odds_format`` (:mod:`streaming.odds_format`): each outcome's
+``best.price``, ``best_lay.price`` and ``fair`` — on every path (the snapshot, a change, the
+hub's resync snapshots: all built here), converted once per format per message
+(:meth:`streaming.encoding.Message.formatted`; subscribers sent the same body share it).
 """
 
 from __future__ import annotations
@@ -135,7 +140,7 @@ class BestView:
         sub.conn.send(self.snapshot_message(sub), sub)
 
     def snapshot_message(self, sub: "Subscription") -> Message:
-        """A ``best`` snapshot of every event matching ``sub`` (what it has
+        """A ``best`` snapshot of every event matching ``sub``, in its odds format (what it has
         been sent starts again from here)."""
         self._sent[sub] = {}
         now = now_ms()
@@ -145,7 +150,8 @@ class BestView:
             if body is not None:
                 events.append(body)
         self.messages += 1
-        return Message(b"best", _ENCODER.encode({"type": "best", "snapshot": True, "events": events, "as_of": now}))
+        msg = Message(b"best", _ENCODER.encode({"type": "best", "snapshot": True, "events": events, "as_of": now}))
+        return msg.formatted(sub.fmt)
 
     def discard(self, sub: "Subscription") -> None:
         self.subs.discard(sub)
@@ -174,6 +180,9 @@ class BestView:
     def _send(self, events: Iterable[str]) -> None:
         now = now_ms()
         views: dict[tuple[str, frozenset[str] | None, frozenset[str] | None], list[_BestMarket]] = {}
+        # subscribers sent the same body share its message, so its odds-format variants
+        # (Message.formatted) are built once per format, not once per subscriber
+        sent: dict[bytes, Message] = {}
         for sub in list(self.subs):
             if sub.conn.closed:
                 continue
@@ -190,7 +199,11 @@ class BestView:
                         views[key] = self._views(cid, now, f)
                     body = self._event_body(sub, cid, now, only_changed=True, views=views[key])
                 if body is not None:
-                    sub.conn.send(Message(b"best", _ENCODER.encode({"type": "best", **body, "as_of": now})), sub)
+                    raw = _ENCODER.encode({"type": "best", **body, "as_of": now})
+                    msg = sent.get(raw)
+                    if msg is None:
+                        msg = sent[raw] = Message(b"best", raw)
+                    sub.conn.send(msg.formatted(sub.fmt), sub)
                     self.messages += 1
 
     # -- internals -------------------------------------------------------------------------------

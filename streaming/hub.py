@@ -31,7 +31,15 @@ Policy (DESIGN §6, style §3.8):
   sent once per window (one timer per distinct window length, not per
   subscription): a market changed once goes as is; a market changed
   several times goes as ONE delta holding its latest state of everything
-  that changed (``"conflated": true``);
+  that changed (``"conflated": true``). What a window (or a slow consumer's
+  collapse, below) sends is the server's word as of the send: a market changed
+  once whose ``stale`` as judged now differs from the one judged when the node
+  applied the change (a ``status`` may have said so meanwhile, and the client
+  takes the later word) goes as that merge, built now. A change that may move a
+  status — a header (the market's status: suspended, closed, settled …), a
+  selection's ``status``, an image — is not held to the window's
+  end: that market's gathered changes go at once, merged, with tokens that skip
+  nothing still held (:meth:`Hub._flush_markets`); the window goes on for the rest;
 - slow consumers, byte budget per connection (``outbox_max_bytes``) on
   queued stream data: over it, (1) the outbox is collapsed by market
   (latest state wins, ``conflated: true``; a conflation window's pending
@@ -534,6 +542,20 @@ class Connection:
         if self.outbox_bytes > self.max_bytes:
             self.hub.overflow(self)
         self._wake()
+
+    def push_held(self, frames: list[bytes], metas: list[Any], nbytes: int) -> bool:
+        """:meth:`push` without :meth:`Hub.overflow`: True when the connection is now over its
+        budget (the caller runs the overflow once what it is queueing is all queued — a
+        dispatch, after every group got the entry)."""
+        if self.closed or self.resync_pending:
+            return False
+        if not self.outbox:
+            self.queued_at = self.hub.loop_time()
+        self.outbox.extend(frames)
+        self.meta.extend(metas)
+        self.outbox_bytes += nbytes
+        self._wake()
+        return self.outbox_bytes > self.max_bytes
 
     def push1(self, frame: bytes, meta: Any) -> None:
         """:meth:`push` of one frame (the common case)."""
@@ -1483,6 +1505,7 @@ class Hub:
         over: list[Connection] | None = None
         for g, msgs in per_group.items():
             built = False
+            hot: list[str] | None = None  # (conflated groups: the markets whose change goes at once)
             # a copy: a push may close a connection (eviction), which leaves its group
             for sub in tuple(g.subs):
                 if sub.replaying:
@@ -1501,6 +1524,15 @@ class Hub:
                     continue
                 if g.conflate_ms:
                     self._gather(sub, msgs, tb)
+                    if hot is None:
+                        hot = must_send_now(msgs)
+                    if hot:  # a status change: not held to the window's end
+                        out = self._flush_markets(sub, hot, entry.token)
+                        if out is not None and conn.push_held(*out):
+                            if over is None:
+                                over = [conn]
+                            else:
+                                over.append(conn)
                     continue
                 if not built:  # the group's frames, built once
                     frames, metas, nbytes = self._frames(sub, msgs, tb)
@@ -1587,12 +1619,20 @@ class Hub:
             n += len(fr)
         return frames, metas, n
 
-    def _deliver(self, sub: Subscription, msgs: list[Message], token_before: bytes | None) -> None:
+    def _deliver(self, sub: Subscription, msgs: list[Message], token_before: bytes | None,
+                 token_after: bytes | None) -> None:
+        """Queue ``msgs`` (one log entry's, or a relink's) for ``sub``: ``token_before`` / ``token_after``
+        the resume tokens from before and after them."""
         conn = sub.conn
         if conn.closed or conn.resync_pending:
             return
         if sub.conflate_ms:
             self._gather(sub, msgs, token_before)
+            hot = must_send_now(msgs)
+            if hot:  # a status change: not held to the window's end
+                out = self._flush_markets(sub, hot, token_after)
+                if out is not None:
+                    conn.push(*out)
             return
         conn.push(*self._frames(sub, msgs, token_before))
 
@@ -1602,7 +1642,7 @@ class Hub:
             return
         msgs = [m for pd in entry.deltas if (m := pd.message_for(sub.filter)) is not None]
         if msgs:
-            self._deliver(sub, msgs, entry.prev_token)
+            self._deliver(sub, msgs, entry.prev_token, entry.token)
 
     # -- event states -----------------------------------------------------------
     #
@@ -1825,6 +1865,49 @@ class Hub:
                 mg = cp[mid] = Merge(token_before)
             mg.add(m)
 
+    def _flush_markets(self, sub: Subscription, mids: list[str], token_after: bytes | None
+                       ) -> tuple[list[bytes], list[Any], int] | None:
+        """Take markets ``mids`` out of ``sub``'s conflation window and return their frames (the
+        caller queues them): a change that must not wait for the window's end (:func:`must_send_now`:
+        a suspension, a close, a settlement, a runner removed — held for up to ``conflate_ms``
+        while every heartbeat confirmed the market as the client holds it, open). Each market is
+        merged as the window's end would merge it (:meth:`_merged_frames`: what it gathered, as one
+        message, judged as of now). Tokens: a frame carries the token from before the earliest change
+        not sent yet when it arrives — a market still held (from before the first of them: the
+        window goes on) or a later one of ``mids`` — else ``token_after`` (the token after what was
+        gathered), so a resume from any of them misses nothing. None: nothing to send."""
+        cp = sub.cpending
+        if not cp:
+            return None
+        items = list(cp.items())  # (first-change order)
+        hot = set(mids)
+        cold = next((i for i, (mid, _) in enumerate(items) if mid not in hot), None)
+        frames: list[bytes] = []
+        metas: list[Any] = []
+        n = 0
+        now = now_ms()
+        cache: dict[tuple[object, ...], Message | None] = {}
+        judged: dict[str, bool] = {}
+        try:
+            for i, (mid, mg) in enumerate(items):
+                if mid not in hot:
+                    continue
+                if cold is not None and cold < i:
+                    token = items[cold][1].token_before
+                elif i + 1 < len(items):
+                    token = items[i + 1][1].token_before
+                else:
+                    token = token_after
+                n += self._merged_frames(sub, [(mid, mg)], token, cache, now, frames, metas, judged)
+            for mid in hot:
+                cp.pop(mid, None)
+        except Exception:
+            # what it gathered is gone: close it (it resumes with its token and is replayed the
+            # changes) rather than let it sit on an open market that is suspended
+            self._close_failed(sub.conn, "conflated flush")
+            return None
+        return (frames, metas, n) if frames else None
+
     def safe_token(self, sub: Subscription) -> bytes:
         """The token a heartbeat for ``sub`` may carry: the node's,
         unless changes are still gathered for it (then the one before them)."""
@@ -1860,12 +1943,14 @@ class Hub:
         return delta_message(d, market_json=None, age_ms=age, stale=stale, sent_at=now, token=None,
                              conflated=True, info=info)
 
-    def _merged_frames(self, sub: Subscription, merges: list[tuple[str, Merge]], last_token: bytes,
+    def _merged_frames(self, sub: Subscription, merges: list[tuple[str, Merge]], last_token: bytes | None,
                        cache: dict[tuple[object, ...], Message | None], now: int,
-                       frames: list[bytes], metas: list[Any]) -> int:
+                       frames: list[bytes], metas: list[Any], judged: dict[str, bool]) -> int:
         """Frames for ``merges`` (in first-change order): market i carries the
         token from before market i+1's first change, the last ``last_token``,
-        so a resume from any of them misses nothing."""
+        so a resume from any of them misses nothing. ``cache``: the merged messages built
+        (per merge key), ``judged``: the markets' ``stale`` at ``now`` (per market), both shared
+        by the subscriptions of one flush."""
         conn, fmt = sub.conn, sub.fmt
         n = 0
         st = self.state
@@ -1875,7 +1960,12 @@ class Hub:
             if (mg.msg is not None and getattr(mg.msg.info, "removed", False)) or (  # (its last word: it left)
                     sub.filter.visible is not None and (cur is None or sub.filter.hides(st.keys_of(cur)))):
                 msg: Message | None = removed_message(mid, None, None)
-            elif mg.count == 1 and mg.msg is not None:
+            elif mg.count == 1 and mg.msg is not None and (cur is None or _stale_at(
+                    st, mid, cur, now, judged) == says_stale(mg.msg)):
+                # one change, sent as is — while its ``stale`` (judged when the node applied it) is
+                # still the server's word now: a ``status`` may have said the market turned stale (or
+                # fresh) since, and the client takes the later word, this message, then every
+                # heartbeat confirms it. Otherwise it is sent as the merge below (as of now).
                 msg = mg.msg
             else:
                 k = mg.key(mid)
@@ -1900,6 +1990,7 @@ class Hub:
             return
         now = now_ms()
         cache: dict[tuple[object, ...], Message | None] = {}
+        judged: dict[str, bool] = {}
         token = self.state.token
         for sub in dirty:
             cp = sub.cpending
@@ -1910,7 +2001,7 @@ class Hub:
             frames: list[bytes] = []
             metas: list[Any] = []
             try:
-                n = self._merged_frames(sub, list(cp.items()), token, cache, now, frames, metas)
+                n = self._merged_frames(sub, list(cp.items()), token, cache, now, frames, metas, judged)
                 if frames:
                     conn.push(frames, metas, n)
             except Exception:
@@ -2095,6 +2186,7 @@ class Hub:
                 mg.add(msg)
         now = now_ms()
         cache: dict[tuple[object, ...], Message | None] = {}
+        judged: dict[str, bool] = {}
         n = n_states
         for sub, g in groups.items():
             if sub.id not in conn.subs:
@@ -2113,7 +2205,7 @@ class Hub:
                 last = self.safe_token(sub)
             else:
                 last = self.state.token
-            n += self._merged_frames(sub, list(g.items()), last, cache, now, frames, metas)
+            n += self._merged_frames(sub, list(g.items()), last, cache, now, frames, metas, judged)
         conn.outbox = frames
         conn.meta = metas
         conn.outbox_bytes = n
@@ -2207,7 +2299,7 @@ class Hub:
                                 gone = removals.get(mid)
                                 if gone is None:
                                     gone = removals[mid] = removed_message(mid, None, None)
-                                self._deliver(sub, [gone], st.token)
+                                self._deliver(sub, [gone], st.token, st.token)
                             continue
                         msg = images.get(mid)
                         if msg is None:
@@ -2218,7 +2310,7 @@ class Hub:
                                                               info=DeltaInfo(mid, (), False, False, True))
                         # in order with the market's deltas and a `removed` of a move out before it
                         # (conflation and a slow consumer's collapse merge them: the last word wins)
-                        self._deliver(sub, [msg], st.token)
+                        self._deliver(sub, [msg], st.token, st.token)
                         if states:
                             for eid in st.state_events(m):
                                 events[eid] = None
@@ -2403,6 +2495,37 @@ class Hub:
                     conn.push1(fr, HEARTBEAT)
             except Exception:  # one connection's failure must not cost the others their heartbeat
                 self._close_failed(conn, "heartbeat")
+
+
+def _stale_at(st: NodeState, mid: str, m: "Market", now: int, judged: dict[str, bool]) -> bool:
+    """``stale`` of market ``m`` at ``now``, judged once per market per flush (``judged``)."""
+    stale = judged.get(mid)
+    if stale is None:
+        stale = judged[mid] = st.age_stale(m, now)[1]
+    return stale
+
+
+def says_stale(msg: Message) -> bool:
+    """The ``stale`` a ``delta`` message carries (its last field, :func:`streaming.encoding.delta_message`)."""
+    return msg.json.endswith(b'"stale":true}')
+
+
+def must_send_now(msgs: list[Message]) -> list[str]:
+    """The markets among ``msgs`` (one entry's messages for a conflated subscription) whose change
+    must not wait for the conflation window's end (:meth:`Hub._flush_markets`): a status may have
+    changed — a header (the book sends one only when a field of it changed: the market's status,
+    in play, …), a selection's ``status`` (a selection change carries only its changed fields),
+    an image (the whole market). The rest wait — a ``removed`` too: the window keeps it as the
+    market's last word (a market relinked out and back within the window is one image)."""
+    out: list[str] = []
+    for m in msgs:
+        info: Any = m.info
+        if info is None:
+            continue
+        if info.is_image or info.has_header or (info.sel_ids and b'"status":' in m.json):
+            if info.market_id not in out:
+                out.append(info.market_id)
+    return out
 
 
 def interrupt(conn: Connection) -> None:

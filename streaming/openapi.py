@@ -446,7 +446,8 @@ _P_IF_NONE_MATCH = {"name": "If-None-Match", "in": "header", "required": False, 
                     "description": "an ETag of an earlier answer: 304 while nothing listed changed"}
 _P_HEARTBEAT = _q("heartbeat_ms", "heartbeat interval, ms (default ODDSFEED_HEARTBEAT_MS)",
                   {"type": "integer", "minimum": 100, "maximum": 300000})
-_P_ODDS_FORMAT = _q("odds_format", "price format of the messages",
+_P_ODDS_FORMAT = _q("odds_format", "price format of the messages: every selection price of the delta stream; "
+                                    "with `view=best` each outcome's `best.price`, `best_lay.price` and `fair`",
                     {"type": "string", "enum": ["decimal", "fractional", "american"], "default": "decimal"})
 _P_CONFLATE = _q("conflate_ms", "0 (every change, default) or 10–120000: the latest state per market within "
                                 "the window, merged into one delta flagged `conflated`", {"type": "integer"})

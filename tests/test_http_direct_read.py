@@ -198,7 +198,7 @@ def requests(draw: st.DrawFn) -> bytes:
     return data + draw(st.sampled_from([b"", b"", b"POST /v1/price-check HTTP/1.1\r\n", b"\r\n", b"x"]))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 def test_what_the_direct_read_takes_httptools_reads_the_same(data: bytes) -> None:
     r = read(data)
