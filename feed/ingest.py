@@ -169,7 +169,8 @@ class Ingest:
         #: :meth:`restore` found the source's stored session: its cursor and markets continue it
         self.resumed = False
         self.health = SourceHealth(source=source, kind=kind, state="DOWN", reason="starting",
-                                   stale_after_ms=stale_after_ms, lease_ms=lease_ms, session=self.session)
+                                   stale_after_ms=stale_after_ms, lease_ms=lease_ms, session=self.session,
+                                   states_confirmed_at=0)
         self.max_future_skew_ms = max_future_skew_ms
         self._max_stream_lag_ms = 0
         self.max_stream_lag_ms = max_stream_lag_ms
@@ -207,6 +208,11 @@ class Ingest:
         #: every message received confirms the source's markets once it is stored
         #: (streams); a poller sets it False and confirms per poll (:meth:`confirm`)
         self.confirm_by_messages = True
+        #: the source's event states come from calls of their own (The Odds API's ``/scores``):
+        #: only :meth:`confirm_states` confirms them (``SourceHealth.states_confirmed_at``), never
+        #: a confirmation of its markets; False: they are confirmed with the markets
+        self.confirm_states_apart = False
+        self._states_fed_at = 0
         self._store_down_since: float | None = None
         self._retry_at = 0.0
         self._store_backoff = Backoff(initial_s=0.2, factor=2.0, max_s=5.0)
@@ -473,15 +479,40 @@ class Ingest:
 
     def _confirmed(self, recv_ms: int) -> None:
         """Everything received up to ``recv_ms`` is stored: the source's
-        markets are confirmed as of then (``SourceHealth.last_message_at``).
-        Never earlier: a heartbeat must not vouch for changes still waiting
-        for the store. Never while the provider flags its stream degraded
-        (ESA ``status: 503``: "data may be delayed"): a heartbeat then does not
-        say nothing changed, so quiet markets age from their own last change."""
+        markets are confirmed as of then (``SourceHealth.last_message_at``),
+        and its event states too (``states_confirmed_at``) unless they are
+        confirmed apart (:attr:`confirm_states_apart`). Never earlier: a
+        heartbeat must not vouch for changes still waiting for the store.
+        Never while the provider flags its stream degraded (ESA ``status:
+        503``: "data may be delayed"): a heartbeat then does not say nothing
+        changed, so quiet markets age from their own last change."""
         if self._degraded:
             return
-        if recv_ms > self.health.last_message_at:
-            self.health.last_message_at = recv_ms
+        h = self.health
+        if recv_ms > h.last_message_at:
+            h.last_message_at = recv_ms
+        if not self.confirm_states_apart and recv_ms > (h.states_confirmed_at or 0):
+            h.states_confirmed_at = recv_ms  # (its states came with what it confirms)
+
+    def confirm_states(self, recv_ms: int) -> None:
+        """The upstream confirmed the source's event states at ``recv_ms`` (a scores call
+        answered, every one of the source's scores calls answered at or after it): with
+        :attr:`confirm_states_apart`, ``SourceHealth.states_confirmed_at`` advances to it once
+        every state received before is stored (:meth:`_states_confirmed`); otherwise nothing
+        (the states are confirmed with the markets)."""
+        self._states_fed_at = max(self._states_fed_at, recv_ms)
+        if not self._states_pending and self._store_error is None:
+            self._states_confirmed(self._states_fed_at)
+
+    def _states_confirmed(self, recv_ms: int) -> None:
+        """Every event state received up to ``recv_ms`` is stored and the upstream vouched
+        for them then (:meth:`confirm_states`): a source whose states are confirmed apart
+        advances ``states_confirmed_at`` (never while the provider flags its data degraded)."""
+        if not self.confirm_states_apart or self._degraded:
+            return
+        h = self.health
+        if recv_ms > (h.states_confirmed_at or 0):
+            h.states_confirmed_at = recv_ms
 
     def take_stored_states(self) -> list[EventState]:
         """The event states written since the last call (the pipeline's feed
@@ -561,6 +592,7 @@ class Ingest:
         if not self._backlog and cursor is None and not self._rejections and not states:
             if self._store_error is None:
                 self._confirmed(fed_at)
+                self._states_confirmed(self._states_fed_at)
             return []
         if self._store_error is not None and time.monotonic() < self._retry_at:
             return []  # backing off: the backlog waits
@@ -633,6 +665,7 @@ class Ingest:
             if cursor is not None:
                 self._cursor_dirty = False
             self._confirmed(fed_at)
+            self._states_confirmed(self._states_fed_at)
             if self._store_error is not None:
                 logger.warning("source %s: store writable again after %.1f s; %d deltas written", self.source,
                                time.monotonic() - (self._store_down_since or 0.0), len(deltas))

@@ -541,6 +541,14 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     current at ``min(received_at, source_ts + max_lag_ms)`` — a backlog
     delivered after a stall is as old as it was published, not as fresh as
     its arrival (0: no such bound, e.g. polled snapshots).
+    states_confirmed_at: ms since the epoch up to which the source's event
+    states (scores, clock) are confirmed — everything it received about them
+    up to then is stored. A source whose messages carry its states advances it
+    with ``last_message_at``; one whose states come from calls of their own
+    (The Odds API's ``/scores``) only when those succeed, so a failing scores
+    call never lets an odds poll vouch for a frozen score. None (a record
+    written before the field existed): ``last_message_at`` stands for it
+    (:func:`states_confirmed_at`).
     """
 
     source: str
@@ -559,6 +567,13 @@ class SourceHealth(msgspec.Struct, kw_only=True):
     lease_ms: int = 0
     session: str | None = None
     max_lag_ms: int = 0
+    states_confirmed_at: int | None = None
+
+
+def states_confirmed_at(h: SourceHealth) -> int:
+    """Up to when (ms since the epoch) ``h``'s source confirmed its event states:
+    its ``states_confirmed_at``, or ``last_message_at`` in a record without it."""
+    return h.last_message_at if h.states_confirmed_at is None else h.states_confirmed_at
 
 
 #: Reason of a source whose ingest stopped renewing its health lease.

@@ -50,20 +50,23 @@ class Pipeline:
     kind's normaliser. stale_after_ms: advertised in the health record (how
     long the source's markets stay fresh without news). confirms_by_messages:
     every delivery confirms the source's markets once stored (streams), or
-    only :meth:`confirm` does (pollers). recorder: every delivered payload is
+    only :meth:`confirm` does (pollers). confirms_states_apart: the source's
+    event states are confirmed only by :meth:`confirm_states` (The Odds API:
+    its ``/scores`` calls), not with its markets. recorder: every delivered payload is
     written there first. time_map: a replay's mapping of provider times onto
     now (see :attr:`feed.ingest.Ingest.time_map`).
     """
 
     def __init__(self, store: Store, settings: Settings, *, name: str, kind: str, normaliser: Normaliser,
                  stale_after_ms: int | None = None, confirms_by_messages: bool = True,
-                 rejected_messages_redelivered: bool = False,
+                 confirms_states_apart: bool = False, rejected_messages_redelivered: bool = False,
                  recorder: Recorder | None = None, time_map: Callable[[int], int] | None = None,
                  lag_window_s: float = 60.0) -> None:
         self.normaliser = normaliser
         self.ingest = Ingest(store, source=name, normaliser=normaliser, book=Book(), kind=kind,
                              stale_after_ms=stale_after_ms or settings.stale_in_play_ms, **ingest_options(settings))
         self.ingest.confirm_by_messages = confirms_by_messages
+        self.ingest.confirm_states_apart = confirms_states_apart
         self.ingest.rejected_messages_redelivered = rejected_messages_redelivered
         self.ingest.time_map = time_map
         self.lag = LagWindow(lag_window_s, histogram=self.ingest.metrics.lag_seconds)
@@ -113,6 +116,12 @@ class Pipeline:
 
     def confirm(self, recv_ms: int) -> None:
         self.ingest.confirm(recv_ms)
+
+    def confirm_states(self, recv_ms: int) -> None:
+        """The upstream vouched for the source's event states at ``recv_ms`` (a source whose
+        states come from calls of their own, ``confirms_states_apart``: every scores call
+        answered): they read fresh as of then, once everything received before is stored."""
+        self.ingest.confirm_states(recv_ms)
 
     def set_state(self, state: SourceState, reason: str | None) -> None:
         if state == "UP" and self.ingest.degraded:
@@ -169,6 +178,7 @@ def build(store: Store, settings: Settings, spec: SourceSpec, *,
     normaliser = entry.load_normaliser()(spec, settings)
     pipeline = Pipeline(store, settings, name=spec.name, kind=spec.kind, normaliser=normaliser,
                         stale_after_ms=source.stale_after_ms, confirms_by_messages=source.confirms_by_messages,
+                        confirms_states_apart=getattr(source, "confirms_states_apart", False),
                         rejected_messages_redelivered=getattr(source, "rejected_messages_redelivered", False),
                         recorder=recorder)
     return source, pipeline

@@ -910,6 +910,16 @@ class Store:
             raise StoreError(f"redis read failed: {exc}") from None
         return (reply_text(first[0][0]) if first else None), (reply_text(last[0][0]) if last else "0-0")
 
+    async def event_state_log_head(self) -> str:
+        """The id of the newest entry of ``of:{es}:log`` (``"0-0"`` when it is
+        empty): read by a node after the source health records, it vouches for
+        a record's event states once its tail has read that far. Raises StoreError."""
+        try:
+            last = await self.redis.xrevrange(ES_LOG_KEY, count=1)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        return reply_text(last[0][0]) if last else "0-0"
+
     async def event_state_log_has(self, entry_id: str) -> bool:
         """Whether ``of:{es}:log`` still holds entry ``entry_id``. Raises StoreError."""
         try:

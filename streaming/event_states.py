@@ -11,13 +11,19 @@ was wiped and a new log begun) or the log went back, it reloads the hash. Listen
 with the states that changed — the seam the stream fan-out uses.
 
 Staleness (as markets have it, see the README's "Staleness"): ``age_ms`` =
-now − the later of the state's ``received_at`` and its source's last
-message while the source is UP or DEGRADED (a source still talking
-confirms the state it last gave); ``stale`` = the source is DOWN (or its
-lease ran out), or the state is not final (ENDED, CLOSED, CANCELLED,
-ABANDONED: a final score does not age) and ``age_ms`` exceeds the in-play or
-pre-match limit (or the source's own ``stale_after_ms`` when longer). Times
-are integer ms since the Unix epoch (UTC). A held state turns stale (or
+now − the later of the state's ``received_at`` and its source's states
+confirmation while the source is UP or DEGRADED (a source still talking
+confirms the state it last gave): ``SourceHealth.states_confirmed_at`` —
+``last_message_at`` for a source whose messages carry its states, the last
+successful scores calls for The Odds API — counted only once this node has
+read the event-state log as far as its head read right after that health
+record (:meth:`EventStates.set_health`; docs/architecture.md §41: a node
+vouches only for what it has read); ``stale`` = the source is DOWN (or its
+lease ran out), the store lost the held state (it went back in time:
+:attr:`EventStates.lost`, :meth:`EventStates.replace`), or the state is not
+final (ENDED, CLOSED, CANCELLED, ABANDONED: a final score does not age) and
+``age_ms`` exceeds the in-play or pre-match limit (or the source's own
+``stale_after_ms`` when longer). Times are integer ms since the Unix epoch (UTC). A held state turns stale (or
 fresh again) without a new state: each health refresh the node works out
 the stale states per source (:meth:`EventStates.stale_ids`) and announces a
 change as a ``status`` message's ``stale_events``, as it does stale markets.
@@ -41,9 +47,18 @@ import msgspec
 from redis.exceptions import RedisError
 
 from feed.errors import StoreError
-from feed.models import ENCODER, FINAL_EVENT_STATUSES, EventState, PeriodScore, Score, TeamCounts
+from feed.models import (
+    ENCODER,
+    FINAL_EVENT_STATUSES,
+    EventState,
+    PeriodScore,
+    Score,
+    SourceHealth,
+    TeamCounts,
+    states_confirmed_at,
+)
 from feed.sources.backoff import Backoff
-from streaming.encoding import parse_stream_id
+from streaming.encoding import StreamId, parse_stream_id
 from streaming.state import live_for_limits
 
 if TYPE_CHECKING:
@@ -56,11 +71,17 @@ logger = logging.getLogger(__name__)
 
 Listener = Callable[[list[EventState]], None]
 
+#: most health records waiting for the tail to reach their event-state log head
+_WAITING_MAX = 256
+
 
 class EventStates:
     """The node's event states by provider event id (see the module docstring).
 
     position: the id of the last ``of:{es}:log`` entry applied ("0-0": none).
+    epoch: the store epoch read with the last load (``of:epoch``).
+    lost: event id → the version of the held state the store no longer has (it went back
+    under the same epoch, :meth:`replace`): that state reads stale until a newer one comes.
     """
 
     def __init__(self) -> None:
@@ -68,19 +89,52 @@ class EventStates:
         self.position = "0-0"
         self.loaded = False
         self.reloads = 0
+        self.epoch: str | None = None
+        self.lost: dict[str, int] = {}
         #: called with the states that changed (after each log entry, and after a reload: all of them)
         self.listeners: list[Listener] = []
         self._json: dict[str, bytes] = {}
+        #: per source, the states confirmation (``SourceHealth.states_confirmed_at``) of the newest
+        #: health record whose event-state log head this node has read up to (:meth:`set_health`)
+        self._vouched: dict[str, int] = {}
+        #: health records waiting for the tail to reach the log head read after them: (head, source, confirmation)
+        self._waiting: list[tuple[StreamId, str, int]] = []
 
     def get(self, event_id: str) -> EventState | None:
         return self.states.get(event_id)
 
-    def replace(self, states: Iterable[EventState], position: str) -> None:
-        """Everything, as loaded from the store, read at log ``position``."""
-        self.states = {es.event_id: es for es in states}
+    def replace(self, states: Iterable[EventState], position: str, epoch: str | None = None) -> None:
+        """Everything, as loaded from the store, read at log ``position``, under store ``epoch``.
+
+        The store going back (an older snapshot restored, a failover that lost the last writes)
+        under the same epoch: a held state whose version is above the loaded one of its event
+        (same source) is *kept*, marked lost (:attr:`lost`) — it reads stale until a state of a
+        higher version arrives (or a later load finds the store holding its version again).
+        Why not take the store's older state: it is a score the node has already served as
+        superseded — fresh over REST it would be the wrong score reading fresh, and on the
+        streams it would go backwards (clients keep the highest version and ignore it, so REST
+        and streams would disagree). The kept one is the last the node knows, and says it can no
+        longer be vouched for. A state the store no longer holds at all is dropped (nothing is
+        served for it). The first load, or a changed epoch (a wiped store: versions start over),
+        takes the store's states whole."""
+        loaded = {es.event_id: es for es in states}
+        lost: dict[str, int] = {}
+        if self.loaded and epoch == self.epoch:
+            for eid, es in loaded.items():
+                held = self.states.get(eid)
+                if held is not None and held.source == es.source and held.version > es.version:
+                    loaded[eid] = held
+                    lost[eid] = held.version
+            if lost:
+                logger.warning("event-state store went back under the same epoch: %d states older than held "
+                               "(kept, read stale until a newer version arrives)", len(lost))
+        self.states = loaded
+        self.lost = lost
         self._json.clear()
         self.position = position
+        self.epoch = epoch
         self.loaded = True
+        self._reach()
         self._notify(list(self.states.values()))
 
     def apply(self, entry_id: str, states: Iterable[EventState]) -> list[EventState]:
@@ -88,14 +142,19 @@ class EventStates:
         held; returns the states that changed."""
         changed = []
         held = self.states
+        lost = self.lost
         for es in states:
             old = held.get(es.event_id)
             if old is not None and old.version >= es.version and old.source == es.source:
                 continue
             held[es.event_id] = es
             self._json.pop(es.event_id, None)
+            if lost:
+                lost.pop(es.event_id, None)
             changed.append(es)
         self.position = entry_id
+        if self._waiting:
+            self._reach()
         if changed:
             self._notify(changed)
         return changed
@@ -104,6 +163,48 @@ class EventStates:
         for eid in event_ids:
             self.states.pop(eid, None)
             self._json.pop(eid, None)
+            self.lost.pop(eid, None)
+
+    def set_health(self, sources: Iterable[SourceHealth], head: str | None) -> None:
+        """The source health records just read, and ``head``: the newest ``of:{es}:log`` entry
+        id read *after* them (:meth:`feed.store.Store.event_state_log_head`). A record's states
+        confirmation counts for its source's states only once this node's :attr:`position` has
+        reached ``head`` (§41, as :meth:`streaming.state.NodeState.set_health` for markets):
+        until then they keep the confirmation of the last record reached, so a stalled tail
+        makes them age, never read fresh on a score the node has not read. None: vouch at once
+        (the caller holds every write already: tests, tools)."""
+        sources = list(sources)
+        names = {h.source for h in sources}
+        for name in [n for n in self._vouched if n not in names]:
+            del self._vouched[name]
+        if head is None:
+            self._vouched = {h.source: states_confirmed_at(h) for h in sources}
+            return
+        for name in names:
+            self._vouched.setdefault(name, 0)
+        hid = parse_stream_id(head)
+        waiting = self._waiting
+        waiting.extend((hid, h.source, states_confirmed_at(h)) for h in sources)
+        if len(waiting) > _WAITING_MAX:  # a tail that cannot keep up: keep the newest (conservative)
+            del waiting[:len(waiting) - _WAITING_MAX]
+        self._reach()
+
+    def _reach(self) -> None:
+        """Vouch for the waiting records whose log head the tail has reached."""
+        waiting = self._waiting
+        if not waiting:
+            return
+        pos = parse_stream_id(self.position)
+        vouched = self._vouched
+        keep = []
+        for item in waiting:
+            head, source, at = item
+            if head <= pos:
+                if source in vouched and at > vouched[source]:
+                    vouched[source] = at
+            else:
+                keep.append(item)
+        self._waiting = keep
 
     def prune(self, now: int, retention_ms: int) -> list[str]:
         """Forget final states older than ``retention_ms`` and states unchanged
@@ -126,14 +227,16 @@ class EventStates:
 
     # -- staleness and JSON ------------------------------------------------------------------
 
-    @staticmethod
-    def age_stale(es: EventState, node: NodeState, now: int) -> tuple[int, bool]:
+    def age_stale(self, es: EventState, node: NodeState, now: int) -> tuple[int, bool]:
         """(age_ms, stale) of ``es`` at ``now`` (see the module docstring)."""
         h = node.source_health(es.source, now)
         last, down = node.changed_at(es.source, es.received_at, es.source_ts, h, now)
-        down = down or (h is not None and h.state == "DOWN")
-        if h is not None and not down and h.last_message_at > last:
-            last = h.last_message_at
+        down = down or (h is not None and h.state == "DOWN") or (bool(self.lost) and es.event_id in self.lost)
+        if h is not None and not down:
+            # the source's states confirmation, as far as this node has read the log it covers
+            confirmed = min(states_confirmed_at(h), self._vouched.get(es.source, 0))
+            if confirmed > last:
+                last = confirmed
         age = max(0, now - last)
         if down:
             return age, True
@@ -233,9 +336,10 @@ class EventStateTail:
     async def load(self) -> None:
         """Load every state; the log position is read first (a state written
         meanwhile is in the hash and comes again from the log: harmless)."""
+        epoch = await self.store.current_epoch()
         _, last = await self.store.event_state_log_bounds()
         states = await self.store.load_event_states()
-        self.states.replace(states, last)
+        self.states.replace(states, last, epoch)
 
     async def run(self) -> None:
         """Follow the log until cancelled."""

@@ -354,6 +354,8 @@ class Node:
         self.shutdown = asyncio.Event()
         self.stopping = False
         self.health_error: str | None = None
+        #: the last health refresh could not read the event-state log head (None: it could)
+        self.es_head_error: str | None = None
         self.health_at: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
@@ -527,11 +529,30 @@ class Node:
         sources = await self.store.sources()
         # read after the records: the node vouches for a record in a partition once it has read that far
         heads = await self.store.log_heads()
+        # the event states likewise: once the event-state tail has read that far. Its log lives on one
+        # slot of its own ({es}): a failure to read its head leaves the states with the confirmation
+        # last reached (they age) and must not hold back the markets' records
+        try:
+            es_head: str | None = await self.store.event_state_log_head()
+        except _REDIS_ERRORS as exc:
+            es_head = None
+            if self.es_head_error is None:
+                logger.warning("reading the event-state log head failed (%s): event states are not "
+                               "confirmed until it is read", exc)
+            self.es_head_error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.es_head_error = None
         self.state.set_health(sources, heads)
+        if es_head is not None:
+            self.event_states.set_health(sources, es_head)
         if await self.store.links_version() != self.state.links_version:  # the linker re-linked events
             version, links, canon = await self.store.load_links()
             moved = self.state.set_links(version, links, canon)
-            if moved:
+            if moved or self.hub.best.subs:
+                # (with nothing moved the linker may still have changed a canonical event's summary —
+                # its start time, its sides — which the best view judges books by (the start-time
+                # net, streaming.aggregate.start_disagrees): relinked refreshes the best view once,
+                # closing its subscribers' connections when that fails, as for a move)
                 self.hub.relinked(moved)
         self.health_at = now = now_ms()
         self._announce(now, announce=announce)

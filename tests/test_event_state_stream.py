@@ -584,6 +584,6 @@ def test_a_state_not_started_past_its_events_start_is_judged_by_the_in_play_limi
         st.replace_partitions({0: ("0-0", [m])}, "e")
         st.set_health([h], now=now)
         es = EventState(event_id="px:f1", source="px", status="NOT_STARTED", received_at=now - 25_000)
-        assert EventStates.age_stale(es, st, now) == (25_000, stale), start - now
+        assert EventStates().age_stale(es, st, now) == (25_000, stale), start - now
         final = msgspec.structs.replace(es, status="CLOSED")
-        assert EventStates.age_stale(final, st, now)[1] is False
+        assert EventStates().age_stale(final, st, now)[1] is False

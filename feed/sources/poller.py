@@ -74,7 +74,11 @@ I/O only — decoding and diffing are the normalisers' job
   ``/v4/sports/{key}/scores?daysFrom=1`` every ``live_interval_s`` for each
   sport key the normaliser asks for (``scores:<key>``: events in play),
   kept ``scores_linger_s`` after the last ask so a completion is seen
-  (``scores=off`` turns it off); scores polls confirm no market.
+  (``scores=off`` turns it off); scores polls confirm no market, and only
+  they confirm the event states (``SourceHealth.states_confirmed_at``: as of
+  the oldest last successful scores poll over the polled sport keys; an odds
+  poll never vouches for a score). Pinnacle's live scores come in its odds
+  answers: they are confirmed with its markets.
 
 Each answer is delivered as a :class:`~feed.sources.base.Payload` whose
 channel says what it answers (Pinnacle ``odds:29:since``; The Odds API's
@@ -435,6 +439,9 @@ class PollerSource:
 
     kind = "poller"
     confirms_by_messages = False
+    #: the source's event states are confirmed only by :meth:`Pipeline.confirm_states
+    #: <feed.pipeline.Pipeline.confirm_states>` (their own calls), not with its markets
+    confirms_states_apart = False
 
     def __init__(self, name: str, http: ProviderHttp, options: PollerOptions, *,
                  clock: Callable[[], float] = time.monotonic, stale_after_ms: int | None = None) -> None:
@@ -925,6 +932,7 @@ class TheOddsApiSource(PollerSource):
     """
 
     kind = "theoddsapi"
+    confirms_states_apart = True  # (its scores come from /scores, never from the odds polls)
 
     def __init__(self, name: str, http: ProviderHttp, options: PollerOptions, *, sports: list[str],
                  odds_format: Literal["decimal", "american"] = "decimal", regions: str = "eu",
@@ -939,6 +947,8 @@ class TheOddsApiSource(PollerSource):
         #: sport key -> monotonic time until which its scores are polled
         self._scores_until: dict[str, float] = {}
         self.scores_polls = 0
+        #: scores key -> when (ms, :attr:`HttpResult.asked_ms`) its last successful scores poll was sent
+        self._scores_ok_at: dict[str, int] = {}
         self.sports = sports
         self.odds_format = odds_format
         self.regions = regions
@@ -996,6 +1006,7 @@ class TheOddsApiSource(PollerSource):
         self.scores_polls += 1
         if res.status == 304 or not res.body.strip():
             self.not_modified += res.status == 304
+            self.scores_confirmed(key, res.asked_ms)
             return
         etag = res.headers.get("etag")
         if etag and self.conditional and etag.isascii():  # (httpx cannot send a non-ASCII one back)
@@ -1003,7 +1014,22 @@ class TheOddsApiSource(PollerSource):
         got = await self.ingest_body(res.body, res.recv_ms, key)
         if got.rejected_messages or got.rejected_parts:
             self.etags.pop(key, None)
+        else:  # a rejected answer (or a state rejected alone: it may be behind) confirms no score
+            self.scores_confirmed(key, res.asked_ms)
         self._want_scores(got.requests)
+
+    def scores_confirmed(self, key: str, asked_ms: int) -> None:
+        """A scores poll of ``key`` (``scores:<sport key>``) succeeded for a request sent at
+        ``asked_ms``: the source's event states are confirmed as of the *oldest* last successful
+        scores poll over the scores keys polled now (as :meth:`odds_confirmed` does the markets);
+        one sport's scores failing confirms none. An odds poll never confirms a score, so while no
+        sport's scores are polled (nothing in play) the held states age from the last confirmation."""
+        self._scores_ok_at[key] = asked_ms
+        times = [self._scores_ok_at.get(k) for k in self.keys() if k.startswith("scores:")]
+        if times and None not in times:
+            confirm = getattr(self.sink, "confirm_states", None)  # (a sink without it: the pipeline's has)
+            if confirm is not None:
+                confirm(min(t for t in times if t is not None))
 
     async def poll(self, key: str) -> None:
         if key.startswith("scores:"):

@@ -816,6 +816,7 @@ export interface SourceStatus {
   lease_ms?: number;
   session?: string | null;
   max_lag_ms?: number;
+  states_confirmed_at?: number | null;
   rejected_by_reason: {
     [key: string]: number;
   };
@@ -1131,6 +1132,7 @@ export const SCHEMA_DEFAULTS = {
     lease_ms: 0,
     session: null,
     max_lag_ms: 0,
+    states_confirmed_at: null,
   },
   Subscribe: {
     filter: null,
