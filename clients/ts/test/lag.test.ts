@@ -274,13 +274,21 @@ test("a resumed without as_of (an older server): stale until the first heartbeat
   }
 });
 
-test("an event state leaves with the last market that refers to it (event id and race id)", () => {
+/** A client filtered on competition c1, with market and race-market builders (event bf:100's races
+ *  start at t1 = 17:00 UTC: race ids .1700 / .1730), for the event-state tests below. */
+function stateClient() {
   const now = 1_000;
   const c = new OddsClient("http://127.0.0.1:9", { now: () => now, wallNow: () => T, competition: "c1" });
-  const t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000); // 17:00 UTC: race ids .1700 / .1730
+  const t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000);
   const m = (id: string, event: string, extra: Partial<MarketWithAge> = {}): MarketWithAge =>
     mk(id, true, { event_id: event, competition: "c1", ...extra });
-  const race = (id: string, start: number): MarketWithAge => m(id, "bf:100", { sport: "horse_racing", start_time: start });
+  const race = (id: string, start: number, seq = 1): MarketWithAge =>
+    m(id, "bf:100", { sport: "horse_racing", start_time: start, seq });
+  return { c, t1, m, race };
+}
+
+test("an event state leaves with the last market that refers to it (event id and race id)", () => {
+  const { c, t1, m, race } = stateClient();
   c.handleMessage({ type: "snapshot", as_of: T, markets: [m("a1", "e1"), m("a2", "e1"), m("b1", "e2"),
     race("r1", t1), race("r2", t1 + 1_800_000)] }, "t0");
   for (const id of ["e1", "e2", "bf:100", "bf:100.1700", "bf:100.1730"]) {
@@ -318,13 +326,7 @@ test("a market that moves to another event or race takes the states left without
   // event_id or another start: another race) left its old event's state in the client: no market
   // referred to it, the server sent no more of it nor listed it in stale_events, and it read fresh
   // for good. The move now drops the states it was shown with that no market left refers to.
-  const now = 1_000;
-  const c = new OddsClient("http://127.0.0.1:9", { now: () => now, wallNow: () => T, competition: "c1" });
-  const t1 = 1_900_000_000_000 - (1_900_000_000_000 % 3_600_000); // 17:00 UTC: race ids .1700 / .1730
-  const m = (id: string, event: string, extra: Partial<MarketWithAge> = {}): MarketWithAge =>
-    mk(id, true, { event_id: event, competition: "c1", ...extra });
-  const race = (id: string, start: number, seq = 1): MarketWithAge =>
-    m(id, "bf:100", { sport: "horse_racing", start_time: start, seq });
+  const { c, t1, m, race } = stateClient();
   const image = (mkt: MarketWithAge): ServerMessage => ({ type: "delta", market_id: mkt.market_id, seq: mkt.seq,
     kind: "image", source: "s1", source_ts: T, received_at: T, sent_at: T, age_ms: 0, stale: false,
     market: mkt } as ServerMessage);
