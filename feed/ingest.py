@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 
 import msgspec
+from msgspec import UNSET
 
 from feed.aio import raise_if_cancelled, wait_event
 from feed.book import Book, image_delta
@@ -130,6 +131,11 @@ class Ingest:
       ``max_future_skew_ms`` ahead of receipt); a rejected market is
       quarantined alone and *unconfirmed* (its source's heartbeats stop
       confirming it), the rest of the message applies;
+    - an event state rejected alone (``event_id`` set: a normaliser's, or
+      :func:`feed.validate.validate_event_state`'s) marks the event's held
+      state lost: it is written again with the next version and
+      ``EventState.lost`` (every node reads it stale, final or not, whatever
+      confirms the source) until a good state of the event replaces it;
     - ``session`` names the current upstream session (image lineage): a
       message that starts a full image of the subscription
       (``batch.full_image``) opens a new one, so markets the new upstream
@@ -198,6 +204,8 @@ class Ingest:
         #: ladder sides already validated (an unchanged side is not walked again; feed.validate)
         self._checked = CheckedLadders()
         self._unconfirm: set[str] = set()
+        #: events whose state the payload being taken rejected alone (:meth:`_mark_states_lost`)
+        self._states_rejected: set[str] = set()
         self._backlog: list[Delta] = []
         self._cursor_dirty = False
         self._degraded = False
@@ -224,6 +232,8 @@ class Ingest:
         #: a source that can ask its upstream for a fresh image watches it (:meth:`take_lost`)
         self.lost_changes = 0
         self._lost_seen = 0
+        #: held event states marked lost (a later state of the event rejected alone; see the trust rules)
+        self.lost_states = 0
         #: messages rejected whole (nothing of them applied)
         self.rejected_messages = 0
         #: the provider delivers a message rejected whole again (a webhook answered 422): its
@@ -308,6 +318,8 @@ class Ingest:
         recv_ms = 0
         fed_at = 0  # receipt of the last payload taken (a payload rejected whole vouches for nothing)
         for payload in payloads:
+            if self._states_rejected:  # the previous payload's, after its own states (they may be of the same event)
+                self._mark_states_lost()
             raw, recv_ms = payload.data, payload.recv_ms
             if not raw or raw.isspace():
                 continue
@@ -371,6 +383,8 @@ class Ingest:
                 requests.update(batch.requests)
             if batch.in_play is not None:
                 out.in_play = batch.in_play
+        if self._states_rejected:
+            self._mark_states_lost()
         if requests:
             out.requests = frozenset(requests)
         if self.confirm_by_messages and fed_at:
@@ -429,7 +443,32 @@ class Ingest:
                     continue
                 if es.same_content(prev):
                     continue
-            pending[es.event_id] = msgspec.structs.replace(es, version=(prev.version if prev is not None else 0) + 1)
+            # (only the ingest marks a state lost: a good one clears the mark, :meth:`_mark_states_lost`)
+            pending[es.event_id] = msgspec.structs.replace(es, version=(prev.version if prev is not None else 0) + 1,
+                                                           lost=UNSET)
+
+    def _mark_states_lost(self) -> None:
+        """The events whose state the payload just taken rejected alone (after the states it
+        delivered, which may be of the same event: the rejected one may be the later word): the
+        state held for each — waiting for the flush, else the last stored — is marked
+        :attr:`~feed.models.EventState.lost`, a stored one written again with the next version
+        (the store keeps the highest; every node takes it and reads it stale, final or not, until
+        a good state of the event, written without the mark, replaces it). The provider has moved
+        on from a state its other messages would otherwise keep confirming. An event with no
+        state held has nothing to mark; one stored already marked is not written again."""
+        pending, held = self._states_pending, self.event_states
+        for eid in self._states_rejected:
+            cur = pending.get(eid)
+            if cur is None:
+                cur = held.get(eid)
+                if cur is None or cur.lost is True:
+                    continue
+                cur = msgspec.structs.replace(cur, version=cur.version + 1)
+            elif cur.lost is True:
+                continue
+            pending[eid] = msgspec.structs.replace(cur, lost=True)
+            self.lost_states += 1
+        self._states_rejected.clear()
 
     async def _flush_states(self) -> None:
         """Write the pending event states (raises StoreError; they stay pending)."""
@@ -447,7 +486,8 @@ class Ingest:
                 del self._states_pending[es.event_id]
             self.event_states[es.event_id] = es
         if len(self._states_stored) < 10_000:  # nobody taking them (a bare Ingest): bounded
-            self._states_stored.extend(states)
+            # (a state marked lost is one received earlier written again: no feed-lag sample)
+            self._states_stored.extend(es for es in states if es.lost is not True)
         self.stats.event_states += result.kept
         self.stats.event_states_dropped += result.dropped + result.foreign
         if result.foreign:
@@ -745,6 +785,8 @@ class Ingest:
         if exc.market_id is not None:
             self._unconfirm.add(exc.market_id)
             self.lost_changes += 1
+        elif exc.event_id is not None:  # an event state rejected alone: the held one is marked lost
+            self._states_rejected.add(exc.event_id)
         rej = self._rejections
         if len(rej) >= QUARANTINE_QUEUE_MAX:  # the store is failing: keep the newest, count the rest
             del rej[0]

@@ -463,6 +463,12 @@ class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     replay's own clock when it was mapped onto now. version: per event,
     strictly increasing, assigned by the ingest when it stores a changed
     state (a consumer that holds version v ignores anything ≤ v).
+    lost: True when the ingest rejected a later state of the event alone
+    (out of bounds): this is the last state it held, written again with the
+    next version to say a change of the event may be lost — readers take it
+    as stale (final or not) until a newer good state replaces it (written
+    without the mark). Absent otherwise (:data:`msgspec.UNSET`: old records
+    and the wire stay as they were); only the ingest sets it.
     """
 
     event_id: str
@@ -479,14 +485,18 @@ class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     received_at: int = 0
     source_ts_original: int | None = None
     version: int = 0
+    lost: bool | UnsetType = UNSET
 
     def same_content(self, other: EventState | None) -> bool:
         """True when ``other`` says the same as this state (status, in-play,
-        period, clock, score, cards, innings, race), whatever the times and version."""
+        period, clock, score, cards, innings, race), whatever the times and version
+        — and both or neither are marked :attr:`lost` (a good state clears the mark
+        even when it says what the marked one said)."""
         return (other is not None and self.event_id == other.event_id and self.status == other.status
                 and self.in_play == other.in_play and self.period == other.period and self.clock == other.clock
                 and self.score == other.score and self.red_cards == other.red_cards
-                and self.innings == other.innings and self.race == other.race)
+                and self.innings == other.innings and self.race == other.race
+                and (self.lost is True) == (other.lost is True))
 
     @property
     def provider_ts(self) -> int:

@@ -20,7 +20,9 @@ read the event-state log as far as its head read right after that health
 record (:meth:`EventStates.set_health`; docs/architecture.md §41: a node
 vouches only for what it has read); ``stale`` = the source is DOWN (or its
 lease ran out), the store lost the held state (it went back in time:
-:attr:`EventStates.lost`, :meth:`EventStates.replace`), or the state is not
+:attr:`EventStates.lost`, :meth:`EventStates.replace`), the ingest marked the
+state lost (``EventState.lost``: a later state of the event was rejected
+alone — the provider moved on from it; until a newer good version arrives), or the state is not
 final (ENDED, CLOSED, CANCELLED, ABANDONED: a final score does not age) and
 ``age_ms`` exceeds the in-play or pre-match limit (or the source's own
 ``stale_after_ms`` when longer). Times are integer ms since the Unix epoch (UTC). A held state turns stale (or
@@ -232,7 +234,8 @@ class EventStates:
         """(age_ms, stale) of ``es`` at ``now`` (see the module docstring)."""
         h = node.source_health(es.source, now)
         last, down = node.changed_at(es.source, es.received_at, es.source_ts, h, now)
-        down = down or (h is not None and h.state == "DOWN") or (bool(self.lost) and es.event_id in self.lost)
+        down = (down or (h is not None and h.state == "DOWN") or es.lost is True
+                or (bool(self.lost) and es.event_id in self.lost))
         if h is not None and not down:
             # the source's states confirmation, as far as this node has read the log it covers
             confirmed = min(states_confirmed_at(h), self._vouched.get(es.source, 0))

@@ -230,6 +230,7 @@ export interface EventStateOfMember {
   received_at?: number;
   source_ts_original?: number | null;
   version?: number;
+  lost?: boolean;
   age_ms: number;
   stale: boolean;
   reversed: boolean;
@@ -257,6 +258,7 @@ export interface EventStateWithAge {
   received_at?: number;
   source_ts_original?: number | null;
   version?: number;
+  lost?: boolean;
   age_ms: number;
   stale: boolean;
 }
