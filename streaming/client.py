@@ -1213,7 +1213,7 @@ class OddsClient:
         self._flagged[mid] = bool(env.stale)
         if d.kind == "image":
             self._missed.discard(mid)  # the whole market again: nothing of it is missing any more
-        if cur is not None and _state_keys(cur) != _state_keys(new):
+        if cur is not None and (d.header is not None or d.kind == "image") and _state_keys(cur) != _state_keys(new):
             # it moved to another event (or race) and stays in the book: the states it was shown
             # with may have no market left, and the server sends no more of them
             self._drop_orphan_states(cur)

@@ -56,11 +56,11 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
-from feed.models import ENCODER, Delta
+from feed.models import ENCODER, Delta, SelectionChange
 
 __all__ = [
     "LazyDeltaMessage", "Message", "ResumeToken", "StreamId", "ack_message", "delta_message", "encode_token", "decode_token",
@@ -346,18 +346,38 @@ class LazyDeltaMessage(Message):
         d = self._delta
         if d is None:
             return len(self.json)
-        # (every field present, every number at its longest — 24 characters, "-2.2250738585072014e-308" —
-        # and every character of a string written as a 6-byte \uXXXX escape)
-        n = 600 + 6 * (len(d.market_id) + len(d.source) + len(d.session or ""))
+        # (every field present, every number at its longest and every character of a string written
+        # as a 6-byte \uXXXX escape: _DELTA_MAX / _SELECTION_MAX / _LEVEL_MAX, measured at import)
+        n = _DELTA_MAX + 6 * (len(d.market_id) + len(d.source) + len(d.session or ""))
         for s in d.selections:
-            n += 420 + 6 * len(s.selection_id) + 56 * (len(s.back or ()) + len(s.lay or ()))
-            if type(s.name) is str:
-                n += len(s.name) * 6
-            if type(s.price_raw) is str:
-                n += len(s.price_raw) * 6
+            n += _SELECTION_MAX + 6 * len(s.selection_id) + _LEVEL_MAX * (len(s.back or ()) + len(s.lay or ()))
+            for text in (s.name, s.price_raw, s.outcome):
+                if type(text) is str:
+                    n += len(text) * 6
         if d.header is not None:
             n += len(ENCODER.encode(d.header))
         return n
+
+
+def _longest_encodings() -> tuple[int, int, int]:
+    """(a delta message without selections, one selection change, one ladder level) with every
+    field present, every number at its longest (a float's 24 characters, an int's 20, the
+    longest status) and every string empty — bytes, measured from the encoder itself, so a field
+    added to the model is counted (:meth:`LazyDeltaMessage.size_hint` adds the strings)."""
+    f, i = -2.2250738585072014e-308, -(2 ** 63)
+    longest: dict[str, Any] = {
+        name: ("" if name in ("name", "price_raw", "outcome") else "SUSPENDED" if name == "status"
+               else [] if name in ("back", "lay") else i if name == "sort_priority" else f)
+        for name in SelectionChange.__struct_fields__ if name != "selection_id"}
+    sel = SelectionChange(selection_id="", **longest)
+    delta = Delta(market_id="", seq=i, kind="delta", source="", source_ts=i, received_at=i, stored_at=i,
+                  source_ts_original=i, session="", selections=[sel], traded_volume=f)
+    whole = LazyDeltaMessage(delta, age_ms=i, stale=False, sent_at=i, token=None).json
+    one = len(ENCODER.encode(sel)) + 1  # (its comma)
+    return len(whole) - one + 1, one, len(ENCODER.encode((f, f))) + 1
+
+
+_DELTA_MAX, _SELECTION_MAX, _LEVEL_MAX = _longest_encodings()
 
 
 def snapshot_message(markets: Iterable[bytes], *, as_of: int, token: bytes | None,

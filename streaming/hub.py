@@ -1182,6 +1182,7 @@ class Hub:
             return None
         floor, floor_version = self._relink_floor, self._relink_floor_version
         issued_under = tok.links_version
+        current = self.state.links_version
         for e in f.event:
             at = self._relinks.get(e)
             version = self._relink_versions.get(e, -1)
@@ -1194,6 +1195,12 @@ class Hub:
             if issued_under is not None and issued_under < version:
                 return (f"canonical event {e} was re-linked (links version {version}) after the links the token "
                         f"was issued under ({issued_under})")
+            if issued_under is not None and issued_under != current and e.startswith(CANONICAL_PREFIX):
+                # issued under other links than this node's: what that node's relinks sent the client,
+                # or this node's relink that moved nothing it held then (a market it has since), is not
+                # known here — older or newer, the client's event may differ from this node's
+                return (f"the token was issued under links version {issued_under}, this node serves "
+                        f"{current}: canonical event {e} may differ")
         return None
 
     def unsubscribe(self, conn: Connection, sub_id: int) -> bool:
@@ -1503,6 +1510,9 @@ class Hub:
         # collapse merges from the markets as they are now, so a subscription of the connection
         # still waiting for this entry's delta would get it after a merge that carries its seq
         over: list[Connection] | None = None
+        # a conflated status change's merged messages and verdicts: built once per entry, not per subscription
+        hot_cache: dict[tuple[object, ...], Message | None] | None = None
+        hot_judged: dict[str, bool] | None = None
         for g, msgs in per_group.items():
             built = False
             hot: list[str] | None = None  # (conflated groups: the markets whose change goes at once)
@@ -1527,7 +1537,9 @@ class Hub:
                     if hot is None:
                         hot = must_send_now(msgs)
                     if hot:  # a status change: not held to the window's end
-                        out = self._flush_markets(sub, hot, entry.token)
+                        if hot_cache is None:
+                            hot_cache, hot_judged = {}, {}
+                        out = self._flush_markets(sub, hot, entry.token, hot_cache, hot_judged)
                         if out is not None and conn.push_held(*out):
                             if over is None:
                                 over = [conn]
@@ -1865,8 +1877,9 @@ class Hub:
                 mg = cp[mid] = Merge(token_before)
             mg.add(m)
 
-    def _flush_markets(self, sub: Subscription, mids: list[str], token_after: bytes | None
-                       ) -> tuple[list[bytes], list[Any], int] | None:
+    def _flush_markets(self, sub: Subscription, mids: list[str], token_after: bytes | None,
+                       cache: dict[tuple[object, ...], Message | None] | None = None,
+                       judged: dict[str, bool] | None = None) -> tuple[list[bytes], list[Any], int] | None:
         """Take markets ``mids`` out of ``sub``'s conflation window and return their frames (the
         caller queues them): a change that must not wait for the window's end (:func:`must_send_now`:
         a suspension, a close, a settlement, a runner removed — held for up to ``conflate_ms``
@@ -1875,24 +1888,36 @@ class Hub:
         message, judged as of now). Tokens: a frame carries the token from before the earliest change
         not sent yet when it arrives — a market still held (from before the first of them: the
         window goes on) or a later one of ``mids`` — else ``token_after`` (the token after what was
-        gathered), so a resume from any of them misses nothing. None: nothing to send."""
+        gathered), so a resume from any of them misses nothing. None: nothing to send. ``cache`` /
+        ``judged``: shared by the subscriptions of one dispatch (:meth:`_merged_frames`)."""
         cp = sub.cpending
         if not cp:
             return None
-        items = list(cp.items())  # (first-change order)
         hot = set(mids)
-        cold = next((i for i, (mid, _) in enumerate(items) if mid not in hot), None)
+        # (first-change order) the window usually holds markets from before the hot ones: then every
+        # hot one takes the first held market's token — found without walking the whole window
+        first_mid, first = next(iter(cp.items()))
+        if first_mid in hot:
+            items = list(cp.items())
+            cold = next((i for i, (mid, _) in enumerate(items) if mid not in hot), None)
+        else:
+            items = [(mid, mg) for mid in mids if (mg := cp.get(mid)) is not None]
+            cold = -1
         frames: list[bytes] = []
         metas: list[Any] = []
         n = 0
         now = now_ms()
-        cache: dict[tuple[object, ...], Message | None] = {}
-        judged: dict[str, bool] = {}
+        if cache is None:
+            cache = {}
+        if judged is None:
+            judged = {}
         try:
             for i, (mid, mg) in enumerate(items):
                 if mid not in hot:
                     continue
-                if cold is not None and cold < i:
+                if cold == -1:
+                    token = first.token_before
+                elif cold is not None and cold < i:
                     token = items[cold][1].token_before
                 elif i + 1 < len(items):
                     token = items[i + 1][1].token_before
@@ -2286,6 +2311,9 @@ class Hub:
         images: dict[str, Message] = {}
         removals: dict[str, Message] = {}
         states = self._has_states()
+        # the relink's messages go with the token from before it (old positions' links): a collapse or
+        # a conflation window that holds one hands out no token naming the new links ahead of it
+        before = st.links_token_before
         for conn in list(self.connections):
             try:
                 for sub in list(conn.subs.values()):
@@ -2299,18 +2327,21 @@ class Hub:
                                 gone = removals.get(mid)
                                 if gone is None:
                                     gone = removals[mid] = removed_message(mid, None, None)
-                                self._deliver(sub, [gone], st.token, st.token)
+                                self._deliver(sub, [gone], before, st.token)
                             continue
                         msg = images.get(mid)
                         if msg is None:
                             age, stale = st.age_stale(m, now)
+                            # no token: a relink is no log entry, and the token after it names the new
+                            # links — a client must not hold it before it got every message of the relink
+                            # (its next heartbeat brings it, queued behind them)
                             msg = images[mid] = delta_message(image_of(m), market_json=st.market_json(m, now),
-                                                              age_ms=age, stale=stale, sent_at=now, token=st.token,
-                                                              prev_token=st.token,
+                                                              age_ms=age, stale=stale, sent_at=now, token=None,
+                                                              prev_token=None,
                                                               info=DeltaInfo(mid, (), False, False, True))
                         # in order with the market's deltas and a `removed` of a move out before it
                         # (conflation and a slow consumer's collapse merge them: the last word wins)
-                        self._deliver(sub, [msg], st.token, st.token)
+                        self._deliver(sub, [msg], before, st.token)
                         if states:
                             for eid in st.state_events(m):
                                 events[eid] = None

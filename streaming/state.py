@@ -605,6 +605,8 @@ class NodeState:
         #: partition -> how many loads of it had completed when it was last marked rebuilding
         self._marked_after: dict[int, int] = {}
         self.token: bytes = encode_token(None, self.positions, self.links_version)
+        #: the token before the last set_links (what a relink's messages carry as their token before)
+        self.links_token_before: bytes = self.token
         #: apply_entry: the entry's markets that may newly match a subscription (PreparedEntry.newly)
         self._newly: list[Newly] | None = None
         self.ring = ReplayRing(self.options.replay_ring_entries, self.options.replay_ring_bytes, self.positions)
@@ -802,7 +804,9 @@ class NodeState:
             except msgspec.MsgspecError:
                 continue
         self.links, self.canon, self.links_version = links, summaries, version
-        # tokens from now on say these links (a resume elsewhere judges relinks by it)
+        # tokens from now on say these links (a resume elsewhere judges relinks by it) — once what
+        # the relink sends (Hub.relinked) is queued: those messages go with the token from before
+        self.links_token_before = self.token
         self.token = encode_token(self.epoch, self.positions, version)
         index: dict[str, set[str]] = {}
         for m in self.markets.values():

@@ -32,13 +32,15 @@ def _changes(draw: st.DrawFn) -> SelectionChange:
 
     return SelectionChange(
         selection_id=draw(_TEXT), name=field(st.one_of(st.none(), _TEXT)), handicap=field(_FLOATS),
-        status=field(st.sampled_from(["ACTIVE", "REMOVED", "WINNER", "LOSER", "PLACED", "HIDDEN"])),
+        status=field(st.sampled_from(["ACTIVE", "SUSPENDED", "REMOVED", "WINNER", "LOSER", "PLACED", "VOID",
+                                      "HIDDEN"])),
         price=field(st.one_of(st.none(), _FLOATS)), back=field(_LADDER), lay=field(_LADDER),
         ltp=field(st.one_of(st.none(), _FLOATS)), traded_volume=field(st.one_of(st.none(), _FLOATS)),
         max_stake=field(st.one_of(st.none(), _FLOATS)),
         sort_priority=field(st.one_of(st.none(), st.integers(-2**63, 2**63 - 1))),
         adjustment_factor=field(st.one_of(st.none(), _FLOATS)), bsp=field(st.one_of(st.none(), _FLOATS)),
-        price_raw=field(st.one_of(st.none(), _TEXT)))
+        price_raw=field(st.one_of(st.none(), _TEXT)), outcome=field(st.one_of(st.none(), _TEXT)),
+        void_factor=field(st.one_of(st.none(), _FLOATS)), dead_heat_factor=field(st.one_of(st.none(), _FLOATS)))
 
 
 _INTS = st.integers(-2**63, 2**63 - 1)
@@ -123,3 +125,25 @@ def test_a_node_with_no_connection_prepares_the_same_entries_without_encoding_th
         return (i.market_id, i.sel_ids, i.has_header, i.has_tv, i.is_image, i.removed)  # type: ignore[attr-defined]
 
     assert [info(m) for m in ring_b] == [info(m) for m in ring_a]
+
+
+def test_the_size_hint_bounds_a_delta_with_every_field_at_its_longest() -> None:
+    """Every selection field present, every number at its longest, 20 selections of 10 + 10
+    levels, strings of escaped characters: the hint still bounds the encoded message (it missed
+    ``outcome`` and undercounted a full selection by 52 bytes — found in review)."""
+    f, i = -2.2250738585072014e-308, -(2 ** 63)
+    for text, levels in (("", 0), ("x" * 40, 0), ("\x01é", 10)):  # (ASCII: 1 byte; a control character: 6)
+        sels = [SelectionChange(selection_id=text, name=text, handicap=f, status="SUSPENDED", price=f,
+                                back=[(f, f)] * levels, lay=[(f, f)] * levels, ltp=f, traded_volume=f, max_stake=f,
+                                sort_priority=i, adjustment_factor=f, bsp=f, price_raw=text, outcome=text,
+                                void_factor=f, dead_heat_factor=f) for _ in range(20)]
+        _hint_bounds(text, sels, f, i)
+
+
+def _hint_bounds(text: str, sels: list[SelectionChange], f: float, i: int) -> None:
+    for selections in ([], sels[:1], sels):
+        d = Delta(market_id=text, seq=2 ** 63 - 1, kind="delta", source=text, source_ts=i, received_at=i,
+                  stored_at=i, source_ts_original=i, session=text, selections=selections, traded_volume=f)
+        lazy = LazyDeltaMessage(d, age_ms=i, stale=False, sent_at=i, token=None)
+        hint = lazy.size_hint()
+        assert hint >= len(lazy.json), (len(selections), hint, len(lazy.json))

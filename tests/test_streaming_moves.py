@@ -356,6 +356,117 @@ async def test_a_token_from_a_node_that_had_not_adopted_a_relink_yet_is_not_reco
     b.hub.close_all()
 
 
+def _two_nodes(path: str, *markets: tuple[str, str]) -> tuple[_Node, _Node, Feed, Any]:
+    """Nodes A and B on one log (each market id → its provider event), and ``both(*updates)``:
+    one log entry, applied by both."""
+    feed = Feed(None)  # type: ignore[arg-type]
+    a = _Node(path, feed, *(feed.image(mid, event=ev) for mid, ev in markets))
+    other = Feed(None)  # type: ignore[arg-type]
+    b = _Node(path, other, *(other.image(mid, event=ev) for mid, ev in markets))
+
+    def both(*updates: Any) -> None:
+        a.write(*updates)
+        eid, ds = a.log.entries[-1]
+        b.log.entries.append((eid, ds))
+        entry = b.st.apply_entry(0, eid, ds, now_ms())
+        assert entry is not None
+        b.hub.dispatch(entry)
+    return a, b, feed, both
+
+
+_V1 = {"a:e": StoredLink("ev:A", 1.0, "self"), "b:e": StoredLink("ev:A", 0.9, "fuzzy")}
+_V2 = {"a:e": StoredLink("ev:A", 1.0, "self"), "b:e": StoredLink("ev:B", 1.0, "self")}
+
+
+@pytest.mark.parametrize("path", ["ring", "redis"])
+@pytest.mark.parametrize("held_by", ["collapse", "conflation"])
+async def test_no_token_names_new_links_ahead_of_the_relinks_removed(path: str, held_by: str) -> None:
+    """A adopts a relink (b1 leaves ev:A) while its client's messages are held — a slow consumer's
+    collapse, or a conflation window. The tokens handed out ahead of b1's ``removed`` (the frame
+    before it in the collapse; the heartbeat while the window holds it) named the NEW links, so a
+    client that got them and not the ``removed`` resumed on B (which adopted the same relink at
+    an earlier position) recovered, and kept b1 under ev:A, fresh. The relink's messages now go
+    with the token from before it."""
+    a, b, feed, both = _two_nodes(path, ("x1", "a:e"), ("b1", "b:e"))
+    for node in (a, b):
+        node.st.set_links(1, _V1, {})
+    f = Filter.parse(event="ev:A")
+    conn = a.hub.connect("ws", heartbeat_ms=60_000)
+    if held_by == "collapse":
+        await a.hub.subscribe(conn, f)
+        conn.take()
+    b.hub.relinked(b.st.set_links(2, _V2, {}))  # B adopts first (an earlier log position)
+    both(feed.price("x1", "1", 2.3))  # (collapse: a frame ahead of the removed)
+    if held_by == "conflation":
+        await a.hub.subscribe(conn, f, conflate_ms=60_000)
+        conn.take()
+    a.hub.relinked(a.st.set_links(2, _V2, {}))  # b1's removed queued after x1's change, or held by the window
+    if held_by == "collapse":
+        a.hub.collapse(conn)
+        token = _msgs(conn.take())[0]["token"]  # the client got the first frame, then the link dropped
+    else:
+        a.hub.heartbeat([conn])
+        token = [m for m in _msgs(conn.take()) if m["type"] == "heartbeat"][-1]["token"]
+    a.hub.disconnect(conn)
+    conn = b.hub.connect("ws", heartbeat_ms=60_000)
+    await b.hub.subscribe(conn, f, resume=token)
+    again = _msgs(conn.take())
+    held = {"x1", "b1"}
+    _drop = [m["market_id"] for m in again if m["type"] == "removed"]
+    snap = [m for m in again if m["type"] == "snapshot"]
+    if snap:
+        held = {m["market_id"] for m in snap[-1]["markets"]}
+    held -= set(_drop)
+    assert held == {"x1"}, again
+    a.hub.close_all()
+    b.hub.close_all()
+
+
+@pytest.mark.parametrize("path", ["ring", "redis"])
+@pytest.mark.parametrize("case", ["nothing_moved_here", "newer_token"])
+async def test_a_token_issued_under_other_links_is_not_resumed_recovered_on_an_ev_filter(path: str, case: str) -> None:
+    """Tokens under another links version than the node's: (a) B's relink of b:e moved nothing it
+    held, so it marked nothing; b2 of b:e then came, and A (still on the old links) sent it to an
+    ev:A client — resumed on B, recovered, the client kept b2 under ev:A; (b) a token under NEWER
+    links than B's: B sent none of the market A's relink brought in while its heartbeats confirmed
+    it. Either way the client's canonical event may differ from the node's: not recovered."""
+    if case == "nothing_moved_here":
+        a, b, feed, both = _two_nodes(path, ("x1", "a:e"))
+        for node in (a, b):
+            node.st.set_links(1, _V1, {})
+            node.hub.started()
+        b.hub.relinked(b.st.set_links(2, _V2, {}))  # (b holds no market of b:e: nothing moves)
+        f = Filter.parse(event="ev:A")
+        conn = a.hub.connect("ws", heartbeat_ms=60_000)
+        await a.hub.subscribe(conn, f)
+        conn.take()
+        both(feed.image("b2", event="b:e"))
+        both(feed.price("x1", "1", 2.3))
+        got = _msgs(conn.take())
+        assert {m["market_id"] for m in got if m["type"] == "delta"} == {"b2", "x1"}  # A: b2 in ev:A
+    else:
+        a, b, feed, both = _two_nodes(path, ("x1", "a:e"), ("b1", "b:e"))
+        a.st.set_links(1, _V2, {})
+        b.st.set_links(1, _V2, {})
+        a.hub.relinked(a.st.set_links(2, _V1, {}))  # A: b1 joins ev:A; B not yet
+        f = Filter.parse(event="ev:A")
+        conn = a.hub.connect("ws", heartbeat_ms=60_000)
+        await a.hub.subscribe(conn, f)
+        assert sorted(m["market_id"] for m in _msgs(conn.take())[1]["markets"]) == ["b1", "x1"]
+        both(feed.price("x1", "1", 2.3))
+        got = _msgs(conn.take())
+    token = got[-1]["token"]
+    a.hub.disconnect(conn)
+    both(feed.price("x1", "1", 2.4))
+    conn = b.hub.connect("ws", heartbeat_ms=60_000)
+    await b.hub.subscribe(conn, f, resume=token)
+    again = _msgs(conn.take())
+    assert [m["type"] for m in again[:3]] == ["ack", "resumed", "snapshot"] and again[1]["recovered"] is False, again
+    assert [m["market_id"] for m in again[2]["markets"]] == ["x1"]
+    a.hub.close_all()
+    b.hub.close_all()
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seq", [("c2", "c3"), ("c2", "c1"), ("c3", "c2")])
 async def test_a_market_moved_twice_by_one_entry(path: str, seq: tuple[str, str]) -> None:

@@ -348,7 +348,7 @@
     state.markets.set(d.market_id, next);
     state.confirmed.set(d.market_id, at - (d.age_ms || 0));
     state.flagged.set(d.market_id, !!d.stale);
-    if (cur && (cur.event_id !== next.event_id || raceEventId(cur.event_id, cur.sport, cur.start_time)
+    if (cur && (d.header || d.kind === "image") && (cur.event_id !== next.event_id || raceEventId(cur.event_id, cur.sport, cur.start_time)
         !== raceEventId(next.event_id, next.sport, next.start_time))) {
       // it moved to another event (or race) and stays in the book: the states it was shown with
       // may have no market left, and the server sends no more of them

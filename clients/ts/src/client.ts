@@ -736,7 +736,7 @@ export class OddsClient {
     }
     this.confirmed.set(id, at - (msg.age_ms ?? 0));
     this.flagged.set(id, Boolean(msg.stale));
-    if (cur !== undefined && (cur.event_id !== m.event_id
+    if (cur !== undefined && (msg.header != null || msg.kind === "image") && (cur.event_id !== m.event_id
         || raceEventId(cur.event_id, cur.sport, cur.start_time) !== raceEventId(m.event_id, m.sport, m.start_time))) {
       // it moved to another event (or race) and stays in the book: the states it was shown with
       // may have no market left, and the server sends no more of them
