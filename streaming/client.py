@@ -315,6 +315,7 @@ class _Envelope(msgspec.Struct):
     id: int | str | None = None
     market_id: str | None = None
     conflated: bool = False
+    held: list[str] | None = None
 
 
 class _MarketAge(msgspec.Struct):
@@ -1022,7 +1023,7 @@ class OddsClient:
                 self.stats.heartbeats += 1
                 if env.as_of is not None and self._lag_ms > self.stale_in_play_ms:
                     self._lag_beats += 1  # (a message read within the limit starts the count over)
-                self._on_heartbeat(now)
+                self._on_heartbeat(now, env.held)
             elif t == "snapshot":
                 self._on_snapshot(data, env, now)
             elif t == "status":
@@ -1275,13 +1276,14 @@ class OddsClient:
             self.event_states.pop(k, None)
             self._es_flagged.pop(k, None)
 
-    def _on_heartbeat(self, now: float) -> None:
+    def _on_heartbeat(self, now: float, held: list[str] | None = None) -> None:
         if not self._live:
             return  # a reconnected stream not yet resumed confirms nothing
         down = {s for s, st in self.sources.items() if st.state == "DOWN"}
         confirmed, flagged, missed = self._confirmed, self._flagged, self._missed
+        behind = set(held) if held else ()  # (a conflation window holds their changes: not vouched for)
         for mid, m in self.markets.items():
-            if m.source in down or flagged.get(mid) or mid in missed:
+            if m.source in down or flagged.get(mid) or mid in missed or mid in behind:
                 continue
             if confirmed.get(mid, 0.0) < now:
                 confirmed[mid] = now

@@ -392,9 +392,14 @@ def snapshot_message(markets: Iterable[bytes], *, as_of: int, token: bytes | Non
     return Message(b"snapshot", b'{"type":"snapshot","markets":[' + b",".join(markets) + tail + b"}", token)
 
 
-def heartbeat_message(*, as_of: int, token: bytes | None) -> Message:
-    """``{"type":"heartbeat","as_of":ms}``."""
-    return Message(b"heartbeat", b'{"type":"heartbeat","as_of":%d}' % as_of, token)
+def heartbeat_message(*, as_of: int, token: bytes | None, held: Iterable[str] | None = None) -> Message:
+    """``{"type":"heartbeat","as_of":ms}``; ``held`` (a conflated subscription's): the markets
+    whose changes its window still holds, ``"held":[ids]`` — the heartbeat does not vouch for
+    them (what the client holds of them may be behind)."""
+    if held is None:
+        return Message(b"heartbeat", b'{"type":"heartbeat","as_of":%d}' % as_of, token)
+    return Message(b"heartbeat", b'{"type":"heartbeat","as_of":%d,"held":%s}' % (as_of, ENCODER.encode(list(held))),
+                   token)
 
 
 def status_message(*, source: str, state: str, reason: str | None, stale_markets: Sequence[str],

@@ -2506,8 +2506,12 @@ class Hub:
                 self._buckets.pop(interval_ms, None)
 
     def heartbeat(self, conns: Iterable[Connection]) -> None:
-        """Queue one heartbeat (``as_of`` = now) for each subscription of ``conns``."""
-        msg = heartbeat_message(as_of=now_ms(), token=self.state.token)
+        """Queue one heartbeat (``as_of`` = now) for each subscription of ``conns``. A conflated
+        subscription with changes in its window gets the token from before them and ``held``: the
+        markets whose changes are held (the heartbeat vouches for everything else; what the client
+        holds of those may be behind by up to the window)."""
+        now = now_ms()
+        msg = heartbeat_message(as_of=now, token=self.state.token)
         for conn in list(conns):
             if conn.closed or conn.resync_pending:
                 continue
@@ -2520,7 +2524,7 @@ class Hub:
                         continue
                     if s.cpending:
                         tok = self.safe_token(s)
-                        fr = conn.frame_with(msg, s, tok)
+                        fr = conn.frame_with(heartbeat_message(as_of=now, token=tok, held=s.cpending), s, tok)
                     else:
                         fr = conn.frame(msg, s, True)
                     conn.push1(fr, HEARTBEAT)

@@ -288,11 +288,14 @@ class DeltaMessage(Delta, tag_field="type", tag="delta", frozen=True, kw_only=Tr
 
 
 class HeartbeatMessage(msgspec.Struct, tag_field="type", tag="heartbeat", kw_only=True):
-    """Sent every ``heartbeat_ms`` while nothing else is."""
+    """Sent every ``heartbeat_ms`` while nothing else is: everything up to ``as_of`` has been
+    sent — except, on a conflated subscription, the changes of the markets in ``held`` (its
+    window holds them until it ends): do not take the heartbeat as confirming those."""
 
     sub: int | UnsetType = UNSET
     as_of: int
     token: str | UnsetType = UNSET
+    held: list[str] | UnsetType = UNSET
 
 
 class StatusMessage(msgspec.Struct, tag_field="type", tag="status", kw_only=True):

@@ -950,5 +950,13 @@ async def test_a_reopened_stream_is_not_live_until_the_server_resumes_it() -> No
                 })()""" % json.dumps(snap))
             got = await page.js(probe)
             assert got == {"stale": [False, False], "dot": "live", "text": "live", "banner": ""}, (recovered, got)
+        # a conflated stream's heartbeat lists the markets its window holds: it does not confirm them
+        ages = await page.js("""(async () => {
+          window.lastES.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now()}));
+          await new Promise((r) => setTimeout(r, 60));
+          window.lastES.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now(), held: ["pre"]}));
+          return [oddsBoard.ageMs("live"), oddsBoard.ageMs("pre")];
+        })()""")
+        assert ages[1] >= 50 and ages[0] < ages[1], ages
         assert await page.js("window.opened") == 1  # the same EventSource, reopened by itself
         assert page.errors() == [], page.errors()

@@ -791,3 +791,20 @@ async def test_a_lag_reconnect_waits_a_random_spread_on_top_of_its_backoff(caplo
                 assert want - 0.05 <= waited < want + 1.0, (r, waited)
             finally:
                 await client.close()
+
+
+async def test_a_heartbeat_does_not_confirm_the_markets_a_conflation_window_holds() -> None:
+    """A conflated stream's heartbeat lists the markets whose changes its window still holds: the
+    client confirms the others and lets those age (what it holds of them may be behind)."""
+    client = OddsClient("http://127.0.0.1:9", stale_in_play_ms=1_500)
+    try:
+        now = time.monotonic()
+        snap = _snapshot(_market("m1", in_play=True), _market("m2", in_play=True)) | {"as_of": now_ms() - 5_000}
+        client._on_message(json.dumps(snap).encode(), now - 5.0, "t0")  # (5 s ago)
+        beat = {"type": "heartbeat", "as_of": now_ms(), "held": ["m1"]}
+        client._on_message(json.dumps(beat).encode(), now, "t1")
+        assert client.age_ms("m2") is not None and client.age_ms("m1") is not None
+        assert not client.is_stale("m2")
+        assert client.is_stale("m1"), "a held market was confirmed by the heartbeat"
+    finally:
+        await client.close()

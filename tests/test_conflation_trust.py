@@ -233,3 +233,29 @@ async def test_a_suspension_to_many_conflated_subscriptions_is_merged_once(monke
         (m0,) = _msgs(conn.take())
         assert (m0["market_id"], m0["header"]["status"]) == ("m0", "SUSPENDED")
     assert built == 1
+
+
+async def test_a_conflated_heartbeat_names_the_markets_its_window_holds() -> None:
+    """A conflated subscription's heartbeat said "everything up to as_of is sent" while its window
+    held m1's change: clients confirmed m1 at the price they held — behind by up to the window,
+    fresh. The heartbeat now lists the held markets (``held``); with nothing held, none."""
+    node = _Node("m1", "m2")
+    hub, feed = node.hub, node.feed
+    conflated = hub.connect("ws", heartbeat_ms=60_000)
+    await hub.subscribe(conflated, Filter(), conflate_ms=WINDOW_MS)
+    live = hub.connect("ws", heartbeat_ms=60_000)
+    await hub.subscribe(live, Filter())
+    conflated.take()
+    live.take()
+    node.write(feed.price("m1", "1", 2.2))
+    live.take()
+    hub.heartbeat([conflated, live])
+    (beat,) = _msgs(conflated.take())
+    assert beat["type"] == "heartbeat" and beat["held"] == ["m1"]
+    (beat,) = _msgs(live.take())
+    assert beat["type"] == "heartbeat" and "held" not in beat
+    hub.flush_conflated(WINDOW_MS)
+    conflated.take()
+    hub.heartbeat([conflated])
+    (beat,) = _msgs(conflated.take())
+    assert "held" not in beat

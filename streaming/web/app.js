@@ -448,8 +448,10 @@
     now -= noteSent(msg && msg.as_of, now);  // what the server vouched for then: the receipt less the lag
     if (msg && typeof msg.as_of === "number" && state.streamLagMs > STALE_IN_PLAY_MS) state.lagBeats += 1;
     if (state.resuming || state.syncing) return;  // (re)opened, not yet resumed: it confirms nothing
+    // a conflated stream's window holds these markets' changes: the heartbeat does not vouch for them
+    const behind = msg && Array.isArray(msg.held) ? new Set(msg.held) : null;
     for (const [id, m] of state.markets) {
-      if (sourceDown(m.source) || state.flagged.get(id)) continue;
+      if (sourceDown(m.source) || state.flagged.get(id) || (behind && behind.has(id))) continue;
       if ((state.confirmed.get(id) || 0) < now) state.confirmed.set(id, now);
     }
   }

@@ -612,7 +612,7 @@ export class OddsClient {
     switch (msg.type) {
       case "heartbeat":
         this.stats.heartbeats++;
-        this.onHeartbeat(at);
+        this.onHeartbeat(at, msg.held);
         this.checkLag(msg.as_of);
         break;
       case "snapshot":
@@ -801,10 +801,12 @@ export class OddsClient {
 
   private pendingGap: SeqGapError | null = null;
 
-  private onHeartbeat(now: number): void {
+  private onHeartbeat(now: number, held?: string[]): void {
     if (!this.following) return; // a reconnected stream not yet resumed (or none) confirms nothing
+    // a conflated subscription's window holds these markets' changes: the heartbeat does not vouch for them
+    const behind = held && held.length ? new Set(held) : undefined;
     for (const [id, m] of this.book.markets) {
-      if (this.sources.get(m.source)?.state === "DOWN" || this.flagged.get(id)) continue;
+      if (this.sources.get(m.source)?.state === "DOWN" || this.flagged.get(id) || behind?.has(id)) continue;
       if ((this.confirmed.get(id) ?? 0) < now) this.confirmed.set(id, now);
     }
   }

@@ -309,13 +309,16 @@ export interface Health {
 }
 
 /**
- * Sent every ``heartbeat_ms`` while nothing else is.
+ * Sent every ``heartbeat_ms`` while nothing else is: everything up to ``as_of`` has been
+ * sent — except, on a conflated subscription, the changes of the markets in ``held`` (its
+ * window holds them until it ends): do not take the heartbeat as confirming those.
  */
 export interface HeartbeatMessage {
   type: "heartbeat";
   sub?: number;
   as_of: number;
   token?: string;
+  held?: string[];
 }
 
 /**

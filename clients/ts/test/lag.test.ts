@@ -383,3 +383,14 @@ test("a lag reconnect waits a random spread on top of its backoff", async () => 
     }
   }
 });
+
+test("a conflated stream's heartbeat does not confirm the markets its window holds (held)", () => {
+  let now = 50_000;
+  const c = new OddsClient("http://127.0.0.1:9", { now: () => now, wallNow: () => T, staleInPlayMs: 1_500 });
+  c.handleMessage({ type: "snapshot", as_of: T, markets: [mk("m1", true), mk("m2", true)] }, "t0");
+  now += 5_000;
+  c.handleMessage({ type: "heartbeat", as_of: T + 5_000, held: ["m1"] } as ServerMessage, "t1");
+  assert.equal(c.isStale("m2"), false);
+  assert.equal(c.ageMs("m1"), 5_000);
+  assert.equal(c.isStale("m1"), true, "a market whose change the window holds was confirmed by the heartbeat");
+});
