@@ -30,28 +30,18 @@ from feed.sources.base import Payload
 from feed.store import ES_STATE_KEY, Store
 from streaming.event_states import EventStates
 from streaming.state import NodeOptions, NodeState
-from tests.streaming_helpers import SSEReader, eventually, make_app, now_ms, serve
+import test_event_state
+from streaming_helpers import SSEReader, eventually, make_app, now_ms, serve
 
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT_S = 10.0
 
 
-class _Scripted:
+class _Scripted(test_event_state._Scripted):
     """A normaliser handing out prepared batches (one per payload), to drive the ingest exactly."""
 
     live_provider_times = False
-
-    def __init__(self, batches: list[NormalisedBatch]) -> None:
-        self.source = "scripted"
-        self.max_future_skew_ms = 30_000
-        self.batches = batches
-
-    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
-        return self.batches.pop(0)
-
-    def restore(self, markets: object, cursor: str | None) -> None:
-        pass
 
 
 def _live(t: int, home: int, away: int, *, event: str = "px:f1") -> EventState:

@@ -308,25 +308,11 @@ async def test_a_token_from_a_node_that_had_not_adopted_a_relink_yet_is_not_reco
     kept b1 under ev:A, confirmed fresh by B's heartbeats. Tokens now carry the links version
     their node served under: B does not resume a token issued under links older than its
     relink of that event as recovered."""
-    feed = Feed(None)  # type: ignore[arg-type]
-    images = (feed.image("x1", event="a:e"), feed.image("b1", event="b:e"))
-    a = _Node(path, feed, *images)
-    b = _Node(path, Feed(None), *images)  # type: ignore[arg-type]
-    linked = {"a:e": StoredLink("ev:A", 1.0, "self"), "b:e": StoredLink("ev:A", 0.9, "fuzzy")}
+    a, b, feed, both = _two_nodes(path, ("x1", "a:e"), ("b1", "b:e"))
     for node in (a, b):
-        node.st.set_links(1, linked, {})
-
-    def both(*updates: Any) -> None:  # one log entry, applied by both nodes
-        a.write(*updates)
-        eid, ds = a.log.entries[-1]
-        b.log.entries.append((eid, ds))
-        entry = b.st.apply_entry(0, eid, ds, now_ms())
-        assert entry is not None
-        b.hub.dispatch(entry)
-
+        node.st.set_links(1, _V1, {})
     both(feed.price("x1", "1", 2.2))
-    relinked = {"a:e": StoredLink("ev:A", 1.0, "self"), "b:e": StoredLink("ev:B", 1.0, "self")}
-    b.hub.relinked(b.st.set_links(2, relinked, {}))  # B adopts the relink; A not yet
+    b.hub.relinked(b.st.set_links(2, _V2, {}))  # B adopts the relink (b1 leaves ev:A); A not yet
     both(feed.price("x1", "1", 2.3))
     f = Filter.parse(event="ev:A")
     conn = a.hub.connect("ws", heartbeat_ms=60_000)
