@@ -33,8 +33,10 @@ test("price check at the current best back is OK; far above it is PRICE_CHANGED"
   const candidates = priced();
   assert.ok(candidates.length > 0, "an open, fresh, priced selection");
   let ok = null;
+  let leg = candidates[0];
   for (let i = 0; i < 20 && !ok; i++) { // the price may move between our book and the check: bounded retries
-    const { m, selectionId } = candidates[i % candidates.length];
+    leg = candidates[i % candidates.length];
+    const { m, selectionId } = leg;
     const price = client.best(m.market_id, selectionId, "back")!;
     const r = await client.priceCheck(m.market_id, selectionId, "back", price);
     if (r.accepted) ok = r;
@@ -45,7 +47,7 @@ test("price check at the current best back is OK; far above it is PRICE_CHANGED"
   assert.equal(typeof ok.current_price, "number");
   assert.ok((ok.age_ms ?? Infinity) <= (ok.max_age_ms ?? 0));
 
-  const { m, selectionId } = candidates[0];
+  const { m, selectionId } = leg; // (open a moment ago: the simulator may suspend any other since)
   const r = await client.priceCheck(m.market_id, selectionId, "back", 1000);
   assert.equal(r.accepted, false);
   assert.equal(r.reason, "PRICE_CHANGED");
@@ -60,7 +62,10 @@ test("batch: accepted only when every leg is; unknown market named per leg", asy
     { market_id: "bf:does-not-exist", selection_id: "1", side: "back", price: 2 },
   ]);
   assert.equal(b.accepted, false);
-  assert.deepEqual(b.legs.map((l) => l.reason), ["PRICE_CHANGED", "UNKNOWN_MARKET"]);
+  // leg 0 asks 1000 on a market that was open when the test read it: PRICE_CHANGED — or, if the
+  // simulator has suspended or closed it since (a goal, the end), what it is now (seen once in CI)
+  assert.ok(["PRICE_CHANGED", "SUSPENDED", "MARKET_CLOSED"].includes(b.legs[0].reason), b.legs[0].reason);
+  assert.equal(b.legs[1].reason, "UNKNOWN_MARKET");
   assert.ok(b.checked_at > 0);
 });
 
