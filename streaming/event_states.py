@@ -358,7 +358,12 @@ class EventStateTail:
 
     async def _run(self) -> None:
         need_load = not self.states.loaded
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # a cancel an awaited call took in and returned from (redis-py's did, now and then: the
+                # node's stop then waited on this task for good) still ends the tail
+                raise asyncio.CancelledError
             try:
                 if need_load:
                     await self.load()

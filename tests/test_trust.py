@@ -354,9 +354,16 @@ async def test_ingest_survives_a_redis_kill_and_loses_nothing(own_redis: Embedde
     own_redis.start()
     ingest._retry_at = 0.0  # the next retry is due now
     written = await ingest.flush()
-    assert len(written) == 5 and ingest.store_ok and ingest.backlog == 0
+    assert ingest.store_ok and ingest.backlog == 0
     assert ingest.health.last_message_at == NOW + 15
     m = await store.get_market("bf:1.1")
+    if ingest.lost_writes:
+        # Redis lost the image it had acknowledged (appendfsync everysec: killed within the second,
+        # seen on a loaded CI machine): the ingest found it and re-sent the market whole, as it stands
+        assert len(written) == 1 and written[0].kind == "image"
+        assert m is not None and best_back(m) == 2.06 and m.seq == written[0].seq
+        return
+    assert len(written) == 5
     assert m is not None and best_back(m) == 2.06 and m.seq == 6
     seqs = (await _log_seqs(store))["bf:1.1"]
     assert [s for s, _ in seqs] == [1, 2, 3, 4, 5, 6] and _contiguous(seqs)
