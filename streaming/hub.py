@@ -778,12 +778,6 @@ class Hub:
         #: of it; older marks are folded into ``_relink_floor`` (applies to every canonical id)
         self._relinks: dict[str, tuple[StreamId, ...]] = {}
         self._relink_floor: tuple[StreamId, ...] | None = None
-        #: canonical event id → the links version (the linker's, global) of its last relink here;
-        #: older ones are folded into ``_relink_floor_version``. A token issued under an older
-        #: version — by a node that had not adopted that relink yet, here or on another node, so
-        #: its client never got the relink's ``removed`` — is not recovered for that event
-        self._relink_versions: dict[str, int] = {}
-        self._relink_floor_version = -1
         #: (credential, allow-lists) → the node's positions when it first served them (see _grant_since)
         self._grants: dict[tuple[str, object], tuple[StreamId, ...]] = {}
         #: the node's positions when the tenants file last changed (:meth:`tenants_changed`)
@@ -1177,25 +1171,21 @@ class Hub:
         filters on gained or lost a market (a relink) after the token — after its positions
         (this node's relink), or after the links it was issued under (a relink the issuing
         node had not adopted yet: nodes adopt the linker's links each on its own, so another
-        node may have issued a token past this node's relink without it)."""
+        node may have issued a token past this node's relink without it: a token issued under
+        another links version than this node's is not recovered on a canonical event — every
+        canonical id starts with ``ev:``, :data:`feed.matching.CANONICAL_PREFIX`)."""
         if f.event is None:
             return None
-        floor, floor_version = self._relink_floor, self._relink_floor_version
+        floor = self._relink_floor
         issued_under = tok.links_version
         current = self.state.links_version
         for e in f.event:
-            at = self._relinks.get(e)
-            version = self._relink_versions.get(e, -1)
-            if e.startswith(CANONICAL_PREFIX):
-                if floor is not None:
-                    at = _later(at, floor)
-                version = max(version, floor_version)
+            if not e.startswith(CANONICAL_PREFIX):
+                continue  # (a provider event id: no relink moves its markets)
+            at = _later(self._relinks.get(e), floor) if floor is not None else self._relinks.get(e)
             if at is not None and not _after(tok.keys, at):
                 return f"canonical event {e} was re-linked after the token was issued"
-            if issued_under is not None and issued_under < version:
-                return (f"canonical event {e} was re-linked (links version {version}) after the links the token "
-                        f"was issued under ({issued_under})")
-            if issued_under is not None and issued_under != current and e.startswith(CANONICAL_PREFIX):
+            if issued_under is not None and issued_under != current:
                 # issued under other links than this node's: what that node's relinks sent the client,
                 # or this node's relink that moved nothing it held then (a market it has since), is not
                 # known here — older or newer, the client's event may differ from this node's
@@ -2262,7 +2252,6 @@ class Hub:
         down moved nothing it knows of, so a resume of a subscription filtered on a canonical
         event from a token issued before now is not recovered (:meth:`_relinked_after`)."""
         self._relink_floor = _later(self._relink_floor, self._positions())
-        self._relink_floor_version = max(self._relink_floor_version, self.state.links_version)
 
     def tenants_changed(self) -> None:
         """The tenants file changed (any entry, with or without open streams): a restricted
@@ -2299,15 +2288,11 @@ class Hub:
                 touched.add(keys[4])
             moved.append((mid, m, keys, prev))
         at = self._positions()
-        version = st.links_version
         for cid in touched:
             self._relinks.pop(cid, None)
             self._relinks[cid] = at
-            self._relink_versions[cid] = version
         while len(self._relinks) > RELINK_MARKS_MAX:
-            cid = next(iter(self._relinks))
-            self._relink_floor = _later(self._relink_floor, self._relinks.pop(cid))
-            self._relink_floor_version = max(self._relink_floor_version, self._relink_versions.pop(cid, -1))
+            self._relink_floor = _later(self._relink_floor, self._relinks.pop(next(iter(self._relinks))))
         images: dict[str, Message] = {}
         removals: dict[str, Message] = {}
         states = self._has_states()
