@@ -268,6 +268,11 @@ class Message:
     def __len__(self) -> int:
         return len(self.json)
 
+    def size_hint(self) -> int:
+        """Its JSON's length in bytes, or an upper bound of it while not encoded
+        (:class:`LazyDeltaMessage`): what the replay ring's byte bound counts."""
+        return len(self.json)
+
     def __repr__(self) -> str:
         return f"Message({self.type.decode()}, {len(self.json)} bytes)"
 

@@ -367,9 +367,7 @@ class PreparedDelta:
             return gone
 
     def nbytes(self) -> int:
-        m = self.msg
-        return ((m.size_hint() if type(m) is LazyDeltaMessage else len(m.json)) * 2
-                + (len(self.image.json) * 2 if self.image is not None else 0))
+        return self.msg.size_hint() * 2 + (len(self.image.json) * 2 if self.image is not None else 0)
 
 
 def removed_message(market_id: str, token: bytes | None, prev_token: bytes | None) -> Message:
@@ -489,8 +487,7 @@ class PreparedEntry:
         self.deltas = deltas
         n = 200
         for d in deltas:  # PreparedDelta.nbytes() inlined (once per entry, on the hot path)
-            m = d.msg
-            n += (m.size_hint() if type(m) is LazyDeltaMessage else len(m.json)) * 2
+            n += d.msg.size_hint() * 2
             if d.image is not None:
                 n += len(d.image.json) * 2
         self.nbytes = n
