@@ -926,6 +926,8 @@ async def test_a_reopened_stream_is_not_live_until_the_server_resumes_it() -> No
             await page.until("(() => { const cards = [...document.querySelectorAll('.market[data-market-id]')]; "
                              "return cards.length === 2 && cards.every((el) => el.classList.contains('stale')); })()",
                              "the prices marked stale while the reopened stream is not yet resumed", timeout_s=5)
+            await page.until('oddsBoard.ageMs("pre") >= 20', "the price aged 20 ms (a heartbeat would reset it)",
+                             timeout_s=5)
             ages = await page.js("""(() => {
               const before = oddsBoard.ageMs("pre");
               window.lastES.emit("heartbeat", JSON.stringify({type: "heartbeat", as_of: Date.now()}));
