@@ -756,10 +756,12 @@ async def test_a_websocket_the_client_drops_itself_reconnects_at_once(why: str) 
                             backoff=Backoff(initial_s=0.05, max_s=0.05, rng=lambda: 1.0))
         try:
             await client.start()
-            await eventually(lambda: client.stats.lag_reconnects == 1 or client.stats.gaps == 1, 5, "the decision")
+            await eventually(lambda: client.stats.lag_reconnects == 1 or client.stats.gaps == 1, 10, "the decision")
             decided = time.monotonic()
-            await eventually(lambda: len(server.opened) >= 2, 3, "the reconnect")
-            assert server.opened[1] - decided < 1.5, server.opened[1] - decided
+            # the closing handshake would hold the reconnect for close_timeout (10 s); the backoff is 50 ms
+            # (the bound leaves a loaded machine its time and still tells the two apart)
+            await eventually(lambda: len(server.opened) >= 2, 8, "the reconnect")
+            assert server.opened[1] - decided < 5.0, server.opened[1] - decided
             assert client.stats.disconnect_reasons[0].startswith("stream lagging" if why == "lag" else "seq gap")
         finally:
             await client.close()
@@ -782,13 +784,16 @@ async def test_a_lag_reconnect_waits_a_random_spread_on_top_of_its_backoff(caplo
                 caplog.clear()
                 with caplog.at_level(logging.INFO, logger="streaming.client"):
                     await client.start()
-                    await eventually(lambda: client.stats.lag_reconnects == 1, 5, "the lag reconnect")
-                    decided = time.monotonic()
-                    await eventually(lambda: len(fake.last_event_ids) >= 2, 5, "the reconnect")
-                    waited = time.monotonic() - decided
+                    await eventually(lambda: client.stats.lag_reconnects == 1, 10, "the lag reconnect")
+                    await eventually(lambda: len(fake.last_event_ids) >= 2, 10, "the reconnect")
+                    reconnected = time.time()
+                # from the decision (its log line's own time: a poll may notice it late on a loaded machine)
+                # to the reconnect (noticed by the poll: never early)
+                decided = next(rec.created for rec in caplog.records if "reconnecting in" in rec.getMessage())
+                waited = reconnected - decided
                 want = 0.05 + r * LAG_RECONNECT_SPREAD_MS / 1000
                 assert f"reconnecting in {want:.2f} s" in caplog.text, caplog.text
-                assert want - 0.05 <= waited < want + 1.0, (r, waited)
+                assert want - 0.05 <= waited < want + 2.0, (r, waited)
             finally:
                 await client.close()
 

@@ -48,22 +48,23 @@ def _comparable(m: Market) -> dict[str, object]:
     return msgspec.to_builtins(m)
 
 
-async def _sse_client(base: str, book: LocalBook, done: asyncio.Event) -> None:
+async def _sse_client(base: str, book: LocalBook, done: asyncio.Event, synced: asyncio.Event) -> None:
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None)) as client:
         async with client.stream("GET", f"{base}/v1/stream?heartbeat_ms=500") as resp:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
             reader = SSEReader(resp)
             while not done.is_set():
-                try:
-                    ev = await reader.next(timeout_s=1.0)
-                except asyncio.TimeoutError:
-                    continue
+                # (no short timeout to look at ``done`` between events: a read that timed out ends the
+                # reader's line iterator for good; the heartbeats, every 500 ms, bring it round)
+                ev = await reader.next(timeout_s=30.0)
                 if ev.event in ("snapshot", "delta"):
                     book.on(ev.data)
+                    if ev.event == "snapshot":
+                        synced.set()
 
 
-async def _ws_client(base: str, book: LocalBook, done: asyncio.Event) -> None:
+async def _ws_client(base: str, book: LocalBook, done: asyncio.Event, synced: asyncio.Event) -> None:
     url = base.replace("http://", "ws://") + "/v1/ws"
     async with websockets.connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"op": "subscribe", "id": 1, "filter": {}}))
@@ -75,6 +76,8 @@ async def _ws_client(base: str, book: LocalBook, done: asyncio.Event) -> None:
             msg = json.loads(raw)
             if msg["type"] in ("snapshot", "delta"):
                 book.on(msg)
+                if msg["type"] == "snapshot":
+                    synced.set()
 
 
 async def test_clients_connected_during_a_replay_rebuild_the_rest_book(redis_url: str) -> None:
@@ -85,9 +88,11 @@ async def test_clients_connected_during_a_replay_rebuild_the_rest_book(redis_url
         async with serve(app) as base:
             sse_book, ws_book = LocalBook(), LocalBook()
             done = asyncio.Event()
-            clients = [asyncio.create_task(_sse_client(base, sse_book, done)),
-                       asyncio.create_task(_ws_client(base, ws_book, done))]
-            await asyncio.sleep(0.3)  # both connected (snapshot of an empty store) before the replay starts
+            synced = [asyncio.Event(), asyncio.Event()]
+            clients = [asyncio.create_task(_sse_client(base, sse_book, done, synced[0])),
+                       asyncio.create_task(_ws_client(base, ws_book, done, synced[1]))]
+            # both connected (snapshot of an empty store) before the replay starts
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in synced)), 30)
             ingest = Ingest(store, source="replay")
             summary = await Replay([data / r for r in RECORDINGS], ingest, speed=None, chunk_lines=200).run()
             assert summary.runner_changes > 30_000

@@ -178,17 +178,20 @@ async def test_a_stalled_event_state_tail_turns_the_held_score_stale(store: Stor
 
         async def shown() -> dict:
             return dict((await c.get("/v1/events/a:e")).json()["state"])
-        st = await shown()
+        # (waited for: until the node's tail vouches for it, the state is as old as its write, and a
+        # loaded machine may take the in-play 1.5 s to start the node)
+        st = await eventually(lambda: _if(shown(), lambda s: not s["stale"]), what="the score served fresh")
         assert (st["score"]["home"], st["stale"]) == (0, False)
         tail = node.event_state_tail._tail
         real = tail.read_entries
-        release = asyncio.Event()
+        release, waiting = asyncio.Event(), asyncio.Event()
 
         async def stalled(*a: object, **k: object) -> object:  # a half-open connection: no answer
+            waiting.set()
             await release.wait()
             return await real(*a, **k)
         tail.read_entries = stalled
-        await asyncio.sleep(0.5)  # (the read in flight when the stall began returns first)
+        await asyncio.wait_for(waiting.wait(), 10)  # (the read in flight when the stall began returned first)
         await store.apply_event_states([_state(1, 0, 2)])  # GOAL, stored; the source stays confirmed
         t0 = time.monotonic()
         st = await eventually(lambda: _if(shown(), lambda s: s["stale"]), what="the unread state turned stale")

@@ -236,10 +236,10 @@ async def test_retry_after_gate_and_unreachable_provider() -> None:
                             options=HttpOptions(rate_per_s=1000, burst=100))
         try:
             sim.rate_limit(1, retry_after_s=1, provider="pinnacle")
+            t0 = time.monotonic()  # (before the 429: its Retry-After counts from its arrival, after this)
             with pytest.raises(RateLimitedError) as info:
                 await http.get("/v2/sports")
             assert info.value.retry_after_s == 1.0
-            t0 = time.monotonic()
             res = await http.get("/v2/sports")  # waits out the Retry-After first
             assert res.status == 200 and time.monotonic() - t0 >= 0.9
             assert not sim.early_requests

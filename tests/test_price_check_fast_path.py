@@ -225,7 +225,9 @@ async def test_a_body_written_apart_from_its_head_is_read_directly(store: Store,
     """httpx (and other clients) write a request's head and body apart: the head is read directly,
     the body in the next reads, and a next request in the body's read is read after it."""
     await Feed(store).write(_image("bf:1.1"))
-    app = make_app(redis_url)
+    # a body deadline the 50 ms gaps below cannot come near on a loaded machine (the default 250 ms
+    # left a loop that overslept its two gaps ~150 ms)
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=60_000, price_check_deadline_ms=5_000))
     body = msgspec.json.encode(CHECK)
     request = _post(b"/v1/price-check", body)
     head_end = request.index(b"\r\n\r\n") + 4

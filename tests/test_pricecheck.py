@@ -489,7 +489,10 @@ async def test_a_body_in_pieces_within_the_deadline_is_answered(store: Store, re
     """The body may arrive in several reads (the deadline covers all of them); chunked bodies
     are counted against the size limit as they arrive."""
     await Feed(store).write(_image("bf:1.1"))
-    async with serve(make_app(redis_url)) as base:
+    # a deadline the pieces' 50 ms gaps cannot come near on a loaded machine (the default 250 ms left
+    # a loop that overslept its two gaps ~150 ms)
+    settings = Settings(heartbeat_ms=60_000, price_check_deadline_ms=5_000)
+    async with serve(make_app(redis_url, settings=settings)) as base:
         host, port = base.removeprefix("http://").split(":")
         body = b'{"market_id":"bf:1.1","selection_id":"1","side":"back","price":2.0}'
         status, answer = await _raw_post(host, int(port), [body[:20], body[20:50], body[50:]], gap_s=0.05,
@@ -582,10 +585,15 @@ async def test_answers_while_redis_is_frozen(tmp_path: Path) -> None:
     store = await Store.open(url)
     try:
         feed = Feed(store)
-        await feed.write(_image("bf:1.1"))
         async with serve(make_app(url)) as base, httpx.AsyncClient(base_url=base, timeout=3) as c:
             body = {"market_id": "bf:1.1", "selection_id": "1", "side": "back", "price": 2.0, "max_age_ms": 1500}
-            assert (await _pc(c, **body))["reason"] == "OK"
+
+            async def fresh() -> bool:
+                return (await _pc(c, **body))["reason"] == "OK"
+            # written once the node is up, and read live: OK from when it arrives (written before the node
+            # started, its 1.5 s could pass while a loaded machine starts the node)
+            await feed.write(_image("bf:1.1"))
+            await eventually(fresh, timeout_s=20)
             os.kill(pid, signal.SIGSTOP)
             stopped = True
             reasons = []
@@ -597,9 +605,6 @@ async def test_answers_while_redis_is_frozen(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGCONT)
             stopped = False
             await feed.write(feed.price("bf:1.1", "1", 2.0))  # fresh confirmation after Redis is back
-
-            async def fresh() -> bool:
-                return (await _pc(c, **body))["reason"] == "OK"
             await eventually(fresh, timeout_s=20)
     finally:
         if stopped:

@@ -349,12 +349,16 @@ async def test_resume_inside_the_history_replays_and_outside_it_sends_a_snapshot
             hello, snap = await _ws_messages(ws, 2)
             assert (hello["type"], hello["resumed"], snap["type"]) == ("connected", False, "snapshot")
             msgs = [m for m in await _ws_messages(ws, 6) if m["type"] != "ping"]
-        await wait_for(lambda: sim.seq >= msgs[-1]["seq"] + 3, what="more entries")
+            await wait_for(lambda: sim.seq >= msgs[-1]["seq"] + 3, what="more entries")
+            # held there: the history (50 entries, ~1.5 s of this model) still holds mark when the resume
+            # comes, however long a loaded machine takes to close this connection and open the next
+            sim.freeze()
         mark = msgs[0]
         async with websockets.connect(sim.url("ws"), additional_headers={"X-Api-Key": KEY}, proxy=None) as ws:
             await ws.send(json.dumps({"type": "subscribe", "resume_from": mark["entry_id"]}))
             hello, nxt = await _ws_messages(ws, 2)
             assert hello["resumed"] is True and nxt["seq"] == mark["seq"] + 1
+        sim.freeze(False)
         await wait_for(lambda: sim.seq > mark["seq"] + 60, what="the history to roll over")
         async with websockets.connect(sim.url("ws"), additional_headers={"X-Api-Key": KEY}, proxy=None) as ws:
             await ws.send(json.dumps({"type": "subscribe", "resume_from": mark["entry_id"]}))

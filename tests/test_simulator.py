@@ -354,10 +354,12 @@ async def test_heartbeat_interval_is_clamped_and_echoed(make_sim, raw) -> None:
     await c.login()
     image = (await c.subscribe(heartbeatMs=100, conflateMs=None, segmentationEnabled=False))[-1]
     assert image["heartbeatMs"] == 500 and image["conflateMs"] == 0
-    last, t_last = image, time.monotonic()
+    last = image
     while (m := await c.recv()).get("ct") != "HEARTBEAT":  # lifecycle deltas may come first
-        last, t_last = m, time.monotonic()
-    assert m["clk"] == last["clk"] and 0.35 < time.monotonic() - t_last < 1.0
+        last = m
+    # the server's send times (pt), not when this reader got round to the lines: on a loaded machine
+    # it may read the last line late, and the heartbeat seemed to come sooner than 500 ms after it
+    assert m["clk"] == last["clk"] and 400 <= m["pt"] - last["pt"] < 1000, (last, m)
 
 
 async def test_large_messages_are_segmented_with_clk_on_seg_end(make_sim, raw) -> None:

@@ -82,12 +82,14 @@ async def test_ws_subscriptions_choose_their_own_window(store: Store, redis_url:
         every = [await _ws_next(ws, lambda m: m["sub"] == 1 and m["type"] == "delta") for _ in range(10)]
         assert [m["seq"] for m in every] == [d.seq for d in written]
         assert not any(m.get("conflated") for m in every)
-        merged = await _ws_next(ws, lambda m: m["sub"] == 2)
-        assert merged["type"] == "delta" and merged["seq"] <= written[-1].seq and merged["token"]
-        if merged["seq"] < written[-1].seq:  # the writes straddled a window boundary
-            merged = await _ws_next(ws, lambda m: m["sub"] == 2)
-        assert merged["seq"] == written[-1].seq and merged["conflated"] is True
-        assert merged["selections"][0]["price"] == 3.9
+        # the writes may straddle window boundaries (more of them the longer a loaded machine takes to
+        # write), and a window holding one change sends it as is: read sub 2 up to the last write
+        merged = [await _ws_next(ws, lambda m: m["sub"] == 2)]
+        while merged[-1]["seq"] < written[-1].seq:
+            merged.append(await _ws_next(ws, lambda m: m["sub"] == 2))
+        assert all(m["type"] == "delta" and m["token"] for m in merged)
+        assert merged[-1]["seq"] == written[-1].seq and merged[-1]["selections"][0]["price"] == 3.9
+        assert len(merged) < len(written) and any(m.get("conflated") is True for m in merged)
         await ws.send(json.dumps({"op": "subscribe", "id": 3, "filter": {}, "conflate_ms": 5}))
         err = await _ws_next(ws, lambda m: m["type"] == "error")
         assert err["code"] == "bad_request" and "conflate_ms" in err["message"] and err["id"] == 3

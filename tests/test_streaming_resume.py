@@ -268,14 +268,15 @@ async def test_resume_on_a_node_that_lags_behind(redis_url: str) -> None:
             ids = await _write_entries(store, feed, 3)
             await _caught_up(c, ids[-1])
             reader = app.state.node.readers[0]
-            gate = asyncio.Event()
+            gate, waiting = asyncio.Event(), asyncio.Event()
             real = reader._read
 
             async def gated(*args: Any, **kwargs: Any) -> Any:
+                waiting.set()
                 await gate.wait()
                 return await real(*args, **kwargs)
             reader._read = gated  # this node falls behind …
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(waiting.wait(), TIMEOUT_S)  # (its read in flight ended: the next one waits)
             ahead = await feed.write(feed.price("m1", "1", 5.5))  # … another node already sent this one
             token = encode_token(store.epoch, [await store.last_log_id(0)]).decode()
             client = await SSEClient(c).open(token)

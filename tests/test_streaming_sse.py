@@ -332,17 +332,18 @@ async def test_reader_trimmed_past_resyncs_clients(store: Store, redis_url: str)
     app = make_app(redis_url)
     async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
         reader = app.state.node.readers[0]
-        gate = asyncio.Event()
+        gate, waiting = asyncio.Event(), asyncio.Event()
         real = reader._read
 
         async def gated(*args, **kwargs):
+            waiting.set()
             await gate.wait()
             return await real(*args, **kwargs)
         async with c.stream("GET", "/v1/stream") as resp:
             sse = SSEReader(resp)
             await sse.next()
             reader._read = gated  # the node falls behind …
-            await asyncio.sleep(0.3)  # (its in-flight read ends within read_block_ms)
+            await asyncio.wait_for(waiting.wait(), 10)  # (its read in flight ended: the next one waits)
             for i in range(10):
                 await feed.write(feed.price("m1", "1", 2.0 + i / 10))
             await store.redis.xtrim(log_key(0), maxlen=1, approximate=False)  # … and the log moves past it

@@ -18,7 +18,7 @@ from feed.settings import Settings
 from feed.store import Store
 from streaming.hub import Admission, Hub, ReplayBlock
 from streaming.state import Filter, NodeOptions, NodeState
-from streaming_helpers import Feed, SSEReader, make_app, now_ms, serve
+from streaming_helpers import Feed, SSEReader, eventually, make_app, now_ms, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -166,8 +166,7 @@ async def test_sse_clients_resuming_together_get_their_missed_deltas_from_one_re
 
         async def caught_up() -> bool:
             return node.state.positions[0] != "0-0" and len(node.state.ring.entries) >= 20
-        while not await caught_up():
-            await asyncio.sleep(0.01)
+        await eventually(caught_up, what="the node's ring holding the missed entries")
 
         async def resume() -> list[tuple[str, int]]:
             async with httpx.AsyncClient(base_url=base, timeout=10) as cc:
