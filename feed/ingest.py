@@ -32,7 +32,7 @@ from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
-from feed.store import EpochChanged, Store
+from feed.store import ApplyResult, EpochChanged, Store
 from feed.validate import CheckedLadders, validate_event_state, validate_update
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,10 @@ EVENT_STATE_IDLE_MS = 2 * 86_400_000
 STORE_UNAVAILABLE = "store_unavailable"
 #: Rejected messages kept for the quarantine while the store is failing.
 QUARANTINE_QUEUE_MAX = 1000
+#: how often the ingest compares the store's seqs with its book (:meth:`Ingest._audit_store`), s
+STORE_AUDIT_EVERY_S = 2.0
+#: a lost-writes detection re-images every market at most this often (s); one inside is deferred
+REIMAGE_EVERY_S = 5.0
 
 
 def new_session_id() -> str:
@@ -90,6 +94,17 @@ def ingest_options(settings: Settings) -> IngestOptions:
 def now_ms() -> int:
     """Wall clock, integer ms since the Unix epoch."""
     return time.time_ns() // 1_000_000
+
+
+def _merged(result: ApplyResult | None, more: ApplyResult) -> ApplyResult:
+    """``result`` (None: the flush wrote nothing before) with a re-image's apply
+    ``more`` added: its log entries, deltas kept and markets applied."""
+    if result is None:
+        return more
+    result.entries.update(more.entries)
+    result.kept += more.kept
+    result.markets |= more.markets
+    return result
 
 
 @dataclass
@@ -242,6 +257,19 @@ class Ingest:
         #: markets the store was found to have lost acknowledged writes of (then re-imaged)
         self.lost_writes = 0
         self._reimage_after = 0.0
+        #: a lost-writes detection came within REIMAGE_EVERY_S of the last re-image of every market:
+        #: that re-image waits for the interval's end, and nothing is confirmed until it is done
+        self._reimage_due = False
+        #: the store's seqs are compared with the book (:meth:`_audit_store`) this often (s), and
+        #: at the first flush after a store failure or an epoch adoption (``_audit_due``)
+        self.audit_every_s = STORE_AUDIT_EVERY_S
+        self._audit_at = time.monotonic() + STORE_AUDIT_EVERY_S
+        self._audit_due = False
+        #: the store's connection count (:attr:`feed.store.Store.connects`) at the last audit: a
+        #: reconnect (redis-py's are silent) may have reached a server that came back older
+        self._connects_seen: int = getattr(store, "connects", 0)
+        #: store audits run (:meth:`_audit_store`)
+        self.audits = 0
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
         #: price history, written after each successful apply (best-effort; 0 ms = off)
@@ -525,8 +553,12 @@ class Ingest:
         heartbeat must not vouch for changes still waiting for the store.
         Never while the provider flags its stream degraded (ESA ``status:
         503``: "data may be delayed"): a heartbeat then does not say nothing
-        changed, so quiet markets age from their own last change."""
-        if self._degraded:
+        changed, so quiet markets age from their own last change. Never while
+        the store may be behind the book (:meth:`_unverified`: a re-image of
+        lost writes waits, or the store has not been compared with the book
+        since a failure or reconnect) — a market whose last write the store
+        lost must not read fresh at the older price."""
+        if self._degraded or self._unverified():
             return
         h = self.health
         if recv_ms > h.last_message_at:
@@ -629,7 +661,10 @@ class Ingest:
             self._compact()
         cursor = (self.source, self.cursor) if self._cursor_dirty and self.cursor is not None else None
         states = bool(self._states_pending)
-        if not self._backlog and cursor is None and not self._rejections and not states:
+        # (the store audit and a deferred re-image ride a flush: a timer's cost, not a batch's)
+        audit = self._audit_wanted()
+        if (not self._backlog and cursor is None and not self._rejections and not states and not audit
+                and not self._reimage_ready()):
             if self._store_error is None:
                 self._confirmed(fed_at)
                 self._states_confirmed(self._states_fed_at)
@@ -641,8 +676,9 @@ class Ingest:
             # event states go after the markets; the cursor after both (it never runs ahead of the data
             # it covers), so with states to write the markets are applied without it
             market_cursor = None if states else cursor
+            result: ApplyResult | None = None
+            started = time.perf_counter()
             if deltas or market_cursor is not None:
-                started = time.perf_counter()
                 try:
                     result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
                     raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
@@ -653,27 +689,33 @@ class Ingest:
                     self._backlog = deltas = book.reimage_all(stored_at)
                     result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
                     raise_if_cancelled()
+                    audit = True  # (an epoch adopted: the store is compared with the book before confirming)
                 if result.rebased:
                     deltas = self._rebased(deltas, result.rebased)
-                if result.lost and time.monotonic() >= self._reimage_after:
+                if result.lost:
                     # the store lost writes it had acknowledged (a failover to a replica that had
                     # not received them): what it holds for any market may be behind the book,
                     # quiet markets included — re-image them all before confirming anything
-                    self._reimage_after = time.monotonic() + 5.0
                     self.lost_writes += result.lost
-                    logger.warning("source %s: the store lost acknowledged writes of %d market(s); "
-                                   "re-sending every market as an image", self.source, result.lost)
-                    self._backlog = deltas = book.reimage_all(stored_at)
-                    more = await self.store.apply(deltas, book.markets, None, rebase=book.rebase)
-                    raise_if_cancelled()
-                    if more.rebased:
-                        deltas = self._rebased(deltas, more.rebased)
-                    result.entries.update(more.entries)
-                    result.kept += more.kept
-                    result.markets |= more.markets
+                    self._reimage_due = True
+                    if time.monotonic() < self._reimage_after:
+                        # within REIMAGE_EVERY_S of the last: deferred, not dropped (nothing is confirmed
+                        # until it is done); the audit re-images at once the markets found behind
+                        logger.warning("source %s: the store lost acknowledged writes of %d market(s); "
+                                       "re-imaging every market in %.1f s", self.source, result.lost,
+                                       self._reimage_after - time.monotonic())
+                        audit = True
+            if self._reimage_ready():
+                self._reimage_due = False
+                self._reimage_after = time.monotonic() + REIMAGE_EVERY_S
+                logger.warning("source %s: the store lost acknowledged writes; re-sending every market as an image",
+                               self.source)
+                more, deltas = await self._resend(book.reimage_all(stored_at))
+                result = _merged(result, more)
+            if audit or self._audit_wanted():  # (a write above may have reconnected, to a server back older)
+                result, deltas = await self._audit_and_repair(stored_at, result, deltas)
+            if result is not None:
                 self.metrics.apply_seconds.observe(time.perf_counter() - started)
-            else:
-                result = None
             states_error: StoreError | None = None
             if states:
                 self._backlog = []  # stored: a failure below must not write them again
@@ -753,7 +795,125 @@ class Ingest:
                 out.append(image)
         return out
 
+    def _audit_wanted(self) -> bool:
+        """The store is to be compared with the book at this flush: its interval
+        (:attr:`audit_every_s`) is up, or something happened to the store since
+        the last audit (a failure, an epoch adopted: :meth:`audit_soon`; a
+        reconnect: :attr:`feed.store.Store.connects` moved)."""
+        return (self._audit_due or self.store.connects != self._connects_seen
+                or time.monotonic() >= self._audit_at)
+
+    def _unverified(self) -> bool:
+        """The store may be behind the book right now: a re-image of lost writes
+        waits (deferred), or the store failed, reconnected or changed epoch
+        since it was last compared with the book."""
+        return self._reimage_due or self._audit_due or self.store.connects != self._connects_seen
+
+    def _reimage_ready(self) -> bool:
+        """A deferred re-image of every market (lost writes found within
+        REIMAGE_EVERY_S of the last one) is due now."""
+        return self._reimage_due and time.monotonic() >= self._reimage_after
+
+    @property
+    def audit_due(self) -> bool:
+        """A flush has store work even with nothing new to write: the store audit
+        or a deferred re-image is due (:class:`HealthPublisher` flushes a quiet source then)."""
+        return self._audit_wanted() or self._reimage_ready()
+
+    def audit_soon(self) -> None:
+        """Something happened to the store (an error or a reconnect seen outside
+        the flush, e.g. by the health publisher): compare it with the book at the
+        next flush, before anything is confirmed again."""
+        self._audit_due = True
+
+    async def _resend(self, images: list[Delta]) -> tuple[ApplyResult, list[Delta]]:
+        """Store ``images`` (re-images of book markets: they wait in the backlog
+        if Redis fails); returns the apply's result and the images as stored
+        (rebased above a seq floor where the store asked). Raises StoreError."""
+        self._backlog = images
+        result = await self.store.apply(images, self.book.markets, None, rebase=self.book.rebase)
+        raise_if_cancelled()
+        if result.rebased:
+            images = self._rebased(images, result.rebased)
+        return result, images
+
+    def _reimage_markets(self, market_ids: Iterable[str], stored_at: int) -> list[Delta]:
+        """The book's markets ``market_ids`` each as an image at its next seq
+        (what :meth:`feed.book.Book.reimage_all` does for every market), the book
+        moved to that seq; ids the book no longer holds are skipped."""
+        book = self.book
+        out: list[Delta] = []
+        for mid in market_ids:
+            if mid in book.markets:
+                cur = book.markets[mid]
+                m = msgspec.structs.replace(cur, seq=cur.seq + 1, stored_at=stored_at)
+                book.restore([m])
+                out.append(image_delta(m))
+        return out
+
+    async def _audit_store(self) -> tuple[str | None, list[str]]:
+        """Compare what the store holds with the book, in one round trip
+        (:meth:`feed.store.Store.stored_marks`): returns the epoch now in Redis
+        (None: ``of:epoch`` is missing) and the ids of the book's markets whose
+        stored seq is behind the book's or missing — writes the store
+        acknowledged and then lost (Redis restarted on an older AOF, a replica
+        promoted that had not received them, a backup restored), which no later
+        batch would reveal for a market that stays quiet. Not counted as behind:
+        a market another source owns (its writes are dropped as foreign), and one
+        whose stored provider time is newer than the book's (a second writer of
+        the same source went further; an image of ours would be dropped as
+        older). Call it only with nothing of the book waiting for the store.
+        Raises StoreError."""
+        self._audit_due = False
+        self._audit_at = time.monotonic() + self.audit_every_s
+        self._connects_seen = self.store.connects  # (one made by this read itself: audited again next flush)
+        self.audits += 1
+        markets = self.book.markets
+        found = await self.store.stored_marks(list(markets))
+        raise_if_cancelled()
+        behind: list[str] = []
+        for mid, (seq, owner, pt) in found.marks.items():
+            if mid not in markets:
+                continue
+            m = markets[mid]
+            if seq >= m.seq or (owner is not None and owner != m.source):
+                continue
+            if pt > (m.source_ts if m.source_ts_original is None else m.source_ts_original):
+                continue
+            behind.append(mid)
+        return found.epoch, behind
+
+    async def _audit_and_repair(self, stored_at: int, result: ApplyResult | None,
+                                deltas: list[Delta]) -> tuple[ApplyResult | None, list[Delta]]:
+        """Run :meth:`_audit_store` after this flush's writes and repair what it
+        finds before anything is confirmed: ``of:epoch`` missing or another
+        (a lost Redis Cluster shard; nodes reload until it is back) — the
+        store's epoch is adopted (:meth:`feed.store.Store.reset_epoch`) and, if
+        it moved, every market re-imaged; markets behind the book — each
+        re-imaged at its next seq at once (not paced: only a market the store is
+        proven to lack is written, so this cannot loop). Returns the flush's
+        result and deltas with the repair's merged in. Raises StoreError (the
+        images then wait in the backlog, and nothing is confirmed)."""
+        store = self.store
+        epoch, behind = await self._audit_store()
+        if epoch != store.epoch:
+            old = store.epoch
+            logger.warning("source %s: the store epoch is %s, not %s: adopting the store's", self.source,
+                           epoch or "missing", old)
+            if await store.reset_epoch() != old:
+                more, images = await self._resend(self.book.reimage_all(stored_at))
+                return _merged(result, more), images
+        if behind:
+            self.lost_writes += len(behind)
+            logger.warning("source %s: the store is behind the book for %d market(s) (writes it acknowledged "
+                           "were lost: Redis went back in time?); re-imaging %s", self.source, len(behind),
+                           ", ".join(sorted(behind)[:5]) + (" …" if len(behind) > 5 else ""))
+            more, images = await self._resend(self._reimage_markets(behind, stored_at))
+            return _merged(result, more), [*deltas, *images]
+        return result, deltas
+
     def _store_failed(self, exc: Exception) -> None:
+        self._audit_due = True  # (Redis may come back older: compare before confirming again)
         self.store_failures += 1
         self.metrics.redis_error("store")
         first = self._store_error is None
@@ -919,8 +1079,10 @@ class HealthPublisher:
                 return
             ingest = self.ingest
             try:
-                if ingest.backlog or not ingest.store_ok:
-                    await ingest.flush()  # a quiet source still drains what waits for the store
+                if ingest.backlog or not ingest.store_ok or ingest.audit_due:
+                    # a quiet source still drains what waits for the store, and has it compared
+                    # with its book (Redis may have come back older: Ingest._audit_store)
+                    await ingest.flush()
                 if self.lag is not None:
                     apply_to_health(ingest.health, self.lag)
                 await ingest.publish_health()
@@ -929,6 +1091,7 @@ class HealthPublisher:
                     await ingest.prune_closed()
             except Exception as exc:  # a Redis hiccup must not stop the source
                 ingest.metrics.redis_error("health")
+                ingest.audit_soon()  # (Redis may be back older: compare before confirming again)
                 logger.warning("could not publish health of %s: %s", ingest.source, exc)
 
     async def __aenter__(self) -> "HealthPublisher":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,10 +24,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Treat ``redis_url`` as a Redis Cluster seed node."""
     data_dir: str = "./var"
     """Embedded Redis data directory (socket, append-only file)."""
-    partitions: int = 1
-    """Delta-log partitions P (fixed for the life of the data)."""
-    log_maxlen: int = 100_000
-    """Approximate log entries kept per partition (XADD MAXLEN ~)."""
+    partitions: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Delta-log partitions P (fixed for the life of the data), at least 1."""
+    log_maxlen: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    """Approximate log entries kept per partition (XADD MAXLEN ~), at least 1."""
     ladder_depth: int = 10
     """Price levels kept per side in canonical ladders."""
     host: str = "127.0.0.1"
@@ -76,10 +76,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     (``streaming.fastpath``; same answers, less CPU); false sends them through ASGI."""
     max_future_skew_ms: int = 10_000
     """A provider time more than this far ahead of receipt is quarantined as ``clock_skew``, ms."""
-    max_stream_lag_ms: int = 1_000
+    max_stream_lag_ms: int = 500
     """A streamed message received more than this long after its provider time (a backlog
     after a stall) counts as received at its provider time plus this, ms: its prices and the
-    confirmation it brings are that old, not as fresh as their arrival (0 = off)."""
+    confirmation it brings are that old, not as fresh as their arrival (0 = off). So a stream's
+    ``age_ms`` claims are exact to within this bound."""
     health_lease_ms: int = 5_000
     """A source's health record is good for this long after its ingest last renewed it
     (about once a second); then every node reads the source as DOWN (``ingest_gone``), ms."""

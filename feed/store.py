@@ -85,7 +85,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import KeyT, StreamIdT
 
-from feed.errors import StoreError
+from feed.errors import ConfigError, StoreError
 from feed.models import (
     DELTAS_DECODER,
     ENCODER,
@@ -225,7 +225,12 @@ def source_key(name: str) -> str:
 # A market belongs to the first source that wrote it: another source's changes are dropped
 # (counted as foreign), so two sources can never interleave their books in one market.
 # A market never moves back to older provider data: deltas whose provider time is older than
-# the stored state's are dropped (a restarted replay, a second writer of the same source).
+# the stored state's are dropped (a restarted replay, a second writer of the same source) — judged
+# after the seq checks, on the part of the batch the store does not hold: a retried batch whose
+# first try landed without a reply is trimmed first (PARTIAL), else its oldest delta, older than
+# what that first try stored, dropped the newer ones with it.
+# Failing writes: the XADD (which can fail: a bad MAXLEN, a key of another type) goes before every
+# other write, so a script that errors has written nothing (Redis does not roll back a script).
 # Lost writes: a market whose stored seq is below first - 1 while the batch starts with a delta
 # (not an image) lost acknowledged writes (a failover promoted a replica that had not received
 # them, an older RDB was restored): counted in `lost`; the writer re-images its markets.
@@ -271,11 +276,14 @@ for i = 1, n do
     if held == false and floor == nil then
       floor = redis.call('GET', KEYS[8]) or '0'
     end
-    if stored >= last or tonumber(ARGV[a + 6]) < stored_pt then
+    if stored >= last then
       keep[i] = false
       dropped = dropped + (last - first + 1)
     elseif stored >= first then
       return redis.error_reply('PARTIAL ' .. mid .. ' ' .. stored)
+    elseif tonumber(ARGV[a + 6]) < stored_pt then
+      keep[i] = false
+      dropped = dropped + (last - first + 1)
     elseif held == false and first <= tonumber(floor) then
       keep[i] = false
       below[#below + 1] = mid
@@ -297,25 +305,17 @@ local kept_ids = {}
 a = 7
 for i = 1, n do
   if keep[i] then
-    local mid = ARGV[a]
-    redis.call('HSET', KEYS[1], mid, ARGV[a + 3])
-    redis.call('HSET', KEYS[6], mid, ARGV[a + 5])
-    redis.call('HSET', ptkey, mid, ARGV[a + 7])
-    redis.call('SET', KEYS[8 + i], ARGV[a + 1])
-    redis.call('SADD', KEYS[3], mid)
     parts[#parts + 1] = ARGV[a + 4]
     kept = kept + (tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 2]) + 1)
-    kept_ids[#kept_ids + 1] = mid
+    kept_ids[#kept_ids + 1] = ARGV[a]
   end
   a = a + 9
 end
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
-end
 local id = ''
+local payload = ''
+local prev = ''
 if #parts > 0 then
-  local payload = '[' .. table.concat(parts, ',') .. ']'
-  local prev = ''
+  payload = '[' .. table.concat(parts, ',') .. ']'
   if ARGV[6] ~= '' then
     local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
     if #last > 0 then
@@ -323,9 +323,24 @@ if #parts > 0 then
     end
   end
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', payload)
-  if ARGV[6] ~= '' then
-    redis.pcall('PUBLISH', ARGV[6], ARGV[1] .. ' ' .. prev .. ' ' .. id .. ' ' .. payload)
+end
+a = 7
+for i = 1, n do
+  if keep[i] then
+    local mid = ARGV[a]
+    redis.call('HSET', KEYS[1], mid, ARGV[a + 3])
+    redis.call('HSET', KEYS[6], mid, ARGV[a + 5])
+    redis.call('HSET', ptkey, mid, ARGV[a + 7])
+    redis.call('SET', KEYS[8 + i], ARGV[a + 1])
+    redis.call('SADD', KEYS[3], mid)
   end
+  a = a + 9
+end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
+end
+if id ~= '' and ARGV[6] ~= '' then
+  redis.pcall('PUBLISH', ARGV[6], ARGV[1] .. ' ' .. prev .. ' ' .. id .. ' ' .. payload)
 end
 return {id, kept, dropped, foreign, lost, kept_ids}
 """
@@ -499,6 +514,47 @@ class EventStateResult:
     foreign: int
 
 
+@dataclass(slots=True)
+class StoredMarks:
+    """What the store holds of some markets, read in one round trip
+    (:meth:`Store.stored_marks`): the epoch now in Redis (``of:epoch``; None
+    when it is missing) and, per market id asked for, (stored seq — 0 when the
+    partition holds none; the source that owns it — None when none; provider
+    time of the stored state, ms since the Unix epoch — 0 when none)."""
+
+    epoch: str | None
+    marks: dict[str, tuple[int, str | None, int]]
+
+
+#: rounds :meth:`Store.ensure_epoch` reads and repairs the epochs before it gives up (StoreError)
+EPOCH_ROUNDS = 8
+
+# KEYS: 1 of:epoch; ARGV: 1 the epoch read, 2 a new epoch. Replaces the epoch only while it is still
+# the one read (a concurrent opener that replaced it first wins); returns the epoch now (nil: none).
+EPOCH_SWAP_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return cur
+"""
+
+
+def _config_values(reply: object, name: str) -> set[str]:
+    """Every value of setting ``name`` in a CONFIG GET reply: redis-py's dict, or a
+    Redis Cluster client's dict of such dicts (one per node)."""
+    out: set[str] = set()
+    if isinstance(reply, dict):
+        for k, v in reply.items():
+            key = k.decode() if isinstance(k, bytes) else k
+            if isinstance(v, dict):
+                out |= _config_values(v, name)
+            elif key == name and isinstance(v, (bytes, str)):
+                out.add(v.decode() if isinstance(v, bytes) else v)
+    return out
+
+
 class EpochChanged(StoreError):
     """The store's epoch is not the one this writer started with (Redis lost
     its data or was reset): the writer must re-send full images."""
@@ -593,6 +649,8 @@ class Store:
 
     def __init__(self, redis: aioredis.Redis, *, partitions: int = 1, log_maxlen: int = 100_000,
                  push: bool = True) -> None:
+        if partitions < 1 or log_maxlen < 1:  # (a MAXLEN below 1 fails every XADD: nothing would be logged)
+            raise ConfigError(f"partitions and log_maxlen must be at least 1, not {partitions} and {log_maxlen}")
         self.redis = redis
         self.partitions = partitions
         self.log_maxlen = log_maxlen
@@ -613,9 +671,13 @@ class Store:
     @classmethod
     async def open(cls, url: str, *, partitions: int = 1, log_maxlen: int = 100_000,
                    cluster: bool = False, push: bool = True) -> "Store":
-        """Connect, check the server answers, create or load the epoch.
+        """Connect, check the server answers, create or load the epoch
+        (:meth:`ensure_epoch`), and warn when Redis may evict keys
+        (:meth:`warn_if_evicting`).
 
-        Raises StoreError("cannot reach redis at …: …") when unreachable.
+        Raises StoreError("cannot reach redis at …: …") when unreachable, and
+        :meth:`ensure_epoch`'s StoreError (another partition count; epochs that
+        do not settle).
         """
         client = connect(url, cluster=cluster)
         store = cls(client, partitions=partitions, log_maxlen=log_maxlen, push=push)
@@ -625,27 +687,155 @@ class Store:
         except (RedisError, OSError) as exc:
             await client.aclose()
             raise StoreError(f"cannot reach redis at {_redact(url)}: {exc}") from None
+        except StoreError:
+            await client.aclose()
+            raise
+        await store.warn_if_evicting()
         return store
+
+    async def warn_if_evicting(self) -> str | None:
+        """Log a warning when Redis's ``maxmemory-policy`` is not ``noeviction``:
+        under memory pressure an eviction policy may evict ``of:epoch``, a
+        snapshot, a seq hash or a delta log — writes the store acknowledged
+        would vanish (docs/architecture.md §79). Returns the policy warned about
+        (several joined by "/" on a Redis Cluster whose nodes differ), or None:
+        ``noeviction``, or CONFIG refused (a managed Redis) — then nothing is
+        said. Never raises."""
+        client: Any = self.redis
+        try:
+            if isinstance(client, RedisCluster):  # every primary's (redis-py asks one node by default)
+                reply = await client.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
+            else:
+                reply = await client.config_get("maxmemory-policy")
+        except (RedisError, OSError):
+            return None
+        policies = sorted(_config_values(reply, "maxmemory-policy") - {"noeviction"})
+        if not policies:
+            return None
+        policy = "/".join(policies)
+        logger.warning("redis maxmemory-policy is %s, not noeviction: under memory pressure Redis may evict the "
+                       "store's epoch, snapshots or delta log and lose acknowledged writes; set "
+                       "maxmemory-policy noeviction (writes then fail with OOM, and the ingest keeps them)", policy)
+        return policy
 
     async def close(self) -> None:
         await self.redis.aclose()
 
     # -- epoch ---------------------------------------------------------------
 
+    #: connections the client made or remade since :meth:`ensure_epoch` (a plain Redis client's;
+    #: not counted on Redis Cluster): redis-py reconnects a pooled connection silently — to a
+    #: server that may have restarted on an older file — so a writer compares the store with its
+    #: book when this moves (:meth:`feed.ingest.Ingest._audit_store`)
+    connects = 0
+
+    def _watch_connects(self) -> None:
+        """Count every connect of the client's pooled connections, present and
+        future, in :attr:`connects` (a connect callback on each). Idempotent; a
+        no-op on a Redis Cluster client (its writers' audit timer covers it)."""
+        pool = getattr(self.redis, "connection_pool", None)
+        if pool is None or isinstance(self.redis, RedisCluster) or getattr(pool, "_oddsfeed_connects", None) is self:
+            return
+        make = pool.make_connection
+
+        def make_connection() -> Any:
+            conn = make()
+            conn.register_connect_callback(self._connected)
+            return conn
+
+        setattr(pool, "make_connection", make_connection)
+        setattr(pool, "_oddsfeed_connects", self)
+        for conn in [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())]:
+            conn.register_connect_callback(self._connected)
+
+    def _connected(self, conn: object) -> None:
+        """redis-py's connect callback: one more (re)connection."""
+        self.connects += 1
+
     async def ensure_epoch(self) -> str:
-        """Load the epoch, creating it (and ``of:meta``) on an empty store;
-        make sure every partition carries it."""
+        """Load the epoch, creating it (and ``of:meta``) on an empty store, and
+        make every partition carry it; returns it (also kept in :attr:`epoch`).
+
+        ``of:epoch`` is what nodes compare and resume tokens carry; each
+        partition's copy ``of:{p}:epoch`` is what the apply script checks. They
+        converge whatever was lost (docs/architecture.md §79):
+
+        - all in place and equal: adopted as they are (reads only);
+        - an empty store: every partition epoch is set (NX) first, then
+          ``of:epoch`` to the one they agree on, so a concurrent opener never
+          finds ``of:epoch`` without its partitions' copies;
+        - ``of:epoch`` lost alone (its Redis Cluster shard wiped, the key
+          deleted) while every partition carries one same epoch: that epoch is
+          adopted — a partition's epoch shares its hash slot, so its shard, with
+          its data: the data is in place and clients keep their resume tokens;
+        - partition epochs that disagree, or one missing (its shard's data may
+          be gone): a NEW epoch, every partition's overwritten (plain SET), so
+          every node reloads and every writer gets EpochChanged and re-images
+          every market;
+        - ``of:epoch`` in place and a partition's copy different: overwritten
+          with it (its writers then re-image).
+
+        ``of:epoch`` is only created with SET NX or swapped from the value just
+        read, and each round re-reads everything, so concurrent openers settle
+        on one epoch. Raises StoreError when the store was created with another
+        partition count, or when the epochs have not settled after
+        :data:`EPOCH_ROUNDS` rounds; redis-py's errors (RedisError, OSError)
+        pass through (:meth:`open` and :meth:`reset_epoch` turn them into StoreError).
+        Also starts counting the client's (re)connections (:attr:`connects`).
+        """
+        self._watch_connects()
         r = self.redis
-        await r.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
-        self.epoch = reply_text(await r.get(EPOCH_KEY))
         await r.hsetnx(META_KEY, "partitions", self.partitions)
         await r.hsetnx(META_KEY, "created_at", int(time.time() * 1000))
         stored = int(await r.hget(META_KEY, "partitions") or self.partitions)
         if stored != self.partitions:
             raise StoreError(f"store was created with {stored} partitions, not {self.partitions}")
+        token: str | None = None  # the epoch this call made for an empty store
+        for _ in range(EPOCH_ROUNDS):
+            epoch, parts = await self._read_epochs()
+            if epoch is not None and all(e == epoch for e in parts):
+                self.epoch = epoch
+                return epoch
+            present = {e for e in parts if e is not None}
+            if epoch is None and not present:  # an empty store: the partitions' copies first
+                token = secrets.token_hex(8)
+                for p in range(self.partitions):
+                    await r.set(pepoch_key(p), token, nx=True)
+                continue
+            if epoch is None and len(present) == 1 and None not in parts:
+                adopt = next(iter(present))
+                if adopt != token:
+                    logger.warning("the store epoch of:epoch is missing while every partition carries %s: "
+                                   "adopting it", adopt)
+                await r.set(EPOCH_KEY, adopt, nx=True)
+                continue
+            if epoch is None:
+                logger.warning("the store epoch of:epoch is missing and the partitions' epochs disagree or are "
+                               "missing (%s): a new epoch (every node reloads, every writer re-images)",
+                               ", ".join(e or "-" for e in parts))
+                await r.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+                epoch = reply_text_or_none(await r.get(EPOCH_KEY))
+            elif None in parts:
+                logger.warning("partition epochs missing under the store epoch %s (a shard lost its data?): "
+                               "a new epoch (every node reloads, every writer re-images)", epoch)
+                epoch = reply_text_or_none(await r.eval(EPOCH_SWAP_SCRIPT, 1, EPOCH_KEY, epoch,
+                                                         secrets.token_hex(8)))
+            if epoch is None:
+                continue
+            for p, e in enumerate(parts):
+                if e != epoch:
+                    await r.set(pepoch_key(p), epoch)
+        raise StoreError(f"the store's epochs did not settle after {EPOCH_ROUNDS} rounds (concurrent resets?)")
+
+    async def _read_epochs(self) -> tuple[str | None, list[str | None]]:
+        """(``of:epoch``, each partition's ``of:{p}:epoch``) — None where missing —
+        in one pipelined round trip. Raises RedisError/OSError."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(EPOCH_KEY)
         for p in range(self.partitions):
-            await r.set(pepoch_key(p), self.epoch, nx=True)
-        return self.epoch
+            pipe.get(pepoch_key(p))
+        replies = await pipe.execute()
+        return reply_text_or_none(replies[0]), [reply_text_or_none(v) for v in replies[1:]]
 
     async def current_epoch(self) -> str | None:
         """The epoch now in Redis (None when the store was wiped)."""
@@ -757,8 +947,12 @@ class Store:
         return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets, rebased)
 
     async def reset_epoch(self) -> str:
-        """After EpochChanged: adopt the epoch now in Redis (creating one). Raises
-        StoreError when Redis fails meanwhile (it may be restarting empty)."""
+        """After EpochChanged (or ``of:epoch`` found missing or changed): adopt the
+        epoch now in Redis, creating one, and make every partition carry it — a
+        partition copy that differs is overwritten, so the writer's next apply
+        passes the epoch check (:meth:`ensure_epoch`; the caller re-images its
+        markets when the epoch moved). Returns the epoch. Raises StoreError when
+        Redis fails meanwhile (it may be restarting empty) or the epochs do not settle."""
         try:
             return await self.ensure_epoch()
         except (RedisError, OSError) as exc:
@@ -1060,6 +1254,40 @@ class Store:
             raise StoreError(f"redis read failed: {exc}") from None
         return max((int(v) for v in replies if v is not None), default=0)
 
+    async def stored_marks(self, market_ids: Iterable[str], *, chunk: int = 1000) -> StoredMarks:
+        """The epoch now in Redis and, for each of ``market_ids``, its stored seq,
+        owner and provider time (:class:`StoredMarks`) — what a writer compares
+        with its book to find markets the store lost acknowledged writes of
+        (docs/architecture.md §79). One pipelined round trip: a GET of
+        ``of:epoch`` and, per partition, HMGETs of the seq, owner and
+        provider-time hashes, ``chunk`` markets per command. Read only. Raises
+        StoreError."""
+        by_p: dict[int, list[str]] = {}
+        for mid in market_ids:
+            by_p.setdefault(partition_of(mid, self.partitions), []).append(mid)
+        parts: list[list[str]] = []
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(EPOCH_KEY)
+            for p, mids in by_p.items():
+                for i in range(0, len(mids), chunk):
+                    part = mids[i:i + chunk]
+                    pipe.hmget(seq_key(p), part)
+                    pipe.hmget(owner_key(p), part)
+                    pipe.hmget(pt_key(p), part)
+                    parts.append(part)
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from None
+        marks: dict[str, tuple[int, str | None, int]] = {}
+        k = 1
+        for part in parts:
+            seqs, owners, pts = replies[k], replies[k + 1], replies[k + 2]
+            k += 3
+            for mid, s, o, t in zip(part, seqs, owners, pts, strict=True):
+                marks[mid] = (int(s) if s is not None else 0, reply_text_or_none(o), int(t) if t is not None else 0)
+        return StoredMarks(reply_text_or_none(replies[0]), marks)
+
     async def sources(self) -> list[SourceHealth]:
         names = sorted(reply_text(n) for n in await self.redis.smembers(SOURCES_KEY))
         out = []
@@ -1205,12 +1433,15 @@ class LogCheck:
 
     epoch: ``of:epoch`` (None: the store was wiped); partition_epoch:
     ``of:{p}:epoch`` (None: missing); first_id: id of the oldest retained
-    log entry (None: the log is empty or gone).
+    log entry (None: the log is empty or gone); last_id: id of the newest
+    (None: empty or gone) — a reader whose position is past it applied an entry
+    the log does not hold (a forged push, or Redis went back under the same epoch).
     """
 
     epoch: str | None
     partition_epoch: str | None
     first_id: str | None
+    last_id: str | None = None
 
 
 LogEntries = list[tuple[str, list[Delta]]]
@@ -1639,7 +1870,7 @@ class LogTail(StreamTail):
 
     On a plain Redis it holds a connection of its own (XREAD BLOCK holds one) —
     a bare :class:`RespConnection` where the URL allows, else redis-py's —
-    and talks to it directly: one command, or one pipelined write of four, per
+    and talks to it directly: one command, or one pipelined write of five, per
     call, replies parsed once (no redis-py response callbacks, no per-entry
     field dicts) and each entry's payload decoded once into
     :class:`~feed.models.Delta`. The connection has no socket timeout of its
@@ -1662,7 +1893,8 @@ class LogTail(StreamTail):
         super().__init__(store, log_key(p), DELTAS_DECODER)
         self.partition = p
         self._pepoch_key = pepoch_key(p)
-        self._check_cmd = (("GET", EPOCH_KEY), ("GET", self._pepoch_key), ("XRANGE", self.key, "-", "+", "COUNT", 1))
+        self._check_cmd = (("GET", EPOCH_KEY), ("GET", self._pepoch_key), ("XRANGE", self.key, "-", "+", "COUNT", 1),
+                           ("XREVRANGE", self.key, "+", "-", "COUNT", 1))
         self._check_packed = b"".join(RespConnection.pack_command(*c) for c in self._check_cmd)
         #: the pushed log (a plain Redis with a bare connection only; see :meth:`read`)
         self._push: LogPush | None = None
@@ -1732,7 +1964,7 @@ class LogTail(StreamTail):
                 return entries, None
             await conn.send_packed_command(xread + self._check_packed)
             res = await _reply(conn, deadline_s)
-            replies = [await _reply(conn, self.timeout_s) for _ in range(3)]
+            replies = [await _reply(conn, self.timeout_s) for _ in self._check_cmd]
             return self._entries(res), _log_check(*replies)
         except BaseException:
             # never leave a reply unread on the connection (or read one that belongs to another
@@ -1812,7 +2044,7 @@ class LogTail(StreamTail):
             conn = self._conn = await self._pool.get_connection()
         try:
             await conn.send_packed_command(self._check_packed)
-            replies = [await _reply(conn, self.timeout_s) for _ in range(3)]
+            replies = [await _reply(conn, self.timeout_s) for _ in self._check_cmd]
             return _log_check(*replies)
         except BaseException:
             await conn.disconnect(nowait=True)
@@ -1840,11 +2072,12 @@ async def _reply(conn: Any, timeout_s: float) -> Any:
         return await conn.read_response(disable_decoding=True)
 
 
-def _log_check(epoch: object, pepoch: object, first: object) -> LogCheck:
-    if not isinstance(first, list):
-        raise StoreError(f"unexpected redis XRANGE reply {first!r:.80}")
+def _log_check(epoch: object, pepoch: object, first: object, last: object) -> LogCheck:
+    if not isinstance(first, list) or not isinstance(last, list):
+        raise StoreError(f"unexpected redis XRANGE/XREVRANGE reply {first!r:.80} {last!r:.80}")
     first_id = reply_text(first[0][0]) if first else None
-    return LogCheck(reply_text_or_none(epoch), reply_text_or_none(pepoch), first_id)
+    last_id = reply_text(last[0][0]) if last else None
+    return LogCheck(reply_text_or_none(epoch), reply_text_or_none(pepoch), first_id, last_id)
 
 
 class StoredLink(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -307,6 +307,40 @@ async def test_a_node_streams_every_change_from_pushes_and_without_them(store: S
             assert pushed == 0
 
 
+async def test_a_pushed_entry_the_log_does_not_hold_is_undone_by_the_next_check(store: Store, redis_url: str) -> None:
+    """A push carries the store's epoch and the log's head as its previous id — both readable by
+    any client — so one PUBLISH (no key written) was taken by every node: an invented price, and
+    with an id far ahead of the log, a position past every real entry. XREAD from there returns
+    nothing and no guard looked at the log's head: the market stayed at the invented price,
+    read as fresh, for good. The guards now read the log's newest id too; a node past it
+    reloads the partition from the store."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    (real,) = await feed.write(feed.price("m1", "1", 2.2))
+    app = make_app(redis_url, settings=Settings(heartbeat_ms=60_000))
+    r = aioredis.from_url(redis_url)
+    async with serve(app) as _base:
+        node = app.state.node
+        await eventually(lambda: node.readers[0].pushed or node.readers[0]._tail._push is not None, TIMEOUT_S,
+                         "the node subscribed to the pushed log")
+        await eventually(lambda: node.state.markets["m1"].seq == real.seq, TIMEOUT_S, "the node at the real price")
+        reloads = node.reloads
+        head = (await r.xrevrange(log_key(0), count=1))[0][0].decode()
+        forged = msgspec.structs.replace(real, seq=real.seq + 1, selections=[
+            msgspec.structs.replace(real.selections[0], price=9.9, back=[(9.9, 500.0)])])
+        msg = b"%s %s 99999999999999-0 %s" % (store.epoch.encode(), head.encode(), msgspec.json.encode([forged]))
+        assert await r.publish(push_channel(0), msg) == 1
+        # the node may take it — and then must let it go again: back at the store's price and position
+        await eventually(lambda: node.reloads > reloads or node.state.positions[0] == "99999999999999-0",
+                         TIMEOUT_S, "the forged push reached the node")
+        await eventually(lambda: node.state.positions[0] == head and node.state.markets["m1"].seq == real.seq,
+                         TIMEOUT_S, "the node back at the log's head and the stored price")
+        assert node.state.markets["m1"].selections[0].price == 2.2
+        (later,) = await feed.write(feed.price("m1", "1", 2.4))  # and it follows the real log again
+        await eventually(lambda: node.state.markets["m1"].seq == later.seq, TIMEOUT_S, "the next real change")
+    await r.aclose()
+
+
 async def test_pushes_beyond_the_buffer_bound_are_dropped_and_read_from_the_log(store: Store) -> None:
     """A reader that does not take its pushes (busy reloading, say) holds a bounded buffer:
     past the bound it is dropped as a gap, and nothing is lost."""

@@ -133,6 +133,36 @@ async def test_an_epoch_change_while_streaming_is_noticed_by_the_timer(store: St
     assert app.state.node.reloads >= 1
 
 
+async def test_epochs_that_stay_inconsistent_do_not_reload_the_node_on_every_read(store: Store,
+                                                                                 redis_url: str) -> None:
+    """``of:epoch`` lost while the partition epochs stay (a Redis Cluster shard lost, an eviction):
+    what a reload finds disagrees again at the next check, and the node reloaded — a
+    ``recovered: false`` snapshot to every client — on every read, ~5 a second, until a writer
+    set the epochs right. Repeated reloads for the same reason now back off (0.5 s doubling to
+    10 s). The count is an upper bound over a window: a loaded machine only lowers it."""
+    feed = Feed(store)
+    await feed.write(feed.image("m1"))
+    app = make_app(redis_url, read_block_ms=100)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as c:
+        async with c.stream("GET", "/v1/stream") as resp:
+            sse = SSEReader(resp)
+            assert (await _event(sse)).event == "snapshot"
+            node = app.state.node
+            await store.redis.delete(EPOCH_KEY)
+            await eventually(lambda: node.reloads >= 2, TIMEOUT_S, "the node to reload (twice)")
+            first, t0 = node.reloads, time.monotonic()
+            await asyncio.sleep(3.0)  # (an upper bound: the window only has to be long enough to count)
+            reloads, elapsed_s = node.reloads - first, time.monotonic() - t0
+            # backing off 0.5, 1, 2 s …: at most 3 in 3 s (+1 in flight); per read it was ≥ 10
+            assert reloads <= 4, (reloads, elapsed_s)
+            # the epochs agreeing again ends it: the node follows the log again
+            await store.redis.set(EPOCH_KEY, store.epoch)
+            (d,) = await feed.write(feed.price("m1", "1", 4.4))
+            await eventually(lambda: node.state.markets.get("m1") is not None
+                             and node.state.markets["m1"].seq == d.seq and node.state.epoch == store.epoch,
+                             TIMEOUT_S * 2, "the node on the writer's epoch")
+
+
 async def test_a_wiped_store_with_a_new_writer_is_noticed_before_its_entries_are_applied(
         store: Store, redis_url: str) -> None:
     """Redis loses everything and a writer starts over (seqs from 1): its first entry is read
@@ -253,7 +283,7 @@ async def test_log_tail_reads_entries_and_guards_in_one_call(store: Store) -> No
     try:
         entries, guards = await tail.read("0-0", block_ms=100, count=10, check=True)
         assert [(i, [x.seq for x in ds]) for i, ds in entries] == [(first, [1]), (await store.last_log_id(0), [d.seq])]
-        assert guards == LogCheck(store.epoch, store.epoch, first)
+        assert guards == LogCheck(store.epoch, store.epoch, first, entries[-1][0])
         entries, guards = await tail.read(entries[-1][0], block_ms=50, count=10)
         assert entries == [] and guards is None  # timed out; no guards asked for
         await store.redis.flushall()

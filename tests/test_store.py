@@ -112,6 +112,70 @@ async def test_apply_trims_a_partial_overlap(store: Store) -> None:
     assert [d.seq for _, ds in rows for d in ds] == [1, 2, 3]
 
 
+async def test_a_retried_batch_whose_first_try_landed_keeps_its_newest_change(store: Store) -> None:
+    """A flush whose write landed without a reply (a timeout, a killed connection) is retried
+    with a change more: the store holds seqs 1–3, the retry carries 2–4. Judged whole by
+    provider time, its oldest delta (2) is older than the stored state (3) and the whole batch
+    was dropped — seq 4 with it, counted as written: the store and every node kept 2.4 while
+    the provider had moved to 2.6. Now the part the store holds is trimmed first."""
+    book = Book()
+    d1 = book.apply(_update("m1", 2.0, image=True, ts=1000))
+    await store.apply([d1], book.markets)
+    d2 = book.apply(_update("m1", 2.2, ts=1002))
+    d3 = book.apply(_update("m1", 2.4, ts=1003))
+    await store.apply([d2, d3], book.markets)  # landed; the writer never saw the reply
+    d4 = book.apply(_update("m1", 2.6, ts=1004))
+    res = await store.apply([d2, d3, d4], book.markets)  # the retry, with the change since
+    assert (res.kept, res.dropped) == (1, 2)
+    m1 = await store.get_market("m1")
+    assert m1 is not None and m1.seq == 4 and m1.selections[0].price == 2.6
+    rows = await store.log_range(0, "0-0")
+    assert [d.seq for _, ds in rows for d in ds] == [1, 2, 3, 4]
+    # an older writer's batch the store does not hold yet is still dropped by provider time
+    old = Book()
+    o1 = old.apply(_update("m9", 5.0, image=True, ts=2000))
+    await store.apply([o1], old.markets)
+    o2 = old.apply(_update("m9", 5.5, ts=2001))
+    older = Book()
+    older.apply(_update("m9", 4.0, image=True, ts=1500))
+    stale = older.apply(_update("m9", 4.5, ts=1501))
+    assert stale is not None and stale.seq == 2 == o2.seq
+    res = await store.apply([stale], older.markets)
+    assert (res.kept, res.dropped) == (0, 1)
+    m9 = await store.get_market("m9")
+    assert m9 is not None and m9.seq == 1 and m9.selections[0].price == 5.0
+
+
+async def test_a_script_that_fails_writes_nothing(store: Store) -> None:
+    """Redis does not roll a script back: the apply script's snapshot, seq and cursor writes went
+    before its XADD, so an XADD that failed (a key of another type at the log, a MAXLEN Redis
+    refuses) left the market stored at its new seq with no log entry — the retry was dropped as
+    already stored and no node ever got the change. The XADD goes first now."""
+    from feed.errors import StoreError
+    from feed.store import log_key
+
+    book = Book()
+    d1 = book.apply(_update("m1", 2.0, image=True))
+    await store.redis.set(log_key(0), "not a stream")
+    with pytest.raises(StoreError):
+        await store.apply([d1], book.markets, cursor=("t", "clk-1"))
+    assert await store.get_market("m1") is None and await store.load_cursor("t") is None
+    await store.redis.delete(log_key(0))
+    res = await store.apply([d1], book.markets, cursor=("t", "clk-1"))
+    assert res.kept == 1
+    assert [[d.seq for d in ds] for _, ds in await store.log_range(0, "0-0")] == [[1]]
+
+
+def test_a_log_of_no_entries_is_refused_as_configuration() -> None:
+    from feed.errors import ConfigError
+    from feed.settings import from_env
+
+    with pytest.raises(ConfigError, match="log_maxlen"):
+        from_env({"ODDSFEED_LOG_MAXLEN": "-1"})
+    with pytest.raises(ConfigError, match="at least 1"):
+        Store(None, log_maxlen=0)  # type: ignore[arg-type]
+
+
 async def test_a_market_belongs_to_the_source_that_wrote_it_first(store: Store) -> None:
     """Two sources with colliding market ids must never interleave their books."""
     a, b = Book(), Book()

@@ -394,7 +394,7 @@ async def test_redis_failing_while_the_ingest_adopts_a_new_epoch_keeps_the_backl
 
     ingest = Ingest(store, source="betfair")
     ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
-    real_apply, real_set = store.apply, store.redis.set
+    real_apply, real_hsetnx = store.apply, store.redis.hsetnx
 
     async def epoch_gone(*args, **kwargs):
         raise EpochChanged("store epoch changed")
@@ -402,11 +402,11 @@ async def test_redis_failing_while_the_ingest_adopts_a_new_epoch_keeps_the_backl
     async def refused(*args, **kwargs):
         raise RedisConnectionError("Connection reset by peer")
     monkeypatch.setattr(store, "apply", epoch_gone)
-    monkeypatch.setattr(store.redis, "set", refused)
+    monkeypatch.setattr(store.redis, "hsetnx", refused)  # (the adoption's first call: Store.ensure_epoch)
     assert await ingest.flush() == []
     assert not ingest.store_ok and ingest.backlog
     monkeypatch.setattr(store, "apply", real_apply)
-    monkeypatch.setattr(store.redis, "set", real_set)
+    monkeypatch.setattr(store.redis, "hsetnx", real_hsetnx)
     ingest._retry_at = 0.0  # (skip the backoff wait)
     stored = await ingest.flush()
     assert [d.market_id for d in stored] == ["bf:1.1"] and ingest.store_ok
