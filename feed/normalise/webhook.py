@@ -89,8 +89,11 @@ class WebhookNormaliser:
     ``late_fixture_fields``.
     """
 
-    #: no live provider times (see Normaliser.live_provider_times)
-    live_provider_times = False
+    #: provider times of live deliveries (see Normaliser.live_provider_times): a delivery that
+    #: arrives late — a provider's retries after we answered 503, a backlog after an outage —
+    #: confirms the source's markets as of its provider time + ``max_stream_lag_ms``, not as of its
+    #: arrival (newer changes may still be queued behind it)
+    live_provider_times = True
 
     def __init__(self, source: str = "webhook", *, prefix: str = PREFIX,
                  max_future_skew_ms: int = MAX_FUTURE_SKEW_MS, remember: int = 65_536) -> None:

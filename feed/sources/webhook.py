@@ -72,7 +72,10 @@ Health and freshness: the source is UP once listening (DOWN / ``stopped``
 when it ends). A webhook provider sends nothing while nothing changes, and
 nothing tells us it is alive in between, so there is no heartbeat to
 confirm quiet markets: every stored delivery confirms all the source's
-markets (``confirms_by_messages=True``, as a stream's message does), and
+markets (``confirms_by_messages=True``, as a stream's message does) — as of
+its arrival, or, arriving more than ``ODDSFEED_MAX_STREAM_LAG_MS`` after its
+provider time (a retry after a 503, a backlog), as of that time plus the
+bound: newer changes may still be queued behind it —, and
 they turn stale ``stale_after_s`` (default 60) after the last delivery
 (``stale_after_ms`` in the health record). After that long without a
 delivery the source reads DEGRADED / ``no_deliveries`` (UP again on the next
