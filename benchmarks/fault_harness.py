@@ -3,10 +3,15 @@
 Everything talks to real processes on 127.0.0.1:
 
 - :class:`Stack`: an embedded ``redis-server`` (append-only, started and
-  killed by us), ``oddsfeed simulate --providers`` with ``--truth-log`` and
-  ``--control-port``, one ``oddsfeed ingest --source …`` process per source
-  kind and one ``oddsfeed serve``; every process can be killed (``kill -9``),
-  stopped (``SIGSTOP``/``SIGCONT``) and restarted with the same arguments.
+  killed by us), a private RabbitMQ node (``tests/rabbitmq.py``'s
+  :class:`RabbitNode`: free ports, its own directories; for the ``uof``
+  source, restartable and able to close every AMQP connection),
+  ``oddsfeed simulate --providers`` with ``--truth-log`` and
+  ``--control-port`` (plus ``--uof-amqp-url`` and ``--webhook-url``: the UOF
+  producer and the webhook pusher), one ``oddsfeed ingest --source …``
+  process per source kind and one ``oddsfeed serve``; every process can be
+  killed (``kill -9``), stopped (``SIGSTOP``/``SIGCONT``) and restarted with
+  the same arguments.
   :class:`ClusterStack`: a 3-master / 3-replica Redis Cluster (the same
   redis-server binary) with one ingest and one serve on it.
 - :class:`SimControl`: the simulator's fault switches over its control port.
@@ -70,12 +75,37 @@ __all__ = [
     "status_class",
 ]
 
-#: source name -> (market id prefix, kind). Two push consumers of one provider need their own prefixes.
+#: source name -> market id prefix. Two push consumers of one provider need their own prefixes; the
+#: webhook source (push-format messages too) gets ``wh``; ``uof`` is there when it can run (:func:`uof_unavailable`)
 SOURCES: dict[str, str] = {"esa": "bf:", "pinnacle": "pn:", "theoddsapi": "toa:", "push-ws": "pxw:",
-                           "push-sse": "pxs:"}
+                           "push-sse": "pxs:", "uof": "uof:", "webhook": "wh:"}
 #: truth-log prefix -> the prefixes oddsfeed gives those markets here
 TRUTH_ALIASES: dict[str, tuple[str, ...]] = {"px:": ("pxw:", "pxs:")}
 POLLERS = ("pinnacle", "theoddsapi")
+UOF_TOKEN = "sim-uof-token"
+WEBHOOK_SECRET = "sim-webhook-secret"
+
+
+def uof_unavailable() -> str | None:
+    """Why the ``uof`` source cannot run here (None: it can): aio-pika, the UOF modules or
+    Debian's ``rabbitmq-server`` (``bash .ci/install-rabbitmq``) missing."""
+    import importlib
+
+    for module in ("aio_pika", "feed.sources.amqp", "feed.normalise.uof", "feed.simulator.uof", "tests.rabbitmq"):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure means: not ready
+            return f"{module} not importable ({type(exc).__name__}: {exc})"
+    from tests.rabbitmq import server_binary
+
+    if server_binary() is None:
+        return "rabbitmq-server not installed (bash .ci/install-rabbitmq, as root)"
+    return None
+
+
+UOF_UNAVAILABLE = uof_unavailable()
+if UOF_UNAVAILABLE is not None:
+    del SOURCES["uof"]
 
 
 def now_ms() -> int:
@@ -383,6 +413,7 @@ class Stack:
         self.ports: dict[str, int] = {}
         self.control: SimControl | None = None
         self.truth = Truth(self.truth_path)
+        self.rabbit: Any = None  # tests.rabbitmq.RabbitNode, when "uof" is among the sources
 
     @property
     def base_url(self) -> str:
@@ -403,6 +434,14 @@ class Stack:
             return f"push-ws=ws://127.0.0.1:{p['push']}/push/ws,api_key=sim-push-key,prefix=pxw"
         if name == "push-sse":
             return f"push-sse=http://127.0.0.1:{p['push']}/push/sse,api_key=sim-push-key,prefix=pxs"
+        if name == "uof":
+            # alives every 1 s: a producer silent for 5 s is down; recoveries at most 1 s apart; the broker
+            # link retried within 2 s (UOF SDK defaults: 20 s, 30 s, and the source's 30 s)
+            return (f"uof={self.amqp_url}?exchange=unifiedfeed,api=http://127.0.0.1:{p['uof_api']},"
+                    f"token={UOF_TOKEN},producers=1+3,max_inactivity_s=5,min_recovery_interval_s=1,"
+                    "backoff_initial_s=0.2,backoff_max_s=2,connect_timeout_s=5")
+        if name == "webhook":
+            return f"webhook=127.0.0.1:{p['webhook']},secret={WEBHOOK_SECRET},prefix=wh"
         raise ValueError(f"unknown source {name!r}")
 
     def store_args(self) -> list[str]:
@@ -411,17 +450,61 @@ class Stack:
     def start_redis(self) -> None:
         self.redis_url = self.redis.start()  # from the main thread: it dies with us, not with a worker thread
 
+    @property
+    def amqp_url(self) -> str:
+        assert self.rabbit is not None
+        return str(self.rabbit.url)
+
+    def start_rabbit(self) -> None:
+        """Start the private RabbitMQ node (the first time: new ports and directories; later: the
+        same ones, its durable exchange kept). Bounded: raises after tests.rabbitmq.STARTUP_S."""
+        if self.rabbit is None:
+            from tests.rabbitmq import RabbitNode, server_binary
+
+            binary = server_binary()
+            if binary is None:
+                raise RuntimeError(f"uof: {UOF_UNAVAILABLE or 'rabbitmq-server not installed'}")
+            (self.work / "rabbitmq").mkdir(exist_ok=True)
+            self.rabbit = RabbitNode(self.work / "rabbitmq", binary)
+            self.rabbit.name = f"oddsfeed-faults-{os.getpid()}-{self.work.name}@localhost"
+        self.rabbit.start()
+
+    def stop_rabbit(self) -> None:
+        if self.rabbit is not None:
+            self.rabbit.stop()
+
+    def rabbit_alive(self) -> bool:
+        srv = self.rabbit._server if self.rabbit is not None else None
+        return srv is not None and srv.poll() is None
+
+    def rabbitmqctl(self, *args: str, timeout_s: float = 30.0) -> str:
+        """Run ``rabbitmqctl -n <node> …`` against the private node (its cookie, its epmd port)."""
+        assert self.rabbit is not None
+        ctl = Path(self.rabbit.binary).with_name("rabbitmqctl")
+        out = subprocess.run([str(ctl), "-n", self.rabbit.name, *args], env=self.rabbit.env(), capture_output=True,
+                             text=True, timeout=timeout_s, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: exit {out.returncode}: {out.stderr[-300:]}")
+        return out.stdout
+
     async def start(self, *, ready_timeout_s: float = 60.0) -> None:
         py = sys.executable
         self.start_redis()
-        self.ports = {k: free_port() for k in ("esa", "http", "push", "control", "api")}
+        self.ports = {k: free_port() for k in ("esa", "http", "push", "control", "api", "uof_api", "webhook")}
         p = self.ports
+        extra: list[str] = []
+        if "uof" in self.sources:
+            await asyncio.to_thread(self.start_rabbit)
+            extra += ["--uof-amqp-url", self.amqp_url, "--uof-port", str(p["uof_api"])]
+        if "webhook" in self.sources:
+            extra += ["--webhook-url", f"http://127.0.0.1:{p['webhook']}/ingest/webhook/webhook",
+                      "--webhook-secret", WEBHOOK_SECRET, "--webhook-prefix", "wh"]
         self.managed.start("simulate", [py, "-m", "feed", "simulate", "--providers", "--host", "127.0.0.1",
                                         "--port", str(p["esa"]),
                                         "--providers-port", str(p["http"]), "--push-port", str(p["push"]),
                                         "--control-port", str(p["control"]), "--truth-log", str(self.truth_path),
                                         "--rate", str(self.rate), "--events", str(self.events),
-                                        "--seed", str(self.seed), "--time-scale", str(self.time_scale)])
+                                        "--seed", str(self.seed), "--time-scale", str(self.time_scale), *extra])
         self.control = SimControl(p["control"])
         await self._until(lambda: self._ping_control(), 30, "the simulator's control port")
         for name in self.sources:
@@ -510,6 +593,8 @@ class Stack:
             if self.redis.process is not None:
                 os.kill(self.redis.process.pid, signal.SIGCONT)
         self.redis.stop()
+        with contextlib.suppress(Exception):
+            self.stop_rabbit()
 
     # -- redis faults --
 
@@ -922,6 +1007,8 @@ def judge_probes(probes: list[Probe], truth: Truth, allowance_ms: dict[str, int]
     reach back that far.
     ok_dead: ``OK`` on a market of a source inside ``dead[source]`` = (from,
     to) ms: its ingest was dead (past a grace) — nothing confirms those prices.
+    A key of ``dead`` that is not a source name is a market id prefix (e.g.
+    the events of a UOF producer that was down: ``uof:sr:match:1001:``).
     """
     out: dict[str, Any] = {"probes": len(probes), "reasons": Counter(p.reason for p in probes), "wrong_fresh": 0,
                            "unjudged": 0, "ok_dead": 0, "worst_ms": None, "examples": []}
@@ -929,11 +1016,16 @@ def judge_probes(probes: list[Probe], truth: Truth, allowance_ms: dict[str, int]
         if p.reason != "OK":
             continue
         src = source_of(p.market_id)
-        if dead and src in dead and dead[src][0] <= p.checked_at < dead[src][1]:
+        window = None
+        if dead:
+            window = dead.get(src) if src is not None else None
+            if window is None:
+                window = next((w for k, w in dead.items() if k not in SOURCES and p.market_id.startswith(k)), None)
+        if window is not None and window[0] <= p.checked_at < window[1]:
             out["ok_dead"] += 1
             if len(out["examples"]) < 5:
                 out["examples"].append(f"{p.market_id}/{p.selection_id} OK at {p.price_h / 100:g} while its source "
-                                       f"was dead ({p.checked_at - dead[src][0]} ms into the window, age_ms "
+                                       f"was dead ({p.checked_at - window[0]} ms into the window, age_ms "
                                        f"{p.age_ms}, source {p.source_state})")
         prefix = p.market_id.split(":", 1)[0] + ":"
         allow = allowance_ms.get(prefix, 1000)

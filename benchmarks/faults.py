@@ -1,13 +1,19 @@
 """Fault suite: a catalogue of faults against REAL processes on 127.0.0.1, one table row each.
 
 The stack (``benchmarks/fault_harness.py``): an embedded redis-server
-(append-only), ``oddsfeed simulate --providers --truth-log … --control-port …``
-(ESA, Pinnacle- and Odds-API-style HTTP, push over WebSocket and SSE; the
-truth log records every upstream change), one ``oddsfeed ingest --source …``
-per source kind (esa, pinnacle, theoddsapi, push-ws, push-sse) and one
-``oddsfeed serve``. Faults are real: ``kill -9``, ``SIGSTOP``, a wiped data
-directory, a Redis Cluster master killed, and the simulators' own fault
-switches (flipped over their control port).
+(append-only), a private RabbitMQ node (``tests/rabbitmq.py``; Debian's
+``rabbitmq-server``, ``bash .ci/install-rabbitmq``), ``oddsfeed simulate
+--providers --truth-log … --control-port … --uof-amqp-url … --webhook-url …``
+(ESA, Pinnacle- and Odds-API-style HTTP, push over WebSocket and SSE, a
+Unified-Odds-Feed producer publishing to the broker with its recovery API,
+and a webhook pusher POSTing signed push-format deliveries; the truth log
+records every upstream change), one ``oddsfeed ingest --source …`` per
+source kind (esa, pinnacle, theoddsapi, push-ws, push-sse, uof, webhook) and
+one ``oddsfeed serve``. Faults are real: ``kill -9``, ``SIGSTOP``, a wiped
+data directory, a Redis Cluster master killed, the broker closing every
+connection or restarted, and the simulators' own fault switches (flipped
+over their control port). Without rabbitmq-server or aio-pika the ``uof``
+source is left out of the stack and its rows read ``n/a`` (a miss).
 
 Every row runs the same way:
 
@@ -51,7 +57,10 @@ Columns:
 
 Targets: every row recovered, 0 lost, 0 dup, 0 unflagged gaps, 0
 wrong-fresh (and the row's own checks, e.g. ``ingest_dead``: DOWN within the
-health lease + 2 s and no ``OK`` after that). A row whose measurement saw
+health lease + 2 s and no ``OK`` after that; ``uof_producer_down``: the source
+DEGRADED/``producer_down``, that producer's markets SUSPENDED or stale and no
+``OK`` on them while it is down, then a recovery completed by its
+``snapshot_complete``). A row whose measurement saw
 nothing (no deltas or price checks in the baseline, a switch with no
 effect) is INVALID, which also fails. Exit status 1 when any selected row
 misses (or was not run), 0 when all are met.
@@ -88,6 +97,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,6 +121,7 @@ from benchmarks.fault_harness import (  # noqa: E402
     SeqTracker,
     SimControl,
     Stack,
+    UOF_UNAVAILABLE,
     TrackedClient,
     Truth,
     diff_markets,
@@ -148,6 +159,7 @@ class Ctx:
     dead: dict[str, tuple[int, int]] = field(default_factory=dict)    # source -> window where OK is wrong
     ttr_override: float | None = None
     recovery: asyncio.Task[tuple[float | None, list[str]]] | None = None
+    dead_label: str = "no OK after lease+2s"  # the row check judging OKs inside ``dead``
 
     def begin(self) -> None:
         self.t_start = now_ms()
@@ -469,6 +481,221 @@ def push_switches(faults: list[tuple[str, dict[str, Any]]]) -> Inject:
     return inject
 
 
+def _diff(before: dict[str, Any], after: dict[str, Any], key: str) -> Any:
+    """after[key] - before[key] (per item for dicts of counts)."""
+    a, b = after.get(key), before.get(key)
+    if isinstance(a, dict):
+        b = b or {}
+        return {k: v - b.get(k, 0) for k, v in a.items() if v != b.get(k, 0)}
+    return (a or 0) - (b or 0)
+
+
+def sim_switches(target: str, faults: list[tuple[str, dict[str, Any]]],
+                 expect: Callable[[dict[str, Any], dict[str, Any], dict[str, int]], tuple[bool, str]],
+                 *, wait_s: float = 0.0, dead_on_down: bool = False) -> Inject:
+    """The ``uof`` or ``webhook`` simulator's switches, all at once; the fault is over when
+    every switch is used up (``pending_faults`` 0, at most 20 s) and ``wait_s`` has passed.
+    ``expect(before, after, rejected)`` (the target's stats, what the source quarantined meanwhile
+    by reason): (the switches took effect, a note).
+    ``dead_on_down``: while the source reads DOWN (plus the node's health refresh and 1 s),
+    no price check of its markets may answer OK."""
+    source = target  # the source consuming this simulator has the target's name
+
+    async def inject(ctx: Ctx) -> dict[str, Any]:
+        before = (await ctx.stats())[target]
+        rej0 = await ctx.rejected((source,))
+        ctx.begin()
+        t0 = time.monotonic()
+        for op, args in faults:
+            await ctx.control.call(target, op, **args)
+        pending = None
+        seen: list[str] = []
+        t_down = t_up = None
+        deadline = time.monotonic() + max(20.0, wait_s + 5)
+        while time.monotonic() < deadline:
+            st = (await ctx.sources()).get(source, {})
+            label = f"{st.get('state')}/{st.get('reason')}"
+            if not seen or seen[-1] != label:
+                seen.append(label)
+            if t_down is None and st.get("state") == "DOWN":
+                t_down = now_ms()
+            if t_down is not None and st.get("state") == "UP":
+                t_up = now_ms()
+            if ctx.recovery is None:
+                pending = (await ctx.stats())[target]["pending_faults"]
+                if not pending and time.monotonic() - t0 >= wait_s:
+                    ctx.end()  # every switch used up: the fault is over
+            if ctx.recovery is not None and (not dead_on_down or t_down is None or t_up is not None):
+                break
+            await asyncio.sleep(0.1)
+        ctx.end()
+        states = {source: seen}
+        if dead_on_down:
+            grace_ms = NodeOptions().health_refresh_ms + 1000
+            if t_down is not None:
+                ctx.dead[source] = (t_down + grace_ms, t_up or now_ms())
+                ctx.dead_label = f"no OK on {source} markets while it read DOWN"
+            ctx.checks[f"{source} read DOWN"] = (" → ".join(seen), t_down is not None)
+        await asyncio.sleep(1.0)  # the last faulty message reaches the source
+        after = (await ctx.stats())[target]
+        rej1 = await ctx.rejected((source,))
+        rejected = {k: v - rej0[source].get(k, 0) for k, v in rej1[source].items() if v != rej0[source].get(k, 0)}
+        applied, note = expect(before, after, rejected)
+        if dead_on_down and t_down is None:
+            applied, note = False, f"{note}; {source} never read DOWN"
+        ev: dict[str, Any] = {"applied": applied and not pending, "switches": faults, "states_seen": states,
+                              "rejected_by_reason": rejected,
+                              "sim": {k: _diff(before, after, k) for k in after
+                                      if isinstance(after[k], int | dict)
+                                      and k not in ("events_by_product", "recovery_accepted_ms")}}
+        if pending:
+            ctx.notes.append(f"{pending} fault(s) never used up")
+            await ctx.control.call(target, "clear_faults")
+        ctx.notes.append(f"{note}; {source} {' → '.join(states[source])}")
+        if ev["rejected_by_reason"]:
+            ctx.notes.append(f"{source} rejected {ev['rejected_by_reason']}")
+        return ev
+    return inject
+
+
+def uof_producer_down(product: int, mode: str, seconds: float = 0.0, fail_recoveries: int = 0) -> Inject:
+    """UOF producer ``product`` goes down (``silent``: no message, alives included, for ``seconds``,
+    its changes lost; ``unsubscribed``: its next alive says ``subscribed="0"`` and its messages are
+    lost until a recovery is requested), optionally with the next ``fail_recoveries`` recovery requests
+    answered 500. Expected: the source DEGRADED/``producer_down``, that producer's markets SUSPENDED or
+    stale (no price check OK on them from the node's next health refresh after it read DOWN until
+    the source is UP again), then a recovery (``initiate_request?after=``) completed by its
+    ``snapshot_complete``."""
+    async def inject(ctx: Ctx) -> dict[str, Any]:
+        before = (await ctx.stats())["uof"]
+        events = list(before["events_by_product"].get(str(product), []))
+        ctx.begin()
+        if fail_recoveries:
+            await ctx.control.call("uof", "fail_recovery", n=fail_recoveries)
+        await ctx.control.call("uof", "producer_down", product=product, seconds=seconds, mode=mode)
+        t_fault = time.monotonic()
+        t_down: int | None = None
+        sampled: tuple[int, int] | None = None
+        seen: list[str] = []
+        grace_ms = NodeOptions().health_refresh_ms + 1000
+        deadline = t_fault + seconds + 25
+        t_up = None
+        while time.monotonic() < deadline:
+            st = (await ctx.sources()).get("uof", {})
+            label = f"{st.get('state')}/{st.get('reason')}"
+            if not seen or seen[-1] != label:
+                seen.append(label)
+            if t_down is None and st.get("state") != "UP":
+                t_down = now_ms()
+            if (mode == "silent" and t_down is not None and sampled is None and now_ms() > t_down + grace_ms
+                    and time.monotonic() < t_fault + seconds - 0.5):
+                node = await ctx.stack.node_markets(ctx.http)
+                mine = [m for mid, m in node.items() if any(mid.startswith(f"uof:{e}:") for e in events)
+                        and m.get("status") not in ("SETTLED", "CLOSED", "CANCELLED")]
+                fresh_open = [m["market_id"] for m in mine if m.get("status") == "OPEN" and not m.get("stale")]
+                sampled = (len(fresh_open), len(mine))
+            if time.monotonic() >= t_fault + seconds and ctx.recovery is None:
+                ctx.end()  # the producer speaks again (silent) / at once (unsubscribed)
+            if t_down is not None and st.get("state") == "UP":
+                t_up = now_ms()
+                break
+            await asyncio.sleep(0.1)
+        ctx.end()
+        after = (await ctx.stats())["uof"]
+        recovered = _diff(before, after, "recoveries_by_product").get(str(product), 0)
+        failures = _diff(before, after, "recovery_failures")
+        completed = _diff(before, after, "completed")
+        accepted_ms = after.get("recovery_accepted_ms", {}).get(str(product))
+        if t_down is not None:
+            # until the recovery that worked was accepted: its odds_change re-image the markets one by one
+            # (each then fresh from its own message), snapshot_complete ends it
+            end = accepted_ms if accepted_ms and accepted_ms > t_down else (t_up or now_ms())
+            for e in events:
+                ctx.dead[f"uof:{e}:"] = (t_down + grace_ms, end)
+            ctx.dead_label = "no OK on the producer's markets while it was down"
+        if mode == "silent" or fail_recoveries:  # (subscribed=0 alone is recovered at once: too quick to poll)
+            ctx.checks["source read producer_down"] = (" → ".join(seen),
+                                                       any(x.endswith("/producer_down") for x in seen))
+        ctx.checks[f"producer {product} recovered (recovery accepted, snapshot_complete)"] = (
+            f"{recovered} accepted, {failures} answered 500, {completed} completed", recovered >= 1 and completed >= 1)
+        if mode == "silent":
+            ctx.checks["its markets SUSPENDED or stale while down"] = (
+                f"{sampled[0]} of {sampled[1]} open and fresh" if sampled else "not sampled",
+                sampled is not None and sampled[0] == 0 and sampled[1] > 0)
+        if fail_recoveries:
+            ctx.checks["recovery retried after the failures"] = (f"{failures} failed first",
+                                                                  failures >= fail_recoveries)
+        lost = _diff(before, after, "lost")
+        ctx.notes.append(f"producer {product} {mode}: {lost} messages lost upstream; uof {' → '.join(seen)}")
+        # evidence: the producer went silent (its messages lost upstream) or said subscribed="0", and the ingest
+        # asked for its recovery (nothing else would)
+        said_unsubscribed = _diff(before, after, "unsubscribed_alives")
+        shown = lost > 0 if mode == "silent" else said_unsubscribed > 0
+        return {"applied": recovered >= 1 and shown, "product": product, "unsubscribed_alives": said_unsubscribed,
+                "mode": mode, "states_seen": seen, "recoveries": recovered, "recovery_failures": failures,
+                "completed": completed, "lost_upstream": lost, "sampled_open_fresh": sampled}
+    return inject
+
+
+def uof_broker(action: str) -> Inject:
+    """The broker closes every AMQP connection (``close``: ``rabbitmqctl close_all_connections``) or
+    is stopped and started again on the same ports and data (``restart``): the simulator and the
+    ingest both reconnect; the ingest recovers every producer (``after`` = its cursor)."""
+    async def inject(ctx: Ctx) -> dict[str, Any]:
+        stack = ctx.stack
+        before = (await ctx.stats())["uof"]
+        ctx.begin()
+        if action == "close":
+            out = await asyncio.to_thread(stack.rabbitmqctl, "close_all_connections", "oddsfeed fault suite")
+            ctx.notes.append(f"rabbitmqctl: {' '.join(out.split())[:80]}")
+        else:
+            t = time.monotonic()
+            await asyncio.to_thread(stack.stop_rabbit)
+            await asyncio.to_thread(stack.start_rabbit)
+            ctx.notes.append(f"broker down for {time.monotonic() - t:.1f} s")
+        ctx.end()
+        seen = await ctx.watch_states(2.0, ("uof",))
+        deadline = time.monotonic() + 20
+        after = before
+        while time.monotonic() < deadline:
+            after = (await ctx.stats())["uof"]
+            rec = _diff(before, after, "recoveries_by_product")
+            if after["reconnects"] > before["reconnects"] and all(rec.get(str(p), 0) for p in (1, 3)):
+                break
+            await asyncio.sleep(0.2)
+        rec = _diff(before, after, "recoveries_by_product")
+        ctx.notes.append(f"simulator reconnects {after['reconnects'] - before['reconnects']}, ingest recoveries "
+                         f"{rec}; uof {' → '.join(seen['uof'])}")
+        return {"applied": after["reconnects"] > before["reconnects"] and all(rec.get(str(p), 0) for p in (1, 3)),
+                "action": action, "sim_reconnects": after["reconnects"] - before["reconnects"],
+                "recoveries": rec, "states_seen": seen}
+    return inject
+
+
+def _grew(**at_least: int) -> Callable[[dict[str, Any], dict[str, Any], dict[str, int]], tuple[bool, str]]:
+    """An ``expect`` for :func:`sim_switches`: each named counter of the simulator's stats grew by at
+    least that much (``quarantined``: what the source rejected, all reasons); a note with the growths."""
+    def expect(before: dict[str, Any], after: dict[str, Any], rejected: dict[str, int]) -> tuple[bool, str]:
+        grown = {k: sum(rejected.values()) if k == "quarantined" else _diff(before, after, k) for k in at_least}
+        ok = all((sum(v.values()) if isinstance(v, dict) else v) >= at_least[k] for k, v in grown.items())
+        return ok, ", ".join(f"{k} +{v}" for k, v in grown.items())
+    return expect
+
+
+def _webhook_refused(b: dict[str, Any], a: dict[str, Any], rejected: dict[str, int]) -> tuple[bool, str]:
+    """The bad deliveries were all refused: every malformed one quarantined (answered 422 when
+    rejected whole, 200 with ``rejected_parts`` when its one market was rejected alone or its type
+    is unknown), bad signatures and the expired timestamp answered 401."""
+    got = _diff(b, a, "fault_answers")
+    by_kind: dict[str, dict[int, int]] = {}
+    for k, n in got.items():
+        kind, _, status = k.partition(":")
+        by_kind.setdefault(kind, {})[int(status)] = n
+    ok = (sum(by_kind.get("malformed", {}).values()) >= 7 and sum(rejected.values()) >= 7
+          and by_kind.get("bad_signature") == {401: 2} and by_kind.get("expired") == {401: 1})
+    return ok, f"answers to the bad deliveries {by_kind}"
+
+
 async def storm(ctx: Ctx) -> dict[str, Any]:
     """A reconnect storm of 1,000 SSE clients resuming with a 2 s old token
     (``benchmarks/reconnect_storm.py``: ``follow_for_token`` + ``run_storm``;
@@ -576,6 +803,40 @@ ROWS: list[Row] = [
     Row("push_malformed", "push: 7 malformed bodies", PUSH, push_switch("inject_malformed", n=7)),
     Row("push_poison_ts", f"push: 4 odds messages stamped {POISON} (their odds are real)", PUSH,
         push_switch("poison_timestamps", values=POISON)),
+    Row("uof_producer_down", "UOF: producer 1 silent for 8 s, alives included, its changes lost (down after "
+        "max_inactivity_s 5 s; recovery after its next alive)", ("uof",), uof_producer_down(1, "silent", 8.0)),
+    Row("uof_unsubscribed", "UOF: producer 3's alive says subscribed=0, its messages lost until a recovery is "
+        "requested", ("uof",), uof_producer_down(3, "unsubscribed")),
+    Row("uof_recovery_fail", "UOF: producer 1 unsubscribed while its next 2 recovery requests answer 500", ("uof",),
+        uof_producer_down(1, "unsubscribed", fail_recoveries=2)),
+    Row("uof_stall", "UOF: nothing published for 8 s, alives included (both producers down), then the backlog",
+        ("uof",), sim_switches("uof", [("stall", {"seconds": 8.0})], _grew(stalled_flushes=20, published=1),
+                               wait_s=8.0, dead_on_down=True)),
+    Row("uof_stall_short", "UOF: nothing published for 3 s, alives included (shorter than max_inactivity_s: "
+        "the producers stay up), then the backlog", ("uof",),
+        sim_switches("uof", [("stall", {"seconds": 3.0})], _grew(stalled_flushes=20, published=1), wait_s=3.0)),
+    Row("uof_connection_close", "UOF: the broker closes every AMQP connection (rabbitmqctl close_all_connections)",
+        ("uof",), uof_broker("close")),
+    Row("uof_broker_restart", "UOF: the RabbitMQ node stopped and started again (same ports and data)", ("uof",),
+        uof_broker("restart")),
+    Row("uof_dup_reorder", "UOF: 3 messages published twice, 2 pairs swapped", ("uof",),
+        sim_switches("uof", [("duplicate", {"n": 3}), ("reorder", {"n": 2})],
+                     _grew(duplicates_sent=3, reordered=2))),
+    Row("uof_malformed", "UOF: 5 malformed bodies (cut XML, not XML, a DOCTYPE, unknown root, bad product)",
+        ("uof",), sim_switches("uof", [("inject_malformed", {"n": 5})],
+                               _grew(malformed_sent=5, quarantined=5, recovery_requests=0))),
+    Row("uof_poison_ts", f"UOF: 4 odds_change stamped timestamp = {POISON} (their odds are real)", ("uof",),
+        sim_switches("uof", [("poison_timestamps", {"values": POISON})],
+                     _grew(poisoned_sent=4, quarantined=4, recovery_requests=0))),
+    Row("webhook_dup_reorder", "webhook: 3 deliveries delivered again (same key, new key), 2 held back behind "
+        "the next 3", ("webhook",),
+        sim_switches("webhook", [("duplicate", {"n": 3}), ("reorder", {"n": 2, "distance": 3})],
+                     _grew(duplicates_sent=3, duplicate_answers=1, reordered=2))),
+    Row("webhook_malformed", "webhook: 7 malformed bodies (quarantined), 2 bad signatures and 1 expired "
+        "timestamp (401)",
+        ("webhook",),
+        sim_switches("webhook", [("inject_malformed", {"n": 7}), ("bad_signatures", {"n": 2}),
+                                 ("expired", {"n": 1})], _webhook_refused)),
     Row("storm", "1,000 SSE clients reconnect at once (benchmarks/reconnect_storm.run_storm)", ALL, storm,
         kind="storm"),
     Row("cluster_master_kill", "Redis Cluster (3 masters + 3 replicas): kill -9 partition 0's master; "
@@ -622,6 +883,9 @@ class Env:
         if stack.redis.process is None or stack.redis.process.poll() is not None:
             stack.start_redis()
             notes.append("redis restarted before the row")
+        if stack.rabbit is not None and not stack.rabbit_alive():
+            await asyncio.to_thread(stack.start_rabbit)
+            notes.append("rabbitmq restarted before the row")
         dead = [n for n in stack.process_names() if not stack.managed.alive(n)]
         if "simulate" in dead:  # a new upstream would not continue the truth log: start over
             notes.append("fresh stack for this row (the simulator had exited)")
@@ -633,7 +897,7 @@ class Env:
         try:
             assert stack.control is not None
             await stack.control.call("*", "freeze", on=False)
-            await stack.control.call("http", "clear_faults")
+            await stack.control.call("*", "clear_faults")  # http, uof, webhook
             await stack.control.call("esa", "set_degraded", on=False)
             await stack.wait_healthy(25)
         except Exception as exc:  # noqa: BLE001 - anything: start over
@@ -737,6 +1001,11 @@ async def run_row(env: Env, row: Row) -> Result:
     clients: list[TrackedClient] = []
     prober: Prober | None = None
     ctx: Ctx | None = None
+    missing = [s for s in row.scope if s not in SOURCES]
+    if missing:
+        res.verdict = "n/a"
+        res.notes.append(f"not available: {', '.join(missing)}: {UOF_UNAVAILABLE}")
+        return res
     async with httpx.AsyncClient() as http:
         try:
             main, heal_notes = await env.heal()
@@ -810,8 +1079,8 @@ async def run_row(env: Env, row: Row) -> Result:
             res.gaps = {c.tracker.name: (c.tracker.gaps_flagged, c.tracker.gaps_unflagged) for c in clients}
             res.differ = len(diffs) if diffs is not None else None
             res.wrong_fresh = judged["wrong_fresh"]
-            if judged["ok_dead"] or "esa" in ctx.dead:
-                ctx.checks["no OK after lease+2s"] = (judged["ok_dead"], judged["ok_dead"] == 0)
+            if judged["ok_dead"] or ctx.dead:
+                ctx.checks[ctx.dead_label] = (judged["ok_dead"], judged["ok_dead"] == 0)
             recovered = ttr is not None and res.differ == 0 and not client_diffs
             if row.name in ("ingest_dead", "ingest_clock_ahead"):
                 recovered = all(ok for _, ok in ctx.checks.values()) and recovered
@@ -1013,6 +1282,51 @@ def self_check_truth(tmp: Path) -> list[tuple[str, bool, str]]:
                    ["bf:1/7", "pxs:9"])]
 
 
+def self_check_uof_webhook(tmp: Path) -> list[tuple[str, bool, str]]:
+    """The judges on UOF (``uof:`` ids, SETTLED / INACTIVE / SUSPENDED outcomes) and webhook (``wh:``)
+    truth lines: a producer_down suspension or a lagging price differs, a settled market the node
+    still lists does not, an OK inside a producer's dead window (a market id prefix) is counted."""
+    from benchmarks.fault_harness import SOURCES as HARNESS_SOURCES
+    from benchmarks.fault_harness import Probe, source_of
+
+    path = tmp / "truth-uof.jsonl"
+
+    def rec(t: int, mid: str, sid: str, price: float, status: str = "OPEN", sel: str = "ACTIVE",
+            source: str = "uof") -> dict[str, Any]:
+        return {"t_ms": t, "source": source, "market_id": mid, "selection_id": sid, "back": None, "lay": None,
+                "price": price, "status": status, "sel_status": sel}
+    a, b, c = "uof:sr:match:1001:1", "uof:sr:match:1001:18:total=2.5", "uof:sr:match:1002:1"
+    recs = [rec(1000, a, "1", 2.0), rec(1000, a, "2", 3.4), rec(1000, a, "3", 4.1, sel="SUSPENDED"),
+            rec(1000, b, "12", 1.9), rec(1000, b, "13", 1.95),
+            rec(1000, c, "1", 1.5), rec(3000, c, "1", 1.5, "SETTLED", "WINNER"),
+            rec(1000, "wh:f1:win", "7", 2.5, source="webhook"), rec(4000, "wh:f1:win", "7", 2.6, source="webhook")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    truth = Truth(path)
+    truth.poll()
+
+    def sel(sid: str, price: float, status: str = "ACTIVE") -> dict[str, Any]:
+        return {"selection_id": sid, "price": price, "status": status, "back": [], "lay": []}
+    node: dict[str, dict[str, Any]] = {
+        a: {"market_id": a, "status": "OPEN", "selections": [sel("1", 2.0), sel("2", 3.4), sel("3", 9.9, "SUSPENDED")]},
+        b: {"market_id": b, "status": "SUSPENDED", "suspend_reason": "producer_down",
+            "selections": [sel("12", 1.9), sel("13", 1.95)]},
+        c: {"market_id": c, "status": "SETTLED", "selections": [sel("1", 1.5, "WINNER")]},
+        "wh:f1:win": {"market_id": "wh:f1:win", "status": "OPEN", "selections": [sel("7", 2.5)]}}
+    diffs = diff_markets(truth, node, ["uof:", "wh:"])
+
+    def probe(t: int, mid: str, sid: str, price: float) -> Probe:
+        return Probe(checked_at=t, market_id=mid, selection_id=sid, price_h=round(price * 100), reason="OK",
+                     age_ms=0, source_state="DEGRADED", in_play=False)
+    j = judge_probes([probe(5000, a, "1", 2.0), probe(5000, c, "1", 1.5), probe(5000, "wh:f1:win", "7", 2.5)],
+                     truth, {"uof:": 500, "wh:": 500}, {"uof:sr:match:1001:": (4000, 6000)})
+    return [_check("uof/wh: producer_down suspension and a lagging webhook price differ, the rest not",
+                   sorted(d.split(": ")[0].split("/")[0] for d in diffs), [b, "wh:f1:win"]),
+            _check("uof/wh: sources of the ids", (source_of(a), source_of("wh:f1:win")),
+                   ("uof" if "uof" in HARNESS_SOURCES else None, "webhook")),
+            _check("uof/wh: OK in a producer's dead window / on a settled market / an old webhook price",
+                   (j["ok_dead"], j["wrong_fresh"]), (1, 2))]
+
+
 def _fake_messages() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The scripted stream: a snapshot, then a duplicate, an image jump, a
     conflated jump, a delta for a market never imaged and, last, an
@@ -1125,26 +1439,45 @@ async def self_check_live() -> list[tuple[str, bool, str]]:
 
 
 async def self_check_simulators(tmp: Path) -> list[tuple[str, bool, str]]:
-    """The simulators' truth log against their own state: ESA books, push projection, Pinnacle answers."""
+    """The simulators' truth log against their own state: ESA books, push projection, Pinnacle answers,
+    the UOF model (stepped without a broker: the truth log is written as the model changes) and the
+    webhook pusher's projection (live mode on the ESA model, ``wh:`` ids); and every switch the
+    control port lists is a method of its simulator."""
+    from feed.simulator.control import SWITCHES
     from feed.simulator.esa_server import Simulator, SimulatorConfig
     from feed.simulator.http_providers import HttpProviders, ProvidersConfig
     from feed.simulator.push_providers import PushSimConfig, PushSimulator
     from feed.simulator.truth import open_truth_log
+    from feed.simulator.uof import UofSimConfig, UofSimulator
+    from feed.simulator.webhook_pusher import PusherConfig, WebhookPusher
 
     path = tmp / "sim-truth.jsonl"
     esa = Simulator(SimulatorConfig(events=6, rate_per_s=200, seed=3, time_scale=60, truth_log=str(path)))
     http = HttpProviders(ProvidersConfig(seed=3, truth_log=str(path)), model=esa.model)
     push = PushSimulator(PushSimConfig(events=6, rate_per_s=200, seed=3, time_scale=60, truth_log=str(path)))
+    uof = UofSimulator(UofSimConfig(amqp_url="amqp://127.0.0.1:9/", events=6, rate_per_s=200, seed=3,
+                                    live_after_s=0.05, truth_log=str(path)))
+    with socket.socket() as closed:  # a port nobody listens on: every delivery fails at once (not measured here)
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}/ingest/webhook/webhook"
+    hook = WebhookPusher(PusherConfig(url=dead_url, secret="s", max_attempts=1, odds_per_message=3, history=10_000,
+                                      truth_log=str(path), prefix="wh", tick_ms=20), model=esa.model)
     await esa.start()
     await http.start()
     await push.start()
+    await hook.start()
     try:
-        await asyncio.sleep(1.5)
+        for _ in range(15):  # the UOF model: events in play, bet stops, cancellations, settlements
+            uof.advance(20)
+            await asyncio.sleep(0.1)
         esa.freeze(True)
         http.freeze(True)
         push.freeze(True)
         await asyncio.sleep(0.2)
+        hook.freeze(True)
+        await asyncio.sleep(0.1)
     finally:
+        await hook.stop()
         await push.stop()
         await http.stop()
         await esa.stop()
@@ -1173,16 +1506,44 @@ async def self_check_simulators(tmp: Path) -> list[tuple[str, bool, str]]:
         got = {sid: r["price"] for sid, r in truth.markets.get(mid, {}).get("sels", {}).items()}
         if got != ml:
             bad.append(f"{mid}: {got} vs {ml}")
+    uof_truth = uof.truth()
+    uof_bad = []
+    for mid, m in uof_truth.items():
+        tm = truth.markets.get(mid)
+        for sid, sel in m["selections"].items():
+            rec = (tm or {}).get("sels", {}).get(sid)
+            if (rec is None or tm is None or tm["status"] != m["status"] or rec["sel_status"] != sel["status"]
+                    or (sel["price"] is not None and rec["price"] != sel["price"])):
+                uof_bad.append(f"{mid}/{sid}: {rec} vs {m['status']} {sel}")
+    uof_statuses = {r["status"] for r in map(json.loads, path.read_text().splitlines())
+                    if r["market_id"].startswith("uof:")}  # every status the log went through
+    hook_bad = []
+    hook_truth = hook.truth()
+    for mid, m in hook_truth.items():
+        for sid, sel in m["selections"].items():
+            rec = truth.markets.get("wh:" + mid.removeprefix("px:"), {}).get("sels", {}).get(sid)
+            if rec is None or rec["price"] != sel["price"] or rec["sel_status"] != sel["status"]:
+                hook_bad.append(f"{mid}/{sid}")
+    classes = {"esa": Simulator, "http": HttpProviders, "push": PushSimulator, "uof": UofSimulator,
+               "webhook": WebhookPusher}
+    missing = [f"{t}.{op}" for t, ops in SWITCHES.items() for op in ops if not callable(getattr(classes[t], op, None))]
     kinds = {r.split(":")[0] for r in truth.markets}
-    return [_check("truth log covers every simulator", sorted(kinds), ["bf", "pn", "px", "toa"]),
+    return [_check("truth log covers every simulator", sorted(kinds), ["bf", "pn", "px", "toa", "uof", "wh"]),
             ("truth log = simulators' own state (ESA books, push projection, Pinnacle lines)", not bad,
-             f"{len(bad)} differ, e.g. {bad[:3]}")]
+             f"{len(bad)} differ, e.g. {bad[:3]}"),
+            ("UOF truth log = the UOF model (status, outcome status, odds of every market ever offered)",
+             not uof_bad and len(uof_truth) > 18, f"{len(uof_bad)} of {len(uof_truth)} differ, e.g. {uof_bad[:2]}"),
+            ("UOF truth log went through open, suspended, settled and cancelled markets",
+             {"OPEN", "SUSPENDED", "SETTLED", "CANCELLED"} <= uof_statuses, f"only {sorted(uof_statuses)}"),
+            ("webhook truth log (wh: ids) = the pusher's projection (live mode on the ESA model)",
+             not hook_bad and bool(hook_truth), f"{len(hook_bad)} of {len(hook_truth)} differ, e.g. {hook_bad[:3]}"),
+            ("every control-port switch is a method of its simulator", not missing, f"missing {missing}")]
 
 
 def run_self_check() -> int:
     logging.basicConfig(level=logging.ERROR)  # the client's "resyncing" warnings are the point here
     tmp = Path(tempfile.mkdtemp(prefix="oddsfeed-faults-selfcheck-"))
-    checks = self_check_tracker() + self_check_truth(tmp)
+    checks = self_check_tracker() + self_check_truth(tmp) + self_check_uof_webhook(tmp)
     checks += asyncio.run(self_check_live())
     checks += asyncio.run(self_check_simulators(tmp))
     for name, ok, detail in checks:

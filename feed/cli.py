@@ -11,7 +11,9 @@
 - ``oddsfeed serve`` — the API only, on a Redis that an ingest writes.
 - ``oddsfeed simulate`` — the local ESA upstream; ``--providers`` also serves
   the Pinnacle- and Odds-API-style HTTP endpoints on ``--providers-port`` and
-  the push format (WebSocket and SSE) on ``--push-port``.
+  the push format (WebSocket and SSE) on ``--push-port`` (with
+  ``--uof-amqp-url`` a UOF producer on a RabbitMQ broker, with
+  ``--webhook-url`` signed webhook deliveries to that URL).
 - ``oddsfeed export-history --out DIR`` — the price history kept in Redis to
   Parquet files (:mod:`feed.history_export`; needs ``oddsfeed[parquet]``).
 
@@ -334,6 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --providers: port of Betfair's sports-data stream serving race progress, TPD "
                           "(the simulator's in-play horse races, for a betfair-race source; the ESA "
                           "simulator's logins work on it; default 9447)")
+    sim.add_argument("--uof-amqp-url", metavar="URL",
+                     help="with --providers: also run a Unified-Odds-Feed producer publishing UOF XML to this "
+                          "RabbitMQ broker (amqp://…; needs aio-pika), its recovery API on --uof-port "
+                          "(feed/simulator/uof.py; default: off)")
+    sim.add_argument("--uof-port", type=_port, default=9557, help="port of the UOF recovery API (default 9557)")
+    sim.add_argument("--webhook-url", metavar="URL",
+                     help="with --providers: also POST the markets as signed push-format webhook deliveries to "
+                          "this URL (a webhook source's http://HOST:PORT/ingest/webhook/NAME; "
+                          "feed/simulator/webhook_pusher.py; default: off)")
+    sim.add_argument("--webhook-secret", default="sim-webhook-secret",
+                     help="the webhook deliveries' HMAC secret (default sim-webhook-secret)")
+    sim.add_argument("--webhook-prefix", default="px",
+                     help="the receiving webhook source's prefix= (the truth log's ids; default px)")
     sim.add_argument("--truth-log", metavar="PATH",
                      help="append every upstream change (ground truth, one JSON line per selection, oddsfeed ids) "
                           "to PATH; see feed/simulator/truth.py (default: off)")
@@ -688,6 +703,8 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
 
     if args.replay:
         recording_files(args.replay)  # raises FileNotFoundError (one line) before any server starts
+    if (args.uof_amqp_url or args.webhook_url) and not args.providers:
+        raise UsageError("--uof-amqp-url and --webhook-url go with --providers")
 
     config = SimulatorConfig(host=args.host, port=args.port, events=args.events, rate_per_s=args.rate,
                              seed=args.seed, time_scale=args.time_scale, replay=tuple(args.replay or ()),
@@ -713,6 +730,8 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
     from feed.simulator.race_server import RaceSimConfig, RaceSimulator
 
     providers = push = control = cricket = race = None
+    uof: Any = None
+    webhook: Any = None
     if args.providers:
         bind_socket(args.host, args.providers_port).close()
         bind_socket(args.host, args.push_port).close()
@@ -737,9 +756,27 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
                                            session_token=sim.config.session_token, seed=args.seed),
                              sessions=sim.sessions,  # the same login again
                              model=sim.model)  # the ESA simulator's horse races in play (synthetic ones in replay)
+        if args.uof_amqp_url:
+            from feed.simulator.uof import UofSimConfig, UofSimulator
+
+            bind_socket(args.host, args.uof_port).close()
+            # its own model (UOF events); --time-scale 1: events go in play after 20 s
+            uof = UofSimulator(UofSimConfig(amqp_url=args.uof_amqp_url, host=args.host, port=args.uof_port,
+                                            events=args.events, rate_per_s=args.rate, seed=args.seed,
+                                            live_after_s=20.0 / args.time_scale, truth_log=args.truth_log))
+        if args.webhook_url:
+            from feed.simulator.webhook_pusher import PusherConfig, WebhookPusher
+
+            webhook = WebhookPusher(PusherConfig(url=args.webhook_url, secret=args.webhook_secret,
+                                                 events=args.events, seed=args.seed, time_scale=args.time_scale,
+                                                 rate_per_s=args.rate, odds_per_message=10, history=10_000,
+                                                 max_attempts=1_000_000, backoff_max_s=1.0,
+                                                 truth_log=args.truth_log, prefix=args.webhook_prefix),
+                                    model=sim.model)  # the same matches as every other simulator
     try:
         if args.control_port is not None:
-            control = ControlServer({"esa": sim, "http": providers, "push": push}, port=args.control_port)
+            control = ControlServer({"esa": sim, "http": providers, "push": push, "uof": uof, "webhook": webhook},
+                                    port=args.control_port)
             await control.start()
             print(f"simulator control (fault switches) on 127.0.0.1:{control.port}", flush=True)
         if providers is None or push is None:
@@ -765,8 +802,21 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
             await race.start()
             print(f"Betfair sports-data stream (race progress, TPD) on {args.host}:{race.port}:", flush=True)
             print(f"  --source betfair-race={args.host}:{race.port},{_sim_esa_options(sim)}", flush=True)
+        if uof is not None:
+            await uof.start()
+            print(f"UOF producer (AMQP exchange {uof.config.exchange}) with its recovery API on {uof.api_url}:",
+                  flush=True)
+            print(f"  --source uof={args.uof_amqp_url.split('?')[0]}?exchange={uof.config.exchange},"
+                  f"api={uof.api_url},token={uof.config.token}", flush=True)
+        if webhook is not None:
+            await webhook.start()
+            print(f"webhook pusher: signed deliveries to {args.webhook_url} (--webhook-secret)", flush=True)
         await asyncio.Event().wait()
     finally:
+        if webhook is not None:
+            await webhook.stop()
+        if uof is not None:
+            await uof.stop()
         if race is not None:
             await race.stop()
         if cricket is not None:

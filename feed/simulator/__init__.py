@@ -14,6 +14,15 @@
   feed.simulator.cricket_server``): Betfair's sports-data stream
   (``cricketSubscription`` → ``ccm``) on its own port, replaying the real
   recorded cricket stream or a synthetic T20 match.
+- :mod:`.uof` (``UofSimulator``): a Unified-Odds-Feed producer — UOF XML on a
+  RabbitMQ topic exchange plus the recovery API — with producer faults
+  (silent, ``subscribed=0``, failing recoveries) and broker reconnects;
+  :mod:`.webhook_pusher` (``WebhookPusher``): signed push-format webhook
+  deliveries, in batches or live on a shared model. Both need no import here
+  (aio-pika is optional).
+- :mod:`.control`: every simulator's fault switches over a TCP control port
+  (``oddsfeed simulate --control-port``); :mod:`.truth`: the truth log of
+  every upstream change (``--truth-log``), which the fault suite judges by.
 - :mod:`.ladder`: the Betfair tick ladder. :mod:`.wire`: server-side market
   state and its projection onto ESA deltas.
 """

@@ -14,8 +14,14 @@ object per line in, one per line out::
 
 Targets: ``esa`` (:class:`~feed.simulator.esa_server.Simulator`), ``http``
 (:class:`~feed.simulator.http_providers.HttpProviders`), ``push``
-(:class:`~feed.simulator.push_providers.PushSimulator`). Only the fault
-switches listed in :data:`SWITCHES` can be called.
+(:class:`~feed.simulator.push_providers.PushSimulator`), ``uof``
+(:class:`~feed.simulator.uof.UofSimulator`, with ``--uof-amqp-url``) and
+``webhook`` (:class:`~feed.simulator.webhook_pusher.WebhookPusher` in live
+mode, with ``--webhook-url``). Only the fault switches listed in
+:data:`SWITCHES` can be called::
+
+    → {"target": "uof", "op": "producer_down", "args": {"product": 1, "seconds": 8}}
+    → {"target": "webhook", "op": "duplicate", "args": {"n": 3}}
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ SWITCHES: dict[str, frozenset[str]] = {
                        "pending_faults"}),
     "push": frozenset({"drop_connections", "stall", "duplicate", "reorder", "skip", "inject_malformed",
                        "fail_snapshots", "freeze", "poison_timestamps", "open_connections"}),
+    "uof": frozenset({"stall", "duplicate", "reorder", "inject_malformed", "producer_down", "fail_recovery",
+                      "poison_timestamps", "freeze", "clear_faults", "pending_faults"}),
+    "webhook": frozenset({"duplicate", "reorder", "inject_malformed", "bad_signatures", "expired", "stall",
+                          "poison_timestamps", "freeze", "clear_faults", "pending_faults"}),
 }
 
 
@@ -81,6 +91,10 @@ class ControlServer:
             out["push"] = {"connections_accepted": push.connections_accepted, "resumed": push.resumed,
                            "fresh": push.fresh, "snapshot_requests": push.snapshot_requests, "seq": push.seq,
                            "open_connections": push.open_connections()}
+        for name in ("uof", "webhook"):
+            sim = self.targets.get(name)
+            if sim is not None:
+                out[name] = sim.control_stats()
         return out
 
     def call(self, req: Any) -> dict[str, Any]:
@@ -89,7 +103,8 @@ class ControlServer:
             return {"ok": False, "error": "send a JSON object per line"}
         op, target, args = req.get("op"), req.get("target"), req.get("args") or {}
         if not isinstance(op, str) or not isinstance(target, str | None):
-            return {"ok": False, "error": 'send {"target": "esa"|"http"|"push"|"*", "op": "<switch>", "args": {…}}'}
+            return {"ok": False, "error": 'send {"target": "esa"|"http"|"push"|"uof"|"webhook"|"*", "op": "<switch>", '
+                                          '"args": {…}}'}
         if not isinstance(args, dict):
             return {"ok": False, "error": "args must be an object of keyword arguments"}
         if op == "ping":

@@ -56,7 +56,25 @@ normaliser must give, :data:`MALFORMED`), :meth:`producer_down`
 changes are lost; ``mode="unsubscribed"``: its next alive says
 ``subscribed="0"`` and its messages are lost until a recovery is requested),
 :meth:`fail_recovery` (the next recovery requests answer 500),
-:meth:`freeze` (no model changes; alives go on).
+:meth:`poison_timestamps` (the next ``odds_change`` s carry these
+timestamps instead of the clock; their odds are real), :meth:`freeze` (no
+model changes; alives go on), :meth:`clear_faults`. ``oddsfeed simulate
+--uof-amqp-url`` serves them on its control port (target ``uof``;
+:meth:`control_stats` is the evidence it reports).
+
+Broker: the simulator publishes with publisher confirms, one flush at a
+time (messages leave in the order they were made: an ``alive`` never
+overtakes the data queued before it). When the broker closes the
+connection (``rabbitmqctl close_all_connections``, a broker restart) what
+was not published stays queued and the simulator reconnects every
+``reconnect_s`` (the exchange is declared again); it never exits for it.
+
+Truth log: with ``truth_log`` (:mod:`feed.simulator.truth`), every change
+of a market's view (status, an outcome's odds or status) is appended when
+the model makes it, one line per outcome, ``source`` ``uof``, the canonical
+ids (``<prefix>:sr:match:N:<market>[:<specifiers>]``) — a silent
+producer's changes too (the upstream offers them; its consumer sees them
+only after a recovery).
 """
 
 from __future__ import annotations
@@ -81,6 +99,7 @@ from starlette.routing import Route
 
 from feed.asgi_server import LocalServer
 from feed.models import Market
+from feed.simulator.truth import TruthLog, open_truth_log
 
 if TYPE_CHECKING:
     import aio_pika
@@ -124,7 +143,10 @@ class UofSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     :meth:`UofSimulator.truth` (the consumer's ``prefix=``); alive_only:
     producer ids that send only ``alive`` (no events; not recoverable).
     Producer ids with a recovery path here: 1 ``liveodds``, 3 ``pre``,
-    4 ``betpal``.
+    4 ``betpal``. truth_log: append every change of the model to this file
+    (:mod:`feed.simulator.truth`; None = off). reconnect_s: pause between
+    attempts to reconnect to the broker. max_outbox: messages kept queued
+    while the broker is away (the oldest are dropped, counted in ``lost``).
     """
 
     amqp_url: str
@@ -141,6 +163,9 @@ class UofSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     live_after_s: float = 2.0
     prefix: str = "uof"
     alive_only: tuple[int, ...] = ()
+    truth_log: str | None = None
+    reconnect_s: float = 0.5
+    max_outbox: int = 50_000
 
 
 def now_ms() -> int:
@@ -269,7 +294,19 @@ class UofSimulator:
         self.malformed_sent = 0
         self.lost = 0
         self.alives_sent: dict[int, int] = {}
+        self.recovery_failures = 0  # recovery requests answered 500 (fail_recovery)
+        self.recovery_accepted_ms: dict[int, int] = {}  # product -> wall ms of its last accepted recovery request
+        self.poisoned_sent = 0
+        self.reconnects = 0  # broker connections made after the first
+        self.stalled_flushes = 0  # flushes held back by a stall (stall)
+        self.unsubscribed_alives = 0  # alives sent with subscribed="0" (producer_down mode="unsubscribed")
         self.frozen = False
+        self._poison: deque[int] = deque()
+        self._publish_lock = asyncio.Lock()
+        self._truth: TruthLog | None = open_truth_log(cfg.truth_log) if cfg.truth_log else None
+        self._logged: dict[str, tuple[Any, ...]] = {}  # market id -> its view as last logged
+        self._truth_dirty: list[_SimMarket] = []  # markets of events that left or joined the model since the last log
+        self._stepped: _SimEvent | None = None  # the event the last model change was made to
         self._next_event = 1000
         self._last_ts = 0
         self._outbox: deque[tuple[str, bytes, bool]] = deque()  # (routing key, body, data message)
@@ -290,6 +327,7 @@ class UofSimulator:
         t0 = time.monotonic()
         for i in range(cfg.events):
             self._new_event(cfg.producers[i % len(cfg.producers)], t0, announce=False)
+        self._log_truth()
         self.app = Starlette(routes=[
             Route("/v1/{product}/recovery/initiate_request", self._recovery_endpoint, methods=["POST"]),
         ])
@@ -302,19 +340,61 @@ class UofSimulator:
 
     async def start(self) -> None:
         """Connect to the broker, declare the exchange, serve the API, start the pump."""
-        import aio_pika
-
         cfg = self.config
-        self._connection = await aio_pika.connect(cfg.amqp_url)
-        channel = await self._connection.channel()
-        self._exchange = await channel.declare_exchange(cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        await self._connect()
         self._server = LocalServer(self.app, cfg.host, cfg.port, name="uof-sim-api")
         await self._server.start()
         self.port = self._server.port
         self._tasks.append(asyncio.create_task(self._pump(), name="uof-sim-pump"))
         self._tasks.append(asyncio.create_task(self._alives(), name="uof-sim-alive"))
+        self._tasks.append(asyncio.create_task(self._link(), name="uof-sim-link"))
         logger.info("UOF simulator: exchange %s, recovery API on %s:%d, %d events", cfg.exchange, cfg.host,
                     self.port, cfg.events)
+
+    async def _connect(self) -> None:
+        import aio_pika
+
+        cfg = self.config
+        connection = await aio_pika.connect(cfg.amqp_url)
+        try:
+            channel = await connection.channel()
+            self._exchange = await channel.declare_exchange(cfg.exchange, aio_pika.ExchangeType.TOPIC,
+                                                            durable=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 2)
+            raise
+        self._connection = connection
+
+    async def _disconnected(self, exc: BaseException) -> None:
+        """The broker link failed: drop it (:meth:`_link` makes a new one)."""
+        if self._exchange is None:
+            return
+        logger.warning("UOF simulator: broker link lost (%s: %s); reconnecting", type(exc).__name__, exc)
+        self._exchange = None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 2)
+
+    async def _link(self) -> None:
+        """Reconnect to the broker whenever the link is gone (every ``reconnect_s``)."""
+        while True:
+            await asyncio.sleep(self.config.reconnect_s)
+            conn = self._connection
+            if self._exchange is not None and conn is not None and not conn.is_closed:
+                continue
+            async with self._publish_lock:
+                if self._exchange is not None and conn is not None and conn.is_closed:
+                    await self._disconnected(ConnectionError("the broker closed the connection"))
+                if self._exchange is None:
+                    try:
+                        await asyncio.wait_for(self._connect(), 10)
+                    except Exception as exc:  # noqa: BLE001 - any failure: try again later
+                        logger.info("UOF simulator: broker not reachable yet (%s)", type(exc).__name__)
+                        continue
+                    self.reconnects += 1
+                    logger.info("UOF simulator: reconnected to the broker")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -363,6 +443,45 @@ class UofSimulator:
         """The next ``n`` recovery requests answer 500."""
         self._fail_recovery += n
 
+    def poison_timestamps(self, values: list[int]) -> None:
+        """The next ``len(values)`` live ``odds_change`` messages carry these
+        ``timestamp`` s (e.g. year 2100, 0, negative, 2**63) instead of the
+        clock; their odds are real (the model moved)."""
+        self._poison.extend(int(v) for v in values)
+
+    def clear_faults(self) -> None:
+        """Cancel every pending fault switch (a stall, duplicates, swaps, bad
+        bodies, failing recoveries, poisoned times, silent producers); an
+        unsubscribed producer stays so until its recovery."""
+        self._stalled_until = 0.0
+        self._dup = self._reorder = self._malformed = self._fail_recovery = 0
+        self._poison.clear()
+        self._silent_until.clear()
+
+    def pending_faults(self) -> int:
+        """Fault switches not used up yet (counts, plus 1 per stall or silent producer in force)."""
+        now = time.monotonic()
+        return (self._dup + self._reorder + self._malformed + self._fail_recovery + len(self._poison)
+                + (now < self._stalled_until) + sum(1 for t in self._silent_until.values() if now < t))
+
+    def control_stats(self) -> dict[str, Any]:
+        """Counters for a harness (the control port's ``stats``): evidence a switch took effect."""
+        by_product: dict[str, list[str]] = {}
+        for ev in self.events.values():
+            by_product.setdefault(str(ev.product), []).append(ev.event_id)
+        return {"published": self.published, "recovery_requests": len(self.recovery_requests),
+                "recoveries_by_product": {str(p): sum(1 for r in self.recovery_requests if r[0] == p)
+                                          for p in self.config.producers},
+                "recovery_failures": self.recovery_failures, "completed": len(self.completed),
+                "recovery_accepted_ms": {str(k): v for k, v in self.recovery_accepted_ms.items()},
+                "alives_sent": {str(k): v for k, v in self.alives_sent.items()}, "lost": self.lost,
+                "duplicates_sent": self.duplicates_sent, "reordered": self.reordered,
+                "malformed_sent": self.malformed_sent, "poisoned_sent": self.poisoned_sent,
+                "connected": self._exchange is not None, "reconnects": self.reconnects,
+                "stalled_flushes": self.stalled_flushes, "unsubscribed_alives": self.unsubscribed_alives,
+                "outbox": len(self._outbox), "pending_faults": self.pending_faults(),
+                "unsubscribed": sorted(self._unsubscribed), "events_by_product": by_product}
+
     def freeze(self, on: bool = True) -> None:
         """Stop (or resume) model changes; alives and recoveries go on."""
         self.frozen = on
@@ -383,6 +502,37 @@ class UofSimulator:
     def silent(self, product: int) -> bool:
         return time.monotonic() < self._silent_until.get(product, 0.0) or product in self._unsubscribed
 
+    def _log_truth(self, events: Collection[_SimEvent] | None = None) -> None:
+        """Append the markets whose view changed since the last call to the truth log (every
+        outcome of such a market, at the wall clock now): those of ``events`` (None: every
+        event) and of the events that left the model or joined it meanwhile."""
+        log = self._truth
+        if log is None:
+            return
+        t = now_ms()
+        evs = self.events.values() if events is None else events
+        markets = [*self._truth_dirty, *(m for ev in evs for m in ev.markets)]
+        self._truth_dirty.clear()
+        source = self.config.prefix
+        for m in markets:
+            view = m.view()
+            sels = view["selections"]
+            key = (view["status"], tuple((o, m.odds[o], s["status"]) for o, s in sels.items()))
+            if self._logged.get(m.mid) == key:
+                continue
+            self._logged[m.mid] = key
+            for o, s in sels.items():
+                log.record(t, source, m.mid, o, status=view["status"], sel_status=s["status"], price=m.odds[o])
+        log.flush()
+
+    def advance(self, n: int) -> None:
+        """``n`` model changes (what the pump does each tick), each logged to the truth log
+        as it is made (a market may change twice in a tick: each change is a message)."""
+        for _ in range(n):
+            self._step()
+            if self._truth is not None and self._stepped is not None:
+                self._log_truth((self._stepped,))
+
     # -- model -------------------------------------------------------------------------------------
 
     def _ts(self) -> int:
@@ -397,6 +547,8 @@ class UofSimulator:
             ev.markets.append(m)
             self.markets[m.mid] = m
         self.events[ev.event_id] = ev
+        if self._truth is not None:
+            self._truth_dirty.extend(ev.markets)
         if announce:
             self._send_fixture(ev)
             self._send_odds(ev, ev.markets)
@@ -405,6 +557,7 @@ class UofSimulator:
     def _step(self) -> None:
         rng = self.rng
         ev = rng.choice(list(self.events.values()))
+        self._stepped = ev
         now = time.monotonic()
         open_markets = [m for m in ev.markets if not m.closed]
         r = rng.random()
@@ -447,8 +600,10 @@ class UofSimulator:
                            f'<rollback_bet_cancel product="{ev.product}" event_id="{ev.event_id}" '
                            f'timestamp="{self._ts()}">{self._market_tag(m, outcomes=False)}</rollback_bet_cancel>',
                            priority="lo")
-                self._reopen(ev)
-                self._send_odds(ev, [m])
+                # the event's bet stop ends with it: every market it reopens goes out too (else the
+                # consumer would hold them suspended while the model offers them)
+                reopened = self._reopen(ev)
+                self._send_odds(ev, {**reopened, m.mid: m})
         elif open_markets:
             m = rng.choice(open_markets)
             reopened = self._reopen(ev)
@@ -497,6 +652,8 @@ class UofSimulator:
             self._send_settlement(m, m.closed_at)
         ev.closed = True
         self._send_final(ev)
+        if self._truth is not None:
+            self._truth_dirty.extend(ev.markets)
         del self.events[ev.event_id]
         self._new_event(ev.product, time.monotonic())
 
@@ -523,8 +680,10 @@ class UofSimulator:
                 match_status, clock, stopped = 6, sec, False
             elif sec < 60 * 60:
                 match_status, clock, stopped = 31, 45 * 60, True
-            else:
-                match_status, clock, stopped = 7, 45 * 60 + sec - 60 * 60, False
+            else:  # the clock stops at 95:00 until the match is settled (else a match left in play reads
+                # hours, past the feed's clock bound, and each of its states is quarantined)
+                clock = 45 * 60 + sec - 60 * 60
+                match_status, clock, stopped = 7, min(clock, 95 * 60), clock >= 95 * 60
             h1 = sum(1 for side, t in ev.goals if side == 0 and t < 45 * 60)
             a1 = sum(1 for side, t in ev.goals if side == 1 and t < 45 * 60)
             periods = f'<period_score type="regular_period" number="1" match_status_code="6" home_score="{h1}" ' \
@@ -548,7 +707,11 @@ class UofSimulator:
     def _send_odds(self, ev: _SimEvent, markets: Any, request_id: int | None = None) -> None:
         ms = list(markets.values()) if isinstance(markets, dict) else list(markets)
         req = f' request_id="{request_id}"' if request_id is not None else ""
-        body = (f'<odds_change product="{ev.product}" event_id="{ev.event_id}" timestamp="{self._ts()}"{req}>'
+        ts = self._ts()
+        if self._poison and request_id is None and not self.silent(ev.product):
+            ts = self._poison.popleft()
+            self.poisoned_sent += 1
+        body = (f'<odds_change product="{ev.product}" event_id="{ev.event_id}" timestamp="{ts}"{req}>'
                 f'{self._ses(ev)}'
                 f'<odds>{"".join(self._market_tag(m) for m in ms)}</odds></odds_change>')
         self._send(ev, "odds_change", body, recovery=request_id is not None)
@@ -632,8 +795,10 @@ class UofSimulator:
             return Response('<response response_code="BAD_REQUEST"/>', 400, media_type="application/xml")
         if self._fail_recovery > 0:
             self._fail_recovery -= 1
+            self.recovery_failures += 1
             return Response('<response response_code="SERVICE_UNAVAILABLE"/>', 500, media_type="application/xml")
         self.recovery_requests.append((product, after, request_id))
+        self.recovery_accepted_ms[product] = now_ms()
         self._recover(product, after, request_id)
         return Response(f'<response response_code="ACCEPTED"><action>Request {request_id} for recovery of '
                         f'{_PATHS[product]} accepted</action></response>', 202, media_type="application/xml")
@@ -647,9 +812,9 @@ class UofSimulator:
             await asyncio.sleep(tick)
             if not self.frozen:
                 self._budget += cfg.rate_per_s * tick
-                while self._budget >= 1:
-                    self._budget -= 1
-                    self._step()
+                n = int(self._budget)
+                self._budget -= n
+                self.advance(n)
             await self._flush()
 
     async def _alives(self) -> None:
@@ -660,13 +825,22 @@ class UofSimulator:
                     continue
                 subscribed = 0 if p in self._unsub_pending else 1
                 self._unsub_pending.discard(p)
+                self.unsubscribed_alives += 1 - subscribed
                 self._outbox.append(("-.-.-.alive.-.-.-.-", f'<alive product="{p}" timestamp="{self._ts()}" '
                                                             f'subscribed="{subscribed}"/>'.encode(), False))
             await self._flush()
             await asyncio.sleep(cfg.alive_interval_s)
 
     async def _flush(self) -> None:
+        """Publish what is queued, in order (one flush at a time: the pump's and the
+        alives' never interleave). A broker failure keeps what was not published."""
+        async with self._publish_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         if time.monotonic() < self._stalled_until or self._exchange is None:
+            self.stalled_flushes += self._exchange is not None
+            self._trim_outbox()
             return
         import aio_pika
 
@@ -694,7 +868,16 @@ class UofSimulator:
         if self._held is not None and (self.frozen or not self._reorder):  # nothing left to swap it with
             out.append(self._held[:2])
             self._held = None
-        for key, body in out:
+        exchange = self._exchange
+        for i, (key, body) in enumerate(out):
+            try:
+                await exchange.publish(aio_pika.Message(body, content_type="text/xml",
+                                                        headers={"timestamp_in_ms": now_ms()}), routing_key=key)
+            except Exception as exc:  # noqa: BLE001 - aiormq / aio-pika raise many kinds: the link is gone
+                self._outbox.extendleft((k, b, False) for k, b in reversed(out[i:]))
+                await self._disconnected(exc)
+                return
+            self.published += 1
             if key.startswith("-.-.-.snapshot_complete."):
                 m = re.search(rb'product="(\d+)" request_id="(\d+)"', body)
                 if m:
@@ -703,6 +886,10 @@ class UofSimulator:
                 m = re.search(rb'product="(\d+)"', body)
                 if m:
                     self.alives_sent[int(m.group(1))] = self.alives_sent.get(int(m.group(1)), 0) + 1
-            await self._exchange.publish(aio_pika.Message(body, content_type="text/xml",
-                                                          headers={"timestamp_in_ms": now_ms()}), routing_key=key)
-            self.published += 1
+
+    def _trim_outbox(self) -> None:
+        """While nothing can be published: keep at most ``max_outbox`` messages (the oldest go, as lost)."""
+        extra = len(self._outbox) - self.config.max_outbox
+        for _ in range(max(0, extra)):
+            self._outbox.popleft()
+            self.lost += 1

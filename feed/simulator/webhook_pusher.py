@@ -37,24 +37,55 @@ Fault switches (shares of the messages, 0…1, drawn from a seeded RNG):
 Truth: :meth:`WebhookPusher.truth` is the final state of every market as
 sent (``{market_id: market_view-shaped dict}``, the shape of
 :func:`feed.simulator.push_providers.market_view`); it holds once every
-generated message was acknowledged (``PushReport.failed == 0``).
+generated message was acknowledged (``PushReport.failed == 0``). With
+``truth_log`` every odd made is also appended to that file when it is made
+(:mod:`feed.simulator.truth`: ``source`` ``webhook``, ids in the receiving
+source's ``prefix``, e.g. ``wh:<fixture>:<market>``).
+
+Live mode (``await start()`` … ``await stop()``; ``oddsfeed simulate
+--webhook-url``): every ``tick_ms`` the model's changes become messages
+(``model``: a shared :class:`~feed.simulator.market_model.MarketModel`, e.g.
+the ESA simulator's, stepped by its owner; else an own one stepped here at
+``rate_per_s``), delivered one at a time in the order made, each retried
+until acknowledged (``max_attempts``; a final 4xx gives up, counted). Its
+fault switches (the control port's target ``webhook``) act on the next
+deliveries: :meth:`duplicate` (delivered again after its 2xx, alternately
+with the same and a new idempotency key), :meth:`reorder` (held back behind
+the next ``distance`` deliveries), :meth:`inject_malformed` (bad bodies of
+:data:`feed.simulator.push_providers.MALFORMED`, correctly signed: 422
+expected), :meth:`bad_signatures` / :meth:`expired` (copies with a corrupted
+signature / an old timestamp: 401), :meth:`stall` (nothing delivered for a
+while: the messages pile up and go afterwards), :meth:`poison_timestamps`,
+:meth:`freeze`, :meth:`clear_faults`; :meth:`control_stats` is the evidence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
 
-from feed.simulator.push_providers import PushSimConfig, PushSimulator
+from feed.simulator.push_providers import (
+    _CANONICAL_SELECTION,
+    MALFORMED,
+    PushSimConfig,
+    PushSimulator,
+)
+from feed.simulator.truth import TruthLog, open_truth_log
 from feed.sources.webhook import sign
+
+if TYPE_CHECKING:
+    from feed.simulator.market_model import MarketModel
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Delivery", "PushReport", "PusherConfig", "WebhookPusher"]
 
@@ -79,7 +110,10 @@ class PusherConfig(msgspec.Struct, kw_only=True, frozen=True):
     per attempt. max_attempts / backoff_initial_s / backoff_max_s /
     retry_after_cap_s: retries (seconds). Fault shares: see the module
     docstring; window_s: the receiver's window (expired copies are older);
-    oversize_bytes: size of an oversized copy.
+    oversize_bytes: size of an oversized copy. history: messages the
+    projection keeps (batch mode reads them all: keep it above what one run
+    makes). truth_log / prefix: the truth log and the receiving source's id
+    prefix (its ``prefix=``). tick_ms: live mode's pump interval.
     """
 
     url: str
@@ -109,6 +143,10 @@ class PusherConfig(msgspec.Struct, kw_only=True, frozen=True):
     oversized_share: float = 0.0
     window_s: float = 300.0
     oversize_bytes: int = (1 << 20) + 1
+    history: int = 1_000_000
+    truth_log: str | None = None
+    prefix: str = "px"
+    tick_ms: int = 50
 
 
 @dataclass
@@ -159,17 +197,42 @@ class WebhookPusher:
     (None: one per :meth:`push` call).
     """
 
-    def __init__(self, config: PusherConfig, *, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: PusherConfig, *, client: httpx.AsyncClient | None = None,
+                 model: MarketModel | None = None) -> None:
         self.config = cfg = config
         self.sim = PushSimulator(PushSimConfig(events=cfg.events, seed=cfg.seed, time_scale=cfg.time_scale,
                                                rate_per_s=cfg.rate_per_s, odds_per_message=cfg.odds_per_message,
-                                               history=1_000_000))
+                                               history=cfg.history), model=model)
         self.rng = random.Random(cfg.seed)
         self._client = client
         self._secret = cfg.secret.encode()
         self._taken = 0  # history entries already turned into deliveries
         self._initial_sent = False
         self._last_ts = 0
+        # live mode (start/stop)
+        self.report = PushReport()
+        self.frozen = False
+        self.last_status: int | None = None
+        self._taken_seq = 0
+        self._queue: deque[Delivery] = deque()
+        self._held: list[list[Any]] = []  # [deliveries still to pass it, delivery]
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._own_client = False
+        self._faults: Counter[str] = Counter()  # switch -> uses left
+        self._reorder_distance = cfg.reorder_distance
+        self._dup_same_key = True
+        self._stalled_until = 0.0
+        if cfg.truth_log:
+            log = _RenamedTruth(open_truth_log(cfg.truth_log), cfg.prefix)
+            self.sim._truth = log  # the projection logs every odd it makes from now on
+            base = self.sim._base_ms
+            for mid, m in self.sim.markets.items():  # the initial state, made before the log was attached
+                for sid, odd in m.odds.items():
+                    sel = "SUSPENDED" if odd.locked and odd.status == "active" else _CANONICAL_SELECTION[odd.status]
+                    log.record(base, "push", mid, sid, status=m.market_status, sel_status=sel,
+                               price=odd.price)
+            log.flush()
 
     # -- messages ----------------------------------------------------------------------
 
@@ -347,3 +410,202 @@ class WebhookPusher:
             if self._client is None:
                 await client.aclose()
         return report
+
+    # -- live mode ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Live mode (module docstring): the initial state, then the model's changes every ``tick_ms``."""
+        if self._client is None:
+            self._client = httpx.AsyncClient()
+            self._own_client = True
+        if not self._initial_sent:
+            self._initial_sent = True
+            self._initial_state()
+            self._queue.extend(self._take_new())
+        self._tasks = [asyncio.create_task(self._ticker(), name="webhook-pusher-ticker"),
+                       asyncio.create_task(self._sender(), name="webhook-pusher-sender")]
+        logger.info("webhook pusher: POST %s (%d markets)", self.config.url, len(self.sim.markets))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _take_new(self) -> list[Delivery]:
+        """The projection's messages made since the last call, oldest first."""
+        new = []
+        for e in reversed(self.sim.history):
+            if e.seq <= self._taken_seq:
+                break
+            new.append(e)
+        if new:
+            self._taken_seq = new[0].seq
+        return [Delivery(e.body, uuid.uuid4().hex, e.entry_id or "") for e in reversed(new)]
+
+    async def _ticker(self) -> None:
+        cfg = self.config
+        tick = cfg.tick_ms / 1000
+        budget = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            if self.frozen:
+                continue
+            ts = self._next_ts()
+            if self.sim.owns_model:
+                budget += cfg.rate_per_s * tick
+                n = int(budget)
+                budget -= n
+                if n:
+                    self.sim.model.step(ts, n)
+            self.sim.publish(ts)
+            new = self._take_new()
+            if new:
+                self._queue.extend(new)
+                self._wake.set()
+
+    async def _sender(self) -> None:
+        client = self._client
+        assert client is not None
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                except TimeoutError:  # quiet: nothing left to swap a held delivery with
+                    for _, h in self._held:
+                        await self._send_live(client, h, late=True)
+                    self._held.clear()
+                continue
+            wait = self._stalled_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            d = self._queue.popleft()
+            if self._faults["reorder"] > 0:
+                self._faults["reorder"] -= 1
+                self._held.append([self._reorder_distance, d])
+                continue
+            await self._send_live(client, d, late=False)
+            due = []
+            for h in self._held:
+                h[0] -= 1
+                if h[0] <= 0:
+                    due.append(h)
+            for h in due:
+                self._held.remove(h)
+                await self._send_live(client, h[1], late=True)
+
+    async def _send_live(self, client: httpx.AsyncClient, d: Delivery, *, late: bool) -> None:
+        """One delivery with the fault switches in force (bad copies first, a duplicate after)."""
+        report = self.report
+        while self._faults["malformed"] > 0:
+            self._faults["malformed"] -= 1
+            body, _ = MALFORMED[report.faults["malformed"] % len(MALFORMED)]
+            report.faults["malformed"] += 1
+            status, _, _ = await self._attempt(client, body, self.headers(body, uuid.uuid4().hex), report)
+            report.fault_answers[("malformed", status)] += 1
+        for kind in ("bad_signature", "expired"):
+            if self._faults[kind] > 0:
+                self._faults[kind] -= 1
+                await self._fault(client, kind, d, report)
+        report.messages += 1
+        report.reordered += late
+        status, _ = await self.deliver(client, d, report)
+        self.last_status = status
+        if not 200 <= status < 300:
+            report.failed += 1
+            report.failures[d.entry_id] = status
+            logger.warning("webhook pusher: gave up on %s (last answer %d)", d.entry_id, status)
+            return
+        report.acknowledged += 1
+        if self._faults["duplicate"] > 0:
+            self._faults["duplicate"] -= 1
+            report.duplicates_sent += 1
+            key = d.key if self._dup_same_key else uuid.uuid4().hex
+            self._dup_same_key = not self._dup_same_key
+            _, answer = await self.deliver(client, d, report, key=key)
+            if answer is not None and answer.get("duplicate") is True:
+                report.duplicate_answers += 1
+
+    # -- live fault switches (the control port's target ``webhook``) -------------------
+
+    def duplicate(self, n: int = 1) -> None:
+        """The next ``n`` deliveries are delivered again once acknowledged (same key, new key, …)."""
+        self._faults["duplicate"] += n
+
+    def reorder(self, n: int = 1, distance: int | None = None) -> None:
+        """The next ``n`` deliveries are each held back behind the next ``distance`` ones."""
+        if distance is not None:
+            self._reorder_distance = max(1, int(distance))
+        self._faults["reorder"] += n
+
+    def inject_malformed(self, n: int = 1) -> None:
+        """``n`` bad bodies (push MALFORMED, signed) before the next delivery: 422 expected."""
+        self._faults["malformed"] += n
+
+    def bad_signatures(self, n: int = 1) -> None:
+        """Before each of the next ``n`` deliveries, a copy with a corrupted signature (401 expected)."""
+        self._faults["bad_signature"] += n
+
+    def expired(self, n: int = 1) -> None:
+        """Before each of the next ``n`` deliveries, a copy stamped ``window_s + 60`` s ago (401 expected)."""
+        self._faults["expired"] += n
+
+    def stall(self, seconds: float) -> None:
+        """Deliver nothing for ``seconds`` (the messages made meanwhile pile up and go afterwards)."""
+        self._stalled_until = time.monotonic() + seconds
+
+    def poison_timestamps(self, values: list[int]) -> None:
+        """The next ``len(values)`` odds messages carry these times (see PushSimulator.poison_timestamps)."""
+        self.sim.poison_timestamps(values)
+
+    def freeze(self, on: bool = True) -> None:
+        """No new messages while frozen (what is queued is still delivered)."""
+        self.frozen = on
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+        self._stalled_until = 0.0
+
+    def pending_faults(self) -> int:
+        return sum(self._faults.values()) + len(self._held) + (time.monotonic() < self._stalled_until)
+
+    def control_stats(self) -> dict[str, Any]:
+        """Counters for a harness (the control port's ``stats``)."""
+        r = self.report
+        return {"queued": len(self._queue), "held": len(self._held), "messages": r.messages,
+                "acknowledged": r.acknowledged, "failed": r.failed, "attempts": r.attempts, "retries": r.retries,
+                "answers": {str(k): v for k, v in r.answers.items()}, "duplicates_sent": r.duplicates_sent,
+                "duplicate_answers": r.duplicate_answers, "reordered": r.reordered, "faults": dict(r.faults),
+                "fault_answers": {f"{k}:{st}": v for (k, st), v in r.fault_answers.items()},
+                "last_status": self.last_status, "pending_faults": self.pending_faults()}
+
+
+class _RenamedTruth(TruthLog):
+    """A truth log writer that logs the push projection's ``px:`` ids under another prefix."""
+
+    def __init__(self, inner: TruthLog, prefix: str) -> None:
+        self._inner = inner
+        self.path = inner.path
+        self.records = 0
+        self._px = "px:"
+        self._to = f"{prefix}:"
+
+    def record(self, t_ms: int, source: str, market_id: str, selection_id: str | None, *, status: str | None,
+               sel_status: str | None = None, back: float | None = None, lay: float | None = None,
+               price: float | None = None) -> None:
+        if market_id.startswith(self._px):
+            market_id = self._to + market_id[len(self._px):]
+        self.records += 1
+        self._inner.record(t_ms, "webhook", market_id, selection_id, status=status, sel_status=sel_status,
+                           back=back, lay=lay, price=price)
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+    def close(self) -> None:
+        self._inner.flush()
