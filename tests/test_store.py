@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 
@@ -472,31 +474,12 @@ async def test_the_seq_floor_keeps_each_partition_in_its_hash_slot_on_a_redis_cl
     """On a three-node Redis Cluster (partitions on different nodes) the prune and apply scripts
     touch each partition's floor in that partition's slot: a market re-created after a prune in
     every partition is re-imaged above its own partition's floor."""
-    import os
-    import subprocess
-    import time
-    from pathlib import Path
-
-    from feed.embedded_redis import redis_server_binary, start_cluster_node
+    from cluster_helpers import start_local_cluster
     from feed.store import floor_key, partition_of
 
-    cli = str(Path(redis_server_binary()).with_name("redis-cli"))
-    if not os.path.exists(cli):
-        pytest.skip("redis-cli not found beside redis-server")
-    servers = []
+    servers: list[Any] = []
     try:
-        for _ in range(3):
-            servers.append(start_cluster_node(tmp_path, extra_args=("--cluster-node-timeout", "5000")))
-        out = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
-                              "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stdout[-500:] + out.stderr[-500:]
-        deadline = time.monotonic() + 30
-        while not all("cluster_state:ok" in subprocess.run([cli, "-p", str(s.port), "cluster", "info"],
-                                                           capture_output=True, text=True, timeout=10).stdout
-                      for s in servers):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        s = await Store.open(f"redis://127.0.0.1:{servers[0].port}/0", partitions=3, cluster=True)
+        s = await Store.open(start_local_cluster(tmp_path, servers), partitions=3, cluster=True)
         try:
             slot = s.redis.keyslot
             assert all(slot(floor_key(p)) == slot(f"of:{{{p}}}:seq") for p in range(3))

@@ -16,57 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
 
-from feed.embedded_redis import EmbeddedRedis, cluster_node_port, redis_server_binary, start_cluster_node
+from feed.embedded_redis import EmbeddedRedis, cluster_node_port
 from feed.ingest import HealthPublisher, Ingest
 from feed.settings import Settings
 from feed.store import EPOCH_KEY, Store, partition_of, pepoch_key
 from streaming.reader import Node
 from streaming.state import NodeOptions
-from streaming_helpers import eventually
+from cluster_helpers import start_local_cluster
+from esa_lines import heartbeat, image, price
+from streaming_helpers import eventually, now_ms
 
 PARTITIONS = 3
 WAIT_S = 20.0  # generous: a running writer's audit runs every 2 s
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def line(*mc: dict[str, Any], pt: int, ct: str | None = None) -> bytes:
-    msg: dict[str, Any] = {"op": "mcm", "id": 2, "clk": f"c{pt}", "pt": pt}
-    if ct:
-        msg["ct"] = ct
-    if mc:
-        msg["mc"] = list(mc)
-    return orjson.dumps(msg)
-
-
-def image(market: str, back: float, *, pt: int) -> bytes:
-    md = {"status": "OPEN", "inPlay": True, "betDelay": 0, "version": 1, "eventId": "30000", "eventTypeId": "1",
-          "marketType": "MATCH_ODDS", "marketTime": "2027-01-15T12:00:00.000Z", "numberOfWinners": 1,
-          "runners": [{"id": 1, "sortPriority": 1, "status": "ACTIVE"}, {"id": 2, "sortPriority": 2, "status": "ACTIVE"}]}
-    return line({"id": market, "img": True, "marketDefinition": md,
-                 "rc": [{"id": 1, "atb": [[back, 10]], "atl": [[back + 0.1, 7]]},
-                        {"id": 2, "atb": [[4.0, 3]], "atl": [[4.2, 8]]}]}, pt=pt)
-
-
-def price(market: str, back: float, *, pt: int) -> bytes:
-    return line({"id": market, "rc": [{"id": 1, "atb": [[back, 12]]}]}, pt=pt)
-
-
-def heartbeat(*, pt: int) -> bytes:
-    return line(pt=pt, ct="HEARTBEAT")
 
 
 def one_per_partition(partitions: int) -> list[str]:
@@ -267,25 +235,11 @@ async def test_on_a_redis_cluster_a_lost_epoch_shard_converges(tmp_path: Path) -
     """The audit's shape (p4): three masters; FLUSHALL on the one holding ``of:epoch`` (a shard lost
     its data) while ``of:{0}:epoch`` lives on another. The running writer puts the epoch back, so
     the node stops reloading and holds the old epoch again; a restarted writer adopts it and writes."""
-    cli = str(Path(redis_server_binary()).with_name("redis-cli"))
-    if not os.path.exists(cli):
-        pytest.skip("redis-cli not found beside redis-server")
-    servers = []
+    servers: list[Any] = []
     stores: list[Store] = []
     node: Node | None = None
     try:
-        for _ in range(3):
-            servers.append(start_cluster_node(tmp_path, extra_args=("--cluster-node-timeout", "5000")))
-        out = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
-                              "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stdout[-500:] + out.stderr[-500:]
-        deadline = time.monotonic() + 30
-        while not all("cluster_state:ok" in subprocess.run([cli, "-p", str(s.port), "cluster", "info"],
-                                                           capture_output=True, text=True, timeout=10).stdout
-                      for s in servers):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
-        url = f"redis://127.0.0.1:{servers[0].port}/0"
+        url = start_local_cluster(tmp_path, servers)
         store, ing = await writer(url, partitions=1, cluster=True)
         stores.append(store)
         ing.set_state("UP", None)

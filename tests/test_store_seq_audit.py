@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
 from feed.embedded_redis import EmbeddedRedis
@@ -30,40 +27,11 @@ from feed.store import Store, connect, market_key, pt_key, seq_key
 from streaming.pricecheck import PriceCheckRequest, check as check_price
 from streaming.reader import Node
 from streaming.state import NodeOptions
-from streaming_helpers import eventually
+from esa_lines import heartbeat, image, price
+from streaming_helpers import eventually, now_ms
 
 A, B = "bf:1.1", "bf:1.2"
 WAIT_S = 20.0  # generous: the audit runs every 2 s, a deferred re-image waits up to 5 s
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def line(*mc: dict[str, Any], pt: int, ct: str | None = None) -> bytes:
-    msg: dict[str, Any] = {"op": "mcm", "id": 2, "clk": f"c{pt}", "pt": pt}
-    if ct:
-        msg["ct"] = ct
-    if mc:
-        msg["mc"] = list(mc)
-    return orjson.dumps(msg)
-
-
-def image(market: str, back: float, *, pt: int) -> bytes:
-    md = {"status": "OPEN", "inPlay": True, "betDelay": 0, "version": 1, "eventId": "30000", "eventTypeId": "1",
-          "marketType": "MATCH_ODDS", "marketTime": "2027-01-15T12:00:00.000Z", "numberOfWinners": 1,
-          "runners": [{"id": 1, "sortPriority": 1, "status": "ACTIVE"}, {"id": 2, "sortPriority": 2, "status": "ACTIVE"}]}
-    return line({"id": market, "img": True, "marketDefinition": md,
-                 "rc": [{"id": 1, "atb": [[back, 10]], "atl": [[back + 0.1, 7]]},
-                        {"id": 2, "atb": [[4.0, 3]], "atl": [[4.2, 8]]}]}, pt=pt)
-
-
-def price(market: str, back: float, *, pt: int) -> bytes:
-    return line({"id": market, "rc": [{"id": 1, "atb": [[back, 12]]}]}, pt=pt)
-
-
-def heartbeat(*, pt: int) -> bytes:
-    return line(pt=pt, ct="HEARTBEAT")
 
 
 def back_of(m: Market | None) -> float | None:
