@@ -229,8 +229,9 @@ def source_key(name: str) -> str:
 # after the seq checks, on the part of the batch the store does not hold: a retried batch whose
 # first try landed without a reply is trimmed first (PARTIAL), else its oldest delta, older than
 # what that first try stored, dropped the newer ones with it.
-# Failing writes: the XADD (which can fail: a bad MAXLEN, a key of another type) goes before every
-# other write, so a script that errors has written nothing (Redis does not roll back a script).
+# Failing writes: Redis does not roll back a script, so whatever can fail comes before the first
+# write — every key the script writes is read first (a key of another type errors there), and the
+# XADD (a MAXLEN Redis refuses) goes before the other writes: a script that errors has written nothing.
 # Lost writes: a market whose stored seq is below first - 1 while the batch starts with a delta
 # (not an image) lost acknowledged writes (a failover promoted a replica that had not received
 # them, an older RDB was restored): counted in `lost`; the writer re-images its markets.
@@ -251,6 +252,11 @@ APPLY_SCRIPT = """
 local epoch = redis.call('GET', KEYS[4])
 if epoch ~= ARGV[1] then
   return redis.error_reply('EPOCH ' .. tostring(epoch))
+end
+-- every key written below is read first (a key of another type errors here, before any write)
+redis.call('SCARD', KEYS[3])
+if ARGV[3] ~= '' then
+  redis.call('HEXISTS', KEYS[5], ARGV[3])
 end
 local n = tonumber(ARGV[5])
 local keep = {}
@@ -694,13 +700,15 @@ class Store:
         return store
 
     async def warn_if_evicting(self) -> str | None:
-        """Log a warning when Redis's ``maxmemory-policy`` is not ``noeviction``:
-        under memory pressure an eviction policy may evict ``of:epoch``, a
-        snapshot, a seq hash or a delta log — writes the store acknowledged
-        would vanish (docs/architecture.md §79). Returns the policy warned about
-        (several joined by "/" on a Redis Cluster whose nodes differ), or None:
-        ``noeviction``, or CONFIG refused (a managed Redis) — then nothing is
-        said. Never raises."""
+        """Log a warning when Redis's ``maxmemory-policy`` is an ``allkeys-*`` one:
+        under memory pressure it may evict ``of:epoch``, a snapshot, a seq hash or
+        a delta log — writes the store acknowledged would vanish
+        (docs/architecture.md §79). (``volatile-*`` policies evict only keys with
+        a TTL, which none of those has: Redis then refuses writes with OOM, as
+        under ``noeviction``, and the ingest keeps them.) Returns the policy
+        warned about (several joined by "/" on a Redis Cluster whose nodes
+        differ), or None: no ``allkeys-*`` policy, or CONFIG refused (a managed
+        Redis) — then nothing is said. Never raises."""
         client: Any = self.redis
         try:
             if isinstance(client, RedisCluster):  # every primary's (redis-py asks one node by default)
@@ -709,11 +717,11 @@ class Store:
                 reply = await client.config_get("maxmemory-policy")
         except (RedisError, OSError):
             return None
-        policies = sorted(_config_values(reply, "maxmemory-policy") - {"noeviction"})
+        policies = sorted(p for p in _config_values(reply, "maxmemory-policy") if p.startswith("allkeys"))
         if not policies:
             return None
         policy = "/".join(policies)
-        logger.warning("redis maxmemory-policy is %s, not noeviction: under memory pressure Redis may evict the "
+        logger.warning("redis maxmemory-policy is %s: under memory pressure Redis may evict the "
                        "store's epoch, snapshots or delta log and lose acknowledged writes; set "
                        "maxmemory-policy noeviction (writes then fail with OOM, and the ingest keeps them)", policy)
         return policy

@@ -193,6 +193,11 @@ class PartitionReader:
                     # nothing came (quiet, or the log is gone), we may be behind a trim, the check came
                     # due while we waited, or a market's seq went back (another lineage): check first
                     guards = await self._guards()
+                if st.generation != gen:
+                    # the state was reloaded while we read: re-read from the new position (and check
+                    # again: _check_now) — the guards and the entries belong to the state before it,
+                    # judged against the reload's positions they would ask for a reload it made needless
+                    continue
                 if guards is not None:
                     self.checks += 1
                     problem = self._problem(guards, self._verified_pos, batch[-1][0] if batch else None)
@@ -208,8 +213,6 @@ class PartitionReader:
                         self._epoch_backoff.reset()
                     self._check_now = False
                     self._check_due = loop.time() + self.check_interval_s
-                if st.generation != gen:
-                    continue  # the state was reloaded while we read: re-read from the new position
                 if batch:
                     now = self.last_entry_at = now_ms()
                     self.entries += len(batch)
@@ -276,7 +279,9 @@ class PartitionReader:
         knows their markets may miss a change (a gap, a trim, an error between an
         apply and the fan-out): they read as stale (:meth:`NodeState.mark_rebuilding`)."""
         self._reload = (partitions, reason, since)
-        self.node.state.mark_rebuilding(partitions, reason, self.node.loaded)
+        # (as of ``since``: a reload of the partition completed after the turn began — by another
+        # reader — makes this one needless, and Node.reload then clears the mark)
+        self.node.state.mark_rebuilding(partitions, reason, since)
 
     @property
     def pushed(self) -> int:

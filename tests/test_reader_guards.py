@@ -163,6 +163,58 @@ async def test_epochs_that_stay_inconsistent_do_not_reload_the_node_on_every_rea
                              TIMEOUT_S * 2, "the node on the writer's epoch")
 
 
+async def test_a_reload_made_while_a_read_was_in_flight_leaves_no_partition_marked_rebuilding(
+        redis_url: str) -> None:
+    """Partition 1's reader has its entries and guards from Redis when another reader's reload of
+    every partition completes (its reply late: a busy loop, a big reply). Judged against the
+    reload's newer position, those guards said "past the log's head": a reload asked for, skipped
+    (the partition was loaded since) — and its rebuilding mark, taken as of after that load, never
+    cleared: every market of the partition read stale until some other reload. Now a read that a
+    reload overtook is read again, and a mark is as of the turn's start."""
+    from feed.settings import Settings
+    from feed.store import partition_of
+
+    store = await Store.open(redis_url, partitions=2)
+    try:
+        ids = [f"m{i}" for i in range(20)]
+        a = next(m for m in ids if partition_of(m, 2) == 0)
+        b = next(m for m in ids if partition_of(m, 2) == 1)
+        feed = Feed(store)
+        await feed.write(feed.image(a), feed.image(b))
+        app = make_app(redis_url, settings=Settings(partitions=2, heartbeat_ms=60_000), read_block_ms=200)
+        async with serve(app):
+            node = app.state.node
+            await eventually(lambda: b in node.state.markets, TIMEOUT_S, "the node loaded")
+            r1 = node.readers[1]
+            real = r1._read
+            got, release = asyncio.Event(), asyncio.Event()
+
+            async def held(pos: str, block_ms: int, count: int, check: bool) -> Any:
+                res = await real(pos, block_ms, count, True)  # (a checked read: guards with the entries)
+                if res[0] and not got.is_set():
+                    got.set()
+                    await release.wait()  # Redis answered; the reader is late to judge it
+                return res
+            r1._read = held  # type: ignore[method-assign]
+            for i in range(200):
+                await feed.write(feed.price(b, "1", 2.5 + i / 1000))
+                if got.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            await eventually(got.is_set, TIMEOUT_S, "partition 1's read answered and held")
+            await feed.write(feed.price(b, "1", 2.6))  # the log moves on past the held read's guards
+            await node.reload(None, "another reader reloads every partition", tuple(node.loaded))
+            reloads = node.reloads
+            release.set()
+            (last,) = await feed.write(feed.price(b, "1", 2.7))
+            await eventually(lambda: node.state.markets[b].seq == last.seq, TIMEOUT_S, "the next change applied")
+            await eventually(lambda: r1.checks > 0 and not r1._check_now, TIMEOUT_S, "a check after it")
+            assert node.state.rebuilding == {} and node.state.rebuilding_reason(b) is None
+            assert node.reloads == reloads
+    finally:
+        await store.close()
+
+
 async def test_a_wiped_store_with_a_new_writer_is_noticed_before_its_entries_are_applied(
         store: Store, redis_url: str) -> None:
     """Redis loses everything and a writer starts over (seqs from 1): its first entry is read

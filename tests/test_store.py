@@ -154,15 +154,17 @@ async def test_a_script_that_fails_writes_nothing(store: Store) -> None:
     refuses) left the market stored at its new seq with no log entry — the retry was dropped as
     already stored and no node ever got the change. The XADD goes first now."""
     from feed.errors import StoreError
-    from feed.store import log_key
+    from feed.store import CURSOR_KEY, idx_key, log_key
 
     book = Book()
     d1 = book.apply(_update("m1", 2.0, image=True))
-    await store.redis.set(log_key(0), "not a stream")
-    with pytest.raises(StoreError):
-        await store.apply([d1], book.markets, cursor=("t", "clk-1"))
-    assert await store.get_market("m1") is None and await store.load_cursor("t") is None
-    await store.redis.delete(log_key(0))
+    for key in (log_key(0), idx_key(0), CURSOR_KEY):  # (the log, the market index, the cursor hash)
+        await store.redis.set(key, "not a stream, set or hash")
+        with pytest.raises(StoreError):
+            await store.apply([d1], book.markets, cursor=("t", "clk-1"))
+        await store.redis.delete(key)
+        assert await store.get_market("m1") is None and await store.load_cursor("t") is None, key
+        assert await store.redis.exists(log_key(0)) == 0, key
     res = await store.apply([d1], book.markets, cursor=("t", "clk-1"))
     assert res.kept == 1
     assert [[d.seq for d in ds] for _, ds in await store.log_range(0, "0-0")] == [[1]]
