@@ -268,11 +268,15 @@ class ScriptedSSEServer:
     """A loopback HTTP server speaking oddsfeed's SSE wire format from scripts (the provider's
     side is ours here: a client test needs exact frames): stream connection i plays
     ``scripts[i]`` (SSE frames; none past the list) and then stays open, silent, until the client
-    goes away. Records each request's Last-Event-ID and each stream's writer."""
+    goes away. Records each stream request's Last-Event-ID, its arrival time and its writer."""
 
     def __init__(self, scripts: list[list[bytes]]) -> None:
         self.scripts = scripts
         self.last_event_ids: list[str | None] = []
+        #: when each stream request's connection was accepted (``time.time()``, s; the clock of a log
+        #: record's ``created``), in the order of :attr:`last_event_ids` — exact, unlike a poll's
+        #: ``time.time()`` after noticing it (which may run late on a loaded machine)
+        self.arrived_at: list[float] = []
         self.server: asyncio.base_events.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
         self.streams: list[asyncio.StreamWriter] = []  # the stream connections', in order
@@ -291,6 +295,7 @@ class ScriptedSSEServer:
             w.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = time.time()
         self.writers.append(writer)
         head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"GET /v1/stream"):
@@ -303,6 +308,7 @@ class ScriptedSSEServer:
             if line.lower().startswith(b"last-event-id:"):
                 lei = line.split(b":", 1)[1].strip().decode()
         self.last_event_ids.append(lei)
+        self.arrived_at.append(accepted)
         self.streams.append(writer)
         n = len(self.last_event_ids)
         script = self.scripts[n - 1] if n <= len(self.scripts) else []

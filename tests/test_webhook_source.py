@@ -577,3 +577,58 @@ def test_a_delivered_scores_item_takes_the_markets_in_play_and_a_late_one_never_
     batch = deliver(scores(now - 10_000, 6, status="ended", is_live=False))
     assert [u.header is not None and (u.header.in_play, u.header.status) for u in batch.updates] == [(False, "OPEN")]
     assert book.markets["px:f1:match_odds"].in_play is False
+
+
+async def test_a_late_delivery_confirms_as_of_the_oldest_provider_time_it_carries(store: Store) -> None:
+    """A webhook delivery confirms every market of its source; one arriving more than
+    ODDSFEED_MAX_STREAM_LAG_MS after its provider time only as of that time + the bound (newer
+    changes may be queued behind it). Its provider time was ``emitted_at`` alone, so a late retry
+    without it — or re-stamped with a fresh one on every attempt — confirmed everything as of its
+    arrival (review). It is the oldest credible time the delivery carries: ``min(emitted_at,
+    entry id <ms>)``; a ``ping`` without ``emitted_at`` (no entry id either) and an exact
+    re-delivery confirm nothing."""
+    from feed.ingest import Ingest
+    from feed.normalise.push import UNKNOWN_AGE_MS, PushNormaliser
+
+    t = now_ms() - 120_000  # (every time below is in the past of the store's clock)
+    ingest = Ingest(store, source="wh_lag", normaliser=WebhookNormaliser("wh_lag", prefix="wlag"), kind="webhook",
+                    max_stream_lag_ms=500)
+    ingest.confirm_by_messages = True
+
+    def body(entry_ms: int, n: int, price: float, emitted: int | None = None) -> bytes:
+        msg: dict[str, Any] = {"type": "odds", "entry_id": f"{entry_ms}-{n}", "data": [
+            {"fixture": {"id": "f1", "sport": "Soccer", "home": "A", "away": "B"}, "market": {"id": "match_odds"},
+             "selection": {"id": "home", "name": "A"}, "price": price}]}
+        if emitted is not None:
+            msg["emitted_at"] = emitted
+        return orjson.dumps(msg)
+
+    async def deliver(raw: bytes, recv: int) -> int:
+        ingest.feed_lines([raw], recv)
+        await ingest.flush()
+        return ingest.health.last_message_at - t
+
+    assert await deliver(body(t - 100, 1, 2.0), t) == 0  # on time, no emitted_at: as of its arrival
+    # 5 s late without emitted_at: as of its entry's <ms> + 500 ms, not its arrival (+10 s)
+    assert await deliver(body(t + 5_000, 2, 2.1), t + 10_000) == 5_500
+    # a retry re-stamped with a fresh emitted_at, its entry 5 s old: the entry's time rules
+    retried = body(t + 15_000, 3, 2.2, emitted=t + 20_000)
+    assert await deliver(retried, t + 20_000) == 15_500
+    m = await store.get_market("wlag:f1:match_odds")
+    assert m is not None and m.selections[0].price == 2.2 and m.received_at == t + 20_000
+    # emitted_at older than the entry's <ms>: the older one rules
+    assert await deliver(body(t + 24_000, 4, 2.3, emitted=t + 23_000), t + 25_000) == 23_500
+    assert ingest.stats.late_messages == 3
+    # a ping without emitted_at is of unknown age: it confirms nothing; with a fresh one, as of it
+    assert await deliver(b'{"type":"ping"}', t + 30_000) == 23_500
+    assert await deliver(orjson.dumps({"type": "ping", "emitted_at": t + 30_900}), t + 31_000) == 31_000
+    # an exact re-delivery (a retry of an applied entry) confirms nothing either
+    assert await deliver(retried, t + 40_000) == 31_000
+
+    # (the normaliser's figure, ms) an entry id far ahead of receipt is no credible time: emitted_at
+    n = WebhookNormaliser("wh_lag2")
+    assert n.feed(body(t + 3_600_000, 1, 2.0, emitted=t - 2_000), t).provider_ts == t - 2_000
+    ahead = n.feed(body(t + 3_600_000, 2, 2.0), t)  # none at all: unknown age (its odd is rejected)
+    assert ahead.provider_ts == UNKNOWN_AGE_MS and [e.reason for e in ahead.rejected] == ["clock_skew"]
+    # a push stream keeps emitted_at: its entry id is an order key (a snapshot's may be old)
+    assert PushNormaliser("push").feed(body(t - 9_000, 1, 2.0, emitted=t - 100), t).provider_ts == t - 100

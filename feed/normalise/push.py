@@ -162,6 +162,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FIXTURE_STATUSES",
+    "UNKNOWN_AGE_MS",
     "PushNormaliser",
     "book_key",
     "entry_key",
@@ -171,6 +172,14 @@ __all__ = [
 ]
 
 PREFIX = "px"
+
+#: ``provider_ts`` (ms since the epoch) of an unordered delivery (webhook) of unknown age: one that
+#: carries no credible provider time at all (a ``ping`` / ``connected`` without ``emitted_at``; a
+#: data message without ``emitted_at`` whose entry id's ``<ms>`` is absurd or ahead of receipt),
+#: and an exact re-delivery (:class:`~feed.normalise.webhook.WebhookNormaliser`). It counts as
+#: arbitrarily late: the ingest confirms nothing by it (``Ingest.max_stream_lag_ms``: as of this +
+#: the bound, long past) and counts it in ``late_messages``
+UNKNOWN_AGE_MS = 0
 
 # --- wire Structs: the format's field names, only what we read ----------------
 
@@ -591,7 +600,18 @@ class PushNormaliser:
     (webhooks): no entry is dropped for its place in the stream, and an odd
     without ``timestamp`` in a message without ``emitted_at`` is timed by
     its entry id's ``<ms>`` (checked like ``emitted_at``: ``clock_skew``)
-    instead of the receive time. :attr:`dropped` counts what was dropped
+    instead of the receive time; and a delivery's ``provider_ts`` (its age,
+    by which the ingest confirms the source's markets: ``Ingest.feed``) is
+    the *oldest* credible provider time it carries — the smaller of
+    ``emitted_at`` and the entry id's ``<ms>``, either alone when the other
+    is missing or not credible (absurd, or more than ``max_future_skew_ms``
+    after receipt) — so a late retry re-stamped with a fresh ``emitted_at``,
+    or one without it, is still seen late; a delivery with no credible time
+    (a ``ping`` / ``connected`` without ``emitted_at`` — they carry no entry
+    id) gets :data:`UNKNOWN_AGE_MS` and confirms nothing. A stream
+    (``ordered`` True) keeps ``emitted_at`` alone: there the entry id is an
+    order key, not a documented time (a ``snapshot``'s is that of the last
+    entry it covers, however old). :attr:`dropped` counts what was dropped
     without being an error (``duplicate``, ``out_of_order``, ``stale_odd``,
     ``stale_snapshot``, ``late_fixture_fields``, ``stale_state``).
     :attr:`last_entry_id` is the last entry applied.
@@ -707,12 +727,20 @@ class PushNormaliser:
             except FeedDecodeError as exc:
                 emitted_error, emitted = exc.detail, None
         if isinstance(msg, (PingMessage, ConnectedMessage)):
+            if emitted is None and not self.ordered:
+                emitted = UNKNOWN_AGE_MS  # a delivery of unknown age: it confirms nothing (see PushNormaliser)
             return NormalisedBatch(op=_tag(msg), provider_ts=emitted, heartbeat=True)
         assert isinstance(msg, (OddsMessage, FixtureStatusMessage, ScoresMessage))
         key = entry_key(msg.entry_id)
         if key is None:
             raise FeedDecodeError("invalid_schema", f"entry_id {msg.entry_id[:40]!r} is not <ms>-<n>", raw)
         batch = NormalisedBatch(op=_tag(msg), provider_ts=emitted, full_image=isinstance(msg, SnapshotMessage))
+        if not self.ordered:  # a delivery is as old as the oldest credible provider time it carries
+            try:
+                check_provider_time(key[0], recv_ms, self.max_future_skew_ms, "entry_id <ms>")
+                batch.provider_ts = key[0] if emitted is None else min(emitted, key[0])
+            except FeedDecodeError:  # (not a credible time; the odds' own checks below reject what it times)
+                batch.provider_ts = UNKNOWN_AGE_MS if emitted is None else emitted
         default_ts = emitted
         if default_ts is None and emitted_error is None:
             if self.ordered:  # a stream: applied in entry order, receipt order is that order

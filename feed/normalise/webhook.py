@@ -46,6 +46,25 @@ ordering rules:
   (``unsupported_type``): its "these are all the selections" meaning cannot
   be honoured out of order (an old snapshot arriving late would replace
   newer selections);
+- **confirmation**: every delivery confirms all the source's markets
+  (``Ingest.confirm_by_messages``) as of its arrival — or, when it arrives
+  more than ``max_stream_lag_ms`` after its provider time, as of that time
+  plus the bound. Its provider time (``batch.provider_ts``, ms) is the
+  *oldest* credible time it carries: the smaller of ``emitted_at`` and its
+  ``entry_id``'s ``<ms>`` (the provider's time of the entry, as above),
+  either alone when the other is missing or not credible (absurd, or more
+  than ``max_future_skew_ms`` after receipt). So a late retry without
+  ``emitted_at``, or one the provider re-stamps with a fresh ``emitted_at``
+  on every attempt, still confirms only as of its entry's time + the bound.
+  ``odds`` / ``locked-odds`` / ``fixture-status`` / ``scores`` always carry
+  an ``entry_id``; a ``ping`` (or ``connected``) carries none: with a
+  credible ``emitted_at`` it confirms as of that (a keep-alive of a quiet
+  provider), without one its age is unknown and it confirms **nothing**
+  (``provider_ts`` :data:`~feed.normalise.push.UNKNOWN_AGE_MS`; counted as a
+  heartbeat and in ``late_messages``; the source's ``no_deliveries`` watch,
+  which counts arrivals, still sees it). An exact re-delivery (``duplicate``)
+  confirms nothing either: it is a retry, and its first copy confirmed as of
+  its own time;
 - **cursor**: the greatest ``entry_id`` applied (it never goes back); it is
   not used for resuming (a webhook provider re-delivers by itself) but is
   stored with the data, so a restarted pipeline continues the source's
@@ -70,7 +89,7 @@ import orjson
 from feed.errors import FeedDecodeError
 from feed.models import CLOSED_STATUSES, Market
 from feed.normalise.base import NormalisedBatch
-from feed.normalise.push import PREFIX, PushNormaliser, entry_key
+from feed.normalise.push import PREFIX, UNKNOWN_AGE_MS, PushNormaliser, entry_key
 from feed.validate import MAX_FUTURE_SKEW_MS
 
 if TYPE_CHECKING:
@@ -92,7 +111,8 @@ class WebhookNormaliser:
     #: provider times of live deliveries (see Normaliser.live_provider_times): a delivery that
     #: arrives late — a provider's retries after we answered 503, a backlog after an outage —
     #: confirms the source's markets as of its provider time + ``max_stream_lag_ms``, not as of its
-    #: arrival (newer changes may still be queued behind it)
+    #: arrival (newer changes may still be queued behind it); its provider time is the oldest it
+    #: carries (module docstring, *confirmation*)
     live_provider_times = True
 
     def __init__(self, source: str = "webhook", *, prefix: str = PREFIX,
@@ -156,7 +176,8 @@ class WebhookNormaliser:
             if entry_id is not None and kind in ("odds", "locked-odds", "fixture-status") \
                     and entry_id in self._applied:
                 self._dropped["duplicate"] = self._dropped.get("duplicate", 0) + 1
-                return NormalisedBatch(op=str(kind), stale=True)
+                # (a retry, late by definition: its first copy confirmed as of its own time)
+                return NormalisedBatch(op=str(kind), stale=True, provider_ts=UNKNOWN_AGE_MS)
         batch = self.push.feed(raw, recv_ms)
         batch.cursor = None
         self._image_closed(batch)

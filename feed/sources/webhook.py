@@ -81,7 +81,9 @@ they turn stale ``stale_after_s`` (default 60) after the last delivery
 delivery the source reads DEGRADED / ``no_deliveries`` (UP again on the next
 one), so an operator sees a provider that stopped calling. Choose
 ``stale_after_s`` above the provider's longest quiet spell (or have it send
-a ``ping`` message as a keep-alive: it confirms like any delivery).
+a ``ping`` message with ``emitted_at`` as a keep-alive: it confirms as of that
+time; a ping without it, or an exact re-delivery, carries no time and
+confirms nothing — docs/push-format.md, ``ping``).
 
 Options (``--source webhook=HOST:PORT,…``; ``http://HOST:PORT`` also read;
 port 0 = any free port, see :attr:`WebhookSource.port`):
