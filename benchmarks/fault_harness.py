@@ -11,7 +11,9 @@ Everything talks to real processes on 127.0.0.1:
   producer and the webhook pusher), one ``oddsfeed ingest --source …``
   process per source kind and one ``oddsfeed serve``; every process can be
   killed (``kill -9``), stopped (``SIGSTOP``/``SIGCONT``) and restarted with
-  the same arguments.
+  the same arguments. A source that cannot run here (:data:`UNAVAILABLE`:
+  ``uof`` without aio-pika or ``rabbitmq-server``) is left out of the stack;
+  the suite's rows say so.
   :class:`ClusterStack`: a 3-master / 3-replica Redis Cluster (the same
   redis-server binary) with one ingest and one serve on it.
 - :class:`SimControl`: the simulator's fault switches over its control port.
@@ -59,7 +61,10 @@ from feed.embedded_redis import EmbeddedRedis, redis_server_binary, start_cluste
 from streaming.client import OddsClient  # noqa: E402
 
 __all__ = [
+    "AVAILABLE",
     "SOURCES",
+    "UNAVAILABLE",
+    "UOF_UNAVAILABLE",
     "ClusterStack",
     "Probe",
     "Prober",
@@ -75,8 +80,9 @@ __all__ = [
     "status_class",
 ]
 
-#: source name -> market id prefix. Two push consumers of one provider need their own prefixes; the
-#: webhook source (push-format messages too) gets ``wh``; ``uof`` is there when it can run (:func:`uof_unavailable`)
+#: source name -> market id prefix, every source of the suite whether or not it can run here (see
+#: :data:`AVAILABLE`). Two push consumers of one provider need their own prefixes; the webhook source
+#: (push-format messages too) gets ``wh``
 SOURCES: dict[str, str] = {"esa": "bf:", "pinnacle": "pn:", "theoddsapi": "toa:", "push-ws": "pxw:",
                            "push-sse": "pxs:", "uof": "uof:", "webhook": "wh:"}
 #: truth-log prefix -> the prefixes oddsfeed gives those markets here
@@ -104,8 +110,10 @@ def uof_unavailable() -> str | None:
 
 
 UOF_UNAVAILABLE = uof_unavailable()
-if UOF_UNAVAILABLE is not None:
-    del SOURCES["uof"]
+#: source name -> why it cannot run here (a part missing); the suite's rows that need it say so
+UNAVAILABLE: dict[str, str] = {} if UOF_UNAVAILABLE is None else {"uof": UOF_UNAVAILABLE}
+#: the sources a :class:`Stack` runs by default: every one of :data:`SOURCES` that can run here
+AVAILABLE: tuple[str, ...] = tuple(s for s in SOURCES if s not in UNAVAILABLE)
 
 
 def now_ms() -> int:
@@ -396,10 +404,10 @@ class _Managed:
 class Stack:
     """redis-server + ``oddsfeed simulate --providers`` + one ingest per source + ``oddsfeed serve``.
 
-    ``sources``: which ingests to run (names of :data:`SOURCES`).
+    ``sources``: which ingests to run (names of :data:`SOURCES`; default :data:`AVAILABLE`).
     """
 
-    def __init__(self, work: Path, *, sources: Iterable[str] = tuple(SOURCES), rate: float = 50.0, events: int = 12,
+    def __init__(self, work: Path, *, sources: Iterable[str] = AVAILABLE, rate: float = 50.0, events: int = 12,
                  seed: int = 7, time_scale: float = 1.0, poll_interval_s: float = 1.0) -> None:
         self.work = work
         work.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,15 @@ source kind (esa, pinnacle, theoddsapi, push-ws, push-sse, uof, webhook) and
 one ``oddsfeed serve``. Faults are real: ``kill -9``, ``SIGSTOP``, a wiped
 data directory, a Redis Cluster master killed, the broker closing every
 connection or restarted, and the simulators' own fault switches (flipped
-over their control port). Without rabbitmq-server or aio-pika the ``uof``
-source is left out of the stack and its rows read ``n/a`` (a miss).
+over their control port).
+
+Every row exists on every machine. A row that needs a part missing here
+reads ``n/a`` (a miss) and says which: the ``uof`` rows and
+``ingest_kill_uof`` without aio-pika or rabbitmq-server (the ``uof`` source
+is then left out of the stack), ``ingest_clock_ahead`` without libfaketime.
+A row over every source runs without the missing one and, whatever its
+figures, reads ``PARTIAL`` (a miss too), saying what it ran without: such
+a run never reports every row met. ``--list`` marks both kinds.
 
 Every row runs the same way:
 
@@ -60,7 +67,8 @@ wrong-fresh (and the row's own checks, e.g. ``ingest_dead``: DOWN within the
 health lease + 2 s and no ``OK`` after that; ``uof_producer_down``: the source
 DEGRADED/``producer_down``, that producer's markets SUSPENDED or stale and no
 ``OK`` on them while it is down, then a recovery completed by its
-``snapshot_complete``). A row whose measurement saw
+``snapshot_complete``; ``uof_malformed`` / ``uof_poison_ts``: a recovery
+requested after the quarantine). A row whose measurement saw
 nothing (no deltas or price checks in the baseline, a switch with no
 effect) is INVALID, which also fails. Exit status 1 when any selected row
 misses (or was not run), 0 when all are met.
@@ -116,12 +124,13 @@ import httpx  # noqa: E402
 from benchmarks.fault_harness import (  # noqa: E402
     POLLERS,
     SOURCES,
+    UNAVAILABLE,
     ClusterStack,
     Prober,
     SeqTracker,
     SimControl,
     Stack,
-    UOF_UNAVAILABLE,
+    UOF_UNAVAILABLE,  # noqa: F401 - re-exported: why the uof source cannot run here (None: it can)
     TrackedClient,
     Truth,
     diff_markets,
@@ -135,7 +144,7 @@ from streaming.state import NodeOptions  # noqa: E402
 
 #: provider times a poisoned message carries: year 2100, the epoch, negative, 2**63
 POISON = [4_102_444_800_000, 0, -1, 2**63]
-ALL = tuple(SOURCES)
+ALL = tuple(SOURCES)  # every source, uof included wherever it can run or not (a row says what it ran without)
 PUSH = ("push-ws", "push-sse")
 
 
@@ -222,6 +231,16 @@ class Row:
     scope: tuple[str, ...]
     inject: Inject
     kind: str = "main"  # main | cluster | storm
+    requires: Callable[[], str | None] | None = None  # why the row cannot run here (a part missing), None: it can
+
+    def unavailable(self) -> tuple[str | None, dict[str, str]]:
+        """(why this row cannot run here at all, None when it can; the sources of its scope it
+        runs without here, with why: :data:`fault_harness.UNAVAILABLE`)."""
+        without = {s: UNAVAILABLE[s] for s in self.scope if s in UNAVAILABLE}
+        why = self.requires() if self.requires is not None else None
+        if why is None and without and len(without) == len(self.scope):
+            why = "; ".join(f"{s} unavailable: {w}" for s, w in without.items())
+        return why, without
 
 
 # -- fault functions ----------------------------------------------------------------------------
@@ -327,6 +346,15 @@ FAKETIME_LIBS = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
 CLOCK_AHEAD_S = 30
 
 
+def _faketime_lib() -> str | None:
+    return next((p for p in FAKETIME_LIBS if os.path.exists(p)), None)
+
+
+def _needs_faketime() -> str | None:
+    """Why ``ingest_clock_ahead`` cannot run here (None: it can)."""
+    return None if _faketime_lib() is not None else "libfaketime not installed (apt-get install faketime)"
+
+
 async def ingest_clock_ahead(ctx: Ctx) -> dict[str, Any]:
     """Restart the ESA ingest with its host clock 30 s ahead (libfaketime: its wall clock only,
     not the monotonic one), let it stream, then kill it and leave it dead. Every time it
@@ -334,10 +362,9 @@ async def ingest_clock_ahead(ctx: Ctx) -> dict[str, Any]:
     them, its dead source's prices read 0 ms old for 30 s plus the lease. Its source must read
     DOWN (``clock_skew``) within 5 s, and no price check of its markets may answer OK from then
     until it is restarted with a true clock."""
-    lib = next((p for p in FAKETIME_LIBS if os.path.exists(p)), None)
-    if lib is None:
-        ctx.checks["libfaketime present"] = ("no: apt-get install faketime", False)
-        return {"applied": False, "why": "libfaketime not installed (apt-get install faketime)"}
+    lib = _faketime_lib()
+    if lib is None:  # (the row's ``requires`` says so before the stack is touched)
+        return {"applied": False, "not_available": _needs_faketime()}
     ctx.begin()
     ctx.stack.managed.signal("ingest-esa", signal.SIGKILL)
     ctx.stack.start_ingest("esa", env={"LD_PRELOAD": lib, "FAKETIME": f"+{CLOCK_AHEAD_S}s",
@@ -492,13 +519,16 @@ def _diff(before: dict[str, Any], after: dict[str, Any], key: str) -> Any:
 
 def sim_switches(target: str, faults: list[tuple[str, dict[str, Any]]],
                  expect: Callable[[dict[str, Any], dict[str, Any], dict[str, int]], tuple[bool, str]],
-                 *, wait_s: float = 0.0, dead_on_down: bool = False) -> Inject:
+                 *, wait_s: float = 0.0, dead_on_down: bool = False, repair: bool = False) -> Inject:
     """The ``uof`` or ``webhook`` simulator's switches, all at once; the fault is over when
     every switch is used up (``pending_faults`` 0, at most 20 s) and ``wait_s`` has passed.
     ``expect(before, after, rejected)`` (the target's stats, what the source quarantined meanwhile
     by reason): (the switches took effect, a note).
     ``dead_on_down``: while the source reads DOWN (plus the node's health refresh and 1 s),
-    no price check of its markets may answer OK."""
+    no price check of its markets may answer OK.
+    ``repair`` (``uof``): a message quarantined whole may have carried a change of unknown markets
+    (a poisoned ``odds_change`` does), so the source must ask for a recovery — a row check: the
+    simulator accepted at least one recovery request within 5 s of the switches used up."""
     source = target  # the source consuming this simulator has the target's name
 
     async def inject(ctx: Ctx) -> dict[str, Any]:
@@ -541,6 +571,13 @@ def sim_switches(target: str, faults: list[tuple[str, dict[str, Any]]],
         rej1 = await ctx.rejected((source,))
         rejected = {k: v - rej0[source].get(k, 0) for k, v in rej1[source].items() if v != rej0[source].get(k, 0)}
         applied, note = expect(before, after, rejected)
+        if repair:
+            deadline = time.monotonic() + 4.0
+            while _diff(before, after, "recovery_requests") < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                after = (await ctx.stats())[target]
+            asked = _diff(before, after, "recovery_requests")
+            ctx.checks["recovery requested after the quarantine"] = (f"{asked} accepted", asked >= 1)
         if dead_on_down and t_down is None:
             applied, note = False, f"{note}; {source} never read DOWN"
         ev: dict[str, Any] = {"applied": applied and not pending, "switches": faults, "states_seen": states,
@@ -674,7 +711,11 @@ def uof_broker(action: str) -> Inject:
 
 def _grew(**at_least: int) -> Callable[[dict[str, Any], dict[str, Any], dict[str, int]], tuple[bool, str]]:
     """An ``expect`` for :func:`sim_switches`: each named counter of the simulator's stats grew by at
-    least that much (``quarantined``: what the source rejected, all reasons); a note with the growths."""
+    least that much (``quarantined``: what the source rejected, all reasons); a note with the growths.
+    Every bound is at least 1 (growing by at least 0 cannot fail: it would show nothing)."""
+    if any(n < 1 for n in at_least.values()):
+        raise ValueError(f"_grew bounds must be >= 1: {at_least}")
+
     def expect(before: dict[str, Any], after: dict[str, Any], rejected: dict[str, int]) -> tuple[bool, str]:
         grown = {k: sum(rejected.values()) if k == "quarantined" else _diff(before, after, k) for k in at_least}
         ok = all((sum(v.values()) if isinstance(v, dict) else v) >= at_least[k] for k, v in grown.items())
@@ -764,7 +805,8 @@ ROWS: list[Row] = [
     Row("ingest_dead", "ingest of esa kill -9 and left dead (DOWN/ingest_gone expected, no OK); then restarted",
         ("esa",), ingest_dead),
     Row("ingest_clock_ahead", f"ingest of esa restarted with its clock {CLOCK_AHEAD_S} s ahead, then kill -9 "
-        "(DOWN/clock_skew expected, no OK); then restarted with a true clock", ("esa",), ingest_clock_ahead),
+        "(DOWN/clock_skew expected, no OK); then restarted with a true clock", ("esa",), ingest_clock_ahead,
+        requires=_needs_faketime),
     Row("esa_drop", "ESA simulator drops the connection (reconnect, resume with clk)", ("esa",),
         esa_switch("drop_connections", expect_reconnects=1)),
     Row("esa_503", "ESA stream status 503 for 5 s (stay connected, DEGRADED)", ("esa",),
@@ -824,10 +866,10 @@ ROWS: list[Row] = [
                      _grew(duplicates_sent=3, reordered=2))),
     Row("uof_malformed", "UOF: 5 malformed bodies (cut XML, not XML, a DOCTYPE, unknown root, bad product)",
         ("uof",), sim_switches("uof", [("inject_malformed", {"n": 5})],
-                               _grew(malformed_sent=5, quarantined=5, recovery_requests=0))),
+                               _grew(malformed_sent=5, quarantined=5), repair=True)),
     Row("uof_poison_ts", f"UOF: 4 odds_change stamped timestamp = {POISON} (their odds are real)", ("uof",),
         sim_switches("uof", [("poison_timestamps", {"values": POISON})],
-                     _grew(poisoned_sent=4, quarantined=4, recovery_requests=0))),
+                     _grew(poisoned_sent=4, quarantined=4), repair=True)),
     Row("webhook_dup_reorder", "webhook: 3 deliveries delivered again (same key, new key), 2 held back behind "
         "the next 3", ("webhook",),
         sim_switches("webhook", [("duplicate", {"n": 3}), ("reorder", {"n": 2, "distance": 3})],
@@ -983,14 +1025,26 @@ class Result:
     detail: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
     measured: str = ""
+    ran_without: dict[str, str] = field(default_factory=dict)  # sources of the row's scope left out here: why
 
     def as_json(self) -> dict[str, Any]:
         return {"row": self.row.name, "fault": self.row.what, "scope": list(self.row.scope),
-                "verdict": self.verdict, "recovered": self.recovered, "time_to_recover_s": self.ttr_s,
+                "ran_without": self.ran_without, "verdict": self.verdict, "recovered": self.recovered,
+                "time_to_recover_s": self.ttr_s,
                 "lost": self.lost, "duplicated": self.dup,
                 "gaps": {k: {"flagged": f, "unflagged": u} for k, (f, u) in self.gaps.items()},
                 "markets_differing": self.differ, "wrong_fresh": self.wrong_fresh, "notes": self.notes,
                 "elapsed_s": round(self.elapsed_s, 1), "detail": self.detail}
+
+
+def verdict_of(invalid: bool, met: bool, ran_without: dict[str, str]) -> str:
+    """A run row's verdict: ``INVALID`` (the measurement saw nothing), ``MISSED``, ``PARTIAL`` (every
+    target met over what ran, but a source of its scope could not run here: not a pass) or ``met``."""
+    if invalid:
+        return "INVALID"
+    if not met:
+        return "MISSED"
+    return "PARTIAL" if ran_without else "met"
 
 
 async def run_row(env: Env, row: Row) -> Result:
@@ -1001,11 +1055,15 @@ async def run_row(env: Env, row: Row) -> Result:
     clients: list[TrackedClient] = []
     prober: Prober | None = None
     ctx: Ctx | None = None
-    missing = [s for s in row.scope if s not in SOURCES]
-    if missing:
+    why, without = row.unavailable()
+    if why is not None:
         res.verdict = "n/a"
-        res.notes.append(f"not available: {', '.join(missing)}: {UOF_UNAVAILABLE}")
+        res.notes.append(f"not run: {why}")
         return res
+    scope = tuple(s for s in row.scope if s not in without)
+    res.ran_without = without
+    if without:
+        res.notes.append(f"ran WITHOUT {', '.join(without)} ({'; '.join(without.values())}): PARTIAL at best")
     async with httpx.AsyncClient() as http:
         try:
             main, heal_notes = await env.heal()
@@ -1018,7 +1076,7 @@ async def run_row(env: Env, row: Row) -> Result:
                 cluster.control = main.control
                 await cluster.start(ready_timeout_s=60)
                 stack = cluster
-            ctx = Ctx(stack=stack, control=main.control, http=http, clients=clients, scope=row.scope,
+            ctx = Ctx(stack=stack, control=main.control, http=http, clients=clients, scope=scope,
                       recover_timeout_s=args.recover_timeout)
             for transport in ("sse", "ws"):
                 clients.append(TrackedClient(stack.base_url, transport=transport, name=transport.upper()))
@@ -1026,7 +1084,7 @@ async def run_row(env: Env, row: Row) -> Result:
                 await c.start()
             for c in clients:
                 await c.wait_synced(15)
-            prober = Prober(stack.base_url, [SOURCES[s] for s in row.scope], interval_s=args.probe_interval,
+            prober = Prober(stack.base_url, [SOURCES[s] for s in scope], interval_s=args.probe_interval,
                             seed=args.seed)
             prober.start()
             stack.truth.poll()
@@ -1127,13 +1185,11 @@ async def run_row(env: Env, row: Row) -> Result:
             if row.kind != "cluster" and (res.differ != 0 or ttr is None):
                 env.dirty = (f"{res.differ} markets differing from the truth" if res.differ
                              else "an unrecovered stack")
+            met = (recovered and res.lost == 0 and res.dup == 0 and res.wrong_fresh == 0
+                   and all(u == 0 for _, u in res.gaps.values()) and all(ok for _, ok in ctx.checks.values()))
+            res.verdict = verdict_of(bool(invalid), met, without)
             if invalid:
-                res.verdict = "INVALID"
                 res.notes = [f"INVALID: {'; '.join(invalid)}"] + res.notes
-            else:
-                met = (recovered and res.lost == 0 and res.dup == 0 and res.wrong_fresh == 0
-                       and all(u == 0 for _, u in res.gaps.values()) and all(ok for _, ok in ctx.checks.values()))
-                res.verdict = "met" if met else "MISSED"
         except Exception as exc:  # noqa: BLE001 - a harness/stack failure is reported, not raised
             env.dirty = "a harness error"
             res.verdict = "ERROR"
@@ -1286,7 +1342,6 @@ def self_check_uof_webhook(tmp: Path) -> list[tuple[str, bool, str]]:
     """The judges on UOF (``uof:`` ids, SETTLED / INACTIVE / SUSPENDED outcomes) and webhook (``wh:``)
     truth lines: a producer_down suspension or a lagging price differs, a settled market the node
     still lists does not, an OK inside a producer's dead window (a market id prefix) is counted."""
-    from benchmarks.fault_harness import SOURCES as HARNESS_SOURCES
     from benchmarks.fault_harness import Probe, source_of
 
     path = tmp / "truth-uof.jsonl"
@@ -1321,8 +1376,7 @@ def self_check_uof_webhook(tmp: Path) -> list[tuple[str, bool, str]]:
                      truth, {"uof:": 500, "wh:": 500}, {"uof:sr:match:1001:": (4000, 6000)})
     return [_check("uof/wh: producer_down suspension and a lagging webhook price differ, the rest not",
                    sorted(d.split(": ")[0].split("/")[0] for d in diffs), [b, "wh:f1:win"]),
-            _check("uof/wh: sources of the ids", (source_of(a), source_of("wh:f1:win")),
-                   ("uof" if "uof" in HARNESS_SOURCES else None, "webhook")),
+            _check("uof/wh: sources of the ids", (source_of(a), source_of("wh:f1:win")), ("uof", "webhook")),
             _check("uof/wh: OK in a producer's dead window / on a settled market / an old webhook price",
                    (j["ok_dead"], j["wrong_fresh"]), (1, 2))]
 
@@ -1569,6 +1623,8 @@ async def main_async(args: argparse.Namespace, rows: list[Row]) -> int:
     results: list[Result] = []
     load0 = os.getloadavg()
     print(f"work directory (process logs, truth logs): {work}", flush=True)
+    for line in _unavailable_lines():
+        print(line, flush=True)
     try:
         for row in rows:
             if time.monotonic() - env.t0 > args.budget:
@@ -1601,6 +1657,8 @@ async def main_async(args: argparse.Namespace, rows: list[Row]) -> int:
     print("notes:")
     print_notes(results)
     print()
+    for line in _unavailable_lines():
+        print(line)
     print(f"{len(results) - len(failed)}/{len(results)} rows met their targets"
           + (f"; missed: {', '.join(r.row.name + '(' + r.verdict + ')' for r in failed)}" if failed else ""))
     if args.json:
@@ -1609,7 +1667,7 @@ async def main_async(args: argparse.Namespace, rows: list[Row]) -> int:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load0,
                         "load_after": load1},
             "settings": {k: val for k, val in vars(args).items() if k not in ("json",)},
-            "elapsed_s": round(elapsed, 1), "work_dir": str(work),
+            "elapsed_s": round(elapsed, 1), "work_dir": str(work), "unavailable": UNAVAILABLE,
             "rows": [r.as_json() for r in results], "met": len(results) - len(failed), "failed": len(failed),
         }, indent=1, default=str))
         print(f"JSON summary: {args.json}")
@@ -1690,11 +1748,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _availability_note(row: Row) -> str:
+    """What ``--list`` adds to a row that cannot run fully here ("" when it can)."""
+    why, without = row.unavailable()
+    if why is not None:
+        return f"\n{'':<24} -> n/a here (a miss): {why}"
+    if without:
+        return f"\n{'':<24} -> runs WITHOUT {', '.join(without)} here: PARTIAL at best (a miss)"
+    return ""
+
+
+def _unavailable_lines() -> list[str]:
+    """A summary of the rows that cannot be met here ([] when every row can)."""
+    na = [r.name for r in ROWS if r.unavailable()[0] is not None]
+    partial = [r.name for r in ROWS if r.unavailable()[0] is None and r.unavailable()[1]]
+    if not na and not partial:
+        return []
+    out = [f"NOT EVERY ROW CAN BE MET HERE: {len(na)} n/a, {len(partial)} partial of {len(ROWS)} rows"]
+    out += [f"  {s} unavailable: {why}" for s, why in UNAVAILABLE.items()]
+    out += [f"  {r.name}: {r.unavailable()[0]}" for r in ROWS if r.requires is not None and r.unavailable()[0]]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for r in ROWS:
-            print(f"{r.name:<24} [{', '.join(r.scope)}] {r.what}")
+            print(f"{r.name:<24} [{', '.join(r.scope)}] {r.what}{_availability_note(r)}")
+        for line in _unavailable_lines():
+            print(line)
         return 0
     if args.self_check:
         return run_self_check()

@@ -4,7 +4,9 @@
 module) starts Debian's ``rabbitmq-server`` (``.ci/install-rabbitmq``
 installs it) on free ports, with its own node name, Mnesia and log
 directories, Erlang cookie (``HOME``), plugins file and ``epmd`` port in a
-temporary directory, so it never touches a system node. It waits — a
+temporary directory, so it never touches a system node. Everything it
+listens on is on 127.0.0.1: AMQP, ``epmd`` and the Erlang distribution
+ports (the node's and rabbitmqctl's). It waits — a
 bounded poll of the AMQP handshake, not a blind sleep — until the broker
 answers, yields ``amqp://guest:guest@127.0.0.1:<port>/``, and stops the node
 and its ``epmd`` at the end of the session. Without ``rabbitmq-server`` the
@@ -55,6 +57,14 @@ def _answers_amqp(port: int) -> bool:
         return False
 
 
+#: Erlang distribution (the node's and each CLI tool's) on loopback only (the default is every interface)
+LOOPBACK_DIST = "-kernel inet_dist_use_interface {127,0,0,1}"
+
+
+def _with_loopback_dist(args: str) -> str:
+    return f"{args} {LOOPBACK_DIST}".strip()
+
+
 class RabbitNode:
     """One private node (see the module docstring). ``start()`` / ``stop()``; ``url``."""
 
@@ -91,13 +101,19 @@ class RabbitNode:
             "RABBITMQ_CONFIG_FILE": str(b / "rabbitmq"),  # absent: defaults
             "RABBITMQ_CONF_ENV_FILE": str(b / "rabbitmq-env.conf"),
             "RABBITMQ_LOGS": "-",
+            # nothing of the node beyond loopback: epmd (also one an Erlang tool would start itself),
+            # the node's distribution listener and the one of each rabbitmqctl run (its own Erlang node)
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": _with_loopback_dist(os.environ.get(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "")),
+            "RABBITMQ_CTL_ERL_ARGS": _with_loopback_dist(os.environ.get("RABBITMQ_CTL_ERL_ARGS", "")),
         }
 
     def start(self) -> None:
         env = self.env()
         epmd = shutil.which("epmd") or "epmd"
-        self._epmd = subprocess.Popen([epmd, "-port", str(self.epmd_port)], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        self._epmd = subprocess.Popen([epmd, "-address", "127.0.0.1", "-port", str(self.epmd_port)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         with open(self.log, "wb") as out:
             self._server = subprocess.Popen([self.binary], env=env, stdout=out, stderr=subprocess.STDOUT,
                                             cwd=self.base, start_new_session=True)

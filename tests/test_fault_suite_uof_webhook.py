@@ -120,6 +120,70 @@ async def test_uof_broker_failure_keeps_what_was_not_published(tmp_path: Path) -
     assert good.keys == ["k2", "k3", "k4"] and not sim._outbox
 
 
+class _BlockedExchange:
+    """A broker blocking its publishers (a memory or disk alarm): publishes ``ok`` messages, then
+    the next publish never completes."""
+
+    def __init__(self, ok: int) -> None:
+        self.ok = ok
+        self.keys: list[str] = []
+        self.hung = 0
+
+    async def publish(self, message: Any, routing_key: str) -> None:
+        if len(self.keys) >= self.ok:
+            self.hung += 1
+            await asyncio.Event().wait()
+        self.keys.append(routing_key)
+
+
+async def test_uof_blocked_broker_times_out_like_a_lost_link(tmp_path: Path) -> None:
+    """A publish the broker never confirms ends after publish_timeout_s: the message and the rest
+    stay queued in order, the link is dropped (reconnect), and the publish lock is free again, so
+    alives and the link loop are not held by the broker."""
+    sim = uof_sim(tmp_path, publish_timeout_s=0.2)
+    for i in range(4):
+        sim._outbox.append((f"k{i}", f"<alive product=\"1\" timestamp=\"{i + 1}\" subscribed=\"1\"/>".encode(), False))
+    blocked = _BlockedExchange(ok=1)
+    sim._exchange = blocked  # type: ignore[assignment]
+    t0 = time.monotonic()
+    await asyncio.wait_for(sim._flush(), 3)
+    assert time.monotonic() - t0 < 1.5
+    assert blocked.keys == ["k0"] and blocked.hung == 1 and sim.published == 1
+    assert [k for k, _, _ in sim._outbox] == ["k1", "k2", "k3"]
+    assert sim._exchange is None and not sim._publish_lock.locked()
+    good = _FlakyExchange(ok=100)
+    sim._exchange = good  # type: ignore[assignment]
+    await sim._flush()
+    assert good.keys == ["k1", "k2", "k3"] and not sim._outbox
+
+
+class _SlowExchange:
+    """A broker confirming every publish, each after ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.keys: list[str] = []
+
+    async def publish(self, message: Any, routing_key: str) -> None:
+        await asyncio.sleep(self.delay_s)
+        self.keys.append(routing_key)
+
+
+async def test_uof_flush_of_a_slow_broker_is_bounded(tmp_path: Path) -> None:
+    """A broker confirming slowly (each publish within the timeout): one flush stops starting
+    publishes after publish_timeout_s and leaves the rest queued, in order, the link kept."""
+    sim = uof_sim(tmp_path, publish_timeout_s=0.3)
+    for i in range(20):
+        sim._outbox.append((f"k{i}", b"<alive/>", False))
+    slow = _SlowExchange(0.1)
+    sim._exchange = slow  # type: ignore[assignment]
+    t0 = time.monotonic()
+    await sim._flush()
+    assert time.monotonic() - t0 < 1.0
+    assert 2 <= len(slow.keys) < 20 and sim._exchange is slow
+    assert slow.keys + [k for k, _, _ in sim._outbox] == [f"k{i}" for i in range(20)]
+
+
 class _Receiver:
     """A webhook receiver in miniature: signature, window, idempotency key, JSON."""
 
@@ -226,8 +290,7 @@ def test_harness_judges_uof_and_webhook_markets(tmp_path: Path) -> None:
             b: {"status": "SUSPENDED", "selections": []},
             "wh:f:win": {"status": "OPEN", "selections": [{"selection_id": "9", "price": 1.6}]}}
     assert [d.split(": ")[0] for d in diff_markets(truth, node, ["uof:", "wh:"])] == [a, "wh:f:win/9"]
-    if "uof" in SOURCES:
-        assert source_of(a) == "uof"
+    assert source_of(a) == "uof"  # whether or not the uof source can run here
     assert source_of("wh:f:win") == "webhook"
     probes = [Probe(3000, a, "1", 200, "OK", 0, "DEGRADED", False), Probe(3000, b, "1", 300, "OK", 0, "UP", False)]
     j = judge_probes(probes, truth, {"uof:": 500}, {"uof:sr:match:7:": (2500, 4000)})
@@ -271,3 +334,35 @@ def test_uof_rollback_during_a_bet_stop_sends_every_market_it_reopens(tmp_path: 
     assert f'<market id="{stopped.market_id}" status="1">' in odds
     assert f'<market id="{cancelled.market_id}" specifiers="{cancelled.spec}" status="1">' in odds
     assert all(m.code == 1 for m in ev.markets)
+
+
+def test_every_row_exists_and_one_needing_a_missing_part_is_a_miss(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without rabbitmq-server (or aio-pika) every row still exists: the uof ones (ingest_kill_uof
+    included) read n/a saying why, without a stack; the rows over every source run without uof and
+    cannot read met (PARTIAL). Likewise ingest_clock_ahead without libfaketime."""
+    import benchmarks.fault_harness as harness
+    import benchmarks.faults as faults
+
+    monkeypatch.setitem(harness.UNAVAILABLE, "uof", "rabbitmq-server not installed (test)")
+    monkeypatch.setattr(faults, "FAKETIME_LIBS", ())
+    names = [r.name for r in faults.ROWS]
+    assert len(names) == len(set(names)) == 46 and "ingest_kill_uof" in names
+    assert "uof" in SOURCES and "uof" in faults.ALL
+    rows = {r.name: r for r in faults.ROWS}
+    for name in ("ingest_kill_uof", "uof_malformed", "uof_connection_close"):
+        why, _ = rows[name].unavailable()
+        assert why is not None and "rabbitmq-server not installed (test)" in why
+    assert rows["ingest_clock_ahead"].unavailable()[0] == "libfaketime not installed (apt-get install faketime)"
+    for name in ("redis_kill", "serve_kill", "storm"):
+        assert rows[name].unavailable() == (None, {"uof": "rabbitmq-server not installed (test)"})
+    assert rows["esa_drop"].unavailable() == (None, {})
+    assert faults.verdict_of(False, True, {"uof": "x"}) == "PARTIAL"
+    assert faults.verdict_of(False, True, {}) == "met"
+    assert faults.verdict_of(False, False, {"uof": "x"}) == "MISSED"
+    args = faults.parse_args(["--no-png"])
+    res = asyncio.run(asyncio.wait_for(faults.run_row(faults.Env(args, tmp_path), rows["ingest_kill_uof"]), 5))
+    assert res.verdict == "n/a" and "rabbitmq-server not installed (test)" in res.notes[0]
+    assert not list(tmp_path.iterdir())  # no stack was built
+    listing = faults._unavailable_lines()
+    assert listing[0].startswith("NOT EVERY ROW CAN BE MET HERE") and "uof unavailable" in listing[1]

@@ -68,6 +68,14 @@ overtakes the data queued before it). When the broker closes the
 connection (``rabbitmqctl close_all_connections``, a broker restart) what
 was not published stays queued and the simulator reconnects every
 ``reconnect_s`` (the exchange is declared again); it never exits for it.
+A broker that blocks its publishers (a memory or disk alarm) is a lost link
+too: a publish unconfirmed after ``publish_timeout_s`` keeps it and what
+follows queued, the connection is dropped and made again (that message may
+reach the broker twice: at least once, as the UOF feed promises). One
+flush holds the publish lock for at most about twice
+``publish_timeout_s`` (it stops starting publishes after that and leaves
+the rest for the next flush), so alives and the link loop never wait on
+the broker for longer.
 
 Truth log: with ``truth_log`` (:mod:`feed.simulator.truth`), every change
 of a market's view (status, an outcome's odds or status) is appended when
@@ -147,6 +155,8 @@ class UofSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     (:mod:`feed.simulator.truth`; None = off). reconnect_s: pause between
     attempts to reconnect to the broker. max_outbox: messages kept queued
     while the broker is away (the oldest are dropped, counted in ``lost``).
+    publish_timeout_s: longest wait for one publish (its confirm included);
+    a publish that takes longer counts as a lost link (connects: at least 10 s).
     """
 
     amqp_url: str
@@ -166,6 +176,7 @@ class UofSimConfig(msgspec.Struct, kw_only=True, frozen=True):
     truth_log: str | None = None
     reconnect_s: float = 0.5
     max_outbox: int = 50_000
+    publish_timeout_s: float = 5.0
 
 
 def now_ms() -> int:
@@ -341,7 +352,7 @@ class UofSimulator:
     async def start(self) -> None:
         """Connect to the broker, declare the exchange, serve the API, start the pump."""
         cfg = self.config
-        await self._connect()
+        await asyncio.wait_for(self._connect(), max(10.0, cfg.publish_timeout_s))
         self._server = LocalServer(self.app, cfg.host, cfg.port, name="uof-sim-api")
         await self._server.start()
         self.port = self._server.port
@@ -389,7 +400,7 @@ class UofSimulator:
                     await self._disconnected(ConnectionError("the broker closed the connection"))
                 if self._exchange is None:
                     try:
-                        await asyncio.wait_for(self._connect(), 10)
+                        await asyncio.wait_for(self._connect(), max(10.0, self.config.publish_timeout_s))
                     except Exception as exc:  # noqa: BLE001 - any failure: try again later
                         logger.info("UOF simulator: broker not reachable yet (%s)", type(exc).__name__)
                         continue
@@ -833,7 +844,10 @@ class UofSimulator:
 
     async def _flush(self) -> None:
         """Publish what is queued, in order (one flush at a time: the pump's and the
-        alives' never interleave). A broker failure keeps what was not published."""
+        alives' never interleave). A broker failure keeps what was not published; so
+        does a publish not confirmed within ``publish_timeout_s`` (a blocked broker),
+        which also drops the link. Bounded: no publish starts after
+        ``publish_timeout_s`` of flushing (the rest waits for the next flush)."""
         async with self._publish_lock:
             await self._flush_locked()
 
@@ -869,11 +883,20 @@ class UofSimulator:
             out.append(self._held[:2])
             self._held = None
         exchange = self._exchange
+        timeout_s = self.config.publish_timeout_s
+        stop_at = time.monotonic() + timeout_s
         for i, (key, body) in enumerate(out):
+            if i and time.monotonic() > stop_at:  # a slow broker: let the alives and the link loop in
+                self._outbox.extendleft((k, b, False) for k, b in reversed(out[i:]))
+                return
             try:
-                await exchange.publish(aio_pika.Message(body, content_type="text/xml",
-                                                        headers={"timestamp_in_ms": now_ms()}), routing_key=key)
+                await asyncio.wait_for(
+                    exchange.publish(aio_pika.Message(body, content_type="text/xml",
+                                                      headers={"timestamp_in_ms": now_ms()}), routing_key=key),
+                    timeout_s)
             except Exception as exc:  # noqa: BLE001 - aiormq / aio-pika raise many kinds: the link is gone
+                if isinstance(exc, TimeoutError):  # a blocked broker (memory / disk alarm) holds publishes
+                    exc = TimeoutError(f"publish not confirmed within {timeout_s:g} s (a blocked broker?)")
                 self._outbox.extendleft((k, b, False) for k, b in reversed(out[i:]))
                 await self._disconnected(exc)
                 return
