@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -342,6 +343,54 @@ async def test_other_producers_are_ignored(store: Store, rabbitmq_url: str) -> N
                 return (h is not None and (h.state, h.reason) == ("UP", None)
                         and not any(lost_change(m, h) for m in (await stored(store)).values()))
             await eventually(up_and_confirmed, 5, "UP, every market confirmed")
+            await check_log_rebuilds_the_snapshots(store)
+        finally:
+            await run.stop()
+
+
+async def test_a_deferred_repair_is_made_once_the_interval_has_passed(store: Store, rabbitmq_url: str) -> None:  # noqa: F811
+    """A repair (a lost change) asked for right after a recovery, inside
+    min_recovery_interval_s of each producer's last request, is deferred, not
+    dropped: the producers stay up and the watchdog requests it once the
+    interval has passed — not before (at most one request per interval per
+    producer). Before the fix the watchdog skipped an up producer, so the
+    repair waited for some other recovery (the markets stayed stale)."""
+    interval = 2.0
+    async with uof_sim(rabbitmq_url, seed=17) as sim:
+        run = await start(store, sim, rabbitmq_url, f",min_recovery_interval_s={interval:g}")
+        src = run.source
+        ps = list(src.producers.values())
+        try:
+            for _ in range(5):
+                await eventually(run.up, WAIT_S, "UP after a recovery")
+                if all(time.monotonic() - p.requested_at < interval - 0.5 for p in ps):
+                    break
+                # (a loaded machine took most of the interval to get UP: let it pass, repair now — requested
+                # at once — and try again right after that recovery)
+                await eventually(lambda: all(time.monotonic() - p.requested_at >= interval for p in ps), WAIT_S,
+                                 "the interval to pass")
+                k = len(src.recoveries)
+                src.request_repair()
+                assert sorted(p for p, _, _ in src.recoveries[k:]) == [1, 3]  # past the interval: at once
+            else:
+                pytest.fail("never UP within the recovery interval")
+
+            last = {p.product: p.requested_at for p in ps}
+            k, n = len(src.recoveries), len(sim.recovery_requests)
+            src.request_repair()  # inside the interval: deferred
+            assert len(src.recoveries) == k and all(p.state == "up" and p.want_recovery for p in ps)
+            try:
+                await eventually(lambda: len(src.recoveries) >= k + 2, WAIT_S, "the deferred repair requested")
+            except AssertionError:
+                seen = [(p.product, p.state, p.want_recovery) for p in ps]
+                pytest.fail(f"the deferred repair was never requested: {seen}, states {run.states[-3:]}")
+            assert sorted(p for p, _, _ in src.recoveries[k:]) == [1, 3]
+            for p in ps:  # not before the interval had passed since the producer's last request
+                assert p.requested_at - last[p.product] >= interval, (p.product, p.requested_at - last[p.product])
+            await eventually(lambda: len(sim.recovery_requests) >= n + 2 and run.up(), WAIT_S, "repaired, UP")
+            assert sorted(p for p, _, _ in sim.recovery_requests[n:]) == [1, 3]
+            assert_up_only_after_recovery(run)
+            await converge(store, sim)
             await check_log_rebuilds_the_snapshots(store)
         finally:
             await run.stop()

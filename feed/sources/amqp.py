@@ -60,6 +60,11 @@ confirmed (no health of ours vouches for its markets).
   ``max_recovery_s`` (SDK default 1200 s). Before each request the source
   delivers :data:`~feed.normalise.uof.RECOVERY_REQUESTED` (product,
   request id, after).
+- A repair (:meth:`AmqpSource.request_repair`: the pipeline lost a change)
+  recovers every up producer, whose odds re-image its markets. It too keeps
+  the ``min_recovery_interval_s`` per producer: one asked for sooner after
+  the producer's last request is deferred, not dropped — the producer stays
+  up and the watchdog requests it as soon as the interval has passed.
 - Source state (``Sink.set_state``; what SSE shows as ``status``): ``UP``
   while every producer is up; ``DEGRADED`` while some are, ``DOWN`` while
   none is; reason ``producer_down`` while any producer is down, else
@@ -159,7 +164,7 @@ class _Producer:
     product: int
     state: str = "down"  # down | recovering | up
     reason: str = "starting"
-    want_recovery: bool = True
+    want_recovery: bool = True  # (while up: a repair deferred by min_recovery_interval_s; see request_repair)
     request_id: int | None = None
     requested_at: float = -1e18  # monotonic s of the last request
     last_alive: float = 0.0  # monotonic s of the last alive received (or of the link's start)
@@ -221,7 +226,10 @@ class AmqpSource:
 
     def request_repair(self) -> None:
         """A change was lost: recover every up producer (its odds re-image
-        every market), at most once per ``min_recovery_interval_s`` each."""
+        every market), at most once per ``min_recovery_interval_s`` each: a
+        producer whose last request is younger keeps the repair pending
+        (``want_recovery`` while up) and the watchdog requests it once the
+        interval has passed."""
         for p in self.producers.values():
             if p.state == "up":
                 p.want_recovery = True
@@ -430,7 +438,9 @@ class AmqpSource:
 
     def _maybe_recover(self, p: _Producer, *, force_state: bool = False) -> None:
         """Request ``p``'s recovery now if it wants one, the link is up and
-        the last request is at least ``min_recovery_interval_s`` old."""
+        the last request is at least ``min_recovery_interval_s`` old (else it
+        stays wanted: the watchdog retries). A recovering producer never
+        requests; an up one only with ``force_state`` (a repair)."""
         if not p.want_recovery or not self._connected or self._http is None or self._fatal is not None:
             return
         if p.state == "recovering" or p.state == "up" and not force_state:
@@ -517,7 +527,9 @@ class AmqpSource:
                     self._down(p, "alive_violation")
                 elif p.state == "recovering" and now - p.requested_at > opts.max_recovery_s:
                     p.state, p.reason, p.want_recovery = "down", "recovery_timeout", True
-                self._maybe_recover(p)
+                # an up producer wants a recovery only for a repair deferred by min_recovery_interval_s
+                # (request_repair; every other want_recovery is set on a down producer): make it now
+                self._maybe_recover(p, force_state=p.state == "up")
             self._publish_state()
 
     def _publish_state(self) -> None:
