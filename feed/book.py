@@ -336,13 +336,33 @@ class Book:
                      session=session)
 
     def reimage_all(self, stored_at: int) -> list[Delta]:
-        """Every market as a new image (next seq): for a store that lost its data."""
+        """Every market as a new image (next seq): for a store that lost its data
+        (:meth:`reimage` of every market the book holds)."""
+        return self.reimage(list(self._states), stored_at)
+
+    def reimage(self, market_ids: Iterable[str], stored_at: int) -> list[Delta]:
+        """The markets ``market_ids`` each as a new image at its next seq, stamped
+        ``stored_at`` (ms since the Unix epoch), the book moved to that seq: for a
+        store that lost writes of them. Ids the book does not hold are skipped
+        (never raises for one)."""
+        states = self._states
         out = []
-        for mid, st in list(self._states.items()):
+        for mid in market_ids:
+            st = states.get(mid)
+            if st is None:
+                continue
             m = msgspec.structs.replace(st.materialise(), seq=st.seq + 1, stored_at=stored_at)
-            self._states[mid] = _State(m)
+            states[mid] = _State(m)
             out.append(image_delta(m))
         return out
+
+    def mark(self, market_id: str) -> tuple[int, str, int] | None:
+        """What a store must hold of ``market_id`` to be up to date with the
+        book: (seq, owning source, provider time in ms since the Unix epoch —
+        ``source_ts_original`` when set, else ``source_ts``); None when the
+        book does not hold it. Cheap: no Market is built."""
+        st = self._states.get(market_id)
+        return None if st is None else (st.seq, st.source, st.provider_ts)
 
 
 def image_delta(m: Market) -> Delta:

@@ -62,6 +62,11 @@ STORE_UNAVAILABLE = "store_unavailable"
 QUARANTINE_QUEUE_MAX = 1000
 #: how often the ingest compares the store's seqs with its book (:meth:`Ingest._audit_store`), s
 STORE_AUDIT_EVERY_S = 2.0
+#: a periodic store audit reads at most this many of the book's markets (and as many event states) …
+STORE_AUDIT_SLICE = 2000
+#: … unless the book holds more than this many slices: then 1/STORE_AUDIT_ROUNDS of it, so a rotation of
+#: the periodic audits covers every market (and event state) within this many audits
+STORE_AUDIT_ROUNDS = 10
 #: a lost-writes detection re-images every market at most this often (s); one inside is deferred
 REIMAGE_EVERY_S = 5.0
 
@@ -98,13 +103,56 @@ def now_ms() -> int:
 
 def _merged(result: ApplyResult | None, more: ApplyResult) -> ApplyResult:
     """``result`` (None: the flush wrote nothing before) with a re-image's apply
-    ``more`` added: its log entries, deltas kept and markets applied."""
+    ``more`` added: its log entries, deltas kept, dropped and foreign, lost
+    writes found, markets applied and markets rebased."""
     if result is None:
         return more
     result.entries.update(more.entries)
     result.kept += more.kept
+    result.dropped += more.dropped
+    result.foreign += more.foreign
+    result.lost += more.lost
     result.markets |= more.markets
+    result.rebased.update(more.rebased)
     return result
+
+
+class _Rotation:
+    """Ids taken a slice at a time, round and round: each round goes through a
+    snapshot of the ids taken when it starts (ids added since wait for the next
+    round; ids gone since are the caller's to skip)."""
+
+    __slots__ = ("_ids", "_at")
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._at = 0
+
+    def take(self, ids: Iterable[str], least: int) -> tuple[list[str], bool]:
+        """The next slice of ids (a new round from ``ids`` when the last one is
+        done): ``least`` of them, or 1/:data:`STORE_AUDIT_ROUNDS` of the round's
+        when that is more (a round takes at most STORE_AUDIT_ROUNDS slices); and
+        whether the slice is all of ``ids`` (a round of one slice)."""
+        if self._at >= len(self._ids):
+            self._ids = list(ids)
+            self._at = 0
+        start = self._at
+        self._at = start + max(least, -(-len(self._ids) // STORE_AUDIT_ROUNDS))
+        return self._ids[start:self._at], start == 0 and self._at >= len(self._ids)
+
+
+@dataclass
+class _Audit:
+    """What one store audit found (:meth:`Ingest._audit_store`)."""
+
+    #: the epoch now in Redis (None: ``of:epoch`` is missing)
+    epoch: str | None
+    #: the book's markets whose stored seq is behind the book's, or missing
+    markets: list[str]
+    #: the held event states whose stored version is behind, or missing
+    states: list[str]
+    #: the audit covered every market and event state held (else a periodic slice)
+    whole: bool
 
 
 @dataclass
@@ -256,15 +304,28 @@ class Ingest:
         self.rejected_messages_redelivered = False
         #: markets the store was found to have lost acknowledged writes of (then re-imaged)
         self.lost_writes = 0
+        #: event states the store was found to have lost acknowledged writes of (then written again)
+        self.lost_state_writes = 0
         self._reimage_after = 0.0
         #: a lost-writes detection came within REIMAGE_EVERY_S of the last re-image of every market:
-        #: that re-image waits for the interval's end, and nothing is confirmed until it is done
+        #: that re-image waits for the interval's end
         self._reimage_due = False
-        #: the store's seqs are compared with the book (:meth:`_audit_store`) this often (s), and
-        #: at the first flush after a store failure or an epoch adoption (``_audit_due``)
+        #: a lost-writes detection since which no audit of everything found the store clean and no
+        #: re-image of every market was done: nothing is confirmed meanwhile (:meth:`_unverified`)
+        self._lost_unverified = False
+        #: the store is compared with the book (:meth:`_audit_store`) this often (s) — a slice of it
+        #: each time — and wholly at the first flush after a store failure, a reconnect, an epoch
+        #: adoption or a lost-writes detection (``_audit_due``)
         self.audit_every_s = STORE_AUDIT_EVERY_S
+        #: a periodic audit reads at least this many markets (and event states), see :data:`STORE_AUDIT_SLICE`
+        self.audit_slice = STORE_AUDIT_SLICE
         self._audit_at = time.monotonic() + STORE_AUDIT_EVERY_S
         self._audit_due = False
+        self._market_rotation = _Rotation()
+        self._state_rotation = _Rotation()
+        #: event states the audit found the store lacking, waiting in ``_states_pending`` to be
+        #: written again (each event's entry is written even if it says what the held state says)
+        self._states_again: dict[str, EventState] = {}
         #: the store's connection count (:attr:`feed.store.Store.connects`) at the last audit: a
         #: reconnect (redis-py's are silent) may have reached a server that came back older
         self._connects_seen: int = getattr(store, "connects", 0)
@@ -500,11 +561,12 @@ class Ingest:
 
     async def _flush_states(self) -> None:
         """Write the pending event states (raises StoreError; they stay pending)."""
-        held, pending = self.event_states, self._states_pending
+        held, pending, again = self.event_states, self._states_pending, self._states_again
         for eid, es in list(pending.items()):
             # states coalesce per event until the flush: one back where the stored state is (a
-            # correction undone, A → B → C → A, within one flush) says nothing new
-            if (h := held.get(eid)) is not None and es.same_content(h):
+            # correction undone, A → B → C → A, within one flush) says nothing new — unless the
+            # store lost the held state (the audit: ``again``)
+            if eid not in again and (h := held.get(eid)) is not None and es.same_content(h):
                 del pending[eid]
         states = list(pending.values())
         result = await self.store.apply_event_states(states)
@@ -514,8 +576,12 @@ class Ingest:
                 del self._states_pending[es.event_id]
             self.event_states[es.event_id] = es
         if len(self._states_stored) < 10_000:  # nobody taking them (a bare Ingest): bounded
-            # (a state marked lost is one received earlier written again: no feed-lag sample)
-            self._states_stored.extend(es for es in states if es.lost is not True)
+            # (a state marked lost, or one the store lost, is one received earlier written again:
+            # no feed-lag sample)
+            self._states_stored.extend(es for es in states if es.lost is not True and again.get(es.event_id) is not es)
+        if again:
+            for es in states:
+                again.pop(es.event_id, None)
         self.stats.event_states += result.kept
         self.stats.event_states_dropped += result.dropped + result.foreign
         if result.foreign:
@@ -554,10 +620,12 @@ class Ingest:
         Never while the provider flags its stream degraded (ESA ``status:
         503``: "data may be delayed"): a heartbeat then does not say nothing
         changed, so quiet markets age from their own last change. Never while
-        the store may be behind the book (:meth:`_unverified`: a re-image of
-        lost writes waits, or the store has not been compared with the book
-        since a failure or reconnect) — a market whose last write the store
-        lost must not read fresh at the older price."""
+        the store may be behind the book (:meth:`_unverified`: lost writes
+        were found and no audit of everything has found the store clean since,
+        nor a re-image of every market been done, or the store has not been
+        compared with the book since a failure or reconnect) — a market whose
+        last write the store lost must not read fresh at the older price, nor
+        an event state at the older score."""
         if self._degraded or self._unverified():
             return
         h = self.health
@@ -577,10 +645,12 @@ class Ingest:
             self._states_confirmed(self._states_fed_at)
 
     def _states_confirmed(self, recv_ms: int) -> None:
-        """Every event state received up to ``recv_ms`` is stored and the upstream vouched
-        for them then (:meth:`confirm_states`): a source whose states are confirmed apart
-        advances ``states_confirmed_at`` (never while the provider flags its data degraded)."""
-        if not self.confirm_states_apart or self._degraded:
+        """Every event state received up to ``recv_ms`` (ms since the Unix epoch) is stored
+        and the upstream vouched for them then (:meth:`confirm_states`): a source whose states
+        are confirmed apart advances ``states_confirmed_at`` — never while the provider flags
+        its data degraded, nor while the store may be behind what the ingest holds
+        (:meth:`_unverified`: a state whose last write the store lost must not read fresh)."""
+        if not self.confirm_states_apart or self._degraded or self._unverified():
             return
         h = self.health
         if recv_ms > (h.states_confirmed_at or 0):
@@ -689,7 +759,7 @@ class Ingest:
                     self._backlog = deltas = book.reimage_all(stored_at)
                     result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
                     raise_if_cancelled()
-                    audit = True  # (an epoch adopted: the store is compared with the book before confirming)
+                    self._audit_due = True  # (an epoch adopted: the store is compared wholly before confirming)
                 if result.rebased:
                     deltas = self._rebased(deltas, result.rebased)
                 if result.lost:
@@ -697,31 +767,34 @@ class Ingest:
                     # not received them): what it holds for any market may be behind the book,
                     # quiet markets included — re-image them all before confirming anything
                     self.lost_writes += result.lost
-                    self._reimage_due = True
+                    self._reimage_due = self._lost_unverified = True
+                    # the whole store is compared with the book and the event states at once: those
+                    # found behind are written again in this flush (a lost write of an event state is
+                    # repaired only so); nothing is confirmed until that audit finds the store clean
+                    # or every market is re-imaged
+                    self._audit_due = True
                     if time.monotonic() < self._reimage_after:
-                        # within REIMAGE_EVERY_S of the last: deferred, not dropped (nothing is confirmed
-                        # until it is done); the audit re-images at once the markets found behind
+                        # within REIMAGE_EVERY_S of the last: deferred, not dropped
                         logger.warning("source %s: the store lost acknowledged writes of %d market(s); "
                                        "re-imaging every market in %.1f s", self.source, result.lost,
                                        self._reimage_after - time.monotonic())
-                        audit = True
             if self._reimage_ready():
-                self._reimage_due = False
+                self._reimage_due = self._lost_unverified = False
                 self._reimage_after = time.monotonic() + REIMAGE_EVERY_S
                 logger.warning("source %s: the store lost acknowledged writes; re-sending every market as an image",
                                self.source)
                 more, deltas = await self._resend(book.reimage_all(stored_at))
                 result = _merged(result, more)
-            if audit or self._audit_wanted():  # (a write above may have reconnected, to a server back older)
+            if self._audit_wanted():  # (a write above may have reconnected, to a server back older)
                 result, deltas = await self._audit_and_repair(stored_at, result, deltas)
             if result is not None:
                 self.metrics.apply_seconds.observe(time.perf_counter() - started)
             states_error: StoreError | None = None
-            if states:
+            if self._states_pending:  # (the audit may have added states the store lost, to write again)
                 self._backlog = []  # stored: a failure below must not write them again
                 try:
                     await self._flush_states()
-                    if cursor is not None:
+                    if cursor is not None and market_cursor is None:
                         await self.store.apply([], book.markets, cursor)
                         raise_if_cancelled()
                 except StoreError as exc:  # the states (and the cursor) wait; the deltas are stored
@@ -797,17 +870,20 @@ class Ingest:
 
     def _audit_wanted(self) -> bool:
         """The store is to be compared with the book at this flush: its interval
-        (:attr:`audit_every_s`) is up, or something happened to the store since
-        the last audit (a failure, an epoch adopted: :meth:`audit_soon`; a
-        reconnect: :attr:`feed.store.Store.connects` moved)."""
+        (:attr:`audit_every_s`) is up (a slice), or something happened to the
+        store since the last audit (a failure, an epoch adopted, lost writes
+        found: :meth:`audit_soon`; a reconnect: :attr:`feed.store.Store.connects`
+        moved — then everything)."""
         return (self._audit_due or self.store.connects != self._connects_seen
                 or time.monotonic() >= self._audit_at)
 
     def _unverified(self) -> bool:
-        """The store may be behind the book right now: a re-image of lost writes
-        waits (deferred), or the store failed, reconnected or changed epoch
-        since it was last compared with the book."""
-        return self._reimage_due or self._audit_due or self.store.connects != self._connects_seen
+        """The store may be behind the book or the held event states right now:
+        lost writes were found and neither an audit of everything has found the
+        store clean since nor a re-image of every market been done, or the store
+        failed, reconnected, changed epoch or lost writes since it was last
+        compared wholly (the periodic audits' slices do not count here)."""
+        return self._lost_unverified or self._audit_due or self.store.connects != self._connects_seen
 
     def _reimage_ready(self) -> bool:
         """A deferred re-image of every market (lost writes found within
@@ -822,8 +898,9 @@ class Ingest:
 
     def audit_soon(self) -> None:
         """Something happened to the store (an error or a reconnect seen outside
-        the flush, e.g. by the health publisher): compare it with the book at the
-        next flush, before anything is confirmed again."""
+        the flush, e.g. by the health publisher): compare all of it with the book
+        and the held event states at the next flush (:meth:`_audit_store`),
+        before anything — markets or event states — is confirmed again."""
         self._audit_due = True
 
     async def _resend(self, images: list[Delta]) -> tuple[ApplyResult, list[Delta]]:
@@ -837,78 +914,117 @@ class Ingest:
             images = self._rebased(images, result.rebased)
         return result, images
 
-    def _reimage_markets(self, market_ids: Iterable[str], stored_at: int) -> list[Delta]:
-        """The book's markets ``market_ids`` each as an image at its next seq
-        (what :meth:`feed.book.Book.reimage_all` does for every market), the book
-        moved to that seq; ids the book no longer holds are skipped."""
-        book = self.book
-        out: list[Delta] = []
-        for mid in market_ids:
-            if mid in book.markets:
-                cur = book.markets[mid]
-                m = msgspec.structs.replace(cur, seq=cur.seq + 1, stored_at=stored_at)
-                book.restore([m])
-                out.append(image_delta(m))
-        return out
+    async def _audit_store(self, full: bool) -> _Audit:
+        """Compare what the store holds with the book and the held event states,
+        in one round trip (:meth:`feed.store.Store.stored_marks`): returns the
+        epoch now in Redis and the book's markets whose stored seq is behind the
+        book's or missing, and the held event states whose stored version is
+        behind or missing — writes the store acknowledged and then lost (Redis
+        restarted on an older AOF, a replica promoted that had not received
+        them, a backup restored), which no later batch would reveal for a market
+        or an event that stays quiet. Not counted as behind: a market or event
+        another source owns (its writes are dropped as foreign), one whose stored
+        provider time is newer than the held one (a second writer of the same
+        source went further; ours would be dropped as older), and an event state
+        waiting to be written (it supersedes the stored one).
 
-    async def _audit_store(self) -> tuple[str | None, list[str]]:
-        """Compare what the store holds with the book, in one round trip
-        (:meth:`feed.store.Store.stored_marks`): returns the epoch now in Redis
-        (None: ``of:epoch`` is missing) and the ids of the book's markets whose
-        stored seq is behind the book's or missing — writes the store
-        acknowledged and then lost (Redis restarted on an older AOF, a replica
-        promoted that had not received them, a backup restored), which no later
-        batch would reveal for a market that stays quiet. Not counted as behind:
-        a market another source owns (its writes are dropped as foreign), and one
-        whose stored provider time is newer than the book's (a second writer of
-        the same source went further; an image of ours would be dropped as
-        older). Call it only with nothing of the book waiting for the store.
-        Raises StoreError."""
-        self._audit_due = False
+        ``full``: everything held is compared (after a store failure, a
+        reconnect, an epoch adoption, a lost-writes detection: nothing is
+        confirmed until it is done). Else a periodic audit reads the next slice
+        of a rotation over the markets and one over the event states — at most
+        ``max(audit_slice, ⌈n / STORE_AUDIT_ROUNDS⌉)`` of each (n: how many
+        were held when the rotation's round began), so its cost (under the flush lock: every price write waits) is
+        bounded for any book up to ``audit_slice × STORE_AUDIT_ROUNDS`` (2,000
+        and 20,000 by default) and a tenth of a bigger one. The periodic slices
+        do not hold confirmations back: they bound how long a store gone back
+        older *without any error or reconnect the ingest sees* (a backup restored
+        in place, a replica promoted behind a proxy) goes unnoticed — every
+        market and event state held when it happened is compared within two
+        rotations, at most ``2 × STORE_AUDIT_ROUNDS`` audits, about
+        ``2 × STORE_AUDIT_ROUNDS × audit_every_s`` s (40 s by default, plus up
+        to a health-publish interval per audit for a quiet source; one audit,
+        2 s, while the book holds at most ``audit_slice`` of each).
+        Call it only with nothing of the book waiting for the store. Raises
+        StoreError."""
         self._audit_at = time.monotonic() + self.audit_every_s
-        self._connects_seen = self.store.connects  # (one made by this read itself: audited again next flush)
         self.audits += 1
-        markets = self.book.markets
-        found = await self.store.stored_marks(list(markets))
+        book, held, pending = self.book, self.event_states, self._states_pending
+        if full:
+            self._audit_due = False
+            self._connects_seen = self.store.connects  # (one made by this read itself: audited again next flush)
+            mids, eids, whole = list(book.markets), list(held), True
+        else:
+            mids, all_mids = self._market_rotation.take(book.markets, self.audit_slice)
+            eids, all_eids = self._state_rotation.take(held, self.audit_slice)
+            whole = all_mids and all_eids
+        found = await self.store.stored_marks(mids, eids)
         raise_if_cancelled()
         behind: list[str] = []
+        mark = book.mark
         for mid, (seq, owner, pt) in found.marks.items():
-            if mid not in markets:
+            m = mark(mid)
+            if m is None:  # (pruned since the slice's round began)
                 continue
-            m = markets[mid]
-            if seq >= m.seq or (owner is not None and owner != m.source):
-                continue
-            if pt > (m.source_ts if m.source_ts_original is None else m.source_ts_original):
+            book_seq, source, book_pt = m
+            if seq >= book_seq or (owner is not None and owner != source) or pt > book_pt:
                 continue
             behind.append(mid)
-        return found.epoch, behind
+        states: list[str] = []
+        for eid, (version, owner, pt) in found.events.items():
+            es = held.get(eid)
+            if es is None or eid in pending:
+                continue
+            if version >= es.version or (owner is not None and owner != es.source) or pt > es.provider_ts:
+                continue
+            states.append(eid)
+        return _Audit(found.epoch, behind, states, whole)
 
     async def _audit_and_repair(self, stored_at: int, result: ApplyResult | None,
                                 deltas: list[Delta]) -> tuple[ApplyResult | None, list[Delta]]:
-        """Run :meth:`_audit_store` after this flush's writes and repair what it
-        finds before anything is confirmed: ``of:epoch`` missing or another
-        (a lost Redis Cluster shard; nodes reload until it is back) — the
-        store's epoch is adopted (:meth:`feed.store.Store.reset_epoch`) and, if
-        it moved, every market re-imaged; markets behind the book — each
-        re-imaged at its next seq at once (not paced: only a market the store is
-        proven to lack is written, so this cannot loop). Returns the flush's
-        result and deltas with the repair's merged in. Raises StoreError (the
-        images then wait in the backlog, and nothing is confirmed)."""
+        """Run :meth:`_audit_store` after this flush's writes — of everything
+        when something happened to the store since the last (``_audit_due``, a
+        reconnect), else the periodic slice — and repair what it finds before
+        anything is confirmed: ``of:epoch`` missing or another (a lost Redis
+        Cluster shard; nodes reload until it is back) — the store's epoch is
+        adopted (:meth:`feed.store.Store.reset_epoch`) and, if it moved, every
+        market re-imaged; markets behind the book — each re-imaged at its next
+        seq at once (not paced: only a market the store is proven to lack is
+        written, so this cannot loop); event states behind — each queued to be
+        written again at its next version in this flush (``_flush`` writes the
+        pending states after this; nodes that kept the lost one marked lost take
+        it). An audit of everything that finds nothing behind ends the hold a
+        lost-writes detection put on confirmations (a deferred re-image of every
+        market still runs). Returns the flush's result and deltas with the
+        repair's merged in. Raises StoreError (the images then wait in the
+        backlog, and nothing is confirmed)."""
         store = self.store
-        epoch, behind = await self._audit_store()
-        if epoch != store.epoch:
-            old = store.epoch
+        full = self._audit_due or store.connects != self._connects_seen
+        found = await self._audit_store(full)
+        old = store.epoch
+        if found.states:
+            self.lost_state_writes += len(found.states)
+            logger.warning("source %s: the store is behind for %d event state(s) (writes it acknowledged were lost: "
+                           "Redis went back in time?); writing them again: %s", self.source, len(found.states),
+                           ", ".join(sorted(found.states)[:5]) + (" …" if len(found.states) > 5 else ""))
+            for eid in found.states:
+                es = self.event_states[eid]
+                self._states_pending[eid] = self._states_again[eid] = msgspec.structs.replace(
+                    es, version=es.version + 1)
+        if found.whole and found.epoch == old and not found.markets and not found.states:
+            self._lost_unverified = False
+        if found.epoch != old:
             logger.warning("source %s: the store epoch is %s, not %s: adopting the store's", self.source,
-                           epoch or "missing", old)
+                           found.epoch or "missing", old)
             if await store.reset_epoch() != old:
                 more, images = await self._resend(self.book.reimage_all(stored_at))
                 return _merged(result, more), images
-        if behind:
+        if found.markets:
+            behind = found.markets
             self.lost_writes += len(behind)
             logger.warning("source %s: the store is behind the book for %d market(s) (writes it acknowledged "
                            "were lost: Redis went back in time?); re-imaging %s", self.source, len(behind),
                            ", ".join(sorted(behind)[:5]) + (" …" if len(behind) > 5 else ""))
-            more, images = await self._resend(self._reimage_markets(behind, stored_at))
+            more, images = await self._resend(self.book.reimage(behind, stored_at))
             return _merged(result, more), [*deltas, *images]
         return result, deltas
 

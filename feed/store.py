@@ -526,10 +526,13 @@ class StoredMarks:
     (:meth:`Store.stored_marks`): the epoch now in Redis (``of:epoch``; None
     when it is missing) and, per market id asked for, (stored seq — 0 when the
     partition holds none; the source that owns it — None when none; provider
-    time of the stored state, ms since the Unix epoch — 0 when none)."""
+    time of the stored state, ms since the Unix epoch — 0 when none); per
+    event id asked for, the same of its stored event state (version — 0 when
+    none is stored; owner; provider time)."""
 
     epoch: str | None
     marks: dict[str, tuple[int, str | None, int]]
+    events: dict[str, tuple[int, str | None, int]] = field(default_factory=dict)
 
 
 #: rounds :meth:`Store.ensure_epoch` reads and repairs the epochs before it gives up (StoreError)
@@ -1262,18 +1265,23 @@ class Store:
             raise StoreError(f"redis read failed: {exc}") from None
         return max((int(v) for v in replies if v is not None), default=0)
 
-    async def stored_marks(self, market_ids: Iterable[str], *, chunk: int = 1000) -> StoredMarks:
+    async def stored_marks(self, market_ids: Iterable[str], event_ids: Iterable[str] = (), *,
+                           chunk: int = 1000) -> StoredMarks:
         """The epoch now in Redis and, for each of ``market_ids``, its stored seq,
-        owner and provider time (:class:`StoredMarks`) — what a writer compares
-        with its book to find markets the store lost acknowledged writes of
-        (docs/architecture.md §79). One pipelined round trip: a GET of
-        ``of:epoch`` and, per partition, HMGETs of the seq, owner and
-        provider-time hashes, ``chunk`` markets per command. Read only. Raises
-        StoreError."""
+        owner and provider time, and for each of ``event_ids`` its stored event
+        state's version, owner and provider time (:class:`StoredMarks`) — what a
+        writer compares with its book and held event states to find what the
+        store lost acknowledged writes of (docs/architecture.md §79). One
+        pipelined round trip: a GET of ``of:epoch``, per partition HMGETs of the
+        seq, owner and provider-time hashes, and HMGETs of the event states'
+        version, owner and provider-time hashes (``of:{es}:v``, ``:owner``,
+        ``:pt``), ``chunk`` ids per command. Read only. Raises StoreError."""
         by_p: dict[int, list[str]] = {}
         for mid in market_ids:
             by_p.setdefault(partition_of(mid, self.partitions), []).append(mid)
+        eids = list(event_ids)
         parts: list[list[str]] = []
+        eparts: list[list[str]] = []
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(EPOCH_KEY)
@@ -1284,17 +1292,26 @@ class Store:
                     pipe.hmget(owner_key(p), part)
                     pipe.hmget(pt_key(p), part)
                     parts.append(part)
+            for i in range(0, len(eids), chunk):
+                part = eids[i:i + chunk]
+                pipe.hmget(ES_VERSION_KEY, part)
+                pipe.hmget(ES_OWNER_KEY, part)
+                pipe.hmget(ES_PT_KEY, part)
+                eparts.append(part)
             replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis read failed: {exc}") from None
-        marks: dict[str, tuple[int, str | None, int]] = {}
         k = 1
-        for part in parts:
-            seqs, owners, pts = replies[k], replies[k + 1], replies[k + 2]
-            k += 3
-            for mid, s, o, t in zip(part, seqs, owners, pts, strict=True):
-                marks[mid] = (int(s) if s is not None else 0, reply_text_or_none(o), int(t) if t is not None else 0)
-        return StoredMarks(reply_text_or_none(replies[0]), marks)
+        out: list[dict[str, tuple[int, str | None, int]]] = []
+        for chunks in (parts, eparts):
+            got: dict[str, tuple[int, str | None, int]] = {}
+            for part in chunks:
+                nums, owners, pts = replies[k], replies[k + 1], replies[k + 2]
+                k += 3
+                for key, n, o, t in zip(part, nums, owners, pts, strict=True):
+                    got[key] = (int(n) if n is not None else 0, reply_text_or_none(o), int(t) if t is not None else 0)
+            out.append(got)
+        return StoredMarks(reply_text_or_none(replies[0]), out[0], out[1])
 
     async def sources(self) -> list[SourceHealth]:
         names = sorted(reply_text(n) for n in await self.redis.smembers(SOURCES_KEY))

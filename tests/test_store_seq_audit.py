@@ -9,21 +9,33 @@ its markets (one round trip) on a timer and at the first flush after a store fai
 market the store is behind on, and confirms nothing until it has; a lost-writes detection inside the
 re-image pacing window is deferred, not dropped. Real redis-server (embedded) throughout; each test
 fails without the fix.
+
+Its review's findings: the audit covers event states too (a score the store lost is written again,
+and ``states_confirmed_at`` vouches for nothing until the store is verified); the periodic audit
+reads a bounded slice of the book, a rotation covering all of it within two rounds, and only an
+audit after something happened to the store reads everything; an audit of everything that finds the
+store clean ends the hold a lost-writes detection put on confirmations; a re-image's foreign count
+is not dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
+import feed.ingest as ingest_module
 from feed.embedded_redis import EmbeddedRedis
 from feed.ingest import HealthPublisher, Ingest
-from feed.models import Market
+from feed.models import EventState, Market, Score
+from feed.normalise.base import NormalisedBatch
 from feed.settings import Settings
-from feed.store import Store, connect, market_key, pt_key, seq_key
+from feed.store import ES_PT_KEY, ES_STATE_KEY, ES_VERSION_KEY, Store, StoredMarks, connect, market_key, pt_key, seq_key
 from streaming.pricecheck import PriceCheckRequest, check as check_price
 from streaming.reader import Node
 from streaming.state import NodeOptions
@@ -272,4 +284,226 @@ async def test_the_audit_leaves_alone_what_it_cannot_or_need_not_write(redis_url
         a = await store.get_market(A)
         assert a is not None and a.source == "other" and back_of(a) == 2.0
     finally:
+        await store.close()
+
+
+EV = "px:f1"
+ES_HASHES = (ES_STATE_KEY, ES_VERSION_KEY, ES_PT_KEY)
+
+
+class _Scores:
+    """A normaliser of lines ``b"score <home>"`` (the state of event EV) and ``b"ping"`` (a heartbeat)."""
+
+    live_provider_times = False
+
+    def __init__(self) -> None:
+        self.source = "scores"
+        self.max_future_skew_ms = 30_000
+
+    def feed(self, raw: bytes, recv_ms: int, channel: str = "") -> NormalisedBatch:
+        if raw == b"ping":
+            return NormalisedBatch(op="ping", heartbeat=True)
+        home = int(raw.split()[1])
+        return NormalisedBatch(op="scores", event_states=[EventState(
+            event_id=EV, source=self.source, status="LIVE", in_play=True, period="2h",
+            score=Score(home=home, away=0), source_ts=recv_ms, received_at=recv_ms)])
+
+    def restore(self, markets: object, cursor: str | None) -> None:
+        pass
+
+
+async def stored_state(store: Store) -> EventState | None:
+    return (await store.get_event_states([EV])).get(EV)
+
+
+async def test_an_event_state_whose_last_write_redis_lost_is_written_again_and_a_node_serves_it(
+        redis_url: str) -> None:
+    """§79 for a score (review finding 1): a backup restored in place takes the event's last
+    state (a goal) back; the event stays quiet, the source keeps talking. The periodic audit
+    compares the stored event states with the held ones and writes the goal again (next version:
+    a node that kept the lost state as lost takes it); a node that loads the store afterwards
+    serves the goal, not the score before it."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="scores", normaliser=_Scores())  # type: ignore[arg-type]
+    ing.set_state("UP", None)
+    node: Node | None = None
+    try:
+        async with HealthPublisher(ing, interval_s=0.1):
+            await feed(ing, b"score 0")
+            saved = [await r.hget(k, EV) for k in ES_HASHES]
+            await feed(ing, b"score 1")  # the goal
+            held = ing.event_states[EV]
+            assert held.score == Score(home=1, away=0)
+            for k, v in zip(ES_HASHES, saved, strict=True):  # the backup restored: the goal lost
+                await r.hset(k, EV, v)
+            lost = await stored_state(store)
+            assert lost is not None and lost.score == Score(home=0, away=0)
+
+            async def written_again() -> bool:
+                await feed(ing, b"ping")
+                es = await stored_state(store)
+                return es is not None and es.score == held.score and es.version > held.version
+
+            await eventually(written_again, WAIT_S, "the audit to write the lost score again", interval_s=0.1)
+            assert ing.lost_state_writes == 1
+
+            node = Node(Settings(), await Store.open(redis_url),
+                        options=NodeOptions(health_refresh_ms=100, read_block_ms=200, tune_gc=False), owns_store=True)
+            await node.start()
+            n = node
+
+            def served() -> bool:
+                es = n.event_states.get(EV)
+                return es is not None and es.score == held.score
+
+            await eventually(served, WAIT_S, "the node to serve the goal")
+    finally:
+        if node is not None:
+            await node.stop()
+        await r.aclose()
+        await store.close()
+
+
+async def test_states_are_not_confirmed_until_the_audit_after_a_store_incident_and_lost_ones_are_rewritten(
+        redis_url: str) -> None:
+    """Review finding 1's other half: a source whose states are confirmed apart (a scores poll)
+    must not advance ``states_confirmed_at`` while the store is unverified (after an error or a
+    reconnect — the health publisher calls ``audit_soon`` then): the store may have come back
+    older. The next flush's audit of everything writes the lost state again, then confirms."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="scores", normaliser=_Scores())  # type: ignore[arg-type]
+    ing.confirm_states_apart = True
+    ing.audit_every_s = 3600.0  # (only the incident drives the audit here)
+    try:
+        await feed(ing, b"score 0")
+        saved = [await r.hget(k, EV) for k in ES_HASHES]
+        await feed(ing, b"score 1")
+        t1 = now_ms()
+        ing.confirm_states(t1)
+        assert ing.health.states_confirmed_at == t1
+        for k, v in zip(ES_HASHES, saved, strict=True):  # Redis back older
+            await r.hset(k, EV, v)
+        ing.audit_soon()  # an error or a reconnect was seen: the store may be behind
+        t2 = t1 + 100
+        ing.confirm_states(t2)
+        assert ing.health.states_confirmed_at == t1, "states confirmed while the store is unverified"
+        await ing.flush()  # the audit of everything: the lost state written again, then confirmed
+        es = await stored_state(store)
+        assert es is not None and es.score == Score(home=1, away=0)
+        assert ing.health.states_confirmed_at == t2
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_the_periodic_audit_reads_a_bounded_slice_and_covers_the_book_in_two_rotations(redis_url: str) -> None:
+    """Review finding 2: the timer's audit (every 2 s, under the flush lock: every price write
+    waits) read every market of the book. Now each reads at most a slice (``audit_slice`` here 10
+    of 60 markets), the slices go round the book, and a write lost without any error or reconnect is
+    found within two rotations; an audit after an incident still reads everything."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 0.0  # every flush runs the periodic audit
+    ing.audit_slice = 10
+    asked: list[list[str]] = []
+    read = store.stored_marks
+
+    async def spy(market_ids: Iterable[str], *args: Any, **kwargs: Any) -> StoredMarks:
+        ids = list(market_ids)
+        asked.append(ids)
+        return await read(ids, *args, **kwargs)
+
+    store.stored_marks = spy  # type: ignore[method-assign]
+    try:
+        t = now_ms()
+        await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(60)))
+        X = "bf:1.37"
+        ing.audit_soon()
+        asked.clear()
+        await feed(ing, heartbeat(pt=now_ms()))
+        assert len(asked) == 1 and len(asked[0]) == 60, "an audit after an incident reads everything"
+        saved = await backup(r, X)
+        await feed(ing, price("1.37", 2.2, pt=now_ms()))
+        await restore(r, saved)
+        asked.clear()
+        for _ in range(2 * 6):  # two rotations of 60 / 10
+            await feed(ing, heartbeat(pt=now_ms()))
+            m = await store.get_market(X)
+            if m is not None and m.seq == ing.book.markets[X].seq:
+                break
+        assert asked and max(len(ids) for ids in asked) <= 10, f"a periodic audit read {max(map(len, asked))}"
+        m = await store.get_market(X)
+        assert m is not None and back_of(m) == 2.2 and m.seq == ing.book.markets[X].seq, \
+            "the lost write not found within two rotations"
+        assert ing.lost_writes == 1
+        asked.clear()
+        for _ in range(6):
+            await feed(ing, heartbeat(pt=now_ms()))
+        assert {mid for ids in asked for mid in ids} == set(ing.book.markets), "a rotation left markets out"
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_a_clean_audit_after_a_deferred_detection_lets_confirmations_resume(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding 3: a lost-writes detection inside the re-image pacing window held every
+    confirmation until the deferred re-image of every market (up to REIMAGE_EVERY_S), even when
+    the audit run at once found the store holding the whole book. Now that clean audit ends the
+    hold; the deferred re-image still runs when the window ends."""
+    monkeypatch.setattr(ingest_module, "REIMAGE_EVERY_S", 120.0)  # (the window cannot end during the test)
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 3600.0  # (only detections drive the audit here)
+    try:
+        t = now_ms()
+        await feed(ing, image("1.1", 2.0, pt=t), image("1.2", 3.0, pt=t))
+        first = await backup(r, A)
+        await feed(ing, price("1.1", 2.1, pt=now_ms()))
+        await restore(r, first)
+        await feed(ing, price("1.1", 2.2, pt=now_ms()))  # found: every market re-imaged at once
+        assert ing.lost_writes == 1
+        b_seq = ing.book.markets[B].seq
+        second = await backup(r, A)  # within the window Redis goes back again, for A only
+        await feed(ing, price("1.1", 2.3, pt=now_ms()))
+        await restore(r, second)
+        confirmed = ing.health.last_message_at
+        later = max(now_ms(), confirmed) + 50
+        ing.feed_lines([price("1.1", 2.4, pt=later)], later)  # A's batch repairs A; B was never behind
+        await ing.flush()
+        assert ing.lost_writes == 2
+        a = await store.get_market(A)
+        assert a is not None and back_of(a) == 2.4 and a.seq == ing.book.markets[A].seq
+        assert ing.book.markets[B].seq == b_seq, "the re-image of every market is deferred"
+        assert ing.health.last_message_at == later, "held back although the store was found holding the book"
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_a_reimage_after_lost_writes_counts_the_changes_another_source_owns(redis_url: str) -> None:
+    """Nit: the re-image's apply result was merged into the flush's without its foreign count, so
+    a re-imaged market another source owns went uncounted (and unlogged)."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    other = Ingest(store, source="other")
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 3600.0
+    try:
+        t = now_ms()
+        await feed(other, image("1.1", 2.0, pt=t))  # A belongs to "other"
+        await feed(ing, image("1.1", 5.0, pt=t + 1), image("1.2", 3.0, pt=t + 1))
+        assert ing.stats.foreign == 1
+        saved = await backup(r, B)
+        await feed(ing, price("1.2", 3.1, pt=now_ms()))
+        await restore(r, saved)
+        await feed(ing, price("1.2", 3.2, pt=now_ms()))  # B found behind: every market re-imaged, A's image foreign
+        assert ing.lost_writes == 1
+        assert ing.stats.foreign == 2
+    finally:
+        await r.aclose()
         await store.close()
