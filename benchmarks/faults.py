@@ -524,8 +524,9 @@ def sim_switches(target: str, faults: list[tuple[str, dict[str, Any]]],
     every switch is used up (``pending_faults`` 0, at most 20 s) and ``wait_s`` has passed.
     ``expect(before, after, rejected)`` (the target's stats, what the source quarantined meanwhile
     by reason): (the switches took effect, a note).
-    ``dead_on_down``: while the source reads DOWN (plus the node's health refresh and 1 s),
-    no price check of its markets may answer OK.
+    ``dead_on_down``: while the source reads DOWN (from its first DOWN plus the node's health
+    refresh and 1 s, until it first reads anything else), no price check of its markets may
+    answer OK.
     ``repair`` (``uof``): a message quarantined whole may have carried a change of unknown markets
     (a poisoned ``odds_change`` does), so the source must ask for a recovery — a row check: the
     simulator accepted at least one recovery request within 5 s of the switches used up."""
@@ -549,7 +550,9 @@ def sim_switches(target: str, faults: list[tuple[str, dict[str, Any]]],
                 seen.append(label)
             if t_down is None and st.get("state") == "DOWN":
                 t_down = now_ms()
-            if t_down is not None and st.get("state") == "UP":
+            if t_down is not None and t_up is None and st.get("state") != "DOWN":
+                # left DOWN (DEGRADED: a producer is back and its recovery re-images its markets —
+                # an OK on them is the truth judge's to check, not this window's)
                 t_up = now_ms()
             if ctx.recovery is None:
                 pending = (await ctx.stats())[target]["pending_faults"]

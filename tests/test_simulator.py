@@ -561,3 +561,35 @@ async def test_replay_paces_by_publish_time(make_sim, raw) -> None:
     pts = [pt for pt, _ in read_messages(path)]
     expected = (pts[-1] - pts[0]) / 1000 / 250.0  # ~1.5 s
     assert expected * 0.7 < elapsed + 0.5 and elapsed < expected * 1.5 + 1.0
+
+
+def test_a_line_write_to_a_peer_gone_before_it_was_noticed_is_dropped_under_uvloop() -> None:
+    """The simulators run on uvloop, whose transports raise on a write once closed (asyncio's only
+    log). A fault row killed a client between its connection closing and the simulator noticing:
+    the ESA ticker's next write raised and ended the ticker — every later subscription got no data
+    at all (a fault-suite row missed on it). A write to a closing transport is now dropped and the
+    connection marked closed."""
+    uvloop = pytest.importorskip("uvloop")
+    from feed.simulator.esa_line import LineConn
+
+    async def main() -> tuple[bool, bool]:
+        accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await accepted.put(writer)
+        server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _r, client = await asyncio.open_connection("127.0.0.1", port)
+        writer = await asyncio.wait_for(accepted.get(), 10)
+        conn = LineConn(writer, "sim-test")
+        conn.write([b'{"op":"heartbeat"}'])  # a live peer: written
+        writer.transport.close()
+        await asyncio.sleep(0)  # (the close completes: uvloop's handle is gone)
+        conn.write([b'{"op":"heartbeat"}'])  # raised RuntimeError before
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return conn.closed, True
+
+    closed, ran = uvloop.run(main())
+    assert ran and closed

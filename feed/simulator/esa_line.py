@@ -113,6 +113,9 @@ class LineConn:
     def write(self, lines: list[bytes]) -> None:
         if self.closed:
             return
+        if self.transport.is_closing():  # the peer went away (a client killed) before we noticed: uvloop
+            self.closed = True           # raises on a write to a closed transport, which ended the ticker
+            return
         if self.malformed:
             bad = self.MALFORMED
             lines = [bad[i % len(bad)] for i in range(self.malformed)] + lines
