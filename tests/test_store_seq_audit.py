@@ -202,18 +202,25 @@ async def test_a_backup_restored_in_place_without_any_error_is_found_by_the_peri
         await store.close()
 
 
+async def _two_markets_detections_only(redis_url: str) -> tuple[Store, aioredis.Redis, Ingest]:
+    """A store, a plain client and an ingest holding markets 1.1 (2.0) and 1.2 (3.0) whose audit
+    runs only on detections (its timer an hour away)."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 3600.0  # (only detections drive the audit here)
+    t = now_ms()
+    await feed(ing, image("1.1", 2.0, pt=t), image("1.2", 3.0, pt=t))
+    return store, r, ing
+
+
 async def test_lost_writes_found_within_the_pacing_window_are_deferred_not_dropped(redis_url: str) -> None:
     """Two lost-writes detections 5 s apart at most: the second used to be ignored, leaving the
     quiet market behind for good. Now the audit re-images the quiet market at once, nothing is
     confirmed until the deferred re-image of every market is done, and it is done when the window
     ends."""
-    store = await Store.open(redis_url)
-    r = aioredis.Redis.from_url(redis_url)
-    ing = Ingest(store, source="betfair")
-    ing.audit_every_s = 3600.0  # (only detections drive the audit here)
+    store, r, ing = await _two_markets_detections_only(redis_url)
     try:
-        t = now_ms()
-        await feed(ing, image("1.1", 2.0, pt=t), image("1.2", 3.0, pt=t))
         first = await backup(r, A, B)
         await feed(ing, price("1.1", 2.1, pt=now_ms()), price("1.2", 3.1, pt=now_ms()))
         await restore(r, first)
@@ -455,13 +462,8 @@ async def test_a_clean_audit_after_a_deferred_detection_lets_confirmations_resum
     the audit run at once found the store holding the whole book. Now that clean audit ends the
     hold; the deferred re-image still runs when the window ends."""
     monkeypatch.setattr(ingest_module, "REIMAGE_EVERY_S", 120.0)  # (the window cannot end during the test)
-    store = await Store.open(redis_url)
-    r = aioredis.Redis.from_url(redis_url)
-    ing = Ingest(store, source="betfair")
-    ing.audit_every_s = 3600.0  # (only detections drive the audit here)
+    store, r, ing = await _two_markets_detections_only(redis_url)
     try:
-        t = now_ms()
-        await feed(ing, image("1.1", 2.0, pt=t), image("1.2", 3.0, pt=t))
         first = await backup(r, A)
         await feed(ing, price("1.1", 2.1, pt=now_ms()))
         await restore(r, first)
