@@ -196,7 +196,8 @@ def _price(price: float | None, status: str) -> float | None:
 def market_view(m: Market) -> dict[str, Any]:
     """What the feed conveys of a stored canonical market (same shape as
     :meth:`UofSimulator.truth` values; resulted selections without price)."""
-    return {"status": m.status, "suspend_reason": m.suspend_reason, "in_play": m.in_play,
+    return {"status": m.status, "suspend_reason": m.suspend_reason,
+            "in_play": None if m.status in ("SETTLED", "CANCELLED") else m.in_play,  # (see _SimMarket.view)
             "start_time": m.start_time,
             "selections": {s.selection_id: {"price": _price(s.price, s.status), "status": s.status,
                                             "void_factor": s.void_factor}
@@ -244,7 +245,10 @@ class _SimMarket:
                 st = "SUSPENDED" if self.active[o] == 0 else "ACTIVE"
             sels[o] = {"price": _price(price, st), "status": st,
                        "void_factor": 1.0 if st == "VOID" and self.code == -3 else None}
-        return {"status": _STATUS[self.code], "suspend_reason": self.reason, "in_play": self.in_play,
+        # (in_play of a closed market: not conveyed — a market cancelled or settled while its consumer
+        # was away comes back by recovery as its bet_cancel / bet_settlement, which carry no event status)
+        return {"status": _STATUS[self.code], "suspend_reason": self.reason,
+                "in_play": None if self.closed else self.in_play,
                 "start_time": self.event.start_time, "selections": sels}
 
 
