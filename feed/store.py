@@ -853,10 +853,8 @@ class Store:
         return reply_text_or_none(await self.redis.get(EPOCH_KEY))
 
     async def partition_epochs(self) -> list[str | None]:
-        out: list[str | None] = []
-        for p in range(self.partitions):
-            out.append(reply_text_or_none(await self.redis.get(pepoch_key(p))))
-        return out
+        """Each partition's ``of:{p}:epoch`` (None where missing), one round trip."""
+        return (await self._read_epochs())[1]
 
     # -- writes --------------------------------------------------------------
 

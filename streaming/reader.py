@@ -87,8 +87,6 @@ YIELD_EVERY = 32
 #: is applied: a writer's ``MAXLEN ~ N`` trim keeps ≥ N entries, so a trim past a reader's
 #: position leaves ≥ N entries after it, i.e. a batch this big whenever N ≥ this.
 VERIFY_BATCH_ENTRIES = 64
-#: how a reload for a changed store epoch starts its reason
-EPOCH_CHANGED = "store epoch changed"
 
 
 class PartitionReader:
@@ -202,7 +200,7 @@ class PartitionReader:
                     self.checks += 1
                     problem = self._problem(guards, self._verified_pos, batch[-1][0] if batch else None)
                     if problem is not None:
-                        epoch = problem[1].startswith(EPOCH_CHANGED)
+                        epoch = problem[0] is None  # (only a changed store epoch reloads every partition)
                         if epoch and self._epoch_reloaded:
                             await node.sleep(self._epoch_backoff.next_delay())
                         self._epoch_reloaded = epoch
@@ -314,7 +312,7 @@ class PartitionReader:
         st, p = self.node.state, self.partition
         got_entries = newest is not None
         if g.epoch != st.epoch or (g.partition_epoch != st.epoch and g.partition_epoch is not None):
-            return None, f"{EPOCH_CHANGED} from {st.epoch} to {g.epoch} (redis reset or flushed)"
+            return None, f"store epoch changed from {st.epoch} to {g.epoch} (redis reset or flushed)"
         pos = st.positions[p]
         ahead = newest if newest is not None and parse_stream_id(newest) > parse_stream_id(pos) else pos
         if g.last_id is not None and ahead != "0-0" and parse_stream_id(ahead) > parse_stream_id(g.last_id):
