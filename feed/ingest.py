@@ -425,11 +425,7 @@ class Ingest:
             as_of = recv_ms
             pt = batch.provider_ts
             if lag_cap and pt is not None:
-                if time_map is not None:
-                    pt = time_map(pt)
-                if recv_ms - pt > lag_cap:  # late: a backlog after a stall, or a lagging upstream
-                    as_of = pt + lag_cap
-                    stats.late_messages += 1
+                as_of = self._as_of(recv_ms, pt)
             fed_at = as_of
             if batch.full_image:
                 self.new_session()
@@ -603,10 +599,29 @@ class Ingest:
         self._max_stream_lag_ms = ms if getattr(self.normaliser, "live_provider_times", False) else 0
         self.health.max_lag_ms = self._max_stream_lag_ms
 
-    def confirm(self, recv_ms: int) -> None:
+    def _as_of(self, recv_ms: int, provider_ms: int) -> int:
+        """When a live message received at ``recv_ms`` with provider time ``provider_ms``
+        (ms since the Unix epoch; mapped by :attr:`time_map` in a replay) counts as current:
+        its receipt, or — arriving more than :attr:`max_stream_lag_ms` after its provider time
+        (a backlog after a stall, a lagging upstream) — that time plus the bound (counted in
+        ``late_messages``)."""
+        if self.time_map is not None:
+            provider_ms = self.time_map(provider_ms)
+        lag_cap = self._max_stream_lag_ms
+        if lag_cap and recv_ms - provider_ms > lag_cap:
+            self.stats.late_messages += 1
+            return provider_ms + lag_cap
+        return recv_ms
+
+    def confirm(self, recv_ms: int, provider_ms: int | None = None) -> None:
         """The upstream confirmed its data at ``recv_ms`` without a message to
-        normalise (a poll answered 304 or with nothing new); it counts like a
-        heartbeat (see :meth:`_confirmed`)."""
+        normalise (a poll answered 304 or with nothing new, an AMQP ``alive``); it
+        counts like a heartbeat (see :meth:`_confirmed`). ``provider_ms``: the
+        provider's time of that confirmation (an ``alive``'s timestamp), ms since
+        the Unix epoch: arriving late, it confirms only as of that time plus
+        :attr:`max_stream_lag_ms`, as any live message (:meth:`_as_of`)."""
+        if provider_ms is not None and self._max_stream_lag_ms:
+            recv_ms = self._as_of(recv_ms, provider_ms)
         self._fed_at = max(self._fed_at, recv_ms)
         if not self._pending and not self._backlog and self._store_error is None:
             self._confirmed(self._fed_at)

@@ -114,8 +114,8 @@ class Pipeline:
             self.set_state("UP", None)
         return out
 
-    def confirm(self, recv_ms: int) -> None:
-        self.ingest.confirm(recv_ms)
+    def confirm(self, recv_ms: int, provider_ms: int | None = None) -> None:
+        self.ingest.confirm(recv_ms, provider_ms)
 
     def confirm_states(self, recv_ms: int) -> None:
         """The upstream vouched for the source's event states at ``recv_ms`` (a source whose

@@ -838,6 +838,24 @@ async def test_heartbeats_of_a_stream_flagged_degraded_confirm_nothing(store: St
     assert not ingest.degraded and ingest.published_health().last_message_at == NOW + 31_000
 
 
+async def test_a_confirmation_held_back_in_a_backlog_vouches_only_as_of_its_provider_time(store: Store) -> None:
+    """A source that confirms without a payload (an AMQP ``alive``) passes the confirmation's own
+    provider time: one held back by a stall and delivered with the backlog vouched for every market
+    as of its receipt, while newer odds were still behind it (fault suite, ``uof_stall_short``: an
+    OK 160 ms old on a price the upstream had replaced 718 ms before). It counts as of its provider
+    time + ODDSFEED_MAX_STREAM_LAG_MS now, as any late message."""
+    ingest = Ingest(store, source="betfair", max_stream_lag_ms=500)
+    ingest.feed_lines([image("1.1", 2.0, pt=NOW)], NOW + 5)
+    await ingest.flush()
+    ingest.confirm(NOW + 110, NOW + 100)  # on time: as of its receipt
+    assert ingest.published_health().last_message_at == NOW + 110
+    ingest.confirm(NOW + 3_300, NOW + 300)  # made at +0.3 s, received 3 s later
+    assert ingest.published_health().last_message_at == NOW + 800
+    assert ingest.stats.late_messages == 1
+    ingest.confirm(NOW + 3_400)  # (a poll's confirmation: no provider time, its receipt)
+    assert ingest.published_health().last_message_at == NOW + 3_400
+
+
 async def test_a_backlog_after_a_stall_is_as_old_as_its_provider_times_not_its_arrival(store: Store) -> None:
     """A stream stalls and then delivers what piled up: its messages arrive seconds after their
     provider time. Timed from their arrival, a backlog's old prices read milliseconds old — and

@@ -419,7 +419,9 @@ class AmqpSource:
     def _confirm(self) -> None:
         ps = self.producers.values()
         if self._sink is not None and all(p.state == "up" and p.last_alive_recv for p in ps):
-            self._sink.confirm(min(p.last_alive_recv for p in ps))
+            # (as of the oldest receipt, and no later than the oldest alive's own timestamp plus the
+            # stream-lag bound: an alive held back in a backlog vouches for nothing newer than itself)
+            self._sink.confirm(min(p.last_alive_recv for p in ps), min(p.last_alive_ts for p in ps))
 
     # -- producer machine ---------------------------------------------------------------------------
 

@@ -104,12 +104,15 @@ class Sink(Protocol):
         when it fails (``Delivered.stored`` False)."""
         ...
 
-    def confirm(self, recv_ms: int) -> None:
+    def confirm(self, recv_ms: int, provider_ms: int | None = None) -> None:
         """The upstream vouched for all its data at ``recv_ms`` without a
         payload (a poll answered 304 / nothing new, an AMQP ``alive``): the
         source's markets read fresh as of then, once everything received
-        before is stored. Streams need not call it — each delivery confirms —
-        unless :attr:`Source.confirms_by_messages` is False."""
+        before is stored. ``provider_ms``: the provider's own time of it (an
+        ``alive``'s timestamp, ms since the Unix epoch) — one received more than
+        ``ODDSFEED_MAX_STREAM_LAG_MS`` after it (held back in a backlog) vouches
+        only as of that time plus the bound. Streams need not call it — each
+        delivery confirms — unless :attr:`Source.confirms_by_messages` is False."""
         ...
 
     def set_state(self, state: SourceState, reason: str | None) -> None:
