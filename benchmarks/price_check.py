@@ -19,7 +19,12 @@ Latency = send → last byte of the response, per request, in an
 HdrHistogram (µs). "from schedule" = due time → response (includes any
 wait for a free connection and the generator's own ~1 ms timer granularity;
 coordinated-omission safe). The Redis floor sends ``GET <snapshot key>`` on
-its own pool at the same rate, to the same Redis the API node reads.
+its own pool at the same rate, to the same Redis the API node reads. The
+Python HTTP floor (``benchmarks/baselines/http_floor.py``: a bare
+``asyncio.Protocol`` on the same event loop answering every request with a
+byte-for-byte copy of one of the node's answers) gets the same requests at the
+same rate: its CPU per request is printed beside the node's — what a Python
+process pays per request/response on this machine before any work of ours.
 
 Usage::
 
@@ -68,6 +73,7 @@ from benchmarks import plots  # noqa: E402
 TARGET_P99_MS = 2.0
 TARGET_X_REDIS = 3.0
 TARGET_CPU_US = 100.0
+FLOOR_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 def free_port() -> int:
@@ -306,6 +312,38 @@ def describe(result: Any) -> str:
     return repr(result)[:120]
 
 
+async def raw_answer(host: str, port: int, payload: bytes) -> bytes:
+    """The whole HTTP response (head and body, bytes as sent) to one request."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(payload)
+        buf = bytearray()
+        while (got := parse_http(buf)) is None:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                raise RuntimeError("the API node closed the connection before answering")
+            buf += data
+        return bytes(buf[:got[0]])
+    finally:
+        writer.close()
+
+
+async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """Until a TCP connection to 127.0.0.1:``port`` opens (``proc`` exiting first: SystemExit)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the process for port {port} exited with {proc.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
+    raise SystemExit(f"nothing listening on port {port} after {timeout_s:g} s")
+
+
 def classify_redis(result: Any) -> str | None:
     return "hit" if result is not None else "miss"
 
@@ -451,10 +489,31 @@ async def main_async() -> int:
         # the node's own background work (partition reader, health poller) on the same feed, measured
         # while it serves nothing (during the Redis GET run): what a check costs beyond it is the request path
         idle_rate = (cpu_seconds(api.pid) - idle_cpu0) / rd_wall
+        # the Python floor of a request/response (benchmarks/baselines/http_floor.py): the same requests
+        # answered with a copy of one of the node's own answers, bytes for bytes, by a bare protocol
+        answer_file = work / "floor-answer.http"
+        answer_file.write_bytes(await raw_answer("127.0.0.1", api_port, payloads[0]))
+        floor_port = free_port()
+        floor_proc = procs.start("http floor", [py, "-m", "benchmarks.baselines.http_floor", "--port", str(floor_port),
+                                                "--answer", str(answer_file)], env, work / "http_floor.log")
+        await wait_listening(floor_port, floor_proc)
+
+        async def floor_conn(on_done: Any, on_lost: Any) -> _Conn:
+            _, proto = await loop.create_connection(lambda: _Conn(parse_http, on_done, on_lost), "127.0.0.1",
+                                                    floor_port)
+            return proto
+
+        await open_loop("floor warm-up", floor_conn, payloads, args.rate, warm, None, classify_http)
+        fl = Stats()
+        fl_cpu0, t2 = cpu_seconds(floor_proc.pid), time.perf_counter()
+        await open_loop("http floor", floor_conn, payloads, args.rate, n, fl, classify_http)
+        fl_wall = time.perf_counter() - t2
+        fl_cpu = cpu_seconds(floor_proc.pid) - fl_cpu0
 
         print()
         print(line("POST /v1/price-check", pc, pc_wall))
         print(line("redis GET (floor)", rd, rd_wall))
+        print(line("Python HTTP floor", fl, fl_wall))
         print(f"  answers: {dict(pc.reasons.most_common())}")
         if pc.error_kinds or rd.error_kinds:
             print(f"  errors: {dict(pc.error_kinds.most_common(5))} {dict(rd.error_kinds.most_common(5))}")
@@ -466,6 +525,12 @@ async def main_async() -> int:
               f"same feed, measured during the Redis GET run) = {bg_us:.0f} µs per request at this rate; "
               f"the price-check path: {pc_cpu / max(1, pc.count) * 1e6 - bg_us:.0f} µs per request "
               "(HTTP parsing, routing, the check, kernel socket work)")
+        fl_us = fl_cpu / max(1, fl.count) * 1e6
+        path_us = pc_cpu / max(1, pc.count) * 1e6 - bg_us
+        print(f"  Python HTTP floor (benchmarks/baselines/http_floor.py: bare asyncio.Protocol on {FLOOR_LOOP}, the "
+              f"same requests, a copy of the node's answer): {fl_us:.0f} µs per request — the price-check path is "
+              f"{path_us / fl_us if fl_us else float('inf'):.2f}× it, {path_us - fl_us:.0f} µs of the node's own work "
+              "per check")
         p99 = percentiles(pc.service)["p99"]
         floor = percentiles(rd.service)["p99"]
         verdict = "MET" if p99 <= TARGET_P99_MS and pc.errors == 0 else "MISSED"
@@ -479,7 +544,7 @@ async def main_async() -> int:
               f"{x_redis:.1f}× ({p99:.3f} vs {floor:.3f} ms)")
         print(f"  [{'met' if cpu_us <= TARGET_CPU_US else 'NOT MET'}] API node CPU per check ≤ {TARGET_CPU_US:g} µs: "
               f"{cpu_us:.0f} µs ({pc_cpu / pc_wall * 100:.0f}% of one core at {pc.count / pc_wall:,.0f} req/s, "
-              "incl. the node's reader and health tasks)")
+              f"incl. the node's reader and health tasks; the Python HTTP floor of the same run {fl_us:.0f} µs)")
         print(f"\nmachine: {os.cpu_count()} CPUs; load average before {load_before[0]:.2f} / {load_before[1]:.2f} / "
               f"{load_before[2]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f} (1/5/15 min)")
         if not args.no_png:
