@@ -141,6 +141,12 @@ class _Rotation:
         return self._ids[start:self._at], start == 0 and self._at >= len(self._ids)
 
 
+def _entry_id(entry_id: str) -> tuple[int, int]:
+    """A Redis stream entry id (``<ms>-<n>``) as a comparable pair."""
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
+
+
 @dataclass
 class _Audit:
     """What one store audit found (:meth:`Ingest._audit_store`)."""
@@ -153,6 +159,9 @@ class _Audit:
     states: list[str]
     #: the audit covered every market and event state held (else a periodic slice)
     whole: bool
+    #: logs whose newest entry is older than one this ingest wrote ("the log of partition 3 ends at …"):
+    #: the store went back in time (§81)
+    went_back: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -331,6 +340,14 @@ class Ingest:
         self._connects_seen: int = getattr(store, "connects", 0)
         #: store audits run (:meth:`_audit_store`)
         self.audits = 0
+        #: periodic audits that found a log of the store ending before an entry this ingest wrote
+        self.store_went_back = 0
+        #: per partition, the newest delta-log entry this ingest wrote (or, after an audit of
+        #: everything, the log's newest then), and the same of the event-state log: a periodic audit
+        #: that finds a log ending before it knows the store went back in time and compares
+        #: everything at once (§81) instead of waiting for its slices to come round
+        self._wrote: dict[int, tuple[int, int]] = {}
+        self._wrote_state: tuple[int, int] | None = None
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
         #: price history, written after each successful apply (best-effort; 0 ms = off)
@@ -567,6 +584,10 @@ class Ingest:
         states = list(pending.values())
         result = await self.store.apply_event_states(states)
         raise_if_cancelled()
+        if result.entry:
+            at = _entry_id(result.entry)
+            if self._wrote_state is None or at > self._wrote_state:
+                self._wrote_state = at
         for es in states:
             if self._states_pending.get(es.event_id) is es:
                 del self._states_pending[es.event_id]
@@ -800,6 +821,8 @@ class Ingest:
                                self.source)
                 more, deltas = await self._resend(book.reimage_all(stored_at))
                 result = _merged(result, more)
+            if result is not None:
+                self._note_written(result)
             if self._audit_wanted():  # (a write above may have reconnected, to a server back older)
                 result, deltas = await self._audit_and_repair(stored_at, result, deltas)
             if result is not None:
@@ -918,6 +941,14 @@ class Ingest:
         before anything — markets or event states — is confirmed again."""
         self._audit_due = True
 
+    def _note_written(self, result: ApplyResult) -> None:
+        """Remember the newest log entry of each partition ``result`` wrote (see ``_wrote``)."""
+        wrote = self._wrote
+        for p, entry_id in result.entries.items():
+            at = _entry_id(entry_id)
+            if at > wrote.get(p, (0, 0)):
+                wrote[p] = at
+
     async def _resend(self, images: list[Delta]) -> tuple[ApplyResult, list[Delta]]:
         """Store ``images`` (re-images of book markets: they wait in the backlog
         if Redis fails); returns the apply's result and the images as stored
@@ -925,6 +956,7 @@ class Ingest:
         self._backlog = images
         result = await self.store.apply(images, self.book.markets, None, rebase=self.book.rebase)
         raise_if_cancelled()
+        self._note_written(result)
         if result.rebased:
             images = self._rebased(images, result.rebased)
         return result, images
@@ -972,8 +1004,24 @@ class Ingest:
             mids, all_mids = self._market_rotation.take(book.markets, self.audit_slice)
             eids, all_eids = self._state_rotation.take(held, self.audit_slice)
             whole = all_mids and all_eids
-        found = await self.store.stored_marks(mids, eids)
+        wrote = self._wrote
+        found = await self.store.stored_marks(mids, eids, heads=list(wrote),
+                                              state_head=self._wrote_state is not None)
         raise_if_cancelled()
+        went_back: list[str] = []
+        for p, head in found.heads.items():
+            at = _entry_id(head)
+            if at < wrote[p]:
+                went_back.append(f"the log of partition {p} ends at {head}, before {wrote[p][0]}-{wrote[p][1]}")
+                if full:  # compared wholly: the store as it is now is the baseline
+                    wrote[p] = at
+        if found.state_head is not None and self._wrote_state is not None:
+            at = _entry_id(found.state_head)
+            if at < self._wrote_state:
+                went_back.append(f"the event-state log ends at {found.state_head}, before "
+                                 f"{self._wrote_state[0]}-{self._wrote_state[1]}")
+                if full:
+                    self._wrote_state = at
         behind: list[str] = []
         mark = book.mark
         for mid, (seq, owner, pt) in found.marks.items():
@@ -992,7 +1040,7 @@ class Ingest:
             if version >= es.version or (owner is not None and owner != es.source) or pt > es.provider_ts:
                 continue
             states.append(eid)
-        return _Audit(found.epoch, behind, states, whole)
+        return _Audit(found.epoch, behind, states, whole, went_back)
 
     async def _audit_and_repair(self, stored_at: int, result: ApplyResult | None,
                                 deltas: list[Delta]) -> tuple[ApplyResult | None, list[Delta]]:
@@ -1015,6 +1063,15 @@ class Ingest:
         store = self.store
         full = self._audit_due or store.connects != self._connects_seen
         found = await self._audit_store(full)
+        if found.went_back and not full:
+            # Redis went back in time without an error or reconnect seen here (a backup restored in
+            # place, a replica promoted behind a proxy): what it lost may be any market's, so
+            # everything is compared now rather than as the slices come round
+            logger.warning("source %s: the store went back in time (%s); comparing every market and event "
+                           "state with the book", self.source, "; ".join(found.went_back))
+            self.store_went_back += 1
+            self._audit_due = True
+            found = await self._audit_store(True)
         old = store.epoch
         if found.states:
             self.lost_state_writes += len(found.states)

@@ -533,6 +533,11 @@ class StoredMarks:
     epoch: str | None
     marks: dict[str, tuple[int, str | None, int]]
     events: dict[str, tuple[int, str | None, int]] = field(default_factory=dict)
+    #: per partition asked for (``heads``): the id of the newest entry of its delta log ("0-0" when
+    #: it is empty or gone)
+    heads: dict[int, str] = field(default_factory=dict)
+    #: the id of the newest entry of the event-state log ("0-0" when empty or gone; None when not asked)
+    state_head: str | None = None
 
 
 #: rounds :meth:`Store.ensure_epoch` reads and repairs the epochs before it gives up (StoreError)
@@ -1264,16 +1269,20 @@ class Store:
         return max((int(v) for v in replies if v is not None), default=0)
 
     async def stored_marks(self, market_ids: Iterable[str], event_ids: Iterable[str] = (), *,
-                           chunk: int = 1000) -> StoredMarks:
+                           heads: Iterable[int] = (), state_head: bool = False, chunk: int = 1000) -> StoredMarks:
         """The epoch now in Redis and, for each of ``market_ids``, its stored seq,
         owner and provider time, and for each of ``event_ids`` its stored event
         state's version, owner and provider time (:class:`StoredMarks`) — what a
         writer compares with its book and held event states to find what the
-        store lost acknowledged writes of (docs/architecture.md §79). One
-        pipelined round trip: a GET of ``of:epoch``, per partition HMGETs of the
-        seq, owner and provider-time hashes, and HMGETs of the event states'
-        version, owner and provider-time hashes (``of:{es}:v``, ``:owner``,
-        ``:pt``), ``chunk`` ids per command. Read only. Raises StoreError."""
+        store lost acknowledged writes of (docs/architecture.md §79) — and the
+        newest entry id of the delta log of each partition of ``heads`` and,
+        with ``state_head``, of the event-state log (a log whose newest entry is
+        older than one the writer added went back in time: §81). One pipelined
+        round trip: a GET of ``of:epoch``, per partition HMGETs of the seq,
+        owner and provider-time hashes, HMGETs of the event states' version,
+        owner and provider-time hashes (``of:{es}:v``, ``:owner``, ``:pt``),
+        ``chunk`` ids per command, and an ``XREVRANGE … COUNT 1`` per log asked
+        for. Read only. Raises StoreError."""
         by_p: dict[int, list[str]] = {}
         for mid in market_ids:
             by_p.setdefault(partition_of(mid, self.partitions), []).append(mid)
@@ -1296,9 +1305,16 @@ class Store:
                 pipe.hmget(ES_OWNER_KEY, part)
                 pipe.hmget(ES_PT_KEY, part)
                 eparts.append(part)
+            logs = list(heads)
+            for p in logs:
+                pipe.xrevrange(log_key(p), count=1)
+            if state_head:
+                pipe.xrevrange(ES_LOG_KEY, count=1)
             replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis read failed: {exc}") from None
+        tail = len(replies) - len(logs) - (1 if state_head else 0)
+        newest = [reply_text(rows[0][0]) if rows else "0-0" for rows in replies[tail:]]
         k = 1
         out: list[dict[str, tuple[int, str | None, int]]] = []
         for chunks in (parts, eparts):
@@ -1309,7 +1325,8 @@ class Store:
                 for key, n, o, t in zip(part, nums, owners, pts, strict=True):
                     got[key] = (int(n) if n is not None else 0, reply_text_or_none(o), int(t) if t is not None else 0)
             out.append(got)
-        return StoredMarks(reply_text_or_none(replies[0]), out[0], out[1])
+        return StoredMarks(reply_text_or_none(replies[0]), out[0], out[1], dict(zip(logs, newest)),
+                           newest[-1] if state_head else None)
 
     async def sources(self) -> list[SourceHealth]:
         names = sorted(reply_text(n) for n in await self.redis.smembers(SOURCES_KEY))
