@@ -32,7 +32,7 @@ from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
-from feed.store import ApplyResult, EpochChanged, Store
+from feed.store import ApplyResult, EpochChanged, Store, StoredMarks
 from feed.validate import CheckedLadders, validate_event_state, validate_update
 
 logger = logging.getLogger(__name__)
@@ -340,7 +340,8 @@ class Ingest:
         self._connects_seen: int = getattr(store, "connects", 0)
         #: store audits run (:meth:`_audit_store`)
         self.audits = 0
-        #: periodic audits that found a log of the store ending before an entry this ingest wrote
+        #: times a log of the store was found ending before an entry this ingest wrote (a periodic
+        #: audit, or the health publisher's check before a record: :meth:`check_log_heads`)
         self.store_went_back = 0
         #: per partition, the newest delta-log entry this ingest wrote (or, after an audit of
         #: everything, the log's newest then), and the same of the event-state log: a periodic audit
@@ -949,6 +950,49 @@ class Ingest:
             if at > wrote.get(p, (0, 0)):
                 wrote[p] = at
 
+    async def check_log_heads(self) -> bool:
+        """Whether a log of the store ends before an entry this ingest wrote (the
+        store went back in time as a whole, without an error or reconnect seen here:
+        §81); if so the next flush compares everything with the book before anything
+        is confirmed (:meth:`audit_soon`). The health publisher asks before each
+        record it writes, so no record vouches for a store that lost writes. One
+        round trip (one ``XREVRANGE … COUNT 1`` per log written); raises StoreError."""
+        async with self._flush_lock:  # (not beside a flush: its audit may move the baselines)
+            if not self._wrote and self._wrote_state is None:
+                return False
+            found = await self.store.stored_marks((), heads=list(self._wrote),
+                                                  state_head=self._wrote_state is not None)
+            raise_if_cancelled()
+            went_back = self._went_back(found, full=False)
+            if not went_back:
+                return False
+            logger.warning("source %s: the store went back in time (%s); comparing every market and event "
+                           "state with the book before confirming anything", self.source, "; ".join(went_back))
+            self.store_went_back += 1
+            self._audit_due = True
+            return True
+
+    def _went_back(self, found: StoredMarks, *, full: bool) -> list[str]:
+        """The logs of ``found`` that end before an entry this ingest wrote, described;
+        ``full`` (an audit of everything read them): the store as it is now becomes the
+        baseline."""
+        wrote = self._wrote
+        went_back: list[str] = []
+        for p, head in found.heads.items():
+            at = _entry_id(head)
+            if at < wrote[p]:
+                went_back.append(f"the log of partition {p} ends at {head}, before {wrote[p][0]}-{wrote[p][1]}")
+                if full:
+                    wrote[p] = at
+        if found.state_head is not None and self._wrote_state is not None:
+            at = _entry_id(found.state_head)
+            if at < self._wrote_state:
+                went_back.append(f"the event-state log ends at {found.state_head}, before "
+                                 f"{self._wrote_state[0]}-{self._wrote_state[1]}")
+                if full:
+                    self._wrote_state = at
+        return went_back
+
     async def _resend(self, images: list[Delta]) -> tuple[ApplyResult, list[Delta]]:
         """Store ``images`` (re-images of book markets: they wait in the backlog
         if Redis fails); returns the apply's result and the images as stored
@@ -1004,24 +1048,10 @@ class Ingest:
             mids, all_mids = self._market_rotation.take(book.markets, self.audit_slice)
             eids, all_eids = self._state_rotation.take(held, self.audit_slice)
             whole = all_mids and all_eids
-        wrote = self._wrote
-        found = await self.store.stored_marks(mids, eids, heads=list(wrote),
+        found = await self.store.stored_marks(mids, eids, heads=list(self._wrote),
                                               state_head=self._wrote_state is not None)
         raise_if_cancelled()
-        went_back: list[str] = []
-        for p, head in found.heads.items():
-            at = _entry_id(head)
-            if at < wrote[p]:
-                went_back.append(f"the log of partition {p} ends at {head}, before {wrote[p][0]}-{wrote[p][1]}")
-                if full:  # compared wholly: the store as it is now is the baseline
-                    wrote[p] = at
-        if found.state_head is not None and self._wrote_state is not None:
-            at = _entry_id(found.state_head)
-            if at < self._wrote_state:
-                went_back.append(f"the event-state log ends at {found.state_head}, before "
-                                 f"{self._wrote_state[0]}-{self._wrote_state[1]}")
-                if full:
-                    self._wrote_state = at
+        went_back = self._went_back(found, full=full)
         behind: list[str] = []
         mark = book.mark
         for mid, (seq, owner, pt) in found.marks.items():
@@ -1267,6 +1297,10 @@ class HealthPublisher:
                 return
             ingest = self.ingest
             try:
+                if ingest.store_ok:
+                    # a record vouches for the source's markets as the store holds them: not for a
+                    # store that went back in time (§81) until the flush below compared and repaired it
+                    await ingest.check_log_heads()
                 if ingest.backlog or not ingest.store_ok or ingest.audit_due:
                     # a quiet source still drains what waits for the store, and has it compared
                     # with its book (Redis may have come back older: Ingest._audit_store)

@@ -596,3 +596,54 @@ async def test_an_event_state_log_gone_back_in_place_is_found_by_the_next_period
     finally:
         await r.aclose()
         await store.close()
+
+
+async def test_no_health_record_vouches_for_a_store_gone_back_as_a_whole(redis_url: str) -> None:
+    """§81: between a store going back in place and the audit that finds it, the ingest's health
+    publisher went on writing records whose ``last_message_at`` vouched for every market of the
+    source as the store now held them — the lost price read fresh on every node (up to one audit
+    interval; with the periodic audit off here, for good). The publisher reads the logs' heads
+    before each record: a log ending before an entry the ingest wrote makes it compare and repair
+    everything first. While the store holds the lost price no record in it vouches past the
+    confirmation the restored record itself carried."""
+    store = await Store.open(redis_url)
+    reader = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.set_state("UP", None)
+    ing.audit_every_s = 3600.0  # (no periodic audit: only the publisher's check can find it)
+    try:
+        async with HealthPublisher(ing, interval_s=0.1):
+            t = now_ms()
+            await feed(ing, image("1.1", 2.0, pt=t), image("1.2", 3.0, pt=t))
+            ing.audit_soon()
+            await feed(ing, heartbeat(pt=now_ms()))  # (the audit of everything: the next periodic one an hour away)
+            async def recorded() -> bool:
+                h = await reader.get_health("betfair")
+                return h is not None and h.last_message_at > 0
+
+            await eventually(recorded, WAIT_S, "a health record vouching for the source")
+            saved = await backup_all(r)
+            await feed(ing, price("1.1", 2.2, pt=now_ms()))
+            await restore_all(r, saved)
+            restored = await reader.get_health("betfair")
+            assert restored is not None
+            vouched_before = restored.last_message_at
+            assert back_of(await store.get_market(A)) == 2.0, "the restored store lacks A's last write"
+
+            async def caught_up() -> bool:
+                await feed(ing, heartbeat(pt=now_ms()))  # the source goes on confirming; A stays quiet
+                h = await reader.get_health("betfair")
+                stored = await reader.get_market(A)
+                if stored is None or stored.seq < ing.book.markets[A].seq:
+                    assert h is None or h.last_message_at <= vouched_before, \
+                        "a health record vouches for the source while the store holds A's lost price"
+                    return False
+                return back_of(stored) == 2.2
+
+            await eventually(caught_up, WAIT_S, "the store to hold A's book state again", interval_s=0.05)
+            assert ing.store_went_back >= 1 and ing.lost_writes == 1
+    finally:
+        await r.aclose()
+        await reader.close()
+        await store.close()
