@@ -272,6 +272,33 @@ async def redis_empty(ctx: Ctx) -> dict[str, Any]:
     return {"applied": bool(wiped), "killed_pid": pid, "wiped": wiped, "keys_right_after_restart": keys}
 
 
+async def redis_back_older(ctx: Ctx) -> dict[str, Any]:
+    """The store goes back in time as a whole, in place: a snapshot of 3 s earlier loaded by the
+    running server (``DEBUG RELOAD NOSAVE`` of an RDB saved then) — no restart, no connection closed,
+    the same epoch: a backup restored in place, a lagging replica promoted behind a proxy. Every
+    write of those 3 s is lost, quiet markets' included, while the sources go on confirming."""
+    import redis as redis_py
+
+    data_dir = ctx.stack.redis.data_dir
+    r = redis_py.Redis.from_url(ctx.stack.redis_url)
+    try:
+        r.save()
+        shutil.copy(data_dir / "dump.rdb", data_dir / "older.rdb")
+        saved_keys = r.dbsize()
+        await asyncio.sleep(3.0)
+        ctx.begin()
+        r.config_set("dbfilename", "older.rdb")
+        try:
+            r.execute_command("DEBUG", "RELOAD", "NOSAVE")
+        finally:
+            r.config_set("dbfilename", "dump.rdb")
+        r.bgrewriteaof()  # (the append-only file follows the data again: a later restart loads this)
+        keys = r.dbsize()
+    finally:
+        r.close()
+    return {"applied": True, "went_back_s": 3.0, "keys_saved": saved_keys, "keys_after": keys}
+
+
 async def redis_stop(ctx: Ctx) -> dict[str, Any]:
     pid = ctx.stack.redis_pid()
     ctx.begin()
@@ -800,6 +827,8 @@ async def cluster_master_kill(ctx: Ctx) -> dict[str, Any]:
 ROWS: list[Row] = [
     Row("redis_kill", "redis-server kill -9, restarted 2 s later on the same data dir (AOF)", ALL, redis_kill),
     Row("redis_empty", "redis-server kill -9, data dir wiped, restarted empty 2 s later", ALL, redis_empty),
+    Row("redis_back_older", "redis-server goes back 3 s in place (an RDB saved then, loaded by DEBUG RELOAD "
+        "NOSAVE: no restart, no connection closed, same epoch)", ALL, redis_back_older),
     Row("redis_stop", "redis-server SIGSTOP for 10 s, then SIGCONT", ALL, redis_stop),
     *(Row(f"ingest_kill_{s.replace('-', '_')}", f"ingest of {s} kill -9, restarted 1 s later", (s,),
           ingest_kill(s)) for s in ALL),
