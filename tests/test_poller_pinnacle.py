@@ -24,7 +24,7 @@ from feed.errors import FeedDecodeError
 from feed.normalise.pinnacle import PinnacleNormaliser
 from feed.sources.base import Delivered, Payload
 from feed.sources.http_auth import HmacSigner, Secret, TokenAuth
-from feed.sources.http_limits import AuthError
+from feed.sources.http_limits import AuthError, cache_age_ms
 from feed.sources.poller import HttpOptions, PinnacleSource, PollerOptions, ProviderHttp
 from feed.store import Store
 from tests.poller_helpers import (
@@ -295,6 +295,48 @@ async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arri
     finally:
         await store.close()
 
+
+
+async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_request(redis_url: str) -> None:
+    """A cache in front of the provider (a CDN) serves an earlier answer again with ``Age``
+    (RFC 9111 §5.1): the answer — here "nothing since" or the last delta — is that much older
+    than its request. Confirming it as of the request served whatever changed meanwhile as fresh
+    (the "repeated empty answer" README named a known limit: without ``Age`` it still is). Now it
+    confirms as of the request less ``Age`` + 1 s, and the prices it carries are received as of
+    their arrival less the same."""
+    import time as _time
+
+    store = await Store.open(redis_url)
+    try:
+        async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
+            assert isinstance(src, PinnacleSource)
+            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
+            await eventually(lambda: set(src._odds_ok_at) == {"29", "33", "4"}, what="a delta of every sport")
+            calls: list[tuple[int, int]] = []  # (confirmed as of, wall ms when confirmed)
+            real = src.odds_confirmed
+
+            def spy(key: str, at_ms: int) -> None:
+                calls.append((at_ms, _time.time_ns() // 1_000_000))
+                real(key, at_ms)
+            src.odds_confirmed = spy  # type: ignore[method-assign]
+            sim.freeze()  # nothing changes: every answer is "nothing since" — the one a cache repeats
+            polls = src.polls
+            await eventually(lambda: src.polls >= polls + 6, what="answers of a frozen provider")
+            sim.cached(1, age_s=30)
+            await wait_faults_consumed(sim)
+            await eventually(lambda: any(now - at >= 31_000 for at, now in calls),
+                             what="the cached answer's confirmation, 31 s before its request")
+            assert all(at <= now for at, now in calls)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(("age", "ms"), [(None, 0), ("0", 1000), ("5", 6000), ("5, 7", 6000), (" 12 ", 13000),
+                                         ("-1", 0), ("abc", 0), ("1e3", 0), ("+5", 0), ("9" * 12, 86_401_000)])
+def test_cache_age(age: str | None, ms: int) -> None:
+    """``Age``: whole seconds (truncated: + 1 s), the first of a list, capped at a day; anything
+    but a non-negative integer says nothing (0)."""
+    assert cache_age_ms(httpx.Headers({} if age is None else {"Age": age})) == ms
 
 class _BookSink:
     """A sink that normalises into a Book as the ingest does (empty payloads skipped, a body the

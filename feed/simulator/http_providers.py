@@ -69,6 +69,7 @@ Fault switches (:class:`HttpProviders` methods, per provider or both):
 after the client's deadline), :meth:`~HttpProviders.trickle` (a slow body),
 :meth:`~HttpProviders.duplicate` and :meth:`~HttpProviders.replay_old`
 (Pinnacle odds: the last answer again / an older ``last``),
+:meth:`~HttpProviders.cached` (the last answer again from a cache in front, with ``Age``),
 :meth:`~HttpProviders.malformed`, :meth:`~HttpProviders.drop_bookmaker`,
 :meth:`~HttpProviders.set_quota`, :meth:`~HttpProviders.freeze`.
 
@@ -280,7 +281,7 @@ class HttpProviders:
         # Pinnacle
         self.pn_last = 1_000_000
         self.pn_events: dict[int, _PnEvent] = {}
-        self.pn_history: dict[int, deque[tuple[int, bytes]]] = {}
+        self.pn_history: dict[int, deque[tuple[int, bytes, int]]] = {}
         self.pn_served: set[str] = set()
         #: settled events per sportId, and the settled base events whose settlement a client has read
         self.pn_settled: dict[int, list[_PnSettled]] = {}
@@ -410,6 +411,12 @@ class HttpProviders:
     def replay_old(self, n: int = 1) -> None:
         """The next ``n`` Pinnacle odds replies are an older reply (an old ``last``)."""
         self._add("replay_old", PINNACLE, n)
+
+    def cached(self, n: int = 1, age_s: int | None = None) -> None:
+        """The next ``n`` Pinnacle odds replies come from a cache in front of the provider: the
+        previous reply of that sport again, with ``Age`` (RFC 9111 §5.1) — the whole seconds since
+        it was made, or ``age_s`` (a cache that has held it that long)."""
+        self._add("cached", PINNACLE, n, age_s)
 
     def expire_tokens(self) -> None:
         """Every issued token is now invalid (401 until the client gets a new one)."""
@@ -1235,13 +1242,16 @@ class HttpProviders:
         sport, since = parsed
         american = request.query_params.get("oddsFormat", "Decimal").lower() == "american"
         history = self.pn_history.setdefault(sport, deque(maxlen=20))
-        replay = self._take(PINNACLE, ("duplicate", "replay_old"))
+        replay = self._take(PINNACLE, ("duplicate", "replay_old", "cached"))
         if replay is not None and history:
-            _, old = history[-1] if replay.kind == "duplicate" else history[0]
+            _, old, made_ms = history[-1] if replay.kind != "replay_old" else history[0]
+            if replay.kind == "cached":
+                age_s = replay.arg if replay.arg is not None else max(0, _now_ms() - made_ms) // 1000
+                return await self._deliver(PINNACLE, request, old, headers={"age": str(age_s)})
             return await self._deliver(PINNACLE, request, old)
         body, served = self._pn_odds_body(sport, since, american)
         payload = orjson.dumps(body)
-        history.append((body["last"], payload))
+        history.append((body["last"], payload, _now_ms()))
         last = body["last"]
 
         def sent() -> None:

@@ -158,6 +158,25 @@ class RequestRejectedError(_HttpErrorMixin, FatalSourceError):
 # --- Retry-After ---------------------------------------------------------------
 
 
+#: an ``Age`` above this (s) is taken as this: a day-old answer confirms nothing a poller could use anyway
+MAX_AGE_S = 86_400
+
+
+def cache_age_ms(headers: Mapping[str, str]) -> int:
+    """How old an answer a cache served is, ms, by its ``Age`` header (RFC 9111 §5.1: whole
+    seconds since the origin made or validated it; a list uses its first member): ``(Age + 1) ×
+    1000`` — the age is truncated to the second, so the answer may be up to a second older —
+    capped at :data:`MAX_AGE_S`; 0 without an ``Age`` (the origin answered this request). A value
+    that is not a non-negative integer is ignored (0): it says nothing an age can be read from."""
+    raw = headers.get("age")
+    if raw is None:
+        return 0
+    value = raw.split(",", 1)[0].strip()
+    if not value.isascii() or not value.isdigit():
+        return 0
+    return (min(int(value[:6]), MAX_AGE_S) + 1) * 1000
+
+
 def parse_retry_after(value: str | None, *, now_s: float | None = None, default_s: float | None = None,
                       max_s: float = 3600.0) -> float | None:
     """``Retry-After`` in seconds (>= 0, capped at ``max_s``): delta-seconds

@@ -63,6 +63,7 @@ from feed.normalise.push import entry_key
 from feed.redaction import register_secret
 from feed.sources.backoff import Backoff, RepairPacer
 from feed.sources.base import ClientSource, Sink
+from feed.sources.http_limits import cache_age_ms
 from feed.sources.session import HealthCallback, SessionClient
 from feed.sources.spec import SourceSpec
 
@@ -473,7 +474,7 @@ class PushClient(SessionClient):
             env = _Envelope()
         if env.type != "snapshot" or env.seq is None:
             raise _LinkLost("snapshot resync failed: the body is not a snapshot with a seq")
-        recv_ms = self._clock_ms()
+        recv_ms = self._clock_ms() - cache_age_ms(resp.headers)  # (a cache in front: its data is older)
         self._out.append(body)
         self._note_entry(env.entry_id)
         self._covered(env.seq, asyncio.get_running_loop().time())
