@@ -268,26 +268,33 @@ async def test_pinnacle_all_sports_come_from_the_cached_sports_list(redis_url: s
         await store.close()
 
 
+async def _confirmations(src: object) -> list[tuple[int, int]]:
+    """Once the Pinnacle source is UP and every sport past its snapshots (a snapshot confirms
+    nothing: the next odds call is a delta), every odds confirmation it makes from now, as
+    (confirmed as of, wall ms when confirmed)."""
+    import time as _time
+
+    assert isinstance(src, PinnacleSource)
+    await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
+    await eventually(lambda: set(src._odds_ok_at) == {"29", "33", "4"}, what="a delta of every sport")
+    calls: list[tuple[int, int]] = []
+    real = src.odds_confirmed
+
+    def spy(key: str, at_ms: int) -> None:
+        calls.append((at_ms, _time.time_ns() // 1_000_000))
+        real(key, at_ms)
+    src.odds_confirmed = spy  # type: ignore[method-assign]
+    return calls
+
+
 async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arrival(redis_url: str) -> None:
     """An odds answer that takes 0.8 s reflects the provider at some moment between the request
     and its arrival: it may confirm the markets only as of the request. Confirming as of the
     arrival served old prices as fresh under load (the fault suite's wrong-fresh)."""
-    import time as _time
-
     store = await Store.open(redis_url)
     try:
         async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
-            assert isinstance(src, PinnacleSource)
-            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
-            # every sport past its snapshots (a snapshot confirms nothing): the trickled call is a delta
-            await eventually(lambda: set(src._odds_ok_at) == {"29", "33", "4"}, what="a delta of every sport")
-            calls: list[tuple[int, int]] = []  # (confirmed as of, wall ms when confirmed)
-            real = src.odds_confirmed
-
-            def spy(key: str, at_ms: int) -> None:
-                calls.append((at_ms, _time.time_ns() // 1_000_000))
-                real(key, at_ms)
-            src.odds_confirmed = spy  # type: ignore[method-assign]
+            calls = await _confirmations(src)
             sim.trickle(1, seconds=0.8, provider="pinnacle", path="/v2/odds")  # (a fixtures body confirms nothing)
             await wait_faults_consumed(sim)
             await eventually(lambda: any(now - at >= 700 for at, now in calls), what="the slow answer's confirmation")
@@ -296,29 +303,17 @@ async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arri
         await store.close()
 
 
-
 async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_request(redis_url: str) -> None:
     """A cache in front of the provider (a CDN) serves an earlier answer again with ``Age``
     (RFC 9111 §5.1): the answer — here "nothing since" or the last delta — is that much older
     than its request. Confirming it as of the request served whatever changed meanwhile as fresh
     (the "repeated empty answer" README named a known limit: without ``Age`` it still is). Now it
-    confirms as of the request less ``Age`` + 1 s, and the prices it carries are received as of
-    their arrival less the same."""
-    import time as _time
-
+    confirms as of the request less ``Age`` + 1 s (the prices such an answer carries count as
+    received as much before their arrival: ``HttpResult.made_ms``)."""
     store = await Store.open(redis_url)
     try:
         async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
-            assert isinstance(src, PinnacleSource)
-            await eventually(lambda: src.pipeline.ingest.health.state == "UP", what="source UP")
-            await eventually(lambda: set(src._odds_ok_at) == {"29", "33", "4"}, what="a delta of every sport")
-            calls: list[tuple[int, int]] = []  # (confirmed as of, wall ms when confirmed)
-            real = src.odds_confirmed
-
-            def spy(key: str, at_ms: int) -> None:
-                calls.append((at_ms, _time.time_ns() // 1_000_000))
-                real(key, at_ms)
-            src.odds_confirmed = spy  # type: ignore[method-assign]
+            calls = await _confirmations(src)
             sim.freeze()  # nothing changes: every answer is "nothing since" — the one a cache repeats
             polls = src.polls
             await eventually(lambda: src.polls >= polls + 6, what="answers of a frozen provider")
