@@ -73,7 +73,6 @@ from benchmarks import plots  # noqa: E402
 TARGET_P99_MS = 2.0
 TARGET_X_REDIS = 3.0
 TARGET_CPU_US = 100.0
-FLOOR_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 def free_port() -> int:
@@ -494,8 +493,10 @@ async def main_async() -> int:
         answer_file = work / "floor-answer.http"
         answer_file.write_bytes(await raw_answer("127.0.0.1", api_port, payloads[0]))
         floor_port = free_port()
+        # (on the node's event loop: the floor follows --loop, and says so below)
         floor_proc = procs.start("http floor", [py, "-m", "benchmarks.baselines.http_floor", "--port", str(floor_port),
-                                                "--answer", str(answer_file)], env, work / "http_floor.log")
+                                                "--answer", str(answer_file), "--loop", args.loop],
+                                 env, work / "http_floor.log")
         await wait_listening(floor_port, floor_proc)
 
         async def floor_conn(on_done: Any, on_lost: Any) -> _Conn:
@@ -527,7 +528,7 @@ async def main_async() -> int:
               "(HTTP parsing, routing, the check, kernel socket work)")
         fl_us = fl_cpu / max(1, fl.count) * 1e6
         path_us = pc_cpu / max(1, pc.count) * 1e6 - bg_us
-        print(f"  Python HTTP floor (benchmarks/baselines/http_floor.py: bare asyncio.Protocol on {FLOOR_LOOP}, the "
+        print(f"  Python HTTP floor (benchmarks/baselines/http_floor.py: bare asyncio.Protocol on {args.loop}, the "
               f"same requests, a copy of the node's answer): {fl_us:.0f} µs per request — the price-check path is "
               f"{path_us / fl_us if fl_us else float('inf'):.2f}× it, {path_us - fl_us:.0f} µs of the node's own work "
               "per check")

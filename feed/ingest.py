@@ -32,7 +32,7 @@ from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
-from feed.store import ApplyResult, EpochChanged, Store, StoredMarks
+from feed.store import ApplyResult, EpochChanged, EventStateResult, Store, StoredMarks
 from feed.validate import CheckedLadders, validate_event_state, validate_update
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ STORE_AUDIT_SLICE = 2000
 #: … unless the book holds more than this many slices: then 1/STORE_AUDIT_ROUNDS of it, so a rotation of
 #: the periodic audits covers every market (and event state) within this many audits
 STORE_AUDIT_ROUNDS = 10
+#: after an audit of everything that found the store gone back in time, one more this much later (s)
+RECHECK_AFTER_S = 1.0
 #: a lost-writes detection re-images every market at most this often (s); one inside is deferred
 REIMAGE_EVERY_S = 5.0
 
@@ -349,6 +351,8 @@ class Ingest:
         #: everything at once (§81) instead of waiting for its slices to come round
         self._wrote: dict[int, tuple[int, int]] = {}
         self._wrote_state: tuple[int, int] | None = None
+        #: when an audit of everything found the store gone back: one more a beat later (monotonic s)
+        self._recheck_at: float | None = None
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
         #: price history, written after each successful apply (best-effort; 0 ms = off)
@@ -585,10 +589,7 @@ class Ingest:
         states = list(pending.values())
         result = await self.store.apply_event_states(states)
         raise_if_cancelled()
-        if result.entry:
-            at = _entry_id(result.entry)
-            if self._wrote_state is None or at > self._wrote_state:
-                self._wrote_state = at
+        self._note_states_written(result)
         for es in states:
             if self._states_pending.get(es.event_id) is es:
                 del self._states_pending[es.event_id]
@@ -789,6 +790,7 @@ class Ingest:
                 try:
                     result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
                     raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
+                    self._note_written(result)
                 except EpochChanged:
                     logger.warning("store epoch changed under source %s: re-sending every market as an image",
                                    self.source)
@@ -796,6 +798,7 @@ class Ingest:
                     self._backlog = deltas = book.reimage_all(stored_at)
                     result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
                     raise_if_cancelled()
+                    self._note_written(result)
                     self._audit_due = True  # (an epoch adopted: the store is compared wholly before confirming)
                 if result.rebased:
                     deltas = self._rebased(deltas, result.rebased)
@@ -822,8 +825,6 @@ class Ingest:
                                self.source)
                 more, deltas = await self._resend(book.reimage_all(stored_at))
                 result = _merged(result, more)
-            if result is not None:
-                self._note_written(result)
             if self._audit_wanted():  # (a write above may have reconnected, to a server back older)
                 result, deltas = await self._audit_and_repair(stored_at, result, deltas)
             if result is not None:
@@ -914,7 +915,8 @@ class Ingest:
         found: :meth:`audit_soon`; a reconnect: :attr:`feed.store.Store.connects`
         moved — then everything)."""
         return (self._audit_due or self.store.connects != self._connects_seen
-                or time.monotonic() >= self._audit_at)
+                or time.monotonic() >= self._audit_at
+                or (self._recheck_at is not None and time.monotonic() >= self._recheck_at))
 
     def _unverified(self) -> bool:
         """The store may be behind the book or the held event states right now:
@@ -943,51 +945,74 @@ class Ingest:
         self._audit_due = True
 
     def _note_written(self, result: ApplyResult) -> None:
-        """Remember the newest log entry of each partition ``result`` wrote (see ``_wrote``)."""
+        """Remember the newest log entry of each partition ``result`` wrote (see ``_wrote``) —
+        after comparing the mark the store held before this write with it: older means the store
+        went back in time (§81), and the flush compares everything before confirming anything."""
         wrote = self._wrote
+        for p, mark in result.marks.items():
+            known = wrote.get(p)
+            if known is not None and _entry_id(mark or "0-0") < known:
+                self._store_went_back([f"the mark of partition {p} was {mark or 'missing'} before this write, "
+                                       f"not {known[0]}-{known[1]}"])
         for p, entry_id in result.entries.items():
             at = _entry_id(entry_id)
             if at > wrote.get(p, (0, 0)):
                 wrote[p] = at
 
-    async def check_log_heads(self) -> bool:
-        """Whether a log of the store ends before an entry this ingest wrote (the
-        store went back in time as a whole, without an error or reconnect seen here:
-        §81); if so the next flush compares everything with the book before anything
-        is confirmed (:meth:`audit_soon`). The health publisher asks before each
-        record it writes, so no record vouches for a store that lost writes. One
-        round trip (one ``XREVRANGE … COUNT 1`` per log written); raises StoreError."""
+    def _note_states_written(self, result: EventStateResult) -> None:
+        """:meth:`_note_written` for an event-state write."""
+        known = self._wrote_state
+        if known is not None and _entry_id(result.mark or "0-0") < known:
+            self._store_went_back([f"the event-state mark was {result.mark or 'missing'} before this write, "
+                                   f"not {known[0]}-{known[1]}"])
+        if result.entry:
+            at = _entry_id(result.entry)
+            if known is None or at > known:
+                self._wrote_state = at
+
+    def _store_went_back(self, why: list[str]) -> None:
+        """The store lost writes this ingest made (``why``): compare everything with the
+        book and the held event states at the next audit, before confirming anything."""
+        logger.warning("source %s: the store went back in time (%s); comparing every market and event state "
+                       "with the book before confirming anything", self.source, "; ".join(why))
+        self.store_went_back += 1
+        self._audit_due = True
+
+    async def check_store_marks(self) -> bool:
+        """Whether the store holds this ingest's marks older than the entries it
+        knows it wrote (the store went back in time as a whole without an error or
+        reconnect seen here: §81); if so the next flush compares everything with the
+        book before anything is confirmed. The health publisher asks before each record
+        it writes, so no record vouches for a store that lost writes; another writer's
+        entries since cannot hide it (each writer has its own mark). One round trip
+        (an HGET per partition written); raises StoreError."""
         async with self._flush_lock:  # (not beside a flush: its audit may move the baselines)
             if not self._wrote and self._wrote_state is None:
                 return False
-            found = await self.store.stored_marks((), heads=list(self._wrote),
-                                                  state_head=self._wrote_state is not None)
+            found = await self.store.stored_marks((), writer=self.source, marks=list(self._wrote),
+                                                  state_mark=self._wrote_state is not None)
             raise_if_cancelled()
             went_back = self._went_back(found, full=False)
-            if not went_back:
-                return False
-            logger.warning("source %s: the store went back in time (%s); comparing every market and event "
-                           "state with the book before confirming anything", self.source, "; ".join(went_back))
-            self.store_went_back += 1
-            self._audit_due = True
-            return True
+            if went_back:
+                self._store_went_back(went_back)
+            return bool(went_back)
 
     def _went_back(self, found: StoredMarks, *, full: bool) -> list[str]:
-        """The logs of ``found`` that end before an entry this ingest wrote, described;
+        """This ingest's marks in ``found`` older than the entries it wrote, described;
         ``full`` (an audit of everything read them): the store as it is now becomes the
         baseline."""
         wrote = self._wrote
         went_back: list[str] = []
-        for p, head in found.heads.items():
-            at = _entry_id(head)
+        for p, mark in found.writer_marks.items():
+            at = _entry_id(mark)
             if at < wrote[p]:
-                went_back.append(f"the log of partition {p} ends at {head}, before {wrote[p][0]}-{wrote[p][1]}")
+                went_back.append(f"the mark of partition {p} is {mark}, not {wrote[p][0]}-{wrote[p][1]}")
                 if full:
                     wrote[p] = at
-        if found.state_head is not None and self._wrote_state is not None:
-            at = _entry_id(found.state_head)
+        if found.state_mark is not None and self._wrote_state is not None:
+            at = _entry_id(found.state_mark)
             if at < self._wrote_state:
-                went_back.append(f"the event-state log ends at {found.state_head}, before "
+                went_back.append(f"the event-state mark is {found.state_mark}, not "
                                  f"{self._wrote_state[0]}-{self._wrote_state[1]}")
                 if full:
                     self._wrote_state = at
@@ -1048,8 +1073,8 @@ class Ingest:
             mids, all_mids = self._market_rotation.take(book.markets, self.audit_slice)
             eids, all_eids = self._state_rotation.take(held, self.audit_slice)
             whole = all_mids and all_eids
-        found = await self.store.stored_marks(mids, eids, heads=list(self._wrote),
-                                              state_head=self._wrote_state is not None)
+        found = await self.store.stored_marks(mids, eids, writer=self.source, marks=list(self._wrote),
+                                              state_mark=self._wrote_state is not None)
         raise_if_cancelled()
         went_back = self._went_back(found, full=full)
         behind: list[str] = []
@@ -1091,17 +1116,21 @@ class Ingest:
         repair's merged in. Raises StoreError (the images then wait in the
         backlog, and nothing is confirmed)."""
         store = self.store
-        full = self._audit_due or store.connects != self._connects_seen
+        recheck = self._recheck_at is not None and time.monotonic() >= self._recheck_at
+        if recheck:
+            self._recheck_at = None
+        full = self._audit_due or store.connects != self._connects_seen or recheck
         found = await self._audit_store(full)
         if found.went_back and not full:
             # Redis went back in time without an error or reconnect seen here (a backup restored in
             # place, a replica promoted behind a proxy): what it lost may be any market's, so
             # everything is compared now rather than as the slices come round
-            logger.warning("source %s: the store went back in time (%s); comparing every market and event "
-                           "state with the book", self.source, "; ".join(found.went_back))
-            self.store_went_back += 1
-            self._audit_due = True
+            self._store_went_back(found.went_back)
             found = await self._audit_store(True)
+        if found.went_back:
+            # the baselines moved to the store as compared; one more audit of everything a beat later
+            # finds what a restore still under way (key by key) takes back after this one
+            self._recheck_at = time.monotonic() + RECHECK_AFTER_S
         old = store.epoch
         if found.states:
             self.lost_state_writes += len(found.states)
@@ -1300,7 +1329,10 @@ class HealthPublisher:
                 if ingest.store_ok:
                     # a record vouches for the source's markets as the store holds them: not for a
                     # store that went back in time (§81) until the flush below compared and repaired it
-                    await ingest.check_log_heads()
+                    try:
+                        await ingest.check_store_marks()
+                    except StoreError:  # unverified: the flush below audits everything first
+                        ingest.audit_soon()
                 if ingest.backlog or not ingest.store_ok or ingest.audit_due:
                     # a quiet source still drains what waits for the store, and has it compared
                     # with its book (Redis may have come back older: Ingest._audit_store)

@@ -145,6 +145,12 @@ def floor_key(p: int) -> str:
     return f"of:{{{p}}}:floor"
 
 
+def writers_key(p: int) -> str:
+    """Partition ``p``'s writer marks: per source, the id of the newest log entry its writes added
+    (in the partition's hash slot: it goes back with the partition's data, §81)."""
+    return f"of:{{{p}}}:writers"
+
+
 def push_channel(p: int, db: int = 0) -> str:
     """The pushed log's channel of partition ``p`` (pub/sub channels are not per database:
     the database is in the name, so two stores on one server never hear each other)."""
@@ -168,7 +174,9 @@ ES_VERSION_KEY = "of:{es}:v"
 ES_PT_KEY = "of:{es}:pt"
 ES_OWNER_KEY = "of:{es}:owner"
 ES_LOG_KEY = "of:{es}:log"
-_ES_KEYS = [ES_STATE_KEY, ES_VERSION_KEY, ES_PT_KEY, ES_OWNER_KEY, ES_LOG_KEY]
+#: per source: the id of the newest event-state log entry its writes added (§81)
+ES_WRITERS_KEY = "of:{es}:writers"
+_ES_KEYS = [ES_STATE_KEY, ES_VERSION_KEY, ES_PT_KEY, ES_OWNER_KEY, ES_LOG_KEY, ES_WRITERS_KEY]
 
 EVENTS_KEY = "of:{links}:events"
 EVENTS_SEEN_KEY = "of:{links}:seen"
@@ -215,9 +223,10 @@ def source_key(name: str) -> str:
 
 # KEYS: 1 seq hash, 2 log, 3 idx, 4 partition epoch, 5 cursor hash (or a dummy key of the
 #       partition), 6 owner hash (market -> source), 7 provider-time hash, 8 seq floor,
-#       9.. snapshot keys in market order
+#       9 writer marks (source -> newest entry id it added), 10.. snapshot keys in market order
 # ARGV: 1 epoch, 2 log maxlen, 3 cursor source ("" = none), 4 cursor value, 5 n markets,
-#       6 push channel ("" = no push), then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
+#       6 push channel ("" = no push), 7 the writer (the batch's source; "" = no mark),
+#       then per market: market_id, snapshot JSON, first seq, last seq, the market's deltas
 #       as JSON array items joined by "," (seqs first..last, consecutive), source name,
 #       provider time (ms) of the first delta, provider time of the last delta, "1" when the
 #       first delta is an image else "0"
@@ -245,7 +254,11 @@ def source_key(name: str) -> str:
 # back in time for every client that still holds the pruned market: nothing is written and the
 # reply is {"FLOOR", floor, ids of those markets} (the caller re-images them above the floor and
 # retries).
-# Returns {log entry id or "", kept, dropped, foreign, lost, ids of the markets kept}; errors "EPOCH <epoch>" when the
+# Writer mark: the entry's id is also the writer's mark in KEYS[9]; the mark found before (the id of
+# the newest entry this writer added, as the store holds it — "" when none) is returned: older than
+# what the writer knows it added means the store went back in time (§81), whatever others wrote since.
+# Returns {log entry id or "", kept, dropped, foreign, lost, ids of the markets kept, the writer's mark
+# before}; errors "EPOCH <epoch>" when the
 # partition epoch differs and "PARTIAL <market_id> <stored seq>" when a market's stored seq
 # falls inside the batch (the caller trims and retries).
 APPLY_SCRIPT = """
@@ -258,12 +271,16 @@ redis.call('SCARD', KEYS[3])
 if ARGV[3] ~= '' then
   redis.call('HEXISTS', KEYS[5], ARGV[3])
 end
+local mark = ''
+if ARGV[7] ~= '' then
+  mark = redis.call('HGET', KEYS[9], ARGV[7]) or ''
+end
 local n = tonumber(ARGV[5])
 local keep = {}
 local dropped = 0
 local foreign = 0
 local lost = 0
-local a = 7
+local a = 8
 local ptkey = KEYS[7]
 local floor = nil
 local below = {}
@@ -308,7 +325,7 @@ end
 local parts = {}
 local kept = 0
 local kept_ids = {}
-a = 7
+a = 8
 for i = 1, n do
   if keep[i] then
     parts[#parts + 1] = ARGV[a + 4]
@@ -329,15 +346,18 @@ if #parts > 0 then
     end
   end
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', payload)
+  if ARGV[7] ~= '' then
+    redis.call('HSET', KEYS[9], ARGV[7], id)
+  end
 end
-a = 7
+a = 8
 for i = 1, n do
   if keep[i] then
     local mid = ARGV[a]
     redis.call('HSET', KEYS[1], mid, ARGV[a + 3])
     redis.call('HSET', KEYS[6], mid, ARGV[a + 5])
     redis.call('HSET', ptkey, mid, ARGV[a + 7])
-    redis.call('SET', KEYS[8 + i], ARGV[a + 1])
+    redis.call('SET', KEYS[9 + i], ARGV[a + 1])
     redis.call('SADD', KEYS[3], mid)
   end
   a = a + 9
@@ -348,21 +368,27 @@ end
 if id ~= '' and ARGV[6] ~= '' then
   redis.pcall('PUBLISH', ARGV[6], ARGV[1] .. ' ' .. prev .. ' ' .. id .. ' ' .. payload)
 end
-return {id, kept, dropped, foreign, lost, kept_ids}
+return {id, kept, dropped, foreign, lost, kept_ids, mark}
 """
 
 
-# KEYS: 1 state hash, 2 version hash, 3 provider-time hash, 4 owner hash, 5 log stream
-# ARGV: 1 log maxlen, 2 n states, then per state: event id, JSON, version, provider time (ms), source
+# KEYS: 1 state hash, 2 version hash, 3 provider-time hash, 4 owner hash, 5 log stream, 6 writer marks
+# ARGV: 1 log maxlen, 2 n states, 3 the writer ("" = no mark), then per state: event id, JSON, version,
+#       provider time (ms), source
 # A state is kept only when its version is above the stored one and its provider time not below the
 # stored one (an out-of-order or older state never overwrites a newer one), and only from the source
 # that first wrote the event (another source's states are dropped as foreign). The kept states are
-# appended to the log as one entry. Returns {log entry id or "", kept, dropped, foreign}.
+# appended to the log as one entry, whose id becomes the writer's mark (as APPLY_SCRIPT's). Returns
+# {log entry id or "", kept, dropped, foreign, the writer's mark before ("" when none)}.
 EVENT_STATE_SCRIPT = """
 local n = tonumber(ARGV[2])
+local mark = ''
+if ARGV[3] ~= '' then
+  mark = redis.call('HGET', KEYS[6], ARGV[3]) or ''
+end
 local parts = {}
 local kept, dropped, foreign = 0, 0, 0
-local a = 3
+local a = 4
 for i = 1, n do
   local eid = ARGV[a]
   local owner = redis.call('HGET', KEYS[4], eid)
@@ -387,8 +413,11 @@ end
 local id = ''
 if #parts > 0 then
   id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[1], '*', 'd', '[' .. table.concat(parts, ',') .. ']')
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[6], ARGV[3], id)
+  end
 end
-return {id, kept, dropped, foreign}
+return {id, kept, dropped, foreign, mark}
 """
 
 # KEYS: state, version, provider-time, owner hashes; ARGV: event id, version, … Drops each state only if
@@ -506,6 +535,10 @@ class ApplyResult:
     #: floor: market id -> the image (from the ``rebase`` callback, above the floor) written in
     #: place of all of that market's deltas in the batch
     rebased: dict[str, Delta] = field(default_factory=dict)
+    #: per partition written, the writer's mark before this write: the id of the newest log entry
+    #: its writes had added as the store held it ("" when none; §81) — older than the writer knows
+    #: it added means the store went back in time
+    marks: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -518,6 +551,8 @@ class EventStateResult:
     kept: int
     dropped: int
     foreign: int
+    #: the writer's mark before this write (as :attr:`ApplyResult.marks`, on the event-state log)
+    mark: str = ""
 
 
 @dataclass(slots=True)
@@ -533,11 +568,10 @@ class StoredMarks:
     epoch: str | None
     marks: dict[str, tuple[int, str | None, int]]
     events: dict[str, tuple[int, str | None, int]] = field(default_factory=dict)
-    #: per partition asked for (``heads``): the id of the newest entry of its delta log ("0-0" when
-    #: it is empty or gone)
-    heads: dict[int, str] = field(default_factory=dict)
-    #: the id of the newest entry of the event-state log ("0-0" when empty or gone; None when not asked)
-    state_head: str | None = None
+    #: per partition asked for: the writer's mark (:attr:`ApplyResult.marks`; "0-0" when none)
+    writer_marks: dict[int, str] = field(default_factory=dict)
+    #: the writer's mark on the event-state log ("0-0" when none; None when not asked)
+    state_mark: str | None = None
 
 
 #: rounds :meth:`Store.ensure_epoch` reads and repairs the epochs before it gives up (StoreError)
@@ -884,7 +918,9 @@ class Store:
         """
         by_part: dict[int, dict[str, list[Delta]]] = {}
         P = self.partitions
+        sources: set[str] = set()
         for d in deltas:
+            sources.add(d.source)
             mid = d.market_id
             p = 0 if P == 1 else partition_of(mid, P)
             per_market = by_part.get(p)
@@ -897,7 +933,10 @@ class Store:
                 ds.append(d)
         if cursor is not None:
             by_part.setdefault(0, {})
+        # the writer whose mark the entries become (§81): the batch's one source (none for a mixed batch)
+        writer = next(iter(sources)) if len(sources) == 1 else ""
         entries: dict[int, str] = {}
+        marks: dict[int, str] = {}
         kept = dropped = foreign = lost = 0
         kept_markets: set[str] = set()
         rebased: dict[str, Delta] = {}
@@ -910,9 +949,10 @@ class Store:
                 cursor_args = ["", ""]
             while True:
                 keys = [seq_key(p), log_key(p), idx_key(p), pepoch_key(p),
-                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p), pt_key(p), floor_key(p)]
+                        CURSOR_KEY if p == 0 else f"of:{{{p}}}:cursor", owner_key(p), pt_key(p), floor_key(p),
+                        writers_key(p)]
                 args: list[bytes | str | int] = [self.epoch, self.log_maxlen, *cursor_args, len(per_market),
-                                                 push_channel(p, self.db) if self.push else ""]
+                                                 push_channel(p, self.db) if self.push else "", writer]
                 for mid, ds in per_market.items():
                     keys.append(market_key(p, mid))
                     first, last = ds[0], ds[-1]
@@ -958,7 +998,9 @@ class Store:
             lost += int(res[4])
             if len(res) > 5:
                 kept_markets.update(reply_text(x) for x in res[5])
-        return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets, rebased)
+            if writer and len(res) > 6:
+                marks[p] = reply_text(res[6])
+        return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets, rebased, marks)
 
     async def reset_epoch(self) -> str:
         """After EpochChanged (or ``of:epoch`` found missing or changed): adopt the
@@ -1063,20 +1105,25 @@ class Store:
         above the stored one, or whose provider time is older, is dropped; one
         for an event another source owns is dropped as foreign. Raises
         StoreError."""
-        args: list[bytes | str | int] = [self.log_maxlen, 0]
+        args: list[bytes | str | int] = [self.log_maxlen, 0, ""]
         n = 0
         encode = ENCODER.encode
+        sources: set[str] = set()
         for es in states:
             args += [es.event_id, encode(es), es.version, es.provider_ts, es.source]
+            sources.add(es.source)
             n += 1
         if not n:
             return EventStateResult("", 0, 0, 0)
         args[1] = n
+        if len(sources) == 1:  # the writer whose mark the entry becomes (§81)
+            args[2] = next(iter(sources))
         try:
             res = await self._event_states(keys=_ES_KEYS, args=args)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis write failed: {exc}") from None
-        return EventStateResult(reply_text(res[0]), int(res[1]), int(res[2]), int(res[3]))
+        return EventStateResult(reply_text(res[0]), int(res[1]), int(res[2]), int(res[3]),
+                                reply_text(res[4]) if len(res) > 4 else "")
 
     async def load_event_states(self, source: str | None = None) -> list[EventState]:
         """Every stored event state (of ``source`` only, when given). Raises StoreError."""
@@ -1269,20 +1316,21 @@ class Store:
         return max((int(v) for v in replies if v is not None), default=0)
 
     async def stored_marks(self, market_ids: Iterable[str], event_ids: Iterable[str] = (), *,
-                           heads: Iterable[int] = (), state_head: bool = False, chunk: int = 1000) -> StoredMarks:
+                           writer: str = "", marks: Iterable[int] = (), state_mark: bool = False,
+                           chunk: int = 1000) -> StoredMarks:
         """The epoch now in Redis and, for each of ``market_ids``, its stored seq,
         owner and provider time, and for each of ``event_ids`` its stored event
         state's version, owner and provider time (:class:`StoredMarks`) — what a
         writer compares with its book and held event states to find what the
-        store lost acknowledged writes of (docs/architecture.md §79) — and the
-        newest entry id of the delta log of each partition of ``heads`` and,
-        with ``state_head``, of the event-state log (a log whose newest entry is
-        older than one the writer added went back in time: §81). One pipelined
-        round trip: a GET of ``of:epoch``, per partition HMGETs of the seq,
-        owner and provider-time hashes, HMGETs of the event states' version,
-        owner and provider-time hashes (``of:{es}:v``, ``:owner``, ``:pt``),
-        ``chunk`` ids per command, and an ``XREVRANGE … COUNT 1`` per log asked
-        for. Read only. Raises StoreError."""
+        store lost acknowledged writes of (docs/architecture.md §79) — and
+        ``writer``'s mark in each partition of ``marks`` and, with
+        ``state_mark``, on the event-state log (:attr:`ApplyResult.marks`: a
+        mark older than the writer knows it added means the store went back in
+        time, §81). One pipelined round trip: a GET of ``of:epoch``, per
+        partition HMGETs of the seq, owner and provider-time hashes, HMGETs of
+        the event states' version, owner and provider-time hashes
+        (``of:{es}:v``, ``:owner``, ``:pt``), ``chunk`` ids per command, and an
+        HGET per mark asked for. Read only. Raises StoreError."""
         by_p: dict[int, list[str]] = {}
         for mid in market_ids:
             by_p.setdefault(partition_of(mid, self.partitions), []).append(mid)
@@ -1305,16 +1353,17 @@ class Store:
                 pipe.hmget(ES_OWNER_KEY, part)
                 pipe.hmget(ES_PT_KEY, part)
                 eparts.append(part)
-            logs = list(heads)
+            logs = list(marks) if writer else []
+            state_mark = state_mark and bool(writer)
             for p in logs:
-                pipe.xrevrange(log_key(p), count=1)
-            if state_head:
-                pipe.xrevrange(ES_LOG_KEY, count=1)
+                pipe.hget(writers_key(p), writer)
+            if state_mark:
+                pipe.hget(ES_WRITERS_KEY, writer)
             replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis read failed: {exc}") from None
-        tail = len(replies) - len(logs) - (1 if state_head else 0)
-        newest = [reply_text(rows[0][0]) if rows else "0-0" for rows in replies[tail:]]
+        tail = len(replies) - len(logs) - (1 if state_mark else 0)
+        newest = [reply_text(v) if v else "0-0" for v in replies[tail:]]
         k = 1
         out: list[dict[str, tuple[int, str | None, int]]] = []
         for chunks in (parts, eparts):
@@ -1326,7 +1375,7 @@ class Store:
                     got[key] = (int(n) if n is not None else 0, reply_text_or_none(o), int(t) if t is not None else 0)
             out.append(got)
         return StoredMarks(reply_text_or_none(replies[0]), out[0], out[1], dict(zip(logs, newest)),
-                           newest[-1] if state_head else None)
+                           newest[-1] if state_mark else None)
 
     async def sources(self) -> list[SourceHealth]:
         names = sorted(reply_text(n) for n in await self.redis.smembers(SOURCES_KEY))

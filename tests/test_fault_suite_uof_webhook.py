@@ -347,7 +347,7 @@ def test_every_row_exists_and_one_needing_a_missing_part_is_a_miss(tmp_path: Pat
     monkeypatch.setitem(harness.UNAVAILABLE, "uof", "rabbitmq-server not installed (test)")
     monkeypatch.setattr(faults, "FAKETIME_LIBS", ())
     names = [r.name for r in faults.ROWS]
-    assert len(names) == len(set(names)) == 46 and "ingest_kill_uof" in names
+    assert len(names) == len(set(names)) == 47 and "ingest_kill_uof" in names and "redis_back_older" in names
     assert "uof" in SOURCES and "uof" in faults.ALL
     rows = {r.name: r for r in faults.ROWS}
     for name in ("ingest_kill_uof", "uof_malformed", "uof_connection_close"):

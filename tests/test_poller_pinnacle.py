@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +27,13 @@ from feed.normalise.pinnacle import PinnacleNormaliser
 from feed.sources.base import Delivered, Payload
 from feed.sources.http_auth import HmacSigner, Secret, TokenAuth
 from feed.sources.http_limits import AuthError, cache_age_ms
-from feed.sources.poller import HttpOptions, PinnacleSource, PollerOptions, ProviderHttp
+from feed.sources.poller import (
+    HttpOptions,
+    HttpResult,
+    PinnacleSource,
+    PollerOptions,
+    ProviderHttp,
+)
 from feed.store import Store
 from tests.poller_helpers import (
     FAST,
@@ -293,7 +301,7 @@ async def test_a_slow_answer_confirms_the_markets_as_of_its_request_not_its_arri
     arrival served old prices as fresh under load (the fault suite's wrong-fresh)."""
     store = await Store.open(redis_url)
     try:
-        async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
+        async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, _task):
             calls = await _confirmations(src)
             sim.trickle(1, seconds=0.8, provider="pinnacle", path="/v2/odds")  # (a fixtures body confirms nothing)
             await wait_faults_consumed(sim)
@@ -308,12 +316,32 @@ async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_reques
     (RFC 9111 §5.1): the answer — here "nothing since" or the last delta — is that much older
     than its request. Confirming it as of the request served whatever changed meanwhile as fresh
     (the "repeated empty answer" README named a known limit: without ``Age`` it still is). Now it
-    confirms as of the request less ``Age`` + 1 s (the prices such an answer carries count as
-    received as much before their arrival: ``HttpResult.made_ms``)."""
+    confirms as of the request less ``Age`` + 1 s — and only that moves: its data is delivered
+    as of its arrival (the normaliser times period cutoffs, clock-skew bounds and feed lag by
+    it: an earlier time kept a market open past its cutoff, or read provider times as future)."""
     store = await Store.open(redis_url)
     try:
-        async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, task):
+        async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, _task):
             calls = await _confirmations(src)
+            assert isinstance(src, PinnacleSource)
+            read: dict[object, HttpResult] = {}  # task -> the cached answer it just read
+            delivered: list[tuple[HttpResult, int]] = []  # (a cached answer, the time its data went in as)
+            get, ingest_body = src.http.get, src.ingest_body
+
+            async def spy_get(path: str, params: Mapping[str, Any] | None = None, *,
+                              headers: Mapping[str, str] | None = None) -> HttpResult:
+                res = await get(path, params, headers=headers)
+                if res.age_ms:
+                    read[asyncio.current_task()] = res
+                return res
+
+            async def spy_ingest(body: bytes, recv_ms: int, channel: str = "") -> Delivered:
+                res = read.pop(asyncio.current_task(), None)  # (the same task delivers what it read)
+                if res is not None:
+                    delivered.append((res, recv_ms))
+                return await ingest_body(body, recv_ms, channel)
+            src.http.get = spy_get  # type: ignore[method-assign]
+            src.ingest_body = spy_ingest  # type: ignore[method-assign]
             sim.freeze()  # nothing changes: every answer is "nothing since" — the one a cache repeats
             polls = src.polls
             await eventually(lambda: src.polls >= polls + 6, what="answers of a frozen provider")
@@ -322,16 +350,37 @@ async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_reques
             await eventually(lambda: any(now - at >= 31_000 for at, now in calls),
                              what="the cached answer's confirmation, 31 s before its request")
             assert all(at <= now for at, now in calls)
+            assert len(delivered) == 1, delivered
+            res, data_ms = delivered[0]
+            assert res.age_ms == 31_000
+            assert data_ms == res.recv_ms  # its data: as of its arrival, not 31 s before it
+            assert any(at == res.asked_ms <= res.recv_ms - 31_000 for at, _ in calls)  # what it confirms: aged
     finally:
         await store.close()
 
 
-@pytest.mark.parametrize(("age", "ms"), [(None, 0), ("0", 1000), ("5", 6000), ("5, 7", 6000), (" 12 ", 13000),
-                                         ("-1", 0), ("abc", 0), ("1e3", 0), ("+5", 0), ("9" * 12, 86_401_000)])
+def test_http_result_ages_only_what_an_answer_confirms() -> None:
+    """``HttpResult.asked_ms`` (what an answer confirms) is its request — its read less the round
+    trip, rounded up — less its ``Age`` + 1 s when a cache served it; ``recv_ms`` (the time its
+    data counts as received) is its read either way."""
+    fresh = HttpResult(200, httpx.Headers({}), b"{}", 1_000_000, 250.2)
+    cached = HttpResult(200, httpx.Headers({"Age": "30"}), b"{}", 1_000_000, 250.2)
+    assert (fresh.age_ms, fresh.asked_ms, fresh.recv_ms) == (0, 999_749, 1_000_000)
+    assert (cached.age_ms, cached.asked_ms, cached.recv_ms) == (31_000, 968_749, 1_000_000)
+    junk = HttpResult(304, httpx.Headers({"Age": "soon"}), b"", 1_000_000, 0.0)
+    assert junk.asked_ms == 1_000_000  # no age can be read from it: taken as the origin's answer
+
+
+@pytest.mark.parametrize(("age", "ms"), [(None, 0), ("0", 1000), ("5", 6000), ("5, 7", 8000), (" 12 ", 13000),
+                                         ("-1", 0), ("abc", 0), ("1e3", 0), ("+5", 0), ("9" * 12, 86_401_000),
+                                         ("0000000100", 101_000), ("5, 100", 101_000), ("007", 8000),
+                                         ("abc, 5", 6000), ("9" * 5000, 86_401_000)])
 def test_cache_age(age: str | None, ms: int) -> None:
-    """``Age``: whole seconds (truncated: + 1 s), the first of a list, capped at a day; anything
-    but a non-negative integer says nothing (0)."""
+    """``Age``: whole seconds (truncated: + 1 s) read whole (leading zeros and all), the largest
+    valid member of a list, capped at a day (however many digits); a member that is not a
+    non-negative integer is ignored, and with no valid member the answer says nothing (0)."""
     assert cache_age_ms(httpx.Headers({} if age is None else {"Age": age})) == ms
+
 
 class _BookSink:
     """A sink that normalises into a Book as the ingest does (empty payloads skipped, a body the

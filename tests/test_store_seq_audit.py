@@ -35,7 +35,8 @@ from feed.ingest import HealthPublisher, Ingest
 from feed.models import EventState, Market, Score
 from feed.normalise.base import NormalisedBatch
 from feed.settings import Settings
-from feed.store import ES_PT_KEY, ES_STATE_KEY, ES_VERSION_KEY, Store, StoredMarks, connect, market_key, pt_key, seq_key
+from feed.store import (ES_PT_KEY, ES_STATE_KEY, ES_VERSION_KEY, Store, StoredMarks, connect, log_key, market_key,
+                        pt_key, seq_key)
 from streaming.pricecheck import PriceCheckRequest, check as check_price
 from streaming.reader import Node
 from streaming.state import NodeOptions
@@ -522,13 +523,16 @@ async def backup_all(r: aioredis.Redis) -> dict[bytes, tuple[bytes, int]]:
 
 
 async def restore_all(r: aioredis.Redis, saved: dict[bytes, tuple[bytes, int]]) -> None:
-    """The database back to ``saved`` as a whole — the delta logs, the epoch, every hash — in place, through
-    a connection of its own: no connection of the ingest breaks or sees an error."""
+    """The database back to ``saved`` as a whole — the delta logs, the epoch, every hash — in place, at
+    once (one MULTI: nothing sees it half restored, as a real rollback of a slot), through a connection
+    of its own: no connection of the ingest breaks or sees an error."""
+    pipe = r.pipeline(transaction=True)
     for key in await r.keys("*"):
         if key not in saved:
-            await r.delete(key)
+            pipe.delete(key)
     for key, (value, ttl) in saved.items():
-        await r.restore(key, ttl, value, replace=True)
+        pipe.restore(key, ttl, value, replace=True)
+    await pipe.execute()
 
 
 async def test_a_whole_store_gone_back_in_place_is_found_by_the_next_periodic_audit(redis_url: str) -> None:
@@ -647,3 +651,96 @@ async def test_no_health_record_vouches_for_a_store_gone_back_as_a_whole(redis_u
         await r.aclose()
         await reader.close()
         await store.close()
+
+
+
+async def test_a_store_gone_back_is_found_though_other_writes_came_after_it(redis_url: str) -> None:
+    """Review of §81: the first version compared the delta log's newest entry with the newest the
+    ingest had written — and any entry added after the rollback (another source's, a tool's, or this
+    ingest's own write to another market) is newer, so the loss went unseen and the lost quiet
+    market read fresh until its slice came round. Each writer now keeps its own mark beside the log
+    (the id of the newest entry it added, written by the same script): another writer cannot move
+    it, and the ingest's own next write returns the mark it replaced. Both ways are found here at the
+    first audit, which then compares everything (slices of 10 of 60 markets: the lost one, the book's
+    last, came round only in the sixth)."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 0.0
+    ing.audit_slice = 10
+    try:
+        t = now_ms()
+        await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(60)))
+        ing.audit_soon()
+        await feed(ing, heartbeat(pt=now_ms()))
+        X = "bf:1.59"
+
+        # 1. another writer's entry after the rollback (it moves the log's head past the ingest's)
+        saved = await backup_all(r)
+        await feed(ing, price("1.59", 2.2, pt=now_ms()))
+        await restore_all(r, saved)
+        await r.xadd(log_key(0), {"d": "[]"})
+        await feed(ing, heartbeat(pt=now_ms()))
+        m = await store.get_market(X)
+        assert m is not None and m.seq == ing.book.markets[X].seq and back_of(m) == 2.2, \
+            "a rollback hidden by another writer's entry"
+        assert ing.store_went_back == 1
+
+        # 2. the ingest's own write to another market after the rollback, in the same flush
+        saved = await backup_all(r)
+        await feed(ing, price("1.59", 2.4, pt=now_ms()))
+        await restore_all(r, saved)
+        await feed(ing, price("1.3", 2.6, pt=now_ms()))  # (its flush's own audit would read only a slice)
+        m = await store.get_market(X)
+        assert m is not None and m.seq == ing.book.markets[X].seq and back_of(m) == 2.4, \
+            "a rollback hidden by the ingest's own next write"
+        assert ing.store_went_back == 2
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_a_restore_still_under_way_after_the_audit_is_found_by_its_recheck(redis_url: str) -> None:
+    """Review of §81: an audit of everything that finds the marks gone back takes the store as it
+    then is for its baseline — a restore still under way key by key (the marks and the log first,
+    the markets' keys after) then took a market back with nothing left to notice it. One more audit
+    of everything a beat later (``RECHECK_AFTER_S``) finds it; the periodic audit is off here."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 0.0
+    ing.audit_slice = 10
+    try:
+        t = now_ms()
+        await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(60)))
+        ing.audit_soon()
+        await feed(ing, heartbeat(pt=now_ms()))
+        X = "bf:1.59"
+        saved = await backup_all(r)
+        await feed(ing, price("1.59", 2.2, pt=now_ms()))
+        first = {k: v for k, v in saved.items() if k in (b"of:{0}:writers", log_key(0).encode())}
+        assert len(first) == 2
+        await restore_all_keys(r, first)  # the marks and the log first …
+        ing.audit_every_s = 3600.0  # (after the next audit, no periodic one)
+        await feed(ing, heartbeat(pt=now_ms()))
+        assert ing.store_went_back == 1 and ing.lost_writes == 0  # found; nothing behind yet
+        await restore_all_keys(r, {k: v for k, v in saved.items() if k not in first})  # … the markets after
+
+        async def repaired() -> bool:
+            await feed(ing, heartbeat(pt=now_ms()))
+            m = await store.get_market(X)
+            return m is not None and m.seq == ing.book.markets[X].seq and back_of(m) == 2.2
+
+        await eventually(repaired, WAIT_S, "the recheck to find the market the restore took back", interval_s=0.1)
+        assert ing.lost_writes == 1
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def restore_all_keys(r: aioredis.Redis, saved: dict[bytes, tuple[bytes, int]]) -> None:
+    """These keys back to ``saved`` (one MULTI), the others left as they are: a restore tool's step."""
+    pipe = r.pipeline(transaction=True)
+    for key, (value, ttl) in saved.items():
+        pipe.restore(key, ttl, value, replace=True)
+    await pipe.execute()

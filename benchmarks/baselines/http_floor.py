@@ -1,7 +1,7 @@
 """The Python floor of a price check: a bare ``asyncio.Protocol`` HTTP/1.1
-server on uvloop that reads each ``POST`` (head up to the blank line,
-``Content-Length`` body) and answers it with one pre-built response, one
-``transport.write`` per request.
+server on the API node's event loop (``--loop``) that reads each ``POST``
+(head up to the blank line, ``Content-Length`` body) and answers it with one
+pre-built response, one ``transport.write`` per request.
 
 Peer of the API node in ``benchmarks/price_check.py`` (issue 11's "API node
 CPU per check ≤ 100 µs"): the same load generator sends it the same
@@ -14,14 +14,16 @@ deadlines, no parsing beyond finding the body; a malformed request closes
 the connection. The least a Python process can do per request/response on
 this machine: read syscall, one protocol callback, write syscall.
 
-Run: ``python -m benchmarks.baselines.http_floor --port N --answer FILE``
-(FILE: the whole HTTP response to send, bytes).
+Run: ``python -m benchmarks.baselines.http_floor --port N --answer FILE [--loop asyncio|uvloop]``
+(FILE: the whole HTTP response to send, bytes; ``--loop``: the event loop, default uvloop when
+installed, as the API node — ``benchmarks/price_check.py`` passes its own ``--loop``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 from pathlib import Path
 
 
@@ -70,14 +72,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--answer", type=Path, required=True, help="file holding the whole HTTP response")
+    p.add_argument("--loop", default="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+                   choices=["asyncio", "uvloop"], help="event loop (default: uvloop when installed, as the API node)")
     a = p.parse_args()
     answer = a.answer.read_bytes()
-    try:
+    if a.loop == "uvloop":
         import uvloop
-    except ImportError:  # as the API node: uvloop when installed
-        asyncio.run(serve(a.port, answer))
-    else:
+
         uvloop.run(serve(a.port, answer))
+    else:
+        asyncio.run(serve(a.port, answer))
 
 
 if __name__ == "__main__":

@@ -164,17 +164,30 @@ MAX_AGE_S = 86_400
 
 def cache_age_ms(headers: Mapping[str, str]) -> int:
     """How old an answer a cache served is, ms, by its ``Age`` header (RFC 9111 §5.1: whole
-    seconds since the origin made or validated it; a list uses its first member): ``(Age + 1) ×
-    1000`` — the age is truncated to the second, so the answer may be up to a second older —
-    capped at :data:`MAX_AGE_S`; 0 without an ``Age`` (the origin answered this request). A value
-    that is not a non-negative integer is ignored (0): it says nothing an age can be read from."""
+    seconds since the origin made or validated it): ``(Age + 1) × 1000`` — the age is truncated
+    to the second, so the answer may be up to a second older — capped at :data:`MAX_AGE_S`; 0
+    without an ``Age`` (the origin answered this request).
+
+    The value is read whole, never cut: surrounding spaces stripped, leading zeros allowed
+    (``0000000100`` is 100 s); a member of more than 6 significant digits is taken as
+    :data:`MAX_AGE_S` (no ``int()`` of a huge string). A list (``5, 100``, or several ``Age``
+    fields joined) uses its *largest* valid member: the oldest the answer may be, the
+    conservative reading. A member that is not a non-negative ASCII integer (``-1``, ``+5``,
+    ``1e3``, empty) is ignored; when no member is valid the result is 0, as without the header:
+    no age can be read from it, so the answer is taken as the origin's — the same known limit
+    as a cache in front that sends no ``Age`` at all."""
     raw = headers.get("age")
     if raw is None:
         return 0
-    value = raw.split(",", 1)[0].strip()
-    if not value.isascii() or not value.isdigit():
-        return 0
-    return (min(int(value[:6]), MAX_AGE_S) + 1) * 1000
+    age_s: int | None = None
+    for member in raw.split(","):
+        value = member.strip(" \t")
+        if not value.isascii() or not value.isdigit():
+            continue  # not a non-negative integer: nothing to read
+        digits = value.lstrip("0")
+        secs = MAX_AGE_S if len(digits) > 6 else min(int(digits or "0"), MAX_AGE_S)
+        age_s = secs if age_s is None else max(age_s, secs)
+    return 0 if age_s is None else (age_s + 1) * 1000
 
 
 def parse_retry_after(value: str | None, *, now_s: float | None = None, default_s: float | None = None,

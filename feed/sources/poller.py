@@ -13,9 +13,17 @@ I/O only — decoding and diffing are the normalisers' job
   :func:`~feed.sources.http_limits.classify_response` → typed errors,
   logged with the provider's body (bounded, secrets redacted). An answer a
   cache in front served (an ``Age`` header, RFC 9111 §5.1) is as old as it
-  says (+ 1 s, the header's truncation): its data counts as received that
-  long before its arrival and what it confirms as of that long before its
-  request (:attr:`HttpResult.made_ms`, :attr:`HttpResult.asked_ms`).
+  says (+ 1 s, the header's truncation): what it *confirms* ("nothing
+  changed", the markets current) counts as of that long before its request
+  (:attr:`HttpResult.asked_ms`), and a Pinnacle odds or fixtures snapshot
+  is stamped that much earlier too (``asked_before_ms``). Its *data* keeps
+  its arrival time (:attr:`HttpResult.recv_ms`): the normalisers time period
+  cutoffs, clock-skew bounds and feed lag by it, and an earlier time there
+  would let a cached answer arriving after a cutoff keep the market open,
+  or make a provider time look in the future. The known limits: the prices
+  a cached answer carries (other than a Pinnacle snapshot's) read as fresh
+  as their arrival, not as old as the ``Age`` says; an ``Age`` that cannot
+  be read, or a cache that sends none, is taken as the origin's answer.
 - :class:`PollerSource` — the loop shared by every poller: a schedule per
   key (sport), cadence pre-match vs in-play (stretched by the quota
   governor), exponential backoff with full jitter after failures, and the
@@ -180,8 +188,9 @@ class HttpOptions:
 
 
 class HttpResult(NamedTuple):
-    """A successful reply (2xx or 304). recv_ms: wall ms when the body was read;
-    elapsed_ms: from sending the request to reading the body."""
+    """A successful reply (2xx or 304). recv_ms: wall ms when the body was read — the time its
+    data counts as received, even when a cache served it (see :attr:`asked_ms` for what the
+    ``Age`` changes); elapsed_ms: from sending the request to reading the body."""
 
     status: int
     headers: httpx.Headers
@@ -196,19 +205,14 @@ class HttpResult(NamedTuple):
         return cache_age_ms(self.headers)
 
     @property
-    def made_ms(self) -> int:
-        """Wall ms as of which the answer's data is received: its read, less its age in a cache
-        (:attr:`age_ms`) — a cached answer's prices are that much older than their arrival."""
-        return self.recv_ms - self.age_ms
-
-    @property
     def asked_ms(self) -> int:
         """Wall ms when the request was sent, less the answer's age in a cache
         (:attr:`age_ms`): what an answer that says "nothing changed" confirms. The provider
         answered at some moment between sending and reading, so confirming as of the read
         would claim up to the whole round trip of freshness the answer does not vouch for (a
         slow answer under load served old prices as fresh); a cache in front (``Age``) made it
-        that much earlier still."""
+        that much earlier still. This is the only time the ``Age`` moves: the answer's data keeps
+        :attr:`recv_ms` (its prices read as fresh as their arrival — a known limit)."""
         return self.recv_ms - int(self.elapsed_ms + 0.999) - self.age_ms
 
 
@@ -774,7 +778,7 @@ class PinnacleSource(PollerSource):
         is logged once and the settled scores read team1 as home."""
         async def load() -> bool:
             res = await self.http.get("/v2/leagues", {"sportId": sport})
-            await self.ingest_body(res.body, res.made_ms, pinnacle_channel("leagues", sport, snapshot=True))
+            await self.ingest_body(res.body, res.recv_ms, pinnacle_channel("leagues", sport, snapshot=True))
             return True
 
         try:
@@ -809,7 +813,7 @@ class PinnacleSource(PollerSource):
         res = await self.http.get(path, params)
         now = self._clock()
         channel = pinnacle_channel(endpoint, sport, snapshot=since is None,
-                                   asked_before_ms=min(res.made_ms - res.asked_ms, 999_999_999)
+                                   asked_before_ms=min(res.recv_ms - res.asked_ms, 999_999_999)
                                    if since is None and endpoint != "settled" else 0)
         if endpoint == "fixtures":
             self._fixtures_at[sport] = now
@@ -831,11 +835,11 @@ class PinnacleSource(PollerSource):
                 # answer confirms the sport's markets (it would otherwise read fresh and OPEN); to a
                 # snapshot call it says the sport offers nothing (an empty snapshot: its markets
                 # are suspended, not_offered)
-                await self.ingest_body(_PN_NOTHING_NEW % sport, res.made_ms, channel)
+                await self.ingest_body(_PN_NOTHING_NEW % sport, res.recv_ms, channel)
                 if since is not None:
                     self.odds_confirmed(str(sport), res.asked_ms)
             return Delivered()
-        got = await self.ingest_body(res.body, res.made_ms, channel)
+        got = await self.ingest_body(res.body, res.recv_ms, channel)
         if endpoint == "settled":
             return got
         if image:
@@ -1030,7 +1034,7 @@ class TheOddsApiSource(PollerSource):
         etag = res.headers.get("etag")
         if etag and self.conditional and etag.isascii():  # (httpx cannot send a non-ASCII one back)
             self.etags[key] = etag
-        got = await self.ingest_body(res.body, res.made_ms, key)
+        got = await self.ingest_body(res.body, res.recv_ms, key)
         if got.rejected_messages or got.rejected_parts:
             self.etags.pop(key, None)
         else:  # a rejected answer (or a state rejected alone: it may be behind) confirms no score
@@ -1074,7 +1078,7 @@ class TheOddsApiSource(PollerSource):
         etag = res.headers.get("etag")
         if etag and self.conditional and etag.isascii():  # (httpx cannot send a non-ASCII one back)
             self.etags[key] = etag
-        got = await self.ingest_body(res.body, res.made_ms, key)
+        got = await self.ingest_body(res.body, res.recv_ms, key)
         self._want_scores(got.requests)
         # (a rejected market is re-imaged by the next snapshot: the normaliser forgot it)
         if got.in_play is not None:

@@ -15,7 +15,12 @@ share (the SSE one is :class:`feed.sources.sse.PushSseClient`):
 - **gaps**: a gap not filled within ``reorder_ms`` (or a full reorder
   buffer) → resync: the health turns ``DEGRADED`` / ``recovering``, the REST
   snapshot (``snapshot_url``) is fetched and handed over (it covers up to its
-  ``seq``), held messages after it follow, then ``UP``. Without a snapshot
+  ``seq``), held messages after it follow, then ``UP``. A snapshot a cache
+  in front served (``Age``, RFC 9111 §5.1) is handed over as received that
+  long (+ 1 s) before its arrival — a stream's message confirms the
+  source's markets as of its receipt, and a snapshot need carry no
+  ``emitted_at`` to bound that — alone, before the held messages it
+  releases (live: they keep their arrival). Without a snapshot
   URL, or when the fetch fails, the client reconnects and resumes instead;
 - **resume**: the cursor is the entry id of the newest message handed over
   (it advances only after ``on_messages`` returned); a reconnect sends it
@@ -474,9 +479,18 @@ class PushClient(SessionClient):
             env = _Envelope()
         if env.type != "snapshot" or env.seq is None:
             raise _LinkLost("snapshot resync failed: the body is not a snapshot with a seq")
-        recv_ms = self._clock_ms() - cache_age_ms(resp.headers)  # (a cache in front: its data is older)
+        recv_ms = self._clock_ms()
         self._out.append(body)
         self._note_entry(env.entry_id)
+        age_ms = cache_age_ms(resp.headers)
+        if age_ms:
+            # a cache in front served it (Age): the snapshot counts as received that much earlier,
+            # as that is also what it confirms (Ingest.feed confirms a stream's markets as of a
+            # message's receipt, at most its emitted_at + max_stream_lag_ms when it has one: a
+            # snapshot may have none, and the bound may be off). Delivered alone: the held messages
+            # it releases are live and keep their arrival (an earlier time would make their
+            # emitted_at look in the future: clock_skew)
+            await self._deliver(recv_ms - age_ms)
         self._covered(env.seq, asyncio.get_running_loop().time())
         await self._deliver(recv_ms)
         self._set_health("UP", None)
