@@ -144,9 +144,13 @@ class _Rotation:
 
 
 def _entry_id(entry_id: str) -> tuple[int, int]:
-    """A Redis stream entry id (``<ms>-<n>``) as a comparable pair."""
+    """A Redis stream entry id (``<ms>-<n>``) as a comparable pair; (0, 0) for anything else (a
+    writer mark someone overwrote with garbage reads as missing: the store is audited, not trusted)."""
     ms, _, n = entry_id.partition("-")
-    return int(ms), int(n or 0)
+    try:
+        return int(ms), int(n or 0)
+    except ValueError:
+        return 0, 0
 
 
 @dataclass
@@ -161,7 +165,7 @@ class _Audit:
     states: list[str]
     #: the audit covered every market and event state held (else a periodic slice)
     whole: bool
-    #: logs whose newest entry is older than one this ingest wrote ("the log of partition 3 ends at …"):
+    #: this ingest's writer marks older than the entries it wrote ("the mark of partition 3 is …"):
     #: the store went back in time (§81)
     went_back: list[str] = field(default_factory=list)
 
@@ -342,13 +346,13 @@ class Ingest:
         self._connects_seen: int = getattr(store, "connects", 0)
         #: store audits run (:meth:`_audit_store`)
         self.audits = 0
-        #: times a log of the store was found ending before an entry this ingest wrote (a periodic
-        #: audit, or the health publisher's check before a record: :meth:`check_log_heads`)
+        #: times the store was found holding this ingest's writer mark older than the entries it
+        #: wrote (at a write, a periodic audit, or the health publisher's :meth:`check_store_marks`)
         self.store_went_back = 0
         #: per partition, the newest delta-log entry this ingest wrote (or, after an audit of
-        #: everything, the log's newest then), and the same of the event-state log: a periodic audit
-        #: that finds a log ending before it knows the store went back in time and compares
-        #: everything at once (§81) instead of waiting for its slices to come round
+        #: everything that found its mark older, that mark), and the same on the event-state log: a
+        #: mark older than it means the store went back in time, and everything is compared at once
+        #: (§81) instead of waiting for the audit's slices to come round
         self._wrote: dict[int, tuple[int, int]] = {}
         self._wrote_state: tuple[int, int] | None = None
         #: when an audit of everything found the store gone back: one more a beat later (monotonic s)
