@@ -535,6 +535,27 @@ async def restore_all(r: aioredis.Redis, saved: dict[bytes, tuple[bytes, int]]) 
     await pipe.execute()
 
 
+async def _sixty_markets_in_slices(redis_url: str) -> tuple[Store, aioredis.Redis, Ingest]:
+    """A store, a plain client and an ingest holding markets 1.0–1.59 at 2.0 whose every flush runs the
+    periodic audit, a slice of 10 markets (from the book's first: 1.59 comes round in the sixth) — after
+    the audit of everything the first one is (the timer's first audit is due 2 s after start)."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 0.0
+    ing.audit_slice = 10
+    t = now_ms()
+    await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(60)))
+    ing.audit_soon()
+    await feed(ing, heartbeat(pt=now_ms()))
+    return store, r, ing
+
+
+async def holds_book(store: Store, ing: Ingest, mid: str, back: float) -> bool:
+    """Whether the store holds market ``mid`` at the book's seq, best back ``back``."""
+    m = await store.get_market(mid)
+    return m is not None and m.seq == ing.book.markets[mid].seq and back_of(m) == back
+
 async def test_a_whole_store_gone_back_in_place_is_found_by_the_next_periodic_audit(redis_url: str) -> None:
     """§81: Redis back older as a whole — every key, the delta log included — without any error or
     reconnect the ingest sees (a backup restored in place, a replica promoted behind a proxy). The
@@ -543,17 +564,9 @@ async def test_a_whole_store_gone_back_in_place_is_found_by_the_next_periodic_au
     book — read as fresh meanwhile. The log's newest entry is older than one the ingest wrote: the
     first periodic audit after it sees that and compares everything at once; the audits after it are
     slices again (the store as compared is the new baseline)."""
-    store = await Store.open(redis_url)
-    r = aioredis.Redis.from_url(redis_url)
-    ing = Ingest(store, source="betfair")
-    ing.audit_every_s = 0.0  # every flush runs the periodic audit …
-    ing.audit_slice = 10
+    store, r, ing = await _sixty_markets_in_slices(redis_url)
+    X = "bf:1.59"
     try:
-        t = now_ms()
-        await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(60)))
-        ing.audit_soon()  # … from the audit of everything this asks for (the first is due 2 s after start)
-        await feed(ing, heartbeat(pt=now_ms()))
-        X = "bf:1.59"
         saved = await backup_all(r)
         await feed(ing, price("1.59", 2.2, pt=now_ms()))  # (its flush's slice: markets 1.0–1.9)
         await restore_all(r, saved)
@@ -562,9 +575,7 @@ async def test_a_whole_store_gone_back_in_place_is_found_by_the_next_periodic_au
 
         before = ing.audits
         await feed(ing, heartbeat(pt=now_ms()))  # ONE periodic audit
-        m = await store.get_market(X)
-        assert m is not None and m.seq == ing.book.markets[X].seq and back_of(m) == 2.2, \
-            "the lost write not found by the first periodic audit after the store went back"
+        assert await holds_book(store, ing, X, 2.2), "the lost write not found by the first periodic audit after the store went back"
         assert ing.store_went_back == 1 and ing.lost_writes == 1
         assert ing.audits - before == 2  # the slice, then everything
 
@@ -663,17 +674,9 @@ async def test_a_store_gone_back_is_found_though_other_writes_came_after_it(redi
     it, and the ingest's own next write returns the mark it replaced. Both ways are found here at the
     first audit, which then compares everything (slices of 10 of 60 markets: the lost one, the book's
     last, came round only in the sixth)."""
-    store = await Store.open(redis_url)
-    r = aioredis.Redis.from_url(redis_url)
-    ing = Ingest(store, source="betfair")
-    ing.audit_every_s = 0.0
-    ing.audit_slice = 10
+    store, r, ing = await _sixty_markets_in_slices(redis_url)
+    X = "bf:1.59"
     try:
-        t = now_ms()
-        await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(60)))
-        ing.audit_soon()
-        await feed(ing, heartbeat(pt=now_ms()))
-        X = "bf:1.59"
 
         # 1. another writer's entry after the rollback (it moves the log's head past the ingest's)
         saved = await backup_all(r)
@@ -681,9 +684,7 @@ async def test_a_store_gone_back_is_found_though_other_writes_came_after_it(redi
         await restore_all(r, saved)
         await r.xadd(log_key(0), {"d": "[]"})
         await feed(ing, heartbeat(pt=now_ms()))
-        m = await store.get_market(X)
-        assert m is not None and m.seq == ing.book.markets[X].seq and back_of(m) == 2.2, \
-            "a rollback hidden by another writer's entry"
+        assert await holds_book(store, ing, X, 2.2), "a rollback hidden by another writer's entry"
         assert ing.store_went_back == 1
 
         # 2. the ingest's own write to another market after the rollback, in the same flush
@@ -691,9 +692,7 @@ async def test_a_store_gone_back_is_found_though_other_writes_came_after_it(redi
         await feed(ing, price("1.59", 2.4, pt=now_ms()))
         await restore_all(r, saved)
         await feed(ing, price("1.3", 2.6, pt=now_ms()))  # (its flush's own audit would read only a slice)
-        m = await store.get_market(X)
-        assert m is not None and m.seq == ing.book.markets[X].seq and back_of(m) == 2.4, \
-            "a rollback hidden by the ingest's own next write"
+        assert await holds_book(store, ing, X, 2.4), "a rollback hidden by the ingest's own next write"
         assert ing.store_went_back == 2
     finally:
         await r.aclose()
@@ -705,17 +704,9 @@ async def test_a_restore_still_under_way_after_the_audit_is_found_by_its_recheck
     then is for its baseline — a restore still under way key by key (the marks and the log first,
     the markets' keys after) then took a market back with nothing left to notice it. One more audit
     of everything a beat later (``RECHECK_AFTER_S``) finds it; the periodic audit is off here."""
-    store = await Store.open(redis_url)
-    r = aioredis.Redis.from_url(redis_url)
-    ing = Ingest(store, source="betfair")
-    ing.audit_every_s = 0.0
-    ing.audit_slice = 10
+    store, r, ing = await _sixty_markets_in_slices(redis_url)
+    X = "bf:1.59"
     try:
-        t = now_ms()
-        await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(60)))
-        ing.audit_soon()
-        await feed(ing, heartbeat(pt=now_ms()))
-        X = "bf:1.59"
         saved = await backup_all(r)
         await feed(ing, price("1.59", 2.2, pt=now_ms()))
         first = {k: v for k, v in saved.items() if k in (b"of:{0}:writers", log_key(0).encode())}
@@ -728,8 +719,7 @@ async def test_a_restore_still_under_way_after_the_audit_is_found_by_its_recheck
 
         async def repaired() -> bool:
             await feed(ing, heartbeat(pt=now_ms()))
-            m = await store.get_market(X)
-            return m is not None and m.seq == ing.book.markets[X].seq and back_of(m) == 2.2
+            return await holds_book(store, ing, X, 2.2)
 
         await eventually(repaired, WAIT_S, "the recheck to find the market the restore took back", interval_s=0.1)
         assert ing.lost_writes == 1
