@@ -69,6 +69,9 @@ STORE_AUDIT_SLICE = 2000
 STORE_AUDIT_ROUNDS = 10
 #: after an audit of everything that found the store gone back in time, one more this much later (s)
 RECHECK_AFTER_S = 1.0
+#: a writer mark (§81) whose newest entry is older than this is dropped (ms): an ingest gone, or quiet
+#: that long (it then audits everything once)
+WRITER_MARK_KEEP_MS = 2 * 86_400_000
 #: a lost-writes detection re-images every market at most this often (s); one inside is deferred
 REIMAGE_EVERY_S = 5.0
 
@@ -357,6 +360,9 @@ class Ingest:
         self._wrote_state: tuple[int, int] | None = None
         #: when an audit of everything found the store gone back: one more a beat later (monotonic s)
         self._recheck_at: float | None = None
+        #: this ingest's writer mark in the store (§81): its source and an id of this run, so a second
+        #: ingest of the same source (an upgrade's overlap) can never move the mark this one compares
+        self._writer = f"{source}#{secrets.token_hex(4)}"
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
         #: price history, written after each successful apply (best-effort; 0 ms = off)
@@ -591,7 +597,7 @@ class Ingest:
             if eid not in again and (h := held.get(eid)) is not None and es.same_content(h):
                 del pending[eid]
         states = list(pending.values())
-        result = await self.store.apply_event_states(states)
+        result = await self.store.apply_event_states(states, writer=self._writer)
         raise_if_cancelled()
         self._note_states_written(result)
         for es in states:
@@ -792,15 +798,18 @@ class Ingest:
             started = time.perf_counter()
             if deltas or market_cursor is not None:
                 try:
-                    result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
+                    result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase,
+                                                    writer=self._writer)
                     raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
                     self._note_written(result)
                 except EpochChanged:
                     logger.warning("store epoch changed under source %s: re-sending every market as an image",
                                    self.source)
                     await self.store.reset_epoch()
+                    self._forget_written()  # (another store: its marks are not this ingest's)
                     self._backlog = deltas = book.reimage_all(stored_at)
-                    result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase)
+                    result = await self.store.apply(deltas, book.markets, market_cursor, rebase=book.rebase,
+                                                    writer=self._writer)
                     raise_if_cancelled()
                     self._note_written(result)
                     self._audit_due = True  # (an epoch adopted: the store is compared wholly before confirming)
@@ -951,36 +960,56 @@ class Ingest:
     def _note_written(self, result: ApplyResult) -> None:
         """Remember the newest log entry of each partition ``result`` wrote (see ``_wrote``) —
         after comparing the mark the store held before this write with it: older means the store
-        went back in time (§81), and the flush compares everything before confirming anything."""
+        went back in time (§81), and the flush compares everything before confirming anything. A
+        mark newer than remembered is this ingest's own write that landed without its reply:
+        adopted (a rollback to before it must be seen too)."""
         wrote = self._wrote
+        why: list[str] = []
         for p, mark in result.marks.items():
             known = wrote.get(p)
-            if known is not None and _entry_id(mark or "0-0") < known:
-                self._store_went_back([f"the mark of partition {p} was {mark or 'missing'} before this write, "
-                                       f"not {known[0]}-{known[1]}"])
+            at = _entry_id(mark or "0-0")
+            if known is not None and at < known:
+                why.append(f"the mark of partition {p} was {mark or 'missing'} before this write, "
+                           f"not {known[0]}-{known[1]}")
+            elif known is None or at > known:
+                wrote[p] = at
         for p, entry_id in result.entries.items():
             at = _entry_id(entry_id)
             if at > wrote.get(p, (0, 0)):
                 wrote[p] = at
+        if why:
+            self._store_went_back(why)
 
     def _note_states_written(self, result: EventStateResult) -> None:
-        """:meth:`_note_written` for an event-state write."""
+        """:meth:`_note_written` for an event-state write (``mark`` None: nothing was written)."""
         known = self._wrote_state
-        if known is not None and _entry_id(result.mark or "0-0") < known:
-            self._store_went_back([f"the event-state mark was {result.mark or 'missing'} before this write, "
-                                   f"not {known[0]}-{known[1]}"])
+        if result.mark is not None:
+            at = _entry_id(result.mark or "0-0")
+            if known is not None and at < known:
+                self._store_went_back([f"the event-state mark was {result.mark or 'missing'} before this write, "
+                                       f"not {known[0]}-{known[1]}"])
+            elif known is None or at > known:
+                self._wrote_state = known = at
         if result.entry:
             at = _entry_id(result.entry)
             if known is None or at > known:
                 self._wrote_state = at
 
+    def _forget_written(self) -> None:
+        """The store's epoch moved (Redis lost its data, or another store): its marks are not this
+        ingest's to compare with (the audit of everything that follows compares the store)."""
+        self._wrote.clear()
+        self._wrote_state = None
+
     def _store_went_back(self, why: list[str]) -> None:
         """The store lost writes this ingest made (``why``): compare everything with the
-        book and the held event states at the next audit, before confirming anything."""
+        book and the held event states at the next audit, before confirming anything — and
+        once more a beat after it (a restore still under way)."""
         logger.warning("source %s: the store went back in time (%s); comparing every market and event state "
                        "with the book before confirming anything", self.source, "; ".join(why))
         self.store_went_back += 1
         self._audit_due = True
+        self._recheck_at = time.monotonic() + RECHECK_AFTER_S
 
     async def check_store_marks(self) -> bool:
         """Whether the store holds this ingest's marks older than the entries it
@@ -993,7 +1022,7 @@ class Ingest:
         async with self._flush_lock:  # (not beside a flush: its audit may move the baselines)
             if not self._wrote and self._wrote_state is None:
                 return False
-            found = await self.store.stored_marks((), writer=self.source, marks=list(self._wrote),
+            found = await self.store.stored_marks((), writer=self._writer, marks=list(self._wrote),
                                                   state_mark=self._wrote_state is not None)
             raise_if_cancelled()
             went_back = self._went_back(found, full=False)
@@ -1013,6 +1042,8 @@ class Ingest:
                 went_back.append(f"the mark of partition {p} is {mark}, not {wrote[p][0]}-{wrote[p][1]}")
                 if full:
                     wrote[p] = at
+            elif at > wrote[p]:  # this ingest's write that landed without its reply
+                wrote[p] = at
         if found.state_mark is not None and self._wrote_state is not None:
             at = _entry_id(found.state_mark)
             if at < self._wrote_state:
@@ -1020,6 +1051,8 @@ class Ingest:
                                  f"{self._wrote_state[0]}-{self._wrote_state[1]}")
                 if full:
                     self._wrote_state = at
+            elif at > self._wrote_state:
+                self._wrote_state = at
         return went_back
 
     async def _resend(self, images: list[Delta]) -> tuple[ApplyResult, list[Delta]]:
@@ -1027,7 +1060,7 @@ class Ingest:
         if Redis fails); returns the apply's result and the images as stored
         (rebased above a seq floor where the store asked). Raises StoreError."""
         self._backlog = images
-        result = await self.store.apply(images, self.book.markets, None, rebase=self.book.rebase)
+        result = await self.store.apply(images, self.book.markets, None, rebase=self.book.rebase, writer=self._writer)
         raise_if_cancelled()
         self._note_written(result)
         if result.rebased:
@@ -1077,7 +1110,7 @@ class Ingest:
             mids, all_mids = self._market_rotation.take(book.markets, self.audit_slice)
             eids, all_eids = self._state_rotation.take(held, self.audit_slice)
             whole = all_mids and all_eids
-        found = await self.store.stored_marks(mids, eids, writer=self.source, marks=list(self._wrote),
+        found = await self.store.stored_marks(mids, eids, writer=self._writer, marks=list(self._wrote),
                                               state_mark=self._wrote_state is not None)
         raise_if_cancelled()
         went_back = self._went_back(found, full=full)
@@ -1151,6 +1184,7 @@ class Ingest:
             logger.warning("source %s: the store epoch is %s, not %s: adopting the store's", self.source,
                            found.epoch or "missing", old)
             if await store.reset_epoch() != old:
+                self._forget_written()  # (another store: its marks are not this ingest's)
                 more, images = await self._resend(self.book.reimage_all(stored_at))
                 return _merged(result, more), images
         if found.markets:
@@ -1347,6 +1381,8 @@ class HealthPublisher:
                 if time.monotonic() - self._pruned_at >= self.prune_every_s:
                     self._pruned_at = time.monotonic()
                     await ingest.prune_closed()
+                    # the marks of ingests gone (restarted, retired) — §81
+                    await ingest.store.prune_writer_marks(now_ms() - WRITER_MARK_KEEP_MS)  # (entry ids: wall ms)
             except Exception as exc:  # a Redis hiccup must not stop the source
                 ingest.metrics.redis_error("health")
                 ingest.audit_soon()  # (Redis may be back older: compare before confirming again)

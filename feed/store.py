@@ -420,6 +420,19 @@ end
 return {id, kept, dropped, foreign, mark}
 """
 
+# KEYS: 1 a writer-marks hash; ARGV: writer, mark, … Drops each writer's mark only if it is still the
+# one given (a writer that moved it since keeps it). Returns how many were dropped.
+DROP_MARKS_SCRIPT = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
 # KEYS: state, version, provider-time, owner hashes; ARGV: event id, version, … Drops each state only if
 # its stored version is still the given one. Returns the ids dropped.
 PRUNE_STATES_SCRIPT = """
@@ -551,8 +564,9 @@ class EventStateResult:
     kept: int
     dropped: int
     foreign: int
-    #: the writer's mark before this write (as :attr:`ApplyResult.marks`, on the event-state log)
-    mark: str = ""
+    #: the writer's mark before this write (as :attr:`ApplyResult.marks`, on the event-state log;
+    #: "" when none, None when nothing was written or no writer was named)
+    mark: str | None = None
 
 
 @dataclass(slots=True)
@@ -642,6 +656,14 @@ def reply_text(value: object) -> str:
     raise StoreError(f"unexpected redis reply {value!r:.80}")
 
 
+def _mark_text(value: object) -> str:
+    """A writer mark reply as str ("" for nil or anything that is not text: a mark someone
+    overwrote reads as missing — the writer audits the store — never as an exception)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
+
+
 def reply_text_or_none(value: object) -> str | None:
     """A Redis string reply as str; a nil reply as None."""
     return None if value is None else reply_text(value)
@@ -714,6 +736,7 @@ class Store:
         self._prune = redis.register_script(PRUNE_SCRIPT)
         self._history = redis.register_script(HISTORY_SCRIPT)
         self._event_states = redis.register_script(EVENT_STATE_SCRIPT)
+        self._drop_marks = redis.register_script(DROP_MARKS_SCRIPT)
         self._prune_states = redis.register_script(PRUNE_STATES_SCRIPT)
 
     @classmethod
@@ -898,7 +921,8 @@ class Store:
     # -- writes --------------------------------------------------------------
 
     async def apply(self, deltas: Iterable[Delta], markets: Mapping[str, Market],
-                    cursor: tuple[str, str] | None = None, *, rebase: Rebase | None = None) -> ApplyResult:
+                    cursor: tuple[str, str] | None = None, *, rebase: Rebase | None = None,
+                    writer: str | None = None) -> ApplyResult:
         """Atomically store a batch of deltas with the latest snapshot of each
         touched market (``markets[market_id]``), per partition; partition 0
         goes last and carries ``cursor`` = (source, value) so the cursor
@@ -910,6 +934,10 @@ class Store:
         market's deltas are replaced by ``rebase(market_id, floor)`` — an image
         of its current state above the floor, snapshot included — and the
         partition is retried; :attr:`ApplyResult.rebased` lists them.
+
+        ``writer``: whose mark the entries become (:attr:`ApplyResult.marks`, §81; an
+        ingest names itself, one mark per running ingest); None: the batch's source when it
+        has one, else no mark.
 
         Raises EpochChanged when Redis no longer holds this writer's epoch,
         SeqBelowFloor when a market is below the floor and ``rebase`` is not
@@ -933,8 +961,8 @@ class Store:
                 ds.append(d)
         if cursor is not None:
             by_part.setdefault(0, {})
-        # the writer whose mark the entries become (§81): the batch's one source (none for a mixed batch)
-        writer = next(iter(sources)) if len(sources) == 1 else ""
+        if writer is None:  # (whose mark the entries become, §81: the batch's one source; none for a mixed batch)
+            writer = next(iter(sources)) if len(sources) == 1 else ""
         entries: dict[int, str] = {}
         marks: dict[int, str] = {}
         kept = dropped = foreign = lost = 0
@@ -999,7 +1027,7 @@ class Store:
             if len(res) > 5:
                 kept_markets.update(reply_text(x) for x in res[5])
             if writer and len(res) > 6:
-                marks[p] = reply_text(res[6])
+                marks[p] = _mark_text(res[6])
         return ApplyResult(entries, kept, dropped, foreign, lost, kept_markets, rebased, marks)
 
     async def reset_epoch(self) -> str:
@@ -1013,6 +1041,27 @@ class Store:
             return await self.ensure_epoch()
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis failed while adopting the new epoch: {exc}") from None
+
+    async def prune_writer_marks(self, older_than_ms: int) -> int:
+        """Drop the writer marks (§81) whose newest entry is older than ``older_than_ms`` (ms since
+        the Unix epoch): each running ingest keeps its own, so a restarted or retired one leaves one
+        behind — bounded by this. A mark its writer moved meanwhile stays (dropped only at the value
+        read). A quiet writer whose mark went is told the store lost it and audits everything once.
+        Returns how many were dropped. Raises StoreError."""
+        dropped = 0
+        try:
+            for key in [*(writers_key(p) for p in range(self.partitions)), ES_WRITERS_KEY]:
+                stale: list[str] = []
+                for field_, value in (await self.redis.hgetall(key)).items():
+                    mark = _mark_text(value)
+                    ms = mark.partition("-")[0]
+                    if not ms.isdigit() or int(ms) < older_than_ms:
+                        stale += [reply_text(field_), mark]
+                if stale:
+                    dropped += int(await self._drop_marks(keys=[key], args=stale))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+        return dropped
 
     async def set_health(self, health: SourceHealth) -> None:
         """Persist one source's health (and register the source)."""
@@ -1098,7 +1147,7 @@ class Store:
 
     # -- event states (feed.models.EventState) -----------------------------------------------
 
-    async def apply_event_states(self, states: Iterable[EventState]) -> EventStateResult:
+    async def apply_event_states(self, states: Iterable[EventState], *, writer: str | None = None) -> EventStateResult:
         """Store event states (each a whole state with its version) in one
         script call: the latest per event in ``of:{es}:state``, the kept ones
         appended to ``of:{es}:log`` as one entry. A state whose version is not
@@ -1116,14 +1165,15 @@ class Store:
         if not n:
             return EventStateResult("", 0, 0, 0)
         args[1] = n
-        if len(sources) == 1:  # the writer whose mark the entry becomes (§81)
-            args[2] = next(iter(sources))
+        if writer is None:  # (whose mark the entry becomes, §81: as Store.apply)
+            writer = next(iter(sources)) if len(sources) == 1 else ""
+        args[2] = writer
         try:
             res = await self._event_states(keys=_ES_KEYS, args=args)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis write failed: {exc}") from None
         return EventStateResult(reply_text(res[0]), int(res[1]), int(res[2]), int(res[3]),
-                                reply_text(res[4]) if len(res) > 4 else "")
+                                _mark_text(res[4]) if writer and len(res) > 4 else None)
 
     async def load_event_states(self, source: str | None = None) -> list[EventState]:
         """Every stored event state (of ``source`` only, when given). Raises StoreError."""
@@ -1363,7 +1413,7 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis read failed: {exc}") from None
         tail = len(replies) - len(logs) - (1 if state_mark else 0)
-        newest = [reply_text(v) if v else "0-0" for v in replies[tail:]]
+        newest = [_mark_text(v) or "0-0" for v in replies[tail:]]
         k = 1
         out: list[dict[str, tuple[int, str | None, int]]] = []
         for chunks in (parts, eparts):

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import feed.ingest as ingest_module
 from feed.embedded_redis import EmbeddedRedis
@@ -573,11 +574,11 @@ async def test_a_whole_store_gone_back_in_place_is_found_by_the_next_periodic_au
         lost = await store.get_market(X)
         assert lost is not None and back_of(lost) == 2.0, "the restored store lacks X's last write"
 
-        before = ing.audits
-        await feed(ing, heartbeat(pt=now_ms()))  # ONE periodic audit
+        await feed(ing, heartbeat(pt=now_ms()))  # ONE flush: its cursor write or its slice's read finds it
         assert await holds_book(store, ing, X, 2.2), "the lost write not found by the first periodic audit after the store went back"
         assert ing.store_went_back == 1 and ing.lost_writes == 1
-        assert ing.audits - before == 2  # the slice, then everything
+        await feed(ing, heartbeat(pt=now_ms()))
+        assert ing._recheck_at is not None  # (the recheck a beat later: not yet)
 
         before = ing.audits
         await feed(ing, heartbeat(pt=now_ms()))
@@ -734,3 +735,155 @@ async def restore_all_keys(r: aioredis.Redis, saved: dict[bytes, tuple[bytes, in
     for key, (value, ttl) in saved.items():
         pipe.restore(key, ttl, value, replace=True)
     await pipe.execute()
+
+
+async def test_a_rollback_found_by_the_ingests_own_write_is_rechecked_too(redis_url: str) -> None:
+    """Second review of §81: a rollback the ingest's own write found (the mark the script returned)
+    scheduled no recheck — that write had moved the mark, so the audit of everything after it read
+    nothing gone back — and a restore still under way (the marks and the log first, the markets
+    after) kept the market it took back, fresh. Any detection now schedules the recheck."""
+    store, r, ing = await _sixty_markets_in_slices(redis_url)
+    X = "bf:1.59"
+    try:
+        saved = await backup_all(r)
+        await feed(ing, price("1.59", 2.2, pt=now_ms()))
+        first = {k: v for k, v in saved.items() if k in (b"of:{0}:writers", log_key(0).encode())}
+        await restore_all_keys(r, first)  # the marks and the log first …
+        ing.audit_every_s = 3600.0  # (no periodic audit from here)
+        await feed(ing, price("1.3", 2.6, pt=now_ms()))  # the ingest's own write finds it
+        assert ing.store_went_back == 1 and ing.lost_writes == 0
+        await restore_all_keys(r, {k: v for k, v in saved.items() if k not in first})  # … the markets after
+
+        async def repaired() -> bool:
+            await feed(ing, heartbeat(pt=now_ms()))
+            return await holds_book(store, ing, X, 2.2)
+
+        await eventually(repaired, WAIT_S, "the recheck to find the market the restore took back", interval_s=0.1)
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_a_write_that_landed_without_its_reply_is_adopted_as_the_ingests_own(redis_url: str) -> None:
+    """Second review of §81: a write that landed while its reply was lost left the ingest's memory
+    at the entry before it (the retry is dropped as stored: no new entry), so a rollback to just
+    before the landed write matched what it remembered and went unseen. A mark newer than the
+    ingest remembers is its own landed write: adopted."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    ing = Ingest(store, source="betfair")
+    ing.audit_every_s = 3600.0
+    try:
+        t = now_ms()
+        await feed(ing, image("1.1", 2.0, pt=t), image("1.2", 3.0, pt=t))
+        saved = await backup_all(r)
+        real = store._apply
+
+        async def landed_then_lost(*args: Any, **kwargs: Any) -> Any:
+            await real(*args, **kwargs)
+            raise RedisConnectionError("the reply was lost")
+
+        store._apply = landed_then_lost  # type: ignore[method-assign]
+        await feed(ing, price("1.1", 2.2, pt=now_ms()))  # lands; the ingest sees an error
+        store._apply = real  # type: ignore[method-assign]
+        assert not ing.store_ok
+
+        async def written() -> bool:  # the retry (dropped as stored) and the audit after the error
+            await feed(ing, heartbeat(pt=now_ms()))
+            return ing.store_ok and not ing.audit_due
+
+        await eventually(written, WAIT_S, "the retry after the lost reply", interval_s=0.1)
+        await restore_all(r, saved)  # the store goes back to before the landed write
+        assert await ing.check_store_marks(), "a rollback past the write whose reply was lost went unseen"
+        await feed(ing, heartbeat(pt=now_ms()))
+        assert await holds_book(store, ing, A, 2.2)
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_two_ingests_of_one_source_keep_marks_of_their_own(redis_url: str) -> None:
+    """Second review of §81: the mark was keyed by source, so two ingests of one source (an
+    upgrade's overlap) shared it, and after a rollback one's write moved it past the other's lost
+    entry. Each running ingest has its own mark."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    a, b = Ingest(store, source="betfair"), Ingest(store, source="betfair")
+    for ing in (a, b):
+        ing.audit_every_s = 3600.0
+    try:
+        t = now_ms()
+        await feed(a, image("1.1", 2.0, pt=t))
+        await feed(b, image("1.2", 3.0, pt=t))
+        saved = await backup_all(r)
+        await feed(b, price("1.2", 3.3, pt=now_ms()))  # b's write: lost by the rollback below
+        await restore_all(r, saved)
+        await feed(a, price("1.1", 2.4, pt=now_ms()))  # a writes after the rollback
+        assert await b.check_store_marks(), "b's lost write hidden by a's"
+        await feed(b, heartbeat(pt=now_ms()))
+        assert await holds_book(store, b, B, 3.3)
+        assert len(await r.hkeys("of:{0}:writers")) == 2
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_marks_never_cry_wolf_and_never_raise(redis_url: str) -> None:
+    """Second review of §81: an event-state flush whose states all cancel out wrote nothing and
+    read as "mark missing" (a warning and an audit of everything); a FLUSHALL (a new epoch) was
+    also reported as gone back once per partition; a mark that is not text raised out of the
+    flush (UnicodeDecodeError). None now."""
+    r = aioredis.Redis.from_url(redis_url)
+    store = await Store.open(redis_url)
+    try:
+        # states that cancel out within one flush (A -> B -> A): nothing written, nothing gone back
+        scores = Ingest(store, source="scores", normaliser=_Scores())  # type: ignore[arg-type]
+        await feed(scores, b"score 0")
+        scores.feed_lines([b"score 1", b"score 0"], now_ms())
+        await scores.flush()
+        assert scores.store_went_back == 0
+        # a mark that is not text reads as missing: the store is audited, nothing raises
+        one = Ingest(store, source="betfair")
+        await feed(one, image("1.1", 2.0, pt=now_ms()))
+        for field in await r.hkeys("of:{0}:writers"):
+            await r.hset("of:{0}:writers", field, b"\xff\xfe-1")
+        assert await one.check_store_marks()
+        await feed(one, price("1.1", 2.3, pt=now_ms()))
+        assert one.store_ok and await holds_book(store, one, A, 2.3)
+    finally:
+        await store.close()
+    await r.flushall()
+    many = await Store.open(redis_url, partitions=8)
+    try:
+        # a new epoch (FLUSHALL) over 8 partitions: the epoch's own path, not "gone back" per partition
+        ing = Ingest(many, source="betfair")
+        t = now_ms()
+        await feed(ing, *(image(f"1.{i}", 2.0, pt=t) for i in range(40)))
+        assert len(ing._wrote) > 1
+        await r.flushall()
+        await feed(ing, price("1.1", 2.2, pt=now_ms()))
+        assert ing.store_went_back == 0
+    finally:
+        await many.close()
+        await r.flushall()
+        await r.aclose()
+
+
+async def test_marks_of_writers_gone_are_pruned_and_a_moved_one_is_kept(redis_url: str) -> None:
+    """Each running ingest keeps its own mark, so restarts leave marks behind: the health
+    publisher drops those older than ``WRITER_MARK_KEEP_MS`` (a mark its writer moved meanwhile
+    stays)."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        ing = Ingest(store, source="betfair")
+        await feed(ing, image("1.1", 2.0, pt=now_ms()))
+        await r.hset("of:{0}:writers", mapping={"gone#1": "1000-0", "junk#2": "x"})
+        await r.hset("of:{es}:writers", "gone#3", "1000-0")
+        assert await store.prune_writer_marks(now_ms() - 60_000) == 3
+        assert [f.decode() for f in await r.hkeys("of:{0}:writers")] == [ing._writer]
+        assert await store.prune_writer_marks(now_ms() + 60_000) == 1  # (everything older: the live one too)
+        assert not await ing.check_store_marks() or ing.audit_due  # (a quiet writer whose mark went audits)
+    finally:
+        await r.aclose()
+        await store.close()
