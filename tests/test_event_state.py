@@ -269,7 +269,7 @@ async def test_states_wait_for_the_store_and_go_once_it_answers(store: Store) ->
     real = store.apply_event_states
     calls = 0
 
-    async def failing(states: object) -> object:
+    async def failing(states: object, **kwargs: object) -> object:
         nonlocal calls
         calls += 1
         raise StoreError("redis write failed: simulated")
