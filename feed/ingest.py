@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -365,6 +365,9 @@ class Ingest:
         self._writer = f"{source}#{secrets.token_hex(4)}"
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
+        #: awaited after every flush that stored deltas or event states — whichever task flushed (a
+        #: delivery, the health publisher, a drain) — with the deltas as stored, in the order stored
+        self.on_stored: Callable[[list[Delta]], Awaitable[None]] | None = None
         #: price history, written after each successful apply (best-effort; 0 ms = off)
         self.history = HistoryWriter(store, history_retention_ms)
 
@@ -735,9 +738,13 @@ class Ingest:
 
     async def flush(self) -> list[Delta]:
         """See :meth:`_flush`; flushes never overlap, so batches reach Redis
-        in the order the book sequenced them."""
+        in the order the book sequenced them. :attr:`on_stored` sees what
+        each one stored."""
         async with self._flush_lock:
-            return await self._flush()
+            deltas = await self._flush()
+        if self.on_stored is not None and (deltas or self._states_stored):
+            await self.on_stored(deltas)
+        return deltas
 
     async def _flush(self) -> list[Delta]:
         """Sequence the pending updates in the book and store them (after

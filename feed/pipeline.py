@@ -25,7 +25,7 @@ from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, StoreError
 from feed.ingest import HealthPublisher, Ingest, ingest_options
 from feed.linker import EventRegistrar
-from feed.models import SourceState
+from feed.models import Delta, SourceState
 from feed.normalise.base import Normaliser
 from feed.sources.base import Delivered, Payload, Source
 from feed.sources.lag import LagWindow
@@ -73,6 +73,7 @@ class Pipeline:
         self.health = HealthPublisher(self.ingest, lag=self.lag)
         self.recorder = recorder
         self.events = EventRegistrar(name)
+        self.ingest.on_stored = self._stored
         self._source: Source | None = None
 
     # -- Sink --------------------------------------------------------------------------
@@ -90,16 +91,9 @@ class Pipeline:
             self.recorder.write(payloads)
         ingest = self.ingest
         out = ingest.feed(payloads)
-        deltas = await ingest.flush()
-        self.lag.record_deltas(deltas)
-        self.lag.record_states(ingest.take_stored_states())
-        if deltas:
-            self.events.note(deltas, ingest.book.markets)
+        deltas = await ingest.flush()  # (what it stored went through _stored)
         if self.events.pending and ingest.store_ok:
-            try:  # event records for the linker; a failure waits for the next delivery
-                await self.events.flush(ingest.store, ingest.clock_ms())
-            except StoreError:
-                ingest.metrics.redis_error("events")
+            await self._register_events()  # (records a failed registration kept)
         out.deltas = len(deltas)
         out.stored = ingest.store_ok and not ingest.backlog and not ingest.pending
         if ingest.take_lost():
@@ -113,6 +107,25 @@ class Pipeline:
         elif h.state == "DEGRADED" and h.reason == UPSTREAM_DEGRADED:
             self.set_state("UP", None)
         return out
+
+    async def _stored(self, deltas: list[Delta]) -> None:
+        """After every flush that stored something, whichever task flushed (a
+        delivery, the health publisher, a drain): the feed lag of what was
+        stored, and the event records of the markets whose header it set or
+        changed, registered for the linker."""
+        ingest = self.ingest
+        self.lag.record_deltas(deltas)
+        self.lag.record_states(ingest.take_stored_states())
+        if deltas:
+            self.events.note(deltas, ingest.book.markets)
+        if self.events.pending and ingest.store_ok:
+            await self._register_events()
+
+    async def _register_events(self) -> None:
+        try:  # a failure keeps them for the next flush or delivery
+            await self.events.flush(self.ingest.store, self.ingest.clock_ms())
+        except StoreError:
+            self.ingest.metrics.redis_error("events")
 
     def confirm(self, recv_ms: int, provider_ms: int | None = None) -> None:
         self.ingest.confirm(recv_ms, provider_ms)

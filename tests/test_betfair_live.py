@@ -47,6 +47,7 @@ from feed.sources.betfair_api import (
     BettingApi,
     CatalogueFetcher,
     Credentials,
+    definitions_in,
     markets_per_request,
 )
 from feed.sources.esa import EsaClient, EsaSource
@@ -311,6 +312,62 @@ async def test_catalogue_requests_never_exceed_the_weight_limit_and_are_batched(
         await asyncio.gather(task, return_exceptions=True)
         await api.aclose()
         await login.aclose()
+
+
+async def test_a_market_the_catalogue_leaves_out_is_asked_for_again_and_a_closed_one_never(make_sim) -> None:
+    # Betfair's Betting API lists a new market a moment after the stream shows it: an answer that
+    # leaves out an open market must not leave it nameless for good (seen as a flake of
+    # test_event_linking: one event's markets never named)
+    sim = await live_sim(make_sim, events=4)
+    assert sim.api is not None
+    login = login_for(sim)
+    api = BettingApi(login, url=sim.api.betting_url)
+    got: list[str] = []
+
+    async def deliver(lines: list[bytes]) -> None:
+        got.extend(orjson.loads(line)["marketId"] for line in lines)
+
+    fetcher = CatalogueFetcher(api, deliver, min_interval_s=0.0, missing_retry_s=(0.2, 0.4))
+    task = asyncio.create_task(fetcher.run())
+    try:
+        versions = {mid: (mb.definition or {}).get("version") for mid, mb in sim.books.items()
+                    if (mb.definition or {}).get("status") != "CLOSED"}
+        late, shut = sorted(versions)[:2]
+        sim.api.unlisted.add(late)
+        for mid, version in versions.items():
+            fetcher.observe(mid, version, closed=mid == shut)  # the stream shows `shut` CLOSED
+
+        def asked(mid: str) -> list[Any]:
+            return [c for c in sim.api.catalogue_requests if mid in c.ids]
+
+        await eventually(lambda: len(asked(late)) >= 2, what="the left-out market asked for again")
+        assert late not in got and all(late not in c.returned for c in asked(late))
+        sim.api.unlisted.discard(late)  # the API lists it now
+        await eventually(lambda: late in got, what="the left-out market named once listed")
+        assert sorted(got) == sorted(set(versions) - {shut})  # each once; the closed market never asked
+        assert asked(shut) == []
+
+        # bounded: a market never listed is asked for once plus once per retry delay, then rests
+        never = sorted(versions)[2]
+        sim.api.unlisted.add(never)
+        before = len(asked(never))  # (named above)
+        fetcher.observe(never, (versions[never] or 0) + 1)
+        await eventually(lambda: fetcher.pending == 0 and fetcher.retrying == 0 and len(asked(never)) >= before + 3,
+                         what="the asks of a market never listed")
+        assert len(asked(never)) == before + 1 + 2  # nothing wanted or scheduled: no further ask can come
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await api.aclose()
+        await login.aclose()
+
+
+def test_a_definition_says_whether_its_market_is_closed() -> None:
+    line = orjson.dumps({"op": "mcm", "mc": [
+        {"id": "1.1", "marketDefinition": {"version": 7, "status": "CLOSED"}},
+        {"id": "1.2", "marketDefinition": {"version": 3, "status": "OPEN"}},
+        {"id": "1.3", "rc": [{"id": 1, "atb": [[2.0, 5.0]]}]}]})
+    assert definitions_in(line) == [("1.1", 7, True), ("1.2", 3, False)]
 
 
 # -- the whole live path into Redis ---------------------------------------------------------------

@@ -177,7 +177,7 @@ async def test_every_simulated_event_is_one_canonical_event_with_every_providers
             try:
                 await eventually(linked, 45, "every model event linked across the five sources", interval_s=0.2)
             except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{last['score'].report()}") from None
+                raise AssertionError(f"{exc}\n{last['score'].report()}\n{_catalogue_report(up, linker)}") from None
             s = last["score"]
             assert s.precision == 1.0 and s.recall == 1.0, s.report()
             # at least the sports every provider offers, and every source in one canonical event
@@ -202,6 +202,27 @@ async def test_every_simulated_event_is_one_canonical_event_with_every_providers
             for t in sources:
                 t.cancel()
             await asyncio.gather(*sources, return_exceptions=True)
+
+
+def _catalogue_report(up: Upstreams, linker: Linker) -> str:
+    """For a failure: each unnamed Betfair record's markets and what the
+    Betting API simulator was asked and answered of them (names come only
+    from its catalogue)."""
+    api = up.esa.api
+    assert api is not None
+    calls = list(api.catalogue_requests)
+    lines = [f"betfair catalogue calls: {len(calls)}, answers {sorted({c.answer for c in calls})}"]
+    for rid, rec in sorted(linker.matcher.records.items()):
+        if rec.source != "betfair" or rec.name:
+            continue
+        eid = rid.removeprefix("bf:").split("/")[0]
+        for mid, mb in sorted(up.model.books.items()):
+            md = mb.definition or {}
+            if str(md.get("eventId")) != eid:
+                continue
+            asked = [(round(c.at, 2), c.answer, mid in c.returned) for c in calls if mid in c.ids]
+            lines.append(f"{rid} market {mid} ({md.get('status')}, v{md.get('version')}): asked {asked}")
+    return "\n".join(lines)
 
 
 def _sport(canon: dict[str, bytes], cid: str) -> str | None:

@@ -471,3 +471,41 @@ async def test_save_links_with_an_owner_writes_only_under_its_lease(store: Store
     assert await store.save_links({}, {}, owner="y") == -1
     assert await links(store) == {"a:e": "ev:a:e"}
     assert await store.save_links({}, {}, owner="x") == 2 and await links(store) == {}
+
+
+async def test_changes_stored_by_a_flush_other_than_the_delivery_still_register_their_event(store: Store) -> None:
+    # The health publisher flushes too (a backlog, an audit due) and takes whatever was fed by then: the
+    # event records and the feed lag of what it stored were lost (a flake of test_event_linking: a whole
+    # Betfair catalogue flushed by the publisher, every Betfair event left nameless and unlinked)
+    import orjson
+
+    from feed.normalise.betfair import BetfairNormaliser
+    from feed.pipeline import Pipeline
+    from feed.settings import Settings
+    from feed.sources.base import Payload
+    from feed.ingest import now_ms
+
+    p = Pipeline(store, Settings(), name="bf", kind="esa", normaliser=BetfairNormaliser("bf"))
+    t = now_ms()
+    image = orjson.dumps({"op": "mcm", "id": 1, "clk": "1", "pt": t, "ct": "SUB_IMAGE", "mc": [{
+        "id": "1.5", "img": True, "marketDefinition": {
+            "eventId": "77", "eventTypeId": "1", "marketType": "MATCH_ODDS", "status": "OPEN", "version": 1,
+            "marketTime": "2030-01-01T15:00:00.000Z", "inPlay": False, "numberOfWinners": 1, "bettingType": "ODDS",
+            "runners": [{"id": 1, "sortPriority": 1, "status": "ACTIVE"}, {"id": 2, "sortPriority": 2, "status": "ACTIVE"}]},
+        "rc": [{"id": 1, "atb": [[2.0, 10.0]]}]}]})
+    await p.deliver([Payload(t, image)])
+    catalogue = orjson.dumps({"op": "marketCatalogue", "marketId": "1.5", "marketName": "Match Odds",
+                              "event": {"id": "77", "name": "Arsenal v Chelsea"},
+                              "runners": [{"selectionId": 1, "runnerName": "Arsenal", "handicap": 0.0},
+                                          {"selectionId": 2, "runnerName": "Chelsea", "handicap": 0.0}]})
+    lag_before = p.lag.count()
+    p.ingest.feed([Payload(t + 1, catalogue)])  # fed by the delivery…
+    assert await p.ingest.flush()  # …and stored by another flush (the publisher's) before the delivery's own
+    assert await p.ingest.flush() == []
+
+    async def named() -> bool:
+        rows = await store.load_events()
+        return any(b"Arsenal v Chelsea" in raw for _, rid, raw in rows if rid == "bf:77")
+
+    await eventually(named, what="the event record registered with the catalogue's name")
+    assert p.lag.count() > lag_before  # and the feed lag counts what that flush stored

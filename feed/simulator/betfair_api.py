@@ -30,7 +30,9 @@ server, which checks the token of every ``authentication``. A token expires
 
 Switches for tests and demos: :meth:`BetfairApi.expire_sessions` (optionally
 telling open streams ``NO_SESSION``), :meth:`BetfairApi.fail_catalogue` (the
-next ``n`` calls answer an error code or an HTTP status), and the counters
+next ``n`` calls answer an error code or an HTTP status), ``BetfairApi.unlisted``
+(market ids the catalogue leaves out though the stream shows them open: as
+Betfair's Betting API does for a moment after a market is created), and the counters
 ``logins``, ``keep_alives``, ``logouts`` and ``catalogue_requests`` (each
 call's market count, weight and answer).
 """
@@ -136,11 +138,16 @@ class Sessions:
 @dataclass
 class CatalogueCall:
     """One listMarketCatalogue call: how many markets it named, its weight and
-    what it answered (``ok`` or the error code / ``http_<status>``)."""
+    what it answered (``ok`` or the error code / ``http_<status>``); ``ids``
+    the market ids it named, ``returned`` those it listed, ``at`` when it was
+    answered (wall-clock seconds) — for tests' diagnostics."""
 
     markets: int
     weight: int
     answer: str
+    ids: tuple[str, ...] = ()
+    returned: tuple[str, ...] = ()
+    at: float = 0.0
 
 
 def catalogue_entry(mb: MarketBook, projection: set[str], competition: tuple[str, str] | None) -> dict[str, Any]:
@@ -221,6 +228,8 @@ class BetfairApi:
         self.logouts = 0
         self.catalogue_requests: deque[CatalogueCall] = deque(maxlen=10_000)
         self._faults: deque[str | int] = deque()
+        #: market ids listMarketCatalogue leaves out while they are here (see the module docstring)
+        self.unlisted: set[str] = set()
         self.app = Starlette(routes=[
             Route("/api/login", self._login, methods=["POST"]),
             Route("/api/certlogin", self._certlogin, methods=["POST"]),
@@ -375,8 +384,8 @@ class BetfairApi:
         max_results = params.get("maxResults")
         if code is None and (not isinstance(max_results, int) or not 0 < max_results <= 1000):
             code = "INVALID_INPUT_DATA"
-        self.catalogue_requests.append(CatalogueCall(len(ids), weight, code or "ok"))
         if code is not None:
+            self.catalogue_requests.append(CatalogueCall(len(ids), weight, code, tuple(ids), (), time.time()))
             return _rpc_error(call, code)
         result = []
         model = self.model
@@ -384,9 +393,13 @@ class BetfairApi:
             mb = self.books.get(mid)
             if mb is None or mb.definition is None or mb.definition.get("status") == "CLOSED":
                 continue  # Betfair lists ACTIVE / SUSPENDED markets only
+            if mid in self.unlisted:
+                continue
             result.append(catalogue_entry(mb, projection, model.competition_of(mid) if model else None))
             if len(result) >= (max_results if isinstance(max_results, int) else 1000):
                 break
+        self.catalogue_requests.append(CatalogueCall(len(ids), weight, "ok", tuple(ids),
+                                                     tuple(e["marketId"] for e in result), time.time()))
         return {"jsonrpc": "2.0", "result": result, "id": call.get("id")}
 
 

@@ -28,7 +28,11 @@ them, the live stream does not). This module gets both, over httpx:
   hands each entry on as ``{"op": "marketCatalogue", …entry}`` bytes (what
   flumine's recorder writes and :class:`feed.normalise.betfair.BetfairNormaliser`
   reads). A failed request is retried with backoff; it never holds up the
-  stream's prices.
+  stream's prices. A market the stream shows open that the answer leaves
+  out (the Betting API lists a new market a moment after the stream shows
+  it; a brief glitch) is asked for again after 2 s, 10 s and 60 s; one the
+  stream shows ``CLOSED`` is never asked for (Betfair lists only ACTIVE and
+  SUSPENDED markets).
 
 Secrets: every password, app key and session token is registered with
 :mod:`feed.redaction`, so no log line carries one.
@@ -47,6 +51,7 @@ Errors (drawn in the tree of :mod:`feed.errors`)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl as _ssl
 import time
@@ -527,6 +532,7 @@ def _error_code(error: Any) -> str:
 
 class _DefView(msgspec.Struct, gc=False):
     version: int | None = None
+    status: str | None = None
 
 
 class _McView(msgspec.Struct, gc=False):
@@ -542,18 +548,19 @@ _decode_view = msgspec.json.Decoder(_McmView).decode
 _MARKER = b'"marketDefinition"'
 
 
-def definitions_in(line: bytes) -> list[tuple[str, int | None]]:
-    """``(market id, marketDefinition.version)`` of every market change in
-    one ESA ``mcm`` line that carries a definition; ``[]`` for any other
-    line (decoded only when the bytes mention a definition: price deltas
-    cost one substring search)."""
+def definitions_in(line: bytes) -> list[tuple[str, int | None, bool]]:
+    """``(market id, marketDefinition.version, closed)`` of every market
+    change in one ESA ``mcm`` line that carries a definition (``closed``:
+    its status is ``CLOSED``); ``[]`` for any other line (decoded only when
+    the bytes mention a definition: price deltas cost one substring search)."""
     if _MARKER not in line:
         return []
     try:
         msg = _decode_view(line)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return []
-    return [(mc.id, mc.marketDefinition.version) for mc in msg.mc or () if mc.marketDefinition is not None]
+    return [(mc.id, mc.marketDefinition.version, mc.marketDefinition.status == "CLOSED")
+            for mc in msg.mc or () if mc.marketDefinition is not None]
 
 
 # -- the catalogue fetcher -----------------------------------------------------------
@@ -573,19 +580,24 @@ class CatalogueFetcher:
         min_interval_s: least time between two requests, seconds.
         backoff_initial_s, backoff_max_s: retry delays after a failed
             request (full jitter), seconds.
+        missing_retry_s: after an answer leaves out a market the stream
+            shows open, ask for it again after each of these delays
+            (seconds, counted from that answer); then not until its version
+            changes.
         name: the source name, for logs.
 
     :meth:`observe` (sync, from the stream's delivery) asks for a market;
-    :meth:`run` fetches until cancelled. Markets Betfair does not return
-    (closed, unknown) are not asked for again until their version changes.
-    For tests and logs: ``requests`` (markets per request sent, in order),
-    ``weights`` (their weights), ``failures``, ``delivered`` (entries handed on).
+    :meth:`run` fetches until cancelled. A market the stream shows closed
+    is not asked for (Betfair would not list it). For tests and logs:
+    ``requests`` (markets per request sent, in order), ``weights`` (their
+    weights), ``failures``, ``delivered`` (entries handed on), ``missing``
+    (markets an answer left out, counted per answer), :attr:`retrying`.
     """
 
     def __init__(self, api: BettingApi, deliver: Callable[[list[bytes]], Awaitable[None]], *,
                  projection: Sequence[str] = CATALOGUE_PROJECTION, max_weight: int = MAX_REQUEST_WEIGHT,
                  min_interval_s: float = 0.2, backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0,
-                 name: str = "betfair") -> None:
+                 missing_retry_s: Sequence[float] = (2.0, 10.0, 60.0), name: str = "betfair") -> None:
         self.api = api
         self.deliver = deliver
         self.projection = tuple(projection)
@@ -596,32 +608,73 @@ class CatalogueFetcher:
         self._backoff = Backoff(initial_s=backoff_initial_s, max_s=backoff_max_s)
         self._wanted: dict[str, int | None] = {}  # market id -> the version to fetch for (insertion order)
         self._done: dict[str, int | None] = {}  # market id -> the version last fetched (or not returned)
+        self.missing_retry_s = tuple(missing_retry_s)
+        # market id -> (version, answers that left it out, when to ask again: monotonic s)
+        self._missing: dict[str, tuple[int | None, int, float]] = {}
         self._wake = asyncio.Event()
         self.requests: list[int] = []
         self.weights: list[int] = []
         self.failures = 0
         self.delivered = 0
+        self.missing = 0
 
-    def observe(self, market_id: str, version: int | None) -> None:
+    def observe(self, market_id: str, version: int | None, closed: bool = False) -> None:
         """The stream carried ``market_id``'s definition at ``version``: fetch
-        its catalogue if it was never fetched or its version moved on."""
+        its catalogue if it was never fetched or its version moved on —
+        unless ``closed`` (its status is ``CLOSED``: Betfair lists only open
+        markets), which also ends any pending ask for it."""
+        if closed:
+            self._wanted.pop(market_id, None)
+            self._missing.pop(market_id, None)
+            self._done[market_id] = version
+            return
         if market_id in self._done and self._done[market_id] == version:
             return
         if market_id in self._wanted and self._wanted[market_id] == version:
             return
+        self._missing.pop(market_id, None)
         self._wanted[market_id] = version
         self._wake.set()
 
     def observe_lines(self, lines: Iterable[bytes]) -> None:
         """:meth:`observe` every definition in ``lines`` (raw ``mcm`` lines)."""
         for line in lines:
-            for market_id, version in definitions_in(line):
-                self.observe(market_id, version)
+            for market_id, version, closed in definitions_in(line):
+                self.observe(market_id, version, closed)
+
+    def _ask_again_due(self) -> float | None:
+        """Move the left-out markets whose next ask is due into the wanted
+        ones; return the seconds until the next one is due (None: none left)."""
+        if not self._missing:
+            return None
+        now = time.monotonic()
+        nxt = None
+        for mid, (version, _, due) in list(self._missing.items()):
+            if due <= now:
+                self._wanted.setdefault(mid, version)
+            elif nxt is None or due < nxt:
+                nxt = due
+        return None if nxt is None else nxt - now
+
+    def _left_out(self, mid: str, version: int | None) -> None:
+        """An answer did not list ``mid`` (asked at ``version``)."""
+        self.missing += 1
+        prev = self._missing.get(mid)
+        tries = prev[1] + 1 if prev is not None and prev[0] == version else 1
+        if tries > len(self.missing_retry_s):
+            self._missing.pop(mid, None)
+            return
+        self._missing[mid] = (version, tries, time.monotonic() + self.missing_retry_s[tries - 1])
 
     @property
     def pending(self) -> int:
         """Markets waiting for a request."""
         return len(self._wanted)
+
+    @property
+    def retrying(self) -> int:
+        """Markets an answer left out that will be asked for again."""
+        return len(self._missing)
 
     async def run(self) -> None:
         """Fetch until cancelled. Never raises for a failed request (it is
@@ -629,9 +682,14 @@ class CatalogueFetcher:
         (the stream carries on without names)."""
         last = -1e18
         while True:
+            wait = self._ask_again_due()
             if not self._wanted:
                 self._wake.clear()
-                await self._wake.wait()
+                if wait is None:
+                    await self._wake.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
                 continue
             gap = last + self.min_interval_s - time.monotonic()
             if gap > 0:
@@ -656,9 +714,14 @@ class CatalogueFetcher:
                 logger.error("betfair %s: catalogue stopped: %s (prices go on without names)", self.name, exc)
                 return
             self._backoff.reset()
+            listed = {e["marketId"] for e in entries}
             for mid, version in batch:
                 if self._wanted.get(mid, version) == version:
                     self._wanted.pop(mid, None)
+                    if mid in listed:
+                        self._missing.pop(mid, None)
+                    else:
+                        self._left_out(mid, version)
                 self._done[mid] = version
             if entries:
                 lines = [orjson.dumps({"op": "marketCatalogue", **e}) for e in entries]
