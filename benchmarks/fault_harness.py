@@ -161,7 +161,9 @@ class Truth:
 
     ``timelines[(market, selection)]``: ``[(t_ms, available)]`` where
     ``available`` is the offered price in hundredths while the market is OPEN
-    and the selection ACTIVE, else None. ``markets[market]``: the latest
+    and the selection ACTIVE, else None — every change in order, two in one
+    millisecond included (the first was offered too: a node that shows it
+    for a moment is right). ``markets[market]``: the latest
     ``{"status", "t_ms", "sels": {selection: record}}``.
     """
 
@@ -222,22 +224,22 @@ class Truth:
         avail = (hundredths(price) if m["status"] == "OPEN" and rec.get("sel_status") in (None, "ACTIVE")
                  and price is not None else None)
         tl = self.timelines.setdefault((mid, sid), [])
-        if tl and tl[-1][0] == t:
-            tl[-1] = (t, avail)
-        elif not tl or tl[-1][1] != avail:
+        if not tl or tl[-1][1] != avail:
             tl.append((t, avail))
 
     def offered_within(self, mid: str, sid: str, price_h: int, t_from: int, t_to: int) -> bool | None:
         """Whether the upstream offered ``price_h`` at any time in
-        [``t_from``, ``t_to``]; None when the truth does not reach back to ``t_from``."""
+        [``t_from``, ``t_to``] (ms: a value that held in the millisecond
+        ``t_from`` counts, even one replaced within it); None when the truth
+        does not reach back to ``t_from``."""
         tl = self.timelines.get((mid, sid))
         if not tl or tl[0][0] > t_from:
             return None
-        for k in range(len(tl) - 1, -1, -1):  # the value in force at t_from, then every change up to t_to
+        for k in range(len(tl) - 1, -1, -1):  # every change up to t_to, then the value in force before t_from
             t, avail = tl[k]
             if t <= t_to and avail == price_h:
                 return True
-            if t <= t_from:
+            if t < t_from:
                 return False
         return False
 
@@ -1044,12 +1046,13 @@ def judge_probes(probes: list[Probe], truth: Truth, allowance_ms: dict[str, int]
         elif not verdict:
             out["wrong_fresh"] += 1
             until = truth.offered_until(p.market_id, p.selection_id, p.price_h, p.checked_at)
-            if until and (out["worst_ms"] is None or p.checked_at - until > out["worst_ms"]):
+            if until is not None and (out["worst_ms"] is None or p.checked_at - until > out["worst_ms"]):
                 out["worst_ms"] = p.checked_at - until
             if len(out["examples"]) < 5:
-                gone = f"{p.checked_at - until} ms" if until else "ever (in the truth log)"
+                gone = f"{p.checked_at - until} ms" if until is not None else "ever (in the truth log)"
                 out["examples"].append(
-                    f"{p.market_id}/{p.selection_id} OK at {p.price_h / 100:g} (age_ms {p.age_ms}, source "
-                    f"{p.source_state}); the upstream had not offered it for {gone}")
+                    f"{p.market_id}/{p.selection_id} OK at {p.price_h / 100:g} (checked_at {p.checked_at}, "
+                    f"age_ms {p.age_ms}, allowance {allow} ms, source {p.source_state}); the upstream had "
+                    f"not offered it for {gone}")
     out["reasons"] = dict(out["reasons"])
     return out

@@ -366,3 +366,25 @@ def test_every_row_exists_and_one_needing_a_missing_part_is_a_miss(tmp_path: Pat
     assert not list(tmp_path.iterdir())  # no stack was built
     listing = faults._unavailable_lines()
     assert listing[0].startswith("NOT EVERY ROW CAN BE MET HERE") and "uof unavailable" in listing[1]
+
+
+def test_two_changes_in_one_millisecond_both_count_as_offered(tmp_path: Path) -> None:
+    # The UOF simulator can publish two odds changes of one outcome in one millisecond; the truth
+    # kept only the second, so a node that showed the first for a moment was judged wrong-and-fresh
+    # (uof_stall's unexplained baseline answer at 7.55, 2026-12-05)
+    def rec(t: int, price: float) -> dict[str, Any]:
+        return {"t_ms": t, "source": "uof", "market_id": "uof:sr:match:1111:1", "selection_id": "3", "back": None,
+                "lay": None, "price": price, "status": "OPEN", "sel_status": "ACTIVE"}
+    path = tmp_path / "truth.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [rec(1000, 6.6), rec(2000, 7.55), rec(2000, 7.0)]))
+    truth = read_truth(path)
+
+    def probe(t: int, price: float) -> Probe:
+        return Probe(checked_at=t, market_id="uof:sr:match:1111:1", selection_id="3", price_h=round(price * 100),
+                     reason="OK", age_ms=10, source_state="UP", in_play=True)
+    # 7.55 held within 2000: shown within the allowance after it, fine; long after it, wrong-and-fresh
+    j = judge_probes([probe(2500, 7.55), probe(2900, 7.0), probe(5000, 7.55)], truth, {"uof:": 1000})
+    assert j["wrong_fresh"] == 1, j
+    assert j["worst_ms"] == 3000 and "not offered it for 3000 ms" in j["examples"][0], j
+    assert truth.offered_within("uof:sr:match:1111:1", "3", 755, 2000, 2000) is True
+    assert truth.offered_within("uof:sr:match:1111:1", "3", 755, 2001, 4000) is False
