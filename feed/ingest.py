@@ -147,13 +147,30 @@ class _Rotation:
 
 
 def _entry_id(entry_id: str) -> tuple[int, int]:
-    """A Redis stream entry id (``<ms>-<n>``) as a comparable pair; (0, 0) for anything else (a
-    writer mark someone overwrote with garbage reads as missing: the store is audited, not trusted)."""
+    """A Redis stream entry id (``<ms>-<n>``) as a comparable pair; (0, 0) for anything else ("":
+    no mark; a writer mark someone overwrote with garbage reads as missing: the store is audited,
+    not trusted)."""
     ms, _, n = entry_id.partition("-")
     try:
         return int(ms), int(n or 0)
     except ValueError:
         return 0, 0
+
+
+def _compare_mark(known: tuple[int, int] | None, mark: str, *, rebase: bool = False
+                  ) -> tuple[tuple[int, int] | None, bool]:
+    """The one rule for a writer mark read from the store (§81): ``known`` is the newest log
+    entry this ingest knows it added (None: none yet), ``mark`` the store's ("" when none).
+    Returns (what to remember now, whether the store went back in time). Older than known: it
+    went back (remembered as the store's only with ``rebase``: an audit of everything made it the
+    baseline); newer: this ingest's own write that landed without its reply, adopted (a rollback
+    to before it must be seen too); none known yet: the store's, adopted."""
+    at = _entry_id(mark)
+    if known is None or at > known:
+        return at, False
+    if at < known:
+        return (at if rebase else known), True
+    return known, False
 
 
 @dataclass
@@ -974,12 +991,12 @@ class Ingest:
         why: list[str] = []
         for p, mark in result.marks.items():
             known = wrote.get(p)
-            at = _entry_id(mark or "0-0")
-            if known is not None and at < known:
+            now, went_back = _compare_mark(known, mark)
+            if went_back and known is not None:
                 why.append(f"the mark of partition {p} was {mark or 'missing'} before this write, "
                            f"not {known[0]}-{known[1]}")
-            elif known is None or at > known:
-                wrote[p] = at
+            if now is not None:
+                wrote[p] = now
         for p, entry_id in result.entries.items():
             at = _entry_id(entry_id)
             if at > wrote.get(p, (0, 0)):
@@ -991,12 +1008,11 @@ class Ingest:
         """:meth:`_note_written` for an event-state write (``mark`` None: nothing was written)."""
         known = self._wrote_state
         if result.mark is not None:
-            at = _entry_id(result.mark or "0-0")
-            if known is not None and at < known:
+            now, went_back = _compare_mark(known, result.mark)
+            if went_back and known is not None:
                 self._store_went_back([f"the event-state mark was {result.mark or 'missing'} before this write, "
                                        f"not {known[0]}-{known[1]}"])
-            elif known is None or at > known:
-                self._wrote_state = known = at
+            self._wrote_state = known = now
         if result.entry:
             at = _entry_id(result.entry)
             if known is None or at > known:
@@ -1044,22 +1060,18 @@ class Ingest:
         wrote = self._wrote
         went_back: list[str] = []
         for p, mark in found.writer_marks.items():
-            at = _entry_id(mark)
-            if at < wrote[p]:
-                went_back.append(f"the mark of partition {p} is {mark}, not {wrote[p][0]}-{wrote[p][1]}")
-                if full:
-                    wrote[p] = at
-            elif at > wrote[p]:  # this ingest's write that landed without its reply
-                wrote[p] = at
-        if found.state_mark is not None and self._wrote_state is not None:
-            at = _entry_id(found.state_mark)
-            if at < self._wrote_state:
-                went_back.append(f"the event-state mark is {found.state_mark}, not "
-                                 f"{self._wrote_state[0]}-{self._wrote_state[1]}")
-                if full:
-                    self._wrote_state = at
-            elif at > self._wrote_state:
-                self._wrote_state = at
+            known = wrote[p]
+            now, back = _compare_mark(known, mark, rebase=full)
+            if back:
+                went_back.append(f"the mark of partition {p} is {mark or 'missing'}, not {known[0]}-{known[1]}")
+            assert now is not None
+            wrote[p] = now
+        known_state = self._wrote_state
+        if found.state_mark is not None and known_state is not None:
+            self._wrote_state, back = _compare_mark(known_state, found.state_mark, rebase=full)
+            if back:
+                went_back.append(f"the event-state mark is {found.state_mark or 'missing'}, not "
+                                 f"{known_state[0]}-{known_state[1]}")
         return went_back
 
     async def _resend(self, images: list[Delta]) -> tuple[ApplyResult, list[Delta]]:

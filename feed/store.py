@@ -582,9 +582,9 @@ class StoredMarks:
     epoch: str | None
     marks: dict[str, tuple[int, str | None, int]]
     events: dict[str, tuple[int, str | None, int]] = field(default_factory=dict)
-    #: per partition asked for: the writer's mark (:attr:`ApplyResult.marks`; "0-0" when none)
+    #: per partition asked for: the writer's mark (:attr:`ApplyResult.marks`; "" when none)
     writer_marks: dict[int, str] = field(default_factory=dict)
-    #: the writer's mark on the event-state log ("0-0" when none; None when not asked)
+    #: the writer's mark on the event-state log ("" when none; None when not asked)
     state_mark: str | None = None
 
 
@@ -1413,7 +1413,7 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis read failed: {exc}") from None
         tail = len(replies) - len(logs) - (1 if state_mark else 0)
-        newest = [_mark_text(v) or "0-0" for v in replies[tail:]]
+        newest = [_mark_text(v) for v in replies[tail:]]
         k = 1
         out: list[dict[str, tuple[int, str | None, int]]] = []
         for chunks in (parts, eparts):
