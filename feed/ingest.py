@@ -446,7 +446,11 @@ class Ingest:
         Returns what the normaliser said of them (``stored``/``deltas`` are
         the caller's to fill after :meth:`flush`). With :attr:`time_map`
         set (a replay), every update's ``source_ts`` is mapped through it
-        and the original kept in ``source_ts_original``."""
+        and the original kept in ``source_ts_original``. A payload's
+        ``age_ms`` (a cache served it) stamps the market updates and event
+        states it brings as received that much before ``recv_ms``, so they
+        read as old as they are; the normaliser still times cutoffs and
+        clock-skew bounds by ``recv_ms`` (when the answer arrived)."""
         normaliser = self.normaliser
         stats = self.stats
         pending = self._pending
@@ -478,6 +482,9 @@ class Ingest:
             pt = batch.provider_ts
             if lag_cap and pt is not None:
                 as_of = self._as_of(recv_ms, pt)
+            aged = recv_ms - payload.age_ms if payload.age_ms > 0 else None  # (a cache's answer: as of then)
+            if aged is not None and aged < as_of:
+                as_of = aged
             fed_at = as_of
             if batch.full_image:
                 self.new_session()
@@ -502,13 +509,19 @@ class Ingest:
                         out.rejected_parts += 1
                         self._reject(invalid)
                         continue
+                    if aged is not None and u.received_at > aged:
+                        u.received_at = aged
                     pending.append(u)
                     stats.market_updates += 1
                 stats.runner_changes += batch.runner_changes
             elif batch.heartbeat:
                 stats.heartbeats += 1
             if batch.event_states:
-                self._feed_states(batch.event_states, raw, recv_ms, out)
+                states = batch.event_states
+                if aged is not None:
+                    states = [msgspec.structs.replace(es, received_at=aged) if es.received_at > aged else es
+                              for es in states]
+                self._feed_states(states, raw, recv_ms, out)
             if batch.degraded is not None:
                 self._degraded = batch.degraded
             if batch.cursor is not None:

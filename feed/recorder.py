@@ -15,7 +15,8 @@ compressed (gzip) when closed — at the day's end or when the source stops
   "options", "started_at"}`` (``options``: the source's options minus
   credentials, which the normaliser may need, e.g. ``prefix``), then one JSON
   array per payload: ``[recv_ms, channel, data]`` — ``data`` the payload as
-  text when it is UTF-8, else ``{"b64": "…"}``.
+  text when it is UTF-8, else ``{"b64": "…"}`` — with a fourth, ``age_ms``,
+  when it is not 0 (an answer a cache served: :class:`~feed.sources.base.Payload`).
 
 :func:`read_recording` reads an oddsfeed recording back (plain or gzip);
 :class:`feed.replay_any.RecordingSource` replays it through the pipeline.
@@ -111,7 +112,10 @@ class Recorder:
                 if self.betfair:
                     f.write(p.data.rstrip(b"\r\n") + b"\n")
                 else:
-                    f.write(orjson.dumps([p.recv_ms, p.channel, _data_json(p.data)]) + b"\n")
+                    row = [p.recv_ms, p.channel, _data_json(p.data)]
+                    if p.age_ms:  # (a cached answer: a fourth field, absent otherwise)
+                        row.append(p.age_ms)
+                    f.write(orjson.dumps(row) + b"\n")
                 self.payloads += 1
             assert self._file is not None
             self._file.flush()
@@ -185,9 +189,9 @@ def read_recording(path: Path) -> Recording:
         if not line.strip():
             continue
         try:
-            recv_ms, channel, data = orjson.loads(line)
+            recv_ms, channel, data, *age = orjson.loads(line)
             raw = base64.b64decode(data["b64"]) if isinstance(data, dict) else str(data).encode()
-            rec.payloads.append(Payload(int(recv_ms), raw, str(channel)))
+            rec.payloads.append(Payload(int(recv_ms), raw, str(channel), max(0, int(age[0])) if age else 0))
         except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"{path}:{n}: unreadable recording line ({exc})") from None
     return rec

@@ -316,16 +316,17 @@ async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_reques
     (RFC 9111 §5.1): the answer — here "nothing since" or the last delta — is that much older
     than its request. Confirming it as of the request served whatever changed meanwhile as fresh
     (the "repeated empty answer" README named a known limit: without ``Age`` it still is). Now it
-    confirms as of the request less ``Age`` + 1 s — and only that moves: its data is delivered
-    as of its arrival (the normaliser times period cutoffs, clock-skew bounds and feed lag by
-    it: an earlier time kept a market open past its cutoff, or read provider times as future)."""
+    confirms as of the request less ``Age`` + 1 s; its data is delivered as arriving on arrival
+    (the normaliser times period cutoffs and clock-skew bounds by it: an earlier time kept a
+    market open past its cutoff, or read provider times as future) with its age beside it, by
+    which the ingest stamps the changes it brings (tests/test_trust.py)."""
     store = await Store.open(redis_url)
     try:
         async with providers() as sim, poller("pinnacle", store, spec(sim.url)) as (src, _task):
             calls = await _confirmations(src)
             assert isinstance(src, PinnacleSource)
             read: dict[object, HttpResult] = {}  # task -> the cached answer it just read
-            delivered: list[tuple[HttpResult, int]] = []  # (a cached answer, the time its data went in as)
+            delivered: list[tuple[HttpResult, int, int]] = []  # (a cached answer, its receipt, its data's age)
             get, ingest_body = src.http.get, src.ingest_body
 
             async def spy_get(path: str, params: Mapping[str, Any] | None = None, *,
@@ -335,11 +336,11 @@ async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_reques
                     read[asyncio.current_task()] = res
                 return res
 
-            async def spy_ingest(body: bytes, recv_ms: int, channel: str = "") -> Delivered:
+            async def spy_ingest(body: bytes, recv_ms: int, channel: str = "", age_ms: int = 0) -> Delivered:
                 res = read.pop(asyncio.current_task(), None)  # (the same task delivers what it read)
                 if res is not None:
-                    delivered.append((res, recv_ms))
-                return await ingest_body(body, recv_ms, channel)
+                    delivered.append((res, recv_ms, age_ms))
+                return await ingest_body(body, recv_ms, channel, age_ms)
             src.http.get = spy_get  # type: ignore[method-assign]
             src.ingest_body = spy_ingest  # type: ignore[method-assign]
             sim.freeze()  # nothing changes: every answer is "nothing since" — the one a cache repeats
@@ -351,9 +352,10 @@ async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_reques
                              what="the cached answer's confirmation, 31 s before its request")
             assert all(at <= now for at, now in calls)
             assert len(delivered) == 1, delivered
-            res, data_ms = delivered[0]
+            res, data_ms, data_age = delivered[0]
             assert res.age_ms == 31_000
-            assert data_ms == res.recv_ms  # its data: as of its arrival, not 31 s before it
+            assert data_ms == res.recv_ms  # the normaliser reads it as arriving then (cutoffs, skew bounds)…
+            assert data_age == res.recv_ms - res.asked_ms >= 31_000  # …and the ingest stamps its changes aged
             assert any(at == res.asked_ms <= res.recv_ms - 31_000 for at, _ in calls)  # what it confirms: aged
     finally:
         await store.close()

@@ -40,6 +40,7 @@ def test_oddsfeed_format_round_trips_bytes_channels_and_times_and_leaves_out_cre
                    options={"user": "demo", "password": "s3cret", "api_key": "k", "sports": "29", "prefix": "x"})
     payloads = [Payload(1_755_349_200_000, b'{"sportId":29}', "odds:29:snapshot"),
                 Payload(1_755_349_200_500, b"\xff\xfe not utf-8", "fixtures:29:since"),
+                Payload(1_755_349_200_700, b'{"last":5}', "odds:29:since", 31_250),  # a cache's answer: its age kept
                 Payload(1_755_435_600_000, b"[]", "")]  # the next UTC day: a new file
     rec.write(payloads)
     rec.close()

@@ -98,6 +98,32 @@ async def test_dropped_updates_stop_heartbeats_confirming_the_market(store: Stor
 
 
 
+async def test_the_changes_a_cached_answer_brings_read_as_old_as_its_cache_says(store: Store) -> None:
+    # A cache in front of a provider (HTTP Age) served an answer 31 s old: its changes used to be
+    # stamped as received on arrival and read fresh for 31 s longer than they were (§82's known limit)
+    from feed.sources.base import Payload
+
+    ingest = Ingest(store, source="betfair")
+    ingest.feed([Payload(NOW + 5, image("1.1", 2.0, pt=NOW))])
+    ingest.feed([Payload(NOW + 40_000, price("1.1", 2.2, pt=NOW + 8_000), "", 31_000)])
+    await ingest.flush()
+    m = await store.get_market("bf:1.1")
+    assert m is not None and best_back(m) == 2.2
+    assert m.received_at == NOW + 9_000  # as of its arrival less the cache's age, not NOW + 40_000
+    h = msgspec.structs.replace(ingest.published_health(), state="UP", updated_at=NOW + 40_000)
+    st = node([m], [h])
+    age, stale = st.age_stale(m, NOW + 40_000)
+    assert age == 31_000 and stale
+    r = check_price(st, PriceCheckRequest(market_id="bf:1.1", selection_id="1", side="back", price=2.2),
+                    NOW + 40_000)
+    assert r.reason == "STALE" and r.age_ms == 31_000, r
+    # an answer the provider itself sent (age 0) keeps its arrival
+    ingest.feed([Payload(NOW + 41_000, price("1.1", 2.4, pt=NOW + 40_900))])
+    await ingest.flush()
+    m = await store.get_market("bf:1.1")
+    assert m is not None and m.received_at == NOW + 41_000
+
+
 @pytest.mark.parametrize("bad", [
     b'{"op":"mcm","id":2,"clk":"AAB","pt":1800000000010,"mc":[{"id":"1.1","rc":[{"id":1,"atb":[[2.6,1',  # cut off
     b'{"op":"mcm","id":2,"clk":"AAB","pt":"1800000000010","mc":[{"id":"1.1","rc":[{"id":1,"atb":[[2.6,12]]}]}]}',

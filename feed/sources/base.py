@@ -46,13 +46,18 @@ class Payload(msgspec.Struct, array_like=True, gc=False, frozen=True):
     data: the raw bytes (one ESA line, one HTTP body, one AMQP message body,
     one webhook body). channel: what the bytes answer, for normalisers that
     need it (Pinnacle ``odds:29:snapshot``, The Odds API's sport key, an AMQP
-    routing key); ``""`` for single-stream sources. A recording keeps all
-    three, so a replay normalises exactly what the live run did.
+    routing key); ``""`` for single-stream sources. age_ms: how much older
+    than ``recv_ms`` the data may be (ms, ≥ 0): a poller's answer a cache in
+    front served (HTTP ``Age``) — the ingest stamps what it changes as
+    received that much earlier, so its prices read as old as they are; 0 for
+    everything the provider itself sent. A recording keeps all four, so a
+    replay normalises exactly what the live run did.
     """
 
     recv_ms: int
     data: bytes
     channel: str = ""
+    age_ms: int = 0
 
 
 class Delivered(msgspec.Struct, kw_only=True, gc=False):

@@ -16,14 +16,15 @@ I/O only — decoding and diffing are the normalisers' job
   says (+ 1 s, the header's truncation): what it *confirms* ("nothing
   changed", the markets current) counts as of that long before its request
   (:attr:`HttpResult.asked_ms`), and a Pinnacle odds or fixtures snapshot
-  is stamped that much earlier too (``asked_before_ms``). Its *data* keeps
-  its arrival time (:attr:`HttpResult.recv_ms`): the normalisers time period
-  cutoffs, clock-skew bounds and feed lag by it, and an earlier time there
-  would let a cached answer arriving after a cutoff keep the market open,
-  or make a provider time look in the future. The known limits: the prices
-  a cached answer carries (other than a Pinnacle snapshot's) read as fresh
-  as their arrival, not as old as the ``Age`` says; an ``Age`` that cannot
-  be read, or a cache that sends none, is taken as the origin's answer.
+  is stamped that much earlier too (``asked_before_ms``). The normalisers
+  still read its data as arriving at :attr:`HttpResult.recv_ms` (they time
+  period cutoffs and clock-skew bounds by it: an earlier time there would
+  let a cached answer arriving after a cutoff keep the market open, or make
+  a provider time look in the future), but the payload carries
+  :attr:`HttpResult.data_age_ms`, and the ingest stamps the changes it
+  brings as received that much earlier: a cached answer's prices read as
+  old as they are. The known limit: an ``Age`` that cannot be read, or a
+  cache that sends none, is taken as the origin's answer.
 - :class:`PollerSource` — the loop shared by every poller: a schedule per
   key (sport), cadence pre-match vs in-play (stretched by the quota
   governor), exponential backoff with full jitter after failures, and the
@@ -211,9 +212,16 @@ class HttpResult(NamedTuple):
         answered at some moment between sending and reading, so confirming as of the read
         would claim up to the whole round trip of freshness the answer does not vouch for (a
         slow answer under load served old prices as fresh); a cache in front (``Age``) made it
-        that much earlier still. This is the only time the ``Age`` moves: the answer's data keeps
-        :attr:`recv_ms` (its prices read as fresh as their arrival — a known limit)."""
+        that much earlier still (its data: :attr:`data_age_ms`)."""
         return self.recv_ms - int(self.elapsed_ms + 0.999) - self.age_ms
+
+    @property
+    def data_age_ms(self) -> int:
+        """How much older than :attr:`recv_ms` this answer's data may be, ms: 0 when the
+        provider itself answered; for a cached one (``Age``), back to :attr:`asked_ms` (the
+        request less its age in the cache) — what the ingest stamps its changes as received at
+        (:attr:`feed.sources.base.Payload.age_ms`)."""
+        return self.recv_ms - self.asked_ms if self.age_ms else 0
 
 
 class ProviderHttp:
@@ -521,9 +529,10 @@ class PollerSource:
         if self._sink is not None:
             self._sink.set_state(state, reason)
 
-    async def ingest_body(self, body: bytes, recv_ms: int, channel: str = "") -> Delivered:
-        """Deliver one answer (``channel``: what it answers) to the pipeline."""
-        return await self.sink.deliver([Payload(recv_ms, body, channel)])
+    async def ingest_body(self, body: bytes, recv_ms: int, channel: str = "", age_ms: int = 0) -> Delivered:
+        """Deliver one answer (``channel``: what it answers; ``age_ms``: how much older than
+        ``recv_ms`` its data may be, :attr:`HttpResult.data_age_ms`) to the pipeline."""
+        return await self.sink.deliver([Payload(recv_ms, body, channel, age_ms)])
 
     def confirm_keys(self) -> list[str]:
         """The keys whose odds polls confirm the source's markets (default: every key)."""
@@ -778,7 +787,8 @@ class PinnacleSource(PollerSource):
         is logged once and the settled scores read team1 as home."""
         async def load() -> bool:
             res = await self.http.get("/v2/leagues", {"sportId": sport})
-            await self.ingest_body(res.body, res.recv_ms, pinnacle_channel("leagues", sport, snapshot=True))
+            await self.ingest_body(res.body, res.recv_ms, pinnacle_channel("leagues", sport, snapshot=True),
+                                   res.data_age_ms)
             return True
 
         try:
@@ -835,11 +845,11 @@ class PinnacleSource(PollerSource):
                 # answer confirms the sport's markets (it would otherwise read fresh and OPEN); to a
                 # snapshot call it says the sport offers nothing (an empty snapshot: its markets
                 # are suspended, not_offered)
-                await self.ingest_body(_PN_NOTHING_NEW % sport, res.recv_ms, channel)
+                await self.ingest_body(_PN_NOTHING_NEW % sport, res.recv_ms, channel, res.data_age_ms)
                 if since is not None:
                     self.odds_confirmed(str(sport), res.asked_ms)
             return Delivered()
-        got = await self.ingest_body(res.body, res.recv_ms, channel)
+        got = await self.ingest_body(res.body, res.recv_ms, channel, res.data_age_ms)
         if endpoint == "settled":
             return got
         if image:
@@ -1034,7 +1044,7 @@ class TheOddsApiSource(PollerSource):
         etag = res.headers.get("etag")
         if etag and self.conditional and etag.isascii():  # (httpx cannot send a non-ASCII one back)
             self.etags[key] = etag
-        got = await self.ingest_body(res.body, res.recv_ms, key)
+        got = await self.ingest_body(res.body, res.recv_ms, key, res.data_age_ms)
         if got.rejected_messages or got.rejected_parts:
             self.etags.pop(key, None)
         else:  # a rejected answer (or a state rejected alone: it may be behind) confirms no score
@@ -1078,7 +1088,7 @@ class TheOddsApiSource(PollerSource):
         etag = res.headers.get("etag")
         if etag and self.conditional and etag.isascii():  # (httpx cannot send a non-ASCII one back)
             self.etags[key] = etag
-        got = await self.ingest_body(res.body, res.recv_ms, key)
+        got = await self.ingest_body(res.body, res.recv_ms, key, res.data_age_ms)
         self._want_scores(got.requests)
         # (a rejected market is re-imaged by the next snapshot: the normaliser forgot it)
         if got.in_play is not None:
