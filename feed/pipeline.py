@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from feed.aio import raise_if_cancelled
 from feed.book import Book
 from feed.errors import ConfigError, FatalSourceError, StoreError
 from feed.ingest import HealthPublisher, Ingest, ingest_options
@@ -126,6 +127,7 @@ class Pipeline:
             await self.events.flush(self.ingest.store, self.ingest.clock_ms())
         except StoreError:
             self.ingest.metrics.redis_error("events")
+        raise_if_cancelled()  # (redis-py may have swallowed a cancel of this task: feed.aio)
 
     def confirm(self, recv_ms: int, provider_ms: int | None = None) -> None:
         self.ingest.confirm(recv_ms, provider_ms)

@@ -16,7 +16,7 @@ from feed.pipeline import Pipeline, run_spec
 from feed.sources.poller import PollerSource
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
-from tests.streaming_helpers import eventually as _eventually
+from tests.streaming_helpers import cancel_and_wait, eventually as _eventually
 
 WAIT_S = 20.0
 
@@ -60,8 +60,7 @@ async def poller(kind: str, store: Store, spec: str, *, settings: Settings | Non
     try:
         yield got[0], task
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the poller")
 
 
 async def eventually(pred: Callable[[], Any], timeout_s: float = WAIT_S, what: str = "condition", *,

@@ -205,6 +205,28 @@ async def eventually(pred: Any, timeout_s: float = TIMEOUT_S, what: str = "condi
         await asyncio.sleep(interval_s)
 
 
+async def cancel_and_wait(task: asyncio.Task[Any], what: str = "the task", timeout_s: float = 30.0) -> None:
+    """Cancel ``task`` and wait for it to end (its error, if any, is dropped: the test has
+    asserted what it needed); fail with every task's stack when it does not end within
+    ``timeout_s`` — a cancel swallowed or a close that hangs is then named, instead of the test
+    hanging until pytest-timeout prints only the event loop's select."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        if not task.cancelled():
+            task.exception()  # (retrieved: no "exception never retrieved" warning)
+        return
+    import io
+
+    buf = io.StringIO()
+    for t in asyncio.all_tasks():
+        if t is not asyncio.current_task():
+            print(f"--- {t.get_name()}", file=buf)
+            t.print_stack(limit=12, file=buf)
+    raise AssertionError(f"{what} did not end within {timeout_s:g} s of its cancel; the tasks:\n"
+                         f"{buf.getvalue()[-12_000:]}")
+
+
 def make_app(redis_url: str | None = None, *, store: Store | None = None, heartbeat_ms: int = 60_000,
              settings: Any = None, **options: Any) -> Starlette:
     """create_app with test-friendly timings (fast health refresh, short blocks)."""
@@ -260,8 +282,7 @@ async def running_source(store: Store, text: str, settings: Any = None) -> Async
         yield got[0]
         assert not task.done(), task.exception()
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the source")
 
 
 class ScriptedSSEServer:

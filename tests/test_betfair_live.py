@@ -54,7 +54,7 @@ from feed.sources.esa import EsaClient, EsaSource
 from feed.sources.http_limits import SourceAuthError
 from feed.sources.spec import parse_source_spec
 from feed.store import Store
-from tests.streaming_helpers import eventually
+from tests.streaming_helpers import cancel_and_wait, eventually
 
 APP_KEY, USER, PASSWORD = "sim-app-key", "sim-user", "sim-password"
 
@@ -103,8 +103,7 @@ async def running(store: Store, spec_text: str, **catalogue_args: Any
         assert isinstance(source, EsaSource)
         yield source, pipeline, task
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the source")
 
 
 async def stored(store: Store, source: str = "bf-live") -> dict[str, Market]:
@@ -308,8 +307,7 @@ async def test_catalogue_requests_never_exceed_the_weight_limit_and_are_batched(
         with pytest.raises(BetfairApiError, match="TOO_MUCH_DATA"):
             await api.list_market_catalogue(open_ids[:11])
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the source")
         await api.aclose()
         await login.aclose()
 
@@ -356,8 +354,7 @@ async def test_a_market_the_catalogue_leaves_out_is_asked_for_again_and_a_closed
                          what="the asks of a market never listed")
         assert len(asked(never)) == before + 1 + 2  # nothing wanted or scheduled: no further ask can come
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the source")
         await api.aclose()
         await login.aclose()
 

@@ -30,6 +30,7 @@ from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from tests.poller_helpers import FAST, converge, eventually, poller, providers
 from tests.rabbitmq import rabbitmq_url  # noqa: F401 - the session fixture (uof)
+from tests.streaming_helpers import cancel_and_wait
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -316,8 +317,7 @@ async def running(store: Store, spec_text: str) -> AsyncIterator[Pipeline]:
             task.result()
         yield got[0]
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the source")
 
 
 async def test_push_scores_end_to_end(store: Store) -> None:

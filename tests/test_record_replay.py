@@ -27,7 +27,7 @@ from feed.sources.spec import parse_source_spec
 from feed.store import Store
 from tests.poller_helpers import FAST
 from tests.rabbitmq import rabbitmq_url  # noqa: F401 - the session fixture (uof)
-from tests.streaming_helpers import eventually
+from tests.streaming_helpers import cancel_and_wait, eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -179,8 +179,7 @@ async def webhook_upstream() -> AsyncIterator[tuple[str, Callable[[], None]]]:
     try:
         yield f"webhook=127.0.0.1:{port},secret=rec-secret,name={name}", lambda: None
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the source")
 
 
 @contextlib.asynccontextmanager
@@ -283,8 +282,7 @@ async def record_live(store: Store, spec_text: str, freeze: Callable[[], None], 
         # every kind reports its feed-lag percentiles in its health record (/v1/sources)
         await eventually(lambda: _has_lag(store, spec.name), 10, "lag percentiles in the health record")
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task, "the source")
     assert got[0][1].recorder is not None
     return spec.name, got[0][1].recorder.payloads
 
