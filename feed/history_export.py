@@ -39,7 +39,7 @@ entry_id        string, not null       the history stream entry id ``<ms>-<n>``:
 seq             int64, not null        the market's seq after the change
 source_ts       timestamp, not null    the change's provider time as recorded (``ts`` unless the
                                        provider's clock went back; a replay's mapped onto now)
-received_at     timestamp, not null    when the ingest read the change's bytes
+received_at     timestamp, not null    when the ingest read the change's bytes (a poller's: as of its request)
 back_price      float64                best back price (null: nothing offered to back)
 back_size       float64                size available at back_price
 lay_price       float64                best lay price (null: nothing offered to lay)
@@ -120,7 +120,7 @@ COLUMNS: tuple[tuple[str, str, bool, str], ...] = (
     ("entry_id", "string", False, "history stream entry id <ms>-<n>; (market_id, entry_id, selection_id) is unique"),
     ("seq", "int64", False, "the market's seq after the change"),
     ("source_ts", "timestamp", False, "provider time of the change as recorded, UTC ms"),
-    ("received_at", "timestamp", False, "when the ingest read the change, UTC ms"),
+    ("received_at", "timestamp", False, "when the ingest read the change (a poller's: as of its request), UTC ms"),
     ("back_price", "float64", True, "best back price, decimal odds (null: nothing offered)"),
     ("back_size", "float64", True, "size at the best back price, market currency"),
     ("lay_price", "float64", True, "best lay price, decimal odds (null: nothing offered)"),

@@ -769,7 +769,9 @@ class Ingest:
     async def flush(self) -> list[Delta]:
         """See :meth:`_flush`; flushes never overlap, so batches reach Redis
         in the order the book sequenced them. :attr:`on_stored` sees what
-        each one stored."""
+        each one stored — after the flush, outside its lock: two calls of it
+        may overlap (what they call must tolerate that), though each starts
+        in flush order."""
         async with self._flush_lock:
             deltas = await self._flush()
         if self.on_stored is not None and (deltas or self._states_stored):

@@ -122,6 +122,9 @@ class EventRegistrar:
         self.source = source
         self.known: dict[str, bytes] = {}
         self.pending: dict[str, bytes] = {}
+        # flushes never overlap: one that fails puts its records back, and one that wrote newer
+        # records of the same events meanwhile would be undone by them
+        self._lock = asyncio.Lock()
 
     def note(self, deltas: Iterable[Delta], markets: Mapping[str, Market]) -> None:
         """Look at the markets whose header a batch of deltas set or changed."""
@@ -141,16 +144,19 @@ class EventRegistrar:
 
     async def flush(self, store: Store, now_ms: int) -> None:
         """Register what changed (kept for the next call when Redis fails:
-        raises StoreError)."""
+        raises StoreError). Calls never overlap (a second waits for the first)."""
         if not self.pending:
             return
-        pending, self.pending = self.pending, {}
-        try:
-            await store.register_events(pending, now_ms)
-        except StoreError:
-            pending.update(self.pending)
-            self.pending = pending
-            raise
+        async with self._lock:
+            if not self.pending:
+                return
+            pending, self.pending = self.pending, {}
+            try:
+                await store.register_events(pending, now_ms)
+            except StoreError:
+                pending.update(self.pending)  # (newer records noted meanwhile win)
+                self.pending = pending
+                raise
 
 
 def load_overrides(path: Path) -> Overrides:

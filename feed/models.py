@@ -12,7 +12,8 @@ Shapes and units (DESIGN §3):
   lay: lowest price first), at most ``ladder_depth`` levels.
 - every time is an **integer number of milliseconds since the Unix epoch
   (UTC)**: ``source_ts`` (provider publish/change time, Betfair ``pt``),
-  ``received_at`` (ingest read the bytes), ``stored_at`` (ingest handed the
+  ``received_at`` (ingest read the bytes; a poller's answer: as of its
+  request, less its age in a cache — ``Payload.age_ms``), ``stored_at`` (ingest handed the
   change to Redis). ``source_ts_original`` keeps the recording's own clock
   when a replay maps it onto now.
 
@@ -459,7 +460,8 @@ class EventState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     of the meeting's event whose scheduled start is that race's
     (:func:`feed.taxonomy.race_event_id` of a market gives it).
     source_ts / received_at: the provider's time of the state and when the
-    ingest read it, int ms since the epoch (UTC); source_ts_original: a
+    ingest read it (a poller's answer: as of its request, less its age in a
+    cache), int ms since the epoch (UTC); source_ts_original: a
     replay's own clock when it was mapped onto now. version: per event,
     strictly increasing, assigned by the ingest when it stores a changed
     state (a consumer that holds version v ignores anything ≤ v).

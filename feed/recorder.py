@@ -11,12 +11,14 @@ compressed (gzip) when closed — at the day's end or when the source stops
   betfairlightweight's historic stream and flumine read as they are, and
   ``oddsfeed ingest --replay`` replays (timing from each line's ``pt``);
 - every other kind in the **oddsfeed recording format** (``….jsonl`` →
-  ``.jsonl.gz``): a header line ``{"oddsfeed_recording": 1, "kind", "source",
+  ``.jsonl.gz``): a header line ``{"oddsfeed_recording": 2, "kind", "source",
   "options", "started_at"}`` (``options``: the source's options minus
   credentials, which the normaliser may need, e.g. ``prefix``), then one JSON
   array per payload: ``[recv_ms, channel, data]`` — ``data`` the payload as
   text when it is UTF-8, else ``{"b64": "…"}`` — with a fourth, ``age_ms``,
-  when it is not 0 (an answer a cache served: :class:`~feed.sources.base.Payload`).
+  when it is not 0 (a poller's answer: :class:`~feed.sources.base.Payload`).
+  Format 1 (before that fourth field) is read too; a build that reads only
+  format 1 refuses a format-2 file by its header, saying so.
 
 :func:`read_recording` reads an oddsfeed recording back (plain or gzip);
 :class:`feed.replay_any.RecordingSource` replays it through the pipeline.
@@ -45,7 +47,9 @@ from feed.sources.replay import open_recording
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the formats read_recording reads (1: lines of three fields only)
+READABLE_FORMATS = (1, 2)
 #: option names never written to a recording (credentials)
 _SECRET_WORDS = ("key", "secret", "password", "session", "token", "user", "auth")
 
@@ -181,8 +185,9 @@ def read_recording(path: Path) -> Recording:
         head = orjson.loads(next(lines))
     except (StopIteration, orjson.JSONDecodeError):
         raise ConfigError(f"{path}: not an oddsfeed recording (no header line)") from None
-    if not isinstance(head, dict) or head.get("oddsfeed_recording") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: not an oddsfeed recording of format {FORMAT_VERSION}")
+    if not isinstance(head, dict) or head.get("oddsfeed_recording") not in READABLE_FORMATS:
+        raise ConfigError(f"{path}: not an oddsfeed recording of format "
+                          f"{' or '.join(map(str, READABLE_FORMATS))} (this build reads those)")
     rec = Recording(path, kind=str(head.get("kind")), source=str(head.get("source")),
                     options={str(k): str(v) for k, v in (head.get("options") or {}).items()})
     for n, line in enumerate(lines, start=2):
@@ -190,6 +195,8 @@ def read_recording(path: Path) -> Recording:
             continue
         try:
             recv_ms, channel, data, *age = orjson.loads(line)
+            if len(age) > 1:
+                raise ValueError(f"{3 + len(age)} fields, not 3 or 4")
             raw = base64.b64decode(data["b64"]) if isinstance(data, dict) else str(data).encode()
             rec.payloads.append(Payload(int(recv_ms), raw, str(channel), max(0, int(age[0])) if age else 0))
         except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:

@@ -359,6 +359,55 @@ async def test_a_market_the_catalogue_leaves_out_is_asked_for_again_and_a_closed
         await login.aclose()
 
 
+async def test_a_market_closed_while_its_catalogue_is_asked_for_is_not_asked_again(make_sim) -> None:
+    sim = await live_sim(make_sim, events=2)
+    assert sim.api is not None
+    login = login_for(sim)
+    api = BettingApi(login, url=sim.api.betting_url)
+    fetcher = CatalogueFetcher(api, lambda lines: asyncio.sleep(0), min_interval_s=0.0, missing_retry_s=(0.05, 0.1))
+    mid, mb = next(iter(sim.books.items()))
+    version = (mb.definition or {}).get("version") or 0
+    asked = api.list_market_catalogue
+
+    async def closing_meanwhile(ids: Any, projection: Any = CATALOGUE_PROJECTION) -> list[dict[str, Any]]:
+        fetcher.observe(mid, version + 1, closed=True)  # the stream shows it closed while we ask
+        sim.api.unlisted.add(mid)  # (and Betfair no longer lists it)
+        return await asked(ids, projection)
+    api.list_market_catalogue = closing_meanwhile  # type: ignore[method-assign]
+    task = asyncio.create_task(fetcher.run())
+    try:
+        fetcher.observe(mid, version)
+        await eventually(lambda: fetcher.requests and fetcher.pending == 0, what="the one request")
+        assert fetcher.retrying == 0  # nothing scheduled: a closed market is never asked for again
+        assert fetcher.requests == [1] and fetcher.missing == 0
+    finally:
+        await cancel_and_wait(task, "the fetcher")
+        await api.aclose()
+        await login.aclose()
+
+
+async def test_a_cancel_in_the_same_loop_turn_as_a_wake_still_stops_the_fetcher() -> None:
+    # asyncio.wait_for on 3.11 returns the result and drops the cancel when both land in one loop
+    # turn: the fetcher's retry wait used it, and a source's teardown then waited for it forever
+    login = BetfairLogin(Credentials(app_key=APP_KEY, username=USER, password=PASSWORD), sso_url="http://127.0.0.1:9")
+    api = BettingApi(login, url="http://127.0.0.1:9")  # (never called: nothing is due)
+    fetcher = CatalogueFetcher(api, lambda lines: asyncio.sleep(0))
+    fetcher._missing["1.1"] = (1, 1, 1e18)  # a left-out market to ask for again much later: the timed wait
+    task = asyncio.create_task(fetcher.run())
+    try:
+        for _ in range(5):
+            await asyncio.sleep(0)  # (into its wait)
+        fetcher._wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done and task.cancelled(), "the fetcher went on after its cancel"
+    finally:
+        if not task.done():
+            task.cancel()
+        await api.aclose()
+        await login.aclose()
+
+
 def test_a_definition_says_whether_its_market_is_closed() -> None:
     line = orjson.dumps({"op": "mcm", "mc": [
         {"id": "1.1", "marketDefinition": {"version": 7, "status": "CLOSED"}},

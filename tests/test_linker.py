@@ -509,3 +509,45 @@ async def test_changes_stored_by_a_flush_other_than_the_delivery_still_register_
 
     await eventually(named, what="the event record registered with the catalogue's name")
     assert p.lag.count() > lag_before  # and the feed lag counts what that flush stored
+
+
+async def test_a_failed_event_registration_never_undoes_a_newer_one_written_meanwhile(store: Store) -> None:
+    # Since every flush registers events (the health publisher's too), two registrations can overlap;
+    # the first failing put its older record back after the second had written the newer one, and
+    # the next flush wrote the older record over it for good (review of §83)
+    from feed.errors import StoreError
+
+    class FirstFails:
+        """The real store, except that the first registration waits for ``gate`` and then fails."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.entered = asyncio.Event()
+            self.gate = asyncio.Event()
+
+        async def register_events(self, pending: dict[str, bytes], now_ms: int) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                self.entered.set()
+                await self.gate.wait()
+                raise StoreError("redis write failed: a blip")
+            await store.register_events(pending, now_ms)
+
+    flaky = FirstFails()
+    reg = EventRegistrar("bf")
+    old, new = (msgspec.json.encode(EventRecord(event_id="bf:1", source="bf", sport="soccer", start_time=t,
+                                                name="Arsenal v Chelsea")) for t in (1000, 2000))
+    reg.known["bf:1"] = reg.pending["bf:1"] = old
+    first = asyncio.create_task(reg.flush(flaky, 1))  # type: ignore[arg-type]
+    await eventually(flaky.entered.is_set, what="the first registration under way")
+    reg.known["bf:1"] = reg.pending["bf:1"] = new  # the event changed meanwhile
+    second = asyncio.create_task(reg.flush(flaky, 2))  # type: ignore[arg-type]
+    await asyncio.wait({second}, timeout=0.2)  # (a bound: an overlapping flush writes the newer record now)
+    flaky.gate.set()
+    with pytest.raises(StoreError):
+        await first
+    await second
+    await reg.flush(flaky, 3)  # type: ignore[arg-type]  (whatever is left)
+
+    rows = {rid: raw for _, rid, raw in await store.load_events()}
+    assert rows.get("bf:1") == new, msgspec.json.decode(rows.get("bf:1", b"null"))

@@ -361,14 +361,16 @@ async def test_an_answer_a_cache_served_confirms_as_of_its_age_before_the_reques
         await store.close()
 
 
-def test_http_result_ages_only_what_an_answer_confirms() -> None:
-    """``HttpResult.asked_ms`` (what an answer confirms) is its request — its read less the round
-    trip, rounded up — less its ``Age`` + 1 s when a cache served it; ``recv_ms`` (the time its
-    data counts as received) is its read either way."""
+def test_http_result_ages_what_an_answer_confirms_and_the_changes_it_brings() -> None:
+    """``HttpResult.asked_ms`` (what an answer confirms, and since §85 what its changes are stamped
+    as of: ``data_age_ms`` before the read) is its request — its read less the round trip, rounded
+    up — less its ``Age`` + 1 s when a cache served it; ``recv_ms`` (when the normalisers read it
+    as arriving: cutoffs, skew bounds) is its read either way."""
     fresh = HttpResult(200, httpx.Headers({}), b"{}", 1_000_000, 250.2)
     cached = HttpResult(200, httpx.Headers({"Age": "30"}), b"{}", 1_000_000, 250.2)
-    assert (fresh.age_ms, fresh.asked_ms, fresh.recv_ms) == (0, 999_749, 1_000_000)
-    assert (cached.age_ms, cached.asked_ms, cached.recv_ms) == (31_000, 968_749, 1_000_000)
+    assert (fresh.age_ms, fresh.asked_ms, fresh.recv_ms, fresh.data_age_ms) == (0, 999_749, 1_000_000, 251)
+    assert (cached.age_ms, cached.asked_ms, cached.recv_ms, cached.data_age_ms) == (31_000, 968_749, 1_000_000,
+                                                                                     31_251)
     junk = HttpResult(304, httpx.Headers({"Age": "soon"}), b"", 1_000_000, 0.0)
     assert junk.asked_ms == 1_000_000  # no age can be read from it: taken as the origin's answer
 

@@ -55,6 +55,24 @@ def test_oddsfeed_format_round_trips_bytes_channels_and_times_and_leaves_out_cre
     assert safe_options({"session": "t", "app_key": "a", "heartbeat_ms": "1000"}) == {"heartbeat_ms": "1000"}
 
 
+def test_a_format_1_recording_still_reads_and_a_line_of_too_many_fields_is_refused(tmp_path: Path) -> None:
+    from feed.errors import ConfigError
+
+    head = orjson.dumps({"oddsfeed_recording": 1, "kind": "pinnacle", "source": "pn", "options": {},
+                         "started_at": 1_755_349_200_000})
+    old = tmp_path / "old.jsonl"
+    old.write_bytes(head + b"\n" + orjson.dumps([1_755_349_200_000, "odds:29:since", '{"last":5}']) + b"\n")
+    assert read_recording(old).payloads == [Payload(1_755_349_200_000, b'{"last":5}', "odds:29:since", 0)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(head + b"\n" + orjson.dumps([1_755_349_200_000, "", "{}", 5, 6]) + b"\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: unreadable recording line \(5 fields"):
+        read_recording(bad)
+    future = tmp_path / "future.jsonl"
+    future.write_bytes(orjson.dumps({"oddsfeed_recording": 3, "kind": "pinnacle", "source": "pn"}) + b"\n")
+    with pytest.raises(ConfigError, match="format 1 or 2"):
+        read_recording(future)
+
+
 def test_esa_recordings_are_betfair_historic_lines(tmp_path: Path) -> None:
     lines = [b'{"op":"mcm","id":2,"clk":"A","pt":1755349200000,"mc":[]}',
              b'{"op":"mcm","id":2,"clk":"B","pt":1755349201000,"ct":"HEARTBEAT"}']

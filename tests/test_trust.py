@@ -123,6 +123,19 @@ async def test_the_changes_a_cached_answer_brings_read_as_old_as_its_cache_says(
     m = await store.get_market("bf:1.1")
     assert m is not None and m.received_at == NOW + 41_000
 
+    # the event states it brings too (scores: a Betfair cricket line here)
+    from feed.normalise.betfair import BetfairNormaliser
+
+    scores = Ingest(store, source="bfc", normaliser=BetfairNormaliser("bfc", cursor_op="ccm"))
+    cc = [{"eventId": "9", "fixtureInfo": {"homeTeam": "A", "awayTeam": "B", "fixtureStatus": "IN_RUNNING"},
+           "matchStats": {"currentInnings": 1, "inningsStats": [{"inningsNum": 1, "battingTeam": "A",
+                          "bowlingTeam": "B", "inningsRuns": 40, "inningsOvers": "5.2", "inningsWickets": 1}]}}]
+    scores.feed([Payload(NOW + 40_000, orjson.dumps({"op": "ccm", "id": 2, "clk": "1", "pt": NOW + 8_000, "cc": cc}),
+                         "", 31_000)])
+    await scores.flush()
+    (es,) = [e for e in await store.load_event_states("bfc")]
+    assert es.received_at == NOW + 9_000
+
 
 @pytest.mark.parametrize("bad", [
     b'{"op":"mcm","id":2,"clk":"AAB","pt":1800000000010,"mc":[{"id":"1.1","rc":[{"id":1,"atb":[[2.6,1',  # cut off

@@ -51,7 +51,6 @@ Errors (drawn in the tree of :mod:`feed.errors`)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl as _ssl
 import time
@@ -566,6 +565,9 @@ def definitions_in(line: bytes) -> list[tuple[str, int | None, bool]]:
 # -- the catalogue fetcher -----------------------------------------------------------
 
 
+_CLOSED = object()  # (CatalogueFetcher.run: a market no longer wanted — the stream showed it closed)
+
+
 class CatalogueFetcher:
     """Names for the markets the stream shows (see the module docstring).
 
@@ -687,9 +689,8 @@ class CatalogueFetcher:
                 self._wake.clear()
                 if wait is None:
                     await self._wake.wait()
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait)
+                else:  # (not asyncio.wait_for: on 3.11 it can swallow a cancel — feed.aio)
+                    await wait_event(self._wake, wait)
                 continue
             gap = last + self.min_interval_s - time.monotonic()
             if gap > 0:
@@ -716,8 +717,11 @@ class CatalogueFetcher:
             self._backoff.reset()
             listed = {e["marketId"] for e in entries}
             for mid, version in batch:
-                if self._wanted.get(mid, version) == version:
-                    self._wanted.pop(mid, None)
+                wanted = self._wanted.get(mid, _CLOSED)
+                if wanted is _CLOSED:
+                    continue  # the stream showed it closed meanwhile (observe: done, nothing to ask)
+                if wanted == version:
+                    del self._wanted[mid]
                     if mid in listed:
                         self._missing.pop(mid, None)
                     else:

@@ -22,9 +22,10 @@ I/O only — decoding and diffing are the normalisers' job
   let a cached answer arriving after a cutoff keep the market open, or make
   a provider time look in the future), but the payload carries
   :attr:`HttpResult.data_age_ms`, and the ingest stamps the changes it
-  brings as received that much earlier: a cached answer's prices read as
-  old as they are. The known limit: an ``Age`` that cannot be read, or a
-  cache that sends none, is taken as the origin's answer.
+  brings as received that much earlier — as of the request, less the
+  ``Age``: a cached (or slow) answer's prices read as old as they may be.
+  The known limit: an ``Age`` that cannot be read, or a cache that sends
+  none, is taken as the origin's answer.
 - :class:`PollerSource` — the loop shared by every poller: a schedule per
   key (sport), cadence pre-match vs in-play (stretched by the quota
   governor), exponential backoff with full jitter after failures, and the
@@ -189,9 +190,10 @@ class HttpOptions:
 
 
 class HttpResult(NamedTuple):
-    """A successful reply (2xx or 304). recv_ms: wall ms when the body was read — the time its
-    data counts as received, even when a cache served it (see :attr:`asked_ms` for what the
-    ``Age`` changes); elapsed_ms: from sending the request to reading the body."""
+    """A successful reply (2xx or 304). recv_ms: wall ms when the body was read — when the
+    normalisers read it as arriving (period cutoffs, clock-skew bounds); what it confirms and
+    the changes it brings count as of :attr:`asked_ms` (:attr:`data_age_ms` before the read);
+    elapsed_ms: from sending the request to reading the body."""
 
     status: int
     headers: httpx.Headers
@@ -217,11 +219,12 @@ class HttpResult(NamedTuple):
 
     @property
     def data_age_ms(self) -> int:
-        """How much older than :attr:`recv_ms` this answer's data may be, ms: 0 when the
-        provider itself answered; for a cached one (``Age``), back to :attr:`asked_ms` (the
-        request less its age in the cache) — what the ingest stamps its changes as received at
-        (:attr:`feed.sources.base.Payload.age_ms`)."""
-        return self.recv_ms - self.asked_ms if self.age_ms else 0
+        """How much older than :attr:`recv_ms` this answer's data may be, ms: back to
+        :attr:`asked_ms` — the request (the provider made the answer at some moment between
+        sending and reading: claiming the read would give its prices up to the whole round trip
+        of freshness they may not have), less its age in a cache (``Age``). What the ingest
+        stamps the changes it brings as received at (:attr:`feed.sources.base.Payload.age_ms`)."""
+        return self.recv_ms - self.asked_ms
 
 
 class ProviderHttp:
