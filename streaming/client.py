@@ -642,7 +642,8 @@ class OddsClient:
                     if pred(self):
                         return
                     await self._changed.wait()
-        await asyncio.wait_for(run(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # (raises TimeoutError; never drops a cancel — feed.aio)
+            await run()
 
     # -- queries ----------------------------------------------------------------
 

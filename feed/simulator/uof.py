@@ -377,7 +377,8 @@ class UofSimulator:
                                                             durable=True)
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 2)
+                async with asyncio.timeout(2):  # (not wait_for: on 3.11 it can drop a cancel — feed.aio)
+                    await connection.close()
             raise
         self._connection = connection
 
@@ -390,7 +391,8 @@ class UofSimulator:
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 2)
+                async with asyncio.timeout(2):
+                    await connection.close()
 
     async def _link(self) -> None:
         """Reconnect to the broker whenever the link is gone (every ``reconnect_s``)."""
@@ -404,7 +406,8 @@ class UofSimulator:
                     await self._disconnected(ConnectionError("the broker closed the connection"))
                 if self._exchange is None:
                     try:
-                        await asyncio.wait_for(self._connect(), max(10.0, self.config.publish_timeout_s))
+                        async with asyncio.timeout(max(10.0, self.config.publish_timeout_s)):
+                            await self._connect()
                     except Exception as exc:  # noqa: BLE001 - any failure: try again later
                         logger.info("UOF simulator: broker not reachable yet (%s)", type(exc).__name__)
                         continue
@@ -421,7 +424,8 @@ class UofSimulator:
             self._server = None
         if self._connection is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), 5)
+                async with asyncio.timeout(5):
+                    await self._connection.close()
             self._connection = None
 
     # -- fault switches ----------------------------------------------------------------------------
@@ -894,10 +898,9 @@ class UofSimulator:
                 self._outbox.extendleft((k, b, False) for k, b in reversed(out[i:]))
                 return
             try:
-                await asyncio.wait_for(
-                    exchange.publish(aio_pika.Message(body, content_type="text/xml",
-                                                      headers={"timestamp_in_ms": now_ms()}), routing_key=key),
-                    timeout_s)
+                async with asyncio.timeout(timeout_s):  # (not wait_for: it can drop a cancel — feed.aio)
+                    await exchange.publish(aio_pika.Message(body, content_type="text/xml",
+                                                            headers={"timestamp_in_ms": now_ms()}), routing_key=key)
             except Exception as exc:  # noqa: BLE001 - aiormq / aio-pika raise many kinds: the link is gone
                 if isinstance(exc, TimeoutError):  # a blocked broker (memory / disk alarm) holds publishes
                     exc = TimeoutError(f"publish not confirmed within {timeout_s:g} s (a blocked broker?)")

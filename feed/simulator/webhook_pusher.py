@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
+from feed.aio import wait_event
 from feed.simulator.push_providers import (
     _CANONICAL_SELECTION,
     MALFORMED,
@@ -473,9 +474,7 @@ class WebhookPusher:
         while True:
             if not self._queue:
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
-                except TimeoutError:  # quiet: nothing left to swap a held delivery with
+                if not await wait_event(self._wake, 0.5):  # quiet: nothing left to swap a held delivery with
                     for _, h in self._held:
                         await self._send_live(client, h, late=True)
                     self._held.clear()

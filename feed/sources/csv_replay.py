@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from feed.aio import wait_event
 from feed.errors import ConfigError, FeedDecodeError
 from feed.ingest import now_ms
 from feed.normalise.betfair_csv import Planned, schedule
@@ -175,10 +176,7 @@ class CsvReplaySource:
             assert next_t is not None  # a step without a time is always due
             wait_s = (next_t - first) / 1000 / speed - (loop.time() - start)
             sink.confirm(self.clock_ms())  # the replay is alive: its markets are as of its clock
-            try:
-                await asyncio.wait_for(self._stop.wait(), min(max(wait_s, 0.001), CONFIRM_EVERY_S))
-            except TimeoutError:
-                pass
+            await wait_event(self._stop, min(max(wait_s, 0.001), CONFIRM_EVERY_S))  # (not wait_for: feed.aio)
 
     def request_repair(self) -> None:
         """A CSV cannot be asked for an image: a rejected market stays rejected."""
