@@ -32,7 +32,7 @@ from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
-from feed.store import ApplyResult, EpochChanged, EventStateResult, Store, StoredMarks
+from feed.store import ApplyResult, EpochChanged, EventStateResult, Store, StoredMarks, partition_of
 from feed.validate import CheckedLadders, validate_event_state, validate_update
 
 logger = logging.getLogger(__name__)
@@ -399,7 +399,19 @@ class Ingest:
         self.event_states = {es.event_id: es for es in await self.store.load_event_states(self.source)}
         self.cursor = await self.store.load_cursor(self.source)
         stored = await self.store.get_health(self.source)
+        # this run's writer marks from the logs as they are now (§81): a store that goes back to
+        # before this restore is then found by the next mark check, not only once this ingest has
+        # written in that partition (a quiet one may not for long) or a periodic audit's slice
+        # comes round to it
+        parts = {partition_of(mid, self.store.partitions) for mid in self.book.markets}
+        marks, state_mark = await self.store.adopt_writer_marks(self._writer, sorted(parts),
+                                                                states=bool(self.event_states))
         raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
+        for p, mark in marks.items():
+            if mark:
+                self._wrote[p] = _entry_id(mark)
+        if state_mark:
+            self._wrote_state = _entry_id(state_mark)
         if stored is not None and stored.session:
             # resuming continues that session: what it confirmed stays confirmed
             # until the upstream says otherwise (a source whose upstream cannot

@@ -422,6 +422,18 @@ return {id, kept, dropped, foreign, mark}
 
 # KEYS: 1 a writer-marks hash; ARGV: writer, mark, … Drops each writer's mark only if it is still the
 # one given (a writer that moved it since keeps it). Returns how many were dropped.
+# KEYS: a delta log, its writer marks hash; ARGV: writer. A writer that has written nothing there yet (a
+# restarted ingest) takes the log's newest entry id as its mark (§81: the store going back to before it is
+# found at the next mark check). Returns the writer's mark ("" when the log is empty).
+ADOPT_MARK_SCRIPT = """
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if cur then return cur end
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if top[1] == nil then return '' end
+redis.call('HSET', KEYS[2], ARGV[1], top[1][1])
+return top[1][1]
+"""
+
 DROP_MARKS_SCRIPT = """
 local n = 0
 for i = 1, #ARGV, 2 do
@@ -737,6 +749,7 @@ class Store:
         self._history = redis.register_script(HISTORY_SCRIPT)
         self._event_states = redis.register_script(EVENT_STATE_SCRIPT)
         self._drop_marks = redis.register_script(DROP_MARKS_SCRIPT)
+        self._adopt_mark = redis.register_script(ADOPT_MARK_SCRIPT)
         self._prune_states = redis.register_script(PRUNE_STATES_SCRIPT)
 
     @classmethod
@@ -1041,6 +1054,24 @@ class Store:
             return await self.ensure_epoch()
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis failed while adopting the new epoch: {exc}") from None
+
+    async def adopt_writer_marks(self, writer: str, partitions: Iterable[int], *, states: bool = False
+                                 ) -> tuple[dict[int, str], str | None]:
+        """§81 for a writer that has written nothing yet (a restarted ingest, before its first
+        write — in a quiet partition that may be long): its mark in each of ``partitions`` (and,
+        with ``states``, on the event-state log) becomes the log's newest entry id, in one
+        script per log, so a store that goes back to before now lacks it and the writer's next
+        mark check finds that. A mark the writer already has is kept. Returns ({partition: mark},
+        the event-state mark or None when not asked); "" for an empty log. Raises StoreError."""
+        marks: dict[int, str] = {}
+        try:
+            for p in partitions:
+                marks[p] = _mark_text(await self._adopt_mark(keys=[log_key(p), writers_key(p)], args=[writer]))
+            state = (_mark_text(await self._adopt_mark(keys=[ES_LOG_KEY, ES_WRITERS_KEY], args=[writer]))
+                     if states else None)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
+        return marks, state
 
     async def prune_writer_marks(self, older_than_ms: int) -> int:
         """Drop the writer marks (§81) whose newest entry is older than ``older_than_ms`` (ms since

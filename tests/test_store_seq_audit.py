@@ -666,6 +666,37 @@ async def test_no_health_record_vouches_for_a_store_gone_back_as_a_whole(redis_u
 
 
 
+async def test_a_store_gone_back_before_a_restarted_ingest_wrote_anything_is_found_at_once(redis_url: str) -> None:
+    """§81's writer marks began with an ingest's first write in a partition: a restarted ingest that
+    restored the book and had not written yet (a quiet partition: for long) had no mark to compare,
+    and a store that went back meanwhile to before the restart — losing a write of the previous run
+    — served the lost price as its health records confirmed the source, until a periodic audit's
+    slice came round. A restored ingest now takes the logs' heads as its marks."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    first = Ingest(store, source="betfair")
+    try:
+        t = now_ms()
+        await feed(first, image("1.1", 2.0, pt=t), image("1.2", 3.0, pt=t))
+        saved = await backup_all(r)
+        await feed(first, price("1.1", 2.2, pt=now_ms()))  # the previous run's last write
+        again = Ingest(store, source="betfair")  # the restart: the book as stored, 1.1 at 2.2
+        again.audit_every_s = 3600.0  # (no periodic audit: only the marks can find it)
+        await again.restore()
+        assert back_of(again.book.markets[A]) == 2.2
+        assert not await again.check_store_marks()  # (no false alarm: nothing went back yet)
+        await restore_all(r, saved)  # the store goes back to before the restart: 1.1's 2.2 lost
+        assert back_of(await store.get_market(A)) == 2.0
+        assert await again.check_store_marks(), "the restarted ingest did not see the store go back"
+        await again.flush()  # compares everything before confirming anything: 1.1 written again
+        assert back_of(await store.get_market(A)) == 2.2 and again.lost_writes == 1
+        await feed(again, price("1.2", 3.3, pt=now_ms()))  # its own first write after it: no alarm
+        assert not await again.check_store_marks() and again.store_went_back == 1
+    finally:
+        await r.aclose()
+        await store.close()
+
+
 async def test_a_store_gone_back_is_found_though_other_writes_came_after_it(redis_url: str) -> None:
     """Review of §81: the first version compared the delta log's newest entry with the newest the
     ingest had written — and any entry added after the rollback (another source's, a tool's, or this
