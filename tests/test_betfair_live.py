@@ -77,6 +77,24 @@ def login_for(sim: Simulator, **overrides: Any) -> BetfairLogin:
     return BetfairLogin(creds, **args)
 
 
+@contextlib.asynccontextmanager
+async def fetching(sim: Simulator, deliver: Any = None, **args: Any
+                   ) -> AsyncIterator[tuple[BettingApi, CatalogueFetcher]]:
+    """A catalogue fetcher on the simulator's Betting API, its loop running (no pause between
+    requests unless ``args`` says); stopped, and its client and login closed, afterwards."""
+    assert sim.api is not None
+    login = login_for(sim)
+    api = BettingApi(login, url=sim.api.betting_url)
+    fetcher = CatalogueFetcher(api, deliver or (lambda lines: asyncio.sleep(0)), **{"min_interval_s": 0.0, **args})
+    task = asyncio.create_task(fetcher.run())
+    try:
+        yield api, fetcher
+    finally:
+        await cancel_and_wait(task, "the fetcher")
+        await api.aclose()
+        await login.aclose()
+
+
 def spec_for(sim: Simulator, *extra: str) -> str:
     assert sim.api is not None
     return ",".join([f"esa=127.0.0.1:{sim.port}", "name=bf-live", f"app_key={APP_KEY}", f"username={USER}",
@@ -277,16 +295,12 @@ def test_request_weights_follow_betfairs_table() -> None:
 async def test_catalogue_requests_never_exceed_the_weight_limit_and_are_batched(make_sim) -> None:
     sim = await live_sim(make_sim, events=16, max_weight=10)
     assert sim.api is not None
-    login = login_for(sim)
-    api = BettingApi(login, url=sim.api.betting_url)
     got: list[dict[str, Any]] = []
 
     async def deliver(lines: list[bytes]) -> None:
         got.extend(orjson.loads(line) for line in lines)
 
-    fetcher = CatalogueFetcher(api, deliver, max_weight=10, min_interval_s=0.0)
-    task = asyncio.create_task(fetcher.run())
-    try:
+    async with fetching(sim, deliver, max_weight=10) as (api, fetcher):
         open_ids = [mid for mid, mb in sim.books.items() if (mb.definition or {}).get("status") != "CLOSED"]
         assert len(open_ids) > 10
         for mid, mb in sim.books.items():
@@ -306,10 +320,6 @@ async def test_catalogue_requests_never_exceed_the_weight_limit_and_are_batched(
         # the simulator enforces Betfair's limit: 11 markets at weight 1 is TOO_MUCH_DATA
         with pytest.raises(BetfairApiError, match="TOO_MUCH_DATA"):
             await api.list_market_catalogue(open_ids[:11])
-    finally:
-        await cancel_and_wait(task, "the source")
-        await api.aclose()
-        await login.aclose()
 
 
 async def test_a_market_the_catalogue_leaves_out_is_asked_for_again_and_a_closed_one_never(make_sim) -> None:
@@ -318,16 +328,12 @@ async def test_a_market_the_catalogue_leaves_out_is_asked_for_again_and_a_closed
     # test_event_linking: one event's markets never named)
     sim = await live_sim(make_sim, events=4)
     assert sim.api is not None
-    login = login_for(sim)
-    api = BettingApi(login, url=sim.api.betting_url)
     got: list[str] = []
 
     async def deliver(lines: list[bytes]) -> None:
         got.extend(orjson.loads(line)["marketId"] for line in lines)
 
-    fetcher = CatalogueFetcher(api, deliver, min_interval_s=0.0, missing_retry_s=(0.2, 0.4))
-    task = asyncio.create_task(fetcher.run())
-    try:
+    async with fetching(sim, deliver, missing_retry_s=(0.2, 0.4)) as (_, fetcher):
         versions = {mid: (mb.definition or {}).get("version") for mid, mb in sim.books.items()
                     if (mb.definition or {}).get("status") != "CLOSED"}
         late, shut = sorted(versions)[:2]
@@ -353,37 +359,25 @@ async def test_a_market_the_catalogue_leaves_out_is_asked_for_again_and_a_closed
         await eventually(lambda: fetcher.pending == 0 and fetcher.retrying == 0 and len(asked(never)) >= before + 3,
                          what="the asks of a market never listed")
         assert len(asked(never)) == before + 1 + 2  # nothing wanted or scheduled: no further ask can come
-    finally:
-        await cancel_and_wait(task, "the source")
-        await api.aclose()
-        await login.aclose()
 
 
 async def test_a_market_closed_while_its_catalogue_is_asked_for_is_not_asked_again(make_sim) -> None:
     sim = await live_sim(make_sim, events=2)
     assert sim.api is not None
-    login = login_for(sim)
-    api = BettingApi(login, url=sim.api.betting_url)
-    fetcher = CatalogueFetcher(api, lambda lines: asyncio.sleep(0), min_interval_s=0.0, missing_retry_s=(0.05, 0.1))
     mid, mb = next(iter(sim.books.items()))
     version = (mb.definition or {}).get("version") or 0
-    asked = api.list_market_catalogue
+    async with fetching(sim, missing_retry_s=(0.05, 0.1)) as (api, fetcher):
+        asked = api.list_market_catalogue
 
-    async def closing_meanwhile(ids: Any, projection: Any = CATALOGUE_PROJECTION) -> list[dict[str, Any]]:
-        fetcher.observe(mid, version + 1, closed=True)  # the stream shows it closed while we ask
-        sim.api.unlisted.add(mid)  # (and Betfair no longer lists it)
-        return await asked(ids, projection)
-    api.list_market_catalogue = closing_meanwhile  # type: ignore[method-assign]
-    task = asyncio.create_task(fetcher.run())
-    try:
+        async def closing_meanwhile(ids: Any, projection: Any = CATALOGUE_PROJECTION) -> list[dict[str, Any]]:
+            fetcher.observe(mid, version + 1, closed=True)  # the stream shows it closed while we ask
+            sim.api.unlisted.add(mid)  # (and Betfair no longer lists it)
+            return await asked(ids, projection)
+        api.list_market_catalogue = closing_meanwhile  # type: ignore[method-assign]
         fetcher.observe(mid, version)
         await eventually(lambda: fetcher.requests and fetcher.pending == 0, what="the one request")
         assert fetcher.retrying == 0  # nothing scheduled: a closed market is never asked for again
         assert fetcher.requests == [1] and fetcher.missing == 0
-    finally:
-        await cancel_and_wait(task, "the fetcher")
-        await api.aclose()
-        await login.aclose()
 
 
 async def test_a_cancel_in_the_same_loop_turn_as_a_wake_still_stops_the_fetcher() -> None:
