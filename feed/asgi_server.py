@@ -104,7 +104,7 @@ class LocalServer:
             server.should_exit = True
         if task is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+                await asyncio.wait({task}, timeout=timeout_s)  # (not wait_for: it can drop a cancel — feed.aio)
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):

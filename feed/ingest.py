@@ -32,7 +32,7 @@ from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
-from feed.store import ApplyResult, EpochChanged, EventStateResult, Store, StoredMarks, partition_of
+from feed.store import ApplyResult, EpochChanged, EventStateResult, Store, StoredMarks
 from feed.validate import CheckedLadders, validate_event_state, validate_update
 
 logger = logging.getLogger(__name__)
@@ -393,25 +393,25 @@ class Ingest:
         they belong to; return the stored cursor — None when there is no
         stored session to continue (a first run, or data from an oddsfeed
         without sessions): the source then starts from a full image."""
+        # this run's writer marks first, from the logs as they are now (§81, §88): a store that goes
+        # back to before this — during the load below or at any time after — lacks them, and the next
+        # mark check finds it (not only once this ingest has written in that partition, which a quiet
+        # one may not for long, or a periodic audit's slice comes round); one that went back before
+        # it is what the book loads
+        marks, state_mark = await self.store.adopt_writer_marks(
+            self._writer, range(self.store.partitions), states=True, newer_than_ms=now_ms() - WRITER_MARK_KEEP_MS)
+        for p, mark in marks.items():
+            if mark:
+                self._wrote[p] = _entry_id(mark)
+        if state_mark:
+            self._wrote_state = _entry_id(state_mark)
         markets = await self.store.load_all_markets()
         # a market pruned before the restart and re-created now starts above every seq pruned
         self.book.restore([m for m in markets if m.source == self.source], seq_floor=await self.store.seq_floor())
         self.event_states = {es.event_id: es for es in await self.store.load_event_states(self.source)}
         self.cursor = await self.store.load_cursor(self.source)
         stored = await self.store.get_health(self.source)
-        # this run's writer marks from the logs as they are now (§81): a store that goes back to
-        # before this restore is then found by the next mark check, not only once this ingest has
-        # written in that partition (a quiet one may not for long) or a periodic audit's slice
-        # comes round to it
-        parts = {partition_of(mid, self.store.partitions) for mid in self.book.markets}
-        marks, state_mark = await self.store.adopt_writer_marks(self._writer, sorted(parts),
-                                                                states=bool(self.event_states))
         raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
-        for p, mark in marks.items():
-            if mark:
-                self._wrote[p] = _entry_id(mark)
-        if state_mark:
-            self._wrote_state = _entry_id(state_mark)
         if stored is not None and stored.session:
             # resuming continues that session: what it confirmed stays confirmed
             # until the upstream says otherwise (a source whose upstream cannot
@@ -1045,6 +1045,12 @@ class Ingest:
             if known is None or at > known:
                 self._wrote_state = at
 
+    async def drop_marks(self) -> None:
+        """Drop this ingest's writer marks from the store (a clean stop: a restart takes new
+        ones, §88 — so restarts do not pile marks up). Raises StoreError."""
+        await self.store.drop_writer_marks(self._writer)
+        self._forget_written()
+
     def _forget_written(self) -> None:
         """The store's epoch moved (Redis lost its data, or another store): its marks are not this
         ingest's to compare with (the audit of everything that follows compares the store)."""
@@ -1075,6 +1081,11 @@ class Ingest:
             found = await self.store.stored_marks((), writer=self._writer, marks=list(self._wrote),
                                                   state_mark=self._wrote_state is not None)
             raise_if_cancelled()
+            if found.epoch != self.store.epoch:
+                # Redis lost its data (FLUSHALL, a restart without persistence): not "went back" —
+                # the next flush's audit takes the epoch path (re-image everything under the new one)
+                self.audit_soon()
+                return False
             went_back = self._went_back(found, full=False)
             if went_back:
                 self._store_went_back(went_back)

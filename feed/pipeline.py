@@ -180,6 +180,8 @@ class Pipeline:
                 self.recorder.close()
             with contextlib.suppress(Exception):
                 await self.ingest.publish_health()
+            with contextlib.suppress(Exception):  # (best effort: a crash leaves them to the 2-day pruning)
+                await self.ingest.drop_marks()
 
 
 def build(store: Store, settings: Settings, spec: SourceSpec, *,

@@ -422,18 +422,6 @@ return {id, kept, dropped, foreign, mark}
 
 # KEYS: 1 a writer-marks hash; ARGV: writer, mark, … Drops each writer's mark only if it is still the
 # one given (a writer that moved it since keeps it). Returns how many were dropped.
-# KEYS: a delta log, its writer marks hash; ARGV: writer. A writer that has written nothing there yet (a
-# restarted ingest) takes the log's newest entry id as its mark (§81: the store going back to before it is
-# found at the next mark check). Returns the writer's mark ("" when the log is empty).
-ADOPT_MARK_SCRIPT = """
-local cur = redis.call('HGET', KEYS[2], ARGV[1])
-if cur then return cur end
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if top[1] == nil then return '' end
-redis.call('HSET', KEYS[2], ARGV[1], top[1][1])
-return top[1][1]
-"""
-
 DROP_MARKS_SCRIPT = """
 local n = 0
 for i = 1, #ARGV, 2 do
@@ -443,6 +431,21 @@ for i = 1, #ARGV, 2 do
   end
 end
 return n
+"""
+
+# KEYS: a delta log, its writer marks hash; ARGV: writer, least entry time (ms). A writer that has written
+# nothing there yet (a restarted ingest) takes the log's newest entry id as its mark (§81, §88: the store
+# going back to before it is found at the next mark check) — unless that entry is older than the least
+# time (the marks' pruning would drop it: a false alarm). Returns the writer's mark ("" when none).
+ADOPT_MARK_SCRIPT = """
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if cur then return cur end
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if top[1] == nil then return '' end
+local id = top[1][1]
+if tonumber(string.match(id, '^(%d+)')) < tonumber(ARGV[2]) then return '' end
+redis.call('HSET', KEYS[2], ARGV[1], id)
+return id
 """
 
 # KEYS: state, version, provider-time, owner hashes; ARGV: event id, version, … Drops each state only if
@@ -1055,23 +1058,35 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis failed while adopting the new epoch: {exc}") from None
 
-    async def adopt_writer_marks(self, writer: str, partitions: Iterable[int], *, states: bool = False
-                                 ) -> tuple[dict[int, str], str | None]:
+    async def adopt_writer_marks(self, writer: str, partitions: Iterable[int], *, states: bool = False,
+                                 newer_than_ms: int = 0) -> tuple[dict[int, str], str | None]:
         """§81 for a writer that has written nothing yet (a restarted ingest, before its first
-        write — in a quiet partition that may be long): its mark in each of ``partitions`` (and,
-        with ``states``, on the event-state log) becomes the log's newest entry id, in one
+        write — in a quiet partition that may be long; §88): its mark in each of ``partitions``
+        (and, with ``states``, on the event-state log) becomes the log's newest entry id, in one
         script per log, so a store that goes back to before now lacks it and the writer's next
-        mark check finds that. A mark the writer already has is kept. Returns ({partition: mark},
-        the event-state mark or None when not asked); "" for an empty log. Raises StoreError."""
+        mark check finds that. A mark the writer already has is kept; a log whose newest entry
+        is older than ``newer_than_ms`` (ms since the epoch: what :meth:`prune_writer_marks`
+        would drop) gets none. Returns ({partition: mark}, the event-state mark or None when not
+        asked); "" where none was taken. Raises StoreError."""
         marks: dict[int, str] = {}
         try:
             for p in partitions:
-                marks[p] = _mark_text(await self._adopt_mark(keys=[log_key(p), writers_key(p)], args=[writer]))
-            state = (_mark_text(await self._adopt_mark(keys=[ES_LOG_KEY, ES_WRITERS_KEY], args=[writer]))
+                marks[p] = _mark_text(await self._adopt_mark(keys=[log_key(p), writers_key(p)],
+                                                             args=[writer, newer_than_ms]))
+            state = (_mark_text(await self._adopt_mark(keys=[ES_LOG_KEY, ES_WRITERS_KEY], args=[writer, newer_than_ms]))
                      if states else None)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis write failed: {exc}") from None
         return marks, state
+
+    async def drop_writer_marks(self, writer: str) -> None:
+        """Drop ``writer``'s marks (an ingest stopping cleanly: a restart takes new ones, §88).
+        Raises StoreError."""
+        try:
+            for key in [*(writers_key(p) for p in range(self.partitions)), ES_WRITERS_KEY]:
+                await self.redis.hdel(key, writer)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from None
 
     async def prune_writer_marks(self, older_than_ms: int) -> int:
         """Drop the writer marks (§81) whose newest entry is older than ``older_than_ms`` (ms since

@@ -37,7 +37,7 @@ from feed.models import EventState, Market, Score
 from feed.normalise.base import NormalisedBatch
 from feed.settings import Settings
 from feed.store import (ES_PT_KEY, ES_STATE_KEY, ES_VERSION_KEY, Store, StoredMarks, connect, log_key, market_key,
-                        pt_key, seq_key)
+                        pt_key, seq_key, writers_key)
 from streaming.pricecheck import PriceCheckRequest, check as check_price
 from streaming.reader import Node
 from streaming.state import NodeOptions
@@ -692,6 +692,15 @@ async def test_a_store_gone_back_before_a_restarted_ingest_wrote_anything_is_fou
         assert back_of(await store.get_market(A)) == 2.2 and again.lost_writes == 1
         await feed(again, price("1.2", 3.3, pt=now_ms()))  # its own first write after it: no alarm
         assert not await again.check_store_marks() and again.store_went_back == 1
+        # a store that lost everything (FLUSHALL) did not "go back": the flush re-images under a new epoch
+        await r.flushall()
+        assert not await again.check_store_marks() and again.store_went_back == 1 and again.audit_due
+        await again.flush()
+        assert back_of(await store.get_market(A)) == 2.2
+        # a clean stop drops the ingest's marks (a restart takes new ones: they do not pile up)
+        assert await r.hexists(writers_key(0), again._writer)
+        await again.drop_marks()
+        assert not await r.hexists(writers_key(0), again._writer)
     finally:
         await r.aclose()
         await store.close()
@@ -895,6 +904,23 @@ async def test_marks_of_writers_gone_are_pruned_and_a_moved_one_is_kept(redis_ur
         assert [f.decode() for f in await r.hkeys("of:{0}:writers")] == [ing._writer]
         assert await store.prune_writer_marks(now_ms() + 60_000) == 1  # (everything older: the live one too)
         assert not await ing.check_store_marks() or ing.audit_due  # (a quiet writer whose mark went audits)
+    finally:
+        await r.aclose()
+        await store.close()
+
+
+async def test_a_restore_takes_no_mark_the_pruning_would_drop(redis_url: str) -> None:
+    """§88's review: a mark taken from a log whose newest entry is older than the pruning keeps would
+    be dropped by any ingest's pruning within 30 s, and its writer would then cry "went back" (two
+    full audits) though nothing did: none is taken from such a log."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await feed(Ingest(store, source="betfair"), image("1.1", 2.0, pt=now_ms()))
+        marks, state = await store.adopt_writer_marks("late#1", [0], states=True, newer_than_ms=now_ms() + 60_000)
+        assert marks == {0: ""} and state == "" and not await r.hexists(writers_key(0), "late#1")
+        marks, _ = await store.adopt_writer_marks("late#1", [0], newer_than_ms=now_ms() - 60_000)
+        assert marks[0] and (await r.hget(writers_key(0), "late#1")).decode() == marks[0]
     finally:
         await r.aclose()
         await store.close()
