@@ -2535,14 +2535,19 @@ def must_send_now(msgs: list[Message]) -> list[str]:
     must not wait for the conflation window's end (:meth:`Hub._flush_markets`): a status may have
     changed — a header (the book sends one only when a field of it changed: the market's status,
     in play, …), a selection's ``status`` (a selection change carries only its changed fields),
-    an image (the whole market). The rest wait — a ``removed`` too: the window keeps it as the
-    market's last word (a market relinked out and back within the window is one image)."""
+    an image (the whole market) — and a ``removed`` a change made (only a header change moves a
+    market's keys: at the off a provider suspends a market and turns it in play in one change,
+    which takes it out of a pre-match filter; it waited for the window while the client held it
+    open). The rest wait — a relink's ``removed`` too (no change of the market, no log entry: no
+    token): the window keeps it as the market's last word (a market relinked out and back within
+    the window is one image)."""
     out: list[str] = []
     for m in msgs:
         info: Any = m.info
         if info is None:
             continue
-        if info.is_image or info.has_header or (info.sel_ids and b'"status":' in m.json):
+        if (info.is_image or info.has_header or (info.sel_ids and b'"status":' in m.json)
+                or (info.removed and m.token is not None)):
             if info.market_id not in out:
                 out.append(info.market_id)
     return out

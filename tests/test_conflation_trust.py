@@ -188,6 +188,27 @@ async def test_a_status_change_in_a_conflation_window_is_sent_at_once() -> None:
     hub.close_all()
 
 
+async def test_a_suspension_that_moves_a_market_out_of_a_conflated_filter_is_sent_at_once() -> None:
+    """A pre-match filter (``in_play=false``) with a window: at the off the provider suspends the
+    market and turns it in play in one change, which moves it out of the filter — a ``removed``.
+    It waited for the window's end (§76's left item) while the client held the market open and
+    pre-match; now a ``removed`` a change made goes at once (a price change of another market still
+    waits), and a relink's (no change of the market: no status moved) still waits."""
+    node = _Node("m1", "m2")
+    hub, feed, t = node.hub, node.feed, node.tokens
+    conn = hub.connect("ws", heartbeat_ms=60_000)
+    await hub.subscribe(conn, Filter(in_play=False), conflate_ms=WINDOW_MS)
+    conn.take()
+    e_m2 = node.write(feed.price("m2", "1", 2.2))
+    node.write(feed.header("m1", status="SUSPENDED", in_play=True))
+    (gone,) = _msgs(conn.take())
+    assert (gone["type"], gone["market_id"]) == ("removed", "m1")
+    assert gone["token"] == t[e_m2][0]  # m2's change is still held: from before it
+    hub.flush_conflated(WINDOW_MS)
+    assert [(m["type"], m["market_id"]) for m in _msgs(conn.take())] == [("delta", "m2")]
+    hub.close_all()
+
+
 async def test_a_suspension_reaches_a_conflated_stream_well_before_the_window_ends(store: Store,
                                                                                   redis_url: str) -> None:
     """End to end (ingest → Redis → node → SSE): a 60 s window; the suspension arrives within
