@@ -32,7 +32,7 @@ from feed.settings import Settings
 from feed.sources.backoff import Backoff
 from feed.sources.base import Delivered, Payload
 from feed.sources.lag import LagWindow, apply_to_health
-from feed.store import ApplyResult, EpochChanged, EventStateResult, Store, StoredMarks
+from feed.store import ApplyResult, EpochChanged, EventStateResult, Store, StoredMarks, partition_of
 from feed.validate import CheckedLadders, validate_event_state, validate_update
 
 logger = logging.getLogger(__name__)
@@ -380,6 +380,9 @@ class Ingest:
         #: this ingest's writer mark in the store (§81): its source and an id of this run, so a second
         #: ingest of the same source (an upgrade's overlap) can never move the mark this one compares
         self._writer = f"{source}#{secrets.token_hex(4)}"
+        #: the store epoch this ingest's writer marks belong to (each ingest its own: ingests of one
+        #: process share a Store, whose epoch the first to see a new one adopts for all)
+        self._marks_epoch: str | None = None
         #: a replay maps provider times onto now through this (None: kept as they are)
         self.time_map: Callable[[int], int] | None = None
         #: awaited after every flush that stored deltas or event states — whichever task flushed (a
@@ -400,15 +403,22 @@ class Ingest:
         # it is what the book loads
         marks, state_mark = await self.store.adopt_writer_marks(
             self._writer, range(self.store.partitions), states=True, newer_than_ms=now_ms() - WRITER_MARK_KEEP_MS)
-        for p, mark in marks.items():
-            if mark:
-                self._wrote[p] = _entry_id(mark)
-        if state_mark:
-            self._wrote_state = _entry_id(state_mark)
+        self._marks_epoch = self.store.epoch
         markets = await self.store.load_all_markets()
         # a market pruned before the restart and re-created now starts above every seq pruned
         self.book.restore([m for m in markets if m.source == self.source], seq_floor=await self.store.seq_floor())
         self.event_states = {es.event_id: es for es in await self.store.load_event_states(self.source)}
+        # kept only where the source holds something: a mark that never moves (no write of this
+        # ingest there) is pruned after two days and its writer would then cry "went back"
+        mine = {partition_of(mid, self.store.partitions) for mid in self.book.markets}
+        for p, mark in marks.items():
+            if mark and p in mine:
+                self._wrote[p] = _entry_id(mark)
+        if state_mark and self.event_states:
+            self._wrote_state = _entry_id(state_mark)
+        unused = [p for p, mark in marks.items() if mark and p not in mine]
+        if unused or (state_mark and not self.event_states):
+            await self.store.drop_writer_marks(self._writer, unused, states=bool(state_mark and not self.event_states))
         self.cursor = await self.store.load_cursor(self.source)
         stored = await self.store.get_health(self.source)
         raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
@@ -1014,6 +1024,7 @@ class Ingest:
         went back in time (§81), and the flush compares everything before confirming anything. A
         mark newer than remembered is this ingest's own write that landed without its reply:
         adopted (a rollback to before it must be seen too)."""
+        self._check_marks_epoch()
         wrote = self._wrote
         why: list[str] = []
         for p, mark in result.marks.items():
@@ -1033,6 +1044,7 @@ class Ingest:
 
     def _note_states_written(self, result: EventStateResult) -> None:
         """:meth:`_note_written` for an event-state write (``mark`` None: nothing was written)."""
+        self._check_marks_epoch()
         known = self._wrote_state
         if result.mark is not None:
             now, went_back = _compare_mark(known, result.mark)
@@ -1051,11 +1063,24 @@ class Ingest:
         await self.store.drop_writer_marks(self._writer)
         self._forget_written()
 
+    def _check_marks_epoch(self) -> None:
+        """Before comparing a write's marks: the marks this ingest holds belong to the store's
+        epoch now. Ingests of one process share a Store, whose epoch the first to see a new one
+        (Redis lost its data) adopts for all: another's marks are then of the old epoch — not
+        compared (not "went back"), and everything is compared with the book at the next flush
+        instead (what the store lost is written again). The first marks take the current epoch."""
+        if self._marks_epoch is not None and self._marks_epoch != self.store.epoch:
+            self._forget_written()
+            self.audit_soon()
+        if self._marks_epoch is None:
+            self._marks_epoch = self.store.epoch
+
     def _forget_written(self) -> None:
         """The store's epoch moved (Redis lost its data, or another store): its marks are not this
         ingest's to compare with (the audit of everything that follows compares the store)."""
         self._wrote.clear()
         self._wrote_state = None
+        self._marks_epoch = None
 
     def _store_went_back(self, why: list[str]) -> None:
         """The store lost writes this ingest made (``why``): compare everything with the
@@ -1081,7 +1106,7 @@ class Ingest:
             found = await self.store.stored_marks((), writer=self._writer, marks=list(self._wrote),
                                                   state_mark=self._wrote_state is not None)
             raise_if_cancelled()
-            if found.epoch != self.store.epoch:
+            if found.epoch != self._marks_epoch:
                 # Redis lost its data (FLUSHALL, a restart without persistence): not "went back" —
                 # the next flush's audit takes the epoch path (re-image everything under the new one)
                 self.audit_soon()
@@ -1170,7 +1195,13 @@ class Ingest:
         found = await self.store.stored_marks(mids, eids, writer=self._writer, marks=list(self._wrote),
                                               state_mark=self._wrote_state is not None)
         raise_if_cancelled()
-        went_back = self._went_back(found, full=full)
+        if self._marks_epoch is not None and found.epoch != self._marks_epoch:
+            # marks of another epoch (Redis lost its data; another ingest of this process may have
+            # adopted the new one for the shared store already): nothing to compare, not "went back"
+            self._forget_written()
+            went_back: list[str] = []
+        else:
+            went_back = self._went_back(found, full=full)
         behind: list[str] = []
         mark = book.mark
         for mid, (seq, owner, pt) in found.marks.items():

@@ -164,7 +164,12 @@ class Pipeline:
         cancelled; the health record says DOWN / ``stopped`` afterwards
         (or keeps a fatal reason such as ``unauthorized``)."""
         self._source = source
-        await self.restore()
+        try:
+            await self.restore()
+        except BaseException:
+            with contextlib.suppress(Exception):  # (the marks it took: a supervised retry takes new ones)
+                await self.ingest.drop_marks()
+            raise
         fatal = False
         try:
             async with self.health:

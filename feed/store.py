@@ -1079,11 +1079,14 @@ class Store:
             raise StoreError(f"redis write failed: {exc}") from None
         return marks, state
 
-    async def drop_writer_marks(self, writer: str) -> None:
-        """Drop ``writer``'s marks (an ingest stopping cleanly: a restart takes new ones, §88).
-        Raises StoreError."""
+    async def drop_writer_marks(self, writer: str, partitions: Iterable[int] | None = None, *,
+                                states: bool = True) -> None:
+        """Drop ``writer``'s marks in ``partitions`` (None: all) and, with ``states``, on the
+        event-state log (an ingest stopping cleanly: a restart takes new ones; marks a restored
+        ingest has no use for, §88). Raises StoreError."""
+        parts = range(self.partitions) if partitions is None else partitions
         try:
-            for key in [*(writers_key(p) for p in range(self.partitions)), ES_WRITERS_KEY]:
+            for key in [*(writers_key(p) for p in parts), *([ES_WRITERS_KEY] if states else [])]:
                 await self.redis.hdel(key, writer)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis write failed: {exc}") from None

@@ -193,7 +193,7 @@ async def test_a_suspension_that_moves_a_market_out_of_a_conflated_filter_is_sen
     market and turns it in play in one change, which moves it out of the filter — a ``removed``.
     It waited for the window's end (§76's left item) while the client held the market open and
     pre-match; now a ``removed`` a change made goes at once (a price change of another market still
-    waits), and a relink's (no change of the market: no status moved) still waits."""
+    waits). (A relink's ``removed`` — no change of the market, no token — still waits: not exercised here.)"""
     node = _Node("m1", "m2")
     hub, feed, t = node.hub, node.feed, node.tokens
     conn = hub.connect("ws", heartbeat_ms=60_000)

@@ -924,3 +924,34 @@ async def test_a_restore_takes_no_mark_the_pruning_would_drop(redis_url: str) ->
     finally:
         await r.aclose()
         await store.close()
+
+
+async def test_marks_a_restored_ingest_cannot_move_are_not_kept_and_a_flush_of_all_is_no_alarm_to_any(
+        redis_url: str) -> None:
+    """§88's second review: (1) marks taken where the source holds nothing never move, are pruned after
+    two days and their writer would then cry "went back" — a restored ingest keeps marks only where
+    it holds markets (and on the event-state log only when it holds states); (2) two ingests of one
+    process share a Store, whose epoch the first to see a FLUSHALL adopts for both — the second then
+    read its own marks against the new epoch and cried "went back"; each compares its own."""
+    store = await Store.open(redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await feed(Ingest(store, source="betfair"), image("1.1", 2.0, pt=now_ms()))
+        empty = Ingest(store, source="quiet")  # a source with nothing stored yet
+        await empty.restore()
+        assert not await r.hexists(writers_key(0), empty._writer)
+        assert not await r.hexists("of:{es}:writers", empty._writer)
+        a, b = Ingest(store, source="betfair"), Ingest(store, source="other")
+        await a.restore()
+        assert await r.hexists(writers_key(0), a._writer)  # (it holds 1.1 there)
+        await feed(b, image("2.1", 3.0, pt=now_ms()))
+        await r.flushall()
+        await feed(a, image("1.1", 2.2, pt=now_ms()))  # the first to write adopts the new epoch for the Store
+        assert not await b.check_store_marks() and b.store_went_back == 0
+        await feed(b, image("2.2", 3.1, pt=now_ms()))  # (another market)
+        await b.flush()  # the audit its write asked for: 2.1, lost with the FLUSHALL, written again
+        assert b.store_went_back == 0 and a.store_went_back == 0
+        assert back_of(await store.get_market("bf:2.1")) == 3.0 and back_of(await store.get_market(A)) == 2.2
+    finally:
+        await r.aclose()
+        await store.close()
