@@ -417,8 +417,9 @@ class Ingest:
         if state_mark and self.event_states:
             self._wrote_state = _entry_id(state_mark)
         unused = [p for p, mark in marks.items() if mark and p not in mine]
-        if unused or (state_mark and not self.event_states):
-            await self.store.drop_writer_marks(self._writer, unused, states=bool(state_mark and not self.event_states))
+        unused_state = bool(state_mark) and not self.event_states
+        if unused or unused_state:
+            await self.store.drop_writer_marks(self._writer, unused, states=unused_state)
         self.cursor = await self.store.load_cursor(self.source)
         stored = await self.store.get_health(self.source)
         raise_if_cancelled()  # redis-py may have swallowed a cancel of this task
@@ -1063,14 +1064,22 @@ class Ingest:
         await self.store.drop_writer_marks(self._writer)
         self._forget_written()
 
-    def _check_marks_epoch(self) -> None:
-        """Before comparing a write's marks: the marks this ingest holds belong to the store's
-        epoch now. Ingests of one process share a Store, whose epoch the first to see a new one
-        (Redis lost its data) adopts for all: another's marks are then of the old epoch — not
-        compared (not "went back"), and everything is compared with the book at the next flush
-        instead (what the store lost is written again). The first marks take the current epoch."""
-        if self._marks_epoch is not None and self._marks_epoch != self.store.epoch:
+    def _marks_of(self, epoch: str | None) -> bool:
+        """Whether this ingest's marks belong to store epoch ``epoch``; if not (Redis lost its
+        data: FLUSHALL, a restart without persistence — and ingests of one process share a Store,
+        whose epoch the first to see a new one adopts for all) they are forgotten: marks of
+        another epoch are not compared (that is no "went back"; the caller has everything
+        compared with the book instead)."""
+        if self._marks_epoch is not None and epoch != self._marks_epoch:
             self._forget_written()
+            return False
+        return True
+
+    def _check_marks_epoch(self) -> None:
+        """Before comparing a write's marks (:meth:`_marks_of` the store's epoch now; else the
+        next flush compares everything, and what the store lost is written again). The first
+        marks take the current epoch."""
+        if not self._marks_of(self.store.epoch):
             self.audit_soon()
         if self._marks_epoch is None:
             self._marks_epoch = self.store.epoch
@@ -1106,10 +1115,8 @@ class Ingest:
             found = await self.store.stored_marks((), writer=self._writer, marks=list(self._wrote),
                                                   state_mark=self._wrote_state is not None)
             raise_if_cancelled()
-            if found.epoch != self._marks_epoch:
-                # Redis lost its data (FLUSHALL, a restart without persistence): not "went back" —
-                # the next flush's audit takes the epoch path (re-image everything under the new one)
-                self.audit_soon()
+            if not self._marks_of(found.epoch):
+                self.audit_soon()  # (the next flush's audit takes the epoch path: re-image everything)
                 return False
             went_back = self._went_back(found, full=False)
             if went_back:
@@ -1195,13 +1202,7 @@ class Ingest:
         found = await self.store.stored_marks(mids, eids, writer=self._writer, marks=list(self._wrote),
                                               state_mark=self._wrote_state is not None)
         raise_if_cancelled()
-        if self._marks_epoch is not None and found.epoch != self._marks_epoch:
-            # marks of another epoch (Redis lost its data; another ingest of this process may have
-            # adopted the new one for the shared store already): nothing to compare, not "went back"
-            self._forget_written()
-            went_back: list[str] = []
-        else:
-            went_back = self._went_back(found, full=full)
+        went_back = self._went_back(found, full=full) if self._marks_of(found.epoch) else []
         behind: list[str] = []
         mark = book.mark
         for mid, (seq, owner, pt) in found.marks.items():
